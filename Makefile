@@ -1,0 +1,143 @@
+# dreambooth-c: one non-recursive GNU Makefile.
+#   make          CPU tools (always) + CUDA backend (when nvcc is found)
+#   make check    all CPU tests (TAP through prove)
+#   make demo     the main job end to end on a built-in default
+#   make deps     install the Debian 12 packages the project needs
+#   make fuzz     run every fuzz target (FUZZ_RUNS, FUZZ_SECONDS)
+# Overridable: CC, CFLAGS, NVCC, CUDA_HOME, CUDA_LIBDIRS, CUDA_ARCH, CUDA=0|1
+.DEFAULT_GOAL := all
+.SUFFIXES:
+.DELETE_ON_ERROR:
+
+VERSION := 0.1.0
+B       := build
+CC      ?= gcc
+ifeq ($(origin CC),default)
+CC      := gcc
+endif
+OPT     ?= -O2
+CFLAGS  ?= $(OPT) -g
+WARN    := -Wall -Wextra -Wshadow -Wno-unused-parameter -Wstrict-prototypes -Werror=implicit-function-declaration
+CPPFLAGS += -I. -DDB_VERSION='"$(VERSION)"' -D_GNU_SOURCE
+ALL_CFLAGS = -std=c11 -fPIC $(WARN) $(CFLAGS) -MMD -MP
+LIBS    := -lmsgpackc -lzmq -lzip -ljansson -lxxhash -lm -ldl -lpthread
+
+# --- Debian packages ---------------------------------------------------------
+DEB_PKGS := build-essential pkg-config libmsgpack-dev libzmq3-dev libzip-dev libjansson-dev \
+            libxxhash-dev python3 python3-msgpack python3-numpy perl clang libclang-rt-14-dev
+DEPS_STAMP := $(B)/.deps-$(shell echo '$(DEB_PKGS)' | cksum | cut -d' ' -f1)
+
+.PHONY: deps
+deps: $(DEPS_STAMP)
+$(DEPS_STAMP):
+	@missing=$$(for p in $(DEB_PKGS); do dpkg-query -W -f='$${db:Status-Status}\n' $$p 2>/dev/null | grep -qx installed || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "make deps: installing:" $$missing; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
+	fi
+	@mkdir -p $(B) && touch $@
+
+# --- CPU library and tools ---------------------------------------------------
+LIB_SRC  := $(sort $(wildcard libcommon/*/*.c) $(wildcard kernels/cpu/*.c))
+LIB_OBJ  := $(LIB_SRC:%.c=$(B)/%.o)
+TOOL_SRC := $(sort $(wildcard tools/db-*.c))
+TOOLS    := $(TOOL_SRC:tools/%.c=$(B)/bin/%)
+TEST_SRC := $(sort $(wildcard tests/unit/test_*.c))
+TESTS    := $(TEST_SRC:tests/unit/%.c=$(B)/tests/%)
+HELPERS  := $(B)/tests/dbtest
+
+$(B)/%.o: %.c | $(DEPS_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) -c $< -o $@
+
+$(B)/libdb.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(B)/bin/%: $(B)/tools/%.o $(B)/libdb.a
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -o $@ $< $(B)/libdb.a $(LIBS) -Wl,-rpath,'$$ORIGIN/../lib'
+
+$(B)/tests/%: $(B)/tests/unit/%.o $(B)/tests/unit/tap.o $(B)/libdb.a
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -o $@ $< $(B)/tests/unit/tap.o $(B)/libdb.a $(LIBS)
+
+$(B)/tests/dbtest: $(B)/tests/helpers/dbtest.o $(B)/libdb.a
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -o $@ $< $(B)/libdb.a $(LIBS)
+
+# --- CUDA backend (a shared library the tools dlopen for --device cuda) -----
+NVCC      ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+CUDA_HOME ?= $(if $(NVCC),$(patsubst %/bin/nvcc,%,$(NVCC)),/usr/local/cuda)
+CUDA_LIBDIRS ?= $(CUDA_HOME)/lib64
+CUDA_INCDIRS ?= $(CUDA_HOME)/include
+CUDA_ARCH ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90
+CUDA      ?= $(if $(NVCC),1,0)
+CU_SRC    := $(sort $(wildcard kernels/cuda/*.cu))
+CU_OBJ    := $(CU_SRC:%.cu=$(B)/%.o)
+CUDA_LIB  := $(B)/lib/libdb_cuda.so
+NVFLAGS   := -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-Wall -I. $(addprefix -I,$(CUDA_INCDIRS)) --expt-relaxed-constexpr -Werror all-warnings
+
+$(B)/kernels/cuda/%.o: kernels/cuda/%.cu kernels/cuda/*.h kernels/*.h | $(DEPS_STAMP)
+	@mkdir -p $(@D)
+	$(NVCC) $(NVFLAGS) -c $< -o $@
+
+$(CUDA_LIB): $(CU_OBJ)
+	@mkdir -p $(@D)
+	$(NVCC) -shared -o $@ $^ $(addprefix -L,$(CUDA_LIBDIRS)) $(addprefix -Xlinker -rpath -Xlinker ,$(CUDA_LIBDIRS)) -lcudart -lcublas -lcudnn
+
+ALL := $(TOOLS) $(TESTS) $(HELPERS)
+ifeq ($(CUDA),1)
+ALL += $(CUDA_LIB)
+endif
+
+.PHONY: all cuda
+all: $(ALL)
+cuda: $(CUDA_LIB)
+
+# --- tests --------------------------------------------------------------------
+.PHONY: check check-unit check-cuda
+check: all
+	@TOP=$(CURDIR) B=$(CURDIR)/$(B) prove -f $(TESTS) $(sort $(wildcard tests/t[0-9]*.sh))
+
+check-cuda: all $(CUDA_LIB)
+	@TOP=$(CURDIR) B=$(CURDIR)/$(B) prove -f $(sort $(wildcard tests/gpu/t*.sh))
+
+# --- demo ---------------------------------------------------------------------
+.PHONY: demo
+demo: all
+	@bash pipelines/demo.sh $(B)/demo
+
+# --- fuzzing (libFuzzer through clang) ----------------------------------------
+FUZZ_SRC  := $(sort $(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_BINS := $(FUZZ_SRC:tests/fuzz/%.c=$(B)/fuzz/%)
+FUZZ_RUNS ?= 100000
+FUZZ_SECONDS ?= 0
+FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(B)/fuzzobj/%.o)
+
+$(B)/fuzzobj/%.o: %.c | $(DEPS_STAMP)
+	@mkdir -p $(@D)
+	clang $(CPPFLAGS) -std=c11 -fPIC $(FUZZ_CFLAGS:fuzzer,=fuzzer-no-link,) -c $< -o $@
+
+$(B)/fuzz/%: tests/fuzz/%.c $(FUZZ_LIB_OBJ)
+	@mkdir -p $(@D)
+	clang $(CPPFLAGS) -std=c11 $(FUZZ_CFLAGS) -o $@ $< $(FUZZ_LIB_OBJ) $(LIBS)
+
+.PHONY: fuzz fuzz-build
+fuzz-build: $(FUZZ_BINS)
+fuzz: fuzz-build
+	@set -e; for f in $(FUZZ_BINS); do n=$${f##*/fuzz_}; \
+	  mkdir -p $(B)/fuzz-work/$$n; \
+	  echo "fuzz: $$n"; \
+	  $$f -runs=$(FUZZ_RUNS) -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -max_len=65536 \
+	      -print_final_stats=1 $(B)/fuzz-work/$$n tests/fuzz/corpus/$$n 2>&1 | grep -E 'stat::number_of_executed_units|ERROR|SUMMARY' ; \
+	done
+
+.PHONY: clean
+clean:
+	rm -rf $(B)/*.a $(B)/libcommon $(B)/kernels $(B)/tools $(B)/tests $(B)/bin $(B)/lib $(B)/fuzz $(B)/fuzzobj
+
+-include $(LIB_OBJ:.o=.d) $(B)/tools/*.d $(B)/tests/unit/*.d $(B)/tests/helpers/*.d

@@ -1,0 +1,66 @@
+#include "tap.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "libcommon/core/fsutil.h"
+
+static int n_run, n_fail;
+static char tmpdir[256];
+
+int tap_ok(int cond, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    printf("%s %d - ", cond ? "ok" : "not ok", ++n_run);
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    if (!cond)
+        n_fail++;
+    fflush(stdout);
+    return cond;
+}
+
+void tap_diag(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    printf("# ");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+}
+
+int tap_done(void)
+{
+    printf("1..%d\n", n_run);
+    if (tmpdir[0])
+        db_rm_rf(tmpdir);
+    return n_fail ? 1 : 0;
+}
+
+const char *tap_path(const char *rel)
+{
+    static char buf[8][1024];
+    static int slot;
+    const char *top = getenv("TOP");
+    char *b = buf[slot++ & 7];
+    snprintf(b, sizeof buf[0], "%s/%s", top ? top : ".", rel);
+    return b;
+}
+
+const char *tap_tmpdir(void)
+{
+    if (!tmpdir[0]) {
+        const char *t = getenv("TMPDIR");
+        snprintf(tmpdir, sizeof tmpdir, "%s/dbtest-XXXXXX", t ? t : "/tmp");
+        if (!mkdtemp(tmpdir)) {
+            perror("mkdtemp");
+            exit(2);
+        }
+    }
+    return tmpdir;
+}

@@ -1,0 +1,17 @@
+/* Minimal TAP producer for unit tests: each check prints "ok N - what" or
+ * "not ok N - what" plus a diagnostic; tap_done() prints the plan and
+ * returns the exit status.  Fixtures are found through $TOP (the repo root). */
+#ifndef DB_TAP_H
+#define DB_TAP_H
+
+#include <stddef.h>
+
+int tap_ok(int cond, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void tap_diag(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int tap_done(void);
+/* $TOP/rel (or ./rel when TOP is unset); static buffer per call slot. */
+const char *tap_path(const char *rel);
+/* A fresh temporary directory (removed by tap_done). */
+const char *tap_tmpdir(void);
+
+#endif
