@@ -1,7 +1,10 @@
 #include "tindex.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 void db_tindex_init(db_tindex *ix)
 {
@@ -142,4 +145,26 @@ void db_tindex_sort(db_tindex *ix)
         qsort(ix->v, ix->n, sizeof *ix->v, cmp_entry);
     if (ix->hcap)
         rehash(ix, ix->hcap);
+}
+
+void db_tindex_truncate(db_tindex *ix, size_t n)
+{
+    if (n >= ix->n)
+        return;
+    ix->n = n;
+    if (ix->hcap)
+        rehash(ix, ix->hcap);
+}
+
+void db_tindex_release(const db_tindex *ix, size_t i)
+{
+    if (i >= ix->n || !ix->v[i].ptr || ix->v[i].nbytes < (1u << 20))
+        return;
+    /* whole pages strictly inside the tensor; read-only private file
+     * mappings simply fault them in again if touched */
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = ((uintptr_t)ix->v[i].ptr + page - 1) & ~(page - 1);
+    uintptr_t b = ((uintptr_t)ix->v[i].ptr + ix->v[i].nbytes) & ~(page - 1);
+    if (b > a)
+        madvise((void *)a, b - a, MADV_DONTNEED);
 }

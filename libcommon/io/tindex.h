@@ -60,6 +60,11 @@ int db_tindex_read(const db_tindex *ix, size_t i, void *dst, db_dtype want, db_e
 /* Read into a freshly allocated tensor of dtype `want`
  * (want < 0: keep the stored dtype). */
 int db_tindex_load(const db_tindex *ix, size_t i, int want, db_tensor *out, db_err *err);
+/* Tell the kernel the bytes of entry i (when mmap'd) are not needed for
+ * now, so reading a whole large checkpoint once does not pin it in RSS. */
+void db_tindex_release(const db_tindex *ix, size_t i);
+/* Drop entries n.. (their names stay in the arena until free). */
+void db_tindex_truncate(db_tindex *ix, size_t n);
 /* Sort entries by name (keeps the hash valid). */
 void db_tindex_sort(db_tindex *ix);
 
