@@ -24,7 +24,7 @@ LIBS    := -lmsgpackc -lzmq -lzip -ljansson -lxxhash -lm -ldl -lpthread
 
 # --- Debian packages ---------------------------------------------------------
 DEB_PKGS := build-essential pkg-config libmsgpack-dev libzmq3-dev libzip-dev libjansson-dev \
-            libxxhash-dev python3 python3-msgpack python3-numpy perl clang libclang-rt-14-dev
+            libxxhash-dev time python3 python3-msgpack python3-numpy perl clang libclang-rt-14-dev
 DEPS_STAMP := $(B)/.deps-$(shell echo '$(DEB_PKGS)' | cksum | cut -d' ' -f1)
 
 .PHONY: deps
@@ -80,7 +80,7 @@ CU_OBJ    := $(CU_SRC:%.cu=$(B)/%.o)
 CUDA_LIB  := $(B)/lib/libdb_cuda.so
 NVFLAGS   := -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-Wall -I. $(addprefix -I,$(CUDA_INCDIRS)) --expt-relaxed-constexpr -Werror all-warnings
 
-$(B)/kernels/cuda/%.o: kernels/cuda/%.cu kernels/cuda/*.h kernels/*.h | $(DEPS_STAMP)
+$(B)/kernels/cuda/%.o: kernels/cuda/%.cu $(wildcard kernels/cuda/*.h kernels/*.h) | $(DEPS_STAMP)
 	@mkdir -p $(@D)
 	$(NVCC) $(NVFLAGS) -c $< -o $@
 

@@ -1,12 +1,16 @@
 /* dbtest: exposes library internals to the shell tests (git's test-tool idea).
  *   dbtest crc32c FILE           print crc32c of a file
+ *   dbtest cuda-selftest         load the CUDA backend, run its self-test
+ *                                (exit 0 pass, 1 mismatch, 3 no backend/GPU)
  */
+#include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "libcommon/core/crc32c.h"
 #include "libcommon/core/fsutil.h"
+#include "libcommon/core/version.h"
 
 int main(int argc, char **argv)
 {
@@ -22,6 +26,27 @@ int main(int argc, char **argv)
         free(buf);
         return 0;
     }
-    fprintf(stderr, "usage: dbtest crc32c FILE\n");
+    if (argc >= 2 && !strcmp(argv[1], "cuda-selftest")) {
+        char msg[512] = "";
+        void *h = db_cuda_backend_open(msg, sizeof msg);
+        if (!h) {
+            printf("cuda backend: %s\n", msg);
+            return 3;
+        }
+        int (*info)(char *, size_t) = (int (*)(char *, size_t))dlsym(h, "db_cuda_info");
+        int (*self)(char *, size_t) = (int (*)(char *, size_t))dlsym(h, "db_cuda_selftest");
+        if (!info || !self) {
+            printf("cuda backend: missing entry points\n");
+            return 1;
+        }
+        int ndev = info(msg, sizeof msg);
+        printf("cuda backend: %s\n", msg);
+        if (ndev <= 0)
+            return 3;
+        int rc = self(msg, sizeof msg);
+        printf("selftest: %s\n", msg);
+        return rc == 0 ? 0 : rc == 1 ? 1 : 3;
+    }
+    fprintf(stderr, "usage: dbtest crc32c FILE | cuda-selftest\n");
     return 2;
 }

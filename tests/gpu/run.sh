@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build the CUDA backend, run every
+# CUDA-vs-CPU parity test (make check-cuda) and the GPU benchmarks, and write a
+# log and a short table under $OUT.  Keep it under 8 minutes.
+#   usage: OUT=/some/dir bash tests/gpu/run.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-build/gpu-out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+echo "== $(date -u +%FT%TZ) $(hostname)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+# cuDNN/cuBLAS may come from Python wheels on the GPU machine
+EXTRA=""
+for d in $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, x, "lib") for p in nvidia.__path__ for x in os.listdir(p)))' 2>/dev/null); do
+    [ -d "$d" ] && EXTRA="$EXTRA $d"
+done
+CUDA_LIBDIRS="${CUDA_LIBDIRS:-/usr/local/cuda/lib64}$EXTRA"
+echo "== CUDA_LIBDIRS=$CUDA_LIBDIRS"
+make -j"$(nproc)" all CUDA=1 CUDA_LIBDIRS="$CUDA_LIBDIRS" || { echo "BUILD FAILED"; exit 1; }
+echo "== check-cuda"
+make check-cuda CUDA_LIBDIRS="$CUDA_LIBDIRS" 2>&1 | tee "$OUT/check-cuda.txt"
+status=${PIPESTATUS[0]}
+{
+    echo "| date | card | check-cuda |"
+    echo "|---|---|---|"
+    echo "| $(date -u +%F) | $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) | $([ "$status" = 0 ] && echo pass || echo FAIL) |"
+} > "$OUT/table.md"
+cat "$OUT/table.md"
+exit "$status"

@@ -1,0 +1,67 @@
+# Shared helpers for the shell tests (TAP output for prove).
+# Environment: TOP (repo root) and B (build dir) come from `make check`.
+set -u
+TOP=${TOP:-$(cd "$(dirname "$0")/.." && pwd)}
+B=${B:-$TOP/build}
+PATH=$B/bin:$B/tests:$PATH
+export TOP B PATH
+T=$(mktemp -d "${TMPDIR:-/tmp}/dbt-test.XXXXXX")
+trap 'rm -rf "$T"' EXIT
+_n=0
+_fail=0
+
+# ok DESCRIPTION COMMAND...   passes when the command exits 0
+ok() {
+    local d=$1; shift
+    _n=$((_n + 1))
+    if "$@" >"$T/.out" 2>"$T/.err"; then
+        echo "ok $_n - $d"
+    else
+        echo "not ok $_n - $d"
+        _fail=$((_fail + 1))
+        sed 's/^/# /' "$T/.out" "$T/.err" | head -20
+    fi
+}
+
+# fails_with STATUS PATTERN DESCRIPTION COMMAND...
+#   passes when the command exits with STATUS and stderr matches PATTERN (grep -E)
+fails_with() {
+    local want=$1 pat=$2 d=$3; shift 3
+    _n=$((_n + 1))
+    "$@" >"$T/.out" 2>"$T/.err"
+    local got=$?
+    if [ "$got" = "$want" ] && { [ -z "$pat" ] || grep -Eq -- "$pat" "$T/.err"; }; then
+        echo "ok $_n - $d"
+    else
+        echo "not ok $_n - $d (exit $got, want $want; stderr must match /$pat/)"
+        _fail=$((_fail + 1))
+        sed 's/^/# /' "$T/.err" | head -10
+    fi
+}
+
+# check DESCRIPTION TEST-EXPRESSION...  (a shell condition, evaluated)
+check() {
+    local d=$1; shift
+    _n=$((_n + 1))
+    if eval "$@"; then
+        echo "ok $_n - $d"
+    else
+        echo "not ok $_n - $d"
+        echo "#   failed: $*"
+        _fail=$((_fail + 1))
+    fi
+}
+
+# no temporary or final output left behind for PATH
+no_leftovers() {
+    local p=$1 dir base
+    dir=$(dirname "$p"); base=$(basename "$p")
+    [ ! -e "$p" ] && ! ls -a "$dir" | grep -q "^\.$base\.tmp-"
+}
+
+done_testing() {
+    echo "1..$_n"
+    [ "$_fail" = 0 ]
+}
+
+PY=/usr/bin/python3

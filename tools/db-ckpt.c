@@ -1,0 +1,647 @@
+/* db-ckpt: inspect, convert, verify, diff and initialise checkpoints.
+ *
+ *   db-ckpt info MODEL [--json]
+ *   db-ckpt convert MODEL OUT [--to diffusers|safetensors] [--dtype fp32|fp16|bf16]
+ *   db-ckpt diff A B [--tol X]
+ *   db-ckpt verify FILE
+ *   db-ckpt init --arch sd15|tiny [--config DIR] [--seed N] [--dtype ...] OUT
+ *   db-ckpt tokenize MODEL PROMPT...   (reserved; arrives with the tokenizer)
+ *
+ * Exit status: 0 success, 1 failure (for diff: the models differ), 2 usage
+ * error (for diff: trouble reading them), as cmp(1) does. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "libcommon/core/cli.h"
+#include "libcommon/core/fsutil.h"
+#include "libcommon/core/log.h"
+#include "libcommon/core/progress.h"
+#include "libcommon/core/version.h"
+#include "libcommon/io/model.h"
+#include "libcommon/sd/arch.h"
+#include "libcommon/sd/init.h"
+
+typedef struct common_opts {
+    int quiet, verbose;
+    int64_t threads;
+    const char *device;
+    const char *config;
+} common_opts;
+
+#define COMMON_OPTS(c)                                                                                      \
+    {"config", 0, DB_OPT_STR, "DIR", "diffusers-style config folder for a single-file model", &(c).config, \
+     NULL, 0},                                                                                              \
+        {"threads", 0, DB_OPT_INT, "N", "worker threads (0: all cores)", &(c).threads, "0", 0},             \
+        {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device", &(c).device, "cpu", 0},                 \
+        {"quiet", 'q', DB_OPT_FLAG, NULL, "only errors on stderr", &(c).quiet, NULL, 0},                    \
+        {"verbose", 'v', DB_OPT_FLAG, NULL, "more detail on stderr", &(c).verbose, NULL, 0}
+
+static db_log lg = {"db-ckpt", DB_LOG_WARN};
+
+static void setup_log(const common_opts *c)
+{
+    lg.level = c->quiet ? DB_LOG_QUIET : c->verbose ? DB_LOG_DEBUG : DB_LOG_WARN;
+}
+
+static int check_device(const common_opts *c)
+{
+    if (c->device && strcmp(c->device, "cpu")) {
+        db_error(&lg, "--device %s: db-ckpt works on the CPU only", c->device);
+        return 2;
+    }
+    return 0;
+}
+
+/* Parse a subcommand's options; returns -1 to continue, or an exit status. */
+static int parse(db_cli *cli, int argc, char **argv, char **pos, int *npos, int min_pos, int max_pos)
+{
+    char ver[1024];
+    db_err e = {0};
+    int rc = db_cli_parse(cli, argc, argv, pos, npos, db_version_text("db-ckpt", ver, sizeof ver), &e);
+    if (rc == DB_CLI_EXIT)
+        return 0;
+    if (rc == DB_CLI_USAGE) {
+        db_error(&lg, "%s: %s (see --help)", cli->prog, e.msg);
+        return 2;
+    }
+    if (*npos < min_pos || (max_pos >= 0 && *npos > max_pos)) {
+        db_error(&lg, "usage: %s %s", cli->prog, cli->usage);
+        return 2;
+    }
+    return -1;
+}
+
+static int open_model(db_model *m, const char *path, const common_opts *c)
+{
+    db_err e = {0};
+    db_model_opts o = {c->config, &lg};
+    if (db_model_open(m, path, &o, &e)) {
+        db_error(&lg, "%s", e.msg);
+        return -1;
+    }
+    return 0;
+}
+
+static const char *levels_str(char *buf, size_t n, int k, const int *v)
+{
+    size_t o = 0;
+    buf[0] = 0;
+    for (int i = 0; i < k && o < n; i++)
+        o += (size_t)snprintf(buf + o, n - o, "%s%d", i ? "," : "", v[i]);
+    return buf;
+}
+
+static void print_stats(const char *label, const db_comp_stats *s)
+{
+    printf("  %-13s %lld params in %lld tensors (", label, (long long)s->params, (long long)s->tensors);
+    int first = 1;
+    for (int d = 0; d < DB_NDTYPE; d++)
+        if (s->by_dtype[d]) {
+            printf("%s%s: %lld", first ? "" : ", ", db_dtype_name((db_dtype)d), (long long)s->by_dtype[d]);
+            first = 0;
+        }
+    printf(")\n");
+}
+
+static int cmd_info(int argc, char **argv)
+{
+    common_opts c = {0};
+    int json = 0;
+    db_opt opts[] = {
+        {"json", 0, DB_OPT_FLAG, NULL, "print one JSON object instead of text", &json, NULL, 0},
+        COMMON_OPTS(c),
+        {0},
+    };
+    db_cli cli = {"db-ckpt info", "[options] MODEL",
+                  "Show a checkpoint's format, detected architecture, per-component parameter counts and dtypes, "
+                  "and a short content hash (equal for the same weights in any layout).",
+                  opts, NULL};
+    char *pos[argc + 1];
+    int npos, rc = parse(&cli, argc, argv, pos, &npos, 1, 1);
+    if (rc >= 0)
+        return rc;
+    setup_log(&c);
+    if ((rc = check_device(&c)))
+        return rc;
+    db_model m;
+    if (open_model(&m, pos[0], &c))
+        return 1;
+    char hash[17];
+    db_err e = {0};
+    if (db_model_hash(&m, hash, &e)) {
+        db_error(&lg, "%s: %s", pos[0], e.msg);
+        db_model_close(&m);
+        return 1;
+    }
+    db_comp_stats st[DB_NCOMP];
+    for (int k = 0; k < DB_NCOMP; k++)
+        db_model_stats(&m, k, &st[k]);
+    if (json) {
+        json_t *o = json_object(), *comps = json_object(), *arch = json_object();
+        json_object_set_new(o, "path", json_string(pos[0]));
+        json_object_set_new(o, "format", json_string(db_format_name(m.format)));
+        json_object_set_new(o, "arch_source", json_string(m.arch_from_config ? "config" : "weights"));
+        json_object_set_new(o, "hash", json_string(hash));
+        for (int k = 0; k < DB_NCOMP; k++) {
+            json_t *d = json_object();
+            for (int t = 0; t < DB_NDTYPE; t++)
+                if (st[k].by_dtype[t])
+                    json_object_set_new(d, db_dtype_name((db_dtype)t), json_integer(st[k].by_dtype[t]));
+            json_object_set_new(comps, db_comp_name(k),
+                                json_pack("{s:I, s:I, s:o}", "params", (json_int_t)st[k].params, "tensors",
+                                          (json_int_t)st[k].tensors, "dtypes", d));
+            json_object_set_new(arch, db_comp_name(k), db_arch_to_config(&m.arch, k));
+        }
+        json_object_set_new(o, "components", comps);
+        json_object_set_new(o, "architecture", arch);
+        json_object_set_new(o, "scheduler", json_incref(m.scheduler));
+        json_object_set_new(o, "ignored_tensors", json_integer((json_int_t)m.n_ignored));
+        char *s = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        printf("%s\n", s ? s : "{}");
+        free(s);
+        json_decref(o);
+    } else {
+        const db_unet_arch *u = &m.arch.unet;
+        const db_vae_arch *v = &m.arch.vae;
+        const db_text_arch *t = &m.arch.text;
+        char b1[96], b2[96], b3[96];
+        printf("%s: %s, SD1.x family (architecture from %s)\n", pos[0], db_format_name(m.format),
+               m.arch_from_config ? "config.json" : "tensor shapes");
+        printf("  hash          %s\n", hash);
+        print_stats("unet", &st[DB_COMP_UNET]);
+        printf("                channels %s; layers %d; cross-attention levels %s; heads %s; context %d; depth %d; "
+               "%s projection; in %d out %d\n",
+               levels_str(b1, sizeof b1, u->nlevels, u->block_out), u->layers_per_block,
+               levels_str(b2, sizeof b2, u->nlevels, u->cross_attn), levels_str(b3, sizeof b3, u->nlevels, u->heads),
+               u->context_dim, u->transformer_depth, u->use_linear_projection ? "linear" : "conv", u->in_channels,
+               u->out_channels);
+        print_stats("vae", &st[DB_COMP_VAE]);
+        printf("                channels %s; layers %d; latent channels %d; scaling factor %g\n",
+               levels_str(b1, sizeof b1, v->nlevels, v->block_out), v->layers_per_block, v->latent_channels,
+               v->scaling_factor);
+        print_stats("text_encoder", &st[DB_COMP_TEXT]);
+        printf("                hidden %d; layers %d; heads %d; mlp %d; vocab %d; positions %d; %s\n", t->hidden,
+               t->layers, t->heads, t->intermediate, t->vocab_size, t->max_positions,
+               t->quick_gelu ? "quick_gelu" : "gelu");
+        const char *sched = json_string_value(json_object_get(m.scheduler, "_class_name"));
+        const char *pred = json_string_value(json_object_get(m.scheduler, "prediction_type"));
+        printf("  scheduler     %s, %s prediction\n", sched ? sched : "?", pred ? pred : "epsilon");
+        if (m.n_ignored)
+            printf("  ignored       %zu stored tensors that are not model weights (e.g. %s)\n", m.n_ignored,
+                   m.ignored_example);
+    }
+    db_model_close(&m);
+    return 0;
+}
+
+static int dtype_opt(const char *s, int *out)
+{
+    *out = -1;
+    if (!s)
+        return 0;
+    int d = db_dtype_parse(s);
+    if (d != DB_F32 && d != DB_F16 && d != DB_BF16) {
+        db_error(&lg, "--dtype %s: use fp32, fp16 or bf16", s);
+        return 2;
+    }
+    *out = d;
+    return 0;
+}
+
+static int to_opt(const char *to, const char *out, int *is_dir)
+{
+    if (!to) {
+        size_t n = strlen(out);
+        *is_dir = !(n > 12 && !strcmp(out + n - 12, ".safetensors"));
+        return 0;
+    }
+    if (!strcmp(to, "diffusers"))
+        *is_dir = 1;
+    else if (!strcmp(to, "safetensors"))
+        *is_dir = 0;
+    else {
+        db_error(&lg, "--to %s: use diffusers or safetensors (writing .ckpt is not supported)", to);
+        return 2;
+    }
+    return 0;
+}
+
+static int save(const db_model *m, const char *out, int is_dir, int dtype)
+{
+    db_err e = {0};
+    char dd[4096];
+    int rc = is_dir ? db_model_save_diffusers(m, out, dtype, db_data_dir(dd, sizeof dd), &e)
+                    : db_model_save_safetensors(m, out, dtype, &e);
+    if (rc) {
+        db_error(&lg, "%s", e.msg);
+        return 1;
+    }
+    return 0;
+}
+
+static int cmd_convert(int argc, char **argv)
+{
+    common_opts c = {0};
+    const char *to = NULL, *dt = NULL;
+    db_opt opts[] = {
+        {"to", 0, DB_OPT_STR, "diffusers|safetensors", "output layout (default: from OUT's name)", &to, NULL, 0},
+        {"dtype", 0, DB_OPT_STR, "fp32|fp16|bf16", "convert floating-point tensors (default: keep)", &dt, NULL, 0},
+        COMMON_OPTS(c),
+        {0},
+    };
+    db_cli cli = {"db-ckpt convert", "[options] MODEL OUT",
+                  "Convert between a diffusers folder and a CompVis single .safetensors file (MODEL may also be a "
+                  ".ckpt). OUT ending in .safetensors means a single file, anything else a diffusers folder. The "
+                  "output appears only when complete.",
+                  opts, NULL};
+    char *pos[argc + 1];
+    int npos, rc = parse(&cli, argc, argv, pos, &npos, 2, 2), dtype, is_dir;
+    if (rc >= 0)
+        return rc;
+    setup_log(&c);
+    if ((rc = check_device(&c)) || (rc = dtype_opt(dt, &dtype)) || (rc = to_opt(to, pos[1], &is_dir)))
+        return rc;
+    if (db_exists(pos[1])) {
+        db_error(&lg, "%s: already exists (refusing to overwrite)", pos[1]);
+        return 1;
+    }
+    db_model m;
+    if (open_model(&m, pos[0], &c))
+        return 1;
+    rc = save(&m, pos[1], is_dir, dtype);
+    db_model_close(&m);
+    return rc;
+}
+
+typedef struct diffstat {
+    double max_abs, num, den;
+} diffstat;
+
+static int compare_tensor(const db_model *a, size_t ia, const db_model *b, size_t ib, diffstat *d, db_err *e)
+{
+    size_t n = (size_t)db_shape_numel(a->t.v[ia].ndim, a->t.v[ia].shape);
+    double *x = malloc((n ? n : 1) * sizeof *x), *y = malloc((n ? n : 1) * sizeof *y);
+    int rc = -1;
+    if (!x || !y) {
+        db_err_set(e, DB_ENOMEM, "out of memory");
+        goto out;
+    }
+    if (db_tindex_read(&a->t, ia, x, DB_F64, e) || db_tindex_read(&b->t, ib, y, DB_F64, e))
+        goto out;
+    db_tindex_release(&a->t, ia);
+    db_tindex_release(&b->t, ib);
+    memset(d, 0, sizeof *d);
+    for (size_t i = 0; i < n; i++) {
+        double df = fabs(x[i] - y[i]);
+        if (x[i] != y[i] && !(isnan(x[i]) && isnan(y[i]))) {
+            if (isnan(df))
+                df = INFINITY;
+            if (df > d->max_abs)
+                d->max_abs = df;
+            d->num += df * df;
+        }
+        d->den += y[i] * y[i];
+    }
+    rc = 0;
+out:
+    free(x);
+    free(y);
+    return rc;
+}
+
+static int cmd_diff(int argc, char **argv)
+{
+    common_opts c = {0};
+    double tol = 0;
+    int all = 0;
+    db_opt opts[] = {
+        {"tol", 0, DB_OPT_FLOAT, "X", "largest relative L2 difference ||a-b||/||b|| allowed per tensor", &tol,
+         "0: bit-equal values", 0},
+        {"all", 0, DB_OPT_FLAG, NULL, "print every tensor, not only those that differ", &all, NULL, 0},
+        COMMON_OPTS(c),
+        {0},
+    };
+    db_cli cli = {"db-ckpt diff", "[options] A B",
+                  "Compare two checkpoints tensor by tensor, whatever their layouts (names are mapped): values are "
+                  "compared after conversion to float64, so an fp16 and an fp32 file can be compared with --tol. "
+                  "Exit status: 0 equal within tolerance, 1 different, 2 trouble.",
+                  opts, NULL};
+    char *pos[argc + 1];
+    int npos, rc = parse(&cli, argc, argv, pos, &npos, 2, 2);
+    if (rc >= 0)
+        return rc;
+    setup_log(&c);
+    if ((rc = check_device(&c)))
+        return rc;
+    if (tol < 0) {
+        db_error(&lg, "--tol must be >= 0");
+        return 2;
+    }
+    db_model a, b;
+    if (open_model(&a, pos[0], &c))
+        return 2;
+    if (open_model(&b, pos[1], &c)) {
+        db_model_close(&a);
+        return 2;
+    }
+    size_t ndiff = 0, nsame = 0;
+    double worst = 0;
+    const char *worst_name = NULL;
+    db_err e = {0};
+    rc = 0;
+    for (size_t i = 0; i < a.t.n && rc != 2; i++) {
+        const db_tentry *ea = &a.t.v[i];
+        long j = db_tindex_find(&b.t, ea->name);
+        char s1[128], s2[128];
+        if (j < 0) {
+            printf("only in %s: %s\n", pos[0], ea->name);
+            ndiff++;
+            continue;
+        }
+        const db_tentry *eb = &b.t.v[j];
+        if (!db_shape_equal(ea->ndim, ea->shape, eb->ndim, eb->shape)) {
+            printf("shape differs: %s %s vs %s\n", ea->name, db_shape_str(s1, sizeof s1, ea->ndim, ea->shape),
+                   db_shape_str(s2, sizeof s2, eb->ndim, eb->shape));
+            ndiff++;
+            continue;
+        }
+        diffstat d;
+        if (compare_tensor(&a, i, &b, (size_t)j, &d, &e)) {
+            db_error(&lg, "%s", e.msg);
+            rc = 2;
+            break;
+        }
+        double rel = d.num == 0 ? 0 : d.den > 0 ? sqrt(d.num / d.den) : INFINITY;
+        int differs = tol == 0 ? d.num != 0 : rel > tol;
+        if (rel > worst || (!worst_name && d.num)) {
+            worst = rel;
+            worst_name = ea->name;
+        }
+        if (differs || all)
+            printf("%s %s: max_abs %.6g rel_l2 %.6g (%s vs %s)\n", differs ? "differs" : "ok     ", ea->name,
+                   d.max_abs, rel, db_dtype_name(ea->dtype), db_dtype_name(eb->dtype));
+        differs ? ndiff++ : nsame++;
+    }
+    for (size_t j = 0; j < b.t.n && rc != 2; j++)
+        if (db_tindex_find(&a.t, b.t.v[j].name) < 0) {
+            printf("only in %s: %s\n", pos[1], b.t.v[j].name);
+            ndiff++;
+        }
+    if (rc != 2) {
+        printf("%zu tensors equal, %zu differ", nsame, ndiff);
+        if (worst_name)
+            printf("; largest relative difference %.3g in %s", worst, worst_name);
+        printf("\n");
+        rc = ndiff ? 1 : 0;
+    }
+    db_model_close(&a);
+    db_model_close(&b);
+    return rc;
+}
+
+static int cmd_verify(int argc, char **argv)
+{
+    common_opts c = {0};
+    db_opt opts[] = {COMMON_OPTS(c), {0}};
+    db_cli cli = {"db-ckpt verify", "[options] FILE",
+                  "Read every stored tensor of FILE (.safetensors, .ckpt or a diffusers folder) in full: headers, "
+                  "offsets, zip CRCs and sizes are checked and floating-point values must be finite. Then say "
+                  "whether it is a complete SD1.x model.",
+                  opts, NULL};
+    char *pos[argc + 1];
+    int npos, rc = parse(&cli, argc, argv, pos, &npos, 1, 1);
+    if (rc >= 0)
+        return rc;
+    setup_log(&c);
+    if ((rc = check_device(&c)))
+        return rc;
+    db_model m;
+    db_err e = {0};
+    if (db_model_open_raw(&m, pos[0], &e)) {
+        db_error(&lg, "%s", e.msg);
+        return 1;
+    }
+    void *buf = NULL;
+    size_t cap = 0;
+    uint64_t bytes = 0, nonfinite = 0;
+    const char *bad_name = NULL;
+    db_progress pr;
+    db_progress_start(&pr, "verify", (int64_t)m.raw.n, !c.quiet);
+    rc = 0;
+    for (size_t i = 0; i < m.raw.n; i++) {
+        const db_tentry *t = &m.raw.v[i];
+        if (t->nbytes > cap) {
+            free(buf);
+            cap = t->nbytes;
+            buf = malloc(cap);
+            if (!buf) {
+                db_error(&lg, "%s: tensor '%s': out of memory", pos[0], t->name);
+                rc = 1;
+                break;
+            }
+        }
+        if (db_tindex_read(&m.raw, i, buf, t->dtype, &e)) {
+            db_error(&lg, "%s: %s", pos[0], e.msg);
+            rc = 1;
+            break;
+        }
+        bytes += t->nbytes;
+        db_tindex_release(&m.raw, i);
+        if (db_dtype_is_float(t->dtype)) {
+            size_t n = (size_t)db_shape_numel(t->ndim, t->shape), es = db_dtype_size(t->dtype);
+            uint64_t before = nonfinite;
+            double chunk[4096]; /* f64 holds every float dtype exactly */
+            for (size_t k = 0; k < n; k += 4096) {
+                size_t cnt = n - k < 4096 ? n - k : 4096;
+                db_convert(chunk, DB_F64, (char *)buf + k * es, t->dtype, cnt, NULL);
+                for (size_t j = 0; j < cnt; j++)
+                    nonfinite += !isfinite(chunk[j]);
+            }
+            if (nonfinite > before && !bad_name)
+                bad_name = t->name;
+        }
+        db_progress_add(&pr, 1);
+    }
+    free(buf);
+    if (!rc) {
+        db_progress_end(&pr);
+        if (nonfinite) {
+            db_error(&lg, "%s: %llu NaN/Inf values (first in tensor '%s')", pos[0], (unsigned long long)nonfinite,
+                     bad_name);
+            rc = 1;
+        } else {
+            printf("%s: ok: %zu tensors, %llu bytes read, all values finite\n", pos[0], m.raw.n,
+                   (unsigned long long)bytes);
+        }
+    }
+    db_model_close(&m);
+    if (!rc) {
+        db_model full;
+        db_model_opts o = {c.config, NULL};
+        if (db_model_open(&full, pos[0], &o, &e))
+            printf("%s: not a complete SD1.x model: %s\n", pos[0], e.msg);
+        else {
+            printf("%s: complete SD1.x model (%s layout)\n", pos[0], db_format_name(full.format));
+            db_model_close(&full);
+        }
+    }
+    return rc;
+}
+
+/* A model whose tensors are generated on read by the default initialiser. */
+typedef struct init_src {
+    db_tsrc src;
+    db_tname *rows;
+    uint64_t seed;
+} init_src;
+
+static int init_read(db_tsrc *s, const db_tentry *e, void *dst, db_err *err)
+{
+    init_src *is = (init_src *)s;
+    return db_init_tensor(&is->rows[e->key], is->seed, dst, e->dtype, err);
+}
+
+static int cmd_init(int argc, char **argv)
+{
+    common_opts c = {0};
+    const char *arch_name = NULL, *to = NULL, *dt = NULL;
+    int64_t seed = 0;
+    db_opt opts[] = {
+        {"arch", 0, DB_OPT_STR, "sd15|tiny", "architecture preset", &arch_name, NULL, 0},
+        {"seed", 0, DB_OPT_INT, "N", "random seed (values depend only on seed and tensor name)", &seed, "0", 0},
+        {"dtype", 0, DB_OPT_STR, "fp32|fp16|bf16", "weight dtype", &dt, "fp32", 0},
+        {"to", 0, DB_OPT_STR, "diffusers|safetensors", "output layout (default: from OUT's name)", &to, NULL, 0},
+        COMMON_OPTS(c),
+        {0},
+    };
+    db_cli cli = {"db-ckpt init", "--arch sd15|tiny [options] OUT",
+                  "Write a model with random weights of the real SD1.x topology (PyTorch-like default "
+                  "initialisation), for tests, benchmarks and the demo. --config DIR takes diffusers-style "
+                  "config.json files (DIR/unet/config.json, DIR/vae/config.json, DIR/text_encoder/config.json) to "
+                  "make any SD1.x-family size; they override the preset.",
+                  opts, NULL};
+    char *pos[argc + 1];
+    int npos, rc = parse(&cli, argc, argv, pos, &npos, 1, 1), dtype, is_dir;
+    if (rc >= 0)
+        return rc;
+    setup_log(&c);
+    if ((rc = check_device(&c)) || (rc = dtype_opt(dt, &dtype)) || (rc = to_opt(to, pos[0], &is_dir)))
+        return rc;
+    if (dtype < 0)
+        dtype = DB_F32;
+    if (!arch_name && !c.config) {
+        db_error(&lg, "init: give --arch sd15|tiny or --config DIR");
+        return 2;
+    }
+    if (db_exists(pos[0])) {
+        db_error(&lg, "%s: already exists (refusing to overwrite)", pos[0]);
+        return 1;
+    }
+    db_err e = {0};
+    db_model m;
+    memset(&m, 0, sizeof m);
+    db_tindex_init(&m.t);
+    db_tindex_init(&m.raw);
+    init_src is = {{"(random init)", init_read, NULL}, NULL, (uint64_t)seed};
+    size_t nrows = 0;
+    rc = 1;
+    if (db_arch_preset(&m.arch, arch_name ? arch_name : "sd15", &e)) {
+        db_error(&lg, "--arch: %s", e.msg);
+        rc = 2;
+        goto out;
+    }
+    if (c.config) {
+        json_t *cfg[DB_NCOMP] = {0};
+        int bad = 0;
+        for (int k = 0; k < DB_NCOMP && !bad; k++) {
+            char p[4096];
+            json_error_t je;
+            snprintf(p, sizeof p, "%s/%s/config.json", c.config, db_comp_name(k));
+            if (db_exists(p) && !(cfg[k] = json_load_file(p, JSON_REJECT_DUPLICATES, &je))) {
+                db_error(&lg, "%s: %s", p, je.text);
+                bad = 1;
+            }
+        }
+        if (!bad && db_arch_from_config(&m.arch, cfg[0], cfg[1], cfg[2], &e)) {
+            db_error(&lg, "%s: %s", c.config, e.msg);
+            bad = 1;
+        }
+        for (int k = 0; k < DB_NCOMP; k++)
+            json_decref(cfg[k]);
+        if (bad)
+            goto out;
+    }
+    m.arch.text.has_position_ids = 1;
+    if (db_arch_names(&m.arch, &is.rows, &nrows, &e)) {
+        db_error(&lg, "%s", e.msg);
+        goto out;
+    }
+    for (size_t r = 0; r < nrows; r++) {
+        db_tentry t = {0};
+        t.name = is.rows[r].compvis;
+        t.comp = is.rows[r].comp;
+        t.ndim = is.rows[r].ndim;
+        memcpy(t.shape, is.rows[r].shape, sizeof is.rows[r].shape);
+        t.dtype = is.rows[r].init == DB_INIT_POSITION_IDS ? DB_I64 : (db_dtype)dtype;
+        t.nbytes = (uint64_t)db_shape_nbytes(t.dtype, t.ndim, t.shape);
+        t.src = &is.src;
+        t.key = (int64_t)r;
+        if (db_tindex_add(&m.t, &t, &e)) {
+            db_error(&lg, "%s", e.msg);
+            goto out;
+        }
+    }
+    m.scheduler = db_default_scheduler_config();
+    rc = save(&m, pos[0], is_dir, -1);
+out:
+    free(is.rows);
+    db_model_close(&m);
+    return rc;
+}
+
+static int usage(FILE *f)
+{
+    fprintf(f, "usage: db-ckpt COMMAND [options] ...\n\n"
+               "Inspect, convert, verify, compare and create Stable Diffusion v1.x checkpoints\n"
+               "(diffusers folders, CompVis .safetensors and .ckpt files; detected by content).\n\n"
+               "commands:\n"
+               "  info MODEL [--json]                  format, architecture, parameter counts, content hash\n"
+               "  convert MODEL OUT [--to L] [--dtype] diffusers folder <-> single .safetensors\n"
+               "  diff A B [--tol X]                   per-tensor differences across layouts (exit 0/1/2)\n"
+               "  verify FILE                          full integrity read\n"
+               "  init --arch sd15|tiny OUT            random weights of the real SD1.x topology\n"
+               "  tokenize MODEL PROMPT...             (reserved: arrives with the CLIP tokenizer)\n\n"
+               "'db-ckpt COMMAND --help' describes each command; see also db-ckpt(1).\n");
+    return f == stderr ? 2 : 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2)
+        return usage(stderr);
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help"))
+        return usage(stdout);
+    if (!strcmp(cmd, "--version")) {
+        char ver[1024];
+        fputs(db_version_text("db-ckpt", ver, sizeof ver), stdout);
+        return 0;
+    }
+    static const struct {
+        const char *name;
+        int (*fn)(int, char **);
+    } cmds[] = {{"info", cmd_info}, {"convert", cmd_convert}, {"diff", cmd_diff},
+                {"verify", cmd_verify}, {"init", cmd_init}};
+    for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
+        if (!strcmp(cmd, cmds[i].name))
+            return cmds[i].fn(argc - 1, argv + 1);
+    if (!strcmp(cmd, "tokenize")) {
+        db_error(&lg, "tokenize: not available yet (it arrives with the CLIP tokenizer)");
+        return 1;
+    }
+    db_error(&lg, "unknown command '%s'", cmd);
+    usage(stderr);
+    return 2;
+}
