@@ -8,6 +8,7 @@
 .DEFAULT_GOAL := all
 .SUFFIXES:
 .DELETE_ON_ERROR:
+SHELL := /bin/bash
 
 VERSION := 0.1.0
 B       := build
@@ -117,10 +118,11 @@ FUZZ_RUNS ?= 100000
 FUZZ_SECONDS ?= 0
 FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
 FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(B)/fuzzobj/%.o)
+comma := ,
 
 $(B)/fuzzobj/%.o: %.c | $(DEPS_STAMP)
 	@mkdir -p $(@D)
-	clang $(CPPFLAGS) -std=c11 -fPIC $(FUZZ_CFLAGS:fuzzer,=fuzzer-no-link,) -c $< -o $@
+	clang $(CPPFLAGS) -std=c11 -fPIC $(subst fuzzer$(comma),fuzzer-no-link$(comma),$(FUZZ_CFLAGS)) -c $< -o $@
 
 $(B)/fuzz/%: tests/fuzz/%.c $(FUZZ_LIB_OBJ)
 	@mkdir -p $(@D)
@@ -129,11 +131,13 @@ $(B)/fuzz/%: tests/fuzz/%.c $(FUZZ_LIB_OBJ)
 .PHONY: fuzz fuzz-build
 fuzz-build: $(FUZZ_BINS)
 fuzz: fuzz-build
-	@set -e; for f in $(FUZZ_BINS); do n=$${f##*/fuzz_}; \
+	@set -e -o pipefail; for f in $(FUZZ_BINS); do n=$${f##*/fuzz_}; \
 	  mkdir -p $(B)/fuzz-work/$$n; \
-	  echo "fuzz: $$n"; \
+	  echo "fuzz: $$n ($(FUZZ_RUNS) runs)"; \
 	  $$f -runs=$(FUZZ_RUNS) -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -max_len=65536 \
-	      -print_final_stats=1 $(B)/fuzz-work/$$n tests/fuzz/corpus/$$n 2>&1 | grep -E 'stat::number_of_executed_units|ERROR|SUMMARY' ; \
+	      -print_final_stats=1 $(B)/fuzz-work/$$n tests/fuzz/corpus/$$n > $(B)/fuzz-work/$$n.log 2>&1 \
+	    || { tail -40 $(B)/fuzz-work/$$n.log; echo "fuzz: $$n FAILED (log: $(B)/fuzz-work/$$n.log)"; exit 1; }; \
+	  grep -E 'stat::number_of_executed_units|stat::peak_rss_mb' $(B)/fuzz-work/$$n.log; \
 	done
 
 .PHONY: clean

@@ -68,6 +68,14 @@ ok "diff fp32 vs fp16 passes at --tol 1e-3" db-ckpt diff --tol 1e-3 "$D" "$T/hal
 check "fp16 file is about half the size" \
     "[ \$(stat -c %s '$T/half.safetensors') -lt \$(( \$(stat -c %s '$T/one.safetensors') * 6 / 10 )) ]"
 
+# diffusers folders may hold PyTorch .bin weights, read by the same safe unpickler
+cp -r "$D" "$T/bin"
+for c in unet/diffusion_pytorch_model text_encoder/model; do
+    b=${c%/*}/$( [ "${c%/*}" = unet ] && echo diffusion_pytorch_model || echo pytorch_model ).bin
+    $PY "$TOP/tests/py/st_to_bin.py" "$T/bin/$c.safetensors" "$T/bin/$b" && rm "$T/bin/$c.safetensors"
+done
+ok "diffusers folder with .bin weights equals the safetensors one" db-ckpt diff "$T/bin" "$D"
+
 ok "verify .ckpt" db-ckpt verify "$C"
 ok "verify diffusers folder" db-ckpt verify "$D"
 ok "verify single file" db-ckpt verify "$T/one.safetensors"
