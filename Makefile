@@ -20,12 +20,12 @@ OPT     ?= -O2
 CFLAGS  ?= $(OPT) -g
 WARN    := -Wall -Wextra -Wshadow -Wno-unused-parameter -Wstrict-prototypes -Werror=implicit-function-declaration
 CPPFLAGS += -I. -DDB_VERSION='"$(VERSION)"' -D_GNU_SOURCE
-ALL_CFLAGS = -std=c11 -fPIC $(WARN) $(CFLAGS) -MMD -MP
-LIBS    := -lmsgpackc -lzmq -lzip -ljansson -lxxhash -lm -ldl -lpthread
+ALL_CFLAGS = -std=c11 -fPIC -fopenmp $(WARN) $(CFLAGS) -MMD -MP
+LIBS    := -fopenmp -lmsgpackc -lzmq -lzip -ljansson -lxxhash -lutf8proc -ldnnl -lpng -lm -ldl -lpthread
 
 # --- Debian packages ---------------------------------------------------------
 DEB_PKGS := build-essential pkg-config libmsgpack-dev libzmq3-dev libzip-dev libjansson-dev \
-            libxxhash-dev time python3 python3-msgpack python3-numpy perl clang libclang-rt-14-dev
+            libxxhash-dev libutf8proc-dev libdnnl-dev libpng-dev time python3 python3-msgpack python3-numpy perl clang libclang-rt-14-dev libomp-14-dev
 DEPS_STAMP := $(B)/.deps-$(shell echo '$(DEB_PKGS)' | cksum | cut -d' ' -f1)
 
 .PHONY: deps
@@ -116,7 +116,7 @@ FUZZ_SRC  := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_BINS := $(FUZZ_SRC:tests/fuzz/%.c=$(B)/fuzz/%)
 FUZZ_RUNS ?= 100000
 FUZZ_SECONDS ?= 0
-FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+FUZZ_CFLAGS := -g -O1 -fopenmp -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
 FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(B)/fuzzobj/%.o)
 comma := ,
 

@@ -54,13 +54,19 @@ void db_progress_add(db_progress *p, int64_t n)
             draw(p, 0);
         }
     } else if (p->done - p->last_line >= p->every && p->done < p->total) {
-        p->last_line = p->done;
-        draw(p, 0);
+        /* logs get one line per `every` units, but not more than one per 2 s */
+        double t = now_s();
+        if (t - p->last_draw >= 2.0) {
+            p->last_line = p->done;
+            p->last_draw = t;
+            draw(p, 0);
+        }
     }
 }
 
 void db_progress_end(db_progress *p)
 {
-    if (p->enabled)
+    /* a job that finished within a second needs no progress report in a log */
+    if (p->enabled && (p->tty || now_s() - p->t0 >= 1.0))
         draw(p, 1);
 }

@@ -1,5 +1,6 @@
 /* Progress on stderr: a redrawn bar when stderr is a terminal, otherwise one
- * plain line every `every` units (0: only the final line). */
+ * plain line every tenth of the work (at most one per 2 s, and none at all
+ * for jobs that take under a second). */
 #ifndef DB_PROGRESS_H
 #define DB_PROGRESS_H
 
