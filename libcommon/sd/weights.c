@@ -1,0 +1,113 @@
+#include "weights.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int db_weights_load(db_weights *w, const db_model *m, int comp, db_err *err)
+{
+    memset(w, 0, sizeof *w);
+    w->comp = comp;
+    db_tindex_init(&w->ix);
+    const char *prefix = db_comp_prefix(comp);
+    size_t lp = prefix ? strlen(prefix) : 0;
+    /* pass 1: the layout */
+    for (size_t i = 0; i < m->t.n; i++) {
+        const db_tentry *e = &m->t.v[i];
+        if (e->comp != comp || !db_dtype_is_float(e->dtype))
+            continue;
+        db_tentry d = *e;
+        d.name = strncmp(e->name, prefix, lp) ? e->name : e->name + lp;
+        d.key = (int64_t)i; /* index in m->t, for pass 2 */
+        d.offset = (int64_t)w->numel;
+        d.dtype = DB_F32;
+        d.ptr = NULL;
+        d.src = NULL;
+        if (db_tindex_add(&w->ix, &d, err))
+            goto fail;
+        /* keep every tensor 16-float aligned (64 bytes) for vector loads */
+        w->numel += ((size_t)db_shape_numel(e->ndim, e->shape) + 15) & ~(size_t)15;
+    }
+    w->n = w->ix.n;
+    if (!w->n) {
+        db_err_set(err, DB_EFORMAT, "%s: no %s weights", m->path, db_comp_name(comp));
+        goto fail;
+    }
+    w->data = aligned_alloc(64, (w->numel * sizeof(float) + 63) & ~(size_t)63);
+    if (!w->data) {
+        db_err_set(err, DB_ENOMEM, "%s: out of memory for %zu %s weights", m->path, w->numel, db_comp_name(comp));
+        goto fail;
+    }
+    /* pass 2: the bytes, converted to fp32 */
+    for (size_t k = 0; k < w->ix.n; k++) {
+        db_tentry *d = &w->ix.v[k];
+        if (db_tindex_read(&m->t, (size_t)d->key, w->data + d->offset, DB_F32, err))
+            goto fail;
+        db_tindex_release(&m->t, (size_t)d->key);
+    }
+    return 0;
+fail:
+    db_weights_free(w);
+    return -1;
+}
+
+int db_weights_like(db_weights *w, const db_weights *like, db_err *err)
+{
+    memset(w, 0, sizeof *w);
+    w->comp = like->comp;
+    db_tindex_init(&w->ix);
+    for (size_t k = 0; k < like->ix.n; k++)
+        if (db_tindex_add(&w->ix, &like->ix.v[k], err)) {
+            db_weights_free(w);
+            return -1;
+        }
+    w->n = like->n;
+    w->numel = like->numel;
+    w->data = aligned_alloc(64, (w->numel * sizeof(float) + 63) & ~(size_t)63);
+    if (!w->data) {
+        db_weights_free(w);
+        return db_err_set(err, DB_ENOMEM, "out of memory for %zu weights", like->numel);
+    }
+    memset(w->data, 0, w->numel * sizeof(float));
+    return 0;
+}
+
+void db_weights_free(db_weights *w)
+{
+    free(w->data);
+    db_tindex_free(&w->ix);
+    memset(w, 0, sizeof *w);
+}
+
+float *db_weights_get(const db_weights *w, db_err *err, int64_t numel, const char *fmt, ...)
+{
+    char name[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    long k = db_tindex_find(&w->ix, name);
+    if (k < 0) {
+        db_err_set(err, DB_EFORMAT, "%s: missing tensor '%s'", db_comp_name(w->comp), name);
+        return NULL;
+    }
+    const db_tentry *e = &w->ix.v[k];
+    int64_t have = db_shape_numel(e->ndim, e->shape);
+    if (numel >= 0 && have != numel) {
+        db_err_set(err, DB_EFORMAT, "%s: tensor '%s' has %lld elements, expected %lld", db_comp_name(w->comp), name,
+                   (long long)have, (long long)numel);
+        return NULL;
+    }
+    return w->data + e->offset;
+}
+
+int db_weights_has(const db_weights *w, const char *fmt, ...)
+{
+    char name[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    return db_tindex_find(&w->ix, name) >= 0;
+}
