@@ -5,7 +5,7 @@
  *   db-ckpt diff A B [--tol X]
  *   db-ckpt verify FILE
  *   db-ckpt init --arch sd15|tiny [--config DIR] [--seed N] [--dtype ...] OUT
- *   db-ckpt tokenize MODEL PROMPT...   (reserved; arrives with the tokenizer)
+ *   db-ckpt tokenize MODEL PROMPT...
  *
  * Exit status: 0 success, 1 failure (for diff: the models differ), 2 usage
  * error (for diff: trouble reading them), as cmp(1) does. */
@@ -22,6 +22,7 @@
 #include "libcommon/io/model.h"
 #include "libcommon/sd/arch.h"
 #include "libcommon/sd/init.h"
+#include "libcommon/sd/tokenizer.h"
 
 typedef struct common_opts {
     int quiet, verbose;
@@ -601,6 +602,96 @@ out:
     return rc;
 }
 
+/* Print one prompt's ids, space separated, on one line. */
+static int print_ids(const db_tokenizer *tok, const char *prompt, int len)
+{
+    int32_t ids[len];
+    db_err e = {0};
+    if (db_tokenize(tok, prompt, len, ids, NULL, &e)) {
+        db_error(&lg, "%s", e.msg);
+        return 1;
+    }
+    for (int i = 0; i < len; i++)
+        printf("%s%d", i ? " " : "", (int)ids[i]);
+    putchar('\n');
+    return 0;
+}
+
+static int cmd_tokenize(int argc, char **argv)
+{
+    common_opts c = {0};
+    int64_t len = DB_CLIP_MAX_LENGTH;
+    db_opt opts[] = {
+        {"length", 0, DB_OPT_INT, "N", "ids per prompt: BOS, at most N-2 prompt ids, EOS, padding", &len, "77", 0},
+        COMMON_OPTS(c),
+        {0},
+    };
+    db_cli cli = {"db-ckpt tokenize", "[options] MODEL PROMPT...",
+                  "Print the CLIP token ids of each PROMPT on a line of its own: BOS, the prompt's ids (at most "
+                  "75), EOS, padding to 77 -- what diffusers feeds the text encoder. The plain tokenizer: no "
+                  "weighting syntax, no chunking. The vocabulary is MODEL's tokenizer/ folder, or the CLIP "
+                  "vocabulary shipped with dreambooth-c when MODEL has none (single files); MODEL may also be a "
+                  "tokenizer folder itself. A PROMPT of - reads prompts from standard input, one per line.",
+                  opts, NULL};
+    char *pos[argc + 1];
+    int npos, rc = parse(&cli, argc, argv, pos, &npos, 2, -1);
+    if (rc >= 0)
+        return rc;
+    setup_log(&c);
+    if ((rc = check_device(&c)))
+        return rc;
+    if (len < 2 || len > 4096) {
+        db_error(&lg, "--length %lld: must be in 2..4096", (long long)len);
+        return 2;
+    }
+    db_err e = {0};
+    db_tokenizer *tok = NULL;
+    char probe[4200], data[4096];
+    snprintf(probe, sizeof probe, "%s/vocab.json", pos[0]);
+    if (db_is_dir(pos[0]) && db_exists(probe)) {
+        rc = db_tokenizer_load(&tok, pos[0], &e);
+    } else {
+        db_model m;
+        if (open_model(&m, pos[0], &c))
+            return 1;
+        /* a diffusers folder with a tokenizer/ lacking its files is an
+         * error, not a reason to fall back to the built-in vocabulary */
+        char *tokdir = m.tokenizer_dir ? strdup(m.tokenizer_dir) : NULL;
+        if (!tokdir && m.format == DB_FMT_DIFFUSERS) {
+            snprintf(probe, sizeof probe, "%s/tokenizer", pos[0]);
+            tokdir = db_is_dir(probe) ? strdup(probe) : NULL;
+        }
+        db_model_close(&m);
+        rc = db_tokenizer_load_default(&tok, tokdir, db_data_dir(data, sizeof data), &e);
+        free(tokdir);
+    }
+    if (rc) {
+        db_error(&lg, "%s: %s", pos[0], e.msg);
+        return 1;
+    }
+    for (int i = 1; i < npos && !rc; i++) {
+        if (strcmp(pos[i], "-")) {
+            rc = print_ids(tok, pos[i], (int)len);
+            continue;
+        }
+        char *line = NULL;
+        size_t cap = 0;
+        ssize_t n;
+        while (!rc && (n = getline(&line, &cap, stdin)) >= 0) {
+            if (n > 0 && line[n - 1] == '\n')
+                line[n - 1] = 0;
+            rc = print_ids(tok, line, (int)len);
+        }
+        free(line);
+    }
+    db_tokenizer_free(tok);
+    if (fflush(stdout) || ferror(stdout)) {
+        db_error(&lg, "standard output: write error");
+        return 1;
+    }
+    return rc;
+}
+
 static int usage(FILE *f)
 {
     fprintf(f, "usage: db-ckpt COMMAND [options] ...\n\n"
@@ -612,7 +703,7 @@ static int usage(FILE *f)
                "  diff A B [--tol X]                   per-tensor differences across layouts (exit 0/1/2)\n"
                "  verify FILE                          full integrity read\n"
                "  init --arch sd15|tiny OUT            random weights of the real SD1.x topology\n"
-               "  tokenize MODEL PROMPT...             (reserved: arrives with the CLIP tokenizer)\n\n"
+               "  tokenize MODEL PROMPT...             CLIP token ids of each prompt (77 per line)\n\n"
                "'db-ckpt COMMAND --help' describes each command; see also db-ckpt(1).\n");
     return f == stderr ? 2 : 0;
 }
@@ -633,14 +724,10 @@ int main(int argc, char **argv)
         const char *name;
         int (*fn)(int, char **);
     } cmds[] = {{"info", cmd_info}, {"convert", cmd_convert}, {"diff", cmd_diff},
-                {"verify", cmd_verify}, {"init", cmd_init}};
+                {"verify", cmd_verify}, {"init", cmd_init}, {"tokenize", cmd_tokenize}};
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (!strcmp(cmd, cmds[i].name))
             return cmds[i].fn(argc - 1, argv + 1);
-    if (!strcmp(cmd, "tokenize")) {
-        db_error(&lg, "tokenize: not available yet (it arrives with the CLIP tokenizer)");
-        return 1;
-    }
     db_error(&lg, "unknown command '%s'", cmd);
     usage(stderr);
     return 2;
