@@ -9,6 +9,7 @@
 #include <xxhash.h>
 
 #include "../core/fsutil.h"
+#include "../sd/sched.h"
 #include "ckpt.h"
 #include "safetensors.h"
 
@@ -178,13 +179,14 @@ static int open_diffusers(db_model *m, const char *dir, db_err *err)
         if (open_weights(m, path, prefix, c, err))
             return -1;
     }
+    /* diffusers writes Python's -Infinity into some scheduler configs */
     snprintf(path, sizeof path, "%s/scheduler/scheduler_config.json", dir);
-    if (db_exists(path)) {
-        if (!(m->scheduler = load_json(path, err)))
-            return -1;
-    }
-    snprintf(path, sizeof path, "%s/tokenizer/vocab.json", dir);
-    if (db_exists(path))
+    if (db_exists(path) && db_sched_config_load(path, &m->scheduler, err))
+        return -1;
+    /* a tokenizer/ folder is the model's own: an incomplete one is an error
+     * later, never a silent fall-back to the built-in vocabulary */
+    snprintf(path, sizeof path, "%s/tokenizer", dir);
+    if (db_is_dir(path))
         m->tokenizer_dir = db_path_join(dir, "tokenizer");
     if (db_arch_from_config(&m->arch, m->config[DB_COMP_UNET], m->config[DB_COMP_VAE], m->config[DB_COMP_TEXT],
                             err))
@@ -389,7 +391,7 @@ static int map_single(db_model *m, const db_model_opts *o, db_err *err)
             m->config[c] = cfg[c], cfg[c] = NULL;
         char p[PATH_MAX];
         snprintf(p, sizeof p, "%s/scheduler/scheduler_config.json", o->config_dir);
-        if (db_exists(p) && !(m->scheduler = load_json(p, err)))
+        if (db_exists(p) && db_sched_config_load(p, &m->scheduler, err))
             goto cfgout;
         rc = 0;
     cfgout:
