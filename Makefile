@@ -26,7 +26,7 @@ LIBS    := -fopenmp -lmsgpackc -lzmq -lzip -ljansson -lxxhash -lutf8proc -ldnnl 
 
 # --- Debian packages ---------------------------------------------------------
 DEB_PKGS := build-essential pkg-config libmsgpack-dev libzmq3-dev libzip-dev libjansson-dev \
-            libxxhash-dev libutf8proc-dev libdnnl-dev libpng-dev time python3 python3-msgpack python3-numpy perl clang libclang-rt-14-dev libomp-14-dev
+            libxxhash-dev libutf8proc-dev libdnnl-dev libpng-dev time file python3 python3-msgpack python3-numpy perl clang libclang-rt-14-dev libomp-14-dev
 DEPS_STAMP := $(B)/.deps-$(shell echo '$(DEB_PKGS)' | cksum | cut -d' ' -f1)
 
 .PHONY: deps
@@ -101,8 +101,10 @@ cuda: $(CUDA_LIB)
 
 # --- tests --------------------------------------------------------------------
 .PHONY: check check-unit check-cuda
+# passive OpenMP waits: spinning threads starve each other when the machine
+# is busy with anything else (the numbers do not change, only the time)
 check: all
-	@TOP=$(CURDIR) B=$(CURDIR)/$(B) prove -f $(TESTS) $(sort $(wildcard tests/t[0-9]*.sh))
+	@OMP_WAIT_POLICY=PASSIVE TOP=$(CURDIR) B=$(CURDIR)/$(B) prove -f $(TESTS) $(sort $(wildcard tests/t[0-9]*.sh))
 
 check-cuda: all $(CUDA_LIB)
 	@TOP=$(CURDIR) B=$(CURDIR)/$(B) prove -f $(sort $(wildcard tests/gpu/t*.sh))
@@ -146,3 +148,23 @@ clean:
 	rm -rf $(B)/*.a $(B)/libcommon $(B)/kernels $(B)/tools $(B)/tests $(B)/bin $(B)/lib $(B)/fuzz $(B)/fuzzobj
 
 -include $(LIB_OBJ:.o=.d) $(B)/tools/*.d $(B)/tests/unit/*.d $(B)/tests/helpers/*.d
+
+# --- benchmarks (not tests): make bench --------------------------------------
+# Every tests/bench/*.c is one program, built against libdb.a and run in turn.
+BENCH_SRC  := $(sort $(wildcard tests/bench/*.c))
+BENCH_BINS := $(BENCH_SRC:tests/bench/%.c=$(B)/bench/%)
+
+$(B)/bench/%: $(B)/tests/bench/%.o $(B)/libdb.a
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -o $@ $< $(B)/libdb.a $(LIBS)
+
+.PHONY: bench bench-build bench-clean
+bench-build: $(BENCH_BINS)
+bench: bench-build
+	@set -e; for b in $(BENCH_BINS); do echo "== $${b##*/} ($$(date -u +%Y-%m-%dT%H:%MZ), $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), $$(nproc) cores)"; $$b; done
+
+bench-clean:
+	rm -rf $(B)/bench
+clean: bench-clean
+
+-include $(B)/tests/bench/*.d

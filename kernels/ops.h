@@ -1,0 +1,244 @@
+/* kernels/ops.h: the one op interface the models (CLIP text encoder, SD UNet,
+ * VAE) call.  fp32.  Model code never calls oneDNN, BLAS, cuDNN or CUDA itself.
+ *
+ * DESIGN
+ *
+ * Context.  Every op takes a db_ctx * first.  The ctx names the device that
+ * every pointer passed with it lives on, the thread count, and owns what the
+ * backend needs between calls: on the CPU the oneDNN engine and stream, a
+ * cache of oneDNN primitives keyed by shape (repeated calls re-create
+ * nothing), and a scratch buffer that grows to the largest temporary an op
+ * has needed.  A ctx is used by one thread at a time; the ops parallelise
+ * internally (OpenMP in our loops, oneDNN's OpenMP runtime in its own).
+ *
+ * Argument order (karpathy/llm.c): outputs, saved-for-backward, inputs,
+ * weights, sizes.  Backward ops mirror their forward with d-prefixed names:
+ * activation gradients first, then parameter gradients, then dout, then what
+ * the forward saved, inputs, weights, sizes.  Activation gradients are
+ * assigned (=); parameter gradients accumulate (+=), so micro-batches add up
+ * without a copy.  A NULL parameter-gradient pointer means "frozen: skip that
+ * work" (the VAE, LoRA base weights); a NULL dinp means nobody needs it.
+ *
+ * Dispatch.  Each function below is a switch on ctx->device into a backend
+ * with the identical signature: db_cpu_* in kernels/cpu/ now, db_cuda_* in
+ * kernels/cuda/ later (the CUDA issue adds one case per switch, in
+ * kernels/cpu/dispatch.c).
+ *
+ * Errors.  Every op returns 0 on success and -1 on failure, with the reason in
+ * ctx->err (a db_err, libcommon/core/err.h).  The error is sticky: once set,
+ * later ops return -1 at once without computing, so model code may check once
+ * per block and report ctx->err.msg; db_ctx_clear_error() resets it.  Ops that
+ * cannot fail on the CPU still return int, because their GPU twins can.
+ *
+ * Layout.  Tensors are dense, row-major, fp32.  Images are NCHW and conv
+ * weights OIHW, as PyTorch and the checkpoints store them; token tensors are
+ * (B, T, C) with the channel contiguous, as the linear projections produce
+ * them.  oneDNN may use blocked layouts inside an op (cached reorders); none
+ * escapes an op.
+ *
+ * Shape legend
+ *   B   batch                      N   rows (B*T tokens, or any flat count)
+ *   C   channels / features in     OC  channels / features out
+ *   H W height, width (input)      OH OW  output height, width
+ *   HW  H*W                        G   groups (group norm)
+ *   T   tokens (Tq queries, Tk keys/values)
+ *   NH  attention heads            HS  head size; C = NH*HS in attention
+ *   KH KW  kernel height, width    V   vocabulary size
+ *   D   embedding width            maxT  rows of a position table
+ *
+ * Backward ops are declared (training issue) so the signatures are fixed now;
+ * they have no definitions yet and must not be called.
+ */
+#ifndef DB_OPS_H
+#define DB_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "libcommon/core/err.h"
+#include "libcommon/core/tensor.h" /* db_device: DB_CPU, DB_CUDA */
+
+typedef struct db_cpu db_cpu; /* CPU backend state, kernels/cpu/cpu.h */
+
+typedef struct db_ctx {
+    db_device device; /* where every pointer handed to an op lives */
+    int threads;      /* worker threads the ops use */
+    int simd;         /* CPU: 1 = use the AVX-512 kernels (set at create when the
+                         CPU has them; a test may clear it to check the portable path) */
+    db_err err;       /* first failure; sticky until db_ctx_clear_error */
+    db_cpu *cpu;      /* oneDNN engine + stream, primitive cache, scratch */
+    /* CUDA issue: `struct db_cuda *cuda` (handles, streams, allocator) here. */
+} db_ctx;
+
+/* Create a context for `device` with `threads` workers (0 = every online core).
+ * On the CPU this calls omp_set_num_threads(threads): the OpenMP thread count
+ * is process-global, so it also governs oneDNN (OpenMP runtime) and any other
+ * OpenMP code the caller's thread runs; the last ctx created wins.
+ * Returns 0, or -1 with err filled (e.g. DB_EUNSUPP for a device not built). */
+int db_ctx_create(db_ctx **out, db_device device, int threads, db_err *err);
+void db_ctx_destroy(db_ctx *c);
+void db_ctx_clear_error(db_ctx *c);
+/* Release the scratch buffer and cached primitives (they come back on demand);
+ * for a tool between phases, e.g. after the UNet loop and before VAE decode. */
+void db_ctx_trim(db_ctx *c);
+
+/* ---- GEMM and linear ------------------------------------------------------ */
+
+/* Row-major batched GEMM: for each of `batch` matrices,
+ *   Cm = alpha * op(A) @ op(B) + beta * Cm
+ * Cm (batch, M, N); A (batch, M, K), or (batch, K, M) when transa;
+ * B (batch, K, N), or (batch, N, K) when transb.  Matrices are contiguous and
+ * packed back to back.  beta == 0 ignores Cm's old contents (NaN included). */
+int db_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, int batch, int M, int N, int K,
+                    int transa, int transb, float alpha, float beta);
+
+/* nn.Linear: out = inp @ weight^T + bias.
+ * out (N, OC); inp (N, C); weight (OC, C) as checkpoints store it;
+ * bias (OC) or NULL. */
+int db_linear_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int N, int C,
+                      int OC);
+
+/* ---- convolution ------------------------------------------------------------ */
+
+/* nn.Conv2d (dilation 1, groups 1) through oneDNN.
+ * out (B, OC, OH, OW); inp (B, C, H, W); weight (OC, C, KH, KW); bias (OC) or NULL.
+ * pad0 pads top and left, pad1 bottom and right: symmetric `padding=p` is
+ * pad0 = pad1 = p; the VAE's downsampler (F.pad(x, (0,1,0,1)) then a padding-0
+ * conv) is pad0 = 0, pad1 = 1.
+ * OH = (H + pad0 + pad1 - KH) / stride + 1, OW likewise. */
+int db_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C,
+                      int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1);
+
+/* ---- normalisation ---------------------------------------------------------- */
+
+/* nn.GroupNorm, optionally followed by SiLU in the same pass (ResBlocks).
+ * out (B, C, HW); mean, rstd (B, G) saved for backward, or NULL;
+ * inp (B, C, HW); weight, bias (C); C % G == 0.  Variance is biased (/n).
+ * out may equal inp. */
+int db_groupnorm_forward(db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight,
+                         const float *bias, int B, int C, int HW, int G, float eps, int silu);
+
+/* nn.LayerNorm over the last dim.
+ * out (N, C); mean, rstd (N) or NULL; inp (N, C); weight, bias (C).
+ * out may equal inp. */
+int db_layernorm_forward(db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight,
+                         const float *bias, int N, int C, float eps);
+
+/* ---- attention -------------------------------------------------------------- */
+
+/* Scaled dot-product attention, softmax(q k^T / sqrt(HS)) v, per head.
+ * out (B, Tq, NH*HS); lse (B, NH, Tq) the natural-log sum of exp of each
+ * query's scaled scores, saved for backward, or NULL;
+ * q (B, Tq, NH*HS); k, v (B, Tk, NH*HS): the layout the q/k/v projections
+ * produce (head h is columns h*HS .. h*HS+HS-1).  Self-attention: Tk == Tq;
+ * cross-attention: k, v from the text context (Tk = 77).
+ * causal: query i sees keys j <= i (CLIP's mask; top-left aligned).
+ * Flash-style: tiles over query blocks with an online softmax, so no full
+ * (Tq, Tk) score matrix is ever stored. */
+int db_attention_forward(db_ctx *c, float *out, float *lse, const float *q, const float *k, const float *v, int B,
+                         int Tq, int Tk, int NH, int HS, int causal);
+
+/* Row softmax.  out (N, C); inp (N, C); out may equal inp. */
+int db_softmax_forward(db_ctx *c, float *out, const float *inp, int N, int C);
+
+/* ---- activations (elementwise over N elements; out may equal inp) ---------- */
+
+typedef enum db_gelu_kind {
+    DB_GELU_ERF = 0, /* 0.5 x (1 + erf(x / sqrt 2)): nn.GELU(), F.gelu (UNet GEGLU) */
+    DB_GELU_TANH = 1 /* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): approximate="tanh" */
+} db_gelu_kind;
+
+int db_silu_forward(db_ctx *c, float *out, const float *inp, size_t N);
+int db_gelu_forward(db_ctx *c, float *out, const float *inp, size_t N, db_gelu_kind kind);
+/* x * sigmoid(1.702 x): CLIP's "quick_gelu". */
+int db_quick_gelu_forward(db_ctx *c, float *out, const float *inp, size_t N);
+/* diffusers GEGLU after its projection: hidden, gate = inp.chunk(2, -1);
+ * out = hidden * gelu_erf(gate).  out (N, C); inp (N, 2C); no overlap. */
+int db_geglu_forward(db_ctx *c, float *out, const float *inp, int N, int C);
+
+/* ---- elementwise arithmetic and layout ------------------------------------- */
+/* (add, mul, axpby and add_channel may write in place: out == an input;
+ * concat, transpose and upsample need out apart from their inputs.) */
+
+/* out = a + b; out, a, b (N). */
+int db_add_forward(db_ctx *c, float *out, const float *a, const float *b, size_t N);
+/* out = a * b; out, a, b (N). */
+int db_mul_forward(db_ctx *c, float *out, const float *a, const float *b, size_t N);
+/* out = alpha * x + beta * y; out, x, y (N).  y may be NULL when beta == 0
+ * (a scale).  Classifier-free guidance, scheduler updates. */
+int db_axpby_forward(db_ctx *c, float *out, const float *x, const float *y, float alpha, float beta, size_t N);
+/* out = inp + vec broadcast over HW: a ResBlock adding its time embedding.
+ * out, inp (B, C, HW); vec (B, C). */
+int db_add_channel_forward(db_ctx *c, float *out, const float *inp, const float *vec, int B, int C, int HW);
+/* torch.cat([a, b], dim=1).  out (B, C1+C2, HW); a (B, C1, HW); b (B, C2, HW). */
+int db_concat_channels_forward(db_ctx *c, float *out, const float *a, const float *b, int B, int C1, int C2, int HW);
+/* Batched 2-D transpose, e.g. (B, C, HW) <-> (B, HW, C) around a transformer.
+ * out (B, N, M); inp (B, M, N).  out must not overlap inp. */
+int db_transpose_forward(db_ctx *c, float *out, const float *inp, int B, int M, int N);
+/* F.interpolate(scale_factor=2, mode="nearest").  out (B, C, 2H, 2W); inp (B, C, H, W). */
+int db_upsample_nearest2x_forward(db_ctx *c, float *out, const float *inp, int B, int C, int H, int W);
+
+/* ---- embeddings --------------------------------------------------------------- */
+
+/* diffusers get_timestep_embedding, in float32 exactly as it computes:
+ *   half = D/2; exponent[i] = -log(max_period) * i / (half - shift)
+ *   freq = exp(exponent); arg[b, i] = t[b] * freq[i]
+ *   out = [sin(arg), cos(arg)], or [cos(arg), sin(arg)] when flip_sin_to_cos;
+ *   an odd D gets a zero last column.
+ * out (B, D); timesteps (B) (float: schedulers may give fractional steps).
+ * SD1.x: flip_sin_to_cos 1, shift (downscale_freq_shift) 0, max_period 10000. */
+int db_timestep_embedding_forward(db_ctx *c, float *out, const float *timesteps, int B, int D, int flip_sin_to_cos,
+                                  float shift, float max_period);
+
+/* CLIP embeddings: out[b, t] = wte[tokens[b, t]] + wpe[t].
+ * out (B, T, C); tokens (B, T) (each in [0, V): an id outside is an error);
+ * wte (V, C); wpe (maxT, C) with T <= maxT, or NULL for no position term. */
+int db_embedding_forward(db_ctx *c, float *out, const int32_t *tokens, const float *wte, const float *wpe, int B,
+                         int T, int C, int V);
+
+/* ---- backward (training issue: declared, not yet implemented) --------------- */
+
+/* dA (batch, M, K) or its transpose, dB likewise; either may be NULL. */
+int db_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const float *A, const float *B, int batch,
+                     int M, int N, int K, int transa, int transb, float alpha);
+/* dinp (N, C) =; dweight (OC, C) +=; dbias (OC) +=; dout (N, OC). */
+int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                       const float *weight, int N, int C, int OC);
+/* dinp (B, C, H, W) =; dweight (OC, C, KH, KW) +=; dbias (OC) +=; dout (B, OC, OH, OW). */
+int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                       const float *weight, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0,
+                       int pad1);
+/* dinp (B, C, HW) =; dweight, dbias (C) +=; mean, rstd (B, G) from the forward;
+ * bias is needed to recompute the pre-SiLU value when silu is set. */
+int db_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean,
+                          const float *rstd, const float *inp, const float *weight, const float *bias, int B, int C,
+                          int HW, int G, int silu);
+/* dinp (N, C) =; dweight, dbias (C) +=; mean, rstd (N). */
+int db_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean,
+                          const float *rstd, const float *inp, const float *weight, int N, int C);
+/* dq (B, Tq, NH*HS), dk, dv (B, Tk, NH*HS) =; out and lse from the forward. */
+int db_attention_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *dout, const float *out,
+                          const float *lse, const float *q, const float *k, const float *v, int B, int Tq, int Tk,
+                          int NH, int HS, int causal);
+/* dinp (N, C) =; out (N, C) from the forward. */
+int db_softmax_backward(db_ctx *c, float *dinp, const float *dout, const float *out, int N, int C);
+int db_silu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp, size_t N);
+int db_gelu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp, size_t N, db_gelu_kind kind);
+int db_quick_gelu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp, size_t N);
+/* dinp (N, 2C) =; dout (N, C). */
+int db_geglu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp, int N, int C);
+/* da = dout * b, db = dout * a; either may be NULL. */
+int db_mul_backward(db_ctx *c, float *da, float *db, const float *dout, const float *a, const float *b, size_t N);
+/* dvec (B, C) = sum over HW of dout (the input's gradient is dout itself). */
+int db_add_channel_backward(db_ctx *c, float *dvec, const float *dout, int B, int C, int HW);
+/* Splits dout (B, C1+C2, HW) into da (B, C1, HW) and db (B, C2, HW); either may be NULL. */
+int db_concat_channels_backward(db_ctx *c, float *da, float *db, const float *dout, int B, int C1, int C2, int HW);
+/* dinp (B, C, H, W) = sum of each 2x2 block of dout (B, C, 2H, 2W). */
+int db_upsample_nearest2x_backward(db_ctx *c, float *dinp, const float *dout, int B, int C, int H, int W);
+/* dwte (V, C) +=, dwpe (maxT, C) += (either may be NULL); dout (B, T, C). */
+int db_embedding_backward(db_ctx *c, float *dwte, float *dwpe, const float *dout, const int32_t *tokens, int B, int T,
+                          int C, int V);
+/* (add, axpby and transpose are their own backward; the timestep embedding has
+ * no parameters and no input gradient.) */
+
+#endif
