@@ -1,0 +1,579 @@
+/* SD UNet forward (see unet.h): the step list built from the architecture
+ * with the weight names of names.c, the workspace layout, and the loop.
+ *
+ * diffusers facts this follows (UNet2DConditionModel, v0.27.2):
+ *   - Timesteps(block_out[0], flip_sin_to_cos, freq_shift), max period 1e4;
+ *     TimestepEmbedding: linear_1, SiLU, linear_2; every ResnetBlock2D applies
+ *     SiLU to temb then its time_emb_proj, added per channel after conv1.
+ *   - ResnetBlock2D GroupNorm(norm_num_groups, eps=norm_eps) in down, mid and
+ *     up blocks, and conv_norm_out the same; output_scale_factor 1.
+ *   - Transformer2DModel: GroupNorm(norm_num_groups, eps=1e-6), heads from
+ *     attention_head_dim / num_attention_heads per level (mid: the last
+ *     level's, up level u: level nlevels-1-u's), head size C / heads,
+ *     BasicTransformerBlock LayerNorm eps 1e-5, no q/k/v bias, GEGLU 4C.
+ *   - Downsample2D: conv 3x3 stride 2 padding 1 (downsample_padding = 1).
+ *   - Upsample2D: nearest 2x then conv 3x3 padding 1.
+ *   - Up blocks: hidden = cat([hidden, skip], dim=1), skips popped last first.
+ */
+#include "unet.h"
+
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "blocks.h"
+
+/* GroupNorm eps inside Transformer2DModel (hard-coded in diffusers). */
+#define TRANSFORMER_GN_EPS 1e-6f
+/* LayerNorm eps of BasicTransformerBlock (diffusers default norm_eps). */
+#define TRANSFORMER_LN_EPS 1e-5f
+#define MAX_PERIOD 10000.0f
+
+typedef enum step_kind { ST_CONV_IN, ST_RES, ST_ATTN, ST_DOWN, ST_UP, ST_OUT } step_kind;
+
+typedef struct step {
+    step_kind kind;
+    char name[48];        /* CompVis base name, for messages */
+    int lin, lout;        /* spatial level of input and output: size >> level */
+    int C, OC;            /* channels in (after the concat for up ResBlocks), out */
+    int in;               /* step producing the input; -1: the sample */
+    int skip;             /* up ResBlocks: step whose output is concatenated after the input; else -1 */
+    int is_skip;          /* the output is read again by the up path */
+    /* weights */
+    const float *conv_w, *conv_b; /* conv_in, downsampler, upsampler, conv_out */
+    const float *gn_w, *gn_b;     /* output head GroupNorm */
+    db_resblock res;
+    db_transformer2d tr;          /* tr.blk: malloc'd (depth) */
+    /* workspace pieces (set by layout) */
+    float *out;                   /* (B, OC, HW(lout)); NULL for the output head (the caller's buffer) */
+    float *cat;                   /* up ResBlocks: (B, C, HW) cat(input, skip) */
+    float *up;                    /* upsampler: (B, C, HW(lout)) nearest 2x of the input: the conv's input */
+    float *mean, *rstd, *hn;      /* output head: (B, G), (B, G), (B, C, HW) silu(GN(h)) */
+    db_resblock_acts ra;
+    db_transformer2d_acts ta;     /* ta.blk: malloc'd (depth) */
+} step;
+
+struct db_unet {
+    db_ctx *ctx;
+    db_unet_arch a;
+    db_weights w;
+    const float *t1_w, *t1_b; /* time_embed.0: (E, C0), (E) */
+    const float *t2_w, *t2_b; /* time_embed.2: (E, E), (E) */
+    step *s;
+    int ns;
+    /* time embedding activations */
+    float *tproj;  /* (B, C0) sinusoidal embedding */
+    float *e1;     /* (B, E) linear_1 output: SiLU's input */
+    float *e1s;    /* (B, E) silu(e1): linear_2's input */
+    float *temb;   /* (B, E) */
+    float *temb_s; /* (B, E) silu(temb): what every ResBlock projects */
+    /* workspace */
+    int keep;      /* keep every block's activations (training) */
+    float *ws;
+    size_t ws_cap; /* floats */
+    int pB, pH, pW, pTc, pkeep; /* sizes of the current layout (pB 0: none) */
+    double times[DB_UNET_NT];   /* seconds per block kind, last forward */
+};
+
+/* ---- building the step list ------------------------------------------------------ */
+
+/* Fetch a weight or fail: dst = tensor of `numel` elements named fmt. */
+#define GET(dst, numel, ...)                                                   \
+    do {                                                                       \
+        if (!((dst) = db_weights_get(w, err, (int64_t)(numel), __VA_ARGS__))) \
+            return -1;                                                         \
+    } while (0)
+
+static int get_resblock(db_resblock *r, const db_weights *w, const db_unet_arch *a, int C, int OC, const char *base,
+                        db_err *err)
+{
+    const int E = a->time_embed_dim;
+    *r = (db_resblock){.C = C, .OC = OC, .E = E, .G = a->norm_groups, .eps = (float)a->norm_eps};
+    GET(r->norm1_w, C, "%s.in_layers.0.weight", base);
+    GET(r->norm1_b, C, "%s.in_layers.0.bias", base);
+    GET(r->conv1_w, (int64_t)OC * C * 9, "%s.in_layers.2.weight", base);
+    GET(r->conv1_b, OC, "%s.in_layers.2.bias", base);
+    GET(r->emb_w, (int64_t)OC * E, "%s.emb_layers.1.weight", base);
+    GET(r->emb_b, OC, "%s.emb_layers.1.bias", base);
+    GET(r->norm2_w, OC, "%s.out_layers.0.weight", base);
+    GET(r->norm2_b, OC, "%s.out_layers.0.bias", base);
+    GET(r->conv2_w, (int64_t)OC * OC * 9, "%s.out_layers.3.weight", base);
+    GET(r->conv2_b, OC, "%s.out_layers.3.bias", base);
+    if (C != OC) {
+        GET(r->skip_w, (int64_t)OC * C, "%s.skip_connection.weight", base);
+        GET(r->skip_b, OC, "%s.skip_connection.bias", base);
+    }
+    return 0;
+}
+
+static int get_mha(db_mha *m, const db_weights *w, int C, int D, int NH, const char *base, db_err *err)
+{
+    *m = (db_mha){.C = C, .D = D, .NH = NH};
+    GET(m->q_w, (int64_t)C * C, "%s.to_q.weight", base);
+    GET(m->k_w, (int64_t)C * D, "%s.to_k.weight", base);
+    GET(m->v_w, (int64_t)C * D, "%s.to_v.weight", base);
+    GET(m->o_w, (int64_t)C * C, "%s.to_out.0.weight", base);
+    GET(m->o_b, C, "%s.to_out.0.bias", base);
+    return 0;
+}
+
+/* t->blk must hold a->transformer_depth entries. */
+static int get_transformer(db_transformer2d *t, const db_weights *w, const db_unet_arch *a, int C, int NH,
+                           const char *base, db_err *err)
+{
+    db_tblock *blk = t->blk;
+    *t = (db_transformer2d){.C = C, .G = a->norm_groups, .eps = TRANSFORMER_GN_EPS, .depth = a->transformer_depth,
+                            .blk = blk};
+    const int64_t CC = (int64_t)C * C; /* proj_in/out: (C, C, 1, 1) conv or (C, C) linear */
+    GET(t->norm_w, C, "%s.norm.weight", base);
+    GET(t->norm_b, C, "%s.norm.bias", base);
+    GET(t->in_w, CC, "%s.proj_in.weight", base);
+    GET(t->in_b, C, "%s.proj_in.bias", base);
+    for (int d = 0; d < t->depth; d++) {
+        db_tblock *b = &blk[d];
+        char bb[96], sub[112];
+        snprintf(bb, sizeof bb, "%s.transformer_blocks.%d", base, d);
+        *b = (db_tblock){.C = C, .FF = 4 * C, .eps = TRANSFORMER_LN_EPS};
+        GET(b->norm1_w, C, "%s.norm1.weight", bb);
+        GET(b->norm1_b, C, "%s.norm1.bias", bb);
+        snprintf(sub, sizeof sub, "%s.attn1", bb);
+        if (get_mha(&b->attn1, w, C, C, NH, sub, err))
+            return -1;
+        GET(b->norm2_w, C, "%s.norm2.weight", bb);
+        GET(b->norm2_b, C, "%s.norm2.bias", bb);
+        snprintf(sub, sizeof sub, "%s.attn2", bb);
+        if (get_mha(&b->attn2, w, C, a->context_dim, NH, sub, err))
+            return -1;
+        GET(b->norm3_w, C, "%s.norm3.weight", bb);
+        GET(b->norm3_b, C, "%s.norm3.bias", bb);
+        GET(b->ff1_w, (int64_t)2 * b->FF * C, "%s.ff.net.0.proj.weight", bb);
+        GET(b->ff1_b, 2 * b->FF, "%s.ff.net.0.proj.bias", bb);
+        GET(b->ff2_w, (int64_t)C * b->FF, "%s.ff.net.2.weight", bb);
+        GET(b->ff2_b, C, "%s.ff.net.2.bias", bb);
+    }
+    GET(t->out_w, CC, "%s.proj_out.weight", base);
+    GET(t->out_b, C, "%s.proj_out.bias", base);
+    return 0;
+}
+
+/* conv weight (OC, C, k, k) and bias (OC) named base.weight / base.bias */
+static int get_conv(step *s, const db_weights *w, int k, db_err *err)
+{
+    GET(s->conv_w, (int64_t)s->OC * s->C * k * k, "%s.weight", s->name);
+    GET(s->conv_b, s->OC, "%s.bias", s->name);
+    return 0;
+}
+
+#undef GET
+
+/* Append a step reading the previous step's output. */
+static step *push(db_unet *u, step_kind kind, int lin, int lout, int C, int OC, const char *fmt, ...)
+    __attribute__((format(printf, 7, 8)));
+static step *push(db_unet *u, step_kind kind, int lin, int lout, int C, int OC, const char *fmt, ...)
+{
+    step *s = &u->s[u->ns];
+    *s = (step){.kind = kind, .lin = lin, .lout = lout, .C = C, .OC = OC, .in = u->ns - 1, .skip = -1};
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->name, sizeof s->name, fmt, ap);
+    va_end(ap);
+    u->ns++;
+    return s;
+}
+
+static int add_resblock(db_unet *u, int level, int C, int OC, int skip, const char *name, db_err *err)
+{
+    step *s = push(u, ST_RES, level, level, C, OC, "%s", name);
+    s->skip = skip;
+    return get_resblock(&s->res, &u->w, &u->a, C, OC, name, err);
+}
+
+static int add_transformer(db_unet *u, int level, int C, int NH, const char *name, db_err *err)
+{
+    step *s = push(u, ST_ATTN, level, level, C, C, "%s", name);
+    s->tr.blk = calloc((size_t)u->a.transformer_depth, sizeof *s->tr.blk);
+    s->ta.blk = calloc((size_t)u->a.transformer_depth, sizeof *s->ta.blk);
+    if (!s->tr.blk || !s->ta.blk)
+        return db_err_set(err, DB_ENOMEM, "unet: out of memory");
+    return get_transformer(&s->tr, &u->w, &u->a, C, NH, name, err);
+}
+
+static int build(db_unet *u, db_err *err)
+{
+    const db_unet_arch *a = &u->a;
+    const int L = a->nlevels, lpb = a->layers_per_block, C0 = a->block_out[0], E = a->time_embed_dim;
+    const db_weights *w = &u->w;
+    char name[48];
+
+    if (!(u->t1_w = db_weights_get(w, err, (int64_t)E * C0, "time_embed.0.weight")) ||
+        !(u->t1_b = db_weights_get(w, err, E, "time_embed.0.bias")) ||
+        !(u->t2_w = db_weights_get(w, err, (int64_t)E * E, "time_embed.2.weight")) ||
+        !(u->t2_b = db_weights_get(w, err, E, "time_embed.2.bias")))
+        return -1;
+
+    /* an upper bound of the steps: conv_in, down, mid, up, head */
+    size_t cap = 1 + (size_t)L * (2 * lpb + 1) + 3 + (size_t)L * (2 * (lpb + 1) + 1) + 1;
+    u->s = calloc(cap, sizeof *u->s);
+    int *skips = malloc((1 + (size_t)L * (lpb + 1)) * sizeof *skips);
+    int nskip = 0, rc = -1;
+    if (!u->s || !skips) {
+        db_err_set(err, DB_ENOMEM, "unet: out of memory");
+        goto done;
+    }
+
+    step *s = push(u, ST_CONV_IN, 0, 0, a->in_channels, C0, "input_blocks.0.0");
+    s->is_skip = 1;
+    skips[nskip++] = u->ns - 1;
+    if (get_conv(s, w, 3, err))
+        goto done;
+
+    int ch = C0, blk = 1;
+    for (int i = 0; i < L; i++) {
+        for (int j = 0; j < lpb; j++, blk++) {
+            snprintf(name, sizeof name, "input_blocks.%d.0", blk);
+            if (add_resblock(u, i, ch, a->block_out[i], -1, name, err))
+                goto done;
+            ch = a->block_out[i];
+            if (a->cross_attn[i]) {
+                snprintf(name, sizeof name, "input_blocks.%d.1", blk);
+                if (add_transformer(u, i, ch, a->heads[i], name, err))
+                    goto done;
+            }
+            u->s[u->ns - 1].is_skip = 1;
+            skips[nskip++] = u->ns - 1;
+        }
+        if (i < L - 1) {
+            s = push(u, ST_DOWN, i, i + 1, ch, ch, "input_blocks.%d.0.op", blk++);
+            s->is_skip = 1;
+            skips[nskip++] = u->ns - 1;
+            if (get_conv(s, w, 3, err))
+                goto done;
+        }
+    }
+
+    if (add_resblock(u, L - 1, ch, ch, -1, "middle_block.0", err) ||
+        add_transformer(u, L - 1, ch, a->heads[L - 1], "middle_block.1", err) ||
+        add_resblock(u, L - 1, ch, ch, -1, "middle_block.2", err))
+        goto done;
+
+    blk = 0;
+    for (int up = 0; up < L; up++) {
+        const int level = L - 1 - up, cout = a->block_out[level];
+        for (int j = 0; j <= lpb; j++, blk++) {
+            int sk = skips[--nskip];
+            snprintf(name, sizeof name, "output_blocks.%d.0", blk);
+            if (add_resblock(u, level, ch + u->s[sk].OC, cout, sk, name, err))
+                goto done;
+            ch = cout;
+            if (a->up_cross_attn[up]) {
+                snprintf(name, sizeof name, "output_blocks.%d.1", blk);
+                if (add_transformer(u, level, ch, a->heads[level], name, err))
+                    goto done;
+            }
+            if (j == lpb && up < L - 1) {
+                s = push(u, ST_UP, level, level - 1, ch, ch, "output_blocks.%d.%d.conv", blk,
+                         a->up_cross_attn[up] ? 2 : 1);
+                if (get_conv(s, w, 3, err))
+                    goto done;
+            }
+        }
+    }
+
+    s = push(u, ST_OUT, 0, 0, C0, a->out_channels, "out.2");
+    if (get_conv(s, w, 3, err) || !(s->gn_w = db_weights_get(w, err, C0, "out.0.weight")) ||
+        !(s->gn_b = db_weights_get(w, err, C0, "out.0.bias")))
+        goto done;
+    rc = 0;
+done:
+    free(skips);
+    return rc;
+}
+
+/* ---- workspace layout ---------------------------------------------------------------- */
+
+typedef struct carver {
+    float *base; /* NULL: only count */
+    size_t used; /* floats */
+} carver;
+
+static float *take(carver *k, size_t n)
+{
+    float *p = k->base ? k->base + k->used : NULL;
+    k->used += (n + 15) & ~(size_t)15; /* 64-byte pieces */
+    return p;
+}
+
+static size_t hw_at(int H, int W, int level) { return (size_t)(H >> level) * (size_t)(W >> level); }
+
+static size_t out_numel(const step *s, int B, int H, int W)
+{
+    return s->kind == ST_OUT ? 0 : (size_t)B * s->OC * hw_at(H, W, s->lout);
+}
+
+/* Carve (or count, base NULL) the step's saved activations. */
+static size_t step_acts(step *s, float *base, const db_unet_arch *a, int B, int H, int W, int Tc)
+{
+    carver k = {base, 0};
+    const size_t hw_in = hw_at(H, W, s->lin), hw_out = hw_at(H, W, s->lout);
+    switch (s->kind) {
+    case ST_RES:
+        s->cat = s->skip >= 0 ? take(&k, (size_t)B * s->C * hw_in) : NULL;
+        k.used += db_resblock_acts_carve(&s->ra, k.base ? k.base + k.used : NULL, &s->res, B, (int)hw_in);
+        break;
+    case ST_ATTN:
+        k.used += db_transformer2d_acts_carve(&s->ta, k.base ? k.base + k.used : NULL, &s->tr, B, (int)hw_in, Tc);
+        break;
+    case ST_UP:
+        s->up = take(&k, (size_t)B * s->C * hw_out);
+        break;
+    case ST_OUT:
+        s->mean = take(&k, (size_t)B * a->norm_groups);
+        s->rstd = take(&k, (size_t)B * a->norm_groups);
+        s->hn = take(&k, (size_t)B * s->C * hw_in);
+        break;
+    default:
+        break;
+    }
+    return k.used;
+}
+
+/* Lay the workspace out for these sizes at base (NULL: only count);
+ * returns the floats needed.
+ *   keep:  [time embedding][per step: output, activations]...
+ *   !keep: [time embedding][skip outputs][stream 0][stream 1][shared activations]
+ *          other outputs alternate between the two streams (never the
+ *          step's own input), all steps' activations share one region. */
+static size_t layout(db_unet *u, float *base, int B, int H, int W, int Tc, int keep)
+{
+    carver k = {base, 0};
+    const size_t E = (size_t)u->a.time_embed_dim;
+    u->tproj = take(&k, (size_t)B * u->a.block_out[0]);
+    u->e1 = take(&k, B * E);
+    u->e1s = take(&k, B * E);
+    u->temb = take(&k, B * E);
+    u->temb_s = take(&k, B * E);
+
+    float *stream[2] = {NULL, NULL}, *shared = NULL;
+    if (!keep) {
+        size_t smax = 0, amax = 0;
+        for (int i = 0; i < u->ns; i++) {
+            step *s = &u->s[i];
+            size_t n = out_numel(s, B, H, W), m = step_acts(s, NULL, &u->a, B, H, W, Tc);
+            if (!s->is_skip && n > smax)
+                smax = n;
+            if (m > amax)
+                amax = m;
+        }
+        stream[0] = take(&k, smax);
+        stream[1] = take(&k, smax);
+        shared = take(&k, amax);
+    }
+    for (int i = 0; i < u->ns; i++) {
+        step *s = &u->s[i];
+        const float *in = s->in >= 0 ? u->s[s->in].out : NULL;
+        if (s->kind == ST_OUT)
+            s->out = NULL;
+        else if (keep || s->is_skip)
+            s->out = take(&k, out_numel(s, B, H, W));
+        else
+            s->out = in && in == stream[0] ? stream[1] : stream[0];
+        if (keep) {
+            size_t m = step_acts(s, NULL, &u->a, B, H, W, Tc);
+            step_acts(s, take(&k, m), &u->a, B, H, W, Tc);
+        } else {
+            step_acts(s, shared, &u->a, B, H, W, Tc);
+        }
+    }
+    return k.used;
+}
+
+static int plan(db_unet *u, int B, int H, int W, int Tc, db_err *err)
+{
+    if (u->pB == B && u->pH == H && u->pW == W && u->pTc == Tc && u->pkeep == u->keep)
+        return 0;
+    size_t n = layout(u, NULL, B, H, W, Tc, u->keep);
+    if (n > u->ws_cap) {
+        free(u->ws);
+        u->ws_cap = 0;
+        u->pB = 0;
+        if (n > SIZE_MAX / sizeof(float) - 64 ||
+            !(u->ws = aligned_alloc(64, (n * sizeof(float) + 63) & ~(size_t)63)))
+            return db_err_set(err, DB_ENOMEM, "unet: out of memory for a %zu MiB workspace (B=%d, %dx%d)",
+                              n * sizeof(float) >> 20, B, H, W);
+        u->ws_cap = n;
+    }
+    layout(u, u->ws, B, H, W, Tc, u->keep);
+    u->pB = B, u->pH = H, u->pW = W, u->pTc = Tc, u->pkeep = u->keep;
+    return 0;
+}
+
+/* ---- public ------------------------------------------------------------------------------ */
+
+int db_unet_create_from(db_unet **out, db_ctx *ctx, const db_unet_arch *a, db_weights *w, db_err *err)
+{
+    *out = NULL;
+    db_unet *u = calloc(1, sizeof *u);
+    if (!u) {
+        db_weights_free(w);
+        return db_err_set(err, DB_ENOMEM, "unet: out of memory");
+    }
+    u->w = *w;
+    memset(w, 0, sizeof *w);
+    u->ctx = ctx;
+    u->a = *a;
+    db_arch full;
+    memset(&full, 0, sizeof full);
+    full.unet = *a;
+    if (db_arch_validate_comps(&full, DB_COMP_BIT(DB_COMP_UNET), err) || build(u, err)) {
+        db_unet_free(u); /* the messages name the UNet already */
+        return -1;
+    }
+    *out = u;
+    return 0;
+}
+
+int db_unet_create(db_unet **out, db_ctx *ctx, const db_model *m, db_err *err)
+{
+    db_weights w;
+    *out = NULL;
+    if (db_weights_load(&w, m, DB_COMP_UNET, err))
+        return -1;
+    return db_unet_create_from(out, ctx, &m->arch.unet, &w, err);
+}
+
+void db_unet_free(db_unet *u)
+{
+    if (!u)
+        return;
+    for (int i = 0; u->s && i < u->ns; i++) {
+        free(u->s[i].tr.blk);
+        free(u->s[i].ta.blk);
+    }
+    free(u->s);
+    free(u->ws);
+    db_weights_free(&u->w);
+    free(u);
+}
+
+void db_unet_keep_activations(db_unet *u, int keep) { u->keep = keep != 0; }
+
+size_t db_unet_workspace_bytes(const db_unet *u, int B, int H, int W, int Tc)
+{
+    /* layout only writes pointers into u; count on a copy of the steps */
+    db_unet tmp = *u;
+    tmp.s = malloc((size_t)u->ns * sizeof *u->s);
+    if (!tmp.s)
+        return 0;
+    memcpy(tmp.s, u->s, (size_t)u->ns * sizeof *u->s);
+    for (int i = 0; i < tmp.ns; i++)
+        tmp.s[i].ta.blk = NULL; /* shared with u: counting must not touch them */
+    size_t n = layout(&tmp, NULL, B, H, W, Tc, u->keep);
+    free(tmp.s);
+    return n > SIZE_MAX / sizeof(float) ? 0 : n * sizeof(float);
+}
+
+const db_unet_arch *db_unet_arch_of(const db_unet *u) { return &u->a; }
+void db_unet_last_times(const db_unet *u, double t[DB_UNET_NT]) { memcpy(t, u->times, sizeof u->times); }
+const db_weights *db_unet_weights(const db_unet *u) { return &u->w; }
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Which timing bucket a step counts in. */
+static int time_kind(step_kind k)
+{
+    switch (k) {
+    case ST_RES: return DB_UNET_T_RES;
+    case ST_ATTN: return DB_UNET_T_ATTN;
+    case ST_DOWN:
+    case ST_UP: return DB_UNET_T_SAMPLE;
+    default: return DB_UNET_T_EMBED;
+    }
+}
+
+/* ctx->err as this UNet's error for the named part. */
+static int op_failed(db_unet *u, const char *part, db_err *err)
+{
+    return db_err_set(err, u->ctx->err.code, "unet: %s: %s", part, u->ctx->err.msg);
+}
+
+int db_unet_forward(db_unet *u, float *out, const float *sample, const float *timesteps, const float *context, int B,
+                    int H, int W, int Tc, db_err *err)
+{
+    db_ctx *c = u->ctx;
+    const db_unet_arch *a = &u->a;
+    const int L = a->nlevels, mult = 1 << (L - 1), E = a->time_embed_dim, C0 = a->block_out[0];
+    if (!out || !sample || !timesteps || !context)
+        return db_err_set(err, DB_EUSAGE, "unet: NULL tensor");
+    if (B < 1 || H < 1 || W < 1 || Tc < 1)
+        return db_err_set(err, DB_EUSAGE, "unet: bad sizes B=%d H=%d W=%d Tc=%d", B, H, W, Tc);
+    if (H % mult || W % mult)
+        return db_err_set(err, DB_EUNSUPP, "unet: latent size %dx%d is not a multiple of %d", H, W, mult);
+    if ((int64_t)B * H * W > INT32_MAX / 16) /* token counts B*H*W are passed to the ops as int */
+        return db_err_set(err, DB_EUNSUPP, "unet: B=%d at %dx%d is too large for one forward", B, H, W);
+    if (c->err.code)
+        return db_err_set(err, c->err.code, "unet: the context has a pending error: %s", c->err.msg);
+    if (plan(u, B, H, W, Tc, err))
+        return -1;
+    memset(u->times, 0, sizeof u->times);
+    double t0 = now();
+
+    /* temb_s (B, E) = silu(linear_2(silu(linear_1(sinusoid(t))))) */
+    db_timestep_embedding_forward(c, u->tproj, timesteps, B, C0, a->flip_sin_to_cos, (float)a->freq_shift,
+                                  MAX_PERIOD);
+    db_linear_forward(c, u->e1, u->tproj, u->t1_w, u->t1_b, B, C0, E);
+    db_silu_forward(c, u->e1s, u->e1, (size_t)B * E);
+    db_linear_forward(c, u->temb, u->e1s, u->t2_w, u->t2_b, B, E, E);
+    db_silu_forward(c, u->temb_s, u->temb, (size_t)B * E);
+    if (c->err.code)
+        return op_failed(u, "time_embed", err);
+    double t1 = now();
+    u->times[DB_UNET_T_EMBED] += t1 - t0;
+
+    for (int i = 0; i < u->ns; i++) {
+        step *s = &u->s[i];
+        const float *in = s->in >= 0 ? u->s[s->in].out : sample;
+        const int h = H >> s->lin, wd = W >> s->lin, hw = h * wd;
+        switch (s->kind) {
+        case ST_CONV_IN: /* (B, in_channels, H, W) -> (B, C0, H, W) */
+            db_conv2d_forward(c, s->out, in, s->conv_w, s->conv_b, B, s->C, h, wd, s->OC, 3, 3, 1, 1, 1);
+            break;
+        case ST_RES:
+            if (s->skip >= 0) { /* cat(h (B, C - Cs, hw), skip (B, Cs, hw)) */
+                const int cs = u->s[s->skip].OC;
+                db_concat_channels_forward(c, s->cat, in, u->s[s->skip].out, B, s->C - cs, cs, hw);
+                in = s->cat;
+            }
+            db_resblock_forward(c, s->out, &s->ra, in, u->temb_s, &s->res, B, h, wd);
+            break;
+        case ST_ATTN:
+            db_transformer2d_forward(c, s->out, &s->ta, in, context, &s->tr, B, h, wd, Tc);
+            break;
+        case ST_DOWN: /* (B, C, h, w) -> (B, C, h/2, w/2) */
+            db_conv2d_forward(c, s->out, in, s->conv_w, s->conv_b, B, s->C, h, wd, s->OC, 3, 3, 2, 1, 1);
+            break;
+        case ST_UP: /* (B, C, h, w) -> (B, C, 2h, 2w) */
+            db_upsample_nearest2x_forward(c, s->up, in, B, s->C, h, wd);
+            db_conv2d_forward(c, s->out, s->up, s->conv_w, s->conv_b, B, s->C, 2 * h, 2 * wd, s->OC, 3, 3, 1, 1, 1);
+            break;
+        case ST_OUT: /* conv_out(silu(GN(h))): (B, C0, H, W) -> (B, out_channels, H, W) */
+            db_groupnorm_forward(c, s->hn, s->mean, s->rstd, in, s->gn_w, s->gn_b, B, s->C, hw, a->norm_groups,
+                                 (float)a->norm_eps, 1);
+            db_conv2d_forward(c, out, s->hn, s->conv_w, s->conv_b, B, s->C, h, wd, s->OC, 3, 3, 1, 1, 1);
+            break;
+        }
+        if (c->err.code)
+            return op_failed(u, s->name, err);
+        t0 = t1;
+        t1 = now();
+        u->times[time_kind(s->kind)] += t1 - t0;
+    }
+    return 0;
+}

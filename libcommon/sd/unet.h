@@ -1,0 +1,83 @@
+/* The SD UNet (diffusers UNet2DConditionModel, SD1.x/SD2.x topology) forward
+ * pass, sized from the architecture (never hard-coded) and computing what
+ * diffusers 0.27 computes:
+ *
+ *   temb = linear_2(silu(linear_1(timestep_embedding(t))))          (B, E)
+ *   h = conv_in(sample); skips = [h]
+ *   down level i: lpb x (ResBlock, [Transformer2D]) then a stride-2 conv
+ *                 (not on the last level); every output is pushed on skips
+ *   mid: ResBlock, Transformer2D, ResBlock
+ *   up level u:   (lpb + 1) x (ResBlock(cat(h, skips.pop())), [Transformer2D])
+ *                 then nearest-2x + conv (not on the last level)
+ *   out = conv_out(silu(GN(h)))
+ *
+ * The model is a list of steps (conv_in, ResBlock, Transformer2D, down- and
+ * upsampler, output head) whose weight pointers are resolved once by CompVis
+ * name; each step runs a block forward of blocks.h that saves the
+ * activations its backward will need.  Activation memory is one workspace
+ * owned by the UNet, laid out per (B, H, W, Tc) and kept until the sizes
+ * grow: with keep_activations off (inference, the default) the skips are
+ * kept and all blocks share one scratch region; with it on (training) every
+ * step keeps its output and its saved activations until the next forward.
+ *
+ * Legend: B batch, C latent channels (in_channels / out_channels), H W latent
+ * height and width, Tc context tokens, D context width (cross_attention_dim),
+ * E time-embedding width.
+ */
+#ifndef DB_SD_UNET_H
+#define DB_SD_UNET_H
+
+#include <stddef.h>
+
+#include "kernels/ops.h"
+#include "libcommon/core/err.h"
+#include "libcommon/io/model.h"
+#include "libcommon/sd/arch.h"
+#include "libcommon/sd/weights.h"
+
+typedef struct db_unet db_unet;
+
+/* Load m's UNet weights as fp32 and build the step list.  ctx is borrowed
+ * (it must outlive the UNet); the ops run on its device. */
+int db_unet_create(db_unet **out, db_ctx *ctx, const db_model *m, db_err *err);
+
+/* The same from an architecture and weights already in memory (e.g. fresh
+ * ones for a benchmark).  *w is taken over in every case (zeroed here; freed
+ * with the UNet, or at once on failure). */
+int db_unet_create_from(db_unet **out, db_ctx *ctx, const db_unet_arch *a, db_weights *w, db_err *err);
+
+void db_unet_free(db_unet *u);
+
+/* out (B, out_channels, H, W) = unet(sample, timesteps, context).sample
+ * sample (B, in_channels, H, W); timesteps (B) (fractional allowed);
+ * context (B, Tc, D) the text encoder's hidden states.
+ * H and W must be multiples of 2^(nlevels-1) (8 for SD1.x).  out may equal
+ * sample.  Errors (bad sizes, a failed op) go to err, prefixed with the
+ * block's CompVis name; an op's failure also stays in ctx->err (sticky: the
+ * caller clears it with db_ctx_clear_error before reusing the ctx). */
+int db_unet_forward(db_unet *u, float *out, const float *sample, const float *timesteps, const float *context, int B,
+                    int H, int W, int Tc, db_err *err);
+
+/* Training: 1 = every block keeps its own saved activations after a forward
+ * (what the backward reads); 0 = inference (default).  Takes effect at the
+ * next forward. */
+void db_unet_keep_activations(db_unet *u, int keep);
+
+/* Workspace bytes a forward of these sizes needs in the current mode (for
+ * memory plans); 0 on overflow. */
+size_t db_unet_workspace_bytes(const db_unet *u, int B, int H, int W, int Tc);
+
+/* Wall seconds the last forward spent per kind of block (CPU ops are
+ * synchronous; a GPU backend would have to synchronise to fill this). */
+enum { DB_UNET_T_EMBED = 0, /* time embedding, conv_in, output head */
+       DB_UNET_T_RES,       /* ResBlocks (with the up path's concats) */
+       DB_UNET_T_ATTN,      /* Transformer2D blocks */
+       DB_UNET_T_SAMPLE,    /* down- and upsamplers */
+       DB_UNET_NT };
+void db_unet_last_times(const db_unet *u, double t[DB_UNET_NT]);
+
+const db_unet_arch *db_unet_arch_of(const db_unet *u);
+/* The fp32 weights (one allocation in the architecture table's order). */
+const db_weights *db_unet_weights(const db_unet *u);
+
+#endif
