@@ -1,0 +1,276 @@
+/* CLIP text encoder forward (see clip.h).  Shape legend there. */
+#include "clip.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* n floats rounded up to 16 (64 bytes) */
+#define ALIGN16(n) (((size_t)(n) + 15) & ~(size_t)15)
+
+/* ---- parameters ------------------------------------------------------------- */
+
+int db_clip_params_bind(db_clip_params *p, const db_weights *w, const db_text_arch *a, db_err *err)
+{
+    memset(p, 0, sizeof *p);
+    const int64_t D = a->hidden, I = a->intermediate;
+    p->layers = calloc((size_t)a->layers, sizeof *p->layers);
+    if (!p->layers)
+        return db_err_set(err, DB_ENOMEM, "text encoder: out of memory");
+    p->nlayers = a->layers;
+#define GET(dst, n, ...)                                     \
+    do {                                                     \
+        if (!((dst) = db_weights_get(w, err, (n), __VA_ARGS__))) \
+            goto fail;                                       \
+    } while (0)
+    GET(p->wte, (int64_t)a->vocab_size * D, "text_model.embeddings.token_embedding.weight");
+    GET(p->wpe, (int64_t)a->max_positions * D, "text_model.embeddings.position_embedding.weight");
+    for (int l = 0; l < a->layers; l++) {
+        db_clip_layer *y = &p->layers[l];
+        const char *b = "text_model.encoder.layers";
+        GET(y->ln1_w, D, "%s.%d.layer_norm1.weight", b, l);
+        GET(y->ln1_b, D, "%s.%d.layer_norm1.bias", b, l);
+        GET(y->q_w, D * D, "%s.%d.self_attn.q_proj.weight", b, l);
+        GET(y->q_b, D, "%s.%d.self_attn.q_proj.bias", b, l);
+        GET(y->k_w, D * D, "%s.%d.self_attn.k_proj.weight", b, l);
+        GET(y->k_b, D, "%s.%d.self_attn.k_proj.bias", b, l);
+        GET(y->v_w, D * D, "%s.%d.self_attn.v_proj.weight", b, l);
+        GET(y->v_b, D, "%s.%d.self_attn.v_proj.bias", b, l);
+        GET(y->o_w, D * D, "%s.%d.self_attn.out_proj.weight", b, l);
+        GET(y->o_b, D, "%s.%d.self_attn.out_proj.bias", b, l);
+        GET(y->ln2_w, D, "%s.%d.layer_norm2.weight", b, l);
+        GET(y->ln2_b, D, "%s.%d.layer_norm2.bias", b, l);
+        GET(y->fc1_w, I * D, "%s.%d.mlp.fc1.weight", b, l);
+        GET(y->fc1_b, I, "%s.%d.mlp.fc1.bias", b, l);
+        GET(y->fc2_w, D * I, "%s.%d.mlp.fc2.weight", b, l);
+        GET(y->fc2_b, D, "%s.%d.mlp.fc2.bias", b, l);
+    }
+    GET(p->lnf_w, D, "text_model.final_layer_norm.weight");
+    GET(p->lnf_b, D, "text_model.final_layer_norm.bias");
+#undef GET
+    return 0;
+fail:
+    db_err_prefix(err, "text encoder");
+    db_clip_params_free(p);
+    return -1;
+}
+
+void db_clip_params_free(db_clip_params *p)
+{
+    free(p->layers);
+    memset(p, 0, sizeof *p);
+}
+
+/* ---- model ------------------------------------------------------------------ */
+
+int db_clip_create(db_clip **out, db_ctx *ctx, const db_model *m, db_err *err)
+{
+    *out = NULL;
+    if (ctx->device != DB_CPU) /* weights and workspace are host memory for now */
+        return db_err_set(err, DB_EUNSUPP, "text encoder: only the CPU device is supported");
+    if (db_arch_validate_comps(&m->arch, DB_COMP_BIT(DB_COMP_TEXT), err))
+        return db_err_prefix(err, "text encoder");
+    db_clip *c = calloc(1, sizeof *c);
+    if (!c)
+        return db_err_set(err, DB_ENOMEM, "text encoder: out of memory");
+    c->ctx = ctx;
+    c->arch = m->arch.text;
+    if (db_weights_load(&c->w, m, DB_COMP_TEXT, err) || db_clip_params_bind(&c->p, &c->w, &c->arch, err)) {
+        db_clip_free(c);
+        return -1;
+    }
+    *out = c;
+    return 0;
+}
+
+void db_clip_trim(db_clip *c)
+{
+    free(c->a.mem);
+    memset(&c->a, 0, sizeof c->a);
+    c->B = c->T = 0;
+}
+
+void db_clip_free(db_clip *c)
+{
+    if (!c)
+        return;
+    db_clip_trim(c);
+    db_clip_params_free(&c->p);
+    db_weights_free(&c->w);
+    free(c);
+}
+
+/* Carve the activations for N tokens out of one allocation (each buffer
+ * 64-byte aligned).  Called with base NULL to measure. */
+static size_t acts_layout(db_clip_acts *a, float *base, size_t N, const db_text_arch *t)
+{
+    const size_t L = (size_t)t->layers, D = (size_t)t->hidden, I = (size_t)t->intermediate, NH = (size_t)t->heads;
+    size_t off = 0;
+#define TAKE(ptr, n)                                   \
+    do {                                               \
+        (ptr) = base ? (void *)(base + off) : NULL;    \
+        off += ALIGN16(n);                        \
+    } while (0)
+    TAKE(a->ids, N); /* int32, same size as a float */
+    TAKE(a->hidden, (L + 1) * N * D);
+    TAKE(a->ln1, L * N * D);
+    TAKE(a->ln1_mean, L * N);
+    TAKE(a->ln1_rstd, L * N);
+    TAKE(a->q, L * N * D);
+    TAKE(a->k, L * N * D);
+    TAKE(a->v, L * N * D);
+    TAKE(a->att, L * N * D);
+    TAKE(a->att_lse, L * N * NH);
+    TAKE(a->res_mid, L * N * D);
+    TAKE(a->ln2, L * N * D);
+    TAKE(a->ln2_mean, L * N);
+    TAKE(a->ln2_rstd, L * N);
+    TAKE(a->fc1, L * N * I);
+    TAKE(a->act, L * N * I);
+    TAKE(a->lnf, N * D);
+    TAKE(a->lnf_mean, N);
+    TAKE(a->lnf_rstd, N);
+    TAKE(a->lnp_mean, N);
+    TAKE(a->lnp_rstd, N);
+#undef TAKE
+    return off;
+}
+
+static int acts_reserve(db_clip *c, size_t N, db_err *err)
+{
+    if (c->a.mem && c->a.cap >= N)
+        return 0;
+    db_clip_trim(c);
+    size_t n = acts_layout(&c->a, NULL, N, &c->arch);
+    float *mem = aligned_alloc(64, n * sizeof(float));
+    if (!mem)
+        return db_err_set(err, DB_ENOMEM, "text encoder: out of memory for activations of %zu tokens", N);
+    acts_layout(&c->a, mem, N, &c->arch);
+    c->a.mem = mem;
+    c->a.cap = N;
+    return 0;
+}
+
+/* Report a failed op: the ctx's sticky error (which names the op), with
+ * where in the model it happened. */
+static int op_failed(db_clip *c, db_err *err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int op_failed(db_clip *c, db_err *err, const char *fmt, ...)
+{
+    char where[128];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(where, sizeof where, fmt, ap);
+    va_end(ap);
+    return db_err_set(err, c->ctx->err.code ? c->ctx->err.code : DB_EUSAGE, "text encoder: %s: %s", where,
+                      c->ctx->err.msg);
+}
+
+/* One pre-LN encoder layer (CLIPEncoderLayer), saving its activations.
+ * out (N, D) = hidden[l+1]; inp (N, D) = hidden[l]. */
+static int layer_forward(db_clip *c, int l, float *out, const float *inp, int B, int T)
+{
+    db_ctx *x = c->ctx;
+    const db_text_arch *t = &c->arch;
+    const db_clip_layer *y = &c->p.layers[l];
+    db_clip_acts *a = &c->a;
+    const int N = B * T, D = t->hidden, I = t->intermediate, NH = t->heads;
+    const size_t ND = (size_t)N * D, NI = (size_t)N * I;
+    float *ln1 = a->ln1 + l * ND, *q = a->q + l * ND, *k = a->k + l * ND, *v = a->v + l * ND;
+    float *att = a->att + l * ND, *res = a->res_mid + l * ND, *ln2 = a->ln2 + l * ND;
+    float *fc1 = a->fc1 + l * NI, *act = a->act + l * NI;
+    const float eps = (float)t->eps;
+
+    /* attention half: res (N, D) = inp + out_proj(attn(ln1(inp))) */
+    db_layernorm_forward(x, ln1, a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, inp, y->ln1_w, y->ln1_b,
+                         N, D, eps);
+    db_linear_forward(x, q, ln1, y->q_w, y->q_b, N, D, D);
+    db_linear_forward(x, k, ln1, y->k_w, y->k_b, N, D, D);
+    db_linear_forward(x, v, ln1, y->v_w, y->v_b, N, D, D);
+    db_attention_forward(x, att, a->att_lse + (size_t)l * N * NH, q, k, v, B, T, T, NH, D / NH, 1);
+    db_linear_forward(x, res, att, y->o_w, y->o_b, N, D, D);
+    db_add_forward(x, res, inp, res, ND);
+
+    /* MLP half: out (N, D) = res + fc2(act(fc1(ln2(res)))) */
+    db_layernorm_forward(x, ln2, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, res, y->ln2_w, y->ln2_b,
+                         N, D, eps);
+    db_linear_forward(x, fc1, ln2, y->fc1_w, y->fc1_b, N, D, I);
+    if (t->quick_gelu)
+        db_quick_gelu_forward(x, act, fc1, NI);
+    else
+        db_gelu_forward(x, act, fc1, NI, DB_GELU_ERF);
+    db_linear_forward(x, out, act, y->fc2_w, y->fc2_b, N, I, D);
+    return db_add_forward(x, out, res, out, ND);
+}
+
+int db_clip_forward(db_clip *c, float *last, float *penultimate_ln, float *pooled, const int32_t *ids, int B, int T,
+                    db_err *err)
+{
+    const db_text_arch *t = &c->arch;
+    const int D = t->hidden, L = t->layers;
+    if (B <= 0 || T <= 0 || T > t->max_positions || !ids)
+        return db_err_set(err, DB_EUSAGE, "text encoder: bad input: %d sequences of %d tokens (at most %d)", B, T,
+                          t->max_positions);
+    const size_t N = (size_t)B * T, ND = N * D;
+    for (size_t i = 0; i < N; i++)
+        if (ids[i] < 0 || ids[i] >= t->vocab_size)
+            return db_err_set(err, DB_EUSAGE, "text encoder: token id %d at position %zu outside [0, %d)", ids[i],
+                              i, t->vocab_size);
+    if (acts_reserve(c, N, err))
+        return -1;
+    c->B = c->T = 0; /* the saved activations are invalid until we finish */
+    db_ctx *x = c->ctx;
+    db_clip_acts *a = &c->a;
+    memcpy(a->ids, ids, N * sizeof *ids);
+
+    /* hidden[0] (N, D) = wte[ids] + wpe[0..T-1] */
+    if (db_embedding_forward(x, a->hidden, a->ids, c->p.wte, c->p.wpe, B, T, D, t->vocab_size))
+        return op_failed(c, err, "embeddings");
+    for (int l = 0; l < L; l++)
+        if (layer_forward(c, l, a->hidden + (size_t)(l + 1) * ND, a->hidden + (size_t)l * ND, B, T))
+            return op_failed(c, err, "layer %d", l);
+
+    /* final_layer_norm of the last and, when asked, the penultimate state */
+    const float eps = (float)t->eps;
+    db_layernorm_forward(x, a->lnf, a->lnf_mean, a->lnf_rstd, a->hidden + (size_t)L * ND, c->p.lnf_w, c->p.lnf_b,
+                         (int)N, D, eps);
+    if (last)
+        db_axpby_forward(x, last, a->lnf, NULL, 1.0f, 0.0f, ND);
+    if (penultimate_ln)
+        db_layernorm_forward(x, penultimate_ln, a->lnp_mean, a->lnp_rstd, a->hidden + (size_t)(L - 1) * ND,
+                             c->p.lnf_w, c->p.lnf_b, (int)N, D, eps);
+    /* pooler_output: the row of the first maximal id (EOS) of each sequence */
+    for (int b = 0; pooled && b < B; b++) {
+        const int32_t *r = ids + (size_t)b * T;
+        int e = 0;
+        for (int i = 1; i < T; i++)
+            if (r[i] > r[e])
+                e = i;
+        db_axpby_forward(x, pooled + (size_t)b * D, a->lnf + ((size_t)b * T + e) * D, NULL, 1.0f, 0.0f, (size_t)D);
+    }
+    if (x->err.code)
+        return op_failed(c, err, "final layer norm");
+    c->B = B;
+    c->T = T;
+    return 0;
+}
+
+const float *db_clip_hidden(const db_clip *c, int k)
+{
+    if (!c->B || k < 0 || k > c->arch.layers)
+        return NULL;
+    return c->a.hidden + (size_t)k * c->B * c->T * c->arch.hidden;
+}
+
+int db_clip_hidden_ln(db_clip *c, float *out, int k, db_err *err)
+{
+    const float *h = db_clip_hidden(c, k);
+    if (!h)
+        return db_err_set(err, DB_EUSAGE, "text encoder: no hidden state %d (layers %d%s)", k, c->arch.layers,
+                          c->B ? "" : ", no forward yet");
+    const int N = c->B * c->T;
+    if (db_layernorm_forward(c->ctx, out, NULL, NULL, h, c->p.lnf_w, c->p.lnf_b, N, c->arch.hidden,
+                             (float)c->arch.eps))
+        return op_failed(c, err, "final layer norm");
+    return 0;
+}
