@@ -1,9 +1,11 @@
 /* dbtest: exposes library internals to the shell tests (git's test-tool idea).
  *   dbtest crc32c FILE           print crc32c of a file
+ *   dbtest png-crc FILE          crc32c of a PNG's decoded RGB pixels (ignores text chunks)
  *   dbtest cuda-selftest         load the CUDA backend, run its self-test
  *                                (exit 0 pass, 1 mismatch, 3 no backend/GPU)
  */
 #include <dlfcn.h>
+#include <png.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +26,26 @@ int main(int argc, char **argv)
         }
         printf("%08x\n", db_crc32c(0, buf, n));
         free(buf);
+        return 0;
+    }
+    if (argc >= 3 && !strcmp(argv[1], "png-crc")) {
+        png_image img;
+        memset(&img, 0, sizeof img);
+        img.version = PNG_IMAGE_VERSION;
+        if (!png_image_begin_read_from_file(&img, argv[2])) {
+            fprintf(stderr, "dbtest: %s: %s\n", argv[2], img.message);
+            return 1;
+        }
+        img.format = PNG_FORMAT_RGB;
+        size_t n = PNG_IMAGE_SIZE(img);
+        unsigned char *px = malloc(n);
+        if (!px || !png_image_finish_read(&img, NULL, px, 0, NULL)) {
+            fprintf(stderr, "dbtest: %s: %s\n", argv[2], img.message);
+            free(px);
+            return 1;
+        }
+        printf("%ux%u %08x\n", img.width, img.height, db_crc32c(0, px, n));
+        free(px);
         return 0;
     }
     if (argc >= 2 && !strcmp(argv[1], "cuda-selftest")) {
@@ -47,6 +69,6 @@ int main(int argc, char **argv)
         printf("selftest: %s\n", msg);
         return rc == 0 ? 0 : rc == 1 ? 1 : 3;
     }
-    fprintf(stderr, "usage: dbtest crc32c FILE | cuda-selftest\n");
+    fprintf(stderr, "usage: dbtest crc32c FILE | png-crc FILE | cuda-selftest\n");
     return 2;
 }

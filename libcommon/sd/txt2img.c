@@ -1,0 +1,406 @@
+#include "txt2img.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/progress.h"
+#include "clip.h"
+#include "noise.h"
+#include "prompt.h"
+#include "sched.h"
+#include "tokenizer.h"
+#include "unet.h"
+#include "vae.h"
+
+enum { CHUNK = 75, COMMA_BACKTRACK = 20 };
+
+int db_sd_open(db_sd *sd, const char *path, const db_model_opts *mo, int threads, db_err *err)
+{
+    memset(sd, 0, sizeof *sd);
+    sd->threads = threads;
+    if (db_model_open(&sd->model, path, mo, err))
+        return -1;
+    if (db_ctx_create(&sd->ctx, DB_CPU, threads, err)) {
+        db_model_close(&sd->model);
+        return -1;
+    }
+    return 0;
+}
+
+void db_sd_close(db_sd *sd)
+{
+    if (sd->ctx)
+        db_ctx_destroy(sd->ctx);
+    if (sd->model.path)
+        db_model_close(&sd->model);
+    memset(sd, 0, sizeof *sd);
+}
+
+/* --- prompt -> chunks of 77 ids with per-token weights (A1111) -------------- */
+
+typedef struct chunks {
+    int32_t *ids;    /* (k, 77) */
+    float *weights;  /* (k, 77) */
+    int k, cap;
+    /* the chunk being filled */
+    int32_t cur[CHUNK];
+    float curw[CHUNK];
+    int n, last_comma;
+} chunks;
+
+static int close_chunk(chunks *c, const db_tokenizer_info *ti, db_err *err)
+{
+    if (c->k == c->cap) {
+        int cap = c->cap ? c->cap * 2 : 4;
+        int32_t *ids = realloc(c->ids, (size_t)cap * 77 * sizeof *ids);
+        if (!ids)
+            return db_err_set(err, DB_ENOMEM, "out of memory");
+        c->ids = ids;
+        float *w = realloc(c->weights, (size_t)cap * 77 * sizeof *w);
+        if (!w)
+            return db_err_set(err, DB_ENOMEM, "out of memory");
+        c->weights = w;
+        c->cap = cap;
+    }
+    int32_t *ids = c->ids + (size_t)c->k * 77;
+    float *w = c->weights + (size_t)c->k * 77;
+    ids[0] = ti->bos;
+    w[0] = 1;
+    for (int i = 0; i < CHUNK; i++) {
+        ids[1 + i] = i < c->n ? c->cur[i] : ti->eos; /* A1111 pads SD1 chunks with EOS */
+        w[1 + i] = i < c->n ? c->curw[i] : 1.0f;
+    }
+    ids[76] = ti->eos;
+    w[76] = 1;
+    c->k++;
+    c->n = 0;
+    c->last_comma = -1;
+    return 0;
+}
+
+static int prompt_chunks(const db_tokenizer *tok, const char *text, chunks *c, db_err *err)
+{
+    memset(c, 0, sizeof *c);
+    c->last_comma = -1;
+    db_tokenizer_info ti;
+    db_tokenizer_get_info(tok, &ti);
+    int32_t comma = db_tokenizer_id(tok, ",</w>");
+    db_prompt p;
+    if (db_prompt_parse(&p, text, err))
+        return -1;
+    int rc = 0;
+    for (size_t f = 0; f < p.n && !rc; f++) {
+        if (p.v[f].weight < 0) { /* BREAK */
+            rc = close_chunk(c, &ti, err);
+            continue;
+        }
+        int32_t *ids = NULL;
+        size_t n = 0;
+        if ((rc = db_tokenize_words(tok, p.v[f].text, &ids, &n, err)))
+            break;
+        for (size_t i = 0; i < n && !rc; i++) {
+            if (ids[i] == comma) {
+                c->last_comma = c->n;
+            } else if (c->n == CHUNK && c->last_comma >= 0 && c->n - c->last_comma <= COMMA_BACKTRACK) {
+                /* move the words after the last comma to the next chunk */
+                int from = c->last_comma + 1, moved = c->n - from;
+                int32_t mids[CHUNK];
+                float mw[CHUNK];
+                memcpy(mids, c->cur + from, (size_t)moved * sizeof *mids);
+                memcpy(mw, c->curw + from, (size_t)moved * sizeof *mw);
+                c->n = from;
+                if ((rc = close_chunk(c, &ti, err)))
+                    break;
+                memcpy(c->cur, mids, (size_t)moved * sizeof *mids);
+                memcpy(c->curw, mw, (size_t)moved * sizeof *mw);
+                c->n = moved;
+            }
+            if (c->n == CHUNK && (rc = close_chunk(c, &ti, err)))
+                break;
+            c->cur[c->n] = ids[i];
+            c->curw[c->n++] = (float)p.v[f].weight;
+        }
+        free(ids);
+    }
+    if (!rc && (c->n || !c->k))
+        rc = close_chunk(c, &ti, err);
+    db_prompt_free(&p);
+    if (rc) {
+        free(c->ids);
+        free(c->weights);
+        memset(c, 0, sizeof *c);
+    }
+    return rc;
+}
+
+int db_sd_encode_prompt(db_tokenizer *tok, db_clip *clip, const char *prompt, int clip_skip, float **emb, int *T,
+                        db_err *err)
+{
+    chunks c;
+    *emb = NULL;
+    if (prompt_chunks(tok, prompt, &c, err))
+        return -1;
+    int D = clip->arch.hidden, L = clip->arch.layers;
+    if (clip_skip < 1 || clip_skip > L) {
+        free(c.ids);
+        free(c.weights);
+        return db_err_set(err, DB_EUSAGE, "clip skip %d: must be 1..%d", clip_skip, L);
+    }
+    float *out = malloc((size_t)c.k * 77 * (size_t)D * sizeof *out);
+    int rc = out ? 0 : db_err_set(err, DB_ENOMEM, "out of memory");
+    for (int k = 0; k < c.k && !rc; k++) {
+        float *z = out + (size_t)k * 77 * (size_t)D;
+        const int32_t *ids = c.ids + (size_t)k * 77;
+        if (clip_skip == 1)
+            rc = db_clip_forward(clip, z, NULL, NULL, ids, 1, 77, err);
+        else if (!(rc = db_clip_forward(clip, NULL, NULL, NULL, ids, 1, 77, err)))
+            rc = db_clip_hidden_ln(clip, z, L + 1 - clip_skip, err);
+        if (rc)
+            break;
+        const float *w = c.weights + (size_t)k * 77;
+        int plain = 1;
+        for (int t = 0; t < 77; t++)
+            plain &= w[t] == 1.0f;
+        if (plain)
+            continue; /* exactly diffusers' embedding */
+        /* A1111 "original" emphasis: scale by weight, then restore the mean
+         * (the means are taken in float32 over the whole chunk, as torch does) */
+        double before = 0, after = 0;
+        for (size_t i = 0; i < (size_t)77 * (size_t)D; i++)
+            before += z[i];
+        for (int t = 0; t < 77; t++)
+            for (int d = 0; d < D; d++) {
+                z[(size_t)t * (size_t)D + (size_t)d] *= w[t];
+                after += z[(size_t)t * (size_t)D + (size_t)d];
+            }
+        float ratio = after != 0 ? (float)(before / after) : 1.0f;
+        for (size_t i = 0; i < (size_t)77 * (size_t)D; i++)
+            z[i] *= ratio;
+    }
+    free(c.ids);
+    free(c.weights);
+    if (rc) {
+        free(out);
+        return -1;
+    }
+    *emb = out;
+    *T = 77 * c.k;
+    return 0;
+}
+
+/* (T, D) -> (T2, D) by appending copies of `fill` (77, D) chunks. */
+static int pad_chunks(float **emb, int *T, int T2, const float *fill, int D, db_err *err)
+{
+    if (*T == T2)
+        return 0;
+    float *e = realloc(*emb, (size_t)T2 * (size_t)D * sizeof *e);
+    if (!e)
+        return db_err_set(err, DB_ENOMEM, "out of memory");
+    for (int t = *T; t < T2; t += 77)
+        memcpy(e + (size_t)t * (size_t)D, fill, (size_t)77 * (size_t)D * sizeof *e);
+    *emb = e;
+    *T = T2;
+    return 0;
+}
+
+static int encode_prompts(db_sd *sd, const db_txt2img_opts *o, db_txt2img_out *out, db_err *err)
+{
+    char dd[4096];
+    db_tokenizer *tok = NULL;
+    db_clip *clip = NULL;
+    float *empty = NULL;
+    int rc = -1, Te;
+    if (db_tokenizer_load_default(&tok, sd->model.tokenizer_dir, db_data_dir(dd, sizeof dd), err) ||
+        db_clip_create(&clip, sd->ctx, &sd->model, err))
+        goto out;
+    int clip_skip = o->clip_skip ? o->clip_skip : 1;
+    if (db_sd_encode_prompt(tok, clip, o->prompt ? o->prompt : "", clip_skip, &out->prompt_embeds, &out->T, err))
+        goto out;
+    int Tn;
+    if (db_sd_encode_prompt(tok, clip, o->negative ? o->negative : "", clip_skip, &out->negative_embeds, &Tn, err))
+        goto out;
+    out->D = clip->arch.hidden;
+    if (Tn != out->T) { /* pad the shorter with encodings of an empty chunk (A1111) */
+        if (db_sd_encode_prompt(tok, clip, "", clip_skip, &empty, &Te, err))
+            goto out;
+        int T2 = Tn > out->T ? Tn : out->T;
+        if (pad_chunks(&out->prompt_embeds, &out->T, T2, empty, out->D, err) ||
+            pad_chunks(&out->negative_embeds, &Tn, T2, empty, out->D, err))
+            goto out;
+    }
+    rc = 0;
+out:
+    free(empty);
+    if (clip)
+        db_clip_free(clip);
+    if (tok)
+        db_tokenizer_free(tok);
+    return rc;
+}
+
+static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt2img_out *out, db_err *err)
+{
+    const db_arch *a = &sd->model.arch;
+    int f = 1 << (a->vae.nlevels - 1), C = a->unet.in_channels;
+    int h = o->height / f, w = o->width / f, n = o->n_images, bmax = o->batch > 0 ? o->batch : 1;
+    size_t per = (size_t)C * (size_t)h * (size_t)w;
+    int cfg = o->guidance > 1.0;
+    int T = out->T, D = out->D;
+    db_sched *s = NULL;
+    db_unet *u = NULL;
+    float *x = NULL, *xin = NULL, *eps = NULL, *noise = NULL, *ctxt = NULL, *ts = NULL;
+    int rc = -1;
+    if (db_sched_create(&s, o->scheduler ? o->scheduler : "ddim", sd->model.scheduler, err))
+        goto out;
+    if (!strcmp(db_sched_name(s), "ddim") && db_sched_set_eta(s, o->eta, err))
+        goto out;
+    if (db_sched_set_timesteps(s, o->steps, err))
+        goto out;
+    int nsteps = db_sched_nsteps(s);
+    if (db_unet_create(&u, sd->ctx, &sd->model, err))
+        goto out;
+    int m = cfg ? 2 : 1; /* UNet batch = m * b */
+    x = malloc((size_t)bmax * per * sizeof *x);
+    xin = malloc((size_t)m * (size_t)bmax * per * sizeof *xin);
+    eps = malloc((size_t)m * (size_t)bmax * per * sizeof *eps);
+    noise = malloc((size_t)bmax * per * sizeof *noise);
+    ctxt = malloc((size_t)m * (size_t)bmax * (size_t)T * (size_t)D * sizeof *ctxt);
+    ts = malloc((size_t)m * (size_t)bmax * sizeof *ts);
+    out->latents = malloc((size_t)n * per * sizeof *out->latents);
+    if (trace)
+        out->step_latents = malloc((size_t)nsteps * (size_t)n * per * sizeof *out->step_latents);
+    if (!x || !xin || !eps || !noise || !ctxt || !ts || !out->latents || (trace && !out->step_latents)) {
+        db_err_set(err, DB_ENOMEM, "out of memory for %d images of %dx%d", n, o->width, o->height);
+        goto out;
+    }
+    size_t te = (size_t)T * (size_t)D;
+    /* context rows: diffusers concatenates [negative, prompt] */
+    for (int j = 0; j < bmax; j++) {
+        if (cfg) {
+            memcpy(ctxt + (size_t)j * te, out->negative_embeds, te * sizeof *ctxt);
+            memcpy(ctxt + (size_t)(bmax + j) * te, out->prompt_embeds, te * sizeof *ctxt);
+        } else {
+            memcpy(ctxt + (size_t)j * te, out->prompt_embeds, te * sizeof *ctxt);
+        }
+    }
+    db_progress pr;
+    db_progress_start(&pr, "sample", (int64_t)nsteps * n, o->progress);
+    float g = (float)o->guidance;
+    for (int i0 = 0; i0 < n; i0 += bmax) {
+        int b = n - i0 < bmax ? n - i0 : bmax;
+        size_t nb = (size_t)b * per;
+        if (i0 && db_sched_set_timesteps(s, o->steps, err)) /* fresh sampler state per batch */
+            goto out;
+        float sigma0 = db_sched_init_noise_sigma(s);
+        for (int j = 0; j < b; j++) {
+            float *xj = x + (size_t)j * per;
+            if (o->init_latents)
+                memcpy(xj, o->init_latents + (size_t)(i0 + j) * per, per * sizeof *xj);
+            else
+                db_noise_latents(xj, per, o->seed, (uint64_t)(o->first_index + i0 + j), 0);
+            for (size_t k = 0; k < per; k++)
+                xj[k] *= sigma0;
+        }
+        /* when the batch is short, the context rows of the cfg half start at b */
+        if (cfg && b != bmax)
+            for (int j = 0; j < b; j++)
+                memcpy(ctxt + (size_t)(b + j) * te, out->prompt_embeds, te * sizeof *ctxt);
+        for (int i = 0; i < nsteps; i++) {
+            db_sched_scale_model_input(s, i, xin, x, nb);
+            if (cfg)
+                memcpy(xin + nb, xin, nb * sizeof *xin);
+            float t = (float)db_sched_timestep(s, i);
+            for (int j = 0; j < m * b; j++)
+                ts[j] = t;
+            if (db_unet_forward(u, eps, xin, ts, ctxt, m * b, h, w, T, err))
+                goto out;
+            if (cfg) /* noise_pred = uncond + g * (text - uncond), in that order */
+                for (size_t k = 0; k < nb; k++)
+                    eps[k] = eps[k] + g * (eps[nb + k] - eps[k]);
+            if (db_sched_needs_noise(s, i))
+                for (int j = 0; j < b; j++)
+                    db_noise_latents(noise + (size_t)j * per, per, o->seed, (uint64_t)(o->first_index + i0 + j),
+                                     (uint64_t)i + 1);
+            if (db_sched_step(s, i, eps, x, nb, noise, NULL, err))
+                goto out;
+            if (trace)
+                memcpy(out->step_latents + ((size_t)i * (size_t)n + (size_t)i0) * per, x, nb * sizeof *x);
+            db_progress_add(&pr, b);
+        }
+        memcpy(out->latents + (size_t)i0 * per, x, nb * sizeof *x);
+    }
+    db_progress_end(&pr);
+    rc = 0;
+out:
+    if (u)
+        db_unet_free(u);
+    db_sched_free(s);
+    free(x);
+    free(xin);
+    free(eps);
+    free(noise);
+    free(ctxt);
+    free(ts);
+    return rc;
+}
+
+static int decode_latents(db_sd *sd, const db_txt2img_opts *o, db_txt2img_out *out, db_err *err)
+{
+    const db_arch *a = &sd->model.arch;
+    int f = 1 << (a->vae.nlevels - 1), C = a->unet.in_channels;
+    int h = o->height / f, w = o->width / f;
+    size_t per = (size_t)C * (size_t)h * (size_t)w, img = (size_t)3 * (size_t)o->height * (size_t)o->width;
+    db_vae *v = NULL;
+    float *z = malloc(per * sizeof *z);
+    out->images = malloc((size_t)o->n_images * img * sizeof *out->images);
+    int rc = -1;
+    if (!z || !out->images) {
+        db_err_set(err, DB_ENOMEM, "out of memory");
+        goto out;
+    }
+    if (db_vae_create(&v, sd->ctx, &sd->model, err))
+        goto out;
+    float sf = (float)a->vae.scaling_factor;
+    for (int i = 0; i < o->n_images; i++) {
+        const float *l = out->latents + (size_t)i * per;
+        for (size_t k = 0; k < per; k++)
+            z[k] = l[k] / sf;
+        if (db_vae_decode(v, out->images + (size_t)i * img, z, 1, h, w, err))
+            goto out;
+    }
+    rc = 0;
+out:
+    if (v)
+        db_vae_free(v);
+    free(z);
+    return rc;
+}
+
+int db_txt2img(db_sd *sd, const db_txt2img_opts *o, int decode, int trace, db_txt2img_out *out, db_err *err)
+{
+    memset(out, 0, sizeof *out);
+    const db_arch *a = &sd->model.arch;
+    int f = 1 << (a->vae.nlevels - 1);
+    if (o->width <= 0 || o->height <= 0 || o->width % f || o->height % f)
+        return db_err_set(err, DB_EUSAGE, "size %dx%d: width and height must be positive multiples of %d", o->width,
+                          o->height, f);
+    if (o->n_images <= 0 || o->steps <= 0)
+        return db_err_set(err, DB_EUSAGE, "need at least one image and one step");
+    if (encode_prompts(sd, o, out, err) || sample_latents(sd, o, trace, out, err) ||
+        (decode && decode_latents(sd, o, out, err))) {
+        db_txt2img_out_free(out);
+        return -1;
+    }
+    return 0;
+}
+
+void db_txt2img_out_free(db_txt2img_out *out)
+{
+    free(out->latents);
+    free(out->images);
+    free(out->step_latents);
+    free(out->prompt_embeds);
+    free(out->negative_embeds);
+    memset(out, 0, sizeof *out);
+}

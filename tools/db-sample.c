@@ -1,0 +1,225 @@
+/* db-sample: text to image with any SD1.x checkpoint.
+ *
+ *   db-sample --model M --prompt P [-n N] [--steps 30] [--guidance 7.5]
+ *             [--scheduler ddim] [--seed S] [--width 512 --height 512] -o out.png
+ *
+ * The PNG carries the settings in A1111's "parameters" text chunk. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "libcommon/core/cli.h"
+#include "libcommon/core/fsutil.h"
+#include "libcommon/core/log.h"
+#include "libcommon/core/version.h"
+#include "libcommon/io/dbt.h"
+#include "libcommon/io/png.h"
+#include "libcommon/sd/txt2img.h"
+
+static db_log lg = {"db-sample", DB_LOG_WARN};
+
+static const char *const sampler_names[][2] = {
+    {"ddim", "DDIM"},         {"pndm", "PLMS"},         {"euler", "Euler"}, {"euler_a", "Euler a"},
+    {"dpmpp_2m", "DPM++ 2M"}, {"dpmpp_2m_karras", "DPM++ 2M Karras"},   {"ddpm", "DDPM"},
+};
+
+static const char *a1111_name(const char *s)
+{
+    for (size_t i = 0; i < sizeof sampler_names / sizeof sampler_names[0]; i++)
+        if (!strcmp(s, sampler_names[i][0]))
+            return sampler_names[i][1];
+    return s;
+}
+
+/* out.png -> out-0003.png for image 3 of several. */
+static void image_path(char *buf, size_t n, const char *pattern, int i, int count)
+{
+    if (count == 1) {
+        snprintf(buf, n, "%s", pattern);
+        return;
+    }
+    const char *dot = strrchr(pattern, '.'), *slash = strrchr(pattern, '/');
+    if (!dot || (slash && dot < slash))
+        dot = pattern + strlen(pattern);
+    snprintf(buf, n, "%.*s-%04d%s", (int)(dot - pattern), pattern, i, dot);
+}
+
+static const char *base_name(const char *p)
+{
+    size_t n = strlen(p);
+    while (n > 1 && p[n - 1] == '/')
+        n--;
+    const char *s = p + n;
+    while (s > p && s[-1] != '/')
+        s--;
+    return s;
+}
+
+int main(int argc, char **argv)
+{
+    const char *model = NULL, *prompt = NULL, *negative = "", *sched = "ddim", *outp = "sample.png";
+    const char *latents_out = NULL, *device = "cpu", *config = NULL;
+    int64_t n = 1, batch = 1, steps = 30, width = 512, height = 512, seed = 0, threads = 0, clip_skip = 1;
+    double guidance = 7.5, eta = 0;
+    int quiet = 0, verbose = 0;
+    db_opt opts[] = {
+        {"model", 'm', DB_OPT_STR, "MODEL", "checkpoint: diffusers folder, .safetensors or .ckpt", &model, NULL, 0},
+        {"prompt", 'p', DB_OPT_STR, "TEXT", "what to draw; A1111 emphasis (word:1.3) (word) [word] and BREAK",
+         &prompt, NULL, 0},
+        {"negative-prompt", 0, DB_OPT_STR, "TEXT", "what to steer away from", &negative, "\"\"", 0},
+        {"n", 'n', DB_OPT_INT, "N", "number of images", &n, "1", 0},
+        {"batch", 0, DB_OPT_INT, "B", "images per UNet call", &batch, "1", 0},
+        {"steps", 0, DB_OPT_INT, "N", "sampler steps", &steps, "30", 0},
+        {"guidance", 'g', DB_OPT_FLOAT, "X", "classifier-free guidance scale (<= 1: none)", &guidance, "7.5", 0},
+        {"scheduler", 0, DB_OPT_STR, "NAME", "ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras or ddpm", &sched,
+         "ddim", 0},
+        {"eta", 0, DB_OPT_FLOAT, "X", "DDIM eta (0: deterministic)", &eta, "0", 0},
+        {"width", 'W', DB_OPT_INT, "PX", "image width, a multiple of 8", &width, "512", 0},
+        {"height", 'H', DB_OPT_INT, "PX", "image height, a multiple of 8", &height, "512", 0},
+        {"seed", 's', DB_OPT_INT, "S", "noise seed; image i uses noise stream i", &seed, "0", 0},
+        {"clip-skip", 0, DB_OPT_INT, "K", "1: last text-encoder layer; 2: penultimate (A1111)", &clip_skip, "1", 0},
+        {"output", 'o', DB_OPT_STR, "FILE.png", "output; with -n > 1, FILE-0000.png, FILE-0001.png, ...", &outp,
+         "sample.png", 0},
+        {"latents-out", 0, DB_OPT_STR, "STREAM", "also write the final latents as a .dbt stream (path, - or endpoint)",
+         &latents_out, NULL, 0},
+        {"config", 0, DB_OPT_STR, "DIR", "diffusers-style config folder for a single-file model", &config, NULL, 0},
+        {"threads", 0, DB_OPT_INT, "N", "worker threads (0: all cores)", &threads, "0", 0},
+        {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device", &device, "cpu", 0},
+        {"quiet", 'q', DB_OPT_FLAG, NULL, "only errors on stderr", &quiet, NULL, 0},
+        {"verbose", 'v', DB_OPT_FLAG, NULL, "more detail on stderr", &verbose, NULL, 0},
+        {0},
+    };
+    db_cli cli = {"db-sample", "--model MODEL --prompt TEXT [options]",
+                  "Text to image with classifier-free guidance, computing what diffusers' StableDiffusionPipeline "
+                  "computes. Image i of a run with --seed S uses noise stream i, so '-n 4 --seed S' gives image 2 "
+                  "the same noise as the third image of any run with seed S. Settings go into the PNG's "
+                  "'parameters' text chunk (A1111 format).",
+                  opts, NULL};
+    char *pos[argc + 1];
+    int npos;
+    char ver[1024];
+    db_err e = {0};
+    int rc = db_cli_parse(&cli, argc, argv, pos, &npos, db_version_text("db-sample", ver, sizeof ver), &e);
+    if (rc == DB_CLI_EXIT)
+        return 0;
+    if (rc == DB_CLI_USAGE) {
+        db_error(&lg, "%s (see --help)", e.msg);
+        return 2;
+    }
+    lg.level = quiet ? DB_LOG_QUIET : verbose ? DB_LOG_DEBUG : DB_LOG_WARN;
+    if (npos || !model || !prompt) {
+        db_error(&lg, npos ? "unexpected argument '%s'" : "--model and --prompt are required (see --help)",
+                 npos ? pos[0] : "");
+        return 2;
+    }
+    if (strcmp(device, "cpu")) {
+        db_error(&lg, "--device %s: the CUDA backend does not run models yet; use --device cpu", device);
+        return 2;
+    }
+    if (n < 1 || n > 100000 || batch < 1 || steps < 1 || steps > 10000 || width < 8 || height < 8 || width > 8192 ||
+        height > 8192 || threads < 0 || clip_skip < 1) {
+        db_error(&lg, "out-of-range value among -n, --batch, --steps, --width, --height, --threads, --clip-skip");
+        return 2;
+    }
+    if (width % 8 || height % 8) {
+        db_error(&lg, "--width %lld --height %lld: both must be multiples of 8", (long long)width, (long long)height);
+        return 2;
+    }
+    if (strlen(outp) < 5 || strcmp(outp + strlen(outp) - 4, ".png")) {
+        db_error(&lg, "--output %s: the file name must end in .png", outp);
+        return 2;
+    }
+    db_sd sd;
+    db_model_opts mo = {config, &lg};
+    if (db_sd_open(&sd, model, &mo, (int)threads, &e)) {
+        db_error(&lg, "%s", e.msg);
+        return 1;
+    }
+    char hash[17];
+    if (db_model_hash(&sd.model, hash, &e)) {
+        db_error(&lg, "%s", e.msg);
+        db_sd_close(&sd);
+        return 1;
+    }
+    db_txt2img_opts o = {
+        .prompt = prompt, .negative = negative, .scheduler = sched, .steps = (int)steps, .guidance = guidance,
+        .eta = eta, .width = (int)width, .height = (int)height, .n_images = (int)n,
+        .batch = (int)(batch < n ? batch : n), .seed = (uint64_t)seed, .clip_skip = (int)clip_skip, .log = &lg,
+        .progress = !quiet,
+    };
+    db_txt2img_out out;
+    if (db_txt2img(&sd, &o, 1, 0, &out, &e)) {
+        db_error(&lg, "%s", e.msg);
+        db_sd_close(&sd);
+        return 1;
+    }
+    rc = 0;
+    size_t hw = (size_t)width * (size_t)height;
+    uint8_t *rgb = malloc(hw * 3);
+    for (int i = 0; i < n && rgb && !rc; i++) {
+        char path[4096], params[8192];
+        image_path(path, sizeof path, outp, i, (int)n);
+        snprintf(params, sizeof params,
+                 "%s\n%s%s%sSteps: %lld, Sampler: %s, CFG scale: %g, Seed: %lld, Size: %lldx%lld, Model hash: %.10s, "
+                 "Model: %s, Clip skip: %lld, Noise: philox stream %d, Version: dreambooth-c %s",
+                 prompt, negative[0] ? "Negative prompt: " : "", negative, negative[0] ? "\n" : "", (long long)steps,
+                 a1111_name(sched), guidance, (long long)seed, (long long)width, (long long)height, hash,
+                 base_name(model), (long long)clip_skip, i, DB_VERSION);
+        const char *text[] = {"parameters", params, "Software", "dreambooth-c " DB_VERSION, NULL};
+        db_image_to_rgb8(rgb, out.images + (size_t)i * 3 * hw, (int)height, (int)width);
+        if (db_png_write(path, rgb, (int)width, (int)height, text, &e)) {
+            db_error(&lg, "%s", e.msg);
+            rc = 1;
+        } else {
+            db_info(&lg, "wrote %s", path);
+        }
+    }
+    if (!rgb) {
+        db_error(&lg, "out of memory");
+        rc = 1;
+    }
+    free(rgb);
+    if (!rc && latents_out) {
+        db_dbt_writer *w = NULL;
+        db_meta m;
+        db_meta_init(&m);
+        db_meta_put_str(&m, "prompt", prompt);
+        db_meta_put_str(&m, "negative_prompt", negative);
+        db_meta_put_str(&m, "model_hash", hash);
+        db_meta_put_str(&m, "scheduler", sched);
+        db_meta_put_int(&m, "steps", steps);
+        db_meta_put_float(&m, "guidance", guidance);
+        db_meta_put_int(&m, "seed", seed);
+        db_meta_put_float(&m, "scaling_factor", sd.model.arch.vae.scaling_factor);
+        db_meta_put_str(&m, "tool", "db-sample " DB_VERSION);
+        int C = sd.model.arch.unet.in_channels;
+        int64_t shape[3] = {C, height / 8, width / 8};
+        size_t per = (size_t)C * (size_t)(height / 8) * (size_t)(width / 8);
+        if (db_meta_finish(&m, &e) || db_dbt_open_write(&w, latents_out, NULL, &e) ||
+            db_dbt_write_header(w, "latents", m.buf, m.len, &e))
+            rc = 1;
+        for (int i = 0; i < n && !rc; i++) {
+            db_meta r;
+            db_meta_init(&r);
+            db_meta_put_int(&r, "index", i);
+            db_meta_put_int(&r, "seed", seed);
+            char name[32];
+            snprintf(name, sizeof name, "latents/%d", i);
+            if (db_meta_finish(&r, &e) ||
+                db_dbt_write_record(w, name, DB_F32, 3, shape, out.latents + (size_t)i * per, r.buf, r.len, &e))
+                rc = 1;
+            db_meta_free(&r);
+        }
+        if (!rc && db_dbt_close(w, &e))
+            rc = 1;
+        else if (rc && w)
+            db_dbt_abort(w, e.msg);
+        if (rc)
+            db_error(&lg, "%s: %s", latents_out, e.msg);
+        db_meta_free(&m);
+    }
+    db_txt2img_out_free(&out);
+    db_sd_close(&sd);
+    return rc;
+}
