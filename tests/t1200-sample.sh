@@ -32,6 +32,34 @@ check "batching does not change images (b-0002 == c-0002)" \
 ok "long prompt with emphasis and BREAK" $S --seed 1 -o "$T/long.png" \
     --prompt "$(printf 'a (red:1.3) [blue] house, %.0s' $(seq 1 20)) BREAK on a hill"
 
+# --noise: initial latents from a stream instead of the seed
+$PY - "$T" <<'PYEOF'
+import struct, sys
+sys.path.insert(0, sys.argv[0] and __import__('os').environ['TOP'] + '/tests/py')
+sys.dont_write_bytecode = True
+import dbt_example as d
+t = sys.argv[1]
+vals = [((i * 7919) % 1000) / 500.0 - 1.0 for i in range(2 * 4 * 8 * 8)]
+with open(f'{t}/noise.dbt', 'wb') as f:
+    w = d.DbtWriter(f, 'noise'); w.record('noise', 'f32', [2, 4, 8, 8], struct.pack(f'<{len(vals)}f', *vals)); w.close()
+with open(f'{t}/badnoise.dbt', 'wb') as f:
+    w = d.DbtWriter(f, 'noise'); w.record('noise', 'f32', [1, 4, 4, 4], bytes(4 * 64)); w.close()
+PYEOF
+ok "--noise from a stream, printf output pattern" $S --prompt "a photo of sks dog" -n 2 --noise "$T/noise.dbt" \
+    -o "$T/nz-%03d.png"
+check "pattern numbered the images" "[ -f '$T/nz-000.png' ] && [ -f '$T/nz-001.png' ]"
+ok "same noise again, other seed" $S --prompt "a photo of sks dog" -n 2 --noise "$T/noise.dbt" --seed 99 \
+    -o "$T/nz2-%03d.png"
+check "the stream, not the seed, decided the image" \
+    "[ \"\$(dbtest png-crc '$T/nz-001.png')\" = \"\$(dbtest png-crc '$T/nz2-001.png')\" ]"
+fails_with 1 "badnoise.dbt: record 'noise' is f32 \\[1, 4, 4, 4\\]" "wrong noise shape: exit 1, shapes named" \
+    $S --prompt x --noise "$T/badnoise.dbt" -o "$T/bn.png"
+check "no PNG after a bad noise stream" "no_leftovers '$T/bn.png'"
+cp -r "$D" "$T/notok" && rm "$T/notok/tokenizer/vocab.json"
+fails_with 1 "vocab.json" "missing tokenizer files: exit 1, file named" \
+    db-sample -q --model "$T/notok" --steps 1 --width 64 --height 64 --prompt x -o "$T/nt.png"
+check "no PNG after a missing tokenizer" "no_leftovers '$T/nt.png'"
+
 fails_with 1 "heun" "unknown scheduler: exit 1, named" $S --prompt x --scheduler heun -o "$T/x.png"
 check "no PNG left behind" "no_leftovers '$T/x.png'"
 fails_with 2 "multiples of 8" "bad size is a usage error" $S --prompt x --width 60 -o "$T/y.png"

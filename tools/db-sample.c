@@ -32,9 +32,40 @@ static const char *a1111_name(const char *s)
     return s;
 }
 
-/* out.png -> out-0003.png for image 3 of several. */
+/* Does pattern hold exactly one printf integer conversion (%d, %03d, ...)
+ * and no other '%' but "%%"?  1 yes, 0 no conversion, -1 malformed. */
+static int printf_pattern(const char *p)
+{
+    int conv = 0;
+    for (; *p; p++) {
+        if (*p != '%')
+            continue;
+        if (p[1] == '%') {
+            p++;
+            continue;
+        }
+        p++;
+        while (*p == '0' || *p == '-' || *p == '+' || *p == ' ')
+            p++;
+        while (*p >= '0' && *p <= '9')
+            p++;
+        if (*p != 'd' || conv++)
+            return -1;
+    }
+    return conv;
+}
+
+/* 'out-%03d.png' -> out-003.png; out.png -> out-0003.png for image 3 of
+ * several (a single image keeps the plain name). */
 static void image_path(char *buf, size_t n, const char *pattern, int i, int count)
 {
+    if (printf_pattern(pattern) == 1) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+        snprintf(buf, n, pattern, i);
+#pragma GCC diagnostic pop
+        return;
+    }
     if (count == 1) {
         snprintf(buf, n, "%s", pattern);
         return;
@@ -56,11 +87,53 @@ static const char *base_name(const char *p)
     return s;
 }
 
+/* The record "noise" of a .dbt stream: f32 [N, C, h, w] with N >= n. */
+static int read_noise(const char *src, const db_arch *a, int n, int H, int W, float **out, db_err *err)
+{
+    db_dbt_reader *r;
+    db_dbt_record rec;
+    *out = NULL;
+    if (db_dbt_open_read(&r, src, NULL, err))
+        return -1;
+    int f = 1 << (a->vae.nlevels - 1), rc, found = 0;
+    int64_t want[4] = {n, a->unet.in_channels, H / f, W / f};
+    while ((rc = db_dbt_next(r, &rec, err)) == 1) {
+        if (strcmp(rec.name, "noise") || found)
+            continue; /* the first "noise" record counts */
+        found = 1;
+        char got[128], need[128];
+        if (rec.dtype != DB_F32 || rec.ndim != 4 || rec.shape[0] < n || rec.shape[1] != want[1] ||
+            rec.shape[2] != want[2] || rec.shape[3] != want[3]) {
+            db_err_set(err, DB_EFORMAT, "%s: record 'noise' is %s %s; this run needs f32 %s (N >= %d)", src,
+                       db_dtype_name(rec.dtype), db_shape_str(got, sizeof got, rec.ndim, rec.shape),
+                       db_shape_str(need, sizeof need, 4, want), n);
+            rc = -1;
+            break;
+        }
+        size_t bytes = (size_t)n * (size_t)(want[1] * want[2] * want[3]) * sizeof(float);
+        if (!(*out = malloc(bytes))) {
+            rc = db_err_set(err, DB_ENOMEM, "out of memory");
+            break;
+        }
+        memcpy(*out, rec.data, bytes);
+    }
+    /* read to the end: a truncated or corrupt stream must not be used */
+    db_dbt_reader_close(r);
+    if (rc < 0 || !found) {
+        if (!found && rc == 0)
+            db_err_set(err, DB_EFORMAT, "%s: no record named 'noise'", src);
+        free(*out);
+        *out = NULL;
+        return -1;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *model = NULL, *prompt = NULL, *negative = "", *sched = "ddim", *outp = "sample.png";
-    const char *latents_out = NULL, *device = "cpu", *config = NULL;
-    int64_t n = 1, batch = 1, steps = 30, width = 512, height = 512, seed = 0, threads = 0, clip_skip = 1;
+    const char *latents_out = NULL, *device = "cpu", *config = NULL, *noise_in = NULL;
+    int64_t n = 1, batch = 1, steps = 50, width = 512, height = 512, seed = 0, threads = 0, clip_skip = 1;
     double guidance = 7.5, eta = 0;
     int quiet = 0, verbose = 0;
     db_opt opts[] = {
@@ -70,7 +143,7 @@ int main(int argc, char **argv)
         {"negative-prompt", 0, DB_OPT_STR, "TEXT", "what to steer away from", &negative, "\"\"", 0},
         {"n", 'n', DB_OPT_INT, "N", "number of images", &n, "1", 0},
         {"batch", 0, DB_OPT_INT, "B", "images per UNet call", &batch, "1", 0},
-        {"steps", 0, DB_OPT_INT, "N", "sampler steps", &steps, "30", 0},
+        {"steps", 0, DB_OPT_INT, "N", "sampler steps", &steps, "50", 0},
         {"guidance", 'g', DB_OPT_FLOAT, "X", "classifier-free guidance scale (<= 1: none)", &guidance, "7.5", 0},
         {"scheduler", 0, DB_OPT_STR, "NAME", "ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras or ddpm", &sched,
          "ddim", 0},
@@ -79,8 +152,10 @@ int main(int argc, char **argv)
         {"height", 'H', DB_OPT_INT, "PX", "image height, a multiple of 8", &height, "512", 0},
         {"seed", 's', DB_OPT_INT, "S", "noise seed; image i uses noise stream i", &seed, "0", 0},
         {"clip-skip", 0, DB_OPT_INT, "K", "1: last text-encoder layer; 2: penultimate (A1111)", &clip_skip, "1", 0},
-        {"output", 'o', DB_OPT_STR, "FILE.png", "output; with -n > 1, FILE-0000.png, FILE-0001.png, ...", &outp,
-         "sample.png", 0},
+        {"output", 'o', DB_OPT_STR, "FILE.png", "output; a printf pattern like 'out-%03d.png' numbers images, "
+         "else with -n > 1 FILE-0000.png, FILE-0001.png, ...", &outp, "sample.png", 0},
+        {"noise", 0, DB_OPT_STR, "STREAM", "initial latents from a .dbt stream (record 'noise', f32 [N,C,H/8,W/8]) "
+         "instead of seeded noise", &noise_in, NULL, 0},
         {"latents-out", 0, DB_OPT_STR, "STREAM", "also write the final latents as a .dbt stream (path, - or endpoint)",
          &latents_out, NULL, 0},
         {"config", 0, DB_OPT_STR, "DIR", "diffusers-style config folder for a single-file model", &config, NULL, 0},
@@ -126,8 +201,8 @@ int main(int argc, char **argv)
         db_error(&lg, "--width %lld --height %lld: both must be multiples of 8", (long long)width, (long long)height);
         return 2;
     }
-    if (strlen(outp) < 5 || strcmp(outp + strlen(outp) - 4, ".png")) {
-        db_error(&lg, "--output %s: the file name must end in .png", outp);
+    if (strlen(outp) < 5 || strcmp(outp + strlen(outp) - 4, ".png") || printf_pattern(outp) < 0) {
+        db_error(&lg, "--output %s: the file name must end in .png and may hold one %%d-style number", outp);
         return 2;
     }
     db_sd sd;
@@ -148,8 +223,17 @@ int main(int argc, char **argv)
         .batch = (int)(batch < n ? batch : n), .seed = (uint64_t)seed, .clip_skip = (int)clip_skip, .log = &lg,
         .progress = !quiet,
     };
+    float *noise = NULL;
+    if (noise_in && read_noise(noise_in, &sd.model.arch, (int)n, (int)height, (int)width, &noise, &e)) {
+        db_error(&lg, "%s", e.msg);
+        db_sd_close(&sd);
+        return 1;
+    }
+    o.init_latents = noise;
     db_txt2img_out out;
-    if (db_txt2img(&sd, &o, 1, 0, &out, &e)) {
+    int failed = db_txt2img(&sd, &o, 1, 0, &out, &e);
+    free(noise);
+    if (failed) {
         db_error(&lg, "%s", e.msg);
         db_sd_close(&sd);
         return 1;
