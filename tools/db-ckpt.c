@@ -60,7 +60,7 @@ static int parse(db_cli *cli, int argc, char **argv, char **pos, int *npos, int 
 {
     char ver[1024];
     db_err e = {0};
-    int rc = db_cli_parse(cli, argc, argv, pos, npos, db_version_text("db-ckpt", ver, sizeof ver), &e);
+    int rc = db_cli_parse(cli, argc, argv, pos, npos, db_version_if_asked(argc, argv, "db-ckpt", ver, sizeof ver), &e);
     if (rc == DB_CLI_EXIT)
         return 0;
     if (rc == DB_CLI_USAGE) {
@@ -491,19 +491,6 @@ static int cmd_verify(int argc, char **argv)
     return rc;
 }
 
-/* A model whose tensors are generated on read by the default initialiser. */
-typedef struct init_src {
-    db_tsrc src;
-    db_tname *rows;
-    uint64_t seed;
-} init_src;
-
-static int init_read(db_tsrc *s, const db_tentry *e, void *dst, db_err *err)
-{
-    init_src *is = (init_src *)s;
-    return db_init_tensor(&is->rows[e->key], is->seed, dst, e->dtype, err);
-}
-
 static int cmd_init(int argc, char **argv)
 {
     common_opts c = {0};
@@ -541,17 +528,13 @@ static int cmd_init(int argc, char **argv)
         return 1;
     }
     db_err e = {0};
+    db_arch arch;
     db_model m;
     memset(&m, 0, sizeof m);
-    db_tindex_init(&m.t);
-    db_tindex_init(&m.raw);
-    init_src is = {{"(random init)", init_read, NULL}, NULL, (uint64_t)seed};
-    size_t nrows = 0;
     rc = 1;
-    if (db_arch_preset(&m.arch, arch_name ? arch_name : "sd15", &e)) {
+    if (db_arch_preset(&arch, arch_name ? arch_name : "sd15", &e)) {
         db_error(&lg, "--arch: %s", e.msg);
-        rc = 2;
-        goto out;
+        return 2;
     }
     if (c.config) {
         json_t *cfg[DB_NCOMP] = {0};
@@ -565,39 +548,20 @@ static int cmd_init(int argc, char **argv)
                 bad = 1;
             }
         }
-        if (!bad && db_arch_from_config(&m.arch, cfg[0], cfg[1], cfg[2], &e)) {
+        if (!bad && db_arch_from_config(&arch, cfg[0], cfg[1], cfg[2], &e)) {
             db_error(&lg, "%s: %s", c.config, e.msg);
             bad = 1;
         }
         for (int k = 0; k < DB_NCOMP; k++)
             json_decref(cfg[k]);
         if (bad)
-            goto out;
+            return 1;
     }
-    m.arch.text.has_position_ids = 1;
-    if (db_arch_names(&m.arch, &is.rows, &nrows, &e)) {
+    if (db_model_init_random(&m, &arch, (uint64_t)seed, (db_dtype)dtype, &e)) {
         db_error(&lg, "%s", e.msg);
-        goto out;
+        return 1;
     }
-    for (size_t r = 0; r < nrows; r++) {
-        db_tentry t = {0};
-        t.name = is.rows[r].compvis;
-        t.comp = is.rows[r].comp;
-        t.ndim = is.rows[r].ndim;
-        memcpy(t.shape, is.rows[r].shape, sizeof is.rows[r].shape);
-        t.dtype = is.rows[r].init == DB_INIT_POSITION_IDS ? DB_I64 : (db_dtype)dtype;
-        t.nbytes = (uint64_t)db_shape_nbytes(t.dtype, t.ndim, t.shape);
-        t.src = &is.src;
-        t.key = (int64_t)r;
-        if (db_tindex_add(&m.t, &t, &e)) {
-            db_error(&lg, "%s", e.msg);
-            goto out;
-        }
-    }
-    m.scheduler = db_default_scheduler_config();
     rc = save(&m, pos[0], is_dir, -1);
-out:
-    free(is.rows);
     db_model_close(&m);
     return rc;
 }

@@ -175,7 +175,7 @@ int main(int argc, char **argv)
     int npos;
     char ver[1024];
     db_err e = {0};
-    int rc = db_cli_parse(&cli, argc, argv, pos, &npos, db_version_text("db-sample", ver, sizeof ver), &e);
+    int rc = db_cli_parse(&cli, argc, argv, pos, &npos, db_version_if_asked(argc, argv, "db-sample", ver, sizeof ver), &e);
     if (rc == DB_CLI_EXIT)
         return 0;
     if (rc == DB_CLI_USAGE) {

@@ -57,3 +57,15 @@ const char *db_version_text(const char *prog, char *buf, size_t n)
              prog, DB_VERSION, msgpack_version(), zmaj, zmin, zpat, zip_libzip_version(), JANSSON_VERSION, cuda);
     return buf;
 }
+
+const char *db_version_if_asked(int argc, char **argv, const char *prog, char *buf, size_t n)
+{
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--"))
+            break;
+        if (!strcmp(argv[i], "--version"))
+            return db_version_text(prog, buf, n);
+    }
+    buf[0] = 0;
+    return buf;
+}

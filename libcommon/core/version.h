@@ -6,6 +6,9 @@
 #include <stddef.h>
 
 const char *db_version_text(const char *prog, char *buf, size_t n);
+/* The same, but only when argv holds "--version" (else ""): probing the CUDA
+ * backend loads cuDNN and friends, which no ordinary run should pay for. */
+const char *db_version_if_asked(int argc, char **argv, const char *prog, char *buf, size_t n);
 
 /* dlopen the CUDA backend next to the executable (../lib/libdb_cuda.so).
  * Returns the handle or NULL with the reason in why. */

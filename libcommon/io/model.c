@@ -466,8 +466,10 @@ void db_model_close(db_model *m)
     for (int i = 0; i < m->nsrc; i++) {
         if (m->src_kind[i] == SRC_ST)
             db_safetensors_close(m->src[i]);
-        else
+        else if (m->src_kind[i] == SRC_CKPT)
             db_ckpt_close(m->src[i]);
+        else if (m->src_kind[i] == DB_MODEL_SRC_OWNED && ((db_tsrc *)m->src[i])->close)
+            ((db_tsrc *)m->src[i])->close(m->src[i]);
     }
     for (int c = 0; c < DB_NCOMP; c++)
         json_decref(m->config[c]);

@@ -34,10 +34,13 @@ typedef struct db_model {
     db_tindex raw;          /* tensors as stored (names as in the files) */
     size_t n_ignored;       /* stored tensors that are not part of the model */
     char *ignored_example;  /* the first such name, for messages */
-    void *src[DB_MODEL_MAXSRC]; /* open files (safetensors / ckpt handles) */
+    void *src[DB_MODEL_MAXSRC]; /* open files (safetensors / ckpt handles), or a
+                                   db_tsrc the model owns (DB_MODEL_SRC_OWNED) */
     int src_kind[DB_MODEL_MAXSRC];
     int nsrc;
 } db_model;
+
+enum { DB_MODEL_SRC_OWNED = 3 }; /* src[i] is a db_tsrc closed through its close() */
 
 typedef struct db_model_opts {
     const char *config_dir; /* diffusers-style configs overriding detection (single files) */

@@ -7,6 +7,8 @@
  * whatever range it is computed in. */
 #include "init.h"
 
+#include "../io/model.h"
+
 #include <math.h>
 #include <string.h>
 
@@ -131,4 +133,70 @@ int db_init_tensor(const db_tname *t, uint64_t seed, void *dst, db_dtype dtype, 
     if (numel < 0)
         return db_err_set(err, DB_EUSAGE, "tensor '%s': bad shape", t->compvis);
     return db_init_tensor_range(t, seed, dst, dtype, 0, numel, err);
+}
+
+/* --- a random model in memory ---------------------------------------------- */
+
+typedef struct init_src {
+    db_tsrc src; /* first: the index entries point here */
+    db_tname *rows;
+    uint64_t seed;
+} init_src;
+
+static int init_read(db_tsrc *s, const db_tentry *e, void *dst, db_err *err)
+{
+    init_src *is = (init_src *)s;
+    return db_init_tensor(&is->rows[e->key], is->seed, dst, e->dtype, err);
+}
+
+static void init_close(db_tsrc *s)
+{
+    init_src *is = (init_src *)s;
+    free(is->rows);
+    free(is);
+}
+
+int db_model_init_random(db_model *m, const db_arch *a, uint64_t seed, db_dtype dtype, db_err *err)
+{
+    memset(m, 0, sizeof *m);
+    db_tindex_init(&m->t);
+    db_tindex_init(&m->raw);
+    m->path = strdup("(random init)");
+    m->arch = *a;
+    m->arch.text.has_position_ids = 1;
+    init_src *is = calloc(1, sizeof *is);
+    size_t nrows = 0;
+    if (!is || !m->path) {
+        free(is);
+        db_model_close(m);
+        return db_err_set(err, DB_ENOMEM, "out of memory");
+    }
+    is->src = (db_tsrc){"(random init)", init_read, init_close};
+    is->seed = seed;
+    /* the model owns the source through its source list (closed by db_model_close) */
+    m->src[0] = is;
+    m->src_kind[0] = DB_MODEL_SRC_OWNED;
+    m->nsrc = 1;
+    if (db_arch_names(&m->arch, &is->rows, &nrows, err)) {
+        db_model_close(m);
+        return -1;
+    }
+    for (size_t r = 0; r < nrows; r++) {
+        db_tentry t;
+        memset(&t, 0, sizeof t);
+        t.name = is->rows[r].compvis;
+        t.comp = is->rows[r].comp;
+        t.ndim = is->rows[r].ndim;
+        memcpy(t.shape, is->rows[r].shape, sizeof is->rows[r].shape);
+        t.dtype = is->rows[r].init == DB_INIT_POSITION_IDS ? DB_I64 : dtype;
+        t.nbytes = (uint64_t)db_shape_nbytes(t.dtype, t.ndim, t.shape);
+        t.src = &is->src;
+        t.key = (int64_t)r;
+        if (db_tindex_add(&m->t, &t, err)) {
+            db_model_close(m);
+            return -1;
+        }
+    }
+    m->scheduler = db_default_scheduler_config();
+    return 0;
 }

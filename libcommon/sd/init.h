@@ -35,6 +35,13 @@ int db_init_tensor(const db_tname *t, uint64_t seed, void *dst, db_dtype dtype, 
 int db_init_tensor_range(const db_tname *t, uint64_t seed, void *dst, db_dtype dtype, int64_t start, int64_t count,
                          db_err *err);
 
+/* A model whose tensors are generated on read, for `db-ckpt init`, tests and
+ * benchmarks: every tensor of arch a (position_ids included, int64) in the
+ * table order, float tensors in `dtype`, no bytes held until read.  The
+ * scheduler is the SD1.x default.  Close with db_model_close. */
+struct db_model;
+int db_model_init_random(struct db_model *m, const db_arch *a, uint64_t seed, db_dtype dtype, db_err *err);
+
 /* The generator, exposed for tests: Philox4x32-10 of (counter, key). */
 void db_philox4x32(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
 
