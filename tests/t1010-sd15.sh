@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A full-size SD1.5 with random weights: the real topology (every name and
-# shape of the real checkpoint, in both layouts), ~2.1 GB in fp16, and every
-# db-ckpt command on it stays within 6 GB peak RSS.
+# shape of the real checkpoint, in both layouts), ~2.1 GB in fp16; every
+# db-ckpt command on it, and db-sample at 512x512, stay within 6 GB peak RSS.
 . "$(dirname "$0")/lib.sh"
 KEYS=$TOP/tests/data/sd15-keys/diffusers_to_compvis.json
 LIMIT_KB=$((6 * 1024 * 1024))
@@ -46,4 +46,8 @@ for comp, w in (('unet', 'diffusion_pytorch_model'), ('vae', 'diffusion_pytorch_
 PYEOF"
 ok "diff across layouts is exact" rss diff db-ckpt diff "$T/sd15.safetensors" "$T/sd15"
 check "diff peak RSS under 6 GB ($(cat "$T/diff.rss" 2>/dev/null) KiB)" "under_limit diff"
+ok "db-sample 512x512, one DDIM step with guidance" rss sample \
+    db-sample -q -m "$T/sd15.safetensors" -p "a photo of sks dog" --steps 1 -o "$T/sd15.png"
+check "sampling peak RSS under 6 GB ($(cat "$T/sample.rss" 2>/dev/null) KiB)" "under_limit sample"
+check "a 512x512 PNG" "file '$T/sd15.png' | grep -q 'PNG image data, 512 x 512'"
 done_testing

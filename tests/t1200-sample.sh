@@ -13,6 +13,24 @@ check "the parameters chunk says what made it" \
 ok "same settings from the .ckpt layout" db-sample -q --model "$C" --steps 4 --width 64 --height 64 \
     --prompt "a photo of sks dog" --seed 3 -o "$T/a-ckpt.png"
 check "identical pixels from either layout" "[ \"\$(dbtest png-crc '$T/a.png')\" = \"\$(dbtest png-crc '$T/a-ckpt.png')\" ]"
+ok "convert to a single fp32 .safetensors" db-ckpt convert "$D" "$T/one.safetensors"
+ok "same settings from the single file" db-sample -q --model "$T/one.safetensors" --steps 4 --width 64 --height 64 \
+    --prompt "a photo of sks dog" --seed 3 -o "$T/a-one.png"
+check "identical pixels from the single file" "[ \"\$(dbtest png-crc '$T/a.png')\" = \"\$(dbtest png-crc '$T/a-one.png')\" ]"
+
+# another size: sizes come from the configs, never from the code
+mkdir -p "$T/cfg/unet"
+cp -r "$D/vae" "$D/text_encoder" "$T/cfg/"
+$PY - "$D/unet/config.json" "$T/cfg/unet/config.json" <<'PYEOF'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c.update(block_out_channels=[32, 96], layers_per_block=1, attention_head_dim=[4, 8],
+         down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+json.dump(c, open(sys.argv[2], "w"))
+PYEOF
+ok "init a differently sized model" db-ckpt init --config "$T/cfg" --seed 5 "$T/other"
+ok "sample it" db-sample -q --model "$T/other" --steps 3 --width 64 --height 64 --prompt "a dog" -o "$T/other.png"
+check "a 64x64 PNG from the other size" "file '$T/other.png' | grep -q 'PNG image data, 64 x 64'"
 ok "three images, latents stream" $S --prompt "a photo of sks dog" --seed 3 -n 3 --batch 2 \
     --negative-prompt "blurry" --scheduler euler_a -o "$T/b.png" --latents-out "$T/b.dbt"
 check "numbered outputs" "[ -f '$T/b-0000.png' ] && [ -f '$T/b-0001.png' ] && [ -f '$T/b-0002.png' ]"

@@ -326,15 +326,17 @@ static int check_consistency(db_model *m, db_err *err)
         return db_err_prefix(err, "weights do not match config.json");
     const db_arch *c = &m->arch;
     char what[160] = "";
-    if (d.unet.nlevels != c->unet.nlevels || memcmp(d.unet.block_out, c->unet.block_out, sizeof d.unet.block_out))
+    /* only the first nlevels entries of the per-level arrays mean anything */
+    if (d.unet.nlevels != c->unet.nlevels ||
+        memcmp(d.unet.block_out, c->unet.block_out, (size_t)c->unet.nlevels * sizeof d.unet.block_out[0]))
         snprintf(what, sizeof what, "unet block_out_channels");
     else if (d.unet.layers_per_block != c->unet.layers_per_block)
         snprintf(what, sizeof what, "unet layers_per_block");
     else if (d.unet.context_dim != c->unet.context_dim)
         snprintf(what, sizeof what, "unet cross_attention_dim %d vs weights %d", c->unet.context_dim,
                  d.unet.context_dim);
-    else if (d.vae.latent_channels != c->vae.latent_channels ||
-             memcmp(d.vae.block_out, c->vae.block_out, sizeof d.vae.block_out))
+    else if (d.vae.latent_channels != c->vae.latent_channels || d.vae.nlevels != c->vae.nlevels ||
+             memcmp(d.vae.block_out, c->vae.block_out, (size_t)c->vae.nlevels * sizeof d.vae.block_out[0]))
         snprintf(what, sizeof what, "vae channels");
     else if (d.text.hidden != c->text.hidden || d.text.layers != c->text.layers ||
              d.text.intermediate != c->text.intermediate || d.text.vocab_size != c->text.vocab_size)
