@@ -21,12 +21,16 @@ OPT     ?= -O2
 CFLAGS  ?= $(OPT) -g
 WARN    := -Wall -Wextra -Wshadow -Wno-unused-parameter -Wstrict-prototypes -Werror=implicit-function-declaration
 CPPFLAGS += -I. -DDB_VERSION='"$(VERSION)"' -D_GNU_SOURCE
-ALL_CFLAGS = -std=c11 -fPIC -fopenmp $(WARN) $(CFLAGS) -MMD -MP
-LIBS    := -fopenmp -lmsgpackc -lzmq -lzip -ljansson -lxxhash -lutf8proc -ldnnl -lpng -lm -ldl -lpthread
+ALL_CFLAGS = -std=c11 -fPIC -fopenmp $(WARN) $(CFLAGS) $(VIPS_CFLAGS) -MMD -MP
+# libvips (images) brings glib's include paths; `=` defers pkg-config until a
+# recipe runs, which is after `make deps` has installed it on a fresh machine.
+VIPS_CFLAGS = $(shell pkg-config --cflags vips 2>/dev/null)
+VIPS_LIBS   = $(shell pkg-config --libs vips 2>/dev/null || echo -lvips -lgobject-2.0 -lglib-2.0)
+LIBS     = -fopenmp -lmsgpackc -lzmq -lzip -ljansson -lxxhash -lutf8proc -ldnnl -lpng $(VIPS_LIBS) -lm -ldl -lpthread
 
 # --- Debian packages ---------------------------------------------------------
 DEB_PKGS := build-essential pkg-config libmsgpack-dev libzmq3-dev libzip-dev libjansson-dev \
-            libxxhash-dev libutf8proc-dev libdnnl-dev libpng-dev time file python3 python3-msgpack python3-numpy perl clang libclang-rt-14-dev libomp-14-dev
+            libxxhash-dev libutf8proc-dev libdnnl-dev libpng-dev libvips-dev time file python3 python3-msgpack python3-numpy perl clang libclang-rt-14-dev libomp-14-dev
 DEPS_STAMP := $(B)/.deps-$(shell echo '$(DEB_PKGS)' | cksum | cut -d' ' -f1)
 
 .PHONY: deps
@@ -125,11 +129,11 @@ comma := ,
 
 $(B)/fuzzobj/%.o: %.c | $(DEPS_STAMP)
 	@mkdir -p $(@D)
-	clang $(CPPFLAGS) -std=c11 -fPIC $(subst fuzzer$(comma),fuzzer-no-link$(comma),$(FUZZ_CFLAGS)) -c $< -o $@
+	clang $(CPPFLAGS) $(VIPS_CFLAGS) -std=c11 -fPIC $(subst fuzzer$(comma),fuzzer-no-link$(comma),$(FUZZ_CFLAGS)) -c $< -o $@
 
 $(B)/fuzz/%: tests/fuzz/%.c $(FUZZ_LIB_OBJ)
 	@mkdir -p $(@D)
-	clang $(CPPFLAGS) -std=c11 $(FUZZ_CFLAGS) -o $@ $< $(FUZZ_LIB_OBJ) $(LIBS)
+	clang $(CPPFLAGS) $(VIPS_CFLAGS) -std=c11 $(FUZZ_CFLAGS) -o $@ $< $(FUZZ_LIB_OBJ) $(LIBS)
 
 .PHONY: fuzz fuzz-build
 fuzz-build: $(FUZZ_BINS)
