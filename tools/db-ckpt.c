@@ -537,16 +537,11 @@ static int cmd_init(int argc, char **argv)
         return 2;
     }
     if (c.config) {
-        json_t *cfg[DB_NCOMP] = {0};
+        json_t *cfg[DB_NCOMP];
         int bad = 0;
-        for (int k = 0; k < DB_NCOMP && !bad; k++) {
-            char p[4096];
-            json_error_t je;
-            snprintf(p, sizeof p, "%s/%s/config.json", c.config, db_comp_name(k));
-            if (db_exists(p) && !(cfg[k] = json_load_file(p, JSON_REJECT_DUPLICATES, &je))) {
-                db_error(&lg, "%s: %s", p, je.text);
-                bad = 1;
-            }
+        if (db_config_dir_load(c.config, cfg, &e)) {
+            db_error(&lg, "%s", e.msg);
+            return 1;
         }
         if (!bad && db_arch_from_config(&arch, cfg[0], cfg[1], cfg[2], &e)) {
             db_error(&lg, "%s: %s", c.config, e.msg);

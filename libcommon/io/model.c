@@ -11,6 +11,7 @@
 #include "../core/fsutil.h"
 #include "../sd/sched.h"
 #include "ckpt.h"
+#include "json.h"
 #include "safetensors.h"
 
 enum { SRC_ST = 1, SRC_CKPT = 2 };
@@ -121,25 +122,6 @@ static int open_weights(db_model *m, const char *path, const char *prefix, int c
     return db_err_set(err, DB_EFORMAT, "%s: neither safetensors nor a PyTorch zip checkpoint (%ld bytes)", path, size);
 }
 
-static json_t *load_json(const char *path, db_err *err)
-{
-    json_error_t je;
-    json_t *j = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
-    if (!j) {
-        if (!db_exists(path))
-            db_err_set(err, DB_EIO, "%s: missing", path);
-        else
-            db_err_set(err, DB_EFORMAT, "%s: invalid JSON: %s (line %d)", path, je.text, je.line);
-        return NULL;
-    }
-    if (!json_is_object(j)) {
-        json_decref(j);
-        db_err_set(err, DB_EFORMAT, "%s: not a JSON object", path);
-        return NULL;
-    }
-    return j;
-}
-
 static const char *const weight_names[] = {
     "model.safetensors", "diffusion_pytorch_model.safetensors", "model.fp16.safetensors",
     "diffusion_pytorch_model.fp16.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.bin",
@@ -150,13 +132,13 @@ static int open_diffusers(db_model *m, const char *dir, db_err *err)
 {
     char path[PATH_MAX];
     snprintf(path, sizeof path, "%s/model_index.json", dir);
-    json_t *idx = load_json(path, err);
+    json_t *idx = db_json_load_object(path, err);
     if (!idx)
         return -1;
     json_decref(idx);
     for (int c = 0; c < DB_NCOMP; c++) {
         snprintf(path, sizeof path, "%s/%s/config.json", dir, db_comp_name(c));
-        if (!(m->config[c] = load_json(path, err)))
+        if (!(m->config[c] = db_json_load_object(path, err)))
             return -1;
         const char *found = NULL;
         for (size_t k = 0; k < sizeof weight_names / sizeof weight_names[0] && !found; k++) {
@@ -376,12 +358,8 @@ static int map_single(db_model *m, const db_model_opts *o, db_err *err)
     }
     if (o && o->config_dir) {
         json_t *cfg[DB_NCOMP] = {0};
-        for (int c = 0; c < DB_NCOMP; c++) {
-            char p[PATH_MAX];
-            snprintf(p, sizeof p, "%s/%s/config.json", o->config_dir, db_comp_name(c));
-            if (db_exists(p) && !(cfg[c] = load_json(p, err)))
-                goto cfgout;
-        }
+        if (db_config_dir_load(o->config_dir, cfg, err))
+            goto cfgout;
         if (db_arch_detect(&m->arch, &cand, err))
             goto cfgout;
         if (db_arch_from_config(&m->arch, cfg[0], cfg[1], cfg[2], err)) {
@@ -703,4 +681,22 @@ out:
     free(items);
     free(entry);
     return rc;
+}
+
+int db_config_dir_load(const char *dir, json_t *cfg[DB_NCOMP], db_err *err)
+{
+    for (int c = 0; c < DB_NCOMP; c++)
+        cfg[c] = NULL;
+    for (int c = 0; c < DB_NCOMP; c++) {
+        char p[PATH_MAX];
+        snprintf(p, sizeof p, "%s/%s/config.json", dir, db_comp_name(c));
+        if (db_exists(p) && !(cfg[c] = db_json_load_object(p, err))) {
+            for (int k = 0; k < c; k++) {
+                json_decref(cfg[k]);
+                cfg[k] = NULL;
+            }
+            return -1;
+        }
+    }
+    return 0;
 }

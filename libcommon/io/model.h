@@ -71,6 +71,10 @@ int db_model_hash(const db_model *m, char hex[17], db_err *err);
 int db_model_save_safetensors(const db_model *m, const char *path, int dtype, db_err *err);
 int db_model_save_diffusers(const db_model *m, const char *dir, int dtype, const char *data_dir, db_err *err);
 
+/* DIR/unet/config.json, DIR/vae/config.json, DIR/text_encoder/config.json,
+ * each optional: cfg[comp] gets a new reference or NULL. */
+int db_config_dir_load(const char *dir, json_t *cfg[DB_NCOMP], db_err *err);
+
 /* The default SD1.x scheduler config (PNDM, scaled_linear 0.00085..0.012). */
 json_t *db_default_scheduler_config(void);
 

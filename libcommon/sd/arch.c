@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "arch.h"
+#include "../io/json.h"
 
 static const char *const comp_names[DB_NCOMP] = {"unet", "vae", "text_encoder"};
 static const char *const comp_prefixes[DB_NCOMP] = {"model.diffusion_model.", "first_stage_model.",
@@ -103,20 +104,6 @@ int db_arch_preset(db_arch *a, const char *name, db_err *err)
 
 /* ---- config.json in ------------------------------------------------------------ */
 
-static const char *jtype(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "a list";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a number";
-    case JSON_TRUE:
-    case JSON_FALSE: return "a boolean";
-    default: return "null";
-    }
-}
-
 /* Present and not null. */
 static const json_t *jget(const json_t *o, const char *key)
 {
@@ -133,7 +120,7 @@ static int as_int(const json_t *v, const char *key, int allow_zero, int *out, db
     else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)))
         d = json_real_value(v);
     else
-        return db_err_set(err, DB_EFORMAT, "'%s' is %s, expected an integer", key, jtype(v));
+        return db_err_set(err, DB_EFORMAT, "'%s' is %s, expected an integer", key, db_json_type_name(v));
     if (d < (allow_zero ? 0 : 1) || d > 1e9)
         return db_err_set(err, DB_EFORMAT, "'%s' = %.0f is out of range", key, d);
     *out = (int)d;
@@ -152,7 +139,7 @@ static int jreal(const json_t *o, const char *key, double *out, db_err *err)
     if (!v)
         return 0;
     if (!json_is_number(v))
-        return db_err_set(err, DB_EFORMAT, "'%s' is %s, expected a number", key, jtype(v));
+        return db_err_set(err, DB_EFORMAT, "'%s' is %s, expected a number", key, db_json_type_name(v));
     *out = json_number_value(v);
     return 0;
 }
@@ -163,7 +150,7 @@ static int jbool(const json_t *o, const char *key, int *out, db_err *err)
     if (!v)
         return 0;
     if (!json_is_boolean(v))
-        return db_err_set(err, DB_EFORMAT, "'%s' is %s, expected true or false", key, jtype(v));
+        return db_err_set(err, DB_EFORMAT, "'%s' is %s, expected true or false", key, db_json_type_name(v));
     *out = json_is_true(v);
     return 0;
 }

@@ -10,6 +10,7 @@
  * compiled without FMA contraction (GCC's -std=c11 default), except where
  * fmaf() is written out to mimic torch's own fused arithmetic. */
 #include "sched.h"
+#include "../io/json.h"
 
 /* No fused multiply-adds but the ones written as fmaf(): GCC's -std=c11
  * already turns contraction off; clang needs the pragma (GCC warns on it). */
@@ -323,20 +324,6 @@ static float f_exp(float d)
 
 /* ---- config ------------------------------------------------------------------ */
 
-static const char *jtype(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a number";
-    case JSON_TRUE:
-    case JSON_FALSE: return "a boolean";
-    default: return "null";
-    }
-}
-
 /* A number, or the strings Python's json writes for non-finite floats.
  * Returns 1 when present and not null, 0 when absent or null, -1 on error. */
 static int get_num(const json_t *cfg, const char *key, double *out, db_err *err)
@@ -360,7 +347,7 @@ static int get_num(const json_t *cfg, const char *key, double *out, db_err *err)
             return db_err_set(err, DB_EFORMAT, "key '%s': want a number, got \"%s\"", key, s);
         return 1;
     }
-    return db_err_set(err, DB_EFORMAT, "key '%s': want a number, got %s", key, jtype(v));
+    return db_err_set(err, DB_EFORMAT, "key '%s': want a number, got %s", key, db_json_type_name(v));
 }
 
 static int get_int(const json_t *cfg, const char *key, int64_t lo, int64_t hi, int64_t *out, db_err *err)
@@ -374,7 +361,7 @@ static int get_int(const json_t *cfg, const char *key, int64_t lo, int64_t hi, i
     else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)))
         d = json_real_value(v);
     else
-        return db_err_set(err, DB_EFORMAT, "key '%s': want an integer, got %s", key, jtype(v));
+        return db_err_set(err, DB_EFORMAT, "key '%s': want an integer, got %s", key, db_json_type_name(v));
     if (d < (double)lo || d > (double)hi)
         return db_err_set(err, DB_EFORMAT, "key '%s': %.17g outside [%lld, %lld]", key, d, (long long)lo,
                           (long long)hi);
@@ -396,7 +383,7 @@ static int get_bool(const json_t *cfg, const char *key, int *out, db_err *err)
     else if (json_is_integer(v))
         *out = json_integer_value(v) != 0;
     else
-        return db_err_set(err, DB_EFORMAT, "key '%s': want true or false, got %s", key, jtype(v));
+        return db_err_set(err, DB_EFORMAT, "key '%s': want true or false, got %s", key, db_json_type_name(v));
     return 1;
 }
 
@@ -409,7 +396,7 @@ static int get_enum(const json_t *cfg, const char *key, const char *const *names
     if (!v)
         return 0;
     if (!json_is_string(v))
-        return db_err_set(err, DB_EFORMAT, "key '%s': want a string, got %s", key, jtype(v));
+        return db_err_set(err, DB_EFORMAT, "key '%s': want a string, got %s", key, db_json_type_name(v));
     const char *s = json_string_value(v);
     for (int i = 0; names[i]; i++)
         if (!strcmp(s, names[i])) {
@@ -458,7 +445,7 @@ static int parse_conf(conf *c, enum kind k, const json_t *cfg, db_err *err)
     if (!cfg)
         return 0;
     if (!json_is_object(cfg))
-        return db_err_set(err, DB_EFORMAT, "want a JSON object, got %s", jtype(cfg));
+        return db_err_set(err, DB_EFORMAT, "want a JSON object, got %s", db_json_type_name(cfg));
 
     if ((r = get_int(cfg, "num_train_timesteps", 2, MAX_TRAIN_TIMESTEPS, &i64, err)) < 0)
         return -1;
@@ -490,7 +477,7 @@ static int parse_conf(conf *c, enum kind k, const json_t *cfg, db_err *err)
     const json_t *tb = json_object_get(cfg, "trained_betas");
     if (tb && !json_is_null(tb)) {
         if (!json_is_array(tb))
-            return db_err_set(err, DB_EFORMAT, "key 'trained_betas': want an array of numbers, got %s", jtype(tb));
+            return db_err_set(err, DB_EFORMAT, "key 'trained_betas': want an array of numbers, got %s", db_json_type_name(tb));
         size_t n = json_array_size(tb);
         if (n != (size_t)c->num_train_timesteps)
             return db_err_set(err, DB_EFORMAT, "key 'trained_betas': %zu values for num_train_timesteps %lld", n,
@@ -501,7 +488,7 @@ static int parse_conf(conf *c, enum kind k, const json_t *cfg, db_err *err)
         for (size_t j = 0; j < n; j++) {
             const json_t *v = json_array_get(tb, j);
             if (!json_is_number(v))
-                return db_err_set(err, DB_EFORMAT, "key 'trained_betas': entry %zu is %s", j, jtype(v));
+                return db_err_set(err, DB_EFORMAT, "key 'trained_betas': entry %zu is %s", j, db_json_type_name(v));
             double beta = json_number_value(v);
             if (!(beta >= 0 && beta <= 1))
                 return db_err_set(err, DB_EFORMAT, "key 'trained_betas': entry %zu = %g outside [0, 1]", j, beta);
