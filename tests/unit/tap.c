@@ -1,5 +1,6 @@
 #include "tap.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -63,4 +64,23 @@ const char *tap_tmpdir(void)
         }
     }
     return tmpdir;
+}
+
+tap_cmp tap_compare(const float *got, const float *want, size_t n)
+{
+    tap_cmp c = {0, 0, 0};
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)got[i] - (double)want[i];
+        num += d * d;
+        den += (double)want[i] * want[i];
+        if (!(fabs(d) <= c.maxabs)) { /* also catches NaN */
+            c.maxabs = isnan(d) ? INFINITY : fabs(d);
+            c.at = i;
+        }
+    }
+    c.rel = den > 0 ? sqrt(num / den) : sqrt(num);
+    if (isnan(c.rel))
+        c.rel = INFINITY;
+    return c;
 }

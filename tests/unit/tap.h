@@ -14,4 +14,12 @@ const char *tap_path(const char *rel);
 /* A fresh temporary directory (removed by tap_done). */
 const char *tap_tmpdir(void);
 
+/* Relative L2 error ||got - want|| / ||want|| and the worst element (a NaN
+ * counts as the worst; rel is INFINITY then). */
+typedef struct tap_cmp {
+    double rel, maxabs;
+    size_t at;
+} tap_cmp;
+tap_cmp tap_compare(const float *got, const float *want, size_t n);
+
 #endif

@@ -17,34 +17,9 @@
 
 #define TOL 1e-4
 
-/* Relative L2 error ||c - r|| / ||r|| and the worst element. */
-typedef struct cmp {
-    double rel, maxabs;
-    size_t at;
-} cmp;
-
-static cmp compare(const float *c, const float *r, size_t n)
-{
-    cmp o = {0, 0, 0};
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)c[i] - r[i];
-        num += d * d;
-        den += (double)r[i] * r[i];
-        if (!(fabs(d) <= o.maxabs)) { /* NaN counts as worst */
-            o.maxabs = isnan(d) ? INFINITY : fabs(d);
-            o.at = i;
-        }
-    }
-    o.rel = den > 0 ? sqrt(num / den) : sqrt(num);
-    if (isnan(o.rel))
-        o.rel = INFINITY;
-    return o;
-}
-
 static void check(const char *what, const float *c, const float *r, size_t n)
 {
-    cmp m = compare(c, r, n);
+    tap_cmp m = tap_compare(c, r, n);
     tap_ok(m.rel <= TOL, "%s: rel L2 %.3g (max |err| %.3g at %zu: %.7g vs %.7g)", what, m.rel, m.maxabs, m.at,
            n ? c[m.at] : 0.0, n ? r[m.at] : 0.0);
 }
@@ -178,8 +153,8 @@ int main(void)
         int ok = 1;
         for (int b = 0; b < r.B && ok; b++) {
             ok = !db_clip_forward(c1, one, NULL, pool, r.ids + (size_t)b * r.T, 1, r.T, &e);
-            cmp m = compare(one, o1.last + (size_t)b * r.T * r.D, (size_t)r.T * r.D);
-            cmp p = compare(pool, o1.pooled + (size_t)b * r.D, (size_t)r.D);
+            tap_cmp m = tap_compare(one, o1.last + (size_t)b * r.T * r.D, (size_t)r.T * r.D);
+            tap_cmp p = tap_compare(pool, o1.pooled + (size_t)b * r.D, (size_t)r.D);
             worst = fmax(worst, fmax(m.rel, p.rel));
         }
         tap_ok(ok && worst <= 1e-6, "one prompt at a time matches the batch of %d (worst rel %.3g) %s", r.B, worst,
@@ -195,7 +170,7 @@ int main(void)
         float saved = bias[0];
         bias[0] += 0.05f;
         db_clip_forward(c1, o1.last, NULL, NULL, r.ids, r.B, r.T, &e);
-        cmp m = compare(o1.last, r.last, ND);
+        tap_cmp m = tap_compare(o1.last, r.last, ND);
         tap_ok(m.rel > TOL, "negative control: fc2 bias + 0.05 gives rel L2 %.3g > %g", m.rel, TOL);
         bias[0] = saved;
 

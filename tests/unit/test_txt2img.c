@@ -21,24 +21,12 @@ static const float *ref(const db_tindex *ix, const char *name, size_t n)
     return ix->v[k].ptr;
 }
 
-static double rel_l2(const float *a, const float *b, size_t n, double *max_abs)
-{
-    double num = 0, den = 0;
-    *max_abs = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)a[i] - (double)b[i];
-        num += d * d;
-        den += (double)b[i] * b[i];
-        if (fabs(d) > *max_abs || isnan(d))
-            *max_abs = fabs(d);
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
-
 static void compare(const char *what, const float *got, const float *want, size_t n, double tol)
 {
-    double mx, r = want && got ? rel_l2(got, want, n, &mx) : INFINITY;
-    tap_ok(r <= tol, "%s: rel L2 %.3g (max abs %.3g) <= %g", what, r, want && got ? mx : NAN, tol);
+    tap_cmp c = {INFINITY, NAN, 0};
+    if (want && got)
+        c = tap_compare(got, want, n);
+    tap_ok(c.rel <= tol, "%s: rel L2 %.3g (max abs %.3g) <= %g", what, c.rel, c.maxabs, tol);
 }
 
 static void run(const char *model, const db_tindex *ix)
@@ -64,7 +52,7 @@ static void run(const char *model, const db_tindex *ix)
         const float *steps = ref(ix, "step_latents", 10 * per);
         double worst = 0;
         for (int i = 0; i < 10 && steps; i++) {
-            double mx, r = rel_l2(out.step_latents + (size_t)i * per, steps + (size_t)i * per, per, &mx);
+            double r = tap_compare(out.step_latents + (size_t)i * per, steps + (size_t)i * per, per).rel;
             worst = r > worst ? r : worst;
         }
         tap_ok(steps && worst <= 1e-4, "%s: every step's latents, worst rel L2 %.3g", model, worst);
@@ -101,10 +89,10 @@ int main(void)
         o.first_index = 1;
         ok = ok && !db_txt2img(&sd, &o, 0, 0, &b, &e);
         size_t per = 4 * 8 * 8;
-        double mx = 0;
         /* same noise; batching only changes the GEMMs' rounding order */
-        tap_ok(ok && rel_l2(a.latents + per, b.latents, per, &mx) < 1e-5,
-               "image 1 of a batch of 2 equals image index 1 sampled alone (euler_a, emphasis): rel %.3g %s", rel_l2(a.latents + per, b.latents, per, &mx), e.msg);
+        double r = ok ? tap_compare(a.latents + per, b.latents, per).rel : INFINITY;
+        tap_ok(r < 1e-5, "image 1 of a batch of 2 equals image index 1 sampled alone (euler_a, emphasis): rel %.3g %s",
+               r, e.msg);
         if (ok) {
             db_txt2img_out_free(&a);
             db_txt2img_out_free(&b);

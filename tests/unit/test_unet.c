@@ -52,36 +52,11 @@ static void free_ref(ref *r)
     db_tensor_free(&r->out);
 }
 
-/* Relative L2 error ||got - want|| / ||want|| and the worst element. */
-typedef struct cmp {
-    double rel, maxabs;
-    size_t worst;
-} cmp;
-
-static cmp compare(const float *got, const float *want, size_t n)
-{
-    double num = 0, den = 0;
-    cmp c = {0, 0, 0};
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - (double)want[i];
-        num += d * d;
-        den += (double)want[i] * want[i];
-        if (!(fabs(d) <= c.maxabs)) { /* also catches NaN */
-            c.maxabs = fabs(d);
-            c.worst = i;
-        }
-    }
-    c.rel = den > 0 ? sqrt(num / den) : sqrt(num);
-    if (isnan(c.rel))
-        c.rel = INFINITY;
-    return c;
-}
-
 static int check(const char *what, const float *got, const float *want, size_t n)
 {
-    cmp c = compare(got, want, n);
+    tap_cmp c = tap_compare(got, want, n);
     int ok = tap_ok(c.rel <= REL_TOL, "%s: rel L2 %.3g (tol %g), worst [%zu] %.7g vs %.7g (|d| %.3g, ref atol %g)",
-                    what, c.rel, REL_TOL, c.worst, got[c.worst], want[c.worst], c.maxabs, REF_ATOL);
+                    what, c.rel, REL_TOL, c.at, got[c.at], want[c.at], c.maxabs, REF_ATOL);
     if (c.maxabs > REF_ATOL)
         tap_diag("%s: max |d| %.3g above the reference's suggested atol %g", what, c.maxabs, REF_ATOL);
     return ok;
@@ -140,13 +115,13 @@ int main(void)
     if (o_ckpt)
         check("tiny.ckpt vs diffusers", o_ckpt, want, nout);
     if (o_diff && o_ckpt) {
-        cmp c = compare(o_ckpt, o_diff, nout);
+        tap_cmp c = tap_compare(o_ckpt, o_diff, nout);
         tap_ok(c.maxabs == 0, "ckpt and diffusers layouts give the same output (max |d| %.3g)", c.maxabs);
     }
     /* the training layout (every block keeps its activations) computes the same */
     float *o_keep = run_layout(ctx, "tests/data/tiny/diffusers", &r, 1);
     if (o_keep && o_diff) {
-        cmp c = compare(o_keep, o_diff, nout);
+        tap_cmp c = tap_compare(o_keep, o_diff, nout);
         tap_ok(c.maxabs == 0, "keep_activations: same output as inference (max |d| %.3g)", c.maxabs);
     }
 
@@ -179,7 +154,7 @@ int main(void)
         for (int b = 0; b < B; b++)
             ts2[b] = ts[b] + 50.0f;
         rc = db_unet_forward(u, o, lat, ts2, cx, B, H, W, Tc, &err);
-        cmp c = compare(o, want, nout);
+        tap_cmp c = tap_compare(o, want, nout);
         tap_ok(rc == 0 && c.rel > 100 * REL_TOL, "timesteps + 50 miss the reference (rel L2 %.3g)", c.rel);
         free(ts2);
 

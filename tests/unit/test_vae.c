@@ -16,34 +16,9 @@
 
 #define TOL 1e-4
 
-typedef struct cmp {
-    double rel, maxabs;
-    size_t at;
-} cmp;
-
-/* Relative L2 error ||c - r|| / ||r|| and the worst element (NaN is worst). */
-static cmp compare(const float *c, const float *r, size_t n)
-{
-    cmp o = {0, 0, 0};
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)c[i] - r[i];
-        num += d * d;
-        den += (double)r[i] * r[i];
-        if (!(fabs(d) <= o.maxabs)) {
-            o.maxabs = isnan(d) ? INFINITY : fabs(d);
-            o.at = i;
-        }
-    }
-    o.rel = den > 0 ? sqrt(num / den) : sqrt(num);
-    if (isnan(o.rel))
-        o.rel = INFINITY;
-    return o;
-}
-
 static void check(const char *what, const float *c, const float *r, size_t n)
 {
-    cmp m = compare(c, r, n);
+    tap_cmp m = tap_compare(c, r, n);
     tap_ok(m.rel <= TOL, "%s: rel L2 %.3g (max |err| %.3g at %zu: %.7g vs %.7g)", what, m.rel, m.maxabs, m.at,
            n ? c[m.at] : 0.0, n ? r[m.at] : 0.0);
 }
@@ -126,7 +101,7 @@ int main(void)
     const size_t nz = numel4(r.zs), no = numel4(r.os), ni = numel4(r.is);
 
     /* the reference logvar is the clamped second half of the moments */
-    cmp lm = compare(r.logvar, r.moments + nz, nz);
+    tap_cmp lm = tap_compare(r.logvar, r.moments + nz, nz);
     tap_ok(lm.maxabs == 0, "fixture: logvar = moments[:, Z:] (inside the clamp range)");
 
     db_ctx *ctx = NULL;
@@ -176,7 +151,7 @@ int main(void)
         for (size_t i = 0; i < nz; i++)
             lat[i] = r.dec_in[i] * 1.01f;
         db_vae_decode(v1, o1.dec, lat, 1, h, w, &e);
-        cmp m = compare(o1.dec, r.dec_out, no);
+        tap_cmp m = tap_compare(o1.dec, r.dec_out, no);
         tap_ok(m.rel > TOL, "negative control: latents x 1.01 decode to rel L2 %.3g > %g", m.rel, TOL);
         free(lat);
 
