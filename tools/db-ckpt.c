@@ -651,6 +651,150 @@ static int cmd_tokenize(int argc, char **argv)
     return rc;
 }
 
+/* ---- tokens: rare identifiers ------------------------------------------- */
+
+static int cmp_word(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* data/words/english-3to5.txt: '#' comments, then one word per line.  The
+ * lines are pointers into *buf (the caller frees both). */
+static int load_words(char **buf, char ***words, size_t *n, db_err *e)
+{
+    char dir[4096], path[4200];
+    size_t len, cap = 0;
+    snprintf(path, sizeof path, "%s/words/english-3to5.txt", db_data_dir(dir, sizeof dir));
+    *words = NULL;
+    *n = 0;
+    if (db_read_file(path, 4u << 20, buf, &len, e))
+        return -1;
+    for (char *p = *buf, *nl; *p; p = nl + 1) {
+        nl = strchr(p, '\n');
+        if (!nl)
+            nl = p + strlen(p) - 1;
+        else
+            *nl = 0;
+        if (*p == '#' || !*p)
+            continue;
+        if (*n == cap) {
+            cap = cap ? 2 * cap : 8192;
+            char **nw = realloc(*words, cap * sizeof *nw);
+            if (!nw)
+                return db_err_set(e, DB_ENOMEM, "out of memory");
+            *words = nw;
+        }
+        (*words)[(*n)++] = p;
+    }
+    qsort(*words, *n, sizeof **words, cmp_word);
+    return 0;
+}
+
+static int cmd_tokens(int argc, char **argv)
+{
+    common_opts c = {0};
+    int64_t count = 20;
+    int rare = 0;
+    const char *model = NULL;
+    db_opt opts[] = {
+        {"rare", 0, DB_OPT_FLAG, NULL, "list rare single-token words (the only listing so far)", &rare, NULL, 0},
+        {"count", 'n', DB_OPT_INT, "N", "how many to list", &count, "20", 0},
+        {"model", 'm', DB_OPT_STR, "MODEL", "take the vocabulary from MODEL (default: the shipped CLIP one)", &model,
+         NULL, 0},
+        COMMON_OPTS(c),
+        {0},
+    };
+    db_cli cli = {"db-ckpt tokens", "--rare [--count N] [--model MODEL]",
+                  "List identifiers for DreamBooth's \"a photo of [V] dog\": vocabulary entries that are one whole "
+                  "word ('</w>'), 3 to 5 lowercase ASCII letters, tokenize to exactly that one id, and are not "
+                  "English words (data/words/english-3to5.txt, from SCOWL), rarest first. CLIP's vocabulary is "
+                  "in BPE merge order, so a higher id is a later, rarer merge. One 'TOKEN<TAB>ID' per line.",
+                  opts, NULL};
+    char *pos[argc + 1];
+    int npos, rc = parse(&cli, argc, argv, pos, &npos, 0, 0);
+    if (rc >= 0)
+        return rc;
+    setup_log(&c);
+    if ((rc = check_device(&c)))
+        return rc;
+    if (!rare || count < 1 || count > 100000) {
+        db_error(&lg, !rare ? "tokens: say which tokens: --rare" : "--count must be in 1..100000");
+        return 2;
+    }
+    db_err e = {0};
+    db_tokenizer *tok = NULL;
+    char data[4096], probe[4200];
+    if (model) {
+        snprintf(probe, sizeof probe, "%s/vocab.json", model);
+        if (db_is_dir(model) && db_exists(probe)) {
+            rc = db_tokenizer_load(&tok, model, &e);
+        } else {
+            db_model m;
+            if (open_model(&m, model, &c))
+                return 1;
+            char *tokdir = m.tokenizer_dir ? strdup(m.tokenizer_dir) : NULL;
+            db_model_close(&m);
+            rc = db_tokenizer_load_default(&tok, tokdir, db_data_dir(data, sizeof data), &e);
+            free(tokdir);
+        }
+    } else {
+        rc = db_tokenizer_load_default(&tok, NULL, db_data_dir(data, sizeof data), &e);
+    }
+    if (rc) {
+        db_error(&lg, "%s: %s", model ? model : "built-in vocabulary", e.msg);
+        return 1;
+    }
+    char *wbuf = NULL, **words = NULL;
+    size_t nwords = 0;
+    if (load_words(&wbuf, &words, &nwords, &e)) {
+        db_error(&lg, "%s", e.msg);
+        free(wbuf);
+        free(words);
+        db_tokenizer_free(tok);
+        return 1;
+    }
+    db_tokenizer_info info;
+    db_tokenizer_get_info(tok, &info);
+    int64_t found = 0;
+    for (int32_t id = (int32_t)info.vocab_size - 1; id >= 0 && found < count && !rc; id--) {
+        const char *t = db_tokenizer_token(tok, id);
+        size_t len = t ? strlen(t) : 0;
+        if (id == info.bos || id == info.eos || id == info.pad || id == info.unk || len < 7 || len > 9 ||
+            strcmp(t + len - 4, "</w>"))
+            continue;
+        char w[8];
+        int letters = 1;
+        for (size_t i = 0; i < len - 4; i++)
+            letters &= t[i] >= 'a' && t[i] <= 'z';
+        if (!letters)
+            continue;
+        memcpy(w, t, len - 4);
+        w[len - 4] = 0;
+        const char *key = w;
+        if (bsearch(&key, words, nwords, sizeof *words, cmp_word))
+            continue;
+        /* In the vocabulary is not enough: BPE must also reach it. */
+        int32_t *ids = NULL;
+        size_t n = 0;
+        if (db_tokenize_words(tok, w, &ids, &n, &e)) {
+            db_error(&lg, "%s", e.msg);
+            rc = 1;
+        } else if (n == 1 && ids[0] == id) {
+            printf("%s\t%d\n", w, (int)id);
+            found++;
+        }
+        free(ids);
+    }
+    free(wbuf);
+    free(words);
+    db_tokenizer_free(tok);
+    if (fflush(stdout) || ferror(stdout)) {
+        db_error(&lg, "standard output: write error");
+        return 1;
+    }
+    return rc;
+}
+
 static int usage(FILE *f)
 {
     fprintf(f, "usage: db-ckpt COMMAND [options] ...\n\n"
@@ -662,7 +806,8 @@ static int usage(FILE *f)
                "  diff A B [--tol X]                   per-tensor differences across layouts (exit 0/1/2)\n"
                "  verify FILE                          full integrity read\n"
                "  init --arch sd15|tiny OUT            random weights of the real SD1.x topology\n"
-               "  tokenize MODEL PROMPT...             CLIP token ids of each prompt (77 per line)\n\n"
+               "  tokenize MODEL PROMPT...             CLIP token ids of each prompt (77 per line)\n"
+               "  tokens --rare [--count N]            rare single-token identifiers for DreamBooth\n\n"
                "'db-ckpt COMMAND --help' describes each command; see also db-ckpt(1).\n");
     return f == stderr ? 2 : 0;
 }
@@ -683,7 +828,8 @@ int main(int argc, char **argv)
         const char *name;
         int (*fn)(int, char **);
     } cmds[] = {{"info", cmd_info}, {"convert", cmd_convert}, {"diff", cmd_diff},
-                {"verify", cmd_verify}, {"init", cmd_init}, {"tokenize", cmd_tokenize}};
+                {"verify", cmd_verify}, {"init", cmd_init}, {"tokenize", cmd_tokenize},
+                {"tokens", cmd_tokens}};
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (!strcmp(cmd, cmds[i].name))
             return cmds[i].fn(argc - 1, argv + 1);
