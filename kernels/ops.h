@@ -46,8 +46,12 @@
  *   KH KW  kernel height, width    V   vocabulary size
  *   D   embedding width            maxT  rows of a position table
  *
- * Backward ops are declared (training issue) so the signatures are fixed now;
- * they have no definitions yet and must not be called.
+ * Backward ops (training issue): on the CPU in kernels/cpu/, each in the
+ * file named after its forward's with _backward added.  Ops with several
+ * gradient outputs (gemm, linear, conv2d, the norms, attention, mul, concat,
+ * embedding) take NULL for any of them (not needed); single-output ops need
+ * theirs.  Same inputs give bit-identical gradients at any thread count
+ * (the sgemm-based ones through fixed output tiles: gemm_backward.c).
  */
 #ifndef DB_OPS_H
 #define DB_OPS_H
@@ -196,9 +200,11 @@ int db_timestep_embedding_forward(db_ctx *c, float *out, const float *timesteps,
 int db_embedding_forward(db_ctx *c, float *out, const int32_t *tokens, const float *wte, const float *wpe, int B,
                          int T, int C, int V);
 
-/* ---- backward (training issue: declared, not yet implemented) --------------- */
+/* ---- backward --------------------------------------------------------------------- */
 
-/* dA (batch, M, K) or its transpose, dB likewise; either may be NULL. */
+/* dA (batch, M, K) or its transpose, dB likewise, in A's and B's stored layouts;
+ * both assigned (=): A and B are activations (weights go through linear);
+ * either may be NULL. */
 int db_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const float *A, const float *B, int batch,
                      int M, int N, int K, int transa, int transb, float alpha);
 /* dinp (N, C) =; dweight (OC, C) +=; dbias (OC) +=; dout (N, OC). */

@@ -14,6 +14,7 @@
  *   attention.c  flash-style attention: blocking, packing, online softmax
  *   eltwise.c    activations, add/mul/axpby, concat, transpose, upsample, embeddings
  *   avx512.c     the AVX-512 inner loops the files above call when ctx->simd is set
+ *   *_backward.c the backward twins of gemm.c, conv.c, norm.c, attention.c, eltwise.c
  */
 #ifndef DB_KERNELS_CPU_H
 #define DB_KERNELS_CPU_H
@@ -102,6 +103,45 @@ int db_cpu_timestep_embedding_forward(db_ctx *c, float *out, const float *timest
                                       int flip_sin_to_cos, float shift, float max_period);
 int db_cpu_embedding_forward(db_ctx *c, float *out, const int32_t *tokens, const float *wte, const float *wpe, int B,
                              int T, int C, int V);
+
+/* Row-major sgemm (dnnl_sgemm's arguments) over `batch` matrices spaced
+ * sa, sb, sc floats apart, whose result does not depend on the thread
+ * count: fixed output tiles, one single-threaded sgemm each
+ * (gemm_backward.c). */
+int db_cpu_sgemm_fixed(db_ctx *c, int batch, char transa, char transb, int M, int N, int K, float alpha,
+                       const float *A, int lda, size_t sa, const float *B, int ldb, size_t sb, float beta, float *Cm,
+                       int ldc, size_t sc);
+
+/* backward (gemm_backward.c, conv_backward.c, norm_backward.c,
+ * attention_backward.c, eltwise_backward.c) */
+int db_cpu_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const float *A, const float *B, int batch,
+                         int M, int N, int K, int transa, int transb, float alpha);
+int db_cpu_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                           const float *weight, int N, int C, int OC);
+int db_cpu_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                           const float *weight, int B, int C, int H, int W, int OC, int KH, int KW, int stride,
+                           int pad0, int pad1);
+int db_cpu_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
+                              const float *mean, const float *rstd, const float *inp, const float *weight,
+                              const float *bias, int B, int C, int HW, int G, int silu);
+int db_cpu_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
+                              const float *mean, const float *rstd, const float *inp, const float *weight, int N,
+                              int C);
+int db_cpu_attention_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *dout, const float *out,
+                              const float *lse, const float *q, const float *k, const float *v, int B, int Tq, int Tk,
+                              int NH, int HS, int causal);
+int db_cpu_softmax_backward(db_ctx *c, float *dinp, const float *dout, const float *out, int N, int C);
+int db_cpu_silu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp, size_t N);
+int db_cpu_gelu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp, size_t N, db_gelu_kind kind);
+int db_cpu_quick_gelu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp, size_t N);
+int db_cpu_geglu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp, int N, int C);
+int db_cpu_mul_backward(db_ctx *c, float *da, float *db, const float *dout, const float *a, const float *b, size_t N);
+int db_cpu_add_channel_backward(db_ctx *c, float *dvec, const float *dout, int B, int C, int HW);
+int db_cpu_concat_channels_backward(db_ctx *c, float *da, float *db, const float *dout, int B, int C1, int C2,
+                                    int HW);
+int db_cpu_upsample_nearest2x_backward(db_ctx *c, float *dinp, const float *dout, int B, int C, int H, int W);
+int db_cpu_embedding_backward(db_ctx *c, float *dwte, float *dwpe, const float *dout, const int32_t *tokens, int B,
+                              int T, int C, int V);
 
 /* ---- AVX-512 inner loops (avx512.c; call only when ctx->simd) ------------------ */
 

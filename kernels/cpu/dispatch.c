@@ -324,3 +324,214 @@ int db_embedding_forward(db_ctx *c, float *out, const int32_t *tokens, const flo
         return no_backend(c, "embedding");
     }
 }
+
+/* ---- backward ------------------------------------------------------------------ */
+
+int db_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const float *A, const float *B, int batch,
+                     int M, int N, int K, int transa, int transb, float alpha)
+{
+    ENTER(c);
+    REQUIRE(c, "gemm backward", dCm && (!dA || B) && (!dB || A) && batch > 0 && M > 0 && N > 0 && K > 0);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_gemm_backward(c, dA, dB, dCm, A, B, batch, M, N, K, transa, transb, alpha);
+    default:
+        return no_backend(c, "gemm backward");
+    }
+}
+
+int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                       const float *weight, int N, int C, int OC)
+{
+    ENTER(c);
+    REQUIRE(c, "linear backward", dout && (!dinp || weight) && (!dweight || inp) && N > 0 && C > 0 && OC > 0);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_linear_backward(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC);
+    default:
+        return no_backend(c, "linear backward");
+    }
+}
+
+int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                       const float *weight, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0,
+                       int pad1)
+{
+    ENTER(c);
+    REQUIRE(c, "conv2d backward", dout && (!dinp || weight) && (!dweight || inp) && B > 0 && C > 0 && H > 0 &&
+                                      W > 0 && OC > 0 && KH > 0 && KW > 0);
+    REQUIRE(c, "conv2d backward",
+            stride > 0 && pad0 >= 0 && pad1 >= 0 && H + pad0 + pad1 >= KH && W + pad0 + pad1 >= KW);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_conv2d_backward(c, dinp, dweight, dbias, dout, inp, weight, B, C, H, W, OC, KH, KW, stride,
+                                      pad0, pad1);
+    default:
+        return no_backend(c, "conv2d backward");
+    }
+}
+
+int db_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean,
+                          const float *rstd, const float *inp, const float *weight, const float *bias, int B, int C,
+                          int HW, int G, int silu)
+{
+    ENTER(c);
+    REQUIRE(c, "groupnorm backward", dout && mean && rstd && inp && weight && bias && B > 0 && C > 0 && HW > 0 &&
+                                         G > 0 && C % G == 0);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_groupnorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, bias, B, C, HW, G,
+                                         silu);
+    default:
+        return no_backend(c, "groupnorm backward");
+    }
+}
+
+int db_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean,
+                          const float *rstd, const float *inp, const float *weight, int N, int C)
+{
+    ENTER(c);
+    REQUIRE(c, "layernorm backward", dout && mean && rstd && inp && weight && N > 0 && C > 0);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_layernorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, N, C);
+    default:
+        return no_backend(c, "layernorm backward");
+    }
+}
+
+int db_attention_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *dout, const float *out,
+                          const float *lse, const float *q, const float *k, const float *v, int B, int Tq, int Tk,
+                          int NH, int HS, int causal)
+{
+    ENTER(c);
+    REQUIRE(c, "attention backward", dout && out && lse && q && k && v && B > 0 && Tq > 0 && Tk > 0 && NH > 0 &&
+                                         HS > 0);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_attention_backward(c, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
+    default:
+        return no_backend(c, "attention backward");
+    }
+}
+
+int db_softmax_backward(db_ctx *c, float *dinp, const float *dout, const float *out, int N, int C)
+{
+    ENTER(c);
+    REQUIRE(c, "softmax backward", dinp && dout && out && N > 0 && C > 0);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_softmax_backward(c, dinp, dout, out, N, C);
+    default:
+        return no_backend(c, "softmax backward");
+    }
+}
+
+int db_silu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp, size_t N)
+{
+    ENTER(c);
+    REQUIRE(c, "silu backward", dinp && dout && inp);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_silu_backward(c, dinp, dout, inp, N);
+    default:
+        return no_backend(c, "silu backward");
+    }
+}
+
+int db_gelu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp, size_t N, db_gelu_kind kind)
+{
+    ENTER(c);
+    REQUIRE(c, "gelu backward", dinp && dout && inp && (kind == DB_GELU_ERF || kind == DB_GELU_TANH));
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_gelu_backward(c, dinp, dout, inp, N, kind);
+    default:
+        return no_backend(c, "gelu backward");
+    }
+}
+
+int db_quick_gelu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp, size_t N)
+{
+    ENTER(c);
+    REQUIRE(c, "quick_gelu backward", dinp && dout && inp);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_quick_gelu_backward(c, dinp, dout, inp, N);
+    default:
+        return no_backend(c, "quick_gelu backward");
+    }
+}
+
+int db_geglu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp, int N, int C)
+{
+    ENTER(c);
+    REQUIRE(c, "geglu backward", dinp && dout && inp && N > 0 && C > 0);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_geglu_backward(c, dinp, dout, inp, N, C);
+    default:
+        return no_backend(c, "geglu backward");
+    }
+}
+
+int db_mul_backward(db_ctx *c, float *da, float *db, const float *dout, const float *a, const float *b, size_t N)
+{
+    ENTER(c);
+    REQUIRE(c, "mul backward", dout && (!da || b) && (!db || a));
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_mul_backward(c, da, db, dout, a, b, N);
+    default:
+        return no_backend(c, "mul backward");
+    }
+}
+
+int db_add_channel_backward(db_ctx *c, float *dvec, const float *dout, int B, int C, int HW)
+{
+    ENTER(c);
+    REQUIRE(c, "add_channel backward", dvec && dout && B > 0 && C > 0 && HW > 0);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_add_channel_backward(c, dvec, dout, B, C, HW);
+    default:
+        return no_backend(c, "add_channel backward");
+    }
+}
+
+int db_concat_channels_backward(db_ctx *c, float *da, float *db, const float *dout, int B, int C1, int C2, int HW)
+{
+    ENTER(c);
+    REQUIRE(c, "concat_channels backward", dout && B > 0 && C1 > 0 && C2 > 0 && HW > 0);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_concat_channels_backward(c, da, db, dout, B, C1, C2, HW);
+    default:
+        return no_backend(c, "concat_channels backward");
+    }
+}
+
+int db_upsample_nearest2x_backward(db_ctx *c, float *dinp, const float *dout, int B, int C, int H, int W)
+{
+    ENTER(c);
+    REQUIRE(c, "upsample_nearest2x backward", dinp && dout && dinp != dout && B > 0 && C > 0 && H > 0 && W > 0);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_upsample_nearest2x_backward(c, dinp, dout, B, C, H, W);
+    default:
+        return no_backend(c, "upsample_nearest2x backward");
+    }
+}
+
+int db_embedding_backward(db_ctx *c, float *dwte, float *dwpe, const float *dout, const int32_t *tokens, int B, int T,
+                          int C, int V)
+{
+    ENTER(c);
+    REQUIRE(c, "embedding backward", dout && tokens && B > 0 && T > 0 && C > 0 && V > 0);
+    switch (c->device) {
+    case DB_CPU:
+        return db_cpu_embedding_backward(c, dwte, dwpe, dout, tokens, B, T, C, V);
+    default:
+        return no_backend(c, "embedding backward");
+    }
+}
