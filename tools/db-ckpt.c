@@ -58,15 +58,9 @@ static int check_device(const common_opts *c)
 /* Parse a subcommand's options; returns -1 to continue, or an exit status. */
 static int parse(db_cli *cli, int argc, char **argv, char **pos, int *npos, int min_pos, int max_pos)
 {
-    char ver[1024];
-    db_err e = {0};
-    int rc = db_cli_parse(cli, argc, argv, pos, npos, db_version_if_asked(argc, argv, "db-ckpt", ver, sizeof ver), &e);
-    if (rc == DB_CLI_EXIT)
-        return 0;
-    if (rc == DB_CLI_USAGE) {
-        db_error(&lg, "%s: %s (see --help)", cli->prog, e.msg);
-        return 2;
-    }
+    int rc = db_cli_main(cli, argc, argv, pos, npos, &lg);
+    if (rc >= 0)
+        return rc;
     if (*npos < min_pos || (max_pos >= 0 && *npos > max_pos)) {
         db_error(&lg, "usage: %s %s", cli->prog, cli->usage);
         return 2;

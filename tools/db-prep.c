@@ -21,7 +21,6 @@
 #include "libcommon/core/cli.h"
 #include "libcommon/core/fsutil.h"
 #include "libcommon/core/log.h"
-#include "libcommon/core/version.h"
 #include "libcommon/io/dbt.h"
 #include "libcommon/io/image.h"
 #include "libcommon/io/model.h"
@@ -458,16 +457,10 @@ int main(int argc, char **argv)
                   opts, NULL};
     char *pos[argc + 1];
     int npos;
-    char ver[1024];
     db_err e = {0};
-    int rc = db_cli_parse(&cli, argc, argv, pos, &npos, db_version_if_asked(argc, argv, "db-prep", ver, sizeof ver),
-                          &e);
-    if (rc == DB_CLI_EXIT)
-        return 0;
-    if (rc == DB_CLI_USAGE) {
-        db_error(&lg, "%s (see --help)", e.msg);
-        return 2;
-    }
+    int rc = db_cli_main(&cli, argc, argv, pos, &npos, &lg);
+    if (rc >= 0)
+        return rc;
     lg.level = p.quiet ? DB_LOG_QUIET : verbose ? DB_LOG_DEBUG : DB_LOG_WARN;
     const char *why = NULL;
     if (!model || !outp || !npos)

@@ -21,7 +21,6 @@
 #include "libcommon/core/cli.h"
 #include "libcommon/core/fsutil.h"
 #include "libcommon/core/log.h"
-#include "libcommon/core/version.h"
 #include "libcommon/io/dbt.h"
 #include "libcommon/io/png.h"
 #include "libcommon/sd/txt2img.h"
@@ -423,16 +422,10 @@ static int generate_main(int argc, char **argv)
                   opts, NULL};
     char *pos[argc + 1];
     int npos;
-    char ver[1024];
     db_err e = {0};
-    int rc = db_cli_parse(&cli, argc, argv, pos, &npos, db_version_if_asked(argc, argv, "db-prior", ver, sizeof ver),
-                          &e);
-    if (rc == DB_CLI_EXIT)
-        return 0;
-    if (rc == DB_CLI_USAGE) {
-        db_error(&lg, "%s (see --help)", e.msg);
-        return 2;
-    }
+    int rc = db_cli_main(&cli, argc, argv, pos, &npos, &lg);
+    if (rc >= 0)
+        return rc;
     lg.level = quiet ? DB_LOG_QUIET : verbose ? DB_LOG_DEBUG : DB_LOG_WARN;
     if (npos) {
         db_error(&lg, "unexpected argument '%s' (see --help)", pos[0]);
@@ -641,16 +634,10 @@ static int collect_main(int argc, char **argv)
                   opts, NULL};
     char *pos[argc + 1];
     int npos;
-    char ver[1024];
     db_err e = {0};
-    int rc = db_cli_parse(&cli, argc, argv, pos, &npos, db_version_if_asked(argc, argv, "db-prior", ver, sizeof ver),
-                          &e);
-    if (rc == DB_CLI_EXIT)
-        return 0;
-    if (rc == DB_CLI_USAGE) {
-        db_error(&lg, "%s (see --help)", e.msg);
-        return 2;
-    }
+    int rc = db_cli_main(&cli, argc, argv, pos, &npos, &lg);
+    if (rc >= 0)
+        return rc;
     lg.level = quiet ? DB_LOG_QUIET : verbose ? DB_LOG_INFO : DB_LOG_WARN;
     if (npos || !from || !outp || n < 1 || n > MAX_N || shards < 0 || timeout <= 0 || timeout > 86400) {
         if (npos)

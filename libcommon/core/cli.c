@@ -1,5 +1,8 @@
 #include "cli.h"
 
+#include "log.h"
+#include "version.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -154,4 +157,20 @@ int db_cli_given(const db_cli *cli, const char *name)
         if (!strcmp(o->name, name))
             return o->given;
     return 0;
+}
+
+int db_cli_main(db_cli *cli, int argc, char **argv, char **pos, int *npos, const db_log *lg)
+{
+    char prog[64], ver[1024];
+    db_err e = {0};
+    /* "db-ckpt info" -> "db-ckpt" for the version line */
+    snprintf(prog, sizeof prog, "%.*s", (int)strcspn(cli->prog, " "), cli->prog);
+    int rc = db_cli_parse(cli, argc, argv, pos, npos, db_version_if_asked(argc, argv, prog, ver, sizeof ver), &e);
+    if (rc == DB_CLI_EXIT)
+        return 0;
+    if (rc == DB_CLI_USAGE) {
+        db_error(lg, "%s (see '%s --help')", e.msg, cli->prog);
+        return 2;
+    }
+    return -1;
 }

@@ -42,6 +42,12 @@ enum { DB_CLI_OK = 0, DB_CLI_EXIT = 1, DB_CLI_USAGE = -1 };
 int db_cli_parse(db_cli *cli, int argc, char **argv, char **pos, int *npos, const char *version_text,
                  db_err *err);
 void db_cli_help(const db_cli *cli, void *stream /* FILE* */);
+/* What every tool's main does with its table: parse; --help / --version
+ * (version text computed only when asked) give 0; a usage error is printed
+ * as "prog: error: reason (see 'prog --help')" and gives 2; otherwise -1:
+ * carry on. */
+struct db_log;
+int db_cli_main(db_cli *cli, int argc, char **argv, char **pos, int *npos, const struct db_log *lg);
 /* Was option `name` given on the command line? */
 int db_cli_given(const db_cli *cli, const char *name);
 
