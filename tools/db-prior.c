@@ -469,6 +469,7 @@ static int generate_main(int argc, char **argv)
         db_error(&lg, "%s", e.msg);
         return 1;
     }
+    sd.keep_models = 1; /* one db_txt2img call per sample: load the networks once */
     prior_run p = {prompt, negative, sched, n, steps, width, height, seed, guidance,
                    sd.model.arch.vae.scaling_factor, {0}};
     int C = sd.model.arch.unet.in_channels;

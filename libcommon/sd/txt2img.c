@@ -28,8 +28,26 @@ int db_sd_open(db_sd *sd, const char *path, const db_model_opts *mo, int threads
     return 0;
 }
 
+/* Free whichever networks are loaded. */
+static void release(db_sd *sd)
+{
+    if (sd->clip)
+        db_clip_free(sd->clip);
+    if (sd->tok)
+        db_tokenizer_free(sd->tok);
+    if (sd->unet)
+        db_unet_free(sd->unet);
+    if (sd->vae)
+        db_vae_free(sd->vae);
+    sd->clip = NULL;
+    sd->tok = NULL;
+    sd->unet = NULL;
+    sd->vae = NULL;
+}
+
 void db_sd_close(db_sd *sd)
 {
+    release(sd);
     if (sd->ctx)
         db_ctx_destroy(sd->ctx);
     if (sd->model.path)
@@ -207,13 +225,13 @@ static int pad_chunks(float **emb, int *T, int T2, const float *fill, int D, db_
 static int encode_prompts(db_sd *sd, const db_txt2img_opts *o, db_txt2img_out *out, db_err *err)
 {
     char dd[4096];
-    db_tokenizer *tok = NULL;
-    db_clip *clip = NULL;
     float *empty = NULL;
     int rc = -1, Te;
-    if (db_tokenizer_load_default(&tok, sd->model.tokenizer_dir, db_data_dir(dd, sizeof dd), err) ||
-        db_clip_create(&clip, sd->ctx, &sd->model, err))
+    if ((!sd->tok && db_tokenizer_load_default(&sd->tok, sd->model.tokenizer_dir, db_data_dir(dd, sizeof dd), err)) ||
+        (!sd->clip && db_clip_create(&sd->clip, sd->ctx, &sd->model, err)))
         goto out;
+    db_tokenizer *tok = sd->tok;
+    db_clip *clip = sd->clip;
     int clip_skip = o->clip_skip ? o->clip_skip : 1;
     if (db_sd_encode_prompt(tok, clip, o->prompt ? o->prompt : "", clip_skip, &out->prompt_embeds, &out->T, err))
         goto out;
@@ -232,10 +250,14 @@ static int encode_prompts(db_sd *sd, const db_txt2img_opts *o, db_txt2img_out *o
     rc = 0;
 out:
     free(empty);
-    if (clip)
-        db_clip_free(clip);
-    if (tok)
-        db_tokenizer_free(tok);
+    if (!sd->keep_models || rc) { /* the text encoder is done with */
+        if (sd->clip)
+            db_clip_free(sd->clip);
+        if (sd->tok)
+            db_tokenizer_free(sd->tok);
+        sd->clip = NULL;
+        sd->tok = NULL;
+    }
     return rc;
 }
 
@@ -248,7 +270,6 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     int cfg = o->guidance > 1.0;
     int T = out->T, D = out->D;
     db_sched *s = NULL;
-    db_unet *u = NULL;
     float *x = NULL, *xin = NULL, *eps = NULL, *noise = NULL, *ctxt = NULL, *ts = NULL;
     int rc = -1;
     if (db_sched_create(&s, o->scheduler ? o->scheduler : "ddim", sd->model.scheduler, err))
@@ -258,8 +279,9 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     if (db_sched_set_timesteps(s, o->steps, err))
         goto out;
     int nsteps = db_sched_nsteps(s);
-    if (db_unet_create(&u, sd->ctx, &sd->model, err))
+    if (!sd->unet && db_unet_create(&sd->unet, sd->ctx, &sd->model, err))
         goto out;
+    db_unet *u = sd->unet;
     int m = cfg ? 2 : 1; /* UNet batch = m * b */
     x = malloc((size_t)bmax * per * sizeof *x);
     xin = malloc((size_t)m * (size_t)bmax * per * sizeof *xin);
@@ -333,8 +355,10 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     db_progress_end(&pr);
     rc = 0;
 out:
-    if (u)
-        db_unet_free(u);
+    if (sd->unet && (!sd->keep_models || rc)) {
+        db_unet_free(sd->unet);
+        sd->unet = NULL;
+    }
     db_sched_free(s);
     free(x);
     free(xin);
@@ -351,7 +375,6 @@ static int decode_latents(db_sd *sd, const db_txt2img_opts *o, db_txt2img_out *o
     int f = 1 << (a->vae.nlevels - 1), C = a->unet.in_channels;
     int h = o->height / f, w = o->width / f;
     size_t per = (size_t)C * (size_t)h * (size_t)w, img = (size_t)3 * (size_t)o->height * (size_t)o->width;
-    db_vae *v = NULL;
     float *z = malloc(per * sizeof *z);
     out->images = malloc((size_t)o->n_images * img * sizeof *out->images);
     int rc = -1;
@@ -359,8 +382,9 @@ static int decode_latents(db_sd *sd, const db_txt2img_opts *o, db_txt2img_out *o
         db_err_set(err, DB_ENOMEM, "out of memory");
         goto out;
     }
-    if (db_vae_create(&v, sd->ctx, &sd->model, err))
+    if (!sd->vae && db_vae_create(&sd->vae, sd->ctx, &sd->model, err))
         goto out;
+    db_vae *v = sd->vae;
     float sf = (float)a->vae.scaling_factor;
     for (int i = 0; i < o->n_images; i++) {
         const float *l = out->latents + (size_t)i * per;
@@ -371,8 +395,10 @@ static int decode_latents(db_sd *sd, const db_txt2img_opts *o, db_txt2img_out *o
     }
     rc = 0;
 out:
-    if (v)
-        db_vae_free(v);
+    if (sd->vae && (!sd->keep_models || rc)) {
+        db_vae_free(sd->vae);
+        sd->vae = NULL;
+    }
     free(z);
     return rc;
 }

@@ -25,10 +25,23 @@
 #include "../io/model.h"
 #include "kernels/ops.h"
 
+typedef struct db_tokenizer db_tokenizer;
+typedef struct db_clip db_clip;
+typedef struct db_unet db_unet;
+typedef struct db_vae db_vae;
+
 typedef struct db_sd {
     db_ctx *ctx;
     db_model model;
     int threads;
+    /* keep_models = 1: the networks stay loaded between db_txt2img calls
+     * (db-prior calls it once per sample); 0: each is freed as soon as its
+     * stage ends, for the lowest peak memory (db-sample). */
+    int keep_models;
+    db_tokenizer *tok;
+    db_clip *clip;
+    db_unet *unet;
+    db_vae *vae;
 } db_sd;
 
 int db_sd_open(db_sd *sd, const char *path, const db_model_opts *mo, int threads, db_err *err);
@@ -36,8 +49,6 @@ void db_sd_close(db_sd *sd);
 
 /* Embedding of one prompt: *emb (T, D) malloc'd, *T = 77 * chunks.
  * clip_skip 1 = last layer (diffusers), 2 = penultimate + final norm (A1111). */
-typedef struct db_tokenizer db_tokenizer;
-typedef struct db_clip db_clip;
 int db_sd_encode_prompt(db_tokenizer *tok, db_clip *clip, const char *prompt, int clip_skip, float **emb, int *T,
                         db_err *err);
 
