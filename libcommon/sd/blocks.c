@@ -179,3 +179,185 @@ int db_transformer2d_forward(db_ctx *c, float *out, const db_transformer2d_acts 
     db_add_forward(c, out, out, x, NC);
     return c->err.code ? -1 : 0;
 }
+
+/* ---- backward ------------------------------------------------------------------------------ */
+
+/* The gradient slot of weight p (NULL: frozen, or no such weight). */
+static float *gp(const db_gradmap *g, const float *p)
+{
+    return g && g->g && p ? g->g + (p - g->w) : NULL;
+}
+
+static size_t max2(size_t a, size_t b) { return a > b ? a : b; }
+
+size_t db_resblock_backward_scratch(const db_resblock *w, int B, int HW)
+{
+    carver k = {NULL, 0};
+    const size_t b = (size_t)B, big = b * (size_t)(w->C > w->OC ? w->C : w->OC) * (size_t)HW;
+    take(&k, big);            /* t1 */
+    take(&k, big);            /* t2 */
+    take(&k, b * w->OC);      /* deproj */
+    take(&k, b * (size_t)w->E); /* demb of this block */
+    return k.used;
+}
+
+int db_resblock_backward(db_ctx *c, float *dinp, float *demb, const db_gradmap *g, const float *dout,
+                         const db_resblock_acts *a, const float *inp, const float *emb, const db_resblock *w, int B,
+                         int H, int W, float *scratch)
+{
+    const int HW = H * W, C = w->C, OC = w->OC;
+    carver k = {scratch, 0};
+    const size_t big = (size_t)B * (size_t)(C > OC ? C : OC) * (size_t)HW;
+    float *t1 = take(&k, big), *t2 = take(&k, big);
+    float *deproj = take(&k, (size_t)B * OC), *de = take(&k, (size_t)B * (size_t)w->E);
+    /* dh3 (B, OC, HW) through conv2; dh2 through silu(norm2) */
+    db_conv2d_backward(c, t1, gp(g, w->conv2_w), gp(g, w->conv2_b), dout, a->h3, w->conv2_w, B, OC, H, W, OC, 3, 3,
+                       1, 1, 1);
+    db_groupnorm_backward(c, t2, gp(g, w->norm2_w), gp(g, w->norm2_b), t1, a->mean2, a->rstd2, a->h2, w->norm2_w,
+                          w->norm2_b, B, OC, HW, w->G, 1);
+    if (w->E) { /* h2 += eproj per channel: deproj (B, OC) = sum over HW */
+        db_add_channel_backward(c, deproj, t2, B, OC, HW);
+        db_linear_backward(c, demb ? de : NULL, gp(g, w->emb_w), gp(g, w->emb_b), deproj, emb, w->emb_w, B, w->E,
+                           OC);
+        if (demb)
+            db_add_forward(c, demb, demb, de, (size_t)B * w->E);
+    }
+    /* dh1 (B, C, HW) through conv1; dinp through silu(norm1) */
+    db_conv2d_backward(c, t1, gp(g, w->conv1_w), gp(g, w->conv1_b), t2, a->h1, w->conv1_w, B, C, H, W, OC, 3, 3, 1,
+                       1, 1);
+    db_groupnorm_backward(c, dinp, gp(g, w->norm1_w), gp(g, w->norm1_b), t1, a->mean1, a->rstd1, inp, w->norm1_w,
+                          w->norm1_b, B, C, HW, w->G, 1);
+    /* + the shortcut's gradient */
+    if (w->skip_w) {
+        db_conv2d_backward(c, t2, gp(g, w->skip_w), gp(g, w->skip_b), dout, inp, w->skip_w, B, C, H, W, OC, 1, 1, 1,
+                           0, 0);
+        db_add_forward(c, dinp, dinp, t2, (size_t)B * C * HW);
+    } else {
+        db_add_forward(c, dinp, dinp, dout, (size_t)B * C * HW);
+    }
+    return c->err.code ? -1 : 0;
+}
+
+size_t db_mha_backward_scratch(const db_mha *w, int B, int Tq, int Tk)
+{
+    carver k = {NULL, 0};
+    const size_t b = (size_t)B, C = (size_t)w->C;
+    take(&k, b * Tq * C);                 /* do */
+    take(&k, b * Tq * C);                 /* dq */
+    take(&k, b * Tk * C);                 /* dk */
+    take(&k, b * Tk * C);                 /* dv */
+    take(&k, b * Tk * max2(C, (size_t)w->D)); /* dkv from k */
+    take(&k, b * Tk * max2(C, (size_t)w->D)); /* dkv from v */
+    return k.used;
+}
+
+int db_mha_backward(db_ctx *c, float *dx, float *dkv, const db_gradmap *g, const float *dout, const db_mha_acts *a,
+                    const float *x, const float *kv, const db_mha *w, int B, int Tq, int Tk, int causal,
+                    float *scratch)
+{
+    const int C = w->C, D = w->D, self = kv == x;
+    const size_t b = (size_t)B;
+    carver k = {scratch, 0};
+    float *d_o = take(&k, b * Tq * C), *dq = take(&k, b * Tq * C);
+    float *dk = take(&k, b * Tk * C), *dv = take(&k, b * Tk * C);
+    float *dkv1 = take(&k, b * Tk * max2(C, (size_t)D)), *dkv2 = take(&k, b * Tk * max2(C, (size_t)D));
+    db_linear_backward(c, d_o, gp(g, w->o_w), gp(g, w->o_b), dout, a->o, w->o_w, B * Tq, C, C);
+    db_attention_backward(c, dq, dk, dv, d_o, a->o, a->lse, a->q, a->k, a->v, B, Tq, Tk, w->NH, C / w->NH, causal);
+    db_linear_backward(c, dx, gp(g, w->q_w), gp(g, w->q_b), dq, x, w->q_w, B * Tq, C, C);
+    const int want_kv = self || dkv;
+    db_linear_backward(c, want_kv ? dkv1 : NULL, gp(g, w->k_w), gp(g, w->k_b), dk, kv, w->k_w, B * Tk, D, C);
+    db_linear_backward(c, want_kv ? dkv2 : NULL, gp(g, w->v_w), gp(g, w->v_b), dv, kv, w->v_w, B * Tk, D, C);
+    if (want_kv) {
+        float *dst = self ? dx : dkv;
+        const size_t n = b * Tk * D;
+        db_add_forward(c, dst, dst, dkv1, n);
+        db_add_forward(c, dst, dst, dkv2, n);
+    }
+    return c->err.code ? -1 : 0;
+}
+
+size_t db_tblock_backward_scratch(const db_tblock *w, int B, int T, int Tc)
+{
+    carver k = {NULL, 0};
+    const size_t N = (size_t)B * T, C = (size_t)w->C, FF = (size_t)w->FF;
+    take(&k, N * C);      /* dx2 */
+    take(&k, N * C);      /* dx1 */
+    take(&k, N * C);      /* da */
+    take(&k, N * C);      /* dln */
+    take(&k, N * FF);     /* dg */
+    take(&k, N * 2 * FF); /* df1 */
+    take(&k, max2(db_mha_backward_scratch(&w->attn1, B, T, T), db_mha_backward_scratch(&w->attn2, B, T, Tc)));
+    return k.used;
+}
+
+int db_tblock_backward(db_ctx *c, float *dx, float *dctx, const db_gradmap *g, const float *dout,
+                       const db_tblock_acts *a, const float *x, const float *ctx, const db_tblock *w, int B, int T,
+                       int Tc, float *scratch)
+{
+    const int N = B * T, C = w->C, FF = w->FF;
+    const size_t NC = (size_t)N * C;
+    carver k = {scratch, 0};
+    float *dx2 = take(&k, NC), *dx1 = take(&k, NC), *da = take(&k, NC), *dln = take(&k, NC);
+    float *dg = take(&k, (size_t)N * FF), *df1 = take(&k, (size_t)N * 2 * FF);
+    float *ms = k.base + k.used;
+    /* out = x2 + ff(norm3 x2) */
+    db_linear_backward(c, dg, gp(g, w->ff2_w), gp(g, w->ff2_b), dout, a->g, w->ff2_w, N, FF, C);
+    db_geglu_backward(c, df1, dg, a->f1, N, FF);
+    db_linear_backward(c, da, gp(g, w->ff1_w), gp(g, w->ff1_b), df1, a->a3, w->ff1_w, N, C, 2 * FF);
+    db_layernorm_backward(c, dln, gp(g, w->norm3_w), gp(g, w->norm3_b), da, a->mean3, a->rstd3, a->x2, w->norm3_w,
+                          N, C);
+    db_add_forward(c, dx2, dout, dln, NC);
+    /* x2 = x1 + attn2(norm2 x1, ctx) */
+    db_mha_backward(c, da, dctx, g, dx2, &a->at2, a->a2, ctx, &w->attn2, B, T, Tc, 0, ms);
+    db_layernorm_backward(c, dln, gp(g, w->norm2_w), gp(g, w->norm2_b), da, a->mean2, a->rstd2, a->x1, w->norm2_w,
+                          N, C);
+    db_add_forward(c, dx1, dx2, dln, NC);
+    /* x1 = x + attn1(norm1 x) */
+    db_mha_backward(c, da, NULL, g, dx1, &a->at1, a->a1, a->a1, &w->attn1, B, T, T, 0, ms);
+    db_layernorm_backward(c, dln, gp(g, w->norm1_w), gp(g, w->norm1_b), da, a->mean1, a->rstd1, x, w->norm1_w, N,
+                          C);
+    db_add_forward(c, dx, dx1, dln, NC);
+    return c->err.code ? -1 : 0;
+}
+
+size_t db_transformer2d_backward_scratch(const db_transformer2d *w, int B, int HW, int Tc)
+{
+    carver k = {NULL, 0};
+    const size_t NC = (size_t)B * HW * w->C;
+    take(&k, NC); /* dh ping */
+    take(&k, NC); /* dh pong */
+    size_t m = NC;
+    for (int d = 0; d < w->depth; d++)
+        m = max2(m, db_tblock_backward_scratch(&w->blk[d], B, HW, Tc));
+    take(&k, m);
+    return k.used;
+}
+
+int db_transformer2d_backward(db_ctx *c, float *dx, float *dctx, const db_gradmap *g, const float *dout,
+                              const db_transformer2d_acts *a, const float *x, const float *ctx,
+                              const db_transformer2d *w, int B, int H, int W, int Tc, float *scratch)
+{
+    const int HW = H * W, C = w->C, N = B * HW;
+    const size_t NC = (size_t)N * C;
+    carver k = {scratch, 0};
+    float *d0 = take(&k, NC), *d1 = take(&k, NC), *ms = k.base + k.used;
+    /* out = x + transpose(y): dy (B, HW, C) */
+    db_transpose_forward(c, d0, dout, B, C, HW);
+    const float *last = w->depth ? a->bout + (size_t)(w->depth - 1) * NC : a->x0;
+    db_linear_backward(c, d1, gp(g, w->out_w), gp(g, w->out_b), d0, last, w->out_w, N, C, C);
+    float *dh = d1, *other = d0;
+    for (int d = w->depth - 1; d >= 0; d--) {
+        const float *in = d ? a->bout + (size_t)(d - 1) * NC : a->x0;
+        db_tblock_backward(c, other, dctx, g, dh, &a->blk[d], in, ctx, &w->blk[d], B, HW, Tc, ms);
+        float *t = dh;
+        dh = other;
+        other = t;
+    }
+    /* dtok (B, HW, C) -> dhn (B, C, HW) -> dx */
+    db_linear_backward(c, other, gp(g, w->in_w), gp(g, w->in_b), dh, a->tok, w->in_w, N, C, C);
+    db_transpose_forward(c, dh, other, B, HW, C);
+    db_groupnorm_backward(c, dx, gp(g, w->norm_w), gp(g, w->norm_b), dh, a->mean, a->rstd, x, w->norm_w, w->norm_b,
+                          B, C, HW, w->G, 0);
+    db_add_forward(c, dx, dx, dout, NC);
+    return c->err.code ? -1 : 0;
+}

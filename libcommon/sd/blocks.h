@@ -20,7 +20,8 @@
  *                       many floats the block needs (base NULL: only count),
  *                       each piece 64-byte aligned when base is;
  *   a forward           (ctx, out, acts, inputs..., weights, sizes), llm.c's
- *                       argument order.
+ *                       argument order;
+ *   a backward          the forward's mirror (see "backward" below).
  * The owner decides the memory: training keeps one acts region per block;
  * inference may give every block the same region (nothing is read after the
  * block returns).  No block allocates or frees memory when it runs.
@@ -178,5 +179,48 @@ size_t db_transformer2d_acts_carve(db_transformer2d_acts *a, float *base, const 
  * x (B, C, H, W); ctx (B, Tc, D).  out must not overlap x or the acts. */
 int db_transformer2d_forward(db_ctx *c, float *out, const db_transformer2d_acts *a, const float *x, const float *ctx,
                              const db_transformer2d *w, int B, int H, int W, int Tc);
+
+/* ---- backward ------------------------------------------------------------------------ */
+/* Each block's backward mirrors its forward (llm.c): activation gradients
+ * first (assigned, =), then the parameter gradients, dout, the saved
+ * activations, the forward's inputs, weights and sizes, and last a scratch
+ * region of db_X_backward_scratch(...) floats (caller memory, 64-byte
+ * aligned; nothing is read from it after the call).
+ *
+ * Parameter gradients live in a buffer with the weights' layout (llm.c:
+ * gradients share the parameters' size table): the gradient of the weight at
+ * w + i is at g + i.  They accumulate (+=); g == NULL (or a NULL map) is a
+ * frozen block: only the input gradients are computed.
+ * The blocks must be run after their forward with the same acts and inputs. */
+typedef struct db_gradmap {
+    const float *w; /* start of the weight buffer (db_weights.data) */
+    float *g;       /* start of the gradient buffer of the same layout; NULL: frozen */
+} db_gradmap;
+
+/* dinp (B, C, H, W) =; demb (B, E) += (every ResBlock reads the same
+ * embedding), may be NULL; dout (B, OC, H, W).  dinp must not overlap dout. */
+size_t db_resblock_backward_scratch(const db_resblock *w, int B, int HW);
+int db_resblock_backward(db_ctx *c, float *dinp, float *demb, const db_gradmap *g, const float *dout,
+                         const db_resblock_acts *a, const float *inp, const float *emb, const db_resblock *w, int B,
+                         int H, int W, float *scratch);
+
+/* dx (B, Tq, C) =; dkv (B, Tk, D) += or NULL (not needed).  Self-attention
+ * (kv == x): dkv must be NULL and the k/v gradients are added into dx. */
+size_t db_mha_backward_scratch(const db_mha *w, int B, int Tq, int Tk);
+int db_mha_backward(db_ctx *c, float *dx, float *dkv, const db_gradmap *g, const float *dout, const db_mha_acts *a,
+                    const float *x, const float *kv, const db_mha *w, int B, int Tq, int Tk, int causal,
+                    float *scratch);
+
+/* dx (B, T, C) =; dctx (B, Tc, D) += or NULL; dout (B, T, C). */
+size_t db_tblock_backward_scratch(const db_tblock *w, int B, int T, int Tc);
+int db_tblock_backward(db_ctx *c, float *dx, float *dctx, const db_gradmap *g, const float *dout,
+                       const db_tblock_acts *a, const float *x, const float *ctx, const db_tblock *w, int B, int T,
+                       int Tc, float *scratch);
+
+/* dx (B, C, H, W) =; dctx (B, Tc, D) += or NULL; dout (B, C, H, W). */
+size_t db_transformer2d_backward_scratch(const db_transformer2d *w, int B, int HW, int Tc);
+int db_transformer2d_backward(db_ctx *c, float *dx, float *dctx, const db_gradmap *g, const float *dout,
+                              const db_transformer2d_acts *a, const float *x, const float *ctx,
+                              const db_transformer2d *w, int B, int H, int W, int Tc, float *scratch);
 
 #endif

@@ -1,5 +1,6 @@
-/* SD UNet forward (see unet.h): the step list built from the architecture
- * with the weight names of names.c, the workspace layout, and the loop.
+/* SD UNet forward and backward (see unet.h): the step list built from the
+ * architecture with the weight names of names.c, the workspace layouts, and
+ * the loops.
  *
  * diffusers facts this follows (UNet2DConditionModel, v0.27.2):
  *   - Timesteps(block_out[0], flip_sin_to_cos, freq_shift), max period 1e4;
@@ -54,6 +55,9 @@ typedef struct step {
     float *mean, *rstd, *hn;      /* output head: (B, G), (B, G), (B, C, HW) silu(GN(h)) */
     db_resblock_acts ra;
     db_transformer2d_acts ta;     /* ta.blk: malloc'd (depth) */
+    /* gradient workspace (set by grad_layout) */
+    float *dout;                  /* (B, OC, HW(lout)) d loss / d out; NULL for the output head */
+    int dset;                     /* backward: dout holds a gradient (else the first writer assigns) */
 } step;
 
 struct db_unet {
@@ -74,8 +78,17 @@ struct db_unet {
     int keep;      /* keep every block's activations (training) */
     float *ws;
     size_t ws_cap; /* floats */
+    const float *sample, *context; /* the last forward's inputs (the caller's; read by the backward) */
     int pB, pH, pW, pTc, pkeep; /* sizes of the current layout (pB 0: none) */
     double times[DB_UNET_NT];   /* seconds per block kind, last forward */
+    /* gradient workspace (backward), laid out per (B, H, W, Tc) like ws */
+    float *gws;
+    size_t gws_cap;             /* floats */
+    int gB, gH, gW, gTc;        /* sizes of the current gradient layout (gB 0: none) */
+    float *dtemb_s, *dtemb;     /* (B, E) */
+    float *de1s, *de1;          /* (B, E) */
+    float *dt0, *dt1;           /* two step-input gradients, the largest (B, C, HW) any step needs */
+    float *bscratch;            /* block backward scratch, the largest any step needs */
 };
 
 /* ---- building the step list ------------------------------------------------------ */
@@ -454,6 +467,7 @@ void db_unet_free(db_unet *u)
     }
     free(u->s);
     free(u->ws);
+    free(u->gws);
     db_weights_free(&u->w);
     free(u);
 }
@@ -523,6 +537,8 @@ int db_unet_forward(db_unet *u, float *out, const float *sample, const float *ti
     if (plan(u, B, H, W, Tc, err))
         return -1;
     memset(u->times, 0, sizeof u->times);
+    u->sample = sample;
+    u->context = context;
     double t0 = now();
 
     /* temb_s (B, E) = silu(linear_2(silu(linear_1(sinusoid(t))))) */
@@ -574,6 +590,188 @@ int db_unet_forward(db_unet *u, float *out, const float *sample, const float *ti
         t0 = t1;
         t1 = now();
         u->times[time_kind(s->kind)] += t1 - t0;
+    }
+    return 0;
+}
+
+/* ---- backward ------------------------------------------------------------------------------ */
+
+/* Lay the gradient workspace out at base (NULL: only count); returns floats.
+ *   [dtemb_s, dtemb, de1s, de1][skip outputs' dout][stream 0][stream 1][dt0][dt1][block scratch]
+ * A skip output's gradient comes from two consumers (its up ResBlock, then
+ * the next step), so it has its own buffer; any other step's dout is
+ * written by step i + 1 and read by step i only, so it lives in stream
+ * i % 2 (the step it gives to, i - 1, uses the other stream). */
+static size_t grad_layout(db_unet *u, float *base, int B, int H, int W, int Tc)
+{
+    carver k = {base, 0};
+    const size_t E = (size_t)u->a.time_embed_dim;
+    u->dtemb_s = take(&k, B * E);
+    u->dtemb = take(&k, B * E);
+    u->de1s = take(&k, B * E);
+    u->de1 = take(&k, B * E);
+    size_t tmax = 0, smax = 0, omax = 0;
+    for (int i = 0; i < u->ns; i++) {
+        step *s = &u->s[i];
+        const size_t no = out_numel(s, B, H, W);
+        s->dout = s->is_skip ? take(&k, no) : NULL;
+        if (!s->is_skip && no > omax)
+            omax = no;
+    }
+    float *stream[2];
+    stream[0] = take(&k, omax);
+    stream[1] = take(&k, omax);
+    for (int i = 0; i < u->ns; i++) {
+        step *s = &u->s[i];
+        if (!s->is_skip && s->kind != ST_OUT)
+            s->dout = stream[i & 1];
+        const size_t hw_in = hw_at(H, W, s->lin), hw_out = hw_at(H, W, s->lout);
+        size_t t = (size_t)B * s->C * (hw_in > hw_out ? hw_in : hw_out), m = 0;
+        if (s->kind == ST_RES)
+            m = db_resblock_backward_scratch(&s->res, B, (int)hw_in);
+        else if (s->kind == ST_ATTN)
+            m = db_transformer2d_backward_scratch(&s->tr, B, (int)hw_in, Tc);
+        if (t > tmax)
+            tmax = t;
+        if (m > smax)
+            smax = m;
+    }
+    u->dt0 = take(&k, tmax);
+    u->dt1 = take(&k, tmax);
+    u->bscratch = take(&k, smax);
+    return k.used;
+}
+
+static int grad_plan(db_unet *u, int B, int H, int W, int Tc, db_err *err)
+{
+    if (u->gB == B && u->gH == H && u->gW == W && u->gTc == Tc)
+        return 0;
+    size_t n = grad_layout(u, NULL, B, H, W, Tc);
+    if (n > u->gws_cap) {
+        free(u->gws);
+        u->gws = NULL;
+        u->gws_cap = 0;
+        u->gB = 0;
+        if (n > SIZE_MAX / sizeof(float) - 64 ||
+            !(u->gws = aligned_alloc(64, (n * sizeof(float) + 63) & ~(size_t)63)))
+            return db_err_set(err, DB_ENOMEM, "unet: out of memory for a %zu MiB gradient workspace (B=%d, %dx%d)",
+                              n * sizeof(float) >> 20, B, H, W);
+        u->gws_cap = n;
+    }
+    grad_layout(u, u->gws, B, H, W, Tc);
+    u->gB = B, u->gH = H, u->gW = W, u->gTc = Tc;
+    return 0;
+}
+
+/* The gradient slot of weight p in g (NULL: frozen). */
+static float *gp(const db_gradmap *g, const float *p)
+{
+    return g->g && p ? g->g + (p - g->w) : NULL;
+}
+
+/* Step i's output gradient gets d (n floats): assigned by the first
+ * consumer, added by the second (skip outputs). */
+static void give(db_unet *u, int i, const float *d, size_t n)
+{
+    step *s = &u->s[i];
+    if (s->dset) {
+        db_add_forward(u->ctx, s->dout, s->dout, d, n);
+    } else {
+        memcpy(s->dout, d, n * sizeof *d);
+        s->dset = 1;
+    }
+}
+
+int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *grads, const float *dout,
+                     db_err *err)
+{
+    db_ctx *c = u->ctx;
+    const db_unet_arch *a = &u->a;
+    const int B = u->pB, H = u->pH, W = u->pW, Tc = u->pTc, E = a->time_embed_dim, C0 = a->block_out[0];
+    if (!dout)
+        return db_err_set(err, DB_EUSAGE, "unet: backward: NULL dout");
+    if (!B || !u->pkeep)
+        return db_err_set(err, DB_EUSAGE, "unet: backward needs a forward made with keep_activations on");
+    if (grads && (grads->numel != u->w.numel || !grads->data))
+        return db_err_set(err, DB_EUSAGE, "unet: backward: gradients of %zu elements for %zu weights", grads->numel,
+                          u->w.numel);
+    if (c->err.code)
+        return db_err_set(err, c->err.code, "unet: the context has a pending error: %s", c->err.msg);
+    if (grad_plan(u, B, H, W, Tc, err))
+        return -1;
+    const db_gradmap gm = {u->w.data, grads ? grads->data : NULL}, *g = &gm;
+    const float *context = u->context;
+    float *demb = grads ? u->dtemb_s : NULL; /* frozen: the time MLP needs no gradient */
+    memset(u->dtemb_s, 0, (size_t)B * E * sizeof(float));
+    if (dcontext)
+        memset(dcontext, 0, (size_t)B * Tc * a->context_dim * sizeof(float));
+    for (int i = 0; i < u->ns; i++)
+        u->s[i].dset = 0;
+
+    for (int i = u->ns - 1; i >= 0; i--) {
+        step *s = &u->s[i];
+        const float *in = s->in >= 0 ? u->s[s->in].out : u->sample;
+        const float *d = s->kind == ST_OUT ? dout : s->dout;
+        const int h = H >> s->lin, wd = W >> s->lin, hw = h * wd;
+        const size_t nin = (size_t)B * s->C * hw;
+        if (s->kind != ST_OUT && !s->dset) /* cannot happen: every output is read */
+            return db_err_set(err, DB_EUSAGE, "unet: backward: %s got no gradient", s->name);
+        switch (s->kind) {
+        case ST_CONV_IN:
+            db_conv2d_backward(c, dsample, gp(g, s->conv_w), gp(g, s->conv_b), d, in, s->conv_w, B, s->C, h, wd,
+                               s->OC, 3, 3, 1, 1, 1);
+            break;
+        case ST_RES:
+            if (s->skip >= 0) {
+                const int cs = u->s[s->skip].OC;
+                db_resblock_backward(c, u->dt0, demb, g, d, &s->ra, s->cat, u->temb_s, &s->res, B, h, wd,
+                                     u->bscratch);
+                /* the block's scratch is free again: it holds the skip's part */
+                db_concat_channels_backward(c, u->dt1, u->bscratch, u->dt0, B, s->C - cs, cs, hw);
+                give(u, s->in, u->dt1, (size_t)B * (s->C - cs) * hw);
+                give(u, s->skip, u->bscratch, (size_t)B * cs * hw);
+            } else {
+                db_resblock_backward(c, u->dt0, demb, g, d, &s->ra, in, u->temb_s, &s->res, B, h, wd,
+                                     u->bscratch);
+                give(u, s->in, u->dt0, nin);
+            }
+            break;
+        case ST_ATTN:
+            db_transformer2d_backward(c, u->dt0, dcontext, g, d, &s->ta, in, context, &s->tr, B, h, wd, Tc,
+                                      u->bscratch);
+            give(u, s->in, u->dt0, nin);
+            break;
+        case ST_DOWN:
+            db_conv2d_backward(c, u->dt0, gp(g, s->conv_w), gp(g, s->conv_b), d, in, s->conv_w, B, s->C, h, wd,
+                               s->OC, 3, 3, 2, 1, 1);
+            give(u, s->in, u->dt0, nin);
+            break;
+        case ST_UP: /* d up (B, C, 2h, 2w), then sum each 2x2 block */
+            db_conv2d_backward(c, u->dt1, gp(g, s->conv_w), gp(g, s->conv_b), d, s->up, s->conv_w, B, s->C, 2 * h,
+                               2 * wd, s->OC, 3, 3, 1, 1, 1);
+            db_upsample_nearest2x_backward(c, u->dt0, u->dt1, B, s->C, h, wd);
+            give(u, s->in, u->dt0, nin);
+            break;
+        case ST_OUT:
+            db_conv2d_backward(c, u->dt1, gp(g, s->conv_w), gp(g, s->conv_b), d, s->hn, s->conv_w, B, s->C, h, wd,
+                               s->OC, 3, 3, 1, 1, 1);
+            db_groupnorm_backward(c, u->dt0, gp(g, s->gn_w), gp(g, s->gn_b), u->dt1, s->mean, s->rstd, in, s->gn_w,
+                                  s->gn_b, B, s->C, hw, a->norm_groups, 1);
+            give(u, s->in, u->dt0, nin);
+            break;
+        }
+        if (c->err.code)
+            return op_failed(u, s->name, err);
+    }
+
+    /* the time embedding MLP: temb_s = silu(linear_2(silu(linear_1(tproj)))) */
+    if (grads) {
+        db_silu_backward(c, u->dtemb, u->dtemb_s, u->temb, (size_t)B * E);
+        db_linear_backward(c, u->de1s, gp(g, u->t2_w), gp(g, u->t2_b), u->dtemb, u->e1s, u->t2_w, B, E, E);
+        db_silu_backward(c, u->de1, u->de1s, u->e1, (size_t)B * E);
+        db_linear_backward(c, NULL, gp(g, u->t1_w), gp(g, u->t1_b), u->de1, u->tproj, u->t1_w, B, C0, E);
+        if (c->err.code)
+            return op_failed(u, "time_embed", err);
     }
     return 0;
 }

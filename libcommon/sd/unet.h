@@ -20,6 +20,12 @@
  * kept and all blocks share one scratch region; with it on (training) every
  * step keeps its output and its saved activations until the next forward.
  *
+ * db_unet_backward walks the steps in reverse through the blocks' backward
+ * functions: the up path's concat splits its gradient between the previous
+ * step and the skip's producer (which adds the two), every ResBlock adds its
+ * time-embedding gradient into one (B, E) buffer that then goes through the
+ * time MLP, and every Transformer2D adds its context gradient.
+ *
  * Legend: B batch, C latent channels (in_channels / out_channels), H W latent
  * height and width, Tc context tokens, D context width (cross_attention_dim),
  * E time-embedding width.
@@ -62,6 +68,20 @@ int db_unet_forward(db_unet *u, float *out, const float *sample, const float *ti
  * (what the backward reads); 0 = inference (default).  Takes effect at the
  * next forward. */
 void db_unet_keep_activations(db_unet *u, int keep);
+
+/* Backward of the last forward, which must have been made with
+ * keep_activations on; its sample and context must still hold what they held
+ * (so that forward's out must not have been its sample).
+ *   dsample (B, in_channels, H, W) = d loss / d sample, or NULL (not needed);
+ *   dcontext (B, Tc, D) = d loss / d context, or NULL (text-encoder training);
+ *   grads: same layout as the UNet weights (db_weights_like of
+ *          db_unet_weights(u)), accumulated (+=); NULL: frozen UNet (only
+ *          dsample / dcontext are computed);
+ *   dout (B, out_channels, H, W) = d loss / d out.
+ * The gradient workspace is allocated once per (B, H, W, Tc), like the
+ * forward's.  Errors as for the forward. */
+int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *grads, const float *dout,
+                     db_err *err);
 
 /* Workspace bytes a forward of these sizes needs in the current mode (for
  * memory plans); 0 on overflow. */
