@@ -1,0 +1,232 @@
+/* AdamW, gradient-norm clipping and lr schedules; see optim.h for the
+ * torch / diffusers formulas each function follows. */
+#include "libcommon/sd/optim.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+db_adamw db_adamw_defaults(double lr)
+{
+    return (db_adamw){.lr = lr, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 1e-2};
+}
+
+/* The float32 scalars torch applies to the tensors, derived once per step
+ * from the Python-double values (Scalar.to<float>() rounds to nearest). */
+typedef struct adamw_coef {
+    float decay, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, neg_step_size;
+} adamw_coef;
+
+static adamw_coef adamw_coefs(const db_adamw *hp, int64_t t)
+{
+    /* torch 1.13 keeps `step` in a float32 tensor and reads it back with
+     * .item(): exact for any realistic step count. */
+    double step = (double)(float)t;
+    double bc1 = 1.0 - pow(hp->beta1, step);
+    double bc2 = 1.0 - pow(hp->beta2, step);
+    double step_size = hp->lr / bc1;
+    return (adamw_coef){
+        .decay = (float)(1.0 - hp->lr * hp->weight_decay),
+        .b1 = (float)hp->beta1,
+        .one_minus_b1 = (float)(1.0 - hp->beta1),
+        .b2 = (float)hp->beta2,
+        .one_minus_b2 = (float)(1.0 - hp->beta2),
+        .bc2_sqrt = (float)sqrt(bc2),
+        .eps = (float)hp->eps,
+        .neg_step_size = (float)-step_size,
+    };
+}
+
+/* One element, in torch's operation order; every intermediate is a float
+ * (GCC's -std=c11 implies -ffp-contract=off, so no FMA is formed). */
+static inline void adamw_elem(float *p, float *m, float *v, float g, const adamw_coef *c)
+{
+    float pi = *p * c->decay;
+    float mi = *m * c->b1;
+    mi = mi + c->one_minus_b1 * g;
+    float vi = *v * c->b2;
+    vi = vi + c->one_minus_b2 * g * g; /* addcmul: self + (value * t1) * t2 */
+    float d = sqrtf(vi) / c->bc2_sqrt;
+    d = d + c->eps;
+    pi = pi + c->neg_step_size * mi / d; /* addcdiv: self + (value * t1) / t2 */
+    *p = pi;
+    *m = mi;
+    *v = vi;
+}
+
+void db_adamw_step(float *p, float *m, float *v, const float *g, size_t n, const db_adamw *hp, int64_t t)
+{
+    adamw_coef c = adamw_coefs(hp, t);
+    for (size_t i = 0; i < n; i++)
+        adamw_elem(&p[i], &m[i], &v[i], g[i], &c);
+}
+
+void db_adamw_step_omp(float *p, float *m, float *v, const float *g, size_t n, const db_adamw *hp, int64_t t)
+{
+    adamw_coef c = adamw_coefs(hp, t);
+    ptrdiff_t nn = (ptrdiff_t)n;
+#pragma omp parallel for schedule(static) if (nn > 16384)
+    for (ptrdiff_t i = 0; i < nn; i++)
+        adamw_elem(&p[i], &m[i], &v[i], g[i], &c);
+}
+
+/* ---- clipping ------------------------------------------------------------ */
+
+enum { CLIP_CHUNK = 4096 };
+
+/* Sum of squares of one tensor: fixed chunks, each summed in double in
+ * element order, the chunk partials then added in chunk order, so threads
+ * only decide who computes a chunk, never how the sum associates. */
+static double sum_squares(const float *g, size_t n)
+{
+    size_t nchunks = (n + CLIP_CHUNK - 1) / CLIP_CHUNK;
+    if (nchunks <= 1) {
+        double s = 0.0;
+        for (size_t i = 0; i < n; i++)
+            s += (double)g[i] * (double)g[i];
+        return s;
+    }
+    double *part = malloc(nchunks * sizeof *part);
+    if (!part) { /* same association, just serial */
+        double total = 0.0;
+        for (size_t c = 0; c < nchunks; c++) {
+            double s = 0.0;
+            size_t end = c * CLIP_CHUNK + CLIP_CHUNK < n ? c * CLIP_CHUNK + CLIP_CHUNK : n;
+            for (size_t i = c * CLIP_CHUNK; i < end; i++)
+                s += (double)g[i] * (double)g[i];
+            total += s;
+        }
+        return total;
+    }
+    ptrdiff_t nc = (ptrdiff_t)nchunks;
+#pragma omp parallel for schedule(static) if (nc > 4)
+    for (ptrdiff_t c = 0; c < nc; c++) {
+        size_t beg = (size_t)c * CLIP_CHUNK, end = beg + CLIP_CHUNK < n ? beg + CLIP_CHUNK : n;
+        double s = 0.0;
+        for (size_t i = beg; i < end; i++)
+            s += (double)g[i] * (double)g[i];
+        part[c] = s;
+    }
+    double total = 0.0;
+    for (size_t c = 0; c < nchunks; c++)
+        total += part[c];
+    free(part);
+    return total;
+}
+
+double db_clip_grad_norm(const db_grad_ref *grads, size_t ngrads, double max_norm)
+{
+    if (ngrads == 0)
+        return 0.0; /* torch returns tensor(0.) for no gradients */
+    /* torch: per-tensor float32 norms, stacked, and the norm of the stack */
+    double ss = 0.0;
+    for (size_t k = 0; k < ngrads; k++) {
+        float nk = (float)sqrt(sum_squares(grads[k].g, grads[k].n));
+        ss += (double)nk * (double)nk;
+    }
+    float total = (float)sqrt(ss);
+    float coef = (float)max_norm / (total + 1e-6f);
+    if (coef < 1.0f) { /* torch multiplies by clamp(coef, max=1): 1 is a no-op */
+        for (size_t k = 0; k < ngrads; k++) {
+            float *g = grads[k].g;
+            ptrdiff_t nn = (ptrdiff_t)grads[k].n;
+#pragma omp parallel for schedule(static) if (nn > 16384)
+            for (ptrdiff_t i = 0; i < nn; i++)
+                g[i] = g[i] * coef;
+        }
+    } else if (isnan(coef)) { /* clamp propagates NaN; multiplying poisons all, as torch */
+        for (size_t k = 0; k < ngrads; k++)
+            for (size_t i = 0; i < grads[k].n; i++)
+                grads[k].g[i] = grads[k].g[i] * coef;
+    }
+    return (double)total;
+}
+
+/* ---- learning-rate schedules ----------------------------------------------- */
+
+static const char *const lr_names[] = {
+    [DB_LR_CONSTANT] = "constant",
+    [DB_LR_CONSTANT_WITH_WARMUP] = "constant_with_warmup",
+    [DB_LR_LINEAR] = "linear",
+    [DB_LR_COSINE] = "cosine",
+    [DB_LR_COSINE_WITH_RESTARTS] = "cosine_with_restarts",
+    [DB_LR_POLYNOMIAL] = "polynomial",
+};
+
+int db_lr_kind_parse(const char *name, db_lr_kind *out)
+{
+    for (size_t k = 0; k < sizeof lr_names / sizeof lr_names[0]; k++)
+        if (name && strcmp(name, lr_names[k]) == 0) {
+            *out = (db_lr_kind)k;
+            return 0;
+        }
+    return -1;
+}
+
+const char *db_lr_kind_name(db_lr_kind kind)
+{
+    return (unsigned)kind < sizeof lr_names / sizeof lr_names[0] ? lr_names[kind] : "?";
+}
+
+db_lr_schedule db_lr_schedule_make(db_lr_kind kind, double base_lr, int64_t warmup_steps, int64_t training_steps)
+{
+    return (db_lr_schedule){
+        .kind = kind,
+        .base_lr = base_lr,
+        .warmup_steps = warmup_steps,
+        .training_steps = training_steps,
+        .num_cycles = kind == DB_LR_COSINE_WITH_RESTARTS ? 1.0 : 0.5,
+        .lr_end = 1e-7,
+        .power = 1.0,
+    };
+}
+
+static int64_t max64(int64_t a, int64_t b)
+{
+    return a > b ? a : b;
+}
+
+/* diffusers' lr_lambda(current_step), in Python float (double) semantics. */
+static double lr_lambda(const db_lr_schedule *s, int64_t step)
+{
+    int64_t W = s->warmup_steps, T = s->training_steps;
+    if (s->kind == DB_LR_CONSTANT)
+        return 1.0;
+    if (step < W)
+        return (double)step / (double)max64(1, W);
+    double progress = (double)(step - W) / (double)max64(1, T - W);
+    switch (s->kind) {
+    case DB_LR_CONSTANT_WITH_WARMUP:
+        return 1.0;
+    case DB_LR_LINEAR:
+        return fmax(0.0, (double)(T - step) / (double)max64(1, T - W));
+    case DB_LR_COSINE:
+        return fmax(0.0, 0.5 * (1.0 + cos(M_PI * s->num_cycles * 2.0 * progress)));
+    case DB_LR_COSINE_WITH_RESTARTS: {
+        if (progress >= 1.0)
+            return 0.0;
+        /* Python's % on non-negative floats equals fmod */
+        return fmax(0.0, 0.5 * (1.0 + cos(M_PI * fmod(s->num_cycles * progress, 1.0))));
+    }
+    case DB_LR_POLYNOMIAL: {
+        double lr_init = s->base_lr;
+        if (!(lr_init > s->lr_end))
+            return NAN; /* diffusers raises ValueError */
+        if (step > T)
+            return s->lr_end / lr_init; /* LambdaLR multiplies by lr_init again */
+        double lr_range = lr_init - s->lr_end;
+        double decay_steps = (double)(T - W);
+        double pct_remaining = 1.0 - (double)(step - W) / decay_steps;
+        double decay = lr_range * pow(pct_remaining, s->power) + s->lr_end;
+        return decay / lr_init;
+    }
+    case DB_LR_CONSTANT:
+        break;
+    }
+    return 1.0;
+}
+
+double db_lr_at(const db_lr_schedule *s, int64_t step)
+{
+    return s->base_lr * lr_lambda(s, step);
+}

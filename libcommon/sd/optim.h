@@ -1,0 +1,103 @@
+/* Optimizer math for db-train (DESIGN §6): AdamW as torch.optim.AdamW,
+ * global gradient-norm clipping as torch.nn.utils.clip_grad_norm_, and the
+ * learning-rate schedules of diffusers.optimization.get_scheduler.
+ *
+ * AdamW, per element, for optimizer step t (1-based), all tensor math in
+ * float32 with each operation rounded (no fused multiply-add), the scalars
+ * computed in double (as Python floats) and rounded to float where torch
+ * applies them to a float32 tensor (torch 1.13 _single_tensor_adamw, CPU
+ * kernels):
+ *
+ *   p  = p * (float)(1 - lr*wd)                        param.mul_(1 - lr*wd)
+ *   m  = m * (float)b1;  m = m + (float)(1-b1) * g     exp_avg.mul_(b1).add_(g, alpha=1-b1)
+ *   v  = v * (float)b2;  v = v + (float)(1-b2) * g * g exp_avg_sq.mul_(b2).addcmul_(g, g, value=1-b2)
+ *   bc1 = 1 - b1^t, bc2 = 1 - b2^t, step_size = lr / bc1          (double)
+ *   d  = sqrtf(v) / (float)sqrt(bc2);  d = d + (float)eps
+ *   p  = p + ((float)(-step_size) * m) / d             param.addcdiv_(m, d, value=-step_size)
+ *
+ * Known differences from torch, all at most an ulp or so per operation:
+ * torch's AVX2/AVX512 path of add_(…, alpha) uses a fused multiply-add
+ * (vec::fmadd) for the vectorised body but not for the tail, and CUDA
+ * contracts to FMA; this code rounds every operation separately so the
+ * result does not depend on the vector width, the thread count or the
+ * compiler.  (The weight decay is p*(1 - lr*wd), not p - lr*wd*p: that is
+ * what torch computes, and the two round differently.) */
+#ifndef DB_OPTIM_H
+#define DB_OPTIM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* AdamW hyper-parameters.  lr is the learning rate of this step (the
+ * schedule's value, db_lr_at). */
+typedef struct db_adamw {
+    double lr, beta1, beta2, eps, weight_decay;
+} db_adamw;
+
+/* diffusers train_dreambooth defaults: beta 0.9/0.999, eps 1e-8, wd 1e-2. */
+db_adamw db_adamw_defaults(double lr);
+
+/* One AdamW step over n elements: p, m (exp_avg), v (exp_avg_sq) updated in
+ * place from gradient g; t is the 1-based step count after this step
+ * (torch's state['step']).  m and v start at zero. */
+void db_adamw_step(float *p, float *m, float *v, const float *g, size_t n, const db_adamw *hp, int64_t t);
+/* The same with OpenMP threads; bit-identical to db_adamw_step (the update
+ * is elementwise). */
+void db_adamw_step_omp(float *p, float *m, float *v, const float *g, size_t n, const db_adamw *hp, int64_t t);
+
+/* One gradient tensor for clipping. */
+typedef struct db_grad_ref {
+    float *g;
+    size_t n;
+} db_grad_ref;
+
+/* torch 1.13 clip_grad_norm_(params, max_norm) with norm_type 2:
+ *   norm_i     = ||g_i||_2 as a float32 (per tensor)
+ *   total_norm = ||(norm_0, norm_1, ...)||_2 as a float32
+ *   clip_coef  = (float)max_norm / (total_norm + 1e-6f), clamped to <= 1
+ *   every g_i *= clip_coef
+ * Returns total_norm (the float32 value, widened).  Each sum of squares is
+ * accumulated in double over fixed 4096-element chunks, the chunk partials
+ * and then the tensors added in index order, so the result is the same for
+ * any thread count; torch reduces in float32 in a thread-dependent tree, so
+ * its norms can differ from these in the last bits (ours are the more
+ * accurate).  Multiplying by a coefficient of exactly 1 (under the max)
+ * leaves the gradients untouched, as in torch.  Non-finite gradients give a
+ * non-finite norm and coefficient, as torch does with
+ * error_if_nonfinite=False. */
+double db_clip_grad_norm(const db_grad_ref *grads, size_t ngrads, double max_norm);
+
+/* Learning-rate schedules: lr(step) = base_lr * lambda(step) as torch's
+ * LambdaLR with diffusers' lambdas (diffusers/optimization.py). */
+typedef enum db_lr_kind {
+    DB_LR_CONSTANT,             /* 1 (ignores warmup, as diffusers)         */
+    DB_LR_CONSTANT_WITH_WARMUP, /* s/W during warmup, then 1                */
+    DB_LR_LINEAR,               /* warmup, then (T-s)/(T-W) down to 0        */
+    DB_LR_COSINE,               /* warmup, then 0.5(1+cos(2 pi c p)), c=0.5  */
+    DB_LR_COSINE_WITH_RESTARTS, /* warmup, then 0.5(1+cos(pi((c p) mod 1)))  */
+    DB_LR_POLYNOMIAL,           /* warmup, then (lr-lr_end)(1-p)^power+lr_end */
+} db_lr_kind;
+
+typedef struct db_lr_schedule {
+    db_lr_kind kind;
+    double base_lr;
+    int64_t warmup_steps;   /* num_warmup_steps */
+    int64_t training_steps; /* num_training_steps */
+    double num_cycles;      /* cosine: 0.5, cosine_with_restarts: 1 (diffusers defaults) */
+    double lr_end, power;   /* polynomial: 1e-7, 1.0 */
+} db_lr_schedule;
+
+/* A schedule with diffusers' defaults for num_cycles, lr_end and power.
+ * diffusers' train_dreambooth multiplies warmup and training steps by the
+ * number of processes before calling get_scheduler; callers do the same. */
+db_lr_schedule db_lr_schedule_make(db_lr_kind kind, double base_lr, int64_t warmup_steps, int64_t training_steps);
+/* Name <-> kind ("constant", "constant_with_warmup", "linear", "cosine",
+ * "cosine_with_restarts", "polynomial"); parse returns -1 when unknown. */
+int db_lr_kind_parse(const char *name, db_lr_kind *out);
+const char *db_lr_kind_name(db_lr_kind kind);
+/* The learning rate used by optimizer step `step` (0-based: the value the
+ * LambdaLR holds before that step's scheduler.step()).  A polynomial
+ * schedule with base_lr <= lr_end (a ValueError in diffusers) yields NaN. */
+double db_lr_at(const db_lr_schedule *s, int64_t step);
+
+#endif
