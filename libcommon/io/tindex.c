@@ -134,19 +134,6 @@ int db_tindex_load(const db_tindex *ix, size_t i, int want, db_tensor *out, db_e
     return 0;
 }
 
-static int cmp_entry(const void *a, const void *b)
-{
-    return strcmp(((const db_tentry *)a)->name, ((const db_tentry *)b)->name);
-}
-
-void db_tindex_sort(db_tindex *ix)
-{
-    if (ix->n > 1)
-        qsort(ix->v, ix->n, sizeof *ix->v, cmp_entry);
-    if (ix->hcap)
-        rehash(ix, ix->hcap);
-}
-
 void db_tindex_truncate(db_tindex *ix, size_t n)
 {
     if (n >= ix->n)

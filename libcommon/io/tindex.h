@@ -65,7 +65,5 @@ int db_tindex_load(const db_tindex *ix, size_t i, int want, db_tensor *out, db_e
 void db_tindex_release(const db_tindex *ix, size_t i);
 /* Drop entries n.. (their names stay in the arena until free). */
 void db_tindex_truncate(db_tindex *ix, size_t n);
-/* Sort entries by name (keeps the hash valid). */
-void db_tindex_sort(db_tindex *ix);
 
 #endif

@@ -101,13 +101,3 @@ float *db_weights_get(const db_weights *w, db_err *err, int64_t numel, const cha
     }
     return w->data + e->offset;
 }
-
-int db_weights_has(const db_weights *w, const char *fmt, ...)
-{
-    char name[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
-    va_end(ap);
-    return db_tindex_find(&w->ix, name) >= 0;
-}

@@ -36,7 +36,5 @@ void db_weights_free(db_weights *w);
  * missing or of another size; the message names the tensor. */
 float *db_weights_get(const db_weights *w, db_err *err, int64_t numel, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
-/* Does the tensor exist?  (optional parts such as conv shortcuts) */
-int db_weights_has(const db_weights *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #endif
