@@ -17,7 +17,8 @@ enum {
     DB_EUNSUPP,  /* well-formed but outside what we handle */
     DB_ENOMEM,
     DB_EUSAGE,   /* caller passed something invalid */
-    DB_ESECURITY /* refused for safety (e.g. a pickle global) */
+    DB_ESECURITY, /* refused for safety (e.g. a pickle global) */
+    DB_ENUMERIC   /* a computation gave NaN or infinity (training diverged) */
 };
 
 typedef struct db_err {

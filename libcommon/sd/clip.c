@@ -88,6 +88,8 @@ void db_clip_trim(db_clip *c)
 {
     free(c->a.mem);
     memset(&c->a, 0, sizeof c->a);
+    free(c->g.mem);
+    memset(&c->g, 0, sizeof c->g);
     c->B = c->T = 0;
 }
 
@@ -273,4 +275,107 @@ int db_clip_hidden_ln(db_clip *c, float *out, int k, db_err *err)
                              (float)c->arch.eps))
         return op_failed(c, err, "final layer norm");
     return 0;
+}
+
+/* ---- backward --------------------------------------------------------------- */
+
+static int grads_reserve(db_clip *c, size_t N, db_err *err)
+{
+    db_clip_grads_ws *g = &c->g;
+    if (g->mem && g->cap >= N)
+        return 0;
+    free(g->mem);
+    memset(g, 0, sizeof *g);
+    const size_t ND = ALIGN16(N * (size_t)c->arch.hidden), NI = ALIGN16(N * (size_t)c->arch.intermediate);
+    float *mem = aligned_alloc(64, (7 * ND + 2 * NI) * sizeof(float));
+    if (!mem)
+        return db_err_set(err, DB_ENOMEM, "text encoder: out of memory for the gradients of %zu tokens", N);
+    float *p = mem;
+    g->dres = p, p += ND;
+    g->dln = p, p += ND;
+    g->dtmp = p, p += ND;
+    g->dq = p, p += ND;
+    g->dk = p, p += ND;
+    g->dv = p, p += ND;
+    g->datt = p, p += ND;
+    g->dI = p, p += NI;
+    g->dI2 = p;
+    g->mem = mem;
+    g->cap = N;
+    return 0;
+}
+
+/* Backward of layer l: on entry g->dres = d hidden[l+1], on return
+ * d hidden[l].  gl: the layer's gradients (+=). */
+static int layer_backward(db_clip *c, int l, const db_clip_layer *gl, int B, int T)
+{
+    db_ctx *x = c->ctx;
+    const db_text_arch *t = &c->arch;
+    const db_clip_layer *y = &c->p.layers[l];
+    const db_clip_acts *a = &c->a;
+    db_clip_grads_ws *g = &c->g;
+    const int N = B * T, D = t->hidden, I = t->intermediate, NH = t->heads;
+    const size_t ND = (size_t)N * D, NI = (size_t)N * I;
+    const float *inp = a->hidden + l * ND, *ln1 = a->ln1 + l * ND, *q = a->q + l * ND, *k = a->k + l * ND;
+    const float *v = a->v + l * ND, *att = a->att + l * ND, *res = a->res_mid + l * ND, *ln2 = a->ln2 + l * ND;
+    const float *fc1 = a->fc1 + l * NI, *act = a->act + l * NI;
+
+    /* MLP half: out = res + fc2(act(fc1(ln2(res)))); dres carries d out */
+    db_linear_backward(x, g->dI, gl->fc2_w, gl->fc2_b, g->dres, act, y->fc2_w, N, I, D);     /* dI (N, I) d act */
+    if (t->quick_gelu)
+        db_quick_gelu_backward(x, g->dI2, g->dI, fc1, NI);                                   /* dI2 d fc1 */
+    else
+        db_gelu_backward(x, g->dI2, g->dI, fc1, NI, DB_GELU_ERF);
+    db_linear_backward(x, g->dln, gl->fc1_w, gl->fc1_b, g->dI2, ln2, y->fc1_w, N, D, I);     /* (N, D) d ln2 */
+    db_layernorm_backward(x, g->dtmp, gl->ln2_w, gl->ln2_b, g->dln, a->ln2_mean + (size_t)l * N,
+                          a->ln2_rstd + (size_t)l * N, res, y->ln2_w, N, D);
+    db_add_forward(x, g->dres, g->dres, g->dtmp, ND);                                         /* d res */
+
+    /* attention half: res = inp + out_proj(attn(q, k, v)), q/k/v = proj(ln1(inp)) */
+    db_linear_backward(x, g->datt, gl->o_w, gl->o_b, g->dres, att, y->o_w, N, D, D);
+    db_attention_backward(x, g->dq, g->dk, g->dv, g->datt, att, a->att_lse + (size_t)l * N * NH, q, k, v, B, T, T,
+                          NH, D / NH, 1);
+    db_linear_backward(x, g->dln, gl->q_w, gl->q_b, g->dq, ln1, y->q_w, N, D, D);
+    db_linear_backward(x, g->dtmp, gl->k_w, gl->k_b, g->dk, ln1, y->k_w, N, D, D);
+    db_add_forward(x, g->dln, g->dln, g->dtmp, ND);
+    db_linear_backward(x, g->dtmp, gl->v_w, gl->v_b, g->dv, ln1, y->v_w, N, D, D);
+    db_add_forward(x, g->dln, g->dln, g->dtmp, ND);                                           /* d ln1 */
+    db_layernorm_backward(x, g->dtmp, gl->ln1_w, gl->ln1_b, g->dln, a->ln1_mean + (size_t)l * N,
+                          a->ln1_rstd + (size_t)l * N, inp, y->ln1_w, N, D);
+    return db_add_forward(x, g->dres, g->dres, g->dtmp, ND);                                  /* d inp */
+}
+
+int db_clip_backward(db_clip *c, db_weights *grads, const float *dlast, db_err *err)
+{
+    const db_text_arch *t = &c->arch;
+    if (!c->B)
+        return db_err_set(err, DB_EUSAGE, "text encoder: backward needs a forward first");
+    if (!grads || !dlast || grads->numel != c->w.numel || grads->n != c->w.n)
+        return db_err_set(err, DB_EUSAGE, "text encoder: backward: gradients not laid out like the weights");
+    const int B = c->B, T = c->T, D = t->hidden, L = t->layers;
+    const size_t N = (size_t)B * T, ND = N * D;
+    if (grads_reserve(c, N, err))
+        return -1;
+    db_clip_params gp;
+    if (db_clip_params_bind(&gp, grads, t, err))
+        return -1;
+    db_ctx *x = c->ctx;
+    db_clip_acts *a = &c->a;
+    int rc = 0;
+    db_layernorm_backward(x, c->g.dres, gp.lnf_w, gp.lnf_b, dlast, a->lnf_mean, a->lnf_rstd,
+                          a->hidden + (size_t)L * ND, c->p.lnf_w, (int)N, D);
+    if (x->err.code) {
+        rc = op_failed(c, err, "final layer norm backward");
+        goto out;
+    }
+    for (int l = L - 1; l >= 0; l--)
+        if (layer_backward(c, l, &gp.layers[l], B, T)) {
+            rc = op_failed(c, err, "layer %d backward", l);
+            goto out;
+        }
+    if (db_embedding_backward(x, gp.wte, gp.wpe, c->g.dres, a->ids, B, T, D, t->vocab_size))
+        rc = op_failed(c, err, "embeddings backward");
+out:
+    db_clip_params_free(&gp);
+    return rc;
 }

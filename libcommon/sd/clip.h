@@ -85,12 +85,23 @@ typedef struct db_clip_acts {
     float *mem;                       /* the one allocation */
 } db_clip_acts;
 
+/* Gradient workspace of the backward, sized for `cap` tokens. */
+typedef struct db_clip_grads_ws {
+    size_t cap;
+    float *dres;                      /* (N, D) d loss / d hidden[l], the residual stream */
+    float *dln, *dtmp;                /* (N, D) each */
+    float *dq, *dk, *dv, *datt;       /* (N, D) each */
+    float *dI, *dI2;                  /* (N, I) each */
+    float *mem;
+} db_clip_grads_ws;
+
 typedef struct db_clip {
     db_ctx *ctx;                      /* borrowed; every op runs on it */
     db_text_arch arch;
     db_weights w;                     /* the text encoder's weights, fp32, owned */
     db_clip_params p;                 /* bound to w */
     db_clip_acts a;                   /* of the last forward */
+    db_clip_grads_ws g;               /* of the last backward */
     int B, T;                         /* sizes of the last forward (0 before the first) */
 } db_clip;
 
@@ -118,6 +129,15 @@ const float *db_clip_hidden(const db_clip *c, int k);
 /* out (B, T, D) = final_layer_norm(hidden_states[k]) of the last forward:
  * A1111's "clip skip n" is k = L + 1 - n (n = 1 is last_hidden_state). */
 int db_clip_hidden_ln(db_clip *c, float *out, int k, db_err *err);
+
+/* Backward of the last forward with respect to last_hidden_state:
+ *   grads  same layout as the weights (db_weights_like of c->w): every
+ *          parameter's gradient accumulated (+=);
+ *   dlast  (B, T, D) d loss / d last_hidden_state, in the ctx's memory.
+ * The forward's activations must be intact (no forward, hidden_ln or trim
+ * since).  Deterministic for any thread count, as the ops are.  Returns 0,
+ * or -1 with err set. */
+int db_clip_backward(db_clip *c, db_weights *grads, const float *dlast, db_err *err);
 
 /* Release the activation workspace (it comes back on the next forward). */
 void db_clip_trim(db_clip *c);

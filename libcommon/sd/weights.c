@@ -45,6 +45,11 @@ int db_weights_load(db_weights *w, const db_model *m, int comp, db_err *err)
         if (db_tindex_read(&m->t, (size_t)d->key, w->data + d->offset, DB_F32, err))
             goto fail;
         db_tindex_release(&m->t, (size_t)d->key);
+        /* zero the alignment padding: flat loops (the optimizer, checksums,
+         * memcmp of whole buffers) read it, so it must be defined */
+        const size_t nk = (size_t)db_shape_numel(d->ndim, d->shape);
+        const size_t end = k + 1 < w->ix.n ? (size_t)w->ix.v[k + 1].offset : w->numel;
+        memset(w->data + d->offset + nk, 0, (end - (size_t)d->offset - nk) * sizeof(float));
     }
     return 0;
 fail:

@@ -1,0 +1,321 @@
+/* One DreamBooth training step (see train.h). */
+#include "train.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "clip.h"
+#include "sched.h"
+#include "unet.h"
+
+struct db_trainer {
+    db_ctx *ctx;
+    db_unet *unet;
+    db_clip *clip;
+    db_sched *sched;
+    db_train_opts o;
+    db_pred pred;
+    int ntrain;                  /* num_train_timesteps */
+    db_weights gu, mu, vu;       /* UNet gradients and AdamW moments */
+    db_weights gt, mt, vt;       /* text encoder's (train_text only) */
+    db_grad_ref *refs;           /* every gradient tensor, UNet first (clipping) */
+    size_t nrefs;
+    int64_t step;                /* optimizer steps done */
+    int micro;                   /* micro-batches accumulated since the last step */
+    double sum_loss, sum_inst, sum_prior;
+    /* buffers of the largest micro-batch seen */
+    size_t cap_lat, cap_ctx;
+    float *noisy, *pred_buf, *dpred; /* (B, C, H, W) each */
+    float *tsf;                  /* (B) timesteps as floats */
+    float *context, *dcontext;   /* (B, T, D) each */
+};
+
+db_train_opts db_train_opts_defaults(double lr, int64_t steps)
+{
+    db_train_opts o;
+    memset(&o, 0, sizeof o);
+    o.prior_weight = 1.0;
+    o.max_grad_norm = 1.0;
+    o.grad_accum = 1;
+    o.unet_hp = db_adamw_defaults(lr);
+    o.text_hp = db_adamw_defaults(lr);
+    o.unet_lr = db_lr_schedule_make(DB_LR_CONSTANT, lr, 0, steps);
+    o.text_lr = o.unet_lr;
+    return o;
+}
+
+void db_train_posterior_sample(float *out, const float *mean, const float *logvar, const float *eps, size_t n,
+                               float sf)
+{
+    for (size_t i = 0; i < n; i++) {
+        float lv = logvar[i];
+        lv = lv < -30.0f ? -30.0f : lv > 20.0f ? 20.0f : lv; /* DiagonalGaussianDistribution's clamp */
+        const float sd = expf(0.5f * lv);
+        const float se = sd * eps[i];
+        const float x = mean[i] + se;
+        out[i] = x * sf;
+    }
+}
+
+/* Append one gradient ref per tensor of g (in the table's order). */
+static int add_refs(db_trainer *t, db_weights *g, db_err *err)
+{
+    db_grad_ref *r = realloc(t->refs, (t->nrefs + g->n) * sizeof *r);
+    if (!r)
+        return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
+    t->refs = r;
+    for (size_t i = 0; i < g->ix.n; i++) {
+        const db_tentry *e = &g->ix.v[i];
+        size_t n = 1;
+        for (int d = 0; d < e->ndim; d++)
+            n *= (size_t)e->shape[d];
+        r[t->nrefs++] = (db_grad_ref){g->data + e->offset, n};
+    }
+    return 0;
+}
+
+int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db_train_opts *o, db_err *err)
+{
+    *out = NULL;
+    if (o->grad_accum < 1)
+        return db_err_set(err, DB_EUSAGE, "trainer: gradient accumulation must be at least 1 (got %d)",
+                          o->grad_accum);
+    db_trainer *t = calloc(1, sizeof *t);
+    if (!t)
+        return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
+    t->ctx = ctx;
+    t->o = *o;
+    if (db_sched_create(&t->sched, "ddpm", m->scheduler, err) || db_unet_create(&t->unet, ctx, m, err) ||
+        db_clip_create(&t->clip, ctx, m, err))
+        goto fail;
+    t->pred = db_sched_prediction(t->sched);
+    t->ntrain = db_sched_num_train_timesteps(t->sched);
+    if (t->pred == DB_PRED_SAMPLE) {
+        db_err_set(err, DB_EUNSUPP, "trainer: models predicting the sample are not supported (epsilon or v only)");
+        goto fail;
+    }
+    db_unet_keep_activations(t->unet, 1);
+    const db_weights *wu = db_unet_weights(t->unet);
+    if (db_weights_like(&t->gu, wu, err) || db_weights_like(&t->mu, wu, err) || db_weights_like(&t->vu, wu, err) ||
+        add_refs(t, &t->gu, err))
+        goto fail;
+    if (o->train_text) {
+        const db_weights *wt = &t->clip->w;
+        if (db_weights_like(&t->gt, wt, err) || db_weights_like(&t->mt, wt, err) ||
+            db_weights_like(&t->vt, wt, err) || add_refs(t, &t->gt, err))
+            goto fail;
+    }
+    *out = t;
+    return 0;
+fail:
+    db_err_prefix(err, "trainer");
+    db_trainer_free(t);
+    return -1;
+}
+
+void db_trainer_free(db_trainer *t)
+{
+    if (!t)
+        return;
+    db_unet_free(t->unet);
+    db_clip_free(t->clip);
+    db_sched_free(t->sched);
+    db_weights *all[] = {&t->gu, &t->mu, &t->vu, &t->gt, &t->mt, &t->vt};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+        if (all[i]->data)
+            db_weights_free(all[i]);
+    free(t->refs);
+    free(t->noisy);
+    free(t->pred_buf);
+    free(t->dpred);
+    free(t->tsf);
+    free(t->context);
+    free(t->dcontext);
+    free(t);
+}
+
+static int reserve(db_trainer *t, size_t nlat, size_t nctx, int B, db_err *err)
+{
+    if (nlat > t->cap_lat || (size_t)B > t->cap_lat) {
+        size_t n = nlat > (size_t)B ? nlat : (size_t)B;
+        free(t->noisy), free(t->pred_buf), free(t->dpred), free(t->tsf);
+        t->noisy = malloc(n * sizeof(float));
+        t->pred_buf = malloc(n * sizeof(float));
+        t->dpred = malloc(n * sizeof(float));
+        t->tsf = malloc(n * sizeof(float));
+        t->cap_lat = n;
+        if (!t->noisy || !t->pred_buf || !t->dpred || !t->tsf) {
+            t->cap_lat = 0;
+            return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
+        }
+    }
+    if (nctx > t->cap_ctx) {
+        free(t->context), free(t->dcontext);
+        t->context = malloc(nctx * sizeof(float));
+        t->dcontext = malloc(nctx * sizeof(float));
+        t->cap_ctx = nctx;
+        if (!t->context || !t->dcontext) {
+            t->cap_ctx = 0;
+            return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
+        }
+    }
+    return 0;
+}
+
+int db_trainer_accumulate(db_trainer *t, const db_train_batch *b, db_train_stats *s, db_err *err)
+{
+    const int B = b->B, ni = b->n_inst, np = B - ni;
+    if (B <= 0 || ni < 0 || ni > B || b->C <= 0 || b->H <= 0 || b->W <= 0 || b->T <= 0 || !b->latents ||
+        !b->noise || !b->timesteps || !b->ids)
+        return db_err_set(err, DB_EUSAGE, "trainer: bad batch (%d rows, %d instance)", B, ni);
+    const size_t per = (size_t)b->C * b->H * b->W, n = per * (size_t)B;
+    const int D = t->clip->arch.hidden;
+    const size_t nctx = (size_t)B * b->T * D;
+    if (reserve(t, n, nctx, B, err))
+        return -1;
+    for (int r = 0; r < B; r++) {
+        if (b->timesteps[r] < 0 || b->timesteps[r] >= t->ntrain)
+            return db_err_set(err, DB_EUSAGE, "trainer: timestep %lld outside [0, %d)", (long long)b->timesteps[r],
+                              t->ntrain);
+        t->tsf[r] = (float)b->timesteps[r];
+        if (db_sched_add_noise(t->sched, t->noisy + r * per, b->latents + r * per, b->noise + r * per, per,
+                               b->timesteps[r], err))
+            return -1;
+    }
+    /* text encoder forward (its activations are kept for the backward) */
+    if (db_clip_forward(t->clip, t->context, NULL, NULL, b->ids, B, b->T, err))
+        return -1;
+    if (db_unet_forward(t->unet, t->pred_buf, t->noisy, t->tsf, t->context, B, b->H, b->W, b->T, err))
+        return -1;
+
+    /* loss and d loss / d pred; target into dpred first */
+    float *target = t->dpred;
+    for (int r = 0; r < B; r++) {
+        if (t->pred == DB_PRED_V) {
+            if (db_sched_velocity(t->sched, target + r * per, b->latents + r * per, b->noise + r * per, per,
+                                  b->timesteps[r], err))
+                return -1;
+        } else
+            memcpy(target + r * per, b->noise + r * per, per * sizeof(float));
+    }
+    const float *acp = db_sched_alphas_cumprod(t->sched);
+    double li = 0, lp = 0;
+    const double scale = 1.0 / t->o.grad_accum;
+    for (int r = 0; r < B; r++) {
+        const int inst = r < ni;
+        double w = 1; /* the row's loss weight */
+        if (inst && t->o.snr_gamma > 0) {
+            const double a = acp[b->timesteps[r]], snr = a / (1 - a);
+            w = (snr < t->o.snr_gamma ? snr : t->o.snr_gamma) / snr + (t->pred == DB_PRED_V ? 1 : 0);
+        }
+        const float *p = t->pred_buf + r * per;
+        float *d = t->dpred + r * per; /* holds the target; overwritten with the gradient */
+        double sq = 0;
+        for (size_t i = 0; i < per; i++) {
+            const float e = p[i] - d[i];
+            sq += (double)e * e;
+            d[i] = e;
+        }
+        /* d loss / d pred for this row's elements: loss term = coef * sum e^2 */
+        const double coef = inst ? w / ((double)ni * per) : t->o.prior_weight / ((double)np * per);
+        const float g = (float)(2.0 * coef * scale);
+        for (size_t i = 0; i < per; i++)
+            d[i] *= g;
+        if (inst)
+            li += w * sq / per;
+        else
+            lp += sq / per;
+    }
+    li = ni ? li / ni : 0;
+    lp = np ? lp / np : 0;
+    const double loss = li + t->o.prior_weight * lp;
+    if (!isfinite(loss))
+        return db_err_set(err, DB_ENUMERIC, "trainer: the loss is %g (instance %g, prior %g): training diverged",
+                          loss, li, lp);
+
+    /* backward: UNet, then the text encoder through d context */
+    if (db_unet_backward(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, &t->gu, t->dpred, err))
+        return -1;
+    if (t->o.train_text && db_clip_backward(t->clip, &t->gt, t->dcontext, err))
+        return -1;
+    t->micro++;
+    t->sum_loss += loss, t->sum_inst += li, t->sum_prior += lp;
+    if (s) {
+        memset(s, 0, sizeof *s);
+        s->step = t->step;
+        s->loss = loss, s->loss_instance = li, s->loss_prior = lp;
+    }
+    return 0;
+}
+
+int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
+{
+    if (!t->micro)
+        return db_err_set(err, DB_EUSAGE, "trainer: an optimizer step without gradients");
+    /* without clipping the norm is still measured (reported and checked):
+     * an infinite maximum makes the coefficient 1, which leaves g as is */
+    const double norm = db_clip_grad_norm(t->refs, t->nrefs, t->o.max_grad_norm > 0 ? t->o.max_grad_norm : INFINITY);
+    if (!isfinite(norm))
+        return db_err_set(err, DB_ENUMERIC, "trainer: the gradient norm is %g at step %lld: training diverged",
+                          norm, (long long)t->step + 1);
+    const int64_t k = t->step + 1; /* AdamW's step count after this step */
+    db_adamw hu = t->o.unet_hp;
+    hu.lr = db_lr_at(&t->o.unet_lr, t->step);
+    db_weights *wu = (db_weights *)db_unet_weights(t->unet);
+    db_adamw_step_omp(wu->data, t->mu.data, t->vu.data, t->gu.data, wu->numel, &hu, k);
+    memset(t->gu.data, 0, t->gu.numel * sizeof(float));
+    double lr_text = 0;
+    if (t->o.train_text) {
+        db_adamw ht = t->o.text_hp;
+        ht.lr = lr_text = db_lr_at(&t->o.text_lr, t->step);
+        db_weights *wt = &t->clip->w;
+        db_adamw_step_omp(wt->data, t->mt.data, t->vt.data, t->gt.data, wt->numel, &ht, k);
+        memset(t->gt.data, 0, t->gt.numel * sizeof(float));
+    }
+    t->step = k;
+    if (s) {
+        s->step = k;
+        s->loss = t->sum_loss / t->micro;
+        s->loss_instance = t->sum_inst / t->micro;
+        s->loss_prior = t->sum_prior / t->micro;
+        s->grad_norm = norm;
+        s->lr = hu.lr;
+        s->lr_text = lr_text;
+    }
+    t->micro = 0;
+    t->sum_loss = t->sum_inst = t->sum_prior = 0;
+    return 0;
+}
+
+size_t db_trainer_grad_norms(const db_trainer *t, double *out, size_t n)
+{
+    for (size_t i = 0; i < t->nrefs && i < n; i++) {
+        double q = 0;
+        for (size_t e = 0; e < t->refs[i].n; e++)
+            q += (double)t->refs[i].g[e] * t->refs[i].g[e];
+        out[i] = sqrt(q);
+    }
+    return t->nrefs;
+}
+
+void db_trainer_state(db_trainer *t, db_train_state *st)
+{
+    memset(st, 0, sizeof *st);
+    st->unet = (db_weights *)db_unet_weights(t->unet);
+    st->unet_m = &t->mu;
+    st->unet_v = &t->vu;
+    if (t->o.train_text) {
+        st->text = &t->clip->w;
+        st->text_m = &t->mt;
+        st->text_v = &t->vt;
+    } else
+        st->text_frozen = &t->clip->w;
+    st->step = t->step;
+}
+
+void db_trainer_set_step(db_trainer *t, int64_t step) { t->step = step; }
+db_unet *db_trainer_unet(db_trainer *t) { return t->unet; }
+db_clip *db_trainer_clip(db_trainer *t) { return t->clip; }
+const db_sched *db_trainer_sched(const db_trainer *t) { return t->sched; }
+int db_trainer_num_timesteps(const db_trainer *t) { return t->ntrain; }

@@ -1,0 +1,123 @@
+/* One DreamBooth training step as diffusers' train_dreambooth.py (v0.27)
+ * computes it (DESIGN §6), with every random draw an input so the step is a
+ * pure function of (weights, optimizer state, draws):
+ *
+ *   latents  (B, C, H, W)  clean latents, already sampled from the VAE
+ *                          posterior and scaled (db_train_posterior_sample)
+ *   noisy    = sqrt(acp[t]) latents + sqrt(1 - acp[t]) noise
+ *   context  = text_encoder(ids).last_hidden_state     (B, T, D)
+ *   pred     = unet(noisy, t, context)
+ *   target   = noise (epsilon models) or sqrt(acp) noise - sqrt(1-acp) latents (v)
+ *   rows [0, n_inst) are instance rows, [n_inst, B) prior (class) rows:
+ *   loss_instance = mean over the instance rows of (pred - target)^2
+ *                   (min-SNR-gamma: mean over rows of w_b * mean_b, w_b =
+ *                   min(snr_b, gamma) / snr_b, + 1 for v-prediction, as
+ *                   train_dreambooth weights it; prior rows are not weighted)
+ *   loss_prior    = mean over the prior rows of (pred - target)^2
+ *   loss          = loss_instance + prior_weight * loss_prior
+ *
+ * Gradients of loss / grad_accum accumulate over grad_accum micro-batches
+ * (db_trainer_accumulate); db_trainer_apply then clips the global norm over
+ * the UNet's and the text encoder's gradients (in that order, as diffusers
+ * chains the parameter lists), takes one AdamW step per parameter group at
+ * the schedule's learning rate, and zeroes the gradients.
+ *
+ * A frozen text encoder costs one forward per micro-batch and no backward;
+ * the UNet does not compute d context then.
+ *
+ * Shape legend: B rows (instance + prior), C latent channels, H, W latent
+ * size, T tokens per prompt (77), D the text encoder's width. */
+#ifndef DB_TRAIN_H
+#define DB_TRAIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/ops.h"
+#include "libcommon/core/err.h"
+#include "libcommon/io/model.h"
+#include "libcommon/sd/optim.h"
+#include "libcommon/sd/weights.h"
+
+typedef struct db_unet db_unet;
+typedef struct db_clip db_clip;
+typedef struct db_sched db_sched;
+
+typedef struct db_train_opts {
+    int train_text;             /* 1: the text encoder is trained too */
+    int gradient_checkpointing; /* 1: the UNet recomputes block activations in the backward */
+    double prior_weight;        /* lambda (1.0) */
+    double snr_gamma;           /* min-SNR-gamma weighting; 0: off */
+    double max_grad_norm;       /* <= 0: no clipping (1.0) */
+    int grad_accum;             /* micro-batches per optimizer step (>= 1) */
+    db_adamw unet_hp, text_hp;  /* betas, eps, weight decay (lr comes from the schedules) */
+    db_lr_schedule unet_lr, text_lr;
+} db_train_opts;
+
+/* diffusers' defaults: prior weight 1, clip 1.0, no min-SNR, one
+ * micro-batch, AdamW 0.9/0.999/1e-8/1e-2, constant lr (both groups). */
+db_train_opts db_train_opts_defaults(double lr, int64_t steps);
+
+typedef struct db_train_batch {
+    int B, n_inst;              /* rows; the first n_inst are instance rows */
+    int C, H, W, T;
+    const float *latents;       /* (B, C, H, W) */
+    const float *noise;         /* (B, C, H, W) */
+    const int64_t *timesteps;   /* (B) in [0, num_train_timesteps) */
+    const int32_t *ids;         /* (B, T) token ids of each row's prompt */
+} db_train_batch;
+
+typedef struct db_train_stats {
+    int64_t step;               /* optimizer steps done after this call */
+    double loss, loss_instance, loss_prior; /* of the micro-batch (accumulate) or the mean over the step's (apply) */
+    double grad_norm;           /* global norm before clipping (apply) */
+    double lr, lr_text;         /* learning rates used by the step (apply) */
+} db_train_stats;
+
+typedef struct db_trainer db_trainer;
+
+/* Load the UNet and the text encoder of m onto ctx (borrowed) with
+ * gradient and optimizer buffers for what is trained.  m must stay open
+ * only for the call. */
+int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db_train_opts *o, db_err *err);
+void db_trainer_free(db_trainer *t);
+
+/* Forward and backward of one micro-batch; gradients accumulate.  A
+ * non-finite loss is refused (DB_ENUMERIC) before anything is
+ * accumulated.  s may be NULL. */
+int db_trainer_accumulate(db_trainer *t, const db_train_batch *b, db_train_stats *s, db_err *err);
+
+/* Clip, AdamW, zero the gradients, step + 1.  Refused (weights untouched)
+ * when the gradient norm is not finite or no micro-batch was accumulated. */
+int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err);
+
+/* L2 norm of each accumulated gradient tensor, the UNet's in its table
+ * order then the text encoder's (when trained): out[0 .. min(n, count)).
+ * Returns the count of gradient tensors. */
+size_t db_trainer_grad_norms(const db_trainer *t, double *out, size_t n);
+
+/* The state a checkpoint holds: the trained weights and moments (NULL when
+ * that group is frozen) and the step count. */
+typedef struct db_train_state {
+    db_weights *unet, *unet_m, *unet_v;
+    db_weights *text, *text_m, *text_v;  /* NULL when the text encoder is frozen */
+    db_weights *text_frozen;             /* the frozen text encoder's weights, else NULL */
+    int64_t step;
+} db_train_state;
+void db_trainer_state(db_trainer *t, db_train_state *st);
+/* Set the step count (resume; the weights and moments are loaded through
+ * the pointers of db_trainer_state). */
+void db_trainer_set_step(db_trainer *t, int64_t step);
+
+db_unet *db_trainer_unet(db_trainer *t);
+db_clip *db_trainer_clip(db_trainer *t);
+const db_sched *db_trainer_sched(const db_trainer *t);
+int db_trainer_num_timesteps(const db_trainer *t);
+
+/* Clean latents from a stored posterior, as DiagonalGaussianDistribution
+ * .sample() * scaling_factor, in float32 with torch's rounding order:
+ *   out = (mean + exp(0.5 * clamp(logvar, -30, 20)) * eps) * sf      (n,) */
+void db_train_posterior_sample(float *out, const float *mean, const float *logvar, const float *eps, size_t n,
+                               float sf);
+
+#endif
