@@ -76,10 +76,11 @@ struct db_unet {
     float *temb_s; /* (B, E) silu(temb): what every ResBlock projects */
     /* workspace */
     int keep;      /* keep every block's activations (training) */
+    int ckpt;      /* gradient checkpointing asked for (meaningful with keep only) */
     float *ws;
     size_t ws_cap; /* floats */
     const float *sample, *context; /* the last forward's inputs (the caller's; read by the backward) */
-    int pB, pH, pW, pTc, pkeep; /* sizes of the current layout (pB 0: none) */
+    int pB, pH, pW, pTc, pkeep, pckpt; /* sizes and mode of the current layout (pB 0: none) */
     double times[DB_UNET_NT];   /* seconds per block kind, last forward */
     /* gradient workspace (backward), laid out per (B, H, W, Tc) like ws */
     float *gws;
@@ -93,11 +94,19 @@ struct db_unet {
 
 /* ---- building the step list ------------------------------------------------------ */
 
+/* A UNet built from the architecture alone (db_unet_train_bytes_arch: its
+ * weights have no data) only sizes workspaces; every weight pointer is this
+ * one, never read.  What steps exist and their sizes come from the
+ * architecture either way, so the layouts are the same as a loaded UNet's. */
+static const float no_weights;
+
 /* Fetch a weight or fail: dst = tensor of `numel` elements named fmt. */
-#define GET(dst, numel, ...)                                                   \
-    do {                                                                       \
-        if (!((dst) = db_weights_get(w, err, (int64_t)(numel), __VA_ARGS__))) \
-            return -1;                                                         \
+#define GET(dst, numel, ...)                                                          \
+    do {                                                                              \
+        if (!w->data)                                                                 \
+            (dst) = &no_weights;                                                      \
+        else if (!((dst) = db_weights_get(w, err, (int64_t)(numel), __VA_ARGS__))) \
+            return -1;                                                                \
     } while (0)
 
 static int get_resblock(db_resblock *r, const db_weights *w, const db_unet_arch *a, int C, int OC, const char *base,
@@ -180,6 +189,26 @@ static int get_conv(step *s, const db_weights *w, int k, db_err *err)
     return 0;
 }
 
+/* The time MLP: linear_1 (E, C0), (E); linear_2 (E, E), (E). */
+static int get_time_mlp(db_unet *u, db_err *err)
+{
+    const db_weights *w = &u->w;
+    const int E = u->a.time_embed_dim, C0 = u->a.block_out[0];
+    GET(u->t1_w, (int64_t)E * C0, "time_embed.0.weight");
+    GET(u->t1_b, E, "time_embed.0.bias");
+    GET(u->t2_w, (int64_t)E * E, "time_embed.2.weight");
+    GET(u->t2_b, E, "time_embed.2.bias");
+    return 0;
+}
+
+/* The output head: GroupNorm (C0), (C0), then conv_out. */
+static int get_head(step *s, const db_weights *w, db_err *err)
+{
+    GET(s->gn_w, s->C, "out.0.weight");
+    GET(s->gn_b, s->C, "out.0.bias");
+    return get_conv(s, w, 3, err);
+}
+
 #undef GET
 
 /* Append a step reading the previous step's output. */
@@ -217,14 +246,11 @@ static int add_transformer(db_unet *u, int level, int C, int NH, const char *nam
 static int build(db_unet *u, db_err *err)
 {
     const db_unet_arch *a = &u->a;
-    const int L = a->nlevels, lpb = a->layers_per_block, C0 = a->block_out[0], E = a->time_embed_dim;
+    const int L = a->nlevels, lpb = a->layers_per_block, C0 = a->block_out[0];
     const db_weights *w = &u->w;
     char name[48];
 
-    if (!(u->t1_w = db_weights_get(w, err, (int64_t)E * C0, "time_embed.0.weight")) ||
-        !(u->t1_b = db_weights_get(w, err, E, "time_embed.0.bias")) ||
-        !(u->t2_w = db_weights_get(w, err, (int64_t)E * E, "time_embed.2.weight")) ||
-        !(u->t2_b = db_weights_get(w, err, E, "time_embed.2.bias")))
+    if (get_time_mlp(u, err))
         return -1;
 
     /* an upper bound of the steps: conv_in, down, mid, up, head */
@@ -296,8 +322,7 @@ static int build(db_unet *u, db_err *err)
     }
 
     s = push(u, ST_OUT, 0, 0, C0, a->out_channels, "out.2");
-    if (get_conv(s, w, 3, err) || !(s->gn_w = db_weights_get(w, err, C0, "out.0.weight")) ||
-        !(s->gn_b = db_weights_get(w, err, C0, "out.0.bias")))
+    if (get_head(s, w, err))
         goto done;
     rc = 0;
 done:
@@ -355,11 +380,17 @@ static size_t step_acts(step *s, float *base, const db_unet_arch *a, int B, int 
 
 /* Lay the workspace out for these sizes at base (NULL: only count);
  * returns the floats needed.
- *   keep:  [time embedding][per step: output, activations]...
- *   !keep: [time embedding][skip outputs][stream 0][stream 1][shared activations]
- *          other outputs alternate between the two streams (never the
- *          step's own input), all steps' activations share one region. */
-static size_t layout(db_unet *u, float *base, int B, int H, int W, int Tc, int keep)
+ *   keep:       [time embedding][per step: output, activations]...
+ *   keep, ckpt: [time embedding][per step: output]...[shared activations]
+ *               every output is some step's input (or a skip), which is what
+ *               a step's forward needs to be re-run from; the activations
+ *               live only while one step's backward runs, so the region is
+ *               the largest step's (gradient checkpointing per block, as
+ *               diffusers' enable_gradient_checkpointing).
+ *   !keep:      [time embedding][skip outputs][stream 0][stream 1][shared activations]
+ *               other outputs alternate between the two streams (never the
+ *               step's own input), all steps' activations share one region. */
+static size_t layout(db_unet *u, float *base, int B, int H, int W, int Tc, int keep, int ckpt)
 {
     carver k = {base, 0};
     const size_t E = (size_t)u->a.time_embed_dim;
@@ -369,17 +400,18 @@ static size_t layout(db_unet *u, float *base, int B, int H, int W, int Tc, int k
     u->temb = take(&k, B * E);
     u->temb_s = take(&k, B * E);
 
+    const int share = !keep || ckpt; /* all steps' activations in one region */
+    size_t smax = 0, amax = 0;       /* largest streamed output, largest step's activations */
+    for (int i = 0; i < u->ns; i++) {
+        step *s = &u->s[i];
+        size_t n = out_numel(s, B, H, W), m = step_acts(s, NULL, &u->a, B, H, W, Tc);
+        if (!s->is_skip && n > smax)
+            smax = n;
+        if (m > amax)
+            amax = m;
+    }
     float *stream[2] = {NULL, NULL}, *shared = NULL;
     if (!keep) {
-        size_t smax = 0, amax = 0;
-        for (int i = 0; i < u->ns; i++) {
-            step *s = &u->s[i];
-            size_t n = out_numel(s, B, H, W), m = step_acts(s, NULL, &u->a, B, H, W, Tc);
-            if (!s->is_skip && n > smax)
-                smax = n;
-            if (m > amax)
-                amax = m;
-        }
         stream[0] = take(&k, smax);
         stream[1] = take(&k, smax);
         shared = take(&k, amax);
@@ -393,23 +425,32 @@ static size_t layout(db_unet *u, float *base, int B, int H, int W, int Tc, int k
             s->out = take(&k, out_numel(s, B, H, W));
         else
             s->out = in && in == stream[0] ? stream[1] : stream[0];
-        if (keep) {
+        if (!share) {
             size_t m = step_acts(s, NULL, &u->a, B, H, W, Tc);
             step_acts(s, take(&k, m), &u->a, B, H, W, Tc);
-        } else {
-            step_acts(s, shared, &u->a, B, H, W, Tc);
         }
     }
+    if (keep && ckpt) /* after the outputs: carved once all of them are placed */
+        shared = take(&k, amax);
+    for (int i = 0; share && i < u->ns; i++)
+        step_acts(&u->s[i], shared, &u->a, B, H, W, Tc);
     return k.used;
 }
 
+/* Checkpointing is a way of keeping activations: off for inference. */
+static int ckpt_mode(const db_unet *u) { return u->keep && u->ckpt; }
+
 static int plan(db_unet *u, int B, int H, int W, int Tc, db_err *err)
 {
-    if (u->pB == B && u->pH == H && u->pW == W && u->pTc == Tc && u->pkeep == u->keep)
+    const int ckpt = ckpt_mode(u);
+    if (u->pB == B && u->pH == H && u->pW == W && u->pTc == Tc && u->pkeep == u->keep && u->pckpt == ckpt)
         return 0;
-    size_t n = layout(u, NULL, B, H, W, Tc, u->keep);
-    if (n > u->ws_cap) {
+    size_t n = layout(u, NULL, B, H, W, Tc, u->keep, ckpt);
+    /* The workspace only grows with the sizes, but a change of mode
+     * re-allocates it to fit: turning checkpointing on gives memory back. */
+    if (n > u->ws_cap || (u->pB && (u->pkeep != u->keep || u->pckpt != ckpt) && n != u->ws_cap)) {
         free(u->ws);
+        u->ws = NULL;
         u->ws_cap = 0;
         u->pB = 0;
         if (n > SIZE_MAX / sizeof(float) - 64 ||
@@ -418,8 +459,8 @@ static int plan(db_unet *u, int B, int H, int W, int Tc, db_err *err)
                               n * sizeof(float) >> 20, B, H, W);
         u->ws_cap = n;
     }
-    layout(u, u->ws, B, H, W, Tc, u->keep);
-    u->pB = B, u->pH = H, u->pW = W, u->pTc = Tc, u->pkeep = u->keep;
+    layout(u, u->ws, B, H, W, Tc, u->keep, ckpt);
+    u->pB = B, u->pH = H, u->pW = W, u->pTc = Tc, u->pkeep = u->keep, u->pckpt = ckpt;
     return 0;
 }
 
@@ -473,21 +514,7 @@ void db_unet_free(db_unet *u)
 }
 
 void db_unet_keep_activations(db_unet *u, int keep) { u->keep = keep != 0; }
-
-size_t db_unet_workspace_bytes(const db_unet *u, int B, int H, int W, int Tc)
-{
-    /* layout only writes pointers into u; count on a copy of the steps */
-    db_unet tmp = *u;
-    tmp.s = malloc((size_t)u->ns * sizeof *u->s);
-    if (!tmp.s)
-        return 0;
-    memcpy(tmp.s, u->s, (size_t)u->ns * sizeof *u->s);
-    for (int i = 0; i < tmp.ns; i++)
-        tmp.s[i].ta.blk = NULL; /* shared with u: counting must not touch them */
-    size_t n = layout(&tmp, NULL, B, H, W, Tc, u->keep);
-    free(tmp.s);
-    return n > SIZE_MAX / sizeof(float) ? 0 : n * sizeof(float);
-}
+void db_unet_checkpointing(db_unet *u, int on) { u->ckpt = on != 0; }
 
 const db_unet_arch *db_unet_arch_of(const db_unet *u) { return &u->a; }
 void db_unet_last_times(const db_unet *u, double t[DB_UNET_NT]) { memcpy(t, u->times, sizeof u->times); }
@@ -516,6 +543,54 @@ static int time_kind(step_kind k)
 static int op_failed(db_unet *u, const char *part, db_err *err)
 {
     return db_err_set(err, u->ctx->err.code, "unet: %s: %s", part, u->ctx->err.msg);
+}
+
+/* Step s's forward from the inputs of the last forward (u->sample,
+ * u->context, the kept outputs and time embedding): its output into s->out
+ * (the output head: into out) and its saved activations into s's acts.
+ * recompute: the backward's re-run under checkpointing, which only needs the
+ * activations; a ResBlock or Transformer2D rewrites its kept output (the
+ * same ops on the same inputs give the same bits), the convolutions whose
+ * outputs nothing reads again are skipped. */
+static void run_step(db_unet *u, step *s, float *out, int B, int H, int W, int Tc, int recompute)
+{
+    db_ctx *c = u->ctx;
+    const db_unet_arch *a = &u->a;
+    const float *in = s->in >= 0 ? u->s[s->in].out : u->sample;
+    const int h = H >> s->lin, wd = W >> s->lin, hw = h * wd;
+    switch (s->kind) {
+    case ST_CONV_IN: /* (B, in_channels, H, W) -> (B, C0, H, W); saves nothing */
+        if (!recompute)
+            db_conv2d_forward(c, s->out, in, s->conv_w, s->conv_b, B, s->C, h, wd, s->OC, 3, 3, 1, 1, 1);
+        break;
+    case ST_RES:
+        if (s->skip >= 0) { /* cat(h (B, C - Cs, hw), skip (B, Cs, hw)) */
+            const int cs = u->s[s->skip].OC;
+            db_concat_channels_forward(c, s->cat, in, u->s[s->skip].out, B, s->C - cs, cs, hw);
+            in = s->cat;
+        }
+        db_resblock_forward(c, s->out, &s->ra, in, u->temb_s, &s->res, B, h, wd);
+        break;
+    case ST_ATTN:
+        db_transformer2d_forward(c, s->out, &s->ta, in, u->context, &s->tr, B, h, wd, Tc);
+        break;
+    case ST_DOWN: /* (B, C, h, w) -> (B, C, h/2, w/2); saves nothing */
+        if (!recompute)
+            db_conv2d_forward(c, s->out, in, s->conv_w, s->conv_b, B, s->C, h, wd, s->OC, 3, 3, 2, 1, 1);
+        break;
+    case ST_UP: /* (B, C, h, w) -> (B, C, 2h, 2w); saves up, the conv's input */
+        db_upsample_nearest2x_forward(c, s->up, in, B, s->C, h, wd);
+        if (!recompute)
+            db_conv2d_forward(c, s->out, s->up, s->conv_w, s->conv_b, B, s->C, 2 * h, 2 * wd, s->OC, 3, 3, 1, 1,
+                              1);
+        break;
+    case ST_OUT: /* conv_out(silu(GN(h))): (B, C0, H, W) -> (B, out_channels, H, W); saves the GN */
+        db_groupnorm_forward(c, s->hn, s->mean, s->rstd, in, s->gn_w, s->gn_b, B, s->C, hw, a->norm_groups,
+                             (float)a->norm_eps, 1);
+        if (!recompute)
+            db_conv2d_forward(c, out, s->hn, s->conv_w, s->conv_b, B, s->C, h, wd, s->OC, 3, 3, 1, 1, 1);
+        break;
+    }
 }
 
 int db_unet_forward(db_unet *u, float *out, const float *sample, const float *timesteps, const float *context, int B,
@@ -555,36 +630,7 @@ int db_unet_forward(db_unet *u, float *out, const float *sample, const float *ti
 
     for (int i = 0; i < u->ns; i++) {
         step *s = &u->s[i];
-        const float *in = s->in >= 0 ? u->s[s->in].out : sample;
-        const int h = H >> s->lin, wd = W >> s->lin, hw = h * wd;
-        switch (s->kind) {
-        case ST_CONV_IN: /* (B, in_channels, H, W) -> (B, C0, H, W) */
-            db_conv2d_forward(c, s->out, in, s->conv_w, s->conv_b, B, s->C, h, wd, s->OC, 3, 3, 1, 1, 1);
-            break;
-        case ST_RES:
-            if (s->skip >= 0) { /* cat(h (B, C - Cs, hw), skip (B, Cs, hw)) */
-                const int cs = u->s[s->skip].OC;
-                db_concat_channels_forward(c, s->cat, in, u->s[s->skip].out, B, s->C - cs, cs, hw);
-                in = s->cat;
-            }
-            db_resblock_forward(c, s->out, &s->ra, in, u->temb_s, &s->res, B, h, wd);
-            break;
-        case ST_ATTN:
-            db_transformer2d_forward(c, s->out, &s->ta, in, context, &s->tr, B, h, wd, Tc);
-            break;
-        case ST_DOWN: /* (B, C, h, w) -> (B, C, h/2, w/2) */
-            db_conv2d_forward(c, s->out, in, s->conv_w, s->conv_b, B, s->C, h, wd, s->OC, 3, 3, 2, 1, 1);
-            break;
-        case ST_UP: /* (B, C, h, w) -> (B, C, 2h, 2w) */
-            db_upsample_nearest2x_forward(c, s->up, in, B, s->C, h, wd);
-            db_conv2d_forward(c, s->out, s->up, s->conv_w, s->conv_b, B, s->C, 2 * h, 2 * wd, s->OC, 3, 3, 1, 1, 1);
-            break;
-        case ST_OUT: /* conv_out(silu(GN(h))): (B, C0, H, W) -> (B, out_channels, H, W) */
-            db_groupnorm_forward(c, s->hn, s->mean, s->rstd, in, s->gn_w, s->gn_b, B, s->C, hw, a->norm_groups,
-                                 (float)a->norm_eps, 1);
-            db_conv2d_forward(c, out, s->hn, s->conv_w, s->conv_b, B, s->C, h, wd, s->OC, 3, 3, 1, 1, 1);
-            break;
-        }
+        run_step(u, s, out, B, H, W, Tc, 0);
         if (c->err.code)
             return op_failed(u, s->name, err);
         t0 = t1;
@@ -716,6 +762,11 @@ int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *gr
         const size_t nin = (size_t)B * s->C * hw;
         if (s->kind != ST_OUT && !s->dset) /* cannot happen: every output is read */
             return db_err_set(err, DB_EUSAGE, "unet: backward: %s got no gradient", s->name);
+        if (u->pckpt) { /* the step's activations, from its kept input, into the shared region */
+            run_step(u, s, NULL, B, H, W, Tc, 1);
+            if (c->err.code)
+                return op_failed(u, s->name, err);
+        }
         switch (s->kind) {
         case ST_CONV_IN:
             db_conv2d_backward(c, dsample, gp(g, s->conv_w), gp(g, s->conv_b), d, in, s->conv_w, B, s->C, h, wd,
@@ -775,3 +826,59 @@ int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *gr
     }
     return 0;
 }
+
+/* ---- memory accounting ------------------------------------------------------------------- */
+
+/* Floats of the forward workspace (and, with grads, of the gradient
+ * workspace) at these sizes in u's current mode.  The layouts only write
+ * pointers into u; they count on a copy of the steps. */
+static size_t count_floats(const db_unet *u, int B, int H, int W, int Tc, int grads)
+{
+    db_unet tmp = *u;
+    tmp.s = malloc((size_t)u->ns * sizeof *u->s);
+    if (!tmp.s)
+        return 0;
+    memcpy(tmp.s, u->s, (size_t)u->ns * sizeof *u->s);
+    for (int i = 0; i < tmp.ns; i++)
+        tmp.s[i].ta.blk = NULL; /* shared with u: counting must not touch them */
+    size_t n = layout(&tmp, NULL, B, H, W, Tc, u->keep, ckpt_mode(u));
+    if (grads)
+        n += grad_layout(&tmp, NULL, B, H, W, Tc);
+    free(tmp.s);
+    return n;
+}
+
+static size_t floats_to_bytes(size_t n) { return n > SIZE_MAX / sizeof(float) ? 0 : n * sizeof(float); }
+
+size_t db_unet_workspace_bytes(const db_unet *u, int B, int H, int W, int Tc)
+{
+    return floats_to_bytes(count_floats(u, B, H, W, Tc, 0));
+}
+
+size_t db_unet_train_bytes(const db_unet *u, int B, int H, int W, int Tc)
+{
+    return floats_to_bytes(count_floats(u, B, H, W, Tc, u->keep));
+}
+
+size_t db_unet_train_bytes_arch(const db_unet_arch *a, int B, int H, int W, int Tc, int checkpointing)
+{
+    /* the step list of a UNet without weights: sizes only (see no_weights) */
+    db_unet *u = calloc(1, sizeof *u);
+    db_err err = {0};
+    size_t n = 0;
+    if (!u)
+        return 0;
+    u->a = *a;
+    db_arch full;
+    memset(&full, 0, sizeof full);
+    full.unet = *a;
+    if (db_arch_validate_comps(&full, DB_COMP_BIT(DB_COMP_UNET), &err) == 0 && build(u, &err) == 0) {
+        u->keep = 1;
+        u->ckpt = checkpointing != 0;
+        n = db_unet_train_bytes(u, B, H, W, Tc);
+    }
+    db_unet_free(u);
+    return n;
+}
+
+size_t db_unet_allocated_bytes(const db_unet *u) { return floats_to_bytes(u->ws_cap + u->gws_cap); }

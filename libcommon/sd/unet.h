@@ -15,10 +15,23 @@
  * upsampler, output head) whose weight pointers are resolved once by CompVis
  * name; each step runs a block forward of blocks.h that saves the
  * activations its backward will need.  Activation memory is one workspace
- * owned by the UNet, laid out per (B, H, W, Tc) and kept until the sizes
- * grow: with keep_activations off (inference, the default) the skips are
- * kept and all blocks share one scratch region; with it on (training) every
- * step keeps its output and its saved activations until the next forward.
+ * owned by the UNet, laid out per (B, H, W, Tc) and mode, and kept until the
+ * sizes grow or the mode changes.  Three modes:
+ *   inference (keep_activations off, the default): the skips are kept, the
+ *     other outputs alternate between two buffers and all blocks share one
+ *     activation region;
+ *   training (keep_activations on): every step keeps its output and its
+ *     saved activations until the next forward;
+ *   training with gradient checkpointing (keep_activations and checkpointing
+ *     on; diffusers' enable_gradient_checkpointing, per block): every step
+ *     keeps only its output (the next step's input, or a skip), and all
+ *     blocks' activations share one region sized for the largest block.  The
+ *     backward re-runs each step's forward into that region just before the
+ *     step's backward: about one more forward of compute for a workspace of
+ *     the outputs plus one block's activations (tiny model at 16x16: 0.16 x
+ *     the plain training workspace; SD1.5 at 64x64, B=2, with the gradient
+ *     workspace: 0.25 x).  The same ops on the same inputs give the same
+ *     bits, so the gradients are bit-identical to the plain training mode's.
  *
  * db_unet_backward walks the steps in reverse through the blocks' backward
  * functions: the up path's concat splits its gradient between the previous
@@ -69,6 +82,15 @@ int db_unet_forward(db_unet *u, float *out, const float *sample, const float *ti
  * next forward. */
 void db_unet_keep_activations(db_unet *u, int keep);
 
+/* Gradient checkpointing (the trainer's --gradient-checkpointing): 1 = a
+ * training forward keeps only each step's output and the time embedding,
+ * and the backward recomputes each block's activations (see the top of this
+ * file); 0 = off (default).  Only meaningful with keep_activations on (an
+ * inference forward ignores it).  Takes effect at the next forward: a
+ * backward follows the mode of the forward it differentiates.  Changing
+ * mode re-allocates the workspace to the new mode's size. */
+void db_unet_checkpointing(db_unet *u, int on);
+
 /* Backward of the last forward, which must have been made with
  * keep_activations on; its sample and context must still hold what they held
  * (so that forward's out must not have been its sample).
@@ -83,9 +105,22 @@ void db_unet_keep_activations(db_unet *u, int keep);
 int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *grads, const float *dout,
                      db_err *err);
 
-/* Workspace bytes a forward of these sizes needs in the current mode (for
- * memory plans); 0 on overflow. */
+/* Memory plans (trainer --plan).  Nothing is allocated; 0 on overflow.
+ * Workspace bytes a forward of these sizes needs in the current mode. */
 size_t db_unet_workspace_bytes(const db_unet *u, int B, int H, int W, int Tc);
+/* Bytes a forward + backward of these sizes needs in the current mode: the
+ * forward workspace plus the gradient workspace (step-output gradients, the
+ * blocks' backward scratch).  Not counted: the weights, the caller's
+ * gradient buffer (as large as the weights) and optimizer state, the
+ * caller's tensors, and the ops' own scratch in the ctx (backend temporaries,
+ * e.g. oneDNN's).  With keep_activations off: the forward workspace only. */
+size_t db_unet_train_bytes(const db_unet *u, int B, int H, int W, int Tc);
+/* The same from an architecture alone, no weights loaded (e.g. SD1.5 sizes
+ * on a small machine), with keep_activations on and checkpointing as given;
+ * 0 also for an invalid architecture. */
+size_t db_unet_train_bytes_arch(const db_unet_arch *a, int B, int H, int W, int Tc, int checkpointing);
+/* Bytes of the forward and gradient workspaces allocated now. */
+size_t db_unet_allocated_bytes(const db_unet *u);
 
 /* Wall seconds the last forward spent per kind of block (CPU ops are
  * synchronous; a GPU backend would have to synchronise to fill this). */
