@@ -1,7 +1,8 @@
 /* db-ckpt: inspect, convert, verify, diff and initialise checkpoints.
  *
- *   db-ckpt info MODEL [--json]
+ *   db-ckpt info MODEL|CKPT_DIR|RUN_DIR [--json]
  *   db-ckpt convert MODEL OUT [--to diffusers|safetensors] [--dtype fp32|fp16|bf16]
+ *   db-ckpt export CKPT_DIR|RUN_DIR OUT [--to ...] [--dtype ...] [--model BASE] [--force]
  *   db-ckpt diff A B [--tol X]
  *   db-ckpt verify FILE
  *   db-ckpt init --arch sd15|tiny [--config DIR] [--seed N] [--dtype ...] OUT
@@ -9,16 +10,19 @@
  *
  * Exit status: 0 success, 1 failure (for diff: the models differ), 2 usage
  * error (for diff: trouble reading them), as cmp(1) does. */
+#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "libcommon/core/cli.h"
 #include "libcommon/core/fsutil.h"
 #include "libcommon/core/log.h"
 #include "libcommon/core/progress.h"
 #include "libcommon/core/version.h"
+#include "libcommon/io/json.h"
 #include "libcommon/io/model.h"
 #include "libcommon/sd/arch.h"
 #include "libcommon/sd/init.h"
@@ -100,6 +104,317 @@ static void print_stats(const char *label, const db_comp_stats *s)
     printf(")\n");
 }
 
+/* ---- training checkpoints ----------------------------------------------------
+ * db-train writes RUN_DIR/ckpt-NNNNNN/ (NNNNNN: optimizer steps done):
+ * model.safetensors (the trained components, fp32, CompVis names),
+ * optimizer.safetensors, state.json and config.json.  See db-ckpt(1), FILES. */
+
+#define TRAIN_CKPT_FORMAT "dreambooth-c/ckpt"
+
+typedef struct train_ckpt {
+    char *dir;       /* the ckpt-NNNNNN folder */
+    json_t *state;   /* its state.json */
+    int64_t step;
+    int64_t *steps;  /* for a run folder: every checkpoint's step, ascending */
+    size_t nsteps;
+} train_ckpt;
+
+static void train_ckpt_free(train_ckpt *ck)
+{
+    free(ck->dir);
+    json_decref(ck->state);
+    free(ck->steps);
+    memset(ck, 0, sizeof *ck);
+}
+
+static int has_file(const char *dir, const char *name)
+{
+    char p[4200];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    return db_exists(p);
+}
+
+/* A folder that means to be a training checkpoint (a missing state.json is
+ * then an error, not a reason to read it as a model). */
+static int looks_like_train_ckpt(const char *path)
+{
+    return db_is_dir(path) && !has_file(path, "model_index.json") &&
+           (has_file(path, "state.json") || has_file(path, "optimizer.safetensors"));
+}
+
+/* DIR/state.json, checked to be a checkpoint's, with its step. */
+static int load_state(const char *dir, json_t **state, int64_t *step, db_err *e)
+{
+    char p[4200];
+    snprintf(p, sizeof p, "%s/state.json", dir);
+    json_t *s = db_json_load_object(p, e);
+    if (!s)
+        return -1;
+    const char *fmt = json_string_value(json_object_get(s, "format"));
+    json_t *st = json_object_get(s, "step");
+    if (!fmt || strcmp(fmt, TRAIN_CKPT_FORMAT)) {
+        db_err_set(e, DB_EFORMAT, "%s: \"format\" is %s%s%s, not \"" TRAIN_CKPT_FORMAT "\"", p, fmt ? "\"" : "",
+                   fmt ? fmt : "missing", fmt ? "\"" : "");
+    } else if (!json_is_integer(st) || json_integer_value(st) < 0) {
+        db_err_set(e, DB_EFORMAT, "%s: \"step\" is %s, not a step count", p,
+                   st ? db_json_type_name(st) : "missing");
+    } else {
+        *state = s;
+        *step = json_integer_value(st);
+        return 0;
+    }
+    json_decref(s);
+    return -1;
+}
+
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The steps of RUN/ckpt-NNNNNN folders, ascending (hidden temporaries such
+ * as .ckpt-000800.tmp-* do not match). */
+static int list_ckpts(const char *run, int64_t **steps, size_t *n, db_err *e)
+{
+    *steps = NULL;
+    *n = 0;
+    DIR *d = opendir(run);
+    if (!d)
+        return db_err_errno(e, run);
+    size_t cap = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        const char *s = de->d_name;
+        if (strncmp(s, "ckpt-", 5) || !s[5] || strspn(s + 5, "0123456789") != strlen(s + 5) || strlen(s + 5) > 12)
+            continue;
+        char p[4200];
+        snprintf(p, sizeof p, "%s/%s", run, s);
+        if (!db_is_dir(p))
+            continue;
+        if (*n == cap) {
+            cap = cap ? 2 * cap : 16;
+            int64_t *ns = realloc(*steps, cap * sizeof *ns);
+            if (!ns) {
+                closedir(d);
+                return db_err_set(e, DB_ENOMEM, "out of memory");
+            }
+            *steps = ns;
+        }
+        (*steps)[(*n)++] = strtoll(s + 5, NULL, 10);
+    }
+    closedir(d);
+    if (*n)
+        qsort(*steps, *n, sizeof **steps, cmp_i64);
+    return 0;
+}
+
+static char *ckpt_path(const char *run, int64_t step)
+{
+    char name[32];
+    snprintf(name, sizeof name, "ckpt-%06lld", (long long)step);
+    return db_path_join(run, name);
+}
+
+/* PATH is a checkpoint folder, or a run folder whose latest complete
+ * checkpoint (the largest step whose state.json reads and that has a
+ * model.safetensors) is taken.  Returns 1 when PATH is neither (nothing
+ * set), 0 when found, -1 on error. */
+static int find_train_ckpt(const char *path, train_ckpt *ck, db_err *e)
+{
+    memset(ck, 0, sizeof *ck);
+    if (looks_like_train_ckpt(path)) {
+        if (load_state(path, &ck->state, &ck->step, e))
+            return -1;
+        ck->dir = strdup(path);
+        return 0;
+    }
+    if (!db_is_dir(path) || has_file(path, "model_index.json"))
+        return 1;
+    if (list_ckpts(path, &ck->steps, &ck->nsteps, e))
+        return -1;
+    if (!ck->nsteps) {
+        free(ck->steps);
+        ck->steps = NULL;
+        return 1;
+    }
+    db_err first = {0};
+    for (size_t i = ck->nsteps; i-- > 0;) {
+        char *dir = ckpt_path(path, ck->steps[i]);
+        db_err why = {0};
+        if (!load_state(dir, &ck->state, &ck->step, &why)) {
+            if (has_file(dir, "model.safetensors")) {
+                ck->dir = dir;
+                return 0;
+            }
+            json_decref(ck->state);
+            ck->state = NULL;
+            db_err_set(&why, DB_EFORMAT, "%s: no model.safetensors", dir);
+        }
+        db_warn(&lg, "skipping incomplete checkpoint %s", why.msg);
+        if (!first.msg[0])
+            first = why;
+        free(dir);
+    }
+    train_ckpt_free(ck);
+    db_err_set(e, DB_EFORMAT, "%s: no complete checkpoint (latest: %s)", path, first.msg);
+    return -1;
+}
+
+/* One value of config.json on a "key = value" line: strings as they are,
+ * numbers as printf's %g, everything else as compact JSON. */
+static void print_config_value(const json_t *v)
+{
+    if (json_is_string(v) && !strpbrk(json_string_value(v), "\n\r")) {
+        printf("%s\n", json_string_value(v));
+        return;
+    }
+    if (json_is_real(v)) { /* as the lr line prints it: 1e-06 */
+        printf("%.9g\n", json_real_value(v));
+        return;
+    }
+    char *s = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT | JSON_REAL_PRECISION(9));
+    printf("%s\n", s ? s : "?");
+    free(s);
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* "0.0123" for a number, "?" otherwise. */
+static const char *num_str(char *buf, size_t n, const json_t *v)
+{
+    if (json_is_number(v))
+        snprintf(buf, n, "%.6g", json_number_value(v));
+    else
+        snprintf(buf, n, "?");
+    return buf;
+}
+
+static int info_train_ckpt(const char *path, const train_ckpt *ck, int json)
+{
+    db_err e = {0};
+    char p[4200];
+    snprintf(p, sizeof p, "%s/model.safetensors", ck->dir);
+    db_model w;
+    if (db_model_open_raw(&w, p, &e)) {
+        db_error(&lg, "%s", e.msg);
+        return 1;
+    }
+    /* trained tensors per component (unet, vae, text_encoder, other) */
+    db_comp_stats st[DB_NCOMP + 1];
+    memset(st, 0, sizeof st);
+    int64_t params = 0;
+    for (size_t i = 0; i < w.raw.n; i++) {
+        const db_tentry *t = &w.raw.v[i];
+        int c = db_comp_of_compvis(t->name);
+        db_comp_stats *s = &st[c < 0 ? DB_NCOMP : c];
+        int64_t n = db_shape_numel(t->ndim, t->shape);
+        s->tensors++;
+        s->params += n;
+        s->by_dtype[t->dtype]++;
+        params += n;
+    }
+    size_t ntensors = w.raw.n;
+    db_model_close(&w);
+    snprintf(p, sizeof p, "%s/config.json", ck->dir);
+    json_t *cfg = NULL;
+    if (db_exists(p) && !(cfg = db_json_load_object(p, &e))) {
+        db_error(&lg, "%s", e.msg);
+        return 1;
+    }
+    const json_t *s = ck->state;
+    if (json) {
+        json_t *o = json_object(), *comps = json_object();
+        for (int k = 0; k <= DB_NCOMP; k++)
+            if (st[k].tensors)
+                json_object_set_new(comps, k < DB_NCOMP ? db_comp_name(k) : "other",
+                                    json_pack("{s:I, s:I}", "params", (json_int_t)st[k].params, "tensors",
+                                              (json_int_t)st[k].tensors));
+        json_object_set_new(o, "path", json_string(path));
+        json_object_set_new(o, "format", json_string(TRAIN_CKPT_FORMAT));
+        json_object_set_new(o, "checkpoint", json_string(ck->dir));
+        json_object_set_new(o, "step", json_integer((json_int_t)ck->step));
+        if (ck->nsteps) {
+            json_t *a = json_array();
+            for (size_t i = 0; i < ck->nsteps; i++)
+                json_array_append_new(a, json_integer((json_int_t)ck->steps[i]));
+            json_object_set_new(o, "checkpoints", a);
+        }
+        json_object_set_new(o, "trained", json_pack("{s:I, s:I, s:o}", "tensors", (json_int_t)ntensors, "params",
+                                                    (json_int_t)params, "components", comps));
+        json_object_set_new(o, "state", json_incref((json_t *)s));
+        json_object_set_new(o, "config", cfg ? json_incref(cfg) : json_null());
+        char *txt = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        printf("%s\n", txt ? txt : "{}");
+        free(txt);
+        json_decref(o);
+        json_decref(cfg);
+        return 0;
+    }
+    if (ck->nsteps) {
+        printf("%s: training run, %zu checkpoint%s (step", path, ck->nsteps, ck->nsteps == 1 ? "" : "s");
+        for (size_t i = 0; i < ck->nsteps; i++)
+            printf("%s%lld", i ? ", " : (ck->nsteps == 1 ? " " : "s "), (long long)ck->steps[i]);
+        printf("); the latest complete one:\n");
+    }
+    const char *base = json_string_value(json_object_get(s, "base_model"));
+    const char *hash = json_string_value(json_object_get(s, "base_model_hash"));
+    json_t *te = json_object_get(s, "train_text_encoder"), *loss = json_object_get(s, "loss");
+    char b1[64];
+    printf("%s: dreambooth-c training checkpoint, step %lld\n", ck->dir, (long long)ck->step);
+    printf("  base model    %s (hash %s)\n", base ? base : "?", hash ? hash : "?");
+    printf("  text encoder  %s\n", json_is_boolean(te) ? (json_is_true(te) ? "trained" : "not trained") : "?");
+    if (json_is_object(loss)) {
+        printf("  loss          %s", num_str(b1, sizeof b1, json_object_get(loss, "loss")));
+        const char *k;
+        json_t *v;
+        int first = 1;
+        json_object_foreach(loss, k, v) {
+            if (!strcmp(k, "loss"))
+                continue;
+            printf("%s%s %s", first ? " (" : ", ", !strncmp(k, "loss_", 5) ? k + 5 : k, num_str(b1, sizeof b1, v));
+            first = 0;
+        }
+        printf("%s\n", first ? "" : ")");
+    } else if (loss) {
+        printf("  loss          %s\n", num_str(b1, sizeof b1, loss));
+    }
+    if (json_object_get(s, "lr"))
+        printf("  lr            %s\n", num_str(b1, sizeof b1, json_object_get(s, "lr")));
+    printf("  trained       %lld params in %zu tensors\n", (long long)params, ntensors);
+    for (int k = 0; k <= DB_NCOMP; k++)
+        if (st[k].tensors)
+            print_stats(k < DB_NCOMP ? db_comp_name(k) : "other", &st[k]);
+    if (!cfg) {
+        printf("  config        (no config.json)\n");
+        return 0;
+    }
+    size_t n = json_object_size(cfg), i = 0;
+    const char **keys = malloc((n ? n : 1) * sizeof *keys);
+    if (!keys) {
+        json_decref(cfg);
+        db_error(&lg, "out of memory");
+        return 1;
+    }
+    const char *k;
+    json_t *v;
+    json_object_foreach(cfg, k, v) {
+        keys[i++] = k;
+    }
+    qsort(keys, n, sizeof *keys, cmp_str);
+    printf("  config        %zu option%s\n", n, n == 1 ? "" : "s");
+    for (i = 0; i < n; i++) {
+        printf("    %s = ", keys[i]);
+        print_config_value(json_object_get(cfg, keys[i]));
+    }
+    free(keys);
+    json_decref(cfg);
+    return 0;
+}
+
 static int cmd_info(int argc, char **argv)
 {
     common_opts c = {0};
@@ -109,9 +424,12 @@ static int cmd_info(int argc, char **argv)
         COMMON_OPTS(c),
         {0},
     };
-    db_cli cli = {"db-ckpt info", "[options] MODEL",
+    db_cli cli = {"db-ckpt info", "[options] MODEL|CKPT_DIR|RUN_DIR",
                   "Show a checkpoint's format, detected architecture, per-component parameter counts and dtypes, "
-                  "and a short content hash (equal for the same weights in any layout).",
+                  "and a short content hash (equal for the same weights in any layout). For a db-train checkpoint "
+                  "folder (CKPT_DIR, with state.json): its step, base model and hash, whether the text encoder was "
+                  "trained, loss and lr, the trained tensors and the training configuration; for a run folder "
+                  "(RUN_DIR): its checkpoints' steps, then the latest.",
                   opts, NULL};
     char *pos[argc + 1];
     int npos, rc = parse(&cli, argc, argv, pos, &npos, 1, 1);
@@ -120,11 +438,21 @@ static int cmd_info(int argc, char **argv)
     setup_log(&c);
     if ((rc = check_device(&c)))
         return rc;
+    db_err e = {0};
+    train_ckpt ck;
+    if ((rc = find_train_ckpt(pos[0], &ck, &e)) < 0) {
+        db_error(&lg, "%s", e.msg);
+        return 1;
+    }
+    if (rc == 0) {
+        rc = info_train_ckpt(pos[0], &ck, json);
+        train_ckpt_free(&ck);
+        return rc;
+    }
     db_model m;
     if (open_model(&m, pos[0], &c))
         return 1;
     char hash[17];
-    db_err e = {0};
     if (db_model_hash(&m, hash, &e)) {
         db_error(&lg, "%s: %s", pos[0], e.msg);
         db_model_close(&m);
@@ -303,6 +631,100 @@ static int compare_tensor(const db_model *a, size_t ia, const db_model *b, size_
 out:
     free(x);
     free(y);
+    return rc;
+}
+
+static int cmd_export(int argc, char **argv)
+{
+    common_opts c = {0};
+    const char *to = NULL, *dt = "fp16", *base_opt = NULL;
+    int force = 0;
+    db_opt opts[] = {
+        {"to", 0, DB_OPT_STR, "diffusers|safetensors", "output layout (default: from OUT's name)", &to, NULL, 0},
+        {"dtype", 0, DB_OPT_STR, "fp32|fp16|bf16", "floating-point dtype of the output", &dt, "fp16", 0},
+        {"model", 'm', DB_OPT_STR, "BASE", "base model (default: state.json's base_model)", &base_opt, NULL, 0},
+        {"force", 0, DB_OPT_FLAG, NULL, "export even when the base model's hash differs from state.json's", &force,
+         NULL, 0},
+        COMMON_OPTS(c),
+        {0},
+    };
+    db_cli cli = {"db-ckpt export", "[options] CKPT_DIR|RUN_DIR OUT",
+                  "Write a db-train checkpoint as a complete model: the tensors of CKPT_DIR/model.safetensors (the "
+                  "fine-tuned UNet, and the text encoder when it was trained) over the base model's (VAE, "
+                  "untrained text encoder, configs, scheduler, tokenizer). The base model must have the content "
+                  "hash state.json records. OUT ending in .safetensors means a single CompVis-layout file (as "
+                  "A1111 and ComfyUI load), anything else a diffusers folder. Given a RUN_DIR, the latest complete "
+                  "checkpoint is exported. The output appears only when complete.",
+                  opts, NULL};
+    char *pos[argc + 1];
+    int npos, rc = parse(&cli, argc, argv, pos, &npos, 2, 2), dtype, is_dir;
+    if (rc >= 0)
+        return rc;
+    setup_log(&c);
+    if ((rc = check_device(&c)) || (rc = dtype_opt(dt, &dtype)) || (rc = to_opt(to, pos[1], &is_dir)))
+        return rc;
+    /* before hashing gigabytes of base model */
+    if (db_exists(pos[1])) {
+        db_error(&lg, "%s: already exists (refusing to overwrite)", pos[1]);
+        return 1;
+    }
+    db_err e = {0};
+    train_ckpt ck;
+    if ((rc = find_train_ckpt(pos[0], &ck, &e)) != 0) {
+        if (rc > 0)
+            db_error(&lg, "%s: neither a training checkpoint (no state.json) nor a run folder with ckpt-NNNNNN "
+                          "checkpoints", pos[0]);
+        else
+            db_error(&lg, "%s", e.msg);
+        return 1;
+    }
+    if (ck.nsteps && lg.level >= DB_LOG_WARN)
+        fprintf(stderr, "%s: exporting %s (step %lld, the latest of %zu checkpoints)\n", lg.prog, ck.dir,
+                (long long)ck.step, ck.nsteps);
+    char state_path[4200], weights[4200];
+    snprintf(state_path, sizeof state_path, "%s/state.json", ck.dir);
+    snprintf(weights, sizeof weights, "%s/model.safetensors", ck.dir);
+    const char *base = base_opt ? base_opt : json_string_value(json_object_get(ck.state, "base_model"));
+    const char *want = json_string_value(json_object_get(ck.state, "base_model_hash"));
+    db_model m;
+    memset(&m, 0, sizeof m);
+    rc = 1;
+    if (!base) {
+        db_error(&lg, "%s: no \"base_model\"; say which it is with --model BASE", state_path);
+        goto out;
+    }
+    if (!want && !force) {
+        db_error(&lg, "%s: no \"base_model_hash\" to check %s against (--force exports anyway)", state_path, base);
+        goto out;
+    }
+    if (open_model(&m, base, &c))
+        goto out;
+    char hash[17];
+    if (db_model_hash(&m, hash, &e)) {
+        db_error(&lg, "%s: %s", base, e.msg);
+        goto out;
+    }
+    if (want && strcasecmp(want, hash)) {
+        if (!force) {
+            db_error(&lg, "%s: base model hash mismatch: the checkpoint was trained from %s, but %s has %s (give "
+                          "the right base with --model, or --force)",
+                     state_path, want, base, hash);
+            goto out;
+        }
+        db_warn(&lg, "%s: base model hash mismatch (checkpoint %s, %s has %s); exporting anyway (--force)",
+                state_path, want, base, hash);
+    }
+    size_t n = 0;
+    if (db_model_overlay(&m, weights, &n, &e)) {
+        db_error(&lg, "%s", e.msg);
+        goto out;
+    }
+    db_info(&lg, "%s: %zu of %zu tensors from %s, the rest from %s", pos[1], n, m.t.n, weights, base);
+    rc = save(&m, pos[1], is_dir, dtype);
+out:
+    if (m.path)
+        db_model_close(&m);
+    train_ckpt_free(&ck);
     return rc;
 }
 
@@ -795,8 +1217,9 @@ static int usage(FILE *f)
                "Inspect, convert, verify, compare and create Stable Diffusion v1.x checkpoints\n"
                "(diffusers folders, CompVis .safetensors and .ckpt files; detected by content).\n\n"
                "commands:\n"
-               "  info MODEL [--json]                  format, architecture, parameter counts, content hash\n"
+               "  info MODEL|CKPT_DIR [--json]         format, architecture, parameter counts, content hash\n"
                "  convert MODEL OUT [--to L] [--dtype] diffusers folder <-> single .safetensors\n"
+               "  export CKPT_DIR OUT [--to L]         db-train checkpoint + base model -> full model\n"
                "  diff A B [--tol X]                   per-tensor differences across layouts (exit 0/1/2)\n"
                "  verify FILE                          full integrity read\n"
                "  init --arch sd15|tiny OUT            random weights of the real SD1.x topology\n"
@@ -821,7 +1244,7 @@ int main(int argc, char **argv)
     static const struct {
         const char *name;
         int (*fn)(int, char **);
-    } cmds[] = {{"info", cmd_info}, {"convert", cmd_convert}, {"diff", cmd_diff},
+    } cmds[] = {{"info", cmd_info}, {"convert", cmd_convert}, {"export", cmd_export}, {"diff", cmd_diff},
                 {"verify", cmd_verify}, {"init", cmd_init}, {"tokenize", cmd_tokenize},
                 {"tokens", cmd_tokens}};
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)

@@ -462,6 +462,81 @@ void db_model_close(db_model *m)
     memset(m, 0, sizeof *m);
 }
 
+int db_model_overlay(db_model *m, const char *path, size_t *n_replaced, db_err *err)
+{
+    if (n_replaced)
+        *n_replaced = 0;
+    if (m->nsrc == DB_MODEL_MAXSRC)
+        return db_err_set(err, DB_EUNSUPP, "%s: too many weight files", path);
+    db_tindex ov;
+    db_tindex_init(&ov);
+    db_safetensors *st = NULL;
+    long *at = NULL;
+    int rc = -1;
+    if (db_safetensors_open(&st, path, NULL, -1, &ov, err))
+        goto out;
+    at = malloc((ov.n ? ov.n : 1) * sizeof *at);
+    if (!at) {
+        db_err_set(err, DB_ENOMEM, "%s: out of memory", path);
+        goto out;
+    }
+    /* check everything first, so that a failure leaves m as it was */
+    for (size_t i = 0; i < ov.n; i++) {
+        const db_tentry *o = &ov.v[i];
+        char buf[1400];
+        long k = db_tindex_find(&m->t, normalize_compvis(o->name, buf, sizeof buf));
+        if (k < 0) {
+            db_err_set(err, DB_EFORMAT, "%s: tensor '%s' is not in the model", path, o->name);
+            goto out;
+        }
+        for (size_t j = 0; j < i; j++)
+            if (at[j] == k) {
+                db_err_set(err, DB_EFORMAT, "%s: tensor '%s' is given twice", path, m->t.v[k].name);
+                goto out;
+            }
+        const db_tentry *b = &m->t.v[k];
+        /* the VAE's mid attention may be stored [C,C] for the [C,C,1,1] conv */
+        int vae_1x1 = b->comp == DB_COMP_VAE && b->ndim == 4 && b->shape[2] == 1 && b->shape[3] == 1 &&
+                      o->ndim == 2 && o->shape[0] == b->shape[0] && o->shape[1] == b->shape[1];
+        if (!db_shape_equal(o->ndim, o->shape, b->ndim, b->shape) && !vae_1x1) {
+            char sa[128], sb[128];
+            db_err_set(err, DB_EFORMAT, "%s: tensor '%s': shape %s but the model has %s", path, o->name,
+                       db_shape_str(sa, sizeof sa, o->ndim, o->shape), db_shape_str(sb, sizeof sb, b->ndim, b->shape));
+            goto out;
+        }
+        if (db_dtype_is_float(b->dtype) ? !db_dtype_is_float(o->dtype) : o->dtype != b->dtype) {
+            db_err_set(err, DB_EFORMAT, "%s: tensor '%s': dtype %s but the model has %s", path, o->name,
+                       db_dtype_name(o->dtype), db_dtype_name(b->dtype));
+            goto out;
+        }
+        at[i] = k;
+    }
+    for (size_t i = 0; i < ov.n; i++) {
+        db_tentry *b = &m->t.v[at[i]];
+        const db_tentry *o = &ov.v[i];
+        /* keep the model's name (its arena), component and shape; take the rest */
+        b->dtype = o->dtype;
+        b->nbytes = o->nbytes;
+        b->ptr = o->ptr;
+        b->src = o->src;
+        b->key = o->key;
+        b->offset = o->offset;
+        memcpy(b->strides, o->strides, sizeof b->strides);
+    }
+    m->src[m->nsrc] = st;
+    m->src_kind[m->nsrc++] = SRC_ST;
+    st = NULL;
+    if (n_replaced)
+        *n_replaced = ov.n;
+    rc = 0;
+out:
+    if (st)
+        db_safetensors_close(st);
+    free(at);
+    db_tindex_free(&ov);
+    return rc;
+}
+
 void db_model_stats(const db_model *m, int comp, db_comp_stats *s)
 {
     memset(s, 0, sizeof *s);

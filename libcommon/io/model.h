@@ -54,6 +54,16 @@ void db_model_close(db_model *m);
  * checks): for `verify` of any safetensors/ckpt.  Fills m->raw and m->format. */
 int db_model_open_raw(db_model *m, const char *path, db_err *err);
 
+/* Take the bytes of every tensor stored in the safetensors file `path` in
+ * place of m's own: a fine-tuned subset over its base model (a training
+ * checkpoint's model.safetensors).  Names are CompVis names, as a single file
+ * has them; each must be a known tensor of m (m->t) with the same shape, and
+ * floating point (its dtype may differ from the base's).  All are checked
+ * before any is replaced: on error m is unchanged and err names the file and
+ * the tensor.  Only m->t changes (m->raw keeps the base's files); the file
+ * stays open until db_model_close.  *n_replaced (may be NULL) gets the count. */
+int db_model_overlay(db_model *m, const char *path, size_t *n_replaced, db_err *err);
+
 /* Parameter count and dtype histogram of one component. */
 typedef struct db_comp_stats {
     int64_t params;
