@@ -26,11 +26,12 @@ ALL_CFLAGS = -std=c11 -fPIC -fopenmp $(WARN) $(CFLAGS) $(VIPS_CFLAGS) -MMD -MP
 # recipe runs, which is after `make deps` has installed it on a fresh machine.
 VIPS_CFLAGS = $(shell pkg-config --cflags vips 2>/dev/null)
 VIPS_LIBS   = $(shell pkg-config --libs vips 2>/dev/null || echo -lvips -lgobject-2.0 -lglib-2.0)
-LIBS     = -fopenmp -lmsgpackc -lzmq -lzip -ljansson -lxxhash -lutf8proc -ldnnl -lpng $(VIPS_LIBS) -lm -ldl -lpthread
+LIBS     = -fopenmp -lmsgpackc -lzmq -lzip -ljansson -lxxhash -lutf8proc -ldnnl -lpng -lprotobuf-c $(VIPS_LIBS) -lm -ldl -lpthread
 
 # --- Debian packages ---------------------------------------------------------
 DEB_PKGS := build-essential pkg-config libmsgpack-dev libzmq3-dev libzip-dev libjansson-dev \
-            libxxhash-dev libutf8proc-dev libdnnl-dev libpng-dev libvips-dev time file python3 python3-msgpack python3-numpy perl clang libclang-rt-14-dev libomp-14-dev
+            libxxhash-dev libutf8proc-dev libdnnl-dev libpng-dev libvips-dev time file python3 python3-msgpack python3-numpy perl clang libclang-rt-14-dev libomp-14-dev \
+            libprotobuf-c-dev protobuf-c-compiler
 DEPS_STAMP := $(B)/.deps-$(shell echo '$(DEB_PKGS)' | cksum | cut -d' ' -f1)
 
 .PHONY: deps
@@ -53,6 +54,25 @@ TOOLS    := $(TOOL_SRC:tools/%.c=$(B)/bin/%)
 TEST_SRC := $(sort $(wildcard tests/unit/test_*.c))
 TESTS    := $(TEST_SRC:tests/unit/%.c=$(B)/tests/%)
 HELPERS  := $(B)/tests/dbtest
+
+# protobuf-c code generated from proto/*.proto into $(B)/gen (never the source
+# tree) and compiled into libdb.a; sources include it as "proto/NAME.pb-c.h".
+# Every library object waits for the headers (order-only: after the first
+# build the -MMD dependency files name the real users).
+PROTO_SRC := $(sort $(wildcard proto/*.proto))
+PROTO_C   := $(PROTO_SRC:%.proto=$(B)/gen/%.pb-c.c)
+PROTO_H   := $(PROTO_C:.c=.h)
+LIB_OBJ   += $(PROTO_C:.c=.o)
+CPPFLAGS  += -I$(B)/gen
+
+$(B)/gen/%.pb-c.c $(B)/gen/%.pb-c.h: %.proto | $(DEPS_STAMP)
+	@mkdir -p $(B)/gen
+	protoc-c --c_out=$(B)/gen $<
+
+$(B)/gen/%.o: $(B)/gen/%.c | $(DEPS_STAMP)
+	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) -c $< -o $@
+
+$(LIB_OBJ): | $(PROTO_H)
 
 $(B)/%.o: %.c | $(DEPS_STAMP)
 	@mkdir -p $(@D)
@@ -124,12 +144,18 @@ FUZZ_BINS := $(FUZZ_SRC:tests/fuzz/%.c=$(B)/fuzz/%)
 FUZZ_RUNS ?= 100000
 FUZZ_SECONDS ?= 0
 FUZZ_CFLAGS := -g -O1 -fopenmp -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
-FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(B)/fuzzobj/%.o)
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(B)/fuzzobj/%.o) $(PROTO_C:$(B)/%.c=$(B)/fuzzobj/%.o)
 comma := ,
+
+$(FUZZ_LIB_OBJ): | $(PROTO_H)
 
 $(B)/fuzzobj/%.o: %.c | $(DEPS_STAMP)
 	@mkdir -p $(@D)
 	clang $(CPPFLAGS) $(VIPS_CFLAGS) -std=c11 -fPIC $(subst fuzzer$(comma),fuzzer-no-link$(comma),$(FUZZ_CFLAGS)) -c $< -o $@
+
+$(B)/fuzzobj/gen/%.o: $(B)/gen/%.c | $(DEPS_STAMP)
+	@mkdir -p $(@D)
+	clang $(CPPFLAGS) -std=c11 -fPIC $(subst fuzzer$(comma),fuzzer-no-link$(comma),$(FUZZ_CFLAGS)) -c $< -o $@
 
 $(B)/fuzz/%: tests/fuzz/%.c $(FUZZ_LIB_OBJ)
 	@mkdir -p $(@D)
@@ -149,7 +175,7 @@ fuzz: fuzz-build
 
 .PHONY: clean
 clean:
-	rm -rf $(B)/*.a $(B)/libcommon $(B)/kernels $(B)/tools $(B)/tests $(B)/bin $(B)/lib $(B)/fuzz $(B)/fuzzobj
+	rm -rf $(B)/*.a $(B)/libcommon $(B)/kernels $(B)/tools $(B)/tests $(B)/bin $(B)/lib $(B)/fuzz $(B)/fuzzobj $(B)/gen
 
 -include $(LIB_OBJ:.o=.d) $(B)/tools/*.d $(B)/tests/unit/*.d $(B)/tests/helpers/*.d
 
