@@ -96,6 +96,7 @@ int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db
         goto fail;
     }
     db_unet_keep_activations(t->unet, 1);
+    db_unet_checkpointing(t->unet, o->gradient_checkpointing);
     const db_weights *wu = db_unet_weights(t->unet);
     if (db_weights_like(&t->gu, wu, err) || db_weights_like(&t->mu, wu, err) || db_weights_like(&t->vu, wu, err) ||
         add_refs(t, &t->gu, err))

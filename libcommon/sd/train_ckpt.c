@@ -1,0 +1,376 @@
+/* Training checkpoints (see train_ckpt.h). */
+#include "train_ckpt.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "libcommon/core/fsutil.h"
+#include "libcommon/io/safetensors.h"
+#include "libcommon/io/tindex.h"
+#include "libcommon/sd/arch.h"
+
+/* ---- writing ---------------------------------------------------------------- */
+
+typedef struct group {
+    const db_weights *w;
+    const char *prefix;    /* component prefix of the CompVis names */
+    const char *kind;      /* "" (weights), "exp_avg/", "exp_avg_sq/" */
+} group;
+
+typedef struct wjob {
+    group g[6];
+    int ng;
+    size_t *gi, *ti;       /* item i -> group, tensor */
+    char **names;
+    size_t n;
+} wjob;
+
+static int fill(void *ctx, size_t i, void *dst, db_err *err)
+{
+    (void)err;
+    const wjob *j = ctx;
+    const db_weights *w = j->g[j->gi[i]].w;
+    const db_tentry *e = &w->ix.v[j->ti[i]];
+    memcpy(dst, w->data + e->offset, (size_t)db_shape_numel(e->ndim, e->shape) * sizeof(float));
+    return 0;
+}
+
+static void wjob_free(wjob *j)
+{
+    for (size_t i = 0; i < j->n; i++)
+        free(j->names[i]);
+    free(j->names);
+    free(j->gi);
+    free(j->ti);
+}
+
+/* Write the groups of j into path as one safetensors file. */
+static int write_groups(wjob *j, const char *path, const char *const *meta, db_err *err)
+{
+    size_t n = 0;
+    for (int g = 0; g < j->ng; g++)
+        n += j->g[g].w->ix.n;
+    db_st_item *items = calloc(n, sizeof *items);
+    j->names = calloc(n, sizeof *j->names);
+    j->gi = calloc(n, sizeof *j->gi);
+    j->ti = calloc(n, sizeof *j->ti);
+    int rc = -1;
+    if (!items || !j->names || !j->gi || !j->ti) {
+        db_err_set(err, DB_ENOMEM, "out of memory");
+        goto out;
+    }
+    size_t k = 0;
+    for (int g = 0; g < j->ng; g++)
+        for (size_t t = 0; t < j->g[g].w->ix.n; t++, k++) {
+            const db_tentry *e = &j->g[g].w->ix.v[t];
+            size_t len = strlen(j->g[g].kind) + strlen(j->g[g].prefix) + strlen(e->name) + 1;
+            if (!(j->names[k] = malloc(len))) {
+                db_err_set(err, DB_ENOMEM, "out of memory");
+                goto out;
+            }
+            snprintf(j->names[k], len, "%s%s%s", j->g[g].kind, j->g[g].prefix, e->name);
+            items[k].name = j->names[k];
+            items[k].dtype = DB_F32;
+            items[k].ndim = e->ndim;
+            memcpy(items[k].shape, e->shape, sizeof e->shape);
+            j->gi[k] = (size_t)g;
+            j->ti[k] = t;
+        }
+    j->n = n;
+    rc = db_safetensors_write(path, items, n, meta, fill, j, err);
+out:
+    free(items);
+    return rc;
+}
+
+static int write_json(const char *path, const json_t *v, db_err *err)
+{
+    char *s = json_dumps(v, JSON_INDENT(1) | JSON_SORT_KEYS | JSON_REAL_PRECISION(17));
+    if (!s)
+        return db_err_set(err, DB_ENOMEM, "%s: cannot serialise", path);
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int rc = fd < 0 ? db_err_errno(err, path) : db_write_all(fd, s, strlen(s), err);
+    rc = rc ? rc : db_write_all(fd, "\n", 1, err);
+    if (!rc && fsync(fd))
+        rc = db_err_errno(err, path);
+    if (fd >= 0 && close(fd) && !rc)
+        rc = db_err_errno(err, path);
+    free(s);
+    return rc;
+}
+
+int db_train_ckpt_save(const char *run_dir, const db_train_state *st, const char *base_hash, json_t *state,
+                       const json_t *config, char **out_path, db_err *err)
+{
+    char name[64], stepbuf[32];
+    snprintf(name, sizeof name, "ckpt-%06" PRId64, st->step);
+    snprintf(stepbuf, sizeof stepbuf, "%" PRId64, st->step);
+    char *final = db_path_join(run_dir, name);
+    db_outfile o = {0};
+    int rc = -1;
+    char *p = NULL;
+    if (!final) {
+        db_err_set(err, DB_ENOMEM, "out of memory");
+        goto out;
+    }
+    if (db_exists(final)) /* a checkpoint of this step already exists: it is the same state */
+        db_rm_rf(final);
+    if (db_outdir_open(&o, final, err))
+        goto out;
+    const char *up = db_comp_prefix(DB_COMP_UNET), *tp = db_comp_prefix(DB_COMP_TEXT);
+    const char *meta[] = {"format", DB_CKPT_FORMAT, "step", stepbuf, "base_model_hash", base_hash ? base_hash : "",
+                          NULL};
+    wjob wm = {.ng = 0}, wo = {.ng = 0};
+    wm.g[wm.ng++] = (group){st->unet, up, ""};
+    wo.g[wo.ng++] = (group){st->unet_m, up, "exp_avg/"};
+    wo.g[wo.ng++] = (group){st->unet_v, up, "exp_avg_sq/"};
+    if (st->text) {
+        wm.g[wm.ng++] = (group){st->text, tp, ""};
+        wo.g[wo.ng++] = (group){st->text_m, tp, "exp_avg/"};
+        wo.g[wo.ng++] = (group){st->text_v, tp, "exp_avg_sq/"};
+    }
+    json_object_set_new(state, "format", json_string(DB_CKPT_FORMAT));
+    json_object_set_new(state, "version", json_integer(1));
+    json_object_set_new(state, "step", json_integer(st->step));
+    json_object_set_new(state, "train_text_encoder", json_boolean(st->text != NULL));
+    if (base_hash)
+        json_object_set_new(state, "base_model_hash", json_string(base_hash));
+    int w1 = (p = db_path_join(o.tmp_path, "model.safetensors")) && !write_groups(&wm, p, meta, err);
+    free(p);
+    int w2 = w1 && (p = db_path_join(o.tmp_path, "optimizer.safetensors")) && !write_groups(&wo, p, meta, err);
+    if (w1)
+        free(p);
+    int w3 = w2 && (p = db_path_join(o.tmp_path, "config.json")) && !write_json(p, config, err);
+    if (w2)
+        free(p);
+    /* state.json last: its presence marks a complete checkpoint even inside
+     * the temporary directory */
+    int w4 = w3 && (p = db_path_join(o.tmp_path, "state.json")) && !write_json(p, state, err);
+    if (w3)
+        free(p);
+    wjob_free(&wm);
+    wjob_free(&wo);
+    if (!w4) {
+        if (!err->code)
+            db_err_set(err, DB_ENOMEM, "out of memory");
+        goto out;
+    }
+    if (db_fsync_path(o.tmp_path, 1, err) || db_outfile_commit(&o, err))
+        goto out;
+    if (out_path)
+        *out_path = final, final = NULL;
+    rc = 0;
+out:
+    if (rc) {
+        db_outfile_abort(&o);
+        db_err_prefix(err, "checkpoint %s/%s", run_dir, name);
+    }
+    free(o.final_path);
+    free(o.tmp_path);
+    free(final);
+    return rc;
+}
+
+/* ---- reading ---------------------------------------------------------------- */
+
+/* Read group (w, prefix, kind) from ix; every tensor must be there. */
+static int read_group(const db_tindex *ix, const char *file, const db_weights *w, const char *prefix,
+                      const char *kind, db_err *err)
+{
+    char name[512];
+    for (size_t t = 0; t < w->ix.n; t++) {
+        const db_tentry *e = &w->ix.v[t];
+        snprintf(name, sizeof name, "%s%s%s", kind, prefix, e->name);
+        long k = db_tindex_find(ix, name);
+        if (k < 0)
+            return db_err_set(err, DB_EFORMAT, "%s: no tensor '%s'", file, name);
+        const db_tentry *f = &ix->v[k];
+        if (f->ndim != e->ndim || memcmp(f->shape, e->shape, (size_t)e->ndim * sizeof *e->shape))
+            return db_err_set(err, DB_EFORMAT, "%s: '%s' has another shape than the model's", file, name);
+        if (db_tindex_read(ix, (size_t)k, w->data + e->offset, DB_F32, err))
+            return db_err_prefix(err, "%s", file);
+    }
+    return 0;
+}
+
+static int load_json(const char *path, json_t **out, db_err *err)
+{
+    json_error_t je;
+    *out = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    if (!*out)
+        return db_err_set(err, DB_EFORMAT, "%s: %s (line %d)", path, je.text, je.line);
+    if (!json_is_object(*out)) {
+        json_decref(*out);
+        *out = NULL;
+        return db_err_set(err, DB_EFORMAT, "%s: not a JSON object", path);
+    }
+    return 0;
+}
+
+int db_train_ckpt_load(const char *ckpt_dir, const db_train_state *st, json_t **state, json_t **config,
+                       db_err *err)
+{
+    *state = *config = NULL;
+    char *ps = db_path_join(ckpt_dir, "state.json"), *pc = db_path_join(ckpt_dir, "config.json");
+    char *pm = db_path_join(ckpt_dir, "model.safetensors"), *po = db_path_join(ckpt_dir, "optimizer.safetensors");
+    db_tindex mix, oix;
+    db_tindex_init(&mix);
+    db_tindex_init(&oix);
+    db_safetensors *ms = NULL, *os = NULL;
+    int rc = -1;
+    if (!ps || !pc || !pm || !po) {
+        db_err_set(err, DB_ENOMEM, "out of memory");
+        goto out;
+    }
+    if (load_json(ps, state, err) || load_json(pc, config, err))
+        goto out;
+    const char *fmt = json_string_value(json_object_get(*state, "format"));
+    if (!fmt || strcmp(fmt, DB_CKPT_FORMAT) != 0) {
+        db_err_set(err, DB_EFORMAT, "%s: not a dreambooth-c checkpoint (format '%s')", ps, fmt ? fmt : "none");
+        goto out;
+    }
+    json_t *jstep = json_object_get(*state, "step");
+    if (!json_is_integer(jstep) || json_integer_value(jstep) < 0) {
+        db_err_set(err, DB_EFORMAT, "%s: no step", ps);
+        goto out;
+    }
+    const int text_in_file = json_is_true(json_object_get(*state, "train_text_encoder"));
+    if (text_in_file != (st->text != NULL)) {
+        db_err_set(err, DB_EUSAGE, "%s: the checkpoint was made %s the text encoder, this run %s it", ps,
+                   text_in_file ? "training" : "without training", st->text ? "trains" : "does not train");
+        goto out;
+    }
+    if (db_safetensors_open(&ms, pm, NULL, -1, &mix, err) || db_safetensors_open(&os, po, NULL, -1, &oix, err))
+        goto out;
+    const char *up = db_comp_prefix(DB_COMP_UNET), *tp = db_comp_prefix(DB_COMP_TEXT);
+    if (read_group(&mix, pm, st->unet, up, "", err) || read_group(&oix, po, st->unet_m, up, "exp_avg/", err) ||
+        read_group(&oix, po, st->unet_v, up, "exp_avg_sq/", err))
+        goto out;
+    if (st->text && (read_group(&mix, pm, st->text, tp, "", err) ||
+                     read_group(&oix, po, st->text_m, tp, "exp_avg/", err) ||
+                     read_group(&oix, po, st->text_v, tp, "exp_avg_sq/", err)))
+        goto out;
+    rc = 0;
+out:
+    if (rc) {
+        json_decref(*state);
+        json_decref(*config);
+        *state = *config = NULL;
+    }
+    db_safetensors_close(ms);
+    db_safetensors_close(os);
+    db_tindex_free(&mix);
+    db_tindex_free(&oix);
+    free(ps), free(pc), free(pm), free(po);
+    return rc;
+}
+
+int db_train_ckpt_is(const char *path)
+{
+    char *p = db_path_join(path, "state.json");
+    int r = p && db_exists(p);
+    free(p);
+    return r;
+}
+
+/* Step of a directory entry named ckpt-<digits>, or -1. */
+static int64_t ckpt_step(const char *name)
+{
+    if (strncmp(name, "ckpt-", 5) != 0 || !name[5])
+        return -1;
+    int64_t s = 0;
+    for (const char *c = name + 5; *c; c++) {
+        if (*c < '0' || *c > '9' || s > INT64_MAX / 10 - 10)
+            return -1;
+        s = s * 10 + (*c - '0');
+    }
+    return s;
+}
+
+/* Does dir/name hold a state.json that parses? */
+static int complete(const char *run_dir, const char *name)
+{
+    char *d = db_path_join(run_dir, name), *p = d ? db_path_join(d, "state.json") : NULL;
+    json_error_t je;
+    json_t *j = p ? json_load_file(p, 0, &je) : NULL;
+    int ok = j && json_is_integer(json_object_get(j, "step"));
+    json_decref(j);
+    free(p), free(d);
+    return ok;
+}
+
+int db_train_ckpt_latest(const char *run_dir, char **path, int64_t *step, db_err *err)
+{
+    *path = NULL;
+    DIR *d = opendir(run_dir);
+    if (!d)
+        return db_err_errno(err, run_dir);
+    int64_t best = -1;
+    char bname[300] = "";
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        int64_t s = ckpt_step(e->d_name);
+        if (s > best && strlen(e->d_name) < sizeof bname && complete(run_dir, e->d_name)) {
+            best = s;
+            snprintf(bname, sizeof bname, "%s", e->d_name);
+        }
+    }
+    closedir(d);
+    if (best < 0)
+        return 0;
+    *path = db_path_join(run_dir, bname);
+    if (step)
+        *step = best;
+    return *path ? 0 : db_err_set(err, DB_ENOMEM, "out of memory");
+}
+
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+void db_train_ckpt_prune(const char *run_dir, int keep, const db_log *lg)
+{
+    DIR *d = opendir(run_dir);
+    if (!d)
+        return;
+    int64_t *steps = NULL;
+    size_t n = 0, cap = 0;
+    struct dirent *e;
+    char buf[320];
+    while ((e = readdir(d))) {
+        if (strncmp(e->d_name, ".ckpt-", 6) == 0) { /* an interrupted write */
+            snprintf(buf, sizeof buf, "%s/%s", run_dir, e->d_name);
+            db_info(lg, "removing %s (an interrupted checkpoint write)", buf);
+            db_rm_rf(buf);
+            continue;
+        }
+        int64_t s = ckpt_step(e->d_name);
+        if (s < 0)
+            continue;
+        if (n == cap) {
+            int64_t *t = realloc(steps, (cap = cap ? 2 * cap : 16) * sizeof *t);
+            if (!t)
+                break;
+            steps = t;
+        }
+        steps[n++] = s;
+    }
+    closedir(d);
+    if (keep > 0 && n > (size_t)keep) {
+        qsort(steps, n, sizeof *steps, cmp_i64);
+        for (size_t i = 0; i + (size_t)keep < n; i++) {
+            snprintf(buf, sizeof buf, "%s/ckpt-%06" PRId64, run_dir, steps[i]);
+            db_info(lg, "removing %s (--keep-last %d)", buf, keep);
+            db_rm_rf(buf);
+        }
+    }
+    free(steps);
+}

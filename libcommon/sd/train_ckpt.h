@@ -1,0 +1,56 @@
+/* Training checkpoints: RUN_DIR/ckpt-NNNNNN/ (NNNNNN = optimizer steps
+ * done, 6 digits or more), everything a bit-identical resume needs:
+ *
+ *   model.safetensors      trained weights, fp32, CompVis single-file names
+ *                          (model.diffusion_model.*, and
+ *                          cond_stage_model.transformer.text_model.* when the
+ *                          text encoder is trained); __metadata__ format
+ *                          "dreambooth-c/ckpt", step, base_model_hash
+ *   optimizer.safetensors  exp_avg/<name>, exp_avg_sq/<name> (AdamW moments)
+ *   state.json             format, version, step, base_model(+_hash),
+ *                          train_text_encoder, loss, lr, rng, data
+ *   config.json            the run's resolved configuration
+ *
+ * The directory is written under a hidden temporary name beside its final
+ * one, every file fsynced, then renamed and the run directory fsynced: a
+ * crash (kill -9) at any moment leaves either the complete checkpoint or
+ * none, and the previous ones untouched.  (Random-number state is a pure
+ * function of the seed and the step, see trainset.h, so "rng" only records
+ * the seed and scheme.) */
+#ifndef DB_TRAIN_CKPT_H
+#define DB_TRAIN_CKPT_H
+
+#include <jansson.h>
+#include <stdint.h>
+
+#include "libcommon/core/err.h"
+#include "libcommon/core/log.h"
+#include "libcommon/sd/train.h"
+
+#define DB_CKPT_FORMAT "dreambooth-c/ckpt"
+
+/* Write RUN_DIR/ckpt-<step>.  state and config are JSON objects (borrowed;
+ * state gets "format", "version" and "step" set here).  *out_path (may be
+ * NULL) receives the final path (malloc'd). */
+int db_train_ckpt_save(const char *run_dir, const db_train_state *st, const char *base_hash, json_t *state,
+                       const json_t *config, char **out_path, db_err *err);
+
+/* Read a checkpoint into the trainer's buffers (st from db_trainer_state):
+ * every tensor must be present with its shape; a text encoder in the file
+ * but frozen in st (or the reverse) is refused.  *state and *config get
+ * the JSON (caller decrefs). */
+int db_train_ckpt_load(const char *ckpt_dir, const db_train_state *st, json_t **state, json_t **config,
+                       db_err *err);
+
+/* The newest complete checkpoint of run_dir (largest step whose state.json
+ * parses), malloc'd into *path; *path NULL (and 0 returned) when none. */
+int db_train_ckpt_latest(const char *run_dir, char **path, int64_t *step, db_err *err);
+
+/* Remove all but the newest keep checkpoints (keep <= 0: keep all) and any
+ * hidden temporary left by an interrupted write. */
+void db_train_ckpt_prune(const char *run_dir, int keep, const db_log *lg);
+
+/* Is `path` a checkpoint directory (has state.json)? */
+int db_train_ckpt_is(const char *path);
+
+#endif
