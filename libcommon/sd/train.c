@@ -164,7 +164,8 @@ static int reserve(db_trainer *t, size_t nlat, size_t nctx, int B, db_err *err)
     return 0;
 }
 
-int db_trainer_accumulate(db_trainer *t, const db_train_batch *b, db_train_stats *s, db_err *err)
+/* Forward and loss of one micro-batch; with backward also the gradients. */
+static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int backward, db_err *err)
 {
     const int B = b->B, ni = b->n_inst, np = B - ni;
     if (B <= 0 || ni < 0 || ni > B || b->C <= 0 || b->H <= 0 || b->W <= 0 || b->T <= 0 || !b->latents ||
@@ -235,6 +236,14 @@ int db_trainer_accumulate(db_trainer *t, const db_train_batch *b, db_train_stats
         return db_err_set(err, DB_ENUMERIC, "trainer: the loss is %g (instance %g, prior %g): training diverged",
                           loss, li, lp);
 
+    if (!backward) {
+        if (s) {
+            memset(s, 0, sizeof *s);
+            s->step = t->step;
+            s->loss = loss, s->loss_instance = li, s->loss_prior = lp;
+        }
+        return 0;
+    }
     /* backward: UNet, then the text encoder through d context */
     if (db_unet_backward(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, &t->gu, t->dpred, err))
         return -1;
@@ -248,6 +257,16 @@ int db_trainer_accumulate(db_trainer *t, const db_train_batch *b, db_train_stats
         s->loss = loss, s->loss_instance = li, s->loss_prior = lp;
     }
     return 0;
+}
+
+int db_trainer_accumulate(db_trainer *t, const db_train_batch *b, db_train_stats *s, db_err *err)
+{
+    return micro(t, b, s, 1, err);
+}
+
+int db_trainer_eval(db_trainer *t, const db_train_batch *b, db_train_stats *s, db_err *err)
+{
+    return micro(t, b, s, 0, err);
 }
 
 int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)

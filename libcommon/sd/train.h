@@ -87,6 +87,10 @@ void db_trainer_free(db_trainer *t);
  * accumulated.  s may be NULL. */
 int db_trainer_accumulate(db_trainer *t, const db_train_batch *b, db_train_stats *s, db_err *err);
 
+/* The losses of a micro-batch with the current weights, without gradients
+ * (evaluation; nothing accumulates). */
+int db_trainer_eval(db_trainer *t, const db_train_batch *b, db_train_stats *s, db_err *err);
+
 /* Clip, AdamW, zero the gradients, step + 1.  Refused (weights untouched)
  * when the gradient norm is not finite or no micro-batch was accumulated. */
 int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err);
