@@ -31,6 +31,7 @@ LIBS     = -fopenmp -lmsgpackc -lzmq -lzip -ljansson -lxxhash -lutf8proc -ldnnl 
 # --- Debian packages ---------------------------------------------------------
 DEB_PKGS := build-essential pkg-config libmsgpack-dev libzmq3-dev libzip-dev libjansson-dev \
             libxxhash-dev libutf8proc-dev libdnnl-dev libpng-dev libvips-dev time file python3 python3-msgpack python3-numpy perl clang libclang-rt-14-dev libomp-14-dev \
+            libopenmpi-dev openmpi-bin \
             libprotobuf-c-dev protobuf-c-compiler
 DEPS_STAMP := $(B)/.deps-$(shell echo '$(DEB_PKGS)' | cksum | cut -d' ' -f1)
 
@@ -45,6 +46,14 @@ $(DEPS_STAMP):
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
 	fi
 	@mkdir -p $(B) && touch $@
+
+# MPI (data-parallel db-train): only libcommon/dist/dist.o and db-train see
+# it, so the other tools never load libmpi; `=` defers pkg-config as above.
+HAVE_MPI   = $(shell pkg-config --exists mpi-c 2>/dev/null && echo 1)
+MPI_CFLAGS = $(if $(HAVE_MPI),-DDB_HAVE_MPI $(shell pkg-config --cflags mpi-c))
+MPI_LIBS   = $(if $(HAVE_MPI),$(shell pkg-config --libs mpi-c))
+$(B)/libcommon/dist/dist.o: CPPFLAGS += $(MPI_CFLAGS)
+$(B)/bin/db-train: LIBS += $(MPI_LIBS)
 
 # --- CPU library and tools ---------------------------------------------------
 LIB_SRC  := $(sort $(wildcard libcommon/*/*.c) $(wildcard kernels/cpu/*.c))

@@ -42,6 +42,7 @@ db_train_opts db_train_opts_defaults(double lr, int64_t steps)
     o.text_hp = db_adamw_defaults(lr);
     o.unet_lr = db_lr_schedule_make(DB_LR_CONSTANT, lr, 0, steps);
     o.text_lr = o.unet_lr;
+    o.world = 1;
     return o;
 }
 
@@ -78,9 +79,9 @@ static int add_refs(db_trainer *t, db_weights *g, db_err *err)
 int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db_train_opts *o, db_err *err)
 {
     *out = NULL;
-    if (o->grad_accum < 1)
-        return db_err_set(err, DB_EUSAGE, "trainer: gradient accumulation must be at least 1 (got %d)",
-                          o->grad_accum);
+    if (o->grad_accum < 1 || o->world < 1 || (o->world > 1 && (!o->reduce_f32 || !o->reduce_f64)))
+        return db_err_set(err, DB_EUSAGE, "trainer: gradient accumulation and processes must be at least 1 (got "
+                          "%d, %d), and several processes need a reduction", o->grad_accum, o->world);
     db_trainer *t = calloc(1, sizeof *t);
     if (!t)
         return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
@@ -203,7 +204,7 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
     }
     const float *acp = db_sched_alphas_cumprod(t->sched);
     double li = 0, lp = 0;
-    const double scale = 1.0 / t->o.grad_accum;
+    const double scale = 1.0 / ((double)t->o.grad_accum * t->o.world);
     for (int r = 0; r < B; r++) {
         const int inst = r < ni;
         double w = 1; /* the row's loss weight */
@@ -273,6 +274,15 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
 {
     if (!t->micro)
         return db_err_set(err, DB_EUSAGE, "trainer: an optimizer step without gradients");
+    if (t->o.world > 1) { /* sum the gradients and the loss sums over the processes */
+        double sums[4] = {t->sum_loss, t->sum_inst, t->sum_prior, (double)t->micro};
+        if (t->o.reduce_f32(t->o.reduce_user, t->gu.data, t->gu.numel, err) ||
+            (t->o.train_text && t->o.reduce_f32(t->o.reduce_user, t->gt.data, t->gt.numel, err)) ||
+            t->o.reduce_f64(t->o.reduce_user, sums, 4, err))
+            return db_err_prefix(err, "trainer: gradient reduction");
+        t->sum_loss = sums[0], t->sum_inst = sums[1], t->sum_prior = sums[2];
+        t->micro = (int)sums[3];
+    }
     /* without clipping the norm is still measured (reported and checked):
      * an infinite maximum makes the coefficient 1, which leaves g as is */
     const double norm = db_clip_grad_norm(t->refs, t->nrefs, t->o.max_grad_norm > 0 ? t->o.max_grad_norm : INFINITY);

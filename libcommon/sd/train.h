@@ -52,6 +52,16 @@ typedef struct db_train_opts {
     int grad_accum;             /* micro-batches per optimizer step (>= 1) */
     db_adamw unet_hp, text_hp;  /* betas, eps, weight decay (lr comes from the schedules) */
     db_lr_schedule unet_lr, text_lr;
+    /* Data parallel: `world` processes each accumulate grad_accum
+     * micro-batches of one step; every gradient is scaled by
+     * 1 / (grad_accum * world), and db_trainer_apply first calls reduce on
+     * each gradient buffer (UNet, then text encoder) and on the loss sums
+     * (4 doubles), which must sum them over the processes in place.
+     * world 1 and reduce NULL: one process (the default). */
+    int world;
+    int (*reduce_f32)(void *user, float *x, size_t n, db_err *err);
+    int (*reduce_f64)(void *user, double *x, size_t n, db_err *err);
+    void *reduce_user;
 } db_train_opts;
 
 /* diffusers' defaults: prior weight 1, clip 1.0, no min-SNR, one
