@@ -250,7 +250,7 @@ static int encode_prompts(db_sd *sd, const db_txt2img_opts *o, db_txt2img_out *o
     rc = 0;
 out:
     free(empty);
-    if (!sd->keep_models || rc) { /* the text encoder is done with */
+    if (!sd->borrowed && (!sd->keep_models || rc)) { /* the text encoder is done with */
         if (sd->clip)
             db_clip_free(sd->clip);
         if (sd->tok)
@@ -355,7 +355,7 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     db_progress_end(&pr);
     rc = 0;
 out:
-    if (sd->unet && (!sd->keep_models || rc)) {
+    if (sd->unet && !sd->borrowed && (!sd->keep_models || rc)) {
         db_unet_free(sd->unet);
         sd->unet = NULL;
     }

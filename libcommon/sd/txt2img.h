@@ -38,6 +38,11 @@ typedef struct db_sd {
      * (db-prior calls it once per sample); 0: each is freed as soon as its
      * stage ends, for the lowest peak memory (db-sample). */
     int keep_models;
+    /* borrowed = 1: tok, clip and unet belong to the caller (db-train's
+     * validation samples use the networks being trained); db_txt2img never
+     * frees them, on success or failure, and db_sd_close is not called
+     * (the caller frees the VAE it leaves behind, with db_vae_free). */
+    int borrowed;
     db_tokenizer *tok;
     db_clip *clip;
     db_unet *unet;
