@@ -119,10 +119,34 @@ int db_train_ckpt_save(const char *run_dir, const db_train_state *st, const char
         db_err_set(err, DB_ENOMEM, "out of memory");
         goto out;
     }
-    if (db_exists(final)) /* a checkpoint of this step already exists: it is the same state */
-        db_rm_rf(final);
-    if (db_outdir_open(&o, final, err))
+    /* A checkpoint of this step may exist (a run resumed from an older one
+     * reaches it again): it is written aside and swapped in below, so some
+     * complete ckpt-<step> exists at every moment but between two renames,
+     * and even then the old one is whole under its .replaced name. */
+    char *aside = NULL;
+    if (db_exists(final)) {
+        size_t n = strlen(final) + 16;
+        if (!(aside = malloc(n))) {
+            db_err_set(err, DB_ENOMEM, "out of memory");
+            goto out;
+        }
+        snprintf(aside, n, "%s.replaced", final);
+        db_rm_rf(aside);
+        if (rename(final, aside)) {
+            db_err_errno(err, final);
+            free(aside);
+            goto out;
+        }
+    }
+    int opened = db_outdir_open(&o, final, err) == 0;
+    if (!opened && aside && rename(aside, final) == 0) { /* put the old one back */
+        free(aside);
+        aside = NULL;
+    }
+    if (!opened) {
+        free(aside);
         goto out;
+    }
     const char *up = db_comp_prefix(DB_COMP_UNET), *tp = db_comp_prefix(DB_COMP_TEXT);
     const char *meta[] = {"format", DB_CKPT_FORMAT, "step", stepbuf, "base_model_hash", base_hash ? base_hash : "",
                           NULL};
@@ -161,8 +185,15 @@ int db_train_ckpt_save(const char *run_dir, const db_train_state *st, const char
             db_err_set(err, DB_ENOMEM, "out of memory");
         goto out;
     }
-    if (db_fsync_path(o.tmp_path, 1, err) || db_outfile_commit(&o, err))
+    if (db_fsync_path(o.tmp_path, 1, err) || db_outfile_commit(&o, err)) {
+        if (aside && !db_exists(final))
+            rename(aside, final);
+        free(aside);
         goto out;
+    }
+    if (aside)
+        db_rm_rf(aside);
+    free(aside);
     if (out_path)
         *out_path = final, final = NULL;
     rc = 0;
@@ -346,7 +377,10 @@ void db_train_ckpt_prune(const char *run_dir, int keep, const db_log *lg)
     struct dirent *e;
     char buf[320];
     while ((e = readdir(d))) {
-        if (strncmp(e->d_name, ".ckpt-", 6) == 0) { /* an interrupted write */
+        const size_t len = strlen(e->d_name);
+        if (strncmp(e->d_name, ".ckpt-", 6) == 0 || strncmp(e->d_name, ".config.json.tmp-", 17) == 0 ||
+            (strncmp(e->d_name, "ckpt-", 5) == 0 && len > 9 && strcmp(e->d_name + len - 9, ".replaced") == 0)) {
+            /* an interrupted write */
             snprintf(buf, sizeof buf, "%s/%s", run_dir, e->d_name);
             db_info(lg, "removing %s (an interrupted checkpoint write)", buf);
             db_rm_rf(buf);

@@ -47,7 +47,8 @@ int db_train_ckpt_load(const char *ckpt_dir, const db_train_state *st, json_t **
 int db_train_ckpt_latest(const char *run_dir, char **path, int64_t *step, db_err *err);
 
 /* Remove all but the newest keep checkpoints (keep <= 0: keep all) and any
- * hidden temporary left by an interrupted write. */
+ * temporary left by an interrupted write (.ckpt-*, .config.json.tmp-*,
+ * ckpt-*.replaced). */
 void db_train_ckpt_prune(const char *run_dir, int keep, const db_log *lg);
 
 /* Is `path` a checkpoint directory (has state.json)? */
