@@ -362,10 +362,25 @@ static int micro_batch(run *r, uint64_t u, db_train_stats *s, db_err *err)
     return rc;
 }
 
+/* Are all of w's values finite (w may be NULL)? */
+static int all_finite(const db_weights *w)
+{
+    for (size_t i = 0; w && i < w->numel; i++)
+        if (!isfinite(w->data[i]))
+            return 0;
+    return 1;
+}
+
 static int save(run *r, const db_train_stats *s, db_err *err)
 {
     db_train_state st;
     db_trainer_state(r->tr, &st);
+    /* a step can overflow the weights while its loss was finite: such a
+     * state is no checkpoint (the next step would call it diverged) */
+    if (!all_finite(st.unet) || !all_finite(st.text))
+        return db_err_set(err, DB_ENUMERIC,
+                          "step %" PRId64 ": the weights are no longer finite: training diverged%s%s", st.step, r->last_ckpt ? "; the last checkpoint is " : "; no checkpoint was written",
+                          r->last_ckpt ? r->last_ckpt : "");
     char *abs = realpath(r->o.model, NULL); /* db-ckpt export finds the base from any directory */
     json_t *state = json_pack("{s:s, s:s, s:{s:f, s:f, s:f, s:f}, s:f, s:{s:s, s:I, s:I}, s:{s:I, s:I, s:I}}",
                               "base_model", abs ? abs : r->o.model, "tool", "db-train " DB_VERSION, "loss", "loss", s->loss,
@@ -435,13 +450,15 @@ static void plan(run *r, int lh, int lw)
     const size_t per = (size_t)a->unet.in_channels * lh * lw;
     const size_t data = 4 * (r->inst.n * 2 * per + (r->has_class ? r->cls.n * db_trainset_record_floats(&r->cls) : 0));
     const size_t bufs = 4 * ((size_t)B * per * 9 + 2 * N * D);
-    const size_t base = current_rss(); /* the program and its libraries, as loaded now */
+    /* the program, its libraries and the tokenizer's heap, as loaded now
+     * (the training data is resident already: counted once, below) */
+    const size_t rss = current_rss(), base = rss > data ? rss - data : 0;
     const size_t total = base + pu + pt + grads + adam + act + clip_act + data + bufs;
     printf("memory plan: %d rows (batch %lld x %s), %dx%d latents, %d tokens, text encoder %s, gradient "
            "checkpointing %s\n",
            B, (long long)r->o.batch, r->has_class ? "instance + class" : "instance", lh, lw, T,
            r->o.train_text ? "trained" : "frozen", r->o.grad_ckpt ? "on" : "off");
-    printf("  %-34s %10.1f MiB\n", "program and libraries", base / MB);
+    printf("  %-34s %10.1f MiB\n", "program, libraries, tokenizer", base / MB);
     printf("  %-34s %10.1f MiB\n", "weights (UNet + text encoder, fp32)", (pu + pt) / MB);
     printf("  %-34s %10.1f MiB\n", "gradients", grads / MB);
     printf("  %-34s %10.1f MiB\n", "AdamW moments", adam / MB);
@@ -680,14 +697,14 @@ int main(int argc, char **argv)
     r->B = r->ni * (r->has_class ? 2 : 1);
     r->C = r->inst.C, r->h = r->inst.h, r->w = r->inst.w;
     r->per = (size_t)r->C * r->h * r->w;
-    if (o->plan) {
-        plan(r, r->h, r->w);
-        status = 0;
-        goto out;
-    }
     if (tokenize_all(r, &r->inst, o->instance_prompt, &r->inst_ids, "instance", &e) ||
         (r->has_class && tokenize_all(r, &r->cls, o->class_prompt, &r->cls_ids, "class", &e))) {
         db_error(&r->lg, "%s", e.msg);
+        goto out;
+    }
+    if (o->plan) { /* after tokenizing: the tokenizer's heap stays resident */
+        plan(r, r->h, r->w);
+        status = 0;
         goto out;
     }
 

@@ -71,7 +71,7 @@ int db_trainset_load(db_trainset *s, const char *source, int allow_fixed, const 
             const char *h = NULL;
             size_t hl = 0;
             char hash[17] = "";
-            if (db_meta_str(&rec.stream->meta, "model_hash", &h, &hl) == 0 && hl < sizeof hash)
+            if (db_meta_str(&rec.stream->meta, "model_hash", &h, &hl) && hl < sizeof hash)
                 memcpy(hash, h, hl), hash[hl] = 0;
             if (s->n && strcmp(hash, s->hash) != 0) {
                 db_err_set(err, DB_EFORMAT, "streams of different models (model_hash '%s' and '%s')", s->hash,
@@ -80,7 +80,7 @@ int db_trainset_load(db_trainset *s, const char *source, int allow_fixed, const 
             }
             memcpy(s->hash, hash, sizeof hash);
             double sf;
-            if (db_meta_float(&rec.stream->meta, "scaling_factor", &sf) == 0)
+            if (db_meta_float(&rec.stream->meta, "scaling_factor", &sf))
                 s->scaling_factor = sf;
         }
         const int want_ndim = s->posterior ? 4 : 3;

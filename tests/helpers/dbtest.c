@@ -1,6 +1,8 @@
 /* dbtest: exposes library internals to the shell tests (git's test-tool idea).
  *   dbtest crc32c FILE           print crc32c of a file
  *   dbtest png-crc FILE          crc32c of a PNG's decoded RGB pixels (ignores text chunks)
+ *   dbtest tfevents FILE         one line per scalar of a TensorBoard event file:
+ *                                "step tag value" (exit 1 with the reader's error)
  *   dbtest cuda-selftest         load the CUDA backend, run its self-test
  *                                (exit 0 pass, 1 mismatch, 3 no backend/GPU)
  */
@@ -13,6 +15,16 @@
 #include "libcommon/core/crc32c.h"
 #include "libcommon/core/fsutil.h"
 #include "libcommon/core/version.h"
+#include "libcommon/io/tfevents.h"
+
+static int print_scalars(const db_tfevents_event *ev, void *user, db_err *err)
+{
+    (void)user, (void)err;
+    for (size_t i = 0; i < ev->n_values; i++)
+        if (ev->values[i].kind == DB_TFV_SCALAR)
+            printf("%lld %s %.9g\n", (long long)ev->step, ev->values[i].tag, ev->values[i].simple_value);
+    return 0;
+}
 
 int main(int argc, char **argv)
 {
@@ -48,6 +60,15 @@ int main(int argc, char **argv)
         free(px);
         return 0;
     }
+    if (argc >= 3 && !strcmp(argv[1], "tfevents")) {
+        db_err e = {0};
+        if (db_tfevents_read(argv[2], print_scalars, NULL, &e)) {
+            fflush(stdout);
+            fprintf(stderr, "dbtest: %s\n", e.msg);
+            return 1;
+        }
+        return 0;
+    }
     if (argc >= 2 && !strcmp(argv[1], "cuda-selftest")) {
         char msg[512] = "";
         void *h = db_cuda_backend_open(msg, sizeof msg);
@@ -69,6 +90,6 @@ int main(int argc, char **argv)
         printf("selftest: %s\n", msg);
         return rc == 0 ? 0 : rc == 1 ? 1 : 3;
     }
-    fprintf(stderr, "usage: dbtest crc32c FILE | png-crc FILE | cuda-selftest\n");
+    fprintf(stderr, "usage: dbtest crc32c FILE | png-crc FILE | tfevents FILE | cuda-selftest\n");
     return 2;
 }
