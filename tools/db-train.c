@@ -26,6 +26,7 @@
 #include "libcommon/core/cli.h"
 #include "libcommon/core/fsutil.h"
 #include "libcommon/core/log.h"
+#include "libcommon/dist/dist.h"
 #include "libcommon/io/dbt.h"
 #include "libcommon/io/json.h"
 #include "libcommon/io/model.h"
@@ -203,6 +204,7 @@ static int apply_resumed(db_opt *t, const json_t *cfg, const char *path, db_err 
 
 typedef struct run {
     opts o;
+    db_dist dist;               /* this process's place in a data-parallel job (rank 0 of 1 alone) */
     db_log lg;
     db_model m;
     int have_model;
@@ -386,10 +388,12 @@ static int save(run *r, const db_train_stats *s, db_err *err)
                               "base_model", abs ? abs : r->o.model, "tool", "db-train " DB_VERSION, "loss", "loss", s->loss,
                               "loss_instance", s->loss_instance, "loss_prior", s->loss_prior, "grad_norm",
                               s->grad_norm, "lr", s->lr, "rng", "scheme", "philox-counter (trainset.h)", "seed",
-                              (json_int_t)r->o.seed, "micro_batches", (json_int_t)(st.step * r->o.grad_accum),
-                              "data", "instance_records", (json_int_t)r->inst.n, "class_records",
-                              (json_int_t)(r->has_class ? r->cls.n : 0), "examples_seen",
-                              (json_int_t)(st.step * r->o.grad_accum * r->o.batch));
+                              (json_int_t)r->o.seed, "micro_batches",
+                              (json_int_t)(st.step * r->o.grad_accum * r->dist.world), "data", "instance_records",
+                              (json_int_t)r->inst.n, "class_records", (json_int_t)(r->has_class ? r->cls.n : 0),
+                              "examples_seen", (json_int_t)(st.step * r->o.grad_accum * r->o.batch * r->dist.world));
+    if (state)
+        json_object_set_new(state, "processes", json_integer(r->dist.world));
     free(abs);
     if (!state)
         return db_err_set(err, DB_ENOMEM, "out of memory");
@@ -469,6 +473,9 @@ static void plan(run *r, int lh, int lw)
     printf("  %-34s %10.1f MiB\n", "batch buffers", bufs / MB);
     printf("  %-34s %10.1f MiB\n", "predicted peak", total / MB);
 }
+
+static int reduce_f32(void *d, float *x, size_t n, db_err *err) { return db_dist_sum_f32(d, x, n, err); }
+static int reduce_f64(void *d, double *x, size_t n, db_err *err) { return db_dist_sum_f64(d, x, n, err); }
 
 int main(int argc, char **argv)
 {
@@ -554,10 +561,19 @@ int main(int argc, char **argv)
     char *pos[argc + 1];
     int npos;
     db_err e = {0};
+    if (db_dist_init(&r->dist, &argc, &argv, &e)) {
+        db_error(&r->lg, "%s", e.msg);
+        return 1;
+    }
     int rc = db_cli_main(&cli, argc, argv, pos, &npos, &r->lg);
-    if (rc >= 0)
+    if (rc >= 0) {
+        db_dist_finish(&r->dist);
         return rc;
+    }
     r->lg.level = o->quiet ? DB_LOG_QUIET : o->verbose ? DB_LOG_DEBUG : DB_LOG_INFO;
+    const int lead = r->dist.rank == 0; /* only rank 0 writes the run directory and logs progress */
+    if (!lead && r->lg.level > DB_LOG_WARN)
+        r->lg.level = DB_LOG_WARN;
     int status = 1;
     json_t *cfg_file = NULL, *resumed_cfg = NULL, *resumed_state = NULL;
     char *ckpt = NULL;
@@ -620,6 +636,14 @@ int main(int argc, char **argv)
         status = 2;
         goto out;
     }
+    if (lk == DB_LR_POLYNOMIAL) { /* diffusers refuses lr <= lr_end (1e-7): the schedule would be NaN */
+        const db_lr_schedule ps = db_lr_schedule_make(lk, 1, 0, 1);
+        if (!(o->lr > ps.lr_end) || (o->text_lr != -1 && !(o->text_lr > ps.lr_end))) {
+            db_error(&r->lg, "--lr-schedule polynomial needs learning rates above its end value %g", ps.lr_end);
+            status = 2;
+            goto out;
+        }
+    }
     if (o->steps < 1 || o->batch < 1 || o->batch > 256 || o->grad_accum < 1 || o->grad_accum > 4096 ||
         o->save_every < 0 || o->keep_last < 0 || o->warmup < 0 || o->threads < 0 || !(o->lr > 0) ||
         !(o->prior_weight >= 0) || !(o->offset_noise >= 0) || !(o->snr_gamma >= 0) || !(o->max_grad_norm >= 0) ||
@@ -634,6 +658,16 @@ int main(int argc, char **argv)
         db_error(&r->lg, "--record and --replay exclude each other");
         status = 2;
         goto out;
+    }
+    if (r->dist.world > 1 && (o->record || o->replay || o->plan)) {
+        db_error(&r->lg, "--record, --replay and --plan take one process (this job has %d)", r->dist.world);
+        status = 2;
+        goto out;
+    }
+    if (r->dist.world > 1 && !o->threads) { /* share the cores among this host's processes */
+        const char *ls = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+        const long cores = sysconf(_SC_NPROCESSORS_ONLN), local = ls ? atol(ls) : r->dist.world;
+        o->threads = cores / (local > 0 ? local : 1) > 0 ? cores / (local > 0 ? local : 1) : 1;
     }
     if (!r->run_dir && o->output && !(r->run_dir = strdup(o->output))) {
         db_error(&r->lg, "out of memory");
@@ -720,6 +754,12 @@ int main(int argc, char **argv)
     to.text_hp = to.unet_hp;
     to.unet_lr = db_lr_schedule_make(lk, o->lr, o->warmup, o->steps);
     to.text_lr = db_lr_schedule_make(lk, o->text_lr > 0 ? o->text_lr : o->lr, o->warmup, o->steps);
+    if (r->dist.world > 1) {
+        to.world = r->dist.world;
+        to.reduce_f32 = reduce_f32;
+        to.reduce_f64 = reduce_f64;
+        to.reduce_user = &r->dist;
+    }
     if (db_ctx_create(&r->ctx, DB_CPU, (int)o->threads, &e) || db_trainer_create(&r->tr, r->ctx, &r->m, &to, &e)) {
         db_error(&r->lg, "%s", e.msg);
         goto out;
@@ -743,6 +783,25 @@ int main(int argc, char **argv)
             db_error(&r->lg, "%s was trained from a model with hash %s; %s is %s", ckpt, bh, o->model, r->hash);
             goto out;
         }
+        /* the draws index the records: other data would continue another run */
+        json_t *dj = json_object_get(resumed_state, "data");
+        const json_int_t ni = json_integer_value(json_object_get(dj, "instance_records"));
+        const json_int_t nc = json_integer_value(json_object_get(dj, "class_records"));
+        json_t *jp = json_object_get(resumed_state, "processes");
+        const json_int_t np = jp ? json_integer_value(jp) : 1;
+        if (np != r->dist.world) {
+            db_error(&r->lg, "%s was trained by %lld processes, this job has %d: the draws of each step depend on "
+                             "it, so resume with the same number",
+                     ckpt, (long long)np, r->dist.world);
+            goto out;
+        }
+        if (dj && (ni != (json_int_t)r->inst.n || nc != (json_int_t)(r->has_class ? r->cls.n : 0))) {
+            db_error(&r->lg, "%s was trained on %lld instance and %lld class records; %s and %s hold %zu and %zu: "
+                             "a resume must read the same data",
+                     ckpt, (long long)ni, (long long)nc, o->instance, o->klass ? o->klass : "(no class stream)",
+                     r->inst.n, r->has_class ? r->cls.n : 0);
+            goto out;
+        }
         r->step0 = json_integer_value(json_object_get(resumed_state, "step"));
         db_trainer_set_step(r->tr, r->step0);
         db_info(&r->lg, "resuming %s at step %" PRId64, ckpt, r->step0);
@@ -752,12 +811,13 @@ int main(int argc, char **argv)
         status = 0;
         goto out;
     }
-    if (mkdir(r->run_dir, 0777) && errno != EEXIST) {
+    if (lead && mkdir(r->run_dir, 0777) && errno != EEXIST) {
         db_error(&r->lg, "%s: %s", r->run_dir, strerror(errno));
         goto out;
     }
-    db_train_ckpt_prune(r->run_dir, 0, &r->lg); /* temporaries of an interrupted write */
-    {
+    if (lead)
+        db_train_ckpt_prune(r->run_dir, 0, &r->lg); /* temporaries of an interrupted write */
+    if (lead) {
         char *cp = db_path_join(r->run_dir, "config.json");
         db_outfile of;
         char *s = json_dumps(r->config, JSON_INDENT(1) | JSON_SORT_KEYS | JSON_REAL_PRECISION(17));
@@ -773,7 +833,7 @@ int main(int argc, char **argv)
             goto out;
         }
     }
-    if (db_tfevents_open(&r->ev, r->run_dir, &e)) {
+    if (lead && db_tfevents_open(&r->ev, r->run_dir, &e)) {
         db_error(&r->lg, "%s", e.msg);
         goto out;
     }
@@ -827,7 +887,9 @@ int main(int argc, char **argv)
     for (int64_t step = r->step0; step < o->steps; step++) {
         const double t0 = db_tfevents_now();
         for (int64_t k = 0; k < o->grad_accum; k++)
-            if (micro_batch(r, (uint64_t)(step * o->grad_accum + k), NULL, &e)) {
+            /* micro-batch j = k * W + rank of the step's K * W: the job does
+             * what one process with --grad-accum K * W does */
+            if (micro_batch(r, (uint64_t)((step * o->grad_accum + k) * r->dist.world + r->dist.rank), NULL, &e)) {
                 db_error(&r->lg, "step %" PRId64 ": %s%s%s", step + 1, e.msg,
                          r->last_ckpt ? "; the last checkpoint is " : "", r->last_ckpt ? r->last_ckpt : "");
                 goto out;
@@ -845,11 +907,12 @@ int main(int argc, char **argv)
                   {"lr", s.lr},               {"grad_norm", s.grad_norm},         {"step_time", dt},
                   {"lr_text", s.lr_text}};
         for (size_t q = 0; q < sizeof sc / sizeof *sc - (o->train_text ? 0 : 1); q++)
-            if ((q != 2 || r->has_class) && db_tfevents_scalar(r->ev, sc[q].tag, s.step, t1, (float)sc[q].v, &e)) {
+            if (r->ev && (q != 2 || r->has_class) &&
+                db_tfevents_scalar(r->ev, sc[q].tag, s.step, t1, (float)sc[q].v, &e)) {
                 db_error(&r->lg, "%s", e.msg);
                 goto out;
             }
-        if (t1 - t_flush > 30) {
+        if (r->ev && t1 - t_flush > 30) {
             if (db_tfevents_flush(r->ev, &e)) {
                 db_error(&r->lg, "%s", e.msg);
                 goto out;
@@ -864,16 +927,21 @@ int main(int argc, char **argv)
                             "lr %.3g  %.2f s/it",
                     s.step, o->steps, s.loss, s.loss_instance, s.loss_prior, s.grad_norm, s.lr, dt);
         const int last = s.step == o->steps;
-        if (last || (o->save_every && s.step % o->save_every == 0) || g_stop) {
+        int stop = g_stop; /* every process stops after the same step */
+        if (db_dist_max_int(&r->dist, &stop, &e)) {
+            db_error(&r->lg, "%s", e.msg);
+            goto out;
+        }
+        if (last || (o->save_every && s.step % o->save_every == 0) || stop) {
             if (tty)
                 fputc('\n', stderr);
-            if (save(r, &s, &e)) {
+            if (lead && save(r, &s, &e)) {
                 db_error(&r->lg, "%s", e.msg);
                 goto out;
             }
         }
-        if (g_stop) {
-            db_info(&r->lg, "stopped by signal %d after step %" PRId64 "; resume with --resume %s", (int)g_stop,
+        if (stop) {
+            db_info(&r->lg, "stopped by signal %d after step %" PRId64 "; resume with --resume %s", stop,
                     s.step, r->run_dir);
             status = 130;
             goto out;
@@ -891,6 +959,8 @@ int main(int argc, char **argv)
             db_tfevents_now() - t_start, peak_rss() / 1048576.0, r->last_ckpt ? r->last_ckpt : "");
     status = 0;
 out:
+    if (status == 1)
+        db_dist_abort(&r->dist, 1); /* the other processes would wait for this one forever */
     if (r->rec)
         db_dbt_abort(r->rec, "db-train stopped");
     if (r->rep)
@@ -914,5 +984,6 @@ out:
     json_decref(resumed_state);
     json_decref(resumed_cfg);
     json_decref(cfg_file);
+    db_dist_finish(&r->dist);
     return status;
 }
