@@ -251,4 +251,15 @@ ok "db-ckpt info RUN_DIR" sh -c "db-ckpt info '$T/S' >'$T/info.txt'"
 check "shows step 6" "grep -q 'step 6' '$T/info.txt'"
 ok "db-ckpt export RUN_DIR" db-ckpt export "$T/S" "$T/out.safetensors"
 ok "db-ckpt verify of the export" db-ckpt verify -q "$T/out.safetensors"
+
+# --- 13. validation samples ---------------------------------------------------------
+ok "--validation-prompt every 2 of 4 steps" $TR --steps 4 --save-every 0 --validation-prompt "a photo of sks dog" \
+    --validation-every 2 --validation-steps 4 --validation-images 2 -o "$T/V"
+check "samples/step-000002-{0,1}.png and step-000004-{0,1}.png" \
+    "[ \"\$(cd '$T/V/samples' && ls | tr '\n' ' ')\" = 'step-000002-0.png step-000002-1.png step-000004-0.png step-000004-1.png ' ]"
+check "the images are in TensorBoard too, as 128x128 PNGs" \
+    "[ \$(dbtest tfevents '$T'/V/events.out.tfevents.* | grep -c 'validation/[01] image 128x128 png') = 4 ]"
+check "validation leaves training untouched: same weights as without it" \
+    "$TR --steps 4 --save-every 0 -o '$T/V0' && same '$T/V/ckpt-000004' '$T/V0/ckpt-000004'"
+check "trained and untrained samples differ" "! cmp -s '$T/V/samples/step-000002-0.png' '$T/V/samples/step-000004-0.png'"
 done_testing

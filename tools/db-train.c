@@ -30,12 +30,15 @@
 #include "libcommon/io/dbt.h"
 #include "libcommon/io/json.h"
 #include "libcommon/io/model.h"
+#include "libcommon/io/png.h"
 #include "libcommon/io/tfevents.h"
 #include "libcommon/sd/clip.h"
 #include "libcommon/sd/optim.h"
 #include "libcommon/sd/tokenizer.h"
 #include "libcommon/sd/train.h"
 #include "libcommon/sd/train_ckpt.h"
+#include "libcommon/sd/txt2img.h"
+#include "libcommon/sd/vae.h"
 #include "libcommon/sd/trainset.h"
 #include "libcommon/sd/unet.h"
 #include "libcommon/sd/weights.h"
@@ -48,8 +51,10 @@ static void on_signal(int sig) { g_stop = sig; }
 
 typedef struct opts {
     const char *model, *model_config, *instance, *klass, *instance_prompt, *class_prompt, *lr_schedule;
-    const char *output, *resume, *config, *record, *replay, *device;
+    const char *output, *resume, *config, *record, *replay, *device, *val_prompt, *val_sched;
     int64_t steps, warmup, batch, grad_accum, save_every, keep_last, seed, threads, log_every;
+    int64_t val_every, val_images, val_steps;
+    double val_guidance;
     double prior_weight, lr, text_lr, offset_noise, snr_gamma, max_grad_norm, b1, b2, wd, eps;
     int train_text, grad_ckpt, plan, quiet, verbose;
 } opts;
@@ -226,6 +231,7 @@ typedef struct run {
     float *latents, *noise, *eps, *offset;
     int64_t *ts, *idx;
     int64_t step0;              /* the step we started (or resumed) at */
+    db_vae *vae;                /* validation samples' decoder, loaded at the first one */
     char *last_ckpt;
 } run;
 
@@ -474,6 +480,76 @@ static void plan(run *r, int lh, int lw)
     printf("  %-34s %10.1f MiB\n", "predicted peak", total / MB);
 }
 
+/* Validation samples of the weights as they are at `step`: the trained UNet
+ * and text encoder sample --validation-prompt (seeds 0..n-1 of noise
+ * stream i, as db-sample --seed 0 -n n), the VAE decodes, and each image
+ * goes to RUN_DIR/samples/step-NNNNNN-K.png and to TensorBoard as
+ * validation/K. */
+static int validate(run *r, int64_t step, db_err *err)
+{
+    const opts *o = &r->o;
+    char dir[4096], path[4200];
+    snprintf(dir, sizeof dir, "%s/samples", r->run_dir);
+    if (mkdir(dir, 0777) && errno != EEXIST)
+        return db_err_errno(err, dir);
+    db_unet *u = db_trainer_unet(r->tr);
+    db_sd sd;
+    memset(&sd, 0, sizeof sd);
+    sd.ctx = r->ctx;
+    sd.model = r->m; /* read only: the scheduler config, the architecture, the VAE's tensors */
+    sd.threads = (int)o->threads;
+    sd.keep_models = 1;
+    sd.borrowed = 1;
+    sd.clip = db_trainer_clip(r->tr);
+    sd.unet = u;
+    sd.vae = r->vae;
+    db_txt2img_opts to;
+    memset(&to, 0, sizeof to);
+    to.prompt = o->val_prompt;
+    to.negative = "";
+    to.scheduler = o->val_sched;
+    to.steps = (int)o->val_steps;
+    to.guidance = o->val_guidance;
+    to.width = r->w * 8;
+    to.height = r->h * 8;
+    to.n_images = (int)o->val_images;
+    to.batch = 1;
+    to.seed = 0;
+    to.clip_skip = 1;
+    db_txt2img_out out;
+    memset(&out, 0, sizeof out);
+    db_unet_keep_activations(u, 0); /* inference workspace while sampling */
+    int rc = db_txt2img(&sd, &to, 1, 0, &out, err);
+    db_unet_keep_activations(u, 1);
+    r->vae = sd.vae;
+    if (sd.tok)
+        db_tokenizer_free(sd.tok);
+    const int W = to.width, H = to.height;
+    uint8_t *rgb = rc ? NULL : malloc((size_t)W * H * 3);
+    if (!rc && !rgb)
+        rc = db_err_set(err, DB_ENOMEM, "out of memory");
+    for (int i = 0; !rc && i < to.n_images; i++) {
+        db_image_to_rgb8(rgb, out.images + (size_t)i * 3 * W * H, H, W);
+        snprintf(path, sizeof path, "%s/step-%06" PRId64 "-%d.png", dir, step, i);
+        char params[1024];
+        snprintf(params, sizeof params, "%s\nSteps: %d, Sampler: %s, CFG scale: %g, Seed: 0, Size: %dx%d, "
+                 "Training step: %" PRId64, o->val_prompt, to.steps, to.scheduler, to.guidance, W, H, step);
+        const char *text[] = {"parameters", params, "Software", "dreambooth-c db-train " DB_VERSION, NULL};
+        char *png = NULL;
+        size_t n = 0;
+        char tag[32];
+        snprintf(tag, sizeof tag, "validation/%d", i);
+        rc = db_png_write(path, rgb, W, H, text, err) || db_read_file(path, (size_t)1 << 30, &png, &n, err) ||
+             (r->ev && db_tfevents_image(r->ev, tag, step, db_tfevents_now(), (const uint8_t *)png, n, H, W, 3, err));
+        free(png);
+    }
+    free(rgb);
+    db_txt2img_out_free(&out);
+    if (!rc)
+        db_info(&r->lg, "validation samples of step %" PRId64 " in %s", step, dir);
+    return rc ? db_err_prefix(err, "validation samples") : 0;
+}
+
 static int reduce_f32(void *d, float *x, size_t n, db_err *err) { return db_dist_sum_f32(d, x, n, err); }
 static int reduce_f64(void *d, double *x, size_t n, db_err *err) { return db_dist_sum_f64(d, x, n, err); }
 
@@ -487,6 +563,7 @@ int main(int argc, char **argv)
     o->steps = 800, o->lr = 1e-6, o->prior_weight = 1.0, o->lr_schedule = "constant", o->batch = 1;
     o->grad_accum = 1, o->save_every = 500, o->max_grad_norm = 1.0, o->b1 = 0.9, o->b2 = 0.999, o->wd = 1e-2;
     o->eps = 1e-8, o->text_lr = -1, o->device = "cpu";
+    o->val_images = 2, o->val_steps = 25, o->val_guidance = 7.5, o->val_sched = "ddim";
     db_opt t[] = {
         {"model", 'm', DB_OPT_STR, "MODEL", "base checkpoint: diffusers folder, .safetensors or .ckpt", &o->model,
          NULL, 0},
@@ -529,6 +606,16 @@ int main(int argc, char **argv)
         {"save-every", 0, DB_OPT_INT, "N", "checkpoint every N steps (0: only at the end)", &o->save_every, "500",
          0},
         {"keep-last", 0, DB_OPT_INT, "K", "keep only the newest K checkpoints (0: all)", &o->keep_last, "0", 0},
+        {"validation-prompt", 0, DB_OPT_STR, "P", "sample P from the weights being trained (see --validation-every)",
+         &o->val_prompt, NULL, 0},
+        {"validation-every", 0, DB_OPT_INT, "N", "validation samples every N steps and at the end (0: only at the end)",
+         &o->val_every, "0", 0},
+        {"validation-images", 0, DB_OPT_INT, "N", "images per validation (seeds 0..N-1)", &o->val_images, "2", 0},
+        {"validation-steps", 0, DB_OPT_INT, "N", "sampler steps of a validation image", &o->val_steps, "25", 0},
+        {"validation-guidance", 0, DB_OPT_FLOAT, "X", "its classifier-free guidance scale", &o->val_guidance, "7.5",
+         0},
+        {"validation-scheduler", 0, DB_OPT_STR, "NAME", "its sampler (as db-sample --scheduler)", &o->val_sched,
+         "ddim", 0},
         {"output", 'o', DB_OPT_STR, "RUN_DIR", "run directory: checkpoints, config.json, TensorBoard events",
          &o->output, NULL, 0},
         {"resume", 0, DB_OPT_STR, "PATH", "continue RUN_DIR (its newest checkpoint) or RUN_DIR/ckpt-N",
@@ -645,7 +732,8 @@ int main(int argc, char **argv)
         }
     }
     if (o->steps < 1 || o->batch < 1 || o->batch > 256 || o->grad_accum < 1 || o->grad_accum > 4096 ||
-        o->save_every < 0 || o->keep_last < 0 || o->warmup < 0 || o->threads < 0 || !(o->lr > 0) ||
+        o->save_every < 0 || o->keep_last < 0 || o->val_every < 0 || o->val_images < 1 || o->val_images > 64 ||
+        o->val_steps < 1 || o->val_steps > 1000 || o->warmup < 0 || o->threads < 0 || !(o->lr > 0) ||
         !(o->prior_weight >= 0) || !(o->offset_noise >= 0) || !(o->snr_gamma >= 0) || !(o->max_grad_norm >= 0) ||
         !(o->b1 >= 0 && o->b1 < 1) || !(o->b2 >= 0 && o->b2 < 1) || !(o->eps > 0) || !(o->wd >= 0) ||
         (o->text_lr != -1 && !(o->text_lr > 0)) || o->log_every < 0) {
@@ -940,6 +1028,11 @@ int main(int argc, char **argv)
                 goto out;
             }
         }
+        if (lead && o->val_prompt && (last || (o->val_every && s.step % o->val_every == 0)) &&
+            validate(r, s.step, &e)) {
+            db_error(&r->lg, "%s", e.msg);
+            goto out;
+        }
         if (stop) {
             db_info(&r->lg, "stopped by signal %d after step %" PRId64 "; resume with --resume %s", stop,
                     s.step, r->run_dir);
@@ -970,6 +1063,7 @@ out:
         db_tfevents_close(r->ev, &e2);
     }
     db_trainer_free(r->tr);
+    db_vae_free(r->vae);
     db_ctx_destroy(r->ctx);
     if (r->have_model)
         db_model_close(&r->m);

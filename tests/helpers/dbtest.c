@@ -1,8 +1,9 @@
 /* dbtest: exposes library internals to the shell tests (git's test-tool idea).
  *   dbtest crc32c FILE           print crc32c of a file
  *   dbtest png-crc FILE          crc32c of a PNG's decoded RGB pixels (ignores text chunks)
- *   dbtest tfevents FILE         one line per scalar of a TensorBoard event file:
- *                                "step tag value" (exit 1 with the reader's error)
+ *   dbtest tfevents FILE         one line per value of a TensorBoard event file: "step tag value"
+ *                                for scalars, "step tag image WxH png N bytes" for images
+ *                                (exit 1 with the reader's error)
  *   dbtest cuda-selftest         load the CUDA backend, run its self-test
  *                                (exit 0 pass, 1 mismatch, 3 no backend/GPU)
  */
@@ -23,6 +24,10 @@ static int print_scalars(const db_tfevents_event *ev, void *user, db_err *err)
     for (size_t i = 0; i < ev->n_values; i++)
         if (ev->values[i].kind == DB_TFV_SCALAR)
             printf("%lld %s %.9g\n", (long long)ev->step, ev->values[i].tag, ev->values[i].simple_value);
+        else if (ev->values[i].kind == DB_TFV_IMAGE) /* the PNG's own size, from its IHDR */
+            printf("%lld %s image %dx%d png %zu bytes%s\n", (long long)ev->step, ev->values[i].tag,
+                   ev->values[i].width, ev->values[i].height, ev->values[i].image_len,
+                   ev->values[i].image_len > 8 && !memcmp(ev->values[i].image, "\x89PNG", 4) ? "" : " (not a PNG)");
     return 0;
 }
 
