@@ -39,12 +39,25 @@ void db_trainset_free(db_trainset *s)
 
 int db_trainset_load(db_trainset *s, const char *source, int allow_fixed, const db_dbt_ropts *ro, db_err *err)
 {
+    db_dbt_reader *r = NULL;
+    if (db_dbt_open_read(&r, source, ro, err)) {
+        memset(s, 0, sizeof *s);
+        return db_err_prefix(err, "%s", source);
+    }
+    int rc = db_trainset_read(s, r, source, allow_fixed, err);
+    db_dbt_reader_close(r);
+    return rc;
+}
+
+int db_trainset_read(db_trainset *s, db_dbt_reader *r, const char *source, int allow_fixed, db_err *err)
+{
     memset(s, 0, sizeof *s);
     s->source = strdup(source);
     const char *kind = NULL, *pkey = "caption";
-    db_dbt_reader *r = NULL;
-    if (!s->source || db_dbt_open_read(&r, source, ro, err))
+    if (!s->source) {
+        db_err_set(err, DB_ENOMEM, "out of memory");
         goto fail;
+    }
     size_t cap = 0, per = 0;
     uint64_t last_stream = UINT64_MAX;
     db_dbt_record rec;
@@ -136,10 +149,8 @@ int db_trainset_load(db_trainset *s, const char *source, int allow_fixed, const 
         db_err_set(err, DB_EFORMAT, "no records");
         goto fail;
     }
-    db_dbt_reader_close(r);
     return 0;
 fail:
-    db_dbt_reader_close(r);
     db_err_prefix(err, "%s", source);
     db_trainset_free(s);
     return -1;

@@ -52,6 +52,8 @@ typedef struct db_trainset {
  * shapes or dtypes, streams of different models, non-finite values, an empty
  * or truncated input. */
 int db_trainset_load(db_trainset *s, const char *source, int allow_fixed, const db_dbt_ropts *ro, db_err *err);
+/* The same from an open reader (not closed here); source names it. */
+int db_trainset_read(db_trainset *s, db_dbt_reader *r, const char *source, int allow_fixed, db_err *err);
 void db_trainset_free(db_trainset *s);
 size_t db_trainset_record_floats(const db_trainset *s); /* 2*C*h*w or C*h*w */
 
