@@ -82,6 +82,8 @@ struct db_unet {
     const float *sample, *context; /* the last forward's inputs (the caller's; read by the backward) */
     int pB, pH, pW, pTc, pkeep, pckpt; /* sizes and mode of the current layout (pB 0: none) */
     double times[DB_UNET_NT];   /* seconds per block kind, last forward */
+    double btimes[DB_UNET_NT];  /* the same, last backward (without recomputation) */
+    double brecompute;          /* last backward: seconds re-running forwards (checkpointing) */
     /* gradient workspace (backward), laid out per (B, H, W, Tc) like ws */
     float *gws;
     size_t gws_cap;             /* floats */
@@ -517,6 +519,13 @@ void db_unet_keep_activations(db_unet *u, int keep) { u->keep = keep != 0; }
 void db_unet_checkpointing(db_unet *u, int on) { u->ckpt = on != 0; }
 
 const db_unet_arch *db_unet_arch_of(const db_unet *u) { return &u->a; }
+void db_unet_last_backward_times(const db_unet *u, double t[DB_UNET_NT], double *recompute)
+{
+    memcpy(t, u->btimes, sizeof u->btimes);
+    if (recompute)
+        *recompute = u->brecompute;
+}
+
 void db_unet_last_times(const db_unet *u, double t[DB_UNET_NT]) { memcpy(t, u->times, sizeof u->times); }
 const db_weights *db_unet_weights(const db_unet *u) { return &u->w; }
 
@@ -753,8 +762,11 @@ int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *gr
         memset(dcontext, 0, (size_t)B * Tc * a->context_dim * sizeof(float));
     for (int i = 0; i < u->ns; i++)
         u->s[i].dset = 0;
+    memset(u->btimes, 0, sizeof u->btimes);
+    u->brecompute = 0;
 
     for (int i = u->ns - 1; i >= 0; i--) {
+        double t0 = now();
         step *s = &u->s[i];
         const float *in = s->in >= 0 ? u->s[s->in].out : u->sample;
         const float *d = s->kind == ST_OUT ? dout : s->dout;
@@ -766,6 +778,9 @@ int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *gr
             run_step(u, s, NULL, B, H, W, Tc, 1);
             if (c->err.code)
                 return op_failed(u, s->name, err);
+            const double t1 = now();
+            u->brecompute += t1 - t0;
+            t0 = t1;
         }
         switch (s->kind) {
         case ST_CONV_IN:
@@ -813,6 +828,7 @@ int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *gr
         }
         if (c->err.code)
             return op_failed(u, s->name, err);
+        u->btimes[time_kind(s->kind)] += now() - t0;
     }
 
     /* the time embedding MLP: temb_s = silu(linear_2(silu(linear_1(tproj)))) */

@@ -130,6 +130,9 @@ enum { DB_UNET_T_EMBED = 0, /* time embedding, conv_in, output head */
        DB_UNET_T_SAMPLE,    /* down- and upsamplers */
        DB_UNET_NT };
 void db_unet_last_times(const db_unet *u, double t[DB_UNET_NT]);
+/* The same for the last backward; *recompute (may be NULL) gets the
+ * seconds spent re-running block forwards under checkpointing. */
+void db_unet_last_backward_times(const db_unet *u, double t[DB_UNET_NT], double *recompute);
 
 const db_unet_arch *db_unet_arch_of(const db_unet *u);
 /* The fp32 weights (one allocation in the architecture table's order). */

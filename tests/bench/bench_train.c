@@ -118,6 +118,13 @@ int main(int argc, char **argv)
         double t3 = now();
         printf("  step %d%s: forward+backward %.2f s, optimizer %.2f s, loss %.4f, peak RSS %.0f MiB\n", s,
                s ? "" : " (warm-up)", t2 - t1, t3 - t2, st.loss, peak_rss_mib());
+        double ft[DB_UNET_NT], bt[DB_UNET_NT], rec;
+        db_unet_last_times(db_trainer_unet(tr), ft);
+        db_unet_last_backward_times(db_trainer_unet(tr), bt, &rec);
+        printf("    UNet forward: res %.2f s, attn %.2f s, samplers %.2f s, embed/in/out %.2f s; backward: res %.2f s, "
+               "attn %.2f s, samplers %.2f s, embed/in/out %.2f s, recompute %.2f s\n",
+               ft[DB_UNET_T_RES], ft[DB_UNET_T_ATTN], ft[DB_UNET_T_SAMPLE], ft[DB_UNET_T_EMBED], bt[DB_UNET_T_RES],
+               bt[DB_UNET_T_ATTN], bt[DB_UNET_T_SAMPLE], bt[DB_UNET_T_EMBED], rec);
         if (s && t2 - t1 < best_fb)
             best_fb = t2 - t1, best_opt = t3 - t2;
     }
