@@ -291,14 +291,17 @@ static int append_stream(int fd, const char *path, const void *p, size_t n, db_e
 /* ---- generate ---- */
 
 /* One sample as a one-record stream on w. */
+/* header_sent: the stream's header went out before the sample was made
+ * (see generate_main), so only the record and the trailer are left. */
 static int write_sample(db_dbt_writer *w, const prior_run *p, const db_meta *hm, int64_t index, int C,
-                        const float *lat, db_err *err)
+                        const float *lat, int header_sent, db_err *err)
 {
     db_meta rm;
     char name[32];
     int64_t shape[3] = {C, p->height / 8, p->width / 8};
     snprintf(name, sizeof name, "prior/%lld", (long long)index);
-    int rc = record_meta(&rm, p, index, err) || db_dbt_write_header(w, "prior", hm->buf, hm->len, err) ||
+    int rc = record_meta(&rm, p, index, err) ||
+             (!header_sent && db_dbt_write_header(w, "prior", hm->buf, hm->len, err)) ||
              db_dbt_write_record(w, name, DB_F32, 3, shape, lat, rm.buf, rm.len, err) || db_dbt_end_stream(w, err);
     db_meta_free(&rm);
     return rc ? -1 : 0;
@@ -312,7 +315,7 @@ static int file_sample(int fd, const char *out, const char *part, const prior_ru
     db_dbt_writer *w;
     if (db_dbt_open_write(&w, part, NULL, err))
         return -1;
-    if (write_sample(w, p, hm, index, C, lat, err)) {
+    if (write_sample(w, p, hm, index, C, lat, 0, err)) {
         db_dbt_abort(w, err->msg);
         return -1;
     }
@@ -357,7 +360,9 @@ static int write_png(const char *dir, const prior_run *p, int64_t index, const f
 static void test_hang(const db_log *lg, int64_t done)
 {
     const char *v = getenv("DB_PRIOR_TEST_HANG_AFTER");
-    if (!v || atoll(v) != done)
+    /* called before each sample (after its header, over ZeroMQ) and after
+     * the last, so a hang over ZeroMQ leaves a stream open */
+    if (!v || !done || atoll(v) != done)
         return;
     /* even with -q: the test waits for this line */
     fprintf(stderr, "%s: test hook: hanging after %lld samples\n", lg->prog, (long long)done);
@@ -523,6 +528,13 @@ static int generate_main(int argc, char **argv)
             .width = (int)width, .height = (int)height, .n_images = (int)k, .batch = (int)k,
             .seed = (uint64_t)seed, .first_index = (int)i, .clip_skip = 1, .log = &lg, .progress = 0,
         };
+        /* Over ZeroMQ the sample's stream opens before the sampler runs: for
+         * the minute it takes, the collector holds an open stream, so if we
+         * die it knows a producer was cut mid-sample (and fails as soon as
+         * no producer is left) instead of waiting out its timeout. */
+        if (w && db_dbt_write_header(w, "prior", hm.buf, hm.len, &e))
+            goto out;
+        test_hang(&lg, made);
         db_txt2img_out res;
         if (db_txt2img(&sd, &o, png_dir != NULL, 0, &res, &e))
             goto out;
@@ -530,12 +542,12 @@ static int generate_main(int argc, char **argv)
         for (int64_t j = 0; j < k && !bad; j++) {
             const float *lat = res.latents + (size_t)j * per;
             bad = fd >= 0 ? file_sample(fd, outp, part, &p, &hm, i + j, C, lat, &e)
-                          : write_sample(w, &p, &hm, i + j, C, lat, &e);
+                          : write_sample(w, &p, &hm, i + j, C, lat, j == 0, &e);
             if (!bad && png_dir)
                 bad = write_png(png_dir, &p, i + j, res.images + (size_t)j * 3 * hw, model, &e);
             if (!bad) {
                 db_info(&lg, "sample %lld done", (long long)(i + j));
-                test_hang(&lg, ++made);
+                made++;
             }
         }
         db_txt2img_out_free(&res);
@@ -543,6 +555,7 @@ static int generate_main(int argc, char **argv)
             goto out;
         i += k * sn;
     }
+    test_hang(&lg, made);
     if (w) {
         int failed = db_dbt_close(w, &e);
         w = NULL;
@@ -621,7 +634,8 @@ static int collect_main(int argc, char **argv)
         {"n", 'n', DB_OPT_INT, "N", "samples in the whole set: stop once 0..N-1 are all here", &n, NULL, 0},
         {"output", 'o', DB_OPT_STR, "FILE", "merged samples (a file resumes like db-prior's; - for stdout)", &outp,
          NULL, 0},
-        {"timeout", 't', DB_OPT_FLOAT, "S", "give up when no message comes for S seconds", &timeout, "600", 0},
+        {"timeout", 't', DB_OPT_FLOAT, "S", "give up when no message comes for S seconds (even from live producers)",
+         &timeout, "600", 0},
         {"shards", 0, DB_OPT_INT, "N", "the producers' shard count, to name incomplete shards", &shards, NULL, 0},
         {"quiet", 'q', DB_OPT_FLAG, NULL, "only errors on stderr", &quiet, NULL, 0},
         {"verbose", 'v', DB_OPT_FLAG, NULL, "say which sample arrived", &verbose, NULL, 0},
@@ -630,8 +644,10 @@ static int collect_main(int argc, char **argv)
     db_cli cli = {"db-prior collect", "--from ENDPOINT -n N -o FILE [options]",
                   "Receive db-prior samples from any number of producers over ZeroMQ, keep every sample whose "
                   "stream ended with a good trailer (dropping duplicates), and stop when indices 0..N-1 are all "
-                  "there. A producer that dies leaves its samples missing: after --timeout seconds without a "
-                  "message the collector names the missing indices (and shards) and exits 1.",
+                  "there. A producer that dies leaves its samples missing: once every producer has disconnected "
+                  "while one of them was in the middle of a sample (or, at the latest, after --timeout seconds "
+                  "without a message) the collector names the missing indices (and shards) and exits 1. Heartbeats "
+                  "(ENDPOINT?heartbeat=MS, default 2000) notice producers whose host or network went away.",
                   opts, NULL};
     char *pos[argc + 1];
     int npos;
@@ -682,9 +698,18 @@ static int collect_main(int argc, char **argv)
         uint8_t id[8];
         const uint8_t *obj;
         size_t len;
-        if (db_zsock_recv(z, id, &obj, &len, &e)) {
+        /* nos open streams: producers in the middle of a sample.  When every
+         * producer has disconnected while some are open, the recv fails within
+         * seconds (the dead ones will never finish them); with none open it
+         * waits for more producers up to --timeout. */
+        if (db_zsock_recv(z, id, &obj, &len, nos, &e)) {
             db_error(&lg, "%s (%d producer stream%s left unfinished: a producer died or stalled)", e.msg, nos,
                      nos == 1 ? "" : "s");
+            for (int k = 0; k < nos; k++)
+                db_error(&lg, "cut stream %02x%02x%02x%02x%02x%02x%02x%02x: %d object%s, no trailer%s", os[k].id[0],
+                         os[k].id[1], os[k].id[2], os[k].id[3], os[k].id[4], os[k].id[5], os[k].id[6], os[k].id[7],
+                         os[k].objects, os[k].objects == 1 ? "" : "s",
+                         os[k].objects == 1 ? " (a sample in progress)" : "");
             report_missing(&lg, &s, shards);
             goto done;
         }

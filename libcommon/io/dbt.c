@@ -523,6 +523,7 @@ int db_dbt_parse_target(db_dbt_target *t, const char *arg, db_err *err)
     t->bind = -1;
     t->timeout_ms = -1;
     t->linger_ms = -1;
+    t->heartbeat_ms = -1;
     if (!arg || !*arg)
         return db_err_set(err, DB_EUSAGE, "empty stream name");
     if (!strcmp(arg, "-")) {
@@ -562,10 +563,13 @@ int db_dbt_parse_target(db_dbt_target *t, const char *arg, db_err *err)
             bad = parse_ms(opt + 8, &t->timeout_ms);
         else if (!strncmp(opt, "linger=", 7))
             bad = parse_ms(opt + 7, &t->linger_ms);
+        else if (!strncmp(opt, "heartbeat=", 10))
+            /* libzmq sends the TTL (misses x interval) in units of 100 ms, at most 0xffff of them */
+            bad = parse_ms(opt + 10, &t->heartbeat_ms) || t->heartbeat_ms > 1000000;
         else
             return db_err_set(err, DB_EUSAGE,
-                              "%s: unknown endpoint option '%s' (known: streams=N, timeout=MS, linger=MS, bind, "
-                              "connect)",
+                              "%s: unknown endpoint option '%s' (known: streams=N, timeout=MS, linger=MS, "
+                              "heartbeat=MS, bind, connect)",
                               arg, opt);
         if (bad)
             return db_err_set(err, DB_EUSAGE, "%s: bad value in endpoint option '%s'", arg, opt);
@@ -1115,9 +1119,24 @@ static int zmq_object(db_dbt_reader *r, db_dbt_record *rec)
     const uint8_t *bytes;
     size_t n, at = 0;
     db_err e = {0};
-    if (db_zsock_recv(r->zs, id, &bytes, &n, &e))
-        return db_err_set(&r->saved, e.code, "%s (%" PRIu64 " of %" PRIu64 " streams finished)", e.msg,
-                          r->streams_done, r->want_streams);
+    if (db_zsock_recv(r->zs, id, &bytes, &n, (int)r->nopen, &e)) {
+        /* say which streams were left without a trailer: the caller can
+         * tell from their ids and kinds which producers to rerun */
+        char open[512] = "";
+        size_t len = 0, i;
+        for (i = 0; i < r->nopen && len + 64 < sizeof open; i++) {
+            const sstate *o = r->open[i];
+            len += (size_t)snprintf(open + len, sizeof open - len, "%sstream ", i ? ", " : "; unfinished: ");
+            for (int b = 0; b < 8; b++)
+                len += (size_t)snprintf(open + len, sizeof open - len, "%02x", o->pub.id[b]);
+            len += (size_t)snprintf(open + len, sizeof open - len, " (%.40s, %" PRIu64 " record%s)", o->kind,
+                                    o->count, o->count == 1 ? "" : "s");
+        }
+        if (i < r->nopen)
+            snprintf(open + len, sizeof open - len, ", ...");
+        return db_err_set(&r->saved, e.code, "%s (%" PRIu64 " of %" PRIu64 " streams finished%s)", e.msg,
+                          r->streams_done, r->want_streams, open);
+    }
     sstate *s = find_open(r, id, &at);
     /* for messages about a stream we do not know yet */
     sstate tmp = {0};

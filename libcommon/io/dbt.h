@@ -117,6 +117,8 @@ int db_meta_bool(const msgpack_object *map, const char *key, int *v);
  *   streams=N   reader: end after N streams have sent their trailers (default 1)
  *   timeout=MS  reader: receive timeout; writer: send timeout (default none)
  *   linger=MS   writer: how long close waits to deliver (default 60000)
+ *   heartbeat=MS both: ZMTP heartbeat interval (default 2000, 0 = off); a
+ *               peer silent for 5 intervals is dropped as gone
  *   bind | connect  override the default role:
  *               tcp: a host of '*' binds, any other host connects;
  *               ipc: a reader binds and a writer connects (a collector). */
@@ -127,7 +129,18 @@ typedef struct db_dbt_target {
     int streams;        /* 0: not given */
     int timeout_ms;     /* -1: not given */
     int linger_ms;      /* -1: not given */
+    int heartbeat_ms;   /* -1: not given (DB_ZMQ_HEARTBEAT_MS) */
 } db_dbt_target;
+
+/* ZMTP heartbeats: ping every interval, drop a peer that stays silent for
+ * DB_ZMQ_HEARTBEAT_MISSES intervals (a host that went down or a cut network
+ * never closes its TCP connection; without pings nobody would notice). */
+#define DB_ZMQ_HEARTBEAT_MS 2000
+#define DB_ZMQ_HEARTBEAT_MISSES 5
+/* A reader whose peers have all disconnected while streams are open waits
+ * this long (or the heartbeat timeout, if longer) for a reconnect before it
+ * calls those streams cut. */
+#define DB_ZMQ_GONE_GRACE_MS 1000
 
 int db_dbt_parse_target(db_dbt_target *t, const char *arg, db_err *err);
 
@@ -248,14 +261,25 @@ int db_mpwalk_run(db_mpwalk *w, const uint8_t *p, uint64_t avail);
 typedef struct db_zsock db_zsock;
 
 /* t->kind must be DB_DBT_ZMQ.  timeout_ms 0: block; linger_ms: writers only;
- * max_msg: readers drop larger messages (ZMQ_MAXMSGSIZE). */
+ * max_msg: readers drop larger messages (ZMQ_MAXMSGSIZE); t->heartbeat_ms
+ * (-1: DB_ZMQ_HEARTBEAT_MS, 0: off) sets ZMTP heartbeats on both roles. */
 int db_zsock_open(db_zsock **z, const db_dbt_target *t, int is_reader, int timeout_ms, int linger_ms,
                   uint64_t max_msg, db_err *err);
 /* Send the object a (an bytes) followed by b (bn bytes) as one frame. */
 int db_zsock_send(db_zsock *z, const uint8_t id[8], const void *a, size_t an, const void *b, size_t bn,
                   db_err *err);
-/* Receive one message; *obj stays valid until the next recv or close. */
-int db_zsock_recv(db_zsock *z, uint8_t id[8], const uint8_t **obj, size_t *n, db_err *err);
+/* Receive one message; *obj stays valid until the next recv or close.
+ * open_streams: how many streams the caller holds without their trailer.
+ * Readers watch their peers (a socket monitor): when every peer has
+ * disconnected while open_streams > 0, no producer is left to finish those
+ * streams, so after a grace period (the heartbeat timeout, for reconnects and
+ * messages still in flight) this fails with "every producer disconnected"
+ * instead of waiting out the receive timeout.  Complete streams whose
+ * producers left are no reason to fail: with open_streams == 0 the reader
+ * waits for new producers (up to the receive timeout). */
+int db_zsock_recv(db_zsock *z, uint8_t id[8], const uint8_t **obj, size_t *n, int open_streams, db_err *err);
+/* Readers: peers connected now (accepted or connected, not yet disconnected). */
+int db_zsock_peers(const db_zsock *z);
 const char *db_zsock_endpoint(const db_zsock *z);
 /* Writers: wait up to the linger time for delivery (an error if it runs
  * out); with discard, wait at most briefly.  Frees z. */

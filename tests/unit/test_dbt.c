@@ -415,6 +415,8 @@ typedef struct producer {
     int n;
     int pause_us;
     int abort_after; /* >0: abort after that many records */
+    int die_after;   /* >0: exit after that many records, no trailer (child processes only) */
+    int delay_ms;    /* wait this long before connecting */
     char err[1536];
 } producer;
 
@@ -424,6 +426,8 @@ static int produce(void *arg)
     db_err e = {0};
     db_dbt_writer *w;
     db_dbt_wopts o = {.linger_ms = ZMQ_TIMEOUT, .timeout_ms = ZMQ_TIMEOUT};
+    if (p->delay_ms)
+        usleep((useconds_t)p->delay_ms * 1000);
     if (db_dbt_open_write(&w, p->target, &o, &e))
         goto fail;
     db_meta m;
@@ -439,6 +443,12 @@ static int produce(void *arg)
         if (p->abort_after && i == p->abort_after) {
             db_dbt_abort(w, "producer gave up");
             return 0;
+        }
+        if (p->die_after && i == p->die_after) {
+            /* like kill -9: no trailer, no close; the kernel closes the
+             * socket once the I/O thread had time to send what we wrote */
+            usleep(300000);
+            _exit(0);
         }
         float v[2 * 64];
         int64_t shape[2] = {i % 64 + 1, 2};
@@ -659,6 +669,11 @@ static void test_targets(void)
            "unknown endpoint option refused: %s", e.msg);
     tap_ok(db_dbt_parse_target(&t, "tcp://h:1?streams=0", &e) && db_dbt_parse_target(&t, "tcp://h", &e),
            "streams=0 and a tcp endpoint without port refused");
+    tap_ok(!db_dbt_parse_target(&t, "tcp://h:1?heartbeat=0", &e) && t.heartbeat_ms == 0 &&
+               !db_dbt_parse_target(&t, "tcp://h:1?heartbeat=500", &e) && t.heartbeat_ms == 500 &&
+               !db_dbt_parse_target(&t, "tcp://h:1", &e) && t.heartbeat_ms == -1 &&
+               db_dbt_parse_target(&t, "tcp://h:1?heartbeat=2000000", &e),
+           "heartbeat=MS parsed (0 = off, default -1, at most 1000000)");
 }
 
 static void test_roundtrip(const char *dir)
@@ -1285,6 +1300,54 @@ static void test_zmq(const char *dir)
            e.msg);
     zmq_close(s);
     zmq_ctx_term(ctx);
+
+    /* a producer dies mid-stream and no other is connected: the reader fails
+     * after the grace period (1 s with ?heartbeat=100), long before its
+     * receive timeout, and names the cut stream */
+    snprintf(ep, sizeof ep, "ipc://%s/cut.ipc", dir);
+    snprintf(epn, sizeof epn, "%s?heartbeat=100", ep);
+    producer d = {.target = ep, .kind = "p0", .n = 10, .die_after = 3};
+    pid = spawn(produce, &d);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    n = collect(epn, 1, &rc, &e);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
+    tap_ok(rc == -1 && n == 3 && has(&e, "every producer disconnected with 1 stream unfinished") &&
+               has(&e, "unfinished: stream ") && has(&e, "(p0, 3 records)") && ms < ZMQ_TIMEOUT / 2 && reap(pid) == 0,
+           "producer gone mid-stream: reader fails in %.0f ms (timeout %d): %s", ms, ZMQ_TIMEOUT, e.msg);
+
+    /* one producer dies mid-stream while another is alive: the reader keeps
+     * taking the live one's records, and fails only once it has left too */
+    snprintf(ep, sizeof ep, "ipc://%s/half.ipc", dir);
+    snprintf(epn, sizeof epn, "%s?streams=2&heartbeat=100", ep);
+    producer h = {.target = ep, .kind = "p0", .n = 10, .die_after = 3},
+             l = {.target = ep, .kind = "p1", .n = 40, .pause_us = 40000};
+    pa = spawn(produce, &h);
+    pb = spawn(produce, &l);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    n = collect(epn, 0, &rc, &e);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
+    ra = reap(pa);
+    rb = reap(pb);
+    tap_ok(rc == -1 && n == 43 && has(&e, "1 of 2 streams finished; unfinished: stream ") &&
+               has(&e, "(p0, 3 records)") && ms < ZMQ_TIMEOUT / 2 && ra == 0 && rb == 0,
+           "one of two producers dies: the other's 40 records still arrive, then the cut is reported (%d records, "
+           "%.0f ms): %s", n, ms, e.msg);
+
+    /* a producer that sent its trailer and left is complete: with no stream
+     * open the reader waits (past the grace) for the next producer */
+    snprintf(ep, sizeof ep, "ipc://%s/gone.ipc", dir);
+    snprintf(epn, sizeof epn, "%s?streams=2&heartbeat=100", ep);
+    producer f = {.target = ep, .kind = "p0", .n = 5}, g = {.target = ep, .kind = "p1", .n = 5, .delay_ms = 2500};
+    db_err_clear(&e);
+    pa = spawn(produce, &f);
+    pb = spawn(produce, &g);
+    n = collect(epn, 0, &rc, &e);
+    ra = reap(pa);
+    rb = reap(pb);
+    tap_ok(n == 10 && rc == 0 && ra == 0 && rb == 0,
+           "a producer that finished and left, then another 2.5 s later: clean (%d records) %s", n, e.msg);
 }
 
 /* ---- Python ------------------------------------------------------------------- */
