@@ -1,0 +1,97 @@
+/* The CUDA backend's interface: what libdb_cuda.so (kernels/cuda/) gives
+ * the C side (kernels/cpu/dispatch.c, libcommon) through one table, so the
+ * tools never link the CUDA runtime and load it only for --device cuda.
+ *
+ *   const db_cuda_api *api = db_cuda_get_api(DB_CUDA_ABI);   (dlsym'd)
+ *
+ * Every op of kernels/ops.h has a member with the op's exact signature
+ * (DB_OP_LIST below, one line per op, the single list both sides expand);
+ * the backend sets the ones it implements and leaves the rest NULL, which
+ * the dispatcher reports as "not on this device".  Pointers passed to an op
+ * of a CUDA ctx are device pointers from the ctx's allocator.
+ *
+ * ABI: bump DB_CUDA_ABI whenever this struct or an op's signature changes;
+ * the loader refuses a library built for another ABI. */
+#ifndef DB_CUDA_API_H
+#define DB_CUDA_API_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/ops.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DB_CUDA_ABI 1
+
+/* Copy directions of db_cuda_api.copy. */
+typedef enum db_copy_kind { DB_COPY_H2D = 0, DB_COPY_D2H, DB_COPY_D2D } db_copy_kind;
+
+/* X(name, (parameters)) for every op, in ops.h's order. */
+#define DB_OP_LIST(X) \
+    X(gemm_forward, (db_ctx *c, float *Cm, const float *A, const float *B, int batch, int M, int N, int K, int transa, int transb, float alpha, float beta)) \
+    X(linear_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int N, int C, int OC)) \
+    X(conv2d_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)) \
+    X(groupnorm_forward, (db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight, const float *bias, int B, int C, int HW, int G, float eps, int silu)) \
+    X(layernorm_forward, (db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight, const float *bias, int N, int C, float eps)) \
+    X(attention_forward, (db_ctx *c, float *out, float *lse, const float *q, const float *k, const float *v, int B, int Tq, int Tk, int NH, int HS, int causal)) \
+    X(softmax_forward, (db_ctx *c, float *out, const float *inp, int N, int C)) \
+    X(silu_forward, (db_ctx *c, float *out, const float *inp, size_t N)) \
+    X(gelu_forward, (db_ctx *c, float *out, const float *inp, size_t N, db_gelu_kind kind)) \
+    X(quick_gelu_forward, (db_ctx *c, float *out, const float *inp, size_t N)) \
+    X(geglu_forward, (db_ctx *c, float *out, const float *inp, int N, int C)) \
+    X(add_forward, (db_ctx *c, float *out, const float *a, const float *b, size_t N)) \
+    X(mul_forward, (db_ctx *c, float *out, const float *a, const float *b, size_t N)) \
+    X(axpby_forward, (db_ctx *c, float *out, const float *x, const float *y, float alpha, float beta, size_t N)) \
+    X(add_channel_forward, (db_ctx *c, float *out, const float *inp, const float *vec, int B, int C, int HW)) \
+    X(concat_channels_forward, (db_ctx *c, float *out, const float *a, const float *b, int B, int C1, int C2, int HW)) \
+    X(transpose_forward, (db_ctx *c, float *out, const float *inp, int B, int M, int N)) \
+    X(upsample_nearest2x_forward, (db_ctx *c, float *out, const float *inp, int B, int C, int H, int W)) \
+    X(timestep_embedding_forward, (db_ctx *c, float *out, const float *timesteps, int B, int D, int flip_sin_to_cos, float shift, float max_period)) \
+    X(embedding_forward, (db_ctx *c, float *out, const int32_t *tokens, const float *wte, const float *wpe, int B, int T, int C, int V)) \
+    X(gemm_backward, (db_ctx *c, float *dA, float *dB, const float *dCm, const float *A, const float *B, int batch, int M, int N, int K, int transa, int transb, float alpha)) \
+    X(linear_backward, (db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp, const float *weight, int N, int C, int OC)) \
+    X(conv2d_backward, (db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp, const float *weight, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)) \
+    X(groupnorm_backward, (db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean, const float *rstd, const float *inp, const float *weight, const float *bias, int B, int C, int HW, int G, int silu)) \
+    X(layernorm_backward, (db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean, const float *rstd, const float *inp, const float *weight, int N, int C)) \
+    X(attention_backward, (db_ctx *c, float *dq, float *dk, float *dv, const float *dout, const float *out, const float *lse, const float *q, const float *k, const float *v, int B, int Tq, int Tk, int NH, int HS, int causal)) \
+    X(softmax_backward, (db_ctx *c, float *dinp, const float *dout, const float *out, int N, int C)) \
+    X(silu_backward, (db_ctx *c, float *dinp, const float *dout, const float *inp, size_t N)) \
+    X(gelu_backward, (db_ctx *c, float *dinp, const float *dout, const float *inp, size_t N, db_gelu_kind kind)) \
+    X(quick_gelu_backward, (db_ctx *c, float *dinp, const float *dout, const float *inp, size_t N)) \
+    X(geglu_backward, (db_ctx *c, float *dinp, const float *dout, const float *inp, int N, int C)) \
+    X(mul_backward, (db_ctx *c, float *da, float *db, const float *dout, const float *a, const float *b, size_t N)) \
+    X(add_channel_backward, (db_ctx *c, float *dvec, const float *dout, int B, int C, int HW)) \
+    X(concat_channels_backward, (db_ctx *c, float *da, float *db, const float *dout, int B, int C1, int C2, int HW)) \
+    X(upsample_nearest2x_backward, (db_ctx *c, float *dinp, const float *dout, int B, int C, int H, int W)) \
+    X(embedding_backward, (db_ctx *c, float *dwte, float *dwpe, const float *dout, const int32_t *tokens, int B, int T, int C, int V))
+
+typedef struct db_cuda_api {
+    int abi;                    /* DB_CUDA_ABI of the library */
+    /* device state of a ctx: handles, stream, caching allocator (c->cuda);
+     * device_index from --device cuda:N */
+    int (*ctx_init)(db_ctx *c, int device_index, db_err *err);
+    void (*ctx_destroy)(db_ctx *c);
+    void (*ctx_trim)(db_ctx *c);        /* return cached blocks to the driver */
+    /* memory of a ctx: 256-byte aligned device blocks; NULL with c->err set */
+    void *(*alloc)(db_ctx *c, size_t bytes);
+    void (*free)(db_ctx *c, void *p);
+    int (*copy)(db_ctx *c, void *dst, const void *src, size_t bytes, db_copy_kind kind);
+    int (*zero)(db_ctx *c, void *p, size_t bytes);
+    int (*sync)(db_ctx *c);            /* wait for the ctx's stream; reports async errors */
+#define DB_CUDA_API_MEMBER(name, params) int(*name) params;
+    DB_OP_LIST(DB_CUDA_API_MEMBER)
+#undef DB_CUDA_API_MEMBER
+} db_cuda_api;
+
+/* Exported by libdb_cuda.so: the table, or NULL when the library was built
+ * for another ABI. */
+const db_cuda_api *db_cuda_get_api(int abi);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
