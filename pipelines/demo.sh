@@ -10,6 +10,8 @@ BIN=$TOP/build/bin
 rm -rf "$OUT"
 mkdir -p "$OUT"
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
+# the pipeline's make is not a sub-make of `make demo`: none of its flags or variables
+unset MAKEFLAGS MFLAGS MAKELEVEL MAKEOVERRIDES
 run() { printf '\n$ %s\n' "$*"; "$@"; }
 run "$BIN/db-ckpt" init --arch tiny --seed 42 "$OUT/tiny"
 run "$BIN/db-ckpt" info "$OUT/tiny"
