@@ -32,8 +32,15 @@ ok "init a differently sized model" db-ckpt init --config "$T/cfg" --seed 5 "$T/
 ok "sample it" db-sample -q --model "$T/other" --steps 3 --width 64 --height 64 --prompt "a dog" -o "$T/other.png"
 check "a 64x64 PNG from the other size" "file '$T/other.png' | grep -q 'PNG image data, 64 x 64'"
 ok "three images, latents stream" $S --prompt "a photo of sks dog" --seed 3 -n 3 --batch 2 \
-    --negative-prompt "blurry" --scheduler euler_a -o "$T/b.png" --latents-out "$T/b.dbt"
+    --negative-prompt "blurry" --scheduler euler_a -o "$T/b.png" --latents-out "$T/b.dbt" --grid "$T/bgrid.png"
 check "numbered outputs" "[ -f '$T/b-0000.png' ] && [ -f '$T/b-0001.png' ] && [ -f '$T/b-0002.png' ]"
+# crc of a region, "WxH crc" as png-crc prints it
+cell() { dbtest png-crop-crc "$T/bgrid.png" "$@"; }
+check "3 images: a 2x2 grid, row-major, the empty cell black" \
+    "[ \"\$(cell 0 0 64 64)\" = \"\$(dbtest png-crc '$T/b-0000.png')\" ] &&
+     [ \"\$(cell 64 0 64 64)\" = \"\$(dbtest png-crc '$T/b-0001.png')\" ] &&
+     [ \"\$(cell 0 64 64 64)\" = \"\$(dbtest png-crc '$T/b-0002.png')\" ] &&
+     head -c 12288 /dev/zero >'$T/black' && [ \"\$(cell 64 64 64 64)\" = \"64x64 \$(dbtest crc32c '$T/black')\" ]"
 check "latents stream holds 3 records of [4, 8, 8]" \
     "$PY - '$T/b.dbt' <<'PYEOF'
 import msgpack, sys
@@ -64,8 +71,14 @@ with open(f'{t}/badnoise.dbt', 'wb') as f:
     w = d.DbtWriter(f, 'noise'); w.record('noise', 'f32', [1, 4, 4, 4], bytes(4 * 64)); w.close()
 PYEOF
 ok "--noise from a stream, printf output pattern" $S --prompt "a photo of sks dog" -n 2 --noise "$T/noise.dbt" \
-    -o "$T/nz-%03d.png"
+    -o "$T/nz-%03d.png" --grid "$T/nzgrid.png"
 check "pattern numbered the images" "[ -f '$T/nz-000.png' ] && [ -f '$T/nz-001.png' ]"
+check "--grid of 2 images: 2W x H" "dbtest png-crc '$T/nzgrid.png' | grep -q '^128x64 '"
+check "its left half is image 0, its right half image 1" \
+    "[ \"\$(dbtest png-crop-crc '$T/nzgrid.png' 0 0 64 64)\" = \"\$(dbtest png-crc '$T/nz-000.png')\" ] &&
+     [ \"\$(dbtest png-crop-crc '$T/nzgrid.png' 64 0 64 64)\" = \"\$(dbtest png-crc '$T/nz-001.png')\" ]"
+check "the grid carries image 0's parameters chunk" \
+    "grep -a -q 'Size: 64x64, .*Noise: philox stream 0,' '$T/nzgrid.png' && ! grep -a -q 'philox stream 1' '$T/nzgrid.png'"
 ok "same noise again, other seed" $S --prompt "a photo of sks dog" -n 2 --noise "$T/noise.dbt" --seed 99 \
     -o "$T/nz2-%03d.png"
 check "the stream, not the seed, decided the image" \
@@ -85,5 +98,8 @@ fails_with 2 "required" "missing --prompt is a usage error" db-sample --model "$
 fails_with 1 "nonexistent" "missing model: exit 1" db-sample --model "$T/nonexistent" --prompt x -o "$T/z.png"
 check "no PNG after a failed load" "no_leftovers '$T/z.png'"
 fails_with 2 "\\.png" "output must be .png" $S --prompt x -o "$T/out.jpg"
-ok "--help" sh -c "db-sample --help | grep -q -- --negative-prompt"
+fails_with 2 "--grid .*\\.png" "--grid must be .png" $S --prompt x -o "$T/g.png" --grid "$T/g.jpg"
+fails_with 2 "too large" "a grid beyond PNG's size is a usage error" $S --prompt x -n 20000 --width 8192 -o "$T/g.png" \
+    --grid "$T/big.png"
+ok "--help" sh -c "db-sample --help | grep -q -- --negative-prompt && db-sample --help | grep -q -- '--grid FILE.png'"
 done_testing

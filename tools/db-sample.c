@@ -1,7 +1,7 @@
 /* db-sample: text to image with any SD1.x checkpoint.
  *
  *   db-sample --model M --prompt P [-n N] [--steps 30] [--guidance 7.5]
- *             [--scheduler ddim] [--seed S] [--width 512 --height 512] -o out.png
+ *             [--scheduler ddim] [--seed S] [--width 512 --height 512] -o out.png [--grid grid.png]
  *
  * The PNG carries the settings in A1111's "parameters" text chunk. */
 #include <math.h>
@@ -131,7 +131,7 @@ static int read_noise(const char *src, const db_arch *a, int n, int H, int W, fl
 int main(int argc, char **argv)
 {
     const char *model = NULL, *prompt = NULL, *negative = "", *sched = "ddim", *outp = "sample.png";
-    const char *latents_out = NULL, *device = "cpu", *config = NULL, *noise_in = NULL;
+    const char *latents_out = NULL, *device = "cpu", *config = NULL, *noise_in = NULL, *grid_out = NULL;
     int64_t n = 1, batch = 1, steps = 50, width = 512, height = 512, seed = 0, threads = 0, clip_skip = 1;
     double guidance = 7.5, eta = 0;
     int quiet = 0, verbose = 0;
@@ -153,6 +153,8 @@ int main(int argc, char **argv)
         {"clip-skip", 0, DB_OPT_INT, "K", "1: last text-encoder layer; 2: penultimate (A1111)", &clip_skip, "1", 0},
         {"output", 'o', DB_OPT_STR, "FILE.png", "output; a printf pattern like 'out-%03d.png' numbers images, "
          "else with -n > 1 FILE-0000.png, FILE-0001.png, ...", &outp, "sample.png", 0},
+        {"grid", 0, DB_OPT_STR, "FILE.png", "also write all images as one contact sheet: ceil(sqrt(n)) columns, "
+         "images left to right then top to bottom, empty cells black, no padding", &grid_out, NULL, 0},
         {"noise", 0, DB_OPT_STR, "STREAM", "initial latents from a .dbt stream (record 'noise', f32 [N,C,H/8,W/8]) "
          "instead of seeded noise", &noise_in, NULL, 0},
         {"latents-out", 0, DB_OPT_STR, "STREAM", "also write the final latents as a .dbt stream (path, - or endpoint)",
@@ -199,6 +201,21 @@ int main(int argc, char **argv)
         db_error(&lg, "--output %s: the file name must end in .png and may hold one %%d-style number", outp);
         return 2;
     }
+    int64_t grid_cols = 1, grid_rows = 1;
+    if (grid_out) {
+        if (strlen(grid_out) < 5 || strcmp(grid_out + strlen(grid_out) - 4, ".png")) {
+            db_error(&lg, "--grid %s: the file name must end in .png", grid_out);
+            return 2;
+        }
+        while (grid_cols * grid_cols < n)
+            grid_cols++;
+        grid_rows = (n + grid_cols - 1) / grid_cols;
+        if (grid_cols * width > (1 << 20) || grid_rows * height > (1 << 20)) {
+            db_error(&lg, "--grid: a %lldx%lld sheet of %lldx%lld images is too large for a PNG (at most %d pixels a "
+                     "side)", (long long)grid_cols, (long long)grid_rows, (long long)width, (long long)height, 1 << 20);
+            return 2;
+        }
+    }
     db_sd sd;
     db_model_opts mo = {config, &lg};
     if (db_sd_open(&sd, model, &mo, (int)threads, &e)) {
@@ -234,7 +251,13 @@ int main(int argc, char **argv)
     }
     rc = 0;
     size_t hw = (size_t)width * (size_t)height;
-    uint8_t *rgb = malloc(hw * 3);
+    uint8_t *rgb = malloc(hw * 3), *grid = NULL;
+    size_t grid_w = (size_t)(grid_cols * width), grid_h = (size_t)(grid_rows * height);
+    char params0[8192] = "";
+    if (grid_out && rgb && !(grid = calloc(grid_w * grid_h, 3))) {
+        free(rgb);
+        rgb = NULL; /* reported below */
+    }
     for (int i = 0; i < n && rgb && !rc; i++) {
         char path[4096], params[8192];
         image_path(path, sizeof path, outp, i, (int)n);
@@ -246,6 +269,13 @@ int main(int argc, char **argv)
                  base_name(model), (long long)clip_skip, i, DB_VERSION);
         const char *text[] = {"parameters", params, "Software", "dreambooth-c " DB_VERSION, NULL};
         db_image_to_rgb8(rgb, out.images + (size_t)i * 3 * hw, (int)height, (int)width);
+        if (i == 0)
+            memcpy(params0, params, sizeof params0);
+        if (grid) { /* cell (i % cols, i / cols) */
+            size_t x0 = (size_t)(i % grid_cols) * (size_t)width, y0 = (size_t)(i / grid_cols) * (size_t)height;
+            for (size_t y = 0; y < (size_t)height; y++)
+                memcpy(grid + ((y0 + y) * grid_w + x0) * 3, rgb + y * (size_t)width * 3, (size_t)width * 3);
+        }
         if (db_png_write(path, rgb, (int)width, (int)height, text, &e)) {
             db_error(&lg, "%s", e.msg);
             rc = 1;
@@ -253,6 +283,16 @@ int main(int argc, char **argv)
             db_info(&lg, "wrote %s", path);
         }
     }
+    if (grid && !rc) { /* A1111's grids carry the first image's parameters */
+        const char *text[] = {"parameters", params0, "Software", "dreambooth-c " DB_VERSION, NULL};
+        if (db_png_write(grid_out, grid, (int)grid_w, (int)grid_h, text, &e)) {
+            db_error(&lg, "%s", e.msg);
+            rc = 1;
+        } else {
+            db_info(&lg, "wrote %s (%lldx%lld images)", grid_out, (long long)grid_cols, (long long)grid_rows);
+        }
+    }
+    free(grid);
     if (!rgb) {
         db_error(&lg, "out of memory");
         rc = 1;

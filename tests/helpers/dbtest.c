@@ -1,6 +1,9 @@
 /* dbtest: exposes library internals to the shell tests (git's test-tool idea).
  *   dbtest crc32c FILE           print crc32c of a file
  *   dbtest png-crc FILE          crc32c of a PNG's decoded RGB pixels (ignores text chunks)
+ *   dbtest png-crop-crc FILE X Y W H
+ *                                the same for the W x H region at (X, Y), printed as png-crc
+ *                                prints it ("WxH crc"), so a region compares to a whole image
  *   dbtest tfevents FILE         one line per value of a TensorBoard event file: "step tag value"
  *                                for scalars, "step tag image WxH png N bytes" for images
  *                                (exit 1 with the reader's error)
@@ -45,7 +48,8 @@ int main(int argc, char **argv)
         free(buf);
         return 0;
     }
-    if (argc >= 3 && !strcmp(argv[1], "png-crc")) {
+    int crop = argc >= 7 && !strcmp(argv[1], "png-crop-crc");
+    if (crop || (argc >= 3 && !strcmp(argv[1], "png-crc"))) {
         png_image img;
         memset(&img, 0, sizeof img);
         img.version = PNG_IMAGE_VERSION;
@@ -61,7 +65,21 @@ int main(int argc, char **argv)
             free(px);
             return 1;
         }
-        printf("%ux%u %08x\n", img.width, img.height, db_crc32c(0, px, n));
+        unsigned x = 0, y = 0, w = img.width, h = img.height;
+        if (crop) {
+            x = (unsigned)strtoul(argv[3], NULL, 10), y = (unsigned)strtoul(argv[4], NULL, 10);
+            w = (unsigned)strtoul(argv[5], NULL, 10), h = (unsigned)strtoul(argv[6], NULL, 10);
+            if (!w || !h || x > img.width || y > img.height || w > img.width - x || h > img.height - y) {
+                fprintf(stderr, "dbtest: %s: region %ux%u at (%u, %u) outside the %ux%u image\n", argv[2], w, h, x,
+                        y, img.width, img.height);
+                free(px);
+                return 1;
+            }
+        }
+        uint32_t crc = 0;
+        for (unsigned r = 0; r < h; r++) /* crc32c chains: rows in order = the region's bytes in order */
+            crc = db_crc32c(crc, px + ((size_t)(y + r) * img.width + x) * 3, (size_t)w * 3);
+        printf("%ux%u %08x\n", w, h, crc);
         free(px);
         return 0;
     }
@@ -95,6 +113,6 @@ int main(int argc, char **argv)
         printf("selftest: %s\n", msg);
         return rc == 0 ? 0 : rc == 1 ? 1 : 3;
     }
-    fprintf(stderr, "usage: dbtest crc32c FILE | png-crc FILE | tfevents FILE | cuda-selftest\n");
+    fprintf(stderr, "usage: dbtest crc32c FILE | png-crc FILE | png-crop-crc FILE X Y W H | tfevents FILE | cuda-selftest\n");
     return 2;
 }
