@@ -967,9 +967,9 @@ int main(int argc, char **argv)
     sigaction(SIGTERM, &sa, NULL);
     const int tty = isatty(2) && r->lg.level >= DB_LOG_INFO;
     const int64_t every = o->log_every ? o->log_every : (o->steps >= 20 ? o->steps / 20 : 1);
-    db_info(&r->lg, "training %" PRId64 " steps from step %" PRId64 ": %zu instance records%s%s, %d rows of %dx%d, "
-                    "%s", o->steps, r->step0, r->inst.n, r->has_class ? ", " : "", r->has_class ? "class records" : "",
-            r->B, r->h, r->w, r->run_dir);
+    db_info(&r->lg, "training %" PRId64 " steps from step %" PRId64 ": %zu instance and %zu class records, %d rows of "
+                    "%dx%d, %s", o->steps, r->step0, r->inst.n, r->has_class ? r->cls.n : 0, r->B, r->h, r->w,
+            r->run_dir);
     db_train_stats s = {0};
     double t_start = db_tfevents_now(), t_flush = t_start;
     for (int64_t step = r->step0; step < o->steps; step++) {
