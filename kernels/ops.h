@@ -71,7 +71,13 @@ typedef struct db_ctx {
                          CPU has them; a test may clear it to check the portable path) */
     db_err err;       /* first failure; sticky until db_ctx_clear_error */
     db_cpu *cpu;      /* oneDNN engine + stream, primitive cache, scratch */
-    /* CUDA issue: `struct db_cuda *cuda` (handles, streams, allocator) here. */
+    /* CUDA (device DB_CUDA): the backend's table (kernels/cuda_api.h, from the
+     * dlopen'd libdb_cuda.so) and its per-ctx state (handles, stream,
+     * caching allocator), owned by the backend; NULL on the CPU. */
+    const struct db_cuda_api *cuda_api;
+    void *cuda;
+    void *cuda_lib;   /* dlopen handle */
+    int cuda_device;  /* N of cuda:N */
 } db_ctx;
 
 /* Create a context for `device` with `threads` workers (0 = every online core).
