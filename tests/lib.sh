@@ -65,3 +65,16 @@ done_testing() {
 }
 
 PY=/usr/bin/python3
+
+# train_fixtures: the tiny model (seed 42) in $T/tiny, the dog photos through
+# db-prep as $T/instance.dbt (16x16 latents) and 4 db-prior class samples as
+# $T/class.dbt; sets M, I and C.  Bails out of the test when one fails.
+train_fixtures() {
+    M=$T/tiny
+    I=$T/instance.dbt
+    C=$T/class.dbt
+    db-ckpt init --arch tiny --seed 42 "$M" >/dev/null &&
+        db-prep -q --model "$M" --size 128 --caption "a photo of sks dog" "$TOP/tests/data/photos/dog" -o "$I" &&
+        db-prior -q --model "$M" --prompt "a photo of a dog" -n 4 --steps 5 --width 128 --height 128 -o "$C" ||
+        { echo "Bail out! fixtures"; exit 1; }
+}

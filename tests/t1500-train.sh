@@ -5,14 +5,7 @@
 # --plan against the measured peak, the TensorBoard file, db-ckpt on a run.
 . "$(dirname "$0")/lib.sh"
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
-M=$T/tiny
-I=$T/instance.dbt
-C=$T/class.dbt
-# fixtures: a tiny model, the dog photos through db-prep, 4 class priors
-db-ckpt init --arch tiny --seed 42 "$M" >/dev/null &&
-    db-prep -q --model "$M" --size 128 --caption "a photo of sks dog" "$TOP/tests/data/photos/dog" -o "$I" &&
-    db-prior -q --model "$M" --prompt "a photo of a dog" -n 4 --steps 5 --width 128 --height 128 -o "$C" ||
-    { echo "Bail out! fixtures"; exit 1; }
+train_fixtures
 
 TR="db-train -q --model $M --instance $I --class $C --lr 1e-4 --seed 3 --threads 2"
 

@@ -15,13 +15,7 @@ fi
 # OpenMPI refuses root unless told (CI containers run as root); several
 # processes may share the 2 cores
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-M=$T/tiny
-I=$T/instance.dbt
-C=$T/class.dbt
-db-ckpt init --arch tiny --seed 42 "$M" >/dev/null &&
-    db-prep -q --model "$M" --size 128 --caption "a photo of sks dog" "$TOP/tests/data/photos/dog" -o "$I" &&
-    db-prior -q --model "$M" --prompt "a photo of a dog" -n 4 --steps 5 --width 128 --height 128 -o "$C" ||
-    { echo "Bail out! fixtures"; exit 1; }
+train_fixtures
 TR="db-train -q --model $M --instance $I --class $C --lr 1e-4 --seed 3 --threads 1 --train-text-encoder --steps 4 --save-every 2"
 PY=/usr/bin/python3
 

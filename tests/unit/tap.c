@@ -84,3 +84,17 @@ tap_cmp tap_compare(const float *got, const float *want, size_t n)
         c.rel = INFINITY;
     return c;
 }
+
+int tap_ref_open(db_tindex *ix, db_safetensors **st, const char *rel, db_err *err)
+{
+    db_tindex_init(ix);
+    *st = NULL;
+    return db_safetensors_open(st, tap_path(rel), NULL, -1, ix, err);
+}
+
+int tap_ref_get(const db_tindex *ix, const char *name, db_tensor *t, db_err *err)
+{
+    long k = db_tindex_find(ix, name);
+    return k < 0 ? db_err_set(err, DB_EFORMAT, "reference has no '%s'", name)
+                 : db_tindex_load(ix, (size_t)k, DB_F32, t, err);
+}

@@ -6,6 +6,9 @@
 
 #include <stddef.h>
 
+#include "libcommon/io/safetensors.h"
+#include "libcommon/io/tindex.h"
+
 int tap_ok(int cond, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void tap_diag(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int tap_done(void);
@@ -21,5 +24,11 @@ typedef struct tap_cmp {
     size_t at;
 } tap_cmp;
 tap_cmp tap_compare(const float *got, const float *want, size_t n);
+
+/* Reference tensors (tests/data/refs): open a safetensors file under $TOP
+ * as an index (the caller frees both with db_tindex_free and
+ * db_safetensors_close), and load tensor `name` of it as f32 into t. */
+int tap_ref_open(db_tindex *ix, db_safetensors **st, const char *rel, db_err *err);
+int tap_ref_get(const db_tindex *ix, const char *name, db_tensor *t, db_err *err);
 
 #endif

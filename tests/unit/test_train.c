@@ -42,12 +42,6 @@ static const double REF[NSTEPS][4] = {
     {1.5805904865264893, 0.8151532411575317, 0.7654371857643127, 3.0197901725769043},
 };
 
-static int get(const db_tindex *ix, const char *name, db_tensor *t, db_err *err)
-{
-    long k = db_tindex_find(ix, name);
-    return k < 0 ? db_err_set(err, DB_EFORMAT, "reference has no '%s'", name)
-                 : db_tindex_load(ix, (size_t)k, DB_F32, t, err);
-}
 
 typedef struct inputs {
     db_tensor mean, logvar, eps[NSTEPS], noise[NSTEPS], ts[NSTEPS];
@@ -59,14 +53,14 @@ static int load_inputs(const db_tindex *ix, inputs *in, db_err *err)
 {
     db_tensor ids = {0};
     char name[64];
-    if (get(ix, "posterior_mean", &in->mean, err) || get(ix, "posterior_logvar", &in->logvar, err))
+    if (tap_ref_get(ix, "posterior_mean", &in->mean, err) || tap_ref_get(ix, "posterior_logvar", &in->logvar, err))
         return -1;
     for (int k = 0; k < NSTEPS; k++) {
         snprintf(name, sizeof name, "step%d/eps_posterior", k);
-        if (get(ix, name, &in->eps[k], err))
+        if (tap_ref_get(ix, name, &in->eps[k], err))
             return -1;
         snprintf(name, sizeof name, "step%d/noise", k);
-        if (get(ix, name, &in->noise[k], err))
+        if (tap_ref_get(ix, name, &in->noise[k], err))
             return -1;
         snprintf(name, sizeof name, "step%d/timesteps", k);
         long j = db_tindex_find(ix, name);
@@ -147,7 +141,7 @@ static void compare_weights(const db_model *m, int comp, const char *folder, con
         db_tensor ref = {0};
         db_err e2 = {0};
         long wi = db_tindex_find(&w->ix, cv);
-        if (wi < 0 || get(rix, key, &ref, &e2)) {
+        if (wi < 0 || tap_ref_get(rix, key, &ref, &e2)) {
             if (wi >= 0 || strstr(cv, "position_ids") == NULL) {
                 tap_diag("%s: %s", cv, wi < 0 ? "not in the weights" : e2.msg);
                 nmiss++;

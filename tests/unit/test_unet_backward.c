@@ -44,21 +44,7 @@ static double l2(const float *x, size_t n)
     return sqrt(s);
 }
 
-/* Open a safetensors file as an index (the caller frees both). */
-static int open_ref(db_tindex *ix, db_safetensors **st, const char *rel, db_err *err)
-{
-    db_tindex_init(ix);
-    *st = NULL;
-    return db_safetensors_open(st, tap_path(rel), NULL, -1, ix, err);
-}
 
-/* Tensor `name` of ix as f32 into t. */
-static int get(const db_tindex *ix, const char *name, db_tensor *t, db_err *err)
-{
-    long k = db_tindex_find(ix, name);
-    return k < 0 ? db_err_set(err, DB_EFORMAT, "reference has no '%s'", name)
-                 : db_tindex_load(ix, (size_t)k, DB_F32, t, err);
-}
 
 int main(void)
 {
@@ -71,14 +57,14 @@ int main(void)
     db_tindex fix, gix;
     db_safetensors *fst = NULL, *gst = NULL;
     db_tensor lat = {0}, ts = {0}, cx = {0}, target = {0}, gl = {0}, loss_ref = {0};
-    int rc = open_ref(&fix, &fst, "tests/data/refs/unet.safetensors", &err);
-    rc = rc ? rc : get(&fix, "latents", &lat, &err);
-    rc = rc ? rc : get(&fix, "timesteps", &ts, &err);
-    rc = rc ? rc : get(&fix, "context", &cx, &err);
-    rc = rc ? rc : get(&fix, "target", &target, &err);
-    rc = rc ? rc : open_ref(&gix, &gst, "tests/data/refs/unet_grads.safetensors", &err);
-    rc = rc ? rc : get(&gix, "grad_latents", &gl, &err);
-    rc = rc ? rc : get(&gix, "loss", &loss_ref, &err);
+    int rc = tap_ref_open(&fix, &fst, "tests/data/refs/unet.safetensors", &err);
+    rc = rc ? rc : tap_ref_get(&fix, "latents", &lat, &err);
+    rc = rc ? rc : tap_ref_get(&fix, "timesteps", &ts, &err);
+    rc = rc ? rc : tap_ref_get(&fix, "context", &cx, &err);
+    rc = rc ? rc : tap_ref_get(&fix, "target", &target, &err);
+    rc = rc ? rc : tap_ref_open(&gix, &gst, "tests/data/refs/unet_grads.safetensors", &err);
+    rc = rc ? rc : tap_ref_get(&gix, "grad_latents", &gl, &err);
+    rc = rc ? rc : tap_ref_get(&gix, "loss", &loss_ref, &err);
     if (!tap_ok(rc == 0, "reference tensors%s%s", rc ? ": " : "", rc ? err.msg : ""))
         return tap_done();
     const int B = (int)lat.shape[0], H = (int)lat.shape[2], W = (int)lat.shape[3], Tc = (int)cx.shape[1];
@@ -150,7 +136,7 @@ int main(void)
         db_tensor ref = {0};
         db_err e2 = {0};
         const float *w = db_weights_get(wt, &e2, -1, "%s", cv);
-        if (!w || get(&gix, key, &ref, &e2)) {
+        if (!w || tap_ref_get(&gix, key, &ref, &e2)) {
             tap_diag("%s", e2.msg);
             nmiss++;
             continue;

@@ -38,21 +38,7 @@ static double l2(const float *x, size_t n)
 
 static double mib(size_t bytes) { return (double)bytes / (1024.0 * 1024.0); }
 
-/* Open a safetensors file as an index (the caller frees both). */
-static int open_ref(db_tindex *ix, db_safetensors **st, const char *rel, db_err *err)
-{
-    db_tindex_init(ix);
-    *st = NULL;
-    return db_safetensors_open(st, tap_path(rel), NULL, -1, ix, err);
-}
 
-/* Tensor `name` of ix as f32 into t. */
-static int get(const db_tindex *ix, const char *name, db_tensor *t, db_err *err)
-{
-    long k = db_tindex_find(ix, name);
-    return k < 0 ? db_err_set(err, DB_EFORMAT, "reference has no '%s'", name)
-                 : db_tindex_load(ix, (size_t)k, DB_F32, t, err);
-}
 
 /* The reference inputs: latents (B, 4, H, W), timesteps (B), context (B, Tc, D), target. */
 typedef struct inputs {
@@ -271,13 +257,13 @@ int main(void)
     db_tindex fix, gix;
     db_safetensors *fst = NULL, *gst = NULL;
     db_tensor lat = {0}, ts = {0}, cx = {0}, target = {0}, gl = {0};
-    int rc = open_ref(&fix, &fst, "tests/data/refs/unet.safetensors", &err);
-    rc = rc ? rc : get(&fix, "latents", &lat, &err);
-    rc = rc ? rc : get(&fix, "timesteps", &ts, &err);
-    rc = rc ? rc : get(&fix, "context", &cx, &err);
-    rc = rc ? rc : get(&fix, "target", &target, &err);
-    rc = rc ? rc : open_ref(&gix, &gst, "tests/data/refs/unet_grads.safetensors", &err);
-    rc = rc ? rc : get(&gix, "grad_latents", &gl, &err);
+    int rc = tap_ref_open(&fix, &fst, "tests/data/refs/unet.safetensors", &err);
+    rc = rc ? rc : tap_ref_get(&fix, "latents", &lat, &err);
+    rc = rc ? rc : tap_ref_get(&fix, "timesteps", &ts, &err);
+    rc = rc ? rc : tap_ref_get(&fix, "context", &cx, &err);
+    rc = rc ? rc : tap_ref_get(&fix, "target", &target, &err);
+    rc = rc ? rc : tap_ref_open(&gix, &gst, "tests/data/refs/unet_grads.safetensors", &err);
+    rc = rc ? rc : tap_ref_get(&gix, "grad_latents", &gl, &err);
     if (!tap_ok(rc == 0, "reference tensors%s%s", rc ? ": " : "", rc ? err.msg : ""))
         return tap_done();
     const inputs in = {.lat = lat.data, .ts = ts.data, .cx = cx.data, .target = target.data,
