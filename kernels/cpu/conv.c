@@ -8,9 +8,14 @@
  * convolution, but the weight reorder grows with C*OC while the work shrinks
  * with the image: at 8x8 it cost as much as the convolution (1280->1280:
  * 6.2 + 5.3 ms; 2560->1280: 21 + 9 ms).  So outputs of at most SMALL_HW
- * pixels use plain NCHW activations instead, for which oneDNN picks its
- * im2col + GEMM convolution that reads OIHW weights as they are (7.7 and
- * 15.9 ms for the two; equal at 16x16, slower from 32x32 up).
+ * pixels take an im2col + GEMM path that reads OIHW weights as they are.
+ * That path is ours (im2col, then db_cpu_sgemm_fixed: fixed output tiles,
+ * one sequential sgemm each) rather than oneDNN's NCHW convolution, whose
+ * threaded GEMM splits the reduction by the thread count: measured at
+ * 1280->1280 16x16 and 8x8, its results differed between 1 and 2 threads,
+ * while the blocked brgconv path gave the same bits at 1 to 7 threads.
+ * Every convolution is so bit-identical at any thread count, which training
+ * promises (same inputs, same gradients).
  *
  * Everything shape-dependent (primitive descriptors, JIT kernels, reorders,
  * memory objects) is built once per shape and kept in the ctx cache; a call
@@ -18,14 +23,14 @@
  * come from the ctx scratch.
  *
  * A 1x1 convolution with stride 1 and no padding is a GEMM in NCHW itself,
- * out[b] (OC, HW) = weight (OC, C) @ inp[b] (C, HW): it skips oneDNN and its
- * reorders (measured equal or faster at SD1.5's proj_in/proj_out and
- * shortcut shapes). */
+ * out[b] (OC, HW) = weight (OC, C) @ inp[b] (C, HW): it skips oneDNN's
+ * convolution and its reorders (measured equal or faster at SD1.5's
+ * proj_in/proj_out and shortcut shapes), through the same fixed tiles. */
 #include <stdlib.h>
 
 #include "kernels/cpu/cpu.h"
 
-enum { SMALL_HW = 256 }; /* output pixels up to which NCHW (GEMM) beats blocked */
+enum { SMALL_HW = 256 }; /* output pixels up to which im2col + GEMM beats blocked */
 
 typedef struct conv_plan {
     dnnl_primitive_t conv;
@@ -152,26 +157,47 @@ static dnnl_status_t run_reorder(db_cpu *cpu, dnnl_primitive_t r, dnnl_memory_t 
 
 static size_t round_page(size_t n) { return (n + 4095) & ~(size_t)4095; }
 
+/* out (B, OC, HW) += bias per channel */
+static void add_bias(db_ctx *c, float *out, const float *bias, int B, int OC, int HW)
+{
+#pragma omp parallel for num_threads(c->threads) schedule(static)
+    for (int bo = 0; bo < B * OC; bo++) {
+        const float a = bias[bo % OC];
+        float *o = out + (size_t)bo * HW;
+        for (int i = 0; i < HW; i++)
+            o[i] += a;
+    }
+}
+
+/* Small images: per image, col (C*KH*KW, OHW) = im2col(inp[b]), then
+ * out[b] (OC, OHW) = weight (OC, C*KH*KW) @ col. */
+static int conv_im2col(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C,
+                       int H, int W, int OC, int KH, int KW, int stride, int pad0, int OH, int OW)
+{
+    const int CKK = C * KH * KW, OHW = OH * OW;
+    float *col = db_cpu_scratch(c, sizeof(float) * (size_t)CKK * OHW);
+    if (!col)
+        return db_err_prefix(&c->err, "conv2d");
+    for (int b = 0; b < B; b++) {
+        db_cpu_im2col(c, col, inp + (size_t)b * C * H * W, C, H, W, KH, KW, stride, pad0, OH, OW);
+        if (db_cpu_sgemm_fixed(c, 1, 'N', 'N', OC, OHW, CKK, 1.0f, weight, CKK, 0, col, OHW, 0, 0.0f,
+                               out + (size_t)b * OC * OHW, OHW, 0))
+            return db_err_prefix(&c->err, "conv2d");
+    }
+    if (bias)
+        add_bias(c, out, bias, B, OC, OHW);
+    return 0;
+}
+
 static int conv1x1(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C,
                    int HW, int OC)
 {
-    for (int b = 0; b < B; b++) {
-        dnnl_status_t s = dnnl_sgemm('N', 'N', OC, HW, C, 1.0f, weight, C, inp + (size_t)b * C * HW, HW, 0.0f,
-                                     out + (size_t)b * OC * HW, HW);
-        if (s != dnnl_success) {
-            db_cpu_dnnl_fail(c, s, "sgemm");
-            return db_err_prefix(&c->err, "conv2d 1x1");
-        }
-    }
-    if (bias) {
-#pragma omp parallel for num_threads(c->threads) schedule(static)
-        for (int bo = 0; bo < B * OC; bo++) {
-            const float a = bias[bo % OC];
-            float *o = out + (size_t)bo * HW;
-            for (int i = 0; i < HW; i++)
-                o[i] += a;
-        }
-    }
+    /* the weight (OC, C) is shared by every image: stride 0 */
+    if (db_cpu_sgemm_fixed(c, B, 'N', 'N', OC, HW, C, 1.0f, weight, C, 0, inp, HW, (size_t)C * HW, 0.0f, out, HW,
+                           (size_t)OC * HW))
+        return db_err_prefix(&c->err, "conv2d 1x1");
+    if (bias)
+        add_bias(c, out, bias, B, OC, HW);
     return 0;
 }
 
@@ -180,6 +206,9 @@ int db_cpu_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *
 {
     if (KH == 1 && KW == 1 && stride == 1 && pad0 == 0 && pad1 == 0)
         return conv1x1(c, out, inp, weight, bias, B, C, H * W, OC);
+    const int OH = (H + pad0 + pad1 - KH) / stride + 1, OW = (W + pad0 + pad1 - KW) / stride + 1;
+    if (OH * OW <= SMALL_HW)
+        return conv_im2col(c, out, inp, weight, bias, B, C, H, W, OC, KH, KW, stride, pad0, OH, OW);
     db_cpu *cpu = c->cpu;
     const int64_t key[DB_CPU_KEYLEN] = {DB_CPU_KEY_CONV2D, B, C, H, W, OC, KH, KW, stride, pad0, pad1, bias != NULL};
     conv_plan *pl = db_cpu_cache_get(c, key);

@@ -22,7 +22,7 @@
 
 #include "kernels/cpu/cpu.h"
 
-static void im2col(db_ctx *c, float *col, const float *x, int C, int H, int W, int KH, int KW, int stride, int pad0,
+void db_cpu_im2col(db_ctx *c, float *col, const float *x, int C, int H, int W, int KH, int KW, int stride, int pad0,
                    int OH, int OW)
 {
 #pragma omp parallel for num_threads(c->threads) schedule(static)
@@ -84,7 +84,7 @@ int db_cpu_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias,
         if (dweight) {
             const float *cb = inp + (size_t)b * C * H * W;
             if (!direct) {
-                im2col(c, col, cb, C, H, W, KH, KW, stride, pad0, OH, OW);
+                db_cpu_im2col(c, col, cb, C, H, W, KH, KW, stride, pad0, OH, OW);
                 cb = col;
             }
             s = db_cpu_sgemm_fixed(c, 1, 'N', 'T', OC, CKK, OHW, 1.0f, dy, OHW, 0, cb, OHW, 0, 1.0f, dweight, CKK, 0);

@@ -104,6 +104,10 @@ int db_cpu_timestep_embedding_forward(db_ctx *c, float *out, const float *timest
 int db_cpu_embedding_forward(db_ctx *c, float *out, const int32_t *tokens, const float *wte, const float *wpe, int B,
                              int T, int C, int V);
 
+/* col (C*KH*KW, OH*OW) = the patches of x (C, H, W), zero padding: the
+ * im2col of conv_backward.c, shared with the forward's small-image path. */
+void db_cpu_im2col(db_ctx *c, float *col, const float *x, int C, int H, int W, int KH, int KW, int stride, int pad0,
+                   int OH, int OW);
 /* Row-major sgemm (dnnl_sgemm's arguments) over `batch` matrices spaced
  * sa, sb, sc floats apart, whose result does not depend on the thread
  * count: fixed output tiles, one single-threaded sgemm each

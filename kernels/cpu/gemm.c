@@ -1,10 +1,15 @@
-/* GEMM and linear on oneDNN's JIT sgemm (row-major, OpenMP inside).
+/* GEMM and linear on oneDNN's JIT sgemm, through fixed output tiles
+ * (db_cpu_sgemm_fixed, gemm_backward.c): each tile one sequential sgemm,
+ * the tiles shared out over our threads.
  *
  * Measured here (2 cores, AVX-512) at SD shapes, one multi-threaded sgemm
- * followed by a bias pass beat both oneDNN's matmul primitive with a fused
- * bias (weights stored (OC, C) made it reorder them on every call: 2x slower)
- * and tiling C ourselves with the bias written into each tile before a
- * single-threaded sgemm (5-20% slower: every tile re-packs its panels). */
+ * followed by a bias pass beat oneDNN's matmul primitive with a fused bias
+ * (weights stored (OC, C) made it reorder them on every call: 2x slower),
+ * and was 0-20% faster than the fixed tiles at large shapes (every tile
+ * re-packs its panels) while slower at CLIP's 154-token ones.  But oneDNN's
+ * threading splits the reduction by the thread count, so its bits depend on
+ * it; training promises the same gradients at any thread count, so every
+ * product here takes the fixed tiles. */
 #include <omp.h>
 
 #include "kernels/cpu/cpu.h"
@@ -17,9 +22,10 @@ int db_cpu_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, in
     const size_t sa = (size_t)M * K, sb = (size_t)K * N, sc = (size_t)M * N;
     dnnl_status_t status = dnnl_success;
     if (batch < c->threads || sc * K > ((size_t)1 << 24)) {
-        /* few or big products: each one uses all threads */
-        for (int b = 0; b < batch && status == dnnl_success; b++)
-            status = dnnl_sgemm(ta, tb, M, N, K, alpha, A + b * sa, lda, B + b * sb, ldb, beta, Cm + b * sc, N);
+        /* few or big products: fixed output tiles over all threads (oneDNN's
+         * own threading splits the reduction by the thread count, so its
+         * bits would depend on it) */
+        return db_cpu_sgemm_fixed(c, batch, ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, Cm, N, sc);
     } else {
         /* many small ones (per-head products): one per thread at a time;
          * oneDNN runs single-threaded inside a parallel region */
@@ -41,10 +47,10 @@ int db_cpu_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, in
 int db_cpu_linear_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int N, int C,
                           int OC)
 {
-    /* out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C) */
-    dnnl_status_t s = dnnl_sgemm('N', 'T', N, OC, C, 1.0f, inp, C, weight, C, 0.0f, out, OC);
-    if (s != dnnl_success)
-        return db_cpu_dnnl_fail(c, s, "sgemm (linear)");
+    /* out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C); fixed
+     * tiles: the same bits at any thread count (see db_cpu_gemm_forward) */
+    if (db_cpu_sgemm_fixed(c, 1, 'N', 'T', N, OC, C, 1.0f, inp, C, 0, weight, C, 0, 0.0f, out, OC, 0))
+        return db_err_prefix(&c->err, "linear");
     if (bias) {
 #pragma omp parallel for num_threads(c->threads) schedule(static)
         for (int r = 0; r < N; r++) {
