@@ -20,9 +20,10 @@
  * work" (the VAE, LoRA base weights); a NULL dinp means nobody needs it.
  *
  * Dispatch.  Each function below is a switch on ctx->device into a backend
- * with the identical signature: db_cpu_* in kernels/cpu/ now, db_cuda_* in
- * kernels/cuda/ later (the CUDA issue adds one case per switch, in
- * kernels/cpu/dispatch.c).
+ * with the identical signature (kernels/cpu/dispatch.c): db_cpu_* in
+ * kernels/cpu/, or on CUDA the member of the same name in the table of the
+ * dlopen'd libdb_cuda.so (kernels/cuda_api.h); a member the backend leaves
+ * NULL is the error "<op>: not implemented on CUDA".
  *
  * Errors.  Every op returns 0 on success and -1 on failure, with the reason in
  * ctx->err (a db_err, libcommon/core/err.h).  The error is sticky: once set,
