@@ -26,8 +26,8 @@ extern "C" {
 
 #define DB_CUDA_ABI 1
 
-/* Copy directions of db_cuda_api.copy. */
-typedef enum db_copy_kind { DB_COPY_H2D = 0, DB_COPY_D2H, DB_COPY_D2D } db_copy_kind;
+/* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
+ * (db_ctx_copy takes the same). */
 
 /* X(name, (parameters)) for every op, in ops.h's order. */
 #define DB_OP_LIST(X) \

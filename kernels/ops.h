@@ -20,9 +20,10 @@
  * work" (the VAE, LoRA base weights); a NULL dinp means nobody needs it.
  *
  * Dispatch.  Each function below is a switch on ctx->device into a backend
- * with the identical signature: db_cpu_* in kernels/cpu/ now, db_cuda_* in
- * kernels/cuda/ later (the CUDA issue adds one case per switch, in
- * kernels/cpu/dispatch.c).
+ * with the identical signature (kernels/cpu/dispatch.c): db_cpu_* in
+ * kernels/cpu/, or on CUDA the member of the same name in the table of the
+ * dlopen'd libdb_cuda.so (kernels/cuda_api.h); a member the backend leaves
+ * NULL is the error "<op>: not implemented on CUDA".
  *
  * Errors.  Every op returns 0 on success and -1 on failure, with the reason in
  * ctx->err (a db_err, libcommon/core/err.h).  The error is sticky: once set,
@@ -86,11 +87,39 @@ typedef struct db_ctx {
  * OpenMP code the caller's thread runs; the last ctx created wins.
  * Returns 0, or -1 with err filled (e.g. DB_EUNSUPP for a device not built). */
 int db_ctx_create(db_ctx **out, db_device device, int threads, db_err *err);
+/* The same for a device named as the tools spell it: "cpu", "cuda" (= cuda:0)
+ * or "cuda:N".  A CUDA ctx dlopens the backend next to the executable
+ * (../lib/libdb_cuda.so, as --version finds it), checks its ABI and binds
+ * GPU N; a missing library, GPU or ABI match is DB_EUNSUPP with the reason. */
+int db_ctx_create_device(db_ctx **out, const char *device, int threads, db_err *err);
 void db_ctx_destroy(db_ctx *c);
 void db_ctx_clear_error(db_ctx *c);
 /* Release the scratch buffer and cached primitives (they come back on demand);
  * for a tool between phases, e.g. after the UNet loop and before VAE decode. */
 void db_ctx_trim(db_ctx *c);
+
+/* ---- memory of the ctx's device ------------------------------------------------
+ * Every buffer an op reads or writes comes from db_ctx_alloc (model code never
+ * mallocs one), so the same model code runs wherever its ctx lives.  On the
+ * CPU these are aligned_alloc/free/memcpy/memset (so a CPU ctx's buffers are
+ * ordinary host memory); on CUDA the backend's caching allocator and its
+ * stream (copies and zeroing are ordered with the ops; D2H waits).
+ * Failures return NULL / -1 with the reason in c->err (sticky, like an op). */
+
+/* Copy directions: host memory is the caller's (malloc, stack), device
+ * memory came from db_ctx_alloc. */
+typedef enum db_copy_kind { DB_COPY_H2D = 0, DB_COPY_D2H, DB_COPY_D2D } db_copy_kind;
+
+/* bytes of device memory, 64-byte aligned (CUDA: 256); 0 bytes gives a
+ * valid pointer to free. */
+void *db_ctx_alloc(db_ctx *c, size_t bytes);
+void db_ctx_free(db_ctx *c, void *p); /* p NULL: nothing */
+/* dst == src (a CPU staging buffer that is the device buffer itself) copies
+ * nothing. */
+int db_ctx_copy(db_ctx *c, void *dst, const void *src, size_t bytes, db_copy_kind kind);
+int db_ctx_zero(db_ctx *c, void *p, size_t bytes);
+/* Wait until every op queued on c has finished; reports asynchronous errors. */
+int db_ctx_sync(db_ctx *c);
 
 /* ---- GEMM and linear ------------------------------------------------------ */
 
@@ -252,5 +281,24 @@ int db_embedding_backward(db_ctx *c, float *dwte, float *dwpe, const float *dout
                           int C, int V);
 /* (add, axpby and transpose are their own backward; the timestep embedding has
  * no parameters and no input gradient.) */
+
+/* ---- optimizer ------------------------------------------------------------------
+ * The trainer's steps over whole parameter / gradient buffers, kept on the
+ * device (they touch every weight each step).  Not db_NAME_forward ops, so
+ * they are not in kernels/cuda_api.h's table (ABI 1): on CUDA they report
+ * "not implemented" until the table grows them.  The CPU runs
+ * libcommon/sd/optim.c's math, so results are bit-identical to it. */
+
+struct db_adamw; /* libcommon/sd/optim.h */
+
+/* db_adamw_step over n elements: p, m, v updated in place from g; t is the
+ * 1-based step count after this step. */
+int db_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t n, const struct db_adamw *hp,
+                 int64_t t);
+/* *out (host) = sum of g[i]^2 in double, in db_clip_grad_norm's fixed
+ * chunked order (the same for any thread count). */
+int db_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n);
+/* g[i] = g[i] * coef (the clip; a NaN coef poisons every element, as torch). */
+int db_opt_scale(db_ctx *c, float *g, float coef, size_t n);
 
 #endif

@@ -1,17 +1,55 @@
 /* The device-generic face of kernels/ops.h: context lifetime, argument checks,
  * the sticky error, and THE dispatch point: each op is one switch on
  * ctx->device into a backend function of identical signature (db_cpu_* here;
- * the CUDA issue adds `case DB_CUDA: return db_cuda_xxx(...)` to each switch,
- * reaching libdb_cuda.so through the handle it keeps in the ctx).
+ * on CUDA the member of the same name in the table of libdb_cuda.so,
+ * kernels/cuda_api.h, which the ctx dlopened at create).
  *
  * It lives in kernels/cpu/ only because libdb.a is built from the C files there;
  * nothing in it is CPU specific. */
+#include <dlfcn.h>
 #include <omp.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels/cpu/cpu.h"
+#include "kernels/cuda_api.h"
+#include "libcommon/core/version.h"
+#include "libcommon/sd/optim.h"
 
-int db_ctx_create(db_ctx **out, db_device device, int threads, db_err *err)
+/* Bind c to GPU `index` through libdb_cuda.so: the loader of --version
+ * (../lib next to the executable), the ABI check, the backend's ctx_init.
+ * Fills err (DB_EUNSUPP: no library, no GPU, another ABI) and leaves what it
+ * opened in c for db_ctx_destroy. */
+static int cuda_open(db_ctx *c, int index, db_err *err)
+{
+    char why[400];
+    if (!(c->cuda_lib = db_cuda_backend_open(why, sizeof why)))
+        return db_err_set(err, DB_EUNSUPP, "context: cuda:%d: the CUDA backend is not available: %s", index, why);
+    const db_cuda_api *(*get)(int) = (const db_cuda_api *(*)(int))dlsym(c->cuda_lib, "db_cuda_get_api");
+    if (!get)
+        return db_err_set(err, DB_EUNSUPP,
+                          "context: cuda:%d: libdb_cuda.so has no db_cuda_get_api (a backend without ops yet?)",
+                          index);
+    const db_cuda_api *api = get(DB_CUDA_ABI);
+    if (!api || api->abi != DB_CUDA_ABI)
+        return db_err_set(err, DB_EUNSUPP,
+                          "context: cuda:%d: libdb_cuda.so was built for another interface (ABI %d, need %d): "
+                          "rebuild it with this tree (make cuda)",
+                          index, api ? api->abi : -1, DB_CUDA_ABI);
+    if (!api->ctx_init || !api->alloc || !api->free || !api->copy || !api->zero || !api->sync)
+        return db_err_set(err, DB_EUNSUPP, "context: cuda:%d: libdb_cuda.so lacks its runtime functions", index);
+    c->cuda_device = index;
+    if (api->ctx_init(c, index, err) != 0) {
+        if (!err->code)
+            db_err_set(err, DB_EUNSUPP, "context: cuda:%d: the backend could not start", index);
+        return -1;
+    }
+    c->cuda_api = api; /* only now: destroy calls ctx_destroy for an initialised ctx only */
+    return 0;
+}
+
+static int ctx_create(db_ctx **out, db_device device, int index, int threads, db_err *err)
 {
     *out = NULL;
     if (threads < 0)
@@ -32,6 +70,12 @@ int db_ctx_create(db_ctx **out, db_device device, int threads, db_err *err)
             return -1;
         }
         break;
+    case DB_CUDA:
+        if (cuda_open(c, index, err) != 0) {
+            db_ctx_destroy(c);
+            return -1;
+        }
+        break;
     default:
         free(c);
         return db_err_set(err, DB_EUNSUPP, "context: device %d has no backend in this build", (int)device);
@@ -40,11 +84,33 @@ int db_ctx_create(db_ctx **out, db_device device, int threads, db_err *err)
     return 0;
 }
 
+int db_ctx_create(db_ctx **out, db_device device, int threads, db_err *err)
+{
+    return ctx_create(out, device, 0, threads, err);
+}
+
+int db_ctx_create_device(db_ctx **out, const char *device, int threads, db_err *err)
+{
+    *out = NULL;
+    if (!device || !strcmp(device, "cpu"))
+        return ctx_create(out, DB_CPU, 0, threads, err);
+    if (!strcmp(device, "cuda"))
+        return ctx_create(out, DB_CUDA, 0, threads, err);
+    int index, used = 0;
+    if (sscanf(device, "cuda:%d%n", &index, &used) == 1 && device[used] == 0 && index >= 0)
+        return ctx_create(out, DB_CUDA, index, threads, err);
+    return db_err_set(err, DB_EUSAGE, "context: unknown device '%s' (cpu, cuda or cuda:N)", device);
+}
+
 void db_ctx_destroy(db_ctx *c)
 {
     if (!c)
         return;
     db_cpu_free(c);
+    if (c->cuda_api && c->cuda_api->ctx_destroy)
+        c->cuda_api->ctx_destroy(c);
+    if (c->cuda_lib)
+        dlclose(c->cuda_lib);
     free(c);
 }
 
@@ -54,6 +120,61 @@ void db_ctx_trim(db_ctx *c)
 {
     if (c->device == DB_CPU)
         db_cpu_trim(c);
+    else if (c->device == DB_CUDA && c->cuda_api->ctx_trim)
+        c->cuda_api->ctx_trim(c);
+}
+
+/* ---- memory ---------------------------------------------------------------------- */
+
+void *db_ctx_alloc(db_ctx *c, size_t bytes)
+{
+    if (c->device == DB_CUDA)
+        return c->cuda_api->alloc(c, bytes);
+    /* aligned_alloc wants a multiple of the alignment, and 0 would be NULL */
+    const size_t n = (bytes + 63) & ~(size_t)63;
+    void *p = n >= bytes ? aligned_alloc(64, n ? n : 64) : NULL;
+    if (!p)
+        db_err_set(&c->err, DB_ENOMEM, "out of memory (%zu MiB)", bytes >> 20);
+    return p;
+}
+
+void db_ctx_free(db_ctx *c, void *p)
+{
+    if (!p)
+        return;
+    if (c->device == DB_CUDA)
+        c->cuda_api->free(c, p);
+    else
+        free(p);
+}
+
+int db_ctx_copy(db_ctx *c, void *dst, const void *src, size_t bytes, db_copy_kind kind)
+{
+    if (c->err.code)
+        return -1;
+    if (c->device == DB_CUDA)
+        return c->cuda_api->copy(c, dst, src, bytes, kind);
+    if (dst != src && bytes)
+        memcpy(dst, src, bytes);
+    return 0;
+}
+
+int db_ctx_zero(db_ctx *c, void *p, size_t bytes)
+{
+    if (c->err.code)
+        return -1;
+    if (c->device == DB_CUDA)
+        return c->cuda_api->zero(c, p, bytes);
+    if (bytes)
+        memset(p, 0, bytes);
+    return 0;
+}
+
+int db_ctx_sync(db_ctx *c)
+{
+    if (c->err.code)
+        return -1;
+    return c->device == DB_CUDA ? c->cuda_api->sync(c) : 0;
 }
 
 /* Every op starts with ENTER: a failed ctx stays failed (sticky error). */
@@ -76,6 +197,15 @@ static int no_backend(db_ctx *c, const char *op)
     return db_err_set(&c->err, DB_EUNSUPP, "%s: device %d has no implementation", op, (int)c->device);
 }
 
+/* An op on CUDA: the table's member, or an error naming the op when the
+ * backend does not have it (yet). */
+static int not_on_cuda(db_ctx *c, const char *op)
+{
+    return db_err_set(&c->err, DB_EUNSUPP, "%s: not implemented on CUDA", op);
+}
+#define CUDA_OP(c, name, what, ...) \
+    ((c)->cuda_api->name ? (c)->cuda_api->name((c), __VA_ARGS__) : not_on_cuda((c), what))
+
 int db_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, int batch, int M, int N, int K,
                     int transa, int transb, float alpha, float beta)
 {
@@ -84,6 +214,8 @@ int db_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, int ba
     switch (c->device) {
     case DB_CPU:
         return db_cpu_gemm_forward(c, Cm, A, B, batch, M, N, K, transa, transb, alpha, beta);
+    case DB_CUDA:
+        return CUDA_OP(c, gemm_forward, "gemm", Cm, A, B, batch, M, N, K, transa, transb, alpha, beta);
     default:
         return no_backend(c, "gemm");
     }
@@ -97,6 +229,8 @@ int db_linear_forward(db_ctx *c, float *out, const float *inp, const float *weig
     switch (c->device) {
     case DB_CPU:
         return db_cpu_linear_forward(c, out, inp, weight, bias, N, C, OC);
+    case DB_CUDA:
+        return CUDA_OP(c, linear_forward, "linear", out, inp, weight, bias, N, C, OC);
     default:
         return no_backend(c, "linear");
     }
@@ -111,6 +245,8 @@ int db_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weig
     switch (c->device) {
     case DB_CPU:
         return db_cpu_conv2d_forward(c, out, inp, weight, bias, B, C, H, W, OC, KH, KW, stride, pad0, pad1);
+    case DB_CUDA:
+        return CUDA_OP(c, conv2d_forward, "conv2d", out, inp, weight, bias, B, C, H, W, OC, KH, KW, stride, pad0, pad1);
     default:
         return no_backend(c, "conv2d");
     }
@@ -124,6 +260,8 @@ int db_groupnorm_forward(db_ctx *c, float *out, float *mean, float *rstd, const 
     switch (c->device) {
     case DB_CPU:
         return db_cpu_groupnorm_forward(c, out, mean, rstd, inp, weight, bias, B, C, HW, G, eps, silu);
+    case DB_CUDA:
+        return CUDA_OP(c, groupnorm_forward, "groupnorm", out, mean, rstd, inp, weight, bias, B, C, HW, G, eps, silu);
     default:
         return no_backend(c, "groupnorm");
     }
@@ -137,6 +275,8 @@ int db_layernorm_forward(db_ctx *c, float *out, float *mean, float *rstd, const 
     switch (c->device) {
     case DB_CPU:
         return db_cpu_layernorm_forward(c, out, mean, rstd, inp, weight, bias, N, C, eps);
+    case DB_CUDA:
+        return CUDA_OP(c, layernorm_forward, "layernorm", out, mean, rstd, inp, weight, bias, N, C, eps);
     default:
         return no_backend(c, "layernorm");
     }
@@ -150,6 +290,8 @@ int db_attention_forward(db_ctx *c, float *out, float *lse, const float *q, cons
     switch (c->device) {
     case DB_CPU:
         return db_cpu_attention_forward(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
+    case DB_CUDA:
+        return CUDA_OP(c, attention_forward, "attention", out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
     default:
         return no_backend(c, "attention");
     }
@@ -162,6 +304,8 @@ int db_softmax_forward(db_ctx *c, float *out, const float *inp, int N, int C)
     switch (c->device) {
     case DB_CPU:
         return db_cpu_softmax_forward(c, out, inp, N, C);
+    case DB_CUDA:
+        return CUDA_OP(c, softmax_forward, "softmax", out, inp, N, C);
     default:
         return no_backend(c, "softmax");
     }
@@ -174,6 +318,8 @@ int db_silu_forward(db_ctx *c, float *out, const float *inp, size_t N)
     switch (c->device) {
     case DB_CPU:
         return db_cpu_silu_forward(c, out, inp, N);
+    case DB_CUDA:
+        return CUDA_OP(c, silu_forward, "silu", out, inp, N);
     default:
         return no_backend(c, "silu");
     }
@@ -186,6 +332,8 @@ int db_gelu_forward(db_ctx *c, float *out, const float *inp, size_t N, db_gelu_k
     switch (c->device) {
     case DB_CPU:
         return db_cpu_gelu_forward(c, out, inp, N, kind);
+    case DB_CUDA:
+        return CUDA_OP(c, gelu_forward, "gelu", out, inp, N, kind);
     default:
         return no_backend(c, "gelu");
     }
@@ -198,6 +346,8 @@ int db_quick_gelu_forward(db_ctx *c, float *out, const float *inp, size_t N)
     switch (c->device) {
     case DB_CPU:
         return db_cpu_quick_gelu_forward(c, out, inp, N);
+    case DB_CUDA:
+        return CUDA_OP(c, quick_gelu_forward, "quick_gelu", out, inp, N);
     default:
         return no_backend(c, "quick_gelu");
     }
@@ -210,6 +360,8 @@ int db_geglu_forward(db_ctx *c, float *out, const float *inp, int N, int C)
     switch (c->device) {
     case DB_CPU:
         return db_cpu_geglu_forward(c, out, inp, N, C);
+    case DB_CUDA:
+        return CUDA_OP(c, geglu_forward, "geglu", out, inp, N, C);
     default:
         return no_backend(c, "geglu");
     }
@@ -222,6 +374,8 @@ int db_add_forward(db_ctx *c, float *out, const float *a, const float *b, size_t
     switch (c->device) {
     case DB_CPU:
         return db_cpu_add_forward(c, out, a, b, N);
+    case DB_CUDA:
+        return CUDA_OP(c, add_forward, "add", out, a, b, N);
     default:
         return no_backend(c, "add");
     }
@@ -234,6 +388,8 @@ int db_mul_forward(db_ctx *c, float *out, const float *a, const float *b, size_t
     switch (c->device) {
     case DB_CPU:
         return db_cpu_mul_forward(c, out, a, b, N);
+    case DB_CUDA:
+        return CUDA_OP(c, mul_forward, "mul", out, a, b, N);
     default:
         return no_backend(c, "mul");
     }
@@ -246,6 +402,8 @@ int db_axpby_forward(db_ctx *c, float *out, const float *x, const float *y, floa
     switch (c->device) {
     case DB_CPU:
         return db_cpu_axpby_forward(c, out, x, y, alpha, beta, N);
+    case DB_CUDA:
+        return CUDA_OP(c, axpby_forward, "axpby", out, x, y, alpha, beta, N);
     default:
         return no_backend(c, "axpby");
     }
@@ -258,6 +416,8 @@ int db_add_channel_forward(db_ctx *c, float *out, const float *inp, const float 
     switch (c->device) {
     case DB_CPU:
         return db_cpu_add_channel_forward(c, out, inp, vec, B, C, HW);
+    case DB_CUDA:
+        return CUDA_OP(c, add_channel_forward, "add_channel", out, inp, vec, B, C, HW);
     default:
         return no_backend(c, "add_channel");
     }
@@ -270,6 +430,8 @@ int db_concat_channels_forward(db_ctx *c, float *out, const float *a, const floa
     switch (c->device) {
     case DB_CPU:
         return db_cpu_concat_channels_forward(c, out, a, b, B, C1, C2, HW);
+    case DB_CUDA:
+        return CUDA_OP(c, concat_channels_forward, "concat_channels", out, a, b, B, C1, C2, HW);
     default:
         return no_backend(c, "concat_channels");
     }
@@ -282,6 +444,8 @@ int db_transpose_forward(db_ctx *c, float *out, const float *inp, int B, int M, 
     switch (c->device) {
     case DB_CPU:
         return db_cpu_transpose_forward(c, out, inp, B, M, N);
+    case DB_CUDA:
+        return CUDA_OP(c, transpose_forward, "transpose", out, inp, B, M, N);
     default:
         return no_backend(c, "transpose");
     }
@@ -294,6 +458,8 @@ int db_upsample_nearest2x_forward(db_ctx *c, float *out, const float *inp, int B
     switch (c->device) {
     case DB_CPU:
         return db_cpu_upsample_nearest2x_forward(c, out, inp, B, C, H, W);
+    case DB_CUDA:
+        return CUDA_OP(c, upsample_nearest2x_forward, "upsample_nearest2x", out, inp, B, C, H, W);
     default:
         return no_backend(c, "upsample_nearest2x");
     }
@@ -307,6 +473,9 @@ int db_timestep_embedding_forward(db_ctx *c, float *out, const float *timesteps,
     switch (c->device) {
     case DB_CPU:
         return db_cpu_timestep_embedding_forward(c, out, timesteps, B, D, flip_sin_to_cos, shift, max_period);
+    case DB_CUDA:
+        return CUDA_OP(c, timestep_embedding_forward, "timestep_embedding", out, timesteps, B, D, flip_sin_to_cos,
+                       shift, max_period);
     default:
         return no_backend(c, "timestep_embedding");
     }
@@ -320,6 +489,8 @@ int db_embedding_forward(db_ctx *c, float *out, const int32_t *tokens, const flo
     switch (c->device) {
     case DB_CPU:
         return db_cpu_embedding_forward(c, out, tokens, wte, wpe, B, T, C, V);
+    case DB_CUDA:
+        return CUDA_OP(c, embedding_forward, "embedding", out, tokens, wte, wpe, B, T, C, V);
     default:
         return no_backend(c, "embedding");
     }
@@ -335,6 +506,8 @@ int db_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const fl
     switch (c->device) {
     case DB_CPU:
         return db_cpu_gemm_backward(c, dA, dB, dCm, A, B, batch, M, N, K, transa, transb, alpha);
+    case DB_CUDA:
+        return CUDA_OP(c, gemm_backward, "gemm backward", dA, dB, dCm, A, B, batch, M, N, K, transa, transb, alpha);
     default:
         return no_backend(c, "gemm backward");
     }
@@ -348,6 +521,8 @@ int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
     switch (c->device) {
     case DB_CPU:
         return db_cpu_linear_backward(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC);
+    case DB_CUDA:
+        return CUDA_OP(c, linear_backward, "linear backward", dinp, dweight, dbias, dout, inp, weight, N, C, OC);
     default:
         return no_backend(c, "linear backward");
     }
@@ -366,6 +541,9 @@ int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
     case DB_CPU:
         return db_cpu_conv2d_backward(c, dinp, dweight, dbias, dout, inp, weight, B, C, H, W, OC, KH, KW, stride,
                                       pad0, pad1);
+    case DB_CUDA:
+        return CUDA_OP(c, conv2d_backward, "conv2d backward", dinp, dweight, dbias, dout, inp, weight, B, C, H, W, OC,
+                       KH, KW, stride, pad0, pad1);
     default:
         return no_backend(c, "conv2d backward");
     }
@@ -382,6 +560,9 @@ int db_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, 
     case DB_CPU:
         return db_cpu_groupnorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, bias, B, C, HW, G,
                                          silu);
+    case DB_CUDA:
+        return CUDA_OP(c, groupnorm_backward, "groupnorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
+                       weight, bias, B, C, HW, G, silu);
     default:
         return no_backend(c, "groupnorm backward");
     }
@@ -395,6 +576,9 @@ int db_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, 
     switch (c->device) {
     case DB_CPU:
         return db_cpu_layernorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, N, C);
+    case DB_CUDA:
+        return CUDA_OP(c, layernorm_backward, "layernorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
+                       weight, N, C);
     default:
         return no_backend(c, "layernorm backward");
     }
@@ -410,6 +594,9 @@ int db_attention_backward(db_ctx *c, float *dq, float *dk, float *dv, const floa
     switch (c->device) {
     case DB_CPU:
         return db_cpu_attention_backward(c, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
+    case DB_CUDA:
+        return CUDA_OP(c, attention_backward, "attention backward", dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk,
+                       NH, HS, causal);
     default:
         return no_backend(c, "attention backward");
     }
@@ -422,6 +609,8 @@ int db_softmax_backward(db_ctx *c, float *dinp, const float *dout, const float *
     switch (c->device) {
     case DB_CPU:
         return db_cpu_softmax_backward(c, dinp, dout, out, N, C);
+    case DB_CUDA:
+        return CUDA_OP(c, softmax_backward, "softmax backward", dinp, dout, out, N, C);
     default:
         return no_backend(c, "softmax backward");
     }
@@ -434,6 +623,8 @@ int db_silu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp
     switch (c->device) {
     case DB_CPU:
         return db_cpu_silu_backward(c, dinp, dout, inp, N);
+    case DB_CUDA:
+        return CUDA_OP(c, silu_backward, "silu backward", dinp, dout, inp, N);
     default:
         return no_backend(c, "silu backward");
     }
@@ -446,6 +637,8 @@ int db_gelu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp
     switch (c->device) {
     case DB_CPU:
         return db_cpu_gelu_backward(c, dinp, dout, inp, N, kind);
+    case DB_CUDA:
+        return CUDA_OP(c, gelu_backward, "gelu backward", dinp, dout, inp, N, kind);
     default:
         return no_backend(c, "gelu backward");
     }
@@ -458,6 +651,8 @@ int db_quick_gelu_backward(db_ctx *c, float *dinp, const float *dout, const floa
     switch (c->device) {
     case DB_CPU:
         return db_cpu_quick_gelu_backward(c, dinp, dout, inp, N);
+    case DB_CUDA:
+        return CUDA_OP(c, quick_gelu_backward, "quick_gelu backward", dinp, dout, inp, N);
     default:
         return no_backend(c, "quick_gelu backward");
     }
@@ -470,6 +665,8 @@ int db_geglu_backward(db_ctx *c, float *dinp, const float *dout, const float *in
     switch (c->device) {
     case DB_CPU:
         return db_cpu_geglu_backward(c, dinp, dout, inp, N, C);
+    case DB_CUDA:
+        return CUDA_OP(c, geglu_backward, "geglu backward", dinp, dout, inp, N, C);
     default:
         return no_backend(c, "geglu backward");
     }
@@ -482,6 +679,8 @@ int db_mul_backward(db_ctx *c, float *da, float *db, const float *dout, const fl
     switch (c->device) {
     case DB_CPU:
         return db_cpu_mul_backward(c, da, db, dout, a, b, N);
+    case DB_CUDA:
+        return CUDA_OP(c, mul_backward, "mul backward", da, db, dout, a, b, N);
     default:
         return no_backend(c, "mul backward");
     }
@@ -494,6 +693,8 @@ int db_add_channel_backward(db_ctx *c, float *dvec, const float *dout, int B, in
     switch (c->device) {
     case DB_CPU:
         return db_cpu_add_channel_backward(c, dvec, dout, B, C, HW);
+    case DB_CUDA:
+        return CUDA_OP(c, add_channel_backward, "add_channel backward", dvec, dout, B, C, HW);
     default:
         return no_backend(c, "add_channel backward");
     }
@@ -506,6 +707,8 @@ int db_concat_channels_backward(db_ctx *c, float *da, float *db, const float *do
     switch (c->device) {
     case DB_CPU:
         return db_cpu_concat_channels_backward(c, da, db, dout, B, C1, C2, HW);
+    case DB_CUDA:
+        return CUDA_OP(c, concat_channels_backward, "concat_channels backward", da, db, dout, B, C1, C2, HW);
     default:
         return no_backend(c, "concat_channels backward");
     }
@@ -518,6 +721,8 @@ int db_upsample_nearest2x_backward(db_ctx *c, float *dinp, const float *dout, in
     switch (c->device) {
     case DB_CPU:
         return db_cpu_upsample_nearest2x_backward(c, dinp, dout, B, C, H, W);
+    case DB_CUDA:
+        return CUDA_OP(c, upsample_nearest2x_backward, "upsample_nearest2x backward", dinp, dout, B, C, H, W);
     default:
         return no_backend(c, "upsample_nearest2x backward");
     }
@@ -531,7 +736,57 @@ int db_embedding_backward(db_ctx *c, float *dwte, float *dwpe, const float *dout
     switch (c->device) {
     case DB_CPU:
         return db_cpu_embedding_backward(c, dwte, dwpe, dout, tokens, B, T, C, V);
+    case DB_CUDA:
+        return CUDA_OP(c, embedding_backward, "embedding backward", dwte, dwpe, dout, tokens, B, T, C, V);
     default:
         return no_backend(c, "embedding backward");
+    }
+}
+
+/* ---- optimizer (not in the CUDA table: see ops.h) ----------------------------------- */
+
+int db_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t n, const struct db_adamw *hp,
+                 int64_t t)
+{
+    ENTER(c);
+    REQUIRE(c, "adamw", p && m && v && g && hp);
+    switch (c->device) {
+    case DB_CPU:
+        db_adamw_step_omp(p, m, v, g, n, hp, t);
+        return 0;
+    case DB_CUDA:
+        return not_on_cuda(c, "adamw");
+    default:
+        return no_backend(c, "adamw");
+    }
+}
+
+int db_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n)
+{
+    ENTER(c);
+    REQUIRE(c, "sumsq", out && (g || !n));
+    switch (c->device) {
+    case DB_CPU:
+        *out = db_sum_squares(g, n);
+        return 0;
+    case DB_CUDA:
+        return not_on_cuda(c, "sumsq");
+    default:
+        return no_backend(c, "sumsq");
+    }
+}
+
+int db_opt_scale(db_ctx *c, float *g, float coef, size_t n)
+{
+    ENTER(c);
+    REQUIRE(c, "scale", g || !n);
+    switch (c->device) {
+    case DB_CPU:
+        db_scale(g, coef, n);
+        return 0;
+    case DB_CUDA:
+        return not_on_cuda(c, "scale");
+    default:
+        return no_backend(c, "scale");
     }
 }

@@ -67,8 +67,6 @@ void db_clip_params_free(db_clip_params *p)
 int db_clip_create(db_clip **out, db_ctx *ctx, const db_model *m, db_err *err)
 {
     *out = NULL;
-    if (ctx->device != DB_CPU) /* weights and workspace are host memory for now */
-        return db_err_set(err, DB_EUNSUPP, "text encoder: only the CPU device is supported");
     if (db_arch_validate_comps(&m->arch, DB_COMP_BIT(DB_COMP_TEXT), err))
         return db_err_prefix(err, "text encoder");
     db_clip *c = calloc(1, sizeof *c);
@@ -76,7 +74,7 @@ int db_clip_create(db_clip **out, db_ctx *ctx, const db_model *m, db_err *err)
         return db_err_set(err, DB_ENOMEM, "text encoder: out of memory");
     c->ctx = ctx;
     c->arch = m->arch.text;
-    if (db_weights_load(&c->w, m, DB_COMP_TEXT, err) || db_clip_params_bind(&c->p, &c->w, &c->arch, err)) {
+    if (db_weights_load_ctx(&c->w, ctx, m, DB_COMP_TEXT, err) || db_clip_params_bind(&c->p, &c->w, &c->arch, err)) {
         db_clip_free(c);
         return -1;
     }
@@ -86,9 +84,9 @@ int db_clip_create(db_clip **out, db_ctx *ctx, const db_model *m, db_err *err)
 
 void db_clip_trim(db_clip *c)
 {
-    free(c->a.mem);
+    db_ctx_free(c->ctx, c->a.mem);
     memset(&c->a, 0, sizeof c->a);
-    free(c->g.mem);
+    db_ctx_free(c->ctx, c->g.mem);
     memset(&c->g, 0, sizeof c->g);
     c->B = c->T = 0;
 }
@@ -145,7 +143,7 @@ static int acts_reserve(db_clip *c, size_t N, db_err *err)
         return 0;
     db_clip_trim(c);
     size_t n = acts_layout(&c->a, NULL, N, &c->arch);
-    float *mem = aligned_alloc(64, n * sizeof(float));
+    float *mem = db_ctx_alloc(c->ctx, n * sizeof(float));
     if (!mem)
         return db_err_set(err, DB_ENOMEM, "text encoder: out of memory for activations of %zu tokens", N);
     acts_layout(&c->a, mem, N, &c->arch);
@@ -223,7 +221,10 @@ int db_clip_forward(db_clip *c, float *last, float *penultimate_ln, float *poole
     c->B = c->T = 0; /* the saved activations are invalid until we finish */
     db_ctx *x = c->ctx;
     db_clip_acts *a = &c->a;
-    memcpy(a->ids, ids, N * sizeof *ids);
+    /* the ids are the caller's host array (checked above; the pooler reads
+     * them too); the embedding op reads the device copy */
+    if (db_ctx_copy(x, a->ids, ids, N * sizeof *ids, DB_COPY_H2D))
+        return op_failed(c, err, "token ids");
 
     /* hidden[0] (N, D) = wte[ids] + wpe[0..T-1] */
     if (db_embedding_forward(x, a->hidden, a->ids, c->p.wte, c->p.wpe, B, T, D, t->vocab_size))
@@ -284,10 +285,10 @@ static int grads_reserve(db_clip *c, size_t N, db_err *err)
     db_clip_grads_ws *g = &c->g;
     if (g->mem && g->cap >= N)
         return 0;
-    free(g->mem);
+    db_ctx_free(c->ctx, g->mem);
     memset(g, 0, sizeof *g);
     const size_t ND = ALIGN16(N * (size_t)c->arch.hidden), NI = ALIGN16(N * (size_t)c->arch.intermediate);
-    float *mem = aligned_alloc(64, (7 * ND + 2 * NI) * sizeof(float));
+    float *mem = db_ctx_alloc(c->ctx, (7 * ND + 2 * NI) * sizeof(float));
     if (!mem)
         return db_err_set(err, DB_ENOMEM, "text encoder: out of memory for the gradients of %zu tokens", N);
     float *p = mem;

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/ops.h"
+
 db_adamw db_adamw_defaults(double lr)
 {
     return (db_adamw){.lr = lr, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 1e-2};
@@ -77,7 +79,7 @@ enum { CLIP_CHUNK = 4096 };
 /* Sum of squares of one tensor: fixed chunks, each summed in double in
  * element order, the chunk partials then added in chunk order, so threads
  * only decide who computes a chunk, never how the sum associates. */
-static double sum_squares(const float *g, size_t n)
+double db_sum_squares(const float *g, size_t n)
 {
     size_t nchunks = (n + CLIP_CHUNK - 1) / CLIP_CHUNK;
     if (nchunks <= 1) {
@@ -114,32 +116,60 @@ static double sum_squares(const float *g, size_t n)
     return total;
 }
 
+void db_scale(float *g, float coef, size_t n)
+{
+    ptrdiff_t nn = (ptrdiff_t)n;
+#pragma omp parallel for schedule(static) if (nn > 16384)
+    for (ptrdiff_t i = 0; i < nn; i++)
+        g[i] = g[i] * coef;
+}
+
+/* torch: per-tensor float32 norms, stacked, and the norm of the stack; the
+ * clip coefficient from it.  ss accumulates (double)nk^2 in tensor order. */
+static float clip_total(double ss) { return (float)sqrt(ss); }
+static float clip_coef(double max_norm, float total) { return (float)max_norm / (total + 1e-6f); }
+/* torch multiplies by clamp(coef, max=1): 1 is a no-op, and clamp propagates
+ * NaN, so a NaN coefficient poisons every gradient as in torch. */
+static int clip_scales(float coef) { return coef < 1.0f || isnan(coef); }
+
 double db_clip_grad_norm(const db_grad_ref *grads, size_t ngrads, double max_norm)
 {
     if (ngrads == 0)
         return 0.0; /* torch returns tensor(0.) for no gradients */
-    /* torch: per-tensor float32 norms, stacked, and the norm of the stack */
     double ss = 0.0;
     for (size_t k = 0; k < ngrads; k++) {
-        float nk = (float)sqrt(sum_squares(grads[k].g, grads[k].n));
+        float nk = (float)sqrt(db_sum_squares(grads[k].g, grads[k].n));
         ss += (double)nk * (double)nk;
     }
-    float total = (float)sqrt(ss);
-    float coef = (float)max_norm / (total + 1e-6f);
-    if (coef < 1.0f) { /* torch multiplies by clamp(coef, max=1): 1 is a no-op */
-        for (size_t k = 0; k < ngrads; k++) {
-            float *g = grads[k].g;
-            ptrdiff_t nn = (ptrdiff_t)grads[k].n;
-#pragma omp parallel for schedule(static) if (nn > 16384)
-            for (ptrdiff_t i = 0; i < nn; i++)
-                g[i] = g[i] * coef;
-        }
-    } else if (isnan(coef)) { /* clamp propagates NaN; multiplying poisons all, as torch */
+    float total = clip_total(ss);
+    float coef = clip_coef(max_norm, total);
+    if (clip_scales(coef))
         for (size_t k = 0; k < ngrads; k++)
-            for (size_t i = 0; i < grads[k].n; i++)
-                grads[k].g[i] = grads[k].g[i] * coef;
-    }
+            db_scale(grads[k].g, coef, grads[k].n);
     return (double)total;
+}
+
+int db_clip_grad_norm_ctx(db_ctx *c, double *norm, const db_grad_ref *grads, size_t ngrads, double max_norm)
+{
+    *norm = 0.0;
+    if (ngrads == 0)
+        return 0;
+    double ss = 0.0;
+    for (size_t k = 0; k < ngrads; k++) {
+        double sk;
+        if (db_opt_sumsq(c, &sk, grads[k].g, grads[k].n))
+            return -1;
+        float nk = (float)sqrt(sk);
+        ss += (double)nk * (double)nk;
+    }
+    float total = clip_total(ss);
+    float coef = clip_coef(max_norm, total);
+    if (clip_scales(coef))
+        for (size_t k = 0; k < ngrads; k++)
+            if (db_opt_scale(c, grads[k].g, coef, grads[k].n))
+                return -1;
+    *norm = (double)total;
+    return 0;
 }
 
 /* ---- learning-rate schedules ----------------------------------------------- */

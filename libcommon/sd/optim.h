@@ -66,6 +66,17 @@ typedef struct db_grad_ref {
  * non-finite norm and coefficient, as torch does with
  * error_if_nonfinite=False. */
 double db_clip_grad_norm(const db_grad_ref *grads, size_t ngrads, double max_norm);
+/* The same on the device of c (grads are its buffers): the sums of squares
+ * through db_opt_sumsq, the scaling through db_opt_scale (kernels/ops.h), so
+ * the gradients stay where they are and the arithmetic is this function's.
+ * 0 with *norm set, or -1 with the reason in c->err. */
+struct db_ctx;
+int db_clip_grad_norm_ctx(struct db_ctx *c, double *norm, const db_grad_ref *grads, size_t ngrads, double max_norm);
+/* The pieces, for the CPU backend of those ops: db_clip_grad_norm's sum of
+ * squares of one tensor (double, fixed 4096-element chunks: any thread count
+ * gives the same bits), and g[i] = g[i] * coef. */
+double db_sum_squares(const float *g, size_t n);
+void db_scale(float *g, float coef, size_t n);
 
 /* Learning-rate schedules: lr(step) = base_lr * lambda(step) as torch's
  * LambdaLR with diffusers' lambdas (diffusers/optimization.py). */

@@ -24,12 +24,29 @@ struct db_trainer {
     int64_t step;                /* optimizer steps done */
     int micro;                   /* micro-batches accumulated since the last step */
     double sum_loss, sum_inst, sum_prior;
-    /* buffers of the largest micro-batch seen */
+    /* buffers of the largest micro-batch seen, on the ctx's device */
     size_t cap_lat, cap_ctx;
     float *noisy, *pred_buf, *dpred; /* (B, C, H, W) each */
     float *tsf;                  /* (B) timesteps as floats */
     float *context, *dcontext;   /* (B, T, D) each */
+    /* Host staging of the latent-sized tensors the host code (the scheduler's
+     * add_noise and velocity, the loss) reads or writes: on the CPU these
+     * are the device buffers above (no copy, no extra memory), elsewhere
+     * host buffers of the same size copied to and from them. */
+    float *noisy_h, *pred_h, *dpred_h, *tsf_h;
 };
+
+/* A host buffer standing for device buffer dev: dev itself on the CPU. */
+static float *host_stage(const db_trainer *t, float *dev, size_t n)
+{
+    return t->ctx->device == DB_CPU ? dev : malloc(n * sizeof(float));
+}
+
+static void host_unstage(const db_trainer *t, float *h)
+{
+    if (t->ctx->device != DB_CPU)
+        free(h);
+}
 
 db_train_opts db_train_opts_defaults(double lr, int64_t steps)
 {
@@ -82,6 +99,8 @@ int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db
     if (o->grad_accum < 1 || o->world < 1 || (o->world > 1 && (!o->reduce_f32 || !o->reduce_f64)))
         return db_err_set(err, DB_EUSAGE, "trainer: gradient accumulation and processes must be at least 1 (got "
                           "%d, %d), and several processes need a reduction", o->grad_accum, o->world);
+    if (o->world > 1 && ctx->device != DB_CPU) /* the reductions take host buffers */
+        return db_err_set(err, DB_EUNSUPP, "trainer: several processes need the CPU device for now");
     db_trainer *t = calloc(1, sizeof *t);
     if (!t)
         return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
@@ -128,12 +147,13 @@ void db_trainer_free(db_trainer *t)
         if (all[i]->data)
             db_weights_free(all[i]);
     free(t->refs);
-    free(t->noisy);
-    free(t->pred_buf);
-    free(t->dpred);
-    free(t->tsf);
-    free(t->context);
-    free(t->dcontext);
+    host_unstage(t, t->noisy_h), host_unstage(t, t->pred_h), host_unstage(t, t->dpred_h), host_unstage(t, t->tsf_h);
+    db_ctx_free(t->ctx, t->noisy);
+    db_ctx_free(t->ctx, t->pred_buf);
+    db_ctx_free(t->ctx, t->dpred);
+    db_ctx_free(t->ctx, t->tsf);
+    db_ctx_free(t->ctx, t->context);
+    db_ctx_free(t->ctx, t->dcontext);
     free(t);
 }
 
@@ -141,21 +161,28 @@ static int reserve(db_trainer *t, size_t nlat, size_t nctx, int B, db_err *err)
 {
     if (nlat > t->cap_lat || (size_t)B > t->cap_lat) {
         size_t n = nlat > (size_t)B ? nlat : (size_t)B;
-        free(t->noisy), free(t->pred_buf), free(t->dpred), free(t->tsf);
-        t->noisy = malloc(n * sizeof(float));
-        t->pred_buf = malloc(n * sizeof(float));
-        t->dpred = malloc(n * sizeof(float));
-        t->tsf = malloc(n * sizeof(float));
+        db_ctx *c = t->ctx;
+        host_unstage(t, t->noisy_h), host_unstage(t, t->pred_h), host_unstage(t, t->dpred_h), host_unstage(t, t->tsf_h);
+        db_ctx_free(c, t->noisy), db_ctx_free(c, t->pred_buf), db_ctx_free(c, t->dpred), db_ctx_free(c, t->tsf);
+        t->noisy = db_ctx_alloc(c, n * sizeof(float));
+        t->pred_buf = db_ctx_alloc(c, n * sizeof(float));
+        t->dpred = db_ctx_alloc(c, n * sizeof(float));
+        t->tsf = db_ctx_alloc(c, n * sizeof(float));
+        t->noisy_h = host_stage(t, t->noisy, n);
+        t->pred_h = host_stage(t, t->pred_buf, n);
+        t->dpred_h = host_stage(t, t->dpred, n);
+        t->tsf_h = host_stage(t, t->tsf, n);
         t->cap_lat = n;
-        if (!t->noisy || !t->pred_buf || !t->dpred || !t->tsf) {
+        if (!t->noisy || !t->pred_buf || !t->dpred || !t->tsf || !t->noisy_h || !t->pred_h || !t->dpred_h ||
+            !t->tsf_h) {
             t->cap_lat = 0;
             return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
         }
     }
     if (nctx > t->cap_ctx) {
-        free(t->context), free(t->dcontext);
-        t->context = malloc(nctx * sizeof(float));
-        t->dcontext = malloc(nctx * sizeof(float));
+        db_ctx_free(t->ctx, t->context), db_ctx_free(t->ctx, t->dcontext);
+        t->context = db_ctx_alloc(t->ctx, nctx * sizeof(float));
+        t->dcontext = db_ctx_alloc(t->ctx, nctx * sizeof(float));
         t->cap_ctx = nctx;
         if (!t->context || !t->dcontext) {
             t->cap_ctx = 0;
@@ -181,19 +208,28 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
         if (b->timesteps[r] < 0 || b->timesteps[r] >= t->ntrain)
             return db_err_set(err, DB_EUSAGE, "trainer: timestep %lld outside [0, %d)", (long long)b->timesteps[r],
                               t->ntrain);
-        t->tsf[r] = (float)b->timesteps[r];
-        if (db_sched_add_noise(t->sched, t->noisy + r * per, b->latents + r * per, b->noise + r * per, per,
+        t->tsf_h[r] = (float)b->timesteps[r];
+        if (db_sched_add_noise(t->sched, t->noisy_h + r * per, b->latents + r * per, b->noise + r * per, per,
                                b->timesteps[r], err))
             return -1;
     }
+    /* the UNet's inputs onto the device (no copy on the CPU) */
+    db_ctx *c = t->ctx;
+    if (db_ctx_copy(c, t->tsf, t->tsf_h, (size_t)B * sizeof(float), DB_COPY_H2D) ||
+        db_ctx_copy(c, t->noisy, t->noisy_h, n * sizeof(float), DB_COPY_H2D))
+        return db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
     /* text encoder forward (its activations are kept for the backward) */
     if (db_clip_forward(t->clip, t->context, NULL, NULL, b->ids, B, b->T, err))
         return -1;
     if (db_unet_forward(t->unet, t->pred_buf, t->noisy, t->tsf, t->context, B, b->H, b->W, b->T, err))
         return -1;
 
-    /* loss and d loss / d pred; target into dpred first */
-    float *target = t->dpred;
+    /* loss and d loss / d pred, on the host (double sums in element order;
+     * no op does that): pred comes back to the host, the gradient goes out
+     * to dpred below.  Target into dpred first. */
+    if (db_ctx_copy(c, t->pred_h, t->pred_buf, n * sizeof(float), DB_COPY_D2H))
+        return db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
+    float *target = t->dpred_h;
     for (int r = 0; r < B; r++) {
         if (t->pred == DB_PRED_V) {
             if (db_sched_velocity(t->sched, target + r * per, b->latents + r * per, b->noise + r * per, per,
@@ -212,8 +248,8 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
             const double a = acp[b->timesteps[r]], snr = a / (1 - a);
             w = (snr < t->o.snr_gamma ? snr : t->o.snr_gamma) / snr + (t->pred == DB_PRED_V ? 1 : 0);
         }
-        const float *p = t->pred_buf + r * per;
-        float *d = t->dpred + r * per; /* holds the target; overwritten with the gradient */
+        const float *p = t->pred_h + r * per;
+        float *d = t->dpred_h + r * per; /* holds the target; overwritten with the gradient */
         double sq = 0;
         for (size_t i = 0; i < per; i++) {
             const float e = p[i] - d[i];
@@ -246,6 +282,8 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
         return 0;
     }
     /* backward: UNet, then the text encoder through d context */
+    if (db_ctx_copy(c, t->dpred, t->dpred_h, n * sizeof(float), DB_COPY_H2D))
+        return db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
     if (db_unet_backward(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, &t->gu, t->dpred, err))
         return -1;
     if (t->o.train_text && db_clip_backward(t->clip, &t->gt, t->dcontext, err))
@@ -285,7 +323,10 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     }
     /* without clipping the norm is still measured (reported and checked):
      * an infinite maximum makes the coefficient 1, which leaves g as is */
-    const double norm = db_clip_grad_norm(t->refs, t->nrefs, t->o.max_grad_norm > 0 ? t->o.max_grad_norm : INFINITY);
+    db_ctx *c = t->ctx;
+    double norm;
+    if (db_clip_grad_norm_ctx(c, &norm, t->refs, t->nrefs, t->o.max_grad_norm > 0 ? t->o.max_grad_norm : INFINITY))
+        return db_err_set(err, c->err.code, "trainer: gradient clipping: %s", c->err.msg);
     if (!isfinite(norm))
         return db_err_set(err, DB_ENUMERIC, "trainer: the gradient norm is %g at step %lld: training diverged",
                           norm, (long long)t->step + 1);
@@ -293,16 +334,18 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     db_adamw hu = t->o.unet_hp;
     hu.lr = db_lr_at(&t->o.unet_lr, t->step);
     db_weights *wu = (db_weights *)db_unet_weights(t->unet);
-    db_adamw_step_omp(wu->data, t->mu.data, t->vu.data, t->gu.data, wu->numel, &hu, k);
-    memset(t->gu.data, 0, t->gu.numel * sizeof(float));
+    db_opt_adamw(c, wu->data, t->mu.data, t->vu.data, t->gu.data, wu->numel, &hu, k);
+    db_ctx_zero(c, t->gu.data, t->gu.numel * sizeof(float));
     double lr_text = 0;
     if (t->o.train_text) {
         db_adamw ht = t->o.text_hp;
         ht.lr = lr_text = db_lr_at(&t->o.text_lr, t->step);
         db_weights *wt = &t->clip->w;
-        db_adamw_step_omp(wt->data, t->mt.data, t->vt.data, t->gt.data, wt->numel, &ht, k);
-        memset(t->gt.data, 0, t->gt.numel * sizeof(float));
+        db_opt_adamw(c, wt->data, t->mt.data, t->vt.data, t->gt.data, wt->numel, &ht, k);
+        db_ctx_zero(c, t->gt.data, t->gt.numel * sizeof(float));
     }
+    if (c->err.code)
+        return db_err_set(err, c->err.code, "trainer: optimizer step: %s", c->err.msg);
     t->step = k;
     if (s) {
         s->step = k;
@@ -320,11 +363,23 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
 
 size_t db_trainer_grad_norms(const db_trainer *t, double *out, size_t n)
 {
+    /* a report, so a host loop (its own summation order, not the clip's):
+     * off the CPU each tensor is copied back first; NaN when that fails */
+    db_ctx *c = t->ctx;
     for (size_t i = 0; i < t->nrefs && i < n; i++) {
+        const float *g = host_stage(t, t->refs[i].g, t->refs[i].n);
+        if (!g || (c->device != DB_CPU &&
+                   db_ctx_copy(c, (float *)g, t->refs[i].g, t->refs[i].n * sizeof(float), DB_COPY_D2H))) {
+            if (g)
+                host_unstage(t, (float *)g);
+            out[i] = NAN;
+            continue;
+        }
         double q = 0;
         for (size_t e = 0; e < t->refs[i].n; e++)
-            q += (double)t->refs[i].g[e] * t->refs[i].g[e];
+            q += (double)g[e] * g[e];
         out[i] = sqrt(q);
+        host_unstage(t, (float *)g);
     }
     return t->nrefs;
 }

@@ -87,8 +87,9 @@ typedef struct db_train_stats {
 typedef struct db_trainer db_trainer;
 
 /* Load the UNet and the text encoder of m onto ctx (borrowed) with
- * gradient and optimizer buffers for what is trained.  m must stay open
- * only for the call. */
+ * gradient and optimizer buffers for what is trained, all on ctx's device
+ * (the batches stay host memory: the trainer copies what the device needs).
+ * m must stay open only for the call. */
 int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db_train_opts *o, db_err *err);
 void db_trainer_free(db_trainer *t);
 

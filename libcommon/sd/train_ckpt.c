@@ -33,11 +33,17 @@ typedef struct wjob {
 
 static int fill(void *ctx, size_t i, void *dst, db_err *err)
 {
-    (void)err;
     const wjob *j = ctx;
     const db_weights *w = j->g[j->gi[i]].w;
     const db_tentry *e = &w->ix.v[j->ti[i]];
-    memcpy(dst, w->data + e->offset, (size_t)db_shape_numel(e->ndim, e->shape) * sizeof(float));
+    const size_t bytes = (size_t)db_shape_numel(e->ndim, e->shape) * sizeof(float);
+    if (!w->ctx) { /* host (CPU) weights */
+        memcpy(dst, w->data + e->offset, bytes);
+        return 0;
+    }
+    /* device weights: the writer's buffer is host memory */
+    if (db_ctx_copy(w->ctx, dst, w->data + e->offset, bytes, DB_COPY_D2H))
+        return db_err_set(err, w->ctx->err.code, "%s", w->ctx->err.msg);
     return 0;
 }
 
@@ -224,7 +230,21 @@ static int read_group(const db_tindex *ix, const char *file, const db_weights *w
         const db_tentry *f = &ix->v[k];
         if (f->ndim != e->ndim || memcmp(f->shape, e->shape, (size_t)e->ndim * sizeof *e->shape))
             return db_err_set(err, DB_EFORMAT, "%s: '%s' has another shape than the model's", file, name);
-        if (db_tindex_read(ix, (size_t)k, w->data + e->offset, DB_F32, err))
+        if (!w->ctx) { /* host (CPU) weights: straight in */
+            if (db_tindex_read(ix, (size_t)k, w->data + e->offset, DB_F32, err))
+                return db_err_prefix(err, "%s", file);
+            continue;
+        }
+        /* device weights: through a host copy of the one tensor */
+        const size_t bytes = (size_t)db_shape_numel(e->ndim, e->shape) * sizeof(float);
+        float *h = malloc(bytes ? bytes : 1);
+        if (!h)
+            return db_err_set(err, DB_ENOMEM, "%s: out of memory for '%s'", file, name);
+        int rc = db_tindex_read(ix, (size_t)k, h, DB_F32, err);
+        if (!rc && db_ctx_copy(w->ctx, w->data + e->offset, h, bytes, DB_COPY_H2D))
+            rc = db_err_set(err, w->ctx->err.code, "%s", w->ctx->err.msg);
+        free(h);
+        if (rc)
             return db_err_prefix(err, "%s", file);
     }
     return 0;

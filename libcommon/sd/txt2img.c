@@ -165,15 +165,23 @@ int db_sd_encode_prompt(db_tokenizer *tok, db_clip *clip, const char *prompt, in
         free(c.weights);
         return db_err_set(err, DB_EUSAGE, "clip skip %d: must be 1..%d", clip_skip, L);
     }
-    float *out = malloc((size_t)c.k * 77 * (size_t)D * sizeof *out);
-    int rc = out ? 0 : db_err_set(err, DB_ENOMEM, "out of memory");
+    /* The embeddings are host memory (the caller's; the emphasis below is a
+     * host loop).  The encoder writes each chunk into a device buffer, copied
+     * back; on the CPU that buffer is the chunk itself (the copy is none). */
+    db_ctx *x = clip->ctx;
+    const size_t zb = (size_t)77 * (size_t)D * sizeof(float);
+    float *out = malloc((size_t)c.k * zb);
+    float *zd = x->device == DB_CPU ? NULL : db_ctx_alloc(x, zb);
+    int rc = out && (x->device == DB_CPU || zd) ? 0 : db_err_set(err, DB_ENOMEM, "out of memory");
     for (int k = 0; k < c.k && !rc; k++) {
-        float *z = out + (size_t)k * 77 * (size_t)D;
+        float *z = out + (size_t)k * 77 * (size_t)D, *zdev = zd ? zd : z;
         const int32_t *ids = c.ids + (size_t)k * 77;
         if (clip_skip == 1)
-            rc = db_clip_forward(clip, z, NULL, NULL, ids, 1, 77, err);
+            rc = db_clip_forward(clip, zdev, NULL, NULL, ids, 1, 77, err);
         else if (!(rc = db_clip_forward(clip, NULL, NULL, NULL, ids, 1, 77, err)))
-            rc = db_clip_hidden_ln(clip, z, L + 1 - clip_skip, err);
+            rc = db_clip_hidden_ln(clip, zdev, L + 1 - clip_skip, err);
+        if (!rc && db_ctx_copy(x, z, zdev, zb, DB_COPY_D2H))
+            rc = db_err_set(err, x->err.code, "text encoder: %s", x->err.msg);
         if (rc)
             break;
         const float *w = c.weights + (size_t)k * 77;
@@ -198,6 +206,7 @@ int db_sd_encode_prompt(db_tokenizer *tok, db_clip *clip, const char *prompt, in
     }
     free(c.ids);
     free(c.weights);
+    db_ctx_free(x, zd);
     if (rc) {
         free(out);
         return -1;
@@ -270,7 +279,15 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     int cfg = o->guidance > 1.0;
     int T = out->T, D = out->D;
     db_sched *s = NULL;
+    /* x and noise are host memory: the scheduler (sched.c) is host code over
+     * latent-sized tensors.  xin, eps, ctxt and ts are what the UNet reads and
+     * writes, on the ctx's device; xin_h, eps_h and ts_h stage them through
+     * the host around the scheduler (on the CPU they are the device buffers
+     * themselves, so nothing is copied and nothing extra held). */
+    db_ctx *c = sd->ctx;
+    const int cpu = c->device == DB_CPU;
     float *x = NULL, *xin = NULL, *eps = NULL, *noise = NULL, *ctxt = NULL, *ts = NULL;
+    float *xin_h = NULL, *eps_h = NULL, *ts_h = NULL;
     int rc = -1;
     if (db_sched_create(&s, o->scheduler ? o->scheduler : "ddim", sd->model.scheduler, err))
         goto out;
@@ -284,15 +301,19 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     db_unet *u = sd->unet;
     int m = cfg ? 2 : 1; /* UNet batch = m * b */
     x = malloc((size_t)bmax * per * sizeof *x);
-    xin = malloc((size_t)m * (size_t)bmax * per * sizeof *xin);
-    eps = malloc((size_t)m * (size_t)bmax * per * sizeof *eps);
+    xin = db_ctx_alloc(c, (size_t)m * (size_t)bmax * per * sizeof *xin);
+    eps = db_ctx_alloc(c, (size_t)m * (size_t)bmax * per * sizeof *eps);
     noise = malloc((size_t)bmax * per * sizeof *noise);
-    ctxt = malloc((size_t)m * (size_t)bmax * (size_t)T * (size_t)D * sizeof *ctxt);
-    ts = malloc((size_t)m * (size_t)bmax * sizeof *ts);
+    ctxt = db_ctx_alloc(c, (size_t)m * (size_t)bmax * (size_t)T * (size_t)D * sizeof *ctxt);
+    ts = db_ctx_alloc(c, (size_t)m * (size_t)bmax * sizeof *ts);
+    xin_h = cpu ? xin : malloc((size_t)bmax * per * sizeof *xin_h);
+    eps_h = cpu ? eps : malloc((size_t)bmax * per * sizeof *eps_h);
+    ts_h = cpu ? ts : malloc((size_t)m * (size_t)bmax * sizeof *ts_h);
     out->latents = malloc((size_t)n * per * sizeof *out->latents);
     if (trace)
         out->step_latents = malloc((size_t)nsteps * (size_t)n * per * sizeof *out->step_latents);
-    if (!x || !xin || !eps || !noise || !ctxt || !ts || !out->latents || (trace && !out->step_latents)) {
+    if (!x || !xin || !eps || !noise || !ctxt || !ts || !xin_h || !eps_h || !ts_h || !out->latents ||
+        (trace && !out->step_latents)) {
         db_err_set(err, DB_ENOMEM, "out of memory for %d images of %dx%d", n, o->width, o->height);
         goto out;
     }
@@ -300,10 +321,10 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     /* context rows: diffusers concatenates [negative, prompt] */
     for (int j = 0; j < bmax; j++) {
         if (cfg) {
-            memcpy(ctxt + (size_t)j * te, out->negative_embeds, te * sizeof *ctxt);
-            memcpy(ctxt + (size_t)(bmax + j) * te, out->prompt_embeds, te * sizeof *ctxt);
+            db_ctx_copy(c, ctxt + (size_t)j * te, out->negative_embeds, te * sizeof *ctxt, DB_COPY_H2D);
+            db_ctx_copy(c, ctxt + (size_t)(bmax + j) * te, out->prompt_embeds, te * sizeof *ctxt, DB_COPY_H2D);
         } else {
-            memcpy(ctxt + (size_t)j * te, out->prompt_embeds, te * sizeof *ctxt);
+            db_ctx_copy(c, ctxt + (size_t)j * te, out->prompt_embeds, te * sizeof *ctxt, DB_COPY_H2D);
         }
     }
     db_progress pr;
@@ -327,24 +348,39 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
         /* when the batch is short, the context rows of the cfg half start at b */
         if (cfg && b != bmax)
             for (int j = 0; j < b; j++)
-                memcpy(ctxt + (size_t)(b + j) * te, out->prompt_embeds, te * sizeof *ctxt);
+                db_ctx_copy(c, ctxt + (size_t)(b + j) * te, out->prompt_embeds, te * sizeof *ctxt, DB_COPY_H2D);
         for (int i = 0; i < nsteps; i++) {
-            db_sched_scale_model_input(s, i, xin, x, nb);
+            db_sched_scale_model_input(s, i, xin_h, x, nb);
+            db_ctx_copy(c, xin, xin_h, nb * sizeof *xin, DB_COPY_H2D);
             if (cfg)
-                memcpy(xin + nb, xin, nb * sizeof *xin);
+                db_ctx_copy(c, xin + nb, xin, nb * sizeof *xin, DB_COPY_D2D);
             float t = (float)db_sched_timestep(s, i);
             for (int j = 0; j < m * b; j++)
-                ts[j] = t;
+                ts_h[j] = t;
+            db_ctx_copy(c, ts, ts_h, (size_t)(m * b) * sizeof *ts, DB_COPY_H2D);
+            if (c->err.code) {
+                db_err_set(err, c->err.code, "sample: %s", c->err.msg);
+                goto out;
+            }
             if (db_unet_forward(u, eps, xin, ts, ctxt, m * b, h, w, T, err))
                 goto out;
-            if (cfg) /* noise_pred = uncond + g * (text - uncond), in that order */
-                for (size_t k = 0; k < nb; k++)
-                    eps[k] = eps[k] + g * (eps[nb + k] - eps[k]);
+            /* noise_pred = uncond + g * (text - uncond), in that order, as two
+             * axpbys on the device: text - uncond is 1*text + -1*uncond (both
+             * products exact), then 1*uncond + g*diff: the same roundings */
+            if (cfg) {
+                db_axpby_forward(c, eps + nb, eps + nb, eps, 1.0f, -1.0f, nb);
+                db_axpby_forward(c, eps, eps, eps + nb, 1.0f, g, nb);
+            }
+            /* the scheduler's input, back on the host */
+            if (db_ctx_copy(c, eps_h, eps, nb * sizeof *eps, DB_COPY_D2H)) {
+                db_err_set(err, c->err.code, "sample: guidance: %s", c->err.msg);
+                goto out;
+            }
             if (db_sched_needs_noise(s, i))
                 for (int j = 0; j < b; j++)
                     db_noise_latents(noise + (size_t)j * per, per, o->seed, (uint64_t)(o->first_index + i0 + j),
                                      (uint64_t)i + 1);
-            if (db_sched_step(s, i, eps, x, nb, noise, NULL, err))
+            if (db_sched_step(s, i, eps_h, x, nb, noise, NULL, err))
                 goto out;
             if (trace)
                 memcpy(out->step_latents + ((size_t)i * (size_t)n + (size_t)i0) * per, x, nb * sizeof *x);
@@ -360,12 +396,17 @@ out:
         sd->unet = NULL;
     }
     db_sched_free(s);
+    if (!cpu) {
+        free(xin_h);
+        free(eps_h);
+        free(ts_h);
+    }
     free(x);
-    free(xin);
-    free(eps);
+    db_ctx_free(c, xin);
+    db_ctx_free(c, eps);
     free(noise);
-    free(ctxt);
-    free(ts);
+    db_ctx_free(c, ctxt);
+    db_ctx_free(c, ts);
     return rc;
 }
 
@@ -375,10 +416,16 @@ static int decode_latents(db_sd *sd, const db_txt2img_opts *o, db_txt2img_out *o
     int f = 1 << (a->vae.nlevels - 1), C = a->unet.in_channels;
     int h = o->height / f, w = o->width / f;
     size_t per = (size_t)C * (size_t)h * (size_t)w, img = (size_t)3 * (size_t)o->height * (size_t)o->width;
+    /* z (host) = latents / scaling factor, then the decoder on the device:
+     * its input and output go through zd and imd (on the CPU: z and the
+     * caller's image itself, nothing copied) */
+    db_ctx *c = sd->ctx;
+    const int cpu = c->device == DB_CPU;
     float *z = malloc(per * sizeof *z);
+    float *zd = cpu ? z : db_ctx_alloc(c, per * sizeof *zd), *imd = cpu ? NULL : db_ctx_alloc(c, img * sizeof *imd);
     out->images = malloc((size_t)o->n_images * img * sizeof *out->images);
     int rc = -1;
-    if (!z || !out->images) {
+    if (!z || !zd || (!cpu && !imd) || !out->images) {
         db_err_set(err, DB_ENOMEM, "out of memory");
         goto out;
     }
@@ -390,14 +437,25 @@ static int decode_latents(db_sd *sd, const db_txt2img_opts *o, db_txt2img_out *o
         const float *l = out->latents + (size_t)i * per;
         for (size_t k = 0; k < per; k++)
             z[k] = l[k] / sf;
-        if (db_vae_decode(v, out->images + (size_t)i * img, z, 1, h, w, err))
-            goto out;
+        float *im = out->images + (size_t)i * img, *imdev = cpu ? im : imd;
+        if (db_ctx_copy(c, zd, z, per * sizeof *z, DB_COPY_H2D) || db_vae_decode(v, imdev, zd, 1, h, w, err))
+            goto out_ctx;
+        if (db_ctx_copy(c, im, imdev, img * sizeof *im, DB_COPY_D2H))
+            goto out_ctx;
     }
     rc = 0;
+    goto out;
+out_ctx: /* a failed copy (the decoder reports its own failures) */
+    if (!err->code)
+        db_err_set(err, c->err.code, "vae decode: %s", c->err.msg);
 out:
     if (sd->vae && (!sd->keep_models || rc)) {
         db_vae_free(sd->vae);
         sd->vae = NULL;
+    }
+    if (!cpu) {
+        db_ctx_free(c, zd);
+        db_ctx_free(c, imd);
     }
     free(z);
     return rc;

@@ -451,12 +451,11 @@ static int plan(db_unet *u, int B, int H, int W, int Tc, db_err *err)
     /* The workspace only grows with the sizes, but a change of mode
      * re-allocates it to fit: turning checkpointing on gives memory back. */
     if (n > u->ws_cap || (u->pB && (u->pkeep != u->keep || u->pckpt != ckpt) && n != u->ws_cap)) {
-        free(u->ws);
+        db_ctx_free(u->ctx, u->ws);
         u->ws = NULL;
         u->ws_cap = 0;
         u->pB = 0;
-        if (n > SIZE_MAX / sizeof(float) - 64 ||
-            !(u->ws = aligned_alloc(64, (n * sizeof(float) + 63) & ~(size_t)63)))
+        if (n > SIZE_MAX / sizeof(float) - 64 || !(u->ws = db_ctx_alloc(u->ctx, n * sizeof(float))))
             return db_err_set(err, DB_ENOMEM, "unet: out of memory for a %zu MiB workspace (B=%d, %dx%d)",
                               n * sizeof(float) >> 20, B, H, W);
         u->ws_cap = n;
@@ -475,6 +474,11 @@ int db_unet_create_from(db_unet **out, db_ctx *ctx, const db_unet_arch *a, db_we
     if (!u) {
         db_weights_free(w);
         return db_err_set(err, DB_ENOMEM, "unet: out of memory");
+    }
+    if (db_weights_to(w, ctx, err)) { /* host weights (a test's, a LoRA merge) onto ctx's device */
+        db_weights_free(w);
+        free(u);
+        return -1;
     }
     u->w = *w;
     memset(w, 0, sizeof *w);
@@ -495,7 +499,7 @@ int db_unet_create(db_unet **out, db_ctx *ctx, const db_model *m, db_err *err)
 {
     db_weights w;
     *out = NULL;
-    if (db_weights_load(&w, m, DB_COMP_UNET, err))
+    if (db_weights_load_ctx(&w, ctx, m, DB_COMP_UNET, err))
         return -1;
     return db_unet_create_from(out, ctx, &m->arch.unet, &w, err);
 }
@@ -509,8 +513,8 @@ void db_unet_free(db_unet *u)
         free(u->s[i].ta.blk);
     }
     free(u->s);
-    free(u->ws);
-    free(u->gws);
+    db_ctx_free(u->ctx, u->ws);
+    db_ctx_free(u->ctx, u->gws);
     db_weights_free(&u->w);
     free(u);
 }
@@ -703,12 +707,11 @@ static int grad_plan(db_unet *u, int B, int H, int W, int Tc, db_err *err)
         return 0;
     size_t n = grad_layout(u, NULL, B, H, W, Tc);
     if (n > u->gws_cap) {
-        free(u->gws);
+        db_ctx_free(u->ctx, u->gws);
         u->gws = NULL;
         u->gws_cap = 0;
         u->gB = 0;
-        if (n > SIZE_MAX / sizeof(float) - 64 ||
-            !(u->gws = aligned_alloc(64, (n * sizeof(float) + 63) & ~(size_t)63)))
+        if (n > SIZE_MAX / sizeof(float) - 64 || !(u->gws = db_ctx_alloc(u->ctx, n * sizeof(float))))
             return db_err_set(err, DB_ENOMEM, "unet: out of memory for a %zu MiB gradient workspace (B=%d, %dx%d)",
                               n * sizeof(float) >> 20, B, H, W);
         u->gws_cap = n;
@@ -732,7 +735,7 @@ static void give(db_unet *u, int i, const float *d, size_t n)
     if (s->dset) {
         db_add_forward(u->ctx, s->dout, s->dout, d, n);
     } else {
-        memcpy(s->dout, d, n * sizeof *d);
+        db_ctx_copy(u->ctx, s->dout, d, n * sizeof *d, DB_COPY_D2D);
         s->dset = 1;
     }
 }
@@ -757,9 +760,9 @@ int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *gr
     const db_gradmap gm = {u->w.data, grads ? grads->data : NULL}, *g = &gm;
     const float *context = u->context;
     float *demb = grads ? u->dtemb_s : NULL; /* frozen: the time MLP needs no gradient */
-    memset(u->dtemb_s, 0, (size_t)B * E * sizeof(float));
+    db_ctx_zero(c, u->dtemb_s, (size_t)B * E * sizeof(float));
     if (dcontext)
-        memset(dcontext, 0, (size_t)B * Tc * a->context_dim * sizeof(float));
+        db_ctx_zero(c, dcontext, (size_t)B * Tc * a->context_dim * sizeof(float));
     for (int i = 0; i < u->ns; i++)
         u->s[i].dset = 0;
     memset(u->btimes, 0, sizeof u->btimes);

@@ -57,7 +57,9 @@
 typedef struct db_unet db_unet;
 
 /* Load m's UNet weights as fp32 and build the step list.  ctx is borrowed
- * (it must outlive the UNet); the ops run on its device. */
+ * (it must outlive the UNet); the ops run on its device, where the weights
+ * and workspaces live (db_ctx_alloc), and every tensor passed to the forward
+ * and backward below is a buffer of that device too. */
 int db_unet_create(db_unet **out, db_ctx *ctx, const db_model *m, db_err *err);
 
 /* The same from an architecture and weights already in memory (e.g. fresh

@@ -214,8 +214,6 @@ static int bind_all(db_vae *v, db_err *err)
 int db_vae_create(db_vae **out, db_ctx *ctx, const db_model *m, db_err *err)
 {
     *out = NULL;
-    if (ctx->device != DB_CPU) /* weights and workspace are host memory for now */
-        return db_err_set(err, DB_EUNSUPP, "vae: only the CPU device is supported");
     if (db_arch_validate_comps(&m->arch, DB_COMP_BIT(DB_COMP_VAE), err))
         return db_err_prefix(err, "vae");
     db_vae *v = calloc(1, sizeof *v);
@@ -223,7 +221,7 @@ int db_vae_create(db_vae **out, db_ctx *ctx, const db_model *m, db_err *err)
         return db_err_set(err, DB_ENOMEM, "vae: out of memory");
     v->ctx = ctx;
     v->arch = m->arch.vae;
-    if (db_weights_load(&v->w, m, DB_COMP_VAE, err) || bind_all(v, err)) {
+    if (db_weights_load_ctx(&v->w, ctx, m, DB_COMP_VAE, err) || bind_all(v, err)) {
         db_vae_free(v);
         return -1;
     }
@@ -233,7 +231,7 @@ int db_vae_create(db_vae **out, db_ctx *ctx, const db_model *m, db_err *err)
 
 void db_vae_trim(db_vae *v)
 {
-    free(v->ws);
+    db_ctx_free(v->ctx, v->ws);
     v->ws = NULL;
     v->ws_cap = 0;
 }
@@ -268,7 +266,7 @@ static int ws_slots(db_vae *v, slots *sl, size_t S, size_t M, db_err *err)
     size_t need = 3 * S + 2 * M;
     if (need > v->ws_cap) {
         db_vae_trim(v);
-        if (!(v->ws = aligned_alloc(64, need * sizeof(float))))
+        if (!(v->ws = db_ctx_alloc(v->ctx, need * sizeof(float))))
             return db_err_set(err, DB_ENOMEM, "vae: out of memory for a %zu MB workspace",
                               need * sizeof(float) >> 20);
         v->ws_cap = need;
@@ -386,6 +384,26 @@ static void encode_sizes(const db_vae_arch *a, int H, int W, size_t *S, size_t *
     *M = (size_t)a->block_out[L - 1] * hw;
 }
 
+/* torch.clamp(logvar, -30, 20) of one image's (Z, h, w) logvar.  No op in
+ * ops.h does a clamp, so a host loop: in place on the CPU (the ctx's memory
+ * is host memory), elsewhere through a host copy of the small latent-sized
+ * tensor (D2H, clamp, H2D). */
+static int clamp_logvar(db_vae *v, float *lv, size_t n, db_err *err)
+{
+    db_ctx *c = v->ctx;
+    float *h = c->device == DB_CPU ? lv : malloc(n * sizeof *h);
+    if (!h)
+        return db_err_set(err, DB_ENOMEM, "vae encode: out of memory");
+    int rc = db_ctx_copy(c, h, lv, n * sizeof *h, DB_COPY_D2H);
+    for (size_t i = 0; !rc && i < n; i++)
+        h[i] = h[i] < LOGVAR_MIN ? LOGVAR_MIN : h[i] > LOGVAR_MAX ? LOGVAR_MAX : h[i];
+    if (!rc)
+        rc = db_ctx_copy(c, lv, h, n * sizeof *h, DB_COPY_H2D);
+    if (h != lv)
+        free(h);
+    return rc ? op_failed(v, err, "encode") : 0;
+}
+
 int db_vae_encode(db_vae *v, float *mean, float *logvar, const float *image, int B, int H, int W, db_err *err)
 {
     const db_vae_arch *a = &v->arch;
@@ -409,12 +427,8 @@ int db_vae_encode(db_vae *v, float *mean, float *logvar, const float *image, int
             db_axpby_forward(c, logvar + b * zhw, mom + zhw, NULL, 1.0f, 0.0f, zhw);
         if (c->err.code)
             return op_failed(v, err, "encode");
-        /* torch.clamp(logvar, -30, 20): no op for it in ops.h; the CPU-only
-         * check in db_vae_create makes this host loop valid */
-        for (size_t i = 0; logvar && i < zhw; i++) {
-            float *p = logvar + b * zhw + i;
-            *p = *p < LOGVAR_MIN ? LOGVAR_MIN : *p > LOGVAR_MAX ? LOGVAR_MAX : *p;
-        }
+        if (logvar && clamp_logvar(v, logvar + b * zhw, zhw, err))
+            return -1;
     }
     return 0;
 }

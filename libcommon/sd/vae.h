@@ -40,7 +40,8 @@
 typedef struct db_vae db_vae;
 
 /* Load the VAE of m (any layout), sizes from m->arch.vae.  ctx is borrowed
- * and must outlive the model. */
+ * and must outlive the model; weights, workspace and every image / latent
+ * buffer passed below live on its device (db_ctx_alloc). */
 int db_vae_create(db_vae **out, db_ctx *ctx, const db_model *m, db_err *err);
 void db_vae_free(db_vae *v);
 

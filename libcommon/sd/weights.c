@@ -57,6 +57,41 @@ fail:
     return -1;
 }
 
+/* ctx's device when it is not plain host memory, else NULL (see weights.h). */
+static db_ctx *device_of(db_ctx *ctx) { return ctx && ctx->device != DB_CPU ? ctx : NULL; }
+
+int db_weights_to(db_weights *w, db_ctx *ctx, db_err *err)
+{
+    ctx = device_of(ctx);
+    if (!ctx || w->ctx == ctx || !w->data)
+        return 0;
+    if (w->ctx)
+        return db_err_set(err, DB_EUSAGE, "%s weights: already on another device", db_comp_name(w->comp));
+    const size_t bytes = w->numel * sizeof(float);
+    float *d = db_ctx_alloc(ctx, bytes);
+    if (!d || db_ctx_copy(ctx, d, w->data, bytes, DB_COPY_H2D)) {
+        db_err_set(err, ctx->err.code ? ctx->err.code : DB_ENOMEM, "%s weights: to the device: %s",
+                   db_comp_name(w->comp), ctx->err.msg);
+        db_ctx_free(ctx, d);
+        return -1;
+    }
+    free(w->data); /* the host staging copy */
+    w->data = d;
+    w->ctx = ctx;
+    return 0;
+}
+
+int db_weights_load_ctx(db_weights *w, db_ctx *ctx, const db_model *m, int comp, db_err *err)
+{
+    if (db_weights_load(w, m, comp, err))
+        return -1;
+    if (db_weights_to(w, ctx, err)) {
+        db_weights_free(w);
+        return -1;
+    }
+    return 0;
+}
+
 int db_weights_like(db_weights *w, const db_weights *like, db_err *err)
 {
     memset(w, 0, sizeof *w);
@@ -69,6 +104,16 @@ int db_weights_like(db_weights *w, const db_weights *like, db_err *err)
         }
     w->n = like->n;
     w->numel = like->numel;
+    if (like->ctx) {
+        w->ctx = like->ctx;
+        w->data = db_ctx_alloc(w->ctx, w->numel * sizeof(float));
+        if (w->data && db_ctx_zero(w->ctx, w->data, w->numel * sizeof(float)) == 0)
+            return 0;
+        db_err_set(err, w->ctx->err.code ? w->ctx->err.code : DB_ENOMEM, "%zu weights on the device: %s",
+                   like->numel, w->ctx->err.msg);
+        db_weights_free(w);
+        return -1;
+    }
     w->data = aligned_alloc(64, (w->numel * sizeof(float) + 63) & ~(size_t)63);
     if (!w->data) {
         db_weights_free(w);
@@ -80,7 +125,10 @@ int db_weights_like(db_weights *w, const db_weights *like, db_err *err)
 
 void db_weights_free(db_weights *w)
 {
-    free(w->data);
+    if (w->ctx)
+        db_ctx_free(w->ctx, w->data);
+    else
+        free(w->data);
     db_tindex_free(&w->ix);
     memset(w, 0, sizeof *w);
 }

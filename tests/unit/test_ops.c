@@ -10,6 +10,8 @@
 #include <string.h>
 
 #include "kernels/ops.h"
+#include "kernels/cuda_api.h"
+#include "libcommon/sd/optim.h"
 #include "tap.h"
 
 #define TOL 1e-5
@@ -479,6 +481,95 @@ static void test_embeddings(db_ctx *c)
     free(wte), free(wpe), free(out), free(want);
 }
 
+/* The ctx's memory API on the CPU, device names, CUDA refused cleanly
+ * where no backend or GPU is, and the optimizer ops against optim.c. */
+static void test_device(db_ctx *c)
+{
+    db_err err = {0};
+    float *p = db_ctx_alloc(c, 1000 * sizeof(float)), *q = db_ctx_alloc(c, 1000 * sizeof(float));
+    void *z = db_ctx_alloc(c, 0);
+    tap_ok(p && q && z && ((uintptr_t)p & 63) == 0 && ((uintptr_t)q & 63) == 0, "ctx alloc: 64-byte aligned");
+    for (int i = 0; p && i < 1000; i++)
+        p[i] = (float)i * 0.25f;
+    int rc = db_ctx_copy(c, q, p, 1000 * sizeof(float), DB_COPY_H2D);
+    rc |= db_ctx_copy(c, q, q, 1000 * sizeof(float), DB_COPY_D2D); /* same buffer: nothing */
+    tap_ok(rc == 0 && q && !memcmp(p, q, 1000 * sizeof(float)), "ctx copy");
+    rc = db_ctx_zero(c, q + 10, 20 * sizeof(float)) | db_ctx_sync(c);
+    int zero = 1;
+    for (int i = 0; q && i < 1000; i++)
+        zero &= (q[i] == 0.0f) == ((i >= 10 && i < 30) || i == 0);
+    tap_ok(rc == 0 && zero, "ctx zero and sync");
+
+    /* optimizer ops: bit-identical to optim.c's */
+    enum { N = 40000 };
+    float *w0 = malloc(4 * N * sizeof(float)), *w1 = db_ctx_alloc(c, 4 * N * sizeof(float));
+    for (int i = 0; i < 4 * N; i++)
+        w0[i] = sinf((float)i * 0.37f) * (i % 7 == 0 ? 3.0f : 0.01f);
+    for (int i = 0; i < 2 * N; i++)
+        w0[N + i] = fabsf(w0[N + i]) * (i >= N); /* m, then v >= 0 */
+    memcpy(w1, w0, 4 * N * sizeof(float));
+    db_adamw hp = db_adamw_defaults(1e-3);
+    db_adamw_step(w0, w0 + N, w0 + 2 * N, w0 + 3 * N, N, &hp, 3);
+    rc = db_opt_adamw(c, w1, w1 + N, w1 + 2 * N, w1 + 3 * N, N, &hp, 3);
+    tap_ok(rc == 0 && !memcmp(w0, w1, 3 * N * sizeof(float)), "db_opt_adamw is db_adamw_step, bit for bit");
+    db_grad_ref r0[2] = {{w0, N}, {w0 + N, 100}}, r1[2] = {{w1, N}, {w1 + N, 100}};
+    double n0 = db_clip_grad_norm(r0, 2, 0.5), n1 = -1;
+    rc = db_clip_grad_norm_ctx(c, &n1, r1, 2, 0.5);
+    tap_ok(rc == 0 && n0 == n1 && !memcmp(w0, w1, 3 * N * sizeof(float)),
+           "clip through db_opt_sumsq/db_opt_scale is db_clip_grad_norm, bit for bit (%g)", n1);
+    free(w0);
+    db_ctx_free(c, w1);
+    db_ctx_free(c, p);
+    db_ctx_free(c, q);
+    db_ctx_free(c, z);
+    db_ctx_free(c, NULL);
+
+    db_ctx *d = NULL;
+    tap_ok(db_ctx_create_device(&d, "cpu", 1, &err) == 0 && d && d->device == DB_CPU, "device \"cpu\"");
+    db_ctx_destroy(d);
+    tap_ok(db_ctx_create_device(&d, "cuda:x", 1, &err) == -1 && !d && err.code == DB_EUSAGE, "\"cuda:x\" refused: %s",
+           err.msg);
+    tap_ok(db_ctx_create_device(&d, "tpu", 1, &err) == -1 && !d && err.code == DB_EUSAGE, "\"tpu\" refused: %s",
+           err.msg);
+    /* CUDA: a ctx where the backend and a GPU are, else DB_EUNSUPP saying why
+     * (here: no libdb_cuda.so, one without the op table, or no GPU) */
+    const char *names[] = {"cuda", "cuda:1"};
+    for (int i = 0; i < 2; i++) {
+        db_err_clear(&err);
+        rc = i == 0 ? db_ctx_create(&d, DB_CUDA, 1, &err) : db_ctx_create_device(&d, names[i], 1, &err);
+        if (rc == 0) {
+            tap_ok(d && d->device == DB_CUDA && d->cuda_api, "%s: a CUDA context", names[i]);
+            db_ctx_destroy(d);
+        } else {
+            tap_ok(!d && err.code == DB_EUNSUPP && strstr(err.msg, "cuda:"), "%s refused cleanly: %s", names[i],
+                   err.msg);
+        }
+    }
+}
+
+/* A stand-in backend member: marks that dispatch reached the table. */
+static int fake_add(db_ctx *c, float *out, const float *a, const float *b, size_t N)
+{
+    out[0] = 42.0f;
+    return 0;
+}
+
+/* Dispatch on a CUDA ctx goes through the table, and a member the backend
+ * left NULL is an error naming the op (no GPU needed: a hand-made ctx). */
+static void test_cuda_dispatch(void)
+{
+    db_cuda_api api = {.abi = DB_CUDA_ABI, .add_forward = fake_add};
+    db_ctx f = {.device = DB_CUDA, .threads = 1, .cuda_api = &api};
+    float x[4] = {0};
+    tap_ok(db_add_forward(&f, x, x, x, 4) == 0 && x[0] == 42.0f, "cuda dispatch calls the table's member");
+    tap_ok(db_conv2d_backward(&f, x, NULL, NULL, x, x, x, 1, 1, 2, 2, 1, 1, 1, 1, 0, 0) == -1 &&
+               f.err.code == DB_EUNSUPP && strstr(f.err.msg, "conv2d backward: not implemented on CUDA"),
+           "a missing member is reported: %s", f.err.msg);
+    db_err_clear(&f.err);
+    tap_ok(db_opt_sumsq(&f, &(double){0}, x, 4) == -1 && strstr(f.err.msg, "not implemented on CUDA"),
+           "optimizer ops are CPU only for now: %s", f.err.msg);
+}
+
 int main(void)
 {
     db_ctx *c;
@@ -506,6 +597,8 @@ int main(void)
     c->simd = has_simd;
     test_layout(c);
     test_embeddings(c);
+    test_device(c);
+    test_cuda_dispatch();
     db_ctx_destroy(c);
 
     db_ctx *bad;
