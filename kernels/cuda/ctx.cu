@@ -398,7 +398,7 @@ static db_cuda_api make_api(void)
     SET(conv2d_backward);
     SET(groupnorm_backward);
     SET(layernorm_backward);
-    // attention_backward: not yet (NULL: the dispatcher says "not on this device")
+    SET(attention_backward);
     SET(softmax_backward);
     SET(silu_backward);
     SET(gelu_backward);
