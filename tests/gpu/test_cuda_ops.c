@@ -15,7 +15,8 @@
  *
  * No CUDA toolchain here: the library is dlopen'd ($B/lib, else
  * $TOP/build/lib, else ../../lib next to this binary) and reached through
- * db_cuda_get_api.  Without the library or a device: "1..0 # SKIP". */
+ * db_cuda_get_api.  Without the library or a device: "1..0 # SKIP".
+ * DB_CUDA_TEST_QUICK=1 runs the small shapes only (no SD1.5 ones). */
 #include <dlfcn.h>
 #include <libgen.h>
 #include <math.h>
@@ -35,6 +36,7 @@ static const db_cuda_api *api;
 static db_ctx g; /* the GPU ctx */
 static db_ctx *cpu;
 static uint64_t stream_id = 1; /* a fresh noise stream per tensor */
+static int quick;              /* DB_CUDA_TEST_QUICK set: the small shapes only */
 
 /* ---- buffers: every test frees what it made at its end ---------------------- */
 
@@ -821,6 +823,7 @@ int main(void)
         return 1;
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
+    quick = getenv("DB_CUDA_TEST_QUICK") != NULL;
 
     /* GEMM, linear */
     if (have(api->gemm_forward, "gemm_forward"))
@@ -829,24 +832,30 @@ int main(void)
             t_gemm(2, 33, 9, 65, t & 1, t >> 1, 1.0f, 0.5f);
         }
     if (api->gemm_forward) {
-        t_gemm(16, 4096, 77, 40, 0, 1, 0.158f, 0.0f); /* cross-attention scores */
-        t_gemm(1, 8192, 320, 320, 0, 1, 1.0f, 0.0f);
+        if (!quick)
+            t_gemm(16, 4096, 77, 40, 0, 1, 0.158f, 0.0f); /* cross-attention scores */
+        if (!quick)
+            t_gemm(1, 8192, 320, 320, 0, 1, 1.0f, 0.0f);
     }
     if (have(api->gemm_backward, "gemm_backward")) {
         for (int t = 0; t < 4; t++)
             t_gemm_backward(3, 17, 23, 31, t & 1, t >> 1, 0.7f);
-        t_gemm_backward(16, 1024, 77, 40, 0, 1, 0.158f);
+        if (!quick)
+            t_gemm_backward(16, 1024, 77, 40, 0, 1, 0.158f);
     }
     if (have(api->linear_forward, "linear_forward")) {
         t_linear(7, 13, 11, 1);
         t_linear(7, 13, 11, 0);
-        t_linear(8192, 320, 1280, 1);
-        t_linear(154, 768, 3072, 1);
+        if (!quick)
+            t_linear(8192, 320, 1280, 1);
+        if (!quick)
+            t_linear(154, 768, 3072, 1);
     }
     if (have(api->linear_backward, "linear_backward")) {
         t_linear_backward(7, 13, 11, 0);
         t_linear_backward(300, 70, 45, 0); /* more than one bias chunk of rows */
-        t_linear_backward(8192, 320, 1280, 1);
+        if (!quick)
+            t_linear_backward(8192, 320, 1280, 1);
     }
 
     /* convolution */
@@ -856,47 +865,59 @@ int main(void)
         t_conv(1, 4, 10, 12, 6, 3, 3, 2, 0, 1, 1); /* VAE downsampler padding */
         t_conv(2, 8, 6, 6, 5, 1, 1, 1, 0, 0, 1);
         t_conv(1, 6, 11, 11, 4, 3, 3, 2, 1, 1, 1);
-        t_conv(2, 320, 64, 64, 320, 3, 3, 1, 1, 1, 1); /* SD1.5's first level */
-        t_conv(2, 4, 64, 64, 320, 3, 3, 1, 1, 1, 1);   /* conv_in */
-        t_conv(1, 128, 128, 128, 128, 3, 3, 2, 0, 1, 1);
+        if (!quick)
+            t_conv(2, 320, 64, 64, 320, 3, 3, 1, 1, 1, 1); /* SD1.5's first level */
+        if (!quick)
+            t_conv(2, 4, 64, 64, 320, 3, 3, 1, 1, 1, 1); /* conv_in */
+        if (!quick)
+            t_conv(1, 128, 128, 128, 128, 3, 3, 2, 0, 1, 1);
     }
     if (have(api->conv2d_backward, "conv2d_backward")) {
         t_conv_backward(2, 3, 9, 7, 5, 3, 3, 1, 1, 1, 0);
         t_conv_backward(1, 4, 10, 12, 6, 3, 3, 2, 0, 1, 0);
         t_conv_backward(2, 8, 6, 6, 5, 1, 1, 1, 0, 0, 0);
         t_conv_backward(1, 6, 11, 11, 4, 3, 3, 2, 1, 1, 0);
-        t_conv_backward(2, 320, 64, 64, 320, 3, 3, 1, 1, 1, 1);
+        if (!quick)
+            t_conv_backward(2, 320, 64, 64, 320, 3, 3, 1, 1, 1, 1);
     }
 
     /* normalisation */
     if (have(api->groupnorm_forward, "groupnorm_forward")) {
         t_groupnorm(2, 12, 10, 4, 0);
         t_groupnorm(2, 12, 10, 4, 1);
-        t_groupnorm(2, 320, 4096, 32, 1);
-        t_groupnorm(1, 1280, 64, 32, 0);
+        if (!quick)
+            t_groupnorm(2, 320, 4096, 32, 1);
+        if (!quick)
+            t_groupnorm(1, 1280, 64, 32, 0);
     }
     if (have(api->groupnorm_backward, "groupnorm_backward")) {
         t_groupnorm_backward(2, 12, 10, 4, 0);
         t_groupnorm_backward(2, 12, 10, 4, 1);
-        t_groupnorm_backward(2, 320, 4096, 32, 1);
+        if (!quick)
+            t_groupnorm_backward(2, 320, 4096, 32, 1);
     }
     if (have(api->layernorm_forward, "layernorm_forward")) {
         t_layernorm(5, 37);
-        t_layernorm(154, 768);
-        t_layernorm(8192, 320);
+        if (!quick)
+            t_layernorm(154, 768);
+        if (!quick)
+            t_layernorm(8192, 320);
     }
     if (have(api->layernorm_backward, "layernorm_backward")) {
         t_layernorm_backward(5, 37);
         t_layernorm_backward(300, 70);
-        t_layernorm_backward(8192, 320);
+        if (!quick)
+            t_layernorm_backward(8192, 320);
     }
     if (have(api->softmax_forward, "softmax_forward")) {
         t_softmax(9, 17);
-        t_softmax(1024, 4096);
+        if (!quick)
+            t_softmax(1024, 4096);
     }
     if (have(api->softmax_backward, "softmax_backward")) {
         t_softmax_backward(9, 17);
-        t_softmax_backward(1024, 4096);
+        if (!quick)
+            t_softmax_backward(1024, 4096);
     }
 
     /* attention */
@@ -906,43 +927,58 @@ int main(void)
         t_attention(1, 33, 7, 2, 40, 0);
         t_attention(1, 50, 50, 2, 37, 1);
         t_attention(1, 40, 70, 2, 160, 0);
-        t_attention(1, 70, 40, 1, 64, 1);     /* causal with Tq > Tk */
-        t_attention(2, 77, 77, 12, 64, 1);    /* CLIP */
-        t_attention(2, 4096, 77, 8, 40, 0);   /* SD1.5 cross-attention */
-        t_attention(2, 4096, 4096, 8, 40, 0); /* SD1.5 self-attention */
+        t_attention(1, 70, 40, 1, 64, 1); /* causal with Tq > Tk */
+        if (!quick)
+            t_attention(2, 77, 77, 12, 64, 1); /* CLIP */
+        if (!quick)
+            t_attention(2, 4096, 77, 8, 40, 0); /* SD1.5 cross-attention */
+        if (!quick)
+            t_attention(2, 4096, 4096, 8, 40, 0); /* SD1.5 self-attention */
     }
     if (have(api->attention_backward, "attention_backward")) {
         t_attention_backward(2, 19, 19, 3, 8, 0);
         t_attention_backward(2, 19, 19, 3, 8, 1);
         t_attention_backward(1, 33, 7, 2, 40, 0);
-        t_attention_backward(2, 77, 77, 12, 64, 1);
-        t_attention_backward(1, 1024, 77, 8, 40, 0);
-        t_attention_backward(1, 1024, 1024, 8, 40, 0);
+        if (!quick)
+            t_attention_backward(2, 77, 77, 12, 64, 1);
+        if (!quick)
+            t_attention_backward(1, 1024, 77, 8, 40, 0);
+        if (!quick)
+            t_attention_backward(1, 1024, 1024, 8, 40, 0);
     }
 
     /* activations, elementwise, layout, embeddings */
     for (int a = 0; a < 4; a++) {
         t_act((act)a, 1001);
-        t_act((act)a, (size_t)2 * 320 * 64 * 64);
+        if (!quick)
+            t_act((act)a, (size_t)2 * 320 * 64 * 64);
     }
     t_geglu(13, 7);
-    t_geglu(8192, 1280);
+    if (!quick)
+        t_geglu(8192, 1280);
     t_binary(1001);
-    t_binary((size_t)2 * 320 * 64 * 64);
+    if (!quick)
+        t_binary((size_t)2 * 320 * 64 * 64);
     t_add_channel(2, 3, 5);
-    t_add_channel(2, 320, 4096);
+    if (!quick)
+        t_add_channel(2, 320, 4096);
     t_concat(2, 3, 5, 7);
-    t_concat(2, 640, 320, 1024);
+    if (!quick)
+        t_concat(2, 640, 320, 1024);
     t_transpose(2, 5, 7);
-    t_transpose(2, 320, 4096);
+    if (!quick)
+        t_transpose(2, 320, 4096);
     t_transpose(3, 33, 65);
     t_upsample(1, 2, 3, 5);
-    t_upsample(2, 640, 32, 32);
+    if (!quick)
+        t_upsample(2, 640, 32, 32);
     t_timestep(4, 320, 1, 0.0f, 10000.0f);
     t_timestep(3, 7, 0, 1.0f, 10000.0f);
     t_embedding(2, 9, 5, 4, 12, 1);
-    t_embedding(2, 77, 768, 50, 77, 1);
-    t_embedding(3, 77, 768, 49408, 77, 0);
+    if (!quick)
+        t_embedding(2, 77, 768, 50, 77, 1);
+    if (!quick)
+        t_embedding(3, 77, 768, 49408, 77, 0);
 
     api->ctx_destroy(&g);
     db_ctx_destroy(cpu);
