@@ -123,7 +123,14 @@ $(CUDA_LIB): $(CU_OBJ)
 	@mkdir -p $(@D)
 	$(NVCC) -shared -o $@ $^ $(addprefix -L,$(CUDA_LIBDIRS)) $(addprefix -Xlinker -rpath -Xlinker ,$(CUDA_LIBDIRS)) -lcudart -lcublas -lcudnn
 
-ALL := $(TOOLS) $(TESTS) $(HELPERS)
+# GPU parity test and benchmark: plain C programs (no CUDA toolchain) that
+# dlopen libdb_cuda.so, so they build everywhere and skip without a GPU.
+GPU_PROGS := $(B)/tests/gpu/test_cuda_ops $(B)/tests/gpu/bench_cuda_ops
+$(GPU_PROGS): $(B)/tests/gpu/%: $(B)/tests/gpu/%.o $(B)/tests/unit/tap.o $(B)/libdb.a
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -o $@ $< $(B)/tests/unit/tap.o $(B)/libdb.a $(LIBS)
+
+ALL := $(TOOLS) $(TESTS) $(HELPERS) $(GPU_PROGS)
 ifeq ($(CUDA),1)
 ALL += $(CUDA_LIB)
 endif
@@ -139,8 +146,10 @@ cuda: $(CUDA_LIB)
 check: all
 	@OMP_WAIT_POLICY=PASSIVE TOP=$(CURDIR) B=$(CURDIR)/$(B) prove -f $(TESTS) $(sort $(wildcard tests/t[0-9]*.sh))
 
+# PROVE_FLAGS=-fv shows every parity line (tests/gpu/run.sh keeps them)
+PROVE_FLAGS ?= -f
 check-cuda: all $(CUDA_LIB)
-	@TOP=$(CURDIR) B=$(CURDIR)/$(B) prove -f $(sort $(wildcard tests/gpu/t*.sh))
+	@TOP=$(CURDIR) B=$(CURDIR)/$(B) prove $(PROVE_FLAGS) $(sort $(wildcard tests/gpu/t*.sh)) $(B)/tests/gpu/test_cuda_ops
 
 # --- demo ---------------------------------------------------------------------
 .PHONY: demo

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build the CUDA backend, run every
-# CUDA-vs-CPU parity test (make check-cuda) and the GPU benchmarks, and write a
+# CUDA-vs-CPU parity test (make check-cuda: tests/gpu/t*.sh and
+# build/tests/gpu/test_cuda_ops) and the GPU benchmark
+# (build/tests/gpu/bench_cuda_ops, bench.md), and write a
 # log and a short table under $OUT.  Keep it under 8 minutes.
 #   usage: OUT=/some/dir bash tests/gpu/run.sh
 set -uo pipefail
@@ -19,12 +21,16 @@ CUDA_LIBDIRS="${CUDA_LIBDIRS:-/usr/local/cuda/lib64}$EXTRA"
 echo "== CUDA_LIBDIRS=$CUDA_LIBDIRS"
 make -j"$(nproc)" all CUDA=1 CUDA_LIBDIRS="$CUDA_LIBDIRS" || { echo "BUILD FAILED"; exit 1; }
 echo "== check-cuda"
-make check-cuda CUDA_LIBDIRS="$CUDA_LIBDIRS" 2>&1 | tee "$OUT/check-cuda.txt"
+timeout 360 make check-cuda CUDA_LIBDIRS="$CUDA_LIBDIRS" PROVE_FLAGS=-fv 2>&1 | tee "$OUT/check-cuda.txt"
 status=${PIPESTATUS[0]}
+echo "== bench (fp32, cudaEvent medians)"
+B="$PWD/build" timeout 240 build/tests/gpu/bench_cuda_ops 2>&1 | tee "$OUT/bench.md"
 {
     echo "| date | card | check-cuda |"
     echo "|---|---|---|"
     echo "| $(date -u +%F) | $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) | $([ "$status" = 0 ] && echo pass || echo FAIL) |"
+    echo
+    grep '^|' "$OUT/bench.md" 2>/dev/null
 } > "$OUT/table.md"
 cat "$OUT/table.md"
 exit "$status"

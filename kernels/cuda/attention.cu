@@ -1,0 +1,177 @@
+// Scaled dot-product attention forward, flash style, fp32: the twin of
+// kernels/cpu/attention.c with its math: q pre-multiplied (in float) by
+// log2(e) / sqrt(HS), an online softmax in base 2 (exp2f) per key tile, and
+// lse = ln 2 * (m + log2 l) in double: the natural-log sum of exp of the
+// query's scaled scores.  Causal: query i sees keys j <= i (top-left).
+//
+// Correct first, plain CUDA cores (no tensor cores: those would be TF32).
+// A block is NWARP warps over (b, h, QB queries); each warp owns QW queries.
+// Per key tile of KT = 32 keys (K and V staged in shared memory):
+//   scores: lane j computes the warp's QW scores of key j0 + j (the query
+//           vectors are broadcast reads of shared memory, K rows padded to
+//           HS + 1 floats so the 32 lanes hit 32 banks);
+//   softmax: tile max and sum by warp shuffles (a fixed tree: deterministic);
+//   P V:   lanes own head dims d = lane + 32 k (k < KS, HS <= 32 KS), each
+//          probability broadcast from its lane by a shuffle.
+// So no (Tq, Tk) score matrix exists, and HS up to 160 is supported.
+#include <math.h>
+
+#include "kernels/cuda/cuda.h"
+
+enum {
+    NWARP = 4,       // warps per block
+    QW = 4,          // queries per warp
+    QB = NWARP * QW, // queries per block
+    KT = 32,         // keys per tile: one per lane
+    HS_MAX = 160     // 5 head-dim slots per lane
+};
+
+// grid (ceil(Tq / QB), B * NH), block NWARP * 32, dynamic shared memory
+// (QB HS + KT (HS + 1) + KT HS) floats.
+// out (B, Tq, NH*HS); lse (B, NH, Tq) or NULL; q (B, Tq, NH*HS); k, v (B, Tk, NH*HS).
+template <int KS>
+__global__ static void __launch_bounds__(NWARP * 32)
+    attention_forward_kernel(float *out, float *lse, const float *q, const float *k, const float *v, int Tq, int Tk,
+                             int NH, int HS, int causal, float qscale)
+{
+    extern __shared__ float smem[];
+    float *Qs = smem;               // (QB, HS), pre-scaled
+    float *Ks = Qs + QB * HS;       // (KT, HS + 1)
+    float *Vs = Ks + KT * (HS + 1); // (KT, HS)
+    const int bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * QB;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const size_t C = (size_t)NH * HS;
+
+    for (int t = threadIdx.x; t < QB * HS; t += blockDim.x) {
+        const int r = t / HS, d = t % HS, i = i0 + r;
+        Qs[t] = i < Tq ? q[((size_t)b * Tq + i) * C + (size_t)h * HS + d] * qscale : 0.0f;
+    }
+    float m[QW], l[QW], acc[QW][KS];
+#pragma unroll
+    for (int r = 0; r < QW; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int s = 0; s < KS; s++)
+            acc[r][s] = 0.0f;
+    }
+    // causal: no query of the block sees a key past its last query
+    const int kend = causal && i0 + QB < Tk ? i0 + QB : Tk;
+    const float *qw = Qs + warp * QW * HS;
+    for (int j0 = 0; j0 < kend; j0 += KT) {
+        __syncthreads(); // the previous tile is consumed (and Qs is written)
+        for (int t = threadIdx.x; t < KT * HS; t += blockDim.x) {
+            const int jj = t / HS, d = t % HS, j = j0 + jj;
+            const size_t src = ((size_t)b * Tk + j) * C + (size_t)h * HS + d;
+            Ks[jj * (HS + 1) + d] = j < Tk ? k[src] : 0.0f;
+            Vs[jj * HS + d] = j < Tk ? v[src] : 0.0f;
+        }
+        __syncthreads();
+
+        const int j = j0 + lane;
+        float s[QW];
+#pragma unroll
+        for (int r = 0; r < QW; r++)
+            s[r] = 0.0f;
+        const float *kr = Ks + lane * (HS + 1);
+        for (int d = 0; d < HS; d++) {
+            const float kd = kr[d];
+#pragma unroll
+            for (int r = 0; r < QW; r++)
+                s[r] += qw[r * HS + d] * kd;
+        }
+#pragma unroll
+        for (int r = 0; r < QW; r++) {
+            const int i = i0 + warp * QW + r;
+            const bool valid = j < Tk && (!causal || j <= i);
+            const float sv = valid ? s[r] : -INFINITY;
+            float tmax = sv;
+            for (int o = 16; o > 0; o >>= 1)
+                tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+            const float mnew = fmaxf(m[r], tmax);
+            const float p = valid ? exp2f(sv - mnew) : 0.0f;
+            // 0 on the first visible tile; 1 when this tile shows the query nothing
+            const float corr = m[r] == -INFINITY ? 0.0f : exp2f(m[r] - mnew);
+            float psum = p;
+            for (int o = 16; o > 0; o >>= 1)
+                psum += __shfl_xor_sync(0xffffffffu, psum, o);
+            l[r] = l[r] * corr + psum;
+            m[r] = mnew;
+#pragma unroll
+            for (int t = 0; t < KS; t++)
+                acc[r][t] *= corr;
+            s[r] = p;
+        }
+        for (int jj = 0; jj < KT; jj++) {
+            float vv[KS];
+#pragma unroll
+            for (int t = 0; t < KS; t++) {
+                const int d = lane + 32 * t;
+                vv[t] = d < HS ? Vs[jj * HS + d] : 0.0f;
+            }
+#pragma unroll
+            for (int r = 0; r < QW; r++) {
+                const float pj = __shfl_sync(0xffffffffu, s[r], jj);
+#pragma unroll
+                for (int t = 0; t < KS; t++)
+                    acc[r][t] += pj * vv[t];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < QW; r++) {
+        const int i = i0 + warp * QW + r;
+        if (i >= Tq)
+            continue;
+        const float inv = 1.0f / l[r];
+        float *dst = out + ((size_t)b * Tq + i) * C + (size_t)h * HS;
+#pragma unroll
+        for (int t = 0; t < KS; t++) {
+            const int d = lane + 32 * t;
+            if (d < HS)
+                dst[d] = acc[r][t] * inv;
+        }
+        if (lse && lane == 0)
+            lse[(size_t)bh * Tq + i] = (float)(0.6931471805599453 * ((double)m[r] + log2((double)l[r])));
+    }
+}
+
+template <int KS>
+static int launch(db_ctx *c, float *out, float *lse, const float *q, const float *k, const float *v, int B, int Tq,
+                  int Tk, int NH, int HS, int causal)
+{
+    const float qscale = (float)(1.0 / sqrt((double)HS) * 1.4426950408889634);
+    const size_t smem = sizeof(float) * ((size_t)QB * HS + (size_t)KT * (HS + 1) + (size_t)KT * HS);
+    if (smem > 48 * 1024) // above the default limit a kernel must opt in
+        DB_CU(c, cudaFuncSetAttribute(attention_forward_kernel<KS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      (int)smem));
+    dim3 grid((unsigned)((Tq + QB - 1) / QB), (unsigned)(B * NH));
+    attention_forward_kernel<KS>
+        <<<grid, NWARP * 32, smem, db_cuda_st(c)->stream>>>(out, lse, q, k, v, Tq, Tk, NH, HS, causal, qscale);
+    DB_LAUNCHED(c);
+    return 0;
+}
+
+extern "C" int db_cuda_attention_forward(db_ctx *c, float *out, float *lse, const float *q, const float *k,
+                                         const float *v, int B, int Tq, int Tk, int NH, int HS, int causal)
+{
+    DB_ENTER(c);
+    if (B * NH == 0 || Tq == 0)
+        return 0;
+    if (HS < 1 || HS > HS_MAX)
+        return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "attention: head size %d outside 1..%d", HS, HS_MAX);
+    if (B * NH > 65535)
+        return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "attention: %d batch x heads over 65535", B * NH);
+    switch ((HS + 31) / 32) {
+    case 1:
+        return launch<1>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
+    case 2:
+        return launch<2>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
+    case 3:
+        return launch<3>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
+    case 4:
+        return launch<4>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
+    default:
+        return launch<5>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
+    }
+}

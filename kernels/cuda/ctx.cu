@@ -1,0 +1,422 @@
+// Per-ctx device state (c->cuda): device, stream, cuBLAS and cuDNN handles,
+// and a caching allocator; plus the table libdb_cuda.so exports.
+//
+// Allocator.  cudaMalloc / cudaFree synchronise the device and cost tens of
+// microseconds, and a training step allocates the same temporaries every
+// time, so freed blocks go to free lists by size class (4 classes per power
+// of two, 256-byte granularity: at most 25% over the request) and are handed
+// out again.  Every op of a ctx runs on its one stream, so a block freed by
+// the host while an op that used it is still queued can be reused by the next
+// op at once: the stream orders them.  Never managed memory.  trim returns
+// the cached blocks to the driver.
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cuda/cuda.h"
+
+int db_cuda_fail(db_ctx *c, int code, const char *file, int line, const char *fmt, ...)
+{
+    if (c->err.code != 0) // keep the first failure
+        return -1;
+    c->err.code = code;
+    int o = snprintf(c->err.msg, sizeof c->err.msg, "%s:%d: ", file, line);
+    if (o < 0 || (size_t)o >= sizeof c->err.msg)
+        o = 0;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->err.msg + o, sizeof c->err.msg - (size_t)o, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+// ---- size classes --------------------------------------------------------------
+
+// Rounds bytes up to its class size; returns the class index.
+static int size_class(size_t bytes, size_t *rounded)
+{
+    size_t b = bytes < 256 ? 256 : (bytes + 255) & ~(size_t)255;
+    int lg = 63 - __builtin_clzll((unsigned long long)b); // 2^lg <= b < 2^(lg+1)
+    size_t p = (size_t)1 << lg, step = p / 4 < 256 ? 256 : p / 4;
+    size_t r = (b + step - 1) / step * step;
+    if (r == 2 * p) { // rounded up to the next power of two: its class 0
+        lg++;
+        p = r;
+        step = p / 4;
+    }
+    *rounded = r;
+    return 4 * lg + (int)((r - p) / step);
+}
+
+// ---- live table: pointer -> rounded size (linear probing, backward-shift delete)
+
+static size_t hash_ptr(const void *p, size_t cap)
+{
+    uint64_t x = (uint64_t)(uintptr_t)p >> 8; // blocks are 256-aligned
+    x *= 0x9e3779b97f4a7c15ull;
+    return (size_t)(x >> 17) & (cap - 1);
+}
+
+static int live_put(db_ctx *c, void *p, size_t n)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    if (2 * (st->live_count + 1) > st->live_cap) { // grow at half full
+        size_t cap = st->live_cap ? 2 * st->live_cap : 1024;
+        void **np = (void **)calloc(cap, sizeof *np);
+        size_t *nn = (size_t *)calloc(cap, sizeof *nn);
+        if (!np || !nn) {
+            free(np);
+            free(nn);
+            return db_cuda_fail(c, DB_ENOMEM, __FILE__, __LINE__, "allocator: out of host memory");
+        }
+        for (size_t i = 0; i < st->live_cap; i++) {
+            if (!st->live_p[i])
+                continue;
+            size_t h = hash_ptr(st->live_p[i], cap);
+            while (np[h])
+                h = (h + 1) & (cap - 1);
+            np[h] = st->live_p[i];
+            nn[h] = st->live_n[i];
+        }
+        free(st->live_p);
+        free(st->live_n);
+        st->live_p = np;
+        st->live_n = nn;
+        st->live_cap = cap;
+    }
+    size_t h = hash_ptr(p, st->live_cap);
+    while (st->live_p[h])
+        h = (h + 1) & (st->live_cap - 1);
+    st->live_p[h] = p;
+    st->live_n[h] = n;
+    st->live_count++;
+    st->live_bytes += n;
+    return 0;
+}
+
+// Removes p; returns its size, or 0 when p is not a live block.
+static size_t live_take(db_cuda_state *st, void *p)
+{
+    if (!st->live_cap)
+        return 0;
+    size_t mask = st->live_cap - 1, h = hash_ptr(p, st->live_cap);
+    while (st->live_p[h] && st->live_p[h] != p)
+        h = (h + 1) & mask;
+    if (!st->live_p[h])
+        return 0;
+    size_t n = st->live_n[h];
+    st->live_p[h] = NULL;
+    st->live_count--;
+    st->live_bytes -= n;
+    // backward-shift the run after h so lookups never stop at the hole early
+    for (size_t j = (h + 1) & mask; st->live_p[j]; j = (j + 1) & mask) {
+        size_t home = hash_ptr(st->live_p[j], st->live_cap);
+        // entry j may move to the hole h unless its home lies in (h, j]
+        int stays = h <= j ? (home > h && home <= j) : (home > h || home <= j);
+        if (stays)
+            continue;
+        st->live_p[h] = st->live_p[j];
+        st->live_n[h] = st->live_n[j];
+        st->live_p[j] = NULL;
+        h = j;
+    }
+    return n;
+}
+
+// ---- the allocator ---------------------------------------------------------------
+
+static void release_cached(db_cuda_state *st)
+{
+    for (int k = 0; k < DB_CUDA_NCLASS; k++) {
+        while (st->free_list[k]) {
+            db_cuda_block *b = st->free_list[k];
+            st->free_list[k] = b->next;
+            cudaFree(b->p); // a failure here leaves nothing to undo
+            free(b);
+        }
+    }
+    st->cached_bytes = 0;
+}
+
+void *db_cuda_alloc(db_ctx *c, size_t bytes)
+{
+    if (c->err.code != 0)
+        return NULL;
+    db_cuda_state *st = db_cuda_st(c);
+    size_t rounded;
+    int k = size_class(bytes, &rounded);
+    void *p = NULL;
+    if (st->free_list[k]) {
+        db_cuda_block *b = st->free_list[k];
+        st->free_list[k] = b->next;
+        p = b->p;
+        st->cached_bytes -= b->bytes;
+        free(b);
+    } else {
+        cudaError_t e = cudaMalloc(&p, rounded);
+        if (e == cudaErrorMemoryAllocation) { // give the cache back and try once more
+            cudaGetLastError();
+            cudaStreamSynchronize(st->stream);
+            release_cached(st);
+            e = cudaMalloc(&p, rounded);
+        }
+        if (e != cudaSuccess) {
+            db_cuda_fail(c, e == cudaErrorMemoryAllocation ? DB_ENOMEM : DB_EIO, __FILE__, __LINE__,
+                         "cudaMalloc(%zu bytes; %zu live): %s", rounded, st->live_bytes, cudaGetErrorString(e));
+            return NULL;
+        }
+    }
+    if (live_put(c, p, rounded) != 0) {
+        cudaFree(p);
+        return NULL;
+    }
+    return p;
+}
+
+void db_cuda_free(db_ctx *c, void *p)
+{
+    if (!p || !c->cuda)
+        return;
+    db_cuda_state *st = db_cuda_st(c);
+    size_t n = live_take(st, p);
+    if (n == 0) {
+        db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "free of %p: not a live block of this ctx", p);
+        return;
+    }
+    db_cuda_block *b = (db_cuda_block *)malloc(sizeof *b);
+    if (!b) { // cannot cache it: give it back (cudaFree waits for the device)
+        cudaFree(p);
+        return;
+    }
+    size_t rounded;
+    int k = size_class(n, &rounded);
+    b->p = p;
+    b->bytes = n;
+    b->next = st->free_list[k];
+    st->free_list[k] = b;
+    st->cached_bytes += n;
+}
+
+// ---- ctx lifetime ---------------------------------------------------------------------
+
+static void state_destroy(db_cuda_state *st)
+{
+    if (st->stream)
+        cudaStreamSynchronize(st->stream);
+    release_cached(st);
+    for (size_t i = 0; i < st->live_cap; i++)
+        if (st->live_p[i])
+            cudaFree(st->live_p[i]);
+    free(st->live_p);
+    free(st->live_n);
+    if (st->dnn)
+        cudnnDestroy(st->dnn);
+    if (st->blas)
+        cublasDestroy(st->blas);
+    if (st->stream)
+        cudaStreamDestroy(st->stream);
+    free(st);
+}
+
+static void api_ctx_destroy(db_ctx *c)
+{
+    if (!c || !c->cuda)
+        return;
+    db_cuda_conv_plans_free(c);
+    db_cuda_state *st = db_cuda_st(c);
+    c->cuda = NULL;
+    state_destroy(st); // flag is a live block: freed with the rest
+}
+
+static int state_init(db_ctx *c, db_cuda_state *st, int device_index)
+{
+    int ndev = 0;
+    DB_CU(c, cudaGetDeviceCount(&ndev));
+    if (device_index < 0 || device_index >= ndev)
+        return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "cuda:%d: %d device(s) present", device_index, ndev);
+    DB_CU(c, cudaSetDevice(device_index));
+    DB_CU(c, cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking));
+    DB_CUBLAS(c, cublasCreate(&st->blas));
+    DB_CUBLAS(c, cublasSetStream(st->blas, st->stream));
+    // default math: true fp32 products (no TF32), so results match the CPU
+    DB_CUBLAS(c, cublasSetMathMode(st->blas, CUBLAS_DEFAULT_MATH));
+    DB_CUDNN(c, cudnnCreate(&st->dnn));
+    DB_CUDNN(c, cudnnSetStream(st->dnn, st->stream));
+    return 0;
+}
+
+static int api_ctx_init(db_ctx *c, int device_index, db_err *err)
+{
+    db_cuda_state *st = (db_cuda_state *)calloc(1, sizeof *st);
+    if (!st) {
+        err->code = DB_ENOMEM;
+        snprintf(err->msg, sizeof err->msg, "cuda: out of host memory");
+        return -1;
+    }
+    st->device = device_index;
+    c->cuda = st;
+    c->cuda_device = device_index;
+    c->err.code = 0;
+    c->err.msg[0] = 0;
+    if (state_init(c, st, device_index) == 0) {
+        st->flag = (int *)db_cuda_alloc(c, sizeof(int));
+        if (st->flag)
+            return 0;
+    }
+    *err = c->err;
+    c->err.code = 0;
+    c->err.msg[0] = 0;
+    c->cuda = NULL;
+    state_destroy(st);
+    return -1;
+}
+
+static void api_ctx_trim(db_ctx *c)
+{
+    if (!c->cuda)
+        return;
+    db_cuda_state *st = db_cuda_st(c);
+    cudaStreamSynchronize(st->stream);
+    release_cached(st);
+    db_cuda_conv_plans_free(c);
+}
+
+static int api_copy(db_ctx *c, void *dst, const void *src, size_t bytes, db_copy_kind kind)
+{
+    DB_ENTER(c);
+    if (bytes == 0)
+        return 0;
+    db_cuda_state *st = db_cuda_st(c);
+    cudaMemcpyKind k = kind == DB_COPY_H2D   ? cudaMemcpyHostToDevice
+                       : kind == DB_COPY_D2H ? cudaMemcpyDeviceToHost
+                                             : cudaMemcpyDeviceToDevice;
+    DB_CU(c, cudaMemcpyAsync(dst, src, bytes, k, st->stream));
+    if (kind == DB_COPY_D2H) // the caller reads dst next
+        DB_CU(c, cudaStreamSynchronize(st->stream));
+    return 0;
+}
+
+static int api_zero(db_ctx *c, void *p, size_t bytes)
+{
+    DB_ENTER(c);
+    if (bytes == 0)
+        return 0;
+    DB_CU(c, cudaMemsetAsync(p, 0, bytes, db_cuda_st(c)->stream));
+    return 0;
+}
+
+static int api_sync(db_ctx *c)
+{
+    DB_ENTER(c);
+    DB_CU(c, cudaStreamSynchronize(db_cuda_st(c)->stream));
+    DB_CU(c, cudaGetLastError());
+    return 0;
+}
+
+// ---- timing (for tests/gpu/bench_cuda_ops.c; outside the op table) -------------------
+
+// Runs fn(c, arg) `warmup` times, then `iters` times between two cudaEvents on
+// the ctx's stream; *ms = the mean milliseconds per call.  Events on the
+// ctx's own stream: the benchmark cannot see the stream (it is a C program
+// without the CUDA toolchain), and events on the default stream would not
+// order with a non-blocking one.
+extern "C" __attribute__((visibility("default"))) int db_cuda_time_ms(db_ctx *c, int (*fn)(db_ctx *, void *), void *arg,
+                                                                      int warmup, int iters, float *ms)
+{
+    DB_ENTER(c);
+    db_cuda_state *st = db_cuda_st(c);
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    int rc = -1;
+    float t = 0.0f;
+    for (int i = 0; i < warmup; i++)
+        if (fn(c, arg) != 0)
+            return -1;
+    if (cudaEventCreate(&e0) != cudaSuccess || cudaEventCreate(&e1) != cudaSuccess) {
+        db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "cudaEventCreate: %s", cudaGetErrorString(cudaGetLastError()));
+        goto done;
+    }
+    if (cudaEventRecord(e0, st->stream) != cudaSuccess)
+        goto fail;
+    for (int i = 0; i < iters; i++)
+        if (fn(c, arg) != 0)
+            goto done;
+    if (cudaEventRecord(e1, st->stream) != cudaSuccess || cudaEventSynchronize(e1) != cudaSuccess ||
+        cudaEventElapsedTime(&t, e0, e1) != cudaSuccess)
+        goto fail;
+    *ms = iters > 0 ? t / (float)iters : 0.0f;
+    rc = 0;
+    goto done;
+fail:
+    db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "timing events: %s", cudaGetErrorString(cudaGetLastError()));
+done:
+    if (e0)
+        cudaEventDestroy(e0);
+    if (e1)
+        cudaEventDestroy(e1);
+    return rc;
+}
+
+// ---- the exported table ----------------------------------------------------------
+
+static db_cuda_api make_api(void)
+{
+    db_cuda_api a;
+    memset(&a, 0, sizeof a);
+    a.abi = DB_CUDA_ABI;
+    a.ctx_init = api_ctx_init;
+    a.ctx_destroy = api_ctx_destroy;
+    a.ctx_trim = api_ctx_trim;
+    a.alloc = db_cuda_alloc;
+    a.free = db_cuda_free;
+    a.copy = api_copy;
+    a.zero = api_zero;
+    a.sync = api_sync;
+#define SET(name) a.name = db_cuda_##name
+    SET(gemm_forward);
+    SET(linear_forward);
+    SET(conv2d_forward);
+    SET(groupnorm_forward);
+    SET(layernorm_forward);
+    SET(attention_forward);
+    SET(softmax_forward);
+    SET(silu_forward);
+    SET(gelu_forward);
+    SET(quick_gelu_forward);
+    SET(geglu_forward);
+    SET(add_forward);
+    SET(mul_forward);
+    SET(axpby_forward);
+    SET(add_channel_forward);
+    SET(concat_channels_forward);
+    SET(transpose_forward);
+    SET(upsample_nearest2x_forward);
+    SET(timestep_embedding_forward);
+    SET(embedding_forward);
+    SET(gemm_backward);
+    SET(linear_backward);
+    SET(conv2d_backward);
+    SET(groupnorm_backward);
+    SET(layernorm_backward);
+    SET(attention_backward);
+    SET(softmax_backward);
+    SET(silu_backward);
+    SET(gelu_backward);
+    SET(quick_gelu_backward);
+    SET(geglu_backward);
+    SET(mul_backward);
+    SET(add_channel_backward);
+    SET(concat_channels_backward);
+    SET(upsample_nearest2x_backward);
+    SET(embedding_backward);
+#undef SET
+    return a;
+}
+
+// Built once at load time (a constant afterwards: no mutable global state).
+static const db_cuda_api api_table = make_api();
+
+extern "C" __attribute__((visibility("default"))) const db_cuda_api *db_cuda_get_api(int abi)
+{
+    return abi == DB_CUDA_ABI ? &api_table : NULL;
+}

@@ -1,0 +1,263 @@
+/* GPU micro-benchmark of the main forward ops at SD1.5 shapes (and the conv
+ * and linear backward): milliseconds per call from cudaEvents on the ctx's
+ * stream (db_cuda_time_ms in libdb_cuda.so, outside the op table: this C
+ * program has no CUDA toolchain), median of REPS repeats of ITERS calls after
+ * a warm-up, and the rate in TFLOP/s (GB/s for the memory-bound ones).
+ * Inputs are random (never zeros); each op is timed on its own buffers.
+ *
+ *   usage: bench_cuda_ops            (library found as test_cuda_ops finds it)
+ * Prints a markdown table on stdout; exit 0, or 0 with a note when there is
+ * no library or device. */
+#include <dlfcn.h>
+#include <libgen.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kernels/cuda_api.h"
+#include "libcommon/sd/noise.h"
+
+enum { WARMUP = 3, ITERS = 10, REPS = 5 };
+
+static const db_cuda_api *api;
+typedef int (*time_fn)(db_ctx *c, int (*fn)(db_ctx *, void *), void *arg, int warmup, int iters, float *ms);
+static time_fn timer;
+
+/* one benchmark case: the op and its device buffers */
+typedef struct bcase {
+    int kind; /* which op: the K_ values below */
+    int i[12];
+    float *p[8];
+} bcase;
+
+enum { K_CONV, K_CONV_BWD, K_GEMM, K_LINEAR, K_LINEAR_BWD, K_ATTN, K_GROUPNORM };
+
+static int run_case(db_ctx *c, void *arg)
+{
+    bcase *b = arg;
+    const int *i = b->i;
+    float **p = b->p;
+    switch (b->kind) {
+    case K_CONV:
+        return api->conv2d_forward(c, p[0], p[1], p[2], p[3], i[0], i[1], i[2], i[3], i[4], i[5], i[6], i[7], i[8],
+                                   i[9]);
+    case K_CONV_BWD:
+        return api->conv2d_backward(c, p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], i[2], i[3], i[4], i[5], i[6],
+                                    i[7], i[8], i[9]);
+    case K_GEMM:
+        return api->gemm_forward(c, p[0], p[1], p[2], i[0], i[1], i[2], i[3], i[4], i[5], 1.0f, 0.0f);
+    case K_LINEAR:
+        return api->linear_forward(c, p[0], p[1], p[2], p[3], i[0], i[1], i[2]);
+    case K_LINEAR_BWD:
+        return api->linear_backward(c, p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], i[2]);
+    case K_ATTN:
+        return api->attention_forward(c, p[0], p[1], p[2], p[3], p[4], i[0], i[1], i[2], i[3], i[4], i[5]);
+    case K_GROUPNORM:
+        return api->groupnorm_forward(c, p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], i[2], i[3], 1e-5f, 1);
+    }
+    return -1;
+}
+
+static float *drand(db_ctx *c, size_t n, uint64_t stream)
+{
+    float *h = malloc(n * sizeof *h);
+    float *d = api->alloc(c, n * sizeof *d);
+    if (!h || !d) {
+        fprintf(stderr, "bench_cuda_ops: out of memory (%zu floats): %s\n", n, c->err.msg);
+        exit(2);
+    }
+    db_noise_fill(h, n, 7, stream, 0);
+    api->copy(c, d, h, n * sizeof *d, DB_COPY_H2D);
+    free(h);
+    return d;
+}
+
+static int cmp_float(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* times b; flops > 0: report TFLOP/s, else bytes: GB/s */
+static void bench(db_ctx *c, const char *name, bcase *b, double flops, double bytes)
+{
+    float t[REPS];
+    for (int r = 0; r < REPS; r++) {
+        if (timer(c, run_case, b, r == 0 ? WARMUP : 0, ITERS, &t[r]) != 0) {
+            printf("| %s | error: %s | | |\n", name, c->err.msg);
+            c->err.code = 0;
+            c->err.msg[0] = 0;
+            return;
+        }
+    }
+    qsort(t, REPS, sizeof t[0], cmp_float);
+    const double ms = t[REPS / 2];
+    if (flops > 0)
+        printf("| %s | %.3f | %.1f GFLOP/s | %.2f TFLOP/s |\n", name, ms, flops / ms * 1e-6, flops / ms * 1e-9);
+    else
+        printf("| %s | %.3f | %.1f GB/s | |\n", name, ms, bytes / ms * 1e-6);
+    fflush(stdout);
+}
+
+static void *open_lib(char *path, size_t n)
+{
+    const char *b = getenv("B"), *top = getenv("TOP");
+    if (b)
+        snprintf(path, n, "%s/lib/libdb_cuda.so", b);
+    else if (top)
+        snprintf(path, n, "%s/build/lib/libdb_cuda.so", top);
+    else {
+        char exe[4096];
+        ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        exe[k > 0 ? k : 0] = 0;
+        snprintf(path, n, "%s/../../lib/libdb_cuda.so", k > 0 ? dirname(exe) : ".");
+    }
+    return dlopen(path, RTLD_NOW | RTLD_LOCAL);
+}
+
+static void conv_case(db_ctx *c, int B, int C, int H, int W, int OC, int k, int stride, int pad0, int pad1, int bwd)
+{
+    const int OH = (H + pad0 + pad1 - k) / stride + 1, OW = (W + pad0 + pad1 - k) / stride + 1;
+    const size_t nx = (size_t)B * C * H * W, nw = (size_t)OC * C * k * k, ny = (size_t)B * OC * OH * OW;
+    bcase b = {bwd ? K_CONV_BWD : K_CONV, {B, C, H, W, OC, k, k, stride, pad0, pad1}, {0}};
+    float *x = drand(c, nx, 1), *w = drand(c, nw, 2), *bias = drand(c, OC, 3), *y = drand(c, ny, 4);
+    float *dx = drand(c, nx, 5), *dw = drand(c, nw, 6), *db = drand(c, OC, 7);
+    if (bwd) {
+        float *q[8] = {dx, dw, db, y, x, w};
+        memcpy(b.p, q, sizeof q);
+    } else {
+        float *q[8] = {y, x, w, bias};
+        memcpy(b.p, q, sizeof q);
+    }
+    char name[160];
+    snprintf(name, sizeof name, "conv2d_%s B%d %d->%d %dx%d k%d s%d", bwd ? "backward" : "forward", B, C, OC, H, W, k,
+             stride);
+    const double flops = 2.0 * B * OC * OH * OW * (double)C * k * k * (bwd ? 2 : 1);
+    bench(c, name, &b, flops, 0);
+    float *all[] = {x, w, bias, y, dx, dw, db};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        api->free(c, all[i]);
+}
+
+static void gemm_case(db_ctx *c, int batch, int M, int N, int K, int ta, int tb)
+{
+    bcase b = {K_GEMM, {batch, M, N, K, ta, tb}, {0}};
+    b.p[0] = drand(c, (size_t)batch * M * N, 1);
+    b.p[1] = drand(c, (size_t)batch * M * K, 2);
+    b.p[2] = drand(c, (size_t)batch * K * N, 3);
+    char name[160];
+    snprintf(name, sizeof name, "gemm_forward b%d %dx%dx%d t%d%d", batch, M, N, K, ta, tb);
+    bench(c, name, &b, 2.0 * batch * M * (double)N * K, 0);
+    for (int i = 0; i < 3; i++)
+        api->free(c, b.p[i]);
+}
+
+static void linear_case(db_ctx *c, int N, int C, int OC, int bwd)
+{
+    bcase b = {bwd ? K_LINEAR_BWD : K_LINEAR, {N, C, OC}, {0}};
+    float *x = drand(c, (size_t)N * C, 1), *w = drand(c, (size_t)OC * C, 2), *bias = drand(c, OC, 3);
+    float *y = drand(c, (size_t)N * OC, 4), *dx = drand(c, (size_t)N * C, 5), *dw = drand(c, (size_t)OC * C, 6);
+    float *db = drand(c, OC, 7);
+    if (bwd) {
+        float *q[8] = {dx, dw, db, y, x, w};
+        memcpy(b.p, q, sizeof q);
+    } else {
+        float *q[8] = {y, x, w, bias};
+        memcpy(b.p, q, sizeof q);
+    }
+    char name[160];
+    snprintf(name, sizeof name, "linear_%s %dx%d->%d", bwd ? "backward" : "forward", N, C, OC);
+    bench(c, name, &b, 2.0 * N * (double)C * OC * (bwd ? 2 : 1), 0);
+    float *all[] = {x, w, bias, y, dx, dw, db};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        api->free(c, all[i]);
+}
+
+static void attn_case(db_ctx *c, int B, int Tq, int Tk, int NH, int HS, int causal)
+{
+    const size_t C = (size_t)NH * HS;
+    bcase b = {K_ATTN, {B, Tq, Tk, NH, HS, causal}, {0}};
+    b.p[0] = drand(c, (size_t)B * Tq * C, 1);
+    b.p[1] = drand(c, (size_t)B * NH * Tq, 2);
+    b.p[2] = drand(c, (size_t)B * Tq * C, 3);
+    b.p[3] = drand(c, (size_t)B * Tk * C, 4);
+    b.p[4] = drand(c, (size_t)B * Tk * C, 5);
+    char name[160];
+    snprintf(name, sizeof name, "attention_forward B%d Tq%d Tk%d %dx%d%s", B, Tq, Tk, NH, HS, causal ? " causal" : "");
+    /* QK^T and PV: 4 B NH Tq Tk HS (causal: about half, counted in full) */
+    bench(c, name, &b, 4.0 * B * NH * (double)Tq * Tk * HS, 0);
+    for (int i = 0; i < 5; i++)
+        api->free(c, b.p[i]);
+}
+
+static void groupnorm_case(db_ctx *c, int B, int C, int HW, int G)
+{
+    const size_t n = (size_t)B * C * HW;
+    bcase b = {K_GROUPNORM, {B, C, HW, G}, {0}};
+    b.p[0] = drand(c, n, 1);
+    b.p[1] = drand(c, (size_t)B * G, 2);
+    b.p[2] = drand(c, (size_t)B * G, 3);
+    b.p[3] = drand(c, n, 4);
+    b.p[4] = drand(c, C, 5);
+    b.p[5] = drand(c, C, 6);
+    char name[160];
+    snprintf(name, sizeof name, "groupnorm_forward+silu B%d C%d HW%d G%d", B, C, HW, G);
+    bench(c, name, &b, 0, 3.0 * n * sizeof(float)); /* two reads (stats), one read + one write: count 3 passes */
+    for (int i = 0; i < 6; i++)
+        api->free(c, b.p[i]);
+}
+
+int main(void)
+{
+    char path[4200];
+    void *lib = open_lib(path, sizeof path);
+    if (!lib) {
+        printf("# bench_cuda_ops: cannot load %s: %s\n", path, dlerror());
+        return 0;
+    }
+    const db_cuda_api *(*get)(int) = (const db_cuda_api *(*)(int))dlsym(lib, "db_cuda_get_api");
+    timer = (time_fn)dlsym(lib, "db_cuda_time_ms");
+    api = get ? get(DB_CUDA_ABI) : NULL;
+    if (!api || !timer) {
+        printf("# bench_cuda_ops: %s lacks db_cuda_get_api(%d) or db_cuda_time_ms\n", path, DB_CUDA_ABI);
+        return 0;
+    }
+    db_ctx g = {.device = DB_CUDA, .threads = 1};
+    db_err err = {0, ""};
+    if (api->ctx_init(&g, 0, &err) != 0) {
+        printf("# bench_cuda_ops: no CUDA device (%s)\n", err.msg);
+        return 0;
+    }
+    printf("| op (fp32) | ms | rate | |\n|---|---|---|---|\n");
+    if (api->conv2d_forward) {
+        conv_case(&g, 2, 320, 64, 64, 320, 3, 1, 1, 1, 0);
+        conv_case(&g, 2, 640, 32, 32, 640, 3, 1, 1, 1, 0);
+        conv_case(&g, 2, 1280, 16, 16, 1280, 3, 1, 1, 1, 0);
+        conv_case(&g, 2, 1280, 8, 8, 1280, 3, 1, 1, 1, 0);
+        conv_case(&g, 1, 128, 512, 512, 128, 3, 1, 1, 1, 0); /* VAE decoder top */
+    }
+    if (api->conv2d_backward)
+        conv_case(&g, 2, 320, 64, 64, 320, 3, 1, 1, 1, 1);
+    if (api->gemm_forward) {
+        gemm_case(&g, 1, 4096, 4096, 4096, 0, 0);
+        gemm_case(&g, 16, 4096, 4096, 40, 0, 1); /* attention scores as a batched GEMM */
+    }
+    if (api->linear_forward) {
+        linear_case(&g, 8192, 320, 1280, 0);
+        linear_case(&g, 8192, 1280, 320, 0);
+    }
+    if (api->linear_backward)
+        linear_case(&g, 8192, 320, 1280, 1);
+    if (api->attention_forward) {
+        attn_case(&g, 2, 4096, 4096, 8, 40, 0);
+        attn_case(&g, 2, 4096, 77, 8, 40, 0);
+        attn_case(&g, 2, 1024, 1024, 8, 80, 0);
+        attn_case(&g, 2, 77, 77, 12, 64, 1);
+    }
+    if (api->groupnorm_forward)
+        groupnorm_case(&g, 2, 320, 4096, 32);
+    api->ctx_destroy(&g);
+    return 0;
+}

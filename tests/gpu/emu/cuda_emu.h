@@ -1,0 +1,150 @@
+// A CPU emulation of the CUDA kernels in kernels/cuda/, for checking their
+// logic (indexing, masking, reductions, barriers, shuffles, the host-side
+// plumbing) on a machine without a GPU; tests/gpu/emu/run.sh builds the
+// library with it and runs tests/gpu/test_cuda_ops against the CPU ops.
+//
+// What it does: every CUDA thread is a std::thread, blocks run one at a time
+// (so `static` stands in for __shared__), __syncthreads and the warp
+// shuffles are std::barriers; device memory is host memory; cuBLAS sgemm
+// and the four cuDNN convolution calls are naive double-accumulating
+// stand-ins.  What it cannot tell: speed, the GPU's own libm (expf, erff,
+// sinf... here are glibc's), memory-model races, cuBLAS/cuDNN behaviour
+// (algorithm choice, TF32, determinism).  Slow: keep to the small shapes
+// (DB_CUDA_TEST_QUICK=1).
+#ifndef DB_CUDA_EMU_H
+#define DB_CUDA_EMU_H
+#include <cuda_runtime.h>
+#include <cublas_v2.h>
+#include <cudnn.h>
+#include <barrier>
+#include <thread>
+#include <vector>
+#include <mutex>
+#include <cstring>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+struct emu_warp { std::barrier<> *bar; uint64_t slot[32]; };
+struct emu_block { std::barrier<> *bar; std::vector<emu_warp> warps; };
+extern thread_local uint3 emu_tid, emu_bid; extern dim3 emu_bdim, emu_gdim;
+extern thread_local emu_block *emu_blk; extern thread_local int emu_lin;
+extern float emu_dyn_smem[1 << 16];
+extern std::mutex emu_mtx;
+#define threadIdx emu_tid
+#define blockIdx emu_bid
+#define blockDim emu_bdim
+#define gridDim emu_gdim
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__ static
+static inline void __syncthreads() { emu_blk->bar->arrive_and_wait(); }
+template <class T> static T emu_shfl(T v, int src) {
+    emu_warp &w = emu_blk->warps[emu_lin / 32];
+    uint64_t u = 0; memcpy(&u, &v, sizeof v);
+    w.slot[emu_lin % 32] = u;
+    w.bar->arrive_and_wait();
+    uint64_t r = w.slot[src & 31];
+    w.bar->arrive_and_wait();
+    T out; memcpy(&out, &r, sizeof out); return out;
+}
+#define __shfl_xor_sync(m, v, o) emu_shfl((v), (emu_lin % 32) ^ (o))
+#define __shfl_sync(m, v, s) emu_shfl((v), (s))
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline int atomicMin(int *p, int v) { std::lock_guard<std::mutex> g(emu_mtx); int o = *p; if (v < o) *p = v; return o; }
+template <class F> static void emu_launch(dim3 g, dim3 b, F f) {
+    emu_gdim = g; emu_bdim = b;
+    const int nt = b.x * b.y * b.z;
+    for (unsigned z = 0; z < g.z; z++) for (unsigned y = 0; y < g.y; y++) for (unsigned x = 0; x < g.x; x++) {
+        emu_block blk; std::barrier<> bb(nt); blk.bar = &bb;
+        int nw = (nt + 31) / 32; std::vector<std::unique_ptr<std::barrier<>>> wb;
+        blk.warps.resize(nw);
+        for (int w = 0; w < nw; w++) { int cnt = std::min(32, nt - 32 * w); wb.emplace_back(new std::barrier<>(cnt)); blk.warps[w].bar = wb.back().get(); }
+        std::vector<std::thread> th;
+        for (int t = 0; t < nt; t++) th.emplace_back([&, t] {
+            emu_bid = make_uint3(x, y, z); emu_tid = make_uint3(t % b.x, t / b.x % b.y, t / (b.x * b.y));
+            emu_blk = &blk; emu_lin = t;
+            f();
+            blk.warps[t / 32].bar->arrive_and_drop(); bb.arrive_and_drop();
+        });
+        for (auto &t : th) t.join();
+    }
+}
+#define EMU_LAUNCH(grid, block, smem, stream, kern, ...) (emu_launch(dim3(grid), dim3(block), [&] { kern(__VA_ARGS__); }), (void)0)
+// runtime stubs: host memory is device memory
+#define cudaMalloc(p, n) ((*(void **)(p) = aligned_alloc(256, ((n) + 255) / 256 * 256)) ? cudaSuccess : cudaErrorMemoryAllocation)
+#define cudaFree(p) (free(p), cudaSuccess)
+#define cudaMemcpyAsync(d, s, n, k, st) (memcpy((d), (s), (n)), cudaSuccess)
+#define cudaMemcpy(d, s, n, k) (memcpy((d), (s), (n)), cudaSuccess)
+#define cudaMemsetAsync(p, v, n, st) (memset((p), (v), (n)), cudaSuccess)
+#define cudaStreamSynchronize(s) cudaSuccess
+#define cudaGetLastError() cudaSuccess
+#define cudaGetDeviceCount(n) (*(n) = 1, cudaSuccess)
+#define cudaSetDevice(d) cudaSuccess
+#define cudaStreamCreateWithFlags(s, f) (*(s) = 0, cudaSuccess)
+#define cudaStreamDestroy(s) cudaSuccess
+#define cudaFuncSetAttribute(...) cudaSuccess
+#define cublasCreate(h) (*(h) = 0, CUBLAS_STATUS_SUCCESS)
+#define cublasSetStream(h, s) CUBLAS_STATUS_SUCCESS
+#define cublasSetMathMode(h, m) CUBLAS_STATUS_SUCCESS
+#define cublasDestroy(h) CUBLAS_STATUS_SUCCESS
+#define cudnnCreate(h) (*(h) = 0, CUDNN_STATUS_SUCCESS)
+#define cudnnSetStream(h, s) CUDNN_STATUS_SUCCESS
+#define cudnnDestroy(h) CUDNN_STATUS_SUCCESS
+// naive column-major sgemm standing in for cuBLAS
+static inline cublasStatus_t emu_sgemm_batched(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const float *alpha, const float *A, int lda, long long sa, const float *B, int ldb, long long sb, const float *beta, float *C, int ldc, long long sc, int batch)
+{
+    for (int p = 0; p < batch; p++)
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < m; i++) {
+                double s = 0;
+                for (int l = 0; l < k; l++) {
+                    float a = ta == CUBLAS_OP_N ? A[p * sa + i + (long long)l * lda] : A[p * sa + l + (long long)i * lda];
+                    float b = tb == CUBLAS_OP_N ? B[p * sb + l + (long long)j * ldb] : B[p * sb + j + (long long)l * ldb];
+                    s += (double)a * b;
+                }
+                float *c = &C[p * sc + i + (long long)j * ldc];
+                *c = *alpha * (float)s + (*beta == 0 ? 0.0f : *beta * *c);
+            }
+    return CUBLAS_STATUS_SUCCESS;
+}
+#define cublasSgemm(h, ta, tb, m, n, k, al, A, lda, B, ldb, be, C, ldc) emu_sgemm_batched(ta, tb, m, n, k, al, A, lda, 0, B, ldb, 0, be, C, ldc, 0, 1)
+#define cublasSgemmStridedBatched(h, ta, tb, m, n, k, al, A, lda, sa, B, ldb, sb, be, C, ldc, sc, bc) emu_sgemm_batched(ta, tb, m, n, k, al, A, lda, sa, B, ldb, sb, be, C, ldc, sc, bc)
+
+static inline void emu_dims(cudnnTensorDescriptor_t t, int *n, int *c, int *h, int *w) {
+    cudnnDataType_t dt; int ns, cs, hs, ws; cudnnGetTensor4dDescriptor(t, &dt, n, c, h, w, &ns, &cs, &hs, &ws); }
+static inline void emu_fdims(cudnnFilterDescriptor_t f, int *k, int *c, int *h, int *w) {
+    cudnnDataType_t dt; cudnnTensorFormat_t fmt; cudnnGetFilter4dDescriptor(f, &dt, &fmt, k, c, h, w); }
+static inline void emu_cdesc(cudnnConvolutionDescriptor_t cd, int *pad, int *stride) {
+    int ph, pw, sh, sw, dh, dw; cudnnConvolutionMode_t m; cudnnDataType_t dt;
+    cudnnGetConvolution2dDescriptor(cd, &ph, &pw, &sh, &sw, &dh, &dw, &m, &dt); *pad = ph; *stride = sh; }
+// mode 0: y = conv(x, w); 1: dx = convT(dy, w); 2: dw = corr(x, dy); out = alpha r + beta out
+static cudnnStatus_t emu_conv(int mode, const float *alpha, cudnnTensorDescriptor_t xd, const float *x,
+    cudnnFilterDescriptor_t wd, const float *w, cudnnConvolutionDescriptor_t cd, cudnnTensorDescriptor_t yd, const float *y,
+    const float *beta, float *out)
+{
+    int B, C, H, W, OC, c2, KH, KW, b2, oc2, OH, OW, pad, st;
+    emu_dims(xd, &B, &C, &H, &W); emu_fdims(wd, &OC, &c2, &KH, &KW); emu_dims(yd, &b2, &oc2, &OH, &OW); emu_cdesc(cd, &pad, &st);
+    size_t n = mode == 0 ? (size_t)B*OC*OH*OW : mode == 1 ? (size_t)B*C*H*W : (size_t)OC*C*KH*KW;
+    std::vector<double> r(n, 0.0);
+    for (int b = 0; b < B; b++) for (int o = 0; o < OC; o++) for (int oy = 0; oy < OH; oy++) for (int ox = 0; ox < OW; ox++)
+      for (int ci = 0; ci < C; ci++) for (int ky = 0; ky < KH; ky++) for (int kx = 0; kx < KW; kx++) {
+        int iy = oy*st + ky - pad, ix = ox*st + kx - pad; if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+        size_t xi = (((size_t)b*C+ci)*H+iy)*W+ix, wi = (((size_t)o*C+ci)*KH+ky)*KW+kx, yi = (((size_t)b*OC+o)*OH+oy)*OW+ox;
+        if (mode == 0) r[yi] += (double)x[xi]*w[wi]; else if (mode == 1) r[xi] += (double)y[yi]*w[wi]; else r[wi] += (double)x[xi]*y[yi];
+      }
+    for (size_t i = 0; i < n; i++) out[i] = *alpha * (float)r[i] + (*beta == 0 ? 0.0f : *beta * out[i]);
+    return CUDNN_STATUS_SUCCESS;
+}
+#define cudnnGetConvolutionForwardAlgorithm_v7(h, x, w, c, y, req, got, perf) ((perf)[0].algo = CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, (perf)[0].status = CUDNN_STATUS_SUCCESS, (perf)[0].determinism = CUDNN_DETERMINISTIC, (perf)[0].mathType = CUDNN_FMA_MATH, (perf)[0].memory = 100, (perf)[1].algo = CUDNN_CONVOLUTION_FWD_ALGO_FFT, (perf)[1].status = CUDNN_STATUS_SUCCESS, (perf)[1].determinism = CUDNN_DETERMINISTIC, (perf)[1].mathType = CUDNN_FMA_MATH, (perf)[1].memory = 0, *(got) = 2, CUDNN_STATUS_SUCCESS)
+#define cudnnGetConvolutionBackwardDataAlgorithm_v7(h, w, y, c, x, req, got, perf) ((perf)[0].algo = CUDNN_CONVOLUTION_BWD_DATA_ALGO_0, (perf)[0].status = CUDNN_STATUS_SUCCESS, (perf)[0].determinism = CUDNN_NON_DETERMINISTIC, (perf)[0].mathType = CUDNN_FMA_MATH, (perf)[0].memory = 0, *(got) = 1, CUDNN_STATUS_SUCCESS)
+#define cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, x, y, c, w, req, got, perf) ((perf)[0].algo = CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, (perf)[0].status = CUDNN_STATUS_SUCCESS, (perf)[0].determinism = CUDNN_DETERMINISTIC, (perf)[0].mathType = CUDNN_TENSOR_OP_MATH, (perf)[0].memory = 0, (perf)[1].algo = CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3, (perf)[1].status = CUDNN_STATUS_SUCCESS, (perf)[1].determinism = CUDNN_DETERMINISTIC, (perf)[1].mathType = CUDNN_FMA_MATH, (perf)[1].memory = 64, *(got) = 2, CUDNN_STATUS_SUCCESS)
+#define cudnnGetConvolutionForwardWorkspaceSize(h, x, w, c, y, a, ws) (*(ws) = 1000, CUDNN_STATUS_SUCCESS)
+#define cudnnGetConvolutionBackwardDataWorkspaceSize(h, w, y, c, x, a, ws) (*(ws) = 0, CUDNN_STATUS_SUCCESS)
+#define cudnnGetConvolutionBackwardFilterWorkspaceSize(h, x, y, c, w, a, ws) (*(ws) = (a) == CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3 ? 64 : 0, CUDNN_STATUS_SUCCESS)
+#define cudnnConvolutionForward(h, al, xd, x, wd, w, cd, a, wk, ws, be, yd, y) emu_conv(0, al, xd, x, wd, w, cd, yd, NULL, be, y)
+#define cudnnConvolutionBackwardData(h, al, wd, w, yd, y, cd, a, wk, ws, be, xd, x) ((a) == CUDNN_CONVOLUTION_BWD_DATA_ALGO_0 ? CUDNN_STATUS_EXECUTION_FAILED : emu_conv(1, al, xd, NULL, wd, w, cd, yd, y, be, x))
+#define cudnnConvolutionBackwardFilter(h, al, xd, x, yd, y, cd, a, wk, ws, be, wd, w) emu_conv(2, al, xd, x, wd, NULL, cd, yd, y, be, w)
+#endif

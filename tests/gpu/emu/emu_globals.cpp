@@ -1,0 +1,9 @@
+// The emulator's per-thread and per-launch state (cuda_emu.h).
+#include "tests/gpu/emu/cuda_emu.h"
+
+thread_local uint3 emu_tid, emu_bid;
+dim3 emu_bdim, emu_gdim;
+thread_local emu_block *emu_blk;
+thread_local int emu_lin;
+float emu_dyn_smem[1 << 16];
+std::mutex emu_mtx;

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Check the CUDA kernels' logic without a GPU: build libdb_cuda.so from
+# kernels/cuda/*.cu for the CPU emulator (cuda_emu.h: a std::thread per CUDA
+# thread, naive cuBLAS/cuDNN stand-ins) into build/emu/lib, and run the
+# parity test on the small shapes against it.  Not a substitute for
+# make check-cuda on a GPU (see cuda_emu.h for what it cannot tell).
+#   usage: bash tests/gpu/emu/run.sh        (after make; about a minute)
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+E=build/emu
+mkdir -p "$E/src" "$E/lib"
+srcs=()
+for f in kernels/cuda/*.cu; do
+    [ "$(basename "$f")" = backend.cu ] && continue   # info/selftest: real runtime only
+    out="$E/src/$(basename "${f%.cu}").cpp"
+    python3 tests/gpu/emu/transform.py "$f" "$out"
+    srcs+=("$out")
+done
+g++ -std=c++20 -O1 -g -fPIC -shared -w -I. -I"$CUDA_HOME/include" -o "$E/lib/libdb_cuda.so" \
+    tests/gpu/emu/emu_globals.cpp "${srcs[@]}" -L"$CUDA_HOME/lib64" -Wl,-rpath,"$CUDA_HOME/lib64" \
+    -lcudart -lcublas -lcudnn -lpthread
+DB_CUDA_TEST_QUICK=1 B="$PWD/$E" build/tests/gpu/test_cuda_ops

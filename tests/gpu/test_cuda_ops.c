@@ -1,0 +1,996 @@
+/* CUDA-vs-CPU parity of every op libdb_cuda.so implements (TAP).
+ *
+ * The CPU ops (kernels/ops.h on a CPU ctx) are the oracle.  For each op the
+ * CUDA table sets: fresh random inputs (db_noise_fill, never zeros), the CPU
+ * op, the same op on the GPU through api->op on device copies, and every
+ * output and saved tensor (mean/rstd/lse) compared by relative L2
+ * (tap_compare) with the worst element printed.  Tolerance 1e-5 for fp32
+ * arithmetic; pure data movement (concat, transpose, upsample, embedding
+ * lookups) must be bit-exact.  Outputs are poisoned with NaN first, so an
+ * unwritten element fails; parameter gradients are pre-filled with the same
+ * random values on both sides, which tests the += contract; the conv2d and
+ * linear backward are run twice from the same state and must give the same
+ * bits (determinism).  A NULL table member is reported "# not implemented on
+ * CUDA", not a failure.
+ *
+ * No CUDA toolchain here: the library is dlopen'd ($B/lib, else
+ * $TOP/build/lib, else ../../lib next to this binary) and reached through
+ * db_cuda_get_api.  Without the library or a device: "1..0 # SKIP".
+ * DB_CUDA_TEST_QUICK=1 runs the small shapes only (no SD1.5 ones). */
+#include <dlfcn.h>
+#include <libgen.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kernels/cuda_api.h"
+#include "libcommon/sd/noise.h"
+#include "tests/unit/tap.h"
+
+#define TOL 1e-5
+
+static const db_cuda_api *api;
+static db_ctx g; /* the GPU ctx */
+static db_ctx *cpu;
+static uint64_t stream_id = 1; /* a fresh noise stream per tensor */
+static int quick;              /* DB_CUDA_TEST_QUICK set: the small shapes only */
+
+/* ---- buffers: every test frees what it made at its end ---------------------- */
+
+enum { MAXBUF = 64 };
+static void *hbufs[MAXBUF], *dbufs[MAXBUF];
+static int nh, nd;
+
+static void release_all(void)
+{
+    for (int i = 0; i < nh; i++)
+        free(hbufs[i]);
+    for (int i = 0; i < nd; i++)
+        api->free(&g, dbufs[i]);
+    nh = nd = 0;
+}
+
+static void *hkeep(void *p)
+{
+    if (!p || nh == MAXBUF) {
+        fprintf(stderr, "test_cuda_ops: out of host buffers\n");
+        exit(2);
+    }
+    return hbufs[nh++] = p;
+}
+
+/* n random floats (standard normal) times scale */
+static float *hrand(size_t n, float scale)
+{
+    float *p = hkeep(malloc(n * sizeof *p + 1));
+    db_noise_fill(p, n, 20261126, stream_id++, 0);
+    for (size_t i = 0; i < n; i++)
+        p[i] *= scale;
+    return p;
+}
+
+static float *hzeros(size_t n) { return hkeep(calloc(n + 1, sizeof(float))); }
+
+static float *hcopy(const float *src, size_t n)
+{
+    float *p = hkeep(malloc(n * sizeof *p + 1));
+    memcpy(p, src, n * sizeof *p);
+    return p;
+}
+
+static void *dalloc(size_t bytes)
+{
+    void *p = api->alloc(&g, bytes ? bytes : 1);
+    if (!p || nd == MAXBUF) {
+        fprintf(stderr, "test_cuda_ops: device alloc of %zu bytes: %s\n", bytes, g.err.msg);
+        exit(2);
+    }
+    return dbufs[nd++] = p;
+}
+
+/* device copy of host data */
+static void *dput(const void *h, size_t bytes)
+{
+    void *d = dalloc(bytes);
+    api->copy(&g, d, h, bytes, DB_COPY_H2D);
+    return d;
+}
+static float *dputf(const float *h, size_t n) { return dput(h, n * sizeof(float)); }
+
+/* n floats of NaN on the device: an output the op must overwrite */
+static float *dpoison(size_t n)
+{
+    float *h = hkeep(malloc(n * sizeof(float) + 1));
+    memset(h, 0xff, n * sizeof(float));
+    return dputf(h, n);
+}
+
+static float *dget(const float *d, size_t n)
+{
+    float *h = hkeep(malloc(n * sizeof(float) + 1));
+    api->copy(&g, h, d, n * sizeof(float), DB_COPY_D2H);
+    return h;
+}
+
+/* ---- checks ------------------------------------------------------------------------ */
+
+static int cpu_ran(int rc, const char *what)
+{
+    if (rc != 0) {
+        tap_ok(0, "%s: CPU op failed: %s", what, cpu->err.msg);
+        db_ctx_clear_error(cpu);
+    }
+    return rc == 0;
+}
+
+static int gpu_ran(int rc, const char *what)
+{
+    if (rc == 0 && api->sync(&g) != 0)
+        rc = -1;
+    if (rc != 0) {
+        tap_ok(0, "%s: CUDA op failed: %s", what, g.err.msg);
+        db_err_clear(&g.err);
+    }
+    return rc == 0;
+}
+
+/* device tensor d against host want, n floats; tol 0 means bit-exact */
+static void cmp(const char *what, const char *tensor, const float *d, const float *want, size_t n, double tol)
+{
+    const float *got = dget(d, n);
+    tap_cmp r = tap_compare(got, want, n);
+    int ok = tol == 0 ? (r.maxabs == 0 && r.rel == 0) : r.rel <= tol; /* NaN: rel is inf */
+    tap_ok(ok, "%s %s: rel L2 %.2e (max |diff| %.2e)", what, tensor, r.rel, r.maxabs);
+    if (!ok || r.maxabs > 0)
+        tap_diag("  worst element %zu: cuda %.9g cpu %.9g", r.at, (double)got[r.at], (double)want[r.at]);
+}
+
+/* two device results must be bit-identical */
+static void same_bits(const char *what, const float *d1, const float *d2, size_t n)
+{
+    const float *a = dget(d1, n), *b = dget(d2, n);
+    tap_ok(memcmp(a, b, n * sizeof(float)) == 0, "%s: two runs give the same bits", what);
+}
+
+static int have(const void *member, const char *name)
+{
+    if (!member)
+        printf("# %s: not implemented on CUDA\n", name);
+    return member != NULL;
+}
+
+/* ---- GEMM and linear ---------------------------------------------------------------- */
+
+static void t_gemm(int batch, int M, int N, int K, int ta, int tb, float alpha, float beta)
+{
+    char what[160];
+    snprintf(what, sizeof what, "gemm_forward b%d %dx%dx%d t%d%d a%g b%g", batch, M, N, K, ta, tb, (double)alpha,
+             (double)beta);
+    const size_t na = (size_t)batch * M * K, nb = (size_t)batch * K * N, nc = (size_t)batch * M * N;
+    float *A = hrand(na, 1), *B = hrand(nb, 1), *C0 = hrand(nc, 1), *want = hcopy(C0, nc);
+    if (!cpu_ran(db_gemm_forward(cpu, want, A, B, batch, M, N, K, ta, tb, alpha, beta), what)) {
+        release_all();
+        return;
+    }
+    float *dC = beta == 0 ? dpoison(nc) : dputf(C0, nc);
+    if (gpu_ran(api->gemm_forward(&g, dC, dputf(A, na), dputf(B, nb), batch, M, N, K, ta, tb, alpha, beta), what))
+        cmp(what, "Cm", dC, want, nc, TOL);
+    release_all();
+}
+
+static void t_gemm_backward(int batch, int M, int N, int K, int ta, int tb, float alpha)
+{
+    char what[160];
+    snprintf(what, sizeof what, "gemm_backward b%d %dx%dx%d t%d%d", batch, M, N, K, ta, tb);
+    const size_t na = (size_t)batch * M * K, nb = (size_t)batch * K * N, nc = (size_t)batch * M * N;
+    float *A = hrand(na, 1), *B = hrand(nb, 1), *dC = hrand(nc, 1), *dA = hzeros(na), *dB = hzeros(nb);
+    if (!cpu_ran(db_gemm_backward(cpu, dA, dB, dC, A, B, batch, M, N, K, ta, tb, alpha), what)) {
+        release_all();
+        return;
+    }
+    float *gA = dpoison(na), *gB = dpoison(nb);
+    if (gpu_ran(
+            api->gemm_backward(&g, gA, gB, dputf(dC, nc), dputf(A, na), dputf(B, nb), batch, M, N, K, ta, tb, alpha),
+            what)) {
+        cmp(what, "dA", gA, dA, na, TOL);
+        cmp(what, "dB", gB, dB, nb, TOL);
+    }
+    release_all();
+}
+
+static void t_linear(int N, int C, int OC, int with_bias)
+{
+    char what[160];
+    snprintf(what, sizeof what, "linear_forward %dx%d->%d%s", N, C, OC, with_bias ? " +bias" : "");
+    float *x = hrand((size_t)N * C, 1), *w = hrand((size_t)OC * C, 0.05f), *b = hrand(OC, 1);
+    float *want = hzeros((size_t)N * OC);
+    if (!cpu_ran(db_linear_forward(cpu, want, x, w, with_bias ? b : NULL, N, C, OC), what)) {
+        release_all();
+        return;
+    }
+    float *d = dpoison((size_t)N * OC);
+    if (gpu_ran(api->linear_forward(&g, d, dputf(x, (size_t)N * C), dputf(w, (size_t)OC * C),
+                                    with_bias ? dputf(b, OC) : NULL, N, C, OC),
+                what))
+        cmp(what, "out", d, want, (size_t)N * OC, TOL);
+    release_all();
+}
+
+static void t_linear_backward(int N, int C, int OC, int twice)
+{
+    char what[160];
+    snprintf(what, sizeof what, "linear_backward %dx%d->%d", N, C, OC);
+    const size_t nx = (size_t)N * C, nw = (size_t)OC * C, ny = (size_t)N * OC;
+    float *x = hrand(nx, 1), *w = hrand(nw, 0.05f), *dy = hrand(ny, 1);
+    float *dw0 = hrand(nw, 1), *db0 = hrand(OC, 1); /* += onto these */
+    float *dx = hzeros(nx), *dw = hcopy(dw0, nw), *db = hcopy(db0, OC);
+    if (!cpu_ran(db_linear_backward(cpu, dx, dw, db, dy, x, w, N, C, OC), what)) {
+        release_all();
+        return;
+    }
+    float *gx = dpoison(nx), *gw = dputf(dw0, nw), *gb = dputf(db0, OC);
+    float *ddy = dputf(dy, ny), *dx_ = dputf(x, nx), *dw_ = dputf(w, nw);
+    if (!gpu_ran(api->linear_backward(&g, gx, gw, gb, ddy, dx_, dw_, N, C, OC), what)) {
+        release_all();
+        return;
+    }
+    cmp(what, "dinp", gx, dx, nx, TOL);
+    cmp(what, "dweight (+=)", gw, dw, nw, TOL);
+    cmp(what, "dbias (+=)", gb, db, OC, TOL);
+    if (twice) {
+        float *gx2 = dpoison(nx), *gw2 = dputf(dw0, nw), *gb2 = dputf(db0, OC);
+        if (gpu_ran(api->linear_backward(&g, gx2, gw2, gb2, ddy, dx_, dw_, N, C, OC), what)) {
+            same_bits("linear_backward dinp", gx, gx2, nx);
+            same_bits("linear_backward dweight", gw, gw2, nw);
+            same_bits("linear_backward dbias", gb, gb2, OC);
+        }
+    }
+    release_all();
+}
+
+/* ---- convolution ---------------------------------------------------------------------- */
+
+static void t_conv(int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1, int bias)
+{
+    char what[160];
+    snprintf(what, sizeof what, "conv2d_forward B%d %d->%d %dx%d k%dx%d s%d pad %d,%d%s", B, C, OC, H, W, KH, KW,
+             stride, pad0, pad1, bias ? " +bias" : "");
+    const int OH = (H + pad0 + pad1 - KH) / stride + 1, OW = (W + pad0 + pad1 - KW) / stride + 1;
+    const size_t nx = (size_t)B * C * H * W, nw = (size_t)OC * C * KH * KW, ny = (size_t)B * OC * OH * OW;
+    float *x = hrand(nx, 1), *w = hrand(nw, 0.05f), *b = hrand(OC, 1), *want = hzeros(ny);
+    if (!cpu_ran(db_conv2d_forward(cpu, want, x, w, bias ? b : NULL, B, C, H, W, OC, KH, KW, stride, pad0, pad1),
+                 what)) {
+        release_all();
+        return;
+    }
+    float *d = dpoison(ny);
+    if (gpu_ran(api->conv2d_forward(&g, d, dputf(x, nx), dputf(w, nw), bias ? dputf(b, OC) : NULL, B, C, H, W, OC, KH,
+                                    KW, stride, pad0, pad1),
+                what))
+        cmp(what, "out", d, want, ny, TOL);
+    release_all();
+}
+
+static void t_conv_backward(int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1,
+                            int twice)
+{
+    char what[160];
+    snprintf(what, sizeof what, "conv2d_backward B%d %d->%d %dx%d k%dx%d s%d pad %d,%d", B, C, OC, H, W, KH, KW, stride,
+             pad0, pad1);
+    const int OH = (H + pad0 + pad1 - KH) / stride + 1, OW = (W + pad0 + pad1 - KW) / stride + 1;
+    const size_t nx = (size_t)B * C * H * W, nw = (size_t)OC * C * KH * KW, ny = (size_t)B * OC * OH * OW;
+    float *x = hrand(nx, 1), *w = hrand(nw, 0.05f), *dy = hrand(ny, 1);
+    float *dw0 = hrand(nw, 1), *db0 = hrand(OC, 1);
+    float *dx = hzeros(nx), *dw = hcopy(dw0, nw), *db = hcopy(db0, OC);
+    if (!cpu_ran(db_conv2d_backward(cpu, dx, dw, db, dy, x, w, B, C, H, W, OC, KH, KW, stride, pad0, pad1), what)) {
+        release_all();
+        return;
+    }
+    float *gx = dpoison(nx), *gw = dputf(dw0, nw), *gb = dputf(db0, OC);
+    float *ddy = dputf(dy, ny), *dx_ = dputf(x, nx), *dw_ = dputf(w, nw);
+    if (!gpu_ran(api->conv2d_backward(&g, gx, gw, gb, ddy, dx_, dw_, B, C, H, W, OC, KH, KW, stride, pad0, pad1),
+                 what)) {
+        release_all();
+        return;
+    }
+    cmp(what, "dinp", gx, dx, nx, TOL);
+    cmp(what, "dweight (+=)", gw, dw, nw, TOL);
+    cmp(what, "dbias (+=)", gb, db, OC, TOL);
+    if (twice) {
+        float *gx2 = dpoison(nx), *gw2 = dputf(dw0, nw), *gb2 = dputf(db0, OC);
+        if (gpu_ran(api->conv2d_backward(&g, gx2, gw2, gb2, ddy, dx_, dw_, B, C, H, W, OC, KH, KW, stride, pad0, pad1),
+                    what)) {
+            same_bits("conv2d_backward dinp", gx, gx2, nx);
+            same_bits("conv2d_backward dweight", gw, gw2, nw);
+            same_bits("conv2d_backward dbias", gb, gb2, OC);
+        }
+    }
+    release_all();
+}
+
+/* ---- normalisation ------------------------------------------------------------------------- */
+
+static void t_groupnorm(int B, int C, int HW, int G, int silu)
+{
+    char what[160];
+    snprintf(what, sizeof what, "groupnorm_forward B%d C%d HW%d G%d%s", B, C, HW, G, silu ? " +silu" : "");
+    const size_t n = (size_t)B * C * HW, ng = (size_t)B * G;
+    float *x = hrand(n, 2), *w = hrand(C, 1), *b = hrand(C, 1);
+    for (size_t i = 0; i < n; i++)
+        x[i] += 3.0f; /* a mean far from 0: the two-pass statistics matter */
+    float *y = hzeros(n), *mean = hzeros(ng), *rstd = hzeros(ng);
+    if (!cpu_ran(db_groupnorm_forward(cpu, y, mean, rstd, x, w, b, B, C, HW, G, 1e-5f, silu), what)) {
+        release_all();
+        return;
+    }
+    float *dy = dpoison(n), *dm = dpoison(ng), *dr = dpoison(ng);
+    if (gpu_ran(api->groupnorm_forward(&g, dy, dm, dr, dputf(x, n), dputf(w, C), dputf(b, C), B, C, HW, G, 1e-5f, silu),
+                what)) {
+        cmp(what, "out", dy, y, n, TOL);
+        cmp(what, "mean", dm, mean, ng, TOL);
+        cmp(what, "rstd", dr, rstd, ng, TOL);
+    }
+    /* in place (out == inp), no saved statistics */
+    float *dx = dputf(x, n);
+    if (gpu_ran(api->groupnorm_forward(&g, dx, NULL, NULL, dx, dputf(w, C), dputf(b, C), B, C, HW, G, 1e-5f, silu),
+                what))
+        cmp(what, "out (in place)", dx, y, n, TOL);
+    release_all();
+}
+
+static void t_groupnorm_backward(int B, int C, int HW, int G, int silu)
+{
+    char what[160];
+    snprintf(what, sizeof what, "groupnorm_backward B%d C%d HW%d G%d%s", B, C, HW, G, silu ? " +silu" : "");
+    const size_t n = (size_t)B * C * HW, ng = (size_t)B * G;
+    float *x = hrand(n, 2), *w = hrand(C, 1), *b = hrand(C, 1), *dout = hrand(n, 1);
+    float *y = hzeros(n), *mean = hzeros(ng), *rstd = hzeros(ng);
+    float *dw0 = hrand(C, 1), *db0 = hrand(C, 1), *dx = hzeros(n), *dw = hcopy(dw0, C), *db = hcopy(db0, C);
+    if (!cpu_ran(db_groupnorm_forward(cpu, y, mean, rstd, x, w, b, B, C, HW, G, 1e-5f, silu), what) ||
+        !cpu_ran(db_groupnorm_backward(cpu, dx, dw, db, dout, mean, rstd, x, w, b, B, C, HW, G, silu), what)) {
+        release_all();
+        return;
+    }
+    float *gx = dpoison(n), *gw = dputf(dw0, C), *gb = dputf(db0, C);
+    if (gpu_ran(api->groupnorm_backward(&g, gx, gw, gb, dputf(dout, n), dputf(mean, ng), dputf(rstd, ng), dputf(x, n),
+                                        dputf(w, C), dputf(b, C), B, C, HW, G, silu),
+                what)) {
+        cmp(what, "dinp", gx, dx, n, TOL);
+        cmp(what, "dweight (+=)", gw, dw, C, TOL);
+        cmp(what, "dbias (+=)", gb, db, C, TOL);
+    }
+    release_all();
+}
+
+static void t_layernorm(int N, int C)
+{
+    char what[160];
+    snprintf(what, sizeof what, "layernorm_forward %dx%d", N, C);
+    const size_t n = (size_t)N * C;
+    float *x = hrand(n, 2), *w = hrand(C, 1), *b = hrand(C, 1);
+    for (size_t i = 0; i < n; i++)
+        x[i] -= 2.0f;
+    float *y = hzeros(n), *mean = hzeros(N), *rstd = hzeros(N);
+    if (!cpu_ran(db_layernorm_forward(cpu, y, mean, rstd, x, w, b, N, C, 1e-5f), what)) {
+        release_all();
+        return;
+    }
+    float *dy = dpoison(n), *dm = dpoison(N), *dr = dpoison(N);
+    if (gpu_ran(api->layernorm_forward(&g, dy, dm, dr, dputf(x, n), dputf(w, C), dputf(b, C), N, C, 1e-5f), what)) {
+        cmp(what, "out", dy, y, n, TOL);
+        cmp(what, "mean", dm, mean, N, TOL);
+        cmp(what, "rstd", dr, rstd, N, TOL);
+    }
+    release_all();
+}
+
+static void t_layernorm_backward(int N, int C)
+{
+    char what[160];
+    snprintf(what, sizeof what, "layernorm_backward %dx%d", N, C);
+    const size_t n = (size_t)N * C;
+    float *x = hrand(n, 2), *w = hrand(C, 1), *b = hrand(C, 1), *dout = hrand(n, 1);
+    float *y = hzeros(n), *mean = hzeros(N), *rstd = hzeros(N);
+    float *dw0 = hrand(C, 1), *db0 = hrand(C, 1), *dx = hzeros(n), *dw = hcopy(dw0, C), *db = hcopy(db0, C);
+    if (!cpu_ran(db_layernorm_forward(cpu, y, mean, rstd, x, w, b, N, C, 1e-5f), what) ||
+        !cpu_ran(db_layernorm_backward(cpu, dx, dw, db, dout, mean, rstd, x, w, N, C), what)) {
+        release_all();
+        return;
+    }
+    float *gx = dpoison(n), *gw = dputf(dw0, C), *gb = dputf(db0, C);
+    if (gpu_ran(api->layernorm_backward(&g, gx, gw, gb, dputf(dout, n), dputf(mean, N), dputf(rstd, N), dputf(x, n),
+                                        dputf(w, C), N, C),
+                what)) {
+        cmp(what, "dinp", gx, dx, n, TOL);
+        cmp(what, "dweight (+=)", gw, dw, C, TOL);
+        cmp(what, "dbias (+=)", gb, db, C, TOL);
+    }
+    release_all();
+}
+
+static void t_softmax(int N, int C)
+{
+    char what[160];
+    snprintf(what, sizeof what, "softmax_forward %dx%d", N, C);
+    const size_t n = (size_t)N * C;
+    float *x = hrand(n, 3), *y = hzeros(n);
+    if (!cpu_ran(db_softmax_forward(cpu, y, x, N, C), what)) {
+        release_all();
+        return;
+    }
+    float *d = dpoison(n);
+    if (gpu_ran(api->softmax_forward(&g, d, dputf(x, n), N, C), what))
+        cmp(what, "out", d, y, n, TOL);
+    release_all();
+}
+
+static void t_softmax_backward(int N, int C)
+{
+    char what[160];
+    snprintf(what, sizeof what, "softmax_backward %dx%d", N, C);
+    const size_t n = (size_t)N * C;
+    float *x = hrand(n, 3), *y = hzeros(n), *dout = hrand(n, 1), *dx = hzeros(n);
+    if (!cpu_ran(db_softmax_forward(cpu, y, x, N, C), what) ||
+        !cpu_ran(db_softmax_backward(cpu, dx, dout, y, N, C), what)) {
+        release_all();
+        return;
+    }
+    float *d = dpoison(n);
+    if (gpu_ran(api->softmax_backward(&g, d, dputf(dout, n), dputf(y, n), N, C), what))
+        cmp(what, "dinp", d, dx, n, TOL);
+    release_all();
+}
+
+/* ---- attention -------------------------------------------------------------------------------- */
+
+static void t_attention(int B, int Tq, int Tk, int NH, int HS, int causal)
+{
+    char what[160];
+    snprintf(what, sizeof what, "attention_forward B%d Tq%d Tk%d %dx%d%s", B, Tq, Tk, NH, HS, causal ? " causal" : "");
+    const size_t C = (size_t)NH * HS, nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C, nl = (size_t)B * NH * Tq;
+    float *q = hrand(nq, 1), *k = hrand(nk, 1), *v = hrand(nk, 1), *out = hzeros(nq), *lse = hzeros(nl);
+    if (!cpu_ran(db_attention_forward(cpu, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal), what)) {
+        release_all();
+        return;
+    }
+    float *dout = dpoison(nq), *dlse = dpoison(nl);
+    if (gpu_ran(
+            api->attention_forward(&g, dout, dlse, dputf(q, nq), dputf(k, nk), dputf(v, nk), B, Tq, Tk, NH, HS, causal),
+            what)) {
+        cmp(what, "out", dout, out, nq, TOL);
+        cmp(what, "lse", dlse, lse, nl, TOL);
+    }
+    release_all();
+}
+
+static void t_attention_backward(int B, int Tq, int Tk, int NH, int HS, int causal)
+{
+    char what[160];
+    snprintf(what, sizeof what, "attention_backward B%d Tq%d Tk%d %dx%d%s", B, Tq, Tk, NH, HS, causal ? " causal" : "");
+    const size_t C = (size_t)NH * HS, nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C, nl = (size_t)B * NH * Tq;
+    float *q = hrand(nq, 1), *k = hrand(nk, 1), *v = hrand(nk, 1), *out = hzeros(nq), *lse = hzeros(nl);
+    float *dout = hrand(nq, 1), *dq = hzeros(nq), *dk = hzeros(nk), *dv = hzeros(nk);
+    if (!cpu_ran(db_attention_forward(cpu, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal), what) ||
+        !cpu_ran(db_attention_backward(cpu, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal), what)) {
+        release_all();
+        return;
+    }
+    float *gq = dpoison(nq), *gk = dpoison(nk), *gv = dpoison(nk);
+    float *ddout = dputf(dout, nq), *dout_ = dputf(out, nq), *dlse = dputf(lse, nl), *dq_ = dputf(q, nq),
+          *dk_ = dputf(k, nk), *dv_ = dputf(v, nk);
+    if (gpu_ran(api->attention_backward(&g, gq, gk, gv, ddout, dout_, dlse, dq_, dk_, dv_, B, Tq, Tk, NH, HS, causal),
+                what)) {
+        cmp(what, "dq", gq, dq, nq, TOL);
+        cmp(what, "dk", gk, dk, nk, TOL);
+        cmp(what, "dv", gv, dv, nk, TOL);
+        /* recomputed probabilities, no atomics: the same bits every run */
+        float *gq2 = dpoison(nq), *gk2 = dpoison(nk), *gv2 = dpoison(nk);
+        if (gpu_ran(api->attention_backward(&g, gq2, gk2, gv2, ddout, dout_, dlse, dq_, dk_, dv_, B, Tq, Tk, NH, HS,
+                                            causal),
+                    what)) {
+            same_bits("attention_backward dq", gq, gq2, nq);
+            same_bits("attention_backward dk", gk, gk2, nk);
+            same_bits("attention_backward dv", gv, gv2, nk);
+        }
+    }
+    release_all();
+}
+
+/* ---- activations and elementwise ------------------------------------------------------------- */
+
+typedef enum { A_SILU, A_GELU_ERF, A_GELU_TANH, A_QUICK } act;
+static const char *act_name[] = {"silu", "gelu(erf)", "gelu(tanh)", "quick_gelu"};
+
+static int act_cpu(act a, float *out, const float *x, size_t n)
+{
+    switch (a) {
+    case A_SILU:
+        return db_silu_forward(cpu, out, x, n);
+    case A_GELU_ERF:
+        return db_gelu_forward(cpu, out, x, n, DB_GELU_ERF);
+    case A_GELU_TANH:
+        return db_gelu_forward(cpu, out, x, n, DB_GELU_TANH);
+    default:
+        return db_quick_gelu_forward(cpu, out, x, n);
+    }
+}
+
+static int act_gpu(act a, float *out, const float *x, size_t n)
+{
+    switch (a) {
+    case A_SILU:
+        return api->silu_forward(&g, out, x, n);
+    case A_GELU_ERF:
+        return api->gelu_forward(&g, out, x, n, DB_GELU_ERF);
+    case A_GELU_TANH:
+        return api->gelu_forward(&g, out, x, n, DB_GELU_TANH);
+    default:
+        return api->quick_gelu_forward(&g, out, x, n);
+    }
+}
+
+static int act_cpu_bwd(act a, float *dx, const float *dy, const float *x, size_t n)
+{
+    switch (a) {
+    case A_SILU:
+        return db_silu_backward(cpu, dx, dy, x, n);
+    case A_GELU_ERF:
+        return db_gelu_backward(cpu, dx, dy, x, n, DB_GELU_ERF);
+    case A_GELU_TANH:
+        return db_gelu_backward(cpu, dx, dy, x, n, DB_GELU_TANH);
+    default:
+        return db_quick_gelu_backward(cpu, dx, dy, x, n);
+    }
+}
+
+static int act_gpu_bwd(act a, float *dx, const float *dy, const float *x, size_t n)
+{
+    switch (a) {
+    case A_SILU:
+        return api->silu_backward(&g, dx, dy, x, n);
+    case A_GELU_ERF:
+        return api->gelu_backward(&g, dx, dy, x, n, DB_GELU_ERF);
+    case A_GELU_TANH:
+        return api->gelu_backward(&g, dx, dy, x, n, DB_GELU_TANH);
+    default:
+        return api->quick_gelu_backward(&g, dx, dy, x, n);
+    }
+}
+
+static void t_act(act a, size_t n)
+{
+    const void *fwd = a == A_SILU    ? (const void *)api->silu_forward
+                      : a == A_QUICK ? (const void *)api->quick_gelu_forward
+                                     : (const void *)api->gelu_forward;
+    const void *bwd = a == A_SILU    ? (const void *)api->silu_backward
+                      : a == A_QUICK ? (const void *)api->quick_gelu_backward
+                                     : (const void *)api->gelu_backward;
+    char what[160];
+    float *x = hrand(n, 3), *dy = hrand(n, 1), *y = hzeros(n), *dx = hzeros(n);
+    snprintf(what, sizeof what, "%s_forward N%zu", act_name[a], n);
+    if (have(fwd, what) && cpu_ran(act_cpu(a, y, x, n), what)) {
+        float *d = dpoison(n);
+        if (gpu_ran(act_gpu(a, d, dputf(x, n), n), what))
+            cmp(what, "out", d, y, n, TOL);
+    }
+    snprintf(what, sizeof what, "%s_backward N%zu", act_name[a], n);
+    if (have(bwd, what) && cpu_ran(act_cpu_bwd(a, dx, dy, x, n), what)) {
+        float *d = dpoison(n);
+        if (gpu_ran(act_gpu_bwd(a, d, dputf(dy, n), dputf(x, n), n), what))
+            cmp(what, "dinp", d, dx, n, TOL);
+    }
+    release_all();
+}
+
+static void t_geglu(int N, int C)
+{
+    char what[160];
+    const size_t ni = (size_t)N * 2 * C, no = (size_t)N * C;
+    float *x = hrand(ni, 2), *y = hzeros(no), *dy = hrand(no, 1), *dx = hzeros(ni);
+    snprintf(what, sizeof what, "geglu_forward %dx%d", N, C);
+    if (have(api->geglu_forward, what) && cpu_ran(db_geglu_forward(cpu, y, x, N, C), what)) {
+        float *d = dpoison(no);
+        if (gpu_ran(api->geglu_forward(&g, d, dputf(x, ni), N, C), what))
+            cmp(what, "out", d, y, no, TOL);
+    }
+    snprintf(what, sizeof what, "geglu_backward %dx%d", N, C);
+    if (have(api->geglu_backward, what) && cpu_ran(db_geglu_backward(cpu, dx, dy, x, N, C), what)) {
+        float *d = dpoison(ni);
+        if (gpu_ran(api->geglu_backward(&g, d, dputf(dy, no), dputf(x, ni), N, C), what))
+            cmp(what, "dinp", d, dx, ni, TOL);
+    }
+    release_all();
+}
+
+static void t_binary(size_t n)
+{
+    char what[160];
+    float *a = hrand(n, 1), *b = hrand(n, 1), *y = hzeros(n);
+    float *da = dputf(a, n), *db = dputf(b, n);
+    snprintf(what, sizeof what, "add_forward N%zu", n);
+    if (have(api->add_forward, what) && cpu_ran(db_add_forward(cpu, y, a, b, n), what)) {
+        float *d = dpoison(n);
+        if (gpu_ran(api->add_forward(&g, d, da, db, n), what))
+            cmp(what, "out", d, y, n, TOL);
+    }
+    snprintf(what, sizeof what, "mul_forward N%zu", n);
+    if (have(api->mul_forward, what) && cpu_ran(db_mul_forward(cpu, y, a, b, n), what)) {
+        float *d = dpoison(n);
+        if (gpu_ran(api->mul_forward(&g, d, da, db, n), what))
+            cmp(what, "out", d, y, n, TOL);
+    }
+    snprintf(what, sizeof what, "axpby_forward N%zu", n);
+    if (have(api->axpby_forward, what) && cpu_ran(db_axpby_forward(cpu, y, a, b, 0.3f, -1.7f, n), what)) {
+        float *d = dpoison(n);
+        if (gpu_ran(api->axpby_forward(&g, d, da, db, 0.3f, -1.7f, n), what))
+            cmp(what, "out", d, y, n, TOL);
+    }
+    snprintf(what, sizeof what, "axpby_forward N%zu beta 0, y NULL, in place", n);
+    if (have(api->axpby_forward, what) && cpu_ran(db_axpby_forward(cpu, y, a, NULL, 1.25f, 0.0f, n), what)) {
+        float *d = dputf(a, n);
+        if (gpu_ran(api->axpby_forward(&g, d, d, NULL, 1.25f, 0.0f, n), what))
+            cmp(what, "out", d, y, n, TOL);
+    }
+    snprintf(what, sizeof what, "mul_backward N%zu", n);
+    float *dy = hrand(n, 1), *ga = hzeros(n), *gb = hzeros(n);
+    if (have(api->mul_backward, what) && cpu_ran(db_mul_backward(cpu, ga, gb, dy, a, b, n), what)) {
+        float *d1 = dpoison(n), *d2 = dpoison(n), *d3 = dpoison(n), *ddy = dputf(dy, n);
+        if (gpu_ran(api->mul_backward(&g, d1, d2, ddy, da, db, n), what)) {
+            cmp(what, "da", d1, ga, n, TOL);
+            cmp(what, "db", d2, gb, n, TOL);
+        }
+        if (gpu_ran(api->mul_backward(&g, NULL, d3, ddy, da, db, n), what))
+            cmp(what, "db (da NULL)", d3, gb, n, TOL);
+    }
+    release_all();
+}
+
+static void t_add_channel(int B, int C, int HW)
+{
+    char what[160];
+    const size_t n = (size_t)B * C * HW, nv = (size_t)B * C;
+    float *x = hrand(n, 1), *v = hrand(nv, 1), *y = hzeros(n), *dy = hrand(n, 1), *dv = hzeros(nv);
+    snprintf(what, sizeof what, "add_channel_forward B%d C%d HW%d", B, C, HW);
+    if (have(api->add_channel_forward, what) && cpu_ran(db_add_channel_forward(cpu, y, x, v, B, C, HW), what)) {
+        float *d = dpoison(n);
+        if (gpu_ran(api->add_channel_forward(&g, d, dputf(x, n), dputf(v, nv), B, C, HW), what))
+            cmp(what, "out", d, y, n, TOL);
+    }
+    snprintf(what, sizeof what, "add_channel_backward B%d C%d HW%d", B, C, HW);
+    if (have(api->add_channel_backward, what) && cpu_ran(db_add_channel_backward(cpu, dv, dy, B, C, HW), what)) {
+        float *d = dpoison(nv);
+        if (gpu_ran(api->add_channel_backward(&g, d, dputf(dy, n), B, C, HW), what))
+            cmp(what, "dvec", d, dv, nv, TOL);
+    }
+    release_all();
+}
+
+static void t_concat(int B, int C1, int C2, int HW)
+{
+    char what[160];
+    const size_t na = (size_t)B * C1 * HW, nb = (size_t)B * C2 * HW, no = na + nb;
+    float *a = hrand(na, 1), *b = hrand(nb, 1), *y = hzeros(no), *dy = hrand(no, 1), *ga = hzeros(na), *gb = hzeros(nb);
+    snprintf(what, sizeof what, "concat_channels_forward B%d %d+%d HW%d", B, C1, C2, HW);
+    if (have(api->concat_channels_forward, what) &&
+        cpu_ran(db_concat_channels_forward(cpu, y, a, b, B, C1, C2, HW), what)) {
+        float *d = dpoison(no);
+        if (gpu_ran(api->concat_channels_forward(&g, d, dputf(a, na), dputf(b, nb), B, C1, C2, HW), what))
+            cmp(what, "out", d, y, no, 0);
+    }
+    snprintf(what, sizeof what, "concat_channels_backward B%d %d+%d HW%d", B, C1, C2, HW);
+    if (have(api->concat_channels_backward, what) &&
+        cpu_ran(db_concat_channels_backward(cpu, ga, gb, dy, B, C1, C2, HW), what)) {
+        float *d1 = dpoison(na), *d2 = dpoison(nb);
+        if (gpu_ran(api->concat_channels_backward(&g, d1, d2, dputf(dy, no), B, C1, C2, HW), what)) {
+            cmp(what, "da", d1, ga, na, 0);
+            cmp(what, "db", d2, gb, nb, 0);
+        }
+    }
+    release_all();
+}
+
+static void t_transpose(int B, int M, int N)
+{
+    char what[160];
+    snprintf(what, sizeof what, "transpose_forward B%d %dx%d", B, M, N);
+    if (!have(api->transpose_forward, what))
+        return;
+    const size_t n = (size_t)B * M * N;
+    float *x = hrand(n, 1), *y = hzeros(n);
+    if (cpu_ran(db_transpose_forward(cpu, y, x, B, M, N), what)) {
+        float *d = dpoison(n);
+        if (gpu_ran(api->transpose_forward(&g, d, dputf(x, n), B, M, N), what))
+            cmp(what, "out", d, y, n, 0);
+    }
+    release_all();
+}
+
+static void t_upsample(int B, int C, int H, int W)
+{
+    char what[160];
+    const size_t ni = (size_t)B * C * H * W, no = 4 * ni;
+    float *x = hrand(ni, 1), *y = hzeros(no), *dy = hrand(no, 1), *dx = hzeros(ni);
+    snprintf(what, sizeof what, "upsample_nearest2x_forward B%d C%d %dx%d", B, C, H, W);
+    if (have(api->upsample_nearest2x_forward, what) &&
+        cpu_ran(db_upsample_nearest2x_forward(cpu, y, x, B, C, H, W), what)) {
+        float *d = dpoison(no);
+        if (gpu_ran(api->upsample_nearest2x_forward(&g, d, dputf(x, ni), B, C, H, W), what))
+            cmp(what, "out", d, y, no, 0);
+    }
+    snprintf(what, sizeof what, "upsample_nearest2x_backward B%d C%d %dx%d", B, C, H, W);
+    if (have(api->upsample_nearest2x_backward, what) &&
+        cpu_ran(db_upsample_nearest2x_backward(cpu, dx, dy, B, C, H, W), what)) {
+        float *d = dpoison(ni);
+        if (gpu_ran(api->upsample_nearest2x_backward(&g, d, dputf(dy, no), B, C, H, W), what))
+            cmp(what, "dinp", d, dx, ni, 0);
+    }
+    release_all();
+}
+
+static void t_timestep(int B, int D, int flip, float shift, float max_period)
+{
+    char what[160];
+    snprintf(what, sizeof what, "timestep_embedding_forward B%d D%d flip %d shift %g", B, D, flip, (double)shift);
+    if (!have(api->timestep_embedding_forward, what))
+        return;
+    float *t = hrand(B, 1), *y = hzeros((size_t)B * D);
+    for (int i = 0; i < B; i++)
+        t[i] = fabsf(t[i]) * 300.0f; /* fractional steps up to ~1000 */
+    t[0] = 999.0f;
+    if (cpu_ran(db_timestep_embedding_forward(cpu, y, t, B, D, flip, shift, max_period), what)) {
+        float *d = dpoison((size_t)B * D);
+        if (gpu_ran(api->timestep_embedding_forward(&g, d, dputf(t, B), B, D, flip, shift, max_period), what))
+            cmp(what, "out", d, y, (size_t)B * D, TOL);
+    }
+    release_all();
+}
+
+static void t_embedding(int B, int T, int C, int V, int maxT, int with_wpe)
+{
+    char what[160];
+    const size_t nt = (size_t)B * T, no = nt * C, nwte = (size_t)V * C, nwpe = (size_t)maxT * C;
+    int32_t *tok = hkeep(malloc(nt * sizeof *tok));
+    float *r = hrand(nt, 1);
+    for (size_t i = 0; i < nt; i++) /* V small against B*T: repeated ids */
+        tok[i] = (int32_t)((uint32_t)(fabsf(r[i]) * 1000.0f) % (uint32_t)V);
+    float *wte = hrand(nwte, 1), *wpe = hrand(nwpe, 1), *y = hzeros(no), *dy = hrand(no, 1);
+    float *dwte0 = hrand(nwte, 1), *dwpe0 = hrand(nwpe, 1), *dwte = hcopy(dwte0, nwte), *dwpe = hcopy(dwpe0, nwpe);
+    int32_t *dtok = dput(tok, nt * sizeof *tok);
+    snprintf(what, sizeof what, "embedding_forward B%d T%d C%d V%d%s", B, T, C, V, with_wpe ? " +wpe" : "");
+    if (have(api->embedding_forward, what) &&
+        cpu_ran(db_embedding_forward(cpu, y, tok, wte, with_wpe ? wpe : NULL, B, T, C, V), what)) {
+        float *d = dpoison(no);
+        if (gpu_ran(
+                api->embedding_forward(&g, d, dtok, dputf(wte, nwte), with_wpe ? dputf(wpe, nwpe) : NULL, B, T, C, V),
+                what))
+            cmp(what, "out", d, y, no, 0);
+        /* an id outside [0, V) is an error, not a wild read */
+        int32_t bad = V;
+        int32_t *dbad = dput(tok, nt * sizeof *tok);
+        api->copy(&g, dbad + nt / 2, &bad, sizeof bad, DB_COPY_H2D);
+        int rc = api->embedding_forward(&g, d, dbad, dputf(wte, nwte), NULL, B, T, C, V);
+        tap_ok(rc == -1 && g.err.code != 0, "%s: token %d rejected (%s)", what, (int)bad, g.err.msg);
+        db_err_clear(&g.err);
+    }
+    snprintf(what, sizeof what, "embedding_backward B%d T%d C%d V%d%s", B, T, C, V, with_wpe ? " +wpe" : "");
+    if (have(api->embedding_backward, what) &&
+        cpu_ran(db_embedding_backward(cpu, dwte, with_wpe ? dwpe : NULL, dy, tok, B, T, C, V), what)) {
+        float *gte = dputf(dwte0, nwte), *gpe = dputf(dwpe0, nwpe);
+        if (gpu_ran(api->embedding_backward(&g, gte, with_wpe ? gpe : NULL, dputf(dy, no), dtok, B, T, C, V), what)) {
+            /* same additions in the same order as the CPU: bit-exact */
+            cmp(what, "dwte (+=)", gte, dwte, nwte, 0);
+            if (with_wpe)
+                cmp(what, "dwpe (+=)", gpe, dwpe, nwpe, 0);
+        }
+    }
+    release_all();
+}
+
+/* ---- main ------------------------------------------------------------------------------------- */
+
+static void *open_lib(char *path, size_t n)
+{
+    const char *b = getenv("B"), *top = getenv("TOP");
+    if (b)
+        snprintf(path, n, "%s/lib/libdb_cuda.so", b);
+    else if (top)
+        snprintf(path, n, "%s/build/lib/libdb_cuda.so", top);
+    else {
+        char exe[4096];
+        ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        exe[k > 0 ? k : 0] = 0;
+        snprintf(path, n, "%s/../../lib/libdb_cuda.so", k > 0 ? dirname(exe) : ".");
+    }
+    return dlopen(path, RTLD_NOW | RTLD_LOCAL);
+}
+
+int main(void)
+{
+    char path[4200];
+    void *lib = open_lib(path, sizeof path);
+    if (!lib) {
+        printf("1..0 # SKIP cannot load %s: %s\n", path, dlerror());
+        return 0;
+    }
+    const db_cuda_api *(*get)(int) = (const db_cuda_api *(*)(int))dlsym(lib, "db_cuda_get_api");
+    api = get ? get(DB_CUDA_ABI) : NULL;
+    if (!api) {
+        printf("1..0 # SKIP %s has no table for ABI %d\n", path, DB_CUDA_ABI);
+        return 0;
+    }
+    db_err err = {0, ""};
+    g.device = DB_CUDA;
+    g.threads = 1;
+    if (api->ctx_init(&g, 0, &err) != 0) {
+        printf("1..0 # SKIP no CUDA device (%s)\n", err.msg);
+        return 0;
+    }
+    if (db_ctx_create(&cpu, DB_CPU, 0, &err) != 0) {
+        printf("Bail out! CPU ctx: %s\n", err.msg);
+        return 1;
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    quick = getenv("DB_CUDA_TEST_QUICK") != NULL;
+
+    /* GEMM, linear */
+    if (have(api->gemm_forward, "gemm_forward"))
+        for (int t = 0; t < 4; t++) {
+            t_gemm(3, 17, 23, 31, t & 1, t >> 1, 0.7f, 0.0f);
+            t_gemm(2, 33, 9, 65, t & 1, t >> 1, 1.0f, 0.5f);
+        }
+    if (api->gemm_forward) {
+        if (!quick)
+            t_gemm(16, 4096, 77, 40, 0, 1, 0.158f, 0.0f); /* cross-attention scores */
+        if (!quick)
+            t_gemm(1, 8192, 320, 320, 0, 1, 1.0f, 0.0f);
+    }
+    if (have(api->gemm_backward, "gemm_backward")) {
+        for (int t = 0; t < 4; t++)
+            t_gemm_backward(3, 17, 23, 31, t & 1, t >> 1, 0.7f);
+        if (!quick)
+            t_gemm_backward(16, 1024, 77, 40, 0, 1, 0.158f);
+    }
+    if (have(api->linear_forward, "linear_forward")) {
+        t_linear(7, 13, 11, 1);
+        t_linear(7, 13, 11, 0);
+        if (!quick)
+            t_linear(8192, 320, 1280, 1);
+        if (!quick)
+            t_linear(154, 768, 3072, 1);
+    }
+    if (have(api->linear_backward, "linear_backward")) {
+        t_linear_backward(7, 13, 11, 0);
+        t_linear_backward(300, 70, 45, 0); /* more than one bias chunk of rows */
+        if (!quick)
+            t_linear_backward(8192, 320, 1280, 1);
+    }
+
+    /* convolution */
+    if (have(api->conv2d_forward, "conv2d_forward")) {
+        t_conv(2, 3, 9, 7, 5, 3, 3, 1, 1, 1, 1);
+        t_conv(2, 3, 9, 7, 5, 3, 3, 1, 1, 1, 0);
+        t_conv(1, 4, 10, 12, 6, 3, 3, 2, 0, 1, 1); /* VAE downsampler padding */
+        t_conv(2, 8, 6, 6, 5, 1, 1, 1, 0, 0, 1);
+        t_conv(1, 6, 11, 11, 4, 3, 3, 2, 1, 1, 1);
+        if (!quick)
+            t_conv(2, 320, 64, 64, 320, 3, 3, 1, 1, 1, 1); /* SD1.5's first level */
+        if (!quick)
+            t_conv(2, 4, 64, 64, 320, 3, 3, 1, 1, 1, 1); /* conv_in */
+        if (!quick)
+            t_conv(1, 128, 128, 128, 128, 3, 3, 2, 0, 1, 1);
+    }
+    if (have(api->conv2d_backward, "conv2d_backward")) {
+        t_conv_backward(2, 3, 9, 7, 5, 3, 3, 1, 1, 1, 0);
+        t_conv_backward(1, 4, 10, 12, 6, 3, 3, 2, 0, 1, 0);
+        t_conv_backward(2, 8, 6, 6, 5, 1, 1, 1, 0, 0, 0);
+        t_conv_backward(1, 6, 11, 11, 4, 3, 3, 2, 1, 1, 0);
+        if (!quick)
+            t_conv_backward(2, 320, 64, 64, 320, 3, 3, 1, 1, 1, 1);
+    }
+
+    /* normalisation */
+    if (have(api->groupnorm_forward, "groupnorm_forward")) {
+        t_groupnorm(2, 12, 10, 4, 0);
+        t_groupnorm(2, 12, 10, 4, 1);
+        if (!quick)
+            t_groupnorm(2, 320, 4096, 32, 1);
+        if (!quick)
+            t_groupnorm(1, 1280, 64, 32, 0);
+    }
+    if (have(api->groupnorm_backward, "groupnorm_backward")) {
+        t_groupnorm_backward(2, 12, 10, 4, 0);
+        t_groupnorm_backward(2, 12, 10, 4, 1);
+        if (!quick)
+            t_groupnorm_backward(2, 320, 4096, 32, 1);
+    }
+    if (have(api->layernorm_forward, "layernorm_forward")) {
+        t_layernorm(5, 37);
+        if (!quick)
+            t_layernorm(154, 768);
+        if (!quick)
+            t_layernorm(8192, 320);
+    }
+    if (have(api->layernorm_backward, "layernorm_backward")) {
+        t_layernorm_backward(5, 37);
+        t_layernorm_backward(300, 70);
+        if (!quick)
+            t_layernorm_backward(8192, 320);
+    }
+    if (have(api->softmax_forward, "softmax_forward")) {
+        t_softmax(9, 17);
+        if (!quick)
+            t_softmax(1024, 4096);
+    }
+    if (have(api->softmax_backward, "softmax_backward")) {
+        t_softmax_backward(9, 17);
+        if (!quick)
+            t_softmax_backward(1024, 4096);
+    }
+
+    /* attention */
+    if (have(api->attention_forward, "attention_forward")) {
+        t_attention(2, 19, 19, 3, 8, 0);
+        t_attention(2, 19, 19, 3, 8, 1);
+        t_attention(1, 33, 7, 2, 40, 0);
+        t_attention(1, 50, 50, 2, 37, 1);
+        t_attention(1, 40, 70, 2, 160, 0);
+        t_attention(1, 70, 40, 1, 64, 1); /* causal with Tq > Tk */
+        if (!quick)
+            t_attention(2, 77, 77, 12, 64, 1); /* CLIP */
+        if (!quick)
+            t_attention(2, 4096, 77, 8, 40, 0); /* SD1.5 cross-attention */
+        if (!quick)
+            t_attention(2, 4096, 4096, 8, 40, 0); /* SD1.5 self-attention */
+    }
+    if (have(api->attention_backward, "attention_backward")) {
+        t_attention_backward(2, 19, 19, 3, 8, 0);
+        t_attention_backward(2, 19, 19, 3, 8, 1);
+        t_attention_backward(1, 33, 7, 2, 40, 0);
+        if (!quick)
+            t_attention_backward(2, 77, 77, 12, 64, 1);
+        if (!quick)
+            t_attention_backward(1, 1024, 77, 8, 40, 0);
+        if (!quick)
+            t_attention_backward(1, 1024, 1024, 8, 40, 0);
+    }
+
+    /* activations, elementwise, layout, embeddings */
+    for (int a = 0; a < 4; a++) {
+        t_act((act)a, 1001);
+        if (!quick)
+            t_act((act)a, (size_t)2 * 320 * 64 * 64);
+    }
+    t_geglu(13, 7);
+    if (!quick)
+        t_geglu(8192, 1280);
+    t_binary(1001);
+    if (!quick)
+        t_binary((size_t)2 * 320 * 64 * 64);
+    t_add_channel(2, 3, 5);
+    if (!quick)
+        t_add_channel(2, 320, 4096);
+    t_concat(2, 3, 5, 7);
+    if (!quick)
+        t_concat(2, 640, 320, 1024);
+    t_transpose(2, 5, 7);
+    if (!quick)
+        t_transpose(2, 320, 4096);
+    t_transpose(3, 33, 65);
+    t_upsample(1, 2, 3, 5);
+    if (!quick)
+        t_upsample(2, 640, 32, 32);
+    t_timestep(4, 320, 1, 0.0f, 10000.0f);
+    t_timestep(3, 7, 0, 1.0f, 10000.0f);
+    t_embedding(2, 9, 5, 4, 12, 1);
+    if (!quick)
+        t_embedding(2, 77, 768, 50, 77, 1);
+    if (!quick)
+        t_embedding(3, 77, 768, 49408, 77, 0);
+
+    api->ctx_destroy(&g);
+    db_ctx_destroy(cpu);
+    return tap_done();
+}
