@@ -41,9 +41,13 @@ static int cuda_open(db_ctx *c, int index, db_err *err)
         return db_err_set(err, DB_EUNSUPP, "context: cuda:%d: libdb_cuda.so lacks its runtime functions", index);
     c->cuda_device = index;
     if (api->ctx_init(c, index, err) != 0) {
+        /* no device, a driver too old, a failed handle: this machine cannot
+         * run cuda:N (DB_EUNSUPP); running out of memory stays DB_ENOMEM */
         if (!err->code)
-            db_err_set(err, DB_EUNSUPP, "context: cuda:%d: the backend could not start", index);
-        return -1;
+            db_err_set(err, DB_EUNSUPP, "the backend could not start");
+        else if (err->code != DB_ENOMEM)
+            err->code = DB_EUNSUPP;
+        return db_err_prefix(err, "context: cuda:%d", index);
     }
     c->cuda_api = api; /* only now: destroy calls ctx_destroy for an initialised ctx only */
     return 0;
