@@ -17,11 +17,17 @@ enum { CHUNK = 75, COMMA_BACKTRACK = 20 };
 
 int db_sd_open(db_sd *sd, const char *path, const db_model_opts *mo, int threads, db_err *err)
 {
+    return db_sd_open_device(sd, path, mo, "cpu", threads, err);
+}
+
+int db_sd_open_device(db_sd *sd, const char *path, const db_model_opts *mo, const char *device, int threads,
+                      db_err *err)
+{
     memset(sd, 0, sizeof *sd);
     sd->threads = threads;
     if (db_model_open(&sd->model, path, mo, err))
         return -1;
-    if (db_ctx_create(&sd->ctx, DB_CPU, threads, err)) {
+    if (db_ctx_create_device(&sd->ctx, device, threads, err)) {
         db_model_close(&sd->model);
         return -1;
     }

@@ -50,6 +50,9 @@ typedef struct db_sd {
 } db_sd;
 
 int db_sd_open(db_sd *sd, const char *path, const db_model_opts *mo, int threads, db_err *err);
+/* The same on a device named as --device takes it ("cpu", "cuda", "cuda:N"). */
+int db_sd_open_device(db_sd *sd, const char *path, const db_model_opts *mo, const char *device, int threads,
+                      db_err *err);
 void db_sd_close(db_sd *sd);
 
 /* Embedding of one prompt: *emb (T, D) malloc'd, *T = 77 * chunks.

@@ -23,14 +23,28 @@ make -j"$(nproc)" all CUDA=1 CUDA_LIBDIRS="$CUDA_LIBDIRS" || { echo "BUILD FAILE
 echo "== check-cuda"
 timeout 360 make check-cuda CUDA_LIBDIRS="$CUDA_LIBDIRS" PROVE_FLAGS=-fv 2>&1 | tee "$OUT/check-cuda.txt"
 status=${PIPESTATUS[0]}
+echo "== tools: db-sample on the tiny model, cpu vs cuda (DB_CUDA_UNVERIFIED=1)"
+tools_status=0
+(
+    set -e
+    T=$(mktemp -d)
+    build/bin/db-ckpt init --arch tiny --seed 42 "$T/tiny" >/dev/null
+    for d in cpu cuda; do
+        DB_CUDA_UNVERIFIED=1 timeout 120 build/bin/db-sample -q -m "$T/tiny" -p "a photo of a dog" --steps 10 \
+            --width 128 --height 128 --seed 1 --device $d --latents-out "$T/$d.dbt" -o "$T/$d.png"
+    done
+    r=$(build/tests/dbtest dbt-rel "$T/cpu.dbt" "$T/cuda.dbt")
+    echo "db-sample cpu vs cuda final latents: $r"
+    awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-4) }'
+) 2>&1 | tee "$OUT/tools.txt" || tools_status=1
 echo "== bench (fp32, cudaEvent medians)"
 B="$PWD/build" timeout 240 build/tests/gpu/bench_cuda_ops 2>&1 | tee "$OUT/bench.md"
 {
-    echo "| date | card | check-cuda |"
-    echo "|---|---|---|"
-    echo "| $(date -u +%F) | $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) | $([ "$status" = 0 ] && echo pass || echo FAIL) |"
+    echo "| date | card | check-cuda | db-sample cpu vs cuda |"
+    echo "|---|---|---|---|"
+    echo "| $(date -u +%F) | $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) | $([ "$status" = 0 ] && echo pass || echo FAIL) | $([ "$tools_status" = 0 ] && echo pass || echo FAIL) |"
     echo
     grep '^|' "$OUT/bench.md" 2>/dev/null
 } > "$OUT/table.md"
 cat "$OUT/table.md"
-exit "$status"
+[ "$status" = 0 ] && [ "$tools_status" = 0 ]

@@ -7,6 +7,7 @@
  *   dbtest tfevents FILE         one line per value of a TensorBoard event file: "step tag value"
  *                                for scalars, "step tag image WxH png N bytes" for images
  *                                (exit 1 with the reader's error)
+ *   dbtest dbt-rel A B           largest relative L2 between the f32 records of two streams
  *   dbtest cuda-selftest         load the CUDA backend, run its self-test
  *                                (exit 0 pass, 1 mismatch, 3 no backend/GPU)
  */
@@ -20,6 +21,8 @@
 #include "libcommon/core/fsutil.h"
 #include "libcommon/core/version.h"
 #include "libcommon/io/tfevents.h"
+#include "libcommon/io/dbt.h"
+#include <math.h>
 
 static int print_scalars(const db_tfevents_event *ev, void *user, db_err *err)
 {
@@ -81,6 +84,45 @@ int main(int argc, char **argv)
             crc = db_crc32c(crc, px + ((size_t)(y + r) * img.width + x) * 3, (size_t)w * 3);
         printf("%ux%u %08x\n", w, h, crc);
         free(px);
+        return 0;
+    }
+    if (argc >= 4 && !strcmp(argv[1], "dbt-rel")) { /* largest relative L2 between matching f32 records */
+        db_dbt_reader *ra = NULL, *rb = NULL;
+        db_err e = {0};
+        if (db_dbt_open_read(&ra, argv[2], NULL, &e) || db_dbt_open_read(&rb, argv[3], NULL, &e)) {
+            fprintf(stderr, "dbtest: %s\n", e.msg);
+            return 1;
+        }
+        double worst = 0;
+        long n = 0;
+        db_dbt_record x, y;
+        int ga, gb;
+        while ((ga = db_dbt_next(ra, &x, &e)) == 1) {
+            db_tensor tx = {0}, ty = {0};
+            if ((gb = db_dbt_next(rb, &y, &e)) != 1 || db_dbt_record_tensor(&x, DB_F32, &tx, &e) ||
+                db_dbt_record_tensor(&y, DB_F32, &ty, &e) || db_tensor_numel(&tx) != db_tensor_numel(&ty)) {
+                fprintf(stderr, "dbtest: records differ in count or shape%s%s\n", e.code ? ": " : "", e.msg);
+                return 1;
+            }
+            double d = 0, r = 0;
+            for (int64_t i = 0; i < db_tensor_numel(&tx); i++) {
+                const double p = ((const float *)tx.data)[i], q = ((const float *)ty.data)[i];
+                d += (p - q) * (p - q);
+                r += p * p;
+            }
+            const double rel = r > 0 ? sqrt(d / r) : sqrt(d);
+            worst = rel > worst || isnan(rel) ? rel : worst;
+            n++;
+            db_tensor_free(&tx);
+            db_tensor_free(&ty);
+        }
+        db_dbt_reader_close(ra);
+        db_dbt_reader_close(rb);
+        if (ga < 0) {
+            fprintf(stderr, "dbtest: %s\n", e.msg);
+            return 1;
+        }
+        printf("%ld records, largest relative L2 %.3g\n", n, worst);
         return 0;
     }
     if (argc >= 3 && !strcmp(argv[1], "tfevents")) {
