@@ -115,7 +115,7 @@ CU_OBJ    := $(CU_SRC:%.cu=$(B)/%.o)
 CUDA_LIB  := $(B)/lib/libdb_cuda.so
 NVFLAGS   := -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-Wall -I. $(addprefix -I,$(CUDA_INCDIRS)) --expt-relaxed-constexpr -Werror all-warnings
 
-$(B)/kernels/cuda/%.o: kernels/cuda/%.cu $(wildcard kernels/cuda/*.h kernels/*.h) | $(DEPS_STAMP)
+$(B)/kernels/cuda/%.o: kernels/cuda/%.cu $(wildcard kernels/cuda/*.h kernels/*.h) libcommon/sd/adamw_coef.h libcommon/sd/optim.h | $(DEPS_STAMP)
 	@mkdir -p $(@D)
 	$(NVCC) $(NVFLAGS) -c $< -o $@
 

@@ -7,7 +7,8 @@
  * Every op of kernels/ops.h has a member with the op's exact signature
  * (DB_OP_LIST below, one line per op, the single list both sides expand);
  * the backend sets the ones it implements and leaves the rest NULL, which
- * the dispatcher reports as "not on this device".  Pointers passed to an op
+ * the dispatcher reports as "not on this device".  The optimizer ops
+ * (db_opt_*) follow the list as three explicit members.  Pointers passed to an op
  * of a CUDA ctx are device pointers from the ctx's allocator.
  *
  * ABI: bump DB_CUDA_ABI whenever this struct or an op's signature changes;
@@ -24,7 +25,7 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 1
+#define DB_CUDA_ABI 2 /* 2: opt_adamw, opt_sumsq, opt_scale */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -84,6 +85,15 @@ typedef struct db_cuda_api {
 #define DB_CUDA_API_MEMBER(name, params) int(*name) params;
     DB_OP_LIST(DB_CUDA_API_MEMBER)
 #undef DB_CUDA_API_MEMBER
+    /* The optimizer ops of kernels/ops.h (db_opt_*), spelled out rather than
+     * in DB_OP_LIST: they do not follow its NAME_forward / NAME_backward naming and
+     * their oracle is libcommon/sd/optim.c, which they match bit for bit.
+     * p, m, v, g are device pointers; opt_sumsq's out is a HOST double (the
+     * call waits for the stream), as on the CPU. */
+    int (*opt_adamw)(db_ctx *c, float *p, float *m, float *v, const float *g, size_t n, const struct db_adamw *hp,
+                     int64_t t);
+    int (*opt_sumsq)(db_ctx *c, double *out, const float *g, size_t n);
+    int (*opt_scale)(db_ctx *c, float *g, float coef, size_t n);
 } db_cuda_api;
 
 /* Exported by libdb_cuda.so: the table, or NULL when the library was built

@@ -285,9 +285,10 @@ int db_embedding_backward(db_ctx *c, float *dwte, float *dwpe, const float *dout
 /* ---- optimizer ------------------------------------------------------------------
  * The trainer's steps over whole parameter / gradient buffers, kept on the
  * device (they touch every weight each step).  Not db_NAME_forward ops, so
- * they are not in kernels/cuda_api.h's table (ABI 1): on CUDA they report
- * "not implemented" until the table grows them.  The CPU runs
- * libcommon/sd/optim.c's math, so results are bit-identical to it. */
+ * they are explicit members of kernels/cuda_api.h's table (ABI 2: opt_adamw,
+ * opt_sumsq, opt_scale) rather than DB_OP_LIST entries.  The CPU runs
+ * libcommon/sd/optim.c's math; the CUDA kernels (kernels/cuda/optim.cu)
+ * reproduce it bit for bit. */
 
 struct db_adamw; /* libcommon/sd/optim.h */
 

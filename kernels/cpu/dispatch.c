@@ -747,7 +747,7 @@ int db_embedding_backward(db_ctx *c, float *dwte, float *dwpe, const float *dout
     }
 }
 
-/* ---- optimizer (not in the CUDA table: see ops.h) ----------------------------------- */
+/* ---- optimizer (explicit members of the CUDA table, after DB_OP_LIST) ----------------------------------- */
 
 int db_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t n, const struct db_adamw *hp,
                  int64_t t)
@@ -759,7 +759,7 @@ int db_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t
         db_adamw_step_omp(p, m, v, g, n, hp, t);
         return 0;
     case DB_CUDA:
-        return not_on_cuda(c, "adamw");
+        return CUDA_OP(c, opt_adamw, "adamw", p, m, v, g, n, hp, t);
     default:
         return no_backend(c, "adamw");
     }
@@ -774,7 +774,7 @@ int db_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n)
         *out = db_sum_squares(g, n);
         return 0;
     case DB_CUDA:
-        return not_on_cuda(c, "sumsq");
+        return CUDA_OP(c, opt_sumsq, "sumsq", out, g, n);
     default:
         return no_backend(c, "sumsq");
     }
@@ -789,7 +789,7 @@ int db_opt_scale(db_ctx *c, float *g, float coef, size_t n)
         db_scale(g, coef, n);
         return 0;
     case DB_CUDA:
-        return not_on_cuda(c, "scale");
+        return CUDA_OP(c, opt_scale, "scale", g, coef, n);
     default:
         return no_backend(c, "scale");
     }

@@ -409,6 +409,9 @@ static db_cuda_api make_api(void)
     SET(concat_channels_backward);
     SET(upsample_nearest2x_backward);
     SET(embedding_backward);
+    SET(opt_adamw);
+    SET(opt_sumsq);
+    SET(opt_scale);
 #undef SET
     return a;
 }

@@ -108,5 +108,10 @@ static inline unsigned db_cuda_grid(size_t n, int threads)
 #define DB_CUDA_DECLARE(name, params) extern "C" int db_cuda_##name params;
 DB_OP_LIST(DB_CUDA_DECLARE)
 #undef DB_CUDA_DECLARE
+// optim.cu: the table's explicit optimizer members (kernels/cuda_api.h)
+extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t n,
+                                 const struct db_adamw *hp, int64_t t);
+extern "C" int db_cuda_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n);
+extern "C" int db_cuda_opt_scale(db_ctx *c, float *g, float coef, size_t n);
 
 #endif

@@ -7,41 +7,19 @@
 #include <string.h>
 
 #include "kernels/ops.h"
+#include "libcommon/sd/adamw_coef.h"
 
 db_adamw db_adamw_defaults(double lr)
 {
     return (db_adamw){.lr = lr, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 1e-2};
 }
 
-/* The float32 scalars torch applies to the tensors, derived once per step
- * from the Python-double values (Scalar.to<float>() rounds to nearest). */
-typedef struct adamw_coef {
-    float decay, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, neg_step_size;
-} adamw_coef;
-
-static adamw_coef adamw_coefs(const db_adamw *hp, int64_t t)
-{
-    /* torch 1.13 keeps `step` in a float32 tensor and reads it back with
-     * .item(): exact for any realistic step count. */
-    double step = (double)(float)t;
-    double bc1 = 1.0 - pow(hp->beta1, step);
-    double bc2 = 1.0 - pow(hp->beta2, step);
-    double step_size = hp->lr / bc1;
-    return (adamw_coef){
-        .decay = (float)(1.0 - hp->lr * hp->weight_decay),
-        .b1 = (float)hp->beta1,
-        .one_minus_b1 = (float)(1.0 - hp->beta1),
-        .b2 = (float)hp->beta2,
-        .one_minus_b2 = (float)(1.0 - hp->beta2),
-        .bc2_sqrt = (float)sqrt(bc2),
-        .eps = (float)hp->eps,
-        .neg_step_size = (float)-step_size,
-    };
-}
-
-/* One element, in torch's operation order; every intermediate is a float
+/* The step's float32 scalars come from db_adamw_coefs (adamw_coef.h), shared with
+ * the CUDA step (kernels/cuda/optim.cu) so both use the same bits.
+ *
+ * One element, in torch's operation order; every intermediate is a float
  * (GCC's -std=c11 implies -ffp-contract=off, so no FMA is formed). */
-static inline void adamw_elem(float *p, float *m, float *v, float g, const adamw_coef *c)
+static inline void adamw_elem(float *p, float *m, float *v, float g, const db_adamw_coef *c)
 {
     float pi = *p * c->decay;
     float mi = *m * c->b1;
@@ -58,14 +36,14 @@ static inline void adamw_elem(float *p, float *m, float *v, float g, const adamw
 
 void db_adamw_step(float *p, float *m, float *v, const float *g, size_t n, const db_adamw *hp, int64_t t)
 {
-    adamw_coef c = adamw_coefs(hp, t);
+    db_adamw_coef c = db_adamw_coefs(hp, t);
     for (size_t i = 0; i < n; i++)
         adamw_elem(&p[i], &m[i], &v[i], g[i], &c);
 }
 
 void db_adamw_step_omp(float *p, float *m, float *v, const float *g, size_t n, const db_adamw *hp, int64_t t)
 {
-    adamw_coef c = adamw_coefs(hp, t);
+    db_adamw_coef c = db_adamw_coefs(hp, t);
     ptrdiff_t nn = (ptrdiff_t)n;
 #pragma omp parallel for schedule(static) if (nn > 16384)
     for (ptrdiff_t i = 0; i < nn; i++)
@@ -74,6 +52,8 @@ void db_adamw_step_omp(float *p, float *m, float *v, const float *g, size_t n, c
 
 /* ---- clipping ------------------------------------------------------------ */
 
+/* The chunk is part of the result's bits: kernels/cuda/optim.cu uses the
+ * same 4096 (and the same order) so the CUDA sum is bit-identical. */
 enum { CLIP_CHUNK = 4096 };
 
 /* Sum of squares of one tensor: fixed chunks, each summed in double in

@@ -13,6 +13,11 @@
  * bits (determinism).  A NULL table member is reported "# not implemented on
  * CUDA", not a failure.
  *
+ * The optimizer ops (opt_adamw, opt_sumsq, opt_scale) must be BIT-identical
+ * to the CPU's libcommon/sd/optim.c, not just close: AdamW's p, m and v after
+ * each of three steps (t = 1, 2, 3), the double sum of squares, the scaled
+ * gradients; sizes off the 4096-element chunk and the block size included.
+ *
  * No CUDA toolchain here: the library is dlopen'd ($B/lib, else
  * $TOP/build/lib, else ../../lib next to this binary) and reached through
  * db_cuda_get_api.  Without the library or a device: "1..0 # SKIP".
@@ -28,6 +33,7 @@
 
 #include "kernels/cuda_api.h"
 #include "libcommon/sd/noise.h"
+#include "libcommon/sd/optim.h"
 #include "tests/unit/tap.h"
 
 #define TOL 1e-5
@@ -789,6 +795,87 @@ static void t_embedding(int B, int T, int C, int V, int maxT, int with_wpe)
     release_all();
 }
 
+
+/* ---- optimizer: bit-identical to libcommon/sd/optim.c ------------------------------- */
+
+/* device tensor d must hold exactly the bits of want (n floats) */
+static void cmp_bits(const char *what, const char *tensor, const float *d, const float *want, size_t n)
+{
+    const float *got = dget(d, n);
+    size_t bad = n; /* the first differing element, or n */
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(&got[i], &want[i], sizeof(float)) != 0) {
+            bad = i;
+            break;
+        }
+    tap_ok(bad == n, "%s %s: bit-identical to the CPU", what, tensor);
+    if (bad != n)
+        tap_diag("  first difference at %zu: cuda %.9g cpu %.9g", bad, (double)got[bad], (double)want[bad]);
+}
+
+/* three AdamW steps (t = 1, 2, 3) from m = v = 0, a fresh gradient each step */
+static void t_adamw(size_t n, double lr, double wd)
+{
+    char what[160];
+    snprintf(what, sizeof what, "opt_adamw N%zu lr %g wd %g", n, lr, wd);
+    if (!have((const void *)api->opt_adamw, what))
+        return;
+    db_adamw hp = db_adamw_defaults(lr);
+    hp.weight_decay = wd;
+    float *p = hrand(n, 1), *m = hzeros(n), *v = hzeros(n);
+    float *dp = dputf(p, n), *dm = dputf(m, n), *dv = dputf(v, n);
+    for (int64_t t = 1; t <= 3; t++) {
+        char step[200];
+        snprintf(step, sizeof step, "%s t%lld", what, (long long)t);
+        float *gr = hrand(n, 0.05f);
+        if (!cpu_ran(db_opt_adamw(cpu, p, m, v, gr, n, &hp, t), step))
+            break;
+        if (!gpu_ran(api->opt_adamw(&g, dp, dm, dv, dputf(gr, n), n, &hp, t), step))
+            break;
+        cmp_bits(step, "p", dp, p, n);
+        cmp_bits(step, "m", dm, m, n);
+        cmp_bits(step, "v", dv, v, n);
+    }
+    release_all();
+}
+
+static void t_sumsq(size_t n, float scale)
+{
+    char what[160];
+    snprintf(what, sizeof what, "opt_sumsq N%zu scale %g", n, (double)scale);
+    if (!have((const void *)api->opt_sumsq, what))
+        return;
+    float *x = hrand(n, scale);
+    double want = -1.0, got = -2.0;
+    if (cpu_ran(db_opt_sumsq(cpu, &want, x, n), what) && gpu_ran(api->opt_sumsq(&g, &got, dputf(x, n), n), what)) {
+        tap_ok(memcmp(&got, &want, sizeof got) == 0, "%s: bit-identical to the CPU", what);
+        if (memcmp(&got, &want, sizeof got) != 0)
+            tap_diag("  cuda %.17g cpu %.17g", got, want);
+    }
+    release_all();
+}
+
+static void t_scale(size_t n, float coef)
+{
+    char what[160];
+    snprintf(what, sizeof what, "opt_scale N%zu coef %g", n, (double)coef);
+    if (!have((const void *)api->opt_scale, what))
+        return;
+    float *x = hrand(n, 1);
+    float *d = dputf(x, n);
+    if (cpu_ran(db_opt_scale(cpu, x, coef, n), what) && gpu_ran(api->opt_scale(&g, d, coef, n), what)) {
+        if (isnan(coef)) { /* NaN payloads differ between CPU and GPU: every element NaN is the contract */
+            const float *got = dget(d, n);
+            size_t nan = 0;
+            for (size_t i = 0; i < n; i++)
+                nan += isnan(got[i]) != 0;
+            tap_ok(nan == n, "%s: every element NaN (%zu of %zu)", what, nan, n);
+        } else
+            cmp_bits(what, "g", d, x, n);
+    }
+    release_all();
+}
+
 /* ---- main ------------------------------------------------------------------------------------- */
 
 static void *open_lib(char *path, size_t n)
@@ -989,6 +1076,27 @@ int main(void)
         t_embedding(2, 77, 768, 50, 77, 1);
     if (!quick)
         t_embedding(3, 77, 768, 49408, 77, 0);
+
+    /* optimizer: sizes below, at and past one 4096-element chunk, not multiples
+     * of the 256-thread block, and (sumsq) past one 32-chunk block */
+    static const size_t opt_n[] = {1, 1001, 4096, 4097, 3 * 4096 + 77};
+    for (size_t k = 0; k < sizeof opt_n / sizeof opt_n[0]; k++) {
+        t_adamw(opt_n[k], 1e-3, 1e-2);
+        t_sumsq(opt_n[k], 1.0f);
+        t_scale(opt_n[k], 0.37f);
+    }
+    t_adamw(1001, 5e-6, 0.0); /* the DreamBooth lr, no decay */
+    t_adamw(1001, 0.5, 0.3);  /* large steps: bigger updates, subnormal-free */
+    t_sumsq(0, 1.0f);
+    t_sumsq(33 * 4096 + 1000, 1e-3f);
+    t_sumsq(70 * 4096, 30.0f);
+    t_scale(1001, 1.0f);
+    t_scale(1001, NAN);
+    if (!quick) {
+        t_adamw((size_t)2 * 320 * 64 * 64 + 3, 1e-3, 1e-2);
+        t_sumsq((size_t)12345679, 0.02f);
+        t_scale((size_t)12345679, 0.999f);
+    }
 
     api->ctx_destroy(&g);
     db_ctx_destroy(cpu);

@@ -53,6 +53,10 @@ template <class T> static T emu_shfl(T v, int src) {
 #define __shfl_sync(m, v, s) emu_shfl((v), (s))
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline float __fsqrt_rn(float a) { return sqrtf(a); }
+static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline double __dadd_rn(double a, double b) { return a + b; }
 static inline int atomicMin(int *p, int v) { std::lock_guard<std::mutex> g(emu_mtx); int o = *p; if (v < o) *p = v; return o; }
 template <class F> static void emu_launch(dim3 g, dim3 b, F f) {
     emu_gdim = g; emu_bdim = b;

@@ -1,0 +1,165 @@
+// The optimizer ops of kernels/ops.h (db_opt_adamw, db_opt_sumsq,
+// db_opt_scale) on the device, bit-identical to libcommon/sd/optim.c, their
+// CPU oracle (tests/gpu/test_cuda_ops.c checks the bits).
+//
+// No fused multiply-add anywhere: every operation is an explicit
+// round-to-nearest intrinsic (__fmul_rn, __fadd_rn, __fdiv_rn, __fsqrt_rn,
+// __dmul_rn, __dadd_rn), which nvcc never contracts, so the file does not
+// depend on -fmad or on the optimisation level (a plain a * b + c would
+// become an FMA under nvcc's default -fmad=true and differ from the CPU in
+// the last bit).  The library is also built without --use_fast_math, but
+// the intrinsics make the IEEE division and square root explicit here.
+//
+// Deterministic: every output element is written by one thread; the sum of
+// squares reduces in a fixed order and uses no atomics.
+#include <limits.h>
+#include <math.h>
+
+#include "kernels/cuda/cuda.h"
+#include "libcommon/sd/adamw_coef.h"
+
+enum { THREADS = 256 };
+
+#define GRID_STRIDE(i, n)                                                                                              \
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+
+// ---- AdamW ----------------------------------------------------------------------------
+
+// optim.c's adamw_elem, one element per iteration, the same operations in the
+// same order (torch 1.13's _single_tensor_adamw):
+//   p = p*decay; m = m*b1 + (1-b1)*g; v = v*b2 + ((1-b2)*g)*g;
+//   d = sqrt(v)/sqrt(bc2) + eps; p = p + (-step_size*m)/d
+__global__ static void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, db_adamw_coef k)
+{
+    GRID_STRIDE(i, n)
+    {
+        const float gi = g[i];
+        float pi = __fmul_rn(p[i], k.decay);
+        const float mi = __fadd_rn(__fmul_rn(m[i], k.b1), __fmul_rn(k.one_minus_b1, gi));
+        const float vi = __fadd_rn(__fmul_rn(v[i], k.b2), __fmul_rn(__fmul_rn(k.one_minus_b2, gi), gi));
+        const float d = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), k.bc2_sqrt), k.eps);
+        pi = __fadd_rn(pi, __fdiv_rn(__fmul_rn(k.neg_step_size, mi), d));
+        p[i] = pi;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t n,
+                                 const struct db_adamw *hp, int64_t t)
+{
+    DB_ENTER(c);
+    if (n == 0)
+        return 0;
+    // The scalars on the host in double, by the very function optim.c calls
+    // (adamw_coef.h), so they carry the same bits.
+    const db_adamw_coef k = db_adamw_coefs(hp, t);
+    adamw_kernel<<<db_cuda_grid(n, THREADS), THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k);
+    DB_LAUNCHED(c);
+    return 0;
+}
+
+// ---- sum of squares (db_clip_grad_norm's) ------------------------------------------------
+
+// optim.c's db_sum_squares: fixed 4096-element chunks, each summed in double
+// in element order, the chunk partials then added in chunk order.  The
+// bits depend on that association, so the kernels keep it exactly: one
+// thread per chunk walks its chunk in order (a tree inside the chunk would
+// associate differently), and one thread adds the partials in order.
+enum { SS_CHUNK = 4096, SS_LANES = 32, SS_TILE = 32 };
+
+// part[c] = sum of squares of chunk c.  A block is one warp holding 32
+// consecutive chunks; it stages SS_TILE elements of each of its chunks in
+// shared memory per step (row by row, so each global read is one coalesced
+// 128-byte sweep of the warp), then every lane adds its own chunk's row in
+// order.  The row is padded by one float against bank conflicts.
+__global__ static void __launch_bounds__(SS_LANES)
+    sumsq_chunks_kernel(double *part, const float *g, size_t n, size_t nchunks)
+{
+    __shared__ float tile[SS_LANES][SS_TILE + 1];
+    const int lane = (int)threadIdx.x;
+    const size_t first = (size_t)blockIdx.x * SS_LANES, mine = first + (size_t)lane;
+    double s = 0.0;
+    for (int base = 0; base < SS_CHUNK; base += SS_TILE) {
+        for (int k = 0; k < SS_LANES; k++) {
+            const size_t i = (first + (size_t)k) * SS_CHUNK + (size_t)base + (size_t)lane;
+            tile[k][lane] = i < n ? g[i] : 0.0f;
+        }
+        __syncthreads();
+        if (mine < nchunks) {
+            // only the elements below n: the CPU adds nothing past the end
+            const size_t beg = mine * SS_CHUNK + (size_t)base;
+            const int cnt = beg >= n ? 0 : n - beg < (size_t)SS_TILE ? (int)(n - beg) : SS_TILE;
+            for (int j = 0; j < cnt; j++) {
+                const double x = (double)tile[lane][j];
+                s = __dadd_rn(s, __dmul_rn(x, x));
+            }
+        }
+        __syncthreads(); // the tile is rewritten next step
+    }
+    if (mine < nchunks)
+        part[mine] = s;
+}
+
+// *out = part[0] + part[1] + ... in index order, from 0.0 (the CPU's
+// single-chunk shortcut returns part[0] itself: the same bits, as 0.0 + s
+// is s for the non-negative or NaN s a sum of squares can be).
+__global__ static void sumsq_total_kernel(double *out, const double *part, size_t nchunks)
+{
+    double t = 0.0;
+    for (size_t k = 0; k < nchunks; k++)
+        t = __dadd_rn(t, part[k]);
+    *out = t;
+}
+
+extern "C" int db_cuda_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n)
+{
+    DB_ENTER(c);
+    *out = 0.0;
+    if (n == 0)
+        return 0; // the CPU's empty sum
+    db_cuda_state *st = db_cuda_st(c);
+    const size_t nchunks = (n + SS_CHUNK - 1) / SS_CHUNK, blocks = (nchunks + SS_LANES - 1) / SS_LANES;
+    if (blocks > (size_t)INT_MAX)
+        return db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "sumsq: %zu elements are more than one launch covers",
+                            n);
+    // the partials, then the total in the slot after them
+    double *part = (double *)db_cuda_alloc(c, (nchunks + 1) * sizeof(double));
+    if (!part)
+        return -1;
+    sumsq_chunks_kernel<<<(unsigned)blocks, SS_LANES, 0, st->stream>>>(part, g, n, nchunks);
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) {
+        sumsq_total_kernel<<<1, 1, 0, st->stream>>>(part + nchunks, part, nchunks);
+        e = cudaGetLastError();
+    }
+    double total = 0.0;
+    if (e == cudaSuccess)
+        e = cudaMemcpyAsync(&total, part + nchunks, sizeof total, cudaMemcpyDeviceToHost, st->stream);
+    if (e == cudaSuccess)
+        e = cudaStreamSynchronize(st->stream); // out is host memory: the caller reads it next
+    db_cuda_free(c, part);
+    if (e != cudaSuccess)
+        return db_cuda_fail(c, e == cudaErrorMemoryAllocation ? DB_ENOMEM : DB_EIO, __FILE__, __LINE__, "sumsq: %s",
+                            cudaGetErrorString(e));
+    *out = total;
+    return 0;
+}
+
+// ---- scale ------------------------------------------------------------------------------
+
+// g = g * coef (optim.c's db_scale; a NaN coef poisons every element)
+__global__ static void scale_kernel(float *g, float coef, size_t n)
+{
+    GRID_STRIDE(i, n) g[i] = __fmul_rn(g[i], coef);
+}
+
+extern "C" int db_cuda_opt_scale(db_ctx *c, float *g, float coef, size_t n)
+{
+    DB_ENTER(c);
+    if (n == 0)
+        return 0;
+    scale_kernel<<<db_cuda_grid(n, THREADS), THREADS, 0, db_cuda_st(c)->stream>>>(g, coef, n);
+    DB_LAUNCHED(c);
+    return 0;
+}
