@@ -23,7 +23,7 @@ make -j"$(nproc)" all CUDA=1 CUDA_LIBDIRS="$CUDA_LIBDIRS" || { echo "BUILD FAILE
 echo "== check-cuda"
 timeout 360 make check-cuda CUDA_LIBDIRS="$CUDA_LIBDIRS" PROVE_FLAGS=-fv 2>&1 | tee "$OUT/check-cuda.txt"
 status=${PIPESTATUS[0]}
-echo "== tools: db-sample on the tiny model, cpu vs cuda (DB_CUDA_UNVERIFIED=1)"
+echo "== tools on the tiny model, cpu vs cuda (DB_CUDA_UNVERIFIED=1): db-sample, db-prep, db-train"
 tools_status=0
 (
     set -e
@@ -36,11 +36,30 @@ tools_status=0
     r=$(build/tests/dbtest dbt-rel "$T/cpu.dbt" "$T/cuda.dbt")
     echo "db-sample cpu vs cuda final latents: $r"
     awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-4) }'
+    for d in cpu cuda; do
+        DB_CUDA_UNVERIFIED=1 timeout 120 build/bin/db-prep -q -m "$T/tiny" --size 128 --caption "a photo of sks dog" \
+            --device $d tests/data/photos/dog -o "$T/inst-$d.dbt"
+    done
+    r=$(build/tests/dbtest dbt-rel "$T/inst-cpu.dbt" "$T/inst-cuda.dbt")
+    echo "db-prep cpu vs cuda posteriors: $r"
+    awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-4) }'
+    for d in cpu cuda; do
+        DB_CUDA_UNVERIFIED=1 timeout 180 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 --lr 1e-4 \
+            --train-text-encoder --device $d -o "$T/run-$d"
+    done
+    python3 - "$T/run-cpu/ckpt-000003/state.json" "$T/run-cuda/ckpt-000003/state.json" <<'PY'
+import json, sys
+a, b = (json.load(open(f))["loss"] for f in sys.argv[1:3])
+rel = max(abs(a[k] - b[k]) / abs(a[k]) for k in ("loss", "grad_norm"))
+print("db-train cpu vs cuda, 3 steps: loss %.8g vs %.8g, grad norm %.8g vs %.8g (rel %.3g)"
+      % (a["loss"], b["loss"], a["grad_norm"], b["grad_norm"], rel))
+sys.exit(0 if rel <= 1e-4 else 1)
+PY
 ) 2>&1 | tee "$OUT/tools.txt" || tools_status=1
 echo "== bench (fp32, cudaEvent medians)"
 B="$PWD/build" timeout 240 build/tests/gpu/bench_cuda_ops 2>&1 | tee "$OUT/bench.md"
 {
-    echo "| date | card | check-cuda | db-sample cpu vs cuda |"
+    echo "| date | card | check-cuda | tools cpu vs cuda |"
     echo "|---|---|---|---|"
     echo "| $(date -u +%F) | $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) | $([ "$status" = 0 ] && echo pass || echo FAIL) | $([ "$tools_status" = 0 ] && echo pass || echo FAIL) |"
     echo
