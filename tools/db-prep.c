@@ -21,19 +21,12 @@
 #include "libcommon/core/cli.h"
 #include "libcommon/core/fsutil.h"
 #include "libcommon/core/log.h"
+#include "libcommon/core/version.h"
 #include "libcommon/io/dbt.h"
 #include "libcommon/io/image.h"
 #include "libcommon/io/model.h"
 #include "libcommon/io/png.h"
 #include "libcommon/sd/vae.h"
-
-/* --device cuda runs only where someone asked for the unverified backend:
- * its kernels pass the CPU-emulator parity test but have not yet passed
- * make check-cuda on a GPU (README, kernels/cuda/NOTES.md). */
-static int device_allowed(const char *device)
-{
-    return !strcmp(device, "cpu") || getenv("DB_CUDA_UNVERIFIED") != NULL;
-}
 
 static db_log lg = {"db-prep", DB_LOG_WARN};
 
@@ -501,9 +494,8 @@ int main(int argc, char **argv)
         why = "--crops-per-image: 1 to 1000, and above 1 only with --crop random";
     else if (p.size < 8 || p.size > 4096 || threads < 0)
         why = "--size must lie in [8, 4096] and --threads be >= 0";
-    else if (!device_allowed(device))
-        why = "--device: the CUDA backend is not yet verified on a GPU; use --device cpu (or set DB_CUDA_UNVERIFIED=1 "
-              "to try it)";
+    else if (db_device_check(device, &e))
+        why = e.msg;
     if (why) {
         db_error(&lg, "%s (see --help)", why);
         return 2;

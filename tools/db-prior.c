@@ -21,6 +21,7 @@
 #include "libcommon/core/cli.h"
 #include "libcommon/core/fsutil.h"
 #include "libcommon/core/log.h"
+#include "libcommon/core/version.h"
 #include "libcommon/io/dbt.h"
 #include "libcommon/io/png.h"
 #include "libcommon/sd/txt2img.h"
@@ -36,14 +37,6 @@ typedef struct prior_run {
 } prior_run;
 
 /* Pack the header meta of every sample stream. */
-/* --device cuda runs only where someone asked for the unverified backend:
- * its kernels pass the CPU-emulator parity test but have not yet passed
- * make check-cuda on a GPU (README, kernels/cuda/NOTES.md). */
-static int device_allowed(const char *device)
-{
-    return !strcmp(device, "cpu") || getenv("DB_CUDA_UNVERIFIED") != NULL;
-}
-
 static int header_meta(db_meta *m, const prior_run *p, db_err *err)
 {
     db_meta_init(m);
@@ -453,9 +446,8 @@ static int generate_main(int argc, char **argv)
         db_error(&lg, "--shard %s: want I/N with 0 <= I < N", shard);
         return 2;
     }
-    if (!device_allowed(device)) {
-        db_error(&lg, "--device %s: the CUDA backend is not yet verified on a GPU; use --device cpu (or set "
-                      "DB_CUDA_UNVERIFIED=1 to try it)", device);
+    if (db_device_check(device, &e)) {
+        db_error(&lg, "%s", e.msg);
         return 2;
     }
     if (n < 1 || n > MAX_N || batch < 1 || batch > 1024 || steps < 1 || steps > 10000 || width < 8 || height < 8 ||

@@ -12,17 +12,10 @@
 #include "libcommon/core/cli.h"
 #include "libcommon/core/fsutil.h"
 #include "libcommon/core/log.h"
+#include "libcommon/core/version.h"
 #include "libcommon/io/dbt.h"
 #include "libcommon/io/png.h"
 #include "libcommon/sd/txt2img.h"
-
-/* --device cuda runs only where someone asked for the unverified backend:
- * its kernels pass the CPU-emulator parity test but have not yet passed
- * make check-cuda on a GPU (README, kernels/cuda/NOTES.md). */
-static int device_allowed(const char *device)
-{
-    return !strcmp(device, "cpu") || getenv("DB_CUDA_UNVERIFIED") != NULL;
-}
 
 static db_log lg = {"db-sample", DB_LOG_WARN};
 
@@ -192,9 +185,8 @@ int main(int argc, char **argv)
                  npos ? pos[0] : "");
         return 2;
     }
-    if (!device_allowed(device)) {
-        db_error(&lg, "--device %s: the CUDA backend is not yet verified on a GPU; use --device cpu (or set "
-                      "DB_CUDA_UNVERIFIED=1 to try it)", device);
+    if (db_device_check(device, &e)) {
+        db_error(&lg, "%s", e.msg);
         return 2;
     }
     if (n < 1 || n > 100000 || batch < 1 || steps < 1 || steps > 10000 || width < 8 || height < 8 || width > 8192 ||

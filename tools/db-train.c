@@ -26,6 +26,7 @@
 #include "libcommon/core/cli.h"
 #include "libcommon/core/fsutil.h"
 #include "libcommon/core/log.h"
+#include "libcommon/core/version.h"
 #include "libcommon/dist/dist.h"
 #include "libcommon/io/dbt.h"
 #include "libcommon/io/json.h"
@@ -712,11 +713,8 @@ int main(int argc, char **argv)
         status = 2;
         goto out;
     }
-    if (strcmp(o->device, "cpu") && !getenv("DB_CUDA_UNVERIFIED")) {
-        /* the CUDA kernels pass the CPU-emulator parity test but have not yet
-         * passed make check-cuda on a GPU (README, kernels/cuda/NOTES.md) */
-        db_error(&r->lg, "--device %s: the CUDA backend is not yet verified on a GPU; use --device cpu (or set "
-                         "DB_CUDA_UNVERIFIED=1 to try it)", o->device);
+    if (db_device_check(o->device, &e)) {
+        db_error(&r->lg, "%s", e.msg);
         status = 2;
         goto out;
     }

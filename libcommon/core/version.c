@@ -5,6 +5,7 @@
 #include <limits.h>
 #include <msgpack.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <zip.h>
@@ -68,4 +69,14 @@ const char *db_version_if_asked(int argc, char **argv, const char *prog, char *b
     }
     buf[0] = 0;
     return buf;
+}
+
+int db_device_check(const char *device, db_err *err)
+{
+    if (!strcmp(device, "cpu") || getenv("DB_CUDA_UNVERIFIED"))
+        return 0;
+    return db_err_set(err, DB_EUSAGE,
+                      "--device %s: the CUDA backend is not yet verified on a GPU; use --device cpu (or set "
+                      "DB_CUDA_UNVERIFIED=1 to try it)",
+                      device);
 }

@@ -5,6 +5,8 @@
 
 #include <stddef.h>
 
+#include "err.h"
+
 const char *db_version_text(const char *prog, char *buf, size_t n);
 /* The same, but only when argv holds "--version" (else ""): probing the CUDA
  * backend loads cuDNN and friends, which no ordinary run should pay for. */
@@ -13,5 +15,11 @@ const char *db_version_if_asked(int argc, char **argv, const char *prog, char *b
 /* dlopen the CUDA backend next to the executable (../lib/libdb_cuda.so).
  * Returns the handle or NULL with the reason in why. */
 void *db_cuda_backend_open(char *why, size_t n);
+
+/* May a tool run on --device `device`?  "cpu" always; anything else only
+ * while the environment has DB_CUDA_UNVERIFIED: the CUDA kernels pass the
+ * CPU-emulator parity test but have not yet passed make check-cuda on a GPU
+ * (README, kernels/cuda/NOTES.md).  0, or -1 with the usage error in err. */
+int db_device_check(const char *device, db_err *err);
 
 #endif
