@@ -10,7 +10,6 @@
  *
  * Exit status: 0 success, 1 failure (for diff: the models differ), 2 usage
  * error (for diff: trouble reading them), as cmp(1) does. */
-#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +26,7 @@
 #include "libcommon/sd/arch.h"
 #include "libcommon/sd/init.h"
 #include "libcommon/sd/tokenizer.h"
+#include "libcommon/sd/train_ckpt.h"
 
 typedef struct common_opts {
     int quiet, verbose;
@@ -109,8 +109,6 @@ static void print_stats(const char *label, const db_comp_stats *s)
  * model.safetensors (the trained components, fp32, CompVis names),
  * optimizer.safetensors, state.json and config.json.  See db-ckpt(1), FILES. */
 
-#define TRAIN_CKPT_FORMAT "dreambooth-c/ckpt"
-
 typedef struct train_ckpt {
     char *dir;       /* the ckpt-NNNNNN folder */
     json_t *state;   /* its state.json */
@@ -142,80 +140,6 @@ static int looks_like_train_ckpt(const char *path)
            (has_file(path, "state.json") || has_file(path, "optimizer.safetensors"));
 }
 
-/* DIR/state.json, checked to be a checkpoint's, with its step. */
-static int load_state(const char *dir, json_t **state, int64_t *step, db_err *e)
-{
-    char p[4200];
-    snprintf(p, sizeof p, "%s/state.json", dir);
-    json_t *s = db_json_load_object(p, e);
-    if (!s)
-        return -1;
-    const char *fmt = json_string_value(json_object_get(s, "format"));
-    json_t *st = json_object_get(s, "step");
-    if (!fmt || strcmp(fmt, TRAIN_CKPT_FORMAT)) {
-        db_err_set(e, DB_EFORMAT, "%s: \"format\" is %s%s%s, not \"" TRAIN_CKPT_FORMAT "\"", p, fmt ? "\"" : "",
-                   fmt ? fmt : "missing", fmt ? "\"" : "");
-    } else if (!json_is_integer(st) || json_integer_value(st) < 0) {
-        db_err_set(e, DB_EFORMAT, "%s: \"step\" is %s, not a step count", p,
-                   st ? db_json_type_name(st) : "missing");
-    } else {
-        *state = s;
-        *step = json_integer_value(st);
-        return 0;
-    }
-    json_decref(s);
-    return -1;
-}
-
-static int cmp_i64(const void *a, const void *b)
-{
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return (x > y) - (x < y);
-}
-
-/* The steps of RUN/ckpt-NNNNNN folders, ascending (hidden temporaries such
- * as .ckpt-000800.tmp-* do not match). */
-static int list_ckpts(const char *run, int64_t **steps, size_t *n, db_err *e)
-{
-    *steps = NULL;
-    *n = 0;
-    DIR *d = opendir(run);
-    if (!d)
-        return db_err_errno(e, run);
-    size_t cap = 0;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        const char *s = de->d_name;
-        if (strncmp(s, "ckpt-", 5) || !s[5] || strspn(s + 5, "0123456789") != strlen(s + 5) || strlen(s + 5) > 12)
-            continue;
-        char p[4200];
-        snprintf(p, sizeof p, "%s/%s", run, s);
-        if (!db_is_dir(p))
-            continue;
-        if (*n == cap) {
-            cap = cap ? 2 * cap : 16;
-            int64_t *ns = realloc(*steps, cap * sizeof *ns);
-            if (!ns) {
-                closedir(d);
-                return db_err_set(e, DB_ENOMEM, "out of memory");
-            }
-            *steps = ns;
-        }
-        (*steps)[(*n)++] = strtoll(s + 5, NULL, 10);
-    }
-    closedir(d);
-    if (*n)
-        qsort(*steps, *n, sizeof **steps, cmp_i64);
-    return 0;
-}
-
-static char *ckpt_path(const char *run, int64_t step)
-{
-    char name[32];
-    snprintf(name, sizeof name, "ckpt-%06lld", (long long)step);
-    return db_path_join(run, name);
-}
-
 /* PATH is a checkpoint folder, or a run folder whose latest complete
  * checkpoint (the largest step whose state.json reads and that has a
  * model.safetensors) is taken.  Returns 1 when PATH is neither (nothing
@@ -224,14 +148,14 @@ static int find_train_ckpt(const char *path, train_ckpt *ck, db_err *e)
 {
     memset(ck, 0, sizeof *ck);
     if (looks_like_train_ckpt(path)) {
-        if (load_state(path, &ck->state, &ck->step, e))
+        if (db_train_ckpt_state(path, &ck->state, &ck->step, e))
             return -1;
         ck->dir = strdup(path);
         return 0;
     }
     if (!db_is_dir(path) || has_file(path, "model_index.json"))
         return 1;
-    if (list_ckpts(path, &ck->steps, &ck->nsteps, e))
+    if (db_train_ckpt_list(path, &ck->steps, &ck->nsteps, e))
         return -1;
     if (!ck->nsteps) {
         free(ck->steps);
@@ -240,16 +164,11 @@ static int find_train_ckpt(const char *path, train_ckpt *ck, db_err *e)
     }
     db_err first = {0};
     for (size_t i = ck->nsteps; i-- > 0;) {
-        char *dir = ckpt_path(path, ck->steps[i]);
+        char *dir = db_train_ckpt_path(path, ck->steps[i]);
         db_err why = {0};
-        if (!load_state(dir, &ck->state, &ck->step, &why)) {
-            if (has_file(dir, "model.safetensors")) {
-                ck->dir = dir;
-                return 0;
-            }
-            json_decref(ck->state);
-            ck->state = NULL;
-            db_err_set(&why, DB_EFORMAT, "%s: no model.safetensors", dir);
+        if (!db_train_ckpt_complete(dir, &ck->state, &ck->step, &why)) {
+            ck->dir = dir;
+            return 0;
         }
         db_warn(&lg, "skipping incomplete checkpoint %s", why.msg);
         if (!first.msg[0])
@@ -334,7 +253,7 @@ static int info_train_ckpt(const char *path, const train_ckpt *ck, int json)
                                     json_pack("{s:I, s:I}", "params", (json_int_t)st[k].params, "tensors",
                                               (json_int_t)st[k].tensors));
         json_object_set_new(o, "path", json_string(path));
-        json_object_set_new(o, "format", json_string(TRAIN_CKPT_FORMAT));
+        json_object_set_new(o, "format", json_string(DB_CKPT_FORMAT));
         json_object_set_new(o, "checkpoint", json_string(ck->dir));
         json_object_set_new(o, "step", json_integer((json_int_t)ck->step));
         if (ck->nsteps) {

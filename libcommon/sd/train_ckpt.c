@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "libcommon/core/fsutil.h"
+#include "libcommon/io/json.h"
 #include "libcommon/io/safetensors.h"
 #include "libcommon/io/tindex.h"
 #include "libcommon/sd/arch.h"
@@ -250,20 +251,6 @@ static int read_group(const db_tindex *ix, const char *file, const db_weights *w
     return 0;
 }
 
-static int load_json(const char *path, json_t **out, db_err *err)
-{
-    json_error_t je;
-    *out = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
-    if (!*out)
-        return db_err_set(err, DB_EFORMAT, "%s: %s (line %d)", path, je.text, je.line);
-    if (!json_is_object(*out)) {
-        json_decref(*out);
-        *out = NULL;
-        return db_err_set(err, DB_EFORMAT, "%s: not a JSON object", path);
-    }
-    return 0;
-}
-
 int db_train_ckpt_load(const char *ckpt_dir, const db_train_state *st, json_t **state, json_t **config,
                        db_err *err)
 {
@@ -279,18 +266,9 @@ int db_train_ckpt_load(const char *ckpt_dir, const db_train_state *st, json_t **
         db_err_set(err, DB_ENOMEM, "out of memory");
         goto out;
     }
-    if (load_json(ps, state, err) || load_json(pc, config, err))
+    int64_t step;
+    if (db_train_ckpt_state(ckpt_dir, state, &step, err) || !(*config = db_json_load_object(pc, err)))
         goto out;
-    const char *fmt = json_string_value(json_object_get(*state, "format"));
-    if (!fmt || strcmp(fmt, DB_CKPT_FORMAT) != 0) {
-        db_err_set(err, DB_EFORMAT, "%s: not a dreambooth-c checkpoint (format '%s')", ps, fmt ? fmt : "none");
-        goto out;
-    }
-    json_t *jstep = json_object_get(*state, "step");
-    if (!json_is_integer(jstep) || json_integer_value(jstep) < 0) {
-        db_err_set(err, DB_EFORMAT, "%s: no step", ps);
-        goto out;
-    }
     const int text_in_file = json_is_true(json_object_get(*state, "train_text_encoder"));
     if (text_in_file != (st->text != NULL)) {
         db_err_set(err, DB_EUSAGE, "%s: the checkpoint was made %s the text encoder, this run %s it", ps,
@@ -344,47 +322,120 @@ static int64_t ckpt_step(const char *name)
     return s;
 }
 
-/* Does dir/name hold a state.json that parses? */
-static int complete(const char *run_dir, const char *name)
+static int cmp_i64(const void *a, const void *b)
 {
-    char *d = db_path_join(run_dir, name), *p = d ? db_path_join(d, "state.json") : NULL;
-    json_error_t je;
-    json_t *j = p ? json_load_file(p, 0, &je) : NULL;
-    int ok = j && json_is_integer(json_object_get(j, "step"));
-    json_decref(j);
-    free(p), free(d);
-    return ok;
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+int db_train_ckpt_list(const char *run_dir, int64_t **steps, size_t *n, db_err *err)
+{
+    *steps = NULL;
+    *n = 0;
+    DIR *d = opendir(run_dir);
+    if (!d)
+        return db_err_errno(err, run_dir);
+    size_t cap = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        const int64_t st = ckpt_step(e->d_name);
+        char *p = st < 0 ? NULL : db_path_join(run_dir, e->d_name);
+        const int dir = p && db_is_dir(p);
+        free(p);
+        if (!dir)
+            continue;
+        if (*n == cap) {
+            int64_t *t = realloc(*steps, (cap = cap ? 2 * cap : 16) * sizeof *t);
+            if (!t) {
+                closedir(d);
+                free(*steps);
+                *steps = NULL;
+                *n = 0;
+                return db_err_set(err, DB_ENOMEM, "out of memory");
+            }
+            *steps = t;
+        }
+        (*steps)[(*n)++] = st;
+    }
+    closedir(d);
+    if (*n)
+        qsort(*steps, *n, sizeof **steps, cmp_i64);
+    return 0;
+}
+
+char *db_train_ckpt_path(const char *run_dir, int64_t step)
+{
+    char name[32];
+    snprintf(name, sizeof name, "ckpt-%06" PRId64, step);
+    return db_path_join(run_dir, name);
+}
+
+int db_train_ckpt_state(const char *ckpt_dir, json_t **state, int64_t *step, db_err *err)
+{
+    *state = NULL;
+    char *p = db_path_join(ckpt_dir, "state.json");
+    json_t *s = p ? db_json_load_object(p, err) : NULL;
+    if (!p)
+        db_err_set(err, DB_ENOMEM, "out of memory");
+    if (!s) {
+        free(p);
+        return -1;
+    }
+    const char *fmt = json_string_value(json_object_get(s, "format"));
+    json_t *st = json_object_get(s, "step");
+    if (!fmt || strcmp(fmt, DB_CKPT_FORMAT)) {
+        db_err_set(err, DB_EFORMAT, "%s: \"format\" is %s%s%s, not \"" DB_CKPT_FORMAT "\"", p, fmt ? "\"" : "",
+                   fmt ? fmt : "missing", fmt ? "\"" : "");
+    } else if (!json_is_integer(st) || json_integer_value(st) < 0) {
+        db_err_set(err, DB_EFORMAT, "%s: \"step\" is %s, not a step count", p,
+                   st ? db_json_type_name(st) : "missing");
+    } else {
+        *state = s;
+        *step = json_integer_value(st);
+        free(p);
+        return 0;
+    }
+    json_decref(s);
+    free(p);
+    return -1;
+}
+
+int db_train_ckpt_complete(const char *ckpt_dir, json_t **state, int64_t *step, db_err *err)
+{
+    if (db_train_ckpt_state(ckpt_dir, state, step, err))
+        return -1;
+    char *m = db_path_join(ckpt_dir, "model.safetensors");
+    const int ok = m && db_exists(m);
+    free(m);
+    if (ok)
+        return 0;
+    json_decref(*state);
+    *state = NULL;
+    return db_err_set(err, DB_EFORMAT, "%s: no model.safetensors", ckpt_dir);
 }
 
 int db_train_ckpt_latest(const char *run_dir, char **path, int64_t *step, db_err *err)
 {
     *path = NULL;
-    DIR *d = opendir(run_dir);
-    if (!d)
-        return db_err_errno(err, run_dir);
-    int64_t best = -1;
-    char bname[300] = "";
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        int64_t s = ckpt_step(e->d_name);
-        if (s > best && strlen(e->d_name) < sizeof bname && complete(run_dir, e->d_name)) {
-            best = s;
-            snprintf(bname, sizeof bname, "%s", e->d_name);
+    int64_t *steps;
+    size_t n;
+    if (db_train_ckpt_list(run_dir, &steps, &n, err))
+        return -1;
+    for (size_t i = n; i-- > 0 && !*path;) {
+        char *dir = db_train_ckpt_path(run_dir, steps[i]);
+        json_t *state = NULL;
+        int64_t st;
+        db_err why = {0};
+        if (dir && db_train_ckpt_complete(dir, &state, &st, &why) == 0) {
+            *path = dir, dir = NULL;
+            if (step)
+                *step = st;
         }
+        json_decref(state);
+        free(dir);
     }
-    closedir(d);
-    if (best < 0)
-        return 0;
-    *path = db_path_join(run_dir, bname);
-    if (step)
-        *step = best;
-    return *path ? 0 : db_err_set(err, DB_ENOMEM, "out of memory");
-}
-
-static int cmp_i64(const void *a, const void *b)
-{
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return (x > y) - (x < y);
+    free(steps);
+    return 0;
 }
 
 void db_train_ckpt_prune(const char *run_dir, int keep, const db_log *lg)
@@ -392,8 +443,6 @@ void db_train_ckpt_prune(const char *run_dir, int keep, const db_log *lg)
     DIR *d = opendir(run_dir);
     if (!d)
         return;
-    int64_t *steps = NULL;
-    size_t n = 0, cap = 0;
     struct dirent *e;
     char buf[320];
     while ((e = readdir(d))) {
@@ -404,27 +453,21 @@ void db_train_ckpt_prune(const char *run_dir, int keep, const db_log *lg)
             snprintf(buf, sizeof buf, "%s/%s", run_dir, e->d_name);
             db_info(lg, "removing %s (an interrupted checkpoint write)", buf);
             db_rm_rf(buf);
-            continue;
         }
-        int64_t s = ckpt_step(e->d_name);
-        if (s < 0)
-            continue;
-        if (n == cap) {
-            int64_t *t = realloc(steps, (cap = cap ? 2 * cap : 16) * sizeof *t);
-            if (!t)
-                break;
-            steps = t;
-        }
-        steps[n++] = s;
     }
     closedir(d);
-    if (keep > 0 && n > (size_t)keep) {
-        qsort(steps, n, sizeof *steps, cmp_i64);
-        for (size_t i = 0; i + (size_t)keep < n; i++) {
-            snprintf(buf, sizeof buf, "%s/ckpt-%06" PRId64, run_dir, steps[i]);
-            db_info(lg, "removing %s (--keep-last %d)", buf, keep);
-            db_rm_rf(buf);
+    int64_t *steps;
+    size_t n;
+    db_err err = {0};
+    if (keep <= 0 || db_train_ckpt_list(run_dir, &steps, &n, &err))
+        return;
+    for (size_t i = 0; i + (size_t)keep < n; i++) {
+        char *p = db_train_ckpt_path(run_dir, steps[i]);
+        if (p) {
+            db_info(lg, "removing %s (--keep-last %d)", p, keep);
+            db_rm_rf(p);
         }
+        free(p);
     }
     free(steps);
 }

@@ -42,8 +42,22 @@ int db_train_ckpt_save(const char *run_dir, const db_train_state *st, const char
 int db_train_ckpt_load(const char *ckpt_dir, const db_train_state *st, json_t **state, json_t **config,
                        db_err *err);
 
-/* The newest complete checkpoint of run_dir (largest step whose state.json
- * parses), malloc'd into *path; *path NULL (and 0 returned) when none. */
+/* The steps of run_dir's ckpt-<digits> directories, ascending (temporaries
+ * such as .ckpt-000800.tmp-* do not match); *steps malloc'd (NULL when
+ * none). */
+int db_train_ckpt_list(const char *run_dir, int64_t **steps, size_t *n, db_err *err);
+/* run_dir/ckpt-NNNNNN of a step (malloc'd). */
+char *db_train_ckpt_path(const char *run_dir, int64_t step);
+/* ckpt_dir/state.json, checked to be a checkpoint's ("format" and a
+ * "step"): *state (caller decrefs) and *step, or -1 with err naming the
+ * file and what is wrong. */
+int db_train_ckpt_state(const char *ckpt_dir, json_t **state, int64_t *step, db_err *err);
+/* The same, and the checkpoint is complete: model.safetensors is there too
+ * (state.json is written last, so ours always are). */
+int db_train_ckpt_complete(const char *ckpt_dir, json_t **state, int64_t *step, db_err *err);
+
+/* The newest complete checkpoint of run_dir (db_train_ckpt_complete),
+ * malloc'd into *path; *path NULL (and 0 returned) when none. */
 int db_train_ckpt_latest(const char *run_dir, char **path, int64_t *step, db_err *err);
 
 /* Remove all but the newest keep checkpoints (keep <= 0: keep all) and any
