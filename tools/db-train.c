@@ -452,12 +452,8 @@ static void plan(run *r, int lh, int lw)
     const size_t act = db_unet_train_bytes_arch(&a->unet, B, lh, lw, T, r->o.grad_ckpt);
     const size_t act_full = db_unet_train_bytes_arch(&a->unet, B, lh, lw, T, 0);
     const size_t act_ck = db_unet_train_bytes_arch(&a->unet, B, lh, lw, T, 1);
-    const size_t N = (size_t)B * T, D = (size_t)a->text.hidden, I = (size_t)a->text.intermediate;
-    const size_t L = (size_t)a->text.layers;
-    /* clip.c: forward activations (acts_layout) and gradient workspace */
-    const size_t clip_act = 4 * (N + (L + 1) * N * D + L * (8 * N * D + 4 * N + N * (size_t)a->text.heads + 2 * N * I) +
-                                 N * D + 6 * N) +
-                            (r->o.train_text ? 4 * (7 * N * D + 2 * N * I) : 0);
+    const size_t N = (size_t)B * T, D = (size_t)a->text.hidden;
+    const size_t clip_act = db_clip_workspace_bytes(&a->text, N, r->o.train_text);
     const size_t per = (size_t)a->unet.in_channels * lh * lw;
     const size_t data = 4 * (r->inst.n * 2 * per + (r->has_class ? r->cls.n * db_trainset_record_floats(&r->cls) : 0));
     const size_t bufs = 4 * ((size_t)B * per * 9 + 2 * N * D);

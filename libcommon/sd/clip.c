@@ -280,6 +280,18 @@ int db_clip_hidden_ln(db_clip *c, float *out, int k, db_err *err)
 
 /* ---- backward --------------------------------------------------------------- */
 
+/* Floats of the backward's workspace for N tokens: 7 (N, D) and 2 (N, I). */
+static size_t grads_floats(const db_text_arch *t, size_t N)
+{
+    return 7 * ALIGN16(N * (size_t)t->hidden) + 2 * ALIGN16(N * (size_t)t->intermediate);
+}
+
+size_t db_clip_workspace_bytes(const db_text_arch *t, size_t N, int backward)
+{
+    db_clip_acts a;
+    return (acts_layout(&a, NULL, N, t) + (backward ? grads_floats(t, N) : 0)) * sizeof(float);
+}
+
 static int grads_reserve(db_clip *c, size_t N, db_err *err)
 {
     db_clip_grads_ws *g = &c->g;
@@ -288,7 +300,7 @@ static int grads_reserve(db_clip *c, size_t N, db_err *err)
     db_ctx_free(c->ctx, g->mem);
     memset(g, 0, sizeof *g);
     const size_t ND = ALIGN16(N * (size_t)c->arch.hidden), NI = ALIGN16(N * (size_t)c->arch.intermediate);
-    float *mem = db_ctx_alloc(c->ctx, (7 * ND + 2 * NI) * sizeof(float));
+    float *mem = db_ctx_alloc(c->ctx, grads_floats(&c->arch, N) * sizeof(float));
     if (!mem)
         return db_err_set(err, DB_ENOMEM, "text encoder: out of memory for the gradients of %zu tokens", N);
     float *p = mem;

@@ -139,6 +139,10 @@ int db_clip_hidden_ln(db_clip *c, float *out, int k, db_err *err);
  * or -1 with err set. */
 int db_clip_backward(db_clip *c, db_weights *grads, const float *dlast, db_err *err);
 
+/* Bytes of the activations a forward of N tokens keeps, plus with backward
+ * the gradient workspace (for memory plans; the same layout the model uses). */
+size_t db_clip_workspace_bytes(const db_text_arch *t, size_t N, int backward);
+
 /* Release the activation workspace (it comes back on the next forward). */
 void db_clip_trim(db_clip *c);
 

@@ -363,23 +363,10 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
 
 size_t db_trainer_grad_norms(const db_trainer *t, double *out, size_t n)
 {
-    /* a report, so a host loop (its own summation order, not the clip's):
-     * off the CPU each tensor is copied back first; NaN when that fails */
-    db_ctx *c = t->ctx;
+    /* the clip's sum of squares, on the gradients' own device; NaN when it fails */
     for (size_t i = 0; i < t->nrefs && i < n; i++) {
-        const float *g = host_stage(t, t->refs[i].g, t->refs[i].n);
-        if (!g || (c->device != DB_CPU &&
-                   db_ctx_copy(c, (float *)g, t->refs[i].g, t->refs[i].n * sizeof(float), DB_COPY_D2H))) {
-            if (g)
-                host_unstage(t, (float *)g);
-            out[i] = NAN;
-            continue;
-        }
-        double q = 0;
-        for (size_t e = 0; e < t->refs[i].n; e++)
-            q += (double)g[e] * g[e];
-        out[i] = sqrt(q);
-        host_unstage(t, (float *)g);
+        double q;
+        out[i] = db_opt_sumsq(t->ctx, &q, t->refs[i].g, t->refs[i].n) ? NAN : sqrt(q);
     }
     return t->nrefs;
 }
