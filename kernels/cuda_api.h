@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 2 /* 2: opt_adamw, opt_sumsq, opt_scale */
+#define DB_CUDA_ABI 3 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -94,6 +94,10 @@ typedef struct db_cuda_api {
                      int64_t t);
     int (*opt_sumsq)(db_ctx *c, double *out, const float *g, size_t n);
     int (*opt_scale)(db_ctx *c, float *g, float coef, size_t n);
+    /* allocator statistics (kernels/ops.h db_mem_stats; tracked = 1) and
+     * resetting the peak to what is in use now */
+    void (*mem_stats)(db_ctx *c, db_mem_stats *s);
+    void (*mem_reset_peak)(db_ctx *c);
 } db_cuda_api;
 
 /* Exported by libdb_cuda.so: the table, or NULL when the library was built

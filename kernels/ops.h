@@ -65,8 +65,35 @@
 
 typedef struct db_cpu db_cpu; /* CPU backend state, kernels/cpu/cpu.h */
 
+/* Compute precision of the matmul-class ops ("autocast"; db-* --precision).
+ *
+ * DB_PREC_F32 (the default): everything in float32 as documented per op.
+ * DB_PREC_BF16 / DB_PREC_F16: the matmul-class ops -- gemm, linear, conv2d
+ * and attention, forward and backward -- behave as if their operands were
+ * stored in the compute type, as torch.autocast runs them:
+ *   - every floating input (activations, weights, bias, dout, and the
+ *     forward's saved out for attention's backward) is first rounded to the
+ *     compute type (round to nearest even; fp16 overflows to +-inf, so an
+ *     overflow shows up as a non-finite result);
+ *   - products and sums are float32 (exact products of compute-type values,
+ *     float32 accumulation; attention's softmax, its scale and lse float32);
+ *   - every output -- out, dinp, dA, dB, dq, dk, dv, and each parameter
+ *     gradient's contribution (dweight, dbias) BEFORE it is added (+=) to
+ *     the float32 gradient buffer -- is rounded to the compute type and
+ *     stored as a float32 holding that value.  lse stays float32.
+ * Buffers stay float32 (only values change), so model code is unchanged; the
+ * other ops (norms, softmax, activations, elementwise, embeddings, the
+ * optimizer, the loss) run in float32 on those values in every mode, and
+ * weights, gradients and optimizer moments are float32 masters.
+ * The CPU emulates the compute types (same rounding, float32 kernels; no
+ * speed-up, it exists as the reference); CUDA runs them on tensor cores
+ * (bf16/fp16 operands, float32 accumulate).  The two agree up to float32
+ * summation order, which can flip an output's last compute-type bit. */
+typedef enum db_precision { DB_PREC_F32 = 0, DB_PREC_BF16 = 1, DB_PREC_F16 = 2 } db_precision;
+
 typedef struct db_ctx {
     db_device device; /* where every pointer handed to an op lives */
+    db_precision precision; /* compute precision of the matmul-class ops (DB_PREC_F32) */
     int threads;      /* worker threads the ops use */
     int simd;         /* CPU: 1 = use the AVX-512 kernels (set at create when the
                          CPU has them; a test may clear it to check the portable path) */
@@ -93,6 +120,23 @@ int db_ctx_create(db_ctx **out, db_device device, int threads, db_err *err);
  * GPU N; a missing library, GPU or ABI match is DB_EUNSUPP with the reason. */
 int db_ctx_create_device(db_ctx **out, const char *device, int threads, db_err *err);
 void db_ctx_destroy(db_ctx *c);
+/* Set the compute precision (above) for the ops called after it. */
+void db_ctx_set_precision(db_ctx *c, db_precision p);
+/* "fp32", "bf16", "fp16"; and the parser the tools use, which also takes
+ * "f32", "float32", "no" (diffusers' --mixed_precision=no), "f16",
+ * "float16", "bfloat16": the precision, or -1 when unknown. */
+const char *db_precision_name(db_precision p);
+int db_precision_parse(const char *s);
+
+/* Device memory of a ctx, in bytes: in_use by live buffers, peak of in_use
+ * since the ctx was created or db_ctx_mem_reset_peak, reserved from the
+ * driver (in use + cached).  CUDA only: on the CPU all zero and tracked 0. */
+typedef struct db_mem_stats {
+    int tracked;
+    size_t in_use, peak, reserved;
+} db_mem_stats;
+void db_ctx_mem_stats(db_ctx *c, db_mem_stats *s);
+void db_ctx_mem_reset_peak(db_ctx *c);
 void db_ctx_clear_error(db_ctx *c);
 /* Release the scratch buffer and cached primitives (they come back on demand);
  * for a tool between phases, e.g. after the UNet loop and before VAE decode. */

@@ -120,6 +120,48 @@ void db_ctx_destroy(db_ctx *c)
 
 void db_ctx_clear_error(db_ctx *c) { db_err_clear(&c->err); }
 
+void db_ctx_set_precision(db_ctx *c, db_precision p) { c->precision = p; }
+
+const char *db_precision_name(db_precision p)
+{
+    switch (p) {
+    case DB_PREC_F32:
+        return "fp32";
+    case DB_PREC_BF16:
+        return "bf16";
+    case DB_PREC_F16:
+        return "fp16";
+    }
+    return "?";
+}
+
+int db_precision_parse(const char *s)
+{
+    static const struct {
+        const char *name;
+        db_precision p;
+    } names[] = {{"fp32", DB_PREC_F32}, {"f32", DB_PREC_F32},       {"float32", DB_PREC_F32},
+                 {"no", DB_PREC_F32},   {"bf16", DB_PREC_BF16},     {"bfloat16", DB_PREC_BF16},
+                 {"fp16", DB_PREC_F16}, {"f16", DB_PREC_F16},       {"float16", DB_PREC_F16}};
+    for (size_t i = 0; s && i < sizeof names / sizeof names[0]; i++)
+        if (!strcmp(s, names[i].name))
+            return (int)names[i].p;
+    return -1;
+}
+
+void db_ctx_mem_stats(db_ctx *c, db_mem_stats *s)
+{
+    memset(s, 0, sizeof *s);
+    if (c->device == DB_CUDA && c->cuda_api->mem_stats)
+        c->cuda_api->mem_stats(c, s);
+}
+
+void db_ctx_mem_reset_peak(db_ctx *c)
+{
+    if (c->device == DB_CUDA && c->cuda_api->mem_reset_peak)
+        c->cuda_api->mem_reset_peak(c);
+}
+
 void db_ctx_trim(db_ctx *c)
 {
     if (c->device == DB_CPU)

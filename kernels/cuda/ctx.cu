@@ -171,6 +171,8 @@ void *db_cuda_alloc(db_ctx *c, size_t bytes)
         cudaFree(p);
         return NULL;
     }
+    if (st->live_bytes > st->peak_bytes)
+        st->peak_bytes = st->live_bytes;
     return p;
 }
 
@@ -357,6 +359,17 @@ done:
     return rc;
 }
 
+static void api_mem_stats(db_ctx *c, db_mem_stats *s)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    s->tracked = 1;
+    s->in_use = st->live_bytes;
+    s->peak = st->peak_bytes;
+    s->reserved = st->live_bytes + st->cached_bytes;
+}
+
+static void api_mem_reset_peak(db_ctx *c) { db_cuda_st(c)->peak_bytes = db_cuda_st(c)->live_bytes; }
+
 // ---- the exported table ----------------------------------------------------------
 
 static db_cuda_api make_api(void)
@@ -372,6 +385,8 @@ static db_cuda_api make_api(void)
     a.copy = api_copy;
     a.zero = api_zero;
     a.sync = api_sync;
+    a.mem_stats = api_mem_stats;
+    a.mem_reset_peak = api_mem_reset_peak;
 #define SET(name) a.name = db_cuda_##name
     SET(gemm_forward);
     SET(linear_forward);

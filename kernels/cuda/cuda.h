@@ -44,6 +44,7 @@ struct db_cuda_state {
     void **live_p;
     size_t *live_n;
     size_t live_cap, live_count, live_bytes;
+    size_t peak_bytes; // most live_bytes since init or mem_reset_peak
     db_cuda_conv_plan *plans; // conv.cu's shape cache (a list)
     int *flag;                // one device int for kernels that report a bad input
 };
