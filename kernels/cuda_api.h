@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 3 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats */
+#define DB_CUDA_ABI 3 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -98,6 +98,9 @@ typedef struct db_cuda_api {
      * resetting the peak to what is in use now */
     void (*mem_stats)(db_ctx *c, db_mem_stats *s);
     void (*mem_reset_peak)(db_ctx *c);
+    /* the ctx's cudaStream_t (as void *), for libraries that queue work
+     * with the ops (NCCL collectives, libcommon/dist) */
+    void *(*stream)(db_ctx *c);
 } db_cuda_api;
 
 /* Exported by libdb_cuda.so: the table, or NULL when the library was built

@@ -370,6 +370,8 @@ static void api_mem_stats(db_ctx *c, db_mem_stats *s)
 
 static void api_mem_reset_peak(db_ctx *c) { db_cuda_st(c)->peak_bytes = db_cuda_st(c)->live_bytes; }
 
+static void *api_stream(db_ctx *c) { return (void *)db_cuda_st(c)->stream; }
+
 // ---- the exported table ----------------------------------------------------------
 
 static db_cuda_api make_api(void)
@@ -387,6 +389,7 @@ static db_cuda_api make_api(void)
     a.sync = api_sync;
     a.mem_stats = api_mem_stats;
     a.mem_reset_peak = api_mem_reset_peak;
+    a.stream = api_stream;
 #define SET(name) a.name = db_cuda_##name
     SET(gemm_forward);
     SET(linear_forward);
