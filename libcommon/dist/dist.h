@@ -12,9 +12,16 @@
 
 #include "libcommon/core/err.h"
 
+struct db_ctx;
+struct db_nccl; /* dist.c: the dlopen'd NCCL and its communicator */
+
 typedef struct db_dist {
     int rank, world;
     int mpi;                 /* 1: MPI initialised by us (finalise it) */
+    /* gradient sums of a device ctx (db_dist_bind): NCCL, or host staging */
+    struct db_nccl *nccl;    /* NULL: no NCCL communicator */
+    float *stage;            /* host buffer for staged sums, stage_n floats */
+    size_t stage_n;
 } db_dist;
 
 /* Join the job (MPI_Init when launched by mpirun/srun). */
@@ -30,5 +37,28 @@ int db_dist_sum_f32(db_dist *d, float *x, size_t n, db_err *err);
 int db_dist_sum_f64(db_dist *d, double *x, size_t n, db_err *err);
 /* x = the largest of every rank's x. */
 int db_dist_max_int(db_dist *d, int *x, db_err *err);
+
+/* This process's index among the job's processes on its host, from the
+ * launcher's environment (OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID,
+ * MPI_LOCALRANKID, PMI_LOCAL_RANK), else the rank: which GPU a process of
+ * `mpirun -np G db-train --device cuda` takes (cuda:LOCAL_RANK). */
+int db_dist_local_rank(const db_dist *d);
+
+/* Make db_dist_sum_dev ready for buffers of c's device.  A CPU ctx or a job
+ * of one process needs nothing.  A CUDA ctx in a job of several: NCCL
+ * (libnccl.so.2, or the file DB_NCCL_LIB names), its communicator
+ * bootstrapped by broadcasting rank 0's ncclUniqueId over MPI, collectives
+ * queued on c's stream; DB_NCCL=0, or no loadable NCCL, sums through host
+ * memory and MPI instead (correct, slower: one device-host round trip per
+ * step).  Call after db_ctx_create and before the first sum; every rank
+ * must call it. */
+int db_dist_bind(db_dist *d, struct db_ctx *c, db_err *err);
+/* "mpi" (host buffers), "nccl", or "mpi-staged" (device buffers through host). */
+const char *db_dist_transport(const db_dist *d, const struct db_ctx *c);
+/* In place over all ranks, like db_dist_sum_f32, for n floats that live on
+ * c's device.  Every rank ends with the same bits (NCCL's ring reduces each
+ * chunk once and broadcasts it; MPI as above), so the replicas' AdamW steps
+ * stay identical. */
+int db_dist_sum_dev(db_dist *d, struct db_ctx *c, float *x, size_t n, db_err *err);
 
 #endif
