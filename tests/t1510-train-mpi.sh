@@ -40,5 +40,14 @@ check "the run records its 2 processes" "grep -q '\"processes\": 2' '$T/two/ckpt
 fails_with 1 "trained by 2 processes" "a resume with another process count is refused" $TR --steps 6 --resume "$T/two"
 ok "a resume with 2 processes continues" mpirun -np 2 $TR --steps 6 --resume "$T/two"
 check "ckpt-000006 written" "[ -d '$T/two/ckpt-000006' ]"
+mpirun -np 2 ${TR/-q/-v} --steps 1 -o "$T/v" >"$T/v.log" 2>&1
+check "rank 0 says how gradients are summed (CPU: MPI)" "grep -q 'process 0 of 2 on cpu, gradients summed over mpi' '$T/v.log'"
+# --device cuda under mpirun: each process takes the GPU of its local rank.
+# Here there is none, so each names the device it tried; rank 0 waits so
+# that rank 1 fails (and says so) before rank 0's abort ends the job.
+DB_CUDA_UNVERIFIED=1 mpirun -np 2 sh -c '[ "$OMPI_COMM_WORLD_RANK" = 0 ] && sleep 3; exec "$@"' sh \
+    $TR --device cuda -o "$T/cu" >"$T/cu.log" 2>&1
+check "mpirun -np 2 --device cuda: process 1 asks for cuda:1" "grep -q 'context: cuda:1' '$T/cu.log'"
+check "... and writes no run" "[ ! -e '$T/cu/ckpt-000002' ]"
 fails_with 2 "one process" "--record under mpirun is refused" mpirun -np 2 $TR --record "$T/d.dbt" -o "$T/rec"
 done_testing

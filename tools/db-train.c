@@ -547,8 +547,13 @@ static int validate(run *r, int64_t step, db_err *err)
     return rc ? db_err_prefix(err, "validation samples") : 0;
 }
 
-static int reduce_f32(void *d, float *x, size_t n, db_err *err) { return db_dist_sum_f32(d, x, n, err); }
-static int reduce_f64(void *d, double *x, size_t n, db_err *err) { return db_dist_sum_f64(d, x, n, err); }
+/* the trainer's reductions: gradients live on the run's device, loss sums on the host */
+static int reduce_f32(void *u, float *x, size_t n, db_err *err)
+{
+    run *r = u;
+    return db_dist_sum_dev(&r->dist, r->ctx, x, n, err);
+}
+static int reduce_f64(void *u, double *x, size_t n, db_err *err) { return db_dist_sum_f64(&((run *)u)->dist, x, n, err); }
 
 int main(int argc, char **argv)
 {
@@ -843,13 +848,21 @@ int main(int argc, char **argv)
         to.world = r->dist.world;
         to.reduce_f32 = reduce_f32;
         to.reduce_f64 = reduce_f64;
-        to.reduce_user = &r->dist;
+        to.reduce_user = r;
     }
-    if (db_ctx_create_device(&r->ctx, o->device, (int)o->threads, &e) ||
-        db_trainer_create(&r->tr, r->ctx, &r->m, &to, &e)) {
+    /* several processes on "cuda": one GPU each, by their rank on the host */
+    char devname[32];
+    snprintf(devname, sizeof devname, "%s", o->device);
+    if (r->dist.world > 1 && !strcmp(o->device, "cuda"))
+        snprintf(devname, sizeof devname, "cuda:%d", db_dist_local_rank(&r->dist));
+    if (db_ctx_create_device(&r->ctx, devname, (int)o->threads, &e) ||
+        db_trainer_create(&r->tr, r->ctx, &r->m, &to, &e) || db_dist_bind(&r->dist, r->ctx, &e)) {
         db_error(&r->lg, "%s", e.msg);
         goto out;
     }
+    if (r->dist.world > 1)
+        db_debug(&r->lg, "process %d of %d on %s, gradients summed over %s", r->dist.rank, r->dist.world, devname,
+                 db_dist_transport(&r->dist, r->ctx));
     r->config = config_json(t);
     if (!r->config) {
         db_error(&r->lg, "out of memory");

@@ -99,8 +99,6 @@ int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db
     if (o->grad_accum < 1 || o->world < 1 || (o->world > 1 && (!o->reduce_f32 || !o->reduce_f64)))
         return db_err_set(err, DB_EUSAGE, "trainer: gradient accumulation and processes must be at least 1 (got "
                           "%d, %d), and several processes need a reduction", o->grad_accum, o->world);
-    if (o->world > 1 && ctx->device != DB_CPU) /* the reductions take host buffers */
-        return db_err_set(err, DB_EUNSUPP, "trainer: several processes need the CPU device for now");
     db_trainer *t = calloc(1, sizeof *t);
     if (!t)
         return db_err_set(err, DB_ENOMEM, "trainer: out of memory");

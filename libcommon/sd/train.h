@@ -57,7 +57,9 @@ typedef struct db_train_opts {
      * 1 / (grad_accum * world), and db_trainer_apply first calls reduce on
      * each gradient buffer (UNet, then text encoder) and on the loss sums
      * (4 doubles), which must sum them over the processes in place.
-     * world 1 and reduce NULL: one process (the default). */
+     * world 1 and reduce NULL: one process (the default).  reduce_f32
+     * gets buffers of the trainer's ctx device (libcommon/dist's
+     * db_dist_sum_dev: NCCL or staged MPI on CUDA), reduce_f64 host ones. */
     int world;
     int (*reduce_f32)(void *user, float *x, size_t n, db_err *err);
     int (*reduce_f64)(void *user, double *x, size_t n, db_err *err);
