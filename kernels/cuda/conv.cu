@@ -26,6 +26,17 @@
 //
 // Bias: our own kernels (add per channel; the gradient a two-stage sum with a
 // fixed order, in double).
+//
+// bf16 / fp16 (c->precision, kernels/ops.h db_precision): the plan's tensor and
+// filter descriptors are in the compute type with float32 compute
+// (cuDNN's PSEUDO_HALF / PSEUDO_BFLOAT16 configs: 16-bit data, float32
+// accumulation, the output rounded once when cuDNN stores it); inputs are
+// converted into scratch (autocast.cu), outputs converted back (exactly).
+// Tensor-core math is allowed in these modes only; fp32 keeps FMA math.  The
+// determinism and accuracy filters are the same as in fp32.  The bias enters
+// the forward through beta: y is pre-filled with the rounded bias and cuDNN
+// computes conv + y in float32 before its single rounding.  The bias gradient
+// is the float32 sum of the rounded dout, rounded once, then added.
 #include <stdlib.h>
 #include <string.h>
 
@@ -36,7 +47,7 @@ enum { NCAND = 8 };
 static const size_t WS_CAP = (size_t)2 << 30; // bytes of workspace at most
 
 struct db_cuda_conv_plan {
-    int key[10]; // B, C, H, W, OC, KH, KW, stride, pad0, pad1
+    int key[11]; // B, C, H, W, OC, KH, KW, stride, pad0, pad1, precision (0 = fp32)
     int explicit_pad, Hp, Wp, OH, OW;
     cudnnTensorDescriptor_t x, y; // (B, C, Hp, Wp), (B, OC, OH, OW)
     cudnnFilterDescriptor_t w;    // (OC, C, KH, KW)
@@ -88,11 +99,24 @@ static bool bf_ok(cudnnConvolutionBwdFilterAlgo_t a)
            a != CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED;
 }
 
+// A candidate's math: FMA only in fp32 (tensor-op math would be TF32);
+// tensor cores too on 16-bit data, but never ALLOW_CONVERSION (it may convert
+// bf16 operands to fp16 on the way, and fp32 ones to 16 bits).
+static bool math_ok(const db_cuda_conv_plan *p, cudnnMathType_t m)
+{
+    if (p->key[10] != 0)
+        return m != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION;
+    return m != CUDNN_TENSOR_OP_MATH && m != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION;
+}
+
 static int plan_init(db_ctx *c, db_cuda_conv_plan *p)
 {
     db_cuda_state *st = db_cuda_st(c);
     const int B = p->key[0], C = p->key[1], H = p->key[2], W = p->key[3], OC = p->key[4], KH = p->key[5],
               KW = p->key[6], stride = p->key[7], pad0 = p->key[8], pad1 = p->key[9];
+    const cudnnDataType_t dt = p->key[10] == DB_PREC_F16    ? CUDNN_DATA_HALF
+                               : p->key[10] == DB_PREC_BF16 ? CUDNN_DATA_BFLOAT16
+                                                            : CUDNN_DATA_FLOAT;
     p->explicit_pad = pad0 != pad1;
     const int pad = p->explicit_pad ? 0 : pad0;
     p->Hp = p->explicit_pad ? H + pad0 + pad1 : H;
@@ -101,11 +125,13 @@ static int plan_init(db_ctx *c, db_cuda_conv_plan *p)
     DB_CUDNN(c, cudnnCreateTensorDescriptor(&p->y));
     DB_CUDNN(c, cudnnCreateFilterDescriptor(&p->w));
     DB_CUDNN(c, cudnnCreateConvolutionDescriptor(&p->conv));
-    DB_CUDNN(c, cudnnSetTensor4dDescriptor(p->x, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, B, C, p->Hp, p->Wp));
-    DB_CUDNN(c, cudnnSetFilter4dDescriptor(p->w, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW, OC, C, KH, KW));
+    DB_CUDNN(c, cudnnSetTensor4dDescriptor(p->x, CUDNN_TENSOR_NCHW, dt, B, C, p->Hp, p->Wp));
+    DB_CUDNN(c, cudnnSetFilter4dDescriptor(p->w, dt, CUDNN_TENSOR_NCHW, OC, C, KH, KW));
+    // compute type float32 in every mode (the 16-bit modes: the pseudo configs)
     DB_CUDNN(c, cudnnSetConvolution2dDescriptor(p->conv, pad, pad, stride, stride, 1, 1, CUDNN_CROSS_CORRELATION,
                                                 CUDNN_DATA_FLOAT));
-    DB_CUDNN(c, cudnnSetConvolutionMathType(p->conv, CUDNN_FMA_MATH)); // no TF32
+    // fp32: no TF32; 16-bit data: tensor cores (products exact, float32 sums)
+    DB_CUDNN(c, cudnnSetConvolutionMathType(p->conv, dt == CUDNN_DATA_FLOAT ? CUDNN_FMA_MATH : CUDNN_TENSOR_OP_MATH));
     int n, oc, oh, ow;
     DB_CUDNN(c, cudnnGetConvolution2dForwardOutputDim(p->conv, p->x, p->w, &n, &oc, &oh, &ow));
     p->OH = (H + pad0 + pad1 - KH) / stride + 1;
@@ -113,14 +139,14 @@ static int plan_init(db_ctx *c, db_cuda_conv_plan *p)
     if (n != B || oc != OC || oh != p->OH || ow != p->OW)
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "conv2d: cuDNN output %dx%dx%dx%d, expected %dx%dx%dx%d",
                             n, oc, oh, ow, B, OC, p->OH, p->OW);
-    DB_CUDNN(c, cudnnSetTensor4dDescriptor(p->y, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, B, OC, p->OH, p->OW));
+    DB_CUDNN(c, cudnnSetTensor4dDescriptor(p->y, CUDNN_TENSOR_NCHW, dt, B, OC, p->OH, p->OW));
 
     cudnnConvolutionFwdAlgoPerf_t perf[16];
     int got = 0;
     DB_CUDNN(c, cudnnGetConvolutionForwardAlgorithm_v7(st->dnn, p->x, p->w, p->conv, p->y, 16, &got, perf));
     for (int i = 0; i < got && p->nfwd < NCAND; i++)
         if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].determinism == CUDNN_DETERMINISTIC &&
-            perf[i].mathType != CUDNN_TENSOR_OP_MATH && perf[i].mathType != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION &&
+            math_ok(p, perf[i].mathType) &&
             perf[i].memory <= WS_CAP && fwd_ok(perf[i].algo))
             p->fwd[p->nfwd++] = perf[i].algo;
     if (p->nfwd < NCAND) // always deterministic, no workspace
@@ -137,7 +163,7 @@ static int plan_init_backward(db_ctx *c, db_cuda_conv_plan *p)
     DB_CUDNN(c, cudnnGetConvolutionBackwardDataAlgorithm_v7(st->dnn, p->w, p->y, p->conv, p->x, 16, &got, pd));
     for (int i = 0; i < got && p->nbd < NCAND; i++)
         if (pd[i].status == CUDNN_STATUS_SUCCESS && pd[i].determinism == CUDNN_DETERMINISTIC &&
-            pd[i].mathType != CUDNN_TENSOR_OP_MATH && pd[i].mathType != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION &&
+            math_ok(p, pd[i].mathType) &&
             pd[i].memory <= WS_CAP && bd_ok(pd[i].algo))
             p->bd[p->nbd++] = pd[i].algo;
     if (p->nbd < NCAND) // deterministic by cuDNN's documentation
@@ -146,7 +172,7 @@ static int plan_init_backward(db_ctx *c, db_cuda_conv_plan *p)
     DB_CUDNN(c, cudnnGetConvolutionBackwardFilterAlgorithm_v7(st->dnn, p->x, p->y, p->conv, p->w, 16, &got, pf));
     for (int i = 0; i < got && p->nbf < NCAND; i++)
         if (pf[i].status == CUDNN_STATUS_SUCCESS && pf[i].determinism == CUDNN_DETERMINISTIC &&
-            pf[i].mathType != CUDNN_TENSOR_OP_MATH && pf[i].mathType != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION &&
+            math_ok(p, pf[i].mathType) &&
             pf[i].memory <= WS_CAP && bf_ok(pf[i].algo))
             p->bf[p->nbf++] = pf[i].algo;
     if (p->nbf < NCAND)
@@ -155,7 +181,7 @@ static int plan_init_backward(db_ctx *c, db_cuda_conv_plan *p)
     return 0;
 }
 
-static db_cuda_conv_plan *get_plan(db_ctx *c, const int key[10], int backward)
+static db_cuda_conv_plan *get_plan(db_ctx *c, const int key[11], int backward)
 {
     db_cuda_state *st = db_cuda_st(c);
     db_cuda_conv_plan *p;
@@ -249,8 +275,9 @@ static const float *padded_input(db_ctx *c, const db_cuda_conv_plan *p, const fl
 
 // Runs candidate algorithms in order until one is supported; moves the one
 // that ran to the front.  kind 0 forward, 1 backward data, 2 backward filter.
-static int run_conv(db_ctx *c, db_cuda_conv_plan *p, int kind, const float *x, const float *w, const float *y,
-                    float *out, float beta)
+// x, w, y, out are in the plan's data type (float, or the compute type).
+static int run_conv(db_ctx *c, db_cuda_conv_plan *p, int kind, const void *x, const void *w, const void *y,
+                    void *out, float beta)
 {
     db_cuda_state *st = db_cuda_st(c);
     const float alpha = 1.0f;
@@ -307,6 +334,124 @@ static int run_conv(db_ctx *c, db_cuda_conv_plan *p, int kind, const float *x, c
                         p->key[7], p->key[8], p->key[9], cudnnGetErrorString(s));
 }
 
+// ---- bf16 / fp16 --------------------------------------------------------------------
+
+// y (B, OC, OHW) in the compute type = round(bias) per channel: the beta-1
+// addend of the forward
+__global__ static void bias_fill16_kernel(void *y, const float *bias, size_t n, int OC, int OHW, int f16)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float b = bias[i / OHW % OC];
+        if (f16)
+            ((__half *)y)[i] = __float2half_rn(b);
+        else
+            ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(b);
+    }
+}
+
+// The input in the compute type, padded when the plan needs it; NULL with
+// c->err set.  Free with db_cuda_free.
+static void *input16(db_ctx *c, const db_cuda_conv_plan *p, const float *inp)
+{
+    float *tmp;
+    const float *x = padded_input(c, p, inp, &tmp);
+    if (!x)
+        return NULL;
+    void *x16 = db_cuda_to16(c, x, (size_t)p->key[0] * p->key[1] * p->Hp * p->Wp);
+    db_cuda_free(c, tmp);
+    return x16;
+}
+
+static int conv_forward16(db_ctx *c, db_cuda_conv_plan *p, float *out, const float *inp, const float *weight,
+                          const float *bias)
+{
+    const int B = p->key[0], C = p->key[1], OC = p->key[4], KH = p->key[5], KW = p->key[6];
+    const size_t ny = (size_t)B * OC * p->OH * p->OW;
+    void *x16 = input16(c, p, inp), *w16 = db_cuda_to16(c, weight, (size_t)OC * C * KH * KW),
+         *y16 = db_cuda_alloc(c, ny * 2);
+    int r = x16 && w16 && y16 ? 0 : -1;
+    if (r == 0 && bias) {
+        bias_fill16_kernel<<<db_cuda_grid(ny, 256), 256, 0, db_cuda_st(c)->stream>>>(
+            y16, bias, ny, OC, p->OH * p->OW, c->precision == DB_PREC_F16);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess)
+            r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "bias_fill16_kernel: %s", cudaGetErrorString(e));
+    }
+    if (r == 0)
+        r = run_conv(c, p, 0, x16, w16, NULL, y16, bias ? 1.0f : 0.0f);
+    if (r == 0)
+        r = db_cuda_from16(c, out, y16, ny, 0);
+    db_cuda_free(c, x16);
+    db_cuda_free(c, w16);
+    db_cuda_free(c, y16);
+    return r ? -1 : 0;
+}
+
+static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *dweight, float *dbias,
+                           const float *dout, const float *inp, const float *weight)
+{
+    const int B = p->key[0], C = p->key[1], H = p->key[2], W = p->key[3], OC = p->key[4], KH = p->key[5],
+              KW = p->key[6], pad0 = p->key[8];
+    const size_t ny = (size_t)B * OC * p->OH * p->OW, nw = (size_t)OC * C * KH * KW,
+                 nxp = (size_t)B * C * p->Hp * p->Wp;
+    cudaStream_t s = db_cuda_st(c)->stream;
+    void *dy16 = db_cuda_to16(c, dout, ny);
+    int r = dy16 ? 0 : -1;
+    if (r == 0 && dinp) { // dinp = the rounded data gradient (cropped when padded)
+        void *w16 = db_cuda_to16(c, weight, nw), *dx16 = db_cuda_alloc(c, nxp * 2);
+        float *dxp = p->explicit_pad ? (float *)db_cuda_alloc(c, nxp * sizeof(float)) : dinp;
+        r = w16 && dx16 && dxp ? 0 : -1;
+        if (r == 0)
+            r = run_conv(c, p, 1, NULL, w16, dy16, dx16, 0.0f);
+        if (r == 0)
+            r = db_cuda_from16(c, dxp, dx16, nxp, 0);
+        if (r == 0 && p->explicit_pad) {
+            const size_t n = (size_t)B * C * H * W;
+            crop_kernel<<<db_cuda_grid(n, 256), 256, 0, s>>>(dinp, dxp, (size_t)B * C, H, W, p->Hp, p->Wp, pad0);
+            cudaError_t e = cudaGetLastError();
+            if (e != cudaSuccess)
+                r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "crop_kernel: %s", cudaGetErrorString(e));
+        }
+        db_cuda_free(c, w16);
+        db_cuda_free(c, dx16);
+        if (p->explicit_pad)
+            db_cuda_free(c, dxp);
+    }
+    if (r == 0 && dweight) { // the contribution, rounded by cuDNN's store, then added
+        void *x16 = input16(c, p, inp), *dw16 = db_cuda_alloc(c, nw * 2);
+        r = x16 && dw16 ? 0 : -1;
+        if (r == 0)
+            r = run_conv(c, p, 2, x16, NULL, dy16, dw16, 0.0f);
+        if (r == 0)
+            r = db_cuda_from16(c, dweight, dw16, nw, 1);
+        db_cuda_free(c, x16);
+        db_cuda_free(c, dw16);
+    }
+    db_cuda_free(c, dy16);
+    if (r == 0 && dbias) { // float32 sum of the rounded dout per channel, rounded, added
+        float *rd = db_cuda_rounded_copy(c, dout, ny), *t = (float *)db_cuda_alloc(c, (size_t)OC * sizeof(float));
+        double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)B * OC);
+        r = rd && t && part ? 0 : -1;
+        if (r == 0) {
+            cudaError_t e = cudaMemsetAsync(t, 0, (size_t)OC * sizeof(float), s);
+            if (e == cudaSuccess) {
+                bias_grad_part_kernel<<<B * OC, 256, 0, s>>>(part, rd, p->OH * p->OW);
+                e = cudaGetLastError();
+            }
+            if (e != cudaSuccess)
+                r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "conv2d bias gradient: %s", cudaGetErrorString(e));
+        }
+        if (r == 0)
+            r = db_cuda_finish_colsum(c, t, part, B, OC);
+        if (r == 0)
+            r = db_cuda_round(c, dbias, t, (size_t)OC, 1);
+        db_cuda_free(c, rd);
+        db_cuda_free(c, t);
+        db_cuda_free(c, part);
+    }
+    return r ? -1 : 0;
+}
+
 extern "C" int db_cuda_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
                                       int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0,
                                       int pad1)
@@ -314,10 +459,12 @@ extern "C" int db_cuda_conv2d_forward(db_ctx *c, float *out, const float *inp, c
     DB_ENTER(c);
     if (B == 0 || OC == 0)
         return 0;
-    const int key[10] = {B, C, H, W, OC, KH, KW, stride, pad0, pad1};
+    const int key[11] = {B, C, H, W, OC, KH, KW, stride, pad0, pad1, db_cuda_prec16(c) ? (int)c->precision : 0};
     db_cuda_conv_plan *p = get_plan(c, key, 0);
     if (!p)
         return -1;
+    if (key[10])
+        return conv_forward16(c, p, out, inp, weight, bias);
     float *tmp;
     const float *x = padded_input(c, p, inp, &tmp);
     if (!x)
@@ -341,10 +488,12 @@ extern "C" int db_cuda_conv2d_backward(db_ctx *c, float *dinp, float *dweight, f
     DB_ENTER(c);
     if (B == 0 || OC == 0)
         return 0;
-    const int key[10] = {B, C, H, W, OC, KH, KW, stride, pad0, pad1};
+    const int key[11] = {B, C, H, W, OC, KH, KW, stride, pad0, pad1, db_cuda_prec16(c) ? (int)c->precision : 0};
     db_cuda_conv_plan *p = get_plan(c, key, 1);
     if (!p)
         return -1;
+    if (key[10])
+        return conv_backward16(c, p, dinp, dweight, dbias, dout, inp, weight);
     cudaStream_t s = db_cuda_st(c)->stream;
     if (dinp) { // dinp (B, C, H, W) =
         float *dxp = dinp;
