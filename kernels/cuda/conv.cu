@@ -53,6 +53,10 @@ struct db_cuda_conv_plan {
     cudnnFilterDescriptor_t w;    // (OC, C, KH, KW)
     cudnnConvolutionDescriptor_t conv;
     int nfwd, nbd, nbf, have_bwd; // candidates, best first
+    // 16-bit plans: per kind (forward, backward data, backward filter), 1 once
+    // cuDNN supported none of the candidates in the compute type; the op then
+    // runs the fp32 plan on rounded inputs and rounds its output (same contract)
+    int via32[3];
     cudnnConvolutionFwdAlgo_t fwd[NCAND];
     cudnnConvolutionBwdDataAlgo_t bd[NCAND];
     cudnnConvolutionBwdFilterAlgo_t bf[NCAND];
@@ -275,9 +279,11 @@ static const float *padded_input(db_ctx *c, const db_cuda_conv_plan *p, const fl
 
 // Runs candidate algorithms in order until one is supported; moves the one
 // that ran to the front.  kind 0 forward, 1 backward data, 2 backward filter.
+// soft (the 16-bit plans): when every candidate is NOT_SUPPORTED, return 1
+// without an error, so the op can take its fp32 fallback.
 // x, w, y, out are in the plan's data type (float, or the compute type).
 static int run_conv(db_ctx *c, db_cuda_conv_plan *p, int kind, const void *x, const void *w, const void *y,
-                    void *out, float beta)
+                    void *out, float beta, int soft)
 {
     db_cuda_state *st = db_cuda_st(c);
     const float alpha = 1.0f;
@@ -327,11 +333,70 @@ static int run_conv(db_ctx *c, db_cuda_conv_plan *p, int kind, const void *x, co
         if (s != CUDNN_STATUS_NOT_SUPPORTED)
             break;
     }
+    if (soft && s == CUDNN_STATUS_NOT_SUPPORTED)
+        return 1;
     static const char *what[3] = {"cudnnConvolutionForward", "cudnnConvolutionBackwardData",
                                   "cudnnConvolutionBackwardFilter"};
     return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "%s (B %d C %d %dx%d OC %d k %dx%d s %d pad %d,%d): %s",
                         what[kind], p->key[0], p->key[1], p->key[2], p->key[3], p->key[4], p->key[5], p->key[6],
                         p->key[7], p->key[8], p->key[9], cudnnGetErrorString(s));
+}
+
+// ---- the fp32 convolutions (also the 16-bit modes' fallback) -----------------------
+
+// out (B, OC, OH, OW) = conv(inp, weight), no bias
+static int forward32(db_ctx *c, db_cuda_conv_plan *p, float *out, const float *inp, const float *weight)
+{
+    float *tmp;
+    const float *x = padded_input(c, p, inp, &tmp);
+    if (!x)
+        return -1;
+    int r = run_conv(c, p, 0, x, weight, NULL, out, 0.0f, 0);
+    db_cuda_free(c, tmp);
+    return r ? -1 : 0;
+}
+
+// dinp (B, C, H, W) = the data gradient (through a padded buffer when the
+// plan pads explicitly)
+static int data_grad32(db_ctx *c, db_cuda_conv_plan *p, float *dinp, const float *dout, const float *weight)
+{
+    const int B = p->key[0], C = p->key[1], H = p->key[2], W = p->key[3], pad0 = p->key[8];
+    float *dxp = dinp;
+    if (p->explicit_pad && !(dxp = (float *)db_cuda_alloc(c, sizeof(float) * (size_t)B * C * p->Hp * p->Wp)))
+        return -1;
+    int r = run_conv(c, p, 1, NULL, weight, dout, dxp, 0.0f, 0);
+    if (r == 0 && p->explicit_pad) {
+        const size_t n = (size_t)B * C * H * W;
+        crop_kernel<<<db_cuda_grid(n, 256), 256, 0, db_cuda_st(c)->stream>>>(dinp, dxp, (size_t)B * C, H, W, p->Hp,
+                                                                             p->Wp, pad0);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess)
+            r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "crop_kernel: %s", cudaGetErrorString(e));
+    }
+    if (p->explicit_pad)
+        db_cuda_free(c, dxp);
+    return r ? -1 : 0;
+}
+
+// dw (OC, C, KH, KW) = the filter gradient + beta dw
+static int filter_grad32(db_ctx *c, db_cuda_conv_plan *p, float *dw, const float *dout, const float *inp, float beta)
+{
+    float *tmp;
+    const float *x = padded_input(c, p, inp, &tmp);
+    if (!x)
+        return -1;
+    int r = run_conv(c, p, 2, x, NULL, dout, dw, beta, 0);
+    db_cuda_free(c, tmp);
+    return r ? -1 : 0;
+}
+
+// The fp32 plan of a 16-bit plan's shape (its fallback)
+static db_cuda_conv_plan *plan32(db_ctx *c, const db_cuda_conv_plan *p16, int backward)
+{
+    int key[11];
+    memcpy(key, p16->key, sizeof key);
+    key[10] = 0;
+    return get_plan(c, key, backward);
 }
 
 // ---- bf16 / fp16 --------------------------------------------------------------------
@@ -378,54 +443,148 @@ static int conv_forward16(db_ctx *c, db_cuda_conv_plan *p, float *out, const flo
             r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "bias_fill16_kernel: %s", cudaGetErrorString(e));
     }
     if (r == 0)
-        r = run_conv(c, p, 0, x16, w16, NULL, y16, bias ? 1.0f : 0.0f);
+        r = run_conv(c, p, 0, x16, w16, NULL, y16, bias ? 1.0f : 0.0f, 1);
     if (r == 0)
         r = db_cuda_from16(c, out, y16, ny, 0);
     db_cuda_free(c, x16);
     db_cuda_free(c, w16);
     db_cuda_free(c, y16);
+    return r < 0 ? -1 : r;
+}
+
+// The forward through the fp32 plan: conv of the rounded inputs, plus the
+// rounded bias, rounded once.
+static int conv_forward16_via32(db_ctx *c, db_cuda_conv_plan *p16, float *out, const float *inp, const float *weight,
+                                const float *bias)
+{
+    const int B = p16->key[0], C = p16->key[1], H = p16->key[2], W = p16->key[3], OC = p16->key[4];
+    const size_t ny = (size_t)B * OC * p16->OH * p16->OW;
+    db_cuda_conv_plan *p = plan32(c, p16, 0);
+    float *rx = db_cuda_rounded_copy(c, inp, (size_t)B * C * H * W),
+          *rw = db_cuda_rounded_copy(c, weight, (size_t)OC * C * p16->key[5] * p16->key[6]),
+          *rb = bias ? db_cuda_rounded_copy(c, bias, (size_t)OC) : NULL;
+    int r = p && rx && rw && (rb || !bias) ? 0 : -1;
+    if (r == 0)
+        r = forward32(c, p, out, rx, rw);
+    if (r == 0 && bias) {
+        bias_nchw_kernel<<<db_cuda_grid(ny, 256), 256, 0, db_cuda_st(c)->stream>>>(out, rb, ny, OC, p->OH * p->OW);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess)
+            r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "bias_nchw_kernel: %s", cudaGetErrorString(e));
+    }
+    if (r == 0)
+        r = db_cuda_round(c, out, out, ny, 0);
+    db_cuda_free(c, rx);
+    db_cuda_free(c, rw);
+    db_cuda_free(c, rb);
+    return r ? -1 : 0;
+}
+
+// dinp = the data gradient of the 16-bit operands, rounded by cuDNN's store
+// (cropped when padded); 1 when cuDNN supports no candidate
+static int data_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, const void *dy16, const float *weight)
+{
+    const int B = p->key[0], C = p->key[1], H = p->key[2], W = p->key[3], pad0 = p->key[8];
+    const size_t nxp = (size_t)B * C * p->Hp * p->Wp;
+    void *w16 = db_cuda_to16(c, weight, (size_t)p->key[4] * C * p->key[5] * p->key[6]),
+         *dx16 = db_cuda_alloc(c, nxp * 2);
+    float *dxp = p->explicit_pad ? (float *)db_cuda_alloc(c, nxp * sizeof(float)) : dinp;
+    int r = w16 && dx16 && dxp ? 0 : -1;
+    if (r == 0)
+        r = run_conv(c, p, 1, NULL, w16, dy16, dx16, 0.0f, 1);
+    if (r == 0)
+        r = db_cuda_from16(c, dxp, dx16, nxp, 0);
+    if (r == 0 && p->explicit_pad) {
+        const size_t n = (size_t)B * C * H * W;
+        crop_kernel<<<db_cuda_grid(n, 256), 256, 0, db_cuda_st(c)->stream>>>(dinp, dxp, (size_t)B * C, H, W, p->Hp,
+                                                                             p->Wp, pad0);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess)
+            r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "crop_kernel: %s", cudaGetErrorString(e));
+    }
+    db_cuda_free(c, w16);
+    db_cuda_free(c, dx16);
+    if (p->explicit_pad)
+        db_cuda_free(c, dxp);
+    return r;
+}
+
+// dweight += the filter gradient of the 16-bit operands, rounded by cuDNN's
+// store before the float32 add; 1 when cuDNN supports no candidate
+static int filter_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dweight, const void *dy16, const float *inp)
+{
+    const size_t nw = (size_t)p->key[4] * p->key[1] * p->key[5] * p->key[6];
+    void *x16 = input16(c, p, inp), *dw16 = db_cuda_alloc(c, nw * 2);
+    int r = x16 && dw16 ? 0 : -1;
+    if (r == 0)
+        r = run_conv(c, p, 2, x16, NULL, dy16, dw16, 0.0f, 1);
+    if (r == 0)
+        r = db_cuda_from16(c, dweight, dw16, nw, 1);
+    db_cuda_free(c, x16);
+    db_cuda_free(c, dw16);
+    return r;
+}
+
+// The fallbacks through the fp32 plan: rounded inputs, output (contribution)
+// rounded.  dinp = round(data gradient); dweight += round(filter gradient).
+static int data_grad16_via32(db_ctx *c, db_cuda_conv_plan *p16, float *dinp, const float *dout, const float *weight)
+{
+    const int B = p16->key[0], C = p16->key[1], OC = p16->key[4];
+    const size_t nx = (size_t)B * C * p16->key[2] * p16->key[3];
+    db_cuda_conv_plan *p = plan32(c, p16, 1);
+    float *rd = db_cuda_rounded_copy(c, dout, (size_t)B * OC * p16->OH * p16->OW),
+          *rw = db_cuda_rounded_copy(c, weight, (size_t)OC * C * p16->key[5] * p16->key[6]);
+    int r = p && rd && rw ? 0 : -1;
+    if (r == 0)
+        r = data_grad32(c, p, dinp, rd, rw);
+    if (r == 0)
+        r = db_cuda_round(c, dinp, dinp, nx, 0);
+    db_cuda_free(c, rd);
+    db_cuda_free(c, rw);
+    return r ? -1 : 0;
+}
+
+static int filter_grad16_via32(db_ctx *c, db_cuda_conv_plan *p16, float *dweight, const float *dout,
+                               const float *inp)
+{
+    const int B = p16->key[0], C = p16->key[1], OC = p16->key[4];
+    const size_t nw = (size_t)OC * C * p16->key[5] * p16->key[6];
+    db_cuda_conv_plan *p = plan32(c, p16, 1);
+    float *rd = db_cuda_rounded_copy(c, dout, (size_t)B * OC * p16->OH * p16->OW),
+          *rx = db_cuda_rounded_copy(c, inp, (size_t)B * C * p16->key[2] * p16->key[3]),
+          *t = (float *)db_cuda_alloc(c, nw * sizeof(float));
+    int r = p && rd && rx && t ? 0 : -1;
+    if (r == 0)
+        r = filter_grad32(c, p, t, rd, rx, 0.0f);
+    if (r == 0)
+        r = db_cuda_round(c, dweight, t, nw, 1);
+    db_cuda_free(c, rd);
+    db_cuda_free(c, rx);
+    db_cuda_free(c, t);
     return r ? -1 : 0;
 }
 
 static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *dweight, float *dbias,
                            const float *dout, const float *inp, const float *weight)
 {
-    const int B = p->key[0], C = p->key[1], H = p->key[2], W = p->key[3], OC = p->key[4], KH = p->key[5],
-              KW = p->key[6], pad0 = p->key[8];
-    const size_t ny = (size_t)B * OC * p->OH * p->OW, nw = (size_t)OC * C * KH * KW,
-                 nxp = (size_t)B * C * p->Hp * p->Wp;
+    const int B = p->key[0], OC = p->key[4];
+    const size_t ny = (size_t)B * OC * p->OH * p->OW;
     cudaStream_t s = db_cuda_st(c)->stream;
     void *dy16 = db_cuda_to16(c, dout, ny);
     int r = dy16 ? 0 : -1;
-    if (r == 0 && dinp) { // dinp = the rounded data gradient (cropped when padded)
-        void *w16 = db_cuda_to16(c, weight, nw), *dx16 = db_cuda_alloc(c, nxp * 2);
-        float *dxp = p->explicit_pad ? (float *)db_cuda_alloc(c, nxp * sizeof(float)) : dinp;
-        r = w16 && dx16 && dxp ? 0 : -1;
-        if (r == 0)
-            r = run_conv(c, p, 1, NULL, w16, dy16, dx16, 0.0f);
-        if (r == 0)
-            r = db_cuda_from16(c, dxp, dx16, nxp, 0);
-        if (r == 0 && p->explicit_pad) {
-            const size_t n = (size_t)B * C * H * W;
-            crop_kernel<<<db_cuda_grid(n, 256), 256, 0, s>>>(dinp, dxp, (size_t)B * C, H, W, p->Hp, p->Wp, pad0);
-            cudaError_t e = cudaGetLastError();
-            if (e != cudaSuccess)
-                r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "crop_kernel: %s", cudaGetErrorString(e));
+    if (r == 0 && dinp) { // dinp =
+        r = p->via32[1] ? 1 : data_grad16(c, p, dinp, dy16, weight);
+        if (r == 1) {
+            p->via32[1] = 1;
+            r = data_grad16_via32(c, p, dinp, dout, weight);
         }
-        db_cuda_free(c, w16);
-        db_cuda_free(c, dx16);
-        if (p->explicit_pad)
-            db_cuda_free(c, dxp);
     }
-    if (r == 0 && dweight) { // the contribution, rounded by cuDNN's store, then added
-        void *x16 = input16(c, p, inp), *dw16 = db_cuda_alloc(c, nw * 2);
-        r = x16 && dw16 ? 0 : -1;
-        if (r == 0)
-            r = run_conv(c, p, 2, x16, NULL, dy16, dw16, 0.0f);
-        if (r == 0)
-            r = db_cuda_from16(c, dweight, dw16, nw, 1);
-        db_cuda_free(c, x16);
-        db_cuda_free(c, dw16);
+    if (r == 0 && dweight) { // dweight +=
+        r = p->via32[2] ? 1 : filter_grad16(c, p, dweight, dy16, inp);
+        if (r == 1) {
+            p->via32[2] = 1;
+            r = filter_grad16_via32(c, p, dweight, dout, inp);
+        }
     }
     db_cuda_free(c, dy16);
     if (r == 0 && dbias) { // float32 sum of the rounded dout per channel, rounded, added
@@ -463,15 +622,15 @@ extern "C" int db_cuda_conv2d_forward(db_ctx *c, float *out, const float *inp, c
     db_cuda_conv_plan *p = get_plan(c, key, 0);
     if (!p)
         return -1;
-    if (key[10])
-        return conv_forward16(c, p, out, inp, weight, bias);
-    float *tmp;
-    const float *x = padded_input(c, p, inp, &tmp);
-    if (!x)
-        return -1;
-    int r = run_conv(c, p, 0, x, weight, NULL, out, 0.0f);
-    db_cuda_free(c, tmp);
-    if (r)
+    if (key[10]) { // 16-bit; 1: cuDNN has no algorithm for it, the fp32 plan on rounded inputs
+        int r = p->via32[0] ? 1 : conv_forward16(c, p, out, inp, weight, bias);
+        if (r == 1) {
+            p->via32[0] = 1;
+            r = conv_forward16_via32(c, p, out, inp, weight, bias);
+        }
+        return r;
+    }
+    if (forward32(c, p, out, inp, weight) != 0)
         return -1;
     if (bias) {
         const size_t n = (size_t)B * OC * p->OH * p->OW;
@@ -495,33 +654,10 @@ extern "C" int db_cuda_conv2d_backward(db_ctx *c, float *dinp, float *dweight, f
     if (key[10])
         return conv_backward16(c, p, dinp, dweight, dbias, dout, inp, weight);
     cudaStream_t s = db_cuda_st(c)->stream;
-    if (dinp) { // dinp (B, C, H, W) =
-        float *dxp = dinp;
-        if (p->explicit_pad && !(dxp = (float *)db_cuda_alloc(c, sizeof(float) * (size_t)B * C * p->Hp * p->Wp)))
-            return -1;
-        int r = run_conv(c, p, 1, NULL, weight, dout, dxp, 0.0f);
-        if (r == 0 && p->explicit_pad) {
-            const size_t n = (size_t)B * C * H * W;
-            crop_kernel<<<db_cuda_grid(n, 256), 256, 0, s>>>(dinp, dxp, (size_t)B * C, H, W, p->Hp, p->Wp, pad0);
-            cudaError_t e = cudaGetLastError();
-            if (e != cudaSuccess)
-                r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "crop_kernel: %s", cudaGetErrorString(e));
-        }
-        if (p->explicit_pad)
-            db_cuda_free(c, dxp);
-        if (r)
-            return -1;
-    }
-    if (dweight) { // dweight (OC, C, KH, KW) += (beta 1)
-        float *tmp;
-        const float *x = padded_input(c, p, inp, &tmp);
-        if (!x)
-            return -1;
-        int r = run_conv(c, p, 2, x, NULL, dout, dweight, 1.0f);
-        db_cuda_free(c, tmp);
-        if (r)
-            return -1;
-    }
+    if (dinp && data_grad32(c, p, dinp, dout, weight) != 0) // dinp (B, C, H, W) =
+        return -1;
+    if (dweight && filter_grad32(c, p, dweight, dout, inp, 1.0f) != 0) // dweight (OC, C, KH, KW) += (beta 1)
+        return -1;
     if (dbias) { // dbias (OC) += sum over B, OH, OW
         double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)B * OC);
         if (!part)

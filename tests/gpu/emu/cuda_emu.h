@@ -172,6 +172,9 @@ static cudnnStatus_t emu_conv(int mode, const float *alpha, cudnnTensorDescripto
     int B, C, H, W, OC, c2, KH, KW, b2, oc2, OH, OW, pad, st;
     const int tx = emu_dims(xd, &B, &C, &H, &W), tw = emu_fdims(wd, &OC, &c2, &KH, &KW), ty = emu_dims(yd, &b2, &oc2, &OH, &OW), tc = emu_cdesc(cd, &pad, &st);
     if (tx < 0 || tx != tw || tx != ty || tc != 0) return CUDNN_STATUS_NOT_SUPPORTED;
+    // EMU_CONV16_UNSUPPORTED=1: cuDNN without 16-bit convolutions, to run
+    // conv.cu's fallback (the fp32 plan on rounded inputs)
+    if (tx != 0 && getenv("EMU_CONV16_UNSUPPORTED")) return CUDNN_STATUS_NOT_SUPPORTED;
     size_t n = mode == 0 ? (size_t)B*OC*OH*OW : mode == 1 ? (size_t)B*C*H*W : (size_t)OC*C*KH*KW;
     std::vector<double> r(n, 0.0);
     for (int b = 0; b < B; b++) for (int o = 0; o < OC; o++) for (int oy = 0; oy < OH; oy++) for (int ox = 0; ox < OW; ox++)
