@@ -582,6 +582,14 @@ static void cmp_prec(const char *what, const char *tensor, const float *d, const
     }
 }
 
+/* "what tensor" in a static buffer (one use at a time) */
+static const char *tag(const char *what, const char *tensor)
+{
+    static char buf[200];
+    snprintf(buf, sizeof buf, "%s %s", what, tensor);
+    return buf;
+}
+
 /* run a CUDA op in precision p (the ctx back to fp32 after) */
 #define IN_PREC(p, call) (g.precision = (p), prec_rc = (call), g.precision = DB_PREC_F32, prec_rc)
 static int prec_rc; /* IN_PREC's result */
@@ -695,6 +703,13 @@ static void tp_linear_backward(db_precision p, int N, int C, int OC)
         cmp_prec(what, "dweight contribution", zw, cw, NULL, nw, p, 1);
         cmp_prec(what, "dbias contribution", zb, cb, NULL, OC, p, 1);
     }
+    /* deterministic in the 16-bit modes too: the first run again, same bits */
+    float *gx2 = dpoison(nx), *gw2 = dputf(dw0, nw), *gb2 = dputf(db0, OC);
+    if (gpu_ran(IN_PREC(p, api->linear_backward(&g, gx2, gw2, gb2, ddy, dx_, dw_, N, C, OC)), what)) {
+        same_bits(tag(what, "dinp"), gx, gx2, nx);
+        same_bits(tag(what, "dweight"), gw, gw2, nw);
+        same_bits(tag(what, "dbias"), gb, gb2, OC);
+    }
     release_all();
 }
 
@@ -760,6 +775,14 @@ static void tp_conv_backward(db_precision p, int B, int C, int H, int W, int OC,
                 what)) {
         cmp_prec(what, "dweight contribution", zw, cw, NULL, nw, p, 1);
         cmp_prec(what, "dbias contribution", zb, cb, NULL, OC, p, 1);
+    }
+    float *gx2 = dpoison(nx), *gw2 = dputf(dw0, nw), *gb2 = dputf(db0, OC);
+    if (gpu_ran(IN_PREC(p, api->conv2d_backward(&g, gx2, gw2, gb2, ddy, dx_, dw_, B, C, H, W, OC, KH, KW, stride, pad0,
+                                                pad1)),
+                what)) {
+        same_bits(tag(what, "dinp"), gx, gx2, nx);
+        same_bits(tag(what, "dweight"), gw, gw2, nw);
+        same_bits(tag(what, "dbias"), gb, gb2, OC);
     }
     release_all();
 }
