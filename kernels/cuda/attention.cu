@@ -14,6 +14,12 @@
 //   P V:   lanes own head dims d = lane + 32 k (k < KS, HS <= 32 KS), each
 //          probability broadcast from its lane by a shuffle.
 // So no (Tq, Tk) score matrix exists, and HS up to 160 is supported.
+//
+// bf16 / fp16 (c->precision, kernels/ops.h db_precision): this float32 kernel
+// on rounded copies of q, k, v, and out rounded in place (lse stays float32):
+// the contract's numbers, none of the tensor-core speed; a 16-bit
+// tensor-core kernel (mma on bf16/fp16 Q K^T and P V, float32 softmax) is a
+// later performance step (NOTES.md).
 #include <math.h>
 
 #include "kernels/cuda/cuda.h"
@@ -152,10 +158,9 @@ static int launch(db_ctx *c, float *out, float *lse, const float *q, const float
     return 0;
 }
 
-extern "C" int db_cuda_attention_forward(db_ctx *c, float *out, float *lse, const float *q, const float *k,
-                                         const float *v, int B, int Tq, int Tk, int NH, int HS, int causal)
+static int attention_forward32(db_ctx *c, float *out, float *lse, const float *q, const float *k, const float *v,
+                               int B, int Tq, int Tk, int NH, int HS, int causal)
 {
-    DB_ENTER(c);
     if (B * NH == 0 || Tq == 0)
         return 0;
     if (HS < 1 || HS > HS_MAX)
@@ -174,4 +179,25 @@ extern "C" int db_cuda_attention_forward(db_ctx *c, float *out, float *lse, cons
     default:
         return launch<5>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
     }
+}
+
+extern "C" int db_cuda_attention_forward(db_ctx *c, float *out, float *lse, const float *q, const float *k,
+                                         const float *v, int B, int Tq, int Tk, int NH, int HS, int causal)
+{
+    DB_ENTER(c);
+    // fp32; and in a 16-bit mode the cases that write nothing or fail the same
+    if (!db_cuda_prec16(c) || B * NH == 0 || Tq == 0 || HS < 1 || HS > HS_MAX || B * NH > 65535)
+        return attention_forward32(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
+    const size_t nq = (size_t)B * Tq * NH * HS, nk = (size_t)B * Tk * NH * HS;
+    float *r_q = db_cuda_rounded_copy(c, q, nq), *r_k = db_cuda_rounded_copy(c, k, nk),
+          *r_v = db_cuda_rounded_copy(c, v, nk);
+    int r = r_q && r_k && r_v ? 0 : -1;
+    if (r == 0)
+        r = attention_forward32(c, out, lse, r_q, r_k, r_v, B, Tq, Tk, NH, HS, causal);
+    if (r == 0)
+        r = db_cuda_round(c, out, out, nq, 0);
+    db_cuda_free(c, r_q); // stream order keeps them alive for the kernel
+    db_cuda_free(c, r_k);
+    db_cuda_free(c, r_v);
+    return r ? -1 : 0;
 }

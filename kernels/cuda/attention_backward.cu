@@ -14,6 +14,12 @@
 // (queries, or keys), the lane index runs over the streamed tile for the dot
 // products and over head dims for the accumulation (d = lane + 32 t, t < KS).
 // Correct first; no tensor cores (TF32 would miss the fp32 parity).
+//
+// bf16 / fp16 (c->precision, kernels/ops.h db_precision): the same float32
+// kernels on rounded copies of dout, out, q, k and v (lse is float32 by the
+// contract), then dq, dk, dv rounded in place: the contract's numbers, none
+// of the speed.  A tensor-core backward (16-bit operands for the dot
+// products and the dS / P products) is a later performance step (NOTES.md).
 #include <math.h>
 
 #include "kernels/cuda/cuda.h"
@@ -275,11 +281,10 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *dout,
     return 0;
 }
 
-extern "C" int db_cuda_attention_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *dout,
-                                          const float *out, const float *lse, const float *q, const float *k,
-                                          const float *v, int B, int Tq, int Tk, int NH, int HS, int causal)
+static int attention_backward32(db_ctx *c, float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                const float *lse, const float *q, const float *k, const float *v, int B, int Tq,
+                                int Tk, int NH, int HS, int causal)
 {
-    DB_ENTER(c);
     if (B * NH == 0 || (!dq && !dk && !dv))
         return 0;
     if (HS < 1 || HS > HS_MAX)
@@ -326,4 +331,35 @@ extern "C" int db_cuda_attention_backward(db_ctx *c, float *dq, float *dk, float
     }
     db_cuda_free(c, D); // stream order keeps it alive for the kernels
     return r;
+}
+
+extern "C" int db_cuda_attention_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *dout,
+                                          const float *out, const float *lse, const float *q, const float *k,
+                                          const float *v, int B, int Tq, int Tk, int NH, int HS, int causal)
+{
+    DB_ENTER(c);
+    // fp32; and in a 16-bit mode the cases with nothing to round (no output,
+    // zeros for Tq 0) or an unsupported shape (the same error)
+    if (!db_cuda_prec16(c) || B * NH == 0 || (!dq && !dk && !dv) || Tq == 0 || HS < 1 || HS > HS_MAX ||
+        B * NH > 65535)
+        return attention_backward32(c, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
+    const size_t nq = (size_t)B * Tq * NH * HS, nk = (size_t)B * Tk * NH * HS;
+    float *r_dout = db_cuda_rounded_copy(c, dout, nq), *r_out = db_cuda_rounded_copy(c, out, nq),
+          *r_q = db_cuda_rounded_copy(c, q, nq), *r_k = db_cuda_rounded_copy(c, k, nk),
+          *r_v = db_cuda_rounded_copy(c, v, nk);
+    int r = r_dout && r_out && r_q && r_k && r_v ? 0 : -1;
+    if (r == 0)
+        r = attention_backward32(c, dq, dk, dv, r_dout, r_out, lse, r_q, r_k, r_v, B, Tq, Tk, NH, HS, causal);
+    if (r == 0 && dq)
+        r = db_cuda_round(c, dq, dq, nq, 0);
+    if (r == 0 && dk)
+        r = db_cuda_round(c, dk, dk, nk, 0);
+    if (r == 0 && dv)
+        r = db_cuda_round(c, dv, dv, nk, 0);
+    db_cuda_free(c, r_dout); // stream order keeps them alive for the kernels
+    db_cuda_free(c, r_out);
+    db_cuda_free(c, r_q);
+    db_cuda_free(c, r_k);
+    db_cuda_free(c, r_v);
+    return r ? -1 : 0;
 }

@@ -26,6 +26,17 @@
 //
 // Bias: our own kernels (add per channel; the gradient a two-stage sum with a
 // fixed order, in double).
+//
+// bf16 / fp16 (c->precision, kernels/ops.h db_precision): the plan's tensor and
+// filter descriptors are in the compute type with float32 compute
+// (cuDNN's PSEUDO_HALF / PSEUDO_BFLOAT16 configs: 16-bit data, float32
+// accumulation, the output rounded once when cuDNN stores it); inputs are
+// converted into scratch (autocast.cu), outputs converted back (exactly).
+// Tensor-core math is allowed in these modes only; fp32 keeps FMA math.  The
+// determinism and accuracy filters are the same as in fp32.  The bias enters
+// the forward through beta: y is pre-filled with the rounded bias and cuDNN
+// computes conv + y in float32 before its single rounding.  The bias gradient
+// is the float32 sum of the rounded dout, rounded once, then added.
 #include <stdlib.h>
 #include <string.h>
 
@@ -36,12 +47,16 @@ enum { NCAND = 8 };
 static const size_t WS_CAP = (size_t)2 << 30; // bytes of workspace at most
 
 struct db_cuda_conv_plan {
-    int key[10]; // B, C, H, W, OC, KH, KW, stride, pad0, pad1
+    int key[11]; // B, C, H, W, OC, KH, KW, stride, pad0, pad1, precision (0 = fp32)
     int explicit_pad, Hp, Wp, OH, OW;
     cudnnTensorDescriptor_t x, y; // (B, C, Hp, Wp), (B, OC, OH, OW)
     cudnnFilterDescriptor_t w;    // (OC, C, KH, KW)
     cudnnConvolutionDescriptor_t conv;
     int nfwd, nbd, nbf, have_bwd; // candidates, best first
+    // 16-bit plans: per kind (forward, backward data, backward filter), 1 once
+    // cuDNN supported none of the candidates in the compute type; the op then
+    // runs the fp32 plan on rounded inputs and rounds its output (same contract)
+    int via32[3];
     cudnnConvolutionFwdAlgo_t fwd[NCAND];
     cudnnConvolutionBwdDataAlgo_t bd[NCAND];
     cudnnConvolutionBwdFilterAlgo_t bf[NCAND];
@@ -88,11 +103,24 @@ static bool bf_ok(cudnnConvolutionBwdFilterAlgo_t a)
            a != CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED;
 }
 
+// A candidate's math: FMA only in fp32 (tensor-op math would be TF32);
+// tensor cores too on 16-bit data, but never ALLOW_CONVERSION (it may convert
+// bf16 operands to fp16 on the way, and fp32 ones to 16 bits).
+static bool math_ok(const db_cuda_conv_plan *p, cudnnMathType_t m)
+{
+    if (p->key[10] != 0)
+        return m != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION;
+    return m != CUDNN_TENSOR_OP_MATH && m != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION;
+}
+
 static int plan_init(db_ctx *c, db_cuda_conv_plan *p)
 {
     db_cuda_state *st = db_cuda_st(c);
     const int B = p->key[0], C = p->key[1], H = p->key[2], W = p->key[3], OC = p->key[4], KH = p->key[5],
               KW = p->key[6], stride = p->key[7], pad0 = p->key[8], pad1 = p->key[9];
+    const cudnnDataType_t dt = p->key[10] == DB_PREC_F16    ? CUDNN_DATA_HALF
+                               : p->key[10] == DB_PREC_BF16 ? CUDNN_DATA_BFLOAT16
+                                                            : CUDNN_DATA_FLOAT;
     p->explicit_pad = pad0 != pad1;
     const int pad = p->explicit_pad ? 0 : pad0;
     p->Hp = p->explicit_pad ? H + pad0 + pad1 : H;
@@ -101,11 +129,13 @@ static int plan_init(db_ctx *c, db_cuda_conv_plan *p)
     DB_CUDNN(c, cudnnCreateTensorDescriptor(&p->y));
     DB_CUDNN(c, cudnnCreateFilterDescriptor(&p->w));
     DB_CUDNN(c, cudnnCreateConvolutionDescriptor(&p->conv));
-    DB_CUDNN(c, cudnnSetTensor4dDescriptor(p->x, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, B, C, p->Hp, p->Wp));
-    DB_CUDNN(c, cudnnSetFilter4dDescriptor(p->w, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW, OC, C, KH, KW));
+    DB_CUDNN(c, cudnnSetTensor4dDescriptor(p->x, CUDNN_TENSOR_NCHW, dt, B, C, p->Hp, p->Wp));
+    DB_CUDNN(c, cudnnSetFilter4dDescriptor(p->w, dt, CUDNN_TENSOR_NCHW, OC, C, KH, KW));
+    // compute type float32 in every mode (the 16-bit modes: the pseudo configs)
     DB_CUDNN(c, cudnnSetConvolution2dDescriptor(p->conv, pad, pad, stride, stride, 1, 1, CUDNN_CROSS_CORRELATION,
                                                 CUDNN_DATA_FLOAT));
-    DB_CUDNN(c, cudnnSetConvolutionMathType(p->conv, CUDNN_FMA_MATH)); // no TF32
+    // fp32: no TF32; 16-bit data: tensor cores (products exact, float32 sums)
+    DB_CUDNN(c, cudnnSetConvolutionMathType(p->conv, dt == CUDNN_DATA_FLOAT ? CUDNN_FMA_MATH : CUDNN_TENSOR_OP_MATH));
     int n, oc, oh, ow;
     DB_CUDNN(c, cudnnGetConvolution2dForwardOutputDim(p->conv, p->x, p->w, &n, &oc, &oh, &ow));
     p->OH = (H + pad0 + pad1 - KH) / stride + 1;
@@ -113,14 +143,14 @@ static int plan_init(db_ctx *c, db_cuda_conv_plan *p)
     if (n != B || oc != OC || oh != p->OH || ow != p->OW)
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "conv2d: cuDNN output %dx%dx%dx%d, expected %dx%dx%dx%d",
                             n, oc, oh, ow, B, OC, p->OH, p->OW);
-    DB_CUDNN(c, cudnnSetTensor4dDescriptor(p->y, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, B, OC, p->OH, p->OW));
+    DB_CUDNN(c, cudnnSetTensor4dDescriptor(p->y, CUDNN_TENSOR_NCHW, dt, B, OC, p->OH, p->OW));
 
     cudnnConvolutionFwdAlgoPerf_t perf[16];
     int got = 0;
     DB_CUDNN(c, cudnnGetConvolutionForwardAlgorithm_v7(st->dnn, p->x, p->w, p->conv, p->y, 16, &got, perf));
     for (int i = 0; i < got && p->nfwd < NCAND; i++)
         if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].determinism == CUDNN_DETERMINISTIC &&
-            perf[i].mathType != CUDNN_TENSOR_OP_MATH && perf[i].mathType != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION &&
+            math_ok(p, perf[i].mathType) &&
             perf[i].memory <= WS_CAP && fwd_ok(perf[i].algo))
             p->fwd[p->nfwd++] = perf[i].algo;
     if (p->nfwd < NCAND) // always deterministic, no workspace
@@ -137,7 +167,7 @@ static int plan_init_backward(db_ctx *c, db_cuda_conv_plan *p)
     DB_CUDNN(c, cudnnGetConvolutionBackwardDataAlgorithm_v7(st->dnn, p->w, p->y, p->conv, p->x, 16, &got, pd));
     for (int i = 0; i < got && p->nbd < NCAND; i++)
         if (pd[i].status == CUDNN_STATUS_SUCCESS && pd[i].determinism == CUDNN_DETERMINISTIC &&
-            pd[i].mathType != CUDNN_TENSOR_OP_MATH && pd[i].mathType != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION &&
+            math_ok(p, pd[i].mathType) &&
             pd[i].memory <= WS_CAP && bd_ok(pd[i].algo))
             p->bd[p->nbd++] = pd[i].algo;
     if (p->nbd < NCAND) // deterministic by cuDNN's documentation
@@ -146,7 +176,7 @@ static int plan_init_backward(db_ctx *c, db_cuda_conv_plan *p)
     DB_CUDNN(c, cudnnGetConvolutionBackwardFilterAlgorithm_v7(st->dnn, p->x, p->y, p->conv, p->w, 16, &got, pf));
     for (int i = 0; i < got && p->nbf < NCAND; i++)
         if (pf[i].status == CUDNN_STATUS_SUCCESS && pf[i].determinism == CUDNN_DETERMINISTIC &&
-            pf[i].mathType != CUDNN_TENSOR_OP_MATH && pf[i].mathType != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION &&
+            math_ok(p, pf[i].mathType) &&
             pf[i].memory <= WS_CAP && bf_ok(pf[i].algo))
             p->bf[p->nbf++] = pf[i].algo;
     if (p->nbf < NCAND)
@@ -155,7 +185,7 @@ static int plan_init_backward(db_ctx *c, db_cuda_conv_plan *p)
     return 0;
 }
 
-static db_cuda_conv_plan *get_plan(db_ctx *c, const int key[10], int backward)
+static db_cuda_conv_plan *get_plan(db_ctx *c, const int key[11], int backward)
 {
     db_cuda_state *st = db_cuda_st(c);
     db_cuda_conv_plan *p;
@@ -249,8 +279,11 @@ static const float *padded_input(db_ctx *c, const db_cuda_conv_plan *p, const fl
 
 // Runs candidate algorithms in order until one is supported; moves the one
 // that ran to the front.  kind 0 forward, 1 backward data, 2 backward filter.
-static int run_conv(db_ctx *c, db_cuda_conv_plan *p, int kind, const float *x, const float *w, const float *y,
-                    float *out, float beta)
+// soft (the 16-bit plans): when every candidate is NOT_SUPPORTED, return 1
+// without an error, so the op can take its fp32 fallback.
+// x, w, y, out are in the plan's data type (float, or the compute type).
+static int run_conv(db_ctx *c, db_cuda_conv_plan *p, int kind, const void *x, const void *w, const void *y,
+                    void *out, float beta, int soft)
 {
     db_cuda_state *st = db_cuda_st(c);
     const float alpha = 1.0f;
@@ -300,11 +333,282 @@ static int run_conv(db_ctx *c, db_cuda_conv_plan *p, int kind, const float *x, c
         if (s != CUDNN_STATUS_NOT_SUPPORTED)
             break;
     }
+    if (soft && s == CUDNN_STATUS_NOT_SUPPORTED)
+        return 1;
     static const char *what[3] = {"cudnnConvolutionForward", "cudnnConvolutionBackwardData",
                                   "cudnnConvolutionBackwardFilter"};
     return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "%s (B %d C %d %dx%d OC %d k %dx%d s %d pad %d,%d): %s",
                         what[kind], p->key[0], p->key[1], p->key[2], p->key[3], p->key[4], p->key[5], p->key[6],
                         p->key[7], p->key[8], p->key[9], cudnnGetErrorString(s));
+}
+
+// ---- the fp32 convolutions (also the 16-bit modes' fallback) -----------------------
+
+// out (B, OC, OH, OW) = conv(inp, weight), no bias
+static int forward32(db_ctx *c, db_cuda_conv_plan *p, float *out, const float *inp, const float *weight)
+{
+    float *tmp;
+    const float *x = padded_input(c, p, inp, &tmp);
+    if (!x)
+        return -1;
+    int r = run_conv(c, p, 0, x, weight, NULL, out, 0.0f, 0);
+    db_cuda_free(c, tmp);
+    return r ? -1 : 0;
+}
+
+// dinp (B, C, H, W) = the data gradient (through a padded buffer when the
+// plan pads explicitly)
+static int data_grad32(db_ctx *c, db_cuda_conv_plan *p, float *dinp, const float *dout, const float *weight)
+{
+    const int B = p->key[0], C = p->key[1], H = p->key[2], W = p->key[3], pad0 = p->key[8];
+    float *dxp = dinp;
+    if (p->explicit_pad && !(dxp = (float *)db_cuda_alloc(c, sizeof(float) * (size_t)B * C * p->Hp * p->Wp)))
+        return -1;
+    int r = run_conv(c, p, 1, NULL, weight, dout, dxp, 0.0f, 0);
+    if (r == 0 && p->explicit_pad) {
+        const size_t n = (size_t)B * C * H * W;
+        crop_kernel<<<db_cuda_grid(n, 256), 256, 0, db_cuda_st(c)->stream>>>(dinp, dxp, (size_t)B * C, H, W, p->Hp,
+                                                                             p->Wp, pad0);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess)
+            r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "crop_kernel: %s", cudaGetErrorString(e));
+    }
+    if (p->explicit_pad)
+        db_cuda_free(c, dxp);
+    return r ? -1 : 0;
+}
+
+// dw (OC, C, KH, KW) = the filter gradient + beta dw
+static int filter_grad32(db_ctx *c, db_cuda_conv_plan *p, float *dw, const float *dout, const float *inp, float beta)
+{
+    float *tmp;
+    const float *x = padded_input(c, p, inp, &tmp);
+    if (!x)
+        return -1;
+    int r = run_conv(c, p, 2, x, NULL, dout, dw, beta, 0);
+    db_cuda_free(c, tmp);
+    return r ? -1 : 0;
+}
+
+// The fp32 plan of a 16-bit plan's shape (its fallback)
+static db_cuda_conv_plan *plan32(db_ctx *c, const db_cuda_conv_plan *p16, int backward)
+{
+    int key[11];
+    memcpy(key, p16->key, sizeof key);
+    key[10] = 0;
+    return get_plan(c, key, backward);
+}
+
+// ---- bf16 / fp16 --------------------------------------------------------------------
+
+// y (B, OC, OHW) in the compute type = round(bias) per channel: the beta-1
+// addend of the forward
+__global__ static void bias_fill16_kernel(void *y, const float *bias, size_t n, int OC, int OHW, int f16)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float b = bias[i / OHW % OC];
+        if (f16)
+            ((__half *)y)[i] = __float2half_rn(b);
+        else
+            ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(b);
+    }
+}
+
+// The input in the compute type, padded when the plan needs it; NULL with
+// c->err set.  Free with db_cuda_free.
+static void *input16(db_ctx *c, const db_cuda_conv_plan *p, const float *inp)
+{
+    float *tmp;
+    const float *x = padded_input(c, p, inp, &tmp);
+    if (!x)
+        return NULL;
+    void *x16 = db_cuda_to16(c, x, (size_t)p->key[0] * p->key[1] * p->Hp * p->Wp);
+    db_cuda_free(c, tmp);
+    return x16;
+}
+
+static int conv_forward16(db_ctx *c, db_cuda_conv_plan *p, float *out, const float *inp, const float *weight,
+                          const float *bias)
+{
+    const int B = p->key[0], C = p->key[1], OC = p->key[4], KH = p->key[5], KW = p->key[6];
+    const size_t ny = (size_t)B * OC * p->OH * p->OW;
+    void *x16 = input16(c, p, inp), *w16 = db_cuda_to16(c, weight, (size_t)OC * C * KH * KW),
+         *y16 = db_cuda_alloc(c, ny * 2);
+    int r = x16 && w16 && y16 ? 0 : -1;
+    if (r == 0 && bias) {
+        bias_fill16_kernel<<<db_cuda_grid(ny, 256), 256, 0, db_cuda_st(c)->stream>>>(
+            y16, bias, ny, OC, p->OH * p->OW, c->precision == DB_PREC_F16);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess)
+            r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "bias_fill16_kernel: %s", cudaGetErrorString(e));
+    }
+    if (r == 0)
+        r = run_conv(c, p, 0, x16, w16, NULL, y16, bias ? 1.0f : 0.0f, 1);
+    if (r == 0)
+        r = db_cuda_from16(c, out, y16, ny, 0);
+    db_cuda_free(c, x16);
+    db_cuda_free(c, w16);
+    db_cuda_free(c, y16);
+    return r < 0 ? -1 : r;
+}
+
+// The forward through the fp32 plan: conv of the rounded inputs, plus the
+// rounded bias, rounded once.
+static int conv_forward16_via32(db_ctx *c, db_cuda_conv_plan *p16, float *out, const float *inp, const float *weight,
+                                const float *bias)
+{
+    const int B = p16->key[0], C = p16->key[1], H = p16->key[2], W = p16->key[3], OC = p16->key[4];
+    const size_t ny = (size_t)B * OC * p16->OH * p16->OW;
+    db_cuda_conv_plan *p = plan32(c, p16, 0);
+    float *rx = db_cuda_rounded_copy(c, inp, (size_t)B * C * H * W),
+          *rw = db_cuda_rounded_copy(c, weight, (size_t)OC * C * p16->key[5] * p16->key[6]),
+          *rb = bias ? db_cuda_rounded_copy(c, bias, (size_t)OC) : NULL;
+    int r = p && rx && rw && (rb || !bias) ? 0 : -1;
+    if (r == 0)
+        r = forward32(c, p, out, rx, rw);
+    if (r == 0 && bias) {
+        bias_nchw_kernel<<<db_cuda_grid(ny, 256), 256, 0, db_cuda_st(c)->stream>>>(out, rb, ny, OC, p->OH * p->OW);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess)
+            r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "bias_nchw_kernel: %s", cudaGetErrorString(e));
+    }
+    if (r == 0)
+        r = db_cuda_round(c, out, out, ny, 0);
+    db_cuda_free(c, rx);
+    db_cuda_free(c, rw);
+    db_cuda_free(c, rb);
+    return r ? -1 : 0;
+}
+
+// dinp = the data gradient of the 16-bit operands, rounded by cuDNN's store
+// (cropped when padded); 1 when cuDNN supports no candidate
+static int data_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, const void *dy16, const float *weight)
+{
+    const int B = p->key[0], C = p->key[1], H = p->key[2], W = p->key[3], pad0 = p->key[8];
+    const size_t nxp = (size_t)B * C * p->Hp * p->Wp;
+    void *w16 = db_cuda_to16(c, weight, (size_t)p->key[4] * C * p->key[5] * p->key[6]),
+         *dx16 = db_cuda_alloc(c, nxp * 2);
+    float *dxp = p->explicit_pad ? (float *)db_cuda_alloc(c, nxp * sizeof(float)) : dinp;
+    int r = w16 && dx16 && dxp ? 0 : -1;
+    if (r == 0)
+        r = run_conv(c, p, 1, NULL, w16, dy16, dx16, 0.0f, 1);
+    if (r == 0)
+        r = db_cuda_from16(c, dxp, dx16, nxp, 0);
+    if (r == 0 && p->explicit_pad) {
+        const size_t n = (size_t)B * C * H * W;
+        crop_kernel<<<db_cuda_grid(n, 256), 256, 0, db_cuda_st(c)->stream>>>(dinp, dxp, (size_t)B * C, H, W, p->Hp,
+                                                                             p->Wp, pad0);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess)
+            r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "crop_kernel: %s", cudaGetErrorString(e));
+    }
+    db_cuda_free(c, w16);
+    db_cuda_free(c, dx16);
+    if (p->explicit_pad)
+        db_cuda_free(c, dxp);
+    return r;
+}
+
+// dweight += the filter gradient of the 16-bit operands, rounded by cuDNN's
+// store before the float32 add; 1 when cuDNN supports no candidate
+static int filter_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dweight, const void *dy16, const float *inp)
+{
+    const size_t nw = (size_t)p->key[4] * p->key[1] * p->key[5] * p->key[6];
+    void *x16 = input16(c, p, inp), *dw16 = db_cuda_alloc(c, nw * 2);
+    int r = x16 && dw16 ? 0 : -1;
+    if (r == 0)
+        r = run_conv(c, p, 2, x16, NULL, dy16, dw16, 0.0f, 1);
+    if (r == 0)
+        r = db_cuda_from16(c, dweight, dw16, nw, 1);
+    db_cuda_free(c, x16);
+    db_cuda_free(c, dw16);
+    return r;
+}
+
+// The fallbacks through the fp32 plan: rounded inputs, output (contribution)
+// rounded.  dinp = round(data gradient); dweight += round(filter gradient).
+static int data_grad16_via32(db_ctx *c, db_cuda_conv_plan *p16, float *dinp, const float *dout, const float *weight)
+{
+    const int B = p16->key[0], C = p16->key[1], OC = p16->key[4];
+    const size_t nx = (size_t)B * C * p16->key[2] * p16->key[3];
+    db_cuda_conv_plan *p = plan32(c, p16, 1);
+    float *rd = db_cuda_rounded_copy(c, dout, (size_t)B * OC * p16->OH * p16->OW),
+          *rw = db_cuda_rounded_copy(c, weight, (size_t)OC * C * p16->key[5] * p16->key[6]);
+    int r = p && rd && rw ? 0 : -1;
+    if (r == 0)
+        r = data_grad32(c, p, dinp, rd, rw);
+    if (r == 0)
+        r = db_cuda_round(c, dinp, dinp, nx, 0);
+    db_cuda_free(c, rd);
+    db_cuda_free(c, rw);
+    return r ? -1 : 0;
+}
+
+static int filter_grad16_via32(db_ctx *c, db_cuda_conv_plan *p16, float *dweight, const float *dout,
+                               const float *inp)
+{
+    const int B = p16->key[0], C = p16->key[1], OC = p16->key[4];
+    const size_t nw = (size_t)OC * C * p16->key[5] * p16->key[6];
+    db_cuda_conv_plan *p = plan32(c, p16, 1);
+    float *rd = db_cuda_rounded_copy(c, dout, (size_t)B * OC * p16->OH * p16->OW),
+          *rx = db_cuda_rounded_copy(c, inp, (size_t)B * C * p16->key[2] * p16->key[3]),
+          *t = (float *)db_cuda_alloc(c, nw * sizeof(float));
+    int r = p && rd && rx && t ? 0 : -1;
+    if (r == 0)
+        r = filter_grad32(c, p, t, rd, rx, 0.0f);
+    if (r == 0)
+        r = db_cuda_round(c, dweight, t, nw, 1);
+    db_cuda_free(c, rd);
+    db_cuda_free(c, rx);
+    db_cuda_free(c, t);
+    return r ? -1 : 0;
+}
+
+static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *dweight, float *dbias,
+                           const float *dout, const float *inp, const float *weight)
+{
+    const int B = p->key[0], OC = p->key[4];
+    const size_t ny = (size_t)B * OC * p->OH * p->OW;
+    cudaStream_t s = db_cuda_st(c)->stream;
+    void *dy16 = db_cuda_to16(c, dout, ny);
+    int r = dy16 ? 0 : -1;
+    if (r == 0 && dinp) { // dinp =
+        r = p->via32[1] ? 1 : data_grad16(c, p, dinp, dy16, weight);
+        if (r == 1) {
+            p->via32[1] = 1;
+            r = data_grad16_via32(c, p, dinp, dout, weight);
+        }
+    }
+    if (r == 0 && dweight) { // dweight +=
+        r = p->via32[2] ? 1 : filter_grad16(c, p, dweight, dy16, inp);
+        if (r == 1) {
+            p->via32[2] = 1;
+            r = filter_grad16_via32(c, p, dweight, dout, inp);
+        }
+    }
+    db_cuda_free(c, dy16);
+    if (r == 0 && dbias) { // float32 sum of the rounded dout per channel, rounded, added
+        float *rd = db_cuda_rounded_copy(c, dout, ny), *t = (float *)db_cuda_alloc(c, (size_t)OC * sizeof(float));
+        double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)B * OC);
+        r = rd && t && part ? 0 : -1;
+        if (r == 0) {
+            cudaError_t e = cudaMemsetAsync(t, 0, (size_t)OC * sizeof(float), s);
+            if (e == cudaSuccess) {
+                bias_grad_part_kernel<<<B * OC, 256, 0, s>>>(part, rd, p->OH * p->OW);
+                e = cudaGetLastError();
+            }
+            if (e != cudaSuccess)
+                r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "conv2d bias gradient: %s", cudaGetErrorString(e));
+        }
+        if (r == 0)
+            r = db_cuda_finish_colsum(c, t, part, B, OC);
+        if (r == 0)
+            r = db_cuda_round(c, dbias, t, (size_t)OC, 1);
+        db_cuda_free(c, rd);
+        db_cuda_free(c, t);
+        db_cuda_free(c, part);
+    }
+    return r ? -1 : 0;
 }
 
 extern "C" int db_cuda_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
@@ -314,17 +618,19 @@ extern "C" int db_cuda_conv2d_forward(db_ctx *c, float *out, const float *inp, c
     DB_ENTER(c);
     if (B == 0 || OC == 0)
         return 0;
-    const int key[10] = {B, C, H, W, OC, KH, KW, stride, pad0, pad1};
+    const int key[11] = {B, C, H, W, OC, KH, KW, stride, pad0, pad1, db_cuda_prec16(c) ? (int)c->precision : 0};
     db_cuda_conv_plan *p = get_plan(c, key, 0);
     if (!p)
         return -1;
-    float *tmp;
-    const float *x = padded_input(c, p, inp, &tmp);
-    if (!x)
-        return -1;
-    int r = run_conv(c, p, 0, x, weight, NULL, out, 0.0f);
-    db_cuda_free(c, tmp);
-    if (r)
+    if (key[10]) { // 16-bit; 1: cuDNN has no algorithm for it, the fp32 plan on rounded inputs
+        int r = p->via32[0] ? 1 : conv_forward16(c, p, out, inp, weight, bias);
+        if (r == 1) {
+            p->via32[0] = 1;
+            r = conv_forward16_via32(c, p, out, inp, weight, bias);
+        }
+        return r;
+    }
+    if (forward32(c, p, out, inp, weight) != 0)
         return -1;
     if (bias) {
         const size_t n = (size_t)B * OC * p->OH * p->OW;
@@ -341,38 +647,17 @@ extern "C" int db_cuda_conv2d_backward(db_ctx *c, float *dinp, float *dweight, f
     DB_ENTER(c);
     if (B == 0 || OC == 0)
         return 0;
-    const int key[10] = {B, C, H, W, OC, KH, KW, stride, pad0, pad1};
+    const int key[11] = {B, C, H, W, OC, KH, KW, stride, pad0, pad1, db_cuda_prec16(c) ? (int)c->precision : 0};
     db_cuda_conv_plan *p = get_plan(c, key, 1);
     if (!p)
         return -1;
+    if (key[10])
+        return conv_backward16(c, p, dinp, dweight, dbias, dout, inp, weight);
     cudaStream_t s = db_cuda_st(c)->stream;
-    if (dinp) { // dinp (B, C, H, W) =
-        float *dxp = dinp;
-        if (p->explicit_pad && !(dxp = (float *)db_cuda_alloc(c, sizeof(float) * (size_t)B * C * p->Hp * p->Wp)))
-            return -1;
-        int r = run_conv(c, p, 1, NULL, weight, dout, dxp, 0.0f);
-        if (r == 0 && p->explicit_pad) {
-            const size_t n = (size_t)B * C * H * W;
-            crop_kernel<<<db_cuda_grid(n, 256), 256, 0, s>>>(dinp, dxp, (size_t)B * C, H, W, p->Hp, p->Wp, pad0);
-            cudaError_t e = cudaGetLastError();
-            if (e != cudaSuccess)
-                r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "crop_kernel: %s", cudaGetErrorString(e));
-        }
-        if (p->explicit_pad)
-            db_cuda_free(c, dxp);
-        if (r)
-            return -1;
-    }
-    if (dweight) { // dweight (OC, C, KH, KW) += (beta 1)
-        float *tmp;
-        const float *x = padded_input(c, p, inp, &tmp);
-        if (!x)
-            return -1;
-        int r = run_conv(c, p, 2, x, NULL, dout, dweight, 1.0f);
-        db_cuda_free(c, tmp);
-        if (r)
-            return -1;
-    }
+    if (dinp && data_grad32(c, p, dinp, dout, weight) != 0) // dinp (B, C, H, W) =
+        return -1;
+    if (dweight && filter_grad32(c, p, dweight, dout, inp, 1.0f) != 0) // dweight (OC, C, KH, KW) += (beta 1)
+        return -1;
     if (dbias) { // dbias (OC) += sum over B, OH, OW
         double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)B * OC);
         if (!part)

@@ -12,6 +12,8 @@
 #define DB_CUDA_INTERNAL_H
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <cudnn.h>
 #include <stddef.h>
@@ -114,5 +116,39 @@ extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const 
                                  const struct db_adamw *hp, int64_t t);
 extern "C" int db_cuda_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n);
 extern "C" int db_cuda_opt_scale(db_ctx *c, float *g, float coef, size_t n);
+
+// ---- autocast (kernels/ops.h db_precision): the matmul-class ops in bf16 / fp16
+//
+// The ops keep float32 buffers at the API; in a compute mode they round
+// their inputs to the compute type (into allocator scratch), run the
+// library on 16-bit operands with float32 accumulation (tensor cores), and
+// round every output to the compute type (parameter-gradient contributions
+// before they are added).  autocast.cu has the conversion kernels.
+
+// 1 when c->precision asks for a 16-bit compute type (any other value: fp32)
+static inline int db_cuda_prec16(const db_ctx *c)
+{
+    return c->precision == DB_PREC_BF16 || c->precision == DB_PREC_F16;
+}
+// x rounded to nearest even in fp16 (f16 != 0; overflow gives +-inf) or bf16,
+// as a float
+__device__ __forceinline__ float db_cuda_round16(float x, int f16)
+{
+    return f16 ? __half2float(__float2half_rn(x)) : __bfloat162float(__float2bfloat16_rn(x));
+}
+// n elements of the compute type: fresh scratch holding src rounded
+// (free with db_cuda_free); NULL with c->err set.
+void *db_cuda_to16(db_ctx *c, const float *src, size_t n);
+// dst (float) = src (compute type, n), or dst += src when accumulate
+int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int accumulate);
+// dst = round(src), or dst += round(src) when accumulate; dst may be src
+int db_cuda_round(db_ctx *c, float *dst, const float *src, size_t n, int accumulate);
+// fresh float scratch holding src rounded (free with db_cuda_free); NULL with c->err set
+float *db_cuda_rounded_copy(db_ctx *c, const float *src, size_t n);
+// gemm.cu: db_cuda_sgemm's product on operands already in the compute type
+// (cublasGemmEx, float32 accumulate and float32 C: the caller rounds C).
+int db_cuda_gemm16(db_ctx *c, int batch, int transa, int transb, int M, int N, int K, float alpha, const void *A,
+                   int lda, long long sa, const void *B, int ldb, long long sb, float beta, float *Cm, int ldc,
+                   long long sc);
 
 #endif

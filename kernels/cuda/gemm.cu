@@ -9,6 +9,15 @@
 // Determinism: cuBLAS sgemm gives the same bits for the same call on the same
 // GPU and stream (no atomics unless enabled); the bias sums are two-stage
 // reductions with a fixed order (norm.cu db_cuda_finish_colsum).
+//
+// bf16 / fp16 (c->precision, kernels/ops.h db_precision): the operands are
+// converted to the compute type (autocast.cu), multiplied by cublasGemmEx with
+// float32 accumulation into a float32 C (tensor cores; cuBLAS's default math
+// allows them for 16-bit inputs), and C is then rounded to the compute type
+// in place.  Parameter-gradient contributions go to a scratch C (beta 0),
+// are rounded, then added; the bias terms are summed in float32 from the
+// rounded values and rounded once.  One rounding per output, as the CPU
+// reference does (float32 op on rounded inputs, output rounded).
 #include "kernels/cuda/cuda.h"
 
 int db_cuda_sgemm(db_ctx *c, int batch, int transa, int transb, int M, int N, int K, float alpha, const float *A,
@@ -27,12 +36,40 @@ int db_cuda_sgemm(db_ctx *c, int batch, int transa, int transb, int M, int N, in
     return 0;
 }
 
+int db_cuda_gemm16(db_ctx *c, int batch, int transa, int transb, int M, int N, int K, float alpha, const void *A,
+                   int lda, long long sa, const void *B, int ldb, long long sb, float beta, float *Cm, int ldc,
+                   long long sc)
+{
+    if (batch == 0 || M == 0 || N == 0)
+        return 0;
+    db_cuda_state *st = db_cuda_st(c);
+    const cublasOperation_t oa = transa ? CUBLAS_OP_T : CUBLAS_OP_N, ob = transb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cudaDataType_t t = c->precision == DB_PREC_F16 ? CUDA_R_16F : CUDA_R_16BF;
+    if (batch == 1)
+        DB_CUBLAS(c, cublasGemmEx(st->blas, ob, oa, N, M, K, &alpha, B, t, ldb, A, t, lda, &beta, Cm, CUDA_R_32F, ldc,
+                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    else
+        DB_CUBLAS(c, cublasGemmStridedBatchedEx(st->blas, ob, oa, N, M, K, &alpha, B, t, ldb, sb, A, t, lda, sa, &beta,
+                                                Cm, CUDA_R_32F, ldc, sc, batch, CUBLAS_COMPUTE_32F,
+                                                CUBLAS_GEMM_DEFAULT));
+    return 0;
+}
+
 // out (N, OC) += bias (OC) broadcast over rows
 __global__ static void add_bias_rows_kernel(float *out, const float *bias, size_t N, int OC)
 {
     const size_t total = N * (size_t)OC;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
         out[i] += bias[i % OC];
+}
+
+// 16-bit modes: out (N, OC) = round(out + round(bias)): the float32 sum of
+// the product and the rounded bias, rounded once
+__global__ static void add_bias_rows_round_kernel(float *out, const float *bias, size_t N, int OC, int f16)
+{
+    const size_t total = N * (size_t)OC;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = db_cuda_round16(out[i] + db_cuda_round16(bias[i % OC], f16), f16);
 }
 
 // part (nchunk, OC) = per chunk of ROWS rows, the column sums of dout (N, OC) in
@@ -50,10 +87,42 @@ __global__ static void colsum_part_kernel(double *part, const float *dout, int N
     part[(size_t)blockIdx.y * OC + j] = s;
 }
 
+// The 16-bit operands of one op: scratch from db_cuda_to16, freed together.
+struct ops16 {
+    void *p[3];
+};
+static void ops16_free(db_ctx *c, ops16 *o)
+{
+    for (int i = 0; i < 3; i++)
+        db_cuda_free(c, o->p[i]);
+}
+
+// 16-bit gemm_forward: Cm = round(alpha op(A') op(B') + beta Cm'), ' = rounded
+static int gemm_forward16(db_ctx *c, float *Cm, const float *A, const float *B, int batch, int M, int N, int K,
+                          int transa, int transb, float alpha, float beta)
+{
+    if (batch == 0 || M == 0 || N == 0)
+        return 0;
+    const size_t nc = (size_t)batch * M * N;
+    ops16 o = {{db_cuda_to16(c, A, (size_t)batch * M * K), db_cuda_to16(c, B, (size_t)batch * K * N), NULL}};
+    int r = o.p[0] && o.p[1] ? 0 : -1;
+    if (r == 0 && beta != 0.0f) // Cm is an input too (beta 0 ignores it, NaN included)
+        r = db_cuda_round(c, Cm, Cm, nc, 0);
+    if (r == 0)
+        r = db_cuda_gemm16(c, batch, transa, transb, M, N, K, alpha, o.p[0], transa ? M : K, (long long)M * K, o.p[1],
+                           transb ? K : N, (long long)K * N, beta, Cm, N, (long long)M * N);
+    if (r == 0)
+        r = db_cuda_round(c, Cm, Cm, nc, 0);
+    ops16_free(c, &o);
+    return r;
+}
+
 extern "C" int db_cuda_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, int batch, int M, int N,
                                     int K, int transa, int transb, float alpha, float beta)
 {
     DB_ENTER(c);
+    if (db_cuda_prec16(c))
+        return gemm_forward16(c, Cm, A, B, batch, M, N, K, transa, transb, alpha, beta);
     return db_cuda_sgemm(c, batch, transa, transb, M, N, K, alpha, A, transa ? M : K, (long long)M * K, B,
                          transb ? K : N, (long long)K * N, beta, Cm, N, (long long)M * N);
 }
@@ -62,6 +131,23 @@ extern "C" int db_cuda_linear_forward(db_ctx *c, float *out, const float *inp, c
                                       int N, int C, int OC)
 {
     DB_ENTER(c);
+    if (db_cuda_prec16(c)) {
+        if (N == 0 || OC == 0)
+            return 0;
+        ops16 o = {{db_cuda_to16(c, inp, (size_t)N * C), db_cuda_to16(c, weight, (size_t)OC * C), NULL}};
+        int r = o.p[0] && o.p[1] ? 0 : -1;
+        if (r == 0)
+            r = db_cuda_gemm16(c, 1, 0, 1, N, OC, C, 1.0f, o.p[0], C, 0, o.p[1], C, 0, 0.0f, out, OC, 0);
+        ops16_free(c, &o);
+        if (r != 0)
+            return -1;
+        if (!bias)
+            return db_cuda_round(c, out, out, (size_t)N * OC, 0);
+        add_bias_rows_round_kernel<<<db_cuda_grid((size_t)N * OC, 256), 256, 0, db_cuda_st(c)->stream>>>(
+            out, bias, (size_t)N, OC, c->precision == DB_PREC_F16);
+        DB_LAUNCHED(c);
+        return 0;
+    }
     // out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C); then + bias
     if (db_cuda_sgemm(c, 1, 0, 1, N, OC, C, 1.0f, inp, C, 0, weight, C, 0, 0.0f, out, OC, 0) != 0)
         return -1;
@@ -73,57 +159,128 @@ extern "C" int db_cuda_linear_forward(db_ctx *c, float *out, const float *inp, c
     return 0;
 }
 
-// gemm_backward.c's arrangement: each gradient is one product in its stored layout.
-static int gemm_plain(db_ctx *c, float *Cm, const float *A, const float *B, int batch, int M, int N, int K, int transa,
-                      int transb, float alpha)
+// gemm_backward.c's arrangement: each gradient is one product in its stored
+// layout.  A and B are float32 (sgemm) or compute-type (p16) operands.
+static int gemm_plain(db_ctx *c, int p16, float *Cm, const void *A, const void *B, int batch, int M, int N, int K,
+                      int transa, int transb, float alpha)
 {
-    return db_cuda_sgemm(c, batch, transa, transb, M, N, K, alpha, A, transa ? M : K, (long long)M * K, B,
-                         transb ? K : N, (long long)K * N, 0.0f, Cm, N, (long long)M * N);
+    if (p16)
+        return db_cuda_gemm16(c, batch, transa, transb, M, N, K, alpha, A, transa ? M : K, (long long)M * K, B,
+                              transb ? K : N, (long long)K * N, 0.0f, Cm, N, (long long)M * N);
+    return db_cuda_sgemm(c, batch, transa, transb, M, N, K, alpha, (const float *)A, transa ? M : K, (long long)M * K,
+                         (const float *)B, transb ? K : N, (long long)K * N, 0.0f, Cm, N, (long long)M * N);
 }
 
 extern "C" int db_cuda_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const float *A, const float *B,
                                      int batch, int M, int N, int K, int transa, int transb, float alpha)
 {
     DB_ENTER(c);
+    const int p16 = db_cuda_prec16(c);
+    const size_t na = (size_t)batch * M * K, nb = (size_t)batch * K * N;
+    const void *a = A, *b = B, *dc = dCm;
+    ops16 o = {{NULL, NULL, NULL}};
+    if (p16) { // the operands each product needs, in the compute type
+        if (!(o.p[0] = db_cuda_to16(c, dCm, (size_t)batch * M * N)) || (dA && !(o.p[1] = db_cuda_to16(c, B, nb))) ||
+            (dB && !(o.p[2] = db_cuda_to16(c, A, na)))) {
+            ops16_free(c, &o);
+            return -1;
+        }
+        dc = o.p[0];
+        b = o.p[1];
+        a = o.p[2];
+    }
     //   dA (M, K)  = alpha dCm @ op(B)^T        dA stored (K, M) = alpha op(B) @ dCm^T
     //   dB (K, N)  = alpha op(A)^T @ dCm        dB stored (N, K) = alpha dCm^T @ op(A)
+    int r = 0;
     if (dA) {
-        int r = transa ? gemm_plain(c, dA, B, dCm, batch, K, M, N, transb, 1, alpha)
-                       : gemm_plain(c, dA, dCm, B, batch, M, K, N, 0, !transb, alpha);
-        if (r)
-            return -1;
+        r = transa ? gemm_plain(c, p16, dA, b, dc, batch, K, M, N, transb, 1, alpha)
+                   : gemm_plain(c, p16, dA, dc, b, batch, M, K, N, 0, !transb, alpha);
+        if (r == 0 && p16)
+            r = db_cuda_round(c, dA, dA, na, 0);
     }
-    if (dB) {
-        int r = transb ? gemm_plain(c, dB, dCm, A, batch, N, K, M, 1, transa, alpha)
-                       : gemm_plain(c, dB, A, dCm, batch, K, N, M, !transa, 0, alpha);
-        if (r)
-            return -1;
+    if (r == 0 && dB) {
+        r = transb ? gemm_plain(c, p16, dB, dc, a, batch, N, K, M, 1, transa, alpha)
+                   : gemm_plain(c, p16, dB, a, dc, batch, K, N, M, !transa, 0, alpha);
+        if (r == 0 && p16)
+            r = db_cuda_round(c, dB, dB, nb, 0);
     }
-    return 0;
+    ops16_free(c, &o);
+    return r ? -1 : 0;
+}
+
+// dst (OC) += column sums of dout (N, OC): two-stage, fixed order
+static int bias_grad(db_ctx *c, float *dst, const float *dout, int N, int OC)
+{
+    const int nchunk = (N + BIAS_ROWS - 1) / BIAS_ROWS;
+    double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)nchunk * OC);
+    if (!part)
+        return -1;
+    dim3 grid((unsigned)((OC + 127) / 128), (unsigned)nchunk);
+    colsum_part_kernel<<<grid, 128, 0, db_cuda_st(c)->stream>>>(part, dout, N, OC);
+    cudaError_t e = cudaGetLastError();
+    int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dst, part, nchunk, OC) : -1;
+    db_cuda_free(c, part);
+    DB_CU(c, e);
+    return r;
+}
+
+// 16-bit linear_backward: dinp = round(dout' W'); dweight += round(dout'^T x');
+// dbias += round(sum of dout' rows)
+static int linear_backward16(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
+                             const float *inp, const float *weight, int N, int C, int OC)
+{
+    const size_t nw = (size_t)OC * C;
+    ops16 o = {{db_cuda_to16(c, dout, (size_t)N * OC), NULL, NULL}};
+    int r = o.p[0] ? 0 : -1;
+    if (r == 0 && dinp) { // dinp (N, C) = dout (N, OC) @ weight (OC, C)
+        r = (o.p[1] = db_cuda_to16(c, weight, nw)) ? 0 : -1;
+        if (r == 0)
+            r = db_cuda_gemm16(c, 1, 0, 0, N, C, OC, 1.0f, o.p[0], OC, 0, o.p[1], C, 0, 0.0f, dinp, C, 0);
+        if (r == 0)
+            r = db_cuda_round(c, dinp, dinp, (size_t)N * C, 0);
+    }
+    if (r == 0 && dweight && nw > 0) { // the contribution dout^T @ inp into scratch, rounded, added
+        float *t = (float *)db_cuda_alloc(c, nw * sizeof(float));
+        r = t && (o.p[2] = db_cuda_to16(c, inp, (size_t)N * C)) ? 0 : -1;
+        if (r == 0)
+            r = db_cuda_gemm16(c, 1, 1, 0, OC, C, N, 1.0f, o.p[0], OC, 0, o.p[2], C, 0, 0.0f, t, C, 0);
+        if (r == 0)
+            r = db_cuda_round(c, dweight, t, nw, 1);
+        db_cuda_free(c, t);
+    }
+    ops16_free(c, &o);
+    if (r == 0 && dbias && N > 0 && OC > 0) { // float32 sum of the rounded dout, rounded, added
+        float *rd = db_cuda_rounded_copy(c, dout, (size_t)N * OC);
+        float *t = (float *)db_cuda_alloc(c, (size_t)OC * sizeof(float));
+        r = rd && t ? 0 : -1;
+        if (r == 0) {
+            cudaError_t e = cudaMemsetAsync(t, 0, (size_t)OC * sizeof(float), db_cuda_st(c)->stream);
+            if (e != cudaSuccess)
+                r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "cudaMemsetAsync: %s", cudaGetErrorString(e));
+        }
+        if (r == 0)
+            r = bias_grad(c, t, rd, N, OC);
+        if (r == 0)
+            r = db_cuda_round(c, dbias, t, (size_t)OC, 1);
+        db_cuda_free(c, rd);
+        db_cuda_free(c, t);
+    }
+    return r ? -1 : 0;
 }
 
 extern "C" int db_cuda_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
                                        const float *inp, const float *weight, int N, int C, int OC)
 {
     DB_ENTER(c);
+    if (db_cuda_prec16(c))
+        return linear_backward16(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC);
     // dinp (N, C) = dout (N, OC) @ weight (OC, C)
     if (dinp && db_cuda_sgemm(c, 1, 0, 0, N, C, OC, 1.0f, dout, OC, 0, weight, C, 0, 0.0f, dinp, C, 0) != 0)
         return -1;
     // dweight (OC, C) += dout^T (OC, N) @ inp (N, C)
     if (dweight && db_cuda_sgemm(c, 1, 1, 0, OC, C, N, 1.0f, dout, OC, 0, inp, C, 0, 1.0f, dweight, C, 0) != 0)
         return -1;
-    if (dbias && N > 0 && OC > 0) {
-        const int nchunk = (N + BIAS_ROWS - 1) / BIAS_ROWS;
-        double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)nchunk * OC);
-        if (!part)
-            return -1;
-        dim3 grid((unsigned)((OC + 127) / 128), (unsigned)nchunk);
-        colsum_part_kernel<<<grid, 128, 0, db_cuda_st(c)->stream>>>(part, dout, N, OC);
-        cudaError_t e = cudaGetLastError();
-        int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dbias, part, nchunk, OC) : -1;
-        db_cuda_free(c, part);
-        DB_CU(c, e);
-        return r;
-    }
+    if (dbias && N > 0 && OC > 0)
+        return bias_grad(c, dbias, dout, N, OC);
     return 0;
 }

@@ -21,6 +21,17 @@
  * No CUDA toolchain here: the library is dlopen'd ($B/lib, else
  * $TOP/build/lib, else ../../lib next to this binary) and reached through
  * db_cuda_get_api.  Without the library or a device: "1..0 # SKIP".
+ * Precision modes (kernels/ops.h db_precision): gemm, linear, conv2d and
+ * attention, forward and backward, with the CUDA ctx in bf16 and in fp16,
+ * against a reference built here from the CPU fp32 op (this file's CPU ctx
+ * stays fp32): inputs rounded to the compute type with db_convert, the fp32
+ * op, outputs rounded (a parameter-gradient contribution rounded before it
+ * is added to the pre-filled gradient).  Each output must be within rel L2
+ * 1e-2 (bf16) / 2e-3 (fp16) of that reference and within 1e-2 of the plain
+ * fp32 op, and every value it holds must be representable in the compute
+ * type (the round trip through it is exact: a missing output rounding shows
+ * here); the += gradients are checked for that on a zero-filled run.
+ *
  * DB_CUDA_TEST_QUICK=1 runs the small shapes only (no SD1.5 ones). */
 #include <dlfcn.h>
 #include <libgen.h>
@@ -32,6 +43,7 @@
 #include <unistd.h>
 
 #include "kernels/cuda_api.h"
+#include "libcommon/core/tensor.h"
 #include "libcommon/sd/noise.h"
 #include "libcommon/sd/optim.h"
 #include "tests/unit/tap.h"
@@ -501,6 +513,339 @@ static void t_attention_backward(int B, int Tq, int Tk, int NH, int HS, int caus
             same_bits("attention_backward dk", gk, gk2, nk);
             same_bits("attention_backward dv", gv, gv2, nk);
         }
+    }
+    release_all();
+}
+
+/* ---- precision modes (bf16 / fp16 autocast) ---------------------------------------------------- */
+
+static const char *prec_name(db_precision p) { return p == DB_PREC_BF16 ? "bf16" : "fp16"; }
+
+/* x rounded in place to the compute type, as a float (db_convert there and
+ * back: round to nearest even, fp16 overflow to inf) */
+static void hround(float *x, size_t n, db_precision p)
+{
+    const db_dtype dt = p == DB_PREC_BF16 ? DB_BF16 : DB_F16;
+    uint16_t *t = malloc(n * sizeof *t + 2);
+    db_err e = {0, ""};
+    if (!t || db_convert(t, dt, x, DB_F32, n, &e) != 0 || db_convert(x, DB_F32, t, dt, n, &e) != 0) {
+        fprintf(stderr, "test_cuda_ops: db_convert: %s\n", e.msg);
+        exit(2);
+    }
+    free(t);
+}
+
+static float *hrounded(const float *x, size_t n, db_precision p)
+{
+    float *r = hcopy(x, n);
+    hround(r, n, p);
+    return r;
+}
+
+/* A 16-bit-mode output d (device, n floats): within the mode's tolerance of
+ * ref (the CPU fp32 op on rounded inputs, rounded), within 1e-2 of f32 (the
+ * plain fp32 op; NULL: not checked), and with representable set, every value
+ * exactly a value of the compute type. */
+static void cmp_prec(const char *what, const char *tensor, const float *d, const float *ref, const float *f32, size_t n,
+                     db_precision p, int representable)
+{
+    const float *got = dget(d, n);
+    const double tol = p == DB_PREC_BF16 ? 1e-2 : 2e-3;
+    tap_cmp r = tap_compare(got, ref, n);
+    int ok = r.rel <= tol;
+    /* how many values are the reference's exactly: only float32 summation
+     * order separates the two, so nearly all should be (information: a
+     * missing input rounding would show as a low share) */
+    size_t same = 0;
+    for (size_t i = 0; i < n; i++)
+        same += got[i] == ref[i];
+    tap_ok(ok, "%s %s: rel L2 %.2e vs the rounded reference (max |diff| %.2e, %.1f%% exact)", what, tensor, r.rel,
+           r.maxabs, n ? 100.0 * (double)same / (double)n : 100.0);
+    if (!ok || r.maxabs > 0)
+        tap_diag("  worst element %zu: cuda %.9g reference %.9g", r.at, (double)got[r.at], (double)ref[r.at]);
+    if (f32) {
+        r = tap_compare(got, f32, n);
+        ok = r.rel <= 1e-2;
+        tap_ok(ok, "%s %s: rel L2 %.2e vs fp32 (max |diff| %.2e)", what, tensor, r.rel, r.maxabs);
+        if (!ok)
+            tap_diag("  worst element %zu: cuda %.9g fp32 %.9g", r.at, (double)got[r.at], (double)f32[r.at]);
+    }
+    if (representable) {
+        float *rt = hrounded(got, n, p);
+        size_t bad = 0, first = 0;
+        for (size_t i = 0; i < n; i++)
+            if (memcmp(&rt[i], &got[i], sizeof(float)) != 0 && !(isnan(rt[i]) && isnan(got[i])) && bad++ == 0)
+                first = i;
+        tap_ok(bad == 0, "%s %s: every value a %s (%zu of %zu not)", what, tensor, prec_name(p), bad, n);
+        if (bad)
+            tap_diag("  element %zu: %.9g, as %s %.9g", first, (double)got[first], prec_name(p), (double)rt[first]);
+    }
+}
+
+/* "what tensor" in a static buffer (one use at a time) */
+static const char *tag(const char *what, const char *tensor)
+{
+    static char buf[200];
+    snprintf(buf, sizeof buf, "%s %s", what, tensor);
+    return buf;
+}
+
+/* run a CUDA op in precision p (the ctx back to fp32 after) */
+#define IN_PREC(p, call) (g.precision = (p), prec_rc = (call), g.precision = DB_PREC_F32, prec_rc)
+static int prec_rc; /* IN_PREC's result */
+
+static void tp_gemm(db_precision p, int batch, int M, int N, int K, int ta, int tb, float alpha, float beta)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s gemm_forward b%d %dx%dx%d t%d%d a%g b%g", prec_name(p), batch, M, N, K, ta, tb,
+             (double)alpha, (double)beta);
+    const size_t na = (size_t)batch * M * K, nb = (size_t)batch * K * N, nc = (size_t)batch * M * N;
+    float *A = hrand(na, 1), *B = hrand(nb, 1), *C0 = hrand(nc, 1), *f32 = hcopy(C0, nc), *ref = hrounded(C0, nc, p);
+    if (!cpu_ran(db_gemm_forward(cpu, f32, A, B, batch, M, N, K, ta, tb, alpha, beta), what) ||
+        !cpu_ran(db_gemm_forward(cpu, ref, hrounded(A, na, p), hrounded(B, nb, p), batch, M, N, K, ta, tb, alpha, beta),
+                 what)) {
+        release_all();
+        return;
+    }
+    hround(ref, nc, p);
+    float *dC = beta == 0 ? dpoison(nc) : dputf(C0, nc);
+    if (gpu_ran(IN_PREC(p, api->gemm_forward(&g, dC, dputf(A, na), dputf(B, nb), batch, M, N, K, ta, tb, alpha, beta)),
+                what))
+        cmp_prec(what, "Cm", dC, ref, f32, nc, p, 1);
+    release_all();
+}
+
+static void tp_gemm_backward(db_precision p, int batch, int M, int N, int K, int ta, int tb, float alpha)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s gemm_backward b%d %dx%dx%d t%d%d", prec_name(p), batch, M, N, K, ta, tb);
+    const size_t na = (size_t)batch * M * K, nb = (size_t)batch * K * N, nc = (size_t)batch * M * N;
+    float *A = hrand(na, 1), *B = hrand(nb, 1), *dC = hrand(nc, 1);
+    float *fA = hzeros(na), *fB = hzeros(nb), *rA = hzeros(na), *rB = hzeros(nb);
+    if (!cpu_ran(db_gemm_backward(cpu, fA, fB, dC, A, B, batch, M, N, K, ta, tb, alpha), what) ||
+        !cpu_ran(db_gemm_backward(cpu, rA, rB, hrounded(dC, nc, p), hrounded(A, na, p), hrounded(B, nb, p), batch, M, N,
+                                  K, ta, tb, alpha),
+                 what)) {
+        release_all();
+        return;
+    }
+    hround(rA, na, p);
+    hround(rB, nb, p);
+    float *gA = dpoison(na), *gB = dpoison(nb);
+    if (gpu_ran(IN_PREC(p, api->gemm_backward(&g, gA, gB, dputf(dC, nc), dputf(A, na), dputf(B, nb), batch, M, N, K,
+                                              ta, tb, alpha)),
+                what)) {
+        cmp_prec(what, "dA", gA, rA, fA, na, p, 1);
+        cmp_prec(what, "dB", gB, rB, fB, nb, p, 1);
+    }
+    release_all();
+}
+
+static void tp_linear(db_precision p, int N, int C, int OC, int with_bias)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s linear_forward %dx%d->%d%s", prec_name(p), N, C, OC, with_bias ? " +bias" : "");
+    const size_t nx = (size_t)N * C, nw = (size_t)OC * C, ny = (size_t)N * OC;
+    float *x = hrand(nx, 1), *w = hrand(nw, 0.05f), *b = hrand(OC, 1), *f32 = hzeros(ny), *ref = hzeros(ny);
+    if (!cpu_ran(db_linear_forward(cpu, f32, x, w, with_bias ? b : NULL, N, C, OC), what) ||
+        !cpu_ran(db_linear_forward(cpu, ref, hrounded(x, nx, p), hrounded(w, nw, p),
+                                   with_bias ? hrounded(b, OC, p) : NULL, N, C, OC),
+                 what)) {
+        release_all();
+        return;
+    }
+    hround(ref, ny, p);
+    float *d = dpoison(ny);
+    if (gpu_ran(IN_PREC(p, api->linear_forward(&g, d, dputf(x, nx), dputf(w, nw), with_bias ? dputf(b, OC) : NULL, N,
+                                               C, OC)),
+                what))
+        cmp_prec(what, "out", d, ref, f32, ny, p, 1);
+    release_all();
+}
+
+/* dst = base + contribution, elementwise in float (the GPU's +=) */
+static float *hplus(const float *base, const float *contrib, size_t n)
+{
+    float *r = hcopy(base, n);
+    for (size_t i = 0; i < n; i++)
+        r[i] += contrib[i];
+    return r;
+}
+
+static void tp_linear_backward(db_precision p, int N, int C, int OC)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s linear_backward %dx%d->%d", prec_name(p), N, C, OC);
+    const size_t nx = (size_t)N * C, nw = (size_t)OC * C, ny = (size_t)N * OC;
+    float *x = hrand(nx, 1), *w = hrand(nw, 0.05f), *dy = hrand(ny, 1), *dw0 = hrand(nw, 1), *db0 = hrand(OC, 1);
+    float *fx = hzeros(nx), *fw = hcopy(dw0, nw), *fb = hcopy(db0, OC); /* plain fp32 */
+    float *rx = hzeros(nx), *cw = hzeros(nw), *cb = hzeros(OC);         /* rounded: contributions */
+    if (!cpu_ran(db_linear_backward(cpu, fx, fw, fb, dy, x, w, N, C, OC), what) ||
+        !cpu_ran(db_linear_backward(cpu, rx, cw, cb, hrounded(dy, ny, p), hrounded(x, nx, p), hrounded(w, nw, p), N, C,
+                                    OC),
+                 what)) {
+        release_all();
+        return;
+    }
+    hround(rx, nx, p);
+    hround(cw, nw, p);
+    hround(cb, OC, p);
+    float *ddy = dputf(dy, ny), *dx_ = dputf(x, nx), *dw_ = dputf(w, nw);
+    float *gx = dpoison(nx), *gw = dputf(dw0, nw), *gb = dputf(db0, OC);
+    if (gpu_ran(IN_PREC(p, api->linear_backward(&g, gx, gw, gb, ddy, dx_, dw_, N, C, OC)), what)) {
+        cmp_prec(what, "dinp", gx, rx, fx, nx, p, 1);
+        cmp_prec(what, "dweight (+=)", gw, hplus(dw0, cw, nw), fw, nw, p, 0);
+        cmp_prec(what, "dbias (+=)", gb, hplus(db0, cb, OC), fb, OC, p, 0);
+    }
+    /* from zeros the buffers hold the contributions: rounded before the += */
+    float *zw = dputf(hzeros(nw), nw), *zb = dputf(hzeros(OC), OC);
+    if (gpu_ran(IN_PREC(p, api->linear_backward(&g, NULL, zw, zb, ddy, dx_, dw_, N, C, OC)), what)) {
+        cmp_prec(what, "dweight contribution", zw, cw, NULL, nw, p, 1);
+        cmp_prec(what, "dbias contribution", zb, cb, NULL, OC, p, 1);
+    }
+    /* deterministic in the 16-bit modes too: the first run again, same bits */
+    float *gx2 = dpoison(nx), *gw2 = dputf(dw0, nw), *gb2 = dputf(db0, OC);
+    if (gpu_ran(IN_PREC(p, api->linear_backward(&g, gx2, gw2, gb2, ddy, dx_, dw_, N, C, OC)), what)) {
+        same_bits(tag(what, "dinp"), gx, gx2, nx);
+        same_bits(tag(what, "dweight"), gw, gw2, nw);
+        same_bits(tag(what, "dbias"), gb, gb2, OC);
+    }
+    release_all();
+}
+
+static void tp_conv(db_precision p, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1,
+                    int bias)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s conv2d_forward B%d %d->%d %dx%d k%dx%d s%d pad %d,%d%s", prec_name(p), B, C, OC, H,
+             W, KH, KW, stride, pad0, pad1, bias ? " +bias" : "");
+    const int OH = (H + pad0 + pad1 - KH) / stride + 1, OW = (W + pad0 + pad1 - KW) / stride + 1;
+    const size_t nx = (size_t)B * C * H * W, nw = (size_t)OC * C * KH * KW, ny = (size_t)B * OC * OH * OW;
+    float *x = hrand(nx, 1), *w = hrand(nw, 0.05f), *b = hrand(OC, 1), *f32 = hzeros(ny), *ref = hzeros(ny);
+    if (!cpu_ran(db_conv2d_forward(cpu, f32, x, w, bias ? b : NULL, B, C, H, W, OC, KH, KW, stride, pad0, pad1),
+                 what) ||
+        !cpu_ran(db_conv2d_forward(cpu, ref, hrounded(x, nx, p), hrounded(w, nw, p), bias ? hrounded(b, OC, p) : NULL,
+                                   B, C, H, W, OC, KH, KW, stride, pad0, pad1),
+                 what)) {
+        release_all();
+        return;
+    }
+    hround(ref, ny, p);
+    float *d = dpoison(ny);
+    if (gpu_ran(IN_PREC(p, api->conv2d_forward(&g, d, dputf(x, nx), dputf(w, nw), bias ? dputf(b, OC) : NULL, B, C, H,
+                                               W, OC, KH, KW, stride, pad0, pad1)),
+                what))
+        cmp_prec(what, "out", d, ref, f32, ny, p, 1);
+    release_all();
+}
+
+static void tp_conv_backward(db_precision p, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0,
+                             int pad1)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s conv2d_backward B%d %d->%d %dx%d k%dx%d s%d pad %d,%d", prec_name(p), B, C, OC, H,
+             W, KH, KW, stride, pad0, pad1);
+    const int OH = (H + pad0 + pad1 - KH) / stride + 1, OW = (W + pad0 + pad1 - KW) / stride + 1;
+    const size_t nx = (size_t)B * C * H * W, nw = (size_t)OC * C * KH * KW, ny = (size_t)B * OC * OH * OW;
+    float *x = hrand(nx, 1), *w = hrand(nw, 0.05f), *dy = hrand(ny, 1), *dw0 = hrand(nw, 1), *db0 = hrand(OC, 1);
+    float *fx = hzeros(nx), *fw = hcopy(dw0, nw), *fb = hcopy(db0, OC);
+    float *rx = hzeros(nx), *cw = hzeros(nw), *cb = hzeros(OC);
+    if (!cpu_ran(db_conv2d_backward(cpu, fx, fw, fb, dy, x, w, B, C, H, W, OC, KH, KW, stride, pad0, pad1), what) ||
+        !cpu_ran(db_conv2d_backward(cpu, rx, cw, cb, hrounded(dy, ny, p), hrounded(x, nx, p), hrounded(w, nw, p), B, C,
+                                    H, W, OC, KH, KW, stride, pad0, pad1),
+                 what)) {
+        release_all();
+        return;
+    }
+    hround(rx, nx, p);
+    hround(cw, nw, p);
+    hround(cb, OC, p);
+    float *ddy = dputf(dy, ny), *dx_ = dputf(x, nx), *dw_ = dputf(w, nw);
+    float *gx = dpoison(nx), *gw = dputf(dw0, nw), *gb = dputf(db0, OC);
+    if (gpu_ran(IN_PREC(p, api->conv2d_backward(&g, gx, gw, gb, ddy, dx_, dw_, B, C, H, W, OC, KH, KW, stride, pad0,
+                                                pad1)),
+                what)) {
+        cmp_prec(what, "dinp", gx, rx, fx, nx, p, 1);
+        cmp_prec(what, "dweight (+=)", gw, hplus(dw0, cw, nw), fw, nw, p, 0);
+        cmp_prec(what, "dbias (+=)", gb, hplus(db0, cb, OC), fb, OC, p, 0);
+    }
+    float *zw = dputf(hzeros(nw), nw), *zb = dputf(hzeros(OC), OC);
+    if (gpu_ran(IN_PREC(p, api->conv2d_backward(&g, NULL, zw, zb, ddy, dx_, dw_, B, C, H, W, OC, KH, KW, stride, pad0,
+                                                pad1)),
+                what)) {
+        cmp_prec(what, "dweight contribution", zw, cw, NULL, nw, p, 1);
+        cmp_prec(what, "dbias contribution", zb, cb, NULL, OC, p, 1);
+    }
+    float *gx2 = dpoison(nx), *gw2 = dputf(dw0, nw), *gb2 = dputf(db0, OC);
+    if (gpu_ran(IN_PREC(p, api->conv2d_backward(&g, gx2, gw2, gb2, ddy, dx_, dw_, B, C, H, W, OC, KH, KW, stride, pad0,
+                                                pad1)),
+                what)) {
+        same_bits(tag(what, "dinp"), gx, gx2, nx);
+        same_bits(tag(what, "dweight"), gw, gw2, nw);
+        same_bits(tag(what, "dbias"), gb, gb2, OC);
+    }
+    release_all();
+}
+
+static void tp_attention(db_precision p, int B, int Tq, int Tk, int NH, int HS, int causal)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s attention_forward B%d Tq%d Tk%d %dx%d%s", prec_name(p), B, Tq, Tk, NH, HS,
+             causal ? " causal" : "");
+    const size_t C = (size_t)NH * HS, nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C, nl = (size_t)B * NH * Tq;
+    float *q = hrand(nq, 1), *k = hrand(nk, 1), *v = hrand(nk, 1);
+    float *f32 = hzeros(nq), *flse = hzeros(nl), *ref = hzeros(nq), *rlse = hzeros(nl);
+    if (!cpu_ran(db_attention_forward(cpu, f32, flse, q, k, v, B, Tq, Tk, NH, HS, causal), what) ||
+        !cpu_ran(db_attention_forward(cpu, ref, rlse, hrounded(q, nq, p), hrounded(k, nk, p), hrounded(v, nk, p), B, Tq,
+                                      Tk, NH, HS, causal),
+                 what)) {
+        release_all();
+        return;
+    }
+    hround(ref, nq, p);
+    float *dout = dpoison(nq), *dlse = dpoison(nl);
+    if (gpu_ran(IN_PREC(p, api->attention_forward(&g, dout, dlse, dputf(q, nq), dputf(k, nk), dputf(v, nk), B, Tq, Tk,
+                                                  NH, HS, causal)),
+                what)) {
+        cmp_prec(what, "out", dout, ref, f32, nq, p, 1);
+        cmp(what, "lse (fp32, of the rounded inputs)", dlse, rlse, nl, TOL);
+    }
+    release_all();
+}
+
+static void tp_attention_backward(db_precision p, int B, int Tq, int Tk, int NH, int HS, int causal)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s attention_backward B%d Tq%d Tk%d %dx%d%s", prec_name(p), B, Tq, Tk, NH, HS,
+             causal ? " causal" : "");
+    const size_t C = (size_t)NH * HS, nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C, nl = (size_t)B * NH * Tq;
+    float *q = hrand(nq, 1), *k = hrand(nk, 1), *v = hrand(nk, 1), *dout = hrand(nq, 1);
+    float *rq = hrounded(q, nq, p), *rk = hrounded(k, nk, p), *rv = hrounded(v, nk, p);
+    /* plain fp32: forward and backward */
+    float *fo = hzeros(nq), *fl = hzeros(nl), *fq = hzeros(nq), *fk = hzeros(nk), *fv = hzeros(nk);
+    /* the forward on rounded inputs gives out (not yet rounded: the backward
+     * must round it) and lse; the reference backward sees everything rounded */
+    float *ro = hzeros(nq), *rl = hzeros(nl), *dq = hzeros(nq), *dk = hzeros(nk), *dv = hzeros(nk);
+    if (!cpu_ran(db_attention_forward(cpu, fo, fl, q, k, v, B, Tq, Tk, NH, HS, causal), what) ||
+        !cpu_ran(db_attention_backward(cpu, fq, fk, fv, dout, fo, fl, q, k, v, B, Tq, Tk, NH, HS, causal), what) ||
+        !cpu_ran(db_attention_forward(cpu, ro, rl, rq, rk, rv, B, Tq, Tk, NH, HS, causal), what) ||
+        !cpu_ran(db_attention_backward(cpu, dq, dk, dv, hrounded(dout, nq, p), hrounded(ro, nq, p), rl, rq, rk, rv, B,
+                                       Tq, Tk, NH, HS, causal),
+                 what)) {
+        release_all();
+        return;
+    }
+    hround(dq, nq, p);
+    hround(dk, nk, p);
+    hround(dv, nk, p);
+    float *gq = dpoison(nq), *gk = dpoison(nk), *gv = dpoison(nk);
+    if (gpu_ran(IN_PREC(p, api->attention_backward(&g, gq, gk, gv, dputf(dout, nq), dputf(ro, nq), dputf(rl, nl),
+                                                   dputf(q, nq), dputf(k, nk), dputf(v, nk), B, Tq, Tk, NH, HS,
+                                                   causal)),
+                what)) {
+        cmp_prec(what, "dq", gq, dq, fq, nq, p, 1);
+        cmp_prec(what, "dk", gk, dk, fk, nk, p, 1);
+        cmp_prec(what, "dv", gv, dv, fv, nk, p, 1);
     }
     release_all();
 }
@@ -1042,6 +1387,61 @@ int main(void)
             t_attention_backward(1, 1024, 77, 8, 40, 0);
         if (!quick)
             t_attention_backward(1, 1024, 1024, 8, 40, 0);
+    }
+
+    /* precision modes: the matmul-class ops in bf16 and fp16 */
+    for (int pi = 0; pi < 2; pi++) {
+        const db_precision p = pi == 0 ? DB_PREC_BF16 : DB_PREC_F16;
+        if (api->gemm_forward) {
+            for (int t = 0; t < 4; t++)
+                tp_gemm(p, 2, 9, 7, 13, t & 1, t >> 1, 0.7f, 0.0f);
+            tp_gemm(p, 1, 17, 23, 31, 0, 1, 1.0f, 0.5f); /* Cm an input too */
+            if (!quick)
+                tp_gemm(p, 16, 4096, 77, 40, 0, 1, 0.158f, 0.0f);
+        }
+        if (api->gemm_backward) {
+            for (int t = 0; t < 4; t++)
+                tp_gemm_backward(p, 2, 9, 7, 13, t & 1, t >> 1, 0.7f);
+            if (!quick)
+                tp_gemm_backward(p, 16, 1024, 77, 40, 0, 1, 0.158f);
+        }
+        if (api->linear_forward) {
+            tp_linear(p, 7, 13, 11, 1);
+            tp_linear(p, 7, 13, 11, 0);
+            if (!quick)
+                tp_linear(p, 8192, 320, 1280, 1);
+        }
+        if (api->linear_backward) {
+            tp_linear_backward(p, 7, 13, 11);
+            tp_linear_backward(p, 300, 70, 45); /* more than one bias chunk of rows */
+            if (!quick)
+                tp_linear_backward(p, 8192, 320, 1280);
+        }
+        if (api->conv2d_forward) {
+            tp_conv(p, 2, 3, 9, 7, 5, 3, 3, 1, 1, 1, 1);
+            tp_conv(p, 1, 4, 10, 12, 6, 3, 3, 2, 0, 1, 0); /* VAE downsampler padding */
+            tp_conv(p, 2, 8, 6, 6, 5, 1, 1, 1, 0, 0, 1);
+            if (!quick)
+                tp_conv(p, 2, 320, 64, 64, 320, 3, 3, 1, 1, 1, 1);
+        }
+        if (api->conv2d_backward) {
+            tp_conv_backward(p, 2, 3, 9, 7, 5, 3, 3, 1, 1, 1);
+            tp_conv_backward(p, 1, 4, 10, 12, 6, 3, 3, 2, 0, 1);
+            if (!quick)
+                tp_conv_backward(p, 2, 320, 64, 64, 320, 3, 3, 1, 1, 1);
+        }
+        if (api->attention_forward) {
+            tp_attention(p, 2, 19, 19, 3, 8, 0);
+            tp_attention(p, 1, 33, 7, 2, 40, 1);
+            if (!quick)
+                tp_attention(p, 2, 4096, 77, 8, 40, 0);
+        }
+        if (api->attention_backward) {
+            tp_attention_backward(p, 2, 19, 19, 3, 8, 1);
+            tp_attention_backward(p, 1, 33, 7, 2, 40, 0);
+            if (!quick)
+                tp_attention_backward(p, 1, 1024, 1024, 8, 40, 0);
+        }
     }
 
     /* activations, elementwise, layout, embeddings */

@@ -7,7 +7,10 @@
 // (so `static` stands in for __shared__), __syncthreads and the warp
 // shuffles are std::barriers; device memory is host memory; cuBLAS sgemm
 // and the four cuDNN convolution calls are naive double-accumulating
-// stand-ins.  What it cannot tell: speed, the GPU's own libm (expf, erff,
+// stand-ins, and so are cublasGemmEx / cublasGemmStridedBatchedEx and the
+// cuDNN calls on bf16 / fp16 tensors (autocast: 16-bit operands read through
+// cuda_bf16.h / cuda_fp16.h's host conversions, float32 C or a rounded 16-bit
+// store).  What it cannot tell: speed, the GPU's own libm (expf, erff,
 // sinf... here are glibc's), memory-model races, cuBLAS/cuDNN behaviour
 // (algorithm choice, TF32, determinism).  Slow: keep to the small shapes
 // (DB_CUDA_TEST_QUICK=1).
@@ -16,6 +19,10 @@
 #include <cuda_runtime.h>
 #include <cublas_v2.h>
 #include <cudnn.h>
+// before the macros below blank out __device__: their conversions
+// (__float2bfloat16_rn, __half2float, ...) are host-callable as they stand
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <barrier>
 #include <thread>
 #include <vector>
@@ -116,30 +123,67 @@ static inline cublasStatus_t emu_sgemm_batched(cublasOperation_t ta, cublasOpera
 }
 #define cublasSgemm(h, ta, tb, m, n, k, al, A, lda, B, ldb, be, C, ldc) emu_sgemm_batched(ta, tb, m, n, k, al, A, lda, 0, B, ldb, 0, be, C, ldc, 0, 1)
 #define cublasSgemmStridedBatched(h, ta, tb, m, n, k, al, A, lda, sa, B, ldb, sb, be, C, ldc, sc, bc) emu_sgemm_batched(ta, tb, m, n, k, al, A, lda, sa, B, ldb, sb, be, C, ldc, sc, bc)
+// typed element access: 0 float, 1 bf16, 2 fp16; -1 a type the stand-ins do not know
+static inline int emu_kind(cudaDataType_t t) { return t == CUDA_R_32F ? 0 : t == CUDA_R_16BF ? 1 : t == CUDA_R_16F ? 2 : -1; }
+static inline int emu_kind(cudnnDataType_t t) { return t == CUDNN_DATA_FLOAT ? 0 : t == CUDNN_DATA_BFLOAT16 ? 1 : t == CUDNN_DATA_HALF ? 2 : -1; }
+static inline float emu_ld(const void *p, int kind, size_t i) {
+    return kind == 0 ? ((const float *)p)[i] : kind == 1 ? __bfloat162float(((const __nv_bfloat16 *)p)[i]) : __half2float(((const __half *)p)[i]); }
+static inline void emu_st(void *p, int kind, size_t i, float v) {
+    if (kind == 0) ((float *)p)[i] = v; else if (kind == 1) ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v); else ((__half *)p)[i] = __float2half_rn(v); }
+// naive cublasGemm(StridedBatched)Ex: A and B of one 16-bit or float type,
+// float32 compute (CUBLAS_COMPUTE_32F, float scalars), C float or the A/B type
+static inline cublasStatus_t emu_gemm_ex(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const void *alpha, const void *A, cudaDataType_t at, int lda, long long sa, const void *B, cudaDataType_t bt, int ldb, long long sb, const void *beta, void *C, cudaDataType_t ct, int ldc, long long sc, int batch, cublasComputeType_t comp)
+{
+    const int ka = emu_kind(at), kc = emu_kind(ct);
+    if (at != bt || ka < 0 || kc < 0 || (kc != 0 && kc != ka) || comp != CUBLAS_COMPUTE_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+    const float al = *(const float *)alpha, be = *(const float *)beta;
+    for (int p = 0; p < batch; p++)
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < m; i++) {
+                double s = 0;
+                for (int l = 0; l < k; l++) {
+                    float a = emu_ld(A, ka, ta == CUBLAS_OP_N ? p * sa + i + (long long)l * lda : p * sa + l + (long long)i * lda);
+                    float b = emu_ld(B, ka, tb == CUBLAS_OP_N ? p * sb + l + (long long)j * ldb : p * sb + j + (long long)l * ldb);
+                    s += (double)a * b;
+                }
+                const size_t ci = p * sc + i + (long long)j * ldc;
+                emu_st(C, kc, ci, al * (float)s + (be == 0 ? 0.0f : be * emu_ld(C, kc, ci)));
+            }
+    return CUBLAS_STATUS_SUCCESS;
+}
+#define cublasGemmEx(h, ta, tb, m, n, k, al, A, at, lda, B, bt, ldb, be, C, ct, ldc, comp, algo) emu_gemm_ex(ta, tb, m, n, k, al, A, at, lda, 0, B, bt, ldb, 0, be, C, ct, ldc, 0, 1, comp)
+#define cublasGemmStridedBatchedEx(h, ta, tb, m, n, k, al, A, at, lda, sa, B, bt, ldb, sb, be, C, ct, ldc, sc, bc, comp, algo) emu_gemm_ex(ta, tb, m, n, k, al, A, at, lda, sa, B, bt, ldb, sb, be, C, ct, ldc, sc, bc, comp)
 
-static inline void emu_dims(cudnnTensorDescriptor_t t, int *n, int *c, int *h, int *w) {
-    cudnnDataType_t dt; int ns, cs, hs, ws; cudnnGetTensor4dDescriptor(t, &dt, n, c, h, w, &ns, &cs, &hs, &ws); }
-static inline void emu_fdims(cudnnFilterDescriptor_t f, int *k, int *c, int *h, int *w) {
-    cudnnDataType_t dt; cudnnTensorFormat_t fmt; cudnnGetFilter4dDescriptor(f, &dt, &fmt, k, c, h, w); }
-static inline void emu_cdesc(cudnnConvolutionDescriptor_t cd, int *pad, int *stride) {
+static inline int emu_dims(cudnnTensorDescriptor_t t, int *n, int *c, int *h, int *w) {
+    cudnnDataType_t dt; int ns, cs, hs, ws; cudnnGetTensor4dDescriptor(t, &dt, n, c, h, w, &ns, &cs, &hs, &ws); return emu_kind(dt); }
+static inline int emu_fdims(cudnnFilterDescriptor_t f, int *k, int *c, int *h, int *w) {
+    cudnnDataType_t dt; cudnnTensorFormat_t fmt; cudnnGetFilter4dDescriptor(f, &dt, &fmt, k, c, h, w); return emu_kind(dt); }
+static inline int emu_cdesc(cudnnConvolutionDescriptor_t cd, int *pad, int *stride) {
     int ph, pw, sh, sw, dh, dw; cudnnConvolutionMode_t m; cudnnDataType_t dt;
-    cudnnGetConvolution2dDescriptor(cd, &ph, &pw, &sh, &sw, &dh, &dw, &m, &dt); *pad = ph; *stride = sh; }
-// mode 0: y = conv(x, w); 1: dx = convT(dy, w); 2: dw = corr(x, dy); out = alpha r + beta out
-static cudnnStatus_t emu_conv(int mode, const float *alpha, cudnnTensorDescriptor_t xd, const float *x,
-    cudnnFilterDescriptor_t wd, const float *w, cudnnConvolutionDescriptor_t cd, cudnnTensorDescriptor_t yd, const float *y,
-    const float *beta, float *out)
+    cudnnGetConvolution2dDescriptor(cd, &ph, &pw, &sh, &sw, &dh, &dw, &m, &dt); *pad = ph; *stride = sh; return emu_kind(dt); }
+// mode 0: y = conv(x, w); 1: dx = convT(dy, w); 2: dw = corr(x, dy); out = alpha r + beta out.
+// Data in the descriptors' type (one type for x, w, y: cuDNN's FLOAT,
+// PSEUDO_BFLOAT16 and PSEUDO_HALF configs, float32 compute), the result
+// computed in float and stored rounded to it.
+static cudnnStatus_t emu_conv(int mode, const float *alpha, cudnnTensorDescriptor_t xd, const void *x,
+    cudnnFilterDescriptor_t wd, const void *w, cudnnConvolutionDescriptor_t cd, cudnnTensorDescriptor_t yd, const void *y,
+    const float *beta, void *out)
 {
     int B, C, H, W, OC, c2, KH, KW, b2, oc2, OH, OW, pad, st;
-    emu_dims(xd, &B, &C, &H, &W); emu_fdims(wd, &OC, &c2, &KH, &KW); emu_dims(yd, &b2, &oc2, &OH, &OW); emu_cdesc(cd, &pad, &st);
+    const int tx = emu_dims(xd, &B, &C, &H, &W), tw = emu_fdims(wd, &OC, &c2, &KH, &KW), ty = emu_dims(yd, &b2, &oc2, &OH, &OW), tc = emu_cdesc(cd, &pad, &st);
+    if (tx < 0 || tx != tw || tx != ty || tc != 0) return CUDNN_STATUS_NOT_SUPPORTED;
+    // EMU_CONV16_UNSUPPORTED=1: cuDNN without 16-bit convolutions, to run
+    // conv.cu's fallback (the fp32 plan on rounded inputs)
+    if (tx != 0 && getenv("EMU_CONV16_UNSUPPORTED")) return CUDNN_STATUS_NOT_SUPPORTED;
     size_t n = mode == 0 ? (size_t)B*OC*OH*OW : mode == 1 ? (size_t)B*C*H*W : (size_t)OC*C*KH*KW;
     std::vector<double> r(n, 0.0);
     for (int b = 0; b < B; b++) for (int o = 0; o < OC; o++) for (int oy = 0; oy < OH; oy++) for (int ox = 0; ox < OW; ox++)
       for (int ci = 0; ci < C; ci++) for (int ky = 0; ky < KH; ky++) for (int kx = 0; kx < KW; kx++) {
         int iy = oy*st + ky - pad, ix = ox*st + kx - pad; if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
         size_t xi = (((size_t)b*C+ci)*H+iy)*W+ix, wi = (((size_t)o*C+ci)*KH+ky)*KW+kx, yi = (((size_t)b*OC+o)*OH+oy)*OW+ox;
-        if (mode == 0) r[yi] += (double)x[xi]*w[wi]; else if (mode == 1) r[xi] += (double)y[yi]*w[wi]; else r[wi] += (double)x[xi]*y[yi];
+        if (mode == 0) r[yi] += (double)emu_ld(x, tx, xi)*emu_ld(w, tx, wi); else if (mode == 1) r[xi] += (double)emu_ld(y, tx, yi)*emu_ld(w, tx, wi); else r[wi] += (double)emu_ld(x, tx, xi)*emu_ld(y, tx, yi);
       }
-    for (size_t i = 0; i < n; i++) out[i] = *alpha * (float)r[i] + (*beta == 0 ? 0.0f : *beta * out[i]);
+    for (size_t i = 0; i < n; i++) emu_st(out, tx, i, *alpha * (float)r[i] + (*beta == 0 ? 0.0f : *beta * emu_ld(out, tx, i)));
     return CUDNN_STATUS_SUCCESS;
 }
 #define cudnnGetConvolutionForwardAlgorithm_v7(h, x, w, c, y, req, got, perf) ((perf)[0].algo = CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, (perf)[0].status = CUDNN_STATUS_SUCCESS, (perf)[0].determinism = CUDNN_DETERMINISTIC, (perf)[0].mathType = CUDNN_FMA_MATH, (perf)[0].memory = 100, (perf)[1].algo = CUDNN_CONVOLUTION_FWD_ALGO_FFT, (perf)[1].status = CUDNN_STATUS_SUCCESS, (perf)[1].determinism = CUDNN_DETERMINISTIC, (perf)[1].mathType = CUDNN_FMA_MATH, (perf)[1].memory = 0, *(got) = 2, CUDNN_STATUS_SUCCESS)

@@ -5,6 +5,9 @@
 # parity test on the small shapes against it.  Not a substitute for
 # make check-cuda on a GPU (see cuda_emu.h for what it cannot tell).
 #   usage: bash tests/gpu/emu/run.sh        (after make; about a minute)
+#   EMU_CONV16_UNSUPPORTED=1 bash tests/gpu/emu/run.sh: the same with the cuDNN
+#   stand-in refusing bf16/fp16 convolutions, which runs conv.cu's fallback
+#   (the fp32 plan on rounded inputs) in the precision checks
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
