@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 3 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream */
+#define DB_CUDA_ABI 3 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -101,6 +101,9 @@ typedef struct db_cuda_api {
     /* the ctx's cudaStream_t (as void *), for libraries that queue work
      * with the ops (NCCL collectives, libcommon/dist) */
     void *(*stream)(db_ctx *c);
+    /* p (n floats) holds weights: a 16-bit mode may keep a working copy
+     * (kernels/ops.h db_ctx_declare_weights) */
+    int (*declare_weights)(db_ctx *c, const float *p, size_t n);
 } db_cuda_api;
 
 /* Exported by libdb_cuda.so: the table, or NULL when the library was built

@@ -128,6 +128,15 @@ void db_ctx_set_precision(db_ctx *c, db_precision p);
 const char *db_precision_name(db_precision p);
 int db_precision_parse(const char *s);
 
+/* p (n floats of c's device) holds model weights that ops read as
+ * operands.  In a 16-bit mode the CUDA backend then keeps one 16-bit working
+ * copy of the whole buffer instead of converting a weight at every op, and
+ * db_opt_adamw writes it in the same pass as the fp32 update; any other
+ * write into the buffer (db_ctx_copy, db_ctx_zero) makes it rebuild, and
+ * db_ctx_free of p drops it.  Results are the same with or without; the CPU
+ * ignores it.  0, or -1 with c->err. */
+int db_ctx_declare_weights(db_ctx *c, const float *p, size_t n);
+
 /* Device memory of a ctx, in bytes: in_use by live buffers, peak of in_use
  * since the ctx was created or db_ctx_mem_reset_peak, reserved from the
  * driver (in use + cached).  CUDA only: on the CPU all zero and tracked 0. */

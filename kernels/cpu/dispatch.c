@@ -149,6 +149,15 @@ int db_precision_parse(const char *s)
     return -1;
 }
 
+int db_ctx_declare_weights(db_ctx *c, const float *p, size_t n)
+{
+    if (c->err.code)
+        return -1;
+    if (c->device == DB_CUDA && c->cuda_api->declare_weights)
+        return c->cuda_api->declare_weights(c, p, n);
+    return 0;
+}
+
 void db_ctx_mem_stats(db_ctx *c, db_mem_stats *s)
 {
     memset(s, 0, sizeof *s);

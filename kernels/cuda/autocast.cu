@@ -56,9 +56,108 @@ __global__ static void round_kernel(float *dst, const float *src, size_t n, int 
     }
 }
 
+// ---- weight shadows ---------------------------------------------------------------
+
+int db_cuda_declare_weights(db_ctx *c, const float *p, size_t n)
+{
+    DB_ENTER(c);
+    db_cuda_state *st = db_cuda_st(c);
+    if (!p || n == 0 || db_cuda_shadow_find(c, p, n * sizeof(float)))
+        return 0;
+    if (st->nshadow == DB_CUDA_NSHADOW) // only a speed-up: past the table, weights convert per op
+        return 0;
+    db_cuda_shadow *w = &st->shadow[st->nshadow++];
+    w->p = p, w->n = n, w->s = NULL, w->prec = 0, w->valid = 0;
+    return 0;
+}
+
+db_cuda_shadow *db_cuda_shadow_find(db_ctx *c, const void *p, size_t bytes)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    const char *a = (const char *)p;
+    for (int i = 0; i < st->nshadow; i++) {
+        const char *b = (const char *)st->shadow[i].p;
+        if (a >= b && a + bytes <= b + st->shadow[i].n * sizeof(float))
+            return &st->shadow[i];
+    }
+    return NULL;
+}
+
+void db_cuda_shadow_touch(db_ctx *c, const void *p, size_t bytes)
+{
+    if (!c->cuda)
+        return;
+    db_cuda_state *st = db_cuda_st(c);
+    const char *a = (const char *)p;
+    for (int i = 0; i < st->nshadow; i++) {
+        const char *b = (const char *)st->shadow[i].p;
+        if (a < b + st->shadow[i].n * sizeof(float) && b < a + bytes)
+            st->shadow[i].valid = 0;
+    }
+}
+
+int db_cuda_shadow_owns(db_ctx *c, const void *p)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    const char *a = (const char *)p;
+    for (int i = 0; i < st->nshadow; i++) {
+        const char *s = (const char *)st->shadow[i].s;
+        if (s && a >= s && a < s + st->shadow[i].n * 2)
+            return 1;
+    }
+    return 0;
+}
+
+int db_cuda_shadow_drop(db_ctx *c, const void *p)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    for (int i = 0; i < st->nshadow; i++)
+        if (st->shadow[i].p == p) {
+            void *s = st->shadow[i].s;
+            st->shadow[i] = st->shadow[--st->nshadow];
+            if (s)
+                db_cuda_free(c, s); // not owned by a declared buffer any more: a plain block
+            return 1;
+        }
+    return 0;
+}
+
+static void *convert16(db_ctx *c, void *dst, const float *src, size_t n);
+
+// the working copy of w, (re)built when stale or of another compute type
+static void *shadow_ready(db_ctx *c, db_cuda_shadow *w)
+{
+    if (w->s && w->valid && w->prec == (int)c->precision)
+        return w->s;
+    if (!w->s && !(w->s = db_cuda_alloc(c, w->n * 2)))
+        return NULL;
+    w->prec = (int)c->precision;
+    if (!convert16(c, w->s, w->p, w->n))
+        return NULL;
+    w->valid = 1;
+    return w->s;
+}
+
 void *db_cuda_to16(db_ctx *c, const float *src, size_t n)
 {
+    db_cuda_shadow *w = n ? db_cuda_shadow_find(c, src, n * sizeof(float)) : NULL;
+    if (w) {
+        char *s = (char *)shadow_ready(c, w);
+        return s ? s + (src - w->p) * 2 : NULL;
+    }
     void *dst = db_cuda_alloc(c, n * 2);
+    if (!dst || n == 0)
+        return dst;
+    if (!convert16(c, dst, src, n)) {
+        db_cuda_free(c, dst);
+        return NULL;
+    }
+    return dst;
+}
+
+// dst (n values of the compute type) = round(src); dst, or NULL with c->err set
+static void *convert16(db_ctx *c, void *dst, const float *src, size_t n)
+{
     if (!dst || n == 0)
         return dst;
     cudaStream_t s = db_cuda_st(c)->stream;
@@ -68,7 +167,6 @@ void *db_cuda_to16(db_ctx *c, const float *src, size_t n)
         to_bf16_kernel<<<db_cuda_grid(n, CONV_THREADS), CONV_THREADS, 0, s>>>((__nv_bfloat16 *)dst, src, n);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) {
-        db_cuda_free(c, dst);
         db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "to16 kernel: %s", cudaGetErrorString(e));
         return NULL;
     }

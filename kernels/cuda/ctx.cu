@@ -180,6 +180,9 @@ void db_cuda_free(db_ctx *c, void *p)
 {
     if (!p || !c->cuda)
         return;
+    if (db_cuda_shadow_owns(c, p)) // an operand db_cuda_to16 lent from a weight's working copy
+        return;
+    db_cuda_shadow_drop(c, p);     // freeing declared weights frees their working copy too
     db_cuda_state *st = db_cuda_st(c);
     size_t n = live_take(st, p);
     if (n == 0) {
@@ -293,6 +296,8 @@ static int api_copy(db_ctx *c, void *dst, const void *src, size_t bytes, db_copy
     cudaMemcpyKind k = kind == DB_COPY_H2D   ? cudaMemcpyHostToDevice
                        : kind == DB_COPY_D2H ? cudaMemcpyDeviceToHost
                                              : cudaMemcpyDeviceToDevice;
+    if (kind != DB_COPY_D2H)
+        db_cuda_shadow_touch(c, dst, bytes);
     DB_CU(c, cudaMemcpyAsync(dst, src, bytes, k, st->stream));
     if (kind == DB_COPY_D2H) // the caller reads dst next
         DB_CU(c, cudaStreamSynchronize(st->stream));
@@ -304,9 +309,12 @@ static int api_zero(db_ctx *c, void *p, size_t bytes)
     DB_ENTER(c);
     if (bytes == 0)
         return 0;
+    db_cuda_shadow_touch(c, p, bytes);
     DB_CU(c, cudaMemsetAsync(p, 0, bytes, db_cuda_st(c)->stream));
     return 0;
 }
+
+static int api_declare_weights(db_ctx *c, const float *p, size_t n) { return db_cuda_declare_weights(c, p, n); }
 
 static int api_sync(db_ctx *c)
 {
@@ -390,6 +398,7 @@ static db_cuda_api make_api(void)
     a.mem_stats = api_mem_stats;
     a.mem_reset_peak = api_mem_reset_peak;
     a.stream = api_stream;
+    a.declare_weights = api_declare_weights;
 #define SET(name) a.name = db_cuda_##name
     SET(gemm_forward);
     SET(linear_forward);

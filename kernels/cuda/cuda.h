@@ -32,6 +32,20 @@ struct db_cuda_block { // a cached (free) device block
 
 struct db_cuda_conv_plan; // conv.cu: cuDNN descriptors and algorithms per shape
 
+// A weight buffer the model declared (db_ctx_declare_weights) and its
+// 16-bit working copy for the autocast modes (autocast.cu): built whole on
+// first use in a 16-bit mode, kept current by the fused AdamW (optim.cu), and
+// marked stale by any other write into the buffer (copy, zero, other
+// optimizers) or a change of compute type.
+struct db_cuda_shadow {
+    const float *p; // the fp32 master weights (n floats)
+    size_t n;
+    void *s;        // n 16-bit values of type prec, or NULL (not built)
+    int prec;       // DB_PREC_BF16 / DB_PREC_F16 of s
+    int valid;      // s equals round(p) now
+};
+enum { DB_CUDA_NSHADOW = 16 };
+
 struct db_cuda_state {
     int device;
     cudaStream_t stream; // every op of the ctx runs on it, in order
@@ -47,6 +61,8 @@ struct db_cuda_state {
     size_t *live_n;
     size_t live_cap, live_count, live_bytes;
     size_t peak_bytes; // most live_bytes since init or mem_reset_peak
+    db_cuda_shadow shadow[DB_CUDA_NSHADOW]; // declared weight buffers
+    int nshadow;
     db_cuda_conv_plan *plans; // conv.cu's shape cache (a list)
     int *flag;                // one device int for kernels that report a bad input
 };
@@ -145,6 +161,19 @@ int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int accumul
 int db_cuda_round(db_ctx *c, float *dst, const float *src, size_t n, int accumulate);
 // fresh float scratch holding src rounded (free with db_cuda_free); NULL with c->err set
 float *db_cuda_rounded_copy(db_ctx *c, const float *src, size_t n);
+// Weight shadows (db_cuda_shadow above).  db_cuda_to16 of a range inside a
+// declared buffer returns (a pointer into) its working copy instead of
+// scratch, and db_cuda_free of such a pointer does nothing, so the ops need
+// not know which operand is a weight.
+int db_cuda_declare_weights(db_ctx *c, const float *p, size_t n);
+// the declared buffer holding [p, p + bytes), or NULL
+db_cuda_shadow *db_cuda_shadow_find(db_ctx *c, const void *p, size_t bytes);
+// a write into [p, p + bytes) other than the fused AdamW's: stale copies
+void db_cuda_shadow_touch(db_ctx *c, const void *p, size_t bytes);
+// p inside a working copy (db_cuda_free leaves it alone)
+int db_cuda_shadow_owns(db_ctx *c, const void *p);
+// drop the declared buffer p (its working copy freed); 1 if p was one
+int db_cuda_shadow_drop(db_ctx *c, const void *p);
 // gemm.cu: db_cuda_sgemm's product on operands already in the compute type
 // (cublasGemmEx, float32 accumulate and float32 C: the caller rounds C).
 int db_cuda_gemm16(db_ctx *c, int batch, int transa, int transb, int M, int N, int K, float alpha, const void *A,

@@ -29,7 +29,10 @@ enum { THREADS = 256 };
 // same order (torch 1.13's _single_tensor_adamw):
 //   p = p*decay; m = m*b1 + (1-b1)*g; v = v*b2 + ((1-b2)*g)*g;
 //   d = sqrt(v)/sqrt(bc2) + eps; p = p + (-step_size*m)/d
-__global__ static void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, db_adamw_coef k)
+// shadow: the weights' 16-bit working copy (db_cuda_shadow) to keep current
+// in the same pass, of type f16 ? fp16 : bf16; NULL when there is none.
+__global__ static void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, db_adamw_coef k,
+                                    void *shadow, int f16)
 {
     GRID_STRIDE(i, n)
     {
@@ -42,6 +45,12 @@ __global__ static void adamw_kernel(float *p, float *m, float *v, const float *g
         p[i] = pi;
         m[i] = mi;
         v[i] = vi;
+        if (shadow) {
+            if (f16)
+                ((__half *)shadow)[i] = __float2half_rn(pi);
+            else
+                ((__nv_bfloat16 *)shadow)[i] = __float2bfloat16_rn(pi);
+        }
     }
 }
 
@@ -54,7 +63,13 @@ extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const 
     // The scalars on the host in double, by the very function optim.c calls
     // (adamw_coef.h), so they carry the same bits.
     const db_adamw_coef k = db_adamw_coefs(hp, t);
-    adamw_kernel<<<db_cuda_grid(n, THREADS), THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k);
+    // Weights with a current 16-bit working copy: write it in the same pass
+    // (the copy the next forward's GEMMs read), rather than a second
+    // conversion pass over every weight.  A stale copy stays stale.
+    db_cuda_shadow *w = db_cuda_shadow_find(c, p, n * sizeof(float));
+    void *sh = w && w->valid && w->s ? (char *)w->s + (p - w->p) * 2 : NULL;
+    adamw_kernel<<<db_cuda_grid(n, THREADS), THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k, sh,
+                                                                                  w && w->prec == DB_PREC_F16);
     DB_LAUNCHED(c);
     return 0;
 }

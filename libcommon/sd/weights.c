@@ -69,7 +69,8 @@ int db_weights_to(db_weights *w, db_ctx *ctx, db_err *err)
         return db_err_set(err, DB_EUSAGE, "%s weights: already on another device", db_comp_name(w->comp));
     const size_t bytes = w->numel * sizeof(float);
     float *d = db_ctx_alloc(ctx, bytes);
-    if (!d || db_ctx_copy(ctx, d, w->data, bytes, DB_COPY_H2D)) {
+    /* declared as weights: a 16-bit mode keeps one working copy of them */
+    if (!d || db_ctx_copy(ctx, d, w->data, bytes, DB_COPY_H2D) || db_ctx_declare_weights(ctx, d, w->numel)) {
         db_err_set(err, ctx->err.code ? ctx->err.code : DB_ENOMEM, "%s weights: to the device: %s",
                    db_comp_name(w->comp), ctx->err.msg);
         db_ctx_free(ctx, d);

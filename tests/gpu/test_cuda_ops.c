@@ -1158,6 +1158,53 @@ static void cmp_bits(const char *what, const char *tensor, const float *d, const
         tap_diag("  first difference at %zu: cuda %.9g cpu %.9g", bad, (double)got[bad], (double)want[bad]);
 }
 
+/* Declared weights (db_ctx_declare_weights): a 16-bit working copy must
+ * never change a result.  The same linear runs on a declared weight buffer
+ * and on an undeclared copy of it, after each event that must keep the
+ * working copy current (first use, the fused AdamW) or make it rebuild (a
+ * copy into the buffer, the other compute type). */
+static void t_shadow(void)
+{
+    const char *what = "declared weights";
+    if (!have((const void *)api->declare_weights, what) || !have((const void *)api->opt_adamw, what))
+        return;
+    const int N = 9, C = 24, OC = 10;
+    const size_t nx = (size_t)N * C, nw = (size_t)OC * C + 7, ny = (size_t)N * OC; /* + 7: a sub-range */
+    float *w = hrand(nw, 0.05f), *x = hrand(nx, 1);
+    float *dw = dputf(w, nw), *du = dputf(w, nw), *dx = dputf(x, nx);
+    float *dm = dputf(hzeros(nw), nw), *dv = dputf(hzeros(nw), nw), *dm2 = dputf(hzeros(nw), nw),
+          *dv2 = dputf(hzeros(nw), nw);
+    if (!gpu_ran(api->declare_weights(&g, dw, nw), what)) {
+        release_all();
+        return;
+    }
+    const db_adamw hp = db_adamw_defaults(1e-2);
+    const char *stage[] = {"first use", "after the fused AdamW", "after a second AdamW",
+                           "after a copy into the buffer", "in the other compute type", "in fp32"};
+    for (int k = 0; k < 6; k++) {
+        char step[200];
+        snprintf(step, sizeof step, "%s: linear on declared vs undeclared weights, %s", what, stage[k]);
+        if (k == 1 || k == 2) { /* the same update on both */
+            float *gr = dputf(hrand(nw, 0.05f), nw);
+            if (!gpu_ran(api->opt_adamw(&g, dw, dm, dv, gr, nw, &hp, k), step) ||
+                !gpu_ran(api->opt_adamw(&g, du, dm2, dv2, gr, nw, &hp, k), step))
+                break;
+        }
+        if (k == 3) {
+            float *nwv = hrand(nw, 0.05f);
+            api->copy(&g, dw, nwv, nw * sizeof(float), DB_COPY_H2D);
+            api->copy(&g, du, nwv, nw * sizeof(float), DB_COPY_H2D);
+        }
+        const db_precision p = k == 5 ? DB_PREC_F32 : k == 4 ? DB_PREC_F16 : DB_PREC_BF16;
+        float *y1 = dpoison(ny), *y2 = dpoison(ny);
+        if (!gpu_ran(IN_PREC(p, api->linear_forward(&g, y1, dx, dw + 7, NULL, N, C, OC)), step) ||
+            !gpu_ran(IN_PREC(p, api->linear_forward(&g, y2, dx, du + 7, NULL, N, C, OC)), step))
+            break;
+        same_bits(step, y1, y2, ny);
+    }
+    release_all();
+}
+
 /* three AdamW steps (t = 1, 2, 3) from m = v = 0, a fresh gradient each step */
 static void t_adamw(size_t n, double lr, double wd)
 {
@@ -1487,6 +1534,7 @@ int main(void)
     }
     t_adamw(1001, 5e-6, 0.0); /* the DreamBooth lr, no decay */
     t_adamw(1001, 0.5, 0.3);  /* large steps: bigger updates, subnormal-free */
+    t_shadow();
     t_sumsq(0, 1.0f);
     t_sumsq(33 * 4096 + 1000, 1e-3f);
     t_sumsq(70 * 4096, 30.0f);
