@@ -725,7 +725,7 @@ int main(int argc, char **argv)
         char plan[32] = "";
         if (f->plan_mib > 0)
             snprintf(plan, sizeof plan, "%.0f", f->plan_mib);
-        printf("| %s | %s | %.2f | %.2f | %.0f | %s | %d | %s |\n", f->name, f->prec, f->ms, f->tflops, f->peak_mib,
+        printf("| %s | %s | %.2f | %.3g | %.0f | %s | %d | %s |\n", f->name, f->prec, f->ms, f->tflops, f->peak_mib,
                plan, f->reps, f->extra);
     }
     printf("\n# total %.1f s\n", now() - t0);
