@@ -498,7 +498,7 @@ static void bench_sample(db_ctx *c, const db_arch *a, const db_model *m, const d
                           .steps = 2, .guidance = 7.5, .width = L * f, .height = L * f, .n_images = 1, .batch = 1,
                           .seed = o->seed}};
     vae_arg v = {.h = L, .w = L};
-    if (unet_from_host(&sd.unet, c, a, hw, &err)) {
+    if (want_sample && unet_from_host(&sd.unet, c, a, hw, &err)) {
         for (int i = 0; i < np; i++) {
             if (want_sample)
                 report_error("sample_ddim_cfg", precs[i], err.msg);
