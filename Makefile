@@ -240,8 +240,9 @@ bench-cuda: $(BENCH_SD) $(CUDA_LIB)
 	@o=$${OUT:-$(B)/bench-cuda}; mkdir -p $$o; \
 	echo "== bench_sd $(BENCH_SD_FLAGS)"; \
 	DB_CUDA_UNVERIFIED=1 timeout $(BENCH_SD_TIMEOUT) $(BENCH_SD) $(BENCH_SD_FLAGS) 2>&1 | tee $$o/bench_sd.txt; \
-	echo "bench_sd exit $${PIPESTATUS[0]}"; \
+	rs=$${PIPESTATUS[0]}; echo "bench_sd exit $$rs"; \
 	echo "== bench_torch.py $(BENCH_TORCH_FLAGS)"; \
 	PYTHONUNBUFFERED=1 timeout $(BENCH_TORCH_TIMEOUT) python3 tests/gpu/bench_torch.py $(BENCH_TORCH_FLAGS) 2>&1 | tee $$o/bench_torch.txt; \
-	echo "bench_torch exit $${PIPESTATUS[0]}"; \
-	python3 tests/gpu/bench_table.py $$o/bench_sd.txt $$o/bench_torch.txt | tee $$o/bench.md
+	rt=$${PIPESTATUS[0]}; echo "bench_torch exit $$rt"; \
+	python3 tests/gpu/bench_table.py $$o/bench_sd.txt $$o/bench_torch.txt | tee $$o/bench.md; \
+	[ $$rs = 0 ] && [ $$rt = 0 ]

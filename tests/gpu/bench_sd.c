@@ -668,11 +668,19 @@ int main(int argc, char **argv)
     db_ctx *c = NULL;
     db_weights hw = {0};
     const double t0 = now();
+    const int want_fwd = has(o.only, "fwd"), want_train = has(o.only, "train"), want_sample = has(o.only, "sample"),
+              want_vae = has(o.only, "vae");
+    devname_ = strncmp(o.device, "cuda", 4) ? "cpu" : "cuda";
     if (db_arch_preset(&a, arch_name, &err) || db_ctx_create_device(&c, o.device, o.threads, &err)) {
+        /* every figure asked for, as failed: the table says why rather than nothing */
         fprintf(stderr, "bench_sd: %s\n", err.msg);
+        static const char *const names[] = {"unet_fwd_b2", "train_step", "sample_ddim_cfg", "vae_decode"};
+        const int want[] = {want_fwd, want_train, want_sample, want_vae};
+        for (int k = 0; k < 4; k++)
+            for (int i = 0; i < np && want[k]; i++)
+                report_error(names[k], precs[i], err.msg);
         return 1;
     }
-    devname_ = c->device == DB_CPU ? "cpu" : "cuda";
     if (!o.latent)
         o.latent = a.unet.sample_size;
     const int mult = 1 << (a.unet.nlevels - 1);
@@ -680,8 +688,6 @@ int main(int argc, char **argv)
         fprintf(stderr, "bench_sd: --latent must be a positive multiple of %d\n", mult);
         return 2;
     }
-    const int want_fwd = has(o.only, "fwd"), want_train = has(o.only, "train"), want_sample = has(o.only, "sample"),
-              want_vae = has(o.only, "vae");
     /* Random weights generated once: the UNet's kept on the host for the
      * forward and the sampler (the trainer reads its own from m) */
     if (db_model_init_random(&m, &a, o.seed, DB_F32, &err) ||

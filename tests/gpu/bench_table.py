@@ -24,7 +24,8 @@ def parse(paths):
             continue
         for line in text.splitlines():
             if line.startswith("# ") and ("bench_sd:" in line or "bench_torch:" in line):
-                notes.append(line[2:].strip())
+                if line[2:].strip() not in notes:
+                    notes.append(line[2:].strip())
             if not line.startswith("BENCH "):
                 continue
             try:

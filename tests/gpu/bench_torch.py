@@ -443,7 +443,16 @@ def main():
     L = args.latent or cfg["latent"]
 
     t_start = time.perf_counter()
-    import torch
+    try:
+        import torch
+    except ImportError as e:  # say so in the format the table reads
+        figs = {"fwd": "unet_fwd_b2", "train": "train_step", "sample": "sample_ddim_cfg", "vae": "vae_decode"}
+        print("# bench_torch: no PyTorch here (%s)" % e)
+        for k in ("fwd", "train", "sample", "vae"):
+            for prec in precs if k in only else []:
+                print('BENCH impl=%s name=%s device=%s precision=%s error="no torch"'
+                      % ("torch_compile" if args.compile else "torch", figs[k], args.device.split(":")[0], prec))
+        return 1
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(1)
