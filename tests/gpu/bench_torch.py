@@ -461,7 +461,8 @@ def main():
     impl = "torch_compile" if args.compile else "torch"
     B = Bench(torch, args, impl)
     name = torch.cuda.get_device_name(dev) if B.cuda else "cpu"
-    unet = UNet(cfg).to(dev)
+    with dev:  # initialise on the device: 860M parameters drawn on the host would take seconds
+        unet = UNet(cfg)
     got = sum(p.numel() for p in unet.parameters())
     if got != n or (not args.tiny and got != SD15_UNET_PARAMS):
         print("# bench_torch: WARNING: UNet has %d parameters, expected %d" % (got, n if args.tiny else SD15_UNET_PARAMS))
@@ -558,7 +559,8 @@ def main():
     vae = None
     if "sample" in only or "vae" in only:
         try:
-            vae = VAEDecoder(cfg).to(dev).eval()
+            with dev:
+                vae = VAEDecoder(cfg).eval()
         except Exception as e:
             for prec in precs:
                 B.error("vae_decode", prec, e)
