@@ -4,6 +4,7 @@
 #   make demo     the main job end to end on a built-in default
 #   make deps     install the Debian 12 packages the project needs
 #   make fuzz     run every fuzz target (FUZZ_RUNS, FUZZ_SECONDS)
+#   make bench-cuda  ours vs PyTorch on a GPU, fp32 and bf16 (OUT=DIR keeps the files)
 # Overridable: CC, CFLAGS, NVCC, CUDA_HOME, CUDA_LIBDIRS, CUDA_ARCH, CUDA=0|1
 .DEFAULT_GOAL := all
 .SUFFIXES:
