@@ -71,6 +71,21 @@ check "  the forward's ratio ours/torch is ours / 2.000 ms (${want})" \
 check "  the figure torch failed on says so" "grep -E '^\| train_step \| fp32 \|' '$T/table.md' | grep -q 'error'"
 check "  a figure torch lacks is listed with ours alone" "grep -qE '^\| vae_decode \| fp32 \|' '$T/table.md'"
 
+# bench_torch.py: its UNet is SD1.5's (the count needs no torch); with torch
+# installed, the tiny model runs on the CPU
+python3 "$TOP/tests/gpu/bench_torch.py" --count > "$T/count.txt" 2>&1
+rc=$?
+sed 's/^/# /' "$T/count.txt"
+check "bench_torch.py --count: 859,520,964 UNet parameters, SD1.5's" "[ $rc = 0 ] && grep -q '859520964 (SD1.5: 859520964) ok' '$T/count.txt'"
+if python3 -c 'import torch' 2>/dev/null; then
+    python3 "$TOP/tests/gpu/bench_torch.py" --tiny --device cpu --steps 3 --reps 2 --budget 1 > "$T/torch-tiny.txt" 2>&1
+    rc=$?
+    check "bench_torch.py --tiny --device cpu exits 0" "[ $rc = 0 ]"
+    for n in unet_fwd_b2 train_step sample_ddim_cfg vae_decode; do
+        check "  $n: BENCH line with positive numbers" valid "$T/torch-tiny.txt" $n
+    done
+fi
+
 # db-train --plan --device cuda: host and device estimates, no GPU needed
 train_fixtures
 DB_CUDA_UNVERIFIED=1 db-train --model "$M" --instance "$I" --class "$C" --plan --device cuda > "$T/plan.txt" 2>&1
