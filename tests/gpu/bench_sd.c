@@ -441,6 +441,7 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
                        plan.unet_act / 1048576.0, plan.text_act / 1048576.0, plan.batch / 1048576.0,
                        plan.convert / 1048576.0, plan.conv_ws / 1048576.0, plan.rounding / 1048576.0, pk,
                        100.0 * (pk - plan_mib) / plan_mib);
+            fflush(stdout); /* a timeout may end the program before the next figure */
         }
         db_err_clear(&err);
     }
