@@ -4,6 +4,7 @@
 #   make demo     the main job end to end on a built-in default
 #   make deps     install the Debian 12 packages the project needs
 #   make fuzz     run every fuzz target (FUZZ_RUNS, FUZZ_SECONDS)
+#   make bench-cuda  ours vs PyTorch on a GPU, fp32 and bf16 (OUT=DIR keeps the files)
 # Overridable: CC, CFLAGS, NVCC, CUDA_HOME, CUDA_LIBDIRS, CUDA_ARCH, CUDA=0|1
 .DEFAULT_GOAL := all
 .SUFFIXES:
@@ -130,7 +131,16 @@ $(GPU_PROGS): $(B)/tests/gpu/%: $(B)/tests/gpu/%.o $(B)/tests/unit/tap.o $(B)/li
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -o $@ $< $(B)/tests/unit/tap.o $(B)/libdb.a $(LIBS)
 
-ALL := $(TOOLS) $(TESTS) $(HELPERS) $(GPU_PROGS)
+# Whole-model benchmark (tests/gpu/bench_sd.c): a plain C program like the
+# two above, but placed in $(B)/bench so that ../lib/libdb_cuda.so next to it
+# is the backend (db_ctx_create_device looks there, as the tools do) and
+# ../../data the tokenizer; make check runs it with --tiny on the CPU.
+BENCH_SD := $(B)/bench/bench_sd
+$(BENCH_SD): $(B)/tests/gpu/bench_sd.o $(B)/libdb.a
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -o $@ $< $(B)/libdb.a $(LIBS)
+
+ALL := $(TOOLS) $(TESTS) $(HELPERS) $(GPU_PROGS) $(BENCH_SD)
 ifeq ($(CUDA),1)
 ALL += $(CUDA_LIB)
 endif
@@ -215,4 +225,25 @@ bench-clean:
 	rm -rf $(B)/bench
 clean: bench-clean
 
--include $(B)/tests/bench/*.d
+-include $(B)/tests/bench/*.d $(B)/tests/gpu/*.d
+
+# --- make bench-cuda: ours vs PyTorch on the GPU (issues 6 and 7) -------------
+# bench_sd in fp32 and bf16 (one process: the random weights are generated
+# once), then tests/gpu/bench_torch.py on the same shapes, then one table of
+# both with the ratios (tests/gpu/bench_table.py).  Each under a timeout so a
+# slow part cannot eat a lent GPU's minutes; OUT=DIR also keeps the pieces.
+BENCH_SD_FLAGS    ?= --device cuda --precision fp32,bf16
+BENCH_TORCH_FLAGS ?= --device cuda --precision fp32,bf16
+BENCH_SD_TIMEOUT    ?= 150
+BENCH_TORCH_TIMEOUT ?= 90
+.PHONY: bench-cuda
+bench-cuda: $(BENCH_SD) $(CUDA_LIB)
+	@o=$${OUT:-$(B)/bench-cuda}; mkdir -p $$o; \
+	echo "== bench_sd $(BENCH_SD_FLAGS)"; \
+	DB_CUDA_UNVERIFIED=1 timeout $(BENCH_SD_TIMEOUT) $(BENCH_SD) $(BENCH_SD_FLAGS) 2>&1 | tee $$o/bench_sd.txt; \
+	rs=$${PIPESTATUS[0]}; echo "bench_sd exit $$rs"; \
+	echo "== bench_torch.py $(BENCH_TORCH_FLAGS)"; \
+	PYTHONUNBUFFERED=1 timeout $(BENCH_TORCH_TIMEOUT) python3 tests/gpu/bench_torch.py $(BENCH_TORCH_FLAGS) 2>&1 | tee $$o/bench_torch.txt; \
+	rt=$${PIPESTATUS[0]}; echo "bench_torch exit $$rt"; \
+	python3 tests/gpu/bench_table.py $$o/bench_sd.txt $$o/bench_torch.txt | tee $$o/bench.md; \
+	[ $$rs = 0 ] && [ $$rt = 0 ]

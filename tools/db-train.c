@@ -465,6 +465,36 @@ static void plan(run *r, int lh, int lw)
            "checkpointing %s\n",
            B, (long long)r->o.batch, r->has_class ? "instance + class" : "instance", lh, lw, T,
            r->o.train_text ? "trained" : "frozen", r->o.grad_ckpt ? "on" : "off");
+    if (strcmp(r->o.device, "cpu") != 0) {
+        /* On a GPU the weights, gradients, moments and workspaces live in
+         * device memory (db_unet_train_device_plan); the host keeps the
+         * program, the data, the staging copies of the batch, and for a
+         * moment while loading one component's fp32 weights (the staging
+         * buffer of db_weights_load_ctx). */
+        db_train_device_plan d32, d16;
+        db_unet_train_device_plan(a, B, lh, lw, T, r->o.train_text, r->o.grad_ckpt, DB_PREC_F32, &d32);
+        db_unet_train_device_plan(a, B, lh, lw, T, r->o.train_text, r->o.grad_ckpt, DB_PREC_BF16, &d16);
+        const size_t stage = pu > pt ? pu : pt, host = base + stage + data + bufs;
+        printf("  host\n");
+        printf("  %-34s %10.1f MiB\n", "program, libraries, tokenizer", base / MB);
+        printf("  %-34s %10.1f MiB\n", "weights staging (while loading)", stage / MB);
+        printf("  %-34s %10.1f MiB\n", "training data", data / MB);
+        printf("  %-34s %10.1f MiB\n", "batch buffers", bufs / MB);
+        printf("  %-34s %10.1f MiB\n", "predicted peak", host / MB);
+        printf("  device %s\n", r->o.device);
+        printf("  %-34s %10.1f MiB\n", "weights (UNet + text encoder, fp32)", d32.weights / MB);
+        printf("  %-34s %10.1f MiB\n", "gradients", d32.grads / MB);
+        printf("  %-34s %10.1f MiB\n", "AdamW moments", d32.moments / MB);
+        printf("  %-34s %10.1f MiB\n", "UNet activations + gradients", d32.unet_act / MB);
+        printf("  %-34s %10.1f MiB\n", "text encoder activations", d32.text_act / MB);
+        printf("  %-34s %10.1f MiB\n", "batch buffers", d32.batch / MB);
+        printf("  %-34s %10.1f MiB\n", "cuDNN workspace allowance", d32.conv_ws / MB);
+        printf("  %-34s %10.1f MiB\n", "allocator rounding", d32.rounding / MB);
+        printf("  %-34s %10.1f MiB\n", "bf16/fp16 conversion scratch", d16.convert / MB);
+        printf("  %-34s %10.1f MiB\n", "predicted device peak (fp32)", d32.total / MB);
+        printf("  %-34s %10.1f MiB\n", "predicted device peak (bf16/fp16)", d16.total / MB);
+        return;
+    }
     printf("  %-34s %10.1f MiB\n", "program, libraries, tokenizer", base / MB);
     printf("  %-34s %10.1f MiB\n", "weights (UNet + text encoder, fp32)", (pu + pt) / MB);
     printf("  %-34s %10.1f MiB\n", "gradients", grads / MB);

@@ -26,6 +26,7 @@
 #include <time.h>
 
 #include "blocks.h"
+#include "clip.h"
 
 /* GroupNorm eps inside Transformer2DModel (hard-coded in diffusers). */
 #define TRANSFORMER_GN_EPS 1e-6f
@@ -901,3 +902,91 @@ size_t db_unet_train_bytes_arch(const db_unet_arch *a, int B, int H, int W, int 
 }
 
 size_t db_unet_allocated_bytes(const db_unet *u) { return floats_to_bytes(u->ws_cap + u->gws_cap); }
+
+/* ---- device-memory plan of a training step ------------------------------------ */
+
+/* The CUDA caching allocator's size of a request (kernels/cuda/ctx.cu's
+ * size_class, restated because libdb.a does not link the backend): 256-byte
+ * granules, then 4 classes per power of two, so at most 25 % over. */
+static size_t cuda_rounded(size_t bytes)
+{
+    size_t b = bytes < 256 ? 256 : (bytes + 255) & ~(size_t)255;
+    int lg = 63 - __builtin_clzll((unsigned long long)b);
+    size_t p = (size_t)1 << lg, granule = p / 4 < 256 ? 256 : p / 4;
+    return (b + granule - 1) / granule * granule;
+}
+
+/* fp32 parameters of component comp (position ids are not loaded). */
+static size_t arch_params(const db_tname *t, size_t n, int comp)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (t[i].comp != comp || t[i].init == DB_INIT_POSITION_IDS)
+            continue;
+        size_t e = 1;
+        for (int d = 0; d < t[i].ndim; d++)
+            e *= (size_t)t[i].shape[d];
+        k += e;
+    }
+    return k;
+}
+
+size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, int train_text, int checkpointing,
+                                 db_precision prec, db_train_device_plan *p)
+{
+    memset(p, 0, sizeof *p);
+    db_tname *t = NULL;
+    size_t nt = 0;
+    db_err err = {0};
+    if (B <= 0 || H <= 0 || W <= 0 || T <= 0 || db_arch_names(a, &t, &nt, &err))
+        return 0;
+    const size_t pu = arch_params(t, nt, DB_COMP_UNET) * 4, pt = arch_params(t, nt, DB_COMP_TEXT) * 4;
+    free(t);
+    const db_unet_arch *u = &a->unet;
+    p->unet_act = db_unet_train_bytes_arch(u, B, H, W, T, checkpointing);
+    if (!p->unet_act)
+        return 0;
+    const size_t gt = train_text ? pt : 0;
+    p->weights = pu + pt;
+    p->grads = pu + gt;
+    p->moments = 2 * p->grads;
+    p->text_act = db_clip_workspace_bytes(&a->text, (size_t)B * T, train_text);
+    /* train.c's reserve(): noisy, pred, dpred, timesteps (latent-sized), and
+     * the context and its gradient */
+    const size_t lat = (size_t)B * u->in_channels * H * W * 4, ctx = (size_t)B * T * a->text.hidden * 4;
+    p->batch = 4 * lat + 2 * ctx;
+    /* The largest matmul-class op, per level: the Transformer's GEGLU
+     * projection (N x C) -> (N x 8C) at a level with attention, else the
+     * widest ResBlock conv (the up path's conv1 reads the concatenation,
+     * at most 2C + C channels).  Its operands (input, weight, output) in
+     * the compute type, twice: a backward converts dout and writes dinp as
+     * well.  cuDNN's workspace: that conv's im2col buffer, fp32. */
+    size_t op = 0, im2col = 0;
+    for (int l = 0; l < u->nlevels; l++) {
+        const size_t hw = (size_t)(H >> l) * (size_t)(W >> l), N = (size_t)B * hw, C = (size_t)u->block_out[l];
+        const size_t cin = 3 * C;
+        if (u->cross_attn[l] || u->up_cross_attn[u->nlevels - 1 - l]) {
+            const size_t geglu = N * C + 8 * C * C + N * 8 * C;
+            op = geglu > op ? geglu : op;
+        }
+        const size_t conv = N * cin + C * cin * 9 + N * C;
+        op = conv > op ? conv : op;
+        const size_t col = N * cin * 9 * 4;
+        im2col = col > im2col ? col : im2col;
+    }
+    p->convert = prec == DB_PREC_F32 ? 0 : 2 * op * 2;
+    p->conv_ws = im2col;
+    /* the allocations as the allocator sizes them: one each for the
+     * weights, gradients and moments of a component, the two UNet
+     * workspaces and the text encoder's (rounded as one: close enough), the
+     * batch buffers; the transients (conversion, workspace) at the bound */
+    size_t raw = 0, rounded = 0;
+    const size_t allocs[] = {pu, pt, pu, pu, pu, gt, gt, gt, p->unet_act, p->text_act, lat, lat, lat, lat, ctx, ctx};
+    for (size_t i = 0; i < sizeof allocs / sizeof allocs[0]; i++)
+        if (allocs[i])
+            raw += allocs[i], rounded += cuda_rounded(allocs[i]);
+    p->rounding = rounded - raw + (p->convert + p->conv_ws) / 4;
+    p->total = p->weights + p->grads + p->moments + p->unet_act + p->text_act + p->batch + p->convert + p->conv_ws +
+               p->rounding;
+    return p->total;
+}

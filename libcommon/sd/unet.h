@@ -121,6 +121,27 @@ size_t db_unet_train_bytes(const db_unet *u, int B, int H, int W, int Tc);
  * on a small machine), with keep_activations on and checkpointing as given;
  * 0 also for an invalid architecture. */
 size_t db_unet_train_bytes_arch(const db_unet_arch *a, int B, int H, int W, int Tc, int checkpointing);
+/* Device memory of one DreamBooth training step on a CUDA ctx (db-train
+ * --plan --device cuda; bench_sd prints it next to its measured peak), from
+ * the architecture alone: what db_trainer_create and a step put on the
+ * device.  B rows of H x W latents and T tokens; train_text and
+ * checkpointing as db_train_opts; prec the ctx's compute precision.
+ * Nothing is allocated; returns the total (0 for an invalid architecture). */
+typedef struct db_train_device_plan {
+    size_t weights;     /* UNet + text encoder, fp32 (the trainer loads both) */
+    size_t grads;       /* fp32 gradients of what is trained */
+    size_t moments;     /* AdamW m and v, fp32 */
+    size_t unet_act;    /* UNet forward + gradient workspaces (db_unet_train_bytes_arch) */
+    size_t text_act;    /* text encoder workspace (db_clip_workspace_bytes) */
+    size_t batch;       /* the trainer's latent, timestep and context buffers */
+    size_t convert;     /* bf16/fp16: the largest op's operands in the compute type (0 for fp32) */
+    size_t conv_ws;     /* cuDNN workspace allowance: the largest conv's im2col buffer */
+    size_t rounding;    /* the caching allocator's size classes (at most 25 % of a request) */
+    size_t total;
+} db_train_device_plan;
+size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, int train_text, int checkpointing,
+                                 db_precision prec, db_train_device_plan *p);
+
 /* Bytes of the forward and gradient workspaces allocated now. */
 size_t db_unet_allocated_bytes(const db_unet *u);
 

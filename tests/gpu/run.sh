@@ -1,50 +1,42 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build the CUDA backend, run every
 # CUDA-vs-CPU parity test (make check-cuda: tests/gpu/t*.sh and
-# build/tests/gpu/test_cuda_ops) and the GPU benchmark
-# (build/tests/gpu/bench_cuda_ops, bench.md), and write a
-# log and a short table under $OUT.  Keep it under 8 minutes.
+# build/tests/gpu/test_cuda_ops), the tools on cpu and cuda, the op
+# benchmark (bench_cuda_ops) and the whole-model benchmark against PyTorch
+# (make bench-cuda: bench_sd fp32+bf16, bench_torch.py, one table), and write
+# a log and a short table under $OUT.  Under 8 minutes on an H100: every
+# stage runs under a timeout cut to what is left of DEADLINE seconds, so a
+# slow or hung stage costs only its own figures; each stage's exit status
+# goes to $OUT/table.md as soon as it ends.
 #   usage: OUT=/some/dir bash tests/gpu/run.sh
-set -uo pipefail
+# $OUT gets at most 8 files (what a lent machine sends back): log.txt,
+# check-cuda.txt, tools.txt, bench_ops.md, bench_sd.txt, bench_torch.txt,
+# bench.md (ours vs PyTorch), table.md.
+set -uo pipefail   # not -e: a failed stage must not stop the next
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-build/gpu-out}
-mkdir -p "$OUT"
-exec > >(tee "$OUT/log.txt") 2>&1
-echo "== $(date -u +%FT%TZ) $(hostname)"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-# cuDNN/cuBLAS may come from Python wheels on the GPU machine
-EXTRA=""
-for d in $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, x, "lib") for p in nvidia.__path__ for x in os.listdir(p)))' 2>/dev/null); do
-    [ -d "$d" ] && EXTRA="$EXTRA $d"
-done
-CUDA_LIBDIRS="${CUDA_LIBDIRS:-/usr/local/cuda/lib64}$EXTRA"
-echo "== CUDA_LIBDIRS=$CUDA_LIBDIRS"
-make -j"$(nproc)" all CUDA=1 CUDA_LIBDIRS="$CUDA_LIBDIRS" || { echo "BUILD FAILED"; exit 1; }
-echo "== check-cuda"
-timeout 360 make check-cuda CUDA_LIBDIRS="$CUDA_LIBDIRS" PROVE_FLAGS=-fv 2>&1 | tee "$OUT/check-cuda.txt"
-status=${PIPESTATUS[0]}
-echo "== tools on the tiny model, cpu vs cuda (DB_CUDA_UNVERIFIED=1): db-sample, db-prep, db-train"
-tools_status=0
-(
+# the tools on the tiny model, cpu vs cuda (a separate process, so that a
+# timeout can end it): bash run.sh --tools
+tools_check() {
     set -e
     T=$(mktemp -d)
     build/bin/db-ckpt init --arch tiny --seed 42 "$T/tiny" >/dev/null
     for d in cpu cuda; do
-        DB_CUDA_UNVERIFIED=1 timeout 120 build/bin/db-sample -q -m "$T/tiny" -p "a photo of a dog" --steps 10 \
+        DB_CUDA_UNVERIFIED=1 timeout 60 build/bin/db-sample -q -m "$T/tiny" -p "a photo of a dog" --steps 10 \
             --width 128 --height 128 --seed 1 --device $d --latents-out "$T/$d.dbt" -o "$T/$d.png"
     done
     r=$(build/tests/dbtest dbt-rel "$T/cpu.dbt" "$T/cuda.dbt")
     echo "db-sample cpu vs cuda final latents: $r"
     awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-4) }'
     for d in cpu cuda; do
-        DB_CUDA_UNVERIFIED=1 timeout 120 build/bin/db-prep -q -m "$T/tiny" --size 128 --caption "a photo of sks dog" \
+        DB_CUDA_UNVERIFIED=1 timeout 60 build/bin/db-prep -q -m "$T/tiny" --size 128 --caption "a photo of sks dog" \
             --device $d tests/data/photos/dog -o "$T/inst-$d.dbt"
     done
     r=$(build/tests/dbtest dbt-rel "$T/inst-cpu.dbt" "$T/inst-cuda.dbt")
     echo "db-prep cpu vs cuda posteriors: $r"
     awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-4) }'
     for d in cpu cuda; do
-        DB_CUDA_UNVERIFIED=1 timeout 180 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 --lr 1e-4 \
+        DB_CUDA_UNVERIFIED=1 timeout 90 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 --lr 1e-4 \
             --train-text-encoder --device $d -o "$T/run-$d"
     done
     python3 - "$T/run-cpu/ckpt-000003/state.json" "$T/run-cuda/ckpt-000003/state.json" <<'PY'
@@ -55,15 +47,101 @@ print("db-train cpu vs cuda, 3 steps: loss %.8g vs %.8g, grad norm %.8g vs %.8g 
       % (a["loss"], b["loss"], a["grad_norm"], b["grad_norm"], rel))
 sys.exit(0 if rel <= 1e-4 else 1)
 PY
-) 2>&1 | tee "$OUT/tools.txt" || tools_status=1
-echo "== bench (fp32, cudaEvent medians)"
-B="$PWD/build" timeout 240 build/tests/gpu/bench_cuda_ops 2>&1 | tee "$OUT/bench.md"
-{
-    echo "| date | card | check-cuda | tools cpu vs cuda |"
-    echo "|---|---|---|---|"
-    echo "| $(date -u +%F) | $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) | $([ "$status" = 0 ] && echo pass || echo FAIL) | $([ "$tools_status" = 0 ] && echo pass || echo FAIL) |"
-    echo
-    grep '^|' "$OUT/bench.md" 2>/dev/null
-} > "$OUT/table.md"
+}
+if [ "${1:-}" = --tools ]; then
+    tools_check
+    exit
+fi
+
+OUT=${OUT:-build/gpu-out}
+DEADLINE=${DEADLINE:-450}   # seconds from here; the stages' timeouts shrink to fit
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+echo "== $(date -u +%FT%TZ) $(hostname)"
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+# cuDNN/cuBLAS may come from Python wheels on the GPU machine
+EXTRA=""
+for d in $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, x, "lib") for p in nvidia.__path__ for x in os.listdir(p)))' 2>/dev/null); do
+    [ -d "$d" ] && EXTRA="$EXTRA $d"
+done
+CUDA_LIBDIRS="${CUDA_LIBDIRS:-/usr/local/cuda/lib64}$EXTRA"
+export CUDA_LIBDIRS
+echo "== CUDA_LIBDIRS=$CUDA_LIBDIRS"
+
+STAGES=()
+# table.md: the stages so far (rewritten after each, so a run cut off from
+# outside still leaves one), then the benchmark tables
+write_table() {
+    {
+        echo "| date | card | stage | exit | seconds |"
+        echo "|---|---|---|---|---:|"
+        for s in ${STAGES[@]+"${STAGES[@]}"}; do echo "| $(date -u +%F) | ${CARD:-?} | $s |"; done
+        if [ -s "$OUT/bench.md" ]; then echo; echo "### ours vs PyTorch (make bench-cuda)"; echo; cat "$OUT/bench.md"; fi
+        if [ -s "$OUT/bench_ops.md" ]; then echo; echo "### ops (bench_cuda_ops)"; echo; grep '^|' "$OUT/bench_ops.md"; fi
+    } > "$OUT/table.md"
+}
+# left CAP [RESERVE]: seconds a stage may take: CAP at most, and no more than
+# what is left of DEADLINE after RESERVE seconds kept for the benchmarks; 1 at least
+left() {
+    local l=$((DEADLINE - SECONDS - ${2:-0}))
+    [ "$l" -gt "$1" ] && l=$1
+    [ "$l" -lt 1 ] && l=1
+    echo "$l"
+}
+# stage NAME FILE CAP CMD...: run CMD under a timeout, its output to the log
+# and to $OUT/FILE (appended; "-" for the log alone), record its exit status
+# (124: timed out).  RESERVE (environment) as for left.
+stage() {
+    local name=$1 file=$2 cap=$3; shift 3
+    local t0=$SECONDS lim rc
+    lim=$(left "$cap" "${RESERVE:-0}")
+    echo "== stage $name (timeout ${lim}s, ${SECONDS}s into the run)"
+    if [ "$file" = - ]; then
+        timeout -k 10 "$lim" "$@" 2>&1
+    else
+        timeout -k 10 "$lim" "$@" 2>&1 | tee -a "$OUT/$file"
+    fi
+    rc=${PIPESTATUS[0]}
+    [ "$rc" = 124 ] && echo "== stage $name: TIMED OUT after ${lim}s"
+    echo "== stage $name: exit $rc, $((SECONDS - t0)) s"
+    STAGES+=("$name | $([ "$rc" = 0 ] && echo pass || echo "FAIL ($rc)") | $((SECONDS - t0))")
+    write_table
+    return "$rc"
+}
+
+
+stage build - 300 make -j"$(nproc)" all CUDA=1 CUDA_LIBDIRS="$CUDA_LIBDIRS" || { echo "BUILD FAILED"; exit 1; }
+# the benchmarks keep BENCH_RESERVE seconds whatever the checks take
+BENCH_RESERVE=${BENCH_RESERVE:-210}
+RESERVE=$BENCH_RESERVE stage check-cuda check-cuda.txt 150 make check-cuda CUDA_LIBDIRS="$CUDA_LIBDIRS" PROVE_FLAGS=-fv
+echo "== tools on the tiny model, cpu vs cuda (DB_CUDA_UNVERIFIED=1): db-sample, db-prep, db-train"
+RESERVE=$BENCH_RESERVE stage tools tools.txt 90 bash "$SELF" --tools
+echo "== bench_cuda_ops (fp32, cudaEvent medians)"
+RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 45 env B="$PWD/build" build/tests/gpu/bench_cuda_ops
+# make bench-cuda writes bench_sd.txt, bench_torch.txt and bench.md into $OUT
+# itself; its two programs get their own timeouts (made to fit here too)
+sd=$(left 150)
+th=$(left $((sd + 75)))
+th=$((th > sd ? th - sd : 1))
+stage bench-cuda - $((sd + th + 20)) make bench-cuda CUDA_LIBDIRS="$CUDA_LIBDIRS" OUT="$OUT" \
+    BENCH_SD_TIMEOUT="$sd" BENCH_TORCH_TIMEOUT="$th" \
+    BENCH_SD_FLAGS="--device cuda --precision fp32,bf16 --budget 3 --sample-budget 15" \
+    BENCH_TORCH_FLAGS="--device cuda --precision fp32,bf16 --budget 3"
+# torch.compile is optional: only with a minute and a half to spare, the
+# forward alone, appended to bench_torch.txt, then the table again
+if [ $((DEADLINE - SECONDS)) -ge 90 ]; then
+    stage torch-compile bench_torch.txt $((DEADLINE - SECONDS - 10)) env PYTHONUNBUFFERED=1 \
+        python3 tests/gpu/bench_torch.py --device cuda --precision fp32,bf16 --only fwd --compile --budget 2
+else
+    echo "== torch.compile skipped: $((DEADLINE - SECONDS)) s left"
+fi
+# the table again: with the compiled lines, or for the first time when make
+# bench-cuda was cut off before its last step
+python3 tests/gpu/bench_table.py "$OUT/bench_sd.txt" "$OUT/bench_torch.txt" > "$OUT/bench.md"
+write_table
 cat "$OUT/table.md"
-[ "$status" = 0 ] && [ "$tools_status" = 0 ]
+echo "== done in ${SECONDS}s"
+# exit 0 when the parity checks and the tools passed (the benchmarks report, they do not gate)
+grep -qE '^\| [^|]+ \| [^|]+ \| (check-cuda|tools) \| FAIL' "$OUT/table.md" && exit 1
+exit 0

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# bench_sd (make bench-cuda's program) on the CPU with the tiny model: every
+# figure prints its BENCH line with positive numbers, --only and --precision
+# select, bad options are usage errors; bench_table.py joins ours and a
+# PyTorch file into ratios; db-train --plan --device cuda prints the device
+# estimate (it needs no GPU).  A few seconds.
+. "$(dirname "$0")/lib.sh"
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
+BS=$B/bench/bench_sd
+if [ ! -x "$BS" ]; then
+    echo "1..0 # SKIP no $BS (make)"
+    exit 0
+fi
+SMALL="--tiny --threads 1 --steps 3 --reps 2 --budget 1"
+
+# valid FILE NAME: FILE has a BENCH line for NAME whose ms, tflops and
+# peak_mib are positive numbers and that carries no error
+valid() {
+    awk -v want="$2" '
+        $1 == "BENCH" {
+            delete f
+            for (i = 2; i <= NF; i++) { k = $i; sub(/=.*/, "", k); v = $i; sub(/^[^=]*=/, "", v); f[k] = v }
+            if (f["name"] != want) next
+            seen = 1
+            if ("error" in f) bad = 1
+            for (k in need) if (!(need[k] in f) || f[need[k]] !~ /^[0-9.e+-]+$/ || f[need[k]] + 0 <= 0) bad = 1
+        }
+        BEGIN { need[1] = "ms"; need[2] = "tflops"; need[3] = "peak_mib" }
+        END { exit !(seen && !bad) }' "$1"
+}
+
+$BS $SMALL > "$T/all.txt" 2> "$T/all.err"
+rc=$?
+sed 's/^/# /' "$T/all.txt" "$T/all.err" | head -30
+check "bench_sd --tiny on the CPU exits 0" "[ $rc = 0 ]"
+for n in unet_fwd_b2 train_step sample_ddim_cfg vae_decode; do
+    check "$n: BENCH line with positive ms, tflops, peak_mib" valid "$T/all.txt" $n
+done
+check "the sample ran the asked steps" "grep -q 'name=sample_ddim_cfg .* steps=3' '$T/all.txt'"
+check "a markdown table follows" "grep -q '^| unet_fwd_b2 | fp32 |' '$T/all.txt'"
+
+# the checker can fail: a missing figure, a zero, an error line
+printf 'BENCH impl=c name=unet_fwd_b2 device=cpu precision=fp32 ms=0.000 tflops=1 peak_mib=3 reps=1\n' > "$T/zero.txt"
+printf 'BENCH impl=c name=train_step device=cpu precision=fp32 error="boom"\n' > "$T/err.txt"
+check "the check fails on ms=0" "! valid '$T/zero.txt' unet_fwd_b2"
+check "the check fails on an error line" "! valid '$T/err.txt' train_step"
+check "the check fails on a missing figure" "! valid '$T/all.txt' no_such_figure"
+
+$BS $SMALL --only fwd --precision fp32,bf16 > "$T/fwd.txt" 2>&1
+rc=$?
+check "--only fwd --precision fp32,bf16 exits 0" "[ $rc = 0 ]"
+check "  two forward lines, fp32 and bf16, nothing else" \
+    "[ \"\$(grep -c '^BENCH' '$T/fwd.txt')\" = 2 ] && grep -q 'name=unet_fwd_b2 .*precision=bf16' '$T/fwd.txt'"
+fails_with 2 "unknown precision" "--precision fp64 is a usage error" $BS --tiny --precision fp64
+fails_with 2 "only takes" "--only bogus is a usage error" $BS --tiny --only bogus
+fails_with 2 "" "an unknown option is a usage error" $BS --tiny --frobnicate
+
+# bench_table.py: ours and a PyTorch run side by side
+cat > "$T/torch.txt" <<'EOF'
+BENCH impl=torch name=unet_fwd_b2 device=cpu precision=fp32 ms=2.000 tflops=0.5 peak_mib=10.0 reps=5
+BENCH impl=torch name=train_step device=cpu precision=fp32 error="out of memory"
+EOF
+python3 "$TOP/tests/gpu/bench_table.py" "$T/all.txt" "$T/torch.txt" > "$T/table.md" 2> "$T/table.err"
+rc=$?
+sed 's/^/# /' "$T/table.md" "$T/table.err" | head -20
+check "bench_table.py exits 0" "[ $rc = 0 ]"
+ours=$(awk '$1 == "BENCH" && /name=unet_fwd_b2 / { for (i = 2; i <= NF; i++) if ($i ~ /^ms=/) { sub(/ms=/, "", $i); print $i } }' "$T/all.txt")
+want=$(awk -v o="$ours" 'BEGIN { printf "%.2f", o / 2.0 }')
+check "  the forward's ratio ours/torch is ours / 2.000 ms (${want})" \
+    "grep -E '^\| unet_fwd_b2 \| fp32 \|' '$T/table.md' | grep -qF '| ${want} |'"
+check "  the figure torch failed on says so" "grep -E '^\| train_step \| fp32 \|' '$T/table.md' | grep -q 'error'"
+check "  a figure torch lacks is listed with ours alone" "grep -qE '^\| vae_decode \| fp32 \|' '$T/table.md'"
+
+# bench_torch.py: its UNet is SD1.5's (the count needs no torch); with torch
+# installed, the tiny model runs on the CPU
+python3 "$TOP/tests/gpu/bench_torch.py" --count > "$T/count.txt" 2>&1
+rc=$?
+sed 's/^/# /' "$T/count.txt"
+check "bench_torch.py --count: 859,520,964 UNet parameters, SD1.5's" "[ $rc = 0 ] && grep -q '859520964 (SD1.5: 859520964) ok' '$T/count.txt'"
+if python3 -c 'import torch' 2>/dev/null; then
+    python3 "$TOP/tests/gpu/bench_torch.py" --tiny --device cpu --steps 3 --reps 2 --budget 1 > "$T/torch-tiny.txt" 2>&1
+    rc=$?
+    check "bench_torch.py --tiny --device cpu exits 0" "[ $rc = 0 ]"
+    for n in unet_fwd_b2 train_step sample_ddim_cfg vae_decode; do
+        check "  $n: BENCH line with positive numbers" valid "$T/torch-tiny.txt" $n
+    done
+fi
+
+# db-train --plan --device cuda: host and device estimates, no GPU needed
+train_fixtures
+DB_CUDA_UNVERIFIED=1 db-train --model "$M" --instance "$I" --class "$C" --plan --device cuda > "$T/plan.txt" 2>&1
+rc=$?
+sed 's/^/# /' "$T/plan.txt"
+check "db-train --plan --device cuda exits 0" "[ $rc = 0 ]"
+check "  it prints the host and the device peak" \
+    "grep -q 'predicted peak' '$T/plan.txt' && grep -q 'predicted device peak (fp32)' '$T/plan.txt'"
+db-train --model "$M" --instance "$I" --class "$C" --plan > "$T/plan-cpu.txt" 2>&1
+check "  --device cpu prints no device lines" "! grep -q 'device peak' '$T/plan-cpu.txt'"
+done_testing
