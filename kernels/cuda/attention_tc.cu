@@ -340,6 +340,8 @@ int attention_tc(db_ctx *c, float *out, float *lse, const void *q, const void *k
                             HS, TC_HS_MAX);
     if (B * NH > 65535)
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "attention_tc: %d batch x heads over 65535", B * NH);
+    if (((uintptr_t)q | (uintptr_t)k | (uintptr_t)v) & 15) // the tiles are read 16 bytes at a time
+        return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "attention_tc: q, k, v not 16-byte aligned");
     if (B * NH == 0 || Tq == 0)
         return 0;
     return dtype == DB_PREC_BF16 ? dispatch<__nv_bfloat16>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale)

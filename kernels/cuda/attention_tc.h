@@ -11,7 +11,8 @@
 // db_attention_forward; or NULL), from q (B, Tq, NH*HS) and k, v
 // (B, Tk, NH*HS) device buffers already in the compute type: dtype 1 =
 // DB_PREC_BF16 (__nv_bfloat16), 2 = DB_PREC_F16 (__half).  HS a multiple of
-// 8 in 8..160, any Tq, Tk >= 1; causal: query i sees keys j <= i (top-left).
+// 8 in 8..160, any Tq, Tk >= 1; causal: query i sees keys j <= i (top-left);
+// q, k, v 16-byte aligned (read in 16-byte pieces).
 // Softmax in fp32; the probabilities are rounded to the compute type for the
 // P V product (the one intermediate this kernel rounds); out is NOT rounded
 // to the compute type (the caller's job).  Deterministic (no atomics).
