@@ -126,7 +126,7 @@ $(CUDA_LIB): $(CU_OBJ)
 
 # GPU parity test and benchmark: plain C programs (no CUDA toolchain) that
 # dlopen libdb_cuda.so, so they build everywhere and skip without a GPU.
-GPU_PROGS := $(B)/tests/gpu/test_cuda_ops $(B)/tests/gpu/bench_cuda_ops
+GPU_PROGS := $(B)/tests/gpu/test_cuda_ops $(B)/tests/gpu/bench_cuda_ops $(B)/tests/gpu/test_attention_tc
 $(GPU_PROGS): $(B)/tests/gpu/%: $(B)/tests/gpu/%.o $(B)/tests/unit/tap.o $(B)/libdb.a
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -o $@ $< $(B)/tests/unit/tap.o $(B)/libdb.a $(LIBS)
@@ -159,7 +159,7 @@ check: all
 # PROVE_FLAGS=-fv shows every parity line (tests/gpu/run.sh keeps them)
 PROVE_FLAGS ?= -f
 check-cuda: all $(CUDA_LIB)
-	@TOP=$(CURDIR) B=$(CURDIR)/$(B) prove $(PROVE_FLAGS) $(sort $(wildcard tests/gpu/t*.sh)) $(B)/tests/gpu/test_cuda_ops
+	@TOP=$(CURDIR) B=$(CURDIR)/$(B) prove $(PROVE_FLAGS) $(sort $(wildcard tests/gpu/t*.sh)) $(B)/tests/gpu/test_cuda_ops $(B)/tests/gpu/test_attention_tc
 
 # --- demo ---------------------------------------------------------------------
 .PHONY: demo

@@ -195,4 +195,61 @@ static cudnnStatus_t emu_conv(int mode, const float *alpha, cudnnTensorDescripto
 #define cudnnConvolutionForward(h, al, xd, x, wd, w, cd, a, wk, ws, be, yd, y) emu_conv(0, al, xd, x, wd, w, cd, yd, NULL, be, y)
 #define cudnnConvolutionBackwardData(h, al, wd, w, yd, y, cd, a, wk, ws, be, xd, x) ((a) == CUDNN_CONVOLUTION_BWD_DATA_ALGO_0 ? CUDNN_STATUS_EXECUTION_FAILED : emu_conv(1, al, xd, NULL, wd, w, cd, yd, y, be, x))
 #define cudnnConvolutionBackwardFilter(h, al, xd, x, yd, y, cd, a, wk, ws, be, wd, w) emu_conv(2, al, xd, x, wd, NULL, cd, yd, y, be, w)
+// ---- nvcuda::wmma stand-in (kernels/cuda/attention_tc.cu) ---------------
+// Every emulated thread holds the WHOLE 16x16 tile in its fragment (row-major
+// in x[]): legal, since WMMA leaves the element -> (row, col) mapping of a
+// fragment unspecified, so a kernel that is right under any mapping is right
+// here.  load/store/mma are done by each thread for itself (a store writes
+// the whole tile, every thread the same values); mma accumulates in float
+// in k order (the tensor cores' internal rounding differs, within fp32
+// accuracy).  bf16/fp16 elements convert through the host functions of
+// cuda_bf16.h / cuda_fp16.h.  Also __syncwarp, as the warp's barrier.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <type_traits>
+static inline void __syncwarp(unsigned = 0xffffffffu) { emu_blk->warps[emu_lin / 32].bar->arrive_and_wait(); }
+namespace nvcuda { namespace wmma {
+struct matrix_a {}; struct matrix_b {}; struct accumulator {};
+struct row_major {}; struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+static inline float emu_f(float x) { return x; }
+static inline float emu_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+static inline float emu_f(__half x) { return __half2float(x); }
+template <class Use, int M, int N, int K, class T, class L = void> struct fragment {
+    static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M, cols = std::is_same_v<Use, matrix_a> ? K : N;
+    static constexpr int num_elements = rows * cols;
+    T x[rows * cols]; // (r, c) at x[r * cols + c]
+};
+template <class F, class P> static void emu_wmma_ld(F &f, const P *p, unsigned ldm, bool colm) {
+    for (int r = 0; r < F::rows; r++) for (int c = 0; c < F::cols; c++)
+        f.x[r * F::cols + c] = colm ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c];
+}
+template <class Use, int M, int N, int K, class T, class L>
+static void load_matrix_sync(fragment<Use, M, N, K, T, L> &f, const T *p, unsigned ldm) {
+    static_assert(!std::is_same_v<L, void>, "matrix_a/b fragments name their layout");
+    emu_wmma_ld(f, p, ldm, std::is_same_v<L, col_major>);
+}
+template <int M, int N, int K, class T>
+static void load_matrix_sync(fragment<accumulator, M, N, K, T> &f, const T *p, unsigned ldm, layout_t lay) {
+    emu_wmma_ld(f, p, ldm, lay == mem_col_major);
+}
+template <int M, int N, int K, class T>
+static void store_matrix_sync(T *p, const fragment<accumulator, M, N, K, T> &f, unsigned ldm, layout_t lay) {
+    for (int r = 0; r < M; r++) for (int c = 0; c < N; c++)
+        (lay == mem_col_major ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c]) = f.x[r * N + c];
+}
+template <class F, class V> static void fill_fragment(F &f, const V &v) { for (auto &e : f.x) e = v; }
+template <int M, int N, int K, class T, class LA, class LB, class TC>
+static void mma_sync(fragment<accumulator, M, N, K, TC> &d, const fragment<matrix_a, M, N, K, T, LA> &a,
+                     const fragment<matrix_b, M, N, K, T, LB> &b, const fragment<accumulator, M, N, K, TC> &c) {
+    TC t[M * N];
+    for (int i = 0; i < M; i++) for (int j = 0; j < N; j++) {
+        float s = c.x[i * N + j];
+        for (int q = 0; q < K; q++) s += emu_f(a.x[i * K + q]) * emu_f(b.x[q * N + j]);
+        t[i * N + j] = s;
+    }
+    memcpy(d.x, t, sizeof t);
+}
+} } // namespace nvcuda::wmma
+// ---- end of the wmma stand-in ---------------------------------------------
 #endif

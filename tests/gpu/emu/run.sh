@@ -24,3 +24,4 @@ g++ -std=c++20 -O1 -g -fPIC -shared -w -I. -I"$CUDA_HOME/include" -o "$E/lib/lib
     tests/gpu/emu/emu_globals.cpp "${srcs[@]}" -L"$CUDA_HOME/lib64" -Wl,-rpath,"$CUDA_HOME/lib64" \
     -lcudart -lcublas -lcudnn -lpthread
 DB_CUDA_TEST_QUICK=1 B="$PWD/$E" build/tests/gpu/test_cuda_ops
+DB_CUDA_TEST_QUICK=1 B="$PWD/$E" build/tests/gpu/test_attention_tc
