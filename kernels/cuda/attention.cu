@@ -22,6 +22,7 @@
 // later performance step (NOTES.md).
 #include <math.h>
 
+#include "kernels/cuda/attention_tc.h"
 #include "kernels/cuda/cuda.h"
 
 enum {
@@ -189,6 +190,19 @@ extern "C" int db_cuda_attention_forward(db_ctx *c, float *out, float *lse, cons
     if (!db_cuda_prec16(c) || B * NH == 0 || Tq == 0 || HS < 1 || HS > HS_MAX || B * NH > 65535)
         return attention_forward32(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
     const size_t nq = (size_t)B * Tq * NH * HS, nk = (size_t)B * Tk * NH * HS;
+    if (HS % 8 == 0 && HS <= 160 && Tk >= 1) { // tensor cores (attention_tc.cu): SD's 40/80/160, CLIP's 64
+        void *q16 = db_cuda_to16(c, q, nq), *k16 = db_cuda_to16(c, k, nk), *v16 = db_cuda_to16(c, v, nk);
+        int r = q16 && k16 && v16 ? 0 : -1;
+        if (r == 0)
+            r = db_cuda_attention_tc_forward(c, out, lse, q16, k16, v16, (int)c->precision, B, Tq, Tk, NH, HS,
+                                             causal);
+        if (r == 0)
+            r = db_cuda_round(c, out, out, nq, 0);
+        db_cuda_free(c, q16);
+        db_cuda_free(c, k16);
+        db_cuda_free(c, v16);
+        return r ? -1 : 0;
+    }
     float *r_q = db_cuda_rounded_copy(c, q, nq), *r_k = db_cuda_rounded_copy(c, k, nk),
           *r_v = db_cuda_rounded_copy(c, v, nk);
     int r = r_q && r_k && r_v ? 0 : -1;

@@ -48,10 +48,44 @@ print("db-train cpu vs cuda, 3 steps: loss %.8g vs %.8g, grad norm %.8g vs %.8g 
 sys.exit(0 if rel <= 1e-4 else 1)
 PY
 }
-if [ "${1:-}" = --tools ]; then
-    tools_check
-    exit
-fi
+# make bench-cuda's recipe without make (the bundle has no build tree to
+# check): bench_sd, bench_torch.py, the table; $1 $2 the two timeouts
+bench_cuda() {
+    local o=$OUT rs rt
+    echo "== bench_sd --device cuda --precision fp32,bf16"
+    DB_CUDA_UNVERIFIED=1 timeout "$1" build/bench/bench_sd --device cuda --precision fp32,bf16 --budget 3 \
+        --sample-budget 15 2>&1 | tee "$o/bench_sd.txt"
+    rs=${PIPESTATUS[0]}
+    echo "== bench_torch.py --device cuda --precision fp32,bf16"
+    PYTHONUNBUFFERED=1 timeout "$2" python3 tests/gpu/bench_torch.py --device cuda --precision fp32,bf16 --budget 3 \
+        2>&1 | tee "$o/bench_torch.txt"
+    rt=${PIPESTATUS[0]}
+    python3 tests/gpu/bench_table.py "$o/bench_sd.txt" "$o/bench_torch.txt" | tee "$o/bench.md"
+    [ "$rs" = 0 ] && [ "$rt" = 0 ]
+}
+# the GPU parity tests (make check-cuda's list) through prove, or without
+# it (a machine without Perl's prove): each must exit 0 with no "not ok"
+check_cuda() {
+    local tests=(tests/gpu/t*.sh build/tests/gpu/test_cuda_ops build/tests/gpu/test_attention_tc) f bad=0
+    if command -v prove >/dev/null; then
+        TOP=$PWD B=$PWD/build prove -fv "${tests[@]}"
+        return
+    fi
+    for f in "${tests[@]}"; do
+        echo "## $f"
+        if [[ $f == *.sh ]]; then TOP=$PWD B=$PWD/build bash "$f"; else TOP=$PWD B=$PWD/build "$f"; fi >"$OUT/.t" 2>&1
+        local rc=$?
+        cat "$OUT/.t"
+        { [ $rc = 0 ] && ! grep -q '^not ok' "$OUT/.t"; } || { echo "## $f FAILED (exit $rc)"; bad=1; }
+    done
+    rm -f "$OUT/.t"
+    return $bad
+}
+case "${1:-}" in
+--tools) tools_check; exit ;;
+--bench-cuda) bench_cuda "$2" "$3"; exit ;;
+--check-cuda) check_cuda; exit ;;
+esac
 
 OUT=${OUT:-build/gpu-out}
 DEADLINE=${DEADLINE:-450}   # seconds from here; the stages' timeouts shrink to fit
@@ -111,12 +145,28 @@ stage() {
 }
 
 
-stage build - 300 make -j"$(nproc)" all CUDA=1 CUDA_LIBDIRS="$CUDA_LIBDIRS" || { echo "BUILD FAILED"; exit 1; }
+# build/gpu-bundle.tar.xz (tests/gpu/bundle.sh, carried into the call): the
+# binaries built on the development machine and the libraries they need,
+# for a GPU machine that cannot build (see tests/gpu/README.md); else make.
+if [ -f build/gpu-bundle.tar.xz ]; then
+    stage unpack - 60 tar -xJf build/gpu-bundle.tar.xz || { echo "UNPACK FAILED"; exit 1; }
+    LD_LIBRARY_PATH="$PWD/build/bundle-lib:${CUDA_LIBDIRS// /:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export LD_LIBRARY_PATH
+    echo "== bundle: LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    missing=$(for f in build/bin/* build/tests/gpu/* build/bench/* build/lib/libdb_cuda.so; do
+        ldd "$f" 2>/dev/null | grep 'not found'; done | sort -u)
+    [ -n "$missing" ] && echo "== bundle: libraries not found: $missing"
+else
+    stage build - 300 make -j"$(nproc)" all CUDA=1 CUDA_LIBDIRS="$CUDA_LIBDIRS" || { echo "BUILD FAILED"; exit 1; }
+fi
 # the benchmarks keep BENCH_RESERVE seconds whatever the checks take
 BENCH_RESERVE=${BENCH_RESERVE:-210}
-RESERVE=$BENCH_RESERVE stage check-cuda check-cuda.txt 150 make check-cuda CUDA_LIBDIRS="$CUDA_LIBDIRS" PROVE_FLAGS=-fv
+RESERVE=$BENCH_RESERVE stage check-cuda check-cuda.txt 150 bash "$SELF" --check-cuda
 echo "== tools on the tiny model, cpu vs cuda (DB_CUDA_UNVERIFIED=1): db-sample, db-prep, db-train"
 RESERVE=$BENCH_RESERVE stage tools tools.txt 90 bash "$SELF" --tools
+echo "== attention on tensor cores vs the fp32 kernel at SD1.5 shapes (DB_BENCH=1 test_attention_tc)"
+RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 30 env DB_BENCH=1 B="$PWD/build" \
+    build/tests/gpu/test_attention_tc
 echo "== bench_cuda_ops (fp32, cudaEvent medians)"
 RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 45 env B="$PWD/build" build/tests/gpu/bench_cuda_ops
 # make bench-cuda writes bench_sd.txt, bench_torch.txt and bench.md into $OUT
@@ -124,10 +174,7 @@ RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 45 env B="$PWD/buil
 sd=$(left 150)
 th=$(left $((sd + 75)))
 th=$((th > sd ? th - sd : 1))
-stage bench-cuda - $((sd + th + 20)) make bench-cuda CUDA_LIBDIRS="$CUDA_LIBDIRS" OUT="$OUT" \
-    BENCH_SD_TIMEOUT="$sd" BENCH_TORCH_TIMEOUT="$th" \
-    BENCH_SD_FLAGS="--device cuda --precision fp32,bf16 --budget 3 --sample-budget 15" \
-    BENCH_TORCH_FLAGS="--device cuda --precision fp32,bf16 --budget 3"
+stage bench-cuda - $((sd + th + 20)) env OUT="$OUT" bash "$SELF" --bench-cuda "$sd" "$th"
 # torch.compile is optional: only with a minute and a half to spare, the
 # forward alone, appended to bench_torch.txt, then the table again
 if [ $((DEADLINE - SECONDS)) -ge 90 ]; then
