@@ -889,7 +889,10 @@ int main(int argc, char **argv)
             goto out;
         }
         r->step0 = json_integer_value(json_object_get(resumed_state, "step"));
-        db_trainer_set_step(r->tr, r->step0);
+        if (db_train_ckpt_restore_counters(resumed_state, r->tr, &e)) {
+            db_error(&r->lg, "%s: %s", ckpt, e.msg);
+            goto out;
+        }
         db_info(&r->lg, "resuming %s at step %" PRId64, ckpt, r->step0);
     }
     if (r->step0 >= o->steps) {
