@@ -382,6 +382,11 @@ static void test_overflow(void)
     db_ctx_set_precision(c, DB_PREC_BF16);
     db_linear_forward(c, &out, inp, w, NULL, 1, 2, 1);
     tap_ok(out == 79872.0f, "bf16: 80000 stays finite, rounded to the bf16 value 79872 (got %.9g)", out);
+    /* gemm's beta: the old Cm is an input too, rounded like A and B
+     * (1 + 2^-12 is neither a bf16 nor an fp16 value; it rounds to 1) */
+    float a0 = 0.0f, b0 = 0.0f, cm = 1.0f + 0x1p-12f;
+    db_gemm_forward(c, &cm, &a0, &b0, 1, 1, 1, 1, 0, 0, 1.0f, 1.0f);
+    tap_ok(cm == 1.0f, "bf16: gemm with beta 1 rounds the old Cm as an input (got %.9g)", cm);
     tap_ok(c->err.code == 0, "no op failed (%s)", c->err.msg);
     db_ctx_destroy(c);
 }
