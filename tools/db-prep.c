@@ -194,6 +194,7 @@ typedef struct prep {
     int64_t records;
     float *chw, *mean, *logvar, *rec; /* (3,S,S) (Z,s,s) (Z,s,s) (2,Z,s,s) */
     db_ctx *ctx;                      /* the VAE's device */
+    db_precision precision;           /* its compute type (--precision) */
     float *dchw, *dmean, *dlogvar;    /* chw, mean, logvar in the ctx's memory */
     uint8_t *crop_px;                 /* (S,S,3) */
     XXH128_hash_t *seen;              /* hashes of decoded photos: duplicates */
@@ -352,6 +353,7 @@ static int run(prep *p, db_model *model, strlist *files, const char *outp, int64
     if (db_model_hash(model, hash, err) || db_ctx_create_device(&ctx, p->device, (int)threads, err))
         return 1;
     p->ctx = ctx;
+    db_ctx_set_precision(ctx, p->precision);
     if (db_vae_create(&p->vae, ctx, model, err))
         goto out;
     p->f = db_vae_factor(p->vae);
@@ -442,7 +444,7 @@ out:
 
 int main(int argc, char **argv)
 {
-    const char *model = NULL, *outp = NULL, *device = "cpu";
+    const char *model = NULL, *outp = NULL, *device = "cpu", *precision = "fp32";
     prep p = {.crop = "center", .size = 512, .crops = 1};
     int64_t threads = 0;
     int verbose = 0;
@@ -464,6 +466,8 @@ int main(int argc, char **argv)
          NULL, 0},
         {"threads", 0, DB_OPT_INT, "N", "worker threads (0: all cores)", &threads, "0", 0},
         {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device", &device, "cpu", 0},
+        {"precision", 0, DB_OPT_STR, "fp32|bf16|fp16", "compute type of the VAE encoder's convolutions and "
+         "attention (autocast; weights stay fp32; on the CPU an emulation, slower)", &precision, "fp32", 0},
         {"quiet", 'q', DB_OPT_FLAG, NULL, "only errors on stderr", &p.quiet, NULL, 0},
         {"verbose", 'v', DB_OPT_FLAG, NULL, "more detail on stderr", &verbose, NULL, 0},
         {0},
@@ -496,6 +500,13 @@ int main(int argc, char **argv)
         why = "--size must lie in [8, 4096] and --threads be >= 0";
     else if (db_device_check(device, &e))
         why = e.msg;
+    const int prec = db_precision_parse(precision);
+    char pwhy[200];
+    if (!why && prec < 0) {
+        snprintf(pwhy, sizeof pwhy, "--precision %s: unknown precision (fp32, bf16 or fp16)", precision);
+        why = pwhy;
+    }
+    p.precision = prec < 0 ? DB_PREC_F32 : (db_precision)prec;
     if (why) {
         db_error(&lg, "%s (see --help)", why);
         return 2;

@@ -34,6 +34,7 @@ typedef struct prior_run {
     int64_t n, steps, width, height, seed;
     double guidance, scaling;
     char hash[17];
+    db_precision precision;
 } prior_run;
 
 /* Pack the header meta of every sample stream. */
@@ -59,6 +60,10 @@ static int record_meta(db_meta *m, const prior_run *p, int64_t index, db_err *er
     db_meta_put_str(m, "scheduler", p->sched);
     db_meta_put_int(m, "steps", p->steps);
     db_meta_put_float(m, "guidance", p->guidance);
+    /* only when not fp32: files made before --precision existed hold fp32
+     * samples without the key, and must still resume as the same settings */
+    if (p->precision != DB_PREC_F32)
+        db_meta_put_str(m, "precision", db_precision_name(p->precision));
     return db_meta_finish(m, err);
 }
 
@@ -88,7 +93,8 @@ static void key_add(char *buf, size_t cap, const msgpack_object *map, const char
 static void settings_key(char *buf, size_t cap, const msgpack_object *hdr, const msgpack_object *rec)
 {
     static const char *const hkeys[] = {"model_hash", "width", "height"};
-    static const char *const rkeys[] = {"prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance"};
+    static const char *const rkeys[] = {"prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance",
+                                        "precision"};
     buf[0] = 0;
     for (size_t i = 0; i < sizeof hkeys / sizeof *hkeys; i++)
         key_add(buf, cap, hdr, hkeys[i]);
@@ -391,7 +397,7 @@ static int generate_main(int argc, char **argv)
 {
     db_log lg = {"db-prior", DB_LOG_WARN};
     const char *model = NULL, *prompt = NULL, *negative = "", *sched = "ddim", *outp = NULL, *png_dir = NULL;
-    const char *device = "cpu", *config = NULL, *shard = "0/1";
+    const char *device = "cpu", *config = NULL, *shard = "0/1", *precision = "fp32";
     int64_t n = 0, batch = 1, steps = 50, width = 512, height = 512, seed = 0, threads = 0;
     double guidance = 7.5;
     int quiet = 0, verbose = 0;
@@ -415,6 +421,9 @@ static int generate_main(int argc, char **argv)
         {"config", 0, DB_OPT_STR, "DIR", "diffusers-style config folder for a single-file model", &config, NULL, 0},
         {"threads", 0, DB_OPT_INT, "N", "worker threads (0: all cores)", &threads, "0", 0},
         {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device", &device, "cpu", 0},
+        {"precision", 0, DB_OPT_STR, "fp32|bf16|fp16", "compute type of the matmuls, convolutions and attention "
+         "(autocast; weights stay fp32; on the CPU an emulation, slower); part of a sample's settings",
+         &precision, "fp32", 0},
         {"quiet", 'q', DB_OPT_FLAG, NULL, "only errors on stderr", &quiet, NULL, 0},
         {"verbose", 'v', DB_OPT_FLAG, NULL, "more detail on stderr", &verbose, NULL, 0},
         {0},
@@ -450,6 +459,11 @@ static int generate_main(int argc, char **argv)
         db_error(&lg, "%s", e.msg);
         return 2;
     }
+    const int prec = db_precision_parse(precision);
+    if (prec < 0) {
+        db_error(&lg, "--precision %s: unknown precision (fp32, bf16 or fp16)", precision);
+        return 2;
+    }
     if (n < 1 || n > MAX_N || batch < 1 || batch > 1024 || steps < 1 || steps > 10000 || width < 8 || height < 8 ||
         width > 8192 || height > 8192 || threads < 0) {
         db_error(&lg, "out-of-range value among -n, --batch, --steps, --width, --height, --threads");
@@ -475,9 +489,10 @@ static int generate_main(int argc, char **argv)
         db_error(&lg, "%s", e.msg);
         return 1;
     }
+    db_ctx_set_precision(sd.ctx, (db_precision)prec);
     sd.keep_models = 1; /* one db_txt2img call per sample: load the networks once */
     prior_run p = {prompt, negative, sched, n, steps, width, height, seed, guidance,
-                   sd.model.arch.vae.scaling_factor, {0}};
+                   sd.model.arch.vae.scaling_factor, {0}, (db_precision)prec};
     int C = sd.model.arch.unet.in_channels;
     size_t per = (size_t)C * (size_t)(height / 8) * (size_t)(width / 8), hw = (size_t)width * (size_t)height;
     sample_set s = {n, calloc((size_t)n, 1), 0, malloc(KEY_CAP)};

@@ -133,6 +133,7 @@ int main(int argc, char **argv)
 {
     const char *model = NULL, *prompt = NULL, *negative = "", *sched = "ddim", *outp = "sample.png";
     const char *latents_out = NULL, *device = "cpu", *config = NULL, *noise_in = NULL, *grid_out = NULL;
+    const char *precision = "fp32";
     int64_t n = 1, batch = 1, steps = 50, width = 512, height = 512, seed = 0, threads = 0, clip_skip = 1;
     double guidance = 7.5, eta = 0;
     int quiet = 0, verbose = 0;
@@ -163,6 +164,8 @@ int main(int argc, char **argv)
         {"config", 0, DB_OPT_STR, "DIR", "diffusers-style config folder for a single-file model", &config, NULL, 0},
         {"threads", 0, DB_OPT_INT, "N", "worker threads (0: all cores)", &threads, "0", 0},
         {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device", &device, "cpu", 0},
+        {"precision", 0, DB_OPT_STR, "fp32|bf16|fp16", "compute type of the matmuls, convolutions and attention "
+         "(autocast; weights stay fp32; on the CPU an emulation, slower)", &precision, "fp32", 0},
         {"quiet", 'q', DB_OPT_FLAG, NULL, "only errors on stderr", &quiet, NULL, 0},
         {"verbose", 'v', DB_OPT_FLAG, NULL, "more detail on stderr", &verbose, NULL, 0},
         {0},
@@ -187,6 +190,11 @@ int main(int argc, char **argv)
     }
     if (db_device_check(device, &e)) {
         db_error(&lg, "%s", e.msg);
+        return 2;
+    }
+    const int prec = db_precision_parse(precision);
+    if (prec < 0) {
+        db_error(&lg, "--precision %s: unknown precision (fp32, bf16 or fp16)", precision);
         return 2;
     }
     if (n < 1 || n > 100000 || batch < 1 || steps < 1 || steps > 10000 || width < 8 || height < 8 || width > 8192 ||
@@ -223,6 +231,7 @@ int main(int argc, char **argv)
         db_error(&lg, "%s", e.msg);
         return 1;
     }
+    db_ctx_set_precision(sd.ctx, (db_precision)prec);
     char hash[17];
     if (db_model_hash(&sd.model, hash, &e)) {
         db_error(&lg, "%s", e.msg);

@@ -53,6 +53,7 @@ static void on_signal(int sig) { g_stop = sig; }
 typedef struct opts {
     const char *model, *model_config, *instance, *klass, *instance_prompt, *class_prompt, *lr_schedule;
     const char *output, *resume, *config, *record, *replay, *device, *val_prompt, *val_sched;
+    const char *precision;      /* --precision: runtime, like --device */
     int64_t steps, warmup, batch, grad_accum, save_every, keep_last, seed, threads, log_every;
     int64_t val_every, val_images, val_steps;
     double val_guidance;
@@ -64,7 +65,7 @@ typedef struct opts {
  * to run them.  Everything else is saved in RUN_DIR/config.json and every
  * checkpoint, and a resume takes it from there. */
 static const char *const RUNTIME_KEYS[] = {"output", "resume", "config", "record", "replay", "plan", "threads",
-                                           "device", "quiet", "verbose", "log-every", NULL};
+                                           "device", "quiet", "verbose", "log-every", "precision", NULL};
 /* Run settings a resume may change (they do not change the math of the
  * steps already taken; see the man page for --steps and the lr schedule). */
 static const char *const RESUMABLE_KEYS[] = {"steps", "save-every", "keep-last", NULL};
@@ -152,7 +153,8 @@ static int apply_config(db_opt *t, const json_t *cfg, const char *path, db_err *
     json_object_foreach((json_t *)cfg, k, v)
     {
         db_opt *o = opt_find(t, k);
-        if (!o || (in_list(RUNTIME_KEYS, o->name) && strcmp(o->name, "threads") && strcmp(o->name, "log-every")))
+        if (!o || (in_list(RUNTIME_KEYS, o->name) && strcmp(o->name, "threads") && strcmp(o->name, "log-every") &&
+                   strcmp(o->name, "precision")))
             return db_err_set(err, DB_EUSAGE, "%s: unknown or not configurable key '%s'", path, k);
         if (o->given > 0)
             continue;
@@ -399,8 +401,11 @@ static int save(run *r, const db_train_stats *s, db_err *err)
                               (json_int_t)(st.step * r->o.grad_accum * r->dist.world), "data", "instance_records",
                               (json_int_t)r->inst.n, "class_records", (json_int_t)(r->has_class ? r->cls.n : 0),
                               "examples_seen", (json_int_t)(st.step * r->o.grad_accum * r->o.batch * r->dist.world));
-    if (state)
+    if (state) {
         json_object_set_new(state, "processes", json_integer(r->dist.world));
+        /* of the steps since the run (re)started: a resume may change it */
+        json_object_set_new(state, "precision", json_string(db_precision_name(r->ctx->precision)));
+    }
     free(abs);
     if (!state)
         return db_err_set(err, DB_ENOMEM, "out of memory");
@@ -595,6 +600,7 @@ int main(int argc, char **argv)
     o->steps = 800, o->lr = 1e-6, o->prior_weight = 1.0, o->lr_schedule = "constant", o->batch = 1;
     o->grad_accum = 1, o->save_every = 500, o->max_grad_norm = 1.0, o->b1 = 0.9, o->b2 = 0.999, o->wd = 1e-2;
     o->eps = 1e-8, o->text_lr = -1, o->device = "cpu";
+    o->precision = "fp32";
     o->val_images = 2, o->val_steps = 25, o->val_guidance = 7.5, o->val_sched = "ddim";
     db_opt t[] = {
         {"model", 'm', DB_OPT_STR, "MODEL", "base checkpoint: diffusers folder, .safetensors or .ckpt", &o->model,
@@ -663,6 +669,9 @@ int main(int argc, char **argv)
         {"log-every", 0, DB_OPT_INT, "N", "a log line every N steps when stderr is not a terminal (0: auto)",
          &o->log_every, "0", 0},
         {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device", &o->device, "cpu", 0},
+        {"precision", 0, DB_OPT_STR, "fp32|bf16|fp16", "compute type of the matmuls, convolutions and attention "
+         "(autocast; weights, gradients and AdamW stay fp32; fp16 adds dynamic loss scaling; on the CPU an "
+         "emulation, slower); a resume may change it", &o->precision, "fp32", 0},
         {"quiet", 'q', DB_OPT_FLAG, NULL, "only errors on stderr", &o->quiet, NULL, 0},
         {"verbose", 'v', DB_OPT_FLAG, NULL, "more detail on stderr", &o->verbose, NULL, 0},
         {0},
@@ -746,6 +755,12 @@ int main(int argc, char **argv)
     }
     if (db_device_check(o->device, &e)) {
         db_error(&r->lg, "%s", e.msg);
+        status = 2;
+        goto out;
+    }
+    const int prec = db_precision_parse(o->precision);
+    if (prec < 0) {
+        db_error(&r->lg, "--precision %s: unknown precision (fp32, bf16 or fp16)", o->precision);
         status = 2;
         goto out;
     }
@@ -885,8 +900,10 @@ int main(int argc, char **argv)
     snprintf(devname, sizeof devname, "%s", o->device);
     if (r->dist.world > 1 && !strcmp(o->device, "cuda"))
         snprintf(devname, sizeof devname, "cuda:%d", db_dist_local_rank(&r->dist));
-    if (db_ctx_create_device(&r->ctx, devname, (int)o->threads, &e) ||
-        db_trainer_create(&r->tr, r->ctx, &r->m, &to, &e) || db_dist_bind(&r->dist, r->ctx, &e)) {
+    const int ctx_rc = db_ctx_create_device(&r->ctx, devname, (int)o->threads, &e);
+    if (ctx_rc == 0) /* before the trainer: in fp16 it scales the loss */
+        db_ctx_set_precision(r->ctx, (db_precision)prec);
+    if (ctx_rc || db_trainer_create(&r->tr, r->ctx, &r->m, &to, &e) || db_dist_bind(&r->dist, r->ctx, &e)) {
         db_error(&r->lg, "%s", e.msg);
         goto out;
     }
@@ -932,7 +949,10 @@ int main(int argc, char **argv)
             goto out;
         }
         r->step0 = json_integer_value(json_object_get(resumed_state, "step"));
-        db_trainer_set_step(r->tr, r->step0);
+        if (db_train_ckpt_restore_counters(resumed_state, r->tr, &e)) {
+            db_error(&r->lg, "%s: %s", ckpt, e.msg);
+            goto out;
+        }
         db_info(&r->lg, "resuming %s at step %" PRId64, ckpt, r->step0);
     }
     if (r->step0 >= o->steps) {
@@ -1011,6 +1031,10 @@ int main(int argc, char **argv)
     db_info(&r->lg, "training %" PRId64 " steps from step %" PRId64 ": %zu instance and %zu class records, %d rows of "
                     "%dx%d, %s", o->steps, r->step0, r->inst.n, r->has_class ? r->cls.n : 0, r->B, r->h, r->w,
             r->run_dir);
+    if (r->ctx->precision != DB_PREC_F32)
+        db_info(&r->lg, "compute precision %s%s%s", db_precision_name(r->ctx->precision),
+                r->ctx->device == DB_CPU ? " (emulated on the CPU)" : "",
+                r->ctx->precision == DB_PREC_F16 ? "; dynamic loss scaling" : "");
     db_train_stats s = {0};
     double t_start = db_tfevents_now(), t_flush = t_start;
     for (int64_t step = r->step0; step < o->steps; step++) {
@@ -1041,6 +1065,13 @@ int main(int argc, char **argv)
                 db_error(&r->lg, "%s", e.msg);
                 goto out;
             }
+        if (r->ev && s.loss_scale > 0 && db_tfevents_scalar(r->ev, "loss_scale", s.step, t1, (float)s.loss_scale, &e)) {
+            db_error(&r->lg, "%s", e.msg);
+            goto out;
+        }
+        if (s.skipped) /* not an error: GradScaler's way of finding the scale */
+            db_info(&r->lg, "step %" PRId64 ": fp16 gradients overflowed at loss scale %g: update skipped, scale "
+                            "halved", s.step, s.loss_scale);
         if (r->ev && t1 - t_flush > 30) {
             if (db_tfevents_flush(r->ev, &e)) {
                 db_error(&r->lg, "%s", e.msg);
@@ -1051,10 +1082,14 @@ int main(int argc, char **argv)
         if (tty)
             fprintf(stderr, "\rdb-train: step %" PRId64 "/%" PRId64 "  loss %.4f  lr %.3g  %.2f s/it   ", s.step,
                     o->steps, s.loss, s.lr, dt);
-        else if (s.step % every == 0 || s.step == o->steps)
+        else if (s.step % every == 0 || s.step == o->steps) {
+            char ls[48] = "";
+            if (s.loss_scale > 0)
+                snprintf(ls, sizeof ls, "  loss scale %g", s.loss_scale);
             db_info(&r->lg, "step %" PRId64 "/%" PRId64 "  loss %.5f (instance %.5f, prior %.5f)  grad norm %.4g  "
-                            "lr %.3g  %.2f s/it",
-                    s.step, o->steps, s.loss, s.loss_instance, s.loss_prior, s.grad_norm, s.lr, dt);
+                            "lr %.3g%s  %.2f s/it",
+                    s.step, o->steps, s.loss, s.loss_instance, s.loss_prior, s.grad_norm, s.lr, ls, dt);
+        }
         const int last = s.step == o->steps;
         int stop = g_stop; /* every process stops after the same step */
         if (db_dist_max_int(&r->dist, &stop, &e)) {

@@ -182,4 +182,31 @@ void db_avx512_attn_softmax(float *St, int nk, float *m, float *l, float *corr, 
  * head dims, each (keys, 8), chunk d/8 at Vp + (d/8) * ldv. */
 void db_avx512_attn_pv(float *Ot, const float *corr, const float *P, const float *Vp, size_t ldv, int HS8, int nk);
 
+/* ---- autocast emulation (autocast.c) ----------------------------------------------
+ * What the dispatcher calls instead of the matmul-class db_cpu_* ops when
+ * ctx->precision is not DB_PREC_F32 (the rule: kernels/ops.h above
+ * db_precision).  Same signatures as the ops. */
+/* x[i] = x[i] rounded to p and back (db_f32_to_bf16/_f16 then to f32); F32: nothing. */
+void db_cpu_round_prec(float *x, size_t n, db_precision p);
+/* dst[i] = src[i] rounded to p (a copy when F32); dst may equal src. */
+void db_cpu_round_prec_copy(float *dst, const float *src, size_t n, db_precision p);
+int db_cpu_ac_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, int batch, int M, int N, int K,
+                           int transa, int transb, float alpha, float beta);
+int db_cpu_ac_linear_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int N,
+                             int C, int OC);
+int db_cpu_ac_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B,
+                             int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1);
+int db_cpu_ac_attention_forward(db_ctx *c, float *out, float *lse, const float *q, const float *k, const float *v,
+                                int B, int Tq, int Tk, int NH, int HS, int causal);
+int db_cpu_ac_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const float *A, const float *B,
+                            int batch, int M, int N, int K, int transa, int transb, float alpha);
+int db_cpu_ac_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
+                              const float *inp, const float *weight, int N, int C, int OC);
+int db_cpu_ac_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
+                              const float *inp, const float *weight, int B, int C, int H, int W, int OC, int KH, int KW,
+                              int stride, int pad0, int pad1);
+int db_cpu_ac_attention_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                 const float *lse, const float *q, const float *k, const float *v, int B, int Tq,
+                                 int Tk, int NH, int HS, int causal);
+
 #endif

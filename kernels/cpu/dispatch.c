@@ -268,6 +268,8 @@ int db_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, int ba
     REQUIRE(c, "gemm", Cm && A && B && batch > 0 && M > 0 && N > 0 && K > 0);
     switch (c->device) {
     case DB_CPU:
+        if (c->precision != DB_PREC_F32)
+            return db_cpu_ac_gemm_forward(c, Cm, A, B, batch, M, N, K, transa, transb, alpha, beta);
         return db_cpu_gemm_forward(c, Cm, A, B, batch, M, N, K, transa, transb, alpha, beta);
     case DB_CUDA:
         return CUDA_OP(c, gemm_forward, "gemm", Cm, A, B, batch, M, N, K, transa, transb, alpha, beta);
@@ -283,6 +285,8 @@ int db_linear_forward(db_ctx *c, float *out, const float *inp, const float *weig
     REQUIRE(c, "linear", out && inp && weight && N > 0 && C > 0 && OC > 0);
     switch (c->device) {
     case DB_CPU:
+        if (c->precision != DB_PREC_F32)
+            return db_cpu_ac_linear_forward(c, out, inp, weight, bias, N, C, OC);
         return db_cpu_linear_forward(c, out, inp, weight, bias, N, C, OC);
     case DB_CUDA:
         return CUDA_OP(c, linear_forward, "linear", out, inp, weight, bias, N, C, OC);
@@ -299,6 +303,8 @@ int db_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weig
     REQUIRE(c, "conv2d", stride > 0 && pad0 >= 0 && pad1 >= 0 && H + pad0 + pad1 >= KH && W + pad0 + pad1 >= KW);
     switch (c->device) {
     case DB_CPU:
+        if (c->precision != DB_PREC_F32)
+            return db_cpu_ac_conv2d_forward(c, out, inp, weight, bias, B, C, H, W, OC, KH, KW, stride, pad0, pad1);
         return db_cpu_conv2d_forward(c, out, inp, weight, bias, B, C, H, W, OC, KH, KW, stride, pad0, pad1);
     case DB_CUDA:
         return CUDA_OP(c, conv2d_forward, "conv2d", out, inp, weight, bias, B, C, H, W, OC, KH, KW, stride, pad0, pad1);
@@ -344,6 +350,8 @@ int db_attention_forward(db_ctx *c, float *out, float *lse, const float *q, cons
     REQUIRE(c, "attention", out && q && k && v && B > 0 && Tq > 0 && Tk > 0 && NH > 0 && HS > 0);
     switch (c->device) {
     case DB_CPU:
+        if (c->precision != DB_PREC_F32)
+            return db_cpu_ac_attention_forward(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
         return db_cpu_attention_forward(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
     case DB_CUDA:
         return CUDA_OP(c, attention_forward, "attention", out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
@@ -560,6 +568,8 @@ int db_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const fl
     REQUIRE(c, "gemm backward", dCm && (!dA || B) && (!dB || A) && batch > 0 && M > 0 && N > 0 && K > 0);
     switch (c->device) {
     case DB_CPU:
+        if (c->precision != DB_PREC_F32)
+            return db_cpu_ac_gemm_backward(c, dA, dB, dCm, A, B, batch, M, N, K, transa, transb, alpha);
         return db_cpu_gemm_backward(c, dA, dB, dCm, A, B, batch, M, N, K, transa, transb, alpha);
     case DB_CUDA:
         return CUDA_OP(c, gemm_backward, "gemm backward", dA, dB, dCm, A, B, batch, M, N, K, transa, transb, alpha);
@@ -575,6 +585,8 @@ int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
     REQUIRE(c, "linear backward", dout && (!dinp || weight) && (!dweight || inp) && N > 0 && C > 0 && OC > 0);
     switch (c->device) {
     case DB_CPU:
+        if (c->precision != DB_PREC_F32)
+            return db_cpu_ac_linear_backward(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC);
         return db_cpu_linear_backward(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC);
     case DB_CUDA:
         return CUDA_OP(c, linear_backward, "linear backward", dinp, dweight, dbias, dout, inp, weight, N, C, OC);
@@ -594,6 +606,9 @@ int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
             stride > 0 && pad0 >= 0 && pad1 >= 0 && H + pad0 + pad1 >= KH && W + pad0 + pad1 >= KW);
     switch (c->device) {
     case DB_CPU:
+        if (c->precision != DB_PREC_F32)
+            return db_cpu_ac_conv2d_backward(c, dinp, dweight, dbias, dout, inp, weight, B, C, H, W, OC, KH, KW,
+                                             stride, pad0, pad1);
         return db_cpu_conv2d_backward(c, dinp, dweight, dbias, dout, inp, weight, B, C, H, W, OC, KH, KW, stride,
                                       pad0, pad1);
     case DB_CUDA:
@@ -648,6 +663,8 @@ int db_attention_backward(db_ctx *c, float *dq, float *dk, float *dv, const floa
                                          HS > 0);
     switch (c->device) {
     case DB_CPU:
+        if (c->precision != DB_PREC_F32)
+            return db_cpu_ac_attention_backward(c, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
         return db_cpu_attention_backward(c, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
     case DB_CUDA:
         return CUDA_OP(c, attention_backward, "attention backward", dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk,

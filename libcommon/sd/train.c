@@ -21,7 +21,14 @@ struct db_trainer {
     db_weights gt, mt, vt;       /* text encoder's (train_text only) */
     db_grad_ref *refs;           /* every gradient tensor, UNet first (clipping) */
     size_t nrefs;
-    int64_t step;                /* optimizer steps done */
+    int64_t step;                /* steps taken (global_step; train.h) */
+    int64_t opt_step;            /* updates applied: AdamW's count, the lr schedule's position */
+    /* fp16 loss scaling (GradScaler): on when the ctx computed in fp16 at
+     * create.  The scale is a float32 as torch keeps it (a power of two
+     * unless the caller's initial one is not). */
+    int scaling;
+    float scale;
+    int64_t growth_tracker, growth_interval;
     int micro;                   /* micro-batches accumulated since the last step */
     double sum_loss, sum_inst, sum_prior;
     /* buffers of the largest micro-batch seen, on the ctx's device */
@@ -104,6 +111,17 @@ int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db
         return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
     t->ctx = ctx;
     t->o = *o;
+    /* GradScaler(init_scale=2**16, growth_factor=2, backoff_factor=0.5,
+     * growth_interval=2000): accelerate's defaults for fp16 */
+    t->scaling = ctx->precision == DB_PREC_F16;
+    t->scale = o->loss_scale_init > 0 ? (float)o->loss_scale_init : 65536.0f;
+    t->growth_interval = o->loss_scale_interval > 0 ? o->loss_scale_interval : 2000;
+    if (!(o->loss_scale_init >= 0) || !isfinite(t->scale) || o->loss_scale_interval < 0) {
+        free(t);
+        return db_err_set(err, DB_EUSAGE, "trainer: the initial loss scale must be a positive float32 (got %g) and "
+                          "the growth interval positive (got %lld)", o->loss_scale_init,
+                          (long long)o->loss_scale_interval);
+    }
     if (db_sched_create(&t->sched, "ddpm", m->scheduler, err) || db_unet_create(&t->unet, ctx, m, err) ||
         db_clip_create(&t->clip, ctx, m, err))
         goto fail;
@@ -238,7 +256,8 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
     }
     const float *acp = db_sched_alphas_cumprod(t->sched);
     double li = 0, lp = 0;
-    const double scale = 1.0 / ((double)t->o.grad_accum * t->o.world);
+    /* fp16: the seed is d (loss * loss_scale) / d pred, as scaler.scale(loss).backward() */
+    const double scale = (t->scaling ? (double)t->scale : 1.0) / ((double)t->o.grad_accum * t->o.world);
     for (int r = 0; r < B; r++) {
         const int inst = r < ni;
         double w = 1; /* the row's loss weight */
@@ -292,6 +311,7 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
         memset(s, 0, sizeof *s);
         s->step = t->step;
         s->loss = loss, s->loss_instance = li, s->loss_prior = lp;
+        s->loss_scale = t->scaling ? t->scale : 0.0;
     }
     return 0;
 }
@@ -304,6 +324,37 @@ int db_trainer_accumulate(db_trainer *t, const db_train_batch *b, db_train_stats
 int db_trainer_eval(db_trainer *t, const db_train_batch *b, db_train_stats *s, db_err *err)
 {
     return micro(t, b, s, 0, err);
+}
+
+/* fp16 found a non-finite gradient: no update (weights, moments, AdamW's
+ * count and the lr schedule stay), the gradients are dropped, the step is
+ * taken, and the scale backs off by half (GradScaler.update). */
+static int skip_step(db_trainer *t, db_train_stats *s, double norm, float used_scale, db_err *err)
+{
+    db_ctx *c = t->ctx;
+    db_ctx_zero(c, t->gu.data, t->gu.numel * sizeof(float));
+    if (t->o.train_text)
+        db_ctx_zero(c, t->gt.data, t->gt.numel * sizeof(float));
+    if (c->err.code)
+        return db_err_set(err, c->err.code, "trainer: skipped step: %s", c->err.msg);
+    t->step++;
+    t->scale *= 0.5f;
+    t->growth_tracker = 0;
+    if (s) {
+        memset(s, 0, sizeof *s);
+        s->step = t->step;
+        s->loss = t->sum_loss / t->micro;
+        s->loss_instance = t->sum_inst / t->micro;
+        s->loss_prior = t->sum_prior / t->micro;
+        s->grad_norm = norm;
+        s->lr = db_lr_at(&t->o.unet_lr, t->opt_step); /* where the schedule stays */
+        s->lr_text = t->o.train_text ? db_lr_at(&t->o.text_lr, t->opt_step) : 0;
+        s->loss_scale = used_scale;
+        s->skipped = 1;
+    }
+    t->micro = 0;
+    t->sum_loss = t->sum_inst = t->sum_prior = 0;
+    return 0;
 }
 
 int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
@@ -319,40 +370,71 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
         t->sum_loss = sums[0], t->sum_inst = sums[1], t->sum_prior = sums[2];
         t->micro = (int)sums[3];
     }
-    /* without clipping the norm is still measured (reported and checked):
-     * an infinite maximum makes the coefficient 1, which leaves g as is */
     db_ctx *c = t->ctx;
     double norm;
+    const float used_scale = t->scaling ? t->scale : 0.0f;
+    if (t->scaling) {
+        /* GradScaler.unscale_: any non-finite gradient skips the step; the
+         * clip's sums of squares (double) are finite exactly when every
+         * element is */
+        double ss = 0;
+        for (size_t i = 0; i < t->nrefs; i++) {
+            double q;
+            if (db_opt_sumsq(c, &q, t->refs[i].g, t->refs[i].n))
+                return db_err_set(err, c->err.code, "trainer: gradient check: %s", c->err.msg);
+            ss += q;
+        }
+        if (!isfinite(ss))
+            return skip_step(t, s, sqrt(ss), used_scale, err);
+        /* grads * (1 / scale) before clipping, as torch: the reciprocal in
+         * double, rounded to float32 */
+        const float inv = (float)(1.0 / (double)t->scale);
+        for (size_t i = 0; i < t->nrefs; i++)
+            if (db_opt_scale(c, t->refs[i].g, inv, t->refs[i].n))
+                return db_err_set(err, c->err.code, "trainer: gradient unscale: %s", c->err.msg);
+    }
+    /* without clipping the norm is still measured (reported and checked):
+     * an infinite maximum makes the coefficient 1, which leaves g as is */
     if (db_clip_grad_norm_ctx(c, &norm, t->refs, t->nrefs, t->o.max_grad_norm > 0 ? t->o.max_grad_norm : INFINITY))
         return db_err_set(err, c->err.code, "trainer: gradient clipping: %s", c->err.msg);
-    if (!isfinite(norm))
+    if (!isfinite(norm)) /* fp16: finite before the unscale, so not here either; bf16/fp32: diverged */
         return db_err_set(err, DB_ENUMERIC, "trainer: the gradient norm is %g at step %lld: training diverged",
                           norm, (long long)t->step + 1);
-    const int64_t k = t->step + 1; /* AdamW's step count after this step */
+    const int64_t k = t->opt_step + 1; /* AdamW's step count after this step */
     db_adamw hu = t->o.unet_hp;
-    hu.lr = db_lr_at(&t->o.unet_lr, t->step);
+    hu.lr = db_lr_at(&t->o.unet_lr, t->opt_step);
     db_weights *wu = (db_weights *)db_unet_weights(t->unet);
     db_opt_adamw(c, wu->data, t->mu.data, t->vu.data, t->gu.data, wu->numel, &hu, k);
     db_ctx_zero(c, t->gu.data, t->gu.numel * sizeof(float));
     double lr_text = 0;
     if (t->o.train_text) {
         db_adamw ht = t->o.text_hp;
-        ht.lr = lr_text = db_lr_at(&t->o.text_lr, t->step);
+        ht.lr = lr_text = db_lr_at(&t->o.text_lr, t->opt_step);
         db_weights *wt = &t->clip->w;
         db_opt_adamw(c, wt->data, t->mt.data, t->vt.data, t->gt.data, wt->numel, &ht, k);
         db_ctx_zero(c, t->gt.data, t->gt.numel * sizeof(float));
     }
     if (c->err.code)
         return db_err_set(err, c->err.code, "trainer: optimizer step: %s", c->err.msg);
-    t->step = k;
+    t->opt_step = k;
+    t->step++;
+    if (t->scaling && ++t->growth_tracker >= t->growth_interval) {
+        /* torch's _amp_update_scale_: grow only to a finite scale */
+        const float grown = t->scale * 2.0f;
+        if (isfinite(grown))
+            t->scale = grown;
+        t->growth_tracker = 0;
+    }
     if (s) {
-        s->step = k;
+        memset(s, 0, sizeof *s);
+        s->step = t->step;
         s->loss = t->sum_loss / t->micro;
         s->loss_instance = t->sum_inst / t->micro;
         s->loss_prior = t->sum_prior / t->micro;
         s->grad_norm = norm;
         s->lr = hu.lr;
         s->lr_text = lr_text;
+        s->loss_scale = used_scale;
     }
     t->micro = 0;
     t->sum_loss = t->sum_inst = t->sum_prior = 0;
@@ -382,9 +464,27 @@ void db_trainer_state(db_trainer *t, db_train_state *st)
     } else
         st->text_frozen = &t->clip->w;
     st->step = t->step;
+    st->opt_step = t->opt_step;
+    st->loss_scale = t->scaling ? t->scale : 0.0;
+    st->growth_tracker = t->scaling ? t->growth_tracker : 0;
 }
 
-void db_trainer_set_step(db_trainer *t, int64_t step) { t->step = step; }
+void db_trainer_set_step(db_trainer *t, int64_t step) { t->step = t->opt_step = step; }
+
+int db_trainer_set_amp(db_trainer *t, int64_t opt_step, double loss_scale, int64_t growth_tracker, db_err *err)
+{
+    if (opt_step < 0 || opt_step > t->step || growth_tracker < 0 || !(loss_scale >= 0) ||
+        !isfinite((float)loss_scale))
+        return db_err_set(err, DB_EFORMAT, "trainer: resume: %lld updates in %lld steps, loss scale %g, growth "
+                          "tracker %lld: not a trainer's state", (long long)opt_step, (long long)t->step, loss_scale,
+                          (long long)growth_tracker);
+    t->opt_step = opt_step;
+    if (t->scaling && loss_scale > 0) {
+        t->scale = (float)loss_scale;
+        t->growth_tracker = growth_tracker;
+    }
+    return 0;
+}
 db_unet *db_trainer_unet(db_trainer *t) { return t->unet; }
 db_clip *db_trainer_clip(db_trainer *t) { return t->clip; }
 const db_sched *db_trainer_sched(const db_trainer *t) { return t->sched; }

@@ -22,6 +22,25 @@
  * chains the parameter lists), takes one AdamW step per parameter group at
  * the schedule's learning rate, and zeroes the gradients.
  *
+ * fp16 (ctx precision DB_PREC_F16, kernels/ops.h): dynamic loss scaling as
+ * torch.cuda.amp.GradScaler with the defaults accelerate gives it in
+ * train_dreambooth --mixed_precision=fp16, so small gradients survive the
+ * fp16 rounding of the backward's matmuls: the backward starts from
+ * d (loss * scale) / d pred; apply checks the gradients (their sum of
+ * squares) and, when one is not finite, skips the update (weights, moments
+ * and AdamW's step count untouched, gradients zeroed) and halves the scale;
+ * otherwise it multiplies the gradients by 1 / scale before clipping and
+ * AdamW, and doubles the scale after growth_interval finite steps in a row
+ * (unless that overflows float32).  bf16 and fp32 never scale.
+ *
+ * Step counters: `step` counts the steps taken, skipped or not (diffusers'
+ * global_step: it picks the data, names checkpoints and ends the run);
+ * `opt_step` counts the updates applied (torch's AdamW state["step"] and the
+ * lr scheduler, which accelerate does not step when GradScaler skipped), and
+ * feeds AdamW's bias correction and the learning rate.  They are equal
+ * unless fp16 skipped a step; checkpoints keep both, so a resume continues
+ * both sequences exactly.
+ *
  * A frozen text encoder costs one forward per micro-batch and no backward;
  * the UNet does not compute d context then.
  *
@@ -64,6 +83,11 @@ typedef struct db_train_opts {
     int (*reduce_f32)(void *user, float *x, size_t n, db_err *err);
     int (*reduce_f64)(void *user, double *x, size_t n, db_err *err);
     void *reduce_user;
+    /* fp16 loss scaling: the initial scale (0: GradScaler's 65536) and the
+     * finite steps before it doubles (0: 2000); a test may force overflow
+     * with a huge initial scale.  Growth 2 and backoff 0.5 are fixed. */
+    double loss_scale_init;
+    int64_t loss_scale_interval;
 } db_train_opts;
 
 /* diffusers' defaults: prior weight 1, clip 1.0, no min-SNR, one
@@ -84,6 +108,8 @@ typedef struct db_train_stats {
     double loss, loss_instance, loss_prior; /* of the micro-batch (accumulate) or the mean over the step's (apply) */
     double grad_norm;           /* global norm before clipping (apply) */
     double lr, lr_text;         /* learning rates used by the step (apply) */
+    double loss_scale;          /* fp16: the scale this step's gradients carried; 0 otherwise */
+    int skipped;                /* apply: 1 when fp16 found a non-finite gradient and skipped the update */
 } db_train_stats;
 
 typedef struct db_trainer db_trainer;
@@ -105,7 +131,9 @@ int db_trainer_accumulate(db_trainer *t, const db_train_batch *b, db_train_stats
 int db_trainer_eval(db_trainer *t, const db_train_batch *b, db_train_stats *s, db_err *err);
 
 /* Clip, AdamW, zero the gradients, step + 1.  Refused (weights untouched)
- * when the gradient norm is not finite or no micro-batch was accumulated. */
+ * when no micro-batch was accumulated, or when the gradient norm is not
+ * finite outside fp16; in fp16 that is a skipped step (above), s->skipped
+ * set and s->grad_norm the non-finite norm of the scaled gradients. */
 int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err);
 
 /* L2 norm of each accumulated gradient tensor, the UNet's in its table
@@ -119,12 +147,20 @@ typedef struct db_train_state {
     db_weights *unet, *unet_m, *unet_v;
     db_weights *text, *text_m, *text_v;  /* NULL when the text encoder is frozen */
     db_weights *text_frozen;             /* the frozen text encoder's weights, else NULL */
-    int64_t step;
+    int64_t step;                        /* steps taken */
+    int64_t opt_step;                    /* updates applied (AdamW, lr); step minus the skipped ones */
+    double loss_scale;                   /* fp16 loss scaling: the scale; 0 when not scaling */
+    int64_t growth_tracker;              /* finite steps in a row since the scale last changed */
 } db_train_state;
 void db_trainer_state(db_trainer *t, db_train_state *st);
-/* Set the step count (resume; the weights and moments are loaded through
- * the pointers of db_trainer_state). */
+/* Set the step count, and the update count with it (resume; the weights and
+ * moments are loaded through the pointers of db_trainer_state). */
 void db_trainer_set_step(db_trainer *t, int64_t step);
+/* Then, for a checkpoint that recorded them: the update count, and the loss
+ * scaler (loss_scale <= 0: keep the initial one, e.g. an fp32 run resumed in
+ * fp16; ignored when this run does not scale).  Refused when opt_step is
+ * outside [0, step] or growth_tracker negative. */
+int db_trainer_set_amp(db_trainer *t, int64_t opt_step, double loss_scale, int64_t growth_tracker, db_err *err);
 
 db_unet *db_trainer_unet(db_trainer *t);
 db_clip *db_trainer_clip(db_trainer *t);

@@ -169,6 +169,16 @@ int db_train_ckpt_save(const char *run_dir, const db_train_state *st, const char
     json_object_set_new(state, "format", json_string(DB_CKPT_FORMAT));
     json_object_set_new(state, "version", json_integer(1));
     json_object_set_new(state, "step", json_integer(st->step));
+    /* the counters a resume needs beside the step (train.h: skipped fp16
+     * steps advance step but not optimizer_step) */
+    json_object_set_new(state, "optimizer_step", json_integer(st->opt_step));
+    if (st->loss_scale > 0) {
+        json_object_set_new(state, "loss_scale", json_real(st->loss_scale));
+        json_object_set_new(state, "growth_tracker", json_integer(st->growth_tracker));
+    } else {
+        json_object_del(state, "loss_scale");
+        json_object_del(state, "growth_tracker");
+    }
     json_object_set_new(state, "train_text_encoder", json_boolean(st->text != NULL));
     if (base_hash)
         json_object_set_new(state, "base_model_hash", json_string(base_hash));
@@ -470,4 +480,19 @@ void db_train_ckpt_prune(const char *run_dir, int keep, const db_log *lg)
         free(p);
     }
     free(steps);
+}
+
+int db_train_ckpt_restore_counters(const json_t *state, db_trainer *t, db_err *err)
+{
+    const json_t *js = json_object_get(state, "step"), *jo = json_object_get(state, "optimizer_step"),
+                 *jl = json_object_get(state, "loss_scale"), *jg = json_object_get(state, "growth_tracker");
+    if (!json_is_integer(js) || (jo && !json_is_integer(jo)) || (jl && !json_is_number(jl)) ||
+        (jg && !json_is_integer(jg)))
+        return db_err_set(err, DB_EFORMAT, "state.json: \"step\", \"optimizer_step\", \"loss_scale\" or "
+                          "\"growth_tracker\" is not a number");
+    const int64_t step = json_integer_value(js);
+    db_trainer_set_step(t, step);
+    /* checkpoints from before loss scaling: every step was an update */
+    return db_trainer_set_amp(t, jo ? json_integer_value(jo) : step, jl ? json_number_value(jl) : 0,
+                              jg ? json_integer_value(jg) : 0, err);
 }

@@ -7,8 +7,10 @@
  *                          text encoder is trained); __metadata__ format
  *                          "dreambooth-c/ckpt", step, base_model_hash
  *   optimizer.safetensors  exp_avg/<name>, exp_avg_sq/<name> (AdamW moments)
- *   state.json             format, version, step, base_model(+_hash),
- *                          train_text_encoder, loss, lr, rng, data
+ *   state.json             format, version, step, optimizer_step,
+ *                          loss_scale and growth_tracker (fp16 runs),
+ *                          base_model(+_hash), train_text_encoder, loss,
+ *                          lr, rng, data
  *   config.json            the run's resolved configuration
  *
  * The directory is written under a hidden temporary name beside its final
@@ -64,6 +66,13 @@ int db_train_ckpt_latest(const char *run_dir, char **path, int64_t *step, db_err
  * temporary left by an interrupted write (.ckpt-*, .config.json.tmp-*,
  * ckpt-*.replaced). */
 void db_train_ckpt_prune(const char *run_dir, int keep, const db_log *lg);
+
+/* Restore the trainer's counters from a checkpoint's state.json:
+ * db_trainer_set_step(step), then db_trainer_set_amp with
+ * "optimizer_step" (absent in older checkpoints: step), "loss_scale" and
+ * "growth_tracker" (absent, e.g. an fp32 run: the initial scale).  A run
+ * may resume in another precision: only an fp16 trainer uses the scale. */
+int db_train_ckpt_restore_counters(const json_t *state, db_trainer *t, db_err *err);
 
 /* Is `path` a checkpoint directory (has state.json)? */
 int db_train_ckpt_is(const char *path);
