@@ -98,3 +98,77 @@ int tap_ref_get(const db_tindex *ix, const char *name, db_tensor *t, db_err *err
     return k < 0 ? db_err_set(err, DB_EFORMAT, "reference has no '%s'", name)
                  : db_tindex_load(ix, (size_t)k, DB_F32, t, err);
 }
+
+const char *tap_device(void)
+{
+    const char *d = getenv("DB_TEST_DEVICE");
+    return d && *d ? d : "cpu";
+}
+
+int tap_ctx_create(db_ctx **c, db_err *err)
+{
+    *c = NULL;
+    if (db_ctx_create_device(c, tap_device(), 0, err) == 0)
+        return 0;
+    const char *opt = getenv("DB_TEST_DEVICE_OPTIONAL");
+    /* a bad device name is a mistake in the caller, never a reason to skip */
+    if (opt && !strcmp(opt, "1") && err->code != DB_EUSAGE) {
+        printf("1..0 # SKIP %s: %s\n", tap_device(), err->msg);
+        exit(0);
+    }
+    return -1;
+}
+
+static int on_cpu(const db_ctx *c) { return c->device == DB_CPU; }
+
+void *tap_dev_alloc(db_ctx *c, size_t bytes)
+{
+    return on_cpu(c) ? malloc(bytes ? bytes : 1) : db_ctx_alloc(c, bytes);
+}
+
+void tap_dev_free(db_ctx *c, void *p)
+{
+    if (on_cpu(c))
+        free(p);
+    else
+        db_ctx_free(c, p);
+}
+
+void *tap_put(db_ctx *c, const void *host, size_t bytes)
+{
+    if (on_cpu(c))
+        return (void *)host;
+    void *d = db_ctx_alloc(c, bytes);
+    if (d && db_ctx_copy(c, d, host, bytes, DB_COPY_H2D)) {
+        db_ctx_free(c, d);
+        d = NULL;
+    }
+    return d;
+}
+
+void tap_put_free(db_ctx *c, const void *dev)
+{
+    if (!on_cpu(c))
+        db_ctx_free(c, (void *)dev);
+}
+
+void *tap_mirror(db_ctx *c, const void *dev, size_t bytes)
+{
+    return on_cpu(c) ? (void *)dev : malloc(bytes ? bytes : 1);
+}
+
+void *tap_fetch(db_ctx *c, const void *dev, size_t bytes)
+{
+    void *h = tap_mirror(c, dev, bytes);
+    if (h && db_ctx_copy(c, h, dev, bytes, DB_COPY_D2H)) {
+        tap_host_free(c, h);
+        h = NULL;
+    }
+    return h;
+}
+
+void tap_host_free(db_ctx *c, const void *host)
+{
+    if (!on_cpu(c))
+        free((void *)host);
+}

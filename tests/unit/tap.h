@@ -6,6 +6,7 @@
 
 #include <stddef.h>
 
+#include "kernels/ops.h"
 #include "libcommon/io/safetensors.h"
 #include "libcommon/io/tindex.h"
 
@@ -30,5 +31,41 @@ tap_cmp tap_compare(const float *got, const float *want, size_t n);
  * db_safetensors_close), and load tensor `name` of it as f32 into t. */
 int tap_ref_open(db_tindex *ix, db_safetensors **st, const char *rel, db_err *err);
 int tap_ref_get(const db_tindex *ix, const char *name, db_tensor *t, db_err *err);
+
+/* ---- the device a test runs on ----------------------------------------------------
+ * Model tests run on the ctx named by $DB_TEST_DEVICE ("cpu" when unset or
+ * empty; "cuda", "cuda:1"), so the same fixture comparisons check a GPU
+ * backend (tests/gpu/t0100-fixtures.sh).  Buffers the model reads or writes
+ * live on that device; the helpers below move them to and from the host for
+ * the comparisons.  On a CPU ctx every one of them hands back the pointer it
+ * was given (nothing copied, nothing extra allocated), so the CPU tests
+ * compute exactly what they computed before the device existed here. */
+
+/* The device name ($DB_TEST_DEVICE, or "cpu"), for messages. */
+const char *tap_device(void);
+/* Create the ctx of tap_device() (all cores).  Call it before the first
+ * tap_ok: when the device cannot be created and $DB_TEST_DEVICE_OPTIONAL is
+ * 1, it prints "1..0 # SKIP <reason>" and exits 0 (a machine without that
+ * device); otherwise it returns -1 with err set and the test must fail
+ * (a GPU session must not pass by skipping). */
+int tap_ctx_create(db_ctx **c, db_err *err);
+
+/* A buffer of `bytes` on c's device: malloc on the CPU (what the tests used
+ * before), db_ctx_alloc elsewhere; NULL on failure.  Free with tap_dev_free. */
+void *tap_dev_alloc(db_ctx *c, size_t bytes);
+void tap_dev_free(db_ctx *c, void *p);
+/* Host data where c's device can read it: `host` itself on the CPU, else a
+ * device copy (NULL on failure, reason in c->err).  Release with
+ * tap_put_free (nothing to do on the CPU). */
+void *tap_put(db_ctx *c, const void *host, size_t bytes);
+void tap_put_free(db_ctx *c, const void *dev);
+/* A host buffer mirroring device buffer `dev` (`dev` itself on the CPU,
+ * else malloc'd, uninitialised): db_ctx_copy(c, h, dev, .., DB_COPY_D2H) and
+ * back then work on every device (a copy onto itself copies nothing).
+ * Release with tap_host_free. */
+void *tap_mirror(db_ctx *c, const void *dev, size_t bytes);
+/* tap_mirror filled with dev's contents (D2H); NULL on failure (c->err). */
+void *tap_fetch(db_ctx *c, const void *dev, size_t bytes);
+void tap_host_free(db_ctx *c, const void *host);
 
 #endif

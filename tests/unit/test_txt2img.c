@@ -1,7 +1,10 @@
 /* The whole pipeline against diffusers' StableDiffusionPipeline on the tiny
  * model: given its initial latents, DDIM 10 steps, guidance 7.5 and a
  * negative prompt, every step's latents, the final latents and the decoded
- * image within relative L2 1e-4; and from every layout of the weights. */
+ * image within relative L2 1e-4; and from every layout of the weights.
+ * On the device of $DB_TEST_DEVICE (tap.h; cpu by default), through
+ * db_sd_open_device: the pipeline's options and outputs are host memory
+ * (txt2img.h stages them), so nothing here is copied. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,14 +29,15 @@ static void compare(const char *what, const float *got, const float *want, size_
     tap_cmp c = {INFINITY, NAN, 0};
     if (want && got)
         c = tap_compare(got, want, n);
-    tap_ok(c.rel <= tol, "%s: rel L2 %.3g (max abs %.3g) <= %g", what, c.rel, c.maxabs, tol);
+    tap_ok(c.rel <= tol, "%s: %s: rel L2 %.3g (max abs %.3g) <= %g", tap_device(), what, c.rel, c.maxabs, tol);
 }
 
 static void run(const char *model, const db_tindex *ix)
 {
     db_sd sd;
     db_err e = {0};
-    if (!tap_ok(!db_sd_open(&sd, tap_path(model), NULL, 0, &e), "open %s: %s", model, e.msg))
+    if (!tap_ok(!db_sd_open_device(&sd, tap_path(model), NULL, tap_device(), 0, &e), "open %s on %s: %s", model,
+                tap_device(), e.msg))
         return;
     size_t per = 4 * 16 * 16;
     db_txt2img_opts o = {
@@ -55,7 +59,7 @@ static void run(const char *model, const db_tindex *ix)
             double r = tap_compare(out.step_latents + (size_t)i * per, steps + (size_t)i * per, per).rel;
             worst = r > worst ? r : worst;
         }
-        tap_ok(steps && worst <= 1e-4, "%s: every step's latents, worst rel L2 %.3g", model, worst);
+        tap_ok(steps && worst <= 1e-4, "%s: %s: every step's latents, worst rel L2 %.3g", tap_device(), model, worst);
         snprintf(what, sizeof what, "%s: final latents", model);
         compare(what, out.latents, ref(ix, "final_latents", per), per, 1e-4);
         snprintf(what, sizeof what, "%s: decoded image", model);
@@ -71,6 +75,15 @@ int main(void)
     db_tindex_init(&ix);
     db_safetensors *st;
     db_err e = {0};
+    /* db_sd_open_device makes the pipeline's own ctx; this one, made and
+     * dropped before any TAP line, only decides whether the device exists
+     * (a missing optional one skips the test, a missing required one fails) */
+    db_ctx *probe = NULL;
+    if (tap_ctx_create(&probe, &e)) {
+        tap_ok(0, "%s context: %s", tap_device(), e.msg);
+        return tap_done();
+    }
+    db_ctx_destroy(probe);
     if (!tap_ok(!db_safetensors_open(&st, tap_path("tests/data/refs/pipeline.safetensors"), NULL, 0, &ix, &e),
                 "reference: %s", e.msg))
         return tap_done();
@@ -79,7 +92,8 @@ int main(void)
 
     /* seeded noise: same seed -> same latents; image i of a batch == -n 1 at index i */
     db_sd sd;
-    if (tap_ok(!db_sd_open(&sd, tap_path("tests/data/tiny/diffusers"), NULL, 0, &e), "open: %s", e.msg)) {
+    if (tap_ok(!db_sd_open_device(&sd, tap_path("tests/data/tiny/diffusers"), NULL, tap_device(), 0, &e),
+               "open on %s: %s", tap_device(), e.msg)) {
         db_txt2img_opts o = {.prompt = "a (photo:1.2) of [sks] dog", .scheduler = "euler_a", .steps = 3,
                              .guidance = 5, .width = 64, .height = 64, .n_images = 2, .batch = 2, .seed = 7};
         db_txt2img_out a, b;
@@ -91,8 +105,9 @@ int main(void)
         size_t per = 4 * 8 * 8;
         /* same noise; batching only changes the GEMMs' rounding order */
         double r = ok ? tap_compare(a.latents + per, b.latents, per).rel : INFINITY;
-        tap_ok(r < 1e-5, "image 1 of a batch of 2 equals image index 1 sampled alone (euler_a, emphasis): rel %.3g %s",
-               r, e.msg);
+        tap_ok(r < 1e-5,
+               "%s: image 1 of a batch of 2 equals image index 1 sampled alone (euler_a, emphasis): rel %.3g %s",
+               tap_device(), r, e.msg);
         if (ok) {
             db_txt2img_out_free(&a);
             db_txt2img_out_free(&b);

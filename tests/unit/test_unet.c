@@ -3,7 +3,9 @@
  * (B), context (B, 77, 32), out = unet(latents, timesteps, context).sample) on
  * the tiny-dev model in both stored layouts (diffusers folder, .ckpt), at the
  * reference batch and at batch 1; plus the training layout of the workspace,
- * a perturbed input that must miss (the check can fail), and bad sizes. */
+ * a perturbed input that must miss (the check can fail), and bad sizes.
+ * On the device of $DB_TEST_DEVICE (tap.h; cpu by default): the model's
+ * tensors are that device's buffers, fetched to the host to be compared. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,7 +24,8 @@
 #define REF_ATOL 5e-6
 
 typedef struct ref {
-    db_tensor latents, timesteps, context, out; /* all converted to f32 */
+    db_tensor latents, timesteps, context, out; /* all converted to f32, host */
+    const float *lat_d, *ts_d, *cx_d;           /* the inputs on the ctx's device (tap_put) */
 } ref;
 
 static int load_ref(ref *r, db_err *err)
@@ -44,25 +47,43 @@ static int load_ref(ref *r, db_err *err)
     return rc;
 }
 
-static void free_ref(ref *r)
+static void free_ref(db_ctx *c, ref *r)
 {
+    tap_put_free(c, r->lat_d);
+    tap_put_free(c, r->ts_d);
+    tap_put_free(c, r->cx_d);
     db_tensor_free(&r->latents);
     db_tensor_free(&r->timesteps);
     db_tensor_free(&r->context);
     db_tensor_free(&r->out);
 }
 
+/* got: host memory (a fetched output). */
 static int check(const char *what, const float *got, const float *want, size_t n)
 {
     tap_cmp c = tap_compare(got, want, n);
-    int ok = tap_ok(c.rel <= REL_TOL, "%s: rel L2 %.3g (tol %g), worst [%zu] %.7g vs %.7g (|d| %.3g, ref atol %g)",
+    int ok = tap_ok(c.rel <= REL_TOL,
+                    "%s: %s: rel L2 %.3g (tol %g), worst [%zu] %.7g vs %.7g (|d| %.3g, ref atol %g)", tap_device(),
                     what, c.rel, REL_TOL, c.at, got[c.at], want[c.at], c.maxabs, REF_ATOL);
     if (c.maxabs > REF_ATOL)
         tap_diag("%s: max |d| %.3g above the reference's suggested atol %g", what, c.maxabs, REF_ATOL);
     return ok;
 }
 
-/* Forward of `layout` at the reference batch; returns the output (malloc'd) or NULL. */
+/* check() of a device buffer: fetched to the host first (on the CPU, read
+ * in place).  A failed copy fails the check. */
+static int check_dev(db_ctx *ctx, const char *what, const float *got_d, const float *want, size_t n)
+{
+    const float *got = tap_fetch(ctx, got_d, n * sizeof *got);
+    if (!got)
+        return tap_ok(0, "%s: %s: fetch the output: %s", tap_device(), what, ctx->err.msg);
+    int ok = check(what, got, want, n);
+    tap_host_free(ctx, got);
+    return ok;
+}
+
+/* Forward of `layout` at the reference batch; returns the output (host
+ * memory: free with free()) or NULL. */
 static float *run_layout(db_ctx *ctx, const char *rel, const ref *r, int keep)
 {
     db_err err = {0};
@@ -70,27 +91,35 @@ static float *run_layout(db_ctx *ctx, const char *rel, const ref *r, int keep)
     db_unet *u = NULL;
     const int B = (int)r->latents.shape[0], H = (int)r->latents.shape[2], W = (int)r->latents.shape[3];
     const int Tc = (int)r->context.shape[1];
-    float *out = malloc(db_tensor_nbytes(&r->out));
+    const size_t nb = db_tensor_nbytes(&r->out);
+    float *out = tap_dev_alloc(ctx, nb);
     if (db_model_open(&m, tap_path(rel), NULL, &err)) {
         tap_ok(0, "%s: open: %s", rel, err.msg);
-        free(out);
+        tap_dev_free(ctx, out);
         return NULL;
     }
     int rc = db_unet_create(&u, ctx, &m, &err);
     db_model_close(&m);
     if (!tap_ok(rc == 0, "%s: unet create%s%s", rel, rc ? ": " : "", rc ? err.msg : "")) {
-        free(out);
+        tap_dev_free(ctx, out);
         return NULL;
     }
     db_unet_keep_activations(u, keep);
-    rc = db_unet_forward(u, out, r->latents.data, r->timesteps.data, r->context.data, B, H, W, Tc, &err);
-    if (!tap_ok(rc == 0, "%s: forward B=%d %dx%d Tc=%d%s (%zu KiB workspace)%s%s", rel, B, H, W, Tc,
-                keep ? " keeping activations" : "", db_unet_workspace_bytes(u, B, H, W, Tc) >> 10, rc ? ": " : "",
-                rc ? err.msg : "")) {
-        free(out);
+    rc = db_unet_forward(u, out, r->lat_d, r->ts_d, r->cx_d, B, H, W, Tc, &err);
+    if (!tap_ok(rc == 0, "%s: %s: forward B=%d %dx%d Tc=%d%s (%zu KiB workspace)%s%s", tap_device(), rel, B, H, W,
+                Tc, keep ? " keeping activations" : "", db_unet_workspace_bytes(u, B, H, W, Tc) >> 10,
+                rc ? ": " : "", rc ? err.msg : "")) {
+        tap_dev_free(ctx, out);
         out = NULL;
     }
     db_unet_free(u);
+    if (out && ctx->device != DB_CPU) { /* hand back a host copy (on the CPU out is one) */
+        float *h = tap_fetch(ctx, out, nb);
+        if (!h)
+            tap_ok(0, "%s: fetch the output: %s", rel, ctx->err.msg);
+        tap_dev_free(ctx, out);
+        out = h;
+    }
     return out;
 }
 
@@ -99,9 +128,19 @@ int main(void)
     db_err err = {0};
     db_ctx *ctx = NULL;
     ref r;
-    if (!tap_ok(db_ctx_create(&ctx, DB_CPU, 0, &err) == 0, "cpu context%s%s", err.code ? ": " : "", err.msg) ||
+    /* created first: its message is read after (argument order is unspecified) */
+    int crc = tap_ctx_create(&ctx, &err);
+    if (!tap_ok(crc == 0, "%s context%s%s", tap_device(), crc ? ": " : "", crc ? err.msg : "") ||
         !tap_ok(load_ref(&r, &err) == 0, "reference tensors%s%s", err.code ? ": " : "", err.msg))
         return tap_done();
+    /* the forward's inputs live on the device (unet.h); on the CPU these are the tensors themselves */
+    r.lat_d = tap_put(ctx, r.latents.data, db_tensor_nbytes(&r.latents));
+    r.ts_d = tap_put(ctx, r.timesteps.data, db_tensor_nbytes(&r.timesteps));
+    r.cx_d = tap_put(ctx, r.context.data, db_tensor_nbytes(&r.context));
+    if (!r.lat_d || !r.ts_d || !r.cx_d) { /* (no line when it works: the CPU output stays as it was) */
+        tap_ok(0, "%s: inputs onto the device: %s", tap_device(), ctx->err.msg);
+        return tap_done();
+    }
     const int B = (int)r.latents.shape[0], C = (int)r.latents.shape[1], H = (int)r.latents.shape[2],
               W = (int)r.latents.shape[3], Tc = (int)r.context.shape[1], D = (int)r.context.shape[2];
     const size_t nout = (size_t)db_tensor_numel(&r.out), nper = nout / (size_t)B;
@@ -134,37 +173,44 @@ int main(void)
     } else {
         tap_ok(0, "open: %s", err.msg);
     }
-    float *o = malloc(nout * sizeof *o);
+    float *o = tap_dev_alloc(ctx, nout * sizeof *o);
     if (u) {
-        const float *lat = r.latents.data, *ts = r.timesteps.data, *cx = r.context.data;
+        const float *lat = r.lat_d, *ts = r.ts_d, *cx = r.cx_d; /* device */
         /* batch 1, each sample alone (a smaller workspace layout, then back up) */
         for (int b = 0; b < B; b++) {
             int rc = db_unet_forward(u, o, lat + (size_t)b * nper, ts + b, cx + (size_t)b * Tc * D, 1, H, W, Tc, &err);
             char what[64];
             snprintf(what, sizeof what, "batch 1, sample %d", b);
             if (tap_ok(rc == 0, "%s: forward%s%s", what, rc ? ": " : "", rc ? err.msg : ""))
-                check(what, o, want + (size_t)b * nper, nper);
+                check_dev(ctx, what, o, want + (size_t)b * nper, nper);
         }
         int rc = db_unet_forward(u, o, lat, ts, cx, B, H, W, Tc, &err);
         if (tap_ok(rc == 0, "batch %d after batch 1%s%s", B, rc ? ": " : "", rc ? err.msg : ""))
-            check("batch again", o, want, nout);
+            check_dev(ctx, "batch again", o, want, nout);
 
         /* the comparison can fail: other timesteps give another output */
+        const float *ts_h = r.timesteps.data;
         float *ts2 = malloc((size_t)B * sizeof *ts2);
         for (int b = 0; b < B; b++)
-            ts2[b] = ts[b] + 50.0f;
-        rc = db_unet_forward(u, o, lat, ts2, cx, B, H, W, Tc, &err);
-        tap_cmp c = tap_compare(o, want, nout);
-        tap_ok(rc == 0 && c.rel > 100 * REL_TOL, "timesteps + 50 miss the reference (rel L2 %.3g)", c.rel);
+            ts2[b] = ts_h[b] + 50.0f;
+        float *ts2_d = tap_put(ctx, ts2, (size_t)B * sizeof *ts2);
+        rc = ts2_d ? db_unet_forward(u, o, lat, ts2_d, cx, B, H, W, Tc, &err) : -1;
+        float *oh = rc ? NULL : tap_fetch(ctx, o, nout * sizeof *o);
+        tap_cmp c = oh ? tap_compare(oh, want, nout) : (tap_cmp){0, 0, 0};
+        tap_ok(oh && c.rel > 100 * REL_TOL, "%s: timesteps + 50 miss the reference (rel L2 %.3g)", tap_device(),
+               c.rel);
+        if (oh)
+            tap_host_free(ctx, oh);
+        tap_put_free(ctx, ts2_d);
         free(ts2);
 
         /* in place: out == sample */
-        float *io = malloc(nout * sizeof *io);
-        memcpy(io, lat, nout * sizeof *io);
-        rc = db_unet_forward(u, io, io, ts, cx, B, H, W, Tc, &err);
+        float *io = tap_dev_alloc(ctx, nout * sizeof *io);
+        rc = io ? db_ctx_copy(ctx, io, lat, nout * sizeof *io, DB_COPY_D2D) : -1;
+        rc = rc ? rc : db_unet_forward(u, io, io, ts, cx, B, H, W, Tc, &err);
         if (tap_ok(rc == 0, "in place (out == sample)%s%s", rc ? ": " : "", rc ? err.msg : ""))
-            check("in place", io, want, nout);
-        free(io);
+            check_dev(ctx, "in place", io, want, nout);
+        tap_dev_free(ctx, io);
 
         /* sizes the UNet cannot take */
         const db_unet_arch *a = db_unet_arch_of(u);
@@ -191,11 +237,11 @@ int main(void)
         db_model_close(&m);
     }
 
-    free(o);
+    tap_dev_free(ctx, o);
     free(o_diff);
     free(o_ckpt);
     free(o_keep);
-    free_ref(&r);
+    free_ref(ctx, &r);
     db_ctx_destroy(ctx);
     return tap_done();
 }

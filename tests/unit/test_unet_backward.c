@@ -10,7 +10,10 @@
  * frozen backward (no gradients) still gives d latents, d context against a
  * central difference of the loss (no diffusers reference for it), that a
  * wrong dout misses, and that a backward without a training forward is
- * refused. */
+ * refused.  On the device of $DB_TEST_DEVICE (tap.h; cpu by default): the
+ * forward's and backward's tensors and the gradient buffer are that
+ * device's memory (unet.h), so inputs are put there and results fetched
+ * back; the loss and its dout are computed on the host. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,7 +53,9 @@ int main(void)
 {
     db_err err = {0};
     db_ctx *ctx = NULL;
-    if (!tap_ok(db_ctx_create(&ctx, DB_CPU, 0, &err) == 0, "cpu context%s%s", err.code ? ": " : "", err.msg))
+    /* created first: its message is read after (argument order is unspecified) */
+    int crc = tap_ctx_create(&ctx, &err);
+    if (!tap_ok(crc == 0, "%s context%s%s", tap_device(), crc ? ": " : "", crc ? err.msg : ""))
         return tap_done();
 
     /* forward inputs and the target */
@@ -69,6 +74,14 @@ int main(void)
         return tap_done();
     const int B = (int)lat.shape[0], H = (int)lat.shape[2], W = (int)lat.shape[3], Tc = (int)cx.shape[1];
     const size_t n = (size_t)db_tensor_numel(&lat), nout = (size_t)db_tensor_numel(&target);
+    /* the inputs on the device (the tensors themselves on the CPU) */
+    const float *lat_d = tap_put(ctx, lat.data, n * sizeof(float));
+    const float *ts_d = tap_put(ctx, ts.data, db_tensor_nbytes(&ts));
+    const float *cx_d = tap_put(ctx, cx.data, db_tensor_nbytes(&cx));
+    if (!lat_d || !ts_d || !cx_d) { /* (no line when it works: the CPU output stays as it was) */
+        tap_ok(0, "%s: inputs onto the device: %s", tap_device(), ctx->err.msg);
+        return tap_done();
+    }
 
     db_model m;
     db_unet *u = NULL;
@@ -79,41 +92,54 @@ int main(void)
     if (!tap_ok(rc == 0, "unet create%s%s", rc ? ": " : "", rc ? err.msg : ""))
         return tap_done();
 
-    float *out = malloc(nout * sizeof *out), *dout = malloc(nout * sizeof *dout);
-    float *dlat = malloc(n * sizeof *dlat), *dlat2 = malloc(n * sizeof *dlat2);
+    /* device buffers, each with a host mirror (the same memory on the CPU) */
+    float *out = tap_dev_alloc(ctx, nout * sizeof *out), *dout = tap_dev_alloc(ctx, nout * sizeof *dout);
+    float *dlat = tap_dev_alloc(ctx, n * sizeof *dlat), *dlat2 = tap_dev_alloc(ctx, n * sizeof *dlat2);
+    float *out_h = tap_mirror(ctx, out, nout * sizeof *out), *dout_h = tap_mirror(ctx, dout, nout * sizeof *dout);
+    float *dlat_h = tap_mirror(ctx, dlat, n * sizeof *dlat), *dlat2_h = tap_mirror(ctx, dlat2, n * sizeof *dlat2);
+#define D2H(h, d, k) db_ctx_copy(ctx, h, d, (k) * sizeof(float), DB_COPY_D2H)
+#define H2D(d, h, k) db_ctx_copy(ctx, d, h, (k) * sizeof(float), DB_COPY_H2D)
+/* a failed copy as a failed call, with the ctx's reason */
+#define COPIED(x) ((x) ? db_err_set(&err, ctx->err.code, "copy: %s", ctx->err.msg) : 0)
 
     /* a backward needs a training forward first */
-    rc = db_unet_forward(u, out, lat.data, ts.data, cx.data, B, H, W, Tc, &err);
+    rc = db_unet_forward(u, out, lat_d, ts_d, cx_d, B, H, W, Tc, &err);
     rc = rc ? rc : db_unet_backward(u, dlat, NULL, NULL, out, &err);
     tap_ok(rc != 0 && strstr(err.msg, "keep_activations"), "backward after an inference forward refused: %s",
            rc ? err.msg : "(accepted)");
 
     db_unet_keep_activations(u, 1);
-    rc = db_unet_forward(u, out, lat.data, ts.data, cx.data, B, H, W, Tc, &err);
-    tap_ok(rc == 0, "training forward%s%s", rc ? ": " : "", rc ? err.msg : "");
+    rc = db_unet_forward(u, out, lat_d, ts_d, cx_d, B, H, W, Tc, &err);
+    rc = rc ? rc : COPIED(D2H(out_h, out, nout));
+    tap_ok(rc == 0, "%s: training forward%s%s", tap_device(), rc ? ": " : "", rc ? err.msg : "");
     /* loss = mean((out - target)^2); dout = 2 (out - target) / numel */
     double loss = 0;
     for (size_t i = 0; i < nout; i++) {
-        double d = (double)out[i] - ((const float *)target.data)[i];
+        double d = (double)out_h[i] - ((const float *)target.data)[i];
         loss += d * d;
-        dout[i] = (float)(2.0 * d / (double)nout);
+        dout_h[i] = (float)(2.0 * d / (double)nout);
     }
     loss /= (double)nout;
     const double lref = ((const float *)loss_ref.data)[0];
-    tap_ok(fabs(loss - lref) <= 1e-5 * fabs(lref), "loss %.8g vs %.8g", loss, lref);
+    tap_ok(fabs(loss - lref) <= 1e-5 * fabs(lref), "%s: loss %.8g vs %.8g", tap_device(), loss, lref);
 
-    db_weights g, g1;
-    memset(&g1, 0, sizeof g1);
-    rc = db_weights_like(&g, db_unet_weights(u), &err);
-    rc = rc ? rc : db_weights_like(&g1, db_unet_weights(u), &err);
+    /* the gradients live on the device (db_weights_like of the UNet's); gh
+     * is their host copy after the first backward (g.data itself on the CPU) */
+    db_weights g;
+    const float *gh = NULL;
+    rc = COPIED(H2D(dout, dout_h, nout));
+    rc = rc ? rc : db_weights_like(&g, db_unet_weights(u), &err);
     rc = rc ? rc : db_unet_backward(u, dlat, NULL, &g, dout, &err);
-    if (!tap_ok(rc == 0, "backward%s%s", rc ? ": " : "", rc ? err.msg : ""))
+    rc = rc ? rc : COPIED(D2H(dlat_h, dlat, n));
+    if (rc == 0 && !(gh = tap_fetch(ctx, g.data, g.numel * sizeof *g.data)))
+        rc = COPIED(1);
+    if (!tap_ok(rc == 0, "%s: backward%s%s", tap_device(), rc ? ": " : "", rc ? err.msg : ""))
         return tap_done();
 
     /* grad_latents */
-    tap_cmp c = tap_compare(dlat, gl.data, n);
-    tap_ok(c.rel <= REL_TOL, "grad_latents: rel L2 %.3g (tol %g), worst [%zu] %.7g vs %.7g", c.rel, REL_TOL, c.at,
-           dlat[c.at], ((const float *)gl.data)[c.at]);
+    tap_cmp c = tap_compare(dlat_h, gl.data, n);
+    tap_ok(c.rel <= REL_TOL, "%s: grad_latents: rel L2 %.3g (tol %g), worst [%zu] %.7g vs %.7g", tap_device(), c.rel,
+           REL_TOL, c.at, dlat_h[c.at], ((const float *)gl.data)[c.at]);
 
     /* every parameter, by the name table (CompVis <-> diffusers) */
     db_tname *names = NULL;
@@ -142,7 +168,7 @@ int main(void)
             continue;
         }
         const size_t k = (size_t)db_tensor_numel(&ref);
-        const float *got = g.data + (w - wt->data);
+        const float *got = gh + (w - wt->data); /* w: a device pointer, only its offset is used */
         tap_cmp t = tap_compare(got, ref.data, k);
         nparam++;
         const double ng = l2(got, k), nw = l2(ref.data, k);
@@ -171,71 +197,96 @@ int main(void)
     for (size_t i = 0; i < gix.n; i++)
         nref += strncmp(gix.v[i].name, "grad/", 5) == 0;
     tap_ok(nmiss == 0 && nparam > 0 && nparam == nref && nok == nparam,
-           "parameter gradients: %zu of %zu within rel L2 %g (%zu zero in exact arithmetic: both L2 <= %g, "
+           "%s: parameter gradients: %zu of %zu within rel L2 %g (%zu zero in exact arithmetic: both L2 <= %g, "
            "ours at most %.3g; %zu missing, %zu in the reference); worst %s at rel L2 %.3g",
-           nok, nparam, REL_TOL, nzero, ZERO_TOL, zmax, nmiss, nref, worst_name, worst);
+           tap_device(), nok, nparam, REL_TOL, nzero, ZERO_TOL, zmax, nmiss, nref, worst_name, worst);
     free(names);
 
-    /* a second backward accumulates: the parameter gradients double */
-    memcpy(g1.data, g.data, g.numel * sizeof *g.data);
-    for (size_t i = 0; i < g1.numel; i++)
-        g1.data[i] *= 2.0f;
+    /* a second backward accumulates: the parameter gradients double (twice:
+     * host memory, the expected sum) */
+    float *twice = malloc(g.numel * sizeof *twice);
+    memcpy(twice, gh, g.numel * sizeof *twice);
+    for (size_t i = 0; i < g.numel; i++)
+        twice[i] *= 2.0f;
+    tap_host_free(ctx, gh);
     rc = db_unet_backward(u, dlat2, NULL, &g, dout, &err);
-    c = tap_compare(g.data, g1.data, g.numel);
-    tap_ok(rc == 0 && c.rel <= 1e-6, "two backwards accumulate: rel L2 to 2x one %.3g", c.rel);
-    c = tap_compare(dlat2, dlat, n);
-    tap_ok(c.maxabs == 0, "second backward: same d latents (max |d| %.3g)", c.maxabs);
+    gh = rc ? NULL : tap_fetch(ctx, g.data, g.numel * sizeof *g.data);
+    rc = rc ? rc : gh ? COPIED(D2H(dlat2_h, dlat2, n)) : COPIED(1);
+    c = rc ? (tap_cmp){INFINITY, INFINITY, 0} : tap_compare(gh, twice, g.numel);
+    tap_ok(rc == 0 && c.rel <= 1e-6, "%s: two backwards accumulate: rel L2 to 2x one %.3g%s%s", tap_device(), c.rel,
+           rc ? ": " : "", rc ? err.msg : "");
+    c = rc ? (tap_cmp){INFINITY, INFINITY, 0} : tap_compare(dlat2_h, dlat_h, n);
+    tap_ok(c.maxabs == 0, "%s: second backward: same d latents (max |d| %.3g)", tap_device(), c.maxabs);
+    if (gh)
+        tap_host_free(ctx, gh);
+    free(twice);
 
     /* frozen: no parameter gradients, d latents all the same */
-    memset(dlat2, 0, n * sizeof *dlat2);
+    db_ctx_zero(ctx, dlat2, n * sizeof *dlat2);
     rc = db_unet_backward(u, dlat2, NULL, NULL, dout, &err);
-    c = tap_compare(dlat2, dlat, n);
-    tap_ok(rc == 0 && c.rel <= 1e-6, "frozen backward: d latents rel L2 %.3g to the trained one%s%s", c.rel,
-           rc ? ": " : "", rc ? err.msg : "");
+    rc = rc ? rc : COPIED(D2H(dlat2_h, dlat2, n));
+    c = tap_compare(dlat2_h, dlat_h, n);
+    tap_ok(rc == 0 && c.rel <= 1e-6, "%s: frozen backward: d latents rel L2 %.3g to the trained one%s%s",
+           tap_device(), c.rel, rc ? ": " : "", rc ? err.msg : "");
 
     /* d context (no reference): the directional derivative along d context
      * itself, against a central difference of the loss */
     const size_t ncx = (size_t)db_tensor_numel(&cx);
-    float *dcx = malloc(ncx * sizeof *dcx), *cx2 = malloc(ncx * sizeof *cx2);
+    float *dcx = tap_dev_alloc(ctx, ncx * sizeof *dcx), *cx2 = tap_dev_alloc(ctx, ncx * sizeof *cx2);
+    float *dcx_h = tap_mirror(ctx, dcx, ncx * sizeof *dcx), *cx2_h = tap_mirror(ctx, cx2, ncx * sizeof *cx2);
     rc = db_unet_backward(u, NULL, dcx, NULL, dout, &err);
-    const double ndc = l2(dcx, ncx), step = 1e-2 / (ndc > 0 ? ndc : 1);
+    rc = rc ? rc : COPIED(D2H(dcx_h, dcx, ncx));
+    const double ndc = rc ? 0 : l2(dcx_h, ncx), step = 1e-2 / (ndc > 0 ? ndc : 1);
     double lpm[2];
     for (int s = 0; s < 2 && rc == 0; s++) {
         const float *c0 = cx.data;
         for (size_t i = 0; i < ncx; i++)
-            cx2[i] = c0[i] + (float)((s ? -step : step) * dcx[i]);
-        rc = db_unet_forward(u, out, lat.data, ts.data, cx2, B, H, W, Tc, &err);
+            cx2_h[i] = c0[i] + (float)((s ? -step : step) * dcx_h[i]);
+        rc = COPIED(H2D(cx2, cx2_h, ncx));
+        rc = rc ? rc : db_unet_forward(u, out, lat_d, ts_d, cx2, B, H, W, Tc, &err);
+        rc = rc ? rc : COPIED(D2H(out_h, out, nout));
         lpm[s] = 0;
         for (size_t i = 0; i < nout; i++) {
-            double d = (double)out[i] - ((const float *)target.data)[i];
+            double d = (double)out_h[i] - ((const float *)target.data)[i];
             lpm[s] += d * d;
         }
         lpm[s] /= (double)nout;
     }
     if (rc == 0) {
         const double fd = (lpm[0] - lpm[1]) / (2 * step), an = ndc * ndc;
-        tap_ok(fabs(fd - an) <= 1e-2 * an, "d context: <dcontext, dcontext> %.6g vs central difference %.6g", an, fd);
+        tap_ok(fabs(fd - an) <= 1e-2 * an, "%s: d context: <dcontext, dcontext> %.6g vs central difference %.6g",
+               tap_device(), an, fd);
     } else {
-        tap_ok(0, "d context: %s", err.msg);
+        tap_ok(0, "%s: d context: %s", tap_device(), err.msg);
     }
-    free(dcx);
-    free(cx2);
+    tap_host_free(ctx, dcx_h);
+    tap_host_free(ctx, cx2_h);
+    tap_dev_free(ctx, dcx);
+    tap_dev_free(ctx, cx2);
     /* back to the reference forward for what follows */
-    rc = db_unet_forward(u, out, lat.data, ts.data, cx.data, B, H, W, Tc, &err);
+    rc = db_unet_forward(u, out, lat_d, ts_d, cx_d, B, H, W, Tc, &err);
 
     /* the check can fail: a wrong dout misses the reference */
     for (size_t i = 0; i < nout; i++)
-        dout[i] *= 1.01f;
-    rc = db_unet_backward(u, dlat2, NULL, NULL, dout, &err);
-    c = tap_compare(dlat2, gl.data, n);
-    tap_ok(rc == 0 && c.rel > 10 * REL_TOL, "dout x 1.01 misses grad_latents (rel L2 %.3g)", c.rel);
+        dout_h[i] *= 1.01f;
+    rc = rc ? rc : COPIED(H2D(dout, dout_h, nout));
+    rc = rc ? rc : db_unet_backward(u, dlat2, NULL, NULL, dout, &err);
+    rc = rc ? rc : COPIED(D2H(dlat2_h, dlat2, n));
+    c = rc ? (tap_cmp){0, 0, 0} : tap_compare(dlat2_h, gl.data, n);
+    tap_ok(rc == 0 && c.rel > 10 * REL_TOL, "%s: dout x 1.01 misses grad_latents (rel L2 %.3g)", tap_device(), c.rel);
 
     db_weights_free(&g);
-    db_weights_free(&g1);
-    free(out);
-    free(dout);
-    free(dlat);
-    free(dlat2);
+    tap_host_free(ctx, out_h);
+    tap_host_free(ctx, dout_h);
+    tap_host_free(ctx, dlat_h);
+    tap_host_free(ctx, dlat2_h);
+    tap_dev_free(ctx, out);
+    tap_dev_free(ctx, dout);
+    tap_dev_free(ctx, dlat);
+    tap_dev_free(ctx, dlat2);
+    tap_put_free(ctx, lat_d);
+    tap_put_free(ctx, ts_d);
+    tap_put_free(ctx, cx_d);
     db_unet_free(u);
     db_model_close(&m);
     db_tensor_free(&lat);
