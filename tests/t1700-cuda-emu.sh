@@ -10,4 +10,21 @@ if [ ! -f "$CUDA_HOME/include/cuda_runtime.h" ] || [ ! -x "$B/tests/gpu/test_cud
     echo "1..0 # SKIP no CUDA toolkit headers or no test_cuda_ops build"
     exit 0
 fi
-cd "$TOP" && exec bash tests/gpu/emu/run.sh 2>&1
+set -o pipefail
+cd "$TOP" || exit 1
+bash tests/gpu/emu/run.sh --build 2>&1 | sed 's/^/# /' || { echo "not ok 1 - emulator build"; echo "1..1"; exit 1; }
+# the emulated backend's test programs as one TAP stream: their checks
+# renumbered in sequence and one plan at the end; a program that exits
+# non-zero or runs no check adds a failing line
+status=0
+for prog in test_cuda_ops test_attention_tc; do
+    DB_CUDA_TEST_QUICK=1 B="$PWD/build/emu" "$B/tests/gpu/$prog" >"$B/emu/$prog.tap" 2>&1
+    rc=$?
+    echo "# $prog: exit $rc"
+    grep -q '^ok ' "$B/emu/$prog.tap" && [ "$rc" = 0 ] || echo "not ok - $prog exited $rc or ran no check" >>"$B/emu/$prog.tap"
+done
+awk '/^1\.\.[0-9]+/ { next }
+     /^(not )?ok( [0-9]+)?/ { n++; sub(/^ok( [0-9]+)?/, "ok " n); sub(/^not ok( [0-9]+)?/, "not ok " n); if ($1 == "not") bad = 1 }
+     { print }
+     END { print "1.." n; exit bad }' "$B/emu/test_cuda_ops.tap" "$B/emu/test_attention_tc.tap" || status=1
+exit $status
