@@ -23,19 +23,22 @@ rm -rf "$S" && mkdir -p "$S/build/bin" "$S/build/lib" "$S/build/tests/gpu" "$S/b
 cp -a build/bin/db-* "$S/build/bin/"
 cp -a build/lib/libdb_cuda.so "$S/build/lib/"
 cp -a build/tests/dbtest "$S/build/tests/"
+# the oracle tests that t0100-fixtures.sh runs on the GPU (they skip there
+# unless a call carries tests/data: tests/gpu/README.md)
+for t in test_unet test_unet_backward test_clip test_vae test_txt2img; do cp -a "build/tests/$t" "$S/build/tests/"; done
 mkdir -p "$S/build/bench"
 cp -a build/bench/bench_sd "$S/build/bench/"
 for p in build/tests/gpu/*; do
     [ -f "$p" ] && [ -x "$p" ] && cp -a "$p" "$S/build/tests/gpu/"
 done
 skip='^(libc|libm|libpthread|libdl|librt|libresolv|libutil|ld-linux-x86-64|libstdc\+\+|libgcc_s|libcudart|libcublas|libcublasLt|libcudnn[a-z_]*|libnccl)\.so'
-for f in "$S"/build/bin/* "$S"/build/tests/dbtest "$S"/build/tests/gpu/* "$S"/build/bench/* "$S"/build/lib/libdb_cuda.so; do
+for f in "$S"/build/bin/* "$S"/build/tests/dbtest "$S"/build/tests/test_* "$S"/build/tests/gpu/* "$S"/build/bench/* "$S"/build/lib/libdb_cuda.so; do
     ldd "$f" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// { print $1, $3 }'
 done | sort -u | while read -r name path; do
     [[ "$name" =~ $skip ]] && continue
     cp -L "$path" "$S/build/bundle-lib/$name"
 done
-strip "$S"/build/bin/* "$S"/build/tests/dbtest "$S"/build/tests/gpu/* "$S"/build/bench/* 2>/dev/null || true
+strip "$S"/build/bin/* "$S"/build/tests/dbtest "$S"/build/tests/test_* "$S"/build/tests/gpu/* "$S"/build/bench/* 2>/dev/null || true
 # the benchmark and parity scripts read nothing from tests/data; the tools
 # test uses tests/data/photos (tracked, small, travels with the tree)
 tar -C "$S" -cJf build/gpu-bundle.tar.xz build
