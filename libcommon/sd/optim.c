@@ -178,6 +178,29 @@ void db_adamw8bit_step_omp(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax
     }
 }
 
+int db_optim_parse(const char *name, db_optim_kind *out)
+{
+    if (name && strcmp(name, "adamw") == 0)
+        *out = DB_OPTIM_ADAMW;
+    else if (name && strcmp(name, "adamw8bit") == 0)
+        *out = DB_OPTIM_ADAMW8BIT;
+    else
+        return -1;
+    return 0;
+}
+
+const char *db_optim_name(db_optim_kind kind)
+{
+    return kind == DB_OPTIM_ADAMW ? "adamw" : kind == DB_OPTIM_ADAMW8BIT ? "adamw8bit" : "?";
+}
+
+size_t db_optim_state_bytes(db_optim_kind kind, size_t n)
+{
+    if (kind != DB_OPTIM_ADAMW8BIT || n < DB_Q8_MIN_SIZE)
+        return 8 * n;
+    return 2 * n + 2 * sizeof(float) * ((n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK);
+}
+
 /* ---- clipping ------------------------------------------------------------ */
 
 /* The chunk is part of the result's bits: kernels/cuda/optim.cu uses the

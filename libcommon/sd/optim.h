@@ -135,6 +135,19 @@ void db_adamw8bit_step(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, fl
 void db_adamw8bit_step_omp(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
                            const float *g, size_t n, const db_adamw *hp, int64_t t, const db_q8_maps *maps);
 
+/* The trainer's optimizers (db-train --optimizer). */
+typedef enum db_optim_kind {
+    DB_OPTIM_ADAMW,     /* float32 moments: 8 bytes per parameter */
+    DB_OPTIM_ADAMW8BIT, /* 8-bit moments for tensors of DB_Q8_MIN_SIZE elements or more */
+} db_optim_kind;
+/* "adamw" / "adamw8bit" <-> kind; parse returns -1 when unknown. */
+int db_optim_parse(const char *name, db_optim_kind *out);
+const char *db_optim_name(db_optim_kind kind);
+/* Bytes of the optimizer state of one n-element tensor: 8n for AdamW (and
+ * for 8-bit AdamW under DB_Q8_MIN_SIZE elements), else 2n codes and two
+ * float scales per DB_Q8_BLOCK. */
+size_t db_optim_state_bytes(db_optim_kind kind, size_t n);
+
 /* One gradient tensor for clipping. */
 typedef struct db_grad_ref {
     float *g;
