@@ -3,7 +3,13 @@
  * quantise / dequantise round trip's error bound per block, the first step
  * equal to float32 AdamW bit for bit (zero moments quantise exactly), the
  * update of one step and of 30 steps against float32 AdamW within a stated
- * band, and the OpenMP step bit-identical to the serial one. */
+ * band, and the OpenMP step bit-identical to the serial one.  Then the
+ * issue's parity run: PARITY_STEPS steps of DreamBooth training on the tiny
+ * model (tests/data/tiny, lr 1e-3, UNet only; DB_PARITY_TEXT=1 trains the
+ * text encoder too, DB_PARITY_STEPS=N runs N steps) with 8-bit and with
+ * float32 AdamW from the same draws: the loss curves' WINDOW-step moving
+ * averages within WINDOW_BAND of each other in every window, the final
+ * evaluation loss (fixed draws) within FINAL_BAND. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -12,7 +18,14 @@
 
 #include <omp.h>
 
+#include "kernels/ops.h"
+#include "libcommon/io/model.h"
+#include "libcommon/sd/noise.h"
 #include "libcommon/sd/optim.h"
+#include "libcommon/sd/tokenizer.h"
+#include "libcommon/sd/train.h"
+#include "libcommon/sd/trainset.h"
+#include "libcommon/sd/unet.h"
 #include "tap.h"
 
 /* The measured bands, rounded up with margin (the values are printed).
@@ -24,6 +37,11 @@
  * elements carry most of the update's difference. */
 #define ONE_STEP_BAND 0.25   /* rel L2 of one step's update from quantised moments (measured 0.181) */
 #define MULTI_STEP_BAND 0.15 /* rel L2 of 30 steps' total update (measured 0.103) */
+/* the parity run (see parity()) */
+#define PARITY_STEPS 200
+#define WINDOW 20         /* steps per moving-average window */
+#define WINDOW_BAND 0.02  /* |mean 8-bit - mean float32| / mean float32 per window (measured max 0.08%) */
+#define FINAL_BAND 0.02   /* final evaluation loss, same relative measure (measured 0.12%) */
 
 /* xorshift64*: a fixed sequence, independent of the library's generators */
 static double urand(uint64_t *s)
@@ -300,6 +318,143 @@ static void omp_bits(const db_q8_maps *mp)
     free(p0), free(g);
 }
 
+/* ---- the parity run on the tiny model ------------------------------------------------ */
+
+enum { PC = 4, PH = 16, PW = 16, PT = 77, PN = PC * PH * PW, NPRIOR = 4, NEVAL = 8 };
+
+typedef struct fixture {
+    float subject[PN], logvar[PN];
+    float prior[NPRIOR][PN];
+    int32_t ids_inst[PT], ids_cls[PT];
+} fixture;
+
+/* one micro-batch of draws (seed, u), the fixture of test_train_learn.c
+ * but one row at a time (half the cost per step): even u an instance row
+ * (a posterior sample of the subject), odd u a class row */
+static int pbatch(db_trainer *tr, const fixture *f, uint64_t seed, uint64_t u, int eval, db_train_stats *s,
+                  db_err *err)
+{
+    float lat[PN], noise[PN], eps[PN];
+    int64_t ts[1];
+    const int inst = u % 2 == 0;
+    db_train_noise(seed, u, 1, PC, PN, noise, eps, NULL);
+    ts[0] = db_train_timestep(seed, u, 0, db_trainer_num_timesteps(tr));
+    if (inst)
+        db_train_posterior_sample(lat, f->subject, f->logvar, eps, PN, 1.0f);
+    else
+        memcpy(lat, f->prior[u / 2 % NPRIOR], sizeof f->prior[0]);
+    db_train_batch b = {.B = 1, .n_inst = inst, .C = PC, .H = PH, .W = PW, .T = PT, .latents = lat, .noise = noise,
+                        .timesteps = ts, .ids = inst ? f->ids_inst : f->ids_cls};
+    return eval ? db_trainer_eval(tr, &b, s, err) : db_trainer_accumulate(tr, &b, s, err);
+}
+
+static int peval(db_trainer *tr, const fixture *f, double *loss, db_err *err)
+{
+    *loss = 0;
+    for (int k = 0; k < NEVAL; k++) {
+        db_train_stats s;
+        if (pbatch(tr, f, 1000, (uint64_t)k, 1, &s, err))
+            return -1;
+        *loss += s.loss / NEVAL;
+    }
+    return 0;
+}
+
+static void parity(void)
+{
+    db_err err = {0};
+    db_ctx *ctx = NULL;
+    db_model m;
+    db_tokenizer *tok = NULL;
+    static fixture f;
+    if (!tap_ok(db_ctx_create(&ctx, DB_CPU, 0, &err) == 0 &&
+                    db_model_open(&m, tap_path("tests/data/tiny/diffusers"), NULL, &err) == 0 &&
+                    db_tokenizer_load(&tok, tap_path("data/clip/sd-tokenizer"), &err) == 0 &&
+                    db_tokenize(tok, "a photo of sks dog", PT, f.ids_inst, NULL, &err) == 0 &&
+                    db_tokenize(tok, "a photo of a dog", PT, f.ids_cls, NULL, &err) == 0,
+                "parity: model, tokenizer, prompts%s%s", err.code ? ": " : "", err.msg))
+        return;
+    for (int c = 0; c < PC; c++)
+        for (int y = 0; y < PH; y++)
+            for (int x = 0; x < PW; x++)
+                f.subject[(c * PH + y) * PW + x] =
+                    (float)(1.2 * sin(0.5 * x + 1.3 * c) * cos(0.4 * y - 0.7 * c) + 0.3 * (c - 1.5));
+    for (int k = 0; k < PN; k++)
+        f.logvar[k] = -12.0f;
+    for (int p = 0; p < NPRIOR; p++)
+        db_noise_fill(f.prior[p], PN, 99, (uint64_t)p, 0);
+    const char *se = getenv("DB_PARITY_STEPS"); /* for measuring longer runs by hand */
+    const int steps = se && atoi(se) >= WINDOW ? atoi(se) / WINDOW * WINDOW : PARITY_STEPS;
+    db_train_opts o = db_train_opts_defaults(1e-3, steps); /* test_train_learn.c's: large steps, where quantisation shows most */
+    o.train_text = getenv("DB_PARITY_TEXT") ? 1 : 0;
+    db_train_opts o8 = o;
+    o8.optimizer = DB_OPTIM_ADAMW8BIT;
+    db_trainer *t32 = NULL, *t8 = NULL;
+    int rc = db_trainer_create(&t32, ctx, &m, &o, &err);
+    rc = rc ? rc : db_trainer_create(&t8, ctx, &m, &o8, &err);
+    if (!tap_ok(rc == 0, "parity: two trainers%s%s", rc ? ": " : "", rc ? err.msg : "")) {
+        db_trainer_free(t32);
+        db_tokenizer_free(tok);
+        db_model_close(&m);
+        db_ctx_destroy(ctx);
+        return;
+    }
+    double *l32 = calloc((size_t)steps, sizeof *l32), *l8 = calloc((size_t)steps, sizeof *l8);
+    const db_weights *w32 = db_unet_weights(db_trainer_unet(t32)), *w8 = db_unet_weights(db_trainer_unet(t8));
+    float *w0 = malloc(w32->numel * sizeof *w0);
+    memcpy(w0, w32->data, w32->numel * sizeof *w0);
+    for (int step = 0; rc == 0 && step < steps; step++) {
+        db_train_stats s;
+        rc = pbatch(t32, &f, 5, (uint64_t)step, 0, NULL, &err);
+        rc = rc ? rc : db_trainer_apply(t32, &s, &err);
+        l32[step] = s.loss;
+        rc = rc ? rc : pbatch(t8, &f, 5, (uint64_t)step, 0, NULL, &err);
+        rc = rc ? rc : db_trainer_apply(t8, &s, &err);
+        l8[step] = s.loss;
+    }
+    double e32 = 0, e8 = 0;
+    rc = rc ? rc : peval(t32, &f, &e32, &err);
+    rc = rc ? rc : peval(t8, &f, &e8, &err);
+    if (tap_ok(rc == 0, "parity: %d steps of both optimizers and the evaluations%s%s", steps, rc ? ": " : "",
+               rc ? err.msg : "")) {
+        double worst = 0;
+        int wworst = 0;
+        for (int w = 0; w < steps / WINDOW; w++) {
+            double a = 0, b = 0;
+            for (int k = w * WINDOW; k < (w + 1) * WINDOW; k++)
+                a += l32[k] / WINDOW, b += l8[k] / WINDOW;
+            const double d = fabs(b - a) / a;
+            tap_diag("steps %3d-%3d: mean loss float32 %.5f, 8-bit %.5f (%+.2f%%)", w * WINDOW + 1, (w + 1) * WINDOW,
+                     a, b, 100 * (b - a) / a);
+            if (d > worst)
+                worst = d, wworst = w;
+        }
+        /* the weights: apart (the 8-bit path ran), but by much less than
+         * they moved */
+        double dd = 0, mv = 0;
+        for (size_t i = 0; i < w32->numel; i++) {
+            const double a = (double)w32->data[i] - w0[i], b = (double)w8->data[i] - w0[i];
+            dd += (a - b) * (a - b);
+            mv += a * a;
+        }
+        tap_ok(dd > 0 && sqrt(dd / mv) < 0.5, "parity: the UNet weights differ (the 8-bit path ran) by %.4f of how far "
+               "float32 AdamW moved them", sqrt(dd / mv));
+        const double fin = fabs(e8 - e32) / e32;
+        tap_diag("evaluation loss after the run: float32 %.5f, 8-bit %.5f (%+.2f%%)", e32, e8,
+                 100 * (e8 - e32) / e32);
+        tap_ok(worst <= WINDOW_BAND, "parity: %d-step moving-average loss within %.0f%% in every window (worst %.2f%%, "
+               "window %d)", WINDOW, 100 * WINDOW_BAND, 100 * worst, wworst + 1);
+        tap_ok(fin <= FINAL_BAND, "parity: final evaluation loss within %.0f%% (%.5f vs %.5f: %.2f%%)",
+               100 * FINAL_BAND, e8, e32, 100 * fin);
+    }
+    free(l32), free(l8), free(w0);
+    db_trainer_free(t32);
+    db_trainer_free(t8);
+    db_tokenizer_free(tok);
+    db_model_close(&m);
+    db_ctx_destroy(ctx);
+}
+
 int main(void)
 {
     db_q8_maps mp;
@@ -309,5 +464,6 @@ int main(void)
     round_trip(&mp);
     vs_fp32(&mp);
     omp_bits(&mp);
+    parity();
     return tap_done();
 }
