@@ -104,6 +104,11 @@ typedef struct db_cuda_api {
     /* p (n floats) holds weights: a 16-bit mode may keep a working copy
      * (kernels/ops.h db_ctx_declare_weights) */
     int (*declare_weights)(db_ctx *c, const float *p, size_t n);
+    /* db_opt_adamw8bit: 8-bit AdamW, bit-identical to libcommon/sd/optim.c's
+     * db_adamw8bit_step; maps is HOST memory (passed to the kernel by value) */
+    int (*opt_adamw8bit)(db_ctx *c, float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
+                         const float *g, size_t n, const struct db_adamw *hp, int64_t t,
+                         const struct db_q8_maps *maps);
 } db_cuda_api;
 
 /* Exported by libdb_cuda.so: the table, or NULL when the library was built

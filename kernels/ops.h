@@ -360,5 +360,13 @@ int db_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t
 int db_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n);
 /* g[i] = g[i] * coef (the clip; a NaN coef poisons every element, as torch). */
 int db_opt_scale(db_ctx *c, float *g, float coef, size_t n);
+/* db_adamw8bit_step over n elements (8-bit AdamW, bitsandbytes' block-wise
+ * states): p updated in place from g; m_q, v_q (n codes) and m_absmax,
+ * v_absmax (ceil(n / DB_Q8_BLOCK) scales) are the quantised moments, zero
+ * at the start; maps (HOST memory, from db_q8_maps_make) the code books.
+ * Explicit member opt_adamw8bit of the CUDA table. */
+struct db_q8_maps; /* libcommon/sd/optim.h */
+int db_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
+                     const float *g, size_t n, const struct db_adamw *hp, int64_t t, const struct db_q8_maps *maps);
 
 #endif

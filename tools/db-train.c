@@ -54,6 +54,7 @@ typedef struct opts {
     const char *model, *model_config, *instance, *klass, *instance_prompt, *class_prompt, *lr_schedule;
     const char *output, *resume, *config, *record, *replay, *device, *val_prompt, *val_sched;
     const char *precision;      /* --precision: runtime, like --device */
+    const char *optimizer;
     int64_t steps, warmup, batch, grad_accum, save_every, keep_last, seed, threads, log_every;
     int64_t val_every, val_images, val_steps;
     double val_guidance;
@@ -453,7 +454,17 @@ static void plan(run *r, int lh, int lw)
     const double MB = 1048576.0;
     const int B = r->B, T = r->T;
     const size_t pu = (size_t)su.params * 4, pt = (size_t)st.params * 4;
-    const size_t grads = pu + (r->o.train_text ? pt : 0), adam = 2 * grads;
+    const size_t grads = pu + (r->o.train_text ? pt : 0);
+    /* the optimizer state, tensor by tensor (8-bit AdamW keeps float32
+     * moments under 4096 elements, as the trainer does) */
+    db_optim_kind ok = DB_OPTIM_ADAMW;
+    db_optim_parse(r->o.optimizer, &ok);
+    size_t adam = 0;
+    for (size_t i = 0; i < r->m.t.n; i++) {
+        const db_tentry *e = &r->m.t.v[i];
+        if (e->comp == DB_COMP_UNET || (e->comp == DB_COMP_TEXT && r->o.train_text))
+            adam += db_optim_state_bytes(ok, (size_t)db_shape_numel(e->ndim, e->shape));
+    }
     const size_t act = db_unet_train_bytes_arch(&a->unet, B, lh, lw, T, r->o.grad_ckpt);
     const size_t act_full = db_unet_train_bytes_arch(&a->unet, B, lh, lw, T, 0);
     const size_t act_ck = db_unet_train_bytes_arch(&a->unet, B, lh, lw, T, 1);
@@ -503,7 +514,7 @@ static void plan(run *r, int lh, int lw)
     printf("  %-34s %10.1f MiB\n", "program, libraries, tokenizer", base / MB);
     printf("  %-34s %10.1f MiB\n", "weights (UNet + text encoder, fp32)", (pu + pt) / MB);
     printf("  %-34s %10.1f MiB\n", "gradients", grads / MB);
-    printf("  %-34s %10.1f MiB\n", "AdamW moments", adam / MB);
+    printf("  %-34s %10.1f MiB\n", ok == DB_OPTIM_ADAMW8BIT ? "AdamW moments (8-bit)" : "AdamW moments", adam / MB);
     printf("  %-34s %10.1f MiB  (%.1f MiB %s checkpointing)\n", "UNet activations + gradients", act / MB,
            (r->o.grad_ckpt ? act_full : act_ck) / MB, r->o.grad_ckpt ? "without" : "with");
     printf("  %-34s %10.1f MiB\n", "text encoder activations", clip_act / MB);
@@ -599,7 +610,7 @@ int main(int argc, char **argv)
     r->lg = (db_log){"db-train", DB_LOG_WARN};
     o->steps = 800, o->lr = 1e-6, o->prior_weight = 1.0, o->lr_schedule = "constant", o->batch = 1;
     o->grad_accum = 1, o->save_every = 500, o->max_grad_norm = 1.0, o->b1 = 0.9, o->b2 = 0.999, o->wd = 1e-2;
-    o->eps = 1e-8, o->text_lr = -1, o->device = "cpu";
+    o->eps = 1e-8, o->text_lr = -1, o->device = "cpu", o->optimizer = "adamw";
     o->precision = "fp32";
     o->val_images = 2, o->val_steps = 25, o->val_guidance = 7.5, o->val_sched = "ddim";
     db_opt t[] = {
@@ -639,6 +650,9 @@ int main(int argc, char **argv)
         {"adam-beta2", 0, DB_OPT_FLOAT, "X", "AdamW beta2", &o->b2, "0.999", 0},
         {"adam-weight-decay", 0, DB_OPT_FLOAT, "X", "AdamW decoupled weight decay", &o->wd, "1e-2", 0},
         {"adam-eps", 0, DB_OPT_FLOAT, "X", "AdamW epsilon", &o->eps, "1e-8", 0},
+        {"optimizer", 0, DB_OPT_STR, "NAME",
+         "adamw, or adamw8bit (bitsandbytes' AdamW8bit: 8-bit block-wise moments, ~2 instead of 8 bytes per "
+         "parameter)", &o->optimizer, "adamw", 0},
         {"seed", 's', DB_OPT_INT, "S", "seed of every random draw (data order, timesteps, noise)", &o->seed, "0",
          0},
         {"save-every", 0, DB_OPT_INT, "N", "checkpoint every N steps (0: only at the end)", &o->save_every, "500",
@@ -770,6 +784,12 @@ int main(int argc, char **argv)
         status = 2;
         goto out;
     }
+    db_optim_kind optk;
+    if (db_optim_parse(o->optimizer, &optk)) {
+        db_error(&r->lg, "--optimizer %s: unknown (adamw or adamw8bit)", o->optimizer);
+        status = 2;
+        goto out;
+    }
     if (lk == DB_LR_POLYNOMIAL) { /* diffusers refuses lr <= lr_end (1e-7): the schedule would be NaN */
         const db_lr_schedule ps = db_lr_schedule_make(lk, 1, 0, 1);
         if (!(o->lr > ps.lr_end) || (o->text_lr != -1 && !(o->text_lr > ps.lr_end))) {
@@ -887,6 +907,7 @@ int main(int argc, char **argv)
     to.grad_accum = (int)o->grad_accum;
     to.unet_hp = (db_adamw){o->lr, o->b1, o->b2, o->eps, o->wd};
     to.text_hp = to.unet_hp;
+    to.optimizer = optk;
     to.unet_lr = db_lr_schedule_make(lk, o->lr, o->warmup, o->steps);
     to.text_lr = db_lr_schedule_make(lk, o->text_lr > 0 ? o->text_lr : o->lr, o->warmup, o->steps);
     if (r->dist.world > 1) {

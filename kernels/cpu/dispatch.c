@@ -862,3 +862,19 @@ int db_opt_scale(db_ctx *c, float *g, float coef, size_t n)
         return no_backend(c, "scale");
     }
 }
+
+int db_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
+                     const float *g, size_t n, const struct db_adamw *hp, int64_t t, const struct db_q8_maps *maps)
+{
+    ENTER(c);
+    REQUIRE(c, "adamw8bit", ((p && m_q && v_q && m_absmax && v_absmax && g) || !n) && hp && maps);
+    switch (c->device) {
+    case DB_CPU:
+        db_adamw8bit_step_omp(p, m_q, v_q, m_absmax, v_absmax, g, n, hp, t, maps);
+        return 0;
+    case DB_CUDA:
+        return CUDA_OP(c, opt_adamw8bit, "adamw8bit", p, m_q, v_q, m_absmax, v_absmax, g, n, hp, t, maps);
+    default:
+        return no_backend(c, "adamw8bit");
+    }
+}

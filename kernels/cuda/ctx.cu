@@ -439,6 +439,7 @@ static db_cuda_api make_api(void)
     SET(opt_adamw);
     SET(opt_sumsq);
     SET(opt_scale);
+    SET(opt_adamw8bit);
 #undef SET
     return a;
 }

@@ -178,3 +178,110 @@ extern "C" int db_cuda_opt_scale(db_ctx *c, float *g, float coef, size_t n)
     DB_LAUNCHED(c);
     return 0;
 }
+
+// ---- 8-bit AdamW ----------------------------------------------------------------------------
+
+// optim.c's db_adamw8bit_step, bit for bit: one thread block of Q8_THREADS
+// threads per quantisation block of DB_Q8_BLOCK elements (one element per
+// thread), as bnb's kOptimizerStatic8bit2StateBlockwise runs it.  The code
+// books travel by value in the launch (2 KB of the 4 KB parameter space);
+// each block copies them to shared memory and derives the decision points
+// with the CPU's float operations ((a + b) * 0.5f, _rn), so both sides
+// search identical tables with the same function (db_q8_nearest, optim.h).
+// The block maxima use fmaxf in a tree: exact, and order-free, so equal to
+// the CPU's running fmaxf.
+enum { Q8_THREADS = DB_Q8_BLOCK };
+
+struct q8_codes {
+    float m[256], v[256];
+};
+
+// optim.c's q8_code
+__device__ static inline unsigned char q8_code_dev(float x, float absmax, const float *code, const float *mid,
+                                                   int signed_fix)
+{
+    const float r = absmax > 0.0f ? __fdiv_rn(x, absmax) : 0.0f;
+    int c = db_q8_nearest(mid, r);
+    if (signed_fix && signbit(code[c]) != signbit(x))
+        c += x > 0.0f ? 1 : -1;
+    return (unsigned char)c;
+}
+
+__global__ static void __launch_bounds__(Q8_THREADS)
+    adamw8bit_kernel(float *p, unsigned char *m_q, unsigned char *v_q, float *m_absmax, float *v_absmax,
+                     const float *g, size_t n, size_t nblocks, db_adamw_coef k, q8_codes books)
+{
+    __shared__ float cm[256], cv[256], mm[255], mv[255];
+    __shared__ float red_m[Q8_THREADS], red_v[Q8_THREADS];
+    const int t = (int)threadIdx.x;
+    cm[t] = books.m[t];
+    cv[t] = books.v[t];
+    __syncthreads();
+    if (t < 255) {
+        mm[t] = __fmul_rn(__fadd_rn(cm[t], cm[t + 1]), 0.5f);
+        mv[t] = __fmul_rn(__fadd_rn(cv[t], cv[t + 1]), 0.5f);
+    }
+    __syncthreads();
+    for (size_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
+        const size_t i = b * DB_Q8_BLOCK + (size_t)t;
+        const bool in = i < n;
+        float mi = 0.0f, vi = 0.0f;
+        if (in) {
+            // dequantise with the old scales, then optim.c's adamw_elem
+            const float gi = g[i];
+            mi = __fmul_rn(cm[m_q[i]], m_absmax[b]);
+            vi = __fmul_rn(cv[v_q[i]], v_absmax[b]);
+            float pi = __fmul_rn(p[i], k.decay);
+            mi = __fadd_rn(__fmul_rn(mi, k.b1), __fmul_rn(k.one_minus_b1, gi));
+            vi = __fadd_rn(__fmul_rn(vi, k.b2), __fmul_rn(__fmul_rn(k.one_minus_b2, gi), gi));
+            const float d = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), k.bc2_sqrt), k.eps);
+            pi = __fadd_rn(pi, __fdiv_rn(__fmul_rn(k.neg_step_size, mi), d));
+            p[i] = pi;
+        }
+        // the block's new scales (threads past n add 0, the CPU's start value)
+        red_m[t] = fabsf(mi);
+        red_v[t] = fabsf(vi);
+        __syncthreads();
+        for (int s = Q8_THREADS / 2; s > 0; s >>= 1) {
+            if (t < s) {
+                red_m[t] = fmaxf(red_m[t], red_m[t + s]);
+                red_v[t] = fmaxf(red_v[t], red_v[t + s]);
+            }
+            __syncthreads();
+        }
+        const float am = fmaxf(0.0f, red_m[0]), av = fmaxf(0.0f, red_v[0]);
+        if (in) {
+            m_q[i] = q8_code_dev(mi, am, cm, mm, 1);
+            v_q[i] = q8_code_dev(vi, av, cv, mv, 0);
+        }
+        __syncthreads(); // every thread has read the old scales and red_*[0] before they change
+        if (t == 0) {
+            m_absmax[b] = am;
+            v_absmax[b] = av;
+        }
+    }
+}
+
+extern "C" int db_cuda_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax,
+                                     float *v_absmax, const float *g, size_t n, const struct db_adamw *hp,
+                                     int64_t t, const struct db_q8_maps *maps)
+{
+    DB_ENTER(c);
+    if (n == 0)
+        return 0;
+    const db_adamw_coef k = db_adamw_coefs(hp, t);
+    q8_codes books;
+    for (int j = 0; j < 256; j++) {
+        books.m[j] = maps->m.code[j];
+        books.v[j] = maps->v.code[j];
+    }
+    const size_t nblocks = (n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
+    const unsigned grid = (unsigned)(nblocks > 65535u * 16u ? 65535u * 16u : nblocks);
+    // not fused with the weights' 16-bit working copy (as opt_adamw is): the
+    // copy goes stale and the next 16-bit op rebuilds it, one pass per step
+    db_cuda_shadow_touch(c, p, n * sizeof(float));
+    adamw8bit_kernel<<<grid, Q8_THREADS, 0, db_cuda_st(c)->stream>>>(p, m_q, v_q, m_absmax, v_absmax, g, n,
+                                                                     nblocks, k, books);
+    DB_LAUNCHED(c);
+    return 0;
+}

@@ -50,6 +50,157 @@ void db_adamw_step_omp(float *p, float *m, float *v, const float *g, size_t n, c
         adamw_elem(&p[i], &m[i], &v[i], g[i], &c);
 }
 
+/* ---- 8-bit AdamW ------------------------------------------------------------------ */
+
+void db_q8_map_make(db_q8_map *map, int is_signed)
+{
+    /* bnb's create_dynamic_map with max_exponent_bits 7, total_bits 8:
+     * non_sign_bits = 7, no "additional items"; exponent i = 0..6 scales the
+     * midpoints of F = 2^i + 1 (signed) or 2^(i+1) + 1 (unsigned) points
+     * evenly spaced over [0.1, 1] by 10^(i-6).  Midpoint j of linspace is
+     * 0.1 + 0.9 (j + 1/2) / (F - 1), exactly, in double. */
+    float v[256];
+    int n = 0;
+    for (int i = 0; i < 7; i++) {
+        const int F = is_signed ? (1 << i) + 1 : (1 << (i + 1)) + 1;
+        const double scale = pow(10.0, (double)(i - 6));
+        for (int j = 0; j < F - 1; j++) {
+            const double mean = 0.1 + 0.9 * ((double)j + 0.5) / (double)(F - 1);
+            v[n++] = (float)(scale * mean);
+            if (is_signed)
+                v[n++] = (float)(-scale * mean);
+        }
+    }
+    v[n++] = 0.0f;
+    v[n++] = 1.0f;
+    /* n == 256 for both kinds: 2 (1 + 2 + ... + 64) + 2 and (2 + 4 + ... + 128) + 2.
+     * Sorted by insertion (256 items, once): no qsort callback needed. */
+    for (int a = 1; a < n; a++) {
+        const float x = v[a];
+        int b = a;
+        for (; b > 0 && v[b - 1] > x; b--)
+            v[b] = v[b - 1];
+        v[b] = x;
+    }
+    for (int k = 0; k < 256; k++)
+        map->code[k] = v[k];
+    for (int k = 0; k < 255; k++)
+        map->mid[k] = (map->code[k] + map->code[k + 1]) * 0.5f;
+}
+
+void db_q8_maps_make(db_q8_maps *maps)
+{
+    db_q8_map_make(&maps->m, 1);
+    db_q8_map_make(&maps->v, 0);
+}
+
+/* One value's code: the nearest code to x / absmax, bnb's sign rule for
+ * exp_avg.  kernels/cuda/optim.cu's q8_code is this, operation for
+ * operation. */
+static inline uint8_t q8_code(float x, float absmax, const db_q8_map *map, int signed_fix)
+{
+    const float r = absmax > 0.0f ? x / absmax : 0.0f;
+    int c = db_q8_nearest(map->mid, r);
+    if (signed_fix && signbit(map->code[c]) != signbit(x))
+        c += x > 0.0f ? 1 : -1;
+    return (uint8_t)c; /* bnb's unsigned char arithmetic: only c = 127 -> 126 happens for finite x */
+}
+
+void db_q8_quantize(uint8_t *q, float *absmax, const float *x, size_t n, const db_q8_map *map, int signed_fix)
+{
+    for (size_t b = 0; b * DB_Q8_BLOCK < n; b++) {
+        const size_t beg = b * DB_Q8_BLOCK, end = beg + DB_Q8_BLOCK < n ? beg + DB_Q8_BLOCK : n;
+        float mx = 0.0f;
+        for (size_t i = beg; i < end; i++)
+            mx = fmaxf(mx, fabsf(x[i]));
+        absmax[b] = mx;
+        for (size_t i = beg; i < end; i++)
+            q[i] = q8_code(x[i], mx, map, signed_fix);
+    }
+}
+
+void db_q8_dequantize(float *x, const uint8_t *q, const float *absmax, size_t n, const db_q8_map *map)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = map->code[q[i]] * absmax[i / DB_Q8_BLOCK];
+}
+
+/* One quantisation block [beg, end) of the 8-bit step: dequantise, the
+ * element update of adamw_elem (the same operations in the same order),
+ * the new scales, requantise.  The moments of the block sit in two
+ * DB_Q8_BLOCK-float stack arrays between the passes.  The maxima use
+ * fmaxf, which is exact, commutative and associative (and ignores NaN), so
+ * the CUDA kernel's tree reduction gives the same scale. */
+static void adamw8_block(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax, const float *g,
+                         size_t beg, size_t end, const db_adamw_coef *c, const db_q8_maps *maps)
+{
+    float m[DB_Q8_BLOCK], v[DB_Q8_BLOCK];
+    const size_t b = beg / DB_Q8_BLOCK, k = end - beg;
+    const float am = m_absmax[b], av = v_absmax[b];
+    float mx_m = 0.0f, mx_v = 0.0f;
+    for (size_t j = 0; j < k; j++) {
+        const size_t i = beg + j;
+        float mi = maps->m.code[m_q[i]] * am;
+        float vi = maps->v.code[v_q[i]] * av;
+        adamw_elem(&p[i], &mi, &vi, g[i], c);
+        m[j] = mi;
+        v[j] = vi;
+        mx_m = fmaxf(mx_m, fabsf(mi));
+        mx_v = fmaxf(mx_v, fabsf(vi));
+    }
+    m_absmax[b] = mx_m;
+    v_absmax[b] = mx_v;
+    for (size_t j = 0; j < k; j++) {
+        m_q[beg + j] = q8_code(m[j], mx_m, &maps->m, 1);
+        v_q[beg + j] = q8_code(v[j], mx_v, &maps->v, 0);
+    }
+}
+
+void db_adamw8bit_step(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax, const float *g,
+                       size_t n, const db_adamw *hp, int64_t t, const db_q8_maps *maps)
+{
+    const db_adamw_coef c = db_adamw_coefs(hp, t);
+    for (size_t beg = 0; beg < n; beg += DB_Q8_BLOCK)
+        adamw8_block(p, m_q, v_q, m_absmax, v_absmax, g, beg, beg + DB_Q8_BLOCK < n ? beg + DB_Q8_BLOCK : n, &c,
+                     maps);
+}
+
+void db_adamw8bit_step_omp(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
+                           const float *g, size_t n, const db_adamw *hp, int64_t t, const db_q8_maps *maps)
+{
+    const db_adamw_coef c = db_adamw_coefs(hp, t);
+    const ptrdiff_t nb = (ptrdiff_t)((n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK);
+#pragma omp parallel for schedule(static) if (nb > 64)
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        const size_t beg = (size_t)b * DB_Q8_BLOCK;
+        adamw8_block(p, m_q, v_q, m_absmax, v_absmax, g, beg, beg + DB_Q8_BLOCK < n ? beg + DB_Q8_BLOCK : n, &c,
+                     maps);
+    }
+}
+
+int db_optim_parse(const char *name, db_optim_kind *out)
+{
+    if (name && strcmp(name, "adamw") == 0)
+        *out = DB_OPTIM_ADAMW;
+    else if (name && strcmp(name, "adamw8bit") == 0)
+        *out = DB_OPTIM_ADAMW8BIT;
+    else
+        return -1;
+    return 0;
+}
+
+const char *db_optim_name(db_optim_kind kind)
+{
+    return kind == DB_OPTIM_ADAMW ? "adamw" : kind == DB_OPTIM_ADAMW8BIT ? "adamw8bit" : "?";
+}
+
+size_t db_optim_state_bytes(db_optim_kind kind, size_t n)
+{
+    if (kind != DB_OPTIM_ADAMW8BIT || n < DB_Q8_MIN_SIZE)
+        return 8 * n;
+    return 2 * n + 2 * sizeof(float) * ((n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK);
+}
+
 /* ---- clipping ------------------------------------------------------------ */
 
 /* The chunk is part of the result's bits: kernels/cuda/optim.cu uses the

@@ -45,6 +45,109 @@ void db_adamw_step(float *p, float *m, float *v, const float *g, size_t n, const
  * is elementwise). */
 void db_adamw_step_omp(float *p, float *m, float *v, const float *g, size_t n, const db_adamw *hp, int64_t t);
 
+/* ---- 8-bit AdamW (bitsandbytes' AdamW8bit) ------------------------------------------
+ *
+ * The moments live as one byte per element plus one float scale per block
+ * of DB_Q8_BLOCK elements, as bitsandbytes' block-wise 8-bit optimizers
+ * keep them (kOptimizerStatic8bit2StateBlockwise; AdamW8bit's defaults):
+ *
+ *   m_q, v_q         uint8 (n)            codes into the signed map (exp_avg)
+ *                                         and the unsigned map (exp_avg_sq)
+ *   m_absmax, v_absmax float (ceil(n / DB_Q8_BLOCK))   per-block scales
+ *   moment[i] = map[q[i]] * absmax[i / DB_Q8_BLOCK]
+ *
+ * Block size: 256, the block of bitsandbytes' current 8-bit optimizer
+ * kernels (BLOCKSIZE_2STATE; releases up to 0.44 used 2048).  The CUDA
+ * kernel runs one thread block of 256 threads per quantisation block.
+ * Tensors under DB_Q8_MIN_SIZE elements keep float32 moments (bnb's
+ * min_8bit_size): the trainer decides per tensor, these functions always
+ * quantise.  A zero-filled state (codes and scales 0) is the fresh state:
+ * every code times a zero scale is zero. */
+enum { DB_Q8_BLOCK = 256, DB_Q8_MIN_SIZE = 4096 };
+
+/* bitsandbytes' create_dynamic_map(signed, max_exponent_bits 7, total_bits 8):
+ * for i = 0..6, the midpoints of linspace(0.1, 1, F_i) scaled by 10^(i-6),
+ * F_i = 2^i + 1 (signed: each value and its negative) or 2^(i+1) + 1
+ * (unsigned), then 0 and 1, sorted: 256 ascending codes.  Signed: code[0]
+ * = -0.99296875 (there is no -1), code[127] = 0, code[254] = 0.99296875,
+ * code[255] = 1; unsigned: code[0] = 0, code[255] = 1, the smallest nonzero
+ * 5.5e-7 (bnb's data type: more codes near zero, where most moments are).
+ * Each code is computed in double and rounded once to float; bnb builds
+ * them with float32 torch.linspace, so a code may differ from bnb's in its
+ * last bit (~6e-8 relative), which moves no decision that matters.
+ * mid[k] = (code[k] + code[k+1]) * 0.5f (float arithmetic), the decision
+ * points of the nearest-code search. */
+typedef struct db_q8_map {
+    float code[256];
+    float mid[255];
+} db_q8_map;
+typedef struct db_q8_maps {
+    db_q8_map m; /* signed: exp_avg */
+    db_q8_map v; /* unsigned: exp_avg_sq */
+} db_q8_maps;
+/* Fill both maps (a pure function: every call gives the same bits). */
+void db_q8_maps_make(db_q8_maps *maps);
+void db_q8_map_make(db_q8_map *map, int is_signed);
+
+#ifdef __CUDACC__
+#define DB_Q8_HD __host__ __device__
+#else
+#define DB_Q8_HD
+#endif
+/* The nearest code to x (a value in [-1, 1] or [0, 1] after the block
+ * scale): the number of decision points below x, by a binary search of
+ * comparisons only, so the CPU and the CUDA kernel (which both call this)
+ * pick the same code for the same float.  A tie (x == mid[k]) goes to the
+ * lower code and a NaN to code 0, as bnb's quantize_2D (a binary search
+ * over the codes followed by the same midpoint test) does; bnb divides by
+ * the scale with the approximate __fdividef, here the division is IEEE. */
+static inline DB_Q8_HD int db_q8_nearest(const float *mid, float x)
+{
+    int k = 0;
+    for (int step = 128; step > 0; step >>= 1)
+        if (k + step <= 255 && x > mid[k + step - 1])
+            k += step;
+    return k;
+}
+
+/* Block-wise quantisation: absmax[b] = max |x| over block b (0 for an
+ * all-zero block), q[i] = the nearest code to x[i] / absmax[b] (x[i] / 0
+ * is taken as 0).  signed_fix: bnb's rule for exp_avg, a negative (or
+ * -0) value whose nearest code is +0 takes the next code down, so a
+ * momentum never changes sign through quantisation. */
+void db_q8_quantize(uint8_t *q, float *absmax, const float *x, size_t n, const db_q8_map *map, int signed_fix);
+/* x[i] = code[q[i]] * absmax[i / DB_Q8_BLOCK]. */
+void db_q8_dequantize(float *x, const uint8_t *q, const float *absmax, size_t n, const db_q8_map *map);
+
+/* One 8-bit AdamW step over n elements, per block of DB_Q8_BLOCK:
+ * dequantise m and v with the block's old scales; update p, m, v with
+ * exactly db_adamw_step's float32 operations (the same weight decay, bias
+ * correction and operation order: p's update uses the unquantised new
+ * moments, as bnb's kernel does); the block's new scales are the max |m|
+ * and max |v| of the updated moments; requantise (db_q8_quantize's rules).
+ * t is the 1-based step count after this step.  The caller refuses
+ * non-finite gradients (the trainer does, by the gradient norm); with one
+ * the result is deterministic but meaningless. */
+void db_adamw8bit_step(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax, const float *g,
+                       size_t n, const db_adamw *hp, int64_t t, const db_q8_maps *maps);
+/* The same with OpenMP threads over blocks; bit-identical (a block is the
+ * unit of work and its max is order-free). */
+void db_adamw8bit_step_omp(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
+                           const float *g, size_t n, const db_adamw *hp, int64_t t, const db_q8_maps *maps);
+
+/* The trainer's optimizers (db-train --optimizer). */
+typedef enum db_optim_kind {
+    DB_OPTIM_ADAMW,     /* float32 moments: 8 bytes per parameter */
+    DB_OPTIM_ADAMW8BIT, /* 8-bit moments for tensors of DB_Q8_MIN_SIZE elements or more */
+} db_optim_kind;
+/* "adamw" / "adamw8bit" <-> kind; parse returns -1 when unknown. */
+int db_optim_parse(const char *name, db_optim_kind *out);
+const char *db_optim_name(db_optim_kind kind);
+/* Bytes of the optimizer state of one n-element tensor: 8n for AdamW (and
+ * for 8-bit AdamW under DB_Q8_MIN_SIZE elements), else 2n codes and two
+ * float scales per DB_Q8_BLOCK. */
+size_t db_optim_state_bytes(db_optim_kind kind, size_t n);
+
 /* One gradient tensor for clipping. */
 typedef struct db_grad_ref {
     float *g;

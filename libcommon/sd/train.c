@@ -19,6 +19,8 @@ struct db_trainer {
     int ntrain;                  /* num_train_timesteps */
     db_weights gu, mu, vu;       /* UNet gradients and AdamW moments */
     db_weights gt, mt, vt;       /* text encoder's (train_text only) */
+    db_q8_state qu, qt;          /* 8-bit AdamW moments instead of mu, vu / mt, vt (DB_OPTIM_ADAMW8BIT) */
+    db_q8_maps maps;             /* its code books */
     db_grad_ref *refs;           /* every gradient tensor, UNet first (clipping) */
     size_t nrefs;
     int64_t step;                /* steps taken (global_step; train.h) */
@@ -100,6 +102,99 @@ static int add_refs(db_trainer *t, db_weights *g, db_err *err)
     return 0;
 }
 
+/* ---- 8-bit AdamW state ---------------------------------------------------------- */
+
+static void *q8_alloc(db_ctx *c, size_t bytes)
+{
+    if (!c) /* host weights: host state */
+        return calloc(bytes ? bytes : 1, 1);
+    void *p = db_ctx_alloc(c, bytes ? bytes : 1);
+    if (p && db_ctx_zero(c, p, bytes)) {
+        db_ctx_free(c, p);
+        return NULL;
+    }
+    return p;
+}
+
+static void q8_release(db_ctx *c, void *p)
+{
+    if (c)
+        db_ctx_free(c, p);
+    else
+        free(p);
+}
+
+static void q8_free(db_q8_state *q)
+{
+    void *bufs[] = {q->m_q, q->v_q, q->m_absmax, q->v_absmax, q->m32, q->v32};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
+        q8_release(q->ctx, bufs[i]);
+    free(q->t);
+    memset(q, 0, sizeof *q);
+}
+
+size_t db_q8_state_bytes(const db_q8_state *q)
+{
+    return 2 * (q->ncodes + (q->nblocks + q->nsmall) * sizeof(float));
+}
+
+/* The zero (fresh) state for weights w: per tensor, codes and scales from
+ * DB_Q8_MIN_SIZE elements on, float32 moments below. */
+static int q8_init(db_q8_state *q, const db_weights *w, db_err *err)
+{
+    memset(q, 0, sizeof *q);
+    q->ctx = w->ctx;
+    q->nt = w->ix.n;
+    if (!(q->t = calloc(q->nt ? q->nt : 1, sizeof *q->t)))
+        return db_err_set(err, DB_ENOMEM, "out of memory");
+    for (size_t k = 0; k < q->nt; k++) {
+        const db_tentry *e = &w->ix.v[k];
+        db_q8_tensor *t = &q->t[k];
+        t->n = (size_t)db_shape_numel(e->ndim, e->shape);
+        t->woff = e->offset;
+        t->q8 = t->n >= DB_Q8_MIN_SIZE;
+        if (t->q8) {
+            t->off = q->ncodes, t->boff = q->nblocks;
+            q->ncodes += t->n;
+            q->nblocks += (t->n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
+        } else {
+            t->off = q->nsmall;
+            q->nsmall += t->n;
+        }
+    }
+    q->m_q = q8_alloc(q->ctx, q->ncodes);
+    q->v_q = q8_alloc(q->ctx, q->ncodes);
+    q->m_absmax = q8_alloc(q->ctx, q->nblocks * sizeof(float));
+    q->v_absmax = q8_alloc(q->ctx, q->nblocks * sizeof(float));
+    q->m32 = q8_alloc(q->ctx, q->nsmall * sizeof(float));
+    q->v32 = q8_alloc(q->ctx, q->nsmall * sizeof(float));
+    if (!q->m_q || !q->v_q || !q->m_absmax || !q->v_absmax || !q->m32 || !q->v32) {
+        const size_t bytes = db_q8_state_bytes(q);
+        q8_free(q);
+        return db_err_set(err, DB_ENOMEM, "out of memory for %zu bytes of 8-bit optimizer state", bytes);
+    }
+    return 0;
+}
+
+/* One 8-bit AdamW step of weights w from gradients g (w's layout), tensor
+ * by tensor: the per-tensor blocks are bnb's (a block never spans two
+ * tensors), the small tensors take float32 AdamW. */
+static int q8_step(db_ctx *c, db_q8_state *q, db_weights *w, float *g, const db_adamw *hp, int64_t k,
+                   const db_q8_maps *maps)
+{
+    for (size_t i = 0; i < q->nt; i++) {
+        const db_q8_tensor *t = &q->t[i];
+        const int rc = t->q8 ? db_opt_adamw8bit(c, w->data + t->woff, q->m_q + t->off, q->v_q + t->off,
+                                                q->m_absmax + t->boff, q->v_absmax + t->boff, g + t->woff, t->n,
+                                                hp, k, maps)
+                             : db_opt_adamw(c, w->data + t->woff, q->m32 + t->off, q->v32 + t->off, g + t->woff,
+                                            t->n, hp, k);
+        if (rc)
+            return -1;
+    }
+    return 0;
+}
+
 int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db_train_opts *o, db_err *err)
 {
     *out = NULL;
@@ -134,13 +229,22 @@ int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db
     db_unet_keep_activations(t->unet, 1);
     db_unet_checkpointing(t->unet, o->gradient_checkpointing);
     const db_weights *wu = db_unet_weights(t->unet);
-    if (db_weights_like(&t->gu, wu, err) || db_weights_like(&t->mu, wu, err) || db_weights_like(&t->vu, wu, err) ||
+    const int q8 = o->optimizer == DB_OPTIM_ADAMW8BIT;
+    if (o->optimizer != DB_OPTIM_ADAMW && !q8) {
+        db_err_set(err, DB_EUSAGE, "unknown optimizer %d", (int)o->optimizer);
+        goto fail;
+    }
+    if (q8)
+        db_q8_maps_make(&t->maps);
+    if (db_weights_like(&t->gu, wu, err) ||
+        (q8 ? q8_init(&t->qu, wu, err) : db_weights_like(&t->mu, wu, err) || db_weights_like(&t->vu, wu, err)) ||
         add_refs(t, &t->gu, err))
         goto fail;
     if (o->train_text) {
         const db_weights *wt = &t->clip->w;
-        if (db_weights_like(&t->gt, wt, err) || db_weights_like(&t->mt, wt, err) ||
-            db_weights_like(&t->vt, wt, err) || add_refs(t, &t->gt, err))
+        if (db_weights_like(&t->gt, wt, err) ||
+            (q8 ? q8_init(&t->qt, wt, err) : db_weights_like(&t->mt, wt, err) || db_weights_like(&t->vt, wt, err)) ||
+            add_refs(t, &t->gt, err))
             goto fail;
     }
     *out = t;
@@ -162,6 +266,8 @@ void db_trainer_free(db_trainer *t)
     for (size_t i = 0; i < sizeof all / sizeof *all; i++)
         if (all[i]->data)
             db_weights_free(all[i]);
+    q8_free(&t->qu);
+    q8_free(&t->qt);
     free(t->refs);
     host_unstage(t, t->noisy_h), host_unstage(t, t->pred_h), host_unstage(t, t->dpred_h), host_unstage(t, t->tsf_h);
     db_ctx_free(t->ctx, t->noisy);
@@ -404,14 +510,21 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     db_adamw hu = t->o.unet_hp;
     hu.lr = db_lr_at(&t->o.unet_lr, t->opt_step);
     db_weights *wu = (db_weights *)db_unet_weights(t->unet);
-    db_opt_adamw(c, wu->data, t->mu.data, t->vu.data, t->gu.data, wu->numel, &hu, k);
+    const int q8 = t->o.optimizer == DB_OPTIM_ADAMW8BIT;
+    if (q8)
+        q8_step(c, &t->qu, wu, t->gu.data, &hu, k, &t->maps);
+    else
+        db_opt_adamw(c, wu->data, t->mu.data, t->vu.data, t->gu.data, wu->numel, &hu, k);
     db_ctx_zero(c, t->gu.data, t->gu.numel * sizeof(float));
     double lr_text = 0;
     if (t->o.train_text) {
         db_adamw ht = t->o.text_hp;
         ht.lr = lr_text = db_lr_at(&t->o.text_lr, t->opt_step);
         db_weights *wt = &t->clip->w;
-        db_opt_adamw(c, wt->data, t->mt.data, t->vt.data, t->gt.data, wt->numel, &ht, k);
+        if (q8)
+            q8_step(c, &t->qt, wt, t->gt.data, &ht, k, &t->maps);
+        else
+            db_opt_adamw(c, wt->data, t->mt.data, t->vt.data, t->gt.data, wt->numel, &ht, k);
         db_ctx_zero(c, t->gt.data, t->gt.numel * sizeof(float));
     }
     if (c->err.code)
@@ -454,13 +567,17 @@ size_t db_trainer_grad_norms(const db_trainer *t, double *out, size_t n)
 void db_trainer_state(db_trainer *t, db_train_state *st)
 {
     memset(st, 0, sizeof *st);
+    const int q8 = t->o.optimizer == DB_OPTIM_ADAMW8BIT;
+    st->optimizer = t->o.optimizer;
     st->unet = (db_weights *)db_unet_weights(t->unet);
-    st->unet_m = &t->mu;
-    st->unet_v = &t->vu;
+    st->unet_m = q8 ? NULL : &t->mu;
+    st->unet_v = q8 ? NULL : &t->vu;
+    st->unet_q8 = q8 ? &t->qu : NULL;
     if (t->o.train_text) {
         st->text = &t->clip->w;
-        st->text_m = &t->mt;
-        st->text_v = &t->vt;
+        st->text_m = q8 ? NULL : &t->mt;
+        st->text_v = q8 ? NULL : &t->vt;
+        st->text_q8 = q8 ? &t->qt : NULL;
     } else
         st->text_frozen = &t->clip->w;
     st->step = t->step;

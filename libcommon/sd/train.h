@@ -20,7 +20,9 @@
  * (db_trainer_accumulate); db_trainer_apply then clips the global norm over
  * the UNet's and the text encoder's gradients (in that order, as diffusers
  * chains the parameter lists), takes one AdamW step per parameter group at
- * the schedule's learning rate, and zeroes the gradients.
+ * the schedule's learning rate (float32 AdamW, or 8-bit AdamW as
+ * bitsandbytes' AdamW8bit: db_train_opts.optimizer), and zeroes the
+ * gradients.
  *
  * fp16 (ctx precision DB_PREC_F16, kernels/ops.h): dynamic loss scaling as
  * torch.cuda.amp.GradScaler with the defaults accelerate gives it in
@@ -71,6 +73,7 @@ typedef struct db_train_opts {
     int grad_accum;             /* micro-batches per optimizer step (>= 1) */
     db_adamw unet_hp, text_hp;  /* betas, eps, weight decay (lr comes from the schedules) */
     db_lr_schedule unet_lr, text_lr;
+    db_optim_kind optimizer;    /* DB_OPTIM_ADAMW (the default) or DB_OPTIM_ADAMW8BIT (db_q8_state) */
     /* Data parallel: `world` processes each accumulate grad_accum
      * micro-batches of one step; every gradient is scaled by
      * 1 / (grad_accum * world), and db_trainer_apply first calls reduce on
@@ -141,12 +144,38 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err);
  * Returns the count of gradient tensors. */
 size_t db_trainer_grad_norms(const db_trainer *t, double *out, size_t n);
 
+/* The 8-bit AdamW state of one trained group (DB_OPTIM_ADAMW8BIT), tensor
+ * by tensor in its weights' table order: tensors of DB_Q8_MIN_SIZE elements
+ * or more keep codes and block scales (optim.h), smaller ones float32
+ * moments, as bitsandbytes' min_8bit_size does.  The buffers live where the
+ * weights do (ctx NULL: host memory, as db_weights). */
+typedef struct db_q8_tensor {
+    size_t n;          /* elements */
+    size_t woff;       /* element offset of the tensor in the weights' data */
+    int q8;            /* 1: codes at off, scales at boff; 0: float32 moments at off */
+    size_t off, boff;
+} db_q8_tensor;
+typedef struct db_q8_state {
+    db_ctx *ctx;
+    size_t nt;         /* tensors (the weights' ix.n) */
+    db_q8_tensor *t;
+    size_t ncodes, nblocks, nsmall;
+    uint8_t *m_q, *v_q;            /* (ncodes) */
+    float *m_absmax, *v_absmax;    /* (nblocks) */
+    float *m32, *v32;              /* (nsmall) */
+} db_q8_state;
+/* bytes of a group's 8-bit state */
+size_t db_q8_state_bytes(const db_q8_state *q);
+
 /* The state a checkpoint holds: the trained weights and moments (NULL when
- * that group is frozen) and the step count. */
+ * that group is frozen) and the step count.  With DB_OPTIM_ADAMW8BIT the
+ * moments are unet_q8 / text_q8 and unet_m ... text_v are NULL. */
 typedef struct db_train_state {
     db_weights *unet, *unet_m, *unet_v;
     db_weights *text, *text_m, *text_v;  /* NULL when the text encoder is frozen */
     db_weights *text_frozen;             /* the frozen text encoder's weights, else NULL */
+    db_optim_kind optimizer;
+    db_q8_state *unet_q8, *text_q8;      /* DB_OPTIM_ADAMW8BIT (text_q8 NULL when frozen) */
     int64_t step;                        /* steps taken */
     int64_t opt_step;                    /* updates applied (AdamW, lr); step minus the skipped ones */
     double loss_scale;                   /* fp16 loss scaling: the scale; 0 when not scaling */

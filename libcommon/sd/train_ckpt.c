@@ -24,27 +24,42 @@ typedef struct group {
     const char *kind;      /* "" (weights), "exp_avg/", "exp_avg_sq/" */
 } group;
 
+/* A group with 8-bit AdamW moments: w gives the names and shapes. */
+typedef struct q8group {
+    const db_weights *w;
+    const db_q8_state *q;
+    const char *prefix;
+} q8group;
+
+/* Where an item's bytes come from: src on ctx's device (NULL: host). */
+typedef struct wsrc {
+    const void *src;
+    db_ctx *ctx;
+    size_t bytes;
+} wsrc;
+
 typedef struct wjob {
     group g[6];
     int ng;
-    size_t *gi, *ti;       /* item i -> group, tensor */
+    q8group q[2];
+    int nq;
+    db_st_item *items;
+    wsrc *src;
     char **names;
-    size_t n;
+    size_t n, cap;
 } wjob;
 
 static int fill(void *ctx, size_t i, void *dst, db_err *err)
 {
     const wjob *j = ctx;
-    const db_weights *w = j->g[j->gi[i]].w;
-    const db_tentry *e = &w->ix.v[j->ti[i]];
-    const size_t bytes = (size_t)db_shape_numel(e->ndim, e->shape) * sizeof(float);
-    if (!w->ctx) { /* host (CPU) weights */
-        memcpy(dst, w->data + e->offset, bytes);
+    const wsrc *s = &j->src[i];
+    if (!s->ctx) { /* host (CPU) buffers */
+        memcpy(dst, s->src, s->bytes);
         return 0;
     }
-    /* device weights: the writer's buffer is host memory */
-    if (db_ctx_copy(w->ctx, dst, w->data + e->offset, bytes, DB_COPY_D2H))
-        return db_err_set(err, w->ctx->err.code, "%s", w->ctx->err.msg);
+    /* device buffers: the writer's buffer is host memory */
+    if (db_ctx_copy(s->ctx, dst, s->src, s->bytes, DB_COPY_D2H))
+        return db_err_set(err, s->ctx->err.code, "%s", s->ctx->err.msg);
     return 0;
 }
 
@@ -53,47 +68,89 @@ static void wjob_free(wjob *j)
     for (size_t i = 0; i < j->n; i++)
         free(j->names[i]);
     free(j->names);
-    free(j->gi);
-    free(j->ti);
+    free(j->items);
+    free(j->src);
+}
+
+/* Append item kind + prefix + name (dtype, shape) read from src. */
+static int wjob_add(wjob *j, const char *kind, const char *prefix, const char *name, db_dtype dt, int ndim,
+                    const int64_t *shape, const void *src, db_ctx *ctx, db_err *err)
+{
+    if (j->n == j->cap) {
+        const size_t cap = j->cap ? 2 * j->cap : 256;
+        db_st_item *it = realloc(j->items, cap * sizeof *it);
+        if (it)
+            j->items = it;
+        wsrc *sr = it ? realloc(j->src, cap * sizeof *sr) : NULL;
+        if (sr)
+            j->src = sr;
+        char **nm = sr ? realloc(j->names, cap * sizeof *nm) : NULL;
+        if (!nm)
+            return db_err_set(err, DB_ENOMEM, "out of memory");
+        j->names = nm;
+        j->cap = cap;
+    }
+    const size_t len = strlen(kind) + strlen(prefix) + strlen(name) + 1;
+    char *nm = malloc(len);
+    if (!nm)
+        return db_err_set(err, DB_ENOMEM, "out of memory");
+    snprintf(nm, len, "%s%s%s", kind, prefix, name);
+    db_st_item *it = &j->items[j->n];
+    memset(it, 0, sizeof *it);
+    it->name = nm;
+    it->dtype = dt;
+    it->ndim = ndim;
+    memcpy(it->shape, shape, (size_t)ndim * sizeof *shape);
+    j->src[j->n] = (wsrc){src, ctx, (size_t)db_shape_numel(ndim, shape) * db_dtype_size(dt)};
+    j->names[j->n++] = nm;
+    return 0;
+}
+
+/* 8-bit moments of one tensor: exp_avg.q8/NAME and exp_avg_sq.q8/NAME
+ * (uint8 codes, the tensor's shape), exp_avg.absmax/NAME and
+ * exp_avg_sq.absmax/NAME (float32 block scales, (ceil(n / 256))); a tensor
+ * under DB_Q8_MIN_SIZE elements keeps float32 exp_avg/NAME and
+ * exp_avg_sq/NAME as AdamW's. */
+static int wjob_q8(wjob *j, const q8group *g, db_err *err)
+{
+    const db_q8_state *q = g->q;
+    for (size_t k = 0; k < g->w->ix.n; k++) {
+        const db_tentry *e = &g->w->ix.v[k];
+        const db_q8_tensor *t = &q->t[k];
+        if (!t->q8) {
+            if (wjob_add(j, "exp_avg/", g->prefix, e->name, DB_F32, e->ndim, e->shape, q->m32 + t->off, q->ctx, err) ||
+                wjob_add(j, "exp_avg_sq/", g->prefix, e->name, DB_F32, e->ndim, e->shape, q->v32 + t->off, q->ctx,
+                         err))
+                return -1;
+            continue;
+        }
+        const int64_t nb[1] = {(int64_t)((t->n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK)};
+        if (wjob_add(j, "exp_avg.q8/", g->prefix, e->name, DB_U8, e->ndim, e->shape, q->m_q + t->off, q->ctx, err) ||
+            wjob_add(j, "exp_avg.absmax/", g->prefix, e->name, DB_F32, 1, nb, q->m_absmax + t->boff, q->ctx, err) ||
+            wjob_add(j, "exp_avg_sq.q8/", g->prefix, e->name, DB_U8, e->ndim, e->shape, q->v_q + t->off, q->ctx,
+                     err) ||
+            wjob_add(j, "exp_avg_sq.absmax/", g->prefix, e->name, DB_F32, 1, nb, q->v_absmax + t->boff, q->ctx, err))
+            return -1;
+    }
+    return 0;
 }
 
 /* Write the groups of j into path as one safetensors file. */
 static int write_groups(wjob *j, const char *path, const char *const *meta, db_err *err)
 {
-    size_t n = 0;
-    for (int g = 0; g < j->ng; g++)
-        n += j->g[g].w->ix.n;
-    db_st_item *items = calloc(n, sizeof *items);
-    j->names = calloc(n, sizeof *j->names);
-    j->gi = calloc(n, sizeof *j->gi);
-    j->ti = calloc(n, sizeof *j->ti);
-    int rc = -1;
-    if (!items || !j->names || !j->gi || !j->ti) {
-        db_err_set(err, DB_ENOMEM, "out of memory");
-        goto out;
-    }
-    size_t k = 0;
-    for (int g = 0; g < j->ng; g++)
-        for (size_t t = 0; t < j->g[g].w->ix.n; t++, k++) {
-            const db_tentry *e = &j->g[g].w->ix.v[t];
-            size_t len = strlen(j->g[g].kind) + strlen(j->g[g].prefix) + strlen(e->name) + 1;
-            if (!(j->names[k] = malloc(len))) {
-                db_err_set(err, DB_ENOMEM, "out of memory");
-                goto out;
-            }
-            snprintf(j->names[k], len, "%s%s%s", j->g[g].kind, j->g[g].prefix, e->name);
-            items[k].name = j->names[k];
-            items[k].dtype = DB_F32;
-            items[k].ndim = e->ndim;
-            memcpy(items[k].shape, e->shape, sizeof e->shape);
-            j->gi[k] = (size_t)g;
-            j->ti[k] = t;
+    for (int g = 0; g < j->ng; g++) {
+        const db_weights *w = j->g[g].w;
+        for (size_t t = 0; t < w->ix.n; t++) {
+            const db_tentry *e = &w->ix.v[t];
+            if (wjob_add(j, j->g[g].kind, j->g[g].prefix, e->name, DB_F32, e->ndim, e->shape, w->data + e->offset,
+                         w->ctx, err))
+                return -1;
         }
-    j->n = n;
-    rc = db_safetensors_write(path, items, n, meta, fill, j, err);
-out:
-    free(items);
-    return rc;
+    }
+    for (int g = 0; g < j->nq; g++)
+        if (wjob_q8(j, &j->q[g], err))
+            return -1;
+    return db_safetensors_write(path, j->items, j->n, meta, fill, j, err);
 }
 
 static int write_json(const char *path, const json_t *v, db_err *err)
@@ -155,16 +212,27 @@ int db_train_ckpt_save(const char *run_dir, const db_train_state *st, const char
         goto out;
     }
     const char *up = db_comp_prefix(DB_COMP_UNET), *tp = db_comp_prefix(DB_COMP_TEXT);
+    const char *oname = db_optim_name(st->optimizer);
     const char *meta[] = {"format", DB_CKPT_FORMAT, "step", stepbuf, "base_model_hash", base_hash ? base_hash : "",
                           NULL};
+    const char *ometa[] = {"format", DB_CKPT_FORMAT, "step", stepbuf, "base_model_hash", base_hash ? base_hash : "",
+                           "optimizer", oname, NULL};
     wjob wm = {.ng = 0}, wo = {.ng = 0};
     wm.g[wm.ng++] = (group){st->unet, up, ""};
-    wo.g[wo.ng++] = (group){st->unet_m, up, "exp_avg/"};
-    wo.g[wo.ng++] = (group){st->unet_v, up, "exp_avg_sq/"};
+    if (st->unet_q8)
+        wo.q[wo.nq++] = (q8group){st->unet, st->unet_q8, up};
+    else {
+        wo.g[wo.ng++] = (group){st->unet_m, up, "exp_avg/"};
+        wo.g[wo.ng++] = (group){st->unet_v, up, "exp_avg_sq/"};
+    }
     if (st->text) {
         wm.g[wm.ng++] = (group){st->text, tp, ""};
-        wo.g[wo.ng++] = (group){st->text_m, tp, "exp_avg/"};
-        wo.g[wo.ng++] = (group){st->text_v, tp, "exp_avg_sq/"};
+        if (st->text_q8)
+            wo.q[wo.nq++] = (q8group){st->text, st->text_q8, tp};
+        else {
+            wo.g[wo.ng++] = (group){st->text_m, tp, "exp_avg/"};
+            wo.g[wo.ng++] = (group){st->text_v, tp, "exp_avg_sq/"};
+        }
     }
     json_object_set_new(state, "format", json_string(DB_CKPT_FORMAT));
     json_object_set_new(state, "version", json_integer(1));
@@ -180,11 +248,12 @@ int db_train_ckpt_save(const char *run_dir, const db_train_state *st, const char
         json_object_del(state, "growth_tracker");
     }
     json_object_set_new(state, "train_text_encoder", json_boolean(st->text != NULL));
+    json_object_set_new(state, "optimizer", json_string(oname));
     if (base_hash)
         json_object_set_new(state, "base_model_hash", json_string(base_hash));
     int w1 = (p = db_path_join(o.tmp_path, "model.safetensors")) && !write_groups(&wm, p, meta, err);
     free(p);
-    int w2 = w1 && (p = db_path_join(o.tmp_path, "optimizer.safetensors")) && !write_groups(&wo, p, meta, err);
+    int w2 = w1 && (p = db_path_join(o.tmp_path, "optimizer.safetensors")) && !write_groups(&wo, p, ometa, err);
     if (w1)
         free(p);
     int w3 = w2 && (p = db_path_join(o.tmp_path, "config.json")) && !write_json(p, config, err);
@@ -227,36 +296,77 @@ out:
 
 /* ---- reading ---------------------------------------------------------------- */
 
+/* Read tensor kind + prefix + name of ix, which must have shape (ndim,
+ * shape) (and, for uint8 codes, be stored as uint8: nothing converts to
+ * codes), into dst on ctx's device (NULL: host). */
+static int read_one(const db_tindex *ix, const char *file, const char *kind, const char *prefix, const char *ename,
+                    db_dtype dt, int ndim, const int64_t *shape, void *dst, db_ctx *ctx, db_err *err)
+{
+    char name[512];
+    snprintf(name, sizeof name, "%s%s%s", kind, prefix, ename);
+    long k = db_tindex_find(ix, name);
+    if (k < 0)
+        return db_err_set(err, DB_EFORMAT, "%s: no tensor '%s'", file, name);
+    const db_tentry *f = &ix->v[k];
+    if (f->ndim != ndim || memcmp(f->shape, shape, (size_t)ndim * sizeof *shape))
+        return db_err_set(err, DB_EFORMAT, "%s: '%s' has another shape than the model's", file, name);
+    if (dt == DB_U8 && f->dtype != DB_U8)
+        return db_err_set(err, DB_EFORMAT, "%s: '%s' is %s, not uint8 codes", file, name, db_dtype_name(f->dtype));
+    if (!ctx) { /* host (CPU) buffers: straight in */
+        if (db_tindex_read(ix, (size_t)k, dst, dt, err))
+            return db_err_prefix(err, "%s", file);
+        return 0;
+    }
+    /* device buffers: through a host copy of the one tensor */
+    const size_t bytes = (size_t)db_shape_numel(ndim, shape) * db_dtype_size(dt);
+    void *h = malloc(bytes ? bytes : 1);
+    if (!h)
+        return db_err_set(err, DB_ENOMEM, "%s: out of memory for '%s'", file, name);
+    int rc = db_tindex_read(ix, (size_t)k, h, dt, err);
+    if (!rc && db_ctx_copy(ctx, dst, h, bytes, DB_COPY_H2D))
+        rc = db_err_set(err, ctx->err.code, "%s", ctx->err.msg);
+    free(h);
+    return rc ? db_err_prefix(err, "%s", file) : 0;
+}
+
 /* Read group (w, prefix, kind) from ix; every tensor must be there. */
 static int read_group(const db_tindex *ix, const char *file, const db_weights *w, const char *prefix,
                       const char *kind, db_err *err)
 {
-    char name[512];
     for (size_t t = 0; t < w->ix.n; t++) {
         const db_tentry *e = &w->ix.v[t];
-        snprintf(name, sizeof name, "%s%s%s", kind, prefix, e->name);
-        long k = db_tindex_find(ix, name);
-        if (k < 0)
-            return db_err_set(err, DB_EFORMAT, "%s: no tensor '%s'", file, name);
-        const db_tentry *f = &ix->v[k];
-        if (f->ndim != e->ndim || memcmp(f->shape, e->shape, (size_t)e->ndim * sizeof *e->shape))
-            return db_err_set(err, DB_EFORMAT, "%s: '%s' has another shape than the model's", file, name);
-        if (!w->ctx) { /* host (CPU) weights: straight in */
-            if (db_tindex_read(ix, (size_t)k, w->data + e->offset, DB_F32, err))
-                return db_err_prefix(err, "%s", file);
-            continue;
+        if (read_one(ix, file, kind, prefix, e->name, DB_F32, e->ndim, e->shape, w->data + e->offset, w->ctx, err))
+            return -1;
+    }
+    return 0;
+}
+
+/* Read the 8-bit moments of weights w (wjob_q8's names) into q. */
+static int read_q8(const db_tindex *ix, const char *file, const db_weights *w, const db_q8_state *q,
+                   const char *prefix, db_err *err)
+{
+    for (size_t k = 0; k < w->ix.n; k++) {
+        const db_tentry *e = &w->ix.v[k];
+        const db_q8_tensor *t = &q->t[k];
+        int rc;
+        if (!t->q8)
+            rc = read_one(ix, file, "exp_avg/", prefix, e->name, DB_F32, e->ndim, e->shape, q->m32 + t->off,
+                          q->ctx, err) ||
+                 read_one(ix, file, "exp_avg_sq/", prefix, e->name, DB_F32, e->ndim, e->shape, q->v32 + t->off,
+                          q->ctx, err);
+        else {
+            const int64_t nb[1] = {(int64_t)((t->n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK)};
+            rc = read_one(ix, file, "exp_avg.q8/", prefix, e->name, DB_U8, e->ndim, e->shape, q->m_q + t->off,
+                          q->ctx, err) ||
+                 read_one(ix, file, "exp_avg.absmax/", prefix, e->name, DB_F32, 1, nb, q->m_absmax + t->boff,
+                          q->ctx, err) ||
+                 read_one(ix, file, "exp_avg_sq.q8/", prefix, e->name, DB_U8, e->ndim, e->shape, q->v_q + t->off,
+                          q->ctx, err) ||
+                 read_one(ix, file, "exp_avg_sq.absmax/", prefix, e->name, DB_F32, 1, nb, q->v_absmax + t->boff,
+                          q->ctx, err);
         }
-        /* device weights: through a host copy of the one tensor */
-        const size_t bytes = (size_t)db_shape_numel(e->ndim, e->shape) * sizeof(float);
-        float *h = malloc(bytes ? bytes : 1);
-        if (!h)
-            return db_err_set(err, DB_ENOMEM, "%s: out of memory for '%s'", file, name);
-        int rc = db_tindex_read(ix, (size_t)k, h, DB_F32, err);
-        if (!rc && db_ctx_copy(w->ctx, w->data + e->offset, h, bytes, DB_COPY_H2D))
-            rc = db_err_set(err, w->ctx->err.code, "%s", w->ctx->err.msg);
-        free(h);
         if (rc)
-            return db_err_prefix(err, "%s", file);
+            return -1;
     }
     return 0;
 }
@@ -285,15 +395,29 @@ int db_train_ckpt_load(const char *ckpt_dir, const db_train_state *st, json_t **
                    text_in_file ? "training" : "without training", st->text ? "trains" : "does not train");
         goto out;
     }
+    /* the moments of one optimizer do not convert into the other's: a
+     * checkpoint without "optimizer" is from before there was a choice */
+    const char *ofile = json_string_value(json_object_get(*state, "optimizer"));
+    if (!ofile)
+        ofile = db_optim_name(DB_OPTIM_ADAMW);
+    if (strcmp(ofile, db_optim_name(st->optimizer)) != 0) {
+        db_err_set(err, DB_EUSAGE, "%s: the checkpoint was made with --optimizer %s, this run uses %s: its "
+                   "optimizer state does not convert; resume with --optimizer %s, or start a new run (-o)",
+                   ps, ofile, db_optim_name(st->optimizer), ofile);
+        goto out;
+    }
     if (db_safetensors_open(&ms, pm, NULL, -1, &mix, err) || db_safetensors_open(&os, po, NULL, -1, &oix, err))
         goto out;
     const char *up = db_comp_prefix(DB_COMP_UNET), *tp = db_comp_prefix(DB_COMP_TEXT);
-    if (read_group(&mix, pm, st->unet, up, "", err) || read_group(&oix, po, st->unet_m, up, "exp_avg/", err) ||
-        read_group(&oix, po, st->unet_v, up, "exp_avg_sq/", err))
+    if (read_group(&mix, pm, st->unet, up, "", err) ||
+        (st->unet_q8 ? read_q8(&oix, po, st->unet, st->unet_q8, up, err)
+                     : read_group(&oix, po, st->unet_m, up, "exp_avg/", err) ||
+                           read_group(&oix, po, st->unet_v, up, "exp_avg_sq/", err)))
         goto out;
     if (st->text && (read_group(&mix, pm, st->text, tp, "", err) ||
-                     read_group(&oix, po, st->text_m, tp, "exp_avg/", err) ||
-                     read_group(&oix, po, st->text_v, tp, "exp_avg_sq/", err)))
+                     (st->text_q8 ? read_q8(&oix, po, st->text, st->text_q8, tp, err)
+                                  : read_group(&oix, po, st->text_m, tp, "exp_avg/", err) ||
+                                        read_group(&oix, po, st->text_v, tp, "exp_avg_sq/", err))))
         goto out;
     rc = 0;
 out:

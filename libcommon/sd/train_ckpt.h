@@ -6,11 +6,18 @@
  *                          cond_stage_model.transformer.text_model.* when the
  *                          text encoder is trained); __metadata__ format
  *                          "dreambooth-c/ckpt", step, base_model_hash
- *   optimizer.safetensors  exp_avg/<name>, exp_avg_sq/<name> (AdamW moments)
+ *   optimizer.safetensors  exp_avg/<name>, exp_avg_sq/<name> (AdamW moments,
+ *                          fp32); with 8-bit AdamW (__metadata__ and state.json
+ *                          "optimizer": "adamw8bit") a tensor of 4096 elements
+ *                          or more has instead exp_avg.q8/<name> and
+ *                          exp_avg_sq.q8/<name> (uint8 codes, the tensor's
+ *                          shape) and exp_avg.absmax/<name>,
+ *                          exp_avg_sq.absmax/<name> (fp32 scales, one per
+ *                          256 elements; see optim.h)
  *   state.json             format, version, step, optimizer_step,
  *                          loss_scale and growth_tracker (fp16 runs),
- *                          base_model(+_hash), train_text_encoder, loss,
- *                          lr, rng, data
+ *                          base_model(+_hash), train_text_encoder, optimizer,
+ *                          loss, lr, rng, data
  *   config.json            the run's resolved configuration
  *
  * The directory is written under a hidden temporary name beside its final
@@ -39,7 +46,8 @@ int db_train_ckpt_save(const char *run_dir, const db_train_state *st, const char
 
 /* Read a checkpoint into the trainer's buffers (st from db_trainer_state):
  * every tensor must be present with its shape; a text encoder in the file
- * but frozen in st (or the reverse) is refused.  *state and *config get
+ * but frozen in st (or the reverse) is refused, and so is a checkpoint of
+ * another optimizer (state.json "optimizer"; absent means adamw).  *state and *config get
  * the JSON (caller decrefs). */
 int db_train_ckpt_load(const char *ckpt_dir, const db_train_state *st, json_t **state, json_t **config,
                        db_err *err);

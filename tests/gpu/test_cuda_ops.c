@@ -17,6 +17,8 @@
  * to the CPU's libcommon/sd/optim.c, not just close: AdamW's p, m and v after
  * each of three steps (t = 1, 2, 3), the double sum of squares, the scaled
  * gradients; sizes off the 4096-element chunk and the block size included.
+ * So must opt_adamw8bit: p, the uint8 codes and the block scales after each
+ * of four steps.
  *
  * No CUDA toolchain here: the library is dlopen'd ($B/lib, else
  * $TOP/build/lib, else ../../lib next to this binary) and reached through
@@ -1268,6 +1270,59 @@ static void t_scale(size_t n, float coef)
     release_all();
 }
 
+/* device bytes d must equal want (n bytes) */
+static void cmp_bytes(const char *what, const char *tensor, const uint8_t *d, const uint8_t *want, size_t n)
+{
+    uint8_t *got = hkeep(malloc(n + 1));
+    api->copy(&g, got, d, n, DB_COPY_D2H);
+    size_t bad = n;
+    for (size_t i = 0; i < n && bad == n; i++)
+        if (got[i] != want[i])
+            bad = i;
+    tap_ok(bad == n, "%s %s: bit-identical to the CPU", what, tensor);
+    if (bad != n)
+        tap_diag("  first difference at %zu: cuda %u cpu %u", bad, got[bad], want[bad]);
+}
+
+/* 8-bit AdamW (opt_adamw8bit): four steps from the zero state, a fresh
+ * gradient each step (every other step scaled by `spread` per block, so the
+ * blocks' scales differ by orders of magnitude); p, both code arrays and both
+ * scale arrays bit-identical after every step. */
+static void t_adamw8bit(size_t n, double lr, double wd, float spread)
+{
+    char what[160];
+    snprintf(what, sizeof what, "opt_adamw8bit N%zu lr %g wd %g spread %g", n, lr, wd, (double)spread);
+    if (!have((const void *)api->opt_adamw8bit, what))
+        return;
+    db_adamw hp = db_adamw_defaults(lr);
+    hp.weight_decay = wd;
+    db_q8_maps maps;
+    db_q8_maps_make(&maps);
+    const size_t nb = (n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
+    float *p = hrand(n, 1), *ma = hzeros(nb), *va = hzeros(nb);
+    uint8_t *mq = hkeep(calloc(n + 1, 1)), *vq = hkeep(calloc(n + 1, 1));
+    float *dp = dputf(p, n), *dma = dputf(ma, nb), *dva = dputf(va, nb);
+    uint8_t *dmq = dput(mq, n), *dvq = dput(vq, n);
+    for (int64_t t = 1; t <= 4; t++) {
+        char step[200];
+        snprintf(step, sizeof step, "%s t%lld", what, (long long)t);
+        float *gr = hrand(n, 0.05f);
+        if (t % 2 == 0)
+            for (size_t i = 0; i < n; i++)
+                gr[i] = gr[i] * powf(spread, (float)(i / DB_Q8_BLOCK % 5));
+        if (!cpu_ran(db_opt_adamw8bit(cpu, p, mq, vq, ma, va, gr, n, &hp, t, &maps), step))
+            break;
+        if (!gpu_ran(api->opt_adamw8bit(&g, dp, dmq, dvq, dma, dva, dputf(gr, n), n, &hp, t, &maps), step))
+            break;
+        cmp_bits(step, "p", dp, p, n);
+        cmp_bytes(step, "m codes", dmq, mq, n);
+        cmp_bytes(step, "v codes", dvq, vq, n);
+        cmp_bits(step, "m absmax", dma, ma, nb);
+        cmp_bits(step, "v absmax", dva, va, nb);
+    }
+    release_all();
+}
+
 /* ---- main ------------------------------------------------------------------------------------- */
 
 static void *open_lib(char *path, size_t n)
@@ -1545,6 +1600,14 @@ int main(void)
         t_sumsq((size_t)12345679, 0.02f);
         t_scale((size_t)12345679, 0.999f);
     }
+    /* 8-bit AdamW: one element, one partial block, whole blocks, a partial
+     * last block past the 4096-element min_8bit_size; blocks scaled apart */
+    static const size_t q8_n[] = {1, 255, 256, 3 * 256, 4097};
+    for (size_t k = 0; k < sizeof q8_n / sizeof q8_n[0]; k++)
+        t_adamw8bit(q8_n[k], 1e-3, 1e-2, 0.1f);
+    t_adamw8bit(1001, 5e-6, 0.0, 1e-3f);
+    if (!quick)
+        t_adamw8bit((size_t)320 * 320 * 9 + 5, 1e-3, 1e-2, 0.01f);
 
     api->ctx_destroy(&g);
     db_ctx_destroy(cpu);
