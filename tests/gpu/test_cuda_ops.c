@@ -1182,8 +1182,25 @@ static void t_shadow(void)
     }
     const db_adamw hp = db_adamw_defaults(1e-2);
     const char *stage[] = {"first use", "after the fused AdamW", "after a second AdamW",
-                           "after a copy into the buffer", "in the other compute type", "in fp32"};
-    for (int k = 0; k < 6; k++) {
+                           "after a copy into the buffer", "in the other compute type", "in fp32",
+                           "after an 8-bit AdamW step (bf16)"};
+    db_q8_maps maps;
+    db_q8_maps_make(&maps);
+    const size_t nb = (nw + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
+    uint8_t *q1 = dput(hzeros(nw), nw), *q2 = dput(hzeros(nw), nw), *q3 = dput(hzeros(nw), nw),
+            *q4 = dput(hzeros(nw), nw);
+    float *a1 = dputf(hzeros(nb), nb), *a2 = dputf(hzeros(nb), nb), *a3 = dputf(hzeros(nb), nb),
+          *a4 = dputf(hzeros(nb), nb);
+    for (int k = 0; k < (api->opt_adamw8bit ? 7 : 6); k++) {
+        if (k == 6) { /* the 8-bit step is not fused with the working copy: it must go stale */
+            float *y0 = dpoison(ny); /* the copy was last built in fp16: current in bf16 first */
+            if (!gpu_ran(IN_PREC(DB_PREC_BF16, api->linear_forward(&g, y0, dx, dw + 7, NULL, N, C, OC)), what))
+                break;
+            float *gr = dputf(hrand(nw, 0.05f), nw);
+            if (!gpu_ran(api->opt_adamw8bit(&g, dw, q1, q2, a1, a2, gr, nw, &hp, 1, &maps), what) ||
+                !gpu_ran(api->opt_adamw8bit(&g, du, q3, q4, a3, a4, gr, nw, &hp, 1, &maps), what))
+                break;
+        }
         char step[200];
         snprintf(step, sizeof step, "%s: linear on declared vs undeclared weights, %s", what, stage[k]);
         if (k == 1 || k == 2) { /* the same update on both */
