@@ -70,6 +70,9 @@ for i in $(seq 9); do
     fi
     $TR "$@" 2>/dev/null &
     pid=$!
+    # the random moment counts from when the run has its directory: on a
+    # loaded machine start-up alone can take longer than the whole range
+    for _ in $(seq 1500); do [ -d "$K" ] || ! kill -0 $pid 2>/dev/null && break; sleep 0.02; done
     sleep "0.$((RANDOM % 6 + 2))$((RANDOM % 10))"
     kill -9 $pid 2>/dev/null && kills=$((kills + 1))
     wait $pid 2>/dev/null
@@ -86,7 +89,10 @@ done
 echo "# $kills of 9 kills landed (the other runs had ended); $mid left a checkpoint temporary behind (killed mid-write); $cleaned temporaries removed by the next start"
 check "after every kill the newest complete checkpoint loads" "[ $loadable = 9 ]"
 stale=$(ls -d "$K"/.ckpt-*.tmp-* 2>/dev/null)
-ok "--resume to the end after the kills" $TR --resume "$K"
+# (nine kills before any checkpoint, possible on a very slow machine, leave
+# nothing to resume: then the run starts over, which is what a user gets)
+if db-ckpt info "$K" >/dev/null 2>&1; then set -- --resume "$K"; else rm -rf "$K"; set -- --steps 16 --save-every 1 --keep-last 2 -o "$K"; fi
+ok "--resume to the end after the kills" $TR "$@"
 check "the next start removed the temporaries" "[ -z \"\$(ls -d '$K'/.ckpt-*.tmp-* 2>/dev/null)\" ]"
 check "--keep-last 2 left ckpt-000015 and 16" "[ \"\$(ckpts '$K')\" = 'ckpt-000015 ckpt-000016 ' ]"
 check "killed 9 times == straight + extended (bytes)" same "$T/A/ckpt-000016" "$K/ckpt-000016"
