@@ -487,9 +487,12 @@ static void plan(run *r, int lh, int lw)
          * program, the data, the staging copies of the batch, and for a
          * moment while loading one component's fp32 weights (the staging
          * buffer of db_weights_load_ctx). */
-        db_train_device_plan d32, d16;
-        db_unet_train_device_plan(a, B, lh, lw, T, r->o.train_text, r->o.grad_ckpt, DB_PREC_F32, &d32);
-        db_unet_train_device_plan(a, B, lh, lw, T, r->o.train_text, r->o.grad_ckpt, DB_PREC_BF16, &d16);
+        db_train_device_plan d;
+        const int prec = db_precision_parse(r->o.precision) > 0 ? db_precision_parse(r->o.precision) : DB_PREC_F32;
+        db_unet_train_device_plan(a, B, lh, lw, T, r->o.train_text, r->o.grad_ckpt, (db_precision)prec, &d);
+        /* the optimizer's state as this run keeps it (8-bit moments: adam) */
+        d.total = d.total - d.moments + adam;
+        d.moments = adam;
         const size_t stage = pu > pt ? pu : pt, host = base + stage + data + bufs;
         printf("  host\n");
         printf("  %-34s %10.1f MiB\n", "program, libraries, tokenizer", base / MB);
@@ -498,17 +501,21 @@ static void plan(run *r, int lh, int lw)
         printf("  %-34s %10.1f MiB\n", "batch buffers", bufs / MB);
         printf("  %-34s %10.1f MiB\n", "predicted peak", host / MB);
         printf("  device %s\n", r->o.device);
-        printf("  %-34s %10.1f MiB\n", "weights (UNet + text encoder, fp32)", d32.weights / MB);
-        printf("  %-34s %10.1f MiB\n", "gradients", d32.grads / MB);
-        printf("  %-34s %10.1f MiB\n", "AdamW moments", d32.moments / MB);
-        printf("  %-34s %10.1f MiB\n", "UNet activations + gradients", d32.unet_act / MB);
-        printf("  %-34s %10.1f MiB\n", "text encoder activations", d32.text_act / MB);
-        printf("  %-34s %10.1f MiB\n", "batch buffers", d32.batch / MB);
-        printf("  %-34s %10.1f MiB\n", "cuDNN workspace allowance", d32.conv_ws / MB);
-        printf("  %-34s %10.1f MiB\n", "allocator rounding", d32.rounding / MB);
-        printf("  %-34s %10.1f MiB\n", "bf16/fp16 conversion scratch", d16.convert / MB);
-        printf("  %-34s %10.1f MiB\n", "predicted device peak (fp32)", d32.total / MB);
-        printf("  %-34s %10.1f MiB\n", "predicted device peak (bf16/fp16)", d16.total / MB);
+        printf("  %-34s %10.1f MiB\n", "weights (UNet + text encoder, fp32)", d.weights / MB);
+        printf("  %-34s %10.1f MiB\n", "gradients", d.grads / MB);
+        printf("  %-34s %10.1f MiB\n", ok == DB_OPTIM_ADAMW8BIT ? "AdamW moments (8-bit)" : "AdamW moments",
+               d.moments / MB);
+        printf("  %-34s %10.1f MiB\n", "UNet activations + gradients", d.unet_act / MB);
+        printf("  %-34s %10.1f MiB\n", "text encoder activations", d.text_act / MB);
+        printf("  %-34s %10.1f MiB\n", "batch buffers", d.batch / MB);
+        printf("  %-34s %10.1f MiB\n", "cuDNN workspace allowance", d.conv_ws / MB);
+        if (prec != DB_PREC_F32) {
+            printf("  %-34s %10.1f MiB\n", "weights' 16-bit working copy", d.shadow / MB);
+            printf("  %-34s %10.1f MiB\n", "16-bit conversion scratch", d.convert / MB);
+        }
+        printf("  %-34s %10.1f MiB\n", "allocator rounding", d.rounding / MB);
+        printf("  %-34s %10.1f MiB  (%s)\n", "predicted device peak", d.total / MB,
+               db_precision_name((db_precision)prec));
         return;
     }
     printf("  %-34s %10.1f MiB\n", "program, libraries, tokenizer", base / MB);

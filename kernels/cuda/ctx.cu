@@ -36,6 +36,10 @@ int db_cuda_fail(db_ctx *c, int code, const char *file, int line, const char *fm
 // Rounds bytes up to its class size; returns the class index.
 static int size_class(size_t bytes, size_t *rounded)
 {
+    if (bytes >= DB_CUDA_LARGE) {
+        *rounded = (bytes + DB_CUDA_LARGE_GRAIN - 1) / DB_CUDA_LARGE_GRAIN * DB_CUDA_LARGE_GRAIN;
+        return DB_CUDA_LARGE_CLASS;
+    }
     size_t b = bytes < 256 ? 256 : (bytes + 255) & ~(size_t)255;
     int lg = 63 - __builtin_clzll((unsigned long long)b); // 2^lg <= b < 2^(lg+1)
     size_t p = (size_t)1 << lg, step = p / 4 < 256 ? 256 : p / 4;
@@ -147,10 +151,20 @@ void *db_cuda_alloc(db_ctx *c, size_t bytes)
     size_t rounded;
     int k = size_class(bytes, &rounded);
     void *p = NULL;
-    if (st->free_list[k]) {
-        db_cuda_block *b = st->free_list[k];
-        st->free_list[k] = b->next;
+    db_cuda_block **from = NULL; // the cached block to reuse: its link
+    if (k == DB_CUDA_LARGE_CLASS) { // best fit among the large ones, at most 1/8 over
+        for (db_cuda_block **l = &st->free_list[k]; *l; l = &(*l)->next)
+            if ((*l)->bytes >= rounded && (*l)->bytes - rounded <= rounded / 8 &&
+                (!from || (*l)->bytes < (*from)->bytes))
+                from = l;
+    } else if (st->free_list[k]) {
+        from = &st->free_list[k];
+    }
+    if (from) {
+        db_cuda_block *b = *from;
+        *from = b->next;
         p = b->p;
+        rounded = b->bytes; // a large block keeps its own size
         st->cached_bytes -= b->bytes;
         free(b);
     } else {

@@ -21,8 +21,14 @@
 
 #include "kernels/cuda_api.h"
 
-// Allocator size classes: 4 per power of two (<= 25% waste), 256 B minimum.
-enum { DB_CUDA_NCLASS = 4 * 64 };
+// Allocator size classes: 4 per power of two (<= 25% waste), 256 B minimum;
+// blocks of DB_CUDA_LARGE bytes or more (weights, gradients, moments,
+// workspaces: a few GiB each for SD1.5, where a quarter would be ~1 GiB)
+// are sized to 2 MiB and kept in one extra list, reused best-fit by a
+// request at most 1/8 smaller.
+enum { DB_CUDA_NCLASS = 4 * 64 + 1, DB_CUDA_LARGE_CLASS = 4 * 64 };
+#define DB_CUDA_LARGE ((size_t)256 << 20)
+#define DB_CUDA_LARGE_GRAIN ((size_t)2 << 20)
 
 struct db_cuda_block { // a cached (free) device block
     void *p;

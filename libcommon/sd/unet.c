@@ -910,6 +910,8 @@ size_t db_unet_allocated_bytes(const db_unet *u) { return floats_to_bytes(u->ws_
  * granules, then 4 classes per power of two, so at most 25 % over. */
 static size_t cuda_rounded(size_t bytes)
 {
+    if (bytes >= (size_t)256 << 20) /* kernels/cuda/cuda.h DB_CUDA_LARGE: 2 MiB grains */
+        return (bytes + ((size_t)2 << 20) - 1) / ((size_t)2 << 20) * ((size_t)2 << 20);
     size_t b = bytes < 256 ? 256 : (bytes + 255) & ~(size_t)255;
     int lg = 63 - __builtin_clzll((unsigned long long)b);
     size_t p = (size_t)1 << lg, granule = p / 4 < 256 ? 256 : p / 4;
@@ -975,6 +977,7 @@ size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, i
         im2col = col > im2col ? col : im2col;
     }
     p->convert = prec == DB_PREC_F32 ? 0 : 2 * op * 2;
+    p->shadow = prec == DB_PREC_F32 ? 0 : (pu + pt) / 2;
     p->conv_ws = im2col;
     /* the allocations as the allocator sizes them: one each for the
      * weights, gradients and moments of a component, the two UNet
@@ -987,6 +990,6 @@ size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, i
             raw += allocs[i], rounded += cuda_rounded(allocs[i]);
     p->rounding = rounded - raw + (p->convert + p->conv_ws) / 4;
     p->total = p->weights + p->grads + p->moments + p->unet_act + p->text_act + p->batch + p->convert + p->conv_ws +
-               p->rounding;
+               p->shadow + p->rounding;
     return p->total;
 }

@@ -136,7 +136,9 @@ typedef struct db_train_device_plan {
     size_t batch;       /* the trainer's latent, timestep and context buffers */
     size_t convert;     /* bf16/fp16: the largest op's operands in the compute type (0 for fp32) */
     size_t conv_ws;     /* cuDNN workspace allowance: the largest conv's im2col buffer */
-    size_t rounding;    /* the caching allocator's size classes (at most 25 % of a request) */
+    size_t shadow;      /* bf16/fp16: the weights' 16-bit working copy (db_ctx_declare_weights) */
+    size_t rounding;    /* the caching allocator's size classes (at most 25 % of a request;
+                           2 MiB grains from 256 MiB up) */
     size_t total;
 } db_train_device_plan;
 size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, int train_text, int checkpointing,

@@ -1224,6 +1224,38 @@ static void t_shadow(void)
     release_all();
 }
 
+/* The allocator's large blocks (kernels/cuda/cuda.h DB_CUDA_LARGE): sized to
+ * 2 MiB rather than a quarter-power-of-two class, and a freed one serves a
+ * request up to 1/8 smaller. */
+static void t_alloc_large(void)
+{
+    const char *what = "allocator, large blocks";
+    if (!have((const void *)api->mem_stats, what))
+        return;
+    const size_t MiB = (size_t)1 << 20;
+    db_mem_stats s0, s1, s2, s3;
+    api->mem_stats(&g, &s0);
+    void *a = api->alloc(&g, 300 * MiB + 1);
+    api->mem_stats(&g, &s1);
+    tap_ok(a && s1.in_use - s0.in_use == 302 * MiB, "%s: 300 MiB + 1 byte takes %zu MiB (2 MiB grains: 302)", what,
+           (s1.in_use - s0.in_use) / MiB);
+    api->free(&g, a);
+    void *b = api->alloc(&g, 280 * MiB);
+    api->mem_stats(&g, &s2);
+    tap_ok(b == a && s2.reserved == s1.reserved,
+           "%s: a freed 302 MiB block serves 280 MiB (within 1/8) without a new allocation", what);
+    api->free(&g, b);
+    void *c = api->alloc(&g, 200 * MiB); /* a small class: not from the large list */
+    void *d = api->alloc(&g, 260 * MiB); /* large, but 302 is more than 1/8 over */
+    api->mem_stats(&g, &s3);
+    tap_ok(d != a && s3.reserved > s2.reserved, "%s: 260 MiB does not take the 302 MiB block (over 1/8 larger)",
+           what);
+    api->free(&g, c);
+    api->free(&g, d);
+    if (api->ctx_trim)
+        api->ctx_trim(&g);
+}
+
 /* three AdamW steps (t = 1, 2, 3) from m = v = 0, a fresh gradient each step */
 static void t_adamw(size_t n, double lr, double wd)
 {
@@ -1607,6 +1639,7 @@ int main(void)
     t_adamw(1001, 5e-6, 0.0); /* the DreamBooth lr, no decay */
     t_adamw(1001, 0.5, 0.3);  /* large steps: bigger updates, subnormal-free */
     t_shadow();
+    t_alloc_large();
     t_sumsq(0, 1.0f);
     t_sumsq(33 * 4096 + 1000, 1e-3f);
     t_sumsq(70 * 4096, 30.0f);
