@@ -230,34 +230,41 @@ int main(void)
         printf("# bench_cuda_ops: no CUDA device (%s)\n", err.msg);
         return 0;
     }
-    printf("| op (fp32) | ms | rate | |\n|---|---|---|---|\n");
-    if (api->conv2d_forward) {
-        conv_case(&g, 2, 320, 64, 64, 320, 3, 1, 1, 1, 0);
-        conv_case(&g, 2, 640, 32, 32, 640, 3, 1, 1, 1, 0);
-        conv_case(&g, 2, 1280, 16, 16, 1280, 3, 1, 1, 1, 0);
-        conv_case(&g, 2, 1280, 8, 8, 1280, 3, 1, 1, 1, 0);
-        conv_case(&g, 1, 128, 512, 512, 128, 3, 1, 1, 1, 0); /* VAE decoder top */
+    /* every case in fp32, then the matmul-class ones in bf16 (tensor
+     * cores; kernels/ops.h db_precision): the table's ratio of the two is
+     * the speed-up the precision mode buys per op */
+    for (int pass = 0; pass < 2; pass++) {
+        g.precision = pass ? DB_PREC_BF16 : DB_PREC_F32;
+        printf("%s| op (%s) | ms | rate | |\n|---|---|---|---|\n", pass ? "\n" : "", pass ? "bf16" : "fp32");
+        if (api->conv2d_forward) {
+            conv_case(&g, 2, 320, 64, 64, 320, 3, 1, 1, 1, 0);
+            conv_case(&g, 2, 640, 32, 32, 640, 3, 1, 1, 1, 0);
+            conv_case(&g, 2, 1280, 16, 16, 1280, 3, 1, 1, 1, 0);
+            conv_case(&g, 2, 1280, 8, 8, 1280, 3, 1, 1, 1, 0);
+            conv_case(&g, 1, 128, 512, 512, 128, 3, 1, 1, 1, 0); /* VAE decoder top */
+        }
+        if (api->conv2d_backward)
+            conv_case(&g, 2, 320, 64, 64, 320, 3, 1, 1, 1, 1);
+        if (api->gemm_forward) {
+            gemm_case(&g, 1, 4096, 4096, 4096, 0, 0);
+            gemm_case(&g, 16, 4096, 4096, 40, 0, 1); /* attention scores as a batched GEMM */
+        }
+        if (api->linear_forward) {
+            linear_case(&g, 8192, 320, 1280, 0);
+            linear_case(&g, 8192, 1280, 320, 0);
+        }
+        if (api->linear_backward)
+            linear_case(&g, 8192, 320, 1280, 1);
+        if (api->attention_forward) {
+            attn_case(&g, 2, 4096, 4096, 8, 40, 0);
+            attn_case(&g, 2, 4096, 77, 8, 40, 0);
+            attn_case(&g, 2, 1024, 1024, 8, 80, 0);
+            attn_case(&g, 2, 77, 77, 12, 64, 1);
+        }
+        if (api->groupnorm_forward && !pass) /* not a matmul-class op: fp32 in every mode */
+            groupnorm_case(&g, 2, 320, 4096, 32);
     }
-    if (api->conv2d_backward)
-        conv_case(&g, 2, 320, 64, 64, 320, 3, 1, 1, 1, 1);
-    if (api->gemm_forward) {
-        gemm_case(&g, 1, 4096, 4096, 4096, 0, 0);
-        gemm_case(&g, 16, 4096, 4096, 40, 0, 1); /* attention scores as a batched GEMM */
-    }
-    if (api->linear_forward) {
-        linear_case(&g, 8192, 320, 1280, 0);
-        linear_case(&g, 8192, 1280, 320, 0);
-    }
-    if (api->linear_backward)
-        linear_case(&g, 8192, 320, 1280, 1);
-    if (api->attention_forward) {
-        attn_case(&g, 2, 4096, 4096, 8, 40, 0);
-        attn_case(&g, 2, 4096, 77, 8, 40, 0);
-        attn_case(&g, 2, 1024, 1024, 8, 80, 0);
-        attn_case(&g, 2, 77, 77, 12, 64, 1);
-    }
-    if (api->groupnorm_forward)
-        groupnorm_case(&g, 2, 320, 4096, 32);
+    g.precision = DB_PREC_F32;
     api->ctx_destroy(&g);
     return 0;
 }

@@ -167,8 +167,8 @@ RESERVE=$BENCH_RESERVE stage tools tools.txt 90 bash "$SELF" --tools
 echo "== attention on tensor cores vs the fp32 kernel at SD1.5 shapes (DB_BENCH=1 test_attention_tc)"
 RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 30 env DB_BENCH=1 B="$PWD/build" \
     build/tests/gpu/test_attention_tc
-echo "== bench_cuda_ops (fp32, cudaEvent medians)"
-RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 45 env B="$PWD/build" build/tests/gpu/bench_cuda_ops
+echo "== bench_cuda_ops (fp32, then bf16 for the matmul-class ops; cudaEvent medians)"
+RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 60 env B="$PWD/build" build/tests/gpu/bench_cuda_ops
 # make bench-cuda writes bench_sd.txt, bench_torch.txt and bench.md into $OUT
 # itself; its two programs get their own timeouts (made to fit here too)
 sd=$(left 150)
