@@ -112,6 +112,10 @@ typedef struct db_ctx {
     void *cuda;
     void *cuda_lib;   /* dlopen handle */
     int cuda_device;  /* N of cuda:N */
+    /* DB_CPU_STRICT: its buffers (mmap'd, PROT_NONE outside the ops) and
+     * how deep in an op the ctx is; NULL / 0 otherwise */
+    struct db_strict *strict;
+    int strict_depth;
 } db_ctx;
 
 /* Create a context for `device` with `threads` workers (0 = every online core).
@@ -125,6 +129,14 @@ int db_ctx_create(db_ctx **out, db_device device, int threads, db_err *err);
  * (../lib/libdb_cuda.so, as --version finds it), checks its ABI and binds
  * GPU N; a missing library, GPU or ABI match is DB_EUNSUPP with the reason. */
 int db_ctx_create_device(db_ctx **out, const char *device, int threads, db_err *err);
+/* "cpu-strict" (DB_CPU_STRICT), for tests: the CPU ops, but with a GPU's
+ * discipline.  Every db_ctx_alloc buffer is its own mapping that no one may
+ * read or write except an op or db_ctx_copy/zero of this ctx (mprotect
+ * PROT_NONE between them), and model code treats the ctx as a device (it
+ * stages through host buffers as it does for CUDA).  So host code that
+ * touches device memory directly, or a copy in the wrong direction, crashes
+ * at once, here, as it would on a GPU, where it would be lent minutes to
+ * find it.  Slow (two mprotect per buffer per op); the numbers are the CPU's. */
 void db_ctx_destroy(db_ctx *c);
 /* Set the compute precision (above) for the ops called after it. */
 void db_ctx_set_precision(db_ctx *c, db_precision p);

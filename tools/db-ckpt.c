@@ -39,7 +39,7 @@ typedef struct common_opts {
     {"config", 0, DB_OPT_STR, "DIR", "diffusers-style config folder for a single-file model", &(c).config, \
      NULL, 0},                                                                                              \
         {"threads", 0, DB_OPT_INT, "N", "worker threads (0: all cores)", &(c).threads, "0", 0},             \
-        {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device", &(c).device, "cpu", 0},                 \
+        {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device (cpu-strict: the CPU with a GPU's memory discipline, for tests)", &(c).device, "cpu", 0},                 \
         {"quiet", 'q', DB_OPT_FLAG, NULL, "only errors on stderr", &(c).quiet, NULL, 0},                    \
         {"verbose", 'v', DB_OPT_FLAG, NULL, "more detail on stderr", &(c).verbose, NULL, 0}
 

@@ -465,7 +465,7 @@ int main(int argc, char **argv)
         {"skip-bad", 0, DB_OPT_FLAG, NULL, "skip unreadable photos with a warning instead of failing", &p.skip_bad,
          NULL, 0},
         {"threads", 0, DB_OPT_INT, "N", "worker threads (0: all cores)", &threads, "0", 0},
-        {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device", &device, "cpu", 0},
+        {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device (cpu-strict: the CPU with a GPU's memory discipline, for tests)", &device, "cpu", 0},
         {"precision", 0, DB_OPT_STR, "fp32|bf16|fp16", "compute type of the VAE encoder's convolutions and "
          "attention (autocast; weights stay fp32; on the CPU an emulation, slower)", &precision, "fp32", 0},
         {"quiet", 'q', DB_OPT_FLAG, NULL, "only errors on stderr", &p.quiet, NULL, 0},

@@ -420,7 +420,7 @@ static int generate_main(int argc, char **argv)
         {"png-dir", 0, DB_OPT_STR, "DIR", "also decode previews to DIR/prior-NNNNNN.png", &png_dir, NULL, 0},
         {"config", 0, DB_OPT_STR, "DIR", "diffusers-style config folder for a single-file model", &config, NULL, 0},
         {"threads", 0, DB_OPT_INT, "N", "worker threads (0: all cores)", &threads, "0", 0},
-        {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device", &device, "cpu", 0},
+        {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device (cpu-strict: the CPU with a GPU's memory discipline, for tests)", &device, "cpu", 0},
         {"precision", 0, DB_OPT_STR, "fp32|bf16|fp16", "compute type of the matmuls, convolutions and attention "
          "(autocast; weights stay fp32; on the CPU an emulation, slower); part of a sample's settings",
          &precision, "fp32", 0},

@@ -374,13 +374,13 @@ static int micro_batch(run *r, uint64_t u, db_train_stats *s, db_err *err)
     return rc;
 }
 
-/* Are all of w's values finite (w may be NULL)? */
-static int all_finite(const db_weights *w)
+/* Are all of w's values finite (w may be NULL)?  On the weights' device:
+ * their sum of squares (in double, which no float32 values overflow) is
+ * finite exactly when they all are. */
+static int all_finite(db_ctx *c, const db_weights *w)
 {
-    for (size_t i = 0; w && i < w->numel; i++)
-        if (!isfinite(w->data[i]))
-            return 0;
-    return 1;
+    double q = 0;
+    return !w || (db_opt_sumsq(c, &q, w->data, w->numel) == 0 && isfinite(q));
 }
 
 static int save(run *r, const db_train_stats *s, db_err *err)
@@ -389,7 +389,7 @@ static int save(run *r, const db_train_stats *s, db_err *err)
     db_trainer_state(r->tr, &st);
     /* a step can overflow the weights while its loss was finite: such a
      * state is no checkpoint (the next step would call it diverged) */
-    if (!all_finite(st.unet) || !all_finite(st.text))
+    if (!all_finite(r->ctx, st.unet) || !all_finite(r->ctx, st.text))
         return db_err_set(err, DB_ENUMERIC,
                           "step %" PRId64 ": the weights are no longer finite: training diverged%s%s", st.step, r->last_ckpt ? "; the last checkpoint is " : "; no checkpoint was written",
                           r->last_ckpt ? r->last_ckpt : "");
@@ -689,7 +689,7 @@ int main(int argc, char **argv)
         {"threads", 0, DB_OPT_INT, "N", "worker threads (0: all cores)", &o->threads, "0", 0},
         {"log-every", 0, DB_OPT_INT, "N", "a log line every N steps when stderr is not a terminal (0: auto)",
          &o->log_every, "0", 0},
-        {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device", &o->device, "cpu", 0},
+        {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device (cpu-strict: the CPU with a GPU's memory discipline, for tests)", &o->device, "cpu", 0},
         {"precision", 0, DB_OPT_STR, "fp32|bf16|fp16", "compute type of the matmuls, convolutions and attention "
          "(autocast; weights, gradients and AdamW stay fp32; fp16 adds dynamic loss scaling; on the CPU an "
          "emulation, slower); a resume may change it", &o->precision, "fp32", 0},

@@ -7,10 +7,13 @@
  * It lives in kernels/cpu/ only because libdb.a is built from the C files there;
  * nothing in it is CPU specific. */
 #include <dlfcn.h>
+#include <errno.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "kernels/cpu/cpu.h"
 #include "kernels/cuda_api.h"
@@ -53,6 +56,99 @@ static int cuda_open(db_ctx *c, int index, db_err *err)
     return 0;
 }
 
+/* ---- cpu-strict (kernels/ops.h): every buffer its own mapping, closed
+ * (PROT_NONE) except while an op or a copy of its ctx runs ------------------- */
+struct db_strict {
+    void **p;
+    size_t *n;
+    size_t count, cap;
+};
+
+static void strict_protect(db_ctx *c, int prot)
+{
+    struct db_strict *t = c->strict;
+    for (size_t i = 0; i < t->count; i++)
+        if (mprotect(t->p[i], t->n[i], prot) != 0) {
+            /* cannot happen for our own mappings; say so rather than run on unprotected */
+            fprintf(stderr, "cpu-strict: mprotect: %s\n", strerror(errno));
+            abort();
+        }
+}
+
+static db_ctx *strict_enter(db_ctx *c)
+{
+    if (c->strict && c->strict_depth++ == 0)
+        strict_protect(c, PROT_READ | PROT_WRITE);
+    return c;
+}
+
+static void strict_leave(db_ctx **pc)
+{
+    db_ctx *c = *pc;
+    if (c->strict && --c->strict_depth == 0)
+        strict_protect(c, PROT_NONE);
+}
+
+static void *strict_alloc(db_ctx *c, size_t bytes)
+{
+    struct db_strict *t = c->strict;
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE), n = (bytes + page - 1) / page * page + (bytes ? 0 : page);
+    if (t->count == t->cap) {
+        size_t cap = t->cap ? 2 * t->cap : 64;
+        void **p = realloc(t->p, cap * sizeof *p);
+        size_t *nn = p ? realloc(t->n, cap * sizeof *nn) : NULL;
+        if (p)
+            t->p = p;
+        if (!nn) {
+            db_err_set(&c->err, DB_ENOMEM, "out of memory (cpu-strict table)");
+            return NULL;
+        }
+        t->n = nn, t->cap = cap;
+    }
+    void *q = mmap(NULL, n, c->strict_depth ? PROT_READ | PROT_WRITE : PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (q == MAP_FAILED) {
+        db_err_set(&c->err, DB_ENOMEM, "out of memory (%zu MiB)", bytes >> 20);
+        return NULL;
+    }
+    t->p[t->count] = q, t->n[t->count++] = n;
+    return q;
+}
+
+/* p inside one of c's buffers */
+static int strict_owns(db_ctx *c, const void *p)
+{
+    const struct db_strict *t = c->strict;
+    for (size_t i = 0; i < t->count; i++)
+        if ((const char *)p >= (const char *)t->p[i] && (const char *)p < (const char *)t->p[i] + t->n[i])
+            return 1;
+    return 0;
+}
+
+static void strict_free(db_ctx *c, void *q)
+{
+    struct db_strict *t = c->strict;
+    for (size_t i = 0; i < t->count; i++)
+        if (t->p[i] == q) {
+            munmap(q, t->n[i]);
+            t->p[i] = t->p[--t->count], t->n[i] = t->n[t->count];
+            return;
+        }
+    db_err_set(&c->err, DB_EUSAGE, "cpu-strict: free of %p: not a buffer of this ctx", q);
+}
+
+static void strict_destroy(db_ctx *c)
+{
+    struct db_strict *t = c->strict;
+    if (!t)
+        return;
+    for (size_t i = 0; i < t->count; i++)
+        munmap(t->p[i], t->n[i]);
+    free(t->p);
+    free(t->n);
+    free(t);
+    c->strict = NULL;
+}
+
 static int ctx_create(db_ctx **out, db_device device, int index, int threads, db_err *err)
 {
     *out = NULL;
@@ -65,6 +161,11 @@ static int ctx_create(db_ctx **out, db_device device, int index, int threads, db
     c->threads = threads ? threads : omp_get_num_procs();
     switch (device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
+        if (device == DB_CPU_STRICT && !(c->strict = calloc(1, sizeof *c->strict))) {
+            free(c);
+            return db_err_set(err, DB_ENOMEM, "context: out of memory");
+        }
         __builtin_cpu_init();
         c->simd = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                   __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
@@ -98,6 +199,8 @@ int db_ctx_create_device(db_ctx **out, const char *device, int threads, db_err *
     *out = NULL;
     if (!device || !strcmp(device, "cpu"))
         return ctx_create(out, DB_CPU, 0, threads, err);
+    if (!strcmp(device, "cpu-strict"))
+        return ctx_create(out, DB_CPU_STRICT, 0, threads, err);
     if (!strcmp(device, "cuda"))
         return ctx_create(out, DB_CUDA, 0, threads, err);
     int index, used = 0;
@@ -111,6 +214,7 @@ void db_ctx_destroy(db_ctx *c)
     if (!c)
         return;
     db_cpu_free(c);
+    strict_destroy(c);
     if (c->cuda_api && c->cuda_api->ctx_destroy)
         c->cuda_api->ctx_destroy(c);
     if (c->cuda_lib)
@@ -173,7 +277,7 @@ void db_ctx_mem_reset_peak(db_ctx *c)
 
 void db_ctx_trim(db_ctx *c)
 {
-    if (c->device == DB_CPU)
+    if (c->device == DB_CPU || c->device == DB_CPU_STRICT)
         db_cpu_trim(c);
     else if (c->device == DB_CUDA && c->cuda_api->ctx_trim)
         c->cuda_api->ctx_trim(c);
@@ -185,6 +289,8 @@ void *db_ctx_alloc(db_ctx *c, size_t bytes)
 {
     if (c->device == DB_CUDA)
         return c->cuda_api->alloc(c, bytes);
+    if (c->strict)
+        return strict_alloc(c, bytes);
     /* aligned_alloc wants a multiple of the alignment, and 0 would be NULL */
     const size_t n = (bytes + 63) & ~(size_t)63;
     void *p = n >= bytes ? aligned_alloc(64, n ? n : 64) : NULL;
@@ -199,6 +305,8 @@ void db_ctx_free(db_ctx *c, void *p)
         return;
     if (c->device == DB_CUDA)
         c->cuda_api->free(c, p);
+    else if (c->strict)
+        strict_free(c, p);
     else
         free(p);
 }
@@ -209,6 +317,19 @@ int db_ctx_copy(db_ctx *c, void *dst, const void *src, size_t bytes, db_copy_kin
         return -1;
     if (c->device == DB_CUDA)
         return c->cuda_api->copy(c, dst, src, bytes, kind);
+    if (c->strict) { /* each side must be where kind says it is, as cudaMemcpy needs */
+        const int dd = strict_owns(c, dst), sd = strict_owns(c, src);
+        if (bytes && (dd != (kind != DB_COPY_D2H) || sd != (kind != DB_COPY_H2D)))
+            return db_err_set(&c->err, DB_EUSAGE, "cpu-strict: %s copy of %zu bytes from %s memory to %s memory",
+                              kind == DB_COPY_H2D ? "host-to-device" : kind == DB_COPY_D2H ? "device-to-host"
+                                                                                          : "device-to-device",
+                              bytes, sd ? "device" : "host", dd ? "device" : "host");
+        db_ctx *g = strict_enter(c);
+        if (dst != src && bytes)
+            memcpy(dst, src, bytes);
+        strict_leave(&g);
+        return 0;
+    }
     if (dst != src && bytes)
         memcpy(dst, src, bytes);
     return 0;
@@ -220,8 +341,10 @@ int db_ctx_zero(db_ctx *c, void *p, size_t bytes)
         return -1;
     if (c->device == DB_CUDA)
         return c->cuda_api->zero(c, p, bytes);
+    db_ctx *g = strict_enter(c);
     if (bytes)
         memset(p, 0, bytes);
+    strict_leave(&g);
     return 0;
 }
 
@@ -233,11 +356,14 @@ int db_ctx_sync(db_ctx *c)
 }
 
 /* Every op starts with ENTER: a failed ctx stays failed (sticky error). */
-#define ENTER(c)                 \
-    do {                         \
-        if ((c)->err.code != 0)  \
-            return -1;           \
-    } while (0)
+/* ... and on a cpu-strict ctx opens its buffers for the op, closing them
+ * again however the op returns (the cleanup attribute). */
+#define ENTER(c)                                                                \
+    do {                                                                        \
+        if ((c)->err.code != 0)                                                 \
+            return -1;                                                          \
+    } while (0);                                                                \
+    __attribute__((cleanup(strict_leave), unused)) db_ctx *strict_guard_ = strict_enter(c)
 
 /* Argument checks shared by all backends; the message names the op and the
  * condition that failed. */
@@ -268,6 +394,7 @@ int db_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, int ba
     REQUIRE(c, "gemm", Cm && A && B && batch > 0 && M > 0 && N > 0 && K > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         if (c->precision != DB_PREC_F32)
             return db_cpu_ac_gemm_forward(c, Cm, A, B, batch, M, N, K, transa, transb, alpha, beta);
         return db_cpu_gemm_forward(c, Cm, A, B, batch, M, N, K, transa, transb, alpha, beta);
@@ -285,6 +412,7 @@ int db_linear_forward(db_ctx *c, float *out, const float *inp, const float *weig
     REQUIRE(c, "linear", out && inp && weight && N > 0 && C > 0 && OC > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         if (c->precision != DB_PREC_F32)
             return db_cpu_ac_linear_forward(c, out, inp, weight, bias, N, C, OC);
         return db_cpu_linear_forward(c, out, inp, weight, bias, N, C, OC);
@@ -303,6 +431,7 @@ int db_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weig
     REQUIRE(c, "conv2d", stride > 0 && pad0 >= 0 && pad1 >= 0 && H + pad0 + pad1 >= KH && W + pad0 + pad1 >= KW);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         if (c->precision != DB_PREC_F32)
             return db_cpu_ac_conv2d_forward(c, out, inp, weight, bias, B, C, H, W, OC, KH, KW, stride, pad0, pad1);
         return db_cpu_conv2d_forward(c, out, inp, weight, bias, B, C, H, W, OC, KH, KW, stride, pad0, pad1);
@@ -320,6 +449,7 @@ int db_groupnorm_forward(db_ctx *c, float *out, float *mean, float *rstd, const 
     REQUIRE(c, "groupnorm", out && inp && weight && bias && B > 0 && C > 0 && HW > 0 && G > 0 && C % G == 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_groupnorm_forward(c, out, mean, rstd, inp, weight, bias, B, C, HW, G, eps, silu);
     case DB_CUDA:
         return CUDA_OP(c, groupnorm_forward, "groupnorm", out, mean, rstd, inp, weight, bias, B, C, HW, G, eps, silu);
@@ -335,6 +465,7 @@ int db_layernorm_forward(db_ctx *c, float *out, float *mean, float *rstd, const 
     REQUIRE(c, "layernorm", out && inp && weight && bias && N > 0 && C > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_layernorm_forward(c, out, mean, rstd, inp, weight, bias, N, C, eps);
     case DB_CUDA:
         return CUDA_OP(c, layernorm_forward, "layernorm", out, mean, rstd, inp, weight, bias, N, C, eps);
@@ -350,6 +481,7 @@ int db_attention_forward(db_ctx *c, float *out, float *lse, const float *q, cons
     REQUIRE(c, "attention", out && q && k && v && B > 0 && Tq > 0 && Tk > 0 && NH > 0 && HS > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         if (c->precision != DB_PREC_F32)
             return db_cpu_ac_attention_forward(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
         return db_cpu_attention_forward(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
@@ -366,6 +498,7 @@ int db_softmax_forward(db_ctx *c, float *out, const float *inp, int N, int C)
     REQUIRE(c, "softmax", out && inp && N > 0 && C > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_softmax_forward(c, out, inp, N, C);
     case DB_CUDA:
         return CUDA_OP(c, softmax_forward, "softmax", out, inp, N, C);
@@ -380,6 +513,7 @@ int db_silu_forward(db_ctx *c, float *out, const float *inp, size_t N)
     REQUIRE(c, "silu", out && inp);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_silu_forward(c, out, inp, N);
     case DB_CUDA:
         return CUDA_OP(c, silu_forward, "silu", out, inp, N);
@@ -394,6 +528,7 @@ int db_gelu_forward(db_ctx *c, float *out, const float *inp, size_t N, db_gelu_k
     REQUIRE(c, "gelu", out && inp && (kind == DB_GELU_ERF || kind == DB_GELU_TANH));
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_gelu_forward(c, out, inp, N, kind);
     case DB_CUDA:
         return CUDA_OP(c, gelu_forward, "gelu", out, inp, N, kind);
@@ -408,6 +543,7 @@ int db_quick_gelu_forward(db_ctx *c, float *out, const float *inp, size_t N)
     REQUIRE(c, "quick_gelu", out && inp);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_quick_gelu_forward(c, out, inp, N);
     case DB_CUDA:
         return CUDA_OP(c, quick_gelu_forward, "quick_gelu", out, inp, N);
@@ -422,6 +558,7 @@ int db_geglu_forward(db_ctx *c, float *out, const float *inp, int N, int C)
     REQUIRE(c, "geglu", out && inp && N > 0 && C > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_geglu_forward(c, out, inp, N, C);
     case DB_CUDA:
         return CUDA_OP(c, geglu_forward, "geglu", out, inp, N, C);
@@ -436,6 +573,7 @@ int db_add_forward(db_ctx *c, float *out, const float *a, const float *b, size_t
     REQUIRE(c, "add", out && a && b);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_add_forward(c, out, a, b, N);
     case DB_CUDA:
         return CUDA_OP(c, add_forward, "add", out, a, b, N);
@@ -450,6 +588,7 @@ int db_mul_forward(db_ctx *c, float *out, const float *a, const float *b, size_t
     REQUIRE(c, "mul", out && a && b);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_mul_forward(c, out, a, b, N);
     case DB_CUDA:
         return CUDA_OP(c, mul_forward, "mul", out, a, b, N);
@@ -464,6 +603,7 @@ int db_axpby_forward(db_ctx *c, float *out, const float *x, const float *y, floa
     REQUIRE(c, "axpby", out && x && (y || beta == 0.0f));
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_axpby_forward(c, out, x, y, alpha, beta, N);
     case DB_CUDA:
         return CUDA_OP(c, axpby_forward, "axpby", out, x, y, alpha, beta, N);
@@ -478,6 +618,7 @@ int db_add_channel_forward(db_ctx *c, float *out, const float *inp, const float 
     REQUIRE(c, "add_channel", out && inp && vec && B > 0 && C > 0 && HW > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_add_channel_forward(c, out, inp, vec, B, C, HW);
     case DB_CUDA:
         return CUDA_OP(c, add_channel_forward, "add_channel", out, inp, vec, B, C, HW);
@@ -492,6 +633,7 @@ int db_concat_channels_forward(db_ctx *c, float *out, const float *a, const floa
     REQUIRE(c, "concat_channels", out && a && b && B > 0 && C1 > 0 && C2 > 0 && HW > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_concat_channels_forward(c, out, a, b, B, C1, C2, HW);
     case DB_CUDA:
         return CUDA_OP(c, concat_channels_forward, "concat_channels", out, a, b, B, C1, C2, HW);
@@ -506,6 +648,7 @@ int db_transpose_forward(db_ctx *c, float *out, const float *inp, int B, int M, 
     REQUIRE(c, "transpose", out && inp && out != inp && B > 0 && M > 0 && N > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_transpose_forward(c, out, inp, B, M, N);
     case DB_CUDA:
         return CUDA_OP(c, transpose_forward, "transpose", out, inp, B, M, N);
@@ -520,6 +663,7 @@ int db_upsample_nearest2x_forward(db_ctx *c, float *out, const float *inp, int B
     REQUIRE(c, "upsample_nearest2x", out && inp && out != inp && B > 0 && C > 0 && H > 0 && W > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_upsample_nearest2x_forward(c, out, inp, B, C, H, W);
     case DB_CUDA:
         return CUDA_OP(c, upsample_nearest2x_forward, "upsample_nearest2x", out, inp, B, C, H, W);
@@ -535,6 +679,7 @@ int db_timestep_embedding_forward(db_ctx *c, float *out, const float *timesteps,
     REQUIRE(c, "timestep_embedding", out && timesteps && B > 0 && D >= 2 && max_period > 0 && D / 2 - shift != 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_timestep_embedding_forward(c, out, timesteps, B, D, flip_sin_to_cos, shift, max_period);
     case DB_CUDA:
         return CUDA_OP(c, timestep_embedding_forward, "timestep_embedding", out, timesteps, B, D, flip_sin_to_cos,
@@ -551,6 +696,7 @@ int db_embedding_forward(db_ctx *c, float *out, const int32_t *tokens, const flo
     REQUIRE(c, "embedding", out && tokens && wte && B > 0 && T > 0 && C > 0 && V > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_embedding_forward(c, out, tokens, wte, wpe, B, T, C, V);
     case DB_CUDA:
         return CUDA_OP(c, embedding_forward, "embedding", out, tokens, wte, wpe, B, T, C, V);
@@ -568,6 +714,7 @@ int db_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const fl
     REQUIRE(c, "gemm backward", dCm && (!dA || B) && (!dB || A) && batch > 0 && M > 0 && N > 0 && K > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         if (c->precision != DB_PREC_F32)
             return db_cpu_ac_gemm_backward(c, dA, dB, dCm, A, B, batch, M, N, K, transa, transb, alpha);
         return db_cpu_gemm_backward(c, dA, dB, dCm, A, B, batch, M, N, K, transa, transb, alpha);
@@ -585,6 +732,7 @@ int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
     REQUIRE(c, "linear backward", dout && (!dinp || weight) && (!dweight || inp) && N > 0 && C > 0 && OC > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         if (c->precision != DB_PREC_F32)
             return db_cpu_ac_linear_backward(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC);
         return db_cpu_linear_backward(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC);
@@ -606,6 +754,7 @@ int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
             stride > 0 && pad0 >= 0 && pad1 >= 0 && H + pad0 + pad1 >= KH && W + pad0 + pad1 >= KW);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         if (c->precision != DB_PREC_F32)
             return db_cpu_ac_conv2d_backward(c, dinp, dweight, dbias, dout, inp, weight, B, C, H, W, OC, KH, KW,
                                              stride, pad0, pad1);
@@ -628,6 +777,7 @@ int db_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, 
                                          G > 0 && C % G == 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_groupnorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, bias, B, C, HW, G,
                                          silu);
     case DB_CUDA:
@@ -645,6 +795,7 @@ int db_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, 
     REQUIRE(c, "layernorm backward", dout && mean && rstd && inp && weight && N > 0 && C > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_layernorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, N, C);
     case DB_CUDA:
         return CUDA_OP(c, layernorm_backward, "layernorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
@@ -663,6 +814,7 @@ int db_attention_backward(db_ctx *c, float *dq, float *dk, float *dv, const floa
                                          HS > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         if (c->precision != DB_PREC_F32)
             return db_cpu_ac_attention_backward(c, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
         return db_cpu_attention_backward(c, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
@@ -680,6 +832,7 @@ int db_softmax_backward(db_ctx *c, float *dinp, const float *dout, const float *
     REQUIRE(c, "softmax backward", dinp && dout && out && N > 0 && C > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_softmax_backward(c, dinp, dout, out, N, C);
     case DB_CUDA:
         return CUDA_OP(c, softmax_backward, "softmax backward", dinp, dout, out, N, C);
@@ -694,6 +847,7 @@ int db_silu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp
     REQUIRE(c, "silu backward", dinp && dout && inp);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_silu_backward(c, dinp, dout, inp, N);
     case DB_CUDA:
         return CUDA_OP(c, silu_backward, "silu backward", dinp, dout, inp, N);
@@ -708,6 +862,7 @@ int db_gelu_backward(db_ctx *c, float *dinp, const float *dout, const float *inp
     REQUIRE(c, "gelu backward", dinp && dout && inp && (kind == DB_GELU_ERF || kind == DB_GELU_TANH));
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_gelu_backward(c, dinp, dout, inp, N, kind);
     case DB_CUDA:
         return CUDA_OP(c, gelu_backward, "gelu backward", dinp, dout, inp, N, kind);
@@ -722,6 +877,7 @@ int db_quick_gelu_backward(db_ctx *c, float *dinp, const float *dout, const floa
     REQUIRE(c, "quick_gelu backward", dinp && dout && inp);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_quick_gelu_backward(c, dinp, dout, inp, N);
     case DB_CUDA:
         return CUDA_OP(c, quick_gelu_backward, "quick_gelu backward", dinp, dout, inp, N);
@@ -736,6 +892,7 @@ int db_geglu_backward(db_ctx *c, float *dinp, const float *dout, const float *in
     REQUIRE(c, "geglu backward", dinp && dout && inp && N > 0 && C > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_geglu_backward(c, dinp, dout, inp, N, C);
     case DB_CUDA:
         return CUDA_OP(c, geglu_backward, "geglu backward", dinp, dout, inp, N, C);
@@ -750,6 +907,7 @@ int db_mul_backward(db_ctx *c, float *da, float *db, const float *dout, const fl
     REQUIRE(c, "mul backward", dout && (!da || b) && (!db || a));
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_mul_backward(c, da, db, dout, a, b, N);
     case DB_CUDA:
         return CUDA_OP(c, mul_backward, "mul backward", da, db, dout, a, b, N);
@@ -764,6 +922,7 @@ int db_add_channel_backward(db_ctx *c, float *dvec, const float *dout, int B, in
     REQUIRE(c, "add_channel backward", dvec && dout && B > 0 && C > 0 && HW > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_add_channel_backward(c, dvec, dout, B, C, HW);
     case DB_CUDA:
         return CUDA_OP(c, add_channel_backward, "add_channel backward", dvec, dout, B, C, HW);
@@ -778,6 +937,7 @@ int db_concat_channels_backward(db_ctx *c, float *da, float *db, const float *do
     REQUIRE(c, "concat_channels backward", dout && B > 0 && C1 > 0 && C2 > 0 && HW > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_concat_channels_backward(c, da, db, dout, B, C1, C2, HW);
     case DB_CUDA:
         return CUDA_OP(c, concat_channels_backward, "concat_channels backward", da, db, dout, B, C1, C2, HW);
@@ -792,6 +952,7 @@ int db_upsample_nearest2x_backward(db_ctx *c, float *dinp, const float *dout, in
     REQUIRE(c, "upsample_nearest2x backward", dinp && dout && dinp != dout && B > 0 && C > 0 && H > 0 && W > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_upsample_nearest2x_backward(c, dinp, dout, B, C, H, W);
     case DB_CUDA:
         return CUDA_OP(c, upsample_nearest2x_backward, "upsample_nearest2x backward", dinp, dout, B, C, H, W);
@@ -807,6 +968,7 @@ int db_embedding_backward(db_ctx *c, float *dwte, float *dwpe, const float *dout
     REQUIRE(c, "embedding backward", dout && tokens && B > 0 && T > 0 && C > 0 && V > 0);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         return db_cpu_embedding_backward(c, dwte, dwpe, dout, tokens, B, T, C, V);
     case DB_CUDA:
         return CUDA_OP(c, embedding_backward, "embedding backward", dwte, dwpe, dout, tokens, B, T, C, V);
@@ -824,6 +986,7 @@ int db_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t
     REQUIRE(c, "adamw", p && m && v && g && hp);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         db_adamw_step_omp(p, m, v, g, n, hp, t);
         return 0;
     case DB_CUDA:
@@ -839,6 +1002,7 @@ int db_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n)
     REQUIRE(c, "sumsq", out && (g || !n));
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         *out = db_sum_squares(g, n);
         return 0;
     case DB_CUDA:
@@ -854,6 +1018,7 @@ int db_opt_scale(db_ctx *c, float *g, float coef, size_t n)
     REQUIRE(c, "scale", g || !n);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         db_scale(g, coef, n);
         return 0;
     case DB_CUDA:
@@ -870,6 +1035,7 @@ int db_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t *v_q, float *m_a
     REQUIRE(c, "adamw8bit", ((p && m_q && v_q && m_absmax && v_absmax && g) || !n) && hp && maps);
     switch (c->device) {
     case DB_CPU:
+    case DB_CPU_STRICT:
         db_adamw8bit_step_omp(p, m_q, v_q, m_absmax, v_absmax, g, n, hp, t, maps);
         return 0;
     case DB_CUDA:

@@ -30,7 +30,9 @@ typedef enum db_dtype {
     DB_NDTYPE
 } db_dtype;
 
-typedef enum db_device { DB_CPU = 0, DB_CUDA = 1 } db_device;
+/* DB_CPU_STRICT: the CPU with device discipline (kernels/ops.h, "cpu-strict"):
+ * for tests only. */
+typedef enum db_device { DB_CPU = 0, DB_CUDA = 1, DB_CPU_STRICT = 2 } db_device;
 
 typedef struct db_tensor {
     db_dtype dtype;

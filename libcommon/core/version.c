@@ -73,7 +73,7 @@ const char *db_version_if_asked(int argc, char **argv, const char *prog, char *b
 
 int db_device_check(const char *device, db_err *err)
 {
-    if (!strcmp(device, "cpu") || getenv("DB_CUDA_UNVERIFIED"))
+    if (!strcmp(device, "cpu") || !strcmp(device, "cpu-strict") || getenv("DB_CUDA_UNVERIFIED"))
         return 0;
     return db_err_set(err, DB_EUSAGE,
                       "--device %s: the CUDA backend is not yet verified on a GPU; use --device cpu (or set "

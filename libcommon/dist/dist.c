@@ -222,7 +222,7 @@ static int nccl_open(db_dist *d, db_ctx *c, db_err *err)
 
 int db_dist_bind(db_dist *d, db_ctx *c, db_err *err)
 {
-    if (d->world == 1 || c->device == DB_CPU || d->nccl)
+    if (d->world == 1 || c->device != DB_CUDA || d->nccl) /* NCCL is for CUDA buffers; the rest stage */
         return 0;
 #ifdef DB_HAVE_MPI
     int r = nccl_open(d, c, err);
