@@ -52,14 +52,16 @@
 // accumulator sets of pass 2 alone take 2 x ND x 8 registers per lane (160 at
 // HS 160), and holding the operands too would spill.
 //
-// Expected speed (estimate, not measured: no GPU here): 2.5x the forward's
-// mma work (S, dP, dQ in pass 1; S, dP, dV, dK in pass 2: 7 products of
-// Tq Tk HSP against the forward's 2, i.e. 3.5x, less the forward's softmax
-// bookkeeping), the same shared-memory-bound structure as attention_tc.cu
-// (two fp32 strips per warp and tile instead of one).  If the forward runs at
-// 80-150 TFLOP/s, expect 60-110 TFLOP/s counted as 10 Tq Tk HS (the usual
-// 2.5x-forward convention): ~4-7 ms for SD1.5's level-0 self-attention
-// (B 2, 4096 x 4096, 8 x 40) against tens of ms for the fp32 SIMT backward.
+// Expected speed (estimate, not measured: no GPU here): 7 products of
+// 2 Tq Tk HSP flop (S, dP, dQ in pass 1; S, dP, dV, dK in pass 2) against
+// the forward's 2, so 3.5x the forward's mma work, 2 exp2 per score instead
+// of 1, two fp32 strips per warp and tile instead of one, and fewer blocks
+// per SM (3 at HS 40 against the forward's 4-5; 255 registers and a few
+// spilled bytes in the dK/dV pass from HS 112 up).  If the forward runs at
+// 80-150 TFLOP/s, expect 40-90 TFLOP/s counted the usual way (10 Tq Tk HS
+// per head, 2.5 forwards): 1.2-2.7 ms for SD1.5's level-0 self-attention
+// (B 2, 4096 x 4096, 8 x 40: 107 GFLOP) against an estimated 20-35 ms for the
+// fp32 SIMT backward (it does the same dot products on CUDA cores).
 // Levers after measuring: cp.async double buffering of the streamed tiles,
 // operand fragments in registers where HS allows, mma.sync PTX with known
 // fragment layout (S, dP kept in registers), then wgmma.
