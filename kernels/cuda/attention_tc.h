@@ -30,7 +30,8 @@ extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, c
 // Tq; causal as the forward; q, k, v, dout 16-byte aligned.  D = dO . O, S,
 // dP and the softmax in fp32; P and dS are rounded to the compute type where
 // they are tensor-core operands (dS for dQ = dS K; P for dV = P^T dO, dS for
-// dK = dS^T Q); the outputs are fp32 sums, NOT rounded (the caller's job).
+// dK = dS^T Q; dS as dS / scale, the 1 / sqrt(HS) applied to the fp32 dQ and
+// dK); the outputs are fp32 sums, NOT rounded (the caller's job).
 // Deterministic (two passes, no atomics).  Returns 0, or -1 with c->err set
 // (DB_EUNSUPP for a dtype or HS outside the above).
 extern "C" int db_cuda_attention_tc_backward(db_ctx *c, float *dq, float *dk, float *dv, const void *dout,

@@ -8,6 +8,11 @@
 //   dP_ij = dO_i . v_j     D_i = dO_i . O_i (fp32, from the 16-bit dO and O)
 //   dS_ij = P_ij (dP_ij - D_i) scale                  (fp32)
 //   dQ_i = sum_j dS_ij k_j   dK_j = sum_i dS_ij q_i   dV_j = sum_i P_ij dO_i
+// (the kernels round and multiply P (dP - D) and apply `scale` to the fp32
+// dQ and dK sums as they are stored, as FlashAttention-2 does: the rounded
+// operand is then 1 / scale = sqrt(HS) times larger, further from fp16's
+// subnormal range, which small gradients and P ~ 1 / Tk push it towards;
+// fp16 training has loss scaling for the rest, README).
 // S and dP are fp32 products of 16-bit operands (exact products, fp32 sums);
 // P and dS are computed in fp32 and ROUNDED TO THE COMPUTE TYPE where they
 // are tensor-core operands: dS for dQ = dS K (pass 1), P for dV = P^T dO and
@@ -163,10 +168,10 @@ template <typename T, int ND> __device__ __forceinline__ void gemm_nn(facc (&acc
     }
 }
 
-// out rows r0 + 16 w .. (row-major (B, Tr, NH*HS), fp32) = acc, through the
+// out rows r0 + 16 w .. (row-major (B, Tr, NH*HS), fp32) = f acc, through the
 // warp's strip sw, one row at a time across the warp (coalesced)
 template <int ND>
-__device__ __forceinline__ void store_rows(float *out, const facc (&acc)[ND], float *sw, int b, int h, int r0,
+__device__ __forceinline__ void store_rows(float *out, const facc (&acc)[ND], float f, float *sw, int b, int h, int r0,
                                            int Tr, int NH, int HS, int lane)
 {
     const size_t C = (size_t)NH * HS;
@@ -185,9 +190,9 @@ __device__ __forceinline__ void store_rows(float *out, const facc (&acc)[ND], fl
                 break;
             float *dst = out + ((size_t)b * Tr + ir) * C + (size_t)h * HS;
             if (lane < 16 * n && d < HS)
-                dst[d] = sw[rr * LDS + lane];
+                dst[d] = sw[rr * LDS + lane] * f;
             if (lane + 32 < 16 * n && d + 32 < HS)
-                dst[d + 32] = sw[rr * LDS + lane + 32];
+                dst[d + 32] = sw[rr * LDS + lane + 32] * f;
         }
     }
     __syncwarp();
@@ -266,7 +271,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const float p = j0 + c0 + e < jlim ? exp2f(sv[e] * qscale - l2) : 0.0f;
-                w[e] = tc<T>::bits(p * (dpv[e] - Di) * scale);
+                w[e] = tc<T>::bits(p * (dpv[e] - Di)); // dS / scale
             }
             u[t] = make_uint2(w[0] | w[1] << 16, w[2] | w[3] << 16);
         }
@@ -275,9 +280,9 @@ __global__ static void __launch_bounds__(NWARP * 32)
         for (int t = 0; t < 8; t++)
             *(uint2 *)(dsrow + 4 * (2 * t + hf)) = u[t];
         __syncwarp();
-        gemm_nn<T, ND>(acc, dsw, Ks); // dQ += dS K
+        gemm_nn<T, ND>(acc, dsw, Ks); // dQ / scale += (dS / scale) K
     }
-    store_rows<ND>(dq, acc, sw, b, h, i0 + warp * 16, Tq, NH, HS, lane);
+    store_rows<ND>(dq, acc, scale, sw, b, h, i0 + warp * 16, Tq, NH, HS, lane);
 }
 
 // Pass 2: dk, dv (B, Tk, NH*HS) fp32 (either may be NULL).  grid
@@ -345,7 +350,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
                 const bool valid = i < Tq && j < Tk && (!causal || j <= i);
                 const float p = valid ? exp2f(sv[e] * qscale - lv[e]) : 0.0f;
                 wp[e] = tc<T>::bits(p);
-                wd[e] = tc<T>::bits(p * (dpv[e] - dv_[e]) * scale);
+                wd[e] = tc<T>::bits(p * (dpv[e] - dv_[e])); // dS / scale
             }
             up[t] = make_uint2(wp[0] | wp[1] << 16, wp[2] | wp[3] << 16);
             ud[t] = make_uint2(wd[0] | wd[1] << 16, wd[2] | wd[3] << 16);
@@ -358,12 +363,12 @@ __global__ static void __launch_bounds__(NWARP * 32)
         }
         __syncwarp();
         gemm_nn<T, ND>(gv, pw, dOs); // dV += P^T dO
-        gemm_nn<T, ND>(gk, dsw, Qs); // dK += dS^T Q
+        gemm_nn<T, ND>(gk, dsw, Qs); // dK / scale += (dS / scale)^T Q
     }
     if (dv)
-        store_rows<ND>(dv, gv, sw, b, h, j0 + warp * 16, Tk, NH, HS, lane);
+        store_rows<ND>(dv, gv, 1.0f, sw, b, h, j0 + warp * 16, Tk, NH, HS, lane);
     if (dk)
-        store_rows<ND>(dk, gk, sw, b, h, j0 + warp * 16, Tk, NH, HS, lane);
+        store_rows<ND>(dk, gk, scale, sw, b, h, j0 + warp * 16, Tk, NH, HS, lane);
 }
 
 template <typename T, int ND>

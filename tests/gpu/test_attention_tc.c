@@ -159,13 +159,13 @@ static void t_refuse(void)
  * order; its outputs are not rounded.  Bounds rel L2 <= 2e-2 (bf16), 4e-3
  * (fp16); twice: two runs give the same bits, and so does dk alone (dq, dv
  * NULL). */
-static void t_bwd(int dtype, int B, int Tq, int Tk, int NH, int HS, int causal, int twice)
+static void t_bwd(int dtype, int B, int Tq, int Tk, int NH, int HS, int causal, int twice, float gs)
 {
     char what[200];
-    snprintf(what, sizeof what, "attention_tc backward %s B%d Tq%d Tk%d %dx%d%s", dtype == 1 ? "bf16" : "fp16", B, Tq,
-             Tk, NH, HS, causal ? " causal" : "");
+    snprintf(what, sizeof what, "attention_tc backward %s B%d Tq%d Tk%d %dx%d%s%s", dtype == 1 ? "bf16" : "fp16", B,
+             Tq, Tk, NH, HS, causal ? " causal" : "", gs != 1.0f ? " small dout" : "");
     const size_t C = (size_t)NH * HS, nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C, nl = (size_t)B * NH * Tq;
-    float *q = rnd(nq, 1, dtype), *k = rnd(nk, 1, dtype), *v = rnd(nk, 1, dtype), *dout = rnd(nq, 1, dtype);
+    float *q = rnd(nq, 1, dtype), *k = rnd(nk, 1, dtype), *v = rnd(nk, 1, dtype), *dout = rnd(nq, gs, dtype);
     float *out = nans(nq), *lse = nans(nl);
     float *wq = nans(nq), *wk = nans(nk), *wv = nans(nk), *gq = nans(nq), *gk = nans(nk), *gv = nans(nk);
     if (db_attention_forward(cpu, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal) != 0) {
@@ -393,21 +393,23 @@ int main(void)
     if (bwd_hook) {
         t_bwd_refuse();
         for (int dtype = 1; dtype <= 2; dtype++) {
-            t_bwd(dtype, 2, 64, 64, 2, 40, 0, 1);   /* SD level 0 head size; two runs */
-            t_bwd(dtype, 2, 100, 77, 2, 40, 0, 0);  /* cross-attention: Tq != Tk, 77 text tokens */
-            t_bwd(dtype, 2, 70, 100, 2, 64, 1, 0);  /* causal (CLIP), Tq < Tk, off the tiles */
-            t_bwd(dtype, 2, 100, 70, 2, 64, 1, 0);  /* causal, Tq > Tk */
-            t_bwd(dtype, 2, 50, 90, 2, 80, 0, 0);
-            t_bwd(dtype, 2, 40, 70, 2, 160, 0, 0);
-            t_bwd(dtype, 2, 33, 17, 2, 8, 1, 0);    /* HS 8: mostly padding */
+            t_bwd(dtype, 2, 64, 64, 2, 40, 0, 1, 1);   /* SD level 0 head size; two runs */
+            t_bwd(dtype, 2, 100, 77, 2, 40, 0, 0, 1);  /* cross-attention: Tq != Tk, 77 text tokens */
+            t_bwd(dtype, 2, 70, 100, 2, 64, 1, 0, 1);  /* causal (CLIP), Tq < Tk, off the tiles */
+            t_bwd(dtype, 2, 100, 70, 2, 64, 1, 0, 1);  /* causal, Tq > Tk */
+            t_bwd(dtype, 2, 50, 90, 2, 80, 0, 0, 1);
+            t_bwd(dtype, 2, 40, 70, 2, 160, 0, 0, 1);
+            t_bwd(dtype, 2, 33, 17, 2, 8, 1, 0, 1);    /* HS 8: mostly padding */
+            t_bwd(dtype, 1, 64, 2048, 1, 40, 0, 0, 1); /* long keys: P ~ 1 / Tk, small dS */
+            t_bwd(dtype, 1, 64, 2048, 1, 40, 0, 0, 1e-2f); /* and small gradients: dS near fp16's subnormals */
         }
         if (!quick) {
-            t_bwd(1, 1, 1024, 1024, 8, 40, 0, 1);
-            t_bwd(1, 1, 4096, 77, 8, 40, 0, 0);
-            t_bwd(1, 1, 1024, 1024, 8, 80, 0, 0);
-            t_bwd(1, 2, 256, 256, 8, 160, 0, 0);
-            t_bwd(2, 2, 77, 77, 12, 64, 1, 1);
-            t_bwd(2, 1, 1024, 1024, 8, 40, 0, 0);
+            t_bwd(1, 1, 1024, 1024, 8, 40, 0, 1, 1);
+            t_bwd(1, 1, 4096, 77, 8, 40, 0, 0, 1);
+            t_bwd(1, 1, 1024, 1024, 8, 80, 0, 0, 1);
+            t_bwd(1, 2, 256, 256, 8, 160, 0, 0, 1);
+            t_bwd(2, 2, 77, 77, 12, 64, 1, 1, 1);
+            t_bwd(2, 1, 1024, 1024, 8, 40, 0, 0, 1);
         }
     } else
         tap_diag("no db_cuda_test_attention_tc_backward in %s: backward checks skipped", path);
