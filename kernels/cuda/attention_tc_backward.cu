@@ -50,8 +50,8 @@
 //   4 tiles (64, HSP + 8) of T: Q and dO (pass 1: the block's, pass 2: the
 //   streamed tile), K and V (pass 1: the streamed tile, pass 2: the block's);
 //   Ss, dPs (64, 72) fp32; pass 2 also lse and D of the query tile (64 each).
-// = 66 KB at HS 40 (3 blocks, 12 warps per SM on H100's 228 KB), 80 KB at
-// HS 64, 94 KB at HS 80, 123 KB at HS 160 (1 block).  The block's own
+// = 66 KB at HS 40 (3 blocks, 12 warps per SM on H100's 228 KB), 74 KB at
+// HS 64, 91 KB at HS 80, 123 KB at HS 160 (1 block).  The block's own
 // operand fragments (Q, dO in pass 1; K, V in pass 2) are reloaded from
 // shared memory per tile rather than held in registers: the two fp32
 // accumulator sets of pass 2 alone take 2 x ND x 8 registers per lane (160 at
@@ -129,22 +129,47 @@ __device__ __forceinline__ void load_rows(T *dst, const T *x, int b, int h, int 
 
 // A (16 x 64, fp32, into the warp's strip sw) = X Y^T: X the warp's 16 rows
 // of xs (row-major, LDH), Y the 64 rows of ys (row-major, LDH), HSP / 16 mma
+// per output fragment, summed in d order either way.  Up to HS 96 the four
+// accumulators are live at once so each X fragment is loaded once (5 ND
+// fragment loads instead of 8 ND); above, one at a time (register pressure:
+// the dK/dV pass is at 255 registers from HS 112).
 template <typename T, int ND> __device__ __forceinline__ void gemm_nt(float *sw, const T *xw, const T *ys)
 {
     constexpr int LDH = 16 * ND + 8;
+    if constexpr (ND <= 6) {
+        facc s[BT / 16];
 #pragma unroll
-    for (int n = 0; n < BT / 16; n++) {
-        facc s;
-        wmma::fill_fragment(s, 0.0f);
+        for (int n = 0; n < BT / 16; n++)
+            wmma::fill_fragment(s[n], 0.0f);
 #pragma unroll
         for (int d = 0; d < ND; d++) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
             wmma::load_matrix_sync(a, xw + 16 * d, LDH);
-            wmma::load_matrix_sync(bt, ys + n * 16 * LDH + 16 * d, LDH);
-            wmma::mma_sync(s, a, bt, s);
+#pragma unroll
+            for (int n = 0; n < BT / 16; n++) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
+                wmma::load_matrix_sync(bt, ys + n * 16 * LDH + 16 * d, LDH);
+                wmma::mma_sync(s[n], a, bt, s[n]);
+            }
         }
-        wmma::store_matrix_sync(sw + 16 * n, s, LDS, wmma::mem_row_major);
+#pragma unroll
+        for (int n = 0; n < BT / 16; n++)
+            wmma::store_matrix_sync(sw + 16 * n, s[n], LDS, wmma::mem_row_major);
+    } else {
+#pragma unroll
+        for (int n = 0; n < BT / 16; n++) {
+            facc s;
+            wmma::fill_fragment(s, 0.0f);
+#pragma unroll
+            for (int d = 0; d < ND; d++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
+                wmma::load_matrix_sync(a, xw + 16 * d, LDH);
+                wmma::load_matrix_sync(bt, ys + n * 16 * LDH + 16 * d, LDH);
+                wmma::mma_sync(s, a, bt, s);
+            }
+            wmma::store_matrix_sync(sw + 16 * n, s, LDS, wmma::mem_row_major);
+        }
     }
 }
 
