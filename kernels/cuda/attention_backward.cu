@@ -15,13 +15,17 @@
 // products and over head dims for the accumulation (d = lane + 32 t, t < KS).
 // Correct first; no tensor cores (TF32 would miss the fp32 parity).
 //
-// bf16 / fp16 (c->precision, kernels/ops.h db_precision): the same float32
-// kernels on rounded copies of dout, out, q, k and v (lse is float32 by the
-// contract), then dq, dk, dv rounded in place: the contract's numbers, none
-// of the speed.  A tensor-core backward (16-bit operands for the dot
-// products and the dS / P products) is a later performance step (NOTES.md).
+// bf16 / fp16 (c->precision, kernels/ops.h db_precision): for HS a multiple
+// of 8 up to 160 (SD's 40/80/160, CLIP's 64) the tensor-core backward of
+// attention_tc_backward.cu on 16-bit copies of dout, out, q, k, v (lse is
+// float32 by the contract): the same math and two passes, the products on
+// WMMA with fp32 accumulation, P and dS rounded to the compute type where
+// they are mma operands; then dq, dk, dv rounded in place.  Other head sizes:
+// these float32 kernels on rounded copies of the five inputs, outputs
+// rounded in place (the contract's numbers, none of the speed).
 #include <math.h>
 
+#include "kernels/cuda/attention_tc.h"
 #include "kernels/cuda/cuda.h"
 
 enum {
@@ -344,6 +348,26 @@ extern "C" int db_cuda_attention_backward(db_ctx *c, float *dq, float *dk, float
         B * NH > 65535)
         return attention_backward32(c, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
     const size_t nq = (size_t)B * Tq * NH * HS, nk = (size_t)B * Tk * NH * HS;
+    if (HS % 8 == 0 && HS <= 160 && Tk >= 1) { // tensor cores (attention_tc_backward.cu)
+        void *dout16 = db_cuda_to16(c, dout, nq), *out16 = db_cuda_to16(c, out, nq), *q16 = db_cuda_to16(c, q, nq),
+             *k16 = db_cuda_to16(c, k, nk), *v16 = db_cuda_to16(c, v, nk);
+        int r = dout16 && out16 && q16 && k16 && v16 ? 0 : -1;
+        if (r == 0)
+            r = db_cuda_attention_tc_backward(c, dq, dk, dv, dout16, out16, lse, q16, k16, v16, (int)c->precision, B,
+                                              Tq, Tk, NH, HS, causal);
+        if (r == 0 && dq)
+            r = db_cuda_round(c, dq, dq, nq, 0);
+        if (r == 0 && dk)
+            r = db_cuda_round(c, dk, dk, nk, 0);
+        if (r == 0 && dv)
+            r = db_cuda_round(c, dv, dv, nk, 0);
+        db_cuda_free(c, dout16); // stream order keeps them alive for the kernels
+        db_cuda_free(c, out16);
+        db_cuda_free(c, q16);
+        db_cuda_free(c, k16);
+        db_cuda_free(c, v16);
+        return r ? -1 : 0;
+    }
     float *r_dout = db_cuda_rounded_copy(c, dout, nq), *r_out = db_cuda_rounded_copy(c, out, nq),
           *r_q = db_cuda_rounded_copy(c, q, nq), *r_k = db_cuda_rounded_copy(c, k, nk),
           *r_v = db_cuda_rounded_copy(c, v, nk);

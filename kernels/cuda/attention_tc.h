@@ -1,7 +1,8 @@
-// Attention forward on tensor cores for the bf16 / fp16 precision modes
-// (kernels/cuda/attention_tc.cu).  Internal to libdb_cuda.so (C++ only); the
-// op table does not reach it yet: db_cuda_attention_forward is to dispatch
-// here when c->precision is DB_PREC_BF16 or DB_PREC_F16.
+// Attention forward and backward on tensor cores for the bf16 / fp16
+// precision modes (kernels/cuda/attention_tc.cu, attention_tc_backward.cu).
+// Internal to libdb_cuda.so (C++ only): db_cuda_attention_forward and
+// db_cuda_attention_backward dispatch here when c->precision is DB_PREC_BF16
+// or DB_PREC_F16 and HS is a multiple of 8 up to 160.
 #ifndef DB_CUDA_ATTENTION_TC_H
 #define DB_CUDA_ATTENTION_TC_H
 
@@ -21,5 +22,21 @@
 extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k,
                                             const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
                                             int causal);
+
+// dq (B, Tq, NH*HS), dk, dv (B, Tk, NH*HS) fp32 (= assigned; any may be
+// NULL), from dout, out, q (B, Tq, NH*HS) and k, v (B, Tk, NH*HS) device
+// buffers already in the compute type (dtype as above) and the forward's lse
+// (B, NH, Tq) fp32 (natural log).  HS a multiple of 8 in 8..160, Tk >= 1, any
+// Tq; causal as the forward; q, k, v, dout 16-byte aligned.  D = dO . O, S,
+// dP and the softmax in fp32; P and dS are rounded to the compute type where
+// they are tensor-core operands (dS for dQ = dS K; P for dV = P^T dO, dS for
+// dK = dS^T Q; dS as dS / scale, the 1 / sqrt(HS) applied to the fp32 dQ and
+// dK); the outputs are fp32 sums, NOT rounded (the caller's job).
+// Deterministic (two passes, no atomics).  Returns 0, or -1 with c->err set
+// (DB_EUNSUPP for a dtype or HS outside the above).
+extern "C" int db_cuda_attention_tc_backward(db_ctx *c, float *dq, float *dk, float *dv, const void *dout,
+                                             const void *out, const float *lse, const void *q, const void *k,
+                                             const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
+                                             int causal);
 
 #endif

@@ -15,9 +15,13 @@
  * reference max in later tiles (the O rescale path, also forced on every
  * increase with threshold 0); two runs give the same bits.
  *
+ * The backward (db_cuda_test_attention_tc_backward, when the library has it):
+ * see t_bwd.
+ *
  * Without the library, its hook or a device: "1..0 # SKIP".
  * DB_CUDA_TEST_QUICK=1: the small shapes only (the CPU emulator).
- * DB_BENCH=1: also time SD1.5's shapes (cudaEvents on the ctx's stream). */
+ * DB_BENCH=1: also time SD1.5's shapes (cudaEvents on the ctx's stream),
+ * the backward too, next to the fp32 backward at B 2, 4096 x 4096, 8 x 40. */
 #include <dlfcn.h>
 #include <libgen.h>
 #include <math.h>
@@ -33,10 +37,14 @@
 
 typedef int (*hook_fn)(db_ctx *c, float *out, float *lse, const float *q, const float *k, const float *v, int dtype,
                        int B, int Tq, int Tk, int NH, int HS, int causal, float rescale_log2, int iters, float *ms);
+typedef int (*bwd_fn)(db_ctx *c, float *dq, float *dk, float *dv, const float *dout, const float *out,
+                      const float *lse, const float *q, const float *k, const float *v, int dtype, int B, int Tq, int Tk,
+                      int NH, int HS, int causal, int iters, float *ms);
 typedef int (*time_fn)(db_ctx *c, int (*fn)(db_ctx *, void *), void *arg, int warmup, int iters, float *ms);
 
 static const db_cuda_api *api;
 static hook_fn hook;
+static bwd_fn bwd_hook;
 static time_fn timer;
 static db_ctx g; /* the GPU ctx */
 static db_ctx *cpu;
@@ -144,6 +152,75 @@ static void t_refuse(void)
     db_err_clear(&g.err);
 }
 
+/* The backward (attention_tc_backward.cu) against db_attention_backward on
+ * the CPU, all inputs pre-rounded to dtype: q, k, v, dout, and out from the
+ * CPU forward on the rounded inputs, rounded (lse fp32 from the same
+ * forward).  The kernel's own error is then P and dS rounded to the compute
+ * type as mma operands (dS for dQ, P for dV, dS for dK) and fp32 summation
+ * order; its outputs are not rounded.  Bounds rel L2 <= 2e-2 (bf16), 4e-3
+ * (fp16); twice: two runs give the same bits, and so does dk alone (dq, dv
+ * NULL). */
+static void t_bwd(int dtype, int B, int Tq, int Tk, int NH, int HS, int causal, int twice, float gs)
+{
+    char what[200];
+    snprintf(what, sizeof what, "attention_tc backward %s B%d Tq%d Tk%d %dx%d%s%s", dtype == 1 ? "bf16" : "fp16", B,
+             Tq, Tk, NH, HS, causal ? " causal" : "", gs != 1.0f ? " small dout" : "");
+    const size_t C = (size_t)NH * HS, nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C, nl = (size_t)B * NH * Tq;
+    float *q = rnd(nq, 1, dtype), *k = rnd(nk, 1, dtype), *v = rnd(nk, 1, dtype), *dout = rnd(nq, gs, dtype);
+    float *out = nans(nq), *lse = nans(nl);
+    float *wq = nans(nq), *wk = nans(nk), *wv = nans(nk), *gq = nans(nq), *gk = nans(nk), *gv = nans(nk);
+    if (db_attention_forward(cpu, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal) != 0) {
+        tap_ok(0, "%s: CPU forward failed: %s", what, cpu->err.msg);
+        db_ctx_clear_error(cpu);
+        goto done;
+    }
+    for (size_t i = 0; i < nq; i++)
+        out[i] = dtype == 1 ? round_bf16(out[i]) : round_f16(out[i]);
+    if (db_attention_backward(cpu, wq, wk, wv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal) != 0) {
+        tap_ok(0, "%s: CPU backward failed: %s", what, cpu->err.msg);
+        db_ctx_clear_error(cpu);
+    } else if (bwd_hook(&g, gq, gk, gv, dout, out, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, 0, NULL) != 0) {
+        tap_ok(0, "%s: tensor-core backward failed: %s", what, g.err.msg);
+        db_err_clear(&g.err);
+    } else {
+        const double tol = dtype == 1 ? 2e-2 : 4e-3;
+        report(what, "dq", gq, wq, nq, tol);
+        report(what, "dk", gk, wk, nk, tol);
+        report(what, "dv", gv, wv, nk, tol);
+        if (twice) {
+            float *aq = nans(nq), *ak = nans(nk), *av = nans(nk);
+            int rc = bwd_hook(&g, aq, ak, av, dout, out, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, 0, NULL);
+            tap_ok(rc == 0 && memcmp(aq, gq, nq * sizeof(float)) == 0 && memcmp(ak, gk, nk * sizeof(float)) == 0 &&
+                       memcmp(av, gv, nk * sizeof(float)) == 0,
+                   "%s: two runs give the same bits", what);
+            if (rc != 0)
+                db_err_clear(&g.err);
+            free(aq), free(ak), free(av);
+            /* dK alone (dq, dv NULL: the dQ pass skipped, dV not stored) gives the same bits */
+            float *ok_ = nans(nk);
+            rc = bwd_hook(&g, NULL, ok_, NULL, dout, out, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, 0, NULL);
+            tap_ok(rc == 0 && memcmp(ok_, gk, nk * sizeof(float)) == 0, "%s: dk alone (dq, dv NULL), same bits", what);
+            if (rc != 0)
+                db_err_clear(&g.err);
+            free(ok_);
+        }
+    }
+done:
+    free(q), free(k), free(v), free(dout), free(out), free(lse);
+    free(wq), free(wk), free(wv), free(gq), free(gk), free(gv);
+}
+
+static void t_bwd_refuse(void)
+{
+    float x = 0;
+    int rc = bwd_hook(&g, &x, &x, &x, &x, &x, &x, &x, &x, &x, 1, 1, 1, 1, 1, 36, 0, 0, NULL);
+    tap_ok(rc != 0 && g.err.code == DB_EUNSUPP, "attention_tc backward refuses HS 36: %s", g.err.msg);
+    db_err_clear(&g.err);
+    rc = bwd_hook(&g, &x, &x, &x, &x, &x, &x, &x, &x, &x, 0, 1, 1, 1, 1, 40, 0, 0, NULL);
+    tap_ok(rc != 0 && g.err.code == DB_EUNSUPP, "attention_tc backward refuses dtype 0 (fp32): %s", g.err.msg);
+    db_err_clear(&g.err);
+}
+
 /* ---- DB_BENCH=1 --------------------------------------------------------------------------- */
 
 struct f32_args {
@@ -192,6 +269,66 @@ static void bench(int B, int Tq, int Tk, int NH, int HS, int causal, int with_f3
     free(q), free(k), free(v), free(out), free(lse);
 }
 
+struct f32_bwd_args {
+    float *dq, *dk, *dv;
+    const float *dout, *out, *lse, *q, *k, *v;
+    int B, Tq, Tk, NH, HS, causal;
+};
+
+static int f32_bwd_run(db_ctx *c, void *p)
+{
+    const struct f32_bwd_args *a = p;
+    return api->attention_backward(c, a->dq, a->dk, a->dv, a->dout, a->out, a->lse, a->q, a->k, a->v, a->B, a->Tq,
+                                   a->Tk, a->NH, a->HS, a->causal);
+}
+
+/* the backward, counted as 2.5 forwards (10 Tq Tk HS per head: S, dP, dV, dQ,
+ * dK; the S recomputation of the second pass not counted) */
+static void bench_bwd(int B, int Tq, int Tk, int NH, int HS, int causal, int with_f32)
+{
+    const size_t C = (size_t)NH * HS, nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C, nl = (size_t)B * NH * Tq;
+    const double flop = 10.0 * B * NH * Tq * Tk * HS * (causal ? 0.5 : 1.0);
+    float *q = rnd(nq, 1, 1), *k = rnd(nk, 1, 1), *v = rnd(nk, 1, 1), *dout = rnd(nq, 1, 1), *out = rnd(nq, 0.3f, 1);
+    float *lse = malloc(nl * sizeof *lse), *gq = nans(nq), *gk = nans(nk), *gv = nans(nk);
+    for (size_t i = 0; i < nl; i++)
+        lse[i] = logf((float)Tk) + 0.5f; /* about the forward's on normal inputs */
+    for (int dtype = 1; dtype <= 2; dtype++) {
+        float ms = 0;
+        if (bwd_hook(&g, gq, gk, gv, dout, out, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, 10, &ms) != 0) {
+            printf("# bench attention_tc backward: %s\n", g.err.msg);
+            db_err_clear(&g.err);
+            continue;
+        }
+        printf("# bench attention_tc backward %s B%d Tq%d Tk%d %dx%d%s: %.4f ms, %.1f TFLOP/s\n",
+               dtype == 1 ? "bf16" : "fp16", B, Tq, Tk, NH, HS, causal ? " causal" : "", (double)ms,
+               flop / (ms * 1e-3) / 1e12);
+    }
+    if (with_f32 && timer && api->attention_backward) {
+        struct f32_bwd_args a = {api->alloc(&g, nq * 4), api->alloc(&g, nk * 4), api->alloc(&g, nk * 4),
+                                 api->alloc(&g, nq * 4), api->alloc(&g, nq * 4), api->alloc(&g, nl * 4),
+                                 api->alloc(&g, nq * 4), api->alloc(&g, nk * 4), api->alloc(&g, nk * 4),
+                                 B, Tq, Tk, NH, HS, causal};
+        float ms = 0;
+        if (a.dq && a.dk && a.dv && a.dout && a.out && a.lse && a.q && a.k && a.v &&
+            api->copy(&g, (void *)a.dout, dout, nq * 4, DB_COPY_H2D) == 0 &&
+            api->copy(&g, (void *)a.out, out, nq * 4, DB_COPY_H2D) == 0 &&
+            api->copy(&g, (void *)a.lse, lse, nl * 4, DB_COPY_H2D) == 0 &&
+            api->copy(&g, (void *)a.q, q, nq * 4, DB_COPY_H2D) == 0 &&
+            api->copy(&g, (void *)a.k, k, nk * 4, DB_COPY_H2D) == 0 &&
+            api->copy(&g, (void *)a.v, v, nk * 4, DB_COPY_H2D) == 0 && timer(&g, f32_bwd_run, &a, 1, 3, &ms) == 0)
+            printf("# bench attention backward fp32 (SIMT) B%d Tq%d Tk%d %dx%d%s: %.4f ms, %.1f TFLOP/s\n", B, Tq, Tk,
+                   NH, HS, causal ? " causal" : "", (double)ms, flop / (ms * 1e-3) / 1e12);
+        else {
+            printf("# bench attention backward fp32: %s\n", g.err.msg);
+            db_err_clear(&g.err);
+        }
+        api->free(&g, a.dq), api->free(&g, a.dk), api->free(&g, a.dv), api->free(&g, (void *)a.dout);
+        api->free(&g, (void *)a.out), api->free(&g, (void *)a.lse), api->free(&g, (void *)a.q);
+        api->free(&g, (void *)a.k), api->free(&g, (void *)a.v);
+    }
+    free(q), free(k), free(v), free(dout), free(out), free(lse), free(gq), free(gk), free(gv);
+}
+
 /* ---- main --------------------------------------------------------------------------------- */
 
 static void *open_lib(char *path, size_t n)
@@ -222,6 +359,7 @@ int main(void)
     api = get ? get(DB_CUDA_ABI) : NULL;
     hook = (hook_fn)dlsym(lib, "db_cuda_test_attention_tc");
     timer = (time_fn)dlsym(lib, "db_cuda_time_ms");
+    bwd_hook = (bwd_fn)dlsym(lib, "db_cuda_test_attention_tc_backward"); /* NULL: the backward checks are skipped */
     if (!api || !hook) {
         printf("1..0 # SKIP %s has no table for ABI %d or no db_cuda_test_attention_tc\n", path, DB_CUDA_ABI);
         return 0;
@@ -253,6 +391,29 @@ int main(void)
         t_tc(dtype, 2, 40, 200, 2, 40, 0, 6, -1, 0);         /* peaked scores: reference max moves later */
         t_tc(dtype, 2, 40, 200, 2, 40, 0, 1, 0, 0);          /* rescale on every increase */
     }
+    if (bwd_hook) {
+        t_bwd_refuse();
+        for (int dtype = 1; dtype <= 2; dtype++) {
+            t_bwd(dtype, 2, 64, 64, 2, 40, 0, 1, 1);   /* SD level 0 head size; two runs */
+            t_bwd(dtype, 2, 100, 77, 2, 40, 0, 0, 1);  /* cross-attention: Tq != Tk, 77 text tokens */
+            t_bwd(dtype, 2, 70, 100, 2, 64, 1, 0, 1);  /* causal (CLIP), Tq < Tk, off the tiles */
+            t_bwd(dtype, 2, 100, 70, 2, 64, 1, 0, 1);  /* causal, Tq > Tk */
+            t_bwd(dtype, 2, 50, 90, 2, 80, 0, 0, 1);
+            t_bwd(dtype, 2, 40, 70, 2, 160, 0, 0, 1);
+            t_bwd(dtype, 2, 33, 17, 2, 8, 1, 0, 1);    /* HS 8: mostly padding */
+            t_bwd(dtype, 1, 64, 2048, 1, 40, 0, 0, 1); /* long keys: P ~ 1 / Tk, small dS */
+            t_bwd(dtype, 1, 64, 2048, 1, 40, 0, 0, 1e-2f); /* and small gradients: dS near fp16's subnormals */
+        }
+        if (!quick) {
+            t_bwd(1, 1, 1024, 1024, 8, 40, 0, 1, 1);
+            t_bwd(1, 1, 4096, 77, 8, 40, 0, 0, 1);
+            t_bwd(1, 1, 1024, 1024, 8, 80, 0, 0, 1);
+            t_bwd(1, 2, 256, 256, 8, 160, 0, 0, 1);
+            t_bwd(2, 2, 77, 77, 12, 64, 1, 1, 1);
+            t_bwd(2, 1, 1024, 1024, 8, 40, 0, 0, 1);
+        }
+    } else
+        tap_diag("no db_cuda_test_attention_tc_backward in %s: backward checks skipped", path);
     if (!quick) {
         t_tc(1, 1, 1024, 1024, 8, 40, 0, 1, -1, 1);
         t_tc(1, 1, 4096, 77, 8, 40, 0, 1, -1, 0);
@@ -271,6 +432,12 @@ int main(void)
         bench(2, 1024, 1024, 8, 80, 0, 0);
         bench(2, 256, 256, 8, 160, 0, 0);
         bench(2, 77, 77, 12, 64, 1, 0); /* CLIP text encoder */
+        if (bwd_hook) {
+            bench_bwd(2, 4096, 4096, 8, 40, 0, 1); /* SD1.5 level 0 self-attention, next to the fp32 backward */
+            bench_bwd(2, 4096, 77, 8, 40, 0, 0);
+            bench_bwd(2, 1024, 1024, 8, 80, 0, 0);
+            bench_bwd(2, 256, 256, 8, 160, 0, 0);
+        }
     }
     api->ctx_destroy(&g);
     db_ctx_destroy(cpu);
