@@ -15,11 +15,10 @@
 //          probability broadcast from its lane by a shuffle.
 // So no (Tq, Tk) score matrix exists, and HS up to 160 is supported.
 //
-// bf16 / fp16 (c->precision, kernels/ops.h db_precision): this float32 kernel
-// on rounded copies of q, k, v, and out rounded in place (lse stays float32):
-// the contract's numbers, none of the tensor-core speed; a 16-bit
-// tensor-core kernel (mma on bf16/fp16 Q K^T and P V, float32 softmax) is a
-// later performance step (NOTES.md).
+// bf16 / fp16 (c->precision, kernels/ops.h db_precision): for HS a multiple
+// of 8 (SD's 40/80/160, CLIP's 64) the WMMA flash kernel of attention_tc.cu
+// on 16-bit q, k, v; other head sizes this float32 kernel on rounded copies.
+// out is rounded to the compute type in place either way (lse stays float32).
 #include <math.h>
 
 #include "kernels/cuda/attention_tc.h"

@@ -165,7 +165,7 @@ RESERVE=$BENCH_RESERVE stage check-cuda check-cuda.txt 150 bash "$SELF" --check-
 echo "== tools on the tiny model, cpu vs cuda (DB_CUDA_UNVERIFIED=1): db-sample, db-prep, db-train"
 RESERVE=$BENCH_RESERVE stage tools tools.txt 90 bash "$SELF" --tools
 echo "== attention on tensor cores vs the fp32 kernel at SD1.5 shapes (DB_BENCH=1 test_attention_tc)"
-RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 30 env DB_BENCH=1 B="$PWD/build" \
+RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 45 env DB_BENCH=1 B="$PWD/build" \
     build/tests/gpu/test_attention_tc
 echo "== bench_cuda_ops (fp32, then bf16 for the matmul-class ops; cudaEvent medians)"
 RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 60 env B="$PWD/build" build/tests/gpu/bench_cuda_ops
