@@ -189,28 +189,24 @@ extern "C" int db_cuda_attention_forward(db_ctx *c, float *out, float *lse, cons
     if (!db_cuda_prec16(c) || B * NH == 0 || Tq == 0 || HS < 1 || HS > HS_MAX || B * NH > 65535)
         return attention_forward32(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
     const size_t nq = (size_t)B * Tq * NH * HS, nk = (size_t)B * Tk * NH * HS;
-    if (HS % 8 == 0 && HS <= 160 && Tk >= 1) { // tensor cores (attention_tc.cu): SD's 40/80/160, CLIP's 64
-        void *q16 = db_cuda_to16(c, q, nq), *k16 = db_cuda_to16(c, k, nk), *v16 = db_cuda_to16(c, v, nk);
-        int r = q16 && k16 && v16 ? 0 : -1;
-        if (r == 0)
-            r = db_cuda_attention_tc_forward(c, out, lse, q16, k16, v16, (int)c->precision, B, Tq, Tk, NH, HS,
-                                             causal);
-        if (r == 0)
-            r = db_cuda_round(c, out, out, nq, 0);
-        db_cuda_free(c, q16);
-        db_cuda_free(c, k16);
-        db_cuda_free(c, v16);
-        return r ? -1 : 0;
-    }
-    float *r_q = db_cuda_rounded_copy(c, q, nq), *r_k = db_cuda_rounded_copy(c, k, nk),
-          *r_v = db_cuda_rounded_copy(c, v, nk);
-    int r = r_q && r_k && r_v ? 0 : -1;
+    // the operands: 16-bit for the tensor cores (attention_tc.cu: SD's
+    // 40/80/160, CLIP's 64), else rounded fp32 copies for this kernel
+    const int tc = HS % 8 == 0 && HS <= 160 && Tk >= 1;
+    const float *src[3] = {q, k, v};
+    const size_t n[3] = {nq, nk, nk};
+    void *op[3];
+    int r = 0;
+    for (int i = 0; i < 3; i++)
+        if (!(op[i] = tc ? db_cuda_to16(c, src[i], n[i]) : (void *)db_cuda_rounded_copy(c, src[i], n[i])))
+            r = -1;
     if (r == 0)
-        r = attention_forward32(c, out, lse, r_q, r_k, r_v, B, Tq, Tk, NH, HS, causal);
+        r = tc ? db_cuda_attention_tc_forward(c, out, lse, op[0], op[1], op[2], (int)c->precision, B, Tq, Tk, NH, HS,
+                                              causal)
+               : attention_forward32(c, out, lse, (const float *)op[0], (const float *)op[1], (const float *)op[2],
+                                     B, Tq, Tk, NH, HS, causal);
     if (r == 0)
         r = db_cuda_round(c, out, out, nq, 0);
-    db_cuda_free(c, r_q); // stream order keeps them alive for the kernel
-    db_cuda_free(c, r_k);
-    db_cuda_free(c, r_v);
+    for (int i = 0; i < 3; i++)
+        db_cuda_free(c, op[i]); // stream order keeps them alive for the kernel
     return r ? -1 : 0;
 }

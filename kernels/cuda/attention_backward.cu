@@ -348,42 +348,27 @@ extern "C" int db_cuda_attention_backward(db_ctx *c, float *dq, float *dk, float
         B * NH > 65535)
         return attention_backward32(c, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
     const size_t nq = (size_t)B * Tq * NH * HS, nk = (size_t)B * Tk * NH * HS;
-    if (HS % 8 == 0 && HS <= 160 && Tk >= 1) { // tensor cores (attention_tc_backward.cu)
-        void *dout16 = db_cuda_to16(c, dout, nq), *out16 = db_cuda_to16(c, out, nq), *q16 = db_cuda_to16(c, q, nq),
-             *k16 = db_cuda_to16(c, k, nk), *v16 = db_cuda_to16(c, v, nk);
-        int r = dout16 && out16 && q16 && k16 && v16 ? 0 : -1;
-        if (r == 0)
-            r = db_cuda_attention_tc_backward(c, dq, dk, dv, dout16, out16, lse, q16, k16, v16, (int)c->precision, B,
-                                              Tq, Tk, NH, HS, causal);
-        if (r == 0 && dq)
-            r = db_cuda_round(c, dq, dq, nq, 0);
-        if (r == 0 && dk)
-            r = db_cuda_round(c, dk, dk, nk, 0);
-        if (r == 0 && dv)
-            r = db_cuda_round(c, dv, dv, nk, 0);
-        db_cuda_free(c, dout16); // stream order keeps them alive for the kernels
-        db_cuda_free(c, out16);
-        db_cuda_free(c, q16);
-        db_cuda_free(c, k16);
-        db_cuda_free(c, v16);
-        return r ? -1 : 0;
-    }
-    float *r_dout = db_cuda_rounded_copy(c, dout, nq), *r_out = db_cuda_rounded_copy(c, out, nq),
-          *r_q = db_cuda_rounded_copy(c, q, nq), *r_k = db_cuda_rounded_copy(c, k, nk),
-          *r_v = db_cuda_rounded_copy(c, v, nk);
-    int r = r_dout && r_out && r_q && r_k && r_v ? 0 : -1;
+    // the operands: 16-bit for the tensor cores (attention_tc_backward.cu),
+    // else rounded fp32 copies for the kernels of this file
+    const int tc = HS % 8 == 0 && HS <= 160 && Tk >= 1;
+    const float *src[5] = {dout, out, q, k, v};
+    const size_t n[5] = {nq, nq, nq, nk, nk};
+    void *op[5];
+    int r = 0;
+    for (int i = 0; i < 5; i++)
+        if (!(op[i] = tc ? db_cuda_to16(c, src[i], n[i]) : (void *)db_cuda_rounded_copy(c, src[i], n[i])))
+            r = -1;
     if (r == 0)
-        r = attention_backward32(c, dq, dk, dv, r_dout, r_out, lse, r_q, r_k, r_v, B, Tq, Tk, NH, HS, causal);
-    if (r == 0 && dq)
-        r = db_cuda_round(c, dq, dq, nq, 0);
-    if (r == 0 && dk)
-        r = db_cuda_round(c, dk, dk, nk, 0);
-    if (r == 0 && dv)
-        r = db_cuda_round(c, dv, dv, nk, 0);
-    db_cuda_free(c, r_dout); // stream order keeps them alive for the kernels
-    db_cuda_free(c, r_out);
-    db_cuda_free(c, r_q);
-    db_cuda_free(c, r_k);
-    db_cuda_free(c, r_v);
+        r = tc ? db_cuda_attention_tc_backward(c, dq, dk, dv, op[0], op[1], lse, op[2], op[3], op[4],
+                                               (int)c->precision, B, Tq, Tk, NH, HS, causal)
+               : attention_backward32(c, dq, dk, dv, (const float *)op[0], (const float *)op[1], lse,
+                                      (const float *)op[2], (const float *)op[3], (const float *)op[4], B, Tq, Tk,
+                                      NH, HS, causal);
+    float *outs[3] = {dq, dk, dv};
+    for (int i = 0; i < 3; i++)
+        if (r == 0 && outs[i])
+            r = db_cuda_round(c, outs[i], outs[i], i ? nk : nq, 0);
+    for (int i = 0; i < 5; i++)
+        db_cuda_free(c, op[i]); // stream order keeps them alive for the kernels
     return r ? -1 : 0;
 }
