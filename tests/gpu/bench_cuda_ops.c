@@ -9,7 +9,6 @@
  * Prints a markdown table on stdout; exit 0, or 0 with a note when there is
  * no library or device. */
 #include <dlfcn.h>
-#include <libgen.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +17,7 @@
 
 #include "kernels/cuda_api.h"
 #include "libcommon/sd/noise.h"
+#include "tests/unit/tap.h"
 
 enum { WARMUP = 3, ITERS = 10, REPS = 5 };
 
@@ -99,22 +99,6 @@ static void bench(db_ctx *c, const char *name, bcase *b, double flops, double by
     else
         printf("| %s | %.3f | %.1f GB/s | |\n", name, ms, bytes / ms * 1e-6);
     fflush(stdout);
-}
-
-static void *open_lib(char *path, size_t n)
-{
-    const char *b = getenv("B"), *top = getenv("TOP");
-    if (b)
-        snprintf(path, n, "%s/lib/libdb_cuda.so", b);
-    else if (top)
-        snprintf(path, n, "%s/build/lib/libdb_cuda.so", top);
-    else {
-        char exe[4096];
-        ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
-        exe[k > 0 ? k : 0] = 0;
-        snprintf(path, n, "%s/../../lib/libdb_cuda.so", k > 0 ? dirname(exe) : ".");
-    }
-    return dlopen(path, RTLD_NOW | RTLD_LOCAL);
 }
 
 static void conv_case(db_ctx *c, int B, int C, int H, int W, int OC, int k, int stride, int pad0, int pad1, int bwd)
@@ -212,7 +196,7 @@ static void groupnorm_case(db_ctx *c, int B, int C, int HW, int G)
 int main(void)
 {
     char path[4200];
-    void *lib = open_lib(path, sizeof path);
+    void *lib = tap_cuda_open(path, sizeof path);
     if (!lib) {
         printf("# bench_cuda_ops: cannot load %s: %s\n", path, dlerror());
         return 0;

@@ -23,7 +23,6 @@
  * DB_BENCH=1: also time SD1.5's shapes (cudaEvents on the ctx's stream),
  * the backward too, next to the fp32 backward at B 2, 4096 x 4096, 8 x 40. */
 #include <dlfcn.h>
-#include <libgen.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -331,26 +330,10 @@ static void bench_bwd(int B, int Tq, int Tk, int NH, int HS, int causal, int wit
 
 /* ---- main --------------------------------------------------------------------------------- */
 
-static void *open_lib(char *path, size_t n)
-{
-    const char *b = getenv("B"), *top = getenv("TOP");
-    if (b)
-        snprintf(path, n, "%s/lib/libdb_cuda.so", b);
-    else if (top)
-        snprintf(path, n, "%s/build/lib/libdb_cuda.so", top);
-    else {
-        char exe[4096];
-        ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
-        exe[k > 0 ? k : 0] = 0;
-        snprintf(path, n, "%s/../../lib/libdb_cuda.so", k > 0 ? dirname(exe) : ".");
-    }
-    return dlopen(path, RTLD_NOW | RTLD_LOCAL);
-}
-
 int main(void)
 {
     char path[4200];
-    void *lib = open_lib(path, sizeof path);
+    void *lib = tap_cuda_open(path, sizeof path);
     if (!lib) {
         printf("1..0 # SKIP cannot load %s: %s\n", path, dlerror());
         return 0;

@@ -1,10 +1,13 @@
 #include "tap.h"
 
+#include <dlfcn.h>
+#include <libgen.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "libcommon/core/fsutil.h"
 
@@ -97,6 +100,51 @@ int tap_ref_get(const db_tindex *ix, const char *name, db_tensor *t, db_err *err
     long k = db_tindex_find(ix, name);
     return k < 0 ? db_err_set(err, DB_EFORMAT, "reference has no '%s'", name)
                  : db_tindex_load(ix, (size_t)k, DB_F32, t, err);
+}
+
+int tap_train_ref_load(const db_tindex *ix, tap_train_ref *in, db_err *err)
+{
+    db_tensor ids = {0};
+    char name[64];
+    if (tap_ref_get(ix, "posterior_mean", &in->mean, err) || tap_ref_get(ix, "posterior_logvar", &in->logvar, err))
+        return -1;
+    for (int k = 0; k < TAP_TRAIN_REF_STEPS; k++) {
+        snprintf(name, sizeof name, "step%d/eps_posterior", k);
+        if (tap_ref_get(ix, name, &in->eps[k], err))
+            return -1;
+        snprintf(name, sizeof name, "step%d/noise", k);
+        if (tap_ref_get(ix, name, &in->noise[k], err))
+            return -1;
+        snprintf(name, sizeof name, "step%d/timesteps", k);
+        long j = db_tindex_find(ix, name);
+        if (j < 0 || db_tindex_load(ix, (size_t)j, DB_I64, &in->ts[k], err))
+            return db_err_set(err, DB_EFORMAT, "reference has no '%s'", name);
+    }
+    long j = db_tindex_find(ix, "input_ids");
+    if (j < 0 || db_tindex_load(ix, (size_t)j, DB_I64, &ids, err))
+        return db_err_set(err, DB_EFORMAT, "reference has no input_ids");
+    for (int i = 0; i < 2 * 77; i++)
+        in->ids[i] = (int32_t)((const int64_t *)ids.data)[i];
+    db_tensor_free(&ids);
+    in->B = (int)in->mean.shape[0], in->C = (int)in->mean.shape[1];
+    in->H = (int)in->mean.shape[2], in->W = (int)in->mean.shape[3];
+    return 0;
+}
+
+void *tap_cuda_open(char *path, size_t n)
+{
+    const char *b = getenv("B"), *top = getenv("TOP");
+    if (b)
+        snprintf(path, n, "%s/lib/libdb_cuda.so", b);
+    else if (top)
+        snprintf(path, n, "%s/build/lib/libdb_cuda.so", top);
+    else {
+        char exe[4096];
+        ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        exe[k > 0 ? k : 0] = 0;
+        snprintf(path, n, "%s/../../lib/libdb_cuda.so", k > 0 ? dirname(exe) : ".");
+    }
+    return dlopen(path, RTLD_NOW | RTLD_LOCAL);
 }
 
 const char *tap_device(void)

@@ -32,6 +32,24 @@ tap_cmp tap_compare(const float *got, const float *want, size_t n);
 int tap_ref_open(db_tindex *ix, db_safetensors **st, const char *rel, db_err *err);
 int tap_ref_get(const db_tindex *ix, const char *name, db_tensor *t, db_err *err);
 
+/* The reference training batches of tests/data/refs/train_steps.safetensors
+ * (diffusers' three DreamBooth steps; test_train.c, test_train_amp.c): the
+ * instance posterior, per step the posterior draw, the noise and the
+ * timesteps, and the two prompts' token ids.  B, C, H, W: the latents'. */
+enum { TAP_TRAIN_REF_STEPS = 3 };
+typedef struct tap_train_ref {
+    db_tensor mean, logvar, eps[TAP_TRAIN_REF_STEPS], noise[TAP_TRAIN_REF_STEPS], ts[TAP_TRAIN_REF_STEPS];
+    int32_t ids[2 * 77];
+    int B, C, H, W;
+} tap_train_ref;
+int tap_train_ref_load(const db_tindex *ix, tap_train_ref *in, db_err *err);
+
+/* dlopen the CUDA backend a GPU test program checks: $B/lib/libdb_cuda.so,
+ * else $TOP/build/lib/..., else ../../lib/ beside the executable
+ * (build/tests/gpu/X); the path tried goes to path (n bytes).  NULL as
+ * dlopen (dlerror says why). */
+void *tap_cuda_open(char *path, size_t n);
+
 /* ---- the device a test runs on ----------------------------------------------------
  * Model tests run on the ctx named by $DB_TEST_DEVICE ("cpu" when unset or
  * empty; "cuda", "cuda:1"), so the same fixture comparisons check a GPU

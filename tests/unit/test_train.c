@@ -31,7 +31,7 @@
 #define REL_TOL 1e-4
 #define LOSS_TOL 1e-5
 #define ZERO_TOL 1e-6
-#define NSTEPS 3
+#define NSTEPS TAP_TRAIN_REF_STEPS
 #define LR 1e-3
 #define SF 0.18215f
 
@@ -43,44 +43,9 @@ static const double REF[NSTEPS][4] = {
 };
 
 
-typedef struct inputs {
-    db_tensor mean, logvar, eps[NSTEPS], noise[NSTEPS], ts[NSTEPS];
-    int32_t ids[2 * 77];
-    int B, C, H, W;
-} inputs;
-
-static int load_inputs(const db_tindex *ix, inputs *in, db_err *err)
-{
-    db_tensor ids = {0};
-    char name[64];
-    if (tap_ref_get(ix, "posterior_mean", &in->mean, err) || tap_ref_get(ix, "posterior_logvar", &in->logvar, err))
-        return -1;
-    for (int k = 0; k < NSTEPS; k++) {
-        snprintf(name, sizeof name, "step%d/eps_posterior", k);
-        if (tap_ref_get(ix, name, &in->eps[k], err))
-            return -1;
-        snprintf(name, sizeof name, "step%d/noise", k);
-        if (tap_ref_get(ix, name, &in->noise[k], err))
-            return -1;
-        snprintf(name, sizeof name, "step%d/timesteps", k);
-        long j = db_tindex_find(ix, name);
-        if (j < 0 || db_tindex_load(ix, (size_t)j, DB_I64, &in->ts[k], err))
-            return db_err_set(err, DB_EFORMAT, "reference has no '%s'", name);
-    }
-    long j = db_tindex_find(ix, "input_ids");
-    if (j < 0 || db_tindex_load(ix, (size_t)j, DB_I64, &ids, err))
-        return db_err_set(err, DB_EFORMAT, "reference has no input_ids");
-    for (int i = 0; i < 2 * 77; i++)
-        in->ids[i] = (int32_t)((const int64_t *)ids.data)[i];
-    db_tensor_free(&ids);
-    in->B = (int)in->mean.shape[0], in->C = (int)in->mean.shape[1];
-    in->H = (int)in->mean.shape[2], in->W = (int)in->mean.shape[3];
-    return 0;
-}
-
 /* Run the three steps; stats[k] per step.  perturb: move every clean
  * latent by one ulp first (the conditioning probe, see compare_weights). */
-static int run(db_trainer *t, const inputs *in, int perturb, db_train_stats stats[NSTEPS], db_err *err)
+static int run(db_trainer *t, const tap_train_ref *in, int perturb, db_train_stats stats[NSTEPS], db_err *err)
 {
     const size_t n = (size_t)in->B * in->C * in->H * in->W;
     float *lat = malloc(n * sizeof *lat);
@@ -209,10 +174,10 @@ int main(void)
     db_tindex rix;
     db_safetensors *rst = NULL;
     db_tindex_init(&rix);
-    inputs in;
+    tap_train_ref in;
     memset(&in, 0, sizeof in);
     int rc = db_safetensors_open(&rst, tap_path("tests/data/refs/train_steps.safetensors"), NULL, -1, &rix, &err);
-    rc = rc ? rc : load_inputs(&rix, &in, &err);
+    rc = rc ? rc : tap_train_ref_load(&rix, &in, &err);
     if (!tap_ok(rc == 0, "reference inputs%s%s", rc ? ": " : "", rc ? err.msg : ""))
         return tap_done();
 

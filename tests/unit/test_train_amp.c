@@ -26,7 +26,7 @@
 #include "libcommon/sd/weights.h"
 #include "tap.h"
 
-#define NREF 3
+#define NREF TAP_TRAIN_REF_STEPS
 #define LR 1e-3
 #define SF 0.18215f
 /* bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per
@@ -41,43 +41,8 @@
 #define FORCE_SCALE 1048576.0
 #define AMP_STEPS 6
 
-typedef struct inputs {
-    db_tensor mean, logvar, eps[NREF], noise[NREF], ts[NREF];
-    int32_t ids[2 * 77];
-    int B, C, H, W;
-} inputs;
-
-static int load_inputs(const db_tindex *ix, inputs *in, db_err *err)
-{
-    db_tensor ids = {0};
-    char name[64];
-    if (tap_ref_get(ix, "posterior_mean", &in->mean, err) || tap_ref_get(ix, "posterior_logvar", &in->logvar, err))
-        return -1;
-    for (int k = 0; k < NREF; k++) {
-        snprintf(name, sizeof name, "step%d/eps_posterior", k);
-        if (tap_ref_get(ix, name, &in->eps[k], err))
-            return -1;
-        snprintf(name, sizeof name, "step%d/noise", k);
-        if (tap_ref_get(ix, name, &in->noise[k], err))
-            return -1;
-        snprintf(name, sizeof name, "step%d/timesteps", k);
-        long j = db_tindex_find(ix, name);
-        if (j < 0 || db_tindex_load(ix, (size_t)j, DB_I64, &in->ts[k], err))
-            return db_err_set(err, DB_EFORMAT, "reference has no '%s'", name);
-    }
-    long j = db_tindex_find(ix, "input_ids");
-    if (j < 0 || db_tindex_load(ix, (size_t)j, DB_I64, &ids, err))
-        return db_err_set(err, DB_EFORMAT, "reference has no input_ids");
-    for (int i = 0; i < 2 * 77; i++)
-        in->ids[i] = (int32_t)((const int64_t *)ids.data)[i];
-    db_tensor_free(&ids);
-    in->B = (int)in->mean.shape[0], in->C = (int)in->mean.shape[1];
-    in->H = (int)in->mean.shape[2], in->W = (int)in->mean.shape[3];
-    return 0;
-}
-
 /* One step on reference batch k % NREF. */
-static int step(db_trainer *t, const inputs *in, int k, db_train_stats *s, db_err *err)
+static int step(db_trainer *t, const tap_train_ref *in, int k, db_train_stats *s, db_err *err)
 {
     k %= NREF;
     const size_t n = (size_t)in->B * in->C * in->H * in->W;
@@ -105,7 +70,7 @@ static int all_zero(const db_weights *a)
 }
 
 /* NREF steps in precision p; losses into s. */
-static int run_prec(db_ctx *ctx, const db_model *m, const inputs *in, db_precision p, db_train_stats s[NREF],
+static int run_prec(db_ctx *ctx, const db_model *m, const tap_train_ref *in, db_precision p, db_train_stats s[NREF],
                     db_err *err)
 {
     db_train_opts o = db_train_opts_defaults(LR, NREF);
@@ -120,7 +85,7 @@ static int run_prec(db_ctx *ctx, const db_model *m, const inputs *in, db_precisi
     return rc;
 }
 
-static void test_bands(db_ctx *ctx, const db_model *m, const inputs *in)
+static void test_bands(db_ctx *ctx, const db_model *m, const tap_train_ref *in)
 {
     db_err err = {0};
     db_train_stats s32[NREF], sp[2][NREF];
@@ -156,7 +121,7 @@ static void test_bands(db_ctx *ctx, const db_model *m, const inputs *in)
     }
 }
 
-static void test_skip(db_ctx *ctx, const db_model *m, const inputs *in)
+static void test_skip(db_ctx *ctx, const db_model *m, const tap_train_ref *in)
 {
     db_err err = {0};
     db_train_opts o = db_train_opts_defaults(LR, AMP_STEPS);
@@ -277,10 +242,10 @@ int main(void)
     db_tindex rix;
     db_safetensors *rst = NULL;
     db_tindex_init(&rix);
-    inputs in;
+    tap_train_ref in;
     memset(&in, 0, sizeof in);
     int rc = db_safetensors_open(&rst, tap_path("tests/data/refs/train_steps.safetensors"), NULL, -1, &rix, &err);
-    rc = rc ? rc : load_inputs(&rix, &in, &err);
+    rc = rc ? rc : tap_train_ref_load(&rix, &in, &err);
     if (!tap_ok(rc == 0, "reference inputs%s%s", rc ? ": " : "", rc ? err.msg : ""))
         return tap_done();
     db_model m;
