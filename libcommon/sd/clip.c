@@ -358,37 +358,101 @@ static int layer_backward(db_clip *c, int l, const db_clip_layer *gl, int B, int
     return db_add_forward(x, g->dres, g->dres, g->dtmp, ND);                                  /* d inp */
 }
 
+/* Gradient pointers of a unit: weight pointer p of the unit whose weights
+ * start at wbase has its gradient at gbase + (p - wbase). */
+static float *gmap(const float *p, const float *wbase, float *gbase) { return gbase + (p - wbase); }
+
+static db_clip_layer layer_map(const db_clip_layer *y, const float *wb, float *gb)
+{
+    return (db_clip_layer){gmap(y->ln1_w, wb, gb), gmap(y->ln1_b, wb, gb), gmap(y->q_w, wb, gb),
+                           gmap(y->q_b, wb, gb),   gmap(y->k_w, wb, gb),   gmap(y->k_b, wb, gb),
+                           gmap(y->v_w, wb, gb),   gmap(y->v_b, wb, gb),   gmap(y->o_w, wb, gb),
+                           gmap(y->o_b, wb, gb),   gmap(y->ln2_w, wb, gb), gmap(y->ln2_b, wb, gb),
+                           gmap(y->fc1_w, wb, gb), gmap(y->fc1_b, wb, gb), gmap(y->fc2_w, wb, gb),
+                           gmap(y->fc2_b, wb, gb)};
+}
+
+/* Unit `key`'s span and where its gradients go (wb, gb for gmap): the
+ * sink's window (zeroed) or the caller's buffer. */
+static int unit_begin(db_clip *c, db_weights *grads, const db_grad_sink *sink, const char *key, db_span *sp,
+                      const float **wb, float **gb, db_err *err)
+{
+    if (!sink) {
+        *sp = (db_span){0, c->w.numel};
+        *wb = c->w.data, *gb = grads->data;
+        return 0;
+    }
+    if (db_weights_span(&c->w, key, sp, err))
+        return db_err_prefix(err, "text encoder");
+    if (!sink->window) {
+        *wb = c->w.data, *gb = grads->data;
+        return 0;
+    }
+    if (sink->window_n < sp->hi - sp->lo)
+        return db_err_set(err, DB_EUSAGE, "text encoder: backward: a gradient window of %zu floats for %s's %zu",
+                          sink->window_n, key, sp->hi - sp->lo);
+    *wb = c->w.data + sp->lo, *gb = sink->window;
+    return db_ctx_zero(c->ctx, sink->window, (sp->hi - sp->lo) * sizeof(float))
+               ? db_err_set(err, c->ctx->err.code, "text encoder: %s", c->ctx->err.msg)
+               : 0;
+}
+
+static int unit_end(db_clip *c, const db_grad_sink *sink, const char *key, db_span sp, const float *wb, float *gb,
+                    db_err *err)
+{
+    if (!sink || !sink->ready)
+        return 0;
+    if (sink->ready(sink->user, gmap(c->w.data + sp.lo, wb, gb), sp.lo, sp.hi, err))
+        return db_err_prefix(err, "text encoder: %s", key);
+    return 0;
+}
+
 int db_clip_backward(db_clip *c, db_weights *grads, const float *dlast, db_err *err)
+{
+    return db_clip_backward_to(c, grads, NULL, dlast, err);
+}
+
+int db_clip_backward_to(db_clip *c, db_weights *grads, const db_grad_sink *sink, const float *dlast, db_err *err)
 {
     const db_text_arch *t = &c->arch;
     if (!c->B)
         return db_err_set(err, DB_EUSAGE, "text encoder: backward needs a forward first");
-    if (!grads || !dlast || grads->numel != c->w.numel || grads->n != c->w.n)
+    if (!dlast || (!(sink && sink->window) && (!grads || grads->numel != c->w.numel || grads->n != c->w.n)))
         return db_err_set(err, DB_EUSAGE, "text encoder: backward: gradients not laid out like the weights");
     const int B = c->B, T = c->T, D = t->hidden, L = t->layers;
-    const size_t N = (size_t)B * T, ND = N * D;
+    const size_t N = (size_t)B * T;
     if (grads_reserve(c, N, err))
-        return -1;
-    db_clip_params gp;
-    if (db_clip_params_bind(&gp, grads, t, err))
         return -1;
     db_ctx *x = c->ctx;
     db_clip_acts *a = &c->a;
-    int rc = 0;
-    db_layernorm_backward(x, c->g.dres, gp.lnf_w, gp.lnf_b, dlast, a->lnf_mean, a->lnf_rstd,
-                          a->hidden + (size_t)L * ND, c->p.lnf_w, (int)N, D);
-    if (x->err.code) {
-        rc = op_failed(c, err, "final layer norm backward");
-        goto out;
+    const db_clip_params *p = &c->p;
+    db_span sp;
+    const float *wb;
+    float *gb;
+    char key[64];
+
+    if (unit_begin(c, grads, sink, "text_model.final_layer_norm", &sp, &wb, &gb, err))
+        return -1;
+    db_layernorm_backward(x, c->g.dres, gmap(p->lnf_w, wb, gb), gmap(p->lnf_b, wb, gb), dlast, a->lnf_mean,
+                          a->lnf_rstd, a->hidden + (size_t)L * N * D, p->lnf_w, (int)N, D);
+    if (x->err.code)
+        return op_failed(c, err, "final layer norm backward");
+    if (unit_end(c, sink, "text_model.final_layer_norm", sp, wb, gb, err))
+        return -1;
+    for (int l = L - 1; l >= 0; l--) {
+        snprintf(key, sizeof key, "text_model.encoder.layers.%d", l);
+        if (unit_begin(c, grads, sink, key, &sp, &wb, &gb, err))
+            return -1;
+        const db_clip_layer gl = layer_map(&p->layers[l], wb, gb);
+        if (layer_backward(c, l, &gl, B, T))
+            return op_failed(c, err, "layer %d backward", l);
+        if (unit_end(c, sink, key, sp, wb, gb, err))
+            return -1;
     }
-    for (int l = L - 1; l >= 0; l--)
-        if (layer_backward(c, l, &gp.layers[l], B, T)) {
-            rc = op_failed(c, err, "layer %d backward", l);
-            goto out;
-        }
-    if (db_embedding_backward(x, gp.wte, gp.wpe, c->g.dres, a->ids, B, T, D, t->vocab_size))
-        rc = op_failed(c, err, "embeddings backward");
-out:
-    db_clip_params_free(&gp);
-    return rc;
+    if (unit_begin(c, grads, sink, "text_model.embeddings", &sp, &wb, &gb, err))
+        return -1;
+    if (db_embedding_backward(x, gmap(p->wte, wb, gb), gmap(p->wpe, wb, gb), c->g.dres, a->ids, B, T, D,
+                              t->vocab_size))
+        return op_failed(c, err, "embeddings backward");
+    return unit_end(c, sink, "text_model.embeddings", sp, wb, gb, err);
 }

@@ -138,6 +138,10 @@ int db_clip_hidden_ln(db_clip *c, float *out, int k, db_err *err);
  * since).  Deterministic for any thread count, as the ops are.  Returns 0,
  * or -1 with err set. */
 int db_clip_backward(db_clip *c, db_weights *grads, const float *dlast, db_err *err);
+/* The same with a gradient sink (weights.h): units are the final layer
+ * norm, the layers from the last, then the embeddings.  grads may be NULL
+ * with a window. */
+int db_clip_backward_to(db_clip *c, db_weights *grads, const db_grad_sink *sink, const float *dlast, db_err *err);
 
 /* Bytes of the activations a forward of N tokens keeps, plus with backward
  * the gradient workspace (for memory plans; the same layout the model uses). */

@@ -32,6 +32,20 @@ struct db_trainer {
     float scale;
     int64_t growth_tracker, growth_interval;
     int micro;                   /* micro-batches accumulated since the last step */
+    /* fused backward (train.h): the gradient window, a sink per trained
+     * component, the step's sums of squared per-tensor norms, and each
+     * tensor's norm (UNet then text encoder, for db_trainer_grad_norms) */
+    float *window;
+    size_t window_n;
+    struct fused_group {
+        db_trainer *t;
+        db_weights *w, *m, *v;   /* weights and fp32 moments (m, v NULL with 8-bit) */
+        db_q8_state *q;          /* 8-bit moments or NULL */
+        db_adamw hp;             /* this step's (lr set per micro-batch) */
+        double *norms;           /* into fnorms: this component's tensors */
+    } fg[2];
+    double fss;
+    double *fnorms;
     double sum_loss, sum_inst, sum_prior;
     /* buffers of the largest micro-batch seen, on the ctx's device */
     size_t cap_lat, cap_ctx;
@@ -180,18 +194,102 @@ static int q8_init(db_q8_state *q, const db_weights *w, db_err *err)
  * by tensor: the per-tensor blocks are bnb's (a block never spans two
  * tensors), the small tensors take float32 AdamW. */
 static int q8_step(db_ctx *c, db_q8_state *q, db_weights *w, float *g, const db_adamw *hp, int64_t k,
-                   const db_q8_maps *maps)
+                   const db_q8_maps *maps, size_t lo, size_t hi)
 {
+    /* g holds the gradients of weights [lo, hi) */
     for (size_t i = 0; i < q->nt; i++) {
         const db_q8_tensor *t = &q->t[i];
+        if (t->woff < lo || t->woff >= hi)
+            continue;
         const int rc = t->q8 ? db_opt_adamw8bit(c, w->data + t->woff, q->m_q + t->off, q->v_q + t->off,
-                                                q->m_absmax + t->boff, q->v_absmax + t->boff, g + t->woff, t->n,
+                                                q->m_absmax + t->boff, q->v_absmax + t->boff, g + (t->woff - lo), t->n,
                                                 hp, k, maps)
-                             : db_opt_adamw(c, w->data + t->woff, q->m32 + t->off, q->v32 + t->off, g + t->woff,
-                                            t->n, hp, k);
+                             : db_opt_adamw(c, w->data + t->woff, q->m32 + t->off, q->v32 + t->off,
+                                            g + (t->woff - lo), t->n, hp, k);
         if (rc)
             return -1;
     }
+    return 0;
+}
+
+/* ---- clipping and the fused backward ------------------------------------------------- */
+
+/* Clip each of refs[0, n) by its own norm (torch's clip_grad_norm_ on one
+ * tensor); *ss += the squares of the float32 norms (the global norm's
+ * terms, as torch sums them), norms[i] = each norm (norms may be NULL). */
+static int clip_each(db_ctx *c, const db_grad_ref *refs, size_t n, double max_norm, double *ss, double *norms)
+{
+    for (size_t i = 0; i < n; i++) {
+        double nk;
+        if (db_clip_grad_norm_ctx(c, &nk, &refs[i], 1, max_norm))
+            return -1;
+        *ss += nk * nk;
+        if (norms)
+            norms[i] = nk;
+    }
+    return 0;
+}
+
+/* The sink's callback: a unit's gradients g (weights [lo, hi) of the
+ * group) are final.  Sum them over the processes, clip tensor by tensor,
+ * step the optimizer over the unit. */
+static int fused_ready(void *user, float *g, size_t lo, size_t hi, db_err *err)
+{
+    struct fused_group *fg = user;
+    db_trainer *t = fg->t;
+    db_ctx *c = t->ctx;
+    if (t->o.world > 1 && t->o.reduce_f32(t->o.reduce_user, g, hi - lo, err))
+        return db_err_prefix(err, "gradient reduction");
+    const db_weights *w = fg->w;
+    const double max = t->o.max_grad_norm > 0 ? t->o.max_grad_norm : INFINITY;
+    for (size_t i = 0; i < w->ix.n; i++) {
+        const db_tentry *e = &w->ix.v[i];
+        const size_t off = (size_t)e->offset;
+        if (off < lo || off >= hi)
+            continue;
+        const db_grad_ref r = {g + (off - lo), (size_t)db_shape_numel(e->ndim, e->shape)};
+        double ss = 0;
+        if (clip_each(c, &r, 1, max, &ss, &fg->norms[i]))
+            return db_err_set(err, c->err.code, "gradient clipping: %s", c->err.msg);
+        if (!isfinite(ss))
+            return db_err_set(err, DB_ENUMERIC, "the gradient of %s is not finite at step %lld: training diverged "
+                              "(the fused backward has updated the blocks after it)", e->name,
+                              (long long)t->step + 1);
+        t->fss += ss;
+    }
+    const int64_t k = t->opt_step + 1;
+    if (fg->q ? q8_step(c, fg->q, fg->w, g, &fg->hp, k, &t->maps, lo, hi)
+              : db_opt_adamw(c, w->data + lo, fg->m->data + lo, fg->v->data + lo, g, hi - lo, &fg->hp, k))
+        return db_err_set(err, c->err.code, "optimizer step: %s", c->err.msg);
+    return 0;
+}
+
+/* The fused backward's window and groups (after the moments exist). */
+static int fused_init(db_trainer *t, db_err *err)
+{
+    if (t->o.grad_accum != 1)
+        return db_err_set(err, DB_EUSAGE, "the fused backward steps the optimizer inside the backward of each "
+                          "micro-batch: it needs one micro-batch per step (gradient accumulation %d)",
+                          t->o.grad_accum);
+    if (t->scaling)
+        return db_err_set(err, DB_EUSAGE, "the fused backward cannot skip a step after an fp16 overflow (the "
+                          "update has begun by then): use bf16 or fp32");
+    const int q8 = t->o.optimizer == DB_OPTIM_ADAMW8BIT;
+    db_weights *wu = (db_weights *)db_unet_weights(t->unet), *wt = &t->clip->w;
+    size_t n = db_weights_window_floats(wu), nt = wu->ix.n + (t->o.train_text ? wt->ix.n : 0);
+    if (t->o.train_text) {
+        const size_t n2 = db_weights_window_floats(wt);
+        n = n2 > n ? n2 : n;
+    }
+    t->fnorms = calloc(nt ? nt : 1, sizeof *t->fnorms);
+    t->window = n ? db_ctx_alloc(t->ctx, n * sizeof(float)) : NULL;
+    t->window_n = n;
+    if (!t->window || !t->fnorms)
+        return db_err_set(err, DB_ENOMEM, "out of memory for the fused backward's window of %zu floats", n);
+    t->fg[0] = (struct fused_group){t, wu, q8 ? NULL : &t->mu, q8 ? NULL : &t->vu, q8 ? &t->qu : NULL,
+                                    t->o.unet_hp, t->fnorms};
+    t->fg[1] = (struct fused_group){t, wt, q8 ? NULL : &t->mt, q8 ? NULL : &t->vt, q8 ? &t->qt : NULL,
+                                    t->o.text_hp, t->fnorms + wu->ix.n};
     return 0;
 }
 
@@ -236,17 +334,19 @@ int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db
     }
     if (q8)
         db_q8_maps_make(&t->maps);
-    if (db_weights_like(&t->gu, wu, err) ||
-        (q8 ? q8_init(&t->qu, wu, err) : db_weights_like(&t->mu, wu, err) || db_weights_like(&t->vu, wu, err)) ||
-        add_refs(t, &t->gu, err))
+    /* gradient buffers as large as the weights, or the fused backward's window */
+    const int fused = o->fused_backward;
+    if ((!fused && (db_weights_like(&t->gu, wu, err) || add_refs(t, &t->gu, err))) ||
+        (q8 ? q8_init(&t->qu, wu, err) : db_weights_like(&t->mu, wu, err) || db_weights_like(&t->vu, wu, err)))
         goto fail;
     if (o->train_text) {
         const db_weights *wt = &t->clip->w;
-        if (db_weights_like(&t->gt, wt, err) ||
-            (q8 ? q8_init(&t->qt, wt, err) : db_weights_like(&t->mt, wt, err) || db_weights_like(&t->vt, wt, err)) ||
-            add_refs(t, &t->gt, err))
+        if ((!fused && (db_weights_like(&t->gt, wt, err) || add_refs(t, &t->gt, err))) ||
+            (q8 ? q8_init(&t->qt, wt, err) : db_weights_like(&t->mt, wt, err) || db_weights_like(&t->vt, wt, err)))
             goto fail;
     }
+    if (fused && fused_init(t, err))
+        goto fail;
     *out = t;
     return 0;
 fail:
@@ -269,6 +369,8 @@ void db_trainer_free(db_trainer *t)
     q8_free(&t->qu);
     q8_free(&t->qt);
     free(t->refs);
+    free(t->fnorms);
+    db_ctx_free(t->ctx, t->window);
     host_unstage(t, t->noisy_h), host_unstage(t, t->pred_h), host_unstage(t, t->dpred_h), host_unstage(t, t->tsf_h);
     db_ctx_free(t->ctx, t->noisy);
     db_ctx_free(t->ctx, t->pred_buf);
@@ -404,13 +506,27 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
         }
         return 0;
     }
-    /* backward: UNet, then the text encoder through d context */
+    /* backward: UNet, then the text encoder through d context; fused: the
+     * optimizer steps each unit as its gradients are done */
     if (db_ctx_copy(c, t->dpred, t->dpred_h, n * sizeof(float), DB_COPY_H2D))
         return db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
-    if (db_unet_backward(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, &t->gu, t->dpred, err))
-        return -1;
-    if (t->o.train_text && db_clip_backward(t->clip, &t->gt, t->dcontext, err))
-        return -1;
+    const int fused = t->o.fused_backward;
+    db_grad_sink su = {0}, st = {0};
+    if (fused) {
+        if (t->micro)
+            return db_err_set(err, DB_EUSAGE, "trainer: fused backward: a second micro-batch before the step");
+        t->fss = 0;
+        t->fg[0].hp.lr = db_lr_at(&t->o.unet_lr, t->opt_step);
+        t->fg[1].hp.lr = db_lr_at(&t->o.text_lr, t->opt_step);
+        su = (db_grad_sink){t->window, t->window_n, fused_ready, &t->fg[0]};
+        st = (db_grad_sink){t->window, t->window_n, fused_ready, &t->fg[1]};
+    }
+    if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, fused ? NULL : &t->gu,
+                            fused ? &su : NULL, t->dpred, err))
+        return db_err_prefix(err, "trainer");
+    if (t->o.train_text &&
+        db_clip_backward_to(t->clip, fused ? NULL : &t->gt, fused ? &st : NULL, t->dcontext, err))
+        return db_err_prefix(err, "trainer");
     t->micro++;
     t->sum_loss += loss, t->sum_inst += li, t->sum_prior += lp;
     if (s) {
@@ -463,14 +579,43 @@ static int skip_step(db_trainer *t, db_train_stats *s, double norm, float used_s
     return 0;
 }
 
+/* An update was applied: count it, grow the fp16 scale, report. */
+static int finish_step(db_trainer *t, db_train_stats *s, double norm, double lr, double lr_text, float used_scale)
+{
+    t->opt_step++;
+    t->step++;
+    if (t->scaling && ++t->growth_tracker >= t->growth_interval) {
+        /* torch's _amp_update_scale_: grow only to a finite scale */
+        const float grown = t->scale * 2.0f;
+        if (isfinite(grown))
+            t->scale = grown;
+        t->growth_tracker = 0;
+    }
+    if (s) {
+        memset(s, 0, sizeof *s);
+        s->step = t->step;
+        s->loss = t->sum_loss / t->micro;
+        s->loss_instance = t->sum_inst / t->micro;
+        s->loss_prior = t->sum_prior / t->micro;
+        s->grad_norm = norm;
+        s->lr = lr;
+        s->lr_text = lr_text;
+        s->loss_scale = used_scale;
+    }
+    t->micro = 0;
+    t->sum_loss = t->sum_inst = t->sum_prior = 0;
+    return 0;
+}
+
 int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
 {
     if (!t->micro)
         return db_err_set(err, DB_EUSAGE, "trainer: an optimizer step without gradients");
-    if (t->o.world > 1) { /* sum the gradients and the loss sums over the processes */
+    const int fused = t->o.fused_backward;
+    if (t->o.world > 1) { /* sum the gradients and the loss sums over the processes (fused: summed already) */
         double sums[4] = {t->sum_loss, t->sum_inst, t->sum_prior, (double)t->micro};
-        if (t->o.reduce_f32(t->o.reduce_user, t->gu.data, t->gu.numel, err) ||
-            (t->o.train_text && t->o.reduce_f32(t->o.reduce_user, t->gt.data, t->gt.numel, err)) ||
+        if ((!fused && t->o.reduce_f32(t->o.reduce_user, t->gu.data, t->gu.numel, err)) ||
+            (!fused && t->o.train_text && t->o.reduce_f32(t->o.reduce_user, t->gt.data, t->gt.numel, err)) ||
             t->o.reduce_f64(t->o.reduce_user, sums, 4, err))
             return db_err_prefix(err, "trainer: gradient reduction");
         t->sum_loss = sums[0], t->sum_inst = sums[1], t->sum_prior = sums[2];
@@ -478,6 +623,9 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     }
     db_ctx *c = t->ctx;
     double norm;
+    if (fused) /* the updates are made: count the step */
+        return finish_step(t, s, (double)(float)sqrt(t->fss), db_lr_at(&t->o.unet_lr, t->opt_step),
+                           t->o.train_text ? db_lr_at(&t->o.text_lr, t->opt_step) : 0, 0.0f);
     const float used_scale = t->scaling ? t->scale : 0.0f;
     if (t->scaling) {
         /* GradScaler.unscale_: any non-finite gradient skips the step; the
@@ -501,8 +649,13 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     }
     /* without clipping the norm is still measured (reported and checked):
      * an infinite maximum makes the coefficient 1, which leaves g as is */
-    if (db_clip_grad_norm_ctx(c, &norm, t->refs, t->nrefs, t->o.max_grad_norm > 0 ? t->o.max_grad_norm : INFINITY))
+    const double max = t->o.max_grad_norm > 0 ? t->o.max_grad_norm : INFINITY;
+    double ss = 0;
+    if (t->o.clip_per_tensor ? clip_each(c, t->refs, t->nrefs, max, &ss, NULL)
+                             : db_clip_grad_norm_ctx(c, &norm, t->refs, t->nrefs, max))
         return db_err_set(err, c->err.code, "trainer: gradient clipping: %s", c->err.msg);
+    if (t->o.clip_per_tensor)
+        norm = (double)(float)sqrt(ss);
     if (!isfinite(norm)) /* fp16: finite before the unscale, so not here either; bf16/fp32: diverged */
         return db_err_set(err, DB_ENUMERIC, "trainer: the gradient norm is %g at step %lld: training diverged",
                           norm, (long long)t->step + 1);
@@ -512,7 +665,7 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     db_weights *wu = (db_weights *)db_unet_weights(t->unet);
     const int q8 = t->o.optimizer == DB_OPTIM_ADAMW8BIT;
     if (q8)
-        q8_step(c, &t->qu, wu, t->gu.data, &hu, k, &t->maps);
+        q8_step(c, &t->qu, wu, t->gu.data, &hu, k, &t->maps, 0, wu->numel);
     else
         db_opt_adamw(c, wu->data, t->mu.data, t->vu.data, t->gu.data, wu->numel, &hu, k);
     db_ctx_zero(c, t->gu.data, t->gu.numel * sizeof(float));
@@ -522,40 +675,25 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
         ht.lr = lr_text = db_lr_at(&t->o.text_lr, t->opt_step);
         db_weights *wt = &t->clip->w;
         if (q8)
-            q8_step(c, &t->qt, wt, t->gt.data, &ht, k, &t->maps);
+            q8_step(c, &t->qt, wt, t->gt.data, &ht, k, &t->maps, 0, wt->numel);
         else
             db_opt_adamw(c, wt->data, t->mt.data, t->vt.data, t->gt.data, wt->numel, &ht, k);
         db_ctx_zero(c, t->gt.data, t->gt.numel * sizeof(float));
     }
     if (c->err.code)
         return db_err_set(err, c->err.code, "trainer: optimizer step: %s", c->err.msg);
-    t->opt_step = k;
-    t->step++;
-    if (t->scaling && ++t->growth_tracker >= t->growth_interval) {
-        /* torch's _amp_update_scale_: grow only to a finite scale */
-        const float grown = t->scale * 2.0f;
-        if (isfinite(grown))
-            t->scale = grown;
-        t->growth_tracker = 0;
-    }
-    if (s) {
-        memset(s, 0, sizeof *s);
-        s->step = t->step;
-        s->loss = t->sum_loss / t->micro;
-        s->loss_instance = t->sum_inst / t->micro;
-        s->loss_prior = t->sum_prior / t->micro;
-        s->grad_norm = norm;
-        s->lr = hu.lr;
-        s->lr_text = lr_text;
-        s->loss_scale = used_scale;
-    }
-    t->micro = 0;
-    t->sum_loss = t->sum_inst = t->sum_prior = 0;
-    return 0;
+    return finish_step(t, s, norm, hu.lr, lr_text, used_scale);
 }
 
 size_t db_trainer_grad_norms(const db_trainer *t, double *out, size_t n)
 {
+    if (t->o.fused_backward) { /* the last step's, recorded as it went */
+        const db_weights *wu = db_unet_weights(t->unet);
+        const size_t nt = wu->ix.n + (t->o.train_text ? t->clip->w.ix.n : 0);
+        for (size_t i = 0; i < nt && i < n; i++)
+            out[i] = t->fnorms[i];
+        return nt;
+    }
     /* the clip's sum of squares, on the gradients' own device; NaN when it fails */
     for (size_t i = 0; i < t->nrefs && i < n; i++) {
         double q;

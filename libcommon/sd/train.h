@@ -74,6 +74,23 @@ typedef struct db_train_opts {
     db_adamw unet_hp, text_hp;  /* betas, eps, weight decay (lr comes from the schedules) */
     db_lr_schedule unet_lr, text_lr;
     db_optim_kind optimizer;    /* DB_OPTIM_ADAMW (the default) or DB_OPTIM_ADAMW8BIT (db_q8_state) */
+    /* Fused backward (kohya's --fused_backward_pass): each unit of the
+     * backward (a UNet block, a text-encoder layer; weights.h) is clipped
+     * and stepped by the optimizer as soon as its gradients are final, in
+     * one window the size of the largest unit instead of gradient buffers
+     * as large as the weights (SD1.5: 3.3 GiB less, 3.7 GiB with the text
+     * encoder).  The global norm is not known before the first update, so
+     * clipping is per tensor (clip_per_tensor, kohya's rule); the reported
+     * grad_norm is still the global norm.  One micro-batch per step
+     * (grad_accum 1), and no fp16 (a step cannot be skipped after it has
+     * begun); several processes sum each unit's gradients (reduce_f32)
+     * before its update.  With max_grad_norm <= 0 the weights are
+     * bit-identical to the plain step's. */
+    int fused_backward;
+    /* Clip each gradient tensor to max_grad_norm by its own norm instead of
+     * all of them by the global norm (what the fused backward does; here so
+     * a plain step can do the same, e.g. to compare). */
+    int clip_per_tensor;
     /* Data parallel: `world` processes each accumulate grad_accum
      * micro-batches of one step; every gradient is scaled by
      * 1 / (grad_accum * world), and db_trainer_apply first calls reduce on
@@ -133,7 +150,8 @@ int db_trainer_accumulate(db_trainer *t, const db_train_batch *b, db_train_stats
  * (evaluation; nothing accumulates). */
 int db_trainer_eval(db_trainer *t, const db_train_batch *b, db_train_stats *s, db_err *err);
 
-/* Clip, AdamW, zero the gradients, step + 1.  Refused (weights untouched)
+/* Clip, AdamW, zero the gradients, step + 1 (fused backward: the updates
+ * were made by accumulate; this counts the step and fills s).  Refused (weights untouched)
  * when no micro-batch was accumulated, or when the gradient norm is not
  * finite outside fp16; in fp16 that is a skipped step (above), s->skipped
  * set and s->grad_norm the non-finite norm of the scaled gradients. */

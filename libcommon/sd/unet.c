@@ -58,6 +58,7 @@ typedef struct step {
     db_transformer2d_acts ta;     /* ta.blk: malloc'd (depth) */
     /* gradient workspace (set by grad_layout) */
     float *dout;                  /* (B, OC, HW(lout)) d loss / d out; NULL for the output head */
+    db_span gs;                   /* its weights' span (gradient units, weights.h; set by spans()) */
     int dset;                     /* backward: dout holds a gradient (else the first writer assigns) */
 } step;
 
@@ -93,6 +94,8 @@ struct db_unet {
     float *de1s, *de1;          /* (B, E) */
     float *dt0, *dt1;           /* two step-input gradients, the largest (B, C, HW) any step needs */
     float *bscratch;            /* block backward scratch, the largest any step needs */
+    int have_spans;             /* the steps' and the time MLP's weight spans are set */
+    db_span t_gs;               /* the time MLP's */
 };
 
 /* ---- building the step list ------------------------------------------------------ */
@@ -741,8 +744,54 @@ static void give(db_unet *u, int i, const float *d, size_t n)
     }
 }
 
+/* The weight span of every step and of the time MLP, once (a gradient sink's units). */
+static int spans(db_unet *u, db_err *err)
+{
+    if (u->have_spans)
+        return 0;
+    char key[48];
+    for (int i = 0; i < u->ns; i++) {
+        step *s = &u->s[i];
+        const size_t l = db_grad_unit_key(DB_COMP_UNET, s->name);
+        snprintf(key, sizeof key, "%.*s", (int)l, s->name);
+        if (db_weights_span(&u->w, key, &s->gs, err))
+            return db_err_prefix(err, "unet");
+    }
+    if (db_weights_span(&u->w, "time_embed", &u->t_gs, err))
+        return db_err_prefix(err, "unet");
+    u->have_spans = 1;
+    return 0;
+}
+
+/* The gradient map of the weights in span sp: the sink's window (zeroed) or the whole buffer. */
+static db_gradmap unit_map(db_unet *u, float *gbuf, const db_grad_sink *sink, db_span sp)
+{
+    if (sink && sink->window) {
+        db_ctx_zero(u->ctx, sink->window, (sp.hi - sp.lo) * sizeof(float));
+        return (db_gradmap){u->w.data + sp.lo, sink->window};
+    }
+    return (db_gradmap){u->w.data, gbuf};
+}
+
+/* A unit's gradients are final: tell the sink. */
+static int unit_ready(db_unet *u, const db_gradmap *g, const db_grad_sink *sink, db_span sp, const char *name,
+                      db_err *err)
+{
+    if (!sink || !sink->ready)
+        return 0;
+    if (sink->ready(sink->user, g->g + (u->w.data + sp.lo - g->w), sp.lo, sp.hi, err))
+        return db_err_prefix(err, "unet: %s", name);
+    return 0;
+}
+
 int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *grads, const float *dout,
                      db_err *err)
+{
+    return db_unet_backward_to(u, dsample, dcontext, grads, NULL, dout, err);
+}
+
+int db_unet_backward_to(db_unet *u, float *dsample, float *dcontext, db_weights *grads, const db_grad_sink *sink,
+                        const float *dout, db_err *err)
 {
     db_ctx *c = u->ctx;
     const db_unet_arch *a = &u->a;
@@ -751,16 +800,30 @@ int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *gr
         return db_err_set(err, DB_EUSAGE, "unet: backward: NULL dout");
     if (!B || !u->pkeep)
         return db_err_set(err, DB_EUSAGE, "unet: backward needs a forward made with keep_activations on");
-    if (grads && (grads->numel != u->w.numel || !grads->data))
+    const int win = sink && sink->window;
+    if (!win && grads && (grads->numel != u->w.numel || !grads->data))
         return db_err_set(err, DB_EUSAGE, "unet: backward: gradients of %zu elements for %zu weights", grads->numel,
                           u->w.numel);
     if (c->err.code)
         return db_err_set(err, c->err.code, "unet: the context has a pending error: %s", c->err.msg);
+    if (sink && spans(u, err))
+        return -1;
+    if (win) {
+        size_t need = u->t_gs.hi - u->t_gs.lo;
+        for (int i = 0; i < u->ns; i++)
+            need = u->s[i].gs.hi - u->s[i].gs.lo > need ? u->s[i].gs.hi - u->s[i].gs.lo : need;
+        if (sink->window_n < need)
+            return db_err_set(err, DB_EUSAGE, "unet: backward: a gradient window of %zu floats for units of up to "
+                              "%zu", sink->window_n, need);
+    }
     if (grad_plan(u, B, H, W, Tc, err))
         return -1;
-    const db_gradmap gm = {u->w.data, grads ? grads->data : NULL}, *g = &gm;
+    const int trained = grads || win;
+    float *gbuf = grads && !win ? grads->data : NULL;
+    db_gradmap gm = {u->w.data, gbuf};
+    const db_gradmap *g = &gm;
     const float *context = u->context;
-    float *demb = grads ? u->dtemb_s : NULL; /* frozen: the time MLP needs no gradient */
+    float *demb = trained ? u->dtemb_s : NULL; /* frozen: the time MLP needs no gradient */
     db_ctx_zero(c, u->dtemb_s, (size_t)B * E * sizeof(float));
     if (dcontext)
         db_ctx_zero(c, dcontext, (size_t)B * Tc * a->context_dim * sizeof(float));
@@ -786,6 +849,8 @@ int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *gr
             u->brecompute += t1 - t0;
             t0 = t1;
         }
+        if (trained)
+            gm = unit_map(u, gbuf, sink, s->gs);
         switch (s->kind) {
         case ST_CONV_IN:
             db_conv2d_backward(c, dsample, gp(g, s->conv_w), gp(g, s->conv_b), d, in, s->conv_w, B, s->C, h, wd,
@@ -832,17 +897,22 @@ int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *gr
         }
         if (c->err.code)
             return op_failed(u, s->name, err);
+        if (trained && unit_ready(u, g, sink, s->gs, s->name, err))
+            return -1;
         u->btimes[time_kind(s->kind)] += now() - t0;
     }
 
     /* the time embedding MLP: temb_s = silu(linear_2(silu(linear_1(tproj)))) */
-    if (grads) {
+    if (trained) {
+        gm = unit_map(u, gbuf, sink, u->t_gs);
         db_silu_backward(c, u->dtemb, u->dtemb_s, u->temb, (size_t)B * E);
         db_linear_backward(c, u->de1s, gp(g, u->t2_w), gp(g, u->t2_b), u->dtemb, u->e1s, u->t2_w, B, E, E);
         db_silu_backward(c, u->de1, u->de1s, u->e1, (size_t)B * E);
         db_linear_backward(c, NULL, gp(g, u->t1_w), gp(g, u->t1_b), u->de1, u->tproj, u->t1_w, B, C0, E);
         if (c->err.code)
             return op_failed(u, "time_embed", err);
+        if (unit_ready(u, g, sink, u->t_gs, "time_embed", err))
+            return -1;
     }
     return 0;
 }
@@ -933,8 +1003,27 @@ static size_t arch_params(const db_tname *t, size_t n, int comp)
     return k;
 }
 
+/* db_grad_window_floats of the table's component comp, in bytes (0 when out of memory) */
+static size_t arch_window(const db_tname *t, size_t n, int comp)
+{
+    const char **names = malloc((n ? n : 1) * sizeof *names);
+    size_t *numels = malloc((n ? n : 1) * sizeof *numels), k = 0, r = 0;
+    if (names && numels) {
+        for (size_t i = 0; i < n; i++) {
+            if (t[i].comp != comp || t[i].init == DB_INIT_POSITION_IDS)
+                continue;
+            names[k] = t[i].compvis;
+            numels[k++] = (size_t)db_shape_numel(t[i].ndim, t[i].shape);
+        }
+        r = db_grad_window_floats(comp, names, numels, k) * 4;
+    }
+    free(names);
+    free(numels);
+    return r;
+}
+
 size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, int train_text, int checkpointing,
-                                 db_precision prec, db_train_device_plan *p)
+                                 int fused, db_precision prec, db_train_device_plan *p)
 {
     memset(p, 0, sizeof *p);
     db_tname *t = NULL;
@@ -943,15 +1032,18 @@ size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, i
     if (B <= 0 || H <= 0 || W <= 0 || T <= 0 || db_arch_names(a, &t, &nt, &err))
         return 0;
     const size_t pu = arch_params(t, nt, DB_COMP_UNET) * 4, pt = arch_params(t, nt, DB_COMP_TEXT) * 4;
+    const size_t wu = arch_window(t, nt, DB_COMP_UNET), wt = train_text ? arch_window(t, nt, DB_COMP_TEXT) : 0;
     free(t);
     const db_unet_arch *u = &a->unet;
     p->unet_act = db_unet_train_bytes_arch(u, B, H, W, T, checkpointing);
-    if (!p->unet_act)
+    if (!p->unet_act || (fused && !wu))
         return 0;
     const size_t gt = train_text ? pt : 0;
     p->weights = pu + pt;
-    p->grads = pu + gt;
-    p->moments = 2 * p->grads;
+    p->moments = 2 * (pu + gt);
+    /* fused backward: one window the size of the largest unit instead of
+     * gradient buffers (the trainer's allocations below follow) */
+    p->grads = fused ? (wu > wt ? wu : wt) : pu + gt;
     p->text_act = db_clip_workspace_bytes(&a->text, (size_t)B * T, train_text);
     /* train.c's reserve(): noisy, pred, dpred, timesteps (latent-sized), and
      * the context and its gradient */
@@ -984,7 +1076,8 @@ size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, i
      * workspaces and the text encoder's (rounded as one: close enough), the
      * batch buffers; the transients (conversion, workspace) at the bound */
     size_t raw = 0, rounded = 0;
-    const size_t allocs[] = {pu, pt, pu, pu, pu, gt, gt, gt, p->unet_act, p->text_act, lat, lat, lat, lat, ctx, ctx};
+    const size_t gu_a = fused ? p->grads : pu, gt_a = fused ? 0 : gt;
+    const size_t allocs[] = {pu, pt, gu_a, pu, pu, gt_a, gt, gt, p->unet_act, p->text_act, lat, lat, lat, lat, ctx, ctx};
     for (size_t i = 0; i < sizeof allocs / sizeof allocs[0]; i++)
         if (allocs[i])
             raw += allocs[i], rounded += cuda_rounded(allocs[i]);

@@ -106,6 +106,12 @@ void db_unet_checkpointing(db_unet *u, int on);
  * forward's.  Errors as for the forward. */
 int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *grads, const float *dout,
                      db_err *err);
+/* The same with a gradient sink (weights.h): the weights' gradients go to
+ * sink->window unit by unit (grads may then be NULL) or into grads, and
+ * sink->ready hears of each unit as its backward ends (the steps in reverse,
+ * the time MLP last).  sink NULL: db_unet_backward. */
+int db_unet_backward_to(db_unet *u, float *dsample, float *dcontext, db_weights *grads, const db_grad_sink *sink,
+                        const float *dout, db_err *err);
 
 /* Memory plans (trainer --plan).  Nothing is allocated; 0 on overflow.
  * Workspace bytes a forward of these sizes needs in the current mode. */
@@ -124,12 +130,12 @@ size_t db_unet_train_bytes_arch(const db_unet_arch *a, int B, int H, int W, int 
 /* Device memory of one DreamBooth training step on a CUDA ctx (db-train
  * --plan --device cuda; bench_sd prints it next to its measured peak), from
  * the architecture alone: what db_trainer_create and a step put on the
- * device.  B rows of H x W latents and T tokens; train_text and
- * checkpointing as db_train_opts; prec the ctx's compute precision.
+ * device.  B rows of H x W latents and T tokens; train_text,
+ * checkpointing and fused (fused_backward) as db_train_opts; prec the ctx's compute precision.
  * Nothing is allocated; returns the total (0 for an invalid architecture). */
 typedef struct db_train_device_plan {
     size_t weights;     /* UNet + text encoder, fp32 (the trainer loads both) */
-    size_t grads;       /* fp32 gradients of what is trained */
+    size_t grads;       /* fp32 gradients of what is trained (fused: the largest unit's window) */
     size_t moments;     /* AdamW m and v, fp32 */
     size_t unet_act;    /* UNet forward + gradient workspaces (db_unet_train_bytes_arch) */
     size_t text_act;    /* text encoder workspace (db_clip_workspace_bytes) */
@@ -142,7 +148,7 @@ typedef struct db_train_device_plan {
     size_t total;
 } db_train_device_plan;
 size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, int train_text, int checkpointing,
-                                 db_precision prec, db_train_device_plan *p);
+                                 int fused, db_precision prec, db_train_device_plan *p);
 
 /* Bytes of the forward and gradient workspaces allocated now. */
 size_t db_unet_allocated_bytes(const db_unet *u);

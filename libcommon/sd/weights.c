@@ -155,3 +155,103 @@ float *db_weights_get(const db_weights *w, db_err *err, int64_t numel, const cha
     }
     return w->data + e->offset;
 }
+
+/* ---- gradient units ---------------------------------------------------------------- */
+
+/* length of the first k dot-separated components of s (all of s when it has fewer) */
+static size_t first_parts(const char *s, int k)
+{
+    size_t i = 0;
+    for (; s[i]; i++)
+        if (s[i] == '.' && --k == 0)
+            return i;
+    return i;
+}
+
+size_t db_grad_unit_key(int comp, const char *name)
+{
+    const char *pre = db_comp_prefix(comp);
+    const size_t lp = pre ? strlen(pre) : 0;
+    const size_t skip = lp && !strncmp(name, pre, lp) ? lp : 0;
+    const char *s = name + skip;
+    int k;
+    if (comp == DB_COMP_UNET)
+        k = !strncmp(s, "input_blocks.", 13) || !strncmp(s, "output_blocks.", 14) ? 3
+            : !strncmp(s, "middle_block.", 13)                                   ? 2
+                                                                                 : 1;
+    else if (comp == DB_COMP_TEXT)
+        k = !strncmp(s, "text_model.encoder.layers.", 26) ? 4 : 2;
+    else
+        k = 1;
+    const size_t n = first_parts(s, k);
+    return n ? skip + n : 0;
+}
+
+/* the entry's name is in unit `key` (key without the component prefix) */
+static int in_unit(int comp, const char *name, const char *key, size_t lk)
+{
+    const char *pre = db_comp_prefix(comp);
+    const size_t lp = pre ? strlen(pre) : 0;
+    const size_t skip = lp && !strncmp(name, pre, lp) ? lp : 0;
+    return db_grad_unit_key(comp, name) == skip + lk && !strncmp(name + skip, key, lk);
+}
+
+static size_t padded(const db_tentry *e) { return ((size_t)db_shape_numel(e->ndim, e->shape) + 15) & ~(size_t)15; }
+
+int db_weights_span(const db_weights *w, const char *key, db_span *out, db_err *err)
+{
+    const size_t lk = strlen(key);
+    size_t lo = SIZE_MAX, hi = 0;
+    for (size_t i = 0; i < w->ix.n; i++) {
+        const db_tentry *e = &w->ix.v[i];
+        if (!in_unit(w->comp, e->name, key, lk))
+            continue;
+        const size_t a = (size_t)e->offset, b = a + padded(e);
+        lo = a < lo ? a : lo;
+        hi = b > hi ? b : hi;
+    }
+    if (hi == 0)
+        return db_err_set(err, DB_EUSAGE, "%s weights: no tensor of %s", db_comp_name(w->comp), key);
+    for (size_t i = 0; i < w->ix.n; i++) {
+        const db_tentry *e = &w->ix.v[i];
+        if ((size_t)e->offset >= lo && (size_t)e->offset < hi && !in_unit(w->comp, e->name, key, lk))
+            return db_err_set(err, DB_EUNSUPP, "%s weights: %s lies among the tensors of %s in this layout",
+                              db_comp_name(w->comp), e->name, key);
+    }
+    *out = (db_span){lo, hi};
+    return 0;
+}
+
+size_t db_grad_window_floats(int comp, const char *const *names, const size_t *numels, size_t n)
+{
+    size_t best = 0, run = 0, lk = 0;
+    const char *key = NULL;
+    for (size_t i = 0; i < n; i++) {
+        const size_t l = db_grad_unit_key(comp, names[i]);
+        if (!key || l != lk || strncmp(names[i], key, l))
+            run = 0, key = names[i], lk = l;
+        run += (numels[i] + 15) & ~(size_t)15;
+        best = run > best ? run : best;
+    }
+    return best;
+}
+
+size_t db_tentries_window_floats(const db_tentry *v, size_t n, int comp)
+{
+    const char **names = malloc((n ? n : 1) * sizeof *names);
+    size_t *numels = malloc((n ? n : 1) * sizeof *numels), k = 0, r = 0;
+    if (names && numels) {
+        for (size_t i = 0; i < n; i++) {
+            if (v[i].comp != comp || !db_dtype_is_float(v[i].dtype))
+                continue;
+            names[k] = v[i].name;
+            numels[k++] = (size_t)db_shape_numel(v[i].ndim, v[i].shape);
+        }
+        r = db_grad_window_floats(comp, names, numels, k);
+    }
+    free(names);
+    free(numels);
+    return r;
+}
+
+size_t db_weights_window_floats(const db_weights *w) { return db_tentries_window_floats(w->ix.v, w->ix.n, w->comp); }

@@ -48,4 +48,51 @@ void db_weights_free(db_weights *w);
 float *db_weights_get(const db_weights *w, db_err *err, int64_t numel, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
+/* ---- gradient units ---------------------------------------------------------------- */
+
+/* The unit of a backward pass that finishes a weight's gradient: a UNet
+ * step (input_blocks.N.M, middle_block.M, output_blocks.N.M, time_embed,
+ * out) or a text-encoder layer (text_model.encoder.layers.N,
+ * text_model.embeddings, text_model.final_layer_norm).  The trainer's fused
+ * optimizer step (db_train_opts.fused_backward) updates a unit's weights as
+ * soon as its backward is done.  The key of a CompVis name (with or without
+ * its component prefix) is the name's first characters: this returns their
+ * count, 0 for a name of no unit. */
+size_t db_grad_unit_key(int comp, const char *name);
+
+/* [lo, hi): element offsets in w->data of the unit `key` (its tensors and
+ * their alignment padding).  Refused when the unit has no tensor or another
+ * unit's tensor lies inside (a layout a unit-by-unit update cannot use). */
+typedef struct db_span {
+    size_t lo, hi;
+} db_span;
+int db_weights_span(const db_weights *w, const char *key, db_span *out, db_err *err);
+
+/* Floats of the largest unit among n tensors of component comp in layout
+ * order (names[i] with numels[i] elements), alignment padding included:
+ * the gradient window the fused optimizer step needs. */
+size_t db_grad_window_floats(int comp, const char *const *names, const size_t *numels, size_t n);
+/* The same for the float tensors of component comp among v[0, n) (a
+ * model's table: the layout db_weights_load makes), and for w's; 0 when
+ * out of memory. */
+size_t db_tentries_window_floats(const db_tentry *v, size_t n, int comp);
+size_t db_weights_window_floats(const db_weights *w);
+
+/* Where a backward (db_unet_backward_to, db_clip_backward_to) puts the
+ * weights' gradients and whom it tells when a unit's are final.
+ *   window NULL: into the caller's gradient buffer (laid out like the
+ *     weights, accumulated +=), as the plain backward;
+ *   window non-NULL: each unit's gradients into window[0, hi - lo) (zeroed
+ *     first; window_n floats must hold the largest unit), and no gradient
+ *     buffer is needed;
+ *   ready (may be NULL): called after each unit's backward with g = where
+ *     its gradients are (window, or the buffer at lo) and its span in the
+ *     weights; a failure stops the backward with that error. */
+typedef struct db_grad_sink {
+    float *window;
+    size_t window_n;
+    int (*ready)(void *user, float *g, size_t lo, size_t hi, db_err *err);
+    void *user;
+} db_grad_sink;
+
 #endif

@@ -428,7 +428,7 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
         db_ctx_set_precision(c, precs[i]);
         db_train_device_plan plan;
         const double plan_mib = c->device == DB_CPU ? 0
-                                : db_unet_train_device_plan(a, B, L, L, T, 0, o->ckpt, precs[i], &plan) / 1048576.0;
+                                : db_unet_train_device_plan(a, B, L, L, T, 0, o->ckpt, 0, precs[i], &plan) / 1048576.0;
         if (measure(c, train_call, &t, 1, o->reps, o->budget, &ms, &reps, &pk, &err)) {
             report_error("train_step", precs[i], err.msg);
         } else {
