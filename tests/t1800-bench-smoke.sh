@@ -46,6 +46,12 @@ check "the check fails on ms=0" "! valid '$T/zero.txt' unet_fwd_b2"
 check "the check fails on an error line" "! valid '$T/err.txt' train_step"
 check "the check fails on a missing figure" "! valid '$T/all.txt' no_such_figure"
 
+$BS $SMALL --only train --fused-backward --precision fp32,fp16 > "$T/fused.txt" 2>&1
+grep -v 'precision=fp16' "$T/fused.txt" > "$T/fused32.txt"
+check "--fused-backward adds train_step_fused" valid "$T/fused32.txt" train_step_fused
+check "... and refuses it in fp16 (an error line, not a crash)" \
+    "grep -q 'name=train_step_fused .*precision=fp16 .*error=' '$T/fused.txt'"
+
 $BS $SMALL --only fwd --precision fp32,bf16 > "$T/fwd.txt" 2>&1
 rc=$?
 check "--only fwd --precision fp32,bf16 exits 0" "[ $rc = 0 ]"

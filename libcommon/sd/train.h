@@ -159,7 +159,8 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err);
 
 /* L2 norm of each accumulated gradient tensor, the UNet's in its table
  * order then the text encoder's (when trained): out[0 .. min(n, count)).
- * Returns the count of gradient tensors. */
+ * Returns the count of gradient tensors.  Fused backward: the norms (float32,
+ * before clipping) of the last step's gradients, recorded as it went. */
 size_t db_trainer_grad_norms(const db_trainer *t, double *out, size_t n);
 
 /* The 8-bit AdamW state of one trained group (DB_OPTIM_ADAMW8BIT), tensor

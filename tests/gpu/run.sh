@@ -35,18 +35,21 @@ tools_check() {
     r=$(build/tests/dbtest dbt-rel "$T/inst-cpu.dbt" "$T/inst-cuda.dbt")
     echo "db-prep cpu vs cuda posteriors: $r"
     awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-4) }'
-    for d in cpu cuda; do
-        DB_CUDA_UNVERIFIED=1 timeout 90 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 --lr 1e-4 \
-            --train-text-encoder --device $d -o "$T/run-$d"
-    done
-    python3 - "$T/run-cpu/ckpt-000003/state.json" "$T/run-cuda/ckpt-000003/state.json" <<'PY'
+    # plain and fused backward (the optimizer inside the backward, one window)
+    for f in "" --fused-backward; do
+        for d in cpu cuda; do
+            DB_CUDA_UNVERIFIED=1 timeout 90 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 \
+                --lr 1e-4 --train-text-encoder --device $d $f -o "$T/run-$d$f"
+        done
+        python3 - "$T/run-cpu$f/ckpt-000003/state.json" "$T/run-cuda$f/ckpt-000003/state.json" "$f" <<'PY'
 import json, sys
 a, b = (json.load(open(f))["loss"] for f in sys.argv[1:3])
 rel = max(abs(a[k] - b[k]) / abs(a[k]) for k in ("loss", "grad_norm"))
-print("db-train cpu vs cuda, 3 steps: loss %.8g vs %.8g, grad norm %.8g vs %.8g (rel %.3g)"
-      % (a["loss"], b["loss"], a["grad_norm"], b["grad_norm"], rel))
+print("db-train %s cpu vs cuda, 3 steps: loss %.8g vs %.8g, grad norm %.8g vs %.8g (rel %.3g)"
+      % (sys.argv[3] or "(plain)", a["loss"], b["loss"], a["grad_norm"], b["grad_norm"], rel))
 sys.exit(0 if rel <= 1e-4 else 1)
 PY
+    done
 }
 # make bench-cuda's recipe without make (the bundle has no build tree to
 # check): bench_sd, bench_torch.py, the table; $1 $2 the two timeouts
@@ -54,7 +57,7 @@ bench_cuda() {
     local o=$OUT rs rt
     echo "== bench_sd --device cuda --precision fp32,bf16"
     DB_CUDA_UNVERIFIED=1 timeout "$1" build/bench/bench_sd --device cuda --precision fp32,bf16 --budget 3 \
-        --sample-budget 15 2>&1 | tee "$o/bench_sd.txt"
+        --sample-budget 15 --fused-backward 2>&1 | tee "$o/bench_sd.txt"
     rs=${PIPESTATUS[0]}
     echo "== bench_torch.py --device cuda --precision fp32,bf16"
     PYTHONUNBUFFERED=1 timeout "$2" python3 tests/gpu/bench_torch.py --device cuda --precision fp32,bf16 --budget 3 \
