@@ -25,7 +25,8 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 3 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights */
+#define DB_CUDA_ABI 4 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+                         4: opt_sumsq_many */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -109,6 +110,9 @@ typedef struct db_cuda_api {
     int (*opt_adamw8bit)(db_ctx *c, float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
                          const float *g, size_t n, const struct db_adamw *hp, int64_t t,
                          const struct db_q8_maps *maps);
+    /* db_opt_sumsq_many: k sums of squares, one wait; out and the g / n
+     * arrays are HOST memory (the g[i] device pointers) */
+    int (*opt_sumsq_many)(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k);
 } db_cuda_api;
 
 /* Exported by libdb_cuda.so: the table, or NULL when the library was built

@@ -376,6 +376,10 @@ int db_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t
 /* *out (host) = sum of g[i]^2 in double, in db_clip_grad_norm's fixed
  * chunked order (the same for any thread count). */
 int db_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n);
+/* out[i] (host) = db_opt_sumsq of g[i] (n[i] floats) for i < k: the same
+ * bits, with one wait for the device instead of k (the clip's norms of
+ * hundreds of tensors).  g and n are host arrays of the k tensors. */
+int db_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k);
 /* g[i] = g[i] * coef (the clip; a NaN coef poisons every element, as torch). */
 int db_opt_scale(db_ctx *c, float *g, float coef, size_t n);
 /* db_adamw8bit_step over n elements (8-bit AdamW, bitsandbytes' block-wise

@@ -1012,6 +1012,23 @@ int db_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n)
     }
 }
 
+int db_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k)
+{
+    ENTER(c);
+    REQUIRE(c, "sumsq", (out && g && n) || !k);
+    switch (c->device) {
+    case DB_CPU:
+    case DB_CPU_STRICT:
+        for (size_t i = 0; i < k; i++)
+            out[i] = db_sum_squares(g[i], n[i]);
+        return 0;
+    case DB_CUDA:
+        return CUDA_OP(c, opt_sumsq_many, "sumsq", out, g, n, k);
+    default:
+        return no_backend(c, "sumsq");
+    }
+}
+
 int db_opt_scale(db_ctx *c, float *g, float coef, size_t n)
 {
     ENTER(c);

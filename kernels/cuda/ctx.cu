@@ -454,6 +454,7 @@ static db_cuda_api make_api(void)
     SET(opt_sumsq);
     SET(opt_scale);
     SET(opt_adamw8bit);
+    SET(opt_sumsq_many);
 #undef SET
     return a;
 }

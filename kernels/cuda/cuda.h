@@ -137,6 +137,7 @@ DB_OP_LIST(DB_CUDA_DECLARE)
 extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t n,
                                  const struct db_adamw *hp, int64_t t);
 extern "C" int db_cuda_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n);
+extern "C" int db_cuda_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k);
 extern "C" int db_cuda_opt_scale(db_ctx *c, float *g, float coef, size_t n);
 extern "C" int db_cuda_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax,
                                      float *v_absmax, const float *g, size_t n, const struct db_adamw *hp,

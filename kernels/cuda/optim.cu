@@ -1,5 +1,5 @@
 // The optimizer ops of kernels/ops.h (db_opt_adamw, db_opt_sumsq,
-// db_opt_scale) on the device, bit-identical to libcommon/sd/optim.c, their
+// db_opt_sumsq_many, db_opt_scale) on the device, bit-identical to libcommon/sd/optim.c, their
 // CPU oracle (tests/gpu/test_cuda_ops.c checks the bits).
 //
 // No fused multiply-add anywhere: every operation is an explicit
@@ -83,22 +83,43 @@ extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const 
 // associate differently), and one thread adds the partials in order.
 enum { SS_CHUNK = 4096, SS_LANES = 32, SS_TILE = 32 };
 
-// part[c] = sum of squares of chunk c.  A block is one warp holding 32
-// consecutive chunks; it stages SS_TILE elements of each of its chunks in
-// shared memory per step (row by row, so each global read is one coalesced
-// 128-byte sweep of the warp), then every lane adds its own chunk's row in
-// order.  The row is padded by one float against bank conflicts.
+// Several tensors in one launch pair: tensor i's chunks go to part[chunk0,
+// chunk0 + nchunks), its warps are blocks [block0, block0 + nblocks) of the
+// grid.  A table of these lives on the device for the call.
+struct ss_tensor {
+    const float *g;
+    size_t n, chunk0, block0;
+};
+
+// part[chunk0 + c] = sum of squares of chunk c of the block's tensor.  A
+// block is one warp holding 32 consecutive chunks; it stages SS_TILE
+// elements of each of its chunks in shared memory per step (row by row, so
+// each global read is one coalesced 128-byte sweep of the warp), then every
+// lane adds its own chunk's row in order.  The row is padded by one float
+// against bank conflicts.
 __global__ static void __launch_bounds__(SS_LANES)
-    sumsq_chunks_kernel(double *part, const float *g, size_t n, size_t nchunks)
+    sumsq_chunks_kernel(double *part, const ss_tensor *tab, size_t k)
 {
     __shared__ float tile[SS_LANES][SS_TILE + 1];
+    // the block's tensor: the last whose first block is at or before this one
+    size_t lo = 0, hi = k;
+    while (hi - lo > 1) {
+        const size_t mid = lo + (hi - lo) / 2;
+        if (tab[mid].block0 <= blockIdx.x)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    const float *g = tab[lo].g;
+    const size_t n = tab[lo].n, nchunks = (n + SS_CHUNK - 1) / SS_CHUNK;
+    part += tab[lo].chunk0;
     const int lane = (int)threadIdx.x;
-    const size_t first = (size_t)blockIdx.x * SS_LANES, mine = first + (size_t)lane;
+    const size_t first = ((size_t)blockIdx.x - tab[lo].block0) * SS_LANES, mine = first + (size_t)lane;
     double s = 0.0;
     for (int base = 0; base < SS_CHUNK; base += SS_TILE) {
-        for (int k = 0; k < SS_LANES; k++) {
-            const size_t i = (first + (size_t)k) * SS_CHUNK + (size_t)base + (size_t)lane;
-            tile[k][lane] = i < n ? g[i] : 0.0f;
+        for (int j = 0; j < SS_LANES; j++) {
+            const size_t i = (first + (size_t)j) * SS_CHUNK + (size_t)base + (size_t)lane;
+            tile[j][lane] = i < n ? g[i] : 0.0f;
         }
         __syncthreads();
         if (mine < nchunks) {
@@ -116,49 +137,77 @@ __global__ static void __launch_bounds__(SS_LANES)
         part[mine] = s;
 }
 
-// *out = part[0] + part[1] + ... in index order, from 0.0 (the CPU's
+// out[i] = tensor i's partials added in index order, from 0.0 (the CPU's
 // single-chunk shortcut returns part[0] itself: the same bits, as 0.0 + s
-// is s for the non-negative or NaN s a sum of squares can be).
-__global__ static void sumsq_total_kernel(double *out, const double *part, size_t nchunks)
+// is s for the non-negative or NaN s a sum of squares can be; an empty
+// tensor's sum is 0.0, as the CPU's).
+__global__ static void sumsq_total_kernel(double *out, const double *part, const ss_tensor *tab, size_t k)
 {
-    double t = 0.0;
-    for (size_t k = 0; k < nchunks; k++)
-        t = __dadd_rn(t, part[k]);
-    *out = t;
+    GRID_STRIDE(i, k)
+    {
+        const size_t nchunks = (tab[i].n + SS_CHUNK - 1) / SS_CHUNK;
+        double t = 0.0;
+        for (size_t c = 0; c < nchunks; c++)
+            t = __dadd_rn(t, part[tab[i].chunk0 + c]);
+        out[i] = t;
+    }
+}
+
+extern "C" int db_cuda_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k)
+{
+    DB_ENTER(c);
+    if (k == 0)
+        return 0;
+    db_cuda_state *st = db_cuda_st(c);
+    ss_tensor *tab = (ss_tensor *)malloc(k * sizeof *tab);
+    if (!tab)
+        return db_cuda_fail(c, DB_ENOMEM, __FILE__, __LINE__, "sumsq: out of host memory for %zu tensors", k);
+    size_t chunks = 0, blocks = 0;
+    for (size_t i = 0; i < k; i++) {
+        const size_t nc = (n[i] + SS_CHUNK - 1) / SS_CHUNK;
+        tab[i] = ss_tensor{g[i], n[i], chunks, blocks};
+        chunks += nc;
+        blocks += (nc + SS_LANES - 1) / SS_LANES;
+    }
+    if (blocks > (size_t)INT_MAX) {
+        free(tab);
+        return db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "sumsq: %zu warps are more than one launch covers",
+                            blocks);
+    }
+    // one device buffer: the table, the partials, the totals
+    const size_t tab_bytes = (k * sizeof *tab + 15) & ~(size_t)15;
+    char *buf = (char *)db_cuda_alloc(c, tab_bytes + (chunks + k) * sizeof(double));
+    if (!buf) {
+        free(tab);
+        return -1;
+    }
+    ss_tensor *dtab = (ss_tensor *)buf;
+    double *part = (double *)(buf + tab_bytes), *tot = part + chunks;
+    cudaError_t e = cudaMemcpyAsync(dtab, tab, k * sizeof *tab, cudaMemcpyHostToDevice, st->stream);
+    if (e == cudaSuccess && blocks) {
+        sumsq_chunks_kernel<<<(unsigned)blocks, SS_LANES, 0, st->stream>>>(part, dtab, k);
+        e = cudaGetLastError();
+    }
+    if (e == cudaSuccess) {
+        sumsq_total_kernel<<<db_cuda_grid(k, THREADS), THREADS, 0, st->stream>>>(tot, part, dtab, k);
+        e = cudaGetLastError();
+    }
+    if (e == cudaSuccess)
+        e = cudaMemcpyAsync(out, tot, k * sizeof *out, cudaMemcpyDeviceToHost, st->stream);
+    if (e == cudaSuccess)
+        e = cudaStreamSynchronize(st->stream); // out and tab are host memory: the caller reads out next
+    db_cuda_free(c, buf);
+    free(tab);
+    if (e != cudaSuccess)
+        return db_cuda_fail(c, e == cudaErrorMemoryAllocation ? DB_ENOMEM : DB_EIO, __FILE__, __LINE__, "sumsq: %s",
+                            cudaGetErrorString(e));
+    return 0;
 }
 
 extern "C" int db_cuda_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n)
 {
-    DB_ENTER(c);
     *out = 0.0;
-    if (n == 0)
-        return 0; // the CPU's empty sum
-    db_cuda_state *st = db_cuda_st(c);
-    const size_t nchunks = (n + SS_CHUNK - 1) / SS_CHUNK, blocks = (nchunks + SS_LANES - 1) / SS_LANES;
-    if (blocks > (size_t)INT_MAX)
-        return db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "sumsq: %zu elements are more than one launch covers",
-                            n);
-    // the partials, then the total in the slot after them
-    double *part = (double *)db_cuda_alloc(c, (nchunks + 1) * sizeof(double));
-    if (!part)
-        return -1;
-    sumsq_chunks_kernel<<<(unsigned)blocks, SS_LANES, 0, st->stream>>>(part, g, n, nchunks);
-    cudaError_t e = cudaGetLastError();
-    if (e == cudaSuccess) {
-        sumsq_total_kernel<<<1, 1, 0, st->stream>>>(part + nchunks, part, nchunks);
-        e = cudaGetLastError();
-    }
-    double total = 0.0;
-    if (e == cudaSuccess)
-        e = cudaMemcpyAsync(&total, part + nchunks, sizeof total, cudaMemcpyDeviceToHost, st->stream);
-    if (e == cudaSuccess)
-        e = cudaStreamSynchronize(st->stream); // out is host memory: the caller reads it next
-    db_cuda_free(c, part);
-    if (e != cudaSuccess)
-        return db_cuda_fail(c, e == cudaErrorMemoryAllocation ? DB_ENOMEM : DB_EIO, __FILE__, __LINE__, "sumsq: %s",
-                            cudaGetErrorString(e));
-    *out = total;
-    return 0;
+    return db_cuda_opt_sumsq_many(c, out, &g, &n, 1);
 }
 
 // ---- scale ------------------------------------------------------------------------------

@@ -280,19 +280,40 @@ double db_clip_grad_norm(const db_grad_ref *grads, size_t ngrads, double max_nor
     return (double)total;
 }
 
+int db_sumsq_refs_ctx(db_ctx *c, double *ss, const db_grad_ref *grads, size_t ngrads)
+{
+    const float **g = malloc(ngrads * sizeof *g);
+    size_t *n = malloc(ngrads * sizeof *n);
+    int rc = -1;
+    if (g && n) {
+        for (size_t k = 0; k < ngrads; k++)
+            g[k] = grads[k].g, n[k] = grads[k].n;
+        rc = db_opt_sumsq_many(c, ss, g, n, ngrads);
+    } else
+        db_err_set(&c->err, DB_ENOMEM, "clip: out of memory for %zu tensors", ngrads);
+    free(g);
+    free(n);
+    return rc;
+}
+
 int db_clip_grad_norm_ctx(db_ctx *c, double *norm, const db_grad_ref *grads, size_t ngrads, double max_norm)
 {
     *norm = 0.0;
     if (ngrads == 0)
         return 0;
+    double *sk = malloc(ngrads * sizeof *sk);
+    if (!sk)
+        return db_err_set(&c->err, DB_ENOMEM, "clip: out of memory for %zu tensors", ngrads);
+    if (db_sumsq_refs_ctx(c, sk, grads, ngrads)) {
+        free(sk);
+        return -1;
+    }
     double ss = 0.0;
     for (size_t k = 0; k < ngrads; k++) {
-        double sk;
-        if (db_opt_sumsq(c, &sk, grads[k].g, grads[k].n))
-            return -1;
-        float nk = (float)sqrt(sk);
+        float nk = (float)sqrt(sk[k]);
         ss += (double)nk * (double)nk;
     }
+    free(sk);
     float total = clip_total(ss);
     float coef = clip_coef(max_norm, total);
     if (clip_scales(coef))
@@ -300,6 +321,25 @@ int db_clip_grad_norm_ctx(db_ctx *c, double *norm, const db_grad_ref *grads, siz
             if (db_opt_scale(c, grads[k].g, coef, grads[k].n))
                 return -1;
     *norm = (double)total;
+    return 0;
+}
+
+int db_clip_grad_norm_each_ctx(db_ctx *c, double *norms, double *ss, const db_grad_ref *grads, size_t ngrads,
+                               double max_norm)
+{
+    if (ngrads == 0)
+        return 0;
+    if (db_sumsq_refs_ctx(c, norms, grads, ngrads))
+        return -1;
+    for (size_t k = 0; k < ngrads; k++) {
+        /* clip_grad_norm_ of one tensor: its norm is the total */
+        const float nk = (float)sqrt(norms[k]), total = clip_total((double)nk * (double)nk);
+        const float coef = clip_coef(max_norm, total);
+        if (clip_scales(coef) && db_opt_scale(c, grads[k].g, coef, grads[k].n))
+            return -1;
+        norms[k] = (double)total;
+        *ss += (double)nk * (double)nk;
+    }
     return 0;
 }
 

@@ -175,6 +175,16 @@ double db_clip_grad_norm(const db_grad_ref *grads, size_t ngrads, double max_nor
  * 0 with *norm set, or -1 with the reason in c->err. */
 struct db_ctx;
 int db_clip_grad_norm_ctx(struct db_ctx *c, double *norm, const db_grad_ref *grads, size_t ngrads, double max_norm);
+/* ss[k] = the sum of squares of grads[k] (db_sum_squares' bits) for every
+ * k, with one wait for c's device.  0, or -1 with the reason in c->err. */
+int db_sumsq_refs_ctx(struct db_ctx *c, double *ss, const db_grad_ref *grads, size_t ngrads);
+/* Each tensor clipped by its own norm (kohya's rule for a fused backward:
+ * clip_grad_norm_ called on every tensor alone): norms[k] = ||g_k|| as a
+ * float32, g_k *= its own coefficient; *ss += the sum of norms[k]^2 (the
+ * terms of the global norm).  The sums of squares take one wait for the
+ * device (db_opt_sumsq_many).  0, or -1 with the reason in c->err. */
+int db_clip_grad_norm_each_ctx(struct db_ctx *c, double *norms, double *ss, const db_grad_ref *grads, size_t ngrads,
+                               double max_norm);
 /* The pieces, for the CPU backend of those ops: db_clip_grad_norm's sum of
  * squares of one tensor (double, fixed 4096-element chunks: any thread count
  * gives the same bits), and g[i] = g[i] * coef. */

@@ -46,6 +46,9 @@ struct db_trainer {
     } fg[2];
     double fss;
     double *fnorms;
+    db_grad_ref *fref;           /* scratch of one unit: its tensors' gradients, */
+    size_t *fidx;                /* their indices in the component's table, */
+    double *fnv;                 /* their norms */
     double sum_loss, sum_inst, sum_prior;
     /* buffers of the largest micro-batch seen, on the ctx's device */
     size_t cap_lat, cap_ctx;
@@ -214,22 +217,6 @@ static int q8_step(db_ctx *c, db_q8_state *q, db_weights *w, float *g, const db_
 
 /* ---- clipping and the fused backward ------------------------------------------------- */
 
-/* Clip each of refs[0, n) by its own norm (torch's clip_grad_norm_ on one
- * tensor); *ss += the squares of the float32 norms (the global norm's
- * terms, as torch sums them), norms[i] = each norm (norms may be NULL). */
-static int clip_each(db_ctx *c, const db_grad_ref *refs, size_t n, double max_norm, double *ss, double *norms)
-{
-    for (size_t i = 0; i < n; i++) {
-        double nk;
-        if (db_clip_grad_norm_ctx(c, &nk, &refs[i], 1, max_norm))
-            return -1;
-        *ss += nk * nk;
-        if (norms)
-            norms[i] = nk;
-    }
-    return 0;
-}
-
 /* The sink's callback: a unit's gradients g (weights [lo, hi) of the
  * group) are final.  Sum them over the processes, clip tensor by tensor,
  * step the optimizer over the unit. */
@@ -242,21 +229,26 @@ static int fused_ready(void *user, float *g, size_t lo, size_t hi, db_err *err)
         return db_err_prefix(err, "gradient reduction");
     const db_weights *w = fg->w;
     const double max = t->o.max_grad_norm > 0 ? t->o.max_grad_norm : INFINITY;
+    size_t nr = 0;
     for (size_t i = 0; i < w->ix.n; i++) {
         const db_tentry *e = &w->ix.v[i];
         const size_t off = (size_t)e->offset;
         if (off < lo || off >= hi)
             continue;
-        const db_grad_ref r = {g + (off - lo), (size_t)db_shape_numel(e->ndim, e->shape)};
-        double ss = 0;
-        if (clip_each(c, &r, 1, max, &ss, &fg->norms[i]))
-            return db_err_set(err, c->err.code, "gradient clipping: %s", c->err.msg);
-        if (!isfinite(ss))
-            return db_err_set(err, DB_ENUMERIC, "the gradient of %s is not finite at step %lld: training diverged "
-                              "(the fused backward has updated the blocks after it)", e->name,
-                              (long long)t->step + 1);
-        t->fss += ss;
+        t->fref[nr] = (db_grad_ref){g + (off - lo), (size_t)db_shape_numel(e->ndim, e->shape)};
+        t->fidx[nr++] = i;
     }
+    double ss = 0;
+    if (db_clip_grad_norm_each_ctx(c, t->fnv, &ss, t->fref, nr, max))
+        return db_err_set(err, c->err.code, "gradient clipping: %s", c->err.msg);
+    for (size_t j = 0; j < nr; j++) {
+        fg->norms[t->fidx[j]] = t->fnv[j];
+        if (!isfinite(t->fnv[j]))
+            return db_err_set(err, DB_ENUMERIC, "the gradient of %s is not finite at step %lld: training diverged "
+                              "(the fused backward has updated the blocks after it)", w->ix.v[t->fidx[j]].name,
+                              (long long)t->step + 1);
+    }
+    t->fss += ss;
     const int64_t k = t->opt_step + 1;
     if (fg->q ? q8_step(c, fg->q, fg->w, g, &fg->hp, k, &t->maps, lo, hi)
               : db_opt_adamw(c, w->data + lo, fg->m->data + lo, fg->v->data + lo, g, hi - lo, &fg->hp, k))
@@ -281,10 +273,14 @@ static int fused_init(db_trainer *t, db_err *err)
         const size_t n2 = db_weights_window_floats(wt);
         n = n2 > n ? n2 : n;
     }
+    const size_t most = wu->ix.n > wt->ix.n ? wu->ix.n : wt->ix.n;
     t->fnorms = calloc(nt ? nt : 1, sizeof *t->fnorms);
+    t->fref = calloc(most ? most : 1, sizeof *t->fref);
+    t->fidx = calloc(most ? most : 1, sizeof *t->fidx);
+    t->fnv = calloc(most ? most : 1, sizeof *t->fnv);
     t->window = n ? db_ctx_alloc(t->ctx, n * sizeof(float)) : NULL;
     t->window_n = n;
-    if (!t->window || !t->fnorms)
+    if (!t->window || !t->fnorms || !t->fref || !t->fidx || !t->fnv)
         return db_err_set(err, DB_ENOMEM, "out of memory for the fused backward's window of %zu floats", n);
     t->fg[0] = (struct fused_group){t, wu, q8 ? NULL : &t->mu, q8 ? NULL : &t->vu, q8 ? &t->qu : NULL,
                                     t->o.unet_hp, t->fnorms};
@@ -370,6 +366,9 @@ void db_trainer_free(db_trainer *t)
     q8_free(&t->qt);
     free(t->refs);
     free(t->fnorms);
+    free(t->fref);
+    free(t->fidx);
+    free(t->fnv);
     db_ctx_free(t->ctx, t->window);
     host_unstage(t, t->noisy_h), host_unstage(t, t->pred_h), host_unstage(t, t->dpred_h), host_unstage(t, t->tsf_h);
     db_ctx_free(t->ctx, t->noisy);
@@ -631,13 +630,16 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
         /* GradScaler.unscale_: any non-finite gradient skips the step; the
          * clip's sums of squares (double) are finite exactly when every
          * element is */
-        double ss = 0;
-        for (size_t i = 0; i < t->nrefs; i++) {
-            double q;
-            if (db_opt_sumsq(c, &q, t->refs[i].g, t->refs[i].n))
-                return db_err_set(err, c->err.code, "trainer: gradient check: %s", c->err.msg);
-            ss += q;
+        double ss = 0, *q = malloc(t->nrefs * sizeof *q);
+        if (!q)
+            return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
+        if (db_sumsq_refs_ctx(c, q, t->refs, t->nrefs)) {
+            free(q);
+            return db_err_set(err, c->err.code, "trainer: gradient check: %s", c->err.msg);
         }
+        for (size_t i = 0; i < t->nrefs; i++)
+            ss += q[i];
+        free(q);
         if (!isfinite(ss))
             return skip_step(t, s, sqrt(ss), used_scale, err);
         /* grads * (1 / scale) before clipping, as torch: the reciprocal in
@@ -650,12 +652,17 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     /* without clipping the norm is still measured (reported and checked):
      * an infinite maximum makes the coefficient 1, which leaves g as is */
     const double max = t->o.max_grad_norm > 0 ? t->o.max_grad_norm : INFINITY;
-    double ss = 0;
-    if (t->o.clip_per_tensor ? clip_each(c, t->refs, t->nrefs, max, &ss, NULL)
-                             : db_clip_grad_norm_ctx(c, &norm, t->refs, t->nrefs, max))
-        return db_err_set(err, c->err.code, "trainer: gradient clipping: %s", c->err.msg);
-    if (t->o.clip_per_tensor)
+    if (t->o.clip_per_tensor) {
+        double ss = 0, *nk = malloc(t->nrefs * sizeof *nk);
+        if (!nk)
+            return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
+        const int rc = db_clip_grad_norm_each_ctx(c, nk, &ss, t->refs, t->nrefs, max);
+        free(nk);
+        if (rc)
+            return db_err_set(err, c->err.code, "trainer: gradient clipping: %s", c->err.msg);
         norm = (double)(float)sqrt(ss);
+    } else if (db_clip_grad_norm_ctx(c, &norm, t->refs, t->nrefs, max))
+        return db_err_set(err, c->err.code, "trainer: gradient clipping: %s", c->err.msg);
     if (!isfinite(norm)) /* fp16: finite before the unscale, so not here either; bf16/fp32: diverged */
         return db_err_set(err, DB_ENUMERIC, "trainer: the gradient norm is %g at step %lld: training diverged",
                           norm, (long long)t->step + 1);
@@ -694,11 +701,14 @@ size_t db_trainer_grad_norms(const db_trainer *t, double *out, size_t n)
             out[i] = t->fnorms[i];
         return nt;
     }
-    /* the clip's sum of squares, on the gradients' own device; NaN when it fails */
-    for (size_t i = 0; i < t->nrefs && i < n; i++) {
-        double q;
-        out[i] = db_opt_sumsq(t->ctx, &q, t->refs[i].g, t->refs[i].n) ? NAN : sqrt(q);
-    }
+    /* the clip's sums of squares, on the gradients' own device; NaN when it fails */
+    const size_t k = t->nrefs < n ? t->nrefs : n;
+    if (k && db_sumsq_refs_ctx(t->ctx, out, t->refs, k))
+        for (size_t i = 0; i < k; i++)
+            out[i] = NAN;
+    else
+        for (size_t i = 0; i < k; i++)
+            out[i] = sqrt(out[i]);
     return t->nrefs;
 }
 

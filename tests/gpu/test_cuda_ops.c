@@ -1297,6 +1297,38 @@ static void t_sumsq(size_t n, float scale)
     release_all();
 }
 
+/* k tensors of the given sizes in one call: each sum bit-identical to the
+ * CPU's single-tensor one (and so to opt_sumsq's) */
+static void t_sumsq_many(const size_t *sizes, size_t k)
+{
+    char what[160];
+    snprintf(what, sizeof what, "opt_sumsq_many of %zu tensors (%zu .. %zu elements)", k, sizes[0], sizes[k - 1]);
+    if (!have((const void *)api->opt_sumsq_many, what))
+        return;
+    const float *dg[16];
+    float *hg[16];
+    double want[16], got[16];
+    for (size_t i = 0; i < k && i < 16; i++) {
+        hg[i] = hrand(sizes[i], i % 2 ? 0.01f : 3.0f);
+        dg[i] = dputf(hg[i], sizes[i]);
+        if (!cpu_ran(db_opt_sumsq(cpu, &want[i], hg[i], sizes[i]), what)) {
+            release_all();
+            return;
+        }
+        got[i] = -1.0;
+    }
+    if (gpu_ran(api->opt_sumsq_many(&g, got, dg, sizes, k), what)) {
+        size_t bad = 0;
+        for (size_t i = 0; i < k; i++)
+            if (memcmp(&got[i], &want[i], sizeof got[i])) {
+                bad++;
+                tap_diag("  tensor %zu (%zu elements): cuda %.17g cpu %.17g", i, sizes[i], got[i], want[i]);
+            }
+        tap_ok(bad == 0, "%s: each bit-identical to the CPU (%zu differ)", what, bad);
+    }
+    release_all();
+}
+
 static void t_scale(size_t n, float coef)
 {
     char what[160];
@@ -1626,6 +1658,11 @@ int main(void)
     t_sumsq(0, 1.0f);
     t_sumsq(33 * 4096 + 1000, 1e-3f);
     t_sumsq(70 * 4096, 30.0f);
+    {
+        /* empty, one element, chunk edges, several warps' worth of chunks, unsorted */
+        static const size_t many[] = {0, 1, 4095, 4096, 4097, 40 * 4096 + 3, 7, 33 * 4096};
+        t_sumsq_many(many, sizeof many / sizeof *many);
+    }
     t_scale(1001, 1.0f);
     t_scale(1001, NAN);
     if (!quick) {
