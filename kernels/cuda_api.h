@@ -25,8 +25,8 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 4 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
-                         4: opt_sumsq_many */
+#define DB_CUDA_ABI 5 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+                         4: opt_sumsq_many; 5: side_begin, side_join */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -113,6 +113,13 @@ typedef struct db_cuda_api {
     /* db_opt_sumsq_many: k sums of squares, one wait; out and the g / n
      * arrays are HOST memory (the g[i] device pointers) */
     int (*opt_sumsq_many)(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k);
+    /* A second stream for work that overlaps the ctx's ops (libcommon/dist's
+     * NCCL all-reduces during the backward): side_begin returns it (a
+     * cudaStream_t as void *, NULL with c->err set on failure) after making
+     * it wait for everything queued on the ctx's stream so far; side_join
+     * makes the ctx's stream wait for everything queued on it since. */
+    void *(*side_begin)(db_ctx *c);
+    int (*side_join)(db_ctx *c);
 } db_cuda_api;
 
 /* Exported by libdb_cuda.so: the table, or NULL when the library was built

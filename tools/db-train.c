@@ -616,6 +616,17 @@ static int reduce_f32(void *u, float *x, size_t n, db_err *err)
     return db_dist_sum_dev(&r->dist, r->ctx, x, n, err);
 }
 static int reduce_f64(void *u, double *x, size_t n, db_err *err) { return db_dist_sum_f64(&((run *)u)->dist, x, n, err); }
+/* bucketed: each unit's sum begun in the backward (NCCL: overlapping it), waited for before the clip */
+static int reduce_f32_start(void *u, float *x, size_t n, db_err *err)
+{
+    run *r = u;
+    return db_dist_sum_dev_start(&r->dist, r->ctx, x, n, err);
+}
+static int reduce_wait(void *u, db_err *err)
+{
+    run *r = u;
+    return db_dist_wait(&r->dist, r->ctx, err);
+}
 
 int main(int argc, char **argv)
 {
@@ -941,6 +952,8 @@ int main(int argc, char **argv)
         to.world = r->dist.world;
         to.reduce_f32 = reduce_f32;
         to.reduce_f64 = reduce_f64;
+        to.reduce_f32_start = reduce_f32_start;
+        to.reduce_wait = reduce_wait;
         to.reduce_user = r;
     }
     /* several processes on "cuda": one GPU each, by their rank on the host */

@@ -221,6 +221,14 @@ void db_cuda_free(db_ctx *c, void *p)
 
 static void state_destroy(db_cuda_state *st)
 {
+    if (st->side) {
+        cudaStreamSynchronize(st->side);
+        cudaStreamDestroy(st->side);
+    }
+    if (st->ev_main)
+        cudaEventDestroy(st->ev_main);
+    if (st->ev_side)
+        cudaEventDestroy(st->ev_side);
     if (st->stream)
         cudaStreamSynchronize(st->stream);
     release_cached(st);
@@ -394,6 +402,44 @@ static void api_mem_reset_peak(db_ctx *c) { db_cuda_st(c)->peak_bytes = db_cuda_
 
 static void *api_stream(db_ctx *c) { return (void *)db_cuda_st(c)->stream; }
 
+// The side stream, after everything queued on the ctx's stream so far: work
+// queued on it (an NCCL all-reduce of gradients already computed) overlaps
+// the ops queued next.  NULL with c->err set on failure.
+static void *api_side_begin(db_ctx *c)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    if (!st->side) {
+        cudaError_t e = cudaStreamCreateWithFlags(&st->side, cudaStreamNonBlocking);
+        if (e == cudaSuccess)
+            e = cudaEventCreateWithFlags(&st->ev_main, cudaEventDisableTiming);
+        if (e == cudaSuccess)
+            e = cudaEventCreateWithFlags(&st->ev_side, cudaEventDisableTiming);
+        if (e != cudaSuccess) {
+            db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "side stream: %s", cudaGetErrorString(e));
+            return NULL;
+        }
+    }
+    cudaError_t e = cudaEventRecord(st->ev_main, st->stream);
+    if (e == cudaSuccess)
+        e = cudaStreamWaitEvent(st->side, st->ev_main, 0);
+    if (e != cudaSuccess) {
+        db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "side stream: %s", cudaGetErrorString(e));
+        return NULL;
+    }
+    return (void *)st->side;
+}
+
+// The ctx's stream waits for everything queued on the side stream.
+static int api_side_join(db_ctx *c)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    if (!st->side)
+        return 0;
+    DB_CU(c, cudaEventRecord(st->ev_side, st->side));
+    DB_CU(c, cudaStreamWaitEvent(st->stream, st->ev_side, 0));
+    return 0;
+}
+
 // ---- the exported table ----------------------------------------------------------
 
 static db_cuda_api make_api(void)
@@ -412,6 +458,8 @@ static db_cuda_api make_api(void)
     a.mem_stats = api_mem_stats;
     a.mem_reset_peak = api_mem_reset_peak;
     a.stream = api_stream;
+    a.side_begin = api_side_begin;
+    a.side_join = api_side_join;
     a.declare_weights = api_declare_weights;
 #define SET(name) a.name = db_cuda_##name
     SET(gemm_forward);

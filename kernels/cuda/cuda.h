@@ -71,6 +71,11 @@ struct db_cuda_state {
     int nshadow;
     db_cuda_conv_plan *plans; // conv.cu's shape cache (a list)
     int *flag;                // one device int for kernels that report a bad input
+    // the side stream (collectives that overlap the ops: api side_begin /
+    // side_join) and the two events that order it against stream; created
+    // at the first side_begin
+    cudaStream_t side;
+    cudaEvent_t ev_main, ev_side;
 };
 
 static inline db_cuda_state *db_cuda_st(db_ctx *c) { return (db_cuda_state *)c->cuda; }

@@ -239,6 +239,30 @@ const char *db_dist_transport(const db_dist *d, const db_ctx *c)
     return d->nccl ? "nccl" : "mpi-staged";
 }
 
+int db_dist_sum_dev_start(db_dist *d, db_ctx *c, float *x, size_t n, db_err *err)
+{
+    if (d->world == 1 || n == 0 || !d->nccl)
+        return db_dist_sum_dev(d, c, x, n, err);
+    void *side = c->cuda_api->side_begin(c);
+    if (c->err.code)
+        return db_err_set(err, c->err.code, "%s", c->err.msg);
+    d->pending = 1;
+    int r = d->nccl->all_reduce(x, x, n, NCCL_FLOAT32, NCCL_SUM, d->nccl->comm, side);
+    if (r != 0)
+        return db_err_set(err, DB_EIO, "ncclAllReduce of %zu floats: %s", n, d->nccl->error_string(r));
+    return 0;
+}
+
+int db_dist_wait(db_dist *d, db_ctx *c, db_err *err)
+{
+    if (!d->pending)
+        return 0;
+    d->pending = 0;
+    if (c->cuda_api->side_join(c))
+        return db_err_set(err, c->err.code, "%s", c->err.msg);
+    return 0;
+}
+
 int db_dist_sum_dev(db_dist *d, db_ctx *c, float *x, size_t n, db_err *err)
 {
     if (d->world == 1 || n == 0)

@@ -22,6 +22,7 @@ typedef struct db_dist {
     struct db_nccl *nccl;    /* NULL: no NCCL communicator */
     float *stage;            /* host buffer for staged sums, stage_n floats */
     size_t stage_n;
+    int pending;             /* NCCL sums queued on the side stream since the last db_dist_wait */
 } db_dist;
 
 /* Join the job (MPI_Init when launched by mpirun/srun). */
@@ -60,5 +61,14 @@ const char *db_dist_transport(const db_dist *d, const struct db_ctx *c);
  * chunk once and broadcasts it; MPI as above), so the replicas' AdamW steps
  * stay identical. */
 int db_dist_sum_dev(db_dist *d, struct db_ctx *c, float *x, size_t n, db_err *err);
+/* The same, begun rather than finished: with NCCL the all-reduce is queued
+ * on c's side stream after the work queued so far, so it runs while c's
+ * stream goes on with the next ops (the rest of the backward); x must not be
+ * read or written until db_dist_wait.  Without NCCL it is db_dist_sum_dev,
+ * done on return.  Several may be begun before one wait (a bucket each). */
+int db_dist_sum_dev_start(db_dist *d, struct db_ctx *c, float *x, size_t n, db_err *err);
+/* c's stream waits for every sum begun (the ops queued next see the sums);
+ * nothing to do when none is pending. */
+int db_dist_wait(db_dist *d, struct db_ctx *c, db_err *err);
 
 #endif

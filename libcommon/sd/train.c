@@ -46,6 +46,7 @@ struct db_trainer {
     } fg[2];
     double fss;
     double *fnorms;
+    int summing;                 /* the step's bucketed gradient sums have begun (reduce_f32_start) */
     db_grad_ref *fref;           /* scratch of one unit: its tensors' gradients, */
     size_t *fidx;                /* their indices in the component's table, */
     double *fnv;                 /* their norms */
@@ -256,6 +257,16 @@ static int fused_ready(void *user, float *g, size_t lo, size_t hi, db_err *err)
     return 0;
 }
 
+/* The sink's callback in the last micro-batch of a step with bucketed sums:
+ * begin summing the unit's gradients over the processes. */
+static int bucket_ready(void *user, float *g, size_t lo, size_t hi, db_err *err)
+{
+    db_trainer *t = user;
+    if (t->o.reduce_f32_start(t->o.reduce_user, g, hi - lo, err))
+        return db_err_prefix(err, "gradient reduction");
+    return 0;
+}
+
 /* The fused backward's window and groups (after the moments exist). */
 static int fused_init(db_trainer *t, db_err *err)
 {
@@ -418,6 +429,10 @@ static int reserve(db_trainer *t, size_t nlat, size_t nctx, int B, db_err *err)
 /* Forward and loss of one micro-batch; with backward also the gradients. */
 static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int backward, db_err *err)
 {
+    if (backward && t->summing)
+        return db_err_set(err, DB_EUSAGE, "trainer: a micro-batch after the step's gradient sums began");
+    if (backward && t->o.fused_backward && t->micro)
+        return db_err_set(err, DB_EUSAGE, "trainer: fused backward: a second micro-batch before the step");
     const int B = b->B, ni = b->n_inst, np = B - ni;
     if (B <= 0 || ni < 0 || ni > B || b->C <= 0 || b->H <= 0 || b->W <= 0 || b->T <= 0 || !b->latents ||
         !b->noise || !b->timesteps || !b->ids)
@@ -511,20 +526,25 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
         return db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
     const int fused = t->o.fused_backward;
     db_grad_sink su = {0}, st = {0};
+    const int bucketed = !fused && t->o.world > 1 && t->o.reduce_f32_start && t->o.reduce_wait &&
+                         t->micro + 1 == t->o.grad_accum;
+    if (bucketed) {
+        su = st = (db_grad_sink){NULL, 0, bucket_ready, t};
+        t->summing = 1;
+    }
     if (fused) {
-        if (t->micro)
-            return db_err_set(err, DB_EUSAGE, "trainer: fused backward: a second micro-batch before the step");
         t->fss = 0;
         t->fg[0].hp.lr = db_lr_at(&t->o.unet_lr, t->opt_step);
         t->fg[1].hp.lr = db_lr_at(&t->o.text_lr, t->opt_step);
         su = (db_grad_sink){t->window, t->window_n, fused_ready, &t->fg[0]};
         st = (db_grad_sink){t->window, t->window_n, fused_ready, &t->fg[1]};
     }
+    const int sink = fused || bucketed;
     if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, fused ? NULL : &t->gu,
-                            fused ? &su : NULL, t->dpred, err))
+                            sink ? &su : NULL, t->dpred, err))
         return db_err_prefix(err, "trainer");
     if (t->o.train_text &&
-        db_clip_backward_to(t->clip, fused ? NULL : &t->gt, fused ? &st : NULL, t->dcontext, err))
+        db_clip_backward_to(t->clip, fused ? NULL : &t->gt, sink ? &st : NULL, t->dcontext, err))
         return db_err_prefix(err, "trainer");
     t->micro++;
     t->sum_loss += loss, t->sum_inst += li, t->sum_prior += lp;
@@ -611,10 +631,15 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     if (!t->micro)
         return db_err_set(err, DB_EUSAGE, "trainer: an optimizer step without gradients");
     const int fused = t->o.fused_backward;
-    if (t->o.world > 1) { /* sum the gradients and the loss sums over the processes (fused: summed already) */
+    if (t->o.world > 1) {
+        /* sum the gradients (fused: summed already; bucketed: begun in the
+         * backward, waited for here) and the loss sums over the processes */
+        const int whole = !fused && !t->summing;
+        const int waited = t->summing ? t->o.reduce_wait(t->o.reduce_user, err) : 0;
+        t->summing = 0;
         double sums[4] = {t->sum_loss, t->sum_inst, t->sum_prior, (double)t->micro};
-        if ((!fused && t->o.reduce_f32(t->o.reduce_user, t->gu.data, t->gu.numel, err)) ||
-            (!fused && t->o.train_text && t->o.reduce_f32(t->o.reduce_user, t->gt.data, t->gt.numel, err)) ||
+        if (waited || (whole && t->o.reduce_f32(t->o.reduce_user, t->gu.data, t->gu.numel, err)) ||
+            (whole && t->o.train_text && t->o.reduce_f32(t->o.reduce_user, t->gt.data, t->gt.numel, err)) ||
             t->o.reduce_f64(t->o.reduce_user, sums, 4, err))
             return db_err_prefix(err, "trainer: gradient reduction");
         t->sum_loss = sums[0], t->sum_inst = sums[1], t->sum_prior = sums[2];

@@ -103,6 +103,16 @@ typedef struct db_train_opts {
     int (*reduce_f32)(void *user, float *x, size_t n, db_err *err);
     int (*reduce_f64)(void *user, double *x, size_t n, db_err *err);
     void *reduce_user;
+    /* Optional, bucketed and overlapped (both or neither): in the step's
+     * last micro-batch the backward begins the sum of each unit's gradients
+     * (weights.h) as soon as they are final, reduce_f32_start(x, n), so the
+     * sums run while the rest of the backward computes (NCCL on a side
+     * stream: db_dist_sum_dev_start); db_trainer_apply then calls
+     * reduce_wait before it reads a gradient.  Each element is summed over
+     * the same processes either way.  A micro-batch after the sums began is
+     * refused (they would miss it). */
+    int (*reduce_f32_start)(void *user, float *x, size_t n, db_err *err);
+    int (*reduce_wait)(void *user, db_err *err);
     /* fp16 loss scaling: the initial scale (0: GradScaler's 65536) and the
      * finite steps before it doubles (0: 2000); a test may force overflow
      * with a huge initial scale.  Growth 2 and backoff 0.5 are fixed. */

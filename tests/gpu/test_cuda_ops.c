@@ -1329,6 +1329,28 @@ static void t_sumsq_many(const size_t *sizes, size_t k)
     release_all();
 }
 
+/* the side stream: begin orders it after the ctx's queued work, join the
+ * ctx's stream after it; a sum queued between them (here a copy on the
+ * ctx's stream after the join) sees its inputs and is seen */
+static void t_side_stream(void)
+{
+    const char *what = "side stream (side_begin / side_join)";
+    if (!have((const void *)api->side_begin, what) || !have((const void *)api->side_join, what))
+        return;
+    float h[4] = {1, 2, 3, 4}, back[4] = {0};
+    float *d = dputf(h, 4);
+    db_ctx_clear_error(&g);
+    (void)api->side_begin(&g);
+    const int e1 = g.err.code;
+    const int rc = api->side_join(&g);
+    (void)api->side_begin(&g); /* again: the stream and events are made once */
+    const int rc2 = api->side_join(&g);
+    const int cp = api->copy(&g, back, d, sizeof back, DB_COPY_D2H);
+    tap_ok(e1 == 0 && rc == 0 && rc2 == 0 && cp == 0 && !memcmp(back, h, sizeof h), "%s: begin, join, twice%s%s",
+           what, g.err.code ? ": " : "", g.err.msg);
+    release_all();
+}
+
 static void t_scale(size_t n, float coef)
 {
     char what[160];
@@ -1663,6 +1685,7 @@ int main(void)
         static const size_t many[] = {0, 1, 4095, 4096, 4097, 40 * 4096 + 3, 7, 33 * 4096};
         t_sumsq_many(many, sizeof many / sizeof *many);
     }
+    t_side_stream();
     t_scale(1001, 1.0f);
     t_scale(1001, NAN);
     if (!quick) {

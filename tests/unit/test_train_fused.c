@@ -339,8 +339,20 @@ static void test_per_tensor(db_ctx *ctx, const db_model *m, const tap_train_ref 
 
 /* Two processes, each with the same micro-batch: the reduction doubles. */
 typedef struct fake_world {
-    int calls_f32;
+    int calls_f32, starts, waits;
 } fake_world;
+static int start_f32(void *u, float *x, size_t n, db_err *err)
+{
+    ((fake_world *)u)->starts++;
+    for (size_t i = 0; i < n; i++)
+        x[i] += x[i];
+    return 0;
+}
+static int wait_all(void *u, db_err *err)
+{
+    ((fake_world *)u)->waits++;
+    return 0;
+}
 static int twice_f32(void *u, float *x, size_t n, db_err *err)
 {
     ((fake_world *)u)->calls_f32++;
@@ -376,6 +388,46 @@ static void test_world(db_ctx *ctx, const db_model *m, const tap_train_ref *in)
     tap_ok(rc == 0 && wp.calls_f32 == 2 && wf.calls_f32 > 10,
            "the plain step sums each component's gradients once (%d calls), the fused one unit by unit (%d)",
            wp.calls_f32, wf.calls_f32);
+
+    /* bucketed: the plain step begins each unit's sum in the backward */
+    fake_world wb = {0};
+    db_train_opts ob = op;
+    ob.reduce_f32_start = start_f32, ob.reduce_wait = wait_all, ob.reduce_user = &wb;
+    ob.grad_accum = 2; /* the sums begin in the second micro-batch only */
+    db_trainer *tb = NULL, *ta = NULL;
+    fake_world wa = {0};
+    db_train_opts oa = op;
+    oa.grad_accum = 2, oa.reduce_user = &wa;
+    db_train_stats sb, sa;
+    int r2 = db_trainer_create(&tb, ctx, m, &ob, &err);
+    r2 = r2 ? r2 : db_trainer_create(&ta, ctx, m, &oa, &err);
+    const size_t sz = (size_t)in->B * in->C * in->H * in->W;
+    float *lat = malloc(sz * sizeof *lat);
+    db_train_posterior_sample(lat, in->mean.data, in->logvar.data, in->eps[0].data, sz, SF);
+    db_train_batch bt = {.B = in->B, .n_inst = 1, .C = in->C, .H = in->H, .W = in->W, .T = 77, .latents = lat,
+                         .noise = in->noise[0].data, .timesteps = in->ts[0].data, .ids = in->ids};
+    int starts_after_first = -1;
+    for (int k = 0; r2 == 0 && k < 2; k++) {
+        r2 = db_trainer_accumulate(tb, &bt, NULL, &err);
+        r2 = r2 ? r2 : db_trainer_accumulate(ta, &bt, NULL, &err);
+        if (k == 0)
+            starts_after_first = wb.starts;
+    }
+    db_err e3 = {0};
+    const int refused = r2 == 0 && db_trainer_accumulate(tb, &bt, NULL, &e3) != 0 && e3.code == DB_EUSAGE;
+    r2 = r2 ? r2 : db_trainer_apply(tb, &sb, &err);
+    r2 = r2 ? r2 : db_trainer_apply(ta, &sa, &err);
+    tap_ok(r2 == 0 && same_state(tb, ta) && sb.loss == sa.loss && sb.grad_norm == sa.grad_norm,
+           "bucketed sums: the same step as one sum per component, bit for bit%s%s", r2 ? ": " : "",
+           r2 ? err.msg : "");
+    tap_ok(starts_after_first == 0 && wb.starts == wf.calls_f32 && wb.waits == 1 && wb.calls_f32 == 0 &&
+               wa.calls_f32 == 2,
+           "begun unit by unit in the last micro-batch only (%d after the first, %d in all), one wait, no "
+           "whole-buffer sum", starts_after_first, wb.starts);
+    tap_ok(refused, "a micro-batch after the sums began is refused: %s", e3.msg);
+    free(lat);
+    db_trainer_free(tb);
+    db_trainer_free(ta);
     db_trainer_free(tp);
     db_trainer_free(tf);
 }

@@ -96,6 +96,10 @@ template <class F> static void emu_launch(dim3 g, dim3 b, F f) {
 #define cudaSetDevice(d) cudaSuccess
 #define cudaStreamCreateWithFlags(s, f) (*(s) = 0, cudaSuccess)
 #define cudaStreamDestroy(s) cudaSuccess
+#define cudaEventCreateWithFlags(e, f) (*(e) = 0, cudaSuccess)
+#define cudaEventRecord(e, s) cudaSuccess
+#define cudaEventDestroy(e) cudaSuccess
+#define cudaStreamWaitEvent(s, e, f) cudaSuccess
 #define cudaFuncSetAttribute(...) cudaSuccess
 #define cublasCreate(h) (*(h) = 0, CUBLAS_STATUS_SUCCESS)
 #define cublasSetStream(h, s) CUBLAS_STATUS_SUCCESS
