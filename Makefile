@@ -159,7 +159,7 @@ check: all
 # PROVE_FLAGS=-fv shows every parity line (tests/gpu/run.sh keeps them)
 PROVE_FLAGS ?= -f
 check-cuda: all $(CUDA_LIB)
-	@TOP=$(CURDIR) B=$(CURDIR)/$(B) prove $(PROVE_FLAGS) $(sort $(wildcard tests/gpu/t*.sh)) $(B)/tests/gpu/test_cuda_ops $(B)/tests/gpu/test_attention_tc
+	@B=$(CURDIR)/$(B) PROVE_FLAGS="$(PROVE_FLAGS)" bash tests/gpu/run.sh --check-cuda
 
 # --- demo ---------------------------------------------------------------------
 .PHONY: demo
@@ -232,18 +232,13 @@ clean: bench-clean
 # once), then tests/gpu/bench_torch.py on the same shapes, then one table of
 # both with the ratios (tests/gpu/bench_table.py).  Each under a timeout so a
 # slow part cannot eat a lent GPU's minutes; OUT=DIR also keeps the pieces.
-BENCH_SD_FLAGS    ?= --device cuda --precision fp32,bf16
-BENCH_TORCH_FLAGS ?= --device cuda --precision fp32,bf16
+# The recipe is tests/gpu/run.sh's (the GPU script runs the same one);
+# BENCH_SD_FLAGS / BENCH_TORCH_FLAGS replace its default flags.
+BENCH_SD_FLAGS      ?=
+BENCH_TORCH_FLAGS   ?=
 BENCH_SD_TIMEOUT    ?= 150
 BENCH_TORCH_TIMEOUT ?= 90
 .PHONY: bench-cuda
 bench-cuda: $(BENCH_SD) $(CUDA_LIB)
-	@o=$${OUT:-$(B)/bench-cuda}; mkdir -p $$o; \
-	echo "== bench_sd $(BENCH_SD_FLAGS)"; \
-	DB_CUDA_UNVERIFIED=1 timeout $(BENCH_SD_TIMEOUT) $(BENCH_SD) $(BENCH_SD_FLAGS) 2>&1 | tee $$o/bench_sd.txt; \
-	rs=$${PIPESTATUS[0]}; echo "bench_sd exit $$rs"; \
-	echo "== bench_torch.py $(BENCH_TORCH_FLAGS)"; \
-	PYTHONUNBUFFERED=1 timeout $(BENCH_TORCH_TIMEOUT) python3 tests/gpu/bench_torch.py $(BENCH_TORCH_FLAGS) 2>&1 | tee $$o/bench_torch.txt; \
-	rt=$${PIPESTATUS[0]}; echo "bench_torch exit $$rt"; \
-	python3 tests/gpu/bench_table.py $$o/bench_sd.txt $$o/bench_torch.txt | tee $$o/bench.md; \
-	[ $$rs = 0 ] && [ $$rt = 0 ]
+	@OUT=$${OUT:-$(B)/bench-cuda} B=$(B) BENCH_SD_FLAGS="$(BENCH_SD_FLAGS)" BENCH_TORCH_FLAGS="$(BENCH_TORCH_FLAGS)" \
+	    bash tests/gpu/run.sh --bench-cuda $(BENCH_SD_TIMEOUT) $(BENCH_TORCH_TIMEOUT)

@@ -51,32 +51,40 @@ sys.exit(0 if rel <= 1e-4 else 1)
 PY
     done
 }
-# make bench-cuda's recipe without make (the bundle has no build tree to
-# check): bench_sd, bench_torch.py, the table; $1 $2 the two timeouts
+# make bench-cuda's recipe (the Makefile calls this; the bundle, which has no
+# build tree, too): bench_sd, bench_torch.py, the table into $OUT; $1 $2 the
+# two timeouts; BENCH_SD_FLAGS / BENCH_TORCH_FLAGS replace the defaults
 bench_cuda() {
-    local o=$OUT rs rt
-    echo "== bench_sd --device cuda --precision fp32,bf16"
-    DB_CUDA_UNVERIFIED=1 timeout "$1" build/bench/bench_sd --device cuda --precision fp32,bf16 --budget 3 \
-        --sample-budget 15 --fused-backward 2>&1 | tee "$o/bench_sd.txt"
+    local o=$OUT rs rt b=${B:-build}
+    local sf=${BENCH_SD_FLAGS:---device cuda --precision fp32,bf16 --budget 3 --sample-budget 15 --fused-backward}
+    local tf=${BENCH_TORCH_FLAGS:---device cuda --precision fp32,bf16 --budget 3}
+    mkdir -p "$o"
+    echo "== bench_sd $sf"
+    # shellcheck disable=SC2086 # the flags are words
+    DB_CUDA_UNVERIFIED=1 timeout "$1" "$b/bench/bench_sd" $sf 2>&1 | tee "$o/bench_sd.txt"
     rs=${PIPESTATUS[0]}
-    echo "== bench_torch.py --device cuda --precision fp32,bf16"
-    PYTHONUNBUFFERED=1 timeout "$2" python3 tests/gpu/bench_torch.py --device cuda --precision fp32,bf16 --budget 3 \
-        2>&1 | tee "$o/bench_torch.txt"
+    echo "== bench_torch.py $tf"
+    # shellcheck disable=SC2086
+    PYTHONUNBUFFERED=1 timeout "$2" python3 tests/gpu/bench_torch.py $tf 2>&1 | tee "$o/bench_torch.txt"
     rt=${PIPESTATUS[0]}
     python3 tests/gpu/bench_table.py "$o/bench_sd.txt" "$o/bench_torch.txt" | tee "$o/bench.md"
     [ "$rs" = 0 ] && [ "$rt" = 0 ]
 }
-# the GPU parity tests (make check-cuda's list) through prove, or without
-# it (a machine without Perl's prove): each must exit 0 with no "not ok"
+# the GPU parity tests (make check-cuda calls this: the one list) through
+# prove (PROVE_FLAGS, default -fv), or without it (a machine without Perl's
+# prove): each must exit 0 with no "not ok"
 check_cuda() {
-    local tests=(tests/gpu/t*.sh build/tests/gpu/test_cuda_ops build/tests/gpu/test_attention_tc) f bad=0
+    local b=${B:-$PWD/build}
+    local tests=(tests/gpu/t*.sh "$b/tests/gpu/test_cuda_ops" "$b/tests/gpu/test_attention_tc") f bad=0
     if command -v prove >/dev/null; then
-        TOP=$PWD B=$PWD/build prove -fv "${tests[@]}"
+        # shellcheck disable=SC2086 # the flags are words
+        TOP=$PWD B=$b prove ${PROVE_FLAGS:--fv} "${tests[@]}"
         return
     fi
+    local OUT=${OUT:-$b}
     for f in "${tests[@]}"; do
         echo "## $f"
-        if [[ $f == *.sh ]]; then TOP=$PWD B=$PWD/build bash "$f"; else TOP=$PWD B=$PWD/build "$f"; fi >"$OUT/.t" 2>&1
+        if [[ $f == *.sh ]]; then TOP=$PWD B=$b bash "$f"; else TOP=$PWD B=$b "$f"; fi >"$OUT/.t" 2>&1
         local rc=$?
         cat "$OUT/.t"
         { [ $rc = 0 ] && ! grep -q '^not ok' "$OUT/.t"; } || { echo "## $f FAILED (exit $rc)"; bad=1; }
