@@ -131,6 +131,15 @@ int tap_train_ref_load(const db_tindex *ix, tap_train_ref *in, db_err *err)
     return 0;
 }
 
+db_train_batch tap_train_ref_batch(const tap_train_ref *in, int k, float *lat)
+{
+    k %= TAP_TRAIN_REF_STEPS;
+    const size_t n = (size_t)in->B * in->C * in->H * in->W;
+    db_train_posterior_sample(lat, in->mean.data, in->logvar.data, in->eps[k].data, n, 0.18215f);
+    return (db_train_batch){.B = in->B, .n_inst = 1, .C = in->C, .H = in->H, .W = in->W, .T = 77, .latents = lat,
+                            .noise = in->noise[k].data, .timesteps = in->ts[k].data, .ids = in->ids};
+}
+
 void *tap_cuda_open(char *path, size_t n)
 {
     const char *b = getenv("B"), *top = getenv("TOP");

@@ -9,6 +9,7 @@
 #include "kernels/ops.h"
 #include "libcommon/io/safetensors.h"
 #include "libcommon/io/tindex.h"
+#include "libcommon/sd/train.h"
 
 int tap_ok(int cond, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void tap_diag(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -43,6 +44,10 @@ typedef struct tap_train_ref {
     int B, C, H, W;
 } tap_train_ref;
 int tap_train_ref_load(const db_tindex *ix, tap_train_ref *in, db_err *err);
+/* Reference batch k (mod TAP_TRAIN_REF_STEPS) as db_train_batch: its clean
+ * latents (posterior draw k x SD1's scaling factor 0.18215) written to lat
+ * (B*C*H*W floats, the caller's), one instance row, 77 tokens. */
+db_train_batch tap_train_ref_batch(const tap_train_ref *in, int k, float *lat);
 
 /* dlopen the CUDA backend a GPU test program checks: $B/lib/libdb_cuda.so,
  * else $TOP/build/lib/..., else ../../lib/ beside the executable

@@ -33,7 +33,6 @@
 #define ZERO_TOL 1e-6
 #define NSTEPS TAP_TRAIN_REF_STEPS
 #define LR 1e-3
-#define SF 0.18215f
 
 /* train_steps.json, per step: loss, loss_instance, loss_prior, grad norm */
 static const double REF[NSTEPS][4] = {
@@ -51,13 +50,10 @@ static int run(db_trainer *t, const tap_train_ref *in, int perturb, db_train_sta
     float *lat = malloc(n * sizeof *lat);
     int rc = 0;
     for (int k = 0; k < NSTEPS && rc == 0; k++) {
-        db_train_posterior_sample(lat, in->mean.data, in->logvar.data, in->eps[k].data, n, SF);
+        const db_train_batch b = tap_train_ref_batch(in, k, lat);
         for (size_t q = 0; perturb && q < n; q++) /* +-1 ulp, a fixed pseudo-random sign per element */
             lat[q] = nextafterf(lat[q], ((q * 2654435761u + (unsigned)perturb * 0x9e3779b9u) >> 7) & 1 ? INFINITY
                                                                                                    : -INFINITY);
-        db_train_batch b = {.B = in->B, .n_inst = 1, .C = in->C, .H = in->H, .W = in->W, .T = 77,
-                            .latents = lat, .noise = in->noise[k].data, .timesteps = in->ts[k].data,
-                            .ids = in->ids};
         rc = db_trainer_accumulate(t, &b, NULL, err);
         rc = rc ? rc : db_trainer_apply(t, &stats[k], err);
     }
@@ -201,11 +197,8 @@ int main(void)
     /* which UNet gradients are roundoff: one forward/backward of step 0 */
     unsigned char *zero = calloc(st.unet->n + st.text->n, 1);
     {
-        const size_t n = (size_t)in.B * in.C * in.H * in.W;
-        float *lat = malloc(n * sizeof *lat);
-        db_train_posterior_sample(lat, in.mean.data, in.logvar.data, in.eps[0].data, n, SF);
-        db_train_batch b = {.B = in.B, .n_inst = 1, .C = in.C, .H = in.H, .W = in.W, .T = 77, .latents = lat,
-                            .noise = in.noise[0].data, .timesteps = in.ts[0].data, .ids = in.ids};
+        float *lat = malloc((size_t)in.B * in.C * in.H * in.W * sizeof *lat);
+        const db_train_batch b = tap_train_ref_batch(&in, 0, lat);
         db_train_opts o2 = o;
         o2.max_grad_norm = 0;
         db_trainer *tz = NULL;

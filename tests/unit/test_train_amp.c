@@ -28,7 +28,6 @@
 
 #define NREF TAP_TRAIN_REF_STEPS
 #define LR 1e-3
-#define SF 0.18215f
 /* bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per
  * operand), fp16 11; over the tiny model's few layers and steps the loss
  * moves far less (measured: bf16 4.4e-4, fp16 5.1e-5 at worst), so the
@@ -44,12 +43,8 @@
 /* One step on reference batch k % NREF. */
 static int step(db_trainer *t, const tap_train_ref *in, int k, db_train_stats *s, db_err *err)
 {
-    k %= NREF;
-    const size_t n = (size_t)in->B * in->C * in->H * in->W;
-    float *lat = malloc(n * sizeof *lat);
-    db_train_posterior_sample(lat, in->mean.data, in->logvar.data, in->eps[k].data, n, SF);
-    db_train_batch b = {.B = in->B, .n_inst = 1, .C = in->C, .H = in->H, .W = in->W, .T = 77, .latents = lat,
-                        .noise = in->noise[k].data, .timesteps = in->ts[k].data, .ids = in->ids};
+    float *lat = malloc((size_t)in->B * in->C * in->H * in->W * sizeof *lat);
+    const db_train_batch b = tap_train_ref_batch(in, k, lat);
     int rc = db_trainer_accumulate(t, &b, NULL, err);
     rc = rc ? rc : db_trainer_apply(t, s, err);
     free(lat);

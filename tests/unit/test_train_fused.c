@@ -35,16 +35,11 @@
 #include "tap.h"
 
 #define NREF TAP_TRAIN_REF_STEPS
-#define SF 0.18215f
 
 static int step(db_trainer *t, const tap_train_ref *in, int k, db_train_stats *s, db_err *err)
 {
-    k %= NREF;
-    const size_t n = (size_t)in->B * in->C * in->H * in->W;
-    float *lat = malloc(n * sizeof *lat);
-    db_train_posterior_sample(lat, in->mean.data, in->logvar.data, in->eps[k].data, n, SF);
-    db_train_batch b = {.B = in->B, .n_inst = 1, .C = in->C, .H = in->H, .W = in->W, .T = 77, .latents = lat,
-                        .noise = in->noise[k].data, .timesteps = in->ts[k].data, .ids = in->ids};
+    float *lat = malloc((size_t)in->B * in->C * in->H * in->W * sizeof *lat);
+    const db_train_batch b = tap_train_ref_batch(in, k, lat);
     int rc = db_trainer_accumulate(t, &b, NULL, err);
     rc = rc ? rc : db_trainer_apply(t, s, err);
     free(lat);
@@ -280,11 +275,8 @@ static void test_norms(db_ctx *ctx, const db_model *m, const tap_train_ref *in)
     double *a = calloc(n + 1, sizeof *a), *b = calloc(n + 1, sizeof *b);
     size_t nf = 0, bad = 0;
     if (rc == 0) {
-        const size_t sz = (size_t)in->B * in->C * in->H * in->W;
-        float *lat = malloc(sz * sizeof *lat);
-        db_train_posterior_sample(lat, in->mean.data, in->logvar.data, in->eps[0].data, sz, SF);
-        db_train_batch bt = {.B = in->B, .n_inst = 1, .C = in->C, .H = in->H, .W = in->W, .T = 77, .latents = lat,
-                             .noise = in->noise[0].data, .timesteps = in->ts[0].data, .ids = in->ids};
+        float *lat = malloc((size_t)in->B * in->C * in->H * in->W * sizeof *lat);
+        const db_train_batch bt = tap_train_ref_batch(in, 0, lat);
         rc = db_trainer_accumulate(tp, &bt, NULL, &err);
         rc = rc ? rc : db_trainer_accumulate(tf, &bt, NULL, &err);
         if (rc == 0) {
@@ -401,11 +393,8 @@ static void test_world(db_ctx *ctx, const db_model *m, const tap_train_ref *in)
     db_train_stats sb, sa;
     int r2 = db_trainer_create(&tb, ctx, m, &ob, &err);
     r2 = r2 ? r2 : db_trainer_create(&ta, ctx, m, &oa, &err);
-    const size_t sz = (size_t)in->B * in->C * in->H * in->W;
-    float *lat = malloc(sz * sizeof *lat);
-    db_train_posterior_sample(lat, in->mean.data, in->logvar.data, in->eps[0].data, sz, SF);
-    db_train_batch bt = {.B = in->B, .n_inst = 1, .C = in->C, .H = in->H, .W = in->W, .T = 77, .latents = lat,
-                         .noise = in->noise[0].data, .timesteps = in->ts[0].data, .ids = in->ids};
+    float *lat = malloc((size_t)in->B * in->C * in->H * in->W * sizeof *lat);
+    const db_train_batch bt = tap_train_ref_batch(in, 0, lat);
     int starts_after_first = -1;
     for (int k = 0; r2 == 0 && k < 2; k++) {
         r2 = db_trainer_accumulate(tb, &bt, NULL, &err);
