@@ -10,6 +10,9 @@
 #include <unistd.h>
 
 #include "libcommon/core/fsutil.h"
+#include "libcommon/sd/noise.h"
+#include "libcommon/sd/tokenizer.h"
+#include "libcommon/sd/trainset.h"
 
 static int n_run, n_fail;
 static char tmpdir[256];
@@ -138,6 +141,53 @@ db_train_batch tap_train_ref_batch(const tap_train_ref *in, int k, float *lat)
     db_train_posterior_sample(lat, in->mean.data, in->logvar.data, in->eps[k].data, n, 0.18215f);
     return (db_train_batch){.B = in->B, .n_inst = 1, .C = in->C, .H = in->H, .W = in->W, .T = 77, .latents = lat,
                             .noise = in->noise[k].data, .timesteps = in->ts[k].data, .ids = in->ids};
+}
+
+int tap_learn_make(tap_learn *f, db_err *err)
+{
+    enum { C = TAP_LEARN_C, H = TAP_LEARN_H, W = TAP_LEARN_W, T = TAP_LEARN_T };
+    db_tokenizer *tok = NULL;
+    const int rc = db_tokenizer_load(&tok, tap_path("data/clip/sd-tokenizer"), err) ||
+                   db_tokenize(tok, "a photo of sks dog", T, f->ids_inst, NULL, err) ||
+                   db_tokenize(tok, "a photo of a dog", T, f->ids_cls, NULL, err);
+    db_tokenizer_free(tok);
+    if (rc)
+        return -1;
+    for (int c = 0; c < C; c++)
+        for (int y = 0; y < H; y++)
+            for (int x = 0; x < W; x++)
+                f->subject[(c * H + y) * W + x] =
+                    (float)(1.2 * sin(0.5 * x + 1.3 * c) * cos(0.4 * y - 0.7 * c) + 0.3 * (c - 1.5));
+    for (int k = 0; k < TAP_LEARN_N; k++)
+        f->logvar[k] = -12.0f;
+    for (int p = 0; p < TAP_LEARN_NPRIOR; p++)
+        db_noise_fill(f->prior[p], TAP_LEARN_N, 99, (uint64_t)p, 0);
+    return 0;
+}
+
+int tap_learn_batch(db_trainer *tr, const tap_learn *f, int rows, uint64_t seed, uint64_t u, int eval,
+                    db_train_stats *s, db_err *err)
+{
+    enum { N = TAP_LEARN_N, T = TAP_LEARN_T };
+    float lat[2 * N], noise[2 * N], eps[2 * N];
+    int64_t ts[2];
+    int32_t ids[2 * T];
+    const int inst = rows == 2 || u % 2 == 0;
+    db_train_noise(seed, u, rows, TAP_LEARN_C, N, noise, eps, NULL);
+    for (int r = 0; r < rows; r++)
+        ts[r] = db_train_timestep(seed, u, r, db_trainer_num_timesteps(tr));
+    if (inst)
+        db_train_posterior_sample(lat, f->subject, f->logvar, eps, N, 1.0f);
+    if (rows == 2)
+        memcpy(lat + N, f->prior[u % TAP_LEARN_NPRIOR], sizeof f->prior[0]);
+    else if (!inst)
+        memcpy(lat, f->prior[u / 2 % TAP_LEARN_NPRIOR], sizeof f->prior[0]);
+    memcpy(ids, inst ? f->ids_inst : f->ids_cls, sizeof f->ids_inst);
+    if (rows == 2)
+        memcpy(ids + T, f->ids_cls, sizeof f->ids_cls);
+    db_train_batch b = {.B = rows, .n_inst = inst, .C = TAP_LEARN_C, .H = TAP_LEARN_H, .W = TAP_LEARN_W, .T = T,
+                        .latents = lat, .noise = noise, .timesteps = ts, .ids = ids};
+    return eval ? db_trainer_eval(tr, &b, s, err) : db_trainer_accumulate(tr, &b, s, err);
 }
 
 void *tap_cuda_open(char *path, size_t n)

@@ -49,6 +49,27 @@ int tap_train_ref_load(const db_tindex *ix, tap_train_ref *in, db_err *err);
  * (B*C*H*W floats, the caller's), one instance row, 77 tokens. */
 db_train_batch tap_train_ref_batch(const tap_train_ref *in, int k, float *lat);
 
+/* A synthetic DreamBooth problem on the tiny model (test_train_learn.c,
+ * test_adamw8bit.c): 4 x 16 x 16 latents; the "subject", a smooth field
+ * (blobs per channel) with posterior logvar -12; TAP_LEARN_NPRIOR class
+ * latents (noise stream 99); the prompts "a photo of sks dog" and "a photo
+ * of a dog" tokenized (data/clip/sd-tokenizer). */
+enum { TAP_LEARN_C = 4, TAP_LEARN_H = 16, TAP_LEARN_W = 16, TAP_LEARN_T = 77, TAP_LEARN_NPRIOR = 4,
+       TAP_LEARN_N = TAP_LEARN_C * TAP_LEARN_H * TAP_LEARN_W };
+typedef struct tap_learn {
+    float subject[TAP_LEARN_N], logvar[TAP_LEARN_N]; /* the instance posterior */
+    float prior[TAP_LEARN_NPRIOR][TAP_LEARN_N];     /* class latents */
+    int32_t ids_inst[TAP_LEARN_T], ids_cls[TAP_LEARN_T];
+} tap_learn;
+int tap_learn_make(tap_learn *f, db_err *err);
+/* One micro-batch of the draws (seed, u), as db-train makes them, through
+ * db_trainer_accumulate (or db_trainer_eval when eval).  rows 2: the
+ * instance row (a posterior sample of the subject) then class row
+ * u % NPRIOR; rows 1 (half the cost): even u an instance row, odd u class
+ * row u / 2 % NPRIOR. */
+int tap_learn_batch(db_trainer *tr, const tap_learn *f, int rows, uint64_t seed, uint64_t u, int eval,
+                    db_train_stats *s, db_err *err);
+
 /* dlopen the CUDA backend a GPU test program checks: $B/lib/libdb_cuda.so,
  * else $TOP/build/lib/..., else ../../lib/ beside the executable
  * (build/tests/gpu/X); the path tried goes to path (n bytes).  NULL as

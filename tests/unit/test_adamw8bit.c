@@ -320,32 +320,15 @@ static void omp_bits(const db_q8_maps *mp)
 
 /* ---- the parity run on the tiny model ------------------------------------------------ */
 
-enum { PC = 4, PH = 16, PW = 16, PT = 77, PN = PC * PH * PW, NPRIOR = 4, NEVAL = 8 };
+enum { NEVAL = 8 };
+typedef tap_learn fixture;
 
-typedef struct fixture {
-    float subject[PN], logvar[PN];
-    float prior[NPRIOR][PN];
-    int32_t ids_inst[PT], ids_cls[PT];
-} fixture;
-
-/* one micro-batch of draws (seed, u), the fixture of test_train_learn.c
- * but one row at a time (half the cost per step): even u an instance row
- * (a posterior sample of the subject), odd u a class row */
+/* one micro-batch of draws (seed, u), test_train_learn.c's problem one row
+ * at a time (half the cost per step; tap.c) */
 static int pbatch(db_trainer *tr, const fixture *f, uint64_t seed, uint64_t u, int eval, db_train_stats *s,
                   db_err *err)
 {
-    float lat[PN], noise[PN], eps[PN];
-    int64_t ts[1];
-    const int inst = u % 2 == 0;
-    db_train_noise(seed, u, 1, PC, PN, noise, eps, NULL);
-    ts[0] = db_train_timestep(seed, u, 0, db_trainer_num_timesteps(tr));
-    if (inst)
-        db_train_posterior_sample(lat, f->subject, f->logvar, eps, PN, 1.0f);
-    else
-        memcpy(lat, f->prior[u / 2 % NPRIOR], sizeof f->prior[0]);
-    db_train_batch b = {.B = 1, .n_inst = inst, .C = PC, .H = PH, .W = PW, .T = PT, .latents = lat, .noise = noise,
-                        .timesteps = ts, .ids = inst ? f->ids_inst : f->ids_cls};
-    return eval ? db_trainer_eval(tr, &b, s, err) : db_trainer_accumulate(tr, &b, s, err);
+    return tap_learn_batch(tr, f, 1, seed, u, eval, s, err);
 }
 
 static int peval(db_trainer *tr, const fixture *f, double *loss, db_err *err)
@@ -365,7 +348,6 @@ static void parity(void)
     db_err err = {0};
     db_ctx *ctx = NULL;
     db_model m;
-    db_tokenizer *tok = NULL;
     static fixture f;
     /* one thread: the tiny model's ops are too small to gain from two, and
      * under make check's passive OpenMP waits their many short parallel
@@ -373,20 +355,9 @@ static void parity(void)
      * on two); the results are the same bits either way */
     if (!tap_ok(db_ctx_create(&ctx, DB_CPU, 1, &err) == 0 &&
                     db_model_open(&m, tap_path("tests/data/tiny/diffusers"), NULL, &err) == 0 &&
-                    db_tokenizer_load(&tok, tap_path("data/clip/sd-tokenizer"), &err) == 0 &&
-                    db_tokenize(tok, "a photo of sks dog", PT, f.ids_inst, NULL, &err) == 0 &&
-                    db_tokenize(tok, "a photo of a dog", PT, f.ids_cls, NULL, &err) == 0,
+                    tap_learn_make(&f, &err) == 0,
                 "parity: model, tokenizer, prompts%s%s", err.code ? ": " : "", err.msg))
         return;
-    for (int c = 0; c < PC; c++)
-        for (int y = 0; y < PH; y++)
-            for (int x = 0; x < PW; x++)
-                f.subject[(c * PH + y) * PW + x] =
-                    (float)(1.2 * sin(0.5 * x + 1.3 * c) * cos(0.4 * y - 0.7 * c) + 0.3 * (c - 1.5));
-    for (int k = 0; k < PN; k++)
-        f.logvar[k] = -12.0f;
-    for (int p = 0; p < NPRIOR; p++)
-        db_noise_fill(f.prior[p], PN, 99, (uint64_t)p, 0);
     const char *se = getenv("DB_PARITY_STEPS"); /* for measuring longer runs by hand */
     const int steps = se && atoi(se) >= WINDOW ? atoi(se) / WINDOW * WINDOW : PARITY_STEPS;
     db_train_opts o = db_train_opts_defaults(1e-3, steps); /* test_train_learn.c's: large steps, where quantisation shows most */
@@ -398,7 +369,6 @@ static void parity(void)
     rc = rc ? rc : db_trainer_create(&t8, ctx, &m, &o8, &err);
     if (!tap_ok(rc == 0, "parity: two trainers%s%s", rc ? ": " : "", rc ? err.msg : "")) {
         db_trainer_free(t32);
-        db_tokenizer_free(tok);
         db_model_close(&m);
         db_ctx_destroy(ctx);
         return;
@@ -454,7 +424,6 @@ static void parity(void)
     free(l32), free(l8), free(w0);
     db_trainer_free(t32);
     db_trainer_free(t8);
-    db_tokenizer_free(tok);
     db_model_close(&m);
     db_ctx_destroy(ctx);
 }

@@ -31,38 +31,19 @@
 
 #define STEPS 40
 #define NEVAL 16
-#define NPRIOR 4
 #define LEARN_FACTOR 3.0  /* instance eval loss: before / after >= this (measured 6.4) */
 #define PRIOR_RISE 1.1    /* prior eval loss after <= this x before */
 #define PRIOR_GAIN 1.05   /* prior eval loss without / with the prior term >= this (measured 1.12) */
 #define NEAR_FACTOR 0.5   /* sample distance to the subject: after <= this x before (measured 0.30) */
 
-enum { C = 4, H = 16, W = 16, T = 77, N = C * H * W };
+enum { C = TAP_LEARN_C, H = TAP_LEARN_H, W = TAP_LEARN_W, T = TAP_LEARN_T, N = TAP_LEARN_N };
+typedef tap_learn fixture;
 
-typedef struct fixture {
-    float subject[N], logvar[N];  /* the instance posterior */
-    float prior[NPRIOR][N];       /* class latents */
-    int32_t ids_inst[T], ids_cls[T];
-} fixture;
-
-/* One micro-batch: instance row (posterior sample of the subject) then a
- * class row, draws from (seed, u) as db-train makes them. */
+/* One micro-batch: instance row then a class row (tap.c). */
 static int batch(db_trainer *tr, const fixture *f, uint64_t seed, uint64_t u, int eval, db_train_stats *s,
                  db_err *err)
 {
-    float lat[2 * N], noise[2 * N], eps[2 * N];
-    int64_t ts[2];
-    int32_t ids[2 * T];
-    db_train_noise(seed, u, 2, C, N, noise, eps, NULL);
-    for (int r = 0; r < 2; r++)
-        ts[r] = db_train_timestep(seed, u, r, db_trainer_num_timesteps(tr));
-    db_train_posterior_sample(lat, f->subject, f->logvar, eps, N, 1.0f);
-    memcpy(lat + N, f->prior[u % NPRIOR], sizeof f->prior[0]);
-    memcpy(ids, f->ids_inst, sizeof f->ids_inst);
-    memcpy(ids + T, f->ids_cls, sizeof f->ids_cls);
-    db_train_batch b = {.B = 2, .n_inst = 1, .C = C, .H = H, .W = W, .T = T, .latents = lat, .noise = noise,
-                        .timesteps = ts, .ids = ids};
-    return eval ? db_trainer_eval(tr, &b, s, err) : db_trainer_accumulate(tr, &b, s, err);
+    return tap_learn_batch(tr, f, 2, seed, u, eval, s, err);
 }
 
 /* Mean instance and prior loss over the evaluation draws (seed 1000). */
@@ -113,25 +94,12 @@ int main(void)
     db_err err = {0};
     db_ctx *ctx = NULL;
     db_model m;
-    db_tokenizer *tok = NULL;
     static fixture f;
     if (!tap_ok(db_ctx_create(&ctx, DB_CPU, 0, &err) == 0 &&
                     db_model_open(&m, tap_path("tests/data/tiny/diffusers"), NULL, &err) == 0 &&
-                    db_tokenizer_load(&tok, tap_path("data/clip/sd-tokenizer"), &err) == 0 &&
-                    db_tokenize(tok, "a photo of sks dog", T, f.ids_inst, NULL, &err) == 0 &&
-                    db_tokenize(tok, "a photo of a dog", T, f.ids_cls, NULL, &err) == 0,
+                    tap_learn_make(&f, &err) == 0,
                 "model, tokenizer, prompts%s%s", err.code ? ": " : "", err.msg))
         return tap_done();
-    /* the subject: a smooth field (blobs per channel), unit-ish variance */
-    for (int c = 0; c < C; c++)
-        for (int y = 0; y < H; y++)
-            for (int x = 0; x < W; x++)
-                f.subject[(c * H + y) * W + x] =
-                    (float)(1.2 * sin(0.5 * x + 1.3 * c) * cos(0.4 * y - 0.7 * c) + 0.3 * (c - 1.5));
-    for (int k = 0; k < N; k++)
-        f.logvar[k] = -12.0f;
-    for (int p = 0; p < NPRIOR; p++)
-        db_noise_fill(f.prior[p], N, 99, (uint64_t)p, 0);
 
     db_train_opts o = db_train_opts_defaults(1e-3, STEPS);
     o.train_text = 1;
@@ -169,7 +137,6 @@ int main(void)
            d1, NEAR_FACTOR);
     db_trainer_free(tr);
     db_trainer_free(t0);
-    db_tokenizer_free(tok);
     db_model_close(&m);
     db_ctx_destroy(ctx);
     return tap_done();
