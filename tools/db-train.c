@@ -54,6 +54,7 @@ typedef struct opts {
     const char *model, *model_config, *instance, *klass, *instance_prompt, *class_prompt, *lr_schedule;
     const char *output, *resume, *config, *record, *replay, *device, *val_prompt, *val_sched;
     const char *precision;      /* --precision: runtime, like --device */
+    const char *async_save;     /* --async-save auto|on|off: runtime */
     const char *optimizer;
     int64_t steps, warmup, batch, grad_accum, save_every, keep_last, seed, threads, log_every;
     int64_t val_every, val_images, val_steps;
@@ -66,7 +67,8 @@ typedef struct opts {
  * to run them.  Everything else is saved in RUN_DIR/config.json and every
  * checkpoint, and a resume takes it from there. */
 static const char *const RUNTIME_KEYS[] = {"output", "resume", "config", "record", "replay", "plan", "threads",
-                                           "device", "quiet", "verbose", "log-every", "precision", NULL};
+                                           "device", "quiet", "verbose", "log-every", "precision",
+                                           "async-save", NULL};
 /* Run settings a resume may change (they do not change the math of the
  * steps already taken; see the man page for --steps and the lr schedule). */
 static const char *const RESUMABLE_KEYS[] = {"steps", "save-every", "keep-last", NULL};
@@ -237,6 +239,8 @@ typedef struct run {
     int64_t step0;              /* the step we started (or resumed) at */
     db_vae *vae;                /* validation samples' decoder, loaded at the first one */
     char *last_ckpt;
+    int async;                  /* --async-save resolved: checkpoints written by a background writer */
+    db_ckpt_writer *writer;     /* the checkpoint being written in the background, or NULL */
 } run;
 
 static int tokenize_all(run *r, const db_trainset *s, const char *override, int32_t **out, const char *what,
@@ -383,16 +387,51 @@ static int all_finite(db_ctx *c, const db_weights *w)
     return !w || (db_opt_sumsq(c, &q, w->data, w->numel) == 0 && isfinite(q));
 }
 
+/* A checkpoint is complete (written, or its background write joined): log
+ * it, keep its path for messages, apply --keep-last. */
+static void saved(run *r, char *path)
+{
+    db_info(&r->lg, "saved %s", path);
+    free(r->last_ckpt);
+    r->last_ckpt = path;
+    db_train_ckpt_prune(r->run_dir, (int)r->o.keep_last, &r->lg);
+}
+
+/* Wait for the checkpoint being written in the background, if any. */
+static int join_writer(run *r, db_err *err)
+{
+    db_ckpt_writer *w = r->writer;
+    r->writer = NULL;
+    char *path = NULL;
+    if (db_ckpt_writer_join(w, &path, err))
+        return -1;
+    if (path)
+        saved(r, path);
+    return 0;
+}
+
+/* The newest complete checkpoint, for messages after a failure (a
+ * background write is waited for: it may be the one). */
+static const char *last_good(run *r)
+{
+    db_err e = {0};
+    if (join_writer(r, &e))
+        db_error(&r->lg, "%s", e.msg);
+    return r->last_ckpt;
+}
+
 static int save(run *r, const db_train_stats *s, db_err *err)
 {
     db_train_state st;
     db_trainer_state(r->tr, &st);
     /* a step can overflow the weights while its loss was finite: such a
      * state is no checkpoint (the next step would call it diverged) */
-    if (!all_finite(r->ctx, st.unet) || !all_finite(r->ctx, st.text))
-        return db_err_set(err, DB_ENUMERIC,
-                          "step %" PRId64 ": the weights are no longer finite: training diverged%s%s", st.step, r->last_ckpt ? "; the last checkpoint is " : "; no checkpoint was written",
-                          r->last_ckpt ? r->last_ckpt : "");
+    if (!all_finite(r->ctx, st.unet) || !all_finite(r->ctx, st.text)) {
+        const char *last = last_good(r);
+        return db_err_set(err, DB_ENUMERIC, "step %" PRId64 ": the weights are no longer finite: training diverged%s%s",
+                          st.step, last ? "; the last checkpoint is " : "; no checkpoint was written",
+                          last ? last : "");
+    }
     char *abs = realpath(r->o.model, NULL); /* db-ckpt export finds the base from any directory */
     json_t *state = json_pack("{s:s, s:s, s:{s:f, s:f, s:f, s:f}, s:f, s:{s:s, s:I, s:I}, s:{s:I, s:I, s:I}}",
                               "base_model", abs ? abs : r->o.model, "tool", "db-train " DB_VERSION, "loss", "loss", s->loss,
@@ -411,14 +450,16 @@ static int save(run *r, const db_train_stats *s, db_err *err)
     if (!state)
         return db_err_set(err, DB_ENOMEM, "out of memory");
     char *path = NULL;
-    int rc = db_train_ckpt_save(r->run_dir, &st, r->hash, state, r->config, &path, err);
+    int rc;
+    if (r->async) { /* the previous write first (one at a time), then this one in the background */
+        rc = join_writer(r, err) || db_ckpt_writer_start(&r->writer, r->run_dir, &st, r->hash, state, r->config, err);
+        if (rc == 0)
+            db_debug(&r->lg, "writing the checkpoint of step %" PRId64 " in the background", st.step);
+    } else if ((rc = db_train_ckpt_save(r->run_dir, &st, r->hash, state, r->config, &path, err)) == 0)
+        saved(r, path);
     json_decref(state);
     if (rc)
         return -1;
-    db_info(&r->lg, "saved %s", path);
-    free(r->last_ckpt);
-    r->last_ckpt = path;
-    db_train_ckpt_prune(r->run_dir, (int)r->o.keep_last, &r->lg);
     if (r->ev && db_tfevents_flush(r->ev, err))
         return -1;
     return 0;
@@ -637,7 +678,7 @@ int main(int argc, char **argv)
     r->lg = (db_log){"db-train", DB_LOG_WARN};
     o->steps = 800, o->lr = 1e-6, o->prior_weight = 1.0, o->lr_schedule = "constant", o->batch = 1;
     o->grad_accum = 1, o->save_every = 500, o->max_grad_norm = 1.0, o->b1 = 0.9, o->b2 = 0.999, o->wd = 1e-2;
-    o->eps = 1e-8, o->text_lr = -1, o->device = "cpu", o->optimizer = "adamw";
+    o->eps = 1e-8, o->text_lr = -1, o->device = "cpu", o->optimizer = "adamw", o->async_save = "auto";
     o->precision = "fp32";
     o->val_images = 2, o->val_steps = 25, o->val_guidance = 7.5, o->val_sched = "ddim";
     db_opt t[] = {
@@ -716,6 +757,9 @@ int main(int argc, char **argv)
         {"precision", 0, DB_OPT_STR, "fp32|bf16|fp16", "compute type of the matmuls, convolutions and attention "
          "(autocast; weights, gradients and AdamW stay fp32; fp16 adds dynamic loss scaling; on the CPU an "
          "emulation, slower); a resume may change it", &o->precision, "fp32", 0},
+        {"async-save", 0, DB_OPT_STR, "auto|on|off", "write checkpoints in a background thread from a host copy "
+         "(training goes on meanwhile; host memory the size of a checkpoint); auto: on for GPU devices",
+         &o->async_save, "auto", 0},
         {"quiet", 'q', DB_OPT_FLAG, NULL, "only errors on stderr", &o->quiet, NULL, 0},
         {"verbose", 'v', DB_OPT_FLAG, NULL, "more detail on stderr", &o->verbose, NULL, 0},
         {0},
@@ -805,6 +849,13 @@ int main(int argc, char **argv)
     const int prec = db_precision_parse(o->precision);
     if (prec < 0) {
         db_error(&r->lg, "--precision %s: unknown precision (fp32, bf16 or fp16)", o->precision);
+        status = 2;
+        goto out;
+    }
+    if (!strcmp(o->async_save, "on") || !strcmp(o->async_save, "off") || !strcmp(o->async_save, "auto"))
+        r->async = !strcmp(o->async_save, "on") || (!strcmp(o->async_save, "auto") && strcmp(o->device, "cpu"));
+    else {
+        db_error(&r->lg, "--async-save %s: auto, on or off", o->async_save);
         status = 2;
         goto out;
     }
@@ -1104,13 +1155,15 @@ int main(int argc, char **argv)
             /* micro-batch j = k * W + rank of the step's K * W: the job does
              * what one process with --grad-accum K * W does */
             if (micro_batch(r, (uint64_t)((step * o->grad_accum + k) * r->dist.world + r->dist.rank), NULL, &e)) {
-                db_error(&r->lg, "step %" PRId64 ": %s%s%s", step + 1, e.msg,
-                         r->last_ckpt ? "; the last checkpoint is " : "", r->last_ckpt ? r->last_ckpt : "");
+                const char *last = last_good(r);
+                db_error(&r->lg, "step %" PRId64 ": %s%s%s", step + 1, e.msg, last ? "; the last checkpoint is " : "",
+                         last ? last : "");
                 goto out;
             }
         if (db_trainer_apply(r->tr, &s, &e)) {
-            db_error(&r->lg, "step %" PRId64 ": %s%s%s", step + 1, e.msg,
-                     r->last_ckpt ? "; the last checkpoint is " : "", r->last_ckpt ? r->last_ckpt : "");
+            const char *last = last_good(r);
+            db_error(&r->lg, "step %" PRId64 ": %s%s%s", step + 1, e.msg, last ? "; the last checkpoint is " : "",
+                     last ? last : "");
             goto out;
         }
         const double t1 = db_tfevents_now(), dt = t1 - t0;
@@ -1185,10 +1238,22 @@ int main(int argc, char **argv)
             goto out;
         }
     }
+    if (join_writer(r, &e)) {
+        db_error(&r->lg, "%s", e.msg);
+        goto out;
+    }
     db_info(&r->lg, "done: %" PRId64 " steps in %.1f s, peak memory %.0f MiB; %s", o->steps - r->step0,
             db_tfevents_now() - t_start, peak_rss() / 1048576.0, r->last_ckpt ? r->last_ckpt : "");
     status = 0;
 out:
+    if (r->writer) { /* a checkpoint still being written (a signal's, or before an error): finish it */
+        db_err e2 = {0};
+        if (join_writer(r, &e2)) {
+            db_error(&r->lg, "%s", e2.msg);
+            if (status == 0 || status == 130)
+                status = 1;
+        }
+    }
     if (status == 1)
         db_dist_abort(&r->dist, 1); /* the other processes would wait for this one forever */
     if (r->rec)

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -292,6 +293,144 @@ out:
     free(o.tmp_path);
     free(final);
     return rc;
+}
+
+/* ---- writing in the background ------------------------------------------------- */
+
+struct db_ckpt_writer {
+    pthread_t th;
+    char *run_dir, *base_hash;
+    json_t *state, *config;
+    db_train_state st;                 /* pointing at the copies below */
+    db_weights w[6];                   /* unet, unet_m, unet_v, text, text_m, text_v (data: host copies) */
+    db_q8_state q[2];                  /* unet_q8, text_q8 (buffers: host copies) */
+    int rc;
+    char *path;
+    db_err err;
+};
+
+/* dst = host copy of n bytes of src (on ctx's device; NULL: host). */
+static void *host_copy(db_ctx *ctx, const void *src, size_t n, db_err *err)
+{
+    void *d = malloc(n ? n : 1);
+    if (!d) {
+        db_err_set(err, DB_ENOMEM, "out of memory for a %zu MiB checkpoint copy", n >> 20);
+        return NULL;
+    }
+    if (!ctx)
+        memcpy(d, src, n);
+    else if (db_ctx_copy(ctx, d, src, n, DB_COPY_D2H)) {
+        db_err_set(err, ctx->err.code, "checkpoint copy: %s", ctx->err.msg);
+        free(d);
+        return NULL;
+    }
+    return d;
+}
+
+/* *dst = w with its data copied to the host (the index shared, not owned). */
+static int snap_weights(db_weights *dst, const db_weights *w, db_weights **out, db_err *err)
+{
+    if (!w) {
+        *out = NULL;
+        return 0;
+    }
+    *dst = *w;
+    dst->ctx = NULL;
+    if (!(dst->data = host_copy(w->ctx, w->data, w->numel * sizeof(float), err)))
+        return -1;
+    *out = dst;
+    return 0;
+}
+
+static int snap_q8(db_q8_state *dst, const db_q8_state *q, db_q8_state **out, db_err *err)
+{
+    if (!q) {
+        *out = NULL;
+        return 0;
+    }
+    *dst = *q;
+    dst->ctx = NULL;
+    dst->m_q = dst->v_q = NULL;
+    dst->m_absmax = dst->v_absmax = dst->m32 = dst->v32 = NULL;
+    *out = dst;
+    return !(dst->m_q = host_copy(q->ctx, q->m_q, q->ncodes, err)) ||
+                   !(dst->v_q = host_copy(q->ctx, q->v_q, q->ncodes, err)) ||
+                   !(dst->m_absmax = host_copy(q->ctx, q->m_absmax, q->nblocks * sizeof(float), err)) ||
+                   !(dst->v_absmax = host_copy(q->ctx, q->v_absmax, q->nblocks * sizeof(float), err)) ||
+                   !(dst->m32 = host_copy(q->ctx, q->m32, q->nsmall * sizeof(float), err)) ||
+                   !(dst->v32 = host_copy(q->ctx, q->v32, q->nsmall * sizeof(float), err))
+               ? -1
+               : 0;
+}
+
+static void writer_free(db_ckpt_writer *w)
+{
+    for (int i = 0; i < 6; i++)
+        free(w->w[i].data);
+    for (int i = 0; i < 2; i++) {
+        free(w->q[i].m_q), free(w->q[i].v_q), free(w->q[i].m_absmax), free(w->q[i].v_absmax);
+        free(w->q[i].m32), free(w->q[i].v32);
+    }
+    json_decref(w->state);
+    json_decref(w->config);
+    free(w->run_dir);
+    free(w->base_hash);
+    free(w->path);
+    free(w);
+}
+
+static void *writer_main(void *arg)
+{
+    db_ckpt_writer *w = arg;
+    w->rc = db_train_ckpt_save(w->run_dir, &w->st, w->base_hash, w->state, w->config, &w->path, &w->err);
+    return NULL;
+}
+
+int db_ckpt_writer_start(db_ckpt_writer **out, const char *run_dir, const db_train_state *st, const char *base_hash,
+                         const json_t *state, const json_t *config, db_err *err)
+{
+    *out = NULL;
+    db_ckpt_writer *w = calloc(1, sizeof *w);
+    if (!w)
+        return db_err_set(err, DB_ENOMEM, "out of memory");
+    w->st = *st;
+    db_weights **ws[6] = {&w->st.unet, &w->st.unet_m, &w->st.unet_v, &w->st.text, &w->st.text_m, &w->st.text_v};
+    const db_weights *src[6] = {st->unet, st->unet_m, st->unet_v, st->text, st->text_m, st->text_v};
+    int rc = !(w->run_dir = strdup(run_dir)) || (base_hash && !(w->base_hash = strdup(base_hash))) ||
+                     !(w->state = json_deep_copy(state)) || !(w->config = json_deep_copy(config))
+                 ? db_err_set(err, DB_ENOMEM, "out of memory")
+                 : 0;
+    for (int i = 0; rc == 0 && i < 6; i++)
+        rc = snap_weights(&w->w[i], src[i], ws[i], err);
+    if (rc == 0)
+        rc = snap_q8(&w->q[0], st->unet_q8, &w->st.unet_q8, err) || snap_q8(&w->q[1], st->text_q8, &w->st.text_q8, err);
+    w->st.text_frozen = NULL; /* not written */
+    if (rc == 0 && (rc = pthread_create(&w->th, NULL, writer_main, w)) != 0) {
+        errno = rc;
+        rc = db_err_errno(err, "checkpoint writer thread");
+    }
+    if (rc) {
+        writer_free(w);
+        return db_err_prefix(err, "checkpoint %s", run_dir);
+    }
+    *out = w;
+    return 0;
+}
+
+int db_ckpt_writer_join(db_ckpt_writer *w, char **out_path, db_err *err)
+{
+    if (out_path)
+        *out_path = NULL;
+    if (!w)
+        return 0;
+    pthread_join(w->th, NULL);
+    const int rc = w->rc;
+    if (rc)
+        *err = w->err;
+    else if (out_path)
+        *out_path = w->path, w->path = NULL;
+    writer_free(w);
+    return rc ? -1 : 0;
 }
 
 /* ---- reading ---------------------------------------------------------------- */

@@ -44,6 +44,20 @@
 int db_train_ckpt_save(const char *run_dir, const db_train_state *st, const char *base_hash, json_t *state,
                        const json_t *config, char **out_path, db_err *err);
 
+/* The same in a thread of its own (db-train --async-save), so training goes
+ * on while the files are written: db_ckpt_writer_start copies st's weights
+ * and moments into host memory now (off the device, or out of the CPU
+ * buffers the next step overwrites; host memory the size of the
+ * checkpoint), copies state and config, and starts the write; join waits for
+ * it.  A writer reads only its copies: st's buffers may change at once, but
+ * its tensor tables (the weights' indexes) must outlive the join. */
+typedef struct db_ckpt_writer db_ckpt_writer;
+int db_ckpt_writer_start(db_ckpt_writer **out, const char *run_dir, const db_train_state *st, const char *base_hash,
+                         const json_t *state, const json_t *config, db_err *err);
+/* 0 with *out_path (may be NULL; malloc'd) the checkpoint written, or -1
+ * with the write's error.  Frees w; NULL: nothing to wait for, 0. */
+int db_ckpt_writer_join(db_ckpt_writer *w, char **out_path, db_err *err);
+
 /* Read a checkpoint into the trainer's buffers (st from db_trainer_state):
  * every tensor must be present with its shape; a text encoder in the file
  * but frozen in st (or the reverse) is refused, and so is a checkpoint of
