@@ -567,6 +567,27 @@ int db_trainer_eval(db_trainer *t, const db_train_batch *b, db_train_stats *s, d
     return micro(t, b, s, 0, err);
 }
 
+/* A step is over (applied or skipped): its stats into s (may be NULL), and
+ * the micro-batch sums start again. */
+static void close_step(db_trainer *t, db_train_stats *s, double norm, double lr, double lr_text, float used_scale,
+                       int skipped)
+{
+    if (s) {
+        memset(s, 0, sizeof *s);
+        s->step = t->step;
+        s->loss = t->sum_loss / t->micro;
+        s->loss_instance = t->sum_inst / t->micro;
+        s->loss_prior = t->sum_prior / t->micro;
+        s->grad_norm = norm;
+        s->lr = lr;
+        s->lr_text = lr_text;
+        s->loss_scale = used_scale;
+        s->skipped = skipped;
+    }
+    t->micro = 0;
+    t->sum_loss = t->sum_inst = t->sum_prior = 0;
+}
+
 /* fp16 found a non-finite gradient: no update (weights, moments, AdamW's
  * count and the lr schedule stay), the gradients are dropped, the step is
  * taken, and the scale backs off by half (GradScaler.update). */
@@ -581,20 +602,9 @@ static int skip_step(db_trainer *t, db_train_stats *s, double norm, float used_s
     t->step++;
     t->scale *= 0.5f;
     t->growth_tracker = 0;
-    if (s) {
-        memset(s, 0, sizeof *s);
-        s->step = t->step;
-        s->loss = t->sum_loss / t->micro;
-        s->loss_instance = t->sum_inst / t->micro;
-        s->loss_prior = t->sum_prior / t->micro;
-        s->grad_norm = norm;
-        s->lr = db_lr_at(&t->o.unet_lr, t->opt_step); /* where the schedule stays */
-        s->lr_text = t->o.train_text ? db_lr_at(&t->o.text_lr, t->opt_step) : 0;
-        s->loss_scale = used_scale;
-        s->skipped = 1;
-    }
-    t->micro = 0;
-    t->sum_loss = t->sum_inst = t->sum_prior = 0;
+    /* the learning rates where the schedule stays */
+    close_step(t, s, norm, db_lr_at(&t->o.unet_lr, t->opt_step),
+               t->o.train_text ? db_lr_at(&t->o.text_lr, t->opt_step) : 0, used_scale, 1);
     return 0;
 }
 
@@ -610,19 +620,7 @@ static int finish_step(db_trainer *t, db_train_stats *s, double norm, double lr,
             t->scale = grown;
         t->growth_tracker = 0;
     }
-    if (s) {
-        memset(s, 0, sizeof *s);
-        s->step = t->step;
-        s->loss = t->sum_loss / t->micro;
-        s->loss_instance = t->sum_inst / t->micro;
-        s->loss_prior = t->sum_prior / t->micro;
-        s->grad_norm = norm;
-        s->lr = lr;
-        s->lr_text = lr_text;
-        s->loss_scale = used_scale;
-    }
-    t->micro = 0;
-    t->sum_loss = t->sum_inst = t->sum_prior = 0;
+    close_step(t, s, norm, lr, lr_text, used_scale, 0);
     return 0;
 }
 

@@ -134,6 +134,28 @@ int tap_train_ref_load(const db_tindex *ix, tap_train_ref *in, db_err *err)
     return 0;
 }
 
+int tap_train_fix_open(tap_train_fix *f)
+{
+    db_err err = {0};
+    memset(f, 0, sizeof *f);
+    db_tindex_init(&f->rix);
+    int rc = db_safetensors_open(&f->rst, tap_path("tests/data/refs/train_steps.safetensors"), NULL, -1, &f->rix,
+                                 &err);
+    rc = rc ? rc : tap_train_ref_load(&f->rix, &f->in, &err);
+    if (!tap_ok(rc == 0, "reference inputs%s%s", rc ? ": " : "", rc ? err.msg : ""))
+        return -1;
+    f->have_model = db_model_open(&f->m, tap_path("tests/data/tiny/diffusers"), NULL, &err) == 0;
+    return tap_ok(f->have_model, "open model%s%s", err.code ? ": " : "", err.msg) ? 0 : -1;
+}
+
+void tap_train_fix_close(tap_train_fix *f)
+{
+    if (f->have_model)
+        db_model_close(&f->m);
+    db_tindex_free(&f->rix);
+    db_safetensors_close(f->rst);
+}
+
 db_train_batch tap_train_ref_batch(const tap_train_ref *in, int k, float *lat)
 {
     k %= TAP_TRAIN_REF_STEPS;

@@ -44,6 +44,19 @@ typedef struct tap_train_ref {
     int B, C, H, W;
 } tap_train_ref;
 int tap_train_ref_load(const db_tindex *ix, tap_train_ref *in, db_err *err);
+/* The trainer tests' fixture: the reference batches above and the tiny
+ * model (its diffusers folder), each with a tap_ok line; 0, or -1 when one
+ * failed (the test should end: tap_done).  Close frees both. */
+typedef struct tap_train_fix {
+    db_tindex rix;
+    db_safetensors *rst;
+    tap_train_ref in;
+    db_model m;
+    int have_model;
+} tap_train_fix;
+int tap_train_fix_open(tap_train_fix *f);
+void tap_train_fix_close(tap_train_fix *f);
+
 /* Reference batch k (mod TAP_TRAIN_REF_STEPS) as db_train_batch: its clean
  * latents (posterior draw k x SD1's scaling factor 0.18215) written to lat
  * (B*C*H*W floats, the caller's), one instance row, 77 tokens. */

@@ -167,24 +167,17 @@ int main(void)
     if (!tap_ok(db_ctx_create(&ctx, DB_CPU, 0, &err) == 0 && db_ctx_create(&ctx1, DB_CPU, 1, &err) == 0,
                 "cpu contexts%s%s", err.code ? ": " : "", err.msg))
         return tap_done();
-    db_tindex rix;
-    db_safetensors *rst = NULL;
-    db_tindex_init(&rix);
-    tap_train_ref in;
-    memset(&in, 0, sizeof in);
-    int rc = db_safetensors_open(&rst, tap_path("tests/data/refs/train_steps.safetensors"), NULL, -1, &rix, &err);
-    rc = rc ? rc : tap_train_ref_load(&rix, &in, &err);
-    if (!tap_ok(rc == 0, "reference inputs%s%s", rc ? ": " : "", rc ? err.msg : ""))
+    static tap_train_fix fx;
+    if (tap_train_fix_open(&fx))
         return tap_done();
-
-    db_model m;
-    if (!tap_ok(db_model_open(&m, tap_path("tests/data/tiny/diffusers"), NULL, &err) == 0, "open model%s%s",
-                err.code ? ": " : "", err.msg))
-        return tap_done();
+    const tap_train_ref in = fx.in;
+    db_model *m = &fx.m;
+    const db_tindex *rix = &fx.rix;
+    int rc;
     db_train_opts o = db_train_opts_defaults(LR, NSTEPS);
     o.train_text = 1;
     db_trainer *t = NULL, *t2 = NULL;
-    rc = db_trainer_create(&t, ctx, &m, &o, &err);
+    rc = db_trainer_create(&t, ctx, m, &o, &err);
     if (!tap_ok(rc == 0, "trainer%s%s", rc ? ": " : "", rc ? err.msg : ""))
         return tap_done();
     db_train_state st;
@@ -203,7 +196,7 @@ int main(void)
         o2.max_grad_norm = 0;
         db_trainer *tz = NULL;
         size_t nz = 0, nzt = 0;
-        if (db_trainer_create(&tz, ctx, &m, &o2, &err) == 0 && db_trainer_accumulate(tz, &b, NULL, &err) == 0) {
+        if (db_trainer_create(&tz, ctx, m, &o2, &err) == 0 && db_trainer_accumulate(tz, &b, NULL, &err) == 0) {
             /* roundoff tensors: gradient L2 below ZERO_TOL */
             const size_t ng = st.unet->n + st.text->n;
             double *g2 = calloc(ng, sizeof *g2);
@@ -220,8 +213,8 @@ int main(void)
         tap_ok(nz == 19, "%zu UNet tensors with roundoff-only gradients (the reference's manifest lists 19)", nz);
         /* the key bias: q.(k + b) adds q.b to every score of a query, which
          * the softmax cancels, so each layer's k_proj.bias has none */
-        tap_ok(nzt == (size_t)m.arch.text.layers, "%zu text-encoder tensors with roundoff-only gradients (the %d "
-               "k_proj biases)", nzt, m.arch.text.layers);
+        tap_ok(nzt == (size_t)m->arch.text.layers, "%zu text-encoder tensors with roundoff-only gradients (the %d "
+               "k_proj biases)", nzt, m->arch.text.layers);
     }
 
     db_train_stats s[NSTEPS];
@@ -242,20 +235,20 @@ int main(void)
     db_train_state stp[2];
     for (int q = 0; q < 2; q++) {
         db_train_stats sp[NSTEPS];
-        rc = db_trainer_create(&tp[q], ctx, &m, &o, &err);
+        rc = db_trainer_create(&tp[q], ctx, m, &o, &err);
         rc = rc ? rc : run(tp[q], &in, q + 1, sp, &err);
         if (!tap_ok(rc == 0, "one-ulp probe run %d%s%s", q, rc ? ": " : "", rc ? err.msg : ""))
             return tap_done();
         db_trainer_state(tp[q], &stp[q]);
     }
     db_weights *pu[2] = {stp[0].unet, stp[1].unet}, *pt[2] = {stp[0].text, stp[1].text};
-    compare_weights(&m, DB_COMP_UNET, "unet", st.unet, &u0, pu, &rix, zero);
-    compare_weights(&m, DB_COMP_TEXT, "text_encoder", st.text, &t0, pt, &rix, zero + st.unet->n);
+    compare_weights(m, DB_COMP_UNET, "unet", st.unet, &u0, pu, rix, zero);
+    compare_weights(m, DB_COMP_TEXT, "text_encoder", st.text, &t0, pt, rix, zero + st.unet->n);
     db_trainer_free(tp[0]);
     db_trainer_free(tp[1]);
 
     /* determinism: a second trainer, one thread, the same steps: every bit */
-    rc = db_trainer_create(&t2, ctx1, &m, &o, &err);
+    rc = db_trainer_create(&t2, ctx1, m, &o, &err);
     db_train_stats s2[NSTEPS];
     rc = rc ? rc : run(t2, &in, 0, s2, &err);
     if (tap_ok(rc == 0, "second run on one thread%s%s", rc ? ": " : "", rc ? err.msg : "")) {
@@ -292,9 +285,7 @@ int main(void)
     db_weights_free(&u0);
     db_weights_free(&t0);
     free(zero);
-    db_model_close(&m);
-    db_tindex_free(&rix);
-    db_safetensors_close(rst);
+    tap_train_fix_close(&fx);
     db_ctx_destroy(ctx);
     db_ctx_destroy(ctx1);
     return tap_done();

@@ -234,24 +234,14 @@ int main(void)
     db_ctx *ctx = NULL;
     if (!tap_ok(db_ctx_create(&ctx, DB_CPU, 0, &err) == 0, "cpu context%s%s", err.code ? ": " : "", err.msg))
         return tap_done();
-    db_tindex rix;
-    db_safetensors *rst = NULL;
-    db_tindex_init(&rix);
-    tap_train_ref in;
-    memset(&in, 0, sizeof in);
-    int rc = db_safetensors_open(&rst, tap_path("tests/data/refs/train_steps.safetensors"), NULL, -1, &rix, &err);
-    rc = rc ? rc : tap_train_ref_load(&rix, &in, &err);
-    if (!tap_ok(rc == 0, "reference inputs%s%s", rc ? ": " : "", rc ? err.msg : ""))
+    static tap_train_fix fx;
+    if (tap_train_fix_open(&fx))
         return tap_done();
-    db_model m;
-    if (!tap_ok(db_model_open(&m, tap_path("tests/data/tiny/diffusers"), NULL, &err) == 0, "open model%s%s",
-                err.code ? ": " : "", err.msg))
-        return tap_done();
-    test_bands(ctx, &m, &in);
-    test_skip(ctx, &m, &in);
-    db_model_close(&m);
-    db_tindex_free(&rix);
-    db_safetensors_close(rst);
+    const tap_train_ref *in = &fx.in;
+    db_model *m = &fx.m;
+    test_bands(ctx, m, in);
+    test_skip(ctx, m, in);
+    tap_train_fix_close(&fx);
     db_ctx_destroy(ctx);
     return tap_done();
 }

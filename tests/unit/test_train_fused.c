@@ -446,19 +446,11 @@ int main(void)
         return tap_done();
     test_keys();
     test_cover();
-    db_tindex rix;
-    db_safetensors *rst = NULL;
-    db_tindex_init(&rix);
-    tap_train_ref in;
-    memset(&in, 0, sizeof in);
-    int rc = db_safetensors_open(&rst, tap_path("tests/data/refs/train_steps.safetensors"), NULL, -1, &rix, &err);
-    rc = rc ? rc : tap_train_ref_load(&rix, &in, &err);
-    if (!tap_ok(rc == 0, "reference inputs%s%s", rc ? ": " : "", rc ? err.msg : ""))
+    static tap_train_fix fx;
+    if (tap_train_fix_open(&fx))
         return tap_done();
-    db_model m;
-    if (!tap_ok(db_model_open(&m, tap_path("tests/data/tiny/diffusers"), NULL, &err) == 0, "open model%s%s",
-                err.code ? ": " : "", err.msg))
-        return tap_done();
+    const tap_train_ref *in = &fx.in;
+    db_model *m = &fx.m;
     const cfg cases[] = {
         {"fp32, no clipping", 0, 0, DB_OPTIM_ADAMW, DB_PREC_F32, 0},
         {"fp32, clip 1.0 per tensor", 1.0, 1, DB_OPTIM_ADAMW, DB_PREC_F32, 0},
@@ -468,14 +460,12 @@ int main(void)
         {"fp32, clip 0.05, fused with checkpointing", 0.05, 1, DB_OPTIM_ADAMW, DB_PREC_F32, 1},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
-        test_equal(ctx, &m, &in, &cases[i]);
-    test_norms(ctx, &m, &in);
-    test_per_tensor(ctx, &m, &in);
-    test_world(ctx, &m, &in);
-    test_refused(ctx, &m);
-    db_model_close(&m);
-    db_tindex_free(&rix);
-    db_safetensors_close(rst);
+        test_equal(ctx, m, in, &cases[i]);
+    test_norms(ctx, m, in);
+    test_per_tensor(ctx, m, in);
+    test_world(ctx, m, in);
+    test_refused(ctx, m);
+    tap_train_fix_close(&fx);
     db_ctx_destroy(ctx);
     return tap_done();
 }
