@@ -7,14 +7,14 @@
 // fp32 score, not to q), softmax with exp2f, lse = ln 2 * (m + log2 l) in
 // double, causal = query i sees keys j <= i (top-left).
 //
-// Block: NWARP = 4 warps over (b, h, BQ = 64 queries); warp w owns query rows
+// Block: NWARP = 4 warps over (b, h, BR = 64 queries); warp w owns query rows
 // 16w..16w+15 of the block.  Shared memory (rows padded by 8 elements = 16
 // bytes so the 8 rows an ldmatrix phase reads land in distinct banks):
-//   Ks, Vs (BK = 64 keys, HSP + 8)  the key tile, compute type; HSP = HS
+//   Ks, Vs (BT = 64 keys, HSP + 8)  the key tile, compute type; HSP = HS
 //           rounded up to 16 with zero columns, rows past Tk zero
-//   Ss     (BQ, 72) fp32            scores, each warp its 16-row strip
-//   Ps     (BQ, 72) compute type    probabilities
-//   Qs     (BQ, HSP + 8)            the queries, only until every warp holds
+//   Ss     (BR, 72) fp32            scores, each warp its 16-row strip
+//   Ps     (BR, 72) compute type    probabilities
+//   Qs     (BR, HSP + 8)            the queries, only until every warp holds
 //           its Q fragments in registers: it aliases Ss and Ps
 // Per key tile, each warp:
 //   1. S (16 x 64) = Q K^T: 4 accumulator fragments, HSP/16 mma each, stored
@@ -61,36 +61,16 @@
 #include <cuda_fp16.h>
 #include <math.h>
 #include <mma.h>
-#include <vector>
 
 #include "kernels/cuda/attention_tc.h"
+#include "kernels/cuda/attention_tc_common.h"
 
 using namespace nvcuda;
+using namespace db_attn_tc;
 
 namespace {
 
-enum {
-    NWARP = 4,         // warps per block
-    BQ = 16 * NWARP,   // queries per block: 16 rows per warp
-    BK = 64,           // keys per tile
-    LDS = BK + 8,      // row stride of Ss (floats) and Ps (elements)
-    TC_HS_MAX = 160,   // ND = HSP / 16 <= 10
-};
 constexpr float RESCALE_LOG2 = 8.0f; // move a row's reference max when it grows by more (log2 units)
-
-template <typename T> struct tc;
-template <> struct tc<__nv_bfloat16> {
-    static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
-    static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-    static __device__ __forceinline__ unsigned bits(__nv_bfloat16 x) { return ((__nv_bfloat16_raw)x).x; }
-};
-template <> struct tc<__half> {
-    static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
-    static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
-    static __device__ __forceinline__ unsigned bits(__half x) { return ((__half_raw)x).x; }
-};
-
-typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> facc;
 
 // Multiply row r of the warp's O (16 x 16 ND, fragments o) by f: lane pair
 // (2r, 2r+1) passes its row's factor.  Through the warp's Ss strip (16 x 64
@@ -117,33 +97,27 @@ template <int ND> __device__ __forceinline__ void scale_rows(facc (&o)[ND], floa
     __syncwarp();
 }
 
-// grid (ceil(Tq / BQ), B * NH), block NWARP * 32, dynamic shared memory
-// 2 BK (HSP + 8) sizeof(T) + BQ LDS (4 + sizeof(T)) bytes.
+// grid (ceil(Tq / BR), B * NH), block NWARP * 32, dynamic shared memory
+// 2 BT (HSP + 8) sizeof(T) + BR LDS (4 + sizeof(T)) bytes.
 template <typename T, int ND>
 __global__ static void __launch_bounds__(NWARP * 32)
     attention_tc_kernel(float *out, float *lse, const T *q, const T *k, const T *v, int Tq, int Tk, int NH, int HS,
                         int causal, float qscale, float rescale)
 {
     constexpr int HSP = 16 * ND, LDH = HSP + 8, CH = LDH / 8; // 16-byte chunks per smem row
-    static_assert(BQ * LDH * sizeof(T) <= BQ * LDS * (sizeof(float) + sizeof(T)), "Qs must fit in Ss + Ps");
+    static_assert(BR * LDH * sizeof(T) <= BR * LDS * (sizeof(float) + sizeof(T)), "Qs must fit in Ss + Ps");
     extern __shared__ __align__(128) float smem[];
-    T *Ks = (T *)smem;                    // (BK, LDH)
-    T *Vs = Ks + BK * LDH;                // (BK, LDH)
-    float *Ss = (float *)(Vs + BK * LDH); // (BQ, LDS)
-    T *Ps = (T *)(Ss + BQ * LDS);         // (BQ, LDS)
-    T *Qs = (T *)Ss;                      // (BQ, LDH), until the Q fragments are loaded
-    const int bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BQ;
+    T *Ks = (T *)smem;                    // (BT, LDH)
+    T *Vs = Ks + BT * LDH;                // (BT, LDH)
+    float *Ss = (float *)(Vs + BT * LDH); // (BR, LDS)
+    T *Ps = (T *)(Ss + BR * LDS);         // (BR, LDS)
+    T *Qs = (T *)Ss;                      // (BR, LDH), until the Q fragments are loaded
+    const int bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BR;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const size_t C = (size_t)NH * HS;
     const int HC = HS / 8; // 16-byte chunks of a head's row in global memory
 
-    for (int t = threadIdx.x; t < BQ * CH; t += blockDim.x) {
-        const int rr = t / CH, cc = t % CH, i = i0 + rr;
-        uint4 x = make_uint4(0, 0, 0, 0);
-        if (cc < HC && i < Tq)
-            x = *(const uint4 *)(q + ((size_t)b * Tq + i) * C + (size_t)h * HS + 8 * cc);
-        *(uint4 *)(Qs + rr * LDH + 8 * cc) = x;
-    }
+    load_rows(Qs, q, b, h, i0, BR, Tq, Tq, NH, HS, LDH);
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa[ND];
 #pragma unroll
@@ -162,11 +136,12 @@ __global__ static void __launch_bounds__(NWARP * 32)
     // keys this row may see: j < jlim
     const int jlim = causal && i + 1 < Tk ? i + 1 : Tk;
     // causal: no query of the block sees a key past its last query
-    const int kend = causal && i0 + BQ < Tk ? i0 + BQ : Tk;
+    const int kend = causal && i0 + BR < Tk ? i0 + BR : Tk;
 
-    for (int j0 = 0; j0 < kend; j0 += BK) {
+    for (int j0 = 0; j0 < kend; j0 += BT) {
         __syncthreads(); // the previous tile is consumed; every warp holds its Q fragments (Qs is dead)
-        for (int t = threadIdx.x; t < BK * CH; t += blockDim.x) {
+        // K and V as load_rows stages them, in one loop: a thread has both loads of a chunk in flight at once
+        for (int t = threadIdx.x; t < BT * CH; t += blockDim.x) {
             const int jj = t / CH, cc = t % CH, j = j0 + jj;
             uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
             if (cc < HC && j < Tk) {
@@ -181,7 +156,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
 
         // 1. S = Q K^T into the warp's strip
 #pragma unroll
-        for (int n = 0; n < BK / 16; n++) {
+        for (int n = 0; n < BT / 16; n++) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kb;
             facc s;
             wmma::fill_fragment(s, 0.0f);
@@ -230,7 +205,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
                 pts += tc<T>::to(pr);
                 u[e] = tc<T>::bits(pr);
             }
-            *(uint2 *)(prow + 4 * (2 * t + hf)) = make_uint2(u[0] | u[1] << 16, u[2] | u[3] << 16);
+            *(uint2 *)(prow + 4 * (2 * t + hf)) = pack4(u);
         }
         ps += __shfl_xor_sync(0xffffffffu, ps, 1);
         pts += __shfl_xor_sync(0xffffffffu, pts, 1);
@@ -242,42 +217,11 @@ __global__ static void __launch_bounds__(NWARP * 32)
         __syncwarp();
 
         // 3. O += P V
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa[BK / 16];
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; kk++)
-            wmma::load_matrix_sync(pa[kk], pw + 16 * kk, LDS);
-#pragma unroll
-        for (int n = 0; n < ND; n++) {
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; kk++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;
-                wmma::load_matrix_sync(vb, Vs + kk * 16 * LDH + 16 * n, LDH);
-                wmma::mma_sync(o[n], pa[kk], vb, o[n]);
-            }
-        }
+        gemm_nn<T, ND>(o, pw, LDS, Vs);
     }
 
-    // out = O / lt through the strip, one row at a time across the warp (coalesced)
-    const float inv = 1.0f / lt;
-#pragma unroll
-    for (int g = 0; g < ND; g += 4) {
-        const int n = ND - g < 4 ? ND - g : 4;
-        __syncwarp();
-#pragma unroll
-        for (int t = 0; t < 4; t++)
-            if (t < n)
-                wmma::store_matrix_sync(sw + 16 * t, o[g + t], LDS, wmma::mem_row_major);
-        __syncwarp();
-        for (int rr = 0; rr < 16; rr++) {
-            const float f = __shfl_sync(0xffffffffu, inv, 2 * rr);
-            const int ir = i0 + warp * 16 + rr;
-            const int d = 16 * g + lane;
-            if (ir < Tq && lane < 16 * n && d < HS)
-                out[((size_t)b * Tq + ir) * C + (size_t)h * HS + d] = sw[rr * LDS + lane] * f;
-            if (ir < Tq && lane + 32 < 16 * n && d + 32 < HS)
-                out[((size_t)b * Tq + ir) * C + (size_t)h * HS + d + 32] = sw[rr * LDS + lane + 32] * f;
-        }
-    }
+    // out = O / lt: lane pair (2r, 2r + 1) holds row r's 1 / lt
+    store_rows<ND, true>(out, o, 1.0f / lt, sw, b, h, i0 + warp * 16, Tq, NH, HS, lane);
     if (lse && hf == 0 && i < Tq)
         lse[(size_t)bh * Tq + i] = (float)(0.6931471805599453 * ((double)m + log2((double)l)));
 }
@@ -287,13 +231,13 @@ static int launch(db_ctx *c, float *out, float *lse, const void *q, const void *
                   int Tk, int NH, int HS, int causal, float rescale)
 {
     constexpr int LDH = 16 * ND + 8;
-    const size_t smem = sizeof(T) * 2 * BK * LDH + (sizeof(float) + sizeof(T)) * BQ * LDS;
+    const size_t smem = sizeof(T) * 2 * BT * LDH + (sizeof(float) + sizeof(T)) * BR * LDS;
     void (*kern)(float *, float *, const T *, const T *, const T *, int, int, int, int, int, float, float) =
         attention_tc_kernel<T, ND>;
     if (smem > 48 * 1024) // above the default limit a kernel must opt in
         DB_CU(c, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    const float qscale = (float)(1.0 / sqrt((double)HS) * 1.4426950408889634);
-    dim3 grid((unsigned)((Tq + BQ - 1) / BQ), (unsigned)(B * NH));
+    const float qscale = score_scale_log2(HS);
+    dim3 grid((unsigned)((Tq + BR - 1) / BR), (unsigned)(B * NH));
     kern<<<grid, NWARP * 32, smem, db_cuda_st(c)->stream>>>(out, lse, (const T *)q, (const T *)k, (const T *)v, Tq, Tk,
                                                              NH, HS, causal, qscale, rescale);
     DB_LAUNCHED(c);
@@ -362,28 +306,6 @@ int tc_run(db_ctx *c, void *p)
     const tc_args *a = (const tc_args *)p;
     return attention_tc(c, a->out, a->lse, a->q, a->k, a->v, a->dtype, a->B, a->Tq, a->Tk, a->NH, a->HS, a->causal,
                         a->rescale);
-}
-
-// n floats rounded to the compute type (round to nearest even), as raw 16-bit words
-void *to_device_type(db_ctx *c, const float *x, size_t n, int dtype)
-{
-    std::vector<unsigned short> h(n);
-    for (size_t i = 0; i < n; i++)
-        h[i] = dtype == DB_PREC_BF16 ? ((__nv_bfloat16_raw)__float2bfloat16_rn(x[i])).x
-                                     : ((__half_raw)__float2half_rn(x[i])).x;
-    void *d = db_cuda_alloc(c, n * 2 + 16);
-    if (d && cudaMemcpyAsync(d, h.data(), n * 2, cudaMemcpyHostToDevice, db_cuda_st(c)->stream) != cudaSuccess) {
-        db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "cudaMemcpyAsync: %s", cudaGetErrorString(cudaGetLastError()));
-        db_cuda_free(c, d);
-        return NULL;
-    }
-    if (d && cudaStreamSynchronize(db_cuda_st(c)->stream) != cudaSuccess) { // h dies at return
-        db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "cudaStreamSynchronize: %s",
-                     cudaGetErrorString(cudaGetLastError()));
-        db_cuda_free(c, d);
-        return NULL;
-    }
-    return d;
 }
 
 } // namespace

@@ -74,57 +74,22 @@
 #include <cuda_fp16.h>
 #include <math.h>
 #include <mma.h>
-#include <vector>
 
 #include "kernels/cuda/attention_tc.h"
+#include "kernels/cuda/attention_tc_common.h"
 
 using namespace nvcuda;
+using namespace db_attn_tc;
 
 namespace {
 
-enum {
-    NWARP = 4,       // warps per block
-    BR = 16 * NWARP, // rows a block owns (queries in pass 1, keys in pass 2): 16 per warp
-    BT = 64,         // streamed tile (keys in pass 1, queries in pass 2)
-    LDS = BT + 8,    // row stride of the fp32 strips (floats)
-    LDS16 = 2 * LDS, // the same rows seen as 16-bit elements (P, dS written over them)
-    TC_HS_MAX = 160, // ND = HSP / 16 <= 10
-};
+constexpr int LDS16 = 2 * LDS; // the fp32 strips' rows seen as 16-bit elements (P, dS written over them)
 constexpr float LOG2E = 1.4426950408889634f;
-
-template <typename T> struct tc;
-template <> struct tc<__nv_bfloat16> {
-    static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-    static __device__ __forceinline__ unsigned bits(float x) { return ((__nv_bfloat16_raw)__float2bfloat16_rn(x)).x; }
-};
-template <> struct tc<__half> {
-    static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
-    static __device__ __forceinline__ unsigned bits(float x) { return ((__half_raw)__float2half_rn(x)).x; }
-};
-
-typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> facc;
 
 // shared memory bytes of either pass
 template <typename T> constexpr size_t smem_bytes(int ND)
 {
     return sizeof(T) * 4 * (size_t)BR * (16 * ND + 8) + sizeof(float) * (2 * (size_t)BR * LDS + 2 * BT);
-}
-
-// n rows of a head (16-byte pieces, zero past HS and past `valid` rows) from
-// x (B, T, NH*HS) at row r0 into dst (n, LDH)
-template <typename T>
-__device__ __forceinline__ void load_rows(T *dst, const T *x, int b, int h, int r0, int n, int valid, int T_, int NH,
-                                          int HS, int LDH)
-{
-    const int CH = LDH / 8, HC = HS / 8;
-    const size_t C = (size_t)NH * HS;
-    for (int t = threadIdx.x; t < n * CH; t += blockDim.x) {
-        const int rr = t / CH, cc = t % CH, r = r0 + rr;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (cc < HC && r < valid)
-            val = *(const uint4 *)(x + ((size_t)b * T_ + r) * C + (size_t)h * HS + 8 * cc);
-        *(uint4 *)(dst + rr * LDH + 8 * cc) = val;
-    }
 }
 
 // A (16 x 64, fp32, into the warp's strip sw) = X Y^T: X the warp's 16 rows
@@ -171,56 +136,6 @@ template <typename T, int ND> __device__ __forceinline__ void gemm_nt(float *sw,
             wmma::store_matrix_sync(sw + 16 * n, s, LDS, wmma::mem_row_major);
         }
     }
-}
-
-// acc (16 x HSP) += A Y: A (16 x 64, compute type) over the warp's strip pw
-// (ldm LDS16), Y (64 x HSP) row-major in ys (LDH)
-template <typename T, int ND> __device__ __forceinline__ void gemm_nn(facc (&acc)[ND], const T *pw, const T *ys)
-{
-    constexpr int LDH = 16 * ND + 8;
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[BT / 16];
-#pragma unroll
-    for (int kk = 0; kk < BT / 16; kk++)
-        wmma::load_matrix_sync(a[kk], pw + 16 * kk, LDS16);
-#pragma unroll
-    for (int n = 0; n < ND; n++) {
-#pragma unroll
-        for (int kk = 0; kk < BT / 16; kk++) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
-            wmma::load_matrix_sync(bf, ys + kk * 16 * LDH + 16 * n, LDH);
-            wmma::mma_sync(acc[n], a[kk], bf, acc[n]);
-        }
-    }
-}
-
-// out rows r0 + 16 w .. (row-major (B, Tr, NH*HS), fp32) = f acc, through the
-// warp's strip sw, one row at a time across the warp (coalesced)
-template <int ND>
-__device__ __forceinline__ void store_rows(float *out, const facc (&acc)[ND], float f, float *sw, int b, int h, int r0,
-                                           int Tr, int NH, int HS, int lane)
-{
-    const size_t C = (size_t)NH * HS;
-#pragma unroll
-    for (int g = 0; g < ND; g += 4) {
-        const int n = ND - g < 4 ? ND - g : 4;
-        __syncwarp();
-#pragma unroll
-        for (int t = 0; t < 4; t++)
-            if (t < n)
-                wmma::store_matrix_sync(sw + 16 * t, acc[g + t], LDS, wmma::mem_row_major);
-        __syncwarp();
-        for (int rr = 0; rr < 16; rr++) {
-            const int ir = r0 + rr, d = 16 * g + lane;
-            if (ir >= Tr)
-                break;
-            float *dst = out + ((size_t)b * Tr + ir) * C + (size_t)h * HS;
-            if (lane < 16 * n && d < HS)
-                dst[d] = sw[rr * LDS + lane] * f;
-            if (lane + 32 < 16 * n && d + 32 < HS)
-                dst[d + 32] = sw[rr * LDS + lane + 32] * f;
-        }
-    }
-    __syncwarp();
 }
 
 // D (B, NH, Tq) = dO . O per query and head in fp32: one warp per entry
@@ -296,16 +211,16 @@ __global__ static void __launch_bounds__(NWARP * 32)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const float p = j0 + c0 + e < jlim ? exp2f(sv[e] * qscale - l2) : 0.0f;
-                w[e] = tc<T>::bits(p * (dpv[e] - Di)); // dS / scale
+                w[e] = tc<T>::bits(tc<T>::from(p * (dpv[e] - Di))); // dS / scale
             }
-            u[t] = make_uint2(w[0] | w[1] << 16, w[2] | w[3] << 16);
+            u[t] = pack4(w);
         }
         __syncwarp(); // the row's fp32 dP is read by both lanes before dS overwrites it
 #pragma unroll
         for (int t = 0; t < 8; t++)
             *(uint2 *)(dsrow + 4 * (2 * t + hf)) = u[t];
         __syncwarp();
-        gemm_nn<T, ND>(acc, dsw, Ks); // dQ / scale += (dS / scale) K
+        gemm_nn<T, ND>(acc, dsw, LDS16, Ks); // dQ / scale += (dS / scale) K
     }
     store_rows<ND>(dq, acc, scale, sw, b, h, i0 + warp * 16, Tq, NH, HS, lane);
 }
@@ -374,11 +289,11 @@ __global__ static void __launch_bounds__(NWARP * 32)
                 const int i = q0 + c0 + e;
                 const bool valid = i < Tq && j < Tk && (!causal || j <= i);
                 const float p = valid ? exp2f(sv[e] * qscale - lv[e]) : 0.0f;
-                wp[e] = tc<T>::bits(p);
-                wd[e] = tc<T>::bits(p * (dpv[e] - dv_[e])); // dS / scale
+                wp[e] = tc<T>::bits(tc<T>::from(p));
+                wd[e] = tc<T>::bits(tc<T>::from(p * (dpv[e] - dv_[e]))); // dS / scale
             }
-            up[t] = make_uint2(wp[0] | wp[1] << 16, wp[2] | wp[3] << 16);
-            ud[t] = make_uint2(wd[0] | wd[1] << 16, wd[2] | wd[3] << 16);
+            up[t] = pack4(wp);
+            ud[t] = pack4(wd);
         }
         __syncwarp(); // both lanes of a row have read its fp32 S^T and dP^T
 #pragma unroll
@@ -387,8 +302,8 @@ __global__ static void __launch_bounds__(NWARP * 32)
             *(uint2 *)(dsrow + 4 * (2 * t + hf)) = ud[t];
         }
         __syncwarp();
-        gemm_nn<T, ND>(gv, pw, dOs); // dV += P^T dO
-        gemm_nn<T, ND>(gk, dsw, Qs); // dK / scale += (dS / scale)^T Q
+        gemm_nn<T, ND>(gv, pw, LDS16, dOs); // dV += P^T dO
+        gemm_nn<T, ND>(gk, dsw, LDS16, Qs); // dK / scale += (dS / scale)^T Q
     }
     if (dv)
         store_rows<ND>(dv, gv, 1.0f, sw, b, h, j0 + warp * 16, Tk, NH, HS, lane);
@@ -403,7 +318,7 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
     cudaStream_t st = db_cuda_st(c)->stream;
     const size_t smem = smem_bytes<T>(ND);
     const float scale = (float)(1.0 / sqrt((double)HS)); // as attention_backward.c
-    const float qscale = (float)(1.0 / sqrt((double)HS) * 1.4426950408889634);
+    const float qscale = score_scale_log2(HS);
     if (dq) {
         void (*kern)(float *, const T *, const float *, const float *, const T *, const T *, const T *, int, int, int,
                      int, int, float, float) = attn_tc_dq_kernel<T, ND>;
@@ -493,23 +408,6 @@ int bwd_run(db_ctx *c, void *p)
     const bwd_args *a = (const bwd_args *)p;
     return db_cuda_attention_tc_backward(c, a->dq, a->dk, a->dv, a->dout, a->out, a->lse, a->q, a->k, a->v, a->dtype,
                                          a->B, a->Tq, a->Tk, a->NH, a->HS, a->causal);
-}
-
-// n floats rounded to the compute type (round to nearest even), as raw 16-bit words
-void *to_device_type(db_ctx *c, const float *x, size_t n, int dtype)
-{
-    std::vector<unsigned short> h(n);
-    for (size_t i = 0; i < n; i++)
-        h[i] = dtype == DB_PREC_BF16 ? ((__nv_bfloat16_raw)__float2bfloat16_rn(x[i])).x
-                                     : ((__half_raw)__float2half_rn(x[i])).x;
-    void *d = db_cuda_alloc(c, n * 2 + 16);
-    if (d && (cudaMemcpyAsync(d, h.data(), n * 2, cudaMemcpyHostToDevice, db_cuda_st(c)->stream) != cudaSuccess ||
-              cudaStreamSynchronize(db_cuda_st(c)->stream) != cudaSuccess)) { // h dies at return
-        db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "upload: %s", cudaGetErrorString(cudaGetLastError()));
-        db_cuda_free(c, d);
-        return NULL;
-    }
-    return d;
 }
 
 } // namespace

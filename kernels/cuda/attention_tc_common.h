@@ -1,0 +1,162 @@
+// What the tensor-core attention forward (attention_tc.cu) and backward
+// (attention_tc_backward.cu) share: the block and tile geometry, the bf16 /
+// fp16 traits, staging head rows into shared memory, the P V-shaped WMMA
+// product and the fp32 row store.  One copy, because the backward recomputes
+// the forward's P from its lse: the two must agree on the score scale, and
+// each product sums in one fixed order (bitwise deterministic results).
+// Internal to libdb_cuda.so (C++, compiled by nvcc or, translated, by the
+// CPU emulator of tests/gpu/emu).
+#ifndef DB_CUDA_ATTENTION_TC_COMMON_H
+#define DB_CUDA_ATTENTION_TC_COMMON_H
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <mma.h>
+#include <vector>
+
+#include "kernels/cuda/cuda.h"
+
+namespace db_attn_tc {
+
+using namespace nvcuda;
+
+enum {
+    NWARP = 4,       // warps per block
+    BR = 16 * NWARP, // rows a block owns (forward: queries; backward: queries, then keys): 16 per warp
+    BT = 64,         // streamed tile (forward: keys; backward: keys, then queries)
+    LDS = BT + 8,    // row stride of the fp32 strips (floats) and of the forward's Ps (elements)
+    TC_HS_MAX = 160, // ND = HSP / 16 <= 10
+};
+
+// log2(e) / sqrt(HS), computed in double and rounded once to fp32: the scale
+// that takes q . k to log2 units (the softmax runs on exp2f); the backward
+// recomputes the forward's P with it, so both must use this one
+inline float score_scale_log2(int HS)
+{
+    return (float)(1.0 / sqrt((double)HS) * 1.4426950408889634);
+}
+
+// the compute type T (bf16 or fp16): fp32 -> T rounded to nearest even,
+// T -> fp32 (exact), and T's 16 bits (to pack rounded values, pack4)
+template <typename T> struct tc;
+template <> struct tc<__nv_bfloat16> {
+    static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+    static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
+    static __device__ __forceinline__ unsigned bits(__nv_bfloat16 x) { return ((__nv_bfloat16_raw)x).x; }
+};
+template <> struct tc<__half> {
+    static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
+    static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
+    static __device__ __forceinline__ unsigned bits(__half x) { return ((__half_raw)x).x; }
+};
+
+// four consecutive compute-type elements (their bits, as tc<T>::bits) as
+// one 8-byte store: a lane writes its column quad of a rounded row at once
+__device__ __forceinline__ uint2 pack4(const unsigned (&u)[4])
+{
+    return make_uint2(u[0] | u[1] << 16, u[2] | u[3] << 16);
+}
+
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> facc;
+
+// n rows of a head (16-byte pieces, zero past HS and past `valid` rows) from
+// x (B, T, NH*HS) at row r0 into dst (n, LDH)
+template <typename T>
+__device__ __forceinline__ void load_rows(T *dst, const T *x, int b, int h, int r0, int n, int valid, int T_, int NH,
+                                          int HS, int LDH)
+{
+    const int CH = LDH / 8, HC = HS / 8;
+    const size_t C = (size_t)NH * HS;
+    for (int t = threadIdx.x; t < n * CH; t += blockDim.x) {
+        const int rr = t / CH, cc = t % CH, r = r0 + rr;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (cc < HC && r < valid)
+            val = *(const uint4 *)(x + ((size_t)b * T_ + r) * C + (size_t)h * HS + 8 * cc);
+        *(uint4 *)(dst + rr * LDH + 8 * cc) = val;
+    }
+}
+
+// acc (16 x HSP) += A Y: A (16 x 64, compute type) the warp's rows at aw
+// (ldm lda), Y (64 x HSP) row-major in ys (LDH); each output fragment sums
+// its four 16-key slices in key order
+template <typename T, int ND>
+__device__ __forceinline__ void gemm_nn(facc (&acc)[ND], const T *aw, int lda, const T *ys)
+{
+    constexpr int LDH = 16 * ND + 8;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[BT / 16];
+#pragma unroll
+    for (int kk = 0; kk < BT / 16; kk++)
+        wmma::load_matrix_sync(a[kk], aw + 16 * kk, lda);
+#pragma unroll
+    for (int n = 0; n < ND; n++) {
+#pragma unroll
+        for (int kk = 0; kk < BT / 16; kk++) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+            wmma::load_matrix_sync(bf, ys + kk * 16 * LDH + 16 * n, LDH);
+            wmma::mma_sync(acc[n], a[kk], bf, acc[n]);
+        }
+    }
+}
+
+// out rows r0 .. r0 + 15 (row-major (B, Tr, NH*HS), fp32) = f acc, through
+// the warp's strip sw, one row at a time across the warp (coalesced).  f is
+// the same in every lane, or PER_ROW: row rr is scaled by lane 2 rr's f (the
+// lane pair that owns the row in the row-wise work).  Not PER_ROW, f stays a
+// compile-time constant where the caller's is (1.0f: no multiply at all).
+template <int ND, bool PER_ROW = false>
+__device__ __forceinline__ void store_rows(float *out, const facc (&acc)[ND], float f, float *sw, int b, int h, int r0,
+                                           int Tr, int NH, int HS, int lane)
+{
+    const size_t C = (size_t)NH * HS;
+#pragma unroll
+    for (int g = 0; g < ND; g += 4) {
+        const int n = ND - g < 4 ? ND - g : 4;
+        __syncwarp();
+#pragma unroll
+        for (int t = 0; t < 4; t++)
+            if (t < n)
+                wmma::store_matrix_sync(sw + 16 * t, acc[g + t], LDS, wmma::mem_row_major);
+        __syncwarp();
+        for (int rr = 0; rr < 16; rr++) {
+            const int ir = r0 + rr, d = 16 * g + lane;
+            if (ir >= Tr) // the same rr in every lane: the whole warp leaves
+                break;
+            const float fr = PER_ROW ? __shfl_sync(0xffffffffu, f, 2 * rr) : f;
+            float *dst = out + ((size_t)b * Tr + ir) * C + (size_t)h * HS;
+            if (lane < 16 * n && d < HS)
+                dst[d] = sw[rr * LDS + lane] * fr;
+            if (lane + 32 < 16 * n && d + 32 < HS)
+                dst[d + 32] = sw[rr * LDS + lane + 32] * fr;
+        }
+    }
+    __syncwarp();
+}
+
+// For the test hooks: n floats rounded to the compute type (round to
+// nearest even) and uploaded as raw 16-bit words; waits for the copy, since
+// the host staging buffer dies at return
+inline void *to_device_type(db_ctx *c, const float *x, size_t n, int dtype)
+{
+    std::vector<unsigned short> h(n);
+    for (size_t i = 0; i < n; i++)
+        h[i] = dtype == DB_PREC_BF16 ? ((__nv_bfloat16_raw)__float2bfloat16_rn(x[i])).x
+                                     : ((__half_raw)__float2half_rn(x[i])).x;
+    void *d = db_cuda_alloc(c, n * 2 + 16);
+    if (d && cudaMemcpyAsync(d, h.data(), n * 2, cudaMemcpyHostToDevice, db_cuda_st(c)->stream) != cudaSuccess) {
+        db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "cudaMemcpyAsync: %s", cudaGetErrorString(cudaGetLastError()));
+        db_cuda_free(c, d);
+        return NULL;
+    }
+    if (d && cudaStreamSynchronize(db_cuda_st(c)->stream) != cudaSuccess) {
+        db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "cudaStreamSynchronize: %s",
+                     cudaGetErrorString(cudaGetLastError()));
+        db_cuda_free(c, d);
+        return NULL;
+    }
+    return d;
+}
+
+} // namespace db_attn_tc
+
+#endif
