@@ -66,6 +66,22 @@ done_testing() {
 
 PY=/usr/bin/python3
 
+# interrupt PATTERN ERRFILE COMMAND...: run COMMAND in the background with
+# stderr to ERRFILE, send SIGINT once ERRFILE matches PATTERN (grep; 30 s at
+# most), wait; sets st to its exit status and at to the step it says it
+# stopped after (db-train's "stopped by signal 2 after step N"; empty if none)
+interrupt() {
+    local pat=$1 errf=$2 pid
+    shift 2
+    "$@" 2>"$errf" &
+    pid=$!
+    for _ in $(seq 1500); do grep -q "$pat" "$errf" 2>/dev/null && break; sleep 0.02; done
+    kill -INT $pid
+    wait $pid
+    st=$?
+    at=$(sed -n 's/.*stopped by signal 2 after step \([0-9]*\).*/\1/p' "$errf")
+}
+
 # train_fixtures: the tiny model (seed 42) in $T/tiny, the dog photos through
 # db-prep as $T/instance.dbt (16x16 latents) and 4 db-prior class samples as
 # $T/class.dbt; sets M, I and C.  Bails out of the test when one fails.

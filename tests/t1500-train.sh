@@ -110,14 +110,8 @@ st=$?
 check "a start removes a temporary before its first checkpoint" "[ $early = yes ] && [ $st = 0 ] && [ -d '$T/A/ckpt-000017' ]"
 
 # --- 4. SIGINT -------------------------------------------------------------------
-db-train --model "$M" --instance "$I" --class "$C" --lr 1e-4 --seed 3 --threads 2 --steps 6 --save-every 0 \
-    -o "$T/S" 2>"$T/sigint.err" &
-pid=$!
-for _ in $(seq 1500); do grep -q "step 2/6" "$T/sigint.err" 2>/dev/null && break; sleep 0.02; done
-kill -INT $pid
-wait $pid
-st=$?
-at=$(sed -n 's/.*stopped by signal 2 after step \([0-9]*\).*/\1/p' "$T/sigint.err")
+interrupt "step 2/6" "$T/sigint.err" db-train --model "$M" --instance "$I" --class "$C" --lr 1e-4 --seed 3 \
+    --threads 2 --steps 6 --save-every 0 -o "$T/S"
 check "SIGINT: exit 130" "[ $st = 130 ]"
 check "a checkpoint at the step it stopped at (${at:-?}), before the end" \
     "[ -n '$at' ] && [ '$at' -lt 6 ] && [ \"\$(ckpts '$T/S')\" = \"ckpt-\$(printf %06d '$at') \" ]"

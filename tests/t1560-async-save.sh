@@ -33,14 +33,8 @@ check "only the newest is kept" "[ \"\$(ckpts '$T/K')\" = 'ckpt-000006 ' ]"
 check "no temporary left" "! ls -a '$T/K' | grep -q tmp"
 
 # --- 2. signals ------------------------------------------------------------------------
-db-train --model "$M" --instance "$I" --class "$C" --lr 1e-4 --seed 3 --threads 2 --train-text-encoder --steps 40 \
-    --save-every 0 --async-save on -o "$T/I" 2>"$T/sigint.err" &
-pid=$!
-for _ in $(seq 1500); do grep -q "step 2/40" "$T/sigint.err" 2>/dev/null && break; sleep 0.02; done
-kill -INT $pid
-wait $pid
-st=$?
-at=$(sed -n 's/.*stopped by signal 2 after step \([0-9]*\).*/\1/p' "$T/sigint.err")
+interrupt "step 2/40" "$T/sigint.err" db-train --model "$M" --instance "$I" --class "$C" --lr 1e-4 --seed 3 \
+    --threads 2 --train-text-encoder --steps 40 --save-every 0 --async-save on -o "$T/I"
 check "SIGINT: exit 130" "[ $st = 130 ]"
 [ "$st" = 130 ] || sed 's/^/# /' "$T/sigint.err" | grep -v "step [0-9]*/40" | tail -5
 check "the signal's checkpoint (step ${at:-?}) is complete" \
