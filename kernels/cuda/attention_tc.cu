@@ -80,12 +80,7 @@ template <int ND> __device__ __forceinline__ void scale_rows(facc (&o)[ND], floa
 #pragma unroll
     for (int g = 0; g < ND; g += 4) {
         const int n = ND - g < 4 ? ND - g : 4;
-        __syncwarp();
-#pragma unroll
-        for (int t = 0; t < 4; t++)
-            if (t < n)
-                wmma::store_matrix_sync(sw + 16 * t, o[g + t], LDS, wmma::mem_row_major);
-        __syncwarp();
+        stage4(sw, o, g, n);
         for (int cc = hf; cc < 16 * n; cc += 2)
             sw[r * LDS + cc] *= f;
         __syncwarp();

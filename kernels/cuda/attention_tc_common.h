@@ -104,6 +104,18 @@ __device__ __forceinline__ void gemm_nn(facc (&acc)[ND], const T *aw, int lda, c
 // the same in every lane, or PER_ROW: row rr is scaled by lane 2 rr's f (the
 // lane pair that owns the row in the row-wise work).  Not PER_ROW, f stays a
 // compile-time constant where the caller's is (1.0f: no multiply at all).
+// Fragments acc[g, g + n) (n <= 4) into the warp's strip sw (16 x 64
+// floats, row stride LDS), between warp barriers (the strip is reused).
+template <int ND> __device__ __forceinline__ void stage4(float *sw, const facc (&acc)[ND], int g, int n)
+{
+    __syncwarp();
+#pragma unroll
+    for (int t = 0; t < 4; t++)
+        if (t < n)
+            wmma::store_matrix_sync(sw + 16 * t, acc[g + t], LDS, wmma::mem_row_major);
+    __syncwarp();
+}
+
 template <int ND, bool PER_ROW = false>
 __device__ __forceinline__ void store_rows(float *out, const facc (&acc)[ND], float f, float *sw, int b, int h, int r0,
                                            int Tr, int NH, int HS, int lane)
@@ -112,12 +124,7 @@ __device__ __forceinline__ void store_rows(float *out, const facc (&acc)[ND], fl
 #pragma unroll
     for (int g = 0; g < ND; g += 4) {
         const int n = ND - g < 4 ? ND - g : 4;
-        __syncwarp();
-#pragma unroll
-        for (int t = 0; t < 4; t++)
-            if (t < n)
-                wmma::store_matrix_sync(sw + 16 * t, acc[g + t], LDS, wmma::mem_row_major);
-        __syncwarp();
+        stage4(sw, acc, g, n);
         for (int rr = 0; rr < 16; rr++) {
             const int ir = r0 + rr, d = 16 * g + lane;
             if (ir >= Tr) // the same rr in every lane: the whole warp leaves

@@ -212,6 +212,18 @@ int tap_learn_batch(db_trainer *tr, const tap_learn *f, int rows, uint64_t seed,
     return eval ? db_trainer_eval(tr, &b, s, err) : db_trainer_accumulate(tr, &b, s, err);
 }
 
+int tap_train_ref_step(db_trainer *t, const tap_train_ref *in, int k, db_train_stats *s, db_err *err)
+{
+    float *lat = malloc((size_t)in->B * in->C * in->H * in->W * sizeof *lat);
+    if (!lat)
+        return db_err_set(err, DB_ENOMEM, "out of memory");
+    const db_train_batch b = tap_train_ref_batch(in, k, lat);
+    int rc = db_trainer_accumulate(t, &b, NULL, err);
+    rc = rc ? rc : db_trainer_apply(t, s, err);
+    free(lat);
+    return rc;
+}
+
 void *tap_cuda_open(char *path, size_t n)
 {
     const char *b = getenv("B"), *top = getenv("TOP");

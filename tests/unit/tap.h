@@ -61,6 +61,8 @@ void tap_train_fix_close(tap_train_fix *f);
  * latents (posterior draw k x SD1's scaling factor 0.18215) written to lat
  * (B*C*H*W floats, the caller's), one instance row, 77 tokens. */
 db_train_batch tap_train_ref_batch(const tap_train_ref *in, int k, float *lat);
+/* One optimizer step of t on reference batch k: accumulate, apply (s: its stats). */
+int tap_train_ref_step(db_trainer *t, const tap_train_ref *in, int k, db_train_stats *s, db_err *err);
 
 /* A synthetic DreamBooth problem on the tiny model (test_train_learn.c,
  * test_adamw8bit.c): 4 x 16 x 16 latents; the "subject", a smooth field

@@ -40,16 +40,6 @@
 #define FORCE_SCALE 1048576.0
 #define AMP_STEPS 6
 
-/* One step on reference batch k % NREF. */
-static int step(db_trainer *t, const tap_train_ref *in, int k, db_train_stats *s, db_err *err)
-{
-    float *lat = malloc((size_t)in->B * in->C * in->H * in->W * sizeof *lat);
-    const db_train_batch b = tap_train_ref_batch(in, k, lat);
-    int rc = db_trainer_accumulate(t, &b, NULL, err);
-    rc = rc ? rc : db_trainer_apply(t, s, err);
-    free(lat);
-    return rc;
-}
 
 static int same(const db_weights *a, const db_weights *b)
 {
@@ -74,7 +64,7 @@ static int run_prec(db_ctx *ctx, const db_model *m, const tap_train_ref *in, db_
     db_trainer *t = NULL;
     int rc = db_trainer_create(&t, ctx, m, &o, err);
     for (int k = 0; rc == 0 && k < NREF; k++)
-        rc = step(t, in, k, &s[k], err);
+        rc = tap_train_ref_step(t, in, k, &s[k], err);
     db_trainer_free(t);
     db_ctx_set_precision(ctx, DB_PREC_F32);
     return rc;
@@ -151,7 +141,7 @@ static void test_skip(db_ctx *ctx, const db_model *m, const tap_train_ref *in)
         memcpy(px.data, st.text->data, px.numel * sizeof(float));
         memcpy(pm.data, st.unet_m->data, pm.numel * sizeof(float));
         db_train_stats s;
-        if ((rc = step(t, in, k, &s, &err)))
+        if ((rc = tap_train_ref_step(t, in, k, &s, &err)))
             break;
         db_trainer_state(t, &st);
         tap_diag("step %d: %s, scale %g, grad norm %g, loss %.6f", k + 1, s.skipped ? "skipped" : "applied",

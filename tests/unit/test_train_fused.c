@@ -36,15 +36,6 @@
 
 #define NREF TAP_TRAIN_REF_STEPS
 
-static int step(db_trainer *t, const tap_train_ref *in, int k, db_train_stats *s, db_err *err)
-{
-    float *lat = malloc((size_t)in->B * in->C * in->H * in->W * sizeof *lat);
-    const db_train_batch b = tap_train_ref_batch(in, k, lat);
-    int rc = db_trainer_accumulate(t, &b, NULL, err);
-    rc = rc ? rc : db_trainer_apply(t, s, err);
-    free(lat);
-    return rc;
-}
 
 static int same(const db_weights *a, const db_weights *b)
 {
@@ -238,8 +229,8 @@ static void test_equal(db_ctx *ctx, const db_model *m, const tap_train_ref *in, 
     int losses = 1, ident = 1;
     double worst = 0;
     for (int k = 0; rc == 0 && k < NREF; k++) {
-        rc = step(tp, in, k, &sp[k], &err);
-        rc = rc ? rc : step(tf, in, k, &sf[k], &err);
+        rc = tap_train_ref_step(tp, in, k, &sp[k], &err);
+        rc = rc ? rc : tap_train_ref_step(tf, in, k, &sf[k], &err);
         if (rc)
             break;
         losses &= sp[k].loss == sf[k].loss && sp[k].lr == sf[k].lr && sp[k].lr_text == sf[k].lr_text;
@@ -314,7 +305,7 @@ static void test_per_tensor(db_ctx *ctx, const db_model *m, const tap_train_ref 
         rc = db_trainer_create(&t[i], ctx, m, &o[i], &err);
     db_train_stats s;
     for (int i = 0; i < 4 && rc == 0; i++)
-        rc = step(t[i], in, 0, &s, &err);
+        rc = tap_train_ref_step(t[i], in, 0, &s, &err);
     db_train_state a, b, c, d;
     if (rc == 0) {
         db_trainer_state(t[0], &a), db_trainer_state(t[1], &b), db_trainer_state(t[2], &c);
@@ -373,8 +364,8 @@ static void test_world(db_ctx *ctx, const db_model *m, const tap_train_ref *in)
     int rc = db_trainer_create(&tp, ctx, m, &op, &err);
     rc = rc ? rc : db_trainer_create(&tf, ctx, m, &of, &err);
     db_train_stats sp, sf;
-    rc = rc ? rc : step(tp, in, 0, &sp, &err);
-    rc = rc ? rc : step(tf, in, 0, &sf, &err);
+    rc = rc ? rc : tap_train_ref_step(tp, in, 0, &sp, &err);
+    rc = rc ? rc : tap_train_ref_step(tf, in, 0, &sf, &err);
     tap_ok(rc == 0 && same_state(tp, tf) && sp.loss == sf.loss,
            "two processes: fused = plain, bit for bit (loss %.8f)%s%s", sf.loss, rc ? ": " : "", rc ? err.msg : "");
     tap_ok(rc == 0 && wp.calls_f32 == 2 && wf.calls_f32 > 10,
