@@ -113,6 +113,23 @@ static bool math_ok(const db_cuda_conv_plan *p, cudnnMathType_t m)
     return m != CUDNN_TENSOR_OP_MATH && m != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION;
 }
 
+// Appends to a plan's candidates of one kind (algos, *n of them so far) the
+// entries of a cuDNN perf list that pass the filters at the top of the file,
+// in the list's order, then the kind's fallback, while there is room.  One
+// template for the three kinds, whose perf structs and algorithm enums differ
+// only in type, so the rules are written once.
+template <typename Perf, typename Algo>
+static void keep_candidates(const db_cuda_conv_plan *p, const Perf *perf, int got, bool (*allowed)(Algo),
+                            Algo fallback, Algo *algos, int *n)
+{
+    for (int i = 0; i < got && *n < NCAND; i++)
+        if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].determinism == CUDNN_DETERMINISTIC &&
+            math_ok(p, perf[i].mathType) && perf[i].memory <= WS_CAP && allowed(perf[i].algo))
+            algos[(*n)++] = perf[i].algo;
+    if (*n < NCAND)
+        algos[(*n)++] = fallback;
+}
+
 static int plan_init(db_ctx *c, db_cuda_conv_plan *p)
 {
     db_cuda_state *st = db_cuda_st(c);
@@ -148,13 +165,8 @@ static int plan_init(db_ctx *c, db_cuda_conv_plan *p)
     cudnnConvolutionFwdAlgoPerf_t perf[16];
     int got = 0;
     DB_CUDNN(c, cudnnGetConvolutionForwardAlgorithm_v7(st->dnn, p->x, p->w, p->conv, p->y, 16, &got, perf));
-    for (int i = 0; i < got && p->nfwd < NCAND; i++)
-        if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].determinism == CUDNN_DETERMINISTIC &&
-            math_ok(p, perf[i].mathType) &&
-            perf[i].memory <= WS_CAP && fwd_ok(perf[i].algo))
-            p->fwd[p->nfwd++] = perf[i].algo;
-    if (p->nfwd < NCAND) // always deterministic, no workspace
-        p->fwd[p->nfwd++] = CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
+    // the fallback: always deterministic, no workspace
+    keep_candidates(p, perf, got, fwd_ok, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, p->fwd, &p->nfwd);
     return 0;
 }
 
@@ -165,22 +177,11 @@ static int plan_init_backward(db_ctx *c, db_cuda_conv_plan *p)
     cudnnConvolutionBwdFilterAlgoPerf_t pf[16];
     int got = 0;
     DB_CUDNN(c, cudnnGetConvolutionBackwardDataAlgorithm_v7(st->dnn, p->w, p->y, p->conv, p->x, 16, &got, pd));
-    for (int i = 0; i < got && p->nbd < NCAND; i++)
-        if (pd[i].status == CUDNN_STATUS_SUCCESS && pd[i].determinism == CUDNN_DETERMINISTIC &&
-            math_ok(p, pd[i].mathType) &&
-            pd[i].memory <= WS_CAP && bd_ok(pd[i].algo))
-            p->bd[p->nbd++] = pd[i].algo;
-    if (p->nbd < NCAND) // deterministic by cuDNN's documentation
-        p->bd[p->nbd++] = CUDNN_CONVOLUTION_BWD_DATA_ALGO_1;
+    // the fallback: deterministic by cuDNN's documentation
+    keep_candidates(p, pd, got, bd_ok, CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, p->bd, &p->nbd);
     got = 0;
     DB_CUDNN(c, cudnnGetConvolutionBackwardFilterAlgorithm_v7(st->dnn, p->x, p->y, p->conv, p->w, 16, &got, pf));
-    for (int i = 0; i < got && p->nbf < NCAND; i++)
-        if (pf[i].status == CUDNN_STATUS_SUCCESS && pf[i].determinism == CUDNN_DETERMINISTIC &&
-            math_ok(p, pf[i].mathType) &&
-            pf[i].memory <= WS_CAP && bf_ok(pf[i].algo))
-            p->bf[p->nbf++] = pf[i].algo;
-    if (p->nbf < NCAND)
-        p->bf[p->nbf++] = CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1;
+    keep_candidates(p, pf, got, bf_ok, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, p->bf, &p->nbf);
     p->have_bwd = 1;
     return 0;
 }
