@@ -4,8 +4,8 @@
 // Plans.  Descriptors and the chosen algorithms are built once per shape and
 // kept in a list in the ctx state (a UNet has a few dozen conv shapes), so a
 // call only queries nothing and launches.  Algorithms come from cuDNN's
-// heuristics (the _v7 queries, no trial runs), taking the first candidate
-// that:
+// heuristics (the _v7 queries, no trial runs; DB_CUDNN_FIND below for the
+// other way), taking the first candidate that:
 //   - uses FMA math: the descriptors are set to CUDNN_FMA_MATH, because
 //     cuDNN's default math lets fp32 convolutions run on TF32 tensor cores
 //     (about 1e-3 relative error, far outside the 1e-5 parity with the CPU);
@@ -18,6 +18,22 @@
 //     test has measured them on the H100 (a one-line change here).
 // A candidate the call then rejects (CUDNN_STATUS_NOT_SUPPORTED) is skipped
 // for the next one, and the one that ran is remembered.
+//
+// DB_CUDNN_FIND=1 (environment, read when a plan is built; opt-in): the
+// candidate lists come from cuDNN's trial runs instead (the Find*Ex calls,
+// which time each algorithm on the real operands), fastest first, through
+// the same filters.  Each kind is searched at its first call, the one that
+// has operands in hand, and its list is kept in the plan like the
+// heuristics' (a search per shape and kind, per process).  Find writes its
+// output, so it gets scratch, never the caller's buffer (the forward's may
+// hold the bias for beta 1, the filter gradient is accumulated into), and a
+// workspace of up to WS_CAP from the allocator (less when memory is short;
+// it counts in the allocator's peak).  When it cannot run, the
+// heuristics' list is used: an op never fails for it.  Off by default until
+// a GPU run shows it pays: the first call of each shape costs the search,
+// and the heuristics may already pick the fastest algorithm.  To measure,
+// run the GPU benchmarks with and without it (tests/gpu/run.sh runs
+// bench_cuda_ops both ways into bench_ops.md).
 //
 // Padding.  cuDNN pads symmetrically; the VAE downsampler's (0, 1) padding
 // (pad0 != pad1) is done by copying the input into a zero-padded buffer
@@ -53,6 +69,7 @@ struct db_cuda_conv_plan {
     cudnnFilterDescriptor_t w;    // (OC, C, KH, KW)
     cudnnConvolutionDescriptor_t conv;
     int nfwd, nbd, nbf, have_bwd; // candidates, best first
+    int find; // DB_CUDNN_FIND=1 at the plan's build: lists searched at each kind's first call
     // 16-bit plans: per kind (forward, backward data, backward filter), 1 once
     // cuDNN supported none of the candidates in the compute type; the op then
     // runs the fp32 plan on rounded inputs and rounds its output (same contract)
@@ -113,9 +130,110 @@ static bool math_ok(const db_cuda_conv_plan *p, cudnnMathType_t m)
     return m != CUDNN_TENSOR_OP_MATH && m != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION;
 }
 
-static int plan_init(db_ctx *c, db_cuda_conv_plan *p)
+// Appends to a plan's candidates of one kind (algos, *n of them so far) the
+// entries of a cuDNN perf list that pass the filters at the top of the file,
+// in the list's order, then the kind's fallback, while there is room.  One
+// template for the three kinds, whose perf structs and algorithm enums differ
+// only in type, so the rules are written once.
+template <typename Perf, typename Algo>
+static void keep_candidates(const db_cuda_conv_plan *p, const Perf *perf, int got, bool (*allowed)(Algo),
+                            Algo fallback, Algo *algos, int *n)
+{
+    for (int i = 0; i < got && *n < NCAND; i++)
+        if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].determinism == CUDNN_DETERMINISTIC &&
+            math_ok(p, perf[i].mathType) && perf[i].memory <= WS_CAP && allowed(perf[i].algo))
+            algos[(*n)++] = perf[i].algo;
+    if (*n < NCAND)
+        algos[(*n)++] = fallback;
+}
+
+// One kind's candidates from cuDNN's heuristics (the _v7 queries, no trial
+// runs).  kind 0 forward, 1 backward data, 2 backward filter.
+static int heuristic_candidates(db_ctx *c, db_cuda_conv_plan *p, int kind)
 {
     db_cuda_state *st = db_cuda_st(c);
+    int got = 0;
+    if (kind == 0) {
+        cudnnConvolutionFwdAlgoPerf_t perf[16];
+        DB_CUDNN(c, cudnnGetConvolutionForwardAlgorithm_v7(st->dnn, p->x, p->w, p->conv, p->y, 16, &got, perf));
+        // the fallback: always deterministic, no workspace
+        keep_candidates(p, perf, got, fwd_ok, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, p->fwd, &p->nfwd);
+    } else if (kind == 1) {
+        cudnnConvolutionBwdDataAlgoPerf_t perf[16];
+        DB_CUDNN(c, cudnnGetConvolutionBackwardDataAlgorithm_v7(st->dnn, p->w, p->y, p->conv, p->x, 16, &got, perf));
+        // the fallback: deterministic by cuDNN's documentation
+        keep_candidates(p, perf, got, bd_ok, CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, p->bd, &p->nbd);
+    } else {
+        cudnnConvolutionBwdFilterAlgoPerf_t perf[16];
+        DB_CUDNN(c, cudnnGetConvolutionBackwardFilterAlgorithm_v7(st->dnn, p->x, p->y, p->conv, p->w, 16, &got, perf));
+        keep_candidates(p, perf, got, bf_ok, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, p->bf, &p->nbf);
+    }
+    return 0;
+}
+
+// db_cuda_alloc for a buffer the caller can do without: NULL when the device
+// is out of memory, with no error left behind (neither c->err nor CUDA's
+// last error, which the next launch check would otherwise report).
+static void *optional_alloc(db_ctx *c, size_t bytes)
+{
+    void *p = db_cuda_alloc(c, bytes);
+    if (!p && c->err.code == DB_ENOMEM) {
+        c->err.code = 0;
+        c->err.msg[0] = 0;
+        cudaGetLastError();
+    }
+    return p;
+}
+
+// DB_CUDNN_FIND=1: one kind's candidates from cuDNN's trial runs (the
+// Find*Ex calls time every algorithm on x, w, y, which they only read),
+// fastest first, through the same filters and fallback as the heuristics'.
+// The trial runs write their output, so they get scratch, never the
+// caller's buffer: the forward's may hold the bias for beta 1, and the
+// filter gradient is accumulated into.  Their workspace is WS_CAP, halved
+// down to WS_CAP / 32 while the allocator has not that much.  Without the
+// scratch, or when Find fails, the heuristics' list is taken instead: the
+// search may change an op's speed, never whether it runs.
+static int find_candidates(db_ctx *c, db_cuda_conv_plan *p, int kind, const void *x, const void *w, const void *y)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    const size_t nout = kind == 0   ? (size_t)p->key[0] * p->key[4] * p->OH * p->OW
+                        : kind == 1 ? (size_t)p->key[0] * p->key[1] * p->Hp * p->Wp
+                                    : (size_t)p->key[4] * p->key[1] * p->key[5] * p->key[6];
+    void *out = optional_alloc(c, nout * (p->key[10] ? 2 : 4)), *work = NULL;
+    size_t ws = WS_CAP;
+    while (out && !(work = optional_alloc(c, ws)) && ws > WS_CAP / 32)
+        ws /= 2;
+    cudnnStatus_t s = CUDNN_STATUS_ALLOC_FAILED;
+    int got = 0;
+    if (work && kind == 0) {
+        cudnnConvolutionFwdAlgoPerf_t perf[16];
+        s = cudnnFindConvolutionForwardAlgorithmEx(st->dnn, p->x, x, p->w, w, p->conv, p->y, out, 16, &got, perf,
+                                                   work, ws);
+        if (s == CUDNN_STATUS_SUCCESS)
+            keep_candidates(p, perf, got, fwd_ok, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, p->fwd, &p->nfwd);
+    } else if (work && kind == 1) {
+        cudnnConvolutionBwdDataAlgoPerf_t perf[16];
+        s = cudnnFindConvolutionBackwardDataAlgorithmEx(st->dnn, p->w, w, p->y, y, p->conv, p->x, out, 16, &got,
+                                                        perf, work, ws);
+        if (s == CUDNN_STATUS_SUCCESS)
+            keep_candidates(p, perf, got, bd_ok, CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, p->bd, &p->nbd);
+    } else if (work) {
+        cudnnConvolutionBwdFilterAlgoPerf_t perf[16];
+        s = cudnnFindConvolutionBackwardFilterAlgorithmEx(st->dnn, p->x, x, p->y, y, p->conv, p->w, out, 16, &got,
+                                                          perf, work, ws);
+        if (s == CUDNN_STATUS_SUCCESS)
+            keep_candidates(p, perf, got, bf_ok, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, p->bf, &p->nbf);
+    }
+    db_cuda_free(c, work); // stream order keeps them alive for the trial runs
+    db_cuda_free(c, out);
+    if (c->err.code != 0) // not a shortage (optional_alloc cleared those): the op fails
+        return -1;
+    return s == CUDNN_STATUS_SUCCESS ? 0 : heuristic_candidates(c, p, kind);
+}
+
+static int plan_init(db_ctx *c, db_cuda_conv_plan *p)
+{
     const int B = p->key[0], C = p->key[1], H = p->key[2], W = p->key[3], OC = p->key[4], KH = p->key[5],
               KW = p->key[6], stride = p->key[7], pad0 = p->key[8], pad1 = p->key[9];
     const cudnnDataType_t dt = p->key[10] == DB_PREC_F16    ? CUDNN_DATA_HALF
@@ -144,43 +262,18 @@ static int plan_init(db_ctx *c, db_cuda_conv_plan *p)
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "conv2d: cuDNN output %dx%dx%dx%d, expected %dx%dx%dx%d",
                             n, oc, oh, ow, B, OC, p->OH, p->OW);
     DB_CUDNN(c, cudnnSetTensor4dDescriptor(p->y, CUDNN_TENSOR_NCHW, dt, B, OC, p->OH, p->OW));
-
-    cudnnConvolutionFwdAlgoPerf_t perf[16];
-    int got = 0;
-    DB_CUDNN(c, cudnnGetConvolutionForwardAlgorithm_v7(st->dnn, p->x, p->w, p->conv, p->y, 16, &got, perf));
-    for (int i = 0; i < got && p->nfwd < NCAND; i++)
-        if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].determinism == CUDNN_DETERMINISTIC &&
-            math_ok(p, perf[i].mathType) &&
-            perf[i].memory <= WS_CAP && fwd_ok(perf[i].algo))
-            p->fwd[p->nfwd++] = perf[i].algo;
-    if (p->nfwd < NCAND) // always deterministic, no workspace
-        p->fwd[p->nfwd++] = CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
-    return 0;
+    // read once here, so a plan keeps one way of choosing for its lifetime;
+    // with the search on, the lists stay empty until each kind's first call
+    // (run_conv), which has the operands the trial runs need
+    const char *find = getenv("DB_CUDNN_FIND");
+    p->find = find && strcmp(find, "1") == 0;
+    return p->find ? 0 : heuristic_candidates(c, p, 0);
 }
 
 static int plan_init_backward(db_ctx *c, db_cuda_conv_plan *p)
 {
-    db_cuda_state *st = db_cuda_st(c);
-    cudnnConvolutionBwdDataAlgoPerf_t pd[16];
-    cudnnConvolutionBwdFilterAlgoPerf_t pf[16];
-    int got = 0;
-    DB_CUDNN(c, cudnnGetConvolutionBackwardDataAlgorithm_v7(st->dnn, p->w, p->y, p->conv, p->x, 16, &got, pd));
-    for (int i = 0; i < got && p->nbd < NCAND; i++)
-        if (pd[i].status == CUDNN_STATUS_SUCCESS && pd[i].determinism == CUDNN_DETERMINISTIC &&
-            math_ok(p, pd[i].mathType) &&
-            pd[i].memory <= WS_CAP && bd_ok(pd[i].algo))
-            p->bd[p->nbd++] = pd[i].algo;
-    if (p->nbd < NCAND) // deterministic by cuDNN's documentation
-        p->bd[p->nbd++] = CUDNN_CONVOLUTION_BWD_DATA_ALGO_1;
-    got = 0;
-    DB_CUDNN(c, cudnnGetConvolutionBackwardFilterAlgorithm_v7(st->dnn, p->x, p->y, p->conv, p->w, 16, &got, pf));
-    for (int i = 0; i < got && p->nbf < NCAND; i++)
-        if (pf[i].status == CUDNN_STATUS_SUCCESS && pf[i].determinism == CUDNN_DETERMINISTIC &&
-            math_ok(p, pf[i].mathType) &&
-            pf[i].memory <= WS_CAP && bf_ok(pf[i].algo))
-            p->bf[p->nbf++] = pf[i].algo;
-    if (p->nbf < NCAND)
-        p->bf[p->nbf++] = CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1;
+    if (!p->find && (heuristic_candidates(c, p, 1) != 0 || heuristic_candidates(c, p, 2) != 0))
+        return -1;
     p->have_bwd = 1;
     return 0;
 }
@@ -287,7 +380,10 @@ static int run_conv(db_ctx *c, db_cuda_conv_plan *p, int kind, const void *x, co
 {
     db_cuda_state *st = db_cuda_st(c);
     const float alpha = 1.0f;
-    const int ncand = kind == 0 ? p->nfwd : kind == 1 ? p->nbd : p->nbf;
+    int *nk = kind == 0 ? &p->nfwd : kind == 1 ? &p->nbd : &p->nbf;
+    if (p->find && *nk == 0 && find_candidates(c, p, kind, x, w, y) != 0)
+        return -1;
+    const int ncand = *nk;
     cudnnStatus_t s = CUDNN_STATUS_NOT_SUPPORTED;
     for (int i = 0; i < ncand; i++) {
         size_t ws = 0;

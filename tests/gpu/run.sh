@@ -2,12 +2,12 @@
 # One call on a lent GPU machine: build the CUDA backend, run every
 # CUDA-vs-CPU parity test (make check-cuda: tests/gpu/t*.sh and
 # build/tests/gpu/test_cuda_ops), the tools on cpu and cuda, the op
-# benchmark (bench_cuda_ops) and the whole-model benchmark against PyTorch
-# (make bench-cuda: bench_sd fp32+bf16, bench_torch.py, one table), and write
-# a log and a short table under $OUT.  Under 8 minutes on an H100: every
-# stage runs under a timeout cut to what is left of DEADLINE seconds, so a
-# slow or hung stage costs only its own figures; each stage's exit status
-# goes to $OUT/table.md as soon as it ends.
+# benchmark (bench_cuda_ops, again with DB_CUDNN_FIND=1) and the whole-model
+# benchmark against PyTorch (make bench-cuda: bench_sd fp32+bf16,
+# bench_torch.py, one table), and write a log and a short table under $OUT.
+# Under 8 minutes on an H100: every stage runs under a timeout cut to what is
+# left of DEADLINE seconds, so a slow or hung stage costs only its own
+# figures; each stage's exit status goes to $OUT/table.md as soon as it ends.
 #   usage: OUT=/some/dir bash tests/gpu/run.sh
 # $OUT gets at most 8 files (what a lent machine sends back): log.txt,
 # check-cuda.txt, tools.txt, bench_ops.md, bench_sd.txt, bench_torch.txt,
@@ -123,7 +123,8 @@ write_table() {
         echo "|---|---|---|---|---:|"
         for s in ${STAGES[@]+"${STAGES[@]}"}; do echo "| $(date -u +%F) | ${CARD:-?} | $s |"; done
         if [ -s "$OUT/bench.md" ]; then echo; echo "### ours vs PyTorch (make bench-cuda)"; echo; cat "$OUT/bench.md"; fi
-        if [ -s "$OUT/bench_ops.md" ]; then echo; echo "### ops (bench_cuda_ops)"; echo; grep '^|' "$OUT/bench_ops.md"; fi
+        # the tables, and the "### " heading that marks the DB_CUDNN_FIND=1 run's
+        if [ -s "$OUT/bench_ops.md" ]; then echo; echo "### ops (bench_cuda_ops)"; echo; grep -E '^(\||### )' "$OUT/bench_ops.md"; fi
     } > "$OUT/table.md"
 }
 # left CAP [RESERVE]: seconds a stage may take: CAP at most, and no more than
@@ -180,6 +181,14 @@ RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 45 env DB_BENCH
     build/tests/gpu/test_attention_tc
 echo "== bench_cuda_ops (fp32, then bf16 for the matmul-class ops; cudaEvent medians)"
 RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 60 env B="$PWD/build" build/tests/gpu/bench_cuda_ops
+# the same with conv.cu's trial-run algorithm search (DB_CUDNN_FIND=1, opt-in
+# until measured), under its own heading in bench_ops.md, for comparing the
+# conv lines; shorter, and with the same reserve as the runs above, so it
+# takes only time they left and never any of the benchmarks below
+echo "== bench_cuda_ops with DB_CUDNN_FIND=1 (conv algorithms from cuDNN's trial runs)"
+printf '\n%s\n' "### bench_cuda_ops with DB_CUDNN_FIND=1 (conv algorithms from cuDNN's trial runs)" >> "$OUT/bench_ops.md"
+RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops-find bench_ops.md 45 env DB_CUDNN_FIND=1 B="$PWD/build" \
+    build/tests/gpu/bench_cuda_ops
 # make bench-cuda writes bench_sd.txt, bench_torch.txt and bench.md into $OUT
 # itself; its two programs get their own timeouts (made to fit here too)
 sd=$(left 150)

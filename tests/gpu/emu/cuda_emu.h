@@ -193,6 +193,22 @@ static cudnnStatus_t emu_conv(int mode, const float *alpha, cudnnTensorDescripto
 #define cudnnGetConvolutionForwardAlgorithm_v7(h, x, w, c, y, req, got, perf) ((perf)[0].algo = CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, (perf)[0].status = CUDNN_STATUS_SUCCESS, (perf)[0].determinism = CUDNN_DETERMINISTIC, (perf)[0].mathType = CUDNN_FMA_MATH, (perf)[0].memory = 100, (perf)[1].algo = CUDNN_CONVOLUTION_FWD_ALGO_FFT, (perf)[1].status = CUDNN_STATUS_SUCCESS, (perf)[1].determinism = CUDNN_DETERMINISTIC, (perf)[1].mathType = CUDNN_FMA_MATH, (perf)[1].memory = 0, *(got) = 2, CUDNN_STATUS_SUCCESS)
 #define cudnnGetConvolutionBackwardDataAlgorithm_v7(h, w, y, c, x, req, got, perf) ((perf)[0].algo = CUDNN_CONVOLUTION_BWD_DATA_ALGO_0, (perf)[0].status = CUDNN_STATUS_SUCCESS, (perf)[0].determinism = CUDNN_NON_DETERMINISTIC, (perf)[0].mathType = CUDNN_FMA_MATH, (perf)[0].memory = 0, *(got) = 1, CUDNN_STATUS_SUCCESS)
 #define cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, x, y, c, w, req, got, perf) ((perf)[0].algo = CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, (perf)[0].status = CUDNN_STATUS_SUCCESS, (perf)[0].determinism = CUDNN_DETERMINISTIC, (perf)[0].mathType = CUDNN_TENSOR_OP_MATH, (perf)[0].memory = 0, (perf)[1].algo = CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3, (perf)[1].status = CUDNN_STATUS_SUCCESS, (perf)[1].determinism = CUDNN_DETERMINISTIC, (perf)[1].mathType = CUDNN_FMA_MATH, (perf)[1].memory = 64, *(got) = 2, CUDNN_STATUS_SUCCESS)
+// Find*Ex: the _v7 stand-ins' lists with times, fastest first as cuDNN sorts
+// them.  Like cuDNN's trial runs they write their output, here with NaN in
+// every type, so that conv.cu handing Find the caller's buffer (the forward's
+// bias for beta 1, the accumulated filter gradient) fails the parity checks;
+// EMU_CONV16_UNSUPPORTED refuses 16-bit searches as it does the convolutions.
+static inline cudnnStatus_t emu_find_out(int kind, size_t n, void *out) {
+    if (kind < 0 || (kind != 0 && getenv("EMU_CONV16_UNSUPPORTED"))) return CUDNN_STATUS_NOT_SUPPORTED;
+    memset(out, 0xff, n * (kind ? 2 : 4)); return CUDNN_STATUS_SUCCESS; }
+static inline cudnnStatus_t emu_find_out(cudnnTensorDescriptor_t d, void *out) { int n, c, h, w; int k = emu_dims(d, &n, &c, &h, &w); return emu_find_out(k, (size_t)n*c*h*w, out); }
+static inline cudnnStatus_t emu_find_out(cudnnFilterDescriptor_t d, void *out) { int n, c, h, w; int k = emu_fdims(d, &n, &c, &h, &w); return emu_find_out(k, (size_t)n*c*h*w, out); }
+template <class Perf> static cudnnStatus_t emu_find(cudnnStatus_t wrote, int got, Perf *perf) {
+    for (int i = 0; i < got; i++) perf[i].time = 0.1f * (i + 1);
+    return wrote; }
+#define cudnnFindConvolutionForwardAlgorithmEx(h, xd, x, wd, w, cd, yd, y, req, got, perf, wk, ws) (cudnnGetConvolutionForwardAlgorithm_v7(h, xd, wd, cd, yd, req, got, perf), emu_find(emu_find_out(yd, y), *(got), perf))
+#define cudnnFindConvolutionBackwardDataAlgorithmEx(h, wd, w, yd, y, cd, xd, x, req, got, perf, wk, ws) (cudnnGetConvolutionBackwardDataAlgorithm_v7(h, wd, yd, cd, xd, req, got, perf), emu_find(emu_find_out(xd, x), *(got), perf))
+#define cudnnFindConvolutionBackwardFilterAlgorithmEx(h, xd, x, yd, y, cd, wd, w, req, got, perf, wk, ws) (cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, xd, yd, cd, wd, req, got, perf), emu_find(emu_find_out(wd, w), *(got), perf))
 #define cudnnGetConvolutionForwardWorkspaceSize(h, x, w, c, y, a, ws) (*(ws) = 1000, CUDNN_STATUS_SUCCESS)
 #define cudnnGetConvolutionBackwardDataWorkspaceSize(h, w, y, c, x, a, ws) (*(ws) = 0, CUDNN_STATUS_SUCCESS)
 #define cudnnGetConvolutionBackwardFilterWorkspaceSize(h, x, y, c, w, a, ws) (*(ws) = (a) == CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3 ? 64 : 0, CUDNN_STATUS_SUCCESS)
