@@ -25,8 +25,8 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 5 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
-                         4: opt_sumsq_many; 5: side_begin, side_join */
+#define DB_CUDA_ABI 6 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+                         4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -35,6 +35,7 @@ extern "C" {
 #define DB_OP_LIST(X) \
     X(gemm_forward, (db_ctx *c, float *Cm, const float *A, const float *B, int batch, int M, int N, int K, int transa, int transb, float alpha, float beta)) \
     X(linear_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int N, int C, int OC)) \
+    X(linear_add_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, const float *res, int N, int C, int OC)) \
     X(conv2d_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)) \
     X(groupnorm_forward, (db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight, const float *bias, int B, int C, int HW, int G, float eps, int silu)) \
     X(layernorm_forward, (db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight, const float *bias, int N, int C, float eps)) \

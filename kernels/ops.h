@@ -213,6 +213,13 @@ int db_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, int ba
  * bias (OC) or NULL. */
 int db_linear_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int N, int C,
                       int OC);
+/* The same plus a residual: out = linear(inp) + res, exactly
+ * db_linear_forward then db_add_forward (the same bits in every precision:
+ * the residual joins after the linear's output rounding), with the bias,
+ * rounding and residual in one pass over out (the transformer's attention
+ * and feed-forward outputs).  res (N, OC) must not overlap out; NULL: none. */
+int db_linear_add_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
+                          const float *res, int N, int C, int OC);
 
 /* ---- convolution ------------------------------------------------------------ */
 

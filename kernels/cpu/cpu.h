@@ -76,6 +76,8 @@ int db_cpu_dnnl_fail(db_ctx *c, dnnl_status_t s, const char *what);
 
 int db_cpu_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, int batch, int M, int N, int K,
                         int transa, int transb, float alpha, float beta);
+int db_cpu_linear_add_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
+                              const float *res, int N, int C, int OC);
 int db_cpu_linear_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int N,
                           int C, int OC);
 int db_cpu_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B,

@@ -423,6 +423,27 @@ int db_linear_forward(db_ctx *c, float *out, const float *inp, const float *weig
     }
 }
 
+int db_linear_add_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
+                          const float *res, int N, int C, int OC)
+{
+    ENTER(c);
+    REQUIRE(c, "linear", out && inp && weight && N > 0 && C > 0 && OC > 0 && res != out);
+    switch (c->device) {
+    case DB_CPU:
+    case DB_CPU_STRICT:
+        if (c->precision != DB_PREC_F32) /* the emulation: the two ops (it is the reference, not a speed path) */
+            return db_cpu_ac_linear_forward(c, out, inp, weight, bias, N, C, OC) ||
+                           (res && db_cpu_add_forward(c, out, out, res, (size_t)N * OC))
+                       ? -1
+                       : 0;
+        return db_cpu_linear_add_forward(c, out, inp, weight, bias, res, N, C, OC);
+    case DB_CUDA:
+        return CUDA_OP(c, linear_add_forward, "linear", out, inp, weight, bias, res, N, C, OC);
+    default:
+        return no_backend(c, "linear");
+    }
+}
+
 int db_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C,
                       int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)
 {

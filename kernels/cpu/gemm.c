@@ -44,20 +44,36 @@ int db_cpu_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, in
     return 0;
 }
 
-int db_cpu_linear_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int N, int C,
-                          int OC)
+int db_cpu_linear_add_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
+                              const float *res, int N, int C, int OC)
 {
     /* out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C); fixed
      * tiles: the same bits at any thread count (see db_cpu_gemm_forward) */
     if (db_cpu_sgemm_fixed(c, 1, 'N', 'T', N, OC, C, 1.0f, inp, C, 0, weight, C, 0, 0.0f, out, OC, 0))
         return db_err_prefix(&c->err, "linear");
-    if (bias) {
+    /* then (out + bias) + res in one pass: the two adds in the order the
+     * separate ops make them (no + 0.0f where one is absent: -0 stays -0) */
+    if (bias || res) {
 #pragma omp parallel for num_threads(c->threads) schedule(static)
         for (int r = 0; r < N; r++) {
             float *o = out + (size_t)r * OC;
-            for (int j = 0; j < OC; j++)
-                o[j] += bias[j];
+            const float *e = res ? res + (size_t)r * OC : NULL;
+            if (bias && e)
+                for (int j = 0; j < OC; j++)
+                    o[j] = (o[j] + bias[j]) + e[j];
+            else if (bias)
+                for (int j = 0; j < OC; j++)
+                    o[j] += bias[j];
+            else
+                for (int j = 0; j < OC; j++)
+                    o[j] += e[j];
         }
     }
     return 0;
+}
+
+int db_cpu_linear_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int N, int C,
+                          int OC)
+{
+    return db_cpu_linear_add_forward(c, out, inp, weight, bias, NULL, N, C, OC);
 }

@@ -464,6 +464,7 @@ static db_cuda_api make_api(void)
 #define SET(name) a.name = db_cuda_##name
     SET(gemm_forward);
     SET(linear_forward);
+    SET(linear_add_forward);
     SET(conv2d_forward);
     SET(groupnorm_forward);
     SET(layernorm_forward);

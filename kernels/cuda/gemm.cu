@@ -56,20 +56,25 @@ int db_cuda_gemm16(db_ctx *c, int batch, int transa, int transb, int M, int N, i
 }
 
 // out (N, OC) += bias (OC) broadcast over rows
-__global__ static void add_bias_rows_kernel(float *out, const float *bias, size_t N, int OC)
+// The linear's epilogue over out (N, OC), in one pass:
+//   v = out + bias                  (fp32; without a bias v = out: no + 0.0f, -0 stays -0)
+//   v = round(out + round(bias))    (16-bit modes: the float32 sum of the product and
+//                                    the rounded bias, rounded once; without a bias round(out))
+//   out = v + res                   (db_linear_add_forward's residual, after the rounding)
+// mode: 0 fp32, 1 bf16, 2 fp16.
+__global__ static void linear_epilogue_kernel(float *out, const float *bias, const float *res, size_t N, int OC,
+                                              int mode)
 {
     const size_t total = N * (size_t)OC;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
-        out[i] += bias[i % OC];
-}
-
-// 16-bit modes: out (N, OC) = round(out + round(bias)): the float32 sum of
-// the product and the rounded bias, rounded once
-__global__ static void add_bias_rows_round_kernel(float *out, const float *bias, size_t N, int OC, int f16)
-{
-    const size_t total = N * (size_t)OC;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = db_cuda_round16(out[i] + db_cuda_round16(bias[i % OC], f16), f16);
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        float v = out[i];
+        if (mode) {
+            const int f16 = mode == 2;
+            v = db_cuda_round16(bias ? v + db_cuda_round16(bias[i % OC], f16) : v, f16);
+        } else if (bias)
+            v = v + bias[i % OC];
+        out[i] = res ? v + res[i] : v;
+    }
 }
 
 // part (nchunk, OC) = per chunk of ROWS rows, the column sums of dout (N, OC) in
@@ -127,13 +132,15 @@ extern "C" int db_cuda_gemm_forward(db_ctx *c, float *Cm, const float *A, const 
                          transb ? K : N, (long long)K * N, beta, Cm, N, (long long)M * N);
 }
 
-extern "C" int db_cuda_linear_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
-                                      int N, int C, int OC)
+extern "C" int db_cuda_linear_add_forward(db_ctx *c, float *out, const float *inp, const float *weight,
+                                          const float *bias, const float *res, int N, int C, int OC)
 {
     DB_ENTER(c);
-    if (db_cuda_prec16(c)) {
-        if (N == 0 || OC == 0)
-            return 0;
+    if (N == 0 || OC == 0)
+        return 0;
+    const int p16 = db_cuda_prec16(c);
+    // out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C); then the epilogue
+    if (p16) {
         ops16 o = {{db_cuda_to16(c, inp, (size_t)N * C), db_cuda_to16(c, weight, (size_t)OC * C), NULL}};
         int r = o.p[0] && o.p[1] ? 0 : -1;
         if (r == 0)
@@ -141,22 +148,20 @@ extern "C" int db_cuda_linear_forward(db_ctx *c, float *out, const float *inp, c
         ops16_free(c, &o);
         if (r != 0)
             return -1;
-        if (!bias)
-            return db_cuda_round(c, out, out, (size_t)N * OC, 0);
-        add_bias_rows_round_kernel<<<db_cuda_grid((size_t)N * OC, 256), 256, 0, db_cuda_st(c)->stream>>>(
-            out, bias, (size_t)N, OC, c->precision == DB_PREC_F16);
-        DB_LAUNCHED(c);
-        return 0;
-    }
-    // out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C); then + bias
-    if (db_cuda_sgemm(c, 1, 0, 1, N, OC, C, 1.0f, inp, C, 0, weight, C, 0, 0.0f, out, OC, 0) != 0)
+    } else if (db_cuda_sgemm(c, 1, 0, 1, N, OC, C, 1.0f, inp, C, 0, weight, C, 0, 0.0f, out, OC, 0) != 0)
         return -1;
-    if (bias && N > 0) {
-        add_bias_rows_kernel<<<db_cuda_grid((size_t)N * OC, 256), 256, 0, db_cuda_st(c)->stream>>>(out, bias, (size_t)N,
-                                                                                                   OC);
-        DB_LAUNCHED(c);
-    }
+    if (!p16 && !bias && !res)
+        return 0;
+    linear_epilogue_kernel<<<db_cuda_grid((size_t)N * OC, 256), 256, 0, db_cuda_st(c)->stream>>>(
+        out, bias, res, (size_t)N, OC, p16 ? (c->precision == DB_PREC_F16 ? 2 : 1) : 0);
+    DB_LAUNCHED(c);
     return 0;
+}
+
+extern "C" int db_cuda_linear_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
+                                      int N, int C, int OC)
+{
+    return db_cuda_linear_add_forward(c, out, inp, weight, bias, NULL, N, C, OC);
 }
 
 // gemm_backward.c's arrangement: each gradient is one product in its stored

@@ -81,15 +81,15 @@ size_t db_mha_acts_carve(db_mha_acts *a, float *base, const db_mha *w, int B, in
     return k.used;
 }
 
-int db_mha_forward(db_ctx *c, float *out, const db_mha_acts *a, const float *x, const float *kv, const db_mha *w,
-                   int B, int Tq, int Tk, int causal)
+int db_mha_forward(db_ctx *c, float *out, const db_mha_acts *a, const float *x, const float *kv, const float *res,
+                   const db_mha *w, int B, int Tq, int Tk, int causal)
 {
     const int C = w->C;
     db_linear_forward(c, a->q, x, w->q_w, w->q_b, B * Tq, C, C);         /* (B, Tq, C) */
     db_linear_forward(c, a->k, kv, w->k_w, w->k_b, B * Tk, w->D, C);     /* (B, Tk, C) */
     db_linear_forward(c, a->v, kv, w->v_w, w->v_b, B * Tk, w->D, C);     /* (B, Tk, C) */
     db_attention_forward(c, a->o, a->lse, a->q, a->k, a->v, B, Tq, Tk, w->NH, C / w->NH, causal);
-    db_linear_forward(c, out, a->o, w->o_w, w->o_b, B * Tq, C, C);       /* (B, Tq, C) */
+    db_linear_add_forward(c, out, a->o, w->o_w, w->o_b, res, B * Tq, C, C); /* (B, Tq, C) */
     return c->err.code ? -1 : 0;
 }
 
@@ -121,21 +121,17 @@ int db_tblock_forward(db_ctx *c, float *out, const db_tblock_acts *a, const floa
                       const db_tblock *w, int B, int T, int Tc)
 {
     const int N = B * T, C = w->C;
-    const size_t NC = (size_t)N * C;
     /* x1 = x + attn1(norm1(x)) */
     db_layernorm_forward(c, a->a1, a->mean1, a->rstd1, x, w->norm1_w, w->norm1_b, N, C, w->eps);
-    db_mha_forward(c, a->x1, &a->at1, a->a1, a->a1, &w->attn1, B, T, T, 0);
-    db_add_forward(c, a->x1, a->x1, x, NC);
+    db_mha_forward(c, a->x1, &a->at1, a->a1, a->a1, x, &w->attn1, B, T, T, 0);
     /* x2 = x1 + attn2(norm2(x1), ctx) */
     db_layernorm_forward(c, a->a2, a->mean2, a->rstd2, a->x1, w->norm2_w, w->norm2_b, N, C, w->eps);
-    db_mha_forward(c, a->x2, &a->at2, a->a2, ctx, &w->attn2, B, T, Tc, 0);
-    db_add_forward(c, a->x2, a->x2, a->x1, NC);
+    db_mha_forward(c, a->x2, &a->at2, a->a2, ctx, a->x1, &w->attn2, B, T, Tc, 0);
     /* out = x2 + ff2(geglu(ff1(norm3(x2)))) */
     db_layernorm_forward(c, a->a3, a->mean3, a->rstd3, a->x2, w->norm3_w, w->norm3_b, N, C, w->eps);
     db_linear_forward(c, a->f1, a->a3, w->ff1_w, w->ff1_b, N, C, 2 * w->FF); /* (N, 2FF) */
     db_geglu_forward(c, a->g, a->f1, N, w->FF);                               /* (N, FF) */
-    db_linear_forward(c, out, a->g, w->ff2_w, w->ff2_b, N, w->FF, C);        /* (N, C) */
-    db_add_forward(c, out, out, a->x2, NC);
+    db_linear_add_forward(c, out, a->g, w->ff2_w, w->ff2_b, a->x2, N, w->FF, C); /* (N, C) */
     return c->err.code ? -1 : 0;
 }
 

@@ -103,11 +103,13 @@ typedef struct db_mha_acts {
 
 size_t db_mha_acts_carve(db_mha_acts *a, float *base, const db_mha *w, int B, int Tq, int Tk);
 
-/* out (B, Tq, C) = o_proj(attention(q_proj(x), k_proj(kv), v_proj(kv))).
- * x (B, Tq, C); kv (B, Tk, D) (kv == x, Tk == Tq, D == C for self-attention).
- * The residual is the caller's.  out must not overlap x, kv or the acts. */
-int db_mha_forward(db_ctx *c, float *out, const db_mha_acts *a, const float *x, const float *kv, const db_mha *w,
-                   int B, int Tq, int Tk, int causal);
+/* out (B, Tq, C) = o_proj(attention(q_proj(x), k_proj(kv), v_proj(kv))) + res.
+ * x (B, Tq, C); kv (B, Tk, D) (kv == x, Tk == Tq, D == C for self-attention);
+ * res (B, Tq, C) the residual, added in the projection's pass
+ * (db_linear_add_forward), or NULL.  out must not overlap x, kv, res or the
+ * acts. */
+int db_mha_forward(db_ctx *c, float *out, const db_mha_acts *a, const float *x, const float *kv, const float *res,
+                   const db_mha *w, int B, int Tq, int Tk, int causal);
 
 /* ---- BasicTransformerBlock ---------------------------------------------------- */
 

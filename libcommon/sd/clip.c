@@ -188,8 +188,7 @@ static int layer_forward(db_clip *c, int l, float *out, const float *inp, int B,
     db_linear_forward(x, k, ln1, y->k_w, y->k_b, N, D, D);
     db_linear_forward(x, v, ln1, y->v_w, y->v_b, N, D, D);
     db_attention_forward(x, att, a->att_lse + (size_t)l * N * NH, q, k, v, B, T, T, NH, D / NH, 1);
-    db_linear_forward(x, res, att, y->o_w, y->o_b, N, D, D);
-    db_add_forward(x, res, inp, res, ND);
+    db_linear_add_forward(x, res, att, y->o_w, y->o_b, inp, N, D, D);
 
     /* MLP half: out (N, D) = res + fc2(act(fc1(ln2(res)))) */
     db_layernorm_forward(x, ln2, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, res, y->ln2_w, y->ln2_b,
@@ -199,8 +198,7 @@ static int layer_forward(db_clip *c, int l, float *out, const float *inp, int B,
         db_quick_gelu_forward(x, act, fc1, NI);
     else
         db_gelu_forward(x, act, fc1, NI, DB_GELU_ERF);
-    db_linear_forward(x, out, act, y->fc2_w, y->fc2_b, N, I, D);
-    return db_add_forward(x, out, res, out, ND);
+    return db_linear_add_forward(x, out, act, y->fc2_w, y->fc2_b, res, N, I, D);
 }
 
 int db_clip_forward(db_clip *c, float *last, float *penultimate_ln, float *pooled, const int32_t *ids, int B, int T,

@@ -104,6 +104,17 @@ static int run_linear(db_ctx *c, bench *b)
 {
     return db_linear_forward(c, b->p[2], b->p[0], b->p[1], b->p[3], b->i[0], b->i[1], b->i[2]);
 }
+/* the transformer's residual after its output projection: two ops, then the fused one */
+static int run_linear_then_add(db_ctx *c, bench *b)
+{
+    const size_t n = (size_t)b->i[0] * b->i[2];
+    return db_linear_forward(c, b->p[2], b->p[0], b->p[1], b->p[3], b->i[0], b->i[1], b->i[2]) ||
+           db_add_forward(c, b->p[2], b->p[2], b->p[4], n);
+}
+static int run_linear_add(db_ctx *c, bench *b)
+{
+    return db_linear_add_forward(c, b->p[2], b->p[0], b->p[1], b->p[3], b->p[4], b->i[0], b->i[1], b->i[2]);
+}
 static int run_geglu(db_ctx *c, bench *b) { return db_geglu_forward(c, b->p[1], b->p[0], b->i[0], b->i[1]); }
 static int run_groupnorm(db_ctx *c, bench *b)
 {
@@ -153,6 +164,22 @@ static void bench_linear(db_ctx *c, const char *name, int N, int C, int OC, int 
     b.p[3] = buf((size_t)OC, 1);
     report(c, &b, reps);
     for (int i = 0; i < 4; i++)
+        free(b.p[i]);
+}
+
+/* linear + residual: the two ops, then db_linear_add_forward (one pass fewer) */
+static void bench_linear_res(db_ctx *c, int N, int C, int OC, int reps)
+{
+    char shape[64];
+    snprintf(shape, sizeof shape, "(%d, %d) -> %d + bias + res", N, C, OC);
+    bench b = {.name = "linear, then add", .shape = shape, .flop = 2.0 * N * C * OC, .run = run_linear_then_add,
+               .i = {N, C, OC}};
+    b.p[0] = buf((size_t)N * C, 1), b.p[1] = buf((size_t)OC * C, 0.1f), b.p[2] = buf((size_t)N * OC, 1);
+    b.p[3] = buf((size_t)OC, 1), b.p[4] = buf((size_t)N * OC, 1);
+    report(c, &b, reps);
+    b.name = "linear_add (fused)", b.run = run_linear_add;
+    report(c, &b, reps);
+    for (int i = 0; i < 5; i++)
         free(b.p[i]);
 }
 
@@ -220,6 +247,8 @@ int main(int argc, char **argv)
     bench_linear(c, "linear FF out", 4096, 1280, 320, 5);
     bench_linear(c, "linear q/k/v/out", 4096, 320, 320, 5);
     bench_linear(c, "linear CLIP MLP", 77, 768, 3072, 20);
+    bench_linear_res(c, 4096, 320, 320, 9);   /* attention output + residual at level 1 */
+    bench_linear_res(c, 4096, 1280, 320, 5);  /* feed-forward output + residual */
     {
         bench b = {.name = "geglu", .shape = "(4096, 2*1280)", .bytes = 4096.0 * 1280 * 3 * 4, .run = run_geglu,
                    .i = {4096, 1280}};

@@ -1159,6 +1159,30 @@ static void cmp_bits(const char *what, const char *tensor, const float *d, const
         tap_diag("  first difference at %zu: cuda %.9g cpu %.9g", bad, (double)got[bad], (double)want[bad]);
 }
 
+/* linear_add_forward (the linear and the residual in one pass) against the
+ * GPU's own linear_forward then add_forward: the same bits in fp32 and both
+ * 16-bit types (the same GEMM; the epilogue makes the same adds and
+ * roundings in the same order), with and without a bias */
+static void t_linear_add(db_precision p, int N, int C, int OC, int with_bias)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s linear_add_forward %dx%d->%d%s", p == DB_PREC_F32 ? "fp32" : prec_name(p), N, C,
+             OC, with_bias ? " +bias" : "");
+    if (!have((const void *)api->linear_add_forward, what))
+        return;
+    const size_t nx = (size_t)N * C, nw = (size_t)OC * C, ny = (size_t)N * OC;
+    float *x = dputf(hrand(nx, 1), nx), *w = dputf(hrand(nw, 0.05f), nw), *b = dputf(hrand(OC, 1), OC);
+    float *r = dputf(hrand(ny, 1), ny), *two = dpoison(ny), *one = dpoison(ny);
+    if (gpu_ran(IN_PREC(p, api->linear_forward(&g, two, x, w, with_bias ? b : NULL, N, C, OC)), what) &&
+        gpu_ran(IN_PREC(p, api->add_forward(&g, two, two, r, ny)), what) &&
+        gpu_ran(IN_PREC(p, api->linear_add_forward(&g, one, x, w, with_bias ? b : NULL, r, N, C, OC)), what)) {
+        const float *a = dget(one, ny), *b2 = dget(two, ny);
+        tap_ok(!memcmp(a, b2, ny * sizeof *a), "%s: bit-identical to linear_forward then add_forward on the device",
+               what);
+    }
+    release_all();
+}
+
 /* Declared weights (db_ctx_declare_weights): a 16-bit working copy must
  * never change a result.  The same linear runs on a declared weight buffer
  * and on an undeclared copy of it, after each event that must keep the
@@ -1577,6 +1601,9 @@ int main(void)
             t_attention_backward(1, 1024, 1024, 8, 40, 0);
     }
 
+    t_linear_add(DB_PREC_F32, 7, 13, 11, 1);
+    t_linear_add(DB_PREC_F32, 9, 16, 5, 0);
+
     /* precision modes: the matmul-class ops in bf16 and fp16 */
     for (int pi = 0; pi < 2; pi++) {
         const db_precision p = pi == 0 ? DB_PREC_BF16 : DB_PREC_F16;
@@ -1596,6 +1623,8 @@ int main(void)
         if (api->linear_forward) {
             tp_linear(p, 7, 13, 11, 1);
             tp_linear(p, 7, 13, 11, 0);
+            t_linear_add(p, 7, 13, 11, 1);
+            t_linear_add(p, 9, 16, 5, 0);
             if (!quick)
                 tp_linear(p, 8192, 320, 1280, 1);
         }
