@@ -48,7 +48,21 @@ ok "kill -9 during an async run, then --resume" $TR --resume "$T/X"
 ok "the straight run" $TR --steps 6 --save-every 6 --async-save off -o "$T/Y"
 check "resumed == straight (model and optimizer bytes)" same_w "$T/X/ckpt-000006" "$T/Y/ckpt-000006"
 
-# --- 3. usage ----------------------------------------------------------------------------
+# --- 3. --plan counts the host copy -------------------------------------------------------
+async_plan() {
+    local pred meas plain
+    pred=$($TR --steps 2 --plan --async-save on -o "$T/P" | sed -n 's/.*predicted peak *\([0-9.]*\) MiB.*/\1/p')
+    plain=$($TR --steps 2 --plan -o "$T/P" | sed -n 's/.*predicted peak *\([0-9.]*\) MiB.*/\1/p')
+    meas=$(db-train --model "$M" --instance "$I" --class "$C" --lr 1e-4 --seed 3 --threads 2 --train-text-encoder \
+        --steps 2 --async-save on -o "$T/P" 2>&1 | sed -n 's/.*peak memory \([0-9.]*\) MiB.*/\1/p')
+    rm -rf "$T/P"
+    echo "# --plan --async-save on: predicted ${pred:-?} MiB (sync ${plain:-?}), measured ${meas:-?} MiB"
+    [ -n "$pred" ] && [ -n "$meas" ] && [ -n "$plain" ] &&
+        $PY -c "import sys; p, m, q = $pred, $meas, $plain; sys.exit(abs(p - m) > 0.15 * m or not p > q)"
+}
+check "--plan --async-save on: the checkpoint copy counted, within 15 % of the measured peak" async_plan
+
+# --- 4. usage ----------------------------------------------------------------------------
 fails_with 2 "async-save" "--async-save maybe: exit 2" $TR --steps 1 --async-save maybe -o "$T/U"
 check "nothing left behind" "[ ! -e '$T/U' ]"
 done_testing

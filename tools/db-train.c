@@ -523,7 +523,9 @@ static void plan(run *r, int lh, int lw)
     /* the program, its libraries and the tokenizer's heap, as loaded now
      * (the training data is resident already: counted once, below) */
     const size_t rss = current_rss(), base = rss > data ? rss - data : 0;
-    const size_t total = base + pu + pt + grads + adam + act + clip_act + data + bufs;
+    /* --async-save: a host copy of what a checkpoint holds while it is written */
+    const size_t ckcopy = r->async ? pu + (r->o.train_text ? pt : 0) + adam : 0;
+    const size_t total = base + pu + pt + grads + adam + act + clip_act + data + bufs + ckcopy;
     printf("memory plan: %d rows (batch %lld x %s), %dx%d latents, %d tokens, text encoder %s, gradient "
            "checkpointing %s%s\n",
            B, (long long)r->o.batch, r->has_class ? "instance + class" : "instance", lh, lw, T,
@@ -542,10 +544,12 @@ static void plan(run *r, int lh, int lw)
         /* the optimizer's state as this run keeps it (8-bit moments: adam) */
         d.total = d.total - d.moments + adam;
         d.moments = adam;
-        const size_t stage = pu > pt ? pu : pt, host = base + stage + data + bufs;
+        const size_t stage = pu > pt ? pu : pt, host = base + (stage > ckcopy ? stage : ckcopy) + data + bufs;
         printf("  host\n");
         printf("  %-34s %10.1f MiB\n", "program, libraries, tokenizer", base / MB);
         printf("  %-34s %10.1f MiB\n", "weights staging (while loading)", stage / MB);
+        if (ckcopy) /* not at the same time as the staging: the larger counts */
+            printf("  %-34s %10.1f MiB\n", "checkpoint copy (--async-save)", ckcopy / MB);
         printf("  %-34s %10.1f MiB\n", "training data", data / MB);
         printf("  %-34s %10.1f MiB\n", "batch buffers", bufs / MB);
         printf("  %-34s %10.1f MiB\n", "predicted peak", host / MB);
@@ -577,6 +581,8 @@ static void plan(run *r, int lh, int lw)
     printf("  %-34s %10.1f MiB\n", "text encoder activations", clip_act / MB);
     printf("  %-34s %10.1f MiB\n", "training data", data / MB);
     printf("  %-34s %10.1f MiB\n", "batch buffers", bufs / MB);
+    if (ckcopy)
+        printf("  %-34s %10.1f MiB\n", "checkpoint copy (--async-save)", ckcopy / MB);
     printf("  %-34s %10.1f MiB\n", "predicted peak", total / MB);
 }
 
