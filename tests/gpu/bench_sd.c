@@ -36,9 +36,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "kernels/ops.h"
+#include "libcommon/core/fsutil.h"
 #include "libcommon/io/model.h"
 #include "libcommon/sd/arch.h"
 #include "libcommon/sd/clip.h"
@@ -46,6 +48,7 @@
 #include "libcommon/sd/noise.h"
 #include "libcommon/sd/tokenizer.h"
 #include "libcommon/sd/train.h"
+#include "libcommon/sd/train_ckpt.h"
 #include "libcommon/sd/txt2img.h"
 #include "libcommon/sd/unet.h"
 #include "libcommon/sd/vae.h"
@@ -55,7 +58,7 @@
 
 typedef struct opts {
     const char *device, *precisions, *only;
-    int tiny, latent, steps, reps, ckpt, fused, threads;
+    int tiny, latent, steps, reps, ckpt, fused, save, threads;
     double budget, sample_budget;
     unsigned long long seed;
 } opts;
@@ -392,6 +395,55 @@ static int train_call(void *p, db_err *err)
     return db_trainer_accumulate(a->tr, &a->b, &st, err) || db_trainer_apply(a->tr, &st, err) ? -1 : 0;
 }
 
+/* --save: one checkpoint of the trainer's state (weights and AdamW moments,
+ * what db-train writes) under $TMPDIR, written synchronously
+ * (checkpoint_save: what a step waits for without --async-save), then begun
+ * in the background (checkpoint_async_block: the host copy training waits
+ * for with it) and joined (checkpoint_async: the whole write).  The sizes go
+ * in gb=; the figures for #7's "800 steps with checkpoints at 500 and 800". */
+static void bench_save(db_trainer *tr)
+{
+    const char *tmp = getenv("TMPDIR");
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/bench_sd-save-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    db_err err = {0};
+    if (!mkdtemp(dir)) {
+        report_error("checkpoint_save", DB_PREC_F32, "cannot make a temporary directory");
+        return;
+    }
+    db_train_state st;
+    db_trainer_state(tr, &st);
+    double bytes = 0;
+    const db_weights *ws[] = {st.unet, st.unet_m, st.unet_v, st.text, st.text_m, st.text_v};
+    for (size_t i = 0; i < sizeof ws / sizeof *ws; i++)
+        bytes += ws[i] ? (double)ws[i]->numel * 4 : 0;
+    char extra[64], sub[600];
+    snprintf(extra, sizeof extra, "gb=%.2f", bytes * 1e-9);
+    json_t *state = json_object(), *cfg = json_object();
+    snprintf(sub, sizeof sub, "%s/sync", dir);
+    mkdir(sub, 0700);
+    double t0 = now();
+    if (db_train_ckpt_save(sub, &st, NULL, state, cfg, NULL, &err) == 0)
+        report("checkpoint_save", DB_PREC_F32, (now() - t0) * 1e3, 0, 0, 0, 1, extra);
+    else
+        report_error("checkpoint_save", DB_PREC_F32, err.msg);
+    db_ckpt_writer *w = NULL;
+    snprintf(sub, sizeof sub, "%s/async", dir);
+    mkdir(sub, 0700);
+    t0 = now();
+    if (db_ckpt_writer_start(&w, sub, &st, NULL, state, cfg, &err) == 0) {
+        report("checkpoint_async_block", DB_PREC_F32, (now() - t0) * 1e3, 0, 0, 0, 1, extra);
+        if (db_ckpt_writer_join(w, NULL, &err) == 0)
+            report("checkpoint_async", DB_PREC_F32, (now() - t0) * 1e3, 0, 0, 0, 1, extra);
+        else
+            report_error("checkpoint_async", DB_PREC_F32, err.msg);
+    } else
+        report_error("checkpoint_async_block", DB_PREC_F32, err.msg);
+    json_decref(state);
+    json_decref(cfg);
+    db_rm_rf(dir);
+}
+
 /* fused: the fused backward (train.h), reported as train_step_fused */
 static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db_precision *precs, int np,
                         const opts *o, int fused)
@@ -452,6 +504,8 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
         }
         db_err_clear(&err);
     }
+    if (o->save && !fused && t.tr)
+        bench_save(t.tr);
 out:
     db_trainer_free(t.tr);
     free(lat), free(noise), free(ids);
@@ -596,7 +650,7 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: bench_sd [--device cpu|cuda[:N]] [--precision fp32,bf16,fp16] [--only fwd,train,sample,vae]\n"
                "                [--tiny] [--latent L] [--steps N] [--reps N] [--budget S] [--sample-budget S]\n"
-               "                [--gradient-checkpointing] [--fused-backward] [--threads N] [--seed N]\n");
+               "                [--gradient-checkpointing] [--fused-backward] [--save] [--threads N] [--seed N]\n");
 }
 
 int main(int argc, char **argv)
@@ -628,6 +682,8 @@ int main(int argc, char **argv)
             o.ckpt = 1;
         else if (!strcmp(k, "--fused-backward"))
             o.fused = 1;
+        else if (!strcmp(k, "--save"))
+            o.save = 1;
         else if (!strcmp(k, "--threads"))
             o.threads = atoi(VAL());
         else if (!strcmp(k, "--seed"))
