@@ -25,8 +25,9 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 6 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
-                         4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward */
+#define DB_CUDA_ABI 7 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+                         4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
+                         7: linear_geglu_forward */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -36,6 +37,7 @@ extern "C" {
     X(gemm_forward, (db_ctx *c, float *Cm, const float *A, const float *B, int batch, int M, int N, int K, int transa, int transb, float alpha, float beta)) \
     X(linear_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int N, int C, int OC)) \
     X(linear_add_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, const float *res, int N, int C, int OC)) \
+    X(linear_geglu_forward, (db_ctx *c, float *proj, float *out, const float *inp, const float *weight, const float *bias, int N, int C, int FF)) \
     X(conv2d_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)) \
     X(groupnorm_forward, (db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight, const float *bias, int B, int C, int HW, int G, float eps, int silu)) \
     X(layernorm_forward, (db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight, const float *bias, int N, int C, float eps)) \

@@ -220,6 +220,14 @@ int db_linear_forward(db_ctx *c, float *out, const float *inp, const float *weig
  * and feed-forward outputs).  res (N, OC) must not overlap out; NULL: none. */
 int db_linear_add_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
                           const float *res, int N, int C, int OC);
+/* The feed-forward's projection and GEGLU at once: proj (N, 2FF) =
+ * linear(inp) with weight (2FF, C), then out (N, FF) = geglu(proj), exactly
+ * db_linear_forward then db_geglu_forward (the same bits in every
+ * precision), with the GEGLU made in the linear's own pass over proj, which
+ * is then not read a second time.  proj is kept (the backward reads it);
+ * out must not overlap proj or inp. */
+int db_linear_geglu_forward(db_ctx *c, float *proj, float *out, const float *inp, const float *weight,
+                            const float *bias, int N, int C, int FF);
 
 /* ---- convolution ------------------------------------------------------------ */
 

@@ -78,6 +78,10 @@ int db_cpu_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, in
                         int transa, int transb, float alpha, float beta);
 int db_cpu_linear_add_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
                               const float *res, int N, int C, int OC);
+/* one row of db_cpu_geglu_forward: out (C) = geglu(inp (2C)) */
+void db_cpu_geglu_row(const db_ctx *c, float *out, const float *inp, int C);
+int db_cpu_linear_geglu_forward(db_ctx *c, float *proj, float *out, const float *inp, const float *weight,
+                                const float *bias, int N, int C, int FF);
 int db_cpu_linear_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int N,
                           int C, int OC);
 int db_cpu_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B,

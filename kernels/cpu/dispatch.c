@@ -444,6 +444,27 @@ int db_linear_add_forward(db_ctx *c, float *out, const float *inp, const float *
     }
 }
 
+int db_linear_geglu_forward(db_ctx *c, float *proj, float *out, const float *inp, const float *weight,
+                            const float *bias, int N, int C, int FF)
+{
+    ENTER(c);
+    REQUIRE(c, "linear", proj && out && inp && weight && N > 0 && C > 0 && FF > 0 && out != proj);
+    switch (c->device) {
+    case DB_CPU:
+    case DB_CPU_STRICT:
+        if (c->precision != DB_PREC_F32) /* the emulation: the two ops */
+            return db_cpu_ac_linear_forward(c, proj, inp, weight, bias, N, C, 2 * FF) ||
+                           db_cpu_geglu_forward(c, out, proj, N, FF)
+                       ? -1
+                       : 0;
+        return db_cpu_linear_geglu_forward(c, proj, out, inp, weight, bias, N, C, FF);
+    case DB_CUDA:
+        return CUDA_OP(c, linear_geglu_forward, "linear", proj, out, inp, weight, bias, N, C, FF);
+    default:
+        return no_backend(c, "linear");
+    }
+}
+
 int db_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C,
                       int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)
 {

@@ -78,20 +78,22 @@ int db_cpu_quick_gelu_forward(db_ctx *c, float *out, const float *inp, size_t N)
     return activation(c, ACT_QUICK_GELU, out, inp, N);
 }
 
+void db_cpu_geglu_row(const db_ctx *c, float *out, const float *inp, int C)
+{
+    const float *hidden = inp, *gate = inp + C;
+    if (c->simd) {
+        db_avx512_geglu(out, hidden, gate, (size_t)C);
+    } else {
+        for (int i = 0; i < C; i++)
+            out[i] = hidden[i] * gelu_erf1(gate[i]);
+    }
+}
+
 int db_cpu_geglu_forward(db_ctx *c, float *out, const float *inp, int N, int C)
 {
-    const int simd = c->simd;
 #pragma omp parallel for num_threads(c->threads) schedule(static)
-    for (int r = 0; r < N; r++) {
-        const float *hidden = inp + (size_t)r * 2 * C, *gate = hidden + C;
-        float *o = out + (size_t)r * C;
-        if (simd) {
-            db_avx512_geglu(o, hidden, gate, (size_t)C);
-        } else {
-            for (int i = 0; i < C; i++)
-                o[i] = hidden[i] * gelu_erf1(gate[i]);
-        }
-    }
+    for (int r = 0; r < N; r++)
+        db_cpu_geglu_row(c, out + (size_t)r * C, inp + (size_t)r * 2 * C, C);
     return 0;
 }
 

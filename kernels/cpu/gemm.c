@@ -72,6 +72,25 @@ int db_cpu_linear_add_forward(db_ctx *c, float *out, const float *inp, const flo
     return 0;
 }
 
+int db_cpu_linear_geglu_forward(db_ctx *c, float *proj, float *out, const float *inp, const float *weight,
+                                const float *bias, int N, int C, int FF)
+{
+    const int OC = 2 * FF;
+    if (db_cpu_sgemm_fixed(c, 1, 'N', 'T', N, OC, C, 1.0f, inp, C, 0, weight, C, 0, 0.0f, proj, OC, 0))
+        return db_err_prefix(&c->err, "linear");
+    /* per row, while it is in cache: the bias (as db_cpu_linear_forward
+     * adds it), then the GEGLU of the row (as db_cpu_geglu_forward makes it) */
+#pragma omp parallel for num_threads(c->threads) schedule(static)
+    for (int r = 0; r < N; r++) {
+        float *p = proj + (size_t)r * OC;
+        if (bias)
+            for (int j = 0; j < OC; j++)
+                p[j] += bias[j];
+        db_cpu_geglu_row(c, out + (size_t)r * FF, p, FF);
+    }
+    return 0;
+}
+
 int db_cpu_linear_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int N, int C,
                           int OC)
 {

@@ -465,6 +465,7 @@ static db_cuda_api make_api(void)
     SET(gemm_forward);
     SET(linear_forward);
     SET(linear_add_forward);
+    SET(linear_geglu_forward);
     SET(conv2d_forward);
     SET(groupnorm_forward);
     SET(layernorm_forward);

@@ -161,6 +161,12 @@ static inline int db_cuda_prec16(const db_ctx *c)
 {
     return c->precision == DB_PREC_BF16 || c->precision == DB_PREC_F16;
 }
+// nn.GELU (erf form) of one value: eltwise.cu's activations and gemm.cu's
+// fused GEGLU epilogue evaluate the same expression
+__device__ __forceinline__ float db_cuda_gelu_erf1(float x)
+{
+    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+}
 // x rounded to nearest even in fp16 (f16 != 0; overflow gives +-inf) or bf16,
 // as a float
 __device__ __forceinline__ float db_cuda_round16(float x, int f16)

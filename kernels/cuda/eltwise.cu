@@ -18,7 +18,7 @@ enum { THREADS = 256 };
 
 typedef enum { ACT_SILU, ACT_GELU_ERF, ACT_GELU_TANH, ACT_QUICK_GELU } act_kind;
 
-__device__ __forceinline__ float gelu_erf1(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+__device__ __forceinline__ float gelu_erf1(float x) { return db_cuda_gelu_erf1(x); }
 
 __device__ __forceinline__ float act1(act_kind kind, float x)
 {

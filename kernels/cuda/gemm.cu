@@ -56,6 +56,16 @@ int db_cuda_gemm16(db_ctx *c, int batch, int transa, int transb, int M, int N, i
 }
 
 // out (N, OC) += bias (OC) broadcast over rows
+// The epilogue's value of one element: the linear_epilogue_kernel's v.
+__device__ __forceinline__ float epilogue1(float v, const float *bias, size_t j, int mode)
+{
+    if (mode) {
+        const int f16 = mode == 2;
+        return db_cuda_round16(bias ? v + db_cuda_round16(bias[j], f16) : v, f16);
+    }
+    return bias ? v + bias[j] : v;
+}
+
 // The linear's epilogue over out (N, OC), in one pass:
 //   v = out + bias                  (fp32; without a bias v = out: no + 0.0f, -0 stays -0)
 //   v = round(out + round(bias))    (16-bit modes: the float32 sum of the product and
@@ -67,13 +77,26 @@ __global__ static void linear_epilogue_kernel(float *out, const float *bias, con
 {
     const size_t total = N * (size_t)OC;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        float v = out[i];
-        if (mode) {
-            const int f16 = mode == 2;
-            v = db_cuda_round16(bias ? v + db_cuda_round16(bias[i % OC], f16) : v, f16);
-        } else if (bias)
-            v = v + bias[i % OC];
+        const float v = epilogue1(out[i], bias, i % OC, mode);
         out[i] = res ? v + res[i] : v;
+    }
+}
+
+// db_linear_geglu_forward's epilogue: proj (N, 2FF) gets the linear's
+// epilogue (bias, rounding) and out (N, FF) = hidden * gelu(gate) of the
+// finished row, one thread per (row, j): it reads and writes proj's two
+// halves at j and writes out, so proj is read once.
+__global__ static void linear_geglu_epilogue_kernel(float *proj, float *out, const float *bias, size_t N, int FF,
+                                                    int mode)
+{
+    const size_t total = N * (size_t)FF;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / FF, j = i % FF;
+        float *p = proj + r * 2 * FF;
+        const float h = epilogue1(p[j], bias, j, mode), g = epilogue1(p[FF + j], bias, FF + j, mode);
+        p[j] = h;
+        p[FF + j] = g;
+        out[i] = h * db_cuda_gelu_erf1(g);
     }
 }
 
@@ -132,28 +155,51 @@ extern "C" int db_cuda_gemm_forward(db_ctx *c, float *Cm, const float *A, const 
                          transb ? K : N, (long long)K * N, beta, Cm, N, (long long)M * N);
 }
 
+// out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C), before the
+// epilogue: float32, or the compute type's product (float32 out) in 16-bit
+// modes.  The epilogue's mode: 0 fp32, 1 bf16, 2 fp16.
+static int linear_product(db_ctx *c, float *out, const float *inp, const float *weight, int N, int C, int OC,
+                          int *mode)
+{
+    *mode = db_cuda_prec16(c) ? (c->precision == DB_PREC_F16 ? 2 : 1) : 0;
+    if (!*mode)
+        return db_cuda_sgemm(c, 1, 0, 1, N, OC, C, 1.0f, inp, C, 0, weight, C, 0, 0.0f, out, OC, 0);
+    ops16 o = {{db_cuda_to16(c, inp, (size_t)N * C), db_cuda_to16(c, weight, (size_t)OC * C), NULL}};
+    int r = o.p[0] && o.p[1] ? 0 : -1;
+    if (r == 0)
+        r = db_cuda_gemm16(c, 1, 0, 1, N, OC, C, 1.0f, o.p[0], C, 0, o.p[1], C, 0, 0.0f, out, OC, 0);
+    ops16_free(c, &o);
+    return r;
+}
+
 extern "C" int db_cuda_linear_add_forward(db_ctx *c, float *out, const float *inp, const float *weight,
                                           const float *bias, const float *res, int N, int C, int OC)
 {
     DB_ENTER(c);
     if (N == 0 || OC == 0)
         return 0;
-    const int p16 = db_cuda_prec16(c);
-    // out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C); then the epilogue
-    if (p16) {
-        ops16 o = {{db_cuda_to16(c, inp, (size_t)N * C), db_cuda_to16(c, weight, (size_t)OC * C), NULL}};
-        int r = o.p[0] && o.p[1] ? 0 : -1;
-        if (r == 0)
-            r = db_cuda_gemm16(c, 1, 0, 1, N, OC, C, 1.0f, o.p[0], C, 0, o.p[1], C, 0, 0.0f, out, OC, 0);
-        ops16_free(c, &o);
-        if (r != 0)
-            return -1;
-    } else if (db_cuda_sgemm(c, 1, 0, 1, N, OC, C, 1.0f, inp, C, 0, weight, C, 0, 0.0f, out, OC, 0) != 0)
+    int mode;
+    if (linear_product(c, out, inp, weight, N, C, OC, &mode) != 0)
         return -1;
-    if (!p16 && !bias && !res)
+    if (!mode && !bias && !res)
         return 0;
-    linear_epilogue_kernel<<<db_cuda_grid((size_t)N * OC, 256), 256, 0, db_cuda_st(c)->stream>>>(
-        out, bias, res, (size_t)N, OC, p16 ? (c->precision == DB_PREC_F16 ? 2 : 1) : 0);
+    linear_epilogue_kernel<<<db_cuda_grid((size_t)N * OC, 256), 256, 0, db_cuda_st(c)->stream>>>(out, bias, res,
+                                                                                                   (size_t)N, OC, mode);
+    DB_LAUNCHED(c);
+    return 0;
+}
+
+extern "C" int db_cuda_linear_geglu_forward(db_ctx *c, float *proj, float *out, const float *inp, const float *weight,
+                                            const float *bias, int N, int C, int FF)
+{
+    DB_ENTER(c);
+    if (N == 0 || FF == 0)
+        return 0;
+    int mode;
+    if (linear_product(c, proj, inp, weight, N, C, 2 * FF, &mode) != 0)
+        return -1;
+    linear_geglu_epilogue_kernel<<<db_cuda_grid((size_t)N * FF, 256), 256, 0, db_cuda_st(c)->stream>>>(
+        proj, out, bias, (size_t)N, FF, mode);
     DB_LAUNCHED(c);
     return 0;
 }

@@ -129,8 +129,7 @@ int db_tblock_forward(db_ctx *c, float *out, const db_tblock_acts *a, const floa
     db_mha_forward(c, a->x2, &a->at2, a->a2, ctx, a->x1, &w->attn2, B, T, Tc, 0);
     /* out = x2 + ff2(geglu(ff1(norm3(x2)))) */
     db_layernorm_forward(c, a->a3, a->mean3, a->rstd3, a->x2, w->norm3_w, w->norm3_b, N, C, w->eps);
-    db_linear_forward(c, a->f1, a->a3, w->ff1_w, w->ff1_b, N, C, 2 * w->FF); /* (N, 2FF) */
-    db_geglu_forward(c, a->g, a->f1, N, w->FF);                               /* (N, FF) */
+    db_linear_geglu_forward(c, a->f1, a->g, a->a3, w->ff1_w, w->ff1_b, N, C, w->FF); /* (N, 2FF), (N, FF) */
     db_linear_add_forward(c, out, a->g, w->ff2_w, w->ff2_b, a->x2, N, w->FF, C); /* (N, C) */
     return c->err.code ? -1 : 0;
 }

@@ -115,6 +115,16 @@ static int run_linear_add(db_ctx *c, bench *b)
 {
     return db_linear_add_forward(c, b->p[2], b->p[0], b->p[1], b->p[3], b->p[4], b->i[0], b->i[1], b->i[2]);
 }
+/* the feed-forward's projection and GEGLU: two ops, then the fused one */
+static int run_linear_then_geglu(db_ctx *c, bench *b)
+{
+    return db_linear_forward(c, b->p[2], b->p[0], b->p[1], b->p[3], b->i[0], b->i[1], 2 * b->i[2]) ||
+           db_geglu_forward(c, b->p[4], b->p[2], b->i[0], b->i[2]);
+}
+static int run_linear_geglu(db_ctx *c, bench *b)
+{
+    return db_linear_geglu_forward(c, b->p[2], b->p[4], b->p[0], b->p[1], b->p[3], b->i[0], b->i[1], b->i[2]);
+}
 static int run_geglu(db_ctx *c, bench *b) { return db_geglu_forward(c, b->p[1], b->p[0], b->i[0], b->i[1]); }
 static int run_groupnorm(db_ctx *c, bench *b)
 {
@@ -178,6 +188,22 @@ static void bench_linear_res(db_ctx *c, int N, int C, int OC, int reps)
     b.p[3] = buf((size_t)OC, 1), b.p[4] = buf((size_t)N * OC, 1);
     report(c, &b, reps);
     b.name = "linear_add (fused)", b.run = run_linear_add;
+    report(c, &b, reps);
+    for (int i = 0; i < 5; i++)
+        free(b.p[i]);
+}
+
+/* linear (N, C) -> 2FF then GEGLU -> FF: the two ops, then db_linear_geglu_forward */
+static void bench_linear_geglu(db_ctx *c, int N, int C, int FF, int reps)
+{
+    char shape[64];
+    snprintf(shape, sizeof shape, "(%d, %d) -> 2x%d + bias, geglu", N, C, FF);
+    bench b = {.name = "linear, then geglu", .shape = shape, .flop = 2.0 * N * C * 2 * FF,
+               .run = run_linear_then_geglu, .i = {N, C, FF}};
+    b.p[0] = buf((size_t)N * C, 1), b.p[1] = buf((size_t)2 * FF * C, 0.1f), b.p[2] = buf((size_t)N * 2 * FF, 1);
+    b.p[3] = buf((size_t)2 * FF, 1), b.p[4] = buf((size_t)N * FF, 1);
+    report(c, &b, reps);
+    b.name = "linear_geglu (fused)", b.run = run_linear_geglu;
     report(c, &b, reps);
     for (int i = 0; i < 5; i++)
         free(b.p[i]);
@@ -249,6 +275,7 @@ int main(int argc, char **argv)
     bench_linear(c, "linear CLIP MLP", 77, 768, 3072, 20);
     bench_linear_res(c, 4096, 320, 320, 9);   /* attention output + residual at level 1 */
     bench_linear_res(c, 4096, 1280, 320, 5);  /* feed-forward output + residual */
+    bench_linear_geglu(c, 4096, 320, 1280, 5); /* the feed-forward's projection at level 1 */
     {
         bench b = {.name = "geglu", .shape = "(4096, 2*1280)", .bytes = 4096.0 * 1280 * 3 * 4, .run = run_geglu,
                    .i = {4096, 1280}};

@@ -1183,6 +1183,28 @@ static void t_linear_add(db_precision p, int N, int C, int OC, int with_bias)
     release_all();
 }
 
+/* linear_geglu_forward against the device's linear_forward then
+ * geglu_forward: the same projection and output bits */
+static void t_linear_geglu(db_precision p, int N, int C, int FF, int with_bias)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s linear_geglu_forward %dx%d->2x%d%s", p == DB_PREC_F32 ? "fp32" : prec_name(p), N,
+             C, FF, with_bias ? " +bias" : "");
+    if (!have((const void *)api->linear_geglu_forward, what))
+        return;
+    const size_t nx = (size_t)N * C, nw = (size_t)2 * FF * C, np = (size_t)N * 2 * FF, no = (size_t)N * FF;
+    float *x = dputf(hrand(nx, 1), nx), *w = dputf(hrand(nw, 0.2f), nw), *b = dputf(hrand(2 * FF, 1), 2 * FF);
+    float *p2 = dpoison(np), *o2 = dpoison(no), *p1 = dpoison(np), *o1 = dpoison(no);
+    if (gpu_ran(IN_PREC(p, api->linear_forward(&g, p2, x, w, with_bias ? b : NULL, N, C, 2 * FF)), what) &&
+        gpu_ran(IN_PREC(p, api->geglu_forward(&g, o2, p2, N, FF)), what) &&
+        gpu_ran(IN_PREC(p, api->linear_geglu_forward(&g, p1, o1, x, w, with_bias ? b : NULL, N, C, FF)), what)) {
+        const float *a = dget(p1, np), *a2 = dget(p2, np), *c1 = dget(o1, no), *c2 = dget(o2, no);
+        tap_ok(!memcmp(a, a2, np * sizeof *a) && !memcmp(c1, c2, no * sizeof *c1),
+               "%s: projection and output bit-identical to linear_forward then geglu_forward on the device", what);
+    }
+    release_all();
+}
+
 /* Declared weights (db_ctx_declare_weights): a 16-bit working copy must
  * never change a result.  The same linear runs on a declared weight buffer
  * and on an undeclared copy of it, after each event that must keep the
@@ -1603,6 +1625,8 @@ int main(void)
 
     t_linear_add(DB_PREC_F32, 7, 13, 11, 1);
     t_linear_add(DB_PREC_F32, 9, 16, 5, 0);
+    t_linear_geglu(DB_PREC_F32, 7, 13, 6, 1);
+    t_linear_geglu(DB_PREC_F32, 5, 8, 9, 0);
 
     /* precision modes: the matmul-class ops in bf16 and fp16 */
     for (int pi = 0; pi < 2; pi++) {
@@ -1625,6 +1649,7 @@ int main(void)
             tp_linear(p, 7, 13, 11, 0);
             t_linear_add(p, 7, 13, 11, 1);
             t_linear_add(p, 9, 16, 5, 0);
+            t_linear_geglu(p, 7, 13, 6, 1);
             if (!quick)
                 tp_linear(p, 8192, 320, 1280, 1);
         }

@@ -1,5 +1,6 @@
 /* Fused ops against the op sequences they replace, bit for bit:
- * db_linear_add_forward == db_linear_forward then db_add_forward, in fp32,
+ * db_linear_add_forward == db_linear_forward then db_add_forward, and
+ * db_linear_geglu_forward == db_linear_forward then db_geglu_forward, in fp32,
  * bf16 and fp16 (the CPU's autocast emulation), with and without a bias,
  * on 1 and 2 threads, with signed zeros and NaN among the residuals; and
  * a NULL residual is the plain linear.  A broken fusion (the residual added
@@ -70,6 +71,27 @@ int main(void)
                 }
                 db_ctx_set_precision(c, DB_PREC_F32);
             }
+    /* linear + GEGLU: proj (N, 2FF) and out (N, FF) == linear then geglu */
+    enum { FF = 24 };
+    float *w2 = rnd((size_t)2 * FF * C, 5, 0.2f), *b2 = rnd(2 * FF, 6, 0.5f);
+    float *pw = malloc((size_t)N * 2 * FF * sizeof *pw), *pg = malloc((size_t)N * 2 * FF * sizeof *pg);
+    float *ow = malloc((size_t)N * FF * sizeof *ow), *og = malloc((size_t)N * FF * sizeof *og);
+    for (int p = 0; p < 3; p++)
+        for (int t = 0; t < 2; t++)
+            for (int hb = 0; hb < 2; hb++) {
+                db_ctx *c = cs[t];
+                db_ctx_set_precision(c, ps[p]);
+                const int rc = db_linear_forward(c, pw, x, w2, hb ? b2 : NULL, N, C, 2 * FF) ||
+                               db_geglu_forward(c, ow, pw, N, FF) ||
+                               db_linear_geglu_forward(c, pg, og, x, w2, hb ? b2 : NULL, N, C, FF);
+                tap_ok(rc == 0 && same_bits(pw, pg, (size_t)N * 2 * FF) && same_bits(ow, og, (size_t)N * FF),
+                       "%s, %d thread(s), %s bias: linear + GEGLU == linear then geglu (projection and output), bit "
+                       "for bit%s%s", db_precision_name(ps[p]), t + 1, hb ? "with" : "no", rc ? ": " : "",
+                       rc ? c->err.msg : "");
+                db_ctx_set_precision(c, DB_PREC_F32);
+            }
+    free(w2), free(b2), free(pw), free(pg), free(ow), free(og);
+
     const int rc = db_linear_add_forward(c1, got, x, w, b, got, N, C, OC);
     tap_ok(rc != 0 && c1->err.code == DB_EUSAGE, "a residual aliasing the output is refused: %s", c1->err.msg);
     db_ctx_clear_error(c1);
