@@ -740,10 +740,10 @@ int main(int argc, char **argv)
     if (db_arch_preset(&a, arch_name, &err) || db_ctx_create_device(&c, o.device, o.threads, &err)) {
         /* every figure asked for, as failed: the table says why rather than nothing */
         fprintf(stderr, "bench_sd: %s\n", err.msg);
-        static const char *const names[] = {"unet_fwd_b2", "train_step", "train_step_fused", "sample_ddim_cfg",
-                                            "vae_decode"};
-        const int want[] = {want_fwd, want_train, want_train && o.fused, want_sample, want_vae};
-        for (int k = 0; k < 5; k++)
+        static const char *const names[] = {"unet_fwd_b2", "train_step", "train_step_fused", "checkpoint_save",
+                                            "sample_ddim_cfg", "vae_decode"};
+        const int want[] = {want_fwd, want_train, want_train && o.fused, want_train && o.save, want_sample, want_vae};
+        for (int k = 0; k < 6; k++)
             for (int i = 0; i < np && want[k]; i++)
                 report_error(names[k], precs[i], err.msg);
         return 1;

@@ -207,7 +207,7 @@ fi
 # SD1.5 trainer state written synchronously and in the background, when a
 # minute is left (appended to bench_sd.txt; the table lists them)
 if [ $((DEADLINE - SECONDS)) -ge 60 ]; then
-    stage checkpoint-save - $((DEADLINE - SECONDS - 10)) bash -c "DB_CUDA_UNVERIFIED=1 build/bench/bench_sd \
+    stage checkpoint-save - $((DEADLINE - SECONDS - 10)) bash -c "set -o pipefail; DB_CUDA_UNVERIFIED=1 build/bench/bench_sd \
         --device cuda --precision bf16 --only train --reps 2 --budget 2 --save 2>&1 | tee -a '$OUT/bench_sd.txt'"
 else
     echo "== checkpoint-save skipped: $((DEADLINE - SECONDS)) s left"
