@@ -25,9 +25,9 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 7 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+#define DB_CUDA_ABI 8 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
                          4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
-                         7: linear_geglu_forward */
+                         7: linear_geglu_forward; 8: transpose_add_forward */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -53,6 +53,7 @@ extern "C" {
     X(add_channel_forward, (db_ctx *c, float *out, const float *inp, const float *vec, int B, int C, int HW)) \
     X(concat_channels_forward, (db_ctx *c, float *out, const float *a, const float *b, int B, int C1, int C2, int HW)) \
     X(transpose_forward, (db_ctx *c, float *out, const float *inp, int B, int M, int N)) \
+    X(transpose_add_forward, (db_ctx *c, float *out, const float *inp, const float *res, int B, int M, int N)) \
     X(upsample_nearest2x_forward, (db_ctx *c, float *out, const float *inp, int B, int C, int H, int W)) \
     X(timestep_embedding_forward, (db_ctx *c, float *out, const float *timesteps, int B, int D, int flip_sin_to_cos, float shift, float max_period)) \
     X(embedding_forward, (db_ctx *c, float *out, const int32_t *tokens, const float *wte, const float *wpe, int B, int T, int C, int V)) \

@@ -306,6 +306,11 @@ int db_concat_channels_forward(db_ctx *c, float *out, const float *a, const floa
 /* Batched 2-D transpose, e.g. (B, C, HW) <-> (B, HW, C) around a transformer.
  * out (B, N, M); inp (B, M, N).  out must not overlap inp. */
 int db_transpose_forward(db_ctx *c, float *out, const float *inp, int B, int M, int N);
+/* The same plus a residual in the same pass: out = transpose(inp) + res,
+ * res (B, N, M) (the Transformer2D's output back to (B, C, HW) plus its
+ * input); exactly db_transpose_forward then db_add_forward.  res must not
+ * overlap out. */
+int db_transpose_add_forward(db_ctx *c, float *out, const float *inp, const float *res, int B, int M, int N);
 /* F.interpolate(scale_factor=2, mode="nearest").  out (B, C, 2H, 2W); inp (B, C, H, W). */
 int db_upsample_nearest2x_forward(db_ctx *c, float *out, const float *inp, int B, int C, int H, int W);
 

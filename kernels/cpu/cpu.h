@@ -104,6 +104,7 @@ int db_cpu_add_channel_forward(db_ctx *c, float *out, const float *inp, const fl
 int db_cpu_concat_channels_forward(db_ctx *c, float *out, const float *a, const float *b, int B, int C1, int C2,
                                    int HW);
 int db_cpu_transpose_forward(db_ctx *c, float *out, const float *inp, int B, int M, int N);
+int db_cpu_transpose_add_forward(db_ctx *c, float *out, const float *inp, const float *res, int B, int M, int N);
 int db_cpu_upsample_nearest2x_forward(db_ctx *c, float *out, const float *inp, int B, int C, int H, int W);
 int db_cpu_timestep_embedding_forward(db_ctx *c, float *out, const float *timesteps, int B, int D,
                                       int flip_sin_to_cos, float shift, float max_period);

@@ -684,6 +684,21 @@ int db_concat_channels_forward(db_ctx *c, float *out, const float *a, const floa
     }
 }
 
+int db_transpose_add_forward(db_ctx *c, float *out, const float *inp, const float *res, int B, int M, int N)
+{
+    ENTER(c);
+    REQUIRE(c, "transpose", out && inp && out != inp && res != out && B > 0 && M > 0 && N > 0);
+    switch (c->device) {
+    case DB_CPU:
+    case DB_CPU_STRICT:
+        return db_cpu_transpose_add_forward(c, out, inp, res, B, M, N);
+    case DB_CUDA:
+        return CUDA_OP(c, transpose_add_forward, "transpose", out, inp, res, B, M, N);
+    default:
+        return no_backend(c, "transpose");
+    }
+}
+
 int db_transpose_forward(db_ctx *c, float *out, const float *inp, int B, int M, int N)
 {
     ENTER(c);

@@ -160,17 +160,27 @@ int db_cpu_concat_channels_forward(db_ctx *c, float *out, const float *a, const 
 
 int db_cpu_transpose_forward(db_ctx *c, float *out, const float *inp, int B, int M, int N)
 {
+    return db_cpu_transpose_add_forward(c, out, inp, NULL, B, M, N);
+}
+
+int db_cpu_transpose_add_forward(db_ctx *c, float *out, const float *inp, const float *res, int B, int M, int N)
+{
     enum { TB = 32 }; /* 32x32 tiles: both sides touch whole cache lines */
     const int tm = (M + TB - 1) / TB, tn = (N + TB - 1) / TB;
 #pragma omp parallel for num_threads(c->threads) schedule(static)
     for (long t = 0; t < (long)B * tm * tn; t++) {
         const int b = (int)(t / ((long)tm * tn)), i0 = (int)(t / tn % tm) * TB, j0 = (int)(t % tn) * TB;
-        const float *x = inp + (size_t)b * M * N;
+        const float *x = inp + (size_t)b * M * N, *r = res ? res + (size_t)b * M * N : NULL;
         float *y = out + (size_t)b * M * N;
         const int ie = i0 + TB < M ? i0 + TB : M, je = j0 + TB < N ? j0 + TB : N;
-        for (int j = j0; j < je; j++)
-            for (int i = i0; i < ie; i++)
-                y[(size_t)j * M + i] = x[(size_t)i * N + j];
+        if (r)
+            for (int j = j0; j < je; j++)
+                for (int i = i0; i < ie; i++)
+                    y[(size_t)j * M + i] = x[(size_t)i * N + j] + r[(size_t)j * M + i];
+        else
+            for (int j = j0; j < je; j++)
+                for (int i = i0; i < ie; i++)
+                    y[(size_t)j * M + i] = x[(size_t)i * N + j];
     }
     return 0;
 }

@@ -481,6 +481,7 @@ static db_cuda_api make_api(void)
     SET(add_channel_forward);
     SET(concat_channels_forward);
     SET(transpose_forward);
+    SET(transpose_add_forward);
     SET(upsample_nearest2x_forward);
     SET(timestep_embedding_forward);
     SET(embedding_forward);

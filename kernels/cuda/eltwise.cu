@@ -334,9 +334,10 @@ extern "C" int db_cuda_concat_channels_backward(db_ctx *c, float *da, float *db,
     return 0;
 }
 
-// grid (ceil(N/32), ceil(M/32), B), block (32, 8).  out (B, N, M); inp (B, M, N).
+// grid (ceil(N/32), ceil(M/32), B), block (32, 8).  out (B, N, M); inp (B, M, N);
+// res (B, N, M) added as each element is written, or NULL.
 // A 32x33 shared tile: reads and writes both coalesced, no bank conflicts.
-__global__ static void transpose_kernel(float *out, const float *inp, int M, int N)
+__global__ static void transpose_kernel(float *out, const float *inp, const float *res, int M, int N)
 {
     __shared__ float tile[32][33];
     const size_t base = (size_t)blockIdx.z * M * N;
@@ -350,12 +351,20 @@ __global__ static void transpose_kernel(float *out, const float *inp, int M, int
     const int i = blockIdx.y * 32 + threadIdx.x; // column of out
     for (int k = threadIdx.y; k < 32; k += 8) {
         const int jj = blockIdx.x * 32 + k; // row of out
-        if (jj < N && i < M)
-            out[base + (size_t)jj * M + i] = tile[threadIdx.x][k];
+        if (jj < N && i < M) {
+            const size_t o = base + (size_t)jj * M + i;
+            out[o] = res ? tile[threadIdx.x][k] + res[o] : tile[threadIdx.x][k];
+        }
     }
 }
 
 extern "C" int db_cuda_transpose_forward(db_ctx *c, float *out, const float *inp, int B, int M, int N)
+{
+    return db_cuda_transpose_add_forward(c, out, inp, NULL, B, M, N);
+}
+
+extern "C" int db_cuda_transpose_add_forward(db_ctx *c, float *out, const float *inp, const float *res, int B, int M,
+                                             int N)
 {
     DB_ENTER(c);
     if ((size_t)B * M * N == 0)
@@ -363,7 +372,7 @@ extern "C" int db_cuda_transpose_forward(db_ctx *c, float *out, const float *inp
     if (B > 65535)
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "transpose: batch %d over 65535", B);
     dim3 grid((unsigned)((N + 31) / 32), (unsigned)((M + 31) / 32), (unsigned)B), block(32, 8);
-    transpose_kernel<<<grid, block, 0, db_cuda_st(c)->stream>>>(out, inp, M, N);
+    transpose_kernel<<<grid, block, 0, db_cuda_st(c)->stream>>>(out, inp, res, M, N);
     DB_LAUNCHED(c);
     return 0;
 }

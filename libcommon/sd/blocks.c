@@ -170,8 +170,7 @@ int db_transformer2d_forward(db_ctx *c, float *out, const db_transformer2d_acts 
         h = o;
     }
     db_linear_forward(c, a->y, h, w->out_w, w->out_b, N, C, C);      /* (N, C) */
-    db_transpose_forward(c, out, a->y, B, HW, C);                     /* (B, HW, C) -> (B, C, HW) */
-    db_add_forward(c, out, out, x, NC);
+    db_transpose_add_forward(c, out, a->y, x, B, HW, C);              /* (B, HW, C) -> (B, C, HW), + x */
     return c->err.code ? -1 : 0;
 }
 

@@ -125,6 +125,17 @@ static int run_linear_geglu(db_ctx *c, bench *b)
 {
     return db_linear_geglu_forward(c, b->p[2], b->p[4], b->p[0], b->p[1], b->p[3], b->i[0], b->i[1], b->i[2]);
 }
+/* the Transformer2D's output back to (B, C, HW) plus its input */
+static int run_transpose_then_add(db_ctx *c, bench *b)
+{
+    const size_t n = (size_t)b->i[0] * b->i[1] * b->i[2];
+    return db_transpose_forward(c, b->p[1], b->p[0], b->i[0], b->i[1], b->i[2]) ||
+           db_add_forward(c, b->p[1], b->p[1], b->p[2], n);
+}
+static int run_transpose_add(db_ctx *c, bench *b)
+{
+    return db_transpose_add_forward(c, b->p[1], b->p[0], b->p[2], b->i[0], b->i[1], b->i[2]);
+}
 static int run_geglu(db_ctx *c, bench *b) { return db_geglu_forward(c, b->p[1], b->p[0], b->i[0], b->i[1]); }
 static int run_groupnorm(db_ctx *c, bench *b)
 {
@@ -209,6 +220,22 @@ static void bench_linear_geglu(db_ctx *c, int N, int C, int FF, int reps)
         free(b.p[i]);
 }
 
+static void bench_transpose_add(db_ctx *c, int B, int HW, int C, int reps)
+{
+    char shape[64];
+    snprintf(shape, sizeof shape, "(%d, %d, %d) -> (%d, %d, %d) + res", B, HW, C, B, C, HW);
+    const size_t n = (size_t)B * HW * C;
+    /* bytes: read inp and res, write out (the fused op's traffic) */
+    bench b = {.name = "transpose, then add", .shape = shape, .bytes = 12.0 * n, .run = run_transpose_then_add,
+               .i = {B, HW, C}};
+    b.p[0] = buf(n, 1), b.p[1] = buf(n, 1), b.p[2] = buf(n, 1);
+    report(c, &b, reps);
+    b.name = "transpose_add (fused)", b.run = run_transpose_add;
+    report(c, &b, reps);
+    for (int i = 0; i < 3; i++)
+        free(b.p[i]);
+}
+
 int main(int argc, char **argv)
 {
     int threads = argc > 1 ? atoi(argv[1]) : 0;
@@ -276,6 +303,7 @@ int main(int argc, char **argv)
     bench_linear_res(c, 4096, 320, 320, 9);   /* attention output + residual at level 1 */
     bench_linear_res(c, 4096, 1280, 320, 5);  /* feed-forward output + residual */
     bench_linear_geglu(c, 4096, 320, 1280, 5); /* the feed-forward's projection at level 1 */
+    bench_transpose_add(c, 2, 4096, 320, 20);  /* a Transformer2D's output at level 1, batch 2 */
     {
         bench b = {.name = "geglu", .shape = "(4096, 2*1280)", .bytes = 4096.0 * 1280 * 3 * 4, .run = run_geglu,
                    .i = {4096, 1280}};

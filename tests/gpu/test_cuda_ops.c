@@ -1205,6 +1205,25 @@ static void t_linear_geglu(db_precision p, int N, int C, int FF, int with_bias)
     release_all();
 }
 
+/* transpose_add_forward against the device's transpose_forward then add_forward */
+static void t_transpose_add(int B, int M, int N)
+{
+    char what[160];
+    snprintf(what, sizeof what, "transpose_add_forward B%d %dx%d", B, M, N);
+    if (!have((const void *)api->transpose_add_forward, what))
+        return;
+    const size_t n = (size_t)B * M * N;
+    float *x = dputf(hrand(n, 1), n), *r = dputf(hrand(n, 1), n), *two = dpoison(n), *one = dpoison(n);
+    if (gpu_ran(api->transpose_forward(&g, two, x, B, M, N), what) &&
+        gpu_ran(api->add_forward(&g, two, two, r, n), what) &&
+        gpu_ran(api->transpose_add_forward(&g, one, x, r, B, M, N), what)) {
+        const float *a = dget(one, n), *b = dget(two, n);
+        tap_ok(!memcmp(a, b, n * sizeof *a), "%s: bit-identical to transpose_forward then add_forward on the device",
+               what);
+    }
+    release_all();
+}
+
 /* Declared weights (db_ctx_declare_weights): a 16-bit working copy must
  * never change a result.  The same linear runs on a declared weight buffer
  * and on an undeclared copy of it, after each event that must keep the
@@ -1627,6 +1646,7 @@ int main(void)
     t_linear_add(DB_PREC_F32, 9, 16, 5, 0);
     t_linear_geglu(DB_PREC_F32, 7, 13, 6, 1);
     t_linear_geglu(DB_PREC_F32, 5, 8, 9, 0);
+    t_transpose_add(2, 45, 70);
 
     /* precision modes: the matmul-class ops in bf16 and fp16 */
     for (int pi = 0; pi < 2; pi++) {

@@ -1,6 +1,7 @@
 /* Fused ops against the op sequences they replace, bit for bit:
  * db_linear_add_forward == db_linear_forward then db_add_forward, and
- * db_linear_geglu_forward == db_linear_forward then db_geglu_forward, in fp32,
+ * db_linear_geglu_forward == db_linear_forward then db_geglu_forward, and
+ * db_transpose_add_forward == db_transpose_forward then db_add_forward, in fp32,
  * bf16 and fp16 (the CPU's autocast emulation), with and without a bias,
  * on 1 and 2 threads, with signed zeros and NaN among the residuals; and
  * a NULL residual is the plain linear.  A broken fusion (the residual added
@@ -91,6 +92,23 @@ int main(void)
                 db_ctx_set_precision(c, DB_PREC_F32);
             }
     free(w2), free(b2), free(pw), free(pg), free(ow), free(og);
+
+    /* transpose + residual: (B, M, N) -> (B, N, M), plus res */
+    {
+        enum { TBt = 2, TM = 45, TN = 70 };
+        const size_t n = (size_t)TBt * TM * TN;
+        float *tin = rnd(n, 7, 1.0f), *tres = rnd(n, 8, 1.0f);
+        float *t2 = malloc(n * sizeof *t2), *t1 = malloc(n * sizeof *t1);
+        tres[3] = -0.0f;
+        for (int t = 0; t < 2; t++) {
+            const int rc = db_transpose_forward(cs[t], t2, tin, TBt, TM, TN) ||
+                           db_add_forward(cs[t], t2, t2, tres, n) ||
+                           db_transpose_add_forward(cs[t], t1, tin, tres, TBt, TM, TN);
+            tap_ok(rc == 0 && same_bits(t1, t2, n), "%d thread(s): transpose + residual == transpose then add, bit "
+                   "for bit (2 x 45 x 70, partial tiles)", t + 1);
+        }
+        free(tin), free(tres), free(t2), free(t1);
+    }
 
     const int rc = db_linear_add_forward(c1, got, x, w, b, got, N, C, OC);
     tap_ok(rc != 0 && c1->err.code == DB_EUSAGE, "a residual aliasing the output is refused: %s", c1->err.msg);
