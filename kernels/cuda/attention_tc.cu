@@ -243,28 +243,9 @@ template <typename T>
 static int dispatch(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v, int B, int Tq,
                     int Tk, int NH, int HS, int causal, float rescale)
 {
-    switch ((HS + 15) / 16) {
-    case 1:
-        return launch<T, 1>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
-    case 2:
-        return launch<T, 2>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
-    case 3:
-        return launch<T, 3>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
-    case 4:
-        return launch<T, 4>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
-    case 5:
-        return launch<T, 5>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
-    case 6:
-        return launch<T, 6>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
-    case 7:
-        return launch<T, 7>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
-    case 8:
-        return launch<T, 8>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
-    case 9:
-        return launch<T, 9>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
-    default:
-        return launch<T, 10>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
-    }
+    return with_nd(HS, [&](auto nd) {
+        return launch<T, decltype(nd)::value>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
+    });
 }
 
 int attention_tc(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v, int dtype, int B,

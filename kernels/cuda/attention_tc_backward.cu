@@ -357,38 +357,9 @@ static int dispatch(db_ctx *c, float *dq, float *dk, float *dv, const void *dout
     if (e != cudaSuccess)
         db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "attn_tc_d_kernel: %s", cudaGetErrorString(e));
     else
-        switch ((HS + 15) / 16) {
-        case 1:
-            r = launch<T, 1>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
-            break;
-        case 2:
-            r = launch<T, 2>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
-            break;
-        case 3:
-            r = launch<T, 3>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
-            break;
-        case 4:
-            r = launch<T, 4>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
-            break;
-        case 5:
-            r = launch<T, 5>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
-            break;
-        case 6:
-            r = launch<T, 6>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
-            break;
-        case 7:
-            r = launch<T, 7>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
-            break;
-        case 8:
-            r = launch<T, 8>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
-            break;
-        case 9:
-            r = launch<T, 9>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
-            break;
-        default:
-            r = launch<T, 10>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
-            break;
-        }
+        r = with_nd(HS, [&](auto nd) {
+            return launch<T, decltype(nd)::value>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
+        });
     db_cuda_free(c, D); // stream order keeps it alive for the kernels
     return r;
 }

@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 #include <math.h>
 #include <mma.h>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cuda/cuda.h"
@@ -28,6 +29,17 @@ enum {
     LDS = BT + 8,    // row stride of the fp32 strips (floats) and of the forward's Ps (elements)
     TC_HS_MAX = 160, // ND = HSP / 16 <= 10
 };
+
+// The kernels are instantiated per fragment count ND = ceil(HS / 16), 1 ..
+// TC_HS_MAX / 16: f(std::integral_constant<int, ND>{}) for the head size's
+// (the callers have checked HS against TC_HS_MAX).
+template <int ND = 1, typename F> inline int with_nd(int HS, F &&f)
+{
+    if constexpr (ND < TC_HS_MAX / 16)
+        if ((HS + 15) / 16 > ND)
+            return with_nd<ND + 1>(HS, f);
+    return f(std::integral_constant<int, ND>{});
+}
 
 // log2(e) / sqrt(HS), computed in double and rounded once to fp32: the scale
 // that takes q . k to log2 units (the softmax runs on exp2f); the backward
