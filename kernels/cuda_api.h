@@ -25,9 +25,9 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 8 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+#define DB_CUDA_ABI 9 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
                          4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
-                         7: linear_geglu_forward; 8: transpose_add_forward */
+                         7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -124,6 +124,18 @@ typedef struct db_cuda_api {
      * makes the ctx's stream wait for everything queued on it since. */
     void *(*side_begin)(db_ctx *c);
     int (*side_join)(db_ctx *c);
+    /* CUDA graphs (kernels/ops.h db_graph_capture): graph_begin starts
+     * capturing the ctx's stream (the ops queued until graph_end are
+     * recorded, not run; the allocator serves them from a pool the graph
+     * will own); graph_end stops and returns the instantiated graph, or NULL
+     * with c->err set when the capture failed or a block allocated during it
+     * is still live (the pool then goes back to the cache: nothing ran).
+     * graph_launch queues one replay on the ctx's stream; graph_free waits
+     * for the stream and returns the graph's pool to the cache. */
+    int (*graph_begin)(db_ctx *c);
+    void *(*graph_end)(db_ctx *c);
+    int (*graph_launch)(db_ctx *c, void *graph);
+    void (*graph_free)(db_ctx *c, void *graph);
 } db_cuda_api;
 
 /* Exported by libdb_cuda.so: the table, or NULL when the library was built

@@ -198,6 +198,43 @@ int db_ctx_zero(db_ctx *c, void *p, size_t bytes);
 /* Wait until every op queued on c has finished; reports asynchronous errors. */
 int db_ctx_sync(db_ctx *c);
 
+/* ---- graphs: a piece of device work recorded once and replayed -------------
+ * A sampling loop runs the same UNet call on the same buffers at every step;
+ * on a GPU most of a step's host time goes into launching its ~1000 kernels
+ * one by one.  db_graph_capture records the device work of fn(arg, err) on c
+ * without running it, and db_graph_launch queues the whole of it at once:
+ *   CUDA: a CUDA graph (stream capture).  The blocks fn allocates come from
+ *         a pool the graph owns until db_graph_free (its replays write into
+ *         them), so memory grows by what fn uses at its peak.
+ *   CPU:  nothing is recorded; db_graph_launch calls fn(arg, err) again (the
+ *         ops run as they are called, so there is nothing to save), which
+ *         keeps one code path for callers and tests it on every device.
+ * fn must be replayable: every buffer it reads or writes outside its own
+ * temporaries stays at the same address with the inputs refreshed in place
+ * before each launch (db_ctx_copy H2D into them), it copies nothing between
+ * host and device and never waits (db_ctx_sync, D2H copies, host reads of
+ * results), it frees what it allocates, and what it captures must not
+ * depend on host values that change between launches (scalars are baked in).
+ * Call fn once directly first (a warm-up): state built lazily at an op's
+ * first call (cuDNN plans and their search, 16-bit weight copies) must exist
+ * before the capture, or the capture fails.  Weights fn reads must not change
+ * while the graph lives.
+ * The graph keeps its own copy of arg's arg_size bytes, taken at the capture,
+ * and fn always gets that copy: values the caller changes in its arg later
+ * do not reach the replays on any device, as a CUDA graph keeps the
+ * arguments its kernels were launched with (a change of shape needs a new
+ * graph).  Pointers in arg are copied as pointers.
+ * Returns 0 with *g set; 1 when the device could not capture this work (the
+ * reason in err, c left without an error: the caller runs fn directly
+ * instead); -1 when c had already failed.  Graphs are freed before their
+ * ctx. */
+typedef struct db_graph db_graph;
+typedef int (*db_graph_fn)(void *arg, db_err *err);
+int db_graph_capture(db_ctx *c, db_graph **g, db_graph_fn fn, const void *arg, size_t arg_size, db_err *err);
+/* Queue one replay (CUDA: no wait; CPU: fn runs now).  0, or -1 with err. */
+int db_graph_launch(db_graph *g, db_err *err);
+void db_graph_free(db_graph *g); /* NULL: nothing */
+
 /* ---- GEMM and linear ------------------------------------------------------ */
 
 /* Row-major batched GEMM: for each of `batch` matrices,

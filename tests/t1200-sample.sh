@@ -50,6 +50,9 @@ recs = objs[1:-1]
 assert len(recs) == 3 and all(r['shape'] == [4, 8, 8] and r['dtype'] == 'f32' for r in recs)
 assert objs[-1]['end'] is True and objs[-1]['count'] == 3
 PYEOF"
+ok "the same without a graph (--no-graph)" $S --prompt "a photo of sks dog" --seed 3 -n 3 --batch 2 \
+    --negative-prompt "blurry" --scheduler euler_a -o "$T/ng.png" --latents-out "$T/ng.dbt" --no-graph
+check "--no-graph: byte-identical latents" "cmp -s '$T/b.dbt' '$T/ng.dbt'"
 ok "image 2 alone" $S --prompt "a photo of sks dog" --seed 3 -n 3 --scheduler euler_a --negative-prompt blurry \
     -o "$T/c.png"
 check "batching does not change images (b-0002 == c-0002)" \

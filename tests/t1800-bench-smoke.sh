@@ -33,7 +33,7 @@ $BS $SMALL > "$T/all.txt" 2> "$T/all.err"
 rc=$?
 sed 's/^/# /' "$T/all.txt" "$T/all.err" | head -30
 check "bench_sd --tiny on the CPU exits 0" "[ $rc = 0 ]"
-for n in unet_fwd_b2 train_step sample_ddim_cfg vae_decode; do
+for n in unet_fwd_b2 unet_fwd_b2_graph train_step sample_ddim_cfg sample_ddim_cfg_nograph vae_decode; do
     check "$n: BENCH line with positive ms, tflops, peak_mib" valid "$T/all.txt" $n
 done
 check "the sample ran the asked steps" "grep -q 'name=sample_ddim_cfg .* steps=3' '$T/all.txt'"
@@ -60,8 +60,9 @@ check "... and nothing left in the temporary directory" "! ls '${TMPDIR:-/tmp}' 
 $BS $SMALL --only fwd --precision fp32,bf16 > "$T/fwd.txt" 2>&1
 rc=$?
 check "--only fwd --precision fp32,bf16 exits 0" "[ $rc = 0 ]"
-check "  two forward lines, fp32 and bf16, nothing else" \
-    "[ \"\$(grep -c '^BENCH' '$T/fwd.txt')\" = 2 ] && grep -q 'name=unet_fwd_b2 .*precision=bf16' '$T/fwd.txt'"
+check "  forward lines, direct and as a graph, fp32 and bf16, nothing else" \
+    "[ \"\$(grep -c '^BENCH' '$T/fwd.txt')\" = 4 ] && grep -q 'name=unet_fwd_b2 .*precision=bf16' '$T/fwd.txt' &&
+     grep -q 'name=unet_fwd_b2_graph .*precision=bf16' '$T/fwd.txt'"
 fails_with 2 "unknown precision" "--precision fp64 is a usage error" $BS --tiny --precision fp64
 fails_with 2 "only takes" "--only bogus is a usage error" $BS --tiny --only bogus
 fails_with 2 "" "an unknown option is a usage error" $BS --tiny --frobnicate

@@ -400,7 +400,7 @@ static int generate_main(int argc, char **argv)
     const char *device = "cpu", *config = NULL, *shard = "0/1", *precision = "fp32";
     int64_t n = 0, batch = 1, steps = 50, width = 512, height = 512, seed = 0, threads = 0;
     double guidance = 7.5;
-    int quiet = 0, verbose = 0;
+    int quiet = 0, verbose = 0, no_graph = 0;
     db_opt opts[] = {
         {"model", 'm', DB_OPT_STR, "MODEL", "checkpoint: diffusers folder, .safetensors or .ckpt", &model, NULL, 0},
         {"prompt", 'p', DB_OPT_STR, "TEXT", "the class prompt, e.g. \"a photo of a dog\"", &prompt, NULL, 0},
@@ -424,6 +424,8 @@ static int generate_main(int argc, char **argv)
         {"precision", 0, DB_OPT_STR, "fp32|bf16|fp16", "compute type of the matmuls, convolutions and attention "
          "(autocast; weights stay fp32; on the CPU an emulation, slower); part of a sample's settings",
          &precision, "fp32", 0},
+        {"no-graph", 0, DB_OPT_FLAG, NULL, "on a GPU, launch each denoising step's kernels one by one instead of "
+         "replaying the step as a CUDA graph from the second step on (same results; for debugging)", &no_graph, NULL, 0},
         {"quiet", 'q', DB_OPT_FLAG, NULL, "only errors on stderr", &quiet, NULL, 0},
         {"verbose", 'v', DB_OPT_FLAG, NULL, "more detail on stderr", &verbose, NULL, 0},
         {0},
@@ -543,6 +545,7 @@ static int generate_main(int argc, char **argv)
             .prompt = prompt, .negative = negative, .scheduler = sched, .steps = (int)steps, .guidance = guidance,
             .width = (int)width, .height = (int)height, .n_images = (int)k, .batch = (int)k,
             .seed = (uint64_t)seed, .first_index = (int)i, .clip_skip = 1, .log = &lg, .progress = 0,
+            .no_graph = no_graph,
         };
         /* Over ZeroMQ the sample's stream opens before the sampler runs: for
          * the minute it takes, the collector holds an open stream, so if we

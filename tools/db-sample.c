@@ -136,7 +136,7 @@ int main(int argc, char **argv)
     const char *precision = "fp32";
     int64_t n = 1, batch = 1, steps = 50, width = 512, height = 512, seed = 0, threads = 0, clip_skip = 1;
     double guidance = 7.5, eta = 0;
-    int quiet = 0, verbose = 0;
+    int quiet = 0, verbose = 0, no_graph = 0;
     db_opt opts[] = {
         {"model", 'm', DB_OPT_STR, "MODEL", "checkpoint: diffusers folder, .safetensors or .ckpt", &model, NULL, 0},
         {"prompt", 'p', DB_OPT_STR, "TEXT", "what to draw; A1111 emphasis (word:1.3) (word) [word] and BREAK",
@@ -166,6 +166,8 @@ int main(int argc, char **argv)
         {"device", 0, DB_OPT_STR, "cpu|cuda[:N]", "compute device (cpu-strict: the CPU with a GPU's memory discipline, for tests)", &device, "cpu", 0},
         {"precision", 0, DB_OPT_STR, "fp32|bf16|fp16", "compute type of the matmuls, convolutions and attention "
          "(autocast; weights stay fp32; on the CPU an emulation, slower)", &precision, "fp32", 0},
+        {"no-graph", 0, DB_OPT_FLAG, NULL, "on a GPU, launch each denoising step's kernels one by one instead of "
+         "replaying the step as a CUDA graph from the second step on (same results; for debugging)", &no_graph, NULL, 0},
         {"quiet", 'q', DB_OPT_FLAG, NULL, "only errors on stderr", &quiet, NULL, 0},
         {"verbose", 'v', DB_OPT_FLAG, NULL, "more detail on stderr", &verbose, NULL, 0},
         {0},
@@ -242,7 +244,7 @@ int main(int argc, char **argv)
         .prompt = prompt, .negative = negative, .scheduler = sched, .steps = (int)steps, .guidance = guidance,
         .eta = eta, .width = (int)width, .height = (int)height, .n_images = (int)n,
         .batch = (int)(batch < n ? batch : n), .seed = (uint64_t)seed, .clip_skip = (int)clip_skip, .log = &lg,
-        .progress = !quiet,
+        .progress = !quiet, .no_graph = no_graph,
     };
     float *noise = NULL;
     if (noise_in && read_noise(noise_in, &sd.model.arch, (int)n, (int)height, (int)width, &noise, &e)) {

@@ -355,6 +355,84 @@ int db_ctx_sync(db_ctx *c)
     return c->device == DB_CUDA ? c->cuda_api->sync(c) : 0;
 }
 
+/* ---- graphs (ops.h db_graph_capture) ----------------------------------------------- */
+
+struct db_graph {
+    db_ctx *c;
+    db_graph_fn fn; /* the CPU's replay */
+    void *arg;      /* the copy fn gets */
+    void *dev;      /* the backend's graph (CUDA), or NULL */
+};
+
+int db_graph_capture(db_ctx *c, db_graph **g, db_graph_fn fn, const void *arg, size_t arg_size, db_err *err)
+{
+    *g = NULL;
+    if (c->err.code) {
+        *err = c->err;
+        return -1;
+    }
+    db_graph *ng = calloc(1, sizeof *ng);
+    void *copy = malloc(arg_size ? arg_size : 1);
+    if (!ng || !copy) {
+        free(ng);
+        free(copy);
+        return db_err_set(err, DB_ENOMEM, "graph: out of memory");
+    }
+    memcpy(copy, arg, arg_size);
+    ng->c = c;
+    ng->fn = fn;
+    ng->arg = copy;
+    if (c->device == DB_CUDA) {
+        /* the capture fails as a whole: whatever went wrong during it (an op
+         * that waits or copies to the host, a lazily built plan, memory), the
+         * caller runs fn directly, where a real error shows up again */
+        int rc = c->cuda_api->graph_begin(c);
+        if (rc == 0) {
+            db_err ferr = {0};
+            rc = fn(ng->arg, &ferr);
+            ng->dev = c->cuda_api->graph_end(c);
+            if (rc == 0 && !ng->dev)
+                rc = -1;
+            if (rc && !c->err.code) /* fn failed on its own */
+                c->err = ferr;
+        }
+        if (rc || !ng->dev) {
+            if (ng->dev)
+                c->cuda_api->graph_free(c, ng->dev);
+            db_err_set(err, c->err.code ? c->err.code : DB_EUNSUPP, "graph capture: %s",
+                       c->err.code ? c->err.msg : "failed");
+            db_ctx_clear_error(c);
+            free(ng->arg);
+            free(ng);
+            return 1;
+        }
+    }
+    *g = ng;
+    return 0;
+}
+
+int db_graph_launch(db_graph *g, db_err *err)
+{
+    db_ctx *c = g->c;
+    if (!g->dev)
+        return g->fn(g->arg, err);
+    if (c->cuda_api->graph_launch(c, g->dev)) {
+        *err = c->err;
+        return -1;
+    }
+    return 0;
+}
+
+void db_graph_free(db_graph *g)
+{
+    if (!g)
+        return;
+    if (g->dev)
+        g->c->cuda_api->graph_free(g->c, g->dev);
+    free(g->arg);
+    free(g);
+}
+
 /* Every op starts with ENTER: a failed ctx stays failed (sticky error). */
 /* ... and on a cpu-strict ctx opens its buffers for the op, closing them
  * again however the op returns (the cleanup attribute). */

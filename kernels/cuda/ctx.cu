@@ -62,7 +62,11 @@ static size_t hash_ptr(const void *p, size_t cap)
     return (size_t)(x >> 17) & (cap - 1);
 }
 
-static int live_put(db_ctx *c, void *p, size_t n)
+// A live block's size is a multiple of 256; bit 0 of its entry marks a block
+// allocated during a graph capture (LIVE_CAPTURED).
+enum { LIVE_CAPTURED = 1 };
+
+static int live_put(db_ctx *c, void *p, size_t n, int captured)
 {
     db_cuda_state *st = db_cuda_st(c);
     if (2 * (st->live_count + 1) > st->live_cap) { // grow at half full
@@ -93,14 +97,15 @@ static int live_put(db_ctx *c, void *p, size_t n)
     while (st->live_p[h])
         h = (h + 1) & (st->live_cap - 1);
     st->live_p[h] = p;
-    st->live_n[h] = n;
+    st->live_n[h] = n | (captured ? LIVE_CAPTURED : 0);
     st->live_count++;
     st->live_bytes += n;
     return 0;
 }
 
-// Removes p; returns its size, or 0 when p is not a live block.
-static size_t live_take(db_cuda_state *st, void *p)
+// Removes p; returns its size, or 0 when p is not a live block; *captured
+// says whether it was allocated during a graph capture.
+static size_t live_take(db_cuda_state *st, void *p, int *captured)
 {
     if (!st->live_cap)
         return 0;
@@ -109,7 +114,8 @@ static size_t live_take(db_cuda_state *st, void *p)
         h = (h + 1) & mask;
     if (!st->live_p[h])
         return 0;
-    size_t n = st->live_n[h];
+    size_t n = st->live_n[h] & ~(size_t)LIVE_CAPTURED;
+    *captured = (int)(st->live_n[h] & LIVE_CAPTURED);
     st->live_p[h] = NULL;
     st->live_count--;
     st->live_bytes -= n;
@@ -130,6 +136,30 @@ static size_t live_take(db_cuda_state *st, void *p)
 
 // ---- the allocator ---------------------------------------------------------------
 
+// The cached block of lists (the ctx's free lists or a capture's pool) to
+// serve `rounded` bytes of class k: its link, or NULL.
+static db_cuda_block **find_block(db_cuda_block **lists, int k, size_t rounded)
+{
+    db_cuda_block **from = NULL;
+    if (k == DB_CUDA_LARGE_CLASS) { // best fit among the large ones, at most 1/8 over
+        for (db_cuda_block **l = &lists[k]; *l; l = &(*l)->next)
+            if ((*l)->bytes >= rounded && (*l)->bytes - rounded <= rounded / 8 &&
+                (!from || (*l)->bytes < (*from)->bytes))
+                from = l;
+    } else if (lists[k]) {
+        from = &lists[k];
+    }
+    return from;
+}
+
+static void push_block(db_cuda_block **lists, db_cuda_block *b)
+{
+    size_t rounded;
+    int k = size_class(b->bytes, &rounded);
+    b->next = lists[k];
+    lists[k] = b;
+}
+
 static void release_cached(db_cuda_state *st)
 {
     for (int k = 0; k < DB_CUDA_NCLASS; k++) {
@@ -143,6 +173,11 @@ static void release_cached(db_cuda_state *st)
     st->cached_bytes = 0;
 }
 
+// During a graph capture a request is served from the capture's pool first,
+// then from the cache (the block joins the pool: every op that used it was
+// queued before the capture began, so the replays come after them), then
+// from the driver; never by emptying the cache (cudaFree is not allowed
+// while capturing).
 void *db_cuda_alloc(db_ctx *c, size_t bytes)
 {
     if (c->err.code != 0)
@@ -151,25 +186,23 @@ void *db_cuda_alloc(db_ctx *c, size_t bytes)
     size_t rounded;
     int k = size_class(bytes, &rounded);
     void *p = NULL;
-    db_cuda_block **from = NULL; // the cached block to reuse: its link
-    if (k == DB_CUDA_LARGE_CLASS) { // best fit among the large ones, at most 1/8 over
-        for (db_cuda_block **l = &st->free_list[k]; *l; l = &(*l)->next)
-            if ((*l)->bytes >= rounded && (*l)->bytes - rounded <= rounded / 8 &&
-                (!from || (*l)->bytes < (*from)->bytes))
-                from = l;
-    } else if (st->free_list[k]) {
-        from = &st->free_list[k];
-    }
+    db_cuda_block **from = st->capturing ? find_block(st->cap_list, k, rounded) : NULL;
+    int pooled = from != NULL;
+    if (!from)
+        from = find_block(st->free_list, k, rounded);
     if (from) {
         db_cuda_block *b = *from;
         *from = b->next;
         p = b->p;
         rounded = b->bytes; // a large block keeps its own size
-        st->cached_bytes -= b->bytes;
+        if (!pooled)
+            st->cached_bytes -= b->bytes;
+        else
+            st->cap_bytes -= b->bytes;
         free(b);
     } else {
         cudaError_t e = cudaMalloc(&p, rounded);
-        if (e == cudaErrorMemoryAllocation) { // give the cache back and try once more
+        if (e == cudaErrorMemoryAllocation && !st->capturing) { // give the cache back and try once more
             cudaGetLastError();
             cudaStreamSynchronize(st->stream);
             release_cached(st);
@@ -181,15 +214,19 @@ void *db_cuda_alloc(db_ctx *c, size_t bytes)
             return NULL;
         }
     }
-    if (live_put(c, p, rounded) != 0) {
+    if (live_put(c, p, rounded, st->capturing) != 0) {
         cudaFree(p);
         return NULL;
     }
+    if (st->capturing)
+        st->cap_live++;
     if (st->live_bytes > st->peak_bytes)
         st->peak_bytes = st->live_bytes;
     return p;
 }
 
+// A block freed during a graph capture goes to the capture's pool whoever
+// allocated it: the captured ops may use it up to this point of every replay.
 void db_cuda_free(db_ctx *c, void *p)
 {
     if (!p || !c->cuda)
@@ -198,26 +235,37 @@ void db_cuda_free(db_ctx *c, void *p)
         return;
     db_cuda_shadow_drop(c, p);     // freeing declared weights frees their working copy too
     db_cuda_state *st = db_cuda_st(c);
-    size_t n = live_take(st, p);
+    int captured = 0;
+    size_t n = live_take(st, p, &captured);
     if (n == 0) {
         db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "free of %p: not a live block of this ctx", p);
         return;
     }
+    if (st->capturing && captured)
+        st->cap_live--;
     db_cuda_block *b = (db_cuda_block *)malloc(sizeof *b);
     if (!b) { // cannot cache it: give it back (cudaFree waits for the device)
+        if (st->capturing) { // not allowed now: lose the block rather than the capture
+            db_cuda_fail(c, DB_ENOMEM, __FILE__, __LINE__, "allocator: out of host memory during a graph capture");
+            return;
+        }
         cudaFree(p);
         return;
     }
-    size_t rounded;
-    int k = size_class(n, &rounded);
     b->p = p;
     b->bytes = n;
-    b->next = st->free_list[k];
-    st->free_list[k] = b;
-    st->cached_bytes += n;
+    if (st->capturing) {
+        push_block(st->cap_list, b);
+        st->cap_bytes += n;
+    } else {
+        push_block(st->free_list, b);
+        st->cached_bytes += n;
+    }
 }
 
 // ---- ctx lifetime ---------------------------------------------------------------------
+
+static db_cuda_block *take_pool(db_cuda_state *st, size_t *bytes); // graphs, below
 
 static void state_destroy(db_cuda_state *st)
 {
@@ -232,6 +280,12 @@ static void state_destroy(db_cuda_state *st)
     if (st->stream)
         cudaStreamSynchronize(st->stream);
     release_cached(st);
+    size_t pooled = 0; // a capture left open (its ctx destroyed mid-capture)
+    for (db_cuda_block *b = take_pool(st, &pooled), *nx; b; b = nx) {
+        nx = b->next;
+        cudaFree(b->p);
+        free(b);
+    }
     for (size_t i = 0; i < st->live_cap; i++)
         if (st->live_p[i])
             cudaFree(st->live_p[i]);
@@ -318,6 +372,9 @@ static int api_copy(db_ctx *c, void *dst, const void *src, size_t bytes, db_copy
     cudaMemcpyKind k = kind == DB_COPY_H2D   ? cudaMemcpyHostToDevice
                        : kind == DB_COPY_D2H ? cudaMemcpyDeviceToHost
                                              : cudaMemcpyDeviceToDevice;
+    if (st->capturing && kind != DB_COPY_D2D) // a graph replays device work only
+        return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "%s copy of %zu bytes during a graph capture",
+                            kind == DB_COPY_H2D ? "host-to-device" : "device-to-host", bytes);
     if (kind != DB_COPY_D2H)
         db_cuda_shadow_touch(c, dst, bytes);
     DB_CU(c, cudaMemcpyAsync(dst, src, bytes, k, st->stream));
@@ -395,7 +452,7 @@ static void api_mem_stats(db_ctx *c, db_mem_stats *s)
     s->tracked = 1;
     s->in_use = st->live_bytes;
     s->peak = st->peak_bytes;
-    s->reserved = st->live_bytes + st->cached_bytes;
+    s->reserved = st->live_bytes + st->cached_bytes + st->cap_bytes + st->graph_bytes;
 }
 
 static void api_mem_reset_peak(db_ctx *c) { db_cuda_st(c)->peak_bytes = db_cuda_st(c)->live_bytes; }
@@ -440,6 +497,115 @@ static int api_side_join(db_ctx *c)
     return 0;
 }
 
+// ---- CUDA graphs (kernels/ops.h db_graph_capture) --------------------------------
+
+// An instantiated graph and the pool of blocks its replays write into.
+struct db_cuda_graph {
+    cudaGraphExec_t exec;
+    db_cuda_block *pool; // one list; back to the cache at graph_free
+    size_t pool_bytes;
+};
+
+// The capture's pool as one list (cap_list emptied).
+static db_cuda_block *take_pool(db_cuda_state *st, size_t *bytes)
+{
+    db_cuda_block *all = NULL;
+    for (int k = 0; k < DB_CUDA_NCLASS; k++)
+        while (st->cap_list[k]) {
+            db_cuda_block *b = st->cap_list[k];
+            st->cap_list[k] = b->next;
+            b->next = all;
+            all = b;
+        }
+    *bytes = st->cap_bytes;
+    st->cap_bytes = 0;
+    return all;
+}
+
+static void pool_to_cache(db_cuda_state *st, db_cuda_block *pool, size_t bytes)
+{
+    while (pool) {
+        db_cuda_block *b = pool;
+        pool = b->next;
+        push_block(st->free_list, b);
+    }
+    st->cached_bytes += bytes;
+}
+
+// Relaxed capture mode: cudaMalloc stays allowed (the pool grows during the
+// capture); everything that would wait for the device fails the capture.
+static int api_graph_begin(db_ctx *c)
+{
+    DB_ENTER(c);
+    db_cuda_state *st = db_cuda_st(c);
+    if (st->capturing)
+        return db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "graph capture: already capturing");
+    DB_CU(c, cudaStreamBeginCapture(st->stream, cudaStreamCaptureModeRelaxed));
+    st->capturing = 1;
+    st->cap_live = 0;
+    return 0;
+}
+
+// Ends the capture in every case (also with c->err set by an op during it).
+static void *api_graph_end(db_ctx *c)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    if (!st->capturing) {
+        db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "graph capture: not capturing");
+        return NULL;
+    }
+    st->capturing = 0;
+    cudaGraph_t g = NULL;
+    cudaGraphExec_t x = NULL;
+    cudaError_t e = cudaStreamEndCapture(st->stream, &g);
+    size_t bytes = 0;
+    db_cuda_block *pool = take_pool(st, &bytes);
+    db_cuda_graph *dg = NULL;
+    if (e != cudaSuccess)
+        db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "graph capture: %s", cudaGetErrorString(e));
+    else if (st->cap_live)
+        db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__,
+                     "graph capture: %zu block(s) allocated during the capture are still live", st->cap_live);
+    else if (c->err.code == 0 && (e = cudaGraphInstantiate(&x, g, 0)) != cudaSuccess)
+        db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "graph instantiate: %s", cudaGetErrorString(e));
+    else if (c->err.code == 0 && !(dg = (db_cuda_graph *)malloc(sizeof *dg)))
+        db_cuda_fail(c, DB_ENOMEM, __FILE__, __LINE__, "graph: out of host memory");
+    if (g)
+        cudaGraphDestroy(g);
+    cudaGetLastError(); // a failed capture leaves its error as the last one
+    if (!dg) {          // nothing was run: the pool is free memory again
+        if (x)
+            cudaGraphExecDestroy(x);
+        pool_to_cache(st, pool, bytes);
+        return NULL;
+    }
+    dg->exec = x;
+    dg->pool = pool;
+    dg->pool_bytes = bytes;
+    st->graph_bytes += bytes;
+    return dg;
+}
+
+static int api_graph_launch(db_ctx *c, void *graph)
+{
+    DB_ENTER(c);
+    DB_CU(c, cudaGraphLaunch(((db_cuda_graph *)graph)->exec, db_cuda_st(c)->stream));
+    return 0;
+}
+
+static void api_graph_free(db_ctx *c, void *graph)
+{
+    db_cuda_graph *dg = (db_cuda_graph *)graph;
+    if (!dg || !c->cuda)
+        return;
+    db_cuda_state *st = db_cuda_st(c);
+    cudaStreamSynchronize(st->stream); // a replay may still be running
+    cudaGraphExecDestroy(dg->exec);
+    st->graph_bytes -= dg->pool_bytes;
+    pool_to_cache(st, dg->pool, dg->pool_bytes);
+    free(dg);
+}
+
 // ---- the exported table ----------------------------------------------------------
 
 static db_cuda_api make_api(void)
@@ -460,6 +626,10 @@ static db_cuda_api make_api(void)
     a.stream = api_stream;
     a.side_begin = api_side_begin;
     a.side_join = api_side_join;
+    a.graph_begin = api_graph_begin;
+    a.graph_end = api_graph_end;
+    a.graph_launch = api_graph_launch;
+    a.graph_free = api_graph_free;
     a.declare_weights = api_declare_weights;
 #define SET(name) a.name = db_cuda_##name
     SET(gemm_forward);

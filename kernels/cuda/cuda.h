@@ -76,6 +76,14 @@ struct db_cuda_state {
     // at the first side_begin
     cudaStream_t side;
     cudaEvent_t ev_main, ev_side;
+    // graph capture (ctx.cu graph_begin .. graph_end): while capturing, the
+    // allocator serves and takes back blocks through cap_list, the pool the
+    // graph will own (its replays write into those blocks, so no one else
+    // may get them while it lives); cap_live counts blocks allocated during
+    // the capture and not yet freed; graph_bytes is what live graphs hold
+    int capturing;
+    db_cuda_block *cap_list[DB_CUDA_NCLASS];
+    size_t cap_live, cap_bytes, graph_bytes;
 };
 
 static inline db_cuda_state *db_cuda_st(db_ctx *c) { return (db_cuda_state *)c->cuda; }

@@ -276,6 +276,39 @@ out:
     return rc;
 }
 
+/* One denoising step's device work on fixed buffers: the input copied into
+ * the guidance half, the UNet, and the guidance mix.  The graph of
+ * sample_latents replays exactly this; xin's first half and ts are
+ * refreshed in place before each call. */
+typedef struct denoise {
+    db_unet *u;
+    db_ctx *c;
+    float *xin, *eps, *ts, *ctxt;
+    int B, h, w, T, cfg; /* B: the UNet's batch (both halves with cfg) */
+    size_t nb;           /* floats of one half */
+    float g;
+} denoise;
+
+static int denoise_run(void *arg, db_err *err)
+{
+    denoise *d = arg;
+    db_ctx *c = d->c;
+    if (d->cfg && db_ctx_copy(c, d->xin + d->nb, d->xin, d->nb * sizeof *d->xin, DB_COPY_D2D))
+        return db_err_set(err, c->err.code, "sample: %s", c->err.msg);
+    if (db_unet_forward(d->u, d->eps, d->xin, d->ts, d->ctxt, d->B, d->h, d->w, d->T, err))
+        return -1;
+    /* noise_pred = uncond + g * (text - uncond), in that order, as two
+     * axpbys on the device: text - uncond is 1*text + -1*uncond (both
+     * products exact), then 1*uncond + g*diff: the same roundings */
+    if (d->cfg) {
+        db_axpby_forward(c, d->eps + d->nb, d->eps + d->nb, d->eps, 1.0f, -1.0f, d->nb);
+        db_axpby_forward(c, d->eps, d->eps, d->eps + d->nb, 1.0f, d->g, d->nb);
+    }
+    if (c->err.code)
+        return db_err_set(err, c->err.code, "sample: guidance: %s", c->err.msg);
+    return 0;
+}
+
 static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt2img_out *out, db_err *err)
 {
     const db_arch *a = &sd->model.arch;
@@ -294,6 +327,8 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     const int cpu = c->device == DB_CPU;
     float *x = NULL, *xin = NULL, *eps = NULL, *noise = NULL, *ctxt = NULL, *ts = NULL;
     float *xin_h = NULL, *eps_h = NULL, *ts_h = NULL;
+    db_graph *gr = NULL;
+    denoise dn = {0};
     int rc = -1;
     if (db_sched_create(&s, o->scheduler ? o->scheduler : "ddim", sd->model.scheduler, err))
         goto out;
@@ -336,6 +371,7 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     db_progress pr;
     db_progress_start(&pr, "sample", (int64_t)nsteps * n, o->progress);
     float g = (float)o->guidance;
+    int graphs = !o->no_graph;
     for (int i0 = 0; i0 < n; i0 += bmax) {
         int b = n - i0 < bmax ? n - i0 : bmax;
         size_t nb = (size_t)b * per;
@@ -355,6 +391,11 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
         if (cfg && b != bmax)
             for (int j = 0; j < b; j++)
                 db_ctx_copy(c, ctxt + (size_t)(b + j) * te, out->prompt_embeds, te * sizeof *ctxt, DB_COPY_H2D);
+        if (gr && dn.B != m * b) { /* a shorter last batch: other shapes, another graph */
+            db_graph_free(gr);
+            gr = NULL;
+        }
+        dn = (denoise){u, c, xin, eps, ts, ctxt, m * b, h, w, T, cfg, nb, g};
         for (int i = 0; i < nsteps; i++) {
             db_sched_scale_model_input(s, i, xin_h, x, nb);
             db_ctx_copy(c, xin, xin_h, nb * sizeof *xin, DB_COPY_H2D);
@@ -368,15 +409,22 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
                 db_err_set(err, c->err.code, "sample: %s", c->err.msg);
                 goto out;
             }
-            if (db_unet_forward(u, eps, xin, ts, ctxt, m * b, h, w, T, err))
-                goto out;
-            /* noise_pred = uncond + g * (text - uncond), in that order, as two
-             * axpbys on the device: text - uncond is 1*text + -1*uncond (both
-             * products exact), then 1*uncond + g*diff: the same roundings */
-            if (cfg) {
-                db_axpby_forward(c, eps + nb, eps + nb, eps, 1.0f, -1.0f, nb);
-                db_axpby_forward(c, eps, eps, eps + nb, 1.0f, g, nb);
+            /* the first step of a batch runs directly (it also builds what
+             * the ops make at a first call: plans, 16-bit weight copies);
+             * the second captures the step's work and every step from there
+             * replays it */
+            if (graphs && !gr && i == 1) {
+                int r = db_graph_capture(c, &gr, denoise_run, &dn, sizeof dn, err);
+                if (r < 0)
+                    goto out;
+                if (r > 0) { /* not capturable here: run directly, as asked with no_graph */
+                    db_warn(o->log, "sampling without a graph: %s", err->msg);
+                    db_err_clear(err);
+                    graphs = 0;
+                }
             }
+            if (gr ? db_graph_launch(gr, err) : denoise_run(&dn, err))
+                goto out;
             /* the scheduler's input, back on the host */
             if (db_ctx_copy(c, eps_h, eps, nb * sizeof *eps, DB_COPY_D2H)) {
                 db_err_set(err, c->err.code, "sample: guidance: %s", c->err.msg);
@@ -397,6 +445,7 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     db_progress_end(&pr);
     rc = 0;
 out:
+    db_graph_free(gr); /* before the buffers it replays into */
     if (sd->unet && !sd->borrowed && (!sd->keep_models || rc)) {
         db_unet_free(sd->unet);
         sd->unet = NULL;

@@ -73,6 +73,10 @@ typedef struct db_txt2img_opts {
     int first_index;               /* image i of the run uses noise stream first_index + i */
     int clip_skip;
     const float *init_latents;     /* (n_images, 4, h, w) instead of seeded noise, or NULL */
+    int no_graph;                  /* 1: run every denoising step directly; 0: from the
+                                      second step on, replay the step's device work as one
+                                      graph (kernels/ops.h db_graph_capture; CUDA graphs on
+                                      a GPU, the same calls on the CPU) */
     const db_log *log;             /* progress on stderr, or NULL */
     int progress;
 } db_txt2img_opts;

@@ -2,11 +2,15 @@
  * any device (issue 6's make bench-cuda; issue 7's PyTorch side by side is
  * tests/gpu/bench_torch.py on the same shapes):
  *
- *   fwd     UNet forward, batch 2, LxL latents (64: 512x512 images)
+ *   fwd     UNet forward, batch 2, LxL latents (64: 512x512 images); and
+ *           the same forward replayed as a graph (unet_fwd_b2_graph:
+ *           kernels/ops.h db_graph_capture, a CUDA graph on a GPU)
  *   train   one DreamBooth step: 1 instance + 1 prior row, UNet trained with
  *           AdamW, text encoder frozen, cached latents (db_trainer_*)
  *   sample  text to image: DDIM, STEPS steps with classifier-free guidance
- *           (UNet batch 2 per step), VAE decode to 8L x 8L (db_txt2img)
+ *           (UNet batch 2 per step), VAE decode to 8L x 8L (db_txt2img, its
+ *           steps replayed as a graph as db-sample does); and the same run
+ *           with every step launched op by op (sample_ddim_cfg_nograph)
  *   vae     VAE decode of one image alone
  *
  *   bench_sd [--device cpu|cuda[:N]] [--precision fp32,bf16,...] [--only fwd,train,sample,vae]
@@ -322,6 +326,9 @@ static int fwd_call(void *p, db_err *err)
     return db_unet_forward(a->u, a->out, a->x, a->t, a->ctx, a->B, a->L, a->L, a->T, err);
 }
 
+/* one replay of a captured graph (unet_fwd_b2_graph) */
+static int graph_call(void *p, db_err *err) { return db_graph_launch((db_graph *)p, err); }
+
 /* A UNet on c from a copy of the host weights hw (kept for the next). */
 static int unet_from_host(db_unet **u, db_ctx *c, const db_arch *a, const db_weights *hw, db_err *err)
 {
@@ -370,10 +377,22 @@ static void bench_fwd(db_ctx *c, const db_arch *a, const db_weights *hw, const d
         db_ctx_set_precision(c, precs[i]);
         if (!f.out || !f.x || !f.ctx || !f.t)
             db_err_set(&err, DB_ENOMEM, "out of device memory for the inputs");
-        if (err.code || measure(c, fwd_call, &f, 2, o->reps, o->budget, &ms, &n, &pk, &err))
+        if (err.code || measure(c, fwd_call, &f, 2, o->reps, o->budget, &ms, &n, &pk, &err)) {
             report_error("unet_fwd_b2", precs[i], err.msg);
+            report_error("unet_fwd_b2_graph", precs[i], "no direct forward");
+            db_err_clear(&err);
+            continue;
+        }
+        report("unet_fwd_b2", precs[i], ms, gflop, pk, 0, n, NULL);
+        /* the same forward replayed as one graph (the sampler's steps from
+         * the second on); the measured forwards above were its warm-up */
+        db_graph *gr = NULL;
+        const int r = db_graph_capture(c, &gr, fwd_call, &f, sizeof f, &err);
+        if (r != 0 || measure(c, graph_call, gr, 2, o->reps, o->budget, &ms, &n, &pk, &err))
+            report_error("unet_fwd_b2_graph", precs[i], err.msg);
         else
-            report("unet_fwd_b2", precs[i], ms, gflop, pk, 0, n, NULL);
+            report("unet_fwd_b2_graph", precs[i], ms, gflop, pk, 0, n, NULL);
+        db_graph_free(gr);
         db_err_clear(&err);
     }
     db_ctx_free(c, f.out), db_ctx_free(c, f.x), db_ctx_free(c, f.ctx), db_ctx_free(c, f.t);
@@ -595,6 +614,14 @@ static void bench_sample(db_ctx *c, const db_arch *a, const db_model *m, const d
                 } else {
                     snprintf(extra, sizeof extra, "steps=%d%s", steps, steps < o->steps ? " shortened=1" : "");
                     report("sample_ddim_cfg", precs[i], ms, steps * 2 * unet_gflop + vae_gflop, pk, 0, reps, extra);
+                    /* the same run with every step launched op by op (db-sample --no-graph) */
+                    s.o.no_graph = 1;
+                    if (measure(c, sample_call, &s, 0, 1, 0, &ms, &reps, &pk, &err))
+                        report_error("sample_ddim_cfg_nograph", precs[i], err.msg);
+                    else
+                        report("sample_ddim_cfg_nograph", precs[i], ms, steps * 2 * unet_gflop + vae_gflop, pk, 0,
+                               reps, extra);
+                    s.o.no_graph = 0;
                 }
             }
             db_err_clear(&err);
@@ -740,10 +767,12 @@ int main(int argc, char **argv)
     if (db_arch_preset(&a, arch_name, &err) || db_ctx_create_device(&c, o.device, o.threads, &err)) {
         /* every figure asked for, as failed: the table says why rather than nothing */
         fprintf(stderr, "bench_sd: %s\n", err.msg);
-        static const char *const names[] = {"unet_fwd_b2", "train_step", "train_step_fused", "checkpoint_save",
-                                            "sample_ddim_cfg", "vae_decode"};
-        const int want[] = {want_fwd, want_train, want_train && o.fused, want_train && o.save, want_sample, want_vae};
-        for (int k = 0; k < 6; k++)
+        static const char *const names[] = {"unet_fwd_b2", "unet_fwd_b2_graph", "train_step", "train_step_fused",
+                                            "checkpoint_save", "sample_ddim_cfg", "sample_ddim_cfg_nograph",
+                                            "vae_decode"};
+        const int want[] = {want_fwd,  want_fwd,    want_train,  want_train && o.fused, want_train && o.save,
+                            want_sample, want_sample, want_vae};
+        for (int k = 0; k < 8; k++)
             for (int i = 0; i < np && want[k]; i++)
                 report_error(names[k], precs[i], err.msg);
         return 1;

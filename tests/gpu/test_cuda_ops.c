@@ -1416,6 +1416,179 @@ static void t_side_stream(void)
     release_all();
 }
 
+/* ---- CUDA graphs (graph_begin .. graph_free; kernels/ops.h db_graph_capture) ---- */
+
+/* A UNet-like piece of work on fixed buffers: conv (bias) -> group norm +
+ * SiLU -> self-attention -> linear (bias) -> axpby with the input's first
+ * rows, with temporaries allocated and freed inside as the model code does.
+ * mode 1: also waits for the stream; 2: leaves a temporary live; 3: copies
+ * to the host; 4: fails by itself (no op failed). */
+typedef struct gwork {
+    float *x, *w, *b, *gw, *gb, *lw, *lb, *out, *host;
+    int mode;
+    void **tmp;   /* [6]: the temporaries of the last call */
+    void **leak;  /* mode 2's live block */
+} gwork;
+enum { GB = 2, GC = 8, GH = 6, GW = 6, GT = GH * GW, GOC = 5, GN = GB * GT };
+
+static int gwork_run(void *arg, db_err *err)
+{
+    gwork *q = arg;
+    db_ctx *c = &g;
+    const size_t n = (size_t)GB * GC * GT;
+    float *y = api->alloc(c, n * sizeof(float)), *h = api->alloc(c, n * sizeof(float)),
+          *mean = api->alloc(c, GB * 4 * sizeof(float)), *rstd = api->alloc(c, GB * 4 * sizeof(float)),
+          *att = api->alloc(c, n * sizeof(float)), *lse = api->alloc(c, (size_t)GB * GT * sizeof(float));
+    void *tmp[6] = {y, h, mean, rstd, att, lse};
+    memcpy(q->tmp, tmp, sizeof tmp);
+    int rc = !y || !h || !mean || !rstd || !att || !lse ||
+             api->conv2d_forward(c, y, q->x, q->w, q->b, GB, GC, GH, GW, GC, 3, 3, 1, 1, 1) ||
+             api->groupnorm_forward(c, h, mean, rstd, y, q->gw, q->gb, GB, GC, GT, 4, 1e-5f, 1) ||
+             /* h read as (B, T, 1 head of 8): channels-first memory, any layout will do for the check */
+             api->attention_forward(c, att, lse, h, h, h, GB, GT, GT, 1, GC, 0) ||
+             api->linear_forward(c, q->out, att, q->lw, q->lb, GN, GC, GOC) ||
+             api->axpby_forward(c, q->out, q->out, q->x, 0.5f, -2.0f, (size_t)GN * GOC) ||
+             (q->mode == 1 && api->sync(c)) ||
+             (q->mode == 3 && api->copy(c, q->host, q->out, 4 * sizeof(float), DB_COPY_D2H)) ||
+             q->mode == 4; /* a host-side failure of fn's own, no ctx error */
+    if (q->mode == 2 && !rc)
+        *q->leak = api->alloc(c, 1000);
+    for (int i = 0; i < 6; i++)
+        api->free(c, tmp[i]);
+    if (rc)
+        db_err_set(err, g.err.code ? g.err.code : DB_EIO, "gwork: %s", g.err.code ? g.err.msg : "mode 4");
+    return rc ? -1 : 0;
+}
+
+/* device floats d bit-identical to want, the same work run directly */
+static void cmp_direct(const char *what, const char *tensor, const float *d, const float *want, size_t n)
+{
+    const float *got = dget(d, n);
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++)
+        bad += memcmp(&got[i], &want[i], sizeof *got) != 0;
+    tap_ok(bad == 0, "%s %s: bit-identical to the direct run (%zu of %zu differ)", what, tensor, bad, n);
+}
+
+static void t_graph(db_precision prec)
+{
+    char what[160];
+    snprintf(what, sizeof what, "graph %s", db_precision_name(prec));
+    if (!have((const void *)api->graph_begin, what))
+        return;
+    g.precision = prec;
+    const size_t nx = (size_t)GB * GC * GT, no = (size_t)GN * GOC;
+    gwork q = {0};
+    void *tmp[6] = {0}, *leak = NULL;
+    q.tmp = tmp;
+    q.leak = &leak;
+    float *x1 = hrand(nx, 1), *x2 = hrand(nx, 1);
+    q.x = dputf(x1, nx);
+    q.w = dputf(hrand((size_t)GC * GC * 9, 0.2f), (size_t)GC * GC * 9);
+    q.b = dputf(hrand(GC, 0.1f), GC);
+    q.gw = dputf(hrand(GC, 1), GC);
+    q.gb = dputf(hrand(GC, 0.1f), GC);
+    q.lw = dputf(hrand((size_t)GOC * GC, 0.3f), (size_t)GOC * GC);
+    q.lb = dputf(hrand(GOC, 0.1f), GOC);
+    q.out = dalloc(no * sizeof(float));
+    q.host = hzeros(no);
+    db_err err = {0};
+    db_ctx_clear_error(&g);
+    /* eager, both inputs (also the warm-up the contract asks for) */
+    if (!gpu_ran(gwork_run(&q, &err), what))
+        goto done;
+    float *want1 = hcopy(dget(q.out, no), no);
+    api->copy(&g, q.x, x2, nx * sizeof(float), DB_COPY_H2D);
+    if (!gpu_ran(gwork_run(&q, &err), what))
+        goto done;
+    float *want2 = hcopy(dget(q.out, no), no);
+    for (size_t i = 0; i < no; i++)
+        q.host[i] = -7.0f;
+    api->copy(&g, q.out, q.host, no * sizeof(float), DB_COPY_H2D);
+    api->sync(&g);
+    db_mem_stats m0;
+    api->mem_stats(&g, &m0);
+
+    db_graph *gr = NULL;
+    const int cap = db_graph_capture(&g, &gr, gwork_run, &q, sizeof q, &err);
+    tap_ok(cap == 0 && gr && g.err.code == 0, "%s: captured%s%s", what, cap ? ": " : "", cap ? err.msg : "");
+    if (cap != 0)
+        goto done;
+    void *captured[6];
+    memcpy(captured, tmp, sizeof captured);
+    const float *untouched = dget(q.out, no);
+    size_t ran = 0;
+    for (size_t i = 0; i < no; i++)
+        ran += untouched[i] != -7.0f;
+    tap_ok(ran == 0, "%s: the capture ran nothing (%zu outputs written)", what, ran);
+    /* the pool is the graph's: the same sizes allocated now get other blocks */
+    const size_t sizes[6] = {nx * 4, nx * 4, GB * 16, GB * 16, nx * 4, (size_t)GB * GT * 4};
+    void *now[6];
+    size_t shared = 0;
+    for (int i = 0; i < 6; i++)
+        now[i] = api->alloc(&g, sizes[i]);
+    for (int i = 0; i < 6; i++)
+        for (int j = 0; j < 6; j++)
+            shared += now[i] && now[i] == captured[j];
+    for (int i = 0; i < 6; i++)
+        api->free(&g, now[i]);
+    tap_ok(shared == 0, "%s: blocks the graph uses are not handed out while it lives (%zu were)", what, shared);
+    /* replays read the inputs as they are at launch */
+    int ok = 1;
+    for (int rep = 0; rep < 3 && ok; rep++) {
+        const int two = rep != 1;
+        api->copy(&g, q.x, two ? x2 : x1, nx * sizeof(float), DB_COPY_H2D);
+        ok = db_graph_launch(gr, &err) == 0 && api->sync(&g) == 0;
+        if (!ok)
+            tap_ok(0, "%s: launch: %s", what, err.msg);
+        else
+            cmp_direct(what, two ? "replay (input 2)" : "replay (input 1)", q.out, two ? want2 : want1, no);
+    }
+    db_mem_stats m1;
+    api->mem_stats(&g, &m1);
+    db_graph_free(gr);
+    db_mem_stats m2;
+    api->mem_stats(&g, &m2);
+    tap_ok(m1.in_use == m0.in_use && m2.in_use == m0.in_use && m1.reserved >= m0.reserved &&
+               m2.reserved == m1.reserved,
+           "%s: in use %zu -> %zu -> %zu, reserved %zu -> %zu -> %zu (the pool back in the cache)", what,
+           m0.in_use, m1.in_use, m2.in_use, m0.reserved, m1.reserved, m2.reserved);
+    size_t reused = 0;
+    for (int i = 0; i < 6; i++)
+        now[i] = api->alloc(&g, sizes[i]);
+    for (int i = 0; i < 6; i++)
+        for (int j = 0; j < 6; j++)
+            reused += now[i] && now[i] == captured[j];
+    for (int i = 0; i < 6; i++)
+        api->free(&g, now[i]);
+    tap_ok(reused > 0, "%s: after graph_free its blocks are handed out again (%zu)", what, reused);
+
+    /* work a graph cannot hold: refused as a whole, the ctx usable after */
+    static const char *const why[] = {"", "a stream wait", "a block left live", "a device-to-host copy",
+                                      "fn's own failure"};
+    for (int mode = 1; mode <= 4; mode++) {
+        q.mode = mode;
+        leak = NULL;
+        gr = NULL;
+        db_err e2 = {0};
+        const int r = db_graph_capture(&g, &gr, gwork_run, &q, sizeof q, &e2);
+        if (leak)
+            api->free(&g, leak);
+        q.mode = 0;
+        api->copy(&g, q.x, x1, nx * sizeof(float), DB_COPY_H2D);
+        const int after = gwork_run(&q, &err) == 0 && api->sync(&g) == 0;
+        tap_ok(r == 1 && !gr && g.err.code == 0 && after && e2.msg[0],
+               "%s: %s refuses the capture (%d: %s), eager ops run after", what, why[mode], r, e2.msg);
+        if (after)
+            cmp_direct(what, "direct run after a refused capture", q.out, want1, no);
+        db_graph_free(gr);
+    }
+done:
+    g.precision = DB_PREC_F32;
+    db_ctx_clear_error(&g);
+    release_all();
+}
+
 static void t_scale(size_t n, float coef)
 {
     char what[160];
@@ -1506,6 +1679,7 @@ int main(void)
         printf("1..0 # SKIP %s has no table for ABI %d\n", path, DB_CUDA_ABI);
         return 0;
     }
+    g.cuda_api = api; /* for db_graph_capture (kernels/cpu/dispatch.c) */
     db_err err = {0, ""};
     g.device = DB_CUDA;
     g.threads = 1;
@@ -1760,6 +1934,8 @@ int main(void)
         t_sumsq_many(many, sizeof many / sizeof *many);
     }
     t_side_stream();
+    t_graph(DB_PREC_F32);
+    t_graph(DB_PREC_BF16);
     t_scale(1001, 1.0f);
     t_scale(1001, NAN);
     if (!quick) {

@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <memory>
+#include <functional>
 struct emu_warp { std::barrier<> *bar; uint64_t slot[32]; };
 struct emu_block { std::barrier<> *bar; std::vector<emu_warp> warps; };
 extern thread_local uint3 emu_tid, emu_bid; extern dim3 emu_bdim, emu_gdim;
@@ -83,14 +84,50 @@ template <class F> static void emu_launch(dim3 g, dim3 b, F f) {
         for (auto &t : th) t.join();
     }
 }
-#define EMU_LAUNCH(grid, block, smem, stream, kern, ...) (emu_launch(dim3(grid), dim3(block), [&] { kern(__VA_ARGS__); }), (void)0)
+// Stream capture (CUDA graphs): while emu_cap is set, the work queued on a
+// stream (kernels, memset, device-to-device copies, the cuBLAS / cuDNN
+// stand-ins) is recorded, not run, and cudaGraphLaunch runs the record in
+// order.  Kernel arguments and the cuBLAS / cuDNN scalars are copied at the
+// call as CUDA does; what they point to is read when the record runs.  What
+// a real capture refuses fails it here too: a stream wait, a copy between
+// host and device, cudaFree (emu_cap_bad: cudaStreamEndCapture then fails).
+struct emu_graph { std::vector<std::function<void()>> ops; };
+extern emu_graph *emu_cap;
+extern int emu_cap_bad;
+template <class F> static void emu_submit(F f) { if (emu_cap) emu_cap->ops.emplace_back(f); else f(); }
+// a library call whose status is known before it runs (checked by the caller's macro)
+template <class F> static auto emu_submit_st(F f) -> decltype(f()) {
+    if (!emu_cap) return f();
+    emu_cap->ops.emplace_back([f] { f(); }); return decltype(f())(0); }
+static inline cudaError_t emu_forbidden() { emu_cap_bad = 1; return cudaErrorStreamCaptureUnsupported; }
+#define EMU_LAUNCH(grid, block, smem, stream, kern, ...) emu_submit([=] { emu_launch(dim3(grid), dim3(block), [&] { kern(__VA_ARGS__); }); })
 // runtime stubs: host memory is device memory
 #define cudaMalloc(p, n) ((*(void **)(p) = aligned_alloc(256, ((n) + 255) / 256 * 256)) ? cudaSuccess : cudaErrorMemoryAllocation)
-#define cudaFree(p) (free(p), cudaSuccess)
-#define cudaMemcpyAsync(d, s, n, k, st) (memcpy((d), (s), (n)), cudaSuccess)
-#define cudaMemcpy(d, s, n, k) (memcpy((d), (s), (n)), cudaSuccess)
-#define cudaMemsetAsync(p, v, n, st) (memset((p), (v), (n)), cudaSuccess)
-#define cudaStreamSynchronize(s) cudaSuccess
+#define cudaFree(p) (emu_cap ? emu_forbidden() : (free(p), cudaSuccess))
+static inline cudaError_t emu_memcpy_async(void *d, const void *s, size_t n, cudaMemcpyKind k) {
+    if (emu_cap && k != cudaMemcpyDeviceToDevice) return emu_forbidden();
+    emu_submit([=] { memcpy(d, s, n); }); return cudaSuccess; }
+#define cudaMemcpyAsync(d, s, n, k, st) emu_memcpy_async((d), (s), (n), (k))
+#define cudaMemcpy(d, s, n, k) (emu_cap ? emu_forbidden() : (memcpy((d), (s), (n)), cudaSuccess))
+static inline cudaError_t emu_memset_async(void *p, int v, size_t n) { emu_submit([=] { memset(p, v, n); }); return cudaSuccess; }
+#define cudaMemsetAsync(p, v, n, st) emu_memset_async((p), (v), (n))
+#define cudaStreamSynchronize(s) (emu_cap ? emu_forbidden() : cudaSuccess)
+// graphs: a cudaGraph_t / cudaGraphExec_t is an emu_graph *
+#define cudaStreamBeginCapture(s, mode) (emu_cap ? cudaErrorIllegalState : (emu_cap = new emu_graph, emu_cap_bad = 0, cudaSuccess))
+static inline cudaError_t emu_end_capture(cudaGraph_t *g) {
+    if (!emu_cap) return cudaErrorIllegalState;
+    emu_graph *r = emu_cap; emu_cap = NULL;
+    if (emu_cap_bad) { delete r; *g = NULL; return cudaErrorStreamCaptureInvalidated; }
+    *g = (cudaGraph_t)r; return cudaSuccess; }
+#define cudaStreamEndCapture(s, g) emu_end_capture(g)
+#define cudaGraphInstantiate(x, g, f) (*(x) = (cudaGraphExec_t) new emu_graph(*(emu_graph *)(g)), cudaSuccess)
+#define cudaGraphDestroy(g) (delete (emu_graph *)(g), cudaSuccess)
+#define cudaGraphExecDestroy(x) (delete (emu_graph *)(x), cudaSuccess)
+static inline cudaError_t emu_graph_launch(cudaGraphExec_t x) {
+    if (emu_cap) return emu_forbidden(); // (a real capture could nest it; ours never does)
+    for (auto &op : ((emu_graph *)x)->ops) op();
+    return cudaSuccess; }
+#define cudaGraphLaunch(x, s) emu_graph_launch(x)
 #define cudaGetLastError() cudaSuccess
 #define cudaGetDeviceCount(n) (*(n) = 1, cudaSuccess)
 #define cudaSetDevice(d) cudaSuccess
@@ -125,8 +162,8 @@ static inline cublasStatus_t emu_sgemm_batched(cublasOperation_t ta, cublasOpera
             }
     return CUBLAS_STATUS_SUCCESS;
 }
-#define cublasSgemm(h, ta, tb, m, n, k, al, A, lda, B, ldb, be, C, ldc) emu_sgemm_batched(ta, tb, m, n, k, al, A, lda, 0, B, ldb, 0, be, C, ldc, 0, 1)
-#define cublasSgemmStridedBatched(h, ta, tb, m, n, k, al, A, lda, sa, B, ldb, sb, be, C, ldc, sc, bc) emu_sgemm_batched(ta, tb, m, n, k, al, A, lda, sa, B, ldb, sb, be, C, ldc, sc, bc)
+#define cublasSgemm(h, ta, tb, m, n, k, al, A, lda, B, ldb, be, C, ldc) emu_submit_st([=, al_ = *(al), be_ = *(be)] { return emu_sgemm_batched(ta, tb, m, n, k, &al_, A, lda, 0, B, ldb, 0, &be_, C, ldc, 0, 1); })
+#define cublasSgemmStridedBatched(h, ta, tb, m, n, k, al, A, lda, sa, B, ldb, sb, be, C, ldc, sc, bc) emu_submit_st([=, al_ = *(al), be_ = *(be)] { return emu_sgemm_batched(ta, tb, m, n, k, &al_, A, lda, sa, B, ldb, sb, &be_, C, ldc, sc, bc); })
 // typed element access: 0 float, 1 bf16, 2 fp16; -1 a type the stand-ins do not know
 static inline int emu_kind(cudaDataType_t t) { return t == CUDA_R_32F ? 0 : t == CUDA_R_16BF ? 1 : t == CUDA_R_16F ? 2 : -1; }
 static inline int emu_kind(cudnnDataType_t t) { return t == CUDNN_DATA_FLOAT ? 0 : t == CUDNN_DATA_BFLOAT16 ? 1 : t == CUDNN_DATA_HALF ? 2 : -1; }
@@ -155,8 +192,11 @@ static inline cublasStatus_t emu_gemm_ex(cublasOperation_t ta, cublasOperation_t
             }
     return CUBLAS_STATUS_SUCCESS;
 }
-#define cublasGemmEx(h, ta, tb, m, n, k, al, A, at, lda, B, bt, ldb, be, C, ct, ldc, comp, algo) emu_gemm_ex(ta, tb, m, n, k, al, A, at, lda, 0, B, bt, ldb, 0, be, C, ct, ldc, 0, 1, comp)
-#define cublasGemmStridedBatchedEx(h, ta, tb, m, n, k, al, A, at, lda, sa, B, bt, ldb, sb, be, C, ct, ldc, sc, bc, comp, algo) emu_gemm_ex(ta, tb, m, n, k, al, A, at, lda, sa, B, bt, ldb, sb, be, C, ct, ldc, sc, bc, comp)
+static inline bool emu_gemm_ex_ok(cudaDataType_t at, cudaDataType_t bt, cudaDataType_t ct, cublasComputeType_t comp) {
+    const int ka = emu_kind(at), kc = emu_kind(ct);
+    return !(at != bt || ka < 0 || kc < 0 || (kc != 0 && kc != ka) || comp != CUBLAS_COMPUTE_32F); }
+#define cublasGemmEx(h, ta, tb, m, n, k, al, A, at, lda, B, bt, ldb, be, C, ct, ldc, comp, algo) (!emu_gemm_ex_ok(at, bt, ct, comp) ? CUBLAS_STATUS_NOT_SUPPORTED : emu_submit_st([=, al_ = *(const float *)(al), be_ = *(const float *)(be)] { return emu_gemm_ex(ta, tb, m, n, k, &al_, A, at, lda, 0, B, bt, ldb, 0, &be_, C, ct, ldc, 0, 1, comp); }))
+#define cublasGemmStridedBatchedEx(h, ta, tb, m, n, k, al, A, at, lda, sa, B, bt, ldb, sb, be, C, ct, ldc, sc, bc, comp, algo) (!emu_gemm_ex_ok(at, bt, ct, comp) ? CUBLAS_STATUS_NOT_SUPPORTED : emu_submit_st([=, al_ = *(const float *)(al), be_ = *(const float *)(be)] { return emu_gemm_ex(ta, tb, m, n, k, &al_, A, at, lda, sa, B, bt, ldb, sb, &be_, C, ct, ldc, sc, bc, comp); }))
 
 static inline int emu_dims(cudnnTensorDescriptor_t t, int *n, int *c, int *h, int *w) {
     cudnnDataType_t dt; int ns, cs, hs, ws; cudnnGetTensor4dDescriptor(t, &dt, n, c, h, w, &ns, &cs, &hs, &ws); return emu_kind(dt); }
@@ -199,6 +239,7 @@ static cudnnStatus_t emu_conv(int mode, const float *alpha, cudnnTensorDescripto
 // bias for beta 1, the accumulated filter gradient) fails the parity checks;
 // EMU_CONV16_UNSUPPORTED refuses 16-bit searches as it does the convolutions.
 static inline cudnnStatus_t emu_find_out(int kind, size_t n, void *out) {
+    if (emu_cap) { emu_cap_bad = 1; return CUDNN_STATUS_NOT_SUPPORTED; } // the trial runs wait for the device
     if (kind < 0 || (kind != 0 && getenv("EMU_CONV16_UNSUPPORTED"))) return CUDNN_STATUS_NOT_SUPPORTED;
     memset(out, 0xff, n * (kind ? 2 : 4)); return CUDNN_STATUS_SUCCESS; }
 static inline cudnnStatus_t emu_find_out(cudnnTensorDescriptor_t d, void *out) { int n, c, h, w; int k = emu_dims(d, &n, &c, &h, &w); return emu_find_out(k, (size_t)n*c*h*w, out); }
@@ -212,9 +253,17 @@ template <class Perf> static cudnnStatus_t emu_find(cudnnStatus_t wrote, int got
 #define cudnnGetConvolutionForwardWorkspaceSize(h, x, w, c, y, a, ws) (*(ws) = 1000, CUDNN_STATUS_SUCCESS)
 #define cudnnGetConvolutionBackwardDataWorkspaceSize(h, w, y, c, x, a, ws) (*(ws) = 0, CUDNN_STATUS_SUCCESS)
 #define cudnnGetConvolutionBackwardFilterWorkspaceSize(h, x, y, c, w, a, ws) (*(ws) = (a) == CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3 ? 64 : 0, CUDNN_STATUS_SUCCESS)
-#define cudnnConvolutionForward(h, al, xd, x, wd, w, cd, a, wk, ws, be, yd, y) emu_conv(0, al, xd, x, wd, w, cd, yd, NULL, be, y)
-#define cudnnConvolutionBackwardData(h, al, wd, w, yd, y, cd, a, wk, ws, be, xd, x) ((a) == CUDNN_CONVOLUTION_BWD_DATA_ALGO_0 ? CUDNN_STATUS_EXECUTION_FAILED : emu_conv(1, al, xd, NULL, wd, w, cd, yd, y, be, x))
-#define cudnnConvolutionBackwardFilter(h, al, xd, x, yd, y, cd, a, wk, ws, be, wd, w) emu_conv(2, al, xd, x, wd, NULL, cd, yd, y, be, w)
+// the types check of emu_conv, made at the call (a capture records only what runs)
+static inline cudnnStatus_t emu_conv_ok(cudnnTensorDescriptor_t xd, cudnnFilterDescriptor_t wd, cudnnConvolutionDescriptor_t cd, cudnnTensorDescriptor_t yd) {
+    int B, C, H, W, OC, c2, KH, KW, b2, oc2, OH, OW, pad, st;
+    const int tx = emu_dims(xd, &B, &C, &H, &W), tw = emu_fdims(wd, &OC, &c2, &KH, &KW), ty = emu_dims(yd, &b2, &oc2, &OH, &OW), tc = emu_cdesc(cd, &pad, &st);
+    if (tx < 0 || tx != tw || tx != ty || tc != 0) return CUDNN_STATUS_NOT_SUPPORTED;
+    if (tx != 0 && getenv("EMU_CONV16_UNSUPPORTED")) return CUDNN_STATUS_NOT_SUPPORTED;
+    return CUDNN_STATUS_SUCCESS; }
+#define EMU_CONV(mode, al, xd, x, wd, w, cd, yd, y, be, out) (emu_conv_ok(xd, wd, cd, yd) != CUDNN_STATUS_SUCCESS ? CUDNN_STATUS_NOT_SUPPORTED : emu_submit_st([=, al_ = *(al), be_ = *(be)] { return emu_conv(mode, &al_, xd, x, wd, w, cd, yd, y, &be_, out); }))
+#define cudnnConvolutionForward(h, al, xd, x, wd, w, cd, a, wk, ws, be, yd, y) EMU_CONV(0, al, xd, x, wd, w, cd, yd, (const void *)NULL, be, y)
+#define cudnnConvolutionBackwardData(h, al, wd, w, yd, y, cd, a, wk, ws, be, xd, x) ((a) == CUDNN_CONVOLUTION_BWD_DATA_ALGO_0 ? CUDNN_STATUS_EXECUTION_FAILED : EMU_CONV(1, al, xd, (const void *)NULL, wd, w, cd, yd, y, be, x))
+#define cudnnConvolutionBackwardFilter(h, al, xd, x, yd, y, cd, a, wk, ws, be, wd, w) EMU_CONV(2, al, xd, x, wd, (const void *)NULL, cd, yd, y, be, w)
 // ---- nvcuda::wmma stand-in (kernels/cuda/attention_tc.cu) ---------------
 // Every emulated thread holds the WHOLE 16x16 tile in its fragment (row-major
 // in x[]): legal, since WMMA leaves the element -> (row, col) mapping of a

@@ -7,3 +7,5 @@ thread_local emu_block *emu_blk;
 thread_local int emu_lin;
 float emu_dyn_smem[1 << 16];
 std::mutex emu_mtx;
+emu_graph *emu_cap;
+int emu_cap_bad;
