@@ -130,7 +130,9 @@ typedef struct db_cuda_api {
      * will own); graph_end stops and returns the instantiated graph, or NULL
      * with c->err set when the capture failed or a block allocated during it
      * is still live (the pool then goes back to the cache: nothing ran).
-     * graph_launch queues one replay on the ctx's stream; graph_free waits
+     * graph_launch queues one replay on the ctx's stream (after bringing
+     * any stale 16-bit working copy of declared weights up to date, in
+     * place: the replay reads them where the capture found them); graph_free waits
      * for the stream and returns the graph's pool to the cache. */
     int (*graph_begin)(db_ctx *c);
     void *(*graph_end)(db_ctx *c);

@@ -138,6 +138,21 @@ static void *shadow_ready(db_ctx *c, db_cuda_shadow *w)
     return w->s;
 }
 
+// Before a graph replay: the working copies a capture baked in are read
+// where they are, whatever happened to the weights since (an 8-bit AdamW
+// step or a copy marks them stale; only a direct op call would rebuild
+// them), so every built copy is brought up to date here first, in place.
+int db_cuda_shadows_refresh(db_ctx *c)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    if (c->precision == DB_PREC_F32)
+        return 0;
+    for (int i = 0; i < st->nshadow; i++)
+        if (st->shadow[i].s && !shadow_ready(c, &st->shadow[i]))
+            return -1;
+    return 0;
+}
+
 void *db_cuda_to16(db_ctx *c, const float *src, size_t n)
 {
     db_cuda_shadow *w = n ? db_cuda_shadow_find(c, src, n * sizeof(float)) : NULL;

@@ -589,6 +589,8 @@ static void *api_graph_end(db_ctx *c)
 static int api_graph_launch(db_ctx *c, void *graph)
 {
     DB_ENTER(c);
+    if (db_cuda_shadows_refresh(c))
+        return -1;
     DB_CU(c, cudaGraphLaunch(((db_cuda_graph *)graph)->exec, db_cuda_st(c)->stream));
     return 0;
 }

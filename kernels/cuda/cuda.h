@@ -184,6 +184,9 @@ __device__ __forceinline__ float db_cuda_round16(float x, int f16)
 // n elements of the compute type: fresh scratch holding src rounded
 // (free with db_cuda_free); NULL with c->err set.
 void *db_cuda_to16(db_ctx *c, const float *src, size_t n);
+// every built 16-bit working copy made current for c's compute type, in
+// place (before a graph replay); 0, or -1 with c->err set
+int db_cuda_shadows_refresh(db_ctx *c);
 // dst (float) = src (compute type, n), or dst += src when accumulate
 int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int accumulate);
 // dst = round(src), or dst += round(src) when accumulate; dst may be src

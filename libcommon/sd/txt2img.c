@@ -327,7 +327,7 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     const int cpu = c->device == DB_CPU;
     float *x = NULL, *xin = NULL, *eps = NULL, *noise = NULL, *ctxt = NULL, *ts = NULL;
     float *xin_h = NULL, *eps_h = NULL, *ts_h = NULL;
-    db_graph *gr = NULL;
+    db_unet_graph gr = {0}; /* the denoising step's */
     denoise dn = {0};
     int rc = -1;
     if (db_sched_create(&s, o->scheduler ? o->scheduler : "ddim", sd->model.scheduler, err))
@@ -371,7 +371,7 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     db_progress pr;
     db_progress_start(&pr, "sample", (int64_t)nsteps * n, o->progress);
     float g = (float)o->guidance;
-    int graphs = !o->no_graph;
+    gr.off = o->no_graph;
     for (int i0 = 0; i0 < n; i0 += bmax) {
         int b = n - i0 < bmax ? n - i0 : bmax;
         size_t nb = (size_t)b * per;
@@ -391,10 +391,6 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
         if (cfg && b != bmax)
             for (int j = 0; j < b; j++)
                 db_ctx_copy(c, ctxt + (size_t)(b + j) * te, out->prompt_embeds, te * sizeof *ctxt, DB_COPY_H2D);
-        if (gr && dn.B != m * b) { /* a shorter last batch: other shapes, another graph */
-            db_graph_free(gr);
-            gr = NULL;
-        }
         dn = (denoise){u, c, xin, eps, ts, ctxt, m * b, h, w, T, cfg, nb, g};
         for (int i = 0; i < nsteps; i++) {
             db_sched_scale_model_input(s, i, xin_h, x, nb);
@@ -409,21 +405,12 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
                 db_err_set(err, c->err.code, "sample: %s", c->err.msg);
                 goto out;
             }
-            /* the first step of a batch runs directly (it also builds what
-             * the ops make at a first call: plans, 16-bit weight copies);
-             * the second captures the step's work and every step from there
-             * replays it */
-            if (graphs && !gr && i == 1) {
-                int r = db_graph_capture(c, &gr, denoise_run, &dn, sizeof dn, err);
-                if (r < 0)
-                    goto out;
-                if (r > 0) { /* not capturable here: run directly, as asked with no_graph */
-                    db_warn(o->log, "sampling without a graph: %s", err->msg);
-                    db_err_clear(err);
-                    graphs = 0;
-                }
-            }
-            if (gr ? db_graph_launch(gr, err) : denoise_run(&dn, err))
+            /* the first step of a batch size runs directly (it also builds
+             * what the ops make at a first call: plans, 16-bit weight
+             * copies), the second records the step's work as a graph, and
+             * every step from there replays it */
+            const int key[4] = {m * b, h, w, T};
+            if (db_unet_graph_run(&gr, u, key, denoise_run, &dn, sizeof dn, o->log, err))
                 goto out;
             /* the scheduler's input, back on the host */
             if (db_ctx_copy(c, eps_h, eps, nb * sizeof *eps, DB_COPY_D2H)) {
@@ -445,7 +432,7 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     db_progress_end(&pr);
     rc = 0;
 out:
-    db_graph_free(gr); /* before the buffers it replays into */
+    db_unet_graph_free(&gr); /* before the buffers it replays into */
     if (sd->unet && !sd->borrowed && (!sd->keep_models || rc)) {
         db_unet_free(sd->unet);
         sd->unet = NULL;

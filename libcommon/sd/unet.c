@@ -26,6 +26,7 @@
 #include <time.h>
 
 #include "blocks.h"
+#include "libcommon/core/log.h"
 #include "clip.h"
 
 /* GroupNorm eps inside Transformer2DModel (hard-coded in diffusers). */
@@ -96,6 +97,7 @@ struct db_unet {
     float *bscratch;            /* block backward scratch, the largest any step needs */
     int have_spans;             /* the steps' and the time MLP's weight spans are set */
     db_span t_gs;               /* the time MLP's */
+    unsigned gen;               /* counts re-layouts of ws / gws (db_unet_layout_gen) */
 };
 
 /* ---- building the step list ------------------------------------------------------ */
@@ -466,6 +468,7 @@ static int plan(db_unet *u, int B, int H, int W, int Tc, db_err *err)
     }
     layout(u, u->ws, B, H, W, Tc, u->keep, ckpt);
     u->pB = B, u->pH = H, u->pW = W, u->pTc = Tc, u->pkeep = u->keep, u->pckpt = ckpt;
+    u->gen++;
     return 0;
 }
 
@@ -722,6 +725,7 @@ static int grad_plan(db_unet *u, int B, int H, int W, int Tc, db_err *err)
     }
     grad_layout(u, u->gws, B, H, W, Tc);
     u->gB = B, u->gH = H, u->gW = W, u->gTc = Tc;
+    u->gen++;
     return 0;
 }
 
@@ -969,6 +973,49 @@ size_t db_unet_train_bytes_arch(const db_unet_arch *a, int B, int H, int W, int 
     }
     db_unet_free(u);
     return n;
+}
+
+unsigned db_unet_layout_gen(const db_unet *u) { return u->gen; }
+
+/* ---- graphs of UNet calls ---------------------------------------------------------------- */
+
+void db_unet_graph_free(db_unet_graph *s)
+{
+    db_graph_free(s->g);
+    s->g = NULL;
+    s->warm = 0;
+}
+
+int db_unet_graph_run(db_unet_graph *s, db_unet *u, const int key[4], db_graph_fn fn, const void *arg,
+                      size_t arg_size, const db_log *log, db_err *err)
+{
+    if (s->off)
+        return fn((void *)arg, err);
+    const int same = s->warm && !memcmp(s->key, key, sizeof s->key) && s->gen == u->gen;
+    if (!same)
+        db_unet_graph_free(s);
+    if (same && !s->g) { /* warmed up on this shape and these buffers: record */
+        const int r = db_graph_capture(u->ctx, &s->g, fn, arg, arg_size, err);
+        if (r < 0)
+            return -1;
+        if (r > 0 || s->gen != u->gen) { /* not capturable (or the capture moved the buffers) */
+            db_warn(log, "UNet calls without a graph: %s", r > 0 ? err->msg : "the buffers moved");
+            db_err_clear(err);
+            db_unet_graph_free(s);
+            s->off = 1;
+            return fn((void *)arg, err);
+        }
+    }
+    if (s->g)
+        return db_graph_launch(s->g, err);
+    /* a first call of this shape: directly (it builds what ops build at a
+     * first call), remembering the shape and the buffers it leaves */
+    if (fn((void *)arg, err))
+        return -1;
+    memcpy(s->key, key, sizeof s->key);
+    s->gen = u->gen;
+    s->warm = 1;
+    return 0;
 }
 
 size_t db_unet_allocated_bytes(const db_unet *u) { return floats_to_bytes(u->ws_cap + u->gws_cap); }

@@ -152,6 +152,31 @@ size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, i
 
 /* Bytes of the forward and gradient workspaces allocated now. */
 size_t db_unet_allocated_bytes(const db_unet *u);
+/* Changes whenever the UNet lays its activation or gradient buffers out
+ * anew (another batch size, image size, context length, checkpointing or
+ * training mode): a graph recorded over them is stale from then on. */
+unsigned db_unet_layout_gen(const db_unet *u);
+
+/* A graph (kernels/ops.h db_graph) of one kind of UNet call (a forward, a
+ * backward, a denoising step), zero-initialised by its owner.
+ * db_unet_graph_run runs fn(copy of arg): the first call for a key (the
+ * call's shape: batch, height, width, context length) directly, the second
+ * records it, and later ones replay the record, while the key and the
+ * UNet's buffers (db_unet_layout_gen) stay; a change of either starts over.
+ * fn must obey db_graph_capture's rules.  When a capture is not possible
+ * the slot warns on log once and calls fn directly from then on.
+ * 0, or -1 with err.  db_unet_graph_free before the buffers fn uses. */
+typedef struct db_unet_graph {
+    db_graph *g;
+    int key[4];
+    unsigned gen;
+    int warm; /* fn ran directly for key and gen */
+    int off;  /* capture failed: direct calls only */
+} db_unet_graph;
+struct db_log;
+int db_unet_graph_run(db_unet_graph *s, db_unet *u, const int key[4], db_graph_fn fn, const void *arg,
+                      size_t arg_size, const struct db_log *log, db_err *err);
+void db_unet_graph_free(db_unet_graph *s);
 
 /* Wall seconds the last forward spent per kind of block (CPU ops are
  * synchronous; a GPU backend would have to synchronise to fill this). */
