@@ -23,6 +23,9 @@ ok "plain, no clipping: 3 steps" $TR --max-grad-norm 0 --steps 3 -o "$T/P0"
 ok "fused, no clipping: 3 steps" $TR --max-grad-norm 0 --steps 3 --fused-backward -o "$T/F0"
 check "fused == plain without clipping (model and optimizer bytes)" same "$T/P0/ckpt-000003" "$T/F0/ckpt-000003"
 check "the run's config records it" "grep -q '\"fused-backward\": true' '$T/F0/config.json'"
+ok "plain, no clipping, --no-graph (each UNet call op by op)" $TR --max-grad-norm 0 --steps 3 --no-graph -o "$T/G0"
+check "--no-graph == the graphs' replays (model and optimizer bytes)" same "$T/P0/ckpt-000003" "$T/G0/ckpt-000003"
+check "--no-graph is not part of the run's configuration" "! grep -q 'graph' '$T/G0/config.json'"
 
 # --- 2. with clipping: its own run, resumable ------------------------------------------
 ok "fused, clip 1.0: 4 steps, a checkpoint every 2" $TR --fused-backward --steps 4 --save-every 2 -o "$T/F1"

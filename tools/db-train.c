@@ -105,7 +105,7 @@ typedef struct opts {
     int64_t val_every, val_images, val_steps;
     double val_guidance;
     double prior_weight, lr, text_lr, offset_noise, snr_gamma, max_grad_norm, b1, b2, wd, eps;
-    int train_text, grad_ckpt, fused, plan, quiet, verbose;
+    int train_text, grad_ckpt, fused, no_graph, plan, quiet, verbose;
 } opts;
 
 /* Options that are not part of a run's configuration: where things go, how
@@ -113,7 +113,7 @@ typedef struct opts {
  * checkpoint, and a resume takes it from there. */
 static const char *const RUNTIME_KEYS[] = {"output", "resume", "config", "record", "replay", "plan", "threads",
                                            "device", "quiet", "verbose", "log-every", "precision",
-                                           "async-save", NULL};
+                                           "async-save", "no-graph", NULL};
 /* Run settings a resume may change (they do not change the math of the
  * steps already taken; see the man page for --steps and the lr schedule). */
 static const char *const RESUMABLE_KEYS[] = {"steps", "save-every", "keep-last", NULL};
@@ -584,8 +584,8 @@ static void plan(run *r, int lh, int lw)
          * buffer of db_weights_load_ctx). */
         db_train_device_plan d;
         const int prec = db_precision_parse(r->o.precision) > 0 ? db_precision_parse(r->o.precision) : DB_PREC_F32;
-        db_unet_train_device_plan(a, B, lh, lw, T, r->o.train_text, r->o.grad_ckpt, r->o.fused, (db_precision)prec,
-                                  &d);
+        db_unet_train_device_plan(a, B, lh, lw, T, r->o.train_text, r->o.grad_ckpt, r->o.fused, !r->o.no_graph,
+                                  (db_precision)prec, &d);
         /* the optimizer's state as this run keeps it (8-bit moments: adam) */
         d.total = d.total - d.moments + adam;
         d.moments = adam;
@@ -613,6 +613,8 @@ static void plan(run *r, int lh, int lw)
             printf("  %-34s %10.1f MiB\n", "16-bit conversion scratch", d.convert / MB);
         }
         printf("  %-34s %10.1f MiB\n", "allocator rounding", d.rounding / MB);
+        if (d.graphs)
+            printf("  %-34s %10.1f MiB\n", "CUDA graphs' temporaries", d.graphs / MB);
         printf("  %-34s %10.1f MiB  (%s)\n", "predicted device peak", d.total / MB,
                db_precision_name((db_precision)prec));
         return;
@@ -667,6 +669,8 @@ static int validate(run *r, int64_t step, db_err *err)
     to.batch = 1;
     to.seed = 0;
     to.clip_skip = 1;
+    to.no_graph = o->no_graph;
+    to.log = &r->lg;
     db_txt2img_out out;
     memset(&out, 0, sizeof out);
     db_unet_keep_activations(u, 0); /* inference workspace while sampling */
@@ -763,6 +767,9 @@ int main(int argc, char **argv)
         {"fused-backward", 0, DB_OPT_FLAG, NULL, "step the optimizer block by block inside the backward: no "
          "gradient buffers (SD1.5: 3.3 GiB less, 3.7 with the text encoder), clipping per tensor; needs "
          "--grad-accum 1 and no fp16", &o->fused, NULL, 0},
+        {"no-graph", 0, DB_OPT_FLAG, NULL, "on a GPU, launch the UNet's kernels one by one instead of replaying "
+         "its forward and backward (and the sample previews' steps) as CUDA graphs (same results; for debugging)",
+         &o->no_graph, NULL, 0},
         {"offset-noise", 0, DB_OPT_FLOAT, "X", "add X * N(0,1) per image and channel to the noise (0: off)",
          &o->offset_noise, "0", 0},
         {"snr-gamma", 0, DB_OPT_FLOAT, "G", "min-SNR-gamma loss weighting (0: off; 5 is usual)", &o->snr_gamma,
@@ -1042,6 +1049,8 @@ int main(int argc, char **argv)
     to.train_text = o->train_text;
     to.gradient_checkpointing = o->grad_ckpt;
     to.fused_backward = o->fused;
+    to.no_graph = o->no_graph;
+    to.log = &r->lg;
     to.prior_weight = o->prior_weight;
     to.snr_gamma = o->snr_gamma;
     to.max_grad_norm = o->max_grad_norm;

@@ -51,6 +51,7 @@ struct db_trainer {
     size_t *fidx;                /* their indices in the component's table, */
     double *fnv;                 /* their norms */
     double sum_loss, sum_inst, sum_prior;
+    db_unet_graph gfwd, gbwd;    /* the UNet forward's and backward's graphs (unet.h) */
     /* buffers of the largest micro-batch seen, on the ctx's device */
     size_t cap_lat, cap_ctx;
     float *noisy, *pred_buf, *dpred; /* (B, C, H, W) each */
@@ -311,6 +312,9 @@ int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db
         return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
     t->ctx = ctx;
     t->o = *o;
+    /* the fused backward is for fitting memory: a graph would hold the
+     * forward's temporaries apart from the backward's (unet.h plan) */
+    t->gfwd.off = t->gbwd.off = o->no_graph || o->fused_backward;
     /* GradScaler(init_scale=2**16, growth_factor=2, backoff_factor=0.5,
      * growth_interval=2000): accelerate's defaults for fp16 */
     t->scaling = ctx->precision == DB_PREC_F16;
@@ -366,6 +370,8 @@ void db_trainer_free(db_trainer *t)
 {
     if (!t)
         return;
+    db_unet_graph_free(&t->gfwd); /* before the buffers they replay into */
+    db_unet_graph_free(&t->gbwd);
     db_unet_free(t->unet);
     db_clip_free(t->clip);
     db_sched_free(t->sched);
@@ -427,6 +433,33 @@ static int reserve(db_trainer *t, size_t nlat, size_t nctx, int B, db_err *err)
 }
 
 /* Forward and loss of one micro-batch; with backward also the gradients. */
+/* The UNet calls of a micro-batch, as db_unet_graph replays them: the
+ * buffers and sizes only (everything per step is in the buffers). */
+typedef struct unet_fwd {
+    db_unet *u;
+    float *out, *x, *ts, *ctx;
+    int B, H, W, T;
+} unet_fwd;
+
+static int unet_fwd_run(void *arg, db_err *err)
+{
+    const unet_fwd *f = arg;
+    return db_unet_forward(f->u, f->out, f->x, f->ts, f->ctx, f->B, f->H, f->W, f->T, err);
+}
+
+typedef struct unet_bwd {
+    db_unet *u;
+    float *dcontext;
+    db_weights *grads;
+    const float *dout;
+} unet_bwd;
+
+static int unet_bwd_run(void *arg, db_err *err)
+{
+    const unet_bwd *k = arg;
+    return db_unet_backward_to(k->u, NULL, k->dcontext, k->grads, NULL, k->dout, err);
+}
+
 static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int backward, db_err *err)
 {
     if (backward && t->summing)
@@ -459,7 +492,11 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
     /* text encoder forward (its activations are kept for the backward) */
     if (db_clip_forward(t->clip, t->context, NULL, NULL, b->ids, B, b->T, err))
         return -1;
-    if (db_unet_forward(t->unet, t->pred_buf, t->noisy, t->tsf, t->context, B, b->H, b->W, b->T, err))
+    unet_fwd f;
+    memset(&f, 0, sizeof f); /* compared byte for byte */
+    f.u = t->unet, f.out = t->pred_buf, f.x = t->noisy, f.ts = t->tsf, f.ctx = t->context;
+    f.B = B, f.H = b->H, f.W = b->W, f.T = b->T;
+    if (db_unet_graph_run(&t->gfwd, t->unet, unet_fwd_run, &f, sizeof f, t->o.log, err))
         return -1;
 
     /* loss and d loss / d pred, on the host (double sums in element order;
@@ -540,9 +577,17 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
         st = (db_grad_sink){t->window, t->window_n, fused_ready, &t->fg[1]};
     }
     const int sink = fused || bucketed;
-    if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, fused ? NULL : &t->gu,
-                            sink ? &su : NULL, t->dpred, err))
-        return db_err_prefix(err, "trainer");
+    if (sink) { /* the sinks call back into the host mid-backward: no graph */
+        if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, fused ? NULL : &t->gu, &su,
+                                t->dpred, err))
+            return db_err_prefix(err, "trainer");
+    } else {
+        unet_bwd k;
+        memset(&k, 0, sizeof k);
+        k.u = t->unet, k.dcontext = t->o.train_text ? t->dcontext : NULL, k.grads = &t->gu, k.dout = t->dpred;
+        if (db_unet_graph_run(&t->gbwd, t->unet, unet_bwd_run, &k, sizeof k, t->o.log, err))
+            return db_err_prefix(err, "trainer");
+    }
     if (t->o.train_text &&
         db_clip_backward_to(t->clip, fused ? NULL : &t->gt, sink ? &st : NULL, t->dcontext, err))
         return db_err_prefix(err, "trainer");

@@ -118,6 +118,15 @@ typedef struct db_train_opts {
      * with a huge initial scale.  Growth 2 and backoff 0.5 are fixed. */
     double loss_scale_init;
     int64_t loss_scale_interval;
+    /* 1: every UNet forward and backward runs op by op.  0 (the default):
+     * from the second micro-batch of the same size on, each replays as a
+     * graph (unet.h db_unet_graph: CUDA graphs on a GPU, the same calls on
+     * the CPU); the backward only without a gradient sink (not with the
+     * bucketed sums); neither with fused_backward (it is for fitting
+     * memory, and a graph keeps its temporaries in a pool of its own).
+     * Same numbers either way. */
+    int no_graph;
+    const struct db_log *log; /* warnings (a graph that could not be made), or NULL */
 } db_train_opts;
 
 /* diffusers' defaults: prior weight 1, clip 1.0, no min-SNR, one

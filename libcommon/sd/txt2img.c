@@ -391,7 +391,9 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
         if (cfg && b != bmax)
             for (int j = 0; j < b; j++)
                 db_ctx_copy(c, ctxt + (size_t)(b + j) * te, out->prompt_embeds, te * sizeof *ctxt, DB_COPY_H2D);
-        dn = (denoise){u, c, xin, eps, ts, ctxt, m * b, h, w, T, cfg, nb, g};
+        memset(&dn, 0, sizeof dn); /* db_unet_graph_run compares it byte for byte */
+        dn.u = u, dn.c = c, dn.xin = xin, dn.eps = eps, dn.ts = ts, dn.ctxt = ctxt;
+        dn.B = m * b, dn.h = h, dn.w = w, dn.T = T, dn.cfg = cfg, dn.nb = nb, dn.g = g;
         for (int i = 0; i < nsteps; i++) {
             db_sched_scale_model_input(s, i, xin_h, x, nb);
             db_ctx_copy(c, xin, xin_h, nb * sizeof *xin, DB_COPY_H2D);
@@ -409,8 +411,7 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
              * what the ops make at a first call: plans, 16-bit weight
              * copies), the second records the step's work as a graph, and
              * every step from there replays it */
-            const int key[4] = {m * b, h, w, T};
-            if (db_unet_graph_run(&gr, u, key, denoise_run, &dn, sizeof dn, o->log, err))
+            if (db_unet_graph_run(&gr, u, denoise_run, &dn, sizeof dn, o->log, err))
                 goto out;
             /* the scheduler's input, back on the host */
             if (db_ctx_copy(c, eps_h, eps, nb * sizeof *eps, DB_COPY_D2H)) {

@@ -986,15 +986,19 @@ void db_unet_graph_free(db_unet_graph *s)
     s->warm = 0;
 }
 
-int db_unet_graph_run(db_unet_graph *s, db_unet *u, const int key[4], db_graph_fn fn, const void *arg,
-                      size_t arg_size, const db_log *log, db_err *err)
+int db_unet_graph_run(db_unet_graph *s, db_unet *u, db_graph_fn fn, const void *arg, size_t arg_size,
+                      const db_log *log, db_err *err)
 {
+    if (!s->off && arg_size > sizeof s->arg) {
+        db_warn(log, "UNet calls without a graph: an argument of %zu bytes", arg_size);
+        s->off = 1;
+    }
     if (s->off)
         return fn((void *)arg, err);
-    const int same = s->warm && !memcmp(s->key, key, sizeof s->key) && s->gen == u->gen;
+    const int same = s->warm && s->arg_size == arg_size && !memcmp(s->arg, arg, arg_size) && s->gen == u->gen;
     if (!same)
         db_unet_graph_free(s);
-    if (same && !s->g) { /* warmed up on this shape and these buffers: record */
+    if (same && !s->g) { /* warmed up on these buffers and sizes: record */
         const int r = db_graph_capture(u->ctx, &s->g, fn, arg, arg_size, err);
         if (r < 0)
             return -1;
@@ -1008,11 +1012,12 @@ int db_unet_graph_run(db_unet_graph *s, db_unet *u, const int key[4], db_graph_f
     }
     if (s->g)
         return db_graph_launch(s->g, err);
-    /* a first call of this shape: directly (it builds what ops build at a
-     * first call), remembering the shape and the buffers it leaves */
+    /* a first call with these buffers and sizes: directly (it builds what
+     * ops build at a first call), remembering them and the layout it leaves */
     if (fn((void *)arg, err))
         return -1;
-    memcpy(s->key, key, sizeof s->key);
+    memcpy(s->arg, arg, arg_size);
+    s->arg_size = arg_size;
     s->gen = u->gen;
     s->warm = 1;
     return 0;
@@ -1070,7 +1075,7 @@ static size_t arch_window(const db_tname *t, size_t n, int comp)
 }
 
 size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, int train_text, int checkpointing,
-                                 int fused, db_precision prec, db_train_device_plan *p)
+                                 int fused, int graphs, db_precision prec, db_train_device_plan *p)
 {
     memset(p, 0, sizeof *p);
     db_tname *t = NULL;
@@ -1129,7 +1134,10 @@ size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, i
         if (allocs[i])
             raw += allocs[i], rounded += cuda_rounded(allocs[i]);
     p->rounding = rounded - raw + (p->convert + p->conv_ws) / 4;
+    /* a graph owns the blocks its capture used: the forward's and the
+     * backward's temporaries are held at once instead of one after the other */
+    p->graphs = graphs && !fused ? p->convert + p->conv_ws : 0;
     p->total = p->weights + p->grads + p->moments + p->unet_act + p->text_act + p->batch + p->convert + p->conv_ws +
-               p->shadow + p->rounding;
+               p->shadow + p->rounding + p->graphs;
     return p->total;
 }

@@ -131,7 +131,10 @@ size_t db_unet_train_bytes_arch(const db_unet_arch *a, int B, int H, int W, int 
  * --plan --device cuda; bench_sd prints it next to its measured peak), from
  * the architecture alone: what db_trainer_create and a step put on the
  * device.  B rows of H x W latents and T tokens; train_text,
- * checkpointing and fused (fused_backward) as db_train_opts; prec the ctx's compute precision.
+ * checkpointing and fused (fused_backward) as db_train_opts; prec the ctx's compute precision;
+ * graphs: the UNet's forward and backward replay as graphs (train.h
+ * no_graph 0, and not fused), which keep their temporaries in pools of their
+ * own (one more transient allowance: conversion scratch + cuDNN workspace).
  * Nothing is allocated; returns the total (0 for an invalid architecture). */
 typedef struct db_train_device_plan {
     size_t weights;     /* UNet + text encoder, fp32 (the trainer loads both) */
@@ -145,10 +148,11 @@ typedef struct db_train_device_plan {
     size_t shadow;      /* bf16/fp16: the weights' 16-bit working copy (db_ctx_declare_weights) */
     size_t rounding;    /* the caching allocator's size classes (at most 25 % of a request;
                            2 MiB grains from 256 MiB up) */
+    size_t graphs;      /* the graphs' own pools of temporaries (0 without graphs) */
     size_t total;
 } db_train_device_plan;
 size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, int train_text, int checkpointing,
-                                 int fused, db_precision prec, db_train_device_plan *p);
+                                 int fused, int graphs, db_precision prec, db_train_device_plan *p);
 
 /* Bytes of the forward and gradient workspaces allocated now. */
 size_t db_unet_allocated_bytes(const db_unet *u);
@@ -159,23 +163,27 @@ unsigned db_unet_layout_gen(const db_unet *u);
 
 /* A graph (kernels/ops.h db_graph) of one kind of UNet call (a forward, a
  * backward, a denoising step), zero-initialised by its owner.
- * db_unet_graph_run runs fn(copy of arg): the first call for a key (the
- * call's shape: batch, height, width, context length) directly, the second
- * records it, and later ones replay the record, while the key and the
- * UNet's buffers (db_unet_layout_gen) stay; a change of either starts over.
- * fn must obey db_graph_capture's rules.  When a capture is not possible
- * the slot warns on log once and calls fn directly from then on.
+ * db_unet_graph_run runs fn(copy of arg): the first call with an arg
+ * directly, the next call with the same arg (byte for byte: the buffers and
+ * sizes fn is given) records it, and later ones replay the record, while
+ * arg and the UNet's buffers (db_unet_layout_gen) stay; a change of either
+ * starts over.  Clear arg with memset before setting its fields (padding is
+ * compared too).  fn must obey db_graph_capture's rules.  When a capture is
+ * not possible the slot warns on log once and calls fn directly from then
+ * on; so it does for an arg over DB_UNET_GRAPH_ARG bytes.
  * 0, or -1 with err.  db_unet_graph_free before the buffers fn uses. */
+enum { DB_UNET_GRAPH_ARG = 128 };
 typedef struct db_unet_graph {
     db_graph *g;
-    int key[4];
-    unsigned gen;
-    int warm; /* fn ran directly for key and gen */
-    int off;  /* capture failed: direct calls only */
+    unsigned char arg[DB_UNET_GRAPH_ARG]; /* the arg of the last direct call */
+    size_t arg_size;
+    unsigned gen;                         /* and the UNet's layout then */
+    int warm;                             /* arg, arg_size and gen are set */
+    int off;                              /* direct calls only (no_graph, or a capture failed) */
 } db_unet_graph;
 struct db_log;
-int db_unet_graph_run(db_unet_graph *s, db_unet *u, const int key[4], db_graph_fn fn, const void *arg,
-                      size_t arg_size, const struct db_log *log, db_err *err);
+int db_unet_graph_run(db_unet_graph *s, db_unet *u, db_graph_fn fn, const void *arg, size_t arg_size,
+                      const struct db_log *log, db_err *err);
 void db_unet_graph_free(db_unet_graph *s);
 
 /* Wall seconds the last forward spent per kind of block (CPU ops are

@@ -506,18 +506,19 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
         db_ctx_set_precision(c, precs[i]);
         db_train_device_plan plan;
         const double plan_mib = c->device == DB_CPU ? 0
-                                : db_unet_train_device_plan(a, B, L, L, T, 0, o->ckpt, fused, precs[i], &plan) / 1048576.0;
+                                : db_unet_train_device_plan(a, B, L, L, T, 0, o->ckpt, fused, 1, precs[i], &plan) / 1048576.0;
         if (measure(c, train_call, &t, 1, o->reps, o->budget, &ms, &reps, &pk, &err)) {
             report_error(name, precs[i], err.msg);
         } else {
             report(name, precs[i], ms, gflop, pk, plan_mib, reps, o->ckpt ? "checkpointing=1" : NULL);
             if (plan_mib > 0)
                 printf("# plan (MiB): weights %.1f, grads %.1f, AdamW %.1f, UNet activations %.1f, text %.1f, "
-                       "batch %.1f, conversion %.1f, cuDNN workspace %.1f, rounding %.1f; measured peak %.1f "
-                       "(%+.1f%% vs plan)\n",
+                       "batch %.1f, conversion %.1f, cuDNN workspace %.1f, rounding %.1f, graphs %.1f; measured "
+                       "peak %.1f (%+.1f%% vs plan)\n",
                        plan.weights / 1048576.0, plan.grads / 1048576.0, plan.moments / 1048576.0,
                        plan.unet_act / 1048576.0, plan.text_act / 1048576.0, plan.batch / 1048576.0,
-                       plan.convert / 1048576.0, plan.conv_ws / 1048576.0, plan.rounding / 1048576.0, pk,
+                       plan.convert / 1048576.0, plan.conv_ws / 1048576.0, plan.rounding / 1048576.0,
+                       plan.graphs / 1048576.0, pk,
                        100.0 * (pk - plan_mib) / plan_mib);
             fflush(stdout); /* a timeout may end the program before the next figure */
         }

@@ -28,6 +28,12 @@ tools_check() {
     r=$(build/tests/dbtest dbt-rel "$T/cpu.dbt" "$T/cuda.dbt")
     echo "db-sample cpu vs cuda final latents: $r"
     awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-4) }'
+    # the steps replayed as a CUDA graph (the default) vs launched op by op
+    DB_CUDA_UNVERIFIED=1 timeout 60 build/bin/db-sample -q -m "$T/tiny" -p "a photo of a dog" --steps 10 \
+        --width 128 --height 128 --seed 1 --device cuda --no-graph --latents-out "$T/nograph.dbt" -o "$T/ng.png"
+    r=$(build/tests/dbtest dbt-rel "$T/cuda.dbt" "$T/nograph.dbt")
+    echo "db-sample cuda graph vs --no-graph final latents: $r$(cmp -s "$T/cuda.dbt" "$T/nograph.dbt" && echo ' (byte-identical)')"
+    awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-6) }'
     for d in cpu cuda; do
         DB_CUDA_UNVERIFIED=1 timeout 60 build/bin/db-prep -q -m "$T/tiny" --size 128 --caption "a photo of sks dog" \
             --device $d tests/data/photos/dog -o "$T/inst-$d.dbt"
@@ -50,6 +56,15 @@ print("db-train %s cpu vs cuda, 3 steps: loss %.8g vs %.8g, grad norm %.8g vs %.
 sys.exit(0 if rel <= 1e-4 else 1)
 PY
     done
+    # the UNet forward and backward replayed as CUDA graphs (the default) vs op by op
+    DB_CUDA_UNVERIFIED=1 timeout 90 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 \
+        --lr 1e-4 --train-text-encoder --device cuda --no-graph -o "$T/run-nograph"
+    if cmp -s "$T/run-cuda/ckpt-000003/model.safetensors" "$T/run-nograph/ckpt-000003/model.safetensors"; then
+        echo "db-train cuda graphs vs --no-graph, 3 steps: byte-identical weights"
+    else
+        echo "db-train cuda graphs vs --no-graph, 3 steps: weights DIFFER"
+        return 1
+    fi
 }
 # make bench-cuda's recipe (the Makefile calls this; the bundle, which has no
 # build tree, too): bench_sd, bench_torch.py, the table into $OUT; $1 $2 the

@@ -184,8 +184,8 @@ static void test_cover(void)
     db_err err = {0};
     db_train_device_plan p0, p1;
     if (db_arch_preset(&a, "sd15", &err) == 0) {
-        const size_t t0 = db_unet_train_device_plan(&a, 2, 64, 64, 77, 1, 1, 0, DB_PREC_BF16, &p0);
-        const size_t t1 = db_unet_train_device_plan(&a, 2, 64, 64, 77, 1, 1, 1, DB_PREC_BF16, &p1);
+        const size_t t0 = db_unet_train_device_plan(&a, 2, 64, 64, 77, 1, 1, 0, 0, DB_PREC_BF16, &p0);
+        const size_t t1 = db_unet_train_device_plan(&a, 2, 64, 64, 77, 1, 1, 1, 0, DB_PREC_BF16, &p1);
         tap_ok(t0 && t1 && p1.grads * 10 < p0.grads && p1.grads >= 49152000u * 4 && t1 < t0,
                "SD1.5 plan (bf16, text encoder, checkpointing): gradients %.0f MiB -> window %.0f MiB (the up path's "
                "ResBlock, 2560 -> 1280 channels), device %.0f -> %.0f MiB", p0.grads / 1048576.0,
