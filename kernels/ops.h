@@ -209,6 +209,8 @@ int db_ctx_sync(db_ctx *c);
  *   CPU:  nothing is recorded; db_graph_launch calls fn(arg, err) again (the
  *         ops run as they are called, so there is nothing to save), which
  *         keeps one code path for callers and tests it on every device.
+ * Either way a replay computes in the compute precision of the capture, not
+ * the ctx's at the launch.
  * fn must be replayable: every buffer it reads or writes outside its own
  * temporaries stays at the same address with the inputs refreshed in place
  * before each launch (db_ctx_copy H2D into them), it copies nothing between

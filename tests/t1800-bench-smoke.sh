@@ -33,7 +33,8 @@ $BS $SMALL > "$T/all.txt" 2> "$T/all.err"
 rc=$?
 sed 's/^/# /' "$T/all.txt" "$T/all.err" | head -30
 check "bench_sd --tiny on the CPU exits 0" "[ $rc = 0 ]"
-for n in unet_fwd_b2 unet_fwd_b2_graph train_step sample_ddim_cfg sample_ddim_cfg_nograph vae_decode; do
+for n in unet_fwd_b2 unet_fwd_b2_graph train_step train_step_nograph sample_ddim_cfg sample_ddim_cfg_nograph \
+    vae_decode; do
     check "$n: BENCH line with positive ms, tflops, peak_mib" valid "$T/all.txt" $n
 done
 check "the sample ran the asked steps" "grep -q 'name=sample_ddim_cfg .* steps=3' '$T/all.txt'"

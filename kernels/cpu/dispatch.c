@@ -361,6 +361,7 @@ struct db_graph {
     db_ctx *c;
     db_graph_fn fn; /* the CPU's replay */
     void *arg;      /* the copy fn gets */
+    db_precision prec; /* the ctx's at the capture: a CUDA graph keeps its kernels' types */
     void *dev;      /* the backend's graph (CUDA), or NULL */
 };
 
@@ -382,6 +383,7 @@ int db_graph_capture(db_ctx *c, db_graph **g, db_graph_fn fn, const void *arg, s
     ng->c = c;
     ng->fn = fn;
     ng->arg = copy;
+    ng->prec = c->precision;
     if (c->device == DB_CUDA) {
         /* the capture fails as a whole: whatever went wrong during it (an op
          * that waits or copies to the host, a lazily built plan, memory), the
@@ -414,8 +416,13 @@ int db_graph_capture(db_ctx *c, db_graph **g, db_graph_fn fn, const void *arg, s
 int db_graph_launch(db_graph *g, db_err *err)
 {
     db_ctx *c = g->c;
-    if (!g->dev)
-        return g->fn(g->arg, err);
+    if (!g->dev) { /* the CPU: fn again, in the precision it was recorded in */
+        const db_precision now = c->precision;
+        c->precision = g->prec;
+        const int rc = g->fn(g->arg, err);
+        c->precision = now;
+        return rc;
+    }
     if (c->cuda_api->graph_launch(c, g->dev)) {
         *err = c->err;
         return -1;

@@ -995,7 +995,8 @@ int db_unet_graph_run(db_unet_graph *s, db_unet *u, db_graph_fn fn, const void *
     }
     if (s->off)
         return fn((void *)arg, err);
-    const int same = s->warm && s->arg_size == arg_size && !memcmp(s->arg, arg, arg_size) && s->gen == u->gen;
+    const int same = s->warm && s->arg_size == arg_size && !memcmp(s->arg, arg, arg_size) && s->gen == u->gen &&
+                     s->prec == (int)u->ctx->precision;
     if (!same)
         db_unet_graph_free(s);
     if (same && !s->g) { /* warmed up on these buffers and sizes: record */
@@ -1019,6 +1020,7 @@ int db_unet_graph_run(db_unet_graph *s, db_unet *u, db_graph_fn fn, const void *
     memcpy(s->arg, arg, arg_size);
     s->arg_size = arg_size;
     s->gen = u->gen;
+    s->prec = (int)u->ctx->precision;
     s->warm = 1;
     return 0;
 }

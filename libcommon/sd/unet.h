@@ -166,8 +166,8 @@ unsigned db_unet_layout_gen(const db_unet *u);
  * db_unet_graph_run runs fn(copy of arg): the first call with an arg
  * directly, the next call with the same arg (byte for byte: the buffers and
  * sizes fn is given) records it, and later ones replay the record, while
- * arg and the UNet's buffers (db_unet_layout_gen) stay; a change of either
- * starts over.  Clear arg with memset before setting its fields (padding is
+ * arg, the UNet's buffers (db_unet_layout_gen) and the ctx's compute
+ * precision stay; a change of any starts over.  Clear arg with memset before setting its fields (padding is
  * compared too).  fn must obey db_graph_capture's rules.  When a capture is
  * not possible the slot warns on log once and calls fn directly from then
  * on; so it does for an arg over DB_UNET_GRAPH_ARG bytes.
@@ -178,6 +178,7 @@ typedef struct db_unet_graph {
     unsigned char arg[DB_UNET_GRAPH_ARG]; /* the arg of the last direct call */
     size_t arg_size;
     unsigned gen;                         /* and the UNet's layout then */
+    int prec;                             /* and the ctx's precision */
     int warm;                             /* arg, arg_size and gen are set */
     int off;                              /* direct calls only (no_graph, or a capture failed) */
 } db_unet_graph;

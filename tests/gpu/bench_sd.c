@@ -6,7 +6,9 @@
  *           the same forward replayed as a graph (unet_fwd_b2_graph:
  *           kernels/ops.h db_graph_capture, a CUDA graph on a GPU)
  *   train   one DreamBooth step: 1 instance + 1 prior row, UNet trained with
- *           AdamW, text encoder frozen, cached latents (db_trainer_*)
+ *           AdamW, text encoder frozen, cached latents (db_trainer_*; its UNet
+ *           forward and backward replayed as graphs, as db-train does); and
+ *           the same step op by op (train_step_nograph)
  *   sample  text to image: DDIM, STEPS steps with classifier-free guidance
  *           (UNet batch 2 per step), VAE decode to 8L x 8L (db_txt2img, its
  *           steps replayed as a graph as db-sample does); and the same run
@@ -463,11 +465,14 @@ static void bench_save(db_trainer *tr)
     db_rm_rf(dir);
 }
 
-/* fused: the fused backward (train.h), reported as train_step_fused */
+/* mode 0: the plain step (its UNet calls replayed as graphs, as db-train
+ * does); 1: the fused backward (train.h), reported as train_step_fused;
+ * 2: the plain step op by op (no_graph), train_step_nograph */
 static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db_precision *precs, int np,
-                        const opts *o, int fused)
+                        const opts *o, int mode)
 {
-    const char *name = fused ? "train_step_fused" : "train_step";
+    const int fused = mode == 1;
+    const char *name = mode == 1 ? "train_step_fused" : mode == 2 ? "train_step_nograph" : "train_step";
     const int B = 2, L = o->latent, T = a->text.max_positions, C = a->unet.in_channels;
     /* useful work: forward + backward = 3 forwards of the batch */
     const double gflop = 3 * 2 * B * unet_macs(&a->unet, L, L, T) * 1e-9;
@@ -478,6 +483,7 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
     db_train_opts to = db_train_opts_defaults(1e-9, 1000000);
     to.gradient_checkpointing = o->ckpt;
     to.fused_backward = fused;
+    to.no_graph = mode == 2;
     train_arg t = {0};
     float *lat = malloc(n * sizeof *lat), *noise = malloc(n * sizeof *noise);
     int64_t ts[2] = {250, 750};
@@ -506,8 +512,9 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
         db_ctx_set_precision(c, precs[i]);
         db_train_device_plan plan;
         const double plan_mib = c->device == DB_CPU ? 0
-                                : db_unet_train_device_plan(a, B, L, L, T, 0, o->ckpt, fused, 1, precs[i], &plan) / 1048576.0;
-        if (measure(c, train_call, &t, 1, o->reps, o->budget, &ms, &reps, &pk, &err)) {
+                                : db_unet_train_device_plan(a, B, L, L, T, 0, o->ckpt, fused, mode != 2, precs[i], &plan) / 1048576.0;
+        /* two warm-up steps: the first builds the plans, the second records the graphs */
+        if (measure(c, train_call, &t, 2, o->reps, o->budget, &ms, &reps, &pk, &err)) {
             report_error(name, precs[i], err.msg);
         } else {
             report(name, precs[i], ms, gflop, pk, plan_mib, reps, o->ckpt ? "checkpointing=1" : NULL);
@@ -524,7 +531,7 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
         }
         db_err_clear(&err);
     }
-    if (o->save && !fused && t.tr)
+    if (o->save && mode == 0 && t.tr)
         bench_save(t.tr);
 out:
     db_trainer_free(t.tr);
@@ -768,12 +775,12 @@ int main(int argc, char **argv)
     if (db_arch_preset(&a, arch_name, &err) || db_ctx_create_device(&c, o.device, o.threads, &err)) {
         /* every figure asked for, as failed: the table says why rather than nothing */
         fprintf(stderr, "bench_sd: %s\n", err.msg);
-        static const char *const names[] = {"unet_fwd_b2", "unet_fwd_b2_graph", "train_step", "train_step_fused",
-                                            "checkpoint_save", "sample_ddim_cfg", "sample_ddim_cfg_nograph",
-                                            "vae_decode"};
-        const int want[] = {want_fwd,  want_fwd,    want_train,  want_train && o.fused, want_train && o.save,
-                            want_sample, want_sample, want_vae};
-        for (int k = 0; k < 8; k++)
+        static const char *const names[] = {"unet_fwd_b2",      "unet_fwd_b2_graph", "train_step",
+                                            "train_step_nograph", "train_step_fused",  "checkpoint_save",
+                                            "sample_ddim_cfg",  "sample_ddim_cfg_nograph", "vae_decode"};
+        const int want[] = {want_fwd,    want_fwd,    want_train, want_train, want_train && o.fused,
+                            want_train && o.save, want_sample, want_sample, want_vae};
+        for (int k = 0; k < 9; k++)
             for (int i = 0; i < np && want[k]; i++)
                 report_error(names[k], precs[i], err.msg);
         return 1;
@@ -808,6 +815,7 @@ int main(int argc, char **argv)
         if (!want_sample && hw.data) /* no longer needed: give the trainer the room */
             db_weights_free(&hw);
         bench_train(c, &a, &m, precs, np, &o, 0);
+        bench_train(c, &a, &m, precs, np, &o, 2);
         if (o.fused)
             bench_train(c, &a, &m, precs, np, &o, 1);
     }

@@ -5,7 +5,8 @@
  * trainer's buffers grow between them), evaluations between steps (a
  * forward that keeps no activations: another UNet layout), gradient
  * accumulation, checkpointing, the text encoder trained, bf16 and 8-bit
- * AdamW.  On the ctx of tap_device() (cpu, cpu-strict): there a replay
+ * AdamW, and the compute precision switched mid-run (a graph keeps the
+ * precision it was recorded in).  On the ctx of tap_device() (cpu, cpu-strict): there a replay
  * calls the recorded function again on the graph's copy of its arguments,
  * so a stale argument (buffers freed when a larger batch came) reads freed
  * memory or the wrong rows and differs here.  The CUDA graphs themselves:
@@ -25,6 +26,7 @@ typedef struct cfg {
     const char *name;
     db_precision prec;
     int text, ckpt, accum, q8;
+    int to_bf16; /* micro-batch from which the ctx computes in bf16 (0: never) */
 } cfg;
 
 /* rows of each micro-batch, and whether an evaluation follows it */
@@ -49,6 +51,8 @@ static int run(db_ctx *c, const db_model *m, const cfg *k, int no_graph, double 
     int rc = 0;
     for (int i = 0; rc == 0 && i < NB; i++) {
         db_train_stats s;
+        if (k->to_bf16 && i == k->to_bf16) /* a graph recorded in fp32 must not replay now */
+            db_ctx_set_precision(c, DB_PREC_BF16);
         rc = tap_learn_batch(t, &fx, rows[i], 3, (uint64_t)i, 0, &s, err);
         loss[i] = s.loss;
         if (rc == 0 && (i + 1) % k->accum == 0)
@@ -77,9 +81,10 @@ int main(void)
                 "%s ctx, tiny model, prompts%s%s", tap_device(), err.code ? ": " : "", err.msg))
         return tap_done();
     static const cfg cfgs[] = {
-        {"fp32 AdamW", DB_PREC_F32, 0, 0, 1, 0},
-        {"fp32, text encoder, checkpointing, 2 micro-batches a step", DB_PREC_F32, 1, 1, 2, 0},
-        {"bf16 8-bit AdamW, text encoder", DB_PREC_BF16, 1, 0, 1, 1},
+        {"fp32 AdamW", DB_PREC_F32, 0, 0, 1, 0, 0},
+        {"fp32, text encoder, checkpointing, 2 micro-batches a step", DB_PREC_F32, 1, 1, 2, 0, 0},
+        {"bf16 8-bit AdamW, text encoder", DB_PREC_BF16, 1, 0, 1, 1, 0},
+        {"fp32, then bf16 from micro-batch 5", DB_PREC_F32, 0, 0, 1, 0, 5},
     };
     for (size_t i = 0; i < sizeof cfgs / sizeof cfgs[0]; i++) {
         const cfg *k = &cfgs[i];
