@@ -52,6 +52,11 @@ struct db_trainer {
     double *fnv;                 /* their norms */
     double sum_loss, sum_inst, sum_prior;
     db_unet_graph gfwd, gbwd;    /* the UNet forward's and backward's graphs (unet.h) */
+    /* the frozen text encoder's last output in context: the token ids and
+     * precision it was computed for (DreamBooth's prompts repeat every step) */
+    int32_t *ctx_ids;
+    size_t ctx_nids;
+    int ctx_prec, ctx_valid;
     /* buffers of the largest micro-batch seen, on the ctx's device */
     size_t cap_lat, cap_ctx;
     float *noisy, *pred_buf, *dpred; /* (B, C, H, W) each */
@@ -382,6 +387,7 @@ void db_trainer_free(db_trainer *t)
     q8_free(&t->qu);
     q8_free(&t->qt);
     free(t->refs);
+    free(t->ctx_ids);
     free(t->fnorms);
     free(t->fref);
     free(t->fidx);
@@ -420,6 +426,7 @@ static int reserve(db_trainer *t, size_t nlat, size_t nctx, int B, db_err *err)
         }
     }
     if (nctx > t->cap_ctx) {
+        t->ctx_valid = 0;
         db_ctx_free(t->ctx, t->context), db_ctx_free(t->ctx, t->dcontext);
         t->context = db_ctx_alloc(t->ctx, nctx * sizeof(float));
         t->dcontext = db_ctx_alloc(t->ctx, nctx * sizeof(float));
@@ -432,7 +439,6 @@ static int reserve(db_trainer *t, size_t nlat, size_t nctx, int B, db_err *err)
     return 0;
 }
 
-/* Forward and loss of one micro-batch; with backward also the gradients. */
 /* The UNet calls of a micro-batch, as db_unet_graph replays them: the
  * buffers and sizes only (everything per step is in the buffers). */
 typedef struct unet_fwd {
@@ -460,6 +466,7 @@ static int unet_bwd_run(void *arg, db_err *err)
     return db_unet_backward_to(k->u, NULL, k->dcontext, k->grads, NULL, k->dout, err);
 }
 
+/* Forward and loss of one micro-batch; with backward also the gradients. */
 static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int backward, db_err *err)
 {
     if (backward && t->summing)
@@ -490,8 +497,23 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
         db_ctx_copy(c, t->noisy, t->noisy_h, n * sizeof(float), DB_COPY_H2D))
         return db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
     /* text encoder forward (its activations are kept for the backward) */
-    if (db_clip_forward(t->clip, t->context, NULL, NULL, b->ids, B, b->T, err))
-        return -1;
+    /* the text encoder: trained, it runs every micro-batch (its activations
+     * are kept for the backward); frozen, its output depends on the ids
+     * alone, so the same prompts as last time (DreamBooth's instance and
+     * class prompts, every step) reuse it: diffusers' pre-computed text
+     * embeddings, without the option */
+    const size_t nids = (size_t)B * b->T;
+    if (t->o.train_text || !t->ctx_valid || t->ctx_nids != nids || t->ctx_prec != (int)c->precision ||
+        memcmp(t->ctx_ids, b->ids, nids * sizeof *b->ids)) {
+        t->ctx_valid = 0;
+        if (db_clip_forward(t->clip, t->context, NULL, NULL, b->ids, B, b->T, err))
+            return -1;
+        int32_t *keep = t->o.train_text ? NULL : realloc(t->ctx_ids, nids * sizeof *keep);
+        if (keep) { /* (no room to remember: computed again next time) */
+            memcpy(keep, b->ids, nids * sizeof *keep);
+            t->ctx_ids = keep, t->ctx_nids = nids, t->ctx_prec = (int)c->precision, t->ctx_valid = 1;
+        }
+    }
     unet_fwd f;
     memset(&f, 0, sizeof f); /* compared byte for byte */
     f.u = t->unet, f.out = t->pred_buf, f.x = t->noisy, f.ts = t->tsf, f.ctx = t->context;
