@@ -38,7 +38,8 @@ enum {
 
 // D (B*NH*Tq, laid out (B, NH, Tq)) = dO . O per query and head: one warp
 // per entry, grid-stride over the entries
-__global__ static void attn_d_kernel(float *D, const float *dout, const float *out, int B, int Tq, int NH, int HS)
+template <typename T>
+__global__ static void attn_d_kernel(float *D, const T *dout, const T *out, int B, int Tq, int NH, int HS)
 {
     const size_t n = (size_t)B * NH * Tq, nwarps = (size_t)gridDim.x * blockDim.x / 32;
     const int lane = threadIdx.x & 31;
@@ -47,13 +48,28 @@ __global__ static void attn_d_kernel(float *D, const float *dout, const float *o
         const size_t row = ((size_t)b * Tq + i) * NH * HS + (size_t)h * HS;
         float s = 0.0f;
         for (int d = lane; d < HS; d += 32)
-            s += dout[row + d] * out[row + d];
+            s += db_cuda_f32(dout[row + d]) * db_cuda_f32(out[row + d]);
         for (int o = 16; o > 0; o >>= 1)
             s += __shfl_xor_sync(0xffffffffu, s, o);
         if (lane == 0)
             D[e] = s;
     }
 }
+
+template <typename T>
+int db_cuda_attn_d(db_ctx *c, float *D, const T *dout, const T *out, int B, int Tq, int NH, int HS)
+{
+    const size_t n = (size_t)B * NH * Tq;
+    attn_d_kernel<T><<<db_cuda_grid(n * 32, 256), 256, 0, db_cuda_st(c)->stream>>>(D, dout, out, B, Tq, NH, HS);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "attn_d_kernel: %s", cudaGetErrorString(e));
+    return 0;
+}
+template int db_cuda_attn_d<float>(db_ctx *, float *, const float *, const float *, int, int, int, int);
+template int db_cuda_attn_d<__nv_bfloat16>(db_ctx *, float *, const __nv_bfloat16 *, const __nv_bfloat16 *, int, int,
+                                           int, int);
+template int db_cuda_attn_d<__half>(db_ctx *, float *, const __half *, const __half *, int, int, int, int);
 
 // dQ pass.  grid (ceil(Tq / RB), B*NH), block NWARP*32, dynamic shared memory
 // (2 RB HS + 2 TT (HS + 1)) floats.
@@ -309,12 +325,8 @@ static int attention_backward32(db_ctx *c, float *dq, float *dk, float *dv, cons
     float *D = (float *)db_cuda_alloc(c, sizeof(float) * n);
     if (!D)
         return -1;
-    attn_d_kernel<<<db_cuda_grid(n * 32, 256), 256, 0, db_cuda_st(c)->stream>>>(D, dout, out, B, Tq, NH, HS);
-    cudaError_t e = cudaGetLastError();
     int r = -1;
-    if (e != cudaSuccess)
-        db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "attn_d_kernel: %s", cudaGetErrorString(e));
-    else {
+    if (db_cuda_attn_d(c, D, dout, out, B, Tq, NH, HS) == 0) {
         switch ((HS + 31) / 32) {
         case 1:
             r = launch<1>(c, dq, dk, dv, dout, lse, D, q, k, v, B, Tq, Tk, NH, HS, causal);

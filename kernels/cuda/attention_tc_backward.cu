@@ -138,25 +138,6 @@ template <typename T, int ND> __device__ __forceinline__ void gemm_nt(float *sw,
     }
 }
 
-// D (B, NH, Tq) = dO . O per query and head in fp32: one warp per entry
-template <typename T>
-__global__ static void attn_tc_d_kernel(float *D, const T *dout, const T *out, int B, int Tq, int NH, int HS)
-{
-    const size_t n = (size_t)B * NH * Tq, nwarps = (size_t)gridDim.x * blockDim.x / 32;
-    const int lane = threadIdx.x & 31;
-    for (size_t e = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32; e < n; e += nwarps) {
-        const int i = (int)(e % Tq), h = (int)(e / Tq % NH), b = (int)(e / ((size_t)Tq * NH));
-        const size_t row = ((size_t)b * Tq + i) * NH * HS + (size_t)h * HS;
-        float s = 0.0f;
-        for (int d = lane; d < HS; d += 32)
-            s += tc<T>::to(dout[row + d]) * tc<T>::to(out[row + d]);
-        for (int o = 16; o > 0; o >>= 1)
-            s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0)
-            D[e] = s;
-    }
-}
-
 // Pass 1: dq (B, Tq, NH*HS) fp32.  grid (ceil(Tq / BR), B NH), block NWARP 32,
 // dynamic shared memory smem_bytes<T>(ND).
 template <typename T, int ND>
@@ -350,13 +331,8 @@ static int dispatch(db_ctx *c, float *dq, float *dk, float *dv, const void *dout
     float *D = (float *)db_cuda_alloc(c, sizeof(float) * n);
     if (!D)
         return -1;
-    attn_tc_d_kernel<T><<<db_cuda_grid(n * 32, 256), 256, 0, db_cuda_st(c)->stream>>>(D, (const T *)dout,
-                                                                                      (const T *)out, B, Tq, NH, HS);
-    cudaError_t e = cudaGetLastError();
     int r = -1;
-    if (e != cudaSuccess)
-        db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "attn_tc_d_kernel: %s", cudaGetErrorString(e));
-    else
+    if (db_cuda_attn_d<T>(c, D, (const T *)dout, (const T *)out, B, Tq, NH, HS) == 0)
         r = with_nd(HS, [&](auto nd) {
             return launch<T, decltype(nd)::value>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
         });

@@ -555,6 +555,10 @@ static void *api_graph_end(db_ctx *c)
         return NULL;
     }
     st->capturing = 0;
+    // blocks of this capture still live (refused below) become plain live
+    // blocks: a later capture must not count their frees as its own
+    for (size_t i = 0; i < st->live_cap; i++)
+        st->live_n[i] &= ~(size_t)LIVE_CAPTURED;
     cudaGraph_t g = NULL;
     cudaGraphExec_t x = NULL;
     cudaError_t e = cudaStreamEndCapture(st->stream, &g);

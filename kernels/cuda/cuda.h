@@ -181,6 +181,15 @@ __device__ __forceinline__ float db_cuda_round16(float x, int f16)
 {
     return f16 ? __half2float(__float2half_rn(x)) : __bfloat162float(__float2bfloat16_rn(x));
 }
+// an operand element as float (the 16-bit kernels' loads; float itself for the fp32 ones)
+__device__ __forceinline__ float db_cuda_f32(float x) { return x; }
+__device__ __forceinline__ float db_cuda_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float db_cuda_f32(__half x) { return __half2float(x); }
+// attention_backward.cu: D (B, NH, Tq) = dO . O per query and head, summed in
+// fp32 (both attention backwards' first pass); T float, __nv_bfloat16 or
+// __half.  0, or -1 with c->err set.
+template <typename T>
+int db_cuda_attn_d(db_ctx *c, float *D, const T *dout, const T *out, int B, int Tq, int NH, int HS);
 // n elements of the compute type: fresh scratch holding src rounded
 // (free with db_cuda_free); NULL with c->err set.
 void *db_cuda_to16(db_ctx *c, const float *src, size_t n);

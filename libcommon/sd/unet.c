@@ -1010,6 +1010,8 @@ int db_unet_graph_run(db_unet_graph *s, db_unet *u, db_graph_fn fn, const void *
             s->off = 1;
             return fn((void *)arg, err);
         }
+        if (u->ctx->device == DB_CUDA)
+            db_debug(log, "UNet call recorded as a CUDA graph (%zu-byte arguments), replayed from now on", arg_size);
     }
     if (s->g)
         return db_graph_launch(s->g, err);
