@@ -37,8 +37,10 @@ impl=torch_compile with --compile), then a markdown table.
 """
 import argparse
 import math
+import os
 import sys
 import time
+import traceback
 
 SD15 = dict(block_out=(320, 640, 1280, 1280), down_attn=(1, 1, 1, 0), up_attn=(0, 1, 1, 1), layers=2, heads=8,
             context=768, groups=32, in_ch=4, latent=64,
@@ -152,6 +154,14 @@ def vae_decode_macs(cfg, h, w):
 def build_modules(torch):
     nn, F = torch.nn, torch.nn.functional
 
+    def sdpa_math(q, k, v):
+        """softmax(q k^T / sqrt(d)) v, for torch < 2.0 (no SDPA; checks the script there, never timed
+        against ours: the GPU machine's torch has SDPA)"""
+        w = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
+        return w.to(v.dtype) @ v
+
+    sdpa = getattr(F, "scaled_dot_product_attention", sdpa_math)
+
     class ResBlock(nn.Module):
         """ResnetBlock2D: GN+SiLU, conv, + time embedding, GN+SiLU, conv, skip (1x1 when widths differ)."""
 
@@ -185,7 +195,7 @@ def build_modules(torch):
             B, T, C = x.shape
             q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
             q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(q, k, v)
+            o = sdpa(q, k, v)
             return self.to_out(o.transpose(1, 2).reshape(B, T, C))
 
     class Transformer(nn.Module):
@@ -292,7 +302,7 @@ def build_modules(torch):
         def forward(self, x):
             B, C, H, W = x.shape
             h = self.norm(x).flatten(2).transpose(1, 2)
-            o = F.scaled_dot_product_attention(self.q(h)[:, None], self.k(h)[:, None], self.v(h)[:, None])[:, 0]
+            o = sdpa(self.q(h)[:, None], self.k(h)[:, None], self.v(h)[:, None])[:, 0]
             return x + self.proj(o).transpose(1, 2).reshape(B, C, H, W)
 
     class VAEDecoder(nn.Module):
@@ -402,10 +412,22 @@ class Bench:
 
     def error(self, name, prec, e):
         msg = ("%s: %s" % (type(e).__name__, e)).replace("\n", " ").replace('"', "'")[:200]
+        if os.environ.get("BENCH_TORCH_TRACE"):  # where it failed, on stderr
+            traceback.print_exception(type(e), e, e.__traceback__)
         self.rows.append((name, prec, None, None, None, 0, "error"))
         print('BENCH impl=%s name=%s device=%s precision=%s error="%s"'
               % (self.impl, name, "cuda" if self.cuda else "cpu", prec, msg), flush=True)
         self.failures += 1
+
+
+def on_device(torch, dev, make):
+    """make() with its parameters created on dev: inside `with dev` where torch
+    has it (2.0 on: 860M parameters drawn on the host would take seconds),
+    else made on the host and moved."""
+    if hasattr(dev, "__enter__"):
+        with dev:
+            return make()
+    return make().to(dev)
 
 
 def main():
@@ -461,8 +483,7 @@ def main():
     impl = "torch_compile" if args.compile else "torch"
     B = Bench(torch, args, impl)
     name = torch.cuda.get_device_name(dev) if B.cuda else "cpu"
-    with dev:  # initialise on the device: 860M parameters drawn on the host would take seconds
-        unet = UNet(cfg)
+    unet = on_device(torch, dev, lambda: UNet(cfg))
     got = sum(p.numel() for p in unet.parameters())
     if got != n or (not args.tiny and got != SD15_UNET_PARAMS):
         print("# bench_torch: WARNING: UNet has %d parameters, expected %d" % (got, n if args.tiny else SD15_UNET_PARAMS))
@@ -509,8 +530,9 @@ def main():
         unet.train()
         opt = None
         try:
+            fused = {"fused": True} if B.cuda else {}  # (torch < 2.0 has no fused=, not needed on the CPU)
             opt = torch.optim.AdamW(unet.parameters(), lr=1e-9, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                                    fused=B.cuda)
+                                    **fused)
         except Exception as e:
             for prec in precs:
                 B.error("train_step", prec, e)
@@ -559,8 +581,7 @@ def main():
     vae = None
     if "sample" in only or "vae" in only:
         try:
-            with dev:
-                vae = VAEDecoder(cfg).eval()
+            vae = on_device(torch, dev, lambda: VAEDecoder(cfg)).eval()
         except Exception as e:
             for prec in precs:
                 B.error("vae_decode", prec, e)
