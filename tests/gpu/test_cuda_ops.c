@@ -1470,6 +1470,22 @@ static void cmp_direct(const char *what, const char *tensor, const float *d, con
     tap_ok(bad == 0, "%s %s: bit-identical to the direct run (%zu of %zu differ)", what, tensor, bad, n);
 }
 
+/* Six blocks of these sizes allocated now: how many are among the six
+ * pointers of `among` (freed again before returning). */
+static size_t blocks_among(const size_t sizes[6], void *const among[6])
+{
+    void *now[6];
+    size_t k = 0;
+    for (int i = 0; i < 6; i++)
+        now[i] = api->alloc(&g, sizes[i]);
+    for (int i = 0; i < 6; i++)
+        for (int j = 0; j < 6; j++)
+            k += now[i] && now[i] == among[j];
+    for (int i = 0; i < 6; i++)
+        api->free(&g, now[i]);
+    return k;
+}
+
 static void t_graph(db_precision prec)
 {
     char what[160];
@@ -1523,15 +1539,7 @@ static void t_graph(db_precision prec)
     tap_ok(ran == 0, "%s: the capture ran nothing (%zu outputs written)", what, ran);
     /* the pool is the graph's: the same sizes allocated now get other blocks */
     const size_t sizes[6] = {nx * 4, nx * 4, GB * 16, GB * 16, nx * 4, (size_t)GB * GT * 4};
-    void *now[6];
-    size_t shared = 0;
-    for (int i = 0; i < 6; i++)
-        now[i] = api->alloc(&g, sizes[i]);
-    for (int i = 0; i < 6; i++)
-        for (int j = 0; j < 6; j++)
-            shared += now[i] && now[i] == captured[j];
-    for (int i = 0; i < 6; i++)
-        api->free(&g, now[i]);
+    const size_t shared = blocks_among(sizes, captured);
     tap_ok(shared == 0, "%s: blocks the graph uses are not handed out while it lives (%zu were)", what, shared);
     /* replays read the inputs as they are at launch */
     int ok = 1;
@@ -1553,14 +1561,7 @@ static void t_graph(db_precision prec)
                m2.reserved == m1.reserved,
            "%s: in use %zu -> %zu -> %zu, reserved %zu -> %zu -> %zu (the pool back in the cache)", what,
            m0.in_use, m1.in_use, m2.in_use, m0.reserved, m1.reserved, m2.reserved);
-    size_t reused = 0;
-    for (int i = 0; i < 6; i++)
-        now[i] = api->alloc(&g, sizes[i]);
-    for (int i = 0; i < 6; i++)
-        for (int j = 0; j < 6; j++)
-            reused += now[i] && now[i] == captured[j];
-    for (int i = 0; i < 6; i++)
-        api->free(&g, now[i]);
+    const size_t reused = blocks_among(sizes, captured);
     tap_ok(reused > 0, "%s: after graph_free its blocks are handed out again (%zu)", what, reused);
 
     /* work a graph cannot hold: refused as a whole, the ctx usable after */
