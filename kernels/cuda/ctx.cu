@@ -540,6 +540,10 @@ static int api_graph_begin(db_ctx *c)
     db_cuda_state *st = db_cuda_st(c);
     if (st->capturing)
         return db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "graph capture: already capturing");
+    // stale 16-bit weight copies rebuilt now, outside the graph: a rebuild
+    // recorded in it would run at every replay (graph_launch refreshes them)
+    if (db_cuda_shadows_refresh(c))
+        return -1;
     DB_CU(c, cudaStreamBeginCapture(st->stream, cudaStreamCaptureModeRelaxed));
     st->capturing = 1;
     st->cap_live = 0;

@@ -25,7 +25,7 @@ cp -a build/lib/libdb_cuda.so "$S/build/lib/"
 cp -a build/tests/dbtest "$S/build/tests/"
 # the oracle tests that t0100-fixtures.sh runs on the GPU (they skip there
 # unless a call carries tests/data: tests/gpu/README.md)
-for t in test_unet test_unet_backward test_clip test_vae test_txt2img; do cp -a "build/tests/$t" "$S/build/tests/"; done
+for t in test_unet test_unet_backward test_clip test_vae test_txt2img test_graph test_train_graph; do cp -a "build/tests/$t" "$S/build/tests/"; done
 mkdir -p "$S/build/bench"
 cp -a build/bench/bench_sd "$S/build/bench/"
 for p in build/tests/gpu/*; do

@@ -56,6 +56,10 @@ print("db-train %s cpu vs cuda, 3 steps: loss %.8g vs %.8g, grad norm %.8g vs %.
 sys.exit(0 if rel <= 1e-4 else 1)
 PY
     done
+    # the graph tests on the GPU (their CPU runs are in make check): replays
+    # bit-identical to op-by-op runs, through the sampler and the trainer
+    DB_CUDA_UNVERIFIED=1 DB_TEST_DEVICE=cuda TOP=$PWD timeout 60 build/tests/test_graph
+    DB_CUDA_UNVERIFIED=1 DB_TEST_DEVICE=cuda DB_TEST_MODEL="$T/tiny" TOP=$PWD timeout 120 build/tests/test_train_graph
     # the UNet forward and backward replayed as CUDA graphs (the default) vs op by op
     DB_CUDA_UNVERIFIED=1 timeout 90 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 \
         --lr 1e-4 --train-text-encoder --device cuda --no-graph -o "$T/run-nograph"
@@ -190,7 +194,7 @@ fi
 BENCH_RESERVE=${BENCH_RESERVE:-210}
 RESERVE=$BENCH_RESERVE stage check-cuda check-cuda.txt 150 bash "$SELF" --check-cuda
 echo "== tools on the tiny model, cpu vs cuda (DB_CUDA_UNVERIFIED=1): db-sample, db-prep, db-train"
-RESERVE=$BENCH_RESERVE stage tools tools.txt 90 bash "$SELF" --tools
+RESERVE=$BENCH_RESERVE stage tools tools.txt 150 bash "$SELF" --tools
 echo "== attention on tensor cores vs the fp32 kernel at SD1.5 shapes (DB_BENCH=1 test_attention_tc)"
 RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 45 env DB_BENCH=1 B="$PWD/build" \
     build/tests/gpu/test_attention_tc

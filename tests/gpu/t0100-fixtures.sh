@@ -5,7 +5,10 @@
 # VAE, the whole txt2img pipeline from given latents) run with
 # DB_TEST_DEVICE=cuda, so each creates a CUDA ctx (tap_ctx_create) and checks
 # its outputs against tests/data/refs with the CPU tests' tolerance (DESIGN:
-# relative L2 <= 1e-4 per tensor).  One TAP line per test program; the lines
+# relative L2 <= 1e-4 per tensor); and the two graph tests (test_graph,
+# test_train_graph: CUDA graph replays of the sampler's and the trainer's
+# UNet calls bit-identical to running them op by op, on the tiny model).
+# One TAP line per test program; the lines
 # that failed inside it follow as diagnostics (FIXTURES_VERBOSE=1 shows all
 # of its lines, e.g. the rel L2 of every tensor).
 #
@@ -39,7 +42,7 @@ dev=${DB_TEST_DEVICE:-cuda}
 # on an H100 each program needs seconds, on the CPU the slowest 35 s
 limit=${FIXTURES_TIMEOUT:-120}
 
-for t in test_unet test_unet_backward test_clip test_vae test_txt2img; do
+for t in test_unet test_unet_backward test_clip test_vae test_txt2img test_graph test_train_graph; do
     bin=$B/tests/$t
     _n=$((_n + 1))
     if [ ! -x "$bin" ]; then

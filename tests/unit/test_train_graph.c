@@ -12,7 +12,8 @@
  * calls the recorded function again on the graph's copy of its arguments,
  * so a stale argument (buffers freed when a larger batch came) reads freed
  * memory or the wrong rows and differs here.  The CUDA graphs themselves:
- * tests/gpu/test_cuda_ops.c. */
+ * tests/gpu/test_cuda_ops.c (emulator), and this test on a GPU
+ * (DB_TEST_DEVICE=cuda: tests/gpu/run.sh's tools stage, t0100). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,8 +78,11 @@ int main(void)
     db_err err = {0};
     db_ctx *c = NULL;
     db_model m;
+    /* DB_TEST_MODEL: another tiny-architecture model (tests/gpu/run.sh
+     * makes one with db-ckpt init where the device call has no tests/data) */
+    const char *model = getenv("DB_TEST_MODEL") ? getenv("DB_TEST_MODEL") : tap_path("tests/data/tiny/diffusers");
     if (!tap_ok(tap_ctx_create(&c, &err) == 0 &&
-                    db_model_open(&m, tap_path("tests/data/tiny/diffusers"), NULL, &err) == 0 &&
+                    db_model_open(&m, model, NULL, &err) == 0 &&
                     tap_learn_make(&fx, &err) == 0,
                 "%s ctx, tiny model, prompts%s%s", tap_device(), err.code ? ": " : "", err.msg))
         return tap_done();
