@@ -280,6 +280,20 @@ double db_clip_grad_norm(const db_grad_ref *grads, size_t ngrads, double max_nor
     return (double)total;
 }
 
+int db_scale_refs_ctx(db_ctx *c, const db_grad_ref *grads, size_t ngrads, float coef)
+{
+    for (size_t k = 0; k < ngrads;) {
+        float *g = grads[k].g;
+        size_t n = grads[k].n, j = k + 1;
+        while (j < ngrads && grads[j].g == g + n) /* the next tensor starts where this run ends */
+            n += grads[j++].n;
+        if (db_opt_scale(c, g, coef, n))
+            return -1;
+        k = j;
+    }
+    return 0;
+}
+
 int db_sumsq_refs_ctx(db_ctx *c, double *ss, const db_grad_ref *grads, size_t ngrads)
 {
     const float **g = malloc(ngrads * sizeof *g);
@@ -316,10 +330,8 @@ int db_clip_grad_norm_ctx(db_ctx *c, double *norm, const db_grad_ref *grads, siz
     free(sk);
     float total = clip_total(ss);
     float coef = clip_coef(max_norm, total);
-    if (clip_scales(coef))
-        for (size_t k = 0; k < ngrads; k++)
-            if (db_opt_scale(c, grads[k].g, coef, grads[k].n))
-                return -1;
+    if (clip_scales(coef) && db_scale_refs_ctx(c, grads, ngrads, coef))
+        return -1;
     *norm = (double)total;
     return 0;
 }

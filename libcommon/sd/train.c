@@ -735,9 +735,8 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
         /* grads * (1 / scale) before clipping, as torch: the reciprocal in
          * double, rounded to float32 */
         const float inv = (float)(1.0 / (double)t->scale);
-        for (size_t i = 0; i < t->nrefs; i++)
-            if (db_opt_scale(c, t->refs[i].g, inv, t->refs[i].n))
-                return db_err_set(err, c->err.code, "trainer: gradient unscale: %s", c->err.msg);
+        if (db_scale_refs_ctx(c, t->refs, t->nrefs, inv))
+            return db_err_set(err, c->err.code, "trainer: gradient unscale: %s", c->err.msg);
     }
     /* without clipping the norm is still measured (reported and checked):
      * an infinite maximum makes the coefficient 1, which leaves g as is */

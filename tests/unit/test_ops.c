@@ -517,6 +517,14 @@ static void test_device(db_ctx *c)
     rc = db_clip_grad_norm_ctx(c, &n1, r1, 2, 0.5);
     tap_ok(rc == 0 && n0 == n1 && !memcmp(w0, w1, 3 * N * sizeof(float)),
            "clip through db_opt_sumsq/db_opt_scale is db_clip_grad_norm, bit for bit (%g)", n1);
+    /* tensors back to back are scaled as one run, but never across a gap:
+     * w[1000, 2000) and w[2500, ...) are no tensor's and stay as they are */
+    db_grad_ref g0[3] = {{w0, 400}, {w0 + 400, 600}, {w0 + 2000, 500}};
+    db_grad_ref g1[3] = {{w1, 400}, {w1 + 400, 600}, {w1 + 2000, 500}};
+    n0 = db_clip_grad_norm(g0, 3, 1e-3), n1 = -1;
+    rc = db_clip_grad_norm_ctx(c, &n1, g1, 3, 1e-3);
+    tap_ok(rc == 0 && n0 == n1 && !memcmp(w0, w1, 3 * N * sizeof(float)) && w1[1500] == w0[1500],
+           "clip of tensors with a gap between them: db_clip_grad_norm's bits, the gap untouched (%g)", n1);
     free(w0);
     db_ctx_free(c, w1);
     db_ctx_free(c, p);
