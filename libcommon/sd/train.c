@@ -496,7 +496,6 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
     if (db_ctx_copy(c, t->tsf, t->tsf_h, (size_t)B * sizeof(float), DB_COPY_H2D) ||
         db_ctx_copy(c, t->noisy, t->noisy_h, n * sizeof(float), DB_COPY_H2D))
         return db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
-    /* text encoder forward (its activations are kept for the backward) */
     /* the text encoder: trained, it runs every micro-batch (its activations
      * are kept for the backward); frozen, its output depends on the ids
      * alone, so the same prompts as last time (DreamBooth's instance and
@@ -803,6 +802,7 @@ size_t db_trainer_grad_norms(const db_trainer *t, double *out, size_t n)
 
 void db_trainer_state(db_trainer *t, db_train_state *st)
 {
+    t->ctx_valid = 0; /* the caller may load the frozen text encoder's weights through these pointers */
     memset(st, 0, sizeof *st);
     const int q8 = t->o.optimizer == DB_OPTIM_ADAMW8BIT;
     st->optimizer = t->o.optimizer;
