@@ -25,9 +25,10 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 9 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
-                         4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
-                         7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free */
+#define DB_CUDA_ABI 10 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+                          4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
+                          7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free;
+                          10: opt_adamw8bit_many */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -138,6 +139,9 @@ typedef struct db_cuda_api {
     void *(*graph_end)(db_ctx *c);
     int (*graph_launch)(db_ctx *c, void *graph);
     void (*graph_free)(db_ctx *c, void *graph);
+    /* db_opt_adamw8bit_many: jobs and maps are HOST memory */
+    int (*opt_adamw8bit_many)(db_ctx *c, const db_q8_job *jobs, size_t njobs, const struct db_adamw *hp, int64_t t,
+                              const struct db_q8_maps *maps);
 } db_cuda_api;
 
 /* Exported by libdb_cuda.so: the table, or NULL when the library was built

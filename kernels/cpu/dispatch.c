@@ -1187,6 +1187,23 @@ int db_opt_scale(db_ctx *c, float *g, float coef, size_t n)
     }
 }
 
+int db_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size_t njobs, const struct db_adamw *hp, int64_t t,
+                          const struct db_q8_maps *maps)
+{
+    ENTER(c);
+    REQUIRE(c, "adamw8bit_many", (jobs || !njobs) && hp && maps);
+    if (c->device == DB_CUDA && c->cuda_api->opt_adamw8bit_many)
+        return CUDA_OP(c, opt_adamw8bit_many, "adamw8bit_many", jobs, njobs, hp, t, maps);
+    /* the CPU (and a backend without it): one op per job */
+    for (size_t i = 0; i < njobs; i++) {
+        const db_q8_job *j = &jobs[i];
+        if (j->q8 ? db_opt_adamw8bit(c, j->p, j->m_q, j->v_q, j->m_absmax, j->v_absmax, j->g, j->n, hp, t, maps)
+                  : db_opt_adamw(c, j->p, j->m32, j->v32, j->g, j->n, hp, t))
+            return -1;
+    }
+    return 0;
+}
+
 int db_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
                      const float *g, size_t n, const struct db_adamw *hp, int64_t t, const struct db_q8_maps *maps)
 {

@@ -686,6 +686,7 @@ static db_cuda_api make_api(void)
     SET(opt_scale);
     SET(opt_adamw8bit);
     SET(opt_sumsq_many);
+    SET(opt_adamw8bit_many);
 #undef SET
     return a;
 }

@@ -155,6 +155,8 @@ extern "C" int db_cuda_opt_scale(db_ctx *c, float *g, float coef, size_t n);
 extern "C" int db_cuda_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax,
                                      float *v_absmax, const float *g, size_t n, const struct db_adamw *hp,
                                      int64_t t, const struct db_q8_maps *maps);
+extern "C" int db_cuda_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size_t njobs,
+                                          const struct db_adamw *hp, int64_t t, const struct db_q8_maps *maps);
 
 // ---- autocast (kernels/ops.h db_precision): the matmul-class ops in bf16 / fp16
 //

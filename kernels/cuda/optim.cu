@@ -256,59 +256,174 @@ __device__ static inline unsigned char q8_code_dev(float x, float absmax, const 
     return (unsigned char)c;
 }
 
+// The code books in shared memory: the codes and the decision points
+// between neighbours, with the CPU's float operations.
+struct q8_shared {
+    float cm[256], cv[256], mm[255], mv[255];
+    float red_m[Q8_THREADS], red_v[Q8_THREADS];
+};
+
+__device__ static void q8_books(q8_shared &sh, const q8_codes &books)
+{
+    const int t = (int)threadIdx.x;
+    sh.cm[t] = books.m[t];
+    sh.cv[t] = books.v[t];
+    __syncthreads();
+    if (t < 255) {
+        sh.mm[t] = __fmul_rn(__fadd_rn(sh.cm[t], sh.cm[t + 1]), 0.5f);
+        sh.mv[t] = __fmul_rn(__fadd_rn(sh.cv[t], sh.cv[t + 1]), 0.5f);
+    }
+    __syncthreads();
+}
+
+// Quantisation block b of one tensor (every thread of the block calls it).
+__device__ static void q8_block(q8_shared &sh, float *p, unsigned char *m_q, unsigned char *v_q, float *m_absmax,
+                                float *v_absmax, const float *g, size_t n, size_t b, const db_adamw_coef &k)
+{
+    const int t = (int)threadIdx.x;
+    const size_t i = b * DB_Q8_BLOCK + (size_t)t;
+    const bool in = i < n;
+    float mi = 0.0f, vi = 0.0f;
+    if (in) {
+        // dequantise with the old scales, then optim.c's adamw_elem
+        const float gi = g[i];
+        mi = __fmul_rn(sh.cm[m_q[i]], m_absmax[b]);
+        vi = __fmul_rn(sh.cv[v_q[i]], v_absmax[b]);
+        float pi = __fmul_rn(p[i], k.decay);
+        mi = __fadd_rn(__fmul_rn(mi, k.b1), __fmul_rn(k.one_minus_b1, gi));
+        vi = __fadd_rn(__fmul_rn(vi, k.b2), __fmul_rn(__fmul_rn(k.one_minus_b2, gi), gi));
+        const float d = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), k.bc2_sqrt), k.eps);
+        pi = __fadd_rn(pi, __fdiv_rn(__fmul_rn(k.neg_step_size, mi), d));
+        p[i] = pi;
+    }
+    // the block's new scales (threads past n add 0, the CPU's start value)
+    sh.red_m[t] = fabsf(mi);
+    sh.red_v[t] = fabsf(vi);
+    __syncthreads();
+    for (int s = Q8_THREADS / 2; s > 0; s >>= 1) {
+        if (t < s) {
+            sh.red_m[t] = fmaxf(sh.red_m[t], sh.red_m[t + s]);
+            sh.red_v[t] = fmaxf(sh.red_v[t], sh.red_v[t + s]);
+        }
+        __syncthreads();
+    }
+    const float am = fmaxf(0.0f, sh.red_m[0]), av = fmaxf(0.0f, sh.red_v[0]);
+    if (in) {
+        m_q[i] = q8_code_dev(mi, am, sh.cm, sh.mm, 1);
+        v_q[i] = q8_code_dev(vi, av, sh.cv, sh.mv, 0);
+    }
+    __syncthreads(); // every thread has read the old scales and red_*[0] before they change
+    if (t == 0) {
+        m_absmax[b] = am;
+        v_absmax[b] = av;
+    }
+}
+
 __global__ static void __launch_bounds__(Q8_THREADS)
     adamw8bit_kernel(float *p, unsigned char *m_q, unsigned char *v_q, float *m_absmax, float *v_absmax,
                      const float *g, size_t n, size_t nblocks, db_adamw_coef k, q8_codes books)
 {
-    __shared__ float cm[256], cv[256], mm[255], mv[255];
-    __shared__ float red_m[Q8_THREADS], red_v[Q8_THREADS];
-    const int t = (int)threadIdx.x;
-    cm[t] = books.m[t];
-    cv[t] = books.v[t];
-    __syncthreads();
-    if (t < 255) {
-        mm[t] = __fmul_rn(__fadd_rn(cm[t], cm[t + 1]), 0.5f);
-        mv[t] = __fmul_rn(__fadd_rn(cv[t], cv[t + 1]), 0.5f);
-    }
-    __syncthreads();
-    for (size_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
-        const size_t i = b * DB_Q8_BLOCK + (size_t)t;
-        const bool in = i < n;
-        float mi = 0.0f, vi = 0.0f;
-        if (in) {
-            // dequantise with the old scales, then optim.c's adamw_elem
-            const float gi = g[i];
-            mi = __fmul_rn(cm[m_q[i]], m_absmax[b]);
-            vi = __fmul_rn(cv[v_q[i]], v_absmax[b]);
-            float pi = __fmul_rn(p[i], k.decay);
-            mi = __fadd_rn(__fmul_rn(mi, k.b1), __fmul_rn(k.one_minus_b1, gi));
-            vi = __fadd_rn(__fmul_rn(vi, k.b2), __fmul_rn(__fmul_rn(k.one_minus_b2, gi), gi));
+    __shared__ q8_shared sh;
+    q8_books(sh, books);
+    for (size_t b = blockIdx.x; b < nblocks; b += gridDim.x)
+        q8_block(sh, p, m_q, v_q, m_absmax, v_absmax, g, n, b, k);
+}
+
+// opt_adamw8bit_many: the jobs on the device, each with the index of its
+// first block of DB_Q8_BLOCK elements in the launch (ascending)
+struct q8_dev_job {
+    float *p;
+    const float *g;
+    size_t n, first;
+    unsigned char *m_q, *v_q;
+    float *m_absmax, *v_absmax, *m32, *v32;
+    int q8;
+};
+
+__global__ static void __launch_bounds__(Q8_THREADS)
+    adamw8bit_many_kernel(const q8_dev_job *jobs, size_t njobs, size_t total, db_adamw_coef k, q8_codes books)
+{
+    __shared__ q8_shared sh;
+    q8_books(sh, books);
+    for (size_t gb = blockIdx.x; gb < total; gb += gridDim.x) {
+        size_t lo = 0, hi = njobs; // the last job whose first block is <= gb (every job has blocks)
+        while (hi - lo > 1) {
+            const size_t mid = (lo + hi) / 2;
+            if (jobs[mid].first <= gb)
+                lo = mid;
+            else
+                hi = mid;
+        }
+        const q8_dev_job &j = jobs[lo];
+        const size_t b = gb - j.first;
+        if (j.q8) {
+            q8_block(sh, j.p, j.m_q, j.v_q, j.m_absmax, j.v_absmax, j.g, j.n, b, k);
+            continue;
+        }
+        const size_t i = b * DB_Q8_BLOCK + threadIdx.x; // fp32 moments: adamw_kernel's arithmetic
+        if (i < j.n) {
+            const float gi = j.g[i];
+            float pi = __fmul_rn(j.p[i], k.decay);
+            const float mi = __fadd_rn(__fmul_rn(j.m32[i], k.b1), __fmul_rn(k.one_minus_b1, gi));
+            const float vi = __fadd_rn(__fmul_rn(j.v32[i], k.b2), __fmul_rn(__fmul_rn(k.one_minus_b2, gi), gi));
             const float d = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), k.bc2_sqrt), k.eps);
             pi = __fadd_rn(pi, __fdiv_rn(__fmul_rn(k.neg_step_size, mi), d));
-            p[i] = pi;
-        }
-        // the block's new scales (threads past n add 0, the CPU's start value)
-        red_m[t] = fabsf(mi);
-        red_v[t] = fabsf(vi);
-        __syncthreads();
-        for (int s = Q8_THREADS / 2; s > 0; s >>= 1) {
-            if (t < s) {
-                red_m[t] = fmaxf(red_m[t], red_m[t + s]);
-                red_v[t] = fmaxf(red_v[t], red_v[t + s]);
-            }
-            __syncthreads();
-        }
-        const float am = fmaxf(0.0f, red_m[0]), av = fmaxf(0.0f, red_v[0]);
-        if (in) {
-            m_q[i] = q8_code_dev(mi, am, cm, mm, 1);
-            v_q[i] = q8_code_dev(vi, av, cv, mv, 0);
-        }
-        __syncthreads(); // every thread has read the old scales and red_*[0] before they change
-        if (t == 0) {
-            m_absmax[b] = am;
-            v_absmax[b] = av;
+            j.p[i] = pi;
+            j.m32[i] = mi;
+            j.v32[i] = vi;
         }
     }
+}
+
+static q8_codes q8_books_of(const struct db_q8_maps *maps)
+{
+    q8_codes books;
+    for (int j = 0; j < 256; j++) {
+        books.m[j] = maps->m.code[j];
+        books.v[j] = maps->v.code[j];
+    }
+    return books;
+}
+
+extern "C" int db_cuda_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size_t njobs, const struct db_adamw *hp,
+                                          int64_t t, const struct db_q8_maps *maps)
+{
+    DB_ENTER(c);
+    db_cuda_state *st = db_cuda_st(c);
+    if (st->capturing) // the job table goes up from the host
+        return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "adamw8bit_many during a graph capture");
+    q8_dev_job *h = (q8_dev_job *)malloc((njobs ? njobs : 1) * sizeof *h);
+    if (!h)
+        return db_cuda_fail(c, DB_ENOMEM, __FILE__, __LINE__, "adamw8bit_many: out of host memory");
+    size_t k = 0, total = 0;
+    for (size_t i = 0; i < njobs; i++) {
+        const db_q8_job *j = &jobs[i];
+        if (j->n == 0)
+            continue;
+        h[k] = q8_dev_job{j->p, j->g, j->n, total, j->m_q, j->v_q, j->m_absmax, j->v_absmax, j->m32, j->v32, j->q8};
+        total += (j->n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
+        db_cuda_shadow_touch(c, j->p, j->n * sizeof(float)); // (the working copy: rebuilt at its next use)
+        k++;
+    }
+    int rc = 0;
+    q8_dev_job *d = k ? (q8_dev_job *)db_cuda_alloc(c, k * sizeof *d) : NULL;
+    if (k && !d)
+        rc = -1;
+    else if (k) {
+        // from pageable memory: staged before the call returns, so h may go
+        cudaError_t e = cudaMemcpyAsync(d, h, k * sizeof *d, cudaMemcpyHostToDevice, st->stream);
+        if (e == cudaSuccess) {
+            const unsigned grid = (unsigned)(total > 65535u * 16u ? 65535u * 16u : total);
+            adamw8bit_many_kernel<<<grid, Q8_THREADS, 0, st->stream>>>(d, k, total, db_adamw_coefs(hp, t),
+                                                                        q8_books_of(maps));
+            e = cudaGetLastError();
+        }
+        if (e != cudaSuccess)
+            rc = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "adamw8bit_many: %s", cudaGetErrorString(e));
+    }
+    db_cuda_free(c, d); // stream order keeps it alive for the kernel
+    free(h);
+    return rc;
 }
 
 extern "C" int db_cuda_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax,
@@ -319,11 +434,7 @@ extern "C" int db_cuda_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t 
     if (n == 0)
         return 0;
     const db_adamw_coef k = db_adamw_coefs(hp, t);
-    q8_codes books;
-    for (int j = 0; j < 256; j++) {
-        books.m[j] = maps->m.code[j];
-        books.v[j] = maps->v.code[j];
-    }
+    const q8_codes books = q8_books_of(maps);
     const size_t nblocks = (n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
     const unsigned grid = (unsigned)(nblocks > 65535u * 16u ? 65535u * 16u : nblocks);
     // not fused with the weights' 16-bit working copy (as opt_adamw is): the

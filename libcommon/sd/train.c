@@ -206,20 +206,28 @@ static int q8_init(db_q8_state *q, const db_weights *w, db_err *err)
 static int q8_step(db_ctx *c, db_q8_state *q, db_weights *w, float *g, const db_adamw *hp, int64_t k,
                    const db_q8_maps *maps, size_t lo, size_t hi)
 {
-    /* g holds the gradients of weights [lo, hi) */
+    /* g holds the gradients of weights [lo, hi): every tensor's step in one
+     * op (one launch on a GPU instead of one per tensor) */
+    db_q8_job *jobs = malloc((q->nt ? q->nt : 1) * sizeof *jobs);
+    if (!jobs)
+        return db_err_set(&c->err, DB_ENOMEM, "8-bit AdamW: out of memory");
+    size_t nj = 0;
     for (size_t i = 0; i < q->nt; i++) {
         const db_q8_tensor *t = &q->t[i];
         if (t->woff < lo || t->woff >= hi)
             continue;
-        const int rc = t->q8 ? db_opt_adamw8bit(c, w->data + t->woff, q->m_q + t->off, q->v_q + t->off,
-                                                q->m_absmax + t->boff, q->v_absmax + t->boff, g + (t->woff - lo), t->n,
-                                                hp, k, maps)
-                             : db_opt_adamw(c, w->data + t->woff, q->m32 + t->off, q->v32 + t->off,
-                                            g + (t->woff - lo), t->n, hp, k);
-        if (rc)
-            return -1;
+        db_q8_job *j = &jobs[nj++];
+        memset(j, 0, sizeof *j);
+        j->p = w->data + t->woff, j->g = g + (t->woff - lo), j->n = t->n, j->q8 = t->q8;
+        if (t->q8)
+            j->m_q = q->m_q + t->off, j->v_q = q->v_q + t->off, j->m_absmax = q->m_absmax + t->boff,
+            j->v_absmax = q->v_absmax + t->boff;
+        else
+            j->m32 = q->m32 + t->off, j->v32 = q->v32 + t->off;
     }
-    return 0;
+    const int rc = db_opt_adamw8bit_many(c, jobs, nj, hp, k, maps);
+    free(jobs);
+    return rc;
 }
 
 /* ---- clipping and the fused backward ------------------------------------------------- */

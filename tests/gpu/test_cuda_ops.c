@@ -1710,6 +1710,59 @@ static void t_adamw8bit(size_t n, double lr, double wd, float spread)
     release_all();
 }
 
+/* opt_adamw8bit_many: one launch over tensors of both kinds (8-bit moments,
+ * fp32 moments for small tensors), sizes off the 256-element blocks, an
+ * empty one, laid out apart in their buffers; three steps, every array
+ * bit-identical to the CPU's per-tensor ops. */
+static void t_adamw8bit_many(void)
+{
+    const char *what = "opt_adamw8bit_many";
+    if (!have((const void *)api->opt_adamw8bit_many, what))
+        return;
+    static const size_t ns[] = {4097, 320, 0, 256 * 3, 1, 5000, 77, 256 * 20 + 13};
+    static const int q8s[] = {1, 0, 1, 1, 0, 1, 0, 1};
+    enum { NJ = sizeof ns / sizeof ns[0] };
+    db_adamw hp = db_adamw_defaults(1e-3);
+    hp.weight_decay = 1e-2;
+    db_q8_maps maps;
+    db_q8_maps_make(&maps);
+    size_t tot = 0, nb = 0;
+    for (int i = 0; i < NJ; i++)
+        tot += ns[i] + 7, nb += (ns[i] + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK + 1; /* gaps between tensors */
+    float *p = hrand(tot, 1), *m32 = hzeros(tot), *v32 = hzeros(tot), *ma = hzeros(nb), *va = hzeros(nb);
+    uint8_t *mq = hkeep(calloc(tot + 1, 1)), *vq = hkeep(calloc(tot + 1, 1));
+    float *dp = dputf(p, tot), *dm32 = dputf(m32, tot), *dv32 = dputf(v32, tot), *dma = dputf(ma, nb),
+          *dva = dputf(va, nb);
+    uint8_t *dmq = dput(mq, tot), *dvq = dput(vq, tot);
+    db_q8_job hj[NJ], dj[NJ];
+    int ok = 1;
+    for (int64_t t = 1; t <= 3 && ok; t++) {
+        float *gr = hrand(tot, 0.05f), *dg = dputf(gr, tot);
+        size_t off = 0, boff = 0;
+        for (int i = 0; i < NJ; i++) {
+            hj[i] = (db_q8_job){p + off, gr + off, ns[i], q8s[i], mq + off, vq + off, ma + boff, va + boff,
+                                m32 + off, v32 + off};
+            dj[i] = (db_q8_job){dp + off, dg + off, ns[i], q8s[i], dmq + off, dvq + off, dma + boff, dva + boff,
+                                dm32 + off, dv32 + off};
+            off += ns[i] + 7, boff += (ns[i] + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK + 1;
+        }
+        char step[96];
+        snprintf(step, sizeof step, "%s (%d tensors, 5 of them 8-bit, one empty) t%lld", what, NJ, (long long)t);
+        ok = cpu_ran(db_opt_adamw8bit_many(cpu, hj, NJ, &hp, t, &maps), step) &&
+             gpu_ran(api->opt_adamw8bit_many(&g, dj, NJ, &hp, t, &maps), step);
+        if (ok) {
+            cmp_bits(step, "p (gaps untouched)", dp, p, tot);
+            cmp_bits(step, "fp32 m", dm32, m32, tot);
+            cmp_bits(step, "fp32 v", dv32, v32, tot);
+            cmp_bytes(step, "m codes", dmq, mq, tot);
+            cmp_bytes(step, "v codes", dvq, vq, tot);
+            cmp_bits(step, "m absmax", dma, ma, nb);
+            cmp_bits(step, "v absmax", dva, va, nb);
+        }
+    }
+    release_all();
+}
+
 /* ---- main ------------------------------------------------------------------------------------- */
 
 int main(void)
@@ -1997,6 +2050,7 @@ int main(void)
     for (size_t k = 0; k < sizeof q8_n / sizeof q8_n[0]; k++)
         t_adamw8bit(q8_n[k], 1e-3, 1e-2, 0.1f);
     t_adamw8bit(1001, 5e-6, 0.0, 1e-3f);
+    t_adamw8bit_many();
     if (!quick)
         t_adamw8bit((size_t)320 * 320 * 9 + 5, 1e-3, 1e-2, 0.01f);
 
