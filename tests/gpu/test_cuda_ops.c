@@ -1671,6 +1671,16 @@ static void cmp_bytes(const char *what, const char *tensor, const uint8_t *d, co
         tap_diag("  first difference at %zu: cuda %u cpu %u", bad, got[bad], want[bad]);
 }
 
+/* The 8-bit moments on the device (n codes each, nb scales each) against the CPU's, bit for bit */
+static void cmp_q8(const char *step, const uint8_t *dmq, const uint8_t *mq, const uint8_t *dvq, const uint8_t *vq,
+                   size_t n, const float *dma, const float *ma, const float *dva, const float *va, size_t nb)
+{
+    cmp_bytes(step, "m codes", dmq, mq, n);
+    cmp_bytes(step, "v codes", dvq, vq, n);
+    cmp_bits(step, "m absmax", dma, ma, nb);
+    cmp_bits(step, "v absmax", dva, va, nb);
+}
+
 /* 8-bit AdamW (opt_adamw8bit): four steps from the zero state, a fresh
  * gradient each step (every other step scaled by `spread` per block, so the
  * blocks' scales differ by orders of magnitude); p, both code arrays and both
@@ -1702,10 +1712,7 @@ static void t_adamw8bit(size_t n, double lr, double wd, float spread)
         if (!gpu_ran(api->opt_adamw8bit(&g, dp, dmq, dvq, dma, dva, dputf(gr, n), n, &hp, t, &maps), step))
             break;
         cmp_bits(step, "p", dp, p, n);
-        cmp_bytes(step, "m codes", dmq, mq, n);
-        cmp_bytes(step, "v codes", dvq, vq, n);
-        cmp_bits(step, "m absmax", dma, ma, nb);
-        cmp_bits(step, "v absmax", dva, va, nb);
+        cmp_q8(step, dmq, mq, dvq, vq, n, dma, ma, dva, va, nb);
     }
     release_all();
 }
@@ -1754,10 +1761,7 @@ static void t_adamw8bit_many(void)
             cmp_bits(step, "p (gaps untouched)", dp, p, tot);
             cmp_bits(step, "fp32 m", dm32, m32, tot);
             cmp_bits(step, "fp32 v", dv32, v32, tot);
-            cmp_bytes(step, "m codes", dmq, mq, tot);
-            cmp_bytes(step, "v codes", dvq, vq, tot);
-            cmp_bits(step, "m absmax", dma, ma, nb);
-            cmp_bits(step, "v absmax", dva, va, nb);
+            cmp_q8(step, dmq, mq, dvq, vq, tot, dma, ma, dva, va, nb);
         }
     }
     release_all();
