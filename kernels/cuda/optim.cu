@@ -31,17 +31,24 @@ enum { THREADS = 256 };
 //   d = sqrt(v)/sqrt(bc2) + eps; p = p + (-step_size*m)/d
 // shadow: the weights' 16-bit working copy (db_cuda_shadow) to keep current
 // in the same pass, of type f16 ? fp16 : bf16; NULL when there is none.
+// One element: the new weight from p, g, and m and v updated in place (the
+// fp32 kernels' and the 8-bit one's, there on dequantised moments).
+__device__ __forceinline__ static float adamw_elem(float p, float g, float &m, float &v, const db_adamw_coef &k)
+{
+    float pi = __fmul_rn(p, k.decay);
+    m = __fadd_rn(__fmul_rn(m, k.b1), __fmul_rn(k.one_minus_b1, g));
+    v = __fadd_rn(__fmul_rn(v, k.b2), __fmul_rn(__fmul_rn(k.one_minus_b2, g), g));
+    const float d = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), k.bc2_sqrt), k.eps);
+    return __fadd_rn(pi, __fdiv_rn(__fmul_rn(k.neg_step_size, m), d));
+}
+
 __global__ static void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, db_adamw_coef k,
                                     void *shadow, int f16)
 {
     GRID_STRIDE(i, n)
     {
-        const float gi = g[i];
-        float pi = __fmul_rn(p[i], k.decay);
-        const float mi = __fadd_rn(__fmul_rn(m[i], k.b1), __fmul_rn(k.one_minus_b1, gi));
-        const float vi = __fadd_rn(__fmul_rn(v[i], k.b2), __fmul_rn(__fmul_rn(k.one_minus_b2, gi), gi));
-        const float d = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), k.bc2_sqrt), k.eps);
-        pi = __fadd_rn(pi, __fdiv_rn(__fmul_rn(k.neg_step_size, mi), d));
+        float mi = m[i], vi = v[i];
+        const float pi = adamw_elem(p[i], g[i], mi, vi, k);
         p[i] = pi;
         m[i] = mi;
         v[i] = vi;
@@ -286,15 +293,9 @@ __device__ static void q8_block(q8_shared &sh, float *p, unsigned char *m_q, uns
     float mi = 0.0f, vi = 0.0f;
     if (in) {
         // dequantise with the old scales, then optim.c's adamw_elem
-        const float gi = g[i];
         mi = __fmul_rn(sh.cm[m_q[i]], m_absmax[b]);
         vi = __fmul_rn(sh.cv[v_q[i]], v_absmax[b]);
-        float pi = __fmul_rn(p[i], k.decay);
-        mi = __fadd_rn(__fmul_rn(mi, k.b1), __fmul_rn(k.one_minus_b1, gi));
-        vi = __fadd_rn(__fmul_rn(vi, k.b2), __fmul_rn(__fmul_rn(k.one_minus_b2, gi), gi));
-        const float d = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), k.bc2_sqrt), k.eps);
-        pi = __fadd_rn(pi, __fdiv_rn(__fmul_rn(k.neg_step_size, mi), d));
-        p[i] = pi;
+        p[i] = adamw_elem(p[i], g[i], mi, vi, k);
     }
     // the block's new scales (threads past n add 0, the CPU's start value)
     sh.red_m[t] = fabsf(mi);
@@ -360,15 +361,10 @@ __global__ static void __launch_bounds__(Q8_THREADS)
             q8_block(sh, j.p, j.m_q, j.v_q, j.m_absmax, j.v_absmax, j.g, j.n, b, k);
             continue;
         }
-        const size_t i = b * DB_Q8_BLOCK + threadIdx.x; // fp32 moments: adamw_kernel's arithmetic
+        const size_t i = b * DB_Q8_BLOCK + threadIdx.x; // fp32 moments
         if (i < j.n) {
-            const float gi = j.g[i];
-            float pi = __fmul_rn(j.p[i], k.decay);
-            const float mi = __fadd_rn(__fmul_rn(j.m32[i], k.b1), __fmul_rn(k.one_minus_b1, gi));
-            const float vi = __fadd_rn(__fmul_rn(j.v32[i], k.b2), __fmul_rn(__fmul_rn(k.one_minus_b2, gi), gi));
-            const float d = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), k.bc2_sqrt), k.eps);
-            pi = __fadd_rn(pi, __fdiv_rn(__fmul_rn(k.neg_step_size, mi), d));
-            j.p[i] = pi;
+            float mi = j.m32[i], vi = j.v32[i];
+            j.p[i] = adamw_elem(j.p[i], j.g[i], mi, vi, k);
             j.m32[i] = mi;
             j.v32[i] = vi;
         }
