@@ -1192,9 +1192,9 @@ int db_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size_t njobs, const 
 {
     ENTER(c);
     REQUIRE(c, "adamw8bit_many", (jobs || !njobs) && hp && maps);
-    if (c->device == DB_CUDA && c->cuda_api->opt_adamw8bit_many)
+    if (c->device == DB_CUDA)
         return CUDA_OP(c, opt_adamw8bit_many, "adamw8bit_many", jobs, njobs, hp, t, maps);
-    /* the CPU (and a backend without it): one op per job */
+    /* the CPU: one op per job */
     for (size_t i = 0; i < njobs; i++) {
         const db_q8_job *j = &jobs[i];
         if (j->q8 ? db_opt_adamw8bit(c, j->p, j->m_q, j->v_q, j->m_absmax, j->v_absmax, j->g, j->n, hp, t, maps)
