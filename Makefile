@@ -140,9 +140,20 @@ $(BENCH_SD): $(B)/tests/gpu/bench_sd.o $(B)/libdb.a
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -o $@ $< $(B)/libdb.a $(LIBS)
 
+# The kernel tracer for GPU runs (tests/gpu/kprof.c: a CUPTI library the
+# driver loads through CUDA_INJECTION64_PATH; tests/gpu/README.md), built
+# where the CUDA toolkit has CUPTI; its tables are tests/gpu/kprof_table.c.
+KPROF_LIB := $(B)/lib/libdb_kprof.so
+HAVE_CUPTI := $(if $(wildcard $(addsuffix /cupti.h,$(CUDA_INCDIRS))),1)
+$(KPROF_LIB): tests/gpu/kprof.c tests/gpu/kprof_table.c tests/gpu/kprof.h | $(DEPS_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) -std=c11 -fPIC -shared $(WARN) $(CFLAGS) $(addprefix -I,$(CUDA_INCDIRS)) -o $@ \
+	    tests/gpu/kprof.c tests/gpu/kprof_table.c $(addprefix -L,$(CUDA_LIBDIRS)) \
+	    $(addprefix -Wl$(comma)-rpath$(comma),$(CUDA_LIBDIRS)) -lcupti -lpthread
+
 ALL := $(TOOLS) $(TESTS) $(HELPERS) $(GPU_PROGS) $(BENCH_SD)
 ifeq ($(CUDA),1)
-ALL += $(CUDA_LIB)
+ALL += $(CUDA_LIB) $(if $(HAVE_CUPTI),$(KPROF_LIB))
 endif
 
 .PHONY: all cuda

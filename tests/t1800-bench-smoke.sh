@@ -64,6 +64,23 @@ check "--only fwd --precision fp32,bf16 exits 0" "[ $rc = 0 ]"
 check "  forward lines, direct and as a graph, fp32 and bf16, nothing else" \
     "[ \"\$(grep -c '^BENCH' '$T/fwd.txt')\" = 4 ] && grep -q 'name=unet_fwd_b2 .*precision=bf16' '$T/fwd.txt' &&
      grep -q 'name=unet_fwd_b2_graph .*precision=bf16' '$T/fwd.txt'"
+# the kernel tracer's sections (tests/gpu/kprof.c, built where CUDA has
+# CUPTI): preloaded into a CPU run, no kernels are traced, but bench_sd's
+# marks reach it through CUDA_INJECTION64_PATH and its report at exit lists
+# each figure with its timed calls
+KP=$B/lib/libdb_kprof.so
+if [ -f "$KP" ]; then
+    LD_PRELOAD="$KP" CUDA_INJECTION64_PATH="$KP" DB_KPROF_OUT="$T/kprof.md" $BS $SMALL --only fwd,vae > "$T/kp.txt" 2>&1
+    rc=$?
+    sed 's/^/# /' "$T/kprof.md" | head -12
+    check "bench_sd with the tracer preloaded exits 0" "[ $rc = 0 ]"
+    n=$(grep -c '^### kernel profile: .* fp32 (cpu)$' "$T/kprof.md")
+    check "  the report has a section per figure (3: got $n)" "[ '$n' = 3 ]"
+    check "  with the timed calls' count" \
+        "grep -A2 '^### kernel profile: vae_decode fp32 (cpu)' '$T/kprof.md' | grep -qE '^[0-9]+ calls?; no kernels recorded'"
+    check "  and nothing without CUDA_INJECTION64_PATH" \
+        "LD_PRELOAD='$KP' DB_KPROF_OUT='$T/none.md' $BS $SMALL --only vae >/dev/null 2>&1 && [ ! -e '$T/none.md' ]"
+fi
 fails_with 2 "unknown precision" "--precision fp64 is a usage error" $BS --tiny --precision fp64
 fails_with 2 "only takes" "--only bogus is a usage error" $BS --tiny --only bogus
 fails_with 2 "" "an unknown option is a usage error" $BS --tiny --frobnicate

@@ -36,7 +36,10 @@
  * (the train line adds plan_mib, db-train --plan's device estimate for the
  * same configuration; the sample line steps=), then a markdown table.  A
  * figure that fails prints error=... and the exit status is 1.  --tiny uses
- * the tiny test model's architecture (make check's smoke test). */
+ * the tiny test model's architecture (make check's smoke test).  Under the
+ * kernel tracer (tests/gpu/kprof.c, tests/gpu/README.md) each figure's
+ * timed calls are a section of its report. */
+#include <dlfcn.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -232,10 +235,34 @@ static double timed_call(db_ctx *c, work_fn fn, void *arg, db_err *err)
     return now() - t0;
 }
 
+/* The kernel tracer's section marks (tests/gpu/kprof.c) when a run loads
+ * it as CUDA_INJECTION64_PATH (a table per figure, of the timed calls):
+ * label begins a section, NULL ends it with `calls` calls.  Else nothing. */
+static void kprof_mark(const char *name, db_precision p, int calls)
+{
+    const char *path = getenv("CUDA_INJECTION64_PATH");
+    void *h = path && *path ? dlopen(path, RTLD_NOW | RTLD_NOLOAD) : NULL;
+    if (!h)
+        return;
+    if (name) {
+        void (*begin)(const char *) = (void (*)(const char *))dlsym(h, "db_kprof_begin");
+        char label[96];
+        snprintf(label, sizeof label, "%s %s (%s)", name, db_precision_name(p), devname_);
+        if (begin)
+            begin(label);
+    } else {
+        void (*end)(int) = (void (*)(int))dlsym(h, "db_kprof_end");
+        if (end)
+            end(calls);
+    }
+    dlclose(h);
+}
+
 /* warmup calls, then up to maxreps timed ones within budget seconds (at
- * least one); *ms the median, *n the count; peak memory over the timed ones. */
-static int measure(db_ctx *c, work_fn fn, void *arg, int warmup, int maxreps, double budget, double *ms, int *n,
-                   double *peak, db_err *err)
+ * least one); *ms the median, *n the count; peak memory over the timed
+ * ones.  name: the figure's, for the kernel tracer's sections. */
+static int measure(db_ctx *c, const char *name, work_fn fn, void *arg, int warmup, int maxreps, double budget,
+                   double *ms, int *n, double *peak, db_err *err)
 {
     double last = 0;
     for (int i = 0; i < warmup; i++)
@@ -248,14 +275,18 @@ static int measure(db_ctx *c, work_fn fn, void *arg, int warmup, int maxreps, do
     double t[256];
     reps = reps > 256 ? 256 : reps;
     peak_reset(c);
+    kprof_mark(name, c->precision, 0);
     for (int i = 0; i < reps; i++) {
-        if ((t[i] = timed_call(c, fn, arg, err)) < 0)
+        if ((t[i] = timed_call(c, fn, arg, err)) < 0) {
+            kprof_mark(NULL, c->precision, i + 1);
             return -1;
+        }
         if (budget > 0 && i + 1 < reps && (i + 1) * t[0] > 2 * budget) { /* far slower than the warm-up said */
             reps = i + 1;
             break;
         }
     }
+    kprof_mark(NULL, c->precision, reps);
     *peak = peak_mib(c);
     qsort(t, (size_t)reps, sizeof t[0], cmp_double);
     *ms = 1e3 * (reps % 2 ? t[reps / 2] : 0.5 * (t[reps / 2 - 1] + t[reps / 2]));
@@ -379,7 +410,7 @@ static void bench_fwd(db_ctx *c, const db_arch *a, const db_weights *hw, const d
         db_ctx_set_precision(c, precs[i]);
         if (!f.out || !f.x || !f.ctx || !f.t)
             db_err_set(&err, DB_ENOMEM, "out of device memory for the inputs");
-        if (err.code || measure(c, fwd_call, &f, 2, o->reps, o->budget, &ms, &n, &pk, &err)) {
+        if (err.code || measure(c, "unet_fwd_b2", fwd_call, &f, 2, o->reps, o->budget, &ms, &n, &pk, &err)) {
             report_error("unet_fwd_b2", precs[i], err.msg);
             report_error("unet_fwd_b2_graph", precs[i], "no direct forward");
             db_err_clear(&err);
@@ -390,7 +421,7 @@ static void bench_fwd(db_ctx *c, const db_arch *a, const db_weights *hw, const d
          * the second on); the measured forwards above were its warm-up */
         db_graph *gr = NULL;
         const int r = db_graph_capture(c, &gr, fwd_call, &f, sizeof f, &err);
-        if (r != 0 || measure(c, graph_call, gr, 2, o->reps, o->budget, &ms, &n, &pk, &err))
+        if (r != 0 || measure(c, "unet_fwd_b2_graph", graph_call, gr, 2, o->reps, o->budget, &ms, &n, &pk, &err))
             report_error("unet_fwd_b2_graph", precs[i], err.msg);
         else
             report("unet_fwd_b2_graph", precs[i], ms, gflop, pk, 0, n, NULL);
@@ -514,7 +545,7 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
         const double plan_mib = c->device == DB_CPU ? 0
                                 : db_unet_train_device_plan(a, B, L, L, T, 0, o->ckpt, fused, mode != 2, precs[i], &plan) / 1048576.0;
         /* two warm-up steps: the first builds the plans, the second records the graphs */
-        if (measure(c, train_call, &t, 2, o->reps, o->budget, &ms, &reps, &pk, &err)) {
+        if (measure(c, name, train_call, &t, 2, o->reps, o->budget, &ms, &reps, &pk, &err)) {
             report_error(name, precs[i], err.msg);
         } else {
             report(name, precs[i], ms, gflop, pk, plan_mib, reps, o->ckpt ? "checkpointing=1" : NULL);
@@ -617,14 +648,14 @@ static void bench_sample(db_ctx *c, const db_arch *a, const db_model *m, const d
                 report_error("sample_ddim_cfg", precs[i], err.msg);
             } else {
                 s.o.steps = steps;
-                if (measure(c, sample_call, &s, 0, 1, 0, &ms, &reps, &pk, &err)) {
+                if (measure(c, "sample_ddim_cfg", sample_call, &s, 0, 1, 0, &ms, &reps, &pk, &err)) {
                     report_error("sample_ddim_cfg", precs[i], err.msg);
                 } else {
                     snprintf(extra, sizeof extra, "steps=%d%s", steps, steps < o->steps ? " shortened=1" : "");
                     report("sample_ddim_cfg", precs[i], ms, steps * 2 * unet_gflop + vae_gflop, pk, 0, reps, extra);
                     /* the same run with every step launched op by op (db-sample --no-graph) */
                     s.o.no_graph = 1;
-                    if (measure(c, sample_call, &s, 0, 1, 0, &ms, &reps, &pk, &err))
+                    if (measure(c, "sample_ddim_cfg_nograph", sample_call, &s, 0, 1, 0, &ms, &reps, &pk, &err))
                         report_error("sample_ddim_cfg_nograph", precs[i], err.msg);
                     else
                         report("sample_ddim_cfg_nograph", precs[i], ms, steps * 2 * unet_gflop + vae_gflop, pk, 0,
@@ -648,7 +679,7 @@ static void bench_sample(db_ctx *c, const db_arch *a, const db_model *m, const d
                 v.z = dev_noise(c, (size_t)a->vae.latent_channels * L * L, 6);
             if (!v.img || !v.z)
                 db_err_set(&err, DB_ENOMEM, "out of device memory for the image");
-            if (err.code || measure(c, vae_call, &v, 1, o->reps, o->budget, &ms, &reps, &pk, &err))
+            if (err.code || measure(c, "vae_decode", vae_call, &v, 1, o->reps, o->budget, &ms, &reps, &pk, &err))
                 report_error("vae_decode", precs[i], err.msg);
             else
                 report("vae_decode", precs[i], ms, vae_gflop, pk, 0, reps, NULL);

@@ -22,6 +22,8 @@ S=build/gpu-bundle.d
 rm -rf "$S" && mkdir -p "$S/build/bin" "$S/build/lib" "$S/build/tests/gpu" "$S/build/bundle-lib"
 cp -a build/bin/db-* "$S/build/bin/"
 cp -a build/lib/libdb_cuda.so "$S/build/lib/"
+# the kernel tracer, where CUPTI was found (its libcupti travels below)
+[ -f build/lib/libdb_kprof.so ] && cp -a build/lib/libdb_kprof.so "$S/build/lib/"
 cp -a build/tests/dbtest "$S/build/tests/"
 # the oracle tests that t0100-fixtures.sh runs on the GPU (they skip there
 # unless a call carries tests/data: tests/gpu/README.md)
@@ -32,7 +34,7 @@ for p in build/tests/gpu/*; do
     [ -f "$p" ] && [ -x "$p" ] && cp -a "$p" "$S/build/tests/gpu/"
 done
 skip='^(libc|libm|libpthread|libdl|librt|libresolv|libutil|ld-linux-x86-64|libstdc\+\+|libgcc_s|libcudart|libcublas|libcublasLt|libcudnn[a-z_]*|libnccl)\.so'
-for f in "$S"/build/bin/* "$S"/build/tests/dbtest "$S"/build/tests/test_* "$S"/build/tests/gpu/* "$S"/build/bench/* "$S"/build/lib/libdb_cuda.so; do
+for f in "$S"/build/bin/* "$S"/build/tests/dbtest "$S"/build/tests/test_* "$S"/build/tests/gpu/* "$S"/build/bench/* "$S"/build/lib/*.so; do
     ldd "$f" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// { print $1, $3 }'
 done | sort -u | while read -r name path; do
     [[ "$name" =~ $skip ]] && continue

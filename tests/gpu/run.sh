@@ -10,8 +10,8 @@
 # figures; each stage's exit status goes to $OUT/table.md as soon as it ends.
 #   usage: OUT=/some/dir bash tests/gpu/run.sh
 # $OUT gets at most 8 files (what a lent machine sends back): log.txt,
-# check-cuda.txt, tools.txt, bench_ops.md, bench_sd.txt, bench_torch.txt,
-# bench.md (ours vs PyTorch), table.md.
+# check-cuda.txt, tools.txt, bench_ops.md (also the kernel profiles),
+# bench_sd.txt, bench_torch.txt, bench.md (ours vs PyTorch), table.md.
 set -uo pipefail   # not -e: a failed stage must not stop the next
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/../.."
@@ -184,7 +184,7 @@ if [ -f build/gpu-bundle.tar.xz ]; then
     LD_LIBRARY_PATH="$PWD/build/bundle-lib:${CUDA_LIBDIRS// /:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export LD_LIBRARY_PATH
     echo "== bundle: LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-    missing=$(for f in build/bin/* build/tests/gpu/* build/bench/* build/lib/libdb_cuda.so; do
+    missing=$(for f in build/bin/* build/tests/gpu/* build/bench/* build/lib/*.so; do
         ldd "$f" 2>/dev/null | grep 'not found'; done | sort -u)
     [ -n "$missing" ] && echo "== bundle: libraries not found: $missing"
 else
@@ -214,6 +214,19 @@ sd=$(left 150)
 th=$(left $((sd + 75)))
 th=$((th > sd ? th - sd : 1))
 stage bench-cuda - $((sd + th + 20)) env OUT="$OUT" bash "$SELF" --bench-cuda "$sd" "$th"
+# where the time goes: the kernel tracer (tests/gpu/kprof.c, CUPTI, loaded
+# by the driver) over bench_sd's bf16 figures but the sampler, a table per
+# figure (per call: by category and by kernel) appended to bench_ops.md;
+# only with 50 s to spare
+KP=$PWD/build/lib/libdb_kprof.so
+if [ -f "$KP" ] && [ $((DEADLINE - SECONDS)) -ge 50 ]; then
+    printf '\n%s\n' "### kernel profiles (CUPTI: tests/gpu/kprof.c), bench_sd bf16, per call" >> "$OUT/bench_ops.md"
+    stage kprof - $((DEADLINE - SECONDS - 5)) env CUDA_INJECTION64_PATH="$KP" DB_KPROF_OUT="$OUT/bench_ops.md" \
+        DB_CUDA_UNVERIFIED=1 build/bench/bench_sd --device cuda --precision bf16 --only fwd,train,vae --reps 2 \
+        --budget 0.5
+else
+    echo "== kprof skipped: $((DEADLINE - SECONDS)) s left$([ -f "$KP" ] || echo ", no $KP")"
+fi
 # torch.compile is optional: only with a minute and a half to spare, the
 # forward alone, appended to bench_torch.txt, then the table again
 if [ $((DEADLINE - SECONDS)) -ge 90 ]; then

@@ -1,0 +1,370 @@
+/* Kernel profile tables: see kprof.h. */
+#include "tests/gpu/kprof.h"
+
+#include <ctype.h>
+#include <stdlib.h>
+#include <string.h>
+
+static uint64_t fnv1a(const char *s)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+
+/* The index of name, interned on first sight; -1 out of memory. */
+static long intern(kp_prof *p, const char *name)
+{
+    if (2 * (p->nn + 1) > p->hcap) { /* grow the table, rehash */
+        const size_t cap = p->hcap ? 2 * p->hcap : 256;
+        uint32_t *h = calloc(cap, sizeof *h);
+        if (!h)
+            return -1;
+        for (size_t i = 0; i < p->nn; i++) {
+            size_t j = fnv1a(p->names[i]) & (cap - 1);
+            while (h[j])
+                j = (j + 1) & (cap - 1);
+            h[j] = (uint32_t)i + 1;
+        }
+        free(p->hash);
+        p->hash = h, p->hcap = cap;
+    }
+    size_t j = fnv1a(name) & (p->hcap - 1);
+    for (; p->hash[j]; j = (j + 1) & (p->hcap - 1))
+        if (!strcmp(p->names[p->hash[j] - 1], name))
+            return (long)p->hash[j] - 1;
+    if (p->nn == p->cn) {
+        const size_t cn = p->cn ? 2 * p->cn : 256;
+        char **v = realloc(p->names, cn * sizeof *v);
+        if (!v)
+            return -1;
+        p->names = v, p->cn = cn;
+    }
+    char *copy = strdup(name);
+    if (!copy)
+        return -1;
+    p->names[p->nn] = copy;
+    p->hash[j] = (uint32_t)++p->nn;
+    return (long)p->nn - 1;
+}
+
+int kp_add(kp_prof *p, const char *name, uint64_t start, uint64_t end)
+{
+    const long id = intern(p, name && *name ? name : "(unnamed)");
+    if (id >= 0 && p->nr == p->cr) {
+        const size_t cr = p->cr ? 2 * p->cr : 4096;
+        kp_rec *v = realloc(p->rec, cr * sizeof *v);
+        if (v)
+            p->rec = v, p->cr = cr;
+    }
+    if (id < 0 || p->nr == p->cr) {
+        p->lost++;
+        return -1;
+    }
+    p->rec[p->nr++] = (kp_rec){start, end < start ? start : end, (uint32_t)id};
+    return 0;
+}
+
+int kp_begin(kp_prof *p, const char *label, uint64_t t)
+{
+    if (p->open)
+        kp_end(p, t, 1);
+    if (p->ns == p->cs) {
+        const size_t cs = p->cs ? 2 * p->cs : 16;
+        kp_sec *v = realloc(p->sec, cs * sizeof *v);
+        if (!v)
+            return -1;
+        p->sec = v, p->cs = cs;
+    }
+    kp_sec *s = &p->sec[p->ns++];
+    memset(s, 0, sizeof *s);
+    snprintf(s->label, sizeof s->label, "%s", label ? label : "");
+    s->t0 = s->t1 = t;
+    p->open = 1;
+    return 0;
+}
+
+int kp_end(kp_prof *p, uint64_t t, int calls)
+{
+    if (!p->open)
+        return -1;
+    kp_sec *s = &p->sec[p->ns - 1];
+    s->t1 = t < s->t0 ? s->t0 : t;
+    s->calls = calls < 1 ? 1 : calls;
+    p->open = 0;
+    return 0;
+}
+
+/* ---- names ------------------------------------------------------------------------------ */
+
+/* <digits><identifier> at *s: the identifier's length (its start at *s
+ * after), 0 when s does not hold one whole. */
+static size_t source_name(const char **s)
+{
+    const char *q = *s;
+    size_t n = 0;
+    if (!isdigit((unsigned char)*q))
+        return 0;
+    while (isdigit((unsigned char)*q))
+        n = 10 * n + (size_t)(*q++ - '0');
+    if (n == 0 || strnlen(q, n) < n)
+        return 0;
+    *s = q;
+    return n;
+}
+
+static void append(char *out, size_t cap, size_t *len, const char *s, size_t n)
+{
+    if (*len + 1 >= cap)
+        return;
+    if (n > cap - 1 - *len)
+        n = cap - 1 - *len;
+    memcpy(out + *len, s, n);
+    *len += n;
+    out[*len] = 0;
+}
+
+void kp_readable(const char *name, char *out, size_t cap)
+{
+    if (!cap)
+        return;
+    out[0] = 0;
+    if (strncmp(name, "_Z", 2)) {
+        snprintf(out, cap, "%s", name);
+        return;
+    }
+    size_t len = 0;
+    const char *s = name + 2;
+    const int nested = *s == 'N';
+    if (nested)
+        for (s++; *s && strchr("rVKRO", *s); s++) /* qualifiers of a member function */
+            ;
+    if (*s == 'L')  /* internal linkage */
+        s++;
+    int parts = 0;
+    for (;;) {
+        size_t n;
+        if (s[0] == 'S' && s[1] == 't') { /* std:: */
+            if (parts++)
+                append(out, cap, &len, "::", 2);
+            append(out, cap, &len, "std", 3);
+            s += 2;
+        } else if ((n = source_name(&s))) {
+            if (!(n == 12 && !strncmp(s, "_GLOBAL__N_1", 12))) { /* the anonymous namespace */
+                if (parts++)
+                    append(out, cap, &len, "::", 2);
+                append(out, cap, &len, s, n);
+            }
+            s += n;
+        } else {
+            break;
+        }
+        if (!nested)
+            break;
+    }
+    if (!parts) { /* not a form read here: the name as it is */
+        snprintf(out, cap, "%s", name);
+        return;
+    }
+    if (*s != 'I')
+        return;
+    /* template arguments: up to three of the identifiers inside (types,
+     * policies: a library kernel's identity is often there) */
+    append(out, cap, &len, "<", 1);
+    int k = 0;
+    for (const char *q = s + 1; *q && k < 3;) {
+        const char *r = q;
+        size_t n;
+        if ((q == s + 1 || !isdigit((unsigned char)q[-1])) && (n = source_name(&r)) && n >= 3) {
+            if (k++)
+                append(out, cap, &len, ", ", 2);
+            append(out, cap, &len, r, n);
+            q = r + n;
+        } else {
+            q++;
+        }
+    }
+    append(out, cap, &len, k ? ">" : "...>", k ? 1 : 4);
+}
+
+/* our kernels (kernels/cuda/) by identifier prefix, then the libraries' by substring */
+static const struct {
+    const char *prefix, *cat;
+} ours[] = {
+    {"round_kernel", "ours: 16-bit conversions"},        {"to_bf16_kernel", "ours: 16-bit conversions"},
+    {"to_f16_kernel", "ours: 16-bit conversions"},       {"from_bf16_kernel", "ours: 16-bit conversions"},
+    {"from_f16_kernel", "ours: 16-bit conversions"},     {"bias_fill16_kernel", "ours: 16-bit conversions"},
+    {"attention", "ours: attention"},                    {"attn_", "ours: attention"},
+    {"softmax_", "ours: attention"},                     {"groupnorm_", "ours: norms"},
+    {"layernorm_", "ours: norms"},                       {"adamw", "ours: optimizer and clipping"},
+    {"sumsq_", "ours: optimizer and clipping"},          {"scale_kernel", "ours: optimizer and clipping"},
+    {"linear_epilogue_kernel", "ours: bias and epilogues"},
+    {"linear_geglu_epilogue_kernel", "ours: bias and epilogues"},
+    {"bias_", "ours: bias and epilogues"},               {"add_channel", "ours: bias and epilogues"},
+    {"colsum_part_kernel", "ours: bias and epilogues"},  {"finish_colsum_kernel", "ours: bias and epilogues"},
+    {"act_", "ours: elementwise and layout"},            {"binary_kernel", "ours: elementwise and layout"},
+    {"geglu_", "ours: elementwise and layout"},          {"concat", "ours: elementwise and layout"},
+    {"crop_kernel", "ours: elementwise and layout"},     {"pad_kernel", "ours: elementwise and layout"},
+    {"upsample", "ours: elementwise and layout"},        {"transpose_kernel", "ours: elementwise and layout"},
+    {"embedding", "ours: elementwise and layout"},       {"timestep_kernel", "ours: elementwise and layout"},
+    {"check_tokens_kernel", "ours: elementwise and layout"},
+    {"mul_backward_kernel", "ours: elementwise and layout"},
+    {"axpy_kernel", "ours: elementwise and layout"},
+};
+
+static int has(const char *hay, const char *needle)
+{
+    const size_t n = strlen(needle);
+    for (; *hay; hay++)
+        if (!strncasecmp(hay, needle, n))
+            return 1;
+    return 0;
+}
+
+const char *kp_category(const char *readable)
+{
+    if (readable[0] == '[')
+        return "copies and memsets";
+    for (size_t i = 0; i < sizeof ours / sizeof ours[0]; i++)
+        if (!strncmp(readable, ours[i].prefix, strlen(ours[i].prefix)))
+            return ours[i].cat;
+    if ((has(readable, "nchw") && has(readable, "nhwc")) || has(readable, "nchwToNhwc") ||
+        has(readable, "nhwcToNchw") || has(readable, "transpose"))
+        return "library layout transposes";
+    if (has(readable, "conv") || has(readable, "fprop") || has(readable, "dgrad") || has(readable, "wgrad") ||
+        has(readable, "winograd") || has(readable, "implicit"))
+        return "cuDNN convolution";
+    if (has(readable, "gemm") || has(readable, "nvjet") || has(readable, "gemv") || has(readable, "cublas") ||
+        has(readable, "splitk"))
+        return "cuBLAS GEMM";
+    if (has(readable, "cudnn"))
+        return "cuDNN other";
+    return "other";
+}
+
+/* ---- report ------------------------------------------------------------------------------ */
+
+typedef struct row {
+    const char *name; /* readable (kernel rows) or category */
+    const char *cat;
+    uint64_t ns, n;
+} row;
+
+static int by_time(const void *a, const void *b)
+{
+    const row *x = a, *y = b;
+    return (x->ns < y->ns) - (x->ns > y->ns);
+}
+
+static void clean(char *s) /* a markdown cell */
+{
+    for (; *s; s++)
+        if (*s == '|' || *s == '\n')
+            *s = '/';
+}
+
+static void section(const kp_prof *p, FILE *f, const char *label, uint64_t t0, uint64_t t1, int calls, int top,
+                    char (*readable)[160], const char **cats)
+{
+    row *k = calloc(p->nn ? p->nn : 1, sizeof *k), *c = calloc(p->nn + 1, sizeof *c);
+    if (!k || !c) {
+        fprintf(f, "\n### kernel profile: %s: out of memory for the report\n", label);
+        free(k), free(c);
+        return;
+    }
+    uint64_t busy = 0, n = 0;
+    for (size_t i = 0; i < p->nr; i++) {
+        const kp_rec *r = &p->rec[i];
+        if (r->start < t0 || r->start >= t1)
+            continue;
+        k[r->name].ns += r->end - r->start, k[r->name].n++;
+        busy += r->end - r->start, n++;
+    }
+    if (!n) {
+        fprintf(f, "\n### kernel profile: %s\n\n%d call%s; no kernels recorded in them\n", label, calls,
+                calls == 1 ? "" : "s");
+        free(k), free(c);
+        return;
+    }
+    size_t nk = 0, nc = 0;
+    for (size_t i = 0; i < p->nn; i++) {
+        if (!k[i].n)
+            continue;
+        size_t j = 0;
+        while (j < nc && strcmp(c[j].name, cats[i]))
+            j++;
+        if (j == nc)
+            c[nc++] = (row){cats[i], cats[i], 0, 0};
+        c[j].ns += k[i].ns, c[j].n += k[i].n;
+        k[nk++] = (row){readable[i], cats[i], k[i].ns, k[i].n};
+    }
+    qsort(k, nk, sizeof *k, by_time);
+    qsort(c, nc, sizeof *c, by_time);
+    const double per = 1.0 / (calls < 1 ? 1 : calls), wall = 1e-6 * (double)(t1 - t0) * per;
+    fprintf(f, "\n### kernel profile: %s\n\n%d call%s; per call: %.3f ms wall, %.3f ms of GPU work (%.0f%% of the "
+               "wall; the rest is the GPU waiting on the host), %.1f launches\n\n",
+            label, calls, calls == 1 ? "" : "s", wall, 1e-6 * (double)busy * per,
+            wall > 0 ? 100.0 * 1e-6 * (double)busy * per / wall : 0.0, (double)n * per);
+    fprintf(f, "| category | ms per call | share | launches per call |\n|---|---:|---:|---:|\n");
+    for (size_t j = 0; j < nc; j++)
+        fprintf(f, "| %s | %.3f | %.1f%% | %.1f |\n", c[j].name, 1e-6 * (double)c[j].ns * per,
+                busy ? 100.0 * (double)c[j].ns / (double)busy : 0.0, (double)c[j].n * per);
+    fprintf(f, "\n| kernel (top %d by time) | category | ms per call | share | launches per call | us each |\n"
+               "|---|---|---:|---:|---:|---:|\n", top);
+    for (size_t j = 0; j < nk && (int)j < top; j++)
+        fprintf(f, "| %s | %s | %.3f | %.1f%% | %.1f | %.1f |\n", k[j].name, k[j].cat, 1e-6 * (double)k[j].ns * per,
+                busy ? 100.0 * (double)k[j].ns / (double)busy : 0.0, (double)k[j].n * per,
+                1e-3 * (double)k[j].ns / (double)k[j].n);
+    if (nk > (size_t)top)
+        fprintf(f, "| (%zu more kernels) | | | | | |\n", nk - (size_t)top);
+    free(k), free(c);
+}
+
+void kp_report(const kp_prof *p, FILE *f, const char *whole, int top)
+{
+    char (*readable)[160] = calloc(p->nn ? p->nn : 1, sizeof *readable);
+    const char **cats = calloc(p->nn ? p->nn : 1, sizeof *cats);
+    if (!readable || !cats) {
+        fprintf(f, "\n### kernel profile: out of memory for the report\n");
+        free(readable), free(cats);
+        return;
+    }
+    for (size_t i = 0; i < p->nn; i++) {
+        kp_readable(p->names[i], readable[i], sizeof readable[i]);
+        clean(readable[i]);
+        cats[i] = kp_category(readable[i]);
+    }
+    top = top < 1 ? 20 : top;
+    if (p->ns) {
+        for (size_t s = 0; s < p->ns; s++) {
+            const kp_sec *q = &p->sec[s];
+            /* a section still open at the end runs to the last record */
+            uint64_t t1 = q->t1;
+            if (p->open && s == p->ns - 1)
+                for (size_t i = 0; i < p->nr; i++)
+                    t1 = p->rec[i].end + 1 > t1 ? p->rec[i].end + 1 : t1;
+            section(p, f, q->label, q->t0, t1, q->calls ? q->calls : 1, top, readable, cats);
+        }
+    } else if (p->nr) {
+        uint64_t t0 = UINT64_MAX, t1 = 0;
+        for (size_t i = 0; i < p->nr; i++) {
+            t0 = p->rec[i].start < t0 ? p->rec[i].start : t0;
+            t1 = p->rec[i].end + 1 > t1 ? p->rec[i].end + 1 : t1;
+        }
+        section(p, f, whole && *whole ? whole : "whole run", t0, t1, 1, top, readable, cats);
+    } else {
+        fprintf(f, "\n### kernel profile: %s: no kernels recorded\n", whole && *whole ? whole : "whole run");
+    }
+    if (p->lost)
+        fprintf(f, "\n(%lu records lost: the tables above miss them)\n", p->lost);
+    free(readable), free(cats);
+}
+
+void kp_free(kp_prof *p)
+{
+    for (size_t i = 0; i < p->nn; i++)
+        free(p->names[i]);
+    free(p->names), free(p->hash), free(p->rec), free(p->sec);
+    memset(p, 0, sizeof *p);
+}
