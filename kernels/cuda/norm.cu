@@ -2,17 +2,15 @@
 // the twins of kernels/cpu/norm.c and norm_backward.c, with their math:
 // two-pass statistics accumulated in double (mean, then the mean of squared
 // deviations from the float mean), rstd = (float)(1 / sqrt(var + eps)) in
-// double, softmax sums in double.  One thread block per group / row; the
-// block reductions (reduce.h) have a fixed order, and parameter gradients are
-// per-chunk partials summed in index order (db_cuda_finish_colsum), so every
+// double, softmax sums in double.  One thread block per row (layer norm,
+// softmax) or per piece of a channel (group norm: gn_pieces, so that it
+// fills the GPU at any batch size); the block reductions (reduce.h) have a
+// fixed order, and partial sums are combined in index order, so every
 // result is deterministic.
-//
-// Known slow spot (correct first): a group norm block walks a whole group, so
-// the VAE's 512-channel 512x512 levels give only B*32 blocks.
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/reduce.h"
 
-enum { NORM_THREADS = 512, ROW_THREADS = 256, PART_ROWS = 256 };
+enum { ROW_THREADS = 256, PART_ROWS = 256 };
 
 // dst (C) += (float) sum_r part[r, :], r in order.  One thread per column.
 __global__ static void finish_colsum_kernel(float *dst, const double *part, int nchunk, int C)
@@ -37,38 +35,108 @@ int db_cuda_finish_colsum(db_ctx *c, float *dst, const double *part, int nchunk,
 
 // ---- forward ------------------------------------------------------------------------
 
-// grid B*G, block NORM_THREADS.  out, inp (B, C, HW); mean, rstd (B, G) or NULL;
-// weight, bias (C).  out may equal inp (each element read then written by one thread).
-__global__ static void groupnorm_forward_kernel(float *out, float *mean, float *rstd, const float *inp,
-                                                const float *weight, const float *bias, int C, int HW, int G, float eps,
-                                                int silu)
+// Group norm in pieces, so that every group norm fills the GPU: a piece is
+// one sample's one channel, or a part of it, [k L, min(HW, (k + 1) L)); P =
+// B C K pieces, a block each, K from the shape alone (gn_pieces), so the
+// results are the same on any card.  Each statistic is summed per piece in
+// double, then over the group's pieces in index order by one thread of
+// every block that needs it.  A whole group per block gave B * 32 blocks:
+// 64 at the UNet's batch of 2, 32 at the VAE's 512x512 levels (4 MB each),
+// a quarter to a half of an H100's 132 multiprocessors.
+enum { GN_THREADS = 256, GN_TARGET = 1024, GN_MIN_PIECE = 1024 };
+
+struct gn_split {
+    int K, L;
+};
+
+static gn_split gn_pieces(int B, int C, int HW)
+{
+    const long bc = (long)B * C;
+    long K = (GN_TARGET + bc - 1) / bc;
+    const long kmax = HW / GN_MIN_PIECE > 1 ? HW / GN_MIN_PIECE : 1;
+    K = K < 1 ? 1 : K > kmax ? kmax : K;
+    int L = (int)((HW + K - 1) / K);
+    L = (L + 3) & ~3; // pieces start 16-byte aligned when HW is a multiple of 4
+    return gn_split{(HW + L - 1) / L, L};
+}
+
+// sum over the group (b, g) of a per-piece statistic, in index order
+__device__ static double gn_group_sum(const double *part, int b, int g, int C, int cg, int K)
+{
+    const double *q = part + ((size_t)b * C + (size_t)g * cg) * K;
+    double s = 0;
+    for (int j = 0; j < cg * K; j++)
+        s += q[j];
+    return s;
+}
+
+// grid P, block GN_THREADS.  part (P) = per piece sum(x).
+__global__ static void groupnorm_sum_kernel(double *part, const float *inp, int HW, int K, int L)
 {
     __shared__ double sh[32];
-    const int bg = blockIdx.x, g = bg % G, cg = C / G;
-    const size_t n = (size_t)cg * HW;
-    const float *x = inp + (size_t)bg * n;
-    float *y = out + (size_t)bg * n;
+    const int p = blockIdx.x, k = p % K, i1 = min(HW, (k + 1) * L);
+    const float *x = inp + (size_t)(p / K) * HW;
     double s = 0;
-    for (size_t i = threadIdx.x; i < n; i += blockDim.x)
+    for (int i = k * L + threadIdx.x; i < i1; i += blockDim.x)
         s += x[i];
-    const float mu = (float)(db_block_sum(s, sh) / (double)n);
+    s = db_block_sum(s, sh);
+    if (threadIdx.x == 0)
+        part[p] = s;
+}
+
+// grid P, block GN_THREADS.  part2 (P) = per piece sum((x - mean)^2), the
+// group's float mean from part1.
+__global__ static void groupnorm_dev_kernel(double *part2, const double *part1, const float *inp, int C, int HW, int G,
+                                            int K, int L)
+{
+    __shared__ double sh[32];
+    __shared__ float smu;
+    const int p = blockIdx.x, k = p % K, bc = p / K, b = bc / C, cg = C / G, g = bc % C / cg;
+    if (threadIdx.x == 0)
+        smu = (float)(gn_group_sum(part1, b, g, C, cg, K) / ((double)cg * HW));
+    __syncthreads();
+    const float mu = smu;
+    const float *x = inp + (size_t)bc * HW;
+    const int i1 = min(HW, (k + 1) * L);
     double s2 = 0;
-    for (size_t i = threadIdx.x; i < n; i += blockDim.x) {
+    for (int i = k * L + threadIdx.x; i < i1; i += blockDim.x) {
         const double d = (double)x[i] - mu;
         s2 += d * d;
     }
-    const double var = db_block_sum(s2, sh) / (double)n;
-    const float rs = (float)(1.0 / sqrt(var + (double)eps));
+    s2 = db_block_sum(s2, sh);
+    if (threadIdx.x == 0)
+        part2[p] = s2;
+}
+
+// grid P, block GN_THREADS.  out (may equal inp: each element read, then
+// written, by one thread), mean and rstd (B, G) or NULL: the group's first
+// piece writes them.
+__global__ static void groupnorm_apply_kernel(float *out, float *mean, float *rstd, const double *part1,
+                                              const double *part2, const float *inp, const float *weight,
+                                              const float *bias, int C, int HW, int G, int K, int L, float eps, int silu)
+{
+    __shared__ float smu, srs;
+    const int p = blockIdx.x, k = p % K, bc = p / K, b = bc / C, c = bc % C, cg = C / G, g = c / cg;
     if (threadIdx.x == 0) {
-        if (mean)
-            mean[bg] = mu;
-        if (rstd)
-            rstd[bg] = rs;
+        const double n = (double)cg * HW;
+        const float mu = (float)(gn_group_sum(part1, b, g, C, cg, K) / n);
+        const double var = gn_group_sum(part2, b, g, C, cg, K) / n;
+        const float rs = (float)(1.0 / sqrt(var + (double)eps));
+        smu = mu, srs = rs;
+        if (k == 0 && c == g * cg) {
+            if (mean)
+                mean[b * G + g] = mu;
+            if (rstd)
+                rstd[b * G + g] = rs;
+        }
     }
-    for (size_t i = threadIdx.x; i < n; i += blockDim.x) {
-        const int cc = g * cg + (int)(i / HW);
-        // y = (x - mu) * rs * w + b = x * a + (b - mu * a), as norm.c
-        const float a = rs * weight[cc], shft = bias[cc] - mu * a;
+    __syncthreads();
+    // y = (x - mu) * rs * w + b = x * a + (b - mu * a), as norm.c
+    const float a = srs * weight[c], shft = bias[c] - smu * a;
+    const float *x = inp + (size_t)bc * HW;
+    float *y = out + (size_t)bc * HW;
+    const int i1 = min(HW, (k + 1) * L);
+    for (int i = k * L + threadIdx.x; i < i1; i += blockDim.x) {
         const float t = x[i] * a + shft;
         y[i] = silu ? t / (1.0f + expf(-t)) : t;
     }
@@ -79,11 +147,21 @@ extern "C" int db_cuda_groupnorm_forward(db_ctx *c, float *out, float *mean, flo
                                          int silu)
 {
     DB_ENTER(c);
-    if (B * G == 0)
+    if (B * G == 0 || HW == 0)
         return 0;
-    groupnorm_forward_kernel<<<B * G, NORM_THREADS, 0, db_cuda_st(c)->stream>>>(out, mean, rstd, inp, weight, bias, C,
-                                                                                HW, G, eps, silu);
-    DB_LAUNCHED(c);
+    const gn_split sp = gn_pieces(B, C, HW);
+    const int P = B * C * sp.K;
+    double *part = (double *)db_cuda_alloc(c, sizeof(double) * 2 * (size_t)P);
+    if (!part)
+        return -1;
+    cudaStream_t st = db_cuda_st(c)->stream;
+    groupnorm_sum_kernel<<<P, GN_THREADS, 0, st>>>(part, inp, HW, sp.K, sp.L);
+    groupnorm_dev_kernel<<<P, GN_THREADS, 0, st>>>(part + P, part, inp, C, HW, G, sp.K, sp.L);
+    groupnorm_apply_kernel<<<P, GN_THREADS, 0, st>>>(out, mean, rstd, part, part + P, inp, weight, bias, C, HW, G,
+                                                     sp.K, sp.L, eps, silu);
+    const cudaError_t e = cudaGetLastError();
+    db_cuda_free(c, part);
+    DB_CU(c, e);
     return 0;
 }
 
@@ -168,49 +246,84 @@ __device__ __forceinline__ float gn_dy(float dy, float xh, float w, float bb, in
     return dy;
 }
 
-// grid B*G, block NORM_THREADS.  dinp (B, C, HW) = or NULL; partw, partb (B, C):
-// per (b, channel) sum(dy * xhat), sum(dy), or NULL; dout, inp (B, C, HW);
-// mean, rstd (B, G); weight, bias (C).
-__global__ static void groupnorm_backward_kernel(float *dinp, double *partw, double *partb, const float *dout,
-                                                 const float *mean, const float *rstd, const float *inp,
-                                                 const float *weight, const float *bias, int C, int HW, int G, int silu)
+// The backward in the forward's pieces.  grid P, block GN_THREADS: per
+// piece pdy = sum(dy), pdyx = sum(dy * xhat), dy after the SiLU's derivative.
+__global__ static void groupnorm_bsum_kernel(double *pdy, double *pdyx, const float *dout, const float *mean,
+                                             const float *rstd, const float *inp, const float *weight,
+                                             const float *bias, int C, int HW, int G, int K, int L, int silu)
 {
     __shared__ double sh[32];
-    const int bg = blockIdx.x, b = bg / G, g = bg % G, cg = C / G;
-    const size_t n = (size_t)cg * HW;
-    const float mu = mean[bg], rs = rstd[bg];
-    const float *x = inp + (size_t)bg * n, *dy0 = dout + (size_t)bg * n;
-    // pass 1: per channel sums, combined over the group in channel order
-    double sum_g = 0, sum_gx = 0;
-    for (int ch = 0; ch < cg; ch++) {
-        const int cc = g * cg + ch;
-        const float w = weight[cc], bb = bias[cc];
-        const float *xc = x + (size_t)ch * HW, *dc = dy0 + (size_t)ch * HW;
-        double s_dy = 0, s_dyx = 0;
-        for (int i = threadIdx.x; i < HW; i += blockDim.x) {
-            const float xh = (xc[i] - mu) * rs, dy = gn_dy(dc[i], xh, w, bb, silu);
-            s_dy += dy;
-            s_dyx += (double)dy * xh;
-        }
-        s_dy = db_block_sum(s_dy, sh);
-        s_dyx = db_block_sum(s_dyx, sh);
-        sum_g += s_dy * w;
-        sum_gx += s_dyx * w;
-        if (partw && threadIdx.x == 0) {
-            partw[(size_t)b * C + cc] = s_dyx;
-            partb[(size_t)b * C + cc] = s_dy;
-        }
+    const int p = blockIdx.x, k = p % K, bc = p / K, b = bc / C, c = bc % C, bg = b * G + c / (C / G);
+    const float mu = mean[bg], rs = rstd[bg], w = weight[c], bb = bias[c];
+    const float *x = inp + (size_t)bc * HW, *d = dout + (size_t)bc * HW;
+    const int i1 = min(HW, (k + 1) * L);
+    double s_dy = 0, s_dyx = 0;
+    for (int i = k * L + threadIdx.x; i < i1; i += blockDim.x) {
+        const float xh = (x[i] - mu) * rs, dy = gn_dy(d[i], xh, w, bb, silu);
+        s_dy += dy;
+        s_dyx += (double)dy * xh;
     }
-    if (!dinp)
-        return;
-    const float mg = (float)(sum_g / (double)n), mgx = (float)(sum_gx / (double)n);
-    float *dx = dinp + (size_t)bg * n;
-    for (size_t i = threadIdx.x; i < n; i += blockDim.x) {
-        const int cc = g * cg + (int)(i / HW);
-        const float w = weight[cc];
-        const float xh = (x[i] - mu) * rs, dy = gn_dy(dy0[i], xh, w, bias[cc], silu);
+    s_dy = db_block_sum(s_dy, sh);
+    s_dyx = db_block_sum(s_dyx, sh);
+    if (threadIdx.x == 0)
+        pdy[p] = s_dy, pdyx[p] = s_dyx;
+}
+
+// grid P, block GN_THREADS.  dinp (B, C, HW): per channel the pieces'
+// sums in order, then over the group's channels weighted, as norm_backward.c.
+__global__ static void groupnorm_bapply_kernel(float *dinp, const double *pdy, const double *pdyx, const float *dout,
+                                               const float *mean, const float *rstd, const float *inp,
+                                               const float *weight, const float *bias, int C, int HW, int G, int K,
+                                               int L, int silu)
+{
+    __shared__ float smg, smgx;
+    const int p = blockIdx.x, k = p % K, bc = p / K, b = bc / C, c = bc % C, cg = C / G, g = c / cg;
+    if (threadIdx.x == 0) {
+        double sum_g = 0, sum_gx = 0;
+        for (int ch = 0; ch < cg; ch++) {
+            const int cc = g * cg + ch;
+            const size_t q = ((size_t)b * C + cc) * K;
+            double s_dy = 0, s_dyx = 0;
+            for (int j = 0; j < K; j++)
+                s_dy += pdy[q + j], s_dyx += pdyx[q + j];
+            sum_g += s_dy * weight[cc];
+            sum_gx += s_dyx * weight[cc];
+        }
+        const double n = (double)cg * HW;
+        smg = (float)(sum_g / n), smgx = (float)(sum_gx / n);
+    }
+    __syncthreads();
+    const int bg = b * G + g;
+    const float mu = mean[bg], rs = rstd[bg], w = weight[c], bb = bias[c], mg = smg, mgx = smgx;
+    const float *x = inp + (size_t)bc * HW, *d = dout + (size_t)bc * HW;
+    float *dx = dinp + (size_t)bc * HW;
+    const int i1 = min(HW, (k + 1) * L);
+    for (int i = k * L + threadIdx.x; i < i1; i += blockDim.x) {
+        const float xh = (x[i] - mu) * rs, dy = gn_dy(d[i], xh, w, bb, silu);
         dx[i] = rs * (dy * w - mg - xh * mgx);
     }
+}
+
+// One thread per channel: dweight (C) += sum_b sum_k pdyx, dbias (C) +=
+// sum_b sum_k pdy (each NULL or not), per (b, c) first, b in order.
+__global__ static void groupnorm_bparams_kernel(float *dweight, float *dbias, const double *pdy, const double *pdyx,
+                                                int B, int C, int K)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C)
+        return;
+    double sw = 0, sb = 0;
+    for (int b = 0; b < B; b++) {
+        const size_t q = ((size_t)b * C + c) * K;
+        double s_dy = 0, s_dyx = 0;
+        for (int j = 0; j < K; j++)
+            s_dy += pdy[q + j], s_dyx += pdyx[q + j];
+        sw += s_dyx, sb += s_dy;
+    }
+    if (dweight)
+        dweight[c] += (float)sw;
+    if (dbias)
+        dbias[c] += (float)sb;
 }
 
 extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
@@ -218,26 +331,25 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
                                           const float *bias, int B, int C, int HW, int G, int silu)
 {
     DB_ENTER(c);
-    if (B * G == 0)
+    if (B * G == 0 || HW == 0 || (!dinp && !dweight && !dbias))
         return 0;
-    const int want_params = dweight || dbias;
-    double *part = NULL;
-    if (want_params) {
-        part = (double *)db_cuda_alloc(c, sizeof(double) * 2 * (size_t)B * C);
-        if (!part)
-            return -1;
-    }
-    groupnorm_backward_kernel<<<B * G, NORM_THREADS, 0, db_cuda_st(c)->stream>>>(
-        dinp, part, part ? part + (size_t)B * C : NULL, dout, mean, rstd, inp, weight, bias, C, HW, G, silu);
-    cudaError_t e = cudaGetLastError();
-    int r = 0;
-    if (e == cudaSuccess && dweight)
-        r |= db_cuda_finish_colsum(c, dweight, part, B, C);
-    if (e == cudaSuccess && dbias)
-        r |= db_cuda_finish_colsum(c, dbias, part + (size_t)B * C, B, C);
+    const gn_split sp = gn_pieces(B, C, HW);
+    const int P = B * C * sp.K;
+    double *part = (double *)db_cuda_alloc(c, sizeof(double) * 2 * (size_t)P);
+    if (!part)
+        return -1;
+    cudaStream_t st = db_cuda_st(c)->stream;
+    groupnorm_bsum_kernel<<<P, GN_THREADS, 0, st>>>(part, part + P, dout, mean, rstd, inp, weight, bias, C, HW, G,
+                                                    sp.K, sp.L, silu);
+    if (dinp)
+        groupnorm_bapply_kernel<<<P, GN_THREADS, 0, st>>>(dinp, part, part + P, dout, mean, rstd, inp, weight, bias, C,
+                                                          HW, G, sp.K, sp.L, silu);
+    if (dweight || dbias)
+        groupnorm_bparams_kernel<<<(C + 127) / 128, 128, 0, st>>>(dweight, dbias, part, part + P, B, C, sp.K);
+    const cudaError_t e = cudaGetLastError();
     db_cuda_free(c, part);
     DB_CU(c, e);
-    return r ? -1 : 0;
+    return 0;
 }
 
 // grid N, block ROW_THREADS.  dinp, dout, inp (N, C); mean, rstd (N); weight (C).

@@ -1858,14 +1858,20 @@ int main(void)
     if (have(api->groupnorm_forward, "groupnorm_forward")) {
         t_groupnorm(2, 12, 10, 4, 0);
         t_groupnorm(2, 12, 10, 4, 1);
+        /* two uneven pieces per channel (1028 + 1022): norm.cu's gn_pieces */
+        t_groupnorm(1, 8, 2050, 4, 1);
         if (!quick)
             t_groupnorm(2, 320, 4096, 32, 1);
+        if (!quick) /* the VAE's 512x512 level, a quarter of it: 8 pieces per channel */
+            t_groupnorm(1, 128, 65536, 32, 1);
         if (!quick)
             t_groupnorm(1, 1280, 64, 32, 0);
     }
     if (have(api->groupnorm_backward, "groupnorm_backward")) {
         t_groupnorm_backward(2, 12, 10, 4, 0);
         t_groupnorm_backward(2, 12, 10, 4, 1);
+        t_groupnorm_backward(1, 8, 2050, 4, 1);
+        t_groupnorm_backward(2, 8, 2050, 2, 0);
         if (!quick)
             t_groupnorm_backward(2, 320, 4096, 32, 1);
     }

@@ -66,6 +66,9 @@ static inline float __fsqrt_rn(float a) { return sqrtf(a); }
 static inline double __dmul_rn(double a, double b) { return a * b; }
 static inline double __dadd_rn(double a, double b) { return a + b; }
 static inline int atomicMin(int *p, int v) { std::lock_guard<std::mutex> g(emu_mtx); int o = *p; if (v < o) *p = v; return o; }
+// CUDA's integer min/max device functions (the math headers give the float ones)
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
 template <class F> static void emu_launch(dim3 g, dim3 b, F f) {
     emu_gdim = g; emu_bdim = b;
     const int nt = b.x * b.y * b.z;
