@@ -2,15 +2,15 @@
 // the twins of kernels/cpu/norm.c and norm_backward.c, with their math:
 // two-pass statistics accumulated in double (mean, then the mean of squared
 // deviations from the float mean), rstd = (float)(1 / sqrt(var + eps)) in
-// double, softmax sums in double.  One thread block per row (layer norm,
-// softmax) or per piece of a channel (group norm: gn_pieces, so that it
-// fills the GPU at any batch size); the block reductions (reduce.h) have a
-// fixed order, and partial sums are combined in index order, so every
-// result is deterministic.
+// double, softmax sums in double.  A block per row (softmax), a warp per
+// row (layer norm) or a block per piece of a channel (group norm:
+// gn_pieces, so that it fills the GPU at any batch size); the reductions
+// (reduce.h) have a fixed order, and partial sums are combined in index
+// order, so every result is deterministic.
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/reduce.h"
 
-enum { ROW_THREADS = 256, PART_ROWS = 256 };
+enum { ROW_THREADS = 256, PART_ROWS = 256, LN_ROWS = 8 };
 
 // dst (C) += (float) sum_r part[r, :], r in order.  One thread per column.
 __global__ static void finish_colsum_kernel(float *dst, const double *part, int nchunk, int C)
@@ -165,32 +165,38 @@ extern "C" int db_cuda_groupnorm_forward(db_ctx *c, float *out, float *mean, flo
     return 0;
 }
 
-// grid N, block ROW_THREADS.  out, inp (N, C); mean, rstd (N) or NULL; weight, bias (C).
+// Layer norm: a warp per row (LN_ROWS rows per block), warp shuffles for
+// the sums and no block barrier: rows are short (320..1280 in SD, 768 in
+// CLIP), and a block of 256 threads per row spent its time in barriers with
+// most threads holding one or two elements.  grid ceil(N / LN_ROWS), block
+// 32 LN_ROWS.  out, inp (N, C) (out may equal inp); mean, rstd (N) or NULL;
+// weight, bias (C).
 __global__ static void layernorm_forward_kernel(float *out, float *mean, float *rstd, const float *inp,
-                                                const float *weight, const float *bias, int C, float eps)
+                                                const float *weight, const float *bias, int N, int C, float eps)
 {
-    __shared__ double sh[32];
-    const int r = blockIdx.x;
+    const int lane = threadIdx.x & 31, r = blockIdx.x * LN_ROWS + (threadIdx.x >> 5);
+    if (r >= N) // the whole warp
+        return;
     const float *x = inp + (size_t)r * C;
     float *y = out + (size_t)r * C;
     double s = 0;
-    for (int i = threadIdx.x; i < C; i += blockDim.x)
+    for (int i = lane; i < C; i += 32)
         s += x[i];
-    const float mu = (float)(db_block_sum(s, sh) / C);
+    const float mu = (float)(db_warp_sum(s) / C);
     double s2 = 0;
-    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+    for (int i = lane; i < C; i += 32) {
         const double d = (double)x[i] - mu;
         s2 += d * d;
     }
-    const double var = db_block_sum(s2, sh) / C;
+    const double var = db_warp_sum(s2) / C;
     const float rs = (float)(1.0 / sqrt(var + (double)eps));
-    if (threadIdx.x == 0) {
+    if (lane == 0) {
         if (mean)
             mean[r] = mu;
         if (rstd)
             rstd[r] = rs;
     }
-    for (int i = threadIdx.x; i < C; i += blockDim.x)
+    for (int i = lane; i < C; i += 32)
         y[i] = (x[i] - mu) * rs * weight[i] + bias[i];
 }
 
@@ -200,7 +206,8 @@ extern "C" int db_cuda_layernorm_forward(db_ctx *c, float *out, float *mean, flo
     DB_ENTER(c);
     if (N == 0)
         return 0;
-    layernorm_forward_kernel<<<N, ROW_THREADS, 0, db_cuda_st(c)->stream>>>(out, mean, rstd, inp, weight, bias, C, eps);
+    layernorm_forward_kernel<<<(N + LN_ROWS - 1) / LN_ROWS, 32 * LN_ROWS, 0, db_cuda_st(c)->stream>>>(
+        out, mean, rstd, inp, weight, bias, N, C, eps);
     DB_LAUNCHED(c);
     return 0;
 }
@@ -352,25 +359,26 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
     return 0;
 }
 
-// grid N, block ROW_THREADS.  dinp, dout, inp (N, C); mean, rstd (N); weight (C).
+// A warp per row, as the forward.  grid ceil(N / LN_ROWS), block 32 LN_ROWS.
+// dinp, dout, inp (N, C); mean, rstd (N); weight (C).
 __global__ static void layernorm_backward_dinp_kernel(float *dinp, const float *dout, const float *mean,
-                                                      const float *rstd, const float *inp, const float *weight, int C)
+                                                      const float *rstd, const float *inp, const float *weight, int N,
+                                                      int C)
 {
-    __shared__ double sh[32];
-    const int r = blockIdx.x;
+    const int lane = threadIdx.x & 31, r = blockIdx.x * LN_ROWS + (threadIdx.x >> 5);
+    if (r >= N)
+        return;
     const float *x = inp + (size_t)r * C, *dy = dout + (size_t)r * C;
     const float mu = mean[r], rs = rstd[r];
     double sg = 0, sgx = 0;
-    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+    for (int i = lane; i < C; i += 32) {
         const float g = dy[i] * weight[i];
         sg += g;
         sgx += (double)g * ((x[i] - mu) * rs);
     }
-    sg = db_block_sum(sg, sh);
-    sgx = db_block_sum(sgx, sh);
-    const float mg = (float)(sg / C), mgx = (float)(sgx / C);
+    const float mg = (float)(db_warp_sum(sg) / C), mgx = (float)(db_warp_sum(sgx) / C);
     float *dx = dinp + (size_t)r * C;
-    for (int i = threadIdx.x; i < C; i += blockDim.x)
+    for (int i = lane; i < C; i += 32)
         dx[i] = rs * (dy[i] * weight[i] - mg - (x[i] - mu) * rs * mgx);
 }
 
@@ -403,7 +411,8 @@ extern "C" int db_cuda_layernorm_backward(db_ctx *c, float *dinp, float *dweight
         return 0;
     cudaStream_t s = db_cuda_st(c)->stream;
     if (dinp) {
-        layernorm_backward_dinp_kernel<<<N, ROW_THREADS, 0, s>>>(dinp, dout, mean, rstd, inp, weight, C);
+        layernorm_backward_dinp_kernel<<<(N + LN_ROWS - 1) / LN_ROWS, 32 * LN_ROWS, 0, s>>>(dinp, dout, mean, rstd,
+                                                                                          inp, weight, N, C);
         DB_LAUNCHED(c);
     }
     if (dweight || dbias) {
