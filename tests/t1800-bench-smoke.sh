@@ -124,6 +124,18 @@ sed 's/^/# /' "$T/plan.txt"
 check "db-train --plan --device cuda exits 0" "[ $rc = 0 ]"
 check "  it prints the host and the device peak" \
     "grep -q 'predicted peak' '$T/plan.txt' && grep -q 'predicted device peak .*(fp32)' '$T/plan.txt'"
+DB_CUDA_UNVERIFIED=1 db-train --model "$M" --instance "$I" --class "$C" --plan --device cuda \
+    --validation-prompt "a photo of sks dog" > "$T/plan-val.txt" 2>&1
+peak() { awk '/predicted device peak/ { print $(NF-2) }' "$1"; }
+check "  --validation-prompt adds the validation row to a larger device peak ($(peak "$T/plan.txt") -> $(peak "$T/plan-val.txt") MiB)" \
+    "grep -q 'validation samples (VAE, sampler)' '$T/plan-val.txt' && ! grep -q 'validation samples' '$T/plan.txt' &&
+     awk -v a=\"\$(peak '$T/plan.txt')\" -v b=\"\$(peak '$T/plan-val.txt')\" 'BEGIN { exit !(b > a) }'"
 db-train --model "$M" --instance "$I" --class "$C" --plan > "$T/plan-cpu.txt" 2>&1
 check "  --device cpu prints no device lines" "! grep -q 'device peak' '$T/plan-cpu.txt'"
+db-train --model "$M" --instance "$I" --class "$C" --plan --validation-prompt "a photo of sks dog" \
+    > "$T/plan-cpu-val.txt" 2>&1
+hpeak() { awk '/predicted peak/ { print $(NF-1) }' "$1"; }
+check "  and on the cpu too, the validation row to a larger peak ($(hpeak "$T/plan-cpu.txt") -> $(hpeak "$T/plan-cpu-val.txt") MiB)" \
+    "grep -q 'validation samples (VAE, sampler)' '$T/plan-cpu-val.txt' &&
+     awk -v a=\"\$(hpeak '$T/plan-cpu.txt')\" -v b=\"\$(hpeak '$T/plan-cpu-val.txt')\" 'BEGIN { exit !(b > a + 1) }'"
 done_testing

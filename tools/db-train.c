@@ -570,7 +570,18 @@ static void plan(run *r, int lh, int lw)
     const size_t rss = current_rss(), base = rss > data ? rss - data : 0;
     /* --async-save: a host copy of what a checkpoint holds while it is written */
     const size_t ckcopy = r->async ? pu + (r->o.train_text ? pt : 0) + adam : 0;
-    const size_t total = base + pu + pt + grads + adam + act + clip_act + data + bufs + ckcopy;
+    /* --validation-prompt: the VAE (kept from the first validation on), its
+     * decode workspace, the sampler's buffers and the image; the UNet and
+     * the text encoder sample through the training workspaces */
+    size_t val = 0;
+    if (r->o.val_prompt && *r->o.val_prompt) {
+        db_comp_stats sv;
+        db_model_stats(&r->m, DB_COMP_VAE, &sv);
+        const size_t f = (size_t)1 << (a->vae.nlevels - 1);
+        val = (size_t)sv.params * 4 + db_vae_decode_bytes_arch(&a->vae, lh, lw) +
+              4 * ((size_t)a->vae.out_channels * lh * lw * f * f + 8 * per);
+    }
+    const size_t total = base + pu + pt + grads + adam + act + clip_act + data + bufs + ckcopy + val;
     printf("memory plan: %d rows (batch %lld x %s), %dx%d latents, %d tokens, text encoder %s, gradient "
            "checkpointing %s%s\n",
            B, (long long)r->o.batch, r->has_class ? "instance + class" : "instance", lh, lw, T,
@@ -586,6 +597,8 @@ static void plan(run *r, int lh, int lw)
         const int prec = db_precision_parse(r->o.precision) > 0 ? db_precision_parse(r->o.precision) : DB_PREC_F32;
         db_unet_train_device_plan(a, B, lh, lw, T, r->o.train_text, r->o.grad_ckpt, r->o.fused, !r->o.no_graph,
                                   (db_precision)prec, &d);
+        if (r->o.val_prompt && *r->o.val_prompt)
+            db_unet_validation_device_plan(a, lh, lw, !r->o.no_graph, (db_precision)prec, &d);
         /* the optimizer's state as this run keeps it (8-bit moments: adam) */
         d.total = d.total - d.moments + adam;
         d.moments = adam;
@@ -615,6 +628,8 @@ static void plan(run *r, int lh, int lw)
         printf("  %-34s %10.1f MiB\n", "allocator rounding", d.rounding / MB);
         if (d.graphs)
             printf("  %-34s %10.1f MiB\n", "CUDA graphs' temporaries", d.graphs / MB);
+        if (d.validation)
+            printf("  %-34s %10.1f MiB\n", "validation samples (VAE, sampler)", d.validation / MB);
         printf("  %-34s %10.1f MiB  (%s)\n", "predicted device peak", d.total / MB,
                db_precision_name((db_precision)prec));
         return;
@@ -630,6 +645,8 @@ static void plan(run *r, int lh, int lw)
     printf("  %-34s %10.1f MiB\n", "batch buffers", bufs / MB);
     if (ckcopy)
         printf("  %-34s %10.1f MiB\n", "checkpoint copy (--async-save)", ckcopy / MB);
+    if (val)
+        printf("  %-34s %10.1f MiB\n", "validation samples (VAE, sampler)", val / MB);
     printf("  %-34s %10.1f MiB\n", "predicted peak", total / MB);
 }
 

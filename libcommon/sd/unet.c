@@ -28,6 +28,7 @@
 #include "blocks.h"
 #include "libcommon/core/log.h"
 #include "clip.h"
+#include "vae.h"
 
 /* GroupNorm eps inside Transformer2DModel (hard-coded in diffusers). */
 #define TRANSFORMER_GN_EPS 1e-6f
@@ -1143,5 +1144,29 @@ size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, i
     p->graphs = graphs && !fused ? p->convert + p->conv_ws : 0;
     p->total = p->weights + p->grads + p->moments + p->unet_act + p->text_act + p->batch + p->convert + p->conv_ws +
                p->shadow + p->rounding + p->graphs;
+    return p->total;
+}
+
+size_t db_unet_validation_device_plan(const db_arch *a, int H, int W, int graphs, db_precision prec,
+                                      db_train_device_plan *p)
+{
+    db_tname *t = NULL;
+    size_t nt = 0;
+    db_err err = {0};
+    if (H <= 0 || W <= 0 || db_arch_names(a, &t, &nt, &err))
+        return 0;
+    const size_t vae = arch_params(t, nt, DB_COMP_VAE) * 4;
+    free(t);
+    const size_t ws = db_vae_decode_bytes_arch(&a->vae, H, W);
+    if (!vae || !ws)
+        return 0;
+    const int f = 1 << (a->vae.nlevels - 1);
+    /* txt2img's latents, noise, guidance pair and scheduler state (batch 1,
+     * the UNet's pair of 2): a handful of latent-sized buffers; the image */
+    const size_t lat = (size_t)a->unet.in_channels * H * W * 4, img = (size_t)a->vae.out_channels * H * f * W * f * 4;
+    const size_t v = cuda_rounded(vae) + (prec == DB_PREC_F32 ? 0 : vae / 2) + cuda_rounded(ws) + 8 * lat + img +
+                     (graphs ? p->convert + p->conv_ws : 0);
+    p->total += v - p->validation;
+    p->validation = v;
     return p->total;
 }

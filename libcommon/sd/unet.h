@@ -149,10 +149,22 @@ typedef struct db_train_device_plan {
     size_t rounding;    /* the caching allocator's size classes (at most 25 % of a request;
                            2 MiB grains from 256 MiB up) */
     size_t graphs;      /* the graphs' own pools of temporaries (0 without graphs) */
+    size_t validation;  /* validation samples (db_unet_validation_device_plan; 0 without) */
     size_t total;
 } db_train_device_plan;
 size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, int train_text, int checkpointing,
                                  int fused, int graphs, db_precision prec, db_train_device_plan *p);
+/* Adds to a plan made by db_unet_train_device_plan (same a, H, W, graphs,
+ * prec) what validation samples cost on the device (db-train
+ * --validation-prompt): the VAE's fp32 weights, their 16-bit copy in the
+ * 16-bit modes, and its decode workspace for H x W latents, all kept from
+ * the first validation on; while sampling, the sampler's buffers and the
+ * decoded image, and with graphs the denoising step's pool (bounded like
+ * the training graphs': conversion scratch + cuDNN workspace).  The UNet
+ * and the text encoder sample through the trainer's workspaces (batch 2,
+ * no kept activations: no larger).  Returns the new total (0: a bad arch). */
+size_t db_unet_validation_device_plan(const db_arch *a, int H, int W, int graphs, db_precision prec,
+                                      db_train_device_plan *p);
 
 /* Bytes of the forward and gradient workspaces allocated now. */
 size_t db_unet_allocated_bytes(const db_unet *u);

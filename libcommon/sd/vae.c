@@ -251,6 +251,8 @@ void db_vae_free(db_vae *v)
 
 int db_vae_factor(const db_vae *v) { return 1 << (v->arch.nlevels - 1); }
 
+size_t db_vae_allocated_bytes(const db_vae *v) { return v->ws_cap * sizeof(float); }
+
 /* ---- workspace ---------------------------------------------------------------- */
 
 typedef struct slots {
@@ -479,6 +481,15 @@ static void decode_sizes(const db_vae_arch *a, int h, int w, size_t *S, size_t *
     }
     *S = s;
     *M = (size_t)a->block_out[L - 1] * hw0;
+}
+
+size_t db_vae_decode_bytes_arch(const db_vae_arch *a, int h, int w)
+{
+    if (a->nlevels < 1 || h <= 0 || w <= 0)
+        return 0;
+    size_t S, M;
+    decode_sizes(a, h, w, &S, &M);
+    return (3 * ALIGN16(S) + 2 * ALIGN16(M)) * sizeof(float); /* ws_slots' carving */
 }
 
 int db_vae_decode(db_vae *v, float *image, const float *latents, int B, int h, int w, db_err *err)

@@ -63,4 +63,10 @@ int db_vae_decode(db_vae *v, float *image, const float *latents, int B, int h, i
 /* Release the activation workspace (it comes back on the next call). */
 void db_vae_trim(db_vae *v);
 
+/* Bytes of the workspace db_vae_decode allocates for h x w latents (one
+ * image at a time; db-train --plan's validation row). */
+size_t db_vae_decode_bytes_arch(const db_vae_arch *a, int h, int w);
+/* Bytes of workspace allocated now (0 after db_vae_trim). */
+size_t db_vae_allocated_bytes(const db_vae *v);
+
 #endif

@@ -31,6 +31,7 @@
 #include "libcommon/sd/arch.h"
 #include "libcommon/sd/train.h"
 #include "libcommon/sd/unet.h"
+#include "libcommon/sd/vae.h"
 #include "libcommon/sd/weights.h"
 #include "tap.h"
 
@@ -190,6 +191,21 @@ static void test_cover(void)
                "SD1.5 plan (bf16, text encoder, checkpointing): gradients %.0f MiB -> window %.0f MiB (the up path's "
                "ResBlock, 2560 -> 1280 channels), device %.0f -> %.0f MiB", p0.grads / 1048576.0,
                p1.grads / 1048576.0, t0 / 1048576.0, t1 / 1048576.0);
+        /* validation samples (--validation-prompt): the VAE, its bf16 copy,
+         * its 512x512 decode workspace (3 x 256 MiB + 2 x 8 MiB) */
+        db_train_device_plan pv = p0, pg;
+        const size_t tv = db_unet_validation_device_plan(&a, 64, 64, 0, DB_PREC_BF16, &pv);
+        const size_t ws = db_vae_decode_bytes_arch(&a.vae, 64, 64);
+        tap_ok(ws == 822083584u && tv == t0 + pv.validation && pv.validation > ws + 83653863u * 6 &&
+                   pv.validation < ws + 83653863u * 6 + (64u << 20),
+               "SD1.5 validation samples: decode workspace %zu bytes, %.0f MiB in all (bf16), device %.0f -> %.0f MiB",
+               ws, pv.validation / 1048576.0, t0 / 1048576.0, tv / 1048576.0);
+        db_unet_train_device_plan(&a, 2, 64, 64, 77, 1, 1, 0, 1, DB_PREC_BF16, &pg);
+        const size_t g0 = pg.total, tg = db_unet_validation_device_plan(&a, 64, 64, 1, DB_PREC_BF16, &pg);
+        tap_ok(tg - g0 == pv.validation + pg.convert + pg.conv_ws && db_unet_validation_device_plan(&a, 64, 64, 1,
+                                                                                            DB_PREC_BF16, &pg) == tg,
+               "  with graphs the sampling step's pool on top (%.0f MiB); counted once when asked twice",
+               (pg.convert + pg.conv_ws) / 1048576.0);
     } else
         tap_ok(0, "sd15 preset: %s", err.msg);
 }

@@ -184,6 +184,12 @@ int main(void)
         const float *d1n = ok ? tap_fetch(ctx, d1n_d, no * sizeof(float)) : NULL;
         if (ok && !(mean2 && dec2 && m1n && d1n))
             ok = !db_err_set(&e, ctx->err.code, "fetch: %s", ctx->err.msg);
+        /* db-train --plan's validation row counts the decode's workspace */
+        db_vae_trim(v1);
+        const int dec_ok = ok && !db_vae_decode(v1, d1n_d, lat2_d, 1, h, w, &e);
+        tap_ok(dec_ok && db_vae_allocated_bytes(v1) == db_vae_decode_bytes_arch(&m1.arch.vae, h, w),
+               "decode workspace %zu bytes, predicted %zu (db_vae_decode_bytes_arch)", db_vae_allocated_bytes(v1),
+               db_vae_decode_bytes_arch(&m1.arch.vae, h, w));
         tap_ok(ok && !memcmp(mean2, o1.mean, nz * sizeof(float)) && !memcmp(mean2 + nz, m1n, nz * sizeof(float)) &&
                    !memcmp(dec2, d1n, no * sizeof(float)) && !memcmp(dec2 + no, o1.dec, no * sizeof(float)),
                "%s: batch of 2 == two single runs (encode without logvar, decode) %s", tap_device(), ok ? "" : e.msg);
