@@ -32,7 +32,7 @@ typedef struct bcase {
     float *p[8];
 } bcase;
 
-enum { K_CONV, K_CONV_BWD, K_GEMM, K_LINEAR, K_LINEAR_BWD, K_ATTN, K_GROUPNORM };
+enum { K_CONV, K_CONV_BWD, K_GEMM, K_LINEAR, K_LINEAR_BWD, K_ATTN, K_GROUPNORM, K_LAYERNORM };
 
 static int run_case(db_ctx *c, void *arg)
 {
@@ -56,6 +56,8 @@ static int run_case(db_ctx *c, void *arg)
         return api->attention_forward(c, p[0], p[1], p[2], p[3], p[4], i[0], i[1], i[2], i[3], i[4], i[5]);
     case K_GROUPNORM:
         return api->groupnorm_forward(c, p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], i[2], i[3], 1e-5f, 1);
+    case K_LAYERNORM:
+        return api->layernorm_forward(c, p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], 1e-5f);
     }
     return -1;
 }
@@ -195,6 +197,24 @@ static void groupnorm_case(db_ctx *c, int B, int C, int HW, int G)
         api->free(c, b.p[i]);
 }
 
+/* the Transformer block's layer norm: N rows of C (a warp per row, norm.cu) */
+static void layernorm_case(db_ctx *c, int N, int C)
+{
+    const size_t n = (size_t)N * C;
+    bcase b = {K_LAYERNORM, {N, C}, {0}};
+    b.p[0] = drand(c, n, 1);
+    b.p[1] = drand(c, (size_t)N, 2);
+    b.p[2] = drand(c, (size_t)N, 3);
+    b.p[3] = drand(c, n, 4);
+    b.p[4] = drand(c, C, 5);
+    b.p[5] = drand(c, C, 6);
+    char name[160];
+    snprintf(name, sizeof name, "layernorm_forward %dx%d", N, C);
+    bench(c, name, &b, 0, 2.0 * n * sizeof(float)); /* a read (the re-reads hit L1) and a write */
+    for (int i = 0; i < 6; i++)
+        api->free(c, b.p[i]);
+}
+
 int main(void)
 {
     char path[4200];
@@ -251,6 +271,8 @@ int main(void)
             groupnorm_case(&g, 2, 320, 4096, 32);
             groupnorm_case(&g, 1, 128, 512 * 512, 32); /* the VAE decoder's last level: 134 MB, past L2 */
         }
+        if (api->layernorm_forward && !pass)
+            layernorm_case(&g, 8192, 320);
     }
     g.precision = DB_PREC_F32;
     api->ctx_destroy(&g);
