@@ -60,6 +60,15 @@ static gn_split gn_pieces(int B, int C, int HW)
     return gn_split{(HW + L - 1) / L, L};
 }
 
+// The pieces of a (B, C, HW) group norm, *P of them, and scratch for two
+// doubles per piece (db_cuda_free it); NULL with c->err set.
+static double *gn_scratch(db_ctx *c, int B, int C, int HW, gn_split *sp, int *P)
+{
+    *sp = gn_pieces(B, C, HW);
+    *P = B * C * sp->K;
+    return (double *)db_cuda_alloc(c, sizeof(double) * 2 * (size_t)*P);
+}
+
 // sum over the group (b, g) of a per-piece statistic, in index order
 __device__ static double gn_group_sum(const double *part, int b, int g, int C, int cg, int K)
 {
@@ -149,9 +158,9 @@ extern "C" int db_cuda_groupnorm_forward(db_ctx *c, float *out, float *mean, flo
     DB_ENTER(c);
     if (B * G == 0 || HW == 0)
         return 0;
-    const gn_split sp = gn_pieces(B, C, HW);
-    const int P = B * C * sp.K;
-    double *part = (double *)db_cuda_alloc(c, sizeof(double) * 2 * (size_t)P);
+    gn_split sp;
+    int P;
+    double *part = gn_scratch(c, B, C, HW, &sp, &P);
     if (!part)
         return -1;
     cudaStream_t st = db_cuda_st(c)->stream;
@@ -340,9 +349,9 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
     DB_ENTER(c);
     if (B * G == 0 || HW == 0 || (!dinp && !dweight && !dbias))
         return 0;
-    const gn_split sp = gn_pieces(B, C, HW);
-    const int P = B * C * sp.K;
-    double *part = (double *)db_cuda_alloc(c, sizeof(double) * 2 * (size_t)P);
+    gn_split sp;
+    int P;
+    double *part = gn_scratch(c, B, C, HW, &sp, &P);
     if (!part)
         return -1;
     cudaStream_t st = db_cuda_st(c)->stream;
