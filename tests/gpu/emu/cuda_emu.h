@@ -11,9 +11,12 @@
 // cuDNN calls on bf16 / fp16 tensors (autocast: 16-bit operands read through
 // cuda_bf16.h / cuda_fp16.h's host conversions, float32 C or a rounded 16-bit
 // store).  What it cannot tell: speed, the GPU's own libm (expf, erff,
-// sinf... here are glibc's), memory-model races, cuBLAS/cuDNN behaviour
-// (algorithm choice, TF32, determinism).  Slow: keep to the small shapes
-// (DB_CUDA_TEST_QUICK=1).
+// sinf... here are glibc's), memory-model questions beyond plain races
+// (ordering between blocks through global memory, fences), cuBLAS/cuDNN
+// behaviour (algorithm choice, TF32, determinism).  Plain races between
+// the threads of a block (shared memory read before the barrier that
+// should order it) it does tell, built with ThreadSanitizer: run.sh --tsan.
+// Slow: keep to the small shapes (DB_CUDA_TEST_QUICK=1).
 #ifndef DB_CUDA_EMU_H
 #define DB_CUDA_EMU_H
 #include <cuda_runtime.h>
@@ -305,10 +308,15 @@ template <int M, int N, int K, class T>
 static void load_matrix_sync(fragment<accumulator, M, N, K, T> &f, const T *p, unsigned ldm, layout_t lay) {
     emu_wmma_ld(f, p, ldm, lay == mem_col_major);
 }
+// Every lane holds the whole fragment here, so one lane stores it and the
+// warp waits for it (a store by all 32 lanes at once would be a race of
+// equal values, which the ThreadSanitizer build, run.sh --tsan, reports).
 template <int M, int N, int K, class T>
 static void store_matrix_sync(T *p, const fragment<accumulator, M, N, K, T> &f, unsigned ldm, layout_t lay) {
-    for (int r = 0; r < M; r++) for (int c = 0; c < N; c++)
-        (lay == mem_col_major ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c]) = f.x[r * N + c];
+    if (emu_lin % 32 == 0)
+        for (int r = 0; r < M; r++) for (int c = 0; c < N; c++)
+            (lay == mem_col_major ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c]) = f.x[r * N + c];
+    emu_blk->warps[emu_lin / 32].bar->arrive_and_wait();
 }
 template <class F, class V> static void fill_fragment(F &f, const V &v) { for (auto &e : f.x) e = v; }
 template <int M, int N, int K, class T, class LA, class LB, class TC>

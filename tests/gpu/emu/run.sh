@@ -8,10 +8,20 @@
 #   EMU_CONV16_UNSUPPORTED=1 bash tests/gpu/emu/run.sh: the same with the cuDNN
 #   stand-in refusing bf16/fp16 convolutions, which runs conv.cu's fallback
 #   (the fp32 plan on rounded inputs) in the precision checks
+#   bash tests/gpu/emu/run.sh --tsan: the emulator built with ThreadSanitizer
+#   (build/emu-tsan) under the same two tests: a data race between the
+#   threads of a block (a missing __syncthreads or __syncwarp before shared
+#   memory is read, two warps writing one place) fails it.  About 20 minutes
+#   on 2 cores, so not part of make check; run it after changing a kernel.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 E=build/emu
+SAN=()
+if [ "${1:-}" = --tsan ]; then
+    E=build/emu-tsan
+    SAN=(-fsanitize=thread)
+fi
 mkdir -p "$E/src" "$E/lib"
 srcs=()
 for f in kernels/cuda/*.cu; do
@@ -20,9 +30,28 @@ for f in kernels/cuda/*.cu; do
     python3 tests/gpu/emu/transform.py "$f" "$out"
     srcs+=("$out")
 done
-g++ -std=c++20 -O1 -g -fPIC -shared -w -I. -I"$CUDA_HOME/include" -o "$E/lib/libdb_cuda.so" \
+g++ -std=c++20 -O1 -g -fPIC -shared -w ${SAN[@]+"${SAN[@]}"} -I. -I"$CUDA_HOME/include" -o "$E/lib/libdb_cuda.so" \
     tests/gpu/emu/emu_globals.cpp "${srcs[@]}" -L"$CUDA_HOME/lib64" -Wl,-rpath,"$CUDA_HOME/lib64" \
     -lcudart -lcublas -lcudnn -lpthread
 [ "${1:-}" = --build ] && exit 0   # t1700-cuda-emu.sh runs the programs itself (one TAP stream)
+if [ "${1:-}" = --tsan ]; then
+    # the test programs are not instrumented: the runtime comes preloaded
+    tsan=$(gcc -print-file-name=libtsan.so)
+    log=$E/tsan.log
+    : > "$log"
+    bad=0
+    for t in test_cuda_ops test_attention_tc; do
+        echo "== $t under ThreadSanitizer (output: $log)"
+        DB_CUDA_TEST_QUICK=1 B="$PWD/$E" LD_PRELOAD="$tsan" \
+            TSAN_OPTIONS="suppressions=$PWD/tests/gpu/emu/tsan.supp history_size=2 report_signal_unsafe=0" \
+            "build/tests/gpu/$t" >> "$log" 2>&1 || bad=1
+    done
+    n=$(grep -c 'WARNING: ThreadSanitizer' "$log" || true)
+    f=$(grep -c '^not ok' "$log" || true)
+    grep '^SUMMARY: ThreadSanitizer' "$log" | sort | uniq -c || true
+    echo "== ThreadSanitizer: $n report(s), $f failed check(s)"
+    [ "$n" = 0 ] && [ "$f" = 0 ] && [ "$bad" = 0 ]
+    exit
+fi
 DB_CUDA_TEST_QUICK=1 B="$PWD/$E" build/tests/gpu/test_cuda_ops
 DB_CUDA_TEST_QUICK=1 B="$PWD/$E" build/tests/gpu/test_attention_tc
