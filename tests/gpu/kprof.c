@@ -63,6 +63,8 @@ static void CUPTIAPI buffer_completed(CUcontext ctx, uint32_t stream, uint8_t *b
         case CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL: {
             const CUpti_ActivityKernel10 *k = (const CUpti_ActivityKernel10 *)r;
             kp_add(&G.p, k->name, k->start, k->end);
+            kp_config(&G.p, k->name, k->gridX, k->gridY, k->gridZ, k->blockX, k->blockY, k->blockZ,
+                      k->registersPerThread, (long)k->staticSharedMemory + k->dynamicSharedMemory);
             break;
         }
         case CUPTI_ACTIVITY_KIND_MEMCPY: {

@@ -27,6 +27,7 @@ typedef struct kp_sec {
 
 typedef struct kp_prof {
     char **names; /* interned; a record's name is an index here */
+    char **cfgs;  /* per name: its first launch's configuration (kp_config), or NULL */
     size_t nn, cn;
     uint32_t *hash; /* open addressing, index + 1 (0 empty) */
     size_t hcap;
@@ -40,6 +41,11 @@ typedef struct kp_prof {
 
 /* A record: name (copied), its start and end.  0, or -1 out of memory (counted in lost). */
 int kp_add(kp_prof *p, const char *name, uint64_t start, uint64_t end);
+/* A kernel's launch configuration (grid, block, registers per thread,
+ * shared memory per block), kept for its name's first launch and shown in
+ * the kernel rows: occupancy at a glance.  After kp_add of the name. */
+void kp_config(kp_prof *p, const char *name, int gx, int gy, int gz, int bx, int by, int bz, int regs,
+               long smem_bytes);
 /* Begin a section at time t (ending one left open there); end the open
  * section at t with `calls` timed calls (at least 1 counts).  0, or -1
  * (out of memory; end without a begin). */

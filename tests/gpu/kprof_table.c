@@ -36,14 +36,17 @@ static long intern(kp_prof *p, const char *name)
             return (long)p->hash[j] - 1;
     if (p->nn == p->cn) {
         const size_t cn = p->cn ? 2 * p->cn : 256;
-        char **v = realloc(p->names, cn * sizeof *v);
-        if (!v)
+        char **v = realloc(p->names, cn * sizeof *v), **w = v ? realloc(p->cfgs, cn * sizeof *w) : NULL;
+        if (v)
+            p->names = v;
+        if (!w)
             return -1;
-        p->names = v, p->cn = cn;
+        p->cfgs = w, p->cn = cn;
     }
     char *copy = strdup(name);
     if (!copy)
         return -1;
+    p->cfgs[p->nn] = NULL;
     p->names[p->nn] = copy;
     p->hash[j] = (uint32_t)++p->nn;
     return (long)p->nn - 1;
@@ -64,6 +67,18 @@ int kp_add(kp_prof *p, const char *name, uint64_t start, uint64_t end)
     }
     p->rec[p->nr++] = (kp_rec){start, end < start ? start : end, (uint32_t)id};
     return 0;
+}
+
+void kp_config(kp_prof *p, const char *name, int gx, int gy, int gz, int bx, int by, int bz, int regs,
+               long smem_bytes)
+{
+    const long id = name && *name ? intern(p, name) : -1;
+    if (id < 0 || p->cfgs[id])
+        return;
+    char buf[96];
+    snprintf(buf, sizeof buf, "%dx%dx%d x %d, %d regs, %ld KB smem", gx, gy, gz, bx * by * bz, regs,
+             (smem_bytes + 1023) / 1024);
+    p->cfgs[id] = strdup(buf);
 }
 
 int kp_begin(kp_prof *p, const char *label, uint64_t t)
@@ -249,6 +264,7 @@ typedef struct row {
     const char *name; /* readable (kernel rows) or category */
     const char *cat;
     uint64_t ns, n;
+    const char *cfg; /* kernel rows: the first launch's configuration, or NULL */
 } row;
 
 static int by_time(const void *a, const void *b)
@@ -295,9 +311,9 @@ static void section(const kp_prof *p, FILE *f, const char *label, uint64_t t0, u
         while (j < nc && strcmp(c[j].name, cats[i]))
             j++;
         if (j == nc)
-            c[nc++] = (row){cats[i], cats[i], 0, 0};
+            c[nc++] = (row){cats[i], cats[i], 0, 0, NULL};
         c[j].ns += k[i].ns, c[j].n += k[i].n;
-        k[nk++] = (row){readable[i], cats[i], k[i].ns, k[i].n};
+        k[nk++] = (row){readable[i], cats[i], k[i].ns, k[i].n, p->cfgs[i]};
     }
     qsort(k, nk, sizeof *k, by_time);
     qsort(c, nc, sizeof *c, by_time);
@@ -310,14 +326,14 @@ static void section(const kp_prof *p, FILE *f, const char *label, uint64_t t0, u
     for (size_t j = 0; j < nc; j++)
         fprintf(f, "| %s | %.3f | %.1f%% | %.1f |\n", c[j].name, 1e-6 * (double)c[j].ns * per,
                 busy ? 100.0 * (double)c[j].ns / (double)busy : 0.0, (double)c[j].n * per);
-    fprintf(f, "\n| kernel (top %d by time) | category | ms per call | share | launches per call | us each |\n"
-               "|---|---|---:|---:|---:|---:|\n", top);
+    fprintf(f, "\n| kernel (top %d by time) | category | ms per call | share | launches per call | us each | "
+               "first launch: grid x block |\n|---|---|---:|---:|---:|---:|---|\n", top);
     for (size_t j = 0; j < nk && (int)j < top; j++)
-        fprintf(f, "| %s | %s | %.3f | %.1f%% | %.1f | %.1f |\n", k[j].name, k[j].cat, 1e-6 * (double)k[j].ns * per,
-                busy ? 100.0 * (double)k[j].ns / (double)busy : 0.0, (double)k[j].n * per,
-                1e-3 * (double)k[j].ns / (double)k[j].n);
+        fprintf(f, "| %s | %s | %.3f | %.1f%% | %.1f | %.1f | %s |\n", k[j].name, k[j].cat,
+                1e-6 * (double)k[j].ns * per, busy ? 100.0 * (double)k[j].ns / (double)busy : 0.0,
+                (double)k[j].n * per, 1e-3 * (double)k[j].ns / (double)k[j].n, k[j].cfg ? k[j].cfg : "");
     if (nk > (size_t)top)
-        fprintf(f, "| (%zu more kernels) | | | | | |\n", nk - (size_t)top);
+        fprintf(f, "| (%zu more kernels) | | | | | | |\n", nk - (size_t)top);
     free(k), free(c);
 }
 
@@ -364,7 +380,7 @@ void kp_report(const kp_prof *p, FILE *f, const char *whole, int top)
 void kp_free(kp_prof *p)
 {
     for (size_t i = 0; i < p->nn; i++)
-        free(p->names[i]);
-    free(p->names), free(p->hash), free(p->rec), free(p->sec);
+        free(p->names[i]), free(p->cfgs[i]);
+    free(p->names), free(p->cfgs), free(p->hash), free(p->rec), free(p->sec);
     memset(p, 0, sizeof *p);
 }

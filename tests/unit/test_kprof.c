@@ -75,6 +75,7 @@ int main(void)
         kp_add(&p, "_Z12round_kernelIfEvPT_PKfm", t + 10, t + 110);  /* 100 ns */
         kp_add(&p, "_Z12round_kernelIfEvPT_PKfm", t + 200, t + 300); /* 100 ns */
         kp_add(&p, "sm90_xmma_gemm_bf16bf16_bf16f32", t + 400, t + 1000); /* 600 ns */
+        kp_config(&p, "sm90_xmma_gemm_bf16bf16_bf16f32", 64 + call, 16, 1, 128, 1, 1, 168, 1024 * 73 + 5);
     }
     kp_end(&p, 2100, 2);
     kp_begin(&p, "train | bf16", 3000);
@@ -102,6 +103,11 @@ int main(void)
            "fwd: the conversions, 25%%, 2 launches per call");
     tap_ok(strstr(r, "| round_kernel<...> | ours: 16-bit conversions | 0.000 | 25.0% | 2.0 | 0.1 |") != NULL,
            "fwd: the kernel row, 0.1 us each");
+    tap_ok(strstr(r, "| sm90_xmma_gemm_bf16bf16_bf16f32 | cuBLAS GEMM | 0.001 | 75.0% | 1.0 | 0.6 | "
+                     "64x16x1 x 128, 168 regs, 74 KB smem |") != NULL,
+           "fwd: the GEMM row with its first launch's grid, block, registers and shared memory");
+    tap_ok(strstr(r, "| round_kernel<...> | ours: 16-bit conversions | 0.000 | 25.0% | 2.0 | 0.1 |  |") != NULL,
+           "fwd: no configuration recorded, an empty cell");
     tap_ok(strstr(r, "setup_kernel") == NULL && strstr(r, "after_kernel") == NULL,
            "records outside the sections are in none");
     tap_ok(strstr(r, "| ours: attention | 0.001 | 90.9% | 2.0 |") != NULL &&
