@@ -238,7 +238,7 @@ stage bench-cuda - $((sd + th + 20)) env OUT="$OUT" bash "$SELF" --bench-cuda "$
 KP=$PWD/build/lib/libdb_kprof.so
 if [ -f "$KP" ] && [ $((DEADLINE - SECONDS)) -ge 50 ]; then
     printf '\n%s\n' "### kernel profiles (CUPTI: tests/gpu/kprof.c), bench_sd bf16, per call" >> "$OUT/bench_ops.md"
-    stage kprof - $((DEADLINE - SECONDS - 5)) env CUDA_INJECTION64_PATH="$KP" DB_KPROF_OUT="$OUT/bench_ops.md" \
+    stage kprof - 60 env CUDA_INJECTION64_PATH="$KP" DB_KPROF_OUT="$OUT/bench_ops.md" \
         DB_CUDA_UNVERIFIED=1 build/bench/bench_sd --device cuda --precision bf16 --only fwd,train,vae --reps 2 \
         --budget 0.5
 else
