@@ -16,15 +16,21 @@ bash tests/gpu/emu/run.sh --build 2>&1 | sed 's/^/# /' || { echo "not ok 1 - emu
 # the emulated backend's test programs as one TAP stream: their checks
 # renumbered in sequence and one plan at the end; a program that exits
 # non-zero or runs no check adds a failing line
+# (test_attention_tc twice: the second time with DB_ATTN_MMA=1, the
+# mma.sync forward of attention_mma.cu, opt-in until timed on a GPU)
 status=0
-for prog in test_cuda_ops test_attention_tc; do
-    DB_CUDA_TEST_QUICK=1 B="$PWD/build/emu" "$B/tests/gpu/$prog" >"$B/emu/$prog.tap" 2>&1
+for run in test_cuda_ops test_attention_tc test_attention_tc:mma; do
+    prog=${run%%:*}
+    DB_ATTN_MMA=$([ "$run" != "${run%:mma}" ] && echo 1 || echo 0) DB_CUDA_TEST_QUICK=1 B="$PWD/build/emu" \
+        "$B/tests/gpu/$prog" >"$B/emu/$run.tap" 2>&1
     rc=$?
-    echo "# $prog: exit $rc"
-    grep -q '^ok ' "$B/emu/$prog.tap" && [ "$rc" = 0 ] || echo "not ok - $prog exited $rc or ran no check" >>"$B/emu/$prog.tap"
+    echo "# $run: exit $rc"
+    grep -q '^ok ' "$B/emu/$run.tap" && [ "$rc" = 0 ] || echo "not ok - $run exited $rc or ran no check" >>"$B/emu/$run.tap"
 done
+sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[mma] /' "$B/emu/test_attention_tc:mma.tap"
 awk '/^1\.\.[0-9]+/ { next }
      /^(not )?ok( [0-9]+)?/ { n++; sub(/^ok( [0-9]+)?/, "ok " n); sub(/^not ok( [0-9]+)?/, "not ok " n); if ($1 == "not") bad = 1 }
      { print }
-     END { print "1.." n; exit bad }' "$B/emu/test_cuda_ops.tap" "$B/emu/test_attention_tc.tap" || status=1
+     END { print "1.." n; exit bad }' "$B/emu/test_cuda_ops.tap" "$B/emu/test_attention_tc.tap" \
+    "$B/emu/test_attention_tc:mma.tap" || status=1
 exit $status

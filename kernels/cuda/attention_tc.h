@@ -23,6 +23,13 @@ extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, c
                                             const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
                                             int causal);
 
+// The same forward through mma.sync with S and P in registers
+// (attention_mma.cu; DB_ATTN_MMA=1 selects it inside
+// db_cuda_attention_tc_forward, which checks the arguments first); rescale:
+// the reference-max threshold in log2 units (attention_tc.cu's RESCALE_LOG2).
+int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v,
+                                  int dtype, int B, int Tq, int Tk, int NH, int HS, int causal, float rescale);
+
 // dq (B, Tq, NH*HS), dk, dv (B, Tk, NH*HS) fp32 (= assigned; any may be
 // NULL), from dout, out, q (B, Tq, NH*HS) and k, v (B, Tk, NH*HS) device
 // buffers already in the compute type (dtype as above) and the forward's lse

@@ -215,6 +215,12 @@ RESERVE=$BENCH_RESERVE stage tools tools.txt 150 bash "$SELF" --tools
 echo "== attention on tensor cores vs the fp32 kernel at SD1.5 shapes (DB_BENCH=1 test_attention_tc)"
 RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 45 env DB_BENCH=1 B="$PWD/build" \
     build/tests/gpu/test_attention_tc
+# the same with the mma.sync forward (attention_mma.cu, opt-in until these
+# two runs say which is faster), under its own heading
+echo "== the same with DB_ATTN_MMA=1 (attention_mma.cu: S and P in registers)"
+printf '\n%s\n' "### DB_ATTN_MMA=1: the attention forward through mma.sync (attention_mma.cu)" >> "$OUT/bench_ops.md"
+RESERVE=$((BENCH_RESERVE - 15)) stage attn-mma-bench bench_ops.md 40 env DB_BENCH=1 DB_ATTN_MMA=1 B="$PWD/build" \
+    build/tests/gpu/test_attention_tc
 echo "== bench_cuda_ops (fp32, then bf16 for the matmul-class ops; cudaEvent medians)"
 RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 60 env B="$PWD/build" build/tests/gpu/bench_cuda_ops
 # the same with conv.cu's trial-run algorithm search (DB_CUDNN_FIND=1, opt-in

@@ -10,7 +10,8 @@
 // stand-ins, and so are cublasGemmEx / cublasGemmStridedBatchedEx and the
 // cuDNN calls on bf16 / fp16 tensors (autocast: 16-bit operands read through
 // cuda_bf16.h / cuda_fp16.h's host conversions, float32 C or a rounded 16-bit
-// store).  What it cannot tell: speed, the GPU's own libm (expf, erff,
+// store), and the warp-wide mma.sync of kernels/cuda/mma.h (the lanes'
+// registers gathered, each lane's sums in k order).  What it cannot tell: speed, the GPU's own libm (expf, erff,
 // sinf... here are glibc's), memory-model questions beyond plain races
 // (ordering between blocks through global memory, fences), cuBLAS/cuDNN
 // behaviour (algorithm choice, TF32, determinism).  Plain races between
@@ -35,7 +36,7 @@
 #include <cstdlib>
 #include <memory>
 #include <functional>
-struct emu_warp { std::barrier<> *bar; uint64_t slot[32]; };
+struct emu_warp { std::barrier<> *bar; uint64_t slot[32]; uint32_t xch[32][8]; };
 struct emu_block { std::barrier<> *bar; std::vector<emu_warp> warps; };
 extern thread_local uint3 emu_tid, emu_bid; extern dim3 emu_bdim, emu_gdim;
 extern thread_local emu_block *emu_blk; extern thread_local int emu_lin;
@@ -61,6 +62,15 @@ template <class T> static T emu_shfl(T v, int src) {
     T out; memcpy(&out, &r, sizeof out); return out;
 }
 #define __shfl_xor_sync(m, v, o) emu_shfl((v), (emu_lin % 32) ^ (o))
+// Every lane's n (<= 8) 32-bit words, for warp-collective stand-ins such as
+// kernels/cuda/mma.h's: all[lane][i] is lane's mine[i].
+static inline void emu_warp_gather(const uint32_t *mine, int n, uint32_t (*all)[8]) {
+    emu_warp &w = emu_blk->warps[emu_lin / 32];
+    memcpy(w.xch[emu_lin % 32], mine, (size_t)n * 4);
+    w.bar->arrive_and_wait();
+    memcpy(all, w.xch, sizeof w.xch);
+    w.bar->arrive_and_wait();
+}
 #define __shfl_sync(m, v, s) emu_shfl((v), (s))
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fadd_rn(float a, float b) { return a + b; }

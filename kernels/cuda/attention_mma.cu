@@ -1,0 +1,240 @@
+// Attention forward on tensor cores with S and P in registers: the same
+// contract and math as attention_tc.cu (scores in log2 units, online
+// softmax whose reference max moves only by more than `rescale`, P rounded
+// to the compute type for P V, l the fp32 sum for lse, lt the rounded sum
+// for out = O / lt, out not rounded), but through mma.sync m16n8k16
+// (kernels/cuda/mma.h), whose fragment layout is known: the accumulators
+// of S = Q K^T for keys 16kk .. 16kk + 15 are, element for element, the A
+// fragment of P for P V's k-step kk, so scores and probabilities never
+// touch shared memory; row maxima and sums are shuffles over the 4 lanes
+// that share a row.  FlashAttention-2's layout, without its cp.async
+// pipelining (K/V tiles are loaded, then used).
+//
+// Opt-in until a GPU has timed it against the WMMA kernel
+// (DB_ATTN_MMA=1 in the environment, read at each call by attention_tc.cu;
+// tests/gpu/run.sh times both): the WMMA kernel stays the reference.
+//
+// Block: NWARP = 4 warps over (b, h, BR = 64 queries), warp w owns query
+// rows 16w .. 16w + 15; lane 4g + t holds rows g and g + 8 of them.  Shared
+// memory: Qs (BR, LDH), then per key tile Ks, Vs (BT = 64, LDH) in the
+// compute type, LDH = HSP + 8 (HSP: HS rounded up to 16, zero columns).
+// Registers per thread: Q fragments 4 NK words, S 32 floats, P 16 words,
+// O 8 NK floats (HS 160: 40 + 32 + 16 + 80).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+
+#include "kernels/cuda/attention_tc.h"
+#include "kernels/cuda/attention_tc_common.h"
+#include "kernels/cuda/mma.h"
+
+using namespace db_attn_tc;
+using db_mma::mma16816;
+
+namespace {
+
+__device__ __forceinline__ uint32_t pack2(unsigned lo, unsigned hi) { return lo | hi << 16; }
+
+// the row maximum / sum over the 4 lanes of a quad (they share rows g, g + 8)
+__device__ __forceinline__ float quad_max(float x)
+{
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x)
+{
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// One row's reference max update (attention_tc.cu's rule): *m moves to tmax
+// when tmax exceeds it by more than rescale; *corr rescales what was summed
+// before (0 on the row's first visible tile: nothing was), mref the max the
+// tile's p are taken against (0 while the row has seen nothing: p = 0).
+__device__ __forceinline__ float row_ref(float *m, float tmax, float rescale, float *corr)
+{
+    const bool up = tmax > *m + rescale;
+    const float mnew = up ? tmax : *m;
+    *corr = up ? exp2f(*m - mnew) : 1.0f;
+    *m = mnew;
+    return mnew == -INFINITY ? 0.0f : mnew;
+}
+
+// grid (ceil(Tq / BR), B * NH), block NWARP * 32, dynamic shared memory
+// 3 BT LDH sizeof(T) bytes.
+template <typename T, int NK>
+__global__ static void __launch_bounds__(NWARP * 32)
+    attention_mma_kernel(float *out, float *lse, const T *q, const T *k, const T *v, int Tq, int Tk, int NH, int HS,
+                         int causal, float qscale, float rescale)
+{
+    constexpr int HSP = 16 * NK, LDH = HSP + 8, CH = LDH / 8;
+    static_assert(BR == BT, "Qs is laid out as a key tile");
+    extern __shared__ __align__(128) float smem[];
+    T *Qs = (T *)smem;       // (BR, LDH)
+    T *Ks = Qs + BR * LDH;   // (BT, LDH)
+    T *Vs = Ks + BT * LDH;   // (BT, LDH)
+    const unsigned short *Vu = (const unsigned short *)Vs;
+    const int bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BR;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const size_t C = (size_t)NH * HS;
+    const int HC = HS / 8; // 8-wide head-dimension tiles (and 16-byte chunks of a global row)
+
+    load_rows(Qs, q, b, h, i0, BR, Tq, Tq, NH, HS, LDH);
+    __syncthreads();
+    uint32_t qa[NK][4];
+    {
+        const T *q0 = Qs + (warp * 16 + g) * LDH, *q8 = q0 + 8 * LDH;
+#pragma unroll
+        for (int d = 0; d < NK; d++) {
+            qa[d][0] = *(const uint32_t *)(q0 + 16 * d + 2 * t);
+            qa[d][1] = *(const uint32_t *)(q8 + 16 * d + 2 * t);
+            qa[d][2] = *(const uint32_t *)(q0 + 16 * d + 8 + 2 * t);
+            qa[d][3] = *(const uint32_t *)(q8 + 16 * d + 8 + 2 * t);
+        }
+    }
+    float o[2 * NK][4];
+#pragma unroll
+    for (int n = 0; n < 2 * NK; n++)
+        o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+
+    const int iA = i0 + warp * 16 + g, iB = iA + 8; // this lane's two rows
+    const int jlimA = causal && iA + 1 < Tk ? iA + 1 : Tk, jlimB = causal && iB + 1 < Tk ? iB + 1 : Tk;
+    const int kend = causal && i0 + BR < Tk ? i0 + BR : Tk;
+    float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f, ltA = 0.0f, ltB = 0.0f;
+
+    for (int j0 = 0; j0 < kend; j0 += BT) {
+        __syncthreads(); // the previous tile is consumed
+        for (int x = threadIdx.x; x < BT * CH; x += blockDim.x) {
+            const int jj = x / CH, cc = x % CH, j = j0 + jj;
+            uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
+            if (cc < HC && j < Tk) {
+                const size_t src = ((size_t)b * Tk + j) * C + (size_t)h * HS + 8 * cc;
+                kx = *(const uint4 *)(k + src);
+                vx = *(const uint4 *)(v + src);
+            }
+            *(uint4 *)(Ks + jj * LDH + 8 * cc) = kx;
+            *(uint4 *)(Vs + jj * LDH + 8 * cc) = vx;
+        }
+        __syncthreads();
+
+        // S (16 x 64) = Q K^T: n-tile nt holds keys 8 nt .. 8 nt + 7
+        float s[BT / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BT / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+            const T *kr = Ks + (8 * nt + g) * LDH + 2 * t;
+#pragma unroll
+            for (int d = 0; d < NK; d++) {
+                const uint32_t kb[2] = {*(const uint32_t *)(kr + 16 * d), *(const uint32_t *)(kr + 16 * d + 8)};
+                mma16816<T>(s[nt], qa[d], kb);
+            }
+        }
+        // scores in log2 units, masked; the rows' tile maxima
+        float tA = -INFINITY, tB = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < BT / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + 8 * nt + 2 * t + (e & 1);
+                const float y = j < (e < 2 ? jlimA : jlimB) ? s[nt][e] * qscale : -INFINITY;
+                s[nt][e] = y;
+                if (e < 2)
+                    tA = fmaxf(tA, y);
+                else
+                    tB = fmaxf(tB, y);
+            }
+        tA = quad_max(tA), tB = quad_max(tB);
+        float corrA, corrB;
+        const float refA = row_ref(&mA, tA, rescale, &corrA), refB = row_ref(&mB, tB, rescale, &corrB);
+
+        // p, rounded to T: the A fragments of P (k-step kk = keys 16 kk ..)
+        uint32_t pa[BT / 16][4];
+        float psA = 0.0f, psB = 0.0f, ptA = 0.0f, ptB = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < BT / 8; nt++) {
+            unsigned u[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float p = exp2f(s[nt][e] - (e < 2 ? refA : refB));
+                const T pr = tc<T>::from(p);
+                if (e < 2)
+                    psA += p, ptA += tc<T>::to(pr);
+                else
+                    psB += p, ptB += tc<T>::to(pr);
+                u[e] = tc<T>::bits(pr);
+            }
+            pa[nt / 2][(nt & 1) * 2 + 0] = pack2(u[0], u[1]); // row g
+            pa[nt / 2][(nt & 1) * 2 + 1] = pack2(u[2], u[3]); // row g + 8
+        }
+        lA = lA * corrA + quad_sum(psA), ltA = ltA * corrA + quad_sum(ptA);
+        lB = lB * corrB + quad_sum(psB), ltB = ltB * corrB + quad_sum(ptB);
+#pragma unroll
+        for (int n = 0; n < 2 * NK; n++)
+            o[n][0] *= corrA, o[n][1] *= corrA, o[n][2] *= corrB, o[n][3] *= corrB;
+
+        // O += P V: V's B fragments, two keys of one head dimension per word
+#pragma unroll
+        for (int n = 0; n < 2 * NK; n++) {
+            if (n >= HC) // padding columns: nothing to compute (warp-uniform)
+                break;
+            const unsigned short *vc = Vu + 8 * n + g;
+#pragma unroll
+            for (int kk = 0; kk < BT / 16; kk++) {
+                const int r0 = 16 * kk + 2 * t;
+                const uint32_t vb[2] = {pack2(vc[r0 * LDH], vc[(r0 + 1) * LDH]),
+                                        pack2(vc[(r0 + 8) * LDH], vc[(r0 + 9) * LDH])};
+                mma16816<T>(o[n], pa[kk], vb);
+            }
+        }
+    }
+
+    // out = O / lt (fp32; the caller rounds), lse = ln 2 (m + log2 l)
+    const float invA = 1.0f / ltA, invB = 1.0f / ltB;
+#pragma unroll
+    for (int n = 0; n < 2 * NK; n++) {
+        if (n >= HC)
+            break;
+        const size_t col = (size_t)h * HS + 8 * n + 2 * t;
+        if (iA < Tq)
+            *(float2 *)(out + ((size_t)b * Tq + iA) * C + col) = make_float2(o[n][0] * invA, o[n][1] * invA);
+        if (iB < Tq)
+            *(float2 *)(out + ((size_t)b * Tq + iB) * C + col) = make_float2(o[n][2] * invB, o[n][3] * invB);
+    }
+    if (lse && t == 0) {
+        if (iA < Tq)
+            lse[(size_t)bh * Tq + iA] = (float)(0.6931471805599453 * ((double)mA + log2((double)lA)));
+        if (iB < Tq)
+            lse[(size_t)bh * Tq + iB] = (float)(0.6931471805599453 * ((double)mB + log2((double)lB)));
+    }
+}
+
+template <typename T, int NK>
+static int launch(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v, int B, int Tq,
+                  int Tk, int NH, int HS, int causal, float rescale)
+{
+    constexpr int LDH = 16 * NK + 8;
+    const size_t smem = sizeof(T) * 3 * BT * LDH;
+    void (*kern)(float *, float *, const T *, const T *, const T *, int, int, int, int, int, float, float) =
+        attention_mma_kernel<T, NK>;
+    if (smem > 48 * 1024) // above the default limit a kernel must opt in
+        DB_CU(c, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    dim3 grid((unsigned)((Tq + BR - 1) / BR), (unsigned)(B * NH));
+    kern<<<grid, NWARP * 32, smem, db_cuda_st(c)->stream>>>(out, lse, (const T *)q, (const T *)k, (const T *)v, Tq, Tk,
+                                                             NH, HS, causal, score_scale_log2(HS), rescale);
+    DB_LAUNCHED(c);
+    return 0;
+}
+
+} // namespace
+
+// attention_tc.cu's checks have passed (dtype, HS, alignment, B * NH).
+int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v,
+                                  int dtype, int B, int Tq, int Tk, int NH, int HS, int causal, float rescale)
+{
+    return with_nd(HS, [&](auto nk) {
+        constexpr int NK = decltype(nk)::value;
+        return dtype == DB_PREC_BF16
+                   ? launch<__nv_bfloat16, NK>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale)
+                   : launch<__half, NK>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
+    });
+}
