@@ -67,7 +67,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
     attention_mma_kernel(float *out, float *lse, const T *q, const T *k, const T *v, int Tq, int Tk, int NH, int HS,
                          int causal, float qscale, float rescale)
 {
-    constexpr int HSP = 16 * NK, LDH = HSP + 8, CH = LDH / 8;
+    constexpr int HSP = 16 * NK, LDH = HSP + 8;
     static_assert(BR == BT, "Qs is laid out as a key tile");
     extern __shared__ __align__(128) float smem[];
     T *Qs = (T *)smem;       // (BR, LDH)
@@ -77,7 +77,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BR;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const size_t C = (size_t)NH * HS;
-    const int HC = HS / 8; // 8-wide head-dimension tiles (and 16-byte chunks of a global row)
+    const int HC = HS / 8; // 8-wide head-dimension tiles
 
     load_rows(Qs, q, b, h, i0, BR, Tq, Tq, NH, HS, LDH);
     __syncthreads();
@@ -104,17 +104,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
 
     for (int j0 = 0; j0 < kend; j0 += BT) {
         __syncthreads(); // the previous tile is consumed
-        for (int x = threadIdx.x; x < BT * CH; x += blockDim.x) {
-            const int jj = x / CH, cc = x % CH, j = j0 + jj;
-            uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
-            if (cc < HC && j < Tk) {
-                const size_t src = ((size_t)b * Tk + j) * C + (size_t)h * HS + 8 * cc;
-                kx = *(const uint4 *)(k + src);
-                vx = *(const uint4 *)(v + src);
-            }
-            *(uint4 *)(Ks + jj * LDH + 8 * cc) = kx;
-            *(uint4 *)(Vs + jj * LDH + 8 * cc) = vx;
-        }
+        load_kv_tile(Ks, Vs, k, v, b, h, j0, Tk, NH, HS, LDH);
         __syncthreads();
 
         // S (16 x 64) = Q K^T: n-tile nt holds keys 8 nt .. 8 nt + 7

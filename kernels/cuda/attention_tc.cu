@@ -102,7 +102,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
     attention_tc_kernel(float *out, float *lse, const T *q, const T *k, const T *v, int Tq, int Tk, int NH, int HS,
                         int causal, float qscale, float rescale)
 {
-    constexpr int HSP = 16 * ND, LDH = HSP + 8, CH = LDH / 8; // 16-byte chunks per smem row
+    constexpr int HSP = 16 * ND, LDH = HSP + 8;
     static_assert(BR * LDH * sizeof(T) <= BR * LDS * (sizeof(float) + sizeof(T)), "Qs must fit in Ss + Ps");
     extern __shared__ __align__(128) float smem[];
     T *Ks = (T *)smem;                    // (BT, LDH)
@@ -112,8 +112,6 @@ __global__ static void __launch_bounds__(NWARP * 32)
     T *Qs = (T *)Ss;                      // (BR, LDH), until the Q fragments are loaded
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BR;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const size_t C = (size_t)NH * HS;
-    const int HC = HS / 8; // 16-byte chunks of a head's row in global memory
 
     load_rows(Qs, q, b, h, i0, BR, Tq, Tq, NH, HS, LDH);
     __syncthreads();
@@ -138,18 +136,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
 
     for (int j0 = 0; j0 < kend; j0 += BT) {
         __syncthreads(); // the previous tile is consumed; every warp holds its Q fragments (Qs is dead)
-        // K and V as load_rows stages them, in one loop: a thread has both loads of a chunk in flight at once
-        for (int t = threadIdx.x; t < BT * CH; t += blockDim.x) {
-            const int jj = t / CH, cc = t % CH, j = j0 + jj;
-            uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
-            if (cc < HC && j < Tk) {
-                const size_t src = ((size_t)b * Tk + j) * C + (size_t)h * HS + 8 * cc;
-                kx = *(const uint4 *)(k + src);
-                vx = *(const uint4 *)(v + src);
-            }
-            *(uint4 *)(Ks + jj * LDH + 8 * cc) = kx;
-            *(uint4 *)(Vs + jj * LDH + 8 * cc) = vx;
-        }
+        load_kv_tile(Ks, Vs, k, v, b, h, j0, Tk, NH, HS, LDH);
         __syncthreads();
 
         // 1. S = Q K^T into the warp's strip

@@ -89,6 +89,28 @@ __device__ __forceinline__ void load_rows(T *dst, const T *x, int b, int h, int 
     }
 }
 
+// The key and value tile at key j0: BT rows of k and v (B, Tk, NH*HS) into
+// Ks and Vs (BT, LDH) as load_rows stages them (zero past HS and past Tk),
+// in one loop, so that a thread has both loads of a chunk in flight at once
+template <typename T>
+__device__ __forceinline__ void load_kv_tile(T *Ks, T *Vs, const T *k, const T *v, int b, int h, int j0, int Tk,
+                                             int NH, int HS, int LDH)
+{
+    const int CH = LDH / 8, HC = HS / 8;
+    const size_t C = (size_t)NH * HS;
+    for (int t = threadIdx.x; t < BT * CH; t += blockDim.x) {
+        const int jj = t / CH, cc = t % CH, j = j0 + jj;
+        uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
+        if (cc < HC && j < Tk) {
+            const size_t src = ((size_t)b * Tk + j) * C + (size_t)h * HS + 8 * cc;
+            kx = *(const uint4 *)(k + src);
+            vx = *(const uint4 *)(v + src);
+        }
+        *(uint4 *)(Ks + jj * LDH + 8 * cc) = kx;
+        *(uint4 *)(Vs + jj * LDH + 8 * cc) = vx;
+    }
+}
+
 // acc (16 x HSP) += A Y: A (16 x 64, compute type) the warp's rows at aw
 // (ldm lda), Y (64 x HSP) row-major in ys (LDH); each output fragment sums
 // its four 16-key slices in key order
