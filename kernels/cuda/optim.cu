@@ -409,7 +409,7 @@ extern "C" int db_cuda_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size
         // from pageable memory: staged before the call returns, so h may go
         cudaError_t e = cudaMemcpyAsync(d, h, k * sizeof *d, cudaMemcpyHostToDevice, st->stream);
         if (e == cudaSuccess) {
-            const unsigned grid = (unsigned)(total > 65535u * 16u ? 65535u * 16u : total);
+            const unsigned grid = db_cuda_grid(total, 1); // one block per quantisation block, capped
             adamw8bit_many_kernel<<<grid, Q8_THREADS, 0, st->stream>>>(d, k, total, db_adamw_coefs(hp, t),
                                                                         q8_books_of(maps));
             e = cudaGetLastError();
@@ -432,7 +432,7 @@ extern "C" int db_cuda_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t 
     const db_adamw_coef k = db_adamw_coefs(hp, t);
     const q8_codes books = q8_books_of(maps);
     const size_t nblocks = (n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
-    const unsigned grid = (unsigned)(nblocks > 65535u * 16u ? 65535u * 16u : nblocks);
+    const unsigned grid = db_cuda_grid(nblocks, 1);
     // not fused with the weights' 16-bit working copy (as opt_adamw is): the
     // copy goes stale and the next 16-bit op rebuilds it, one pass per step
     db_cuda_shadow_touch(c, p, n * sizeof(float));
