@@ -573,14 +573,7 @@ static void plan(run *r, int lh, int lw)
     /* --validation-prompt: the VAE (kept from the first validation on), its
      * decode workspace, the sampler's buffers and the image; the UNet and
      * the text encoder sample through the training workspaces */
-    size_t val = 0;
-    if (r->o.val_prompt && *r->o.val_prompt) {
-        db_comp_stats sv;
-        db_model_stats(&r->m, DB_COMP_VAE, &sv);
-        const size_t f = (size_t)1 << (a->vae.nlevels - 1);
-        val = (size_t)sv.params * 4 + db_vae_decode_bytes_arch(&a->vae, lh, lw) +
-              4 * ((size_t)a->vae.out_channels * lh * lw * f * f + 8 * per);
-    }
+    const size_t val = r->o.val_prompt && *r->o.val_prompt ? db_unet_validation_host_bytes(a, lh, lw) : 0;
     const size_t total = base + pu + pt + grads + adam + act + clip_act + data + bufs + ckcopy + val;
     printf("memory plan: %d rows (batch %lld x %s), %dx%d latents, %d tokens, text encoder %s, gradient "
            "checkpointing %s%s\n",

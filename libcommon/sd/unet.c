@@ -1147,24 +1147,40 @@ size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, i
     return p->total;
 }
 
-size_t db_unet_validation_device_plan(const db_arch *a, int H, int W, int graphs, db_precision prec,
-                                      db_train_device_plan *p)
+/* What validation samples hold, in bytes: the VAE's fp32 weights, its
+ * decode workspace for H x W latents, and txt2img's buffers (a handful of
+ * latent-sized ones: latents, noise, the guidance pair, scheduler state)
+ * with the decoded image.  0, or -1 for a bad arch. */
+static int validation_parts(const db_arch *a, int H, int W, size_t *vae, size_t *ws, size_t *bufs)
 {
     db_tname *t = NULL;
     size_t nt = 0;
     db_err err = {0};
     if (H <= 0 || W <= 0 || db_arch_names(a, &t, &nt, &err))
-        return 0;
-    const size_t vae = arch_params(t, nt, DB_COMP_VAE) * 4;
+        return -1;
+    *vae = arch_params(t, nt, DB_COMP_VAE) * 4;
     free(t);
-    const size_t ws = db_vae_decode_bytes_arch(&a->vae, H, W);
-    if (!vae || !ws)
+    *ws = db_vae_decode_bytes_arch(&a->vae, H, W);
+    if (!*vae || !*ws)
+        return -1;
+    const size_t f = (size_t)1 << (a->vae.nlevels - 1);
+    *bufs = 4 * ((size_t)a->unet.in_channels * H * W * 8 + (size_t)a->vae.out_channels * H * W * f * f);
+    return 0;
+}
+
+size_t db_unet_validation_host_bytes(const db_arch *a, int H, int W)
+{
+    size_t vae, ws, bufs;
+    return validation_parts(a, H, W, &vae, &ws, &bufs) ? 0 : vae + ws + bufs;
+}
+
+size_t db_unet_validation_device_plan(const db_arch *a, int H, int W, int graphs, db_precision prec,
+                                      db_train_device_plan *p)
+{
+    size_t vae, ws, bufs;
+    if (validation_parts(a, H, W, &vae, &ws, &bufs))
         return 0;
-    const int f = 1 << (a->vae.nlevels - 1);
-    /* txt2img's latents, noise, guidance pair and scheduler state (batch 1,
-     * the UNet's pair of 2): a handful of latent-sized buffers; the image */
-    const size_t lat = (size_t)a->unet.in_channels * H * W * 4, img = (size_t)a->vae.out_channels * H * f * W * f * 4;
-    const size_t v = cuda_rounded(vae) + (prec == DB_PREC_F32 ? 0 : vae / 2) + cuda_rounded(ws) + 8 * lat + img +
+    const size_t v = cuda_rounded(vae) + (prec == DB_PREC_F32 ? 0 : vae / 2) + cuda_rounded(ws) + bufs +
                      (graphs ? p->convert + p->conv_ws : 0);
     p->total += v - p->validation;
     p->validation = v;

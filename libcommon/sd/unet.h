@@ -165,6 +165,9 @@ size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, i
  * no kept activations: no larger).  Returns the new total (0: a bad arch). */
 size_t db_unet_validation_device_plan(const db_arch *a, int H, int W, int graphs, db_precision prec,
                                       db_train_device_plan *p);
+/* The same on the CPU: the VAE's weights, its decode workspace, the
+ * sampler's buffers and the image (0: a bad arch). */
+size_t db_unet_validation_host_bytes(const db_arch *a, int H, int W);
 
 /* Bytes of the forward and gradient workspaces allocated now. */
 size_t db_unet_allocated_bytes(const db_unet *u);
