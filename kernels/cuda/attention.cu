@@ -158,13 +158,99 @@ static int launch(db_ctx *c, float *out, float *lse, const float *q, const float
     return 0;
 }
 
+// Head sizes over HS_MAX (the VAE's mid-block attention: one head of 512
+// channels over every latent pixel) through cuBLAS instead: per sample and
+// chunk of n queries, S = (log2(e) / sqrt(HS)) Q K^T for all heads (a strided
+// batch, fp32 default math: no TF32), a row softmax in base 2 that writes P
+// over S and lse, then out = P V.  The score chunk is at most
+// GEMM_SCORE_BYTES (n >= 1), so memory stays bounded at any image size.
+enum { SOFTMAX_THREADS = 256 };
+static const size_t GEMM_SCORE_BYTES = (size_t)128 << 20;
+
+// one block per row of S (NH * n rows of Tk); row r is query i0 + r % n of
+// head r / n; causal: keys j > that query get probability 0
+__global__ static void __launch_bounds__(SOFTMAX_THREADS)
+    softmax_rows_kernel(float *S, float *lse, int n, int Tk, int Tq, int i0, int causal)
+{
+    __shared__ float red[SOFTMAX_THREADS / 32];
+    const int row = blockIdx.x, h = row / n, i = i0 + row % n;
+    const int kend = causal && i + 1 < Tk ? i + 1 : Tk;
+    float *s = S + (size_t)row * Tk;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < kend; j += blockDim.x)
+        m = fmaxf(m, s[j]);
+    for (int o = 16; o > 0; o >>= 1)
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0)
+        red[warp] = m;
+    __syncthreads();
+    m = red[0];
+    for (int w = 1; w < SOFTMAX_THREADS / 32; w++)
+        m = fmaxf(m, red[w]);
+    __syncthreads();
+    float l = 0.0f;
+    for (int j = threadIdx.x; j < kend; j += blockDim.x)
+        l += exp2f(s[j] - m);
+    for (int o = 16; o > 0; o >>= 1)
+        l += __shfl_xor_sync(0xffffffffu, l, o);
+    if (lane == 0)
+        red[warp] = l;
+    __syncthreads();
+    l = 0.0f;
+    for (int w = 0; w < SOFTMAX_THREADS / 32; w++) // a fixed order: deterministic
+        l += red[w];
+    const float inv = 1.0f / l;
+    for (int j = threadIdx.x; j < Tk; j += blockDim.x)
+        s[j] = j < kend ? exp2f(s[j] - m) * inv : 0.0f;
+    if (lse && threadIdx.x == 0)
+        lse[(size_t)h * Tq + i] = kend ? (float)(0.6931471805599453 * ((double)m + log2((double)l))) : -INFINITY;
+}
+
+// one sample's chunk of n queries from i0: S, softmax (P over S), out = P V
+static int gemm_chunk(db_ctx *c, float *out, float *lse, const float *q, const float *k, const float *v, float *S,
+                      int n, int i0, int Tq, int Tk, int NH, int HS, int causal)
+{
+    const int C = NH * HS;
+    const float qscale = (float)(1.0 / sqrt((double)HS) * 1.4426950408889634);
+    if (db_cuda_sgemm(c, NH, 0, 1, n, Tk, HS, qscale, q + (size_t)i0 * C, C, HS, k, C, HS, 0.0f, S, Tk,
+                      (long long)n * Tk))
+        return -1;
+    softmax_rows_kernel<<<(unsigned)(NH * n), SOFTMAX_THREADS, 0, db_cuda_st(c)->stream>>>(S, lse, n, Tk, Tq, i0,
+                                                                                          causal);
+    DB_LAUNCHED(c);
+    return db_cuda_sgemm(c, NH, 0, 0, n, HS, Tk, 1.0f, S, Tk, (long long)n * Tk, v, C, HS, 0.0f,
+                         out + (size_t)i0 * C, C, HS);
+}
+
+static int attention_forward_gemm(db_ctx *c, float *out, float *lse, const float *q, const float *k, const float *v,
+                                  int B, int Tq, int Tk, int NH, int HS, int causal)
+{
+    const size_t C = (size_t)NH * HS, row = sizeof(float) * (size_t)NH * (Tk > 0 ? Tk : 1);
+    const size_t fit = GEMM_SCORE_BYTES / row;
+    const int n_max = fit < 1 ? 1 : fit > (size_t)Tq ? Tq : (int)fit;
+    float *S = (float *)db_cuda_alloc(c, row * n_max);
+    if (!S)
+        return -1;
+    int r = 0;
+    for (int b = 0; b < B && r == 0; b++)
+        for (int i0 = 0; i0 < Tq && r == 0; i0 += n_max)
+            r = gemm_chunk(c, out + (size_t)b * Tq * C, lse ? lse + (size_t)b * NH * Tq : NULL,
+                           q + (size_t)b * Tq * C, k + (size_t)b * Tk * C, v + (size_t)b * Tk * C, S,
+                           Tq - i0 < n_max ? Tq - i0 : n_max, i0, Tq, Tk, NH, HS, causal);
+    db_cuda_free(c, S); // stream order keeps it alive for the kernels
+    return r;
+}
+
 static int attention_forward32(db_ctx *c, float *out, float *lse, const float *q, const float *k, const float *v,
                                int B, int Tq, int Tk, int NH, int HS, int causal)
 {
     if (B * NH == 0 || Tq == 0)
         return 0;
-    if (HS < 1 || HS > HS_MAX)
-        return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "attention: head size %d outside 1..%d", HS, HS_MAX);
+    if (HS < 1)
+        return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "attention: head size %d below 1", HS);
+    if (HS > HS_MAX)
+        return attention_forward_gemm(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
     if (B * NH > 65535)
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "attention: %d batch x heads over 65535", B * NH);
     switch ((HS + 31) / 32) {
@@ -186,7 +272,7 @@ extern "C" int db_cuda_attention_forward(db_ctx *c, float *out, float *lse, cons
 {
     DB_ENTER(c);
     // fp32; and in a 16-bit mode the cases that write nothing or fail the same
-    if (!db_cuda_prec16(c) || B * NH == 0 || Tq == 0 || HS < 1 || HS > HS_MAX || B * NH > 65535)
+    if (!db_cuda_prec16(c) || B * NH == 0 || Tq == 0 || HS < 1 || B * NH > 65535)
         return attention_forward32(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
     const size_t nq = (size_t)B * Tq * NH * HS, nk = (size_t)B * Tk * NH * HS;
     // the operands: 16-bit for the tensor cores (attention_tc.cu: SD's

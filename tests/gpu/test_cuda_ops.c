@@ -1907,6 +1907,10 @@ int main(void)
         t_attention(1, 50, 50, 2, 37, 1);
         t_attention(1, 40, 70, 2, 160, 0);
         t_attention(1, 70, 40, 1, 64, 1); /* causal with Tq > Tk */
+        t_attention(2, 23, 31, 2, 168, 1); /* over 160: the cuBLAS path */
+        t_attention(1, 64, 64, 1, 512, 0); /* the VAE's mid-block attention */
+        if (!quick) /* a 768x768 image's VAE attention: three score chunks, the last partial */
+            t_attention(1, 9216, 9216, 1, 512, 0);
         if (!quick)
             t_attention(2, 77, 77, 12, 64, 1); /* CLIP */
         if (!quick)
@@ -1979,6 +1983,7 @@ int main(void)
         if (api->attention_forward) {
             tp_attention(p, 2, 19, 19, 3, 8, 0);
             tp_attention(p, 1, 33, 7, 2, 40, 1);
+            tp_attention(p, 1, 40, 40, 1, 512, 0); /* the VAE's: rounded fp32 copies, cuBLAS */
             if (!quick)
                 tp_attention(p, 2, 4096, 77, 8, 40, 0);
         }
