@@ -241,8 +241,14 @@ const char *kp_category(const char *readable)
 {
     if (readable[0] == '[')
         return "copies and memsets";
+    /* our kernels by their own name: past the namespaces (those of a .cu's
+     * anonymous namespace read _GLOBAL__N__<hash>_<file>_<hash>::) */
+    const char *base = readable, *lt = strchr(readable, '<');
+    for (const char *p = readable; *p && (!lt || p < lt); p++)
+        if (p[0] == ':' && p[1] == ':')
+            base = p + 2;
     for (size_t i = 0; i < sizeof ours / sizeof ours[0]; i++)
-        if (!strncmp(readable, ours[i].prefix, strlen(ours[i].prefix)))
+        if (!strncmp(base, ours[i].prefix, strlen(ours[i].prefix)))
             return ours[i].cat;
     if ((has(readable, "nchw") && has(readable, "nhwc")) || has(readable, "nchwToNhwc") ||
         has(readable, "nhwcToNchw") || has(readable, "transpose"))

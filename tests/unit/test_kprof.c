@@ -50,6 +50,12 @@ int main(void)
         {"round_kernel<...>", "ours: 16-bit conversions"},
         {"attention_tc_kernel<...>", "ours: attention"},
         {"attn_tc_dq_kernel", "ours: attention"},
+        /* as the H200 run named them: an anonymous namespace's kernels */
+        {"_GLOBAL__N__78febc66_15_attention_tc_cu_6b56aff6::attention_tc_kernel<__nv_bfloat16, EEE, _S5_i>",
+         "ours: attention"},
+        {"_GLOBAL__N__a20fe499_24_attention_tc_backward_cu_020d35ed::attn_tc_dkv_kernel<__nv_bfloat16, EEE>",
+         "ours: attention"},
+        {"ns::some_other_thing<a::round_kernel>", "other"},
         {"groupnorm_forward_kernel", "ours: norms"},
         {"adamw8bit_many_kernel", "ours: optimizer and clipping"},
         {"linear_epilogue_kernel", "ours: bias and epilogues"},
