@@ -16,8 +16,8 @@ bash tests/gpu/emu/run.sh --build 2>&1 | sed 's/^/# /' || { echo "not ok 1 - emu
 # the emulated backend's test programs as one TAP stream: their checks
 # renumbered in sequence and one plan at the end; a program that exits
 # non-zero or runs no check adds a failing line
-# (test_attention_tc twice: the second time with DB_ATTN_MMA=1, the
-# mma.sync forward of attention_mma.cu, opt-in until timed on a GPU)
+# (test_attention_tc twice: the WMMA forward of attention_tc.cu with
+# DB_ATTN_MMA=0, then the default, the mma.sync forward of attention_mma.cu)
 status=0
 for run in test_cuda_ops test_attention_tc test_attention_tc:mma; do
     prog=${run%%:*}

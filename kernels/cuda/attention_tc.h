@@ -24,8 +24,8 @@ extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, c
                                             int causal);
 
 // The same forward through mma.sync with S and P in registers
-// (attention_mma.cu; DB_ATTN_MMA=1 selects it inside
-// db_cuda_attention_tc_forward, which checks the arguments first); rescale:
+// (attention_mma.cu; db_cuda_attention_tc_forward runs it, after checking
+// the arguments, unless DB_ATTN_MMA=0 selects the WMMA kernel); rescale:
 // the reference-max threshold in log2 units (attention_tc.cu's RESCALE_LOG2).
 int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v,
                                   int dtype, int B, int Tq, int Tk, int NH, int HS, int causal, float rescale);

@@ -18,36 +18,42 @@ cd "$(dirname "$0")/../.."
 # the tools on the tiny model, cpu vs cuda (a separate process, so that a
 # timeout can end it): bash run.sh --tools
 tools_check() {
-    set -e
+    set -e   # a failed tool run stops it; a failed comparison is counted (bad)
     T=$(mktemp -d)
     build/bin/db-ckpt init --arch tiny --seed 42 "$T/tiny" >/dev/null
-    for d in cpu cuda; do
-        DB_CUDA_UNVERIFIED=1 timeout 60 build/bin/db-sample -q -m "$T/tiny" -p "a photo of a dog" --steps 10 \
-            --width 128 --height 128 --seed 1 --device $d --latents-out "$T/$d.dbt" -o "$T/$d.png"
+    # where a difference starts: one step without and with guidance, then
+    # ten steps op by op, each cpu vs cuda (all printed before any verdict)
+    local bad=0 r g st
+    for cfg in "1 1 --no-graph" "1 7.5 --no-graph" "10 7.5 --no-graph" "10 7.5"; do
+        read -r st g ng <<<"$cfg"
+        for d in cpu cuda; do
+            DB_CUDA_UNVERIFIED=1 timeout 60 build/bin/db-sample -q -m "$T/tiny" -p "a photo of a dog" --steps "$st" \
+                --guidance "$g" --width 128 --height 128 --seed 1 --device $d $ng --latents-out "$T/$d-$st-$g$ng.dbt" \
+                -o "$T/$d.png"
+        done
+        r=$(build/tests/dbtest dbt-rel "$T/cpu-$st-$g$ng.dbt" "$T/cuda-$st-$g$ng.dbt")
+        echo "db-sample cpu vs cuda, $st step(s), guidance $g${ng:+, $ng}: final latents $r"
+        awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-4) }' || bad=1
     done
-    r=$(build/tests/dbtest dbt-rel "$T/cpu.dbt" "$T/cuda.dbt")
-    echo "db-sample cpu vs cuda final latents: $r"
-    awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-4) }'
-    # the steps replayed as a CUDA graph (the default) vs launched op by op
-    DB_CUDA_UNVERIFIED=1 timeout 60 build/bin/db-sample -q -m "$T/tiny" -p "a photo of a dog" --steps 10 \
-        --width 128 --height 128 --seed 1 --device cuda --no-graph --latents-out "$T/nograph.dbt" -o "$T/ng.png"
+    cp "$T/cuda-10-7.5.dbt" "$T/cuda.dbt"
+    cp "$T/cuda-10-7.5--no-graph.dbt" "$T/nograph.dbt"
     r=$(build/tests/dbtest dbt-rel "$T/cuda.dbt" "$T/nograph.dbt")
     echo "db-sample cuda graph vs --no-graph final latents: $r$(cmp -s "$T/cuda.dbt" "$T/nograph.dbt" && echo ' (byte-identical)')"
-    awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-6) }'
+    awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-6) }' || bad=1
     for d in cpu cuda; do
         DB_CUDA_UNVERIFIED=1 timeout 60 build/bin/db-prep -q -m "$T/tiny" --size 128 --caption "a photo of sks dog" \
             --device $d tests/data/photos/dog -o "$T/inst-$d.dbt"
     done
     r=$(build/tests/dbtest dbt-rel "$T/inst-cpu.dbt" "$T/inst-cuda.dbt")
     echo "db-prep cpu vs cuda posteriors: $r"
-    awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-4) }'
+    awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-4) }' || bad=1
     # plain and fused backward (the optimizer inside the backward, one window)
     for f in "" --fused-backward; do
         for d in cpu cuda; do
             DB_CUDA_UNVERIFIED=1 timeout 90 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 \
                 --lr 1e-4 --train-text-encoder --device $d $f -o "$T/run-$d$f"
         done
-        python3 - "$T/run-cpu$f/ckpt-000003/state.json" "$T/run-cuda$f/ckpt-000003/state.json" "$f" <<'PY'
+        python3 - "$T/run-cpu$f/ckpt-000003/state.json" "$T/run-cuda$f/ckpt-000003/state.json" "$f" <<'PY' || bad=1
 import json, sys
 a, b = (json.load(open(f))["loss"] for f in sys.argv[1:3])
 rel = max(abs(a[k] - b[k]) / abs(a[k]) for k in ("loss", "grad_norm"))
@@ -58,8 +64,8 @@ PY
     done
     # the graph tests on the GPU (their CPU runs are in make check): replays
     # bit-identical to op-by-op runs, through the sampler and the trainer
-    DB_CUDA_UNVERIFIED=1 DB_TEST_DEVICE=cuda TOP=$PWD timeout 60 build/tests/test_graph
-    DB_CUDA_UNVERIFIED=1 DB_TEST_DEVICE=cuda DB_TEST_MODEL="$T/tiny" TOP=$PWD timeout 120 build/tests/test_train_graph
+    DB_CUDA_UNVERIFIED=1 DB_TEST_DEVICE=cuda TOP=$PWD timeout 60 build/tests/test_graph || bad=1
+    DB_CUDA_UNVERIFIED=1 DB_TEST_DEVICE=cuda DB_TEST_MODEL="$T/tiny" TOP=$PWD timeout 120 build/tests/test_train_graph || bad=1
     # the UNet forward and backward replayed as CUDA graphs (the default) vs op by op
     DB_CUDA_UNVERIFIED=1 timeout 90 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 \
         --lr 1e-4 --train-text-encoder --device cuda --no-graph -o "$T/run-nograph"
@@ -67,8 +73,9 @@ PY
         echo "db-train cuda graphs vs --no-graph, 3 steps: byte-identical weights"
     else
         echo "db-train cuda graphs vs --no-graph, 3 steps: weights DIFFER"
-        return 1
+        bad=1
     fi
+    [ "$bad" = 0 ]
 }
 # make bench-cuda's recipe (the Makefile calls this; the bundle, which has no
 # build tree, too): bench_sd, bench_torch.py, the table into $OUT; $1 $2 the
@@ -215,11 +222,11 @@ RESERVE=$BENCH_RESERVE stage tools tools.txt 150 bash "$SELF" --tools
 echo "== attention on tensor cores vs the fp32 kernel at SD1.5 shapes (DB_BENCH=1 test_attention_tc)"
 RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 45 env DB_BENCH=1 B="$PWD/build" \
     build/tests/gpu/test_attention_tc
-# the same with the mma.sync forward (attention_mma.cu, opt-in until these
-# two runs say which is faster), under its own heading
-echo "== the same with DB_ATTN_MMA=1 (attention_mma.cu: S and P in registers)"
-printf '\n%s\n' "### DB_ATTN_MMA=1: the attention forward through mma.sync (attention_mma.cu)" >> "$OUT/bench_ops.md"
-RESERVE=$((BENCH_RESERVE - 15)) stage attn-mma-bench bench_ops.md 40 env DB_BENCH=1 DB_ATTN_MMA=1 B="$PWD/build" \
+# the same with the WMMA forward (attention_tc.cu, DB_ATTN_MMA=0; the
+# default is attention_mma.cu's mma.sync one), under its own heading
+echo "== the same with DB_ATTN_MMA=0 (attention_tc.cu's WMMA forward)"
+printf '\n%s\n' "### DB_ATTN_MMA=0: the attention forward through WMMA (attention_tc.cu)" >> "$OUT/bench_ops.md"
+RESERVE=$((BENCH_RESERVE - 15)) stage attn-wmma-bench bench_ops.md 40 env DB_BENCH=1 DB_ATTN_MMA=0 B="$PWD/build" \
     build/tests/gpu/test_attention_tc
 echo "== bench_cuda_ops (fp32, then bf16 for the matmul-class ops; cudaEvent medians)"
 RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 60 env B="$PWD/build" build/tests/gpu/bench_cuda_ops

@@ -32,7 +32,9 @@
 TOP=${TOP:-$(cd "$(dirname "$0")/../.." && pwd)}
 . "$(dirname "$0")/../lib.sh"
 
-if [ ! -d "$TOP/tests/data/refs" ] || [ ! -d "$TOP/tests/data/tiny" ]; then
+# (files, not folders: a device call that left the data out of the index
+# may still create the empty folders there)
+if [ ! -f "$TOP/tests/data/refs/unet.safetensors" ] || [ ! -f "$TOP/tests/data/tiny/tiny.ckpt" ]; then
     echo "1..0 # SKIP oracle data not in this checkout"
     exit 0
 fi
