@@ -56,6 +56,103 @@ __global__ static void round_kernel(float *dst, const float *src, size_t n, int 
     }
 }
 
+// ---- channels-last conversions ----------------------------------------------------
+// A (C, HW) plane per sample transposed through a 32x33 float tile in
+// shared memory, so both the reads and the writes are coalesced runs of 32.
+enum { TT = 32, TROWS = 8 };
+
+__device__ __forceinline__ static void store16(__nv_bfloat16 *d, float v) { *d = __float2bfloat16_rn(v); }
+__device__ __forceinline__ static void store16(__half *d, float v) { *d = __float2half_rn(v); }
+__device__ __forceinline__ static float load16(const __nv_bfloat16 *s) { return __bfloat162float(*s); }
+__device__ __forceinline__ static float load16(const __half *s) { return __half2float(*s); }
+
+// dst (B, HW, C) = round(src (B, C, HW)); grid (HW tiles, C tiles, B)
+template <typename T>
+__global__ static void __launch_bounds__(TT *TROWS) to16_nhwc_kernel(T *dst, const float *src, int C, int HW)
+{
+    __shared__ float tile[TT][TT + 1];
+    const size_t plane = (size_t)C * HW * blockIdx.z;
+    const int hw0 = blockIdx.x * TT, c0 = blockIdx.y * TT;
+    for (int k = threadIdx.y; k < TT; k += TROWS) {
+        const int ch = c0 + k, hw = hw0 + threadIdx.x;
+        if (ch < C && hw < HW)
+            tile[k][threadIdx.x] = src[plane + (size_t)ch * HW + hw];
+    }
+    __syncthreads();
+    for (int k = threadIdx.y; k < TT; k += TROWS) {
+        const int hw = hw0 + k, ch = c0 + threadIdx.x;
+        if (ch < C && hw < HW)
+            store16(dst + plane + (size_t)hw * C + ch, tile[threadIdx.x][k]);
+    }
+}
+
+// dst (B, C, HW) = (float) src (B, HW, C), or += when accumulate
+template <typename T>
+__global__ static void __launch_bounds__(TT *TROWS)
+    from16_nchw_kernel(float *dst, const T *src, int C, int HW, int accumulate)
+{
+    __shared__ float tile[TT][TT + 1];
+    const size_t plane = (size_t)C * HW * blockIdx.z;
+    const int hw0 = blockIdx.x * TT, c0 = blockIdx.y * TT;
+    for (int k = threadIdx.y; k < TT; k += TROWS) {
+        const int hw = hw0 + k, ch = c0 + threadIdx.x;
+        if (ch < C && hw < HW)
+            tile[k][threadIdx.x] = load16(src + plane + (size_t)hw * C + ch);
+    }
+    __syncthreads();
+    for (int k = threadIdx.y; k < TT; k += TROWS) {
+        const int ch = c0 + k, hw = hw0 + threadIdx.x;
+        if (ch < C && hw < HW) {
+            float *d = dst + plane + (size_t)ch * HW + hw;
+            const float v = tile[threadIdx.x][k];
+            *d = accumulate ? *d + v : v;
+        }
+    }
+}
+
+// one launch per 65535 samples (the grid's z limit); to16: dst16/src32,
+// else dst32/src16
+static int nhwc_launch(db_ctx *c, int to16, void *dst, const void *src, int B, int C, int HW, int accumulate)
+{
+    if (B <= 0 || C <= 0 || HW <= 0)
+        return 0;
+    cudaStream_t s = db_cuda_st(c)->stream;
+    const int f16 = c->precision == DB_PREC_F16;
+    const size_t plane = (size_t)C * HW;
+    for (int b0 = 0; b0 < B; b0 += 65535) {
+        const int nb = B - b0 < 65535 ? B - b0 : 65535;
+        const dim3 grid((unsigned)((HW + TT - 1) / TT), (unsigned)((C + TT - 1) / TT), (unsigned)nb),
+            block(TT, TROWS);
+        const size_t o = plane * b0;
+        if (to16 && f16)
+            to16_nhwc_kernel<<<grid, block, 0, s>>>((__half *)dst + o, (const float *)src + o, C, HW);
+        else if (to16)
+            to16_nhwc_kernel<<<grid, block, 0, s>>>((__nv_bfloat16 *)dst + o, (const float *)src + o, C, HW);
+        else if (f16)
+            from16_nchw_kernel<<<grid, block, 0, s>>>((float *)dst + o, (const __half *)src + o, C, HW, accumulate);
+        else
+            from16_nchw_kernel<<<grid, block, 0, s>>>((float *)dst + o, (const __nv_bfloat16 *)src + o, C, HW,
+                                                      accumulate);
+        DB_LAUNCHED(c);
+    }
+    return 0;
+}
+
+void *db_cuda_to16_nhwc(db_ctx *c, const float *src, int B, int C, int HW)
+{
+    void *dst = db_cuda_alloc(c, (size_t)B * C * HW * 2);
+    if (dst && nhwc_launch(c, 1, dst, src, B, C, HW, 0) != 0) {
+        db_cuda_free(c, dst);
+        return NULL;
+    }
+    return dst;
+}
+
+int db_cuda_from16_nchw(db_ctx *c, float *dst, const void *src, int B, int C, int HW, int accumulate)
+{
+    return nhwc_launch(c, 0, dst, src, B, C, HW, accumulate);
+}
+
 // ---- weight shadows ---------------------------------------------------------------
 
 int db_cuda_declare_weights(db_ctx *c, const float *p, size_t n)
@@ -68,6 +165,7 @@ int db_cuda_declare_weights(db_ctx *c, const float *p, size_t n)
         return 0;
     db_cuda_shadow *w = &st->shadow[st->nshadow++];
     w->p = p, w->n = n, w->s = NULL, w->prec = 0, w->valid = 0;
+    w->fr = NULL, w->nfr = 0, w->cap_fr = 0;
     return 0;
 }
 
@@ -114,6 +212,7 @@ int db_cuda_shadow_drop(db_ctx *c, const void *p)
     for (int i = 0; i < st->nshadow; i++)
         if (st->shadow[i].p == p) {
             void *s = st->shadow[i].s;
+            free(st->shadow[i].fr);
             st->shadow[i] = st->shadow[--st->nshadow];
             if (s)
                 db_cuda_free(c, s); // not owned by a declared buffer any more: a plain block
@@ -123,6 +222,7 @@ int db_cuda_shadow_drop(db_ctx *c, const void *p)
 }
 
 static void *convert16(db_ctx *c, void *dst, const float *src, size_t n);
+static int filters_write(db_ctx *c, db_cuda_shadow *w, size_t lo, size_t hi);
 
 // the working copy of w, (re)built when stale or of another compute type
 static void *shadow_ready(db_ctx *c, db_cuda_shadow *w)
@@ -132,10 +232,68 @@ static void *shadow_ready(db_ctx *c, db_cuda_shadow *w)
     if (!w->s && !(w->s = db_cuda_alloc(c, w->n * 2)))
         return NULL;
     w->prec = (int)c->precision;
-    if (!convert16(c, w->s, w->p, w->n))
+    if (!convert16(c, w->s, w->p, w->n) || filters_write(c, w, 0, w->n) != 0)
         return NULL;
     w->valid = 1;
     return w->s;
+}
+
+// The registered filters overlapping floats [lo, hi) of w's buffer written
+// into its working copy again, transposed (after a pass that wrote them in
+// the master's layout).  Whole filters: each is converted from its fp32
+// master, which is what the copy must hold.
+static int filters_write(db_ctx *c, db_cuda_shadow *w, size_t lo, size_t hi)
+{
+    for (int i = 0; i < w->nfr; i++) {
+        const db_cuda_filter_range *f = &w->fr[i];
+        const size_t n = (size_t)f->OC * f->C * f->KHW;
+        if (f->off < hi && lo < f->off + n &&
+            nhwc_launch(c, 1, (char *)w->s + f->off * 2, w->p + f->off, f->OC, f->C, f->KHW, 0) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+int db_cuda_shadow_refilter(db_ctx *c, const float *p, size_t n)
+{
+    db_cuda_shadow *w = n ? db_cuda_shadow_find(c, p, n * sizeof(float)) : NULL;
+    if (!w || !w->s || !w->valid || w->nfr == 0)
+        return 0;
+    const size_t lo = (size_t)(p - w->p);
+    return filters_write(c, w, lo, lo + n);
+}
+
+void *db_cuda_filter16(db_ctx *c, const float *wt, int OC, int C, int KHW)
+{
+    const size_t n = (size_t)OC * C * KHW;
+    db_cuda_shadow *w = n ? db_cuda_shadow_find(c, wt, n * sizeof(float)) : NULL;
+    if (KHW == 1 || !w) // a 1x1 filter reads the same either way; else scratch
+        return KHW == 1 ? db_cuda_to16(c, wt, n) : db_cuda_to16_nhwc(c, wt, OC, C, KHW);
+    const size_t off = (size_t)(wt - w->p);
+    int i = 0;
+    while (i < w->nfr && w->fr[i].off != off)
+        i++;
+    if (i == w->nfr) { // first call: registered, and written transposed now if the copy is current
+        if (w->nfr == w->cap_fr) {
+            const int cap = w->cap_fr ? 2 * w->cap_fr : 64;
+            db_cuda_filter_range *fr = (db_cuda_filter_range *)realloc(w->fr, cap * sizeof *fr);
+            if (!fr) {
+                db_cuda_fail(c, DB_ENOMEM, __FILE__, __LINE__, "conv2d: out of host memory");
+                return NULL;
+            }
+            w->fr = fr, w->cap_fr = cap;
+        }
+        w->fr[w->nfr++] = (db_cuda_filter_range){off, OC, C, KHW};
+        if (w->s && w->valid && w->prec == (int)c->precision &&
+            nhwc_launch(c, 1, (char *)w->s + off * 2, wt, OC, C, KHW, 0) != 0)
+            return NULL;
+    } else if (w->fr[i].OC != OC || w->fr[i].C != C || w->fr[i].KHW != KHW) {
+        db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "conv2d: a filter read as %dx%dx%d and as %dx%dx%d", OC, C, KHW,
+                     w->fr[i].OC, w->fr[i].C, w->fr[i].KHW);
+        return NULL;
+    }
+    char *s = (char *)shadow_ready(c, w);
+    return s ? s + off * 2 : NULL;
 }
 
 // Before a graph replay: the working copies a capture baked in are read

@@ -70,6 +70,7 @@ struct db_cuda_conv_plan {
     cudnnConvolutionDescriptor_t conv;
     int nfwd, nbd, nbf, have_bwd; // candidates, best first
     int find; // DB_CUDNN_FIND=1 at the plan's build: lists searched at each kind's first call
+    int nhwc; // 16-bit plans: x, y and the filter channels-last (DB_CONV_NCHW=1 at the build: not)
     // 16-bit plans: per kind (forward, backward data, backward filter), 1 once
     // cuDNN supported none of the candidates in the compute type; the op then
     // runs the fp32 plan on rounded inputs and rounds its output (same contract)
@@ -247,8 +248,12 @@ static int plan_init(db_ctx *c, db_cuda_conv_plan *p)
     DB_CUDNN(c, cudnnCreateTensorDescriptor(&p->y));
     DB_CUDNN(c, cudnnCreateFilterDescriptor(&p->w));
     DB_CUDNN(c, cudnnCreateConvolutionDescriptor(&p->conv));
-    DB_CUDNN(c, cudnnSetTensor4dDescriptor(p->x, CUDNN_TENSOR_NCHW, dt, B, C, p->Hp, p->Wp));
-    DB_CUDNN(c, cudnnSetFilter4dDescriptor(p->w, dt, CUDNN_TENSOR_NCHW, OC, C, KH, KW));
+    // 16-bit: channels-last operands unless DB_CONV_NCHW=1 (read once here)
+    const char *nchw = getenv("DB_CONV_NCHW");
+    p->nhwc = dt != CUDNN_DATA_FLOAT && !(nchw && strcmp(nchw, "1") == 0);
+    const cudnnTensorFormat_t fmt = p->nhwc ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
+    DB_CUDNN(c, cudnnSetTensor4dDescriptor(p->x, fmt, dt, B, C, p->Hp, p->Wp));
+    DB_CUDNN(c, cudnnSetFilter4dDescriptor(p->w, dt, fmt, OC, C, KH, KW));
     // compute type float32 in every mode (the 16-bit modes: the pseudo configs)
     DB_CUDNN(c, cudnnSetConvolution2dDescriptor(p->conv, pad, pad, stride, stride, 1, 1, CUDNN_CROSS_CORRELATION,
                                                 CUDNN_DATA_FLOAT));
@@ -261,7 +266,7 @@ static int plan_init(db_ctx *c, db_cuda_conv_plan *p)
     if (n != B || oc != OC || oh != p->OH || ow != p->OW)
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "conv2d: cuDNN output %dx%dx%dx%d, expected %dx%dx%dx%d",
                             n, oc, oh, ow, B, OC, p->OH, p->OW);
-    DB_CUDNN(c, cudnnSetTensor4dDescriptor(p->y, CUDNN_TENSOR_NCHW, dt, B, OC, p->OH, p->OW));
+    DB_CUDNN(c, cudnnSetTensor4dDescriptor(p->y, fmt, dt, B, OC, p->OH, p->OW));
     // read once here, so a plan keeps one way of choosing for its lifetime;
     // with the search on, the lists stay empty until each kind's first call
     // (run_conv), which has the operands the trial runs need
@@ -497,12 +502,12 @@ static db_cuda_conv_plan *plan32(db_ctx *c, const db_cuda_conv_plan *p16, int ba
 
 // ---- bf16 / fp16 --------------------------------------------------------------------
 
-// y (B, OC, OHW) in the compute type = round(bias) per channel: the beta-1
-// addend of the forward
-__global__ static void bias_fill16_kernel(void *y, const float *bias, size_t n, int OC, int OHW, int f16)
+// y (B, OC, OHW), or (B, OHW, OC) when nhwc, in the compute type =
+// round(bias) per channel: the beta-1 addend of the forward
+__global__ static void bias_fill16_kernel(void *y, const float *bias, size_t n, int OC, int OHW, int f16, int nhwc)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float b = bias[i / OHW % OC];
+        const float b = bias[nhwc ? i % OC : i / OHW % OC];
         if (f16)
             ((__half *)y)[i] = __float2half_rn(b);
         else
@@ -518,22 +523,38 @@ static void *input16(db_ctx *c, const db_cuda_conv_plan *p, const float *inp)
     const float *x = padded_input(c, p, inp, &tmp);
     if (!x)
         return NULL;
-    void *x16 = db_cuda_to16(c, x, (size_t)p->key[0] * p->key[1] * p->Hp * p->Wp);
+    void *x16 = p->nhwc ? db_cuda_to16_nhwc(c, x, p->key[0], p->key[1], p->Hp * p->Wp)
+                        : db_cuda_to16(c, x, (size_t)p->key[0] * p->key[1] * p->Hp * p->Wp);
     db_cuda_free(c, tmp);
     return x16;
+}
+
+// The filter in the compute type, in the plan's layout (a declared weight's
+// working copy where it has one)
+static void *filter16(db_ctx *c, const db_cuda_conv_plan *p, const float *weight)
+{
+    const int OC = p->key[4], C = p->key[1], KHW = p->key[5] * p->key[6];
+    return p->nhwc ? db_cuda_filter16(c, weight, OC, C, KHW) : db_cuda_to16(c, weight, (size_t)OC * C * KHW);
+}
+
+// dst (B, C, HW) float = src in the plan's layout, or += when accumulate
+static int from16_plan(db_ctx *c, const db_cuda_conv_plan *p, float *dst, const void *src, int B, int C, int HW,
+                       int accumulate)
+{
+    return p->nhwc ? db_cuda_from16_nchw(c, dst, src, B, C, HW, accumulate)
+                   : db_cuda_from16(c, dst, src, (size_t)B * C * HW, accumulate);
 }
 
 static int conv_forward16(db_ctx *c, db_cuda_conv_plan *p, float *out, const float *inp, const float *weight,
                           const float *bias)
 {
-    const int B = p->key[0], C = p->key[1], OC = p->key[4], KH = p->key[5], KW = p->key[6];
+    const int B = p->key[0], OC = p->key[4];
     const size_t ny = (size_t)B * OC * p->OH * p->OW;
-    void *x16 = input16(c, p, inp), *w16 = db_cuda_to16(c, weight, (size_t)OC * C * KH * KW),
-         *y16 = db_cuda_alloc(c, ny * 2);
+    void *x16 = input16(c, p, inp), *w16 = filter16(c, p, weight), *y16 = db_cuda_alloc(c, ny * 2);
     int r = x16 && w16 && y16 ? 0 : -1;
     if (r == 0 && bias) {
         bias_fill16_kernel<<<db_cuda_grid(ny, 256), 256, 0, db_cuda_st(c)->stream>>>(
-            y16, bias, ny, OC, p->OH * p->OW, c->precision == DB_PREC_F16);
+            y16, bias, ny, OC, p->OH * p->OW, c->precision == DB_PREC_F16, p->nhwc);
         cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess)
             r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "bias_fill16_kernel: %s", cudaGetErrorString(e));
@@ -541,7 +562,7 @@ static int conv_forward16(db_ctx *c, db_cuda_conv_plan *p, float *out, const flo
     if (r == 0)
         r = run_conv(c, p, 0, x16, w16, NULL, y16, bias ? 1.0f : 0.0f, 1);
     if (r == 0)
-        r = db_cuda_from16(c, out, y16, ny, 0);
+        r = from16_plan(c, p, out, y16, B, OC, p->OH * p->OW, 0);
     db_cuda_free(c, x16);
     db_cuda_free(c, w16);
     db_cuda_free(c, y16);
@@ -582,14 +603,13 @@ static int data_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, const void 
 {
     const int B = p->key[0], C = p->key[1], H = p->key[2], W = p->key[3], pad0 = p->key[8];
     const size_t nxp = (size_t)B * C * p->Hp * p->Wp;
-    void *w16 = db_cuda_to16(c, weight, (size_t)p->key[4] * C * p->key[5] * p->key[6]),
-         *dx16 = db_cuda_alloc(c, nxp * 2);
+    void *w16 = filter16(c, p, weight), *dx16 = db_cuda_alloc(c, nxp * 2);
     float *dxp = p->explicit_pad ? (float *)db_cuda_alloc(c, nxp * sizeof(float)) : dinp;
     int r = w16 && dx16 && dxp ? 0 : -1;
     if (r == 0)
         r = run_conv(c, p, 1, NULL, w16, dy16, dx16, 0.0f, 1);
     if (r == 0)
-        r = db_cuda_from16(c, dxp, dx16, nxp, 0);
+        r = from16_plan(c, p, dxp, dx16, B, C, p->Hp * p->Wp, 0);
     if (r == 0 && p->explicit_pad) {
         const size_t n = (size_t)B * C * H * W;
         crop_kernel<<<db_cuda_grid(n, 256), 256, 0, db_cuda_st(c)->stream>>>(dinp, dxp, (size_t)B * C, H, W, p->Hp,
@@ -615,7 +635,7 @@ static int filter_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dweight, const 
     if (r == 0)
         r = run_conv(c, p, 2, x16, NULL, dy16, dw16, 0.0f, 1);
     if (r == 0)
-        r = db_cuda_from16(c, dweight, dw16, nw, 1);
+        r = from16_plan(c, p, dweight, dw16, p->key[4], p->key[1], p->key[5] * p->key[6], 1);
     db_cuda_free(c, x16);
     db_cuda_free(c, dw16);
     return r;
@@ -666,7 +686,7 @@ static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *
     const int B = p->key[0], OC = p->key[4];
     const size_t ny = (size_t)B * OC * p->OH * p->OW;
     cudaStream_t s = db_cuda_st(c)->stream;
-    void *dy16 = db_cuda_to16(c, dout, ny);
+    void *dy16 = p->nhwc ? db_cuda_to16_nhwc(c, dout, B, OC, p->OH * p->OW) : db_cuda_to16(c, dout, ny);
     int r = dy16 ? 0 : -1;
     if (r == 0 && dinp) { // dinp =
         r = p->via32[1] ? 1 : data_grad16(c, p, dinp, dy16, weight);

@@ -43,12 +43,21 @@ struct db_cuda_conv_plan; // conv.cu: cuDNN descriptors and algorithms per shape
 // first use in a 16-bit mode, kept current by the fused AdamW (optim.cu), and
 // marked stale by any other write into the buffer (copy, zero, other
 // optimizers) or a change of compute type.
+// A convolution filter inside a declared buffer whose working copy holds it
+// in cuDNN's NHWC filter layout (OC, KH, KW, C) instead of the master's
+// (OC, C, KH, KW): conv.cu's 16-bit convolutions run channels-last.
+struct db_cuda_filter_range {
+    size_t off; // floats from the buffer's start
+    int OC, C, KHW;
+};
 struct db_cuda_shadow {
     const float *p; // the fp32 master weights (n floats)
     size_t n;
     void *s;        // n 16-bit values of type prec, or NULL (not built)
     int prec;       // DB_PREC_BF16 / DB_PREC_F16 of s
-    int valid;      // s equals round(p) now
+    int valid;      // s equals round(p) now (the filter ranges transposed)
+    db_cuda_filter_range *fr; // registered filters (db_cuda_filter16), host memory
+    int nfr, cap_fr;
 };
 enum { DB_CUDA_NSHADOW = 16 };
 
@@ -200,6 +209,20 @@ void *db_cuda_to16(db_ctx *c, const float *src, size_t n);
 int db_cuda_shadows_refresh(db_ctx *c);
 // dst (float) = src (compute type, n), or dst += src when accumulate
 int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int accumulate);
+// Channels-last conversions (conv.cu's 16-bit convolutions): fresh scratch
+// (B, HW, C) in the compute type = round(src (B, C, HW)); NULL with c->err set
+void *db_cuda_to16_nhwc(db_ctx *c, const float *src, int B, int C, int HW);
+// dst (B, C, HW) float = src (B, HW, C) compute type, or += when accumulate
+int db_cuda_from16_nchw(db_ctx *c, float *dst, const void *src, int B, int C, int HW, int accumulate);
+// A filter w (OC, C, KHW) in the compute type and NHWC filter layout
+// (OC, KHW, C): inside a declared buffer, its place in the working copy
+// (registered at the first call, so every later rebuild writes it
+// transposed); else fresh scratch.  Free with db_cuda_free either way.
+void *db_cuda_filter16(db_ctx *c, const float *w, int OC, int C, int KHW);
+// After a kernel wrote round(p) into the working copy of [p, p + n) in the
+// master's layout (the fused AdamW): the registered filters in that span
+// written again, transposed.  0, or -1 with c->err set.
+int db_cuda_shadow_refilter(db_ctx *c, const float *p, size_t n);
 // dst = round(src), or dst += round(src) when accumulate; dst may be src
 int db_cuda_round(db_ctx *c, float *dst, const float *src, size_t n, int accumulate);
 // fresh float scratch holding src rounded (free with db_cuda_free); NULL with c->err set

@@ -78,7 +78,9 @@ extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const 
     adamw_kernel<<<db_cuda_grid(n, THREADS), THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k, sh,
                                                                                   w && w->prec == DB_PREC_F16);
     DB_LAUNCHED(c);
-    return 0;
+    // the convolution filters in that span are kept channels-last in the
+    // copy (conv.cu): written again, transposed
+    return sh ? db_cuda_shadow_refilter(c, p, n) : 0;
 }
 
 // ---- sum of squares (db_clip_grad_norm's) ------------------------------------------------

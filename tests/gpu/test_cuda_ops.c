@@ -59,7 +59,7 @@ static int quick;              /* DB_CUDA_TEST_QUICK set: the small shapes only 
 
 /* ---- buffers: every test frees what it made at its end ---------------------- */
 
-enum { MAXBUF = 64 };
+enum { MAXBUF = 128 };
 static void *hbufs[MAXBUF], *dbufs[MAXBUF];
 static int nh, nd;
 
@@ -1228,15 +1228,22 @@ static void t_transpose_add(int B, int M, int N)
  * never change a result.  The same linear runs on a declared weight buffer
  * and on an undeclared copy of it, after each event that must keep the
  * working copy current (first use, the fused AdamW) or make it rebuild (a
- * copy into the buffer, the other compute type). */
+ * copy into the buffer, the other compute type).  A 3x3 filter after the
+ * linear's weight is kept channels-last in the copy (conv.cu): a conv
+ * forward and its data gradient run on it too at each stage. */
 static void t_shadow(void)
 {
     const char *what = "declared weights";
     if (!have((const void *)api->declare_weights, what) || !have((const void *)api->opt_adamw, what))
         return;
     const int N = 9, C = 24, OC = 10;
-    const size_t nx = (size_t)N * C, nw = (size_t)OC * C + 7, ny = (size_t)N * OC; /* + 7: a sub-range */
+    /* the conv: B 2, 5 -> 6 channels, 7x7, 3x3, pad 1; its filter at fo */
+    const int KB = 2, KC = 5, KO = 6, KS = 7;
+    const size_t fo = (size_t)OC * C + 7, nf = (size_t)KO * KC * 9, nkx = (size_t)KB * KC * KS * KS,
+                 nky = (size_t)KB * KO * KS * KS;
+    const size_t nx = (size_t)N * C, nw = fo + nf, ny = (size_t)N * OC; /* + 7: a sub-range */
     float *w = hrand(nw, 0.05f), *x = hrand(nx, 1);
+    float *kx = dputf(hrand(nkx, 1), nkx), *kdy = dputf(hrand(nky, 1), nky);
     float *dw = dputf(w, nw), *du = dputf(w, nw), *dx = dputf(x, nx);
     float *dm = dputf(hzeros(nw), nw), *dv = dputf(hzeros(nw), nw), *dm2 = dputf(hzeros(nw), nw),
           *dv2 = dputf(hzeros(nw), nw);
@@ -1284,6 +1291,22 @@ static void t_shadow(void)
             !gpu_ran(IN_PREC(p, api->linear_forward(&g, y2, dx, du + 7, NULL, N, C, OC)), step))
             break;
         same_bits(step, y1, y2, ny);
+        snprintf(step, sizeof step, "%s: conv (3x3 filter) on declared vs undeclared weights, %s", what, stage[k]);
+        float *c1 = dpoison(nky), *c2 = dpoison(nky), *g1 = dpoison(nkx), *g2 = dpoison(nkx);
+        if (!gpu_ran(IN_PREC(p, api->conv2d_forward(&g, c1, kx, dw + fo, NULL, KB, KC, KS, KS, KO, 3, 3, 1, 1, 1)),
+                     step) ||
+            !gpu_ran(IN_PREC(p, api->conv2d_forward(&g, c2, kx, du + fo, NULL, KB, KC, KS, KS, KO, 3, 3, 1, 1, 1)),
+                     step) ||
+            !gpu_ran(IN_PREC(p, api->conv2d_backward(&g, g1, NULL, NULL, kdy, kx, dw + fo, KB, KC, KS, KS, KO, 3, 3,
+                                                     1, 1, 1)),
+                     step) ||
+            !gpu_ran(IN_PREC(p, api->conv2d_backward(&g, g2, NULL, NULL, kdy, kx, du + fo, KB, KC, KS, KS, KO, 3, 3,
+                                                     1, 1, 1)),
+                     step))
+            break;
+        same_bits(step, c1, c2, nky);
+        snprintf(step, sizeof step, "%s: conv data gradient on declared vs undeclared weights, %s", what, stage[k]);
+        same_bits(step, g1, g2, nkx);
     }
     release_all();
 }

@@ -214,10 +214,15 @@ static inline bool emu_gemm_ex_ok(cudaDataType_t at, cudaDataType_t bt, cudaData
 #define cublasGemmEx(h, ta, tb, m, n, k, al, A, at, lda, B, bt, ldb, be, C, ct, ldc, comp, algo) (!emu_gemm_ex_ok(at, bt, ct, comp) ? CUBLAS_STATUS_NOT_SUPPORTED : emu_submit_st([=, al_ = *(const float *)(al), be_ = *(const float *)(be)] { return emu_gemm_ex(ta, tb, m, n, k, &al_, A, at, lda, 0, B, bt, ldb, 0, &be_, C, ct, ldc, 0, 1, comp); }))
 #define cublasGemmStridedBatchedEx(h, ta, tb, m, n, k, al, A, at, lda, sa, B, bt, ldb, sb, be, C, ct, ldc, sc, bc, comp, algo) (!emu_gemm_ex_ok(at, bt, ct, comp) ? CUBLAS_STATUS_NOT_SUPPORTED : emu_submit_st([=, al_ = *(const float *)(al), be_ = *(const float *)(be)] { return emu_gemm_ex(ta, tb, m, n, k, &al_, A, at, lda, sa, B, bt, ldb, sb, &be_, C, ct, ldc, sc, bc, comp); }))
 
-static inline int emu_dims(cudnnTensorDescriptor_t t, int *n, int *c, int *h, int *w) {
-    cudnnDataType_t dt; int ns, cs, hs, ws; cudnnGetTensor4dDescriptor(t, &dt, n, c, h, w, &ns, &cs, &hs, &ws); return emu_kind(dt); }
-static inline int emu_fdims(cudnnFilterDescriptor_t f, int *k, int *c, int *h, int *w) {
-    cudnnDataType_t dt; cudnnTensorFormat_t fmt; cudnnGetFilter4dDescriptor(f, &dt, &fmt, k, c, h, w); return emu_kind(dt); }
+static inline int emu_dims(cudnnTensorDescriptor_t t, int *n, int *c, int *h, int *w, size_t *st = nullptr) {
+    cudnnDataType_t dt; int ns, cs, hs, ws; cudnnGetTensor4dDescriptor(t, &dt, n, c, h, w, &ns, &cs, &hs, &ws);
+    if (st) { st[0] = ns; st[1] = cs; st[2] = hs; st[3] = ws; } return emu_kind(dt); }
+// the filter's strides (k, c, h, w) from its format: NCHW = KCRS, NHWC = KRSC
+static inline int emu_fdims(cudnnFilterDescriptor_t f, int *k, int *c, int *h, int *w, size_t *st = nullptr) {
+    cudnnDataType_t dt; cudnnTensorFormat_t fmt; cudnnGetFilter4dDescriptor(f, &dt, &fmt, k, c, h, w);
+    if (st && fmt == CUDNN_TENSOR_NHWC) { st[3] = *c; st[2] = (size_t)*w * *c; st[1] = 1; st[0] = (size_t)*h * *w * *c; }
+    else if (st) { st[3] = 1; st[2] = *w; st[1] = (size_t)*h * *w; st[0] = (size_t)*c * *h * *w; }
+    return emu_kind(dt); }
 static inline int emu_cdesc(cudnnConvolutionDescriptor_t cd, int *pad, int *stride) {
     int ph, pw, sh, sw, dh, dw; cudnnConvolutionMode_t m; cudnnDataType_t dt;
     cudnnGetConvolution2dDescriptor(cd, &ph, &pw, &sh, &sw, &dh, &dw, &m, &dt); *pad = ph; *stride = sh; return emu_kind(dt); }
@@ -230,7 +235,8 @@ static cudnnStatus_t emu_conv(int mode, const float *alpha, cudnnTensorDescripto
     const float *beta, void *out)
 {
     int B, C, H, W, OC, c2, KH, KW, b2, oc2, OH, OW, pad, st;
-    const int tx = emu_dims(xd, &B, &C, &H, &W), tw = emu_fdims(wd, &OC, &c2, &KH, &KW), ty = emu_dims(yd, &b2, &oc2, &OH, &OW), tc = emu_cdesc(cd, &pad, &st);
+    size_t xs[4], wsd[4], ys[4]; // element strides of each operand (its layout: NCHW or NHWC)
+    const int tx = emu_dims(xd, &B, &C, &H, &W, xs), tw = emu_fdims(wd, &OC, &c2, &KH, &KW, wsd), ty = emu_dims(yd, &b2, &oc2, &OH, &OW, ys), tc = emu_cdesc(cd, &pad, &st);
     if (tx < 0 || tx != tw || tx != ty || tc != 0) return CUDNN_STATUS_NOT_SUPPORTED;
     // EMU_CONV16_UNSUPPORTED=1: cuDNN without 16-bit convolutions, to run
     // conv.cu's fallback (the fp32 plan on rounded inputs)
@@ -240,7 +246,7 @@ static cudnnStatus_t emu_conv(int mode, const float *alpha, cudnnTensorDescripto
     for (int b = 0; b < B; b++) for (int o = 0; o < OC; o++) for (int oy = 0; oy < OH; oy++) for (int ox = 0; ox < OW; ox++)
       for (int ci = 0; ci < C; ci++) for (int ky = 0; ky < KH; ky++) for (int kx = 0; kx < KW; kx++) {
         int iy = oy*st + ky - pad, ix = ox*st + kx - pad; if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
-        size_t xi = (((size_t)b*C+ci)*H+iy)*W+ix, wi = (((size_t)o*C+ci)*KH+ky)*KW+kx, yi = (((size_t)b*OC+o)*OH+oy)*OW+ox;
+        size_t xi = b*xs[0]+ci*xs[1]+iy*xs[2]+ix*xs[3], wi = o*wsd[0]+ci*wsd[1]+ky*wsd[2]+kx*wsd[3], yi = b*ys[0]+o*ys[1]+oy*ys[2]+ox*ys[3];
         if (mode == 0) r[yi] += (double)emu_ld(x, tx, xi)*emu_ld(w, tx, wi); else if (mode == 1) r[xi] += (double)emu_ld(y, tx, yi)*emu_ld(w, tx, wi); else r[wi] += (double)emu_ld(x, tx, xi)*emu_ld(y, tx, yi);
       }
     for (size_t i = 0; i < n; i++) emu_st(out, tx, i, *alpha * (float)r[i] + (*beta == 0 ? 0.0f : *beta * emu_ld(out, tx, i)));
