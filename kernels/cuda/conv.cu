@@ -48,6 +48,17 @@
 // (cuDNN's PSEUDO_HALF / PSEUDO_BFLOAT16 configs: 16-bit data, float32
 // accumulation, the output rounded once when cuDNN stores it); inputs are
 // converted into scratch (autocast.cu), outputs converted back (exactly).
+// Channels-last (since 2026-11-27): the first H200 profile showed cuDNN
+// transposing our NCHW bf16 tensors to NHWC and back around every
+// convolution (19 % of the bf16 forward, 13 % of a training step), so the
+// 16-bit plans describe x, y and the filter as NHWC and our conversion
+// passes, which exist anyway, transpose on the way (autocast.cu: 32x32
+// tiles): x and dy go to (B, HW, C), y and dx come back to (B, C, HW), the
+// filter gradient from (OC, KH, KW, C).  The filter itself is kept in that
+// layout in the weights' 16-bit working copy (db_cuda_filter16: registered
+// at its first call, rewritten transposed at every rebuild and after the
+// fused AdamW).  The fp32 plans stay NCHW.  DB_CONV_NCHW=1 (read when a plan
+// is built) keeps the 16-bit plans NCHW, to compare.
 // Tensor-core math is allowed in these modes only; fp32 keeps FMA math.  The
 // determinism and accuracy filters are the same as in fp32.  The bias enters
 // the forward through beta: y is pre-filled with the rounded bias and cuDNN

@@ -230,13 +230,13 @@ RESERVE=$((BENCH_RESERVE - 15)) stage attn-wmma-bench bench_ops.md 40 env DB_BEN
     build/tests/gpu/test_attention_tc
 echo "== bench_cuda_ops (fp32, then bf16 for the matmul-class ops; cudaEvent medians)"
 RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 60 env B="$PWD/build" build/tests/gpu/bench_cuda_ops
-# the same with conv.cu's trial-run algorithm search (DB_CUDNN_FIND=1, opt-in
-# until measured), under its own heading in bench_ops.md, for comparing the
-# conv lines; shorter, and with the same reserve as the runs above, so it
-# takes only time they left and never any of the benchmarks below
-echo "== bench_cuda_ops with DB_CUDNN_FIND=1 (conv algorithms from cuDNN's trial runs)"
-printf '\n%s\n' "### bench_cuda_ops with DB_CUDNN_FIND=1 (conv algorithms from cuDNN's trial runs)" >> "$OUT/bench_ops.md"
-RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops-find bench_ops.md 45 env DB_CUDNN_FIND=1 B="$PWD/build" \
+# the same with the 16-bit convolutions NCHW as before channels-last
+# (DB_CONV_NCHW=1), under its own heading in bench_ops.md, to compare the
+# conv lines; with the same reserve as the runs above, so it takes only
+# time they left.  (DB_CUDNN_FIND=1's run, 2026-11-27: mixed, BENCHMARKS.md.)
+echo "== bench_cuda_ops with DB_CONV_NCHW=1 (16-bit convolutions NCHW, as before 2026-11-27)"
+printf '\n%s\n' "### bench_cuda_ops with DB_CONV_NCHW=1 (16-bit convolutions NCHW)" >> "$OUT/bench_ops.md"
+RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops-nchw bench_ops.md 45 env DB_CONV_NCHW=1 B="$PWD/build" \
     build/tests/gpu/bench_cuda_ops
 # make bench-cuda writes bench_sd.txt, bench_torch.txt and bench.md into $OUT
 # itself; its two programs get their own timeouts (made to fit here too)
