@@ -144,6 +144,17 @@ int db_cuda_sgemm(db_ctx *c, int batch, int transa, int transb, int M, int N, in
 // rows summed in order (the deterministic second stage of a column sum).
 int db_cuda_finish_colsum(db_ctx *c, float *dst, const double *part, int nchunk, int C);
 
+// Rows per chunk of a two-stage column sum over N rows (the bias and layer
+// norm parameter gradients): 32, doubled while the chunks would pass the
+// grid's y limit.  From the shape alone, so the bits do not depend on the card.
+static inline int db_cuda_part_rows(int N)
+{
+    int rows = 32;
+    while ((N + rows - 1) / rows > 65535)
+        rows *= 2;
+    return rows;
+}
+
 // grid size for a grid-stride loop over n items with `threads` per block
 static inline unsigned db_cuda_grid(size_t n, int threads)
 {

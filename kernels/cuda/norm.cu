@@ -10,7 +10,7 @@
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/reduce.h"
 
-enum { ROW_THREADS = 256, PART_ROWS = 256, LN_ROWS = 8 };
+enum { ROW_THREADS = 256, LN_ROWS = 8 };
 
 // dst (C) += (float) sum_r part[r, :], r in order.  One thread per column.
 __global__ static void finish_colsum_kernel(float *dst, const double *part, int nchunk, int C)
@@ -392,15 +392,16 @@ __global__ static void layernorm_backward_dinp_kernel(float *dinp, const float *
 }
 
 // grid (ceil(C / 128), nchunk), block 128.  partw, partb (nchunk, C): over each
-// chunk of PART_ROWS rows in order, sum(dy * xhat) and sum(dy) per column.
+// chunk of `rows` rows (db_cuda_part_rows) in order, sum(dy * xhat) and
+// sum(dy) per column.
 __global__ static void layernorm_backward_param_kernel(double *partw, double *partb, const float *dout,
                                                        const float *mean, const float *rstd, const float *inp, int N,
-                                                       int C)
+                                                       int C, int rows)
 {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x, r0 = blockIdx.y * PART_ROWS;
+    const int j = blockIdx.x * blockDim.x + threadIdx.x, r0 = blockIdx.y * rows;
     if (j >= C)
         return;
-    const int r1 = r0 + PART_ROWS < N ? r0 + PART_ROWS : N;
+    const int r1 = r0 + rows < N ? r0 + rows : N;
     double sw = 0, sb = 0;
     for (int r = r0; r < r1; r++) {
         const float dy = dout[(size_t)r * C + j];
@@ -425,13 +426,13 @@ extern "C" int db_cuda_layernorm_backward(db_ctx *c, float *dinp, float *dweight
         DB_LAUNCHED(c);
     }
     if (dweight || dbias) {
-        const int nchunk = (N + PART_ROWS - 1) / PART_ROWS;
+        const int rows = db_cuda_part_rows(N), nchunk = (N + rows - 1) / rows;
         double *part = (double *)db_cuda_alloc(c, sizeof(double) * 2 * (size_t)nchunk * C);
         if (!part)
             return -1;
         dim3 grid((unsigned)((C + 127) / 128), (unsigned)nchunk);
         layernorm_backward_param_kernel<<<grid, 128, 0, s>>>(part, part + (size_t)nchunk * C, dout, mean, rstd, inp, N,
-                                                             C);
+                                                             C, rows);
         cudaError_t e = cudaGetLastError();
         int r = 0;
         if (e == cudaSuccess && dweight)
