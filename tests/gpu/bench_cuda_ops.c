@@ -6,6 +6,7 @@
  * Inputs are random (never zeros); each op is timed on its own buffers.
  *
  *   usage: bench_cuda_ops            (library found as test_cuda_ops finds it)
+ *   BENCH_OPS_ONLY=bf16 bench_cuda_ops: the bf16 table alone (fp32 likewise)
  * Prints a markdown table on stdout; exit 0, or 0 with a note when there is
  * no library or device. */
 #include <dlfcn.h>
@@ -239,7 +240,10 @@ int main(void)
     /* every case in fp32, then the matmul-class ones in bf16 (tensor
      * cores; kernels/ops.h db_precision): the table's ratio of the two is
      * the speed-up the precision mode buys per op */
+    const char *only = getenv("BENCH_OPS_ONLY");
     for (int pass = 0; pass < 2; pass++) {
+        if (only && strcmp(only, pass ? "bf16" : "fp32") != 0)
+            continue;
         g.precision = pass ? DB_PREC_BF16 : DB_PREC_F32;
         printf("%s| op (%s) | ms | rate | |\n|---|---|---|---|\n", pass ? "\n" : "", pass ? "bf16" : "fp32");
         if (api->conv2d_forward) {

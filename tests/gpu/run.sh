@@ -211,6 +211,10 @@ if [ -f build/gpu-bundle.tar.xz ]; then
     missing=$(for f in build/bin/* build/tests/gpu/* build/bench/* build/lib/*.so; do
         ldd "$f" 2>/dev/null | grep 'not found'; done | sort -u)
     [ -n "$missing" ] && echo "== bundle: libraries not found: $missing"
+    # which bundled libraries the machine has itself (ldconfig): what a
+    # slimmer bundle could leave out, to make room for tests/data's fixtures
+    have=$(for f in build/bundle-lib/*; do n=$(basename "$f"); ldconfig -p 2>/dev/null | grep -q "^[[:space:]]$n " && echo "$n"; done)
+    echo "== bundle: $(echo "$have" | grep -c .) of $(ls build/bundle-lib | wc -l) bundled libraries are on the machine too: $(echo $have)"
 else
     stage build - 300 make -j"$(nproc)" all CUDA=1 CUDA_LIBDIRS="$CUDA_LIBDIRS" || { echo "BUILD FAILED"; exit 1; }
 fi
@@ -236,7 +240,7 @@ RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 60 env B="$PWD/buil
 # time they left.  (DB_CUDNN_FIND=1's run, 2026-11-27: mixed, BENCHMARKS.md.)
 echo "== bench_cuda_ops with DB_CONV_NCHW=1 (16-bit convolutions NCHW, as before 2026-11-27)"
 printf '\n%s\n' "### bench_cuda_ops with DB_CONV_NCHW=1 (16-bit convolutions NCHW)" >> "$OUT/bench_ops.md"
-RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops-nchw bench_ops.md 45 env DB_CONV_NCHW=1 B="$PWD/build" \
+RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops-nchw bench_ops.md 45 env DB_CONV_NCHW=1 BENCH_OPS_ONLY=bf16 B="$PWD/build" \
     build/tests/gpu/bench_cuda_ops
 # make bench-cuda writes bench_sd.txt, bench_torch.txt and bench.md into $OUT
 # itself; its two programs get their own timeouts (made to fit here too)
