@@ -286,6 +286,68 @@ static void clean(char *s) /* a markdown cell */
             *s = '/';
 }
 
+static int by_start(const void *a, const void *b)
+{
+    const kp_rec *x = *(const kp_rec *const *)a, *y = *(const kp_rec *const *)b;
+    return (x->start > y->start) - (x->start < y->start);
+}
+
+/* Where the GPU waited on the host inside [t0, t1): the stretches with no
+ * record running, between the first record's start and the last one's end.
+ * The total and count of those over GAP_MIN_NS per call, then the longest
+ * GAP_TOP with the records around them (what the host was doing then is
+ * what to look at: a sync, a copy from pageable memory, host work). */
+enum { GAP_TOP = 8 };
+static const uint64_t GAP_MIN_NS = 10000;
+
+static void gaps(const kp_prof *p, FILE *f, uint64_t t0, uint64_t t1, double per, char (*readable)[160])
+{
+    size_t n = 0;
+    for (size_t i = 0; i < p->nr; i++)
+        n += p->rec[i].start >= t0 && p->rec[i].start < t1;
+    const kp_rec **r = malloc((n ? n : 1) * sizeof *r);
+    if (!r)
+        return;
+    n = 0;
+    for (size_t i = 0; i < p->nr; i++)
+        if (p->rec[i].start >= t0 && p->rec[i].start < t1)
+            r[n++] = &p->rec[i];
+    qsort(r, n, sizeof *r, by_start);
+    struct {
+        uint64_t ns;
+        const kp_rec *before, *after;
+    } g[GAP_TOP] = {{0, NULL, NULL}};
+    uint64_t total = 0, cnt = 0;
+    const kp_rec *last = n ? r[0] : NULL; /* the record that ends latest so far */
+    for (size_t i = 1; i < n; i++) {
+        if (r[i]->start > last->end) {
+            const uint64_t d = r[i]->start - last->end;
+            if (d >= GAP_MIN_NS)
+                total += d, cnt++;
+            int k = GAP_TOP - 1;
+            if (d > g[k].ns) {
+                while (k > 0 && d > g[k - 1].ns) {
+                    g[k] = g[k - 1];
+                    k--;
+                }
+                g[k].ns = d, g[k].before = last, g[k].after = r[i];
+            }
+        }
+        if (r[i]->end > last->end)
+            last = r[i];
+    }
+    fprintf(f, "\nIdle stretches of %.0f us or more: %.1f per call, %.3f ms per call in all\n",
+            1e-3 * (double)GAP_MIN_NS, (double)cnt * per, 1e-6 * (double)total * per);
+    if (g[0].ns) {
+        fprintf(f, "\n| idle (longest, all calls) | us | last record before | first record after |\n"
+                   "|---|---:|---|---|\n");
+        for (int k = 0; k < GAP_TOP && g[k].ns; k++)
+            fprintf(f, "| %d | %.1f | %s | %s |\n", k + 1, 1e-3 * (double)g[k].ns, readable[g[k].before->name],
+                    readable[g[k].after->name]);
+    }
+    free(r);
+}
+
 static void section(const kp_prof *p, FILE *f, const char *label, uint64_t t0, uint64_t t1, int calls, int top,
                     char (*readable)[160], const char **cats)
 {
@@ -340,6 +402,7 @@ static void section(const kp_prof *p, FILE *f, const char *label, uint64_t t0, u
                 (double)k[j].n * per, 1e-3 * (double)k[j].ns / (double)k[j].n, k[j].cfg ? k[j].cfg : "");
     if (nk > (size_t)top)
         fprintf(f, "| (%zu more kernels) | | | | | | |\n", nk - (size_t)top);
+    gaps(p, f, t0, t1, per, readable);
     free(k), free(c);
 }
 
