@@ -207,11 +207,15 @@ __global__ static void __launch_bounds__(NWARP * 32)
 }
 
 // Pass 2: dk, dv (B, Tk, NH*HS) fp32 (either may be NULL).  grid
-// (ceil(Tk / BR), B NH), block NWARP 32, dynamic shared memory smem_bytes<T>(ND).
+// (ceil(Tk / BR), B NH, nsplit), block NWARP 32, dynamic shared memory
+// smem_bytes<T>(ND).  Block z streams the query tiles [z qtiles, (z + 1)
+// qtiles) only and writes its sums at dk, dv + z * part (a partial of the
+// split, summed by dkv_reduce_kernel); one split: the result itself.
 template <typename T, int ND>
 __global__ static void __launch_bounds__(NWARP * 32)
     attn_tc_dkv_kernel(float *dk, float *dv, const T *dout, const float *lse, const float *D, const T *q, const T *k,
-                       const T *v, int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale)
+                       const T *v, int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale, int qtiles,
+                       size_t part)
 {
     constexpr int HSP = 16 * ND, LDH = HSP + 8;
     extern __shared__ __align__(128) float smem[];
@@ -242,7 +246,8 @@ __global__ static void __launch_bounds__(NWARP * 32)
     }
 
     // causal: queries before the block's first key see none of its keys
-    for (int q0 = causal ? j0 : 0; q0 < Tq; q0 += BT) {
+    const int qa = blockIdx.z * qtiles * BT, qb = qa + qtiles * BT < Tq ? qa + qtiles * BT : Tq;
+    for (int q0 = causal && j0 > qa ? j0 : qa; q0 < qb; q0 += BT) {
         __syncthreads(); // the previous tile is consumed (first time: Kb, Vb written)
         load_rows(Qs, q, b, h, q0, BT, Tq, Tq, NH, HS, LDH);
         load_rows(dOs, dout, b, h, q0, BT, Tq, Tq, NH, HS, LDH);
@@ -287,9 +292,35 @@ __global__ static void __launch_bounds__(NWARP * 32)
         gemm_nn<T, ND>(gk, dsw, LDS16, Qs); // dK / scale += (dS / scale)^T Q
     }
     if (dv)
-        store_rows<ND>(dv, gv, 1.0f, sw, b, h, j0 + warp * 16, Tk, NH, HS, lane);
+        store_rows<ND>(dv + blockIdx.z * part, gv, 1.0f, sw, b, h, j0 + warp * 16, Tk, NH, HS, lane);
     if (dk)
-        store_rows<ND>(dk, gk, scale, sw, b, h, j0 + warp * 16, Tk, NH, HS, lane);
+        store_rows<ND>(dk + blockIdx.z * part, gk, scale, sw, b, h, j0 + warp * 16, Tk, NH, HS, lane);
+}
+
+// dst[i] = sum over z < nsplit of part[z n + i], z in order (deterministic)
+__global__ static void dkv_reduce_kernel(float *dst, const float *part, size_t n, int nsplit)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float s = part[i];
+        for (int z = 1; z < nsplit; z++)
+            s += part[(size_t)z * n + i];
+        dst[i] = s;
+    }
+}
+
+// Query tiles per split of pass 2.  Its grid has a block per 64 keys and
+// head: 32 blocks for SD's cross-attention (77 keys, B 2 x 8 heads) on a
+// 132-SM card, each streaming all 64 query tiles; the H200 run timed that
+// kernel at 805 us a launch on average.  So the queries are split until
+// about DKV_BLOCKS blocks run (from the shape alone, not the card, so the
+// bits are the same everywhere); self-attention's 1024 blocks stay whole.
+enum { DKV_BLOCKS = 264 };
+static int dkv_qtiles(int Tq, int Tk, int BNH)
+{
+    const int nq = (Tq + BT - 1) / BT, blocks = (Tk + BR - 1) / BR * BNH;
+    int nsplit = blocks >= DKV_BLOCKS ? 1 : (DKV_BLOCKS + blocks - 1) / blocks;
+    nsplit = nsplit > nq ? nq : nsplit;
+    return (nq + nsplit - 1) / nsplit;
 }
 
 template <typename T, int ND>
@@ -312,13 +343,35 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
     }
     if (dk || dv) {
         void (*kern2)(float *, float *, const T *, const float *, const float *, const T *, const T *, const T *, int,
-                      int, int, int, int, float, float) = attn_tc_dkv_kernel<T, ND>;
+                      int, int, int, int, float, float, int, size_t) = attn_tc_dkv_kernel<T, ND>;
         if (smem > 48 * 1024)
             DB_CU(c, cudaFuncSetAttribute(kern2, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-        dim3 grid((unsigned)((Tk + BR - 1) / BR), (unsigned)(B * NH));
-        kern2<<<grid, NWARP * 32, smem, st>>>(dk, dv, (const T *)dout, lse, D, (const T *)q, (const T *)k,
-                                               (const T *)v, Tq, Tk, NH, HS, causal, scale, qscale);
-        DB_LAUNCHED(c);
+        const int qtiles = dkv_qtiles(Tq, Tk, B * NH), nsplit = ((Tq + BT - 1) / BT + qtiles - 1) / qtiles;
+        const size_t n = (size_t)B * Tk * NH * HS;
+        // split: partial sums (nsplit of each wanted output), then their sum
+        float *pk = nsplit > 1 && dk ? (float *)db_cuda_alloc(c, sizeof(float) * n * nsplit) : dk,
+              *pv = nsplit > 1 && dv ? (float *)db_cuda_alloc(c, sizeof(float) * n * nsplit) : dv;
+        int r = (dk && !pk) || (dv && !pv) ? -1 : 0;
+        if (r == 0) {
+            dim3 grid((unsigned)((Tk + BR - 1) / BR), (unsigned)(B * NH), (unsigned)nsplit);
+            kern2<<<grid, NWARP * 32, smem, st>>>(pk, pv, (const T *)dout, lse, D, (const T *)q, (const T *)k,
+                                                   (const T *)v, Tq, Tk, NH, HS, causal, scale, qscale, qtiles, n);
+            if (nsplit > 1 && dk)
+                dkv_reduce_kernel<<<db_cuda_grid(n, 256), 256, 0, st>>>(dk, pk, n, nsplit);
+            if (nsplit > 1 && dv)
+                dkv_reduce_kernel<<<db_cuda_grid(n, 256), 256, 0, st>>>(dv, pv, n, nsplit);
+            cudaError_t e = cudaGetLastError();
+            if (e != cudaSuccess)
+                r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "attention_tc backward (dk, dv): %s",
+                                 cudaGetErrorString(e));
+        }
+        if (nsplit > 1) { // stream order keeps them alive for the kernels
+            if (pk)
+                db_cuda_free(c, pk);
+            if (pv)
+                db_cuda_free(c, pv);
+        }
+        return r;
     }
     return 0;
 }
