@@ -7,7 +7,8 @@
  *   dbtest tfevents FILE         one line per value of a TensorBoard event file: "step tag value"
  *                                for scalars, "step tag image WxH png N bytes" for images
  *                                (exit 1 with the reader's error)
- *   dbtest dbt-rel A B           largest relative L2 between the f32 records of two streams
+ *   dbtest dbt-rel A B [each]    largest relative L2 between the f32 records of two streams
+ *                                (each: also a line per record, its name and its own)
  *   dbtest cuda-selftest         load the CUDA backend, run its self-test
  *                                (exit 0 pass, 1 mismatch, 3 no backend/GPU)
  */
@@ -112,6 +113,8 @@ int main(int argc, char **argv)
             }
             const double rel = r > 0 ? sqrt(d / r) : sqrt(d);
             worst = rel > worst || isnan(rel) ? rel : worst;
+            if (argc >= 5 && !strcmp(argv[4], "each"))
+                printf("  record %ld %s: relative L2 %.3g\n", n, x.name, rel);
             n++;
             db_tensor_free(&tx);
             db_tensor_free(&ty);
