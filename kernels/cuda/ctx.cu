@@ -282,6 +282,8 @@ static void state_destroy(db_cuda_state *st)
     release_cached(st);
     for (int i = 0; i < st->nshadow; i++)
         free(st->shadow[i].fr); // (the copies themselves are blocks: freed below)
+    if (st->tfreq)
+        cudaFree(st->tfreq);
     size_t pooled = 0; // a capture left open (its ctx destroyed mid-capture)
     for (db_cuda_block *b = take_pool(st, &pooled), *nx; b; b = nx) {
         nx = b->next;

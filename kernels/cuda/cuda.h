@@ -93,6 +93,15 @@ struct db_cuda_state {
     int capturing;
     db_cuda_block *cap_list[DB_CUDA_NCLASS];
     size_t cap_live, cap_bytes, graph_bytes;
+    // eltwise.cu's timestep-embedding frequencies (computed on the host with
+    // the C library's expf, as the CPU does), uploaded once per (half,
+    // shift, max_period) outside any capture and kept: an upload inside a
+    // captured op would be a graph node reading a freed host buffer at
+    // every replay (the first H200 run's graphs did exactly that).  Plain
+    // cudaMalloc, outside the allocator's counts; freed with the state.
+    float *tfreq;
+    int tfreq_half;
+    float tfreq_shift, tfreq_maxp;
 };
 
 static inline db_cuda_state *db_cuda_st(db_ctx *c) { return (db_cuda_state *)c->cuda; }

@@ -455,8 +455,14 @@ extern "C" int db_cuda_timestep_embedding_forward(db_ctx *c, float *out, const f
     if ((size_t)B * D == 0)
         return 0;
     const int half = D / 2;
-    float *freq = NULL;
-    if (half > 0) {
+    db_cuda_state *st = db_cuda_st(c);
+    if (half > 0 && !(st->tfreq && st->tfreq_half == half && st->tfreq_shift == shift && st->tfreq_maxp == max_period)) {
+        // a new table: never inside a capture (see tfreq in cuda.h); the
+        // caller runs the op directly first (kernels/ops.h), or runs it
+        // without a graph when this fails the capture
+        if (st->capturing)
+            return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__,
+                                "timestep embedding: first call for this table inside a graph capture");
         float *host = (float *)malloc(sizeof(float) * (size_t)half);
         if (!host)
             return db_cuda_fail(c, DB_ENOMEM, __FILE__, __LINE__, "timestep embedding: out of host memory");
@@ -465,24 +471,27 @@ extern "C" int db_cuda_timestep_embedding_forward(db_ctx *c, float *out, const f
         const float denom = (float)((double)half - (double)shift);
         for (int i = 0; i < half; i++)
             host[i] = expf((neg_log * (float)i) / denom);
-        freq = (float *)db_cuda_alloc(c, sizeof(float) * (size_t)half);
-        // pageable source: the call returns once host is staged, so it may be freed
-        cudaError_t e = freq ? cudaMemcpyAsync(freq, host, sizeof(float) * (size_t)half, cudaMemcpyHostToDevice,
-                                               db_cuda_st(c)->stream)
-                             : cudaSuccess;
+        if (st->tfreq && st->tfreq_half < half) {
+            cudaStreamSynchronize(st->stream); // the old table may still be read by queued kernels
+            cudaFree(st->tfreq);
+            st->tfreq = NULL;
+        }
+        cudaError_t e = st->tfreq ? cudaSuccess : cudaMalloc((void **)&st->tfreq, sizeof(float) * (size_t)half);
+        // queued kernels may read the old values: the copy waits its turn
+        if (e == cudaSuccess)
+            e = cudaMemcpyAsync(st->tfreq, host, sizeof(float) * (size_t)half, cudaMemcpyHostToDevice, st->stream);
+        if (e == cudaSuccess)
+            e = cudaStreamSynchronize(st->stream); // host may go now
         free(host);
-        if (!freq)
-            return -1;
         if (e != cudaSuccess) {
-            db_cuda_free(c, freq);
+            st->tfreq_half = 0;
             DB_CU(c, e);
         }
+        st->tfreq_half = half, st->tfreq_shift = shift, st->tfreq_maxp = max_period;
     }
-    timestep_kernel<<<db_cuda_grid((size_t)B * D, THREADS), THREADS, 0, db_cuda_st(c)->stream>>>(out, timesteps, freq,
-                                                                                                 B, D, flip_sin_to_cos);
-    cudaError_t e = cudaGetLastError();
-    db_cuda_free(c, freq);
-    DB_CU(c, e);
+    timestep_kernel<<<db_cuda_grid((size_t)B * D, THREADS), THREADS, 0, st->stream>>>(out, timesteps, st->tfreq, B, D,
+                                                                                      flip_sin_to_cos);
+    DB_LAUNCHED(c);
     return 0;
 }
 

@@ -68,9 +68,18 @@ static int run(db_ctx *c, const db_model *m, const cfg *k, int no_graph, double 
     return rc;
 }
 
-static int same(const db_weights *a, const db_weights *b)
+/* weights on the ctx's device: fetched first (a memcmp of device pointers
+ * crashed the first GPU run of this test) */
+static int same(db_ctx *c, const db_weights *a, const db_weights *b)
 {
-    return a->numel == b->numel && !memcmp(a->data, b->data, a->numel * sizeof(float));
+    if (a->numel != b->numel)
+        return 0;
+    const size_t bytes = a->numel * sizeof(float);
+    const void *ha = tap_fetch(c, a->data, bytes), *hb = tap_fetch(c, b->data, bytes);
+    const int eq = ha && hb && !memcmp(ha, hb, bytes);
+    tap_host_free(c, ha);
+    tap_host_free(c, hb);
+    return eq;
 }
 
 int main(void)
@@ -105,9 +114,9 @@ int main(void)
             db_train_state sg, sd;
             db_trainer_state(tg, &sg);
             db_trainer_state(td, &sd);
-            tap_ok(same(sg.unet, sd.unet), "%s: UNet weights bit-identical", k->name);
+            tap_ok(same(c, sg.unet, sd.unet), "%s: UNet weights bit-identical", k->name);
             if (k->text)
-                tap_ok(sg.text && sd.text && same(sg.text, sd.text), "%s: text encoder weights bit-identical",
+                tap_ok(sg.text && sd.text && same(c, sg.text, sd.text), "%s: text encoder weights bit-identical",
                        k->name);
         }
         db_trainer_free(tg);
