@@ -110,8 +110,51 @@ __global__ static void __launch_bounds__(TT *TROWS)
     }
 }
 
-// one launch per 65535 samples (the grid's z limit); to16: dst16/src32,
-// else dst32/src16
+// Small planes (HW <= SMALL_HW: a 3x3 filter's KH KW = 9, its B being OC):
+// the 32x32 tiles would leave most threads idle and write 9-float runs.  A
+// block takes SMALL_CT channels of one plane instead, whose NCHW side is one
+// contiguous run of SMALL_CT HW values, staged (HW, SMALL_CT) in shared
+// memory.  (H200, 2026-11-27: the filter gradients through the 32x32 kernel
+// took 75 us a launch, 13.7 ms of a bf16 training step.)
+enum { SMALL_HW = 16, SMALL_CT = 256 };
+
+// dst (B, HW, C) = round(src (B, C, HW)); grid (C chunks, B), block SMALL_CT
+template <typename T>
+__global__ static void __launch_bounds__(SMALL_CT) to16_nhwc_small_kernel(T *dst, const float *src, int C, int HW)
+{
+    __shared__ float tile[SMALL_HW][SMALL_CT + 1];
+    const size_t plane = (size_t)C * HW * blockIdx.y;
+    const int c0 = blockIdx.x * SMALL_CT, nc = C - c0 < SMALL_CT ? C - c0 : SMALL_CT;
+    const float *s = src + plane + (size_t)c0 * HW; // nc * HW contiguous values
+    for (int i = threadIdx.x; i < nc * HW; i += SMALL_CT)
+        tile[i % HW][i / HW] = s[i];
+    __syncthreads();
+    if (threadIdx.x < nc)
+        for (int k = 0; k < HW; k++)
+            store16(dst + plane + (size_t)k * C + c0 + threadIdx.x, tile[k][threadIdx.x]);
+}
+
+// dst (B, C, HW) = (float) src (B, HW, C), or += when accumulate
+template <typename T>
+__global__ static void __launch_bounds__(SMALL_CT)
+    from16_nchw_small_kernel(float *dst, const T *src, int C, int HW, int accumulate)
+{
+    __shared__ float tile[SMALL_HW][SMALL_CT + 1];
+    const size_t plane = (size_t)C * HW * blockIdx.y;
+    const int c0 = blockIdx.x * SMALL_CT, nc = C - c0 < SMALL_CT ? C - c0 : SMALL_CT;
+    if (threadIdx.x < nc)
+        for (int k = 0; k < HW; k++)
+            tile[k][threadIdx.x] = load16(src + plane + (size_t)k * C + c0 + threadIdx.x);
+    __syncthreads();
+    float *d = dst + plane + (size_t)c0 * HW; // nc * HW contiguous values
+    for (int i = threadIdx.x; i < nc * HW; i += SMALL_CT) {
+        const float v = tile[i % HW][i / HW];
+        d[i] = accumulate ? d[i] + v : v;
+    }
+}
+
+// one launch per 65535 samples (the grid's z limit; y for small planes);
+// to16: dst16/src32, else dst32/src16
 static int nhwc_launch(db_ctx *c, int to16, void *dst, const void *src, int B, int C, int HW, int accumulate)
 {
     if (B <= 0 || C <= 0 || HW <= 0)
@@ -124,6 +167,22 @@ static int nhwc_launch(db_ctx *c, int to16, void *dst, const void *src, int B, i
         const dim3 grid((unsigned)((HW + TT - 1) / TT), (unsigned)((C + TT - 1) / TT), (unsigned)nb),
             block(TT, TROWS);
         const size_t o = plane * b0;
+        if (HW <= SMALL_HW) {
+            const dim3 sg((unsigned)((C + SMALL_CT - 1) / SMALL_CT), (unsigned)nb);
+            if (to16 && f16)
+                to16_nhwc_small_kernel<<<sg, SMALL_CT, 0, s>>>((__half *)dst + o, (const float *)src + o, C, HW);
+            else if (to16)
+                to16_nhwc_small_kernel<<<sg, SMALL_CT, 0, s>>>((__nv_bfloat16 *)dst + o, (const float *)src + o, C,
+                                                               HW);
+            else if (f16)
+                from16_nchw_small_kernel<<<sg, SMALL_CT, 0, s>>>((float *)dst + o, (const __half *)src + o, C, HW,
+                                                                 accumulate);
+            else
+                from16_nchw_small_kernel<<<sg, SMALL_CT, 0, s>>>((float *)dst + o, (const __nv_bfloat16 *)src + o, C,
+                                                                 HW, accumulate);
+            DB_LAUNCHED(c);
+            continue;
+        }
         if (to16 && f16)
             to16_nhwc_kernel<<<grid, block, 0, s>>>((__half *)dst + o, (const float *)src + o, C, HW);
         else if (to16)
@@ -267,9 +326,14 @@ void *db_cuda_filter16(db_ctx *c, const float *wt, int OC, int C, int KHW)
 {
     const size_t n = (size_t)OC * C * KHW;
     db_cuda_shadow *w = n ? db_cuda_shadow_find(c, wt, n * sizeof(float)) : NULL;
-    if (KHW == 1 || !w) // a 1x1 filter reads the same either way; else scratch
+    const size_t off = w ? (size_t)(wt - w->p) : 0;
+    // a 1x1 filter reads the same either way; outside a declared buffer, or
+    // at a place in its copy not 16-byte aligned, scratch: cuDNN picks
+    // kernels by the operands' alignment, and a misaligned copy gave other
+    // bits than scratch (fp16 data gradient, H200); our weights keep every
+    // tensor 16 floats aligned, so the copy serves them all
+    if (KHW == 1 || !w || (off * 2) % 16 != 0)
         return KHW == 1 ? db_cuda_to16(c, wt, n) : db_cuda_to16_nhwc(c, wt, OC, C, KHW);
-    const size_t off = (size_t)(wt - w->p);
     int i = 0;
     while (i < w->nfr && w->fr[i].off != off)
         i++;

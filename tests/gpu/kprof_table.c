@@ -210,6 +210,7 @@ static const struct {
     {"round_kernel", "ours: 16-bit conversions"},        {"to_bf16_kernel", "ours: 16-bit conversions"},
     {"to_f16_kernel", "ours: 16-bit conversions"},       {"from_bf16_kernel", "ours: 16-bit conversions"},
     {"from_f16_kernel", "ours: 16-bit conversions"},     {"bias_fill16_kernel", "ours: 16-bit conversions"},
+    {"to16_nhwc", "ours: 16-bit conversions"},           {"from16_nchw", "ours: 16-bit conversions"},
     {"attention", "ours: attention"},                    {"attn_", "ours: attention"},
     {"softmax_", "ours: attention"},                     {"groupnorm_", "ours: norms"},
     {"layernorm_", "ours: norms"},                       {"adamw", "ours: optimizer and clipping"},

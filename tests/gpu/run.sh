@@ -234,6 +234,7 @@ printf '\n%s\n' "### DB_ATTN_MMA=0: the attention forward through WMMA (attentio
 RESERVE=$((BENCH_RESERVE - 15)) stage attn-wmma-bench bench_ops.md 40 env DB_BENCH=1 DB_ATTN_MMA=0 B="$PWD/build" \
     build/tests/gpu/test_attention_tc
 echo "== bench_cuda_ops (fp32, then bf16 for the matmul-class ops; cudaEvent medians)"
+printf '\n%s\n' "### bench_cuda_ops (fp32, then bf16)" >> "$OUT/bench_ops.md"
 RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 60 env B="$PWD/build" build/tests/gpu/bench_cuda_ops
 # the same with the 16-bit convolutions NCHW as before channels-last
 # (DB_CONV_NCHW=1), under its own heading in bench_ops.md, to compare the

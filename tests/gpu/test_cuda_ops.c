@@ -1239,7 +1239,9 @@ static void t_shadow(void)
     const int N = 9, C = 24, OC = 10;
     /* the conv: B 2, 5 -> 6 channels, 7x7, 3x3, pad 1; its filter at fo */
     const int KB = 2, KC = 5, KO = 6, KS = 7;
-    const size_t fo = (size_t)OC * C + 7, nf = (size_t)KO * KC * 9, nkx = (size_t)KB * KC * KS * KS,
+    /* the filter 16 floats aligned, as our weight buffers keep every tensor
+     * (a misaligned one is converted to scratch: autocast.cu) */
+    const size_t fo = ((size_t)OC * C + 7 + 15) / 16 * 16, nf = (size_t)KO * KC * 9, nkx = (size_t)KB * KC * KS * KS,
                  nky = (size_t)KB * KO * KS * KS;
     const size_t nx = (size_t)N * C, nw = fo + nf, ny = (size_t)N * OC; /* + 7: a sub-range */
     float *w = hrand(nw, 0.05f), *x = hrand(nx, 1);
