@@ -43,11 +43,16 @@ check "ckpt-000006 written" "[ -d '$T/two/ckpt-000006' ]"
 mpirun -np 2 ${TR/-q/-v} --steps 1 -o "$T/v" >"$T/v.log" 2>&1
 check "rank 0 says how gradients are summed (CPU: MPI)" "grep -q 'process 0 of 2 on cpu, gradients summed over mpi' '$T/v.log'"
 # --device cuda under mpirun: each process takes the GPU of its local rank.
-# Here there is none, so each names the device it tried; rank 0 waits so
-# that rank 1 fails (and says so) before rank 0's abort ends the job.
-DB_CUDA_UNVERIFIED=1 mpirun -np 2 sh -c '[ "$OMPI_COMM_WORLD_RANK" = 0 ] && sleep 3; exec "$@"' sh \
+# Here there is none, so each names the device it tried, into a file of
+# its own; whichever fails first aborts the job, so the other may not get
+# to say it: each file that names a device names its rank's, and one does.
+# (Waiting in rank 0 cannot order them: both meet in MPI_Init first.)
+DB_CUDA_UNVERIFIED=1 mpirun -np 2 sh -c "exec \"\$@\" 2>'$T/cu.rank'\$OMPI_COMM_WORLD_RANK" sh \
     $TR --device cuda -o "$T/cu" >"$T/cu.log" 2>&1
-check "mpirun -np 2 --device cuda: process 1 asks for cuda:1" "grep -q 'context: cuda:1' '$T/cu.log'"
+named() { grep -qs "context: cuda:" "$T/cu.rank$1"; }
+check "mpirun -np 2 --device cuda: each process asks for the GPU of its rank" \
+    "{ named 0 || named 1; } && { ! named 0 || grep -q 'context: cuda:0' '$T/cu.rank0'; } &&
+     { ! named 1 || grep -q 'context: cuda:1' '$T/cu.rank1'; }"
 check "... and writes no run" "[ ! -e '$T/cu/ckpt-000002' ]"
 fails_with 2 "one process" "--record under mpirun is refused" mpirun -np 2 $TR --record "$T/d.dbt" -o "$T/rec"
 done_testing
