@@ -23,6 +23,7 @@
 
 #include "kernels/cuda/attention_tc.h"
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/reduce.h"
 
 enum {
     NWARP = 4,       // warps per block
@@ -172,34 +173,18 @@ static const size_t GEMM_SCORE_BYTES = (size_t)128 << 20;
 __global__ static void __launch_bounds__(SOFTMAX_THREADS)
     softmax_rows_kernel(float *S, float *lse, int n, int Tk, int Tq, int i0, int causal)
 {
-    __shared__ float red[SOFTMAX_THREADS / 32];
+    __shared__ float red[32];
     const int row = blockIdx.x, h = row / n, i = i0 + row % n;
     const int kend = causal && i + 1 < Tk ? i + 1 : Tk;
     float *s = S + (size_t)row * Tk;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float m = -INFINITY;
     for (int j = threadIdx.x; j < kend; j += blockDim.x)
         m = fmaxf(m, s[j]);
-    for (int o = 16; o > 0; o >>= 1)
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (lane == 0)
-        red[warp] = m;
-    __syncthreads();
-    m = red[0];
-    for (int w = 1; w < SOFTMAX_THREADS / 32; w++)
-        m = fmaxf(m, red[w]);
-    __syncthreads();
+    m = db_block_max(m, red);
     float l = 0.0f;
     for (int j = threadIdx.x; j < kend; j += blockDim.x)
         l += exp2f(s[j] - m);
-    for (int o = 16; o > 0; o >>= 1)
-        l += __shfl_xor_sync(0xffffffffu, l, o);
-    if (lane == 0)
-        red[warp] = l;
-    __syncthreads();
-    l = 0.0f;
-    for (int w = 0; w < SOFTMAX_THREADS / 32; w++) // a fixed order: deterministic
-        l += red[w];
+    l = db_block_sum(l, red); // a fixed tree: deterministic
     const float inv = 1.0f / l;
     for (int j = threadIdx.x; j < Tk; j += blockDim.x)
         s[j] = j < kend ? exp2f(s[j] - m) * inv : 0.0f;
