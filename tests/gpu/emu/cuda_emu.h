@@ -11,7 +11,12 @@
 // cuDNN calls on bf16 / fp16 tensors (autocast: 16-bit operands read through
 // cuda_bf16.h / cuda_fp16.h's host conversions, float32 C or a rounded 16-bit
 // store), and the warp-wide mma.sync of kernels/cuda/mma.h (the lanes'
-// registers gathered, each lane's sums in k order).  What it cannot tell: speed, the GPU's own libm (expf, erff,
+// registers gathered, each lane's sums in k order).  Host copies inside a
+// graph capture are refused here, where a real capture records a copy from
+// pageable memory as a node that reads that host buffer again at every
+// replay (the H200 found the timestep embedding doing so; only device-side
+// checks, such as test_cuda_ops' captured ops, catch that class).  What it
+// cannot tell: speed, the GPU's own libm (expf, erff,
 // sinf... here are glibc's), memory-model questions beyond plain races
 // (ordering between blocks through global memory, fences), cuBLAS/cuDNN
 // behaviour (algorithm choice, TF32, determinism).  Plain races between
