@@ -13,7 +13,9 @@
  * the functions through dlopen(RTLD_NOLOAD) of the same path); the report
  * then has a table per section, per call.  Without sections (db-train,
  * db-sample) it has one for the whole run, titled $DB_KPROF_LABEL.
- * $DB_KPROF_TOP: kernel rows per table (20).
+ * $DB_KPROF_TOP: kernel rows per table (20).  The host's CUDA runtime and
+ * driver calls are recorded too (DB_KPROF_HOST=0: not): a table of them per
+ * section, and the idle table names those covering each idle stretch.
  *
  * The profile costs a little time per kernel: time with bench_sd alone, and
  * read these tables for the shares.  The state below is global because the
@@ -72,6 +74,17 @@ static void CUPTIAPI buffer_completed(CUcontext ctx, uint32_t stream, uint8_t *b
             kp_add(&G.p, copy_kind(m->copyKind), m->start, m->end);
             break;
         }
+        case CUPTI_ACTIVITY_KIND_RUNTIME:
+        case CUPTI_ACTIVITY_KIND_DRIVER: {
+            const CUpti_ActivityAPI *a = (const CUpti_ActivityAPI *)r;
+            const char *name = NULL;
+            if (cuptiGetCallbackName(r->kind == CUPTI_ACTIVITY_KIND_RUNTIME ? CUPTI_CB_DOMAIN_RUNTIME_API
+                                                                            : CUPTI_CB_DOMAIN_DRIVER_API,
+                                     a->cbid, &name) != CUPTI_SUCCESS || !name)
+                name = "(unknown CUDA call)";
+            kp_add_host(&G.p, name, a->start, a->end);
+            break;
+        }
         case CUPTI_ACTIVITY_KIND_MEMSET: {
             const CUpti_ActivityMemset4 *m = (const CUpti_ActivityMemset4 *)r;
             kp_add(&G.p, "[memset]", m->start, m->end);
@@ -125,6 +138,11 @@ int InitializeInjection(void)
         fprintf(stderr, "kprof: %s failed: no kernel profile\n", what);
         return 0;
     }
+    /* the host's CUDA calls, for the idle table (DB_KPROF_HOST=0: off) */
+    const char *host = getenv("DB_KPROF_HOST");
+    if (!(host && !strcmp(host, "0")) && (cuptiActivityEnable(CUPTI_ACTIVITY_KIND_RUNTIME) != CUPTI_SUCCESS ||
+                                          cuptiActivityEnable(CUPTI_ACTIVITY_KIND_DRIVER) != CUPTI_SUCCESS))
+        fprintf(stderr, "kprof: enabling host API records failed: the idle table names no calls\n");
     pthread_mutex_lock(&G.mu);
     G.on = 1;
     if (!G.at_exit++)

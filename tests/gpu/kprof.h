@@ -17,6 +17,7 @@
 typedef struct kp_rec {
     uint64_t start, end;
     uint32_t name;
+    uint32_t host; /* a host API call (kp_add_host), not GPU work */
 } kp_rec;
 
 typedef struct kp_sec {
@@ -41,6 +42,13 @@ typedef struct kp_prof {
 
 /* A record: name (copied), its start and end.  0, or -1 out of memory (counted in lost). */
 int kp_add(kp_prof *p, const char *name, uint64_t start, uint64_t end);
+/* A host API call (a CUDA runtime or driver function, by name) from start
+ * to end: not GPU work (the busy time and kernel rows leave it out), but
+ * the idle table names the calls that cover each idle stretch, and each
+ * section gets a table of the host calls' time: what the host was doing
+ * while the GPU waited (a synchronize, a copy from pageable memory, a
+ * graph launch, or no CUDA call at all: host work). */
+int kp_add_host(kp_prof *p, const char *name, uint64_t start, uint64_t end);
 /* A kernel's launch configuration (grid, block, registers per thread,
  * shared memory per block), kept for its name's first launch and shown in
  * the kernel rows: occupancy at a glance.  After kp_add of the name. */

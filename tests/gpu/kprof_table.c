@@ -52,7 +52,7 @@ static long intern(kp_prof *p, const char *name)
     return (long)p->nn - 1;
 }
 
-int kp_add(kp_prof *p, const char *name, uint64_t start, uint64_t end)
+static int add(kp_prof *p, const char *name, uint64_t start, uint64_t end, uint32_t host)
 {
     const long id = intern(p, name && *name ? name : "(unnamed)");
     if (id >= 0 && p->nr == p->cr) {
@@ -65,8 +65,18 @@ int kp_add(kp_prof *p, const char *name, uint64_t start, uint64_t end)
         p->lost++;
         return -1;
     }
-    p->rec[p->nr++] = (kp_rec){start, end < start ? start : end, (uint32_t)id};
+    p->rec[p->nr++] = (kp_rec){start, end < start ? start : end, (uint32_t)id, host};
     return 0;
+}
+
+int kp_add(kp_prof *p, const char *name, uint64_t start, uint64_t end)
+{
+    return add(p, name, start, end, 0);
+}
+
+int kp_add_host(kp_prof *p, const char *name, uint64_t start, uint64_t end)
+{
+    return add(p, name, start, end, 1);
 }
 
 void kp_config(kp_prof *p, const char *name, int gx, int gy, int gz, int bx, int by, int bz, int regs,
@@ -294,26 +304,89 @@ static int by_start(const void *a, const void *b)
 }
 
 /* Where the GPU waited on the host inside [t0, t1): the stretches with no
- * record running, between the first record's start and the last one's end.
- * The total and count of those over GAP_MIN_NS per call, then the longest
- * GAP_TOP with the records around them (what the host was doing then is
- * what to look at: a sync, a copy from pageable memory, host work). */
-enum { GAP_TOP = 8 };
+ * GPU record running, between the first record's start and the last one's
+ * end.  The total and count of those over GAP_MIN_NS per call, then the
+ * longest GAP_TOP with the records around them and, where host API calls
+ * were recorded (kp_add_host), the calls that cover the stretch (a sync, a
+ * copy from pageable memory, a graph launch) and how much of it no CUDA
+ * call covers (host work). */
+enum { GAP_TOP = 8, GAP_CALLS = 3, HOST_TOP = 10 };
 static const uint64_t GAP_MIN_NS = 10000;
+
+static uint64_t overlap(const kp_rec *h, uint64_t a, uint64_t b)
+{
+    const uint64_t s = h->start > a ? h->start : a, e = h->end < b ? h->end : b;
+    return e > s ? e - s : 0;
+}
+
+/* What the host calls did in [a, b): the GAP_CALLS names that cover the
+ * most of it (us each), and the time no call covers, into out. */
+static void covered(const kp_rec **h, size_t nh, uint64_t a, uint64_t b, char (*readable)[160], char *out,
+                    size_t cap)
+{
+    struct {
+        uint32_t name;
+        uint64_t ns;
+    } top[GAP_CALLS] = {{0, 0}};
+    uint64_t reach = a, uncovered = 0; /* h is sorted by start: the union's gaps */
+    for (size_t i = 0; i < nh; i++) {
+        const uint64_t o = overlap(h[i], a, b);
+        if (!o)
+            continue;
+        const uint64_t s = h[i]->start > a ? h[i]->start : a;
+        if (s > reach)
+            uncovered += s - reach;
+        if (h[i]->end > reach)
+            reach = h[i]->end < b ? h[i]->end : b;
+        uint64_t sum = 0; /* this name's total in [a, b) */
+        int seen = 0;
+        for (int k = 0; k < GAP_CALLS; k++)
+            if (top[k].ns && top[k].name == h[i]->name)
+                seen = 1;
+        if (seen)
+            continue;
+        for (size_t j = i; j < nh && h[j]->start < b; j++)
+            if (h[j]->name == h[i]->name)
+                sum += overlap(h[j], a, b);
+        int k = GAP_CALLS - 1;
+        if (sum > top[k].ns) {
+            while (k > 0 && sum > top[k - 1].ns) {
+                top[k] = top[k - 1];
+                k--;
+            }
+            top[k].name = h[i]->name, top[k].ns = sum;
+        }
+    }
+    if (b > reach)
+        uncovered += b - reach;
+    size_t n = 0;
+    out[0] = 0;
+    for (int k = 0; k < GAP_CALLS && top[k].ns && n < cap; k++)
+        n += (size_t)snprintf(out + n, cap - n, "%s%s %.1f", k ? "; " : "", readable[top[k].name],
+                              1e-3 * (double)top[k].ns);
+    if (n < cap)
+        snprintf(out + n, cap - n, "%sno CUDA call %.1f", n ? "; " : "", 1e-3 * (double)uncovered);
+}
 
 static void gaps(const kp_prof *p, FILE *f, uint64_t t0, uint64_t t1, double per, char (*readable)[160])
 {
-    size_t n = 0;
-    for (size_t i = 0; i < p->nr; i++)
-        n += p->rec[i].start >= t0 && p->rec[i].start < t1;
-    const kp_rec **r = malloc((n ? n : 1) * sizeof *r);
-    if (!r)
-        return;
-    n = 0;
+    size_t n = 0, nh = 0;
     for (size_t i = 0; i < p->nr; i++)
         if (p->rec[i].start >= t0 && p->rec[i].start < t1)
-            r[n++] = &p->rec[i];
+            p->rec[i].host ? nh++ : n++;
+    const kp_rec **r = malloc((n + nh + 1) * sizeof *r), **h = r + n;
+    if (!r)
+        return;
+    n = nh = 0;
+    for (size_t i = 0; i < p->nr; i++)
+        if (p->rec[i].start >= t0 && p->rec[i].start < t1) {
+            if (p->rec[i].host)
+                h[nh++] = &p->rec[i];
+            else
+                r[n++] = &p->rec[i];
+        }
     qsort(r, n, sizeof *r, by_start);
+    qsort(h, nh, sizeof *h, by_start);
     struct {
         uint64_t ns;
         const kp_rec *before, *after;
@@ -340,11 +413,16 @@ static void gaps(const kp_prof *p, FILE *f, uint64_t t0, uint64_t t1, double per
     fprintf(f, "\nIdle stretches of %.0f us or more: %.1f per call, %.3f ms per call in all\n",
             1e-3 * (double)GAP_MIN_NS, (double)cnt * per, 1e-6 * (double)total * per);
     if (g[0].ns) {
-        fprintf(f, "\n| idle (longest, all calls) | us | last record before | first record after |\n"
-                   "|---|---:|---|---|\n");
-        for (int k = 0; k < GAP_TOP && g[k].ns; k++)
-            fprintf(f, "| %d | %.1f | %s | %s |\n", k + 1, 1e-3 * (double)g[k].ns, readable[g[k].before->name],
-                    readable[g[k].after->name]);
+        fprintf(f, "\n| idle (longest, all calls) | us | last record before | first record after |%s\n"
+                   "|---|---:|---|---|%s\n",
+                nh ? " host calls in it (us) |" : "", nh ? "---|" : "");
+        for (int k = 0; k < GAP_TOP && g[k].ns; k++) {
+            char calls[512] = "";
+            if (nh)
+                covered(h, nh, g[k].before->end, g[k].after->start, readable, calls, sizeof calls);
+            fprintf(f, "| %d | %.1f | %s | %s |%s%s%s\n", k + 1, 1e-3 * (double)g[k].ns, readable[g[k].before->name],
+                    readable[g[k].after->name], nh ? " " : "", calls, nh ? " |" : "");
+        }
     }
     free(r);
 }
@@ -352,24 +430,29 @@ static void gaps(const kp_prof *p, FILE *f, uint64_t t0, uint64_t t1, double per
 static void section(const kp_prof *p, FILE *f, const char *label, uint64_t t0, uint64_t t1, int calls, int top,
                     char (*readable)[160], const char **cats)
 {
-    row *k = calloc(p->nn ? p->nn : 1, sizeof *k), *c = calloc(p->nn + 1, sizeof *c);
-    if (!k || !c) {
+    row *k = calloc(p->nn ? p->nn : 1, sizeof *k), *c = calloc(p->nn + 1, sizeof *c),
+        *h = calloc(p->nn ? p->nn : 1, sizeof *h);
+    if (!k || !c || !h) {
         fprintf(f, "\n### kernel profile: %s: out of memory for the report\n", label);
-        free(k), free(c);
+        free(k), free(c), free(h);
         return;
     }
-    uint64_t busy = 0, n = 0;
+    uint64_t busy = 0, n = 0, nh = 0;
     for (size_t i = 0; i < p->nr; i++) {
         const kp_rec *r = &p->rec[i];
         if (r->start < t0 || r->start >= t1)
             continue;
+        if (r->host) {
+            h[r->name].ns += r->end - r->start, h[r->name].n++, nh++;
+            continue;
+        }
         k[r->name].ns += r->end - r->start, k[r->name].n++;
         busy += r->end - r->start, n++;
     }
     if (!n) {
         fprintf(f, "\n### kernel profile: %s\n\n%d call%s; no kernels recorded in them\n", label, calls,
                 calls == 1 ? "" : "s");
-        free(k), free(c);
+        free(k), free(c), free(h);
         return;
     }
     size_t nk = 0, nc = 0;
@@ -403,8 +486,20 @@ static void section(const kp_prof *p, FILE *f, const char *label, uint64_t t0, u
                 (double)k[j].n * per, 1e-3 * (double)k[j].ns / (double)k[j].n, k[j].cfg ? k[j].cfg : "");
     if (nk > (size_t)top)
         fprintf(f, "| (%zu more kernels) | | | | | | |\n", nk - (size_t)top);
+    if (nh) { /* the host's CUDA calls, by time */
+        size_t m = 0;
+        for (size_t i = 0; i < p->nn; i++)
+            if (h[i].n)
+                h[m++] = (row){readable[i], "host", h[i].ns, h[i].n, NULL};
+        qsort(h, m, sizeof *h, by_time);
+        fprintf(f, "\n| host CUDA call (top %d by time) | ms per call | calls per call | us each |\n"
+                   "|---|---:|---:|---:|\n", HOST_TOP);
+        for (size_t j = 0; j < m && j < HOST_TOP; j++)
+            fprintf(f, "| %s | %.3f | %.1f | %.1f |\n", h[j].name, 1e-6 * (double)h[j].ns * per,
+                    (double)h[j].n * per, 1e-3 * (double)h[j].ns / (double)h[j].n);
+    }
     gaps(p, f, t0, t1, per, readable);
-    free(k), free(c);
+    free(k), free(c), free(h);
 }
 
 void kp_report(const kp_prof *p, FILE *f, const char *whole, int top)
@@ -429,12 +524,15 @@ void kp_report(const kp_prof *p, FILE *f, const char *whole, int top)
             uint64_t t1 = q->t1;
             if (p->open && s == p->ns - 1)
                 for (size_t i = 0; i < p->nr; i++)
-                    t1 = p->rec[i].end + 1 > t1 ? p->rec[i].end + 1 : t1;
+                    if (!p->rec[i].host)
+                        t1 = p->rec[i].end + 1 > t1 ? p->rec[i].end + 1 : t1;
             section(p, f, q->label, q->t0, t1, q->calls ? q->calls : 1, top, readable, cats);
         }
     } else if (p->nr) {
         uint64_t t0 = UINT64_MAX, t1 = 0;
         for (size_t i = 0; i < p->nr; i++) {
+            if (p->rec[i].host)
+                continue;
             t0 = p->rec[i].start < t0 ? p->rec[i].start : t0;
             t1 = p->rec[i].end + 1 > t1 ? p->rec[i].end + 1 : t1;
         }

@@ -160,6 +160,29 @@ int main(void)
     free(r);
     kp_free(&p);
 
+    /* host calls: not GPU work, but the idle table names the ones covering
+     * each stretch (the longest first) and the time no call covers */
+    kp_begin(&p, "host", 0);
+    kp_add(&p, "alpha_kernel", 0, 10000);
+    kp_add_host(&p, "cudaGraphLaunch", 1000, 3000);           /* while the GPU ran: no stretch */
+    kp_add_host(&p, "cudaStreamSynchronize", 12000, 30000);    /* 18 us of the 40 */
+    kp_add_host(&p, "cudaMemcpy", 31000, 36000);               /* 5 us */
+    kp_add_host(&p, "cudaStreamSynchronize", 38000, 42000);    /* 4 more */
+    kp_add(&p, "beta_kernel", 50000, 60000);
+    kp_end(&p, 60000, 1);
+    r = report(&p, NULL, 5);
+    tap_ok(strstr(r, "2 launches") != NULL || strstr(r, "2.0 launches") != NULL,
+           "host calls are not counted as launches");
+    tap_ok(strstr(r, "0.020 ms of GPU work") != NULL, "host calls are not GPU busy time");
+    tap_ok(strstr(r, "| 1 | 40.0 | alpha_kernel | beta_kernel | cudaStreamSynchronize 22.0; cudaMemcpy 5.0; "
+                     "no CUDA call 13.0 |") != NULL,
+           "idle: the calls covering it by time, and the rest");
+    tap_ok(strstr(r, "| cudaStreamSynchronize | 0.022 | 2.0 | 11.0 |\n| cudaMemcpy | 0.005 | 1.0 | 5.0 |\n"
+                     "| cudaGraphLaunch | 0.002 | 1.0 | 2.0 |") != NULL,
+           "the host calls' table, by time");
+    free(r);
+    kp_free(&p);
+
     /* an end without a begin is refused; an open section runs to the last record */
     tap_ok(kp_end(&p, 10, 1) == -1, "end without begin: -1");
     kp_begin(&p, "open", 0);
