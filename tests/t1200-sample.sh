@@ -104,9 +104,11 @@ fails_with 2 "\\.png" "output must be .png" $S --prompt x -o "$T/out.jpg"
 fails_with 2 "--grid .*\\.png" "--grid must be .png" $S --prompt x -o "$T/g.png" --grid "$T/g.jpg"
 fails_with 2 "too large" "a grid beyond PNG's size is a usage error" $S --prompt x -n 20000 --width 8192 -o "$T/g.png" \
     --grid "$T/big.png"
-fails_with 2 "not yet verified on a GPU.*DB_CUDA_UNVERIFIED" "--device cuda needs DB_CUDA_UNVERIFIED" \
-    $S --prompt x --device cuda -o "$T/c.png"
-if ! DB_CUDA_UNVERIFIED=1 db-sample --model "$D" --prompt x --steps 1 --width 64 --height 64 --device cuda \
+fails_with 2 "--device gpu: unknown device" "a misspelt --device is a usage error" \
+    $S --prompt x --device gpu -o "$T/c.png"
+fails_with 2 "--device cuda:x: unknown device" "--device cuda:x is a usage error" \
+    $S --prompt x --device cuda:x -o "$T/c.png"
+if ! db-sample --model "$D" --prompt x --steps 1 --width 64 --height 64 --device cuda \
     -o "$T/c.png" 2>"$T/c.err"; then
     check "without a GPU, --device cuda fails naming cuda:0, no PNG" \
         "grep -q 'cuda:0' '$T/c.err' && no_leftovers '$T/c.png'"

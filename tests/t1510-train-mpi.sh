@@ -47,7 +47,7 @@ check "rank 0 says how gradients are summed (CPU: MPI)" "grep -q 'process 0 of 2
 # its own; whichever fails first aborts the job, so the other may not get
 # to say it: each file that names a device names its rank's, and one does.
 # (Waiting in rank 0 cannot order them: both meet in MPI_Init first.)
-DB_CUDA_UNVERIFIED=1 mpirun -np 2 sh -c "exec \"\$@\" 2>'$T/cu.rank'\$OMPI_COMM_WORLD_RANK" sh \
+mpirun -np 2 sh -c "exec \"\$@\" 2>'$T/cu.rank'\$OMPI_COMM_WORLD_RANK" sh \
     $TR --device cuda -o "$T/cu" >"$T/cu.log" 2>&1
 named() { grep -qs "context: cuda:" "$T/cu.rank$1"; }
 check "mpirun -np 2 --device cuda: each process asks for the GPU of its rank" \

@@ -51,12 +51,10 @@ fails_with 2 "fp16" "resuming a fused run in fp16: exit 2" $TR --resume "$T/F1" 
 plan_of() { $TR --steps 2 --plan "$@" -o "$T/X" | sed -n 's/.*predicted peak *\([0-9.]*\) MiB.*/\1/p'; }
 check "--plan --fused-backward prints the gradient window" \
     "$TR --steps 2 --plan --fused-backward -o '$T/X' | grep -q 'gradient window (fused backward)'"
-export DB_CUDA_UNVERIFIED=1 # --plan only: no GPU is touched
 check "--plan --fused-backward --device cuda: the window, and the device peak falls" \
     "a=\$($TR --steps 2 --plan --device cuda -o '$T/X' | sed -n 's/.*predicted device peak *\([0-9.]*\) MiB.*/\1/p'); \
      b=\$($TR --steps 2 --plan --device cuda --fused-backward -o '$T/X' | sed -n 's/.*predicted device peak *\([0-9.]*\) MiB.*/\1/p'); \
      echo \"# device peak \$a -> \$b MiB\"; [ -n \"\$a\" ] && [ -n \"\$b\" ] && $PY -c \"import sys; sys.exit(not \$b < \$a)\""
-unset DB_CUDA_UNVERIFIED
 fused_plan_vs_peak() {
     local pred meas plain
     pred=$(plan_of --fused-backward)

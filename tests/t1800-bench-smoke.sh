@@ -118,13 +118,13 @@ fi
 
 # db-train --plan --device cuda: host and device estimates, no GPU needed
 train_fixtures
-DB_CUDA_UNVERIFIED=1 db-train --model "$M" --instance "$I" --class "$C" --plan --device cuda > "$T/plan.txt" 2>&1
+db-train --model "$M" --instance "$I" --class "$C" --plan --device cuda > "$T/plan.txt" 2>&1
 rc=$?
 sed 's/^/# /' "$T/plan.txt"
 check "db-train --plan --device cuda exits 0" "[ $rc = 0 ]"
 check "  it prints the host and the device peak" \
     "grep -q 'predicted peak' '$T/plan.txt' && grep -q 'predicted device peak .*(fp32)' '$T/plan.txt'"
-DB_CUDA_UNVERIFIED=1 db-train --model "$M" --instance "$I" --class "$C" --plan --device cuda \
+db-train --model "$M" --instance "$I" --class "$C" --plan --device cuda \
     --validation-prompt "a photo of sks dog" > "$T/plan-val.txt" 2>&1
 peak() { awk '/predicted device peak/ { print $(NF-2) }' "$1"; }
 check "  --validation-prompt adds the validation row to a larger device peak ($(peak "$T/plan.txt") -> $(peak "$T/plan-val.txt") MiB)" \

@@ -73,10 +73,9 @@ const char *db_version_if_asked(int argc, char **argv, const char *prog, char *b
 
 int db_device_check(const char *device, db_err *err)
 {
-    if (!strcmp(device, "cpu") || !strcmp(device, "cpu-strict") || getenv("DB_CUDA_UNVERIFIED"))
+    int index, used = 0;
+    if (!strcmp(device, "cpu") || !strcmp(device, "cpu-strict") || !strcmp(device, "cuda") ||
+        (sscanf(device, "cuda:%d%n", &index, &used) == 1 && device[used] == 0 && index >= 0))
         return 0;
-    return db_err_set(err, DB_EUSAGE,
-                      "--device %s: the CUDA backend is not yet verified on a GPU; use --device cpu (or set "
-                      "DB_CUDA_UNVERIFIED=1 to try it)",
-                      device);
+    return db_err_set(err, DB_EUSAGE, "--device %s: unknown device (cpu, cpu-strict, cuda or cuda:N)", device);
 }

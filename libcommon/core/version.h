@@ -16,10 +16,12 @@ const char *db_version_if_asked(int argc, char **argv, const char *prog, char *b
  * Returns the handle or NULL with the reason in why. */
 void *db_cuda_backend_open(char *why, size_t n);
 
-/* May a tool run on --device `device`?  "cpu" always; anything else only
- * while the environment has DB_CUDA_UNVERIFIED: the CUDA kernels pass the
- * CPU-emulator parity test but have not yet passed make check-cuda on a GPU
- * (README, kernels/cuda/NOTES.md).  0, or -1 with the usage error in err. */
+/* Is `device` a device name (cpu, cpu-strict, cuda, cuda:N)?  The tools
+ * check --device with it before loading anything, so a misspelt device is a
+ * usage error (exit 2); whether the device is there is the context's
+ * business (exit 1, naming it).  0, or -1 with the usage error in err.
+ * (Until 2026-11-27 it also refused cuda without DB_CUDA_UNVERIFIED, until
+ * the backend passed its checks on a GPU: tests/gpu/run.sh on an H200.) */
 int db_device_check(const char *device, db_err *err);
 
 #endif

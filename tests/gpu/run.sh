@@ -27,7 +27,7 @@ tools_check() {
     for cfg in "1 1 --no-graph" "1 7.5 --no-graph" "10 7.5 --no-graph" "10 7.5"; do
         read -r st g ng <<<"$cfg"
         for d in cpu cuda; do
-            DB_CUDA_UNVERIFIED=1 timeout 60 build/bin/db-sample -q -m "$T/tiny" -p "a photo of a dog" --steps "$st" \
+            timeout 60 build/bin/db-sample -q -m "$T/tiny" -p "a photo of a dog" --steps "$st" \
                 --guidance "$g" --width 128 --height 128 --seed 1 --device $d $ng --latents-out "$T/$d-$st-$g$ng.dbt" \
                 -o "$T/$d.png"
         done
@@ -41,7 +41,7 @@ tools_check() {
     echo "db-sample cuda graph vs --no-graph final latents: $r$(cmp -s "$T/cuda.dbt" "$T/nograph.dbt" && echo ' (byte-identical)')"
     awk -v r="${r##* }" 'BEGIN { exit !(r + 0 <= 1e-6) }' || bad=1
     for d in cpu cuda; do
-        DB_CUDA_UNVERIFIED=1 timeout 60 build/bin/db-prep -q -m "$T/tiny" --size 128 --caption "a photo of sks dog" \
+        timeout 60 build/bin/db-prep -q -m "$T/tiny" --size 128 --caption "a photo of sks dog" \
             --device $d tests/data/photos/dog -o "$T/inst-$d.dbt"
     done
     build/tests/dbtest dbt-rel "$T/inst-cpu.dbt" "$T/inst-cuda.dbt" each | head -n 8
@@ -51,7 +51,7 @@ tools_check() {
     # plain and fused backward (the optimizer inside the backward, one window)
     for f in "" --fused-backward; do
         for d in cpu cuda; do
-            DB_CUDA_UNVERIFIED=1 timeout 90 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 \
+            timeout 90 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 \
                 --lr 1e-4 --train-text-encoder --device $d $f -o "$T/run-$d$f"
         done
         python3 - "$T/run-cpu$f/ckpt-000003/state.json" "$T/run-cuda$f/ckpt-000003/state.json" "$f" <<'PY' || bad=1
@@ -65,10 +65,10 @@ PY
     done
     # the graph tests on the GPU (their CPU runs are in make check): replays
     # bit-identical to op-by-op runs, through the sampler and the trainer
-    DB_CUDA_UNVERIFIED=1 DB_TEST_DEVICE=cuda TOP=$PWD timeout 60 build/tests/test_graph || bad=1
-    DB_CUDA_UNVERIFIED=1 DB_TEST_DEVICE=cuda DB_TEST_MODEL="$T/tiny" TOP=$PWD timeout 120 build/tests/test_train_graph || bad=1
+    DB_TEST_DEVICE=cuda TOP=$PWD timeout 60 build/tests/test_graph || bad=1
+    DB_TEST_DEVICE=cuda DB_TEST_MODEL="$T/tiny" TOP=$PWD timeout 120 build/tests/test_train_graph || bad=1
     # the UNet forward and backward replayed as CUDA graphs (the default) vs op by op
-    DB_CUDA_UNVERIFIED=1 timeout 90 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 \
+    timeout 90 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 \
         --lr 1e-4 --train-text-encoder --device cuda --no-graph -o "$T/run-nograph"
     if cmp -s "$T/run-cuda/ckpt-000003/model.safetensors" "$T/run-nograph/ckpt-000003/model.safetensors"; then
         echo "db-train cuda graphs vs --no-graph, 3 steps: byte-identical weights"
@@ -88,7 +88,7 @@ bench_cuda() {
     mkdir -p "$o"
     echo "== bench_sd $sf"
     # shellcheck disable=SC2086 # the flags are words
-    DB_CUDA_UNVERIFIED=1 timeout "$1" "$b/bench/bench_sd" $sf 2>&1 | tee "$o/bench_sd.txt"
+    timeout "$1" "$b/bench/bench_sd" $sf 2>&1 | tee "$o/bench_sd.txt"
     rs=${PIPESTATUS[0]}
     echo "== bench_torch.py $tf"
     # shellcheck disable=SC2086
@@ -222,7 +222,7 @@ fi
 # the benchmarks keep BENCH_RESERVE seconds whatever the checks take
 BENCH_RESERVE=${BENCH_RESERVE:-210}
 RESERVE=$BENCH_RESERVE stage check-cuda check-cuda.txt 150 bash "$SELF" --check-cuda
-echo "== tools on the tiny model, cpu vs cuda (DB_CUDA_UNVERIFIED=1): db-sample, db-prep, db-train"
+echo "== tools on the tiny model, cpu vs cuda: db-sample, db-prep, db-train"
 RESERVE=$BENCH_RESERVE stage tools tools.txt 150 bash "$SELF" --tools
 echo "== attention on tensor cores vs the fp32 kernel at SD1.5 shapes (DB_BENCH=1 test_attention_tc)"
 RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 45 env DB_BENCH=1 B="$PWD/build" \
@@ -258,7 +258,7 @@ KP=$PWD/build/lib/libdb_kprof.so
 if [ -f "$KP" ] && [ $((DEADLINE - SECONDS)) -ge 50 ]; then
     printf '\n%s\n' "### kernel profiles (CUPTI: tests/gpu/kprof.c), bench_sd bf16, per call" >> "$OUT/bench_ops.md"
     stage kprof - 60 env CUDA_INJECTION64_PATH="$KP" DB_KPROF_OUT="$OUT/bench_ops.md" \
-        DB_CUDA_UNVERIFIED=1 build/bench/bench_sd --device cuda --precision bf16 --only fwd,train,vae --reps 2 \
+        build/bench/bench_sd --device cuda --precision bf16 --only fwd,train,vae --reps 2 \
         --budget 0.5
 else
     echo "== kprof skipped: $((DEADLINE - SECONDS)) s left$([ -f "$KP" ] || echo ", no $KP")"
@@ -275,7 +275,7 @@ fi
 # SD1.5 trainer state written synchronously and in the background, when a
 # minute is left (appended to bench_sd.txt; the table lists them)
 if [ $((DEADLINE - SECONDS)) -ge 60 ]; then
-    stage checkpoint-save - $((DEADLINE - SECONDS - 10)) bash -c "set -o pipefail; DB_CUDA_UNVERIFIED=1 build/bench/bench_sd \
+    stage checkpoint-save - $((DEADLINE - SECONDS - 10)) bash -c "set -o pipefail; build/bench/bench_sd \
         --device cuda --precision bf16 --only train --reps 2 --budget 2 --save 2>&1 | tee -a '$OUT/bench_sd.txt'"
 else
     echo "== checkpoint-save skipped: $((DEADLINE - SECONDS)) s left"
