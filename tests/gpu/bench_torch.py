@@ -393,9 +393,13 @@ class Bench:
         last = 0.0
         for _ in range(warmup):
             last = self.one(fn)
+        # reps from the budget and the last warm-up call, but at least 5
+        # (or maxreps): one rep is no median (the 2026-11-27 third H200
+        # call timed PyTorch's training step once, on the heels of its
+        # first, AdamW-state-allocating step)
         reps = maxreps
         if warmup and last > 0 and budget > 0:
-            reps = max(1, min(maxreps, int(budget * 1e3 / last)))
+            reps = max(min(maxreps, 5), min(maxreps, int(budget * 1e3 / last)))
         self.sync()
         self.peak_reset()
         t = sorted(self.one(fn) for _ in range(reps))
@@ -566,7 +570,7 @@ def main():
                     else:
                         opt.step()
                     opt.zero_grad(set_to_none=True)
-                ms, reps, pk = B.measure(step, 1, args.reps, args.budget)
+                ms, reps, pk = B.measure(step, 3, args.reps, args.budget)
                 B.report("train_step", prec, ms, 3 * 2 * unet_gflop, pk, reps)
             except Exception as e:
                 B.error("train_step", prec, e)
