@@ -1065,7 +1065,7 @@ int main(int argc, char **argv)
     to.snr_gamma = o->snr_gamma;
     to.max_grad_norm = o->max_grad_norm;
     to.grad_accum = (int)o->grad_accum;
-    to.unet_hp = (db_adamw){o->lr, o->b1, o->b2, o->eps, o->wd};
+    to.unet_hp = (db_adamw){.lr = o->lr, .beta1 = o->b1, .beta2 = o->b2, .eps = o->eps, .weight_decay = o->wd};
     to.text_hp = to.unet_hp;
     to.optimizer = optk;
     to.unet_lr = db_lr_schedule_make(lk, o->lr, o->warmup, o->steps);

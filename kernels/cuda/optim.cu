@@ -35,6 +35,8 @@ enum { THREADS = 256 };
 // fp32 kernels' and the 8-bit one's, there on dequantised moments).
 __device__ __forceinline__ static float adamw_elem(float p, float g, float &m, float &v, const db_adamw_coef &k)
 {
+    if (k.grad_coef != 0.0f) // clipping's scaling, folded in (optim.h grad_coef): scale_kernel's multiplication
+        g = __fmul_rn(g, k.grad_coef);
     float pi = __fmul_rn(p, k.decay);
     m = __fadd_rn(__fmul_rn(m, k.b1), __fmul_rn(k.one_minus_b1, g));
     v = __fadd_rn(__fmul_rn(v, k.b2), __fmul_rn(__fmul_rn(k.one_minus_b2, g), g));

@@ -18,6 +18,7 @@
 
 typedef struct db_adamw_coef {
     float decay, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, neg_step_size;
+    float grad_coef; /* 0: g as it is; else g * grad_coef first (optim.h) */
 } db_adamw_coef;
 
 static inline db_adamw_coef db_adamw_coefs(const db_adamw *hp, int64_t t)
@@ -37,6 +38,7 @@ static inline db_adamw_coef db_adamw_coefs(const db_adamw *hp, int64_t t)
     c.bc2_sqrt = (float)sqrt(bc2);
     c.eps = (float)hp->eps;
     c.neg_step_size = (float)-step_size;
+    c.grad_coef = (float)hp->grad_coef;
     return c;
 }
 

@@ -21,6 +21,8 @@ db_adamw db_adamw_defaults(double lr)
  * (GCC's -std=c11 implies -ffp-contract=off, so no FMA is formed). */
 static inline void adamw_elem(float *p, float *m, float *v, float g, const db_adamw_coef *c)
 {
+    if (c->grad_coef != 0.0f) /* clipping's scaling, folded in (optim.h grad_coef) */
+        g = g * c->grad_coef;
     float pi = *p * c->decay;
     float mi = *m * c->b1;
     mi = mi + c->one_minus_b1 * g;
@@ -334,6 +336,38 @@ int db_clip_grad_norm_ctx(db_ctx *c, double *norm, const db_grad_ref *grads, siz
         return -1;
     *norm = (double)total;
     return 0;
+}
+
+int db_clip_grad_coef_ctx(db_ctx *c, double *norm, float *coef, const db_grad_ref *grads, size_t ngrads,
+                          double max_norm)
+{
+    *norm = 0.0;
+    *coef = 0.0f;
+    if (ngrads == 0)
+        return 0;
+    double *sk = malloc(ngrads * sizeof *sk);
+    if (!sk)
+        return db_err_set(&c->err, DB_ENOMEM, "clip: out of memory for %zu tensors", ngrads);
+    if (db_sumsq_refs_ctx(c, sk, grads, ngrads)) {
+        free(sk);
+        return -1;
+    }
+    double ss = 0.0;
+    for (size_t k = 0; k < ngrads; k++) {
+        float nk = (float)sqrt(sk[k]);
+        ss += (double)nk * (double)nk;
+    }
+    free(sk);
+    const float total = clip_total(ss), q = clip_coef(max_norm, total);
+    *norm = (double)total;
+    if (!clip_scales(q))
+        return 0;
+    if (q > 0.0f && isfinite(q)) { /* the step multiplies */
+        *coef = q;
+        return 0;
+    }
+    /* 0 or NaN (a non-finite norm) cannot ride in grad_coef: scaled here */
+    return db_scale_refs_ctx(c, grads, ngrads, q);
 }
 
 int db_clip_grad_norm_each_ctx(db_ctx *c, double *norms, double *ss, const db_grad_ref *grads, size_t ngrads,

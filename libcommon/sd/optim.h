@@ -29,9 +29,14 @@
 #include <stdint.h>
 
 /* AdamW hyper-parameters.  lr is the learning rate of this step (the
- * schedule's value, db_lr_at). */
+ * schedule's value, db_lr_at).  grad_coef: 0, the gradient as it is; else
+ * the step reads g * (float)grad_coef, one float32 multiplication per
+ * element: gradient clipping's in-place scaling (db_clip_grad_coef_ctx)
+ * folded into the step, the same bits as scaling g first, without the pass
+ * over the gradients (2.2 ms of a 65 ms SD1.5 step on an H200). */
 typedef struct db_adamw {
     double lr, beta1, beta2, eps, weight_decay;
+    double grad_coef;
 } db_adamw;
 
 /* diffusers train_dreambooth defaults: beta 0.9/0.999, eps 1e-8, wd 1e-2. */
@@ -175,6 +180,12 @@ double db_clip_grad_norm(const db_grad_ref *grads, size_t ngrads, double max_nor
  * 0 with *norm set, or -1 with the reason in c->err. */
 struct db_ctx;
 int db_clip_grad_norm_ctx(struct db_ctx *c, double *norm, const db_grad_ref *grads, size_t ngrads, double max_norm);
+/* The same measure without the scaling: *norm, and *coef to hand the
+ * AdamW step as its grad_coef (0 when the gradients stay as they are:
+ * under the maximum; a coefficient that is 0 or NaN, from a non-finite
+ * norm, is applied here instead).  0, or -1 with the reason in c->err. */
+int db_clip_grad_coef_ctx(struct db_ctx *c, double *norm, float *coef, const db_grad_ref *grads, size_t ngrads,
+                          double max_norm);
 /* ss[k] = the sum of squares of grads[k] (db_sum_squares' bits) for every
  * k, with one wait for c's device.  0, or -1 with the reason in c->err. */
 int db_sumsq_refs_ctx(struct db_ctx *c, double *ss, const db_grad_ref *grads, size_t ngrads);

@@ -719,6 +719,7 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     }
     db_ctx *c = t->ctx;
     double norm;
+    float coef = 0.0f; /* global clipping's coefficient, applied by the AdamW steps (optim.h grad_coef) */
     if (fused) /* the updates are made: count the step */
         return finish_step(t, s, (double)(float)sqrt(t->fss), db_lr_at(&t->o.unet_lr, t->opt_step),
                            t->o.train_text ? db_lr_at(&t->o.text_lr, t->opt_step) : 0, 0.0f);
@@ -757,7 +758,7 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
         if (rc)
             return db_err_set(err, c->err.code, "trainer: gradient clipping: %s", c->err.msg);
         norm = (double)(float)sqrt(ss);
-    } else if (db_clip_grad_norm_ctx(c, &norm, t->refs, t->nrefs, max))
+    } else if (db_clip_grad_coef_ctx(c, &norm, &coef, t->refs, t->nrefs, max))
         return db_err_set(err, c->err.code, "trainer: gradient clipping: %s", c->err.msg);
     if (!isfinite(norm)) /* fp16: finite before the unscale, so not here either; bf16/fp32: diverged */
         return db_err_set(err, DB_ENUMERIC, "trainer: the gradient norm is %g at step %lld: training diverged",
@@ -765,6 +766,7 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     const int64_t k = t->opt_step + 1; /* AdamW's step count after this step */
     db_adamw hu = t->o.unet_hp;
     hu.lr = db_lr_at(&t->o.unet_lr, t->opt_step);
+    hu.grad_coef = coef;
     db_weights *wu = (db_weights *)db_unet_weights(t->unet);
     const int q8 = t->o.optimizer == DB_OPTIM_ADAMW8BIT;
     if (q8)
@@ -776,6 +778,7 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     if (t->o.train_text) {
         db_adamw ht = t->o.text_hp;
         ht.lr = lr_text = db_lr_at(&t->o.text_lr, t->opt_step);
+        ht.grad_coef = coef;
         db_weights *wt = &t->clip->w;
         if (q8)
             q8_step(c, &t->qt, wt, t->gt.data, &ht, k, &t->maps, 0, wt->numel);

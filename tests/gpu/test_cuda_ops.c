@@ -1345,15 +1345,17 @@ static void t_alloc_large(void)
         api->ctx_trim(&g);
 }
 
-/* three AdamW steps (t = 1, 2, 3) from m = v = 0, a fresh gradient each step */
-static void t_adamw(size_t n, double lr, double wd)
+/* three AdamW steps (t = 1, 2, 3) from m = v = 0, a fresh gradient each
+ * step; coef: the folded clip coefficient (optim.h grad_coef), 0 none */
+static void t_adamw(size_t n, double lr, double wd, double coef)
 {
     char what[160];
-    snprintf(what, sizeof what, "opt_adamw N%zu lr %g wd %g", n, lr, wd);
+    snprintf(what, sizeof what, "opt_adamw N%zu lr %g wd %g grad_coef %g", n, lr, wd, coef);
     if (!have((const void *)api->opt_adamw, what))
         return;
     db_adamw hp = db_adamw_defaults(lr);
     hp.weight_decay = wd;
+    hp.grad_coef = coef;
     float *p = hrand(n, 1), *m = hzeros(n), *v = hzeros(n);
     float *dp = dputf(p, n), *dm = dputf(m, n), *dv = dputf(v, n);
     for (int64_t t = 1; t <= 3; t++) {
@@ -1770,14 +1772,16 @@ static void cmp_q8(const char *step, const uint8_t *dmq, const uint8_t *mq, cons
  * gradient each step (every other step scaled by `spread` per block, so the
  * blocks' scales differ by orders of magnitude); p, both code arrays and both
  * scale arrays bit-identical after every step. */
-static void t_adamw8bit(size_t n, double lr, double wd, float spread)
+static void t_adamw8bit(size_t n, double lr, double wd, float spread, double coef)
 {
     char what[160];
-    snprintf(what, sizeof what, "opt_adamw8bit N%zu lr %g wd %g spread %g", n, lr, wd, (double)spread);
+    snprintf(what, sizeof what, "opt_adamw8bit N%zu lr %g wd %g spread %g grad_coef %g", n, lr, wd, (double)spread,
+             coef);
     if (!have((const void *)api->opt_adamw8bit, what))
         return;
     db_adamw hp = db_adamw_defaults(lr);
     hp.weight_decay = wd;
+    hp.grad_coef = coef;
     db_q8_maps maps;
     db_q8_maps_make(&maps);
     const size_t nb = (n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
@@ -2117,12 +2121,13 @@ int main(void)
      * of the 256-thread block, and (sumsq) past one 32-chunk block */
     static const size_t opt_n[] = {1, 1001, 4096, 4097, 3 * 4096 + 77};
     for (size_t k = 0; k < sizeof opt_n / sizeof opt_n[0]; k++) {
-        t_adamw(opt_n[k], 1e-3, 1e-2);
+        t_adamw(opt_n[k], 1e-3, 1e-2, 0.0);
         t_sumsq(opt_n[k], 1.0f);
         t_scale(opt_n[k], 0.37f);
     }
-    t_adamw(1001, 5e-6, 0.0); /* the DreamBooth lr, no decay */
-    t_adamw(1001, 0.5, 0.3);  /* large steps: bigger updates, subnormal-free */
+    t_adamw(1001, 5e-6, 0.0, 0.0); /* the DreamBooth lr, no decay */
+    t_adamw(1001, 5e-6, 1e-2, 0.3172); /* the clip coefficient folded in */
+    t_adamw(1001, 0.5, 0.3, 0.0);  /* large steps: bigger updates, subnormal-free */
     t_shadow();
     t_alloc_large();
     t_sumsq(0, 1.0f);
@@ -2141,7 +2146,7 @@ int main(void)
     t_scale(1001, 1.0f);
     t_scale(1001, NAN);
     if (!quick) {
-        t_adamw((size_t)2 * 320 * 64 * 64 + 3, 1e-3, 1e-2);
+        t_adamw((size_t)2 * 320 * 64 * 64 + 3, 1e-3, 1e-2, 0.0);
         t_sumsq((size_t)12345679, 0.02f);
         t_scale((size_t)12345679, 0.999f);
     }
@@ -2149,11 +2154,12 @@ int main(void)
      * last block past the 4096-element min_8bit_size; blocks scaled apart */
     static const size_t q8_n[] = {1, 255, 256, 3 * 256, 4097};
     for (size_t k = 0; k < sizeof q8_n / sizeof q8_n[0]; k++)
-        t_adamw8bit(q8_n[k], 1e-3, 1e-2, 0.1f);
-    t_adamw8bit(1001, 5e-6, 0.0, 1e-3f);
+        t_adamw8bit(q8_n[k], 1e-3, 1e-2, 0.1f, 0.0);
+    t_adamw8bit(1001, 5e-6, 0.0, 1e-3f, 0.0);
+    t_adamw8bit(1001, 5e-6, 1e-2, 1e-3f, 0.4172); /* the clip coefficient folded in */
     t_adamw8bit_many();
     if (!quick)
-        t_adamw8bit((size_t)320 * 320 * 9 + 5, 1e-3, 1e-2, 0.01f);
+        t_adamw8bit((size_t)320 * 320 * 9 + 5, 1e-3, 1e-2, 0.01f, 0.0);
 
     api->ctx_destroy(&g);
     db_ctx_destroy(cpu);

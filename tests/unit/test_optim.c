@@ -254,12 +254,65 @@ static void schedules(void)
     tap_ok(db_lr_at(&cn, 0) == 1e-6 && db_lr_at(&cn, 500) == 1e-6, "lr constant ignores warmup");
 }
 
+/* grad_coef: the clip's scaling folded into the step gives the bits of
+ * scaling g first (db_scale) and stepping on it, for the fp32 and the 8-bit
+ * step; 0 leaves g as it is.  Fails if the step ignores grad_coef or
+ * applies it anywhere but to g. */
+static void adamw_grad_coef(void)
+{
+    enum { N = 3 * DB_Q8_BLOCK + 77 };
+    float *buf = malloc(10 * N * sizeof *buf);
+    float *p = buf, *m = p + N, *v = m + N, *g = v + N, *gs = g + N, *p2 = gs + N, *m2 = p2 + N, *v2 = m2 + N;
+    uint64_t s = 7;
+    for (size_t i = 0; i < N; i++) {
+        p[i] = p2[i] = (float)(urand(&s) - 0.5);
+        m[i] = m2[i] = v[i] = v2[i] = 0.0f;
+    }
+    const float coef = 0.3172f;
+    db_adamw hp = db_adamw_defaults(1e-2), hc = hp;
+    hc.grad_coef = coef;
+    int same = 1, moved = 0;
+    for (int64_t t = 1; t <= 3; t++) {
+        for (size_t i = 0; i < N; i++)
+            g[i] = gs[i] = (float)(urand(&s) - 0.5);
+        db_scale(gs, coef, N);
+        db_adamw_step(p, m, v, gs, N, &hp, t);
+        db_adamw_step_omp(p2, m2, v2, g, N, &hc, t);
+        same &= !memcmp(p, p2, N * sizeof *p) && !memcmp(m, m2, N * sizeof *m) && !memcmp(v, v2, N * sizeof *v);
+    }
+    /* and g itself is left as it was (the step reads it scaled) */
+    for (size_t i = 0; i < N; i++)
+        moved |= g[i] == gs[i] && g[i] != 0.0f;
+    tap_ok(same && !moved, "adamw grad_coef %g: the bits of scaling g first, 3 steps; g left unscaled", coef);
+
+    /* the 8-bit step the same way */
+    db_q8_maps maps;
+    db_q8_maps_make(&maps);
+    const size_t nb = (N + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
+    uint8_t *q = calloc(4 * N, 1);
+    float *am = calloc(4 * nb, sizeof *am);
+    for (size_t i = 0; i < N; i++)
+        p[i] = p2[i] = (float)(urand(&s) - 0.5);
+    same = 1;
+    for (int64_t t = 1; t <= 3; t++) {
+        for (size_t i = 0; i < N; i++)
+            g[i] = gs[i] = (float)(urand(&s) - 0.5);
+        db_scale(gs, coef, N);
+        db_adamw8bit_step(p, q, q + N, am, am + nb, gs, N, &hp, t, &maps);
+        db_adamw8bit_step(p2, q + 2 * N, q + 3 * N, am + 2 * nb, am + 3 * nb, g, N, &hc, t, &maps);
+        same &= !memcmp(p, p2, N * sizeof *p) && !memcmp(q, q + 2 * N, 2 * N);
+    }
+    tap_ok(same, "adamw8bit grad_coef %g: the bits of scaling g first, 3 steps", coef);
+    free(q), free(am), free(buf);
+}
+
 int main(void)
 {
     adamw_hand();
     adamw_vs_double(0.0);
     adamw_vs_double(1e-2);
     adamw_decay_and_omp();
+    adamw_grad_coef();
     clipping();
     schedules();
     return tap_done();
