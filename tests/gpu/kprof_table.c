@@ -217,9 +217,8 @@ void kp_readable(const char *name, char *out, size_t cap)
 static const struct {
     const char *prefix, *cat;
 } ours[] = {
-    {"round_kernel", "ours: 16-bit conversions"},        {"to_bf16_kernel", "ours: 16-bit conversions"},
-    {"to_f16_kernel", "ours: 16-bit conversions"},       {"from_bf16_kernel", "ours: 16-bit conversions"},
-    {"from_f16_kernel", "ours: 16-bit conversions"},     {"bias_fill16_kernel", "ours: 16-bit conversions"},
+    {"round_kernel", "ours: 16-bit conversions"},        {"to16_kernel", "ours: 16-bit conversions"},
+    {"from16_kernel", "ours: 16-bit conversions"},       {"bias_fill16_kernel", "ours: 16-bit conversions"},
     {"to16_nhwc", "ours: 16-bit conversions"},           {"from16_nchw", "ours: 16-bit conversions"},
     {"attention", "ours: attention"},                    {"attn_", "ours: attention"},
     {"softmax_", "ours: attention"},                     {"groupnorm_", "ours: norms"},

@@ -49,6 +49,8 @@ int main(void)
     } cats[] = {
         {"round_kernel<...>", "ours: 16-bit conversions"},
         {"from16_nchw_kernel<__nv_bfloat16>", "ours: 16-bit conversions"}, /* as the second H200 run named it */
+        {"to16_kernel<__nv_bfloat16>", "ours: 16-bit conversions"},
+        {"from16_kernel<__half>", "ours: 16-bit conversions"},
         {"attention_tc_kernel<...>", "ours: attention"},
         {"attn_tc_dq_kernel", "ours: attention"},
         /* as the H200 run named them: an anonymous namespace's kernels */

@@ -55,6 +55,7 @@ extern std::mutex emu_mtx;
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(x)
+#define __align__(n) alignas(n)
 #define __shared__ static
 static inline void __syncthreads() { emu_blk->bar->arrive_and_wait(); }
 template <class T> static T emu_shfl(T v, int src) {
