@@ -349,14 +349,16 @@ __global__ static void bias_nchw_kernel(float *out, const float *bias, size_t n,
         out[i] += bias[i / OHW % OC];
 }
 
-// grid B*OC, block 256.  part (B, OC) = sum over OHW of dout (B, OC, OHW), in double
-__global__ static void bias_grad_part_kernel(double *part, const float *dout, int OHW)
+// grid B*OC, block 256.  part (B, OC) = sum over OHW of dout (B, OC, OHW), in
+// double; r16: 0 as is, 1 / 2 each element rounded to bf16 / fp16 first (the
+// 16-bit modes' rounded dout, without a rounded copy of it in memory)
+__global__ static void bias_grad_part_kernel(double *part, const float *dout, int OHW, int r16)
 {
     __shared__ double sh[32];
     const float *d = dout + (size_t)blockIdx.x * OHW;
     double s = 0;
     for (int i = threadIdx.x; i < OHW; i += blockDim.x)
-        s += d[i];
+        s += r16 ? db_cuda_round16(d[i], r16 == 2) : d[i];
     s = db_block_sum(s, sh);
     if (threadIdx.x == 0)
         part[blockIdx.x] = s;
@@ -715,13 +717,14 @@ static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *
     }
     db_cuda_free(c, dy16);
     if (r == 0 && dbias) { // float32 sum of the rounded dout per channel, rounded, added
-        float *rd = db_cuda_rounded_copy(c, dout, ny), *t = (float *)db_cuda_alloc(c, (size_t)OC * sizeof(float));
+        float *t = (float *)db_cuda_alloc(c, (size_t)OC * sizeof(float));
         double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)B * OC);
-        r = rd && t && part ? 0 : -1;
+        r = t && part ? 0 : -1;
         if (r == 0) {
             cudaError_t e = cudaMemsetAsync(t, 0, (size_t)OC * sizeof(float), s);
             if (e == cudaSuccess) {
-                bias_grad_part_kernel<<<B * OC, 256, 0, s>>>(part, rd, p->OH * p->OW);
+                bias_grad_part_kernel<<<B * OC, 256, 0, s>>>(part, dout, p->OH * p->OW,
+                                                            c->precision == DB_PREC_F16 ? 2 : 1);
                 e = cudaGetLastError();
             }
             if (e != cudaSuccess)
@@ -731,7 +734,6 @@ static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *
             r = db_cuda_finish_colsum(c, t, part, B, OC);
         if (r == 0)
             r = db_cuda_round(c, dbias, t, (size_t)OC, 1);
-        db_cuda_free(c, rd);
         db_cuda_free(c, t);
         db_cuda_free(c, part);
     }
@@ -789,7 +791,7 @@ extern "C" int db_cuda_conv2d_backward(db_ctx *c, float *dinp, float *dweight, f
         double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)B * OC);
         if (!part)
             return -1;
-        bias_grad_part_kernel<<<B * OC, 256, 0, s>>>(part, dout, p->OH * p->OW);
+        bias_grad_part_kernel<<<B * OC, 256, 0, s>>>(part, dout, p->OH * p->OW, 0);
         cudaError_t e = cudaGetLastError();
         int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dbias, part, B, OC) : -1;
         db_cuda_free(c, part);

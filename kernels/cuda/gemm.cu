@@ -103,16 +103,20 @@ __global__ static void linear_geglu_epilogue_kernel(float *proj, float *out, con
 // part (nchunk, OC) = per chunk of `rows` rows, the column sums of dout
 // (N, OC) in double, rows in order.  grid (ceil(OC / 128), nchunk), block
 // 128.  rows: db_cuda_part_rows (32 at SD's sizes: the H200 profile had 256
-// leave this at 96 blocks for 8192 x 320, 16 us a launch).
-__global__ static void colsum_part_kernel(double *part, const float *dout, int N, int OC, int rows)
+// leave this at 96 blocks for 8192 x 320, 16 us a launch).  r16: 0 as is,
+// 1 / 2 each element rounded to bf16 / fp16 first (the 16-bit modes'
+// rounded dout, without a rounded copy of it in memory).
+__global__ static void colsum_part_kernel(double *part, const float *dout, int N, int OC, int rows, int r16)
 {
     const int j = blockIdx.x * blockDim.x + threadIdx.x, r0 = blockIdx.y * rows;
     if (j >= OC)
         return;
     const int r1 = r0 + rows < N ? r0 + rows : N;
     double s = 0;
-    for (int r = r0; r < r1; r++)
-        s += dout[(size_t)r * OC + j];
+    for (int r = r0; r < r1; r++) {
+        const float v = dout[(size_t)r * OC + j];
+        s += r16 ? db_cuda_round16(v, r16 == 2) : v;
+    }
     part[(size_t)blockIdx.y * OC + j] = s;
 }
 
@@ -260,15 +264,16 @@ extern "C" int db_cuda_gemm_backward(db_ctx *c, float *dA, float *dB, const floa
     return r ? -1 : 0;
 }
 
-// dst (OC) += column sums of dout (N, OC): two-stage, fixed order
-static int bias_grad(db_ctx *c, float *dst, const float *dout, int N, int OC)
+// dst (OC) += column sums of dout (N, OC): two-stage, fixed order; r16 as
+// colsum_part_kernel's
+static int bias_grad(db_ctx *c, float *dst, const float *dout, int N, int OC, int r16)
 {
     const int rows = db_cuda_part_rows(N), nchunk = (N + rows - 1) / rows;
     double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)nchunk * OC);
     if (!part)
         return -1;
     dim3 grid((unsigned)((OC + 127) / 128), (unsigned)nchunk);
-    colsum_part_kernel<<<grid, 128, 0, db_cuda_st(c)->stream>>>(part, dout, N, OC, rows);
+    colsum_part_kernel<<<grid, 128, 0, db_cuda_st(c)->stream>>>(part, dout, N, OC, rows, r16);
     cudaError_t e = cudaGetLastError();
     int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dst, part, nchunk, OC) : -1;
     db_cuda_free(c, part);
@@ -302,19 +307,17 @@ static int linear_backward16(db_ctx *c, float *dinp, float *dweight, float *dbia
     }
     ops16_free(c, &o);
     if (r == 0 && dbias && N > 0 && OC > 0) { // float32 sum of the rounded dout, rounded, added
-        float *rd = db_cuda_rounded_copy(c, dout, (size_t)N * OC);
         float *t = (float *)db_cuda_alloc(c, (size_t)OC * sizeof(float));
-        r = rd && t ? 0 : -1;
+        r = t ? 0 : -1;
         if (r == 0) {
             cudaError_t e = cudaMemsetAsync(t, 0, (size_t)OC * sizeof(float), db_cuda_st(c)->stream);
             if (e != cudaSuccess)
                 r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "cudaMemsetAsync: %s", cudaGetErrorString(e));
         }
         if (r == 0)
-            r = bias_grad(c, t, rd, N, OC);
+            r = bias_grad(c, t, dout, N, OC, c->precision == DB_PREC_F16 ? 2 : 1);
         if (r == 0)
             r = db_cuda_round(c, dbias, t, (size_t)OC, 1);
-        db_cuda_free(c, rd);
         db_cuda_free(c, t);
     }
     return r ? -1 : 0;
@@ -333,6 +336,6 @@ extern "C" int db_cuda_linear_backward(db_ctx *c, float *dinp, float *dweight, f
     if (dweight && db_cuda_sgemm(c, 1, 1, 0, OC, C, N, 1.0f, dout, OC, 0, inp, C, 0, 1.0f, dweight, C, 0) != 0)
         return -1;
     if (dbias && N > 0 && OC > 0)
-        return bias_grad(c, dbias, dout, N, OC);
+        return bias_grad(c, dbias, dout, N, OC, 0);
     return 0;
 }
