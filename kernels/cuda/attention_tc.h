@@ -41,6 +41,19 @@ int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void 
 // dK); the outputs are fp32 sums, NOT rounded (the caller's job).
 // Deterministic (two passes, no atomics).  Returns 0, or -1 with c->err set
 // (DB_EUNSUPP for a dtype or HS outside the above).
+// The backward's two passes through mma.sync with S, dP, P, dS in registers
+// (attention_mma_backward.cu), for HS up to MMA_BWD_HS_MAX: the kernels
+// only, called by db_cuda_attention_tc_backward (unless DB_ATTN_MMA=0) with
+// its D = dO . O, scale = 1 / sqrt(HS), qscale = score_scale_log2(HS) and
+// its split of the dK/dV pass (nsplit blocks in z, qtiles query tiles
+// each, partial sums at dk, dv + z part).  dq or dk, dv may be NULL (that
+// pass is not run).  0, or -1 with c->err set.
+enum { MMA_BWD_HS_MAX = 80 };
+int db_cuda_attention_mma_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *D, const void *dout,
+                                   const float *lse, const void *q, const void *k, const void *v, int dtype, int B,
+                                   int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale, int qtiles,
+                                   int nsplit, size_t part);
+
 extern "C" int db_cuda_attention_tc_backward(db_ctx *c, float *dq, float *dk, float *dv, const void *dout,
                                              const void *out, const float *lse, const void *q, const void *k,
                                              const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,

@@ -74,6 +74,10 @@
 #include <cuda_fp16.h>
 #include <math.h>
 #include <mma.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <type_traits>
 
 #include "kernels/cuda/attention_tc.h"
 #include "kernels/cuda/attention_tc_common.h"
@@ -327,6 +331,15 @@ static int dkv_qtiles(int Tq, int Tk, int BNH)
     return (nq + nsplit - 1) / nsplit;
 }
 
+// The mma.sync kernels (attention_mma_backward.cu) for head sizes up to
+// MMA_BWD_HS_MAX unless DB_ATTN_MMA=0 (the forward's switch: both
+// directions' WMMA kernels then)
+static bool use_mma(int HS)
+{
+    const char *mma = getenv("DB_ATTN_MMA");
+    return HS <= MMA_BWD_HS_MAX && !(mma && strcmp(mma, "0") == 0);
+}
+
 template <typename T, int ND>
 static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, const void *dout, const float *lse,
                   const void *q, const void *k, const void *v, int B, int Tq, int Tk, int NH, int HS, int causal)
@@ -335,7 +348,13 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
     const size_t smem = smem_bytes<T>(ND);
     const float scale = (float)(1.0 / sqrt((double)HS)); // as attention_backward.c
     const float qscale = score_scale_log2(HS);
-    if (dq) {
+    const bool mma = use_mma(HS);
+    const int dtype = std::is_same<T, __half>::value ? DB_PREC_F16 : DB_PREC_BF16;
+    if (dq && mma) {
+        if (db_cuda_attention_mma_backward(c, dq, NULL, NULL, D, dout, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal,
+                                           scale, qscale, 0, 1, 0))
+            return -1;
+    } else if (dq) {
         void (*kern)(float *, const T *, const float *, const float *, const T *, const T *, const T *, int, int, int,
                      int, int, float, float) = attn_tc_dq_kernel<T, ND>;
         if (smem > 48 * 1024) // above the default limit a kernel must opt in
@@ -356,10 +375,15 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
         float *pk = nsplit > 1 && dk ? (float *)db_cuda_alloc(c, sizeof(float) * n * nsplit) : dk,
               *pv = nsplit > 1 && dv ? (float *)db_cuda_alloc(c, sizeof(float) * n * nsplit) : dv;
         int r = (dk && !pk) || (dv && !pv) ? -1 : 0;
-        if (r == 0) {
+        if (r == 0 && mma)
+            r = db_cuda_attention_mma_backward(c, NULL, pk, pv, D, dout, lse, q, k, v, dtype, B, Tq, Tk, NH, HS,
+                                               causal, scale, qscale, qtiles, nsplit, n);
+        else if (r == 0) {
             dim3 grid((unsigned)((Tk + BR - 1) / BR), (unsigned)(B * NH), (unsigned)nsplit);
             kern2<<<grid, NWARP * 32, smem, st>>>(pk, pv, (const T *)dout, lse, D, (const T *)q, (const T *)k,
                                                    (const T *)v, Tq, Tk, NH, HS, causal, scale, qscale, qtiles, n);
+        }
+        if (r == 0) {
             if (nsplit > 1 && dk)
                 dkv_reduce_kernel<<<db_cuda_grid(n, 256), 256, 0, st>>>(dk, pk, n, nsplit);
             if (nsplit > 1 && dv)

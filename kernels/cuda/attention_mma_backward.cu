@@ -1,0 +1,310 @@
+// Attention backward on tensor cores with S, dP, P and dS in registers: the
+// contract and math of attention_tc_backward.cu's WMMA kernels (the same
+// two passes, the same rounded operands: dS / scale for dQ and dK, P for
+// dV; dQ and dK scaled by 1 / sqrt(HS) as they are stored; D and lse from
+// the caller), through mma.sync m16n8k16 (kernels/cuda/mma.h) as
+// attention_mma.cu does the forward: the accumulators of a 16 x 64 product
+// are, element for element, the A fragments of the next product over those
+// 64, so S and dP never go through shared memory and a row's values stay
+// with the 4 lanes that computed them.
+//
+//   dQ   grid (ceil(Tq / 64), B NH): warp w owns queries 16w .. 16w + 15 of
+//        the block's 64 (their Q and dO fragments in registers); per key
+//        tile of 64: S = Q K^T, dP = dO V^T (B fragments: rows of K, V),
+//        dS = round(P (dP - D)) with P = exp2(S qscale - lse log2 e), then
+//        dQ += dS K (B fragments: columns of K, two keys a word);
+//   dK dV grid (ceil(Tk / 64), B NH, nsplit): warp w owns keys 16w ..; per
+//        query tile: S^T = K Q^T, dP^T = V dO^T (A fragments of K and V
+//        reloaded from shared memory per tile: holding them too would spill
+//        at HS 80), P^T and dS^T with the columns' (queries') lse and D from
+//        shared memory, dV += round(P^T) dO, dK += dS^T Q.
+// Masks as the WMMA kernels: keys j >= Tk, queries i >= Tq, and causal
+// j > i give P = 0.  HS a multiple of 8 up to MMA_BWD_HS_MAX (80): the
+// accumulators of the dK/dV pass take 16 ND floats a lane (ND = HSP / 16)
+// beside 96 for S^T, dP^T and their fragments; HS 160 (SD1.5's 16x16 level,
+// 256 tokens) stays on the WMMA kernels.
+//
+// Shared memory per block: four (64, HSP + 8) tiles of the compute type
+// (Q, dO, K, V), and 2 x 64 floats (the dK/dV pass's lse and D of the
+// query tile): 25 KB at HS 40, 45 KB at HS 80.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+
+#include "kernels/cuda/attention_tc.h"
+#include "kernels/cuda/attention_tc_common.h"
+#include "kernels/cuda/mma.h"
+
+using namespace db_attn_tc;
+using db_mma::mma16816;
+
+namespace {
+
+constexpr float LOG2E = 1.4426950408889634f;
+
+__device__ __forceinline__ uint32_t pack2(unsigned lo, unsigned hi) { return lo | hi << 16; }
+
+// The warp's 16 rows of xs (row-major, LDH) as A fragments, k-step d
+// covering columns 16d .. 16d + 15
+template <typename T, int NK> __device__ __forceinline__ void a_frags(uint32_t (&a)[NK][4], const T *xs, int LDH)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const T *r0 = xs + g * LDH, *r8 = r0 + 8 * LDH;
+#pragma unroll
+    for (int d = 0; d < NK; d++) {
+        a[d][0] = *(const uint32_t *)(r0 + 16 * d + 2 * t);
+        a[d][1] = *(const uint32_t *)(r8 + 16 * d + 2 * t);
+        a[d][2] = *(const uint32_t *)(r0 + 16 * d + 8 + 2 * t);
+        a[d][3] = *(const uint32_t *)(r8 + 16 * d + 8 + 2 * t);
+    }
+}
+
+// acc (16 x 64) = A Y^T: A the warp's fragments (16 x HSP), Y the 64 rows of
+// ys (row-major, LDH); n-tile nt holds Y's rows 8 nt .. 8 nt + 7
+template <typename T, int NK>
+__device__ __forceinline__ void prod_nt(float (&acc)[BT / 8][4], const uint32_t (&a)[NK][4], const T *ys, int LDH)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < BT / 8; nt++) {
+        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+        const T *yr = ys + (8 * nt + g) * LDH + 2 * t;
+#pragma unroll
+        for (int d = 0; d < NK; d++) {
+            const uint32_t yb[2] = {*(const uint32_t *)(yr + 16 * d), *(const uint32_t *)(yr + 16 * d + 8)};
+            mma16816<T>(acc[nt], a[d], yb);
+        }
+    }
+}
+
+// acc (16 x HSP) += X Y: X the A fragments of a 16 x 64 product (k-step kk
+// = its columns 16 kk ..), Y (64 x HSP) row-major in ys (LDH): B fragments
+// of one head dimension, two rows a word; padding columns skipped
+template <typename T, int NK>
+__device__ __forceinline__ void prod_nn(float (&acc)[2 * NK][4], const uint32_t (&x)[BT / 16][4], const T *ys,
+                                        int LDH, int HC)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const unsigned short *yu = (const unsigned short *)ys;
+#pragma unroll
+    for (int n = 0; n < 2 * NK; n++) {
+        if (n >= HC) // warp-uniform
+            break;
+        const unsigned short *yc = yu + 8 * n + g;
+#pragma unroll
+        for (int kk = 0; kk < BT / 16; kk++) {
+            const int r0 = 16 * kk + 2 * t;
+            const uint32_t yb[2] = {pack2(yc[r0 * LDH], yc[(r0 + 1) * LDH]),
+                                    pack2(yc[(r0 + 8) * LDH], yc[(r0 + 9) * LDH])};
+            mma16816<T>(acc[n], x[kk], yb);
+        }
+    }
+}
+
+// rows r (16 of the warp: this lane's g and g + 8) of acc * scale into
+// dst (B, T_, NH*HS), head h
+template <int NK>
+__device__ __forceinline__ void store_acc(float *dst, const float (&acc)[2 * NK][4], float scale, int b, int h, int rA,
+                                          int T_, int NH, int HS)
+{
+    const int lane = threadIdx.x & 31, t = lane & 3, HC = HS / 8, rB = rA + 8;
+    const size_t C = (size_t)NH * HS;
+#pragma unroll
+    for (int n = 0; n < 2 * NK; n++) {
+        if (n >= HC)
+            break;
+        const size_t col = (size_t)h * HS + 8 * n + 2 * t;
+        if (rA < T_)
+            *(float2 *)(dst + ((size_t)b * T_ + rA) * C + col) = make_float2(acc[n][0] * scale, acc[n][1] * scale);
+        if (rB < T_)
+            *(float2 *)(dst + ((size_t)b * T_ + rB) * C + col) = make_float2(acc[n][2] * scale, acc[n][3] * scale);
+    }
+}
+
+// Pass 1: dq (B, Tq, NH*HS) fp32.  grid (ceil(Tq / BR), B NH), block NWARP
+// 32, dynamic shared memory 4 BR LDH sizeof(T).
+template <typename T, int NK>
+__global__ static void __launch_bounds__(NWARP * 32)
+    attn_mma_dq_kernel(float *dq, const T *dout, const float *lse, const float *D, const T *q, const T *k, const T *v,
+                       int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale)
+{
+    constexpr int LDH = 16 * NK + 8;
+    static_assert(BR == BT, "the tiles share one layout");
+    extern __shared__ __align__(128) float smem[];
+    T *Qs = (T *)smem, *dOs = Qs + BR * LDH, *Ks = dOs + BR * LDH, *Vs = Ks + BT * LDH;
+    const int bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BR;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+
+    load_kv_tile(Qs, dOs, q, dout, b, h, i0, Tq, NH, HS, LDH);
+    __syncthreads();
+    uint32_t qa[NK][4], oa[NK][4];
+    a_frags<T, NK>(qa, Qs + warp * 16 * LDH, LDH);
+    a_frags<T, NK>(oa, dOs + warp * 16 * LDH, LDH);
+    const int iA = i0 + warp * 16 + g, iB = iA + 8; // this lane's two rows
+    const float l2A = iA < Tq ? lse[(size_t)bh * Tq + iA] * LOG2E : 0.0f;
+    const float l2B = iB < Tq ? lse[(size_t)bh * Tq + iB] * LOG2E : 0.0f;
+    const float DA = iA < Tq ? D[(size_t)bh * Tq + iA] : 0.0f, DB = iB < Tq ? D[(size_t)bh * Tq + iB] : 0.0f;
+    const int jlimA = iA >= Tq ? 0 : causal && iA + 1 < Tk ? iA + 1 : Tk;
+    const int jlimB = iB >= Tq ? 0 : causal && iB + 1 < Tk ? iB + 1 : Tk;
+    float acc[2 * NK][4];
+#pragma unroll
+    for (int n = 0; n < 2 * NK; n++)
+        acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+    const int kend = causal && i0 + BR < Tk ? i0 + BR : Tk; // causal: no key past the block's last query
+    for (int j0 = 0; j0 < kend; j0 += BT) {
+        __syncthreads(); // the previous tile is consumed
+        load_kv_tile(Ks, Vs, k, v, b, h, j0, Tk, NH, HS, LDH);
+        __syncthreads();
+        float s[BT / 8][4], dp[BT / 8][4];
+        prod_nt<T, NK>(s, qa, Ks, LDH);  // S = Q K^T
+        prod_nt<T, NK>(dp, oa, Vs, LDH); // dP = dO V^T
+        // dS / scale = round(P (dP - D)): the A fragments of dQ's product
+        uint32_t dsa[BT / 16][4];
+#pragma unroll
+        for (int nt = 0; nt < BT / 8; nt++) {
+            unsigned u[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + 8 * nt + 2 * t + (e & 1);
+                const bool rowA = e < 2;
+                const float p = j < (rowA ? jlimA : jlimB) ? exp2f(s[nt][e] * qscale - (rowA ? l2A : l2B)) : 0.0f;
+                u[e] = tc<T>::bits(tc<T>::from(p * (dp[nt][e] - (rowA ? DA : DB))));
+            }
+            dsa[nt / 2][(nt & 1) * 2 + 0] = pack2(u[0], u[1]); // row g
+            dsa[nt / 2][(nt & 1) * 2 + 1] = pack2(u[2], u[3]); // row g + 8
+        }
+        prod_nn<T, NK>(acc, dsa, Ks, LDH, HS / 8); // dQ / scale += (dS / scale) K
+    }
+    store_acc<NK>(dq, acc, scale, b, h, iA, Tq, NH, HS);
+}
+
+// Pass 2: dk, dv (B, Tk, NH*HS) fp32 (either may be NULL).  grid
+// (ceil(Tk / BR), B NH, nsplit), block NWARP 32, dynamic shared memory 4 BR
+// LDH sizeof(T) + 2 BT floats.  Block z streams the query tiles [z qtiles,
+// (z + 1) qtiles) only and writes its sums at dk, dv + z * part (the WMMA
+// pass's split, summed by the caller).
+template <typename T, int NK>
+__global__ static void __launch_bounds__(NWARP * 32)
+    attn_mma_dkv_kernel(float *dk, float *dv, const T *dout, const float *lse, const float *D, const T *q, const T *k,
+                        const T *v, int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale, int qtiles,
+                        size_t part)
+{
+    constexpr int LDH = 16 * NK + 8;
+    extern __shared__ __align__(128) float smem[];
+    T *Qs = (T *)smem, *dOs = Qs + BT * LDH, *Kb = dOs + BT * LDH, *Vb = Kb + BR * LDH;
+    float *l2s = (float *)(Vb + BR * LDH), *Ds = l2s + BT;
+    const int bh = blockIdx.y, b = bh / NH, h = bh % NH, j0 = blockIdx.x * BR;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int jA = j0 + warp * 16 + g, jB = jA + 8; // this lane's two key rows
+    const T *kw = Kb + warp * 16 * LDH, *vw = Vb + warp * 16 * LDH;
+
+    load_kv_tile(Kb, Vb, k, v, b, h, j0, Tk, NH, HS, LDH);
+    float gk[2 * NK][4], gv[2 * NK][4];
+#pragma unroll
+    for (int n = 0; n < 2 * NK; n++) {
+        gk[n][0] = gk[n][1] = gk[n][2] = gk[n][3] = 0.0f;
+        gv[n][0] = gv[n][1] = gv[n][2] = gv[n][3] = 0.0f;
+    }
+
+    // causal: queries before the block's first key see none of its keys
+    const int qa = blockIdx.z * qtiles * BT, qb = qa + qtiles * BT < Tq ? qa + qtiles * BT : Tq;
+    for (int q0 = causal && j0 > qa ? j0 : qa; q0 < qb; q0 += BT) {
+        __syncthreads(); // the previous tile is consumed (first time: Kb, Vb written)
+        load_kv_tile(Qs, dOs, q, dout, b, h, q0, Tq, NH, HS, LDH);
+        if (threadIdx.x < BT) {
+            const int i = q0 + threadIdx.x;
+            l2s[threadIdx.x] = i < Tq ? lse[(size_t)bh * Tq + i] * LOG2E : 0.0f;
+            Ds[threadIdx.x] = i < Tq ? D[(size_t)bh * Tq + i] : 0.0f;
+        }
+        __syncthreads();
+        float s[BT / 8][4], dp[BT / 8][4];
+        {
+            uint32_t xa[NK][4];
+            a_frags<T, NK>(xa, kw, LDH);
+            prod_nt<T, NK>(s, xa, Qs, LDH); // S^T = K Q^T
+            a_frags<T, NK>(xa, vw, LDH);
+            prod_nt<T, NK>(dp, xa, dOs, LDH); // dP^T = V dO^T
+        }
+        // P^T and dS^T / scale, rounded: the A fragments of dV's and dK's products
+        uint32_t pa[BT / 16][4], dsa[BT / 16][4];
+#pragma unroll
+        for (int nt = 0; nt < BT / 8; nt++) {
+            unsigned up[4], ud[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int c = 8 * nt + 2 * t + (e & 1), i = q0 + c, j = e < 2 ? jA : jB;
+                const bool valid = i < Tq && j < Tk && (!causal || j <= i);
+                const float p = valid ? exp2f(s[nt][e] * qscale - l2s[c]) : 0.0f;
+                up[e] = tc<T>::bits(tc<T>::from(p));
+                ud[e] = tc<T>::bits(tc<T>::from(p * (dp[nt][e] - Ds[c])));
+            }
+            pa[nt / 2][(nt & 1) * 2 + 0] = pack2(up[0], up[1]);
+            pa[nt / 2][(nt & 1) * 2 + 1] = pack2(up[2], up[3]);
+            dsa[nt / 2][(nt & 1) * 2 + 0] = pack2(ud[0], ud[1]);
+            dsa[nt / 2][(nt & 1) * 2 + 1] = pack2(ud[2], ud[3]);
+        }
+        prod_nn<T, NK>(gv, pa, dOs, LDH, HS / 8);  // dV += P^T dO
+        prod_nn<T, NK>(gk, dsa, Qs, LDH, HS / 8); // dK / scale += (dS / scale)^T Q
+    }
+    if (dv)
+        store_acc<NK>(dv + blockIdx.z * part, gv, 1.0f, b, h, jA, Tk, NH, HS);
+    if (dk)
+        store_acc<NK>(dk + blockIdx.z * part, gk, scale, b, h, jA, Tk, NH, HS);
+}
+
+template <typename T, int NK>
+static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, const void *dout, const float *lse,
+                  const void *q, const void *k, const void *v, int B, int Tq, int Tk, int NH, int HS, int causal,
+                  float scale, float qscale, int qtiles, int nsplit, size_t part)
+{
+    constexpr int LDH = 16 * NK + 8;
+    cudaStream_t st = db_cuda_st(c)->stream;
+    if (dq) {
+        const size_t smem = sizeof(T) * 4 * (size_t)BR * LDH;
+        void (*kern)(float *, const T *, const float *, const float *, const T *, const T *, const T *, int, int, int,
+                     int, int, float, float) = attn_mma_dq_kernel<T, NK>;
+        if (smem > 48 * 1024) // above the default limit a kernel must opt in
+            DB_CU(c, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        dim3 grid((unsigned)((Tq + BR - 1) / BR), (unsigned)(B * NH));
+        kern<<<grid, NWARP * 32, smem, st>>>(dq, (const T *)dout, lse, D, (const T *)q, (const T *)k, (const T *)v, Tq,
+                                              Tk, NH, HS, causal, scale, qscale);
+        DB_LAUNCHED(c);
+    }
+    if (dk || dv) {
+        const size_t smem = sizeof(T) * 4 * (size_t)BR * LDH + sizeof(float) * 2 * BT;
+        void (*kern)(float *, float *, const T *, const float *, const float *, const T *, const T *, const T *, int,
+                     int, int, int, int, float, float, int, size_t) = attn_mma_dkv_kernel<T, NK>;
+        if (smem > 48 * 1024)
+            DB_CU(c, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        dim3 grid((unsigned)((Tk + BR - 1) / BR), (unsigned)(B * NH), (unsigned)nsplit);
+        kern<<<grid, NWARP * 32, smem, st>>>(dk, dv, (const T *)dout, lse, D, (const T *)q, (const T *)k, (const T *)v,
+                                              Tq, Tk, NH, HS, causal, scale, qscale, qtiles, part);
+        DB_LAUNCHED(c);
+    }
+    return 0;
+}
+
+} // namespace
+
+int db_cuda_attention_mma_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *D, const void *dout,
+                                   const float *lse, const void *q, const void *k, const void *v, int dtype, int B,
+                                   int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale, int qtiles,
+                                   int nsplit, size_t part)
+{
+    if (HS > MMA_BWD_HS_MAX)
+        return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "attention mma backward: head size %d over %d", HS,
+                            MMA_BWD_HS_MAX);
+    return with_nd(HS, [&](auto nk) {
+        constexpr int NK = decltype(nk)::value;
+        if constexpr (16 * NK > MMA_BWD_HS_MAX + 15) {
+            return -1; // not reached: HS checked above
+        } else {
+            return dtype == DB_PREC_BF16
+                       ? launch<__nv_bfloat16, NK>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal,
+                                                   scale, qscale, qtiles, nsplit, part)
+                       : launch<__half, NK>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal, scale,
+                                            qscale, qtiles, nsplit, part);
+        }
+    });
+}
