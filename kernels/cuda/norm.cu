@@ -12,8 +12,11 @@
 
 enum { ROW_THREADS = 256, LN_ROWS = 8 };
 
-// dst (C) += (float) sum_r part[r, :], r in order.  One thread per column.
-__global__ static void finish_colsum_kernel(float *dst, const double *part, int nchunk, int C)
+// dst (C) += (float) sum_r part[r, :], r in order; r16 1 / 2: dst +=
+// round((float) sum) to bf16 / fp16 (the sum first added to a float32 zero,
+// as when it was summed into a zeroed scratch and that rounded and added:
+// a -0 sum adds +0).  One thread per column.
+__global__ static void finish_colsum_kernel(float *dst, const double *part, int nchunk, int C, int r16)
 {
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= C)
@@ -21,14 +24,14 @@ __global__ static void finish_colsum_kernel(float *dst, const double *part, int 
     double s = 0;
     for (int r = 0; r < nchunk; r++)
         s += part[(size_t)r * C + j];
-    dst[j] += (float)s;
+    dst[j] += r16 ? db_cuda_round16(__fadd_rn(0.0f, (float)s), r16 == 2) : (float)s;
 }
 
-int db_cuda_finish_colsum(db_ctx *c, float *dst, const double *part, int nchunk, int C)
+int db_cuda_finish_colsum(db_ctx *c, float *dst, const double *part, int nchunk, int C, int r16)
 {
     if (C == 0)
         return 0;
-    finish_colsum_kernel<<<(C + 127) / 128, 128, 0, db_cuda_st(c)->stream>>>(dst, part, nchunk, C);
+    finish_colsum_kernel<<<(C + 127) / 128, 128, 0, db_cuda_st(c)->stream>>>(dst, part, nchunk, C, r16);
     DB_LAUNCHED(c);
     return 0;
 }
@@ -69,13 +72,36 @@ static double *gn_scratch(db_ctx *c, int B, int C, int HW, gn_split *sp, int *P)
     return (double *)db_cuda_alloc(c, sizeof(double) * 2 * (size_t)*P);
 }
 
-// sum over the group (b, g) of a per-piece statistic, in index order
-__device__ static double gn_group_sum(const double *part, int b, int g, int C, int cg, int K)
+// The group (b, g)'s per-piece statistics: cg K values from here.
+__device__ __forceinline__ static const double *gn_group(const double *part, int b, int g, int C, int cg, int K)
 {
-    const double *q = part + ((size_t)b * C + (size_t)g * cg) * K;
+    return part + ((size_t)b * C + (size_t)g * cg) * K;
+}
+
+// Where one thread of a block sums a group's per-piece values in order
+// (the bits the CPU has), it first has the whole block load them into
+// shared memory, in parallel: the H200 profile had those serial loads from
+// global memory (one L2 round trip each, before the block's barrier) make
+// the group norm kernels 2-3 times slower than their memory traffic.  n
+// values of q into buf (room for cap) and buf returned, or q itself when
+// they do not fit (the thread then reads them there: the same values in
+// the same order, so the same bits).  Every thread of the block calls it.
+__device__ static const double *gn_stage(double *buf, int cap, const double *q, int n)
+{
+    if (n > cap)
+        return q;
+    for (int j = threadIdx.x; j < n; j += blockDim.x)
+        buf[j] = q[j];
+    __syncthreads();
+    return buf;
+}
+
+// the sum of v[0, n) in index order
+__device__ __forceinline__ static double gn_sum(const double *v, int n)
+{
     double s = 0;
-    for (int j = 0; j < cg * K; j++)
-        s += q[j];
+    for (int j = 0; j < n; j++)
+        s += v[j];
     return s;
 }
 
@@ -98,11 +124,12 @@ __global__ static void groupnorm_sum_kernel(double *part, const float *inp, int 
 __global__ static void groupnorm_dev_kernel(double *part2, const double *part1, const float *inp, int C, int HW, int G,
                                             int K, int L)
 {
-    __shared__ double sh[32];
+    __shared__ double sh[32], st[GN_THREADS];
     __shared__ float smu;
     const int p = blockIdx.x, k = p % K, bc = p / K, b = bc / C, cg = C / G, g = bc % C / cg;
+    const double *v = gn_stage(st, GN_THREADS, gn_group(part1, b, g, C, cg, K), cg * K);
     if (threadIdx.x == 0)
-        smu = (float)(gn_group_sum(part1, b, g, C, cg, K) / ((double)cg * HW));
+        smu = (float)(gn_sum(v, cg * K) / ((double)cg * HW));
     __syncthreads();
     const float mu = smu;
     const float *x = inp + (size_t)bc * HW;
@@ -124,12 +151,15 @@ __global__ static void groupnorm_apply_kernel(float *out, float *mean, float *rs
                                               const double *part2, const float *inp, const float *weight,
                                               const float *bias, int C, int HW, int G, int K, int L, float eps, int silu)
 {
+    __shared__ double st[2 * GN_THREADS];
     __shared__ float smu, srs;
     const int p = blockIdx.x, k = p % K, bc = p / K, b = bc / C, c = bc % C, cg = C / G, g = c / cg;
+    const double *v1 = gn_stage(st, GN_THREADS, gn_group(part1, b, g, C, cg, K), cg * K);
+    const double *v2 = gn_stage(st + GN_THREADS, GN_THREADS, gn_group(part2, b, g, C, cg, K), cg * K);
     if (threadIdx.x == 0) {
         const double n = (double)cg * HW;
-        const float mu = (float)(gn_group_sum(part1, b, g, C, cg, K) / n);
-        const double var = gn_group_sum(part2, b, g, C, cg, K) / n;
+        const float mu = (float)(gn_sum(v1, cg * K) / n);
+        const double var = gn_sum(v2, cg * K) / n;
         const float rs = (float)(1.0 / sqrt(var + (double)eps));
         smu = mu, srs = rs;
         if (k == 0 && c == g * cg) {
@@ -292,16 +322,19 @@ __global__ static void groupnorm_bapply_kernel(float *dinp, const double *pdy, c
                                                const float *weight, const float *bias, int C, int HW, int G, int K,
                                                int L, int silu)
 {
+    __shared__ double st[2 * GN_THREADS];
     __shared__ float smg, smgx;
     const int p = blockIdx.x, k = p % K, bc = p / K, b = bc / C, c = bc % C, cg = C / G, g = c / cg;
+    // the group's pieces staged (gn_stage), then summed per channel in order
+    const double *vdy = gn_stage(st, GN_THREADS, gn_group(pdy, b, g, C, cg, K), cg * K);
+    const double *vdyx = gn_stage(st + GN_THREADS, GN_THREADS, gn_group(pdyx, b, g, C, cg, K), cg * K);
     if (threadIdx.x == 0) {
         double sum_g = 0, sum_gx = 0;
         for (int ch = 0; ch < cg; ch++) {
             const int cc = g * cg + ch;
-            const size_t q = ((size_t)b * C + cc) * K;
             double s_dy = 0, s_dyx = 0;
             for (int j = 0; j < K; j++)
-                s_dy += pdy[q + j], s_dyx += pdyx[q + j];
+                s_dy += vdy[ch * K + j], s_dyx += vdyx[ch * K + j];
             sum_g += s_dy * weight[cc];
             sum_gx += s_dyx * weight[cc];
         }
@@ -436,9 +469,9 @@ extern "C" int db_cuda_layernorm_backward(db_ctx *c, float *dinp, float *dweight
         cudaError_t e = cudaGetLastError();
         int r = 0;
         if (e == cudaSuccess && dweight)
-            r |= db_cuda_finish_colsum(c, dweight, part, nchunk, C);
+            r |= db_cuda_finish_colsum(c, dweight, part, nchunk, C, 0);
         if (e == cudaSuccess && dbias)
-            r |= db_cuda_finish_colsum(c, dbias, part + (size_t)nchunk * C, nchunk, C);
+            r |= db_cuda_finish_colsum(c, dbias, part + (size_t)nchunk * C, nchunk, C, 0);
         db_cuda_free(c, part);
         DB_CU(c, e);
         if (r)

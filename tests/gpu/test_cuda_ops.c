@@ -1949,6 +1949,9 @@ int main(void)
         t_groupnorm(2, 12, 10, 4, 1);
         /* two uneven pieces per channel (1028 + 1022): norm.cu's gn_pieces */
         t_groupnorm(1, 8, 2050, 4, 1);
+        /* one group of 600 channels: 600 pieces, more than norm.cu's
+         * gn_stage holds, so the statistics are summed where they lie */
+        t_groupnorm(1, 600, 16, 1, 1);
         if (!quick)
             t_groupnorm(2, 320, 4096, 32, 1);
         if (!quick) /* the VAE's 512x512 level, a quarter of it: 8 pieces per channel */
@@ -1961,6 +1964,7 @@ int main(void)
         t_groupnorm_backward(2, 12, 10, 4, 1);
         t_groupnorm_backward(1, 8, 2050, 4, 1);
         t_groupnorm_backward(2, 8, 2050, 2, 0);
+        t_groupnorm_backward(1, 600, 16, 1, 1); /* past gn_stage's room, as above */
         if (!quick)
             t_groupnorm_backward(2, 320, 4096, 32, 1);
     }
