@@ -717,24 +717,17 @@ static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *
     }
     db_cuda_free(c, dy16);
     if (r == 0 && dbias) { // float32 sum of the rounded dout per channel, rounded, added
-        float *t = (float *)db_cuda_alloc(c, (size_t)OC * sizeof(float));
+        const int r16 = c->precision == DB_PREC_F16 ? 2 : 1;
         double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)B * OC);
-        r = t && part ? 0 : -1;
+        r = part ? 0 : -1;
         if (r == 0) {
-            cudaError_t e = cudaMemsetAsync(t, 0, (size_t)OC * sizeof(float), s);
-            if (e == cudaSuccess) {
-                bias_grad_part_kernel<<<B * OC, 256, 0, s>>>(part, dout, p->OH * p->OW,
-                                                            c->precision == DB_PREC_F16 ? 2 : 1);
-                e = cudaGetLastError();
-            }
+            bias_grad_part_kernel<<<B * OC, 256, 0, s>>>(part, dout, p->OH * p->OW, r16);
+            const cudaError_t e = cudaGetLastError();
             if (e != cudaSuccess)
                 r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "conv2d bias gradient: %s", cudaGetErrorString(e));
         }
         if (r == 0)
-            r = db_cuda_finish_colsum(c, t, part, B, OC);
-        if (r == 0)
-            r = db_cuda_round(c, dbias, t, (size_t)OC, 1);
-        db_cuda_free(c, t);
+            r = db_cuda_finish_colsum(c, dbias, part, B, OC, r16);
         db_cuda_free(c, part);
     }
     return r ? -1 : 0;
@@ -793,7 +786,7 @@ extern "C" int db_cuda_conv2d_backward(db_ctx *c, float *dinp, float *dweight, f
             return -1;
         bias_grad_part_kernel<<<B * OC, 256, 0, s>>>(part, dout, p->OH * p->OW, 0);
         cudaError_t e = cudaGetLastError();
-        int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dbias, part, B, OC) : -1;
+        int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dbias, part, B, OC, 0) : -1;
         db_cuda_free(c, part);
         DB_CU(c, e);
         if (r)

@@ -150,8 +150,10 @@ int db_cuda_sgemm(db_ctx *c, int batch, int transa, int transb, int M, int N, in
                   int lda, long long sa, const float *B, int ldb, long long sb, float beta, float *Cm, int ldc,
                   long long sc);
 // norm.cu: dst (C) += (float) sum over nchunk rows of part (nchunk, C) doubles,
-// rows summed in order (the deterministic second stage of a column sum).
-int db_cuda_finish_colsum(db_ctx *c, float *dst, const double *part, int nchunk, int C);
+// rows summed in order (the deterministic second stage of a column sum);
+// r16 1 / 2: the float sum rounded to bf16 / fp16 before it is added (the
+// 16-bit modes' bias gradients, in one launch).
+int db_cuda_finish_colsum(db_ctx *c, float *dst, const double *part, int nchunk, int C, int r16);
 
 // Rows per chunk of a two-stage column sum over N rows (the bias and layer
 // norm parameter gradients): 32, doubled while the chunks would pass the

@@ -264,8 +264,9 @@ extern "C" int db_cuda_gemm_backward(db_ctx *c, float *dA, float *dB, const floa
     return r ? -1 : 0;
 }
 
-// dst (OC) += column sums of dout (N, OC): two-stage, fixed order; r16 as
-// colsum_part_kernel's
+// dst (OC) += column sums of dout (N, OC): two-stage, fixed order; r16 1 /
+// 2: each dout element rounded to bf16 / fp16 as it is summed, and the
+// float sum rounded so before it is added (the 16-bit modes' dbias)
 static int bias_grad(db_ctx *c, float *dst, const float *dout, int N, int OC, int r16)
 {
     const int rows = db_cuda_part_rows(N), nchunk = (N + rows - 1) / rows;
@@ -275,7 +276,7 @@ static int bias_grad(db_ctx *c, float *dst, const float *dout, int N, int OC, in
     dim3 grid((unsigned)((OC + 127) / 128), (unsigned)nchunk);
     colsum_part_kernel<<<grid, 128, 0, db_cuda_st(c)->stream>>>(part, dout, N, OC, rows, r16);
     cudaError_t e = cudaGetLastError();
-    int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dst, part, nchunk, OC) : -1;
+    int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dst, part, nchunk, OC, r16) : -1;
     db_cuda_free(c, part);
     DB_CU(c, e);
     return r;
@@ -306,20 +307,8 @@ static int linear_backward16(db_ctx *c, float *dinp, float *dweight, float *dbia
         db_cuda_free(c, t);
     }
     ops16_free(c, &o);
-    if (r == 0 && dbias && N > 0 && OC > 0) { // float32 sum of the rounded dout, rounded, added
-        float *t = (float *)db_cuda_alloc(c, (size_t)OC * sizeof(float));
-        r = t ? 0 : -1;
-        if (r == 0) {
-            cudaError_t e = cudaMemsetAsync(t, 0, (size_t)OC * sizeof(float), db_cuda_st(c)->stream);
-            if (e != cudaSuccess)
-                r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "cudaMemsetAsync: %s", cudaGetErrorString(e));
-        }
-        if (r == 0)
-            r = bias_grad(c, t, dout, N, OC, c->precision == DB_PREC_F16 ? 2 : 1);
-        if (r == 0)
-            r = db_cuda_round(c, dbias, t, (size_t)OC, 1);
-        db_cuda_free(c, t);
-    }
+    if (r == 0 && dbias && N > 0 && OC > 0) // float32 sum of the rounded dout, rounded, added
+        r = bias_grad(c, dbias, dout, N, OC, c->precision == DB_PREC_F16 ? 2 : 1);
     return r ? -1 : 0;
 }
 
