@@ -63,82 +63,6 @@ __global__ static void adamw_kernel(float *p, float *m, float *v, const float *g
     }
 }
 
-// The same over one convolution filter (OC, C, KHW) whose working copy is
-// channels-last (OC, KHW, C) (cuda.h db_cuda_filter_range): a thread per
-// (oc, c) row of KHW elements, c fastest across threads, so the copy's
-// writes at (oc, r, c) are coalesced for each r (and one 32-bit division a
-// row, not three 64-bit ones an element).
-__global__ static void adamw_filter_kernel(float *p, float *m, float *v, const float *g, int C, int KHW,
-                                           unsigned rows, db_adamw_coef k, void *shadow, int f16)
-{
-    for (unsigned q = blockIdx.x * blockDim.x + threadIdx.x; q < rows; q += gridDim.x * blockDim.x) {
-        const unsigned oc = q / (unsigned)C, ch = q - oc * (unsigned)C;
-        for (int r = 0; r < KHW; r++) {
-            const size_t i = (size_t)q * KHW + r, d = ((size_t)oc * KHW + r) * C + ch;
-            float mi = m[i], vi = v[i];
-            const float pi = adamw_elem(p[i], g[i], mi, vi, k);
-            p[i] = pi;
-            m[i] = mi;
-            v[i] = vi;
-            if (f16)
-                ((__half *)shadow)[d] = __float2half_rn(pi);
-            else
-                ((__nv_bfloat16 *)shadow)[d] = __float2bfloat16_rn(pi);
-        }
-    }
-}
-
-static int by_off(const void *a, const void *b)
-{
-    const db_cuda_filter_range *x = (const db_cuda_filter_range *)a, *y = (const db_cuda_filter_range *)b;
-    return (x->off > y->off) - (x->off < y->off);
-}
-
-// AdamW over floats [lo, lo + n) of w's buffer (p, m, v, g at lo) with its
-// working copy sh written in the same pass, each registered filter wholly
-// inside the span at its transposed places (adamw_filter_kernel), the rest
-// as is: one launch per run.  1 when a filter only partly inside the span
-// makes the caller take the plain pass and db_cuda_shadow_refilter instead
-// (nothing launched then), 0 done, -1 error.
-static int adamw_segments(db_ctx *c, const db_cuda_shadow *w, size_t lo, float *p, float *m, float *v, const float *g,
-                          size_t n, const db_adamw_coef &k, char *sh, int f16)
-{
-    db_cuda_filter_range *fs = (db_cuda_filter_range *)malloc(sizeof *fs * (size_t)w->nfr);
-    if (!fs)
-        return 1;
-    int nf = 0;
-    for (int i = 0; i < w->nfr; i++) {
-        const db_cuda_filter_range f = w->fr[i];
-        const size_t fn = (size_t)f.OC * f.C * f.KHW;
-        if (f.off >= lo + n || f.off + fn <= lo)
-            continue;
-        if (f.off < lo || f.off + fn > lo + n) { // partly inside: the caller's way
-            free(fs);
-            return 1;
-        }
-        fs[nf++] = f;
-    }
-    qsort(fs, (size_t)nf, sizeof *fs, by_off);
-    cudaStream_t s = db_cuda_st(c)->stream;
-    size_t at = 0; // relative to lo
-    for (int i = 0; i <= nf; i++) {
-        const size_t end = i < nf ? fs[i].off - lo : n;
-        if (end > at)
-            adamw_kernel<<<db_cuda_grid(end - at, THREADS), THREADS, 0, s>>>(p + at, m + at, v + at, g + at, end - at,
-                                                                            k, sh + at * 2, f16);
-        if (i == nf)
-            break;
-        const size_t fn = (size_t)fs[i].OC * fs[i].C * fs[i].KHW, o = fs[i].off - lo;
-        const unsigned rows = (unsigned)fs[i].OC * (unsigned)fs[i].C;
-        adamw_filter_kernel<<<db_cuda_grid(rows, THREADS), THREADS, 0, s>>>(p + o, m + o, v + o, g + o, fs[i].C,
-                                                                           fs[i].KHW, rows, k, sh + o * 2, f16);
-        at = o + fn;
-    }
-    free(fs);
-    DB_LAUNCHED(c);
-    return 0;
-}
-
 extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t n,
                                  const struct db_adamw *hp, int64_t t)
 {
@@ -153,17 +77,11 @@ extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const 
     // conversion pass over every weight.  A stale copy stays stale.
     db_cuda_shadow *w = db_cuda_shadow_find(c, p, n * sizeof(float));
     void *sh = w && w->valid && w->s ? (char *)w->s + (p - w->p) * 2 : NULL;
-    const int f16 = w && w->prec == DB_PREC_F16;
-    // the convolution filters in that span are kept channels-last in the
-    // copy (conv.cu): written at their transposed places in the same pass
-    if (sh && w->nfr) {
-        const int r = adamw_segments(c, w, (size_t)(p - w->p), p, m, v, g, n, k, (char *)sh, f16);
-        if (r <= 0)
-            return r;
-    }
-    adamw_kernel<<<db_cuda_grid(n, THREADS), THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k, sh, f16);
+    adamw_kernel<<<db_cuda_grid(n, THREADS), THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k, sh,
+                                                                                  w && w->prec == DB_PREC_F16);
     DB_LAUNCHED(c);
-    // (a filter only partly in the span: written again, transposed)
+    // the convolution filters in that span are kept channels-last in the
+    // copy (conv.cu): written again, transposed
     return sh ? db_cuda_shadow_refilter(c, p, n) : 0;
 }
 
