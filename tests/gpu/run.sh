@@ -126,8 +126,12 @@ sanitize() {
     f=$(mktemp)
     for t in test_cuda_ops test_attention_tc; do
         echo "== compute-sanitizer memcheck $t (quick)"
-        DB_CUDA_TEST_QUICK=1 B="$PWD/build" "$SAN" --tool memcheck --leak-check no --print-limit 20 \
-            --error-exitcode 99 "build/tests/gpu/$t" > "$f" 2>&1
+        # --report-api-errors no: the tests provoke API errors on purpose (a
+        # stream sync inside a capture must fail the capture); memcheck
+        # counted those 6 as errors on 2026-11-27 while it found no memory
+        # error in either program
+        DB_CUDA_TEST_QUICK=1 B="$PWD/build" "$SAN" --tool memcheck --leak-check no --report-api-errors no \
+            --print-limit 20 --error-exitcode 99 "build/tests/gpu/$t" > "$f" 2>&1
         rc=$?
         grep -v '^ok ' "$f"
         [ "$rc" = 0 ] || { echo "== $t under memcheck: exit $rc"; bad=1; }
