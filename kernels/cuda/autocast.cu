@@ -31,71 +31,65 @@ __device__ __forceinline__ static void store16(__half *d, float v) { *d = __floa
 __device__ __forceinline__ static float load16(const __nv_bfloat16 *s) { return __bfloat162float(*s); }
 __device__ __forceinline__ static float load16(const __half *s) { return __half2float(*s); }
 
-// dst (16-bit) = src; vec: four at a time (aligned, see above)
-template <typename T> __global__ static void to16_kernel(T *dst, const float *src, size_t n, int vec)
+// four elements of a type as one aligned load or store
+template <typename X> struct quad {
+    typedef x4_16<X> t;
+};
+template <> struct quad<float> {
+    typedef f32x4 t;
+};
+
+// The grid-stride pass of the kernels below: op(dst element, src element)
+// for every element, four at a time when vec (a group of src loaded at
+// once, and of dst when read_dst, then stored at once), the tail of n % 4
+// one by one.
+template <typename D, typename S, typename Op>
+__device__ __forceinline__ static void pass4(D *dst, const S *src, size_t n, int vec, int read_dst, Op op)
 {
+    typedef typename quad<D>::t DV;
+    typedef typename quad<S>::t SV;
     const size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
     size_t done = 0;
     if (vec) {
         const size_t n4 = n / 4;
         for (size_t i = tid; i < n4; i += stride) {
-            const f32x4 a = ((const f32x4 *)src)[i];
-            x4_16<T> b;
+            const SV a = ((const SV *)src)[i];
+            DV b;
+            if (read_dst)
+                b = ((const DV *)dst)[i];
             for (int k = 0; k < 4; k++)
-                store16(&b.v[k], a.v[k]);
-            ((x4_16<T> *)dst)[i] = b;
+                op(b.v[k], a.v[k]);
+            ((DV *)dst)[i] = b;
         }
         done = n4 * 4;
     }
     for (size_t i = done + tid; i < n; i += stride)
-        store16(&dst[i], src[i]);
+        op(dst[i], src[i]);
+}
+
+// dst (16-bit) = src; vec: four at a time (aligned, see above)
+template <typename T> __global__ static void to16_kernel(T *dst, const float *src, size_t n, int vec)
+{
+    pass4(dst, src, n, vec, 0, [](T &d, float x) { store16(&d, x); });
 }
 
 // dst = (float) src, or dst += (float) src; conversions to float are exact
 template <typename T> __global__ static void from16_kernel(float *dst, const T *src, size_t n, int accumulate, int vec)
 {
-    const size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
-    size_t done = 0;
-    if (vec) {
-        const size_t n4 = n / 4;
-        for (size_t i = tid; i < n4; i += stride) {
-            const x4_16<T> a = ((const x4_16<T> *)src)[i];
-            f32x4 b = accumulate ? ((const f32x4 *)dst)[i] : f32x4{{0.0f, 0.0f, 0.0f, 0.0f}};
-            for (int k = 0; k < 4; k++)
-                b.v[k] = accumulate ? b.v[k] + load16(&a.v[k]) : load16(&a.v[k]);
-            ((f32x4 *)dst)[i] = b;
-        }
-        done = n4 * 4;
-    }
-    for (size_t i = done + tid; i < n; i += stride) {
-        const float v = load16(&src[i]);
-        dst[i] = accumulate ? dst[i] + v : v;
-    }
+    pass4(dst, src, n, vec, accumulate, [accumulate](float &d, const T &x) {
+        const float v = load16(&x);
+        d = accumulate ? d + v : v;
+    });
 }
 
 // dst = round(src) or dst += round(src); dst == src allowed (each element is
 // read, then written, by one thread)
 __global__ static void round_kernel(float *dst, const float *src, size_t n, int f16, int accumulate, int vec)
 {
-    const size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
-    size_t done = 0;
-    if (vec) {
-        const size_t n4 = n / 4;
-        for (size_t i = tid; i < n4; i += stride) {
-            const f32x4 a = ((const f32x4 *)src)[i];
-            f32x4 b = accumulate ? ((const f32x4 *)dst)[i] : f32x4{{0.0f, 0.0f, 0.0f, 0.0f}};
-            for (int k = 0; k < 4; k++) {
-                const float v = db_cuda_round16(a.v[k], f16);
-                b.v[k] = accumulate ? b.v[k] + v : v;
-            }
-            ((f32x4 *)dst)[i] = b;
-        }
-        done = n4 * 4;
-    }
-    for (size_t i = done + tid; i < n; i += stride) {
-        const float v = db_cuda_round16(src[i], f16);
-        dst[i] = accumulate ? dst[i] + v : v;
-    }
+    pass4(dst, src, n, vec, accumulate, [f16, accumulate](float &d, float x) {
+        const float v = db_cuda_round16(x, f16);
+        d = accumulate ? d + v : v;
+    });
 }
 
 // Four at a time: both pointers 16-byte aligned (the 16-bit side's 8 bytes

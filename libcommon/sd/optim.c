@@ -314,28 +314,11 @@ int db_sumsq_refs_ctx(db_ctx *c, double *ss, const db_grad_ref *grads, size_t ng
 
 int db_clip_grad_norm_ctx(db_ctx *c, double *norm, const db_grad_ref *grads, size_t ngrads, double max_norm)
 {
-    *norm = 0.0;
-    if (ngrads == 0)
-        return 0;
-    double *sk = malloc(ngrads * sizeof *sk);
-    if (!sk)
-        return db_err_set(&c->err, DB_ENOMEM, "clip: out of memory for %zu tensors", ngrads);
-    if (db_sumsq_refs_ctx(c, sk, grads, ngrads)) {
-        free(sk);
+    /* the measure, then the scaling the AdamW step would otherwise fold in */
+    float coef;
+    if (db_clip_grad_coef_ctx(c, norm, &coef, grads, ngrads, max_norm))
         return -1;
-    }
-    double ss = 0.0;
-    for (size_t k = 0; k < ngrads; k++) {
-        float nk = (float)sqrt(sk[k]);
-        ss += (double)nk * (double)nk;
-    }
-    free(sk);
-    float total = clip_total(ss);
-    float coef = clip_coef(max_norm, total);
-    if (clip_scales(coef) && db_scale_refs_ctx(c, grads, ngrads, coef))
-        return -1;
-    *norm = (double)total;
-    return 0;
+    return coef != 0.0f && db_scale_refs_ctx(c, grads, ngrads, coef) ? -1 : 0;
 }
 
 int db_clip_grad_coef_ctx(db_ctx *c, double *norm, float *coef, const db_grad_ref *grads, size_t ngrads,
