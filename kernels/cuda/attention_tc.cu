@@ -257,8 +257,7 @@ int attention_tc(db_ctx *c, float *out, float *lse, const void *q, const void *k
     // the mma.sync kernel (attention_mma.cu) unless DB_ATTN_MMA=0: on an H200
     // (2026-11-27) it took 0.455 ms where this WMMA one took 0.547 at SD1.5's
     // bf16 self-attention, and no more at any shape in bf16 (fp16: even)
-    const char *mma = getenv("DB_ATTN_MMA");
-    if (!(mma && strcmp(mma, "0") == 0))
+    if (db_cuda_attn_mma())
         return db_cuda_attention_mma_forward(c, out, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, rescale);
     return dtype == DB_PREC_BF16 ? dispatch<__nv_bfloat16>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale)
                                  : dispatch<__half>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
@@ -281,6 +280,12 @@ int tc_run(db_ctx *c, void *p)
 }
 
 } // namespace
+
+bool db_cuda_attn_mma(void)
+{
+    const char *mma = getenv("DB_ATTN_MMA");
+    return !(mma && strcmp(mma, "0") == 0);
+}
 
 extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k,
                                             const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,

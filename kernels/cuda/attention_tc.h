@@ -23,6 +23,12 @@ extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, c
                                             const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
                                             int causal);
 
+// Whether the mma.sync kernels run (attention_mma.cu, and up to
+// MMA_BWD_HS_MAX attention_mma_backward.cu): yes unless the environment has
+// DB_ATTN_MMA=0, which selects the WMMA kernels for both directions.
+// Read at each call (a switch for benchmarks and tests).
+bool db_cuda_attn_mma(void);
+
 // The same forward through mma.sync with S and P in registers
 // (attention_mma.cu; db_cuda_attention_tc_forward runs it, after checking
 // the arguments, unless DB_ATTN_MMA=0 selects the WMMA kernel); rescale:

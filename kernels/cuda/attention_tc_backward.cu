@@ -75,8 +75,6 @@
 #include <cuda_fp16.h>
 #include <math.h>
 #include <mma.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include <type_traits>
 
@@ -332,15 +330,6 @@ static int dkv_qtiles(int Tq, int Tk, int BNH)
     return (nq + nsplit - 1) / nsplit;
 }
 
-// The mma.sync kernels (attention_mma_backward.cu) for head sizes up to
-// MMA_BWD_HS_MAX unless DB_ATTN_MMA=0 (the forward's switch: both
-// directions' WMMA kernels then)
-static bool use_mma(int HS)
-{
-    const char *mma = getenv("DB_ATTN_MMA");
-    return HS <= MMA_BWD_HS_MAX && !(mma && strcmp(mma, "0") == 0);
-}
-
 template <typename T, int ND>
 static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, const void *dout, const float *lse,
                   const void *q, const void *k, const void *v, int B, int Tq, int Tk, int NH, int HS, int causal)
@@ -349,7 +338,7 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
     const size_t smem = smem_bytes<T>(ND);
     const float scale = (float)(1.0 / sqrt((double)HS)); // as attention_backward.c
     const float qscale = score_scale_log2(HS);
-    const bool mma = use_mma(HS);
+    const bool mma = HS <= MMA_BWD_HS_MAX && db_cuda_attn_mma(); // attention_mma_backward.cu's kernels
     const int dtype = std::is_same<T, __half>::value ? DB_PREC_F16 : DB_PREC_BF16;
     if (dq && mma) {
         if (db_cuda_attention_mma_backward(c, dq, NULL, NULL, D, dout, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal,
