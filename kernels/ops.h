@@ -135,6 +135,11 @@ int db_ctx_create(db_ctx **out, db_device device, int threads, db_err *err);
  * (../lib/libdb_cuda.so, as --version finds it), checks its ABI and binds
  * GPU N; a missing library, GPU or ABI match is DB_EUNSUPP with the reason. */
 int db_ctx_create_device(db_ctx **out, const char *device, int threads, db_err *err);
+/* The device a name means (the names db_ctx_create_device takes, NULL
+ * being "cpu"): *dev and *index (0 but for cuda:N), and 0; -1 for a name
+ * that is none of them (nothing set).  The tools check --device with it
+ * (db_device_check) before they load anything. */
+int db_device_parse(const char *device, db_device *dev, int *index);
 /* "cpu-strict" (DB_CPU_STRICT), for tests: the CPU ops, but with a GPU's
  * discipline.  Every db_ctx_alloc buffer is its own mapping that no one may
  * read or write except an op or db_ctx_copy/zero of this ctx (mprotect

@@ -194,19 +194,31 @@ int db_ctx_create(db_ctx **out, db_device device, int threads, db_err *err)
     return ctx_create(out, device, 0, threads, err);
 }
 
+int db_device_parse(const char *device, db_device *dev, int *index)
+{
+    int i = 0, used = 0;
+    if (!device || !strcmp(device, "cpu"))
+        *dev = DB_CPU;
+    else if (!strcmp(device, "cpu-strict"))
+        *dev = DB_CPU_STRICT;
+    else if (!strcmp(device, "cuda"))
+        *dev = DB_CUDA;
+    else if (sscanf(device, "cuda:%d%n", &i, &used) == 1 && device[used] == 0 && i >= 0)
+        *dev = DB_CUDA;
+    else
+        return -1;
+    *index = i;
+    return 0;
+}
+
 int db_ctx_create_device(db_ctx **out, const char *device, int threads, db_err *err)
 {
     *out = NULL;
-    if (!device || !strcmp(device, "cpu"))
-        return ctx_create(out, DB_CPU, 0, threads, err);
-    if (!strcmp(device, "cpu-strict"))
-        return ctx_create(out, DB_CPU_STRICT, 0, threads, err);
-    if (!strcmp(device, "cuda"))
-        return ctx_create(out, DB_CUDA, 0, threads, err);
-    int index, used = 0;
-    if (sscanf(device, "cuda:%d%n", &index, &used) == 1 && device[used] == 0 && index >= 0)
-        return ctx_create(out, DB_CUDA, index, threads, err);
-    return db_err_set(err, DB_EUSAGE, "context: unknown device '%s' (cpu, cuda or cuda:N)", device);
+    db_device dev;
+    int index;
+    if (db_device_parse(device, &dev, &index))
+        return db_err_set(err, DB_EUSAGE, "context: unknown device '%s' (cpu, cuda or cuda:N)", device);
+    return ctx_create(out, dev, index, threads, err);
 }
 
 void db_ctx_destroy(db_ctx *c)

@@ -1,5 +1,7 @@
 #include "version.h"
 
+#include "kernels/ops.h"
+
 #include <dlfcn.h>
 #include <jansson.h>
 #include <limits.h>
@@ -73,9 +75,9 @@ const char *db_version_if_asked(int argc, char **argv, const char *prog, char *b
 
 int db_device_check(const char *device, db_err *err)
 {
-    int index, used = 0;
-    if (!strcmp(device, "cpu") || !strcmp(device, "cpu-strict") || !strcmp(device, "cuda") ||
-        (sscanf(device, "cuda:%d%n", &index, &used) == 1 && device[used] == 0 && index >= 0))
+    db_device dev;
+    int index;
+    if (db_device_parse(device, &dev, &index) == 0)
         return 0;
     return db_err_set(err, DB_EUSAGE, "--device %s: unknown device (cpu, cpu-strict, cuda or cuda:N)", device);
 }
