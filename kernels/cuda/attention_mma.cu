@@ -25,16 +25,13 @@
 #include <cuda_fp16.h>
 #include <math.h>
 
+#include "kernels/cuda/attention_mma_common.h"
 #include "kernels/cuda/attention_tc.h"
-#include "kernels/cuda/attention_tc_common.h"
-#include "kernels/cuda/mma.h"
 
 using namespace db_attn_tc;
-using db_mma::mma16816;
+using namespace db_attn_mma;
 
 namespace {
-
-__device__ __forceinline__ uint32_t pack2(unsigned lo, unsigned hi) { return lo | hi << 16; }
 
 // the row maximum / sum over the 4 lanes of a quad (they share rows g, g + 8)
 __device__ __forceinline__ float quad_max(float x)
@@ -74,7 +71,6 @@ __global__ static void __launch_bounds__(NWARP * 32)
     T *Qs = (T *)smem;       // (BR, LDH)
     T *Ks = Qs + BR * LDH;   // (BT, LDH)
     T *Vs = Ks + BT * LDH;   // (BT, LDH)
-    const unsigned short *Vu = (const unsigned short *)Vs;
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BR;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const size_t C = (size_t)NH * HS;
@@ -83,16 +79,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
     load_rows(Qs, q, b, h, i0, BR, Tq, Tq, NH, HS, LDH);
     __syncthreads();
     uint32_t qa[NK][4];
-    {
-        const T *q0 = Qs + (warp * 16 + g) * LDH, *q8 = q0 + 8 * LDH;
-#pragma unroll
-        for (int d = 0; d < NK; d++) {
-            qa[d][0] = *(const uint32_t *)(q0 + 16 * d + 2 * t);
-            qa[d][1] = *(const uint32_t *)(q8 + 16 * d + 2 * t);
-            qa[d][2] = *(const uint32_t *)(q0 + 16 * d + 8 + 2 * t);
-            qa[d][3] = *(const uint32_t *)(q8 + 16 * d + 8 + 2 * t);
-        }
-    }
+    a_frags<T, NK>(qa, Qs + warp * 16 * LDH, LDH);
     float o[2 * NK][4];
 #pragma unroll
     for (int n = 0; n < 2 * NK; n++)
@@ -110,16 +97,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
 
         // S (16 x 64) = Q K^T: n-tile nt holds keys 8 nt .. 8 nt + 7
         float s[BT / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < BT / 8; nt++) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-            const T *kr = Ks + (8 * nt + g) * LDH + 2 * t;
-#pragma unroll
-            for (int d = 0; d < NK; d++) {
-                const uint32_t kb[2] = {*(const uint32_t *)(kr + 16 * d), *(const uint32_t *)(kr + 16 * d + 8)};
-                mma16816<T>(s[nt], qa[d], kb);
-            }
-        }
+        prod_nt<T, NK>(s, qa, Ks, LDH);
         // scores in log2 units, masked; the rows' tile maxima
         float tA = -INFINITY, tB = -INFINITY;
 #pragma unroll
@@ -164,19 +142,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
             o[n][0] *= corrA, o[n][1] *= corrA, o[n][2] *= corrB, o[n][3] *= corrB;
 
         // O += P V: V's B fragments, two keys of one head dimension per word
-#pragma unroll
-        for (int n = 0; n < 2 * NK; n++) {
-            if (n >= HC) // padding columns: nothing to compute (warp-uniform)
-                break;
-            const unsigned short *vc = Vu + 8 * n + g;
-#pragma unroll
-            for (int kk = 0; kk < BT / 16; kk++) {
-                const int r0 = 16 * kk + 2 * t;
-                const uint32_t vb[2] = {pack2(vc[r0 * LDH], vc[(r0 + 1) * LDH]),
-                                        pack2(vc[(r0 + 8) * LDH], vc[(r0 + 9) * LDH])};
-                mma16816<T>(o[n], pa[kk], vb);
-            }
-        }
+        prod_nn<T, NK>(o, pa, Vs, LDH, HC);
     }
 
     // out = O / lt (fp32; the caller rounds), lse = ln 2 (m + log2 l)

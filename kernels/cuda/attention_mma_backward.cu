@@ -31,75 +31,15 @@
 #include <cuda_fp16.h>
 #include <math.h>
 
+#include "kernels/cuda/attention_mma_common.h"
 #include "kernels/cuda/attention_tc.h"
-#include "kernels/cuda/attention_tc_common.h"
-#include "kernels/cuda/mma.h"
 
 using namespace db_attn_tc;
-using db_mma::mma16816;
+using namespace db_attn_mma;
 
 namespace {
 
 constexpr float LOG2E = 1.4426950408889634f;
-
-__device__ __forceinline__ uint32_t pack2(unsigned lo, unsigned hi) { return lo | hi << 16; }
-
-// The warp's 16 rows of xs (row-major, LDH) as A fragments, k-step d
-// covering columns 16d .. 16d + 15
-template <typename T, int NK> __device__ __forceinline__ void a_frags(uint32_t (&a)[NK][4], const T *xs, int LDH)
-{
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const T *r0 = xs + g * LDH, *r8 = r0 + 8 * LDH;
-#pragma unroll
-    for (int d = 0; d < NK; d++) {
-        a[d][0] = *(const uint32_t *)(r0 + 16 * d + 2 * t);
-        a[d][1] = *(const uint32_t *)(r8 + 16 * d + 2 * t);
-        a[d][2] = *(const uint32_t *)(r0 + 16 * d + 8 + 2 * t);
-        a[d][3] = *(const uint32_t *)(r8 + 16 * d + 8 + 2 * t);
-    }
-}
-
-// acc (16 x 64) = A Y^T: A the warp's fragments (16 x HSP), Y the 64 rows of
-// ys (row-major, LDH); n-tile nt holds Y's rows 8 nt .. 8 nt + 7
-template <typename T, int NK>
-__device__ __forceinline__ void prod_nt(float (&acc)[BT / 8][4], const uint32_t (&a)[NK][4], const T *ys, int LDH)
-{
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int nt = 0; nt < BT / 8; nt++) {
-        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-        const T *yr = ys + (8 * nt + g) * LDH + 2 * t;
-#pragma unroll
-        for (int d = 0; d < NK; d++) {
-            const uint32_t yb[2] = {*(const uint32_t *)(yr + 16 * d), *(const uint32_t *)(yr + 16 * d + 8)};
-            mma16816<T>(acc[nt], a[d], yb);
-        }
-    }
-}
-
-// acc (16 x HSP) += X Y: X the A fragments of a 16 x 64 product (k-step kk
-// = its columns 16 kk ..), Y (64 x HSP) row-major in ys (LDH): B fragments
-// of one head dimension, two rows a word; padding columns skipped
-template <typename T, int NK>
-__device__ __forceinline__ void prod_nn(float (&acc)[2 * NK][4], const uint32_t (&x)[BT / 16][4], const T *ys,
-                                        int LDH, int HC)
-{
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const unsigned short *yu = (const unsigned short *)ys;
-#pragma unroll
-    for (int n = 0; n < 2 * NK; n++) {
-        if (n >= HC) // warp-uniform
-            break;
-        const unsigned short *yc = yu + 8 * n + g;
-#pragma unroll
-        for (int kk = 0; kk < BT / 16; kk++) {
-            const int r0 = 16 * kk + 2 * t;
-            const uint32_t yb[2] = {pack2(yc[r0 * LDH], yc[(r0 + 1) * LDH]),
-                                    pack2(yc[(r0 + 8) * LDH], yc[(r0 + 9) * LDH])};
-            mma16816<T>(acc[n], x[kk], yb);
-        }
-    }
-}
 
 // rows r (16 of the warp: this lane's g and g + 8) of acc * scale into
 // dst (B, T_, NH*HS), head h
