@@ -149,9 +149,8 @@ static int launch(db_ctx *c, float *out, float *lse, const float *q, const float
 {
     const float qscale = (float)(1.0 / sqrt((double)HS) * 1.4426950408889634);
     const size_t smem = sizeof(float) * ((size_t)QB * HS + (size_t)KT * (HS + 1) + (size_t)KT * HS);
-    if (smem > 48 * 1024) // above the default limit a kernel must opt in
-        DB_CU(c, cudaFuncSetAttribute(attention_forward_kernel<KS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      (int)smem));
+    if (db_cuda_smem_optin(c, attention_forward_kernel<KS>, smem))
+        return -1;
     dim3 grid((unsigned)((Tq + QB - 1) / QB), (unsigned)(B * NH));
     attention_forward_kernel<KS>
         <<<grid, NWARP * 32, smem, db_cuda_st(c)->stream>>>(out, lse, q, k, v, Tq, Tk, NH, HS, causal, qscale);

@@ -283,16 +283,16 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *dout,
     const float scale = (float)(1.0 / sqrt((double)HS)); // as attention_backward.c
     if (dq) {
         const size_t smem = sizeof(float) * (2 * (size_t)RB * HS + 2 * (size_t)TT * (HS + 1));
-        if (smem > 48 * 1024)
-            DB_CU(c, cudaFuncSetAttribute(attn_dq_kernel<KS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        if (db_cuda_smem_optin(c, attn_dq_kernel<KS>, smem))
+            return -1;
         dim3 grid((unsigned)((Tq + RB - 1) / RB), (unsigned)(B * NH));
         attn_dq_kernel<KS><<<grid, NWARP * 32, smem, s>>>(dq, dout, lse, D, q, k, v, Tq, Tk, NH, HS, causal, scale);
         DB_LAUNCHED(c);
     }
     if ((dk || dv) && Tk > 0) {
         const size_t smem = sizeof(float) * (2 * (size_t)RB * HS + 2 * (size_t)TT * (HS + 1) + 2 * TT);
-        if (smem > 48 * 1024)
-            DB_CU(c, cudaFuncSetAttribute(attn_dkv_kernel<KS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        if (db_cuda_smem_optin(c, attn_dkv_kernel<KS>, smem))
+            return -1;
         dim3 grid((unsigned)((Tk + RB - 1) / RB), (unsigned)(B * NH));
         attn_dkv_kernel<KS>
             <<<grid, NWARP * 32, smem, s>>>(dk, dv, dout, lse, D, q, k, v, Tq, Tk, NH, HS, causal, scale);

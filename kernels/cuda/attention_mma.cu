@@ -173,8 +173,8 @@ static int launch(db_ctx *c, float *out, float *lse, const void *q, const void *
     const size_t smem = sizeof(T) * 3 * BT * LDH;
     void (*kern)(float *, float *, const T *, const T *, const T *, int, int, int, int, int, float, float) =
         attention_mma_kernel<T, NK>;
-    if (smem > 48 * 1024) // above the default limit a kernel must opt in
-        DB_CU(c, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    if (db_cuda_smem_optin(c, kern, smem))
+        return -1;
     dim3 grid((unsigned)((Tq + BR - 1) / BR), (unsigned)(B * NH));
     kern<<<grid, NWARP * 32, smem, db_cuda_st(c)->stream>>>(out, lse, (const T *)q, (const T *)k, (const T *)v, Tq, Tk,
                                                              NH, HS, causal, score_scale_log2(HS), rescale);

@@ -204,8 +204,8 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
         const size_t smem = sizeof(T) * 4 * (size_t)BR * LDH;
         void (*kern)(float *, const T *, const float *, const float *, const T *, const T *, const T *, int, int, int,
                      int, int, float, float) = attn_mma_dq_kernel<T, NK>;
-        if (smem > 48 * 1024) // above the default limit a kernel must opt in
-            DB_CU(c, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        if (db_cuda_smem_optin(c, kern, smem))
+            return -1;
         dim3 grid((unsigned)((Tq + BR - 1) / BR), (unsigned)(B * NH));
         kern<<<grid, NWARP * 32, smem, st>>>(dq, (const T *)dout, lse, D, (const T *)q, (const T *)k, (const T *)v, Tq,
                                               Tk, NH, HS, causal, scale, qscale);
@@ -215,8 +215,8 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
         const size_t smem = sizeof(T) * 4 * (size_t)BR * LDH + sizeof(float) * 2 * BT;
         void (*kern)(float *, float *, const T *, const float *, const float *, const T *, const T *, const T *, int,
                      int, int, int, int, float, float, int, size_t) = attn_mma_dkv_kernel<T, NK>;
-        if (smem > 48 * 1024)
-            DB_CU(c, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        if (db_cuda_smem_optin(c, kern, smem))
+            return -1;
         dim3 grid((unsigned)((Tk + BR - 1) / BR), (unsigned)(B * NH), (unsigned)nsplit);
         kern<<<grid, NWARP * 32, smem, st>>>(dk, dv, (const T *)dout, lse, D, (const T *)q, (const T *)k, (const T *)v,
                                               Tq, Tk, NH, HS, causal, scale, qscale, qtiles, part);

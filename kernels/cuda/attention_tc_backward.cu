@@ -347,18 +347,14 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
     } else if (dq) {
         void (*kern)(float *, const T *, const float *, const float *, const T *, const T *, const T *, int, int, int,
                      int, int, float, float) = attn_tc_dq_kernel<T, ND>;
-        if (smem > 48 * 1024) // above the default limit a kernel must opt in
-            DB_CU(c, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        if (db_cuda_smem_optin(c, kern, smem))
+            return -1;
         dim3 grid((unsigned)((Tq + BR - 1) / BR), (unsigned)(B * NH));
         kern<<<grid, NWARP * 32, smem, st>>>(dq, (const T *)dout, lse, D, (const T *)q, (const T *)k, (const T *)v, Tq,
                                               Tk, NH, HS, causal, scale, qscale);
         DB_LAUNCHED(c);
     }
     if (dk || dv) {
-        void (*kern2)(float *, float *, const T *, const float *, const float *, const T *, const T *, const T *, int,
-                      int, int, int, int, float, float, int, size_t) = attn_tc_dkv_kernel<T, ND>;
-        if (smem > 48 * 1024)
-            DB_CU(c, cudaFuncSetAttribute(kern2, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         const int qtiles = dkv_qtiles(Tq, Tk, B * NH), nsplit = ((Tq + BT - 1) / BT + qtiles - 1) / qtiles;
         const size_t n = (size_t)B * Tk * NH * HS;
         // split: partial sums (nsplit of each wanted output), then their sum
@@ -369,9 +365,15 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
             r = db_cuda_attention_mma_backward(c, NULL, pk, pv, D, dout, lse, q, k, v, dtype, B, Tq, Tk, NH, HS,
                                                causal, scale, qscale, qtiles, nsplit, n);
         else if (r == 0) {
-            dim3 grid((unsigned)((Tk + BR - 1) / BR), (unsigned)(B * NH), (unsigned)nsplit);
-            kern2<<<grid, NWARP * 32, smem, st>>>(pk, pv, (const T *)dout, lse, D, (const T *)q, (const T *)k,
-                                                   (const T *)v, Tq, Tk, NH, HS, causal, scale, qscale, qtiles, n);
+            void (*kern2)(float *, float *, const T *, const float *, const float *, const T *, const T *, const T *,
+                          int, int, int, int, int, float, float, int, size_t) = attn_tc_dkv_kernel<T, ND>;
+            r = db_cuda_smem_optin(c, kern2, smem);
+            if (r == 0) {
+                dim3 grid((unsigned)((Tk + BR - 1) / BR), (unsigned)(B * NH), (unsigned)nsplit);
+                kern2<<<grid, NWARP * 32, smem, st>>>(pk, pv, (const T *)dout, lse, D, (const T *)q, (const T *)k,
+                                                       (const T *)v, Tq, Tk, NH, HS, causal, scale, qscale, qtiles,
+                                                       n);
+            }
         }
         if (r == 0) {
             if (nsplit > 1 && dk)

@@ -131,6 +131,14 @@ int db_cuda_fail(db_ctx *c, int code, const char *file, int line, const char *fm
     } while (0)
 // after every kernel launch: launch-configuration errors show up here
 #define DB_LAUNCHED(c) DB_CU((c), cudaGetLastError())
+// A kernel asking for more than the default 48 KB of dynamic shared memory
+// must opt in first (the attention kernels' tiles); 0, or -1 with c->err set
+template <typename K> static inline int db_cuda_smem_optin(db_ctx *c, K kern, size_t smem)
+{
+    if (smem > 48 * 1024)
+        DB_CU(c, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    return 0;
+}
 // first line of every op
 #define DB_ENTER(c)                                                                                                    \
     do {                                                                                                               \
