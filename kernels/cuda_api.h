@@ -25,10 +25,10 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 10 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+#define DB_CUDA_ABI 11 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
                           4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
                           7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free;
-                          10: opt_adamw8bit_many */
+                          10: opt_adamw8bit_many; 11: host_alloc, host_free */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -142,6 +142,12 @@ typedef struct db_cuda_api {
     /* db_opt_adamw8bit_many: jobs and maps are HOST memory */
     int (*opt_adamw8bit_many)(db_ctx *c, const db_q8_job *jobs, size_t njobs, const struct db_adamw *hp, int64_t t,
                               const struct db_q8_maps *maps);
+    /* db_ctx_host_alloc / db_ctx_host_free: page-locked host memory
+     * (cudaHostAlloc, portable), which copies off the device reach at the
+     * bus's speed.  Callable from any thread; host_alloc returns NULL when
+     * the driver refuses, without touching c (no error is set). */
+    void *(*host_alloc)(db_ctx *c, size_t bytes);
+    void (*host_free)(db_ctx *c, void *p);
 } db_cuda_api;
 
 /* Exported by libdb_cuda.so: the table, or NULL when the library was built

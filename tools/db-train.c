@@ -286,6 +286,7 @@ typedef struct run {
     char *last_ckpt;
     int async;                  /* --async-save resolved: checkpoints written by a background writer */
     db_ckpt_writer *writer;     /* the checkpoint being written in the background, or NULL */
+    db_ckpt_stage *stage;       /* --async-save: the writers' host copies, kept for the run */
 } run;
 
 static int tokenize_all(run *r, const db_trainset *s, const char *override, int32_t **out, const char *what,
@@ -497,9 +498,10 @@ static int save(run *r, const db_train_stats *s, db_err *err)
     char *path = NULL;
     int rc;
     if (r->async) { /* the previous write first (one at a time), then this one in the background */
-        rc = join_writer(r, err) || db_ckpt_writer_start(&r->writer, r->run_dir, &st, r->hash, state, r->config, err);
+        rc = join_writer(r, err) || db_ckpt_writer_start(&r->writer, r->run_dir, &st, r->hash, state, r->config, r->stage, err);
         if (rc == 0)
-            db_debug(&r->lg, "writing the checkpoint of step %" PRId64 " in the background", st.step);
+            db_debug(&r->lg, "writing the checkpoint of step %" PRId64 " in the background%s", st.step,
+                     r->stage && db_ckpt_stage_pinned(r->stage) ? " (its copy in pinned memory)" : "");
     } else if ((rc = db_train_ckpt_save(r->run_dir, &st, r->hash, state, r->config, &path, err)) == 0)
         saved(r, path);
     json_decref(state);
@@ -827,7 +829,8 @@ int main(int argc, char **argv)
          "(autocast; weights, gradients and AdamW stay fp32; fp16 adds dynamic loss scaling; on the CPU an "
          "emulation, slower); a resume may change it", &o->precision, "fp32", 0},
         {"async-save", 0, DB_OPT_STR, "auto|on|off", "write checkpoints in a background thread from a host copy "
-         "(training goes on meanwhile; host memory the size of a checkpoint); auto: on for GPU devices",
+         "(training goes on meanwhile; host memory the size of a checkpoint, taken at the start and kept, "
+         "pinned on a GPU); auto: on for GPU devices",
          &o->async_save, "auto", 0},
         {"quiet", 'q', DB_OPT_FLAG, NULL, "only errors on stderr", &o->quiet, NULL, 0},
         {"verbose", 'v', DB_OPT_FLAG, NULL, "more detail on stderr", &o->verbose, NULL, 0},
@@ -1169,6 +1172,14 @@ int main(int argc, char **argv)
         db_error(&r->lg, "%s", e.msg);
         goto out;
     }
+    if (lead && r->async) { /* pinned (on a GPU) in the background while the first steps run */
+        db_train_state st;
+        db_trainer_state(r->tr, &st);
+        if (db_ckpt_stage_start(&r->stage, r->ctx, db_ckpt_copy_bytes(&st), &e)) {
+            db_error(&r->lg, "%s", e.msg);
+            goto out;
+        }
+    }
     if (o->record) {
         db_meta hm;
         db_meta_init(&hm);
@@ -1331,6 +1342,7 @@ out:
         db_err e2 = {0};
         db_tfevents_close(r->ev, &e2);
     }
+    db_ckpt_stage_free(r->stage); /* (every writer joined above) */
     db_trainer_free(r->tr);
     db_vae_free(r->vae);
     db_ctx_destroy(r->ctx);

@@ -367,6 +367,17 @@ int db_ctx_sync(db_ctx *c)
     return c->device == DB_CUDA ? c->cuda_api->sync(c) : 0;
 }
 
+void *db_ctx_host_alloc(db_ctx *c, size_t bytes)
+{
+    return c->device == DB_CUDA ? c->cuda_api->host_alloc(c, bytes) : NULL;
+}
+
+void db_ctx_host_free(db_ctx *c, void *p)
+{
+    if (p && c->device == DB_CUDA)
+        c->cuda_api->host_free(c, p);
+}
+
 /* ---- graphs (ops.h db_graph_capture) ----------------------------------------------- */
 
 struct db_graph {

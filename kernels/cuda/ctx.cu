@@ -463,6 +463,29 @@ static void api_mem_reset_peak(db_ctx *c) { db_cuda_st(c)->peak_bytes = db_cuda_
 
 static void *api_stream(db_ctx *c) { return (void *)db_cuda_st(c)->stream; }
 
+// Pinned host memory (ops.h db_ctx_host_alloc), from any thread: the
+// current device is per thread, so a thread of the caller's own (a
+// checkpoint stage pinning in the background) selects the ctx's first,
+// lest the driver make a context on device 0 for it.  A refusal clears
+// that thread's last error and sets nothing in c.
+static void *api_host_alloc(db_ctx *c, size_t bytes)
+{
+    void *p = NULL;
+    if (cudaSetDevice(db_cuda_st(c)->device) != cudaSuccess ||
+        cudaHostAlloc(&p, bytes ? bytes : 1, cudaHostAllocPortable) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return NULL;
+    }
+    return p;
+}
+
+static void api_host_free(db_ctx *c, void *p)
+{
+    (void)c;
+    if (p)
+        (void)cudaFreeHost(p);
+}
+
 // The side stream, after everything queued on the ctx's stream so far: work
 // queued on it (an NCCL all-reduce of gradients already computed) overlaps
 // the ops queued next.  NULL with c->err set on failure.
@@ -638,6 +661,8 @@ static db_cuda_api make_api(void)
     a.mem_stats = api_mem_stats;
     a.mem_reset_peak = api_mem_reset_peak;
     a.stream = api_stream;
+    a.host_alloc = api_host_alloc;
+    a.host_free = api_host_free;
     a.side_begin = api_side_begin;
     a.side_join = api_side_join;
     a.graph_begin = api_graph_begin;

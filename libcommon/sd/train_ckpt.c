@@ -304,73 +304,167 @@ struct db_ckpt_writer {
     db_train_state st;                 /* pointing at the copies below */
     db_weights w[6];                   /* unet, unet_m, unet_v, text, text_m, text_v (data: host copies) */
     db_q8_state q[2];                  /* unet_q8, text_q8 (buffers: host copies) */
+    db_ckpt_stage *stage;              /* the copies' memory when it was free, else NULL (malloc'd) */
     int rc;
     char *path;
     db_err err;
 };
 
-/* dst = host copy of n bytes of src (on ctx's device; NULL: host). */
-static void *host_copy(db_ctx *ctx, const void *src, size_t n, db_err *err)
+struct db_ckpt_stage {
+    db_ctx *ctx;
+    size_t bytes;
+    pthread_t th;
+    int joined;
+    char *mem;  /* NULL: the allocation failed (writers malloc) */
+    int pinned; /* mem from db_ctx_host_alloc, else malloc'd */
+    int busy;   /* a writer's copies are in it */
+};
+
+enum { PIECE_ALIGN = 256 };
+
+static size_t piece(size_t n) { return ((n ? n : 1) + PIECE_ALIGN - 1) / PIECE_ALIGN * PIECE_ALIGN; }
+
+size_t db_ckpt_copy_bytes(const db_train_state *st)
 {
-    void *d = malloc(n ? n : 1);
-    if (!d) {
-        db_err_set(err, DB_ENOMEM, "out of memory for a %zu MiB checkpoint copy", n >> 20);
-        return NULL;
-    }
-    if (!ctx)
-        memcpy(d, src, n);
-    else if (db_ctx_copy(ctx, d, src, n, DB_COPY_D2H)) {
-        db_err_set(err, ctx->err.code, "checkpoint copy: %s", ctx->err.msg);
-        free(d);
-        return NULL;
-    }
-    return d;
+    size_t b = 0;
+    const db_weights *ws[6] = {st->unet, st->unet_m, st->unet_v, st->text, st->text_m, st->text_v};
+    for (int i = 0; i < 6; i++)
+        b += ws[i] ? piece(ws[i]->numel * sizeof(float)) : 0;
+    const db_q8_state *qs[2] = {st->unet_q8, st->text_q8};
+    for (int i = 0; i < 2; i++)
+        if (qs[i])
+            b += 2 * (piece(qs[i]->ncodes) + piece(qs[i]->nblocks * sizeof(float)) +
+                      piece(qs[i]->nsmall * sizeof(float)));
+    return b;
 }
 
-/* *dst = w with its data copied to the host (the index shared, not owned). */
-static int snap_weights(db_weights *dst, const db_weights *w, db_weights **out, db_err *err)
+static void *stage_main(void *arg)
 {
-    if (!w) {
-        *out = NULL;
-        return 0;
+    db_ckpt_stage *s = arg;
+    if ((s->mem = db_ctx_host_alloc(s->ctx, s->bytes)) != NULL)
+        s->pinned = 1;
+    else if ((s->mem = malloc(s->bytes)) != NULL)
+        memset(s->mem, 0, s->bytes); /* its page faults now, not in the copy a step waits for */
+    return NULL;
+}
+
+int db_ckpt_stage_start(db_ckpt_stage **out, db_ctx *ctx, size_t bytes, db_err *err)
+{
+    db_ckpt_stage *s = calloc(1, sizeof *s);
+    if (!s)
+        return db_err_set(err, DB_ENOMEM, "out of memory");
+    s->ctx = ctx;
+    s->bytes = bytes ? bytes : 1;
+    const int rc = pthread_create(&s->th, NULL, stage_main, s);
+    if (rc) {
+        free(s);
+        errno = rc;
+        return db_err_errno(err, "checkpoint stage thread");
     }
-    *dst = *w;
-    dst->ctx = NULL;
-    if (!(dst->data = host_copy(w->ctx, w->data, w->numel * sizeof(float), err)))
-        return -1;
-    *out = dst;
+    *out = s;
     return 0;
 }
 
-static int snap_q8(db_q8_state *dst, const db_q8_state *q, db_q8_state **out, db_err *err)
+static void stage_join(db_ckpt_stage *s)
 {
-    if (!q) {
-        *out = NULL;
+    if (!s->joined)
+        pthread_join(s->th, NULL), s->joined = 1;
+}
+
+int db_ckpt_stage_pinned(db_ckpt_stage *s)
+{
+    stage_join(s);
+    return s->pinned;
+}
+
+void db_ckpt_stage_free(db_ckpt_stage *s)
+{
+    if (!s)
+        return;
+    stage_join(s);
+    if (s->pinned)
+        db_ctx_host_free(s->ctx, s->mem);
+    else
+        free(s->mem);
+    free(s);
+}
+
+/* Where a writer's copies go: the stage's memory, or malloc for each. */
+typedef struct arena {
+    char *base;
+    size_t cap, used;
+} arena;
+
+/* *out = host copy of n bytes of src (on ctx's device; NULL: host), in a's
+ * memory while it lasts, then malloc'd.  *out is set whenever memory was
+ * taken, also when the copy then fails (the writer frees it). */
+static int host_copy(db_ctx *ctx, const void *src, size_t n, arena *a, void *out, db_err *err)
+{
+    void *d;
+    if (a->base && a->cap - a->used >= piece(n)) {
+        d = a->base + a->used;
+        a->used += piece(n);
+    } else if (!(d = malloc(n ? n : 1)))
+        return db_err_set(err, DB_ENOMEM, "out of memory for a %zu MiB checkpoint copy", n >> 20);
+    memcpy(out, &d, sizeof d);
+    if (!ctx)
+        memcpy(d, src, n);
+    else if (db_ctx_copy(ctx, d, src, n, DB_COPY_D2H))
+        return db_err_set(err, ctx->err.code, "checkpoint copy: %s", ctx->err.msg);
+    return 0;
+}
+
+/* *dst = w with its data copied to the host (the index shared, not owned). */
+static int snap_weights(db_weights *dst, const db_weights *w, db_weights **out, arena *a, db_err *err)
+{
+    *out = NULL;
+    if (!w)
         return 0;
-    }
+    *dst = *w;
+    dst->ctx = NULL;
+    dst->data = NULL;
+    *out = dst;
+    return host_copy(w->ctx, w->data, w->numel * sizeof(float), a, &dst->data, err);
+}
+
+static int snap_q8(db_q8_state *dst, const db_q8_state *q, db_q8_state **out, arena *a, db_err *err)
+{
+    *out = NULL;
+    if (!q)
+        return 0;
     *dst = *q;
     dst->ctx = NULL;
     dst->m_q = dst->v_q = NULL;
     dst->m_absmax = dst->v_absmax = dst->m32 = dst->v32 = NULL;
     *out = dst;
-    return !(dst->m_q = host_copy(q->ctx, q->m_q, q->ncodes, err)) ||
-                   !(dst->v_q = host_copy(q->ctx, q->v_q, q->ncodes, err)) ||
-                   !(dst->m_absmax = host_copy(q->ctx, q->m_absmax, q->nblocks * sizeof(float), err)) ||
-                   !(dst->v_absmax = host_copy(q->ctx, q->v_absmax, q->nblocks * sizeof(float), err)) ||
-                   !(dst->m32 = host_copy(q->ctx, q->m32, q->nsmall * sizeof(float), err)) ||
-                   !(dst->v32 = host_copy(q->ctx, q->v32, q->nsmall * sizeof(float), err))
+    return host_copy(q->ctx, q->m_q, q->ncodes, a, &dst->m_q, err) ||
+                   host_copy(q->ctx, q->v_q, q->ncodes, a, &dst->v_q, err) ||
+                   host_copy(q->ctx, q->m_absmax, q->nblocks * sizeof(float), a, &dst->m_absmax, err) ||
+                   host_copy(q->ctx, q->v_absmax, q->nblocks * sizeof(float), a, &dst->v_absmax, err) ||
+                   host_copy(q->ctx, q->m32, q->nsmall * sizeof(float), a, &dst->m32, err) ||
+                   host_copy(q->ctx, q->v32, q->nsmall * sizeof(float), a, &dst->v32, err)
                ? -1
                : 0;
+}
+
+/* free p unless the stage's memory holds it */
+static void copy_free(const db_ckpt_stage *s, void *p)
+{
+    if (!s || (char *)p < s->mem || (char *)p >= s->mem + s->bytes)
+        free(p);
 }
 
 static void writer_free(db_ckpt_writer *w)
 {
     for (int i = 0; i < 6; i++)
-        free(w->w[i].data);
+        copy_free(w->stage, w->w[i].data);
     for (int i = 0; i < 2; i++) {
-        free(w->q[i].m_q), free(w->q[i].v_q), free(w->q[i].m_absmax), free(w->q[i].v_absmax);
-        free(w->q[i].m32), free(w->q[i].v32);
+        void *q[6] = {w->q[i].m_q, w->q[i].v_q, w->q[i].m_absmax, w->q[i].v_absmax, w->q[i].m32, w->q[i].v32};
+        for (int k = 0; k < 6; k++)
+            copy_free(w->stage, q[k]);
     }
+    if (w->stage)
+        w->stage->busy = 0;
     json_decref(w->state);
     json_decref(w->config);
     free(w->run_dir);
@@ -387,13 +481,22 @@ static void *writer_main(void *arg)
 }
 
 int db_ckpt_writer_start(db_ckpt_writer **out, const char *run_dir, const db_train_state *st, const char *base_hash,
-                         const json_t *state, const json_t *config, db_err *err)
+                         const json_t *state, const json_t *config, db_ckpt_stage *stage, db_err *err)
 {
     *out = NULL;
     db_ckpt_writer *w = calloc(1, sizeof *w);
     if (!w)
         return db_err_set(err, DB_ENOMEM, "out of memory");
     w->st = *st;
+    arena a = {0};
+    if (stage && !stage->busy) { /* (busy: a writer not joined yet still reads it) */
+        stage_join(stage);
+        if (stage->mem) {
+            stage->busy = 1;
+            w->stage = stage;
+            a = (arena){stage->mem, stage->bytes, 0};
+        }
+    }
     db_weights **ws[6] = {&w->st.unet, &w->st.unet_m, &w->st.unet_v, &w->st.text, &w->st.text_m, &w->st.text_v};
     const db_weights *src[6] = {st->unet, st->unet_m, st->unet_v, st->text, st->text_m, st->text_v};
     int rc = !(w->run_dir = strdup(run_dir)) || (base_hash && !(w->base_hash = strdup(base_hash))) ||
@@ -401,9 +504,10 @@ int db_ckpt_writer_start(db_ckpt_writer **out, const char *run_dir, const db_tra
                  ? db_err_set(err, DB_ENOMEM, "out of memory")
                  : 0;
     for (int i = 0; rc == 0 && i < 6; i++)
-        rc = snap_weights(&w->w[i], src[i], ws[i], err);
+        rc = snap_weights(&w->w[i], src[i], ws[i], &a, err);
     if (rc == 0)
-        rc = snap_q8(&w->q[0], st->unet_q8, &w->st.unet_q8, err) || snap_q8(&w->q[1], st->text_q8, &w->st.text_q8, err);
+        rc = snap_q8(&w->q[0], st->unet_q8, &w->st.unet_q8, &a, err) ||
+             snap_q8(&w->q[1], st->text_q8, &w->st.text_q8, &a, err);
     w->st.text_frozen = NULL; /* not written */
     if (rc == 0 && (rc = pthread_create(&w->th, NULL, writer_main, w)) != 0) {
         errno = rc;
@@ -416,6 +520,8 @@ int db_ckpt_writer_start(db_ckpt_writer **out, const char *run_dir, const db_tra
     *out = w;
     return 0;
 }
+
+int db_ckpt_writer_staged(const db_ckpt_writer *w) { return w->stage != NULL; }
 
 int db_ckpt_writer_join(db_ckpt_writer *w, char **out_path, db_err *err)
 {

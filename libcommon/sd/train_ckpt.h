@@ -50,13 +50,38 @@ int db_train_ckpt_save(const char *run_dir, const db_train_state *st, const char
  * buffers the next step overwrites; host memory the size of the
  * checkpoint), copies state and config, and starts the write; join waits for
  * it.  A writer reads only its copies: st's buffers may change at once, but
- * its tensor tables (the weights' indexes) must outlive the join. */
+ * its tensor tables (the weights' indexes) must outlive the join.
+ *
+ * stage (may be NULL) is memory kept for those copies from checkpoint to
+ * checkpoint (below); a writer takes it unless the previous writer still
+ * holds it (not joined yet), and mallocs each copy then, as without one,
+ * and the copies that do not fit when it is too small.  The files are the
+ * same bytes either way. */
 typedef struct db_ckpt_writer db_ckpt_writer;
+typedef struct db_ckpt_stage db_ckpt_stage;
 int db_ckpt_writer_start(db_ckpt_writer **out, const char *run_dir, const db_train_state *st, const char *base_hash,
-                         const json_t *state, const json_t *config, db_err *err);
+                         const json_t *state, const json_t *config, db_ckpt_stage *stage, db_err *err);
 /* 0 with *out_path (may be NULL; malloc'd) the checkpoint written, or -1
  * with the write's error.  Frees w; NULL: nothing to wait for, 0. */
 int db_ckpt_writer_join(db_ckpt_writer *w, char **out_path, db_err *err);
+
+/* The stage: host memory for a writer's copies, allocated once for the run.
+ * From ctx's device where it gives any (db_ctx_host_alloc: CUDA's pinned
+ * memory, which the copy a training step waits for fills at the bus's
+ * speed: the pageable copies ran at ~1.5 GB/s on an H200, 6.7 s for SD1.5's
+ * 10.3 GB trainer state), else malloc'd and touched (its page faults taken
+ * up front).  Pinning gigabytes takes seconds, so db_ckpt_stage_start
+ * allocates in a thread of its own and returns at once; the first writer
+ * to use the stage waits for it.  bytes: db_ckpt_copy_bytes of the state
+ * it will hold.  A failed allocation is no error: writers then malloc. */
+size_t db_ckpt_copy_bytes(const db_train_state *st);
+int db_ckpt_stage_start(db_ckpt_stage **out, db_ctx *ctx, size_t bytes, db_err *err);
+/* 1 when the stage's memory came from the device (waits for the allocation) */
+int db_ckpt_stage_pinned(db_ckpt_stage *s);
+/* After the join of the last writer that used it; NULL: nothing. */
+void db_ckpt_stage_free(db_ckpt_stage *s);
+/* 1 when w's copies are in a stage's memory, 0 when malloc'd (tests) */
+int db_ckpt_writer_staged(const db_ckpt_writer *w);
 
 /* Read a checkpoint into the trainer's buffers (st from db_trainer_state):
  * every tensor must be present with its shape; a text encoder in the file

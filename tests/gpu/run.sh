@@ -76,6 +76,21 @@ PY
         echo "db-train cuda graphs vs --no-graph, 3 steps: weights DIFFER"
         bad=1
     fi
+    # checkpoints through the pinned stage (--async-save, auto on a GPU) vs
+    # written synchronously: the same bytes, and the log says pinned
+    timeout 90 build/bin/db-train -v -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 --lr 1e-4 --train-text-encoder \
+        --device cuda --async-save on -o "$T/run-pinned" 2>"$T/pinned.log"
+    timeout 90 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 --lr 1e-4 --train-text-encoder \
+        --device cuda --async-save off -o "$T/run-sync"
+    if cmp -s "$T/run-pinned/ckpt-000003/model.safetensors" "$T/run-sync/ckpt-000003/model.safetensors" &&
+        cmp -s "$T/run-pinned/ckpt-000003/optimizer.safetensors" "$T/run-sync/ckpt-000003/optimizer.safetensors" &&
+        grep -q "pinned memory" "$T/pinned.log"; then
+        echo "db-train cuda --async-save on (pinned stage) vs off: byte-identical checkpoint"
+    else
+        echo "db-train cuda --async-save on vs off: checkpoints DIFFER or the stage was not pinned"
+        grep -i "checkpoint" "$T/pinned.log" | head -5
+        bad=1
+    fi
     [ "$bad" = 0 ]
 }
 # make bench-cuda's recipe (the Makefile calls this; the bundle, which has no

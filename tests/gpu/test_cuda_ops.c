@@ -38,6 +38,7 @@
 #include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1443,6 +1444,46 @@ static void t_side_stream(void)
     release_all();
 }
 
+/* Pinned host memory (host_alloc / host_free; the checkpoint stage's): a
+ * copy off the device lands there, in another thread's allocation too (the
+ * stage pins in a thread of its own), and the ctx keeps no error */
+typedef struct pinned_arg {
+    size_t bytes;
+    void *p;
+} pinned_arg;
+
+static void *pinned_main(void *arg)
+{
+    pinned_arg *a = (pinned_arg *)arg;
+    a->p = api->host_alloc(&g, a->bytes);
+    return NULL;
+}
+
+static void t_host_alloc(void)
+{
+    const char *what = "pinned host memory (host_alloc / host_free)";
+    if (!have((const void *)api->host_alloc, what) || !have((const void *)api->host_free, what))
+        return;
+    enum { N = 1 << 16 };
+    float *h = (float *)malloc(N * sizeof *h);
+    for (int i = 0; i < N; i++)
+        h[i] = (float)i * 0.5f - 7.0f;
+    float *d = dputf(h, N);
+    db_ctx_clear_error(&g);
+    pinned_arg a = {N * sizeof(float), NULL};
+    pthread_t th;
+    const int made = pthread_create(&th, NULL, pinned_main, &a) == 0;
+    if (made)
+        pthread_join(th, NULL);
+    const int cp = a.p ? api->copy(&g, a.p, d, N * sizeof(float), DB_COPY_D2H) : -1;
+    tap_ok(made && a.p && cp == 0 && !memcmp(a.p, h, N * sizeof(float)) && g.err.code == 0,
+           "%s: allocated in another thread, a device-to-host copy lands in it%s%s", what, g.err.code ? ": " : "",
+           g.err.msg);
+    api->host_free(&g, a.p);
+    free(h);
+    release_all();
+}
+
 /* ---- CUDA graphs (graph_begin .. graph_free; kernels/ops.h db_graph_capture) ---- */
 
 /* A UNet-like piece of work on fixed buffers: conv (bias) -> group norm +
@@ -2143,6 +2184,7 @@ int main(void)
         t_sumsq_many(many, sizeof many / sizeof *many);
     }
     t_side_stream();
+    t_host_alloc();
     t_graph(DB_PREC_F32);
     t_graph(DB_PREC_BF16);
     t_graph_timestep();

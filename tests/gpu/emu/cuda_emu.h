@@ -126,6 +126,9 @@ static inline cudaError_t emu_forbidden() { emu_cap_bad = 1; return cudaErrorStr
 // runtime stubs: host memory is device memory
 #define cudaMalloc(p, n) ((*(void **)(p) = aligned_alloc(256, ((n) + 255) / 256 * 256)) ? cudaSuccess : cudaErrorMemoryAllocation)
 #define cudaFree(p) (emu_cap ? emu_forbidden() : (free(p), cudaSuccess))
+#define cudaHostAllocPortable 1
+#define cudaHostAlloc(p, n, f) ((*(void **)(p) = malloc(n)) ? cudaSuccess : cudaErrorMemoryAllocation)
+#define cudaFreeHost(p) (emu_cap ? emu_forbidden() : (free(p), cudaSuccess))
 static inline cudaError_t emu_memcpy_async(void *d, const void *s, size_t n, cudaMemcpyKind k) {
     if (emu_cap && k != cudaMemcpyDeviceToDevice) return emu_forbidden();
     emu_submit([=] { memcpy(d, s, n); }); return cudaSuccess; }
