@@ -266,6 +266,7 @@ int db_cuda_declare_weights(db_ctx *c, const float *p, size_t n)
     db_cuda_shadow *w = &st->shadow[st->nshadow++];
     w->p = p, w->n = n, w->s = NULL, w->prec = 0, w->valid = 0;
     w->fr = NULL, w->nfr = 0, w->cap_fr = 0;
+    w->fr_dev = NULL, w->nfr_dev = 0;
     return 0;
 }
 
@@ -313,6 +314,7 @@ int db_cuda_shadow_drop(db_ctx *c, const void *p)
         if (st->shadow[i].p == p) {
             void *s = st->shadow[i].s;
             free(st->shadow[i].fr);
+            db_cuda_free(c, st->shadow[i].fr_dev);
             st->shadow[i] = st->shadow[--st->nshadow];
             if (s)
                 db_cuda_free(c, s); // not owned by a declared buffer any more: a plain block
@@ -354,13 +356,46 @@ static int filters_write(db_ctx *c, db_cuda_shadow *w, size_t lo, size_t hi)
     return 0;
 }
 
-int db_cuda_shadow_refilter(db_ctx *c, const float *p, size_t n)
+static int fr_by_off(const void *a, const void *b)
 {
-    db_cuda_shadow *w = n ? db_cuda_shadow_find(c, p, n * sizeof(float)) : NULL;
-    if (!w || !w->s || !w->valid || w->nfr == 0)
-        return 0;
-    const size_t lo = (size_t)(p - w->p);
-    return filters_write(c, w, lo, lo + n);
+    const size_t x = ((const db_cuda_filter_range *)a)->off, y = ((const db_cuda_filter_range *)b)->off;
+    return (x > y) - (x < y);
+}
+
+const db_cuda_filter_range *db_cuda_shadow_filters(db_ctx *c, db_cuda_shadow *w, int *n)
+{
+    *n = 0;
+    if (w->nfr == 0)
+        return NULL;
+    if (w->fr_dev && w->nfr_dev == w->nfr) {
+        *n = w->nfr;
+        return w->fr_dev;
+    }
+    const size_t bytes = (size_t)w->nfr * sizeof *w->fr;
+    db_cuda_filter_range *h = (db_cuda_filter_range *)malloc(bytes);
+    if (!h) {
+        db_cuda_fail(c, DB_ENOMEM, __FILE__, __LINE__, "filter table: out of host memory");
+        return NULL;
+    }
+    memcpy(h, w->fr, bytes);
+    qsort(h, (size_t)w->nfr, sizeof *h, fr_by_off);
+    db_cuda_free(c, w->fr_dev);
+    w->nfr_dev = 0;
+    // a block of the ctx's allocator, written in stream order (it may have
+    // been freed by an op still queued); a copy from pageable memory has
+    // taken the bytes when it returns, so h can go at once
+    cudaError_t e = cudaSuccess;
+    if (!(w->fr_dev = (db_cuda_filter_range *)db_cuda_alloc(c, bytes)) ||
+        (e = cudaMemcpyAsync(w->fr_dev, h, bytes, cudaMemcpyHostToDevice, db_cuda_st(c)->stream)) != cudaSuccess) {
+        free(h);
+        if (e != cudaSuccess)
+            db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "filter table: %s", cudaGetErrorString(e));
+        return NULL;
+    }
+    free(h);
+    w->nfr_dev = w->nfr;
+    *n = w->nfr;
+    return w->fr_dev;
 }
 
 void *db_cuda_filter16(db_ctx *c, const float *wt, int OC, int C, int KHW)

@@ -58,6 +58,8 @@ struct db_cuda_shadow {
     int valid;      // s equals round(p) now (the filter ranges transposed)
     db_cuda_filter_range *fr; // registered filters (db_cuda_filter16), host memory
     int nfr, cap_fr;
+    db_cuda_filter_range *fr_dev; // fr sorted by off, on the device (the fused AdamW's); a block
+    int nfr_dev;                  // the nfr it was built for
 };
 enum { DB_CUDA_NSHADOW = 16 };
 
@@ -249,10 +251,11 @@ int db_cuda_from16_nchw(db_ctx *c, float *dst, const void *src, int B, int C, in
 // (registered at the first call, so every later rebuild writes it
 // transposed); else fresh scratch.  Free with db_cuda_free either way.
 void *db_cuda_filter16(db_ctx *c, const float *w, int OC, int C, int KHW);
-// After a kernel wrote round(p) into the working copy of [p, p + n) in the
-// master's layout (the fused AdamW): the registered filters in that span
-// written again, transposed.  0, or -1 with c->err set.
-int db_cuda_shadow_refilter(db_ctx *c, const float *p, size_t n);
+// The registered filters of w sorted by offset, in device memory (built when
+// filters were registered since the last call): the fused AdamW writes
+// their copies transposed as it goes.  *n their count; NULL with n 0 when
+// none, or with c->err set when the table could not be made.
+const db_cuda_filter_range *db_cuda_shadow_filters(db_ctx *c, db_cuda_shadow *w, int *n);
 // dst = round(src), or dst += round(src) when accumulate; dst may be src
 int db_cuda_round(db_ctx *c, float *dst, const float *src, size_t n, int accumulate);
 // fresh float scratch holding src rounded (free with db_cuda_free); NULL with c->err set

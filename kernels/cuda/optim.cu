@@ -44,21 +44,70 @@ __device__ __forceinline__ static float adamw_elem(float p, float g, float &m, f
     return __fadd_rn(pi, __fdiv_rn(__fmul_rn(k.neg_step_size, m), d));
 }
 
-__global__ static void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, db_adamw_coef k,
-                                    void *shadow, int f16)
+// Where element o of a declared buffer goes in its working copy: its own
+// place, or, inside a registered filter (OC, C, KHW), its channels-last
+// place (OC, KHW, C) (autocast.cu's to16_nhwc layout).  h: the filter of fr
+// (sorted by offset) that starts last at or before o, -1 for none.
+__device__ __forceinline__ static size_t shadow_place(size_t o, const db_cuda_filter_range *fr, int h)
 {
-    GRID_STRIDE(i, n)
-    {
-        float mi = m[i], vi = v[i];
-        const float pi = adamw_elem(p[i], g[i], mi, vi, k);
-        p[i] = pi;
-        m[i] = mi;
-        v[i] = vi;
-        if (shadow) {
-            if (f16)
-                ((__half *)shadow)[i] = __float2half_rn(pi);
-            else
-                ((__nv_bfloat16 *)shadow)[i] = __float2bfloat16_rn(pi);
+    if (h < 0)
+        return o;
+    const db_cuda_filter_range f = fr[h];
+    const unsigned per = (unsigned)f.C * (unsigned)f.KHW;
+    if (o - f.off >= (size_t)f.OC * per)
+        return o;
+    const unsigned l = (unsigned)(o - f.off), oc = l / per, rem = l - oc * per, cc = rem / (unsigned)f.KHW,
+                   kk = rem - cc * (unsigned)f.KHW;
+    return f.off + (size_t)oc * per + (size_t)kk * (unsigned)f.C + cc;
+}
+
+// Elements [0, n) of p, m, v, g; p is floats [base, base + n) of its
+// declared buffer, whose working copy `shadow` (of type f16 ? fp16 : bf16;
+// NULL when there is none or it is stale) is written in the same pass, the
+// nfr registered filters of fr (sorted by offset, device memory) at their
+// transposed places.  Each block walks chunks of ADAMW_CHUNK consecutive
+// elements (coalesced for the fp32 arrays; only the 2-byte copies of filter
+// elements scatter), and finds the chunk's first filter once: a thread then
+// only steps forward through the few filters a chunk can cross.
+enum { ADAMW_CHUNK = 4096 };
+__global__ static void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, db_adamw_coef k,
+                                    void *shadow, size_t base, const db_cuda_filter_range *fr, int nfr, int f16)
+{
+    __shared__ int first;
+    for (size_t c0 = (size_t)blockIdx.x * ADAMW_CHUNK; c0 < n; c0 += (size_t)gridDim.x * ADAMW_CHUNK) {
+        if (nfr) {
+            __syncthreads(); // (the previous chunk's readers of first are done)
+            if (threadIdx.x == 0) { // the last filter starting at or before the chunk's first element
+                int lo = 0, hi = nfr - 1, f = -1;
+                while (lo <= hi) {
+                    const int mid = (lo + hi) / 2;
+                    if (fr[mid].off <= base + c0)
+                        f = mid, lo = mid + 1;
+                    else
+                        hi = mid - 1;
+                }
+                first = f;
+            }
+            __syncthreads();
+        }
+        int h = nfr ? first : -1;
+        const size_t c1 = c0 + ADAMW_CHUNK < n ? c0 + ADAMW_CHUNK : n;
+        for (size_t i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
+            float mi = m[i], vi = v[i];
+            const float pi = adamw_elem(p[i], g[i], mi, vi, k);
+            p[i] = pi;
+            m[i] = mi;
+            v[i] = vi;
+            if (shadow) {
+                const size_t o = base + i;
+                while (h + 1 < nfr && fr[h + 1].off <= o)
+                    h++;
+                const size_t d = shadow_place(o, fr, h);
+                if (f16)
+                    ((__half *)shadow)[d] = __float2half_rn(pi);
+                else
+                    ((__nv_bfloat16 *)shadow)[d] = __float2bfloat16_rn(pi);
+            }
         }
     }
 }
@@ -74,15 +123,21 @@ extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const 
     const db_adamw_coef k = db_adamw_coefs(hp, t);
     // Weights with a current 16-bit working copy: write it in the same pass
     // (the copy the next forward's GEMMs read), rather than a second
-    // conversion pass over every weight.  A stale copy stays stale.
+    // conversion pass over every weight, the convolution filters in it at
+    // their channels-last places (conv.cu) rather than rewritten transposed
+    // after (call 4: ~1 ms a step).  A stale copy stays stale.
     db_cuda_shadow *w = db_cuda_shadow_find(c, p, n * sizeof(float));
-    void *sh = w && w->valid && w->s ? (char *)w->s + (p - w->p) * 2 : NULL;
-    adamw_kernel<<<db_cuda_grid(n, THREADS), THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k, sh,
-                                                                                  w && w->prec == DB_PREC_F16);
+    void *sh = w && w->valid && w->s ? w->s : NULL;
+    int nfr = 0;
+    const db_cuda_filter_range *fr = sh ? db_cuda_shadow_filters(c, w, &nfr) : NULL;
+    if (c->err.code)
+        return -1;
+    const size_t base = w ? (size_t)(p - w->p) : 0;
+    const unsigned grid = db_cuda_grid((n + ADAMW_CHUNK - 1) / ADAMW_CHUNK * THREADS, THREADS);
+    adamw_kernel<<<grid, THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k, sh, base, fr, nfr,
+                                                              w && w->prec == DB_PREC_F16);
     DB_LAUNCHED(c);
-    // the convolution filters in that span are kept channels-last in the
-    // copy (conv.cu): written again, transposed
-    return sh ? db_cuda_shadow_refilter(c, p, n) : 0;
+    return 0;
 }
 
 // ---- sum of squares (db_clip_grad_norm's) ------------------------------------------------

@@ -60,7 +60,7 @@ static int quick;              /* DB_CUDA_TEST_QUICK set: the small shapes only 
 
 /* ---- buffers: every test frees what it made at its end ---------------------- */
 
-enum { MAXBUF = 128 };
+enum { MAXBUF = 256 };
 static void *hbufs[MAXBUF], *dbufs[MAXBUF];
 static int nh, nd;
 
@@ -1231,20 +1231,29 @@ static void t_transpose_add(int B, int M, int N)
  * working copy current (first use, the fused AdamW) or make it rebuild (a
  * copy into the buffer, the other compute type).  A 3x3 filter after the
  * linear's weight is kept channels-last in the copy (conv.cu): a conv
- * forward and its data gradient run on it too at each stage. */
+ * forward and its data gradient run on it too at each stage, and a conv
+ * on a second filter, before the linear's weight.  The second AdamW runs
+ * in two spans split inside the first filter. */
 static void t_shadow(void)
 {
     const char *what = "declared weights";
     if (!have((const void *)api->declare_weights, what) || !have((const void *)api->opt_adamw, what))
         return;
     const int N = 9, C = 24, OC = 10;
-    /* the conv: B 2, 5 -> 6 channels, 7x7, 3x3, pad 1; its filter at fo */
+    /* the conv: B 2, 5 -> 6 channels, 7x7, 3x3, pad 1; its filter at fo1 */
     const int KB = 2, KC = 5, KO = 6, KS = 7;
     /* the filter 16 floats aligned, as our weight buffers keep every tensor
      * (a misaligned one is converted to scratch: autocast.cu) */
-    const size_t fo = ((size_t)OC * C + 7 + 15) / 16 * 16, nf = (size_t)KO * KC * 9, nkx = (size_t)KB * KC * KS * KS,
+    const size_t nf = (size_t)KO * KC * 9, nkx = (size_t)KB * KC * KS * KS,
                  nky = (size_t)KB * KO * KS * KS;
-    const size_t nx = (size_t)N * C, nw = fo + nf, ny = (size_t)N * OC; /* + 7: a sub-range */
+    /* a second filter (5 -> 3 channels, the same input) at fo2, registered
+     * after the first though it lies before it: the fused AdamW finds each
+     * element's filter in a table sorted by offset */
+    const int KO2 = 3;
+    const size_t fo2 = 16, nf2 = (size_t)KO2 * KC * 9, nky2 = (size_t)KB * KO2 * KS * KS;
+    const size_t lin = ((fo2 + nf2 + 15) / 16) * 16; /* the linear's weight after it */
+    const size_t fo1 = ((lin + (size_t)OC * C + 7 + 15) / 16) * 16;
+    const size_t nx = (size_t)N * C, nw = fo1 + nf + 5, ny = (size_t)N * OC; /* + 7: a sub-range */
     float *w = hrand(nw, 0.05f), *x = hrand(nx, 1);
     float *kx = dputf(hrand(nkx, 1), nkx), *kdy = dputf(hrand(nky, 1), nky);
     float *dw = dputf(w, nw), *du = dputf(w, nw), *dx = dputf(x, nx);
@@ -1268,7 +1277,7 @@ static void t_shadow(void)
     for (int k = 0; k < (api->opt_adamw8bit ? 7 : 6); k++) {
         if (k == 6) { /* the 8-bit step is not fused with the working copy: it must go stale */
             float *y0 = dpoison(ny); /* the copy was last built in fp16: current in bf16 first */
-            if (!gpu_ran(IN_PREC(DB_PREC_BF16, api->linear_forward(&g, y0, dx, dw + 7, NULL, N, C, OC)), what))
+            if (!gpu_ran(IN_PREC(DB_PREC_BF16, api->linear_forward(&g, y0, dx, dw + lin + 7, NULL, N, C, OC)), what))
                 break;
             float *gr = dputf(hrand(nw, 0.05f), nw);
             if (!gpu_ran(api->opt_adamw8bit(&g, dw, q1, q2, a1, a2, gr, nw, &hp, 1, &maps), what) ||
@@ -1277,9 +1286,12 @@ static void t_shadow(void)
         }
         char step[200];
         snprintf(step, sizeof step, "%s: linear on declared vs undeclared weights, %s", what, stage[k]);
-        if (k == 1 || k == 2) { /* the same update on both */
+        if (k == 1 || k == 2) { /* the same update on both; the second in two spans, split inside a filter */
             float *gr = dputf(hrand(nw, 0.05f), nw);
-            if (!gpu_ran(api->opt_adamw(&g, dw, dm, dv, gr, nw, &hp, k), step) ||
+            const size_t cut = k == 2 ? fo1 + nf / 2 + 3 : nw;
+            if (!gpu_ran(api->opt_adamw(&g, dw, dm, dv, gr, cut, &hp, k), step) ||
+                (cut < nw && !gpu_ran(api->opt_adamw(&g, dw + cut, dm + cut, dv + cut, gr + cut, nw - cut, &hp, k),
+                                      step)) ||
                 !gpu_ran(api->opt_adamw(&g, du, dm2, dv2, gr, nw, &hp, k), step))
                 break;
         }
@@ -1290,26 +1302,35 @@ static void t_shadow(void)
         }
         const db_precision p = k == 5 ? DB_PREC_F32 : k == 4 ? DB_PREC_F16 : DB_PREC_BF16;
         float *y1 = dpoison(ny), *y2 = dpoison(ny);
-        if (!gpu_ran(IN_PREC(p, api->linear_forward(&g, y1, dx, dw + 7, NULL, N, C, OC)), step) ||
-            !gpu_ran(IN_PREC(p, api->linear_forward(&g, y2, dx, du + 7, NULL, N, C, OC)), step))
+        if (!gpu_ran(IN_PREC(p, api->linear_forward(&g, y1, dx, dw + lin + 7, NULL, N, C, OC)), step) ||
+            !gpu_ran(IN_PREC(p, api->linear_forward(&g, y2, dx, du + lin + 7, NULL, N, C, OC)), step))
             break;
         same_bits(step, y1, y2, ny);
         snprintf(step, sizeof step, "%s: conv (3x3 filter) on declared vs undeclared weights, %s", what, stage[k]);
         float *c1 = dpoison(nky), *c2 = dpoison(nky), *g1 = dpoison(nkx), *g2 = dpoison(nkx);
-        if (!gpu_ran(IN_PREC(p, api->conv2d_forward(&g, c1, kx, dw + fo, NULL, KB, KC, KS, KS, KO, 3, 3, 1, 1, 1)),
+        if (!gpu_ran(IN_PREC(p, api->conv2d_forward(&g, c1, kx, dw + fo1, NULL, KB, KC, KS, KS, KO, 3, 3, 1, 1, 1)),
                      step) ||
-            !gpu_ran(IN_PREC(p, api->conv2d_forward(&g, c2, kx, du + fo, NULL, KB, KC, KS, KS, KO, 3, 3, 1, 1, 1)),
+            !gpu_ran(IN_PREC(p, api->conv2d_forward(&g, c2, kx, du + fo1, NULL, KB, KC, KS, KS, KO, 3, 3, 1, 1, 1)),
                      step) ||
-            !gpu_ran(IN_PREC(p, api->conv2d_backward(&g, g1, NULL, NULL, kdy, kx, dw + fo, KB, KC, KS, KS, KO, 3, 3,
+            !gpu_ran(IN_PREC(p, api->conv2d_backward(&g, g1, NULL, NULL, kdy, kx, dw + fo1, KB, KC, KS, KS, KO, 3, 3,
                                                      1, 1, 1)),
                      step) ||
-            !gpu_ran(IN_PREC(p, api->conv2d_backward(&g, g2, NULL, NULL, kdy, kx, du + fo, KB, KC, KS, KS, KO, 3, 3,
+            !gpu_ran(IN_PREC(p, api->conv2d_backward(&g, g2, NULL, NULL, kdy, kx, du + fo1, KB, KC, KS, KS, KO, 3, 3,
                                                      1, 1, 1)),
                      step))
             break;
         same_bits(step, c1, c2, nky);
         snprintf(step, sizeof step, "%s: conv data gradient on declared vs undeclared weights, %s", what, stage[k]);
         same_bits(step, g1, g2, nkx);
+        snprintf(step, sizeof step, "%s: conv (the second 3x3 filter) on declared vs undeclared weights, %s", what,
+                 stage[k]);
+        float *e1 = dpoison(nky2), *e2 = dpoison(nky2);
+        if (!gpu_ran(IN_PREC(p, api->conv2d_forward(&g, e1, kx, dw + fo2, NULL, KB, KC, KS, KS, KO2, 3, 3, 1, 1, 1)),
+                     step) ||
+            !gpu_ran(IN_PREC(p, api->conv2d_forward(&g, e2, kx, du + fo2, NULL, KB, KC, KS, KS, KO2, 3, 3, 1, 1, 1)),
+                     step))
+            break;
+        same_bits(step, e1, e2, nky2);
     }
     release_all();
 }
