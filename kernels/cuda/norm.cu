@@ -1,8 +1,9 @@
 // Group norm (+ fused SiLU), layer norm and softmax, forward and backward:
 // the twins of kernels/cpu/norm.c and norm_backward.c, with their math:
 // two-pass statistics accumulated in double (mean, then the mean of squared
-// deviations from the float mean), rstd = (float)(1 / sqrt(var + eps)) in
-// double, softmax sums in double.  A block per row (softmax), a warp per
+// deviations from the float mean; group norm gets the second from each
+// piece's deviations about its own mean, gn_group_stats), rstd = (float)(1
+// / sqrt(var + eps)) in double, softmax sums in double.  A block per row (softmax), a warp per
 // row (layer norm) or a block per piece of a channel (group norm:
 // gn_pieces, so that it fills the GPU at any batch size); the reductions
 // (reduce.h) have a fixed order, and partial sums are combined in index
@@ -105,43 +106,47 @@ __device__ __forceinline__ static double gn_sum(const double *v, int n)
     return s;
 }
 
-// grid P, block GN_THREADS.  part (P) = per piece sum(x).
-__global__ static void groupnorm_sum_kernel(double *part, const float *inp, int HW, int K, int L)
+// grid P, block GN_THREADS.  part1 (P) = per piece sum(x); part2 (P) = per
+// piece sum((x - m)^2) about the piece's own mean m (gn_piece_mean).  One
+// kernel, the piece read twice (the second time from the cache), where a
+// kernel for the sums and one for the deviations from the group's mean
+// each read the input whole.
+__global__ static void groupnorm_stats_kernel(double *part1, double *part2, const float *inp, int HW, int K, int L)
 {
     __shared__ double sh[32];
-    const int p = blockIdx.x, k = p % K, i1 = min(HW, (k + 1) * L);
+    const int p = blockIdx.x, k = p % K, i0 = k * L, i1 = min(HW, (k + 1) * L);
     const float *x = inp + (size_t)(p / K) * HW;
     double s = 0;
-    for (int i = k * L + threadIdx.x; i < i1; i += blockDim.x)
+    for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x)
         s += x[i];
     s = db_block_sum(s, sh);
+    const double m = s / (double)(i1 - i0);
+    double q = 0;
+    for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+        const double d = (double)x[i] - m;
+        q += d * d;
+    }
+    q = db_block_sum(q, sh);
     if (threadIdx.x == 0)
-        part[p] = s;
+        part1[p] = s, part2[p] = q;
 }
 
-// grid P, block GN_THREADS.  part2 (P) = per piece sum((x - mean)^2), the
-// group's float mean from part1.
-__global__ static void groupnorm_dev_kernel(double *part2, const double *part1, const float *inp, int C, int HW, int G,
-                                            int K, int L)
+// The group's mean (float, as norm.c has it) and its sum of squared
+// deviations from that float mean, from the per-piece sums s (cg K of
+// them) and deviations q about each piece's own mean, in piece order: a
+// piece of n values with sum s adds q + n (s / n - mu)^2, which is its
+// sum((x - mu)^2) exactly (norm.c's second pass) up to rounding in double.
+__device__ static void gn_group_stats(const double *s, const double *q, int np, int HW, int K, int L, double n,
+                                      float *mu, double *m2)
 {
-    __shared__ double sh[32], st[GN_THREADS];
-    __shared__ float smu;
-    const int p = blockIdx.x, k = p % K, bc = p / K, b = bc / C, cg = C / G, g = bc % C / cg;
-    const double *v = gn_stage(st, GN_THREADS, gn_group(part1, b, g, C, cg, K), cg * K);
-    if (threadIdx.x == 0)
-        smu = (float)(gn_sum(v, cg * K) / ((double)cg * HW));
-    __syncthreads();
-    const float mu = smu;
-    const float *x = inp + (size_t)bc * HW;
-    const int i1 = min(HW, (k + 1) * L);
-    double s2 = 0;
-    for (int i = k * L + threadIdx.x; i < i1; i += blockDim.x) {
-        const double d = (double)x[i] - mu;
-        s2 += d * d;
+    const float m = (float)(gn_sum(s, np) / n);
+    double acc = 0;
+    for (int j = 0; j < np; j++) {
+        const int k = j % K, len = min(HW, (k + 1) * L) - k * L;
+        const double d = s[j] / (double)len - (double)m;
+        acc += q[j] + (double)len * d * d;
     }
-    s2 = db_block_sum(s2, sh);
-    if (threadIdx.x == 0)
-        part2[p] = s2;
+    *mu = m, *m2 = acc;
 }
 
 // grid P, block GN_THREADS.  out (may equal inp: each element read, then
@@ -158,8 +163,10 @@ __global__ static void groupnorm_apply_kernel(float *out, float *mean, float *rs
     const double *v2 = gn_stage(st + GN_THREADS, GN_THREADS, gn_group(part2, b, g, C, cg, K), cg * K);
     if (threadIdx.x == 0) {
         const double n = (double)cg * HW;
-        const float mu = (float)(gn_sum(v1, cg * K) / n);
-        const double var = gn_sum(v2, cg * K) / n;
+        float mu;
+        double m2;
+        gn_group_stats(v1, v2, cg * K, HW, K, L, n, &mu, &m2);
+        const double var = m2 / n;
         const float rs = (float)(1.0 / sqrt(var + (double)eps));
         smu = mu, srs = rs;
         if (k == 0 && c == g * cg) {
@@ -194,8 +201,7 @@ extern "C" int db_cuda_groupnorm_forward(db_ctx *c, float *out, float *mean, flo
     if (!part)
         return -1;
     cudaStream_t st = db_cuda_st(c)->stream;
-    groupnorm_sum_kernel<<<P, GN_THREADS, 0, st>>>(part, inp, HW, sp.K, sp.L);
-    groupnorm_dev_kernel<<<P, GN_THREADS, 0, st>>>(part + P, part, inp, C, HW, G, sp.K, sp.L);
+    groupnorm_stats_kernel<<<P, GN_THREADS, 0, st>>>(part, part + P, inp, HW, sp.K, sp.L);
     groupnorm_apply_kernel<<<P, GN_THREADS, 0, st>>>(out, mean, rstd, part, part + P, inp, weight, bias, C, HW, G,
                                                      sp.K, sp.L, eps, silu);
     const cudaError_t e = cudaGetLastError();
