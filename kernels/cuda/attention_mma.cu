@@ -7,8 +7,12 @@
 // of S = Q K^T for keys 16kk .. 16kk + 15 are, element for element, the A
 // fragment of P for P V's k-step kk, so scores and probabilities never
 // touch shared memory; row maxima and sums are shuffles over the 4 lanes
-// that share a row.  FlashAttention-2's layout, without its cp.async
-// pipelining (K/V tiles are loaded, then used).
+// that share a row.  FlashAttention-2's layout and, by default, its
+// pipelining: the next key/value tile is copied in by cp.async
+// (kernels/cuda/cp_async.h) while the block computes on this one, in two
+// buffers; DB_ATTN_CPASYNC=0 in the environment (read at each call) loads
+// each tile, then uses it, as before (2026-11-27: written without a GPU;
+// run.sh times both).
 //
 // The default since an H200 timed it against the WMMA kernel (2026-11-27:
 // 17 % faster at SD1.5's bf16 self-attention, fp16 even); DB_ATTN_MMA=0 in
@@ -18,15 +22,20 @@
 // Block: NWARP = 4 warps over (b, h, BR = 64 queries), warp w owns query
 // rows 16w .. 16w + 15; lane 4g + t holds rows g and g + 8 of them.  Shared
 // memory: Qs (BR, LDH), then per key tile Ks, Vs (BT = 64, LDH) in the
-// compute type, LDH = HSP + 8 (HSP: HS rounded up to 16, zero columns).
+// compute type, LDH = HSP + 8 (HSP: HS rounded up to 16, zero columns);
+// pipelined, two such K, V pairs, Qs in the second pair's K (the queries
+// are in registers before the second tile lands there).
 // Registers per thread: Q fragments 4 NK words, S 32 floats, P 16 words,
 // O 8 NK floats (HS 160: 40 + 32 + 16 + 80).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "kernels/cuda/attention_mma_common.h"
 #include "kernels/cuda/attention_tc.h"
+#include "kernels/cuda/cp_async.h"
 
 using namespace db_attn_tc;
 using namespace db_attn_mma;
@@ -58,9 +67,32 @@ __device__ __forceinline__ float row_ref(float *m, float tmax, float rescale, fl
     return mnew == -INFINITY ? 0.0f : mnew;
 }
 
+// load_kv_tile's tile queued as cp.async copies (zero-filled past HS and
+// past Tk); the caller commits and waits
+template <typename T>
+__device__ __forceinline__ void load_kv_tile_async(T *Ks, T *Vs, const T *k, const T *v, int b, int h, int j0, int Tk,
+                                                   int NH, int HS, int LDH)
+{
+    const int CH = LDH / 8, HC = HS / 8;
+    const size_t C = (size_t)NH * HS;
+    for (int t = threadIdx.x; t < BT * CH; t += blockDim.x) {
+        const int jj = t / CH, cc = t % CH, j = j0 + jj;
+        const bool in = cc < HC && j < Tk;
+        const size_t src = in ? ((size_t)b * Tk + j) * C + (size_t)h * HS + 8 * cc : 0;
+        db_cp::copy16(Ks + jj * LDH + 8 * cc, k + src, in ? 16 : 0);
+        db_cp::copy16(Vs + jj * LDH + 8 * cc, v + src, in ? 16 : 0);
+    }
+}
+
+// shared memory of a block: Qs, Ks, Vs; pipelined, two K, V pairs
+template <typename T, int NK> constexpr size_t smem_bytes(bool pipe)
+{
+    return sizeof(T) * (pipe ? 4 : 3) * BT * (16 * NK + 8);
+}
+
 // grid (ceil(Tq / BR), B * NH), block NWARP * 32, dynamic shared memory
-// 3 BT LDH sizeof(T) bytes.
-template <typename T, int NK>
+// smem_bytes<T, NK>(PIPE).
+template <typename T, int NK, bool PIPE>
 __global__ static void __launch_bounds__(NWARP * 32)
     attention_mma_kernel(float *out, float *lse, const T *q, const T *k, const T *v, int Tq, int Tk, int NH, int HS,
                          int causal, float qscale, float rescale)
@@ -68,18 +100,29 @@ __global__ static void __launch_bounds__(NWARP * 32)
     constexpr int HSP = 16 * NK, LDH = HSP + 8;
     static_assert(BR == BT, "Qs is laid out as a key tile");
     extern __shared__ __align__(128) float smem[];
-    T *Qs = (T *)smem;       // (BR, LDH)
-    T *Ks = Qs + BR * LDH;   // (BT, LDH)
-    T *Vs = Ks + BT * LDH;   // (BT, LDH)
+    // PIPE: pair 0 at 0 (K) and BT LDH (V), pair 1 at 2 BT LDH and 3 BT LDH,
+    // Qs = pair 1's K; else Qs, Ks, Vs in turn
+    T *const base = (T *)smem;
+    T *Qs = PIPE ? base + 2 * BT * LDH : base; // (BR, LDH)
+    T *Ks = PIPE ? base : base + BR * LDH;     // (BT, LDH): the tile in use
+    T *Vs = Ks + BT * LDH;                     // (BT, LDH)
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BR;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const size_t C = (size_t)NH * HS;
     const int HC = HS / 8; // 8-wide head-dimension tiles
+    const int kend = causal && i0 + BR < Tk ? i0 + BR : Tk;
 
+    if (PIPE) { // the first tile on its way while the queries load
+        if (kend > 0)
+            load_kv_tile_async(base, base + BT * LDH, k, v, b, h, 0, Tk, NH, HS, LDH);
+        db_cp::commit();
+    }
     load_rows(Qs, q, b, h, i0, BR, Tq, Tq, NH, HS, LDH);
     __syncthreads();
     uint32_t qa[NK][4];
     a_frags<T, NK>(qa, Qs + warp * 16 * LDH, LDH);
+    if (PIPE)
+        __syncthreads(); // every warp's queries read out of pair 1 before the second tile is copied there
     float o[2 * NK][4];
 #pragma unroll
     for (int n = 0; n < 2 * NK; n++)
@@ -87,13 +130,25 @@ __global__ static void __launch_bounds__(NWARP * 32)
 
     const int iA = i0 + warp * 16 + g, iB = iA + 8; // this lane's two rows
     const int jlimA = causal && iA + 1 < Tk ? iA + 1 : Tk, jlimB = causal && iB + 1 < Tk ? iB + 1 : Tk;
-    const int kend = causal && i0 + BR < Tk ? i0 + BR : Tk;
     float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f, ltA = 0.0f, ltB = 0.0f;
 
-    for (int j0 = 0; j0 < kend; j0 += BT) {
-        __syncthreads(); // the previous tile is consumed
-        load_kv_tile(Ks, Vs, k, v, b, h, j0, Tk, NH, HS, LDH);
-        __syncthreads();
+    for (int j0 = 0, it = 0; j0 < kend; j0 += BT, it++) {
+        if (PIPE) {
+            // pair it & 1 holds this tile; the next one goes into the other
+            // pair (consumed in the previous iteration, and the queries read
+            // out of it before the loop: both behind a barrier)
+            T *const cur = base + (it & 1) * 2 * BT * LDH, *const nxt = base + (~it & 1) * 2 * BT * LDH;
+            if (j0 + BT < kend)
+                load_kv_tile_async(nxt, nxt + BT * LDH, k, v, b, h, j0 + BT, Tk, NH, HS, LDH);
+            db_cp::commit(); // (empty past the last tile: one group per iteration either way)
+            db_cp::wait<1>(); // this thread's copies of this tile have landed
+            __syncthreads();  // and every thread's
+            Ks = cur, Vs = cur + BT * LDH;
+        } else {
+            __syncthreads(); // the previous tile is consumed
+            load_kv_tile(Ks, Vs, k, v, b, h, j0, Tk, NH, HS, LDH);
+            __syncthreads();
+        }
 
         // S (16 x 64) = Q K^T: n-tile nt holds keys 8 nt .. 8 nt + 7
         float s[BT / 8][4];
@@ -143,6 +198,8 @@ __global__ static void __launch_bounds__(NWARP * 32)
 
         // O += P V: V's B fragments, two keys of one head dimension per word
         prod_nn<T, NK>(o, pa, Vs, LDH, HC);
+        if (PIPE)
+            __syncthreads(); // this pair consumed before the next iteration fills it again
     }
 
     // out = O / lt (fp32; the caller rounds), lse = ln 2 (m + log2 l)
@@ -165,14 +222,13 @@ __global__ static void __launch_bounds__(NWARP * 32)
     }
 }
 
-template <typename T, int NK>
+template <typename T, int NK, bool PIPE>
 static int launch(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v, int B, int Tq,
                   int Tk, int NH, int HS, int causal, float rescale)
 {
-    constexpr int LDH = 16 * NK + 8;
-    const size_t smem = sizeof(T) * 3 * BT * LDH;
+    const size_t smem = smem_bytes<T, NK>(PIPE);
     void (*kern)(float *, float *, const T *, const T *, const T *, int, int, int, int, int, float, float) =
-        attention_mma_kernel<T, NK>;
+        attention_mma_kernel<T, NK, PIPE>;
     if (db_cuda_smem_optin(c, kern, smem))
         return -1;
     dim3 grid((unsigned)((Tq + BR - 1) / BR), (unsigned)(B * NH));
@@ -180,6 +236,13 @@ static int launch(db_ctx *c, float *out, float *lse, const void *q, const void *
                                                              NH, HS, causal, score_scale_log2(HS), rescale);
     DB_LAUNCHED(c);
     return 0;
+}
+
+// DB_ATTN_CPASYNC=0: the tiles loaded, then used (no cp.async pipeline)
+static bool cpasync(void)
+{
+    const char *e = getenv("DB_ATTN_CPASYNC");
+    return !(e && strcmp(e, "0") == 0);
 }
 
 } // namespace
@@ -190,8 +253,11 @@ int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void 
 {
     return with_nd(HS, [&](auto nk) {
         constexpr int NK = decltype(nk)::value;
-        return dtype == DB_PREC_BF16
-                   ? launch<__nv_bfloat16, NK>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale)
-                   : launch<__half, NK>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
+        const bool pipe = cpasync();
+        if (dtype == DB_PREC_BF16)
+            return pipe ? launch<__nv_bfloat16, NK, true>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale)
+                        : launch<__nv_bfloat16, NK, false>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
+        return pipe ? launch<__half, NK, true>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale)
+                    : launch<__half, NK, false>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
     });
 }
