@@ -18,7 +18,7 @@ bash tests/gpu/emu/run.sh --build 2>&1 | sed 's/^/# /' || { echo "not ok 1 - emu
 # non-zero or runs no check adds a failing line
 # (test_attention_tc three times: the WMMA forward of attention_tc.cu with
 # DB_ATTN_MMA=0, then the default, the mma.sync forward of attention_mma.cu
-# with its cp.async pipeline, then that forward without it,
+# and backward with their cp.async pipelines, then the same without them,
 # DB_ATTN_CPASYNC=0)
 status=0
 for run in test_cuda_ops test_attention_tc test_attention_tc:mma test_attention_tc:nopipe; do

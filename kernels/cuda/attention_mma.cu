@@ -9,10 +9,10 @@
 // touch shared memory; row maxima and sums are shuffles over the 4 lanes
 // that share a row.  FlashAttention-2's layout and, by default, its
 // pipelining: the next key/value tile is copied in by cp.async
-// (kernels/cuda/cp_async.h) while the block computes on this one, in two
-// buffers; DB_ATTN_CPASYNC=0 in the environment (read at each call) loads
-// each tile, then uses it, as before (2026-11-27: written without a GPU;
-// run.sh times both).
+// (kernels/cuda/cp_async.h, load_kv_tile_async) while the block computes on
+// this one, in two buffers; DB_ATTN_CPASYNC=0 in the environment
+// (db_cuda_attn_cpasync) loads each tile, then uses it, as before
+// (2026-11-27: written without a GPU; run.sh times both).
 //
 // The default since an H200 timed it against the WMMA kernel (2026-11-27:
 // 17 % faster at SD1.5's bf16 self-attention, fp16 even); DB_ATTN_MMA=0 in
@@ -30,12 +30,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include "kernels/cuda/attention_mma_common.h"
 #include "kernels/cuda/attention_tc.h"
-#include "kernels/cuda/cp_async.h"
 
 using namespace db_attn_tc;
 using namespace db_attn_mma;
@@ -65,23 +62,6 @@ __device__ __forceinline__ float row_ref(float *m, float tmax, float rescale, fl
     *corr = up ? exp2f(*m - mnew) : 1.0f;
     *m = mnew;
     return mnew == -INFINITY ? 0.0f : mnew;
-}
-
-// load_kv_tile's tile queued as cp.async copies (zero-filled past HS and
-// past Tk); the caller commits and waits
-template <typename T>
-__device__ __forceinline__ void load_kv_tile_async(T *Ks, T *Vs, const T *k, const T *v, int b, int h, int j0, int Tk,
-                                                   int NH, int HS, int LDH)
-{
-    const int CH = LDH / 8, HC = HS / 8;
-    const size_t C = (size_t)NH * HS;
-    for (int t = threadIdx.x; t < BT * CH; t += blockDim.x) {
-        const int jj = t / CH, cc = t % CH, j = j0 + jj;
-        const bool in = cc < HC && j < Tk;
-        const size_t src = in ? ((size_t)b * Tk + j) * C + (size_t)h * HS + 8 * cc : 0;
-        db_cp::copy16(Ks + jj * LDH + 8 * cc, k + src, in ? 16 : 0);
-        db_cp::copy16(Vs + jj * LDH + 8 * cc, v + src, in ? 16 : 0);
-    }
 }
 
 // shared memory of a block: Qs, Ks, Vs; pipelined, two K, V pairs
@@ -238,13 +218,6 @@ static int launch(db_ctx *c, float *out, float *lse, const void *q, const void *
     return 0;
 }
 
-// DB_ATTN_CPASYNC=0: the tiles loaded, then used (no cp.async pipeline)
-static bool cpasync(void)
-{
-    const char *e = getenv("DB_ATTN_CPASYNC");
-    return !(e && strcmp(e, "0") == 0);
-}
-
 } // namespace
 
 // attention_tc.cu's checks have passed (dtype, HS, alignment, B * NH).
@@ -253,7 +226,7 @@ int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void 
 {
     return with_nd(HS, [&](auto nk) {
         constexpr int NK = decltype(nk)::value;
-        const bool pipe = cpasync();
+        const bool pipe = db_cuda_attn_cpasync();
         if (dtype == DB_PREC_BF16)
             return pipe ? launch<__nv_bfloat16, NK, true>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale)
                         : launch<__nv_bfloat16, NK, false>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);

@@ -26,7 +26,11 @@
 //
 // Shared memory per block: four (64, HSP + 8) tiles of the compute type
 // (Q, dO, K, V), and 2 x 64 floats (the dK/dV pass's lse and D of the
-// query tile): 25 KB at HS 40, 45 KB at HS 80.
+// query tile): 25 KB at HS 40, 45 KB at HS 80.  Both passes stream their
+// tiles through cp.async, the next copied in while the block computes on
+// this one (db_cuda_attn_cpasync; DB_ATTN_CPASYNC=0 loads, then uses): the
+// dQ pass in its four tiles (Q and dO are in registers after the first),
+// the dK/dV pass in two more (38 KB at HS 40, 67 KB at HS 80).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -62,8 +66,11 @@ __device__ __forceinline__ void store_acc(float *dst, const float (&acc)[2 * NK]
 }
 
 // Pass 1: dq (B, Tq, NH*HS) fp32.  grid (ceil(Tq / BR), B NH), block NWARP
-// 32, dynamic shared memory 4 BR LDH sizeof(T).
-template <typename T, int NK>
+// 32, dynamic shared memory 4 BR LDH sizeof(T).  PIPE (db_cuda_attn_cpasync,
+// as the forward): the next K, V tile copied in by cp.async while this one
+// is used; the two pairs are Ks, Vs and, once their fragments are in
+// registers, Qs, dOs.
+template <typename T, int NK, bool PIPE>
 __global__ static void __launch_bounds__(NWARP * 32)
     attn_mma_dq_kernel(float *dq, const T *dout, const float *lse, const float *D, const T *q, const T *k, const T *v,
                        int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale)
@@ -72,14 +79,23 @@ __global__ static void __launch_bounds__(NWARP * 32)
     static_assert(BR == BT, "the tiles share one layout");
     extern __shared__ __align__(128) float smem[];
     T *Qs = (T *)smem, *dOs = Qs + BR * LDH, *Ks = dOs + BR * LDH, *Vs = Ks + BT * LDH;
+    T *const pair0 = Ks, *const pair1 = Qs; // PIPE: tile it in pair0 when it is even, else pair1 (K, then V at + BT LDH)
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BR;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int kend = causal && i0 + BR < Tk ? i0 + BR : Tk; // causal: no key past the block's last query
 
+    if (PIPE) { // the first key tile on its way while the queries load
+        if (kend > 0)
+            load_kv_tile_async(pair0, pair0 + BT * LDH, k, v, b, h, 0, Tk, NH, HS, LDH);
+        db_cp::commit();
+    }
     load_kv_tile(Qs, dOs, q, dout, b, h, i0, Tq, NH, HS, LDH);
     __syncthreads();
     uint32_t qa[NK][4], oa[NK][4];
     a_frags<T, NK>(qa, Qs + warp * 16 * LDH, LDH);
     a_frags<T, NK>(oa, dOs + warp * 16 * LDH, LDH);
+    if (PIPE)
+        __syncthreads(); // every warp's fragments read out of Qs, dOs before the second tile is copied there
     const int iA = i0 + warp * 16 + g, iB = iA + 8; // this lane's two rows
     const float l2A = iA < Tq ? lse[(size_t)bh * Tq + iA] * LOG2E : 0.0f;
     const float l2B = iB < Tq ? lse[(size_t)bh * Tq + iB] * LOG2E : 0.0f;
@@ -91,11 +107,20 @@ __global__ static void __launch_bounds__(NWARP * 32)
     for (int n = 0; n < 2 * NK; n++)
         acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 
-    const int kend = causal && i0 + BR < Tk ? i0 + BR : Tk; // causal: no key past the block's last query
-    for (int j0 = 0; j0 < kend; j0 += BT) {
-        __syncthreads(); // the previous tile is consumed
-        load_kv_tile(Ks, Vs, k, v, b, h, j0, Tk, NH, HS, LDH);
-        __syncthreads();
+    for (int j0 = 0, it = 0; j0 < kend; j0 += BT, it++) {
+        if (PIPE) {
+            T *const nxt = it & 1 ? pair0 : pair1;
+            if (j0 + BT < kend)
+                load_kv_tile_async(nxt, nxt + BT * LDH, k, v, b, h, j0 + BT, Tk, NH, HS, LDH);
+            db_cp::commit(); // (empty past the last tile)
+            db_cp::wait<1>();
+            __syncthreads();
+            Ks = it & 1 ? pair1 : pair0, Vs = Ks + BT * LDH;
+        } else {
+            __syncthreads(); // the previous tile is consumed
+            load_kv_tile(Ks, Vs, k, v, b, h, j0, Tk, NH, HS, LDH);
+            __syncthreads();
+        }
         float s[BT / 8][4], dp[BT / 8][4];
         prod_nt<T, NK>(s, qa, Ks, LDH);  // S = Q K^T
         prod_nt<T, NK>(dp, oa, Vs, LDH); // dP = dO V^T
@@ -115,16 +140,37 @@ __global__ static void __launch_bounds__(NWARP * 32)
             dsa[nt / 2][(nt & 1) * 2 + 1] = pack2(u[2], u[3]); // row g + 8
         }
         prod_nn<T, NK>(acc, dsa, Ks, LDH, HS / 8); // dQ / scale += (dS / scale) K
+        if (PIPE)
+            __syncthreads(); // this pair consumed before the next iteration fills it again
     }
     store_acc<NK>(dq, acc, scale, b, h, iA, Tq, NH, HS);
 }
 
 // Pass 2: dk, dv (B, Tk, NH*HS) fp32 (either may be NULL).  grid
-// (ceil(Tk / BR), B NH, nsplit), block NWARP 32, dynamic shared memory 4 BR
-// LDH sizeof(T) + 2 BT floats.  Block z streams the query tiles [z qtiles,
-// (z + 1) qtiles) only and writes its sums at dk, dv + z * part (the WMMA
-// pass's split, summed by the caller).
-template <typename T, int NK>
+// (ceil(Tk / BR), B NH, nsplit), block NWARP 32, dynamic shared memory
+// dkv_smem(PIPE): Q, dO, K, V tiles and the query tile's lse and D (2 BT
+// floats); PIPE, a second Q, dO pair and lse, D, the next query tile
+// copied in (cp.async; lse and D by plain loads) while this one is used.
+// Block z streams the query tiles [z qtiles, (z + 1) qtiles) only and
+// writes its sums at dk, dv + z * part (the WMMA pass's split, summed by
+// the caller).
+template <typename T, int NK> constexpr size_t dkv_smem(bool pipe)
+{
+    return sizeof(T) * (size_t)(16 * NK + 8) * BT * (pipe ? 6 : 4) + sizeof(float) * BT * (pipe ? 4 : 2);
+}
+
+// one query tile's lse (log2 units) and D into l2s, Ds (plain loads)
+__device__ __forceinline__ void load_lse_d(float *l2s, float *Ds, const float *lse, const float *D, int bh, int q0,
+                                           int Tq)
+{
+    if (threadIdx.x < BT) {
+        const int i = q0 + threadIdx.x;
+        l2s[threadIdx.x] = i < Tq ? lse[(size_t)bh * Tq + i] * LOG2E : 0.0f;
+        Ds[threadIdx.x] = i < Tq ? D[(size_t)bh * Tq + i] : 0.0f;
+    }
+}
+
+template <typename T, int NK, bool PIPE>
 __global__ static void __launch_bounds__(NWARP * 32)
     attn_mma_dkv_kernel(float *dk, float *dv, const T *dout, const float *lse, const float *D, const T *q, const T *k,
                         const T *v, int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale, int qtiles,
@@ -132,8 +178,11 @@ __global__ static void __launch_bounds__(NWARP * 32)
 {
     constexpr int LDH = 16 * NK + 8;
     extern __shared__ __align__(128) float smem[];
+    // tiles: Q, dO, K, V (and PIPE: Q', dO'), then the floats: lse, D (and lse', D')
     T *Qs = (T *)smem, *dOs = Qs + BT * LDH, *Kb = dOs + BT * LDH, *Vb = Kb + BR * LDH;
-    float *l2s = (float *)(Vb + BR * LDH), *Ds = l2s + BT;
+    T *const qpair0 = Qs, *const qpair1 = Vb + BR * LDH;
+    float *const fbase = (float *)((T *)smem + (PIPE ? 6 : 4) * BT * LDH);
+    float *l2s = fbase, *Ds = l2s + BT;
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH, j0 = blockIdx.x * BR;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int jA = j0 + warp * 16 + g, jB = jA + 8; // this lane's two key rows
@@ -149,15 +198,32 @@ __global__ static void __launch_bounds__(NWARP * 32)
 
     // causal: queries before the block's first key see none of its keys
     const int qa = blockIdx.z * qtiles * BT, qb = qa + qtiles * BT < Tq ? qa + qtiles * BT : Tq;
-    for (int q0 = causal && j0 > qa ? j0 : qa; q0 < qb; q0 += BT) {
-        __syncthreads(); // the previous tile is consumed (first time: Kb, Vb written)
-        load_kv_tile(Qs, dOs, q, dout, b, h, q0, Tq, NH, HS, LDH);
-        if (threadIdx.x < BT) {
-            const int i = q0 + threadIdx.x;
-            l2s[threadIdx.x] = i < Tq ? lse[(size_t)bh * Tq + i] * LOG2E : 0.0f;
-            Ds[threadIdx.x] = i < Tq ? D[(size_t)bh * Tq + i] : 0.0f;
+    const int qfirst = causal && j0 > qa ? j0 : qa;
+    if (PIPE) { // the first query tile on its way (Kb, Vb were loaded above)
+        if (qfirst < qb) {
+            load_kv_tile_async(qpair0, qpair0 + BT * LDH, q, dout, b, h, qfirst, Tq, NH, HS, LDH);
+            load_lse_d(fbase, fbase + BT, lse, D, bh, qfirst, Tq);
         }
-        __syncthreads();
+        db_cp::commit();
+    }
+    for (int q0 = qfirst, it = 0; q0 < qb; q0 += BT, it++) {
+        if (PIPE) {
+            const int nx = ~it & 1;
+            T *const qn = nx ? qpair1 : qpair0;
+            if (q0 + BT < qb) {
+                load_kv_tile_async(qn, qn + BT * LDH, q, dout, b, h, q0 + BT, Tq, NH, HS, LDH);
+                load_lse_d(fbase + 2 * BT * nx, fbase + 2 * BT * nx + BT, lse, D, bh, q0 + BT, Tq);
+            }
+            db_cp::commit(); // (empty past the last tile)
+            db_cp::wait<1>();
+            __syncthreads(); // (first time: Kb, Vb written too)
+            Qs = it & 1 ? qpair1 : qpair0, dOs = Qs + BT * LDH, l2s = fbase + 2 * BT * (it & 1), Ds = l2s + BT;
+        } else {
+            __syncthreads(); // the previous tile is consumed (first time: Kb, Vb written)
+            load_kv_tile(Qs, dOs, q, dout, b, h, q0, Tq, NH, HS, LDH);
+            load_lse_d(l2s, Ds, lse, D, bh, q0, Tq);
+            __syncthreads();
+        }
         float s[BT / 8][4], dp[BT / 8][4];
         {
             uint32_t xa[NK][4];
@@ -186,6 +252,8 @@ __global__ static void __launch_bounds__(NWARP * 32)
         }
         prod_nn<T, NK>(gv, pa, dOs, LDH, HS / 8);  // dV += P^T dO
         prod_nn<T, NK>(gk, dsa, Qs, LDH, HS / 8); // dK / scale += (dS / scale)^T Q
+        if (PIPE)
+            __syncthreads(); // this pair consumed before the next iteration fills it again
     }
     if (dv)
         store_acc<NK>(dv + blockIdx.z * part, gv, 1.0f, b, h, jA, Tk, NH, HS);
@@ -193,7 +261,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
         store_acc<NK>(dk + blockIdx.z * part, gk, scale, b, h, jA, Tk, NH, HS);
 }
 
-template <typename T, int NK>
+template <typename T, int NK, bool PIPE>
 static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, const void *dout, const float *lse,
                   const void *q, const void *k, const void *v, int B, int Tq, int Tk, int NH, int HS, int causal,
                   float scale, float qscale, int qtiles, int nsplit, size_t part)
@@ -203,7 +271,7 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
     if (dq) {
         const size_t smem = sizeof(T) * 4 * (size_t)BR * LDH;
         void (*kern)(float *, const T *, const float *, const float *, const T *, const T *, const T *, int, int, int,
-                     int, int, float, float) = attn_mma_dq_kernel<T, NK>;
+                     int, int, float, float) = attn_mma_dq_kernel<T, NK, PIPE>;
         if (db_cuda_smem_optin(c, kern, smem))
             return -1;
         dim3 grid((unsigned)((Tq + BR - 1) / BR), (unsigned)(B * NH));
@@ -212,9 +280,9 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
         DB_LAUNCHED(c);
     }
     if (dk || dv) {
-        const size_t smem = sizeof(T) * 4 * (size_t)BR * LDH + sizeof(float) * 2 * BT;
+        const size_t smem = dkv_smem<T, NK>(PIPE);
         void (*kern)(float *, float *, const T *, const float *, const float *, const T *, const T *, const T *, int,
-                     int, int, int, int, float, float, int, size_t) = attn_mma_dkv_kernel<T, NK>;
+                     int, int, int, int, float, float, int, size_t) = attn_mma_dkv_kernel<T, NK, PIPE>;
         if (db_cuda_smem_optin(c, kern, smem))
             return -1;
         dim3 grid((unsigned)((Tk + BR - 1) / BR), (unsigned)(B * NH), (unsigned)nsplit);
@@ -240,11 +308,16 @@ int db_cuda_attention_mma_backward(db_ctx *c, float *dq, float *dk, float *dv, c
         if constexpr (16 * NK > MMA_BWD_HS_MAX + 15) {
             return -1; // not reached: HS checked above
         } else {
-            return dtype == DB_PREC_BF16
-                       ? launch<__nv_bfloat16, NK>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal,
+            const bool pipe = db_cuda_attn_cpasync();
+            if (dtype == DB_PREC_BF16)
+                return pipe ? launch<__nv_bfloat16, NK, true>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS,
+                                                              causal, scale, qscale, qtiles, nsplit, part)
+                            : launch<__nv_bfloat16, NK, false>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS,
+                                                               causal, scale, qscale, qtiles, nsplit, part);
+            return pipe ? launch<__half, NK, true>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal,
                                                    scale, qscale, qtiles, nsplit, part)
-                       : launch<__half, NK>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal, scale,
-                                            qscale, qtiles, nsplit, part);
+                        : launch<__half, NK, false>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal,
+                                                    scale, qscale, qtiles, nsplit, part);
         }
     });
 }

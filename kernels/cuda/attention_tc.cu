@@ -287,6 +287,12 @@ bool db_cuda_attn_mma(void)
     return !(mma && strcmp(mma, "0") == 0);
 }
 
+bool db_cuda_attn_cpasync(void)
+{
+    const char *e = getenv("DB_ATTN_CPASYNC");
+    return !(e && strcmp(e, "0") == 0);
+}
+
 extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k,
                                             const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
                                             int causal)

@@ -28,6 +28,11 @@ extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, c
 // DB_ATTN_MMA=0, which selects the WMMA kernels for both directions.
 // Read at each call (a switch for benchmarks and tests).
 bool db_cuda_attn_mma(void);
+// Whether the mma.sync kernels copy their streamed tiles in with cp.async
+// while they compute on the previous one (attention_mma.cu,
+// attention_mma_backward.cu): yes unless DB_ATTN_CPASYNC=0, which loads
+// each tile, then uses it.  Read at each call.
+bool db_cuda_attn_cpasync(void);
 
 // The same forward through mma.sync with S and P in registers
 // (attention_mma.cu; db_cuda_attention_tc_forward runs it, after checking

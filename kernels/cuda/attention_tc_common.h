@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/cuda/cp_async.h"
 #include "kernels/cuda/cuda.h"
 
 namespace db_attn_tc {
@@ -108,6 +109,23 @@ __device__ __forceinline__ void load_kv_tile(T *Ks, T *Vs, const T *k, const T *
         }
         *(uint4 *)(Ks + jj * LDH + 8 * cc) = kx;
         *(uint4 *)(Vs + jj * LDH + 8 * cc) = vx;
+    }
+}
+
+// load_kv_tile's tile queued as cp.async copies (zero-filled past HS and
+// past Tk); the caller commits and waits
+template <typename T>
+__device__ __forceinline__ void load_kv_tile_async(T *Ks, T *Vs, const T *k, const T *v, int b, int h, int j0, int Tk,
+                                                   int NH, int HS, int LDH)
+{
+    const int CH = LDH / 8, HC = HS / 8;
+    const size_t C = (size_t)NH * HS;
+    for (int t = threadIdx.x; t < BT * CH; t += blockDim.x) {
+        const int jj = t / CH, cc = t % CH, j = j0 + jj;
+        const bool in = cc < HC && j < Tk;
+        const size_t src = in ? ((size_t)b * Tk + j) * C + (size_t)h * HS + 8 * cc : 0;
+        db_cp::copy16(Ks + jj * LDH + 8 * cc, k + src, in ? 16 : 0);
+        db_cp::copy16(Vs + jj * LDH + 8 * cc, v + src, in ? 16 : 0);
     }
 }
 

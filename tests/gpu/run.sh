@@ -246,12 +246,12 @@ RESERVE=$BENCH_RESERVE stage tools tools.txt 150 bash "$SELF" --tools
 echo "== attention on tensor cores vs the fp32 kernel at SD1.5 shapes (DB_BENCH=1 test_attention_tc)"
 RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 45 env DB_BENCH=1 B="$PWD/build" \
     build/tests/gpu/test_attention_tc
-# the same without the mma.sync forward's cp.async pipeline
-# (DB_ATTN_CPASYNC=0: each key/value tile loaded, then used), under its own
+# the same without the mma.sync kernels' cp.async pipelines
+# (DB_ATTN_CPASYNC=0: each streamed tile loaded, then used), under its own
 # heading.  (The WMMA kernels, DB_ATTN_MMA=0, were timed against the
 # mma.sync ones in calls 1-4, BENCHMARKS.md; check-cuda still tests them.)
-echo "== the same with DB_ATTN_CPASYNC=0 (the mma.sync forward without its cp.async pipeline)"
-printf '\n%s\n' "### DB_ATTN_CPASYNC=0: the mma.sync attention forward without cp.async" >> "$OUT/bench_ops.md"
+echo "== the same with DB_ATTN_CPASYNC=0 (the mma.sync kernels without their cp.async pipelines)"
+printf '\n%s\n' "### DB_ATTN_CPASYNC=0: the mma.sync attention kernels without cp.async" >> "$OUT/bench_ops.md"
 RESERVE=$((BENCH_RESERVE - 15)) stage attn-nopipe-bench bench_ops.md 40 env DB_BENCH=1 DB_ATTN_CPASYNC=0 \
     B="$PWD/build" build/tests/gpu/test_attention_tc
 echo "== bench_cuda_ops (fp32, then bf16 for the matmul-class ops; cudaEvent medians)"
