@@ -210,7 +210,7 @@ int db_ctx_sync(db_ctx *c);
  * refuses; c's error is left alone either way, so callers fall back to
  * malloc.  Callable from any thread (pinning gigabytes takes seconds: a
  * caller may do it in the background).  Free with db_ctx_host_free. */
-void *db_ctx_host_alloc(db_ctx *c, size_t bytes);
+void *db_ctx_host_alloc(db_ctx *c, size_t bytes); /* c NULL (host buffers): NULL */
 void db_ctx_host_free(db_ctx *c, void *p); /* p NULL: nothing */
 
 /* ---- graphs: a piece of device work recorded once and replayed -------------

@@ -369,12 +369,12 @@ int db_ctx_sync(db_ctx *c)
 
 void *db_ctx_host_alloc(db_ctx *c, size_t bytes)
 {
-    return c->device == DB_CUDA ? c->cuda_api->host_alloc(c, bytes) : NULL;
+    return c && c->device == DB_CUDA ? c->cuda_api->host_alloc(c, bytes) : NULL;
 }
 
 void db_ctx_host_free(db_ctx *c, void *p)
 {
-    if (p && c->device == DB_CUDA)
+    if (p && c && c->device == DB_CUDA)
         c->cuda_api->host_free(c, p);
 }
 

@@ -75,7 +75,7 @@ int db_ckpt_writer_join(db_ckpt_writer *w, char **out_path, db_err *err);
  * to use the stage waits for it.  bytes: db_ckpt_copy_bytes of the state
  * it will hold.  A failed allocation is no error: writers then malloc. */
 size_t db_ckpt_copy_bytes(const db_train_state *st);
-int db_ckpt_stage_start(db_ckpt_stage **out, db_ctx *ctx, size_t bytes, db_err *err);
+int db_ckpt_stage_start(db_ckpt_stage **out, db_ctx *ctx, size_t bytes, db_err *err); /* ctx NULL: malloc'd */
 /* 1 when the stage's memory came from the device (waits for the allocation) */
 int db_ckpt_stage_pinned(db_ckpt_stage *s);
 /* After the join of the last writer that used it; NULL: nothing. */
