@@ -11,7 +11,10 @@
 // and done at the wait that covers their group, so a read before its wait
 // sees the old bytes (a test fails), and a read by another thread not
 // ordered by a barrier after the wait is a race that the ThreadSanitizer
-// build reports.
+// build reports.  With EMU_CPASYNC_EAGER=1 they are done at once instead
+// (a real copy may land that early): a copy into a buffer other threads
+// may still be reading, with no barrier between, is then the race
+// ThreadSanitizer reports (run.sh --tsan runs the attention tests both ways).
 #ifndef DB_CUDA_CP_ASYNC_H
 #define DB_CUDA_CP_ASYNC_H
 
@@ -30,8 +33,18 @@ struct emu_queue {
     std::vector<std::vector<emu_copy>> groups; // committed, oldest first
 };
 inline thread_local emu_queue emu_q;
+static bool emu_eager()
+{
+    static const bool eager = getenv("EMU_CPASYNC_EAGER") && strcmp(getenv("EMU_CPASYNC_EAGER"), "1") == 0;
+    return eager;
+}
 __device__ __forceinline__ void copy16(void *dst, const void *src, int bytes)
 {
+    if (emu_eager()) {
+        memset(dst, 0, 16);
+        memcpy(dst, src, (size_t)bytes);
+        return;
+    }
     emu_q.open.push_back(emu_copy{dst, src, bytes});
 }
 __device__ __forceinline__ void commit()

@@ -40,11 +40,15 @@ if [ "${1:-}" = --tsan ]; then
     log=$E/tsan.log
     : > "$log"
     bad=0
-    for t in test_cuda_ops test_attention_tc; do
+    # test_attention_tc twice: cp.async copies done at their wait, then at
+    # once (EMU_CPASYNC_EAGER=1, kernels/cuda/cp_async.h: a buffer refilled
+    # while another thread may still read it is then a reported race)
+    for t in test_cuda_ops test_attention_tc test_attention_tc:eager; do
         echo "== $t under ThreadSanitizer (output: $log)"
-        DB_CUDA_TEST_QUICK=1 B="$PWD/$E" LD_PRELOAD="$tsan" \
+        EMU_CPASYNC_EAGER=$([ "$t" = "${t%:eager}" ] && echo 0 || echo 1) DB_CUDA_TEST_QUICK=1 B="$PWD/$E" \
+            LD_PRELOAD="$tsan" \
             TSAN_OPTIONS="suppressions=$PWD/tests/gpu/emu/tsan.supp history_size=2 report_signal_unsafe=0" \
-            "build/tests/gpu/$t" >> "$log" 2>&1 || bad=1
+            "build/tests/gpu/${t%:eager}" >> "$log" 2>&1 || bad=1
     done
     n=$(grep -c 'WARNING: ThreadSanitizer' "$log" || true)
     f=$(grep -c '^not ok' "$log" || true)
