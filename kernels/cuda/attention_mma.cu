@@ -9,7 +9,7 @@
 // touch shared memory; row maxima and sums are shuffles over the 4 lanes
 // that share a row.  FlashAttention-2's layout and, by default, its
 // pipelining: the next key/value tile is copied in by cp.async
-// (kernels/cuda/cp_async.h, load_kv_tile_async) while the block computes on
+// (kernels/cuda/cp_async.h, load_kv_tile<true>) while the block computes on
 // this one, in two buffers; DB_ATTN_CPASYNC=0 in the environment
 // (db_cuda_attn_cpasync) loads each tile, then uses it, as before
 // (2026-11-27: written without a GPU; run.sh times both).
@@ -94,7 +94,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
 
     if (PIPE) { // the first tile on its way while the queries load
         if (kend > 0)
-            load_kv_tile_async(base, base + BT * LDH, k, v, b, h, 0, Tk, NH, HS, LDH);
+            load_kv_tile<true>(base, base + BT * LDH, k, v, b, h, 0, Tk, NH, HS, LDH);
         db_cp::commit();
     }
     load_rows(Qs, q, b, h, i0, BR, Tq, Tq, NH, HS, LDH);
@@ -119,7 +119,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
             // out of it before the loop: both behind a barrier)
             T *const cur = base + (it & 1) * 2 * BT * LDH, *const nxt = base + (~it & 1) * 2 * BT * LDH;
             if (j0 + BT < kend)
-                load_kv_tile_async(nxt, nxt + BT * LDH, k, v, b, h, j0 + BT, Tk, NH, HS, LDH);
+                load_kv_tile<true>(nxt, nxt + BT * LDH, k, v, b, h, j0 + BT, Tk, NH, HS, LDH);
             db_cp::commit(); // (empty past the last tile: one group per iteration either way)
             db_cp::wait<1>(); // this thread's copies of this tile have landed
             __syncthreads();  // and every thread's

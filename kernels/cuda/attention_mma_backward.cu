@@ -86,7 +86,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
 
     if (PIPE) { // the first key tile on its way while the queries load
         if (kend > 0)
-            load_kv_tile_async(pair0, pair0 + BT * LDH, k, v, b, h, 0, Tk, NH, HS, LDH);
+            load_kv_tile<true>(pair0, pair0 + BT * LDH, k, v, b, h, 0, Tk, NH, HS, LDH);
         db_cp::commit();
     }
     load_kv_tile(Qs, dOs, q, dout, b, h, i0, Tq, NH, HS, LDH);
@@ -111,7 +111,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
         if (PIPE) {
             T *const nxt = it & 1 ? pair0 : pair1;
             if (j0 + BT < kend)
-                load_kv_tile_async(nxt, nxt + BT * LDH, k, v, b, h, j0 + BT, Tk, NH, HS, LDH);
+                load_kv_tile<true>(nxt, nxt + BT * LDH, k, v, b, h, j0 + BT, Tk, NH, HS, LDH);
             db_cp::commit(); // (empty past the last tile)
             db_cp::wait<1>();
             __syncthreads();
@@ -201,7 +201,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
     const int qfirst = causal && j0 > qa ? j0 : qa;
     if (PIPE) { // the first query tile on its way (Kb, Vb were loaded above)
         if (qfirst < qb) {
-            load_kv_tile_async(qpair0, qpair0 + BT * LDH, q, dout, b, h, qfirst, Tq, NH, HS, LDH);
+            load_kv_tile<true>(qpair0, qpair0 + BT * LDH, q, dout, b, h, qfirst, Tq, NH, HS, LDH);
             load_lse_d(fbase, fbase + BT, lse, D, bh, qfirst, Tq);
         }
         db_cp::commit();
@@ -211,7 +211,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
             const int nx = ~it & 1;
             T *const qn = nx ? qpair1 : qpair0;
             if (q0 + BT < qb) {
-                load_kv_tile_async(qn, qn + BT * LDH, q, dout, b, h, q0 + BT, Tq, NH, HS, LDH);
+                load_kv_tile<true>(qn, qn + BT * LDH, q, dout, b, h, q0 + BT, Tq, NH, HS, LDH);
                 load_lse_d(fbase + 2 * BT * nx, fbase + 2 * BT * nx + BT, lse, D, bh, q0 + BT, Tq);
             }
             db_cp::commit(); // (empty past the last tile)

@@ -92,8 +92,10 @@ __device__ __forceinline__ void load_rows(T *dst, const T *x, int b, int h, int 
 
 // The key and value tile at key j0: BT rows of k and v (B, Tk, NH*HS) into
 // Ks and Vs (BT, LDH) as load_rows stages them (zero past HS and past Tk),
-// in one loop, so that a thread has both loads of a chunk in flight at once
-template <typename T>
+// in one loop, so that a thread has both loads of a chunk in flight at once.
+// ASYNC: queued as cp.async copies instead (cp_async.h; the caller commits
+// and waits).
+template <bool ASYNC = false, typename T>
 __device__ __forceinline__ void load_kv_tile(T *Ks, T *Vs, const T *k, const T *v, int b, int h, int j0, int Tk,
                                              int NH, int HS, int LDH)
 {
@@ -101,31 +103,21 @@ __device__ __forceinline__ void load_kv_tile(T *Ks, T *Vs, const T *k, const T *
     const size_t C = (size_t)NH * HS;
     for (int t = threadIdx.x; t < BT * CH; t += blockDim.x) {
         const int jj = t / CH, cc = t % CH, j = j0 + jj;
-        uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
-        if (cc < HC && j < Tk) {
-            const size_t src = ((size_t)b * Tk + j) * C + (size_t)h * HS + 8 * cc;
-            kx = *(const uint4 *)(k + src);
-            vx = *(const uint4 *)(v + src);
-        }
-        *(uint4 *)(Ks + jj * LDH + 8 * cc) = kx;
-        *(uint4 *)(Vs + jj * LDH + 8 * cc) = vx;
-    }
-}
-
-// load_kv_tile's tile queued as cp.async copies (zero-filled past HS and
-// past Tk); the caller commits and waits
-template <typename T>
-__device__ __forceinline__ void load_kv_tile_async(T *Ks, T *Vs, const T *k, const T *v, int b, int h, int j0, int Tk,
-                                                   int NH, int HS, int LDH)
-{
-    const int CH = LDH / 8, HC = HS / 8;
-    const size_t C = (size_t)NH * HS;
-    for (int t = threadIdx.x; t < BT * CH; t += blockDim.x) {
-        const int jj = t / CH, cc = t % CH, j = j0 + jj;
         const bool in = cc < HC && j < Tk;
         const size_t src = in ? ((size_t)b * Tk + j) * C + (size_t)h * HS + 8 * cc : 0;
-        db_cp::copy16(Ks + jj * LDH + 8 * cc, k + src, in ? 16 : 0);
-        db_cp::copy16(Vs + jj * LDH + 8 * cc, v + src, in ? 16 : 0);
+        T *const kd = Ks + jj * LDH + 8 * cc, *const vd = Vs + jj * LDH + 8 * cc;
+        if constexpr (ASYNC) {
+            db_cp::copy16(kd, k + src, in ? 16 : 0);
+            db_cp::copy16(vd, v + src, in ? 16 : 0);
+        } else {
+            uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
+            if (in) {
+                kx = *(const uint4 *)(k + src);
+                vx = *(const uint4 *)(v + src);
+            }
+            *(uint4 *)kd = kx;
+            *(uint4 *)vd = vx;
+        }
     }
 }
 
