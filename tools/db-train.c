@@ -498,7 +498,8 @@ static int save(run *r, const db_train_stats *s, db_err *err)
     char *path = NULL;
     int rc;
     if (r->async) { /* the previous write first (one at a time), then this one in the background */
-        rc = join_writer(r, err) || db_ckpt_writer_start(&r->writer, r->run_dir, &st, r->hash, state, r->config, r->stage, err);
+        rc = join_writer(r, err) ||
+             db_ckpt_writer_start(&r->writer, r->run_dir, &st, r->hash, state, r->config, r->stage, err);
         if (rc == 0)
             db_debug(&r->lg, "writing the checkpoint of step %" PRId64 " in the background%s", st.step,
                      r->stage && db_ckpt_stage_pinned(r->stage) ? " (its copy in pinned memory)" : "");
