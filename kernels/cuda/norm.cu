@@ -2,10 +2,11 @@
 // the twins of kernels/cpu/norm.c and norm_backward.c, with their math:
 // two-pass statistics accumulated in double (mean, then the mean of squared
 // deviations from the float mean; group norm gets the second from each
-// piece's deviations about its own mean, gn_group_stats), rstd = (float)(1
-// / sqrt(var + eps)) in double, softmax sums in double.  A block per row (softmax), a warp per
-// row (layer norm) or a block per piece of a channel (group norm:
-// gn_pieces, so that it fills the GPU at any batch size); the reductions
+// piece's deviations about its own mean, gn_group_stats), rstd =
+// (float)(1 / sqrt(var + eps)) in double, softmax sums in double.  A block
+// per row (softmax), a warp per row (layer norm) or a block per piece of a
+// channel (group norm: gn_pieces, so that it fills the GPU at any batch
+// size); the reductions
 // (reduce.h) have a fixed order, and partial sums are combined in index
 // order, so every result is deterministic.
 #include "kernels/cuda/cuda.h"
@@ -107,7 +108,7 @@ __device__ __forceinline__ static double gn_sum(const double *v, int n)
 }
 
 // grid P, block GN_THREADS.  part1 (P) = per piece sum(x); part2 (P) = per
-// piece sum((x - m)^2) about the piece's own mean m (gn_piece_mean).  One
+// piece sum((x - m)^2) about the piece's own mean m = sum / count.  One
 // kernel, the piece read twice (the second time from the cache), where a
 // kernel for the sums and one for the deviations from the group's mean
 // each read the input whole.
