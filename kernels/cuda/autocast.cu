@@ -371,28 +371,20 @@ const db_cuda_filter_range *db_cuda_shadow_filters(db_ctx *c, db_cuda_shadow *w,
         *n = w->nfr;
         return w->fr_dev;
     }
+    // the host list sorted in place (its other readers search it whole)
     const size_t bytes = (size_t)w->nfr * sizeof *w->fr;
-    db_cuda_filter_range *h = (db_cuda_filter_range *)malloc(bytes);
-    if (!h) {
-        db_cuda_fail(c, DB_ENOMEM, __FILE__, __LINE__, "filter table: out of host memory");
-        return NULL;
-    }
-    memcpy(h, w->fr, bytes);
-    qsort(h, (size_t)w->nfr, sizeof *h, fr_by_off);
+    qsort(w->fr, (size_t)w->nfr, sizeof *w->fr, fr_by_off);
     db_cuda_free(c, w->fr_dev);
     w->nfr_dev = 0;
     // a block of the ctx's allocator, written in stream order (it may have
-    // been freed by an op still queued); a copy from pageable memory has
-    // taken the bytes when it returns, so h can go at once
+    // been freed by an op still queued)
     cudaError_t e = cudaSuccess;
     if (!(w->fr_dev = (db_cuda_filter_range *)db_cuda_alloc(c, bytes)) ||
-        (e = cudaMemcpyAsync(w->fr_dev, h, bytes, cudaMemcpyHostToDevice, db_cuda_st(c)->stream)) != cudaSuccess) {
-        free(h);
+        (e = cudaMemcpyAsync(w->fr_dev, w->fr, bytes, cudaMemcpyHostToDevice, db_cuda_st(c)->stream)) != cudaSuccess) {
         if (e != cudaSuccess)
             db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "filter table: %s", cudaGetErrorString(e));
         return NULL;
     }
-    free(h);
     w->nfr_dev = w->nfr;
     *n = w->nfr;
     return w->fr_dev;
