@@ -120,9 +120,11 @@ $(B)/kernels/cuda/%.o: kernels/cuda/%.cu $(wildcard kernels/cuda/*.h kernels/*.h
 	@mkdir -p $(@D)
 	$(NVCC) $(NVFLAGS) -c $< -o $@
 
+# --no-undefined: a symbol the api table names but no object defines fails
+# here, not when the library is loaded on a GPU machine
 $(CUDA_LIB): $(CU_OBJ)
 	@mkdir -p $(@D)
-	$(NVCC) -shared -o $@ $^ $(addprefix -L,$(CUDA_LIBDIRS)) $(addprefix -Xlinker -rpath -Xlinker ,$(CUDA_LIBDIRS)) -lcudart -lcublas -lcudnn
+	$(NVCC) -shared -Xlinker --no-undefined -o $@ $^ $(addprefix -L,$(CUDA_LIBDIRS)) $(addprefix -Xlinker -rpath -Xlinker ,$(CUDA_LIBDIRS)) -lcudart -lcublas -lcudnn
 
 # GPU parity test and benchmark: plain C programs (no CUDA toolchain) that
 # dlopen libdb_cuda.so, so they build everywhere and skip without a GPU.
