@@ -12,6 +12,8 @@
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/reduce.h"
 
+#include <string.h>
+
 enum { ROW_THREADS = 256, LN_ROWS = 8 };
 
 // dst (C) += (float) sum_r part[r, :], r in order; r16 1 / 2: dst +=
@@ -107,6 +109,26 @@ __device__ __forceinline__ static double gn_sum(const double *v, int n)
     return s;
 }
 
+// One squared deviation added, y = x a + shft and its SiLU: written once,
+// for both the pieces' kernels and the whole-group one (groupnorm_whole_kernel),
+// so that nvcc contracts them alike and the two paths give the same bits.
+__device__ __forceinline__ static double gn_dev2(double q, float x, double m)
+{
+    const double d = (double)x - m;
+    return q + d * d;
+}
+__device__ __forceinline__ static void gn_coefs(float rs, float mu, float w, float b, float *a, float *shft)
+{
+    // y = (x - mu) * rs * w + b = x * a + (b - mu * a), as norm.c
+    *a = rs * w;
+    *shft = b - mu * *a;
+}
+__device__ __forceinline__ static float gn_out(float x, float a, float shft, int silu)
+{
+    const float t = x * a + shft;
+    return silu ? t / (1.0f + expf(-t)) : t;
+}
+
 // grid P, block GN_THREADS.  part1 (P) = per piece sum(x); part2 (P) = per
 // piece sum((x - m)^2) about the piece's own mean m = sum / count.  One
 // kernel, the piece read twice (the second time from the cache), where a
@@ -123,10 +145,8 @@ __global__ static void groupnorm_stats_kernel(double *part1, double *part2, cons
     s = db_block_sum(s, sh);
     const double m = s / (double)(i1 - i0);
     double q = 0;
-    for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
-        const double d = (double)x[i] - m;
-        q += d * d;
-    }
+    for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x)
+        q = gn_dev2(q, x[i], m);
     q = db_block_sum(q, sh);
     if (threadIdx.x == 0)
         part1[p] = s, part2[p] = q;
@@ -178,15 +198,150 @@ __global__ static void groupnorm_apply_kernel(float *out, float *mean, float *rs
         }
     }
     __syncthreads();
-    // y = (x - mu) * rs * w + b = x * a + (b - mu * a), as norm.c
-    const float a = srs * weight[c], shft = bias[c] - smu * a;
+    float a, shft;
+    gn_coefs(srs, smu, weight[c], bias[c], &a, &shft);
     const float *x = inp + (size_t)bc * HW;
     float *y = out + (size_t)bc * HW;
     const int i1 = min(HW, (k + 1) * L);
-    for (int i = k * L + threadIdx.x; i < i1; i += blockDim.x) {
-        const float t = x[i] * a + shft;
-        y[i] = silu ? t / (1.0f + expf(-t)) : t;
+    for (int i = k * L + threadIdx.x; i < i1; i += blockDim.x)
+        y[i] = gn_out(x[i], a, shft, silu);
+}
+
+// ---- a whole group per block, in shared memory ----
+//
+// Where a group (cg HW floats: contiguous in NCHW) fits in a block's shared
+// memory, one launch does it all: the block reads the group from global
+// memory once, sums its pieces there, and writes the output.  The pieces
+// (gn_pieces), their per-piece sums and their combination are those of the
+// two kernels above, to the bit: four sub-blocks of GN_THREADS threads each
+// sum one piece at a time with the stats kernel's strides and its reduction
+// tree (gw_sub_sum: db_block_sum's for GN_THREADS threads), thread 0 combines
+// them with gn_group_stats, and gn_coefs / gn_out give the same output.  So
+// which path runs (the card's shared memory decides) changes speed only;
+// DB_GN_WHOLE=0 in the environment keeps the pieces' kernels (to compare).
+// The H200 profile (call 4) had the three-kernel group norm at ~27 us a
+// launch at SD1.5's 64x64 level, 2.2 ms of a 13 ms forward.
+enum { GW_THREADS = 4 * GN_THREADS, GW_NSUB = GW_THREADS / GN_THREADS };
+
+// db_block_sum of a GN_THREADS-thread block, for each of the GW_NSUB
+// sub-blocks of a GW_THREADS block at once (the same additions in the same
+// order); sh: 32 GW_NSUB doubles.  Every thread of the block calls it.
+__device__ static double gw_sub_sum(double v, double *sh)
+{
+    const int sub = threadIdx.x / GN_THREADS, t = threadIdx.x % GN_THREADS;
+    const int lane = t & 31, w = t >> 5, nw = GN_THREADS >> 5;
+    double *my = sh + 32 * sub;
+    v = db_warp_sum(v);
+    __syncthreads(); // sh may still be read by a previous call
+    if (lane == 0)
+        my[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        double x = lane < nw ? my[lane] : 0.0;
+        x = db_warp_sum(x);
+        if (lane == 0)
+            my[0] = x;
     }
+    __syncthreads();
+    return my[0];
+}
+
+// grid B G, block GW_THREADS, dynamic shared memory gw_smem(cg HW, cg K).
+// out (may equal inp), mean and rstd (B, G) or NULL, as the kernels above.
+__global__ static void __launch_bounds__(GW_THREADS)
+    groupnorm_whole_kernel(float *out, float *mean, float *rstd, const float *inp, const float *weight,
+                           const float *bias, int C, int HW, int G, int K, int L, float eps, int silu)
+{
+    extern __shared__ float smem[];
+    __shared__ double sh[32 * GW_NSUB];
+    __shared__ float smu, srs;
+    const int bg = blockIdx.x, g = bg % G, cg = C / G, n = cg * HW, np = cg * K;
+    float *xs = smem;
+    double *ps = (double *)(smem + ((n + 1) & ~1)), *pq = ps + np;
+    const float *x = inp + (size_t)bg * n;
+    float *y = out + (size_t)bg * n;
+    const int vec = n % 4 == 0 && ((uintptr_t)x & 15) == 0 && ((uintptr_t)y & 15) == 0;
+    if (vec)
+        for (int i = threadIdx.x; i < n / 4; i += GW_THREADS)
+            ((float4 *)xs)[i] = ((const float4 *)x)[i];
+    else
+        for (int i = threadIdx.x; i < n; i += GW_THREADS)
+            xs[i] = x[i];
+    __syncthreads();
+    // piece j = cl K + k: channel cl of the group, [k L, min(HW, (k + 1) L));
+    // sub-block `sub` takes pieces sub, sub + GW_NSUB, ... (a round each;
+    // every sub-block goes through every round, past np with an empty piece)
+    const int sub = threadIdx.x / GN_THREADS, t = threadIdx.x % GN_THREADS;
+    for (int r = 0; r < (np + GW_NSUB - 1) / GW_NSUB; r++) {
+        const int j = r * GW_NSUB + sub;
+        int i0 = 0, i1 = 0;
+        const float *xc = xs;
+        if (j < np) {
+            const int k = j % K;
+            xc = xs + (size_t)(j / K) * HW, i0 = k * L, i1 = min(HW, (k + 1) * L);
+        }
+        double s = 0;
+        for (int i = i0 + t; i < i1; i += GN_THREADS)
+            s += xc[i];
+        s = gw_sub_sum(s, sh);
+        const double m = j < np ? s / (double)(i1 - i0) : 0.0;
+        double q = 0;
+        for (int i = i0 + t; i < i1; i += GN_THREADS)
+            q = gn_dev2(q, xc[i], m);
+        q = gw_sub_sum(q, sh);
+        if (t == 0 && j < np)
+            ps[j] = s, pq[j] = q;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const double nn = (double)n;
+        float mu;
+        double m2;
+        gn_group_stats(ps, pq, np, HW, K, L, nn, &mu, &m2);
+        const float rs = (float)(1.0 / sqrt(m2 / nn + (double)eps));
+        smu = mu, srs = rs;
+        if (mean)
+            mean[bg] = mu;
+        if (rstd)
+            rstd[bg] = rs;
+    }
+    __syncthreads();
+    const float mu = smu, rs = srs;
+    if (vec) {
+        // (the four may straddle two channels: each finds its own)
+        for (int i = threadIdx.x; i < n / 4; i += GW_THREADS) {
+            const float4 v = ((const float4 *)xs)[i];
+            float e[4] = {v.x, v.y, v.z, v.w};
+            for (int q = 0; q < 4; q++) {
+                const int c = g * cg + (4 * i + q) / HW;
+                float a, shft;
+                gn_coefs(rs, mu, weight[c], bias[c], &a, &shft);
+                e[q] = gn_out(e[q], a, shft, silu);
+            }
+            ((float4 *)y)[i] = make_float4(e[0], e[1], e[2], e[3]);
+        }
+    } else {
+        for (int i = threadIdx.x; i < n; i += GW_THREADS) {
+            const int c = g * cg + i / HW;
+            float a, shft;
+            gn_coefs(rs, mu, weight[c], bias[c], &a, &shft);
+            y[i] = gn_out(xs[i], a, shft, silu);
+        }
+    }
+}
+
+// the dynamic shared memory of groupnorm_whole_kernel for a group of n
+// floats in np pieces
+static size_t gw_smem(size_t n, size_t np) { return ((n + 1) & ~(size_t)1) * sizeof(float) + 2 * np * sizeof(double); }
+
+// whether a (C, HW) group norm in G groups of K pieces a channel runs a
+// whole group per block (forward and backward): it fits in the card's
+// shared memory with the kernel's static ~1 KB, and DB_GN_WHOLE is not 0
+static int gw_fits(db_ctx *c, int C, int HW, int G, int K)
+{
+    const char *whole = getenv("DB_GN_WHOLE");
+    const size_t smem = gw_smem((size_t)(C / G) * HW, (size_t)(C / G) * K);
+    return smem + 2048 <= (size_t)db_cuda_st(c)->smem_optin && !(whole && strcmp(whole, "0") == 0);
 }
 
 extern "C" int db_cuda_groupnorm_forward(db_ctx *c, float *out, float *mean, float *rstd, const float *inp,
@@ -196,12 +351,22 @@ extern "C" int db_cuda_groupnorm_forward(db_ctx *c, float *out, float *mean, flo
     DB_ENTER(c);
     if (B * G == 0 || HW == 0)
         return 0;
+    cudaStream_t st = db_cuda_st(c)->stream;
+    const gn_split ws = gn_pieces(B, C, HW);
+    const size_t smem = gw_smem((size_t)(C / G) * HW, (size_t)(C / G) * ws.K);
+    if (gw_fits(c, C, HW, G, ws.K)) {
+        if (db_cuda_smem_optin(c, groupnorm_whole_kernel, smem))
+            return -1;
+        groupnorm_whole_kernel<<<B * G, GW_THREADS, smem, st>>>(out, mean, rstd, inp, weight, bias, C, HW, G, ws.K,
+                                                               ws.L, eps, silu);
+        DB_LAUNCHED(c);
+        return 0;
+    }
     gn_split sp;
     int P;
     double *part = gn_scratch(c, B, C, HW, &sp, &P);
     if (!part)
         return -1;
-    cudaStream_t st = db_cuda_st(c)->stream;
     groupnorm_stats_kernel<<<P, GN_THREADS, 0, st>>>(part, part + P, inp, HW, sp.K, sp.L);
     groupnorm_apply_kernel<<<P, GN_THREADS, 0, st>>>(out, mean, rstd, part, part + P, inp, weight, bias, C, HW, G,
                                                      sp.K, sp.L, eps, silu);
@@ -299,6 +464,42 @@ __device__ __forceinline__ float gn_dy(float dy, float xh, float w, float bb, in
     return dy;
 }
 
+// One element's pieces of the backward, written once for the pieces'
+// kernels and the whole-group one (same code, same contraction, same bits):
+// xhat, and dy (after the SiLU's derivative) added to the two sums
+__device__ __forceinline__ static float gn_bdy(float x, float d, float mu, float rs, float w, float bb, int silu,
+                                              double *s_dy, double *s_dyx)
+{
+    const float xh = (x - mu) * rs, dy = gn_dy(d, xh, w, bb, silu);
+    *s_dy += dy;
+    *s_dyx += (double)dy * xh;
+    return dy;
+}
+// dinp from dy, xhat and the group's two means
+__device__ __forceinline__ static float gn_bdx(float x, float dy, float mu, float rs, float w, float mg, float mgx)
+{
+    const float xh = (x - mu) * rs;
+    return rs * (dy * w - mg - xh * mgx);
+}
+// The group's two means of the backward (mg = mean(dy w), mgx = mean(dy
+// xhat w)) from its cg K per-piece sums, per channel in piece order, then
+// over the channels in order, as norm_backward.c.
+__device__ static void gn_bmeans(const double *vdy, const double *vdyx, const float *weight, int g, int cg, int K,
+                                 int HW, float *mg, float *mgx)
+{
+    double sum_g = 0, sum_gx = 0;
+    for (int ch = 0; ch < cg; ch++) {
+        const int cc = g * cg + ch;
+        double s_dy = 0, s_dyx = 0;
+        for (int j = 0; j < K; j++)
+            s_dy += vdy[ch * K + j], s_dyx += vdyx[ch * K + j];
+        sum_g += s_dy * weight[cc];
+        sum_gx += s_dyx * weight[cc];
+    }
+    const double n = (double)cg * HW;
+    *mg = (float)(sum_g / n), *mgx = (float)(sum_gx / n);
+}
+
 // The backward in the forward's pieces.  grid P, block GN_THREADS: per
 // piece pdy = sum(dy), pdyx = sum(dy * xhat), dy after the SiLU's derivative.
 __global__ static void groupnorm_bsum_kernel(double *pdy, double *pdyx, const float *dout, const float *mean,
@@ -311,11 +512,8 @@ __global__ static void groupnorm_bsum_kernel(double *pdy, double *pdyx, const fl
     const float *x = inp + (size_t)bc * HW, *d = dout + (size_t)bc * HW;
     const int i1 = min(HW, (k + 1) * L);
     double s_dy = 0, s_dyx = 0;
-    for (int i = k * L + threadIdx.x; i < i1; i += blockDim.x) {
-        const float xh = (x[i] - mu) * rs, dy = gn_dy(d[i], xh, w, bb, silu);
-        s_dy += dy;
-        s_dyx += (double)dy * xh;
-    }
+    for (int i = k * L + threadIdx.x; i < i1; i += blockDim.x)
+        gn_bdy(x[i], d[i], mu, rs, w, bb, silu, &s_dy, &s_dyx);
     s_dy = db_block_sum(s_dy, sh);
     s_dyx = db_block_sum(s_dyx, sh);
     if (threadIdx.x == 0)
@@ -335,19 +533,8 @@ __global__ static void groupnorm_bapply_kernel(float *dinp, const double *pdy, c
     // the group's pieces staged (gn_stage), then summed per channel in order
     const double *vdy = gn_stage(st, GN_THREADS, gn_group(pdy, b, g, C, cg, K), cg * K);
     const double *vdyx = gn_stage(st + GN_THREADS, GN_THREADS, gn_group(pdyx, b, g, C, cg, K), cg * K);
-    if (threadIdx.x == 0) {
-        double sum_g = 0, sum_gx = 0;
-        for (int ch = 0; ch < cg; ch++) {
-            const int cc = g * cg + ch;
-            double s_dy = 0, s_dyx = 0;
-            for (int j = 0; j < K; j++)
-                s_dy += vdy[ch * K + j], s_dyx += vdyx[ch * K + j];
-            sum_g += s_dy * weight[cc];
-            sum_gx += s_dyx * weight[cc];
-        }
-        const double n = (double)cg * HW;
-        smg = (float)(sum_g / n), smgx = (float)(sum_gx / n);
-    }
+    if (threadIdx.x == 0)
+        gn_bmeans(vdy, vdyx, weight, g, cg, K, HW, &smg, &smgx);
     __syncthreads();
     const int bg = b * G + g;
     const float mu = mean[bg], rs = rstd[bg], w = weight[c], bb = bias[c], mg = smg, mgx = smgx;
@@ -355,8 +542,62 @@ __global__ static void groupnorm_bapply_kernel(float *dinp, const double *pdy, c
     float *dx = dinp + (size_t)bc * HW;
     const int i1 = min(HW, (k + 1) * L);
     for (int i = k * L + threadIdx.x; i < i1; i += blockDim.x) {
-        const float xh = (x[i] - mu) * rs, dy = gn_dy(d[i], xh, w, bb, silu);
-        dx[i] = rs * (dy * w - mg - xh * mgx);
+        double unused0 = 0, unused1 = 0;
+        const float dy = gn_bdy(x[i], d[i], mu, rs, w, bb, silu, &unused0, &unused1);
+        dx[i] = gn_bdx(x[i], dy, mu, rs, w, mg, mgx);
+    }
+}
+
+// The backward of a group that fits in shared memory (the forward's
+// groupnorm_whole_kernel, the same test), bsum and bapply in one launch:
+// each piece's dy (after the SiLU's derivative) is kept in shared memory
+// as it is summed (by the sub-blocks, with bsum's strides and tree), so
+// dout is read once; the group's means come from gn_bmeans as in bapply,
+// and x is read again for dinp (from L2, mostly).  The per-piece sums go
+// to pdy / pdyx as bsum's do, for groupnorm_bparams_kernel.  grid B G,
+// block GW_THREADS, dynamic shared memory gw_smem(cg HW, cg K).
+__global__ static void __launch_bounds__(GW_THREADS)
+    groupnorm_bwhole_kernel(float *dinp, double *pdy, double *pdyx, const float *dout, const float *mean,
+                            const float *rstd, const float *inp, const float *weight, const float *bias, int C, int HW,
+                            int G, int K, int L, int silu)
+{
+    extern __shared__ float smem[];
+    __shared__ double sh[32 * GW_NSUB];
+    __shared__ float smg, smgx;
+    const int bg = blockIdx.x, b = bg / G, g = bg % G, cg = C / G, n = cg * HW, np = cg * K;
+    float *dys = smem;
+    double *vdy = (double *)(smem + ((n + 1) & ~1)), *vdyx = vdy + np;
+    const float mu = mean[bg], rs = rstd[bg];
+    const float *x = inp + (size_t)bg * n, *d = dout + (size_t)bg * n;
+    const int sub = threadIdx.x / GN_THREADS, t = threadIdx.x % GN_THREADS;
+    for (int r = 0; r < (np + GW_NSUB - 1) / GW_NSUB; r++) {
+        const int j = r * GW_NSUB + sub;
+        int i0 = 0, i1 = 0, c = g * cg;
+        if (j < np) {
+            const int k = j % K;
+            c += j / K, i0 = (j / K) * HW + k * L, i1 = (j / K) * HW + min(HW, (k + 1) * L);
+        }
+        const float w = weight[c], bb = bias[c];
+        double s_dy = 0, s_dyx = 0;
+        for (int i = i0 + t; i < i1; i += GN_THREADS)
+            dys[i] = gn_bdy(x[i], d[i], mu, rs, w, bb, silu, &s_dy, &s_dyx);
+        s_dy = gw_sub_sum(s_dy, sh);
+        s_dyx = gw_sub_sum(s_dyx, sh);
+        if (t == 0 && j < np) {
+            vdy[j] = s_dy, vdyx[j] = s_dyx;
+            const size_t p = ((size_t)b * C + (size_t)g * cg) * K + (size_t)j;
+            pdy[p] = s_dy, pdyx[p] = s_dyx;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        gn_bmeans(vdy, vdyx, weight, g, cg, K, HW, &smg, &smgx);
+    __syncthreads();
+    const float mg = smg, mgx = smgx;
+    float *dx = dinp + (size_t)bg * n;
+    for (int i = threadIdx.x; i < n; i += GW_THREADS) {
+        const int c = g * cg + i / HW;
+        dx[i] = gn_bdx(x[i], dys[i], mu, rs, weight[c], mg, mgx);
     }
 }
 
@@ -395,11 +636,21 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
     if (!part)
         return -1;
     cudaStream_t st = db_cuda_st(c)->stream;
-    groupnorm_bsum_kernel<<<P, GN_THREADS, 0, st>>>(part, part + P, dout, mean, rstd, inp, weight, bias, C, HW, G,
-                                                    sp.K, sp.L, silu);
-    if (dinp)
-        groupnorm_bapply_kernel<<<P, GN_THREADS, 0, st>>>(dinp, part, part + P, dout, mean, rstd, inp, weight, bias, C,
-                                                          HW, G, sp.K, sp.L, silu);
+    if (dinp && gw_fits(c, C, HW, G, sp.K)) {
+        const size_t smem = gw_smem((size_t)(C / G) * HW, (size_t)(C / G) * sp.K);
+        if (db_cuda_smem_optin(c, groupnorm_bwhole_kernel, smem)) {
+            db_cuda_free(c, part);
+            return -1;
+        }
+        groupnorm_bwhole_kernel<<<B * G, GW_THREADS, smem, st>>>(dinp, part, part + P, dout, mean, rstd, inp, weight,
+                                                                 bias, C, HW, G, sp.K, sp.L, silu);
+    } else {
+        groupnorm_bsum_kernel<<<P, GN_THREADS, 0, st>>>(part, part + P, dout, mean, rstd, inp, weight, bias, C, HW, G,
+                                                        sp.K, sp.L, silu);
+        if (dinp)
+                groupnorm_bapply_kernel<<<P, GN_THREADS, 0, st>>>(dinp, part, part + P, dout, mean, rstd, inp, weight, bias,
+                                                              C, HW, G, sp.K, sp.L, silu);
+    }
     if (dweight || dbias)
         groupnorm_bparams_kernel<<<(C + 127) / 128, 128, 0, st>>>(dweight, dbias, part, part + P, B, C, sp.K);
     const cudaError_t e = cudaGetLastError();

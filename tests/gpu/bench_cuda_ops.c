@@ -190,10 +190,18 @@ static void groupnorm_case(db_ctx *c, int B, int C, int HW, int G)
     b.p[4] = drand(c, C, 5);
     b.p[5] = drand(c, C, 6);
     char name[160];
-    snprintf(name, sizeof name, "groupnorm_forward+silu B%d C%d HW%d G%d", B, C, HW, G);
-    /* three reads (the sum, the deviations, the output's) and a write; at
-     * the UNet's sizes the second and third reads may come from L2 */
-    bench(c, name, &b, 0, 4.0 * n * sizeof(float));
+    /* the rate as one read and a write (what a group in shared memory
+     * costs, norm.cu groupnorm_whole_kernel); the pieces' kernels read the
+     * input twice, the second time mostly from L2 at the UNet's sizes.
+     * Then the same with DB_GN_WHOLE=0 (the pieces), to compare. */
+    for (int pieces = 0; pieces < 2; pieces++) {
+        snprintf(name, sizeof name, "groupnorm_forward+silu B%d C%d HW%d G%d%s", B, C, HW, G,
+                 pieces ? " (DB_GN_WHOLE=0)" : "");
+        if (pieces)
+            setenv("DB_GN_WHOLE", "0", 1);
+        bench(c, name, &b, 0, 2.0 * n * sizeof(float));
+        unsetenv("DB_GN_WHOLE");
+    }
     for (int i = 0; i < 6; i++)
         api->free(c, b.p[i]);
 }
@@ -273,6 +281,7 @@ int main(void)
         }
         if (api->groupnorm_forward && !pass) { /* not a matmul-class op: fp32 in every mode */
             groupnorm_case(&g, 2, 320, 4096, 32);
+            groupnorm_case(&g, 2, 1280, 256, 32); /* the UNet's 16x16 level */
             groupnorm_case(&g, 1, 128, 512 * 512, 32); /* the VAE decoder's last level: 134 MB, past L2 */
         }
         if (api->layernorm_forward && !pass)

@@ -352,6 +352,20 @@ static void t_groupnorm(int B, int C, int HW, int G, int silu)
         cmp(what, "out", dy, y, n, TOL);
         cmp(what, "mean", dm, mean, ng, TOL);
         cmp(what, "rstd", dr, rstd, ng, TOL);
+        /* norm.cu runs a group that fits in shared memory in one block
+         * (groupnorm_whole_kernel), others in pieces: both must give the
+         * same bits (DB_GN_WHOLE=0 forces the pieces) */
+        const float *hy = dget(dy, n), *hm = dget(dm, ng), *hr = dget(dr, ng);
+        float *py = dpoison(n), *pm = dpoison(ng), *pr = dpoison(ng);
+        setenv("DB_GN_WHOLE", "0", 1);
+        const int rc = api->groupnorm_forward(&g, py, pm, pr, dputf(x, n), dputf(w, C), dputf(b, C), B, C, HW, G, 1e-5f,
+                                              silu);
+        unsetenv("DB_GN_WHOLE");
+        if (gpu_ran(rc, what)) {
+            cmp(what, "out, pieces vs whole groups", py, hy, n, 0);
+            cmp(what, "mean, pieces vs whole groups", pm, hm, ng, 0);
+            cmp(what, "rstd, pieces vs whole groups", pr, hr, ng, 0);
+        }
     }
     /* in place (out == inp), no saved statistics */
     float *dx = dputf(x, n);
@@ -381,6 +395,19 @@ static void t_groupnorm_backward(int B, int C, int HW, int G, int silu)
         cmp(what, "dinp", gx, dx, n, TOL);
         cmp(what, "dweight (+=)", gw, dw, C, TOL);
         cmp(what, "dbias (+=)", gb, db, C, TOL);
+        /* the whole-group kernel (where the group fits in shared memory)
+         * and the pieces' kernels (DB_GN_WHOLE=0) give the same bits */
+        const float *hx = dget(gx, n), *hw = dget(gw, C), *hb = dget(gb, C);
+        float *px = dpoison(n), *pw = dputf(dw0, C), *pb = dputf(db0, C);
+        setenv("DB_GN_WHOLE", "0", 1);
+        const int rc = api->groupnorm_backward(&g, px, pw, pb, dputf(dout, n), dputf(mean, ng), dputf(rstd, ng),
+                                               dputf(x, n), dputf(w, C), dputf(b, C), B, C, HW, G, silu);
+        unsetenv("DB_GN_WHOLE");
+        if (gpu_ran(rc, what)) {
+            cmp(what, "dinp, pieces vs whole groups", px, hx, n, 0);
+            cmp(what, "dweight, pieces vs whole groups", pw, hw, C, 0);
+            cmp(what, "dbias, pieces vs whole groups", pb, hb, C, 0);
+        }
     }
     release_all();
 }
@@ -2014,6 +2041,11 @@ int main(void)
         /* one group of 600 channels: 600 pieces, more than norm.cu's
          * gn_stage holds, so the statistics are summed where they lie */
         t_groupnorm(1, 600, 16, 1, 1);
+        /* HW % 4 == 0: groupnorm_whole_kernel's four-wide loads, channels
+         * of 12 floats (a float4 never straddles two), and of 6 (they do) */
+        t_groupnorm(2, 8, 12, 4, 1);
+        t_groupnorm(2, 8, 6, 4, 1);
+        t_groupnorm(1, 3, 5, 1, 0); /* 15 floats: the piece sums after an odd count */
         if (!quick)
             t_groupnorm(2, 320, 4096, 32, 1);
         if (!quick) /* the VAE's 512x512 level, a quarter of it: 8 pieces per channel */
@@ -2027,6 +2059,8 @@ int main(void)
         t_groupnorm_backward(1, 8, 2050, 4, 1);
         t_groupnorm_backward(2, 8, 2050, 2, 0);
         t_groupnorm_backward(1, 600, 16, 1, 1); /* past gn_stage's room, as above */
+        t_groupnorm_backward(2, 8, 6, 4, 1);    /* a piece count that is not a multiple of 4 */
+        t_groupnorm_backward(1, 3, 5, 1, 0);    /* an odd group: the piece sums after it */
         if (!quick)
             t_groupnorm_backward(2, 320, 4096, 32, 1);
     }

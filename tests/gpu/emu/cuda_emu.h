@@ -156,6 +156,8 @@ static inline cudaError_t emu_graph_launch(cudaGraphExec_t x) {
 #define cudaGetLastError() cudaSuccess
 #define cudaGetDeviceCount(n) (*(n) = 1, cudaSuccess)
 #define cudaSetDevice(d) cudaSuccess
+// an H100's 227 KB (emu_dyn_smem holds 256 KB)
+#define cudaDeviceGetAttribute(v, attr, d) (*(v) = (attr) == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : 0, cudaSuccess)
 #define cudaStreamCreateWithFlags(s, f) (*(s) = 0, cudaSuccess)
 #define cudaStreamDestroy(s) cudaSuccess
 #define cudaEventCreateWithFlags(e, f) (*(e) = 0, cudaSuccess)
