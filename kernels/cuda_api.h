@@ -25,10 +25,10 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 11 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+#define DB_CUDA_ABI 12 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
                           4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
                           7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free;
-                          10: opt_adamw8bit_many; 11: host_alloc, host_free */
+                          10: opt_adamw8bit_many; 11: host_alloc, host_free; 12: opt_clip_each */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -148,6 +148,9 @@ typedef struct db_cuda_api {
      * the driver refuses, without touching c (no error is set). */
     void *(*host_alloc)(db_ctx *c, size_t bytes);
     void (*host_free)(db_ctx *c, void *p);
+    /* db_opt_clip_each: norms a DEVICE array, the g / n arrays HOST memory
+     * (the g[i] device pointers); queued, no wait */
+    int (*opt_clip_each)(db_ctx *c, float *norms, float *const *g, const size_t *n, size_t k, float max_norm);
 } db_cuda_api;
 
 /* Exported by libdb_cuda.so: the table, or NULL when the library was built

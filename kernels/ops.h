@@ -456,6 +456,14 @@ int db_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n);
 int db_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k);
 /* g[i] = g[i] * coef (the clip; a NaN coef poisons every element, as torch). */
 int db_opt_scale(db_ctx *c, float *g, float coef, size_t n);
+/* Each of k tensors clipped by its own norm (torch's clip_grad_norm_ on one
+ * tensor, kohya's rule for a fused backward) with no wait for the device:
+ * g[i] (n[i] floats; g and n host arrays) has norm nk = (float)sqrt(its
+ * db_opt_sumsq), norms[i] (k floats in c's memory, read back whenever the
+ * caller likes) = nk, and g[i] *= max_norm / (nk + 1e-6f) (float32) when
+ * that is below 1 or NaN.  The bits of libcommon/sd/optim.h
+ * db_clip_grad_norm_each_ctx, which waits for the norms instead. */
+int db_opt_clip_each(db_ctx *c, float *norms, float *const *g, const size_t *n, size_t k, float max_norm);
 /* db_adamw8bit_step over n elements (8-bit AdamW, bitsandbytes' block-wise
  * states): p updated in place from g; m_q, v_q (n codes) and m_absmax,
  * v_absmax (ceil(n / DB_Q8_BLOCK) scales) are the quantised moments, zero

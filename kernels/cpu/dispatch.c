@@ -8,6 +8,7 @@
  * nothing in it is CPU specific. */
 #include <dlfcn.h>
 #include <errno.h>
+#include <math.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1207,6 +1208,29 @@ int db_opt_scale(db_ctx *c, float *g, float coef, size_t n)
         return CUDA_OP(c, opt_scale, "scale", g, coef, n);
     default:
         return no_backend(c, "scale");
+    }
+}
+
+int db_opt_clip_each(db_ctx *c, float *norms, float *const *g, const size_t *n, size_t k, float max_norm)
+{
+    ENTER(c);
+    REQUIRE(c, "clip", (norms && g && n) || !k);
+    switch (c->device) {
+    case DB_CPU:
+    case DB_CPU_STRICT:
+        for (size_t i = 0; i < k; i++) {
+            /* optim.c db_clip_grad_norm_each_ctx's arithmetic, step by step */
+            const float nk = (float)sqrt(db_sum_squares(g[i], n[i]));
+            const float total = (float)sqrt((double)nk * (double)nk), coef = max_norm / (total + 1e-6f);
+            if (coef < 1.0f || isnan(coef))
+                db_scale(g[i], coef, n[i]);
+            norms[i] = total;
+        }
+        return 0;
+    case DB_CUDA:
+        return CUDA_OP(c, opt_clip_each, "clip", norms, g, n, k, max_norm);
+    default:
+        return no_backend(c, "clip");
     }
 }
 

@@ -717,6 +717,7 @@ static db_cuda_api make_api(void)
     SET(opt_adamw8bit);
     SET(opt_sumsq_many);
     SET(opt_adamw8bit_many);
+    SET(opt_clip_each);
 #undef SET
     return a;
 }

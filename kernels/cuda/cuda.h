@@ -194,6 +194,8 @@ extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const 
 extern "C" int db_cuda_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n);
 extern "C" int db_cuda_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k);
 extern "C" int db_cuda_opt_scale(db_ctx *c, float *g, float coef, size_t n);
+extern "C" int db_cuda_opt_clip_each(db_ctx *c, float *norms, float *const *g, const size_t *n, size_t k,
+                                     float max_norm);
 extern "C" int db_cuda_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax,
                                      float *v_absmax, const float *g, size_t n, const struct db_adamw *hp,
                                      int64_t t, const struct db_q8_maps *maps);

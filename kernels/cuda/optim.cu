@@ -163,8 +163,8 @@ struct ss_tensor {
 // each global read is one coalesced 128-byte sweep of the warp), then every
 // lane adds its own chunk's row in order.  The row is padded by one float
 // against bank conflicts.
-__global__ static void __launch_bounds__(SS_LANES)
-    sumsq_chunks_kernel(double *part, const ss_tensor *tab, size_t k)
+// (the body of the kernels below: tab in global memory or kernel parameters)
+__device__ static void sumsq_chunks(double *part, const ss_tensor *tab, size_t k)
 {
     __shared__ float tile[SS_LANES][SS_TILE + 1];
     // the block's tensor: the last whose first block is at or before this one
@@ -203,20 +203,27 @@ __global__ static void __launch_bounds__(SS_LANES)
         part[mine] = s;
 }
 
+__global__ static void __launch_bounds__(SS_LANES) sumsq_chunks_kernel(double *part, const ss_tensor *tab, size_t k)
+{
+    sumsq_chunks(part, tab, k);
+}
+
 // out[i] = tensor i's partials added in index order, from 0.0 (the CPU's
 // single-chunk shortcut returns part[0] itself: the same bits, as 0.0 + s
 // is s for the non-negative or NaN s a sum of squares can be; an empty
 // tensor's sum is 0.0, as the CPU's).
+__device__ static double sumsq_total(const double *part, const ss_tensor *tab, size_t i)
+{
+    const size_t nchunks = (tab[i].n + SS_CHUNK - 1) / SS_CHUNK;
+    double t = 0.0;
+    for (size_t c = 0; c < nchunks; c++)
+        t = __dadd_rn(t, part[tab[i].chunk0 + c]);
+    return t;
+}
+
 __global__ static void sumsq_total_kernel(double *out, const double *part, const ss_tensor *tab, size_t k)
 {
-    GRID_STRIDE(i, k)
-    {
-        const size_t nchunks = (tab[i].n + SS_CHUNK - 1) / SS_CHUNK;
-        double t = 0.0;
-        for (size_t c = 0; c < nchunks; c++)
-            t = __dadd_rn(t, part[tab[i].chunk0 + c]);
-        out[i] = t;
-    }
+    GRID_STRIDE(i, k) out[i] = sumsq_total(part, tab, i);
 }
 
 extern "C" int db_cuda_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k)
@@ -274,6 +281,101 @@ extern "C" int db_cuda_opt_sumsq(db_ctx *c, double *out, const float *g, size_t 
 {
     *out = 0.0;
     return db_cuda_opt_sumsq_many(c, out, &g, &n, 1);
+}
+
+// ---- per-tensor clipping with no wait (db_opt_clip_each) ---------------------------------
+//
+// The tensors' table goes to the kernels as a parameter, not by a copy: a
+// copy from pageable host memory may wait for the stream (CUDA's API
+// synchronization notes), which is the wait this op exists to avoid.
+// SS_PARAM tensors a launch keep it within the classic 4 KB of parameters;
+// more go in several rounds.
+enum { SS_PARAM = 96 };
+struct ss_params {
+    ss_tensor t[SS_PARAM];
+};
+
+__global__ static void __launch_bounds__(SS_LANES)
+    clip_chunks_kernel(double *part, const __grid_constant__ ss_params p, size_t k)
+{
+    sumsq_chunks(part, p.t, k);
+}
+
+// norms[i] = tensor i's float32 norm and coef[i] its clip coefficient, or
+// 1 when it does not scale (optim.c db_clip_grad_norm_each_ctx's float
+// steps: nk = (float)sqrt(ss), total = (float)sqrt(nk^2) in double,
+// max / (total + 1e-6f), scaling below 1 or NaN)
+__global__ static void clip_coef_kernel(float *norms, float *coef, const double *part,
+                                        const __grid_constant__ ss_params p, size_t k, float max_norm)
+{
+    GRID_STRIDE(i, k)
+    {
+        const float nk = __double2float_rn(__dsqrt_rn(sumsq_total(part, p.t, i)));
+        const float total = __double2float_rn(__dsqrt_rn(__dmul_rn((double)nk, (double)nk)));
+        const float q = __fdiv_rn(max_norm, __fadd_rn(total, 1e-6f));
+        norms[i] = total;
+        coef[i] = q < 1.0f || isnan(q) ? q : 1.0f;
+    }
+}
+
+// g *= coef of its tensor (optim.c db_scale's bits), the blocks numbered as
+// sumsq_chunks' (a block is SS_LANES chunks of one tensor); the tensors
+// that do not scale are left unread.
+__global__ static void clip_scale_kernel(const __grid_constant__ ss_params p, const float *coef, size_t k)
+{
+    const ss_tensor *tab = p.t;
+    size_t lo = 0, hi = k;
+    while (hi - lo > 1) {
+        const size_t mid = lo + (hi - lo) / 2;
+        if (tab[mid].block0 <= blockIdx.x)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    const float q = coef[lo];
+    if (q == 1.0f)
+        return;
+    float *g = (float *)tab[lo].g;
+    const size_t n = tab[lo].n, span = (size_t)SS_LANES * SS_CHUNK;
+    const size_t beg = ((size_t)blockIdx.x - tab[lo].block0) * span, end = beg + span < n ? beg + span : n;
+    for (size_t i = beg + threadIdx.x; i < end; i += blockDim.x)
+        g[i] = __fmul_rn(g[i], q);
+}
+
+extern "C" int db_cuda_opt_clip_each(db_ctx *c, float *norms, float *const *g, const size_t *n, size_t k,
+                                     float max_norm)
+{
+    DB_ENTER(c);
+    cudaStream_t s = db_cuda_st(c)->stream;
+    for (size_t r = 0; r < k; r += SS_PARAM) {
+        const size_t kr = k - r < (size_t)SS_PARAM ? k - r : (size_t)SS_PARAM;
+        ss_params p;
+        memset(&p, 0, sizeof p);
+        size_t chunks = 0, blocks = 0;
+        for (size_t i = 0; i < kr; i++) {
+            const size_t nc = (n[r + i] + SS_CHUNK - 1) / SS_CHUNK;
+            p.t[i] = ss_tensor{g[r + i], n[r + i], chunks, blocks};
+            chunks += nc;
+            blocks += (nc + SS_LANES - 1) / SS_LANES;
+        }
+        if (blocks > (size_t)INT_MAX)
+            return db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "clip: %zu warps are more than one launch covers",
+                                blocks);
+        // the partials, then the coefficients (kr floats)
+        double *part = (double *)db_cuda_alloc(c, chunks * sizeof(double) + kr * sizeof(float));
+        if (!part)
+            return -1;
+        float *coef = (float *)(part + chunks);
+        if (blocks)
+            clip_chunks_kernel<<<(unsigned)blocks, SS_LANES, 0, s>>>(part, p, kr);
+        clip_coef_kernel<<<db_cuda_grid(kr, THREADS), THREADS, 0, s>>>(norms + r, coef, part, p, kr, max_norm);
+        if (blocks)
+            clip_scale_kernel<<<(unsigned)blocks, THREADS, 0, s>>>(p, coef, kr);
+        const cudaError_t e = cudaGetLastError();
+        db_cuda_free(c, part); // stream-ordered: reused only by work queued after
+        DB_CU(c, e);
+    }
+    return 0;
 }
 
 // ---- scale ------------------------------------------------------------------------------

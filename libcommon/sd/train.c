@@ -47,9 +47,16 @@ struct db_trainer {
     double fss;
     double *fnorms;
     int summing;                 /* the step's bucketed gradient sums have begun (reduce_f32_start) */
-    db_grad_ref *fref;           /* scratch of one unit: its tensors' gradients, */
-    size_t *fidx;                /* their indices in the component's table, */
-    double *fnv;                 /* their norms */
+    float **fgp;                 /* scratch of one unit: its tensors' gradients */
+    size_t *fgn;                 /* and sizes */
+    /* The step's per-tensor norms stay on the device until the backward is
+     * done (db_opt_clip_each: no wait per unit), then come back at once:
+     * fnorm_dev[j] is the norm of the j-th tensor clipped this step,
+     * forder[j] its index in fnorms, funit[j] 1 when it began a unit; fcount
+     * of them so far; fnorm_h the host copy. */
+    float *fnorm_dev, *fnorm_h;
+    size_t *forder, fcount;
+    unsigned char *funit;
     double sum_loss, sum_inst, sum_prior;
     db_unet_graph gfwd, gbwd;    /* the UNet forward's and backward's graphs (unet.h) */
     /* the frozen text encoder's last output in context: the token ids and
@@ -244,30 +251,57 @@ static int fused_ready(void *user, float *g, size_t lo, size_t hi, db_err *err)
         return db_err_prefix(err, "gradient reduction");
     const db_weights *w = fg->w;
     const double max = t->o.max_grad_norm > 0 ? t->o.max_grad_norm : INFINITY;
+    const size_t first = t->fcount, base = (size_t)(fg->norms - t->fnorms);
     size_t nr = 0;
     for (size_t i = 0; i < w->ix.n; i++) {
         const db_tentry *e = &w->ix.v[i];
         const size_t off = (size_t)e->offset;
         if (off < lo || off >= hi)
             continue;
-        t->fref[nr] = (db_grad_ref){g + (off - lo), (size_t)db_shape_numel(e->ndim, e->shape)};
-        t->fidx[nr++] = i;
+        t->fgp[nr] = g + (off - lo);
+        t->fgn[nr] = (size_t)db_shape_numel(e->ndim, e->shape);
+        t->forder[first + nr] = base + i;
+        t->funit[first + nr] = nr == 0;
+        nr++;
     }
-    double ss = 0;
-    if (db_clip_grad_norm_each_ctx(c, t->fnv, &ss, t->fref, nr, max))
+    /* clipped where they lie, their norms read back after the backward
+     * (fused_norms): the update below follows without a wait */
+    if (db_opt_clip_each(c, t->fnorm_dev + first, t->fgp, t->fgn, nr, (float)max))
         return db_err_set(err, c->err.code, "gradient clipping: %s", c->err.msg);
-    for (size_t j = 0; j < nr; j++) {
-        fg->norms[t->fidx[j]] = t->fnv[j];
-        if (!isfinite(t->fnv[j]))
-            return db_err_set(err, DB_ENUMERIC, "the gradient of %s is not finite at step %lld: training diverged "
-                              "(the fused backward has updated the blocks after it)", w->ix.v[t->fidx[j]].name,
-                              (long long)t->step + 1);
-    }
-    t->fss += ss;
+    t->fcount += nr;
     const int64_t k = t->opt_step + 1;
     if (fg->q ? q8_step(c, fg->q, fg->w, g, &fg->hp, k, &t->maps, lo, hi)
               : db_opt_adamw(c, w->data + lo, fg->m->data + lo, fg->v->data + lo, g, hi - lo, &fg->hp, k))
         return db_err_set(err, c->err.code, "optimizer step: %s", c->err.msg);
+    return 0;
+}
+
+/* After a fused backward: the step's per-tensor norms back from the device
+ * in one copy, into fnorms; fss = the sum of their squares, unit by unit in
+ * the order they were clipped (each unit's sum from 0, then added: the
+ * association the per-unit waits had); a non-finite one is divergence. */
+static int fused_norms(db_trainer *t, db_err *err)
+{
+    db_ctx *c = t->ctx;
+    const size_t n = t->fcount;
+    if (n && db_ctx_copy(c, t->fnorm_h, t->fnorm_dev, n * sizeof(float), DB_COPY_D2H))
+        return db_err_set(err, c->err.code, "gradient norms: %s", c->err.msg);
+    const db_weights *wu = t->fg[0].w, *wt = t->fg[1].w;
+    double unit = 0;
+    for (size_t j = 0; j < n; j++) {
+        const size_t i = t->forder[j];
+        const float nk = t->fnorm_h[j];
+        if (!isfinite(nk))
+            return db_err_set(err, DB_ENUMERIC, "the gradient of %s is not finite at step %lld: training diverged "
+                              "(the fused backward had updated the weights with it)",
+                              i < wu->ix.n ? wu->ix.v[i].name : wt->ix.v[i - wu->ix.n].name, (long long)t->step + 1);
+        t->fnorms[i] = (double)nk;
+        if (t->funit[j] && j > 0)
+            t->fss += unit, unit = 0;
+        unit += (double)nk * (double)nk;
+    }
+    if (n)
+        t->fss += unit;
     return 0;
 }
 
@@ -300,12 +334,15 @@ static int fused_init(db_trainer *t, db_err *err)
     }
     const size_t most = wu->ix.n > wt->ix.n ? wu->ix.n : wt->ix.n;
     t->fnorms = calloc(nt ? nt : 1, sizeof *t->fnorms);
-    t->fref = calloc(most ? most : 1, sizeof *t->fref);
-    t->fidx = calloc(most ? most : 1, sizeof *t->fidx);
-    t->fnv = calloc(most ? most : 1, sizeof *t->fnv);
+    t->fgp = calloc(most ? most : 1, sizeof *t->fgp);
+    t->fgn = calloc(most ? most : 1, sizeof *t->fgn);
+    t->fnorm_h = calloc(nt ? nt : 1, sizeof *t->fnorm_h);
+    t->forder = calloc(nt ? nt : 1, sizeof *t->forder);
+    t->funit = calloc(nt ? nt : 1, 1);
+    t->fnorm_dev = db_ctx_alloc(t->ctx, (nt ? nt : 1) * sizeof(float));
     t->window = n ? db_ctx_alloc(t->ctx, n * sizeof(float)) : NULL;
     t->window_n = n;
-    if (!t->window || !t->fnorms || !t->fref || !t->fidx || !t->fnv)
+    if (!t->window || !t->fnorms || !t->fgp || !t->fgn || !t->fnorm_h || !t->forder || !t->funit || !t->fnorm_dev)
         return db_err_set(err, DB_ENOMEM, "out of memory for the fused backward's window of %zu floats", n);
     t->fg[0] = (struct fused_group){t, wu, q8 ? NULL : &t->mu, q8 ? NULL : &t->vu, q8 ? &t->qu : NULL,
                                     t->o.unet_hp, t->fnorms};
@@ -397,9 +434,12 @@ void db_trainer_free(db_trainer *t)
     free(t->refs);
     free(t->ctx_ids);
     free(t->fnorms);
-    free(t->fref);
-    free(t->fidx);
-    free(t->fnv);
+    free(t->fgp);
+    free(t->fgn);
+    free(t->fnorm_h);
+    free(t->forder);
+    free(t->funit);
+    db_ctx_free(t->ctx, t->fnorm_dev);
     db_ctx_free(t->ctx, t->window);
     host_unstage(t, t->noisy_h), host_unstage(t, t->pred_h), host_unstage(t, t->dpred_h), host_unstage(t, t->tsf_h);
     db_ctx_free(t->ctx, t->noisy);
@@ -600,6 +640,7 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
     }
     if (fused) {
         t->fss = 0;
+        t->fcount = 0;
         t->fg[0].hp.lr = db_lr_at(&t->o.unet_lr, t->opt_step);
         t->fg[1].hp.lr = db_lr_at(&t->o.text_lr, t->opt_step);
         su = (db_grad_sink){t->window, t->window_n, fused_ready, &t->fg[0]};
@@ -619,6 +660,8 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
     }
     if (t->o.train_text &&
         db_clip_backward_to(t->clip, fused ? NULL : &t->gt, sink ? &st : NULL, t->dcontext, err))
+        return db_err_prefix(err, "trainer");
+    if (fused && fused_norms(t, err))
         return db_err_prefix(err, "trainer");
     t->micro++;
     t->sum_loss += loss, t->sum_inst += li, t->sum_prior += lp;

@@ -224,6 +224,7 @@ static const struct {
     {"softmax_", "ours: attention"},                     {"groupnorm_", "ours: norms"},
     {"layernorm_", "ours: norms"},                       {"adamw", "ours: optimizer and clipping"},
     {"sumsq_", "ours: optimizer and clipping"},          {"scale_kernel", "ours: optimizer and clipping"},
+    {"clip_", "ours: optimizer and clipping"},
     {"linear_epilogue_kernel", "ours: bias and epilogues"},
     {"linear_geglu_epilogue_kernel", "ours: bias and epilogues"},
     {"bias_", "ours: bias and epilogues"},               {"add_channel", "ours: bias and epilogues"},

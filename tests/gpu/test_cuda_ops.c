@@ -1470,6 +1470,58 @@ static void t_sumsq_many(const size_t *sizes, size_t k)
     release_all();
 }
 
+/* opt_clip_each (the fused backward's per-tensor clip, no wait): norms and
+ * clipped gradients bit-identical to the CPU op, over tensors that scale
+ * (norm above the maximum), that do not, one with a NaN (every element NaN
+ * after), an empty one, and ones of several chunk-launch blocks */
+static void t_clip_each(void)
+{
+    const char *what = "opt_clip_each";
+    if (!have((const void *)api->opt_clip_each, what))
+        return;
+    enum { K = 9 };
+    const size_t sizes[K] = {1, 4095, 0, 4097, 262149, 5000, 131072, 77, 300000};
+    const float scales[K] = {3.0f, 0.0001f, 1.0f, 0.05f, 0.01f, 2.0f, 0.00001f, 1.0f, 0.5f};
+    float *hg[K], *dg[K], *dn = dpoison(K), hn[K];
+    for (size_t i = 0; i < K; i++) {
+        hg[i] = hrand(sizes[i] ? sizes[i] : 1, scales[i]);
+        dg[i] = dputf(hg[i], sizes[i] ? sizes[i] : 1);
+    }
+    hg[7][40] = NAN;
+    dg[7] = dputf(hg[7], sizes[7]);
+    if (!cpu_ran(db_opt_clip_each(cpu, hn, hg, sizes, K, 1.0f), what) ||
+        !gpu_ran(api->opt_clip_each(&g, dn, dg, sizes, K, 1.0f), what)) {
+        release_all();
+        return;
+    }
+    const float *gn = dget(dn, K);
+    size_t bad = 0, scaled = 0;
+    for (size_t i = 0; i < K; i++) {
+        const int same = memcmp(&gn[i], &hn[i], sizeof(float)) == 0 || (isnan(gn[i]) && isnan(hn[i]));
+        bad += !same;
+        scaled += hn[i] > 1.0f;
+        if (!same)
+            tap_diag("  tensor %zu: norm cuda %.9g cpu %.9g", i, (double)gn[i], (double)hn[i]);
+    }
+    tap_ok(bad == 0 && scaled >= 3 && isnan(hn[7]), "%s: %d norms bit-identical to the CPU (%zu differ; %zu clipped)",
+           what, K, bad, scaled);
+    for (size_t i = 0; i < K; i++) {
+        if (!sizes[i])
+            continue;
+        char t[64];
+        snprintf(t, sizeof t, "tensor %zu (%zu elements, norm %.3g)", i, sizes[i], (double)hn[i]);
+        if (i == 7) {
+            const float *got = dget(dg[i], sizes[i]);
+            size_t nan = 0;
+            for (size_t j = 0; j < sizes[i]; j++)
+                nan += isnan(got[j]) != 0;
+            tap_ok(nan == sizes[i], "%s %s: every element NaN (%zu of %zu)", what, t, nan, sizes[i]);
+        } else
+            cmp_bits(what, t, dg[i], hg[i], sizes[i]);
+    }
+    release_all();
+}
+
 /* the side stream: begin orders it after the ctx's queued work, join the
  * ctx's stream after it; a sum queued between them (here a copy on the
  * ctx's stream after the join) sees its inputs and is seen */
@@ -2237,6 +2289,7 @@ int main(void)
         /* empty, one element, chunk edges, several warps' worth of chunks, unsorted */
         static const size_t many[] = {0, 1, 4095, 4096, 4097, 40 * 4096 + 3, 7, 33 * 4096};
         t_sumsq_many(many, sizeof many / sizeof *many);
+        t_clip_each();
     }
     t_side_stream();
     t_host_alloc();

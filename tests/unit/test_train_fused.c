@@ -428,6 +428,44 @@ static void test_world(db_ctx *ctx, const db_model *m, const tap_train_ref *in)
     db_trainer_free(tf);
 }
 
+/* A gradient that is not finite while the loss is: the fused step's
+ * per-tensor norms come back from the device after the backward (train.c
+ * fused_norms), and a non-finite one ends the step as divergence, naming
+ * its tensor; the step is not counted.  The NaN comes in through a
+ * two-process reduction that poisons the third unit's sum. */
+static int poison_f32(void *u, float *x, size_t n, db_err *err)
+{
+    if (++((fake_world *)u)->calls_f32 == 3 && n)
+        x[n / 2] = NAN;
+    return 0;
+}
+static int same_f64(void *u, double *x, size_t n, db_err *err) { return 0; }
+
+static void test_diverged(db_ctx *ctx, const db_model *m, const tap_train_ref *in)
+{
+    const cfg c = {"diverged", 1.0, 0, DB_OPTIM_ADAMW, DB_PREC_F32, 0};
+    db_train_opts o = opts_of(&c, 1);
+    fake_world w = {0};
+    o.world = 2, o.reduce_f32 = poison_f32, o.reduce_f64 = same_f64, o.reduce_user = &w;
+    db_trainer *t = NULL;
+    db_err err = {0};
+    int rc = db_trainer_create(&t, ctx, m, &o, &err);
+    float *lat = malloc((size_t)in->B * in->C * in->H * in->W * sizeof *lat);
+    if (rc == 0) {
+        const db_train_batch bt = tap_train_ref_batch(in, 0, lat);
+        rc = db_trainer_accumulate(t, &bt, NULL, &err);
+    }
+    db_train_state st = {0};
+    if (t)
+        db_trainer_state(t, &st);
+    tap_ok(rc != 0 && err.code == DB_ENUMERIC && strstr(err.msg, "diverged") && strstr(err.msg, "the gradient of ") &&
+               w.calls_f32 > 3 && st.step == 0,
+           "fused: a NaN gradient (finite loss) ends the step as divergence after the backward (%d units), naming "
+           "its tensor: %s", w.calls_f32, err.msg);
+    free(lat);
+    db_trainer_free(t);
+}
+
 static void test_refused(db_ctx *ctx, const db_model *m)
 {
     const cfg c = {"refused", 1.0, 0, DB_OPTIM_ADAMW, DB_PREC_F32, 0};
@@ -471,6 +509,7 @@ int main(void)
     test_norms(ctx, m, in);
     test_per_tensor(ctx, m, in);
     test_world(ctx, m, in);
+    test_diverged(ctx, m, in);
     test_refused(ctx, m);
     tap_train_fix_close(&fx);
     db_ctx_destroy(ctx);

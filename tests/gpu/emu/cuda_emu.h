@@ -55,6 +55,7 @@ extern std::mutex emu_mtx;
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(x)
+#define __grid_constant__
 #define __align__(n) alignas(n)
 #define __shared__ static
 static inline void __syncthreads() { emu_blk->bar->arrive_and_wait(); }
@@ -84,6 +85,8 @@ static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __fsqrt_rn(float a) { return sqrtf(a); }
 static inline double __dmul_rn(double a, double b) { return a * b; }
 static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline double __dsqrt_rn(double a) { return sqrt(a); }
+static inline float __double2float_rn(double a) { return (float)a; }
 static inline int atomicMin(int *p, int v) { std::lock_guard<std::mutex> g(emu_mtx); int o = *p; if (v < o) *p = v; return o; }
 // CUDA's integer min/max device functions (the math headers give the float ones)
 static inline int min(int a, int b) { return a < b ? a : b; }
