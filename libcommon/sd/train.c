@@ -55,7 +55,7 @@ struct db_trainer {
      * forder[j] its index in fnorms, funit[j] 1 when it began a unit; fcount
      * of them so far; fnorm_h the host copy. */
     float *fnorm_dev, *fnorm_h;
-    size_t *forder, fcount;
+    size_t *forder, fcount, fcap;
     unsigned char *funit;
     double sum_loss, sum_inst, sum_prior;
     db_unet_graph gfwd, gbwd;    /* the UNet forward's and backward's graphs (unet.h) */
@@ -258,6 +258,9 @@ static int fused_ready(void *user, float *g, size_t lo, size_t hi, db_err *err)
         const size_t off = (size_t)e->offset;
         if (off < lo || off >= hi)
             continue;
+        if (first + nr == t->fcap)
+            return db_err_set(err, DB_EUSAGE, "fused backward: more tensors clipped in a step than are trained (%zu)",
+                              t->fcap);
         t->fgp[nr] = g + (off - lo);
         t->fgn[nr] = (size_t)db_shape_numel(e->ndim, e->shape);
         t->forder[first + nr] = base + i;
@@ -340,6 +343,7 @@ static int fused_init(db_trainer *t, db_err *err)
     t->forder = calloc(nt ? nt : 1, sizeof *t->forder);
     t->funit = calloc(nt ? nt : 1, 1);
     t->fnorm_dev = db_ctx_alloc(t->ctx, (nt ? nt : 1) * sizeof(float));
+    t->fcap = nt;
     t->window = n ? db_ctx_alloc(t->ctx, n * sizeof(float)) : NULL;
     t->window_n = n;
     if (!t->window || !t->fnorms || !t->fgp || !t->fgn || !t->fnorm_h || !t->forder || !t->funit || !t->fnorm_dev)
