@@ -491,8 +491,12 @@ __global__ static void __launch_bounds__(Q8_THREADS)
         q8_block(sh, p, m_q, v_q, m_absmax, v_absmax, g, n, b, k);
 }
 
-// opt_adamw8bit_many: the jobs on the device, each with the index of its
-// first block of DB_Q8_BLOCK elements in the launch (ascending)
+// opt_adamw8bit_many: the jobs of a launch, each with the index of its
+// first block of DB_Q8_BLOCK elements in the launch (ascending).  They go
+// as a kernel parameter, Q8_PARAM_JOBS a launch (with the 2 KB code books,
+// within the classic 4 KB of parameters), not by a copy: a copy from
+// pageable memory may wait for the stream, and the fused backward calls
+// this once a unit.
 struct q8_dev_job {
     float *p;
     const float *g;
@@ -501,10 +505,16 @@ struct q8_dev_job {
     float *m_absmax, *v_absmax, *m32, *v32;
     int q8;
 };
+enum { Q8_PARAM_JOBS = 16 };
+struct q8_jobs {
+    q8_dev_job j[Q8_PARAM_JOBS];
+};
 
 __global__ static void __launch_bounds__(Q8_THREADS)
-    adamw8bit_many_kernel(const q8_dev_job *jobs, size_t njobs, size_t total, db_adamw_coef k, q8_codes books)
+    adamw8bit_many_kernel(const __grid_constant__ q8_jobs table, size_t njobs, size_t total, db_adamw_coef k,
+                          q8_codes books)
 {
+    const q8_dev_job *jobs = table.j;
     __shared__ q8_shared sh;
     q8_books(sh, books);
     for (size_t gb = blockIdx.x; gb < total; gb += gridDim.x) {
@@ -547,40 +557,33 @@ extern "C" int db_cuda_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size
 {
     DB_ENTER(c);
     db_cuda_state *st = db_cuda_st(c);
-    if (st->capturing) // the job table goes up from the host
+    if (st->capturing) // the weights' 16-bit copies are marked stale here, on the host: a replay would not
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "adamw8bit_many during a graph capture");
-    q8_dev_job *h = (q8_dev_job *)malloc((njobs ? njobs : 1) * sizeof *h);
-    if (!h)
-        return db_cuda_fail(c, DB_ENOMEM, __FILE__, __LINE__, "adamw8bit_many: out of host memory");
-    size_t k = 0, total = 0;
-    for (size_t i = 0; i < njobs; i++) {
-        const db_q8_job *j = &jobs[i];
-        if (j->n == 0)
-            continue;
-        h[k] = q8_dev_job{j->p, j->g, j->n, total, j->m_q, j->v_q, j->m_absmax, j->v_absmax, j->m32, j->v32, j->q8};
-        total += (j->n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
-        db_cuda_shadow_touch(c, j->p, j->n * sizeof(float)); // (the working copy: rebuilt at its next use)
-        k++;
-    }
-    int rc = 0;
-    q8_dev_job *d = k ? (q8_dev_job *)db_cuda_alloc(c, k * sizeof *d) : NULL;
-    if (k && !d)
-        rc = -1;
-    else if (k) {
-        // from pageable memory: staged before the call returns, so h may go
-        cudaError_t e = cudaMemcpyAsync(d, h, k * sizeof *d, cudaMemcpyHostToDevice, st->stream);
-        if (e == cudaSuccess) {
-            const unsigned grid = db_cuda_grid(total, 1); // one block per quantisation block, capped
-            adamw8bit_many_kernel<<<grid, Q8_THREADS, 0, st->stream>>>(d, k, total, db_adamw_coefs(hp, t),
-                                                                        q8_books_of(maps));
-            e = cudaGetLastError();
+    const db_adamw_coef coef = db_adamw_coefs(hp, t);
+    const q8_codes books = q8_books_of(maps);
+    size_t i = 0;
+    while (i < njobs) {
+        q8_jobs table;
+        memset(&table, 0, sizeof table);
+        size_t k = 0, total = 0;
+        for (; i < njobs && k < Q8_PARAM_JOBS; i++) {
+            const db_q8_job *j = &jobs[i];
+            if (j->n == 0)
+                continue;
+            table.j[k++] =
+                q8_dev_job{j->p, j->g, j->n, total, j->m_q, j->v_q, j->m_absmax, j->v_absmax, j->m32, j->v32, j->q8};
+            total += (j->n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
+            db_cuda_shadow_touch(c, j->p, j->n * sizeof(float)); // (the working copy: rebuilt at its next use)
         }
+        if (k == 0)
+            continue;
+        const unsigned grid = db_cuda_grid(total, 1); // one block per quantisation block, capped
+        adamw8bit_many_kernel<<<grid, Q8_THREADS, 0, st->stream>>>(table, k, total, coef, books);
+        const cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess)
-            rc = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "adamw8bit_many: %s", cudaGetErrorString(e));
+            return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "adamw8bit_many: %s", cudaGetErrorString(e));
     }
-    db_cuda_free(c, d); // stream order keeps it alive for the kernel
-    free(h);
-    return rc;
+    return 0;
 }
 
 extern "C" int db_cuda_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax,

@@ -1947,17 +1947,19 @@ static void t_adamw8bit(size_t n, double lr, double wd, float spread, double coe
     release_all();
 }
 
-/* opt_adamw8bit_many: one launch over tensors of both kinds (8-bit moments,
- * fp32 moments for small tensors), sizes off the 256-element blocks, an
- * empty one, laid out apart in their buffers; three steps, every array
- * bit-identical to the CPU's per-tensor ops. */
+/* opt_adamw8bit_many: tensors of both kinds (8-bit moments, fp32 moments
+ * for small tensors), sizes off the 256-element blocks, two empty, more
+ * than one launch's Q8_PARAM_JOBS = 16 (optim.cu), laid out apart in their
+ * buffers; three steps, every array bit-identical to the CPU's per-tensor
+ * ops. */
 static void t_adamw8bit_many(void)
 {
     const char *what = "opt_adamw8bit_many";
     if (!have((const void *)api->opt_adamw8bit_many, what))
         return;
-    static const size_t ns[] = {4097, 320, 0, 256 * 3, 1, 5000, 77, 256 * 20 + 13};
-    static const int q8s[] = {1, 0, 1, 1, 0, 1, 0, 1};
+    static const size_t ns[] = {4097, 320, 0,   256 * 3, 1,   5000, 77, 256 * 20 + 13, 33, 256, 700,
+                                1,    2,   257, 512,     300, 0,    9,  256 * 2,       100};
+    static const int q8s[] = {1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 0};
     enum { NJ = sizeof ns / sizeof ns[0] };
     db_adamw hp = db_adamw_defaults(1e-3);
     hp.weight_decay = 1e-2;
@@ -1984,7 +1986,7 @@ static void t_adamw8bit_many(void)
             off += ns[i] + 7, boff += (ns[i] + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK + 1;
         }
         char step[96];
-        snprintf(step, sizeof step, "%s (%d tensors, 5 of them 8-bit, one empty) t%lld", what, NJ, (long long)t);
+        snprintf(step, sizeof step, "%s (%d tensors of both kinds, two empty) t%lld", what, NJ, (long long)t);
         ok = cpu_ran(db_opt_adamw8bit_many(cpu, hj, NJ, &hp, t, &maps), step) &&
              gpu_ran(api->opt_adamw8bit_many(&g, dj, NJ, &hp, t, &maps), step);
         if (ok) {
