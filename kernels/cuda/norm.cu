@@ -228,22 +228,7 @@ enum { GW_THREADS = 4 * GN_THREADS, GW_NSUB = GW_THREADS / GN_THREADS };
 // order); sh: 32 GW_NSUB doubles.  Every thread of the block calls it.
 __device__ static double gw_sub_sum(double v, double *sh)
 {
-    const int sub = threadIdx.x / GN_THREADS, t = threadIdx.x % GN_THREADS;
-    const int lane = t & 31, w = t >> 5, nw = GN_THREADS >> 5;
-    double *my = sh + 32 * sub;
-    v = db_warp_sum(v);
-    __syncthreads(); // sh may still be read by a previous call
-    if (lane == 0)
-        my[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        double x = lane < nw ? my[lane] : 0.0;
-        x = db_warp_sum(x);
-        if (lane == 0)
-            my[0] = x;
-    }
-    __syncthreads();
-    return my[0];
+    return db_part_sum(v, sh + 32 * (threadIdx.x / GN_THREADS), (int)(threadIdx.x % GN_THREADS), (int)GN_THREADS);
 }
 
 // grid B G, block GW_THREADS, dynamic shared memory gw_smem(cg HW, cg K).

@@ -163,11 +163,10 @@ struct ss_tensor {
 // each global read is one coalesced 128-byte sweep of the warp), then every
 // lane adds its own chunk's row in order.  The row is padded by one float
 // against bank conflicts.
-// (the body of the kernels below: tab in global memory or kernel parameters)
-__device__ static void sumsq_chunks(double *part, const ss_tensor *tab, size_t k)
+// the block's tensor in tab (k of them): the last whose first block is at
+// or before this one
+__device__ static size_t ss_block_tensor(const ss_tensor *tab, size_t k)
 {
-    __shared__ float tile[SS_LANES][SS_TILE + 1];
-    // the block's tensor: the last whose first block is at or before this one
     size_t lo = 0, hi = k;
     while (hi - lo > 1) {
         const size_t mid = lo + (hi - lo) / 2;
@@ -176,6 +175,14 @@ __device__ static void sumsq_chunks(double *part, const ss_tensor *tab, size_t k
         else
             hi = mid;
     }
+    return lo;
+}
+
+// (the body of the kernels below: tab in global memory or kernel parameters)
+__device__ static void sumsq_chunks(double *part, const ss_tensor *tab, size_t k)
+{
+    __shared__ float tile[SS_LANES][SS_TILE + 1];
+    const size_t lo = ss_block_tensor(tab, k);
     const float *g = tab[lo].g;
     const size_t n = tab[lo].n, nchunks = (n + SS_CHUNK - 1) / SS_CHUNK;
     part += tab[lo].chunk0;
@@ -324,14 +331,7 @@ __global__ static void clip_coef_kernel(float *norms, float *coef, const double 
 __global__ static void clip_scale_kernel(const __grid_constant__ ss_params p, const float *coef, size_t k)
 {
     const ss_tensor *tab = p.t;
-    size_t lo = 0, hi = k;
-    while (hi - lo > 1) {
-        const size_t mid = lo + (hi - lo) / 2;
-        if (tab[mid].block0 <= blockIdx.x)
-            lo = mid;
-        else
-            hi = mid;
-    }
+    const size_t lo = ss_block_tensor(tab, k);
     const float q = coef[lo];
     if (q == 1.0f)
         return;

@@ -21,10 +21,14 @@ __device__ __forceinline__ float db_warp_max(float v)
     return v;
 }
 
-// sh: 32 elements of shared memory; blockDim.x a multiple of 32, <= 1024
-template <typename T> __device__ T db_block_sum(T v, T *sh)
+// The sum over n threads (a multiple of 32, <= 1024) of which the caller is
+// thread t: the whole block (db_block_sum), or each of its equal parts at
+// once (t = threadIdx.x % n, sh a part's own 32 elements): the same
+// additions in the same order either way.  Every thread of the block calls
+// it (the barriers are the block's).
+template <typename T> __device__ T db_part_sum(T v, T *sh, int t, int n)
 {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int lane = t & 31, w = t >> 5, nw = n >> 5;
     v = db_warp_sum(v);
     __syncthreads(); // sh may still be read by a previous call
     if (lane == 0)
@@ -39,6 +43,9 @@ template <typename T> __device__ T db_block_sum(T v, T *sh)
     __syncthreads();
     return sh[0];
 }
+
+// sh: 32 elements of shared memory; blockDim.x a multiple of 32, <= 1024
+template <typename T> __device__ T db_block_sum(T v, T *sh) { return db_part_sum(v, sh, (int)threadIdx.x, (int)blockDim.x); }
 
 __device__ __forceinline__ float db_block_max(float v, float *sh)
 {
