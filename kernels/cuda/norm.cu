@@ -366,22 +366,41 @@ extern "C" int db_cuda_groupnorm_forward(db_ctx *c, float *out, float *mean, flo
 // CLIP), and a block of 256 threads per row spent its time in barriers with
 // most threads holding one or two elements.  grid ceil(N / LN_ROWS), block
 // 32 LN_ROWS.  out, inp (N, C) (out may equal inp); mean, rstd (N) or NULL;
-// weight, bias (C).
+// weight, bias (C).  NPER > 0: C = 32 NPER (SD's 320, 640, 1280, CLIP's
+// 768), each lane's elements loaded into registers at once and used from
+// there (call 4, before: 12.5 us a launch at 8192 x 320, half the memory's
+// speed, each lane waiting on its loads one after another and reading the
+// row three times); NPER 0: any C, read from memory each pass.  Lane l
+// holds elements l, l + 32, ... either way: the same additions in the same
+// order, the same bits.
+template <int NPER>
 __global__ static void layernorm_forward_kernel(float *out, float *mean, float *rstd, const float *inp,
                                                 const float *weight, const float *bias, int N, int C, float eps)
 {
+    if (NPER)
+        C = 32 * NPER;
     const int lane = threadIdx.x & 31, r = blockIdx.x * LN_ROWS + (threadIdx.x >> 5);
     if (r >= N) // the whole warp
         return;
     const float *x = inp + (size_t)r * C;
     float *y = out + (size_t)r * C;
+    const int nq = NPER ? NPER : lane < C ? (C - 1 - lane) / 32 + 1 : 0; // this lane's elements
+    float v[NPER ? NPER : 1];
+    if (NPER) {
+#pragma unroll
+        for (int q = 0; q < (NPER ? NPER : 1); q++)
+            v[q] = x[lane + 32 * q];
+    }
+    auto at = [&](int q) { return NPER ? v[NPER ? q : 0] : x[lane + 32 * q]; };
     double s = 0;
-    for (int i = lane; i < C; i += 32)
-        s += x[i];
+#pragma unroll
+    for (int q = 0; q < nq; q++)
+        s += at(q);
     const float mu = (float)(db_warp_sum(s) / C);
     double s2 = 0;
-    for (int i = lane; i < C; i += 32) {
-        const double d = (double)x[i] - mu;
+#pragma unroll
+    for (int q = 0; q < nq; q++) {
+        const double d = (double)at(q) - mu;
         s2 += d * d;
     }
     const double var = db_warp_sum(s2) / C;
@@ -392,8 +411,11 @@ __global__ static void layernorm_forward_kernel(float *out, float *mean, float *
         if (rstd)
             rstd[r] = rs;
     }
-    for (int i = lane; i < C; i += 32)
-        y[i] = (x[i] - mu) * rs * weight[i] + bias[i];
+#pragma unroll
+    for (int q = 0; q < nq; q++) {
+        const int i = lane + 32 * q;
+        y[i] = (at(q) - mu) * rs * weight[i] + bias[i];
+    }
 }
 
 extern "C" int db_cuda_layernorm_forward(db_ctx *c, float *out, float *mean, float *rstd, const float *inp,
@@ -402,8 +424,25 @@ extern "C" int db_cuda_layernorm_forward(db_ctx *c, float *out, float *mean, flo
     DB_ENTER(c);
     if (N == 0)
         return 0;
-    layernorm_forward_kernel<<<(N + LN_ROWS - 1) / LN_ROWS, 32 * LN_ROWS, 0, db_cuda_st(c)->stream>>>(
-        out, mean, rstd, inp, weight, bias, N, C, eps);
+    const unsigned grid = (N + LN_ROWS - 1) / LN_ROWS;
+    cudaStream_t st = db_cuda_st(c)->stream;
+    const unsigned bl = 32 * LN_ROWS;
+    switch (C) {
+    case 320:
+        layernorm_forward_kernel<10><<<grid, bl, 0, st>>>(out, mean, rstd, inp, weight, bias, N, C, eps);
+        break;
+    case 640:
+        layernorm_forward_kernel<20><<<grid, bl, 0, st>>>(out, mean, rstd, inp, weight, bias, N, C, eps);
+        break;
+    case 768:
+        layernorm_forward_kernel<24><<<grid, bl, 0, st>>>(out, mean, rstd, inp, weight, bias, N, C, eps);
+        break;
+    case 1280:
+        layernorm_forward_kernel<40><<<grid, bl, 0, st>>>(out, mean, rstd, inp, weight, bias, N, C, eps);
+        break;
+    default:
+        layernorm_forward_kernel<0><<<grid, bl, 0, st>>>(out, mean, rstd, inp, weight, bias, N, C, eps);
+    }
     DB_LAUNCHED(c);
     return 0;
 }
@@ -645,26 +684,44 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
 }
 
 // A warp per row, as the forward.  grid ceil(N / LN_ROWS), block 32 LN_ROWS.
-// dinp, dout, inp (N, C); mean, rstd (N); weight (C).
+// dinp, dout, inp (N, C); mean, rstd (N); weight (C).  NPER as the
+// forward's: C = 32 NPER with the row's dout and x in registers (loaded at
+// once, read once), or 0 for any C; the same bits either way.
+template <int NPER>
 __global__ static void layernorm_backward_dinp_kernel(float *dinp, const float *dout, const float *mean,
                                                       const float *rstd, const float *inp, const float *weight, int N,
                                                       int C)
 {
+    if (NPER)
+        C = 32 * NPER;
     const int lane = threadIdx.x & 31, r = blockIdx.x * LN_ROWS + (threadIdx.x >> 5);
     if (r >= N)
         return;
     const float *x = inp + (size_t)r * C, *dy = dout + (size_t)r * C;
     const float mu = mean[r], rs = rstd[r];
+    const int nq = NPER ? NPER : lane < C ? (C - 1 - lane) / 32 + 1 : 0; // this lane's elements
+    float dv[NPER ? NPER : 1], xv[NPER ? NPER : 1];
+    if (NPER) {
+#pragma unroll
+        for (int q = 0; q < (NPER ? NPER : 1); q++)
+            dv[q] = dy[lane + 32 * q], xv[q] = x[lane + 32 * q];
+    }
+    auto dy_at = [&](int q) { return NPER ? dv[NPER ? q : 0] : dy[lane + 32 * q]; };
+    auto x_at = [&](int q) { return NPER ? xv[NPER ? q : 0] : x[lane + 32 * q]; };
     double sg = 0, sgx = 0;
-    for (int i = lane; i < C; i += 32) {
-        const float g = dy[i] * weight[i];
+#pragma unroll
+    for (int q = 0; q < nq; q++) {
+        const float g = dy_at(q) * weight[lane + 32 * q];
         sg += g;
-        sgx += (double)g * ((x[i] - mu) * rs);
+        sgx += (double)g * ((x_at(q) - mu) * rs);
     }
     const float mg = (float)(db_warp_sum(sg) / C), mgx = (float)(db_warp_sum(sgx) / C);
     float *dx = dinp + (size_t)r * C;
-    for (int i = lane; i < C; i += 32)
-        dx[i] = rs * (dy[i] * weight[i] - mg - (x[i] - mu) * rs * mgx);
+#pragma unroll
+    for (int q = 0; q < nq; q++) {
+        const int i = lane + 32 * q;
+        dx[i] = rs * (dy_at(q) * weight[i] - mg - (x_at(q) - mu) * rs * mgx);
+    }
 }
 
 // grid (ceil(C / 128), nchunk), block 128.  partw, partb (nchunk, C): over each
@@ -713,8 +770,23 @@ extern "C" int db_cuda_layernorm_backward(db_ctx *c, float *dinp, float *dweight
         return 0;
     cudaStream_t s = db_cuda_st(c)->stream;
     if (dinp) {
-        layernorm_backward_dinp_kernel<<<(N + LN_ROWS - 1) / LN_ROWS, 32 * LN_ROWS, 0, s>>>(dinp, dout, mean, rstd,
-                                                                                          inp, weight, N, C);
+        const unsigned grid = (N + LN_ROWS - 1) / LN_ROWS, bl = 32 * LN_ROWS;
+        switch (C) { // the forward's widths in registers
+        case 320:
+            layernorm_backward_dinp_kernel<10><<<grid, bl, 0, s>>>(dinp, dout, mean, rstd, inp, weight, N, C);
+            break;
+        case 640:
+            layernorm_backward_dinp_kernel<20><<<grid, bl, 0, s>>>(dinp, dout, mean, rstd, inp, weight, N, C);
+            break;
+        case 768:
+            layernorm_backward_dinp_kernel<24><<<grid, bl, 0, s>>>(dinp, dout, mean, rstd, inp, weight, N, C);
+            break;
+        case 1280:
+            layernorm_backward_dinp_kernel<40><<<grid, bl, 0, s>>>(dinp, dout, mean, rstd, inp, weight, N, C);
+            break;
+        default:
+            layernorm_backward_dinp_kernel<0><<<grid, bl, 0, s>>>(dinp, dout, mean, rstd, inp, weight, N, C);
+        }
         DB_LAUNCHED(c);
     }
     if (dweight || dbias) {

@@ -2120,6 +2120,12 @@ int main(void)
     }
     if (have(api->layernorm_forward, "layernorm_forward")) {
         t_layernorm(5, 37);
+        /* the widths norm.cu keeps in registers (layernorm_forward_regs_kernel),
+         * with rows past a block's 8 */
+        t_layernorm(9, 320);
+        t_layernorm(3, 640);
+        t_layernorm(2, 768);
+        t_layernorm(2, 1280);
         if (!quick)
             t_layernorm(154, 768);
         if (!quick)
@@ -2128,6 +2134,10 @@ int main(void)
     if (have(api->layernorm_backward, "layernorm_backward")) {
         t_layernorm_backward(5, 37);
         t_layernorm_backward(300, 70);
+        t_layernorm_backward(9, 320); /* the widths held in registers, as the forward */
+        t_layernorm_backward(3, 640);
+        t_layernorm_backward(2, 768);
+        t_layernorm_backward(2, 1280);
         if (!quick)
             t_layernorm_backward(8192, 320);
     }
