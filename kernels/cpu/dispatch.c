@@ -8,7 +8,6 @@
  * nothing in it is CPU specific. */
 #include <dlfcn.h>
 #include <errno.h>
-#include <math.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1219,12 +1218,9 @@ int db_opt_clip_each(db_ctx *c, float *norms, float *const *g, const size_t *n, 
     case DB_CPU:
     case DB_CPU_STRICT:
         for (size_t i = 0; i < k; i++) {
-            /* optim.c db_clip_grad_norm_each_ctx's arithmetic, step by step */
-            const float nk = (float)sqrt(db_sum_squares(g[i], n[i]));
-            const float total = (float)sqrt((double)nk * (double)nk), coef = max_norm / (total + 1e-6f);
-            if (coef < 1.0f || isnan(coef))
+            const float coef = db_clip_one_coef(db_sum_squares(g[i], n[i]), max_norm, &norms[i]);
+            if (coef != 1.0f)
                 db_scale(g[i], coef, n[i]);
-            norms[i] = total;
         }
         return 0;
     case DB_CUDA:

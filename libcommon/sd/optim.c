@@ -353,6 +353,15 @@ int db_clip_grad_coef_ctx(db_ctx *c, double *norm, float *coef, const db_grad_re
     return db_scale_refs_ctx(c, grads, ngrads, q);
 }
 
+float db_clip_one_coef(double ss, float max_norm, float *norm)
+{
+    /* clip_grad_norm_ of one tensor: its norm is the total */
+    const float nk = (float)sqrt(ss), total = clip_total((double)nk * (double)nk);
+    const float coef = clip_coef(max_norm, total);
+    *norm = total;
+    return clip_scales(coef) ? coef : 1.0f;
+}
+
 int db_clip_grad_norm_each_ctx(db_ctx *c, double *norms, double *ss, const db_grad_ref *grads, size_t ngrads,
                                double max_norm)
 {
@@ -361,12 +370,11 @@ int db_clip_grad_norm_each_ctx(db_ctx *c, double *norms, double *ss, const db_gr
     if (db_sumsq_refs_ctx(c, norms, grads, ngrads))
         return -1;
     for (size_t k = 0; k < ngrads; k++) {
-        /* clip_grad_norm_ of one tensor: its norm is the total */
-        const float nk = (float)sqrt(norms[k]), total = clip_total((double)nk * (double)nk);
-        const float coef = clip_coef(max_norm, total);
-        if (clip_scales(coef) && db_opt_scale(c, grads[k].g, coef, grads[k].n))
+        float nk;
+        const float coef = db_clip_one_coef(norms[k], (float)max_norm, &nk);
+        if (coef != 1.0f && db_opt_scale(c, grads[k].g, coef, grads[k].n))
             return -1;
-        norms[k] = (double)total;
+        norms[k] = (double)nk;
         *ss += (double)nk * (double)nk;
     }
     return 0;

@@ -206,6 +206,12 @@ int db_clip_grad_norm_each_ctx(struct db_ctx *c, double *norms, double *ss, cons
  * gives the same bits), and g[i] = g[i] * coef. */
 double db_sum_squares(const float *g, size_t n);
 void db_scale(float *g, float coef, size_t n);
+/* clip_grad_norm_ of one tensor from its sum of squares ss: *norm = its
+ * float32 norm, and the coefficient to scale it by, or 1 when it does not
+ * scale (torch's clamp: below 1 or NaN scales).  Every per-tensor clip
+ * (db_clip_grad_norm_each_ctx, db_opt_clip_each on the CPU; optim.cu's
+ * clip_coef_kernel step by step) makes these bits. */
+float db_clip_one_coef(double ss, float max_norm, float *norm);
 
 /* Learning-rate schedules: lr(step) = base_lr * lambda(step) as torch's
  * LambdaLR with diffusers' lambdas (diffusers/optimization.py). */
