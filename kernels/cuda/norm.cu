@@ -319,14 +319,15 @@ __global__ static void __launch_bounds__(GW_THREADS)
 // floats in np pieces
 static size_t gw_smem(size_t n, size_t np) { return ((n + 1) & ~(size_t)1) * sizeof(float) + 2 * np * sizeof(double); }
 
-// whether a (C, HW) group norm in G groups of K pieces a channel runs a
-// whole group per block (forward and backward): it fits in the card's
-// shared memory with the kernel's static ~1 KB, and DB_GN_WHOLE is not 0
-static int gw_fits(db_ctx *c, int C, int HW, int G, int K)
+// The dynamic shared memory a (C, HW) group norm in G groups of K pieces a
+// channel runs a whole group per block with (forward and backward), or 0
+// when it runs in pieces: the group does not fit in the card's shared
+// memory beside the kernel's static ~1 KB, or DB_GN_WHOLE is 0
+static size_t gw_whole_smem(db_ctx *c, int C, int HW, int G, int K)
 {
     const char *whole = getenv("DB_GN_WHOLE");
     const size_t smem = gw_smem((size_t)(C / G) * HW, (size_t)(C / G) * K);
-    return smem + 2048 <= (size_t)db_cuda_st(c)->smem_optin && !(whole && strcmp(whole, "0") == 0);
+    return smem + 2048 <= (size_t)db_cuda_st(c)->smem_optin && !(whole && strcmp(whole, "0") == 0) ? smem : 0;
 }
 
 extern "C" int db_cuda_groupnorm_forward(db_ctx *c, float *out, float *mean, float *rstd, const float *inp,
@@ -338,8 +339,8 @@ extern "C" int db_cuda_groupnorm_forward(db_ctx *c, float *out, float *mean, flo
         return 0;
     cudaStream_t st = db_cuda_st(c)->stream;
     const gn_split ws = gn_pieces(B, C, HW);
-    const size_t smem = gw_smem((size_t)(C / G) * HW, (size_t)(C / G) * ws.K);
-    if (gw_fits(c, C, HW, G, ws.K)) {
+    const size_t smem = gw_whole_smem(c, C, HW, G, ws.K);
+    if (smem) {
         if (db_cuda_smem_optin(c, groupnorm_whole_kernel, smem))
             return -1;
         groupnorm_whole_kernel<<<B * G, GW_THREADS, smem, st>>>(out, mean, rstd, inp, weight, bias, C, HW, G, ws.K,
@@ -660,8 +661,8 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
     if (!part)
         return -1;
     cudaStream_t st = db_cuda_st(c)->stream;
-    if (dinp && gw_fits(c, C, HW, G, sp.K)) {
-        const size_t smem = gw_smem((size_t)(C / G) * HW, (size_t)(C / G) * sp.K);
+    const size_t smem = dinp ? gw_whole_smem(c, C, HW, G, sp.K) : 0;
+    if (smem) {
         if (db_cuda_smem_optin(c, groupnorm_bwhole_kernel, smem)) {
             db_cuda_free(c, part);
             return -1;
