@@ -233,6 +233,20 @@ __global__ static void sumsq_total_kernel(double *out, const double *part, const
     GRID_STRIDE(i, k) out[i] = sumsq_total(part, tab, i);
 }
 
+// tab[i] for the k tensors g[i] (n[i] floats): where their chunks' partials
+// and their blocks begin; *chunks and *blocks the totals
+static void ss_layout(ss_tensor *tab, const float *const *g, const size_t *n, size_t k, size_t *chunks,
+                      size_t *blocks)
+{
+    *chunks = 0, *blocks = 0;
+    for (size_t i = 0; i < k; i++) {
+        const size_t nc = (n[i] + SS_CHUNK - 1) / SS_CHUNK;
+        tab[i] = ss_tensor{g[i], n[i], *chunks, *blocks};
+        *chunks += nc;
+        *blocks += (nc + SS_LANES - 1) / SS_LANES;
+    }
+}
+
 extern "C" int db_cuda_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k)
 {
     DB_ENTER(c);
@@ -242,13 +256,8 @@ extern "C" int db_cuda_opt_sumsq_many(db_ctx *c, double *out, const float *const
     ss_tensor *tab = (ss_tensor *)malloc(k * sizeof *tab);
     if (!tab)
         return db_cuda_fail(c, DB_ENOMEM, __FILE__, __LINE__, "sumsq: out of host memory for %zu tensors", k);
-    size_t chunks = 0, blocks = 0;
-    for (size_t i = 0; i < k; i++) {
-        const size_t nc = (n[i] + SS_CHUNK - 1) / SS_CHUNK;
-        tab[i] = ss_tensor{g[i], n[i], chunks, blocks};
-        chunks += nc;
-        blocks += (nc + SS_LANES - 1) / SS_LANES;
-    }
+    size_t chunks, blocks;
+    ss_layout(tab, g, n, k, &chunks, &blocks);
     if (blocks > (size_t)INT_MAX) {
         free(tab);
         return db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "sumsq: %zu warps are more than one launch covers",
@@ -309,8 +318,7 @@ __global__ static void __launch_bounds__(SS_LANES)
 }
 
 // norms[i] = tensor i's float32 norm and coef[i] its clip coefficient, or
-// 1 when it does not scale (optim.c db_clip_grad_norm_each_ctx's float
-// steps: nk = (float)sqrt(ss), total = (float)sqrt(nk^2) in double,
+// 1 when it does not scale (optim.c db_clip_one_coef's float steps: nk = (float)sqrt(ss), total = (float)sqrt(nk^2) in double,
 // max / (total + 1e-6f), scaling below 1 or NaN)
 __global__ static void clip_coef_kernel(float *norms, float *coef, const double *part,
                                         const __grid_constant__ ss_params p, size_t k, float max_norm)
@@ -351,13 +359,8 @@ extern "C" int db_cuda_opt_clip_each(db_ctx *c, float *norms, float *const *g, c
         const size_t kr = k - r < (size_t)SS_PARAM ? k - r : (size_t)SS_PARAM;
         ss_params p;
         memset(&p, 0, sizeof p);
-        size_t chunks = 0, blocks = 0;
-        for (size_t i = 0; i < kr; i++) {
-            const size_t nc = (n[r + i] + SS_CHUNK - 1) / SS_CHUNK;
-            p.t[i] = ss_tensor{g[r + i], n[r + i], chunks, blocks};
-            chunks += nc;
-            blocks += (nc + SS_LANES - 1) / SS_LANES;
-        }
+        size_t chunks, blocks;
+        ss_layout(p.t, (const float *const *)g + r, n + r, kr, &chunks, &blocks);
         if (blocks > (size_t)INT_MAX)
             return db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "clip: %zu warps are more than one launch covers",
                                 blocks);
