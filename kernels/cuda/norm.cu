@@ -10,6 +10,7 @@
 // (reduce.h) have a fixed order, and partial sums are combined in index
 // order, so every result is deterministic.
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cp_async.h"
 #include "kernels/cuda/reduce.h"
 
 #include <string.h>
@@ -213,22 +214,38 @@ __global__ static void groupnorm_apply_kernel(float *out, float *mean, float *rs
 // memory, one launch does it all: the block reads the group from global
 // memory once, sums its pieces there, and writes the output.  The pieces
 // (gn_pieces), their per-piece sums and their combination are those of the
-// two kernels above, to the bit: four sub-blocks of GN_THREADS threads each
-// sum one piece at a time with the stats kernel's strides and its reduction
-// tree (gw_sub_sum: db_block_sum's for GN_THREADS threads), thread 0 combines
-// them with gn_group_stats, and gn_coefs / gn_out give the same output.  So
-// which path runs (the card's shared memory decides) changes speed only;
-// DB_GN_WHOLE=0 in the environment keeps the pieces' kernels (to compare).
-// The H200 profile (call 4) had the three-kernel group norm at ~27 us a
-// launch at SD1.5's 64x64 level, 2.2 ms of a 13 ms forward.
-enum { GW_THREADS = 4 * GN_THREADS, GW_NSUB = GW_THREADS / GN_THREADS };
+// two kernels above, to the bit: a warp sums a piece at a time as the
+// stats kernel's GN_THREADS threads do, each lane standing for GN_WARPS of
+// them (their strides, their order), and reduces as db_block_sum does
+// (db_warp_part_sum); thread 0 combines the pieces with gn_group_stats,
+// and gn_coefs / gn_out give the same output.  So which path runs (the
+// card's shared memory decides) changes speed only; DB_GN_WHOLE=0 in the
+// environment keeps the pieces' kernels (to compare).
+// H200 (2026-11-27, fifth call): with four 256-thread sub-blocks summing a
+// piece each between block-wide barriers and the group read by plain
+// loads, 27 us a launch at SD1.5's 64x64 level (B2 C320), no faster than
+// the pieces; the warps now sum without barriers, the group comes in by
+// cp.async (every copy in flight at once).
+enum { GW_THREADS = 4 * GN_THREADS, GW_WARPS = GW_THREADS / 32, GN_WARPS = GN_THREADS / 32 };
 
-// db_block_sum of a GN_THREADS-thread block, for each of the GW_NSUB
-// sub-blocks of a GW_THREADS block at once (the same additions in the same
-// order); sh: 32 GW_NSUB doubles.  Every thread of the block calls it.
-__device__ static double gw_sub_sum(double v, double *sh)
+// The stats kernel's per-thread sums of one piece, for its GN_THREADS
+// threads t = 32 w + lane: v[w] = sum over i = i0 + t, i0 + t + GN_THREADS,
+// ... below i1 of x[i] (dev 0) or of (x[i] - m)^2 (dev 1), in that order.
+__device__ __forceinline__ static void gw_piece_sums(double (&v)[GN_WARPS], const float *x, int i0, int i1, int dev,
+                                                     double m)
 {
-    return db_part_sum(v, sh + 32 * (threadIdx.x / GN_THREADS), (int)(threadIdx.x % GN_THREADS), (int)GN_THREADS);
+    const int lane = (int)(threadIdx.x & 31);
+#pragma unroll
+    for (int w = 0; w < GN_WARPS; w++)
+        v[w] = 0;
+    for (int base = i0; base < i1; base += GN_THREADS) {
+#pragma unroll
+        for (int w = 0; w < GN_WARPS; w++) {
+            const int i = base + 32 * w + lane;
+            if (i < i1)
+                v[w] = dev ? gn_dev2(v[w], x[i], m) : v[w] + x[i];
+        }
+    }
 }
 
 // grid B G, block GW_THREADS, dynamic shared memory gw_smem(cg HW, cg K).
@@ -237,8 +254,7 @@ __global__ static void __launch_bounds__(GW_THREADS)
     groupnorm_whole_kernel(float *out, float *mean, float *rstd, const float *inp, const float *weight,
                            const float *bias, int C, int HW, int G, int K, int L, float eps, int silu)
 {
-    extern __shared__ float smem[];
-    __shared__ double sh[32 * GW_NSUB];
+    extern __shared__ __align__(16) float smem[]; // float4 and cp.async's 16 bytes
     __shared__ float smu, srs;
     const int bg = blockIdx.x, g = bg % G, cg = C / G, n = cg * HW, np = cg * K;
     float *xs = smem;
@@ -246,35 +262,28 @@ __global__ static void __launch_bounds__(GW_THREADS)
     const float *x = inp + (size_t)bg * n;
     float *y = out + (size_t)bg * n;
     const int vec = n % 4 == 0 && ((uintptr_t)x & 15) == 0 && ((uintptr_t)y & 15) == 0;
-    if (vec)
+    if (vec) {
         for (int i = threadIdx.x; i < n / 4; i += GW_THREADS)
-            ((float4 *)xs)[i] = ((const float4 *)x)[i];
-    else
+            db_cp::copy16((float4 *)xs + i, (const float4 *)x + i, 16);
+        db_cp::commit();
+        db_cp::wait<0>();
+    } else {
         for (int i = threadIdx.x; i < n; i += GW_THREADS)
             xs[i] = x[i];
+    }
     __syncthreads();
     // piece j = cl K + k: channel cl of the group, [k L, min(HW, (k + 1) L));
-    // sub-block `sub` takes pieces sub, sub + GW_NSUB, ... (a round each;
-    // every sub-block goes through every round, past np with an empty piece)
-    const int sub = threadIdx.x / GN_THREADS, t = threadIdx.x % GN_THREADS;
-    for (int r = 0; r < (np + GW_NSUB - 1) / GW_NSUB; r++) {
-        const int j = r * GW_NSUB + sub;
-        int i0 = 0, i1 = 0;
-        const float *xc = xs;
-        if (j < np) {
-            const int k = j % K;
-            xc = xs + (size_t)(j / K) * HW, i0 = k * L, i1 = min(HW, (k + 1) * L);
-        }
-        double s = 0;
-        for (int i = i0 + t; i < i1; i += GN_THREADS)
-            s += xc[i];
-        s = gw_sub_sum(s, sh);
-        const double m = j < np ? s / (double)(i1 - i0) : 0.0;
-        double q = 0;
-        for (int i = i0 + t; i < i1; i += GN_THREADS)
-            q = gn_dev2(q, xc[i], m);
-        q = gw_sub_sum(q, sh);
-        if (t == 0 && j < np)
+    // warp `wi` takes pieces wi, wi + GW_WARPS, ...
+    const int wi = (int)(threadIdx.x / 32);
+    for (int j = wi; j < np; j += GW_WARPS) {
+        const int k = j % K, i0 = k * L, i1 = min(HW, (k + 1) * L);
+        const float *xc = xs + (size_t)(j / K) * HW;
+        double v[GN_WARPS];
+        gw_piece_sums(v, xc, i0, i1, 0, 0.0);
+        const double s = db_warp_part_sum(v), m = s / (double)(i1 - i0);
+        gw_piece_sums(v, xc, i0, i1, 1, m);
+        const double q = db_warp_part_sum(v);
+        if ((threadIdx.x & 31) == 0)
             ps[j] = s, pq[j] = q;
     }
     __syncthreads();
@@ -576,39 +585,44 @@ __global__ static void groupnorm_bapply_kernel(float *dinp, const double *pdy, c
 // The backward of a group that fits in shared memory (the forward's
 // groupnorm_whole_kernel, the same test), bsum and bapply in one launch:
 // each piece's dy (after the SiLU's derivative) is kept in shared memory
-// as it is summed (by the sub-blocks, with bsum's strides and tree), so
-// dout is read once; the group's means come from gn_bmeans as in bapply,
-// and x is read again for dinp (from L2, mostly).  The per-piece sums go
-// to pdy / pdyx as bsum's do, for groupnorm_bparams_kernel.  grid B G,
-// block GW_THREADS, dynamic shared memory gw_smem(cg HW, cg K).
+// as it is summed (a warp a piece, each lane standing for GN_WARPS of
+// bsum's threads: their strides, their order, db_block_sum's tree by
+// db_warp_part_sum), so dout is read once; the group's means come from
+// gn_bmeans as in bapply, and x is read again for dinp (from L2, mostly).
+// The per-piece sums go to pdy / pdyx as bsum's do, for
+// groupnorm_bparams_kernel.  grid B G, block GW_THREADS, dynamic shared
+// memory gw_smem(cg HW, cg K).  (H200, fifth call: 35 us a launch with
+// sub-blocks and barriers, as the forward's.)
 __global__ static void __launch_bounds__(GW_THREADS)
     groupnorm_bwhole_kernel(float *dinp, double *pdy, double *pdyx, const float *dout, const float *mean,
                             const float *rstd, const float *inp, const float *weight, const float *bias, int C, int HW,
                             int G, int K, int L, int silu)
 {
-    extern __shared__ float smem[];
-    __shared__ double sh[32 * GW_NSUB];
+    extern __shared__ __align__(16) float smem[]; // float4 and cp.async's 16 bytes
     __shared__ float smg, smgx;
     const int bg = blockIdx.x, b = bg / G, g = bg % G, cg = C / G, n = cg * HW, np = cg * K;
     float *dys = smem;
     double *vdy = (double *)(smem + ((n + 1) & ~1)), *vdyx = vdy + np;
     const float mu = mean[bg], rs = rstd[bg];
     const float *x = inp + (size_t)bg * n, *d = dout + (size_t)bg * n;
-    const int sub = threadIdx.x / GN_THREADS, t = threadIdx.x % GN_THREADS;
-    for (int r = 0; r < (np + GW_NSUB - 1) / GW_NSUB; r++) {
-        const int j = r * GW_NSUB + sub;
-        int i0 = 0, i1 = 0, c = g * cg;
-        if (j < np) {
-            const int k = j % K;
-            c += j / K, i0 = (j / K) * HW + k * L, i1 = (j / K) * HW + min(HW, (k + 1) * L);
-        }
+    const int wi = (int)(threadIdx.x / 32), lane = (int)(threadIdx.x & 31);
+    for (int j = wi; j < np; j += GW_WARPS) {
+        const int k = j % K, c = g * cg + j / K, i0 = (j / K) * HW + k * L, i1 = (j / K) * HW + min(HW, (k + 1) * L);
         const float w = weight[c], bb = bias[c];
-        double s_dy = 0, s_dyx = 0;
-        for (int i = i0 + t; i < i1; i += GN_THREADS)
-            dys[i] = gn_bdy(x[i], d[i], mu, rs, w, bb, silu, &s_dy, &s_dyx);
-        s_dy = gw_sub_sum(s_dy, sh);
-        s_dyx = gw_sub_sum(s_dyx, sh);
-        if (t == 0 && j < np) {
+        double a[GN_WARPS], e[GN_WARPS];
+#pragma unroll
+        for (int u = 0; u < GN_WARPS; u++)
+            a[u] = 0, e[u] = 0;
+        for (int base = i0; base < i1; base += GN_THREADS) {
+#pragma unroll
+            for (int u = 0; u < GN_WARPS; u++) {
+                const int i = base + 32 * u + lane;
+                if (i < i1)
+                    dys[i] = gn_bdy(x[i], d[i], mu, rs, w, bb, silu, &a[u], &e[u]);
+            }
+        }
+        const double s_dy = db_warp_part_sum(a), s_dyx = db_warp_part_sum(e);
+        if (lane == 0) {
             vdy[j] = s_dy, vdyx[j] = s_dyx;
             const size_t p = ((size_t)b * C + (size_t)g * cg) * K + (size_t)j;
             pdy[p] = s_dy, pdyx[p] = s_dyx;
@@ -620,7 +634,22 @@ __global__ static void __launch_bounds__(GW_THREADS)
     __syncthreads();
     const float mg = smg, mgx = smgx;
     float *dx = dinp + (size_t)bg * n;
-    for (int i = threadIdx.x; i < n; i += GW_THREADS) {
+    // four of x's loads issued before their stores (the compiler cannot
+    // tell dx from x, so it would not move a load above a store itself)
+    enum { U = 4 };
+    int i = threadIdx.x;
+    for (; i + (U - 1) * GW_THREADS < n; i += U * GW_THREADS) {
+        float xv[U];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            xv[u] = x[i + u * GW_THREADS];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int iu = i + u * GW_THREADS, c = g * cg + iu / HW;
+            dx[iu] = gn_bdx(xv[u], dys[iu], mu, rs, weight[c], mg, mgx);
+        }
+    }
+    for (; i < n; i += GW_THREADS) {
         const int c = g * cg + i / HW;
         dx[i] = gn_bdx(x[i], dys[i], mu, rs, weight[c], mg, mgx);
     }

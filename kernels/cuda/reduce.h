@@ -21,14 +21,10 @@ __device__ __forceinline__ float db_warp_max(float v)
     return v;
 }
 
-// The sum over n threads (a multiple of 32, <= 1024) of which the caller is
-// thread t: the whole block (db_block_sum), or each of its equal parts at
-// once (t = threadIdx.x % n, sh a part's own 32 elements): the same
-// additions in the same order either way.  Every thread of the block calls
-// it (the barriers are the block's).
-template <typename T> __device__ T db_part_sum(T v, T *sh, int t, int n)
+// sh: 32 elements of shared memory; blockDim.x a multiple of 32, <= 1024
+template <typename T> __device__ T db_block_sum(T v, T *sh)
 {
-    const int lane = t & 31, w = t >> 5, nw = n >> 5;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     v = db_warp_sum(v);
     __syncthreads(); // sh may still be read by a previous call
     if (lane == 0)
@@ -44,8 +40,24 @@ template <typename T> __device__ T db_part_sum(T v, T *sh, int t, int n)
     return sh[0];
 }
 
-// sh: 32 elements of shared memory; blockDim.x a multiple of 32, <= 1024
-template <typename T> __device__ T db_block_sum(T v, T *sh) { return db_part_sum(v, sh, (int)threadIdx.x, (int)blockDim.x); }
+// db_block_sum over a block of 32 NW threads (NW <= 32), all of them
+// computed by one warp: lane l holds v[w], thread 32 w + l's value.  The same additions
+// in the same order (each virtual warp's shuffle tree, then the tree over
+// the NW warp sums, which db_block_sum's warp 0 takes from lanes < NW), with
+// no barrier: the warp's own, so the block's other warps go on meanwhile.
+// Every lane gets the sum (a butterfly's lanes all add the same two values).
+template <int NW, typename T> __device__ __forceinline__ T db_warp_part_sum(const T (&v)[NW])
+{
+    const int lane = (int)(threadIdx.x & 31);
+    T x = (T)0;
+#pragma unroll
+    for (int w = 0; w < NW; w++) {
+        const T s = db_warp_sum(v[w]);
+        if (lane == w)
+            x = s;
+    }
+    return db_warp_sum(x);
+}
 
 __device__ __forceinline__ float db_block_max(float v, float *sh)
 {
