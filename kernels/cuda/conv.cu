@@ -516,15 +516,46 @@ static db_cuda_conv_plan *plan32(db_ctx *c, const db_cuda_conv_plan *p16, int ba
 // ---- bf16 / fp16 --------------------------------------------------------------------
 
 // y (B, OC, OHW), or (B, OHW, OC) when nhwc, in the compute type =
-// round(bias) per channel: the beta-1 addend of the forward
+// round(bias) per channel: the beta-1 addend of the forward.  A thread
+// writes eight consecutive values with one 16-byte store (y comes from
+// db_cuda_alloc, 16-byte aligned), finding its first channel with one
+// 64-bit division and stepping from there.  (H200, call 5: a 64-bit
+// modulo and a 2-byte store per value, 0.7 TB/s, 1.6 ms of a 15.8 ms VAE
+// decode.)
+enum { BF_PER = 8 };
 __global__ static void bias_fill16_kernel(void *y, const float *bias, size_t n, int OC, int OHW, int f16, int nhwc)
 {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float b = bias[nhwc ? i % OC : i / OHW % OC];
-        if (f16)
-            ((__half *)y)[i] = __float2half_rn(b);
-        else
-            ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(b);
+    const size_t groups = (n + BF_PER - 1) / BF_PER;
+    for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < groups; t += (size_t)gridDim.x * blockDim.x) {
+        const size_t i0 = t * BF_PER;
+        // the channel of element i0 and (NCHW) its place in its plane
+        int c, hw = 0;
+        if (nhwc) {
+            c = (int)(i0 % (size_t)OC);
+        } else {
+            const size_t plane = i0 / (size_t)OHW;
+            hw = (int)(i0 - plane * (size_t)OHW), c = (int)(plane % (size_t)OC);
+        }
+        unsigned short h[BF_PER];
+        for (int q = 0; q < BF_PER; q++) {
+            const float b = bias[c];
+            h[q] = f16 ? __half_as_ushort(__float2half_rn(b)) : __bfloat16_as_ushort(__float2bfloat16_rn(b));
+            if (nhwc ? ++c == OC : ++hw == OHW) {
+                if (!nhwc)
+                    hw = 0, c++;
+                if (c == OC)
+                    c = 0;
+            }
+        }
+        if (i0 + BF_PER <= n) {
+            uint4 u;
+            u.x = h[0] | (unsigned)h[1] << 16, u.y = h[2] | (unsigned)h[3] << 16;
+            u.z = h[4] | (unsigned)h[5] << 16, u.w = h[6] | (unsigned)h[7] << 16;
+            *(uint4 *)((unsigned short *)y + i0) = u;
+        } else {
+            for (size_t i = i0; i < n; i++)
+                ((unsigned short *)y)[i] = h[i - i0];
+        }
     }
 }
 
@@ -566,7 +597,7 @@ static int conv_forward16(db_ctx *c, db_cuda_conv_plan *p, float *out, const flo
     void *x16 = input16(c, p, inp), *w16 = filter16(c, p, weight), *y16 = db_cuda_alloc(c, ny * 2);
     int r = x16 && w16 && y16 ? 0 : -1;
     if (r == 0 && bias) {
-        bias_fill16_kernel<<<db_cuda_grid(ny, 256), 256, 0, db_cuda_st(c)->stream>>>(
+        bias_fill16_kernel<<<db_cuda_grid((ny + BF_PER - 1) / BF_PER, 256), 256, 0, db_cuda_st(c)->stream>>>(
             y16, bias, ny, OC, p->OH * p->OW, c->precision == DB_PREC_F16, p->nhwc);
         cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess)
