@@ -61,21 +61,6 @@ __device__ __forceinline__ static size_t shadow_place(size_t o, const db_cuda_fi
     return f.off + (size_t)oc * per + (size_t)kk * (unsigned)f.C + cc;
 }
 
-// The working copy's element o (of its declared buffer) = x, at its place
-// (shadow_place), h the thread's filter cursor: stepped forward to the
-// last filter starting at or before o (o only grows within a thread).
-__device__ __forceinline__ static void shadow_put(void *shadow, int f16, size_t o, float x,
-                                                  const db_cuda_filter_range *fr, int nfr, int &h)
-{
-    while (h + 1 < nfr && fr[h + 1].off <= o)
-        h++;
-    const size_t d = shadow_place(o, fr, h);
-    if (f16)
-        ((__half *)shadow)[d] = __float2half_rn(x);
-    else
-        ((__nv_bfloat16 *)shadow)[d] = __float2bfloat16_rn(x);
-}
-
 // Elements [0, n) of p, m, v, g; p is floats [base, base + n) of its
 // declared buffer, whose working copy `shadow` (of type f16 ? fp16 : bf16;
 // NULL when there is none or it is stale) is written in the same pass, the
@@ -83,15 +68,12 @@ __device__ __forceinline__ static void shadow_put(void *shadow, int f16, size_t 
 // transposed places.  Each block walks chunks of ADAMW_CHUNK consecutive
 // elements (coalesced for the fp32 arrays; only the 2-byte copies of filter
 // elements scatter), and finds the chunk's first filter once: a thread then
-// only steps forward through the few filters a chunk can cross.  vec (the
-// four arrays 16-byte aligned): a thread takes four consecutive elements
-// at a time, one float4 load from each array, so four times the bytes are
-// in flight a thread.  (H200, fifth call: 7.8 ms a step over SD1.5's 860 M
-// weights with one float a load, ~3.3 TB/s.)
+// only steps forward through the few filters a chunk can cross.  (H200:
+// 7.8 ms a step over SD1.5's 860 M weights, ~3.3 TB/s; float4 loads, four
+// elements a thread, changed nothing in call 6 and were taken out.)
 enum { ADAMW_CHUNK = 4096 };
 __global__ static void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, db_adamw_coef k,
-                                    void *shadow, size_t base, const db_cuda_filter_range *fr, int nfr, int f16,
-                                    int vec)
+                                    void *shadow, size_t base, const db_cuda_filter_range *fr, int nfr, int f16)
 {
     __shared__ int first;
     for (size_t c0 = (size_t)blockIdx.x * ADAMW_CHUNK; c0 < n; c0 += (size_t)gridDim.x * ADAMW_CHUNK) {
@@ -112,42 +94,22 @@ __global__ static void adamw_kernel(float *p, float *m, float *v, const float *g
         }
         int h = nfr ? first : -1;
         const size_t c1 = c0 + ADAMW_CHUNK < n ? c0 + ADAMW_CHUNK : n;
-        if (vec) {
-            // c0 is a multiple of 4: every group of four but a short last one whole
-            for (size_t i = c0 + 4 * (size_t)threadIdx.x; i < c1; i += 4 * (size_t)blockDim.x) {
-                if (i + 4 <= c1) {
-                    const float4 P = *(const float4 *)(p + i), G = *(const float4 *)(g + i);
-                    float4 M = *(const float4 *)(m + i), V = *(const float4 *)(v + i);
-                    const float4 R = make_float4(adamw_elem(P.x, G.x, M.x, V.x, k), adamw_elem(P.y, G.y, M.y, V.y, k),
-                                                 adamw_elem(P.z, G.z, M.z, V.z, k), adamw_elem(P.w, G.w, M.w, V.w, k));
-                    *(float4 *)(p + i) = R;
-                    *(float4 *)(m + i) = M;
-                    *(float4 *)(v + i) = V;
-                    if (shadow) {
-                        const float r[4] = {R.x, R.y, R.z, R.w};
-                        for (int q = 0; q < 4; q++)
-                            shadow_put(shadow, f16, base + i + q, r[q], fr, nfr, h);
-                    }
-                } else {
-                    for (size_t j = i; j < c1; j++) {
-                        float mj = m[j], vj = v[j];
-                        const float pj = adamw_elem(p[j], g[j], mj, vj, k);
-                        p[j] = pj, m[j] = mj, v[j] = vj;
-                        if (shadow)
-                            shadow_put(shadow, f16, base + j, pj, fr, nfr, h);
-                    }
-                }
-            }
-            continue;
-        }
         for (size_t i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
             float mi = m[i], vi = v[i];
             const float pi = adamw_elem(p[i], g[i], mi, vi, k);
             p[i] = pi;
             m[i] = mi;
             v[i] = vi;
-            if (shadow)
-                shadow_put(shadow, f16, base + i, pi, fr, nfr, h);
+            if (shadow) {
+                const size_t o = base + i;
+                while (h + 1 < nfr && fr[h + 1].off <= o)
+                    h++;
+                const size_t d = shadow_place(o, fr, h);
+                if (f16)
+                    ((__half *)shadow)[d] = __float2half_rn(pi);
+                else
+                    ((__nv_bfloat16 *)shadow)[d] = __float2bfloat16_rn(pi);
+            }
         }
     }
 }
@@ -174,9 +136,8 @@ extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const 
         return -1;
     const size_t base = w ? (size_t)(p - w->p) : 0;
     const unsigned grid = db_cuda_grid((n + ADAMW_CHUNK - 1) / ADAMW_CHUNK * THREADS, THREADS);
-    const int vec = (((uintptr_t)p | (uintptr_t)m | (uintptr_t)v | (uintptr_t)g) & 15) == 0;
     adamw_kernel<<<grid, THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k, sh, base, fr, nfr,
-                                                              w && w->prec == DB_PREC_F16, vec);
+                                                              w && w->prec == DB_PREC_F16);
     DB_LAUNCHED(c);
     return 0;
 }
