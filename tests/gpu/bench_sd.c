@@ -568,9 +568,11 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
         db_train_device_plan plan;
         const double plan_mib = c->device == DB_CPU ? 0
                                 : db_unet_train_device_plan(a, B, L, L, T, 0, o->ckpt, fused, mode != 2, precs[i], &plan) / 1048576.0;
-        /* four warm-up steps: the first builds the plans, the second records
-         * the graphs; call 5 (two warm-ups) still had a graph destroyed and
-         * one recorded among its two timed steps, so two more */
+        /* four warm-up steps: the first builds the plans; the backward's
+         * graph is recorded at the second, the forward's only at the third
+         * (the backward's first call changed the UNet's layout after the
+         * forward's first: db_unet_graph_run starts over); call 5 timed that
+         * third step with two warm-ups */
         if (measure(c, name, train_call, &t, 4, o->reps, o->budget, &ms, &reps, &pk, &err)) {
             report_error(name, precs[i], err.msg);
         } else {

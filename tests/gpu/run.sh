@@ -80,7 +80,8 @@ PY
     # debug line): 2 expected in 6 steps, the forward's and the backward's.
     # More means a call's arguments or buffers change between steps and the
     # graphs are re-recorded (call 5's SD1.5 profile had a graph destroyed and
-    # one instantiated among two timed steps).  Reported, not a failure.
+    # one instantiated among two timed steps; call 6 read 2 here: a late
+    # first recording, not a recurring one).  Reported, not a failure.
     n=$(timeout 90 build/bin/db-train -v -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 6 \
         --lr 1e-4 --train-text-encoder --device cuda -o "$T/run-rec" 2>&1 | grep -c "recorded as a CUDA graph")
     echo "db-train cuda, 6 steps: UNet graphs recorded $n time(s) (2 expected: forward, backward)"
