@@ -55,10 +55,9 @@ check "... and refuses it in fp16 (an error line, not a crash)" \
 
 $BS $SMALL --only train --save > "$T/save.txt" 2>&1
 # checkpoint_save, checkpoint_stage_alloc, and checkpoint_async_block /
-# checkpoint_async with malloc'd copies (_malloc), through the stage, and
-# through it again (_again): 8 lines
+# checkpoint_async through the stage and through it again (_again): 6 lines
 check "--save: the synchronous, stage and background checkpoint lines with sizes" \
-    "[ \$(grep -c 'name=checkpoint_[a-z_]* .* ms=[0-9.]* .* gb=[0-9.]*' '$T/save.txt') = 8 ] && ! grep -q error= '$T/save.txt' &&
+    "[ \$(grep -c 'name=checkpoint_[a-z_]* .* ms=[0-9.]* .* gb=[0-9.]*' '$T/save.txt') = 6 ] && ! grep -q error= '$T/save.txt' &&
      grep -q 'name=checkpoint_async_block .*copies=stage' '$T/save.txt'"
 check "... and nothing left in the temporary directory" "! ls '${TMPDIR:-/tmp}' | grep -q bench_sd-save"
 
