@@ -340,8 +340,9 @@ __global__ static void __launch_bounds__(SS_LANES)
 }
 
 // norms[i] = tensor i's float32 norm and coef[i] its clip coefficient, or
-// 1 when it does not scale (optim.c db_clip_one_coef's float steps: nk = (float)sqrt(ss), total = (float)sqrt(nk^2) in double,
-// max / (total + 1e-6f), scaling below 1 or NaN)
+// 1 when it does not scale (optim.c db_clip_one_coef's float steps:
+// nk = (float)sqrt(ss), total = (float)sqrt(nk^2) in double, max / (total
+// + 1e-6f), scaling below 1 or NaN)
 __global__ static void clip_coef_kernel(float *norms, float *coef, const double *part,
                                         const __grid_constant__ ss_params p, size_t k, float max_norm)
 {
