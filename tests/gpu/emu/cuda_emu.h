@@ -41,6 +41,7 @@
 #include <cstdlib>
 #include <memory>
 #include <functional>
+#include <optional>
 struct emu_warp { std::barrier<> *bar; uint64_t slot[32]; uint32_t xch[32][8]; };
 struct emu_block { std::barrier<> *bar; std::vector<emu_warp> warps; };
 extern thread_local uint3 emu_tid, emu_bid; extern dim3 emu_bdim, emu_gdim;
@@ -109,6 +110,44 @@ template <class F> static void emu_launch(dim3 g, dim3 b, F f) {
         for (auto &t : th) t.join();
     }
 }
+// Thread-block clusters (kernels/cuda/cluster.h): the cl blocks of a
+// cluster run at once, every thread a std::thread as above, each block with
+// dynamic shared memory of its own (emu_smem(), which the transform puts
+// where a kernel declares `extern __shared__ float smem[]`; outside a
+// cluster launch it is emu_dyn_smem), one std::barrier for the whole
+// cluster.  1-D grids, clusters along x.
+struct emu_cluster { std::barrier<> *bar; void *base[8]; };
+extern thread_local emu_cluster *emu_cl;
+extern thread_local int emu_cl_rank;
+extern thread_local std::optional<std::barrier<>::arrival_token> emu_cl_tok;
+extern thread_local float *emu_smem_base;
+static inline float *emu_smem() { return emu_smem_base ? emu_smem_base : emu_dyn_smem; }
+template <class F> static void emu_launch_cluster(dim3 g, dim3 b, size_t smem, int cl, F f) {
+    emu_gdim = g; emu_bdim = b;
+    const int nt = b.x * b.y * b.z, nw = (nt + 31) / 32;
+    for (unsigned c0 = 0; c0 < g.x; c0 += cl) {
+        std::vector<std::vector<double>> mem(cl, std::vector<double>(smem / 8 + 2));
+        std::vector<emu_block> blk(cl);
+        std::vector<std::unique_ptr<std::barrier<>>> bars;
+        std::barrier<> cb(cl * nt);
+        emu_cluster info{&cb, {}};
+        for (int r = 0; r < cl; r++) {
+            info.base[r] = mem[r].data();
+            bars.emplace_back(new std::barrier<>(nt)); blk[r].bar = bars.back().get();
+            blk[r].warps.resize(nw);
+            for (int w = 0; w < nw; w++) { bars.emplace_back(new std::barrier<>(std::min(32, nt - 32 * w))); blk[r].warps[w].bar = bars.back().get(); }
+        }
+        std::vector<std::thread> th;
+        for (int r = 0; r < cl; r++) for (int t = 0; t < nt; t++) th.emplace_back([&, r, t] {
+            emu_bid = make_uint3(c0 + r, 0, 0); emu_tid = make_uint3(t % b.x, t / b.x % b.y, t / (b.x * b.y));
+            emu_blk = &blk[r]; emu_lin = t; emu_cl = &info; emu_cl_rank = r; emu_smem_base = (float *)info.base[r];
+            f();
+            blk[r].warps[t / 32].bar->arrive_and_drop(); blk[r].bar->arrive_and_drop(); cb.arrive_and_drop();
+            emu_smem_base = NULL; emu_cl = NULL;
+        });
+        for (auto &t : th) t.join();
+    }
+}
 // Stream capture (CUDA graphs): while emu_cap is set, the work queued on a
 // stream (kernels, memset, device-to-device copies, the cuBLAS / cuDNN
 // stand-ins) is recorded, not run, and cudaGraphLaunch runs the record in
@@ -159,8 +198,8 @@ static inline cudaError_t emu_graph_launch(cudaGraphExec_t x) {
 #define cudaGetLastError() cudaSuccess
 #define cudaGetDeviceCount(n) (*(n) = 1, cudaSuccess)
 #define cudaSetDevice(d) cudaSuccess
-// an H100's 227 KB (emu_dyn_smem holds 256 KB)
-#define cudaDeviceGetAttribute(v, attr, d) (*(v) = (attr) == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : 0, cudaSuccess)
+// an H100's 227 KB (emu_dyn_smem holds 256 KB) and 132 multiprocessors
+#define cudaDeviceGetAttribute(v, attr, d) (*(v) = (attr) == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : (attr) == cudaDevAttrMultiProcessorCount ? 132 : 0, cudaSuccess)
 #define cudaStreamCreateWithFlags(s, f) (*(s) = 0, cudaSuccess)
 #define cudaStreamDestroy(s) cudaSuccess
 #define cudaEventCreateWithFlags(e, f) (*(e) = 0, cudaSuccess)

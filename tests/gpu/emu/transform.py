@@ -33,7 +33,7 @@ def launch(m):
 
 src = open(sys.argv[1]).read()
 src = '#include "tests/gpu/emu/cuda_emu.h"\n' + src
-src = re.sub(r'extern __shared__ (?:__align__\(\d+\) )?float smem\[\];', 'float *smem = emu_dyn_smem;', src)
+src = re.sub(r'extern __shared__ (?:__align__\(\d+\) )?float smem\[\];', 'float *smem = emu_smem();', src)
 src = re.sub(r'([A-Za-z_]\w*(?:<\w+>)?)\s*<<<(.*?)>>>\((.*?)\);', launch, src, flags=re.S)
 if '<<<' in src:
     sys.exit('%s: a launch the rewrite did not understand' % sys.argv[1])
