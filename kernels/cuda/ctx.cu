@@ -322,6 +322,7 @@ static int state_init(db_ctx *c, db_cuda_state *st, int device_index)
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "cuda:%d: %d device(s) present", device_index, ndev);
     DB_CU(c, cudaSetDevice(device_index));
     DB_CU(c, cudaDeviceGetAttribute(&st->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_index));
+    DB_CU(c, cudaDeviceGetAttribute(&st->nsm, cudaDevAttrMultiProcessorCount, device_index));
     DB_CU(c, cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking));
     DB_CUBLAS(c, cublasCreate(&st->blas));
     DB_CUBLAS(c, cublasSetStream(st->blas, st->stream));

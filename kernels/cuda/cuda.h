@@ -66,6 +66,7 @@ enum { DB_CUDA_NSHADOW = 16 };
 struct db_cuda_state {
     int device;
     int smem_optin;      // the most shared memory a block may opt in to (bytes)
+    int nsm;             // multiprocessors
     cudaStream_t stream; // every op of the ctx runs on it, in order
     cublasHandle_t blas; // bound to stream, default math (no TF32)
     cudnnHandle_t dnn;   // bound to stream

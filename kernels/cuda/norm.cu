@@ -10,6 +10,7 @@
 // (reduce.h) have a fixed order, and partial sums are combined in index
 // order, so every result is deterministic.
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cluster.h"
 #include "kernels/cuda/cp_async.h"
 #include "kernels/cuda/reduce.h"
 
@@ -153,21 +154,38 @@ __global__ static void groupnorm_stats_kernel(double *part1, double *part2, cons
         part1[p] = s, part2[p] = q;
 }
 
+// piece j's length (its channel's stretch [k L, min(HW, (k + 1) L)), k = j % K)
+__device__ __forceinline__ static int gn_piece_len(int j, int HW, int K, int L)
+{
+    const int k = j % K;
+    return min(HW, (k + 1) * L) - k * L;
+}
+// What a piece of len values with sum s and squared deviations q about its
+// own mean adds to the group's squared deviations from the group's float
+// mean m: q + len (s / len - m)^2, its sum((x - m)^2) exactly (norm.c's
+// second pass) up to rounding in double.  One function for every kernel
+// that forms it (so nvcc contracts it alike everywhere: the same bits).
+__device__ __forceinline__ static double gn_piece_term(double s, double q, int len, float m)
+{
+    const double d = s / (double)len - (double)m;
+    return q + (double)len * d * d;
+}
+// the group's rstd from its squared deviations m2 over n values
+__device__ __forceinline__ static float gn_rstd(double m2, double n, float eps)
+{
+    return (float)(1.0 / sqrt(m2 / n + (double)eps));
+}
+
 // The group's mean (float, as norm.c has it) and its sum of squared
 // deviations from that float mean, from the per-piece sums s (cg K of
-// them) and deviations q about each piece's own mean, in piece order: a
-// piece of n values with sum s adds q + n (s / n - mu)^2, which is its
-// sum((x - mu)^2) exactly (norm.c's second pass) up to rounding in double.
+// them) and deviations q about each piece's own mean, in piece order.
 __device__ static void gn_group_stats(const double *s, const double *q, int np, int HW, int K, int L, double n,
                                       float *mu, double *m2)
 {
     const float m = (float)(gn_sum(s, np) / n);
     double acc = 0;
-    for (int j = 0; j < np; j++) {
-        const int k = j % K, len = min(HW, (k + 1) * L) - k * L;
-        const double d = s[j] / (double)len - (double)m;
-        acc += q[j] + (double)len * d * d;
-    }
+    for (int j = 0; j < np; j++)
+        acc += gn_piece_term(s[j], q[j], gn_piece_len(j, HW, K, L), m);
     *mu = m, *m2 = acc;
 }
 
@@ -188,8 +206,7 @@ __global__ static void groupnorm_apply_kernel(float *out, float *mean, float *rs
         float mu;
         double m2;
         gn_group_stats(v1, v2, cg * K, HW, K, L, n, &mu, &m2);
-        const double var = m2 / n;
-        const float rs = (float)(1.0 / sqrt(var + (double)eps));
+        const float rs = gn_rstd(m2, n, eps);
         smu = mu, srs = rs;
         if (k == 0 && c == g * cg) {
             if (mean)
@@ -208,25 +225,51 @@ __global__ static void groupnorm_apply_kernel(float *out, float *mean, float *rs
         y[i] = gn_out(x[i], a, shft, silu);
 }
 
-// ---- a whole group per block, in shared memory ----
+// ---- a whole group in shared memory: one block, or a cluster of blocks ----
 //
-// Where a group (cg HW floats: contiguous in NCHW) fits in a block's shared
-// memory, one launch does it all: the block reads the group from global
-// memory once, sums its pieces there, and writes the output.  The pieces
+// Where a group (cg HW floats: contiguous in NCHW) fits in shared memory,
+// one launch does it all: the group is read from global memory once,
+// its pieces summed there, and the output written.  The pieces
 // (gn_pieces), their per-piece sums and their combination are those of the
 // two kernels above, to the bit: a warp sums a piece at a time as the
 // stats kernel's GN_THREADS threads do, each lane standing for GN_WARPS of
 // them (their strides, their order), and reduces as db_block_sum does
-// (db_warp_part_sum); thread 0 combines the pieces with gn_group_stats,
-// and gn_coefs / gn_out give the same output.  So which path runs (the
-// card's shared memory decides) changes speed only; DB_GN_WHOLE=0 in the
-// environment keeps the pieces' kernels (to compare).
+// (db_warp_part_sum); the group's statistics come from the same per-piece
+// terms added in the same order (gn_sum, gn_piece_term), and gn_coefs /
+// gn_out give the same output.  So which path runs changes speed only;
+// DB_GN_WHOLE=0 in the environment keeps the pieces' kernels (to compare).
+//
+// A group is split over a cluster of cl blocks (cluster.h) when one block
+// a group would leave most of the card idle: B G = 64 blocks of 1024
+// threads at the UNet's batch of 2, on 132 multiprocessors (H200, sixth
+// call: 19.5 us a launch forward, 32.3 backward, ~4x the memory traffic's
+// time).  Block r of a cluster takes pieces [np r / cl, np (r + 1) / cl)
+// (a contiguous stretch of the group), sums them into its shared memory,
+// and after a cluster barrier every block reads all np sums from their
+// owners' shared memory in piece order, so every block combines the same
+// values the same way.  gw_choose picks the smallest cl (1, 2 or 4) that
+// fits the stretch in shared memory and gives about a block per
+// multiprocessor or more; DB_GN_CLUSTER=N forces N (1: no cluster).
 // H200 (2026-11-27, fifth call): with four 256-thread sub-blocks summing a
 // piece each between block-wide barriers and the group read by plain
 // loads, 27 us a launch at SD1.5's 64x64 level (B2 C320), no faster than
-// the pieces; the warps now sum without barriers, the group comes in by
-// cp.async (every copy in flight at once).
-enum { GW_THREADS = 4 * GN_THREADS, GW_WARPS = GW_THREADS / 32, GN_WARPS = GN_THREADS / 32 };
+// the pieces; the warps sum without barriers since, and the group comes
+// in by cp.async (every copy in flight at once).
+enum { GW_THREADS = 4 * GN_THREADS, GW_WARPS = GW_THREADS / 32, GN_WARPS = GN_THREADS / 32, GW_MAX_CLUSTER = 4 };
+
+// piece j's first element, in floats from its group's start (channel
+// j / K, from (j % K) L); j = np gives the group's size
+__device__ __forceinline__ static int gw_piece_start(int j, int HW, int K, int L) { return (j / K) * HW + (j % K) * L; }
+// the first of np pieces that block r of a cluster of cl takes
+__device__ __forceinline__ static int gw_share(int np, int r, int cl) { return (int)((long)np * r / cl); }
+// the rank of the block that holds piece j
+__device__ __forceinline__ static int gw_owner(int j, int np, int cl)
+{
+    int o = 0;
+    while (j >= gw_share(np, o + 1, cl))
+        o++;
+    return o;
+}
 
 // The stats kernel's per-thread sums of one piece, for its GN_THREADS
 // threads t = 32 w + lane: v[w] = sum over i = i0 + t, i0 + t + GN_THREADS,
@@ -248,66 +291,98 @@ __device__ __forceinline__ static void gw_piece_sums(double (&v)[GN_WARPS], cons
     }
 }
 
-// grid B G, block GW_THREADS, dynamic shared memory gw_smem(cg HW, cg K).
+// After each block of a cluster has written the sums of its own pieces at
+// their index in a (and b), every block's copy of all np of them in ga
+// (gb), read from their owners' shared memory; a, b themselves when cl is
+// 1.  The cluster's blocks arrive at its barrier once they have read (the
+// kernel waits there before it exits).  The caller __syncthreads() before
+// reading the result.
+__device__ static void gw_gather(const double **va, const double **vb, double *a, double *b, double *ga, double *gb,
+                                 int np, int cl)
+{
+    *va = a, *vb = b;
+    if (cl == 1)
+        return;
+    db_cl::sync();
+    for (int j = threadIdx.x; j < np; j += GW_THREADS) {
+        const unsigned o = (unsigned)gw_owner(j, np, cl);
+        ga[j] = *db_cl::map(a + j, o);
+        gb[j] = *db_cl::map(b + j, o);
+    }
+    db_cl::arrive();
+    *va = ga, *vb = gb;
+}
+
+// grid B G cl (in clusters of cl when cl > 1), block GW_THREADS, dynamic
+// shared memory gw_smem(xcap, cg K), xcap the largest stretch (gw_xcap).
 // out (may equal inp), mean and rstd (B, G) or NULL, as the kernels above.
 __global__ static void __launch_bounds__(GW_THREADS)
     groupnorm_whole_kernel(float *out, float *mean, float *rstd, const float *inp, const float *weight,
-                           const float *bias, int C, int HW, int G, int K, int L, float eps, int silu)
+                           const float *bias, int C, int HW, int G, int K, int L, float eps, int silu, int cl, int xcap)
 {
     extern __shared__ __align__(16) float smem[]; // float4 and cp.async's 16 bytes
-    __shared__ float smu, srs;
-    const int bg = blockIdx.x, g = bg % G, cg = C / G, n = cg * HW, np = cg * K;
-    float *xs = smem;
-    double *ps = (double *)(smem + ((n + 1) & ~1)), *pq = ps + np;
-    const float *x = inp + (size_t)bg * n;
-    float *y = out + (size_t)bg * n;
-    const int vec = n % 4 == 0 && ((uintptr_t)x & 15) == 0 && ((uintptr_t)y & 15) == 0;
+    const int r = cl > 1 ? (int)db_cl::rank() : 0, bg = blockIdx.x / cl, g = bg % G, cg = C / G, n = cg * HW,
+              np = cg * K;
+    const int j0 = gw_share(np, r, cl), j1 = gw_share(np, r + 1, cl), e0 = gw_piece_start(j0, HW, K, L),
+              ne = gw_piece_start(j1, HW, K, L) - e0;
+    float *xs = smem; // this block's stretch [e0, e0 + ne) of the group
+    double *ps = (double *)(smem + xcap), *pq = ps + np, *gs = pq + np, *gq = gs + np, *tm = gq + np;
+    float *sc = (float *)(tm + np); // the group's mean and rstd
+    const float *x = inp + (size_t)bg * n + e0;
+    float *y = out + (size_t)bg * n + e0;
+    const int vec = ne % 4 == 0 && ((uintptr_t)x & 15) == 0 && ((uintptr_t)y & 15) == 0;
     if (vec) {
-        for (int i = threadIdx.x; i < n / 4; i += GW_THREADS)
+        for (int i = threadIdx.x; i < ne / 4; i += GW_THREADS)
             db_cp::copy16((float4 *)xs + i, (const float4 *)x + i, 16);
         db_cp::commit();
         db_cp::wait<0>();
     } else {
-        for (int i = threadIdx.x; i < n; i += GW_THREADS)
+        for (int i = threadIdx.x; i < ne; i += GW_THREADS)
             xs[i] = x[i];
     }
     __syncthreads();
-    // piece j = cl K + k: channel cl of the group, [k L, min(HW, (k + 1) L));
-    // warp `wi` takes pieces wi, wi + GW_WARPS, ...
+    // warp `wi` takes this block's pieces j0 + wi, j0 + wi + GW_WARPS, ...
     const int wi = (int)(threadIdx.x / 32);
-    for (int j = wi; j < np; j += GW_WARPS) {
-        const int k = j % K, i0 = k * L, i1 = min(HW, (k + 1) * L);
-        const float *xc = xs + (size_t)(j / K) * HW;
+    for (int j = j0 + wi; j < j1; j += GW_WARPS) {
+        const float *xc = xs + (gw_piece_start(j, HW, K, L) - e0);
+        const int len = gn_piece_len(j, HW, K, L);
         double v[GN_WARPS];
-        gw_piece_sums(v, xc, i0, i1, 0, 0.0);
-        const double s = db_warp_part_sum(v), m = s / (double)(i1 - i0);
-        gw_piece_sums(v, xc, i0, i1, 1, m);
+        gw_piece_sums(v, xc, 0, len, 0, 0.0);
+        const double s = db_warp_part_sum(v), m = s / (double)len;
+        gw_piece_sums(v, xc, 0, len, 1, m);
         const double q = db_warp_part_sum(v);
         if ((threadIdx.x & 31) == 0)
             ps[j] = s, pq[j] = q;
     }
+    const double *vs, *vq;
+    gw_gather(&vs, &vq, ps, pq, gs, gq, np, cl);
+    __syncthreads();
+    // gn_group_stats, its per-piece terms (a division each) in parallel
+    const double nn = (double)n;
+    if (threadIdx.x == 0)
+        sc[0] = (float)(gn_sum(vs, np) / nn);
+    __syncthreads();
+    const float mu = sc[0];
+    for (int j = threadIdx.x; j < np; j += GW_THREADS)
+        tm[j] = gn_piece_term(vs[j], vq[j], gn_piece_len(j, HW, K, L), mu);
     __syncthreads();
     if (threadIdx.x == 0) {
-        const double nn = (double)n;
-        float mu;
-        double m2;
-        gn_group_stats(ps, pq, np, HW, K, L, nn, &mu, &m2);
-        const float rs = (float)(1.0 / sqrt(m2 / nn + (double)eps));
-        smu = mu, srs = rs;
-        if (mean)
+        const float rs = gn_rstd(gn_sum(tm, np), nn, eps);
+        sc[1] = rs;
+        if (r == 0 && mean)
             mean[bg] = mu;
-        if (rstd)
+        if (r == 0 && rstd)
             rstd[bg] = rs;
     }
     __syncthreads();
-    const float mu = smu, rs = srs;
+    const float rs = sc[1];
     if (vec) {
         // (the four may straddle two channels: each finds its own)
-        for (int i = threadIdx.x; i < n / 4; i += GW_THREADS) {
+        for (int i = threadIdx.x; i < ne / 4; i += GW_THREADS) {
             const float4 v = ((const float4 *)xs)[i];
             float e[4] = {v.x, v.y, v.z, v.w};
             for (int q = 0; q < 4; q++) {
-                const int c = g * cg + (4 * i + q) / HW;
+                const int c = g * cg + (e0 + 4 * i + q) / HW;
                 float a, shft;
                 gn_coefs(rs, mu, weight[c], bias[c], &a, &shft);
                 e[q] = gn_out(e[q], a, shft, silu);
@@ -315,28 +390,76 @@ __global__ static void __launch_bounds__(GW_THREADS)
             ((float4 *)y)[i] = make_float4(e[0], e[1], e[2], e[3]);
         }
     } else {
-        for (int i = threadIdx.x; i < n; i += GW_THREADS) {
-            const int c = g * cg + i / HW;
+        for (int i = threadIdx.x; i < ne; i += GW_THREADS) {
+            const int c = g * cg + (e0 + i) / HW;
             float a, shft;
             gn_coefs(rs, mu, weight[c], bias[c], &a, &shft);
             y[i] = gn_out(xs[i], a, shft, silu);
         }
     }
+    if (cl > 1)
+        db_cl::wait(); // the others may still be reading ps, pq
 }
 
-// the dynamic shared memory of groupnorm_whole_kernel for a group of n
-// floats in np pieces
-static size_t gw_smem(size_t n, size_t np) { return ((n + 1) & ~(size_t)1) * sizeof(float) + 2 * np * sizeof(double); }
+// the dynamic shared memory of a whole-group kernel: a stretch of xcap
+// floats and 5 np + 1 doubles (the kernels' per-piece sums, their gathered
+// copies, the terms, the group's two floats)
+static size_t gw_smem(int xcap, int np) { return (size_t)xcap * sizeof(float) + (5 * (size_t)np + 1) * sizeof(double); }
 
-// The dynamic shared memory a (C, HW) group norm in G groups of K pieces a
-// channel runs a whole group per block with (forward and backward), or 0
-// when it runs in pieces: the group does not fit in the card's shared
-// memory beside the kernel's static ~1 KB, or DB_GN_WHOLE is 0
-static size_t gw_whole_smem(db_ctx *c, int C, int HW, int G, int K)
+// the longest stretch of a group's np = cg K pieces that a block of a
+// cluster of cl takes, rounded up to even (so the doubles after it align)
+static int gw_xcap(int cg, int HW, int K, int L, int cl)
 {
-    const char *whole = getenv("DB_GN_WHOLE");
-    const size_t smem = gw_smem((size_t)(C / G) * HW, (size_t)(C / G) * K);
-    return smem + 2048 <= (size_t)db_cuda_st(c)->smem_optin && !(whole && strcmp(whole, "0") == 0) ? smem : 0;
+    const int np = cg * K;
+    int most = 0;
+    for (int r = 0; r < cl; r++) {
+        const int j0 = (int)((long)np * r / cl), j1 = (int)((long)np * (r + 1) / cl);
+        const int len = (j1 / K) * HW + (j1 % K) * L - ((j0 / K) * HW + (j0 % K) * L);
+        most = len > most ? len : most;
+    }
+    return (most + 1) & ~1;
+}
+
+struct gw_plan {
+    int cl;      // blocks a group (a cluster when > 1); 0: the pieces' kernels run
+    int xcap;    // gw_xcap
+    size_t smem; // dynamic shared memory a block
+};
+
+// How a (B, C, HW) group norm in G groups of K pieces of L a channel runs
+// with a whole-group kernel: the smallest cluster of 1, 2 or 4 blocks a
+// group whose stretch fits in the card's shared memory, growing while the
+// launch would still leave half the multiprocessors without a block;
+// DB_GN_CLUSTER=N only N; DB_GN_WHOLE=0 none (the pieces).  Each block has
+// at least one piece.  kern's shared memory limit is raised as it goes.
+template <typename Kern>
+static gw_plan gw_choose(db_ctx *c, Kern kern, int B, int C, int HW, int G, int K, int L)
+{
+    gw_plan p = {0, 0, 0};
+    const char *whole = getenv("DB_GN_WHOLE"), *force = getenv("DB_GN_CLUSTER");
+    if (whole && strcmp(whole, "0") == 0)
+        return p;
+    const int cg = C / G, np = cg * K, want = force ? atoi(force) : 0;
+    const db_cuda_state *st = db_cuda_st(c);
+    for (int cl = 1; cl <= GW_MAX_CLUSTER && cl <= np; cl *= 2) {
+        if (want > 0 && cl != want)
+            continue;
+        const int xcap = gw_xcap(cg, HW, K, L, cl);
+        const size_t smem = gw_smem(xcap, np);
+        if (smem + 1024 > (size_t)st->smem_optin)
+            continue;
+        if (smem > 48 * 1024 &&
+            cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
+            (void)cudaGetLastError();
+            continue;
+        }
+        if (!db_cl::fits(kern, GW_THREADS, smem, cl))
+            continue;
+        p = gw_plan{cl, xcap, smem};
+        if (want > 0 || 2L * B * G * cl > st->nsm)
+            break;
+    }
+    return p;
 }
 
 extern "C" int db_cuda_groupnorm_forward(db_ctx *c, float *out, float *mean, float *rstd, const float *inp,
@@ -348,13 +471,12 @@ extern "C" int db_cuda_groupnorm_forward(db_ctx *c, float *out, float *mean, flo
         return 0;
     cudaStream_t st = db_cuda_st(c)->stream;
     const gn_split ws = gn_pieces(B, C, HW);
-    const size_t smem = gw_whole_smem(c, C, HW, G, ws.K);
-    if (smem) {
-        if (db_cuda_smem_optin(c, groupnorm_whole_kernel, smem))
+    const gw_plan wp = gw_choose(c, groupnorm_whole_kernel, B, C, HW, G, ws.K, ws.L);
+    if (wp.cl) {
+        if (db_cuda_smem_optin(c, groupnorm_whole_kernel, wp.smem))
             return -1;
-        groupnorm_whole_kernel<<<B * G, GW_THREADS, smem, st>>>(out, mean, rstd, inp, weight, bias, C, HW, G, ws.K,
-                                                               ws.L, eps, silu);
-        DB_LAUNCHED(c);
+        DB_CU(c, db_cl::launch(groupnorm_whole_kernel, B * G * wp.cl, GW_THREADS, wp.smem, st, wp.cl, out, mean, rstd,
+                               inp, weight, bias, C, HW, G, ws.K, ws.L, eps, silu, wp.cl, wp.xcap));
         return 0;
     }
     gn_split sp;
@@ -583,31 +705,36 @@ __global__ static void groupnorm_bapply_kernel(float *dinp, const double *pdy, c
 }
 
 // The backward of a group that fits in shared memory (the forward's
-// groupnorm_whole_kernel, the same test), bsum and bapply in one launch:
+// groupnorm_whole_kernel, the same plan: one block a group or a cluster of
+// cl, each taking a stretch of pieces), bsum and bapply in one launch:
 // each piece's dy (after the SiLU's derivative) is kept in shared memory
 // as it is summed (a warp a piece, each lane standing for GN_WARPS of
 // bsum's threads: their strides, their order, db_block_sum's tree by
 // db_warp_part_sum), so dout is read once; the group's means come from
-// gn_bmeans as in bapply, and x is read again for dinp (from L2, mostly).
-// The per-piece sums go to pdy / pdyx as bsum's do, for
-// groupnorm_bparams_kernel.  grid B G, block GW_THREADS, dynamic shared
-// memory gw_smem(cg HW, cg K).  (H200, fifth call: 35 us a launch with
-// sub-blocks and barriers, as the forward's.)
+// gn_bmeans over all np sums (gw_gather) as in bapply, and x is read again
+// for dinp (from L2, mostly).  The per-piece sums go to pdy / pdyx as
+// bsum's do, for groupnorm_bparams_kernel.  grid B G cl, block
+// GW_THREADS, dynamic shared memory gw_smem(xcap, cg K).  (H200, fifth
+// call: 35 us a launch with sub-blocks and barriers, as the forward's;
+// sixth: 32.3 us a block a group.)
 __global__ static void __launch_bounds__(GW_THREADS)
     groupnorm_bwhole_kernel(float *dinp, double *pdy, double *pdyx, const float *dout, const float *mean,
                             const float *rstd, const float *inp, const float *weight, const float *bias, int C, int HW,
-                            int G, int K, int L, int silu)
+                            int G, int K, int L, int silu, int cl, int xcap)
 {
     extern __shared__ __align__(16) float smem[]; // float4 and cp.async's 16 bytes
-    __shared__ float smg, smgx;
-    const int bg = blockIdx.x, b = bg / G, g = bg % G, cg = C / G, n = cg * HW, np = cg * K;
-    float *dys = smem;
-    double *vdy = (double *)(smem + ((n + 1) & ~1)), *vdyx = vdy + np;
+    const int r = cl > 1 ? (int)db_cl::rank() : 0, bg = blockIdx.x / cl, b = bg / G, g = bg % G, cg = C / G,
+              n = cg * HW, np = cg * K;
+    const int j0 = gw_share(np, r, cl), j1 = gw_share(np, r + 1, cl), e0 = gw_piece_start(j0, HW, K, L),
+              ne = gw_piece_start(j1, HW, K, L) - e0;
+    float *dys = smem; // dy of this block's stretch [e0, e0 + ne)
+    double *vdy = (double *)(smem + xcap), *vdyx = vdy + np, *gdy = vdyx + np, *gdyx = gdy + np;
+    float *sc = (float *)(gdyx + np); // the group's two means
     const float mu = mean[bg], rs = rstd[bg];
     const float *x = inp + (size_t)bg * n, *d = dout + (size_t)bg * n;
     const int wi = (int)(threadIdx.x / 32), lane = (int)(threadIdx.x & 31);
-    for (int j = wi; j < np; j += GW_WARPS) {
-        const int k = j % K, c = g * cg + j / K, i0 = (j / K) * HW + k * L, i1 = (j / K) * HW + min(HW, (k + 1) * L);
+    for (int j = j0 + wi; j < j1; j += GW_WARPS) {
+        const int c = g * cg + j / K, i0 = gw_piece_start(j, HW, K, L), i1 = i0 + gn_piece_len(j, HW, K, L);
         const float w = weight[c], bb = bias[c];
         double a[GN_WARPS], e[GN_WARPS];
 #pragma unroll
@@ -618,7 +745,7 @@ __global__ static void __launch_bounds__(GW_THREADS)
             for (int u = 0; u < GN_WARPS; u++) {
                 const int i = base + 32 * u + lane;
                 if (i < i1)
-                    dys[i] = gn_bdy(x[i], d[i], mu, rs, w, bb, silu, &a[u], &e[u]);
+                    dys[i - e0] = gn_bdy(x[i], d[i], mu, rs, w, bb, silu, &a[u], &e[u]);
             }
         }
         const double s_dy = db_warp_part_sum(a), s_dyx = db_warp_part_sum(e);
@@ -628,31 +755,36 @@ __global__ static void __launch_bounds__(GW_THREADS)
             pdy[p] = s_dy, pdyx[p] = s_dyx;
         }
     }
+    const double *wdy, *wdyx;
+    gw_gather(&wdy, &wdyx, vdy, vdyx, gdy, gdyx, np, cl);
     __syncthreads();
     if (threadIdx.x == 0)
-        gn_bmeans(vdy, vdyx, weight, g, cg, K, HW, &smg, &smgx);
+        gn_bmeans(wdy, wdyx, weight, g, cg, K, HW, &sc[0], &sc[1]);
     __syncthreads();
-    const float mg = smg, mgx = smgx;
-    float *dx = dinp + (size_t)bg * n;
+    const float mg = sc[0], mgx = sc[1];
+    const float *xe = x + e0;
+    float *dx = dinp + (size_t)bg * n + e0;
     // four of x's loads issued before their stores (the compiler cannot
     // tell dx from x, so it would not move a load above a store itself)
     enum { U = 4 };
     int i = threadIdx.x;
-    for (; i + (U - 1) * GW_THREADS < n; i += U * GW_THREADS) {
+    for (; i + (U - 1) * GW_THREADS < ne; i += U * GW_THREADS) {
         float xv[U];
 #pragma unroll
         for (int u = 0; u < U; u++)
-            xv[u] = x[i + u * GW_THREADS];
+            xv[u] = xe[i + u * GW_THREADS];
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int iu = i + u * GW_THREADS, c = g * cg + iu / HW;
+            const int iu = i + u * GW_THREADS, c = g * cg + (e0 + iu) / HW;
             dx[iu] = gn_bdx(xv[u], dys[iu], mu, rs, weight[c], mg, mgx);
         }
     }
-    for (; i < n; i += GW_THREADS) {
-        const int c = g * cg + i / HW;
-        dx[i] = gn_bdx(x[i], dys[i], mu, rs, weight[c], mg, mgx);
+    for (; i < ne; i += GW_THREADS) {
+        const int c = g * cg + (e0 + i) / HW;
+        dx[i] = gn_bdx(xe[i], dys[i], mu, rs, weight[c], mg, mgx);
     }
+    if (cl > 1)
+        db_cl::wait(); // the others may still be reading vdy, vdyx
 }
 
 // One thread per channel: dweight (C) += sum_b sum_k pdyx, dbias (C) +=
@@ -690,14 +822,18 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
     if (!part)
         return -1;
     cudaStream_t st = db_cuda_st(c)->stream;
-    const size_t smem = dinp ? gw_whole_smem(c, C, HW, G, sp.K) : 0;
-    if (smem) {
-        if (db_cuda_smem_optin(c, groupnorm_bwhole_kernel, smem)) {
+    const gw_plan wp = dinp ? gw_choose(c, groupnorm_bwhole_kernel, B, C, HW, G, sp.K, sp.L) : gw_plan{0, 0, 0};
+    if (wp.cl) {
+        cudaError_t e = cudaSuccess;
+        if (db_cuda_smem_optin(c, groupnorm_bwhole_kernel, wp.smem) == 0)
+            e = db_cl::launch(groupnorm_bwhole_kernel, B * G * wp.cl, GW_THREADS, wp.smem, st, wp.cl, dinp, part,
+                              part + P, dout, mean, rstd, inp, weight, bias, C, HW, G, sp.K, sp.L, silu, wp.cl,
+                              wp.xcap);
+        if (c->err.code != 0 || e != cudaSuccess) {
             db_cuda_free(c, part);
+            DB_CU(c, e);
             return -1;
         }
-        groupnorm_bwhole_kernel<<<B * G, GW_THREADS, smem, st>>>(dinp, part, part + P, dout, mean, rstd, inp, weight,
-                                                                 bias, C, HW, G, sp.K, sp.L, silu);
     } else {
         groupnorm_bsum_kernel<<<P, GN_THREADS, 0, st>>>(part, part + P, dout, mean, rstd, inp, weight, bias, C, HW, G,
                                                         sp.K, sp.L, silu);

@@ -175,8 +175,13 @@ static void same_bits(const char *what, const float *d1, const float *d2, size_t
     tap_ok(memcmp(a, b, n * sizeof(float)) == 0, "%s: two runs give the same bits", what);
 }
 
+/* DB_CUDA_TEST_ONLY=S in the environment: only the ops whose name holds S
+ * (a quick look at one kernel under the emulator) */
 static int have(const void *member, const char *name)
 {
+    const char *only = getenv("DB_CUDA_TEST_ONLY");
+    if (only && !strstr(name, only))
+        return 0;
     if (!member)
         printf("# %s: not implemented on CUDA\n", name);
     return member != NULL;
@@ -366,6 +371,25 @@ static void t_groupnorm(int B, int C, int HW, int G, int silu)
             cmp(what, "mean, pieces vs whole groups", pm, hm, ng, 0);
             cmp(what, "rstd, pieces vs whole groups", pr, hr, ng, 0);
         }
+        /* and a group split over a cluster of 1, 2 or 4 blocks
+         * (DB_GN_CLUSTER: where it cannot, norm.cu runs the pieces) */
+        for (int cl = 1; cl <= 4; cl *= 2) {
+            char v[8], ctx[80];
+            snprintf(v, sizeof v, "%d", cl);
+            setenv("DB_GN_CLUSTER", v, 1);
+            float *ky = dpoison(n), *km = dpoison(ng), *kr = dpoison(ng);
+            const int rk = api->groupnorm_forward(&g, ky, km, kr, dputf(x, n), dputf(w, C), dputf(b, C), B, C, HW, G,
+                                                  1e-5f, silu);
+            unsetenv("DB_GN_CLUSTER");
+            if (gpu_ran(rk, what)) {
+                snprintf(ctx, sizeof ctx, "out, clusters of %d vs default", cl);
+                cmp(what, ctx, ky, hy, n, 0);
+                snprintf(ctx, sizeof ctx, "mean, clusters of %d vs default", cl);
+                cmp(what, ctx, km, hm, ng, 0);
+                snprintf(ctx, sizeof ctx, "rstd, clusters of %d vs default", cl);
+                cmp(what, ctx, kr, hr, ng, 0);
+            }
+        }
     }
     /* in place (out == inp), no saved statistics */
     float *dx = dputf(x, n);
@@ -407,6 +431,23 @@ static void t_groupnorm_backward(int B, int C, int HW, int G, int silu)
             cmp(what, "dinp, pieces vs whole groups", px, hx, n, 0);
             cmp(what, "dweight, pieces vs whole groups", pw, hw, C, 0);
             cmp(what, "dbias, pieces vs whole groups", pb, hb, C, 0);
+        }
+        for (int cl = 1; cl <= 4; cl *= 2) {
+            char v[8], ctx[80];
+            snprintf(v, sizeof v, "%d", cl);
+            setenv("DB_GN_CLUSTER", v, 1);
+            float *kx = dpoison(n), *kw = dputf(dw0, C), *kb = dputf(db0, C);
+            const int rk = api->groupnorm_backward(&g, kx, kw, kb, dputf(dout, n), dputf(mean, ng), dputf(rstd, ng),
+                                                   dputf(x, n), dputf(w, C), dputf(b, C), B, C, HW, G, silu);
+            unsetenv("DB_GN_CLUSTER");
+            if (gpu_ran(rk, what)) {
+                snprintf(ctx, sizeof ctx, "dinp, clusters of %d vs default", cl);
+                cmp(what, ctx, kx, hx, n, 0);
+                snprintf(ctx, sizeof ctx, "dweight, clusters of %d vs default", cl);
+                cmp(what, ctx, kw, hw, C, 0);
+                snprintf(ctx, sizeof ctx, "dbias, clusters of %d vs default", cl);
+                cmp(what, ctx, kb, hb, C, 0);
+            }
         }
     }
     release_all();
@@ -2100,6 +2141,10 @@ int main(void)
         t_groupnorm(2, 8, 12, 4, 1);
         t_groupnorm(2, 8, 6, 4, 1);
         t_groupnorm(1, 3, 5, 1, 0); /* 15 floats: the piece sums after an odd count */
+        /* one group of 16 pieces: a cluster of 4 blocks, each a channel of
+         * 4100 (past the backward's four-loads loop), the later ones
+         * starting past the group's first channel */
+        t_groupnorm(1, 4, 4100, 1, 1);
         if (!quick)
             t_groupnorm(2, 320, 4096, 32, 1);
         if (!quick) /* the VAE's 512x512 level, a quarter of it: 8 pieces per channel */
@@ -2115,6 +2160,7 @@ int main(void)
         t_groupnorm_backward(1, 600, 16, 1, 1); /* past gn_stage's room, as above */
         t_groupnorm_backward(2, 8, 6, 4, 1);    /* a piece count that is not a multiple of 4 */
         t_groupnorm_backward(1, 3, 5, 1, 0);    /* an odd group: the piece sums after it */
+        t_groupnorm_backward(1, 4, 4100, 1, 1); /* a cluster of 4, a channel a block (as above) */
         if (!quick)
             t_groupnorm_backward(2, 320, 4096, 32, 1);
     }
@@ -2183,6 +2229,8 @@ int main(void)
             t_attention_backward(1, 1024, 1024, 8, 40, 0);
     }
 
+    if (getenv("DB_CUDA_TEST_ONLY")) /* the per-op sections above only */
+        goto done;
     t_linear_add(DB_PREC_F32, 7, 13, 11, 1);
     t_linear_add(DB_PREC_F32, 9, 16, 5, 0);
     t_linear_geglu(DB_PREC_F32, 7, 13, 6, 1);
@@ -2327,6 +2375,7 @@ int main(void)
     if (!quick)
         t_adamw8bit((size_t)320 * 320 * 9 + 5, 1e-3, 1e-2, 0.01f, 0.0);
 
+done:
     api->ctx_destroy(&g);
     db_ctx_destroy(cpu);
     return tap_done();
