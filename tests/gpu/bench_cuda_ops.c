@@ -33,7 +33,7 @@ typedef struct bcase {
     float *p[8];
 } bcase;
 
-enum { K_CONV, K_CONV_BWD, K_GEMM, K_LINEAR, K_LINEAR_BWD, K_ATTN, K_GROUPNORM, K_LAYERNORM };
+enum { K_CONV, K_CONV_BWD, K_GEMM, K_LINEAR, K_LINEAR_BWD, K_ATTN, K_GROUPNORM, K_GROUPNORM_BWD, K_LAYERNORM };
 
 static int run_case(db_ctx *c, void *arg)
 {
@@ -57,6 +57,9 @@ static int run_case(db_ctx *c, void *arg)
         return api->attention_forward(c, p[0], p[1], p[2], p[3], p[4], i[0], i[1], i[2], i[3], i[4], i[5]);
     case K_GROUPNORM:
         return api->groupnorm_forward(c, p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], i[2], i[3], 1e-5f, 1);
+    case K_GROUPNORM_BWD: /* dinp, dweight, dbias; dout, mean, rstd, x; weight and bias one buffer */
+        return api->groupnorm_backward(c, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[7] + i[1], i[0], i[1],
+                                       i[2], i[3], 1);
     case K_LAYERNORM:
         return api->layernorm_forward(c, p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], 1e-5f);
     }
@@ -189,21 +192,43 @@ static void groupnorm_case(db_ctx *c, int B, int C, int HW, int G)
     b.p[3] = drand(c, n, 4);
     b.p[4] = drand(c, C, 5);
     b.p[5] = drand(c, C, 6);
+    bcase bb = {K_GROUPNORM_BWD, {B, C, HW, G}, {0}};
+    bb.p[0] = drand(c, n, 7);
+    bb.p[1] = drand(c, C, 8);
+    bb.p[2] = drand(c, C, 9);
+    bb.p[3] = drand(c, n, 10);
+    bb.p[4] = b.p[1];
+    bb.p[5] = b.p[2];
+    bb.p[6] = b.p[3];
+    bb.p[7] = drand(c, 2 * (size_t)C, 11);
     char name[160];
     /* the rate as one read and a write (what a group in shared memory
-     * costs, norm.cu groupnorm_whole_kernel); the pieces' kernels read the
-     * input twice, the second time mostly from L2 at the UNet's sizes.
-     * Then the same with DB_GN_WHOLE=0 (the pieces), to compare. */
-    for (int pieces = 0; pieces < 2; pieces++) {
-        snprintf(name, sizeof name, "groupnorm_forward+silu B%d C%d HW%d G%d%s", B, C, HW, G,
-                 pieces ? " (DB_GN_WHOLE=0)" : "");
-        if (pieces)
-            setenv("DB_GN_WHOLE", "0", 1);
-        bench(c, name, &b, 0, 2.0 * n * sizeof(float));
-        unsetenv("DB_GN_WHOLE");
-    }
+     * costs, norm.cu groupnorm_whole_kernel; the backward: two reads and a
+     * write); the pieces' kernels read the input twice, the second time
+     * mostly from L2 at the UNet's sizes.  Then the same with a block a
+     * group (DB_GN_CLUSTER=1, where norm.cu would split a group over a
+     * cluster) and in pieces (DB_GN_WHOLE=0), to compare. */
+    static const char *const env[3] = {NULL, "DB_GN_CLUSTER", "DB_GN_WHOLE"}, *const val[3] = {NULL, "1", "0"};
+    for (int back = 0; back < 2; back++)
+        for (int v = 0; v < 3; v++) {
+            char how[40] = "";
+            if (env[v])
+                snprintf(how, sizeof how, " (%s=%s)", env[v], val[v]);
+            snprintf(name, sizeof name, "groupnorm_%s+silu B%d C%d HW%d G%d%s", back ? "backward" : "forward", B, C,
+                     HW, G, how);
+            if (env[v])
+                setenv(env[v], val[v], 1);
+            bench(c, name, back ? &bb : &b, 0, (back ? 3.0 : 2.0) * n * sizeof(float));
+            if (env[v])
+                unsetenv(env[v]);
+        }
     for (int i = 0; i < 6; i++)
         api->free(c, b.p[i]);
+    api->free(c, bb.p[0]);
+    api->free(c, bb.p[1]);
+    api->free(c, bb.p[2]);
+    api->free(c, bb.p[3]);
+    api->free(c, bb.p[7]);
 }
 
 /* the Transformer block's layer norm: N rows of C (a warp per row, norm.cu) */
@@ -282,6 +307,7 @@ int main(void)
         if (api->groupnorm_forward && !pass) { /* not a matmul-class op: fp32 in every mode */
             groupnorm_case(&g, 2, 320, 4096, 32);
             groupnorm_case(&g, 2, 1280, 256, 32); /* the UNet's 16x16 level */
+            groupnorm_case(&g, 2, 960, 4096, 32);  /* a concatenated skip at 64x64: 480 KB a group */
             groupnorm_case(&g, 1, 128, 512 * 512, 32); /* the VAE decoder's last level: 134 MB, past L2 */
         }
         if (api->layernorm_forward && !pass)

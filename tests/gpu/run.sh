@@ -257,23 +257,29 @@ RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 45 env DB_BENCH
     build/tests/gpu/test_attention_tc
 # the same without the mma.sync kernels' cp.async pipelines
 # (DB_ATTN_CPASYNC=0: each streamed tile loaded, then used), under its own
-# heading.  (The WMMA kernels, DB_ATTN_MMA=0, were timed against the
-# mma.sync ones in calls 1-4, BENCHMARKS.md; check-cuda still tests them.)
-echo "== the same with DB_ATTN_CPASYNC=0 (the mma.sync kernels without their cp.async pipelines)"
-printf '\n%s\n' "### DB_ATTN_CPASYNC=0: the mma.sync attention kernels without cp.async" >> "$OUT/bench_ops.md"
-RESERVE=$((BENCH_RESERVE - 15)) stage attn-nopipe-bench bench_ops.md 40 env DB_BENCH=1 DB_ATTN_CPASYNC=0 \
-    B="$PWD/build" build/tests/gpu/test_attention_tc
+# heading, with OLD_PATHS=1 only (calls 5 and 6 timed it: BENCHMARKS.md;
+# check-cuda still tests the path).  (The WMMA kernels, DB_ATTN_MMA=0,
+# were timed against the mma.sync ones in calls 1-4.)
+if [ "${OLD_PATHS:-0}" = 1 ]; then
+    echo "== the same with DB_ATTN_CPASYNC=0 (the mma.sync kernels without their cp.async pipelines)"
+    printf '\n%s\n' "### DB_ATTN_CPASYNC=0: the mma.sync attention kernels without cp.async" >> "$OUT/bench_ops.md"
+    RESERVE=$((BENCH_RESERVE - 15)) stage attn-nopipe-bench bench_ops.md 40 env DB_BENCH=1 DB_ATTN_CPASYNC=0 \
+        B="$PWD/build" build/tests/gpu/test_attention_tc
+fi
 echo "== bench_cuda_ops (fp32, then bf16 for the matmul-class ops; cudaEvent medians)"
 printf '\n%s\n' "### bench_cuda_ops (fp32, then bf16)" >> "$OUT/bench_ops.md"
 RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 60 env B="$PWD/build" build/tests/gpu/bench_cuda_ops
 # the same with the 16-bit convolutions NCHW as before channels-last
 # (DB_CONV_NCHW=1), under its own heading in bench_ops.md, to compare the
-# conv lines; with the same reserve as the runs above, so it takes only
-# time they left.  (DB_CUDNN_FIND=1's run, 2026-11-27: mixed, BENCHMARKS.md.)
-echo "== bench_cuda_ops with DB_CONV_NCHW=1 (16-bit convolutions NCHW, as before 2026-11-27)"
-printf '\n%s\n' "### bench_cuda_ops with DB_CONV_NCHW=1 (16-bit convolutions NCHW)" >> "$OUT/bench_ops.md"
-RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops-nchw bench_ops.md 45 env DB_CONV_NCHW=1 BENCH_OPS_ONLY=bf16 B="$PWD/build" \
-    build/tests/gpu/bench_cuda_ops
+# conv lines, with OLD_PATHS=1 only (timed in calls 2-6); with the same
+# reserve as the runs above, so it takes only time they left.
+# (DB_CUDNN_FIND=1's run, 2026-11-27: mixed, BENCHMARKS.md.)
+if [ "${OLD_PATHS:-0}" = 1 ]; then
+    echo "== bench_cuda_ops with DB_CONV_NCHW=1 (16-bit convolutions NCHW, as before 2026-11-27)"
+    printf '\n%s\n' "### bench_cuda_ops with DB_CONV_NCHW=1 (16-bit convolutions NCHW)" >> "$OUT/bench_ops.md"
+    RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops-nchw bench_ops.md 45 env DB_CONV_NCHW=1 BENCH_OPS_ONLY=bf16 \
+        B="$PWD/build" build/tests/gpu/bench_cuda_ops
+fi
 # make bench-cuda writes bench_sd.txt, bench_torch.txt and bench.md into $OUT
 # itself; its two programs get their own timeouts (made to fit here too)
 sd=$(left 150)
