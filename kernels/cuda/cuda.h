@@ -62,6 +62,12 @@ struct db_cuda_shadow {
     int nfr_dev;                  // the nfr it was built for
 };
 enum { DB_CUDA_NSHADOW = 16 };
+struct db_cuda_gn_plan {
+    int key[6]; // kernel (0 forward, 1 backward), B, C, HW, G, and 1 once filled
+    int cl, xcap;
+    size_t smem;
+};
+enum { DB_CUDA_NGN_PLAN = 32 };
 
 struct db_cuda_state {
     int device;
@@ -106,6 +112,12 @@ struct db_cuda_state {
     float *tfreq;
     int tfreq_half;
     float tfreq_shift, tfreq_maxp;
+    // norm.cu's whole-group plans (gw_choose: cluster size, shared memory)
+    // per kernel and shape, so that the occupancy query behind a cluster
+    // is asked once per shape, not at every group norm (the eager UNet
+    // forward took 11 ms longer with it asked each time, H200 call 7)
+    db_cuda_gn_plan gn_plan[DB_CUDA_NGN_PLAN];
+    int ngn_plan; // entries filled; past DB_CUDA_NGN_PLAN they are reused in turn
 };
 
 static inline db_cuda_state *db_cuda_st(db_ctx *c) { return (db_cuda_state *)c->cuda; }

@@ -314,7 +314,7 @@ __device__ static void gw_gather(const double **va, const double **vb, double *a
 }
 
 // grid B G cl (in clusters of cl when cl > 1), block GW_THREADS, dynamic
-// shared memory gw_smem(xcap, cg K), xcap the largest stretch (gw_xcap).
+// shared memory gw_smem(xcap, cg K, 1), xcap the largest stretch (gw_xcap).
 // out (may equal inp), mean and rstd (B, G) or NULL, as the kernels above.
 __global__ static void __launch_bounds__(GW_THREADS)
     groupnorm_whole_kernel(float *out, float *mean, float *rstd, const float *inp, const float *weight,
@@ -401,10 +401,14 @@ __global__ static void __launch_bounds__(GW_THREADS)
         db_cl::wait(); // the others may still be reading ps, pq
 }
 
-// the dynamic shared memory of a whole-group kernel: a stretch of xcap
-// floats and 5 np + 1 doubles (the kernels' per-piece sums, their gathered
-// copies, the terms, the group's two floats)
-static size_t gw_smem(int xcap, int np) { return (size_t)xcap * sizeof(float) + (5 * (size_t)np + 1) * sizeof(double); }
+// the dynamic shared memory of a whole-group kernel: nbuf stretches of
+// xcap floats (the forward's x; the backward's x and dout) and 5 np + 1
+// doubles (the per-piece sums, their gathered copies, the terms, the
+// group's two floats)
+static size_t gw_smem(int xcap, int np, int nbuf)
+{
+    return (size_t)nbuf * xcap * sizeof(float) + (5 * (size_t)np + 1) * sizeof(double);
+}
 
 // the longest stretch of a group's np = cg K pieces that a block of a
 // cluster of cl takes, rounded up to even (so the doubles after it align)
@@ -433,19 +437,25 @@ struct gw_plan {
 // DB_GN_CLUSTER=N only N; DB_GN_WHOLE=0 none (the pieces).  Each block has
 // at least one piece.  kern's shared memory limit is raised as it goes.
 template <typename Kern>
-static gw_plan gw_choose(db_ctx *c, Kern kern, int B, int C, int HW, int G, int K, int L)
+static gw_plan gw_choose(db_ctx *c, Kern kern, int nbuf, int B, int C, int HW, int G, int K, int L)
 {
     gw_plan p = {0, 0, 0};
     const char *whole = getenv("DB_GN_WHOLE"), *force = getenv("DB_GN_CLUSTER");
     if (whole && strcmp(whole, "0") == 0)
         return p;
+    // the ctx's plans (not with DB_GN_CLUSTER set: the tests change it)
+    db_cuda_state *st = db_cuda_st(c);
+    const int key[6] = {nbuf - 1, B, C, HW, G, 1};
+    if (!force)
+        for (int i = 0; i < st->ngn_plan && i < DB_CUDA_NGN_PLAN; i++)
+            if (memcmp(st->gn_plan[i].key, key, sizeof key) == 0)
+                return gw_plan{st->gn_plan[i].cl, st->gn_plan[i].xcap, st->gn_plan[i].smem};
     const int cg = C / G, np = cg * K, want = force ? atoi(force) : 0;
-    const db_cuda_state *st = db_cuda_st(c);
     for (int cl = 1; cl <= GW_MAX_CLUSTER && cl <= np; cl *= 2) {
         if (want > 0 && cl != want)
             continue;
         const int xcap = gw_xcap(cg, HW, K, L, cl);
-        const size_t smem = gw_smem(xcap, np);
+        const size_t smem = gw_smem(xcap, np, nbuf);
         if (smem + 1024 > (size_t)st->smem_optin)
             continue;
         if (smem > 48 * 1024 &&
@@ -459,6 +469,11 @@ static gw_plan gw_choose(db_ctx *c, Kern kern, int B, int C, int HW, int G, int 
         if (want > 0 || 2L * B * G * cl > st->nsm)
             break;
     }
+    if (!force) {
+        db_cuda_gn_plan *e = &st->gn_plan[st->ngn_plan++ % DB_CUDA_NGN_PLAN];
+        memcpy(e->key, key, sizeof key);
+        e->cl = p.cl, e->xcap = p.xcap, e->smem = p.smem;
+    }
     return p;
 }
 
@@ -471,7 +486,7 @@ extern "C" int db_cuda_groupnorm_forward(db_ctx *c, float *out, float *mean, flo
         return 0;
     cudaStream_t st = db_cuda_st(c)->stream;
     const gn_split ws = gn_pieces(B, C, HW);
-    const gw_plan wp = gw_choose(c, groupnorm_whole_kernel, B, C, HW, G, ws.K, ws.L);
+    const gw_plan wp = gw_choose(c, groupnorm_whole_kernel, 1, B, C, HW, G, ws.K, ws.L);
     if (wp.cl) {
         if (db_cuda_smem_optin(c, groupnorm_whole_kernel, wp.smem))
             return -1;
@@ -706,17 +721,20 @@ __global__ static void groupnorm_bapply_kernel(float *dinp, const double *pdy, c
 
 // The backward of a group that fits in shared memory (the forward's
 // groupnorm_whole_kernel, the same plan: one block a group or a cluster of
-// cl, each taking a stretch of pieces), bsum and bapply in one launch:
-// each piece's dy (after the SiLU's derivative) is kept in shared memory
-// as it is summed (a warp a piece, each lane standing for GN_WARPS of
-// bsum's threads: their strides, their order, db_block_sum's tree by
-// db_warp_part_sum), so dout is read once; the group's means come from
-// gn_bmeans over all np sums (gw_gather) as in bapply, and x is read again
-// for dinp (from L2, mostly).  The per-piece sums go to pdy / pdyx as
-// bsum's do, for groupnorm_bparams_kernel.  grid B G cl, block
-// GW_THREADS, dynamic shared memory gw_smem(xcap, cg K).  (H200, fifth
-// call: 35 us a launch with sub-blocks and barriers, as the forward's;
-// sixth: 32.3 us a block a group.)
+// cl, each taking a stretch of pieces), bsum and bapply in one launch: the
+// stretch's x and dout come into shared memory by cp.async, every copy in
+// flight at once; each piece's dy (after the SiLU's derivative) replaces
+// its dout there as it is summed (a warp a piece, each lane standing for
+// GN_WARPS of bsum's threads: their strides, their order, db_block_sum's
+// tree by db_warp_part_sum); the group's means come from gn_bmeans over
+// all np sums (gw_gather) as in bapply, and dinp from the two in shared
+// memory: x and dout are read from global memory once.  The per-piece
+// sums go to pdy / pdyx as bsum's do, for groupnorm_bparams_kernel.  grid
+// B G cl, block GW_THREADS, dynamic shared memory gw_smem(xcap, cg K, 2).
+// H200: 35 us a launch (fifth call) and 32.3 (sixth) a block a group with
+// x and dout read by plain loads, a warp a piece; 39.5 in clusters of two
+// (seventh: 20 of the 32 warps summing, each waiting on its loads one
+// iteration after another).
 __global__ static void __launch_bounds__(GW_THREADS)
     groupnorm_bwhole_kernel(float *dinp, double *pdy, double *pdyx, const float *dout, const float *mean,
                             const float *rstd, const float *inp, const float *weight, const float *bias, int C, int HW,
@@ -727,25 +745,40 @@ __global__ static void __launch_bounds__(GW_THREADS)
               n = cg * HW, np = cg * K;
     const int j0 = gw_share(np, r, cl), j1 = gw_share(np, r + 1, cl), e0 = gw_piece_start(j0, HW, K, L),
               ne = gw_piece_start(j1, HW, K, L) - e0;
-    float *dys = smem; // dy of this block's stretch [e0, e0 + ne)
-    double *vdy = (double *)(smem + xcap), *vdyx = vdy + np, *gdy = vdyx + np, *gdyx = gdy + np;
+    float *xs = smem, *ds = smem + xcap; // x and dout (then dy) of this block's stretch [e0, e0 + ne)
+    double *vdy = (double *)(smem + 2 * xcap), *vdyx = vdy + np, *gdy = vdyx + np, *gdyx = gdy + np;
     float *sc = (float *)(gdyx + np); // the group's two means
     const float mu = mean[bg], rs = rstd[bg];
-    const float *x = inp + (size_t)bg * n, *d = dout + (size_t)bg * n;
+    const float *x = inp + (size_t)bg * n + e0, *d = dout + (size_t)bg * n + e0;
+    float *dx = dinp + (size_t)bg * n + e0;
+    const int vec = ne % 4 == 0 && ((uintptr_t)x & 15) == 0 && ((uintptr_t)d & 15) == 0 && ((uintptr_t)dx & 15) == 0;
+    if (vec) {
+        for (int i = threadIdx.x; i < ne / 4; i += GW_THREADS) {
+            db_cp::copy16((float4 *)xs + i, (const float4 *)x + i, 16);
+            db_cp::copy16((float4 *)ds + i, (const float4 *)d + i, 16);
+        }
+        db_cp::commit();
+        db_cp::wait<0>();
+    } else {
+        for (int i = threadIdx.x; i < ne; i += GW_THREADS)
+            xs[i] = x[i], ds[i] = d[i];
+    }
+    __syncthreads();
     const int wi = (int)(threadIdx.x / 32), lane = (int)(threadIdx.x & 31);
     for (int j = j0 + wi; j < j1; j += GW_WARPS) {
-        const int c = g * cg + j / K, i0 = gw_piece_start(j, HW, K, L), i1 = i0 + gn_piece_len(j, HW, K, L);
+        const int c = g * cg + j / K, p0 = gw_piece_start(j, HW, K, L) - e0, len = gn_piece_len(j, HW, K, L);
         const float w = weight[c], bb = bias[c];
+        float *xp = xs + p0, *dp = ds + p0;
         double a[GN_WARPS], e[GN_WARPS];
 #pragma unroll
         for (int u = 0; u < GN_WARPS; u++)
             a[u] = 0, e[u] = 0;
-        for (int base = i0; base < i1; base += GN_THREADS) {
+        for (int base = 0; base < len; base += GN_THREADS) {
 #pragma unroll
             for (int u = 0; u < GN_WARPS; u++) {
                 const int i = base + 32 * u + lane;
-                if (i < i1)
-                    dys[i - e0] = gn_bdy(x[i], d[i], mu, rs, w, bb, silu, &a[u], &e[u]);
+                if (i < len)
+                    dp[i] = gn_bdy(xp[i], dp[i], mu, rs, w, bb, silu, &a[u], &e[u]);
             }
         }
         const double s_dy = db_warp_part_sum(a), s_dyx = db_warp_part_sum(e);
@@ -762,26 +795,23 @@ __global__ static void __launch_bounds__(GW_THREADS)
         gn_bmeans(wdy, wdyx, weight, g, cg, K, HW, &sc[0], &sc[1]);
     __syncthreads();
     const float mg = sc[0], mgx = sc[1];
-    const float *xe = x + e0;
-    float *dx = dinp + (size_t)bg * n + e0;
-    // four of x's loads issued before their stores (the compiler cannot
-    // tell dx from x, so it would not move a load above a store itself)
-    enum { U = 4 };
-    int i = threadIdx.x;
-    for (; i + (U - 1) * GW_THREADS < ne; i += U * GW_THREADS) {
-        float xv[U];
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            xv[u] = xe[i + u * GW_THREADS];
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int iu = i + u * GW_THREADS, c = g * cg + (e0 + iu) / HW;
-            dx[iu] = gn_bdx(xv[u], dys[iu], mu, rs, weight[c], mg, mgx);
+    if (vec) {
+        // (the four may straddle two channels: each finds its own)
+        for (int i = threadIdx.x; i < ne / 4; i += GW_THREADS) {
+            const float4 xv = ((const float4 *)xs)[i], dv = ((const float4 *)ds)[i];
+            const float xe[4] = {xv.x, xv.y, xv.z, xv.w}, de[4] = {dv.x, dv.y, dv.z, dv.w};
+            float o[4];
+            for (int q = 0; q < 4; q++) {
+                const int c = g * cg + (e0 + 4 * i + q) / HW;
+                o[q] = gn_bdx(xe[q], de[q], mu, rs, weight[c], mg, mgx);
+            }
+            ((float4 *)dx)[i] = make_float4(o[0], o[1], o[2], o[3]);
         }
-    }
-    for (; i < ne; i += GW_THREADS) {
-        const int c = g * cg + (e0 + i) / HW;
-        dx[i] = gn_bdx(xe[i], dys[i], mu, rs, weight[c], mg, mgx);
+    } else {
+        for (int i = threadIdx.x; i < ne; i += GW_THREADS) {
+            const int c = g * cg + (e0 + i) / HW;
+            dx[i] = gn_bdx(xs[i], ds[i], mu, rs, weight[c], mg, mgx);
+        }
     }
     if (cl > 1)
         db_cl::wait(); // the others may still be reading vdy, vdyx
@@ -822,7 +852,7 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
     if (!part)
         return -1;
     cudaStream_t st = db_cuda_st(c)->stream;
-    const gw_plan wp = dinp ? gw_choose(c, groupnorm_bwhole_kernel, B, C, HW, G, sp.K, sp.L) : gw_plan{0, 0, 0};
+    const gw_plan wp = dinp ? gw_choose(c, groupnorm_bwhole_kernel, 2, B, C, HW, G, sp.K, sp.L) : gw_plan{0, 0, 0};
     if (wp.cl) {
         cudaError_t e = cudaSuccess;
         if (db_cuda_smem_optin(c, groupnorm_bwhole_kernel, wp.smem) == 0)
