@@ -207,10 +207,12 @@ static void groupnorm_case(db_ctx *c, int B, int C, int HW, int G)
      * write); the pieces' kernels read the input twice, the second time
      * mostly from L2 at the UNet's sizes.  Then the same with a block a
      * group (DB_GN_CLUSTER=1, where norm.cu would split a group over a
-     * cluster) and in pieces (DB_GN_WHOLE=0), to compare. */
-    static const char *const env[3] = {NULL, "DB_GN_CLUSTER", "DB_GN_WHOLE"}, *const val[3] = {NULL, "1", "0"};
+     * cluster), in clusters of 4 (where a block's stretch fits; else the
+     * pieces) and in pieces (DB_GN_WHOLE=0), to compare. */
+    static const char *const env[4] = {NULL, "DB_GN_CLUSTER", "DB_GN_CLUSTER", "DB_GN_WHOLE"},
+                             *const val[4] = {NULL, "1", "4", "0"};
     for (int back = 0; back < 2; back++)
-        for (int v = 0; v < 3; v++) {
+        for (int v = 0; v < 4; v++) {
             char how[40] = "";
             if (env[v])
                 snprintf(how, sizeof how, " (%s=%s)", env[v], val[v]);
