@@ -61,21 +61,27 @@ template <typename T> __device__ __forceinline__ T *map(T *p, unsigned r)
 {
     return (T *)__cluster_map_shared_rank((void *)p, r);
 }
-template <typename... KA, typename... AA>
-static cudaError_t launch(void (*kern)(KA...), int grid, int block, size_t smem, cudaStream_t st, int cl, AA... args)
+// a launch of grid blocks in clusters of cl (at[0] the cluster attribute)
+static cudaLaunchConfig_t config(int grid, int block, size_t smem, cudaStream_t st, int cl, cudaLaunchAttribute *at)
 {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)grid);
     cfg.blockDim = dim3((unsigned)block);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
-    cudaLaunchAttribute at[1];
     at[0].id = cudaLaunchAttributeClusterDimension;
     at[0].val.clusterDim.x = (unsigned)cl;
     at[0].val.clusterDim.y = 1;
     at[0].val.clusterDim.z = 1;
     cfg.attrs = at;
     cfg.numAttrs = cl > 1 ? 1 : 0;
+    return cfg;
+}
+template <typename... KA, typename... AA>
+static cudaError_t launch(void (*kern)(KA...), int grid, int block, size_t smem, cudaStream_t st, int cl, AA... args)
+{
+    cudaLaunchAttribute at[1];
+    const cudaLaunchConfig_t cfg = config(grid, block, smem, st, cl, at);
     return cudaLaunchKernelEx(&cfg, kern, args...);
 }
 // (a host query, allowed while a stream is being captured; any error it
@@ -84,17 +90,8 @@ template <typename K> static bool fits(K kern, int block, size_t smem, int cl)
 {
     if (cl <= 1)
         return true;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)cl);
-    cfg.blockDim = dim3((unsigned)block);
-    cfg.dynamicSmemBytes = smem;
     cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = (unsigned)cl;
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
+    const cudaLaunchConfig_t cfg = config(cl, block, smem, 0, cl, at);
     int n = 0;
     if (cudaOccupancyMaxActiveClusters(&n, (void *)kern, &cfg) != cudaSuccess) {
         (void)cudaGetLastError();

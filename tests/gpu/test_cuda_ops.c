@@ -338,6 +338,18 @@ static void t_conv_backward(int B, int C, int H, int W, int OC, int KH, int KW, 
 
 /* ---- normalisation ------------------------------------------------------------------------- */
 
+/* a rerun's three outputs d[i] (n[i] floats) against the first run's
+ * want[i], bit for bit, each named "name[i], how" */
+static void same_three(const char *what, const char *how, const char *const name[3], const float *const d[3],
+                       const float *const want[3], const size_t n[3])
+{
+    char ctx[128];
+    for (int i = 0; i < 3; i++) {
+        snprintf(ctx, sizeof ctx, "%s, %s", name[i], how);
+        cmp(what, ctx, d[i], want[i], n[i], 0);
+    }
+}
+
 static void t_groupnorm(int B, int C, int HW, int G, int silu)
 {
     char what[160];
@@ -382,12 +394,9 @@ static void t_groupnorm(int B, int C, int HW, int G, int silu)
                                                   1e-5f, silu);
             unsetenv("DB_GN_CLUSTER");
             if (gpu_ran(rk, what)) {
-                snprintf(ctx, sizeof ctx, "out, clusters of %d vs default", cl);
-                cmp(what, ctx, ky, hy, n, 0);
-                snprintf(ctx, sizeof ctx, "mean, clusters of %d vs default", cl);
-                cmp(what, ctx, km, hm, ng, 0);
-                snprintf(ctx, sizeof ctx, "rstd, clusters of %d vs default", cl);
-                cmp(what, ctx, kr, hr, ng, 0);
+                snprintf(ctx, sizeof ctx, "clusters of %d vs default", cl);
+                same_three(what, ctx, (const char *const[]){"out", "mean", "rstd"}, (const float *const[]){ky, km, kr},
+                           (const float *const[]){hy, hm, hr}, (const size_t[]){n, ng, ng});
             }
         }
     }
@@ -441,12 +450,10 @@ static void t_groupnorm_backward(int B, int C, int HW, int G, int silu)
                                                    dputf(x, n), dputf(w, C), dputf(b, C), B, C, HW, G, silu);
             unsetenv("DB_GN_CLUSTER");
             if (gpu_ran(rk, what)) {
-                snprintf(ctx, sizeof ctx, "dinp, clusters of %d vs default", cl);
-                cmp(what, ctx, kx, hx, n, 0);
-                snprintf(ctx, sizeof ctx, "dweight, clusters of %d vs default", cl);
-                cmp(what, ctx, kw, hw, C, 0);
-                snprintf(ctx, sizeof ctx, "dbias, clusters of %d vs default", cl);
-                cmp(what, ctx, kb, hb, C, 0);
+                snprintf(ctx, sizeof ctx, "clusters of %d vs default", cl);
+                same_three(what, ctx, (const char *const[]){"dinp", "dweight", "dbias"},
+                           (const float *const[]){kx, kw, kb}, (const float *const[]){hx, hw, hb},
+                           (const size_t[]){n, (size_t)C, (size_t)C});
             }
         }
     }
