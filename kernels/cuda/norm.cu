@@ -247,9 +247,13 @@ __global__ static void groupnorm_apply_kernel(float *out, float *mean, float *rs
 // (a contiguous stretch of the group), sums them into its shared memory,
 // and after a cluster barrier every block reads all np sums from their
 // owners' shared memory in piece order, so every block combines the same
-// values the same way.  gw_choose picks the smallest cl (1, 2 or 4) that
-// fits the stretch in shared memory and gives about a block per
-// multiprocessor or more; DB_GN_CLUSTER=N forces N (1: no cluster).
+// values the same way.  gw_choose picks the smallest cl (1, 2 or 4) whose
+// stretch fits in shared memory, grown while B G cl blocks would leave
+// more than half the multiprocessors without one; DB_GN_CLUSTER=N forces
+// N (1: no cluster).  H200, calls 7-8: 13.3 us a launch forward and 22.5
+// backward in clusters of two at SD1.5's B2 (0.017 / 0.027 ms at C320
+// 64x64 against 0.023 / 0.032 one block a group); clusters of four were
+// slower (0.037 / 0.060).
 // H200 (2026-11-27, fifth call): with four 256-thread sub-blocks summing a
 // piece each between block-wide barriers and the group read by plain
 // loads, 27 us a launch at SD1.5's 64x64 level (B2 C320), no faster than
