@@ -64,6 +64,29 @@ __device__ __forceinline__ float row_ref(float *m, float tmax, float rescale, fl
     return mnew == -INFINITY ? 0.0f : mnew;
 }
 
+// A tile's scores s to log2 units (times qscale), the keys a row may not
+// see (MASK: j >= its limit jlim) -inf; *tA, *tB: the maxima of rows g and
+// g + 8 over this lane's columns.  Without MASK the caller knows every key
+// of the tile visible to every row: the same values, no compares.
+template <bool MASK>
+__device__ __forceinline__ void scale_max(float (&s)[BT / 8][4], float *tA, float *tB, float qscale, int j0, int jlimA,
+                                          int jlimB)
+{
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int nt = 0; nt < BT / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int j = j0 + 8 * nt + 2 * t + (e & 1);
+            const float y = !MASK || j < (e < 2 ? jlimA : jlimB) ? s[nt][e] * qscale : -INFINITY;
+            s[nt][e] = y;
+            if (e < 2)
+                *tA = fmaxf(*tA, y);
+            else
+                *tB = fmaxf(*tB, y);
+        }
+}
+
 // shared memory of a block: Qs, Ks, Vs; pipelined, two K, V pairs
 template <typename T, int NK> constexpr size_t smem_bytes(bool pipe)
 {
@@ -72,7 +95,7 @@ template <typename T, int NK> constexpr size_t smem_bytes(bool pipe)
 
 // grid (ceil(Tq / BR), B * NH), block NWARP * 32, dynamic shared memory
 // smem_bytes<T, NK>(PIPE).
-template <typename T, int NK, bool PIPE>
+template <typename T, int NK, bool PIPE, bool LDSM>
 __global__ static void __launch_bounds__(NWARP * 32)
     attention_mma_kernel(float *out, float *lse, const T *q, const T *k, const T *v, int Tq, int Tk, int NH, int HS,
                          int causal, float qscale, float rescale)
@@ -100,7 +123,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
     load_rows(Qs, q, b, h, i0, BR, Tq, Tq, NH, HS, LDH);
     __syncthreads();
     uint32_t qa[NK][4];
-    a_frags<T, NK>(qa, Qs + warp * 16 * LDH, LDH);
+    a_frags<T, NK, LDSM>(qa, Qs + warp * 16 * LDH, LDH);
     if (PIPE)
         __syncthreads(); // every warp's queries read out of pair 1 before the second tile is copied there
     float o[2 * NK][4];
@@ -110,6 +133,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
 
     const int iA = i0 + warp * 16 + g, iB = iA + 8; // this lane's two rows
     const int jlimA = causal && iA + 1 < Tk ? iA + 1 : Tk, jlimB = causal && iB + 1 < Tk ? iB + 1 : Tk;
+    const int jall = causal && i0 + 1 < Tk ? i0 + 1 : Tk; // keys below it are visible to every row of the block
     float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f, ltA = 0.0f, ltB = 0.0f;
 
     for (int j0 = 0, it = 0; j0 < kend; j0 += BT, it++) {
@@ -132,52 +156,41 @@ __global__ static void __launch_bounds__(NWARP * 32)
 
         // S (16 x 64) = Q K^T: n-tile nt holds keys 8 nt .. 8 nt + 7
         float s[BT / 8][4];
-        prod_nt<T, NK>(s, qa, Ks, LDH);
-        // scores in log2 units, masked; the rows' tile maxima
+        prod_nt<T, NK, LDSM>(s, qa, Ks, LDH);
+        // scores in log2 units, masked (only where a key of the tile lies
+        // past a row's limit: block-uniform); the rows' tile maxima
         float tA = -INFINITY, tB = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < BT / 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = j0 + 8 * nt + 2 * t + (e & 1);
-                const float y = j < (e < 2 ? jlimA : jlimB) ? s[nt][e] * qscale : -INFINITY;
-                s[nt][e] = y;
-                if (e < 2)
-                    tA = fmaxf(tA, y);
-                else
-                    tB = fmaxf(tB, y);
-            }
+        if (j0 + BT <= jall)
+            scale_max<false>(s, &tA, &tB, qscale, j0, jlimA, jlimB);
+        else
+            scale_max<true>(s, &tA, &tB, qscale, j0, jlimA, jlimB);
         tA = quad_max(tA), tB = quad_max(tB);
         float corrA, corrB;
         const float refA = row_ref(&mA, tA, rescale, &corrA), refB = row_ref(&mB, tB, rescale, &corrB);
 
-        // p, rounded to T: the A fragments of P (k-step kk = keys 16 kk ..)
+        // p, rounded to T two at a time: the A fragments of P (k-step kk =
+        // keys 16 kk ..); the sums add p and its rounding in key order
         uint32_t pa[BT / 16][4];
         float psA = 0.0f, psB = 0.0f, ptA = 0.0f, ptB = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < BT / 8; nt++) {
-            unsigned u[4];
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const float p = exp2f(s[nt][e] - (e < 2 ? refA : refB));
-                const T pr = tc<T>::from(p);
-                if (e < 2)
-                    psA += p, ptA += tc<T>::to(pr);
-                else
-                    psB += p, ptB += tc<T>::to(pr);
-                u[e] = tc<T>::bits(pr);
-            }
-            pa[nt / 2][(nt & 1) * 2 + 0] = pack2(u[0], u[1]); // row g
-            pa[nt / 2][(nt & 1) * 2 + 1] = pack2(u[2], u[3]); // row g + 8
+            const float p0 = exp2_ftz(s[nt][0] - refA), p1 = exp2_ftz(s[nt][1] - refA);
+            const float p2 = exp2_ftz(s[nt][2] - refB), p3 = exp2_ftz(s[nt][3] - refB);
+            const uint32_t wA = tc<T>::pair(p0, p1), wB = tc<T>::pair(p2, p3);
+            psA += p0, ptA += tc<T>::lo(wA), psA += p1, ptA += tc<T>::hi(wA);
+            psB += p2, ptB += tc<T>::lo(wB), psB += p3, ptB += tc<T>::hi(wB);
+            pa[nt / 2][(nt & 1) * 2 + 0] = wA; // row g
+            pa[nt / 2][(nt & 1) * 2 + 1] = wB; // row g + 8
         }
         lA = lA * corrA + quad_sum(psA), ltA = ltA * corrA + quad_sum(ptA);
         lB = lB * corrB + quad_sum(psB), ltB = ltB * corrB + quad_sum(ptB);
+        if (corrA != 1.0f || corrB != 1.0f) // (the reference max moves seldom: o * 1 is o)
 #pragma unroll
-        for (int n = 0; n < 2 * NK; n++)
-            o[n][0] *= corrA, o[n][1] *= corrA, o[n][2] *= corrB, o[n][3] *= corrB;
+            for (int n = 0; n < 2 * NK; n++)
+                o[n][0] *= corrA, o[n][1] *= corrA, o[n][2] *= corrB, o[n][3] *= corrB;
 
         // O += P V: V's B fragments, two keys of one head dimension per word
-        prod_nn<T, NK>(o, pa, Vs, LDH, HC);
+        prod_nn<T, NK, LDSM>(o, pa, Vs, LDH, HC);
         if (PIPE)
             __syncthreads(); // this pair consumed before the next iteration fills it again
     }
@@ -202,13 +215,13 @@ __global__ static void __launch_bounds__(NWARP * 32)
     }
 }
 
-template <typename T, int NK, bool PIPE>
+template <typename T, int NK, bool PIPE, bool LDSM>
 static int launch(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v, int B, int Tq,
                   int Tk, int NH, int HS, int causal, float rescale)
 {
     const size_t smem = smem_bytes<T, NK>(PIPE);
     void (*kern)(float *, float *, const T *, const T *, const T *, int, int, int, int, int, float, float) =
-        attention_mma_kernel<T, NK, PIPE>;
+        attention_mma_kernel<T, NK, PIPE, LDSM>;
     if (db_cuda_smem_optin(c, kern, smem))
         return -1;
     dim3 grid((unsigned)((Tq + BR - 1) / BR), (unsigned)(B * NH));
@@ -226,11 +239,13 @@ int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void 
 {
     return with_nd(HS, [&](auto nk) {
         constexpr int NK = decltype(nk)::value;
-        const bool pipe = db_cuda_attn_cpasync();
-        if (dtype == DB_PREC_BF16)
-            return pipe ? launch<__nv_bfloat16, NK, true>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale)
-                        : launch<__nv_bfloat16, NK, false>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
-        return pipe ? launch<__half, NK, true>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale)
-                    : launch<__half, NK, false>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
+        const bool pipe = db_cuda_attn_cpasync(), ldsm = db_cuda_attn_ldsm();
+        auto go = [&](auto t, auto p, auto l) {
+            return launch<decltype(t), NK, decltype(p)::value, decltype(l)::value>(c, out, lse, q, k, v, B, Tq, Tk, NH,
+                                                                                    HS, causal, rescale);
+        };
+        return with_flags(pipe, ldsm, [&](auto p, auto l) {
+            return dtype == DB_PREC_BF16 ? go(__nv_bfloat16(), p, l) : go(__half(), p, l);
+        });
     });
 }

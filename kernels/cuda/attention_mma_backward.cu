@@ -70,7 +70,7 @@ __device__ __forceinline__ void store_acc(float *dst, const float (&acc)[2 * NK]
 // as the forward): the next K, V tile copied in by cp.async while this one
 // is used; the two pairs are Ks, Vs and, once their fragments are in
 // registers, Qs, dOs.
-template <typename T, int NK, bool PIPE>
+template <typename T, int NK, bool PIPE, bool LDSM>
 __global__ static void __launch_bounds__(NWARP * 32)
     attn_mma_dq_kernel(float *dq, const T *dout, const float *lse, const float *D, const T *q, const T *k, const T *v,
                        int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale)
@@ -92,8 +92,8 @@ __global__ static void __launch_bounds__(NWARP * 32)
     load_kv_tile(Qs, dOs, q, dout, b, h, i0, Tq, NH, HS, LDH);
     __syncthreads();
     uint32_t qa[NK][4], oa[NK][4];
-    a_frags<T, NK>(qa, Qs + warp * 16 * LDH, LDH);
-    a_frags<T, NK>(oa, dOs + warp * 16 * LDH, LDH);
+    a_frags<T, NK, LDSM>(qa, Qs + warp * 16 * LDH, LDH);
+    a_frags<T, NK, LDSM>(oa, dOs + warp * 16 * LDH, LDH);
     if (PIPE)
         __syncthreads(); // every warp's fragments read out of Qs, dOs before the second tile is copied there
     const int iA = i0 + warp * 16 + g, iB = iA + 8; // this lane's two rows
@@ -122,8 +122,8 @@ __global__ static void __launch_bounds__(NWARP * 32)
             __syncthreads();
         }
         float s[BT / 8][4], dp[BT / 8][4];
-        prod_nt<T, NK>(s, qa, Ks, LDH);  // S = Q K^T
-        prod_nt<T, NK>(dp, oa, Vs, LDH); // dP = dO V^T
+        prod_nt<T, NK, LDSM>(s, qa, Ks, LDH);  // S = Q K^T
+        prod_nt<T, NK, LDSM>(dp, oa, Vs, LDH); // dP = dO V^T
         // dS / scale = round(P (dP - D)): the A fragments of dQ's product
         uint32_t dsa[BT / 16][4];
 #pragma unroll
@@ -139,7 +139,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
             dsa[nt / 2][(nt & 1) * 2 + 0] = pack2(u[0], u[1]); // row g
             dsa[nt / 2][(nt & 1) * 2 + 1] = pack2(u[2], u[3]); // row g + 8
         }
-        prod_nn<T, NK>(acc, dsa, Ks, LDH, HS / 8); // dQ / scale += (dS / scale) K
+        prod_nn<T, NK, LDSM>(acc, dsa, Ks, LDH, HS / 8); // dQ / scale += (dS / scale) K
         if (PIPE)
             __syncthreads(); // this pair consumed before the next iteration fills it again
     }
@@ -170,7 +170,7 @@ __device__ __forceinline__ void load_lse_d(float *l2s, float *Ds, const float *l
     }
 }
 
-template <typename T, int NK, bool PIPE>
+template <typename T, int NK, bool PIPE, bool LDSM>
 __global__ static void __launch_bounds__(NWARP * 32)
     attn_mma_dkv_kernel(float *dk, float *dv, const T *dout, const float *lse, const float *D, const T *q, const T *k,
                         const T *v, int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale, int qtiles,
@@ -227,10 +227,10 @@ __global__ static void __launch_bounds__(NWARP * 32)
         float s[BT / 8][4], dp[BT / 8][4];
         {
             uint32_t xa[NK][4];
-            a_frags<T, NK>(xa, kw, LDH);
-            prod_nt<T, NK>(s, xa, Qs, LDH); // S^T = K Q^T
-            a_frags<T, NK>(xa, vw, LDH);
-            prod_nt<T, NK>(dp, xa, dOs, LDH); // dP^T = V dO^T
+            a_frags<T, NK, LDSM>(xa, kw, LDH);
+            prod_nt<T, NK, LDSM>(s, xa, Qs, LDH); // S^T = K Q^T
+            a_frags<T, NK, LDSM>(xa, vw, LDH);
+            prod_nt<T, NK, LDSM>(dp, xa, dOs, LDH); // dP^T = V dO^T
         }
         // P^T and dS^T / scale, rounded: the A fragments of dV's and dK's products
         uint32_t pa[BT / 16][4], dsa[BT / 16][4];
@@ -250,8 +250,8 @@ __global__ static void __launch_bounds__(NWARP * 32)
             dsa[nt / 2][(nt & 1) * 2 + 0] = pack2(ud[0], ud[1]);
             dsa[nt / 2][(nt & 1) * 2 + 1] = pack2(ud[2], ud[3]);
         }
-        prod_nn<T, NK>(gv, pa, dOs, LDH, HS / 8);  // dV += P^T dO
-        prod_nn<T, NK>(gk, dsa, Qs, LDH, HS / 8); // dK / scale += (dS / scale)^T Q
+        prod_nn<T, NK, LDSM>(gv, pa, dOs, LDH, HS / 8);  // dV += P^T dO
+        prod_nn<T, NK, LDSM>(gk, dsa, Qs, LDH, HS / 8); // dK / scale += (dS / scale)^T Q
         if (PIPE)
             __syncthreads(); // this pair consumed before the next iteration fills it again
     }
@@ -261,7 +261,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
         store_acc<NK>(dk + blockIdx.z * part, gk, scale, b, h, jA, Tk, NH, HS);
 }
 
-template <typename T, int NK, bool PIPE>
+template <typename T, int NK, bool PIPE, bool LDSM>
 static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, const void *dout, const float *lse,
                   const void *q, const void *k, const void *v, int B, int Tq, int Tk, int NH, int HS, int causal,
                   float scale, float qscale, int qtiles, int nsplit, size_t part)
@@ -271,7 +271,7 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
     if (dq) {
         const size_t smem = sizeof(T) * 4 * (size_t)BR * LDH;
         void (*kern)(float *, const T *, const float *, const float *, const T *, const T *, const T *, int, int, int,
-                     int, int, float, float) = attn_mma_dq_kernel<T, NK, PIPE>;
+                     int, int, float, float) = attn_mma_dq_kernel<T, NK, PIPE, LDSM>;
         if (db_cuda_smem_optin(c, kern, smem))
             return -1;
         dim3 grid((unsigned)((Tq + BR - 1) / BR), (unsigned)(B * NH));
@@ -282,7 +282,7 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
     if (dk || dv) {
         const size_t smem = dkv_smem<T, NK>(PIPE);
         void (*kern)(float *, float *, const T *, const float *, const float *, const T *, const T *, const T *, int,
-                     int, int, int, int, float, float, int, size_t) = attn_mma_dkv_kernel<T, NK, PIPE>;
+                     int, int, int, int, float, float, int, size_t) = attn_mma_dkv_kernel<T, NK, PIPE, LDSM>;
         if (db_cuda_smem_optin(c, kern, smem))
             return -1;
         dim3 grid((unsigned)((Tk + BR - 1) / BR), (unsigned)(B * NH), (unsigned)nsplit);
@@ -308,16 +308,14 @@ int db_cuda_attention_mma_backward(db_ctx *c, float *dq, float *dk, float *dv, c
         if constexpr (16 * NK > MMA_BWD_HS_MAX + 15) {
             return -1; // not reached: HS checked above
         } else {
-            const bool pipe = db_cuda_attn_cpasync();
-            if (dtype == DB_PREC_BF16)
-                return pipe ? launch<__nv_bfloat16, NK, true>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS,
-                                                              causal, scale, qscale, qtiles, nsplit, part)
-                            : launch<__nv_bfloat16, NK, false>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS,
-                                                               causal, scale, qscale, qtiles, nsplit, part);
-            return pipe ? launch<__half, NK, true>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal,
-                                                   scale, qscale, qtiles, nsplit, part)
-                        : launch<__half, NK, false>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal,
-                                                    scale, qscale, qtiles, nsplit, part);
+            auto go = [&](auto t, auto p, auto l) {
+                return launch<decltype(t), NK, decltype(p)::value, decltype(l)::value>(
+                    c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal, scale, qscale, qtiles, nsplit,
+                    part);
+            };
+            return with_flags(db_cuda_attn_cpasync(), db_cuda_attn_ldsm(), [&](auto p, auto l) {
+                return dtype == DB_PREC_BF16 ? go(__nv_bfloat16(), p, l) : go(__half(), p, l);
+            });
         }
     });
 }

@@ -293,6 +293,12 @@ bool db_cuda_attn_cpasync(void)
     return !(e && strcmp(e, "0") == 0);
 }
 
+bool db_cuda_attn_ldsm(void)
+{
+    const char *e = getenv("DB_ATTN_LDSM");
+    return !(e && strcmp(e, "0") == 0);
+}
+
 extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k,
                                             const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
                                             int causal)

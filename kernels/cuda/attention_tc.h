@@ -33,6 +33,11 @@ bool db_cuda_attn_mma(void);
 // attention_mma_backward.cu): yes unless DB_ATTN_CPASYNC=0, which loads
 // each tile, then uses it.  Read at each call.
 bool db_cuda_attn_cpasync(void);
+// Whether the mma.sync kernels take their tensor-core operands from shared
+// memory by ldmatrix (kernels/cuda/mma.h ldsm4; attention_mma_common.h):
+// yes unless DB_ATTN_LDSM=0, which loads them 32 and 16 bits a lane as
+// before (2026-11-27: the same words, so the same bits).  Read at each call.
+bool db_cuda_attn_ldsm(void);
 
 // The same forward through mma.sync with S and P in registers
 // (attention_mma.cu; db_cuda_attention_tc_forward runs it, after checking

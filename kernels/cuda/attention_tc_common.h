@@ -42,6 +42,16 @@ template <int ND = 1, typename F> inline int with_nd(int HS, F &&f)
     return f(std::integral_constant<int, ND>{});
 }
 
+// f(std::bool_constant<a>{}, std::bool_constant<b>{}): two run-time
+// switches (the mma.sync kernels' cp.async pipeline and ldmatrix loads) as
+// template arguments
+template <typename F> inline int with_flags(bool a, bool b, F &&f)
+{
+    if (a)
+        return b ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
+    return b ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
+}
+
 // log2(e) / sqrt(HS), computed in double and rounded once to fp32: the scale
 // that takes q . k to log2 units (the softmax runs on exp2f); the backward
 // recomputes the forward's P with it, so both must use this one
@@ -51,18 +61,65 @@ inline float score_scale_log2(int HS)
 }
 
 // the compute type T (bf16 or fp16): fp32 -> T rounded to nearest even,
-// T -> fp32 (exact), and T's 16 bits (to pack rounded values, pack4)
+// T -> fp32 (exact), and T's 16 bits (to pack rounded values, pack4);
+// pair: two floats rounded as from() into one word (lo in the low half:
+// one cvt.rn.*x2 instruction), lo / hi: a word's halves back to fp32
 template <typename T> struct tc;
 template <> struct tc<__nv_bfloat16> {
     static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
     static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
     static __device__ __forceinline__ unsigned bits(__nv_bfloat16 x) { return ((__nv_bfloat16_raw)x).x; }
+    static __device__ __forceinline__ uint32_t pair(float lo, float hi)
+    {
+        const __nv_bfloat162_raw r = __floats2bfloat162_rn(lo, hi);
+        return (uint32_t)r.x | (uint32_t)r.y << 16;
+    }
+    static __device__ __forceinline__ float lo(uint32_t w) { return half_of(w & 0xffffu); }
+    static __device__ __forceinline__ float hi(uint32_t w) { return half_of(w >> 16); }
+    static __device__ __forceinline__ float half_of(uint32_t u)
+    {
+        __nv_bfloat16_raw r;
+        r.x = (unsigned short)u;
+        return __bfloat162float(__nv_bfloat16(r));
+    }
 };
 template <> struct tc<__half> {
     static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
     static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
     static __device__ __forceinline__ unsigned bits(__half x) { return ((__half_raw)x).x; }
+    static __device__ __forceinline__ uint32_t pair(float lo, float hi)
+    {
+        const __half2_raw r = __floats2half2_rn(lo, hi);
+        return (uint32_t)r.x | (uint32_t)r.y << 16;
+    }
+    static __device__ __forceinline__ float lo(uint32_t w) { return half_of(w & 0xffffu); }
+    static __device__ __forceinline__ float hi(uint32_t w) { return half_of(w >> 16); }
+    static __device__ __forceinline__ float half_of(uint32_t u)
+    {
+        __half_raw r;
+        r.x = (unsigned short)u;
+        return __half2float(__half(r));
+    }
 };
+
+// 2^x for the forward's probabilities, x <= a few units (scores less the
+// row's reference max): the bare MUFU.EX2 (ex2.approx.ftz), without the
+// compare and two multiplies exp2f adds to keep results under 2^-126;
+// those are flushed to 0, which leaves the forward's sums as they were
+// (a row's sums hold a term >= 1 from the tile that set its reference, so
+// a term under 2^-126 is lost in their rounding anyway).  The emulator:
+// exp2f, flushed the same way.
+__device__ __forceinline__ float exp2_ftz(float x)
+{
+#ifdef DB_CUDA_EMU_H
+    const float y = exp2f(x);
+    return y < 1.17549435e-38f ? 0.0f : y;
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
 
 // four consecutive compute-type elements (their bits, as tc<T>::bits) as
 // one 8-byte store: a lane writes its column quad of a rounded row at once

@@ -70,6 +70,44 @@ template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], cons
 }
 #endif
 
+// ldmatrix.x4: four 8 x 8 matrices of 16-bit elements from shared memory
+// in one warp-wide load.  Lanes 8m .. 8m + 7 give the addresses of matrix
+// m's rows 0 .. 7 (16 bytes each, 16-byte aligned); lane 4g + t receives,
+// two elements a word, the lower index in the low half:
+//   plain: r[m] = M_m[g][2t, 2t+1]      TRANS: r[m] = M_m[2t, 2t+1][g]
+// i.e. the A or B fragment words of mma16816 above straight from
+// row-major tiles (TRANS: B fragments of a tile whose rows are k).  A
+// matrix's eight 16-byte rows fall in eight different bank groups when the
+// row stride is an odd multiple of 16 bytes (the attention tiles' LDH).
+// Every lane of the warp must call it.  Under the CPU emulator the lanes'
+// addresses are gathered and each lane reads its elements through them.
+#ifdef DB_CUDA_EMU_H
+template <bool TRANS> __device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void *row)
+{
+    const uintptr_t p = (uintptr_t)row;
+    uint32_t mine[2] = {(uint32_t)p, (uint32_t)(p >> 32)}, all[32][8];
+    emu_warp_gather(mine, 2, all);
+    const int lane = emu_lin % 32, g = lane >> 2, t = lane & 3;
+    auto at = [&](int l) { return (const uint16_t *)(((uintptr_t)all[l][1] << 32) | all[l][0]); };
+    for (int m = 0; m < 4; m++)
+        r[m] = TRANS ? (uint32_t)at(8 * m + 2 * t)[g] | (uint32_t)at(8 * m + 2 * t + 1)[g] << 16
+                     : (uint32_t)at(8 * m + g)[2 * t] | (uint32_t)at(8 * m + g)[2 * t + 1] << 16;
+}
+#else
+template <bool TRANS> __device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void *row)
+{
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+}
+#endif
+
 } // namespace db_mma
 
 #endif

@@ -20,6 +20,9 @@
  *
  * Without the library, its hook or a device: "1..0 # SKIP".
  * DB_CUDA_TEST_QUICK=1: the small shapes only (the CPU emulator).
+ * DB_TEST_BITS=1: each output's bits hashed on a "# bits" line after its
+ * check, so two runs (e.g. DB_ATTN_LDSM=0 and the default) can be shown to
+ * give the same bits by diffing those lines.
  * DB_BENCH=1: also time SD1.5's shapes (cudaEvents on the ctx's stream),
  * the backward too, next to the fp32 backward at B 2, 4096 x 4096, 8 x 40. */
 #include <dlfcn.h>
@@ -103,6 +106,12 @@ static void report(const char *what, const char *tensor, const float *got, const
     tap_ok(ok, "%s %s: rel L2 %.2e <= %.0e (max |diff| %.2e)", what, tensor, r.rel, tol, r.maxabs);
     if (!ok)
         tap_diag("  worst element %zu: tc %.9g cpu %.9g", r.at, (double)got[r.at], (double)want[r.at]);
+    if (getenv("DB_TEST_BITS")) { /* FNV-1a over the output's bytes */
+        uint64_t h = 14695981039346656037ull;
+        for (size_t i = 0; i < n * sizeof *got; i++)
+            h = (h ^ ((const unsigned char *)got)[i]) * 1099511628211ull;
+        tap_diag("bits %s %s %016llx", what, tensor, (unsigned long long)h);
+    }
 }
 
 /* one shape: qmul scales q (peaked scores); rescale < 0 is the kernel's default */
