@@ -18,19 +18,19 @@ bash tests/gpu/emu/run.sh --build 2>&1 | sed 's/^/# /' || { echo "not ok 1 - emu
 # non-zero or runs no check adds a failing line
 # (test_attention_tc three times: the WMMA forward of attention_tc.cu with
 # DB_ATTN_MMA=0, then the default, the mma.sync forward of attention_mma.cu
-# and backward with their cp.async pipelines, then the same without them,
-# DB_ATTN_CPASYNC=0)
+# and backward with their cp.async pipelines and ldmatrix loads, then the
+# same without either, DB_ATTN_CPASYNC=0 DB_ATTN_LDSM=0)
 status=0
 for run in test_cuda_ops test_attention_tc test_attention_tc:mma test_attention_tc:nopipe; do
     prog=${run%%:*}
     DB_ATTN_MMA=$([ "$run" = "$prog" ] && echo 0 || echo 1) DB_ATTN_CPASYNC=$([ "$run" = "${run%:nopipe}" ] && echo 1 || echo 0) \
-        DB_CUDA_TEST_QUICK=1 B="$PWD/build/emu" "$B/tests/gpu/$prog" >"$B/emu/$run.tap" 2>&1
+        DB_ATTN_LDSM=$([ "$run" = "${run%:nopipe}" ] && echo 1 || echo 0) DB_CUDA_TEST_QUICK=1 B="$PWD/build/emu" "$B/tests/gpu/$prog" >"$B/emu/$run.tap" 2>&1
     rc=$?
     echo "# $run: exit $rc"
     grep -q '^ok ' "$B/emu/$run.tap" && [ "$rc" = 0 ] || echo "not ok - $run exited $rc or ran no check" >>"$B/emu/$run.tap"
 done
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[mma] /' "$B/emu/test_attention_tc:mma.tap"
-sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[mma, no cp.async] /' "$B/emu/test_attention_tc:nopipe.tap"
+sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[mma, no cp.async, no ldmatrix] /' "$B/emu/test_attention_tc:nopipe.tap"
 awk '/^1\.\.[0-9]+/ { next }
      /^(not )?ok( [0-9]+)?/ { n++; sub(/^ok( [0-9]+)?/, "ok " n); sub(/^not ok( [0-9]+)?/, "not ok " n); if ($1 == "not") bad = 1 }
      { print }

@@ -65,6 +65,32 @@ __device__ __forceinline__ void store_acc(float *dst, const float (&acc)[2 * NK]
     }
 }
 
+// The dQ pass's dS / scale = round(P (dP - D)) for a lane's two rows (lse
+// l2A, l2B in log2 units, D DA, DB) as the A fragments of dS K, rounded two
+// at a time; MASK: keys j at or past a row's limit get P = 0 (without it
+// the caller knows the tile visible to every row: the same values).
+template <typename T, bool MASK>
+__device__ __forceinline__ void ds_frags(uint32_t (&dsa)[BT / 16][4], const float (&s)[BT / 8][4],
+                                         const float (&dp)[BT / 8][4], float qscale, float l2A, float l2B, float DA,
+                                         float DB, int j0, int jlimA, int jlimB)
+{
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int nt = 0; nt < BT / 8; nt++) {
+        float d[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int j = j0 + 8 * nt + 2 * t + (e & 1);
+            const bool rowA = e < 2;
+            const float p =
+                !MASK || j < (rowA ? jlimA : jlimB) ? exp2_ftz(s[nt][e] * qscale - (rowA ? l2A : l2B)) : 0.0f;
+            d[e] = p * (dp[nt][e] - (rowA ? DA : DB));
+        }
+        dsa[nt / 2][(nt & 1) * 2 + 0] = tc<T>::pair(d[0], d[1]); // row g
+        dsa[nt / 2][(nt & 1) * 2 + 1] = tc<T>::pair(d[2], d[3]); // row g + 8
+    }
+}
+
 // Pass 1: dq (B, Tq, NH*HS) fp32.  grid (ceil(Tq / BR), B NH), block NWARP
 // 32, dynamic shared memory 4 BR LDH sizeof(T).  PIPE (db_cuda_attn_cpasync,
 // as the forward): the next K, V tile copied in by cp.async while this one
@@ -81,7 +107,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
     T *Qs = (T *)smem, *dOs = Qs + BR * LDH, *Ks = dOs + BR * LDH, *Vs = Ks + BT * LDH;
     T *const pair0 = Ks, *const pair1 = Qs; // PIPE: tile it in pair0 when it is even, else pair1 (K, then V at + BT LDH)
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BR;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
     const int kend = causal && i0 + BR < Tk ? i0 + BR : Tk; // causal: no key past the block's last query
 
     if (PIPE) { // the first key tile on its way while the queries load
@@ -102,6 +128,8 @@ __global__ static void __launch_bounds__(NWARP * 32)
     const float DA = iA < Tq ? D[(size_t)bh * Tq + iA] : 0.0f, DB = iB < Tq ? D[(size_t)bh * Tq + iB] : 0.0f;
     const int jlimA = iA >= Tq ? 0 : causal && iA + 1 < Tk ? iA + 1 : Tk;
     const int jlimB = iB >= Tq ? 0 : causal && iB + 1 < Tk ? iB + 1 : Tk;
+    // keys below jall are visible to every row of the block (none when it has rows past Tq)
+    const int jall = i0 + BR > Tq ? 0 : causal && i0 + 1 < Tk ? i0 + 1 : Tk;
     float acc[2 * NK][4];
 #pragma unroll
     for (int n = 0; n < 2 * NK; n++)
@@ -126,19 +154,10 @@ __global__ static void __launch_bounds__(NWARP * 32)
         prod_nt<T, NK, LDSM>(dp, oa, Vs, LDH); // dP = dO V^T
         // dS / scale = round(P (dP - D)): the A fragments of dQ's product
         uint32_t dsa[BT / 16][4];
-#pragma unroll
-        for (int nt = 0; nt < BT / 8; nt++) {
-            unsigned u[4];
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = j0 + 8 * nt + 2 * t + (e & 1);
-                const bool rowA = e < 2;
-                const float p = j < (rowA ? jlimA : jlimB) ? exp2f(s[nt][e] * qscale - (rowA ? l2A : l2B)) : 0.0f;
-                u[e] = tc<T>::bits(tc<T>::from(p * (dp[nt][e] - (rowA ? DA : DB))));
-            }
-            dsa[nt / 2][(nt & 1) * 2 + 0] = pack2(u[0], u[1]); // row g
-            dsa[nt / 2][(nt & 1) * 2 + 1] = pack2(u[2], u[3]); // row g + 8
-        }
+        if (j0 + BT <= jall)
+            ds_frags<T, false>(dsa, s, dp, qscale, l2A, l2B, DA, DB, j0, jlimA, jlimB);
+        else
+            ds_frags<T, true>(dsa, s, dp, qscale, l2A, l2B, DA, DB, j0, jlimA, jlimB);
         prod_nn<T, NK, LDSM>(acc, dsa, Ks, LDH, HS / 8); // dQ / scale += (dS / scale) K
         if (PIPE)
             __syncthreads(); // this pair consumed before the next iteration fills it again
@@ -170,6 +189,37 @@ __device__ __forceinline__ void load_lse_d(float *l2s, float *Ds, const float *l
     }
 }
 
+// The dK/dV pass's P^T and dS^T / scale for a lane's two key rows jA, jB
+// against the query tile at q0 (its lse in log2 units and D in l2s, Ds),
+// rounded two at a time, as the A fragments of P^T dO and dS^T Q; MASK:
+// queries past Tq, keys past Tk and (causal) keys after the query get
+// P = 0 (without it the caller knows every pair of the tiles valid).
+template <typename T, bool MASK>
+__device__ __forceinline__ void pds_frags(uint32_t (&pa)[BT / 16][4], uint32_t (&dsa)[BT / 16][4],
+                                          const float (&s)[BT / 8][4], const float (&dp)[BT / 8][4], float qscale,
+                                          const float *l2s, const float *Ds, int q0, int jA, int jB, int Tq, int Tk,
+                                          int causal)
+{
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int nt = 0; nt < BT / 8; nt++) {
+        const int c0 = 8 * nt + 2 * t;
+        const float2 l2 = *(const float2 *)(l2s + c0), dd = *(const float2 *)(Ds + c0);
+        float p[4], d[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int i = q0 + c0 + (e & 1), j = e < 2 ? jA : jB;
+            const bool valid = !MASK || (i < Tq && j < Tk && (!causal || j <= i));
+            p[e] = valid ? exp2_ftz(s[nt][e] * qscale - (e & 1 ? l2.y : l2.x)) : 0.0f;
+            d[e] = p[e] * (dp[nt][e] - (e & 1 ? dd.y : dd.x));
+        }
+        pa[nt / 2][(nt & 1) * 2 + 0] = tc<T>::pair(p[0], p[1]);
+        pa[nt / 2][(nt & 1) * 2 + 1] = tc<T>::pair(p[2], p[3]);
+        dsa[nt / 2][(nt & 1) * 2 + 0] = tc<T>::pair(d[0], d[1]);
+        dsa[nt / 2][(nt & 1) * 2 + 1] = tc<T>::pair(d[2], d[3]);
+    }
+}
+
 template <typename T, int NK, bool PIPE, bool LDSM>
 __global__ static void __launch_bounds__(NWARP * 32)
     attn_mma_dkv_kernel(float *dk, float *dv, const T *dout, const float *lse, const float *D, const T *q, const T *k,
@@ -184,7 +234,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
     float *const fbase = (float *)((T *)smem + (PIPE ? 6 : 4) * BT * LDH);
     float *l2s = fbase, *Ds = l2s + BT;
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH, j0 = blockIdx.x * BR;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
     const int jA = j0 + warp * 16 + g, jB = jA + 8; // this lane's two key rows
     const T *kw = Kb + warp * 16 * LDH, *vw = Vb + warp * 16 * LDH;
 
@@ -234,22 +284,10 @@ __global__ static void __launch_bounds__(NWARP * 32)
         }
         // P^T and dS^T / scale, rounded: the A fragments of dV's and dK's products
         uint32_t pa[BT / 16][4], dsa[BT / 16][4];
-#pragma unroll
-        for (int nt = 0; nt < BT / 8; nt++) {
-            unsigned up[4], ud[4];
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int c = 8 * nt + 2 * t + (e & 1), i = q0 + c, j = e < 2 ? jA : jB;
-                const bool valid = i < Tq && j < Tk && (!causal || j <= i);
-                const float p = valid ? exp2f(s[nt][e] * qscale - l2s[c]) : 0.0f;
-                up[e] = tc<T>::bits(tc<T>::from(p));
-                ud[e] = tc<T>::bits(tc<T>::from(p * (dp[nt][e] - Ds[c])));
-            }
-            pa[nt / 2][(nt & 1) * 2 + 0] = pack2(up[0], up[1]);
-            pa[nt / 2][(nt & 1) * 2 + 1] = pack2(up[2], up[3]);
-            dsa[nt / 2][(nt & 1) * 2 + 0] = pack2(ud[0], ud[1]);
-            dsa[nt / 2][(nt & 1) * 2 + 1] = pack2(ud[2], ud[3]);
-        }
+        if (q0 + BT <= Tq && j0 + BR <= Tk && (!causal || j0 + BR <= q0 + 1))
+            pds_frags<T, false>(pa, dsa, s, dp, qscale, l2s, Ds, q0, jA, jB, Tq, Tk, causal);
+        else
+            pds_frags<T, true>(pa, dsa, s, dp, qscale, l2s, Ds, q0, jA, jB, Tq, Tk, causal);
         prod_nn<T, NK, LDSM>(gv, pa, dOs, LDH, HS / 8);  // dV += P^T dO
         prod_nn<T, NK, LDSM>(gk, dsa, Qs, LDH, HS / 8); // dK / scale += (dS / scale)^T Q
         if (PIPE)

@@ -102,13 +102,15 @@ template <> struct tc<__half> {
     }
 };
 
-// 2^x for the forward's probabilities, x <= a few units (scores less the
-// row's reference max): the bare MUFU.EX2 (ex2.approx.ftz), without the
-// compare and two multiplies exp2f adds to keep results under 2^-126;
-// those are flushed to 0, which leaves the forward's sums as they were
-// (a row's sums hold a term >= 1 from the tile that set its reference, so
-// a term under 2^-126 is lost in their rounding anyway).  The emulator:
-// exp2f, flushed the same way.
+// 2^x for the mma.sync kernels' probabilities (x: a score less the row's
+// reference max, or its log-sum-exp in the backward): the bare MUFU.EX2
+// (ex2.approx.ftz), without the compare and two multiplies exp2f adds to
+// keep results under 2^-126; those are flushed to 0.  The forward's sums
+// stay as they were (a row's sums hold a term >= 1 from the tile that set
+// its reference, so a term under 2^-126 is lost in their rounding); in the
+// backward such a P, times dP - D or dO, is below every fp32 sum's
+// rounding unless the whole sum is as small (fp16 rounds it to 0 anyway).
+// The emulator: exp2f, flushed the same way.
 __device__ __forceinline__ float exp2_ftz(float x)
 {
 #ifdef DB_CUDA_EMU_H

@@ -379,6 +379,7 @@ int main(void)
         t_tc(dtype, 2, 100, 77, 2, 40, 0, 1, -1, 0);         /* cross-attention: 77 text tokens */
         t_tc(dtype, 2, 100, 100, 2, 64, 1, 1, -1, 0);        /* causal (CLIP) */
         t_tc(dtype, 2, 70, 100, 2, 64, 1, 1, -1, 0);         /* causal, Tq < Tk */
+        t_tc(dtype, 1, 192, 192, 1, 40, 1, 1, -1, 0);        /* causal: tiles whole rows see unmasked */
         t_tc(dtype, 2, 33, 17, 2, 8, 0, 1, -1, 0);           /* HS 8: one 16-wide slice, mostly padding */
         t_tc(dtype, 2, 40, 200, 2, 40, 0, 6, -1, 0);         /* peaked scores: reference max moves later */
         t_tc(dtype, 2, 40, 200, 2, 40, 0, 1, 0, 0);          /* rescale on every increase */
@@ -390,6 +391,7 @@ int main(void)
             t_bwd(dtype, 2, 100, 77, 2, 40, 0, 0, 1);  /* cross-attention: Tq != Tk, 77 text tokens */
             t_bwd(dtype, 2, 70, 100, 2, 64, 1, 0, 1);  /* causal (CLIP), Tq < Tk, off the tiles */
             t_bwd(dtype, 2, 100, 70, 2, 64, 1, 0, 1);  /* causal, Tq > Tk */
+            t_bwd(dtype, 1, 192, 192, 1, 40, 1, 0, 1); /* causal: tiles every pair sees unmasked */
             t_bwd(dtype, 2, 50, 90, 2, 80, 0, 0, 1);
             t_bwd(dtype, 2, 40, 70, 2, 160, 0, 0, 1);
             t_bwd(dtype, 2, 33, 17, 2, 8, 1, 0, 1);    /* HS 8: mostly padding */
