@@ -61,24 +61,78 @@ __device__ __forceinline__ static size_t shadow_place(size_t o, const db_cuda_fi
     return f.off + (size_t)oc * per + (size_t)kk * (unsigned)f.C + cc;
 }
 
+// A chunk wholly inside one registered filter (OC, C, KHW), KHW 2 ..
+// ADAMW_KHW, whose ADAMW_CHUNK elements lie on at most ADAMW_ROWS of its
+// output-channel rows (3x3 filters of 152 input channels and up: all of
+// SD1.5's but conv_in's) has its 16-bit copies staged in shared memory and
+// written out run by run: in row oc the chunk covers channels [cc_lo,
+// cc_hi] of each tap kk, which are consecutive in the channels-last copy
+// (OC, KHW, C), so a warp stores 64 consecutive bytes where it stored 32
+// scattered 2-byte values (63 % of SD1.5's weights are such filters; the
+// H200 spent 7.8 ms a step in this kernel, ~1.4 ms over its fp32 traffic).
+// Rows r of the chunk: slots [sbase[r], sbase[r + 1]) hold (kk, cc) at
+// sbase[r] + kk W[r] + cc - cclo[r]; a slot whose element (cc KHW + kk)
+// lies outside the row's part of the chunk [a[r], b[r]) is not written.
+enum { ADAMW_CHUNK = 4096, ADAMW_ROWS = 4, ADAMW_KHW = 9 };
+struct adamw_stage {
+    int fast, nrows;
+    size_t row0;                      // the chunk's first row's first element, buffer offset
+    unsigned per, C, KHW;             // C KHW; the filter's shape
+    unsigned sbase[ADAMW_ROWS + 1], W[ADAMW_ROWS], cclo[ADAMW_ROWS], a[ADAMW_ROWS], b[ADAMW_ROWS];
+};
+
+// thread 0: whether chunk [o0, o1) (buffer offsets) of filter f (NULL: none
+// starts at or before o0) takes the staged path, and its rows' layout
+__device__ static void adamw_stage_plan(adamw_stage *st, const db_cuda_filter_range *f, size_t o0, size_t o1)
+{
+    st->fast = 0;
+    if (!f || f->KHW < 2 || f->KHW > ADAMW_KHW)
+        return;
+    const unsigned per = (unsigned)f->C * (unsigned)f->KHW;
+    if (o1 > f->off + (size_t)f->OC * per)
+        return; // (o0 >= f->off: f starts at or before the chunk)
+    const size_t l0 = o0 - f->off, l1 = o1 - f->off;
+    const size_t oc0 = l0 / per, oc1 = (l1 - 1) / per;
+    if (oc1 - oc0 >= ADAMW_ROWS)
+        return;
+    st->nrows = (int)(oc1 - oc0 + 1);
+    st->row0 = f->off + oc0 * per;
+    st->per = per, st->C = (unsigned)f->C, st->KHW = (unsigned)f->KHW;
+    unsigned sb = 0;
+    for (int r = 0; r < st->nrows; r++) {
+        const size_t rs = (oc0 + r) * per;
+        const unsigned a = (unsigned)((l0 > rs ? l0 : rs) - rs), b = (unsigned)((l1 < rs + per ? l1 : rs + per) - rs);
+        st->a[r] = a, st->b[r] = b;
+        st->cclo[r] = a / st->KHW;
+        st->W[r] = (b - 1) / st->KHW - st->cclo[r] + 1;
+        st->sbase[r] = sb;
+        sb += st->W[r] * st->KHW;
+    }
+    st->sbase[st->nrows] = sb;
+    st->fast = 1;
+}
+
 // Elements [0, n) of p, m, v, g; p is floats [base, base + n) of its
 // declared buffer, whose working copy `shadow` (of type f16 ? fp16 : bf16;
 // NULL when there is none or it is stale) is written in the same pass, the
 // nfr registered filters of fr (sorted by offset, device memory) at their
 // transposed places.  Each block walks chunks of ADAMW_CHUNK consecutive
-// elements (coalesced for the fp32 arrays; only the 2-byte copies of filter
-// elements scatter), and finds the chunk's first filter once: a thread then
-// only steps forward through the few filters a chunk can cross.  (H200:
-// 7.8 ms a step over SD1.5's 860 M weights, ~3.3 TB/s; float4 loads, four
-// elements a thread, changed nothing in call 6 and were taken out.)
-enum { ADAMW_CHUNK = 4096 };
+// elements (coalesced for the fp32 arrays), and finds the chunk's first
+// filter once: a thread then only steps forward through the few filters a
+// chunk can cross; inside a filter the copies go through shared memory
+// (above) where they can.  (H200, before the staging: 7.8 ms a step over
+// SD1.5's 860 M weights, ~3.3 TB/s; float4 loads, four elements a thread,
+// changed nothing in call 6 and were taken out.)
 __global__ static void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, db_adamw_coef k,
                                     void *shadow, size_t base, const db_cuda_filter_range *fr, int nfr, int f16)
 {
     __shared__ int first;
+    __shared__ adamw_stage st;
+    __shared__ uint16_t stage[ADAMW_CHUNK + 2 * ADAMW_ROWS * ADAMW_KHW];
     for (size_t c0 = (size_t)blockIdx.x * ADAMW_CHUNK; c0 < n; c0 += (size_t)gridDim.x * ADAMW_CHUNK) {
-        if (nfr) {
-            __syncthreads(); // (the previous chunk's readers of first are done)
+        const size_t c1 = c0 + ADAMW_CHUNK < n ? c0 + ADAMW_CHUNK : n;
+        if (nfr && shadow) {
+            __syncthreads(); // (the previous chunk's readers of first, st and stage are done)
             if (threadIdx.x == 0) { // the last filter starting at or before the chunk's first element
                 int lo = 0, hi = nfr - 1, f = -1;
                 while (lo <= hi) {
@@ -89,26 +143,44 @@ __global__ static void adamw_kernel(float *p, float *m, float *v, const float *g
                         hi = mid - 1;
                 }
                 first = f;
+                adamw_stage_plan(&st, f >= 0 ? &fr[f] : NULL, base + c0, base + c1);
             }
             __syncthreads();
         }
+        const bool staged = nfr && shadow && st.fast;
         int h = nfr ? first : -1;
-        const size_t c1 = c0 + ADAMW_CHUNK < n ? c0 + ADAMW_CHUNK : n;
         for (size_t i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
             float mi = m[i], vi = v[i];
             const float pi = adamw_elem(p[i], g[i], mi, vi, k);
             p[i] = pi;
             m[i] = mi;
             v[i] = vi;
-            if (shadow) {
+            if (!shadow)
+                continue;
+            const unsigned short u = f16 ? __half_as_ushort(__float2half_rn(pi))
+                                         : __bfloat16_as_ushort(__float2bfloat16_rn(pi));
+            if (staged) {
+                const size_t l = base + i - st.row0;
+                const unsigned r = (unsigned)(l / st.per), rem = (unsigned)(l - (size_t)r * st.per),
+                               cc = rem / st.KHW, kk = rem - cc * st.KHW;
+                stage[st.sbase[r] + kk * st.W[r] + cc - st.cclo[r]] = u;
+            } else {
                 const size_t o = base + i;
                 while (h + 1 < nfr && fr[h + 1].off <= o)
                     h++;
-                const size_t d = shadow_place(o, fr, h);
-                if (f16)
-                    ((__half *)shadow)[d] = __float2half_rn(pi);
-                else
-                    ((__nv_bfloat16 *)shadow)[d] = __float2bfloat16_rn(pi);
+                ((uint16_t *)shadow)[shadow_place(o, fr, h)] = u;
+            }
+        }
+        if (staged) { // the runs out, in copy order
+            __syncthreads();
+            for (unsigned s = threadIdx.x; s < st.sbase[st.nrows]; s += blockDim.x) {
+                int r = 0;
+                while (r + 1 < st.nrows && s >= st.sbase[r + 1])
+                    r++;
+                const unsigned q = s - st.sbase[r], kk = q / st.W[r], cc = st.cclo[r] + q - kk * st.W[r],
+                               e = cc * st.KHW + kk;
+                if (e >= st.a[r] && e < st.b[r])
+                    ((uint16_t *)shadow)[st.row0 + (size_t)r * st.per + (size_t)kk * st.C + cc] = stage[s];
             }
         }
     }

@@ -1410,6 +1410,63 @@ static void t_shadow(void)
     release_all();
 }
 
+/* The fused AdamW's staged filter copies (optim.cu adamw_stage_plan): a 3x3
+ * filter of 200 input channels (rows of 1800 elements: a 4096-element chunk
+ * lies on at most 4) in a declared buffer, off the chunks' alignment, so the
+ * chunks wholly inside it write the copy through shared memory and the two
+ * across its ends element by element; the AdamW runs whole, then in two
+ * spans cut inside the filter (chunks of one and of four rows), then in
+ * fp16.  After each, a conv on the declared buffer (its working copy) and
+ * on an undeclared copy of it (converted per call) give the same bits. */
+static void t_shadow_staged(void)
+{
+    const char *what = "opt_adamw: staged filter copies, conv on declared vs undeclared weights";
+    if (!have((const void *)api->declare_weights, what) || !have((const void *)api->opt_adamw, what))
+        return;
+    const int KB = 1, KC = 200, KO = 6, KS = 5;
+    const size_t fo = 112, nf = (size_t)KO * KC * 9, nw = fo + nf + 300, nx = (size_t)KB * KC * KS * KS,
+                 ny = (size_t)KB * KO * KS * KS;
+    float *w = hrand(nw, 0.05f);
+    float *dw = dputf(w, nw), *du = dputf(w, nw), *kx = dputf(hrand(nx, 1), nx);
+    float *dm = dputf(hzeros(nw), nw), *dv = dputf(hzeros(nw), nw), *dm2 = dputf(hzeros(nw), nw),
+          *dv2 = dputf(hzeros(nw), nw);
+    if (!gpu_ran(api->declare_weights(&g, dw, nw), what)) {
+        release_all();
+        return;
+    }
+    const db_adamw hp = db_adamw_defaults(1e-2);
+    const char *stage[] = {"first use", "after the AdamW", "after the AdamW in two spans", "fp16, after the AdamW"};
+    for (int k = 0; k < 4; k++) {
+        char step[240];
+        snprintf(step, sizeof step, "%s, %s", what, stage[k]);
+        const db_precision prec = k == 3 ? DB_PREC_F16 : DB_PREC_BF16;
+        if (k == 3) { /* the copy rebuilt in fp16 first: the AdamW then writes fp16 */
+            float *y0 = dpoison(ny);
+            if (!gpu_ran(IN_PREC(prec, api->conv2d_forward(&g, y0, kx, dw + fo, NULL, KB, KC, KS, KS, KO, 3, 3, 1, 1,
+                                                           1)),
+                         step))
+                break;
+        }
+        if (k > 0) {
+            float *gr = dputf(hrand(nw, 0.05f), nw);
+            const size_t cut = k == 2 ? fo + 5003 : nw;
+            if (!gpu_ran(api->opt_adamw(&g, dw, dm, dv, gr, cut, &hp, k), step) ||
+                (cut < nw && !gpu_ran(api->opt_adamw(&g, dw + cut, dm + cut, dv + cut, gr + cut, nw - cut, &hp, k),
+                                      step)) ||
+                !gpu_ran(api->opt_adamw(&g, du, dm2, dv2, gr, nw, &hp, k), step))
+                break;
+        }
+        float *y1 = dpoison(ny), *y2 = dpoison(ny);
+        if (!gpu_ran(IN_PREC(prec, api->conv2d_forward(&g, y1, kx, dw + fo, NULL, KB, KC, KS, KS, KO, 3, 3, 1, 1, 1)),
+                     step) ||
+            !gpu_ran(IN_PREC(prec, api->conv2d_forward(&g, y2, kx, du + fo, NULL, KB, KC, KS, KS, KO, 3, 3, 1, 1, 1)),
+                     step))
+            break;
+        same_bits(step, y1, y2, ny);
+    }
+    release_all();
+}
+
 /* The allocator's large blocks (kernels/cuda/cuda.h DB_CUDA_LARGE): sized to
  * 2 MiB rather than a quarter-power-of-two class, and a freed one serves a
  * request up to 1/8 smaller. */
@@ -2236,6 +2293,7 @@ int main(void)
             t_attention_backward(1, 1024, 1024, 8, 40, 0);
     }
 
+    t_shadow_staged(); /* (here: DB_CUDA_TEST_ONLY=staged runs it alone) */
     if (getenv("DB_CUDA_TEST_ONLY")) /* the per-op sections above only */
         goto done;
     t_linear_add(DB_PREC_F32, 7, 13, 11, 1);
