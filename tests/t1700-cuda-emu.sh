@@ -18,13 +18,16 @@ bash tests/gpu/emu/run.sh --build 2>&1 | sed 's/^/# /' || { echo "not ok 1 - emu
 # non-zero or runs no check adds a failing line
 # (test_attention_tc three times: the WMMA forward of attention_tc.cu with
 # DB_ATTN_MMA=0, then the default, the mma.sync forward of attention_mma.cu
-# and backward with their cp.async pipelines and ldmatrix loads, then the
-# same without either, DB_ATTN_CPASYNC=0 DB_ATTN_LDSM=0)
+# and backward with their cp.async pipelines and ldmatrix loads, the
+# forward with two row tiles a warp (DB_ATTN_MR=2: the small shapes here
+# would get one), then the same without either and with the forward's
+# own choice, one tile, DB_ATTN_CPASYNC=0 DB_ATTN_LDSM=0)
 status=0
 for run in test_cuda_ops test_attention_tc test_attention_tc:mma test_attention_tc:nopipe; do
     prog=${run%%:*}
     DB_ATTN_MMA=$([ "$run" = "$prog" ] && echo 0 || echo 1) DB_ATTN_CPASYNC=$([ "$run" = "${run%:nopipe}" ] && echo 1 || echo 0) \
-        DB_ATTN_LDSM=$([ "$run" = "${run%:nopipe}" ] && echo 1 || echo 0) DB_CUDA_TEST_QUICK=1 B="$PWD/build/emu" "$B/tests/gpu/$prog" >"$B/emu/$run.tap" 2>&1
+        DB_ATTN_LDSM=$([ "$run" = "${run%:nopipe}" ] && echo 1 || echo 0) \
+        DB_ATTN_MR=$([ "$run" = test_attention_tc:mma ] && echo 2 || echo 0) DB_CUDA_TEST_QUICK=1 B="$PWD/build/emu" "$B/tests/gpu/$prog" >"$B/emu/$run.tap" 2>&1
     rc=$?
     echo "# $run: exit $rc"
     grep -q '^ok ' "$B/emu/$run.tap" && [ "$rc" = 0 ] || echo "not ok - $run exited $rc or ran no check" >>"$B/emu/$run.tap"

@@ -19,14 +19,20 @@
 // the environment (read at each call by attention_tc.cu) selects the WMMA
 // kernel, and tests/gpu/run.sh times both.
 //
-// Block: NWARP = 4 warps over (b, h, BR = 64 queries), warp w owns query
-// rows 16w .. 16w + 15; lane 4g + t holds rows g and g + 8 of them.  Shared
-// memory: Qs (BR, LDH), then per key tile Ks, Vs (BT = 64, LDH) in the
-// compute type, LDH = HSP + 8 (HSP: HS rounded up to 16, zero columns);
-// pipelined, two such K, V pairs, Qs in the second pair's K (the queries
-// are in registers before the second tile lands there).
-// Registers per thread: Q fragments 4 NK words, S 32 floats, P 16 words,
-// O 8 NK floats (HS 160: 40 + 32 + 16 + 80).
+// Block: NWARP = 4 warps over (b, h, BR MR queries), warp w owns the MR
+// row tiles of 16 queries from 16 MR w (MR = 2 up to head size 80 where
+// the grid is large: mr_max below); lane 4g + t holds rows g and g + 8 of
+// each.  Shared memory: Qs (BR MR, LDH), then per key tile Ks, Vs (BT =
+// 64, LDH) in the compute type, LDH = HSP + 8 (HSP: HS rounded up to 16,
+// zero columns); pipelined, two such K, V pairs, Qs in the second pair
+// (the queries are in registers before the second tile lands there).
+// Registers per thread and row tile: Q fragments 4 NK words, S 32 floats,
+// P 16 words, O 8 NK floats (HS 160: 40 + 32 + 16 + 80).
+// Session 13 (2026-11-27, blind): the operands by ldmatrix
+// (attention_mma_common.h; DB_ATTN_LDSM=0: the earlier loads), two row
+// tiles a warp sharing each K and V fragment (DB_ATTN_MR), and a softmax
+// without per-key masks on whole tiles, with paired conversions and the
+// bare ex2 (exp2_ftz); the same bits as before in the emulator.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -87,54 +93,76 @@ __device__ __forceinline__ void scale_max(float (&s)[BT / 8][4], float *tA, floa
         }
 }
 
-// shared memory of a block: Qs, Ks, Vs; pipelined, two K, V pairs
-template <typename T, int NK> constexpr size_t smem_bytes(bool pipe)
+// MR: row tiles of 16 queries a warp, so a block owns BR MR queries and
+// each K or V fragment loaded from shared memory serves MR products (half
+// the shared-memory loads a score with 2).  2 up to head size 80 (two
+// tiles' S, P and O fit in registers: 168 at head size 40, 242 at 80),
+// where the grid keeps at least two blocks a multiprocessor (SD1.5's
+// 4096-token level at batch 2: 512 blocks; its 1024-token level would
+// leave most multiprocessors one block of four warps, so it stays at 1);
+// DB_ATTN_MR=1 or 2 forces it (2: where the head size allows).
+template <int NK> constexpr int mr_max() { return NK <= 5 ? 2 : 1; }
+
+// shared memory of a block: Qs (BR MR rows), Ks, Vs; pipelined, two K, V
+// pairs with Qs in the second (MR <= 2 tiles: its K and V)
+template <typename T, int NK, int MR> constexpr size_t smem_bytes(bool pipe)
 {
-    return sizeof(T) * (pipe ? 4 : 3) * BT * (16 * NK + 8);
+    return sizeof(T) * (pipe ? 4 : MR + 2) * BT * (16 * NK + 8);
 }
 
-// grid (ceil(Tq / BR), B * NH), block NWARP * 32, dynamic shared memory
-// smem_bytes<T, NK>(PIPE).
-template <typename T, int NK, bool PIPE, bool LDSM>
+// grid (ceil(Tq / (BR MR)), B * NH), block NWARP * 32, dynamic shared
+// memory smem_bytes<T, NK, MR>(PIPE).  Warp w owns the MR row tiles of
+// queries i0 + 16 (MR w + mr) .., mr < MR; a lane's rows in tile mr are
+// i[mr][0] (g) and i[mr][1] (g + 8).
+template <typename T, int NK, bool PIPE, bool LDSM, int MR>
 __global__ static void __launch_bounds__(NWARP * 32)
     attention_mma_kernel(float *out, float *lse, const T *q, const T *k, const T *v, int Tq, int Tk, int NH, int HS,
                          int causal, float qscale, float rescale)
 {
-    constexpr int HSP = 16 * NK, LDH = HSP + 8;
-    static_assert(BR == BT, "Qs is laid out as a key tile");
+    constexpr int HSP = 16 * NK, LDH = HSP + 8, BQ = BR * MR;
+    static_assert(BR == BT && MR <= 2, "Qs is laid out as one or two key tiles");
     extern __shared__ __align__(128) float smem[];
     // PIPE: pair 0 at 0 (K) and BT LDH (V), pair 1 at 2 BT LDH and 3 BT LDH,
-    // Qs = pair 1's K; else Qs, Ks, Vs in turn
+    // Qs = pair 1; else Qs, Ks, Vs in turn
     T *const base = (T *)smem;
-    T *Qs = PIPE ? base + 2 * BT * LDH : base; // (BR, LDH)
-    T *Ks = PIPE ? base : base + BR * LDH;     // (BT, LDH): the tile in use
+    T *Qs = PIPE ? base + 2 * BT * LDH : base; // (BQ, LDH)
+    T *Ks = PIPE ? base : base + BQ * LDH;     // (BT, LDH): the tile in use
     T *Vs = Ks + BT * LDH;                     // (BT, LDH)
-    const int bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BR;
+    const int bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BQ;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const size_t C = (size_t)NH * HS;
     const int HC = HS / 8; // 8-wide head-dimension tiles
-    const int kend = causal && i0 + BR < Tk ? i0 + BR : Tk;
+    const int kend = causal && i0 + BQ < Tk ? i0 + BQ : Tk;
 
     if (PIPE) { // the first tile on its way while the queries load
         if (kend > 0)
             load_kv_tile<true>(base, base + BT * LDH, k, v, b, h, 0, Tk, NH, HS, LDH);
         db_cp::commit();
     }
-    load_rows(Qs, q, b, h, i0, BR, Tq, Tq, NH, HS, LDH);
+    load_rows(Qs, q, b, h, i0, BQ, Tq, Tq, NH, HS, LDH);
     __syncthreads();
-    uint32_t qa[NK][4];
-    a_frags<T, NK, LDSM>(qa, Qs + warp * 16 * LDH, LDH);
+    uint32_t qa[MR][NK][4];
+#pragma unroll
+    for (int mr = 0; mr < MR; mr++)
+        a_frags<T, NK, LDSM>(qa[mr], Qs + (warp * MR + mr) * 16 * LDH, LDH);
     if (PIPE)
         __syncthreads(); // every warp's queries read out of pair 1 before the second tile is copied there
-    float o[2 * NK][4];
+    float o[MR][2 * NK][4];
+    int ir[MR][2], jlim[MR][2];
+    float m[MR][2], l[MR][2], lt[MR][2];
 #pragma unroll
-    for (int n = 0; n < 2 * NK; n++)
-        o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-
-    const int iA = i0 + warp * 16 + g, iB = iA + 8; // this lane's two rows
-    const int jlimA = causal && iA + 1 < Tk ? iA + 1 : Tk, jlimB = causal && iB + 1 < Tk ? iB + 1 : Tk;
+    for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+        for (int n = 0; n < 2 * NK; n++)
+            o[mr][n][0] = o[mr][n][1] = o[mr][n][2] = o[mr][n][3] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            ir[mr][r] = i0 + (warp * MR + mr) * 16 + g + 8 * r;
+            jlim[mr][r] = causal && ir[mr][r] + 1 < Tk ? ir[mr][r] + 1 : Tk;
+            m[mr][r] = -INFINITY, l[mr][r] = 0.0f, lt[mr][r] = 0.0f;
+        }
+    }
     const int jall = causal && i0 + 1 < Tk ? i0 + 1 : Tk; // keys below it are visible to every row of the block
-    float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f, ltA = 0.0f, ltB = 0.0f;
 
     for (int j0 = 0, it = 0; j0 < kend; j0 += BT, it++) {
         if (PIPE) {
@@ -154,77 +182,82 @@ __global__ static void __launch_bounds__(NWARP * 32)
             __syncthreads();
         }
 
-        // S (16 x 64) = Q K^T: n-tile nt holds keys 8 nt .. 8 nt + 7
-        float s[BT / 8][4];
-        prod_nt<T, NK, LDSM>(s, qa, Ks, LDH);
-        // scores in log2 units, masked (only where a key of the tile lies
-        // past a row's limit: block-uniform); the rows' tile maxima
-        float tA = -INFINITY, tB = -INFINITY;
-        if (j0 + BT <= jall)
-            scale_max<false>(s, &tA, &tB, qscale, j0, jlimA, jlimB);
-        else
-            scale_max<true>(s, &tA, &tB, qscale, j0, jlimA, jlimB);
-        tA = quad_max(tA), tB = quad_max(tB);
-        float corrA, corrB;
-        const float refA = row_ref(&mA, tA, rescale, &corrA), refB = row_ref(&mB, tB, rescale, &corrB);
+        // S (16 x 64 a row tile) = Q K^T: n-tile nt holds keys 8 nt .. 8 nt + 7
+        float s[MR][BT / 8][4];
+        prod_nt_m<T, NK, LDSM, MR>(s, qa, Ks, LDH);
+        uint32_t pa[MR][BT / 16][4];
+#pragma unroll
+        for (int mr = 0; mr < MR; mr++) {
+            // scores in log2 units, masked (only where a key of the tile
+            // lies past a row's limit: block-uniform); the rows' tile maxima
+            float tA = -INFINITY, tB = -INFINITY;
+            if (j0 + BT <= jall)
+                scale_max<false>(s[mr], &tA, &tB, qscale, j0, jlim[mr][0], jlim[mr][1]);
+            else
+                scale_max<true>(s[mr], &tA, &tB, qscale, j0, jlim[mr][0], jlim[mr][1]);
+            tA = quad_max(tA), tB = quad_max(tB);
+            float corrA, corrB;
+            const float refA = row_ref(&m[mr][0], tA, rescale, &corrA), refB = row_ref(&m[mr][1], tB, rescale, &corrB);
 
-        // p, rounded to T two at a time: the A fragments of P (k-step kk =
-        // keys 16 kk ..); the sums add p and its rounding in key order
-        uint32_t pa[BT / 16][4];
-        float psA = 0.0f, psB = 0.0f, ptA = 0.0f, ptB = 0.0f;
+            // p, rounded to T two at a time: the A fragments of P (k-step kk
+            // = keys 16 kk ..); the sums add p and its rounding in key order
+            float psA = 0.0f, psB = 0.0f, ptA = 0.0f, ptB = 0.0f;
 #pragma unroll
-        for (int nt = 0; nt < BT / 8; nt++) {
-            const float p0 = exp2_ftz(s[nt][0] - refA), p1 = exp2_ftz(s[nt][1] - refA);
-            const float p2 = exp2_ftz(s[nt][2] - refB), p3 = exp2_ftz(s[nt][3] - refB);
-            const uint32_t wA = tc<T>::pair(p0, p1), wB = tc<T>::pair(p2, p3);
-            psA += p0, ptA += tc<T>::lo(wA), psA += p1, ptA += tc<T>::hi(wA);
-            psB += p2, ptB += tc<T>::lo(wB), psB += p3, ptB += tc<T>::hi(wB);
-            pa[nt / 2][(nt & 1) * 2 + 0] = wA; // row g
-            pa[nt / 2][(nt & 1) * 2 + 1] = wB; // row g + 8
+            for (int nt = 0; nt < BT / 8; nt++) {
+                const float p0 = exp2_ftz(s[mr][nt][0] - refA), p1 = exp2_ftz(s[mr][nt][1] - refA);
+                const float p2 = exp2_ftz(s[mr][nt][2] - refB), p3 = exp2_ftz(s[mr][nt][3] - refB);
+                const uint32_t wA = tc<T>::pair(p0, p1), wB = tc<T>::pair(p2, p3);
+                psA += p0, ptA += tc<T>::lo(wA), psA += p1, ptA += tc<T>::hi(wA);
+                psB += p2, ptB += tc<T>::lo(wB), psB += p3, ptB += tc<T>::hi(wB);
+                pa[mr][nt / 2][(nt & 1) * 2 + 0] = wA; // row g
+                pa[mr][nt / 2][(nt & 1) * 2 + 1] = wB; // row g + 8
+            }
+            l[mr][0] = l[mr][0] * corrA + quad_sum(psA), lt[mr][0] = lt[mr][0] * corrA + quad_sum(ptA);
+            l[mr][1] = l[mr][1] * corrB + quad_sum(psB), lt[mr][1] = lt[mr][1] * corrB + quad_sum(ptB);
+            if (corrA != 1.0f || corrB != 1.0f) // (the reference max moves seldom: o * 1 is o)
+#pragma unroll
+                for (int n = 0; n < 2 * NK; n++)
+                    o[mr][n][0] *= corrA, o[mr][n][1] *= corrA, o[mr][n][2] *= corrB, o[mr][n][3] *= corrB;
         }
-        lA = lA * corrA + quad_sum(psA), ltA = ltA * corrA + quad_sum(ptA);
-        lB = lB * corrB + quad_sum(psB), ltB = ltB * corrB + quad_sum(ptB);
-        if (corrA != 1.0f || corrB != 1.0f) // (the reference max moves seldom: o * 1 is o)
-#pragma unroll
-            for (int n = 0; n < 2 * NK; n++)
-                o[n][0] *= corrA, o[n][1] *= corrA, o[n][2] *= corrB, o[n][3] *= corrB;
 
         // O += P V: V's B fragments, two keys of one head dimension per word
-        prod_nn<T, NK, LDSM>(o, pa, Vs, LDH, HC);
+        prod_nn_m<T, NK, LDSM, MR>(o, pa, Vs, LDH, HC);
         if (PIPE)
             __syncthreads(); // this pair consumed before the next iteration fills it again
     }
 
     // out = O / lt (fp32; the caller rounds), lse = ln 2 (m + log2 l)
-    const float invA = 1.0f / ltA, invB = 1.0f / ltB;
 #pragma unroll
-    for (int n = 0; n < 2 * NK; n++) {
-        if (n >= HC)
-            break;
-        const size_t col = (size_t)h * HS + 8 * n + 2 * t;
-        if (iA < Tq)
-            *(float2 *)(out + ((size_t)b * Tq + iA) * C + col) = make_float2(o[n][0] * invA, o[n][1] * invA);
-        if (iB < Tq)
-            *(float2 *)(out + ((size_t)b * Tq + iB) * C + col) = make_float2(o[n][2] * invB, o[n][3] * invB);
-    }
-    if (lse && t == 0) {
-        if (iA < Tq)
-            lse[(size_t)bh * Tq + iA] = (float)(0.6931471805599453 * ((double)mA + log2((double)lA)));
-        if (iB < Tq)
-            lse[(size_t)bh * Tq + iB] = (float)(0.6931471805599453 * ((double)mB + log2((double)lB)));
-    }
+    for (int mr = 0; mr < MR; mr++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int i = ir[mr][r];
+            if (i >= Tq)
+                continue;
+            const float inv = 1.0f / lt[mr][r];
+#pragma unroll
+            for (int n = 0; n < 2 * NK; n++) {
+                if (n >= HC)
+                    break;
+                const size_t col = (size_t)h * HS + 8 * n + 2 * t;
+                *(float2 *)(out + ((size_t)b * Tq + i) * C + col) =
+                    make_float2(o[mr][n][2 * r] * inv, o[mr][n][2 * r + 1] * inv);
+            }
+            if (lse && t == 0)
+                lse[(size_t)bh * Tq + i] = (float)(0.6931471805599453 * ((double)m[mr][r] + log2((double)l[mr][r])));
+        }
 }
 
-template <typename T, int NK, bool PIPE, bool LDSM>
+template <typename T, int NK, bool PIPE, bool LDSM, int MR>
 static int launch(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v, int B, int Tq,
                   int Tk, int NH, int HS, int causal, float rescale)
 {
-    const size_t smem = smem_bytes<T, NK>(PIPE);
+    const size_t smem = smem_bytes<T, NK, MR>(PIPE);
     void (*kern)(float *, float *, const T *, const T *, const T *, int, int, int, int, int, float, float) =
-        attention_mma_kernel<T, NK, PIPE, LDSM>;
+        attention_mma_kernel<T, NK, PIPE, LDSM, MR>;
     if (db_cuda_smem_optin(c, kern, smem))
         return -1;
-    dim3 grid((unsigned)((Tq + BR - 1) / BR), (unsigned)(B * NH));
+    dim3 grid((unsigned)((Tq + BR * MR - 1) / (BR * MR)), (unsigned)(B * NH));
     kern<<<grid, NWARP * 32, smem, db_cuda_st(c)->stream>>>(out, lse, (const T *)q, (const T *)k, (const T *)v, Tq, Tk,
                                                              NH, HS, causal, score_scale_log2(HS), rescale);
     DB_LAUNCHED(c);
@@ -241,8 +274,13 @@ int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void 
         constexpr int NK = decltype(nk)::value;
         const bool pipe = db_cuda_attn_cpasync(), ldsm = db_cuda_attn_ldsm();
         auto go = [&](auto t, auto p, auto l) {
-            return launch<decltype(t), NK, decltype(p)::value, decltype(l)::value>(c, out, lse, q, k, v, B, Tq, Tk, NH,
-                                                                                    HS, causal, rescale);
+            constexpr bool P = decltype(p)::value, L = decltype(l)::value;
+            const int want = db_cuda_attn_mr();
+            const long blocks2 = (long)((Tq + 2 * BR - 1) / (2 * BR)) * B * NH;
+            if (mr_max<NK>() == 2 && (want == 2 || (want == 0 && blocks2 >= 2L * db_cuda_st(c)->nsm)))
+                return launch<decltype(t), NK, P, L, mr_max<NK>()>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal,
+                                                                     rescale);
+            return launch<decltype(t), NK, P, L, 1>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
         };
         return with_flags(pipe, ldsm, [&](auto p, auto l) {
             return dtype == DB_PREC_BF16 ? go(__nv_bfloat16(), p, l) : go(__half(), p, l);

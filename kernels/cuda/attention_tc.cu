@@ -299,6 +299,12 @@ bool db_cuda_attn_ldsm(void)
     return !(e && strcmp(e, "0") == 0);
 }
 
+int db_cuda_attn_mr(void)
+{
+    const char *e = getenv("DB_ATTN_MR");
+    return !e ? 0 : strcmp(e, "1") == 0 ? 1 : strcmp(e, "2") == 0 ? 2 : 0;
+}
+
 extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k,
                                             const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
                                             int causal)
