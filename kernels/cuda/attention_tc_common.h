@@ -64,41 +64,37 @@ inline float score_scale_log2(int HS)
 // T -> fp32 (exact), and T's 16 bits (to pack rounded values, pack4);
 // pair: two floats rounded as from() into one word (lo in the low half:
 // one cvt.rn.*x2 instruction), lo / hi: a word's halves back to fp32
+template <typename T, typename R> struct tc_halves {
+    static __device__ __forceinline__ float lo(uint32_t w) { return half_of(w & 0xffffu); }
+    static __device__ __forceinline__ float hi(uint32_t w) { return half_of(w >> 16); }
+    static __device__ __forceinline__ float half_of(uint32_t u)
+    {
+        R r;
+        r.x = (unsigned short)u;
+        return (float)T(r);
+    }
+    template <typename R2> static __device__ __forceinline__ uint32_t word(R2 r)
+    {
+        return (uint32_t)r.x | (uint32_t)r.y << 16;
+    }
+};
 template <typename T> struct tc;
-template <> struct tc<__nv_bfloat16> {
+template <> struct tc<__nv_bfloat16> : tc_halves<__nv_bfloat16, __nv_bfloat16_raw> {
     static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
     static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
     static __device__ __forceinline__ unsigned bits(__nv_bfloat16 x) { return ((__nv_bfloat16_raw)x).x; }
     static __device__ __forceinline__ uint32_t pair(float lo, float hi)
     {
-        const __nv_bfloat162_raw r = __floats2bfloat162_rn(lo, hi);
-        return (uint32_t)r.x | (uint32_t)r.y << 16;
-    }
-    static __device__ __forceinline__ float lo(uint32_t w) { return half_of(w & 0xffffu); }
-    static __device__ __forceinline__ float hi(uint32_t w) { return half_of(w >> 16); }
-    static __device__ __forceinline__ float half_of(uint32_t u)
-    {
-        __nv_bfloat16_raw r;
-        r.x = (unsigned short)u;
-        return __bfloat162float(__nv_bfloat16(r));
+        return word((__nv_bfloat162_raw)__floats2bfloat162_rn(lo, hi));
     }
 };
-template <> struct tc<__half> {
+template <> struct tc<__half> : tc_halves<__half, __half_raw> {
     static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
     static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
     static __device__ __forceinline__ unsigned bits(__half x) { return ((__half_raw)x).x; }
     static __device__ __forceinline__ uint32_t pair(float lo, float hi)
     {
-        const __half2_raw r = __floats2half2_rn(lo, hi);
-        return (uint32_t)r.x | (uint32_t)r.y << 16;
-    }
-    static __device__ __forceinline__ float lo(uint32_t w) { return half_of(w & 0xffffu); }
-    static __device__ __forceinline__ float hi(uint32_t w) { return half_of(w >> 16); }
-    static __device__ __forceinline__ float half_of(uint32_t u)
-    {
-        __half_raw r;
-        r.x = (unsigned short)u;
-        return __half2float(__half(r));
+        return word((__half2_raw)__floats2half2_rn(lo, hi));
     }
 };
 

@@ -256,22 +256,25 @@ echo "== attention on tensor cores vs the fp32 kernel at SD1.5 shapes (DB_BENCH=
 RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 45 env DB_BENCH=1 B="$PWD/build" \
     build/tests/gpu/test_attention_tc
 # the same with the mma.sync kernels' operands loaded 32 and 16 bits a lane
-# instead of by ldmatrix (DB_ATTN_LDSM=0; written blind in session 13: the
-# default's speed-up is what this tells), under its own heading
-echo "== the same with DB_ATTN_LDSM=0 (the mma.sync kernels without ldmatrix)"
-printf '\n%s\n' "### DB_ATTN_LDSM=0: the mma.sync attention kernels without ldmatrix" >> "$OUT/bench_ops.md"
-RESERVE=$((BENCH_RESERVE - 15)) stage attn-noldsm-bench bench_ops.md 40 env DB_BENCH=1 DB_ATTN_LDSM=0 \
-    B="$PWD/build" build/tests/gpu/test_attention_tc
+# instead of by ldmatrix (DB_ATTN_LDSM=0), then with the forward's one row
+# tile a warp (DB_ATTN_MR=1), each under its own heading: both written
+# blind in session 13, so what the defaults gain is what these tell
+# attn_variant NAME VAR=VALUE WHAT: the attention benchmark again with VAR
+attn_variant() {
+    echo "== the same with $2 ($3)"
+    printf '\n%s\n' "### $2: $3" >> "$OUT/bench_ops.md"
+    RESERVE=$((BENCH_RESERVE - 15)) stage "$1" bench_ops.md 40 env DB_BENCH=1 "$2" B="$PWD/build" \
+        build/tests/gpu/test_attention_tc
+}
+attn_variant attn-noldsm-bench DB_ATTN_LDSM=0 "the mma.sync attention kernels without ldmatrix"
+attn_variant attn-mr1-bench DB_ATTN_MR=1 "the mma.sync forward with one row tile a warp"
 # the same without the mma.sync kernels' cp.async pipelines
 # (DB_ATTN_CPASYNC=0: each streamed tile loaded, then used), under its own
 # heading, with OLD_PATHS=1 only (calls 5 and 6 timed it: BENCHMARKS.md;
 # check-cuda still tests the path).  (The WMMA kernels, DB_ATTN_MMA=0,
 # were timed against the mma.sync ones in calls 1-4.)
 if [ "${OLD_PATHS:-0}" = 1 ]; then
-    echo "== the same with DB_ATTN_CPASYNC=0 (the mma.sync kernels without their cp.async pipelines)"
-    printf '\n%s\n' "### DB_ATTN_CPASYNC=0: the mma.sync attention kernels without cp.async" >> "$OUT/bench_ops.md"
-    RESERVE=$((BENCH_RESERVE - 15)) stage attn-nopipe-bench bench_ops.md 40 env DB_BENCH=1 DB_ATTN_CPASYNC=0 \
-        B="$PWD/build" build/tests/gpu/test_attention_tc
+    attn_variant attn-nopipe-bench DB_ATTN_CPASYNC=0 "the mma.sync attention kernels without cp.async"
 fi
 echo "== bench_cuda_ops (fp32, then bf16 for the matmul-class ops; cudaEvent medians)"
 printf '\n%s\n' "### bench_cuda_ops (fp32, then bf16)" >> "$OUT/bench_ops.md"

@@ -1300,6 +1300,32 @@ static void t_transpose_add(int B, int M, int N)
     release_all();
 }
 
+/* One AdamW step (t) with gradient gr on the declared buffer dw (moments dm,
+ * dv), whole or in two spans cut at cut (< nw), and on the undeclared du
+ * (dm2, dv2) whole: 1 when every call ran */
+static int adamw_both(const char *step, float *dw, float *dm, float *dv, float *du, float *dm2, float *dv2,
+                      const float *gr, size_t nw, size_t cut, const db_adamw *hp, int t)
+{
+    return gpu_ran(api->opt_adamw(&g, dw, dm, dv, gr, cut, hp, t), step) &&
+           (cut >= nw || gpu_ran(api->opt_adamw(&g, dw + cut, dm + cut, dv + cut, gr + cut, nw - cut, hp, t), step)) &&
+           gpu_ran(api->opt_adamw(&g, du, dm2, dv2, gr, nw, hp, t), step);
+}
+
+/* A 3x3 conv (pad 1) of kx (B, C, S, S) in precision p with the filter at
+ * fw and with the one at fu (O output channels): the same bits; 0 when a
+ * call failed */
+static int conv_both(const char *step, db_precision p, const float *kx, const float *fw, const float *fu, int B,
+                     int C, int S, int O)
+{
+    const size_t ny = (size_t)B * O * S * S;
+    float *y1 = dpoison(ny), *y2 = dpoison(ny);
+    if (!gpu_ran(IN_PREC(p, api->conv2d_forward(&g, y1, kx, fw, NULL, B, C, S, S, O, 3, 3, 1, 1, 1)), step) ||
+        !gpu_ran(IN_PREC(p, api->conv2d_forward(&g, y2, kx, fu, NULL, B, C, S, S, O, 3, 3, 1, 1, 1)), step))
+        return 0;
+    same_bits(step, y1, y2, ny);
+    return 1;
+}
+
 /* Declared weights (db_ctx_declare_weights): a 16-bit working copy must
  * never change a result.  The same linear runs on a declared weight buffer
  * and on an undeclared copy of it, after each event that must keep the
@@ -1325,7 +1351,7 @@ static void t_shadow(void)
      * after the first though it lies before it: the fused AdamW finds each
      * element's filter in a table sorted by offset */
     const int KO2 = 3;
-    const size_t fo2 = 16, nf2 = (size_t)KO2 * KC * 9, nky2 = (size_t)KB * KO2 * KS * KS;
+    const size_t fo2 = 16, nf2 = (size_t)KO2 * KC * 9;
     const size_t lin = ((fo2 + nf2 + 15) / 16) * 16; /* the linear's weight after it */
     const size_t fo1 = ((lin + (size_t)OC * C + 7 + 15) / 16) * 16;
     const size_t nx = (size_t)N * C, nw = fo1 + nf + 5, ny = (size_t)N * OC; /* + 7: a sub-range */
@@ -1363,11 +1389,7 @@ static void t_shadow(void)
         snprintf(step, sizeof step, "%s: linear on declared vs undeclared weights, %s", what, stage[k]);
         if (k == 1 || k == 2) { /* the same update on both; the second in two spans, split inside a filter */
             float *gr = dputf(hrand(nw, 0.05f), nw);
-            const size_t cut = k == 2 ? fo1 + nf / 2 + 3 : nw;
-            if (!gpu_ran(api->opt_adamw(&g, dw, dm, dv, gr, cut, &hp, k), step) ||
-                (cut < nw && !gpu_ran(api->opt_adamw(&g, dw + cut, dm + cut, dv + cut, gr + cut, nw - cut, &hp, k),
-                                      step)) ||
-                !gpu_ran(api->opt_adamw(&g, du, dm2, dv2, gr, nw, &hp, k), step))
+            if (!adamw_both(step, dw, dm, dv, du, dm2, dv2, gr, nw, k == 2 ? fo1 + nf / 2 + 3 : nw, &hp, k))
                 break;
         }
         if (k == 3) {
@@ -1399,13 +1421,8 @@ static void t_shadow(void)
         same_bits(step, g1, g2, nkx);
         snprintf(step, sizeof step, "%s: conv (the second 3x3 filter) on declared vs undeclared weights, %s", what,
                  stage[k]);
-        float *e1 = dpoison(nky2), *e2 = dpoison(nky2);
-        if (!gpu_ran(IN_PREC(p, api->conv2d_forward(&g, e1, kx, dw + fo2, NULL, KB, KC, KS, KS, KO2, 3, 3, 1, 1, 1)),
-                     step) ||
-            !gpu_ran(IN_PREC(p, api->conv2d_forward(&g, e2, kx, du + fo2, NULL, KB, KC, KS, KS, KO2, 3, 3, 1, 1, 1)),
-                     step))
+        if (!conv_both(step, p, kx, dw + fo2, du + fo2, KB, KC, KS, KO2))
             break;
-        same_bits(step, e1, e2, nky2);
     }
     release_all();
 }
@@ -1449,20 +1466,11 @@ static void t_shadow_staged(void)
         }
         if (k > 0) {
             float *gr = dputf(hrand(nw, 0.05f), nw);
-            const size_t cut = k == 2 ? fo + 5003 : nw;
-            if (!gpu_ran(api->opt_adamw(&g, dw, dm, dv, gr, cut, &hp, k), step) ||
-                (cut < nw && !gpu_ran(api->opt_adamw(&g, dw + cut, dm + cut, dv + cut, gr + cut, nw - cut, &hp, k),
-                                      step)) ||
-                !gpu_ran(api->opt_adamw(&g, du, dm2, dv2, gr, nw, &hp, k), step))
+            if (!adamw_both(step, dw, dm, dv, du, dm2, dv2, gr, nw, k == 2 ? fo + 5003 : nw, &hp, k))
                 break;
         }
-        float *y1 = dpoison(ny), *y2 = dpoison(ny);
-        if (!gpu_ran(IN_PREC(prec, api->conv2d_forward(&g, y1, kx, dw + fo, NULL, KB, KC, KS, KS, KO, 3, 3, 1, 1, 1)),
-                     step) ||
-            !gpu_ran(IN_PREC(prec, api->conv2d_forward(&g, y2, kx, du + fo, NULL, KB, KC, KS, KS, KO, 3, 3, 1, 1, 1)),
-                     step))
+        if (!conv_both(step, prec, kx, dw + fo, du + fo, KB, KC, KS, KO))
             break;
-        same_bits(step, y1, y2, ny);
     }
     release_all();
 }
