@@ -282,8 +282,6 @@ int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void 
                                                                      rescale);
             return launch<decltype(t), NK, P, L, 1>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
         };
-        return with_flags(pipe, ldsm, [&](auto p, auto l) {
-            return dtype == DB_PREC_BF16 ? go(__nv_bfloat16(), p, l) : go(__half(), p, l);
-        });
+        return with_types(dtype, pipe, ldsm, go);
     });
 }

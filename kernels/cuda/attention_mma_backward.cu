@@ -256,6 +256,8 @@ __global__ static void __launch_bounds__(NWARP * 32)
         }
         db_cp::commit();
     }
+    // query tiles from qall on (and whole) see every key of the block (none when it has keys past Tk)
+    const int qall = j0 + BR > Tk ? Tq : causal ? j0 + BR - 1 : 0;
     for (int q0 = qfirst, it = 0; q0 < qb; q0 += BT, it++) {
         if (PIPE) {
             const int nx = ~it & 1;
@@ -284,7 +286,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
         }
         // P^T and dS^T / scale, rounded: the A fragments of dV's and dK's products
         uint32_t pa[BT / 16][4], dsa[BT / 16][4];
-        if (q0 + BT <= Tq && j0 + BR <= Tk && (!causal || j0 + BR <= q0 + 1))
+        if (q0 >= qall && q0 + BT <= Tq)
             pds_frags<T, false>(pa, dsa, s, dp, qscale, l2s, Ds, q0, jA, jB, Tq, Tk, causal);
         else
             pds_frags<T, true>(pa, dsa, s, dp, qscale, l2s, Ds, q0, jA, jB, Tq, Tk, causal);
@@ -351,9 +353,7 @@ int db_cuda_attention_mma_backward(db_ctx *c, float *dq, float *dk, float *dv, c
                     c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal, scale, qscale, qtiles, nsplit,
                     part);
             };
-            return with_flags(db_cuda_attn_cpasync(), db_cuda_attn_ldsm(), [&](auto p, auto l) {
-                return dtype == DB_PREC_BF16 ? go(__nv_bfloat16(), p, l) : go(__half(), p, l);
-            });
+            return with_types(dtype, db_cuda_attn_cpasync(), db_cuda_attn_ldsm(), go);
         }
     });
 }

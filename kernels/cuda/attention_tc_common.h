@@ -52,6 +52,16 @@ template <typename F> inline int with_flags(bool a, bool b, F &&f)
     return b ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
 }
 
+// f(T{}, pipe, ldsm): the compute type (DB_PREC_BF16: __nv_bfloat16, else
+// __half) and the mma.sync kernels' two switches (with_flags) as template
+// arguments; the forward and backward launchers' one dispatch
+template <typename F> inline int with_types(int dtype, bool pipe, bool ldsm, F &&f)
+{
+    return with_flags(pipe, ldsm, [&](auto p, auto l) {
+        return dtype == DB_PREC_BF16 ? f(__nv_bfloat16(), p, l) : f(__half(), p, l);
+    });
+}
+
 // log2(e) / sqrt(HS), computed in double and rounded once to fp32: the scale
 // that takes q . k to log2 units (the softmax runs on exp2f); the backward
 // recomputes the forward's P with it, so both must use this one
