@@ -44,10 +44,29 @@ __device__ __forceinline__ static float adamw_elem(float p, float g, float &m, f
     return __fadd_rn(pi, __fdiv_rn(__fmul_rn(k.neg_step_size, m), d));
 }
 
+// Offset l inside a filter (OC, C, KHW) of per = C KHW elements a row: its
+// row oc, channel cc and tap kk; and the channels-last offset (OC, KHW, C)
+// of (oc, cc, kk) (autocast.cu's to16_nhwc layout)
+struct filter_at {
+    unsigned oc, cc, kk;
+};
+__device__ __forceinline__ static filter_at filter_split(unsigned l, unsigned per, unsigned KHW)
+{
+    filter_at a;
+    a.oc = l / per;
+    const unsigned rem = l - a.oc * per;
+    a.cc = rem / KHW, a.kk = rem - a.cc * KHW;
+    return a;
+}
+__device__ __forceinline__ static size_t filter_nhwc(unsigned oc, unsigned cc, unsigned kk, unsigned per, unsigned C)
+{
+    return (size_t)oc * per + (size_t)kk * C + cc;
+}
+
 // Where element o of a declared buffer goes in its working copy: its own
 // place, or, inside a registered filter (OC, C, KHW), its channels-last
-// place (OC, KHW, C) (autocast.cu's to16_nhwc layout).  h: the filter of fr
-// (sorted by offset) that starts last at or before o, -1 for none.
+// place (OC, KHW, C).  h: the filter of fr (sorted by offset) that starts
+// last at or before o, -1 for none.
 __device__ __forceinline__ static size_t shadow_place(size_t o, const db_cuda_filter_range *fr, int h)
 {
     if (h < 0)
@@ -56,9 +75,8 @@ __device__ __forceinline__ static size_t shadow_place(size_t o, const db_cuda_fi
     const unsigned per = (unsigned)f.C * (unsigned)f.KHW;
     if (o - f.off >= (size_t)f.OC * per)
         return o;
-    const unsigned l = (unsigned)(o - f.off), oc = l / per, rem = l - oc * per, cc = rem / (unsigned)f.KHW,
-                   kk = rem - cc * (unsigned)f.KHW;
-    return f.off + (size_t)oc * per + (size_t)kk * (unsigned)f.C + cc;
+    const filter_at a = filter_split((unsigned)(o - f.off), per, (unsigned)f.KHW);
+    return f.off + filter_nhwc(a.oc, a.cc, a.kk, per, (unsigned)f.C);
 }
 
 // A chunk wholly inside one registered filter (OC, C, KHW), KHW 2 ..
@@ -160,10 +178,8 @@ __global__ static void adamw_kernel(float *p, float *m, float *v, const float *g
             const unsigned short u = f16 ? __half_as_ushort(__float2half_rn(pi))
                                          : __bfloat16_as_ushort(__float2bfloat16_rn(pi));
             if (staged) {
-                const size_t l = base + i - st.row0;
-                const unsigned r = (unsigned)(l / st.per), rem = (unsigned)(l - (size_t)r * st.per),
-                               cc = rem / st.KHW, kk = rem - cc * st.KHW;
-                stage[st.sbase[r] + kk * st.W[r] + cc - st.cclo[r]] = u;
+                const filter_at a = filter_split((unsigned)(base + i - st.row0), st.per, st.KHW);
+                stage[st.sbase[a.oc] + a.kk * st.W[a.oc] + a.cc - st.cclo[a.oc]] = u;
             } else {
                 const size_t o = base + i;
                 while (h + 1 < nfr && fr[h + 1].off <= o)
@@ -180,7 +196,7 @@ __global__ static void adamw_kernel(float *p, float *m, float *v, const float *g
                 const unsigned q = s - st.sbase[r], kk = q / st.W[r], cc = st.cclo[r] + q - kk * st.W[r],
                                e = cc * st.KHW + kk;
                 if (e >= st.a[r] && e < st.b[r])
-                    ((uint16_t *)shadow)[st.row0 + (size_t)r * st.per + (size_t)kk * st.C + cc] = stage[s];
+                    ((uint16_t *)shadow)[st.row0 + filter_nhwc(r, cc, kk, st.per, st.C)] = stage[s];
             }
         }
     }
