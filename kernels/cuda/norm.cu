@@ -263,9 +263,12 @@ enum { GW_THREADS = 4 * GN_THREADS, GW_WARPS = GW_THREADS / 32, GN_WARPS = GN_TH
 
 // piece j's first element, in floats from its group's start (channel
 // j / K, from (j % K) L); j = np gives the group's size
-__device__ __forceinline__ static int gw_piece_start(int j, int HW, int K, int L) { return (j / K) * HW + (j % K) * L; }
+__host__ __device__ __forceinline__ static int gw_piece_start(int j, int HW, int K, int L)
+{
+    return (j / K) * HW + (j % K) * L;
+}
 // the first of np pieces that block r of a cluster of cl takes
-__device__ __forceinline__ static int gw_share(int np, int r, int cl) { return (int)((long)np * r / cl); }
+__host__ __device__ __forceinline__ static int gw_share(int np, int r, int cl) { return (int)((long)np * r / cl); }
 // the rank of the block that holds piece j
 __device__ __forceinline__ static int gw_owner(int j, int np, int cl)
 {
@@ -273,6 +276,23 @@ __device__ __forceinline__ static int gw_owner(int j, int np, int cl)
     while (j >= gw_share(np, o + 1, cl))
         o++;
     return o;
+}
+
+// What a block of a whole-group kernel takes (grid B G cl, block r of each
+// cluster of cl): group bg (g of G in sample b), its n = cg HW floats in
+// np = cg K pieces, of them pieces [j0, j1), floats [e0, e0 + ne) of the
+// group
+struct gw_stretch {
+    int r, bg, b, g, cg, n, np, j0, j1, e0, ne;
+};
+__device__ __forceinline__ static gw_stretch gw_stretch_of(int C, int HW, int G, int K, int L, int cl)
+{
+    gw_stretch s;
+    s.r = cl > 1 ? (int)db_cl::rank() : 0, s.bg = blockIdx.x / cl, s.b = s.bg / G, s.g = s.bg % G, s.cg = C / G;
+    s.n = s.cg * HW, s.np = s.cg * K;
+    s.j0 = gw_share(s.np, s.r, cl), s.j1 = gw_share(s.np, s.r + 1, cl), s.e0 = gw_piece_start(s.j0, HW, K, L);
+    s.ne = gw_piece_start(s.j1, HW, K, L) - s.e0;
+    return s;
 }
 
 // The stats kernel's per-thread sums of one piece, for its GN_THREADS
@@ -325,10 +345,8 @@ __global__ static void __launch_bounds__(GW_THREADS)
                            const float *bias, int C, int HW, int G, int K, int L, float eps, int silu, int cl, int xcap)
 {
     extern __shared__ __align__(16) float smem[]; // float4 and cp.async's 16 bytes
-    const int r = cl > 1 ? (int)db_cl::rank() : 0, bg = blockIdx.x / cl, g = bg % G, cg = C / G, n = cg * HW,
-              np = cg * K;
-    const int j0 = gw_share(np, r, cl), j1 = gw_share(np, r + 1, cl), e0 = gw_piece_start(j0, HW, K, L),
-              ne = gw_piece_start(j1, HW, K, L) - e0;
+    const gw_stretch t = gw_stretch_of(C, HW, G, K, L, cl);
+    const int r = t.r, bg = t.bg, g = t.g, cg = t.cg, n = t.n, np = t.np, j0 = t.j0, j1 = t.j1, e0 = t.e0, ne = t.ne;
     float *xs = smem; // this block's stretch [e0, e0 + ne) of the group
     double *ps = (double *)(smem + xcap), *pq = ps + np, *gs = pq + np, *gq = gs + np, *tm = gq + np;
     float *sc = (float *)(tm + np); // the group's mean and rstd
@@ -421,8 +439,8 @@ static int gw_xcap(int cg, int HW, int K, int L, int cl)
     const int np = cg * K;
     int most = 0;
     for (int r = 0; r < cl; r++) {
-        const int j0 = (int)((long)np * r / cl), j1 = (int)((long)np * (r + 1) / cl);
-        const int len = (j1 / K) * HW + (j1 % K) * L - ((j0 / K) * HW + (j0 % K) * L);
+        const int j0 = gw_share(np, r, cl), j1 = gw_share(np, r + 1, cl);
+        const int len = gw_piece_start(j1, HW, K, L) - gw_piece_start(j0, HW, K, L);
         most = len > most ? len : most;
     }
     return (most + 1) & ~1;
@@ -462,6 +480,9 @@ static gw_plan gw_choose(db_ctx *c, Kern kern, int nbuf, int B, int C, int HW, i
         const size_t smem = gw_smem(xcap, np, nbuf);
         if (smem + 1024 > (size_t)st->smem_optin)
             continue;
+        // (the occupancy query below needs the limit raised; the launch sets
+        // it again, since a later plan, of this shape or another, may have
+        // lowered it: the attribute is the kernel's, not the plan's)
         if (smem > 48 * 1024 &&
             cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
             (void)cudaGetLastError();
@@ -745,10 +766,8 @@ __global__ static void __launch_bounds__(GW_THREADS)
                             int G, int K, int L, int silu, int cl, int xcap)
 {
     extern __shared__ __align__(16) float smem[]; // float4 and cp.async's 16 bytes
-    const int r = cl > 1 ? (int)db_cl::rank() : 0, bg = blockIdx.x / cl, b = bg / G, g = bg % G, cg = C / G,
-              n = cg * HW, np = cg * K;
-    const int j0 = gw_share(np, r, cl), j1 = gw_share(np, r + 1, cl), e0 = gw_piece_start(j0, HW, K, L),
-              ne = gw_piece_start(j1, HW, K, L) - e0;
+    const gw_stretch t = gw_stretch_of(C, HW, G, K, L, cl);
+    const int bg = t.bg, b = t.b, g = t.g, cg = t.cg, n = t.n, np = t.np, j0 = t.j0, j1 = t.j1, e0 = t.e0, ne = t.ne;
     float *xs = smem, *ds = smem + xcap; // x and dout (then dy) of this block's stretch [e0, e0 + ne)
     double *vdy = (double *)(smem + 2 * xcap), *vdyx = vdy + np, *gdy = vdyx + np, *gdyx = gdy + np;
     float *sc = (float *)(gdyx + np); // the group's two means
@@ -857,27 +876,25 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
         return -1;
     cudaStream_t st = db_cuda_st(c)->stream;
     const gw_plan wp = dinp ? gw_choose(c, groupnorm_bwhole_kernel, 2, B, C, HW, G, sp.K, sp.L) : gw_plan{0, 0, 0};
+    cudaError_t e = cudaSuccess;
     if (wp.cl) {
-        cudaError_t e = cudaSuccess;
-        if (db_cuda_smem_optin(c, groupnorm_bwhole_kernel, wp.smem) == 0)
-            e = db_cl::launch(groupnorm_bwhole_kernel, B * G * wp.cl, GW_THREADS, wp.smem, st, wp.cl, dinp, part,
-                              part + P, dout, mean, rstd, inp, weight, bias, C, HW, G, sp.K, sp.L, silu, wp.cl,
-                              wp.xcap);
-        if (c->err.code != 0 || e != cudaSuccess) {
+        if (db_cuda_smem_optin(c, groupnorm_bwhole_kernel, wp.smem) != 0) {
             db_cuda_free(c, part);
-            DB_CU(c, e);
             return -1;
         }
+        e = db_cl::launch(groupnorm_bwhole_kernel, B * G * wp.cl, GW_THREADS, wp.smem, st, wp.cl, dinp, part, part + P,
+                          dout, mean, rstd, inp, weight, bias, C, HW, G, sp.K, sp.L, silu, wp.cl, wp.xcap);
     } else {
         groupnorm_bsum_kernel<<<P, GN_THREADS, 0, st>>>(part, part + P, dout, mean, rstd, inp, weight, bias, C, HW, G,
                                                         sp.K, sp.L, silu);
         if (dinp)
-                groupnorm_bapply_kernel<<<P, GN_THREADS, 0, st>>>(dinp, part, part + P, dout, mean, rstd, inp, weight, bias,
+            groupnorm_bapply_kernel<<<P, GN_THREADS, 0, st>>>(dinp, part, part + P, dout, mean, rstd, inp, weight, bias,
                                                               C, HW, G, sp.K, sp.L, silu);
     }
-    if (dweight || dbias)
+    if (e == cudaSuccess && (dweight || dbias))
         groupnorm_bparams_kernel<<<(C + 127) / 128, 128, 0, st>>>(dweight, dbias, part, part + P, B, C, sp.K);
-    const cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess)
+        e = cudaGetLastError();
     db_cuda_free(c, part);
     DB_CU(c, e);
     return 0;
