@@ -290,9 +290,10 @@ int db_cuda_shadow_owns(db_ctx *c, const void *p);
 // drop the declared buffer p (its working copy freed); 1 if p was one
 int db_cuda_shadow_drop(db_ctx *c, const void *p);
 // gemm.cu: db_cuda_sgemm's product on operands already in the compute type
-// (cublasGemmEx, float32 accumulate and float32 C: the caller rounds C).
+// (cublasGemmEx, float32 accumulate): C float32 (the caller rounds it), or
+// of the compute type when c16 (cuBLAS's store rounds it).
 int db_cuda_gemm16(db_ctx *c, int batch, int transa, int transb, int M, int N, int K, float alpha, const void *A,
-                   int lda, long long sa, const void *B, int ldb, long long sb, float beta, float *Cm, int ldc,
+                   int lda, long long sa, const void *B, int ldb, long long sb, float beta, void *Cm, int c16, int ldc,
                    long long sc);
 
 #endif

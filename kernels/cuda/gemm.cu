@@ -11,13 +11,18 @@
 // reductions with a fixed order (norm.cu db_cuda_finish_colsum).
 //
 // bf16 / fp16 (c->precision, kernels/ops.h db_precision): the operands are
-// converted to the compute type (autocast.cu), multiplied by cublasGemmEx with
-// float32 accumulation into a float32 C (tensor cores; cuBLAS's default math
-// allows them for 16-bit inputs), and C is then rounded to the compute type
-// in place.  Parameter-gradient contributions go to a scratch C (beta 0),
-// are rounded, then added; the bias terms are summed in float32 from the
-// rounded values and rounded once.  One rounding per output, as the CPU
-// reference does (float32 op on rounded inputs, output rounded).
+// converted to the compute type (autocast.cu) and multiplied by cublasGemmEx
+// with float32 accumulation (tensor cores; cuBLAS's default math allows them
+// for 16-bit inputs).  A product rounded on its own (the GEMM's output, the
+// data and parameter gradients) is stored by cuBLAS in the compute type,
+// rounded to nearest even as autocast.cu rounds, and widened to float32 by
+// one conversion pass (db_cuda_from16; += for a parameter-gradient
+// contribution): 8 bytes an element where a float32 C rounded in place took
+// 12, and 12 where a float32 scratch rounded into the gradient took 16.  The
+// linear's forward product stays float32 (its epilogue adds the bias before
+// the one rounding).  The bias terms are summed in float32 from the rounded
+// values and rounded once.  One rounding per output, as the CPU reference
+// does (float32 op on rounded inputs, output rounded).
 #include "kernels/cuda/cuda.h"
 
 int db_cuda_sgemm(db_ctx *c, int batch, int transa, int transb, int M, int N, int K, float alpha, const float *A,
@@ -36,22 +41,23 @@ int db_cuda_sgemm(db_ctx *c, int batch, int transa, int transb, int M, int N, in
     return 0;
 }
 
+// Cm (float32, or the compute type when c16) = alpha op(A) op(B) + beta Cm
+// on operands of the compute type
 int db_cuda_gemm16(db_ctx *c, int batch, int transa, int transb, int M, int N, int K, float alpha, const void *A,
-                   int lda, long long sa, const void *B, int ldb, long long sb, float beta, float *Cm, int ldc,
+                   int lda, long long sa, const void *B, int ldb, long long sb, float beta, void *Cm, int c16, int ldc,
                    long long sc)
 {
     if (batch == 0 || M == 0 || N == 0)
         return 0;
     db_cuda_state *st = db_cuda_st(c);
     const cublasOperation_t oa = transa ? CUBLAS_OP_T : CUBLAS_OP_N, ob = transb ? CUBLAS_OP_T : CUBLAS_OP_N;
-    const cudaDataType_t t = c->precision == DB_PREC_F16 ? CUDA_R_16F : CUDA_R_16BF;
+    const cudaDataType_t t = c->precision == DB_PREC_F16 ? CUDA_R_16F : CUDA_R_16BF, tc = c16 ? t : CUDA_R_32F;
     if (batch == 1)
-        DB_CUBLAS(c, cublasGemmEx(st->blas, ob, oa, N, M, K, &alpha, B, t, ldb, A, t, lda, &beta, Cm, CUDA_R_32F, ldc,
+        DB_CUBLAS(c, cublasGemmEx(st->blas, ob, oa, N, M, K, &alpha, B, t, ldb, A, t, lda, &beta, Cm, tc, ldc,
                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     else
         DB_CUBLAS(c, cublasGemmStridedBatchedEx(st->blas, ob, oa, N, M, K, &alpha, B, t, ldb, sb, A, t, lda, sa, &beta,
-                                                Cm, CUDA_R_32F, ldc, sc, batch, CUBLAS_COMPUTE_32F,
-                                                CUBLAS_GEMM_DEFAULT));
+                                                Cm, tc, ldc, sc, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return 0;
 }
 
@@ -145,7 +151,24 @@ static void ops16_free(db_ctx *c, ops16 *o)
         db_cuda_free(c, o->p[i]);
 }
 
+// dst (n floats) = round(a product), or += when accumulate: gemm(t) stores
+// the product in t, n values of the compute type (cuBLAS's store rounds),
+// widened into dst by one pass
+template <typename F> static int via16(db_ctx *c, float *dst, size_t n, int accumulate, F &&gemm)
+{
+    if (n == 0)
+        return 0;
+    void *t = db_cuda_alloc(c, n * 2);
+    int r = t ? gemm(t) : -1;
+    if (r == 0)
+        r = db_cuda_from16(c, dst, t, n, accumulate);
+    db_cuda_free(c, t);
+    return r;
+}
+
 // 16-bit gemm_forward: Cm = round(alpha op(A') op(B') + beta Cm'), ' = rounded
+// (beta 0: through a 16-bit C; else Cm, an input too, rounded in place first
+// and the float32 C rounded after)
 static int gemm_forward16(db_ctx *c, float *Cm, const float *A, const float *B, int batch, int M, int N, int K,
                           int transa, int transb, float alpha, float beta)
 {
@@ -154,13 +177,19 @@ static int gemm_forward16(db_ctx *c, float *Cm, const float *A, const float *B, 
     const size_t nc = (size_t)batch * M * N;
     ops16 o = {{db_cuda_to16(c, A, (size_t)batch * M * K), db_cuda_to16(c, B, (size_t)batch * K * N), NULL}};
     int r = o.p[0] && o.p[1] ? 0 : -1;
-    if (r == 0 && beta != 0.0f) // Cm is an input too (beta 0 ignores it, NaN included)
+    auto gemm = [&](void *Cv, int c16) {
+        return db_cuda_gemm16(c, batch, transa, transb, M, N, K, alpha, o.p[0], transa ? M : K, (long long)M * K,
+                              o.p[1], transb ? K : N, (long long)K * N, beta, Cv, c16, N, (long long)M * N);
+    };
+    if (r == 0 && beta == 0.0f) // (beta 0 ignores Cm, NaN included)
+        r = via16(c, Cm, nc, 0, [&](void *t) { return gemm(t, 1); });
+    else if (r == 0) {
         r = db_cuda_round(c, Cm, Cm, nc, 0);
-    if (r == 0)
-        r = db_cuda_gemm16(c, batch, transa, transb, M, N, K, alpha, o.p[0], transa ? M : K, (long long)M * K, o.p[1],
-                           transb ? K : N, (long long)K * N, beta, Cm, N, (long long)M * N);
-    if (r == 0)
-        r = db_cuda_round(c, Cm, Cm, nc, 0);
+        if (r == 0)
+            r = gemm(Cm, 0);
+        if (r == 0)
+            r = db_cuda_round(c, Cm, Cm, nc, 0);
+    }
     ops16_free(c, &o);
     return r;
 }
@@ -187,7 +216,7 @@ static int linear_product(db_ctx *c, float *out, const float *inp, const float *
     ops16 o = {{db_cuda_to16(c, inp, (size_t)N * C), db_cuda_to16(c, weight, (size_t)OC * C), NULL}};
     int r = o.p[0] && o.p[1] ? 0 : -1;
     if (r == 0)
-        r = db_cuda_gemm16(c, 1, 0, 1, N, OC, C, 1.0f, o.p[0], C, 0, o.p[1], C, 0, 0.0f, out, OC, 0);
+        r = db_cuda_gemm16(c, 1, 0, 1, N, OC, C, 1.0f, o.p[0], C, 0, o.p[1], C, 0, 0.0f, out, 0, OC, 0);
     ops16_free(c, &o);
     return r;
 }
@@ -231,13 +260,16 @@ extern "C" int db_cuda_linear_forward(db_ctx *c, float *out, const float *inp, c
 }
 
 // gemm_backward.c's arrangement: each gradient is one product in its stored
-// layout.  A and B are float32 (sgemm) or compute-type (p16) operands.
+// layout.  A and B are float32 (sgemm) or compute-type (p16) operands; Cm =
+// the product, rounded when p16 (via16).
 static int gemm_plain(db_ctx *c, int p16, float *Cm, const void *A, const void *B, int batch, int M, int N, int K,
                       int transa, int transb, float alpha)
 {
     if (p16)
-        return db_cuda_gemm16(c, batch, transa, transb, M, N, K, alpha, A, transa ? M : K, (long long)M * K, B,
-                              transb ? K : N, (long long)K * N, 0.0f, Cm, N, (long long)M * N);
+        return via16(c, Cm, (size_t)batch * M * N, 0, [&](void *t) {
+            return db_cuda_gemm16(c, batch, transa, transb, M, N, K, alpha, A, transa ? M : K, (long long)M * K, B,
+                                  transb ? K : N, (long long)K * N, 0.0f, t, 1, N, (long long)M * N);
+        });
     return db_cuda_sgemm(c, batch, transa, transb, M, N, K, alpha, (const float *)A, transa ? M : K, (long long)M * K,
                          (const float *)B, transb ? K : N, (long long)K * N, 0.0f, Cm, N, (long long)M * N);
 }
@@ -266,14 +298,10 @@ extern "C" int db_cuda_gemm_backward(db_ctx *c, float *dA, float *dB, const floa
     if (dA) {
         r = transa ? gemm_plain(c, p16, dA, b, dc, batch, K, M, N, transb, 1, alpha)
                    : gemm_plain(c, p16, dA, dc, b, batch, M, K, N, 0, !transb, alpha);
-        if (r == 0 && p16)
-            r = db_cuda_round(c, dA, dA, na, 0);
     }
     if (r == 0 && dB) {
         r = transb ? gemm_plain(c, p16, dB, dc, a, batch, N, K, M, 1, transa, alpha)
                    : gemm_plain(c, p16, dB, a, dc, batch, K, N, M, !transa, 0, alpha);
-        if (r == 0 && p16)
-            r = db_cuda_round(c, dB, dB, nb, 0);
     }
     ops16_free(c, &o);
     return r ? -1 : 0;
@@ -308,18 +336,16 @@ static int linear_backward16(db_ctx *c, float *dinp, float *dweight, float *dbia
     if (r == 0 && dinp) { // dinp (N, C) = dout (N, OC) @ weight (OC, C)
         r = (o.p[1] = db_cuda_to16(c, weight, nw)) ? 0 : -1;
         if (r == 0)
-            r = db_cuda_gemm16(c, 1, 0, 0, N, C, OC, 1.0f, o.p[0], OC, 0, o.p[1], C, 0, 0.0f, dinp, C, 0);
-        if (r == 0)
-            r = db_cuda_round(c, dinp, dinp, (size_t)N * C, 0);
+            r = via16(c, dinp, (size_t)N * C, 0, [&](void *t) {
+                return db_cuda_gemm16(c, 1, 0, 0, N, C, OC, 1.0f, o.p[0], OC, 0, o.p[1], C, 0, 0.0f, t, 1, C, 0);
+            });
     }
-    if (r == 0 && dweight && nw > 0) { // the contribution dout^T @ inp into scratch, rounded, added
-        float *t = (float *)db_cuda_alloc(c, nw * sizeof(float));
-        r = t && (o.p[2] = db_cuda_to16(c, inp, (size_t)N * C)) ? 0 : -1;
+    if (r == 0 && dweight && nw > 0) { // the contribution dout^T @ inp, rounded, added
+        r = (o.p[2] = db_cuda_to16(c, inp, (size_t)N * C)) ? 0 : -1;
         if (r == 0)
-            r = db_cuda_gemm16(c, 1, 1, 0, OC, C, N, 1.0f, o.p[0], OC, 0, o.p[2], C, 0, 0.0f, t, C, 0);
-        if (r == 0)
-            r = db_cuda_round(c, dweight, t, nw, 1);
-        db_cuda_free(c, t);
+            r = via16(c, dweight, nw, 1, [&](void *t) {
+                return db_cuda_gemm16(c, 1, 1, 0, OC, C, N, 1.0f, o.p[0], OC, 0, o.p[2], C, 0, 0.0f, t, 1, C, 0);
+            });
     }
     ops16_free(c, &o);
     if (r == 0 && dbias && N > 0 && OC > 0) // float32 sum of the rounded dout, rounded, added

@@ -2302,7 +2302,10 @@ int main(void)
     }
 
     t_shadow_staged(); /* (here: DB_CUDA_TEST_ONLY=staged runs it alone) */
-    if (getenv("DB_CUDA_TEST_ONLY")) /* the per-op sections above only */
+    /* the per-op sections above only; DB_CUDA_TEST_ONLY=prec: the precision
+     * modes' section below too (and nothing after it) */
+    const char *only = getenv("DB_CUDA_TEST_ONLY");
+    if (only && strcmp(only, "prec") != 0)
         goto done;
     t_linear_add(DB_PREC_F32, 7, 13, 11, 1);
     t_linear_add(DB_PREC_F32, 9, 16, 5, 0);
@@ -2369,6 +2372,8 @@ int main(void)
         }
     }
 
+    if (only)
+        goto done;
     /* activations, elementwise, layout, embeddings */
     for (int a = 0; a < 4; a++) {
         t_act((act)a, 1001);

@@ -13,6 +13,11 @@
 #   threads of a block (a missing __syncthreads or __syncwarp before shared
 #   memory is read, two warps writing one place) fails it.  About 20 minutes
 #   on 2 cores, so not part of make check; run it after changing a kernel.
+#   One section of test_cuda_ops alone (its full run takes ~20 minutes here):
+#   DB_CUDA_TEST_ONLY=S DB_CUDA_TEST_QUICK=1 B=$PWD/build/emu build/tests/gpu/test_cuda_ops
+#   runs the per-op checks whose name holds S (groupnorm, conv2d, staged: the
+#   fused AdamW's staged filter copies); S = prec runs the bf16 / fp16
+#   section (gemm, linear, conv) instead.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
