@@ -269,12 +269,13 @@ extern "C" int db_cuda_attention_forward(db_ctx *c, float *out, float *lse, cons
     for (int i = 0; i < 3; i++)
         if (!(op[i] = tc ? db_cuda_to16(c, src[i], n[i]) : (void *)db_cuda_rounded_copy(c, src[i], n[i])))
             r = -1;
+    // out rounded: by the tensor-core kernel as it stores it, else a pass
     if (r == 0)
         r = tc ? db_cuda_attention_tc_forward(c, out, lse, op[0], op[1], op[2], (int)c->precision, B, Tq, Tk, NH, HS,
-                                              causal)
+                                              causal, 1)
                : attention_forward32(c, out, lse, (const float *)op[0], (const float *)op[1], (const float *)op[2],
                                      B, Tq, Tk, NH, HS, causal);
-    if (r == 0)
+    if (r == 0 && !tc)
         r = db_cuda_round(c, out, out, nq, 0);
     for (int i = 0; i < 3; i++)
         db_cuda_free(c, op[i]); // stream order keeps them alive for the kernel

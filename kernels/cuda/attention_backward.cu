@@ -372,13 +372,14 @@ extern "C" int db_cuda_attention_backward(db_ctx *c, float *dq, float *dk, float
             r = -1;
     if (r == 0)
         r = tc ? db_cuda_attention_tc_backward(c, dq, dk, dv, op[0], op[1], lse, op[2], op[3], op[4],
-                                               (int)c->precision, B, Tq, Tk, NH, HS, causal)
+                                               (int)c->precision, B, Tq, Tk, NH, HS, causal, 1)
                : attention_backward32(c, dq, dk, dv, (const float *)op[0], (const float *)op[1], lse,
                                       (const float *)op[2], (const float *)op[3], (const float *)op[4], B, Tq, Tk,
                                       NH, HS, causal);
+    // the tensor-core path rounds its outputs as it writes them; here a pass
     float *outs[3] = {dq, dk, dv};
     for (int i = 0; i < 3; i++)
-        if (r == 0 && outs[i])
+        if (r == 0 && outs[i] && !tc)
             r = db_cuda_round(c, outs[i], outs[i], i ? nk : nq, 0);
     for (int i = 0; i < 5; i++)
         db_cuda_free(c, op[i]); // stream order keeps them alive for the kernels

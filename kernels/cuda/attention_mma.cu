@@ -117,7 +117,7 @@ template <typename T, int NK, int MR> constexpr size_t smem_bytes(bool pipe)
 template <typename T, int NK, bool PIPE, bool LDSM, int MR>
 __global__ static void __launch_bounds__(NWARP * 32)
     attention_mma_kernel(float *out, float *lse, const T *q, const T *k, const T *v, int Tq, int Tk, int NH, int HS,
-                         int causal, float qscale, float rescale)
+                         int causal, float qscale, float rescale, int rnd)
 {
     constexpr int HSP = 16 * NK, LDH = HSP + 8, BQ = BR * MR;
     static_assert(BR == BT && MR <= 2, "Qs is laid out as one or two key tiles");
@@ -226,7 +226,8 @@ __global__ static void __launch_bounds__(NWARP * 32)
             __syncthreads(); // this pair consumed before the next iteration fills it again
     }
 
-    // out = O / lt (fp32; the caller rounds), lse = ln 2 (m + log2 l)
+    // out = O / lt (fp32, rounded to T when rnd: the value the caller's
+    // rounding pass gave), lse = ln 2 (m + log2 l)
 #pragma unroll
     for (int mr = 0; mr < MR; mr++)
 #pragma unroll
@@ -240,8 +241,10 @@ __global__ static void __launch_bounds__(NWARP * 32)
                 if (n >= HC)
                     break;
                 const size_t col = (size_t)h * HS + 8 * n + 2 * t;
-                *(float2 *)(out + ((size_t)b * Tq + i) * C + col) =
-                    make_float2(o[mr][n][2 * r] * inv, o[mr][n][2 * r + 1] * inv);
+                float2 w = make_float2(o[mr][n][2 * r] * inv, o[mr][n][2 * r + 1] * inv);
+                if (rnd)
+                    w = make_float2(tc<T>::to(tc<T>::from(w.x)), tc<T>::to(tc<T>::from(w.y)));
+                *(float2 *)(out + ((size_t)b * Tq + i) * C + col) = w;
             }
             if (lse && t == 0)
                 lse[(size_t)bh * Tq + i] = (float)(0.6931471805599453 * ((double)m[mr][r] + log2((double)l[mr][r])));
@@ -250,16 +253,16 @@ __global__ static void __launch_bounds__(NWARP * 32)
 
 template <typename T, int NK, bool PIPE, bool LDSM, int MR>
 static int launch(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v, int B, int Tq,
-                  int Tk, int NH, int HS, int causal, float rescale)
+                  int Tk, int NH, int HS, int causal, float rescale, int rnd)
 {
     const size_t smem = smem_bytes<T, NK, MR>(PIPE);
-    void (*kern)(float *, float *, const T *, const T *, const T *, int, int, int, int, int, float, float) =
+    void (*kern)(float *, float *, const T *, const T *, const T *, int, int, int, int, int, float, float, int) =
         attention_mma_kernel<T, NK, PIPE, LDSM, MR>;
     if (db_cuda_smem_optin(c, kern, smem))
         return -1;
     dim3 grid((unsigned)((Tq + BR * MR - 1) / (BR * MR)), (unsigned)(B * NH));
     kern<<<grid, NWARP * 32, smem, db_cuda_st(c)->stream>>>(out, lse, (const T *)q, (const T *)k, (const T *)v, Tq, Tk,
-                                                             NH, HS, causal, score_scale_log2(HS), rescale);
+                                                             NH, HS, causal, score_scale_log2(HS), rescale, rnd);
     DB_LAUNCHED(c);
     return 0;
 }
@@ -268,7 +271,7 @@ static int launch(db_ctx *c, float *out, float *lse, const void *q, const void *
 
 // attention_tc.cu's checks have passed (dtype, HS, alignment, B * NH).
 int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v,
-                                  int dtype, int B, int Tq, int Tk, int NH, int HS, int causal, float rescale)
+                                  int dtype, int B, int Tq, int Tk, int NH, int HS, int causal, float rescale, int rnd)
 {
     return with_nd(HS, [&](auto nk) {
         constexpr int NK = decltype(nk)::value;
@@ -279,8 +282,8 @@ int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void 
             const long blocks2 = (long)((Tq + 2 * BR - 1) / (2 * BR)) * B * NH;
             if (mr_max<NK>() == 2 && (want == 2 || (want == 0 && blocks2 >= 2L * db_cuda_st(c)->nsm)))
                 return launch<decltype(t), NK, P, L, mr_max<NK>()>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal,
-                                                                     rescale);
-            return launch<decltype(t), NK, P, L, 1>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
+                                                                     rescale, rnd);
+            return launch<decltype(t), NK, P, L, 1>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale, rnd);
         };
         return with_types(dtype, pipe, ldsm, go);
     });

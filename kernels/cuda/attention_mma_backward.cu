@@ -46,11 +46,16 @@ namespace {
 constexpr float LOG2E = 1.4426950408889634f;
 
 // rows r (16 of the warp: this lane's g and g + 8) of acc * scale into
-// dst (B, T_, NH*HS), head h
-template <int NK>
+// dst (B, T_, NH*HS), head h; rnd: each value rounded to T (kept fp32)
+template <typename T, int NK>
 __device__ __forceinline__ void store_acc(float *dst, const float (&acc)[2 * NK][4], float scale, int b, int h, int rA,
-                                          int T_, int NH, int HS)
+                                          int T_, int NH, int HS, int rnd)
 {
+    auto put = [rnd](float *p, float x, float y) {
+        if (rnd)
+            x = tc<T>::to(tc<T>::from(x)), y = tc<T>::to(tc<T>::from(y));
+        *(float2 *)p = make_float2(x, y);
+    };
     const int lane = threadIdx.x & 31, t = lane & 3, HC = HS / 8, rB = rA + 8;
     const size_t C = (size_t)NH * HS;
 #pragma unroll
@@ -59,9 +64,9 @@ __device__ __forceinline__ void store_acc(float *dst, const float (&acc)[2 * NK]
             break;
         const size_t col = (size_t)h * HS + 8 * n + 2 * t;
         if (rA < T_)
-            *(float2 *)(dst + ((size_t)b * T_ + rA) * C + col) = make_float2(acc[n][0] * scale, acc[n][1] * scale);
+            put(dst + ((size_t)b * T_ + rA) * C + col, acc[n][0] * scale, acc[n][1] * scale);
         if (rB < T_)
-            *(float2 *)(dst + ((size_t)b * T_ + rB) * C + col) = make_float2(acc[n][2] * scale, acc[n][3] * scale);
+            put(dst + ((size_t)b * T_ + rB) * C + col, acc[n][2] * scale, acc[n][3] * scale);
     }
 }
 
@@ -99,7 +104,7 @@ __device__ __forceinline__ void ds_frags(uint32_t (&dsa)[BT / 16][4], const floa
 template <typename T, int NK, bool PIPE, bool LDSM>
 __global__ static void __launch_bounds__(NWARP * 32)
     attn_mma_dq_kernel(float *dq, const T *dout, const float *lse, const float *D, const T *q, const T *k, const T *v,
-                       int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale)
+                       int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale, int rnd)
 {
     constexpr int LDH = 16 * NK + 8;
     static_assert(BR == BT, "the tiles share one layout");
@@ -162,7 +167,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
         if (PIPE)
             __syncthreads(); // this pair consumed before the next iteration fills it again
     }
-    store_acc<NK>(dq, acc, scale, b, h, iA, Tq, NH, HS);
+    store_acc<T, NK>(dq, acc, scale, b, h, iA, Tq, NH, HS, rnd);
 }
 
 // Pass 2: dk, dv (B, Tk, NH*HS) fp32 (either may be NULL).  grid
@@ -224,7 +229,7 @@ template <typename T, int NK, bool PIPE, bool LDSM>
 __global__ static void __launch_bounds__(NWARP * 32)
     attn_mma_dkv_kernel(float *dk, float *dv, const T *dout, const float *lse, const float *D, const T *q, const T *k,
                         const T *v, int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale, int qtiles,
-                        size_t part)
+                        size_t part, int rnd)
 {
     constexpr int LDH = 16 * NK + 8;
     extern __shared__ __align__(128) float smem[];
@@ -296,38 +301,38 @@ __global__ static void __launch_bounds__(NWARP * 32)
             __syncthreads(); // this pair consumed before the next iteration fills it again
     }
     if (dv)
-        store_acc<NK>(dv + blockIdx.z * part, gv, 1.0f, b, h, jA, Tk, NH, HS);
+        store_acc<T, NK>(dv + blockIdx.z * part, gv, 1.0f, b, h, jA, Tk, NH, HS, rnd);
     if (dk)
-        store_acc<NK>(dk + blockIdx.z * part, gk, scale, b, h, jA, Tk, NH, HS);
+        store_acc<T, NK>(dk + blockIdx.z * part, gk, scale, b, h, jA, Tk, NH, HS, rnd);
 }
 
 template <typename T, int NK, bool PIPE, bool LDSM>
 static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, const void *dout, const float *lse,
                   const void *q, const void *k, const void *v, int B, int Tq, int Tk, int NH, int HS, int causal,
-                  float scale, float qscale, int qtiles, int nsplit, size_t part)
+                  float scale, float qscale, int qtiles, int nsplit, size_t part, int rnd)
 {
     constexpr int LDH = 16 * NK + 8;
     cudaStream_t st = db_cuda_st(c)->stream;
     if (dq) {
         const size_t smem = sizeof(T) * 4 * (size_t)BR * LDH;
         void (*kern)(float *, const T *, const float *, const float *, const T *, const T *, const T *, int, int, int,
-                     int, int, float, float) = attn_mma_dq_kernel<T, NK, PIPE, LDSM>;
+                     int, int, float, float, int) = attn_mma_dq_kernel<T, NK, PIPE, LDSM>;
         if (db_cuda_smem_optin(c, kern, smem))
             return -1;
         dim3 grid((unsigned)((Tq + BR - 1) / BR), (unsigned)(B * NH));
         kern<<<grid, NWARP * 32, smem, st>>>(dq, (const T *)dout, lse, D, (const T *)q, (const T *)k, (const T *)v, Tq,
-                                              Tk, NH, HS, causal, scale, qscale);
+                                              Tk, NH, HS, causal, scale, qscale, rnd);
         DB_LAUNCHED(c);
     }
     if (dk || dv) {
         const size_t smem = dkv_smem<T, NK>(PIPE);
         void (*kern)(float *, float *, const T *, const float *, const float *, const T *, const T *, const T *, int,
-                     int, int, int, int, float, float, int, size_t) = attn_mma_dkv_kernel<T, NK, PIPE, LDSM>;
+                     int, int, int, int, float, float, int, size_t, int) = attn_mma_dkv_kernel<T, NK, PIPE, LDSM>;
         if (db_cuda_smem_optin(c, kern, smem))
             return -1;
         dim3 grid((unsigned)((Tk + BR - 1) / BR), (unsigned)(B * NH), (unsigned)nsplit);
         kern<<<grid, NWARP * 32, smem, st>>>(dk, dv, (const T *)dout, lse, D, (const T *)q, (const T *)k, (const T *)v,
-                                              Tq, Tk, NH, HS, causal, scale, qscale, qtiles, part);
+                                              Tq, Tk, NH, HS, causal, scale, qscale, qtiles, part, rnd);
         DB_LAUNCHED(c);
     }
     return 0;
@@ -338,7 +343,7 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
 int db_cuda_attention_mma_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *D, const void *dout,
                                    const float *lse, const void *q, const void *k, const void *v, int dtype, int B,
                                    int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale, int qtiles,
-                                   int nsplit, size_t part)
+                                   int nsplit, size_t part, int rnd)
 {
     if (HS > MMA_BWD_HS_MAX)
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "attention mma backward: head size %d over %d", HS,
@@ -351,7 +356,7 @@ int db_cuda_attention_mma_backward(db_ctx *c, float *dq, float *dk, float *dv, c
             auto go = [&](auto t, auto p, auto l) {
                 return launch<decltype(t), NK, decltype(p)::value, decltype(l)::value>(
                     c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal, scale, qscale, qtiles, nsplit,
-                    part);
+                    part, rnd);
             };
             return with_types(dtype, db_cuda_attn_cpasync(), db_cuda_attn_ldsm(), go);
         }

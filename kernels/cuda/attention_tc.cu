@@ -239,7 +239,7 @@ static int dispatch(db_ctx *c, float *out, float *lse, const void *q, const void
 }
 
 int attention_tc(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v, int dtype, int B,
-                 int Tq, int Tk, int NH, int HS, int causal, float rescale)
+                 int Tq, int Tk, int NH, int HS, int causal, float rescale, int rnd)
 {
     DB_ENTER(c);
     if (dtype != DB_PREC_BF16 && dtype != DB_PREC_F16)
@@ -257,10 +257,16 @@ int attention_tc(db_ctx *c, float *out, float *lse, const void *q, const void *k
     // the mma.sync kernel (attention_mma.cu) unless DB_ATTN_MMA=0: on an H200
     // (2026-11-27) it took 0.455 ms where this WMMA one took 0.547 at SD1.5's
     // bf16 self-attention, and no more at any shape in bf16 (fp16: even)
+    // (rnd: the mma.sync kernel rounds out as it stores it; after the WMMA
+    // one, a rounding pass)
     if (db_cuda_attn_mma())
-        return db_cuda_attention_mma_forward(c, out, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, rescale);
-    return dtype == DB_PREC_BF16 ? dispatch<__nv_bfloat16>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale)
-                                 : dispatch<__half>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
+        return db_cuda_attention_mma_forward(c, out, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, rescale, rnd);
+    const int r = dtype == DB_PREC_BF16
+                      ? dispatch<__nv_bfloat16>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale)
+                      : dispatch<__half>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
+    if (r != 0 || !rnd)
+        return r;
+    return db_cuda_round_as(c, out, out, (size_t)B * Tq * NH * HS, dtype == DB_PREC_F16, 0);
 }
 
 // ---- test hook -------------------------------------------------------------------------------
@@ -270,13 +276,14 @@ struct tc_args {
     const void *q, *k, *v;
     int dtype, B, Tq, Tk, NH, HS, causal;
     float rescale;
+    int rnd;
 };
 
 int tc_run(db_ctx *c, void *p)
 {
     const tc_args *a = (const tc_args *)p;
     return attention_tc(c, a->out, a->lse, a->q, a->k, a->v, a->dtype, a->B, a->Tq, a->Tk, a->NH, a->HS, a->causal,
-                        a->rescale);
+                        a->rescale, a->rnd);
 }
 
 } // namespace
@@ -307,9 +314,9 @@ int db_cuda_attn_mr(void)
 
 extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k,
                                             const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
-                                            int causal)
+                                            int causal, int round_out)
 {
-    return attention_tc(c, out, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, RESCALE_LOG2);
+    return attention_tc(c, out, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, RESCALE_LOG2, round_out);
 }
 
 extern "C" int db_cuda_time_ms(db_ctx *c, int (*fn)(db_ctx *, void *), void *arg, int warmup, int iters, float *ms);
@@ -331,7 +338,8 @@ db_cuda_test_attention_tc(db_ctx *c, float *out, float *lse, const float *q, con
     float *dout = dv ? (float *)db_cuda_alloc(c, nq * sizeof(float) + 16) : NULL;
     float *dlse = dout && lse ? (float *)db_cuda_alloc(c, nl * sizeof(float) + 16) : NULL;
     int rc = -1;
-    tc_args a = {dout, dlse, dq, dk, dv, dtype, B, Tq, Tk, NH, HS, causal, rescale_log2 < 0 ? RESCALE_LOG2 : rescale_log2};
+    tc_args a = {dout, dlse, dq, dk, dv, dtype, B, Tq, Tk, NH, HS, causal, rescale_log2 < 0 ? RESCALE_LOG2 : rescale_log2,
+                 0};
     cudaStream_t st = db_cuda_st(c)->stream;
     if (!dout || (lse && !dlse))
         goto done;

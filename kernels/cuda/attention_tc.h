@@ -15,13 +15,16 @@
 // 8 in 8..160, any Tq, Tk >= 1; causal: query i sees keys j <= i (top-left);
 // q, k, v 16-byte aligned (read in 16-byte pieces).
 // Softmax in fp32; the probabilities are rounded to the compute type for the
-// P V product (the one intermediate this kernel rounds); out is NOT rounded
-// to the compute type (the caller's job).  Deterministic (no atomics).
+// P V product (the one intermediate this kernel rounds); out is rounded to
+// the compute type (kept fp32) when round_out, as the 16-bit ops' outputs
+// are: the mma.sync kernel rounds each value as it stores it, the WMMA one
+// is followed by a rounding pass (same bits either way).  Deterministic (no
+// atomics).
 // Returns 0, or -1 with c->err set (DB_EUNSUPP for a dtype or HS outside
 // the above).
 extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k,
                                             const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
-                                            int causal);
+                                            int causal, int round_out);
 
 // Whether the mma.sync kernels run (attention_mma.cu, and up to
 // MMA_BWD_HS_MAX attention_mma_backward.cu): yes unless the environment has
@@ -47,9 +50,11 @@ int db_cuda_attn_mr(void);
 // The same forward through mma.sync with S and P in registers
 // (attention_mma.cu; db_cuda_attention_tc_forward runs it, after checking
 // the arguments, unless DB_ATTN_MMA=0 selects the WMMA kernel); rescale:
-// the reference-max threshold in log2 units (attention_tc.cu's RESCALE_LOG2).
+// the reference-max threshold in log2 units (attention_tc.cu's RESCALE_LOG2);
+// rnd: out rounded to the compute type as it is stored.
 int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v,
-                                  int dtype, int B, int Tq, int Tk, int NH, int HS, int causal, float rescale);
+                                  int dtype, int B, int Tq, int Tk, int NH, int HS, int causal, float rescale,
+                                  int rnd);
 
 // dq (B, Tq, NH*HS), dk, dv (B, Tk, NH*HS) fp32 (= assigned; any may be
 // NULL), from dout, out, q (B, Tq, NH*HS) and k, v (B, Tk, NH*HS) device
@@ -68,16 +73,21 @@ int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void 
 // its D = dO . O, scale = 1 / sqrt(HS), qscale = score_scale_log2(HS) and
 // its split of the dK/dV pass (nsplit blocks in z, qtiles query tiles
 // each, partial sums at dk, dv + z part).  dq or dk, dv may be NULL (that
-// pass is not run).  0, or -1 with c->err set.
+// pass is not run).  rnd: every value written rounded to the compute type
+// (kept fp32; the caller passes it for whole sums only, not partials).
+// 0, or -1 with c->err set.
 enum { MMA_BWD_HS_MAX = 80 };
 int db_cuda_attention_mma_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *D, const void *dout,
                                    const float *lse, const void *q, const void *k, const void *v, int dtype, int B,
                                    int Tq, int Tk, int NH, int HS, int causal, float scale, float qscale, int qtiles,
-                                   int nsplit, size_t part);
+                                   int nsplit, size_t part, int rnd);
 
+// round_out: dq, dk, dv rounded to the compute type (kept fp32), as the
+// 16-bit ops' outputs are, by the kernels that write them (the mma.sync
+// passes, the split dK/dV's sum) or, after the WMMA ones, by a pass.
 extern "C" int db_cuda_attention_tc_backward(db_ctx *c, float *dq, float *dk, float *dv, const void *dout,
                                              const void *out, const float *lse, const void *q, const void *k,
                                              const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
-                                             int causal);
+                                             int causal, int round_out);
 
 #endif

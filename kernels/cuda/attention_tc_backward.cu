@@ -300,14 +300,15 @@ __global__ static void __launch_bounds__(NWARP * 32)
         store_rows<ND>(dk + blockIdx.z * part, gk, scale, sw, b, h, j0 + warp * 16, Tk, NH, HS, lane);
 }
 
-// dst[i] = sum over z < nsplit of part[z n + i], z in order (deterministic)
-__global__ static void dkv_reduce_kernel(float *dst, const float *part, size_t n, int nsplit)
+// dst[i] = sum over z < nsplit of part[z n + i], z in order (deterministic);
+// r16 1 / 2: the sum rounded to bf16 / fp16 (kept fp32)
+__global__ static void dkv_reduce_kernel(float *dst, const float *part, size_t n, int nsplit, int r16)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float s = part[i];
         for (int z = 1; z < nsplit; z++)
             s += part[(size_t)z * n + i];
-        dst[i] = s;
+        dst[i] = r16 ? db_cuda_round16(s, r16 == 2) : s;
     }
 }
 
@@ -330,19 +331,21 @@ static int dkv_qtiles(int Tq, int Tk, int BNH)
     return (nq + nsplit - 1) / nsplit;
 }
 
+// rnd: dq, dk, dv rounded to T (db_cuda_attention_tc_backward's round_out)
 template <typename T, int ND>
 static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, const void *dout, const float *lse,
-                  const void *q, const void *k, const void *v, int B, int Tq, int Tk, int NH, int HS, int causal)
+                  const void *q, const void *k, const void *v, int B, int Tq, int Tk, int NH, int HS, int causal,
+                  int rnd)
 {
     cudaStream_t st = db_cuda_st(c)->stream;
     const size_t smem = smem_bytes<T>(ND);
     const float scale = (float)(1.0 / sqrt((double)HS)); // as attention_backward.c
     const float qscale = score_scale_log2(HS);
     const bool mma = HS <= MMA_BWD_HS_MAX && db_cuda_attn_mma(); // attention_mma_backward.cu's kernels
-    const int dtype = std::is_same<T, __half>::value ? DB_PREC_F16 : DB_PREC_BF16;
+    const int dtype = std::is_same<T, __half>::value ? DB_PREC_F16 : DB_PREC_BF16, f16 = dtype == DB_PREC_F16;
     if (dq && mma) {
         if (db_cuda_attention_mma_backward(c, dq, NULL, NULL, D, dout, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal,
-                                           scale, qscale, 0, 1, 0))
+                                           scale, qscale, 0, 1, 0, rnd))
             return -1;
     } else if (dq) {
         void (*kern)(float *, const T *, const float *, const float *, const T *, const T *, const T *, int, int, int,
@@ -353,6 +356,8 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
         kern<<<grid, NWARP * 32, smem, st>>>(dq, (const T *)dout, lse, D, (const T *)q, (const T *)k, (const T *)v, Tq,
                                               Tk, NH, HS, causal, scale, qscale);
         DB_LAUNCHED(c);
+        if (rnd && db_cuda_round_as(c, dq, dq, (size_t)B * Tq * NH * HS, f16, 0))
+            return -1;
     }
     if (dk || dv) {
         const int qtiles = dkv_qtiles(Tq, Tk, B * NH), nsplit = ((Tq + BT - 1) / BT + qtiles - 1) / qtiles;
@@ -361,9 +366,10 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
         float *pk = nsplit > 1 && dk ? (float *)db_cuda_alloc(c, sizeof(float) * n * nsplit) : dk,
               *pv = nsplit > 1 && dv ? (float *)db_cuda_alloc(c, sizeof(float) * n * nsplit) : dv;
         int r = (dk && !pk) || (dv && !pv) ? -1 : 0;
+        // rounded: by the mma.sync pass when it writes the sums, else by their sum (or a pass)
         if (r == 0 && mma)
             r = db_cuda_attention_mma_backward(c, NULL, pk, pv, D, dout, lse, q, k, v, dtype, B, Tq, Tk, NH, HS,
-                                               causal, scale, qscale, qtiles, nsplit, n);
+                                               causal, scale, qscale, qtiles, nsplit, n, rnd && nsplit == 1);
         else if (r == 0) {
             void (*kern2)(float *, float *, const T *, const float *, const float *, const T *, const T *, const T *,
                           int, int, int, int, int, float, float, int, size_t) = attn_tc_dkv_kernel<T, ND>;
@@ -376,15 +382,20 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
             }
         }
         if (r == 0) {
+            const int r16 = rnd ? 1 + f16 : 0;
             if (nsplit > 1 && dk)
-                dkv_reduce_kernel<<<db_cuda_grid(n, 256), 256, 0, st>>>(dk, pk, n, nsplit);
+                dkv_reduce_kernel<<<db_cuda_grid(n, 256), 256, 0, st>>>(dk, pk, n, nsplit, r16);
             if (nsplit > 1 && dv)
-                dkv_reduce_kernel<<<db_cuda_grid(n, 256), 256, 0, st>>>(dv, pv, n, nsplit);
+                dkv_reduce_kernel<<<db_cuda_grid(n, 256), 256, 0, st>>>(dv, pv, n, nsplit, r16);
             cudaError_t e = cudaGetLastError();
             if (e != cudaSuccess)
                 r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "attention_tc backward (dk, dv): %s",
                                  cudaGetErrorString(e));
         }
+        if (r == 0 && rnd && !mma && nsplit == 1) // the WMMA pass wrote the sums unrounded
+            for (float *o : {dk, dv})
+                if (r == 0 && o)
+                    r = db_cuda_round_as(c, o, o, n, f16, 0);
         if (nsplit > 1) { // stream order keeps them alive for the kernels
             if (pk)
                 db_cuda_free(c, pk);
@@ -398,7 +409,8 @@ static int launch(db_ctx *c, float *dq, float *dk, float *dv, const float *D, co
 
 template <typename T>
 static int dispatch(db_ctx *c, float *dq, float *dk, float *dv, const void *dout, const void *out, const float *lse,
-                    const void *q, const void *k, const void *v, int B, int Tq, int Tk, int NH, int HS, int causal)
+                    const void *q, const void *k, const void *v, int B, int Tq, int Tk, int NH, int HS, int causal,
+                    int rnd)
 {
     const size_t n = (size_t)B * NH * Tq;
     float *D = (float *)db_cuda_alloc(c, sizeof(float) * n);
@@ -407,7 +419,8 @@ static int dispatch(db_ctx *c, float *dq, float *dk, float *dv, const void *dout
     int r = -1;
     if (db_cuda_attn_d<T>(c, D, (const T *)dout, (const T *)out, B, Tq, NH, HS) == 0)
         r = with_nd(HS, [&](auto nd) {
-            return launch<T, decltype(nd)::value>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
+            return launch<T, decltype(nd)::value>(c, dq, dk, dv, D, dout, lse, q, k, v, B, Tq, Tk, NH, HS, causal,
+                                                  rnd);
         });
     db_cuda_free(c, D); // stream order keeps it alive for the kernels
     return r;
@@ -427,7 +440,7 @@ int bwd_run(db_ctx *c, void *p)
 {
     const bwd_args *a = (const bwd_args *)p;
     return db_cuda_attention_tc_backward(c, a->dq, a->dk, a->dv, a->dout, a->out, a->lse, a->q, a->k, a->v, a->dtype,
-                                         a->B, a->Tq, a->Tk, a->NH, a->HS, a->causal);
+                                         a->B, a->Tq, a->Tk, a->NH, a->HS, a->causal, 0);
 }
 
 } // namespace
@@ -435,7 +448,7 @@ int bwd_run(db_ctx *c, void *p)
 extern "C" int db_cuda_attention_tc_backward(db_ctx *c, float *dq, float *dk, float *dv, const void *dout,
                                              const void *out, const float *lse, const void *q, const void *k,
                                              const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
-                                             int causal)
+                                             int causal, int round_out)
 {
     DB_ENTER(c);
     if (dtype != DB_PREC_BF16 && dtype != DB_PREC_F16)
@@ -463,8 +476,8 @@ extern "C" int db_cuda_attention_tc_backward(db_ctx *c, float *dq, float *dk, fl
         return 0;
     }
     return dtype == DB_PREC_BF16
-               ? dispatch<__nv_bfloat16>(c, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal)
-               : dispatch<__half>(c, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal);
+               ? dispatch<__nv_bfloat16>(c, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, round_out)
+               : dispatch<__half>(c, dq, dk, dv, dout, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, round_out);
 }
 
 extern "C" int db_cuda_time_ms(db_ctx *c, int (*fn)(db_ctx *, void *), void *arg, int warmup, int iters, float *ms);

@@ -493,15 +493,19 @@ int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int accumul
     return 0;
 }
 
-int db_cuda_round(db_ctx *c, float *dst, const float *src, size_t n, int accumulate)
+int db_cuda_round_as(db_ctx *c, float *dst, const float *src, size_t n, int f16, int accumulate)
 {
     if (n == 0)
         return 0;
     const int v = vec4(dst, src, n);
-    round_kernel<<<grid4(n, v), CONV_THREADS, 0, db_cuda_st(c)->stream>>>(dst, src, n, c->precision == DB_PREC_F16,
-                                                                         accumulate, v);
+    round_kernel<<<grid4(n, v), CONV_THREADS, 0, db_cuda_st(c)->stream>>>(dst, src, n, f16, accumulate, v);
     DB_LAUNCHED(c);
     return 0;
+}
+
+int db_cuda_round(db_ctx *c, float *dst, const float *src, size_t n, int accumulate)
+{
+    return db_cuda_round_as(c, dst, src, n, c->precision == DB_PREC_F16, accumulate);
 }
 
 float *db_cuda_rounded_copy(db_ctx *c, const float *src, size_t n)

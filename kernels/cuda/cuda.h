@@ -274,6 +274,8 @@ void *db_cuda_filter16(db_ctx *c, const float *w, int OC, int C, int KHW);
 const db_cuda_filter_range *db_cuda_shadow_filters(db_ctx *c, db_cuda_shadow *w, int *n);
 // dst = round(src), or dst += round(src) when accumulate; dst may be src
 int db_cuda_round(db_ctx *c, float *dst, const float *src, size_t n, int accumulate);
+// the same, rounding to fp16 when f16 and to bf16 otherwise, whatever the ctx's mode
+int db_cuda_round_as(db_ctx *c, float *dst, const float *src, size_t n, int f16, int accumulate);
 // fresh float scratch holding src rounded (free with db_cuda_free); NULL with c->err set
 float *db_cuda_rounded_copy(db_ctx *c, const float *src, size_t n);
 // Weight shadows (db_cuda_shadow above).  db_cuda_to16 of a range inside a

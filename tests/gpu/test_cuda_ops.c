@@ -175,6 +175,14 @@ static void same_bits(const char *what, const float *d1, const float *d2, size_t
     tap_ok(memcmp(a, b, n * sizeof(float)) == 0, "%s: two runs give the same bits", what);
 }
 
+/* DB_CUDA_TEST_ONLY=prec: the precision modes' section alone, all of it;
+ * prec:S there only the ops whose name holds S (else every op) */
+static int prec_want(const char *name)
+{
+    const char *only = getenv("DB_CUDA_TEST_ONLY");
+    return !only || strncmp(only, "prec:", 5) != 0 || strstr(name, only + 5) != NULL;
+}
+
 /* DB_CUDA_TEST_ONLY=S in the environment: only the ops whose name holds S
  * (a quick look at one kernel under the emulator) */
 static int have(const void *member, const char *name)
@@ -2302,10 +2310,10 @@ int main(void)
     }
 
     t_shadow_staged(); /* (here: DB_CUDA_TEST_ONLY=staged runs it alone) */
-    /* the per-op sections above only; DB_CUDA_TEST_ONLY=prec: the precision
-     * modes' section below too (and nothing after it) */
+    /* the per-op sections above only; DB_CUDA_TEST_ONLY=prec or prec:S: the
+     * precision modes' section below too (prec_want; and nothing after it) */
     const char *only = getenv("DB_CUDA_TEST_ONLY");
-    if (only && strcmp(only, "prec") != 0)
+    if (only && strcmp(only, "prec") != 0 && strncmp(only, "prec:", 5) != 0)
         goto done;
     t_linear_add(DB_PREC_F32, 7, 13, 11, 1);
     t_linear_add(DB_PREC_F32, 9, 16, 5, 0);
@@ -2316,20 +2324,20 @@ int main(void)
     /* precision modes: the matmul-class ops in bf16 and fp16 */
     for (int pi = 0; pi < 2; pi++) {
         const db_precision p = pi == 0 ? DB_PREC_BF16 : DB_PREC_F16;
-        if (api->gemm_forward) {
+        if (api->gemm_forward && prec_want("gemm_forward")) {
             for (int t = 0; t < 4; t++)
                 tp_gemm(p, 2, 9, 7, 13, t & 1, t >> 1, 0.7f, 0.0f);
             tp_gemm(p, 1, 17, 23, 31, 0, 1, 1.0f, 0.5f); /* Cm an input too */
             if (!quick)
                 tp_gemm(p, 16, 4096, 77, 40, 0, 1, 0.158f, 0.0f);
         }
-        if (api->gemm_backward) {
+        if (api->gemm_backward && prec_want("gemm_backward")) {
             for (int t = 0; t < 4; t++)
                 tp_gemm_backward(p, 2, 9, 7, 13, t & 1, t >> 1, 0.7f);
             if (!quick)
                 tp_gemm_backward(p, 16, 1024, 77, 40, 0, 1, 0.158f);
         }
-        if (api->linear_forward) {
+        if (api->linear_forward && prec_want("linear_forward")) {
             tp_linear(p, 7, 13, 11, 1);
             tp_linear(p, 7, 13, 11, 0);
             t_linear_add(p, 7, 13, 11, 1);
@@ -2338,35 +2346,38 @@ int main(void)
             if (!quick)
                 tp_linear(p, 8192, 320, 1280, 1);
         }
-        if (api->linear_backward) {
+        if (api->linear_backward && prec_want("linear_backward")) {
             tp_linear_backward(p, 7, 13, 11);
             tp_linear_backward(p, 300, 70, 45); /* more than one bias chunk of rows */
             if (!quick)
                 tp_linear_backward(p, 8192, 320, 1280);
         }
-        if (api->conv2d_forward) {
+        if (api->conv2d_forward && prec_want("conv2d_forward")) {
             tp_conv(p, 2, 3, 9, 7, 5, 3, 3, 1, 1, 1, 1);
             tp_conv(p, 1, 4, 10, 12, 6, 3, 3, 2, 0, 1, 0); /* VAE downsampler padding */
             tp_conv(p, 2, 8, 6, 6, 5, 1, 1, 1, 0, 0, 1);
             if (!quick)
                 tp_conv(p, 2, 320, 64, 64, 320, 3, 3, 1, 1, 1, 1);
         }
-        if (api->conv2d_backward) {
+        if (api->conv2d_backward && prec_want("conv2d_backward")) {
             tp_conv_backward(p, 2, 3, 9, 7, 5, 3, 3, 1, 1, 1);
             tp_conv_backward(p, 1, 4, 10, 12, 6, 3, 3, 2, 0, 1);
             if (!quick)
                 tp_conv_backward(p, 2, 320, 64, 64, 320, 3, 3, 1, 1, 1);
         }
-        if (api->attention_forward) {
+        if (api->attention_forward && prec_want("attention_forward")) {
             tp_attention(p, 2, 19, 19, 3, 8, 0);
             tp_attention(p, 1, 33, 7, 2, 40, 1);
             tp_attention(p, 1, 40, 40, 1, 512, 0); /* the VAE's: rounded fp32 copies, cuBLAS */
             if (!quick)
                 tp_attention(p, 2, 4096, 77, 8, 40, 0);
         }
-        if (api->attention_backward) {
+        if (api->attention_backward && prec_want("attention_backward")) {
             tp_attention_backward(p, 2, 19, 19, 3, 8, 1);
             tp_attention_backward(p, 1, 33, 7, 2, 40, 0);
+            /* 16 query tiles and one key block: the dK/dV pass split in two
+             * and summed by dkv_reduce_kernel, which rounds the sums */
+            tp_attention_backward(p, 1, 1024, 16, 1, 8, 0);
             if (!quick)
                 tp_attention_backward(p, 1, 1024, 1024, 8, 40, 0);
         }
