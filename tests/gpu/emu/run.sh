@@ -17,7 +17,8 @@
 #   DB_CUDA_TEST_ONLY=S DB_CUDA_TEST_QUICK=1 B=$PWD/build/emu build/tests/gpu/test_cuda_ops
 #   runs the per-op checks whose name holds S (groupnorm, conv2d, staged: the
 #   fused AdamW's staged filter copies); S = prec runs the bf16 / fp16
-#   section (gemm, linear, conv) instead.
+#   section (gemm, linear, conv, attention) instead, S = prec:NAME only its
+#   ops whose name holds NAME (prec:attention, prec:linear_backward).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
