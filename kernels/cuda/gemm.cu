@@ -111,15 +111,18 @@ __global__ static void linear_geglu_epilogue_kernel(float *proj, float *out, con
 // 128.  rows: db_cuda_part_rows (32 at SD's sizes: the H200 profile had 256
 // leave this at 96 blocks for 8192 x 320, 16 us a launch).  r16: 0 as is,
 // 1 / 2 each element rounded to bf16 / fp16 first (the 16-bit modes'
-// rounded dout, without a rounded copy of it in memory).
+// rounded dout, without a rounded copy of it in memory).  X: float, or the
+// compute type where the rounded copy is at hand anyway (half the bytes;
+// its values round to themselves, so the same sums).
 enum { COLSUM_BATCH = 8 };
-__global__ static void colsum_part_kernel(double *part, const float *dout, int N, int OC, int rows, int r16)
+template <typename X>
+__global__ static void colsum_part_kernel(double *part, const X *dout, int N, int OC, int rows, int r16)
 {
     const int j = blockIdx.x * blockDim.x + threadIdx.x, r0 = blockIdx.y * rows;
     if (j >= OC)
         return;
     const int r1 = r0 + rows < N ? r0 + rows : N;
-    const float *col = dout + j;
+    const X *col = dout + j;
     double s = 0;
     int r = r0;
     // eight loads in flight before their additions (one at a time left each
@@ -129,13 +132,13 @@ __global__ static void colsum_part_kernel(double *part, const float *dout, int N
         float v[COLSUM_BATCH];
 #pragma unroll
         for (int k = 0; k < COLSUM_BATCH; k++)
-            v[k] = col[(size_t)(r + k) * OC];
+            v[k] = db_cuda_f32(col[(size_t)(r + k) * OC]);
 #pragma unroll
         for (int k = 0; k < COLSUM_BATCH; k++)
             s += r16 ? db_cuda_round16(v[k], r16 == 2) : v[k];
     }
     for (; r < r1; r++) {
-        const float v = col[(size_t)r * OC];
+        const float v = db_cuda_f32(col[(size_t)r * OC]);
         s += r16 ? db_cuda_round16(v, r16 == 2) : v;
     }
     part[(size_t)blockIdx.y * OC + j] = s;
@@ -309,8 +312,9 @@ extern "C" int db_cuda_gemm_backward(db_ctx *c, float *dA, float *dB, const floa
 
 // dst (OC) += column sums of dout (N, OC): two-stage, fixed order; r16 1 /
 // 2: each dout element rounded to bf16 / fp16 as it is summed, and the
-// float sum rounded so before it is added (the 16-bit modes' dbias)
-static int bias_grad(db_ctx *c, float *dst, const float *dout, int N, int OC, int r16)
+// float sum rounded so before it is added (the 16-bit modes' dbias).  X:
+// float, or dout's copy in the compute type (r16 its type)
+template <typename X> static int bias_grad(db_ctx *c, float *dst, const X *dout, int N, int OC, int r16)
 {
     const int rows = db_cuda_part_rows(N), nchunk = (N + rows - 1) / rows;
     double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)nchunk * OC);
@@ -347,9 +351,11 @@ static int linear_backward16(db_ctx *c, float *dinp, float *dweight, float *dbia
                 return db_cuda_gemm16(c, 1, 1, 0, OC, C, N, 1.0f, o.p[0], OC, 0, o.p[2], C, 0, 0.0f, t, 1, C, 0);
             });
     }
+    // float32 sum of the rounded dout (its 16-bit copy above), rounded, added
+    if (r == 0 && dbias && N > 0 && OC > 0)
+        r = c->precision == DB_PREC_F16 ? bias_grad(c, dbias, (const __half *)o.p[0], N, OC, 2)
+                                        : bias_grad(c, dbias, (const __nv_bfloat16 *)o.p[0], N, OC, 1);
     ops16_free(c, &o);
-    if (r == 0 && dbias && N > 0 && OC > 0) // float32 sum of the rounded dout, rounded, added
-        r = bias_grad(c, dbias, dout, N, OC, c->precision == DB_PREC_F16 ? 2 : 1);
     return r ? -1 : 0;
 }
 
