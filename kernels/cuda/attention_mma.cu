@@ -241,10 +241,7 @@ __global__ static void __launch_bounds__(NWARP * 32)
                 if (n >= HC)
                     break;
                 const size_t col = (size_t)h * HS + 8 * n + 2 * t;
-                float2 w = make_float2(o[mr][n][2 * r] * inv, o[mr][n][2 * r + 1] * inv);
-                if (rnd)
-                    w = make_float2(tc<T>::to(tc<T>::from(w.x)), tc<T>::to(tc<T>::from(w.y)));
-                *(float2 *)(out + ((size_t)b * Tq + i) * C + col) = w;
+                put2<T>(out + ((size_t)b * Tq + i) * C + col, o[mr][n][2 * r] * inv, o[mr][n][2 * r + 1] * inv, rnd);
             }
             if (lse && t == 0)
                 lse[(size_t)bh * Tq + i] = (float)(0.6931471805599453 * ((double)m[mr][r] + log2((double)l[mr][r])));

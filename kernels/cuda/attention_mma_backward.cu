@@ -51,11 +51,6 @@ template <typename T, int NK>
 __device__ __forceinline__ void store_acc(float *dst, const float (&acc)[2 * NK][4], float scale, int b, int h, int rA,
                                           int T_, int NH, int HS, int rnd)
 {
-    auto put = [rnd](float *p, float x, float y) {
-        if (rnd)
-            x = tc<T>::to(tc<T>::from(x)), y = tc<T>::to(tc<T>::from(y));
-        *(float2 *)p = make_float2(x, y);
-    };
     const int lane = threadIdx.x & 31, t = lane & 3, HC = HS / 8, rB = rA + 8;
     const size_t C = (size_t)NH * HS;
 #pragma unroll
@@ -64,9 +59,9 @@ __device__ __forceinline__ void store_acc(float *dst, const float (&acc)[2 * NK]
             break;
         const size_t col = (size_t)h * HS + 8 * n + 2 * t;
         if (rA < T_)
-            put(dst + ((size_t)b * T_ + rA) * C + col, acc[n][0] * scale, acc[n][1] * scale);
+            put2<T>(dst + ((size_t)b * T_ + rA) * C + col, acc[n][0] * scale, acc[n][1] * scale, rnd);
         if (rB < T_)
-            put(dst + ((size_t)b * T_ + rB) * C + col, acc[n][2] * scale, acc[n][3] * scale);
+            put2<T>(dst + ((size_t)b * T_ + rB) * C + col, acc[n][2] * scale, acc[n][3] * scale, rnd);
     }
 }
 

@@ -108,6 +108,15 @@ template <> struct tc<__half> : tc_halves<__half, __half_raw> {
     }
 };
 
+// *p = (x, y) (two consecutive floats, 8-byte aligned), each rounded to T
+// and kept fp32 when rnd: the 16-bit ops' outputs as the kernels store them
+template <typename T> __device__ __forceinline__ void put2(float *p, float x, float y, int rnd)
+{
+    if (rnd)
+        x = tc<T>::to(tc<T>::from(x)), y = tc<T>::to(tc<T>::from(y));
+    *(float2 *)p = make_float2(x, y);
+}
+
 // 2^x for the mma.sync kernels' probabilities (x: a score less the row's
 // reference max, or its log-sum-exp in the backward): the bare MUFU.EX2
 // (ex2.approx.ftz), without the compare and two multiplies exp2f adds to
