@@ -25,10 +25,11 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 12 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+#define DB_CUDA_ABI 13 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
                           4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
                           7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free;
-                          10: opt_adamw8bit_many; 11: host_alloc, host_free; 12: opt_clip_each */
+                          10: opt_adamw8bit_many; 11: host_alloc, host_free; 12: opt_clip_each;
+                          13: linear_multi_forward, linear_multi_backward */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -39,6 +40,7 @@ extern "C" {
     X(linear_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int N, int C, int OC)) \
     X(linear_add_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, const float *res, int N, int C, int OC)) \
     X(linear_geglu_forward, (db_ctx *c, float *proj, float *out, const float *inp, const float *weight, const float *bias, int N, int C, int FF)) \
+    X(linear_multi_forward, (db_ctx *c, float *const *out, const float *inp, const float *const *weight, const float *const *bias, int n, int N, int C, int OC)) \
     X(conv2d_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)) \
     X(groupnorm_forward, (db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight, const float *bias, int B, int C, int HW, int G, float eps, int silu)) \
     X(layernorm_forward, (db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight, const float *bias, int N, int C, float eps)) \
@@ -60,6 +62,7 @@ extern "C" {
     X(embedding_forward, (db_ctx *c, float *out, const int32_t *tokens, const float *wte, const float *wpe, int B, int T, int C, int V)) \
     X(gemm_backward, (db_ctx *c, float *dA, float *dB, const float *dCm, const float *A, const float *B, int batch, int M, int N, int K, int transa, int transb, float alpha)) \
     X(linear_backward, (db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp, const float *weight, int N, int C, int OC)) \
+    X(linear_multi_backward, (db_ctx *c, float *dinp, float *const *dweight, float *const *dbias, const float *const *dout, const float *inp, const float *const *weight, int n, int N, int C, int OC, int accumulate)) \
     X(conv2d_backward, (db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp, const float *weight, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)) \
     X(groupnorm_backward, (db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean, const float *rstd, const float *inp, const float *weight, const float *bias, int B, int C, int HW, int G, int silu)) \
     X(layernorm_backward, (db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean, const float *rstd, const float *inp, const float *weight, int N, int C)) \

@@ -282,6 +282,16 @@ int db_linear_add_forward(db_ctx *c, float *out, const float *inp, const float *
  * out must not overlap proj or inp. */
 int db_linear_geglu_forward(db_ctx *c, float *proj, float *out, const float *inp, const float *weight,
                             const float *bias, int N, int C, int FF);
+/* Several linears of one input (an attention's q, k and v projections):
+ * out[i] = linear(inp, weight[i], bias[i]) for i < n, exactly n
+ * db_linear_forward calls (the same bits in every precision), with inp read
+ * once -- on CUDA its 16-bit copy made once instead of n times.  out[i]
+ * (N, OC) each, apart from each other and from inp; weight[i] (OC, C);
+ * bias[i] or bias NULL: none.  The arrays are host memory; 1 <= n <=
+ * DB_LINEAR_MULTI_MAX. */
+enum { DB_LINEAR_MULTI_MAX = 4 };
+int db_linear_multi_forward(db_ctx *c, float *const *out, const float *inp, const float *const *weight,
+                            const float *const *bias, int n, int N, int C, int OC);
 
 /* ---- convolution ------------------------------------------------------------ */
 
@@ -396,6 +406,16 @@ int db_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const fl
 /* dinp (N, C) =; dweight (OC, C) +=; dbias (OC) +=; dout (N, OC). */
 int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                        const float *weight, int N, int C, int OC);
+/* db_linear_multi_forward's backward: d_i = the dinp of
+ * db_linear_backward(dout[i], weight[i]), and dinp (N, C) = d_0 + d_1 + ...
+ * summed in float32 in order i = 0, 1, .. (dinp = d_0, or dinp + d_0 when
+ * accumulate; then dinp = dinp + d_i): exactly n db_linear_backward calls
+ * and n - 1 (n when accumulate) db_add_forward ones, without the d_i in
+ * memory.  dweight[i] (OC, C), dbias[i] (OC) += as db_linear_backward (the
+ * arrays or entries may be NULL); dinp may be NULL.  dout[i] (N, OC). */
+int db_linear_multi_backward(db_ctx *c, float *dinp, float *const *dweight, float *const *dbias,
+                             const float *const *dout, const float *inp, const float *const *weight, int n, int N,
+                             int C, int OC, int accumulate);
 /* dinp (B, C, H, W) =; dweight (OC, C, KH, KW) +=; dbias (OC) +=; dout (B, OC, OH, OW). */
 int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                        const float *weight, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0,

@@ -573,6 +573,41 @@ int db_linear_geglu_forward(db_ctx *c, float *proj, float *out, const float *inp
     }
 }
 
+/* The n outputs apart from each other and from inp (db_linear_multi_forward) */
+static int multi_apart(float *const *out, const float *inp, int n, size_t each, size_t nin)
+{
+    for (int i = 0; i < n; i++) {
+        if (!out[i] || (out[i] < inp + nin && inp < out[i] + each))
+            return 0;
+        for (int j = 0; j < i; j++)
+            if (out[i] < out[j] + each && out[j] < out[i] + each)
+                return 0;
+    }
+    return 1;
+}
+
+int db_linear_multi_forward(db_ctx *c, float *const *out, const float *inp, const float *const *weight,
+                            const float *const *bias, int n, int N, int C, int OC)
+{
+    ENTER(c);
+    REQUIRE(c, "linear", out && inp && weight && n >= 1 && n <= DB_LINEAR_MULTI_MAX && N > 0 && C > 0 && OC > 0);
+    for (int i = 0; i < n; i++)
+        REQUIRE(c, "linear", weight[i]);
+    REQUIRE(c, "linear", multi_apart(out, inp, n, (size_t)N * OC, (size_t)N * C));
+    switch (c->device) {
+    case DB_CPU:
+    case DB_CPU_STRICT: /* the definition: one linear after the other */
+        for (int i = 0; i < n; i++)
+            if (db_linear_forward(c, out[i], inp, weight[i], bias ? bias[i] : NULL, N, C, OC))
+                return -1;
+        return 0;
+    case DB_CUDA:
+        return CUDA_OP(c, linear_multi_forward, "linear", out, inp, weight, bias, n, N, C, OC);
+    default:
+        return no_backend(c, "linear");
+    }
+}
+
 int db_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C,
                       int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)
 {
@@ -903,6 +938,41 @@ int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
         return db_cpu_linear_backward(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC);
     case DB_CUDA:
         return CUDA_OP(c, linear_backward, "linear backward", dinp, dweight, dbias, dout, inp, weight, N, C, OC);
+    default:
+        return no_backend(c, "linear backward");
+    }
+}
+
+int db_linear_multi_backward(db_ctx *c, float *dinp, float *const *dweight, float *const *dbias,
+                             const float *const *dout, const float *inp, const float *const *weight, int n, int N,
+                             int C, int OC, int accumulate)
+{
+    ENTER(c);
+    REQUIRE(c, "linear backward", dout && n >= 1 && n <= DB_LINEAR_MULTI_MAX && N > 0 && C > 0 && OC > 0);
+    for (int i = 0; i < n; i++)
+        REQUIRE(c, "linear backward",
+                dout[i] && (!dinp || (weight && weight[i])) && (!dweight || !dweight[i] || inp));
+    switch (c->device) {
+    case DB_CPU:
+    case DB_CPU_STRICT: { /* the definition: each linear's backward, its dinp added */
+        const size_t nx = (size_t)N * C;
+        float *d = dinp && (accumulate || n > 1) ? malloc(nx * sizeof *d) : NULL;
+        if (dinp && (accumulate || n > 1) && !d)
+            return db_err_set(&c->err, DB_ENOMEM, "linear backward: out of memory for %zu floats", nx);
+        int r = 0;
+        for (int i = 0; i < n && r == 0; i++) {
+            float *di = !dinp ? NULL : i == 0 && !accumulate ? dinp : d;
+            r = db_linear_backward(c, di, dweight ? dweight[i] : NULL, dbias ? dbias[i] : NULL, dout[i], inp,
+                                   weight ? weight[i] : NULL, N, C, OC);
+            if (r == 0 && di == d && d)
+                r = db_add_forward(c, dinp, dinp, d, nx);
+        }
+        free(d);
+        return r;
+    }
+    case DB_CUDA:
+        return CUDA_OP(c, linear_multi_backward, "linear backward", dinp, dweight, dbias, dout, inp, weight, n, N, C,
+                       OC, accumulate);
     default:
         return no_backend(c, "linear backward");
     }

@@ -677,6 +677,7 @@ static db_cuda_api make_api(void)
     SET(linear_forward);
     SET(linear_add_forward);
     SET(linear_geglu_forward);
+    SET(linear_multi_forward);
     SET(conv2d_forward);
     SET(groupnorm_forward);
     SET(layernorm_forward);
@@ -698,6 +699,7 @@ static db_cuda_api make_api(void)
     SET(embedding_forward);
     SET(gemm_backward);
     SET(linear_backward);
+    SET(linear_multi_backward);
     SET(conv2d_backward);
     SET(groupnorm_backward);
     SET(layernorm_backward);

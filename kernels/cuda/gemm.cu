@@ -18,11 +18,14 @@
 // rounded to nearest even as autocast.cu rounds, and widened to float32 by
 // one conversion pass (db_cuda_from16; += for a parameter-gradient
 // contribution): 8 bytes an element where a float32 C rounded in place took
-// 12, and 12 where a float32 scratch rounded into the gradient took 16.  The
-// linear's forward product stays float32 (its epilogue adds the bias before
-// the one rounding).  The bias terms are summed in float32 from the rounded
-// values and rounded once.  One rounding per output, as the CPU reference
-// does (float32 op on rounded inputs, output rounded).
+// 12, and 12 where a float32 scratch rounded into the gradient took 16.  So
+// is the linear's forward product without a bias; with one it stays float32
+// (the epilogue adds the bias before the one rounding).  The bias terms are
+// summed in float32 from the rounded values and rounded once.  One rounding
+// per output, as the CPU reference does (float32 op on rounded inputs,
+// output rounded).  db_linear_multi_forward / _backward (an attention's
+// projections of one input) convert that input once for all n products,
+// and widen each input-gradient term straight into dinp (+=).
 #include "kernels/cuda/cuda.h"
 
 int db_cuda_sgemm(db_ctx *c, int batch, int transa, int transb, int M, int N, int K, float alpha, const float *A,
@@ -208,20 +211,52 @@ extern "C" int db_cuda_gemm_forward(db_ctx *c, float *Cm, const float *A, const 
 }
 
 // out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C), before the
-// epilogue: float32, or the compute type's product (float32 out) in 16-bit
-// modes.  The epilogue's mode: 0 fp32, 1 bf16, 2 fp16.
-static int linear_product(db_ctx *c, float *out, const float *inp, const float *weight, int N, int C, int OC,
-                          int *mode)
+// epilogue.  fp32: the float32 product.  16-bit modes, from the input's
+// 16-bit copy x16: with a bias, the float32 product of the rounded operands
+// (the epilogue adds the bias before the one rounding); without one,
+// nothing joins the product before its rounding, so cuBLAS stores it in the
+// compute type and one pass widens it (via16: 8 bytes an element where the
+// float32 product and a rounding pass took 12) -- the epilogue's rounding is
+// then the identity.  The same for the plain, residual and GEGLU forms, so
+// each keeps its "exactly db_linear_forward then ..." bits.
+static int linear_product16(db_ctx *c, float *out, const void *x16, const float *weight, int bias, int N, int C,
+                            int OC)
+{
+    void *w16 = db_cuda_to16(c, weight, (size_t)OC * C);
+    if (!w16)
+        return -1;
+    auto gemm = [&](void *Cv, int c16) {
+        return db_cuda_gemm16(c, 1, 0, 1, N, OC, C, 1.0f, x16, C, 0, w16, C, 0, 0.0f, Cv, c16, OC, 0);
+    };
+    const int r = bias ? gemm(out, 0) : via16(c, out, (size_t)N * OC, 0, [&](void *t) { return gemm(t, 1); });
+    db_cuda_free(c, w16);
+    return r;
+}
+
+// The product, as above; mode: the epilogue's, 0 fp32, 1 bf16, 2 fp16
+static int linear_product(db_ctx *c, float *out, const float *inp, const float *weight, int bias, int N, int C,
+                          int OC, int *mode)
 {
     *mode = db_cuda_prec16(c) ? (c->precision == DB_PREC_F16 ? 2 : 1) : 0;
     if (!*mode)
         return db_cuda_sgemm(c, 1, 0, 1, N, OC, C, 1.0f, inp, C, 0, weight, C, 0, 0.0f, out, OC, 0);
-    ops16 o = {{db_cuda_to16(c, inp, (size_t)N * C), db_cuda_to16(c, weight, (size_t)OC * C), NULL}};
-    int r = o.p[0] && o.p[1] ? 0 : -1;
-    if (r == 0)
-        r = db_cuda_gemm16(c, 1, 0, 1, N, OC, C, 1.0f, o.p[0], C, 0, o.p[1], C, 0, 0.0f, out, 0, OC, 0);
-    ops16_free(c, &o);
+    void *x16 = db_cuda_to16(c, inp, (size_t)N * C);
+    const int r = x16 ? linear_product16(c, out, x16, weight, bias, N, C, OC) : -1;
+    db_cuda_free(c, x16);
     return r;
+}
+
+// bias, rounding and residual over the product in out; nothing to do for
+// fp32 without either, nor for a 16-bit product stored rounded (no bias)
+// without a residual
+static int linear_epilogue(db_ctx *c, float *out, const float *bias, const float *res, int N, int OC, int mode)
+{
+    if (!bias && !res)
+        return 0;
+    linear_epilogue_kernel<<<db_cuda_grid((size_t)N * OC, 256), 256, 0, db_cuda_st(c)->stream>>>(out, bias, res,
+                                                                                                   (size_t)N, OC, mode);
+    DB_LAUNCHED(c);
+    return 0;
 }
 
 extern "C" int db_cuda_linear_add_forward(db_ctx *c, float *out, const float *inp, const float *weight,
@@ -231,14 +266,9 @@ extern "C" int db_cuda_linear_add_forward(db_ctx *c, float *out, const float *in
     if (N == 0 || OC == 0)
         return 0;
     int mode;
-    if (linear_product(c, out, inp, weight, N, C, OC, &mode) != 0)
+    if (linear_product(c, out, inp, weight, bias != NULL, N, C, OC, &mode) != 0)
         return -1;
-    if (!mode && !bias && !res)
-        return 0;
-    linear_epilogue_kernel<<<db_cuda_grid((size_t)N * OC, 256), 256, 0, db_cuda_st(c)->stream>>>(out, bias, res,
-                                                                                                   (size_t)N, OC, mode);
-    DB_LAUNCHED(c);
-    return 0;
+    return linear_epilogue(c, out, bias, res, N, OC, mode);
 }
 
 extern "C" int db_cuda_linear_geglu_forward(db_ctx *c, float *proj, float *out, const float *inp, const float *weight,
@@ -248,7 +278,7 @@ extern "C" int db_cuda_linear_geglu_forward(db_ctx *c, float *proj, float *out, 
     if (N == 0 || FF == 0)
         return 0;
     int mode;
-    if (linear_product(c, proj, inp, weight, N, C, 2 * FF, &mode) != 0)
+    if (linear_product(c, proj, inp, weight, bias != NULL, N, C, 2 * FF, &mode) != 0)
         return -1;
     linear_geglu_epilogue_kernel<<<db_cuda_grid((size_t)N * FF, 256), 256, 0, db_cuda_st(c)->stream>>>(
         proj, out, bias, (size_t)N, FF, mode);
@@ -260,6 +290,33 @@ extern "C" int db_cuda_linear_forward(db_ctx *c, float *out, const float *inp, c
                                       int N, int C, int OC)
 {
     return db_cuda_linear_add_forward(c, out, inp, weight, bias, NULL, N, C, OC);
+}
+
+// db_linear_multi_forward: the input's 16-bit copy made once for the n products
+extern "C" int db_cuda_linear_multi_forward(db_ctx *c, float *const *out, const float *inp,
+                                            const float *const *weight, const float *const *bias, int n, int N,
+                                            int C, int OC)
+{
+    DB_ENTER(c);
+    if (!db_cuda_prec16(c)) {
+        for (int i = 0; i < n; i++)
+            if (db_cuda_linear_add_forward(c, out[i], inp, weight[i], bias ? bias[i] : NULL, NULL, N, C, OC))
+                return -1;
+        return 0;
+    }
+    if (N == 0 || OC == 0)
+        return 0;
+    const int mode = c->precision == DB_PREC_F16 ? 2 : 1;
+    void *x16 = db_cuda_to16(c, inp, (size_t)N * C);
+    int r = x16 ? 0 : -1;
+    for (int i = 0; i < n && r == 0; i++) {
+        const float *b = bias ? bias[i] : NULL;
+        r = linear_product16(c, out[i], x16, weight[i], b != NULL, N, C, OC);
+        if (r == 0)
+            r = linear_epilogue(c, out[i], b, NULL, N, OC, mode);
+    }
+    db_cuda_free(c, x16);
+    return r;
 }
 
 // gemm_backward.c's arrangement: each gradient is one product in its stored
@@ -329,10 +386,11 @@ template <typename X> static int bias_grad(db_ctx *c, float *dst, const X *dout,
     return r;
 }
 
-// 16-bit linear_backward: dinp = round(dout' W'); dweight += round(dout'^T x');
-// dbias += round(sum of dout' rows)
-static int linear_backward16(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
-                             const float *inp, const float *weight, int N, int C, int OC)
+// 16-bit linear_backward from the input's 16-bit copy x16 (NULL: made here
+// when dweight needs it): dinp = round(dout' W'), or dinp += it when
+// dinp_acc; dweight += round(dout'^T x'); dbias += round(sum of dout' rows)
+static int linear_backward16(db_ctx *c, float *dinp, int dinp_acc, float *dweight, float *dbias, const float *dout,
+                             const void *x16, const float *inp, const float *weight, int N, int C, int OC)
 {
     const size_t nw = (size_t)OC * C;
     ops16 o = {{db_cuda_to16(c, dout, (size_t)N * OC), NULL, NULL}};
@@ -340,15 +398,16 @@ static int linear_backward16(db_ctx *c, float *dinp, float *dweight, float *dbia
     if (r == 0 && dinp) { // dinp (N, C) = dout (N, OC) @ weight (OC, C)
         r = (o.p[1] = db_cuda_to16(c, weight, nw)) ? 0 : -1;
         if (r == 0)
-            r = via16(c, dinp, (size_t)N * C, 0, [&](void *t) {
+            r = via16(c, dinp, (size_t)N * C, dinp_acc, [&](void *t) {
                 return db_cuda_gemm16(c, 1, 0, 0, N, C, OC, 1.0f, o.p[0], OC, 0, o.p[1], C, 0, 0.0f, t, 1, C, 0);
             });
     }
     if (r == 0 && dweight && nw > 0) { // the contribution dout^T @ inp, rounded, added
-        r = (o.p[2] = db_cuda_to16(c, inp, (size_t)N * C)) ? 0 : -1;
+        if (!x16)
+            r = (x16 = o.p[2] = db_cuda_to16(c, inp, (size_t)N * C)) ? 0 : -1;
         if (r == 0)
             r = via16(c, dweight, nw, 1, [&](void *t) {
-                return db_cuda_gemm16(c, 1, 1, 0, OC, C, N, 1.0f, o.p[0], OC, 0, o.p[2], C, 0, 0.0f, t, 1, C, 0);
+                return db_cuda_gemm16(c, 1, 1, 0, OC, C, N, 1.0f, o.p[0], OC, 0, x16, C, 0, 0.0f, t, 1, C, 0);
             });
     }
     // float32 sum of the rounded dout (its 16-bit copy above), rounded, added
@@ -364,7 +423,7 @@ extern "C" int db_cuda_linear_backward(db_ctx *c, float *dinp, float *dweight, f
 {
     DB_ENTER(c);
     if (db_cuda_prec16(c))
-        return linear_backward16(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC);
+        return linear_backward16(c, dinp, 0, dweight, dbias, dout, NULL, inp, weight, N, C, OC);
     // dinp (N, C) = dout (N, OC) @ weight (OC, C)
     if (dinp && db_cuda_sgemm(c, 1, 0, 0, N, C, OC, 1.0f, dout, OC, 0, weight, C, 0, 0.0f, dinp, C, 0) != 0)
         return -1;
@@ -374,4 +433,39 @@ extern "C" int db_cuda_linear_backward(db_ctx *c, float *dinp, float *dweight, f
     if (dbias && N > 0 && OC > 0)
         return bias_grad(c, dbias, dout, N, OC, 0);
     return 0;
+}
+
+// db_linear_multi_backward.  16-bit: the input's copy made once for the n
+// weight gradients, and each d_i widened straight into dinp (+= after the
+// first), which is the float32 addition db_add_forward makes.  fp32: d_i
+// through a scratch and the adds, as the definition.
+extern "C" int db_cuda_linear_multi_backward(db_ctx *c, float *dinp, float *const *dweight, float *const *dbias,
+                                             const float *const *dout, const float *inp, const float *const *weight,
+                                             int n, int N, int C, int OC, int accumulate)
+{
+    DB_ENTER(c);
+    const size_t nx = (size_t)N * C;
+    if (db_cuda_prec16(c)) {
+        int needx = 0;
+        for (int i = 0; i < n; i++)
+            needx |= dweight && dweight[i] && OC > 0;
+        void *x16 = needx && N > 0 ? db_cuda_to16(c, inp, nx) : NULL;
+        int r = needx && N > 0 && !x16 ? -1 : 0;
+        for (int i = 0; i < n && r == 0; i++)
+            r = linear_backward16(c, dinp, accumulate || i > 0, dweight ? dweight[i] : NULL, dbias ? dbias[i] : NULL,
+                                  dout[i], x16, inp, weight ? weight[i] : NULL, N, C, OC);
+        db_cuda_free(c, x16);
+        return r;
+    }
+    float *d = dinp && (accumulate || n > 1) && nx ? (float *)db_cuda_alloc(c, nx * sizeof(float)) : NULL;
+    int r = dinp && (accumulate || n > 1) && nx && !d ? -1 : 0;
+    for (int i = 0; i < n && r == 0; i++) {
+        float *di = !dinp ? NULL : i == 0 && !accumulate ? dinp : d;
+        r = db_cuda_linear_backward(c, di, dweight ? dweight[i] : NULL, dbias ? dbias[i] : NULL, dout[i], inp,
+                                    weight ? weight[i] : NULL, N, C, OC);
+        if (r == 0 && di && di == d)
+            r = db_cuda_add_forward(c, dinp, dinp, d, nx);
+    }
+    db_cuda_free(c, d);
+    return r;
 }

@@ -85,9 +85,17 @@ int db_mha_forward(db_ctx *c, float *out, const db_mha_acts *a, const float *x, 
                    const db_mha *w, int B, int Tq, int Tk, int causal)
 {
     const int C = w->C;
-    db_linear_forward(c, a->q, x, w->q_w, w->q_b, B * Tq, C, C);         /* (B, Tq, C) */
-    db_linear_forward(c, a->k, kv, w->k_w, w->k_b, B * Tk, w->D, C);     /* (B, Tk, C) */
-    db_linear_forward(c, a->v, kv, w->v_w, w->v_b, B * Tk, w->D, C);     /* (B, Tk, C) */
+    /* the projections of one input in one op (its 16-bit copy made once) */
+    if (kv == x) {
+        float *const qkv[3] = {a->q, a->k, a->v};
+        const float *const wt[3] = {w->q_w, w->k_w, w->v_w}, *const bs[3] = {w->q_b, w->k_b, w->v_b};
+        db_linear_multi_forward(c, qkv, x, wt, bs, 3, B * Tq, C, C); /* (B, T, C) each */
+    } else {
+        float *const kvo[2] = {a->k, a->v};
+        const float *const wt[2] = {w->k_w, w->v_w}, *const bs[2] = {w->k_b, w->v_b};
+        db_linear_forward(c, a->q, x, w->q_w, w->q_b, B * Tq, C, C); /* (B, Tq, C) */
+        db_linear_multi_forward(c, kvo, kv, wt, bs, 2, B * Tk, w->D, C); /* (B, Tk, C) each */
+    }
     db_attention_forward(c, a->o, a->lse, a->q, a->k, a->v, B, Tq, Tk, w->NH, C / w->NH, causal);
     db_linear_add_forward(c, out, a->o, w->o_w, w->o_b, res, B * Tq, C, C); /* (B, Tq, C) */
     return c->err.code ? -1 : 0;
@@ -240,8 +248,10 @@ size_t db_mha_backward_scratch(const db_mha *w, int B, int Tq, int Tk)
     take(&k, b * Tq * C);                 /* dq */
     take(&k, b * Tk * C);                 /* dk */
     take(&k, b * Tk * C);                 /* dv */
-    take(&k, b * Tk * max2(C, (size_t)w->D)); /* dkv from k */
-    take(&k, b * Tk * max2(C, (size_t)w->D)); /* dkv from v */
+    /* not carved by db_mha_backward: the fp32 CUDA db_linear_multi_backward's
+     * temporary (one projection's input gradient), counted here for the
+     * device plan */
+    take(&k, b * Tk * max2(C, (size_t)w->D));
     return k.used;
 }
 
@@ -254,18 +264,20 @@ int db_mha_backward(db_ctx *c, float *dx, float *dkv, const db_gradmap *g, const
     carver k = {scratch, 0};
     float *d_o = take(&k, b * Tq * C), *dq = take(&k, b * Tq * C);
     float *dk = take(&k, b * Tk * C), *dv = take(&k, b * Tk * C);
-    float *dkv1 = take(&k, b * Tk * max2(C, (size_t)D)), *dkv2 = take(&k, b * Tk * max2(C, (size_t)D));
     db_linear_backward(c, d_o, gp(g, w->o_w), gp(g, w->o_b), dout, a->o, w->o_w, B * Tq, C, C);
     db_attention_backward(c, dq, dk, dv, d_o, a->o, a->lse, a->q, a->k, a->v, B, Tq, Tk, w->NH, C / w->NH, causal);
-    db_linear_backward(c, dx, gp(g, w->q_w), gp(g, w->q_b), dq, x, w->q_w, B * Tq, C, C);
-    const int want_kv = self || dkv;
-    db_linear_backward(c, want_kv ? dkv1 : NULL, gp(g, w->k_w), gp(g, w->k_b), dk, kv, w->k_w, B * Tk, D, C);
-    db_linear_backward(c, want_kv ? dkv2 : NULL, gp(g, w->v_w), gp(g, w->v_b), dv, kv, w->v_w, B * Tk, D, C);
-    if (want_kv) {
-        float *dst = self ? dx : dkv;
-        const size_t n = b * Tk * D;
-        db_add_forward(c, dst, dst, dkv1, n);
-        db_add_forward(c, dst, dst, dkv2, n);
+    /* the input's gradient summed in the projections' order: dx = d(q) +
+     * d(k) + d(v) for self-attention; the context's += d(k) + d(v) */
+    if (self) {
+        float *const dw[3] = {gp(g, w->q_w), gp(g, w->k_w), gp(g, w->v_w)};
+        float *const dbs[3] = {gp(g, w->q_b), gp(g, w->k_b), gp(g, w->v_b)};
+        const float *const dy[3] = {dq, dk, dv}, *const wt[3] = {w->q_w, w->k_w, w->v_w};
+        db_linear_multi_backward(c, dx, dw, dbs, dy, x, wt, 3, B * Tq, C, C, 0);
+    } else {
+        float *const dw[2] = {gp(g, w->k_w), gp(g, w->v_w)}, *const dbs[2] = {gp(g, w->k_b), gp(g, w->v_b)};
+        const float *const dy[2] = {dk, dv}, *const wt[2] = {w->k_w, w->v_w};
+        db_linear_backward(c, dx, gp(g, w->q_w), gp(g, w->q_b), dq, x, w->q_w, B * Tq, C, C);
+        db_linear_multi_backward(c, dkv, dw, dbs, dy, kv, wt, 2, B * Tk, D, C, 1);
     }
     return c->err.code ? -1 : 0;
 }

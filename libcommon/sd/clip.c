@@ -184,9 +184,9 @@ static int layer_forward(db_clip *c, int l, float *out, const float *inp, int B,
     /* attention half: res (N, D) = inp + out_proj(attn(ln1(inp))) */
     db_layernorm_forward(x, ln1, a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, inp, y->ln1_w, y->ln1_b,
                          N, D, eps);
-    db_linear_forward(x, q, ln1, y->q_w, y->q_b, N, D, D);
-    db_linear_forward(x, k, ln1, y->k_w, y->k_b, N, D, D);
-    db_linear_forward(x, v, ln1, y->v_w, y->v_b, N, D, D);
+    float *const qkv[3] = {q, k, v};
+    const float *const qkv_w[3] = {y->q_w, y->k_w, y->v_w}, *const qkv_b[3] = {y->q_b, y->k_b, y->v_b};
+    db_linear_multi_forward(x, qkv, ln1, qkv_w, qkv_b, 3, N, D, D);
     db_attention_forward(x, att, a->att_lse + (size_t)l * N * NH, q, k, v, B, T, T, NH, D / NH, 1);
     db_linear_add_forward(x, res, att, y->o_w, y->o_b, inp, N, D, D);
 
@@ -346,11 +346,10 @@ static int layer_backward(db_clip *c, int l, const db_clip_layer *gl, int B, int
     db_linear_backward(x, g->datt, gl->o_w, gl->o_b, g->dres, att, y->o_w, N, D, D);
     db_attention_backward(x, g->dq, g->dk, g->dv, g->datt, att, a->att_lse + (size_t)l * N * NH, q, k, v, B, T, T,
                           NH, D / NH, 1);
-    db_linear_backward(x, g->dln, gl->q_w, gl->q_b, g->dq, ln1, y->q_w, N, D, D);
-    db_linear_backward(x, g->dtmp, gl->k_w, gl->k_b, g->dk, ln1, y->k_w, N, D, D);
-    db_add_forward(x, g->dln, g->dln, g->dtmp, ND);
-    db_linear_backward(x, g->dtmp, gl->v_w, gl->v_b, g->dv, ln1, y->v_w, N, D, D);
-    db_add_forward(x, g->dln, g->dln, g->dtmp, ND);                                           /* d ln1 */
+    float *const dqkv_w[3] = {gl->q_w, gl->k_w, gl->v_w}, *const dqkv_b[3] = {gl->q_b, gl->k_b, gl->v_b};
+    const float *const dqkv[3] = {g->dq, g->dk, g->dv};
+    const float *const qkv_w[3] = {y->q_w, y->k_w, y->v_w};
+    db_linear_multi_backward(x, g->dln, dqkv_w, dqkv_b, dqkv, ln1, qkv_w, 3, N, D, D, 0);     /* d ln1 */
     db_layernorm_backward(x, g->dtmp, gl->ln1_w, gl->ln1_b, g->dln, a->ln1_mean + (size_t)l * N,
                           a->ln1_rstd + (size_t)l * N, inp, y->ln1_w, N, D);
     return db_add_forward(x, g->dres, g->dres, g->dtmp, ND);                                  /* d inp */

@@ -6,7 +6,9 @@
  * on 1 and 2 threads, with signed zeros and NaN among the residuals; and
  * a NULL residual is the plain linear.  A broken fusion (the residual added
  * before the bias or the rounding) fails: the check is made against such a
- * variant too. */
+ * variant too.  db_linear_multi_forward / _backward == their definitions
+ * (n linears; n linear backwards with the input gradients added in order,
+ * or added to the old dinp), with their argument checks. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -108,6 +110,95 @@ int main(void)
                    "for bit (2 x 45 x 70, partial tiles)", t + 1);
         }
         free(tin), free(tres), free(t2), free(t1);
+    }
+
+    /* several linears of one input, forward and backward (the projections of
+     * an attention: n = 3, with and without biases; n = 2 into an
+     * accumulated input gradient, cross-attention's context) */
+    {
+        enum { MC = 24, MOC = 40 };
+        const size_t nx = (size_t)N * MC, ny = (size_t)N * MOC, nw = (size_t)MOC * MC;
+        float *mx = rnd(nx, 20, 1.0f), *mw[3], *mb[3], *dy[3], *o1[3], *o2[3], *gw1[3], *gw2[3], *gb1[3], *gb2[3];
+        for (int i = 0; i < 3; i++) {
+            mw[i] = rnd(nw, 21 + i, 0.2f), mb[i] = rnd(MOC, 24 + i, 0.5f), dy[i] = rnd(ny, 27 + i, 1.0f);
+            o1[i] = malloc(ny * sizeof(float)), o2[i] = malloc(ny * sizeof(float));
+            gw1[i] = rnd(nw, 30 + i, 0.1f), gw2[i] = malloc(nw * sizeof(float));
+            gb1[i] = rnd(MOC, 33 + i, 0.1f), gb2[i] = malloc(MOC * sizeof(float));
+            memcpy(gw2[i], gw1[i], nw * sizeof(float)), memcpy(gb2[i], gb1[i], MOC * sizeof(float));
+        }
+        float *dx1 = rnd(nx, 36, 1.0f), *dx2 = malloc(nx * sizeof *dx2), *dt = malloc(nx * sizeof *dt);
+        memcpy(dx2, dx1, nx * sizeof *dx2);
+        for (int p = 0; p < 3; p++)
+            for (int hb = 0; hb < 2; hb++) {
+                db_ctx *c = cs[hb]; /* 1 thread without biases, 2 with */
+                db_ctx_set_precision(c, ps[p]);
+                const float *const *bias = hb ? (const float *const *)mb : NULL;
+                int rc = db_linear_multi_forward(c, o1, mx, (const float *const *)mw, bias, 3, N, MC, MOC);
+                for (int i = 0; i < 3 && rc == 0; i++)
+                    rc = db_linear_forward(c, o2[i], mx, mw[i], hb ? mb[i] : NULL, N, MC, MOC);
+                int same = rc == 0;
+                for (int i = 0; i < 3; i++)
+                    same = same && same_bits(o1[i], o2[i], ny);
+                tap_ok(same, "%s, %s bias: 3 linears of one input == 3 db_linear_forward, bit for bit%s%s",
+                       db_precision_name(ps[p]), hb ? "with" : "no", rc ? ": " : "", rc ? c->err.msg : "");
+                /* backward, n = 3, dinp assigned: d0 + d1 + d2 in that order */
+                rc = db_linear_multi_backward(c, dx1, gw1, hb ? gb1 : NULL, (const float *const *)dy, mx,
+                                              (const float *const *)mw, 3, N, MC, MOC, 0);
+                for (int i = 0; i < 3 && rc == 0; i++)
+                    rc = db_linear_backward(c, i ? dt : dx2, gw2[i], hb ? gb2[i] : NULL, dy[i], mx, mw[i], N, MC,
+                                            MOC) ||
+                         (i && db_add_forward(c, dx2, dx2, dt, nx));
+                same = rc == 0 && same_bits(dx1, dx2, nx);
+                for (int i = 0; i < 3; i++)
+                    same = same && same_bits(gw1[i], gw2[i], nw) && same_bits(gb1[i], gb2[i], MOC);
+                tap_ok(same, "%s, %s bias: their backward == 3 db_linear_backward and 2 adds (dinp, dweight +=, "
+                       "dbias +=), bit for bit%s%s", db_precision_name(ps[p]), hb ? "with" : "no", rc ? ": " : "",
+                       rc ? c->err.msg : "");
+                /* n = 2 added to dinp, no dweight of the second */
+                float *gw_one[2] = {gw1[0], NULL};
+                rc = db_linear_multi_backward(c, dx1, gw_one, NULL, (const float *const *)dy, mx,
+                                              (const float *const *)mw, 2, N, MC, MOC, 1);
+                for (int i = 0; i < 2 && rc == 0; i++)
+                    rc = db_linear_backward(c, dt, i ? NULL : gw2[0], NULL, dy[i], mx, mw[i], N, MC, MOC) ||
+                         db_add_forward(c, dx2, dx2, dt, nx);
+                tap_ok(rc == 0 && same_bits(dx1, dx2, nx) && same_bits(gw1[0], gw2[0], nw),
+                       "%s: 2 linears' backward added to dinp (accumulate) == 2 backwards and 2 adds, bit for bit%s%s",
+                       db_precision_name(ps[p]), rc ? ": " : "", rc ? c->err.msg : "");
+                if (p == 0 && hb == 0) { /* the comparison can fail: d0 + (d1 + d2) is another sum */
+                    float *e = malloc(nx * sizeof *e);
+                    rc = db_linear_backward(c, dx2, NULL, NULL, dy[1], mx, mw[1], N, MC, MOC) ||
+                         db_linear_backward(c, dt, NULL, NULL, dy[2], mx, mw[2], N, MC, MOC) ||
+                         db_add_forward(c, dx2, dx2, dt, nx) ||
+                         db_linear_backward(c, e, NULL, NULL, dy[0], mx, mw[0], N, MC, MOC) ||
+                         db_add_forward(c, dx2, e, dx2, nx) ||
+                         db_linear_multi_backward(c, dx1, NULL, NULL, (const float *const *)dy, mx,
+                                                  (const float *const *)mw, 3, N, MC, MOC, 0);
+                    tap_ok(rc == 0 && !same_bits(dx1, dx2, nx), "fp32: the input gradient summed in another order "
+                           "differs (the comparison can fail)");
+                    free(e);
+                }
+                db_ctx_set_precision(c, DB_PREC_F32);
+            }
+        /* the argument checks */
+        float *ov[3] = {o1[0], o1[1], mx}, *dup[2] = {o1[0], o1[0]};
+        const float *const *cw = (const float *const *)mw;
+        for (int i = 0; i < 5; i++) { /* one at a time: the error is sticky */
+            static const char *what[] = {"n = 0", "n over the most", "an output on the input",
+                                         "two outputs in one place", "dinp without weights"};
+            const int rc = i == 0   ? db_linear_multi_forward(c1, o1, mx, cw, NULL, 0, N, MC, MOC)
+                           : i == 1 ? db_linear_multi_forward(c1, o1, mx, cw, NULL, DB_LINEAR_MULTI_MAX + 1, N, MC,
+                                                              MOC)
+                           : i == 2 ? db_linear_multi_forward(c1, ov, mx, cw, NULL, 3, N, MC, MOC)
+                           : i == 3 ? db_linear_multi_forward(c1, dup, mx, cw, NULL, 2, N, MC, MOC)
+                                    : db_linear_multi_backward(c1, dx1, NULL, NULL, (const float *const *)dy, mx,
+                                                               NULL, 2, N, MC, MOC, 0);
+            tap_ok(rc != 0 && c1->err.code == DB_EUSAGE, "linear multi: %s is refused: %s", what[i], c1->err.msg);
+            db_ctx_clear_error(c1);
+        }
+        for (int i = 0; i < 3; i++)
+            free(mw[i]), free(mb[i]), free(dy[i]), free(o1[i]), free(o2[i]), free(gw1[i]), free(gw2[i]),
+                free(gb1[i]), free(gb2[i]);
+        free(mx), free(dx1), free(dx2), free(dt);
     }
 
     const int rc = db_linear_add_forward(c1, got, x, w, b, got, N, C, OC);
