@@ -124,7 +124,7 @@ $(B)/kernels/cuda/%.o: kernels/cuda/%.cu $(wildcard kernels/cuda/*.h kernels/*.h
 # here, not when the library is loaded on a GPU machine
 $(CUDA_LIB): $(CU_OBJ)
 	@mkdir -p $(@D)
-	$(NVCC) -shared -Xlinker --no-undefined -o $@ $^ $(addprefix -L,$(CUDA_LIBDIRS)) $(addprefix -Xlinker -rpath -Xlinker ,$(CUDA_LIBDIRS)) -lcudart -lcublas -lcudnn
+	$(NVCC) -shared -Xlinker --no-undefined -o $@ $^ $(addprefix -L,$(CUDA_LIBDIRS)) $(addprefix -Xlinker -rpath -Xlinker ,$(CUDA_LIBDIRS)) -lcudart -lcublas -lcublasLt -lcudnn
 
 # GPU parity test and benchmark: plain C programs (no CUDA toolchain) that
 # dlopen libdb_cuda.so, so they build everywhere and skip without a GPU.

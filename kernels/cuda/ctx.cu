@@ -309,6 +309,7 @@ static void api_ctx_destroy(db_ctx *c)
     if (!c || !c->cuda)
         return;
     db_cuda_conv_plans_free(c);
+    db_cuda_lt_plans_free(c);
     db_cuda_state *st = db_cuda_st(c);
     c->cuda = NULL;
     state_destroy(st); // flag is a live block: freed with the rest
@@ -367,6 +368,7 @@ static void api_ctx_trim(db_ctx *c)
     cudaStreamSynchronize(st->stream);
     release_cached(st);
     db_cuda_conv_plans_free(c);
+    // (the cublasLt plans stay: a live graph's matmuls use their workspace)
 }
 
 static int api_copy(db_ctx *c, void *dst, const void *src, size_t bytes, db_copy_kind kind)

@@ -11,6 +11,7 @@
 #ifndef DB_CUDA_INTERNAL_H
 #define DB_CUDA_INTERNAL_H
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -37,6 +38,7 @@ struct db_cuda_block { // a cached (free) device block
 };
 
 struct db_cuda_conv_plan; // conv.cu: cuDNN descriptors and algorithms per shape
+struct db_cuda_lt_plan;   // gemm.cu: cublasLt descriptors and algorithm per biased linear shape
 
 // A weight buffer the model declared (db_ctx_declare_weights) and its
 // 16-bit working copy for the autocast modes (autocast.cu): built whole on
@@ -118,6 +120,13 @@ struct db_cuda_state {
     // forward took 11 ms longer with it asked each time, H200 call 7)
     db_cuda_gn_plan gn_plan[DB_CUDA_NGN_PLAN];
     int ngn_plan; // entries filled; past DB_CUDA_NGN_PLAN they are reused in turn
+    // gemm.cu's 16-bit linears with a bias through cublasLt (the bias added
+    // and the sum rounded in its epilogue): a plan per shape (a list), the
+    // handle and a workspace made with the first plan, outside any capture
+    // (plain cudaMalloc, outside the allocator's counts; freed with the plans)
+    db_cuda_lt_plan *lt_plans;
+    cublasLtHandle_t lt;
+    void *lt_ws;
 };
 
 static inline db_cuda_state *db_cuda_st(db_ctx *c) { return (db_cuda_state *)c->cuda; }
@@ -167,6 +176,8 @@ void *db_cuda_alloc(db_ctx *c, size_t bytes);
 void db_cuda_free(db_ctx *c, void *p);
 // conv.cu: release the shape cache (ctx destroy / trim)
 void db_cuda_conv_plans_free(db_ctx *c);
+// gemm.cu: release the cublasLt plans, handle and workspace (ctx destroy / trim)
+void db_cuda_lt_plans_free(db_ctx *c);
 
 // gemm.cu: row-major batched product on cuBLAS (kernels/ops.h db_gemm_forward's
 // contract, with leading dimensions and strides spelled out).

@@ -26,6 +26,9 @@
 // output rounded).  db_linear_multi_forward / _backward (an attention's
 // projections of one input) convert that input once for all n products,
 // and widen each input-gradient term straight into dinp (+=).
+#include <stdlib.h>
+#include <string.h>
+
 #include "kernels/cuda/cuda.h"
 
 int db_cuda_sgemm(db_ctx *c, int batch, int transa, int transb, int M, int N, int K, float alpha, const float *A,
@@ -81,12 +84,15 @@ __device__ __forceinline__ float epilogue1(float v, const float *bias, size_t j,
 //                                    the rounded bias, rounded once; without a bias round(out))
 //   out = v + res                   (db_linear_add_forward's residual, after the rounding)
 // mode: 0 fp32, 1 bf16, 2 fp16.
-__global__ static void linear_epilogue_kernel(float *out, const float *bias, const float *res, size_t N, int OC,
-                                              int mode)
+// src: the product, out itself (float) or cublasLt's 16-bit sums with the
+// bias in them already (then bias NULL: the rounding is the identity)
+template <typename X>
+__global__ static void linear_epilogue_kernel(float *out, const X *src, const float *bias, const float *res, size_t N,
+                                              int OC, int mode)
 {
     const size_t total = N * (size_t)OC;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const float v = epilogue1(out[i], bias, i % OC, mode);
+        const float v = epilogue1(db_cuda_f32(src[i]), bias, i % OC, mode);
         out[i] = res ? v + res[i] : v;
     }
 }
@@ -95,14 +101,18 @@ __global__ static void linear_epilogue_kernel(float *out, const float *bias, con
 // epilogue (bias, rounding) and out (N, FF) = hidden * gelu(gate) of the
 // finished row, one thread per (row, j): it reads and writes proj's two
 // halves at j and writes out, so proj is read once.
-__global__ static void linear_geglu_epilogue_kernel(float *proj, float *out, const float *bias, size_t N, int FF,
-                                                    int mode)
+// (src as linear_epilogue_kernel's: proj itself, or cublasLt's sums)
+template <typename X>
+__global__ static void linear_geglu_epilogue_kernel(float *proj, const X *src, float *out, const float *bias,
+                                                    size_t N, int FF, int mode)
 {
     const size_t total = N * (size_t)FF;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const size_t r = i / FF, j = i % FF;
         float *p = proj + r * 2 * FF;
-        const float h = epilogue1(p[j], bias, j, mode), g = epilogue1(p[FF + j], bias, FF + j, mode);
+        const X *q = src + r * 2 * FF;
+        const float h = epilogue1(db_cuda_f32(q[j]), bias, j, mode);
+        const float g = epilogue1(db_cuda_f32(q[FF + j]), bias, FF + j, mode);
         p[j] = h;
         p[FF + j] = g;
         out[i] = h * db_cuda_gelu_erf1(g);
@@ -210,51 +220,216 @@ extern "C" int db_cuda_gemm_forward(db_ctx *c, float *Cm, const float *A, const 
                          transb ? K : N, (long long)K * N, beta, Cm, N, (long long)M * N);
 }
 
-// out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C), before the
-// epilogue.  fp32: the float32 product.  16-bit modes, from the input's
-// 16-bit copy x16: with a bias, the float32 product of the rounded operands
-// (the epilogue adds the bias before the one rounding); without one,
-// nothing joins the product before its rounding, so cuBLAS stores it in the
-// compute type and one pass widens it (via16: 8 bytes an element where the
-// float32 product and a rounding pass took 12) -- the epilogue's rounding is
-// then the identity.  The same for the plain, residual and GEGLU forms, so
-// each keeps its "exactly db_linear_forward then ..." bits.
-static int linear_product16(db_ctx *c, float *out, const void *x16, const float *weight, int bias, int N, int C,
-                            int OC)
+// ---- 16-bit linears with a bias through cublasLt -------------------------------------
+// t16 (N, OC) = round(x16 @ w16^T + b16): cublasLt's bias epilogue
+// (CUBLASLT_EPILOGUE_BIAS, D of the compute type) adds the bias -- in the
+// compute type, i.e. the rounded bias the contract adds -- to the float32
+// sums and rounds once, as linear_epilogue_kernel does after a float32
+// product: 2 bytes an element stored where the float32 product was 4 and
+// the epilogue's pass read them again.  A plan per (N, C, OC, precision):
+// descriptors and the heuristic's first algorithm, asked once, outside any
+// capture; ok 0 where cublasLt offers none, or DB_GEMM_LT=0 (the float32
+// product and the epilogue kernel, as before).
+struct db_cuda_lt_plan {
+    int key[4];
+    int ok;
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t a, b, d;
+    cublasLtMatmulAlgo_t algo;
+    db_cuda_lt_plan *next;
+};
+static const size_t LT_WS = (size_t)32 << 20; // cuBLAS's advice for Hopper
+
+void db_cuda_lt_plans_free(db_ctx *c)
 {
+    db_cuda_state *st = db_cuda_st(c);
+    for (db_cuda_lt_plan *p = st->lt_plans, *n; p; p = n) {
+        n = p->next;
+        if (p->op)
+            cublasLtMatmulDescDestroy(p->op);
+        if (p->a)
+            cublasLtMatrixLayoutDestroy(p->a);
+        if (p->b)
+            cublasLtMatrixLayoutDestroy(p->b);
+        if (p->d)
+            cublasLtMatrixLayoutDestroy(p->d);
+        free(p);
+    }
+    st->lt_plans = NULL;
+    if (st->lt_ws)
+        cudaFree(st->lt_ws);
+    st->lt_ws = NULL;
+    if (st->lt)
+        cublasLtDestroy(st->lt);
+    st->lt = NULL;
+}
+
+// the plan of shape (N, C, OC) in c's precision; NULL while capturing
+// before one exists (or without host memory): the caller's other path
+static db_cuda_lt_plan *lt_plan(db_ctx *c, int N, int C, int OC)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    const int key[4] = {N, C, OC, (int)c->precision};
+    for (db_cuda_lt_plan *p = st->lt_plans; p; p = p->next)
+        if (!memcmp(p->key, key, sizeof key))
+            return p;
+    db_cuda_lt_plan *p = st->capturing ? NULL : (db_cuda_lt_plan *)calloc(1, sizeof *p);
+    if (!p)
+        return NULL;
+    memcpy(p->key, key, sizeof key);
+    p->next = st->lt_plans;
+    st->lt_plans = p;
+    const char *off = getenv("DB_GEMM_LT");
+    if (off && !strcmp(off, "0"))
+        return p;
+    if (!st->lt && cublasLtCreate(&st->lt) != CUBLAS_STATUS_SUCCESS)
+        return st->lt = NULL, p;
+    if (!st->lt_ws && cudaMalloc(&st->lt_ws, LT_WS) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return st->lt_ws = NULL, p;
+    }
+    const cudaDataType_t t = c->precision == DB_PREC_F16 ? CUDA_R_16F : CUDA_R_16BF;
+    const cublasOperation_t tr = CUBLAS_OP_T, nt = CUBLAS_OP_N;
+    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    const uint32_t align_w = 16; // a weight's place in its buffer's working copy: 32-byte aligned
+    const size_t ws = LT_WS;
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasLtMatmulHeuristicResult_t h;
+    int got = 0;
+    // row-major through column-major (the file's note): D (OC, N) = W^T' X'
+    // with W stored (C, OC) column-major, read transposed, X (C, N)
+    const bool ok =
+        cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &tr, sizeof tr) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &nt, sizeof nt) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi) ==
+            CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatrixLayoutCreate(&p->a, t, C, OC, C) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatrixLayoutCreate(&p->b, t, C, N, C) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatrixLayoutCreate(&p->d, t, OC, N, OC) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws) ==
+            CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_w,
+                                             sizeof align_w) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulAlgoGetHeuristic(st->lt, p->op, p->a, p->b, p->d, p->d, pref, 1, &h, &got) ==
+            CUBLAS_STATUS_SUCCESS &&
+        got > 0 && h.state == CUBLAS_STATUS_SUCCESS;
+    if (pref)
+        cublasLtMatmulPreferenceDestroy(pref);
+    if (ok)
+        p->algo = h.algo, p->ok = 1;
+    return p;
+}
+
+// t16 = round(x16 w16^T + b16) by plan p: 0; 1 when cublasLt refused it
+// (p then off: the caller takes the other path, now and after); -1 on a
+// failure.  The other operands come from the allocator (256-byte aligned);
+// the bias, a working copy's place like the weight, is checked too.
+static int lt_linear(db_ctx *c, db_cuda_lt_plan *p, void *t16, const void *x16, const void *w16, const void *b16)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    const float one = 1.0f, zero = 0.0f;
+    if ((uintptr_t)w16 % 16 || (uintptr_t)x16 % 256 || (uintptr_t)t16 % 256 || (uintptr_t)b16 % 16 ||
+        cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b16, sizeof b16) !=
+            CUBLAS_STATUS_SUCCESS)
+        return 1;
+    const cublasStatus_t s = cublasLtMatmul(st->lt, p->op, &one, w16, p->a, x16, p->b, &zero, t16, p->d, t16, p->d,
+                                            &p->algo, st->lt_ws, LT_WS, st->stream);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        return 0;
+    if (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_INVALID_VALUE || s == CUBLAS_STATUS_ARCH_MISMATCH) {
+        p->ok = 0;
+        return 1;
+    }
+    return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "cublasLtMatmul: %s", cublasGetStatusString(s));
+}
+
+// ---- the linear's forward -------------------------------------------------------------
+
+// Where a 16-bit linear's product went (linear_product16): in out, float32
+// -- rounded already (no bias), or the bare sums when bias_left (the
+// epilogue adds the bias and rounds) -- or, bias added and rounded by
+// cublasLt, in t16, a block the caller frees
+struct prod16 {
+    void *t16;
+    int bias_left;
+};
+
+// out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C), in the 16-bit
+// modes from the input's 16-bit copy x16.  Without a bias nothing joins the
+// product before its one rounding, so cuBLAS stores it in the compute type
+// and one pass widens it (via16: 8 bytes an element where the float32
+// product and a rounding pass took 12) -- the epilogue's rounding is then
+// the identity.  With one, cublasLt's bias epilogue where it can (above),
+// else the float32 product of the rounded operands.  The same for the
+// plain, residual and GEGLU forms, so each keeps its "exactly
+// db_linear_forward then ..." bits.
+static int linear_product16(db_ctx *c, prod16 *pr, float *out, const void *x16, const float *weight,
+                            const float *bias, int N, int C, int OC)
+{
+    pr->t16 = NULL, pr->bias_left = 0;
     void *w16 = db_cuda_to16(c, weight, (size_t)OC * C);
     if (!w16)
         return -1;
     auto gemm = [&](void *Cv, int c16) {
         return db_cuda_gemm16(c, 1, 0, 1, N, OC, C, 1.0f, x16, C, 0, w16, C, 0, 0.0f, Cv, c16, OC, 0);
     };
-    const int r = bias ? gemm(out, 0) : via16(c, out, (size_t)N * OC, 0, [&](void *t) { return gemm(t, 1); });
+    int r = 1;
+    if (!bias)
+        r = via16(c, out, (size_t)N * OC, 0, [&](void *t) { return gemm(t, 1); });
+    else if (db_cuda_lt_plan *p = lt_plan(c, N, C, OC); p && p->ok) {
+        void *b16 = db_cuda_to16(c, bias, (size_t)OC);
+        pr->t16 = b16 ? db_cuda_alloc(c, (size_t)N * OC * 2) : NULL;
+        r = pr->t16 ? lt_linear(c, p, pr->t16, x16, w16, b16) : -1;
+        db_cuda_free(c, b16);
+        if (r != 0) {
+            db_cuda_free(c, pr->t16);
+            pr->t16 = NULL;
+        }
+    }
+    if (r == 1) { // the float32 product: the epilogue adds the bias
+        pr->bias_left = 1;
+        r = gemm(out, 0);
+    }
     db_cuda_free(c, w16);
     return r;
 }
 
-// The product, as above; mode: the epilogue's, 0 fp32, 1 bf16, 2 fp16
-static int linear_product(db_ctx *c, float *out, const float *inp, const float *weight, int bias, int N, int C,
-                          int OC, int *mode)
+// The product, as above (fp32: the float32 product, bias_left when there
+// is one); mode: the epilogue's, 0 fp32, 1 bf16, 2 fp16
+static int linear_product(db_ctx *c, prod16 *pr, float *out, const float *inp, const float *weight,
+                          const float *bias, int N, int C, int OC, int *mode)
 {
     *mode = db_cuda_prec16(c) ? (c->precision == DB_PREC_F16 ? 2 : 1) : 0;
-    if (!*mode)
+    if (!*mode) {
+        pr->t16 = NULL, pr->bias_left = bias != NULL;
         return db_cuda_sgemm(c, 1, 0, 1, N, OC, C, 1.0f, inp, C, 0, weight, C, 0, 0.0f, out, OC, 0);
+    }
     void *x16 = db_cuda_to16(c, inp, (size_t)N * C);
-    const int r = x16 ? linear_product16(c, out, x16, weight, bias, N, C, OC) : -1;
+    const int r = x16 ? linear_product16(c, pr, out, x16, weight, bias, N, C, OC) : -1;
     db_cuda_free(c, x16);
     return r;
 }
 
-// bias, rounding and residual over the product in out; nothing to do for
-// fp32 without either, nor for a 16-bit product stored rounded (no bias)
-// without a residual
-static int linear_epilogue(db_ctx *c, float *out, const float *bias, const float *res, int N, int OC, int mode)
+// bias, rounding and residual over the product pr left (freeing its t16):
+// nothing to do for a product in out with neither a bias left nor a residual
+static int linear_epilogue(db_ctx *c, prod16 *pr, float *out, const float *bias, const float *res, int N, int OC,
+                           int mode)
 {
-    if (!bias && !res)
+    const float *b = pr->bias_left ? bias : NULL;
+    if (!pr->t16 && !b && !res)
         return 0;
-    linear_epilogue_kernel<<<db_cuda_grid((size_t)N * OC, 256), 256, 0, db_cuda_st(c)->stream>>>(out, bias, res,
-                                                                                                   (size_t)N, OC, mode);
+    const unsigned grid = db_cuda_grid((size_t)N * OC, 256);
+    cudaStream_t s = db_cuda_st(c)->stream;
+    if (!pr->t16)
+        linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, (const float *)out, b, res, (size_t)N, OC, mode);
+    else if (mode == 2)
+        linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, (const __half *)pr->t16, b, res, (size_t)N, OC, mode);
+    else
+        linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, (const __nv_bfloat16 *)pr->t16, b, res, (size_t)N, OC, mode);
+    db_cuda_free(c, pr->t16);
+    pr->t16 = NULL;
     DB_LAUNCHED(c);
     return 0;
 }
@@ -266,9 +441,10 @@ extern "C" int db_cuda_linear_add_forward(db_ctx *c, float *out, const float *in
     if (N == 0 || OC == 0)
         return 0;
     int mode;
-    if (linear_product(c, out, inp, weight, bias != NULL, N, C, OC, &mode) != 0)
+    prod16 pr;
+    if (linear_product(c, &pr, out, inp, weight, bias, N, C, OC, &mode) != 0)
         return -1;
-    return linear_epilogue(c, out, bias, res, N, OC, mode);
+    return linear_epilogue(c, &pr, out, bias, res, N, OC, mode);
 }
 
 extern "C" int db_cuda_linear_geglu_forward(db_ctx *c, float *proj, float *out, const float *inp, const float *weight,
@@ -278,10 +454,20 @@ extern "C" int db_cuda_linear_geglu_forward(db_ctx *c, float *proj, float *out, 
     if (N == 0 || FF == 0)
         return 0;
     int mode;
-    if (linear_product(c, proj, inp, weight, bias != NULL, N, C, 2 * FF, &mode) != 0)
+    prod16 pr;
+    if (linear_product(c, &pr, proj, inp, weight, bias, N, C, 2 * FF, &mode) != 0)
         return -1;
-    linear_geglu_epilogue_kernel<<<db_cuda_grid((size_t)N * FF, 256), 256, 0, db_cuda_st(c)->stream>>>(
-        proj, out, bias, (size_t)N, FF, mode);
+    const float *b = pr.bias_left ? bias : NULL;
+    const unsigned grid = db_cuda_grid((size_t)N * FF, 256);
+    cudaStream_t s = db_cuda_st(c)->stream;
+    if (!pr.t16)
+        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, (const float *)proj, out, b, (size_t)N, FF, mode);
+    else if (mode == 2)
+        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, (const __half *)pr.t16, out, b, (size_t)N, FF, mode);
+    else
+        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, (const __nv_bfloat16 *)pr.t16, out, b, (size_t)N, FF,
+                                                          mode);
+    db_cuda_free(c, pr.t16);
     DB_LAUNCHED(c);
     return 0;
 }
@@ -311,9 +497,10 @@ extern "C" int db_cuda_linear_multi_forward(db_ctx *c, float *const *out, const 
     int r = x16 ? 0 : -1;
     for (int i = 0; i < n && r == 0; i++) {
         const float *b = bias ? bias[i] : NULL;
-        r = linear_product16(c, out[i], x16, weight[i], b != NULL, N, C, OC);
+        prod16 pr;
+        r = linear_product16(c, &pr, out[i], x16, weight[i], b, N, C, OC);
         if (r == 0)
-            r = linear_epilogue(c, out[i], b, NULL, N, OC, mode);
+            r = linear_epilogue(c, &pr, out[i], b, NULL, N, OC, mode);
     }
     db_cuda_free(c, x16);
     return r;

@@ -279,6 +279,13 @@ fi
 echo "== bench_cuda_ops (fp32, then bf16 for the matmul-class ops; cudaEvent medians)"
 printf '\n%s\n' "### bench_cuda_ops (fp32, then bf16)" >> "$OUT/bench_ops.md"
 RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops bench_ops.md 60 env B="$PWD/build" build/tests/gpu/bench_cuda_ops
+# the bf16 table again without cublasLt's bias epilogue (DB_GEMM_LT=0: the
+# float32 product and the epilogue kernel): its linear_forward lines
+# against the default's above decide whether the bias epilogue stays
+echo "== bench_cuda_ops bf16 with DB_GEMM_LT=0 (biased linears without cublasLt)"
+printf '\n%s\n' "### bench_cuda_ops bf16 with DB_GEMM_LT=0 (biased linears without cublasLt)" >> "$OUT/bench_ops.md"
+RESERVE=$((BENCH_RESERVE - 15)) stage bench-ops-nolt bench_ops.md 30 env DB_GEMM_LT=0 BENCH_OPS_ONLY=bf16 \
+    B="$PWD/build" build/tests/gpu/bench_cuda_ops
 # the same with the 16-bit convolutions NCHW as before channels-last
 # (DB_CONV_NCHW=1), under its own heading in bench_ops.md, to compare the
 # conv lines, with OLD_PATHS=1 only (timed in calls 2-6); with the same

@@ -10,7 +10,8 @@
 // stand-ins, and so are cublasGemmEx / cublasGemmStridedBatchedEx and the
 // cuDNN calls on bf16 / fp16 tensors (autocast: 16-bit operands read through
 // cuda_bf16.h / cuda_fp16.h's host conversions, float32 C or a rounded 16-bit
-// store), and the warp-wide mma.sync of kernels/cuda/mma.h (the lanes'
+// store; cublasLt's matmul with its bias epilogue likewise), and the
+// warp-wide mma.sync of kernels/cuda/mma.h (the lanes'
 // registers gathered, each lane's sums in k order).  Host copies inside a
 // graph capture are refused here, where a real capture records a copy from
 // pageable memory as a node that reads that host buffer again at every
@@ -26,6 +27,7 @@
 #ifndef DB_CUDA_EMU_H
 #define DB_CUDA_EMU_H
 #include <cuda_runtime.h>
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cudnn.h>
 // before the macros below blank out __device__: their conversions
@@ -266,6 +268,56 @@ static inline bool emu_gemm_ex_ok(cudaDataType_t at, cudaDataType_t bt, cudaData
     return !(at != bt || ka < 0 || kc < 0 || (kc != 0 && kc != ka) || comp != CUBLAS_COMPUTE_32F); }
 #define cublasGemmEx(h, ta, tb, m, n, k, al, A, at, lda, B, bt, ldb, be, C, ct, ldc, comp, algo) (!emu_gemm_ex_ok(at, bt, ct, comp) ? CUBLAS_STATUS_NOT_SUPPORTED : emu_submit_st([=, al_ = *(const float *)(al), be_ = *(const float *)(be)] { return emu_gemm_ex(ta, tb, m, n, k, &al_, A, at, lda, 0, B, bt, ldb, 0, &be_, C, ct, ldc, 0, 1, comp); }))
 #define cublasGemmStridedBatchedEx(h, ta, tb, m, n, k, al, A, at, lda, sa, B, bt, ldb, sb, be, C, ct, ldc, sc, bc, comp, algo) (!emu_gemm_ex_ok(at, bt, ct, comp) ? CUBLAS_STATUS_NOT_SUPPORTED : emu_submit_st([=, al_ = *(const float *)(al), be_ = *(const float *)(be)] { return emu_gemm_ex(ta, tb, m, n, k, &al_, A, at, lda, sa, B, bt, ldb, sb, &be_, C, ct, ldc, sc, bc, comp); }))
+// cublasLt, as gemm.cu's biased 16-bit linears use it: descriptors are host
+// structs; cublasLtMatmul is emu_gemm_ex into float32, plus the bias (of
+// D's type) under CUBLASLT_EPILOGUE_BIAS, stored rounded as D's type; the
+// descriptor is read at the call, as a capture bakes it.
+// EMU_LT_UNSUPPORTED=1: the heuristic offers no algorithm (gemm.cu's other path).
+struct emu_lt_desc { cublasComputeType_t comp; cublasOperation_t ta, tb; cublasLtEpilogue_t epi; const void *bias; };
+struct emu_lt_layout { cudaDataType_t t; uint64_t rows, cols; int64_t ld; };
+static inline cublasStatus_t emu_lt_desc_create(cublasLtMatmulDesc_t *d, cublasComputeType_t comp, cudaDataType_t scale) {
+    if (scale != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+    *d = (cublasLtMatmulDesc_t) new emu_lt_desc{comp, CUBLAS_OP_N, CUBLAS_OP_N, CUBLASLT_EPILOGUE_DEFAULT, nullptr};
+    return CUBLAS_STATUS_SUCCESS; }
+static inline cublasStatus_t emu_lt_desc_set(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t a, const void *buf, size_t n) {
+    emu_lt_desc *e = (emu_lt_desc *)d;
+    if (a == CUBLASLT_MATMUL_DESC_TRANSA && n == sizeof(int32_t)) memcpy(&e->ta, buf, n);
+    else if (a == CUBLASLT_MATMUL_DESC_TRANSB && n == sizeof(int32_t)) memcpy(&e->tb, buf, n);
+    else if (a == CUBLASLT_MATMUL_DESC_EPILOGUE && n == sizeof(uint32_t)) memcpy(&e->epi, buf, n);
+    else if (a == CUBLASLT_MATMUL_DESC_BIAS_POINTER && n == sizeof(void *)) memcpy(&e->bias, buf, n);
+    else return CUBLAS_STATUS_INVALID_VALUE;
+    return CUBLAS_STATUS_SUCCESS; }
+#define cublasLtCreate(h) (*(h) = (cublasLtHandle_t)&emu_mtx, CUBLAS_STATUS_SUCCESS)
+#define cublasLtDestroy(h) CUBLAS_STATUS_SUCCESS
+#define cublasLtMatmulDescCreate(d, comp, scale) emu_lt_desc_create((d), (comp), (scale))
+#define cublasLtMatmulDescDestroy(d) (delete (emu_lt_desc *)(d), CUBLAS_STATUS_SUCCESS)
+#define cublasLtMatmulDescSetAttribute(d, a, buf, n) emu_lt_desc_set((d), (a), (buf), (n))
+#define cublasLtMatrixLayoutCreate(l, t, r, c, ld) (*(l) = (cublasLtMatrixLayout_t) new emu_lt_layout{(t), (uint64_t)(r), (uint64_t)(c), (int64_t)(ld)}, CUBLAS_STATUS_SUCCESS)
+#define cublasLtMatrixLayoutDestroy(l) (delete (emu_lt_layout *)(l), CUBLAS_STATUS_SUCCESS)
+#define cublasLtMatmulPreferenceCreate(p) (*(p) = (cublasLtMatmulPreference_t)&emu_mtx, CUBLAS_STATUS_SUCCESS)
+#define cublasLtMatmulPreferenceDestroy(p) CUBLAS_STATUS_SUCCESS
+#define cublasLtMatmulPreferenceSetAttribute(p, a, buf, n) CUBLAS_STATUS_SUCCESS
+static inline cublasStatus_t emu_lt_heuristic(cublasLtMatmulHeuristicResult_t *r, int *got) {
+    *got = 0;
+    if (getenv("EMU_LT_UNSUPPORTED")) return CUBLAS_STATUS_NOT_SUPPORTED;
+    memset(r, 0, sizeof *r); r->state = CUBLAS_STATUS_SUCCESS; *got = 1;
+    return CUBLAS_STATUS_SUCCESS; }
+#define cublasLtMatmulAlgoGetHeuristic(h, op, a, b, c, d, pref, want, r, got) emu_lt_heuristic((r), (got))
+static inline cublasStatus_t emu_lt_matmul(const emu_lt_desc &e, float al, const void *A, const emu_lt_layout &la, const void *B, const emu_lt_layout &lb, float be, void *D, const emu_lt_layout &ld) {
+    const int m = (int)ld.rows, n = (int)ld.cols, k = (int)(e.ta == CUBLAS_OP_N ? la.cols : la.rows), kd = emu_kind(ld.t);
+    if (be != 0 || la.t != lb.t || kd < 0 || (e.epi != CUBLASLT_EPILOGUE_DEFAULT && e.epi != CUBLASLT_EPILOGUE_BIAS) ||
+        (e.epi == CUBLASLT_EPILOGUE_BIAS && !e.bias) || (int)(e.ta == CUBLAS_OP_N ? la.rows : la.cols) != m ||
+        (int)(e.tb == CUBLAS_OP_N ? lb.cols : lb.rows) != n || (int)(e.tb == CUBLAS_OP_N ? lb.rows : lb.cols) != k)
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    std::vector<float> t((size_t)m * n);
+    const float zero = 0;
+    const cublasStatus_t s = emu_gemm_ex(e.ta, e.tb, m, n, k, &al, A, la.t, (int)la.ld, 0, B, lb.t, (int)lb.ld, 0, &zero, t.data(), CUDA_R_32F, m, 0, 1, e.comp);
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < m; i++)
+            emu_st(D, kd, (size_t)i + (size_t)j * ld.ld, t[(size_t)i + (size_t)j * m] + (e.epi == CUBLASLT_EPILOGUE_BIAS ? emu_ld(e.bias, kd, i) : 0.0f));
+    return CUBLAS_STATUS_SUCCESS; }
+#define cublasLtMatmul(h, op, al, A, ad, B, bd, be, C, cd, D, dd, algo, ws, wss, st) emu_submit_st([=, e_ = *(const emu_lt_desc *)(op), la_ = *(const emu_lt_layout *)(ad), lb_ = *(const emu_lt_layout *)(bd), ld_ = *(const emu_lt_layout *)(dd), al_ = *(const float *)(al), be_ = *(const float *)(be)] { return emu_lt_matmul(e_, al_, A, la_, B, lb_, be_, D, ld_); })
 
 static inline int emu_dims(cudnnTensorDescriptor_t t, int *n, int *c, int *h, int *w, size_t *st = nullptr) {
     cudnnDataType_t dt; int ns, cs, hs, ws; cudnnGetTensor4dDescriptor(t, &dt, n, c, h, w, &ns, &cs, &hs, &ws);

@@ -40,7 +40,7 @@ for f in kernels/cuda/*.cu; do
 done
 g++ -std=c++20 -O1 -g -fPIC -shared -w ${SAN[@]+"${SAN[@]}"} -I. -I"$CUDA_HOME/include" -o "$E/lib/libdb_cuda.so" \
     tests/gpu/emu/emu_globals.cpp "${srcs[@]}" -L"$CUDA_HOME/lib64" -Wl,-rpath,"$CUDA_HOME/lib64" \
-    -lcudart -lcublas -lcudnn -lpthread
+    -lcudart -lcublas -lcublasLt -lcudnn -lpthread
 [ "${1:-}" = --build ] && exit 0   # t1700-cuda-emu.sh runs the programs itself (one TAP stream)
 if [ "${1:-}" = --tsan ]; then
     # the test programs are not instrumented: the runtime comes preloaded
