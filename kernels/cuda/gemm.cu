@@ -422,14 +422,15 @@ static int linear_epilogue(db_ctx *c, prod16 *pr, float *out, const float *bias,
         return 0;
     const unsigned grid = db_cuda_grid((size_t)N * OC, 256);
     cudaStream_t s = db_cuda_st(c)->stream;
-    if (!pr->t16)
+    void *t16 = pr->t16; // (a launch's arguments plain values: the emulator reads them at a replay)
+    pr->t16 = NULL;
+    if (!t16)
         linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, (const float *)out, b, res, (size_t)N, OC, mode);
     else if (mode == 2)
-        linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, (const __half *)pr->t16, b, res, (size_t)N, OC, mode);
+        linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, (const __half *)t16, b, res, (size_t)N, OC, mode);
     else
-        linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, (const __nv_bfloat16 *)pr->t16, b, res, (size_t)N, OC, mode);
-    db_cuda_free(c, pr->t16);
-    pr->t16 = NULL;
+        linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, (const __nv_bfloat16 *)t16, b, res, (size_t)N, OC, mode);
+    db_cuda_free(c, t16);
     DB_LAUNCHED(c);
     return 0;
 }
@@ -460,14 +461,15 @@ extern "C" int db_cuda_linear_geglu_forward(db_ctx *c, float *proj, float *out, 
     const float *b = pr.bias_left ? bias : NULL;
     const unsigned grid = db_cuda_grid((size_t)N * FF, 256);
     cudaStream_t s = db_cuda_st(c)->stream;
-    if (!pr.t16)
+    void *t16 = pr.t16; // (plain values as a launch's arguments: linear_epilogue)
+    if (!t16)
         linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, (const float *)proj, out, b, (size_t)N, FF, mode);
     else if (mode == 2)
-        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, (const __half *)pr.t16, out, b, (size_t)N, FF, mode);
+        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, (const __half *)t16, out, b, (size_t)N, FF, mode);
     else
-        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, (const __nv_bfloat16 *)pr.t16, out, b, (size_t)N, FF,
+        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, (const __nv_bfloat16 *)t16, out, b, (size_t)N, FF,
                                                           mode);
-    db_cuda_free(c, pr.t16);
+    db_cuda_free(c, t16);
     DB_LAUNCHED(c);
     return 0;
 }

@@ -2375,7 +2375,7 @@ int main(void)
      * precision modes' section below too (prec_want; and nothing after it) */
     const char *only = getenv("DB_CUDA_TEST_ONLY");
     if (only && strcmp(only, "prec") != 0 && strncmp(only, "prec:", 5) != 0)
-        goto done;
+        goto later; /* another S: the later checks whose name holds it (graph, declared weights...) */
     t_linear_add(DB_PREC_F32, 7, 13, 11, 1);
     t_linear_add(DB_PREC_F32, 9, 16, 5, 0);
     t_linear_geglu(DB_PREC_F32, 7, 13, 6, 1);
@@ -2458,6 +2458,7 @@ int main(void)
 
     if (only)
         goto done;
+later:
     /* activations, elementwise, layout, embeddings */
     for (int a = 0; a < 4; a++) {
         t_act((act)a, 1001);

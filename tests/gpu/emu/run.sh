@@ -15,8 +15,8 @@
 #   on 2 cores, so not part of make check; run it after changing a kernel.
 #   One section of test_cuda_ops alone (its full run takes ~20 minutes here):
 #   DB_CUDA_TEST_ONLY=S DB_CUDA_TEST_QUICK=1 B=$PWD/build/emu build/tests/gpu/test_cuda_ops
-#   runs the per-op checks whose name holds S (groupnorm, conv2d, staged: the
-#   fused AdamW's staged filter copies); S = prec runs the bf16 / fp16
+#   runs the checks whose name holds S (groupnorm, conv2d, staged: the
+#   fused AdamW's staged filter copies; graph, declared); S = prec runs the bf16 / fp16
 #   section (gemm, linear, conv, attention) instead, S = prec:NAME only its
 #   ops whose name holds NAME (prec:attention, prec:linear_backward).
 set -euo pipefail
