@@ -136,6 +136,7 @@ __global__ static void colsum_part_kernel(double *part, const X *dout, int N, in
         return;
     const int r1 = r0 + rows < N ? r0 + rows : N;
     const X *col = dout + j;
+    const int rnd = sizeof(X) == 4 ? r16 : 0; // (values of the compute type round to themselves)
     double s = 0;
     int r = r0;
     // eight loads in flight before their additions (one at a time left each
@@ -148,11 +149,11 @@ __global__ static void colsum_part_kernel(double *part, const X *dout, int N, in
             v[k] = db_cuda_f32(col[(size_t)(r + k) * OC]);
 #pragma unroll
         for (int k = 0; k < COLSUM_BATCH; k++)
-            s += r16 ? db_cuda_round16(v[k], r16 == 2) : v[k];
+            s += rnd ? db_cuda_round16(v[k], rnd == 2) : v[k];
     }
     for (; r < r1; r++) {
         const float v = db_cuda_f32(col[(size_t)r * OC]);
-        s += r16 ? db_cuda_round16(v, r16 == 2) : v;
+        s += rnd ? db_cuda_round16(v, rnd == 2) : v;
     }
     part[(size_t)blockIdx.y * OC + j] = s;
 }
@@ -412,6 +413,18 @@ static int linear_product(db_ctx *c, prod16 *pr, float *out, const float *inp, c
     return r;
 }
 
+// f(src) with the epilogue's source: the 16-bit sums t16 (cublasLt's, of
+// the mode's type) or, without them, the float32 product in f32
+template <class F> static void with_src(const float *f32, const void *t16, int mode, F f)
+{
+    if (!t16)
+        f(f32);
+    else if (mode == 2)
+        f((const __half *)t16);
+    else
+        f((const __nv_bfloat16 *)t16);
+}
+
 // bias, rounding and residual over the product pr left (freeing its t16):
 // nothing to do for a product in out with neither a bias left nor a residual
 static int linear_epilogue(db_ctx *c, prod16 *pr, float *out, const float *bias, const float *res, int N, int OC,
@@ -422,15 +435,11 @@ static int linear_epilogue(db_ctx *c, prod16 *pr, float *out, const float *bias,
         return 0;
     const unsigned grid = db_cuda_grid((size_t)N * OC, 256);
     cudaStream_t s = db_cuda_st(c)->stream;
-    void *t16 = pr->t16; // (a launch's arguments plain values: the emulator reads them at a replay)
+    with_src(out, pr->t16, mode, [&](auto src) {
+        linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, src, b, res, (size_t)N, OC, mode);
+    });
+    db_cuda_free(c, pr->t16);
     pr->t16 = NULL;
-    if (!t16)
-        linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, (const float *)out, b, res, (size_t)N, OC, mode);
-    else if (mode == 2)
-        linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, (const __half *)t16, b, res, (size_t)N, OC, mode);
-    else
-        linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, (const __nv_bfloat16 *)t16, b, res, (size_t)N, OC, mode);
-    db_cuda_free(c, t16);
     DB_LAUNCHED(c);
     return 0;
 }
@@ -461,15 +470,10 @@ extern "C" int db_cuda_linear_geglu_forward(db_ctx *c, float *proj, float *out, 
     const float *b = pr.bias_left ? bias : NULL;
     const unsigned grid = db_cuda_grid((size_t)N * FF, 256);
     cudaStream_t s = db_cuda_st(c)->stream;
-    void *t16 = pr.t16; // (plain values as a launch's arguments: linear_epilogue)
-    if (!t16)
-        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, (const float *)proj, out, b, (size_t)N, FF, mode);
-    else if (mode == 2)
-        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, (const __half *)t16, out, b, (size_t)N, FF, mode);
-    else
-        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, (const __nv_bfloat16 *)t16, out, b, (size_t)N, FF,
-                                                          mode);
-    db_cuda_free(c, t16);
+    with_src(proj, pr.t16, mode, [&](auto src) {
+        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, src, out, b, (size_t)N, FF, mode);
+    });
+    db_cuda_free(c, pr.t16);
     DB_LAUNCHED(c);
     return 0;
 }

@@ -166,7 +166,14 @@ template <class F> static auto emu_submit_st(F f) -> decltype(f()) {
     if (!emu_cap) return f();
     emu_cap->ops.emplace_back([f] { f(); }); return decltype(f())(0); }
 static inline cudaError_t emu_forbidden() { emu_cap_bad = 1; return cudaErrorStreamCaptureUnsupported; }
-#define EMU_LAUNCH(grid, block, smem, stream, kern, ...) emu_submit([=] { emu_launch(dim3(grid), dim3(block), [&] { kern(__VA_ARGS__); }); })
+// A launch evaluates its configuration and arguments at the call, as CUDA
+// copies them then: a graph's replay calls the kernel with those copies,
+// never re-reading the expressions (a field of a stack object that is gone
+// by then, a counter that moved on).
+template <class K, class... A> static void emu_launch_now(dim3 g, dim3 b, K k, A... a) {
+    emu_submit([=] { emu_launch(g, b, [&] { k(a...); }); }); }
+#define EMU_LAUNCH(grid, block, smem, stream, kern, ...) \
+    emu_launch_now(dim3(grid), dim3(block), [=](auto... emu_a_) { kern(emu_a_...); } __VA_OPT__(,) __VA_ARGS__)
 // runtime stubs: host memory is device memory
 #define cudaMalloc(p, n) ((*(void **)(p) = aligned_alloc(256, ((n) + 255) / 256 * 256)) ? cudaSuccess : cudaErrorMemoryAllocation)
 #define cudaFree(p) (emu_cap ? emu_forbidden() : (free(p), cudaSuccess))
