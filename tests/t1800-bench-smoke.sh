@@ -53,6 +53,18 @@ check "--fused-backward adds train_step_fused" valid "$T/fused32.txt" train_step
 check "... and refuses it in fp16 (an error line, not a crash)" \
     "grep -q 'name=train_step_fused .*precision=fp16 .*error=' '$T/fused.txt'"
 
+# run.sh's memory stage: the fused step alone with the text encoder,
+# checkpointing and 8-bit moments, the configuration named on its line
+$BS $SMALL --only fused --train-text-encoder --gradient-checkpointing --optimizer adamw8bit > "$T/mem.txt" 2>&1
+rc=$?
+grep '^BENCH' "$T/mem.txt" | sed 's/^/# /'
+check "--only fused: train_step_fused alone, exit 0" \
+    "[ $rc = 0 ] && [ \$(grep -c '^BENCH' '$T/mem.txt') = 1 ] && grep -q 'name=train_step_fused ' '$T/mem.txt'"
+check "  a valid line naming its configuration" \
+    "valid '$T/mem.txt' train_step_fused &&
+     grep -q 'name=train_step_fused .* checkpointing=1 text_encoder=1 optimizer=adamw8bit\$' '$T/mem.txt'"
+fails_with 2 "optimizer bogus: unknown" "--optimizer bogus is a usage error" $BS --tiny --optimizer bogus
+
 $BS $SMALL --only train --save > "$T/save.txt" 2>&1
 # checkpoint_save, checkpoint_stage_alloc, and checkpoint_async_block /
 # checkpoint_async through the stage and through it again (_again): 6 lines
@@ -133,6 +145,18 @@ peak() { awk '/predicted device peak/ { print $(NF-2) }' "$1"; }
 check "  --validation-prompt adds the validation row to a larger device peak ($(peak "$T/plan.txt") -> $(peak "$T/plan-val.txt") MiB)" \
     "grep -q 'validation samples (VAE, sampler)' '$T/plan-val.txt' && ! grep -q 'validation samples' '$T/plan.txt' &&
      awk -v a=\"\$(peak '$T/plan.txt')\" -v b=\"\$(peak '$T/plan-val.txt')\" 'BEGIN { exit !(b > a) }'"
+# bench_sd --plan (the plan_mib of its train lines, what run.sh's memory
+# stage compares the measured peak with) is db-train --plan's device peak
+# for the same configuration (16x16 latents: the fixtures')
+for f in "" "--fused-backward --train-text-encoder --gradient-checkpointing --optimizer adamw8bit"; do
+    db-train --model "$M" --instance "$I" --class "$C" --plan --device cuda --precision bf16 $f > "$T/plan-f.txt" 2>&1
+    want=$(peak "$T/plan-f.txt")
+    if [ -n "$f" ]; then n=train_step_fused; else n=train_step; fi
+    got=$($BS --tiny --latent 16 --plan --precision bf16 --only ${f:+fused} ${f:-train} $f |
+        awk -v n=$n '$1 == "PLAN" && $2 == "name=" n { sub(/mib=/, "", $4); print $4 }')
+    check "bench_sd --plan${f:+ $f}: $n's device plan ${got:-?} MiB, db-train --plan's $want" \
+        "[ -n '$want' ] && [ '$got' = '$want' ]"
+done
 db-train --model "$M" --instance "$I" --class "$C" --plan > "$T/plan-cpu.txt" 2>&1
 check "  --device cpu prints no device lines" "! grep -q 'device peak' '$T/plan-cpu.txt'"
 db-train --model "$M" --instance "$I" --class "$C" --plan --validation-prompt "a photo of sks dog" \

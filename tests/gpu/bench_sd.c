@@ -17,7 +17,17 @@
  *
  *   bench_sd [--device cpu|cuda[:N]] [--precision fp32,bf16,...] [--only fwd,train,sample,vae]
  *            [--tiny] [--latent L] [--steps N] [--reps N] [--budget S] [--sample-budget S]
- *            [--gradient-checkpointing] [--threads N] [--seed N]
+ *            [--gradient-checkpointing] [--fused-backward] [--train-text-encoder]
+ *            [--optimizer adamw|adamw8bit] [--save] [--threads N] [--seed N]
+ *
+ * --only fused: the fused-backward step alone (train_step_fused).  The
+ * memory targets of #7 (a full fine-tune with the text encoder in 16 GB,
+ * in 10 GB with 8-bit moments and checkpointing) are this line's peak with
+ * --train-text-encoder --gradient-checkpointing [--optimizer adamw8bit]
+ * (run.sh's memory stage); its extra column names the configuration.
+ * --plan prints, without a device, each asked training figure's device plan
+ * (db-train --plan --device cuda's "predicted device peak" for the same
+ * configuration) as `PLAN name=... precision=... mib=...`, and exits.
  *
  * Each figure: warm-up calls (the first builds plans, caches and workspaces),
  * then timed repetitions, as many as fit --budget seconds (at most --reps),
@@ -67,7 +77,8 @@
 
 typedef struct opts {
     const char *device, *precisions, *only;
-    int tiny, latent, steps, reps, ckpt, fused, save, threads;
+    int tiny, latent, steps, reps, ckpt, fused, fused_only, save, threads, text, plan;
+    db_optim_kind optimizer;
     double budget, sample_budget;
     unsigned long long seed;
 } opts;
@@ -520,6 +531,49 @@ static void bench_save(db_trainer *tr)
     db_rm_rf(dir);
 }
 
+/* db-train --plan's device estimate in MiB for this configuration: the
+ * optimizer's state tensor by tensor as the trainer keeps it (8-bit AdamW:
+ * float32 moments under 4096 elements), as tools/db-train.c counts it */
+static double train_plan(const db_arch *a, const db_model *m, int B, int L, int T, const opts *o, int fused,
+                         int graphs, db_precision p, db_train_device_plan *plan)
+{
+    db_unet_train_device_plan(a, B, L, L, T, o->text, o->ckpt, fused, graphs, p, plan);
+    size_t adam = 0;
+    for (size_t i = 0; i < m->t.n; i++) {
+        const db_tentry *e = &m->t.v[i];
+        if (e->comp == DB_COMP_UNET || (e->comp == DB_COMP_TEXT && o->text))
+            adam += db_optim_state_bytes(o->optimizer, (size_t)db_shape_numel(e->ndim, e->shape));
+    }
+    plan->total = plan->total - plan->moments + adam;
+    plan->moments = adam;
+    return plan->total / 1048576.0;
+}
+
+/* --plan: the device plans of the asked training figures, no device */
+static int print_plans(opts *o, const char *arch_name, const db_precision *precs, int np, int want_train)
+{
+    db_arch a;
+    db_model m;
+    db_err err = {0};
+    if (db_arch_preset(&a, arch_name, &err) || db_model_init_random(&m, &a, o->seed, DB_F32, &err)) {
+        fprintf(stderr, "bench_sd: %s\n", err.msg);
+        return 1;
+    }
+    const int L = o->latent ? o->latent : a.unet.sample_size;
+    for (int mode = 0; mode < 3; mode++) {
+        if (mode == 1 ? !o->fused : !want_train)
+            continue;
+        const char *name = mode == 1 ? "train_step_fused" : mode == 2 ? "train_step_nograph" : "train_step";
+        for (int i = 0; i < np; i++) {
+            db_train_device_plan plan;
+            printf("PLAN name=%s precision=%s mib=%.1f\n", name, db_precision_name(precs[i]),
+                   train_plan(&a, &m, 2, L, a.text.max_positions, o, mode == 1, mode != 2, precs[i], &plan));
+        }
+    }
+    db_model_close(&m);
+    return 0;
+}
+
 /* mode 0: the plain step (its UNet calls replayed as graphs, as db-train
  * does); 1: the fused backward (train.h), reported as train_step_fused;
  * 2: the plain step op by op (no_graph), train_step_nograph */
@@ -538,6 +592,8 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
     db_train_opts to = db_train_opts_defaults(1e-9, 1000000);
     to.gradient_checkpointing = o->ckpt;
     to.fused_backward = fused;
+    to.train_text = o->text;
+    to.optimizer = o->optimizer;
     to.no_graph = mode == 2;
     train_arg t = {0};
     float *lat = malloc(n * sizeof *lat), *noise = malloc(n * sizeof *noise);
@@ -566,8 +622,7 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
         }
         db_ctx_set_precision(c, precs[i]);
         db_train_device_plan plan;
-        const double plan_mib = c->device == DB_CPU ? 0
-                                : db_unet_train_device_plan(a, B, L, L, T, 0, o->ckpt, fused, mode != 2, precs[i], &plan) / 1048576.0;
+        const double plan_mib = c->device == DB_CPU ? 0 : train_plan(a, m, B, L, T, o, fused, mode != 2, precs[i], &plan);
         /* four warm-up steps: the first builds the plans; the backward's
          * graph is recorded at the second, the forward's only at the third
          * (the backward's first call changed the UNet's layout after the
@@ -576,7 +631,10 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
         if (measure(c, name, train_call, &t, 4, o->reps, o->budget, &ms, &reps, &pk, &err)) {
             report_error(name, precs[i], err.msg);
         } else {
-            report(name, precs[i], ms, gflop, pk, plan_mib, reps, o->ckpt ? "checkpointing=1" : NULL);
+            char extra[64];
+            snprintf(extra, sizeof extra, "%s%s%s", o->ckpt ? " checkpointing=1" : "", o->text ? " text_encoder=1" : "",
+                     o->optimizer == DB_OPTIM_ADAMW8BIT ? " optimizer=adamw8bit" : "");
+            report(name, precs[i], ms, gflop, pk, plan_mib, reps, *extra ? extra + 1 : NULL);
             if (plan_mib > 0)
                 printf("# plan (MiB): weights %.1f, grads %.1f, AdamW %.1f, UNet activations %.1f, text %.1f, "
                        "batch %.1f, conversion %.1f, cuDNN workspace %.1f, rounding %.1f, graphs %.1f; measured "
@@ -744,7 +802,9 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: bench_sd [--device cpu|cuda[:N]] [--precision fp32,bf16,fp16] [--only fwd,train,sample,vae]\n"
                "                [--tiny] [--latent L] [--steps N] [--reps N] [--budget S] [--sample-budget S]\n"
-               "                [--gradient-checkpointing] [--fused-backward] [--save] [--threads N] [--seed N]\n");
+               "                [--gradient-checkpointing] [--fused-backward] [--train-text-encoder]\n"
+               "                [--optimizer adamw|adamw8bit] [--save] [--plan] [--threads N] [--seed N]\n"
+               "  --only also takes fused: the fused-backward step alone\n");
 }
 
 int main(int argc, char **argv)
@@ -776,7 +836,17 @@ int main(int argc, char **argv)
             o.ckpt = 1;
         else if (!strcmp(k, "--fused-backward"))
             o.fused = 1;
-        else if (!strcmp(k, "--save"))
+        else if (!strcmp(k, "--plan"))
+            o.plan = 1;
+        else if (!strcmp(k, "--train-text-encoder"))
+            o.text = 1;
+        else if (!strcmp(k, "--optimizer")) {
+            const char *w = VAL();
+            if (db_optim_parse(w, &o.optimizer)) {
+                fprintf(stderr, "bench_sd: --optimizer %s: unknown (adamw or adamw8bit)\n", w);
+                return 2;
+            }
+        } else if (!strcmp(k, "--save"))
             o.save = 1;
         else if (!strcmp(k, "--threads"))
             o.threads = atoi(VAL());
@@ -805,14 +875,14 @@ int main(int argc, char **argv)
         precs[np++] = (db_precision)pr;
         p = e ? e + 1 : NULL;
     }
-    static const char *const known[] = {"fwd", "train", "sample", "vae"};
+    static const char *const known[] = {"fwd", "train", "sample", "vae", "fused"};
     for (const char *p = o.only; p && *p;) {
         const char *e = strchr(p, ',');
         int ok = 0;
-        for (size_t k = 0; k < 4; k++)
+        for (size_t k = 0; k < 5; k++)
             ok |= (size_t)(e ? e - p : (long)strlen(p)) == strlen(known[k]) && !strncmp(p, known[k], strlen(known[k]));
         if (!ok) {
-            fprintf(stderr, "bench_sd: --only takes fwd, train, sample, vae\n");
+            fprintf(stderr, "bench_sd: --only takes fwd, train, sample, vae, fused\n");
             return 2;
         }
         p = e ? e + 1 : NULL;
@@ -830,14 +900,20 @@ int main(int argc, char **argv)
     const double t0 = now();
     const int want_fwd = has(o.only, "fwd"), want_train = has(o.only, "train"), want_sample = has(o.only, "sample"),
               want_vae = has(o.only, "vae");
+    if (has(o.only, "fused")) { /* with train: as --fused-backward */
+        o.fused = 1;
+        o.fused_only = !want_train;
+    }
     devname_ = strncmp(o.device, "cuda", 4) ? "cpu" : "cuda";
+    if (o.plan)
+        return print_plans(&o, arch_name, precs, np, want_train);
     if (db_arch_preset(&a, arch_name, &err) || db_ctx_create_device(&c, o.device, o.threads, &err)) {
         /* every figure asked for, as failed: the table says why rather than nothing */
         fprintf(stderr, "bench_sd: %s\n", err.msg);
         static const char *const names[] = {"unet_fwd_b2",      "unet_fwd_b2_graph", "train_step",
                                             "train_step_nograph", "train_step_fused",  "checkpoint_save",
                                             "sample_ddim_cfg",  "sample_ddim_cfg_nograph", "vae_decode"};
-        const int want[] = {want_fwd,    want_fwd,    want_train, want_train, want_train && o.fused,
+        const int want[] = {want_fwd,    want_fwd,    want_train, want_train, (want_train || o.fused_only) && o.fused,
                             want_train && o.save, want_sample, want_sample, want_vae};
         for (int k = 0; k < 9; k++)
             for (int i = 0; i < np && want[k]; i++)
@@ -870,11 +946,13 @@ int main(int argc, char **argv)
         for (int i = before, k = 0; i < nfig && k < np; i++, k++)
             fwd_ms[k] = figs[i].ok ? figs[i].ms : 0;
     }
-    if (want_train) {
+    if (want_train || o.fused_only) {
         if (!want_sample && hw.data) /* no longer needed: give the trainer the room */
             db_weights_free(&hw);
-        bench_train(c, &a, &m, precs, np, &o, 0);
-        bench_train(c, &a, &m, precs, np, &o, 2);
+        if (want_train) {
+            bench_train(c, &a, &m, precs, np, &o, 0);
+            bench_train(c, &a, &m, precs, np, &o, 2);
+        }
         if (o.fused)
             bench_train(c, &a, &m, precs, np, &o, 1);
     }

@@ -316,6 +316,22 @@ if [ -f "$KP" ] && [ $((DEADLINE - SECONDS)) -ge 50 ]; then
 else
     echo "== kprof skipped: $((DEADLINE - SECONDS)) s left$([ -f "$KP" ] || echo ", no $KP")"
 fi
+# #7's memory targets, never measured before session 16: a full fine-tune
+# with the text encoder in 16 GB, and in 10 GB with 8-bit moments and
+# checkpointing.  The fused-backward step (the configuration whose plan
+# fits: README) with the text encoder and checkpointing, AdamW then
+# adamw8bit, bf16: each line's peak_mib against its plan_mib and the
+# targets, under its own heading in bench_ops.md (bench_sd.txt's figures
+# would be replaced by these: bench_table.py keeps a figure's last line);
+# with 60 s to spare
+if [ $((DEADLINE - SECONDS)) -ge 60 ]; then
+    printf '\n%s\n' "### memory: bench_sd bf16 --only fused --train-text-encoder --gradient-checkpointing (targets 16 GB, 10 GB with adamw8bit)" >> "$OUT/bench_ops.md"
+    stage memory bench_ops.md 80 bash -c 'for o in adamw adamw8bit; do build/bench/bench_sd --device cuda \
+        --precision bf16 --only fused --train-text-encoder --gradient-checkpointing --optimizer $o --reps 1 \
+        --budget 0.5 || exit 1; done'
+else
+    echo "== memory skipped: $((DEADLINE - SECONDS)) s left"
+fi
 # torch.compile is optional: only with a minute and a half to spare, the
 # forward alone, appended to bench_torch.txt, then the table again.
 # TORCH_COMPILE=0 skips it (it has not finished compiling in the time a
