@@ -23,6 +23,10 @@
 // behaviour (algorithm choice, TF32, determinism).  Plain races between
 // the threads of a block (shared memory read before the barrier that
 // should order it) it does tell, built with ThreadSanitizer: run.sh --tsan.
+// What a card refuses it refuses too, ending the program with a message:
+// a launch configuration out of bounds (emu_check_launch), an ldmatrix row
+// or a cp.async not 16-byte aligned (mma.h, cp_async.h).  Misaligned vector
+// loads (float2, float4, uint4) it does not catch: x86 allows them.
 // Slow: keep to the small shapes (DB_CUDA_TEST_QUICK=1).
 #ifndef DB_CUDA_EMU_H
 #define DB_CUDA_EMU_H
@@ -48,7 +52,7 @@ struct emu_warp { std::barrier<> *bar; uint64_t slot[32]; uint32_t xch[32][8]; }
 struct emu_block { std::barrier<> *bar; std::vector<emu_warp> warps; };
 extern thread_local uint3 emu_tid, emu_bid; extern dim3 emu_bdim, emu_gdim;
 extern thread_local emu_block *emu_blk; extern thread_local int emu_lin;
-extern float emu_dyn_smem[1 << 16];
+extern float emu_dyn_smem[1 << 16]; // (128-byte aligned: emu_globals.cpp)
 extern std::mutex emu_mtx;
 #define threadIdx emu_tid
 #define blockIdx emu_bid
@@ -170,10 +174,28 @@ static inline cudaError_t emu_forbidden() { emu_cap_bad = 1; return cudaErrorStr
 // copies them then: a graph's replay calls the kernel with those copies,
 // never re-reading the expressions (a field of a stack object that is gone
 // by then, a counter that moved on).
-template <class K, class... A> static void emu_launch_now(dim3 g, dim3 b, K k, A... a) {
+// A configuration a GPU refuses (cudaErrorInvalidConfiguration and kin:
+// a zero dimension, a grid's y or z over 65535, over 1024 threads a block,
+// over the H100's 227 KB of dynamic shared memory; cl > 1: a cluster over
+// 8 blocks or a grid not a multiple of it) ends the program here, naming
+// the launch: on the card it would be an error the emulator never shows.
+static inline void emu_check_launch(dim3 g, dim3 b, size_t smem, int cl) {
+    const char *why = !g.x || !g.y || !g.z || !b.x || !b.y || !b.z ? "a zero dimension"
+        : g.y > 65535 || g.z > 65535 ? "a grid's y or z over 65535"
+        : (size_t)b.x * b.y * b.z > 1024 || b.z > 64 ? "over 1024 threads a block (or z over 64)"
+        : smem > 232448 ? "over 227 KB of dynamic shared memory"
+        : cl > 8 || g.x % cl ? "a cluster over 8 blocks, or a grid not a multiple of it" : NULL;
+    if (why) {
+        fprintf(stderr, "cuda_emu: launch of grid (%u, %u, %u), block (%u, %u, %u), %zu bytes of shared memory, "
+                "cluster %d: %s (a GPU refuses it)\n", g.x, g.y, g.z, b.x, b.y, b.z, smem, cl, why);
+        abort();
+    }
+}
+template <class K, class... A> static void emu_launch_now(dim3 g, dim3 b, size_t smem, K k, A... a) {
+    emu_check_launch(g, b, smem, 1);
     emu_submit([=] { emu_launch(g, b, [&] { k(a...); }); }); }
 #define EMU_LAUNCH(grid, block, smem, stream, kern, ...) \
-    emu_launch_now(dim3(grid), dim3(block), [=](auto... emu_a_) { kern(emu_a_...); } __VA_OPT__(,) __VA_ARGS__)
+    emu_launch_now(dim3(grid), dim3(block), (size_t)(smem), [=](auto... emu_a_) { kern(emu_a_...); } __VA_OPT__(,) __VA_ARGS__)
 // runtime stubs: host memory is device memory
 #define cudaMalloc(p, n) ((*(void **)(p) = aligned_alloc(256, ((n) + 255) / 256 * 256)) ? cudaSuccess : cudaErrorMemoryAllocation)
 #define cudaFree(p) (emu_cap ? emu_forbidden() : (free(p), cudaSuccess))

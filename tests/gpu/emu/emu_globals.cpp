@@ -5,7 +5,7 @@ thread_local uint3 emu_tid, emu_bid;
 dim3 emu_bdim, emu_gdim;
 thread_local emu_block *emu_blk;
 thread_local int emu_lin;
-float emu_dyn_smem[1 << 16];
+alignas(128) float emu_dyn_smem[1 << 16];
 std::mutex emu_mtx;
 emu_graph *emu_cap;
 int emu_cap_bad;
