@@ -39,6 +39,12 @@ for run in test_cuda_ops test_cuda_ops:mma test_cuda_ops:nolt test_attention_tc 
     echo "# $run: exit $rc"
     grep -q '^ok ' "$B/emu/$run.tap" && [ "$rc" = 0 ] || echo "not ok - $run exited $rc or ran no check" >>"$B/emu/$run.tap"
 done
+# the emulator refuses what a card refuses (tests/gpu/emu/refuse.cpp)
+"$TOP/build/emu/refuse" >"$B/emu/refuse.tap" 2>&1
+rc=$?
+echo "# refuse: exit $rc"
+grep -q '^ok ' "$B/emu/refuse.tap" && [ "$rc" = 0 ] || echo "not ok - refuse exited $rc or ran no check" >>"$B/emu/refuse.tap"
+sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[emulator] /' "$B/emu/refuse.tap"
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[mma] /' "$B/emu/test_attention_tc:mma.tap" "$B/emu/test_cuda_ops:mma.tap"
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[no cublasLt] /' "$B/emu/test_cuda_ops:nolt.tap"
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[mma, no cp.async, no ldmatrix] /' "$B/emu/test_attention_tc:nopipe.tap"
@@ -47,5 +53,5 @@ awk '/^1\.\.[0-9]+/ { next }
      { print }
      END { print "1.." n; exit bad }' "$B/emu/test_cuda_ops.tap" "$B/emu/test_cuda_ops:mma.tap" \
     "$B/emu/test_cuda_ops:nolt.tap" "$B/emu/test_attention_tc.tap" \
-    "$B/emu/test_attention_tc:mma.tap" "$B/emu/test_attention_tc:nopipe.tap" || status=1
+    "$B/emu/test_attention_tc:mma.tap" "$B/emu/test_attention_tc:nopipe.tap" "$B/emu/refuse.tap" || status=1
 exit $status

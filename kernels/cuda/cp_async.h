@@ -40,11 +40,8 @@ static bool emu_eager()
 }
 __device__ __forceinline__ void copy16(void *dst, const void *src, int bytes)
 {
-    if ((uintptr_t)dst % 16 || (bytes && (uintptr_t)src % 16) || (bytes != 0 && bytes != 16)) {
-        fprintf(stderr, "cuda_emu: cp.async of %d bytes from %p to %p: both must be 16-byte aligned\n", bytes, src,
-                dst);
-        abort(); // (a misaligned cp.async faults on the card)
-    }
+    if ((uintptr_t)dst % 16 || (bytes && (uintptr_t)src % 16) || (bytes != 0 && bytes != 16)) // (a fault on the card)
+        emu_refuse("cp.async of %d bytes from %p to %p: both must be 16-byte aligned", bytes, src, dst);
     if (emu_eager()) {
         memset(dst, 0, 16);
         memcpy(dst, src, (size_t)bytes);

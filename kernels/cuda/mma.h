@@ -85,10 +85,8 @@ template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], cons
 template <bool TRANS> __device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void *row)
 {
     const uintptr_t p = (uintptr_t)row;
-    if (p % 16) { // a misaligned address faults on the card
-        fprintf(stderr, "cuda_emu: ldmatrix row address %p is not 16-byte aligned\n", row);
-        abort();
-    }
+    if (p % 16) // a misaligned address faults on the card
+        emu_refuse("ldmatrix row address %p is not 16-byte aligned", row);
     uint32_t mine[2] = {(uint32_t)p, (uint32_t)(p >> 32)}, all[32][8];
     emu_warp_gather(mine, 2, all);
     const int lane = emu_lin % 32, g = lane >> 2, t = lane & 3;

@@ -43,6 +43,8 @@
 #include <vector>
 #include <mutex>
 #include <cstring>
+#include <cstdarg>
+#include <cstdio>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
@@ -174,6 +176,21 @@ static inline cudaError_t emu_forbidden() { emu_cap_bad = 1; return cudaErrorStr
 // copies them then: a graph's replay calls the kernel with those copies,
 // never re-reading the expressions (a field of a stack object that is gone
 // by then, a counter that moved on).
+// The end of a run the card would have failed: one message (the first
+// thread to get here; the others wait for the abort), then abort().
+[[noreturn]] static inline void emu_refuse(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static inline void emu_refuse(const char *fmt, ...) {
+    static std::mutex m;
+    m.lock(); // (never unlocked)
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "cuda_emu: %s\n", msg);
+    fflush(stderr);
+    abort();
+}
 // A configuration a GPU refuses (cudaErrorInvalidConfiguration and kin:
 // a zero dimension, a grid's y or z over 65535, over 1024 threads a block,
 // over the H100's 227 KB of dynamic shared memory; cl > 1: a cluster over
@@ -185,11 +202,9 @@ static inline void emu_check_launch(dim3 g, dim3 b, size_t smem, int cl) {
         : (size_t)b.x * b.y * b.z > 1024 || b.z > 64 ? "over 1024 threads a block (or z over 64)"
         : smem > 232448 ? "over 227 KB of dynamic shared memory"
         : cl > 8 || g.x % cl ? "a cluster over 8 blocks, or a grid not a multiple of it" : NULL;
-    if (why) {
-        fprintf(stderr, "cuda_emu: launch of grid (%u, %u, %u), block (%u, %u, %u), %zu bytes of shared memory, "
-                "cluster %d: %s (a GPU refuses it)\n", g.x, g.y, g.z, b.x, b.y, b.z, smem, cl, why);
-        abort();
-    }
+    if (why)
+        emu_refuse("launch of grid (%u, %u, %u), block (%u, %u, %u), %zu bytes of shared memory, cluster %d: %s "
+                   "(a GPU refuses it)", g.x, g.y, g.z, b.x, b.y, b.z, smem, cl, why);
 }
 template <class K, class... A> static void emu_launch_now(dim3 g, dim3 b, size_t smem, K k, A... a) {
     emu_check_launch(g, b, smem, 1);

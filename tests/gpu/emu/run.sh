@@ -41,6 +41,11 @@ done
 g++ -std=c++20 -O1 -g -fPIC -shared -w ${SAN[@]+"${SAN[@]}"} -I. -I"$CUDA_HOME/include" -o "$E/lib/libdb_cuda.so" \
     tests/gpu/emu/emu_globals.cpp "${srcs[@]}" -L"$CUDA_HOME/lib64" -Wl,-rpath,"$CUDA_HOME/lib64" \
     -lcudart -lcublas -lcublasLt -lcudnn -lpthread
+# the emulator's own refusals (refuse.cpp: a launch a card refuses, a
+# misaligned ldmatrix or cp.async end the program), a program of its own
+g++ -std=c++20 -O0 -w ${SAN[@]+"${SAN[@]}"} -I. -I"$CUDA_HOME/include" -o "$E/refuse" tests/gpu/emu/refuse.cpp \
+    tests/gpu/emu/emu_globals.cpp -L"$CUDA_HOME/lib64" -Wl,-rpath,"$CUDA_HOME/lib64" -lcudart -lcublas -lcublasLt \
+    -lcudnn -lpthread
 [ "${1:-}" = --build ] && exit 0   # t1700-cuda-emu.sh runs the programs itself (one TAP stream)
 if [ "${1:-}" = --tsan ]; then
     # the test programs are not instrumented: the runtime comes preloaded
