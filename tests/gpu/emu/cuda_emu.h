@@ -172,10 +172,6 @@ template <class F> static auto emu_submit_st(F f) -> decltype(f()) {
     if (!emu_cap) return f();
     emu_cap->ops.emplace_back([f] { f(); }); return decltype(f())(0); }
 static inline cudaError_t emu_forbidden() { emu_cap_bad = 1; return cudaErrorStreamCaptureUnsupported; }
-// A launch evaluates its configuration and arguments at the call, as CUDA
-// copies them then: a graph's replay calls the kernel with those copies,
-// never re-reading the expressions (a field of a stack object that is gone
-// by then, a counter that moved on).
 // The end of a run the card would have failed: one message (the first
 // thread to get here; the others wait for the abort), then abort().
 [[noreturn]] static inline void emu_refuse(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -206,6 +202,10 @@ static inline void emu_check_launch(dim3 g, dim3 b, size_t smem, int cl) {
         emu_refuse("launch of grid (%u, %u, %u), block (%u, %u, %u), %zu bytes of shared memory, cluster %d: %s "
                    "(a GPU refuses it)", g.x, g.y, g.z, b.x, b.y, b.z, smem, cl, why);
 }
+// A launch evaluates its configuration and arguments at the call, as CUDA
+// copies them then: a graph's replay calls the kernel with those copies,
+// never re-reading the expressions (a field of a stack object that is gone
+// by then, a counter that moved on).
 template <class K, class... A> static void emu_launch_now(dim3 g, dim3 b, size_t smem, K k, A... a) {
     emu_check_launch(g, b, smem, 1);
     emu_submit([=] { emu_launch(g, b, [&] { k(a...); }); }); }
