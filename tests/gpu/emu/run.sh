@@ -13,6 +13,10 @@
 #   threads of a block (a missing __syncthreads or __syncwarp before shared
 #   memory is read, two warps writing one place) fails it.  About 20 minutes
 #   on 2 cores, so not part of make check; run it after changing a kernel.
+#   bash tests/gpu/emu/run.sh --align: the emulator built with UBSan's
+#   alignment check (build/emu-align) under the same two tests: a vector
+#   access off its alignment (float2, float4, uint4...), which x86 does and
+#   a GPU faults on, ends the run there.  ~30 minutes on 2 cores.
 #   One section of test_cuda_ops alone (its full run takes ~20 minutes here):
 #   DB_CUDA_TEST_ONLY=S DB_CUDA_TEST_QUICK=1 B=$PWD/build/emu build/tests/gpu/test_cuda_ops
 #   runs the checks whose name holds S (groupnorm, conv2d, staged: the
@@ -29,6 +33,12 @@ SAN=(-Wl,--no-undefined)
 if [ "${1:-}" = --tsan ]; then
     E=build/emu-tsan
     SAN=(-fsanitize=thread)
+elif [ "${1:-}" = --align ]; then
+    # vector loads and stores (float2, float4, uint4, bf16 pairs) off their
+    # alignment: x86 does them, a GPU faults; UBSan's alignment check ends
+    # the program at the first
+    E=build/emu-align
+    SAN=(-fsanitize=alignment -fno-sanitize-recover=alignment)
 fi
 mkdir -p "$E/src" "$E/lib"
 srcs=()
