@@ -26,24 +26,23 @@ bash tests/gpu/emu/run.sh --build 2>&1 | sed 's/^/# /' || { echo "not ok 1 - emu
 # again on the mma.sync kernels, which round their outputs as they store
 # them: test_cuda_ops:mma, DB_CUDA_TEST_ONLY=prec:attention)
 status=0
-for run in test_cuda_ops test_cuda_ops:mma test_cuda_ops:nolt test_attention_tc test_attention_tc:mma test_attention_tc:nopipe; do
+# (and refuse: the emulator refuses what a card refuses, tests/gpu/emu/refuse.cpp)
+for run in test_cuda_ops test_cuda_ops:mma test_cuda_ops:nolt test_attention_tc test_attention_tc:mma test_attention_tc:nopipe \
+    refuse; do
     prog=${run%%:*}
+    bin=$B/tests/gpu/$prog
+    [ "$run" = refuse ] && bin=$PWD/build/emu/refuse
     only=()
     [ "$run" = test_cuda_ops:mma ] && only=(DB_CUDA_TEST_ONLY=prec:attention)
     # the 16-bit linears with a bias when cublasLt offers no algorithm
     [ "$run" = test_cuda_ops:nolt ] && only=(DB_CUDA_TEST_ONLY=prec:linear EMU_LT_UNSUPPORTED=1)
     env "${only[@]}" DB_ATTN_MMA=$([ "$run" = "$prog" ] && echo 0 || echo 1) DB_ATTN_CPASYNC=$([ "$run" = "${run%:nopipe}" ] && echo 1 || echo 0) \
         DB_ATTN_LDSM=$([ "$run" = "${run%:nopipe}" ] && echo 1 || echo 0) \
-        DB_ATTN_MR=$([ "$run" = test_attention_tc:mma ] && echo 2 || echo 0) DB_CUDA_TEST_QUICK=1 B="$PWD/build/emu" "$B/tests/gpu/$prog" >"$B/emu/$run.tap" 2>&1
+        DB_ATTN_MR=$([ "$run" = test_attention_tc:mma ] && echo 2 || echo 0) DB_CUDA_TEST_QUICK=1 B="$PWD/build/emu" "$bin" >"$B/emu/$run.tap" 2>&1
     rc=$?
     echo "# $run: exit $rc"
     grep -q '^ok ' "$B/emu/$run.tap" && [ "$rc" = 0 ] || echo "not ok - $run exited $rc or ran no check" >>"$B/emu/$run.tap"
 done
-# the emulator refuses what a card refuses (tests/gpu/emu/refuse.cpp)
-"$TOP/build/emu/refuse" >"$B/emu/refuse.tap" 2>&1
-rc=$?
-echo "# refuse: exit $rc"
-grep -q '^ok ' "$B/emu/refuse.tap" && [ "$rc" = 0 ] || echo "not ok - refuse exited $rc or ran no check" >>"$B/emu/refuse.tap"
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[emulator] /' "$B/emu/refuse.tap"
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[mma] /' "$B/emu/test_attention_tc:mma.tap" "$B/emu/test_cuda_ops:mma.tap"
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[no cublasLt] /' "$B/emu/test_cuda_ops:nolt.tap"

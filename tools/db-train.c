@@ -554,12 +554,8 @@ static void plan(run *r, int lh, int lw)
      * moments under 4096 elements, as the trainer does) */
     db_optim_kind ok = DB_OPTIM_ADAMW;
     db_optim_parse(r->o.optimizer, &ok);
-    size_t adam = 0;
-    for (size_t i = 0; i < r->m.t.n; i++) {
-        const db_tentry *e = &r->m.t.v[i];
-        if (e->comp == DB_COMP_UNET || (e->comp == DB_COMP_TEXT && r->o.train_text))
-            adam += db_optim_state_bytes(ok, (size_t)db_shape_numel(e->ndim, e->shape));
-    }
+    const size_t adam = db_tentries_optim_bytes(r->m.t.v, r->m.t.n, DB_COMP_UNET, ok) +
+                        (r->o.train_text ? db_tentries_optim_bytes(r->m.t.v, r->m.t.n, DB_COMP_TEXT, ok) : 0);
     const size_t act = db_unet_train_bytes_arch(&a->unet, B, lh, lw, T, r->o.grad_ckpt);
     const size_t act_full = db_unet_train_bytes_arch(&a->unet, B, lh, lw, T, 0);
     const size_t act_ck = db_unet_train_bytes_arch(&a->unet, B, lh, lw, T, 1);

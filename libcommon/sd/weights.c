@@ -255,3 +255,12 @@ size_t db_tentries_window_floats(const db_tentry *v, size_t n, int comp)
 }
 
 size_t db_weights_window_floats(const db_weights *w) { return db_tentries_window_floats(w->ix.v, w->ix.n, w->comp); }
+
+size_t db_tentries_optim_bytes(const db_tentry *v, size_t n, int comp, db_optim_kind kind)
+{
+    size_t r = 0;
+    for (size_t i = 0; i < n; i++)
+        if (v[i].comp == comp)
+            r += db_optim_state_bytes(kind, (size_t)db_shape_numel(v[i].ndim, v[i].shape));
+    return r;
+}

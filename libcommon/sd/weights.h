@@ -15,6 +15,7 @@
 #include "kernels/ops.h"
 #include "../io/tindex.h"
 #include "arch.h"
+#include "optim.h"
 
 typedef struct db_weights {
     int comp;
@@ -77,6 +78,11 @@ size_t db_grad_window_floats(int comp, const char *const *names, const size_t *n
  * out of memory. */
 size_t db_tentries_window_floats(const db_tentry *v, size_t n, int comp);
 size_t db_weights_window_floats(const db_weights *w);
+/* Bytes of the optimizer state the trainer keeps for the tensors of
+ * component comp among v[0, n), tensor by tensor (db_optim_state_bytes:
+ * 8-bit AdamW keeps float32 moments for the small ones): what db-train
+ * --plan and bench_sd count. */
+size_t db_tentries_optim_bytes(const db_tentry *v, size_t n, int comp, db_optim_kind kind);
 
 /* Where a backward (db_unet_backward_to, db_clip_backward_to) puts the
  * weights' gradients and whom it tells when a unit's are final.

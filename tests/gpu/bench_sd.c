@@ -531,19 +531,14 @@ static void bench_save(db_trainer *tr)
     db_rm_rf(dir);
 }
 
-/* db-train --plan's device estimate in MiB for this configuration: the
- * optimizer's state tensor by tensor as the trainer keeps it (8-bit AdamW:
- * float32 moments under 4096 elements), as tools/db-train.c counts it */
+/* db-train --plan's device estimate in MiB for this configuration, the
+ * optimizer's state counted as tools/db-train.c counts it */
 static double train_plan(const db_arch *a, const db_model *m, int B, int L, int T, const opts *o, int fused,
                          int graphs, db_precision p, db_train_device_plan *plan)
 {
     db_unet_train_device_plan(a, B, L, L, T, o->text, o->ckpt, fused, graphs, p, plan);
-    size_t adam = 0;
-    for (size_t i = 0; i < m->t.n; i++) {
-        const db_tentry *e = &m->t.v[i];
-        if (e->comp == DB_COMP_UNET || (e->comp == DB_COMP_TEXT && o->text))
-            adam += db_optim_state_bytes(o->optimizer, (size_t)db_shape_numel(e->ndim, e->shape));
-    }
+    const size_t adam = db_tentries_optim_bytes(m->t.v, m->t.n, DB_COMP_UNET, o->optimizer) +
+                        (o->text ? db_tentries_optim_bytes(m->t.v, m->t.n, DB_COMP_TEXT, o->optimizer) : 0);
     plan->total = plan->total - plan->moments + adam;
     plan->moments = adam;
     return plan->total / 1048576.0;

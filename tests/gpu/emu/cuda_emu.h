@@ -26,7 +26,8 @@
 // What a card refuses it refuses too, ending the program with a message:
 // a launch configuration out of bounds (emu_check_launch), an ldmatrix row
 // or a cp.async not 16-byte aligned (mma.h, cp_async.h).  Misaligned vector
-// loads (float2, float4, uint4) it does not catch: x86 allows them.
+// loads (float2, float4, uint4), which x86 allows, only when built with
+// UBSan's alignment check: run.sh --align.
 // Slow: keep to the small shapes (DB_CUDA_TEST_QUICK=1).
 #ifndef DB_CUDA_EMU_H
 #define DB_CUDA_EMU_H
