@@ -168,10 +168,15 @@ int db_ctx_declare_weights(db_ctx *c, const float *p, size_t n);
 
 /* Device memory of a ctx, in bytes: in_use by live buffers, peak of in_use
  * since the ctx was created or db_ctx_mem_reset_peak, reserved from the
- * driver (in use + cached).  CUDA only: on the CPU all zero and tracked 0. */
+ * driver (in use + cached); copies_built: how many times a declared
+ * buffer's 16-bit working copy was converted whole from its weights (first
+ * use, or after a write that made it stale), since the ctx was created: a
+ * pass over every weight, so it should not grow inside a training step.
+ * CUDA only: on the CPU all zero and tracked 0. */
 typedef struct db_mem_stats {
     int tracked;
     size_t in_use, peak, reserved;
+    size_t copies_built;
 } db_mem_stats;
 void db_ctx_mem_stats(db_ctx *c, db_mem_stats *s);
 void db_ctx_mem_reset_peak(db_ctx *c);

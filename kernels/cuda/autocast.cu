@@ -337,6 +337,7 @@ static void *shadow_ready(db_ctx *c, db_cuda_shadow *w)
     if (!convert16(c, w->s, w->p, w->n) || filters_write(c, w, 0, w->n) != 0)
         return NULL;
     w->valid = 1;
+    db_cuda_st(c)->shadow_builds++;
     return w->s;
 }
 

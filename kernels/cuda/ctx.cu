@@ -461,6 +461,7 @@ static void api_mem_stats(db_ctx *c, db_mem_stats *s)
     s->in_use = st->live_bytes;
     s->peak = st->peak_bytes;
     s->reserved = st->live_bytes + st->cached_bytes + st->cap_bytes + st->graph_bytes;
+    s->copies_built = st->shadow_builds;
 }
 
 static void api_mem_reset_peak(db_ctx *c) { db_cuda_st(c)->peak_bytes = db_cuda_st(c)->live_bytes; }

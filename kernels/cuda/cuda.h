@@ -90,6 +90,7 @@ struct db_cuda_state {
     size_t peak_bytes; // most live_bytes since init or mem_reset_peak
     db_cuda_shadow shadow[DB_CUDA_NSHADOW]; // declared weight buffers
     int nshadow;
+    size_t shadow_builds; // working copies converted whole (db_mem_stats.copies_built)
     db_cuda_conv_plan *plans; // conv.cu's shape cache (a list)
     int *flag;                // one device int for kernels that report a bad input
     // the side stream (collectives that overlap the ops: api side_begin /

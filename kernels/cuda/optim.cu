@@ -559,8 +559,34 @@ __device__ static void q8_books(q8_shared &sh, const q8_codes &books)
 }
 
 // Quantisation block b of one tensor (every thread of the block calls it).
+// The weights' 16-bit working copy of one tensor, written by the 8-bit
+// steps of opt_adamw8bit_many in the same pass (as adamw_kernel writes a
+// whole buffer's): s of type f16 ? fp16 : bf16, NULL for none; a filter
+// registered channels-last (C input channels, KHW taps, KHW > 1) at its
+// transposed places, else element i at s[i].
+struct q8_copy {
+    void *s;
+    unsigned C, KHW;
+    int f16;
+};
+__device__ __forceinline__ static void q8_copy_write(const q8_copy &cp, size_t i, float pi)
+{
+    const unsigned short u =
+        cp.f16 ? __half_as_ushort(__float2half_rn(pi)) : __bfloat16_as_ushort(__float2bfloat16_rn(pi));
+    size_t o = i;
+    if (cp.KHW > 1) {
+        const unsigned per = cp.C * cp.KHW;
+        const filter_at a = filter_split((unsigned)i, per, cp.KHW);
+        o = filter_nhwc(a.oc, a.cc, a.kk, per, cp.C);
+    }
+    ((uint16_t *)cp.s)[o] = u;
+}
+
+// Quantisation block b of one tensor (every thread of the block calls it);
+// cp: the tensor's working copy to write (cp.s NULL: none).
 __device__ static void q8_block(q8_shared &sh, float *p, unsigned char *m_q, unsigned char *v_q, float *m_absmax,
-                                float *v_absmax, const float *g, size_t n, size_t b, const db_adamw_coef &k)
+                                float *v_absmax, const float *g, size_t n, size_t b, const db_adamw_coef &k,
+                                const q8_copy &cp)
 {
     const int t = (int)threadIdx.x;
     const size_t i = b * DB_Q8_BLOCK + (size_t)t;
@@ -570,7 +596,10 @@ __device__ static void q8_block(q8_shared &sh, float *p, unsigned char *m_q, uns
         // dequantise with the old scales, then optim.c's adamw_elem
         mi = __fmul_rn(sh.cm[m_q[i]], m_absmax[b]);
         vi = __fmul_rn(sh.cv[v_q[i]], v_absmax[b]);
-        p[i] = adamw_elem(p[i], g[i], mi, vi, k);
+        const float pi = adamw_elem(p[i], g[i], mi, vi, k);
+        p[i] = pi;
+        if (cp.s)
+            q8_copy_write(cp, i, pi);
     }
     // the block's new scales (threads past n add 0, the CPU's start value)
     sh.red_m[t] = fabsf(mi);
@@ -601,8 +630,9 @@ __global__ static void __launch_bounds__(Q8_THREADS)
 {
     __shared__ q8_shared sh;
     q8_books(sh, books);
+    const q8_copy none = {NULL, 0, 0, 0};
     for (size_t b = blockIdx.x; b < nblocks; b += gridDim.x)
-        q8_block(sh, p, m_q, v_q, m_absmax, v_absmax, g, n, b, k);
+        q8_block(sh, p, m_q, v_q, m_absmax, v_absmax, g, n, b, k, none);
 }
 
 // opt_adamw8bit_many: the jobs of a launch, each with the index of its
@@ -610,13 +640,15 @@ __global__ static void __launch_bounds__(Q8_THREADS)
 // as a kernel parameter, Q8_PARAM_JOBS a launch (with the 2 KB code books,
 // within the classic 4 KB of parameters), not by a copy: a copy from
 // pageable memory may wait for the stream, and the fused backward calls
-// this once a unit.
+// this once a unit.  Each job carries its tensor's working copy (112
+// bytes a job: 16 jobs, the books and the scalars make 3.9 KB).
 struct q8_dev_job {
     float *p;
     const float *g;
     size_t n, first;
     unsigned char *m_q, *v_q;
     float *m_absmax, *v_absmax, *m32, *v32;
+    q8_copy cp;
     int q8;
 };
 enum { Q8_PARAM_JOBS = 16 };
@@ -643,15 +675,18 @@ __global__ static void __launch_bounds__(Q8_THREADS)
         const q8_dev_job &j = jobs[lo];
         const size_t b = gb - j.first;
         if (j.q8) {
-            q8_block(sh, j.p, j.m_q, j.v_q, j.m_absmax, j.v_absmax, j.g, j.n, b, k);
+            q8_block(sh, j.p, j.m_q, j.v_q, j.m_absmax, j.v_absmax, j.g, j.n, b, k, j.cp);
             continue;
         }
         const size_t i = b * DB_Q8_BLOCK + threadIdx.x; // fp32 moments
         if (i < j.n) {
             float mi = j.m32[i], vi = j.v32[i];
-            j.p[i] = adamw_elem(j.p[i], j.g[i], mi, vi, k);
+            const float pi = adamw_elem(j.p[i], j.g[i], mi, vi, k);
+            j.p[i] = pi;
             j.m32[i] = mi;
             j.v32[i] = vi;
+            if (j.cp.s)
+                q8_copy_write(j.cp, i, pi);
         }
     }
 }
@@ -664,6 +699,38 @@ static q8_codes q8_books_of(const struct db_q8_maps *maps)
         books.v[j] = maps->v.code[j];
     }
     return books;
+}
+
+// The working copy job j's step writes: its tensor's place in a current
+// copy, plain or a registered filter it is exactly; otherwise (no copy,
+// a stale one, a filter the tensor only overlaps) none, and a copy the
+// step changes under goes stale (rebuilt whole at its next use: the fused
+// backward steps ~50 units a step, so a rebuild after each was ~50 passes
+// over every weight).
+static q8_copy q8_copy_of(db_ctx *c, const db_q8_job *j)
+{
+    q8_copy cp = {NULL, 0, 0, 0};
+    const size_t bytes = j->n * sizeof(float);
+    db_cuda_shadow *w = db_cuda_shadow_find(c, j->p, bytes);
+    if (!w || !w->s || !w->valid) {
+        db_cuda_shadow_touch(c, j->p, bytes);
+        return cp;
+    }
+    const size_t off = (size_t)(j->p - w->p);
+    for (int i = 0; i < w->nfr; i++) {
+        const db_cuda_filter_range *f = &w->fr[i];
+        const size_t fn = (size_t)f->OC * f->C * f->KHW;
+        if (f->off >= off + j->n || off >= f->off + fn)
+            continue;
+        if (f->off != off || fn != j->n || cp.KHW) { // a part of a filter, or more than one
+            db_cuda_shadow_touch(c, j->p, bytes);
+            return q8_copy{NULL, 0, 0, 0};
+        }
+        cp.C = (unsigned)f->C, cp.KHW = (unsigned)f->KHW;
+    }
+    cp.s = (char *)w->s + off * 2;
+    cp.f16 = w->prec == DB_PREC_F16;
+    return cp;
 }
 
 extern "C" int db_cuda_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size_t njobs, const struct db_adamw *hp,
@@ -684,10 +751,9 @@ extern "C" int db_cuda_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size
             const db_q8_job *j = &jobs[i];
             if (j->n == 0)
                 continue;
-            table.j[k++] =
-                q8_dev_job{j->p, j->g, j->n, total, j->m_q, j->v_q, j->m_absmax, j->v_absmax, j->m32, j->v32, j->q8};
+            table.j[k++] = q8_dev_job{j->p,        j->g,        j->n,   total,     j->m_q,        j->v_q,
+                                      j->m_absmax, j->v_absmax, j->m32, j->v32,    q8_copy_of(c, j), j->q8};
             total += (j->n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
-            db_cuda_shadow_touch(c, j->p, j->n * sizeof(float)); // (the working copy: rebuilt at its next use)
         }
         if (k == 0)
             continue;

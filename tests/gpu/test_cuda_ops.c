@@ -1403,7 +1403,10 @@ static int conv_both(const char *step, db_precision p, const float *kx, const fl
  * linear's weight is kept channels-last in the copy (conv.cu): a conv
  * forward and its data gradient run on it too at each stage, and a conv
  * on a second filter, before the linear's weight.  The second AdamW runs
- * in two spans split inside the first filter. */
+ * in two spans split inside the first filter.  The 8-bit AdamW of one
+ * tensor makes the copy stale; opt_adamw8bit_many's steps write it (plain
+ * tensors and both filters, 8-bit and fp32 moments, bf16 and fp16), and
+ * the ops after them find it current: no whole rebuild (mem_stats). */
 static void t_shadow(void)
 {
     const char *what = "declared weights";
@@ -1434,9 +1437,15 @@ static void t_shadow(void)
         return;
     }
     const db_adamw hp = db_adamw_defaults(1e-2);
-    const char *stage[] = {"first use", "after the fused AdamW", "after a second AdamW",
-                           "after a copy into the buffer", "in the other compute type", "in fp32",
-                           "after an 8-bit AdamW step (bf16)"};
+    const char *stage[] = {"first use",
+                           "after the fused AdamW",
+                           "after a second AdamW",
+                           "after a copy into the buffer",
+                           "in the other compute type",
+                           "in fp32",
+                           "after an 8-bit AdamW step (bf16)",
+                           "after an 8-bit step of opt_adamw8bit_many (bf16)",
+                           "after an 8-bit step of opt_adamw8bit_many (fp16)"};
     db_q8_maps maps;
     db_q8_maps_make(&maps);
     const size_t nb = (nw + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
@@ -1444,7 +1453,40 @@ static void t_shadow(void)
             *q4 = dput(hzeros(nw), nw);
     float *a1 = dputf(hzeros(nb), nb), *a2 = dputf(hzeros(nb), nb), *a3 = dputf(hzeros(nb), nb),
           *a4 = dputf(hzeros(nb), nb);
-    for (int k = 0; k < (api->opt_adamw8bit ? 7 : 6); k++) {
+    /* opt_adamw8bit_many's tensors: fp32 moments, the second filter, the
+     * linear's weight and what lies around it, the first filter (fp32
+     * moments), the tail; its steps write the copy in the same pass */
+    const size_t jlo[] = {0, fo2, fo2 + nf2, fo1, fo1 + nf}, jhi[] = {fo2, fo2 + nf2, fo1, fo1 + nf, nw};
+    const int jq8[] = {0, 1, 1, 0, 1};
+    enum { NJ = 5 };
+    uint8_t *q5 = dput(hzeros(nw), nw), *q6 = dput(hzeros(nw), nw), *q7 = dput(hzeros(nw), nw),
+            *q8 = dput(hzeros(nw), nw);
+    float *a5 = dputf(hzeros(nb + NJ), nb + NJ), *a6 = dputf(hzeros(nb + NJ), nb + NJ),
+          *a7 = dputf(hzeros(nb + NJ), nb + NJ), *a8 = dputf(hzeros(nb + NJ), nb + NJ);
+    const int nstage = api->opt_adamw8bit_many ? 9 : api->opt_adamw8bit ? 7 : 6;
+    db_mem_stats ms0;
+    memset(&ms0, 0, sizeof ms0);
+    for (int k = 0; k < nstage; k++) {
+        if (k >= 7) { /* the copy current in this stage's type first (fp16: rebuilt), then the step */
+            float *y0 = dpoison(ny);
+            if (!gpu_ran(IN_PREC(k == 8 ? DB_PREC_F16 : DB_PREC_BF16,
+                                 api->linear_forward(&g, y0, dx, dw + lin + 7, NULL, N, C, OC)),
+                         what))
+                break;
+            float *gr = dputf(hrand(nw, 0.05f), nw);
+            db_q8_job j1[NJ], j2[NJ];
+            size_t boff = 0;
+            for (int i = 0; i < NJ; i++) {
+                const size_t o = jlo[i], n = jhi[i] - jlo[i];
+                j1[i] = (db_q8_job){dw + o, gr + o, n, jq8[i], q5 + o, q6 + o, a5 + boff, a6 + boff, dm + o, dv + o};
+                j2[i] = (db_q8_job){du + o, gr + o, n, jq8[i], q7 + o, q8 + o, a7 + boff, a8 + boff, dm2 + o, dv2 + o};
+                boff += (n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
+            }
+            api->mem_stats(&g, &ms0);
+            if (!gpu_ran(api->opt_adamw8bit_many(&g, j1, NJ, &hp, k - 6, &maps), what) ||
+                !gpu_ran(api->opt_adamw8bit_many(&g, j2, NJ, &hp, k - 6, &maps), what))
+                break;
+        }
         if (k == 6) { /* the 8-bit step is not fused with the working copy: it must go stale */
             float *y0 = dpoison(ny); /* the copy was last built in fp16: current in bf16 first */
             if (!gpu_ran(IN_PREC(DB_PREC_BF16, api->linear_forward(&g, y0, dx, dw + lin + 7, NULL, N, C, OC)), what))
@@ -1466,7 +1508,7 @@ static void t_shadow(void)
             api->copy(&g, dw, nwv, nw * sizeof(float), DB_COPY_H2D);
             api->copy(&g, du, nwv, nw * sizeof(float), DB_COPY_H2D);
         }
-        const db_precision p = k == 5 ? DB_PREC_F32 : k == 4 ? DB_PREC_F16 : DB_PREC_BF16;
+        const db_precision p = k == 5 ? DB_PREC_F32 : k == 4 || k == 8 ? DB_PREC_F16 : DB_PREC_BF16;
         float *y1 = dpoison(ny), *y2 = dpoison(ny);
         if (!gpu_ran(IN_PREC(p, api->linear_forward(&g, y1, dx, dw + lin + 7, NULL, N, C, OC)), step) ||
             !gpu_ran(IN_PREC(p, api->linear_forward(&g, y2, dx, du + lin + 7, NULL, N, C, OC)), step))
@@ -1492,6 +1534,13 @@ static void t_shadow(void)
                  stage[k]);
         if (!conv_both(step, p, kx, dw + fo2, du + fo2, KB, KC, KS, KO2))
             break;
+        if (k >= 7) { /* written by the step, not rebuilt after it */
+            db_mem_stats ms1;
+            api->mem_stats(&g, &ms1);
+            tap_ok(ms1.copies_built == ms0.copies_built,
+                   "%s: %s: the working copy written by the step (%zu whole rebuilds after it)", what, stage[k],
+                   ms1.copies_built - ms0.copies_built);
+        }
     }
     release_all();
 }
