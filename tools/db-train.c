@@ -777,7 +777,8 @@ int main(int argc, char **argv)
          "gradient buffers (SD1.5: 3.3 GiB less, 3.7 with the text encoder), clipping per tensor; needs "
          "--grad-accum 1 and no fp16", &o->fused, NULL, 0},
         {"no-graph", 0, DB_OPT_FLAG, NULL, "on a GPU, launch the UNet's kernels one by one instead of replaying "
-         "its forward and backward (and the sample previews' steps) as CUDA graphs (same results; for debugging)",
+         "its forward and backward (and the sample previews' steps) as CUDA graphs (same results; ~450 MiB less "
+         "for SD1.5; for debugging)",
          &o->no_graph, NULL, 0},
         {"offset-noise", 0, DB_OPT_FLOAT, "X", "add X * N(0,1) per image and channel to the noise (0: off)",
          &o->offset_noise, "0", 0},

@@ -141,9 +141,11 @@ __device__ static void adamw_stage_plan(adamw_stage *st, const db_cuda_filter_ra
 // (above) where they can.  (H200, before the staging: 7.8 ms a step over
 // SD1.5's 860 M weights, ~3.3 TB/s; float4 loads, four elements a thread,
 // changed nothing in call 6 and were taken out.)
-__global__ static void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, db_adamw_coef k,
-                                    void *shadow, size_t base, const db_cuda_filter_range *fr, int nfr, int f16)
+__global__ static void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, db_adamw_coef kv,
+                                    const db_adamw_coef *kp, void *shadow, size_t base,
+                                    const db_cuda_filter_range *fr, int nfr, int f16)
 {
+    const db_adamw_coef k = kp ? *kp : kv; // (optim.h coefs: read when the step runs)
     __shared__ int first;
     __shared__ adamw_stage st;
     __shared__ uint16_t stage[ADAMW_CHUNK + 2 * ADAMW_ROWS * ADAMW_KHW];
@@ -210,13 +212,20 @@ extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const 
         return 0;
     // The scalars on the host in double, by the very function optim.c calls
     // (adamw_coef.h), so they carry the same bits.
-    const db_adamw_coef k = db_adamw_coefs(hp, t);
+    const db_adamw_coef k = hp->coefs ? db_adamw_coef{} : db_adamw_coefs(hp, t);
     // Weights with a current 16-bit working copy: write it in the same pass
     // (the copy the next forward's GEMMs read), rather than a second
     // conversion pass over every weight, the convolution filters in it at
     // their channels-last places (conv.cu) rather than rewritten transposed
     // after (call 4: ~1 ms a step).  A stale copy stays stale.
     db_cuda_shadow *w = db_cuda_shadow_find(c, p, n * sizeof(float));
+    // A graph replays the choice made here: with a stale copy it would
+    // leave the copy unwritten and nothing would mark it stale again (the
+    // replay's refresh comes first), and a filter table built now would be
+    // copied from the host at the capture.
+    if (db_cuda_st(c)->capturing && w && w->s && (!w->valid || (w->nfr && !(w->fr_dev && w->nfr_dev == w->nfr))))
+        return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__,
+                            "adamw during a graph capture: the weights' working copy is stale");
     void *sh = w && w->valid && w->s ? w->s : NULL;
     int nfr = 0;
     const db_cuda_filter_range *fr = sh ? db_cuda_shadow_filters(c, w, &nfr) : NULL;
@@ -224,7 +233,8 @@ extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const 
         return -1;
     const size_t base = w ? (size_t)(p - w->p) : 0;
     const unsigned grid = db_cuda_grid((n + ADAMW_CHUNK - 1) / ADAMW_CHUNK * THREADS, THREADS);
-    adamw_kernel<<<grid, THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k, sh, base, fr, nfr,
+    adamw_kernel<<<grid, THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k, hp->coefs, sh,
+                                                              base, fr, nfr,
                                                               w && w->prec == DB_PREC_F16);
     DB_LAUNCHED(c);
     return 0;
@@ -626,8 +636,10 @@ __device__ static void q8_block(q8_shared &sh, float *p, unsigned char *m_q, uns
 
 __global__ static void __launch_bounds__(Q8_THREADS)
     adamw8bit_kernel(float *p, unsigned char *m_q, unsigned char *v_q, float *m_absmax, float *v_absmax,
-                     const float *g, size_t n, size_t nblocks, db_adamw_coef k, q8_codes books)
+                     const float *g, size_t n, size_t nblocks, db_adamw_coef kv, const db_adamw_coef *kp,
+                     q8_codes books)
 {
+    const db_adamw_coef k = kp ? *kp : kv;
     __shared__ q8_shared sh;
     q8_books(sh, books);
     const q8_copy none = {NULL, 0, 0, 0};
@@ -657,9 +669,10 @@ struct q8_jobs {
 };
 
 __global__ static void __launch_bounds__(Q8_THREADS)
-    adamw8bit_many_kernel(const __grid_constant__ q8_jobs table, size_t njobs, size_t total, db_adamw_coef k,
-                          q8_codes books)
+    adamw8bit_many_kernel(const __grid_constant__ q8_jobs table, size_t njobs, size_t total, db_adamw_coef kv,
+                          const db_adamw_coef *kp, q8_codes books)
 {
+    const db_adamw_coef k = kp ? *kp : kv;
     const q8_dev_job *jobs = table.j;
     __shared__ q8_shared sh;
     q8_books(sh, books);
@@ -707,12 +720,13 @@ static q8_codes q8_books_of(const struct db_q8_maps *maps)
 // step changes under goes stale (rebuilt whole at its next use: the fused
 // backward steps ~50 units a step, so a rebuild after each was ~50 passes
 // over every weight).
-static q8_copy q8_copy_of(db_ctx *c, const db_q8_job *j)
+static q8_copy q8_copy_of(db_ctx *c, const db_q8_job *j, int *stale)
 {
     q8_copy cp = {NULL, 0, 0, 0};
     const size_t bytes = j->n * sizeof(float);
     db_cuda_shadow *w = db_cuda_shadow_find(c, j->p, bytes);
     if (!w || !w->s || !w->valid) {
+        *stale = w != NULL;
         db_cuda_shadow_touch(c, j->p, bytes);
         return cp;
     }
@@ -723,6 +737,7 @@ static q8_copy q8_copy_of(db_ctx *c, const db_q8_job *j)
         if (f->off >= off + j->n || off >= f->off + fn)
             continue;
         if (f->off != off || fn != j->n || cp.KHW) { // a part of a filter, or more than one
+            *stale = 1;
             db_cuda_shadow_touch(c, j->p, bytes);
             return q8_copy{NULL, 0, 0, 0};
         }
@@ -738,9 +753,7 @@ extern "C" int db_cuda_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size
 {
     DB_ENTER(c);
     db_cuda_state *st = db_cuda_st(c);
-    if (st->capturing) // the weights' 16-bit copies are marked stale here, on the host: a replay would not
-        return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "adamw8bit_many during a graph capture");
-    const db_adamw_coef coef = db_adamw_coefs(hp, t);
+    const db_adamw_coef coef = hp->coefs ? db_adamw_coef{} : db_adamw_coefs(hp, t);
     const q8_codes books = q8_books_of(maps);
     size_t i = 0;
     while (i < njobs) {
@@ -751,14 +764,19 @@ extern "C" int db_cuda_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size
             const db_q8_job *j = &jobs[i];
             if (j->n == 0)
                 continue;
-            table.j[k++] = q8_dev_job{j->p,        j->g,        j->n,   total,     j->m_q,        j->v_q,
-                                      j->m_absmax, j->v_absmax, j->m32, j->v32,    q8_copy_of(c, j), j->q8};
+            int stale = 0;
+            table.j[k++] = q8_dev_job{j->p,        j->g,        j->n,   total,     j->m_q,               j->v_q,
+                                      j->m_absmax, j->v_absmax, j->m32, j->v32,    q8_copy_of(c, j, &stale), j->q8};
+            if (stale && st->capturing) // marked stale on the host here: a replay would not
+                return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__,
+                                    "adamw8bit_many during a graph capture: the weights' working copy is stale");
             total += (j->n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
         }
         if (k == 0)
             continue;
         const unsigned grid = db_cuda_grid(total, 1); // one block per quantisation block, capped
-        adamw8bit_many_kernel<<<grid, Q8_THREADS, 0, st->stream>>>(table, k, total, coef, books);
+        adamw8bit_many_kernel<<<grid, Q8_THREADS, 0, st->stream>>>(table, k, total, coef,
+                                                                   hp->coefs, books);
         const cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess)
             return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "adamw8bit_many: %s", cudaGetErrorString(e));
@@ -773,15 +791,19 @@ extern "C" int db_cuda_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t 
     DB_ENTER(c);
     if (n == 0)
         return 0;
-    const db_adamw_coef k = db_adamw_coefs(hp, t);
+    const db_adamw_coef k = hp->coefs ? db_adamw_coef{} : db_adamw_coefs(hp, t);
     const q8_codes books = q8_books_of(maps);
     const size_t nblocks = (n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
     const unsigned grid = db_cuda_grid(nblocks, 1);
-    // not fused with the weights' 16-bit working copy (as opt_adamw is): the
-    // copy goes stale and the next 16-bit op rebuilds it, one pass per step
+    // not fused with the weights' 16-bit working copy (as opt_adamw and
+    // opt_adamw8bit_many are): the copy goes stale and the next 16-bit op
+    // rebuilds it (marked here, on the host: a graph replay would not)
+    if (db_cuda_st(c)->capturing && db_cuda_shadow_find(c, p, n * sizeof(float)))
+        return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "adamw8bit of declared weights during a graph capture");
     db_cuda_shadow_touch(c, p, n * sizeof(float));
     adamw8bit_kernel<<<grid, Q8_THREADS, 0, db_cuda_st(c)->stream>>>(p, m_q, v_q, m_absmax, v_absmax, g, n,
-                                                                     nblocks, k, books);
+                                                                     nblocks, k, hp->coefs,
+                                                                     books);
     DB_LAUNCHED(c);
     return 0;
 }

@@ -42,4 +42,12 @@ static inline db_adamw_coef db_adamw_coefs(const db_adamw *hp, int64_t t)
     return c;
 }
 
+/* The scalars a step on HOST memory uses: *hp->coefs when set (optim.h),
+ * else db_adamw_coefs(hp, t).  (The CUDA step reads hp->coefs on the
+ * device.) */
+static inline db_adamw_coef db_adamw_coefs_host(const db_adamw *hp, int64_t t)
+{
+    return hp->coefs ? *hp->coefs : db_adamw_coefs(hp, t);
+}
+
 #endif

@@ -38,14 +38,14 @@ static inline void adamw_elem(float *p, float *m, float *v, float g, const db_ad
 
 void db_adamw_step(float *p, float *m, float *v, const float *g, size_t n, const db_adamw *hp, int64_t t)
 {
-    db_adamw_coef c = db_adamw_coefs(hp, t);
+    db_adamw_coef c = db_adamw_coefs_host(hp, t);
     for (size_t i = 0; i < n; i++)
         adamw_elem(&p[i], &m[i], &v[i], g[i], &c);
 }
 
 void db_adamw_step_omp(float *p, float *m, float *v, const float *g, size_t n, const db_adamw *hp, int64_t t)
 {
-    db_adamw_coef c = db_adamw_coefs(hp, t);
+    db_adamw_coef c = db_adamw_coefs_host(hp, t);
     ptrdiff_t nn = (ptrdiff_t)n;
 #pragma omp parallel for schedule(static) if (nn > 16384)
     for (ptrdiff_t i = 0; i < nn; i++)
@@ -161,7 +161,7 @@ static void adamw8_block(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, 
 void db_adamw8bit_step(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax, const float *g,
                        size_t n, const db_adamw *hp, int64_t t, const db_q8_maps *maps)
 {
-    const db_adamw_coef c = db_adamw_coefs(hp, t);
+    const db_adamw_coef c = db_adamw_coefs_host(hp, t);
     for (size_t beg = 0; beg < n; beg += DB_Q8_BLOCK)
         adamw8_block(p, m_q, v_q, m_absmax, v_absmax, g, beg, beg + DB_Q8_BLOCK < n ? beg + DB_Q8_BLOCK : n, &c,
                      maps);
@@ -170,7 +170,7 @@ void db_adamw8bit_step(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, fl
 void db_adamw8bit_step_omp(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
                            const float *g, size_t n, const db_adamw *hp, int64_t t, const db_q8_maps *maps)
 {
-    const db_adamw_coef c = db_adamw_coefs(hp, t);
+    const db_adamw_coef c = db_adamw_coefs_host(hp, t);
     const ptrdiff_t nb = (ptrdiff_t)((n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK);
 #pragma omp parallel for schedule(static) if (nb > 64)
     for (ptrdiff_t b = 0; b < nb; b++) {

@@ -34,9 +34,18 @@
  * element: gradient clipping's in-place scaling (db_clip_grad_coef_ctx)
  * folded into the step, the same bits as scaling g first, without the pass
  * over the gradients (2.2 ms of a 65 ms SD1.5 step on an H200). */
+struct db_adamw_coef;
 typedef struct db_adamw {
     double lr, beta1, beta2, eps, weight_decay;
     double grad_coef;
+    /* NULL, or the step's float32 scalars (a db_adamw_coef, adamw_coef.h, as
+     * db_adamw_coefs makes them from the fields above and the step count)
+     * in the ctx's memory, read when the step runs instead: a CUDA graph
+     * that holds optimizer steps replays with the values its caller wrote
+     * there before the launch, not the ones of its capture (the fused
+     * backward's graph, train.c).  The ops then ignore the fields above and
+     * the step count t. */
+    const struct db_adamw_coef *coefs;
 } db_adamw;
 
 /* diffusers train_dreambooth defaults: beta 0.9/0.999, eps 1e-8, wd 1e-2. */

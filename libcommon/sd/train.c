@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "adamw_coef.h"
 #include "clip.h"
 #include "sched.h"
 #include "unet.h"
@@ -57,6 +58,15 @@ struct db_trainer {
     float *fnorm_dev, *fnorm_h;
     size_t *forder, fcount, fcap;
     unsigned char *funit;
+    /* The UNet's backward replays as a graph in the fused step too (one
+     * process): the steps inside it read their AdamW scalars from fcoef_dev
+     * (one per group, written before each backward: optim.h coefs), the
+     * sinks it was captured with stay here, and a replay runs none of
+     * fused_ready's host code, so fcount_unet keeps the count of the last
+     * UNet backward that did (the same units every step). */
+    db_adamw_coef *fcoef_dev;
+    db_grad_sink fsink[2];
+    size_t fcount_unet;
     double sum_loss, sum_inst, sum_prior;
     db_unet_graph gfwd, gbwd;    /* the UNet forward's and backward's graphs (unet.h) */
     /* the frozen text encoder's last output in context: the token ids and
@@ -346,12 +356,18 @@ static int fused_init(db_trainer *t, db_err *err)
     t->fcap = nt;
     t->window = n ? db_ctx_alloc(t->ctx, n * sizeof(float)) : NULL;
     t->window_n = n;
-    if (!t->window || !t->fnorms || !t->fgp || !t->fgn || !t->fnorm_h || !t->forder || !t->funit || !t->fnorm_dev)
+    t->fcoef_dev = db_ctx_alloc(t->ctx, 2 * sizeof *t->fcoef_dev);
+    if (!t->window || !t->fnorms || !t->fgp || !t->fgn || !t->fnorm_h || !t->forder || !t->funit || !t->fnorm_dev ||
+        !t->fcoef_dev)
         return db_err_set(err, DB_ENOMEM, "out of memory for the fused backward's window of %zu floats", n);
     t->fg[0] = (struct fused_group){t, wu, q8 ? NULL : &t->mu, q8 ? NULL : &t->vu, q8 ? &t->qu : NULL,
                                     t->o.unet_hp, t->fnorms};
     t->fg[1] = (struct fused_group){t, wt, q8 ? NULL : &t->mt, q8 ? NULL : &t->vt, q8 ? &t->qt : NULL,
                                     t->o.text_hp, t->fnorms + wu->ix.n};
+    for (int i = 0; i < 2; i++) {
+        t->fg[i].hp.coefs = t->fcoef_dev + i;
+        t->fsink[i] = (db_grad_sink){t->window, t->window_n, fused_ready, &t->fg[i]};
+    }
     return 0;
 }
 
@@ -366,9 +382,9 @@ int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db
         return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
     t->ctx = ctx;
     t->o = *o;
-    /* the fused backward is for fitting memory: a graph would hold the
-     * forward's temporaries apart from the backward's (unet.h plan) */
-    t->gfwd.off = t->gbwd.off = o->no_graph || o->fused_backward;
+    /* no graphs for a fused step over several processes: its sums (MPI or
+     * NCCL on the host's call) run inside the units' callbacks */
+    t->gfwd.off = t->gbwd.off = o->no_graph || (o->fused_backward && o->world > 1);
     /* GradScaler(init_scale=2**16, growth_factor=2, backoff_factor=0.5,
      * growth_interval=2000): accelerate's defaults for fp16 */
     t->scaling = ctx->precision == DB_PREC_F16;
@@ -444,6 +460,7 @@ void db_trainer_free(db_trainer *t)
     free(t->forder);
     free(t->funit);
     db_ctx_free(t->ctx, t->fnorm_dev);
+    db_ctx_free(t->ctx, t->fcoef_dev);
     db_ctx_free(t->ctx, t->window);
     host_unstage(t, t->noisy_h), host_unstage(t, t->pred_h), host_unstage(t, t->dpred_h), host_unstage(t, t->tsf_h);
     db_ctx_free(t->ctx, t->noisy);
@@ -510,12 +527,18 @@ typedef struct unet_bwd {
     float *dcontext;
     db_weights *grads;
     const float *dout;
+    db_trainer *fused; /* the fused step's: its UNet sink, fcount from 0 */
 } unet_bwd;
 
 static int unet_bwd_run(void *arg, db_err *err)
 {
     const unet_bwd *k = arg;
-    return db_unet_backward_to(k->u, NULL, k->dcontext, k->grads, NULL, k->dout, err);
+    if (!k->fused)
+        return db_unet_backward_to(k->u, NULL, k->dcontext, k->grads, NULL, k->dout, err);
+    /* every run of the host code counts the units' tensors from the first
+     * (a capture that fails runs it once more, directly) */
+    k->fused->fcount = 0;
+    return db_unet_backward_to(k->u, NULL, k->dcontext, NULL, &k->fused->fsink[0], k->dout, err);
 }
 
 /* Forward and loss of one micro-batch; with backward also the gradients. */
@@ -645,23 +668,38 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
     if (fused) {
         t->fss = 0;
         t->fcount = 0;
-        t->fg[0].hp.lr = db_lr_at(&t->o.unet_lr, t->opt_step);
-        t->fg[1].hp.lr = db_lr_at(&t->o.text_lr, t->opt_step);
-        su = (db_grad_sink){t->window, t->window_n, fused_ready, &t->fg[0]};
-        st = (db_grad_sink){t->window, t->window_n, fused_ready, &t->fg[1]};
+        /* this step's AdamW scalars where the units' steps read them (the
+         * graph's replays included), from the host's formula as always */
+        db_adamw_coef co[2];
+        const int64_t k = t->opt_step + 1;
+        for (int i = 0; i < 2; i++) {
+            db_adamw h = t->fg[i].hp;
+            h.lr = db_lr_at(i ? &t->o.text_lr : &t->o.unet_lr, t->opt_step);
+            h.coefs = NULL;
+            co[i] = db_adamw_coefs(&h, k);
+        }
+        if (db_ctx_copy(c, t->fcoef_dev, co, sizeof co, DB_COPY_H2D))
+            return db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
+        st = t->fsink[1];
     }
-    const int sink = fused || bucketed;
-    if (sink) { /* the sinks call back into the host mid-backward: no graph */
-        if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, fused ? NULL : &t->gu, &su,
-                                t->dpred, err))
+    if (bucketed) { /* the sinks call back into the host mid-backward: no graph */
+        if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, &t->gu, &su, t->dpred, err))
             return db_err_prefix(err, "trainer");
     } else {
         unet_bwd k;
         memset(&k, 0, sizeof k);
-        k.u = t->unet, k.dcontext = t->o.train_text ? t->dcontext : NULL, k.grads = &t->gu, k.dout = t->dpred;
+        k.u = t->unet, k.dcontext = t->o.train_text ? t->dcontext : NULL, k.grads = fused ? NULL : &t->gu,
+        k.dout = t->dpred, k.fused = fused ? t : NULL;
         if (db_unet_graph_run(&t->gbwd, t->unet, unet_bwd_run, &k, sizeof k, t->o.log, err))
             return db_err_prefix(err, "trainer");
+        if (fused) { /* a replay ran no host code: the units were those of the last run that did */
+            if (t->fcount == 0)
+                t->fcount = t->fcount_unet;
+            else
+                t->fcount_unet = t->fcount;
+        }
     }
+    const int sink = fused || bucketed;
     if (t->o.train_text &&
         db_clip_backward_to(t->clip, fused ? NULL : &t->gt, sink ? &st : NULL, t->dcontext, err))
         return db_err_prefix(err, "trainer");

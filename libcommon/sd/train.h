@@ -121,10 +121,12 @@ typedef struct db_train_opts {
     /* 1: every UNet forward and backward runs op by op.  0 (the default):
      * from the second micro-batch of the same size on, each replays as a
      * graph (unet.h db_unet_graph: CUDA graphs on a GPU, the same calls on
-     * the CPU); the backward only without a gradient sink (not with the
-     * bucketed sums); neither with fused_backward (it is for fitting
-     * memory, and a graph keeps its temporaries in a pool of its own).
-     * Same numbers either way. */
+     * the CPU); the backward not with the bucketed sums (their sink calls
+     * the host), nor with fused_backward over several processes (its units'
+     * sums are host calls); a fused backward on one process replays with
+     * its optimizer steps inside (their scalars read from device memory,
+     * optim.h coefs).  A graph keeps its temporaries in a pool of its own
+     * (unet.h plan).  Same numbers either way. */
     int no_graph;
     const struct db_log *log; /* warnings (a graph that could not be made), or NULL */
 } db_train_opts;

@@ -1140,8 +1140,9 @@ size_t db_unet_train_device_plan(const db_arch *a, int B, int H, int W, int T, i
             raw += allocs[i], rounded += cuda_rounded(allocs[i]);
     p->rounding = rounded - raw + (p->convert + p->conv_ws) / 4;
     /* a graph owns the blocks its capture used: the forward's and the
-     * backward's temporaries are held at once instead of one after the other */
-    p->graphs = graphs && !fused ? p->convert + p->conv_ws : 0;
+     * backward's temporaries are held at once instead of one after the other
+     * (the fused step's too: its backward replays as a graph, train.c) */
+    p->graphs = graphs ? p->convert + p->conv_ws : 0;
     p->total = p->weights + p->grads + p->moments + p->unet_act + p->text_act + p->batch + p->convert + p->conv_ws +
                p->shadow + p->rounding + p->graphs;
     return p->total;

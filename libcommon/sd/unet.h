@@ -133,7 +133,7 @@ size_t db_unet_train_bytes_arch(const db_unet_arch *a, int B, int H, int W, int 
  * device.  B rows of H x W latents and T tokens; train_text,
  * checkpointing and fused (fused_backward) as db_train_opts; prec the ctx's compute precision;
  * graphs: the UNet's forward and backward replay as graphs (train.h
- * no_graph 0, and not fused), which keep their temporaries in pools of their
+ * no_graph 0, one process), which keep their temporaries in pools of their
  * own (one more transient allowance: conversion scratch + cuDNN workspace).
  * Nothing is allocated; returns the total (0 for an invalid architecture). */
 typedef struct db_train_device_plan {

@@ -47,6 +47,7 @@
 #include "kernels/cuda_api.h"
 #include "libcommon/core/tensor.h"
 #include "libcommon/sd/noise.h"
+#include "libcommon/sd/adamw_coef.h"
 #include "libcommon/sd/optim.h"
 #include "tests/unit/tap.h"
 
@@ -2230,6 +2231,114 @@ static void t_adamw8bit_many(void)
     release_all();
 }
 
+/* Optimizer steps inside a graph (the fused backward's, libcommon/sd/
+ * train.c): their scalars come from device memory (optim.h coefs), so a
+ * replay steps with the values written before its launch, not those of its
+ * capture.  Three steps, each with another lr and step count: a direct run,
+ * the capture's launch, a replay; opt_adamw over declared weights and one
+ * 8-bit job of opt_adamw8bit_many over others, in bf16 (both keep the
+ * weights' working copies in the same pass, so no rebuild between steps).
+ * p, m, v and p, the codes and scales bit-identical to the CPU's steps
+ * given the scalars by hp and t, and a linear on the declared weights
+ * equal to one on a plain copy of the CPU's. */
+typedef struct owork {
+    float *p, *m, *v, *g;
+    float *p8, *g8, *ma, *va;
+    uint8_t *mq, *vq;
+    const db_q8_maps *maps;
+    db_adamw hp; /* coefs set */
+} owork;
+enum { ON = 700, ON8 = 600 };
+
+static int owork_run(void *arg, db_err *err)
+{
+    owork *q = arg;
+    const db_q8_job j = {q->p8, q->g8, ON8, 1, q->mq, q->vq, q->ma, q->va, NULL, NULL};
+    if (api->opt_adamw(&g, q->p, q->m, q->v, q->g, ON, &q->hp, 0) ||
+        api->opt_adamw8bit_many(&g, &j, 1, &q->hp, 0, q->maps))
+        return db_err_set(err, g.err.code, "owork: %s", g.err.msg);
+    return 0;
+}
+
+static void t_graph_optim(void)
+{
+    const char *what = "graph bf16, AdamW steps with their scalars in device memory";
+    if (!have((const void *)api->graph_begin, what) || !have((const void *)api->opt_adamw8bit_many, what))
+        return;
+    g.precision = DB_PREC_BF16;
+    db_q8_maps maps;
+    db_q8_maps_make(&maps);
+    const size_t nb8 = (ON8 + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
+    float *p = hrand(ON, 0.3f), *m = hzeros(ON), *v = hzeros(ON), *p8 = hrand(ON8, 0.3f), *ma = hzeros(nb8),
+          *va = hzeros(nb8);
+    uint8_t *mq = hkeep(calloc(ON8 + 1, 1)), *vq = hkeep(calloc(ON8 + 1, 1));
+    owork q;
+    memset(&q, 0, sizeof q);
+    q.p = dputf(p, ON), q.m = dputf(m, ON), q.v = dputf(v, ON), q.g = dalloc(ON * sizeof(float));
+    q.p8 = dputf(p8, ON8), q.g8 = dalloc(ON8 * sizeof(float)), q.ma = dputf(ma, nb8), q.va = dputf(va, nb8);
+    q.mq = dput(mq, ON8), q.vq = dput(vq, ON8);
+    q.maps = &maps;
+    db_adamw_coef *dco = dalloc(sizeof *dco);
+    q.hp = db_adamw_defaults(1e-2);
+    q.hp.coefs = dco;
+    float *x = dputf(hrand((size_t)LN * LC, 1), (size_t)LN * LC), *y0 = dalloc((size_t)LN * LOC * sizeof(float));
+    db_err err = {0};
+    db_graph *gr = NULL;
+    db_ctx_clear_error(&g);
+    /* the working copies built by a first use, then kept by the steps */
+    int ok = api->declare_weights(&g, q.p, ON) == 0 && api->declare_weights(&g, q.p8, ON8) == 0 &&
+             api->linear_forward(&g, y0, x, q.p, NULL, LN, LC, LOC) == 0 &&
+             api->linear_forward(&g, y0, x, q.p8, NULL, LN, LC, LOC) == 0;
+    db_mem_stats ms0, ms1;
+    api->mem_stats(&g, &ms0);
+    static const char *how[] = {"", "direct", "the capture's launch", "a replay"};
+    for (int t = 1; t <= 3 && ok; t++) {
+        char step[200];
+        snprintf(step, sizeof step, "%s, step %d (%s)", what, t, how[t]);
+        db_adamw ht = db_adamw_defaults(1e-2 * t); /* another lr each step */
+        const db_adamw_coef co = db_adamw_coefs(&ht, t);
+        float *gr32 = hrand(ON, 0.05f), *gr8 = hrand(ON8, 0.05f);
+        ok = api->copy(&g, dco, &co, sizeof co, DB_COPY_H2D) == 0 &&
+             api->copy(&g, q.g, gr32, ON * sizeof(float), DB_COPY_H2D) == 0 &&
+             api->copy(&g, q.g8, gr8, ON8 * sizeof(float), DB_COPY_H2D) == 0;
+        ok = ok && cpu_ran(db_opt_adamw(cpu, p, m, v, gr32, ON, &ht, t), step) &&
+             cpu_ran(db_opt_adamw8bit(cpu, p8, mq, vq, ma, va, gr8, ON8, &ht, t, &maps), step);
+        if (ok && t == 1)
+            ok = owork_run(&q, &err) == 0;
+        else if (ok && t == 2)
+            ok = db_graph_capture(&g, &gr, owork_run, &q, sizeof q, &err) == 0 && db_graph_launch(gr, &err) == 0;
+        else if (ok)
+            ok = db_graph_launch(gr, &err) == 0;
+        ok = ok && api->sync(&g) == 0;
+        if (!tap_ok(ok, "%s: ran%s%s", step, ok ? "" : ": ", ok ? "" : err.msg[0] ? err.msg : g.err.msg))
+            break;
+        cmp_bits(step, "p", q.p, p, ON);
+        cmp_bits(step, "m", q.m, m, ON);
+        cmp_bits(step, "v", q.v, v, ON);
+        cmp_bits(step, "p (8-bit)", q.p8, p8, ON8);
+        cmp_q8(step, q.mq, mq, q.vq, vq, ON8, q.ma, ma, q.va, va, nb8);
+        float *y1 = dalloc((size_t)LN * LOC * sizeof(float)), *y2 = dalloc((size_t)LN * LOC * sizeof(float));
+        ok = api->linear_forward(&g, y1, x, q.p, NULL, LN, LC, LOC) == 0 &&
+             api->linear_forward(&g, y2, x, dputf(p, ON), NULL, LN, LC, LOC) == 0;
+        char st2[320];
+        snprintf(st2, sizeof st2, "%s: linear on the declared weights vs a plain copy", step);
+        if (tap_ok(ok, "%s: ran", st2))
+            same_bits(st2, y1, y2, (size_t)LN * LOC);
+        ok = ok && api->linear_forward(&g, y1, x, q.p8, NULL, LN, LC, LOC) == 0 &&
+             api->linear_forward(&g, y2, x, dputf(p8, ON8), NULL, LN, LC, LOC) == 0;
+        snprintf(st2, sizeof st2, "%s: linear on the declared 8-bit-stepped weights vs a plain copy", step);
+        if (tap_ok(ok, "%s: ran", st2))
+            same_bits(st2, y1, y2, (size_t)LN * LOC);
+    }
+    api->mem_stats(&g, &ms1);
+    tap_ok(ok && ms1.copies_built == ms0.copies_built, "%s: no working copy rebuilt over the three steps (%zu)", what,
+           ms1.copies_built - ms0.copies_built);
+    db_graph_free(gr);
+    g.precision = DB_PREC_F32;
+    db_ctx_clear_error(&g);
+    release_all();
+}
+
 /* ---- main ------------------------------------------------------------------------------------- */
 
 int main(void)
@@ -2569,6 +2678,7 @@ later:
     t_graph(DB_PREC_BF16);
     t_graph_timestep();
     t_graph_weights();
+    t_graph_optim();
     t_scale(1001, 1.0f);
     t_scale(1001, NAN);
     if (!quick) {
