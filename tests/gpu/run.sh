@@ -76,6 +76,27 @@ PY
         echo "db-train cuda graphs vs --no-graph, 3 steps: weights DIFFER"
         bad=1
     fi
+    # the fused step's backward replayed as a graph, its optimizer steps
+    # inside reading their scalars from device memory (session 17): 4 steps
+    # (the first direct, the second captured, two replays) vs op by op, in
+    # bf16 (the weights' working copies written by the steps) with both
+    # optimizers; a refused capture shows as the trainer's warning
+    for o in adamw adamw8bit; do
+        for gr in "" --no-graph; do
+            timeout 90 build/bin/db-train -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 4 --lr 1e-4 --train-text-encoder \
+                --device cuda --precision bf16 --fused-backward --optimizer $o $gr -o "$T/run-fused-$o$gr" \
+                2>"$T/fused-$o$gr.log" || { bad=1; tail -3 "$T/fused-$o$gr.log"; }
+        done
+        grep -i "without a graph" "$T/fused-$o.log" | head -2
+        if cmp -s "$T/run-fused-$o/ckpt-000004/model.safetensors" "$T/run-fused-$o--no-graph/ckpt-000004/model.safetensors" &&
+            cmp -s "$T/run-fused-$o/ckpt-000004/optimizer.safetensors" \
+                "$T/run-fused-$o--no-graph/ckpt-000004/optimizer.safetensors"; then
+            echo "db-train cuda bf16 --fused-backward --optimizer $o, graphs vs --no-graph, 4 steps: byte-identical checkpoint"
+        else
+            echo "db-train cuda bf16 --fused-backward --optimizer $o, graphs vs --no-graph, 4 steps: checkpoints DIFFER"
+            bad=1
+        fi
+    done
     # how often the trainer records its UNet graphs (db_unet_graph_run's
     # debug line): 2 expected in 6 steps, the forward's and the backward's.
     # More means a call's arguments or buffers change between steps and the
@@ -251,7 +272,7 @@ fi
 BENCH_RESERVE=${BENCH_RESERVE:-210}
 RESERVE=$BENCH_RESERVE stage check-cuda check-cuda.txt 150 bash "$SELF" --check-cuda
 echo "== tools on the tiny model, cpu vs cuda: db-sample, db-prep, db-train"
-RESERVE=$BENCH_RESERVE stage tools tools.txt 150 bash "$SELF" --tools
+RESERVE=$BENCH_RESERVE stage tools tools.txt 180 bash "$SELF" --tools
 echo "== attention on tensor cores vs the fp32 kernel at SD1.5 shapes (DB_BENCH=1 test_attention_tc)"
 RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 45 env DB_BENCH=1 B="$PWD/build" \
     build/tests/gpu/test_attention_tc
