@@ -25,6 +25,25 @@ enum { THREADS = 256 };
 
 // ---- AdamW ----------------------------------------------------------------------------
 
+// A step's scalars as a kernel receives them: by value, made on the host
+// when the op is called, or (hp->coefs, optim.h) a pointer into device
+// memory read when the kernel runs, so a graph's replay takes the values
+// written before it.
+struct adamw_scalars {
+    db_adamw_coef v;
+    const db_adamw_coef *at;
+};
+static adamw_scalars adamw_scalars_of(const struct db_adamw *hp, int64_t t)
+{
+    // on the host in double, by the very function optim.c calls
+    // (adamw_coef.h), so they carry the same bits
+    return hp->coefs ? adamw_scalars{db_adamw_coef{}, hp->coefs} : adamw_scalars{db_adamw_coefs(hp, t), NULL};
+}
+__device__ __forceinline__ static db_adamw_coef adamw_scalars_now(const adamw_scalars &s)
+{
+    return s.at ? *s.at : s.v;
+}
+
 // optim.c's adamw_elem, one element per iteration, the same operations in the
 // same order (torch 1.13's _single_tensor_adamw):
 //   p = p*decay; m = m*b1 + (1-b1)*g; v = v*b2 + ((1-b2)*g)*g;
@@ -141,11 +160,11 @@ __device__ static void adamw_stage_plan(adamw_stage *st, const db_cuda_filter_ra
 // (above) where they can.  (H200, before the staging: 7.8 ms a step over
 // SD1.5's 860 M weights, ~3.3 TB/s; float4 loads, four elements a thread,
 // changed nothing in call 6 and were taken out.)
-__global__ static void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, db_adamw_coef kv,
-                                    const db_adamw_coef *kp, void *shadow, size_t base,
+__global__ static void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, adamw_scalars ks,
+                                    void *shadow, size_t base,
                                     const db_cuda_filter_range *fr, int nfr, int f16)
 {
-    const db_adamw_coef k = kp ? *kp : kv; // (optim.h coefs: read when the step runs)
+    const db_adamw_coef k = adamw_scalars_now(ks);
     __shared__ int first;
     __shared__ adamw_stage st;
     __shared__ uint16_t stage[ADAMW_CHUNK + 2 * ADAMW_ROWS * ADAMW_KHW];
@@ -210,9 +229,7 @@ extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const 
     DB_ENTER(c);
     if (n == 0)
         return 0;
-    // The scalars on the host in double, by the very function optim.c calls
-    // (adamw_coef.h), so they carry the same bits.
-    const db_adamw_coef k = hp->coefs ? db_adamw_coef{} : db_adamw_coefs(hp, t);
+    const adamw_scalars k = adamw_scalars_of(hp, t);
     // Weights with a current 16-bit working copy: write it in the same pass
     // (the copy the next forward's GEMMs read), rather than a second
     // conversion pass over every weight, the convolution filters in it at
@@ -233,7 +250,7 @@ extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const 
         return -1;
     const size_t base = w ? (size_t)(p - w->p) : 0;
     const unsigned grid = db_cuda_grid((n + ADAMW_CHUNK - 1) / ADAMW_CHUNK * THREADS, THREADS);
-    adamw_kernel<<<grid, THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k, hp->coefs, sh,
+    adamw_kernel<<<grid, THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k, sh,
                                                               base, fr, nfr,
                                                               w && w->prec == DB_PREC_F16);
     DB_LAUNCHED(c);
@@ -636,10 +653,9 @@ __device__ static void q8_block(q8_shared &sh, float *p, unsigned char *m_q, uns
 
 __global__ static void __launch_bounds__(Q8_THREADS)
     adamw8bit_kernel(float *p, unsigned char *m_q, unsigned char *v_q, float *m_absmax, float *v_absmax,
-                     const float *g, size_t n, size_t nblocks, db_adamw_coef kv, const db_adamw_coef *kp,
-                     q8_codes books)
+                     const float *g, size_t n, size_t nblocks, adamw_scalars ks, q8_codes books)
 {
-    const db_adamw_coef k = kp ? *kp : kv;
+    const db_adamw_coef k = adamw_scalars_now(ks);
     __shared__ q8_shared sh;
     q8_books(sh, books);
     const q8_copy none = {NULL, 0, 0, 0};
@@ -669,10 +685,10 @@ struct q8_jobs {
 };
 
 __global__ static void __launch_bounds__(Q8_THREADS)
-    adamw8bit_many_kernel(const __grid_constant__ q8_jobs table, size_t njobs, size_t total, db_adamw_coef kv,
-                          const db_adamw_coef *kp, q8_codes books)
+    adamw8bit_many_kernel(const __grid_constant__ q8_jobs table, size_t njobs, size_t total, adamw_scalars ks,
+                          q8_codes books)
 {
-    const db_adamw_coef k = kp ? *kp : kv;
+    const db_adamw_coef k = adamw_scalars_now(ks);
     const q8_dev_job *jobs = table.j;
     __shared__ q8_shared sh;
     q8_books(sh, books);
@@ -753,7 +769,7 @@ extern "C" int db_cuda_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size
 {
     DB_ENTER(c);
     db_cuda_state *st = db_cuda_st(c);
-    const db_adamw_coef coef = hp->coefs ? db_adamw_coef{} : db_adamw_coefs(hp, t);
+    const adamw_scalars coef = adamw_scalars_of(hp, t);
     const q8_codes books = q8_books_of(maps);
     size_t i = 0;
     while (i < njobs) {
@@ -775,8 +791,7 @@ extern "C" int db_cuda_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size
         if (k == 0)
             continue;
         const unsigned grid = db_cuda_grid(total, 1); // one block per quantisation block, capped
-        adamw8bit_many_kernel<<<grid, Q8_THREADS, 0, st->stream>>>(table, k, total, coef,
-                                                                   hp->coefs, books);
+        adamw8bit_many_kernel<<<grid, Q8_THREADS, 0, st->stream>>>(table, k, total, coef, books);
         const cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess)
             return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "adamw8bit_many: %s", cudaGetErrorString(e));
@@ -791,7 +806,7 @@ extern "C" int db_cuda_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t 
     DB_ENTER(c);
     if (n == 0)
         return 0;
-    const db_adamw_coef k = hp->coefs ? db_adamw_coef{} : db_adamw_coefs(hp, t);
+    const adamw_scalars k = adamw_scalars_of(hp, t);
     const q8_codes books = q8_books_of(maps);
     const size_t nblocks = (n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
     const unsigned grid = db_cuda_grid(nblocks, 1);
@@ -802,8 +817,7 @@ extern "C" int db_cuda_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t 
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "adamw8bit of declared weights during a graph capture");
     db_cuda_shadow_touch(c, p, n * sizeof(float));
     adamw8bit_kernel<<<grid, Q8_THREADS, 0, db_cuda_st(c)->stream>>>(p, m_q, v_q, m_absmax, v_absmax, g, n,
-                                                                     nblocks, k, hp->coefs,
-                                                                     books);
+                                                                     nblocks, k, books);
     DB_LAUNCHED(c);
     return 0;
 }

@@ -42,7 +42,7 @@ struct db_trainer {
         db_trainer *t;
         db_weights *w, *m, *v;   /* weights and fp32 moments (m, v NULL with 8-bit) */
         db_q8_state *q;          /* 8-bit moments or NULL */
-        db_adamw hp;             /* this step's (lr set per micro-batch) */
+        db_adamw hp;             /* coefs only: this step's scalars in fcoef_dev (micro writes them) */
         double *norms;           /* into fnorms: this component's tensors */
     } fg[2];
     double fss;
@@ -282,9 +282,12 @@ static int fused_ready(void *user, float *g, size_t lo, size_t hi, db_err *err)
     if (db_opt_clip_each(c, t->fnorm_dev + first, t->fgp, t->fgn, nr, (float)max))
         return db_err_set(err, c->err.code, "gradient clipping: %s", c->err.msg);
     t->fcount += nr;
-    const int64_t k = t->opt_step + 1;
-    if (fg->q ? q8_step(c, fg->q, fg->w, g, &fg->hp, k, &t->maps, lo, hi)
-              : db_opt_adamw(c, w->data + lo, fg->m->data + lo, fg->v->data + lo, g, hi - lo, &fg->hp, k))
+    /* lr and step count are in the scalars fg->hp.coefs points at (written
+     * in micro before the backward, read when the step runs): the ops
+     * ignore the count passed, 0 here (a step reading it would divide by
+     * 1 - beta^0 = 0 and fail the tests) */
+    if (fg->q ? q8_step(c, fg->q, fg->w, g, &fg->hp, 0, &t->maps, lo, hi)
+              : db_opt_adamw(c, w->data + lo, fg->m->data + lo, fg->v->data + lo, g, hi - lo, &fg->hp, 0))
         return db_err_set(err, c->err.code, "optimizer step: %s", c->err.msg);
     return 0;
 }
@@ -361,9 +364,9 @@ static int fused_init(db_trainer *t, db_err *err)
         !t->fcoef_dev)
         return db_err_set(err, DB_ENOMEM, "out of memory for the fused backward's window of %zu floats", n);
     t->fg[0] = (struct fused_group){t, wu, q8 ? NULL : &t->mu, q8 ? NULL : &t->vu, q8 ? &t->qu : NULL,
-                                    t->o.unet_hp, t->fnorms};
+                                    (db_adamw){0}, t->fnorms};
     t->fg[1] = (struct fused_group){t, wt, q8 ? NULL : &t->mt, q8 ? NULL : &t->vt, q8 ? &t->qt : NULL,
-                                    t->o.text_hp, t->fnorms + wu->ix.n};
+                                    (db_adamw){0}, t->fnorms + wu->ix.n};
     for (int i = 0; i < 2; i++) {
         t->fg[i].hp.coefs = t->fcoef_dev + i;
         t->fsink[i] = (db_grad_sink){t->window, t->window_n, fused_ready, &t->fg[i]};
@@ -673,7 +676,7 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
         db_adamw_coef co[2];
         const int64_t k = t->opt_step + 1;
         for (int i = 0; i < 2; i++) {
-            db_adamw h = t->fg[i].hp;
+            db_adamw h = i ? t->o.text_hp : t->o.unet_hp;
             h.lr = db_lr_at(i ? &t->o.text_lr : &t->o.unet_lr, t->opt_step);
             h.coefs = NULL;
             co[i] = db_adamw_coefs(&h, k);
