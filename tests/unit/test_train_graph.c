@@ -5,8 +5,10 @@
  * trainer's buffers grow between them), evaluations between steps (a
  * forward that keeps no activations: another UNet layout), gradient
  * accumulation, checkpointing, the text encoder trained, bf16 and 8-bit
- * AdamW, and the compute precision switched mid-run (a graph keeps the
- * precision it was recorded in); and evaluations in two orders give the
+ * AdamW, the compute precision switched mid-run (a graph keeps the
+ * precision it was recorded in), and the fused backward, whose graph holds
+ * the optimizer steps (their lr and step count read from device memory:
+ * a linear schedule changes the lr every step); and evaluations in two orders give the
  * same losses (the frozen text encoder's output is reused only for the
  * same token ids).  On the ctx of tap_device() (cpu, cpu-strict): there a replay
  * calls the recorded function again on the graph's copy of its arguments,
@@ -30,6 +32,7 @@ typedef struct cfg {
     db_precision prec;
     int text, ckpt, accum, q8;
     int to_bf16; /* micro-batch from which the ctx computes in bf16 (0: never) */
+    int fused;   /* fused backward (train.h), with an lr that changes every step */
 } cfg;
 
 /* rows of each micro-batch, and whether an evaluation follows it */
@@ -47,6 +50,9 @@ static int run(db_ctx *c, const db_model *m, const cfg *k, int no_graph, double 
     o.grad_accum = k->accum;
     o.optimizer = k->q8 ? DB_OPTIM_ADAMW8BIT : DB_OPTIM_ADAMW;
     o.no_graph = no_graph;
+    o.fused_backward = k->fused;
+    if (k->fused) /* the optimizer steps inside the graph read this step's lr and count from device memory */
+        o.unet_lr = o.text_lr = db_lr_schedule_make(DB_LR_LINEAR, 1e-3, 0, NB);
     db_ctx_set_precision(c, k->prec);
     db_trainer *t = NULL;
     if (db_trainer_create(&t, c, m, &o, err))
@@ -96,10 +102,12 @@ int main(void)
                 "%s ctx, tiny model, prompts%s%s", tap_device(), err.code ? ": " : "", err.msg))
         return tap_done();
     static const cfg cfgs[] = {
-        {"fp32 AdamW", DB_PREC_F32, 0, 0, 1, 0, 0},
-        {"fp32, text encoder, checkpointing, 2 micro-batches a step", DB_PREC_F32, 1, 1, 2, 0, 0},
-        {"bf16 8-bit AdamW, text encoder", DB_PREC_BF16, 1, 0, 1, 1, 0},
-        {"fp32, then bf16 from micro-batch 5", DB_PREC_F32, 0, 0, 1, 0, 5},
+        {"fp32 AdamW", DB_PREC_F32, 0, 0, 1, 0, 0, 0},
+        {"fp32, text encoder, checkpointing, 2 micro-batches a step", DB_PREC_F32, 1, 1, 2, 0, 0, 0},
+        {"bf16 8-bit AdamW, text encoder", DB_PREC_BF16, 1, 0, 1, 1, 0, 0},
+        {"fp32, then bf16 from micro-batch 5", DB_PREC_F32, 0, 0, 1, 0, 5, 0},
+        {"fused backward, bf16 AdamW, text encoder, linear lr", DB_PREC_BF16, 1, 0, 1, 0, 0, 1},
+        {"fused backward, bf16 8-bit AdamW, text encoder, checkpointing, linear lr", DB_PREC_BF16, 1, 1, 1, 1, 0, 1},
     };
     for (size_t i = 0; i < sizeof cfgs / sizeof cfgs[0]; i++) {
         const cfg *k = &cfgs[i];
