@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "libcommon/core/log.h"
 #include "libcommon/io/model.h"
 #include "libcommon/sd/train.h"
 #include "libcommon/sd/unet.h"
@@ -50,6 +51,10 @@ static int run(db_ctx *c, const db_model *m, const cfg *k, int no_graph, double 
     o.grad_accum = k->accum;
     o.optimizer = k->q8 ? DB_OPTIM_ADAMW8BIT : DB_OPTIM_ADAMW;
     o.no_graph = no_graph;
+    /* a capture that is refused warns (then both runs go op by op and
+     * agree): on stderr, where tests/gpu/run.sh looks for it */
+    static const db_log lg = {"test_train_graph", DB_LOG_WARN};
+    o.log = &lg;
     o.fused_backward = k->fused;
     if (k->fused) /* the optimizer steps inside the graph read this step's lr and count from device memory */
         o.unet_lr = o.text_lr = db_lr_schedule_make(DB_LR_LINEAR, 1e-3, 0, NB);
