@@ -25,12 +25,13 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 14 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+#define DB_CUDA_ABI 15 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
                           4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
                           7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free;
                           10: opt_adamw8bit_many; 11: host_alloc, host_free; 12: opt_clip_each;
                           13: linear_multi_forward, linear_multi_backward;
-                          14: db_mem_stats.copies_built */
+                          14: db_mem_stats.copies_built;
+                          15: graph_launch returns 1 for a graph a filter registration made stale */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -137,7 +138,10 @@ typedef struct db_cuda_api {
      * is still live (the pool then goes back to the cache: nothing ran).
      * graph_launch queues one replay on the ctx's stream (after bringing
      * any stale 16-bit working copy of declared weights up to date, in
-     * place: the replay reads them where the capture found them); graph_free waits
+     * place: the replay reads them where the capture found them), or
+     * returns 1 and queues nothing when a convolution filter was registered
+     * in a working copy since the capture (the copy's layout and the fused
+     * AdamW's filter table the graph baked in changed); graph_free waits
      * for the stream and returns the graph's pool to the cache. */
     int (*graph_begin)(db_ctx *c);
     void *(*graph_end)(db_ctx *c);

@@ -253,7 +253,12 @@ void db_ctx_host_free(db_ctx *c, void *p); /* p NULL: nothing */
 typedef struct db_graph db_graph;
 typedef int (*db_graph_fn)(void *arg, db_err *err);
 int db_graph_capture(db_ctx *c, db_graph **g, db_graph_fn fn, const void *arg, size_t arg_size, db_err *err);
-/* Queue one replay (CUDA: no wait; CPU: fn runs now).  0, or -1 with err. */
+/* Queue one replay (CUDA: no wait; CPU: fn runs now).  0; 1 when the
+ * graph no longer fits the device's state (CUDA: a convolution filter was
+ * first used on declared weights since the capture, which changes their
+ * working copy's layout): nothing was queued, err says why, c has no error,
+ * and the caller frees the graph and runs fn directly (then may capture
+ * again); or -1 with err. */
 int db_graph_launch(db_graph *g, db_err *err);
 void db_graph_free(db_graph *g); /* NULL: nothing */
 

@@ -446,7 +446,12 @@ int db_graph_launch(db_graph *g, db_err *err)
         c->precision = now;
         return rc;
     }
-    if (c->cuda_api->graph_launch(c, g->dev)) {
+    const int r = c->cuda_api->graph_launch(c, g->dev);
+    if (r == 1) {
+        db_err_set(err, DB_EUNSUPP, "graph: made stale by a convolution filter first used since its capture");
+        return 1;
+    }
+    if (r) {
         *err = c->err;
         return -1;
     }

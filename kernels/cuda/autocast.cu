@@ -417,6 +417,7 @@ void *db_cuda_filter16(db_ctx *c, const float *wt, int OC, int C, int KHW)
             w->fr = fr, w->cap_fr = cap;
         }
         w->fr[w->nfr++] = (db_cuda_filter_range){off, OC, C, KHW};
+        db_cuda_st(c)->filters_gen++;
         if (w->s && w->valid && w->prec == (int)c->precision &&
             nhwc_launch(c, 1, (char *)w->s + off * 2, wt, OC, C, KHW, 0) != 0)
             return NULL;

@@ -536,6 +536,7 @@ struct db_cuda_graph {
     cudaGraphExec_t exec;
     db_cuda_block *pool; // one list; back to the cache at graph_free
     size_t pool_bytes;
+    unsigned filters_gen; // db_cuda_state's at the capture
 };
 
 // The capture's pool as one list (cap_list emptied).
@@ -622,6 +623,7 @@ static void *api_graph_end(db_ctx *c)
     dg->exec = x;
     dg->pool = pool;
     dg->pool_bytes = bytes;
+    dg->filters_gen = st->filters_gen;
     st->graph_bytes += bytes;
     return dg;
 }
@@ -629,6 +631,11 @@ static void *api_graph_end(db_ctx *c)
 static int api_graph_launch(db_ctx *c, void *graph)
 {
     DB_ENTER(c);
+    // a filter registered since the capture moved its place in a working
+    // copy (channels-last) and grew the table the fused AdamW read then: a
+    // replay would write that filter's copy at its old places
+    if (((db_cuda_graph *)graph)->filters_gen != db_cuda_st(c)->filters_gen)
+        return 1;
     if (db_cuda_shadows_refresh(c))
         return -1;
     DB_CU(c, cudaGraphLaunch(((db_cuda_graph *)graph)->exec, db_cuda_st(c)->stream));

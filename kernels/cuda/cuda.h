@@ -106,6 +106,11 @@ struct db_cuda_state {
     int capturing;
     db_cuda_block *cap_list[DB_CUDA_NCLASS];
     size_t cap_live, cap_bytes, graph_bytes;
+    // counts filter registrations (autocast.cu db_cuda_filter16): a graph
+    // captured before the last one baked a filter table and working-copy
+    // layout that no longer hold (the fused AdamW's fr_dev), so graph_launch
+    // refuses it (returns 1: the caller captures again)
+    unsigned filters_gen;
     // eltwise.cu's timestep-embedding frequencies (computed on the host with
     // the C library's expf, as the CPU does), uploaded once per (half,
     // shift, max_period) outside any capture and kept: an upload inside a

@@ -1014,8 +1014,15 @@ int db_unet_graph_run(db_unet_graph *s, db_unet *u, db_graph_fn fn, const void *
         if (u->ctx->device == DB_CUDA)
             db_debug(log, "UNet call recorded as a CUDA graph (%zu-byte arguments), replayed from now on", arg_size);
     }
-    if (s->g)
-        return db_graph_launch(s->g, err);
+    if (s->g) {
+        const int r = db_graph_launch(s->g, err);
+        if (r <= 0)
+            return r;
+        /* stale (ops.h): directly now, recorded again at the next call */
+        db_debug(log, "UNet graph dropped: %s", err->msg);
+        db_err_clear(err);
+        db_unet_graph_free(s);
+    }
     /* a first call with these buffers and sizes: directly (it builds what
      * ops build at a first call), remembering them and the layout it leaves */
     if (fn((void *)arg, err))

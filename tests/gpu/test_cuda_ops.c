@@ -2339,6 +2339,88 @@ static void t_graph_optim(void)
     release_all();
 }
 
+/* A graph made stale by a filter registration (ABI 15): opt_adamw over
+ * declared weights holding two 3x3 filters is captured while a conv has
+ * used only the first; a conv on the second then registers it (its place in
+ * the working copy turns channels-last, and the filter table the capture
+ * baked in misses it), so the launch must queue nothing and return 1,
+ * where a replay would step the weights and write the second filter's copy
+ * at its old places.  After the direct step and a new capture, the
+ * declared weights equal an undeclared copy stepped alike, and convs on
+ * both filters give its bits. */
+typedef struct fwork {
+    float *p, *m, *v, *g;
+    size_t n;
+    db_adamw hp;
+} fwork;
+
+static int fwork_run(void *arg, db_err *err)
+{
+    fwork *q = arg;
+    if (api->opt_adamw(&g, q->p, q->m, q->v, q->g, q->n, &q->hp, 1))
+        return db_err_set(err, g.err.code, "fwork: %s", g.err.msg);
+    return 0;
+}
+
+static void t_graph_filters(void)
+{
+    const char *what = "graph bf16, a filter first used after the capture";
+    if (!have((const void *)api->graph_begin, what) || !have((const void *)api->declare_weights, what))
+        return;
+    enum { KB = 2, KC = 5, KS = 7, KO = 6 };
+    const size_t nf = (size_t)KO * KC * 9, fo1 = 16, fo2 = fo1 + (nf + 15) / 16 * 16, nw = fo2 + nf + 9;
+    float *hw = hrand(nw, 0.3f), *gr = dputf(hrand(nw, 0.05f), nw);
+    fwork q = {dputf(hw, nw), dputf(hzeros(nw), nw), dputf(hzeros(nw), nw), gr, nw, db_adamw_defaults(1e-2)};
+    float *du = dputf(hw, nw), *dm2 = dputf(hzeros(nw), nw), *dv2 = dputf(hzeros(nw), nw);
+    const float *kx = dputf(hrand((size_t)KB * KC * KS * KS, 1), (size_t)KB * KC * KS * KS);
+    db_err err = {0};
+    db_graph *gr1 = NULL, *gr2 = NULL;
+    db_ctx_clear_error(&g);
+    char step[200];
+    snprintf(step, sizeof step, "%s: the first filter used, a direct step", what);
+    int ok = gpu_ran(api->declare_weights(&g, q.p, nw), what) &&
+             conv_both(step, DB_PREC_BF16, kx, q.p + fo1, du + fo1, KB, KC, KS, KO) &&
+             (g.precision = DB_PREC_BF16, fwork_run(&q, &err) == 0) &&
+             gpu_ran(api->opt_adamw(&g, du, dm2, dv2, gr, nw, &q.hp, 1), step);
+    /* captured with the first filter's table, and replayed once */
+    g.precision = DB_PREC_BF16;
+    int r = ok ? db_graph_capture(&g, &gr1, fwork_run, &q, sizeof q, &err) : -1;
+    ok = r == 0 && db_graph_launch(gr1, &err) == 0 && gpu_ran(api->opt_adamw(&g, du, dm2, dv2, gr, nw, &q.hp, 1), step);
+    tap_ok(ok, "%s: captured and replayed%s%s", what, ok ? "" : ": ", ok ? "" : err.msg[0] ? err.msg : g.err.msg);
+    snprintf(step, sizeof step, "%s: the second filter first used", what);
+    ok = ok && conv_both(step, DB_PREC_BF16, kx, q.p + fo2, du + fo2, KB, KC, KS, KO);
+    if (ok) {
+        g.precision = DB_PREC_BF16;
+        db_err_clear(&err);
+        r = db_graph_launch(gr1, &err);
+        tap_ok(r == 1 && g.err.code == 0 && api->sync(&g) == 0, "%s: the launch refused (%d: %s), the ctx without error",
+               what, r, err.msg);
+        snprintf(step, sizeof step, "%s: the weights after the refused launch vs an undeclared copy", what);
+        same_bits(step, q.p, du, nw);
+    }
+    /* directly (the table rebuilt), then a new capture and its replay */
+    g.precision = DB_PREC_BF16;
+    db_err_clear(&err);
+    ok = ok && fwork_run(&q, &err) == 0 && gpu_ran(api->opt_adamw(&g, du, dm2, dv2, gr, nw, &q.hp, 1), what) &&
+         db_graph_capture(&g, &gr2, fwork_run, &q, sizeof q, &err) == 0 && db_graph_launch(gr2, &err) == 0 &&
+         gpu_ran(api->opt_adamw(&g, du, dm2, dv2, gr, nw, &q.hp, 1), what) && api->sync(&g) == 0;
+    tap_ok(ok, "%s: a direct step, a new capture and its replay%s%s", what, ok ? "" : ": ",
+           ok ? "" : err.msg[0] ? err.msg : g.err.msg);
+    if (ok) {
+        snprintf(step, sizeof step, "%s: the weights after the new graph's replay vs an undeclared copy", what);
+        same_bits(step, q.p, du, nw);
+        snprintf(step, sizeof step, "%s: conv on the first filter's copy after the new graph", what);
+        conv_both(step, DB_PREC_BF16, kx, q.p + fo1, du + fo1, KB, KC, KS, KO);
+        snprintf(step, sizeof step, "%s: conv on the second filter's copy after the new graph", what);
+        conv_both(step, DB_PREC_BF16, kx, q.p + fo2, du + fo2, KB, KC, KS, KO);
+    }
+    db_graph_free(gr1);
+    db_graph_free(gr2);
+    g.precision = DB_PREC_F32;
+    db_ctx_clear_error(&g);
+    release_all();
+}
+
 /* ---- main ------------------------------------------------------------------------------------- */
 
 int main(void)
@@ -2679,6 +2761,7 @@ later:
     t_graph_timestep();
     t_graph_weights();
     t_graph_optim();
+    t_graph_filters();
     t_scale(1001, 1.0f);
     t_scale(1001, NAN);
     if (!quick) {
