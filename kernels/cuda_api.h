@@ -25,13 +25,14 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 15 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+#define DB_CUDA_ABI 16 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
                           4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
                           7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free;
                           10: opt_adamw8bit_many; 11: host_alloc, host_free; 12: opt_clip_each;
                           13: linear_multi_forward, linear_multi_backward;
                           14: db_mem_stats.copies_built;
-                          15: graph_launch returns 1 for a graph a filter registration made stale */
+                          15: graph_launch returns 1 for a graph a filter registration made stale;
+                          16: db_mem_stats.device_free, device_total */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */

@@ -172,11 +172,15 @@ int db_ctx_declare_weights(db_ctx *c, const float *p, size_t n);
  * buffer's 16-bit working copy was converted whole from its weights (first
  * use, or after a write that made it stale), since the ctx was created: a
  * pass over every weight, so it should not grow inside a training step.
+ * device_free, device_total: the device's memory as its driver reports it
+ * now (free to any process; reserved counts as used), for a tool's check
+ * against its plan before it loads a model (0 when not known).
  * CUDA only: on the CPU all zero and tracked 0. */
 typedef struct db_mem_stats {
     int tracked;
     size_t in_use, peak, reserved;
     size_t copies_built;
+    size_t device_free, device_total;
 } db_mem_stats;
 void db_ctx_mem_stats(db_ctx *c, db_mem_stats *s);
 void db_ctx_mem_reset_peak(db_ctx *c);

@@ -43,6 +43,47 @@ for run in test_cuda_ops test_cuda_ops:mma test_cuda_ops:nolt test_attention_tc 
     echo "# $run: exit $rc"
     grep -q '^ok ' "$B/emu/$run.tap" && [ "$rc" = 0 ] || echo "not ok - $run exited $rc or ran no check" >>"$B/emu/$run.tap"
 done
+# db-train's check before the weights go to the device: the plan's device
+# peak against the free memory the driver reports (the emulator's
+# EMU_MEM_FREE bytes of 80 GiB).  An emulated step takes minutes, so each
+# run is killed once it has begun training.
+pf=$(mktemp -d)
+trap 'rm -rf "$pf"' EXIT
+mkdir -p "$PWD/build/emu/bin"
+cp "$B/bin/db-train" "$PWD/build/emu/bin/db-train" # (it loads ../lib/libdb_cuda.so: the emulator's)
+preflight() { # free bytes, extra options: stderr in $pf/err
+    rm -rf "$pf/run" "$pf/err"
+    EMU_MEM_FREE=$1 "$PWD/build/emu/bin/db-train" -m "$pf/tiny" -i "$pf/inst.dbt" --steps 1 --lr 1e-4 \
+        --device cuda --precision bf16 "${@:2}" -o "$pf/run" >/dev/null 2>"$pf/err" &
+    local pid=$! i
+    for i in $(seq 300); do
+        grep -q "training 1 steps" "$pf/err" 2>/dev/null && break
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -9 $pid 2>/dev/null
+    wait $pid 2>/dev/null
+}
+{
+    if "$B/bin/db-ckpt" init --arch tiny --seed 42 "$pf/tiny" >/dev/null &&
+        "$B/bin/db-prep" -q --model "$pf/tiny" --size 128 --caption "a photo of sks dog" tests/data/photos/dog \
+            -o "$pf/inst.dbt"; then
+        preflight $((80 << 30))
+        grep -q "db-train: cuda: predicted device peak [0-9]* MiB, 81920 MiB free (of 81920)" "$pf/err" &&
+            ! grep -q "warning" "$pf/err" && echo "ok - db-train: the device plan fits the free memory: no warning" ||
+            { echo "not ok - db-train: the device plan fits the free memory: no warning"; sed 's/^/# /' "$pf/err"; }
+        preflight $((1 << 20))
+        grep -q "warning: cuda: the predicted device peak, [0-9]* MiB, is more than the 1 MiB free (of 81920).*lower it with --gradient-checkpointing, --fused-backward, --optimizer adamw8bit)" "$pf/err" &&
+            echo "ok - db-train: the device plan over the free memory: a warning naming what lowers it" ||
+            { echo "not ok - db-train: the device plan over the free memory: a warning naming what lowers it"; sed 's/^/# /' "$pf/err"; }
+        preflight $((1 << 20)) --gradient-checkpointing --fused-backward --optimizer adamw8bit
+        grep -q "the run may run out of memory (--plan itemises it)$" "$pf/err" &&
+            echo "ok - db-train: the same with every option that lowers it already given: none named" ||
+            { echo "not ok - db-train: the same with every option that lowers it already given: none named"; sed 's/^/# /' "$pf/err"; }
+    else
+        echo "not ok - db-train preflight: fixtures"
+    fi
+} >"$B/emu/preflight.tap"
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[emulator] /' "$B/emu/refuse.tap"
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[mma] /' "$B/emu/test_attention_tc:mma.tap" "$B/emu/test_cuda_ops:mma.tap"
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[no cublasLt] /' "$B/emu/test_cuda_ops:nolt.tap"
@@ -52,5 +93,6 @@ awk '/^1\.\.[0-9]+/ { next }
      { print }
      END { print "1.." n; exit bad }' "$B/emu/test_cuda_ops.tap" "$B/emu/test_cuda_ops:mma.tap" \
     "$B/emu/test_cuda_ops:nolt.tap" "$B/emu/test_attention_tc.tap" \
-    "$B/emu/test_attention_tc:mma.tap" "$B/emu/test_attention_tc:nopipe.tap" "$B/emu/refuse.tap" || status=1
+    "$B/emu/test_attention_tc:mma.tap" "$B/emu/test_attention_tc:nopipe.tap" "$B/emu/refuse.tap" \
+    "$B/emu/preflight.tap" || status=1
 exit $status

@@ -533,6 +533,68 @@ static size_t current_rss(void)
     return (size_t)res * (size_t)sysconf(_SC_PAGESIZE);
 }
 
+/* The optimizer state, tensor by tensor (8-bit AdamW keeps float32
+ * moments under 4096 elements, as the trainer does). */
+static size_t optim_bytes(const run *r, db_optim_kind *kind)
+{
+    db_optim_kind ok = DB_OPTIM_ADAMW;
+    db_optim_parse(r->o.optimizer, &ok);
+    if (kind)
+        *kind = ok;
+    return db_tentries_optim_bytes(r->m.t.v, r->m.t.n, DB_COMP_UNET, ok) +
+           (r->o.train_text ? db_tentries_optim_bytes(r->m.t.v, r->m.t.n, DB_COMP_TEXT, ok) : 0);
+}
+
+/* The device memory of this configuration in compute precision prec (on a
+ * GPU: --plan's device figures, and the check before the weights load). */
+static size_t device_plan(const run *r, int lh, int lw, int prec, db_train_device_plan *d)
+{
+    const db_arch *a = &r->m.arch;
+    db_unet_train_device_plan(a, r->B, lh, lw, r->T, r->o.train_text, r->o.grad_ckpt, r->o.fused, !r->o.no_graph,
+                              (db_precision)prec, d);
+    if (r->o.val_prompt && *r->o.val_prompt)
+        db_unet_validation_device_plan(a, lh, lw, !r->o.no_graph, (db_precision)prec, d);
+    /* the optimizer's state as this run keeps it (8-bit moments: adam) */
+    const size_t adam = optim_bytes(r, NULL);
+    d->total = d->total - d->moments + adam;
+    d->moments = adam;
+    return d->total;
+}
+
+/* On a GPU, before the weights go there: the plan's device peak against
+ * the memory the device has free now.  A warning naming what would lower
+ * it, not an error: a plan is an estimate (1-5 % above the peaks measured
+ * so far), and the run may still fit. */
+static void preflight(run *r, const char *dev, int prec)
+{
+    db_mem_stats ms;
+    db_ctx_mem_stats(r->ctx, &ms);
+    if (!ms.device_free)
+        return;
+    db_train_device_plan d;
+    const double MB = 1048576.0, need = (double)device_plan(r, r->h, r->w, prec, &d);
+    if (need <= (double)ms.device_free) {
+        db_info(&r->lg, "%s: predicted device peak %.0f MiB, %.0f MiB free (of %.0f)", dev, need / MB,
+                ms.device_free / MB, ms.device_total / MB);
+        return;
+    }
+    char tips[200] = "";
+    if (!r->o.grad_ckpt)
+        strcat(tips, ", --gradient-checkpointing");
+    if (!r->o.fused && r->dist.world == 1 && r->o.grad_accum == 1 && prec != DB_PREC_F16)
+        strcat(tips, ", --fused-backward");
+    db_optim_kind ok;
+    optim_bytes(r, &ok);
+    if (ok != DB_OPTIM_ADAMW8BIT)
+        strcat(tips, ", --optimizer adamw8bit");
+    if (prec == DB_PREC_F32)
+        strcat(tips, ", --precision bf16");
+    db_warn(&r->lg, "%s: the predicted device peak, %.0f MiB, is more than the %.0f MiB free (of %.0f): the run may "
+            "run out of memory (--plan itemises it%s%s)",
+            dev, need / MB, ms.device_free / MB, ms.device_total / MB, *tips ? "; lower it with" : "",
+            *tips ? tips + 1 : "");
+}
+
 /* --plan: the memory this configuration needs, from the architecture alone. */
 static void plan(run *r, int lh, int lw)
 {
@@ -550,12 +612,8 @@ static void plan(run *r, int lh, int lw)
         const size_t wt = r->o.train_text ? db_tentries_window_floats(r->m.t.v, r->m.t.n, DB_COMP_TEXT) : 0;
         grads = 4 * (wu > wt ? wu : wt);
     }
-    /* the optimizer state, tensor by tensor (8-bit AdamW keeps float32
-     * moments under 4096 elements, as the trainer does) */
-    db_optim_kind ok = DB_OPTIM_ADAMW;
-    db_optim_parse(r->o.optimizer, &ok);
-    const size_t adam = db_tentries_optim_bytes(r->m.t.v, r->m.t.n, DB_COMP_UNET, ok) +
-                        (r->o.train_text ? db_tentries_optim_bytes(r->m.t.v, r->m.t.n, DB_COMP_TEXT, ok) : 0);
+    db_optim_kind ok;
+    const size_t adam = optim_bytes(r, &ok);
     const size_t act = db_unet_train_bytes_arch(&a->unet, B, lh, lw, T, r->o.grad_ckpt);
     const size_t act_full = db_unet_train_bytes_arch(&a->unet, B, lh, lw, T, 0);
     const size_t act_ck = db_unet_train_bytes_arch(&a->unet, B, lh, lw, T, 1);
@@ -587,13 +645,7 @@ static void plan(run *r, int lh, int lw)
          * buffer of db_weights_load_ctx). */
         db_train_device_plan d;
         const int prec = db_precision_parse(r->o.precision) > 0 ? db_precision_parse(r->o.precision) : DB_PREC_F32;
-        db_unet_train_device_plan(a, B, lh, lw, T, r->o.train_text, r->o.grad_ckpt, r->o.fused, !r->o.no_graph,
-                                  (db_precision)prec, &d);
-        if (r->o.val_prompt && *r->o.val_prompt)
-            db_unet_validation_device_plan(a, lh, lw, !r->o.no_graph, (db_precision)prec, &d);
-        /* the optimizer's state as this run keeps it (8-bit moments: adam) */
-        d.total = d.total - d.moments + adam;
-        d.moments = adam;
+        device_plan(r, lh, lw, prec, &d);
         const size_t stage = pu > pt ? pu : pt, host = base + (stage > ckcopy ? stage : ckcopy) + data + bufs;
         printf("  host\n");
         printf("  %-34s %10.1f MiB\n", "program, libraries, tokenizer", base / MB);
@@ -818,7 +870,8 @@ int main(int argc, char **argv)
          NULL, 0},
         {"replay", 0, DB_OPT_STR, "FILE", "take the draws from FILE (written by --record) instead of the seed",
          &o->replay, NULL, 0},
-        {"plan", 0, DB_OPT_FLAG, NULL, "print the predicted peak memory and exit", &o->plan, NULL, 0},
+        {"plan", 0, DB_OPT_FLAG, NULL, "print the predicted peak memory and exit (a run on a GPU checks the device part against the free memory at start and warns when it is over)",
+         &o->plan, NULL, 0},
         {"threads", 0, DB_OPT_INT, "N", "worker threads (0: all cores)", &o->threads, "0", 0},
         {"log-every", 0, DB_OPT_INT, "N", "a log line every N steps when stderr is not a terminal (0: auto)",
          &o->log_every, "0", 0},
@@ -1085,8 +1138,10 @@ int main(int argc, char **argv)
     if (r->dist.world > 1 && !strcmp(o->device, "cuda"))
         snprintf(devname, sizeof devname, "cuda:%d", db_dist_local_rank(&r->dist));
     const int ctx_rc = db_ctx_create_device(&r->ctx, devname, (int)o->threads, &e);
-    if (ctx_rc == 0) /* before the trainer: in fp16 it scales the loss */
+    if (ctx_rc == 0) { /* before the trainer: in fp16 it scales the loss */
         db_ctx_set_precision(r->ctx, (db_precision)prec);
+        preflight(r, devname, prec);
+    }
     if (ctx_rc || db_trainer_create(&r->tr, r->ctx, &r->m, &to, &e) || db_dist_bind(&r->dist, r->ctx, &e)) {
         db_error(&r->lg, "%s", e.msg);
         goto out;

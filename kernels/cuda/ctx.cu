@@ -462,6 +462,11 @@ static void api_mem_stats(db_ctx *c, db_mem_stats *s)
     s->peak = st->peak_bytes;
     s->reserved = st->live_bytes + st->cached_bytes + st->cap_bytes + st->graph_bytes;
     s->copies_built = st->shadow_builds;
+    size_t f = 0, t = 0;
+    if (cudaMemGetInfo(&f, &t) == cudaSuccess)
+        s->device_free = f, s->device_total = t;
+    else
+        cudaGetLastError(); // (only a figure: no error for the ctx)
 }
 
 static void api_mem_reset_peak(db_ctx *c) { db_cuda_st(c)->peak_bytes = db_cuda_st(c)->live_bytes; }

@@ -215,6 +215,13 @@ template <class K, class... A> static void emu_launch_now(dim3 g, dim3 b, size_t
 // runtime stubs: host memory is device memory
 #define cudaMalloc(p, n) ((*(void **)(p) = aligned_alloc(256, ((n) + 255) / 256 * 256)) ? cudaSuccess : cudaErrorMemoryAllocation)
 #define cudaFree(p) (emu_cap ? emu_forbidden() : (free(p), cudaSuccess))
+// the device's memory: 80 GiB, of which EMU_MEM_FREE bytes free (default all)
+static inline cudaError_t emu_mem_info(size_t *f, size_t *t) {
+    const char *e = getenv("EMU_MEM_FREE");
+    *t = (size_t)80 << 30;
+    *f = e && *e ? (size_t)strtoull(e, NULL, 10) : *t;
+    return cudaSuccess; }
+#define cudaMemGetInfo(f, t) emu_mem_info((f), (t))
 #define cudaHostAllocPortable 1
 #define cudaHostAlloc(p, n, f) ((*(void **)(p) = malloc(n)) ? cudaSuccess : cudaErrorMemoryAllocation)
 #define cudaFreeHost(p) (emu_cap ? emu_forbidden() : (free(p), cudaSuccess))
