@@ -990,28 +990,34 @@ void db_unet_graph_free(db_unet_graph *s)
 int db_unet_graph_run(db_unet_graph *s, db_unet *u, db_graph_fn fn, const void *arg, size_t arg_size,
                       const db_log *log, db_err *err)
 {
+    return db_unet_graph_run_on(s, u->ctx, &u->gen, fn, arg, arg_size, log, err);
+}
+
+int db_unet_graph_run_on(db_unet_graph *s, db_ctx *c, const unsigned *gen, db_graph_fn fn, const void *arg,
+                         size_t arg_size, const db_log *log, db_err *err)
+{
     if (!s->off && arg_size > sizeof s->arg) {
         db_warn(log, "UNet calls without a graph: an argument of %zu bytes", arg_size);
         s->off = 1;
     }
     if (s->off)
         return fn((void *)arg, err);
-    const int same = s->warm && s->arg_size == arg_size && !memcmp(s->arg, arg, arg_size) && s->gen == u->gen &&
-                     s->prec == (int)u->ctx->precision;
+    const int same = s->warm && s->arg_size == arg_size && !memcmp(s->arg, arg, arg_size) && s->gen == *gen &&
+                     s->prec == (int)c->precision;
     if (!same)
         db_unet_graph_free(s);
     if (same && !s->g) { /* warmed up on these buffers and sizes: record */
-        const int r = db_graph_capture(u->ctx, &s->g, fn, arg, arg_size, err);
+        const int r = db_graph_capture(c, &s->g, fn, arg, arg_size, err);
         if (r < 0)
             return -1;
-        if (r > 0 || s->gen != u->gen) { /* not capturable (or the capture moved the buffers) */
+        if (r > 0 || s->gen != *gen) { /* not capturable (or the capture moved the buffers) */
             db_warn(log, "UNet calls without a graph: %s", r > 0 ? err->msg : "the buffers moved");
             db_err_clear(err);
             db_unet_graph_free(s);
             s->off = 1;
             return fn((void *)arg, err);
         }
-        if (u->ctx->device == DB_CUDA)
+        if (c->device == DB_CUDA)
             db_debug(log, "UNet call recorded as a CUDA graph (%zu-byte arguments), replayed from now on", arg_size);
     }
     if (s->g) {
@@ -1029,8 +1035,8 @@ int db_unet_graph_run(db_unet_graph *s, db_unet *u, db_graph_fn fn, const void *
         return -1;
     memcpy(s->arg, arg, arg_size);
     s->arg_size = arg_size;
-    s->gen = u->gen;
-    s->prec = (int)u->ctx->precision;
+    s->gen = *gen;
+    s->prec = (int)c->precision;
     s->warm = 1;
     return 0;
 }

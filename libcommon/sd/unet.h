@@ -200,6 +200,12 @@ typedef struct db_unet_graph {
 struct db_log;
 int db_unet_graph_run(db_unet_graph *s, db_unet *u, db_graph_fn fn, const void *arg, size_t arg_size,
                       const struct db_log *log, db_err *err);
+/* The same on ctx c for work whose buffers' layout count is *gen (read
+ * again after a capture): db_unet_graph_run is it on the UNet's ctx and
+ * db_unet_layout_gen; a graph launch that reports its graph stale (ops.h
+ * db_graph_launch 1) makes the call run directly, and the next record. */
+int db_unet_graph_run_on(db_unet_graph *s, db_ctx *c, const unsigned *gen, db_graph_fn fn, const void *arg,
+                         size_t arg_size, const struct db_log *log, db_err *err);
 void db_unet_graph_free(db_unet_graph *s);
 
 /* Wall seconds the last forward spent per kind of block (CPU ops are

@@ -9,7 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/cuda_api.h"
 #include "kernels/ops.h"
+#include "libcommon/sd/unet.h"
 #include "tap.h"
 
 typedef struct work {
@@ -30,6 +32,65 @@ static int work_run(void *arg, db_err *err)
     if (db_axpby_forward(w->c, w->y, w->x, w->y, w->scale, 1.0f, w->n))
         return db_err_set(err, w->c->err.code, "work: %s", w->c->err.msg);
     return 0;
+}
+
+/* A stand-in CUDA backend's graphs (no GPU: a hand-made ctx, as
+ * test_ops' dispatch test): a capture records nothing and the work runs
+ * (fn is called between begin and end, as by a stream capture), a launch
+ * counts, and answers 1 (stale, ops.h) when asked to. */
+static struct fake_graphs {
+    int token, launches, frees, stale_next;
+} fk;
+static int fk_begin(db_ctx *c) { return 0; }
+static void *fk_end(db_ctx *c) { return &fk.token; }
+static int fk_launch(db_ctx *c, void *g)
+{
+    fk.launches++;
+    if (fk.stale_next) {
+        fk.stale_next = 0;
+        return 1;
+    }
+    return 0;
+}
+static void fk_free(db_ctx *c, void *g) { fk.frees++; }
+
+typedef struct count_arg {
+    int *calls;
+} count_arg;
+static int count_run(void *arg, db_err *err)
+{
+    (*((count_arg *)arg)->calls)++;
+    return 0;
+}
+
+/* db_unet_graph_run_on over that backend: a direct call, a record, replays;
+ * a launch that answers stale drops the graph and runs the call directly,
+ * and the next call records again. */
+static void test_slot_stale(void)
+{
+    db_cuda_api api = {.abi = DB_CUDA_ABI, .graph_begin = fk_begin, .graph_end = fk_end, .graph_launch = fk_launch,
+                       .graph_free = fk_free};
+    db_ctx f = {.device = DB_CUDA, .threads = 1, .cuda_api = &api};
+    db_unet_graph s;
+    memset(&s, 0, sizeof s);
+    const unsigned gen = 7;
+    int calls = 0, rc = 0;
+    count_arg a = {&calls};
+    db_err err = {0};
+    /* calls 1-3: direct, record (+ its launch), replay; 4: stale; 5: record again */
+    static const int want_calls[] = {1, 2, 2, 3, 4}, want_launches[] = {0, 1, 2, 3, 4}, want_frees[] = {0, 0, 0, 1, 1};
+    for (int i = 0; i < 5; i++) {
+        fk.stale_next = i == 3;
+        rc |= db_unet_graph_run_on(&s, &f, &gen, count_run, &a, sizeof a, NULL, &err);
+        tap_ok(rc == 0 && calls == want_calls[i] && fk.launches == want_launches[i] && fk.frees == want_frees[i] &&
+                   !f.err.code && (i != 3 || !s.g),
+               "graph slot, call %d%s: fn ran %d times (want %d), %d launches (%d), %d graphs freed (%d)%s%s", i + 1,
+               i == 3 ? " (the launch answers stale)" : "", calls, want_calls[i], fk.launches, want_launches[i],
+               fk.frees, want_frees[i], rc ? ": " : "", rc ? err.msg : "");
+    }
+    tap_ok(s.g && !s.off, "graph slot: recorded again after the stale graph, still on");
+    db_unet_graph_free(&s);
+    tap_ok(fk.frees == 2, "graph slot: its graph freed with it (%d)", fk.frees);
 }
 
 int main(void)
@@ -96,5 +157,6 @@ int main(void)
     db_ctx_free(c, x);
     db_ctx_free(c, y);
     db_ctx_destroy(c);
+    test_slot_stale();
     return tap_done();
 }
