@@ -583,8 +583,8 @@ static void preflight(run *r, const char *dev, int prec)
         strcat(tips, ", --gradient-checkpointing");
     if (!r->o.fused && r->dist.world == 1 && r->o.grad_accum == 1 && prec != DB_PREC_F16)
         strcat(tips, ", --fused-backward");
-    db_optim_kind ok;
-    optim_bytes(r, &ok);
+    db_optim_kind ok = DB_OPTIM_ADAMW;
+    db_optim_parse(r->o.optimizer, &ok);
     if (ok != DB_OPTIM_ADAMW8BIT)
         strcat(tips, ", --optimizer adamw8bit");
     if (prec == DB_PREC_F32)
@@ -870,7 +870,9 @@ int main(int argc, char **argv)
          NULL, 0},
         {"replay", 0, DB_OPT_STR, "FILE", "take the draws from FILE (written by --record) instead of the seed",
          &o->replay, NULL, 0},
-        {"plan", 0, DB_OPT_FLAG, NULL, "print the predicted peak memory and exit (a run on a GPU checks the device part against the free memory at start and warns when it is over)",
+        {"plan", 0, DB_OPT_FLAG, NULL,
+         "print the predicted peak memory and exit (a run on a GPU checks the device part against the free memory "
+         "at start and warns when it is over)",
          &o->plan, NULL, 0},
         {"threads", 0, DB_OPT_INT, "N", "worker threads (0: all cores)", &o->threads, "0", 0},
         {"log-every", 0, DB_OPT_INT, "N", "a log line every N steps when stderr is not a terminal (0: auto)",
