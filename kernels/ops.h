@@ -18,6 +18,12 @@
  * assigned (=); parameter gradients accumulate (+=), so micro-batches add up
  * without a copy.  A NULL parameter-gradient pointer means "frozen: skip that
  * work" (the VAE, LoRA base weights); a NULL dinp means nobody needs it.
+ * The backwards with parameter gradients take `assign` last: 1 makes
+ * dweight and dbias = 0 + the contribution, without reading them: exactly
+ * the bits of zeroing them and then +=, for a model whose backward makes
+ * each parameter's one contribution into gradients reset for it (the
+ * UNet's, unet.h): the reset (a write of every gradient) and the add's read
+ * of it are saved.  0 is +=.
  *
  * Dispatch.  Each function below is a switch on ctx->device into a backend
  * with the identical signature (kernels/cpu/dispatch.c): db_cpu_* in
@@ -417,31 +423,34 @@ int db_embedding_forward(db_ctx *c, float *out, const int32_t *tokens, const flo
  * either may be NULL. */
 int db_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const float *A, const float *B, int batch,
                      int M, int N, int K, int transa, int transb, float alpha);
-/* dinp (N, C) =; dweight (OC, C) +=; dbias (OC) +=; dout (N, OC). */
+/* dinp (N, C) =; dweight (OC, C) +=; dbias (OC) += (= when assign); dout (N, OC). */
 int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
-                       const float *weight, int N, int C, int OC);
+                       const float *weight, int N, int C, int OC, int assign);
 /* db_linear_multi_forward's backward: d_i = the dinp of
  * db_linear_backward(dout[i], weight[i]), and dinp (N, C) = d_0 + d_1 + ...
  * summed in float32 in order i = 0, 1, .. (dinp = d_0, or dinp + d_0 when
  * accumulate; then dinp = dinp + d_i): exactly n db_linear_backward calls
  * and n - 1 (n when accumulate) db_add_forward ones, without the d_i in
- * memory.  dweight[i] (OC, C), dbias[i] (OC) += as db_linear_backward (the
- * arrays or entries may be NULL); dinp may be NULL.  dout[i] (N, OC). */
+ * memory.  dweight[i] (OC, C), dbias[i] (OC) += (= when assign) as
+ * db_linear_backward (the arrays or entries may be NULL); dinp may be NULL.
+ * dout[i] (N, OC). */
 int db_linear_multi_backward(db_ctx *c, float *dinp, float *const *dweight, float *const *dbias,
                              const float *const *dout, const float *inp, const float *const *weight, int n, int N,
-                             int C, int OC, int accumulate);
-/* dinp (B, C, H, W) =; dweight (OC, C, KH, KW) +=; dbias (OC) +=; dout (B, OC, OH, OW). */
+                             int C, int OC, int accumulate, int assign);
+/* dinp (B, C, H, W) =; dweight (OC, C, KH, KW) +=; dbias (OC) += (= when
+ * assign); dout (B, OC, OH, OW). */
 int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                        const float *weight, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0,
-                       int pad1);
-/* dinp (B, C, HW) =; dweight, dbias (C) +=; mean, rstd (B, G) from the forward;
- * bias is needed to recompute the pre-SiLU value when silu is set. */
+                       int pad1, int assign);
+/* dinp (B, C, HW) =; dweight, dbias (C) += (= when assign); mean, rstd (B, G)
+ * from the forward; bias is needed to recompute the pre-SiLU value when silu
+ * is set. */
 int db_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean,
                           const float *rstd, const float *inp, const float *weight, const float *bias, int B, int C,
-                          int HW, int G, int silu);
-/* dinp (N, C) =; dweight, dbias (C) +=; mean, rstd (N). */
+                          int HW, int G, int silu, int assign);
+/* dinp (N, C) =; dweight, dbias (C) += (= when assign); mean, rstd (N). */
 int db_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean,
-                          const float *rstd, const float *inp, const float *weight, int N, int C);
+                          const float *rstd, const float *inp, const float *weight, int N, int C, int assign);
 /* dq (B, Tq, NH*HS), dk, dv (B, Tk, NH*HS) =; out and lse from the forward. */
 int db_attention_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *dout, const float *out,
                           const float *lse, const float *q, const float *k, const float *v, int B, int Tq, int Tk,

@@ -930,19 +930,31 @@ int db_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const fl
     }
 }
 
+/* The CPU's assign (ops.h): the parameter gradients reset, then the ops'
+ * += as always (the same bits by definition; the CPU's time is elsewhere). */
+static void cpu_reset(int assign, float *dweight, size_t nw, float *dbias, size_t nb)
+{
+    if (assign && dweight)
+        memset(dweight, 0, nw * sizeof *dweight);
+    if (assign && dbias)
+        memset(dbias, 0, nb * sizeof *dbias);
+}
+
 int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
-                       const float *weight, int N, int C, int OC)
+                       const float *weight, int N, int C, int OC, int assign)
 {
     ENTER(c);
     REQUIRE(c, "linear backward", dout && (!dinp || weight) && (!dweight || inp) && N > 0 && C > 0 && OC > 0);
     switch (c->device) {
     case DB_CPU:
     case DB_CPU_STRICT:
+        cpu_reset(assign, dweight, (size_t)OC * C, dbias, (size_t)OC);
         if (c->precision != DB_PREC_F32)
             return db_cpu_ac_linear_backward(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC);
         return db_cpu_linear_backward(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC);
     case DB_CUDA:
-        return CUDA_OP(c, linear_backward, "linear backward", dinp, dweight, dbias, dout, inp, weight, N, C, OC);
+        return CUDA_OP(c, linear_backward, "linear backward", dinp, dweight, dbias, dout, inp, weight, N, C, OC,
+                       assign);
     default:
         return no_backend(c, "linear backward");
     }
@@ -950,7 +962,7 @@ int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
 
 int db_linear_multi_backward(db_ctx *c, float *dinp, float *const *dweight, float *const *dbias,
                              const float *const *dout, const float *inp, const float *const *weight, int n, int N,
-                             int C, int OC, int accumulate)
+                             int C, int OC, int accumulate, int assign)
 {
     ENTER(c);
     REQUIRE(c, "linear backward", dout && n >= 1 && n <= DB_LINEAR_MULTI_MAX && N > 0 && C > 0 && OC > 0);
@@ -968,7 +980,7 @@ int db_linear_multi_backward(db_ctx *c, float *dinp, float *const *dweight, floa
         for (int i = 0; i < n && r == 0; i++) {
             float *di = !dinp ? NULL : i == 0 && !accumulate ? dinp : d;
             r = db_linear_backward(c, di, dweight ? dweight[i] : NULL, dbias ? dbias[i] : NULL, dout[i], inp,
-                                   weight ? weight[i] : NULL, N, C, OC);
+                                   weight ? weight[i] : NULL, N, C, OC, assign);
             if (r == 0 && di == d && d)
                 r = db_add_forward(c, dinp, dinp, d, nx);
         }
@@ -977,7 +989,7 @@ int db_linear_multi_backward(db_ctx *c, float *dinp, float *const *dweight, floa
     }
     case DB_CUDA:
         return CUDA_OP(c, linear_multi_backward, "linear backward", dinp, dweight, dbias, dout, inp, weight, n, N, C,
-                       OC, accumulate);
+                       OC, accumulate, assign);
     default:
         return no_backend(c, "linear backward");
     }
@@ -985,7 +997,7 @@ int db_linear_multi_backward(db_ctx *c, float *dinp, float *const *dweight, floa
 
 int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                        const float *weight, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0,
-                       int pad1)
+                       int pad1, int assign)
 {
     ENTER(c);
     REQUIRE(c, "conv2d backward", dout && (!dinp || weight) && (!dweight || inp) && B > 0 && C > 0 && H > 0 &&
@@ -995,6 +1007,7 @@ int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
     switch (c->device) {
     case DB_CPU:
     case DB_CPU_STRICT:
+        cpu_reset(assign, dweight, (size_t)OC * C * KH * KW, dbias, (size_t)OC);
         if (c->precision != DB_PREC_F32)
             return db_cpu_ac_conv2d_backward(c, dinp, dweight, dbias, dout, inp, weight, B, C, H, W, OC, KH, KW,
                                              stride, pad0, pad1);
@@ -1002,7 +1015,7 @@ int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
                                       pad0, pad1);
     case DB_CUDA:
         return CUDA_OP(c, conv2d_backward, "conv2d backward", dinp, dweight, dbias, dout, inp, weight, B, C, H, W, OC,
-                       KH, KW, stride, pad0, pad1);
+                       KH, KW, stride, pad0, pad1, assign);
     default:
         return no_backend(c, "conv2d backward");
     }
@@ -1010,7 +1023,7 @@ int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
 
 int db_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean,
                           const float *rstd, const float *inp, const float *weight, const float *bias, int B, int C,
-                          int HW, int G, int silu)
+                          int HW, int G, int silu, int assign)
 {
     ENTER(c);
     REQUIRE(c, "groupnorm backward", dout && mean && rstd && inp && weight && bias && B > 0 && C > 0 && HW > 0 &&
@@ -1018,28 +1031,30 @@ int db_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, 
     switch (c->device) {
     case DB_CPU:
     case DB_CPU_STRICT:
+        cpu_reset(assign, dweight, (size_t)C, dbias, (size_t)C);
         return db_cpu_groupnorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, bias, B, C, HW, G,
                                          silu);
     case DB_CUDA:
         return CUDA_OP(c, groupnorm_backward, "groupnorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
-                       weight, bias, B, C, HW, G, silu);
+                       weight, bias, B, C, HW, G, silu, assign);
     default:
         return no_backend(c, "groupnorm backward");
     }
 }
 
 int db_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean,
-                          const float *rstd, const float *inp, const float *weight, int N, int C)
+                          const float *rstd, const float *inp, const float *weight, int N, int C, int assign)
 {
     ENTER(c);
     REQUIRE(c, "layernorm backward", dout && mean && rstd && inp && weight && N > 0 && C > 0);
     switch (c->device) {
     case DB_CPU:
     case DB_CPU_STRICT:
+        cpu_reset(assign, dweight, (size_t)C, dbias, (size_t)C);
         return db_cpu_layernorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, N, C);
     case DB_CUDA:
         return CUDA_OP(c, layernorm_backward, "layernorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
-                       weight, N, C);
+                       weight, N, C, assign);
     default:
         return no_backend(c, "layernorm backward");
     }

@@ -73,23 +73,18 @@ template <typename T> __global__ static void to16_kernel(T *dst, const float *sr
     pass4(dst, src, n, vec, 0, [](T &d, float x) { store16(&d, x); });
 }
 
-// dst = (float) src, or dst += (float) src; conversions to float are exact
-template <typename T> __global__ static void from16_kernel(float *dst, const T *src, size_t n, int accumulate, int vec)
+// dst = (float) src, or by put (DB_PUT_*); conversions to float are exact
+template <typename T> __global__ static void from16_kernel(float *dst, const T *src, size_t n, int put, int vec)
 {
-    pass4(dst, src, n, vec, accumulate, [accumulate](float &d, const T &x) {
-        const float v = load16(&x);
-        d = accumulate ? d + v : v;
-    });
+    pass4(dst, src, n, vec, put == DB_PUT_ADD, [put](float &d, const T &x) { db_cuda_put(&d, load16(&x), put); });
 }
 
-// dst = round(src) or dst += round(src); dst == src allowed (each element is
-// read, then written, by one thread)
-__global__ static void round_kernel(float *dst, const float *src, size_t n, int f16, int accumulate, int vec)
+// dst = round(src), or by put (DB_PUT_*); dst == src allowed (each element
+// is read, then written, by one thread)
+__global__ static void round_kernel(float *dst, const float *src, size_t n, int f16, int put, int vec)
 {
-    pass4(dst, src, n, vec, accumulate, [f16, accumulate](float &d, float x) {
-        const float v = db_cuda_round16(x, f16);
-        d = accumulate ? d + v : v;
-    });
+    pass4(dst, src, n, vec, put == DB_PUT_ADD,
+          [f16, put](float &d, float x) { db_cuda_put(&d, db_cuda_round16(x, f16), put); });
 }
 
 // Four at a time: both pointers 16-byte aligned (the 16-bit side's 8 bytes
@@ -127,10 +122,10 @@ __global__ static void __launch_bounds__(TT *TROWS) to16_nhwc_kernel(T *dst, con
     }
 }
 
-// dst (B, C, HW) = (float) src (B, HW, C), or += when accumulate
+// dst (B, C, HW) = (float) src (B, HW, C), or by put (DB_PUT_*)
 template <typename T>
 __global__ static void __launch_bounds__(TT *TROWS)
-    from16_nchw_kernel(float *dst, const T *src, int C, int HW, int accumulate)
+    from16_nchw_kernel(float *dst, const T *src, int C, int HW, int put)
 {
     __shared__ float tile[TT][TT + 1];
     const size_t plane = (size_t)C * HW * blockIdx.z;
@@ -143,11 +138,8 @@ __global__ static void __launch_bounds__(TT *TROWS)
     __syncthreads();
     for (int k = threadIdx.y; k < TT; k += TROWS) {
         const int ch = c0 + k, hw = hw0 + threadIdx.x;
-        if (ch < C && hw < HW) {
-            float *d = dst + plane + (size_t)ch * HW + hw;
-            const float v = tile[threadIdx.x][k];
-            *d = accumulate ? *d + v : v;
-        }
+        if (ch < C && hw < HW)
+            db_cuda_put(dst + plane + (size_t)ch * HW + hw, tile[threadIdx.x][k], put);
     }
 }
 
@@ -175,10 +167,10 @@ __global__ static void __launch_bounds__(SMALL_CT) to16_nhwc_small_kernel(T *dst
             store16(dst + plane + (size_t)k * C + c0 + threadIdx.x, tile[k][threadIdx.x]);
 }
 
-// dst (B, C, HW) = (float) src (B, HW, C), or += when accumulate
+// dst (B, C, HW) = (float) src (B, HW, C), or by put (DB_PUT_*)
 template <typename T>
 __global__ static void __launch_bounds__(SMALL_CT)
-    from16_nchw_small_kernel(float *dst, const T *src, int C, int HW, int accumulate)
+    from16_nchw_small_kernel(float *dst, const T *src, int C, int HW, int put)
 {
     __shared__ float tile[SMALL_HW][SMALL_CT + 1];
     const size_t plane = (size_t)C * HW * blockIdx.y;
@@ -188,15 +180,13 @@ __global__ static void __launch_bounds__(SMALL_CT)
             tile[k][threadIdx.x] = load16(src + plane + (size_t)k * C + c0 + threadIdx.x);
     __syncthreads();
     float *d = dst + plane + (size_t)c0 * HW; // nc * HW contiguous values
-    for (int i = threadIdx.x; i < nc * HW; i += SMALL_CT) {
-        const float v = tile[i % HW][i / HW];
-        d[i] = accumulate ? d[i] + v : v;
-    }
+    for (int i = threadIdx.x; i < nc * HW; i += SMALL_CT)
+        db_cuda_put(d + i, tile[i % HW][i / HW], put);
 }
 
 // one launch per 65535 samples (the grid's z limit; y for small planes);
 // to16: dst16/src32, else dst32/src16
-static int nhwc_launch(db_ctx *c, int to16, void *dst, const void *src, int B, int C, int HW, int accumulate)
+static int nhwc_launch(db_ctx *c, int to16, void *dst, const void *src, int B, int C, int HW, int put)
 {
     if (B <= 0 || C <= 0 || HW <= 0)
         return 0;
@@ -217,10 +207,10 @@ static int nhwc_launch(db_ctx *c, int to16, void *dst, const void *src, int B, i
                                                                HW);
             else if (f16)
                 from16_nchw_small_kernel<<<sg, SMALL_CT, 0, s>>>((float *)dst + o, (const __half *)src + o, C, HW,
-                                                                 accumulate);
+                                                                 put);
             else
                 from16_nchw_small_kernel<<<sg, SMALL_CT, 0, s>>>((float *)dst + o, (const __nv_bfloat16 *)src + o, C,
-                                                                 HW, accumulate);
+                                                                 HW, put);
             DB_LAUNCHED(c);
             continue;
         }
@@ -229,10 +219,10 @@ static int nhwc_launch(db_ctx *c, int to16, void *dst, const void *src, int B, i
         else if (to16)
             to16_nhwc_kernel<<<grid, block, 0, s>>>((__nv_bfloat16 *)dst + o, (const float *)src + o, C, HW);
         else if (f16)
-            from16_nchw_kernel<<<grid, block, 0, s>>>((float *)dst + o, (const __half *)src + o, C, HW, accumulate);
+            from16_nchw_kernel<<<grid, block, 0, s>>>((float *)dst + o, (const __half *)src + o, C, HW, put);
         else
             from16_nchw_kernel<<<grid, block, 0, s>>>((float *)dst + o, (const __nv_bfloat16 *)src + o, C, HW,
-                                                      accumulate);
+                                                      put);
         DB_LAUNCHED(c);
     }
     return 0;
@@ -248,9 +238,9 @@ void *db_cuda_to16_nhwc(db_ctx *c, const float *src, int B, int C, int HW)
     return dst;
 }
 
-int db_cuda_from16_nchw(db_ctx *c, float *dst, const void *src, int B, int C, int HW, int accumulate)
+int db_cuda_from16_nchw(db_ctx *c, float *dst, const void *src, int B, int C, int HW, int put)
 {
-    return nhwc_launch(c, 0, dst, src, B, C, HW, accumulate);
+    return nhwc_launch(c, 0, dst, src, B, C, HW, put);
 }
 
 // ---- weight shadows ---------------------------------------------------------------
@@ -481,33 +471,33 @@ static void *convert16(db_ctx *c, void *dst, const float *src, size_t n)
     return dst;
 }
 
-int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int accumulate)
+int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int put)
 {
     if (n == 0)
         return 0;
     cudaStream_t s = db_cuda_st(c)->stream;
     const int v = vec4(dst, src, n);
     if (c->precision == DB_PREC_F16)
-        from16_kernel<<<grid4(n, v), CONV_THREADS, 0, s>>>(dst, (const __half *)src, n, accumulate, v);
+        from16_kernel<<<grid4(n, v), CONV_THREADS, 0, s>>>(dst, (const __half *)src, n, put, v);
     else
-        from16_kernel<<<grid4(n, v), CONV_THREADS, 0, s>>>(dst, (const __nv_bfloat16 *)src, n, accumulate, v);
+        from16_kernel<<<grid4(n, v), CONV_THREADS, 0, s>>>(dst, (const __nv_bfloat16 *)src, n, put, v);
     DB_LAUNCHED(c);
     return 0;
 }
 
-int db_cuda_round_as(db_ctx *c, float *dst, const float *src, size_t n, int f16, int accumulate)
+int db_cuda_round_as(db_ctx *c, float *dst, const float *src, size_t n, int f16, int put)
 {
     if (n == 0)
         return 0;
     const int v = vec4(dst, src, n);
-    round_kernel<<<grid4(n, v), CONV_THREADS, 0, db_cuda_st(c)->stream>>>(dst, src, n, f16, accumulate, v);
+    round_kernel<<<grid4(n, v), CONV_THREADS, 0, db_cuda_st(c)->stream>>>(dst, src, n, f16, put, v);
     DB_LAUNCHED(c);
     return 0;
 }
 
-int db_cuda_round(db_ctx *c, float *dst, const float *src, size_t n, int accumulate)
+int db_cuda_round(db_ctx *c, float *dst, const float *src, size_t n, int put)
 {
-    return db_cuda_round_as(c, dst, src, n, c->precision == DB_PREC_F16, accumulate);
+    return db_cuda_round_as(c, dst, src, n, c->precision == DB_PREC_F16, put);
 }
 
 float *db_cuda_rounded_copy(db_ctx *c, const float *src, size_t n)

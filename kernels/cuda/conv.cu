@@ -581,12 +581,12 @@ static void *filter16(db_ctx *c, const db_cuda_conv_plan *p, const float *weight
     return p->nhwc ? db_cuda_filter16(c, weight, OC, C, KHW) : db_cuda_to16(c, weight, (size_t)OC * C * KHW);
 }
 
-// dst (B, C, HW) float = src in the plan's layout, or += when accumulate
+// dst (B, C, HW) float = src in the plan's layout, or by put (DB_PUT_*)
 static int from16_plan(db_ctx *c, const db_cuda_conv_plan *p, float *dst, const void *src, int B, int C, int HW,
-                       int accumulate)
+                       int put)
 {
-    return p->nhwc ? db_cuda_from16_nchw(c, dst, src, B, C, HW, accumulate)
-                   : db_cuda_from16(c, dst, src, (size_t)B * C * HW, accumulate);
+    return p->nhwc ? db_cuda_from16_nchw(c, dst, src, B, C, HW, put)
+                   : db_cuda_from16(c, dst, src, (size_t)B * C * HW, put);
 }
 
 static int conv_forward16(db_ctx *c, db_cuda_conv_plan *p, float *out, const float *inp, const float *weight,
@@ -670,8 +670,10 @@ static int data_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, const void 
 }
 
 // dweight += the filter gradient of the 16-bit operands, rounded by cuDNN's
-// store before the float32 add; 1 when cuDNN supports no candidate
-static int filter_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dweight, const void *dy16, const float *inp)
+// store before the float32 add (put DB_PUT_FRESH: assigned, dweight not
+// read); 1 when cuDNN supports no candidate
+static int filter_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dweight, const void *dy16, const float *inp,
+                         int put)
 {
     const size_t nw = (size_t)p->key[4] * p->key[1] * p->key[5] * p->key[6];
     void *x16 = input16(c, p, inp), *dw16 = db_cuda_alloc(c, nw * 2);
@@ -679,7 +681,7 @@ static int filter_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dweight, const 
     if (r == 0)
         r = run_conv(c, p, 2, x16, NULL, dy16, dw16, 0.0f, 1);
     if (r == 0)
-        r = from16_plan(c, p, dweight, dw16, p->key[4], p->key[1], p->key[5] * p->key[6], 1);
+        r = from16_plan(c, p, dweight, dw16, p->key[4], p->key[1], p->key[5] * p->key[6], put);
     db_cuda_free(c, x16);
     db_cuda_free(c, dw16);
     return r;
@@ -705,7 +707,7 @@ static int data_grad16_via32(db_ctx *c, db_cuda_conv_plan *p16, float *dinp, con
 }
 
 static int filter_grad16_via32(db_ctx *c, db_cuda_conv_plan *p16, float *dweight, const float *dout,
-                               const float *inp)
+                               const float *inp, int put)
 {
     const int B = p16->key[0], C = p16->key[1], OC = p16->key[4];
     const size_t nw = (size_t)OC * C * p16->key[5] * p16->key[6];
@@ -717,7 +719,7 @@ static int filter_grad16_via32(db_ctx *c, db_cuda_conv_plan *p16, float *dweight
     if (r == 0)
         r = filter_grad32(c, p, t, rd, rx, 0.0f);
     if (r == 0)
-        r = db_cuda_round(c, dweight, t, nw, 1);
+        r = db_cuda_round(c, dweight, t, nw, put);
     db_cuda_free(c, rd);
     db_cuda_free(c, rx);
     db_cuda_free(c, t);
@@ -725,8 +727,9 @@ static int filter_grad16_via32(db_ctx *c, db_cuda_conv_plan *p16, float *dweight
 }
 
 static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *dweight, float *dbias,
-                           const float *dout, const float *inp, const float *weight)
+                           const float *dout, const float *inp, const float *weight, int assign)
 {
+    const int put = db_cuda_put_param(assign);
     const int B = p->key[0], OC = p->key[4];
     const size_t ny = (size_t)B * OC * p->OH * p->OW;
     cudaStream_t s = db_cuda_st(c)->stream;
@@ -739,11 +742,11 @@ static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *
             r = data_grad16_via32(c, p, dinp, dout, weight);
         }
     }
-    if (r == 0 && dweight) { // dweight +=
-        r = p->via32[2] ? 1 : filter_grad16(c, p, dweight, dy16, inp);
+    if (r == 0 && dweight) { // dweight += (or = when assign)
+        r = p->via32[2] ? 1 : filter_grad16(c, p, dweight, dy16, inp, put);
         if (r == 1) {
             p->via32[2] = 1;
-            r = filter_grad16_via32(c, p, dweight, dout, inp);
+            r = filter_grad16_via32(c, p, dweight, dout, inp, put);
         }
     }
     db_cuda_free(c, dy16);
@@ -758,7 +761,7 @@ static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *
                 r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "conv2d bias gradient: %s", cudaGetErrorString(e));
         }
         if (r == 0)
-            r = db_cuda_finish_colsum(c, dbias, part, B, OC, r16);
+            r = db_cuda_finish_colsum(c, dbias, part, B, OC, r16, put);
         db_cuda_free(c, part);
     }
     return r ? -1 : 0;
@@ -795,7 +798,7 @@ extern "C" int db_cuda_conv2d_forward(db_ctx *c, float *out, const float *inp, c
 
 extern "C" int db_cuda_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
                                        const float *inp, const float *weight, int B, int C, int H, int W, int OC,
-                                       int KH, int KW, int stride, int pad0, int pad1)
+                                       int KH, int KW, int stride, int pad0, int pad1, int assign)
 {
     DB_ENTER(c);
     if (B == 0 || OC == 0)
@@ -805,9 +808,12 @@ extern "C" int db_cuda_conv2d_backward(db_ctx *c, float *dinp, float *dweight, f
     if (!p)
         return -1;
     if (key[10])
-        return conv_backward16(c, p, dinp, dweight, dbias, dout, inp, weight);
+        return conv_backward16(c, p, dinp, dweight, dbias, dout, inp, weight, assign);
     cudaStream_t s = db_cuda_st(c)->stream;
     if (dinp && data_grad32(c, p, dinp, dout, weight) != 0) // dinp (B, C, H, W) =
+        return -1;
+    // fp32 assign: the reset, then as +=: cuDNN's beta 0 would keep a -0 that the add makes +0
+    if (assign && dweight && db_cuda_zero_f32(c, dweight, (size_t)OC * C * KH * KW) != 0)
         return -1;
     if (dweight && filter_grad32(c, p, dweight, dout, inp, 1.0f) != 0) // dweight (OC, C, KH, KW) += (beta 1)
         return -1;
@@ -817,7 +823,7 @@ extern "C" int db_cuda_conv2d_backward(db_ctx *c, float *dinp, float *dweight, f
             return -1;
         bias_grad_part_kernel<<<B * OC, 256, 0, s>>>(part, dout, p->OH * p->OW, 0);
         cudaError_t e = cudaGetLastError();
-        int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dbias, part, B, OC, 0) : -1;
+        int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dbias, part, B, OC, 0, db_cuda_put_param(assign)) : -1;
         db_cuda_free(c, part);
         DB_CU(c, e);
         if (r)

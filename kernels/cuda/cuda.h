@@ -190,11 +190,26 @@ void db_cuda_lt_plans_free(db_ctx *c);
 int db_cuda_sgemm(db_ctx *c, int batch, int transa, int transb, int M, int N, int K, float alpha, const float *A,
                   int lda, long long sa, const float *B, int ldb, long long sb, float beta, float *Cm, int ldc,
                   long long sc);
+// How a float32 result v reaches dst: DB_PUT_SET dst = v; DB_PUT_ADD dst +=
+// v; DB_PUT_FRESH dst = 0 + v, the bits dst += v gives on a zeroed dst (a -0
+// made +0) without reading it: a parameter gradient's first contribution
+// (ops.h `assign`), the same bits as the reset and the add it replaces.
+enum { DB_PUT_SET = 0, DB_PUT_ADD = 1, DB_PUT_FRESH = 2 };
+// the put mode of a parameter gradient: assigned (ops.h assign) or added
+static inline int db_cuda_put_param(int assign) { return assign ? DB_PUT_FRESH : DB_PUT_ADD; }
+// n floats of device memory at p zeroed on the ctx's stream (the fp32 ops'
+// assign: the reset, then their += as before); 0, or -1 with c->err set
+static inline int db_cuda_zero_f32(db_ctx *c, float *p, size_t n)
+{
+    DB_CU(c, cudaMemsetAsync(p, 0, n * sizeof(float), db_cuda_st(c)->stream));
+    return 0;
+}
 // norm.cu: dst (C) += (float) sum over nchunk rows of part (nchunk, C) doubles,
 // rows summed in order (the deterministic second stage of a column sum);
 // r16 1 / 2: the float sum rounded to bf16 / fp16 before it is added (the
-// 16-bit modes' bias gradients, in one launch).
-int db_cuda_finish_colsum(db_ctx *c, float *dst, const double *part, int nchunk, int C, int r16);
+// 16-bit modes' bias gradients, in one launch).  put: DB_PUT_ADD, or
+// DB_PUT_FRESH (a parameter gradient's first contribution).
+int db_cuda_finish_colsum(db_ctx *c, float *dst, const double *part, int nchunk, int C, int r16, int put);
 
 // Rows per chunk of a two-stage column sum over N rows (the bias and layer
 // norm parameter gradients): 32, doubled while the chunks would pass the
@@ -259,6 +274,11 @@ __device__ __forceinline__ float db_cuda_round16(float x, int f16)
 }
 // an operand element as float (the 16-bit kernels' loads; float itself for the fp32 ones)
 __device__ __forceinline__ float db_cuda_f32(float x) { return x; }
+// *d given v by put (DB_PUT_*, above); d is read only for DB_PUT_ADD
+__device__ __forceinline__ void db_cuda_put(float *d, float v, int put)
+{
+    *d = put == DB_PUT_ADD ? *d + v : put == DB_PUT_FRESH ? __fadd_rn(0.0f, v) : v;
+}
 __device__ __forceinline__ float db_cuda_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float db_cuda_f32(__half x) { return __half2float(x); }
 // attention_backward.cu: D (B, NH, Tq) = dO . O per query and head, summed in
@@ -272,13 +292,13 @@ void *db_cuda_to16(db_ctx *c, const float *src, size_t n);
 // every built 16-bit working copy made current for c's compute type, in
 // place (before a graph replay); 0, or -1 with c->err set
 int db_cuda_shadows_refresh(db_ctx *c);
-// dst (float) = src (compute type, n), or dst += src when accumulate
-int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int accumulate);
+// dst (float) = src (compute type, n), or by put (DB_PUT_*: 1 +=)
+int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int put);
 // Channels-last conversions (conv.cu's 16-bit convolutions): fresh scratch
 // (B, HW, C) in the compute type = round(src (B, C, HW)); NULL with c->err set
 void *db_cuda_to16_nhwc(db_ctx *c, const float *src, int B, int C, int HW);
-// dst (B, C, HW) float = src (B, HW, C) compute type, or += when accumulate
-int db_cuda_from16_nchw(db_ctx *c, float *dst, const void *src, int B, int C, int HW, int accumulate);
+// dst (B, C, HW) float = src (B, HW, C) compute type, or by put (DB_PUT_*: 1 +=)
+int db_cuda_from16_nchw(db_ctx *c, float *dst, const void *src, int B, int C, int HW, int put);
 // A filter w (OC, C, KHW) in the compute type and NHWC filter layout
 // (OC, KHW, C): inside a declared buffer, its place in the working copy
 // (registered at the first call, so every later rebuild writes it
@@ -289,10 +309,10 @@ void *db_cuda_filter16(db_ctx *c, const float *w, int OC, int C, int KHW);
 // their copies transposed as it goes.  *n their count; NULL with n 0 when
 // none, or with c->err set when the table could not be made.
 const db_cuda_filter_range *db_cuda_shadow_filters(db_ctx *c, db_cuda_shadow *w, int *n);
-// dst = round(src), or dst += round(src) when accumulate; dst may be src
-int db_cuda_round(db_ctx *c, float *dst, const float *src, size_t n, int accumulate);
+// dst = round(src), or by put (DB_PUT_*: 1 +=); dst may be src
+int db_cuda_round(db_ctx *c, float *dst, const float *src, size_t n, int put);
 // the same, rounding to fp16 when f16 and to bf16 otherwise, whatever the ctx's mode
-int db_cuda_round_as(db_ctx *c, float *dst, const float *src, size_t n, int f16, int accumulate);
+int db_cuda_round_as(db_ctx *c, float *dst, const float *src, size_t n, int f16, int put);
 // fresh float scratch holding src rounded (free with db_cuda_free); NULL with c->err set
 float *db_cuda_rounded_copy(db_ctx *c, const float *src, size_t n);
 // Weight shadows (db_cuda_shadow above).  db_cuda_to16 of a range inside a

@@ -563,8 +563,9 @@ extern "C" int db_cuda_gemm_backward(db_ctx *c, float *dA, float *dB, const floa
 // dst (OC) += column sums of dout (N, OC): two-stage, fixed order; r16 1 /
 // 2: each dout element rounded to bf16 / fp16 as it is summed, and the
 // float sum rounded so before it is added (the 16-bit modes' dbias).  X:
-// float, or dout's copy in the compute type (r16 its type)
-template <typename X> static int bias_grad(db_ctx *c, float *dst, const X *dout, int N, int OC, int r16)
+// float, or dout's copy in the compute type (r16 its type); put
+// DB_PUT_FRESH: assigned (dst not read)
+template <typename X> static int bias_grad(db_ctx *c, float *dst, const X *dout, int N, int OC, int r16, int put)
 {
     const int rows = db_cuda_part_rows(N), nchunk = (N + rows - 1) / rows;
     double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)nchunk * OC);
@@ -573,7 +574,7 @@ template <typename X> static int bias_grad(db_ctx *c, float *dst, const X *dout,
     dim3 grid((unsigned)((OC + 127) / 128), (unsigned)nchunk);
     colsum_part_kernel<<<grid, 128, 0, db_cuda_st(c)->stream>>>(part, dout, N, OC, rows, r16);
     cudaError_t e = cudaGetLastError();
-    int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dst, part, nchunk, OC, r16) : -1;
+    int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dst, part, nchunk, OC, r16, put) : -1;
     db_cuda_free(c, part);
     DB_CU(c, e);
     return r;
@@ -582,10 +583,13 @@ template <typename X> static int bias_grad(db_ctx *c, float *dst, const X *dout,
 // 16-bit linear_backward from the input's 16-bit copy x16 (NULL: made here
 // when dweight needs it): dinp = round(dout' W'), or dinp += it when
 // dinp_acc; dweight += round(dout'^T x'); dbias += round(sum of dout' rows)
+// (both assigned when assign: ops.h)
 static int linear_backward16(db_ctx *c, float *dinp, int dinp_acc, float *dweight, float *dbias, const float *dout,
-                             const void *x16, const float *inp, const float *weight, int N, int C, int OC)
+                             const void *x16, const float *inp, const float *weight, int N, int C, int OC,
+                             int assign)
 {
     const size_t nw = (size_t)OC * C;
+    const int put = db_cuda_put_param(assign);
     ops16 o = {{db_cuda_to16(c, dout, (size_t)N * OC), NULL, NULL}};
     int r = o.p[0] ? 0 : -1;
     if (r == 0 && dinp) { // dinp (N, C) = dout (N, OC) @ weight (OC, C)
@@ -599,32 +603,35 @@ static int linear_backward16(db_ctx *c, float *dinp, int dinp_acc, float *dweigh
         if (!x16)
             r = (x16 = o.p[2] = db_cuda_to16(c, inp, (size_t)N * C)) ? 0 : -1;
         if (r == 0)
-            r = via16(c, dweight, nw, 1, [&](void *t) {
+            r = via16(c, dweight, nw, put, [&](void *t) {
                 return db_cuda_gemm16(c, 1, 1, 0, OC, C, N, 1.0f, o.p[0], OC, 0, x16, C, 0, 0.0f, t, 1, C, 0);
             });
     }
     // float32 sum of the rounded dout (its 16-bit copy above), rounded, added
     if (r == 0 && dbias && N > 0 && OC > 0)
-        r = c->precision == DB_PREC_F16 ? bias_grad(c, dbias, (const __half *)o.p[0], N, OC, 2)
-                                        : bias_grad(c, dbias, (const __nv_bfloat16 *)o.p[0], N, OC, 1);
+        r = c->precision == DB_PREC_F16 ? bias_grad(c, dbias, (const __half *)o.p[0], N, OC, 2, put)
+                                        : bias_grad(c, dbias, (const __nv_bfloat16 *)o.p[0], N, OC, 1, put);
     ops16_free(c, &o);
     return r ? -1 : 0;
 }
 
 extern "C" int db_cuda_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
-                                       const float *inp, const float *weight, int N, int C, int OC)
+                                       const float *inp, const float *weight, int N, int C, int OC, int assign)
 {
     DB_ENTER(c);
     if (db_cuda_prec16(c))
-        return linear_backward16(c, dinp, 0, dweight, dbias, dout, NULL, inp, weight, N, C, OC);
+        return linear_backward16(c, dinp, 0, dweight, dbias, dout, NULL, inp, weight, N, C, OC, assign);
     // dinp (N, C) = dout (N, OC) @ weight (OC, C)
     if (dinp && db_cuda_sgemm(c, 1, 0, 0, N, C, OC, 1.0f, dout, OC, 0, weight, C, 0, 0.0f, dinp, C, 0) != 0)
         return -1;
-    // dweight (OC, C) += dout^T (OC, N) @ inp (N, C)
+    // dweight (OC, C) += dout^T (OC, N) @ inp (N, C); fp32 assign: the reset,
+    // then as += (beta 0 would keep a -0 that the add makes +0)
+    if (assign && dweight && db_cuda_zero_f32(c, dweight, (size_t)OC * C) != 0)
+        return -1;
     if (dweight && db_cuda_sgemm(c, 1, 1, 0, OC, C, N, 1.0f, dout, OC, 0, inp, C, 0, 1.0f, dweight, C, 0) != 0)
         return -1;
     if (dbias && N > 0 && OC > 0)
-        return bias_grad(c, dbias, dout, N, OC, 0);
+        return bias_grad(c, dbias, dout, N, OC, 0, db_cuda_put_param(assign));
     return 0;
 }
 
@@ -634,7 +641,7 @@ extern "C" int db_cuda_linear_backward(db_ctx *c, float *dinp, float *dweight, f
 // through a scratch and the adds, as the definition.
 extern "C" int db_cuda_linear_multi_backward(db_ctx *c, float *dinp, float *const *dweight, float *const *dbias,
                                              const float *const *dout, const float *inp, const float *const *weight,
-                                             int n, int N, int C, int OC, int accumulate)
+                                             int n, int N, int C, int OC, int accumulate, int assign)
 {
     DB_ENTER(c);
     const size_t nx = (size_t)N * C;
@@ -646,7 +653,7 @@ extern "C" int db_cuda_linear_multi_backward(db_ctx *c, float *dinp, float *cons
         int r = needx && N > 0 && !x16 ? -1 : 0;
         for (int i = 0; i < n && r == 0; i++)
             r = linear_backward16(c, dinp, accumulate || i > 0, dweight ? dweight[i] : NULL, dbias ? dbias[i] : NULL,
-                                  dout[i], x16, inp, weight ? weight[i] : NULL, N, C, OC);
+                                  dout[i], x16, inp, weight ? weight[i] : NULL, N, C, OC, assign);
         db_cuda_free(c, x16);
         return r;
     }
@@ -655,7 +662,7 @@ extern "C" int db_cuda_linear_multi_backward(db_ctx *c, float *dinp, float *cons
     for (int i = 0; i < n && r == 0; i++) {
         float *di = !dinp ? NULL : i == 0 && !accumulate ? dinp : d;
         r = db_cuda_linear_backward(c, di, dweight ? dweight[i] : NULL, dbias ? dbias[i] : NULL, dout[i], inp,
-                                    weight ? weight[i] : NULL, N, C, OC);
+                                    weight ? weight[i] : NULL, N, C, OC, assign);
         if (r == 0 && di && di == d)
             r = db_cuda_add_forward(c, dinp, dinp, d, nx);
     }

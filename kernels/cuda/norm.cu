@@ -22,7 +22,7 @@ enum { ROW_THREADS = 256, LN_ROWS = 8 };
 // round((float) sum) to bf16 / fp16 (the sum first added to a float32 zero,
 // as when it was summed into a zeroed scratch and that rounded and added:
 // a -0 sum adds +0).  One thread per column.
-__global__ static void finish_colsum_kernel(float *dst, const double *part, int nchunk, int C, int r16)
+__global__ static void finish_colsum_kernel(float *dst, const double *part, int nchunk, int C, int r16, int put)
 {
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= C)
@@ -30,14 +30,14 @@ __global__ static void finish_colsum_kernel(float *dst, const double *part, int 
     double s = 0;
     for (int r = 0; r < nchunk; r++)
         s += part[(size_t)r * C + j];
-    dst[j] += r16 ? db_cuda_round16(__fadd_rn(0.0f, (float)s), r16 == 2) : (float)s;
+    db_cuda_put(dst + j, r16 ? db_cuda_round16(__fadd_rn(0.0f, (float)s), r16 == 2) : (float)s, put);
 }
 
-int db_cuda_finish_colsum(db_ctx *c, float *dst, const double *part, int nchunk, int C, int r16)
+int db_cuda_finish_colsum(db_ctx *c, float *dst, const double *part, int nchunk, int C, int r16, int put)
 {
     if (C == 0)
         return 0;
-    finish_colsum_kernel<<<(C + 127) / 128, 128, 0, db_cuda_st(c)->stream>>>(dst, part, nchunk, C, r16);
+    finish_colsum_kernel<<<(C + 127) / 128, 128, 0, db_cuda_st(c)->stream>>>(dst, part, nchunk, C, r16, put);
     DB_LAUNCHED(c);
     return 0;
 }
@@ -841,9 +841,10 @@ __global__ static void __launch_bounds__(GW_THREADS)
 }
 
 // One thread per channel: dweight (C) += sum_b sum_k pdyx, dbias (C) +=
-// sum_b sum_k pdy (each NULL or not), per (b, c) first, b in order.
+// sum_b sum_k pdy (each NULL or not; put DB_PUT_FRESH: assigned), per (b, c)
+// first, b in order.
 __global__ static void groupnorm_bparams_kernel(float *dweight, float *dbias, const double *pdy, const double *pdyx,
-                                                int B, int C, int K)
+                                                int B, int C, int K, int put)
 {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C)
@@ -857,14 +858,14 @@ __global__ static void groupnorm_bparams_kernel(float *dweight, float *dbias, co
         sw += s_dyx, sb += s_dy;
     }
     if (dweight)
-        dweight[c] += (float)sw;
+        db_cuda_put(dweight + c, (float)sw, put);
     if (dbias)
-        dbias[c] += (float)sb;
+        db_cuda_put(dbias + c, (float)sb, put);
 }
 
 extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
                                           const float *mean, const float *rstd, const float *inp, const float *weight,
-                                          const float *bias, int B, int C, int HW, int G, int silu)
+                                          const float *bias, int B, int C, int HW, int G, int silu, int assign)
 {
     DB_ENTER(c);
     if (B * G == 0 || HW == 0 || (!dinp && !dweight && !dbias))
@@ -892,7 +893,8 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
                                                               C, HW, G, sp.K, sp.L, silu);
     }
     if (e == cudaSuccess && (dweight || dbias))
-        groupnorm_bparams_kernel<<<(C + 127) / 128, 128, 0, st>>>(dweight, dbias, part, part + P, B, C, sp.K);
+        groupnorm_bparams_kernel<<<(C + 127) / 128, 128, 0, st>>>(dweight, dbias, part, part + P, B, C, sp.K,
+                                                                     db_cuda_put_param(assign));
     if (e == cudaSuccess)
         e = cudaGetLastError();
     db_cuda_free(c, part);
@@ -980,7 +982,7 @@ __global__ static void layernorm_backward_param_kernel(double *partw, double *pa
 
 extern "C" int db_cuda_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
                                           const float *mean, const float *rstd, const float *inp, const float *weight,
-                                          int N, int C)
+                                          int N, int C, int assign)
 {
     DB_ENTER(c);
     if (N == 0)
@@ -1017,9 +1019,10 @@ extern "C" int db_cuda_layernorm_backward(db_ctx *c, float *dinp, float *dweight
         cudaError_t e = cudaGetLastError();
         int r = 0;
         if (e == cudaSuccess && dweight)
-            r |= db_cuda_finish_colsum(c, dweight, part, nchunk, C, 0);
+            r |= db_cuda_finish_colsum(c, dweight, part, nchunk, C, 0, db_cuda_put_param(assign));
         if (e == cudaSuccess && dbias)
-            r |= db_cuda_finish_colsum(c, dbias, part + (size_t)nchunk * C, nchunk, C, 0);
+            r |= db_cuda_finish_colsum(c, dbias, part + (size_t)nchunk * C, nchunk, C, 0,
+                                      db_cuda_put_param(assign));
         db_cuda_free(c, part);
         DB_CU(c, e);
         if (r)

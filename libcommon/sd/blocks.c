@@ -190,6 +190,9 @@ static float *gp(const db_gradmap *g, const float *p)
     return g && g->g && p ? g->g + (p - g->w) : NULL;
 }
 
+/* The ops' assign for the map's gradients (db_gradmap fresh). */
+static int ga(const db_gradmap *g) { return g && g->fresh; }
+
 static size_t max2(size_t a, size_t b) { return a > b ? a : b; }
 
 size_t db_resblock_backward_scratch(const db_resblock *w, int B, int HW)
@@ -214,25 +217,25 @@ int db_resblock_backward(db_ctx *c, float *dinp, float *demb, const db_gradmap *
     float *deproj = take(&k, (size_t)B * OC), *de = take(&k, (size_t)B * (size_t)w->E);
     /* dh3 (B, OC, HW) through conv2; dh2 through silu(norm2) */
     db_conv2d_backward(c, t1, gp(g, w->conv2_w), gp(g, w->conv2_b), dout, a->h3, w->conv2_w, B, OC, H, W, OC, 3, 3,
-                       1, 1, 1);
+                       1, 1, 1, ga(g));
     db_groupnorm_backward(c, t2, gp(g, w->norm2_w), gp(g, w->norm2_b), t1, a->mean2, a->rstd2, a->h2, w->norm2_w,
-                          w->norm2_b, B, OC, HW, w->G, 1);
+                          w->norm2_b, B, OC, HW, w->G, 1, ga(g));
     if (w->E) { /* h2 += eproj per channel: deproj (B, OC) = sum over HW */
         db_add_channel_backward(c, deproj, t2, B, OC, HW);
         db_linear_backward(c, demb ? de : NULL, gp(g, w->emb_w), gp(g, w->emb_b), deproj, emb, w->emb_w, B, w->E,
-                           OC);
+                           OC, ga(g));
         if (demb)
             db_add_forward(c, demb, demb, de, (size_t)B * w->E);
     }
     /* dh1 (B, C, HW) through conv1; dinp through silu(norm1) */
     db_conv2d_backward(c, t1, gp(g, w->conv1_w), gp(g, w->conv1_b), t2, a->h1, w->conv1_w, B, C, H, W, OC, 3, 3, 1,
-                       1, 1);
+                       1, 1, ga(g));
     db_groupnorm_backward(c, dinp, gp(g, w->norm1_w), gp(g, w->norm1_b), t1, a->mean1, a->rstd1, inp, w->norm1_w,
-                          w->norm1_b, B, C, HW, w->G, 1);
+                          w->norm1_b, B, C, HW, w->G, 1, ga(g));
     /* + the shortcut's gradient */
     if (w->skip_w) {
         db_conv2d_backward(c, t2, gp(g, w->skip_w), gp(g, w->skip_b), dout, inp, w->skip_w, B, C, H, W, OC, 1, 1, 1,
-                           0, 0);
+                           0, 0, ga(g));
         db_add_forward(c, dinp, dinp, t2, (size_t)B * C * HW);
     } else {
         db_add_forward(c, dinp, dinp, dout, (size_t)B * C * HW);
@@ -264,7 +267,7 @@ int db_mha_backward(db_ctx *c, float *dx, float *dkv, const db_gradmap *g, const
     carver k = {scratch, 0};
     float *d_o = take(&k, b * Tq * C), *dq = take(&k, b * Tq * C);
     float *dk = take(&k, b * Tk * C), *dv = take(&k, b * Tk * C);
-    db_linear_backward(c, d_o, gp(g, w->o_w), gp(g, w->o_b), dout, a->o, w->o_w, B * Tq, C, C);
+    db_linear_backward(c, d_o, gp(g, w->o_w), gp(g, w->o_b), dout, a->o, w->o_w, B * Tq, C, C, ga(g));
     db_attention_backward(c, dq, dk, dv, d_o, a->o, a->lse, a->q, a->k, a->v, B, Tq, Tk, w->NH, C / w->NH, causal);
     /* the input's gradient summed in the projections' order: dx = d(q) +
      * d(k) + d(v) for self-attention; the context's += d(k) + d(v) */
@@ -272,12 +275,12 @@ int db_mha_backward(db_ctx *c, float *dx, float *dkv, const db_gradmap *g, const
         float *const dw[3] = {gp(g, w->q_w), gp(g, w->k_w), gp(g, w->v_w)};
         float *const dbs[3] = {gp(g, w->q_b), gp(g, w->k_b), gp(g, w->v_b)};
         const float *const dy[3] = {dq, dk, dv}, *const wt[3] = {w->q_w, w->k_w, w->v_w};
-        db_linear_multi_backward(c, dx, dw, dbs, dy, x, wt, 3, B * Tq, C, C, 0);
+        db_linear_multi_backward(c, dx, dw, dbs, dy, x, wt, 3, B * Tq, C, C, 0, ga(g));
     } else {
         float *const dw[2] = {gp(g, w->k_w), gp(g, w->v_w)}, *const dbs[2] = {gp(g, w->k_b), gp(g, w->v_b)};
         const float *const dy[2] = {dk, dv}, *const wt[2] = {w->k_w, w->v_w};
-        db_linear_backward(c, dx, gp(g, w->q_w), gp(g, w->q_b), dq, x, w->q_w, B * Tq, C, C);
-        db_linear_multi_backward(c, dkv, dw, dbs, dy, kv, wt, 2, B * Tk, D, C, 1);
+        db_linear_backward(c, dx, gp(g, w->q_w), gp(g, w->q_b), dq, x, w->q_w, B * Tq, C, C, ga(g));
+        db_linear_multi_backward(c, dkv, dw, dbs, dy, kv, wt, 2, B * Tk, D, C, 1, ga(g));
     }
     return c->err.code ? -1 : 0;
 }
@@ -307,21 +310,21 @@ int db_tblock_backward(db_ctx *c, float *dx, float *dctx, const db_gradmap *g, c
     float *dg = take(&k, (size_t)N * FF), *df1 = take(&k, (size_t)N * 2 * FF);
     float *ms = k.base + k.used;
     /* out = x2 + ff(norm3 x2) */
-    db_linear_backward(c, dg, gp(g, w->ff2_w), gp(g, w->ff2_b), dout, a->g, w->ff2_w, N, FF, C);
+    db_linear_backward(c, dg, gp(g, w->ff2_w), gp(g, w->ff2_b), dout, a->g, w->ff2_w, N, FF, C, ga(g));
     db_geglu_backward(c, df1, dg, a->f1, N, FF);
-    db_linear_backward(c, da, gp(g, w->ff1_w), gp(g, w->ff1_b), df1, a->a3, w->ff1_w, N, C, 2 * FF);
+    db_linear_backward(c, da, gp(g, w->ff1_w), gp(g, w->ff1_b), df1, a->a3, w->ff1_w, N, C, 2 * FF, ga(g));
     db_layernorm_backward(c, dln, gp(g, w->norm3_w), gp(g, w->norm3_b), da, a->mean3, a->rstd3, a->x2, w->norm3_w,
-                          N, C);
+                          N, C, ga(g));
     db_add_forward(c, dx2, dout, dln, NC);
     /* x2 = x1 + attn2(norm2 x1, ctx) */
     db_mha_backward(c, da, dctx, g, dx2, &a->at2, a->a2, ctx, &w->attn2, B, T, Tc, 0, ms);
     db_layernorm_backward(c, dln, gp(g, w->norm2_w), gp(g, w->norm2_b), da, a->mean2, a->rstd2, a->x1, w->norm2_w,
-                          N, C);
+                          N, C, ga(g));
     db_add_forward(c, dx1, dx2, dln, NC);
     /* x1 = x + attn1(norm1 x) */
     db_mha_backward(c, da, NULL, g, dx1, &a->at1, a->a1, a->a1, &w->attn1, B, T, T, 0, ms);
     db_layernorm_backward(c, dln, gp(g, w->norm1_w), gp(g, w->norm1_b), da, a->mean1, a->rstd1, x, w->norm1_w, N,
-                          C);
+                          C, ga(g));
     db_add_forward(c, dx, dx1, dln, NC);
     return c->err.code ? -1 : 0;
 }
@@ -350,7 +353,7 @@ int db_transformer2d_backward(db_ctx *c, float *dx, float *dctx, const db_gradma
     /* out = x + transpose(y): dy (B, HW, C) */
     db_transpose_forward(c, d0, dout, B, C, HW);
     const float *last = w->depth ? a->bout + (size_t)(w->depth - 1) * NC : a->x0;
-    db_linear_backward(c, d1, gp(g, w->out_w), gp(g, w->out_b), d0, last, w->out_w, N, C, C);
+    db_linear_backward(c, d1, gp(g, w->out_w), gp(g, w->out_b), d0, last, w->out_w, N, C, C, ga(g));
     float *dh = d1, *other = d0;
     for (int d = w->depth - 1; d >= 0; d--) {
         const float *in = d ? a->bout + (size_t)(d - 1) * NC : a->x0;
@@ -360,10 +363,10 @@ int db_transformer2d_backward(db_ctx *c, float *dx, float *dctx, const db_gradma
         other = t;
     }
     /* dtok (B, HW, C) -> dhn (B, C, HW) -> dx */
-    db_linear_backward(c, other, gp(g, w->in_w), gp(g, w->in_b), dh, a->tok, w->in_w, N, C, C);
+    db_linear_backward(c, other, gp(g, w->in_w), gp(g, w->in_b), dh, a->tok, w->in_w, N, C, C, ga(g));
     db_transpose_forward(c, dh, other, B, HW, C);
     db_groupnorm_backward(c, dx, gp(g, w->norm_w), gp(g, w->norm_b), dh, a->mean, a->rstd, x, w->norm_w, w->norm_b,
-                          B, C, HW, w->G, 0);
+                          B, C, HW, w->G, 0, ga(g));
     db_add_forward(c, dx, dx, dout, NC);
     return c->err.code ? -1 : 0;
 }

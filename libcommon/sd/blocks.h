@@ -192,11 +192,15 @@ int db_transformer2d_forward(db_ctx *c, float *out, const db_transformer2d_acts 
  * Parameter gradients live in a buffer with the weights' layout (llm.c:
  * gradients share the parameters' size table): the gradient of the weight at
  * w + i is at g + i.  They accumulate (+=); g == NULL (or a NULL map) is a
- * frozen block: only the input gradients are computed.
+ * frozen block: only the input gradients are computed.  fresh 1: the
+ * gradients of the block's weights are reset for this backward, which makes
+ * each weight's one contribution, so its ops assign it (ops.h `assign`: the
+ * bits of += into zeros, the gradients neither reset nor read).
  * The blocks must be run after their forward with the same acts and inputs. */
 typedef struct db_gradmap {
     const float *w; /* start of the weight buffer (db_weights.data) */
     float *g;       /* start of the gradient buffer of the same layout; NULL: frozen */
+    int fresh;      /* 1: assigned (=) where they would be added, as above */
 } db_gradmap;
 
 /* dinp (B, C, H, W) =; demb (B, E) += (every ResBlock reads the same

@@ -332,26 +332,26 @@ static int layer_backward(db_clip *c, int l, const db_clip_layer *gl, int B, int
     const float *fc1 = a->fc1 + l * NI, *act = a->act + l * NI;
 
     /* MLP half: out = res + fc2(act(fc1(ln2(res)))); dres carries d out */
-    db_linear_backward(x, g->dI, gl->fc2_w, gl->fc2_b, g->dres, act, y->fc2_w, N, I, D);     /* dI (N, I) d act */
+    db_linear_backward(x, g->dI, gl->fc2_w, gl->fc2_b, g->dres, act, y->fc2_w, N, I, D, 0);     /* dI (N, I) d act */
     if (t->quick_gelu)
         db_quick_gelu_backward(x, g->dI2, g->dI, fc1, NI);                                   /* dI2 d fc1 */
     else
         db_gelu_backward(x, g->dI2, g->dI, fc1, NI, DB_GELU_ERF);
-    db_linear_backward(x, g->dln, gl->fc1_w, gl->fc1_b, g->dI2, ln2, y->fc1_w, N, D, I);     /* (N, D) d ln2 */
+    db_linear_backward(x, g->dln, gl->fc1_w, gl->fc1_b, g->dI2, ln2, y->fc1_w, N, D, I, 0);     /* (N, D) d ln2 */
     db_layernorm_backward(x, g->dtmp, gl->ln2_w, gl->ln2_b, g->dln, a->ln2_mean + (size_t)l * N,
-                          a->ln2_rstd + (size_t)l * N, res, y->ln2_w, N, D);
+                          a->ln2_rstd + (size_t)l * N, res, y->ln2_w, N, D, 0);
     db_add_forward(x, g->dres, g->dres, g->dtmp, ND);                                         /* d res */
 
     /* attention half: res = inp + out_proj(attn(q, k, v)), q/k/v = proj(ln1(inp)) */
-    db_linear_backward(x, g->datt, gl->o_w, gl->o_b, g->dres, att, y->o_w, N, D, D);
+    db_linear_backward(x, g->datt, gl->o_w, gl->o_b, g->dres, att, y->o_w, N, D, D, 0);
     db_attention_backward(x, g->dq, g->dk, g->dv, g->datt, att, a->att_lse + (size_t)l * N * NH, q, k, v, B, T, T,
                           NH, D / NH, 1);
     float *const dqkv_w[3] = {gl->q_w, gl->k_w, gl->v_w}, *const dqkv_b[3] = {gl->q_b, gl->k_b, gl->v_b};
     const float *const dqkv[3] = {g->dq, g->dk, g->dv};
     const float *const qkv_w[3] = {y->q_w, y->k_w, y->v_w};
-    db_linear_multi_backward(x, g->dln, dqkv_w, dqkv_b, dqkv, ln1, qkv_w, 3, N, D, D, 0);     /* d ln1 */
+    db_linear_multi_backward(x, g->dln, dqkv_w, dqkv_b, dqkv, ln1, qkv_w, 3, N, D, D, 0, 0);     /* d ln1 */
     db_layernorm_backward(x, g->dtmp, gl->ln1_w, gl->ln1_b, g->dln, a->ln1_mean + (size_t)l * N,
-                          a->ln1_rstd + (size_t)l * N, inp, y->ln1_w, N, D);
+                          a->ln1_rstd + (size_t)l * N, inp, y->ln1_w, N, D, 0);
     return db_add_forward(x, g->dres, g->dres, g->dtmp, ND);                                  /* d inp */
 }
 
@@ -431,7 +431,7 @@ int db_clip_backward_to(db_clip *c, db_weights *grads, const db_grad_sink *sink,
     if (unit_begin(c, grads, sink, "text_model.final_layer_norm", &sp, &wb, &gb, err))
         return -1;
     db_layernorm_backward(x, c->g.dres, gmap(p->lnf_w, wb, gb), gmap(p->lnf_b, wb, gb), dlast, a->lnf_mean,
-                          a->lnf_rstd, a->hidden + (size_t)L * N * D, p->lnf_w, (int)N, D);
+                          a->lnf_rstd, a->hidden + (size_t)L * N * D, p->lnf_w, (int)N, D, 0);
     if (x->err.code)
         return op_failed(c, err, "final layer norm backward");
     if (unit_end(c, sink, "text_model.final_layer_norm", sp, wb, gb, err))

@@ -531,17 +531,24 @@ typedef struct unet_bwd {
     db_weights *grads;
     const float *dout;
     db_trainer *fused; /* the fused step's: its UNet sink, fcount from 0 */
+    int assign;        /* grads written, not added to (unet_assigns) */
 } unet_bwd;
+
+/* One micro-batch a step: the UNet's backward writes its gradients (=, the
+ * bits of += into zeros: unet.h), so they are never reset between steps.
+ * With more the first could too, but then the backward's graph would differ
+ * between the step's micro-batches and be recorded again every time. */
+static int unet_assigns(const db_trainer *t) { return t->o.grad_accum <= 1; }
 
 static int unet_bwd_run(void *arg, db_err *err)
 {
     const unet_bwd *k = arg;
     if (!k->fused)
-        return db_unet_backward_to(k->u, NULL, k->dcontext, k->grads, NULL, k->dout, err);
+        return db_unet_backward_to(k->u, NULL, k->dcontext, k->grads, NULL, k->assign, k->dout, err);
     /* every run of the host code counts the units' tensors from the first
      * (a capture that fails runs it once more, directly) */
     k->fused->fcount = 0;
-    return db_unet_backward_to(k->u, NULL, k->dcontext, NULL, &k->fused->fsink[0], k->dout, err);
+    return db_unet_backward_to(k->u, NULL, k->dcontext, NULL, &k->fused->fsink[0], 0, k->dout, err);
 }
 
 /* Forward and loss of one micro-batch; with backward also the gradients. */
@@ -686,13 +693,14 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
         st = t->fsink[1];
     }
     if (bucketed) { /* the sinks call back into the host mid-backward: no graph */
-        if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, &t->gu, &su, t->dpred, err))
+        if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, &t->gu, &su, unet_assigns(t),
+                                t->dpred, err))
             return db_err_prefix(err, "trainer");
     } else {
         unet_bwd k;
         memset(&k, 0, sizeof k);
         k.u = t->unet, k.dcontext = t->o.train_text ? t->dcontext : NULL, k.grads = fused ? NULL : &t->gu,
-        k.dout = t->dpred, k.fused = fused ? t : NULL;
+        k.dout = t->dpred, k.fused = fused ? t : NULL, k.assign = unet_assigns(t);
         if (db_unet_graph_run(&t->gbwd, t->unet, unet_bwd_run, &k, sizeof k, t->o.log, err))
             return db_err_prefix(err, "trainer");
         if (fused) { /* a replay ran no host code: the units were those of the last run that did */
@@ -861,7 +869,8 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
         q8_step(c, &t->qu, wu, t->gu.data, &hu, k, &t->maps, 0, wu->numel);
     else
         db_opt_adamw(c, wu->data, t->mu.data, t->vu.data, t->gu.data, wu->numel, &hu, k);
-    db_ctx_zero(c, t->gu.data, t->gu.numel * sizeof(float));
+    if (!unet_assigns(t)) /* else the next backward writes them */
+        db_ctx_zero(c, t->gu.data, t->gu.numel * sizeof(float));
     double lr_text = 0;
     if (t->o.train_text) {
         db_adamw ht = t->o.text_hp;

@@ -768,14 +768,20 @@ static int spans(db_unet *u, db_err *err)
     return 0;
 }
 
-/* The gradient map of the weights in span sp: the sink's window (zeroed) or the whole buffer. */
-static db_gradmap unit_map(db_unet *u, float *gbuf, const db_grad_sink *sink, db_span sp)
+/* The gradient map of the weights in span sp: the sink's window, or the
+ * whole buffer.  Every weight of a unit gets one contribution from its
+ * step's ops (test_unet_backward checks it), so the ops write it (their
+ * assign) into a window, and into the buffer when assign.  The window is
+ * still zeroed first: the tensors' alignment padding in it is never
+ * written, held another unit's gradients, and the unit's optimizer step
+ * reads the whole span (a buffer's padding stays the zeros it was made with). */
+static db_gradmap unit_map(db_unet *u, float *gbuf, const db_grad_sink *sink, db_span sp, int assign)
 {
     if (sink && sink->window) {
         db_ctx_zero(u->ctx, sink->window, (sp.hi - sp.lo) * sizeof(float));
-        return (db_gradmap){u->w.data + sp.lo, sink->window};
+        return (db_gradmap){u->w.data + sp.lo, sink->window, 1};
     }
-    return (db_gradmap){u->w.data, gbuf};
+    return (db_gradmap){u->w.data, gbuf, assign};
 }
 
 /* A unit's gradients are final: tell the sink. */
@@ -792,11 +798,11 @@ static int unit_ready(db_unet *u, const db_gradmap *g, const db_grad_sink *sink,
 int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *grads, const float *dout,
                      db_err *err)
 {
-    return db_unet_backward_to(u, dsample, dcontext, grads, NULL, dout, err);
+    return db_unet_backward_to(u, dsample, dcontext, grads, NULL, 0, dout, err);
 }
 
 int db_unet_backward_to(db_unet *u, float *dsample, float *dcontext, db_weights *grads, const db_grad_sink *sink,
-                        const float *dout, db_err *err)
+                        int assign, const float *dout, db_err *err)
 {
     db_ctx *c = u->ctx;
     const db_unet_arch *a = &u->a;
@@ -825,7 +831,7 @@ int db_unet_backward_to(db_unet *u, float *dsample, float *dcontext, db_weights 
         return -1;
     const int trained = grads || win;
     float *gbuf = grads && !win ? grads->data : NULL;
-    db_gradmap gm = {u->w.data, gbuf};
+    db_gradmap gm = {u->w.data, gbuf, assign};
     const db_gradmap *g = &gm;
     const float *context = u->context;
     float *demb = trained ? u->dtemb_s : NULL; /* frozen: the time MLP needs no gradient */
@@ -855,11 +861,11 @@ int db_unet_backward_to(db_unet *u, float *dsample, float *dcontext, db_weights 
             t0 = t1;
         }
         if (trained)
-            gm = unit_map(u, gbuf, sink, s->gs);
+            gm = unit_map(u, gbuf, sink, s->gs, assign);
         switch (s->kind) {
         case ST_CONV_IN:
             db_conv2d_backward(c, dsample, gp(g, s->conv_w), gp(g, s->conv_b), d, in, s->conv_w, B, s->C, h, wd,
-                               s->OC, 3, 3, 1, 1, 1);
+                               s->OC, 3, 3, 1, 1, 1, gm.fresh);
             break;
         case ST_RES:
             if (s->skip >= 0) {
@@ -883,20 +889,20 @@ int db_unet_backward_to(db_unet *u, float *dsample, float *dcontext, db_weights 
             break;
         case ST_DOWN:
             db_conv2d_backward(c, u->dt0, gp(g, s->conv_w), gp(g, s->conv_b), d, in, s->conv_w, B, s->C, h, wd,
-                               s->OC, 3, 3, 2, 1, 1);
+                               s->OC, 3, 3, 2, 1, 1, gm.fresh);
             give(u, s->in, u->dt0, nin);
             break;
         case ST_UP: /* d up (B, C, 2h, 2w), then sum each 2x2 block */
             db_conv2d_backward(c, u->dt1, gp(g, s->conv_w), gp(g, s->conv_b), d, s->up, s->conv_w, B, s->C, 2 * h,
-                               2 * wd, s->OC, 3, 3, 1, 1, 1);
+                               2 * wd, s->OC, 3, 3, 1, 1, 1, gm.fresh);
             db_upsample_nearest2x_backward(c, u->dt0, u->dt1, B, s->C, h, wd);
             give(u, s->in, u->dt0, nin);
             break;
         case ST_OUT:
             db_conv2d_backward(c, u->dt1, gp(g, s->conv_w), gp(g, s->conv_b), d, s->hn, s->conv_w, B, s->C, h, wd,
-                               s->OC, 3, 3, 1, 1, 1);
+                               s->OC, 3, 3, 1, 1, 1, gm.fresh);
             db_groupnorm_backward(c, u->dt0, gp(g, s->gn_w), gp(g, s->gn_b), u->dt1, s->mean, s->rstd, in, s->gn_w,
-                                  s->gn_b, B, s->C, hw, a->norm_groups, 1);
+                                  s->gn_b, B, s->C, hw, a->norm_groups, 1, gm.fresh);
             give(u, s->in, u->dt0, nin);
             break;
         }
@@ -909,11 +915,11 @@ int db_unet_backward_to(db_unet *u, float *dsample, float *dcontext, db_weights 
 
     /* the time embedding MLP: temb_s = silu(linear_2(silu(linear_1(tproj)))) */
     if (trained) {
-        gm = unit_map(u, gbuf, sink, u->t_gs);
+        gm = unit_map(u, gbuf, sink, u->t_gs, assign);
         db_silu_backward(c, u->dtemb, u->dtemb_s, u->temb, (size_t)B * E);
-        db_linear_backward(c, u->de1s, gp(g, u->t2_w), gp(g, u->t2_b), u->dtemb, u->e1s, u->t2_w, B, E, E);
+        db_linear_backward(c, u->de1s, gp(g, u->t2_w), gp(g, u->t2_b), u->dtemb, u->e1s, u->t2_w, B, E, E, gm.fresh);
         db_silu_backward(c, u->de1, u->de1s, u->e1, (size_t)B * E);
-        db_linear_backward(c, NULL, gp(g, u->t1_w), gp(g, u->t1_b), u->de1, u->tproj, u->t1_w, B, C0, E);
+        db_linear_backward(c, NULL, gp(g, u->t1_w), gp(g, u->t1_b), u->de1, u->tproj, u->t1_w, B, C0, E, gm.fresh);
         if (c->err.code)
             return op_failed(u, "time_embed", err);
         if (unit_ready(u, g, sink, u->t_gs, "time_embed", err))

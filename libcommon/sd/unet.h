@@ -109,9 +109,15 @@ int db_unet_backward(db_unet *u, float *dsample, float *dcontext, db_weights *gr
 /* The same with a gradient sink (weights.h): the weights' gradients go to
  * sink->window unit by unit (grads may then be NULL) or into grads, and
  * sink->ready hears of each unit as its backward ends (the steps in reverse,
- * the time MLP last).  sink NULL: db_unet_backward. */
+ * the time MLP last).  sink NULL: db_unet_backward.  assign 1: grads are
+ * written (=), not added to: what they held is neither read nor needed
+ * reset (a trainer's first micro-batch; the same bits as zeroing them first
+ * and accumulating: ops.h `assign`).  Every UNet weight gets exactly one
+ * contribution from a backward, which is what makes that sound (the
+ * tensors' alignment padding is not written: it keeps the zeros
+ * db_weights_like made); a sink's window is zeroed and then written so. */
 int db_unet_backward_to(db_unet *u, float *dsample, float *dcontext, db_weights *grads, const db_grad_sink *sink,
-                        const float *dout, db_err *err);
+                        int assign, const float *dout, db_err *err);
 
 /* Memory plans (trainer --plan).  Nothing is allocated; 0 on overflow.
  * Workspace bytes a forward of these sizes needs in the current mode. */

@@ -46,20 +46,20 @@ static int run_case(db_ctx *c, void *arg)
                                    i[9]);
     case K_CONV_BWD:
         return api->conv2d_backward(c, p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], i[2], i[3], i[4], i[5], i[6],
-                                    i[7], i[8], i[9]);
+                                    i[7], i[8], i[9], i[10]);
     case K_GEMM:
         return api->gemm_forward(c, p[0], p[1], p[2], i[0], i[1], i[2], i[3], i[4], i[5], 1.0f, 0.0f);
     case K_LINEAR:
         return api->linear_forward(c, p[0], p[1], p[2], p[3], i[0], i[1], i[2]);
     case K_LINEAR_BWD:
-        return api->linear_backward(c, p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], i[2]);
+        return api->linear_backward(c, p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], i[2], i[3]);
     case K_ATTN:
         return api->attention_forward(c, p[0], p[1], p[2], p[3], p[4], i[0], i[1], i[2], i[3], i[4], i[5]);
     case K_GROUPNORM:
         return api->groupnorm_forward(c, p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], i[2], i[3], 1e-5f, 1);
     case K_GROUPNORM_BWD: /* dinp, dweight, dbias; dout, mean, rstd, x; weight and bias one buffer */
         return api->groupnorm_backward(c, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[7] + i[1], i[0], i[1],
-                                       i[2], i[3], 1);
+                                       i[2], i[3], 1, 0);
     case K_LAYERNORM:
         return api->layernorm_forward(c, p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], 1e-5f);
     }
@@ -107,11 +107,13 @@ static void bench(db_ctx *c, const char *name, bcase *b, double flops, double by
     fflush(stdout);
 }
 
+/* bwd 0 the forward, 1 the backward (+= into the parameter gradients), 2
+ * the backward with ops.h assign (what the UNet's backward does in db-train) */
 static void conv_case(db_ctx *c, int B, int C, int H, int W, int OC, int k, int stride, int pad0, int pad1, int bwd)
 {
     const int OH = (H + pad0 + pad1 - k) / stride + 1, OW = (W + pad0 + pad1 - k) / stride + 1;
     const size_t nx = (size_t)B * C * H * W, nw = (size_t)OC * C * k * k, ny = (size_t)B * OC * OH * OW;
-    bcase b = {bwd ? K_CONV_BWD : K_CONV, {B, C, H, W, OC, k, k, stride, pad0, pad1}, {0}};
+    bcase b = {bwd ? K_CONV_BWD : K_CONV, {B, C, H, W, OC, k, k, stride, pad0, pad1, bwd == 2}, {0}};
     float *x = drand(c, nx, 1), *w = drand(c, nw, 2), *bias = drand(c, OC, 3), *y = drand(c, ny, 4);
     float *dx = drand(c, nx, 5), *dw = drand(c, nw, 6), *db = drand(c, OC, 7);
     if (bwd) {
@@ -122,8 +124,8 @@ static void conv_case(db_ctx *c, int B, int C, int H, int W, int OC, int k, int 
         memcpy(b.p, q, sizeof q);
     }
     char name[160];
-    snprintf(name, sizeof name, "conv2d_%s B%d %d->%d %dx%d k%d s%d", bwd ? "backward" : "forward", B, C, OC, H, W, k,
-             stride);
+    snprintf(name, sizeof name, "conv2d_%s B%d %d->%d %dx%d k%d s%d%s", bwd ? "backward" : "forward", B, C, OC, H, W,
+             k, stride, bwd == 2 ? " (assign)" : "");
     const double flops = 2.0 * B * OC * OH * OW * (double)C * k * k * (bwd ? 2 : 1);
     bench(c, name, &b, flops, 0);
     float *all[] = {x, w, bias, y, dx, dw, db};
@@ -144,9 +146,10 @@ static void gemm_case(db_ctx *c, int batch, int M, int N, int K, int ta, int tb)
         api->free(c, b.p[i]);
 }
 
+/* bwd as conv_case's */
 static void linear_case(db_ctx *c, int N, int C, int OC, int bwd)
 {
-    bcase b = {bwd ? K_LINEAR_BWD : K_LINEAR, {N, C, OC}, {0}};
+    bcase b = {bwd ? K_LINEAR_BWD : K_LINEAR, {N, C, OC, bwd == 2}, {0}};
     float *x = drand(c, (size_t)N * C, 1), *w = drand(c, (size_t)OC * C, 2), *bias = drand(c, OC, 3);
     float *y = drand(c, (size_t)N * OC, 4), *dx = drand(c, (size_t)N * C, 5), *dw = drand(c, (size_t)OC * C, 6);
     float *db = drand(c, OC, 7);
@@ -158,7 +161,8 @@ static void linear_case(db_ctx *c, int N, int C, int OC, int bwd)
         memcpy(b.p, q, sizeof q);
     }
     char name[160];
-    snprintf(name, sizeof name, "linear_%s %dx%d->%d", bwd ? "backward" : "forward", N, C, OC);
+    snprintf(name, sizeof name, "linear_%s %dx%d->%d%s", bwd ? "backward" : "forward", N, C, OC,
+             bwd == 2 ? " (assign)" : "");
     bench(c, name, &b, 2.0 * N * (double)C * OC * (bwd ? 2 : 1), 0);
     float *all[] = {x, w, bias, y, dx, dw, db};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
@@ -288,8 +292,13 @@ int main(void)
             conv_case(&g, 2, 1280, 8, 8, 1280, 3, 1, 1, 1, 0);
             conv_case(&g, 1, 128, 512, 512, 128, 3, 1, 1, 1, 0); /* VAE decoder top */
         }
-        if (api->conv2d_backward)
+        if (api->conv2d_backward) {
             conv_case(&g, 2, 320, 64, 64, 320, 3, 1, 1, 1, 1);
+            /* the 16x16 level's: 14.7 M filter gradients, written (assign)
+             * instead of read and added to */
+            conv_case(&g, 2, 1280, 16, 16, 1280, 3, 1, 1, 1, 1);
+            conv_case(&g, 2, 1280, 16, 16, 1280, 3, 1, 1, 1, 2);
+        }
         if (api->gemm_forward) {
             gemm_case(&g, 1, 4096, 4096, 4096, 0, 0);
             gemm_case(&g, 16, 4096, 4096, 40, 0, 1); /* attention scores as a batched GEMM */
@@ -298,8 +307,11 @@ int main(void)
             linear_case(&g, 8192, 320, 1280, 0);
             linear_case(&g, 8192, 1280, 320, 0);
         }
-        if (api->linear_backward)
+        if (api->linear_backward) {
             linear_case(&g, 8192, 320, 1280, 1);
+            linear_case(&g, 512, 1280, 10240, 1); /* the 16x16 level's GEGLU projection */
+            linear_case(&g, 512, 1280, 10240, 2);
+        }
         if (api->attention_forward) {
             attn_case(&g, 2, 4096, 4096, 8, 40, 0);
             attn_case(&g, 2, 4096, 77, 8, 40, 0);

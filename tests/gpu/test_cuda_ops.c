@@ -261,13 +261,13 @@ static void t_linear_backward(int N, int C, int OC, int twice)
     float *x = hrand(nx, 1), *w = hrand(nw, 0.05f), *dy = hrand(ny, 1);
     float *dw0 = hrand(nw, 1), *db0 = hrand(OC, 1); /* += onto these */
     float *dx = hzeros(nx), *dw = hcopy(dw0, nw), *db = hcopy(db0, OC);
-    if (!cpu_ran(db_linear_backward(cpu, dx, dw, db, dy, x, w, N, C, OC), what)) {
+    if (!cpu_ran(db_linear_backward(cpu, dx, dw, db, dy, x, w, N, C, OC, 0), what)) {
         release_all();
         return;
     }
     float *gx = dpoison(nx), *gw = dputf(dw0, nw), *gb = dputf(db0, OC);
     float *ddy = dputf(dy, ny), *dx_ = dputf(x, nx), *dw_ = dputf(w, nw);
-    if (!gpu_ran(api->linear_backward(&g, gx, gw, gb, ddy, dx_, dw_, N, C, OC), what)) {
+    if (!gpu_ran(api->linear_backward(&g, gx, gw, gb, ddy, dx_, dw_, N, C, OC, 0), what)) {
         release_all();
         return;
     }
@@ -276,7 +276,7 @@ static void t_linear_backward(int N, int C, int OC, int twice)
     cmp(what, "dbias (+=)", gb, db, OC, TOL);
     if (twice) {
         float *gx2 = dpoison(nx), *gw2 = dputf(dw0, nw), *gb2 = dputf(db0, OC);
-        if (gpu_ran(api->linear_backward(&g, gx2, gw2, gb2, ddy, dx_, dw_, N, C, OC), what)) {
+        if (gpu_ran(api->linear_backward(&g, gx2, gw2, gb2, ddy, dx_, dw_, N, C, OC, 0), what)) {
             same_bits("linear_backward dinp", gx, gx2, nx);
             same_bits("linear_backward dweight", gw, gw2, nw);
             same_bits("linear_backward dbias", gb, gb2, OC);
@@ -319,13 +319,13 @@ static void t_conv_backward(int B, int C, int H, int W, int OC, int KH, int KW, 
     float *x = hrand(nx, 1), *w = hrand(nw, 0.05f), *dy = hrand(ny, 1);
     float *dw0 = hrand(nw, 1), *db0 = hrand(OC, 1);
     float *dx = hzeros(nx), *dw = hcopy(dw0, nw), *db = hcopy(db0, OC);
-    if (!cpu_ran(db_conv2d_backward(cpu, dx, dw, db, dy, x, w, B, C, H, W, OC, KH, KW, stride, pad0, pad1), what)) {
+    if (!cpu_ran(db_conv2d_backward(cpu, dx, dw, db, dy, x, w, B, C, H, W, OC, KH, KW, stride, pad0, pad1, 0), what)) {
         release_all();
         return;
     }
     float *gx = dpoison(nx), *gw = dputf(dw0, nw), *gb = dputf(db0, OC);
     float *ddy = dputf(dy, ny), *dx_ = dputf(x, nx), *dw_ = dputf(w, nw);
-    if (!gpu_ran(api->conv2d_backward(&g, gx, gw, gb, ddy, dx_, dw_, B, C, H, W, OC, KH, KW, stride, pad0, pad1),
+    if (!gpu_ran(api->conv2d_backward(&g, gx, gw, gb, ddy, dx_, dw_, B, C, H, W, OC, KH, KW, stride, pad0, pad1, 0),
                  what)) {
         release_all();
         return;
@@ -335,7 +335,7 @@ static void t_conv_backward(int B, int C, int H, int W, int OC, int KH, int KW, 
     cmp(what, "dbias (+=)", gb, db, OC, TOL);
     if (twice) {
         float *gx2 = dpoison(nx), *gw2 = dputf(dw0, nw), *gb2 = dputf(db0, OC);
-        if (gpu_ran(api->conv2d_backward(&g, gx2, gw2, gb2, ddy, dx_, dw_, B, C, H, W, OC, KH, KW, stride, pad0, pad1),
+        if (gpu_ran(api->conv2d_backward(&g, gx2, gw2, gb2, ddy, dx_, dw_, B, C, H, W, OC, KH, KW, stride, pad0, pad1, 0),
                     what)) {
             same_bits("conv2d_backward dinp", gx, gx2, nx);
             same_bits("conv2d_backward dweight", gw, gw2, nw);
@@ -426,13 +426,13 @@ static void t_groupnorm_backward(int B, int C, int HW, int G, int silu)
     float *y = hzeros(n), *mean = hzeros(ng), *rstd = hzeros(ng);
     float *dw0 = hrand(C, 1), *db0 = hrand(C, 1), *dx = hzeros(n), *dw = hcopy(dw0, C), *db = hcopy(db0, C);
     if (!cpu_ran(db_groupnorm_forward(cpu, y, mean, rstd, x, w, b, B, C, HW, G, 1e-5f, silu), what) ||
-        !cpu_ran(db_groupnorm_backward(cpu, dx, dw, db, dout, mean, rstd, x, w, b, B, C, HW, G, silu), what)) {
+        !cpu_ran(db_groupnorm_backward(cpu, dx, dw, db, dout, mean, rstd, x, w, b, B, C, HW, G, silu, 0), what)) {
         release_all();
         return;
     }
     float *gx = dpoison(n), *gw = dputf(dw0, C), *gb = dputf(db0, C);
     if (gpu_ran(api->groupnorm_backward(&g, gx, gw, gb, dputf(dout, n), dputf(mean, ng), dputf(rstd, ng), dputf(x, n),
-                                        dputf(w, C), dputf(b, C), B, C, HW, G, silu),
+                                        dputf(w, C), dputf(b, C), B, C, HW, G, silu, 0),
                 what)) {
         cmp(what, "dinp", gx, dx, n, TOL);
         cmp(what, "dweight (+=)", gw, dw, C, TOL);
@@ -443,7 +443,7 @@ static void t_groupnorm_backward(int B, int C, int HW, int G, int silu)
         float *px = dpoison(n), *pw = dputf(dw0, C), *pb = dputf(db0, C);
         setenv("DB_GN_WHOLE", "0", 1);
         const int rc = api->groupnorm_backward(&g, px, pw, pb, dputf(dout, n), dputf(mean, ng), dputf(rstd, ng),
-                                               dputf(x, n), dputf(w, C), dputf(b, C), B, C, HW, G, silu);
+                                               dputf(x, n), dputf(w, C), dputf(b, C), B, C, HW, G, silu, 0);
         unsetenv("DB_GN_WHOLE");
         if (gpu_ran(rc, what)) {
             cmp(what, "dinp, pieces vs whole groups", px, hx, n, 0);
@@ -456,7 +456,7 @@ static void t_groupnorm_backward(int B, int C, int HW, int G, int silu)
             setenv("DB_GN_CLUSTER", v, 1);
             float *kx = dpoison(n), *kw = dputf(dw0, C), *kb = dputf(db0, C);
             const int rk = api->groupnorm_backward(&g, kx, kw, kb, dputf(dout, n), dputf(mean, ng), dputf(rstd, ng),
-                                                   dputf(x, n), dputf(w, C), dputf(b, C), B, C, HW, G, silu);
+                                                   dputf(x, n), dputf(w, C), dputf(b, C), B, C, HW, G, silu, 0);
             unsetenv("DB_GN_CLUSTER");
             if (gpu_ran(rk, what)) {
                 snprintf(ctx, sizeof ctx, "clusters of %d vs default", cl);
@@ -500,13 +500,13 @@ static void t_layernorm_backward(int N, int C)
     float *y = hzeros(n), *mean = hzeros(N), *rstd = hzeros(N);
     float *dw0 = hrand(C, 1), *db0 = hrand(C, 1), *dx = hzeros(n), *dw = hcopy(dw0, C), *db = hcopy(db0, C);
     if (!cpu_ran(db_layernorm_forward(cpu, y, mean, rstd, x, w, b, N, C, 1e-5f), what) ||
-        !cpu_ran(db_layernorm_backward(cpu, dx, dw, db, dout, mean, rstd, x, w, N, C), what)) {
+        !cpu_ran(db_layernorm_backward(cpu, dx, dw, db, dout, mean, rstd, x, w, N, C, 0), what)) {
         release_all();
         return;
     }
     float *gx = dpoison(n), *gw = dputf(dw0, C), *gb = dputf(db0, C);
     if (gpu_ran(api->layernorm_backward(&g, gx, gw, gb, dputf(dout, n), dputf(mean, N), dputf(rstd, N), dputf(x, n),
-                                        dputf(w, C), N, C),
+                                        dputf(w, C), N, C, 0),
                 what)) {
         cmp(what, "dinp", gx, dx, n, TOL);
         cmp(what, "dweight (+=)", gw, dw, C, TOL);
@@ -766,9 +766,9 @@ static void tp_linear_backward(db_precision p, int N, int C, int OC)
     float *x = hrand(nx, 1), *w = hrand(nw, 0.05f), *dy = hrand(ny, 1), *dw0 = hrand(nw, 1), *db0 = hrand(OC, 1);
     float *fx = hzeros(nx), *fw = hcopy(dw0, nw), *fb = hcopy(db0, OC); /* plain fp32 */
     float *rx = hzeros(nx), *cw = hzeros(nw), *cb = hzeros(OC);         /* rounded: contributions */
-    if (!cpu_ran(db_linear_backward(cpu, fx, fw, fb, dy, x, w, N, C, OC), what) ||
+    if (!cpu_ran(db_linear_backward(cpu, fx, fw, fb, dy, x, w, N, C, OC, 0), what) ||
         !cpu_ran(db_linear_backward(cpu, rx, cw, cb, hrounded(dy, ny, p), hrounded(x, nx, p), hrounded(w, nw, p), N, C,
-                                    OC),
+                                    OC, 0),
                  what)) {
         release_all();
         return;
@@ -778,20 +778,20 @@ static void tp_linear_backward(db_precision p, int N, int C, int OC)
     hround(cb, OC, p);
     float *ddy = dputf(dy, ny), *dx_ = dputf(x, nx), *dw_ = dputf(w, nw);
     float *gx = dpoison(nx), *gw = dputf(dw0, nw), *gb = dputf(db0, OC);
-    if (gpu_ran(IN_PREC(p, api->linear_backward(&g, gx, gw, gb, ddy, dx_, dw_, N, C, OC)), what)) {
+    if (gpu_ran(IN_PREC(p, api->linear_backward(&g, gx, gw, gb, ddy, dx_, dw_, N, C, OC, 0)), what)) {
         cmp_prec(what, "dinp", gx, rx, fx, nx, p, 1);
         cmp_prec(what, "dweight (+=)", gw, hplus(dw0, cw, nw), fw, nw, p, 0);
         cmp_prec(what, "dbias (+=)", gb, hplus(db0, cb, OC), fb, OC, p, 0);
     }
     /* from zeros the buffers hold the contributions: rounded before the += */
     float *zw = dputf(hzeros(nw), nw), *zb = dputf(hzeros(OC), OC);
-    if (gpu_ran(IN_PREC(p, api->linear_backward(&g, NULL, zw, zb, ddy, dx_, dw_, N, C, OC)), what)) {
+    if (gpu_ran(IN_PREC(p, api->linear_backward(&g, NULL, zw, zb, ddy, dx_, dw_, N, C, OC, 0)), what)) {
         cmp_prec(what, "dweight contribution", zw, cw, NULL, nw, p, 1);
         cmp_prec(what, "dbias contribution", zb, cb, NULL, OC, p, 1);
     }
     /* deterministic in the 16-bit modes too: the first run again, same bits */
     float *gx2 = dpoison(nx), *gw2 = dputf(dw0, nw), *gb2 = dputf(db0, OC);
-    if (gpu_ran(IN_PREC(p, api->linear_backward(&g, gx2, gw2, gb2, ddy, dx_, dw_, N, C, OC)), what)) {
+    if (gpu_ran(IN_PREC(p, api->linear_backward(&g, gx2, gw2, gb2, ddy, dx_, dw_, N, C, OC, 0)), what)) {
         same_bits(tag(what, "dinp"), gx, gx2, nx);
         same_bits(tag(what, "dweight"), gw, gw2, nw);
         same_bits(tag(what, "dbias"), gb, gb2, OC);
@@ -836,9 +836,9 @@ static void tp_conv_backward(db_precision p, int B, int C, int H, int W, int OC,
     float *x = hrand(nx, 1), *w = hrand(nw, 0.05f), *dy = hrand(ny, 1), *dw0 = hrand(nw, 1), *db0 = hrand(OC, 1);
     float *fx = hzeros(nx), *fw = hcopy(dw0, nw), *fb = hcopy(db0, OC);
     float *rx = hzeros(nx), *cw = hzeros(nw), *cb = hzeros(OC);
-    if (!cpu_ran(db_conv2d_backward(cpu, fx, fw, fb, dy, x, w, B, C, H, W, OC, KH, KW, stride, pad0, pad1), what) ||
+    if (!cpu_ran(db_conv2d_backward(cpu, fx, fw, fb, dy, x, w, B, C, H, W, OC, KH, KW, stride, pad0, pad1, 0), what) ||
         !cpu_ran(db_conv2d_backward(cpu, rx, cw, cb, hrounded(dy, ny, p), hrounded(x, nx, p), hrounded(w, nw, p), B, C,
-                                    H, W, OC, KH, KW, stride, pad0, pad1),
+                                    H, W, OC, KH, KW, stride, pad0, pad1, 0),
                  what)) {
         release_all();
         return;
@@ -849,7 +849,7 @@ static void tp_conv_backward(db_precision p, int B, int C, int H, int W, int OC,
     float *ddy = dputf(dy, ny), *dx_ = dputf(x, nx), *dw_ = dputf(w, nw);
     float *gx = dpoison(nx), *gw = dputf(dw0, nw), *gb = dputf(db0, OC);
     if (gpu_ran(IN_PREC(p, api->conv2d_backward(&g, gx, gw, gb, ddy, dx_, dw_, B, C, H, W, OC, KH, KW, stride, pad0,
-                                                pad1)),
+                                                pad1, 0)),
                 what)) {
         cmp_prec(what, "dinp", gx, rx, fx, nx, p, 1);
         cmp_prec(what, "dweight (+=)", gw, hplus(dw0, cw, nw), fw, nw, p, 0);
@@ -857,14 +857,14 @@ static void tp_conv_backward(db_precision p, int B, int C, int H, int W, int OC,
     }
     float *zw = dputf(hzeros(nw), nw), *zb = dputf(hzeros(OC), OC);
     if (gpu_ran(IN_PREC(p, api->conv2d_backward(&g, NULL, zw, zb, ddy, dx_, dw_, B, C, H, W, OC, KH, KW, stride, pad0,
-                                                pad1)),
+                                                pad1, 0)),
                 what)) {
         cmp_prec(what, "dweight contribution", zw, cw, NULL, nw, p, 1);
         cmp_prec(what, "dbias contribution", zb, cb, NULL, OC, p, 1);
     }
     float *gx2 = dpoison(nx), *gw2 = dputf(dw0, nw), *gb2 = dputf(db0, OC);
     if (gpu_ran(IN_PREC(p, api->conv2d_backward(&g, gx2, gw2, gb2, ddy, dx_, dw_, B, C, H, W, OC, KH, KW, stride, pad0,
-                                                pad1)),
+                                                pad1, 0)),
                 what)) {
         same_bits(tag(what, "dinp"), gx, gx2, nx);
         same_bits(tag(what, "dweight"), gw, gw2, nw);
@@ -1306,12 +1306,12 @@ static void t_linear_multi(db_precision p, int n, int N, int C, int OC, int with
         tap_ok(same, "%s: outputs bit-identical to %d linear_forward calls on the device", what, n);
     }
     ok = gpu_ran(IN_PREC(p, api->linear_multi_backward(&g, dx1, gw1, with_bias ? gb1 : NULL,
-                                                        (const float *const *)dy, x, cw, n, N, C, OC, accumulate)),
+                                                        (const float *const *)dy, x, cw, n, N, C, OC, accumulate, 0)),
                  what);
     for (int i = 0; i < n && ok; i++) {
         float *di = i == 0 && !accumulate ? dx2 : dt;
         ok = gpu_ran(IN_PREC(p, api->linear_backward(&g, di, gw2[i], with_bias ? gb2[i] : NULL, dy[i], x, w[i], N, C,
-                                                      OC)),
+                                                      OC, 0)),
                      what) &&
              (di == dx2 || gpu_ran(api->add_forward(&g, dx2, dx2, dt, nx), what));
     }
@@ -1325,6 +1325,107 @@ static void t_linear_multi(db_precision p, int n, int N, int C, int OC, int with
         tap_ok(same, "%s: dweight, dbias (+=) bit-identical to the %d calls'", what, n);
     }
     release_all();
+}
+
+/* ops.h assign, per precision: the parameter gradients written over NaN
+ * give the bits of += into zeros (the same call's other outputs too), for
+ * every op that takes it; the trainer's UNet backward relies on it. */
+static void assign_check(const char *what, int n, const float *const *a, const float *const *z,
+                         const size_t *len)
+{
+    int same = 1;
+    for (int i = 0; i < n; i++)
+        if (a[i])
+            same = same && !memcmp(dget(a[i], len[i]), dget(z[i], len[i]), len[i] * sizeof(float));
+    tap_ok(same, "%s: assign over NaN: the bits of += into zeros", what);
+}
+
+static void t_assign(db_precision p)
+{
+    const char *pn = p == DB_PREC_F32 ? "fp32" : prec_name(p);
+    char what[160];
+    { /* linear 300x70->45 +bias (more than one bias chunk of rows) */
+        const int N = 300, C = 70, OC = 45;
+        const size_t nx = (size_t)N * C, nw = (size_t)OC * C, ny = (size_t)N * OC;
+        snprintf(what, sizeof what, "%s linear_backward %dx%d->%d", pn, N, C, OC);
+        float *x = dputf(hrand(nx, 1), nx), *w = dputf(hrand(nw, 0.05f), nw), *dy = dputf(hrand(ny, 1), ny);
+        float *zw = dputf(hzeros(nw), nw), *zb = dputf(hzeros(OC), OC), *aw = dpoison(nw), *ab = dpoison(OC);
+        float *zx = dpoison(nx), *ax = dpoison(nx);
+        if (gpu_ran(IN_PREC(p, api->linear_backward(&g, zx, zw, zb, dy, x, w, N, C, OC, 0)), what) &&
+            gpu_ran(IN_PREC(p, api->linear_backward(&g, ax, aw, ab, dy, x, w, N, C, OC, 1)), what))
+            assign_check(what, 3, (const float *const[]){ax, aw, ab}, (const float *const[]){zx, zw, zb},
+                         (const size_t[]){nx, nw, (size_t)OC});
+        release_all();
+    }
+    { /* linear_multi, 3 x 37x24->24 +bias */
+        const int n = 3, N = 37, C = 24, OC = 24;
+        const size_t nx = (size_t)N * C, nw = (size_t)OC * C, ny = (size_t)N * OC;
+        snprintf(what, sizeof what, "%s linear_multi_backward %d x %dx%d->%d", pn, n, N, C, OC);
+        float *x = dputf(hrand(nx, 1), nx), *w[3], *dy[3], *zw[3], *zb[3], *aw[3], *ab[3];
+        for (int i = 0; i < n; i++) {
+            w[i] = dputf(hrand(nw, 0.05f), nw), dy[i] = dputf(hrand(ny, 1), ny);
+            zw[i] = dputf(hzeros(nw), nw), zb[i] = dputf(hzeros(OC), OC), aw[i] = dpoison(nw), ab[i] = dpoison(OC);
+        }
+        float *zx = dpoison(nx), *ax = dpoison(nx);
+        const float *const *cw = (const float *const *)w, *const *cdy = (const float *const *)dy;
+        if (gpu_ran(IN_PREC(p, api->linear_multi_backward(&g, zx, zw, zb, cdy, x, cw, n, N, C, OC, 0, 0)), what) &&
+            gpu_ran(IN_PREC(p, api->linear_multi_backward(&g, ax, aw, ab, cdy, x, cw, n, N, C, OC, 0, 1)), what))
+            assign_check(what, 7, (const float *const[]){ax, aw[0], ab[0], aw[1], ab[1], aw[2], ab[2]},
+                         (const float *const[]){zx, zw[0], zb[0], zw[1], zb[1], zw[2], zb[2]},
+                         (const size_t[]){nx, nw, (size_t)OC, nw, (size_t)OC, nw, (size_t)OC});
+        release_all();
+    }
+    /* conv: B, C, H, W, OC, K, stride, pad (3x3: the channels-last filter
+     * gradient's small-plane widening; 1x1; a downsampler) */
+    const int cs[][8] = {{2, 3, 9, 7, 5, 3, 1, 1}, {2, 8, 6, 6, 5, 1, 1, 0}, {1, 4, 10, 12, 6, 3, 2, 1}};
+    for (size_t k = 0; k < sizeof cs / sizeof cs[0]; k++) {
+        const int *s = cs[k], B = s[0], C = s[1], H = s[2], W = s[3], OC = s[4], K = s[5], st = s[6], pd = s[7];
+        const int OH = (H + 2 * pd - K) / st + 1, OW = (W + 2 * pd - K) / st + 1;
+        const size_t nx = (size_t)B * C * H * W, nw = (size_t)OC * C * K * K, ny = (size_t)B * OC * OH * OW;
+        snprintf(what, sizeof what, "%s conv2d_backward B%d %d->%d %dx%d k%d s%d", pn, B, C, OC, H, W, K, st);
+        float *x = dputf(hrand(nx, 1), nx), *w = dputf(hrand(nw, 0.05f), nw), *dy = dputf(hrand(ny, 1), ny);
+        float *zw = dputf(hzeros(nw), nw), *zb = dputf(hzeros(OC), OC), *aw = dpoison(nw), *ab = dpoison(OC);
+        float *zx = dpoison(nx), *ax = dpoison(nx);
+        if (gpu_ran(IN_PREC(p, api->conv2d_backward(&g, zx, zw, zb, dy, x, w, B, C, H, W, OC, K, K, st, pd, pd, 0)),
+                    what) &&
+            gpu_ran(IN_PREC(p, api->conv2d_backward(&g, ax, aw, ab, dy, x, w, B, C, H, W, OC, K, K, st, pd, pd, 1)),
+                    what))
+            assign_check(what, 3, (const float *const[]){ax, aw, ab}, (const float *const[]){zx, zw, zb},
+                         (const size_t[]){nx, nw, (size_t)OC});
+        release_all();
+    }
+    if (p != DB_PREC_F32) /* the norms have no 16-bit mode */
+        return;
+    { /* group norm + SiLU, and layer norm */
+        const int B = 2, C = 8, HW = 15, G = 4, N = 33, LC = 150;
+        const size_t n = (size_t)B * C * HW, ng = (size_t)B * G, nl = (size_t)N * LC;
+        snprintf(what, sizeof what, "fp32 groupnorm_backward B%d C%d HW%d G%d +silu", B, C, HW, G);
+        float *hx = hrand(n, 2), *hw = hrand(C, 1), *hb = hrand(C, 1), *hy = hzeros(n);
+        float *hm = hzeros(ng), *hr = hzeros(ng);
+        if (cpu_ran(db_groupnorm_forward(cpu, hy, hm, hr, hx, hw, hb, B, C, HW, G, 1e-5f, 1), what)) {
+            float *x = dputf(hx, n), *w = dputf(hw, C), *b = dputf(hb, C), *m = dputf(hm, ng), *r = dputf(hr, ng);
+            float *dy = dputf(hrand(n, 1), n), *zx = dpoison(n), *ax = dpoison(n);
+            float *zw = dputf(hzeros(C), C), *zb = dputf(hzeros(C), C), *aw = dpoison(C), *ab = dpoison(C);
+            if (gpu_ran(api->groupnorm_backward(&g, zx, zw, zb, dy, m, r, x, w, b, B, C, HW, G, 1, 0), what) &&
+                gpu_ran(api->groupnorm_backward(&g, ax, aw, ab, dy, m, r, x, w, b, B, C, HW, G, 1, 1), what))
+                assign_check(what, 3, (const float *const[]){ax, aw, ab}, (const float *const[]){zx, zw, zb},
+                             (const size_t[]){n, (size_t)C, (size_t)C});
+        }
+        release_all();
+        snprintf(what, sizeof what, "fp32 layernorm_backward %dx%d", N, LC);
+        float *lx = hrand(nl, 1), *lw = hrand(LC, 1), *lb = hrand(LC, 1), *ly = hzeros(nl);
+        float *lm = hzeros(N), *lr = hzeros(N);
+        if (cpu_ran(db_layernorm_forward(cpu, ly, lm, lr, lx, lw, lb, N, LC, 1e-5f), what)) {
+            float *x = dputf(lx, nl), *w = dputf(lw, LC), *m = dputf(lm, N), *r = dputf(lr, N);
+            float *dy = dputf(hrand(nl, 1), nl), *zx = dpoison(nl), *ax = dpoison(nl);
+            float *zw = dputf(hzeros(LC), LC), *zb = dputf(hzeros(LC), LC), *aw = dpoison(LC), *ab = dpoison(LC);
+            if (gpu_ran(api->layernorm_backward(&g, zx, zw, zb, dy, m, r, x, w, N, LC, 0), what) &&
+                gpu_ran(api->layernorm_backward(&g, ax, aw, ab, dy, m, r, x, w, N, LC, 1), what))
+                assign_check(what, 3, (const float *const[]){ax, aw, ab}, (const float *const[]){zx, zw, zb},
+                             (const size_t[]){nl, (size_t)LC, (size_t)LC});
+        }
+        release_all();
+    }
 }
 
 /* linear_geglu_forward against the device's linear_forward then
@@ -1522,10 +1623,10 @@ static void t_shadow(void)
             !gpu_ran(IN_PREC(p, api->conv2d_forward(&g, c2, kx, du + fo1, NULL, KB, KC, KS, KS, KO, 3, 3, 1, 1, 1)),
                      step) ||
             !gpu_ran(IN_PREC(p, api->conv2d_backward(&g, g1, NULL, NULL, kdy, kx, dw + fo1, KB, KC, KS, KS, KO, 3, 3,
-                                                     1, 1, 1)),
+                                                     1, 1, 1, 0)),
                      step) ||
             !gpu_ran(IN_PREC(p, api->conv2d_backward(&g, g2, NULL, NULL, kdy, kx, du + fo1, KB, KC, KS, KS, KO, 3, 3,
-                                                     1, 1, 1)),
+                                                     1, 1, 1, 0)),
                      step))
             break;
         same_bits(step, c1, c2, nky);
@@ -2625,6 +2726,9 @@ int main(void)
         t_linear_multi(DB_PREC_F32, 2, 19, 40, 24, 1, 1);
     }
     t_transpose_add(2, 45, 70);
+    if (prec_want("assign"))
+        for (int pi = 0; pi < 3; pi++)
+            t_assign(pi == 0 ? DB_PREC_F32 : pi == 1 ? DB_PREC_BF16 : DB_PREC_F16);
 
     /* precision modes: the matmul-class ops in bf16 and fp16 */
     for (int pi = 0; pi < 2; pi++) {

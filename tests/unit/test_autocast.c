@@ -254,7 +254,7 @@ static int run_linear_fwd(db_ctx *c, const ac_case *k, float *const *in, float *
 }
 static int run_linear_bwd(db_ctx *c, const ac_case *k, float *const *in, float **out)
 {
-    return db_linear_backward(c, out[0], out[1], out[2], in[0], in[1], in[2], k->s[0], k->s[1], k->s[2]);
+    return db_linear_backward(c, out[0], out[1], out[2], in[0], in[1], in[2], k->s[0], k->s[1], k->s[2], 0);
 }
 static int run_conv_fwd(db_ctx *c, const ac_case *k, float *const *in, float **out)
 {
@@ -266,7 +266,7 @@ static int run_conv_bwd(db_ctx *c, const ac_case *k, float *const *in, float **o
 {
     const int *s = k->s;
     return db_conv2d_backward(c, out[0], out[1], out[2], in[0], in[1], in[2], s[0], s[1], s[2], s[3], s[4], s[5],
-                              s[6], s[7], s[8], s[9]);
+                              s[6], s[7], s[8], s[9], 0);
 }
 static int run_attn_fwd(db_ctx *c, const ac_case *k, float *const *in, float **out)
 {
@@ -376,7 +376,7 @@ static void test_overflow(void)
     tap_ok(isinf(out) && out > 0, "fp16: an input of 1e5 is inf (got %g)", out);
     /* a gradient contribution past the range: dweight = dout^T inp */
     float dout = 300.0f, x = 300.0f, dw = 1.0f, db = 0.0f;
-    db_linear_backward(c, NULL, &dw, &db, &dout, &x, &x, 1, 1, 1);
+    db_linear_backward(c, NULL, &dw, &db, &dout, &x, &x, 1, 1, 1, 0);
     tap_ok(isinf(dw) && db == 300.0f, "fp16: a dweight contribution of 90000 is inf when added (got %g, dbias %g)",
            dw, db);
     db_ctx_set_precision(c, DB_PREC_BF16);

@@ -570,7 +570,7 @@ static void test_cuda_dispatch(void)
     db_ctx f = {.device = DB_CUDA, .threads = 1, .cuda_api = &api};
     float x[4] = {0};
     tap_ok(db_add_forward(&f, x, x, x, 4) == 0 && x[0] == 42.0f, "cuda dispatch calls the table's member");
-    tap_ok(db_conv2d_backward(&f, x, NULL, NULL, x, x, x, 1, 1, 2, 2, 1, 1, 1, 1, 0, 0) == -1 &&
+    tap_ok(db_conv2d_backward(&f, x, NULL, NULL, x, x, x, 1, 1, 2, 2, 1, 1, 1, 1, 0, 0, 0) == -1 &&
                f.err.code == DB_EUNSUPP && strstr(f.err.msg, "conv2d backward: not implemented on CUDA"),
            "a missing member is reported: %s", f.err.msg);
     db_err_clear(&f.err);

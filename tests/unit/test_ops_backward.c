@@ -65,6 +65,8 @@ struct prob {
     const int32_t *tokens;
     fwd_fn fwd;
     bwd_fn bwd;
+    int assign;           /* the op's assign (ops.h), for the ops that take one */
+    int has_assign;       /* 1: the op takes it */
 };
 
 static double loss(const prob *p, double *out)
@@ -196,6 +198,22 @@ static void run_case(db_ctx *c1, db_ctx *c2, prob *p)
     }
     tap_ok(conv_ok, "%s: second call: parameter gradients doubled, activation gradients assigned", p->name);
 
+    /* assign: parameter gradients written over whatever they held (NaN
+     * here) with the first call's bits (its += into zeros) */
+    if (p->has_assign) {
+        grads_alloc(p, g2, all);
+        for (int k = 0; k < p->nin; k++)
+            for (size_t i = 0; p->param[k] && i < p->n[k]; i++)
+                g2[k][i] = NAN;
+        p->assign = 1;
+        int as_ok = p->bwd(c1, p, g2) == 0;
+        p->assign = 0;
+        for (int k = 0; k < p->nin; k++)
+            as_ok &= same_bits(g2[k], first[k], p->n[k]);
+        tap_ok(as_ok, "%s: assign: parameter gradients written (over NaN) with the bits of += into zeros", p->name);
+        grads_free(g2);
+    }
+
     /* NULL pointers: each gradient alone, the rest skipped, gives the same bits */
     if (p->nin > 1) {
         int null_ok = 1;
@@ -244,7 +262,8 @@ static void fwd_linear(const prob *p, double *out)
 
 static int bwd_linear(db_ctx *c, const prob *p, float *g[MAXIN])
 {
-    return db_linear_backward(c, g[0], g[1], g[2], p->Rf, p->xf[0], p->xf[1], p->s[0], p->s[1], p->s[2]);
+    return db_linear_backward(c, g[0], g[1], g[2], p->Rf, p->xf[0], p->xf[1], p->s[0], p->s[1], p->s[2],
+                              p->assign);
 }
 
 static void test_linear(db_ctx *c1, db_ctx *c2)
@@ -252,7 +271,7 @@ static void test_linear(db_ctx *c1, db_ctx *c2)
     const int shapes[][3] = {{7, 13, 5}, {130, 20, 260}}; /* the second: several output tiles */
     for (size_t t = 0; t < sizeof shapes / sizeof shapes[0]; t++) {
         const int N = shapes[t][0], C = shapes[t][1], OC = shapes[t][2];
-        prob p = {.name = "linear", .nin = 3, .n = {(size_t)N * C, (size_t)OC * C, (size_t)OC},
+        prob p = {.name = "linear", .has_assign = 1, .nin = 3, .n = {(size_t)N * C, (size_t)OC * C, (size_t)OC},
                   .param = {0, 1, 1}, .det = {1, 1, 1}, .fd = {1, 1, 1}, .nout = (size_t)N * OC,
                   .s = {N, C, OC}, .fwd = fwd_linear, .bwd = bwd_linear};
         prob_init(&p);
@@ -330,7 +349,7 @@ static int bwd_conv(db_ctx *c, const prob *p, float *g[MAXIN])
 {
     const int *s = p->s;
     return db_conv2d_backward(c, g[0], g[1], g[2], p->Rf, p->xf[0], p->xf[1], s[0], s[1], s[2], s[3], s[4], s[5],
-                              s[6], s[7], s[8], s[9]);
+                              s[6], s[7], s[8], s[9], p->assign);
 }
 
 static void test_conv(db_ctx *c1, db_ctx *c2)
@@ -346,7 +365,7 @@ static void test_conv(db_ctx *c1, db_ctx *c2)
     for (size_t t = 0; t < sizeof shapes / sizeof shapes[0]; t++) {
         const int *s = shapes[t];
         const int OH = (s[2] + s[8] + s[9] - s[5]) / s[7] + 1, OW = (s[3] + s[8] + s[9] - s[6]) / s[7] + 1;
-        prob p = {.name = "conv2d", .nin = 3,
+        prob p = {.name = "conv2d", .has_assign = 1, .nin = 3,
                   .n = {(size_t)s[0] * s[1] * s[2] * s[3], (size_t)s[4] * s[1] * s[5] * s[6], (size_t)s[4]},
                   .param = {0, 1, 1}, .det = {1, 1, 1}, .fd = {1, 1, 1}, .nout = (size_t)s[0] * s[4] * OH * OW,
                   .fwd = fwd_conv, .bwd = bwd_conv};
@@ -390,7 +409,7 @@ static int bwd_groupnorm(db_ctx *c, const prob *p, float *g[MAXIN])
     int r = db_groupnorm_forward(c, out, mean, rstd, p->xf[0], p->xf[1], p->xf[2], B, C, HW, G, EPS, silu);
     if (r == 0)
         r = db_groupnorm_backward(c, g[0], g[1], g[2], p->Rf, mean, rstd, p->xf[0], p->xf[1], p->xf[2], B, C, HW, G,
-                                  silu);
+                                  silu, p->assign);
     free(out);
     free(mean);
     free(rstd);
@@ -404,7 +423,7 @@ static void test_groupnorm(db_ctx *c1, db_ctx *c2)
     for (size_t t = 0; t < sizeof shapes / sizeof shapes[0]; t++) {
         const int *s = shapes[t];
         const size_t n = (size_t)s[0] * s[1] * s[2];
-        prob p = {.name = s[4] ? "groupnorm+silu" : "groupnorm", .nin = 3, .n = {n, (size_t)s[1], (size_t)s[1]},
+        prob p = {.name = s[4] ? "groupnorm+silu" : "groupnorm", .has_assign = 1, .nin = 3, .n = {n, (size_t)s[1], (size_t)s[1]},
                   .param = {0, 1, 1}, .det = {1, 1, 1}, .fd = {1, 1, 1}, .nout = n, .fwd = fwd_groupnorm,
                   .bwd = bwd_groupnorm};
         memcpy(p.s, s, sizeof shapes[0]);
@@ -439,7 +458,7 @@ static int bwd_layernorm(db_ctx *c, const prob *p, float *g[MAXIN])
     float *out = malloc(p->nout * sizeof *out), *mean = malloc(N * sizeof *mean), *rstd = malloc(N * sizeof *rstd);
     int r = db_layernorm_forward(c, out, mean, rstd, p->xf[0], p->xf[1], p->xf[2], N, C, EPS);
     if (r == 0)
-        r = db_layernorm_backward(c, g[0], g[1], g[2], p->Rf, mean, rstd, p->xf[0], p->xf[1], N, C);
+        r = db_layernorm_backward(c, g[0], g[1], g[2], p->Rf, mean, rstd, p->xf[0], p->xf[1], N, C, p->assign);
     free(out);
     free(mean);
     free(rstd);
@@ -451,7 +470,7 @@ static void test_layernorm(db_ctx *c1, db_ctx *c2)
     const int shapes[][2] = {{5, 7}, {33, 150}};
     for (size_t t = 0; t < sizeof shapes / sizeof shapes[0]; t++) {
         const int N = shapes[t][0], C = shapes[t][1];
-        prob p = {.name = "layernorm", .nin = 3, .n = {(size_t)N * C, (size_t)C, (size_t)C}, .param = {0, 1, 1},
+        prob p = {.name = "layernorm", .has_assign = 1, .nin = 3, .n = {(size_t)N * C, (size_t)C, (size_t)C}, .param = {0, 1, 1},
                   .det = {1, 1, 1}, .fd = {1, 1, 1}, .nout = (size_t)N * C, .s = {N, C}, .fwd = fwd_layernorm,
                   .bwd = bwd_layernorm};
         prob_init(&p);
@@ -799,12 +818,12 @@ static void test_sgemm_threads(db_ctx *c1)
         dx[r] = g + r * (nx + nw);
         dw[r] = dx[r] + nx;
     }
-    int ok = db_linear_backward(c1, dx[0], dw[0], NULL, dy, x, w, N, C, OC) == 0;
+    int ok = db_linear_backward(c1, dx[0], dw[0], NULL, dy, x, w, N, C, OC, 0) == 0;
     db_ctx *c16;
     db_err err = {0};
     if (tap_ok(db_ctx_create(&c16, DB_CPU, 16, &err) == 0, "cpu context with 16 threads")) {
-        ok &= db_linear_backward(c16, dx[1], dw[1], NULL, dy, x, w, N, C, OC) == 0;
-        ok &= db_linear_backward(c1, dx[2], dw[2], NULL, dy, x, w, N, C, OC) == 0;
+        ok &= db_linear_backward(c16, dx[1], dw[1], NULL, dy, x, w, N, C, OC, 0) == 0;
+        ok &= db_linear_backward(c1, dx[2], dw[2], NULL, dy, x, w, N, C, OC, 0) == 0;
         for (int r = 1; r < 3; r++)
             ok &= same_bits(dx[0], dx[r], nx) && same_bits(dw[0], dw[r], nw);
         tap_ok(ok, "linear backward 77 x 3072 -> 768: 1 vs 16 threads bit-identical");
@@ -826,7 +845,7 @@ static void test_errors(db_ctx *c)
            "embedding backward: a token id out of range is an error: %s", c->err.msg);
     tap_ok(db_silu_backward(c, dw, dout, dout, 4) == -1, "the error is sticky");
     db_ctx_clear_error(c);
-    tap_ok(db_groupnorm_backward(c, dw, NULL, NULL, dout, dout, dout, dout, dout, dout, 1, 3, 1, 2, 0) == -1 &&
+    tap_ok(db_groupnorm_backward(c, dw, NULL, NULL, dout, dout, dout, dout, dout, dout, 1, 3, 1, 2, 0, 0) == -1 &&
                c->err.code == DB_EUSAGE,
            "groupnorm backward: C %% G != 0 is refused: %s", c->err.msg);
     db_ctx_clear_error(c);

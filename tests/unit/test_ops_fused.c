@@ -143,10 +143,10 @@ int main(void)
                        db_precision_name(ps[p]), hb ? "with" : "no", rc ? ": " : "", rc ? c->err.msg : "");
                 /* backward, n = 3, dinp assigned: d0 + d1 + d2 in that order */
                 rc = db_linear_multi_backward(c, dx1, gw1, hb ? gb1 : NULL, (const float *const *)dy, mx,
-                                              (const float *const *)mw, 3, N, MC, MOC, 0);
+                                              (const float *const *)mw, 3, N, MC, MOC, 0, 0);
                 for (int i = 0; i < 3 && rc == 0; i++)
                     rc = db_linear_backward(c, i ? dt : dx2, gw2[i], hb ? gb2[i] : NULL, dy[i], mx, mw[i], N, MC,
-                                            MOC) ||
+                                            MOC, 0) ||
                          (i && db_add_forward(c, dx2, dx2, dt, nx));
                 same = rc == 0 && same_bits(dx1, dx2, nx);
                 for (int i = 0; i < 3; i++)
@@ -157,22 +157,22 @@ int main(void)
                 /* n = 2 added to dinp, no dweight of the second */
                 float *gw_one[2] = {gw1[0], NULL};
                 rc = db_linear_multi_backward(c, dx1, gw_one, NULL, (const float *const *)dy, mx,
-                                              (const float *const *)mw, 2, N, MC, MOC, 1);
+                                              (const float *const *)mw, 2, N, MC, MOC, 1, 0);
                 for (int i = 0; i < 2 && rc == 0; i++)
-                    rc = db_linear_backward(c, dt, i ? NULL : gw2[0], NULL, dy[i], mx, mw[i], N, MC, MOC) ||
+                    rc = db_linear_backward(c, dt, i ? NULL : gw2[0], NULL, dy[i], mx, mw[i], N, MC, MOC, 0) ||
                          db_add_forward(c, dx2, dx2, dt, nx);
                 tap_ok(rc == 0 && same_bits(dx1, dx2, nx) && same_bits(gw1[0], gw2[0], nw),
                        "%s: 2 linears' backward added to dinp (accumulate) == 2 backwards and 2 adds, bit for bit%s%s",
                        db_precision_name(ps[p]), rc ? ": " : "", rc ? c->err.msg : "");
                 if (p == 0 && hb == 0) { /* the comparison can fail: d0 + (d1 + d2) is another sum */
                     float *e = malloc(nx * sizeof *e);
-                    rc = db_linear_backward(c, dx2, NULL, NULL, dy[1], mx, mw[1], N, MC, MOC) ||
-                         db_linear_backward(c, dt, NULL, NULL, dy[2], mx, mw[2], N, MC, MOC) ||
+                    rc = db_linear_backward(c, dx2, NULL, NULL, dy[1], mx, mw[1], N, MC, MOC, 0) ||
+                         db_linear_backward(c, dt, NULL, NULL, dy[2], mx, mw[2], N, MC, MOC, 0) ||
                          db_add_forward(c, dx2, dx2, dt, nx) ||
-                         db_linear_backward(c, e, NULL, NULL, dy[0], mx, mw[0], N, MC, MOC) ||
+                         db_linear_backward(c, e, NULL, NULL, dy[0], mx, mw[0], N, MC, MOC, 0) ||
                          db_add_forward(c, dx2, e, dx2, nx) ||
                          db_linear_multi_backward(c, dx1, NULL, NULL, (const float *const *)dy, mx,
-                                                  (const float *const *)mw, 3, N, MC, MOC, 0);
+                                                  (const float *const *)mw, 3, N, MC, MOC, 0, 0);
                     tap_ok(rc == 0 && !same_bits(dx1, dx2, nx), "fp32: the input gradient summed in another order "
                            "differs (the comparison can fail)");
                     free(e);
@@ -191,7 +191,7 @@ int main(void)
                            : i == 2 ? db_linear_multi_forward(c1, ov, mx, cw, NULL, 3, N, MC, MOC)
                            : i == 3 ? db_linear_multi_forward(c1, dup, mx, cw, NULL, 2, N, MC, MOC)
                                     : db_linear_multi_backward(c1, dx1, NULL, NULL, (const float *const *)dy, mx,
-                                                               NULL, 2, N, MC, MOC, 0);
+                                                               NULL, 2, N, MC, MOC, 0, 0);
             tap_ok(rc != 0 && c1->err.code == DB_EUSAGE, "linear multi: %s is refused: %s", what[i], c1->err.msg);
             db_ctx_clear_error(c1);
         }

@@ -6,8 +6,9 @@
  * the reference holds loss, grad_latents = d loss / d latents and
  * grad/<diffusers name> = d loss / d parameter for every UNet parameter.
  * Checked: the loss, every parameter gradient and grad_latents (relative L2
- * per tensor), that a second backward accumulates (gradients double), that a
- * frozen backward (no gradients) still gives d latents, d context against a
+ * per tensor), that a second backward accumulates (gradients double), that
+ * an assigned backward (unet.h) writes every gradient over NaN with the
+ * first backward's bits, that a frozen backward (no gradients) still gives d latents, d context against a
  * central difference of the loss (no diffusers reference for it), that a
  * wrong dout misses, and that a backward without a training forward is
  * refused.  On the device of $DB_TEST_DEVICE (tap.h; cpu by default): the
@@ -204,7 +205,8 @@ int main(void)
 
     /* a second backward accumulates: the parameter gradients double (twice:
      * host memory, the expected sum) */
-    float *twice = malloc(g.numel * sizeof *twice);
+    float *twice = malloc(g.numel * sizeof *twice), *once = malloc(g.numel * sizeof *once);
+    memcpy(once, gh, g.numel * sizeof *once);
     memcpy(twice, gh, g.numel * sizeof *twice);
     for (size_t i = 0; i < g.numel; i++)
         twice[i] *= 2.0f;
@@ -220,6 +222,33 @@ int main(void)
     if (gh)
         tap_host_free(ctx, gh);
     free(twice);
+
+    /* assign (unet.h): every weight gets one contribution, written over what
+     * the buffer held (NaN here, the alignment padding too, which is not
+     * written), with the bits of the first backward's += into zeros; a
+     * weight the backward missed would stay NaN */
+    float *nan_h = malloc(g.numel * sizeof *nan_h);
+    for (size_t i = 0; i < g.numel; i++)
+        nan_h[i] = NAN;
+    rc = COPIED(H2D(g.data, nan_h, g.numel));
+    rc = rc ? rc : db_unet_backward_to(u, dlat2, NULL, &g, NULL, 1, dout, &err);
+    gh = rc ? NULL : tap_fetch(ctx, g.data, g.numel * sizeof *g.data);
+    size_t nbad = 0, ncmp = 0;
+    for (size_t i = 0; gh && i < wt->ix.n; i++) {
+        const db_tentry *e = &wt->ix.v[i];
+        const size_t o = (size_t)e->offset, k = (size_t)db_shape_numel(e->ndim, e->shape);
+        ncmp += k;
+        if (memcmp(gh + o, once + o, k * sizeof *gh) != 0 && nbad++ < 3)
+            tap_diag("%s: first element %g, not %g", e->name, gh[o], once[o]);
+    }
+    tap_ok(rc == 0 && gh && nbad == 0 && ncmp > 0,
+           "%s: assigned backward over NaN: the %zu parameter gradients of %zu tensors the bits of one backward's "
+           "+= into zeros (%zu tensors differ)%s%s",
+           tap_device(), ncmp, wt->ix.n, nbad, rc ? ": " : "", rc ? err.msg : "");
+    if (gh)
+        tap_host_free(ctx, gh);
+    free(nan_h);
+    free(once);
 
     /* frozen: no parameter gradients, d latents all the same */
     db_ctx_zero(ctx, dlat2, n * sizeof *dlat2);
