@@ -274,13 +274,13 @@ __device__ __forceinline__ float db_cuda_round16(float x, int f16)
 }
 // an operand element as float (the 16-bit kernels' loads; float itself for the fp32 ones)
 __device__ __forceinline__ float db_cuda_f32(float x) { return x; }
+__device__ __forceinline__ float db_cuda_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float db_cuda_f32(__half x) { return __half2float(x); }
 // *d given v by put (DB_PUT_*, above); d is read only for DB_PUT_ADD
 __device__ __forceinline__ void db_cuda_put(float *d, float v, int put)
 {
     *d = put == DB_PUT_ADD ? *d + v : put == DB_PUT_FRESH ? __fadd_rn(0.0f, v) : v;
 }
-__device__ __forceinline__ float db_cuda_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float db_cuda_f32(__half x) { return __half2float(x); }
 // attention_backward.cu: D (B, NH, Tq) = dO . O per query and head, summed in
 // fp32 (both attention backwards' first pass); T float, __nv_bfloat16 or
 // __half.  0, or -1 with c->err set.

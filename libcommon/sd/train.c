@@ -537,7 +537,8 @@ typedef struct unet_bwd {
 /* One micro-batch a step: the UNet's backward writes its gradients (=, the
  * bits of += into zeros: unet.h), so they are never reset between steps.
  * With more the first could too, but then the backward's graph would differ
- * between the step's micro-batches and be recorded again every time. */
+ * between the step's micro-batches and be recorded again every time.  (A
+ * caller's second micro-batch before the step adds, as always.) */
 static int unet_assigns(const db_trainer *t) { return t->o.grad_accum <= 1; }
 
 static int unet_bwd_run(void *arg, db_err *err)
@@ -693,14 +694,14 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
         st = t->fsink[1];
     }
     if (bucketed) { /* the sinks call back into the host mid-backward: no graph */
-        if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, &t->gu, &su, unet_assigns(t),
-                                t->dpred, err))
+        if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, &t->gu, &su,
+                                unet_assigns(t) && !t->micro, t->dpred, err))
             return db_err_prefix(err, "trainer");
     } else {
         unet_bwd k;
         memset(&k, 0, sizeof k);
         k.u = t->unet, k.dcontext = t->o.train_text ? t->dcontext : NULL, k.grads = fused ? NULL : &t->gu,
-        k.dout = t->dpred, k.fused = fused ? t : NULL, k.assign = unet_assigns(t);
+        k.dout = t->dpred, k.fused = fused ? t : NULL, k.assign = unet_assigns(t) && !t->micro;
         if (db_unet_graph_run(&t->gbwd, t->unet, unet_bwd_run, &k, sizeof k, t->o.log, err))
             return db_err_prefix(err, "trainer");
         if (fused) { /* a replay ran no host code: the units were those of the last run that did */
