@@ -217,6 +217,38 @@ int main(void)
                "k_proj biases)", nzt, m->arch.text.layers);
     }
 
+    /* a caller's second micro-batch before the step adds (the UNet's
+     * backward assigns the first one's only: train.c unet_assigns): with
+     * grad_accum 1, two micro-batches give twice the gradients that
+     * grad_accum 2 gives for the same two batches (its dout is half, a
+     * power-of-two scale that every op carries exactly) */
+    {
+        float *lat = malloc((size_t)in.B * in.C * in.H * in.W * sizeof *lat);
+        db_train_opts ob = o;
+        ob.grad_accum = 2;
+        db_trainer *ta = NULL, *tb = NULL;
+        int ok = db_trainer_create(&ta, ctx, m, &o, &err) == 0 && db_trainer_create(&tb, ctx, m, &ob, &err) == 0;
+        for (int k = 0; k < 2 && ok; k++) {
+            const db_train_batch b = tap_train_ref_batch(&in, k, lat);
+            ok = db_trainer_accumulate(ta, &b, NULL, &err) == 0 && db_trainer_accumulate(tb, &b, NULL, &err) == 0;
+        }
+        const size_t ng = ok ? db_trainer_grad_norms(ta, NULL, 0) : 0;
+        double *na = calloc(ng + 1, sizeof *na), *nb = calloc(ng + 1, sizeof *nb), worst = ok ? 0 : INFINITY;
+        if (ok && db_trainer_grad_norms(ta, na, ng) == ng && db_trainer_grad_norms(tb, nb, ng) == ng)
+            for (size_t i = 0; i < ng; i++) {
+                const double d = fabs(na[i] - 2 * nb[i]) / (2 * nb[i] > 0 ? 2 * nb[i] : 1);
+                worst = d > worst || d != d ? d : worst;
+            }
+        tap_ok(ok && ng > 0 && worst <= 1e-6,
+               "grad_accum 1, two micro-batches before the step: the %zu tensors' gradient norms twice grad_accum "
+               "2's (worst rel %.3g)%s%s", ng, worst, ok ? "" : ": ", ok ? "" : err.msg);
+        free(na);
+        free(nb);
+        db_trainer_free(ta);
+        db_trainer_free(tb);
+        free(lat);
+    }
+
     db_train_stats s[NSTEPS];
     rc = run(t, &in, 0, s, &err);
     if (!tap_ok(rc == 0, "three steps%s%s", rc ? ": " : "", rc ? err.msg : ""))
