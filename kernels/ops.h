@@ -423,7 +423,7 @@ int db_embedding_forward(db_ctx *c, float *out, const int32_t *tokens, const flo
  * either may be NULL. */
 int db_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const float *A, const float *B, int batch,
                      int M, int N, int K, int transa, int transb, float alpha);
-/* dinp (N, C) =; dweight (OC, C) +=; dbias (OC) += (= when assign); dout (N, OC). */
+/* dinp (N, C) =; dweight (OC, C), dbias (OC) += (= when assign); dout (N, OC). */
 int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                        const float *weight, int N, int C, int OC, int assign);
 /* db_linear_multi_forward's backward: d_i = the dinp of
@@ -437,7 +437,7 @@ int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
 int db_linear_multi_backward(db_ctx *c, float *dinp, float *const *dweight, float *const *dbias,
                              const float *const *dout, const float *inp, const float *const *weight, int n, int N,
                              int C, int OC, int accumulate, int assign);
-/* dinp (B, C, H, W) =; dweight (OC, C, KH, KW) +=; dbias (OC) += (= when
+/* dinp (B, C, H, W) =; dweight (OC, C, KH, KW), dbias (OC) += (= when
  * assign); dout (B, OC, OH, OW). */
 int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                        const float *weight, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0,
