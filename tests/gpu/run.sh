@@ -93,7 +93,9 @@ PY
                 --device cuda --precision bf16 --fused-backward --optimizer $o $gr -o "$T/run-fused-$o$gr" \
                 2>"$T/fused-$o$gr.log" || { bad=1; tail -3 "$T/fused-$o$gr.log"; }
         done
-        grep -i "without a graph" "$T/fused-$o.log" | head -2
+        # (|| true: no such line is the good case, and grep's 1 would end
+        # the stage under set -e with pipefail: call 9 lost these checks so)
+        grep -i "without a graph" "$T/fused-$o.log" | head -2 || true
         if cmp -s "$T/run-fused-$o/ckpt-000004/model.safetensors" "$T/run-fused-$o--no-graph/ckpt-000004/model.safetensors" &&
             cmp -s "$T/run-fused-$o/ckpt-000004/optimizer.safetensors" \
                 "$T/run-fused-$o--no-graph/ckpt-000004/optimizer.safetensors"; then
@@ -110,7 +112,7 @@ PY
     # one instantiated among two timed steps; call 6 read 2 here: a late
     # first recording, not a recurring one).  Reported, not a failure.
     n=$(timeout 90 build/bin/db-train -v -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 6 \
-        --lr 1e-4 --train-text-encoder --device cuda -o "$T/run-rec" 2>&1 | grep -c "recorded as a CUDA graph")
+        --lr 1e-4 --train-text-encoder --device cuda -o "$T/run-rec" 2>&1 | grep -c "recorded as a CUDA graph" || true)
     echo "db-train cuda, 6 steps: UNet graphs recorded $n time(s) (2 expected: forward, backward)"
     # checkpoints through the pinned stage (--async-save, auto on a GPU) vs
     # written synchronously: the same bytes, and the log says pinned
@@ -276,6 +278,11 @@ else
 fi
 # the benchmarks keep BENCH_RESERVE seconds whatever the checks take
 BENCH_RESERVE=${BENCH_RESERVE:-210}
+# RUN_ONLY=tools: that stage alone (a short second call after a fix to it)
+if [ "${RUN_ONLY:-}" = tools ]; then
+    stage tools tools.txt 180 bash "$SELF" --tools
+    exit
+fi
 RESERVE=$BENCH_RESERVE stage check-cuda check-cuda.txt 150 bash "$SELF" --check-cuda
 echo "== tools on the tiny model, cpu vs cuda: db-sample, db-prep, db-train"
 RESERVE=$BENCH_RESERVE stage tools tools.txt 180 bash "$SELF" --tools
