@@ -20,8 +20,8 @@
 // kernel, and tests/gpu/run.sh times both.
 //
 // Block: NWARP = 4 warps over (b, h, BR MR queries), warp w owns the MR
-// row tiles of 16 queries from 16 MR w (MR = 2 up to head size 80 where
-// the grid is large: mr_max below); lane 4g + t holds rows g and g + 8 of
+// row tiles of 16 queries from 16 MR w (MR = 1; 2 with DB_ATTN_MR=2 up to
+// head size 80: mr_max below); lane 4g + t holds rows g and g + 8 of
 // each.  Shared memory: Qs (BR MR, LDH), then per key tile Ks, Vs (BT =
 // 64, LDH) in the compute type, LDH = HSP + 8 (HSP: HS rounded up to 16,
 // zero columns); pipelined, two such K, V pairs, Qs in the second pair
@@ -95,12 +95,13 @@ __device__ __forceinline__ void scale_max(float (&s)[BT / 8][4], float *tA, floa
 
 // MR: row tiles of 16 queries a warp, so a block owns BR MR queries and
 // each K or V fragment loaded from shared memory serves MR products (half
-// the shared-memory loads a score with 2).  2 up to head size 80 (two
-// tiles' S, P and O fit in registers: 168 at head size 40, 242 at 80),
-// where the grid keeps at least two blocks a multiprocessor (SD1.5's
-// 4096-token level at batch 2: 512 blocks; its 1024-token level would
-// leave most multiprocessors one block of four warps, so it stays at 1);
-// DB_ATTN_MR=1 or 2 forces it (2: where the head size allows).
+// the shared-memory loads a score with 2).  2 is possible up to head size
+// 80 (two tiles' S, P and O fit in registers: 168 at head size 40, 242 at
+// 80), and was the default (session 13, blind) where the grid kept two
+// blocks a multiprocessor; call 9 (H200, 2026-11-28) measured it slower
+// at SD1.5's 4096-token level, B2 8x40 bf16: 0.3466 ms against 0.3159
+// with one tile a warp.  So 1, and DB_ATTN_MR=2 forces 2 (where the head
+// size allows) for a later card to time again.
 template <int NK> constexpr int mr_max() { return NK <= 5 ? 2 : 1; }
 
 // shared memory of a block: Qs (BR MR rows), Ks, Vs; pipelined, two K, V
@@ -275,9 +276,7 @@ int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void 
         const bool pipe = db_cuda_attn_cpasync(), ldsm = db_cuda_attn_ldsm();
         auto go = [&](auto t, auto p, auto l) {
             constexpr bool P = decltype(p)::value, L = decltype(l)::value;
-            const int want = db_cuda_attn_mr();
-            const long blocks2 = (long)((Tq + 2 * BR - 1) / (2 * BR)) * B * NH;
-            if (mr_max<NK>() == 2 && (want == 2 || (want == 0 && blocks2 >= 2L * db_cuda_st(c)->nsm)))
+            if (mr_max<NK>() == 2 && db_cuda_attn_mr() == 2)
                 return launch<decltype(t), NK, P, L, mr_max<NK>()>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal,
                                                                      rescale, rnd);
             return launch<decltype(t), NK, P, L, 1>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale, rnd);

@@ -41,10 +41,10 @@ bool db_cuda_attn_cpasync(void);
 // yes unless DB_ATTN_LDSM=0, which loads them 32 and 16 bits a lane as
 // before (2026-11-27: the same words, so the same bits).  Read at each call.
 bool db_cuda_attn_ldsm(void);
-// Row tiles of 16 queries a warp in the mma.sync forward (attention_mma.cu
-// chooses 1 or 2 by head size and grid): 0 (its choice) unless the
-// environment has DB_ATTN_MR=1 or DB_ATTN_MR=2, which force that number
-// (2 where the head size allows).  Read at each call.
+// Row tiles of 16 queries a warp in the mma.sync forward (attention_mma.cu:
+// 1): 0 (its choice) unless the environment has DB_ATTN_MR=1 or
+// DB_ATTN_MR=2, which force that number (2 where the head size allows).
+// Read at each call.
 int db_cuda_attn_mr(void);
 
 // The same forward through mma.sync with S and P in registers

@@ -290,9 +290,9 @@ echo "== attention on tensor cores vs the fp32 kernel at SD1.5 shapes (DB_BENCH=
 RESERVE=$((BENCH_RESERVE - 15)) stage attn-tc-bench bench_ops.md 45 env DB_BENCH=1 B="$PWD/build" \
     build/tests/gpu/test_attention_tc
 # the same with the mma.sync kernels' operands loaded 32 and 16 bits a lane
-# instead of by ldmatrix (DB_ATTN_LDSM=0), then with the forward's one row
-# tile a warp (DB_ATTN_MR=1), each under its own heading: both written
-# blind in session 13, so what the defaults gain is what these tell
+# instead of by ldmatrix (DB_ATTN_LDSM=0), then with the forward's two row
+# tiles a warp (DB_ATTN_MR=2; the default until call 9 measured it slower),
+# each under its own heading: what the defaults gain is what these tell
 # attn_variant NAME VAR=VALUE WHAT: the attention benchmark again with VAR
 attn_variant() {
     echo "== the same with $2 ($3)"
@@ -301,7 +301,7 @@ attn_variant() {
         build/tests/gpu/test_attention_tc
 }
 attn_variant attn-noldsm-bench DB_ATTN_LDSM=0 "the mma.sync attention kernels without ldmatrix"
-attn_variant attn-mr1-bench DB_ATTN_MR=1 "the mma.sync forward with one row tile a warp"
+attn_variant attn-mr2-bench DB_ATTN_MR=2 "the mma.sync forward with two row tiles a warp"
 # the same without the mma.sync kernels' cp.async pipelines
 # (DB_ATTN_CPASYNC=0: each streamed tile loaded, then used), under its own
 # heading, with OLD_PATHS=1 only (calls 5 and 6 timed it: BENCHMARKS.md;
