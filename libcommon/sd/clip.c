@@ -375,7 +375,7 @@ static int unit_begin(db_clip *c, db_weights *grads, const db_grad_sink *sink, c
                       const float **wb, float **gb, db_err *err)
 {
     if (!sink) {
-        *sp = (db_span){0, c->w.numel};
+        *sp = (db_span){.lo = 0, .hi = c->w.numel};
         *wb = c->w.data, *gb = grads->data;
         return 0;
     }

@@ -693,15 +693,16 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
             return db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
         st = t->fsink[1];
     }
+    const int assign = unet_assigns(t) && !t->micro; /* the UNet's gradients written, not added to */
     if (bucketed) { /* the sinks call back into the host mid-backward: no graph */
-        if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, &t->gu, &su,
-                                unet_assigns(t) && !t->micro, t->dpred, err))
+        if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, &t->gu, &su, assign, t->dpred,
+                                err))
             return db_err_prefix(err, "trainer");
     } else {
         unet_bwd k;
         memset(&k, 0, sizeof k);
         k.u = t->unet, k.dcontext = t->o.train_text ? t->dcontext : NULL, k.grads = fused ? NULL : &t->gu,
-        k.dout = t->dpred, k.fused = fused ? t : NULL, k.assign = unet_assigns(t) && !t->micro;
+        k.dout = t->dpred, k.fused = fused ? t : NULL, k.assign = assign;
         if (db_unet_graph_run(&t->gbwd, t->unet, unet_bwd_run, &k, sizeof k, t->o.log, err))
             return db_err_prefix(err, "trainer");
         if (fused) { /* a replay ran no host code: the units were those of the last run that did */

@@ -61,7 +61,6 @@ typedef struct step {
     /* gradient workspace (set by grad_layout) */
     float *dout;                  /* (B, OC, HW(lout)) d loss / d out; NULL for the output head */
     db_span gs;                   /* its weights' span (gradient units, weights.h; set by spans()) */
-    int gs_padded;                /* the span holds alignment padding (set by spans()) */
     int dset;                     /* backward: dout holds a gradient (else the first writer assigns) */
 } step;
 
@@ -99,7 +98,6 @@ struct db_unet {
     float *bscratch;            /* block backward scratch, the largest any step needs */
     int have_spans;             /* the steps' and the time MLP's weight spans are set */
     db_span t_gs;               /* the time MLP's */
-    int t_gs_padded;            /* and whether it holds padding */
     unsigned gen;               /* counts re-layouts of ws / gws (db_unet_layout_gen) */
 };
 
@@ -751,19 +749,6 @@ static void give(db_unet *u, int i, const float *d, size_t n)
     }
 }
 
-/* 1 when span sp of the weights holds floats of no tensor (the tensors'
- * 16-float alignment padding): SD1.5's only one is conv_out's bias (4). */
-static int span_padded(const db_weights *w, db_span sp)
-{
-    size_t n = 0;
-    for (size_t i = 0; i < w->ix.n; i++) {
-        const db_tentry *e = &w->ix.v[i];
-        if ((size_t)e->offset >= sp.lo && (size_t)e->offset < sp.hi)
-            n += (size_t)db_shape_numel(e->ndim, e->shape);
-    }
-    return n != sp.hi - sp.lo;
-}
-
 /* The weight span of every step and of the time MLP, once (a gradient sink's units). */
 static int spans(db_unet *u, db_err *err)
 {
@@ -776,11 +761,9 @@ static int spans(db_unet *u, db_err *err)
         snprintf(key, sizeof key, "%.*s", (int)l, s->name);
         if (db_weights_span(&u->w, key, &s->gs, err))
             return db_err_prefix(err, "unet");
-        s->gs_padded = span_padded(&u->w, s->gs);
     }
     if (db_weights_span(&u->w, "time_embed", &u->t_gs, err))
         return db_err_prefix(err, "unet");
-    u->t_gs_padded = span_padded(&u->w, u->t_gs);
     u->have_spans = 1;
     return 0;
 }
@@ -789,14 +772,14 @@ static int spans(db_unet *u, db_err *err)
  * whole buffer.  Every weight of a unit gets one contribution from its
  * step's ops (test_unet_backward checks it), so the ops write it (their
  * assign) into a window, and into the buffer when assign.  A window is
- * zeroed first only where the span holds alignment padding (padded): the
- * ops never write it, it held another unit's gradients, and the unit's
- * optimizer step reads the whole span (a buffer's padding stays the zeros
- * it was made with). */
-static db_gradmap unit_map(db_unet *u, float *gbuf, const db_grad_sink *sink, db_span sp, int padded, int assign)
+ * zeroed first only where the span holds alignment padding (sp.padded;
+ * SD1.5: conv_out's 4-float bias): the ops never write it, it held another
+ * unit's gradients, and the unit's optimizer step reads the whole span (a
+ * buffer's padding stays the zeros it was made with). */
+static db_gradmap unit_map(db_unet *u, float *gbuf, const db_grad_sink *sink, db_span sp, int assign)
 {
     if (sink && sink->window) {
-        if (padded)
+        if (sp.padded)
             db_ctx_zero(u->ctx, sink->window, (sp.hi - sp.lo) * sizeof(float));
         return (db_gradmap){u->w.data + sp.lo, sink->window, 1};
     }
@@ -880,7 +863,7 @@ int db_unet_backward_to(db_unet *u, float *dsample, float *dcontext, db_weights 
             t0 = t1;
         }
         if (trained)
-            gm = unit_map(u, gbuf, sink, s->gs, s->gs_padded, assign);
+            gm = unit_map(u, gbuf, sink, s->gs, assign);
         switch (s->kind) {
         case ST_CONV_IN:
             db_conv2d_backward(c, dsample, gp(g, s->conv_w), gp(g, s->conv_b), d, in, s->conv_w, B, s->C, h, wd,
@@ -934,7 +917,7 @@ int db_unet_backward_to(db_unet *u, float *dsample, float *dcontext, db_weights 
 
     /* the time embedding MLP: temb_s = silu(linear_2(silu(linear_1(tproj)))) */
     if (trained) {
-        gm = unit_map(u, gbuf, sink, u->t_gs, u->t_gs_padded, assign);
+        gm = unit_map(u, gbuf, sink, u->t_gs, assign);
         db_silu_backward(c, u->dtemb, u->dtemb_s, u->temb, (size_t)B * E);
         db_linear_backward(c, u->de1s, gp(g, u->t2_w), gp(g, u->t2_b), u->dtemb, u->e1s, u->t2_w, B, E, E, gm.fresh);
         db_silu_backward(c, u->de1, u->de1s, u->e1, (size_t)B * E);

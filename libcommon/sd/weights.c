@@ -201,7 +201,7 @@ static size_t padded(const db_tentry *e) { return ((size_t)db_shape_numel(e->ndi
 int db_weights_span(const db_weights *w, const char *key, db_span *out, db_err *err)
 {
     const size_t lk = strlen(key);
-    size_t lo = SIZE_MAX, hi = 0;
+    size_t lo = SIZE_MAX, hi = 0, n = 0;
     for (size_t i = 0; i < w->ix.n; i++) {
         const db_tentry *e = &w->ix.v[i];
         if (!in_unit(w->comp, e->name, key, lk))
@@ -209,6 +209,7 @@ int db_weights_span(const db_weights *w, const char *key, db_span *out, db_err *
         const size_t a = (size_t)e->offset, b = a + padded(e);
         lo = a < lo ? a : lo;
         hi = b > hi ? b : hi;
+        n += (size_t)db_shape_numel(e->ndim, e->shape);
     }
     if (hi == 0)
         return db_err_set(err, DB_EUSAGE, "%s weights: no tensor of %s", db_comp_name(w->comp), key);
@@ -218,7 +219,7 @@ int db_weights_span(const db_weights *w, const char *key, db_span *out, db_err *
             return db_err_set(err, DB_EUNSUPP, "%s weights: %s lies among the tensors of %s in this layout",
                               db_comp_name(w->comp), e->name, key);
     }
-    *out = (db_span){lo, hi};
+    *out = (db_span){lo, hi, n != hi - lo}; /* (no other tensor inside: the rest is padding) */
     return 0;
 }
 

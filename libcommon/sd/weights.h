@@ -62,10 +62,13 @@ float *db_weights_get(const db_weights *w, db_err *err, int64_t numel, const cha
 size_t db_grad_unit_key(int comp, const char *name);
 
 /* [lo, hi): element offsets in w->data of the unit `key` (its tensors and
- * their alignment padding).  Refused when the unit has no tensor or another
- * unit's tensor lies inside (a layout a unit-by-unit update cannot use). */
+ * their alignment padding; padded 1 when there is any: floats of no tensor,
+ * which no backward op writes).  Refused when the unit has no tensor or
+ * another unit's tensor lies inside (a layout a unit-by-unit update cannot
+ * use). */
 typedef struct db_span {
     size_t lo, hi;
+    int padded;
 } db_span;
 int db_weights_span(const db_weights *w, const char *key, db_span *out, db_err *err);
 
@@ -88,9 +91,10 @@ size_t db_tentries_optim_bytes(const db_tentry *v, size_t n, int comp, db_optim_
  * weights' gradients and whom it tells when a unit's are final.
  *   window NULL: into the caller's gradient buffer (laid out like the
  *     weights, accumulated +=), as the plain backward;
- *   window non-NULL: each unit's gradients into window[0, hi - lo) (zeroed
- *     first; window_n floats must hold the largest unit), and no gradient
- *     buffer is needed;
+ *   window non-NULL: each unit's gradients into window[0, hi - lo) (as the
+ *     gradients of a zeroed window: the UNet's written, its span's padding
+ *     zeroed; the text encoder's window zeroed, then added to; window_n
+ *     floats must hold the largest unit), and no gradient buffer is needed;
  *   ready (may be NULL): called after each unit's backward with g = where
  *     its gradients are (window, or the buffer at lo) and its span in the
  *     weights; a failure stops the backward with that error. */

@@ -111,7 +111,7 @@ static void test_keys(void)
         db_tindex_add(&w.ix, &e, &err);
     }
     w.n = w.ix.n, w.numel = 96;
-    db_span sp = {0, 0};
+    db_span sp = {0};
     const int rc = db_weights_span(&w, "input_blocks.1.0", &sp, &err);
     tap_ok(rc != 0 && err.code == DB_EUNSUPP && strstr(err.msg, "input_blocks.1.1.b.weight"),
            "an interleaved layout is refused, naming the stray tensor: %s", err.msg);

@@ -50,6 +50,40 @@ static double l2(const float *x, size_t n)
 
 
 
+/* A gradient sink's check (the fused backward's window): each unit's
+ * gradients against one plain backward's (want, host), the alignment
+ * padding in its span zero (no op writes it, and the window held NaN or
+ * another unit's gradients there before). */
+typedef struct win_check {
+    db_ctx *ctx;
+    const db_weights *w;
+    const float *want;
+    size_t units, bad_tensors, bad_padding;
+} win_check;
+
+static int win_ready(void *user, float *g, size_t lo, size_t hi, db_err *err)
+{
+    win_check *k = user;
+    const float *h = tap_fetch(k->ctx, g, (hi - lo) * sizeof *g);
+    if (!h)
+        return db_err_set(err, DB_EIO, "window fetch: %s", k->ctx->err.msg);
+    k->units++;
+    for (size_t i = 0; i < k->w->ix.n; i++) {
+        const db_tentry *e = &k->w->ix.v[i];
+        const size_t o = (size_t)e->offset, n = (size_t)db_shape_numel(e->ndim, e->shape);
+        if (o < lo || o >= hi)
+            continue;
+        k->bad_tensors += memcmp(h + (o - lo), k->want + o, n * sizeof *h) != 0;
+        const size_t end = i + 1 < k->w->ix.n && (size_t)k->w->ix.v[i + 1].offset <= hi
+                               ? (size_t)k->w->ix.v[i + 1].offset
+                               : hi;
+        for (size_t j = o + n; j < end; j++)
+            k->bad_padding += h[j - lo] != 0.0f || signbit(h[j - lo]);
+    }
+    tap_host_free(k->ctx, h);
+    return 0;
+}
+
 int main(void)
 {
     db_err err = {0};
@@ -247,6 +281,21 @@ int main(void)
            tap_device(), ncmp, wt->ix.n, nbad, rc ? ": " : "", rc ? err.msg : "");
     if (gh)
         tap_host_free(ctx, gh);
+
+    /* the same through a gradient sink's window (the fused backward: units
+     * written unit by unit), the window NaN at the start: every unit's
+     * gradients those bits again, its padding zero */
+    const size_t nwin = db_weights_window_floats(wt);
+    float *win = tap_dev_alloc(ctx, nwin * sizeof *win);
+    win_check wk = {ctx, wt, once, 0, 0, 0};
+    db_grad_sink sink = {win, nwin, win_ready, &wk};
+    rc = win ? COPIED(H2D(win, nan_h, nwin)) : db_err_set(&err, DB_ENOMEM, "window");
+    rc = rc ? rc : db_unet_backward_to(u, dlat2, NULL, NULL, &sink, 0, dout, &err);
+    tap_ok(rc == 0 && wk.units > 0 && wk.bad_tensors == 0 && wk.bad_padding == 0,
+           "%s: through a gradient window (NaN at the start): %zu units, %zu tensors differ from one backward's, "
+           "%zu padding floats not zero%s%s",
+           tap_device(), wk.units, wk.bad_tensors, wk.bad_padding, rc ? ": " : "", rc ? err.msg : "");
+    tap_dev_free(ctx, win);
     free(nan_h);
     free(once);
 
