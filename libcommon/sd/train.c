@@ -76,26 +76,53 @@ struct db_trainer {
     int ctx_prec, ctx_valid;
     /* buffers of the largest micro-batch seen, on the ctx's device */
     size_t cap_lat, cap_ctx;
-    float *noisy, *pred_buf, *dpred; /* (B, C, H, W) each */
+    float *noisy, *pred_buf, *dpred, *target; /* (B, C, H, W) each */
     float *tsf;                  /* (B) timesteps as floats */
     float *context, *dcontext;   /* (B, T, D) each */
     /* Host staging of the latent-sized tensors the host code (the scheduler's
      * add_noise and velocity, the loss) reads or writes: on the CPU these
      * are the device buffers above (no copy, no extra memory), elsewhere
-     * host buffers of the same size copied to and from them. */
-    float *noisy_h, *pred_h, *dpred_h, *tsf_h;
+     * one host block (stage) holding four of the same size, copied to and
+     * from them: pinned where the device allows (stage_pinned), so that a
+     * copy up returns at once instead of waiting for the work queued
+     * before it (the step's inputs go up while the last step's AdamW
+     * runs).  A copy up may still be reading the block when it returns:
+     * every micro-batch waits for its pred's copy down before it returns,
+     * after which the next may write the block again. */
+    float *noisy_h, *pred_h, *target_h, *tsf_h;
+    float *stage;
+    int stage_pinned;
 };
 
-/* A host buffer standing for device buffer dev: dev itself on the CPU. */
-static float *host_stage(const db_trainer *t, float *dev, size_t n)
+/* The host staging of four buffers of n floats (the device buffers
+ * themselves on the CPU); 0, or -1 out of memory. */
+static void unstage(db_trainer *t)
 {
-    return t->ctx->device == DB_CPU ? dev : malloc(n * sizeof(float));
+    if (t->stage) {
+        if (t->stage_pinned) {
+            (void)db_ctx_sync(t->ctx); /* no copy up still reads it */
+            db_ctx_host_free(t->ctx, t->stage);
+        } else
+            free(t->stage);
+    }
+    t->stage = NULL, t->stage_pinned = 0;
+    t->noisy_h = t->pred_h = t->target_h = t->tsf_h = NULL;
 }
 
-static void host_unstage(const db_trainer *t, float *h)
+static int stage(db_trainer *t, size_t n)
 {
-    if (t->ctx->device != DB_CPU)
-        free(h);
+    unstage(t);
+    if (t->ctx->device == DB_CPU) {
+        t->noisy_h = t->noisy, t->pred_h = t->pred_buf, t->target_h = t->target, t->tsf_h = t->tsf;
+        return 0;
+    }
+    const size_t bytes = 4 * n * sizeof(float);
+    t->stage = db_ctx_host_alloc(t->ctx, bytes); /* NULL off CUDA, or refused: plain memory */
+    t->stage_pinned = t->stage != NULL;
+    if (!t->stage && !(t->stage = malloc(bytes)))
+        return -1;
+    t->noisy_h = t->stage, t->pred_h = t->stage + n, t->target_h = t->stage + 2 * n, t->tsf_h = t->stage + 3 * n;
+    return 0;
 }
 
 db_train_opts db_train_opts_defaults(double lr, int64_t steps)
@@ -465,10 +492,11 @@ void db_trainer_free(db_trainer *t)
     db_ctx_free(t->ctx, t->fnorm_dev);
     db_ctx_free(t->ctx, t->fcoef_dev);
     db_ctx_free(t->ctx, t->window);
-    host_unstage(t, t->noisy_h), host_unstage(t, t->pred_h), host_unstage(t, t->dpred_h), host_unstage(t, t->tsf_h);
+    unstage(t);
     db_ctx_free(t->ctx, t->noisy);
     db_ctx_free(t->ctx, t->pred_buf);
     db_ctx_free(t->ctx, t->dpred);
+    db_ctx_free(t->ctx, t->target);
     db_ctx_free(t->ctx, t->tsf);
     db_ctx_free(t->ctx, t->context);
     db_ctx_free(t->ctx, t->dcontext);
@@ -480,19 +508,16 @@ static int reserve(db_trainer *t, size_t nlat, size_t nctx, int B, db_err *err)
     if (nlat > t->cap_lat || (size_t)B > t->cap_lat) {
         size_t n = nlat > (size_t)B ? nlat : (size_t)B;
         db_ctx *c = t->ctx;
-        host_unstage(t, t->noisy_h), host_unstage(t, t->pred_h), host_unstage(t, t->dpred_h), host_unstage(t, t->tsf_h);
+        unstage(t);
         db_ctx_free(c, t->noisy), db_ctx_free(c, t->pred_buf), db_ctx_free(c, t->dpred), db_ctx_free(c, t->tsf);
+        db_ctx_free(c, t->target);
         t->noisy = db_ctx_alloc(c, n * sizeof(float));
         t->pred_buf = db_ctx_alloc(c, n * sizeof(float));
         t->dpred = db_ctx_alloc(c, n * sizeof(float));
+        t->target = db_ctx_alloc(c, n * sizeof(float));
         t->tsf = db_ctx_alloc(c, n * sizeof(float));
-        t->noisy_h = host_stage(t, t->noisy, n);
-        t->pred_h = host_stage(t, t->pred_buf, n);
-        t->dpred_h = host_stage(t, t->dpred, n);
-        t->tsf_h = host_stage(t, t->tsf, n);
         t->cap_lat = n;
-        if (!t->noisy || !t->pred_buf || !t->dpred || !t->tsf || !t->noisy_h || !t->pred_h || !t->dpred_h ||
-            !t->tsf_h) {
+        if (!t->noisy || !t->pred_buf || !t->dpred || !t->target || !t->tsf || stage(t, n)) {
             t->cap_lat = 0;
             return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
         }
@@ -552,6 +577,66 @@ static int unet_bwd_run(void *arg, db_err *err)
     return db_unet_backward_to(k->u, NULL, k->dcontext, NULL, &k->fused->fsink[0], 0, k->dout, err);
 }
 
+/* Row r's min-SNR weight (--snr-gamma; 1 without it and for prior rows),
+ * diffusers' train_dreambooth.py: min(snr, gamma) / snr, + 1 for
+ * v-prediction. */
+static double row_snr_weight(const db_trainer *t, const db_train_batch *b, int r)
+{
+    if (r >= b->n_inst || t->o.snr_gamma <= 0)
+        return 1;
+    const float *acp = db_sched_alphas_cumprod(t->sched);
+    const double a = acp[b->timesteps[r]], snr = a / (1 - a);
+    return (snr < t->o.snr_gamma ? snr : t->o.snr_gamma) / snr + (t->pred == DB_PRED_V ? 1 : 0);
+}
+
+/* Row r's weight in the loss: loss = sum over rows of coef_r sum e^2. */
+static double row_coef(const db_trainer *t, const db_train_batch *b, int r)
+{
+    const int ni = b->n_inst, np = b->B - ni;
+    const double per = (double)b->C * b->H * b->W;
+    if (r >= ni)
+        return t->o.prior_weight / ((double)np * per);
+    return row_snr_weight(t, b, r) / ((double)ni * per);
+}
+
+/* The micro-batch's loss, on the host from pred (copied down: the wait for
+ * the work queued so far) and the target, double sums in element order;
+ * li and lp the instance and prior terms.  NaN with err set when the copy
+ * fails or the loss is not finite. */
+static double host_loss(db_trainer *t, const db_train_batch *b, double *li_out, double *lp_out, db_err *err)
+{
+    db_ctx *c = t->ctx;
+    const int B = b->B, ni = b->n_inst, np = B - ni;
+    const size_t per = (size_t)b->C * b->H * b->W;
+    if (db_ctx_copy(c, t->pred_h, t->pred_buf, per * (size_t)B * sizeof(float), DB_COPY_D2H)) {
+        db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
+        return NAN;
+    }
+    double li = 0, lp = 0;
+    for (int r = 0; r < B; r++) {
+        const float *p = t->pred_h + r * per, *d = t->target_h + r * per;
+        double sq = 0;
+        for (size_t i = 0; i < per; i++) {
+            const float e = p[i] - d[i];
+            sq += (double)e * e;
+        }
+        if (r < ni)
+            li += row_snr_weight(t, b, r) * sq / per;
+        else
+            lp += sq / per;
+    }
+    li = ni ? li / ni : 0;
+    lp = np ? lp / np : 0;
+    const double loss = li + t->o.prior_weight * lp;
+    *li_out = li, *lp_out = lp;
+    if (!isfinite(loss)) {
+        db_err_set(err, DB_ENUMERIC, "trainer: the loss is %g (instance %g, prior %g): training diverged", loss, li,
+                   lp);
+        return NAN;
+    }
+    return loss;
+}
+
 /* Forward and loss of one micro-batch; with backward also the gradients. */
 static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int backward, db_err *err)
 {
@@ -559,7 +644,7 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
         return db_err_set(err, DB_EUSAGE, "trainer: a micro-batch after the step's gradient sums began");
     if (backward && t->o.fused_backward && t->micro)
         return db_err_set(err, DB_EUSAGE, "trainer: fused backward: a second micro-batch before the step");
-    const int B = b->B, ni = b->n_inst, np = B - ni;
+    const int B = b->B, ni = b->n_inst;
     if (B <= 0 || ni < 0 || ni > B || b->C <= 0 || b->H <= 0 || b->W <= 0 || b->T <= 0 || !b->latents ||
         !b->noise || !b->timesteps || !b->ids)
         return db_err_set(err, DB_EUSAGE, "trainer: bad batch (%d rows, %d instance)", B, ni);
@@ -577,10 +662,20 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
                                b->timesteps[r], err))
             return -1;
     }
-    /* the UNet's inputs onto the device (no copy on the CPU) */
+    /* the target: the noise, or the velocity */
+    for (int r = 0; r < B; r++) {
+        if (t->pred == DB_PRED_V) {
+            if (db_sched_velocity(t->sched, t->target_h + r * per, b->latents + r * per, b->noise + r * per, per,
+                                  b->timesteps[r], err))
+                return -1;
+        } else
+            memcpy(t->target_h + r * per, b->noise + r * per, per * sizeof(float));
+    }
+    /* the UNet's inputs and the target onto the device (no copy on the CPU) */
     db_ctx *c = t->ctx;
     if (db_ctx_copy(c, t->tsf, t->tsf_h, (size_t)B * sizeof(float), DB_COPY_H2D) ||
-        db_ctx_copy(c, t->noisy, t->noisy_h, n * sizeof(float), DB_COPY_H2D))
+        db_ctx_copy(c, t->noisy, t->noisy_h, n * sizeof(float), DB_COPY_H2D) ||
+        db_ctx_copy(c, t->target, t->target_h, n * sizeof(float), DB_COPY_H2D))
         return db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
     /* the text encoder: trained, it runs every micro-batch (its activations
      * are kept for the backward); frozen, its output depends on the ids
@@ -606,57 +701,11 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
     if (db_unet_graph_run(&t->gfwd, t->unet, unet_fwd_run, &f, sizeof f, t->o.log, err))
         return -1;
 
-    /* loss and d loss / d pred, on the host (double sums in element order;
-     * no op does that): pred comes back to the host, the gradient goes out
-     * to dpred below.  Target into dpred first. */
-    if (db_ctx_copy(c, t->pred_h, t->pred_buf, n * sizeof(float), DB_COPY_D2H))
-        return db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
-    float *target = t->dpred_h;
-    for (int r = 0; r < B; r++) {
-        if (t->pred == DB_PRED_V) {
-            if (db_sched_velocity(t->sched, target + r * per, b->latents + r * per, b->noise + r * per, per,
-                                  b->timesteps[r], err))
-                return -1;
-        } else
-            memcpy(target + r * per, b->noise + r * per, per * sizeof(float));
-    }
-    const float *acp = db_sched_alphas_cumprod(t->sched);
-    double li = 0, lp = 0;
-    /* fp16: the seed is d (loss * loss_scale) / d pred, as scaler.scale(loss).backward() */
-    const double scale = (t->scaling ? (double)t->scale : 1.0) / ((double)t->o.grad_accum * t->o.world);
-    for (int r = 0; r < B; r++) {
-        const int inst = r < ni;
-        double w = 1; /* the row's loss weight */
-        if (inst && t->o.snr_gamma > 0) {
-            const double a = acp[b->timesteps[r]], snr = a / (1 - a);
-            w = (snr < t->o.snr_gamma ? snr : t->o.snr_gamma) / snr + (t->pred == DB_PRED_V ? 1 : 0);
-        }
-        const float *p = t->pred_h + r * per;
-        float *d = t->dpred_h + r * per; /* holds the target; overwritten with the gradient */
-        double sq = 0;
-        for (size_t i = 0; i < per; i++) {
-            const float e = p[i] - d[i];
-            sq += (double)e * e;
-            d[i] = e;
-        }
-        /* d loss / d pred for this row's elements: loss term = coef * sum e^2 */
-        const double coef = inst ? w / ((double)ni * per) : t->o.prior_weight / ((double)np * per);
-        const float g = (float)(2.0 * coef * scale);
-        for (size_t i = 0; i < per; i++)
-            d[i] *= g;
-        if (inst)
-            li += w * sq / per;
-        else
-            lp += sq / per;
-    }
-    li = ni ? li / ni : 0;
-    lp = np ? lp / np : 0;
-    const double loss = li + t->o.prior_weight * lp;
-    if (!isfinite(loss))
-        return db_err_set(err, DB_ENUMERIC, "trainer: the loss is %g (instance %g, prior %g): training diverged",
-                          loss, li, lp);
-
     if (!backward) {
+        double li, lp;
+        const double loss = host_loss(t, b, &li, &lp, err);
+        if (isnan(loss))
+            return -1;
         if (s) {
             memset(s, 0, sizeof *s);
             s->step = t->step;
@@ -664,10 +713,22 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
         }
         return 0;
     }
+    /* d loss / d pred on the device, so that the backward follows the
+     * forward with no wait for the host (the loss is summed on the host
+     * after): e = pred - target, then each row's e times its factor, the
+     * float operations of the host loop this replaces (1 pred + -1 target
+     * is pred - target; alpha e is e g).  fp16: the seed is d (loss *
+     * loss_scale) / d pred, as scaler.scale(loss).backward(). */
+    const double scale = (t->scaling ? (double)t->scale : 1.0) / ((double)t->o.grad_accum * t->o.world);
+    if (db_axpby_forward(c, t->dpred, t->pred_buf, t->target, 1.0f, -1.0f, n))
+        return db_err_set(err, c->err.code, "trainer: loss gradient: %s", c->err.msg);
+    for (int r = 0; r < B; r++) {
+        const float g = (float)(2.0 * row_coef(t, b, r) * scale);
+        if (db_axpby_forward(c, t->dpred + r * per, t->dpred + r * per, NULL, g, 0.0f, per))
+            return db_err_set(err, c->err.code, "trainer: loss gradient: %s", c->err.msg);
+    }
     /* backward: UNet, then the text encoder through d context; fused: the
      * optimizer steps each unit as its gradients are done */
-    if (db_ctx_copy(c, t->dpred, t->dpred_h, n * sizeof(float), DB_COPY_H2D))
-        return db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
     const int fused = t->o.fused_backward;
     db_grad_sink su = {0}, st = {0};
     const int bucketed = !fused && t->o.world > 1 && t->o.reduce_f32_start && t->o.reduce_wait &&
@@ -716,6 +777,23 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
     if (t->o.train_text &&
         db_clip_backward_to(t->clip, fused ? NULL : &t->gt, sink ? &st : NULL, t->dcontext, err))
         return db_err_prefix(err, "trainer");
+    /* the loss, now that the backward is queued: a non-finite one is found
+     * here, after the backward, so the step's gradients so far are dropped
+     * and it begins again at the next micro-batch (train.h); the fused
+     * step's updates were part of the backward and stay, as with a
+     * non-finite gradient */
+    double li, lp;
+    const double loss = host_loss(t, b, &li, &lp, err);
+    if (isnan(loss)) {
+        if (!fused) {
+            db_ctx_zero(c, t->gu.data, t->gu.numel * sizeof(float));
+            if (t->o.train_text)
+                db_ctx_zero(c, t->gt.data, t->gt.numel * sizeof(float));
+        }
+        t->micro = 0, t->summing = 0;
+        t->sum_loss = t->sum_inst = t->sum_prior = 0;
+        return -1;
+    }
     if (fused && fused_norms(t, err))
         return db_err_prefix(err, "trainer");
     t->micro++;

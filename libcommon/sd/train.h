@@ -163,8 +163,13 @@ int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db
 void db_trainer_free(db_trainer *t);
 
 /* Forward and backward of one micro-batch; gradients accumulate.  A
- * non-finite loss is refused (DB_ENUMERIC) before anything is
- * accumulated.  s may be NULL. */
+ * non-finite loss is refused (DB_ENUMERIC).  It is summed after the
+ * backward is queued (d loss / d pred is made on the device, so the
+ * backward follows the forward with no wait for the host), so the
+ * refusal drops the step's gradients so far: the next accumulate begins
+ * the step again.  With fused_backward the units' updates made in the
+ * backward stay, as with a non-finite gradient (the weights are then not
+ * to be saved).  s may be NULL. */
 int db_trainer_accumulate(db_trainer *t, const db_train_batch *b, db_train_stats *s, db_err *err);
 
 /* The losses of a micro-batch with the current weights, without gradients

@@ -23,6 +23,7 @@
 #include "libcommon/io/tindex.h"
 #include "libcommon/sd/arch.h"
 #include "libcommon/sd/clip.h"
+#include "libcommon/sd/sched.h"
 #include "libcommon/sd/train.h"
 #include "libcommon/sd/unet.h"
 #include "libcommon/sd/weights.h"
@@ -249,6 +250,84 @@ int main(void)
         free(lat);
     }
 
+    /* the loss's row weights, which the reference's recipe (prior weight
+     * 1, no min-SNR) leaves at 1: --prior-loss-weight 2 and --snr-gamma
+     * set so that the instance row's weight is w0 = 1 / 2.7.  By
+     * linearity of the backward in d loss / d pred: the instance row alone
+     * gives w0 times its unweighted gradients and loss, the prior row alone
+     * twice (exactly: a power of two), and the two rows in one batch the
+     * gradients of the two rows as two micro-batches of one row each
+     * (which row's factor scales which row's gradient) */
+    {
+        const size_t per = (size_t)in.C * in.H * in.W;
+        float *lat = malloc((size_t)in.B * per * sizeof *lat);
+        const db_train_batch b2 = tap_train_ref_batch(&in, 0, lat);
+        db_train_batch row[2];
+        for (int r = 0; r < 2; r++) {
+            row[r] = b2;
+            row[r].B = 1, row[r].n_inst = r == 0;
+            row[r].latents = b2.latents + r * per, row[r].noise = b2.noise + r * per;
+            row[r].timesteps = b2.timesteps + r, row[r].ids = b2.ids + r * b2.T;
+        }
+        db_train_opts ow = o; /* weighted */
+        ow.prior_weight = 2;
+        double w0 = 0;
+        {
+            const float *acp = db_sched_alphas_cumprod(db_trainer_sched(t));
+            const double a = acp[b2.timesteps[0]], snr = a / (1 - a);
+            ow.snr_gamma = snr / 2.7, w0 = ow.snr_gamma / snr;
+        }
+        /* trainers: 0 both rows, weighted; 1 the rows one after the other,
+         * weighted; 2 / 3 the instance row plain / weighted; 4 / 5 the
+         * prior row plain / weighted */
+        db_trainer *tw[6] = {0};
+        db_train_stats sw[7];
+        int ok = 1;
+        for (int i = 0; i < 6 && ok; i++)
+            ok = db_trainer_create(&tw[i], ctx, m, i == 2 || i == 4 ? &o : &ow, &err) == 0;
+        ok = ok && db_trainer_accumulate(tw[0], &b2, &sw[0], &err) == 0 &&
+             db_trainer_accumulate(tw[1], &row[0], &sw[1], &err) == 0 &&
+             db_trainer_accumulate(tw[1], &row[1], &sw[6], &err) == 0;
+        for (int i = 2; i < 6 && ok; i++)
+            ok = db_trainer_accumulate(tw[i], &row[i >= 4], &sw[i], &err) == 0;
+        const size_t ng = ok ? db_trainer_grad_norms(tw[0], NULL, 0) : 0;
+        double *nrm[6], worst[3] = {0, 0, 0};
+        for (int i = 0; i < 6; i++) {
+            nrm[i] = calloc(ng + 1, sizeof *nrm[i]);
+            ok = ok && db_trainer_grad_norms(tw[i], nrm[i], ng) == ng;
+        }
+        /* relative, with a floor for the roundoff-only tensors (norms ~1e-8,
+         * where the other tensors' are 1e-4 .. 1) */
+#define REL(a, b) (fabs((a) - (b)) / (fabs(b) + 1e-3))
+        for (size_t i = 0; ok && i < ng; i++) {
+            const double d[3] = {REL(nrm[0][i], nrm[1][i]), REL(nrm[3][i], w0 * nrm[2][i]),
+                                 REL(nrm[5][i], 2 * nrm[4][i])};
+            for (int q = 0; q < 3; q++)
+                worst[q] = d[q] > worst[q] || d[q] != d[q] ? d[q] : worst[q];
+        }
+        tap_ok(ok && ng > 0 && worst[0] <= 1e-4,
+               "prior weight 2, min-SNR: two rows in one batch give the gradients of the rows as two micro-batches "
+               "(%zu tensors' norms, worst rel %.3g)%s%s", ng, worst[0], ok ? "" : ": ", ok ? "" : err.msg);
+        tap_ok(ok && worst[1] <= 1e-5 && REL(sw[3].loss_instance, w0 * sw[2].loss_instance) <= 1e-6 &&
+                   REL(sw[3].loss, sw[3].loss_instance) <= 1e-12,
+               "min-SNR: the instance row's loss and gradients weighted by min(snr, gamma) / snr = %.4f (loss %.6g vs "
+               "%.6g, worst gradient rel %.3g)", w0, sw[3].loss_instance, w0 * sw[2].loss_instance, worst[1]);
+        tap_ok(ok && worst[2] <= 1e-6 && sw[5].loss == 2 * sw[5].loss_prior && sw[5].loss_prior == sw[4].loss_prior,
+               "prior weight 2: the prior row's gradients twice the plain ones (worst rel %.3g), its loss %.6g = 2 x "
+               "%.6g", worst[2], sw[5].loss, sw[5].loss_prior);
+        tap_ok(ok && REL(sw[0].loss_instance, sw[1].loss_instance) <= 1e-5 &&
+                   REL(sw[0].loss_prior, sw[6].loss_prior) <= 1e-5 &&
+                   REL(sw[0].loss, sw[0].loss_instance + 2 * sw[0].loss_prior) <= 1e-12,
+               "prior weight 2, min-SNR, two rows: loss %.6g = %.6g + 2 x %.6g, the rows' terms as alone",
+               sw[0].loss, sw[0].loss_instance, sw[0].loss_prior);
+#undef REL
+        for (int i = 0; i < 6; i++) {
+            free(nrm[i]);
+            db_trainer_free(tw[i]);
+        }
+        free(lat);
+    }
+
     db_train_stats s[NSTEPS];
     rc = run(t, &in, 0, s, &err);
     if (!tap_ok(rc == 0, "three steps%s%s", rc ? ": " : "", rc ? err.msg : ""))
@@ -309,6 +388,28 @@ int main(void)
         tap_ok(rc != 0 && e3.code == DB_ENUMERIC && strstr(e3.msg, "diverged") &&
                    memcmp(u0.data, st.unet->data, u0.numel * sizeof(float)) == 0,
                "NaN input refused, weights untouched: %s", e3.msg);
+        /* the refusal drops what the backward had added: a good batch
+         * after it gives the gradients it gives a fresh trainer, bit for
+         * bit (the text encoder's add into their buffer) */
+        float *good = malloc(n * sizeof *good);
+        const db_train_batch bg = tap_train_ref_batch(&in, 0, good);
+        db_trainer *tn = NULL, *tg = NULL;
+        db_err e4 = {0};
+        int ok = db_trainer_create(&tn, ctx, m, &o, &e4) == 0 && db_trainer_create(&tg, ctx, m, &o, &e4) == 0 &&
+                 db_trainer_accumulate(tn, &b, NULL, &e4) != 0;
+        e4 = (db_err){0};
+        ok = ok && db_trainer_accumulate(tn, &bg, NULL, &e4) == 0 && db_trainer_accumulate(tg, &bg, NULL, &e4) == 0;
+        const size_t ng = ok ? db_trainer_grad_norms(tn, NULL, 0) : 0;
+        double *na = calloc(ng + 1, sizeof *na), *nb = calloc(ng + 1, sizeof *nb);
+        ok = ok && ng > 0 && db_trainer_grad_norms(tn, na, ng) == ng && db_trainer_grad_norms(tg, nb, ng) == ng &&
+             memcmp(na, nb, ng * sizeof *na) == 0;
+        tap_ok(ok, "after a refused NaN batch, a good one's %zu gradient norms are a fresh trainer's, bit for bit%s%s",
+               ng, e4.code ? ": " : "", e4.code ? e4.msg : "");
+        free(na);
+        free(nb);
+        free(good);
+        db_trainer_free(tn);
+        db_trainer_free(tg);
         free(lat);
     }
 
