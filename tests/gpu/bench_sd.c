@@ -93,6 +93,7 @@ typedef struct figure {
 static figure figs[MAXFIG];
 static int nfig, failures;
 static const char *devname_; /* "cpu" or "cuda" (without :N), for the BENCH lines */
+static size_t rebuilt_;      /* the last measure's whole 16-bit weight-copy rebuilds (db_mem_stats.copies_built) */
 
 static double now(void)
 {
@@ -286,6 +287,8 @@ static int measure(db_ctx *c, const char *name, work_fn fn, void *arg, int warmu
     double t[256];
     reps = reps > 256 ? 256 : reps;
     peak_reset(c);
+    db_mem_stats ms0;
+    db_ctx_mem_stats(c, &ms0);
     kprof_mark(name, c->precision, 0);
     for (int i = 0; i < reps; i++) {
         if ((t[i] = timed_call(c, fn, arg, err)) < 0) {
@@ -299,6 +302,9 @@ static int measure(db_ctx *c, const char *name, work_fn fn, void *arg, int warmu
     }
     kprof_mark(NULL, c->precision, reps);
     *peak = peak_mib(c);
+    db_mem_stats ms1;
+    db_ctx_mem_stats(c, &ms1);
+    rebuilt_ = ms1.copies_built - ms0.copies_built;
     qsort(t, (size_t)reps, sizeof t[0], cmp_double);
     *ms = 1e3 * (reps % 2 ? t[reps / 2] : 0.5 * (t[reps / 2 - 1] + t[reps / 2]));
     *n = reps;
@@ -319,7 +325,11 @@ static void report(const char *name, db_precision p, double ms, double gflop, do
            ms, f->tflops, peak);
     if (plan > 0)
         printf(" plan_mib=%.1f", plan);
-    printf(" reps=%d%s%s\n", reps, extra && *extra ? " " : "", extra ? extra : "");
+    printf(" reps=%d", reps);
+    if (rebuilt_) /* whole 16-bit weight copies rebuilt in the timed reps: 0 in a steady step */
+        printf(" rebuilt=%zu", rebuilt_);
+    printf("%s%s\n", extra && *extra ? " " : "", extra ? extra : "");
+    rebuilt_ = 0;
     fflush(stdout);
 }
 
