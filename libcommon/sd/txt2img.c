@@ -34,9 +34,11 @@ int db_sd_open_device(db_sd *sd, const char *path, const db_model_opts *mo, cons
     return 0;
 }
 
-/* Free whichever networks are loaded. */
+/* Free whichever networks are loaded (the kept step first: its graph
+ * replays into the UNet's buffers). */
 static void release(db_sd *sd)
 {
+    db_sd_drop_step(sd);
     if (sd->clip)
         db_clip_free(sd->clip);
     if (sd->tok)
@@ -309,6 +311,68 @@ static int denoise_run(void *arg, db_err *err)
     return 0;
 }
 
+/* The denoising step's buffers and graph for one shape of call (txt2img.h
+ * db_sd.step): xin, eps, ctxt and ts are what the UNet reads and writes, on
+ * the ctx's device; xin_h, eps_h and ts_h stage them through the host
+ * around the scheduler (on the CPU they are the device buffers themselves,
+ * so nothing is copied and nothing extra held). */
+struct db_sd_step {
+    db_ctx *c;
+    db_unet *u;
+    int m, bmax, T, D, no_graph; /* the shape it was made for */
+    size_t per;
+    float *xin, *eps, *ctxt, *ts, *xin_h, *eps_h, *ts_h;
+    db_unet_graph gr;
+};
+
+static void step_free(struct db_sd_step *k)
+{
+    if (!k)
+        return;
+    db_unet_graph_free(&k->gr); /* before the buffers it replays into */
+    if (k->c->device != DB_CPU) {
+        free(k->xin_h);
+        free(k->eps_h);
+        free(k->ts_h);
+    }
+    db_ctx_free(k->c, k->xin);
+    db_ctx_free(k->c, k->eps);
+    db_ctx_free(k->c, k->ctxt);
+    db_ctx_free(k->c, k->ts);
+    free(k);
+}
+
+void db_sd_drop_step(db_sd *sd)
+{
+    step_free(sd->step);
+    sd->step = NULL;
+}
+
+/* A step for UNet batches of m * bmax rows of per floats and contexts of
+ * T x D; NULL out of memory. */
+static struct db_sd_step *step_new(db_ctx *c, db_unet *u, int m, int bmax, size_t per, int T, int D, int no_graph)
+{
+    struct db_sd_step *k = calloc(1, sizeof *k);
+    if (!k)
+        return NULL;
+    k->c = c, k->u = u, k->m = m, k->bmax = bmax, k->per = per, k->T = T, k->D = D, k->no_graph = no_graph;
+    const int cpu = c->device == DB_CPU;
+    const size_t rows = (size_t)m * (size_t)bmax;
+    k->xin = db_ctx_alloc(c, rows * per * sizeof *k->xin);
+    k->eps = db_ctx_alloc(c, rows * per * sizeof *k->eps);
+    k->ctxt = db_ctx_alloc(c, rows * (size_t)T * (size_t)D * sizeof *k->ctxt);
+    k->ts = db_ctx_alloc(c, rows * sizeof *k->ts);
+    k->xin_h = cpu ? k->xin : malloc((size_t)bmax * per * sizeof *k->xin_h);
+    k->eps_h = cpu ? k->eps : malloc((size_t)bmax * per * sizeof *k->eps_h);
+    k->ts_h = cpu ? k->ts : malloc(rows * sizeof *k->ts_h);
+    k->gr.off = no_graph;
+    if (!k->xin || !k->eps || !k->ctxt || !k->ts || !k->xin_h || !k->eps_h || !k->ts_h) {
+        step_free(k);
+        return NULL;
+    }
+    return k;
+}
+
 static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt2img_out *out, db_err *err)
 {
     const db_arch *a = &sd->model.arch;
@@ -319,15 +383,11 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     int T = out->T, D = out->D;
     db_sched *s = NULL;
     /* x and noise are host memory: the scheduler (sched.c) is host code over
-     * latent-sized tensors.  xin, eps, ctxt and ts are what the UNet reads and
-     * writes, on the ctx's device; xin_h, eps_h and ts_h stage them through
-     * the host around the scheduler (on the CPU they are the device buffers
-     * themselves, so nothing is copied and nothing extra held). */
+     * latent-sized tensors; the UNet's side is the step's (db_sd_step) */
     db_ctx *c = sd->ctx;
-    const int cpu = c->device == DB_CPU;
     float *x = NULL, *xin = NULL, *eps = NULL, *noise = NULL, *ctxt = NULL, *ts = NULL;
     float *xin_h = NULL, *eps_h = NULL, *ts_h = NULL;
-    db_unet_graph gr = {0}; /* the denoising step's */
+    struct db_sd_step *k = NULL;
     denoise dn = {0};
     int rc = -1;
     if (db_sched_create(&s, o->scheduler ? o->scheduler : "ddim", sd->model.scheduler, err))
@@ -341,20 +401,27 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
         goto out;
     db_unet *u = sd->unet;
     int m = cfg ? 2 : 1; /* UNet batch = m * b */
+    /* the kept step when it has this call's shape (its graph then replays
+     * from this call's first step), else a new one */
+    k = sd->step;
+    sd->step = NULL;
+    if (k && !(k->c == c && k->u == u && k->m == m && k->bmax == bmax && k->per == per && k->T == T &&
+               k->D == D && k->no_graph == o->no_graph)) {
+        step_free(k);
+        k = NULL;
+    }
+    if (!k)
+        k = step_new(c, u, m, bmax, per, T, D, o->no_graph);
+    if (k) {
+        xin = k->xin, eps = k->eps, ctxt = k->ctxt, ts = k->ts;
+        xin_h = k->xin_h, eps_h = k->eps_h, ts_h = k->ts_h;
+    }
     x = malloc((size_t)bmax * per * sizeof *x);
-    xin = db_ctx_alloc(c, (size_t)m * (size_t)bmax * per * sizeof *xin);
-    eps = db_ctx_alloc(c, (size_t)m * (size_t)bmax * per * sizeof *eps);
     noise = malloc((size_t)bmax * per * sizeof *noise);
-    ctxt = db_ctx_alloc(c, (size_t)m * (size_t)bmax * (size_t)T * (size_t)D * sizeof *ctxt);
-    ts = db_ctx_alloc(c, (size_t)m * (size_t)bmax * sizeof *ts);
-    xin_h = cpu ? xin : malloc((size_t)bmax * per * sizeof *xin_h);
-    eps_h = cpu ? eps : malloc((size_t)bmax * per * sizeof *eps_h);
-    ts_h = cpu ? ts : malloc((size_t)m * (size_t)bmax * sizeof *ts_h);
     out->latents = malloc((size_t)n * per * sizeof *out->latents);
     if (trace)
         out->step_latents = malloc((size_t)nsteps * (size_t)n * per * sizeof *out->step_latents);
-    if (!x || !xin || !eps || !noise || !ctxt || !ts || !xin_h || !eps_h || !ts_h || !out->latents ||
-        (trace && !out->step_latents)) {
+    if (!k || !x || !noise || !out->latents || (trace && !out->step_latents)) {
         db_err_set(err, DB_ENOMEM, "out of memory for %d images of %dx%d", n, o->width, o->height);
         goto out;
     }
@@ -371,7 +438,6 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     db_progress pr;
     db_progress_start(&pr, "sample", (int64_t)nsteps * n, o->progress);
     float g = (float)o->guidance;
-    gr.off = o->no_graph;
     for (int i0 = 0; i0 < n; i0 += bmax) {
         int b = n - i0 < bmax ? n - i0 : bmax;
         size_t nb = (size_t)b * per;
@@ -384,8 +450,8 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
                 memcpy(xj, o->init_latents + (size_t)(i0 + j) * per, per * sizeof *xj);
             else
                 db_noise_latents(xj, per, o->seed, (uint64_t)(o->first_index + i0 + j), 0);
-            for (size_t k = 0; k < per; k++)
-                xj[k] *= sigma0;
+            for (size_t q = 0; q < per; q++)
+                xj[q] *= sigma0;
         }
         /* when the batch is short, the context rows of the cfg half start at b */
         if (cfg && b != bmax)
@@ -411,7 +477,7 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
              * what the ops make at a first call: plans, 16-bit weight
              * copies), the second records the step's work as a graph, and
              * every step from there replays it */
-            if (db_unet_graph_run(&gr, u, denoise_run, &dn, sizeof dn, o->log, err))
+            if (db_unet_graph_run(&k->gr, u, denoise_run, &dn, sizeof dn, o->log, err))
                 goto out;
             /* the scheduler's input, back on the host */
             if (db_ctx_copy(c, eps_h, eps, nb * sizeof *eps, DB_COPY_D2H)) {
@@ -433,23 +499,19 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     db_progress_end(&pr);
     rc = 0;
 out:
-    db_unet_graph_free(&gr); /* before the buffers it replays into */
+    /* kept for the next call where the networks are, else freed (before
+     * the UNet whose buffers its graph replays into) */
+    if (k && rc == 0 && sd->keep_models && !sd->borrowed)
+        sd->step = k;
+    else
+        step_free(k);
     if (sd->unet && !sd->borrowed && (!sd->keep_models || rc)) {
         db_unet_free(sd->unet);
         sd->unet = NULL;
     }
     db_sched_free(s);
-    if (!cpu) {
-        free(xin_h);
-        free(eps_h);
-        free(ts_h);
-    }
     free(x);
-    db_ctx_free(c, xin);
-    db_ctx_free(c, eps);
     free(noise);
-    db_ctx_free(c, ctxt);
-    db_ctx_free(c, ts);
     return rc;
 }
 

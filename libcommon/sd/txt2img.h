@@ -47,6 +47,14 @@ typedef struct db_sd {
     db_clip *clip;
     db_unet *unet;
     db_vae *vae;
+    /* The denoising step's buffers and its recorded graph (txt2img.c),
+     * kept between db_txt2img calls when keep_models is set and the
+     * networks are not borrowed, while the batch, size, guidance and
+     * prompt length stay: a run of many calls (db-prior: one a sample)
+     * records the step's graph once, where each call recorded it again at
+     * its second step (its first ran op by op).  db_sd_close frees it; a
+     * caller that frees the networks itself calls db_sd_drop_step first. */
+    struct db_sd_step *step;
 } db_sd;
 
 int db_sd_open(db_sd *sd, const char *path, const db_model_opts *mo, int threads, db_err *err);
@@ -54,6 +62,8 @@ int db_sd_open(db_sd *sd, const char *path, const db_model_opts *mo, int threads
 int db_sd_open_device(db_sd *sd, const char *path, const db_model_opts *mo, const char *device, int threads,
                       db_err *err);
 void db_sd_close(db_sd *sd);
+/* Free the kept denoising step (above), if any. */
+void db_sd_drop_step(db_sd *sd);
 
 /* Embedding of one prompt: *emb (T, D) malloc'd, *T = 77 * chunks.
  * clip_skip 1 = last layer (diffusers), 2 = penultimate + final norm (A1111). */

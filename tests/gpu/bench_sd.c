@@ -744,6 +744,18 @@ static void bench_sample(db_ctx *c, const db_arch *a, const db_model *m, const d
                 } else {
                     snprintf(extra, sizeof extra, "steps=%d%s", steps, steps < o->steps ? " shortened=1" : "");
                     report("sample_ddim_cfg", precs[i], ms, steps * 2 * unet_gflop + vae_gflop, pk, 0, reps, extra);
+                    /* the timed run replays the step graph the warm-up
+                     * recorded (db_sd.step, since session 20: db-prior's
+                     * samples after its first, db-sample's batches after
+                     * its first); the same run with the step made afresh,
+                     * its first step op by op and its graph recorded at
+                     * the second (every call until session 20) */
+                    db_sd_drop_step(&sd);
+                    if (measure(c, "sample_ddim_cfg_fresh", sample_call, &s, 0, 1, 0, &ms, &reps, &pk, &err))
+                        report_error("sample_ddim_cfg_fresh", precs[i], err.msg);
+                    else
+                        report("sample_ddim_cfg_fresh", precs[i], ms, steps * 2 * unet_gflop + vae_gflop, pk, 0,
+                               reps, extra);
                     /* the same run with every step launched op by op (db-sample --no-graph) */
                     s.o.no_graph = 1;
                     if (measure(c, "sample_ddim_cfg_nograph", sample_call, &s, 0, 1, 0, &ms, &reps, &pk, &err))
@@ -778,6 +790,7 @@ static void bench_sample(db_ctx *c, const db_arch *a, const db_model *m, const d
         }
     }
     db_ctx_free(c, v.img), db_ctx_free(c, v.z);
+    db_sd_drop_step(&sd); /* its graph replays into the UNet's buffers */
     if (sd.clip)
         db_clip_free(sd.clip);
     if (sd.tok)

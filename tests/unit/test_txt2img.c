@@ -129,6 +129,47 @@ int main(void)
             db_txt2img_out_free(&ga);
             db_txt2img_out_free(&gb);
         }
+        /* keep_models: the denoising step (its buffers and graph) is kept
+         * between calls of one shape, so a later call replays the graph
+         * from its first step, with its own prompt and seed: each call's
+         * latents are those of the same call on a fresh pipeline */
+        {
+            db_txt2img_opts ok1 = {.prompt = "a photo of sks dog", .scheduler = "ddim", .steps = 3, .guidance = 5,
+                                   .width = 64, .height = 64, .n_images = 1, .batch = 1, .seed = 3};
+            db_txt2img_opts ok2 = ok1;
+            ok2.prompt = "a watercolour of a cat", ok2.seed = 4;
+            db_txt2img_out r1, r2, k1, k2, k3;
+            int kok = !db_txt2img(&sd, &ok1, 0, 1, &r1, &e) && !db_txt2img(&sd, &ok2, 0, 1, &r2, &e);
+            const int had = sd.step != NULL; /* keep_models 0: nothing kept */
+            sd.keep_models = 1;
+            kok = kok && !db_txt2img(&sd, &ok1, 0, 1, &k1, &e);
+            const int kept = sd.step != NULL;
+            kok = kok && !db_txt2img(&sd, &ok2, 0, 1, &k2, &e) && !db_txt2img(&sd, &ok1, 0, 1, &k3, &e);
+            const size_t bytes = 3 * per * sizeof(float);
+            tap_ok(kok && !had && kept && !memcmp(k1.step_latents, r1.step_latents, bytes) &&
+                       !memcmp(k2.step_latents, r2.step_latents, bytes) &&
+                       !memcmp(k3.step_latents, r1.step_latents, bytes),
+                   "%s: keep_models keeps the denoising step (%d), and three calls through it (two prompts and "
+                   "seeds) give every step's latents of fresh calls byte for byte %s", tap_device(), kept, e.msg);
+            /* another shape makes a step of its own, and back again */
+            ok1.n_images = ok1.batch = 2;
+            db_txt2img_out k4, k5;
+            int sok = !db_txt2img(&sd, &ok1, 0, 0, &k4, &e) && sd.step;
+            ok1.n_images = ok1.batch = 1;
+            sok = sok && !db_txt2img(&sd, &ok1, 0, 1, &k5, &e);
+            tap_ok(sok && kok && !memcmp(k5.step_latents, r1.step_latents, bytes),
+                   "%s: after a call of another batch size, the first shape's call is a fresh one's again %s",
+                   tap_device(), e.msg);
+            db_sd_drop_step(&sd);
+            tap_ok(!sd.step, "db_sd_drop_step frees it");
+            sd.keep_models = 0;
+            if (kok) {
+                db_txt2img_out_free(&r1), db_txt2img_out_free(&r2);
+                db_txt2img_out_free(&k1), db_txt2img_out_free(&k2), db_txt2img_out_free(&k3);
+            }
+            if (sok)
+                db_txt2img_out_free(&k4), db_txt2img_out_free(&k5);
+        }
         o.width = 60;
         tap_ok(db_txt2img(&sd, &o, 0, 0, &a, &e) && strstr(e.msg, "multiples of 8"), "bad size refused: %s", e.msg);
         o.width = 64;
