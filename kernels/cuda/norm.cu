@@ -533,32 +533,63 @@ extern "C" int db_cuda_groupnorm_forward(db_ctx *c, float *out, float *mean, flo
     return 0;
 }
 
-// Layer norm: a warp per row (LN_ROWS rows per block), warp shuffles for
-// the sums and no block barrier: rows are short (320..1280 in SD, 768 in
-// CLIP), and a block of 256 threads per row spent its time in barriers with
-// most threads holding one or two elements.  grid ceil(N / LN_ROWS), block
-// 32 LN_ROWS.  out, inp (N, C) (out may equal inp); mean, rstd (N) or NULL;
-// weight, bias (C).  NPER > 0: C = 32 NPER (SD's 320, 640, 1280, CLIP's
-// 768), each lane's elements loaded into registers at once and used from
-// there (call 4, before: 12.5 us a launch at 8192 x 320, half the memory's
-// speed, each lane waiting on its loads one after another and reading the
-// row three times); NPER 0: any C, read from memory each pass.  Lane l
-// holds elements l, l + 32, ... either way: the same additions in the same
-// order, the same bits.
-template <int NPER>
+// Layer norm: RW warps per row (LN_ROWS / RW rows per block), warp
+// shuffles for the sums, and with RW > 1 the row's warps' partials added
+// through shared memory: rows are short (320..1280 in SD, 768 in CLIP), and
+// a block of 256 threads per row spent its time in barriers with most
+// threads holding one or two elements.  grid ceil(N / (LN_ROWS / RW)),
+// block 32 LN_ROWS.  out, inp (N, C) (out may equal inp); mean, rstd (N) or
+// NULL; weight, bias (C).  NPER > 0: C = 32 NPER RW (SD's 320, 640, 1280
+// as NPER 10 with RW 1, 2, 4; CLIP's 768 as 24 with RW 1), each lane's
+// elements loaded into registers at once and used from there (call 4,
+// before: 12.5 us a launch at 8192 x 320, half the memory's speed, each
+// lane waiting on its loads one after another and reading the row three
+// times); NPER 0: any C, RW 1, read from memory each pass.  Warp w of a
+// row holds its w-th RW-th of it, lane l elements l, l + 32, ... of that:
+// for a given (NPER, RW) the same additions in the same order, the same
+// bits.  (Call 9, H200: with a warp per row at 1280, 40 elements a lane,
+// 141 registers and 512 warps for SD1.5's 16x16 level, a launch took 17
+// us for 2.6 MB each way; RW 4 holds 10 a lane, as 320 does, on 4x the warps.)
+
+// The sum over the row's RW warps of v (each warp's lanes holding its
+// warp's total): in warp order, from red (LN_ROWS doubles of shared
+// memory, reused: the barrier first lets an earlier call's readers finish).
+// Every warp of the block calls it (rows past N too: a barrier).
+template <int RW> __device__ __forceinline__ static double ln_row_sum(double v, double *red)
+{
+    if (RW == 1)
+        return v;
+    const int w = threadIdx.x >> 5, w0 = w / RW * RW;
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0)
+        red[w] = v;
+    __syncthreads();
+    double t = red[w0];
+#pragma unroll
+    for (int k = 1; k < RW; k++)
+        t += red[w0 + k];
+    return t;
+}
+
+template <int NPER, int RW>
 __global__ static void layernorm_forward_kernel(float *out, float *mean, float *rstd, const float *inp,
                                                 const float *weight, const float *bias, int N, int C, float eps)
 {
+    static_assert(RW == 1 || (NPER > 0 && LN_ROWS % RW == 0), "RW warps a row need NPER > 0 and divide LN_ROWS");
+    __shared__ double red[RW > 1 ? LN_ROWS : 1];
     if (NPER)
-        C = 32 * NPER;
-    const int lane = threadIdx.x & 31, r = blockIdx.x * LN_ROWS + (threadIdx.x >> 5);
-    if (r >= N) // the whole warp
+        C = 32 * NPER * RW;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int r = blockIdx.x * (LN_ROWS / RW) + w / RW;
+    const bool live = r < N;
+    if (RW == 1 && !live) // the whole warp (no barrier below)
         return;
-    const float *x = inp + (size_t)r * C;
-    float *y = out + (size_t)r * C;
-    const int nq = NPER ? NPER : lane < C ? (C - 1 - lane) / 32 + 1 : 0; // this lane's elements
+    const int base = RW > 1 ? (w % RW) * (C / RW) : 0; // this warp's part of the row
+    const float *x = inp + (size_t)(live ? r : 0) * C + base;
+    float *y = out + (size_t)(live ? r : 0) * C + base;
+    const int nq = !live ? 0 : NPER ? NPER : lane < C ? (C - 1 - lane) / 32 + 1 : 0; // this lane's elements
     float v[NPER ? NPER : 1];
-    if (NPER) {
+    if (NPER && live) {
 #pragma unroll
         for (int q = 0; q < (NPER ? NPER : 1); q++)
             v[q] = x[lane + 32 * q];
@@ -568,16 +599,18 @@ __global__ static void layernorm_forward_kernel(float *out, float *mean, float *
 #pragma unroll
     for (int q = 0; q < nq; q++)
         s += at(q);
-    const float mu = (float)(db_warp_sum(s) / C);
+    const float mu = (float)(ln_row_sum<RW>(db_warp_sum(s), red) / C);
     double s2 = 0;
 #pragma unroll
     for (int q = 0; q < nq; q++) {
         const double d = (double)at(q) - mu;
         s2 += d * d;
     }
-    const double var = db_warp_sum(s2) / C;
+    const double var = ln_row_sum<RW>(db_warp_sum(s2), red) / C;
     const float rs = (float)(1.0 / sqrt(var + (double)eps));
-    if (lane == 0) {
+    if (!live)
+        return; // (no barrier follows)
+    if (lane == 0 && base == 0) {
         if (mean)
             mean[r] = mu;
         if (rstd)
@@ -586,9 +619,24 @@ __global__ static void layernorm_forward_kernel(float *out, float *mean, float *
 #pragma unroll
     for (int q = 0; q < nq; q++) {
         const int i = lane + 32 * q;
-        y[i] = (at(q) - mu) * rs * weight[i] + bias[i];
+        y[i] = (at(q) - mu) * rs * weight[base + i] + bias[base + i];
     }
 }
+
+// The widths held in registers: 320, 640, 1280 as 10 a lane on 1, 2 or 4
+// warps a row; 768 (CLIP) as 24 on one; anything else NPER 0.
+#define DB_LN_DISPATCH(KERNEL, C, N, ...)                                                                              \
+    do {                                                                                                               \
+        const unsigned bl_ = 32 * LN_ROWS;                                                                             \
+        const auto grid_ = [&](int rw) { return (unsigned)(((N) + LN_ROWS / rw - 1) / (LN_ROWS / rw)); };            \
+        switch (C) {                                                                                                   \
+        case 320: KERNEL<10, 1><<<grid_(1), bl_, 0, st>>>(__VA_ARGS__); break;                                        \
+        case 640: KERNEL<10, 2><<<grid_(2), bl_, 0, st>>>(__VA_ARGS__); break;                                        \
+        case 768: KERNEL<24, 1><<<grid_(1), bl_, 0, st>>>(__VA_ARGS__); break;                                        \
+        case 1280: KERNEL<10, 4><<<grid_(4), bl_, 0, st>>>(__VA_ARGS__); break;                                       \
+        default: KERNEL<0, 1><<<grid_(1), bl_, 0, st>>>(__VA_ARGS__);                                                 \
+        }                                                                                                              \
+    } while (0)
 
 extern "C" int db_cuda_layernorm_forward(db_ctx *c, float *out, float *mean, float *rstd, const float *inp,
                                          const float *weight, const float *bias, int N, int C, float eps)
@@ -596,25 +644,8 @@ extern "C" int db_cuda_layernorm_forward(db_ctx *c, float *out, float *mean, flo
     DB_ENTER(c);
     if (N == 0)
         return 0;
-    const unsigned grid = (N + LN_ROWS - 1) / LN_ROWS;
     cudaStream_t st = db_cuda_st(c)->stream;
-    const unsigned bl = 32 * LN_ROWS;
-    switch (C) {
-    case 320:
-        layernorm_forward_kernel<10><<<grid, bl, 0, st>>>(out, mean, rstd, inp, weight, bias, N, C, eps);
-        break;
-    case 640:
-        layernorm_forward_kernel<20><<<grid, bl, 0, st>>>(out, mean, rstd, inp, weight, bias, N, C, eps);
-        break;
-    case 768:
-        layernorm_forward_kernel<24><<<grid, bl, 0, st>>>(out, mean, rstd, inp, weight, bias, N, C, eps);
-        break;
-    case 1280:
-        layernorm_forward_kernel<40><<<grid, bl, 0, st>>>(out, mean, rstd, inp, weight, bias, N, C, eps);
-        break;
-    default:
-        layernorm_forward_kernel<0><<<grid, bl, 0, st>>>(out, mean, rstd, inp, weight, bias, N, C, eps);
-    }
+    DB_LN_DISPATCH(layernorm_forward_kernel, C, N, out, mean, rstd, inp, weight, bias, N, C, eps);
     DB_LAUNCHED(c);
     return 0;
 }
@@ -902,25 +933,31 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
     return 0;
 }
 
-// A warp per row, as the forward.  grid ceil(N / LN_ROWS), block 32 LN_ROWS.
-// dinp, dout, inp (N, C); mean, rstd (N); weight (C).  NPER as the
-// forward's: C = 32 NPER with the row's dout and x in registers (loaded at
-// once, read once), or 0 for any C; the same bits either way.
-template <int NPER>
+// RW warps per row, as the forward.  grid ceil(N / (LN_ROWS / RW)), block
+// 32 LN_ROWS.  dinp, dout, inp (N, C); mean, rstd (N); weight (C).  NPER
+// and RW as the forward's: C = 32 NPER RW with the row's dout and x in
+// registers (loaded at once, read once), or NPER 0 (RW 1) for any C.
+template <int NPER, int RW>
 __global__ static void layernorm_backward_dinp_kernel(float *dinp, const float *dout, const float *mean,
                                                       const float *rstd, const float *inp, const float *weight, int N,
                                                       int C)
 {
+    static_assert(RW == 1 || (NPER > 0 && LN_ROWS % RW == 0), "RW warps a row need NPER > 0 and divide LN_ROWS");
+    __shared__ double red[RW > 1 ? LN_ROWS : 1];
     if (NPER)
-        C = 32 * NPER;
-    const int lane = threadIdx.x & 31, r = blockIdx.x * LN_ROWS + (threadIdx.x >> 5);
-    if (r >= N)
+        C = 32 * NPER * RW;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int r = blockIdx.x * (LN_ROWS / RW) + w / RW;
+    const bool live = r < N;
+    if (RW == 1 && !live)
         return;
-    const float *x = inp + (size_t)r * C, *dy = dout + (size_t)r * C;
-    const float mu = mean[r], rs = rstd[r];
-    const int nq = NPER ? NPER : lane < C ? (C - 1 - lane) / 32 + 1 : 0; // this lane's elements
+    const int base = RW > 1 ? (w % RW) * (C / RW) : 0;
+    const size_t row = (size_t)(live ? r : 0) * C + base;
+    const float *x = inp + row, *dy = dout + row, *wt = weight + base;
+    const float mu = live ? mean[r] : 0.0f, rs = live ? rstd[r] : 0.0f;
+    const int nq = !live ? 0 : NPER ? NPER : lane < C ? (C - 1 - lane) / 32 + 1 : 0; // this lane's elements
     float dv[NPER ? NPER : 1], xv[NPER ? NPER : 1];
-    if (NPER) {
+    if (NPER && live) {
 #pragma unroll
         for (int q = 0; q < (NPER ? NPER : 1); q++)
             dv[q] = dy[lane + 32 * q], xv[q] = x[lane + 32 * q];
@@ -930,16 +967,20 @@ __global__ static void layernorm_backward_dinp_kernel(float *dinp, const float *
     double sg = 0, sgx = 0;
 #pragma unroll
     for (int q = 0; q < nq; q++) {
-        const float g = dy_at(q) * weight[lane + 32 * q];
+        const float g = dy_at(q) * wt[lane + 32 * q];
         sg += g;
         sgx += (double)g * ((x_at(q) - mu) * rs);
     }
-    const float mg = (float)(db_warp_sum(sg) / C), mgx = (float)(db_warp_sum(sgx) / C);
-    float *dx = dinp + (size_t)r * C;
+    sg = ln_row_sum<RW>(db_warp_sum(sg), red);
+    sgx = ln_row_sum<RW>(db_warp_sum(sgx), red);
+    if (!live)
+        return;
+    const float mg = (float)(sg / C), mgx = (float)(sgx / C);
+    float *dx = dinp + row;
 #pragma unroll
     for (int q = 0; q < nq; q++) {
         const int i = lane + 32 * q;
-        dx[i] = rs * (dy_at(q) * weight[i] - mg - (x_at(q) - mu) * rs * mgx);
+        dx[i] = rs * (dy_at(q) * wt[i] - mg - (x_at(q) - mu) * rs * mgx);
     }
 }
 
@@ -989,23 +1030,8 @@ extern "C" int db_cuda_layernorm_backward(db_ctx *c, float *dinp, float *dweight
         return 0;
     cudaStream_t s = db_cuda_st(c)->stream;
     if (dinp) {
-        const unsigned grid = (N + LN_ROWS - 1) / LN_ROWS, bl = 32 * LN_ROWS;
-        switch (C) { // the forward's widths in registers
-        case 320:
-            layernorm_backward_dinp_kernel<10><<<grid, bl, 0, s>>>(dinp, dout, mean, rstd, inp, weight, N, C);
-            break;
-        case 640:
-            layernorm_backward_dinp_kernel<20><<<grid, bl, 0, s>>>(dinp, dout, mean, rstd, inp, weight, N, C);
-            break;
-        case 768:
-            layernorm_backward_dinp_kernel<24><<<grid, bl, 0, s>>>(dinp, dout, mean, rstd, inp, weight, N, C);
-            break;
-        case 1280:
-            layernorm_backward_dinp_kernel<40><<<grid, bl, 0, s>>>(dinp, dout, mean, rstd, inp, weight, N, C);
-            break;
-        default:
-            layernorm_backward_dinp_kernel<0><<<grid, bl, 0, s>>>(dinp, dout, mean, rstd, inp, weight, N, C);
-        }
+        cudaStream_t st = s;
+        DB_LN_DISPATCH(layernorm_backward_dinp_kernel, C, N, dinp, dout, mean, rstd, inp, weight, N, C);
         DB_LAUNCHED(c);
     }
     if (dweight || dbias) {

@@ -324,8 +324,11 @@ int main(void)
             groupnorm_case(&g, 2, 960, 4096, 32);  /* a concatenated skip at 64x64: 480 KB a group */
             groupnorm_case(&g, 1, 128, 512 * 512, 32); /* the VAE decoder's last level: 134 MB, past L2 */
         }
-        if (api->layernorm_forward && !pass)
+        if (api->layernorm_forward && !pass) { /* SD1.5's three transformer levels at batch 2 */
             layernorm_case(&g, 8192, 320);
+            layernorm_case(&g, 2048, 640);
+            layernorm_case(&g, 512, 1280);
+        }
     }
     g.precision = DB_PREC_F32;
     api->ctx_destroy(&g);

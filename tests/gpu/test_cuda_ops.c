@@ -2654,6 +2654,10 @@ int main(void)
         t_layernorm(3, 640);
         t_layernorm(2, 768);
         t_layernorm(2, 1280);
+        /* 640 and 1280 take 2 and 4 warps a row (4 and 2 rows a block):
+         * blocks whose last rows are past N */
+        t_layernorm(7, 640);
+        t_layernorm(5, 1280);
         if (!quick)
             t_layernorm(154, 768);
         if (!quick)
@@ -2666,6 +2670,8 @@ int main(void)
         t_layernorm_backward(3, 640);
         t_layernorm_backward(2, 768);
         t_layernorm_backward(2, 1280);
+        t_layernorm_backward(7, 640);
+        t_layernorm_backward(5, 1280);
         if (!quick)
             t_layernorm_backward(8192, 320);
     }
