@@ -299,7 +299,10 @@ int db_linear_add_forward(db_ctx *c, float *out, const float *inp, const float *
  * db_linear_forward then db_geglu_forward (the same bits in every
  * precision), with the GEGLU made in the linear's own pass over proj, which
  * is then not read a second time.  proj is kept (the backward reads it);
- * out must not overlap proj or inp. */
+ * proj NULL (inference: nothing will read it): out alone is written, the
+ * same bits (on CUDA in 16-bit precision the projection then never reaches
+ * memory in float32; elsewhere it goes through scratch).  out must not
+ * overlap proj or inp. */
 int db_linear_geglu_forward(db_ctx *c, float *proj, float *out, const float *inp, const float *weight,
                             const float *bias, int N, int C, int FF);
 /* Several linears of one input (an attention's q, k and v projections):

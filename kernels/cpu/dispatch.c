@@ -561,16 +561,27 @@ int db_linear_geglu_forward(db_ctx *c, float *proj, float *out, const float *inp
                             const float *bias, int N, int C, int FF)
 {
     ENTER(c);
-    REQUIRE(c, "linear", proj && out && inp && weight && N > 0 && C > 0 && FF > 0 && out != proj);
+    REQUIRE(c, "linear", out && inp && weight && N > 0 && C > 0 && FF > 0 && out != proj);
     switch (c->device) {
     case DB_CPU:
-    case DB_CPU_STRICT:
+    case DB_CPU_STRICT: {
+        /* proj NULL: the projection goes through scratch (the unet keeps
+         * it on the CPU even in inference, so this is for the others) */
+        float *p = proj ? proj : malloc((size_t)N * 2 * (size_t)FF * sizeof *p);
+        if (!p)
+            return db_err_set(&c->err, DB_ENOMEM, "linear: out of memory for a %dx%d projection", N, 2 * FF);
+        int rc;
         if (c->precision != DB_PREC_F32) /* the emulation: the two ops */
-            return db_cpu_ac_linear_forward(c, proj, inp, weight, bias, N, C, 2 * FF) ||
-                           db_cpu_geglu_forward(c, out, proj, N, FF)
-                       ? -1
-                       : 0;
-        return db_cpu_linear_geglu_forward(c, proj, out, inp, weight, bias, N, C, FF);
+            rc = db_cpu_ac_linear_forward(c, p, inp, weight, bias, N, C, 2 * FF) ||
+                         db_cpu_geglu_forward(c, out, p, N, FF)
+                     ? -1
+                     : 0;
+        else
+            rc = db_cpu_linear_geglu_forward(c, p, out, inp, weight, bias, N, C, FF);
+        if (!proj)
+            free(p);
+        return rc;
+    }
     case DB_CUDA:
         return CUDA_OP(c, linear_geglu_forward, "linear", proj, out, inp, weight, bias, N, C, FF);
     default:

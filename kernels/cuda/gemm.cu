@@ -109,12 +109,14 @@ __global__ static void linear_geglu_epilogue_kernel(float *proj, const X *src, f
     const size_t total = N * (size_t)FF;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const size_t r = i / FF, j = i % FF;
-        float *p = proj + r * 2 * FF;
         const X *q = src + r * 2 * FF;
         const float h = epilogue1(db_cuda_f32(q[j]), bias, j, mode);
         const float g = epilogue1(db_cuda_f32(q[FF + j]), bias, FF + j, mode);
-        p[j] = h;
-        p[FF + j] = g;
+        if (proj) { // (NULL: inference, not kept)
+            float *p = proj + r * 2 * FF;
+            p[j] = h;
+            p[FF + j] = g;
+        }
         out[i] = h * db_cuda_gelu_erf1(g);
     }
 }
@@ -389,10 +391,10 @@ static int linear_product16(db_ctx *c, prod16 *pr, float *out, const void *x16, 
             pr->t16 = NULL;
         }
     }
-    if (r == 1) { // the float32 product: the epilogue adds the bias
+    if (r == 1 && out) { // the float32 product: the epilogue adds the bias
         pr->bias_left = 1;
         r = gemm(out, 0);
-    }
+    } // (out NULL, a caller with no room for it: 1, the caller's to retry)
     db_cuda_free(c, w16);
     return r;
 }
@@ -463,17 +465,40 @@ extern "C" int db_cuda_linear_geglu_forward(db_ctx *c, float *proj, float *out, 
     DB_ENTER(c);
     if (N == 0 || FF == 0)
         return 0;
+    // proj NULL (inference): where the product is float32 (fp32, or a
+    // 16-bit GEMM without cublasLt's bias epilogue) it needs room, scratch;
+    // with the epilogue's 16-bit sums the projection never reaches memory
+    // in float32 (half the epilogue's traffic: it was written only for the
+    // backward)
+    float *room = proj;
+    const size_t nproj = (size_t)N * 2 * FF * sizeof(float);
+    if (!proj) {
+        db_cuda_lt_plan *lp = db_cuda_prec16(c) && bias ? lt_plan(c, N, C, 2 * FF) : NULL;
+        if (!(lp && lp->ok) && !(room = (float *)db_cuda_alloc(c, nproj)))
+            return -1;
+    }
     int mode;
     prod16 pr;
-    if (linear_product(c, &pr, proj, inp, weight, bias, N, C, 2 * FF, &mode) != 0)
-        return -1;
+    int r = linear_product(c, &pr, room, inp, weight, bias, N, C, 2 * FF, &mode);
+    if (r == 1 && !room) { // cublasLt refused it after all: the float32 product, in scratch
+        if (!(room = (float *)db_cuda_alloc(c, nproj)))
+            return -1;
+        r = linear_product(c, &pr, room, inp, weight, bias, N, C, 2 * FF, &mode);
+    }
+    if (r != 0) {
+        if (room != proj)
+            db_cuda_free(c, room);
+        return r < 0 ? -1 : db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "linear_geglu: the product was refused");
+    }
     const float *b = pr.bias_left ? bias : NULL;
     const unsigned grid = db_cuda_grid((size_t)N * FF, 256);
     cudaStream_t s = db_cuda_st(c)->stream;
-    with_src(proj, pr.t16, mode, [&](auto src) {
-        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, src, out, b, (size_t)N, FF, mode);
+    with_src(room, pr.t16, mode, [&](auto src) {
+        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(room, src, out, b, (size_t)N, FF, mode);
     });
     db_cuda_free(c, pr.t16);
+    if (room != proj)
+        db_cuda_free(c, room); // stream-ordered: reused only by work queued after
     DB_LAUNCHED(c);
     return 0;
 }

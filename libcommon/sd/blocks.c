@@ -103,7 +103,7 @@ int db_mha_forward(db_ctx *c, float *out, const db_mha_acts *a, const float *x, 
 
 /* ---- BasicTransformerBlock -------------------------------------------------------------- */
 
-size_t db_tblock_acts_carve(db_tblock_acts *a, float *base, const db_tblock *w, int B, int T, int Tc)
+size_t db_tblock_acts_carve(db_tblock_acts *a, float *base, const db_tblock *w, int B, int T, int Tc, int keep_proj)
 {
     carver k = {base, 0};
     const size_t N = (size_t)B * T, C = (size_t)w->C;
@@ -120,7 +120,7 @@ size_t db_tblock_acts_carve(db_tblock_acts *a, float *base, const db_tblock *w, 
     a->mean3 = take(&k, N);
     a->rstd3 = take(&k, N);
     a->a3 = take(&k, N * C);
-    a->f1 = take(&k, N * 2 * (size_t)w->FF);
+    a->f1 = keep_proj ? take(&k, N * 2 * (size_t)w->FF) : NULL;
     a->g = take(&k, N * (size_t)w->FF);
     return k.used;
 }
@@ -145,7 +145,7 @@ int db_tblock_forward(db_ctx *c, float *out, const db_tblock_acts *a, const floa
 /* ---- Transformer2D ------------------------------------------------------------------------ */
 
 size_t db_transformer2d_acts_carve(db_transformer2d_acts *a, float *base, const db_transformer2d *w, int B, int HW,
-                                   int Tc)
+                                   int Tc, int keep_proj)
 {
     carver k = {base, 0};
     const size_t NC = (size_t)B * HW * w->C;
@@ -157,7 +157,7 @@ size_t db_transformer2d_acts_carve(db_transformer2d_acts *a, float *base, const 
     a->bout = take(&k, (size_t)w->depth * NC);
     for (int d = 0; d < w->depth; d++) {
         db_tblock_acts scratch, *ba = a->blk ? &a->blk[d] : &scratch;
-        k.used += db_tblock_acts_carve(ba, k.base ? k.base + k.used : NULL, &w->blk[d], B, HW, Tc);
+        k.used += db_tblock_acts_carve(ba, k.base ? k.base + k.used : NULL, &w->blk[d], B, HW, Tc, keep_proj);
     }
     a->y = take(&k, NC);
     return k.used;

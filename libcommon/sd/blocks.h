@@ -137,12 +137,14 @@ typedef struct db_tblock_acts {
     float *x2;            /* (N, C)   x1 + attn2: norm3's input */
     float *mean3, *rstd3; /* (N) */
     float *a3;            /* (N, C)   norm3(x2) */
-    float *f1;            /* (N, 2FF) GEGLU projection: GEGLU's input */
+    float *f1;            /* (N, 2FF) GEGLU projection: GEGLU's input (NULL: not kept) */
     float *g;             /* (N, FF)  hidden * gelu(gate): ff2's input */
 } db_tblock_acts;
 
-/* T tokens per image, Tc context tokens. */
-size_t db_tblock_acts_carve(db_tblock_acts *a, float *base, const db_tblock *w, int B, int T, int Tc);
+/* T tokens per image, Tc context tokens.  keep_proj 0 (inference: no
+ * backward reads it): no room for f1, which the forward then never writes
+ * (db_linear_geglu_forward's proj NULL). */
+size_t db_tblock_acts_carve(db_tblock_acts *a, float *base, const db_tblock *w, int B, int T, int Tc, int keep_proj);
 
 /* out (B, T, C) = x3, where x1 = x + attn1(norm1 x), x2 = x1 + attn2(norm2 x1, ctx),
  * x3 = x2 + ff(norm3 x2).  x (B, T, C); ctx (B, Tc, D).  out must not overlap
@@ -173,9 +175,10 @@ typedef struct db_transformer2d_acts {
     float *y;             /* (B, HW, C) proj_out(...): scratch, not needed by backward */
 } db_transformer2d_acts;
 
-/* a->blk must point to w->depth entries (or be NULL when base is NULL). */
+/* a->blk must point to w->depth entries (or be NULL when base is NULL).
+ * keep_proj: db_tblock_acts_carve's. */
 size_t db_transformer2d_acts_carve(db_transformer2d_acts *a, float *base, const db_transformer2d *w, int B, int HW,
-                                   int Tc);
+                                   int Tc, int keep_proj);
 
 /* out (B, C, H, W) = x + transpose(proj_out(blocks(proj_in(transpose(norm(x)))))).
  * x (B, C, H, W); ctx (B, Tc, D).  out must not overlap x or the acts. */

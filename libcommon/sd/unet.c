@@ -360,8 +360,9 @@ static size_t out_numel(const step *s, int B, int H, int W)
     return s->kind == ST_OUT ? 0 : (size_t)B * s->OC * hw_at(H, W, s->lout);
 }
 
-/* Carve (or count, base NULL) the step's saved activations. */
-static size_t step_acts(step *s, float *base, const db_unet_arch *a, int B, int H, int W, int Tc)
+/* Carve (or count, base NULL) the step's saved activations; keep_proj:
+ * db_tblock_acts_carve's (room for what only a backward reads). */
+static size_t step_acts(step *s, float *base, const db_unet_arch *a, int B, int H, int W, int Tc, int keep_proj)
 {
     carver k = {base, 0};
     const size_t hw_in = hw_at(H, W, s->lin), hw_out = hw_at(H, W, s->lout);
@@ -371,7 +372,8 @@ static size_t step_acts(step *s, float *base, const db_unet_arch *a, int B, int 
         k.used += db_resblock_acts_carve(&s->ra, k.base ? k.base + k.used : NULL, &s->res, B, (int)hw_in);
         break;
     case ST_ATTN:
-        k.used += db_transformer2d_acts_carve(&s->ta, k.base ? k.base + k.used : NULL, &s->tr, B, (int)hw_in, Tc);
+        k.used += db_transformer2d_acts_carve(&s->ta, k.base ? k.base + k.used : NULL, &s->tr, B, (int)hw_in, Tc,
+                                              keep_proj);
         break;
     case ST_UP:
         s->up = take(&k, (size_t)B * s->C * hw_out);
@@ -410,10 +412,14 @@ static size_t layout(db_unet *u, float *base, int B, int H, int W, int Tc, int k
     u->temb_s = take(&k, B * E);
 
     const int share = !keep || ckpt; /* all steps' activations in one region */
+    /* inference keeps no GEGLU projection (the op's proj NULL: on a GPU
+     * in 16-bit precision it then never reaches memory in float32), but on
+     * the CPU, where the op would put it through scratch of its own */
+    const int kp = keep || u->ctx->device == DB_CPU;
     size_t smax = 0, amax = 0;       /* largest streamed output, largest step's activations */
     for (int i = 0; i < u->ns; i++) {
         step *s = &u->s[i];
-        size_t n = out_numel(s, B, H, W), m = step_acts(s, NULL, &u->a, B, H, W, Tc);
+        size_t n = out_numel(s, B, H, W), m = step_acts(s, NULL, &u->a, B, H, W, Tc, kp);
         if (!s->is_skip && n > smax)
             smax = n;
         if (m > amax)
@@ -435,14 +441,14 @@ static size_t layout(db_unet *u, float *base, int B, int H, int W, int Tc, int k
         else
             s->out = in && in == stream[0] ? stream[1] : stream[0];
         if (!share) {
-            size_t m = step_acts(s, NULL, &u->a, B, H, W, Tc);
-            step_acts(s, take(&k, m), &u->a, B, H, W, Tc);
+            size_t m = step_acts(s, NULL, &u->a, B, H, W, Tc, kp);
+            step_acts(s, take(&k, m), &u->a, B, H, W, Tc, kp);
         }
     }
     if (keep && ckpt) /* after the outputs: carved once all of them are placed */
         shared = take(&k, amax);
     for (int i = 0; share && i < u->ns; i++)
-        step_acts(&u->s[i], shared, &u->a, B, H, W, Tc);
+        step_acts(&u->s[i], shared, &u->a, B, H, W, Tc, kp);
     return k.used;
 }
 

@@ -1448,6 +1448,13 @@ static void t_linear_geglu(db_precision p, int N, int C, int FF, int with_bias)
         const float *a = dget(p1, np), *a2 = dget(p2, np), *c1 = dget(o1, no), *c2 = dget(o2, no);
         tap_ok(!memcmp(a, a2, np * sizeof *a) && !memcmp(c1, c2, no * sizeof *c1),
                "%s: projection and output bit-identical to linear_forward then geglu_forward on the device", what);
+        /* proj NULL (inference): the output alone, the same bits (16-bit
+         * with a bias: the projection stays in cublasLt's 16-bit sums) */
+        float *o3 = dpoison(no);
+        if (gpu_ran(IN_PREC(p, api->linear_geglu_forward(&g, NULL, o3, x, w, with_bias ? b : NULL, N, C, FF)), what)) {
+            const float *c3 = dget(o3, no);
+            tap_ok(!memcmp(c3, c2, no * sizeof *c3), "%s: without keeping the projection, the same output", what);
+        }
     }
     release_all();
 }

@@ -91,6 +91,13 @@ int main(void)
                        "%s, %d thread(s), %s bias: linear + GEGLU == linear then geglu (projection and output), bit "
                        "for bit%s%s", db_precision_name(ps[p]), t + 1, hb ? "with" : "no", rc ? ": " : "",
                        rc ? c->err.msg : "");
+                /* proj NULL (inference): the same output, nothing kept */
+                for (size_t i = 0; i < (size_t)N * FF; i++)
+                    og[i] = NAN;
+                const int rn = db_linear_geglu_forward(c, NULL, og, x, w2, hb ? b2 : NULL, N, C, FF);
+                tap_ok(rn == 0 && same_bits(ow, og, (size_t)N * FF),
+                       "%s, %d thread(s), %s bias: linear + GEGLU without keeping the projection: the same output%s%s",
+                       db_precision_name(ps[p]), t + 1, hb ? "with" : "no", rn ? ": " : "", rn ? c->err.msg : "");
                 db_ctx_set_precision(c, DB_PREC_F32);
             }
     free(w2), free(b2), free(pw), free(pg), free(ow), free(og);
