@@ -352,7 +352,10 @@ __global__ static void bias_nchw_kernel(float *out, const float *bias, size_t n,
 // grid B*OC, block 256.  part (B, OC) = sum over OHW of dout (B, OC, OHW), in
 // double; r16: 0 as is, 1 / 2 each element rounded to bf16 / fp16 first (the
 // 16-bit modes' rounded dout, without a rounded copy of it in memory)
-__global__ static void bias_grad_part_kernel(double *part, const float *dout, int OHW, int r16)
+// (tickets: NULL, or db_cuda_colsum_last's: the last of the B OC blocks
+// finishes job jb, whose part is this part (B, OC))
+__global__ static void bias_grad_part_kernel(double *part, const float *dout, int OHW, int r16, unsigned *tickets,
+                                             db_colsum_job jb)
 {
     __shared__ double sh[32];
     const float *d = dout + (size_t)blockIdx.x * OHW;
@@ -362,6 +365,28 @@ __global__ static void bias_grad_part_kernel(double *part, const float *dout, in
     s = db_block_sum(s, sh);
     if (threadIdx.x == 0)
         part[blockIdx.x] = s;
+    if (tickets && db_cuda_colsum_last(tickets, gridDim.x))
+        db_cuda_colsum_finish(jb, 0, jb.C);
+}
+
+// dbias (OC) by put from the plane sums of dout (B, OC, OHW): the partials
+// (B, OC) and their column sums, in one launch where the ctx has tickets
+static int conv_bias_grad(db_ctx *c, float *dbias, const float *dout, int B, int OC, int OHW, int r16, int put)
+{
+    double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)B * OC);
+    if (!part)
+        return -1;
+    unsigned *tk = db_cuda_tickets(c);
+    bias_grad_part_kernel<<<B * OC, 256, 0, db_cuda_st(c)->stream>>>(part, dout, OHW, r16, tk,
+                                                                     db_colsum_job{dbias, part, B, OC, r16, put});
+    const cudaError_t e = cudaGetLastError();
+    int r = 0;
+    if (e != cudaSuccess)
+        r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "conv2d bias gradient: %s", cudaGetErrorString(e));
+    else if (!tk)
+        r = db_cuda_finish_colsum(c, dbias, part, B, OC, r16, put);
+    db_cuda_free(c, part);
+    return r;
 }
 
 // The padded copy of inp when the plan needs one (else inp itself); *tmp is
@@ -750,20 +775,8 @@ static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *
         }
     }
     db_cuda_free(c, dy16);
-    if (r == 0 && dbias) { // float32 sum of the rounded dout per channel, rounded, added
-        const int r16 = c->precision == DB_PREC_F16 ? 2 : 1;
-        double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)B * OC);
-        r = part ? 0 : -1;
-        if (r == 0) {
-            bias_grad_part_kernel<<<B * OC, 256, 0, s>>>(part, dout, p->OH * p->OW, r16);
-            const cudaError_t e = cudaGetLastError();
-            if (e != cudaSuccess)
-                r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "conv2d bias gradient: %s", cudaGetErrorString(e));
-        }
-        if (r == 0)
-            r = db_cuda_finish_colsum(c, dbias, part, B, OC, r16, put);
-        db_cuda_free(c, part);
-    }
+    if (r == 0 && dbias) // float32 sum of the rounded dout per channel, rounded, added
+        r = conv_bias_grad(c, dbias, dout, B, OC, p->OH * p->OW, c->precision == DB_PREC_F16 ? 2 : 1, put);
     return r ? -1 : 0;
 }
 
@@ -818,15 +831,7 @@ extern "C" int db_cuda_conv2d_backward(db_ctx *c, float *dinp, float *dweight, f
     if (dweight && filter_grad32(c, p, dweight, dout, inp, 1.0f) != 0) // dweight (OC, C, KH, KW) += (beta 1)
         return -1;
     if (dbias) { // dbias (OC) += sum over B, OH, OW
-        double *part = (double *)db_cuda_alloc(c, sizeof(double) * (size_t)B * OC);
-        if (!part)
-            return -1;
-        bias_grad_part_kernel<<<B * OC, 256, 0, s>>>(part, dout, p->OH * p->OW, 0);
-        cudaError_t e = cudaGetLastError();
-        int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dbias, part, B, OC, 0, db_cuda_put_param(assign)) : -1;
-        db_cuda_free(c, part);
-        DB_CU(c, e);
-        if (r)
+        if (conv_bias_grad(c, dbias, dout, B, OC, p->OH * p->OW, 0, db_cuda_put_param(assign)))
             return -1;
     }
     return 0;

@@ -284,6 +284,8 @@ static void state_destroy(db_cuda_state *st)
         free(st->shadow[i].fr); // (the copies themselves are blocks: freed below)
     if (st->tfreq)
         cudaFree(st->tfreq);
+    if (st->tickets)
+        cudaFree(st->tickets);
     size_t pooled = 0; // a capture left open (its ctx destroyed mid-capture)
     for (db_cuda_block *b = take_pool(st, &pooled), *nx; b; b = nx) {
         nx = b->next;

@@ -133,6 +133,12 @@ struct db_cuda_state {
     db_cuda_lt_plan *lt_plans;
     cublasLtHandle_t lt;
     void *lt_ws;
+    // DB_CUDA_TICKETS device counters, zero between launches: a two-stage
+    // column sum's first-stage blocks take a ticket as they finish, and the
+    // last of a column tile does the second stage itself (db_cuda_colsum_*
+    // below) instead of a launch of its own; made at the first use outside
+    // a capture (plain cudaMalloc, freed with the state)
+    unsigned *tickets;
 };
 
 static inline db_cuda_state *db_cuda_st(db_ctx *c) { return (db_cuda_state *)c->cuda; }
@@ -211,6 +217,24 @@ static inline int db_cuda_zero_f32(db_ctx *c, float *p, size_t n)
 // DB_PUT_FRESH (a parameter gradient's first contribution).
 int db_cuda_finish_colsum(db_ctx *c, float *dst, const double *part, int nchunk, int C, int r16, int put);
 
+// The same second stage inside the first stage's kernel (call 9: 282
+// finishing launches a training step, 3.4 us each, most of it launch and
+// ramp for a few columns): a colsum job is what db_cuda_finish_colsum is
+// given; the first-stage kernel, after writing its partials, calls
+// db_cuda_colsum_last (every thread of the block), and the block that
+// arrives last among the nblocks of its column tile gets 1 and finishes
+// the tile's columns with db_cuda_colsum_finish: the same sums in the same
+// order, so the same bits.  tickets: db_cuda_tickets's (NULL: no ticket,
+// the caller launches db_cuda_finish_colsum as before).
+struct db_colsum_job {
+    float *dst;
+    const double *part;
+    int nchunk, C, r16, put;
+};
+enum { DB_CUDA_TICKETS = 1024 };
+// c's tickets, made at the first call outside a capture; NULL inside one
+// before that, or when they could not be made (the caller falls back)
+unsigned *db_cuda_tickets(db_ctx *c);
 // Rows per chunk of a two-stage column sum over N rows (the bias and layer
 // norm parameter gradients): 32, doubled while the chunks would pass the
 // grid's y limit.  From the shape alone, so the bits do not depend on the card.
@@ -281,6 +305,50 @@ __device__ __forceinline__ void db_cuda_put(float *d, float v, int put)
 {
     *d = put == DB_PUT_ADD ? *d + v : put == DB_PUT_FRESH ? __fadd_rn(0.0f, v) : v;
 }
+// (db_colsum_job, above)
+// 1 in the block that took the last of ticket's nblocks (every thread of
+// every block calls it once, after writing its partials): that block sees
+// all of them, and ticket is zero again for the next launch
+__device__ __forceinline__ int db_cuda_colsum_last(unsigned *ticket, unsigned nblocks)
+{
+    __shared__ int last;
+    __threadfence(); // this thread's partials visible to the whole device
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {
+        last = atomicAdd(ticket, 1u) == nblocks - 1;
+        if (last)
+            *ticket = 0; // (every other block has taken its ticket)
+    }
+    __syncthreads();
+    if (last)
+        __threadfence();
+    return last;
+}
+// the job's columns [j0, j1) by the block's threads (one a column), each the
+// sum of its nchunk partials in order from 0, put into dst: finish_colsum's
+// arithmetic (the partials read past L1: other blocks wrote them)
+__device__ __forceinline__ void db_cuda_colsum_finish(const db_colsum_job &jb, int j0, int j1)
+{
+    const int nt = blockDim.x * blockDim.y * blockDim.z;
+    const int t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    for (int j = j0 + t; j < j1; j += nt) {
+        double s = 0;
+        int r = 0;
+        for (; r + 8 <= jb.nchunk; r += 8) { // eight loads in flight, the sums in order
+            double v[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                v[k] = __ldcg(jb.part + (size_t)(r + k) * jb.C + j);
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                s += v[k];
+        }
+        for (; r < jb.nchunk; r++)
+            s += __ldcg(jb.part + (size_t)r * jb.C + j);
+        db_cuda_put(jb.dst + j, jb.r16 ? db_cuda_round16(__fadd_rn(0.0f, (float)s), jb.r16 == 2) : (float)s, jb.put);
+    }
+}
+
 // attention_backward.cu: D (B, NH, Tq) = dO . O per query and head, summed in
 // fp32 (both attention backwards' first pass); T float, __nv_bfloat16 or
 // __half.  0, or -1 with c->err set.

@@ -128,14 +128,14 @@ __global__ static void linear_geglu_epilogue_kernel(float *proj, const X *src, f
 // 1 / 2 each element rounded to bf16 / fp16 first (the 16-bit modes'
 // rounded dout, without a rounded copy of it in memory).  X: float, or the
 // compute type where the rounded copy is at hand anyway (half the bytes;
-// its values round to themselves, so the same sums).
+// its values round to themselves, so the same sums).  tickets
+// (db_cuda_colsum_last; NULL: none): the last block of a column tile
+// finishes the tile's columns of job jb (whose part is this part).
 enum { COLSUM_BATCH = 8 };
+// (colsum_part_kernel's column j, rows [r0, r0 + rows))
 template <typename X>
-__global__ static void colsum_part_kernel(double *part, const X *dout, int N, int OC, int rows, int r16)
+__device__ static void colsum_part_col(double *part, const X *dout, int N, int OC, int rows, int r16, int j, int r0)
 {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x, r0 = blockIdx.y * rows;
-    if (j >= OC)
-        return;
     const int r1 = r0 + rows < N ? r0 + rows : N;
     const X *col = dout + j;
     const int rnd = sizeof(X) == 4 ? r16 : 0; // (values of the compute type round to themselves)
@@ -158,6 +158,19 @@ __global__ static void colsum_part_kernel(double *part, const X *dout, int N, in
         s += rnd ? db_cuda_round16(v, rnd == 2) : v;
     }
     part[(size_t)blockIdx.y * OC + j] = s;
+}
+
+template <typename X>
+__global__ static void colsum_part_kernel(double *part, const X *dout, int N, int OC, int rows, int r16,
+                                          unsigned *tickets, db_colsum_job jb)
+{
+    const int j = blockIdx.x * blockDim.x + threadIdx.x, r0 = blockIdx.y * rows;
+    if (j < OC)
+        colsum_part_col(part, dout, N, OC, rows, r16, j, r0);
+    if (tickets && db_cuda_colsum_last(&tickets[blockIdx.x], gridDim.y)) {
+        const int j0 = blockIdx.x * blockDim.x;
+        db_cuda_colsum_finish(jb, j0, j0 + (int)blockDim.x < OC ? j0 + (int)blockDim.x : OC);
+    }
 }
 
 // The 16-bit operands of one op: scratch from db_cuda_to16, freed together.
@@ -597,9 +610,11 @@ template <typename X> static int bias_grad(db_ctx *c, float *dst, const X *dout,
     if (!part)
         return -1;
     dim3 grid((unsigned)((OC + 127) / 128), (unsigned)nchunk);
-    colsum_part_kernel<<<grid, 128, 0, db_cuda_st(c)->stream>>>(part, dout, N, OC, rows, r16);
+    unsigned *tk = grid.x <= DB_CUDA_TICKETS ? db_cuda_tickets(c) : NULL;
+    colsum_part_kernel<<<grid, 128, 0, db_cuda_st(c)->stream>>>(part, dout, N, OC, rows, r16, tk,
+                                                                 db_colsum_job{dst, part, nchunk, OC, r16, put});
     cudaError_t e = cudaGetLastError();
-    int r = e == cudaSuccess ? db_cuda_finish_colsum(c, dst, part, nchunk, OC, r16, put) : -1;
+    int r = e != cudaSuccess ? -1 : tk ? 0 : db_cuda_finish_colsum(c, dst, part, nchunk, OC, r16, put);
     db_cuda_free(c, part);
     DB_CU(c, e);
     return r;

@@ -22,24 +22,36 @@ enum { ROW_THREADS = 256, LN_ROWS = 8 };
 // round((float) sum) to bf16 / fp16 (the sum first added to a float32 zero,
 // as when it was summed into a zeroed scratch and that rounded and added:
 // a -0 sum adds +0).  One thread per column.
-__global__ static void finish_colsum_kernel(float *dst, const double *part, int nchunk, int C, int r16, int put)
+__global__ static void finish_colsum_kernel(db_colsum_job jb)
 {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= C)
-        return;
-    double s = 0;
-    for (int r = 0; r < nchunk; r++)
-        s += part[(size_t)r * C + j];
-    db_cuda_put(dst + j, r16 ? db_cuda_round16(__fadd_rn(0.0f, (float)s), r16 == 2) : (float)s, put);
+    const int j0 = blockIdx.x * blockDim.x;
+    db_cuda_colsum_finish(jb, j0, j0 + (int)blockDim.x < jb.C ? j0 + (int)blockDim.x : jb.C);
 }
 
 int db_cuda_finish_colsum(db_ctx *c, float *dst, const double *part, int nchunk, int C, int r16, int put)
 {
     if (C == 0)
         return 0;
-    finish_colsum_kernel<<<(C + 127) / 128, 128, 0, db_cuda_st(c)->stream>>>(dst, part, nchunk, C, r16, put);
+    finish_colsum_kernel<<<(C + 127) / 128, 128, 0, db_cuda_st(c)->stream>>>(
+        db_colsum_job{dst, part, nchunk, C, r16, put});
     DB_LAUNCHED(c);
     return 0;
+}
+
+unsigned *db_cuda_tickets(db_ctx *c)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    if (st->tickets || st->capturing)
+        return st->tickets;
+    unsigned *t = NULL;
+    if (cudaMalloc(&t, DB_CUDA_TICKETS * sizeof *t) != cudaSuccess ||
+        cudaMemsetAsync(t, 0, DB_CUDA_TICKETS * sizeof *t, st->stream) != cudaSuccess) {
+        (void)cudaGetLastError();
+        if (t)
+            cudaFree(t);
+        return NULL;
+    }
+    return st->tickets = t;
 }
 
 // ---- forward ------------------------------------------------------------------------
@@ -987,13 +999,32 @@ __global__ static void layernorm_backward_dinp_kernel(float *dinp, const float *
 // grid (ceil(C / 128), nchunk), block 128.  partw, partb (nchunk, C): over each
 // chunk of `rows` rows (db_cuda_part_rows) in order, sum(dy * xhat) and
 // sum(dy) per column.
+// tickets (NULL: none): the last block of a column tile finishes the
+// tile's columns of jw and jb (db_cuda_colsum_last; a job with dst NULL is
+// skipped).
+__device__ static void layernorm_param_col(double *partw, double *partb, const float *dout, const float *mean,
+                                           const float *rstd, const float *inp, int N, int C, int rows, int j, int r0);
 __global__ static void layernorm_backward_param_kernel(double *partw, double *partb, const float *dout,
                                                        const float *mean, const float *rstd, const float *inp, int N,
-                                                       int C, int rows)
+                                                       int C, int rows, unsigned *tickets, db_colsum_job jw,
+                                                       db_colsum_job jb)
 {
     const int j = blockIdx.x * blockDim.x + threadIdx.x, r0 = blockIdx.y * rows;
-    if (j >= C)
-        return;
+    if (j < C)
+        layernorm_param_col(partw, partb, dout, mean, rstd, inp, N, C, rows, j, r0);
+    if (tickets && db_cuda_colsum_last(&tickets[blockIdx.x], gridDim.y)) {
+        const int j0 = blockIdx.x * blockDim.x, j1 = j0 + (int)blockDim.x < C ? j0 + (int)blockDim.x : C;
+        if (jw.dst)
+            db_cuda_colsum_finish(jw, j0, j1);
+        if (jb.dst)
+            db_cuda_colsum_finish(jb, j0, j1);
+    }
+}
+
+// (layernorm_backward_param_kernel's column j, rows [r0, r0 + rows))
+__device__ static void layernorm_param_col(double *partw, double *partb, const float *dout, const float *mean,
+                                           const float *rstd, const float *inp, int N, int C, int rows, int j, int r0)
+{
     const int r1 = r0 + rows < N ? r0 + rows : N;
     double sw = 0, sb = 0;
     int r = r0;
@@ -1040,15 +1071,18 @@ extern "C" int db_cuda_layernorm_backward(db_ctx *c, float *dinp, float *dweight
         if (!part)
             return -1;
         dim3 grid((unsigned)((C + 127) / 128), (unsigned)nchunk);
-        layernorm_backward_param_kernel<<<grid, 128, 0, s>>>(part, part + (size_t)nchunk * C, dout, mean, rstd, inp, N,
-                                                             C, rows);
+        unsigned *tk = grid.x <= DB_CUDA_TICKETS ? db_cuda_tickets(c) : NULL;
+        const int put = db_cuda_put_param(assign);
+        layernorm_backward_param_kernel<<<grid, 128, 0, s>>>(
+            part, part + (size_t)nchunk * C, dout, mean, rstd, inp, N, C, rows, tk,
+            db_colsum_job{dweight, part, nchunk, C, 0, put},
+            db_colsum_job{dbias, part + (size_t)nchunk * C, nchunk, C, 0, put});
         cudaError_t e = cudaGetLastError();
         int r = 0;
-        if (e == cudaSuccess && dweight)
-            r |= db_cuda_finish_colsum(c, dweight, part, nchunk, C, 0, db_cuda_put_param(assign));
-        if (e == cudaSuccess && dbias)
-            r |= db_cuda_finish_colsum(c, dbias, part + (size_t)nchunk * C, nchunk, C, 0,
-                                      db_cuda_put_param(assign));
+        if (e == cudaSuccess && dweight && !tk)
+            r |= db_cuda_finish_colsum(c, dweight, part, nchunk, C, 0, put);
+        if (e == cudaSuccess && dbias && !tk)
+            r |= db_cuda_finish_colsum(c, dbias, part + (size_t)nchunk * C, nchunk, C, 0, put);
         db_cuda_free(c, part);
         DB_CU(c, e);
         if (r)

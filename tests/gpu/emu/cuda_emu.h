@@ -39,6 +39,7 @@
 // (__float2bfloat16_rn, __half2float, ...) are host-callable as they stand
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <atomic>
 #include <barrier>
 #include <thread>
 #include <vector>
@@ -69,6 +70,12 @@ extern std::mutex emu_mtx;
 #define __align__(n) alignas(n)
 #define __shared__ static
 static inline void __syncthreads() { emu_blk->bar->arrive_and_wait(); }
+// one block runs at a time, so what another block wrote is there: the
+// fence orders this block's threads only, the atomic is a plain one, and a
+// load past L1 is a load (db_cuda_colsum_last's ticket, cuda.h)
+static inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+static inline unsigned atomicAdd(unsigned *p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+template <class T> static inline T __ldcg(const T *p) { return *p; }
 template <class T> static T emu_shfl(T v, int src) {
     emu_warp &w = emu_blk->warps[emu_lin / 32];
     uint64_t u = 0; memcpy(&u, &v, sizeof v);
