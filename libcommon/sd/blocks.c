@@ -91,12 +91,28 @@ int db_mha_forward(db_ctx *c, float *out, const db_mha_acts *a, const float *x, 
         const float *const wt[3] = {w->q_w, w->k_w, w->v_w}, *const bs[3] = {w->q_b, w->k_b, w->v_b};
         db_linear_multi_forward(c, qkv, x, wt, bs, 3, B * Tq, C, C); /* (B, T, C) each */
     } else {
-        float *const kvo[2] = {a->k, a->v};
-        const float *const wt[2] = {w->k_w, w->v_w}, *const bs[2] = {w->k_b, w->v_b};
         db_linear_forward(c, a->q, x, w->q_w, w->q_b, B * Tq, C, C); /* (B, Tq, C) */
-        db_linear_multi_forward(c, kvo, kv, wt, bs, 2, B * Tk, w->D, C); /* (B, Tk, C) each */
+        db_mha_kv_forward(c, a->k, a->v, kv, w, B, Tk);
     }
     db_attention_forward(c, a->o, a->lse, a->q, a->k, a->v, B, Tq, Tk, w->NH, C / w->NH, causal);
+    db_linear_add_forward(c, out, a->o, w->o_w, w->o_b, res, B * Tq, C, C); /* (B, Tq, C) */
+    return c->err.code ? -1 : 0;
+}
+
+int db_mha_kv_forward(db_ctx *c, float *k, float *v, const float *kv, const db_mha *w, int B, int Tk)
+{
+    float *const kvo[2] = {k, v};
+    const float *const wt[2] = {w->k_w, w->v_w}, *const bs[2] = {w->k_b, w->v_b};
+    db_linear_multi_forward(c, kvo, kv, wt, bs, 2, B * Tk, w->D, w->C); /* (B, Tk, C) each */
+    return c->err.code ? -1 : 0;
+}
+
+int db_mha_forward_kv(db_ctx *c, float *out, const db_mha_acts *a, const float *x, const float *k, const float *v,
+                      const float *res, const db_mha *w, int B, int Tq, int Tk)
+{
+    const int C = w->C;
+    db_linear_forward(c, a->q, x, w->q_w, w->q_b, B * Tq, C, C); /* (B, Tq, C) */
+    db_attention_forward(c, a->o, a->lse, a->q, k, v, B, Tq, Tk, w->NH, C / w->NH, 0);
     db_linear_add_forward(c, out, a->o, w->o_w, w->o_b, res, B * Tq, C, C); /* (B, Tq, C) */
     return c->err.code ? -1 : 0;
 }
@@ -121,6 +137,7 @@ size_t db_tblock_acts_carve(db_tblock_acts *a, float *base, const db_tblock *w, 
     a->rstd3 = take(&k, N);
     a->a3 = take(&k, N * C);
     a->f1 = keep_proj ? take(&k, N * 2 * (size_t)w->FF) : NULL;
+    a->k2c = a->v2c = NULL;
     a->g = take(&k, N * (size_t)w->FF);
     return k.used;
 }
@@ -134,7 +151,10 @@ int db_tblock_forward(db_ctx *c, float *out, const db_tblock_acts *a, const floa
     db_mha_forward(c, a->x1, &a->at1, a->a1, a->a1, x, &w->attn1, B, T, T, 0);
     /* x2 = x1 + attn2(norm2(x1), ctx) */
     db_layernorm_forward(c, a->a2, a->mean2, a->rstd2, a->x1, w->norm2_w, w->norm2_b, N, C, w->eps);
-    db_mha_forward(c, a->x2, &a->at2, a->a2, ctx, a->x1, &w->attn2, B, T, Tc, 0);
+    if (a->k2c)
+        db_mha_forward_kv(c, a->x2, &a->at2, a->a2, a->k2c, a->v2c, a->x1, &w->attn2, B, T, Tc);
+    else
+        db_mha_forward(c, a->x2, &a->at2, a->a2, ctx, a->x1, &w->attn2, B, T, Tc, 0);
     /* out = x2 + ff2(geglu(ff1(norm3(x2)))) */
     db_layernorm_forward(c, a->a3, a->mean3, a->rstd3, a->x2, w->norm3_w, w->norm3_b, N, C, w->eps);
     db_linear_geglu_forward(c, a->f1, a->g, a->a3, w->ff1_w, w->ff1_b, N, C, w->FF); /* (N, 2FF), (N, FF) */

@@ -110,6 +110,15 @@ size_t db_mha_acts_carve(db_mha_acts *a, float *base, const db_mha *w, int B, in
  * acts. */
 int db_mha_forward(db_ctx *c, float *out, const db_mha_acts *a, const float *x, const float *kv, const float *res,
                    const db_mha *w, int B, int Tq, int Tk, int causal);
+/* The k and v projections of a cross-attention's input kv (B, Tk, D) into
+ * k and v (B, Tk, C) each: the very op db_mha_forward makes of them, so
+ * the same bits. */
+int db_mha_kv_forward(db_ctx *c, float *k, float *v, const float *kv, const db_mha *w, int B, int Tk);
+/* db_mha_forward of a cross-attention whose k and v (B, Tk, C) are made
+ * already (db_mha_kv_forward): the same output bits; a->k and a->v are not
+ * written (inference: no backward reads them). */
+int db_mha_forward_kv(db_ctx *c, float *out, const db_mha_acts *a, const float *x, const float *k, const float *v,
+                      const float *res, const db_mha *w, int B, int Tq, int Tk);
 
 /* ---- BasicTransformerBlock ---------------------------------------------------- */
 
@@ -138,6 +147,11 @@ typedef struct db_tblock_acts {
     float *mean3, *rstd3; /* (N) */
     float *a3;            /* (N, C)   norm3(x2) */
     float *f1;            /* (N, 2FF) GEGLU projection: GEGLU's input (NULL: not kept) */
+    /* the cross-attention's k and v of this forward's context, made ahead
+     * (db_mha_kv_forward; the UNet's db_unet_cache_context), or NULL: made
+     * by the forward into at2.  Set by the owner after the carve, for
+     * inference only (the backward reads at2's). */
+    const float *k2c, *v2c;
     float *g;             /* (N, FF)  hidden * gelu(gate): ff2's input */
 } db_tblock_acts;
 

@@ -457,6 +457,10 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
         if (cfg && b != bmax)
             for (int j = 0; j < b; j++)
                 db_ctx_copy(c, ctxt + (size_t)(b + j) * te, out->prompt_embeds, te * sizeof *ctxt, DB_COPY_H2D);
+        /* the cross-attentions' k and v of this batch's context, made once
+         * for all its steps (unet.h; the same bits as making them each step) */
+        if (db_unet_cache_context(u, ctxt, m * b, T, err))
+            goto out;
         memset(&dn, 0, sizeof dn); /* db_unet_graph_run compares it byte for byte */
         dn.u = u, dn.c = c, dn.xin = xin, dn.eps = eps, dn.ts = ts, dn.ctxt = ctxt;
         dn.B = m * b, dn.h = h, dn.w = w, dn.T = T, dn.cfg = cfg, dn.nb = nb, dn.g = g;

@@ -99,6 +99,12 @@ struct db_unet {
     int have_spans;             /* the steps' and the time MLP's weight spans are set */
     db_span t_gs;               /* the time MLP's */
     unsigned gen;               /* counts re-layouts of ws / gws (db_unet_layout_gen) */
+    /* db_unet_cache_context: every cross-attention's k and v of kvc_ctx
+     * (kvc_B, kvc_Tc), in step and block order, kvc_n floats; kvc_on 0: off */
+    float *kvc;
+    size_t kvc_n;
+    const float *kvc_ctx;
+    int kvc_B, kvc_Tc, kvc_on;
 };
 
 /* ---- building the step list ------------------------------------------------------ */
@@ -529,8 +535,67 @@ void db_unet_free(db_unet *u)
     free(u->s);
     db_ctx_free(u->ctx, u->ws);
     db_ctx_free(u->ctx, u->gws);
+    db_ctx_free(u->ctx, u->kvc);
     db_weights_free(&u->w);
     free(u);
+}
+
+/* Each cross-attention's k and v slots in the cache for (B, Tc), in step
+ * and block order; returns the floats they need (kv NULL: only count). */
+static size_t kvc_walk(db_unet *u, float *kv, int B, int Tc, int set)
+{
+    size_t used = 0;
+    for (int i = 0; i < u->ns; i++) {
+        step *s = &u->s[i];
+        if (s->kind != ST_ATTN)
+            continue;
+        for (int d = 0; d < s->tr.depth; d++) {
+            const size_t n = (size_t)B * Tc * s->tr.blk[d].attn2.C;
+            if (set && s->ta.blk) {
+                s->ta.blk[d].k2c = kv ? kv + used : NULL;
+                s->ta.blk[d].v2c = kv ? kv + used + n : NULL;
+            }
+            used += 2 * n;
+        }
+    }
+    return used;
+}
+
+int db_unet_cache_context(db_unet *u, const float *context, int B, int Tc, db_err *err)
+{
+    db_ctx *c = u->ctx;
+    if (!context) {
+        if (u->kvc_on)
+            u->gen++;
+        u->kvc_on = 0;
+        return 0;
+    }
+    if (B < 1 || Tc < 1)
+        return db_err_set(err, DB_EUSAGE, "unet: context cache: bad sizes B=%d Tc=%d", B, Tc);
+    const size_t n = kvc_walk(u, NULL, B, Tc, 0);
+    if (n > u->kvc_n) {
+        db_ctx_free(c, u->kvc);
+        u->kvc_on = 0, u->kvc_n = 0;
+        if (!(u->kvc = db_ctx_alloc(c, n * sizeof(float))))
+            return db_err_set(err, DB_ENOMEM, "unet: out of memory for a %zu KiB context cache", n * sizeof(float) >> 10);
+        u->kvc_n = n;
+        u->gen++; /* a graph that read the old cache must not replay */
+    }
+    size_t used = 0;
+    for (int i = 0; i < u->ns; i++) {
+        step *s = &u->s[i];
+        for (int d = 0; s->kind == ST_ATTN && d < s->tr.depth; d++) {
+            const db_mha *w = &s->tr.blk[d].attn2;
+            const size_t m = (size_t)B * Tc * w->C;
+            if (db_mha_kv_forward(c, u->kvc + used, u->kvc + used + m, context, w, B, Tc))
+                return db_err_set(err, c->err.code, "unet: context cache: %s", c->err.msg);
+            used += 2 * m;
+        }
+    }
+    if (!u->kvc_on)
+        u->gen++; /* graphs recorded making k and v themselves are fine, but count it a change */
+    u->kvc_on = 1, u->kvc_ctx = context, u->kvc_B = B, u->kvc_Tc = Tc;
+    return 0;
 }
 
 void db_unet_keep_activations(db_unet *u, int keep) { u->keep = keep != 0; }
@@ -638,6 +703,10 @@ int db_unet_forward(db_unet *u, float *out, const float *sample, const float *ti
         return db_err_set(err, c->err.code, "unet: the context has a pending error: %s", c->err.msg);
     if (plan(u, B, H, W, Tc, err))
         return -1;
+    /* the context cache's k and v where it holds this context (inference);
+     * elsewhere each cross-attention makes its own */
+    const int kvc = u->kvc_on && !u->keep && context == u->kvc_ctx && B == u->kvc_B && Tc == u->kvc_Tc;
+    kvc_walk(u, kvc ? u->kvc : NULL, B, Tc, 1);
     memset(u->times, 0, sizeof u->times);
     u->sample = sample;
     u->context = context;

@@ -83,6 +83,16 @@ int db_unet_forward(db_unet *u, float *out, const float *sample, const float *ti
  * (what the backward reads); 0 = inference (default).  Takes effect at the
  * next forward. */
 void db_unet_keep_activations(db_unet *u, int keep);
+/* Sampling: the cross-attentions' k and v of context (B, Tc, D) made once
+ * here, for every denoising step's inference forward with this context
+ * pointer, B and Tc to read instead of making them again (~80 of a
+ * forward's launches on a GPU; the same ops on the same inputs, so the
+ * same bits).  The caller calls it again whenever the context's contents
+ * or the weights change (txt2img.c: every batch); context NULL turns it
+ * off.  Training forwards (keep_activations) never use it.  Turning it
+ * on or off, or growing it, starts the UNet's graphs over
+ * (db_unet_layout_gen).  0, or -1 with err. */
+int db_unet_cache_context(db_unet *u, const float *context, int B, int Tc, db_err *err);
 
 /* Gradient checkpointing (the trainer's --gradient-checkpointing): 1 = a
  * training forward keeps only each step's output and the time embedding,

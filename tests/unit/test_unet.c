@@ -123,6 +123,18 @@ static float *run_layout(db_ctx *ctx, const char *rel, const ref *r, int keep)
     return out;
 }
 
+/* A host copy of n floats of device buffer dev that stays when dev
+ * changes (tap_fetch is dev itself on the CPU); NULL on failure. */
+static float *snap(db_ctx *ctx, const float *dev, size_t n)
+{
+    float *h = tap_fetch(ctx, dev, n * sizeof *h), *k = h ? malloc(n * sizeof *k) : NULL;
+    if (k)
+        memcpy(k, h, n * sizeof *k);
+    if (h)
+        tap_host_free(ctx, h);
+    return k;
+}
+
 int main(void)
 {
     db_err err = {0};
@@ -203,6 +215,54 @@ int main(void)
             tap_host_free(ctx, oh);
         tap_put_free(ctx, ts2_d);
         free(ts2);
+
+        /* the context cache (sampling): the same output bits with it; for
+         * a context that is not the cached one, or after the cached one's
+         * contents changed and it was made again, still the plain output */
+        {
+            const size_t ncx = (size_t)B * Tc * D;
+            float *cx2 = tap_dev_alloc(ctx, ncx * sizeof *cx2);
+            int krc = db_unet_forward(u, o, lat, ts, cx, B, H, W, Tc, &err);
+            float *plain = krc ? NULL : snap(ctx, o, nout), *cached = NULL, *alt = NULL, *want2 = NULL, *other = NULL;
+            krc = krc || !plain || !cx2 || db_ctx_copy(ctx, cx2, cx, ncx * sizeof *cx2, DB_COPY_D2D) ||
+                  db_unet_cache_context(u, cx2, B, Tc, &err) || db_unet_forward(u, o, lat, ts, cx2, B, H, W, Tc, &err);
+            cached = krc ? NULL : snap(ctx, o, nout);
+            tap_ok(cached && !memcmp(cached, plain, nout * sizeof *o),
+                   "%s: the cross-attentions' k and v made ahead (context cache): the same output, bit for bit%s%s",
+                   tap_device(), err.code ? ": " : "", err.msg);
+            /* another context's contents in the cached buffer (the two rows
+             * swapped), made again: that context's plain output */
+            float *stale = NULL;
+            if (cached) {
+                /* the contents changed and the cache not made again: the
+                 * forward reads the cache (the caller's duty, unet.h), which
+                 * is how this shows the cache is what the forward reads */
+                krc = db_ctx_copy(ctx, cx2, cx + (size_t)Tc * D, (size_t)Tc * D * sizeof *cx2, DB_COPY_D2D) ||
+                      db_ctx_copy(ctx, cx2 + (size_t)Tc * D, cx, (size_t)Tc * D * sizeof *cx2, DB_COPY_D2D) ||
+                      db_unet_forward(u, o, lat, ts, cx2, B, H, W, Tc, &err);
+                stale = krc ? NULL : snap(ctx, o, nout);
+                krc = krc || !stale || db_unet_cache_context(u, NULL, 0, 0, &err) ||
+                      db_unet_forward(u, o, lat, ts, cx2, B, H, W, Tc, &err);
+                want2 = krc ? NULL : snap(ctx, o, nout);
+                krc = krc || !want2 || db_unet_cache_context(u, cx2, B, Tc, &err) ||
+                      db_unet_forward(u, o, lat, ts, cx2, B, H, W, Tc, &err);
+                alt = krc ? NULL : snap(ctx, o, nout);
+            }
+            tap_ok(alt && want2 && !memcmp(alt, want2, nout * sizeof *o) && memcmp(want2, plain, nout * sizeof *o) &&
+                       !memcmp(stale, cached, nout * sizeof *o),
+                   "%s: the context cache is what the forward reads (new contents unseen until it is made again), "
+                   "and made again it gives the new context's plain output%s%s", tap_device(), err.code ? ": " : "",
+                   err.msg);
+            /* the cache holds cx2; a forward on cx (another pointer) makes its own */
+            krc = db_unet_forward(u, o, lat, ts, cx, B, H, W, Tc, &err);
+            other = krc ? NULL : snap(ctx, o, nout);
+            tap_ok(other && plain && !memcmp(other, plain, nout * sizeof *o),
+                   "%s: with the context cache on, a forward on another context pointer is the plain one",
+                   tap_device());
+            db_unet_cache_context(u, NULL, 0, 0, &err);
+            free(plain), free(cached), free(alt), free(want2), free(other), free(stale);
+            tap_dev_free(ctx, cx2);
+        }
 
         /* in place: out == sample */
         float *io = tap_dev_alloc(ctx, nout * sizeof *io);
