@@ -94,8 +94,7 @@ struct db_trainer {
     int stage_pinned;
 };
 
-/* The host staging of four buffers of n floats (the device buffers
- * themselves on the CPU); 0, or -1 out of memory. */
+/* The host staging freed (a pinned block once no copy up reads it). */
 static void unstage(db_trainer *t)
 {
     if (t->stage) {
@@ -109,6 +108,8 @@ static void unstage(db_trainer *t)
     t->noisy_h = t->pred_h = t->target_h = t->tsf_h = NULL;
 }
 
+/* The host staging of four buffers of n floats (the device buffers
+ * themselves on the CPU); 0, or -1 out of memory. */
 static int stage(db_trainer *t, size_t n)
 {
     unstage(t);

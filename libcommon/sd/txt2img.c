@@ -504,11 +504,15 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
     rc = 0;
 out:
     /* kept for the next call where the networks are, else freed (before
-     * the UNet whose buffers its graph replays into) */
-    if (k && rc == 0 && sd->keep_models && !sd->borrowed)
+     * the UNet whose buffers its graph replays into); a borrowed UNet is
+     * given back without the context cache, whose context was the step's */
+    if (k && rc == 0 && sd->keep_models && !sd->borrowed) {
         sd->step = k;
-    else
+    } else {
+        if (sd->unet)
+            db_unet_cache_context(sd->unet, NULL, 0, 0, NULL);
         step_free(k);
+    }
     if (sd->unet && !sd->borrowed && (!sd->keep_models || rc)) {
         db_unet_free(sd->unet);
         sd->unet = NULL;

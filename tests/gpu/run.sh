@@ -342,11 +342,12 @@ stage bench-cuda - $((sd + th + 20)) env OUT="$OUT" bash "$SELF" --bench-cuda "$
 # figure (per call: by category and by kernel) appended to bench_ops.md;
 # only with 60 s to spare.  The fused step too since session 20: it ran
 # 10.5 ms over the plain step in call 9 where its extra passes (the
-# per-tensor clip's sums and scaling) come to ~2-3 ms by the bytes
+# per-tensor clip's sums and scaling) come to ~2-3 ms by the bytes; and
+# 40 kernels a table (call 9's 20 left 125 kernels of the step unnamed)
 KP=$PWD/build/lib/libdb_kprof.so
 if [ -f "$KP" ] && [ $((DEADLINE - SECONDS)) -ge 60 ]; then
     printf '\n%s\n' "### kernel profiles (CUPTI: tests/gpu/kprof.c), bench_sd bf16, per call" >> "$OUT/bench_ops.md"
-    stage kprof - 70 env CUDA_INJECTION64_PATH="$KP" DB_KPROF_OUT="$OUT/bench_ops.md" \
+    stage kprof - 70 env CUDA_INJECTION64_PATH="$KP" DB_KPROF_OUT="$OUT/bench_ops.md" DB_KPROF_TOP=40 \
         build/bench/bench_sd --device cuda --precision bf16 --only fwd,train,vae,fused --reps 2 \
         --budget 0.5
 else
