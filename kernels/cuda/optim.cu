@@ -111,12 +111,27 @@ __device__ __forceinline__ static size_t shadow_place(size_t o, const db_cuda_fi
 // sbase[r] + kk W[r] + cc - cclo[r]; a slot whose element (cc KHW + kk)
 // lies outside the row's part of the chunk [a[r], b[r]) is not written.
 enum { ADAMW_CHUNK = 4096, ADAMW_ROWS = 4, ADAMW_KHW = 9 };
+static_assert(ADAMW_ROWS == 4, "adamw_kernel finds a staged element's row by three compares");
 struct adamw_stage {
     int fast, nrows;
+    int plain;                        // the chunk meets no filter: every copy at its own place
     size_t row0;                      // the chunk's first row's first element, buffer offset
     unsigned per, C, KHW;             // C KHW; the filter's shape
     unsigned sbase[ADAMW_ROWS + 1], W[ADAMW_ROWS], cclo[ADAMW_ROWS], a[ADAMW_ROWS], b[ADAMW_ROWS];
+    unsigned mKHW, mW[ADAMW_ROWS];    // magic multipliers of KHW and W[r] (adamw_div)
 };
+
+// n / d for n, d < 2^16 by a multiply-high with m = ceil(2^32 / d): the
+// error n (m d - 2^32) / (d 2^32) stays under n / 2^32 < 2^-16 < 1 / d, so
+// it never carries the quotient past an integer: exact.  (The staged
+// AdamW's index arithmetic divided by the filter's row length and tap count
+// per element; an integer division is ~20 instructions, the kernel has
+// ~150 a filter element, and call 6's float4 loads and session 13's staged
+// stores each left its 7.8 ms unchanged: issue, not bytes, is the suspect.)
+// ceil(2^32 / d) is floor((2^32 - 1) / d) + 1 for d > 1 (a 32-bit division,
+// once a chunk); d 1 (a row holding one channel) is 0, the quotient n itself
+__device__ __forceinline__ static unsigned adamw_magic(unsigned d) { return d > 1 ? 0xffffffffu / d + 1 : 0; }
+__device__ __forceinline__ static unsigned adamw_div(unsigned n, unsigned m) { return m ? __umulhi(n, m) : n; }
 
 // thread 0: whether chunk [o0, o1) (buffer offsets) of filter f (NULL: none
 // starts at or before o0) takes the staged path, and its rows' layout
@@ -126,8 +141,8 @@ __device__ static void adamw_stage_plan(adamw_stage *st, const db_cuda_filter_ra
     if (!f || f->KHW < 2 || f->KHW > ADAMW_KHW)
         return;
     const unsigned per = (unsigned)f->C * (unsigned)f->KHW;
-    if (o1 > f->off + (size_t)f->OC * per)
-        return; // (o0 >= f->off: f starts at or before the chunk)
+    if (o1 > f->off + (size_t)f->OC * per || per >= 65536)
+        return; // (o0 >= f->off: f starts at or before the chunk; per < 2^16: adamw_div's range)
     const size_t l0 = o0 - f->off, l1 = o1 - f->off;
     const size_t oc0 = l0 / per, oc1 = (l1 - 1) / per;
     if (oc1 - oc0 >= ADAMW_ROWS)
@@ -143,9 +158,11 @@ __device__ static void adamw_stage_plan(adamw_stage *st, const db_cuda_filter_ra
         st->cclo[r] = a / st->KHW;
         st->W[r] = (b - 1) / st->KHW - st->cclo[r] + 1;
         st->sbase[r] = sb;
+        st->mW[r] = adamw_magic(st->W[r]);
         sb += st->W[r] * st->KHW;
     }
     st->sbase[st->nrows] = sb;
+    st->mKHW = adamw_magic(st->KHW);
     st->fast = 1;
 }
 
@@ -160,7 +177,7 @@ __device__ static void adamw_stage_plan(adamw_stage *st, const db_cuda_filter_ra
 // (above) where they can.  (H200, before the staging: 7.8 ms a step over
 // SD1.5's 860 M weights, ~3.3 TB/s; float4 loads, four elements a thread,
 // changed nothing in call 6 and were taken out.)
-__global__ static void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, adamw_scalars ks,
+__global__ static void __launch_bounds__(THREADS, 6) adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, adamw_scalars ks,
                                     void *shadow, size_t base,
                                     const db_cuda_filter_range *fr, int nfr, int f16)
 {
@@ -183,10 +200,14 @@ __global__ static void adamw_kernel(float *p, float *m, float *v, const float *g
                 }
                 first = f;
                 adamw_stage_plan(&st, f >= 0 ? &fr[f] : NULL, base + c0, base + c1);
+                // no filter in [base + c0, base + c1): the one before ends
+                // by then, the next starts after
+                const bool before = f < 0 || base + c0 >= fr[f].off + (size_t)fr[f].OC * (size_t)fr[f].C * (size_t)fr[f].KHW;
+                st.plain = before && (f + 1 >= nfr || fr[f + 1].off >= base + c1);
             }
             __syncthreads();
         }
-        const bool staged = nfr && shadow && st.fast;
+        const bool staged = nfr && shadow && st.fast, plain = !nfr || (shadow && st.plain);
         int h = nfr ? first : -1;
         for (size_t i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
             float mi = m[i], vi = v[i];
@@ -198,9 +219,13 @@ __global__ static void adamw_kernel(float *p, float *m, float *v, const float *g
                 continue;
             const unsigned short u = f16 ? __half_as_ushort(__float2half_rn(pi))
                                          : __bfloat16_as_ushort(__float2bfloat16_rn(pi));
-            if (staged) {
-                const filter_at a = filter_split((unsigned)(base + i - st.row0), st.per, st.KHW);
-                stage[st.sbase[a.oc] + a.kk * st.W[a.oc] + a.cc - st.cclo[a.oc]] = u;
+            if (staged) { // filter_split by compares and adamw_div: the chunk spans at most ADAMW_ROWS rows
+                const unsigned l = (unsigned)(base + i - st.row0);
+                const unsigned oc = (l >= st.per) + (l >= 2 * st.per) + (l >= 3 * st.per), rem = l - oc * st.per;
+                const unsigned cc = adamw_div(rem, st.mKHW), kk = rem - cc * st.KHW;
+                stage[st.sbase[oc] + kk * st.W[oc] + cc - st.cclo[oc]] = u;
+            } else if (plain) {
+                ((uint16_t *)shadow)[base + i] = u;
             } else {
                 const size_t o = base + i;
                 while (h + 1 < nfr && fr[h + 1].off <= o)
@@ -214,7 +239,7 @@ __global__ static void adamw_kernel(float *p, float *m, float *v, const float *g
                 int r = 0;
                 while (r + 1 < st.nrows && s >= st.sbase[r + 1])
                     r++;
-                const unsigned q = s - st.sbase[r], kk = q / st.W[r], cc = st.cclo[r] + q - kk * st.W[r],
+                const unsigned q = s - st.sbase[r], kk = adamw_div(q, st.mW[r]), cc = st.cclo[r] + q - kk * st.W[r],
                                e = cc * st.KHW + kk;
                 if (e >= st.a[r] && e < st.b[r])
                     ((uint16_t *)shadow)[st.row0 + filter_nhwc(r, cc, kk, st.per, st.C)] = stage[s];

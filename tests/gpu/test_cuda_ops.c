@@ -1667,8 +1667,11 @@ static void t_shadow_staged(void)
     const char *what = "opt_adamw: staged filter copies, conv on declared vs undeclared weights";
     if (!have((const void *)api->declare_weights, what) || !have((const void *)api->opt_adamw, what))
         return;
-    const int KB = 1, KC = 200, KO = 6, KS = 5;
-    const size_t fo = 112, nf = (size_t)KO * KC * 9, nw = fo + nf + 300, nx = (size_t)KB * KC * KS * KS,
+    /* 299 channels: the second chunk's last row holds 7 floats, one
+     * channel's taps (a run of width 1: adamw_div's d 1); 9000 plain floats
+     * after the filter: whole chunks that meet no filter (the plain path) */
+    const int KB = 1, KC = 299, KO = 6, KS = 5;
+    const size_t fo = 112, nf = (size_t)KO * KC * 9, nw = fo + nf + 9000, nx = (size_t)KB * KC * KS * KS,
                  ny = (size_t)KB * KO * KS * KS;
     float *w = hrand(nw, 0.05f);
     float *dw = dputf(w, nw), *du = dputf(w, nw), *kx = dputf(hrand(nx, 1), nx);
@@ -1698,6 +1701,19 @@ static void t_shadow_staged(void)
         }
         if (!conv_both(step, prec, kx, dw + fo, du + fo, KB, KC, KS, KO))
             break;
+        /* plain weights after the filter (10 x 300 of the 9000, in the two
+         * chunks that meet no filter) through a linear: their copies written
+         * at their own places */
+        {
+            enum { LN = 4, LC = 300, LO = 10 };
+            float *lx = dputf(hrand((size_t)LN * LC, 1), (size_t)LN * LC), *l1 = dpoison((size_t)LN * LO),
+                  *l2 = dpoison((size_t)LN * LO);
+            const size_t lo = fo + nf + 4200; /* [20458, 23458): chunks from 16384 and 20480 */
+            if (!gpu_ran(IN_PREC(prec, api->linear_forward(&g, l1, lx, dw + lo, NULL, LN, LC, LO)), step) ||
+                !gpu_ran(IN_PREC(prec, api->linear_forward(&g, l2, lx, du + lo, NULL, LN, LC, LO)), step))
+                break;
+            same_bits(step, l1, l2, (size_t)LN * LO);
+        }
     }
     release_all();
 }

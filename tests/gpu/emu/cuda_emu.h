@@ -65,7 +65,7 @@ extern std::mutex emu_mtx;
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __grid_constant__
 #define __align__(n) alignas(n)
 #define __shared__ static
@@ -76,6 +76,7 @@ static inline void __syncthreads() { emu_blk->bar->arrive_and_wait(); }
 static inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 static inline unsigned atomicAdd(unsigned *p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <class T> static inline T __ldcg(const T *p) { return *p; }
+static inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
 template <class T> static T emu_shfl(T v, int src) {
     emu_warp &w = emu_blk->warps[emu_lin / 32];
     uint64_t u = 0; memcpy(&u, &v, sizeof v);
