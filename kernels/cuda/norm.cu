@@ -411,15 +411,26 @@ __global__ static void __launch_bounds__(GW_THREADS)
     __syncthreads();
     const float rs = sc[1];
     if (vec) {
-        // (the four may straddle two channels: each finds its own)
+        // (the four may straddle two channels: each finds its own, unless
+        // HW and the stretch's start are multiples of 4, SD's every case,
+        // when they share one: its coefficients once, not four times)
+        const bool same4 = HW % 4 == 0 && e0 % 4 == 0;
         for (int i = threadIdx.x; i < ne / 4; i += GW_THREADS) {
             const float4 v = ((const float4 *)xs)[i];
             float e[4] = {v.x, v.y, v.z, v.w};
-            for (int q = 0; q < 4; q++) {
-                const int c = g * cg + (e0 + 4 * i + q) / HW;
+            if (same4) {
+                const int c = g * cg + (e0 + 4 * i) / HW;
                 float a, shft;
                 gn_coefs(rs, mu, weight[c], bias[c], &a, &shft);
-                e[q] = gn_out(e[q], a, shft, silu);
+                for (int q = 0; q < 4; q++)
+                    e[q] = gn_out(e[q], a, shft, silu);
+            } else {
+                for (int q = 0; q < 4; q++) {
+                    const int c = g * cg + (e0 + 4 * i + q) / HW;
+                    float a, shft;
+                    gn_coefs(rs, mu, weight[c], bias[c], &a, &shft);
+                    e[q] = gn_out(e[q], a, shft, silu);
+                }
             }
             ((float4 *)y)[i] = make_float4(e[0], e[1], e[2], e[3]);
         }
@@ -862,15 +873,16 @@ __global__ static void __launch_bounds__(GW_THREADS)
     __syncthreads();
     const float mg = sc[0], mgx = sc[1];
     if (vec) {
-        // (the four may straddle two channels: each finds its own)
+        // (the four may straddle two channels: each finds its own, unless
+        // they share one, as in the forward)
+        const bool same4 = HW % 4 == 0 && e0 % 4 == 0;
         for (int i = threadIdx.x; i < ne / 4; i += GW_THREADS) {
             const float4 xv = ((const float4 *)xs)[i], dv = ((const float4 *)ds)[i];
             const float xe[4] = {xv.x, xv.y, xv.z, xv.w}, de[4] = {dv.x, dv.y, dv.z, dv.w};
             float o[4];
-            for (int q = 0; q < 4; q++) {
-                const int c = g * cg + (e0 + 4 * i + q) / HW;
-                o[q] = gn_bdx(xe[q], de[q], mu, rs, weight[c], mg, mgx);
-            }
+            const float w4 = same4 ? weight[g * cg + (e0 + 4 * i) / HW] : 0.0f;
+            for (int q = 0; q < 4; q++)
+                o[q] = gn_bdx(xe[q], de[q], mu, rs, same4 ? w4 : weight[g * cg + (e0 + 4 * i + q) / HW], mg, mgx);
             ((float4 *)dx)[i] = make_float4(o[0], o[1], o[2], o[3]);
         }
     } else {
