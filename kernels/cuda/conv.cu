@@ -377,14 +377,12 @@ static int conv_bias_grad(db_ctx *c, float *dbias, const float *dout, int B, int
     if (!part)
         return -1;
     unsigned *tk = db_cuda_tickets(c);
-    bias_grad_part_kernel<<<B * OC, 256, 0, db_cuda_st(c)->stream>>>(part, dout, OHW, r16, tk,
-                                                                     db_colsum_job{dbias, part, B, OC, r16, put});
+    const db_colsum_job jb{dbias, part, B, OC, r16, put};
+    bias_grad_part_kernel<<<B * OC, 256, 0, db_cuda_st(c)->stream>>>(part, dout, OHW, r16, tk, jb);
     const cudaError_t e = cudaGetLastError();
-    int r = 0;
-    if (e != cudaSuccess)
-        r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "conv2d bias gradient: %s", cudaGetErrorString(e));
-    else if (!tk)
-        r = db_cuda_finish_colsum(c, dbias, part, B, OC, r16, put);
+    const int r = e != cudaSuccess
+                      ? db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "conv2d bias gradient: %s", cudaGetErrorString(e))
+                      : db_cuda_colsum_done(c, tk, jb);
     db_cuda_free(c, part);
     return r;
 }

@@ -210,30 +210,35 @@ static inline int db_cuda_zero_f32(db_ctx *c, float *p, size_t n)
     DB_CU(c, cudaMemsetAsync(p, 0, n * sizeof(float), db_cuda_st(c)->stream));
     return 0;
 }
-// norm.cu: dst (C) += (float) sum over nchunk rows of part (nchunk, C) doubles,
-// rows summed in order (the deterministic second stage of a column sum);
-// r16 1 / 2: the float sum rounded to bf16 / fp16 before it is added (the
-// 16-bit modes' bias gradients, in one launch).  put: DB_PUT_ADD, or
-// DB_PUT_FRESH (a parameter gradient's first contribution).
-int db_cuda_finish_colsum(db_ctx *c, float *dst, const double *part, int nchunk, int C, int r16, int put);
 
 // The same second stage inside the first stage's kernel (call 9: 282
 // finishing launches a training step, 3.4 us each, most of it launch and
-// ramp for a few columns): a colsum job is what db_cuda_finish_colsum is
-// given; the first-stage kernel, after writing its partials, calls
+// ramp for a few columns): a colsum job says what the second stage sums
+// and where it puts it; the first-stage kernel, after writing its partials, calls
 // db_cuda_colsum_last (every thread of the block), and the block that
 // arrives last among the nblocks of its column tile gets 1 and finishes
 // the tile's columns with db_cuda_colsum_finish: the same sums in the same
 // order, so the same bits.  tickets: db_cuda_tickets's (NULL: no ticket,
-// the caller launches db_cuda_finish_colsum as before).
+// and db_cuda_colsum_done launches the second stage after it).
 struct db_colsum_job {
     float *dst;
     const double *part;
     int nchunk, C, r16, put;
 };
 enum { DB_CUDA_TICKETS = 1024 };
+// norm.cu: the job's second stage where its first did not finish it: with
+// tickets (the first-stage kernel was given them) nothing, else a launch of
+// its own: jb.dst (C) += (float) sum over nchunk rows of jb.part (nchunk, C)
+// doubles, rows summed in order (the deterministic second stage of a column
+// sum); r16 1 / 2: the float sum rounded to bf16 / fp16 before it is added
+// (the 16-bit modes' bias gradients).  put: DB_PUT_ADD, or DB_PUT_FRESH (a
+// parameter gradient's first contribution).  A job with dst NULL or C 0 is
+// no work.
+int db_cuda_colsum_done(db_ctx *c, const unsigned *tickets, db_colsum_job jb);
 // c's tickets, made at the first call outside a capture; NULL inside one
-// before that, or when they could not be made (the caller falls back)
+// before that, or when they could not be made (the caller falls back);
+// NULL always with DB_COLSUM_TICKETS=0 in the environment (t1700 runs the
+// fallback so)
 unsigned *db_cuda_tickets(db_ctx *c);
 // Rows per chunk of a two-stage column sum over N rows (the bias and layer
 // norm parameter gradients): 32, doubled while the chunks would pass the

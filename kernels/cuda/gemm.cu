@@ -8,7 +8,7 @@
 //
 // Determinism: cuBLAS sgemm gives the same bits for the same call on the same
 // GPU and stream (no atomics unless enabled); the bias sums are two-stage
-// reductions with a fixed order (norm.cu db_cuda_finish_colsum).
+// reductions with a fixed order (norm.cu db_cuda_colsum_done).
 //
 // bf16 / fp16 (c->precision, kernels/ops.h db_precision): the operands are
 // converted to the compute type (autocast.cu) and multiplied by cublasGemmEx
@@ -611,10 +611,10 @@ template <typename X> static int bias_grad(db_ctx *c, float *dst, const X *dout,
         return -1;
     dim3 grid((unsigned)((OC + 127) / 128), (unsigned)nchunk);
     unsigned *tk = grid.x <= DB_CUDA_TICKETS ? db_cuda_tickets(c) : NULL;
-    colsum_part_kernel<<<grid, 128, 0, db_cuda_st(c)->stream>>>(part, dout, N, OC, rows, r16, tk,
-                                                                 db_colsum_job{dst, part, nchunk, OC, r16, put});
+    const db_colsum_job jb{dst, part, nchunk, OC, r16, put};
+    colsum_part_kernel<<<grid, 128, 0, db_cuda_st(c)->stream>>>(part, dout, N, OC, rows, r16, tk, jb);
     cudaError_t e = cudaGetLastError();
-    int r = e != cudaSuccess ? -1 : tk ? 0 : db_cuda_finish_colsum(c, dst, part, nchunk, OC, r16, put);
+    int r = e != cudaSuccess ? -1 : db_cuda_colsum_done(c, tk, jb);
     db_cuda_free(c, part);
     DB_CU(c, e);
     return r;
