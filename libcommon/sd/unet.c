@@ -540,25 +540,31 @@ void db_unet_free(db_unet *u)
     free(u);
 }
 
-/* Each cross-attention's k and v slots in the cache for (B, Tc), in step
- * and block order; returns the floats they need (kv NULL: only count). */
-static size_t kvc_walk(db_unet *u, float *kv, int B, int Tc, int set)
+/* Each cross-attention's k and v slots in the cache kv for (B, Tc), in
+ * step and block order, one walk for the three uses: *used = the floats
+ * they need; set: the blocks' k2c / v2c pointed at their slots (kv NULL: at
+ * none); context: each slot's k and v made from it (db_mha_kv_forward; -1
+ * on a failure, the ctx's error says it). */
+static int kvc_walk(db_unet *u, float *kv, int B, int Tc, int set, const float *context, size_t *used)
 {
-    size_t used = 0;
+    *used = 0;
     for (int i = 0; i < u->ns; i++) {
         step *s = &u->s[i];
         if (s->kind != ST_ATTN)
             continue;
         for (int d = 0; d < s->tr.depth; d++) {
-            const size_t n = (size_t)B * Tc * s->tr.blk[d].attn2.C;
+            const db_mha *w = &s->tr.blk[d].attn2;
+            const size_t n = (size_t)B * Tc * w->C;
             if (set && s->ta.blk) {
-                s->ta.blk[d].k2c = kv ? kv + used : NULL;
-                s->ta.blk[d].v2c = kv ? kv + used + n : NULL;
+                s->ta.blk[d].k2c = kv ? kv + *used : NULL;
+                s->ta.blk[d].v2c = kv ? kv + *used + n : NULL;
             }
-            used += 2 * n;
+            if (context && db_mha_kv_forward(u->ctx, kv + *used, kv + *used + n, context, w, B, Tc))
+                return -1;
+            *used += 2 * n;
         }
     }
-    return used;
+    return 0;
 }
 
 int db_unet_cache_context(db_unet *u, const float *context, int B, int Tc, db_err *err)
@@ -572,7 +578,8 @@ int db_unet_cache_context(db_unet *u, const float *context, int B, int Tc, db_er
     }
     if (B < 1 || Tc < 1)
         return db_err_set(err, DB_EUSAGE, "unet: context cache: bad sizes B=%d Tc=%d", B, Tc);
-    const size_t n = kvc_walk(u, NULL, B, Tc, 0);
+    size_t n;
+    kvc_walk(u, NULL, B, Tc, 0, NULL, &n);
     if (n > u->kvc_n) {
         db_ctx_free(c, u->kvc);
         u->kvc_on = 0, u->kvc_n = 0;
@@ -581,17 +588,8 @@ int db_unet_cache_context(db_unet *u, const float *context, int B, int Tc, db_er
         u->kvc_n = n;
         u->gen++; /* a graph that read the old cache must not replay */
     }
-    size_t used = 0;
-    for (int i = 0; i < u->ns; i++) {
-        step *s = &u->s[i];
-        for (int d = 0; s->kind == ST_ATTN && d < s->tr.depth; d++) {
-            const db_mha *w = &s->tr.blk[d].attn2;
-            const size_t m = (size_t)B * Tc * w->C;
-            if (db_mha_kv_forward(c, u->kvc + used, u->kvc + used + m, context, w, B, Tc))
-                return db_err_set(err, c->err.code, "unet: context cache: %s", c->err.msg);
-            used += 2 * m;
-        }
-    }
+    if (kvc_walk(u, u->kvc, B, Tc, 0, context, &n))
+        return db_err_set(err, c->err.code, "unet: context cache: %s", c->err.msg);
     if (!u->kvc_on)
         u->gen++; /* graphs recorded making k and v themselves are fine, but count it a change */
     u->kvc_on = 1, u->kvc_ctx = context, u->kvc_B = B, u->kvc_Tc = Tc;
@@ -706,7 +704,8 @@ int db_unet_forward(db_unet *u, float *out, const float *sample, const float *ti
     /* the context cache's k and v where it holds this context (inference);
      * elsewhere each cross-attention makes its own */
     const int kvc = u->kvc_on && !u->keep && context == u->kvc_ctx && B == u->kvc_B && Tc == u->kvc_Tc;
-    kvc_walk(u, kvc ? u->kvc : NULL, B, Tc, 1);
+    size_t nkv;
+    kvc_walk(u, kvc ? u->kvc : NULL, B, Tc, 1, NULL, &nkv);
     memset(u->times, 0, sizeof u->times);
     u->sample = sample;
     u->context = context;
