@@ -363,14 +363,31 @@ static int lt_linear(db_ctx *c, db_cuda_lt_plan *p, void *t16, const void *x16, 
 
 // ---- the linear's forward -------------------------------------------------------------
 
-// Where a 16-bit linear's product went (linear_product16): in out, float32
+// Where a 16-bit linear's product went (linear_product16): in f32, float32
 // -- rounded already (no bias), or the bare sums when bias_left (the
 // epilogue adds the bias and rounds) -- or, bias added and rounded by
-// cublasLt, in t16, a block the caller frees
+// cublasLt, in t16 (f32 NULL).  f32 is the caller's out, or where it gave
+// none, own: scratch of the product's size.  prod16_free frees t16 and own.
 struct prod16 {
     void *t16;
+    float *f32, *own;
     int bias_left;
 };
+
+static void prod16_free(db_ctx *c, prod16 *pr)
+{
+    db_cuda_free(c, pr->t16); // stream-ordered: reused only by work queued after
+    db_cuda_free(c, pr->own);
+    pr->t16 = NULL, pr->own = NULL;
+}
+
+// pr's float32 product's place: out, else scratch of n floats (pr->own)
+static float *prod16_room(db_ctx *c, prod16 *pr, float *out, size_t n)
+{
+    if (!pr->f32)
+        pr->f32 = out ? out : (pr->own = (float *)db_cuda_alloc(c, n * sizeof(float)));
+    return pr->f32;
+}
 
 // out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C), in the 16-bit
 // modes from the input's 16-bit copy x16.  Without a bias nothing joins the
@@ -380,11 +397,13 @@ struct prod16 {
 // the identity.  With one, cublasLt's bias epilogue where it can (above),
 // else the float32 product of the rounded operands.  The same for the
 // plain, residual and GEGLU forms, so each keeps its "exactly
-// db_linear_forward then ..." bits.
+// db_linear_forward then ..." bits.  out NULL (a caller that keeps no
+// float32 product): scratch where one is made.
 static int linear_product16(db_ctx *c, prod16 *pr, float *out, const void *x16, const float *weight,
                             const float *bias, int N, int C, int OC)
 {
-    pr->t16 = NULL, pr->bias_left = 0;
+    *pr = prod16{};
+    const size_t n = (size_t)N * OC;
     void *w16 = db_cuda_to16(c, weight, (size_t)OC * C);
     if (!w16)
         return -1;
@@ -393,7 +412,7 @@ static int linear_product16(db_ctx *c, prod16 *pr, float *out, const void *x16, 
     };
     int r = 1;
     if (!bias)
-        r = via16(c, out, (size_t)N * OC, 0, [&](void *t) { return gemm(t, 1); });
+        r = prod16_room(c, pr, out, n) ? via16(c, pr->f32, n, 0, [&](void *t) { return gemm(t, 1); }) : -1;
     else if (db_cuda_lt_plan *p = lt_plan(c, N, C, OC); p && p->ok) {
         void *b16 = db_cuda_to16(c, bias, (size_t)OC);
         pr->t16 = b16 ? db_cuda_alloc(c, (size_t)N * OC * 2) : NULL;
@@ -404,11 +423,13 @@ static int linear_product16(db_ctx *c, prod16 *pr, float *out, const void *x16, 
             pr->t16 = NULL;
         }
     }
-    if (r == 1 && out) { // the float32 product: the epilogue adds the bias
+    if (r == 1) { // the float32 product: the epilogue adds the bias
         pr->bias_left = 1;
-        r = gemm(out, 0);
-    } // (out NULL, a caller with no room for it: 1, the caller's to retry)
+        r = prod16_room(c, pr, out, n) ? gemm(pr->f32, 0) : -1;
+    }
     db_cuda_free(c, w16);
+    if (r)
+        prod16_free(c, pr);
     return r;
 }
 
@@ -419,8 +440,14 @@ static int linear_product(db_ctx *c, prod16 *pr, float *out, const float *inp, c
 {
     *mode = db_cuda_prec16(c) ? (c->precision == DB_PREC_F16 ? 2 : 1) : 0;
     if (!*mode) {
-        pr->t16 = NULL, pr->bias_left = bias != NULL;
-        return db_cuda_sgemm(c, 1, 0, 1, N, OC, C, 1.0f, inp, C, 0, weight, C, 0, 0.0f, out, OC, 0);
+        *pr = prod16{};
+        pr->bias_left = bias != NULL;
+        if (!prod16_room(c, pr, out, (size_t)N * OC))
+            return -1;
+        const int r = db_cuda_sgemm(c, 1, 0, 1, N, OC, C, 1.0f, inp, C, 0, weight, C, 0, 0.0f, pr->f32, OC, 0);
+        if (r)
+            prod16_free(c, pr);
+        return r;
     }
     void *x16 = db_cuda_to16(c, inp, (size_t)N * C);
     const int r = x16 ? linear_product16(c, pr, out, x16, weight, bias, N, C, OC) : -1;
@@ -440,21 +467,21 @@ template <class F> static void with_src(const float *f32, const void *t16, int m
         f((const __nv_bfloat16 *)t16);
 }
 
-// bias, rounding and residual over the product pr left (freeing its t16):
-// nothing to do for a product in out with neither a bias left nor a residual
+// out = bias, rounding and residual over the product pr left (prod16_free
+// after): nothing to do for a product in out with neither a bias left nor a
+// residual
 static int linear_epilogue(db_ctx *c, prod16 *pr, float *out, const float *bias, const float *res, int N, int OC,
                            int mode)
 {
     const float *b = pr->bias_left ? bias : NULL;
-    if (!pr->t16 && !b && !res)
+    if (!pr->t16 && pr->f32 == out && !b && !res)
         return 0;
     const unsigned grid = db_cuda_grid((size_t)N * OC, 256);
     cudaStream_t s = db_cuda_st(c)->stream;
-    with_src(out, pr->t16, mode, [&](auto src) {
+    with_src(pr->f32, pr->t16, mode, [&](auto src) {
         linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, src, b, res, (size_t)N, OC, mode);
     });
-    db_cuda_free(c, pr->t16);
-    pr->t16 = NULL;
+    prod16_free(c, pr);
     DB_LAUNCHED(c);
     return 0;
 }
@@ -479,39 +506,21 @@ extern "C" int db_cuda_linear_geglu_forward(db_ctx *c, float *proj, float *out, 
     if (N == 0 || FF == 0)
         return 0;
     // proj NULL (inference): where the product is float32 (fp32, or a
-    // 16-bit GEMM without cublasLt's bias epilogue) it needs room, scratch;
-    // with the epilogue's 16-bit sums the projection never reaches memory
-    // in float32 (half the epilogue's traffic: it was written only for the
-    // backward)
-    float *room = proj;
-    const size_t nproj = (size_t)N * 2 * FF * sizeof(float);
-    if (!proj) {
-        db_cuda_lt_plan *lp = db_cuda_prec16(c) && bias ? lt_plan(c, N, C, 2 * FF) : NULL;
-        if (!(lp && lp->ok) && !(room = (float *)db_cuda_alloc(c, nproj)))
-            return -1;
-    }
+    // 16-bit GEMM without cublasLt's bias epilogue) linear_product makes it
+    // in scratch; with the epilogue's 16-bit sums the projection never
+    // reaches memory in float32 (half the epilogue's traffic: it was
+    // written only for the backward)
     int mode;
     prod16 pr;
-    int r = linear_product(c, &pr, room, inp, weight, bias, N, C, 2 * FF, &mode);
-    if (r == 1 && !room) { // cublasLt refused it after all: the float32 product, in scratch
-        if (!(room = (float *)db_cuda_alloc(c, nproj)))
-            return -1;
-        r = linear_product(c, &pr, room, inp, weight, bias, N, C, 2 * FF, &mode);
-    }
-    if (r != 0) {
-        if (room != proj)
-            db_cuda_free(c, room);
-        return r < 0 ? -1 : db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "linear_geglu: the product was refused");
-    }
+    if (linear_product(c, &pr, proj, inp, weight, bias, N, C, 2 * FF, &mode))
+        return -1;
     const float *b = pr.bias_left ? bias : NULL;
     const unsigned grid = db_cuda_grid((size_t)N * FF, 256);
     cudaStream_t s = db_cuda_st(c)->stream;
-    with_src(room, pr.t16, mode, [&](auto src) {
-        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(room, src, out, b, (size_t)N, FF, mode);
+    with_src(pr.f32, pr.t16, mode, [&](auto src) {
+        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, src, out, b, (size_t)N, FF, mode);
     });
-    db_cuda_free(c, pr.t16);
-    if (room != proj)
-        db_cuda_free(c, room); // stream-ordered: reused only by work queued after
+    prod16_free(c, &pr);
     DB_LAUNCHED(c);
     return 0;
 }
