@@ -128,7 +128,10 @@ $(CUDA_LIB): $(CU_OBJ)
 
 # GPU parity test and benchmark: plain C programs (no CUDA toolchain) that
 # dlopen libdb_cuda.so, so they build everywhere and skip without a GPU.
-GPU_PROGS := $(B)/tests/gpu/test_cuda_ops $(B)/tests/gpu/bench_cuda_ops $(B)/tests/gpu/test_attention_tc
+GPU_PROGS := $(B)/tests/gpu/test_cuda_ops $(B)/tests/gpu/bench_cuda_ops $(B)/tests/gpu/test_attention_tc \
+             $(B)/tests/gpu/test_dist
+# the multi-GPU sums' test runs under mpirun (t1700, on the emulator)
+$(B)/tests/gpu/test_dist: LIBS += $(MPI_LIBS)
 $(GPU_PROGS): $(B)/tests/gpu/%: $(B)/tests/gpu/%.o $(B)/tests/unit/tap.o $(B)/libdb.a
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -o $@ $< $(B)/tests/unit/tap.o $(B)/libdb.a $(LIBS)

@@ -27,8 +27,13 @@ bash tests/gpu/emu/run.sh --build 2>&1 | sed 's/^/# /' || { echo "not ok 1 - emu
 # them: test_cuda_ops:mma, DB_CUDA_TEST_ONLY=prec:attention)
 status=0
 # (and refuse: the emulator refuses what a card refuses, tests/gpu/emu/refuse.cpp)
-for run in test_cuda_ops test_cuda_ops:mma test_cuda_ops:nolt test_attention_tc test_attention_tc:mma test_attention_tc:nopipe \
-    refuse; do
+# (test_cuda_ops:notickets-S: the checks whose name holds S with
+# DB_COLSUM_TICKETS=0, the column sums' second stage a launch of its own,
+# as where the ctx has no tickets: bias and layer-norm parameter gradients)
+nt=(test_cuda_ops:notickets-layernorm test_cuda_ops:notickets-conv2d_backward
+    test_cuda_ops:notickets-prec:linear_backward)
+for run in test_cuda_ops test_cuda_ops:mma test_cuda_ops:nolt test_cuda_ops:ltrun "${nt[@]}" test_attention_tc \
+    test_attention_tc:mma test_attention_tc:nopipe refuse; do
     prog=${run%%:*}
     bin=$B/tests/gpu/$prog
     [ "$run" = refuse ] && bin=$PWD/build/emu/refuse
@@ -36,6 +41,9 @@ for run in test_cuda_ops test_cuda_ops:mma test_cuda_ops:nolt test_attention_tc 
     [ "$run" = test_cuda_ops:mma ] && only=(DB_CUDA_TEST_ONLY=prec:attention)
     # the 16-bit linears with a bias when cublasLt offers no algorithm
     [ "$run" = test_cuda_ops:nolt ] && only=(DB_CUDA_TEST_ONLY=prec:linear EMU_LT_UNSUPPORTED=1)
+    # ... and when cublasLt refuses the plan it gave only when it is run
+    [ "$run" = test_cuda_ops:ltrun ] && only=(DB_CUDA_TEST_ONLY=prec:linear EMU_LT_MATMUL_UNSUPPORTED=1)
+    case $run in test_cuda_ops:notickets-*) only=(DB_CUDA_TEST_ONLY="${run#test_cuda_ops:notickets-}" DB_COLSUM_TICKETS=0) ;; esac
     env "${only[@]}" DB_ATTN_MMA=$([ "$run" = "$prog" ] && echo 0 || echo 1) DB_ATTN_CPASYNC=$([ "$run" = "${run%:nopipe}" ] && echo 1 || echo 0) \
         DB_ATTN_LDSM=$([ "$run" = "${run%:nopipe}" ] && echo 1 || echo 0) \
         DB_ATTN_MR=$([ "$run" = test_attention_tc:mma ] && echo 2 || echo 0) DB_CUDA_TEST_QUICK=1 B="$PWD/build/emu" "$bin" >"$B/emu/$run.tap" 2>&1
@@ -84,15 +92,51 @@ preflight() { # free bytes, extra options: stderr in $pf/err
         echo "not ok - db-train preflight: fixtures"
     fi
 } >"$B/emu/preflight.tap"
+# The multi-GPU gradient sums (tests/gpu/test_dist.c: libcommon/dist's
+# NCCL path) under mpirun -np 2, each process an emulated CUDA ctx: through
+# the emulator's NCCL (nccl_mpi.c, compiled against nccl.h: it checks the
+# id's broadcast, the communicator and every sum's arguments), through host
+# staging (DB_NCCL=0, and no loadable NCCL), an NCCL error reported with
+# its name, and the check failing when the stand-in drops a sum.
+{
+    nccl=$PWD/build/emu/lib/libnccl_emu.so
+    cp "$B/tests/gpu/test_dist" "$PWD/build/emu/bin/test_dist"
+    td() { mpirun -np 2 "$PWD/build/emu/bin/test_dist" "$@" 2>"$pf/dist.err"; }
+    tag() { sed -n "s/^\(\(not \)\?ok\)\( [0-9]\+\)\? - /\1 - [$1] /p"; }
+    if ! command -v mpirun >/dev/null || [ ! -f "$nccl" ]; then
+        echo "ok - # SKIP multi-GPU sums: no mpirun or no emulator NCCL (nccl.h, MPI)"
+    else
+        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+        rm -f "$pf"/nccl.log.*
+        EMU_NCCL_LOG=$pf/nccl.log DB_NCCL_LIB=$nccl td nccl | tag "2 ranks, nccl" || echo "not ok - [2 ranks, nccl] exit status"
+        DB_NCCL=0 DB_NCCL_LIB=$nccl td mpi-staged | tag "2 ranks, DB_NCCL=0" || echo "not ok - [2 ranks, DB_NCCL=0] exit status"
+        DB_NCCL_LIB=$pf/no-such-nccl.so td mpi-staged | tag "2 ranks, no NCCL library" ||
+            echo "not ok - [2 ranks, no NCCL library] exit status"
+        EMU_NCCL_FAIL=1 DB_NCCL_LIB=$nccl td fail | tag "2 ranks, nccl failing" || echo "not ok - [2 ranks, nccl failing] exit status"
+        for k in 1 3; do
+            out=$(EMU_NCCL_DROP=$k DB_NCCL_LIB=$nccl td nccl)
+            rc=$?
+            [ "$rc" != 0 ] && grep -q "^not ok .*sum" <<<"$out" &&
+                echo "ok - [2 ranks, nccl] the check can fail: a stand-in dropping sum $k fails it" ||
+                { echo "not ok - [2 ranks, nccl] the check can fail: a stand-in dropping sum $k fails it (exit $rc)"; sed 's/^/# /' <<<"$out"; }
+        done
+    fi
+} >"$B/emu/dist.tap"
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[emulator] /' "$B/emu/refuse.tap"
+ntap=()
+for r in "${nt[@]}"; do
+    sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[no tickets] /' "$B/emu/$r.tap"
+    ntap+=("$B/emu/$r.tap")
+done
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[mma] /' "$B/emu/test_attention_tc:mma.tap" "$B/emu/test_cuda_ops:mma.tap"
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[no cublasLt] /' "$B/emu/test_cuda_ops:nolt.tap"
+sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[cublasLt refusing at run time] /' "$B/emu/test_cuda_ops:ltrun.tap"
 sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[mma, no cp.async, no ldmatrix] /' "$B/emu/test_attention_tc:nopipe.tap"
 awk '/^1\.\.[0-9]+/ { next }
      /^(not )?ok( [0-9]+)?/ { n++; sub(/^ok( [0-9]+)?/, "ok " n); sub(/^not ok( [0-9]+)?/, "not ok " n); if ($1 == "not") bad = 1 }
      { print }
      END { print "1.." n; exit bad }' "$B/emu/test_cuda_ops.tap" "$B/emu/test_cuda_ops:mma.tap" \
-    "$B/emu/test_cuda_ops:nolt.tap" "$B/emu/test_attention_tc.tap" \
+    "$B/emu/test_cuda_ops:nolt.tap" "$B/emu/test_cuda_ops:ltrun.tap" "${ntap[@]}" "$B/emu/test_attention_tc.tap" \
     "$B/emu/test_attention_tc:mma.tap" "$B/emu/test_attention_tc:nopipe.tap" "$B/emu/refuse.tap" \
-    "$B/emu/preflight.tap" || status=1
+    "$B/emu/preflight.tap" "$B/emu/dist.tap" || status=1
 exit $status

@@ -262,7 +262,13 @@ static inline cudaError_t emu_graph_launch(cudaGraphExec_t x) {
 #define cudaSetDevice(d) cudaSuccess
 // an H100's 227 KB (emu_dyn_smem holds 256 KB) and 132 multiprocessors
 #define cudaDeviceGetAttribute(v, attr, d) (*(v) = (attr) == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : (attr) == cudaDevAttrMultiProcessorCount ? 132 : 0, cudaSuccess)
-#define cudaStreamCreateWithFlags(s, f) (*(s) = 0, cudaSuccess)
+// streams: work is done when queued, so a stream is only a name; each a
+// distinct non-null one, as a runtime's are (tests/gpu/test_dist.c tells
+// the ctx's stream from its side stream by them)
+inline cudaStream_t emu_new_stream() {
+    static std::atomic<uintptr_t> n{0};
+    return (cudaStream_t)(uintptr_t)(0x1000 + 0x10 * ++n); }
+#define cudaStreamCreateWithFlags(s, f) (*(s) = emu_new_stream(), cudaSuccess)
 #define cudaStreamDestroy(s) cudaSuccess
 #define cudaEventCreateWithFlags(e, f) (*(e) = 0, cudaSuccess)
 #define cudaEventRecord(e, s) cudaSuccess
@@ -365,6 +371,9 @@ static inline cublasStatus_t emu_lt_heuristic(cublasLtMatmulHeuristicResult_t *r
 #define cublasLtMatmulAlgoGetHeuristic(h, op, a, b, c, d, pref, want, r, got) emu_lt_heuristic((r), (got))
 static inline cublasStatus_t emu_lt_matmul(const emu_lt_desc &e, float al, const void *A, const emu_lt_layout &la, const void *B, const emu_lt_layout &lb, float be, void *D, const emu_lt_layout &ld) {
     const int m = (int)ld.rows, n = (int)ld.cols, k = (int)(e.ta == CUBLAS_OP_N ? la.cols : la.rows), kd = emu_kind(ld.t);
+    // EMU_LT_MATMUL_UNSUPPORTED: a plan the heuristic gave, refused when run
+    // (as a card may: the callers' fallback at run time)
+    if (getenv("EMU_LT_MATMUL_UNSUPPORTED")) return CUBLAS_STATUS_NOT_SUPPORTED;
     if (be != 0 || la.t != lb.t || kd < 0 || (e.epi != CUBLASLT_EPILOGUE_DEFAULT && e.epi != CUBLASLT_EPILOGUE_BIAS) ||
         (e.epi == CUBLASLT_EPILOGUE_BIAS && !e.bias) || (int)(e.ta == CUBLAS_OP_N ? la.rows : la.cols) != m ||
         (int)(e.tb == CUBLAS_OP_N ? lb.cols : lb.rows) != n || (int)(e.tb == CUBLAS_OP_N ? lb.rows : lb.cols) != k)

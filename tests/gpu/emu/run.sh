@@ -56,6 +56,12 @@ g++ -std=c++20 -O1 -g -fPIC -shared -w ${SAN[@]+"${SAN[@]}"} -I. -I"$CUDA_HOME/i
 g++ -std=c++20 -O0 -w ${SAN[@]+"${SAN[@]}"} -I. -I"$CUDA_HOME/include" -o "$E/refuse" tests/gpu/emu/refuse.cpp \
     tests/gpu/emu/emu_globals.cpp -L"$CUDA_HOME/lib64" -Wl,-rpath,"$CUDA_HOME/lib64" -lcudart -lcublas -lcublasLt \
     -lcudnn -lpthread
+# the emulator's NCCL (nccl_mpi.c: nccl.h's functions over MPI) for the
+# multi-GPU sums' test, where MPI and nccl.h are here
+if [ -f "$CUDA_HOME/include/nccl.h" ] && pkg-config --exists mpi-c 2>/dev/null; then
+    gcc -std=c11 -O1 -g -fPIC -shared -Wall -Wextra -Werror -I"$CUDA_HOME/include" $(pkg-config --cflags mpi-c) \
+        -o "$E/lib/libnccl_emu.so" tests/gpu/emu/nccl_mpi.c $(pkg-config --libs mpi-c)
+fi
 [ "${1:-}" = --build ] && exit 0   # t1700-cuda-emu.sh runs the programs itself (one TAP stream)
 if [ "${1:-}" = --tsan ]; then
     # the test programs are not instrumented: the runtime comes preloaded
