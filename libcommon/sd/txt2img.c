@@ -465,10 +465,9 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
         dn.u = u, dn.c = c, dn.xin = xin, dn.eps = eps, dn.ts = ts, dn.ctxt = ctxt;
         dn.B = m * b, dn.h = h, dn.w = w, dn.T = T, dn.cfg = cfg, dn.nb = nb, dn.g = g;
         for (int i = 0; i < nsteps; i++) {
+            /* (the guidance half is copied from it inside the step: denoise_run) */
             db_sched_scale_model_input(s, i, xin_h, x, nb);
             db_ctx_copy(c, xin, xin_h, nb * sizeof *xin, DB_COPY_H2D);
-            if (cfg)
-                db_ctx_copy(c, xin + nb, xin, nb * sizeof *xin, DB_COPY_D2D);
             float t = (float)db_sched_timestep(s, i);
             for (int j = 0; j < m * b; j++)
                 ts_h[j] = t;
