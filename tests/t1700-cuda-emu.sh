@@ -122,16 +122,18 @@ preflight() { # free bytes, extra options: stderr in $pf/err
         done
     fi
 } >"$B/emu/dist.tap"
-sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[emulator] /' "$B/emu/refuse.tap"
+# each check of the files marked: "ok N - [TAG] ..."
+label() { local t=$1; shift; sed -i "s/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[$t] /" "$@"; }
+label "emulator" "$B/emu/refuse.tap"
 ntap=()
 for r in "${nt[@]}"; do
-    sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[no tickets] /' "$B/emu/$r.tap"
+    label "no tickets" "$B/emu/$r.tap"
     ntap+=("$B/emu/$r.tap")
 done
-sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[mma] /' "$B/emu/test_attention_tc:mma.tap" "$B/emu/test_cuda_ops:mma.tap"
-sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[no cublasLt] /' "$B/emu/test_cuda_ops:nolt.tap"
-sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[cublasLt refusing at run time] /' "$B/emu/test_cuda_ops:ltrun.tap"
-sed -i 's/^\(\(not \)\?ok\( [0-9]\+\)\? - \)/\1[mma, no cp.async, no ldmatrix] /' "$B/emu/test_attention_tc:nopipe.tap"
+label "mma" "$B/emu/test_attention_tc:mma.tap" "$B/emu/test_cuda_ops:mma.tap"
+label "no cublasLt" "$B/emu/test_cuda_ops:nolt.tap"
+label "cublasLt refusing at run time" "$B/emu/test_cuda_ops:ltrun.tap"
+label "mma, no cp.async, no ldmatrix" "$B/emu/test_attention_tc:nopipe.tap"
 awk '/^1\.\.[0-9]+/ { next }
      /^(not )?ok( [0-9]+)?/ { n++; sub(/^ok( [0-9]+)?/, "ok " n); sub(/^not ok( [0-9]+)?/, "not ok " n); if ($1 == "not") bad = 1 }
      { print }
