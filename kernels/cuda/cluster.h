@@ -44,6 +44,7 @@ template <typename T> __device__ __forceinline__ T *map(T *p, unsigned r)
 template <typename... KA, typename... AA>
 static cudaError_t launch(void (*kern)(KA...), int grid, int block, size_t smem, cudaStream_t, int cl, AA... args)
 {
+    emu_note("[cluster launch]", __FILE__, __LINE__);
     emu_check_launch(dim3(grid), dim3(block), smem, cl);
     emu_submit([=] { emu_launch_cluster(dim3(grid), dim3(block), smem, cl, [&] { kern(args...); }); });
     return cudaSuccess;

@@ -175,9 +175,20 @@ template <class F> static void emu_launch_cluster(dim3 g, dim3 b, size_t smem, i
 struct emu_graph { std::vector<std::function<void()>> ops; };
 extern emu_graph *emu_cap;
 extern int emu_cap_bad;
-template <class F> static void emu_submit(F f) { if (emu_cap) emu_cap->ops.emplace_back(f); else f(); }
+// EMU_LAUNCH_LOG=FILE: each piece of work as it is queued (a kernel, a
+// copy, a memset, a cuBLAS / cuDNN stand-in) is a line of FILE, "what
+// file:line" of the rewritten source's call (tests/gpu/emu/census.sh counts
+// them): the launches an op makes, without a GPU.
+// EMU_DRY=1 with it: the work is only listed, never done (the values are
+// garbage, the launches an op makes do not depend on them), so a whole
+// SD1.5 forward is counted in seconds.
+void emu_note(const char *what, const char *file, int line);
+extern int emu_dry;
+template <class F> static void emu_submit(F f) { if (emu_dry) return; if (emu_cap) emu_cap->ops.emplace_back(f); else f(); }
 // a library call whose status is known before it runs (checked by the caller's macro)
-template <class F> static auto emu_submit_st(F f) -> decltype(f()) {
+template <class F> static auto emu_submit_st(F f, const char *file = __builtin_FILE(), int line = __builtin_LINE()) -> decltype(f()) {
+    emu_note("library", file, line);
+    if (emu_dry) return decltype(f())(0);
     if (!emu_cap) return f();
     emu_cap->ops.emplace_back([f] { f(); }); return decltype(f())(0); }
 static inline cudaError_t emu_forbidden() { emu_cap_bad = 1; return cudaErrorStreamCaptureUnsupported; }
@@ -215,11 +226,12 @@ static inline void emu_check_launch(dim3 g, dim3 b, size_t smem, int cl) {
 // copies them then: a graph's replay calls the kernel with those copies,
 // never re-reading the expressions (a field of a stack object that is gone
 // by then, a counter that moved on).
-template <class K, class... A> static void emu_launch_now(dim3 g, dim3 b, size_t smem, K k, A... a) {
+template <class K, class... A> static void emu_launch_now(const char *name, const char *file, int line, dim3 g, dim3 b, size_t smem, K k, A... a) {
+    emu_note(name, file, line);
     emu_check_launch(g, b, smem, 1);
     emu_submit([=] { emu_launch(g, b, [&] { k(a...); }); }); }
 #define EMU_LAUNCH(grid, block, smem, stream, kern, ...) \
-    emu_launch_now(dim3(grid), dim3(block), (size_t)(smem), [=](auto... emu_a_) { kern(emu_a_...); } __VA_OPT__(,) __VA_ARGS__)
+    emu_launch_now(#kern, __FILE__, __LINE__, dim3(grid), dim3(block), (size_t)(smem), [=](auto... emu_a_) { kern(emu_a_...); } __VA_OPT__(,) __VA_ARGS__)
 // runtime stubs: host memory is device memory
 #define cudaMalloc(p, n) ((*(void **)(p) = aligned_alloc(256, ((n) + 255) / 256 * 256)) ? cudaSuccess : cudaErrorMemoryAllocation)
 #define cudaFree(p) (emu_cap ? emu_forbidden() : (free(p), cudaSuccess))
@@ -233,12 +245,13 @@ static inline cudaError_t emu_mem_info(size_t *f, size_t *t) {
 #define cudaHostAllocPortable 1
 #define cudaHostAlloc(p, n, f) ((*(void **)(p) = malloc(n)) ? cudaSuccess : cudaErrorMemoryAllocation)
 #define cudaFreeHost(p) (emu_cap ? emu_forbidden() : (free(p), cudaSuccess))
-static inline cudaError_t emu_memcpy_async(void *d, const void *s, size_t n, cudaMemcpyKind k) {
+static inline cudaError_t emu_memcpy_async(void *d, const void *s, size_t n, cudaMemcpyKind k, const char *file = __builtin_FILE(), int line = __builtin_LINE()) {
+    emu_note("[memcpy]", file, line);
     if (emu_cap && k != cudaMemcpyDeviceToDevice) return emu_forbidden();
     emu_submit([=] { memcpy(d, s, n); }); return cudaSuccess; }
 #define cudaMemcpyAsync(d, s, n, k, st) emu_memcpy_async((d), (s), (n), (k))
 #define cudaMemcpy(d, s, n, k) (emu_cap ? emu_forbidden() : (memcpy((d), (s), (n)), cudaSuccess))
-static inline cudaError_t emu_memset_async(void *p, int v, size_t n) { emu_submit([=] { memset(p, v, n); }); return cudaSuccess; }
+static inline cudaError_t emu_memset_async(void *p, int v, size_t n, const char *file = __builtin_FILE(), int line = __builtin_LINE()) { emu_note("[memset]", file, line); emu_submit([=] { memset(p, v, n); }); return cudaSuccess; }
 #define cudaMemsetAsync(p, v, n, st) emu_memset_async((p), (v), (n))
 #define cudaStreamSynchronize(s) (emu_cap ? emu_forbidden() : cudaSuccess)
 // graphs: a cudaGraph_t / cudaGraphExec_t is an emu_graph *
