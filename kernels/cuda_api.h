@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 17 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+#define DB_CUDA_ABI 18 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
                           4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
                           7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free;
                           10: opt_adamw8bit_many; 11: host_alloc, host_free; 12: opt_clip_each;
@@ -33,7 +33,8 @@ extern "C" {
                           14: db_mem_stats.copies_built;
                           15: graph_launch returns 1 for a graph a filter registration made stale;
                           16: db_mem_stats.device_free, device_total;
-                          17: the parameter-gradient backwards' assign */
+                          17: the parameter-gradient backwards' assign;
+                          18: conv2d_add_forward */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -46,6 +47,7 @@ extern "C" {
     X(linear_geglu_forward, (db_ctx *c, float *proj, float *out, const float *inp, const float *weight, const float *bias, int N, int C, int FF)) \
     X(linear_multi_forward, (db_ctx *c, float *const *out, const float *inp, const float *const *weight, const float *const *bias, int n, int N, int C, int OC)) \
     X(conv2d_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)) \
+    X(conv2d_add_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, const float *add, int per_channel, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)) \
     X(groupnorm_forward, (db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight, const float *bias, int B, int C, int HW, int G, float eps, int silu)) \
     X(layernorm_forward, (db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight, const float *bias, int N, int C, float eps)) \
     X(attention_forward, (db_ctx *c, float *out, float *lse, const float *q, const float *k, const float *v, int B, int Tq, int Tk, int NH, int HS, int causal)) \

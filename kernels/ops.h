@@ -326,6 +326,18 @@ int db_linear_multi_forward(db_ctx *c, float *const *out, const float *inp, cons
  * OH = (H + pad0 + pad1 - KH) / stride + 1, OW likewise. */
 int db_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C,
                       int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1);
+/* The same plus an addend: out = conv2d(inp) + add, exactly db_conv2d_forward
+ * then db_add_forward(out, out, add) -- add (B, OC, OH, OW) -- or, with
+ * per_channel, db_add_channel_forward(out, out, add, ...) -- add (B, OC),
+ * each sample's vector over its planes (a ResBlock's time embedding): the
+ * same bits in every precision (the addend joins after the convolution's
+ * output rounding).  On CUDA in 16-bit precision the addend is added in the
+ * pass that widens the convolution's output (no pass of its own).  The full
+ * addend may be out itself (out += conv2d(inp): a ResBlock's second
+ * convolution onto its shortcut); otherwise add must not overlap out. */
+int db_conv2d_add_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
+                          const float *add, int per_channel, int B, int C, int H, int W, int OC, int KH, int KW,
+                          int stride, int pad0, int pad1);
 
 /* ---- normalisation ---------------------------------------------------------- */
 

@@ -643,6 +643,49 @@ int db_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weig
     }
 }
 
+/* The CPU's: the two ops, the convolution into scratch of its own when add
+ * is out (the sum then reads out's old contents). */
+static int cpu_conv2d_add(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
+                          const float *add, int per_channel, int B, int C, int H, int W, int OC, int KH, int KW,
+                          int stride, int pad0, int pad1)
+{
+    const int OH = (H + pad0 + pad1 - KH) / stride + 1, OW = (W + pad0 + pad1 - KW) / stride + 1;
+    const size_t n = (size_t)B * OC * OH * OW;
+    float *t = add == out ? malloc(n * sizeof *t) : out;
+    if (!t)
+        return db_err_set(&c->err, DB_ENOMEM, "conv2d: out of memory (%zu bytes)", n * sizeof *t);
+    int r = c->precision != DB_PREC_F32
+                ? db_cpu_ac_conv2d_forward(c, t, inp, weight, bias, B, C, H, W, OC, KH, KW, stride, pad0, pad1)
+                : db_cpu_conv2d_forward(c, t, inp, weight, bias, B, C, H, W, OC, KH, KW, stride, pad0, pad1);
+    if (r == 0)
+        r = per_channel ? db_cpu_add_channel_forward(c, out, t, add, B, OC, OH * OW)
+                        : db_cpu_add_forward(c, out, t, add, n);
+    if (t != out)
+        free(t);
+    return r;
+}
+
+int db_conv2d_add_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
+                          const float *add, int per_channel, int B, int C, int H, int W, int OC, int KH, int KW,
+                          int stride, int pad0, int pad1)
+{
+    ENTER(c);
+    REQUIRE(c, "conv2d", out && inp && weight && B > 0 && C > 0 && H > 0 && W > 0 && OC > 0 && KH > 0 && KW > 0);
+    REQUIRE(c, "conv2d", stride > 0 && pad0 >= 0 && pad1 >= 0 && H + pad0 + pad1 >= KH && W + pad0 + pad1 >= KW);
+    REQUIRE(c, "conv2d", add && (!per_channel || add != out));
+    switch (c->device) {
+    case DB_CPU:
+    case DB_CPU_STRICT:
+        return cpu_conv2d_add(c, out, inp, weight, bias, add, per_channel, B, C, H, W, OC, KH, KW, stride, pad0,
+                              pad1);
+    case DB_CUDA:
+        return CUDA_OP(c, conv2d_add_forward, "conv2d", out, inp, weight, bias, add, per_channel, B, C, H, W, OC, KH,
+                       KW, stride, pad0, pad1);
+    default:
+        return no_backend(c, "conv2d");
+    }
+}
+
 int db_groupnorm_forward(db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight,
                          const float *bias, int B, int C, int HW, int G, float eps, int silu)
 {

@@ -122,10 +122,20 @@ __global__ static void __launch_bounds__(TT *TROWS) to16_nhwc_kernel(T *dst, con
     }
 }
 
-// dst (B, C, HW) = (float) src (B, HW, C), or by put (DB_PUT_*)
+// The value a widening writes: (float) the compute-type x, plus the addend
+// (conv2d_add_forward) when there is one -- add (B, C, HW) like dst, or
+// with per_channel add (B, C) over the plane; after the widening, as
+// db_add_forward / db_add_channel_forward would add it to the result
+__device__ __forceinline__ static float with_add(float x, const float *add, int per_channel, int b, int C, int ch,
+                                                 size_t i)
+{
+    return add ? x + add[per_channel ? (size_t)b * C + ch : i] : x;
+}
+
+// dst (B, C, HW) = (float) src (B, HW, C) (+ add), or by put (DB_PUT_*)
 template <typename T>
 __global__ static void __launch_bounds__(TT *TROWS)
-    from16_nchw_kernel(float *dst, const T *src, int C, int HW, int put)
+    from16_nchw_kernel(float *dst, const T *src, int C, int HW, int put, const float *add, int per_channel)
 {
     __shared__ float tile[TT][TT + 1];
     const size_t plane = (size_t)C * HW * blockIdx.z;
@@ -138,8 +148,9 @@ __global__ static void __launch_bounds__(TT *TROWS)
     __syncthreads();
     for (int k = threadIdx.y; k < TT; k += TROWS) {
         const int ch = c0 + k, hw = hw0 + threadIdx.x;
+        const size_t i = plane + (size_t)ch * HW + hw;
         if (ch < C && hw < HW)
-            db_cuda_put(dst + plane + (size_t)ch * HW + hw, tile[threadIdx.x][k], put);
+            db_cuda_put(dst + i, with_add(tile[threadIdx.x][k], add, per_channel, blockIdx.z, C, ch, i), put);
     }
 }
 
@@ -167,10 +178,10 @@ __global__ static void __launch_bounds__(SMALL_CT) to16_nhwc_small_kernel(T *dst
             store16(dst + plane + (size_t)k * C + c0 + threadIdx.x, tile[k][threadIdx.x]);
 }
 
-// dst (B, C, HW) = (float) src (B, HW, C), or by put (DB_PUT_*)
+// dst (B, C, HW) = (float) src (B, HW, C) (+ add), or by put (DB_PUT_*)
 template <typename T>
 __global__ static void __launch_bounds__(SMALL_CT)
-    from16_nchw_small_kernel(float *dst, const T *src, int C, int HW, int put)
+    from16_nchw_small_kernel(float *dst, const T *src, int C, int HW, int put, const float *add, int per_channel)
 {
     __shared__ float tile[SMALL_HW][SMALL_CT + 1];
     const size_t plane = (size_t)C * HW * blockIdx.y;
@@ -179,14 +190,16 @@ __global__ static void __launch_bounds__(SMALL_CT)
         for (int k = 0; k < HW; k++)
             tile[k][threadIdx.x] = load16(src + plane + (size_t)k * C + c0 + threadIdx.x);
     __syncthreads();
-    float *d = dst + plane + (size_t)c0 * HW; // nc * HW contiguous values
+    const size_t d0 = plane + (size_t)c0 * HW; // nc * HW contiguous values
     for (int i = threadIdx.x; i < nc * HW; i += SMALL_CT)
-        db_cuda_put(d + i, tile[i % HW][i / HW], put);
+        db_cuda_put(dst + d0 + i, with_add(tile[i % HW][i / HW], add, per_channel, blockIdx.y, C, c0 + i / HW, d0 + i),
+                    put);
 }
 
 // one launch per 65535 samples (the grid's z limit; y for small planes);
-// to16: dst16/src32, else dst32/src16
-static int nhwc_launch(db_ctx *c, int to16, void *dst, const void *src, int B, int C, int HW, int put)
+// to16: dst16/src32, else dst32/src16 (+ add, see with_add)
+static int nhwc_launch(db_ctx *c, int to16, void *dst, const void *src, int B, int C, int HW, int put,
+                       const float *add = NULL, int per_channel = 0)
 {
     if (B <= 0 || C <= 0 || HW <= 0)
         return 0;
@@ -198,6 +211,7 @@ static int nhwc_launch(db_ctx *c, int to16, void *dst, const void *src, int B, i
         const dim3 grid((unsigned)((HW + TT - 1) / TT), (unsigned)((C + TT - 1) / TT), (unsigned)nb),
             block(TT, TROWS);
         const size_t o = plane * b0;
+        const float *ad = add ? add + (per_channel ? (size_t)C * b0 : o) : NULL;
         if (HW <= SMALL_HW) {
             const dim3 sg((unsigned)((C + SMALL_CT - 1) / SMALL_CT), (unsigned)nb);
             if (to16 && f16)
@@ -207,10 +221,10 @@ static int nhwc_launch(db_ctx *c, int to16, void *dst, const void *src, int B, i
                                                                HW);
             else if (f16)
                 from16_nchw_small_kernel<<<sg, SMALL_CT, 0, s>>>((float *)dst + o, (const __half *)src + o, C, HW,
-                                                                 put);
+                                                                 put, ad, per_channel);
             else
                 from16_nchw_small_kernel<<<sg, SMALL_CT, 0, s>>>((float *)dst + o, (const __nv_bfloat16 *)src + o, C,
-                                                                 HW, put);
+                                                                 HW, put, ad, per_channel);
             DB_LAUNCHED(c);
             continue;
         }
@@ -219,10 +233,11 @@ static int nhwc_launch(db_ctx *c, int to16, void *dst, const void *src, int B, i
         else if (to16)
             to16_nhwc_kernel<<<grid, block, 0, s>>>((__nv_bfloat16 *)dst + o, (const float *)src + o, C, HW);
         else if (f16)
-            from16_nchw_kernel<<<grid, block, 0, s>>>((float *)dst + o, (const __half *)src + o, C, HW, put);
+            from16_nchw_kernel<<<grid, block, 0, s>>>((float *)dst + o, (const __half *)src + o, C, HW, put, ad,
+                                                      per_channel);
         else
             from16_nchw_kernel<<<grid, block, 0, s>>>((float *)dst + o, (const __nv_bfloat16 *)src + o, C, HW,
-                                                      put);
+                                                      put, ad, per_channel);
         DB_LAUNCHED(c);
     }
     return 0;
@@ -241,6 +256,12 @@ void *db_cuda_to16_nhwc(db_ctx *c, const float *src, int B, int C, int HW)
 int db_cuda_from16_nchw(db_ctx *c, float *dst, const void *src, int B, int C, int HW, int put)
 {
     return nhwc_launch(c, 0, dst, src, B, C, HW, put);
+}
+
+int db_cuda_from16_nchw_add(db_ctx *c, float *dst, const void *src, int B, int C, int HW, const float *add,
+                            int per_channel)
+{
+    return nhwc_launch(c, 0, dst, src, B, C, HW, DB_PUT_SET, add, per_channel);
 }
 
 // ---- weight shadows ---------------------------------------------------------------

@@ -612,8 +612,10 @@ static int from16_plan(db_ctx *c, const db_cuda_conv_plan *p, float *dst, const 
                    : db_cuda_from16(c, dst, src, (size_t)B * C * HW, put);
 }
 
+// add: conv2d_add_forward's addend, joined in the widening pass (the
+// channels-last plans only; NULL: none)
 static int conv_forward16(db_ctx *c, db_cuda_conv_plan *p, float *out, const float *inp, const float *weight,
-                          const float *bias)
+                          const float *bias, const float *add = NULL, int per_channel = 0)
 {
     const int B = p->key[0], OC = p->key[4];
     const size_t ny = (size_t)B * OC * p->OH * p->OW;
@@ -629,7 +631,8 @@ static int conv_forward16(db_ctx *c, db_cuda_conv_plan *p, float *out, const flo
     if (r == 0)
         r = run_conv(c, p, 0, x16, w16, NULL, y16, bias ? 1.0f : 0.0f, 1);
     if (r == 0)
-        r = from16_plan(c, p, out, y16, B, OC, p->OH * p->OW, 0);
+        r = add ? db_cuda_from16_nchw_add(c, out, y16, B, OC, p->OH * p->OW, add, per_channel)
+                : from16_plan(c, p, out, y16, B, OC, p->OH * p->OW, 0);
     db_cuda_free(c, x16);
     db_cuda_free(c, w16);
     db_cuda_free(c, y16);
@@ -805,6 +808,38 @@ extern "C" int db_cuda_conv2d_forward(db_ctx *c, float *out, const float *inp, c
         DB_LAUNCHED(c);
     }
     return 0;
+}
+
+// In the 16-bit channels-last plan the addend joins the pass that widens
+// cuDNN's output (the same value add_forward / add_channel_forward would
+// make of it: one float32 add after the widening); elsewhere the conv, then
+// the device's add op (the conv into scratch first when add is out).
+extern "C" int db_cuda_conv2d_add_forward(db_ctx *c, float *out, const float *inp, const float *weight,
+                                          const float *bias, const float *add, int per_channel, int B, int C, int H,
+                                          int W, int OC, int KH, int KW, int stride, int pad0, int pad1)
+{
+    DB_ENTER(c);
+    if (B == 0 || OC == 0)
+        return 0;
+    const int key[11] = {B, C, H, W, OC, KH, KW, stride, pad0, pad1, db_cuda_prec16(c) ? (int)c->precision : 0};
+    db_cuda_conv_plan *p = get_plan(c, key, 0);
+    if (!p)
+        return -1;
+    if (key[10] && p->nhwc && !p->via32[0]) {
+        const int r = conv_forward16(c, p, out, inp, weight, bias, add, per_channel);
+        if (r != 1)
+            return r;
+        p->via32[0] = 1; // cuDNN has no algorithm for it: as conv2d_forward, the fp32 plan from now on
+    }
+    const int OHW = p->OH * p->OW;
+    const size_t n = (size_t)B * OC * OHW;
+    float *t = add == out ? (float *)db_cuda_alloc(c, n * sizeof(float)) : out;
+    int r = t ? db_cuda_conv2d_forward(c, t, inp, weight, bias, B, C, H, W, OC, KH, KW, stride, pad0, pad1) : -1;
+    if (r == 0)
+        r = per_channel ? db_cuda_add_channel_forward(c, out, t, add, B, OC, OHW) : db_cuda_add_forward(c, out, t, add, n);
+    if (t != out)
+        db_cuda_free(c, t);
+    return r ? -1 : 0;
 }
 
 extern "C" int db_cuda_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,

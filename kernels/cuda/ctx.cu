@@ -696,6 +696,7 @@ static db_cuda_api make_api(void)
     SET(linear_geglu_forward);
     SET(linear_multi_forward);
     SET(conv2d_forward);
+    SET(conv2d_add_forward);
     SET(groupnorm_forward);
     SET(layernorm_forward);
     SET(attention_forward);

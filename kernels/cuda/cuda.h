@@ -372,6 +372,11 @@ int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int put);
 void *db_cuda_to16_nhwc(db_ctx *c, const float *src, int B, int C, int HW);
 // dst (B, C, HW) float = src (B, HW, C) compute type, or by put (DB_PUT_*: 1 +=)
 int db_cuda_from16_nchw(db_ctx *c, float *dst, const void *src, int B, int C, int HW, int put);
+// The same plus an addend after the widening (conv2d_add_forward): dst =
+// (float) src + add, add (B, C, HW) -- it may be dst itself -- or, with
+// per_channel, (B, C) broadcast over the plane
+int db_cuda_from16_nchw_add(db_ctx *c, float *dst, const void *src, int B, int C, int HW, const float *add,
+                            int per_channel);
 // A filter w (OC, C, KHW) in the compute type and NHWC filter layout
 // (OC, KHW, C): inside a declared buffer, its place in the working copy
 // (registered at the first call, so every later rebuild writes it

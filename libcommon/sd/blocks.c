@@ -43,27 +43,23 @@ int db_resblock_forward(db_ctx *c, float *out, const db_resblock_acts *a, const 
     const int HW = H * W, C = w->C, OC = w->OC;
     /* h1 (B, C, HW) = silu(norm1(inp)) */
     db_groupnorm_forward(c, a->h1, a->mean1, a->rstd1, inp, w->norm1_w, w->norm1_b, B, C, HW, w->G, w->eps, 1);
-    /* h2 (B, OC, HW) = conv1(h1) (+ emb_layers(emb) per channel) */
-    db_conv2d_forward(c, a->h2, a->h1, w->conv1_w, w->conv1_b, B, C, H, W, OC, 3, 3, 1, 1, 1);
+    /* h2 (B, OC, HW) = conv1(h1) (+ emb_layers(emb) per channel, in the conv's own output pass) */
     if (w->E) {
         db_linear_forward(c, a->eproj, emb, w->emb_w, w->emb_b, B, w->E, OC); /* (B, OC) */
-        db_add_channel_forward(c, a->h2, a->h2, a->eproj, B, OC, HW);
+        db_conv2d_add_forward(c, a->h2, a->h1, w->conv1_w, w->conv1_b, a->eproj, 1, B, C, H, W, OC, 3, 3, 1, 1, 1);
+    } else {
+        db_conv2d_forward(c, a->h2, a->h1, w->conv1_w, w->conv1_b, B, C, H, W, OC, 3, 3, 1, 1, 1);
     }
     /* h3 (B, OC, HW) = silu(norm2(h2)) */
     db_groupnorm_forward(c, a->h3, a->mean2, a->rstd2, a->h2, w->norm2_w, w->norm2_b, B, OC, HW, w->G, w->eps, 1);
-    /* out = conv2(h3) + shortcut(inp) */
-    db_conv2d_forward(c, out, a->h3, w->conv2_w, w->conv2_b, B, OC, H, W, OC, 3, 3, 1, 1, 1);
-    if (w->skip_w) {
-        /* 1x1 conv accumulated in place: out[b] (OC, HW) += skip_w (OC, C) @ inp[b] (C, HW), + skip_b */
-        for (int b = 0; b < B; b++) {
-            float *ob = out + (size_t)b * OC * HW;
-            db_gemm_forward(c, ob, w->skip_w, inp + (size_t)b * C * HW, 1, OC, HW, C, 0, 0, 1.0f, 1.0f);
-            if (w->skip_b)
-                db_add_channel_forward(c, ob, ob, w->skip_b, 1, OC, HW);
-        }
-    } else {
-        db_add_forward(c, out, out, inp, (size_t)B * OC * HW);
-    }
+    /* out = shortcut(inp) + conv2(h3), as diffusers' ResnetBlock2D sums
+     * conv_shortcut(input) (a 1x1 conv with its bias, rounded as one op)
+     * and the block's output: the shortcut first, into out, then conv2 with
+     * its sum onto it; without a shortcut conv2 onto inp itself */
+    if (w->skip_w)
+        db_conv2d_forward(c, out, inp, w->skip_w, w->skip_b, B, C, H, W, OC, 1, 1, 1, 0, 0);
+    db_conv2d_add_forward(c, out, a->h3, w->conv2_w, w->conv2_b, w->skip_w ? out : inp, 0, B, OC, H, W, OC, 3, 3, 1,
+                          1, 1);
     return c->err.code ? -1 : 0;
 }
 

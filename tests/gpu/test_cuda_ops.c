@@ -1270,6 +1270,46 @@ static void t_linear_add(db_precision p, int N, int C, int OC, int with_bias)
     release_all();
 }
 
+/* conv2d_add_forward (a ResBlock's convolutions with the time embedding or
+ * the shortcut joined in the conv's widening pass) against the device's own
+ * conv2d_forward then add_forward / add_channel_forward: the same bits in
+ * fp32 and both 16-bit types, with the full addend in a buffer of its own
+ * and as out itself (out += conv), and per channel; a plane of <= 16 takes
+ * the small-plane widening kernel, a larger one the tiled one */
+static void t_conv_add(db_precision p, int B, int C, int H, int W, int OC, int K, int pad, int with_bias)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s conv2d_add_forward B%d %d->%d %dx%d k%d%s", p == DB_PREC_F32 ? "fp32" :
+             prec_name(p), B, C, OC, H, W, K, with_bias ? " +bias" : "");
+    if (!api->conv2d_add_forward) { /* (the callers' gate: prec_want) */
+        printf("# %s: not implemented on CUDA\n", what);
+        return;
+    }
+    const int OH = H + 2 * pad - K + 1, OW = W + 2 * pad - K + 1;
+    const size_t nx = (size_t)B * C * H * W, nw = (size_t)OC * C * K * K, ny = (size_t)B * OC * OH * OW;
+    float *x = dputf(hrand(nx, 1), nx), *w = dputf(hrand(nw, 0.1f), nw), *b = with_bias ? dputf(hrand(OC, 1), OC) : NULL;
+    float *hr = hrand(ny, 1);
+    hr[0] = -0.0f; /* (a signed zero among the addends) */
+    float *r = dputf(hr, ny), *ch = dputf(hrand((size_t)B * OC, 1), (size_t)B * OC);
+    for (int mode = 0; mode < 3; mode++) { /* 0: add apart, 1: add is out, 2: per channel */
+        static const char *const mname[3] = {"an addend", "out += conv", "per channel"};
+        float *two = dpoison(ny), *one = mode == 1 ? dputf(hr, ny) : dpoison(ny);
+        int ok = gpu_ran(IN_PREC(p, api->conv2d_forward(&g, two, x, w, b, B, C, H, W, OC, K, K, 1, pad, pad)), what);
+        if (ok)
+            ok = gpu_ran(IN_PREC(p, mode == 2 ? api->add_channel_forward(&g, two, two, ch, B, OC, OH * OW)
+                                              : api->add_forward(&g, two, two, r, ny)), what);
+        if (ok)
+            ok = gpu_ran(IN_PREC(p, api->conv2d_add_forward(&g, one, x, w, b, mode == 0 ? r : mode == 1 ? one : ch,
+                                                            mode == 2, B, C, H, W, OC, K, K, 1, pad, pad)), what);
+        if (ok) {
+            const float *a = dget(one, ny), *b2 = dget(two, ny);
+            tap_ok(!memcmp(a, b2, ny * sizeof *a), "%s, %s: bit-identical to conv2d_forward then the add on the device",
+                   what, mname[mode]);
+        }
+    }
+    release_all();
+}
+
 /* linear_multi_forward / _backward (the projections of one input; its
  * 16-bit copy made once) against the device's own n linear_forward calls,
  * and n linear_backward calls with the input gradients added in order by
@@ -2755,6 +2795,10 @@ int main(void)
         t_linear_multi(DB_PREC_F32, 2, 19, 40, 24, 1, 1);
     }
     t_transpose_add(2, 45, 70);
+    if (prec_want("conv2d_add")) {
+        t_conv_add(DB_PREC_F32, 2, 5, 9, 7, 6, 3, 1, 1);
+        t_conv_add(DB_PREC_F32, 2, 6, 3, 4, 5, 1, 0, 0);
+    }
     if (prec_want("assign"))
         for (int pi = 0; pi < 3; pi++)
             t_assign(pi == 0 ? DB_PREC_F32 : pi == 1 ? DB_PREC_BF16 : DB_PREC_F16);
@@ -2804,6 +2848,13 @@ int main(void)
             tp_conv(p, 2, 8, 6, 6, 5, 1, 1, 1, 0, 0, 1);
             if (!quick)
                 tp_conv(p, 2, 320, 64, 64, 320, 3, 3, 1, 1, 1, 1);
+        }
+        if (api->conv2d_forward && prec_want("conv2d_add")) {
+            t_conv_add(p, 2, 5, 9, 7, 6, 3, 1, 1);   /* 63 a plane: the tiled widening */
+            t_conv_add(p, 3, 6, 3, 4, 5, 3, 1, 0);   /* 12: the small-plane one */
+            t_conv_add(p, 2, 6, 3, 4, 5, 1, 0, 1);   /* a 1x1 (a shortcut's shape) */
+            if (!quick)
+                t_conv_add(p, 2, 320, 64, 64, 320, 3, 1, 1);
         }
         if (api->conv2d_backward && prec_want("conv2d_backward")) {
             tp_conv_backward(p, 2, 3, 9, 7, 5, 3, 3, 1, 1, 1);

@@ -8,7 +8,9 @@
  * before the bias or the rounding) fails: the check is made against such a
  * variant too.  db_linear_multi_forward / _backward == their definitions
  * (n linears; n linear backwards with the input gradients added in order,
- * or added to the old dinp), with their argument checks. */
+ * or added to the old dinp), with their argument checks.  And
+ * db_conv2d_add_forward == db_conv2d_forward then db_add_forward (or
+ * db_add_channel_forward), the addend apart, out itself, or per channel. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -206,6 +208,55 @@ int main(void)
             free(mw[i]), free(mb[i]), free(dy[i]), free(o1[i]), free(o2[i]), free(gw1[i]), free(gw2[i]),
                 free(gb1[i]), free(gb2[i]);
         free(mx), free(dx1), free(dx2), free(dt);
+    }
+
+    /* convolution + addend: a buffer of its own, out itself (out += conv),
+     * per channel (B, OC); 3x3 padded and 1x1 (the conv1x1 GEMM path) */
+    {
+        enum { CB = 2, CC = 5, CH = 9, CW = 7, COC = 6 };
+        const size_t ny = (size_t)CB * COC * CH * CW;
+        float *cx = rnd((size_t)CB * CC * CH * CW, 40, 1.0f), *cw3 = rnd((size_t)COC * CC * 9, 41, 0.2f);
+        float *cw1 = rnd((size_t)COC * CC, 42, 0.2f), *cb = rnd(COC, 43, 0.5f), *ca = rnd(ny, 44, 1.0f);
+        float *cv = rnd((size_t)CB * COC, 45, 1.0f), *cwant = malloc(ny * sizeof *cwant), *cgot = malloc(ny * sizeof *cgot);
+        ca[0] = -0.0f, ca[1] = NAN;
+        for (int p = 0; p < 3; p++)
+            for (int t = 0; t < 2; t++)
+                for (int k = 0; k < 2; k++)
+                    for (int mode = 0; mode < 3; mode++) {
+                        static const char *const mname[3] = {"an addend", "out += conv", "per channel"};
+                        db_ctx *c = cs[t];
+                        const int K = k ? 3 : 1, pd = k;
+                        const float *wt = k ? cw3 : cw1, *bias = mode == 1 ? NULL : cb;
+                        db_ctx_set_precision(c, ps[p]);
+                        int rc = db_conv2d_forward(c, cwant, cx, wt, bias, CB, CC, CH, CW, COC, K, K, 1, pd, pd) ||
+                                 (mode == 2 ? db_add_channel_forward(c, cwant, cwant, cv, CB, COC, CH * CW)
+                                            : db_add_forward(c, cwant, cwant, ca, ny));
+                        if (mode == 1)
+                            memcpy(cgot, ca, ny * sizeof *cgot);
+                        rc = rc || db_conv2d_add_forward(c, cgot, cx, wt, bias, mode == 0 ? ca : mode == 1 ? cgot : cv,
+                                                         mode == 2, CB, CC, CH, CW, COC, K, K, 1, pd, pd);
+                        tap_ok(rc == 0 && same_bits(cwant, cgot, ny),
+                               "%s, %d thread(s), %dx%d, %s: conv + addend == conv then add, bit for bit%s%s",
+                               db_precision_name(ps[p]), t + 1, K, K, mname[mode], rc ? ": " : "",
+                               rc ? c->err.msg : "");
+                        db_ctx_set_precision(c, DB_PREC_F32);
+                    }
+        /* the check can fail: the per-channel addend folded into the bias
+         * (one sum before the rounding) is another value in bf16 */
+        db_ctx_set_precision(c1, DB_PREC_BF16);
+        float *fold = malloc(COC * sizeof *fold);
+        for (int j = 0; j < COC; j++)
+            fold[j] = cb[j] + cv[j];
+        int rc = db_conv2d_forward(c1, cwant, cx, cw3, fold, 1, CC, CH, CW, COC, 3, 3, 1, 1, 1) ||
+                 db_conv2d_add_forward(c1, cgot, cx, cw3, cb, cv, 1, 1, CC, CH, CW, COC, 3, 3, 1, 1, 1);
+        tap_ok(rc == 0 && !same_bits(cwant, cgot, ny / CB), "bf16: the addend folded into the bias differs (the "
+               "comparison can fail)");
+        db_ctx_set_precision(c1, DB_PREC_F32);
+        rc = db_conv2d_add_forward(c1, cgot, cx, cw3, cb, cgot, 1, CB, CC, CH, CW, COC, 3, 3, 1, 1, 1);
+        tap_ok(rc != 0 && c1->err.code == DB_EUSAGE, "conv + addend: a per-channel addend on the output is refused: %s",
+               c1->err.msg);
+        db_ctx_clear_error(c1);
+        free(cx), free(cw3), free(cw1), free(cb), free(ca), free(cv), free(cwant), free(cgot), free(fold);
     }
 
     const int rc = db_linear_add_forward(c1, got, x, w, b, got, N, C, OC);
