@@ -34,7 +34,7 @@ extern "C" {
                           15: graph_launch returns 1 for a graph a filter registration made stale;
                           16: db_mem_stats.device_free, device_total;
                           17: the parameter-gradient backwards' assign;
-                          18: conv2d_add_forward */
+                          18: conv2d_add_forward, linear_fan_forward */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -46,6 +46,7 @@ extern "C" {
     X(linear_add_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, const float *res, int N, int C, int OC)) \
     X(linear_geglu_forward, (db_ctx *c, float *proj, float *out, const float *inp, const float *weight, const float *bias, int N, int C, int FF)) \
     X(linear_multi_forward, (db_ctx *c, float *const *out, const float *inp, const float *const *weight, const float *const *bias, int n, int N, int C, int OC)) \
+    X(linear_fan_forward, (db_ctx *c, float *const *out, const float *inp, const float *const *weight, const float *const *bias, const int *OC, int n, int N, int C)) \
     X(conv2d_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)) \
     X(conv2d_add_forward, (db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, const float *add, int per_channel, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)) \
     X(groupnorm_forward, (db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight, const float *bias, int B, int C, int HW, int G, float eps, int silu)) \

@@ -315,6 +315,19 @@ int db_linear_geglu_forward(db_ctx *c, float *proj, float *out, const float *inp
 enum { DB_LINEAR_MULTI_MAX = 4 };
 int db_linear_multi_forward(db_ctx *c, float *const *out, const float *inp, const float *const *weight,
                             const float *const *bias, int n, int N, int C, int OC);
+/* n linears of one input, each of its own width: out[i] (N, OC[i]) =
+ * db_linear_forward(inp, weight[i] (OC[i], C), bias[i]) -- a UNet's
+ * ResBlock time-embedding projections, all of them from one silu(temb).
+ * The CPU makes the n linears (its bits); on CUDA a few rows (N <= 8) take
+ * one launch for all n -- the linear's contract (in 16-bit precision the
+ * rounded operands, float32 sums, the rounded bias, one rounding) with its
+ * float32 sums in an order of their own -- where n linears were 3n
+ * launches of a few microseconds each.  out[i] apart from each other and
+ * from inp; bias NULL or bias[i] NULL: none.  The arrays are host memory;
+ * 1 <= n <= DB_LINEAR_FAN_MAX. */
+enum { DB_LINEAR_FAN_MAX = 64 };
+int db_linear_fan_forward(db_ctx *c, float *const *out, const float *inp, const float *const *weight,
+                          const float *const *bias, const int *OC, int n, int N, int C);
 
 /* ---- convolution ------------------------------------------------------------ */
 

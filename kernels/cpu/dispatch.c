@@ -624,6 +624,42 @@ int db_linear_multi_forward(db_ctx *c, float *const *out, const float *inp, cons
     }
 }
 
+/* The n outputs of widths OC[i] apart from each other and from inp (db_linear_fan_forward) */
+static int fan_apart(float *const *out, const float *inp, const int *OC, int n, int N, size_t nin)
+{
+    for (int i = 0; i < n; i++) {
+        const size_t ei = (size_t)N * OC[i];
+        if (!out[i] || (out[i] < inp + nin && inp < out[i] + ei))
+            return 0;
+        for (int j = 0; j < i; j++)
+            if (out[i] < out[j] + (size_t)N * OC[j] && out[j] < out[i] + ei)
+                return 0;
+    }
+    return 1;
+}
+
+int db_linear_fan_forward(db_ctx *c, float *const *out, const float *inp, const float *const *weight,
+                          const float *const *bias, const int *OC, int n, int N, int C)
+{
+    ENTER(c);
+    REQUIRE(c, "linear", out && inp && weight && OC && n >= 1 && n <= DB_LINEAR_FAN_MAX && N > 0 && C > 0);
+    for (int i = 0; i < n; i++)
+        REQUIRE(c, "linear", weight[i] && OC[i] > 0);
+    REQUIRE(c, "linear", fan_apart(out, inp, OC, n, N, (size_t)N * C));
+    switch (c->device) {
+    case DB_CPU:
+    case DB_CPU_STRICT: /* the definition: one linear after the other */
+        for (int i = 0; i < n; i++)
+            if (db_linear_forward(c, out[i], inp, weight[i], bias ? bias[i] : NULL, N, C, OC[i]))
+                return -1;
+        return 0;
+    case DB_CUDA:
+        return CUDA_OP(c, linear_fan_forward, "linear", out, inp, weight, bias, OC, n, N, C);
+    default:
+        return no_backend(c, "linear");
+    }
+}
+
 int db_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias, int B, int C,
                       int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1)
 {

@@ -695,6 +695,7 @@ static db_cuda_api make_api(void)
     SET(linear_add_forward);
     SET(linear_geglu_forward);
     SET(linear_multi_forward);
+    SET(linear_fan_forward);
     SET(conv2d_forward);
     SET(conv2d_add_forward);
     SET(groupnorm_forward);

@@ -45,7 +45,8 @@ int db_resblock_forward(db_ctx *c, float *out, const db_resblock_acts *a, const 
     db_groupnorm_forward(c, a->h1, a->mean1, a->rstd1, inp, w->norm1_w, w->norm1_b, B, C, HW, w->G, w->eps, 1);
     /* h2 (B, OC, HW) = conv1(h1) (+ emb_layers(emb) per channel, in the conv's own output pass) */
     if (w->E) {
-        db_linear_forward(c, a->eproj, emb, w->emb_w, w->emb_b, B, w->E, OC); /* (B, OC) */
+        if (emb) /* (else the caller made it) */
+            db_linear_forward(c, a->eproj, emb, w->emb_w, w->emb_b, B, w->E, OC); /* (B, OC) */
         db_conv2d_add_forward(c, a->h2, a->h1, w->conv1_w, w->conv1_b, a->eproj, 1, B, C, H, W, OC, 3, 3, 1, 1, 1);
     } else {
         db_conv2d_forward(c, a->h2, a->h1, w->conv1_w, w->conv1_b, B, C, H, W, OC, 3, 3, 1, 1, 1);

@@ -77,7 +77,9 @@ size_t db_resblock_acts_carve(db_resblock_acts *a, float *base, const db_resbloc
 /* out (B, OC, H, W) = shortcut(inp) + conv2(h3).
  * inp (B, C, H, W); emb (B, E) the time embedding after SiLU (diffusers
  * applies the nonlinearity to temb inside every block; the UNet computes it
- * once), NULL when E == 0.  out must not overlap inp or the acts. */
+ * once), NULL when E == 0 -- or when the caller has made a->eproj itself
+ * (the UNet makes every block's at once: db_linear_fan_forward).  out must
+ * not overlap inp or the acts. */
 int db_resblock_forward(db_ctx *c, float *out, const db_resblock_acts *a, const float *inp, const float *emb,
                         const db_resblock *w, int B, int H, int W);
 

@@ -78,6 +78,7 @@ struct db_unet {
     float *e1s;    /* (B, E) silu(e1): linear_2's input */
     float *temb;   /* (B, E) */
     float *temb_s; /* (B, E) silu(temb): what every ResBlock projects */
+    float *eproj;  /* every ResBlock's projection of temb_s, (B, OC) each, in step order: made at once */
     /* workspace */
     int keep;      /* keep every block's activations (training) */
     int ckpt;      /* gradient checkpointing asked for (meaningful with keep only) */
@@ -416,6 +417,14 @@ static size_t layout(db_unet *u, float *base, int B, int H, int W, int Tc, int k
     u->e1s = take(&k, B * E);
     u->temb = take(&k, B * E);
     u->temb_s = take(&k, B * E);
+    /* the ResBlocks' time projections, made together at the forward's start
+     * (db_unet_forward): here, apart from the activations, which steps
+     * share (inference, checkpointing) and a recompute rewrites */
+    size_t nproj = 0;
+    for (int i = 0; i < u->ns; i++)
+        if (u->s[i].kind == ST_RES && u->s[i].res.E)
+            nproj += ((size_t)B * u->s[i].res.OC + 15) & ~(size_t)15;
+    u->eproj = take(&k, nproj);
 
     const int share = !keep || ckpt; /* all steps' activations in one region */
     /* inference keeps no GEGLU projection (the op's proj NULL: on a GPU
@@ -455,6 +464,12 @@ static size_t layout(db_unet *u, float *base, int B, int H, int W, int Tc, int k
         shared = take(&k, amax);
     for (int i = 0; share && i < u->ns; i++)
         step_acts(&u->s[i], shared, &u->a, B, H, W, Tc, kp);
+    /* (the acts' own eproj slot, carved by db_resblock_acts_carve, goes unused) */
+    for (int i = 0, o = 0; i < u->ns; i++)
+        if (u->s[i].kind == ST_RES && u->s[i].res.E) {
+            u->s[i].ra.eproj = u->eproj ? u->eproj + o : NULL;
+            o += (B * u->s[i].res.OC + 15) & ~15;
+        }
     return k.used;
 }
 
@@ -659,7 +674,7 @@ static void run_step(db_unet *u, step *s, float *out, int B, int H, int W, int T
             db_concat_channels_forward(c, s->cat, in, u->s[s->skip].out, B, s->C - cs, cs, hw);
             in = s->cat;
         }
-        db_resblock_forward(c, s->out, &s->ra, in, u->temb_s, &s->res, B, h, wd);
+        db_resblock_forward(c, s->out, &s->ra, in, NULL, &s->res, B, h, wd); /* (its eproj made: time_proj) */
         break;
     case ST_ATTN:
         db_transformer2d_forward(c, s->out, &s->ta, in, u->context, &s->tr, B, h, wd, Tc);
@@ -680,6 +695,27 @@ static void run_step(db_unet *u, step *s, float *out, int B, int H, int W, int T
         if (!recompute)
             db_conv2d_forward(c, out, s->hn, s->conv_w, s->conv_b, B, s->C, h, wd, s->OC, 3, 3, 1, 1, 1);
         break;
+    }
+}
+
+/* Every ResBlock's emb_layers(temb_s) into its ra.eproj, in one op (on a
+ * GPU one launch for SD1.5's 22 projections, where each block's own linear
+ * was three tiny ones), DB_LINEAR_FAN_MAX at a time. */
+static void time_proj(db_unet *u, int B)
+{
+    float *out[DB_LINEAR_FAN_MAX];
+    const float *wt[DB_LINEAR_FAN_MAX], *bs[DB_LINEAR_FAN_MAX];
+    int oc[DB_LINEAR_FAN_MAX], n = 0;
+    for (int i = 0; i <= u->ns; i++) {
+        const step *s = i < u->ns ? &u->s[i] : NULL;
+        if (s && s->kind == ST_RES && s->res.E) {
+            out[n] = s->ra.eproj, wt[n] = s->res.emb_w, bs[n] = s->res.emb_b, oc[n] = s->res.OC;
+            n++;
+        }
+        if (n && (n == DB_LINEAR_FAN_MAX || !s)) {
+            db_linear_fan_forward(u->ctx, out, u->temb_s, wt, bs, oc, n, B, u->a.time_embed_dim);
+            n = 0;
+        }
     }
 }
 
@@ -718,6 +754,7 @@ int db_unet_forward(db_unet *u, float *out, const float *sample, const float *ti
     db_silu_forward(c, u->e1s, u->e1, (size_t)B * E);
     db_linear_forward(c, u->temb, u->e1s, u->t2_w, u->t2_b, B, E, E);
     db_silu_forward(c, u->temb_s, u->temb, (size_t)B * E);
+    time_proj(u, B);
     if (c->err.code)
         return op_failed(u, "time_embed", err);
     double t1 = now();

@@ -1270,6 +1270,67 @@ static void t_linear_add(db_precision p, int N, int C, int OC, int with_bias)
     release_all();
 }
 
+/* linear_fan_forward (linears of one input, each its own width: the UNet's
+ * time projections) against the CPU's linear per output: in fp32 within
+ * TOL, in 16 bits within the mode's tolerance of the rounded reference,
+ * every value a compute-type value and at least 95 % of them exactly the
+ * reference's (only float32 summation order separates them: a bias added
+ * unrounded, or the output left unrounded, fails it); two runs the same
+ * bits.  N <= 8 takes the one-launch kernel, more rows the n linears. */
+static void t_linear_fan(db_precision p, int N, int C, int with_bias)
+{
+    enum { FN = 3 };
+    static const int oc[FN] = {24, 8, 33};
+    char what[160];
+    snprintf(what, sizeof what, "%s linear_fan_forward %d rows, %d in, widths 24 8 33%s",
+             p == DB_PREC_F32 ? "fp32" : prec_name(p), N, C, with_bias ? " +bias" : "");
+    if (!api->linear_fan_forward) { /* (the callers' gate: prec_want) */
+        printf("# %s: not implemented on CUDA\n", what);
+        return;
+    }
+    const size_t nx = (size_t)N * C;
+    float *x = hrand(nx, 1), *w[FN], *b[FN], *dw[FN], *db[FN], *d1[FN], *d2[FN];
+    for (int i = 0; i < FN; i++) {
+        w[i] = hrand((size_t)oc[i] * C, 0.05f), b[i] = hrand(oc[i], 1);
+        dw[i] = dputf(w[i], (size_t)oc[i] * C), db[i] = dputf(b[i], oc[i]);
+        d1[i] = dpoison((size_t)N * oc[i]), d2[i] = dpoison((size_t)N * oc[i]);
+    }
+    float *dx = dputf(x, nx);
+    const float *const *cw = (const float *const *)dw, *const *cb = with_bias ? (const float *const *)db : NULL;
+    if (!gpu_ran(IN_PREC(p, api->linear_fan_forward(&g, d1, dx, cw, cb, oc, FN, N, C)), what) ||
+        !gpu_ran(IN_PREC(p, api->linear_fan_forward(&g, d2, dx, cw, cb, oc, FN, N, C)), what)) {
+        release_all();
+        return;
+    }
+    for (int i = 0; i < FN; i++) {
+        const size_t ny = (size_t)N * oc[i];
+        char tensor[16];
+        snprintf(tensor, sizeof tensor, "out[%d]", i);
+        float *f32 = hzeros(ny), *ref = hzeros(ny);
+        const float *bi = with_bias ? b[i] : NULL;
+        if (!cpu_ran(db_linear_forward(cpu, f32, x, w[i], bi, N, C, oc[i]), what))
+            break;
+        if (p == DB_PREC_F32) {
+            cmp(what, tensor, d1[i], f32, ny, TOL);
+            continue;
+        }
+        if (!cpu_ran(db_linear_forward(cpu, ref, hrounded(x, nx, p), hrounded(w[i], (size_t)oc[i] * C, p),
+                                       bi ? hrounded(bi, oc[i], p) : NULL, N, C, oc[i]), what))
+            break;
+        hround(ref, ny, p);
+        cmp_prec(what, tensor, d1[i], ref, f32, ny, p, 1);
+        const float *got = dget(d1[i], ny);
+        size_t same = 0;
+        for (size_t j = 0; j < ny; j++)
+            same += got[j] == ref[j];
+        tap_ok(same * 100 >= ny * 95, "%s %s: %zu of %zu values exactly the rounded reference's (95 %% needed)", what,
+               tensor, same, ny);
+    }
+    for (int i = 0; i < FN; i++)
+        same_bits(what, d1[i], d2[i], (size_t)N * oc[i]);
+    release_all();
+}
+
 /* conv2d_add_forward (a ResBlock's convolutions with the time embedding or
  * the shortcut joined in the conv's widening pass) against the device's own
  * conv2d_forward then add_forward / add_channel_forward: the same bits in
@@ -2795,6 +2856,10 @@ int main(void)
         t_linear_multi(DB_PREC_F32, 2, 19, 40, 24, 1, 1);
     }
     t_transpose_add(2, 45, 70);
+    if (prec_want("linear_fan")) {
+        t_linear_fan(DB_PREC_F32, 2, 40, 1);
+        t_linear_fan(DB_PREC_F32, 9, 40, 0); /* more rows than the kernel's: n linears */
+    }
     if (prec_want("conv2d_add")) {
         t_conv_add(DB_PREC_F32, 2, 5, 9, 7, 6, 3, 1, 1);
         t_conv_add(DB_PREC_F32, 2, 6, 3, 4, 5, 1, 0, 0);
@@ -2848,6 +2913,13 @@ int main(void)
             tp_conv(p, 2, 8, 6, 6, 5, 1, 1, 1, 0, 0, 1);
             if (!quick)
                 tp_conv(p, 2, 320, 64, 64, 320, 3, 3, 1, 1, 1, 1);
+        }
+        if (api->linear_forward && prec_want("linear_fan")) {
+            t_linear_fan(p, 2, 40, 1);
+            t_linear_fan(p, 8, 40, 0);
+            t_linear_fan(p, 9, 40, 1); /* n linears */
+            if (!quick)
+                t_linear_fan(p, 2, 1280, 1); /* SD1.5's time projections' width */
         }
         if (api->conv2d_forward && prec_want("conv2d_add")) {
             t_conv_add(p, 2, 5, 9, 7, 6, 3, 1, 1);   /* 63 a plane: the tiled widening */

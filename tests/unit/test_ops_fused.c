@@ -10,7 +10,8 @@
  * (n linears; n linear backwards with the input gradients added in order,
  * or added to the old dinp), with their argument checks.  And
  * db_conv2d_add_forward == db_conv2d_forward then db_add_forward (or
- * db_add_channel_forward), the addend apart, out itself, or per channel. */
+ * db_add_channel_forward), the addend apart, out itself, or per channel;
+ * db_linear_fan_forward == one db_linear_forward per width. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -257,6 +258,49 @@ int main(void)
                c1->err.msg);
         db_ctx_clear_error(c1);
         free(cx), free(cw3), free(cw1), free(cb), free(ca), free(cv), free(cwant), free(cgot), free(fold);
+    }
+
+    /* linears of one input, each its own width (a UNet's time projections):
+     * == one db_linear_forward each, with and without biases, and the
+     * argument checks */
+    {
+        enum { FN = 3, FR = 2, FC = 40 };
+        const int foc[FN] = {24, 8, 33};
+        float *fx = rnd((size_t)FR * FC, 50, 1.0f), *fw[FN], *fb[FN], *fo[FN], *fr[FN];
+        for (int i = 0; i < FN; i++) {
+            fw[i] = rnd((size_t)foc[i] * FC, 51 + i, 0.2f), fb[i] = rnd(foc[i], 55 + i, 0.5f);
+            fo[i] = malloc((size_t)FR * foc[i] * sizeof(float)), fr[i] = malloc((size_t)FR * foc[i] * sizeof(float));
+        }
+        for (int p = 0; p < 3; p++)
+            for (int hb = 0; hb < 2; hb++) {
+                db_ctx_set_precision(c1, ps[p]);
+                int rc = db_linear_fan_forward(c1, fo, fx, (const float *const *)fw,
+                                               hb ? (const float *const *)fb : NULL, foc, FN, FR, FC);
+                int same = rc == 0;
+                for (int i = 0; i < FN && same; i++)
+                    same = db_linear_forward(c1, fr[i], fx, fw[i], hb ? fb[i] : NULL, FR, FC, foc[i]) == 0 &&
+                           same_bits(fo[i], fr[i], (size_t)FR * foc[i]);
+                tap_ok(same, "%s, %s bias: linears of widths 24, 8, 33 at once == one linear each, bit for bit%s%s",
+                       db_precision_name(ps[p]), hb ? "with" : "no", rc ? ": " : "", rc ? c1->err.msg : "");
+                db_ctx_set_precision(c1, DB_PREC_F32);
+            }
+        int zoc[FN] = {24, 0, 33};
+        float *ov[FN] = {fo[0], fo[0], fo[2]}, *on[FN] = {fo[0], fx, fo[2]};
+        for (int i = 0; i < 5; i++) {
+            static const char *what[] = {"n = 0", "n over the most", "a width of 0", "two outputs in one place",
+                                         "an output on the input"};
+            const float *const *cw = (const float *const *)fw;
+            const int rc = i == 0   ? db_linear_fan_forward(c1, fo, fx, cw, NULL, foc, 0, FR, FC)
+                           : i == 1 ? db_linear_fan_forward(c1, fo, fx, cw, NULL, foc, DB_LINEAR_FAN_MAX + 1, FR, FC)
+                           : i == 2 ? db_linear_fan_forward(c1, fo, fx, cw, NULL, zoc, FN, FR, FC)
+                           : i == 3 ? db_linear_fan_forward(c1, ov, fx, cw, NULL, foc, FN, FR, FC)
+                                    : db_linear_fan_forward(c1, on, fx, cw, NULL, foc, FN, FR, FC);
+            tap_ok(rc != 0 && c1->err.code == DB_EUSAGE, "linear fan: %s is refused: %s", what[i], c1->err.msg);
+            db_ctx_clear_error(c1);
+        }
+        for (int i = 0; i < FN; i++)
+            free(fw[i]), free(fb[i]), free(fo[i]), free(fr[i]);
+        free(fx);
     }
 
     const int rc = db_linear_add_forward(c1, got, x, w, b, got, N, C, OC);
