@@ -264,10 +264,10 @@ extern "C" int db_cuda_attention_forward(db_ctx *c, float *out, float *lse, cons
     const int tc = HS % 8 == 0 && HS <= 160 && Tk >= 1;
     const float *src[3] = {q, k, v};
     const size_t n[3] = {nq, nk, nk};
-    void *op[3];
-    int r = 0;
-    for (int i = 0; i < 3; i++)
-        if (!(op[i] = tc ? db_cuda_to16(c, src[i], n[i]) : (void *)db_cuda_rounded_copy(c, src[i], n[i])))
+    void *op[3] = {NULL, NULL, NULL};
+    int r = tc ? db_cuda_to16_many(c, op, src, n, 3) : 0; // (one launch for the three)
+    for (int i = 0; i < 3 && !tc; i++)
+        if (!(op[i] = db_cuda_rounded_copy(c, src[i], n[i])))
             r = -1;
     // out rounded: by the tensor-core kernel as it stores it, else a pass
     if (r == 0)

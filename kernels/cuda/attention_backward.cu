@@ -365,10 +365,10 @@ extern "C" int db_cuda_attention_backward(db_ctx *c, float *dq, float *dk, float
     const int tc = HS % 8 == 0 && HS <= 160 && Tk >= 1;
     const float *src[5] = {dout, out, q, k, v};
     const size_t n[5] = {nq, nq, nq, nk, nk};
-    void *op[5];
-    int r = 0;
-    for (int i = 0; i < 5; i++)
-        if (!(op[i] = tc ? db_cuda_to16(c, src[i], n[i]) : (void *)db_cuda_rounded_copy(c, src[i], n[i])))
+    void *op[5] = {NULL, NULL, NULL, NULL, NULL};
+    int r = tc ? db_cuda_to16_many(c, op, src, n, 5) : 0; // (one launch for the five)
+    for (int i = 0; i < 5 && !tc; i++)
+        if (!(op[i] = db_cuda_rounded_copy(c, src[i], n[i])))
             r = -1;
     if (r == 0)
         r = tc ? db_cuda_attention_tc_backward(c, dq, dk, dv, op[0], op[1], lse, op[2], op[3], op[4],

@@ -492,6 +492,80 @@ static void *convert16(db_ctx *c, void *dst, const float *src, size_t n)
     return dst;
 }
 
+// db_cuda_to16_many's pass: the quads (four elements) of k tensors as one
+// index space, q0[i] the first quad of tensor i; a quad four at a time when
+// its tensor's pointers allow (vec) and it is whole, else one by one
+struct to16_segs {
+    const float *src[DB_CUDA_TO16_MANY];
+    void *dst[DB_CUDA_TO16_MANY];
+    size_t n[DB_CUDA_TO16_MANY], q0[DB_CUDA_TO16_MANY + 1];
+    int vec[DB_CUDA_TO16_MANY], k;
+};
+
+template <typename T> __global__ static void to16_many_kernel(const to16_segs s)
+{
+    typedef typename quad<T>::t TV;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t g = blockIdx.x * (size_t)blockDim.x + threadIdx.x; g < s.q0[s.k]; g += stride) {
+        int i = 0;
+        while (g >= s.q0[i + 1])
+            i++;
+        const size_t e = (g - s.q0[i]) * 4;
+        const float *src = s.src[i];
+        T *dst = (T *)s.dst[i];
+        if (s.vec[i] && e + 4 <= s.n[i]) {
+            const f32x4 a = ((const f32x4 *)src)[e / 4];
+            TV b;
+            for (int j = 0; j < 4; j++)
+                store16(&b.v[j], a.v[j]);
+            ((TV *)dst)[e / 4] = b;
+        } else {
+            for (size_t j = e; j < e + 4 && j < s.n[i]; j++)
+                store16(dst + j, src[j]);
+        }
+    }
+}
+
+int db_cuda_to16_many(db_ctx *c, void **dst, const float *const *src, const size_t *n, int k)
+{
+    to16_segs s;
+    memset(&s, 0, sizeof s);
+    int r = 0;
+    for (int i = 0; i < k; i++) {
+        dst[i] = NULL;
+        db_cuda_shadow *w = n[i] ? db_cuda_shadow_find(c, src[i], n[i] * sizeof(float)) : NULL;
+        if (w || n[i] == 0) { // a weight's working copy (lent), or nothing to convert
+            if (!(dst[i] = db_cuda_to16(c, src[i], n[i])) && n[i])
+                r = -1;
+            continue;
+        }
+        if (!(dst[i] = db_cuda_alloc(c, n[i] * 2))) {
+            r = -1;
+            continue;
+        }
+        s.src[s.k] = src[i], s.dst[s.k] = dst[i], s.n[s.k] = n[i], s.vec[s.k] = vec4(dst[i], src[i], n[i]);
+        s.q0[s.k + 1] = s.q0[s.k] + (n[i] + 3) / 4;
+        s.k++;
+    }
+    if (r == 0 && s.k) {
+        cudaStream_t st = db_cuda_st(c)->stream;
+        const unsigned grid = db_cuda_grid(s.q0[s.k], CONV_THREADS);
+        if (c->precision == DB_PREC_F16)
+            to16_many_kernel<__half><<<grid, CONV_THREADS, 0, st>>>(s);
+        else
+            to16_many_kernel<__nv_bfloat16><<<grid, CONV_THREADS, 0, st>>>(s);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess)
+            r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "to16_many kernel: %s", cudaGetErrorString(e));
+    }
+    if (r != 0)
+        for (int i = 0; i < k; i++) {
+            db_cuda_free(c, dst[i]);
+            dst[i] = NULL;
+        }
+    return r ? -1 : 0;
+}
+
 int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int put)
 {
     if (n == 0)

@@ -362,6 +362,12 @@ int db_cuda_attn_d(db_ctx *c, float *D, const T *dout, const T *out, int B, int 
 // n elements of the compute type: fresh scratch holding src rounded
 // (free with db_cuda_free); NULL with c->err set.
 void *db_cuda_to16(db_ctx *c, const float *src, size_t n);
+// k (<= DB_CUDA_TO16_MANY) of them at once: dst[i] = db_cuda_to16(c, src[i],
+// n[i]), the same bits, with the tensors that are not weights converted by
+// one launch (an op's operands: attention's q, k, v); 0, or -1 with c->err
+// set and every dst[i] NULL (nothing to free)
+enum { DB_CUDA_TO16_MANY = 8 };
+int db_cuda_to16_many(db_ctx *c, void **dst, const float *const *src, const size_t *n, int k);
 // every built 16-bit working copy made current for c's compute type, in
 // place (before a graph replay); 0, or -1 with c->err set
 int db_cuda_shadows_refresh(db_ctx *c);

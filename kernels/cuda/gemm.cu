@@ -737,19 +737,21 @@ template <typename X> static int bias_grad(db_ctx *c, float *dst, const X *dout,
 // when dweight needs it): dinp = round(dout' W'), or dinp += it when
 // dinp_acc; dweight += round(dout'^T x'); dbias += round(sum of dout' rows)
 // (both assigned when assign: ops.h)
+// dout16, x16: the caller's 16-bit copies of dout and inp (NULL: made here)
 static int linear_backward16(db_ctx *c, float *dinp, int dinp_acc, float *dweight, float *dbias, const float *dout,
-                             const void *x16, const float *inp, const float *weight, int N, int C, int OC,
-                             int assign)
+                             const void *dout16, const void *x16, const float *inp, const float *weight, int N, int C,
+                             int OC, int assign)
 {
     const size_t nw = (size_t)OC * C;
     const int put = db_cuda_put_param(assign);
-    ops16 o = {{db_cuda_to16(c, dout, (size_t)N * OC), NULL, NULL}};
-    int r = o.p[0] ? 0 : -1;
+    ops16 o = {{dout16 ? NULL : db_cuda_to16(c, dout, (size_t)N * OC), NULL, NULL}};
+    const void *d16 = dout16 ? dout16 : o.p[0];
+    int r = d16 ? 0 : -1;
     if (r == 0 && dinp) { // dinp (N, C) = dout (N, OC) @ weight (OC, C)
         r = (o.p[1] = db_cuda_to16(c, weight, nw)) ? 0 : -1;
         if (r == 0)
             r = via16(c, dinp, (size_t)N * C, dinp_acc, [&](void *t) {
-                return db_cuda_gemm16(c, 1, 0, 0, N, C, OC, 1.0f, o.p[0], OC, 0, o.p[1], C, 0, 0.0f, t, 1, C, 0);
+                return db_cuda_gemm16(c, 1, 0, 0, N, C, OC, 1.0f, d16, OC, 0, o.p[1], C, 0, 0.0f, t, 1, C, 0);
             });
     }
     if (r == 0 && dweight && nw > 0) { // the contribution dout^T @ inp, rounded, added
@@ -757,13 +759,13 @@ static int linear_backward16(db_ctx *c, float *dinp, int dinp_acc, float *dweigh
             r = (x16 = o.p[2] = db_cuda_to16(c, inp, (size_t)N * C)) ? 0 : -1;
         if (r == 0)
             r = via16(c, dweight, nw, put, [&](void *t) {
-                return db_cuda_gemm16(c, 1, 1, 0, OC, C, N, 1.0f, o.p[0], OC, 0, x16, C, 0, 0.0f, t, 1, C, 0);
+                return db_cuda_gemm16(c, 1, 1, 0, OC, C, N, 1.0f, d16, OC, 0, x16, C, 0, 0.0f, t, 1, C, 0);
             });
     }
     // float32 sum of the rounded dout (its 16-bit copy above), rounded, added
     if (r == 0 && dbias && N > 0 && OC > 0)
-        r = c->precision == DB_PREC_F16 ? bias_grad(c, dbias, (const __half *)o.p[0], N, OC, 2, put)
-                                        : bias_grad(c, dbias, (const __nv_bfloat16 *)o.p[0], N, OC, 1, put);
+        r = c->precision == DB_PREC_F16 ? bias_grad(c, dbias, (const __half *)d16, N, OC, 2, put)
+                                        : bias_grad(c, dbias, (const __nv_bfloat16 *)d16, N, OC, 1, put);
     ops16_free(c, &o);
     return r ? -1 : 0;
 }
@@ -773,7 +775,7 @@ extern "C" int db_cuda_linear_backward(db_ctx *c, float *dinp, float *dweight, f
 {
     DB_ENTER(c);
     if (db_cuda_prec16(c))
-        return linear_backward16(c, dinp, 0, dweight, dbias, dout, NULL, inp, weight, N, C, OC, assign);
+        return linear_backward16(c, dinp, 0, dweight, dbias, dout, NULL, NULL, inp, weight, N, C, OC, assign);
     // dinp (N, C) = dout (N, OC) @ weight (OC, C)
     if (dinp && db_cuda_sgemm(c, 1, 0, 0, N, C, OC, 1.0f, dout, OC, 0, weight, C, 0, 0.0f, dinp, C, 0) != 0)
         return -1;
@@ -789,9 +791,10 @@ extern "C" int db_cuda_linear_backward(db_ctx *c, float *dinp, float *dweight, f
 }
 
 // db_linear_multi_backward.  16-bit: the input's copy made once for the n
-// weight gradients, and each d_i widened straight into dinp (+= after the
-// first), which is the float32 addition db_add_forward makes.  fp32: d_i
-// through a scratch and the adds, as the definition.
+// weight gradients (and with the n douts' copies, by one launch), and each
+// d_i widened straight into dinp (+= after the first), which is the float32
+// addition db_add_forward makes.  fp32: d_i through a scratch and the adds,
+// as the definition.
 extern "C" int db_cuda_linear_multi_backward(db_ctx *c, float *dinp, float *const *dweight, float *const *dbias,
                                              const float *const *dout, const float *inp, const float *const *weight,
                                              int n, int N, int C, int OC, int accumulate, int assign)
@@ -802,12 +805,18 @@ extern "C" int db_cuda_linear_multi_backward(db_ctx *c, float *dinp, float *cons
         int needx = 0;
         for (int i = 0; i < n; i++)
             needx |= dweight && dweight[i] && OC > 0;
-        void *x16 = needx && N > 0 ? db_cuda_to16(c, inp, nx) : NULL;
-        int r = needx && N > 0 && !x16 ? -1 : 0;
+        static_assert(1 + DB_LINEAR_MULTI_MAX <= DB_CUDA_TO16_MANY, "one db_cuda_to16_many call");
+        void *op[1 + DB_LINEAR_MULTI_MAX]; // inp's copy (when a weight gradient is asked), the douts'
+        const float *src[1 + DB_LINEAR_MULTI_MAX] = {inp};
+        size_t cnt[1 + DB_LINEAR_MULTI_MAX] = {needx && N > 0 ? nx : 0};
+        for (int i = 0; i < n; i++)
+            src[1 + i] = dout[i], cnt[1 + i] = (size_t)N * OC;
+        int r = db_cuda_to16_many(c, op, src, cnt, 1 + n);
         for (int i = 0; i < n && r == 0; i++)
             r = linear_backward16(c, dinp, accumulate || i > 0, dweight ? dweight[i] : NULL, dbias ? dbias[i] : NULL,
-                                  dout[i], x16, inp, weight ? weight[i] : NULL, N, C, OC, assign);
-        db_cuda_free(c, x16);
+                                  dout[i], op[1 + i], op[0], inp, weight ? weight[i] : NULL, N, C, OC, assign);
+        for (int i = 0; i <= n; i++) // (all NULL when the conversions failed)
+            db_cuda_free(c, op[i]);
         return r;
     }
     float *d = dinp && (accumulate || n > 1) && nx ? (float *)db_cuda_alloc(c, nx * sizeof(float)) : NULL;

@@ -2898,6 +2898,7 @@ int main(void)
             t_linear_multi(p, 3, 37, 24, 24, 0, 0); /* self-attention's q, k, v (SD: no biases) */
             t_linear_multi(p, 3, 37, 24, 24, 1, 0); /* CLIP's (biases) */
             t_linear_multi(p, 2, 19, 40, 24, 0, 1); /* cross-attention's k, v into the context's gradient */
+            t_linear_multi(p, 2, 7, 13, 11, 1, 1);  /* counts off 4: the 16-bit copies' one-by-one tails */
             if (!quick)
                 t_linear_multi(p, 3, 8192, 320, 320, 0, 0);
         }
