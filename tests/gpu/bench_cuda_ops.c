@@ -33,7 +33,19 @@ typedef struct bcase {
     float *p[8];
 } bcase;
 
-enum { K_CONV, K_CONV_BWD, K_GEMM, K_LINEAR, K_LINEAR_BWD, K_ATTN, K_GROUPNORM, K_GROUPNORM_BWD, K_LAYERNORM };
+enum {
+    K_CONV,
+    K_CONV_BWD,
+    K_GEMM,
+    K_LINEAR,
+    K_LINEAR_BWD,
+    K_ATTN,
+    K_GROUPNORM,
+    K_GROUPNORM_BWD,
+    K_LAYERNORM,
+    K_CONV_ADD,      /* conv2d_add_forward, the addend per channel (i[10]) or whole */
+    K_CONV_THEN_ADD, /* the same as two ops: conv2d_forward, then add_channel_forward or add_forward */
+};
 
 static int run_case(db_ctx *c, void *arg)
 {
@@ -62,6 +74,15 @@ static int run_case(db_ctx *c, void *arg)
                                        i[2], i[3], 1, 0);
     case K_LAYERNORM:
         return api->layernorm_forward(c, p[0], p[1], p[2], p[3], p[4], p[5], i[0], i[1], 1e-5f);
+    case K_CONV_ADD:
+        return api->conv2d_add_forward(c, p[0], p[1], p[2], p[3], p[4], i[10], i[0], i[1], i[2], i[3], i[4], i[5],
+                                       i[6], i[7], i[8], i[9]);
+    case K_CONV_THEN_ADD:
+        if (api->conv2d_forward(c, p[0], p[1], p[2], p[3], i[0], i[1], i[2], i[3], i[4], i[5], i[6], i[7], i[8],
+                                i[9]))
+            return -1;
+        return i[10] ? api->add_channel_forward(c, p[0], p[0], p[4], i[0], i[4], i[2] * i[3])
+                     : api->add_forward(c, p[0], p[0], p[4], (size_t)i[0] * i[4] * i[2] * i[3]);
     }
     return -1;
 }
@@ -86,12 +107,12 @@ static int cmp_float(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* times b; flops > 0: report TFLOP/s, else bytes: GB/s */
-static void bench(db_ctx *c, const char *name, bcase *b, double flops, double bytes)
+/* times fn(arg); flops > 0: report TFLOP/s, else bytes: GB/s */
+static void bench_fn(db_ctx *c, const char *name, int (*fn)(db_ctx *, void *), void *arg, double flops, double bytes)
 {
     float t[REPS];
     for (int r = 0; r < REPS; r++) {
-        if (timer(c, run_case, b, r == 0 ? WARMUP : 0, ITERS, &t[r]) != 0) {
+        if (timer(c, fn, arg, r == 0 ? WARMUP : 0, ITERS, &t[r]) != 0) {
             printf("| %s | error: %s | | |\n", name, c->err.msg);
             c->err.code = 0;
             c->err.msg[0] = 0;
@@ -105,6 +126,84 @@ static void bench(db_ctx *c, const char *name, bcase *b, double flops, double by
     else
         printf("| %s | %.3f | %.1f GB/s | |\n", name, ms, bytes / ms * 1e-6);
     fflush(stdout);
+}
+
+static void bench(db_ctx *c, const char *name, bcase *b, double flops, double bytes)
+{
+    bench_fn(c, name, run_case, b, flops, bytes);
+}
+
+/* A ResBlock's convolution with its sum (3x3, stride 1, padded): the fused
+ * op beside the two ops it replaces, on the same buffers; per_channel the
+ * time embedding (conv1), else the shortcut onto out itself (conv2) */
+static void conv_add_case(db_ctx *c, int B, int C, int H, int W, int OC, int per_channel)
+{
+    const size_t nx = (size_t)B * C * H * W, nw = (size_t)OC * C * 9, ny = (size_t)B * OC * H * W;
+    float *x = drand(c, nx, 1), *w = drand(c, nw, 2), *bias = drand(c, OC, 3), *y = drand(c, ny, 4);
+    /* the addend: (B, OC) per channel; else the fused op's is out itself
+     * and the two ops' a tensor of its own (what the ResBlock passed before) */
+    float *add = per_channel ? drand(c, (size_t)B * OC, 5) : drand(c, ny, 5);
+    for (int two = 0; two < 2; two++) {
+        bcase b = {two ? K_CONV_THEN_ADD : K_CONV_ADD,
+                   {B, C, H, W, OC, 3, 3, 1, 1, 1, per_channel},
+                   {y, x, w, bias, per_channel || two ? add : y}};
+        char name[160];
+        snprintf(name, sizeof name, "%s B%d %d->%d %dx%d %s", two ? "conv2d then add" : "conv2d_add_forward", B, C, OC,
+                 H, W, per_channel ? "+ per channel" : "onto out");
+        bench(c, name, &b, 2.0 * B * OC * H * W * (double)C * 9, 0);
+    }
+    float *all[] = {x, w, bias, y, add};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        api->free(c, all[i]);
+}
+
+/* SD1.5's 22 ResBlock time projections of silu(temb) (2 x 1280): one
+ * linear_fan_forward against 22 linear_forward calls (what a forward did
+ * before, 3 launches each) */
+enum { FAN_N = 22 };
+typedef struct fan_bench {
+    float *out[FAN_N];
+    const float *w[FAN_N], *b[FAN_N];
+    int oc[FAN_N];
+    const float *x;
+    int loop;
+} fan_bench;
+
+static int run_fan(db_ctx *c, void *arg)
+{
+    fan_bench *f = arg;
+    if (!f->loop)
+        return api->linear_fan_forward(c, f->out, f->x, f->w, f->b, f->oc, FAN_N, 2, 1280);
+    for (int i = 0; i < FAN_N; i++)
+        if (api->linear_forward(c, f->out[i], f->x, f->w[i], f->b[i], 2, 1280, f->oc[i]))
+            return -1;
+    return 0;
+}
+
+static void fan_case(db_ctx *c)
+{
+    /* the widths in step order: down 320 320 640 640 1280 1280 1280 1280,
+     * mid 1280 1280, up 1280 x6, 640 x3, 320 x3 */
+    static const int oc[FAN_N] = {320,  320,  640,  640,  1280, 1280, 1280, 1280, 1280, 1280, 1280,
+                                  1280, 1280, 1280, 1280, 1280, 640,  640,  640,  320,  320,  320};
+    fan_bench f = {.x = drand(c, 2 * 1280, 1)};
+    double flops = 0;
+    for (int i = 0; i < FAN_N; i++) {
+        f.out[i] = drand(c, (size_t)2 * oc[i], 10 + i);
+        f.w[i] = drand(c, (size_t)oc[i] * 1280, 40 + i);
+        f.b[i] = drand(c, oc[i], 70 + i);
+        f.oc[i] = oc[i];
+        flops += 2.0 * 2 * 1280 * oc[i];
+    }
+    for (f.loop = 0; f.loop < 2; f.loop++)
+        bench_fn(c, f.loop ? "time projections: 22 x linear_forward 2x1280" : "time projections: linear_fan_forward 22",
+                 run_fan, &f, flops, 0);
+    for (int i = 0; i < FAN_N; i++) {
+        api->free(c, f.out[i]);
+        api->free(c, (float *)f.w[i]);
+        api->free(c, (float *)f.b[i]);
+    }
+    api->free(c, (float *)f.x);
 }
 
 /* bwd 0 the forward, 1 the backward (+= into the parameter gradients), 2
@@ -292,6 +391,13 @@ int main(void)
             conv_case(&g, 2, 1280, 8, 8, 1280, 3, 1, 1, 1, 0);
             conv_case(&g, 1, 128, 512, 512, 128, 3, 1, 1, 1, 0); /* VAE decoder top */
         }
+        if (api->conv2d_add_forward) { /* a ResBlock's conv1 + time embedding, conv2 onto its shortcut */
+            conv_add_case(&g, 2, 320, 64, 64, 320, 1);
+            conv_add_case(&g, 2, 320, 64, 64, 320, 0);
+            conv_add_case(&g, 2, 1280, 16, 16, 1280, 1);
+        }
+        if (api->linear_fan_forward)
+            fan_case(&g);
         if (api->conv2d_backward) {
             conv_case(&g, 2, 320, 64, 64, 320, 3, 1, 1, 1, 1);
             /* the 16x16 level's: 14.7 M filter gradients, written (assign)

@@ -284,6 +284,10 @@ inline cudaStream_t emu_new_stream() {
 #define cudaStreamCreateWithFlags(s, f) (*(s) = emu_new_stream(), cudaSuccess)
 #define cudaStreamDestroy(s) cudaSuccess
 #define cudaEventCreateWithFlags(e, f) (*(e) = 0, cudaSuccess)
+// (db_cuda_time_ms: bench_cuda_ops under EMU_DRY, its cases run through, every time 0)
+#define cudaEventCreate(e) (*(e) = 0, cudaSuccess)
+#define cudaEventSynchronize(e) cudaSuccess
+#define cudaEventElapsedTime(ms, a, b) (*(ms) = 0.0f, cudaSuccess)
 #define cudaEventRecord(e, s) cudaSuccess
 #define cudaEventDestroy(e) cudaSuccess
 #define cudaStreamWaitEvent(s, e, f) cudaSuccess
