@@ -556,13 +556,13 @@ void db_unet_free(db_unet *u)
 }
 
 /* Each cross-attention's k and v slots in the cache kv for (B, Tc), in
- * step and block order, one walk for the three uses: *used = the floats
- * they need; set: the blocks' k2c / v2c pointed at their slots (kv NULL: at
- * none); context: each slot's k and v made from it (db_mha_kv_forward; -1
- * on a failure, the ctx's error says it). */
+ * step and block order, one walk for the three uses: *used (NULL: not
+ * asked) = the floats they need; set: the blocks' k2c / v2c pointed at
+ * their slots (kv NULL: at none); context: each slot's k and v made from it
+ * (db_mha_kv_forward; -1 on a failure, the ctx's error says it). */
 static int kvc_walk(db_unet *u, float *kv, int B, int Tc, int set, const float *context, size_t *used)
 {
-    *used = 0;
+    size_t off = 0;
     for (int i = 0; i < u->ns; i++) {
         step *s = &u->s[i];
         if (s->kind != ST_ATTN)
@@ -571,14 +571,16 @@ static int kvc_walk(db_unet *u, float *kv, int B, int Tc, int set, const float *
             const db_mha *w = &s->tr.blk[d].attn2;
             const size_t n = (size_t)B * Tc * w->C;
             if (set && s->ta.blk) {
-                s->ta.blk[d].k2c = kv ? kv + *used : NULL;
-                s->ta.blk[d].v2c = kv ? kv + *used + n : NULL;
+                s->ta.blk[d].k2c = kv ? kv + off : NULL;
+                s->ta.blk[d].v2c = kv ? kv + off + n : NULL;
             }
-            if (context && db_mha_kv_forward(u->ctx, kv + *used, kv + *used + n, context, w, B, Tc))
+            if (context && db_mha_kv_forward(u->ctx, kv + off, kv + off + n, context, w, B, Tc))
                 return -1;
-            *used += 2 * n;
+            off += 2 * n;
         }
     }
+    if (used)
+        *used = off;
     return 0;
 }
 
@@ -603,7 +605,7 @@ int db_unet_cache_context(db_unet *u, const float *context, int B, int Tc, db_er
         u->kvc_n = n;
         u->gen++; /* a graph that read the old cache must not replay */
     }
-    if (kvc_walk(u, u->kvc, B, Tc, 0, context, &n))
+    if (kvc_walk(u, u->kvc, B, Tc, 0, context, NULL))
         return db_err_set(err, c->err.code, "unet: context cache: %s", c->err.msg);
     if (!u->kvc_on)
         u->gen++; /* graphs recorded making k and v themselves are fine, but count it a change */
@@ -740,8 +742,7 @@ int db_unet_forward(db_unet *u, float *out, const float *sample, const float *ti
     /* the context cache's k and v where it holds this context (inference);
      * elsewhere each cross-attention makes its own */
     const int kvc = u->kvc_on && !u->keep && context == u->kvc_ctx && B == u->kvc_B && Tc == u->kvc_Tc;
-    size_t nkv;
-    kvc_walk(u, kvc ? u->kvc : NULL, B, Tc, 1, NULL, &nkv);
+    kvc_walk(u, kvc ? u->kvc : NULL, B, Tc, 1, NULL, NULL);
     memset(u->times, 0, sizeof u->times);
     u->sample = sample;
     u->context = context;
