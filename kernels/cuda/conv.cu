@@ -781,6 +781,14 @@ static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *
     return r ? -1 : 0;
 }
 
+// the forward plan of these sizes in c's precision (NULL with c->err set)
+static db_cuda_conv_plan *forward_plan(db_ctx *c, int B, int C, int H, int W, int OC, int KH, int KW, int stride,
+                                       int pad0, int pad1)
+{
+    const int key[11] = {B, C, H, W, OC, KH, KW, stride, pad0, pad1, db_cuda_prec16(c) ? (int)c->precision : 0};
+    return get_plan(c, key, 0);
+}
+
 extern "C" int db_cuda_conv2d_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,
                                       int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0,
                                       int pad1)
@@ -788,11 +796,10 @@ extern "C" int db_cuda_conv2d_forward(db_ctx *c, float *out, const float *inp, c
     DB_ENTER(c);
     if (B == 0 || OC == 0)
         return 0;
-    const int key[11] = {B, C, H, W, OC, KH, KW, stride, pad0, pad1, db_cuda_prec16(c) ? (int)c->precision : 0};
-    db_cuda_conv_plan *p = get_plan(c, key, 0);
+    db_cuda_conv_plan *p = forward_plan(c, B, C, H, W, OC, KH, KW, stride, pad0, pad1);
     if (!p)
         return -1;
-    if (key[10]) { // 16-bit; 1: cuDNN has no algorithm for it, the fp32 plan on rounded inputs
+    if (p->key[10]) { // 16-bit; 1: cuDNN has no algorithm for it, the fp32 plan on rounded inputs
         int r = p->via32[0] ? 1 : conv_forward16(c, p, out, inp, weight, bias);
         if (r == 1) {
             p->via32[0] = 1;
@@ -821,11 +828,10 @@ extern "C" int db_cuda_conv2d_add_forward(db_ctx *c, float *out, const float *in
     DB_ENTER(c);
     if (B == 0 || OC == 0)
         return 0;
-    const int key[11] = {B, C, H, W, OC, KH, KW, stride, pad0, pad1, db_cuda_prec16(c) ? (int)c->precision : 0};
-    db_cuda_conv_plan *p = get_plan(c, key, 0);
+    db_cuda_conv_plan *p = forward_plan(c, B, C, H, W, OC, KH, KW, stride, pad0, pad1);
     if (!p)
         return -1;
-    if (key[10] && p->nhwc && !p->via32[0]) {
+    if (p->key[10] && p->nhwc && !p->via32[0]) {
         const int r = conv_forward16(c, p, out, inp, weight, bias, add, per_channel);
         if (r != 1)
             return r;
@@ -836,7 +842,8 @@ extern "C" int db_cuda_conv2d_add_forward(db_ctx *c, float *out, const float *in
     float *t = add == out ? (float *)db_cuda_alloc(c, n * sizeof(float)) : out;
     int r = t ? db_cuda_conv2d_forward(c, t, inp, weight, bias, B, C, H, W, OC, KH, KW, stride, pad0, pad1) : -1;
     if (r == 0)
-        r = per_channel ? db_cuda_add_channel_forward(c, out, t, add, B, OC, OHW) : db_cuda_add_forward(c, out, t, add, n);
+        r = per_channel ? db_cuda_add_channel_forward(c, out, t, add, B, OC, OHW)
+                        : db_cuda_add_forward(c, out, t, add, n);
     if (t != out)
         db_cuda_free(c, t);
     return r ? -1 : 0;

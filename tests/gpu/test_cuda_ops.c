@@ -1348,7 +1348,8 @@ static void t_conv_add(db_precision p, int B, int C, int H, int W, int OC, int K
     }
     const int OH = H + 2 * pad - K + 1, OW = W + 2 * pad - K + 1;
     const size_t nx = (size_t)B * C * H * W, nw = (size_t)OC * C * K * K, ny = (size_t)B * OC * OH * OW;
-    float *x = dputf(hrand(nx, 1), nx), *w = dputf(hrand(nw, 0.1f), nw), *b = with_bias ? dputf(hrand(OC, 1), OC) : NULL;
+    float *x = dputf(hrand(nx, 1), nx), *w = dputf(hrand(nw, 0.1f), nw);
+    float *b = with_bias ? dputf(hrand(OC, 1), OC) : NULL;
     float *hr = hrand(ny, 1);
     hr[0] = -0.0f; /* (a signed zero among the addends) */
     float *r = dputf(hr, ny), *ch = dputf(hrand((size_t)B * OC, 1), (size_t)B * OC);

@@ -218,7 +218,8 @@ int main(void)
         const size_t ny = (size_t)CB * COC * CH * CW;
         float *cx = rnd((size_t)CB * CC * CH * CW, 40, 1.0f), *cw3 = rnd((size_t)COC * CC * 9, 41, 0.2f);
         float *cw1 = rnd((size_t)COC * CC, 42, 0.2f), *cb = rnd(COC, 43, 0.5f), *ca = rnd(ny, 44, 1.0f);
-        float *cv = rnd((size_t)CB * COC, 45, 1.0f), *cwant = malloc(ny * sizeof *cwant), *cgot = malloc(ny * sizeof *cgot);
+        float *cv = rnd((size_t)CB * COC, 45, 1.0f), *cwant = malloc(ny * sizeof *cwant);
+        float *cgot = malloc(ny * sizeof *cgot);
         ca[0] = -0.0f, ca[1] = NAN;
         for (int p = 0; p < 3; p++)
             for (int t = 0; t < 2; t++)
