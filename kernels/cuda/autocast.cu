@@ -566,6 +566,55 @@ int db_cuda_to16_many(db_ctx *c, void **dst, const float *const *src, const size
     return r ? -1 : 0;
 }
 
+// db_cuda_from16_many's pass: k tensors of n values packed in src, quad by
+// quad (four at a time where dst[i] is 16-byte aligned and the quad whole)
+struct from16_segs {
+    float *dst[DB_CUDA_TO16_MANY];
+    int k;
+};
+
+template <typename T> __global__ static void from16_many_kernel(const from16_segs s, const T *src, size_t n)
+{
+    const size_t nq = (n + 3) / 4, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t g = blockIdx.x * (size_t)blockDim.x + threadIdx.x; g < nq * s.k; g += stride) {
+        const int i = (int)(g / nq);
+        const size_t e = (g - (size_t)i * nq) * 4;
+        const T *si = src + (size_t)i * n;
+        float *d = s.dst[i];
+        if (e + 4 <= n && (uintptr_t)d % 16 == 0 && (uintptr_t)(si + e) % 8 == 0) {
+            const x4_16<T> a = *(const x4_16<T> *)(si + e);
+            f32x4 b;
+            for (int j = 0; j < 4; j++)
+                b.v[j] = load16(&a.v[j]);
+            *(f32x4 *)(d + e) = b;
+        } else {
+            for (size_t j = e; j < e + 4 && j < n; j++)
+                d[j] = load16(si + j);
+        }
+    }
+}
+
+int db_cuda_from16_many(db_ctx *c, float *const *dst, const void *src, size_t n, int k)
+{
+    if (n == 0 || k == 0)
+        return 0;
+    from16_segs s;
+    memset(&s, 0, sizeof s);
+    for (int i = 0; i < k; i++)
+        s.dst[i] = dst[i];
+    s.k = k;
+    cudaStream_t st = db_cuda_st(c)->stream;
+    const unsigned grid = db_cuda_grid((n + 3) / 4 * k, CONV_THREADS);
+    if (c->precision == DB_PREC_F16)
+        from16_many_kernel<__half><<<grid, CONV_THREADS, 0, st>>>(s, (const __half *)src, n);
+    else
+        from16_many_kernel<__nv_bfloat16><<<grid, CONV_THREADS, 0, st>>>(s, (const __nv_bfloat16 *)src, n);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "from16_many kernel: %s", cudaGetErrorString(e));
+    return 0;
+}
+
 int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int put)
 {
     if (n == 0)

@@ -368,6 +368,10 @@ void *db_cuda_to16(db_ctx *c, const float *src, size_t n);
 // set and every dst[i] NULL (nothing to free)
 enum { DB_CUDA_TO16_MANY = 8 };
 int db_cuda_to16_many(db_ctx *c, void **dst, const float *const *src, const size_t *n, int k);
+// and back: dst[i] (float, n floats each) = src (compute type): k tensors
+// packed one after another in src, widened by one launch (the same bits as
+// k db_cuda_from16 calls with DB_PUT_SET); 0, or -1 with c->err set
+int db_cuda_from16_many(db_ctx *c, float *const *dst, const void *src, size_t n, int k);
 // every built 16-bit working copy made current for c's compute type, in
 // place (before a graph replay); 0, or -1 with c->err set
 int db_cuda_shadows_refresh(db_ctx *c);

@@ -1397,7 +1397,10 @@ static void t_linear_multi(db_precision p, int n, int N, int C, int OC, int with
         gw1[i] = dputf(hw, nw), gw2[i] = dputf(hw, nw), gb1[i] = dputf(hb, OC), gb2[i] = dputf(hb, OC);
     }
     float *hx0 = hrand(nx, 1), *dx1 = dputf(hx0, nx), *dx2 = dputf(hx0, nx), *dt = dpoison(nx);
-    const float *const *cw = (const float *const *)w, *const *cb = with_bias ? (const float *const *)b : NULL;
+    /* no biases as the UNet passes them (an array of NULLs) where C is odd, else a NULL array */
+    static const float *const nulls[DB_LINEAR_MULTI_MAX];
+    const float *const *cw = (const float *const *)w,
+                       *const *cb = with_bias ? (const float *const *)b : C % 2 ? nulls : NULL;
     int ok = gpu_ran(IN_PREC(p, api->linear_multi_forward(&g, o1, x, cw, cb, n, N, C, OC)), what);
     for (int i = 0; i < n && ok; i++)
         ok = gpu_ran(IN_PREC(p, api->linear_forward(&g, o2[i], x, w[i], with_bias ? b[i] : NULL, N, C, OC)), what);
@@ -2900,6 +2903,7 @@ int main(void)
             t_linear_multi(p, 3, 37, 24, 24, 1, 0); /* CLIP's (biases) */
             t_linear_multi(p, 2, 19, 40, 24, 0, 1); /* cross-attention's k, v into the context's gradient */
             t_linear_multi(p, 2, 7, 13, 11, 1, 1);  /* counts off 4: the 16-bit copies' one-by-one tails */
+            t_linear_multi(p, 3, 7, 13, 11, 0, 0);  /* and the widening's, off its 8-byte alignment */
             if (!quick)
                 t_linear_multi(p, 3, 8192, 320, 320, 0, 0);
         }
