@@ -566,53 +566,93 @@ int db_cuda_to16_many(db_ctx *c, void **dst, const float *const *src, const size
     return r ? -1 : 0;
 }
 
-// db_cuda_from16_many's pass: k tensors of n values packed in src, quad by
-// quad (four at a time where dst[i] is 16-byte aligned and the quad whole)
-struct from16_segs {
-    float *dst[DB_CUDA_TO16_MANY];
-    int k;
+// db_cuda_widen's pass: the quads (four elements) of the jobs as one index
+// space, q0[i] the first quad of job i; a quad four at a time when the
+// job's pointers allow (vec) and it is whole, else one by one.  An element:
+// the first source by put, then each further source added in order -- the
+// float32 operations of m db_cuda_from16 calls (put, then DB_PUT_ADD).
+struct widen_segs {
+    db_cuda_widen_job j[DB_CUDA_TO16_MANY];
+    size_t q0[DB_CUDA_TO16_MANY + 1];
+    int vec[DB_CUDA_TO16_MANY], k;
 };
 
-template <typename T> __global__ static void from16_many_kernel(const from16_segs s, const T *src, size_t n)
+template <typename T> __device__ __forceinline__ static float widen_one(const db_cuda_widen_job &j, size_t e)
 {
-    const size_t nq = (n + 3) / 4, stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t g = blockIdx.x * (size_t)blockDim.x + threadIdx.x; g < nq * s.k; g += stride) {
-        const int i = (int)(g / nq);
-        const size_t e = (g - (size_t)i * nq) * 4;
-        const T *si = src + (size_t)i * n;
-        float *d = s.dst[i];
-        if (e + 4 <= n && (uintptr_t)d % 16 == 0 && (uintptr_t)(si + e) % 8 == 0) {
-            const x4_16<T> a = *(const x4_16<T> *)(si + e);
-            f32x4 b;
-            for (int j = 0; j < 4; j++)
-                b.v[j] = load16(&a.v[j]);
-            *(f32x4 *)(d + e) = b;
+    const T *s = (const T *)j.src + e;
+    float v = load16(s);
+    v = j.put == DB_PUT_ADD ? j.dst[e] + v : j.put == DB_PUT_FRESH ? __fadd_rn(0.0f, v) : v;
+    for (int m = 1; m < j.m; m++)
+        v = __fadd_rn(v, load16(s + (size_t)m * j.stride));
+    return v;
+}
+
+template <typename T> __global__ static void widen_kernel(const widen_segs s)
+{
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t g = blockIdx.x * (size_t)blockDim.x + threadIdx.x; g < s.q0[s.k]; g += stride) {
+        int i = 0;
+        while (g >= s.q0[i + 1])
+            i++;
+        const db_cuda_widen_job &j = s.j[i];
+        const size_t e = (g - s.q0[i]) * 4;
+        if (s.vec[i] && e + 4 <= j.n) {
+            f32x4 d;
+            if (j.put == DB_PUT_ADD)
+                d = *(const f32x4 *)(j.dst + e);
+            x4_16<T> a = *(const x4_16<T> *)((const T *)j.src + e);
+            for (int k = 0; k < 4; k++) {
+                const float v = load16(&a.v[k]);
+                d.v[k] = j.put == DB_PUT_ADD ? d.v[k] + v : j.put == DB_PUT_FRESH ? __fadd_rn(0.0f, v) : v;
+            }
+            for (int m = 1; m < j.m; m++) {
+                a = *(const x4_16<T> *)((const T *)j.src + (size_t)m * j.stride + e);
+                for (int k = 0; k < 4; k++)
+                    d.v[k] = __fadd_rn(d.v[k], load16(&a.v[k]));
+            }
+            *(f32x4 *)(j.dst + e) = d;
         } else {
-            for (size_t j = e; j < e + 4 && j < n; j++)
-                d[j] = load16(si + j);
+            for (size_t x = e; x < e + 4 && x < j.n; x++)
+                j.dst[x] = widen_one<T>(j, x);
         }
     }
 }
 
-int db_cuda_from16_many(db_ctx *c, float *const *dst, const void *src, size_t n, int k)
+int db_cuda_widen(db_ctx *c, const db_cuda_widen_job *jobs, int k)
 {
-    if (n == 0 || k == 0)
-        return 0;
-    from16_segs s;
+    widen_segs s;
     memset(&s, 0, sizeof s);
-    for (int i = 0; i < k; i++)
-        s.dst[i] = dst[i];
-    s.k = k;
+    for (int i = 0; i < k; i++) {
+        const db_cuda_widen_job &j = jobs[i];
+        if (!j.dst || j.n == 0 || j.m < 1)
+            continue;
+        if (s.k == DB_CUDA_TO16_MANY)
+            return db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "widen: more than %d jobs", DB_CUDA_TO16_MANY);
+        s.j[s.k] = j;
+        s.vec[s.k] = (uintptr_t)j.dst % 16 == 0 && (uintptr_t)j.src % 8 == 0 && (j.m == 1 || j.stride % 4 == 0);
+        s.q0[s.k + 1] = s.q0[s.k] + (j.n + 3) / 4;
+        s.k++;
+    }
+    if (s.k == 0)
+        return 0;
     cudaStream_t st = db_cuda_st(c)->stream;
-    const unsigned grid = db_cuda_grid((n + 3) / 4 * k, CONV_THREADS);
+    const unsigned grid = db_cuda_grid(s.q0[s.k], CONV_THREADS);
     if (c->precision == DB_PREC_F16)
-        from16_many_kernel<__half><<<grid, CONV_THREADS, 0, st>>>(s, (const __half *)src, n);
+        widen_kernel<__half><<<grid, CONV_THREADS, 0, st>>>(s);
     else
-        from16_many_kernel<__nv_bfloat16><<<grid, CONV_THREADS, 0, st>>>(s, (const __nv_bfloat16 *)src, n);
+        widen_kernel<__nv_bfloat16><<<grid, CONV_THREADS, 0, st>>>(s);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess)
-        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "from16_many kernel: %s", cudaGetErrorString(e));
+        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "widen kernel: %s", cudaGetErrorString(e));
     return 0;
+}
+
+int db_cuda_from16_many(db_ctx *c, float *const *dst, const void *src, size_t n, int k)
+{
+    db_cuda_widen_job j[DB_CUDA_TO16_MANY];
+    for (int i = 0; i < k && i < DB_CUDA_TO16_MANY; i++)
+        j[i] = db_cuda_widen_job{dst[i], (const char *)src + (size_t)i * n * 2, n, 1, 0, DB_PUT_SET};
+    return db_cuda_widen(c, j, k);
 }
 
 int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int put)

@@ -366,12 +366,28 @@ void *db_cuda_to16(db_ctx *c, const float *src, size_t n);
 // n[i]), the same bits, with the tensors that are not weights converted by
 // one launch (an op's operands: attention's q, k, v); 0, or -1 with c->err
 // set and every dst[i] NULL (nothing to free)
-enum { DB_CUDA_TO16_MANY = 8 };
+enum { DB_CUDA_TO16_MANY = 12 };
 int db_cuda_to16_many(db_ctx *c, void **dst, const float *const *src, const size_t *n, int k);
 // and back: dst[i] (float, n floats each) = src (compute type): k tensors
 // packed one after another in src, widened by one launch (the same bits as
 // k db_cuda_from16 calls with DB_PUT_SET); 0, or -1 with c->err set
 int db_cuda_from16_many(db_ctx *c, float *const *dst, const void *src, size_t n, int k);
+// One widening of db_cuda_widen: dst (n floats) = the first of m sources of
+// the compute type (src, src + stride, ... elements) by put (DB_PUT_*), then
+// += each further one in order: the bits of m db_cuda_from16 calls (put,
+// then DB_PUT_ADD).  dst NULL or n 0: no work.
+struct db_cuda_widen_job {
+    float *dst;
+    const void *src;
+    size_t n;
+    int m;
+    size_t stride;
+    int put;
+};
+// k (<= DB_CUDA_TO16_MANY) widenings whose dsts do not overlap, by one
+// launch (an op's products: a linear backward's dinp and dweight); 0, or -1
+// with c->err set
+int db_cuda_widen(db_ctx *c, const db_cuda_widen_job *jobs, int k);
 // every built 16-bit working copy made current for c's compute type, in
 // place (before a graph replay); 0, or -1 with c->err set
 int db_cuda_shadows_refresh(db_ctx *c);

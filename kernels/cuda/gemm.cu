@@ -753,40 +753,70 @@ template <typename X> static int bias_grad(db_ctx *c, float *dst, const X *dout,
     return r;
 }
 
-// 16-bit linear_backward from the input's 16-bit copy x16 (NULL: made here
-// when dweight needs it): dinp = round(dout' W'), or dinp += it when
-// dinp_acc; dweight += round(dout'^T x'); dbias += round(sum of dout' rows)
-// (both assigned when assign: ops.h)
-// dout16, x16: the caller's 16-bit copies of dout and inp (NULL: made here)
-static int linear_backward16(db_ctx *c, float *dinp, int dinp_acc, float *dweight, float *dbias, const float *dout,
-                             const void *dout16, const void *x16, const float *inp, const float *weight, int N, int C,
-                             int OC, int assign)
+// 16-bit backward of n linears of one input (n 1: linear_backward):
+//   dinp = round(dout_0' W_0') (+= when dinp_acc), then += round(dout_i' W_i')
+//   dweight_i += round(dout_i'^T x'), dbias_i += round(sum of dout_i' rows)
+// (' = rounded; parameter gradients assigned when assign: ops.h).  One
+// launch makes the 16-bit copies of inp, the douts and any weight that is
+// not a shadow; the products go into one scratch, and one launch widens
+// them all (dinp's n products summed in order): the same bits as a
+// conversion and a widening per operand and product.
+static int linear_backward16(db_ctx *c, float *dinp, int dinp_acc, float *const *dweight, float *const *dbias,
+                             const float *const *dout, const float *inp, const float *const *weight, int n, int N,
+                             int C, int OC, int assign)
 {
-    const size_t nw = (size_t)OC * C;
+    static_assert(1 + 2 * (int)DB_LINEAR_MULTI_MAX <= (int)DB_CUDA_TO16_MANY, "one db_cuda_to16_many call");
+    static_assert(1 + (int)DB_LINEAR_MULTI_MAX <= (int)DB_CUDA_TO16_MANY, "one db_cuda_widen call");
+    const size_t nx = (size_t)N * C, nw = (size_t)OC * C;
     const int put = db_cuda_put_param(assign);
-    ops16 o = {{dout16 ? NULL : db_cuda_to16(c, dout, (size_t)N * OC), NULL, NULL}};
-    const void *d16 = dout16 ? dout16 : o.p[0];
-    int r = d16 ? 0 : -1;
-    if (r == 0 && dinp) { // dinp (N, C) = dout (N, OC) @ weight (OC, C)
-        r = (o.p[1] = db_cuda_to16(c, weight, nw)) ? 0 : -1;
-        if (r == 0)
-            r = via16(c, dinp, (size_t)N * C, dinp_acc, [&](void *t) {
-                return db_cuda_gemm16(c, 1, 0, 0, N, C, OC, 1.0f, d16, OC, 0, o.p[1], C, 0, 0.0f, t, 1, C, 0);
-            });
+    int needx = 0;
+    for (int i = 0; i < n; i++)
+        needx |= dweight[i] && nw > 0;
+    // 16-bit operands: [0] inp, [1 + i] dout_i, [1 + n + i] weight_i (lent when a shadow)
+    void *op[1 + 2 * DB_LINEAR_MULTI_MAX];
+    const float *src[1 + 2 * DB_LINEAR_MULTI_MAX] = {inp};
+    size_t cnt[1 + 2 * DB_LINEAR_MULTI_MAX] = {needx && N > 0 ? nx : 0};
+    for (int i = 0; i < n; i++) {
+        src[1 + i] = dout[i], cnt[1 + i] = (size_t)N * OC;
+        src[1 + n + i] = weight[i], cnt[1 + n + i] = dinp && nx ? nw : 0;
     }
-    if (r == 0 && dweight && nw > 0) { // the contribution dout^T @ inp, rounded, added
-        if (!x16)
-            r = (x16 = o.p[2] = db_cuda_to16(c, inp, (size_t)N * C)) ? 0 : -1;
-        if (r == 0)
-            r = via16(c, dweight, nw, put, [&](void *t) {
-                return db_cuda_gemm16(c, 1, 1, 0, OC, C, N, 1.0f, d16, OC, 0, x16, C, 0, 0.0f, t, 1, C, 0);
-            });
+    if (db_cuda_to16_many(c, op, src, cnt, 1 + 2 * n) != 0)
+        return -1;
+    // the products' scratch: dinp's n (at a stride of whole 16-byte lines), then each dweight_i
+    const size_t sx = (nx + 7) / 8 * 8, sw = (nw + 7) / 8 * 8;
+    size_t room = dinp ? n * sx : 0;
+    for (int i = 0; i < n; i++)
+        room += dweight[i] ? sw : 0;
+    char *t = room ? (char *)db_cuda_alloc(c, room * 2) : NULL;
+    int r = room && !t ? -1 : 0;
+    db_cuda_widen_job job[1 + DB_LINEAR_MULTI_MAX];
+    int nj = 0;
+    if (r == 0 && dinp && nx) { // dinp (N, C) = sum of dout_i (N, OC) @ weight_i (OC, C)
+        for (int i = 0; i < n && r == 0; i++)
+            r = db_cuda_gemm16(c, 1, 0, 0, N, C, OC, 1.0f, op[1 + i], OC, 0, op[1 + n + i], C, 0, 0.0f,
+                               t + i * sx * 2, 1, C, 0);
+        job[nj++] = db_cuda_widen_job{dinp, t, nx, n, sx, dinp_acc ? DB_PUT_ADD : DB_PUT_SET};
     }
+    size_t at = dinp ? n * sx : 0;
+    for (int i = 0; i < n && r == 0; i++) { // the contributions dout_i^T @ inp, rounded, added
+        if (!dweight[i] || nw == 0)
+            continue;
+        r = db_cuda_gemm16(c, 1, 1, 0, OC, C, N, 1.0f, op[1 + i], OC, 0, op[0], C, 0, 0.0f, t + at * 2, 1, C, 0);
+        job[nj++] = db_cuda_widen_job{dweight[i], t + at * 2, nw, 1, 0, put};
+        at += sw;
+    }
+    if (r == 0)
+        r = db_cuda_widen(c, job, nj);
     // float32 sum of the rounded dout (its 16-bit copy above), rounded, added
-    if (r == 0 && dbias && N > 0 && OC > 0)
-        r = c->precision == DB_PREC_F16 ? bias_grad(c, dbias, (const __half *)d16, N, OC, 2, put)
-                                        : bias_grad(c, dbias, (const __nv_bfloat16 *)d16, N, OC, 1, put);
-    ops16_free(c, &o);
+    for (int i = 0; i < n && r == 0; i++) {
+        if (!dbias[i] || N == 0 || OC == 0)
+            continue;
+        r = c->precision == DB_PREC_F16 ? bias_grad(c, dbias[i], (const __half *)op[1 + i], N, OC, 2, put)
+                                        : bias_grad(c, dbias[i], (const __nv_bfloat16 *)op[1 + i], N, OC, 1, put);
+    }
+    db_cuda_free(c, t);
+    for (int i = 0; i < 1 + 2 * n; i++)
+        db_cuda_free(c, op[i]);
     return r ? -1 : 0;
 }
 
@@ -795,7 +825,7 @@ extern "C" int db_cuda_linear_backward(db_ctx *c, float *dinp, float *dweight, f
 {
     DB_ENTER(c);
     if (db_cuda_prec16(c))
-        return linear_backward16(c, dinp, 0, dweight, dbias, dout, NULL, NULL, inp, weight, N, C, OC, assign);
+        return linear_backward16(c, dinp, 0, &dweight, &dbias, &dout, inp, &weight, 1, N, C, OC, assign);
     // dinp (N, C) = dout (N, OC) @ weight (OC, C)
     if (dinp && db_cuda_sgemm(c, 1, 0, 0, N, C, OC, 1.0f, dout, OC, 0, weight, C, 0, 0.0f, dinp, C, 0) != 0)
         return -1;
@@ -810,11 +840,10 @@ extern "C" int db_cuda_linear_backward(db_ctx *c, float *dinp, float *dweight, f
     return 0;
 }
 
-// db_linear_multi_backward.  16-bit: the input's copy made once for the n
-// weight gradients (and with the n douts' copies, by one launch), and each
-// d_i widened straight into dinp (+= after the first), which is the float32
-// addition db_add_forward makes.  fp32: d_i through a scratch and the adds,
-// as the definition.
+// db_linear_multi_backward.  16-bit: linear_backward16 above, the n linears
+// at once: each d_i widened straight into dinp (+= after the first), which
+// is the float32 addition db_add_forward makes.  fp32: d_i through a
+// scratch and the adds, as the definition.
 extern "C" int db_cuda_linear_multi_backward(db_ctx *c, float *dinp, float *const *dweight, float *const *dbias,
                                              const float *const *dout, const float *inp, const float *const *weight,
                                              int n, int N, int C, int OC, int accumulate, int assign)
@@ -822,22 +851,10 @@ extern "C" int db_cuda_linear_multi_backward(db_ctx *c, float *dinp, float *cons
     DB_ENTER(c);
     const size_t nx = (size_t)N * C;
     if (db_cuda_prec16(c)) {
-        int needx = 0;
-        for (int i = 0; i < n; i++)
-            needx |= dweight && dweight[i] && OC > 0;
-        static_assert(1 + DB_LINEAR_MULTI_MAX <= DB_CUDA_TO16_MANY, "one db_cuda_to16_many call");
-        void *op[1 + DB_LINEAR_MULTI_MAX]; // inp's copy (when a weight gradient is asked), the douts'
-        const float *src[1 + DB_LINEAR_MULTI_MAX] = {inp};
-        size_t cnt[1 + DB_LINEAR_MULTI_MAX] = {needx && N > 0 ? nx : 0};
-        for (int i = 0; i < n; i++)
-            src[1 + i] = dout[i], cnt[1 + i] = (size_t)N * OC;
-        int r = db_cuda_to16_many(c, op, src, cnt, 1 + n);
-        for (int i = 0; i < n && r == 0; i++)
-            r = linear_backward16(c, dinp, accumulate || i > 0, dweight ? dweight[i] : NULL, dbias ? dbias[i] : NULL,
-                                  dout[i], op[1 + i], op[0], inp, weight ? weight[i] : NULL, N, C, OC, assign);
-        for (int i = 0; i <= n; i++) // (all NULL when the conversions failed)
-            db_cuda_free(c, op[i]);
-        return r;
+        float *none[DB_LINEAR_MULTI_MAX] = {NULL};
+        const float *nowt[DB_LINEAR_MULTI_MAX] = {NULL};
+        return linear_backward16(c, dinp, accumulate, dweight ? dweight : none, dbias ? dbias : none, dout, inp,
+                                 weight ? weight : nowt, n, N, C, OC, assign);
     }
     float *d = dinp && (accumulate || n > 1) && nx ? (float *)db_cuda_alloc(c, nx * sizeof(float)) : NULL;
     int r = dinp && (accumulate || n > 1) && nx && !d ? -1 : 0;
