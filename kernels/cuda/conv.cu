@@ -538,50 +538,6 @@ static db_cuda_conv_plan *plan32(db_ctx *c, const db_cuda_conv_plan *p16, int ba
 
 // ---- bf16 / fp16 --------------------------------------------------------------------
 
-// y (B, OC, OHW), or (B, OHW, OC) when nhwc, in the compute type =
-// round(bias) per channel: the beta-1 addend of the forward.  A thread
-// writes eight consecutive values with one 16-byte store (y comes from
-// db_cuda_alloc, 16-byte aligned), finding its first channel with one
-// 64-bit division and stepping from there.  (H200, call 5: a 64-bit
-// modulo and a 2-byte store per value, 0.7 TB/s, 1.6 ms of a 15.8 ms VAE
-// decode.)
-enum { BF_PER = 8 };
-__global__ static void bias_fill16_kernel(void *y, const float *bias, size_t n, int OC, int OHW, int f16, int nhwc)
-{
-    const size_t groups = (n + BF_PER - 1) / BF_PER;
-    for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < groups; t += (size_t)gridDim.x * blockDim.x) {
-        const size_t i0 = t * BF_PER;
-        // the channel of element i0 and (NCHW) its place in its plane
-        int c, hw = 0;
-        if (nhwc) {
-            c = (int)(i0 % (size_t)OC);
-        } else {
-            const size_t plane = i0 / (size_t)OHW;
-            hw = (int)(i0 - plane * (size_t)OHW), c = (int)(plane % (size_t)OC);
-        }
-        unsigned short h[BF_PER];
-        for (int q = 0; q < BF_PER; q++) {
-            const float b = bias[c];
-            h[q] = f16 ? __half_as_ushort(__float2half_rn(b)) : __bfloat16_as_ushort(__float2bfloat16_rn(b));
-            if (nhwc ? ++c == OC : ++hw == OHW) {
-                if (!nhwc)
-                    hw = 0, c++;
-                if (c == OC)
-                    c = 0;
-            }
-        }
-        if (i0 + BF_PER <= n) {
-            uint4 u;
-            u.x = h[0] | (unsigned)h[1] << 16, u.y = h[2] | (unsigned)h[3] << 16;
-            u.z = h[4] | (unsigned)h[5] << 16, u.w = h[6] | (unsigned)h[7] << 16;
-            *(uint4 *)((unsigned short *)y + i0) = u;
-        } else {
-            for (size_t i = i0; i < n; i++)
-                ((unsigned short *)y)[i] = h[i - i0];
-        }
-    }
-}
-
 // The input in the compute type, padded when the plan needs it; NULL with
 // c->err set.  Free with db_cuda_free.
 static void *input16(db_ctx *c, const db_cuda_conv_plan *p, const float *inp)
@@ -619,15 +575,18 @@ static int conv_forward16(db_ctx *c, db_cuda_conv_plan *p, float *out, const flo
 {
     const int B = p->key[0], OC = p->key[4];
     const size_t ny = (size_t)B * OC * p->OH * p->OW;
-    void *x16 = input16(c, p, inp), *w16 = filter16(c, p, weight), *y16 = db_cuda_alloc(c, ny * 2);
-    int r = x16 && w16 && y16 ? 0 : -1;
-    if (r == 0 && bias) {
-        bias_fill16_kernel<<<db_cuda_grid((ny + BF_PER - 1) / BF_PER, 256), 256, 0, db_cuda_st(c)->stream>>>(
-            y16, bias, ny, OC, p->OH * p->OW, c->precision == DB_PREC_F16, p->nhwc);
-        cudaError_t e = cudaGetLastError();
-        if (e != cudaSuccess)
-            r = db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "bias_fill16_kernel: %s", cudaGetErrorString(e));
-    }
+    void *w16 = filter16(c, p, weight), *y16 = db_cuda_alloc(c, ny * 2);
+    // y16 prefilled with the rounded bias (cuDNN's beta-1 addend), by the
+    // launch that makes the input's channels-last copy where there is one
+    const db_cuda_fill_job fill{y16, bias, ny, OC, p->OH * p->OW, p->nhwc};
+    db_cuda_nhwc_job xj{NULL, inp, B, p->key[1], p->key[2] * p->key[3]};
+    const int with_x = p->nhwc && !p->explicit_pad;
+    int r = w16 && y16 ? 0 : -1;
+    if (r == 0 && (with_x || bias))
+        r = db_cuda_to16_nhwc_jobs(c, &xj, with_x, bias ? &fill : NULL);
+    void *x16 = with_x ? xj.dst : r == 0 ? input16(c, p, inp) : NULL;
+    if (r == 0 && !x16)
+        r = -1;
     if (r == 0)
         r = run_conv(c, p, 0, x16, w16, NULL, y16, bias ? 1.0f : 0.0f, 1);
     if (r == 0)
@@ -697,18 +656,20 @@ static int data_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, const void 
 
 // dweight += the filter gradient of the 16-bit operands, rounded by cuDNN's
 // store before the float32 add (put DB_PUT_FRESH: assigned, dweight not
-// read); 1 when cuDNN supports no candidate
-static int filter_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dweight, const void *dy16, const float *inp,
-                         int put)
+// read); 1 when cuDNN supports no candidate.  x16: the caller's copy of
+// inp in the plan's layout (NULL: made here)
+static int filter_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dweight, const void *dy16, const void *x16,
+                         const float *inp, int put)
 {
     const size_t nw = (size_t)p->key[4] * p->key[1] * p->key[5] * p->key[6];
-    void *x16 = input16(c, p, inp), *dw16 = db_cuda_alloc(c, nw * 2);
+    void *own = x16 ? NULL : input16(c, p, inp), *dw16 = db_cuda_alloc(c, nw * 2);
+    x16 = x16 ? x16 : own;
     int r = x16 && dw16 ? 0 : -1;
     if (r == 0)
         r = run_conv(c, p, 2, x16, NULL, dy16, dw16, 0.0f, 1);
     if (r == 0)
         r = from16_plan(c, p, dweight, dw16, p->key[4], p->key[1], p->key[5] * p->key[6], put);
-    db_cuda_free(c, x16);
+    db_cuda_free(c, own);
     db_cuda_free(c, dw16);
     return r;
 }
@@ -758,9 +719,14 @@ static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *
     const int put = db_cuda_put_param(assign);
     const int B = p->key[0], OC = p->key[4];
     const size_t ny = (size_t)B * OC * p->OH * p->OW;
-    cudaStream_t s = db_cuda_st(c)->stream;
-    void *dy16 = p->nhwc ? db_cuda_to16_nhwc(c, dout, B, OC, p->OH * p->OW) : db_cuda_to16(c, dout, ny);
-    int r = dy16 ? 0 : -1;
+    // dout's 16-bit copy, and inp's for the filter gradient with it by one
+    // launch (channels-last plans without a padded copy)
+    db_cuda_nhwc_job j[2] = {{NULL, dout, B, OC, p->OH * p->OW}, {NULL, inp, B, p->key[1], p->key[2] * p->key[3]}};
+    const int both = p->nhwc && !p->explicit_pad && dweight && !p->via32[2];
+    int r = p->nhwc ? db_cuda_to16_nhwc_jobs(c, j, 1 + both, NULL) : 0;
+    void *dy16 = p->nhwc ? j[0].dst : db_cuda_to16(c, dout, ny), *x16 = j[1].dst;
+    if (r == 0 && !dy16)
+        r = -1;
     if (r == 0 && dinp) { // dinp =
         r = p->via32[1] ? 1 : data_grad16(c, p, dinp, dy16, weight);
         if (r == 1) {
@@ -769,13 +735,14 @@ static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *
         }
     }
     if (r == 0 && dweight) { // dweight += (or = when assign)
-        r = p->via32[2] ? 1 : filter_grad16(c, p, dweight, dy16, inp, put);
+        r = p->via32[2] ? 1 : filter_grad16(c, p, dweight, dy16, x16, inp, put);
         if (r == 1) {
             p->via32[2] = 1;
             r = filter_grad16_via32(c, p, dweight, dout, inp, put);
         }
     }
     db_cuda_free(c, dy16);
+    db_cuda_free(c, x16);
     if (r == 0 && dbias) // float32 sum of the rounded dout per channel, rounded, added
         r = conv_bias_grad(c, dbias, dout, B, OC, p->OH * p->OW, c->precision == DB_PREC_F16 ? 2 : 1, put);
     return r ? -1 : 0;

@@ -396,6 +396,27 @@ int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int put);
 // Channels-last conversions (conv.cu's 16-bit convolutions): fresh scratch
 // (B, HW, C) in the compute type = round(src (B, C, HW)); NULL with c->err set
 void *db_cuda_to16_nhwc(db_ctx *c, const float *src, int B, int C, int HW);
+// One conversion of db_cuda_to16_nhwc_jobs: dst (B, HW, C) = round(src (B,
+// C, HW)), dst set there (fresh scratch, free with db_cuda_free)
+struct db_cuda_nhwc_job {
+    void *dst;
+    const float *src;
+    int B, C, HW;
+};
+// A fill: y (n values of the compute type, db_cuda_alloc'd; (., OHW, OC)
+// when nhwc, else (., OC, OHW)) = round(bias) of each value's channel (a
+// 16-bit convolution's beta-1 addend)
+struct db_cuda_fill_job {
+    void *y;
+    const float *bias;
+    size_t n;
+    int OC, OHW, nhwc;
+};
+// k (<= 2) channels-last conversions (the bits of db_cuda_to16_nhwc each)
+// and the fill (NULL: none) by one launch where every plane has more than
+// 16 values; else a launch each.  0, or -1 with c->err set and every
+// jobs[i].dst NULL
+int db_cuda_to16_nhwc_jobs(db_ctx *c, db_cuda_nhwc_job *jobs, int k, const db_cuda_fill_job *fill);
 // dst (B, C, HW) float = src (B, HW, C) compute type, or by put (DB_PUT_*: 1 +=)
 int db_cuda_from16_nchw(db_ctx *c, float *dst, const void *src, int B, int C, int HW, int put);
 // The same plus an addend after the widening (conv2d_add_forward): dst =

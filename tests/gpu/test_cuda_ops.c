@@ -2917,6 +2917,8 @@ int main(void)
             tp_conv(p, 2, 3, 9, 7, 5, 3, 3, 1, 1, 1, 1);
             tp_conv(p, 1, 4, 10, 12, 6, 3, 3, 2, 0, 1, 0); /* VAE downsampler padding */
             tp_conv(p, 2, 8, 6, 6, 5, 1, 1, 1, 0, 0, 1);
+            /* tiles 13 x 2: the input's copy and the bias fill by one launch */
+            tp_conv(p, 2, 40, 20, 20, 36, 3, 3, 1, 1, 1, 1);
             if (!quick)
                 tp_conv(p, 2, 320, 64, 64, 320, 3, 3, 1, 1, 1, 1);
         }
@@ -2937,6 +2939,8 @@ int main(void)
         if (api->conv2d_backward && prec_want("conv2d_backward")) {
             tp_conv_backward(p, 2, 3, 9, 7, 5, 3, 3, 1, 1, 1);
             tp_conv_backward(p, 1, 4, 10, 12, 6, 3, 3, 2, 0, 1);
+            /* dout's and inp's copies (36 and 40 channels) by one launch */
+            tp_conv_backward(p, 2, 40, 20, 20, 36, 3, 3, 1, 1, 1);
             if (!quick)
                 tp_conv_backward(p, 2, 320, 64, 64, 320, 3, 3, 1, 1, 1);
         }
