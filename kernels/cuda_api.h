@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 18 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+#define DB_CUDA_ABI 19 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
                           4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
                           7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free;
                           10: opt_adamw8bit_many; 11: host_alloc, host_free; 12: opt_clip_each;
@@ -34,7 +34,8 @@ extern "C" {
                           15: graph_launch returns 1 for a graph a filter registration made stale;
                           16: db_mem_stats.device_free, device_total;
                           17: the parameter-gradient backwards' assign;
-                          18: conv2d_add_forward, linear_fan_forward */
+                          18: conv2d_add_forward, linear_fan_forward;
+                          19: layernorm_backward_add, groupnorm_backward_add */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -72,7 +73,9 @@ extern "C" {
     X(linear_multi_backward, (db_ctx *c, float *dinp, float *const *dweight, float *const *dbias, const float *const *dout, const float *inp, const float *const *weight, int n, int N, int C, int OC, int accumulate, int assign)) \
     X(conv2d_backward, (db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp, const float *weight, int B, int C, int H, int W, int OC, int KH, int KW, int stride, int pad0, int pad1, int assign)) \
     X(groupnorm_backward, (db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean, const float *rstd, const float *inp, const float *weight, const float *bias, int B, int C, int HW, int G, int silu, int assign)) \
+    X(groupnorm_backward_add, (db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean, const float *rstd, const float *inp, const float *weight, const float *bias, const float *add, int B, int C, int HW, int G, int silu, int assign)) \
     X(layernorm_backward, (db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean, const float *rstd, const float *inp, const float *weight, int N, int C, int assign)) \
+    X(layernorm_backward_add, (db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean, const float *rstd, const float *inp, const float *weight, const float *add, int N, int C, int assign)) \
     X(attention_backward, (db_ctx *c, float *dq, float *dk, float *dv, const float *dout, const float *out, const float *lse, const float *q, const float *k, const float *v, int B, int Tq, int Tk, int NH, int HS, int causal)) \
     X(softmax_backward, (db_ctx *c, float *dinp, const float *dout, const float *out, int N, int C)) \
     X(silu_backward, (db_ctx *c, float *dinp, const float *dout, const float *inp, size_t N)) \

@@ -476,9 +476,26 @@ int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
 int db_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean,
                           const float *rstd, const float *inp, const float *weight, const float *bias, int B, int C,
                           int HW, int G, int silu, int assign);
+/* The same with a residual's gradient joined: dinp = add + the group
+ * norm's input gradient, exactly db_groupnorm_backward then
+ * db_add_forward(dinp, add, dinp) in every precision (a ResBlock's dinp =
+ * its shortcut's gradient + norm1's backward).  add (B, C, HW) may be dinp
+ * itself, else must not overlap it; dinp is required. */
+int db_groupnorm_backward_add(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
+                              const float *mean, const float *rstd, const float *inp, const float *weight,
+                              const float *bias, const float *add, int B, int C, int HW, int G, int silu,
+                              int assign);
 /* dinp (N, C) =; dweight, dbias (C) += (= when assign); mean, rstd (N). */
 int db_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean,
                           const float *rstd, const float *inp, const float *weight, int N, int C, int assign);
+/* The same with the residual's gradient joined: dinp = add + the layer
+ * norm's input gradient, exactly db_layernorm_backward then
+ * db_add_forward(dinp, add, dinp) in every precision (a pre-norm block's
+ * dx = dout + norm backward, without the pass or the scratch between).  add
+ * (N, C) may be dinp itself, else must not overlap it; dinp is required. */
+int db_layernorm_backward_add(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
+                              const float *mean, const float *rstd, const float *inp, const float *weight,
+                              const float *add, int N, int C, int assign);
 /* dq (B, Tq, NH*HS), dk, dv (B, Tk, NH*HS) =; out and lse from the forward. */
 int db_attention_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *dout, const float *out,
                           const float *lse, const float *q, const float *k, const float *v, int B, int Tq, int Tk,

@@ -132,12 +132,14 @@ int db_cpu_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias,
 int db_cpu_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                            const float *weight, int B, int C, int H, int W, int OC, int KH, int KW, int stride,
                            int pad0, int pad1);
+/* add (NULL: none): dinp = add + the input gradient (add may be dinp) */
 int db_cpu_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
                               const float *mean, const float *rstd, const float *inp, const float *weight,
-                              const float *bias, int B, int C, int HW, int G, int silu);
+                              const float *bias, const float *add, int B, int C, int HW, int G, int silu);
+/* add (NULL: none): dinp = add + the input gradient (add may be dinp) */
 int db_cpu_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
-                              const float *mean, const float *rstd, const float *inp, const float *weight, int N,
-                              int C);
+                              const float *mean, const float *rstd, const float *inp, const float *weight,
+                              const float *add, int N, int C);
 int db_cpu_attention_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *dout, const float *out,
                               const float *lse, const float *q, const float *k, const float *v, int B, int Tq, int Tk,
                               int NH, int HS, int causal);

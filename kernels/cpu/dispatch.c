@@ -1122,11 +1122,32 @@ int db_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, 
     case DB_CPU:
     case DB_CPU_STRICT:
         cpu_reset(assign, dweight, (size_t)C, dbias, (size_t)C);
-        return db_cpu_groupnorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, bias, B, C, HW, G,
-                                         silu);
+        return db_cpu_groupnorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, bias, NULL, B, C, HW,
+                                         G, silu);
     case DB_CUDA:
         return CUDA_OP(c, groupnorm_backward, "groupnorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
                        weight, bias, B, C, HW, G, silu, assign);
+    default:
+        return no_backend(c, "groupnorm backward");
+    }
+}
+
+int db_groupnorm_backward_add(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
+                              const float *mean, const float *rstd, const float *inp, const float *weight,
+                              const float *bias, const float *add, int B, int C, int HW, int G, int silu, int assign)
+{
+    ENTER(c);
+    REQUIRE(c, "groupnorm backward", dinp && add && dout && mean && rstd && inp && weight && bias && B > 0 && C > 0 &&
+                                         HW > 0 && G > 0 && C % G == 0);
+    switch (c->device) {
+    case DB_CPU:
+    case DB_CPU_STRICT:
+        cpu_reset(assign, dweight, (size_t)C, dbias, (size_t)C);
+        return db_cpu_groupnorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, bias, add, B, C, HW,
+                                         G, silu);
+    case DB_CUDA:
+        return CUDA_OP(c, groupnorm_backward_add, "groupnorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
+                       weight, bias, add, B, C, HW, G, silu, assign);
     default:
         return no_backend(c, "groupnorm backward");
     }
@@ -1141,10 +1162,29 @@ int db_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, 
     case DB_CPU:
     case DB_CPU_STRICT:
         cpu_reset(assign, dweight, (size_t)C, dbias, (size_t)C);
-        return db_cpu_layernorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, N, C);
+        return db_cpu_layernorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, NULL, N, C);
     case DB_CUDA:
         return CUDA_OP(c, layernorm_backward, "layernorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
                        weight, N, C, assign);
+    default:
+        return no_backend(c, "layernorm backward");
+    }
+}
+
+int db_layernorm_backward_add(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
+                              const float *mean, const float *rstd, const float *inp, const float *weight,
+                              const float *add, int N, int C, int assign)
+{
+    ENTER(c);
+    REQUIRE(c, "layernorm backward", dinp && add && dout && mean && rstd && inp && weight && N > 0 && C > 0);
+    switch (c->device) {
+    case DB_CPU:
+    case DB_CPU_STRICT:
+        cpu_reset(assign, dweight, (size_t)C, dbias, (size_t)C);
+        return db_cpu_layernorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, add, N, C);
+    case DB_CUDA:
+        return CUDA_OP(c, layernorm_backward_add, "layernorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
+                       weight, add, N, C, assign);
     default:
         return no_backend(c, "layernorm backward");
     }

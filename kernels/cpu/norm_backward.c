@@ -21,7 +21,7 @@ enum { COLS = 64 }; /* layer norm parameter columns per task */
 
 int db_cpu_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
                               const float *mean, const float *rstd, const float *inp, const float *weight,
-                              const float *bias, int B, int C, int HW, int G, int silu)
+                              const float *bias, const float *add, int B, int C, int HW, int G, int silu)
 {
     const int cg = C / G;
     const size_t n = (size_t)cg * HW;
@@ -69,6 +69,7 @@ int db_cpu_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbi
             const float w = weight[cc], bb = bias[cc];
             const float *xc = x + (size_t)ch * HW, *dc = dy0 + (size_t)ch * HW;
             float *dxc = dx + (size_t)ch * HW;
+            const float *ac = add ? add + (size_t)bg * n + (size_t)ch * HW : NULL;
             for (int i = 0; i < HW; i++) {
                 const float xh = (xc[i] - mu) * rs;
                 float dy = dc[i];
@@ -76,7 +77,8 @@ int db_cpu_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbi
                     const float z = xh * w + bb, sg = 1.0f / (1.0f + expf(-z));
                     dy *= sg * (1.0f + z * (1.0f - sg));
                 }
-                dxc[i] = rs * (dy * w - mg - xh * mgx);
+                const float v = rs * (dy * w - mg - xh * mgx);
+                dxc[i] = ac ? ac[i] + v : v; /* (db_add_forward's sum) */
             }
         }
     }
@@ -98,8 +100,8 @@ int db_cpu_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbi
 }
 
 int db_cpu_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
-                              const float *mean, const float *rstd, const float *inp, const float *weight, int N,
-                              int C)
+                              const float *mean, const float *rstd, const float *inp, const float *weight,
+                              const float *add, int N, int C)
 {
     if (dinp) {
 #pragma omp parallel for num_threads(c->threads) schedule(static)
@@ -114,8 +116,11 @@ int db_cpu_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbi
             }
             const float mg = (float)(sg / C), mgx = (float)(sgx / C);
             float *dx = dinp + (size_t)r * C;
-            for (int i = 0; i < C; i++)
-                dx[i] = rs * (dy[i] * weight[i] - mg - (x[i] - mu) * rs * mgx);
+            const float *ad = add ? add + (size_t)r * C : NULL;
+            for (int i = 0; i < C; i++) {
+                const float v = rs * (dy[i] * weight[i] - mg - (x[i] - mu) * rs * mgx);
+                dx[i] = ad ? ad[i] + v : v; /* (db_add_forward's sum) */
+            }
         }
     }
     if (dweight || dbias) {

@@ -721,7 +721,9 @@ static db_cuda_api make_api(void)
     SET(linear_multi_backward);
     SET(conv2d_backward);
     SET(groupnorm_backward);
+    SET(groupnorm_backward_add);
     SET(layernorm_backward);
+    SET(layernorm_backward_add);
     SET(attention_backward);
     SET(softmax_backward);
     SET(silu_backward);

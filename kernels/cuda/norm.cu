@@ -772,12 +772,21 @@ __global__ static void groupnorm_bsum_kernel(double *pdy, double *pdyx, const fl
         pdy[p] = s_dy, pdyx[p] = s_dyx;
 }
 
+// dinp's value: v, or add + v (add NULL: none), the float32 sum
+// db_add_forward makes (add may be dinp: each element read by the thread
+// that writes it)
+__device__ __forceinline__ static float gn_put(const float *add, size_t i, float v)
+{
+    return add ? __fadd_rn(add[i], v) : v;
+}
+
 // grid P, block GN_THREADS.  dinp (B, C, HW): per channel the pieces'
-// sums in order, then over the group's channels weighted, as norm_backward.c.
+// sums in order, then over the group's channels weighted, as norm_backward.c
+// (+ add: gn_put).
 __global__ static void groupnorm_bapply_kernel(float *dinp, const double *pdy, const double *pdyx, const float *dout,
                                                const float *mean, const float *rstd, const float *inp,
-                                               const float *weight, const float *bias, int C, int HW, int G, int K,
-                                               int L, int silu)
+                                               const float *weight, const float *bias, const float *add, int C,
+                                               int HW, int G, int K, int L, int silu)
 {
     __shared__ double st[2 * GN_THREADS];
     __shared__ float smg, smgx;
@@ -796,7 +805,7 @@ __global__ static void groupnorm_bapply_kernel(float *dinp, const double *pdy, c
     for (int i = k * L + threadIdx.x; i < i1; i += blockDim.x) {
         double unused0 = 0, unused1 = 0;
         const float dy = gn_bdy(x[i], d[i], mu, rs, w, bb, silu, &unused0, &unused1);
-        dx[i] = gn_bdx(x[i], dy, mu, rs, w, mg, mgx);
+        dx[i] = gn_put(add, (size_t)bc * HW + i, gn_bdx(x[i], dy, mu, rs, w, mg, mgx));
     }
 }
 
@@ -818,8 +827,8 @@ __global__ static void groupnorm_bapply_kernel(float *dinp, const double *pdy, c
 // iteration after another).
 __global__ static void __launch_bounds__(GW_THREADS)
     groupnorm_bwhole_kernel(float *dinp, double *pdy, double *pdyx, const float *dout, const float *mean,
-                            const float *rstd, const float *inp, const float *weight, const float *bias, int C, int HW,
-                            int G, int K, int L, int silu, int cl, int xcap)
+                            const float *rstd, const float *inp, const float *weight, const float *bias,
+                            const float *add, int C, int HW, int G, int K, int L, int silu, int cl, int xcap)
 {
     extern __shared__ __align__(16) float smem[]; // float4 and cp.async's 16 bytes
     const gw_stretch t = gw_stretch_of(C, HW, G, K, L, cl);
@@ -830,7 +839,9 @@ __global__ static void __launch_bounds__(GW_THREADS)
     const float mu = mean[bg], rs = rstd[bg];
     const float *x = inp + (size_t)bg * n + e0, *d = dout + (size_t)bg * n + e0;
     float *dx = dinp + (size_t)bg * n + e0;
-    const int vec = ne % 4 == 0 && ((uintptr_t)x & 15) == 0 && ((uintptr_t)d & 15) == 0 && ((uintptr_t)dx & 15) == 0;
+    const float *ad = add ? add + (size_t)bg * n + e0 : NULL; // (gn_put)
+    const int vec = ne % 4 == 0 && ((uintptr_t)x & 15) == 0 && ((uintptr_t)d & 15) == 0 && ((uintptr_t)dx & 15) == 0 &&
+                    ((uintptr_t)ad & 15) == 0;
     if (vec) {
         for (int i = threadIdx.x; i < ne / 4; i += GW_THREADS) {
             db_cp::copy16((float4 *)xs + i, (const float4 *)x + i, 16);
@@ -884,13 +895,15 @@ __global__ static void __launch_bounds__(GW_THREADS)
             float o[4];
             const float w4 = same4 ? weight[g * cg + (e0 + 4 * i) / HW] : 0.0f;
             for (int q = 0; q < 4; q++)
-                o[q] = gn_bdx(xe[q], de[q], mu, rs, same4 ? w4 : weight[g * cg + (e0 + 4 * i + q) / HW], mg, mgx);
+                o[q] = gn_put(ad, 4 * (size_t)i + q,
+                              gn_bdx(xe[q], de[q], mu, rs, same4 ? w4 : weight[g * cg + (e0 + 4 * i + q) / HW], mg,
+                                     mgx));
             ((float4 *)dx)[i] = make_float4(o[0], o[1], o[2], o[3]);
         }
     } else {
         for (int i = threadIdx.x; i < ne; i += GW_THREADS) {
             const int c = g * cg + (e0 + i) / HW;
-            dx[i] = gn_bdx(xs[i], ds[i], mu, rs, weight[c], mg, mgx);
+            dx[i] = gn_put(ad, i, gn_bdx(xs[i], ds[i], mu, rs, weight[c], mg, mgx));
         }
     }
     if (cl > 1)
@@ -924,6 +937,15 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
                                           const float *mean, const float *rstd, const float *inp, const float *weight,
                                           const float *bias, int B, int C, int HW, int G, int silu, int assign)
 {
+    return db_cuda_groupnorm_backward_add(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, bias, NULL, B, C, HW,
+                                          G, silu, assign);
+}
+
+extern "C" int db_cuda_groupnorm_backward_add(db_ctx *c, float *dinp, float *dweight, float *dbias,
+                                              const float *dout, const float *mean, const float *rstd,
+                                              const float *inp, const float *weight, const float *bias,
+                                              const float *add, int B, int C, int HW, int G, int silu, int assign)
+{
     DB_ENTER(c);
     if (B * G == 0 || HW == 0 || (!dinp && !dweight && !dbias))
         return 0;
@@ -941,13 +963,13 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
             return -1;
         }
         e = db_cl::launch(groupnorm_bwhole_kernel, B * G * wp.cl, GW_THREADS, wp.smem, st, wp.cl, dinp, part, part + P,
-                          dout, mean, rstd, inp, weight, bias, C, HW, G, sp.K, sp.L, silu, wp.cl, wp.xcap);
+                          dout, mean, rstd, inp, weight, bias, add, C, HW, G, sp.K, sp.L, silu, wp.cl, wp.xcap);
     } else {
         groupnorm_bsum_kernel<<<P, GN_THREADS, 0, st>>>(part, part + P, dout, mean, rstd, inp, weight, bias, C, HW, G,
                                                         sp.K, sp.L, silu);
         if (dinp)
             groupnorm_bapply_kernel<<<P, GN_THREADS, 0, st>>>(dinp, part, part + P, dout, mean, rstd, inp, weight, bias,
-                                                              C, HW, G, sp.K, sp.L, silu);
+                                                              add, C, HW, G, sp.K, sp.L, silu);
     }
     if (e == cudaSuccess && (dweight || dbias))
         groupnorm_bparams_kernel<<<(C + 127) / 128, 128, 0, st>>>(dweight, dbias, part, part + P, B, C, sp.K,
@@ -963,10 +985,12 @@ extern "C" int db_cuda_groupnorm_backward(db_ctx *c, float *dinp, float *dweight
 // 32 LN_ROWS.  dinp, dout, inp (N, C); mean, rstd (N); weight (C).  NPER
 // and RW as the forward's: C = 32 NPER RW with the row's dout and x in
 // registers (loaded at once, read once), or NPER 0 (RW 1) for any C.
+// add (NULL: none): dinp = add + the gradient, the float32 sum db_add_forward
+// makes (add may be dinp: each element read by the thread that writes it)
 template <int NPER, int RW>
 __global__ static void layernorm_backward_dinp_kernel(float *dinp, const float *dout, const float *mean,
-                                                      const float *rstd, const float *inp, const float *weight, int N,
-                                                      int C)
+                                                      const float *rstd, const float *inp, const float *weight,
+                                                      const float *add, int N, int C)
 {
     static_assert(RW == 1 || (NPER > 0 && LN_ROWS % RW == 0), "RW warps a row need NPER > 0 and divide LN_ROWS");
     __shared__ double red[RW > 1 ? LN_ROWS : 1];
@@ -1006,7 +1030,8 @@ __global__ static void layernorm_backward_dinp_kernel(float *dinp, const float *
 #pragma unroll
     for (int q = 0; q < nq; q++) {
         const int i = lane + 32 * q;
-        dx[i] = rs * (dy_at(q) * wt[i] - mg - (x_at(q) - mu) * rs * mgx);
+        const float v = rs * (dy_at(q) * wt[i] - mg - (x_at(q) - mu) * rs * mgx);
+        dx[i] = add ? __fadd_rn(add[row + i], v) : v;
     }
 }
 
@@ -1070,13 +1095,21 @@ extern "C" int db_cuda_layernorm_backward(db_ctx *c, float *dinp, float *dweight
                                           const float *mean, const float *rstd, const float *inp, const float *weight,
                                           int N, int C, int assign)
 {
+    return db_cuda_layernorm_backward_add(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, NULL, N, C, assign);
+}
+
+extern "C" int db_cuda_layernorm_backward_add(db_ctx *c, float *dinp, float *dweight, float *dbias,
+                                              const float *dout, const float *mean, const float *rstd,
+                                              const float *inp, const float *weight, const float *add, int N, int C,
+                                              int assign)
+{
     DB_ENTER(c);
     if (N == 0)
         return 0;
     cudaStream_t s = db_cuda_st(c)->stream;
     if (dinp) {
         cudaStream_t st = s;
-        DB_LN_DISPATCH(layernorm_backward_dinp_kernel, C, N, dinp, dout, mean, rstd, inp, weight, N, C);
+        DB_LN_DISPATCH(layernorm_backward_dinp_kernel, C, N, dinp, dout, mean, rstd, inp, weight, add, N, C);
         DB_LAUNCHED(c);
     }
     if (dweight || dbias) {

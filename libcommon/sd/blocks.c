@@ -247,16 +247,13 @@ int db_resblock_backward(db_ctx *c, float *dinp, float *demb, const db_gradmap *
     /* dh1 (B, C, HW) through conv1; dinp through silu(norm1) */
     db_conv2d_backward(c, t1, gp(g, w->conv1_w), gp(g, w->conv1_b), t2, a->h1, w->conv1_w, B, C, H, W, OC, 3, 3, 1,
                        1, 1, ga(g));
-    db_groupnorm_backward(c, dinp, gp(g, w->norm1_w), gp(g, w->norm1_b), t1, a->mean1, a->rstd1, inp, w->norm1_w,
-                          w->norm1_b, B, C, HW, w->G, 1, ga(g));
-    /* + the shortcut's gradient */
-    if (w->skip_w) {
+    /* + the shortcut's gradient (the 1x1 conv's, or dout), joined by the
+     * norm's backward: groupnorm_backward_add */
+    if (w->skip_w)
         db_conv2d_backward(c, t2, gp(g, w->skip_w), gp(g, w->skip_b), dout, inp, w->skip_w, B, C, H, W, OC, 1, 1, 1,
                            0, 0, ga(g));
-        db_add_forward(c, dinp, dinp, t2, (size_t)B * C * HW);
-    } else {
-        db_add_forward(c, dinp, dinp, dout, (size_t)B * C * HW);
-    }
+    db_groupnorm_backward_add(c, dinp, gp(g, w->norm1_w), gp(g, w->norm1_b), t1, a->mean1, a->rstd1, inp, w->norm1_w,
+                              w->norm1_b, w->skip_w ? t2 : dout, B, C, HW, w->G, 1, ga(g));
     return c->err.code ? -1 : 0;
 }
 
@@ -309,7 +306,6 @@ size_t db_tblock_backward_scratch(const db_tblock *w, int B, int T, int Tc)
     take(&k, N * C);      /* dx2 */
     take(&k, N * C);      /* dx1 */
     take(&k, N * C);      /* da */
-    take(&k, N * C);      /* dln */
     take(&k, N * FF);     /* dg */
     take(&k, N * 2 * FF); /* df1 */
     take(&k, max2(db_mha_backward_scratch(&w->attn1, B, T, T), db_mha_backward_scratch(&w->attn2, B, T, Tc)));
@@ -323,26 +319,24 @@ int db_tblock_backward(db_ctx *c, float *dx, float *dctx, const db_gradmap *g, c
     const int N = B * T, C = w->C, FF = w->FF;
     const size_t NC = (size_t)N * C;
     carver k = {scratch, 0};
-    float *dx2 = take(&k, NC), *dx1 = take(&k, NC), *da = take(&k, NC), *dln = take(&k, NC);
+    float *dx2 = take(&k, NC), *dx1 = take(&k, NC), *da = take(&k, NC);
     float *dg = take(&k, (size_t)N * FF), *df1 = take(&k, (size_t)N * 2 * FF);
     float *ms = k.base + k.used;
     /* out = x2 + ff(norm3 x2) */
     db_linear_backward(c, dg, gp(g, w->ff2_w), gp(g, w->ff2_b), dout, a->g, w->ff2_w, N, FF, C, ga(g));
     db_geglu_backward(c, df1, dg, a->f1, N, FF);
     db_linear_backward(c, da, gp(g, w->ff1_w), gp(g, w->ff1_b), df1, a->a3, w->ff1_w, N, C, 2 * FF, ga(g));
-    db_layernorm_backward(c, dln, gp(g, w->norm3_w), gp(g, w->norm3_b), da, a->mean3, a->rstd3, a->x2, w->norm3_w,
-                          N, C, ga(g));
-    db_add_forward(c, dx2, dout, dln, NC);
+    /* dx2 = dout + the norm's input gradient (one op: layernorm_backward_add) */
+    db_layernorm_backward_add(c, dx2, gp(g, w->norm3_w), gp(g, w->norm3_b), da, a->mean3, a->rstd3, a->x2,
+                              w->norm3_w, dout, N, C, ga(g));
     /* x2 = x1 + attn2(norm2 x1, ctx) */
     db_mha_backward(c, da, dctx, g, dx2, &a->at2, a->a2, ctx, &w->attn2, B, T, Tc, 0, ms);
-    db_layernorm_backward(c, dln, gp(g, w->norm2_w), gp(g, w->norm2_b), da, a->mean2, a->rstd2, a->x1, w->norm2_w,
-                          N, C, ga(g));
-    db_add_forward(c, dx1, dx2, dln, NC);
+    db_layernorm_backward_add(c, dx1, gp(g, w->norm2_w), gp(g, w->norm2_b), da, a->mean2, a->rstd2, a->x1,
+                              w->norm2_w, dx2, N, C, ga(g));
     /* x1 = x + attn1(norm1 x) */
     db_mha_backward(c, da, NULL, g, dx1, &a->at1, a->a1, a->a1, &w->attn1, B, T, T, 0, ms);
-    db_layernorm_backward(c, dln, gp(g, w->norm1_w), gp(g, w->norm1_b), da, a->mean1, a->rstd1, x, w->norm1_w, N,
-                          C, ga(g));
-    db_add_forward(c, dx, dx1, dln, NC);
+    db_layernorm_backward_add(c, dx, gp(g, w->norm1_w), gp(g, w->norm1_b), da, a->mean1, a->rstd1, x, w->norm1_w,
+                              dx1, N, C, ga(g));
     return c->err.code ? -1 : 0;
 }
 
@@ -382,8 +376,7 @@ int db_transformer2d_backward(db_ctx *c, float *dx, float *dctx, const db_gradma
     /* dtok (B, HW, C) -> dhn (B, C, HW) -> dx */
     db_linear_backward(c, other, gp(g, w->in_w), gp(g, w->in_b), dh, a->tok, w->in_w, N, C, C, ga(g));
     db_transpose_forward(c, dh, other, B, HW, C);
-    db_groupnorm_backward(c, dx, gp(g, w->norm_w), gp(g, w->norm_b), dh, a->mean, a->rstd, x, w->norm_w, w->norm_b,
-                          B, C, HW, w->G, 0, ga(g));
-    db_add_forward(c, dx, dx, dout, NC);
+    db_groupnorm_backward_add(c, dx, gp(g, w->norm_w), gp(g, w->norm_b), dh, a->mean, a->rstd, x, w->norm_w,
+                              w->norm_b, dout, B, C, HW, w->G, 0, ga(g)); /* dx = dout + the norm's */
     return c->err.code ? -1 : 0;
 }

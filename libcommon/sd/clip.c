@@ -281,7 +281,7 @@ int db_clip_hidden_ln(db_clip *c, float *out, int k, db_err *err)
 /* Floats of the backward's workspace for N tokens: 7 (N, D) and 2 (N, I). */
 static size_t grads_floats(const db_text_arch *t, size_t N)
 {
-    return 7 * ALIGN16(N * (size_t)t->hidden) + 2 * ALIGN16(N * (size_t)t->intermediate);
+    return 6 * ALIGN16(N * (size_t)t->hidden) + 2 * ALIGN16(N * (size_t)t->intermediate);
 }
 
 size_t db_clip_workspace_bytes(const db_text_arch *t, size_t N, int backward)
@@ -304,7 +304,6 @@ static int grads_reserve(db_clip *c, size_t N, db_err *err)
     float *p = mem;
     g->dres = p, p += ND;
     g->dln = p, p += ND;
-    g->dtmp = p, p += ND;
     g->dq = p, p += ND;
     g->dk = p, p += ND;
     g->dv = p, p += ND;
@@ -338,9 +337,8 @@ static int layer_backward(db_clip *c, int l, const db_clip_layer *gl, int B, int
     else
         db_gelu_backward(x, g->dI2, g->dI, fc1, NI, DB_GELU_ERF);
     db_linear_backward(x, g->dln, gl->fc1_w, gl->fc1_b, g->dI2, ln2, y->fc1_w, N, D, I, 0);     /* (N, D) d ln2 */
-    db_layernorm_backward(x, g->dtmp, gl->ln2_w, gl->ln2_b, g->dln, a->ln2_mean + (size_t)l * N,
-                          a->ln2_rstd + (size_t)l * N, res, y->ln2_w, N, D, 0);
-    db_add_forward(x, g->dres, g->dres, g->dtmp, ND);                                         /* d res */
+    db_layernorm_backward_add(x, g->dres, gl->ln2_w, gl->ln2_b, g->dln, a->ln2_mean + (size_t)l * N,
+                              a->ln2_rstd + (size_t)l * N, res, y->ln2_w, g->dres, N, D, 0); /* d res += */
 
     /* attention half: res = inp + out_proj(attn(q, k, v)), q/k/v = proj(ln1(inp)) */
     db_linear_backward(x, g->datt, gl->o_w, gl->o_b, g->dres, att, y->o_w, N, D, D, 0);
@@ -350,9 +348,8 @@ static int layer_backward(db_clip *c, int l, const db_clip_layer *gl, int B, int
     const float *const dqkv[3] = {g->dq, g->dk, g->dv};
     const float *const qkv_w[3] = {y->q_w, y->k_w, y->v_w};
     db_linear_multi_backward(x, g->dln, dqkv_w, dqkv_b, dqkv, ln1, qkv_w, 3, N, D, D, 0, 0);     /* d ln1 */
-    db_layernorm_backward(x, g->dtmp, gl->ln1_w, gl->ln1_b, g->dln, a->ln1_mean + (size_t)l * N,
-                          a->ln1_rstd + (size_t)l * N, inp, y->ln1_w, N, D, 0);
-    return db_add_forward(x, g->dres, g->dres, g->dtmp, ND);                                  /* d inp */
+    return db_layernorm_backward_add(x, g->dres, gl->ln1_w, gl->ln1_b, g->dln, a->ln1_mean + (size_t)l * N,
+                                     a->ln1_rstd + (size_t)l * N, inp, y->ln1_w, g->dres, N, D, 0); /* d inp += */
 }
 
 /* Gradient pointers of a unit: weight pointer p of the unit whose weights

@@ -89,7 +89,7 @@ typedef struct db_clip_acts {
 typedef struct db_clip_grads_ws {
     size_t cap;
     float *dres;                      /* (N, D) d loss / d hidden[l], the residual stream */
-    float *dln, *dtmp;                /* (N, D) each */
+    float *dln;                       /* (N, D) */
     float *dq, *dk, *dv, *datt;       /* (N, D) each */
     float *dI, *dI2;                  /* (N, I) each */
     float *mem;

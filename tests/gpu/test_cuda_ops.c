@@ -465,6 +465,36 @@ static void t_groupnorm_backward(int B, int C, int HW, int G, int silu)
                            (const size_t[]){n, (size_t)C, (size_t)C});
             }
         }
+        /* groupnorm_backward_add == the backward then add_forward, bit for
+         * bit: whole groups, pieces, clusters of 2; the addend apart, dinp
+         * itself, and one off 16-byte alignment (the whole-group kernel's
+         * one-by-one stores) */
+        float *hadd = hrand(n + 1, 1), *ref = dpoison(n);
+        float *dadd = dputf(hadd + 1, n), *dmis = dputf(hadd, n + 1) + 1;
+        if (have(api->groupnorm_backward_add, what) && gpu_ran(api->add_forward(&g, ref, dadd, gx, n), what)) {
+            const float *href = dget(ref, n);
+            static const char *const env[3][2] = {{NULL, NULL}, {"DB_GN_WHOLE", "0"}, {"DB_GN_CLUSTER", "2"}};
+            static const char *const mname[3] = {"whole groups", "pieces", "clusters of 2"};
+            for (int m = 0; m < 3; m++)
+                for (int k = 0; k < 3; k++) {
+                    if (env[m][0])
+                        setenv(env[m][0], env[m][1], 1);
+                    float *o = k == 1 ? dputf(hadd + 1, n) : dpoison(n), *ow = dputf(dw0, C), *ob = dputf(db0, C);
+                    const float *ad = k == 0 ? dadd : k == 1 ? o : dmis;
+                    const int rk = api->groupnorm_backward_add(&g, o, ow, ob, dputf(dout, n), dputf(mean, ng),
+                                                               dputf(rstd, ng), dputf(x, n), dputf(w, C), dputf(b, C),
+                                                               ad, B, C, HW, G, silu, 0);
+                    if (env[m][0])
+                        unsetenv(env[m][0]);
+                    if (gpu_ran(rk, what))
+                        tap_ok(!memcmp(dget(o, n), href, n * sizeof(float)) &&
+                                   !memcmp(dget(ow, C), hw, C * sizeof(float)) &&
+                                   !memcmp(dget(ob, C), hb, C * sizeof(float)),
+                               "%s, %s, %s: groupnorm_backward_add == groupnorm_backward then add_forward, bit for "
+                               "bit",
+                               what, mname[m], k == 0 ? "an addend" : k == 1 ? "dinp itself" : "a misaligned addend");
+                }
+        }
     }
     release_all();
 }
@@ -511,6 +541,40 @@ static void t_layernorm_backward(int N, int C)
         cmp(what, "dinp", gx, dx, n, TOL);
         cmp(what, "dweight (+=)", gw, dw, C, TOL);
         cmp(what, "dbias (+=)", gb, db, C, TOL);
+    }
+    release_all();
+}
+
+/* layernorm_backward_add == layernorm_backward then add_forward on the
+ * device, bit for bit (the addend apart, and dinp itself), and near the CPU */
+static void t_layernorm_backward_add(int N, int C)
+{
+    char what[160];
+    snprintf(what, sizeof what, "layernorm_backward_add %dx%d", N, C);
+    const size_t n = (size_t)N * C;
+    float *x = hrand(n, 2), *w = hrand(C, 1), *b = hrand(C, 1), *dout = hrand(n, 1), *add = hrand(n, 1);
+    float *y = hzeros(n), *mean = hzeros(N), *rstd = hzeros(N), *dx = hzeros(n);
+    if (!cpu_ran(db_layernorm_forward(cpu, y, mean, rstd, x, w, b, N, C, 1e-5f), what) ||
+        !cpu_ran(db_layernorm_backward_add(cpu, dx, NULL, NULL, dout, mean, rstd, x, w, add, N, C, 0), what)) {
+        release_all();
+        return;
+    }
+    float *ddout = dputf(dout, n), *dmean = dputf(mean, N), *drstd = dputf(rstd, N), *dxx = dputf(x, n);
+    float *dw = dputf(w, C), *dadd = dputf(add, n), *t = dpoison(n), *ref = dpoison(n), *got = dpoison(n);
+    float *self = dputf(add, n), *gw1 = dputf(b, C), *gw2 = dputf(b, C), *gb1 = dputf(w, C), *gb2 = dputf(w, C);
+    if (gpu_ran(api->layernorm_backward(&g, t, gw1, gb1, ddout, dmean, drstd, dxx, dw, N, C, 0), what) &&
+        gpu_ran(api->add_forward(&g, ref, dadd, t, n), what) &&
+        gpu_ran(api->layernorm_backward_add(&g, got, gw2, gb2, ddout, dmean, drstd, dxx, dw, dadd, N, C, 0), what) &&
+        gpu_ran(api->layernorm_backward_add(&g, self, NULL, NULL, ddout, dmean, drstd, dxx, dw, self, N, C, 0),
+                what)) {
+        const float *hr = dget(ref, n), *hg = dget(got, n), *hs = dget(self, n);
+        tap_ok(!memcmp(hr, hg, n * sizeof(float)) && !memcmp(hr, hs, n * sizeof(float)),
+               "%s: dinp bit-identical to layernorm_backward then add_forward on the device (addend apart, dinp "
+               "itself)", what);
+        tap_ok(!memcmp(dget(gw1, C), dget(gw2, C), C * sizeof(float)) &&
+                   !memcmp(dget(gb1, C), dget(gb2, C), C * sizeof(float)),
+               "%s: dweight, dbias (+=) bit-identical to layernorm_backward's", what);
+        cmp(what, "dinp", got, dx, n, TOL);
     }
     release_all();
 }
@@ -2802,6 +2866,13 @@ int main(void)
         t_layernorm_backward(5, 1280);
         if (!quick)
             t_layernorm_backward(8192, 320);
+    }
+    if (have(api->layernorm_backward_add, "layernorm_backward_add")) {
+        t_layernorm_backward_add(5, 37);
+        t_layernorm_backward_add(300, 70);
+        t_layernorm_backward_add(9, 320); /* the register-held widths: RW 1, 2, 4 */
+        t_layernorm_backward_add(3, 640);
+        t_layernorm_backward_add(5, 1280);
     }
     if (have(api->softmax_forward, "softmax_forward")) {
         t_softmax(9, 17);

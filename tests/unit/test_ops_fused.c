@@ -11,7 +11,10 @@
  * or added to the old dinp), with their argument checks.  And
  * db_conv2d_add_forward == db_conv2d_forward then db_add_forward (or
  * db_add_channel_forward), the addend apart, out itself, or per channel;
- * db_linear_fan_forward == one db_linear_forward per width. */
+ * db_linear_fan_forward == one db_linear_forward per width;
+ * db_layernorm_backward_add == db_layernorm_backward then db_add_forward,
+ * and db_groupnorm_backward_add likewise (the addend apart or dinp itself,
+ * the parameter gradients the same). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -302,6 +305,115 @@ int main(void)
         for (int i = 0; i < FN; i++)
             free(fw[i]), free(fb[i]), free(fo[i]), free(fr[i]);
         free(fx);
+    }
+
+    /* layer norm backward + the residual's gradient: the addend apart and
+     * dinp itself (a CLIP layer's dres +=); C 40 (the any-width path) */
+    {
+        enum { LN = 37, LC = 40 };
+        const size_t n = (size_t)LN * LC;
+        float *lx = rnd(n, 60, 1.0f), *ldy = rnd(n, 61, 1.0f), *lw = rnd(LC, 62, 0.5f), *la = rnd(n, 63, 1.0f);
+        float *mean = malloc(LN * sizeof *mean), *rstd = malloc(LN * sizeof *rstd), *tmp = malloc(n * sizeof *tmp);
+        float *lwant = malloc(n * sizeof *lwant), *lgot = malloc(n * sizeof *lgot);
+        float *gw[2] = {rnd(LC, 64, 1.0f), rnd(LC, 64, 1.0f)}, *gb[2] = {rnd(LC, 65, 1.0f), rnd(LC, 65, 1.0f)};
+        la[0] = -0.0f, la[1] = NAN;
+        for (int row = 0; row < LN; row++) { /* the forward's statistics */
+            const float *xr = lx + (size_t)row * LC;
+            double s = 0, q = 0;
+            for (int i = 0; i < LC; i++)
+                s += xr[i], q += (double)xr[i] * xr[i];
+            mean[row] = (float)(s / LC), rstd[row] = (float)(1.0 / sqrt(q / LC - (s / LC) * (s / LC) + 1e-5));
+        }
+        for (int p = 0; p < 3; p++)
+            for (int t = 0; t < 2; t++)
+                for (int self = 0; self < 2; self++) {
+                    db_ctx *c = cs[t];
+                    db_ctx_set_precision(c, ps[p]);
+                    int rc = db_layernorm_backward(c, tmp, gw[0], gb[0], ldy, mean, rstd, lx, lw, LN, LC, 0) ||
+                             db_add_forward(c, lwant, la, tmp, n);
+                    memcpy(lgot, la, n * sizeof *lgot);
+                    rc = rc || db_layernorm_backward_add(c, lgot, gw[1], gb[1], ldy, mean, rstd, lx, lw,
+                                                         self ? lgot : la, LN, LC, 0);
+                    tap_ok(rc == 0 && same_bits(lwant, lgot, n) && same_bits(gw[0], gw[1], LC) &&
+                               same_bits(gb[0], gb[1], LC),
+                           "%s, %d thread(s), %s: layer norm backward + addend == the backward then add, bit for "
+                           "bit%s%s",
+                           db_precision_name(ps[p]), t + 1, self ? "dinp itself" : "an addend", rc ? ": " : "",
+                           rc ? c->err.msg : "");
+                    db_ctx_set_precision(c, DB_PREC_F32);
+                }
+        /* the check can fail: the addend joined by a fused multiply-add (one
+         * rounding, as a contracting compiler would make it) differs */
+        int differ = 0;
+        for (int row = 0; row < LN; row++) {
+            const size_t o = (size_t)row * LC;
+            const float mu = mean[row], rs = rstd[row];
+            double sg = 0, sgx = 0;
+            for (int i = 0; i < LC; i++) {
+                const float g = ldy[o + i] * lw[i];
+                sg += g, sgx += (double)g * ((lx[o + i] - mu) * rs);
+            }
+            const float mg = (float)(sg / LC), mgx = (float)(sgx / LC);
+            for (int i = 0; i < LC; i++) {
+                const float inner = ldy[o + i] * lw[i] - mg - (lx[o + i] - mu) * rs * mgx;
+                const float f = fmaf(rs, inner, la[o + i]);
+                differ += o + i >= 2 && memcmp(&f, &lwant[o + i], sizeof f) != 0;
+            }
+        }
+        tap_ok(differ > 0, "the sum as one fused multiply-add differs in %d of %zu values (the comparison can fail)",
+               differ, n - 2);
+        int rc = db_layernorm_backward_add(c1, lgot, NULL, NULL, ldy, mean, rstd, lx, lw, NULL, LN, LC, 0);
+        tap_ok(rc != 0 && c1->err.code == DB_EUSAGE, "layer norm backward + addend: no addend is refused: %s",
+               c1->err.msg);
+        db_ctx_clear_error(c1);
+        free(lx), free(ldy), free(lw), free(la), free(mean), free(rstd), free(tmp), free(lwant), free(lgot);
+        free(gw[0]), free(gw[1]), free(gb[0]), free(gb[1]);
+    }
+
+    /* group norm backward + the shortcut's gradient, with and without the
+     * fused SiLU */
+    {
+        enum { GB = 2, GC = 12, GHW = 21, GG = 4 };
+        const size_t n = (size_t)GB * GC * GHW;
+        float *gx = rnd(n, 70, 1.0f), *gdy = rnd(n, 71, 1.0f), *gwt = rnd(GC, 72, 0.5f), *gbs = rnd(GC, 73, 0.5f);
+        float *ga = rnd(n, 74, 1.0f), *gy = malloc(n * sizeof *gy), *gt = malloc(n * sizeof *gt);
+        float *gwant = malloc(n * sizeof *gwant), *ggot = malloc(n * sizeof *ggot);
+        float *mean = malloc(GB * GG * sizeof *mean), *rstd = malloc(GB * GG * sizeof *rstd);
+        float *gpw[2] = {rnd(GC, 75, 1.0f), rnd(GC, 75, 1.0f)}, *gpb[2] = {rnd(GC, 76, 1.0f), rnd(GC, 76, 1.0f)};
+        ga[0] = -0.0f, ga[1] = NAN;
+        for (int p = 0; p < 3; p++)
+            for (int t = 0; t < 2; t++)
+                for (int k = 0; k < 4; k++) {
+                    const int silu = k & 1, self = k >> 1;
+                    db_ctx *c = cs[t];
+                    db_ctx_set_precision(c, ps[p]);
+                    int rc = db_groupnorm_forward(c, gy, mean, rstd, gx, gwt, gbs, GB, GC, GHW, GG, 1e-5f, silu) ||
+                             db_groupnorm_backward(c, gt, gpw[0], gpb[0], gdy, mean, rstd, gx, gwt, gbs, GB, GC, GHW, GG,
+                                                   silu, 0) ||
+                             db_add_forward(c, gwant, ga, gt, n);
+                    memcpy(ggot, ga, n * sizeof *ggot);
+                    rc = rc || db_groupnorm_backward_add(c, ggot, gpw[1], gpb[1], gdy, mean, rstd, gx, gwt, gbs,
+                                                         self ? ggot : ga, GB, GC, GHW, GG, silu, 0);
+                    tap_ok(rc == 0 && same_bits(gwant, ggot, n) && same_bits(gpw[0], gpw[1], GC) &&
+                               same_bits(gpb[0], gpb[1], GC),
+                           "%s, %d thread(s), %s, %s: group norm backward + addend == the backward then add, bit for "
+                           "bit%s%s",
+                           db_precision_name(ps[p]), t + 1, silu ? "SiLU" : "no SiLU",
+                           self ? "dinp itself" : "an addend", rc ? ": " : "", rc ? c->err.msg : "");
+                    db_ctx_set_precision(c, DB_PREC_F32);
+                }
+        /* the check can fail: another addend (one value off by an ulp) differs */
+        ga[5] = nextafterf(ga[5], INFINITY);
+        int rc = db_groupnorm_backward_add(c1, ggot, NULL, NULL, gdy, mean, rstd, gx, gwt, gbs, ga, GB, GC, GHW, GG, 1,
+                                           0);
+        tap_ok(rc == 0 && !same_bits(gwant, ggot, n) && same_bits(gwant + 6, ggot + 6, n - 6),
+               "an addend one ulp off in one value gives other bits there only (the comparison can fail)");
+        rc = db_groupnorm_backward_add(c1, NULL, NULL, NULL, gdy, mean, rstd, gx, gwt, gbs, ga, GB, GC, GHW, GG, 1, 0);
+        tap_ok(rc != 0 && c1->err.code == DB_EUSAGE, "group norm backward + addend: no dinp is refused: %s",
+               c1->err.msg);
+        db_ctx_clear_error(c1);
+        free(gx), free(gdy), free(gwt), free(gbs), free(ga), free(gy), free(gt), free(gwant), free(ggot);
+        free(mean), free(rstd), free(gpw[0]), free(gpw[1]), free(gpb[0]), free(gpb[1]);
     }
 
     const int rc = db_linear_add_forward(c1, got, x, w, b, got, N, C, OC);
