@@ -219,7 +219,6 @@ size_t db_resblock_backward_scratch(const db_resblock *w, int B, int HW)
     take(&k, big);            /* t1 */
     take(&k, big);            /* t2 */
     take(&k, b * w->OC);      /* deproj */
-    take(&k, b * (size_t)w->E); /* demb of this block */
     return k.used;
 }
 
@@ -231,7 +230,7 @@ int db_resblock_backward(db_ctx *c, float *dinp, float *demb, const db_gradmap *
     carver k = {scratch, 0};
     const size_t big = (size_t)B * (size_t)(C > OC ? C : OC) * (size_t)HW;
     float *t1 = take(&k, big), *t2 = take(&k, big);
-    float *deproj = take(&k, (size_t)B * OC), *de = take(&k, (size_t)B * (size_t)w->E);
+    float *deproj = take(&k, (size_t)B * OC);
     /* dh3 (B, OC, HW) through conv2; dh2 through silu(norm2) */
     db_conv2d_backward(c, t1, gp(g, w->conv2_w), gp(g, w->conv2_b), dout, a->h3, w->conv2_w, B, OC, H, W, OC, 3, 3,
                        1, 1, 1, ga(g));
@@ -239,10 +238,11 @@ int db_resblock_backward(db_ctx *c, float *dinp, float *demb, const db_gradmap *
                           w->norm2_b, B, OC, HW, w->G, 1, ga(g));
     if (w->E) { /* h2 += eproj per channel: deproj (B, OC) = sum over HW */
         db_add_channel_backward(c, deproj, t2, B, OC, HW);
-        db_linear_backward(c, demb ? de : NULL, gp(g, w->emb_w), gp(g, w->emb_b), deproj, emb, w->emb_w, B, w->E,
-                           OC, ga(g));
-        if (demb)
-            db_add_forward(c, demb, demb, de, (size_t)B * w->E);
+        /* demb += the projection's input gradient (the multi backward's
+         * accumulate: the linear backward and the add, one widening) */
+        float *const dw = gp(g, w->emb_w), *const db = gp(g, w->emb_b);
+        const float *const dp = deproj, *const wt = w->emb_w;
+        db_linear_multi_backward(c, demb, &dw, &db, &dp, emb, &wt, 1, B, w->E, OC, 1, ga(g));
     }
     /* dh1 (B, C, HW) through conv1; dinp through silu(norm1) */
     db_conv2d_backward(c, t1, gp(g, w->conv1_w), gp(g, w->conv1_b), t2, a->h1, w->conv1_w, B, C, H, W, OC, 3, 3, 1,

@@ -848,12 +848,23 @@ static float *gp(const db_gradmap *g, const float *p)
     return g->g && p ? g->g + (p - g->w) : NULL;
 }
 
-/* Step i's output gradient gets d (n floats): assigned by the first
- * consumer, added by the second (skip outputs). */
+/* Where a consumer writes step i's output gradient: into the step's dout
+ * itself when it is the first (no copy), else into scratch t, which give
+ * then adds. */
+static float *dest(const db_unet *u, int i, float *t)
+{
+    return u->s[i].dset ? t : u->s[i].dout;
+}
+
+/* Step i's output gradient gets d (n floats, from dest): assigned by the
+ * first consumer (d is the step's dout then), added by the second (skip
+ * outputs). */
 static void give(db_unet *u, int i, const float *d, size_t n)
 {
     step *s = &u->s[i];
-    if (s->dset) {
+    if (d == s->dout) {
+        s->dset = 1;
+    } else if (s->dset) {
         db_add_forward(u->ctx, s->dout, s->dout, d, n);
     } else {
         db_ctx_copy(u->ctx, s->dout, d, n * sizeof *d, DB_COPY_D2D);
@@ -986,39 +997,48 @@ int db_unet_backward_to(db_unet *u, float *dsample, float *dcontext, db_weights 
                 const int cs = u->s[s->skip].OC;
                 db_resblock_backward(c, u->dt0, demb, g, d, &s->ra, s->cat, u->temb_s, &s->res, B, h, wd,
                                      u->bscratch);
-                /* the block's scratch is free again: it holds the skip's part */
-                db_concat_channels_backward(c, u->dt1, u->bscratch, u->dt0, B, s->C - cs, cs, hw);
-                give(u, s->in, u->dt1, (size_t)B * (s->C - cs) * hw);
-                give(u, s->skip, u->bscratch, (size_t)B * cs * hw);
+                /* the block's scratch is free again: it may hold the skip's part */
+                float *di = dest(u, s->in, u->dt1), *dk = dest(u, s->skip, u->bscratch);
+                db_concat_channels_backward(c, di, dk, u->dt0, B, s->C - cs, cs, hw);
+                give(u, s->in, di, (size_t)B * (s->C - cs) * hw);
+                give(u, s->skip, dk, (size_t)B * cs * hw);
             } else {
-                db_resblock_backward(c, u->dt0, demb, g, d, &s->ra, in, u->temb_s, &s->res, B, h, wd,
-                                     u->bscratch);
-                give(u, s->in, u->dt0, nin);
+                float *di = dest(u, s->in, u->dt0);
+                db_resblock_backward(c, di, demb, g, d, &s->ra, in, u->temb_s, &s->res, B, h, wd, u->bscratch);
+                give(u, s->in, di, nin);
             }
             break;
-        case ST_ATTN:
-            db_transformer2d_backward(c, u->dt0, dcontext, g, d, &s->ta, in, context, &s->tr, B, h, wd, Tc,
+        case ST_ATTN: {
+            float *di = dest(u, s->in, u->dt0);
+            db_transformer2d_backward(c, di, dcontext, g, d, &s->ta, in, context, &s->tr, B, h, wd, Tc,
                                       u->bscratch);
-            give(u, s->in, u->dt0, nin);
+            give(u, s->in, di, nin);
             break;
-        case ST_DOWN:
-            db_conv2d_backward(c, u->dt0, gp(g, s->conv_w), gp(g, s->conv_b), d, in, s->conv_w, B, s->C, h, wd,
+        }
+        case ST_DOWN: {
+            float *di = dest(u, s->in, u->dt0);
+            db_conv2d_backward(c, di, gp(g, s->conv_w), gp(g, s->conv_b), d, in, s->conv_w, B, s->C, h, wd,
                                s->OC, 3, 3, 2, 1, 1, gm.fresh);
-            give(u, s->in, u->dt0, nin);
+            give(u, s->in, di, nin);
             break;
-        case ST_UP: /* d up (B, C, 2h, 2w), then sum each 2x2 block */
+        }
+        case ST_UP: { /* d up (B, C, 2h, 2w), then sum each 2x2 block */
+            float *di = dest(u, s->in, u->dt0);
             db_conv2d_backward(c, u->dt1, gp(g, s->conv_w), gp(g, s->conv_b), d, s->up, s->conv_w, B, s->C, 2 * h,
                                2 * wd, s->OC, 3, 3, 1, 1, 1, gm.fresh);
-            db_upsample_nearest2x_backward(c, u->dt0, u->dt1, B, s->C, h, wd);
-            give(u, s->in, u->dt0, nin);
+            db_upsample_nearest2x_backward(c, di, u->dt1, B, s->C, h, wd);
+            give(u, s->in, di, nin);
             break;
-        case ST_OUT:
+        }
+        case ST_OUT: {
+            float *di = dest(u, s->in, u->dt0);
             db_conv2d_backward(c, u->dt1, gp(g, s->conv_w), gp(g, s->conv_b), d, s->hn, s->conv_w, B, s->C, h, wd,
                                s->OC, 3, 3, 1, 1, 1, gm.fresh);
-            db_groupnorm_backward(c, u->dt0, gp(g, s->gn_w), gp(g, s->gn_b), u->dt1, s->mean, s->rstd, in, s->gn_w,
+            db_groupnorm_backward(c, di, gp(g, s->gn_w), gp(g, s->gn_b), u->dt1, s->mean, s->rstd, in, s->gn_w,
                                   s->gn_b, B, s->C, hw, a->norm_groups, 1, gm.fresh);
-            give(u, s->in, u->dt0, nin);
+            give(u, s->in, di, nin);
             break;
+        }
         }
         if (c->err.code)
             return op_failed(u, s->name, err);
