@@ -1111,6 +1111,28 @@ int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
     }
 }
 
+/* The group norm backward, plain (add NULL) or with the addend joined;
+ * arguments checked by the callers. */
+static int groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
+                              const float *mean, const float *rstd, const float *inp, const float *weight,
+                              const float *bias, const float *add, int B, int C, int HW, int G, int silu, int assign)
+{
+    switch (c->device) {
+    case DB_CPU:
+    case DB_CPU_STRICT:
+        cpu_reset(assign, dweight, (size_t)C, dbias, (size_t)C);
+        return db_cpu_groupnorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, bias, add, B, C, HW,
+                                         G, silu);
+    case DB_CUDA:
+        return add ? CUDA_OP(c, groupnorm_backward_add, "groupnorm backward", dinp, dweight, dbias, dout, mean, rstd,
+                             inp, weight, bias, add, B, C, HW, G, silu, assign)
+                   : CUDA_OP(c, groupnorm_backward, "groupnorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
+                             weight, bias, B, C, HW, G, silu, assign);
+    default:
+        return no_backend(c, "groupnorm backward");
+    }
+}
+
 int db_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *mean,
                           const float *rstd, const float *inp, const float *weight, const float *bias, int B, int C,
                           int HW, int G, int silu, int assign)
@@ -1118,18 +1140,8 @@ int db_groupnorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, 
     ENTER(c);
     REQUIRE(c, "groupnorm backward", dout && mean && rstd && inp && weight && bias && B > 0 && C > 0 && HW > 0 &&
                                          G > 0 && C % G == 0);
-    switch (c->device) {
-    case DB_CPU:
-    case DB_CPU_STRICT:
-        cpu_reset(assign, dweight, (size_t)C, dbias, (size_t)C);
-        return db_cpu_groupnorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, bias, NULL, B, C, HW,
-                                         G, silu);
-    case DB_CUDA:
-        return CUDA_OP(c, groupnorm_backward, "groupnorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
-                       weight, bias, B, C, HW, G, silu, assign);
-    default:
-        return no_backend(c, "groupnorm backward");
-    }
+    return groupnorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, bias, NULL, B, C, HW, G, silu,
+                              assign);
 }
 
 int db_groupnorm_backward_add(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
@@ -1139,17 +1151,28 @@ int db_groupnorm_backward_add(db_ctx *c, float *dinp, float *dweight, float *dbi
     ENTER(c);
     REQUIRE(c, "groupnorm backward", dinp && add && dout && mean && rstd && inp && weight && bias && B > 0 && C > 0 &&
                                          HW > 0 && G > 0 && C % G == 0);
+    return groupnorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, bias, add, B, C, HW, G, silu,
+                              assign);
+}
+
+/* The layer norm backward, plain (add NULL) or with the addend joined;
+ * arguments checked by the callers. */
+static int layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
+                              const float *mean, const float *rstd, const float *inp, const float *weight,
+                              const float *add, int N, int C, int assign)
+{
     switch (c->device) {
     case DB_CPU:
     case DB_CPU_STRICT:
         cpu_reset(assign, dweight, (size_t)C, dbias, (size_t)C);
-        return db_cpu_groupnorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, bias, add, B, C, HW,
-                                         G, silu);
+        return db_cpu_layernorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, add, N, C);
     case DB_CUDA:
-        return CUDA_OP(c, groupnorm_backward_add, "groupnorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
-                       weight, bias, add, B, C, HW, G, silu, assign);
+        return add ? CUDA_OP(c, layernorm_backward_add, "layernorm backward", dinp, dweight, dbias, dout, mean, rstd,
+                             inp, weight, add, N, C, assign)
+                   : CUDA_OP(c, layernorm_backward, "layernorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
+                             weight, N, C, assign);
     default:
-        return no_backend(c, "groupnorm backward");
+        return no_backend(c, "layernorm backward");
     }
 }
 
@@ -1158,17 +1181,7 @@ int db_layernorm_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, 
 {
     ENTER(c);
     REQUIRE(c, "layernorm backward", dout && mean && rstd && inp && weight && N > 0 && C > 0);
-    switch (c->device) {
-    case DB_CPU:
-    case DB_CPU_STRICT:
-        cpu_reset(assign, dweight, (size_t)C, dbias, (size_t)C);
-        return db_cpu_layernorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, NULL, N, C);
-    case DB_CUDA:
-        return CUDA_OP(c, layernorm_backward, "layernorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
-                       weight, N, C, assign);
-    default:
-        return no_backend(c, "layernorm backward");
-    }
+    return layernorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, NULL, N, C, assign);
 }
 
 int db_layernorm_backward_add(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout,
@@ -1177,17 +1190,7 @@ int db_layernorm_backward_add(db_ctx *c, float *dinp, float *dweight, float *dbi
 {
     ENTER(c);
     REQUIRE(c, "layernorm backward", dinp && add && dout && mean && rstd && inp && weight && N > 0 && C > 0);
-    switch (c->device) {
-    case DB_CPU:
-    case DB_CPU_STRICT:
-        cpu_reset(assign, dweight, (size_t)C, dbias, (size_t)C);
-        return db_cpu_layernorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, add, N, C);
-    case DB_CUDA:
-        return CUDA_OP(c, layernorm_backward_add, "layernorm backward", dinp, dweight, dbias, dout, mean, rstd, inp,
-                       weight, add, N, C, assign);
-    default:
-        return no_backend(c, "layernorm backward");
-    }
+    return layernorm_backward(c, dinp, dweight, dbias, dout, mean, rstd, inp, weight, add, N, C, assign);
 }
 
 int db_attention_backward(db_ctx *c, float *dq, float *dk, float *dv, const float *dout, const float *out,
