@@ -602,13 +602,18 @@ int db_cuda_shadows_refresh(db_ctx *c)
     return 0;
 }
 
+// src's place in w's working copy (made current first); NULL with c->err set
+static void *lend(db_ctx *c, db_cuda_shadow *w, const float *src)
+{
+    char *s = (char *)shadow_ready(c, w);
+    return s ? s + (src - w->p) * 2 : NULL;
+}
+
 void *db_cuda_to16(db_ctx *c, const float *src, size_t n)
 {
     db_cuda_shadow *w = n ? db_cuda_shadow_find(c, src, n * sizeof(float)) : NULL;
-    if (w) {
-        char *s = (char *)shadow_ready(c, w);
-        return s ? s + (src - w->p) * 2 : NULL;
-    }
+    if (w)
+        return lend(c, w, src);
     void *dst = db_cuda_alloc(c, n * 2);
     if (!dst || n == 0)
         return dst;
@@ -680,8 +685,10 @@ int db_cuda_to16_many(db_ctx *c, void **dst, const float *const *src, const size
     for (int i = 0; i < k; i++) {
         dst[i] = NULL;
         db_cuda_shadow *w = n[i] ? db_cuda_shadow_find(c, src[i], n[i] * sizeof(float)) : NULL;
-        if (w || n[i] == 0) { // a weight's working copy (lent), or nothing to convert
-            if (!(dst[i] = db_cuda_to16(c, src[i], n[i])) && n[i])
+        if (n[i] == 0)
+            continue;
+        if (w) { // a weight's working copy, lent
+            if (!(dst[i] = lend(c, w, src[i])))
                 r = -1;
             continue;
         }

@@ -399,6 +399,13 @@ static float *prod16_room(db_ctx *c, prod16 *pr, float *out, size_t n)
 // plain, residual and GEGLU forms, so each keeps its "exactly
 // db_linear_forward then ..." bits.  out NULL (a caller that keeps no
 // float32 product): scratch where one is made.
+// Cv (N, OC) = x16 (N, C) @ w16^T, w16 stored (OC, C): the compute type
+// when c16 (cuBLAS's store rounds), else float32 sums
+static int product16(db_ctx *c, const void *x16, const void *w16, int N, int C, int OC, void *Cv, int c16)
+{
+    return db_cuda_gemm16(c, 1, 0, 1, N, OC, C, 1.0f, x16, C, 0, w16, C, 0, 0.0f, Cv, c16, OC, 0);
+}
+
 static int linear_product16(db_ctx *c, prod16 *pr, float *out, const void *x16, const float *weight,
                             const float *bias, int N, int C, int OC)
 {
@@ -407,9 +414,7 @@ static int linear_product16(db_ctx *c, prod16 *pr, float *out, const void *x16, 
     void *w16 = db_cuda_to16(c, weight, (size_t)OC * C);
     if (!w16)
         return -1;
-    auto gemm = [&](void *Cv, int c16) {
-        return db_cuda_gemm16(c, 1, 0, 1, N, OC, C, 1.0f, x16, C, 0, w16, C, 0, 0.0f, Cv, c16, OC, 0);
-    };
+    auto gemm = [&](void *Cv, int c16) { return product16(c, x16, w16, N, C, OC, Cv, c16); };
     int r = 1;
     if (!bias)
         r = prod16_room(c, pr, out, n) ? via16(c, pr->f32, n, 0, [&](void *t) { return gemm(t, 1); }) : -1;
@@ -558,8 +563,7 @@ extern "C" int db_cuda_linear_multi_forward(db_ctx *c, float *const *out, const 
         r = t ? 0 : -1;
         for (int i = 0; i < n && r == 0; i++) {
             void *w16 = db_cuda_to16(c, weight[i], (size_t)OC * C);
-            r = w16 ? db_cuda_gemm16(c, 1, 0, 1, N, OC, C, 1.0f, x16, C, 0, w16, C, 0, 0.0f, t + i * ny * 2, 1, OC, 0)
-                    : -1;
+            r = w16 ? product16(c, x16, w16, N, C, OC, t + i * ny * 2, 1) : -1;
             db_cuda_free(c, w16);
         }
         if (r == 0)
