@@ -220,26 +220,36 @@ __device__ __forceinline__ static float with_add(float x, const float *add, int 
     return add ? x + add[per_channel ? (size_t)b * C + ch : i] : x;
 }
 
+// sample b's tile (hw0 / TT, c0 / TT) of dst (B, C, HW) = (float) src (B,
+// HW, C) (+ add), or by put (DB_PUT_*), by threads (tx, ty) of (TT, TROWS)
+template <typename T>
+__device__ __forceinline__ static void from16_tile(float (*tile)[TT + 1], float *dst, const T *src, int C, int HW,
+                                                   int put, const float *add, int per_channel, unsigned b, int hw0,
+                                                   int c0, int tx, int ty)
+{
+    const size_t plane = (size_t)C * HW * b;
+    for (int k = ty; k < TT; k += TROWS) {
+        const int hw = hw0 + k, ch = c0 + tx;
+        if (ch < C && hw < HW)
+            tile[k][tx] = load16(src + plane + (size_t)hw * C + ch);
+    }
+    __syncthreads();
+    for (int k = ty; k < TT; k += TROWS) {
+        const int ch = c0 + k, hw = hw0 + tx;
+        const size_t i = plane + (size_t)ch * HW + hw;
+        if (ch < C && hw < HW)
+            db_cuda_put(dst + i, with_add(tile[tx][k], add, per_channel, (int)b, C, ch, i), put);
+    }
+}
+
 // dst (B, C, HW) = (float) src (B, HW, C) (+ add), or by put (DB_PUT_*)
 template <typename T>
 __global__ static void __launch_bounds__(TT *TROWS)
     from16_nchw_kernel(float *dst, const T *src, int C, int HW, int put, const float *add, int per_channel)
 {
     __shared__ float tile[TT][TT + 1];
-    const size_t plane = (size_t)C * HW * blockIdx.z;
-    const int hw0 = blockIdx.x * TT, c0 = blockIdx.y * TT;
-    for (int k = threadIdx.y; k < TT; k += TROWS) {
-        const int hw = hw0 + k, ch = c0 + threadIdx.x;
-        if (ch < C && hw < HW)
-            tile[k][threadIdx.x] = load16(src + plane + (size_t)hw * C + ch);
-    }
-    __syncthreads();
-    for (int k = threadIdx.y; k < TT; k += TROWS) {
-        const int ch = c0 + k, hw = hw0 + threadIdx.x;
-        const size_t i = plane + (size_t)ch * HW + hw;
-        if (ch < C && hw < HW)
-            db_cuda_put(dst + i, with_add(tile[threadIdx.x][k], add, per_channel, blockIdx.z, C, ch, i), put);
-    }
+    from16_tile(tile, dst, src, C, HW, put, add, per_channel, blockIdx.z, blockIdx.x * TT, blockIdx.y * TT,
+                threadIdx.x, threadIdx.y);
 }
 
 // Small planes (HW <= SMALL_HW: a 3x3 filter's KH KW = 9, its B being OC):
@@ -266,22 +276,58 @@ __global__ static void __launch_bounds__(SMALL_CT) to16_nhwc_small_kernel(T *dst
             store16(dst + plane + (size_t)k * C + c0 + threadIdx.x, tile[k][threadIdx.x]);
 }
 
+// sample b's channels [c0, c0 + SMALL_CT) of dst (B, C, HW) = (float) src
+// (B, HW, C) (+ add), or by put (DB_PUT_*), by SMALL_CT threads (t)
+template <typename T>
+__device__ __forceinline__ static void from16_small(float (*tile)[SMALL_CT + 1], float *dst, const T *src, int C,
+                                                    int HW, int put, const float *add, int per_channel, unsigned b,
+                                                    int c0, int t)
+{
+    const size_t plane = (size_t)C * HW * b;
+    const int nc = C - c0 < SMALL_CT ? C - c0 : SMALL_CT;
+    if (t < nc)
+        for (int k = 0; k < HW; k++)
+            tile[k][t] = load16(src + plane + (size_t)k * C + c0 + t);
+    __syncthreads();
+    const size_t d0 = plane + (size_t)c0 * HW; // nc * HW contiguous values
+    for (int i = t; i < nc * HW; i += SMALL_CT)
+        db_cuda_put(dst + d0 + i, with_add(tile[i % HW][i / HW], add, per_channel, (int)b, C, c0 + i / HW, d0 + i),
+                    put);
+}
+
 // dst (B, C, HW) = (float) src (B, HW, C) (+ add), or by put (DB_PUT_*)
 template <typename T>
 __global__ static void __launch_bounds__(SMALL_CT)
     from16_nchw_small_kernel(float *dst, const T *src, int C, int HW, int put, const float *add, int per_channel)
 {
     __shared__ float tile[SMALL_HW][SMALL_CT + 1];
-    const size_t plane = (size_t)C * HW * blockIdx.y;
-    const int c0 = blockIdx.x * SMALL_CT, nc = C - c0 < SMALL_CT ? C - c0 : SMALL_CT;
-    if (threadIdx.x < nc)
-        for (int k = 0; k < HW; k++)
-            tile[k][threadIdx.x] = load16(src + plane + (size_t)k * C + c0 + threadIdx.x);
-    __syncthreads();
-    const size_t d0 = plane + (size_t)c0 * HW; // nc * HW contiguous values
-    for (int i = threadIdx.x; i < nc * HW; i += SMALL_CT)
-        db_cuda_put(dst + d0 + i, with_add(tile[i % HW][i / HW], add, per_channel, blockIdx.y, C, c0 + i / HW, d0 + i),
-                    put);
+    from16_small(tile, dst, src, C, HW, put, add, per_channel, blockIdx.y, blockIdx.x * SMALL_CT, threadIdx.x);
+}
+
+// db_cuda_from16_nchw_jobs's launch: a 1-D grid of 256-thread blocks, job
+// i's blocks from b0[i] -- its tiles (HW tiles, C tiles, B) when its planes
+// are larger than SMALL_HW, else its (C chunks, B) -- each doing what the
+// job's own kernel's block does (the same code, the same bits)
+static_assert(TT * TROWS == SMALL_CT, "one block size for both widenings");
+struct nchw_segs {
+    db_cuda_nchw_job j[2];
+    unsigned b0[3], gx[2], gy[2];
+};
+
+template <typename T> __global__ static void __launch_bounds__(SMALL_CT) from16_nchw_jobs_kernel(const nchw_segs s)
+{
+    __shared__ float buf[SMALL_HW * (SMALL_CT + 1)]; // the larger of the two tiles
+    const int i = blockIdx.x >= s.b0[1];
+    const unsigned q = blockIdx.x - (i ? s.b0[1] : 0u), gx = i ? s.gx[1] : s.gx[0], gy = i ? s.gy[1] : s.gy[0];
+    float *dst = i ? s.j[1].dst : s.j[0].dst;
+    const T *src = (const T *)(i ? s.j[1].src : s.j[0].src);
+    const int C = i ? s.j[1].C : s.j[0].C, HW = i ? s.j[1].HW : s.j[0].HW, put = i ? s.j[1].put : s.j[0].put;
+    if (HW > SMALL_HW)
+        from16_tile((float(*)[TT + 1])buf, dst, src, C, HW, put, NULL, 0, q / (gx * gy), (int)(q % gx) * TT,
+                    (int)(q / gx % gy) * TT, (int)threadIdx.x % TT, (int)threadIdx.x / TT);
+    else
+        from16_small((float(*)[SMALL_CT + 1])buf, dst, src, C, HW, put, NULL, 0, q / gx, (int)(q % gx) * SMALL_CT,
+                     (int)threadIdx.x);
 }
 
 // one launch per 65535 samples (the grid's z limit; y for small planes);
@@ -397,6 +443,37 @@ int db_cuda_to16_nhwc_jobs(db_ctx *c, db_cuda_nhwc_job *jobs, int k, const db_cu
             jobs[i].dst = NULL;
         }
     return r ? -1 : 0;
+}
+
+int db_cuda_from16_nchw_jobs(db_ctx *c, const db_cuda_nchw_job *jobs, int k)
+{
+    nchw_segs s;
+    memset(&s, 0, sizeof s);
+    size_t nb[3] = {0, 0, 0}; // the blocks before job i
+    for (int i = 0; i < k && i < 2; i++) {
+        const db_cuda_nchw_job &j = jobs[i];
+        const int tiled = j.HW > SMALL_HW;
+        s.j[i] = j;
+        s.gx[i] = (unsigned)(tiled ? (j.HW + TT - 1) / TT : (j.C + SMALL_CT - 1) / SMALL_CT);
+        s.gy[i] = tiled ? (unsigned)((j.C + TT - 1) / TT) : 1u;
+        nb[i + 1] = nb[i] + (size_t)s.gx[i] * s.gy[i] * (size_t)(j.B > 0 && j.C > 0 && j.HW > 0 ? j.B : 0);
+        s.b0[i + 1] = (unsigned)nb[i + 1];
+    }
+    if (k != 2 || nb[1] == 0 || nb[2] == nb[1] || nb[2] > 0x7fffffffu) { // one launch each
+        for (int i = 0; i < k; i++)
+            if (nhwc_launch(c, 0, jobs[i].dst, jobs[i].src, jobs[i].B, jobs[i].C, jobs[i].HW, jobs[i].put) != 0)
+                return -1;
+        return 0;
+    }
+    cudaStream_t st = db_cuda_st(c)->stream;
+    if (c->precision == DB_PREC_F16)
+        from16_nchw_jobs_kernel<__half><<<s.b0[2], SMALL_CT, 0, st>>>(s);
+    else
+        from16_nchw_jobs_kernel<__nv_bfloat16><<<s.b0[2], SMALL_CT, 0, st>>>(s);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "from16_nchw_jobs kernel: %s", cudaGetErrorString(e));
+    return 0;
 }
 
 int db_cuda_from16_nchw(db_ctx *c, float *dst, const void *src, int B, int C, int HW, int put)

@@ -628,7 +628,11 @@ static int conv_forward16_via32(db_ctx *c, db_cuda_conv_plan *p16, float *out, c
 
 // dinp = the data gradient of the 16-bit operands, rounded by cuDNN's store
 // (cropped when padded); 1 when cuDNN supports no candidate
-static int data_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, const void *dy16, const float *weight)
+// defer (NULL: none): in a channels-last plan without a padded copy, the
+// widening is left to the caller: *defer is set to it, and dx16 is the
+// caller's to free (defer->src)
+static int data_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, const void *dy16, const float *weight,
+                       db_cuda_nchw_job *defer)
 {
     const int B = p->key[0], C = p->key[1], H = p->key[2], W = p->key[3], pad0 = p->key[8];
     const size_t nxp = (size_t)B * C * p->Hp * p->Wp;
@@ -637,6 +641,11 @@ static int data_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, const void 
     int r = w16 && dx16 && dxp ? 0 : -1;
     if (r == 0)
         r = run_conv(c, p, 1, NULL, w16, dy16, dx16, 0.0f, 1);
+    if (r == 0 && defer && p->nhwc && !p->explicit_pad) {
+        *defer = db_cuda_nchw_job{dinp, dx16, B, C, p->Hp * p->Wp, DB_PUT_SET};
+        db_cuda_free(c, w16);
+        return 0;
+    }
     if (r == 0)
         r = from16_plan(c, p, dxp, dx16, B, C, p->Hp * p->Wp, 0);
     if (r == 0 && p->explicit_pad) {
@@ -657,9 +666,9 @@ static int data_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, const void 
 // dweight += the filter gradient of the 16-bit operands, rounded by cuDNN's
 // store before the float32 add (put DB_PUT_FRESH: assigned, dweight not
 // read); 1 when cuDNN supports no candidate.  x16: the caller's copy of
-// inp in the plan's layout (NULL: made here)
+// inp in the plan's layout (NULL: made here).  defer: as data_grad16's
 static int filter_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dweight, const void *dy16, const void *x16,
-                         const float *inp, int put)
+                         const float *inp, int put, db_cuda_nchw_job *defer)
 {
     const size_t nw = (size_t)p->key[4] * p->key[1] * p->key[5] * p->key[6];
     void *own = x16 ? NULL : input16(c, p, inp), *dw16 = db_cuda_alloc(c, nw * 2);
@@ -667,6 +676,11 @@ static int filter_grad16(db_ctx *c, db_cuda_conv_plan *p, float *dweight, const 
     int r = x16 && dw16 ? 0 : -1;
     if (r == 0)
         r = run_conv(c, p, 2, x16, NULL, dy16, dw16, 0.0f, 1);
+    if (r == 0 && defer && p->nhwc) {
+        *defer = db_cuda_nchw_job{dweight, dw16, p->key[4], p->key[1], p->key[5] * p->key[6], put};
+        db_cuda_free(c, own);
+        return 0;
+    }
     if (r == 0)
         r = from16_plan(c, p, dweight, dw16, p->key[4], p->key[1], p->key[5] * p->key[6], put);
     db_cuda_free(c, own);
@@ -727,20 +741,29 @@ static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *
     void *dy16 = p->nhwc ? j[0].dst : db_cuda_to16(c, dout, ny), *x16 = j[1].dst;
     if (r == 0 && !dy16)
         r = -1;
+    // the two gradients' widenings, where both are left to here: one launch
+    db_cuda_nchw_job wj[2];
+    int nw = 0;
     if (r == 0 && dinp) { // dinp =
-        r = p->via32[1] ? 1 : data_grad16(c, p, dinp, dy16, weight);
+        r = p->via32[1] ? 1 : data_grad16(c, p, dinp, dy16, weight, dweight ? &wj[nw] : NULL);
+        nw += r == 0 && dweight && p->nhwc && !p->explicit_pad;
         if (r == 1) {
             p->via32[1] = 1;
             r = data_grad16_via32(c, p, dinp, dout, weight);
         }
     }
     if (r == 0 && dweight) { // dweight += (or = when assign)
-        r = p->via32[2] ? 1 : filter_grad16(c, p, dweight, dy16, x16, inp, put);
+        r = p->via32[2] ? 1 : filter_grad16(c, p, dweight, dy16, x16, inp, put, nw ? &wj[nw] : NULL);
+        nw += r == 0 && nw && p->nhwc;
         if (r == 1) {
             p->via32[2] = 1;
             r = filter_grad16_via32(c, p, dweight, dout, inp, put);
         }
     }
+    if (r == 0 && nw)
+        r = db_cuda_from16_nchw_jobs(c, wj, nw);
+    for (int i = 0; i < nw; i++)
+        db_cuda_free(c, (void *)wj[i].src);
     db_cuda_free(c, dy16);
     db_cuda_free(c, x16);
     if (r == 0 && dbias) // float32 sum of the rounded dout per channel, rounded, added

@@ -417,6 +417,17 @@ struct db_cuda_fill_job {
 // 16 values; else a launch each.  0, or -1 with c->err set and every
 // jobs[i].dst NULL
 int db_cuda_to16_nhwc_jobs(db_ctx *c, db_cuda_nhwc_job *jobs, int k, const db_cuda_fill_job *fill);
+// One widening of db_cuda_from16_nchw_jobs: dst (B, C, HW) = src (B, HW,
+// C) compute type, by put (DB_PUT_*)
+struct db_cuda_nchw_job {
+    float *dst;
+    const void *src;
+    int B, C, HW, put;
+};
+// k (<= 2) of them whose dsts do not overlap (a convolution backward's
+// dinp and filter gradient), by one launch when k is 2 (else a launch
+// each); the bits of db_cuda_from16_nchw each.  0, or -1 with c->err set
+int db_cuda_from16_nchw_jobs(db_ctx *c, const db_cuda_nchw_job *jobs, int k);
 // dst (B, C, HW) float = src (B, HW, C) compute type, or by put (DB_PUT_*: 1 +=)
 int db_cuda_from16_nchw(db_ctx *c, float *dst, const void *src, int B, int C, int HW, int put);
 // The same plus an addend after the widening (conv2d_add_forward): dst =
