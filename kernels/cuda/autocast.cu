@@ -810,8 +810,8 @@ struct widen_segs {
 template <typename T> __device__ __forceinline__ static float widen_one(const db_cuda_widen_job &j, size_t e)
 {
     const T *s = (const T *)j.src + e;
-    float v = load16(s);
-    v = j.put == DB_PUT_ADD ? j.dst[e] + v : j.put == DB_PUT_FRESH ? __fadd_rn(0.0f, v) : v;
+    float v = j.put == DB_PUT_ADD ? j.dst[e] : 0.0f;
+    db_cuda_put(&v, load16(s), j.put);
     for (int m = 1; m < j.m; m++)
         v = __fadd_rn(v, load16(s + (size_t)m * j.stride));
     return v;
@@ -831,10 +831,8 @@ template <typename T> __global__ static void widen_kernel(const widen_segs s)
             if (j.put == DB_PUT_ADD)
                 d = *(const f32x4 *)(j.dst + e);
             x4_16<T> a = *(const x4_16<T> *)((const T *)j.src + e);
-            for (int k = 0; k < 4; k++) {
-                const float v = load16(&a.v[k]);
-                d.v[k] = j.put == DB_PUT_ADD ? d.v[k] + v : j.put == DB_PUT_FRESH ? __fadd_rn(0.0f, v) : v;
-            }
+            for (int k = 0; k < 4; k++)
+                db_cuda_put(&d.v[k], load16(&a.v[k]), j.put);
             for (int m = 1; m < j.m; m++) {
                 a = *(const x4_16<T> *)((const T *)j.src + (size_t)m * j.stride + e);
                 for (int k = 0; k < 4; k++)
