@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 19 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+#define DB_CUDA_ABI 20 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
                           4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
                           7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free;
                           10: opt_adamw8bit_many; 11: host_alloc, host_free; 12: opt_clip_each;
@@ -35,7 +35,8 @@ extern "C" {
                           16: db_mem_stats.device_free, device_total;
                           17: the parameter-gradient backwards' assign;
                           18: conv2d_add_forward, linear_fan_forward;
-                          19: layernorm_backward_add, groupnorm_backward_add */
+                          19: layernorm_backward_add, groupnorm_backward_add;
+                          20: DB_ASSIGN_PACK16, opt_sumsq_many's prec16, db_adamw's g16 runs */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -130,7 +131,8 @@ typedef struct db_cuda_api {
                          const struct db_q8_maps *maps);
     /* db_opt_sumsq_many: k sums of squares, one wait; out and the g / n
      * arrays are HOST memory (the g[i] device pointers) */
-    int (*opt_sumsq_many)(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k);
+    int (*opt_sumsq_many)(db_ctx *c, double *out, const float *const *g, const size_t *n, const int *prec16,
+                          size_t k);
     /* A second stream for work that overlaps the ctx's ops (libcommon/dist's
      * NCCL all-reduces during the backward): side_begin returns it (a
      * cudaStream_t as void *, NULL with c->err set on failure) after making

@@ -23,7 +23,14 @@
  * the bits of zeroing them and then +=, for a model whose backward makes
  * each parameter's one contribution into gradients reset for it (the
  * UNet's, unet.h): the reset (a write of every gradient) and the add's read
- * of it are saved.  0 is +=.
+ * of it are saved.  0 is +=.  DB_ASSIGN_PACK16 (2, the 16-bit precisions
+ * only) assigns as 1, except that the weight gradient of linear, linear
+ * multi and conv2d is stored packed: its n values (each one the compute
+ * type's, precision below) as n compute-type bit patterns in the first 2n
+ * bytes of its n-float slot, the rest of the slot untouched.  A trainer
+ * whose optimizer reads them so (db_grad_ref.prec16, db_adamw.g16) saves
+ * the widening pass and half of every later read of those gradients.  The
+ * norms' parameter gradients and every dbias stay float32 (2 is 1 there).
  *
  * Dispatch.  Each function below is a switch on ctx->device into a backend
  * with the identical signature (kernels/cpu/dispatch.c): db_cpu_* in
@@ -451,6 +458,8 @@ int db_embedding_forward(db_ctx *c, float *out, const int32_t *tokens, const flo
  * either may be NULL. */
 int db_gemm_backward(db_ctx *c, float *dA, float *dB, const float *dCm, const float *A, const float *B, int batch,
                      int M, int N, int K, int transa, int transb, float alpha);
+/* assign: 0, 1 or DB_ASSIGN_PACK16 (above) */
+enum { DB_ASSIGN_PACK16 = 2 };
 /* dinp (N, C) =; dweight (OC, C), dbias (OC) += (= when assign); dout (N, OC). */
 int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                        const float *weight, int N, int C, int OC, int assign);
@@ -532,7 +541,8 @@ int db_embedding_backward(db_ctx *c, float *dwte, float *dwpe, const float *dout
 struct db_adamw; /* libcommon/sd/optim.h */
 
 /* db_adamw_step over n elements: p, m, v updated in place from g; t is the
- * 1-based step count after this step. */
+ * 1-based step count after this step.  hp's g16 runs (optim.h) name the
+ * tensors of g stored packed (DB_ASSIGN_PACK16), read as such. */
 int db_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t n, const struct db_adamw *hp,
                  int64_t t);
 /* *out (host) = sum of g[i]^2 in double, in db_clip_grad_norm's fixed
@@ -540,8 +550,11 @@ int db_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t
 int db_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n);
 /* out[i] (host) = db_opt_sumsq of g[i] (n[i] floats) for i < k: the same
  * bits, with one wait for the device instead of k (the clip's norms of
- * hundreds of tensors).  g and n are host arrays of the k tensors. */
-int db_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k);
+ * hundreds of tensors).  g and n are host arrays of the k tensors; prec16
+ * (host, or NULL: all float32) says which are packed (DB_ASSIGN_PACK16:
+ * DB_PREC_BF16 / DB_PREC_F16, their n[i] values as 16-bit bits at g[i]),
+ * summed as their float32 values would be. */
+int db_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, const int *prec16, size_t k);
 /* g[i] = g[i] * coef (the clip; a NaN coef poisons every element, as torch). */
 int db_opt_scale(db_ctx *c, float *g, float coef, size_t n);
 /* Each of k tensors clipped by its own norm (torch's clip_grad_norm_ on one

@@ -1030,17 +1030,42 @@ static void cpu_reset(int assign, float *dweight, size_t nw, float *dbias, size_
         memset(dbias, 0, nb * sizeof *dbias);
 }
 
+/* DB_ASSIGN_PACK16 (ops.h): the 16-bit precisions only */
+#define REQUIRE_ASSIGN(c, op, assign)                                                                  \
+    REQUIRE(c, op, (assign) >= 0 && (assign) <= DB_ASSIGN_PACK16 &&                                  \
+                       ((assign) != DB_ASSIGN_PACK16 || (c)->precision != DB_PREC_F32))
+
+/* The CPU's DB_ASSIGN_PACK16: g's n floats (each a value of the compute
+ * type, as the autocast ops leave a gradient assigned into zeros) rewritten
+ * as their bit patterns in its first 2n bytes.  In place, in order: value
+ * i's two bytes end at or before float i's first, so none is overwritten
+ * before it is read. */
+static int cpu_pack16(db_ctx *c, int r, int assign, float *g, size_t n)
+{
+    if (r != 0 || assign != DB_ASSIGN_PACK16 || !g)
+        return r;
+    uint16_t *o = (uint16_t *)(void *)g;
+    const int f16 = c->precision == DB_PREC_F16;
+    for (size_t i = 0; i < n; i++) {
+        const float v = g[i];
+        o[i] = f16 ? db_f32_to_f16(v) : db_f32_to_bf16(v);
+    }
+    return 0;
+}
+
 int db_linear_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                        const float *weight, int N, int C, int OC, int assign)
 {
     ENTER(c);
     REQUIRE(c, "linear backward", dout && (!dinp || weight) && (!dweight || inp) && N > 0 && C > 0 && OC > 0);
+    REQUIRE_ASSIGN(c, "linear backward", assign);
     switch (c->device) {
     case DB_CPU:
     case DB_CPU_STRICT:
         cpu_reset(assign, dweight, (size_t)OC * C, dbias, (size_t)OC);
         if (c->precision != DB_PREC_F32)
-            return db_cpu_ac_linear_backward(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC);
+            return cpu_pack16(c, db_cpu_ac_linear_backward(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC),
+                              assign, dweight, (size_t)OC * C);
         return db_cpu_linear_backward(c, dinp, dweight, dbias, dout, inp, weight, N, C, OC);
     case DB_CUDA:
         return CUDA_OP(c, linear_backward, "linear backward", dinp, dweight, dbias, dout, inp, weight, N, C, OC,
@@ -1059,6 +1084,7 @@ int db_linear_multi_backward(db_ctx *c, float *dinp, float *const *dweight, floa
     for (int i = 0; i < n; i++)
         REQUIRE(c, "linear backward",
                 dout[i] && (!dinp || (weight && weight[i])) && (!dweight || !dweight[i] || inp));
+    REQUIRE_ASSIGN(c, "linear backward", assign);
     switch (c->device) {
     case DB_CPU:
     case DB_CPU_STRICT: { /* the definition: each linear's backward, its dinp added */
@@ -1094,13 +1120,16 @@ int db_conv2d_backward(db_ctx *c, float *dinp, float *dweight, float *dbias, con
                                       W > 0 && OC > 0 && KH > 0 && KW > 0);
     REQUIRE(c, "conv2d backward",
             stride > 0 && pad0 >= 0 && pad1 >= 0 && H + pad0 + pad1 >= KH && W + pad0 + pad1 >= KW);
+    REQUIRE_ASSIGN(c, "conv2d backward", assign);
     switch (c->device) {
     case DB_CPU:
     case DB_CPU_STRICT:
         cpu_reset(assign, dweight, (size_t)OC * C * KH * KW, dbias, (size_t)OC);
         if (c->precision != DB_PREC_F32)
-            return db_cpu_ac_conv2d_backward(c, dinp, dweight, dbias, dout, inp, weight, B, C, H, W, OC, KH, KW,
-                                             stride, pad0, pad1);
+            return cpu_pack16(c,
+                              db_cpu_ac_conv2d_backward(c, dinp, dweight, dbias, dout, inp, weight, B, C, H, W, OC,
+                                                        KH, KW, stride, pad0, pad1),
+                              assign, dweight, (size_t)OC * C * KH * KW);
         return db_cpu_conv2d_backward(c, dinp, dweight, dbias, dout, inp, weight, B, C, H, W, OC, KH, KW, stride,
                                       pad0, pad1);
     case DB_CUDA:
@@ -1372,6 +1401,7 @@ int db_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t
 {
     ENTER(c);
     REQUIRE(c, "adamw", p && m && v && g && hp);
+    REQUIRE(c, "adamw", !hp->g16_nruns || (hp->g16_runs && (hp->g16_prec == DB_PREC_BF16 || hp->g16_prec == DB_PREC_F16)));
     switch (c->device) {
     case DB_CPU:
     case DB_CPU_STRICT:
@@ -1400,18 +1430,21 @@ int db_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n)
     }
 }
 
-int db_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k)
+int db_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, const int *prec16, size_t k)
 {
     ENTER(c);
     REQUIRE(c, "sumsq", (out && g && n) || !k);
+    for (size_t i = 0; prec16 && i < k; i++)
+        REQUIRE(c, "sumsq", prec16[i] == 0 || prec16[i] == DB_PREC_BF16 || prec16[i] == DB_PREC_F16);
     switch (c->device) {
     case DB_CPU:
     case DB_CPU_STRICT:
         for (size_t i = 0; i < k; i++)
-            out[i] = db_sum_squares(g[i], n[i]);
+            out[i] = prec16 && prec16[i] ? db_sum_squares16((const uint16_t *)(const void *)g[i], n[i], prec16[i])
+                                         : db_sum_squares(g[i], n[i]);
         return 0;
     case DB_CUDA:
-        return CUDA_OP(c, opt_sumsq_many, "sumsq", out, g, n, k);
+        return CUDA_OP(c, opt_sumsq_many, "sumsq", out, g, n, prec16, k);
     default:
         return no_backend(c, "sumsq");
     }
@@ -1457,7 +1490,7 @@ int db_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size_t njobs, const 
                           const struct db_q8_maps *maps)
 {
     ENTER(c);
-    REQUIRE(c, "adamw8bit_many", (jobs || !njobs) && hp && maps);
+    REQUIRE(c, "adamw8bit_many", (jobs || !njobs) && hp && maps && !hp->g16_nruns);
     if (c->device == DB_CUDA)
         return CUDA_OP(c, opt_adamw8bit_many, "adamw8bit_many", jobs, njobs, hp, t, maps);
     /* the CPU: one op per job */
@@ -1474,7 +1507,7 @@ int db_opt_adamw8bit(db_ctx *c, float *p, uint8_t *m_q, uint8_t *v_q, float *m_a
                      const float *g, size_t n, const struct db_adamw *hp, int64_t t, const struct db_q8_maps *maps)
 {
     ENTER(c);
-    REQUIRE(c, "adamw8bit", ((p && m_q && v_q && m_absmax && v_absmax && g) || !n) && hp && maps);
+    REQUIRE(c, "adamw8bit", ((p && m_q && v_q && m_absmax && v_absmax && g) || !n) && hp && maps && !hp->g16_nruns);
     switch (c->device) {
     case DB_CPU:
     case DB_CPU_STRICT:

@@ -87,6 +87,28 @@ __global__ static void round_kernel(float *dst, const float *src, size_t n, int 
           [f16, put](float &d, float x) { db_cuda_put(&d, db_cuda_round16(x, f16), put); });
 }
 
+// element i of dst by put, DB_PUT_PACK16 included (cuda.h): the 16-bit
+// element i at dst's address, or the float one
+template <typename T> __device__ __forceinline__ static void put16(float *dst, size_t i, float v, int put)
+{
+    if (put == DB_PUT_PACK16)
+        store16((T *)(void *)dst + i, __fadd_rn(0.0f, v));
+    else
+        db_cuda_put(dst + i, v, put);
+}
+
+// DB_PUT_PACK16 of a flat widening: dst = src's values (as put16)
+template <typename T> __global__ static void pack16_copy_kernel(T *dst, const T *src, size_t n, int vec)
+{
+    pass4(dst, src, n, vec, 0, [](T &d, const T &x) { store16(&d, __fadd_rn(0.0f, load16(&x))); });
+}
+
+// DB_PUT_PACK16 of a rounding: dst = round(src) (as put16)
+template <typename T> __global__ static void pack16_round_kernel(T *dst, const float *src, size_t n, int f16, int vec)
+{
+    pass4(dst, src, n, vec, 0, [f16](T &d, float x) { store16(&d, __fadd_rn(0.0f, db_cuda_round16(x, f16))); });
+}
+
 // Four at a time: both pointers 16-byte aligned (the 16-bit side's 8 bytes
 // a step need only 8, but its element offset matches the float side's)
 static inline int vec4(const void *a, const void *b, size_t n)
@@ -238,7 +260,7 @@ __device__ __forceinline__ static void from16_tile(float (*tile)[TT + 1], float 
         const int ch = c0 + k, hw = hw0 + tx;
         const size_t i = plane + (size_t)ch * HW + hw;
         if (ch < C && hw < HW)
-            db_cuda_put(dst + i, with_add(tile[tx][k], add, per_channel, (int)b, C, ch, i), put);
+            put16<T>(dst, i, with_add(tile[tx][k], add, per_channel, (int)b, C, ch, i), put);
     }
 }
 
@@ -291,8 +313,7 @@ __device__ __forceinline__ static void from16_small(float (*tile)[SMALL_CT + 1],
     __syncthreads();
     const size_t d0 = plane + (size_t)c0 * HW; // nc * HW contiguous values
     for (int i = t; i < nc * HW; i += SMALL_CT)
-        db_cuda_put(dst + d0 + i, with_add(tile[i % HW][i / HW], add, per_channel, (int)b, C, c0 + i / HW, d0 + i),
-                    put);
+        put16<T>(dst, d0 + i, with_add(tile[i % HW][i / HW], add, per_channel, (int)b, C, c0 + i / HW, d0 + i), put);
 }
 
 // dst (B, C, HW) = (float) src (B, HW, C) (+ add), or by put (DB_PUT_*)
@@ -889,6 +910,15 @@ int db_cuda_from16(db_ctx *c, float *dst, const void *src, size_t n, int put)
         return 0;
     cudaStream_t s = db_cuda_st(c)->stream;
     const int v = vec4(dst, src, n);
+    if (put == DB_PUT_PACK16) {
+        if (c->precision == DB_PREC_F16)
+            pack16_copy_kernel<<<grid4(n, v), CONV_THREADS, 0, s>>>((__half *)dst, (const __half *)src, n, v);
+        else
+            pack16_copy_kernel<<<grid4(n, v), CONV_THREADS, 0, s>>>((__nv_bfloat16 *)dst, (const __nv_bfloat16 *)src,
+                                                                  n, v);
+        DB_LAUNCHED(c);
+        return 0;
+    }
     if (c->precision == DB_PREC_F16)
         from16_kernel<<<grid4(n, v), CONV_THREADS, 0, s>>>(dst, (const __half *)src, n, put, v);
     else
@@ -902,6 +932,15 @@ int db_cuda_round_as(db_ctx *c, float *dst, const float *src, size_t n, int f16,
     if (n == 0)
         return 0;
     const int v = vec4(dst, src, n);
+    if (put == DB_PUT_PACK16) {
+        if (f16)
+            pack16_round_kernel<<<grid4(n, v), CONV_THREADS, 0, db_cuda_st(c)->stream>>>((__half *)dst, src, n, 1, v);
+        else
+            pack16_round_kernel<<<grid4(n, v), CONV_THREADS, 0, db_cuda_st(c)->stream>>>((__nv_bfloat16 *)dst, src,
+                                                                                          n, 0, v);
+        DB_LAUNCHED(c);
+        return 0;
+    }
     round_kernel<<<grid4(n, v), CONV_THREADS, 0, db_cuda_st(c)->stream>>>(dst, src, n, f16, put, v);
     DB_LAUNCHED(c);
     return 0;

@@ -730,7 +730,8 @@ static int filter_grad16_via32(db_ctx *c, db_cuda_conv_plan *p16, float *dweight
 static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *dweight, float *dbias,
                            const float *dout, const float *inp, const float *weight, int assign)
 {
-    const int put = db_cuda_put_param(assign);
+    // (DB_ASSIGN_PACK16: dweight's widening packs it, dbias is assigned)
+    const int put = db_cuda_put_param(assign), putw = assign == DB_ASSIGN_PACK16 ? (int)DB_PUT_PACK16 : put;
     const int B = p->key[0], OC = p->key[4];
     const size_t ny = (size_t)B * OC * p->OH * p->OW;
     // dout's 16-bit copy, and inp's for the filter gradient with it by one
@@ -753,11 +754,11 @@ static int conv_backward16(db_ctx *c, db_cuda_conv_plan *p, float *dinp, float *
         }
     }
     if (r == 0 && dweight) { // dweight += (or = when assign)
-        r = p->via32[2] ? 1 : filter_grad16(c, p, dweight, dy16, x16, inp, put, nw ? &wj[nw] : NULL);
+        r = p->via32[2] ? 1 : filter_grad16(c, p, dweight, dy16, x16, inp, putw, nw ? &wj[nw] : NULL);
         nw += r == 0 && nw && p->nhwc;
         if (r == 1) {
             p->via32[2] = 1;
-            r = filter_grad16_via32(c, p, dweight, dout, inp, put);
+            r = filter_grad16_via32(c, p, dweight, dout, inp, putw);
         }
     }
     if (r == 0 && nw)

@@ -200,7 +200,11 @@ int db_cuda_sgemm(db_ctx *c, int batch, int transa, int transb, int M, int N, in
 // v; DB_PUT_FRESH dst = 0 + v, the bits dst += v gives on a zeroed dst (a -0
 // made +0) without reading it: a parameter gradient's first contribution
 // (ops.h `assign`), the same bits as the reset and the add it replaces.
-enum { DB_PUT_SET = 0, DB_PUT_ADD = 1, DB_PUT_FRESH = 2 };
+enum { DB_PUT_SET = 0, DB_PUT_ADD = 1, DB_PUT_FRESH = 2, DB_PUT_PACK16 = 3 };
+// DB_PUT_PACK16 (DB_ASSIGN_PACK16's weight gradients, ops.h): dst is the
+// 16-bit array at the float pointer's address, element i = the bits of 0 +
+// v (v a compute-type value, so exact: DB_PUT_FRESH's bits, packed); only
+// the widenings that write weight gradients take it (autocast.cu put16)
 // the put mode of a parameter gradient: assigned (ops.h assign) or added
 static inline int db_cuda_put_param(int assign) { return assign ? DB_PUT_FRESH : DB_PUT_ADD; }
 // n floats of device memory at p zeroed on the ctx's stream (the fp32 ops'
@@ -266,7 +270,8 @@ DB_OP_LIST(DB_CUDA_DECLARE)
 extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const float *g, size_t n,
                                  const struct db_adamw *hp, int64_t t);
 extern "C" int db_cuda_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n);
-extern "C" int db_cuda_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k);
+extern "C" int db_cuda_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n,
+                                      const int *prec16, size_t k);
 extern "C" int db_cuda_opt_scale(db_ctx *c, float *g, float coef, size_t n);
 extern "C" int db_cuda_opt_clip_each(db_ctx *c, float *norms, float *const *g, const size_t *n, size_t k,
                                      float max_norm);

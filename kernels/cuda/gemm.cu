@@ -788,9 +788,12 @@ static int linear_backward16(db_ctx *c, float *dinp, int dinp_acc, float *const 
         return -1;
     // the products' scratch: dinp's n (at a stride of whole 16-byte lines), then each dweight_i
     const size_t sx = (nx + 7) / 8 * 8, sw = (nw + 7) / 8 * 8;
+    // (DB_ASSIGN_PACK16: each dweight_i is its GEMM's 16-bit output, in its
+    // own slot: no room here and no widening)
+    const int pack = assign == DB_ASSIGN_PACK16;
     size_t room = dinp ? n * sx : 0;
     for (int i = 0; i < n; i++)
-        room += dweight[i] ? sw : 0;
+        room += dweight[i] && !pack ? sw : 0;
     char *t = room ? (char *)db_cuda_alloc(c, room * 2) : NULL;
     int r = room && !t ? -1 : 0;
     db_cuda_widen_job job[1 + DB_LINEAR_MULTI_MAX];
@@ -805,11 +808,14 @@ static int linear_backward16(db_ctx *c, float *dinp, int dinp_acc, float *const 
     for (int i = 0; i < n && r == 0; i++) { // the contributions dout_i^T @ inp, rounded, added
         if (!dweight[i] || nw == 0)
             continue;
-        r = db_cuda_gemm16(c, 1, 1, 0, OC, C, N, 1.0f, op[1 + i], OC, 0, op[0], C, 0, 0.0f, t + at * 2, 1, C, 0);
+        void *dst = pack ? (void *)dweight[i] : (void *)(t + at * 2);
+        r = db_cuda_gemm16(c, 1, 1, 0, OC, C, N, 1.0f, op[1 + i], OC, 0, op[0], C, 0, 0.0f, dst, 1, C, 0);
+        if (pack)
+            continue;
         job[nj++] = db_cuda_widen_job{dweight[i], t + at * 2, nw, 1, 0, put};
         at += sw;
     }
-    if (r == 0)
+    if (r == 0 && nj)
         r = db_cuda_widen(c, job, nj);
     // float32 sum of the rounded dout (its 16-bit copy above), rounded, added
     for (int i = 0; i < n && r == 0; i++) {

@@ -177,12 +177,42 @@ __device__ static void adamw_stage_plan(adamw_stage *st, const db_cuda_filter_ra
 // (above) where they can.  (H200, before the staging: 7.8 ms a step over
 // SD1.5's 860 M weights, ~3.3 TB/s; float4 loads, four elements a thread,
 // changed nothing in call 6 and were taken out.)
+// element i of a tensor of gradients: float32, or packed 16-bit bits
+__device__ __forceinline__ static float grad_at(const float *g, int prec16, size_t i)
+{
+    if (!prec16)
+        return g[i];
+    const unsigned short u = ((const unsigned short *)g)[i];
+    return prec16 == DB_PREC_F16 ? __half2float(__ushort_as_half(u)) : __bfloat162float(__ushort_as_bfloat16(u));
+}
+
+// Packed gradients (db_adamw.g16_runs, DB_ASSIGN_PACK16): nruns tensors
+// [runs[2r], runs[2r + 1]) of g (element offsets, sorted) whose values are
+// 16-bit bits (prec16) from the start of their slot.
+struct adamw_g16 {
+    const uint32_t *runs;
+    int nruns, prec16;
+};
+// the first run ending after element e (nruns: none), by a binary search
+__device__ static int adamw_run_after(const adamw_g16 &q, size_t e)
+{
+    int lo = 0, hi = q.nruns;
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (q.runs[2 * mid + 1] <= e)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
 __global__ static void __launch_bounds__(THREADS, 6) adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, adamw_scalars ks,
                                     void *shadow, size_t base,
-                                    const db_cuda_filter_range *fr, int nfr, int f16)
+                                    const db_cuda_filter_range *fr, int nfr, int f16, const adamw_g16 q)
 {
     const db_adamw_coef k = adamw_scalars_now(ks);
-    __shared__ int first;
+    __shared__ int first, run0;
     __shared__ adamw_stage st;
     __shared__ uint16_t stage[ADAMW_CHUNK + 2 * ADAMW_ROWS * ADAMW_KHW];
     for (size_t c0 = (size_t)blockIdx.x * ADAMW_CHUNK; c0 < n; c0 += (size_t)gridDim.x * ADAMW_CHUNK) {
@@ -207,11 +237,30 @@ __global__ static void __launch_bounds__(THREADS, 6) adamw_kernel(float *p, floa
             }
             __syncthreads();
         }
+        if (q.nruns) {
+            __syncthreads(); // (the previous chunk's readers of run0 are done)
+            if (threadIdx.x == 0)
+                run0 = adamw_run_after(q, c0);
+            __syncthreads();
+        }
         const bool staged = nfr && shadow && st.fast, plain = !nfr || (shadow && st.plain);
         int h = nfr ? first : -1;
+        // this thread's run: [rlo, rhi) of run index ri (none past the last)
+        int ri = q.nruns ? run0 : 0;
+        size_t rlo = ri < q.nruns ? q.runs[2 * ri] : ~(size_t)0, rhi = ri < q.nruns ? q.runs[2 * ri + 1] : 0;
         for (size_t i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
+            float gi;
+            if (q.nruns) {
+                while (ri < q.nruns && rhi <= i) {
+                    ri++;
+                    rlo = ri < q.nruns ? q.runs[2 * ri] : ~(size_t)0, rhi = ri < q.nruns ? q.runs[2 * ri + 1] : 0;
+                }
+                gi = i >= rlo && i < rhi ? grad_at(g + rlo, q.prec16, i - rlo) : g[i];
+            } else {
+                gi = g[i];
+            }
             float mi = m[i], vi = v[i];
-            const float pi = adamw_elem(p[i], g[i], mi, vi, k);
+            const float pi = adamw_elem(p[i], gi, mi, vi, k);
             p[i] = pi;
             m[i] = mi;
             v[i] = vi;
@@ -275,9 +324,12 @@ extern "C" int db_cuda_opt_adamw(db_ctx *c, float *p, float *m, float *v, const 
         return -1;
     const size_t base = w ? (size_t)(p - w->p) : 0;
     const unsigned grid = db_cuda_grid((n + ADAMW_CHUNK - 1) / ADAMW_CHUNK * THREADS, THREADS);
+    if (hp->g16_nruns > (size_t)INT_MAX)
+        return db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "adamw: %zu packed tensors", hp->g16_nruns);
+    const adamw_g16 q{hp->g16_runs, (int)hp->g16_nruns, hp->g16_prec};
     adamw_kernel<<<grid, THREADS, 0, db_cuda_st(c)->stream>>>(p, m, v, g, n, k, sh,
                                                               base, fr, nfr,
-                                                              w && w->prec == DB_PREC_F16);
+                                                              w && w->prec == DB_PREC_F16, q);
     DB_LAUNCHED(c);
     return 0;
 }
@@ -297,7 +349,9 @@ enum { SS_CHUNK = 4096, SS_LANES = 32, SS_TILE = 32 };
 struct ss_tensor {
     const float *g;
     size_t n, chunk0, block0;
+    int prec16; // 0: n floats at g; DB_PREC_BF16 / DB_PREC_F16: packed (DB_ASSIGN_PACK16)
 };
+
 
 // part[chunk0 + c] = sum of squares of chunk c of the block's tensor.  A
 // block is one warp holding 32 consecutive chunks; it stages SS_TILE
@@ -326,6 +380,7 @@ __device__ static void sumsq_chunks(double *part, const ss_tensor *tab, size_t k
     __shared__ float tile[SS_LANES][SS_TILE + 1];
     const size_t lo = ss_block_tensor(tab, k);
     const float *g = tab[lo].g;
+    const int p16 = tab[lo].prec16;
     const size_t n = tab[lo].n, nchunks = (n + SS_CHUNK - 1) / SS_CHUNK;
     part += tab[lo].chunk0;
     const int lane = (int)threadIdx.x;
@@ -334,7 +389,7 @@ __device__ static void sumsq_chunks(double *part, const ss_tensor *tab, size_t k
     for (int base = 0; base < SS_CHUNK; base += SS_TILE) {
         for (int j = 0; j < SS_LANES; j++) {
             const size_t i = (first + (size_t)j) * SS_CHUNK + (size_t)base + (size_t)lane;
-            tile[j][lane] = i < n ? g[i] : 0.0f;
+            tile[j][lane] = i < n ? grad_at(g, p16, i) : 0.0f;
         }
         __syncthreads();
         if (mine < nchunks) {
@@ -397,19 +452,20 @@ __global__ static void sumsq_total_kernel(double *out, const double *part, const
 
 // tab[i] for the k tensors g[i] (n[i] floats): where their chunks' partials
 // and their blocks begin; *chunks and *blocks the totals
-static void ss_layout(ss_tensor *tab, const float *const *g, const size_t *n, size_t k, size_t *chunks,
-                      size_t *blocks)
+static void ss_layout(ss_tensor *tab, const float *const *g, const size_t *n, const int *prec16, size_t k,
+                      size_t *chunks, size_t *blocks)
 {
     *chunks = 0, *blocks = 0;
     for (size_t i = 0; i < k; i++) {
         const size_t nc = (n[i] + SS_CHUNK - 1) / SS_CHUNK;
-        tab[i] = ss_tensor{g[i], n[i], *chunks, *blocks};
+        tab[i] = ss_tensor{g[i], n[i], *chunks, *blocks, prec16 ? prec16[i] : 0};
         *chunks += nc;
         *blocks += (nc + SS_LANES - 1) / SS_LANES;
     }
 }
 
-extern "C" int db_cuda_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n, size_t k)
+extern "C" int db_cuda_opt_sumsq_many(db_ctx *c, double *out, const float *const *g, const size_t *n,
+                                      const int *prec16, size_t k)
 {
     DB_ENTER(c);
     if (k == 0)
@@ -419,7 +475,7 @@ extern "C" int db_cuda_opt_sumsq_many(db_ctx *c, double *out, const float *const
     if (!tab)
         return db_cuda_fail(c, DB_ENOMEM, __FILE__, __LINE__, "sumsq: out of host memory for %zu tensors", k);
     size_t chunks, blocks;
-    ss_layout(tab, g, n, k, &chunks, &blocks);
+    ss_layout(tab, g, n, prec16, k, &chunks, &blocks);
     if (blocks > (size_t)INT_MAX) {
         free(tab);
         return db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "sumsq: %zu warps are more than one launch covers",
@@ -458,7 +514,7 @@ extern "C" int db_cuda_opt_sumsq_many(db_ctx *c, double *out, const float *const
 extern "C" int db_cuda_opt_sumsq(db_ctx *c, double *out, const float *g, size_t n)
 {
     *out = 0.0;
-    return db_cuda_opt_sumsq_many(c, out, &g, &n, 1);
+    return db_cuda_opt_sumsq_many(c, out, &g, &n, NULL, 1);
 }
 
 // ---- per-tensor clipping with no wait (db_opt_clip_each) ---------------------------------
@@ -523,7 +579,7 @@ extern "C" int db_cuda_opt_clip_each(db_ctx *c, float *norms, float *const *g, c
         ss_params p;
         memset(&p, 0, sizeof p);
         size_t chunks, blocks;
-        ss_layout(p.t, (const float *const *)g + r, n + r, kr, &chunks, &blocks);
+        ss_layout(p.t, (const float *const *)g + r, n + r, NULL, kr, &chunks, &blocks);
         if (blocks > (size_t)INT_MAX)
             return db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "clip: %zu warps are more than one launch covers",
                                 blocks);

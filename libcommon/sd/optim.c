@@ -7,7 +7,14 @@
 #include <string.h>
 
 #include "kernels/ops.h"
+#include "libcommon/core/tensor.h"
 #include "libcommon/sd/adamw_coef.h"
+
+/* element i of a packed gradient (DB_ASSIGN_PACK16's bits of prec16) */
+static inline float packed_at(const uint16_t *g, size_t i, int prec16)
+{
+    return prec16 == DB_PREC_F16 ? db_f16_to_f32(g[i]) : db_bf16_to_f32(g[i]);
+}
 
 db_adamw db_adamw_defaults(double lr)
 {
@@ -36,20 +43,43 @@ static inline void adamw_elem(float *p, float *m, float *v, float g, const db_ad
     *v = vi;
 }
 
+/* Elements [lo, hi) of the step: g's floats, or (g16) the packed values of
+ * a tensor starting at lo (db_adamw.g16_runs) */
+static void adamw_span(float *p, float *m, float *v, const float *g, const uint16_t *g16, int prec16, size_t lo,
+                       size_t hi, const db_adamw_coef *c, int omp)
+{
+    const ptrdiff_t a = (ptrdiff_t)lo, b = (ptrdiff_t)hi;
+#pragma omp parallel for schedule(static) if (omp && b - a > 16384)
+    for (ptrdiff_t i = a; i < b; i++)
+        adamw_elem(&p[i], &m[i], &v[i], g16 ? packed_at(g16, (size_t)(i - a), prec16) : g[i], c);
+}
+
+/* the step over [0, n), its packed tensors (hp's runs) read as such */
+static void adamw_runs(float *p, float *m, float *v, const float *g, size_t n, const db_adamw *hp, int64_t t,
+                       int omp)
+{
+    const db_adamw_coef c = db_adamw_coefs_host(hp, t);
+    size_t at = 0;
+    for (size_t k = 0; k < hp->g16_nruns && at < n; k++) {
+        const size_t lo = hp->g16_runs[2 * k], hi = hp->g16_runs[2 * k + 1] < n ? hp->g16_runs[2 * k + 1] : n;
+        if (lo > at)
+            adamw_span(p, m, v, g, NULL, 0, at, lo < n ? lo : n, &c, omp);
+        if (lo < hi)
+            adamw_span(p, m, v, g, (const uint16_t *)(const void *)(g + lo), hp->g16_prec, lo, hi, &c, omp);
+        at = hi > at ? hi : at;
+    }
+    if (at < n)
+        adamw_span(p, m, v, g, NULL, 0, at, n, &c, omp);
+}
+
 void db_adamw_step(float *p, float *m, float *v, const float *g, size_t n, const db_adamw *hp, int64_t t)
 {
-    db_adamw_coef c = db_adamw_coefs_host(hp, t);
-    for (size_t i = 0; i < n; i++)
-        adamw_elem(&p[i], &m[i], &v[i], g[i], &c);
+    adamw_runs(p, m, v, g, n, hp, t, 0);
 }
 
 void db_adamw_step_omp(float *p, float *m, float *v, const float *g, size_t n, const db_adamw *hp, int64_t t)
 {
-    db_adamw_coef c = db_adamw_coefs_host(hp, t);
-    ptrdiff_t nn = (ptrdiff_t)n;
-#pragma omp parallel for schedule(static) if (nn > 16384)
-    for (ptrdiff_t i = 0; i < nn; i++)
-        adamw_elem(&p[i], &m[i], &v[i], g[i], &c);
+    adamw_runs(p, m, v, g, n, hp, t, 1);
 }
 
 /* ---- 8-bit AdamW ------------------------------------------------------------------ */
@@ -212,24 +242,34 @@ enum { CLIP_CHUNK = 4096 };
 /* Sum of squares of one tensor: fixed chunks, each summed in double in
  * element order, the chunk partials then added in chunk order, so threads
  * only decide who computes a chunk, never how the sum associates. */
-double db_sum_squares(const float *g, size_t n)
+/* element i of g (float32), or of g16 (packed, prec16) when g is NULL */
+static inline double grad_at(const float *g, const uint16_t *g16, int prec16, size_t i)
+{
+    return g ? (double)g[i] : (double)packed_at(g16, i, prec16);
+}
+
+/* elements [beg, end) squared and summed in order, in double */
+static double sumsq_span(const float *g, const uint16_t *g16, int prec16, size_t beg, size_t end)
+{
+    double s = 0.0;
+    for (size_t i = beg; i < end; i++) {
+        const double x = grad_at(g, g16, prec16, i);
+        s += x * x;
+    }
+    return s;
+}
+
+static double sum_squares(const float *g, const uint16_t *g16, int prec16, size_t n)
 {
     size_t nchunks = (n + CLIP_CHUNK - 1) / CLIP_CHUNK;
-    if (nchunks <= 1) {
-        double s = 0.0;
-        for (size_t i = 0; i < n; i++)
-            s += (double)g[i] * (double)g[i];
-        return s;
-    }
+    if (nchunks <= 1)
+        return sumsq_span(g, g16, prec16, 0, n);
     double *part = malloc(nchunks * sizeof *part);
     if (!part) { /* same association, just serial */
         double total = 0.0;
         for (size_t c = 0; c < nchunks; c++) {
-            double s = 0.0;
             size_t end = c * CLIP_CHUNK + CLIP_CHUNK < n ? c * CLIP_CHUNK + CLIP_CHUNK : n;
-            for (size_t i = c * CLIP_CHUNK; i < end; i++)
-                s += (double)g[i] * (double)g[i];
-            total += s;
+            total += sumsq_span(g, g16, prec16, c * CLIP_CHUNK, end);
         }
         return total;
     }
@@ -237,10 +277,7 @@ double db_sum_squares(const float *g, size_t n)
 #pragma omp parallel for schedule(static) if (nc > 4)
     for (ptrdiff_t c = 0; c < nc; c++) {
         size_t beg = (size_t)c * CLIP_CHUNK, end = beg + CLIP_CHUNK < n ? beg + CLIP_CHUNK : n;
-        double s = 0.0;
-        for (size_t i = beg; i < end; i++)
-            s += (double)g[i] * (double)g[i];
-        part[c] = s;
+        part[c] = sumsq_span(g, g16, prec16, beg, end);
     }
     double total = 0.0;
     for (size_t c = 0; c < nchunks; c++)
@@ -248,6 +285,10 @@ double db_sum_squares(const float *g, size_t n)
     free(part);
     return total;
 }
+
+double db_sum_squares(const float *g, size_t n) { return sum_squares(g, NULL, 0, n); }
+
+double db_sum_squares16(const uint16_t *g, size_t n, int prec16) { return sum_squares(NULL, g, prec16, n); }
 
 void db_scale(float *g, float coef, size_t n)
 {
@@ -282,8 +323,19 @@ double db_clip_grad_norm(const db_grad_ref *grads, size_t ngrads, double max_nor
     return (double)total;
 }
 
+/* the first packed tensor of grads, or NULL */
+static const db_grad_ref *first_packed(const db_grad_ref *grads, size_t ngrads)
+{
+    for (size_t k = 0; k < ngrads; k++)
+        if (grads[k].prec16)
+            return &grads[k];
+    return NULL;
+}
+
 int db_scale_refs_ctx(db_ctx *c, const db_grad_ref *grads, size_t ngrads, float coef)
 {
+    if (first_packed(grads, ngrads))
+        return db_err_set(&c->err, DB_EUSAGE, "clip: packed 16-bit gradients cannot be scaled in place");
     for (size_t k = 0; k < ngrads;) {
         float *g = grads[k].g;
         size_t n = grads[k].n, j = k + 1;
@@ -300,15 +352,17 @@ int db_sumsq_refs_ctx(db_ctx *c, double *ss, const db_grad_ref *grads, size_t ng
 {
     const float **g = malloc(ngrads * sizeof *g);
     size_t *n = malloc(ngrads * sizeof *n);
+    int *p = malloc(ngrads * sizeof *p);
     int rc = -1;
-    if (g && n) {
+    if (g && n && p) {
         for (size_t k = 0; k < ngrads; k++)
-            g[k] = grads[k].g, n[k] = grads[k].n;
-        rc = db_opt_sumsq_many(c, ss, g, n, ngrads);
+            g[k] = grads[k].g, n[k] = grads[k].n, p[k] = grads[k].prec16;
+        rc = db_opt_sumsq_many(c, ss, g, n, first_packed(grads, ngrads) ? p : NULL, ngrads);
     } else
         db_err_set(&c->err, DB_ENOMEM, "clip: out of memory for %zu tensors", ngrads);
     free(g);
     free(n);
+    free(p);
     return rc;
 }
 
@@ -349,7 +403,13 @@ int db_clip_grad_coef_ctx(db_ctx *c, double *norm, float *coef, const db_grad_re
         *coef = q;
         return 0;
     }
-    /* 0 or NaN (a non-finite norm) cannot ride in grad_coef: scaled here */
+    /* 0 or NaN (a non-finite norm) cannot ride in grad_coef: scaled here;
+     * packed gradients cannot be, and a NaN in grad_coef poisons the step
+     * as the scaling would (0 comes only from a maximum of 0) */
+    if (isnan(q) && first_packed(grads, ngrads)) {
+        *coef = q;
+        return 0;
+    }
     return db_scale_refs_ctx(c, grads, ngrads, q);
 }
 
@@ -367,6 +427,8 @@ int db_clip_grad_norm_each_ctx(db_ctx *c, double *norms, double *ss, const db_gr
 {
     if (ngrads == 0)
         return 0;
+    if (first_packed(grads, ngrads))
+        return db_err_set(&c->err, DB_EUSAGE, "clip: packed 16-bit gradients cannot be clipped per tensor");
     if (db_sumsq_refs_ctx(c, norms, grads, ngrads))
         return -1;
     for (size_t k = 0; k < ngrads; k++) {

@@ -46,6 +46,17 @@ typedef struct db_adamw {
      * backward's graph, train.c).  The ops then ignore the fields above and
      * the step count t. */
     const struct db_adamw_coef *coefs;
+    /* Packed gradients (kernels/ops.h DB_ASSIGN_PACK16): g16_nruns tensors
+     * of g whose gradient is stored packed, g16_runs[2k] .. g16_runs[2k + 1]
+     * (element offsets from g, sorted, disjoint) holding its values as
+     * compute-type bits (g16_prec: DB_PREC_BF16 or DB_PREC_F16) from the
+     * start of its slot: element i of such a tensor is the 16-bit value
+     * ((uint16_t *)(g + lo))[i - lo].  The array lives in the ctx's memory
+     * (as coefs).  0 runs: every element float32.  db_opt_adamw only (the
+     * 8-bit steps refuse them). */
+    const uint32_t *g16_runs;
+    size_t g16_nruns;
+    int g16_prec;
 } db_adamw;
 
 /* diffusers train_dreambooth defaults: beta 0.9/0.999, eps 1e-8, wd 1e-2. */
@@ -162,10 +173,16 @@ const char *db_optim_name(db_optim_kind kind);
  * float scales per DB_Q8_BLOCK. */
 size_t db_optim_state_bytes(db_optim_kind kind, size_t n);
 
-/* One gradient tensor for clipping. */
+/* One gradient tensor for clipping.  prec16 0: n floats; DB_PREC_BF16 /
+ * DB_PREC_F16: packed (kernels/ops.h DB_ASSIGN_PACK16), its n values as
+ * compute-type bits in the first 2n bytes at g.  The sums of squares read
+ * packed tensors (the same bits as their float32 values give); scaling one
+ * in place is refused (db_scale_refs_ctx, the per-tensor clip), and the
+ * host-only db_clip_grad_norm takes float32 ones only. */
 typedef struct db_grad_ref {
     float *g;
     size_t n;
+    int prec16;
 } db_grad_ref;
 
 /* torch 1.13 clip_grad_norm_(params, max_norm) with norm_type 2:
@@ -214,6 +231,9 @@ int db_clip_grad_norm_each_ctx(struct db_ctx *c, double *norms, double *ss, cons
  * squares of one tensor (double, fixed 4096-element chunks: any thread count
  * gives the same bits), and g[i] = g[i] * coef. */
 double db_sum_squares(const float *g, size_t n);
+/* The same of n packed values (bits of prec16, DB_PREC_BF16 / DB_PREC_F16):
+ * the bits db_sum_squares gives for their float32 values. */
+double db_sum_squares16(const uint16_t *g, size_t n, int prec16);
 void db_scale(float *g, float coef, size_t n);
 /* clip_grad_norm_ of one tensor from its sum of squares ss: *norm = its
  * float32 norm, and the coefficient to scale it by, or 1 when it does not

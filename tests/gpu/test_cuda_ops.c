@@ -46,6 +46,7 @@
 
 #include "kernels/cuda_api.h"
 #include "libcommon/core/tensor.h"
+#include "libcommon/core/tensor.h"
 #include "libcommon/sd/noise.h"
 #include "libcommon/sd/adamw_coef.h"
 #include "libcommon/sd/optim.h"
@@ -1509,6 +1510,30 @@ static void assign_check(const char *what, int n, const float *const *a, const f
     tap_ok(same, "%s: assign over NaN: the bits of += into zeros", what);
 }
 
+/* DB_ASSIGN_PACK16 (ops.h): the weight gradients w[i] (len[i] slots of a
+ * buffer that was all 0xff bytes) hold the compute-type bits of z[i] (the
+ * same op's += into zeros) in their first 2 len[i] bytes and the rest of
+ * the slot untouched; the other outputs a[i] (dinp, dbias) are z[i]'s bits */
+static void pack_check(const char *what, db_precision p, int nw, const float *const *w, const float *const *zw,
+                       const size_t *wlen, int na, const float *const *a, const float *const *z, const size_t *alen)
+{
+    int same = 1, tail = 1;
+    for (int i = 0; i < nw; i++) {
+        const float *h = dget(w[i], wlen[i]), *r = dget(zw[i], wlen[i]);
+        const uint16_t *u = (const uint16_t *)(const void *)h;
+        for (size_t k = 0; k < wlen[i]; k++)
+            same = same && u[k] == (p == DB_PREC_F16 ? db_f32_to_f16(r[k]) : db_f32_to_bf16(r[k]));
+        for (size_t k = wlen[i]; k < 2 * wlen[i]; k++)
+            tail = tail && u[k] == 0xffff;
+    }
+    for (int i = 0; i < na; i++)
+        if (a[i])
+            same = same && !memcmp(dget(a[i], alen[i]), dget(z[i], alen[i]), alen[i] * sizeof(float));
+    tap_ok(same && tail, "%s: DB_ASSIGN_PACK16 over 0xff bytes: each weight gradient's %s bits of += into zeros "
+           "packed (%s), the rest of its slot untouched (%s), the other outputs assigned",
+           what, prec_name(p), same ? "same" : "DIFFERENT", tail ? "yes" : "NO");
+}
+
 static void t_assign(db_precision p)
 {
     const char *pn = p == DB_PREC_F32 ? "fp32" : prec_name(p);
@@ -1524,6 +1549,11 @@ static void t_assign(db_precision p)
             gpu_ran(IN_PREC(p, api->linear_backward(&g, ax, aw, ab, dy, x, w, N, C, OC, 1)), what))
             assign_check(what, 3, (const float *const[]){ax, aw, ab}, (const float *const[]){zx, zw, zb},
                          (const size_t[]){nx, nw, (size_t)OC});
+        float *pw = dpoison(nw), *pb = dpoison(OC), *px = dpoison(nx);
+        if (p != DB_PREC_F32 &&
+            gpu_ran(IN_PREC(p, api->linear_backward(&g, px, pw, pb, dy, x, w, N, C, OC, DB_ASSIGN_PACK16)), what))
+            pack_check(what, p, 1, (const float *const[]){pw}, (const float *const[]){zw}, (const size_t[]){nw}, 2,
+                       (const float *const[]){px, pb}, (const float *const[]){zx, zb}, (const size_t[]){nx, (size_t)OC});
         release_all();
     }
     { /* linear_multi, 3 x 37x24->24 +bias */
@@ -1542,6 +1572,16 @@ static void t_assign(db_precision p)
             assign_check(what, 7, (const float *const[]){ax, aw[0], ab[0], aw[1], ab[1], aw[2], ab[2]},
                          (const float *const[]){zx, zw[0], zb[0], zw[1], zb[1], zw[2], zb[2]},
                          (const size_t[]){nx, nw, (size_t)OC, nw, (size_t)OC, nw, (size_t)OC});
+        float *pw[3] = {dpoison(nw), dpoison(nw), dpoison(nw)}, *pb[3] = {dpoison(OC), dpoison(OC), dpoison(OC)};
+        float *px = dpoison(nx);
+        if (p != DB_PREC_F32 &&
+            gpu_ran(IN_PREC(p, api->linear_multi_backward(&g, px, pw, pb, cdy, x, cw, n, N, C, OC, 0,
+                                                          DB_ASSIGN_PACK16)),
+                    what))
+            pack_check(what, p, 3, (const float *const[]){pw[0], pw[1], pw[2]},
+                       (const float *const[]){zw[0], zw[1], zw[2]}, (const size_t[]){nw, nw, nw}, 4,
+                       (const float *const[]){px, pb[0], pb[1], pb[2]}, (const float *const[]){zx, zb[0], zb[1], zb[2]},
+                       (const size_t[]){nx, (size_t)OC, (size_t)OC, (size_t)OC});
         release_all();
     }
     /* conv: B, C, H, W, OC, K, stride, pad (3x3: the channels-last filter
@@ -1561,6 +1601,21 @@ static void t_assign(db_precision p)
                     what))
             assign_check(what, 3, (const float *const[]){ax, aw, ab}, (const float *const[]){zx, zw, zb},
                          (const size_t[]){nx, nw, (size_t)OC});
+        float *pw = dpoison(nw), *pb = dpoison(OC), *px = dpoison(nx);
+        if (p != DB_PREC_F32 &&
+            gpu_ran(IN_PREC(p, api->conv2d_backward(&g, px, pw, pb, dy, x, w, B, C, H, W, OC, K, K, st, pd, pd,
+                                                    DB_ASSIGN_PACK16)),
+                    what))
+            pack_check(what, p, 1, (const float *const[]){pw}, (const float *const[]){zw}, (const size_t[]){nw}, 2,
+                       (const float *const[]){px, pb}, (const float *const[]){zx, zb}, (const size_t[]){nx, (size_t)OC});
+        /* the filter gradient alone (no dinp: the widening not joined with the data gradient's) */
+        float *qw = dpoison(nw), *qb = dpoison(OC);
+        if (p != DB_PREC_F32 &&
+            gpu_ran(IN_PREC(p, api->conv2d_backward(&g, NULL, qw, qb, dy, x, w, B, C, H, W, OC, K, K, st, pd, pd,
+                                                    DB_ASSIGN_PACK16)),
+                    what))
+            pack_check(what, p, 1, (const float *const[]){qw}, (const float *const[]){zw}, (const size_t[]){nw}, 1,
+                       (const float *const[]){qb}, (const float *const[]){zb}, (const size_t[]){(size_t)OC});
         release_all();
     }
     if (p != DB_PREC_F32) /* the norms have no 16-bit mode */
@@ -1983,7 +2038,7 @@ static void t_sumsq_many(const size_t *sizes, size_t k)
         }
         got[i] = -1.0;
     }
-    if (gpu_ran(api->opt_sumsq_many(&g, got, dg, sizes, k), what)) {
+    if (gpu_ran(api->opt_sumsq_many(&g, got, dg, sizes, NULL, k), what)) {
         size_t bad = 0;
         for (size_t i = 0; i < k; i++)
             if (memcmp(&got[i], &want[i], sizeof got[i])) {
@@ -1992,6 +2047,106 @@ static void t_sumsq_many(const size_t *sizes, size_t k)
             }
         tap_ok(bad == 0, "%s: each bit-identical to the CPU (%zu differ)", what, bad);
     }
+    release_all();
+}
+
+/* n floats rounded to the compute type of p (bf16 / fp16): into val (the
+ * float32 values) and pk (n floats whose first 2n bytes hold their bits, the
+ * rest 0xff) */
+static void packed_pair(db_precision p, size_t n, float scale, float **val, float **pk)
+{
+    float *v = hrand(n, scale), *k = hkeep(malloc(n * sizeof(float) + 1));
+    memset(k, 0xff, n * sizeof(float));
+    uint16_t *u = (uint16_t *)(void *)k;
+    for (size_t i = 0; i < n; i++) {
+        u[i] = p == DB_PREC_F16 ? db_f32_to_f16(v[i]) : db_f32_to_bf16(v[i]);
+        v[i] = p == DB_PREC_F16 ? db_f16_to_f32(u[i]) : db_bf16_to_f32(u[i]);
+    }
+    *val = v, *pk = k;
+}
+
+/* opt_sumsq_many over packed tensors (DB_ASSIGN_PACK16) mixed with float32
+ * ones: the device's bits are the CPU's, and those are the float32 values'
+ * (so packing changes no norm) */
+static void t_sumsq_packed(db_precision p)
+{
+    char what[160];
+    snprintf(what, sizeof what, "opt_sumsq_many, %s packed tensors among float32 ones", prec_name(p));
+    if (!have((const void *)api->opt_sumsq_many, what))
+        return;
+    static const size_t sizes[] = {1, 4095, 4097, 40 * 4096 + 3, 7, 33 * 4096, 0, 1000};
+    enum { K = sizeof sizes / sizeof *sizes };
+    const float *hp[K], *hv[K], *dg[K];
+    int prec[K];
+    double want[K], flt[K], got[K];
+    for (size_t i = 0; i < K; i++) {
+        float *v, *k;
+        packed_pair(p, sizes[i], i % 3 ? 0.01f : 3.0f, &v, &k);
+        prec[i] = i % 2 == 0 ? (int)p : 0; /* every other one packed */
+        hv[i] = v, hp[i] = prec[i] ? k : v;
+        dg[i] = dputf(hp[i], sizes[i]);
+        got[i] = -1.0;
+    }
+    if (!cpu_ran(db_opt_sumsq_many(cpu, want, hp, sizes, prec, K), what) ||
+        !cpu_ran(db_opt_sumsq_many(cpu, flt, hv, sizes, NULL, K), what) ||
+        !gpu_ran(api->opt_sumsq_many(&g, got, dg, sizes, prec, K), what)) {
+        release_all();
+        return;
+    }
+    tap_ok(!memcmp(want, flt, sizeof want), "%s: the CPU's sums are the float32 values' bit for bit", what);
+    tap_ok(!memcmp(got, want, sizeof got), "%s: the device's are the CPU's bit for bit", what);
+    release_all();
+}
+
+/* opt_adamw with packed tensors (db_adamw.g16_runs): three steps, the
+ * device's p, m, v bit-identical to the CPU's, and those to a step on the
+ * float32 values.  Runs inside one 4096-element chunk, across chunk edges,
+ * back to back, one ending at n; float32 stretches between them. */
+static void t_adamw_packed(db_precision p)
+{
+    char what[160];
+    snprintf(what, sizeof what, "opt_adamw, %s packed gradients", prec_name(p));
+    if (!have((const void *)api->opt_adamw, what))
+        return;
+    const size_t n = 5 * 4096 + 301;
+    static const uint32_t runs[] = {10, 300, 300, 301, 1000, 9000, 9001, 12288, 12300, 5 * 4096 + 301};
+    const size_t nruns = sizeof runs / sizeof runs[0] / 2;
+    uint32_t *druns = api->alloc(&g, sizeof runs);
+    if (!druns || api->copy(&g, druns, runs, sizeof runs, DB_COPY_H2D) != 0) {
+        tap_ok(0, "%s: the runs on the device", what);
+        return;
+    }
+    db_adamw hp = db_adamw_defaults(1e-3), hf = hp;
+    hp.g16_nruns = nruns, hp.g16_prec = (int)p;
+    float *p0 = hrand(n, 1), *p1 = hcopy(p0, n), *m0 = hzeros(n), *m1 = hzeros(n), *v0 = hzeros(n), *v1 = hzeros(n);
+    float *dp = dputf(p0, n), *dm = dputf(m0, n), *dv = dputf(v0, n);
+    int ok = 1;
+    for (int64_t t = 1; t <= 3 && ok; t++) {
+        float *val, *pk;
+        packed_pair(p, n, 0.05f, &val, &pk);
+        /* the step's gradient buffer: each run's values packed from its start, float32 elsewhere */
+        float *buf = hcopy(val, n);
+        for (size_t r = 0; r < nruns; r++) {
+            uint16_t *u = (uint16_t *)(void *)(buf + runs[2 * r]);
+            const uint16_t *src = (const uint16_t *)(const void *)pk;
+            for (uint32_t i = runs[2 * r]; i < runs[2 * r + 1]; i++)
+                u[i - runs[2 * r]] = src[i];
+        }
+        hp.g16_runs = runs; /* the CPU's memory is its ctx's */
+        ok = cpu_ran(db_opt_adamw(cpu, p0, m0, v0, buf, n, &hp, t), what) &&
+             cpu_ran(db_opt_adamw(cpu, p1, m1, v1, val, n, &hf, t), what);
+        hp.g16_runs = druns;
+        ok = ok && gpu_ran(api->opt_adamw(&g, dp, dm, dv, dputf(buf, n), n, &hp, t), what);
+    }
+    if (ok) {
+        tap_ok(!memcmp(p0, p1, n * sizeof(float)) && !memcmp(m0, m1, n * sizeof(float)) &&
+                   !memcmp(v0, v1, n * sizeof(float)),
+               "%s: the CPU's steps are those on the float32 values, bit for bit", what);
+        cmp_bits(what, "p", dp, p0, n);
+        cmp_bits(what, "m", dm, m0, n);
+        cmp_bits(what, "v", dv, v0, n);
+    }
+    api->free(&g, druns);
     release_all();
 }
 
@@ -3090,6 +3245,10 @@ later:
         static const size_t many[] = {0, 1, 4095, 4096, 4097, 40 * 4096 + 3, 7, 33 * 4096};
         t_sumsq_many(many, sizeof many / sizeof *many);
         t_clip_each();
+        t_sumsq_packed(DB_PREC_BF16);
+        t_sumsq_packed(DB_PREC_F16);
+        t_adamw_packed(DB_PREC_BF16);
+        t_adamw_packed(DB_PREC_F16);
     }
     t_side_stream();
     t_host_alloc();

@@ -512,15 +512,15 @@ static void test_device(db_ctx *c)
     db_adamw_step(w0, w0 + N, w0 + 2 * N, w0 + 3 * N, N, &hp, 3);
     rc = db_opt_adamw(c, w1, w1 + N, w1 + 2 * N, w1 + 3 * N, N, &hp, 3);
     tap_ok(rc == 0 && !memcmp(w0, w1, 3 * N * sizeof(float)), "db_opt_adamw is db_adamw_step, bit for bit");
-    db_grad_ref r0[2] = {{w0, N}, {w0 + N, 100}}, r1[2] = {{w1, N}, {w1 + N, 100}};
+    db_grad_ref r0[2] = {{w0, N, 0}, {w0 + N, 100, 0}}, r1[2] = {{w1, N, 0}, {w1 + N, 100, 0}};
     double n0 = db_clip_grad_norm(r0, 2, 0.5), n1 = -1;
     rc = db_clip_grad_norm_ctx(c, &n1, r1, 2, 0.5);
     tap_ok(rc == 0 && n0 == n1 && !memcmp(w0, w1, 3 * N * sizeof(float)),
            "clip through db_opt_sumsq/db_opt_scale is db_clip_grad_norm, bit for bit (%g)", n1);
     /* tensors back to back are scaled as one run, but never across a gap:
      * w[1000, 2000) and w[2500, ...) are no tensor's and stay as they are */
-    db_grad_ref g0[3] = {{w0, 400}, {w0 + 400, 600}, {w0 + 2000, 500}};
-    db_grad_ref g1[3] = {{w1, 400}, {w1 + 400, 600}, {w1 + 2000, 500}};
+    db_grad_ref g0[3] = {{w0, 400, 0}, {w0 + 400, 600, 0}, {w0 + 2000, 500, 0}};
+    db_grad_ref g1[3] = {{w1, 400, 0}, {w1 + 400, 600, 0}, {w1 + 2000, 500, 0}};
     n0 = db_clip_grad_norm(g0, 3, 1e-3), n1 = -1;
     rc = db_clip_grad_norm_ctx(c, &n1, g1, 3, 1e-3);
     tap_ok(rc == 0 && n0 == n1 && !memcmp(w0, w1, 3 * N * sizeof(float)) && w1[1500] == w0[1500],

@@ -151,7 +151,7 @@ static void clipping(void)
             sk += (double)g[k][i] * g[k][i];
         }
         ss += sk;
-        refs[k] = (db_grad_ref){g[k], sizes[k]};
+        refs[k] = (db_grad_ref){g[k], sizes[k], 0};
     }
     double want = sqrt(ss);
     /* under the max: a no-op, bit for bit */
