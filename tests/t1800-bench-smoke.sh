@@ -73,6 +73,14 @@ check "--save: the synchronous, stage and background checkpoint lines with sizes
      grep -q 'name=checkpoint_async_block .*copies=stage' '$T/save.txt'"
 check "... and nothing left in the temporary directory" "! ls '${TMPDIR:-/tmp}' | grep -q bench_sd-save"
 
+# bf16: the step beside the one whose UNet weight gradients stay float32
+# (train.h no_grad16), in fp32 only the plain ones
+$BS $SMALL --only train --precision fp32,bf16 > "$T/g16.txt" 2>&1
+check "--only train --precision fp32,bf16: train_step_f32grads in bf16 only, beside train_step" \
+    "valid '$T/g16.txt' train_step_f32grads && grep -q 'name=train_step_f32grads .*precision=bf16' '$T/g16.txt' &&
+     ! grep -q 'name=train_step_f32grads .*precision=fp32' '$T/g16.txt' &&
+     grep -q 'name=train_step .*precision=bf16' '$T/g16.txt'"
+
 $BS $SMALL --only fwd --precision fp32,bf16 > "$T/fwd.txt" 2>&1
 rc=$?
 check "--only fwd --precision fp32,bf16 exits 0" "[ $rc = 0 ]"

@@ -207,8 +207,9 @@ static float *gp(const db_gradmap *g, const float *p)
     return g && g->g && p ? g->g + (p - g->w) : NULL;
 }
 
-/* The ops' assign for the map's gradients (db_gradmap fresh). */
-static int ga(const db_gradmap *g) { return g && g->fresh; }
+/* The ops' assign for the map's gradients (db_gradmap fresh: 0, 1 or
+ * DB_ASSIGN_PACK16, passed on as it is). */
+static int ga(const db_gradmap *g) { return g ? g->fresh : 0; }
 
 static size_t max2(size_t a, size_t b) { return a > b ? a : b; }
 

@@ -219,7 +219,8 @@ int db_transformer2d_forward(db_ctx *c, float *out, const db_transformer2d_acts 
 typedef struct db_gradmap {
     const float *w; /* start of the weight buffer (db_weights.data) */
     float *g;       /* start of the gradient buffer of the same layout; NULL: frozen */
-    int fresh;      /* 1: assigned (=) where they would be added, as above */
+    int fresh;      /* 1: assigned (=) where they would be added, as above; DB_ASSIGN_PACK16
+                     * (ops.h): the same, the linear and convolution weights' packed */
 } db_gradmap;
 
 /* dinp (B, C, H, W) =; demb (B, E) += (every ResBlock reads the same

@@ -24,6 +24,14 @@ struct db_trainer {
     db_q8_maps maps;             /* its code books */
     db_grad_ref *refs;           /* every gradient tensor, UNet first (clipping) */
     size_t nrefs;
+    /* Packed weight gradients (train.h no_grad16): the UNet tensors whose
+     * gradient the backward packs in bf16 (g16_runs, ctx memory: each
+     * tensor's [first, end) element in gu, by offset; g16_ref[i] 1 for the
+     * i-th of refs), and whether gu holds the last backward's so (packed) */
+    uint32_t *g16_runs;
+    size_t g16_nruns;
+    unsigned char *g16_ref;
+    int packed;
     int64_t step;                /* steps taken (global_step; train.h) */
     int64_t opt_step;            /* updates applied: AdamW's count, the lr schedule's position */
     /* fp16 loss scaling (GradScaler): on when the ctx computed in fp16 at
@@ -166,8 +174,56 @@ static int add_refs(db_trainer *t, db_weights *g, db_err *err)
         size_t n = 1;
         for (int d = 0; d < e->ndim; d++)
             n *= (size_t)e->shape[d];
-        r[t->nrefs++] = (db_grad_ref){g->data + e->offset, n};
+        r[t->nrefs++] = (db_grad_ref){g->data + e->offset, n, 0};
     }
+    return 0;
+}
+
+/* The UNet's weight gradients packed in bf16 when nothing needs them in
+ * float32 (train.h no_grad16): every tensor of rank 2 or more (the linear
+ * and convolution weights, whose bf16 ops pack them: DB_ASSIGN_PACK16).
+ * Called after the UNet's refs were added (refs 0 .. n-1 its tensors).
+ * The table is made whatever the precision: each backward packs when the
+ * ctx computes in bf16 then (the caller may set it after the create). */
+static int g16_init(db_trainer *t, const db_train_opts *o, db_err *err)
+{
+    const db_weights *wu = db_unet_weights(t->unet);
+    if (o->no_grad16 || o->fused_backward || o->world > 1 || o->grad_accum > 1 || o->clip_per_tensor ||
+        o->optimizer != DB_OPTIM_ADAMW || wu->numel > UINT32_MAX)
+        return 0;
+    const size_t nt = wu->ix.n;
+    uint32_t *runs = malloc(2 * nt * sizeof *runs);
+    t->g16_ref = calloc(nt ? nt : 1, 1);
+    if (!runs || !t->g16_ref) {
+        free(runs);
+        return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < nt; i++) {
+        const db_tentry *e = &wu->ix.v[i];
+        if (e->ndim < 2)
+            continue;
+        t->g16_ref[i] = 1;
+        runs[2 * k] = (uint32_t)e->offset, runs[2 * k + 1] = (uint32_t)(e->offset + t->refs[i].n);
+        k++;
+    }
+    /* by offset (the optimizer's kernels search them) */
+    for (size_t i = 1; i < k; i++)
+        for (size_t j = i; j > 0 && runs[2 * (j - 1)] > runs[2 * j]; j--) {
+            const uint32_t a = runs[2 * j], b = runs[2 * j + 1];
+            runs[2 * j] = runs[2 * (j - 1)], runs[2 * j + 1] = runs[2 * (j - 1) + 1];
+            runs[2 * (j - 1)] = a, runs[2 * (j - 1) + 1] = b;
+        }
+    if (k) {
+        t->g16_runs = db_ctx_alloc(t->ctx, 2 * k * sizeof *runs);
+        if (!t->g16_runs || db_ctx_copy(t->ctx, t->g16_runs, runs, 2 * k * sizeof *runs, DB_COPY_H2D)) {
+            free(runs);
+            return db_err_set(err, t->ctx->err.code ? t->ctx->err.code : DB_ENOMEM, "trainer: %s",
+                              t->ctx->err.code ? t->ctx->err.msg : "out of memory");
+        }
+    }
+    t->g16_nruns = k;
+    free(runs);
     return 0;
 }
 
@@ -448,7 +504,7 @@ int db_trainer_create(db_trainer **out, db_ctx *ctx, const db_model *m, const db
         db_q8_maps_make(&t->maps);
     /* gradient buffers as large as the weights, or the fused backward's window */
     const int fused = o->fused_backward;
-    if ((!fused && (db_weights_like(&t->gu, wu, err) || add_refs(t, &t->gu, err))) ||
+    if ((!fused && (db_weights_like(&t->gu, wu, err) || add_refs(t, &t->gu, err) || g16_init(t, o, err))) ||
         (q8 ? q8_init(&t->qu, wu, err) : db_weights_like(&t->mu, wu, err) || db_weights_like(&t->vu, wu, err)))
         goto fail;
     if (o->train_text) {
@@ -483,6 +539,8 @@ void db_trainer_free(db_trainer *t)
     q8_free(&t->qu);
     q8_free(&t->qt);
     free(t->refs);
+    free(t->g16_ref);
+    db_ctx_free(t->ctx, t->g16_runs);
     free(t->ctx_ids);
     free(t->fnorms);
     free(t->fgp);
@@ -755,7 +813,15 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
             return db_err_set(err, c->err.code, "trainer: %s", c->err.msg);
         st = t->fsink[1];
     }
-    const int assign = unet_assigns(t) && !t->micro; /* the UNet's gradients written, not added to */
+    /* the UNet's gradients written, not added to; its weights' packed in
+     * bf16 where g16_init found that nothing needs them in float32 */
+    int assign = unet_assigns(t) && !t->micro;
+    if (!fused && !bucketed) {
+        t->packed = assign && t->g16_nruns && c->precision == DB_PREC_BF16;
+        assign = t->packed ? DB_ASSIGN_PACK16 : assign;
+        for (size_t i = 0; t->g16_ref && i < db_unet_weights(t->unet)->ix.n; i++) /* the clip's refs say so */
+            t->refs[i].prec16 = t->packed && t->g16_ref[i] ? DB_PREC_BF16 : 0;
+    }
     if (bucketed) { /* the sinks call back into the host mid-backward: no graph */
         if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, &t->gu, &su, assign, t->dpred,
                                 err))
@@ -944,6 +1010,8 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     db_adamw hu = t->o.unet_hp;
     hu.lr = db_lr_at(&t->o.unet_lr, t->opt_step);
     hu.grad_coef = coef;
+    hu.g16_runs = t->packed ? t->g16_runs : NULL, hu.g16_nruns = t->packed ? t->g16_nruns : 0;
+    hu.g16_prec = DB_PREC_BF16;
     db_weights *wu = (db_weights *)db_unet_weights(t->unet);
     const int q8 = t->o.optimizer == DB_OPTIM_ADAMW8BIT;
     if (q8)
@@ -957,6 +1025,7 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
         db_adamw ht = t->o.text_hp;
         ht.lr = lr_text = db_lr_at(&t->o.text_lr, t->opt_step);
         ht.grad_coef = coef;
+        ht.g16_runs = NULL, ht.g16_nruns = 0; /* (the text encoder's stay float32) */
         db_weights *wt = &t->clip->w;
         if (q8)
             q8_step(c, &t->qt, wt, t->gt.data, &ht, k, &t->maps, 0, wt->numel);
@@ -968,6 +1037,8 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
         return db_err_set(err, c->err.code, "trainer: optimizer step: %s", c->err.msg);
     return finish_step(t, s, norm, hu.lr, lr_text, used_scale);
 }
+
+size_t db_trainer_packed_grads(const db_trainer *t) { return t->packed ? t->g16_nruns : 0; }
 
 size_t db_trainer_grad_norms(const db_trainer *t, double *out, size_t n)
 {

@@ -128,6 +128,15 @@ typedef struct db_train_opts {
      * optim.h coefs).  A graph keeps its temporaries in a pool of its own
      * (unet.h plan).  Same numbers either way. */
     int no_graph;
+    /* 1: the UNet's weight gradients stay float32.  0 (the default): where
+     * nothing else reads them -- bf16 precision, one process, one
+     * micro-batch a step, AdamW (not 8-bit), global clipping, no fused
+     * backward -- every linear and convolution weight's gradient is stored
+     * packed in bf16 (kernels/ops.h DB_ASSIGN_PACK16; it is a bf16 value in
+     * this precision either way), which the clip's norms and AdamW read as
+     * such: the same numbers, without the pass that widens each gradient
+     * to float32 and with half of every later read. */
+    int no_grad16;
     const struct db_log *log; /* warnings (a graph that could not be made), or NULL */
 } db_train_opts;
 
@@ -188,6 +197,9 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err);
  * Returns the count of gradient tensors.  Fused backward: the norms (float32,
  * before clipping) of the last step's gradients, recorded as it went. */
 size_t db_trainer_grad_norms(const db_trainer *t, double *out, size_t n);
+/* How many of the UNet's gradient tensors the last backward stored packed
+ * in bf16 (db_train_opts no_grad16); 0 when it packed none. */
+size_t db_trainer_packed_grads(const db_trainer *t);
 
 /* The 8-bit AdamW state of one trained group (DB_OPTIM_ADAMW8BIT), tensor
  * by tensor in its weights' table order: tensors of DB_Q8_MIN_SIZE elements

@@ -581,12 +581,17 @@ static int print_plans(opts *o, const char *arch_name, const db_precision *precs
 
 /* mode 0: the plain step (its UNet calls replayed as graphs, as db-train
  * does); 1: the fused backward (train.h), reported as train_step_fused;
- * 2: the plain step op by op (no_graph), train_step_nograph */
+ * 2: the plain step op by op (no_graph), train_step_nograph; 3: the plain
+ * step with the UNet's weight gradients kept float32 (train.h no_grad16; bf16
+ * only: the other precisions keep them so anyway), train_step_f32grads */
 static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db_precision *precs, int np,
                         const opts *o, int mode)
 {
     const int fused = mode == 1;
-    const char *name = mode == 1 ? "train_step_fused" : mode == 2 ? "train_step_nograph" : "train_step";
+    const char *name = mode == 1   ? "train_step_fused"
+                       : mode == 2 ? "train_step_nograph"
+                       : mode == 3 ? "train_step_f32grads"
+                                   : "train_step";
     const int B = 2, L = o->latent, T = a->text.max_positions, C = a->unet.in_channels;
     /* useful work: forward + backward = 3 forwards of the batch */
     const double gflop = 3 * 2 * B * unet_macs(&a->unet, L, L, T) * 1e-9;
@@ -600,6 +605,7 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
     to.train_text = o->text;
     to.optimizer = o->optimizer;
     to.no_graph = mode == 2;
+    to.no_grad16 = mode == 3;
     train_arg t = {0};
     float *lat = malloc(n * sizeof *lat), *noise = malloc(n * sizeof *noise);
     int64_t ts[2] = {250, 750};
@@ -625,6 +631,8 @@ static void bench_train(db_ctx *c, const db_arch *a, const db_model *m, const db
             report_error(name, precs[i], "the fused backward takes no fp16");
             continue;
         }
+        if (mode == 3 && precs[i] != DB_PREC_BF16)
+            continue;
         db_ctx_set_precision(c, precs[i]);
         db_train_device_plan plan;
         const double plan_mib = c->device == DB_CPU ? 0 : train_plan(a, m, B, L, T, o, fused, mode != 2, precs[i], &plan);
@@ -969,6 +977,7 @@ int main(int argc, char **argv)
             db_weights_free(&hw);
         if (want_train) {
             bench_train(c, &a, &m, precs, np, &o, 0);
+            bench_train(c, &a, &m, precs, np, &o, 3); /* beside it: what the packed gradients save */
             bench_train(c, &a, &m, precs, np, &o, 2);
         }
         if (o.fused)

@@ -22,6 +22,7 @@
 #include "libcommon/io/safetensors.h"
 #include "libcommon/io/tindex.h"
 #include "libcommon/sd/train.h"
+#include "libcommon/sd/unet.h"
 #include "libcommon/sd/train_ckpt.h"
 #include "libcommon/sd/weights.h"
 #include "tap.h"
@@ -218,6 +219,96 @@ static void test_skip(db_ctx *ctx, const db_model *m, const tap_train_ref *in)
     db_trainer_free(t);
 }
 
+/* bf16's packed weight gradients (train.h no_grad16, DB_ASSIGN_PACK16) are
+ * the float32 ones' values: the same losses, gradient norms (each tensor's
+ * and the clip's), weights and moments, bit for bit, with the text encoder
+ * trained (its gradients stay float32) and without, with clipping that
+ * scales and with none.  A trainer that may not pack (8-bit AdamW, two
+ * micro-batches) is the float32 one's as well (nothing to compare then,
+ * but the step must run). */
+static void test_grad16(db_ctx *ctx, const db_model *m, const tap_train_ref *in)
+{
+    db_err err = {0};
+    for (int v = 0; v < 3; v++) {
+        db_trainer *t[2] = {NULL, NULL};
+        db_train_stats s[2][NREF];
+        double *gn[2] = {NULL, NULL};
+        size_t ngn = 0, npk[2] = {0, 0};
+        int rc = 0, same_norms = 1;
+        db_ctx_set_precision(ctx, DB_PREC_BF16);
+        for (int k = 0; k < 2 && rc == 0; k++) {
+            db_train_opts o = db_train_opts_defaults(LR, NREF);
+            o.train_text = v != 1;
+            o.max_grad_norm = v == 2 ? 0.0 : 1e-3; /* 1e-3: every step scales */
+            o.no_grad16 = k;
+            rc = db_trainer_create(&t[k], ctx, m, &o, &err);
+            for (int j = 0; rc == 0 && j < NREF; j++)
+                rc = tap_train_ref_step(t[k], in, j, &s[k][j], &err);
+            npk[k] = rc ? 0 : db_trainer_packed_grads(t[k]);
+            ngn = rc ? 0 : db_trainer_grad_norms(t[k], NULL, 0);
+            gn[k] = ngn ? malloc(ngn * sizeof(double)) : NULL;
+            if (gn[k])
+                db_trainer_grad_norms(t[k], gn[k], ngn);
+        }
+        db_ctx_set_precision(ctx, DB_PREC_F32);
+        const char *what = v == 0 ? "text encoder trained" : v == 1 ? "UNet alone" : "no clipping";
+        if (tap_ok(rc == 0, "bf16 packed weight gradients (%s): %d steps%s%s", what, NREF, rc ? ": " : "",
+                   rc ? err.msg : "")) {
+            int same_loss = 1;
+            for (int j = 0; j < NREF; j++) {
+                if (s[0][j].loss != s[1][j].loss || s[0][j].grad_norm != s[1][j].grad_norm)
+                    tap_diag("step %d: loss %.9g / %.9g, norm %.9g / %.9g (packed / float32)", j + 1, s[0][j].loss,
+                             s[1][j].loss, s[0][j].grad_norm, s[1][j].grad_norm);
+                same_loss &= s[0][j].loss == s[1][j].loss && s[0][j].grad_norm == s[1][j].grad_norm;
+            }
+            const db_weights *wu = db_unet_weights(db_trainer_unet(t[0]));
+            for (size_t i = 0, told = 0; gn[0] && gn[1] && i < ngn; i++) {
+                if (gn[0][i] != gn[1][i] && told++ < 3)
+                    tap_diag("tensor %zu (%s): norm %.9g packed, %.9g float32", i,
+                             i < wu->ix.n ? wu->ix.v[i].name : "the text encoder's", gn[0][i], gn[1][i]);
+                same_norms &= gn[0][i] == gn[1][i];
+            }
+            db_train_state a, b;
+            db_trainer_state(t[0], &a);
+            db_trainer_state(t[1], &b);
+            const int same_w = same(a.unet, b.unet) && same(a.unet_m, b.unet_m) && same(a.unet_v, b.unet_v) &&
+                               (!a.text || (same(a.text, b.text) && same(a.text_m, b.text_m)));
+            /* the tiny UNet's rank-2 and rank-4 tensors: its linear and conv weights */
+            size_t want = 0;
+            for (size_t i = 0; i < wu->ix.n; i++)
+                want += wu->ix.v[i].ndim >= 2;
+            tap_ok(npk[0] == want && want > 100 && npk[1] == 0,
+                   "bf16 packed weight gradients (%s): the backward packed %zu tensors (of %zu linear and conv "
+                   "weights), none with no_grad16 (%zu)", what, npk[0], want, npk[1]);
+            tap_ok(same_loss && same_norms && same_w && gn[0] && ngn > 600,
+                   "bf16 packed weight gradients (%s): losses, clip norms, %zu tensor norms, weights and moments "
+                   "are float32 gradients' bit for bit (loss %.7f, norm %.6g)",
+                   what, ngn, s[0][NREF - 1].loss, s[0][NREF - 1].grad_norm);
+        }
+        for (int k = 0; k < 2; k++) {
+            db_trainer_free(t[k]);
+            free(gn[k]);
+        }
+    }
+    /* where something else reads the gradients in float32, nothing is packed */
+    for (int v = 0; v < 3; v++) {
+        db_train_opts o = db_train_opts_defaults(LR, NREF);
+        const char *what = v == 0 ? "8-bit AdamW" : v == 1 ? "two micro-batches a step" : "fp32 precision";
+        o.optimizer = v == 0 ? DB_OPTIM_ADAMW8BIT : DB_OPTIM_ADAMW;
+        o.grad_accum = v == 1 ? 2 : 1;
+        db_ctx_set_precision(ctx, v == 2 ? DB_PREC_F32 : DB_PREC_BF16);
+        db_trainer *t = NULL;
+        db_train_stats st;
+        int rc = db_trainer_create(&t, ctx, m, &o, &err);
+        for (int j = 0; rc == 0 && j < 2; j++)
+            rc = tap_train_ref_step(t, in, j, &st, &err);
+        tap_ok(rc == 0 && db_trainer_packed_grads(t) == 0, "bf16 packed weight gradients: none with %s%s%s", what,
+               rc ? ": " : "", rc ? err.msg : "");
+        db_trainer_free(t);
+        db_ctx_set_precision(ctx, DB_PREC_F32);
+    }
+}
+
 int main(void)
 {
     db_err err = {0};
@@ -229,6 +320,7 @@ int main(void)
         return tap_done();
     const tap_train_ref *in = &fx.in;
     db_model *m = &fx.m;
+    test_grad16(ctx, m, in);
     test_bands(ctx, m, in);
     test_skip(ctx, m, in);
     tap_train_fix_close(&fx);
