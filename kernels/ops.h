@@ -585,10 +585,12 @@ typedef struct db_q8_job {
     uint8_t *m_q, *v_q;
     float *m_absmax, *v_absmax;
     float *m32, *v32;
+    int prec16; /* 0: g is n floats; DB_PREC_BF16 / DB_PREC_F16: packed (DB_ASSIGN_PACK16) */
 } db_q8_job;
 /* Every job's step, each bit-identical to its db_opt_adamw8bit or
  * db_opt_adamw call, in one launch on CUDA instead of one per tensor (an
- * 8-bit SD1.5 step: ~700).  jobs is a HOST array (of device pointers).  A
+ * 8-bit SD1.5 step: ~700).  jobs is a HOST array (of device pointers); a
+ * job's packed gradient (prec16) is read as such, the same bits.  A
  * fp32 job does not write the weights' 16-bit working copy as db_opt_adamw
  * does: the copy goes stale and is rebuilt at its next use, as with 8-bit. */
 int db_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size_t njobs, const struct db_adamw *hp, int64_t t,

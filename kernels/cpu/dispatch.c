@@ -1493,11 +1493,22 @@ int db_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size_t njobs, const 
     REQUIRE(c, "adamw8bit_many", (jobs || !njobs) && hp && maps && !hp->g16_nruns);
     if (c->device == DB_CUDA)
         return CUDA_OP(c, opt_adamw8bit_many, "adamw8bit_many", jobs, njobs, hp, t, maps);
-    /* the CPU: one op per job */
+    for (size_t i = 0; i < njobs; i++)
+        REQUIRE(c, "adamw8bit_many", jobs[i].prec16 == 0 || jobs[i].prec16 == DB_PREC_BF16 ||
+                                         jobs[i].prec16 == DB_PREC_F16);
+    /* the CPU: one op per job (a packed one: the whole tensor one run) */
     for (size_t i = 0; i < njobs; i++) {
         const db_q8_job *j = &jobs[i];
-        if (j->q8 ? db_opt_adamw8bit(c, j->p, j->m_q, j->v_q, j->m_absmax, j->v_absmax, j->g, j->n, hp, t, maps)
-                  : db_opt_adamw(c, j->p, j->m32, j->v32, j->g, j->n, hp, t))
+        if (j->prec16 && j->n > UINT32_MAX)
+            return db_err_set(&c->err, DB_EUSAGE, "adamw8bit_many: a packed tensor of %zu elements", j->n);
+        const uint32_t run[2] = {0, (uint32_t)j->n};
+        db_adamw h = *hp;
+        h.g16_runs = j->prec16 ? run : NULL, h.g16_nruns = j->prec16 ? 1 : 0, h.g16_prec = j->prec16;
+        if (j->q8 && j->prec16)
+            db_adamw8bit_step16_omp(j->p, j->m_q, j->v_q, j->m_absmax, j->v_absmax, (const uint16_t *)(const void *)j->g,
+                                    j->prec16, j->n, hp, t, maps);
+        else if (j->q8 ? db_opt_adamw8bit(c, j->p, j->m_q, j->v_q, j->m_absmax, j->v_absmax, j->g, j->n, hp, t, maps)
+                       : db_opt_adamw(c, j->p, j->m32, j->v32, j->g, j->n, &h, t))
             return -1;
     }
     return 0;

@@ -693,8 +693,8 @@ __device__ __forceinline__ static void q8_copy_write(const q8_copy &cp, size_t i
 // Quantisation block b of one tensor (every thread of the block calls it);
 // cp: the tensor's working copy to write (cp.s NULL: none).
 __device__ static void q8_block(q8_shared &sh, float *p, unsigned char *m_q, unsigned char *v_q, float *m_absmax,
-                                float *v_absmax, const float *g, size_t n, size_t b, const db_adamw_coef &k,
-                                const q8_copy &cp)
+                                float *v_absmax, const float *g, int prec16, size_t n, size_t b,
+                                const db_adamw_coef &k, const q8_copy &cp)
 {
     const int t = (int)threadIdx.x;
     const size_t i = b * DB_Q8_BLOCK + (size_t)t;
@@ -704,7 +704,7 @@ __device__ static void q8_block(q8_shared &sh, float *p, unsigned char *m_q, uns
         // dequantise with the old scales, then optim.c's adamw_elem
         mi = __fmul_rn(sh.cm[m_q[i]], m_absmax[b]);
         vi = __fmul_rn(sh.cv[v_q[i]], v_absmax[b]);
-        const float pi = adamw_elem(p[i], g[i], mi, vi, k);
+        const float pi = adamw_elem(p[i], grad_at(g, prec16, i), mi, vi, k);
         p[i] = pi;
         if (cp.s)
             q8_copy_write(cp, i, pi);
@@ -741,7 +741,7 @@ __global__ static void __launch_bounds__(Q8_THREADS)
     q8_books(sh, books);
     const q8_copy none = {NULL, 0, 0, 0};
     for (size_t b = blockIdx.x; b < nblocks; b += gridDim.x)
-        q8_block(sh, p, m_q, v_q, m_absmax, v_absmax, g, n, b, k, none);
+        q8_block(sh, p, m_q, v_q, m_absmax, v_absmax, g, 0, n, b, k, none);
 }
 
 // opt_adamw8bit_many: the jobs of a launch, each with the index of its
@@ -758,8 +758,9 @@ struct q8_dev_job {
     unsigned char *m_q, *v_q;
     float *m_absmax, *v_absmax, *m32, *v32;
     q8_copy cp;
-    int q8;
+    int q8, prec16; // (prec16: the gradient packed, DB_ASSIGN_PACK16; in q8's padding, the size stays 112)
 };
+static_assert(sizeof(q8_dev_job) == 112, "Q8_PARAM_JOBS jobs a launch within 4 KB of parameters");
 enum { Q8_PARAM_JOBS = 16 };
 struct q8_jobs {
     q8_dev_job j[Q8_PARAM_JOBS];
@@ -785,13 +786,13 @@ __global__ static void __launch_bounds__(Q8_THREADS)
         const q8_dev_job &j = jobs[lo];
         const size_t b = gb - j.first;
         if (j.q8) {
-            q8_block(sh, j.p, j.m_q, j.v_q, j.m_absmax, j.v_absmax, j.g, j.n, b, k, j.cp);
+            q8_block(sh, j.p, j.m_q, j.v_q, j.m_absmax, j.v_absmax, j.g, j.prec16, j.n, b, k, j.cp);
             continue;
         }
         const size_t i = b * DB_Q8_BLOCK + threadIdx.x; // fp32 moments
         if (i < j.n) {
             float mi = j.m32[i], vi = j.v32[i];
-            const float pi = adamw_elem(j.p[i], j.g[i], mi, vi, k);
+            const float pi = adamw_elem(j.p[i], grad_at(j.g, j.prec16, i), mi, vi, k);
             j.p[i] = pi;
             j.m32[i] = mi;
             j.v32[i] = vi;
@@ -863,7 +864,8 @@ extern "C" int db_cuda_opt_adamw8bit_many(db_ctx *c, const db_q8_job *jobs, size
                 continue;
             int stale = 0;
             table.j[k++] = q8_dev_job{j->p,        j->g,        j->n,   total,     j->m_q,               j->v_q,
-                                      j->m_absmax, j->v_absmax, j->m32, j->v32,    q8_copy_of(c, j, &stale), j->q8};
+                                      j->m_absmax, j->v_absmax, j->m32, j->v32,    q8_copy_of(c, j, &stale), j->q8,
+                                      j->prec16};
             if (stale && st->capturing) // marked stale on the host here: a replay would not
                 return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__,
                                     "adamw8bit_many during a graph capture: the weights' working copy is stale");

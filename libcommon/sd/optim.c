@@ -164,7 +164,8 @@ void db_q8_dequantize(float *x, const uint8_t *q, const float *absmax, size_t n,
  * fmaxf, which is exact, commutative and associative (and ignores NaN), so
  * the CUDA kernel's tree reduction gives the same scale. */
 static void adamw8_block(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax, const float *g,
-                         size_t beg, size_t end, const db_adamw_coef *c, const db_q8_maps *maps)
+                         const uint16_t *g16, int prec16, size_t beg, size_t end, const db_adamw_coef *c,
+                         const db_q8_maps *maps)
 {
     float m[DB_Q8_BLOCK], v[DB_Q8_BLOCK];
     const size_t b = beg / DB_Q8_BLOCK, k = end - beg;
@@ -174,7 +175,7 @@ static void adamw8_block(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, 
         const size_t i = beg + j;
         float mi = maps->m.code[m_q[i]] * am;
         float vi = maps->v.code[v_q[i]] * av;
-        adamw_elem(&p[i], &mi, &vi, g[i], c);
+        adamw_elem(&p[i], &mi, &vi, g16 ? packed_at(g16, i, prec16) : g[i], c);
         m[j] = mi;
         v[j] = vi;
         mx_m = fmaxf(mx_m, fabsf(mi));
@@ -193,21 +194,36 @@ void db_adamw8bit_step(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, fl
 {
     const db_adamw_coef c = db_adamw_coefs_host(hp, t);
     for (size_t beg = 0; beg < n; beg += DB_Q8_BLOCK)
-        adamw8_block(p, m_q, v_q, m_absmax, v_absmax, g, beg, beg + DB_Q8_BLOCK < n ? beg + DB_Q8_BLOCK : n, &c,
-                     maps);
+        adamw8_block(p, m_q, v_q, m_absmax, v_absmax, g, NULL, 0, beg, beg + DB_Q8_BLOCK < n ? beg + DB_Q8_BLOCK : n,
+                     &c, maps);
 }
 
-void db_adamw8bit_step_omp(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
-                           const float *g, size_t n, const db_adamw *hp, int64_t t, const db_q8_maps *maps)
+/* the threaded step over g (float32) or g16 (packed, prec16) */
+static void adamw8bit_omp(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax, const float *g,
+                          const uint16_t *g16, int prec16, size_t n, const db_adamw *hp, int64_t t,
+                          const db_q8_maps *maps)
 {
     const db_adamw_coef c = db_adamw_coefs_host(hp, t);
     const ptrdiff_t nb = (ptrdiff_t)((n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK);
 #pragma omp parallel for schedule(static) if (nb > 64)
     for (ptrdiff_t b = 0; b < nb; b++) {
         const size_t beg = (size_t)b * DB_Q8_BLOCK;
-        adamw8_block(p, m_q, v_q, m_absmax, v_absmax, g, beg, beg + DB_Q8_BLOCK < n ? beg + DB_Q8_BLOCK : n, &c,
-                     maps);
+        adamw8_block(p, m_q, v_q, m_absmax, v_absmax, g, g16, prec16, beg,
+                     beg + DB_Q8_BLOCK < n ? beg + DB_Q8_BLOCK : n, &c, maps);
     }
+}
+
+void db_adamw8bit_step_omp(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
+                           const float *g, size_t n, const db_adamw *hp, int64_t t, const db_q8_maps *maps)
+{
+    adamw8bit_omp(p, m_q, v_q, m_absmax, v_absmax, g, NULL, 0, n, hp, t, maps);
+}
+
+void db_adamw8bit_step16_omp(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
+                             const uint16_t *g, int prec16, size_t n, const db_adamw *hp, int64_t t,
+                             const db_q8_maps *maps)
+{
+    adamw8bit_omp(p, m_q, v_q, m_absmax, v_absmax, NULL, g, prec16, n, hp, t, maps);
 }
 
 int db_optim_parse(const char *name, db_optim_kind *out)

@@ -159,6 +159,12 @@ void db_adamw8bit_step(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, fl
  * unit of work and its max is order-free). */
 void db_adamw8bit_step_omp(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
                            const float *g, size_t n, const db_adamw *hp, int64_t t, const db_q8_maps *maps);
+/* The same with a packed gradient (kernels/ops.h DB_ASSIGN_PACK16: n bits
+ * of prec16, DB_PREC_BF16 / DB_PREC_F16): the bits of the float32 values'
+ * step. */
+void db_adamw8bit_step16_omp(float *p, uint8_t *m_q, uint8_t *v_q, float *m_absmax, float *v_absmax,
+                             const uint16_t *g, int prec16, size_t n, const db_adamw *hp, int64_t t,
+                             const db_q8_maps *maps);
 
 /* The trainer's optimizers (db-train --optimizer). */
 typedef enum db_optim_kind {

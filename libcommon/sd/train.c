@@ -189,7 +189,7 @@ static int g16_init(db_trainer *t, const db_train_opts *o, db_err *err)
 {
     const db_weights *wu = db_unet_weights(t->unet);
     if (o->no_grad16 || o->fused_backward || o->world > 1 || o->grad_accum > 1 || o->clip_per_tensor ||
-        o->optimizer != DB_OPTIM_ADAMW || wu->numel > UINT32_MAX)
+        wu->numel > UINT32_MAX)
         return 0;
     const size_t nt = wu->ix.n;
     uint32_t *runs = malloc(2 * nt * sizeof *runs);
@@ -304,8 +304,9 @@ static int q8_init(db_q8_state *q, const db_weights *w, db_err *err)
 /* One 8-bit AdamW step of weights w from gradients g (w's layout), tensor
  * by tensor: the per-tensor blocks are bnb's (a block never spans two
  * tensors), the small tensors take float32 AdamW. */
+/* packed: NULL, or per tensor 1 where g holds it packed in bf16 (g16_ref) */
 static int q8_step(db_ctx *c, db_q8_state *q, db_weights *w, float *g, const db_adamw *hp, int64_t k,
-                   const db_q8_maps *maps, size_t lo, size_t hi)
+                   const db_q8_maps *maps, size_t lo, size_t hi, const unsigned char *packed)
 {
     /* g holds the gradients of weights [lo, hi): every tensor's step in one
      * op (one launch on a GPU instead of one per tensor) */
@@ -320,6 +321,7 @@ static int q8_step(db_ctx *c, db_q8_state *q, db_weights *w, float *g, const db_
         db_q8_job *j = &jobs[nj++];
         memset(j, 0, sizeof *j);
         j->p = w->data + t->woff, j->g = g + (t->woff - lo), j->n = t->n, j->q8 = t->q8;
+        j->prec16 = packed && packed[i] ? DB_PREC_BF16 : 0;
         if (t->q8)
             j->m_q = q->m_q + t->off, j->v_q = q->v_q + t->off, j->m_absmax = q->m_absmax + t->boff,
             j->v_absmax = q->v_absmax + t->boff;
@@ -370,7 +372,7 @@ static int fused_ready(void *user, float *g, size_t lo, size_t hi, db_err *err)
      * in micro before the backward, read when the step runs): the ops
      * ignore the count passed, 0 here (a step reading it would divide by
      * 1 - beta^0 = 0 and fail the tests) */
-    if (fg->q ? q8_step(c, fg->q, fg->w, g, &fg->hp, 0, &t->maps, lo, hi)
+    if (fg->q ? q8_step(c, fg->q, fg->w, g, &fg->hp, 0, &t->maps, lo, hi, NULL)
               : db_opt_adamw(c, w->data + lo, fg->m->data + lo, fg->v->data + lo, g, hi - lo, &fg->hp, 0))
         return db_err_set(err, c->err.code, "optimizer step: %s", c->err.msg);
     return 0;
@@ -1010,12 +1012,13 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     db_adamw hu = t->o.unet_hp;
     hu.lr = db_lr_at(&t->o.unet_lr, t->opt_step);
     hu.grad_coef = coef;
-    hu.g16_runs = t->packed ? t->g16_runs : NULL, hu.g16_nruns = t->packed ? t->g16_nruns : 0;
-    hu.g16_prec = DB_PREC_BF16;
     db_weights *wu = (db_weights *)db_unet_weights(t->unet);
     const int q8 = t->o.optimizer == DB_OPTIM_ADAMW8BIT;
+    /* the packed tensors: AdamW's runs, 8-bit AdamW's jobs */
+    hu.g16_runs = t->packed && !q8 ? t->g16_runs : NULL, hu.g16_nruns = t->packed && !q8 ? t->g16_nruns : 0;
+    hu.g16_prec = DB_PREC_BF16;
     if (q8)
-        q8_step(c, &t->qu, wu, t->gu.data, &hu, k, &t->maps, 0, wu->numel);
+        q8_step(c, &t->qu, wu, t->gu.data, &hu, k, &t->maps, 0, wu->numel, t->packed ? t->g16_ref : NULL);
     else
         db_opt_adamw(c, wu->data, t->mu.data, t->vu.data, t->gu.data, wu->numel, &hu, k);
     if (!unet_assigns(t)) /* else the next backward writes them */
@@ -1028,7 +1031,7 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
         ht.g16_runs = NULL, ht.g16_nruns = 0; /* (the text encoder's stay float32) */
         db_weights *wt = &t->clip->w;
         if (q8)
-            q8_step(c, &t->qt, wt, t->gt.data, &ht, k, &t->maps, 0, wt->numel);
+            q8_step(c, &t->qt, wt, t->gt.data, &ht, k, &t->maps, 0, wt->numel, NULL);
         else
             db_opt_adamw(c, wt->data, t->mt.data, t->vt.data, t->gt.data, wt->numel, &ht, k);
         db_ctx_zero(c, t->gt.data, t->gt.numel * sizeof(float));

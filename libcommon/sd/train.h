@@ -130,8 +130,8 @@ typedef struct db_train_opts {
     int no_graph;
     /* 1: the UNet's weight gradients stay float32.  0 (the default): where
      * nothing else reads them -- bf16 precision, one process, one
-     * micro-batch a step, AdamW (not 8-bit), global clipping, no fused
-     * backward -- every linear and convolution weight's gradient is stored
+     * micro-batch a step, global clipping, no fused backward (AdamW or
+     * 8-bit AdamW) -- every linear and convolution weight's gradient is stored
      * packed in bf16 (kernels/ops.h DB_ASSIGN_PACK16; it is a bf16 value in
      * this precision either way), which the clip's norms and AdamW read as
      * such: the same numbers, without the pass that widens each gradient

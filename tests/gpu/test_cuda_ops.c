@@ -1811,8 +1811,8 @@ static void t_shadow(void)
             size_t boff = 0;
             for (int i = 0; i < NJ; i++) {
                 const size_t o = jlo[i], n = jhi[i] - jlo[i];
-                j1[i] = (db_q8_job){dw + o, gr + o, n, jq8[i], q5 + o, q6 + o, a5 + boff, a6 + boff, dm + o, dv + o};
-                j2[i] = (db_q8_job){du + o, gr + o, n, jq8[i], q7 + o, q8 + o, a7 + boff, a8 + boff, dm2 + o, dv2 + o};
+                j1[i] = (db_q8_job){dw + o, gr + o, n, jq8[i], q5 + o, q6 + o, a5 + boff, a6 + boff, dm + o, dv + o, 0};
+                j2[i] = (db_q8_job){du + o, gr + o, n, jq8[i], q7 + o, q8 + o, a7 + boff, a8 + boff, dm2 + o, dv2 + o, 0};
                 boff += (n + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK;
             }
             api->mem_stats(&g, &ms0);
@@ -2631,10 +2631,11 @@ static void t_adamw8bit(size_t n, double lr, double wd, float spread, double coe
  * for small tensors), sizes off the 256-element blocks, two empty, more
  * than one launch's Q8_PARAM_JOBS = 16 (optim.cu), laid out apart in their
  * buffers; three steps, every array bit-identical to the CPU's per-tensor
- * ops. */
-static void t_adamw8bit_many(void)
+ * ops.  packed: every third job's gradient packed in bf16 (db_q8_job
+ * prec16), of both kinds. */
+static void t_adamw8bit_many(int packed)
 {
-    const char *what = "opt_adamw8bit_many";
+    const char *what = packed ? "opt_adamw8bit_many, bf16 packed gradients" : "opt_adamw8bit_many";
     if (!have((const void *)api->opt_adamw8bit_many, what))
         return;
     static const size_t ns[] = {4097, 320, 0,   256 * 3, 1,   5000, 77, 256 * 20 + 13, 33, 256, 700,
@@ -2656,13 +2657,21 @@ static void t_adamw8bit_many(void)
     db_q8_job hj[NJ], dj[NJ];
     int ok = 1;
     for (int64_t t = 1; t <= 3 && ok; t++) {
-        float *gr = hrand(tot, 0.05f), *dg = dputf(gr, tot);
-        size_t off = 0, boff = 0;
+        float *gr = hrand(tot, 0.05f);
+        size_t off = 0;
+        for (int i = 0; packed && i < NJ; off += ns[i] + 7, i++) /* the packed ones' bits from their start */
+            if (i % 3 == 1)
+                for (size_t e = 0; e < ns[i]; e++)
+                    ((uint16_t *)(void *)(gr + off))[e] = db_f32_to_bf16(gr[off + e]);
+        float *dg = dputf(gr, tot);
+        size_t boff = 0;
+        off = 0;
         for (int i = 0; i < NJ; i++) {
+            const int pk = packed && i % 3 == 1 ? DB_PREC_BF16 : 0;
             hj[i] = (db_q8_job){p + off, gr + off, ns[i], q8s[i], mq + off, vq + off, ma + boff, va + boff,
-                                m32 + off, v32 + off};
+                                m32 + off, v32 + off, pk};
             dj[i] = (db_q8_job){dp + off, dg + off, ns[i], q8s[i], dmq + off, dvq + off, dma + boff, dva + boff,
-                                dm32 + off, dv32 + off};
+                                dm32 + off, dv32 + off, pk};
             off += ns[i] + 7, boff += (ns[i] + DB_Q8_BLOCK - 1) / DB_Q8_BLOCK + 1;
         }
         char step[96];
@@ -2701,7 +2710,7 @@ enum { ON = 700, ON8 = 600 };
 static int owork_run(void *arg, db_err *err)
 {
     owork *q = arg;
-    const db_q8_job j = {q->p8, q->g8, ON8, 1, q->mq, q->vq, q->ma, q->va, NULL, NULL};
+    const db_q8_job j = {q->p8, q->g8, ON8, 1, q->mq, q->vq, q->ma, q->va, NULL, NULL, 0};
     if (api->opt_adamw(&g, q->p, q->m, q->v, q->g, ON, &q->hp, 0) ||
         api->opt_adamw8bit_many(&g, &j, 1, &q->hp, 0, q->maps))
         return db_err_set(err, g.err.code, "owork: %s", g.err.msg);
@@ -3272,7 +3281,8 @@ later:
         t_adamw8bit(q8_n[k], 1e-3, 1e-2, 0.1f, 0.0);
     t_adamw8bit(1001, 5e-6, 0.0, 1e-3f, 0.0);
     t_adamw8bit(1001, 5e-6, 1e-2, 1e-3f, 0.4172); /* the clip coefficient folded in */
-    t_adamw8bit_many();
+    t_adamw8bit_many(0);
+    t_adamw8bit_many(1);
     if (!quick)
         t_adamw8bit((size_t)320 * 320 * 9 + 5, 1e-3, 1e-2, 0.01f, 0.0);
 
