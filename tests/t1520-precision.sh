@@ -94,6 +94,14 @@ ok "resume the fp16 run in fp32 (a runtime choice)" sh -c "$TR -q --resume '$T/H
 check "fp32 steps: no loss scale in the new checkpoint, precision fp32" \
     "$PY -c 'import json,sys; s=json.load(open(sys.argv[1])); sys.exit(\"loss_scale\" in s or s[\"precision\"]!=\"fp32\")' '$T/H/ckpt-000003/state.json'"
 
+# bf16: the UNet's weight gradients kept in bf16 (README Precision), said
+# once in the log; not with two micro-batches a step (they add up in fp32)
+ok "2 steps in bf16" sh -c "$TR --precision bf16 --steps 2 -o '$T/B16' 2>'$T/B16.log'"
+check "the log says the weight gradients are kept in bf16, once" \
+    "[ \$(grep -c \"UNet's [0-9]* linear and convolution weight gradients are kept in bf16\" '$T/B16.log') = 1 ]"
+ok "2 steps in bf16, 2 micro-batches a step" sh -c "$TR --precision bf16 --steps 2 --grad-accum 2 -o '$T/B16a' 2>'$T/B16a.log'"
+check "... and not there" "! grep -q 'kept in bf16' '$T/B16a.log'"
+
 # precision from --config
 echo '{"precision": "bf16", "steps": 1}' >"$T/cfg.json"
 ok "--config with \"precision\": \"bf16\"" sh -c "$TR -q --config '$T/cfg.json' -o '$T/C1'"

@@ -1299,6 +1299,9 @@ int main(int argc, char **argv)
                      last ? last : "");
             goto out;
         }
+        if (step == r->step0 && db_trainer_packed_grads(r->tr))
+            db_info(&r->lg, "the UNet's %zu linear and convolution weight gradients are kept in bf16 (bf16 values "
+                            "either way: the same numbers, fewer bytes)", db_trainer_packed_grads(r->tr));
         const double t1 = db_tfevents_now(), dt = t1 - t0;
         const struct {
             const char *tag;
