@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 20 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+#define DB_CUDA_ABI 21 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
                           4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
                           7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free;
                           10: opt_adamw8bit_many; 11: host_alloc, host_free; 12: opt_clip_each;
@@ -36,7 +36,8 @@ extern "C" {
                           17: the parameter-gradient backwards' assign;
                           18: conv2d_add_forward, linear_fan_forward;
                           19: layernorm_backward_add, groupnorm_backward_add;
-                          20: DB_ASSIGN_PACK16, opt_sumsq_many's prec16, db_adamw's g16 runs */
+                          20: DB_ASSIGN_PACK16, opt_sumsq_many's prec16, db_adamw's g16 runs;
+                          21: attention_qkv_forward */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -54,6 +55,7 @@ extern "C" {
     X(groupnorm_forward, (db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight, const float *bias, int B, int C, int HW, int G, float eps, int silu)) \
     X(layernorm_forward, (db_ctx *c, float *out, float *mean, float *rstd, const float *inp, const float *weight, const float *bias, int N, int C, float eps)) \
     X(attention_forward, (db_ctx *c, float *out, float *lse, const float *q, const float *k, const float *v, int B, int Tq, int Tk, int NH, int HS, int causal)) \
+    X(attention_qkv_forward, (db_ctx *c, float *q, float *k, float *v, float *out, float *lse, const float *x, const float *wq, const float *wk, const float *wv, int B, int T, int C, int NH, int causal)) \
     X(softmax_forward, (db_ctx *c, float *out, const float *inp, int N, int C)) \
     X(silu_forward, (db_ctx *c, float *out, const float *inp, size_t N)) \
     X(gelu_forward, (db_ctx *c, float *out, const float *inp, size_t N, db_gelu_kind kind)) \

@@ -387,6 +387,19 @@ int db_layernorm_forward(db_ctx *c, float *out, float *mean, float *rstd, const 
  * (Tq, Tk) score matrix is ever stored. */
 int db_attention_forward(db_ctx *c, float *out, float *lse, const float *q, const float *k, const float *v, int B,
                          int Tq, int Tk, int NH, int HS, int causal);
+/* Self-attention's projections and the attention in one op: q, k, v (B, T,
+ * C) = x (B, T, C) times wq, wk, wv (C, C) transposed (no bias), then out
+ * (B, T, C) and lse as db_attention_forward(q, k, v, B, T, T, NH, C / NH,
+ * causal): exactly db_linear_multi_forward then db_attention_forward, in
+ * every precision.  q, k, v: all three given (kept for a backward), or all
+ * NULL (inference).  On CUDA in 16-bit precision, where the attention runs
+ * on tensor cores (C / NH a multiple of 8, at most 160), the projections'
+ * 16-bit products are the attention's operands as they are: the
+ * attention's conversion pass is saved, and the widening into q, k, v too
+ * when they are NULL. */
+int db_attention_qkv_forward(db_ctx *c, float *q, float *k, float *v, float *out, float *lse, const float *x,
+                             const float *wq, const float *wk, const float *wv, int B, int T, int C, int NH,
+                             int causal);
 
 /* Row softmax.  out (N, C); inp (N, C); out may equal inp. */
 int db_softmax_forward(db_ctx *c, float *out, const float *inp, int N, int C);

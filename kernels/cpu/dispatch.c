@@ -772,6 +772,29 @@ int db_attention_forward(db_ctx *c, float *out, float *lse, const float *q, cons
     }
 }
 
+int db_attention_qkv_forward(db_ctx *c, float *q, float *k, float *v, float *out, float *lse, const float *x,
+                             const float *wq, const float *wk, const float *wv, int B, int T, int C, int NH,
+                             int causal)
+{
+    ENTER(c);
+    REQUIRE(c, "attention", out && x && wq && wk && wv && ((q && k && v) || (!q && !k && !v)) && B > 0 && T > 0 &&
+                                C > 0 && NH > 0 && C % NH == 0);
+    if (c->device == DB_CUDA)
+        return CUDA_OP(c, attention_qkv_forward, "attention", q, k, v, out, lse, x, wq, wk, wv, B, T, C, NH, causal);
+    /* the definition: the projections (into scratch when not kept), then the attention */
+    const size_t n = (size_t)B * T * C;
+    float *t = q ? NULL : malloc(3 * n * sizeof *t);
+    if (!q && !t)
+        return db_err_set(&c->err, DB_ENOMEM, "attention: out of memory for %zu floats", 3 * n);
+    float *const qkv[3] = {q ? q : t, q ? k : t + n, q ? v : t + 2 * n};
+    const float *const w[3] = {wq, wk, wv};
+    int r = db_linear_multi_forward(c, qkv, x, w, NULL, 3, B * T, C, C);
+    if (r == 0)
+        r = db_attention_forward(c, out, lse, qkv[0], qkv[1], qkv[2], B, T, T, NH, C / NH, causal);
+    free(t);
+    return r;
+}
+
 int db_softmax_forward(db_ctx *c, float *out, const float *inp, int N, int C)
 {
     ENTER(c);

@@ -701,6 +701,7 @@ static db_cuda_api make_api(void)
     SET(groupnorm_forward);
     SET(layernorm_forward);
     SET(attention_forward);
+    SET(attention_qkv_forward);
     SET(softmax_forward);
     SET(silu_forward);
     SET(gelu_forward);

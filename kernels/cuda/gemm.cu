@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/cuda/attention_tc.h"
 #include "kernels/cuda/cuda.h"
 
 int db_cuda_sgemm(db_ctx *c, int batch, int transa, int transb, int M, int N, int K, float alpha, const float *A,
@@ -581,6 +582,55 @@ extern "C" int db_cuda_linear_multi_forward(db_ctx *c, float *const *out, const 
     }
     db_cuda_free(c, x16);
     return r;
+}
+
+// db_attention_qkv_forward: where the attention runs on tensor cores in a
+// 16-bit mode (db_cuda_attention_forward's test), the three products are
+// stored by cuBLAS in the compute type (as linear_multi's unbiased path) and
+// handed to the attention kernel as they are: its conversion of q, k, v is
+// the identity on them, so the same bits; q, k, v are widened from them (one
+// launch) only when given.  Elsewhere the two ops.
+extern "C" int db_cuda_attention_qkv_forward(db_ctx *c, float *q, float *k, float *v, float *out, float *lse,
+                                             const float *x, const float *wq, const float *wk, const float *wv, int B,
+                                             int T, int C, int NH, int causal)
+{
+    DB_ENTER(c);
+    const int N = B * T, HS = C / NH;
+    const size_t ny = (size_t)N * C;
+    const float *const w[3] = {wq, wk, wv};
+    if (!db_cuda_prec16(c) || HS % 8 != 0 || HS > 160 || B * NH > 65535 || N == 0) {
+        float *t = q ? NULL : (float *)db_cuda_alloc(c, 3 * ny * sizeof(float));
+        if (!q && !t && ny)
+            return -1;
+        float *const qkv[3] = {q ? q : t, q ? k : t + ny, q ? v : t + 2 * ny};
+        int r = db_cuda_linear_multi_forward(c, qkv, x, w, NULL, 3, N, C, C);
+        if (r == 0)
+            r = db_cuda_attention_forward(c, out, lse, qkv[0], qkv[1], qkv[2], B, T, T, NH, HS, causal);
+        db_cuda_free(c, t);
+        return r ? -1 : 0;
+    }
+    // each product at a 256-byte boundary (the attention's 16-byte loads)
+    const size_t sy = (ny * 2 + 255) / 256 * 256;
+    void *x16 = db_cuda_to16(c, x, ny);
+    char *t = x16 ? (char *)db_cuda_alloc(c, 3 * sy) : NULL;
+    int r = t ? 0 : -1;
+    for (int i = 0; i < 3 && r == 0; i++) {
+        void *w16 = db_cuda_to16(c, w[i], (size_t)C * C);
+        r = w16 ? product16(c, x16, w16, N, C, C, t + i * sy, 1) : -1;
+        db_cuda_free(c, w16);
+    }
+    if (r == 0 && q) {
+        const db_cuda_widen_job jobs[3] = {{q, t, ny, 1, 0, DB_PUT_SET},
+                                           {k, t + sy, ny, 1, 0, DB_PUT_SET},
+                                           {v, t + 2 * sy, ny, 1, 0, DB_PUT_SET}};
+        r = db_cuda_widen(c, jobs, 3);
+    }
+    if (r == 0)
+        r = db_cuda_attention_tc_forward(c, out, lse, t, t + sy, t + 2 * sy, (int)c->precision, B, T, T, NH, HS,
+                                         causal, 1);
+    db_cuda_free(c, t); // (stream order keeps them alive for the kernels)
+    db_cuda_free(c, x16);
+    return r ? -1 : 0;
 }
 
 // ---- db_linear_fan_forward: few rows, many projections, one launch ------------------

@@ -75,6 +75,7 @@ size_t db_mha_acts_carve(db_mha_acts *a, float *base, const db_mha *w, int B, in
     a->v = take(&k, b * Tk * C);
     a->o = take(&k, b * Tq * C);
     a->lse = take(&k, b * w->NH * Tq);
+    a->noq = 0;
     return k.used;
 }
 
@@ -82,7 +83,15 @@ int db_mha_forward(db_ctx *c, float *out, const db_mha_acts *a, const float *x, 
                    const db_mha *w, int B, int Tq, int Tk, int causal)
 {
     const int C = w->C;
-    /* the projections of one input in one op (its 16-bit copy made once) */
+    /* the projections of one input in one op (its 16-bit copy made once);
+     * without biases (SD's) with the attention too, whose 16-bit operands
+     * they then are as they come (q, k, v written only for a backward) */
+    if (kv == x && !w->q_b && !w->k_b && !w->v_b) {
+        db_attention_qkv_forward(c, a->noq ? NULL : a->q, a->noq ? NULL : a->k, a->noq ? NULL : a->v, a->o, a->lse,
+                                 x, w->q_w, w->k_w, w->v_w, B, Tq, C, w->NH, causal);
+        db_linear_add_forward(c, out, a->o, w->o_w, w->o_b, res, B * Tq, C, C); /* (B, Tq, C) */
+        return c->err.code ? -1 : 0;
+    }
     if (kv == x) {
         float *const qkv[3] = {a->q, a->k, a->v};
         const float *const wt[3] = {w->q_w, w->k_w, w->v_w}, *const bs[3] = {w->q_b, w->k_b, w->v_b};
@@ -124,6 +133,7 @@ size_t db_tblock_acts_carve(db_tblock_acts *a, float *base, const db_tblock *w, 
     a->rstd1 = take(&k, N);
     a->a1 = take(&k, N * C);
     k.used += db_mha_acts_carve(&a->at1, k.base ? k.base + k.used : NULL, &w->attn1, B, T, T);
+    a->at1.noq = !keep_proj; /* (self-attention's q, k, v: only a backward reads them) */
     a->x1 = take(&k, N * C);
     a->mean2 = take(&k, N);
     a->rstd2 = take(&k, N);

@@ -101,6 +101,8 @@ typedef struct db_mha_acts {
     float *v;   /* (B, Tk, C) */
     float *o;   /* (B, Tq, C)  attention output (heads side by side): o-projection input */
     float *lse; /* (B, NH, Tq) log-sum-exp of each query's scaled scores */
+    int noq;    /* 1: no backward reads q, k, v (inference: db_tblock_acts_carve's keep_proj 0),
+                 * so self-attention need not write them (db_attention_qkv_forward) */
 } db_mha_acts;
 
 size_t db_mha_acts_carve(db_mha_acts *a, float *base, const db_mha *w, int B, int Tq, int Tk);

@@ -1442,6 +1442,55 @@ static void t_conv_add(db_precision p, int B, int C, int H, int W, int OC, int K
  * and n linear_backward calls with the input gradients added in order by
  * add_forward (or added to the old dinp): the same bits in fp32 and both
  * 16-bit types, dweight and dbias accumulated from non-zero buffers */
+/* attention_qkv_forward against the device's linear_multi_forward then
+ * attention_forward: out, lse and (when kept) q, k, v bit-identical; with
+ * q, k, v not kept, out and lse the same; and the CPU op close (the CPU's
+ * definition is the same two ops). */
+static void t_attention_qkv(db_precision p, int B, int T, int C, int NH, int causal)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s attention_qkv_forward B%d T%d C%d NH%d%s", p == DB_PREC_F32 ? "fp32" : prec_name(p),
+             B, T, C, NH, causal ? " causal" : "");
+    if (!api->attention_qkv_forward) { /* (prec_want chose it: have() would test DB_CUDA_TEST_ONLY again) */
+        tap_ok(0, "%s: not implemented on CUDA", what);
+        return;
+    }
+    const size_t n = (size_t)B * T * C, nl = (size_t)B * NH * T;
+    float *hx = hrand(n, 1), *hw[3];
+    for (int i = 0; i < 3; i++)
+        hw[i] = hrand((size_t)C * C, 0.2f);
+    float *x = dputf(hx, n), *w[3] = {dputf(hw[0], (size_t)C * C), dputf(hw[1], (size_t)C * C),
+                                      dputf(hw[2], (size_t)C * C)};
+    float *q = dpoison(n), *k = dpoison(n), *v = dpoison(n), *o = dpoison(n), *l = dpoison(nl);
+    float *q2 = dpoison(n), *k2 = dpoison(n), *v2 = dpoison(n), *o2 = dpoison(n), *l2 = dpoison(nl);
+    float *o3 = dpoison(n), *l3 = dpoison(nl);
+    float *const qkv2[3] = {q2, k2, v2};
+    const float *const cw[3] = {w[0], w[1], w[2]};
+    if (gpu_ran(IN_PREC(p, api->attention_qkv_forward(&g, q, k, v, o, l, x, w[0], w[1], w[2], B, T, C, NH, causal)),
+                what) &&
+        gpu_ran(IN_PREC(p, api->linear_multi_forward(&g, qkv2, x, cw, NULL, 3, B * T, C, C)), what) &&
+        gpu_ran(IN_PREC(p, api->attention_forward(&g, o2, l2, q2, k2, v2, B, T, T, NH, C / NH, causal)), what) &&
+        gpu_ran(IN_PREC(p, api->attention_qkv_forward(&g, NULL, NULL, NULL, o3, l3, x, w[0], w[1], w[2], B, T, C, NH,
+                                                      causal)),
+                what)) {
+        const int same = !memcmp(dget(q, n), dget(q2, n), n * 4) && !memcmp(dget(k, n), dget(k2, n), n * 4) &&
+                         !memcmp(dget(v, n), dget(v2, n), n * 4) && !memcmp(dget(o, n), dget(o2, n), n * 4) &&
+                         !memcmp(dget(l, nl), dget(l2, nl), nl * 4);
+        tap_ok(same, "%s: q, k, v, out, lse bit-identical to linear_multi_forward then attention_forward", what);
+        tap_ok(!memcmp(dget(o3, n), dget(o2, n), n * 4) && !memcmp(dget(l3, nl), dget(l2, nl), nl * 4),
+               "%s: q, k, v not kept: out, lse the same bits", what);
+        float *ho = hzeros(n), *hl = hzeros(nl);
+        g.precision = DB_PREC_F32;
+        cpu->precision = p;
+        const int cr = db_attention_qkv_forward(cpu, NULL, NULL, NULL, ho, hl, hx, hw[0], hw[1], hw[2], B, T, C, NH,
+                                                causal);
+        cpu->precision = DB_PREC_F32;
+        if (cpu_ran(cr, what))
+            cmp(what, "out vs the CPU", o, ho, n, p == DB_PREC_F32 ? 1e-5 : 2e-2);
+    }
+    release_all();
+}
+
 static void t_linear_multi(db_precision p, int n, int N, int C, int OC, int with_bias, int accumulate)
 {
     char what[160];
@@ -3090,6 +3139,8 @@ int main(void)
     t_linear_add(DB_PREC_F32, 9, 16, 5, 0);
     t_linear_geglu(DB_PREC_F32, 7, 13, 6, 1);
     t_linear_geglu(DB_PREC_F32, 5, 8, 9, 0);
+    if (prec_want("attention_qkv"))
+        t_attention_qkv(DB_PREC_F32, 2, 37, 80, 2, 0);
     if (prec_want("linear_multi")) {
         t_linear_multi(DB_PREC_F32, 3, 37, 24, 24, 0, 0);
         t_linear_multi(DB_PREC_F32, 2, 19, 40, 24, 1, 1);
@@ -3132,6 +3183,11 @@ int main(void)
             t_linear_geglu(p, 5, 8, 9, 0);
             if (!quick)
                 tp_linear(p, 8192, 320, 1280, 1);
+        }
+        if (prec_want("attention_qkv")) {
+            t_attention_qkv(p, 2, 37, 80, 2, 0); /* HS 40 (SD's): the projections straight into the attention */
+            t_attention_qkv(p, 1, 20, 64, 1, 1); /* HS 64, causal */
+            t_attention_qkv(p, 2, 9, 12, 3, 0);  /* HS 4: the two ops */
         }
         if (api->linear_multi_forward && prec_want("linear_multi")) {
             t_linear_multi(p, 3, 37, 24, 24, 0, 0); /* self-attention's q, k, v (SD: no biases) */

@@ -35,6 +35,40 @@ static float *rnd(size_t n, uint64_t stream, float scale)
 
 static int same_bits(const float *a, const float *b, size_t n) { return !memcmp(a, b, n * sizeof *a); }
 
+/* db_attention_qkv_forward is its definition on the CPU: the projections,
+ * then the attention, bit for bit, q, k, v kept or not; half of them NULL
+ * is refused */
+static void t_attention_qkv(db_ctx *c)
+{
+    enum { B = 2, T = 9, C = 24, NH = 3 };
+    const size_t n = (size_t)B * T * C, nl = (size_t)B * NH * T;
+    float *x = rnd(n, 11, 1.0f), *wq = rnd((size_t)C * C, 12, 0.2f), *wk = rnd((size_t)C * C, 13, 0.2f),
+          *wv = rnd((size_t)C * C, 14, 0.2f);
+    float *qkv = malloc(6 * n * sizeof *qkv), *o = malloc(3 * n * sizeof *o), *l = malloc(3 * nl * sizeof *l);
+    const db_precision ps[] = {DB_PREC_F32, DB_PREC_BF16};
+    for (int p = 0; p < 2; p++)
+        for (int causal = 0; causal < 2; causal++) {
+            db_ctx_set_precision(c, ps[p]);
+            float *const q2[3] = {qkv + 3 * n, qkv + 4 * n, qkv + 5 * n};
+            const float *const w[3] = {wq, wk, wv};
+            int rc = db_attention_qkv_forward(c, qkv, qkv + n, qkv + 2 * n, o, l, x, wq, wk, wv, B, T, C, NH, causal) ||
+                     db_attention_qkv_forward(c, NULL, NULL, NULL, o + n, l + nl, x, wq, wk, wv, B, T, C, NH,
+                                              causal) ||
+                     db_linear_multi_forward(c, q2, x, w, NULL, 3, B * T, C, C) ||
+                     db_attention_forward(c, o + 2 * n, l + 2 * nl, q2[0], q2[1], q2[2], B, T, T, NH, C / NH, causal);
+            tap_ok(rc == 0 && same_bits(qkv, qkv + 3 * n, 3 * n) && same_bits(o, o + 2 * n, n) &&
+                       same_bits(o + n, o + 2 * n, n) && same_bits(l, l + 2 * nl, nl) && same_bits(l + nl, l + 2 * nl, nl),
+                   "%s%s: attention_qkv_forward == linear_multi_forward then attention_forward, q, k, v kept or not",
+                   db_precision_name(ps[p]), causal ? " causal" : "");
+        }
+    db_ctx_set_precision(c, DB_PREC_F32);
+    tap_ok(db_attention_qkv_forward(c, qkv, NULL, NULL, o, l, x, wq, wk, wv, B, T, C, NH, 0) != 0 &&
+               c->err.code == DB_EUSAGE,
+           "attention_qkv_forward: q given without k and v is refused (%s)", c->err.msg);
+    db_ctx_clear_error(c);
+    free(x), free(wq), free(wk), free(wv), free(qkv), free(o), free(l);
+}
+
 int main(void)
 {
     db_err err = {0};
@@ -48,6 +82,7 @@ int main(void)
     r[0] = -0.0f, r[1] = 0.0f, r[2] = NAN; /* the adds' edge cases pass through the same way */
     float *want = malloc((size_t)N * OC * sizeof *want), *got = malloc((size_t)N * OC * sizeof *got);
     float *wrong = malloc((size_t)N * OC * sizeof *wrong);
+    t_attention_qkv(c1);
     const db_precision ps[] = {DB_PREC_F32, DB_PREC_BF16, DB_PREC_F16};
     db_ctx *cs[] = {c1, c2};
     for (int p = 0; p < 3; p++)
