@@ -180,10 +180,9 @@ __device__ static void adamw_stage_plan(adamw_stage *st, const db_cuda_filter_ra
 // element i of a tensor of gradients: float32, or packed 16-bit bits
 __device__ __forceinline__ static float grad_at(const float *g, int prec16, size_t i)
 {
-    if (!prec16)
-        return g[i];
-    const unsigned short u = ((const unsigned short *)g)[i];
-    return prec16 == DB_PREC_F16 ? __half2float(__ushort_as_half(u)) : __bfloat162float(__ushort_as_bfloat16(u));
+    return !prec16                 ? g[i]
+           : prec16 == DB_PREC_F16 ? db_cuda_f32(((const __half *)g)[i])
+                                   : db_cuda_f32(((const __nv_bfloat16 *)g)[i]);
 }
 
 // Packed gradients (db_adamw.g16_runs, DB_ASSIGN_PACK16): nruns tensors

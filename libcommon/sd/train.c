@@ -25,12 +25,11 @@ struct db_trainer {
     db_grad_ref *refs;           /* every gradient tensor, UNet first (clipping) */
     size_t nrefs;
     /* Packed weight gradients (train.h no_grad16): the UNet tensors whose
-     * gradient the backward packs in bf16 (g16_runs, ctx memory: each
-     * tensor's [first, end) element in gu, by offset; g16_ref[i] 1 for the
-     * i-th of refs), and whether gu holds the last backward's so (packed) */
+     * gradient the backward packs in bf16 (g16_packs; g16_runs, ctx memory:
+     * each one's [first, end) element in gu, by offset; none when the
+     * trainer may not pack), and whether gu holds the last backward's so */
     uint32_t *g16_runs;
     size_t g16_nruns;
-    unsigned char *g16_ref;
     int packed;
     int64_t step;                /* steps taken (global_step; train.h) */
     int64_t opt_step;            /* updates applied: AdamW's count, the lr schedule's position */
@@ -185,6 +184,8 @@ static int add_refs(db_trainer *t, db_weights *g, db_err *err)
  * Called after the UNet's refs were added (refs 0 .. n-1 its tensors).
  * The table is made whatever the precision: each backward packs when the
  * ctx computes in bf16 then (the caller may set it after the create). */
+static int g16_packs(const db_tentry *e) { return e->ndim >= 2; }
+
 static int g16_init(db_trainer *t, const db_train_opts *o, db_err *err)
 {
     const db_weights *wu = db_unet_weights(t->unet);
@@ -192,18 +193,14 @@ static int g16_init(db_trainer *t, const db_train_opts *o, db_err *err)
         wu->numel > UINT32_MAX)
         return 0;
     const size_t nt = wu->ix.n;
-    uint32_t *runs = malloc(2 * nt * sizeof *runs);
-    t->g16_ref = calloc(nt ? nt : 1, 1);
-    if (!runs || !t->g16_ref) {
-        free(runs);
+    uint32_t *runs = malloc((2 * nt + 1) * sizeof *runs);
+    if (!runs)
         return db_err_set(err, DB_ENOMEM, "trainer: out of memory");
-    }
     size_t k = 0;
     for (size_t i = 0; i < nt; i++) {
         const db_tentry *e = &wu->ix.v[i];
-        if (e->ndim < 2)
+        if (!g16_packs(e))
             continue;
-        t->g16_ref[i] = 1;
         runs[2 * k] = (uint32_t)e->offset, runs[2 * k + 1] = (uint32_t)(e->offset + t->refs[i].n);
         k++;
     }
@@ -304,9 +301,9 @@ static int q8_init(db_q8_state *q, const db_weights *w, db_err *err)
 /* One 8-bit AdamW step of weights w from gradients g (w's layout), tensor
  * by tensor: the per-tensor blocks are bnb's (a block never spans two
  * tensors), the small tensors take float32 AdamW. */
-/* packed: NULL, or per tensor 1 where g holds it packed in bf16 (g16_ref) */
+/* packed: g holds the tensors g16_packs names packed in bf16 */
 static int q8_step(db_ctx *c, db_q8_state *q, db_weights *w, float *g, const db_adamw *hp, int64_t k,
-                   const db_q8_maps *maps, size_t lo, size_t hi, const unsigned char *packed)
+                   const db_q8_maps *maps, size_t lo, size_t hi, int packed)
 {
     /* g holds the gradients of weights [lo, hi): every tensor's step in one
      * op (one launch on a GPU instead of one per tensor) */
@@ -321,7 +318,7 @@ static int q8_step(db_ctx *c, db_q8_state *q, db_weights *w, float *g, const db_
         db_q8_job *j = &jobs[nj++];
         memset(j, 0, sizeof *j);
         j->p = w->data + t->woff, j->g = g + (t->woff - lo), j->n = t->n, j->q8 = t->q8;
-        j->prec16 = packed && packed[i] ? DB_PREC_BF16 : 0;
+        j->prec16 = packed && g16_packs(&w->ix.v[i]) ? DB_PREC_BF16 : 0;
         if (t->q8)
             j->m_q = q->m_q + t->off, j->v_q = q->v_q + t->off, j->m_absmax = q->m_absmax + t->boff,
             j->v_absmax = q->v_absmax + t->boff;
@@ -372,7 +369,7 @@ static int fused_ready(void *user, float *g, size_t lo, size_t hi, db_err *err)
      * in micro before the backward, read when the step runs): the ops
      * ignore the count passed, 0 here (a step reading it would divide by
      * 1 - beta^0 = 0 and fail the tests) */
-    if (fg->q ? q8_step(c, fg->q, fg->w, g, &fg->hp, 0, &t->maps, lo, hi, NULL)
+    if (fg->q ? q8_step(c, fg->q, fg->w, g, &fg->hp, 0, &t->maps, lo, hi, 0)
               : db_opt_adamw(c, w->data + lo, fg->m->data + lo, fg->v->data + lo, g, hi - lo, &fg->hp, 0))
         return db_err_set(err, c->err.code, "optimizer step: %s", c->err.msg);
     return 0;
@@ -541,7 +538,6 @@ void db_trainer_free(db_trainer *t)
     q8_free(&t->qu);
     q8_free(&t->qt);
     free(t->refs);
-    free(t->g16_ref);
     db_ctx_free(t->ctx, t->g16_runs);
     free(t->ctx_ids);
     free(t->fnorms);
@@ -821,8 +817,9 @@ static int micro(db_trainer *t, const db_train_batch *b, db_train_stats *s, int 
     if (!fused && !bucketed) {
         t->packed = assign && t->g16_nruns && c->precision == DB_PREC_BF16;
         assign = t->packed ? DB_ASSIGN_PACK16 : assign;
-        for (size_t i = 0; t->g16_ref && i < db_unet_weights(t->unet)->ix.n; i++) /* the clip's refs say so */
-            t->refs[i].prec16 = t->packed && t->g16_ref[i] ? DB_PREC_BF16 : 0;
+        const db_weights *wu = db_unet_weights(t->unet);
+        for (size_t i = 0; i < wu->ix.n; i++) /* the clip's refs (the UNet's first) say so */
+            t->refs[i].prec16 = t->packed && g16_packs(&wu->ix.v[i]) ? DB_PREC_BF16 : 0;
     }
     if (bucketed) { /* the sinks call back into the host mid-backward: no graph */
         if (db_unet_backward_to(t->unet, NULL, t->o.train_text ? t->dcontext : NULL, &t->gu, &su, assign, t->dpred,
@@ -1018,7 +1015,7 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
     hu.g16_runs = t->packed && !q8 ? t->g16_runs : NULL, hu.g16_nruns = t->packed && !q8 ? t->g16_nruns : 0;
     hu.g16_prec = DB_PREC_BF16;
     if (q8)
-        q8_step(c, &t->qu, wu, t->gu.data, &hu, k, &t->maps, 0, wu->numel, t->packed ? t->g16_ref : NULL);
+        q8_step(c, &t->qu, wu, t->gu.data, &hu, k, &t->maps, 0, wu->numel, t->packed);
     else
         db_opt_adamw(c, wu->data, t->mu.data, t->vu.data, t->gu.data, wu->numel, &hu, k);
     if (!unet_assigns(t)) /* else the next backward writes them */
@@ -1031,7 +1028,7 @@ int db_trainer_apply(db_trainer *t, db_train_stats *s, db_err *err)
         ht.g16_runs = NULL, ht.g16_nruns = 0; /* (the text encoder's stay float32) */
         db_weights *wt = &t->clip->w;
         if (q8)
-            q8_step(c, &t->qt, wt, t->gt.data, &ht, k, &t->maps, 0, wt->numel, NULL);
+            q8_step(c, &t->qt, wt, t->gt.data, &ht, k, &t->maps, 0, wt->numel, 0);
         else
             db_opt_adamw(c, wt->data, t->mt.data, t->vt.data, t->gt.data, wt->numel, &ht, k);
         db_ctx_zero(c, t->gt.data, t->gt.numel * sizeof(float));
