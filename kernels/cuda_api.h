@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 21 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+#define DB_CUDA_ABI 22 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
                           4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
                           7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free;
                           10: opt_adamw8bit_many; 11: host_alloc, host_free; 12: opt_clip_each;
@@ -37,7 +37,8 @@ extern "C" {
                           18: conv2d_add_forward, linear_fan_forward;
                           19: layernorm_backward_add, groupnorm_backward_add;
                           20: DB_ASSIGN_PACK16, opt_sumsq_many's prec16, db_adamw's g16 runs;
-                          21: attention_qkv_forward */
+                          21: attention_qkv_forward;
+                          22: db_ctx.op_seq, db_mem_stats.twins_made / twins_used */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */

@@ -135,6 +135,9 @@ typedef struct db_ctx {
      * how deep in an op the ctx is; NULL / 0 otherwise */
     struct db_strict *strict;
     int strict_depth;
+    /* every op the dispatcher runs on this ctx counts one (the CUDA
+     * backend's 16-bit activation twins live from one op to the next) */
+    unsigned long op_seq;
 } db_ctx;
 
 /* Create a context for `device` with `threads` workers (0 = every online core).
@@ -194,6 +197,7 @@ typedef struct db_mem_stats {
     size_t in_use, peak, reserved;
     size_t copies_built;
     size_t device_free, device_total;
+    size_t twins_made, twins_used; /* CUDA: 16-bit activation twins made, and taken by the next op */
 } db_mem_stats;
 void db_ctx_mem_stats(db_ctx *c, db_mem_stats *s);
 void db_ctx_mem_reset_peak(db_ctx *c);

@@ -498,7 +498,7 @@ static int not_on_cuda(db_ctx *c, const char *op)
     return db_err_set(&c->err, DB_EUNSUPP, "%s: not implemented on CUDA", op);
 }
 #define CUDA_OP(c, name, what, ...) \
-    ((c)->cuda_api->name ? (c)->cuda_api->name((c), __VA_ARGS__) : not_on_cuda((c), what))
+    ((c)->op_seq++, (c)->cuda_api->name ? (c)->cuda_api->name((c), __VA_ARGS__) : not_on_cuda((c), what))
 
 int db_gemm_forward(db_ctx *c, float *Cm, const float *A, const float *B, int batch, int M, int N, int K,
                     int transa, int transb, float alpha, float beta)

@@ -117,8 +117,8 @@ template <typename T, int NK, int MR> constexpr size_t smem_bytes(bool pipe)
 // i[mr][0] (g) and i[mr][1] (g + 8).
 template <typename T, int NK, bool PIPE, bool LDSM, int MR>
 __global__ static void __launch_bounds__(NWARP * 32)
-    attention_mma_kernel(float *out, float *lse, const T *q, const T *k, const T *v, int Tq, int Tk, int NH, int HS,
-                         int causal, float qscale, float rescale, int rnd)
+    attention_mma_kernel(float *out, T *out16, float *lse, const T *q, const T *k, const T *v, int Tq, int Tk, int NH,
+                         int HS, int causal, float qscale, float rescale, int rnd)
 {
     constexpr int HSP = 16 * NK, LDH = HSP + 8, BQ = BR * MR;
     static_assert(BR == BT && MR <= 2, "Qs is laid out as one or two key tiles");
@@ -228,7 +228,8 @@ __global__ static void __launch_bounds__(NWARP * 32)
     }
 
     // out = O / lt (fp32, rounded to T when rnd: the value the caller's
-    // rounding pass gave), lse = ln 2 (m + log2 l)
+    // rounding pass gave), out16 (when given, with rnd) its T bits: the
+    // output's activation twin (cuda.h), lse = ln 2 (m + log2 l)
 #pragma unroll
     for (int mr = 0; mr < MR; mr++)
 #pragma unroll
@@ -241,8 +242,11 @@ __global__ static void __launch_bounds__(NWARP * 32)
             for (int n = 0; n < 2 * NK; n++) {
                 if (n >= HC)
                     break;
-                const size_t col = (size_t)h * HS + 8 * n + 2 * t;
-                put2<T>(out + ((size_t)b * Tq + i) * C + col, o[mr][n][2 * r] * inv, o[mr][n][2 * r + 1] * inv, rnd);
+                const size_t e = ((size_t)b * Tq + i) * C + (size_t)h * HS + 8 * n + 2 * t;
+                const float x = o[mr][n][2 * r] * inv, y = o[mr][n][2 * r + 1] * inv;
+                put2<T>(out + e, x, y, rnd);
+                if (out16)
+                    *(uint32_t *)(out16 + e) = tc<T>::pair(x, y);
             }
             if (lse && t == 0)
                 lse[(size_t)bh * Tq + i] = (float)(0.6931471805599453 * ((double)m[mr][r] + log2((double)l[mr][r])));
@@ -250,17 +254,18 @@ __global__ static void __launch_bounds__(NWARP * 32)
 }
 
 template <typename T, int NK, bool PIPE, bool LDSM, int MR>
-static int launch(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v, int B, int Tq,
-                  int Tk, int NH, int HS, int causal, float rescale, int rnd)
+static int launch(db_ctx *c, float *out, void *out16, float *lse, const void *q, const void *k, const void *v, int B,
+                  int Tq, int Tk, int NH, int HS, int causal, float rescale, int rnd)
 {
     const size_t smem = smem_bytes<T, NK, MR>(PIPE);
-    void (*kern)(float *, float *, const T *, const T *, const T *, int, int, int, int, int, float, float, int) =
+    void (*kern)(float *, T *, float *, const T *, const T *, const T *, int, int, int, int, int, float, float, int) =
         attention_mma_kernel<T, NK, PIPE, LDSM, MR>;
     if (db_cuda_smem_optin(c, kern, smem))
         return -1;
     dim3 grid((unsigned)((Tq + BR * MR - 1) / (BR * MR)), (unsigned)(B * NH));
-    kern<<<grid, NWARP * 32, smem, db_cuda_st(c)->stream>>>(out, lse, (const T *)q, (const T *)k, (const T *)v, Tq, Tk,
-                                                             NH, HS, causal, score_scale_log2(HS), rescale, rnd);
+    kern<<<grid, NWARP * 32, smem, db_cuda_st(c)->stream>>>(out, rnd ? (T *)out16 : NULL, lse, (const T *)q,
+                                                             (const T *)k, (const T *)v, Tq, Tk, NH, HS, causal,
+                                                             score_scale_log2(HS), rescale, rnd);
     DB_LAUNCHED(c);
     return 0;
 }
@@ -268,8 +273,9 @@ static int launch(db_ctx *c, float *out, float *lse, const void *q, const void *
 } // namespace
 
 // attention_tc.cu's checks have passed (dtype, HS, alignment, B * NH).
-int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v,
-                                  int dtype, int B, int Tq, int Tk, int NH, int HS, int causal, float rescale, int rnd)
+int db_cuda_attention_mma_forward(db_ctx *c, float *out, void *out16, float *lse, const void *q, const void *k,
+                                  const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS, int causal,
+                                  float rescale, int rnd)
 {
     return with_nd(HS, [&](auto nk) {
         constexpr int NK = decltype(nk)::value;
@@ -277,9 +283,10 @@ int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void 
         auto go = [&](auto t, auto p, auto l) {
             constexpr bool P = decltype(p)::value, L = decltype(l)::value;
             if (mr_max<NK>() == 2 && db_cuda_attn_mr() == 2)
-                return launch<decltype(t), NK, P, L, mr_max<NK>()>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal,
-                                                                     rescale, rnd);
-            return launch<decltype(t), NK, P, L, 1>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale, rnd);
+                return launch<decltype(t), NK, P, L, mr_max<NK>()>(c, out, out16, lse, q, k, v, B, Tq, Tk, NH, HS,
+                                                                     causal, rescale, rnd);
+            return launch<decltype(t), NK, P, L, 1>(c, out, out16, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale,
+                                                    rnd);
         };
         return with_types(dtype, pipe, ldsm, go);
     });

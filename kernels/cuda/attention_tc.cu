@@ -238,9 +238,11 @@ static int dispatch(db_ctx *c, float *out, float *lse, const void *q, const void
     });
 }
 
-int attention_tc(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v, int dtype, int B,
-                 int Tq, int Tk, int NH, int HS, int causal, float rescale, int rnd)
+int attention_tc(db_ctx *c, float *out, void *out16, int *wrote16, float *lse, const void *q, const void *k,
+                 const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS, int causal, float rescale, int rnd)
 {
+    if (wrote16)
+        *wrote16 = 0;
     DB_ENTER(c);
     if (dtype != DB_PREC_BF16 && dtype != DB_PREC_F16)
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "attention_tc: dtype %d is not bf16 (1) or fp16 (2)",
@@ -259,8 +261,13 @@ int attention_tc(db_ctx *c, float *out, float *lse, const void *q, const void *k
     // bf16 self-attention, and no more at any shape in bf16 (fp16: even)
     // (rnd: the mma.sync kernel rounds out as it stores it; after the WMMA
     // one, a rounding pass)
-    if (db_cuda_attn_mma())
-        return db_cuda_attention_mma_forward(c, out, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, rescale, rnd);
+    if (db_cuda_attn_mma()) {
+        const int r = db_cuda_attention_mma_forward(c, out, rnd ? out16 : NULL, lse, q, k, v, dtype, B, Tq, Tk, NH,
+                                                    HS, causal, rescale, rnd);
+        if (r == 0 && wrote16)
+            *wrote16 = rnd && out16;
+        return r;
+    }
     const int r = dtype == DB_PREC_BF16
                       ? dispatch<__nv_bfloat16>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale)
                       : dispatch<__half>(c, out, lse, q, k, v, B, Tq, Tk, NH, HS, causal, rescale);
@@ -282,8 +289,8 @@ struct tc_args {
 int tc_run(db_ctx *c, void *p)
 {
     const tc_args *a = (const tc_args *)p;
-    return attention_tc(c, a->out, a->lse, a->q, a->k, a->v, a->dtype, a->B, a->Tq, a->Tk, a->NH, a->HS, a->causal,
-                        a->rescale, a->rnd);
+    return attention_tc(c, a->out, NULL, NULL, a->lse, a->q, a->k, a->v, a->dtype, a->B, a->Tq, a->Tk, a->NH, a->HS,
+                        a->causal, a->rescale, a->rnd);
 }
 
 } // namespace
@@ -316,7 +323,14 @@ extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, c
                                             const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
                                             int causal, int round_out)
 {
-    return attention_tc(c, out, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, RESCALE_LOG2, round_out);
+    return attention_tc(c, out, NULL, NULL, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, RESCALE_LOG2, round_out);
+}
+
+int db_cuda_attention_tc_forward16(db_ctx *c, float *out, void *out16, int *wrote16, float *lse, const void *q,
+                                   const void *k, const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
+                                   int causal)
+{
+    return attention_tc(c, out, out16, wrote16, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, RESCALE_LOG2, 1);
 }
 
 extern "C" int db_cuda_time_ms(db_ctx *c, int (*fn)(db_ctx *, void *), void *arg, int warmup, int iters, float *ms);

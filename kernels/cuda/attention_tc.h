@@ -25,6 +25,13 @@
 extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k,
                                             const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
                                             int causal, int round_out);
+// The same with round_out, and out16 (B, Tq, NH*HS) of the compute type
+// (NULL: none) given out's 16 bits as the mma.sync kernel stores out (the
+// output's activation twin, cuda.h): 0 with *wrote16 1; the WMMA kernel
+// (DB_ATTN_MMA=0) writes none (*wrote16 0).
+int db_cuda_attention_tc_forward16(db_ctx *c, float *out, void *out16, int *wrote16, float *lse, const void *q,
+                                   const void *k, const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
+                                   int causal);
 
 // Whether the mma.sync kernels run (attention_mma.cu, and up to
 // MMA_BWD_HS_MAX attention_mma_backward.cu): yes unless the environment has
@@ -51,10 +58,11 @@ int db_cuda_attn_mr(void);
 // (attention_mma.cu; db_cuda_attention_tc_forward runs it, after checking
 // the arguments, unless DB_ATTN_MMA=0 selects the WMMA kernel); rescale:
 // the reference-max threshold in log2 units (attention_tc.cu's RESCALE_LOG2);
-// rnd: out rounded to the compute type as it is stored.
-int db_cuda_attention_mma_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v,
-                                  int dtype, int B, int Tq, int Tk, int NH, int HS, int causal, float rescale,
-                                  int rnd);
+// rnd: out rounded to the compute type as it is stored, and then out16
+// (NULL: none) given its 16 bits.
+int db_cuda_attention_mma_forward(db_ctx *c, float *out, void *out16, float *lse, const void *q, const void *k,
+                                  const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS, int causal,
+                                  float rescale, int rnd);
 
 // dq (B, Tq, NH*HS), dk, dv (B, Tk, NH*HS) fp32 (= assigned; any may be
 // NULL), from dout, out, q (B, Tq, NH*HS) and k, v (B, Tk, NH*HS) device

@@ -707,11 +707,73 @@ static void *lend(db_ctx *c, db_cuda_shadow *w, const float *src)
     return s ? s + (src - w->p) * 2 : NULL;
 }
 
+// ---- activation twins (cuda.h db_cuda_twin_*) ----
+
+void db_cuda_twin_drop(db_ctx *c)
+{
+    db_cuda_state *st = c->cuda ? db_cuda_st(c) : NULL;
+    if (!st || !st->twin_s)
+        return;
+    void *s = st->twin_s;
+    st->twin_s = NULL;
+    st->twin_p = NULL;
+    db_cuda_free(c, s);
+}
+
+void *db_cuda_twin_alloc(db_ctx *c, size_t n)
+{
+    db_cuda_twin_drop(c);
+    if (!db_cuda_prec16(c) || db_cuda_st(c)->twins_off || n == 0)
+        return NULL;
+    return db_cuda_alloc(c, n * 2);
+}
+
+void db_cuda_twin_put(db_ctx *c, const float *p, size_t n, void *s)
+{
+    db_cuda_twin_drop(c);
+    db_cuda_state *st = db_cuda_st(c);
+    if (s && (st->twins_off || !db_cuda_prec16(c))) {
+        db_cuda_free(c, s);
+        return;
+    }
+    if (!s)
+        return;
+    st->twin_p = p;
+    st->twin_n = n;
+    st->twin_s = s;
+    st->twin_prec = c->precision;
+    st->twin_seq = c->op_seq;
+    st->twins_made++;
+}
+
+// The twin of exactly [src, src + n) made by the op before this one in the
+// ctx's compute type, handed over (the caller frees it as its scratch);
+// NULL: none (a stale one is freed)
+static void *twin_take(db_ctx *c, const float *src, size_t n)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    if (!st->twin_s)
+        return NULL;
+    if (st->twin_seq + 1 != c->op_seq || st->twin_prec != (int)c->precision) {
+        db_cuda_twin_drop(c);
+        return NULL;
+    }
+    if (st->twin_p != src || st->twin_n != n)
+        return NULL;
+    void *s = st->twin_s;
+    st->twin_s = NULL;
+    st->twin_p = NULL;
+    st->twins_used++;
+    return s;
+}
+
 void *db_cuda_to16(db_ctx *c, const float *src, size_t n)
 {
     db_cuda_shadow *w = n ? db_cuda_shadow_find(c, src, n * sizeof(float)) : NULL;
     if (w)
         return lend(c, w, src);
+    if (void *t = n ? twin_take(c, src, n) : NULL)
+        return t;
     void *dst = db_cuda_alloc(c, n * 2);
     if (!dst || n == 0)
         return dst;
@@ -790,6 +852,8 @@ int db_cuda_to16_many(db_ctx *c, void **dst, const float *const *src, const size
                 r = -1;
             continue;
         }
+        if ((dst[i] = twin_take(c, src[i], n[i]))) // the previous op's rounded output
+            continue;
         if (!(dst[i] = db_cuda_alloc(c, n[i] * 2))) {
             r = -1;
             continue;

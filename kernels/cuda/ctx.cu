@@ -345,6 +345,8 @@ static int api_ctx_init(db_ctx *c, int device_index, db_err *err)
         return -1;
     }
     st->device = device_index;
+    const char *tw = getenv("DB_CUDA_TWINS"); // "0": no activation twins (a test's A/B)
+    st->twins_off = tw && !strcmp(tw, "0");
     c->cuda = st;
     c->cuda_device = device_index;
     c->err.code = 0;
@@ -367,6 +369,7 @@ static void api_ctx_trim(db_ctx *c)
     if (!c->cuda)
         return;
     db_cuda_state *st = db_cuda_st(c);
+    db_cuda_twin_drop(c);
     cudaStreamSynchronize(st->stream);
     release_cached(st);
     db_cuda_conv_plans_free(c);
@@ -382,6 +385,7 @@ static int api_copy(db_ctx *c, void *dst, const void *src, size_t bytes, db_copy
     cudaMemcpyKind k = kind == DB_COPY_H2D   ? cudaMemcpyHostToDevice
                        : kind == DB_COPY_D2H ? cudaMemcpyDeviceToHost
                                              : cudaMemcpyDeviceToDevice;
+    db_cuda_twin_drop(c); // (a write the twin would not see)
     if (st->capturing && kind != DB_COPY_D2D) // a graph replays device work only
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "%s copy of %zu bytes during a graph capture",
                             kind == DB_COPY_H2D ? "host-to-device" : "device-to-host", bytes);
@@ -396,6 +400,7 @@ static int api_copy(db_ctx *c, void *dst, const void *src, size_t bytes, db_copy
 static int api_zero(db_ctx *c, void *p, size_t bytes)
 {
     DB_ENTER(c);
+    db_cuda_twin_drop(c); // (a write the twin would not see)
     if (bytes == 0)
         return 0;
     db_cuda_shadow_touch(c, p, bytes);
@@ -464,6 +469,8 @@ static void api_mem_stats(db_ctx *c, db_mem_stats *s)
     s->peak = st->peak_bytes;
     s->reserved = st->live_bytes + st->cached_bytes + st->cap_bytes + st->graph_bytes;
     s->copies_built = st->shadow_builds;
+    s->twins_made = st->twins_made;
+    s->twins_used = st->twins_used;
     size_t f = 0, t = 0;
     if (cudaMemGetInfo(&f, &t) == cudaSuccess)
         s->device_free = f, s->device_total = t;
@@ -473,7 +480,17 @@ static void api_mem_stats(db_ctx *c, db_mem_stats *s)
 
 static void api_mem_reset_peak(db_ctx *c) { db_cuda_st(c)->peak_bytes = db_cuda_st(c)->live_bytes; }
 
-static void *api_stream(db_ctx *c) { return (void *)db_cuda_st(c)->stream; }
+static void *api_stream(db_ctx *c)
+{
+    db_cuda_twin_drop(c); // the caller may queue writes of its own on it
+    return (void *)db_cuda_st(c)->stream;
+}
+
+static void api_free(db_ctx *c, void *p)
+{
+    db_cuda_twin_drop(c);
+    db_cuda_free(c, p);
+}
 
 // Pinned host memory (ops.h db_ctx_host_alloc), from any thread: the
 // current device is per thread, so a thread of the caller's own (a
@@ -504,6 +521,7 @@ static void api_host_free(db_ctx *c, void *p)
 static void *api_side_begin(db_ctx *c)
 {
     db_cuda_state *st = db_cuda_st(c);
+    db_cuda_twin_drop(c);
     if (!st->side) {
         cudaError_t e = cudaStreamCreateWithFlags(&st->side, cudaStreamNonBlocking);
         if (e == cudaSuccess)
@@ -584,6 +602,7 @@ static int api_graph_begin(db_ctx *c)
     // recorded in it would run at every replay (graph_launch refreshes them)
     if (db_cuda_shadows_refresh(c))
         return -1;
+    db_cuda_twin_drop(c); // (made outside the graph: a replay would not remake it)
     DB_CU(c, cudaStreamBeginCapture(st->stream, cudaStreamCaptureModeRelaxed));
     st->capturing = 1;
     st->cap_live = 0;
@@ -598,6 +617,7 @@ static void *api_graph_end(db_ctx *c)
         db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "graph capture: not capturing");
         return NULL;
     }
+    db_cuda_twin_drop(c); // a twin no op took: back to the capture's pool first
     st->capturing = 0;
     // blocks of this capture still live (refused below) become plain live
     // blocks: a later capture must not count their frees as its own
@@ -638,6 +658,7 @@ static void *api_graph_end(db_ctx *c)
 static int api_graph_launch(db_ctx *c, void *graph)
 {
     DB_ENTER(c);
+    db_cuda_twin_drop(c);
     // a filter registered since the capture moved its place in a working
     // copy (channels-last) and grew the table the fused AdamW read then: a
     // replay would write that filter's copy at its old places
@@ -673,7 +694,7 @@ static db_cuda_api make_api(void)
     a.ctx_destroy = api_ctx_destroy;
     a.ctx_trim = api_ctx_trim;
     a.alloc = db_cuda_alloc;
-    a.free = db_cuda_free;
+    a.free = api_free;
     a.copy = api_copy;
     a.zero = api_zero;
     a.sync = api_sync;

@@ -139,6 +139,18 @@ struct db_cuda_state {
     // below) instead of a launch of its own; made at the first use outside
     // a capture (plain cudaMalloc, freed with the state)
     unsigned *tickets;
+    // An activation's 16-bit twin (db_cuda_twin_* below): a producer's
+    // output p (n floats) rounded to the compute type, s, made in the
+    // producer's own pass; the next op's db_cuda_to16 of exactly [p, p + n)
+    // takes s instead of converting p again.  twin_seq: c->op_seq of the
+    // producing op (the twin serves op twin_seq + 1 only); NULL s: none.
+    const float *twin_p;
+    size_t twin_n;
+    void *twin_s;
+    int twin_prec;
+    unsigned long twin_seq;
+    int twins_off;                 // DB_CUDA_TWINS=0 at ctx init: producers make none (a test's A/B)
+    size_t twins_made, twins_used; // db_mem_stats
 };
 
 static inline db_cuda_state *db_cuda_st(db_ctx *c) { return (db_cuda_state *)c->cuda; }
@@ -306,6 +318,15 @@ __device__ __forceinline__ float db_cuda_round16(float x, int f16)
 {
     return f16 ? __half2float(__float2half_rn(x)) : __bfloat162float(__float2bfloat16_rn(x));
 }
+// p[i] = v rounded to nearest even in fp16 (f16 != 0) or bf16, p an array
+// of that type (an activation twin's store: the bits db_cuda_to16 makes)
+__device__ __forceinline__ void db_cuda_store16(void *p, size_t i, float v, int f16)
+{
+    if (f16)
+        ((__half *)p)[i] = __float2half_rn(v);
+    else
+        ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v);
+}
 // an operand element as float (the 16-bit kernels' loads; float itself for the fp32 ones)
 __device__ __forceinline__ float db_cuda_f32(float x) { return x; }
 __device__ __forceinline__ float db_cuda_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -456,6 +477,22 @@ int db_cuda_round(db_ctx *c, float *dst, const float *src, size_t n, int put);
 int db_cuda_round_as(db_ctx *c, float *dst, const float *src, size_t n, int f16, int put);
 // fresh float scratch holding src rounded (free with db_cuda_free); NULL with c->err set
 float *db_cuda_rounded_copy(db_ctx *c, const float *src, size_t n);
+// Activation twins (db_cuda_state.twin_*).  A producer (layer norm, the
+// token transpose, the GEGLU epilogue: outputs that only a linear reads
+// next) asks db_cuda_twin_alloc for room for n values of the compute type
+// (NULL: no twin wanted -- fp32, twins off -- or c->err set), writes
+// round(out) there in the pass that writes out, and hands it over with
+// db_cuda_twin_put after its launch.  db_cuda_to16 / db_cuda_to16_many of
+// exactly [p, p + n) in the next op (c->op_seq one past the producer's,
+// the dispatcher counting every op) in the same compute type take it, so
+// the consumer frees it as its own scratch.  Anything else between -- an
+// op, a copy, a zero, a free, a graph's begin, end or launch, the stream
+// lent out -- leaves it stale, and it is freed at the next twin_alloc,
+// twin_drop or lookup.  The bits equal the conversion's (round to nearest
+// even of the same float), so a consumer cannot tell the difference.
+void *db_cuda_twin_alloc(db_ctx *c, size_t n);
+void db_cuda_twin_put(db_ctx *c, const float *p, size_t n, void *s);
+void db_cuda_twin_drop(db_ctx *c);
 // Weight shadows (db_cuda_shadow above).  db_cuda_to16 of a range inside a
 // declared buffer returns (a pointer into) its working copy instead of
 // scratch, and db_cuda_free of such a pointer does nothing, so the ops need

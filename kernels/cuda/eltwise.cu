@@ -335,9 +335,11 @@ extern "C" int db_cuda_concat_channels_backward(db_ctx *c, float *da, float *db,
 }
 
 // grid (ceil(N/32), ceil(M/32), B), block (32, 8).  out (B, N, M); inp (B, M, N);
-// res (B, N, M) added as each element is written, or NULL.
+// res (B, N, M) added as each element is written, or NULL; out16 (B, N,
+// M) of the compute type (f16: fp16, else bf16), out rounded, or NULL.
 // A 32x33 shared tile: reads and writes both coalesced, no bank conflicts.
-__global__ static void transpose_kernel(float *out, const float *inp, const float *res, int M, int N)
+__global__ static void transpose_kernel(float *out, void *out16, int f16, const float *inp, const float *res, int M,
+                                        int N)
 {
     __shared__ float tile[32][33];
     const size_t base = (size_t)blockIdx.z * M * N;
@@ -353,7 +355,10 @@ __global__ static void transpose_kernel(float *out, const float *inp, const floa
         const int jj = blockIdx.x * 32 + k; // row of out
         if (jj < N && i < M) {
             const size_t o = base + (size_t)jj * M + i;
-            out[o] = res ? tile[threadIdx.x][k] + res[o] : tile[threadIdx.x][k];
+            const float v = res ? tile[threadIdx.x][k] + res[o] : tile[threadIdx.x][k];
+            out[o] = v;
+            if (out16)
+                db_cuda_store16(out16, o, v, f16);
         }
     }
 }
@@ -371,9 +376,21 @@ extern "C" int db_cuda_transpose_add_forward(db_ctx *c, float *out, const float 
         return 0;
     if (B > 65535)
         return db_cuda_fail(c, DB_EUNSUPP, __FILE__, __LINE__, "transpose: batch %d over 65535", B);
+    // the plain transpose's output (the transformer's tokens) goes to a
+    // linear next: its 16-bit twin (cuda.h) in the same pass
+    const size_t n = (size_t)B * M * N;
+    void *o16 = res ? NULL : db_cuda_twin_alloc(c, n);
+    if (c->err.code)
+        return -1;
     dim3 grid((unsigned)((N + 31) / 32), (unsigned)((M + 31) / 32), (unsigned)B), block(32, 8);
-    transpose_kernel<<<grid, block, 0, db_cuda_st(c)->stream>>>(out, inp, res, M, N);
-    DB_LAUNCHED(c);
+    transpose_kernel<<<grid, block, 0, db_cuda_st(c)->stream>>>(out, o16, c->precision == DB_PREC_F16, inp, res, M,
+                                                                  N);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) {
+        db_cuda_free(c, o16);
+        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "transpose kernel: %s", cudaGetErrorString(e));
+    }
+    db_cuda_twin_put(c, out, n, o16);
     return 0;
 }
 

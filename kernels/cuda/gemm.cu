@@ -103,9 +103,10 @@ __global__ static void linear_epilogue_kernel(float *out, const X *src, const fl
 // finished row, one thread per (row, j): it reads and writes proj's two
 // halves at j and writes out, so proj is read once.
 // (src as linear_epilogue_kernel's: proj itself, or cublasLt's sums)
+// out16 (N, FF) of the compute type: out rounded (its twin, cuda.h), or NULL
 template <typename X>
-__global__ static void linear_geglu_epilogue_kernel(float *proj, const X *src, float *out, const float *bias,
-                                                    size_t N, int FF, int mode)
+__global__ static void linear_geglu_epilogue_kernel(float *proj, const X *src, float *out, void *out16,
+                                                    const float *bias, size_t N, int FF, int mode)
 {
     const size_t total = N * (size_t)FF;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
@@ -118,7 +119,10 @@ __global__ static void linear_geglu_epilogue_kernel(float *proj, const X *src, f
             p[j] = h;
             p[FF + j] = g;
         }
-        out[i] = h * db_cuda_gelu_erf1(g);
+        const float o = h * db_cuda_gelu_erf1(g);
+        out[i] = o;
+        if (out16)
+            db_cuda_store16(out16, i, o, mode == 2);
     }
 }
 
@@ -368,18 +372,23 @@ static int lt_linear(db_ctx *c, db_cuda_lt_plan *p, void *t16, const void *x16, 
 // -- rounded already (no bias), or the bare sums when bias_left (the
 // epilogue adds the bias and rounds) -- or, bias added and rounded by
 // cublasLt, in t16 (f32 NULL).  f32 is the caller's out, or where it gave
-// none, own: scratch of the product's size.  prod16_free frees t16 and own.
+// none, own: scratch of the product's size.  keep16: without a bias, the
+// compute-type product f32 was widened from (its exact 16-bit form, which
+// linear_epilogue hands on as out's twin).  prod16_free frees t16, own and
+// keep16.
 struct prod16 {
     void *t16;
     float *f32, *own;
     int bias_left;
+    void *keep16;
 };
 
 static void prod16_free(db_ctx *c, prod16 *pr)
 {
     db_cuda_free(c, pr->t16); // stream-ordered: reused only by work queued after
     db_cuda_free(c, pr->own);
-    pr->t16 = NULL, pr->own = NULL;
+    db_cuda_free(c, pr->keep16);
+    pr->t16 = NULL, pr->own = NULL, pr->keep16 = NULL;
 }
 
 // pr's float32 product's place: out, else scratch of n floats (pr->own)
@@ -417,9 +426,16 @@ static int linear_product16(db_ctx *c, prod16 *pr, float *out, const void *x16, 
         return -1;
     auto gemm = [&](void *Cv, int c16) { return product16(c, x16, w16, N, C, OC, Cv, c16); };
     int r = 1;
-    if (!bias)
-        r = prod16_room(c, pr, out, n) ? via16(c, pr->f32, n, 0, [&](void *t) { return gemm(t, 1); }) : -1;
-    else if (db_cuda_lt_plan *p = lt_plan(c, N, C, OC); p && p->ok) {
+    if (!bias) { // via16, its 16-bit product kept
+        void *t = prod16_room(c, pr, out, n) ? db_cuda_alloc(c, n * 2) : NULL;
+        r = t ? gemm(t, 1) : -1;
+        if (r == 0)
+            r = db_cuda_from16(c, pr->f32, t, n, 0);
+        if (r == 0)
+            pr->keep16 = t;
+        else
+            db_cuda_free(c, t);
+    } else if (db_cuda_lt_plan *p = lt_plan(c, N, C, OC); p && p->ok) {
         void *b16 = db_cuda_to16(c, bias, (size_t)OC);
         pr->t16 = b16 ? db_cuda_alloc(c, (size_t)N * OC * 2) : NULL;
         r = pr->t16 ? lt_linear(c, p, pr->t16, x16, w16, b16) : -1;
@@ -473,22 +489,37 @@ template <class F> static void with_src(const float *f32, const void *t16, int m
         f((const __nv_bfloat16 *)t16);
 }
 
-// out = bias, rounding and residual over the product pr left (prod16_free
-// after): nothing to do for a product in out with neither a bias left nor a
-// residual
+// out = bias, rounding and residual over the product pr left (pr freed):
+// nothing to do for a product in out with neither a bias left nor a
+// residual.  Without a residual in a 16-bit mode, the product's 16-bit
+// form where there is one -- cublasLt's rounded sums, or the bias-free
+// product out was widened from -- is out's exact rounding: out's twin
+// (cuda.h) for the op that reads out next (the cross-attention's q goes
+// to the attention so, without a conversion).
 static int linear_epilogue(db_ctx *c, prod16 *pr, float *out, const float *bias, const float *res, int N, int OC,
                            int mode)
 {
     const float *b = pr->bias_left ? bias : NULL;
-    if (!pr->t16 && pr->f32 == out && !b && !res)
-        return 0;
-    const unsigned grid = db_cuda_grid((size_t)N * OC, 256);
-    cudaStream_t s = db_cuda_st(c)->stream;
-    with_src(pr->f32, pr->t16, mode, [&](auto src) {
-        linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, src, b, res, (size_t)N, OC, mode);
-    });
+    if (pr->t16 || pr->f32 != out || b || res) {
+        const unsigned grid = db_cuda_grid((size_t)N * OC, 256);
+        cudaStream_t s = db_cuda_st(c)->stream;
+        with_src(pr->f32, pr->t16, mode, [&](auto src) {
+            linear_epilogue_kernel<<<grid, 256, 0, s>>>(out, src, b, res, (size_t)N, OC, mode);
+        });
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) {
+            prod16_free(c, pr);
+            return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "linear epilogue: %s", cudaGetErrorString(e));
+        }
+    }
+    void *twin = NULL;
+    if (!res && mode && (pr->keep16 || (pr->t16 && !b))) {
+        void **from = pr->keep16 ? &pr->keep16 : &pr->t16;
+        twin = *from;
+        *from = NULL;
+    }
     prod16_free(c, pr);
-    DB_LAUNCHED(c);
+    db_cuda_twin_put(c, out, (size_t)N * OC, twin);
     return 0;
 }
 
@@ -523,11 +554,23 @@ extern "C" int db_cuda_linear_geglu_forward(db_ctx *c, float *proj, float *out, 
     const float *b = pr.bias_left ? bias : NULL;
     const unsigned grid = db_cuda_grid((size_t)N * FF, 256);
     cudaStream_t s = db_cuda_st(c)->stream;
+    // out goes to the feed-forward's second linear next: its 16-bit twin
+    // (cuda.h) in the same pass (NULL in fp32)
+    void *o16 = db_cuda_twin_alloc(c, (size_t)N * FF);
+    if (c->err.code) {
+        prod16_free(c, &pr);
+        return -1;
+    }
     with_src(pr.f32, pr.t16, mode, [&](auto src) {
-        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, src, out, b, (size_t)N, FF, mode);
+        linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, src, out, o16, b, (size_t)N, FF, mode);
     });
     prod16_free(c, &pr);
-    DB_LAUNCHED(c);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) {
+        db_cuda_free(c, o16);
+        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "linear_geglu epilogue: %s", cudaGetErrorString(e));
+    }
+    db_cuda_twin_put(c, out, (size_t)N * FF, o16);
     return 0;
 }
 
@@ -625,11 +668,20 @@ extern "C" int db_cuda_attention_qkv_forward(db_ctx *c, float *q, float *k, floa
                                            {v, t + 2 * sy, ny, 1, 0, DB_PUT_SET}};
         r = db_cuda_widen(c, jobs, 3);
     }
+    // out and its 16 bits (out's twin for the output projection next: cuda.h)
+    void *o16 = r == 0 ? db_cuda_twin_alloc(c, ny) : NULL;
+    int wrote16 = 0;
+    if (r == 0 && c->err.code)
+        r = -1;
     if (r == 0)
-        r = db_cuda_attention_tc_forward(c, out, lse, t, t + sy, t + 2 * sy, (int)c->precision, B, T, T, NH, HS,
-                                         causal, 1);
+        r = db_cuda_attention_tc_forward16(c, out, o16, &wrote16, lse, t, t + sy, t + 2 * sy, (int)c->precision, B, T,
+                                           T, NH, HS, causal);
     db_cuda_free(c, t); // (stream order keeps them alive for the kernels)
     db_cuda_free(c, x16);
+    if (r == 0 && wrote16)
+        db_cuda_twin_put(c, out, ny, o16);
+    else
+        db_cuda_free(c, o16);
     return r ? -1 : 0;
 }
 

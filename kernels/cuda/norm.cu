@@ -597,8 +597,9 @@ template <int RW> __device__ __forceinline__ static double ln_row_sum(double v, 
 }
 
 template <int NPER, int RW>
-__global__ static void layernorm_forward_kernel(float *out, float *mean, float *rstd, const float *inp,
-                                                const float *weight, const float *bias, int N, int C, float eps)
+__global__ static void layernorm_forward_kernel(float *out, void *out16, int f16, float *mean, float *rstd,
+                                                const float *inp, const float *weight, const float *bias, int N, int C,
+                                                float eps)
 {
     static_assert(RW == 1 || (NPER > 0 && LN_ROWS % RW == 0), "RW warps a row need NPER > 0 and divide LN_ROWS");
     __shared__ double red[RW > 1 ? LN_ROWS : 1];
@@ -641,10 +642,14 @@ __global__ static void layernorm_forward_kernel(float *out, float *mean, float *
         if (rstd)
             rstd[r] = rs;
     }
+    const size_t y0 = (size_t)r * C + base; // (out16's index of y[0])
 #pragma unroll
     for (int q = 0; q < nq; q++) {
         const int i = lane + 32 * q;
-        y[i] = (at(q) - mu) * rs * weight[base + i] + bias[base + i];
+        const float o = (at(q) - mu) * rs * weight[base + i] + bias[base + i];
+        y[i] = o;
+        if (out16)
+            db_cuda_store16(out16, y0 + i, o, f16);
     }
 }
 
@@ -670,8 +675,18 @@ extern "C" int db_cuda_layernorm_forward(db_ctx *c, float *out, float *mean, flo
     if (N == 0)
         return 0;
     cudaStream_t st = db_cuda_st(c)->stream;
-    DB_LN_DISPATCH(layernorm_forward_kernel, C, N, out, mean, rstd, inp, weight, bias, N, C, eps);
-    DB_LAUNCHED(c);
+    // the output's 16-bit twin for the linear that reads it next (cuda.h)
+    void *o16 = db_cuda_twin_alloc(c, (size_t)N * C);
+    if (c->err.code)
+        return -1;
+    const int f16 = c->precision == DB_PREC_F16;
+    DB_LN_DISPATCH(layernorm_forward_kernel, C, N, out, o16, f16, mean, rstd, inp, weight, bias, N, C, eps);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) {
+        db_cuda_free(c, o16);
+        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "layernorm kernel: %s", cudaGetErrorString(e));
+    }
+    db_cuda_twin_put(c, out, (size_t)N * C, o16);
     return 0;
 }
 

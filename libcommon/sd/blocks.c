@@ -156,12 +156,17 @@ int db_tblock_forward(db_ctx *c, float *out, const db_tblock_acts *a, const floa
     /* x1 = x + attn1(norm1(x)) */
     db_layernorm_forward(c, a->a1, a->mean1, a->rstd1, x, w->norm1_w, w->norm1_b, N, C, w->eps);
     db_mha_forward(c, a->x1, &a->at1, a->a1, a->a1, x, &w->attn1, B, T, T, 0);
-    /* x2 = x1 + attn2(norm2(x1), ctx) */
+    /* x2 = x1 + attn2(norm2(x1), ctx): the context's k and v first (or the
+     * sampler's cached ones), so that the norm, q's projection, the
+     * attention and its output projection run back to back -- on CUDA each
+     * hands the next its output's 16-bit form (kernels/cuda/cuda.h twins) */
+    const float *k2 = a->k2c, *v2 = a->v2c;
+    if (!k2) {
+        db_mha_kv_forward(c, a->at2.k, a->at2.v, ctx, &w->attn2, B, Tc);
+        k2 = a->at2.k, v2 = a->at2.v;
+    }
     db_layernorm_forward(c, a->a2, a->mean2, a->rstd2, a->x1, w->norm2_w, w->norm2_b, N, C, w->eps);
-    if (a->k2c)
-        db_mha_forward_kv(c, a->x2, &a->at2, a->a2, a->k2c, a->v2c, a->x1, &w->attn2, B, T, Tc);
-    else
-        db_mha_forward(c, a->x2, &a->at2, a->a2, ctx, a->x1, &w->attn2, B, T, Tc, 0);
+    db_mha_forward_kv(c, a->x2, &a->at2, a->a2, k2, v2, a->x1, &w->attn2, B, T, Tc);
     /* out = x2 + ff2(geglu(ff1(norm3(x2)))) */
     db_layernorm_forward(c, a->a3, a->mean3, a->rstd3, a->x2, w->norm3_w, w->norm3_b, N, C, w->eps);
     db_linear_geglu_forward(c, a->f1, a->g, a->a3, w->ff1_w, w->ff1_b, N, C, w->FF); /* (N, 2FF), (N, FF) */

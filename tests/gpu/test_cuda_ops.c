@@ -1491,6 +1491,291 @@ static void t_attention_qkv(db_precision p, int B, int T, int C, int NH, int cau
     release_all();
 }
 
+/* ---- activation twins (kernels/cuda/cuda.h db_cuda_twin_*) ---------------------------
+ * A producer (layer norm, the plain transpose, linear_geglu's GEGLU) writes
+ * its output's 16-bit rounding as it writes the output, and the next op's
+ * conversion of exactly that output takes it.  The ops here go through the
+ * dispatcher (db_* on g, which counts each op in g.op_seq) and are checked
+ * against the same ops called straight through the table (op_seq not
+ * counted: every twin is stale at once, so each op converts its input
+ * itself): the same bits, with mem_stats' twins_used telling which path
+ * ran.  Then what must end a twin: an op writing the output, a copy or a
+ * zero into it, a different range, a change of compute type, a graph's
+ * capture (a replay remakes it inside, from the replay's input). */
+static size_t twins_used(void)
+{
+    db_mem_stats m;
+    memset(&m, 0, sizeof m);
+    api->mem_stats(&g, &m);
+    return m.twins_used;
+}
+
+/* d (n floats, device) and e the same bits; tap line with used (twins
+ * taken over the run) against want_used */
+static void twin_check(const char *what, const char *how, const float *d, const float *e, size_t n, size_t used,
+                       size_t want_used)
+{
+    const int same = !memcmp(dget(d, n), dget(e, n), n * sizeof(float));
+    tap_ok(same && used == want_used, "%s %s: the same bits as without twins, %zu twin(s) taken (want %zu)", what,
+           how, used, want_used);
+}
+
+static void t_twins(db_precision p, int N, int C, int OC)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s twins %dx%d->%d", prec_name(p), N, C, OC);
+    if (!api->layernorm_forward || !api->linear_forward || !api->mem_stats) {
+        printf("# %s: not implemented on CUDA\n", what);
+        return;
+    }
+    const size_t nx = (size_t)N * C, ny = (size_t)N * OC;
+    const float eps = 1e-5f;
+    float *x = dputf(hrand(nx, 1), nx), *x2 = dputf(hrand(nx, 1), nx), *lw = dputf(hrand(C, 1), C),
+          *lb = dputf(hrand(C, 1), C), *w = dputf(hrand((size_t)OC * C, 0.1f), (size_t)OC * C),
+          *b = dputf(hrand(OC, 1), OC);
+    float *a = dpoison(nx), *a2 = dpoison(nx), *y = dpoison(ny), *y2 = dpoison(ny);
+    db_ctx_clear_error(&g);
+    g.precision = p;
+    size_t u0 = twins_used();
+    /* layer norm, then a linear of its output */
+    db_layernorm_forward(&g, a, NULL, NULL, x, lw, lb, N, C, eps);
+    db_linear_forward(&g, y, a, w, b, N, C, OC);
+    const size_t u1 = twins_used();
+    api->layernorm_forward(&g, a2, NULL, NULL, x, lw, lb, N, C, eps);
+    api->linear_forward(&g, y2, a2, w, b, N, C, OC);
+    if (gpu_ran(api->sync(&g), what)) {
+        twin_check(what, "layernorm then linear", y, y2, ny, u1 - u0, 1);
+        twin_check(what, "layernorm's own output", a, a2, nx, twins_used() - u1, 0);
+    }
+    /* layer norm, then the three projections of one input */
+    if (api->linear_multi_forward) {
+        float *q[3] = {dpoison(ny), dpoison(ny), dpoison(ny)}, *q2[3] = {dpoison(ny), dpoison(ny), dpoison(ny)};
+        const float *const ws[3] = {w, w, w}, *const bs[3] = {b, NULL, b};
+        u0 = twins_used();
+        db_layernorm_forward(&g, a, NULL, NULL, x2, lw, lb, N, C, eps);
+        db_linear_multi_forward(&g, q, a, ws, bs, 3, N, C, OC);
+        const size_t used = twins_used() - u0;
+        api->layernorm_forward(&g, a2, NULL, NULL, x2, lw, lb, N, C, eps);
+        api->linear_multi_forward(&g, q2, a2, ws, bs, 3, N, C, OC);
+        if (gpu_ran(api->sync(&g), what))
+            for (int i = 0; i < 3; i++)
+                twin_check(what, i == 0 ? "layernorm then linear_multi (q)" : i == 1 ? "(k)" : "(v)", q[i], q2[i],
+                           ny, used, 1);
+    }
+    /* layer norm, then self-attention's projections and the attention */
+    if (api->attention_qkv_forward && C % 8 == 0) {
+        const int B = 1, NH = C / 40 ? C / 40 : 1;
+        float *wv[3] = {dputf(hrand((size_t)C * C, 0.2f), (size_t)C * C), dputf(hrand((size_t)C * C, 0.2f), (size_t)C * C),
+                        dputf(hrand((size_t)C * C, 0.2f), (size_t)C * C)};
+        float *o = dpoison(nx), *o2 = dpoison(nx);
+        u0 = twins_used();
+        db_layernorm_forward(&g, a, NULL, NULL, x, lw, lb, N, C, eps);
+        db_attention_qkv_forward(&g, NULL, NULL, NULL, o, NULL, a, wv[0], wv[1], wv[2], B, N, C, NH, 0);
+        const size_t used = twins_used() - u0;
+        api->layernorm_forward(&g, a2, NULL, NULL, x, lw, lb, N, C, eps);
+        api->attention_qkv_forward(&g, NULL, NULL, NULL, o2, NULL, a2, wv[0], wv[1], wv[2], B, N, C, NH, 0);
+        if (gpu_ran(api->sync(&g), what))
+            twin_check(what, "layernorm then attention_qkv", o, o2, nx, used, 1);
+    }
+    /* cross-attention: a bias-free linear's q (its 16-bit product is the
+     * twin), the attention (its output's 16 bits stored with it, by the
+     * mma.sync kernel only: DB_ATTN_MMA=0 makes none), the output projection */
+    if (api->attention_forward && api->linear_add_forward && C % 8 == 0 && C / (C / 40 ? C / 40 : 1) <= 160) {
+        const int NH = C / 40 ? C / 40 : 1, Tk = 7;
+        const size_t nk = (size_t)Tk * C;
+        float *wq = dputf(hrand((size_t)C * C, 0.1f), (size_t)C * C), *k = dputf(hrand(nk, 1), nk),
+              *v = dputf(hrand(nk, 1), nk), *bo = dputf(hrand(C, 1), C), *q = dpoison(nx), *q2 = dpoison(nx), *o = dpoison(nx), *o2 = dpoison(nx),
+              *z = dpoison(nx), *z2 = dpoison(nx);
+        const char *was = getenv("DB_ATTN_MMA");
+        char *saved = was ? strdup(was) : NULL; /* (t1700 runs this program with DB_ATTN_MMA=0 too) */
+        for (int mma = 1; mma >= 0; mma--) {
+            setenv("DB_ATTN_MMA", mma ? "1" : "0", 1);
+            u0 = twins_used();
+            db_linear_forward(&g, q, a2, wq, NULL, N, C, C);
+            db_attention_forward(&g, o, NULL, q, k, v, 1, N, Tk, NH, C / NH, 0);
+            db_linear_add_forward(&g, z, o, wq, bo, x, N, C, C);
+            const size_t used = twins_used() - u0;
+            api->linear_forward(&g, q2, a2, wq, NULL, N, C, C);
+            api->attention_forward(&g, o2, NULL, q2, k, v, 1, N, Tk, NH, C / NH, 0);
+            api->linear_add_forward(&g, z2, o2, wq, bo, x, N, C, C);
+            if (saved)
+                setenv("DB_ATTN_MMA", saved, 1);
+            else
+                unsetenv("DB_ATTN_MMA");
+            if (gpu_ran(api->sync(&g), what))
+                twin_check(what, mma ? "linear (q), attention, linear_add" : "the same with DB_ATTN_MMA=0", z, z2, nx,
+                           used, mma ? 2 : 1);
+        }
+        free(saved);
+    }
+    /* the plain transpose (the transformer's tokens), then a linear */
+    if (api->transpose_forward) {
+        u0 = twins_used();
+        db_transpose_forward(&g, a, x, 1, C, N); /* x read as (C, N): a (N, C) */
+        db_linear_forward(&g, y, a, w, b, N, C, OC);
+        const size_t used = twins_used() - u0;
+        api->transpose_forward(&g, a2, x, 1, C, N);
+        api->linear_forward(&g, y2, a2, w, b, N, C, OC);
+        if (gpu_ran(api->sync(&g), what))
+            twin_check(what, "transpose then linear", y, y2, ny, used, 1);
+    }
+    /* the GEGLU of linear_geglu (its input a layer norm's twin), then the second linear */
+    if (api->linear_geglu_forward && api->linear_add_forward) {
+        const int FF = OC;
+        float *wf = dputf(hrand((size_t)2 * FF * C, 0.1f), (size_t)2 * FF * C), *bf = dputf(hrand(2 * FF, 1), 2 * FF);
+        float *w2 = dputf(hrand((size_t)C * FF, 0.1f), (size_t)C * FF), *gg = dpoison(ny), *gg2 = dpoison(ny);
+        float *z = dpoison(nx), *z2 = dpoison(nx);
+        u0 = twins_used();
+        db_layernorm_forward(&g, a, NULL, NULL, x, lw, lb, N, C, eps);
+        db_linear_geglu_forward(&g, NULL, gg, a, wf, bf, N, C, FF);
+        db_linear_add_forward(&g, z, gg, w2, NULL, x, N, FF, C);
+        const size_t used = twins_used() - u0;
+        api->layernorm_forward(&g, a2, NULL, NULL, x, lw, lb, N, C, eps);
+        api->linear_geglu_forward(&g, NULL, gg2, a2, wf, bf, N, C, FF);
+        api->linear_add_forward(&g, z2, gg2, w2, NULL, x, N, FF, C);
+        if (gpu_ran(api->sync(&g), what))
+            twin_check(what, "layernorm, linear_geglu, linear_add", z, z2, nx, used, 2);
+    }
+    /* what ends a twin: each case against the table's calls, no twin taken */
+    for (int k = 0; k < 5; k++) {
+        static const char *const how[5] = {"an op writing the output between", "a copy into the output between",
+                                           "a zero of the output between", "a linear of the first rows only",
+                                           "the compute type changed between"};
+        const int rows = k == 3 ? N / 2 : N;
+        u0 = twins_used();
+        db_layernorm_forward(&g, a, NULL, NULL, x, lw, lb, N, C, eps);
+        if (k == 0)
+            db_add_forward(&g, a, a, x2, nx);
+        else if (k == 1)
+            api->copy(&g, a, x2, nx * sizeof(float), DB_COPY_D2D);
+        else if (k == 2)
+            api->zero(&g, a, nx * sizeof(float));
+        if (k == 4)
+            g.precision = p == DB_PREC_BF16 ? DB_PREC_F16 : DB_PREC_BF16;
+        db_linear_forward(&g, y, a, w, b, rows, C, OC);
+        const size_t used = twins_used() - u0;
+        api->layernorm_forward(&g, a2, NULL, NULL, x, lw, lb, N, C, eps);
+        if (k == 0)
+            api->add_forward(&g, a2, a2, x2, nx);
+        else if (k == 1)
+            api->copy(&g, a2, x2, nx * sizeof(float), DB_COPY_D2D);
+        else if (k == 2)
+            api->zero(&g, a2, nx * sizeof(float));
+        api->linear_forward(&g, y2, a2, w, b, rows, C, OC);
+        g.precision = p;
+        if (gpu_ran(api->sync(&g), what))
+            twin_check(what, how[k], y, y2, (size_t)rows * OC, used, 0);
+    }
+    g.precision = DB_PREC_F32;
+    db_ctx_clear_error(&g);
+    release_all();
+}
+
+/* the pair inside a graph: the twin made and taken in every replay (from
+ * that replay's input); one made before the capture is not taken inside */
+typedef struct {
+    float *a, *y;
+    const float *x, *lw, *lb, *w, *b;
+    int N, C, OC;
+} twinwork;
+static int twinwork_run(void *arg, db_err *err)
+{
+    const twinwork *t = arg;
+    (void)err;
+    db_layernorm_forward(&g, t->a, NULL, NULL, t->x, t->lw, t->lb, t->N, t->C, 1e-5f);
+    return db_linear_forward(&g, t->y, t->a, t->w, t->b, t->N, t->C, t->OC);
+}
+static int twinwork_tail(void *arg, db_err *err)
+{
+    const twinwork *t = arg;
+    (void)err;
+    return db_linear_forward(&g, t->y, t->a, t->w, t->b, t->N, t->C, t->OC);
+}
+
+static void t_twins_graph(db_precision p)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s twins in a graph", prec_name(p));
+    if (!api->graph_begin || !api->layernorm_forward || !api->linear_forward || !api->mem_stats) {
+        printf("# %s: not implemented on CUDA\n", what);
+        return;
+    }
+    enum { N = 37, C = 320, OC = 24 };
+    const size_t nx = (size_t)N * C, ny = (size_t)N * OC;
+    float *hx[2] = {hrand(nx, 1), hrand(nx, 1)};
+    twinwork t = {dpoison(nx), dpoison(ny), dputf(hx[0], nx), dputf(hrand(C, 1), C), dputf(hrand(C, 1), C),
+                  dputf(hrand((size_t)OC * C, 0.1f), (size_t)OC * C), dputf(hrand(OC, 1), OC), N, C, OC};
+    float *a2 = dpoison(nx), *y2 = dpoison(ny);
+    db_ctx_clear_error(&g);
+    g.precision = p;
+    db_err err = {0};
+    db_graph *gr = NULL;
+    const size_t u0 = twins_used();
+    const int cap = db_graph_capture(&g, &gr, twinwork_run, &t, sizeof t, &err);
+    const size_t used = twins_used() - u0;
+    if (tap_ok(cap == 0 && gr, "%s: captured%s%s", what, cap ? ": " : "", cap ? err.msg : "")) {
+        tap_ok(used == 1, "%s: the capture took the twin (%zu)", what, used);
+        for (int rep = 0; rep < 2; rep++) {
+            api->copy(&g, (void *)t.x, hx[rep], nx * sizeof(float), DB_COPY_H2D);
+            api->layernorm_forward(&g, a2, NULL, NULL, t.x, t.lw, t.lb, N, C, 1e-5f);
+            api->linear_forward(&g, y2, a2, t.w, t.b, N, C, OC);
+            db_err_clear(&err);
+            if (tap_ok(db_graph_launch(gr, &err) == 0 && api->sync(&g) == 0, "%s: launch %d%s%s", what, rep,
+                       err.code ? ": " : "", err.msg))
+                twin_check(what, rep ? "replay (x1)" : "replay (x0)", t.y, y2, ny, twins_used() - u0, 1);
+        }
+    }
+    db_graph_free(gr);
+    gr = NULL;
+    /* a layer norm before the capture, its linear inside: no twin crosses */
+    const size_t u1 = twins_used();
+    db_layernorm_forward(&g, t.a, NULL, NULL, t.x, t.lw, t.lb, N, C, 1e-5f);
+    const int cap2 = db_graph_capture(&g, &gr, twinwork_tail, &t, sizeof t, &err);
+    if (tap_ok(cap2 == 0 && gr, "%s: tail captured%s%s", what, cap2 ? ": " : "", cap2 ? err.msg : "")) {
+        api->copy(&g, (void *)t.x, hx[1], nx * sizeof(float), DB_COPY_H2D);
+        api->layernorm_forward(&g, t.a, NULL, NULL, t.x, t.lw, t.lb, N, C, 1e-5f);
+        api->layernorm_forward(&g, a2, NULL, NULL, t.x, t.lw, t.lb, N, C, 1e-5f);
+        api->linear_forward(&g, y2, a2, t.w, t.b, N, C, OC);
+        if (tap_ok(db_graph_launch(gr, &err) == 0 && api->sync(&g) == 0, "%s: tail launch", what))
+            twin_check(what, "a twin from before the capture", t.y, y2, ny, twins_used() - u1, 0);
+    }
+    db_graph_free(gr);
+    g.precision = DB_PREC_F32;
+    db_ctx_clear_error(&g);
+    release_all();
+}
+
+/* DB_CUDA_TWINS=0 when the ctx is made: no twin made */
+static void t_twins_off(void)
+{
+    const char *what = "DB_CUDA_TWINS=0";
+    enum { N = 9, C = 64, OC = 8 };
+    db_ctx h = {.device = DB_CUDA, .threads = 1, .cuda_api = api};
+    db_err err = {0, ""};
+    setenv("DB_CUDA_TWINS", "0", 1);
+    const int rc = api->ctx_init(&h, 0, &err);
+    unsetenv("DB_CUDA_TWINS");
+    if (!tap_ok(rc == 0, "%s: a second ctx%s%s", what, rc ? ": " : "", err.msg))
+        return;
+    float *hx = hrand((size_t)N * C, 1), *hv = hrand(C, 1), *hw = hrand((size_t)OC * C, 0.1f);
+    float *x = api->alloc(&h, sizeof(float) * N * C), *a = api->alloc(&h, sizeof(float) * N * C),
+          *v = api->alloc(&h, sizeof(float) * C), *w = api->alloc(&h, sizeof(float) * OC * C),
+          *y = api->alloc(&h, sizeof(float) * N * OC);
+    api->copy(&h, x, hx, sizeof(float) * N * C, DB_COPY_H2D);
+    api->copy(&h, v, hv, sizeof(float) * C, DB_COPY_H2D);
+    api->copy(&h, w, hw, sizeof(float) * OC * C, DB_COPY_H2D);
+    h.precision = DB_PREC_BF16;
+    db_layernorm_forward(&h, a, NULL, NULL, x, v, v, N, C, 1e-5f);
+    db_linear_forward(&h, y, a, w, NULL, N, C, OC);
+    db_mem_stats m;
+    memset(&m, 0, sizeof m);
+    api->mem_stats(&h, &m);
+    tap_ok(api->sync(&h) == 0 && m.twins_made == 0 && m.twins_used == 0, "%s: %zu made, %zu taken (want 0, 0)%s%s",
+           what, m.twins_made, m.twins_used, h.err.code ? ": " : "", h.err.msg);
+    api->ctx_destroy(&h);
+    release_all();
+}
+
 static void t_linear_multi(db_precision p, int n, int N, int C, int OC, int with_bias, int accumulate)
 {
     char what[160];
@@ -3154,6 +3439,8 @@ int main(void)
         t_conv_add(DB_PREC_F32, 2, 5, 9, 7, 6, 3, 1, 1);
         t_conv_add(DB_PREC_F32, 2, 6, 3, 4, 5, 1, 0, 0);
     }
+    if (prec_want("twins") && api->mem_stats)
+        t_twins_off();
     if (prec_want("assign"))
         for (int pi = 0; pi < 3; pi++)
             t_assign(pi == 0 ? DB_PREC_F32 : pi == 1 ? DB_PREC_BF16 : DB_PREC_F16);
@@ -3183,6 +3470,12 @@ int main(void)
             t_linear_geglu(p, 5, 8, 9, 0);
             if (!quick)
                 tp_linear(p, 8192, 320, 1280, 1);
+        }
+        if (prec_want("twins")) {
+            t_twins(p, 45, 320, 24);  /* 320 (a warp a row), more rows than a block's 8 */
+            t_twins(p, 21, 640, 40);  /* 640 (two warps a row) */
+            t_twins(p, 13, 36, 11);   /* any width: counts off 4 */
+            t_twins_graph(p);
         }
         if (prec_want("attention_qkv")) {
             t_attention_qkv(p, 2, 37, 80, 2, 0); /* HS 40 (SD's): the projections straight into the attention */
