@@ -94,6 +94,8 @@ static figure figs[MAXFIG];
 static int nfig, failures;
 static const char *devname_; /* "cpu" or "cuda" (without :N), for the BENCH lines */
 static size_t rebuilt_;      /* the last measure's whole 16-bit weight-copy rebuilds (db_mem_stats.copies_built) */
+static size_t twins_;        /* the last measure's activation twins taken a rep (db_mem_stats.twins_used; CUDA,
+                                eager: a graph's replays run no host code, so they count none) */
 
 static double now(void)
 {
@@ -305,6 +307,7 @@ static int measure(db_ctx *c, const char *name, work_fn fn, void *arg, int warmu
     db_mem_stats ms1;
     db_ctx_mem_stats(c, &ms1);
     rebuilt_ = ms1.copies_built - ms0.copies_built;
+    twins_ = (ms1.twins_used - ms0.twins_used) / (size_t)reps;
     qsort(t, (size_t)reps, sizeof t[0], cmp_double);
     *ms = 1e3 * (reps % 2 ? t[reps / 2] : 0.5 * (t[reps / 2 - 1] + t[reps / 2]));
     *n = reps;
@@ -328,8 +331,10 @@ static void report(const char *name, db_precision p, double ms, double gflop, do
     printf(" reps=%d", reps);
     if (rebuilt_) /* whole 16-bit weight copies rebuilt in the timed reps: 0 in a steady step */
         printf(" rebuilt=%zu", rebuilt_);
+    if (twins_) /* conversions a rep that the op before made in its own pass */
+        printf(" twins=%zu", twins_);
     printf("%s%s\n", extra && *extra ? " " : "", extra ? extra : "");
-    rebuilt_ = 0;
+    rebuilt_ = twins_ = 0;
     fflush(stdout);
 }
 
