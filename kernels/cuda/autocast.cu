@@ -712,17 +712,29 @@ static void *lend(db_ctx *c, db_cuda_shadow *w, const float *src)
 void db_cuda_twin_drop(db_ctx *c)
 {
     db_cuda_state *st = c->cuda ? db_cuda_st(c) : NULL;
-    if (!st || !st->twin_s)
+    if (!st)
         return;
-    void *s = st->twin_s;
-    st->twin_s = NULL;
-    st->twin_p = NULL;
-    db_cuda_free(c, s);
+    while (st->ntwin > 0) {
+        const int i = --st->ntwin;
+        void *s = st->twin_s[i];
+        st->twin_s[i] = NULL;
+        st->twin_p[i] = NULL;
+        db_cuda_free(c, s);
+    }
+}
+
+// twins an earlier op made (or of another type) freed: none can serve the
+// op after this one
+static void twin_drop_stale(db_ctx *c)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    if (st->ntwin && (st->twin_seq != c->op_seq || st->twin_prec != (int)c->precision))
+        db_cuda_twin_drop(c);
 }
 
 void *db_cuda_twin_alloc(db_ctx *c, size_t n)
 {
-    db_cuda_twin_drop(c);
+    twin_drop_stale(c);
     if (!db_cuda_prec16(c) || db_cuda_st(c)->twins_off || n == 0)
         return NULL;
     return db_cuda_alloc(c, n * 2);
@@ -730,17 +742,25 @@ void *db_cuda_twin_alloc(db_ctx *c, size_t n)
 
 void db_cuda_twin_put(db_ctx *c, const float *p, size_t n, void *s)
 {
-    db_cuda_twin_drop(c);
+    twin_drop_stale(c);
     db_cuda_state *st = db_cuda_st(c);
-    if (s && (st->twins_off || !db_cuda_prec16(c))) {
+    if (s && (st->twins_off || !db_cuda_prec16(c) || st->ntwin == DB_CUDA_NTWIN)) {
         db_cuda_free(c, s);
         return;
     }
     if (!s)
         return;
-    st->twin_p = p;
-    st->twin_n = n;
-    st->twin_s = s;
+    for (int i = 0; i < st->ntwin; i++)
+        if (st->twin_p[i] == p) { // (the op wrote p again: the newer form stands)
+            db_cuda_free(c, st->twin_s[i]);
+            st->twin_n[i] = n, st->twin_s[i] = s;
+            st->twins_made++;
+            return;
+        }
+    const int i = st->ntwin++;
+    st->twin_p[i] = p;
+    st->twin_n[i] = n;
+    st->twin_s[i] = s;
     st->twin_prec = c->precision;
     st->twin_seq = c->op_seq;
     st->twins_made++;
@@ -748,23 +768,26 @@ void db_cuda_twin_put(db_ctx *c, const float *p, size_t n, void *s)
 
 // The twin of exactly [src, src + n) made by the op before this one in the
 // ctx's compute type, handed over (the caller frees it as its scratch);
-// NULL: none (a stale one is freed)
+// NULL: none (stale ones are freed)
 static void *twin_take(db_ctx *c, const float *src, size_t n)
 {
     db_cuda_state *st = db_cuda_st(c);
-    if (!st->twin_s)
+    if (!st->ntwin)
         return NULL;
     if (st->twin_seq + 1 != c->op_seq || st->twin_prec != (int)c->precision) {
         db_cuda_twin_drop(c);
         return NULL;
     }
-    if (st->twin_p != src || st->twin_n != n)
-        return NULL;
-    void *s = st->twin_s;
-    st->twin_s = NULL;
-    st->twin_p = NULL;
-    st->twins_used++;
-    return s;
+    for (int i = 0; i < st->ntwin; i++)
+        if (st->twin_p[i] == src && st->twin_n[i] == n) {
+            void *s = st->twin_s[i];
+            const int last = --st->ntwin;
+            st->twin_p[i] = st->twin_p[last], st->twin_n[i] = st->twin_n[last], st->twin_s[i] = st->twin_s[last];
+            st->twin_s[last] = NULL, st->twin_p[last] = NULL;
+            st->twins_used++;
+            return s;
+        }
+    return NULL;
 }
 
 void *db_cuda_to16(db_ctx *c, const float *src, size_t n)

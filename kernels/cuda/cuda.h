@@ -64,6 +64,7 @@ struct db_cuda_shadow {
     int nfr_dev;                  // the nfr it was built for
 };
 enum { DB_CUDA_NSHADOW = 16 };
+enum { DB_CUDA_NTWIN = 4 };
 struct db_cuda_gn_plan {
     int key[6]; // kernel (0 forward, 1 backward), B, C, HW, G, and 1 once filled
     int cl, xcap;
@@ -139,15 +140,16 @@ struct db_cuda_state {
     // below) instead of a launch of its own; made at the first use outside
     // a capture (plain cudaMalloc, freed with the state)
     unsigned *tickets;
-    // An activation's 16-bit twin (db_cuda_twin_* below): a producer's
+    // Activations' 16-bit twins (db_cuda_twin_* below): a producer's
     // output p (n floats) rounded to the compute type, s, made in the
     // producer's own pass; the next op's db_cuda_to16 of exactly [p, p + n)
     // takes s instead of converting p again.  twin_seq: c->op_seq of the
-    // producing op (the twin serves op twin_seq + 1 only); NULL s: none.
-    const float *twin_p;
-    size_t twin_n;
-    void *twin_s;
-    int twin_prec;
+    // producing op (its twins serve op twin_seq + 1 only); ntwin of them
+    // (an attention backward's dq, dk, dv).
+    const float *twin_p[DB_CUDA_NTWIN];
+    size_t twin_n[DB_CUDA_NTWIN];
+    void *twin_s[DB_CUDA_NTWIN];
+    int ntwin, twin_prec; // (all of one op, so of one seq and type)
     unsigned long twin_seq;
     int twins_off;                 // DB_CUDA_TWINS=0 at ctx init: producers make none (a test's A/B)
     size_t twins_made, twins_used; // db_mem_stats
@@ -482,7 +484,9 @@ float *db_cuda_rounded_copy(db_ctx *c, const float *src, size_t n);
 // next) asks db_cuda_twin_alloc for room for n values of the compute type
 // (NULL: no twin wanted -- fp32, twins off -- or c->err set), writes
 // round(out) there in the pass that writes out, and hands it over with
-// db_cuda_twin_put after its launch.  db_cuda_to16 / db_cuda_to16_many of
+// db_cuda_twin_put after its launch (up to DB_CUDA_NTWIN an op: more are
+// freed).  A producer that has the 16-bit form already (a product stored
+// in the compute type and widened) hands that on.  db_cuda_to16 / db_cuda_to16_many of
 // exactly [p, p + n) in the next op (c->op_seq one past the producer's,
 // the dispatcher counting every op) in the same compute type take it, so
 // the consumer frees it as its own scratch.  Anything else between -- an

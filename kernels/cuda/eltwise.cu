@@ -139,15 +139,22 @@ __global__ static void geglu_kernel(float *out, const float *inp, int N, int C)
     }
 }
 
-// dinp (N, 2C); dout (N, C); inp (N, 2C)
-__global__ static void geglu_backward_kernel(float *dinp, const float *dout, const float *inp, int N, int C)
+// dinp (N, 2C); dout (N, C); inp (N, 2C); dinp16 (N, 2C) of the compute
+// type (f16: fp16, else bf16): dinp rounded (its twin, cuda.h), or NULL
+__global__ static void geglu_backward_kernel(float *dinp, void *dinp16, int f16, const float *dout, const float *inp,
+                                             int N, int C)
 {
     GRID_STRIDE(i, (size_t)N * C)
     {
         const size_t r = i / C, j = i % C;
         const float h = inp[r * 2 * C + j], g = inp[r * 2 * C + C + j], d = dout[i];
-        dinp[r * 2 * C + j] = d * 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
-        dinp[r * 2 * C + C + j] = d * h * gelu_erf_grad1(g);
+        const float dh = d * 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)), dg = d * h * gelu_erf_grad1(g);
+        dinp[r * 2 * C + j] = dh;
+        dinp[r * 2 * C + C + j] = dg;
+        if (dinp16) {
+            db_cuda_store16(dinp16, r * 2 * C + j, dh, f16);
+            db_cuda_store16(dinp16, r * 2 * C + C + j, dg, f16);
+        }
     }
 }
 
@@ -166,9 +173,20 @@ extern "C" int db_cuda_geglu_backward(db_ctx *c, float *dinp, const float *dout,
     DB_ENTER(c);
     if ((size_t)N * C == 0)
         return 0;
-    geglu_backward_kernel<<<db_cuda_grid((size_t)N * C, THREADS), THREADS, 0, db_cuda_st(c)->stream>>>(dinp, dout, inp,
-                                                                                                       N, C);
-    DB_LAUNCHED(c);
+    // dinp goes to the feed-forward's first linear's backward next: its
+    // 16-bit twin (cuda.h) in the same pass
+    const size_t n = (size_t)N * 2 * C;
+    void *d16 = db_cuda_twin_alloc(c, n);
+    if (c->err.code)
+        return -1;
+    geglu_backward_kernel<<<db_cuda_grid((size_t)N * C, THREADS), THREADS, 0, db_cuda_st(c)->stream>>>(
+        dinp, d16, c->precision == DB_PREC_F16, dout, inp, N, C);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) {
+        db_cuda_free(c, d16);
+        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "geglu_backward kernel: %s", cudaGetErrorString(e));
+    }
+    db_cuda_twin_put(c, dinp, n, d16);
     return 0;
 }
 

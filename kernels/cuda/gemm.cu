@@ -926,6 +926,13 @@ static int linear_backward16(db_ctx *c, float *dinp, int dinp_acc, float *const 
         r = c->precision == DB_PREC_F16 ? bias_grad(c, dbias[i], (const __half *)op[1 + i], N, OC, 2, put)
                                         : bias_grad(c, dbias[i], (const __nv_bfloat16 *)op[1 + i], N, OC, 1, put);
     }
+    // one product widened into dinp: its 16-bit form, at t's start, is
+    // dinp's exact rounding -- dinp's twin (cuda.h) for the op that reads
+    // it next (the output projection's into the attention backward)
+    if (r == 0 && n == 1 && dinp && nx && !dinp_acc) {
+        db_cuda_twin_put(c, dinp, nx, t);
+        t = NULL;
+    }
     db_cuda_free(c, t);
     for (int i = 0; i < 1 + 2 * n; i++)
         db_cuda_free(c, op[i]);

@@ -1003,9 +1003,9 @@ extern "C" int db_cuda_groupnorm_backward_add(db_ctx *c, float *dinp, float *dwe
 // add (NULL: none): dinp = add + the gradient, the float32 sum db_add_forward
 // makes (add may be dinp: each element read by the thread that writes it)
 template <int NPER, int RW>
-__global__ static void layernorm_backward_dinp_kernel(float *dinp, const float *dout, const float *mean,
-                                                      const float *rstd, const float *inp, const float *weight,
-                                                      const float *add, int N, int C)
+__global__ static void layernorm_backward_dinp_kernel(float *dinp, void *dinp16, int f16, const float *dout,
+                                                      const float *mean, const float *rstd, const float *inp,
+                                                      const float *weight, const float *add, int N, int C)
 {
     static_assert(RW == 1 || (NPER > 0 && LN_ROWS % RW == 0), "RW warps a row need NPER > 0 and divide LN_ROWS");
     __shared__ double red[RW > 1 ? LN_ROWS : 1];
@@ -1046,7 +1046,10 @@ __global__ static void layernorm_backward_dinp_kernel(float *dinp, const float *
     for (int q = 0; q < nq; q++) {
         const int i = lane + 32 * q;
         const float v = rs * (dy_at(q) * wt[i] - mg - (x_at(q) - mu) * rs * mgx);
-        dx[i] = add ? __fadd_rn(add[row + i], v) : v;
+        const float o = add ? __fadd_rn(add[row + i], v) : v;
+        dx[i] = o;
+        if (dinp16)
+            db_cuda_store16(dinp16, row + i, o, f16);
     }
 }
 
@@ -1122,10 +1125,20 @@ extern "C" int db_cuda_layernorm_backward_add(db_ctx *c, float *dinp, float *dwe
     if (N == 0)
         return 0;
     cudaStream_t s = db_cuda_st(c)->stream;
+    void *d16 = NULL; // dinp's 16-bit twin (cuda.h): a linear's backward reads it next
     if (dinp) {
         cudaStream_t st = s;
-        DB_LN_DISPATCH(layernorm_backward_dinp_kernel, C, N, dinp, dout, mean, rstd, inp, weight, add, N, C);
-        DB_LAUNCHED(c);
+        d16 = db_cuda_twin_alloc(c, (size_t)N * C);
+        if (c->err.code)
+            return -1;
+        const int f16 = c->precision == DB_PREC_F16;
+        DB_LN_DISPATCH(layernorm_backward_dinp_kernel, C, N, dinp, d16, f16, dout, mean, rstd, inp, weight, add, N, C);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) {
+            db_cuda_free(c, d16);
+            return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "layernorm backward kernel: %s",
+                                cudaGetErrorString(e));
+        }
     }
     if (dweight || dbias) {
         const int rows = db_cuda_part_rows(N), nchunk = (N + rows - 1) / rows;
@@ -1143,10 +1156,13 @@ extern "C" int db_cuda_layernorm_backward_add(db_ctx *c, float *dinp, float *dwe
         if (e == cudaSuccess)
             r = db_cuda_colsum_done(c, tk, jw) | db_cuda_colsum_done(c, tk, jb);
         db_cuda_free(c, part);
-        DB_CU(c, e);
-        if (r)
+        if (e != cudaSuccess || r) {
+            db_cuda_free(c, d16);
+            DB_CU(c, e);
             return -1;
+        }
     }
+    db_cuda_twin_put(c, dinp, (size_t)N * C, d16);
     return 0;
 }
 

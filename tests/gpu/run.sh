@@ -114,6 +114,23 @@ PY
     n=$(timeout 90 build/bin/db-train -v -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 6 \
         --lr 1e-4 --train-text-encoder --device cuda -o "$T/run-rec" 2>&1 | grep -c "recorded as a CUDA graph" || true)
     echo "db-train cuda, 6 steps: UNet graphs recorded $n time(s) (2 expected: forward, backward)"
+    # session 25's activation twins (kernels/cuda/cuda.h): the bf16 sampler
+    # and a bf16 training run (plain backward, the text encoder trained)
+    # with them (the default) and without (DB_CUDA_TWINS=0): the same bytes
+    for tw in 1 0; do
+        DB_CUDA_TWINS=$tw timeout 60 build/bin/db-sample -q -m "$T/tiny" -p "a photo of a dog" --steps 4 \
+            --guidance 7.5 --width 128 --height 128 --seed 1 --device cuda --precision bf16 \
+            --latents-out "$T/twins$tw.dbt" -o "$T/twins$tw.png"
+        DB_CUDA_TWINS=$tw timeout 90 build/bin/db-train -q -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 --lr 1e-4 \
+            --train-text-encoder --device cuda --precision bf16 -o "$T/run-twins$tw"
+    done
+    if cmp -s "$T/twins1.dbt" "$T/twins0.dbt" &&
+        cmp -s "$T/run-twins1/ckpt-000003/model.safetensors" "$T/run-twins0/ckpt-000003/model.safetensors"; then
+        echo "db-sample and db-train cuda bf16, activation twins on vs DB_CUDA_TWINS=0: byte-identical latents and weights"
+    else
+        echo "db-sample / db-train cuda bf16, activation twins on vs DB_CUDA_TWINS=0: DIFFER"
+        bad=1
+    fi
     # checkpoints through the pinned stage (--async-save, auto on a GPU) vs
     # written synchronously: the same bytes, and the log says pinned
     timeout 90 build/bin/db-train -v -m "$T/tiny" -i "$T/inst-cpu.dbt" --steps 3 --lr 1e-4 --train-text-encoder \

@@ -1671,6 +1671,93 @@ static void t_twins(db_precision p, int N, int C, int OC)
     release_all();
 }
 
+/* The backward's producers: geglu_backward's dinp into the first linear's
+ * backward, layernorm_backward_add's dinp into a linear's backward, a
+ * linear backward's dinp (one product, widened) into the attention
+ * backward; and a linear_multi backward (dinp the sum of n products) makes
+ * none.  Every output of the consumer the same bits as the table's calls. */
+static void t_twins_backward(db_precision p, int N, int C, int FF)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s twins backward %dx%d ff %d", prec_name(p), N, C, FF);
+    if (!api->geglu_backward || !api->linear_backward || !api->layernorm_backward_add || !api->mem_stats) {
+        printf("# %s: not implemented on CUDA\n", what);
+        return;
+    }
+    const size_t nx = (size_t)N * C, nf = (size_t)N * FF, n2 = 2 * nf;
+    float *proj = dputf(hrand(n2, 1), n2), *dg = dputf(hrand(nf, 1), nf), *a3 = dputf(hrand(nx, 1), nx),
+          *w1 = dputf(hrand((size_t)2 * FF * C, 0.1f), (size_t)2 * FF * C), *x = dputf(hrand(nx, 1), nx),
+          *dy = dputf(hrand(nx, 1), nx), *wc = dputf(hrand((size_t)C * C, 0.1f), (size_t)C * C),
+          *lw = dputf(hrand(C, 1), C), *mean = dpoison(N), *rstd = dpoison(N), *lnout = dpoison(nx);
+    float *df[2] = {dpoison(n2), dpoison(n2)}, *da[2] = {dpoison(nx), dpoison(nx)},
+          *dw[2] = {dpoison((size_t)2 * FF * C), dpoison((size_t)2 * FF * C)}, *db[2] = {dpoison(2 * FF), dpoison(2 * FF)};
+    db_ctx_clear_error(&g);
+    g.precision = p;
+    /* geglu_backward, then the first linear's backward (its dout) */
+    size_t u0 = twins_used();
+    db_geglu_backward(&g, df[0], dg, proj, N, FF);
+    db_linear_backward(&g, da[0], dw[0], db[0], df[0], a3, w1, N, C, 2 * FF, 1);
+    size_t used = twins_used() - u0;
+    api->geglu_backward(&g, df[1], dg, proj, N, FF);
+    api->linear_backward(&g, da[1], dw[1], db[1], df[1], a3, w1, N, C, 2 * FF, 1);
+    if (gpu_ran(api->sync(&g), what)) {
+        twin_check(what, "geglu_backward then linear_backward: dinp", da[0], da[1], nx, used, 1);
+        twin_check(what, "... dweight", dw[0], dw[1], (size_t)2 * FF * C, used, 1);
+        twin_check(what, "... dbias", db[0], db[1], (size_t)2 * FF, used, 1);
+    }
+    /* layernorm_backward_add, then a linear's backward of its dinp */
+    float *dx[2] = {dpoison(nx), dpoison(nx)}, *dl[2] = {dpoison(nx), dpoison(nx)},
+          *dwc[2] = {dpoison((size_t)C * C), dpoison((size_t)C * C)};
+    api->layernorm_forward(&g, lnout, mean, rstd, x, lw, lw, N, C, 1e-5f);
+    u0 = twins_used();
+    db_layernorm_backward_add(&g, dx[0], NULL, NULL, dy, mean, rstd, x, lw, a3, N, C, 1);
+    db_linear_backward(&g, dl[0], dwc[0], NULL, dx[0], x, wc, N, C, C, 1);
+    used = twins_used() - u0;
+    api->layernorm_backward_add(&g, dx[1], NULL, NULL, dy, mean, rstd, x, lw, a3, N, C, 1);
+    api->linear_backward(&g, dl[1], dwc[1], NULL, dx[1], x, wc, N, C, C, 1);
+    if (gpu_ran(api->sync(&g), what)) {
+        twin_check(what, "layernorm_backward_add then linear_backward: dinp", dl[0], dl[1], nx, used, 1);
+        twin_check(what, "... dweight", dwc[0], dwc[1], (size_t)C * C, used, 1);
+    }
+    /* a linear's backward (one product into dinp), then the attention's backward of it */
+    if (api->attention_backward && C % 8 == 0 && C / (C / 40 ? C / 40 : 1) <= 160) {
+        const int NH = C / 40 ? C / 40 : 1, HS = C / NH;
+        float *q = dputf(hrand(nx, 1), nx), *k = dputf(hrand(nx, 1), nx), *v = dputf(hrand(nx, 1), nx),
+              *o = dpoison(nx), *lse = dpoison((size_t)NH * N);
+        float *dq[2] = {dpoison(nx), dpoison(nx)}, *dk[2] = {dpoison(nx), dpoison(nx)},
+              *dv[2] = {dpoison(nx), dpoison(nx)};
+        api->attention_forward(&g, o, lse, q, k, v, 1, N, N, NH, HS, 0);
+        g.op_seq += 2; /* (the table's calls count no op: o's twin from this setup stale) */
+        u0 = twins_used();
+        db_linear_backward(&g, dl[0], dwc[0], NULL, dy, o, wc, N, C, C, 1);
+        db_attention_backward(&g, dq[0], dk[0], dv[0], dl[0], o, lse, q, k, v, 1, N, N, NH, HS, 0);
+        used = twins_used() - u0;
+        api->linear_backward(&g, dl[1], dwc[1], NULL, dy, o, wc, N, C, C, 1);
+        api->attention_backward(&g, dq[1], dk[1], dv[1], dl[1], o, lse, q, k, v, 1, N, N, NH, HS, 0);
+        if (gpu_ran(api->sync(&g), what)) {
+            twin_check(what, "linear_backward then attention_backward: dq", dq[0], dq[1], nx, used, 1);
+            twin_check(what, "... dk", dk[0], dk[1], nx, used, 1);
+            twin_check(what, "... dv", dv[0], dv[1], nx, used, 1);
+        }
+    }
+    /* linear_multi_backward: dinp a sum of products, no twin of it */
+    if (api->linear_multi_backward) {
+        float *const dws[2] = {dwc[0], NULL}, *const dbs[2] = {NULL, NULL};
+        const float *const dys[2] = {dy, dx[0]}, *const ws[2] = {wc, wc};
+        u0 = twins_used();
+        db_linear_multi_backward(&g, dl[0], dws, dbs, dys, x, ws, 2, N, C, C, 0, 1);
+        db_linear_backward(&g, dl[1], dwc[1], NULL, dl[0], x, wc, N, C, C, 1);
+        used = twins_used() - u0;
+        float *ref = dpoison(nx);
+        api->linear_backward(&g, ref, dwc[0], NULL, dl[0], x, wc, N, C, C, 1);
+        if (gpu_ran(api->sync(&g), what))
+            twin_check(what, "linear_multi_backward then linear_backward", dl[1], ref, nx, used, 0);
+    }
+    g.precision = DB_PREC_F32;
+    db_ctx_clear_error(&g);
+    release_all();
+}
+
 /* the pair inside a graph: the twin made and taken in every replay (from
  * that replay's input); one made before the capture is not taken inside */
 typedef struct {
@@ -3475,6 +3562,8 @@ int main(void)
             t_twins(p, 45, 320, 24);  /* 320 (a warp a row), more rows than a block's 8 */
             t_twins(p, 21, 640, 40);  /* 640 (two warps a row) */
             t_twins(p, 13, 36, 11);   /* any width: counts off 4 */
+            t_twins_backward(p, 45, 320, 24);
+            t_twins_backward(p, 13, 36, 11);
             t_twins_graph(p);
         }
         if (prec_want("attention_qkv")) {
