@@ -370,13 +370,13 @@ if [ -f "$KP" ] && [ $((DEADLINE - SECONDS)) -ge 60 ]; then
 else
     echo "== kprof skipped: $((DEADLINE - SECONDS)) s left$([ -f "$KP" ] || echo ", no $KP")"
 fi
-# session 25's activation twins (kernels/cuda/cuda.h): the bf16 forward with
-# them (the default) and without (DB_CUDA_TWINS=0, read at the ctx's
-# creation), one process after the other, under their own heading
+# session 25's activation twins (kernels/cuda/cuda.h): the bf16 forward and
+# training step with them (the default) and without (DB_CUDA_TWINS=0, read
+# at the ctx's creation), one process after the other, under their own heading
 if [ $((DEADLINE - SECONDS)) -ge 60 ]; then
-    printf '\n%s\n' "### bench_sd bf16 --only fwd: activation twins on, then off (DB_CUDA_TWINS=0)" >> "$OUT/bench_ops.md"
-    stage twins bench_ops.md 45 bash -c 'for t in 1 0; do echo "DB_CUDA_TWINS=$t"; DB_CUDA_TWINS=$t \
-        build/bench/bench_sd --device cuda --precision bf16 --only fwd --budget 1 || exit 1; done'
+    printf '\n%s\n' "### bench_sd bf16 --only fwd,train: activation twins on, then off (DB_CUDA_TWINS=0)" >> "$OUT/bench_ops.md"
+    stage twins bench_ops.md 60 bash -c 'for t in 1 0; do echo "DB_CUDA_TWINS=$t"; DB_CUDA_TWINS=$t \
+        build/bench/bench_sd --device cuda --precision bf16 --only fwd,train --budget 1 || exit 1; done'
 else
     echo "== twins skipped: $((DEADLINE - SECONDS)) s left"
 fi
