@@ -766,6 +766,17 @@ void db_cuda_twin_put(db_ctx *c, const float *p, size_t n, void *s)
     st->twins_made++;
 }
 
+int db_cuda_twin_launched(db_ctx *c, const float *p, size_t n, void *s, const char *what)
+{
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) {
+        db_cuda_free(c, s);
+        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "%s: %s", what, cudaGetErrorString(e));
+    }
+    db_cuda_twin_put(c, p, n, s);
+    return 0;
+}
+
 // The twin of exactly [src, src + n) made by the op before this one in the
 // ctx's compute type, handed over (the caller frees it as its scratch);
 // NULL: none (stale ones are freed)

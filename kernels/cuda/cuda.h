@@ -496,6 +496,9 @@ float *db_cuda_rounded_copy(db_ctx *c, const float *src, size_t n);
 // even of the same float), so a consumer cannot tell the difference.
 void *db_cuda_twin_alloc(db_ctx *c, size_t n);
 void db_cuda_twin_put(db_ctx *c, const float *p, size_t n, void *s);
+// after a producer's launch: its error (s freed; -1 with c->err naming
+// what), or s handed over as p's twin (db_cuda_twin_put) and 0
+int db_cuda_twin_launched(db_ctx *c, const float *p, size_t n, void *s, const char *what);
 void db_cuda_twin_drop(db_ctx *c);
 // Weight shadows (db_cuda_shadow above).  db_cuda_to16 of a range inside a
 // declared buffer returns (a pointer into) its working copy instead of

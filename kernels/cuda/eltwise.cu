@@ -181,13 +181,7 @@ extern "C" int db_cuda_geglu_backward(db_ctx *c, float *dinp, const float *dout,
         return -1;
     geglu_backward_kernel<<<db_cuda_grid((size_t)N * C, THREADS), THREADS, 0, db_cuda_st(c)->stream>>>(
         dinp, d16, c->precision == DB_PREC_F16, dout, inp, N, C);
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) {
-        db_cuda_free(c, d16);
-        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "geglu_backward kernel: %s", cudaGetErrorString(e));
-    }
-    db_cuda_twin_put(c, dinp, n, d16);
-    return 0;
+    return db_cuda_twin_launched(c, dinp, n, d16, "geglu_backward kernel");
 }
 
 // ---- arithmetic ---------------------------------------------------------------------
@@ -403,13 +397,7 @@ extern "C" int db_cuda_transpose_add_forward(db_ctx *c, float *out, const float 
     dim3 grid((unsigned)((N + 31) / 32), (unsigned)((M + 31) / 32), (unsigned)B), block(32, 8);
     transpose_kernel<<<grid, block, 0, db_cuda_st(c)->stream>>>(out, o16, c->precision == DB_PREC_F16, inp, res, M,
                                                                   N);
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) {
-        db_cuda_free(c, o16);
-        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "transpose kernel: %s", cudaGetErrorString(e));
-    }
-    db_cuda_twin_put(c, out, n, o16);
-    return 0;
+    return db_cuda_twin_launched(c, out, n, o16, "transpose kernel");
 }
 
 // out (B, C, 2H, 2W); inp (B, C, H, W): one thread per output element

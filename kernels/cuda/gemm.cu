@@ -565,13 +565,7 @@ extern "C" int db_cuda_linear_geglu_forward(db_ctx *c, float *proj, float *out, 
         linear_geglu_epilogue_kernel<<<grid, 256, 0, s>>>(proj, src, out, o16, b, (size_t)N, FF, mode);
     });
     prod16_free(c, &pr);
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) {
-        db_cuda_free(c, o16);
-        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "linear_geglu epilogue: %s", cudaGetErrorString(e));
-    }
-    db_cuda_twin_put(c, out, (size_t)N * FF, o16);
-    return 0;
+    return db_cuda_twin_launched(c, out, (size_t)N * FF, o16, "linear_geglu epilogue");
 }
 
 extern "C" int db_cuda_linear_forward(db_ctx *c, float *out, const float *inp, const float *weight, const float *bias,

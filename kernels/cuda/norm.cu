@@ -681,13 +681,7 @@ extern "C" int db_cuda_layernorm_forward(db_ctx *c, float *out, float *mean, flo
         return -1;
     const int f16 = c->precision == DB_PREC_F16;
     DB_LN_DISPATCH(layernorm_forward_kernel, C, N, out, o16, f16, mean, rstd, inp, weight, bias, N, C, eps);
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) {
-        db_cuda_free(c, o16);
-        return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "layernorm kernel: %s", cudaGetErrorString(e));
-    }
-    db_cuda_twin_put(c, out, (size_t)N * C, o16);
-    return 0;
+    return db_cuda_twin_launched(c, out, (size_t)N * C, o16, "layernorm kernel");
 }
 
 // grid N, block ROW_THREADS.  out, inp (N, C); out may equal inp.
@@ -1125,21 +1119,6 @@ extern "C" int db_cuda_layernorm_backward_add(db_ctx *c, float *dinp, float *dwe
     if (N == 0)
         return 0;
     cudaStream_t s = db_cuda_st(c)->stream;
-    void *d16 = NULL; // dinp's 16-bit twin (cuda.h): a linear's backward reads it next
-    if (dinp) {
-        cudaStream_t st = s;
-        d16 = db_cuda_twin_alloc(c, (size_t)N * C);
-        if (c->err.code)
-            return -1;
-        const int f16 = c->precision == DB_PREC_F16;
-        DB_LN_DISPATCH(layernorm_backward_dinp_kernel, C, N, dinp, d16, f16, dout, mean, rstd, inp, weight, add, N, C);
-        cudaError_t e = cudaGetLastError();
-        if (e != cudaSuccess) {
-            db_cuda_free(c, d16);
-            return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "layernorm backward kernel: %s",
-                                cudaGetErrorString(e));
-        }
-    }
     if (dweight || dbias) {
         const int rows = db_cuda_part_rows(N), nchunk = (N + rows - 1) / rows;
         double *part = (double *)db_cuda_alloc(c, sizeof(double) * 2 * (size_t)nchunk * C);
@@ -1156,14 +1135,21 @@ extern "C" int db_cuda_layernorm_backward_add(db_ctx *c, float *dinp, float *dwe
         if (e == cudaSuccess)
             r = db_cuda_colsum_done(c, tk, jw) | db_cuda_colsum_done(c, tk, jb);
         db_cuda_free(c, part);
-        if (e != cudaSuccess || r) {
-            db_cuda_free(c, d16);
-            DB_CU(c, e);
+        DB_CU(c, e);
+        if (r)
             return -1;
-        }
     }
-    db_cuda_twin_put(c, dinp, (size_t)N * C, d16);
-    return 0;
+    // dinp last (the parameters' sums above read none of it), with its
+    // 16-bit twin (cuda.h): a linear's backward reads it next
+    if (!dinp)
+        return 0;
+    void *d16 = db_cuda_twin_alloc(c, (size_t)N * C);
+    if (c->err.code)
+        return -1;
+    cudaStream_t st = s;
+    const int f16 = c->precision == DB_PREC_F16;
+    DB_LN_DISPATCH(layernorm_backward_dinp_kernel, C, N, dinp, d16, f16, dout, mean, rstd, inp, weight, add, N, C);
+    return db_cuda_twin_launched(c, dinp, (size_t)N * C, d16, "layernorm backward kernel");
 }
 
 // grid N, block ROW_THREADS.  dinp, dout, out (N, C): dx = y (dy - sum(dy y)).
