@@ -271,22 +271,14 @@ extern "C" int db_cuda_attention_forward(db_ctx *c, float *out, float *lse, cons
             r = -1;
     // out rounded: by the tensor-core kernel as it stores it (with its 16
     // bits, out's twin for the output projection next: cuda.h), else a pass
-    void *o16 = r == 0 && tc ? db_cuda_twin_alloc(c, nq) : NULL;
-    int wrote16 = 0;
-    if (r == 0 && c->err.code)
-        r = -1;
     if (r == 0)
-        r = tc ? db_cuda_attention_tc_forward16(c, out, o16, &wrote16, lse, op[0], op[1], op[2], (int)c->precision,
-                                                B, Tq, Tk, NH, HS, causal)
+        r = tc ? db_cuda_attention_tc_forward_twin(c, out, lse, op[0], op[1], op[2], (int)c->precision, B, Tq, Tk, NH,
+                                                   HS, causal)
                : attention_forward32(c, out, lse, (const float *)op[0], (const float *)op[1], (const float *)op[2],
                                      B, Tq, Tk, NH, HS, causal);
     if (r == 0 && !tc)
         r = db_cuda_round(c, out, out, nq, 0);
     for (int i = 0; i < 3; i++)
         db_cuda_free(c, op[i]); // stream order keeps them alive for the kernel
-    if (r == 0 && wrote16)
-        db_cuda_twin_put(c, out, nq, o16);
-    else
-        db_cuda_free(c, o16);
     return r ? -1 : 0;
 }

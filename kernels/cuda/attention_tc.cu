@@ -326,11 +326,21 @@ extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, c
     return attention_tc(c, out, NULL, NULL, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, RESCALE_LOG2, round_out);
 }
 
-int db_cuda_attention_tc_forward16(db_ctx *c, float *out, void *out16, int *wrote16, float *lse, const void *q,
-                                   const void *k, const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
-                                   int causal)
+int db_cuda_attention_tc_forward_twin(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v,
+                                      int dtype, int B, int Tq, int Tk, int NH, int HS, int causal)
 {
-    return attention_tc(c, out, out16, wrote16, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, RESCALE_LOG2, 1);
+    const size_t n = (size_t)B * Tq * NH * HS;
+    void *o16 = db_cuda_twin_alloc(c, n);
+    if (c->err.code)
+        return -1;
+    int wrote16 = 0;
+    const int r = attention_tc(c, out, o16, &wrote16, lse, q, k, v, dtype, B, Tq, Tk, NH, HS, causal, RESCALE_LOG2, 1);
+    if (r || !wrote16) {
+        db_cuda_free(c, o16);
+        return r;
+    }
+    db_cuda_twin_put(c, out, n, o16);
+    return 0;
 }
 
 extern "C" int db_cuda_time_ms(db_ctx *c, int (*fn)(db_ctx *, void *), void *arg, int warmup, int iters, float *ms);

@@ -25,13 +25,11 @@
 extern "C" int db_cuda_attention_tc_forward(db_ctx *c, float *out, float *lse, const void *q, const void *k,
                                             const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
                                             int causal, int round_out);
-// The same with round_out, and out16 (B, Tq, NH*HS) of the compute type
-// (NULL: none) given out's 16 bits as the mma.sync kernel stores out (the
-// output's activation twin, cuda.h): 0 with *wrote16 1; the WMMA kernel
-// (DB_ATTN_MMA=0) writes none (*wrote16 0).
-int db_cuda_attention_tc_forward16(db_ctx *c, float *out, void *out16, int *wrote16, float *lse, const void *q,
-                                   const void *k, const void *v, int dtype, int B, int Tq, int Tk, int NH, int HS,
-                                   int causal);
+// The same with round_out, and out's 16 bits stored as the mma.sync
+// kernel stores out, handed over as out's activation twin (cuda.h) for the
+// output projection next; the WMMA kernel (DB_ATTN_MMA=0) makes none.
+int db_cuda_attention_tc_forward_twin(db_ctx *c, float *out, float *lse, const void *q, const void *k, const void *v,
+                                      int dtype, int B, int Tq, int Tk, int NH, int HS, int causal);
 
 // Whether the mma.sync kernels run (attention_mma.cu, and up to
 // MMA_BWD_HS_MAX attention_mma_backward.cu): yes unless the environment has

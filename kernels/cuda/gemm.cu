@@ -512,8 +512,8 @@ static int linear_epilogue(db_ctx *c, prod16 *pr, float *out, const float *bias,
             return db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "linear epilogue: %s", cudaGetErrorString(e));
         }
     }
-    void *twin = NULL;
-    if (!res && mode && (pr->keep16 || (pr->t16 && !b))) {
+    void *twin = NULL; // (t16 holds the bias already: never with a bias left)
+    if (!res && mode) {
         void **from = pr->keep16 ? &pr->keep16 : &pr->t16;
         twin = *from;
         *from = NULL;
@@ -663,19 +663,11 @@ extern "C" int db_cuda_attention_qkv_forward(db_ctx *c, float *q, float *k, floa
         r = db_cuda_widen(c, jobs, 3);
     }
     // out and its 16 bits (out's twin for the output projection next: cuda.h)
-    void *o16 = r == 0 ? db_cuda_twin_alloc(c, ny) : NULL;
-    int wrote16 = 0;
-    if (r == 0 && c->err.code)
-        r = -1;
     if (r == 0)
-        r = db_cuda_attention_tc_forward16(c, out, o16, &wrote16, lse, t, t + sy, t + 2 * sy, (int)c->precision, B, T,
-                                           T, NH, HS, causal);
+        r = db_cuda_attention_tc_forward_twin(c, out, lse, t, t + sy, t + 2 * sy, (int)c->precision, B, T, T, NH, HS,
+                                              causal);
     db_cuda_free(c, t); // (stream order keeps them alive for the kernels)
     db_cuda_free(c, x16);
-    if (r == 0 && wrote16)
-        db_cuda_twin_put(c, out, ny, o16);
-    else
-        db_cuda_free(c, o16);
     return r ? -1 : 0;
 }
 
