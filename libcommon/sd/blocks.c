@@ -92,14 +92,13 @@ int db_mha_forward(db_ctx *c, float *out, const db_mha_acts *a, const float *x, 
         db_linear_add_forward(c, out, a->o, w->o_w, w->o_b, res, B * Tq, C, C); /* (B, Tq, C) */
         return c->err.code ? -1 : 0;
     }
-    if (kv == x) {
-        float *const qkv[3] = {a->q, a->k, a->v};
-        const float *const wt[3] = {w->q_w, w->k_w, w->v_w}, *const bs[3] = {w->q_b, w->k_b, w->v_b};
-        db_linear_multi_forward(c, qkv, x, wt, bs, 3, B * Tq, C, C); /* (B, T, C) each */
-    } else {
-        db_linear_forward(c, a->q, x, w->q_w, w->q_b, B * Tq, C, C); /* (B, Tq, C) */
+    if (kv != x) { /* cross-attention: k and v from kv, then the rest */
         db_mha_kv_forward(c, a->k, a->v, kv, w, B, Tk);
+        return db_mha_forward_kv(c, out, a, x, a->k, a->v, res, w, B, Tq, Tk, causal);
     }
+    float *const qkv[3] = {a->q, a->k, a->v};
+    const float *const wt[3] = {w->q_w, w->k_w, w->v_w}, *const bs[3] = {w->q_b, w->k_b, w->v_b};
+    db_linear_multi_forward(c, qkv, x, wt, bs, 3, B * Tq, C, C); /* (B, T, C) each */
     db_attention_forward(c, a->o, a->lse, a->q, a->k, a->v, B, Tq, Tk, w->NH, C / w->NH, causal);
     db_linear_add_forward(c, out, a->o, w->o_w, w->o_b, res, B * Tq, C, C); /* (B, Tq, C) */
     return c->err.code ? -1 : 0;
@@ -114,11 +113,11 @@ int db_mha_kv_forward(db_ctx *c, float *k, float *v, const float *kv, const db_m
 }
 
 int db_mha_forward_kv(db_ctx *c, float *out, const db_mha_acts *a, const float *x, const float *k, const float *v,
-                      const float *res, const db_mha *w, int B, int Tq, int Tk)
+                      const float *res, const db_mha *w, int B, int Tq, int Tk, int causal)
 {
     const int C = w->C;
     db_linear_forward(c, a->q, x, w->q_w, w->q_b, B * Tq, C, C); /* (B, Tq, C) */
-    db_attention_forward(c, a->o, a->lse, a->q, k, v, B, Tq, Tk, w->NH, C / w->NH, 0);
+    db_attention_forward(c, a->o, a->lse, a->q, k, v, B, Tq, Tk, w->NH, C / w->NH, causal);
     db_linear_add_forward(c, out, a->o, w->o_w, w->o_b, res, B * Tq, C, C); /* (B, Tq, C) */
     return c->err.code ? -1 : 0;
 }
@@ -166,7 +165,7 @@ int db_tblock_forward(db_ctx *c, float *out, const db_tblock_acts *a, const floa
         k2 = a->at2.k, v2 = a->at2.v;
     }
     db_layernorm_forward(c, a->a2, a->mean2, a->rstd2, a->x1, w->norm2_w, w->norm2_b, N, C, w->eps);
-    db_mha_forward_kv(c, a->x2, &a->at2, a->a2, k2, v2, a->x1, &w->attn2, B, T, Tc);
+    db_mha_forward_kv(c, a->x2, &a->at2, a->a2, k2, v2, a->x1, &w->attn2, B, T, Tc, 0);
     /* out = x2 + ff2(geglu(ff1(norm3(x2)))) */
     db_layernorm_forward(c, a->a3, a->mean3, a->rstd3, a->x2, w->norm3_w, w->norm3_b, N, C, w->eps);
     db_linear_geglu_forward(c, a->f1, a->g, a->a3, w->ff1_w, w->ff1_b, N, C, w->FF); /* (N, 2FF), (N, FF) */

@@ -120,9 +120,9 @@ int db_mha_forward(db_ctx *c, float *out, const db_mha_acts *a, const float *x, 
 int db_mha_kv_forward(db_ctx *c, float *k, float *v, const float *kv, const db_mha *w, int B, int Tk);
 /* db_mha_forward of a cross-attention whose k and v (B, Tk, C) are made
  * already (db_mha_kv_forward): the same output bits; a->k and a->v are not
- * written (inference: no backward reads them). */
+ * written (where k, v are not theirs, no backward may read them). */
 int db_mha_forward_kv(db_ctx *c, float *out, const db_mha_acts *a, const float *x, const float *k, const float *v,
-                      const float *res, const db_mha *w, int B, int Tq, int Tk);
+                      const float *res, const db_mha *w, int B, int Tq, int Tk, int causal);
 
 /* ---- BasicTransformerBlock ---------------------------------------------------- */
 
