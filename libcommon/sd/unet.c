@@ -604,8 +604,16 @@ int db_unet_cache_context(db_unet *u, const float *context, int B, int Tc, db_er
             return db_err_set(err, DB_ENOMEM, "unet: out of memory for a %zu KiB context cache", n * sizeof(float) >> 10);
         u->kvc_n = n;
         u->gen++; /* a graph that read the old cache must not replay */
+        /* read only as operands, like weights: in a 16-bit mode the CUDA
+         * backend then keeps its 16-bit copy, made once a cache, where each
+         * step's attentions would convert k and v again (ops.h) */
+        if (db_ctx_declare_weights(c, u->kvc, n))
+            return db_err_set(err, c->err.code, "unet: context cache: %s", c->err.msg);
     }
-    if (kvc_walk(u, u->kvc, B, Tc, 0, context, NULL))
+    /* the zero marks that copy stale (the projections' writes are not
+     * tracked); the next step's first use, or a graph's launch, makes it
+     * again from what the walk writes */
+    if (db_ctx_zero(c, u->kvc, n * sizeof(float)) || kvc_walk(u, u->kvc, B, Tc, 0, context, NULL))
         return db_err_set(err, c->err.code, "unet: context cache: %s", c->err.msg);
     if (!u->kvc_on)
         u->gen++; /* graphs recorded making k and v themselves are fine, but count it a change */

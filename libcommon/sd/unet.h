@@ -87,7 +87,10 @@ void db_unet_keep_activations(db_unet *u, int keep);
  * here, for every denoising step's inference forward with this context
  * pointer, B and Tc to read instead of making them again (~80 of a
  * forward's launches on a GPU; the same ops on the same inputs, so the
- * same bits).  The caller calls it again whenever the context's contents
+ * same bits).  The cache is declared to the ctx as weights
+ * (db_ctx_declare_weights), so that in bf16 / fp16 the CUDA backend
+ * converts its k and v to 16 bits once a call, not in every step's
+ * attentions.  The caller calls it again whenever the context's contents
  * or the weights change (txt2img.c: every batch); context NULL turns it
  * off.  Training forwards (keep_activations) never use it.  Turning it
  * on or off, or growing it, starts the UNet's graphs over

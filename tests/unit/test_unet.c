@@ -218,8 +218,13 @@ int main(void)
 
         /* the context cache (sampling): the same output bits with it; for
          * a context that is not the cached one, or after the cached one's
-         * contents changed and it was made again, still the plain output */
-        {
+         * contents changed and it was made again, still the plain output;
+         * in fp32, then in bf16, where the CUDA backend keeps the cache's
+         * 16-bit copy as it keeps the weights' (made again with the cache) */
+        for (int pi = 0; pi < 2; pi++) {
+            const db_precision prec = pi ? DB_PREC_BF16 : DB_PREC_F32;
+            const char *pn = db_precision_name(prec);
+            db_ctx_set_precision(ctx, prec);
             const size_t ncx = (size_t)B * Tc * D;
             float *cx2 = tap_dev_alloc(ctx, ncx * sizeof *cx2);
             int krc = db_unet_forward(u, o, lat, ts, cx, B, H, W, Tc, &err);
@@ -228,8 +233,8 @@ int main(void)
                   db_unet_cache_context(u, cx2, B, Tc, &err) || db_unet_forward(u, o, lat, ts, cx2, B, H, W, Tc, &err);
             cached = krc ? NULL : snap(ctx, o, nout);
             tap_ok(cached && !memcmp(cached, plain, nout * sizeof *o),
-                   "%s: the cross-attentions' k and v made ahead (context cache): the same output, bit for bit%s%s",
-                   tap_device(), err.code ? ": " : "", err.msg);
+                   "%s %s: the cross-attentions' k and v made ahead (context cache): the same output, bit for bit%s%s",
+                   tap_device(), pn, err.code ? ": " : "", err.msg);
             /* another context's contents in the cached buffer (the two rows
              * swapped), made again: that context's plain output */
             float *stale = NULL;
@@ -250,19 +255,20 @@ int main(void)
             }
             tap_ok(alt && want2 && !memcmp(alt, want2, nout * sizeof *o) && memcmp(want2, plain, nout * sizeof *o) &&
                        !memcmp(stale, cached, nout * sizeof *o),
-                   "%s: the context cache is what the forward reads (new contents unseen until it is made again), "
-                   "and made again it gives the new context's plain output%s%s", tap_device(), err.code ? ": " : "",
+                   "%s %s: the context cache is what the forward reads (new contents unseen until it is made again), "
+                   "and made again it gives the new context's plain output%s%s", tap_device(), pn, err.code ? ": " : "",
                    err.msg);
             /* the cache holds cx2; a forward on cx (another pointer) makes its own */
             krc = db_unet_forward(u, o, lat, ts, cx, B, H, W, Tc, &err);
             other = krc ? NULL : snap(ctx, o, nout);
             tap_ok(other && plain && !memcmp(other, plain, nout * sizeof *o),
-                   "%s: with the context cache on, a forward on another context pointer is the plain one",
-                   tap_device());
+                   "%s %s: with the context cache on, a forward on another context pointer is the plain one",
+                   tap_device(), pn);
             db_unet_cache_context(u, NULL, 0, 0, &err);
             free(plain), free(cached), free(alt), free(want2), free(other), free(stale);
             tap_dev_free(ctx, cx2);
         }
+        db_ctx_set_precision(ctx, DB_PREC_F32);
 
         /* in place: out == sample */
         float *io = tap_dev_alloc(ctx, nout * sizeof *io);
