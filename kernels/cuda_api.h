@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define DB_CUDA_ABI 22 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
+#define DB_CUDA_ABI 23 /* 2: opt_adamw, opt_sumsq, opt_scale; 3: db_ctx.precision, mem_stats, stream, declare_weights;
                           4: opt_sumsq_many; 5: side_begin, side_join; 6: linear_add_forward;
                           7: linear_geglu_forward; 8: transpose_add_forward; 9: graph_begin .. graph_free;
                           10: opt_adamw8bit_many; 11: host_alloc, host_free; 12: opt_clip_each;
@@ -38,7 +38,8 @@ extern "C" {
                           19: layernorm_backward_add, groupnorm_backward_add;
                           20: DB_ASSIGN_PACK16, opt_sumsq_many's prec16, db_adamw's g16 runs;
                           21: attention_qkv_forward;
-                          22: db_ctx.op_seq, db_mem_stats.twins_made / twins_used */
+                          22: db_ctx.op_seq, db_mem_stats.twins_made / twins_used;
+                          23: ddim_step_forward, fence, fence_wait */
 
 /* Copy directions of db_cuda_api.copy: db_copy_kind, from kernels/ops.h
  * (db_ctx_copy takes the same). */
@@ -65,6 +66,7 @@ extern "C" {
     X(add_forward, (db_ctx *c, float *out, const float *a, const float *b, size_t N)) \
     X(mul_forward, (db_ctx *c, float *out, const float *a, const float *b, size_t N)) \
     X(axpby_forward, (db_ctx *c, float *out, const float *x, const float *y, float alpha, float beta, size_t N)) \
+    X(ddim_step_forward, (db_ctx *c, float *x, float *pred_x0, const float *mo, const float *noise, size_t N, const db_ddim_coef *k)) \
     X(add_channel_forward, (db_ctx *c, float *out, const float *inp, const float *vec, int B, int C, int HW)) \
     X(concat_channels_forward, (db_ctx *c, float *out, const float *a, const float *b, int B, int C1, int C2, int HW)) \
     X(transpose_forward, (db_ctx *c, float *out, const float *inp, int B, int M, int N)) \
@@ -172,6 +174,10 @@ typedef struct db_cuda_api {
     /* db_opt_clip_each: norms a DEVICE array, the g / n arrays HOST memory
      * (the g[i] device pointers); queued, no wait */
     int (*opt_clip_each)(db_ctx *c, float *norms, float *const *g, const size_t *n, size_t k, float max_norm);
+    /* db_ctx_fence / db_ctx_fence_wait: an event recorded on the ctx's
+     * stream (0 with c->err set on failure), and a host wait for one */
+    uint64_t (*fence)(db_ctx *c);
+    int (*fence_wait)(db_ctx *c, uint64_t f);
 } db_cuda_api;
 
 /* Exported by libdb_cuda.so: the table, or NULL when the library was built

@@ -228,6 +228,18 @@ int db_ctx_copy(db_ctx *c, void *dst, const void *src, size_t bytes, db_copy_kin
 int db_ctx_zero(db_ctx *c, void *p, size_t bytes);
 /* Wait until every op queued on c has finished; reports asynchronous errors. */
 int db_ctx_sync(db_ctx *c);
+/* A mark in c's queue and a wait for it: db_ctx_fence_wait(c, f) returns
+ * once every op queued before the db_ctx_fence call that returned f has
+ * finished, so that a host loop can keep the device a step ahead of it
+ * (txt2img.c's sampler: it queues step i + 1, then waits for step i).
+ * CUDA: an event recorded on the ctx's stream, from a ring of
+ * DB_CTX_FENCES; waiting for a fence older than that many waits for a
+ * later one instead (so for at least as much).  The CPU: ops finish as
+ * they are called, so both do nothing (0).  db_ctx_fence returns 0 with
+ * c->err set on failure (during a graph capture too); 0 waits for nothing. */
+enum { DB_CTX_FENCES = 4 };
+uint64_t db_ctx_fence(db_ctx *c);
+int db_ctx_fence_wait(db_ctx *c, uint64_t f);
 /* Host memory that device-to-host copies of c fill fastest: on CUDA,
  * page-locked (pinned) memory, which the copy engine writes directly (a
  * copy into pageable memory goes through the driver's staging buffers and
@@ -434,6 +446,26 @@ int db_mul_forward(db_ctx *c, float *out, const float *a, const float *b, size_t
 /* out = alpha * x + beta * y; out, x, y (N).  y may be NULL when beta == 0
  * (a scale).  Classifier-free guidance, scheduler updates. */
 int db_axpby_forward(db_ctx *c, float *out, const float *x, const float *y, float alpha, float beta, size_t N);
+/* One DDIM step (diffusers' DDIMScheduler.step, libcommon/sd/sched.c, for
+ * one timestep whose scalars db_sched_ddim_coef makes): x (N) is replaced
+ * by the sample after the step, given the model output mo (N); noise (N)
+ * standard normals when k->noise_on, else ignored (may be NULL); pred_x0
+ * (N) the predicted clean sample, or NULL.  The float operations of
+ * sched.c's host loop in its order (kernels/ddim_step.h, shared with it),
+ * so the same bits on every device: the sampler keeps its latents on the
+ * device with it (txt2img.c).  mo, noise and pred_x0 must not overlap x;
+ * k is host memory on every device. */
+typedef struct db_ddim_coef {
+    float sa, sb;    /* sqrt(alpha_prod_t), sqrt(1 - alpha_prod_t) */
+    float sap, dirc; /* sqrt(alpha_prod_t_prev), sqrt(1 - alpha_prod_t_prev - std^2) */
+    float std;       /* eta sqrt(variance): the noise's factor */
+    float cr;        /* clip_sample_range (used when clip_on) */
+    int pred;        /* what mo predicts: 0 epsilon, 1 v, 2 the sample (sched.h db_pred) */
+    int clip_on;     /* clip the predicted x0 to [-cr, cr] */
+    int noise_on;    /* eta > 0: add std * noise */
+} db_ddim_coef;
+int db_ddim_step_forward(db_ctx *c, float *x, float *pred_x0, const float *mo, const float *noise, size_t N,
+                         const db_ddim_coef *k);
 /* out = inp + vec broadcast over HW: a ResBlock adding its time embedding.
  * out, inp (B, C, HW); vec (B, C). */
 int db_add_channel_forward(db_ctx *c, float *out, const float *inp, const float *vec, int B, int C, int HW);

@@ -100,6 +100,8 @@ int db_cpu_geglu_forward(db_ctx *c, float *out, const float *inp, int N, int C);
 int db_cpu_add_forward(db_ctx *c, float *out, const float *a, const float *b, size_t N);
 int db_cpu_mul_forward(db_ctx *c, float *out, const float *a, const float *b, size_t N);
 int db_cpu_axpby_forward(db_ctx *c, float *out, const float *x, const float *y, float alpha, float beta, size_t N);
+int db_cpu_ddim_step_forward(db_ctx *c, float *x, float *pred_x0, const float *mo, const float *noise, size_t N,
+                             const db_ddim_coef *k);
 int db_cpu_add_channel_forward(db_ctx *c, float *out, const float *inp, const float *vec, int B, int C, int HW);
 int db_cpu_concat_channels_forward(db_ctx *c, float *out, const float *a, const float *b, int B, int C1, int C2,
                                    int HW);

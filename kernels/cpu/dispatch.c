@@ -367,6 +367,20 @@ int db_ctx_sync(db_ctx *c)
     return c->device == DB_CUDA ? c->cuda_api->sync(c) : 0;
 }
 
+uint64_t db_ctx_fence(db_ctx *c)
+{
+    if (c->err.code)
+        return 0;
+    return c->device == DB_CUDA ? c->cuda_api->fence(c) : 0;
+}
+
+int db_ctx_fence_wait(db_ctx *c, uint64_t f)
+{
+    if (c->err.code)
+        return -1;
+    return c->device == DB_CUDA && f ? c->cuda_api->fence_wait(c, f) : 0;
+}
+
 void *db_ctx_host_alloc(db_ctx *c, size_t bytes)
 {
     return c && c->device == DB_CUDA ? c->cuda_api->host_alloc(c, bytes) : NULL;
@@ -912,6 +926,22 @@ int db_axpby_forward(db_ctx *c, float *out, const float *x, const float *y, floa
         return CUDA_OP(c, axpby_forward, "axpby", out, x, y, alpha, beta, N);
     default:
         return no_backend(c, "axpby");
+    }
+}
+
+int db_ddim_step_forward(db_ctx *c, float *x, float *pred_x0, const float *mo, const float *noise, size_t N,
+                         const db_ddim_coef *k)
+{
+    ENTER(c);
+    REQUIRE(c, "ddim_step", x && mo && k && (noise || !k->noise_on) && k->pred >= 0 && k->pred <= 2);
+    switch (c->device) {
+    case DB_CPU:
+    case DB_CPU_STRICT:
+        return db_cpu_ddim_step_forward(c, x, pred_x0, mo, noise, N, k);
+    case DB_CUDA:
+        return CUDA_OP(c, ddim_step_forward, "ddim_step", x, pred_x0, mo, noise, N, k);
+    default:
+        return no_backend(c, "ddim_step");
     }
 }
 

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "kernels/cpu/cpu.h"
+#include "kernels/ddim_step.h"
 
 enum { CHUNK = 16384 }; /* elements per task: 64 KiB, a few tasks per thread at small N */
 
@@ -131,6 +132,20 @@ int db_cpu_mul_forward(db_ctx *c, float *out, const float *a, const float *b, si
 int db_cpu_axpby_forward(db_ctx *c, float *out, const float *x, const float *y, float alpha, float beta, size_t N)
 {
     return binary(c, 0, out, x, y, alpha, beta, N);
+}
+
+int db_cpu_ddim_step_forward(db_ctx *c, float *x, float *pred_x0, const float *mo, const float *noise, size_t N,
+                             const db_ddim_coef *k)
+{
+    const db_ddim_coef kk = *k;
+#pragma omp parallel for num_threads(c->threads) schedule(static)
+    for (size_t e = 0; e < N; e++) {
+        float x0;
+        x[e] = db_ddim_elem(&kk, x[e], mo[e], kk.noise_on ? noise[e] : 0.0f, &x0);
+        if (pred_x0)
+            pred_x0[e] = x0;
+    }
+    return 0;
 }
 
 int db_cpu_add_channel_forward(db_ctx *c, float *out, const float *inp, const float *vec, int B, int C, int HW)

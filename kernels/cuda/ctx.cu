@@ -277,6 +277,9 @@ static void state_destroy(db_cuda_state *st)
         cudaEventDestroy(st->ev_main);
     if (st->ev_side)
         cudaEventDestroy(st->ev_side);
+    for (int i = 0; i < DB_CTX_FENCES; i++)
+        if (st->fence_ev[i])
+            cudaEventDestroy(st->fence_ev[i]);
     if (st->stream)
         cudaStreamSynchronize(st->stream);
     release_cached(st);
@@ -554,6 +557,38 @@ static int api_side_join(db_ctx *c)
     return 0;
 }
 
+// ops.h db_ctx_fence: the next slot of the ring recorded on the stream
+// (a slot reused holds a later point, which a wait for the older fence
+// then waits for: at least as much).  Not during a capture, where the
+// record would be a node of the graph.
+static uint64_t api_fence(db_ctx *c)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    if (st->capturing) {
+        db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "fence: during a graph capture");
+        return 0;
+    }
+    const int i = (int)(st->nfence % DB_CTX_FENCES);
+    cudaError_t e = st->fence_ev[i] ? cudaSuccess : cudaEventCreateWithFlags(&st->fence_ev[i], cudaEventDisableTiming);
+    if (e == cudaSuccess)
+        e = cudaEventRecord(st->fence_ev[i], st->stream);
+    if (e != cudaSuccess) {
+        db_cuda_fail(c, DB_EIO, __FILE__, __LINE__, "fence: %s", cudaGetErrorString(e));
+        return 0;
+    }
+    return ++st->nfence;
+}
+
+static int api_fence_wait(db_ctx *c, uint64_t f)
+{
+    db_cuda_state *st = db_cuda_st(c);
+    if (f == 0 || f > st->nfence)
+        return db_cuda_fail(c, DB_EUSAGE, __FILE__, __LINE__, "fence_wait: no fence %llu (%llu recorded)",
+                            (unsigned long long)f, (unsigned long long)st->nfence);
+    DB_CU(c, cudaEventSynchronize(st->fence_ev[(f - 1) % DB_CTX_FENCES]));
+    return 0;
+}
+
 // ---- CUDA graphs (kernels/ops.h db_graph_capture) --------------------------------
 
 // An instantiated graph and the pool of blocks its replays write into.
@@ -705,6 +740,8 @@ static db_cuda_api make_api(void)
     a.host_free = api_host_free;
     a.side_begin = api_side_begin;
     a.side_join = api_side_join;
+    a.fence = api_fence;
+    a.fence_wait = api_fence_wait;
     a.graph_begin = api_graph_begin;
     a.graph_end = api_graph_end;
     a.graph_launch = api_graph_launch;
@@ -731,6 +768,7 @@ static db_cuda_api make_api(void)
     SET(add_forward);
     SET(mul_forward);
     SET(axpby_forward);
+    SET(ddim_step_forward);
     SET(add_channel_forward);
     SET(concat_channels_forward);
     SET(transpose_forward);

@@ -99,6 +99,10 @@ struct db_cuda_state {
     // at the first side_begin
     cudaStream_t side;
     cudaEvent_t ev_main, ev_side;
+    // ops.h db_ctx_fence: a ring of events (made at the first fence) and
+    // how many fences were recorded (fence f is in slot (f - 1) % N)
+    cudaEvent_t fence_ev[DB_CTX_FENCES];
+    uint64_t nfence;
     // graph capture (ctx.cu graph_begin .. graph_end): while capturing, the
     // allocator serves and takes back blocks through cap_list, the pool the
     // graph will own (its replays write into those blocks, so no one else

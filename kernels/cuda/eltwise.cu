@@ -10,6 +10,7 @@
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/reduce.h"
+#include "kernels/ddim_step.h"
 
 enum { THREADS = 256 };
 
@@ -224,6 +225,31 @@ extern "C" int db_cuda_axpby_forward(db_ctx *c, float *out, const float *x, cons
                                      size_t N)
 {
     return binary(c, 0, out, x, y, alpha, beta, N);
+}
+
+// One DDIM step (ops.h db_ddim_step_forward): kernels/ddim_step.h's
+// element, the scheduler's host loop's operations, so the same bits
+__global__ static void ddim_step_kernel(float *x, float *px0, const float *mo, const float *noise, size_t N,
+                                        const db_ddim_coef k)
+{
+    GRID_STRIDE(i, N)
+    {
+        float x0;
+        x[i] = db_ddim_elem(&k, x[i], mo[i], k.noise_on ? noise[i] : 0.0f, &x0);
+        if (px0)
+            px0[i] = x0;
+    }
+}
+
+extern "C" int db_cuda_ddim_step_forward(db_ctx *c, float *x, float *pred_x0, const float *mo, const float *noise,
+                                         size_t N, const db_ddim_coef *k)
+{
+    DB_ENTER(c);
+    if (N == 0)
+        return 0;
+    ddim_step_kernel<<<db_cuda_grid(N, THREADS), THREADS, 0, db_cuda_st(c)->stream>>>(x, pred_x0, mo, noise, N, *k);
+    DB_LAUNCHED(c);
+    return 0;
 }
 
 // da = dout * b, db = dout * a (either NULL); all (N); outputs may alias inputs

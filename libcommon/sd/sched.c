@@ -18,6 +18,8 @@
 #pragma STDC FP_CONTRACT OFF
 #endif
 
+#include "kernels/ddim_step.h" /* (after the pragma: its loop is this file's) */
+
 #include <errno.h>
 #include <float.h>
 #include <math.h>
@@ -1150,54 +1152,45 @@ static float clampf(float v, float lo, float hi)
     return v < lo ? lo : v > hi ? hi : v; /* torch.clamp keeps NaN */
 }
 
-/* DDIMScheduler.step */
-static void step_ddim(db_sched *s, int i, const float *mo, float *x, size_t n, const float *noise, float *px0)
+/* DDIMScheduler.step's scalars for call i (sched.h) */
+int db_sched_ddim_coef(const db_sched *s, int i, db_ddim_coef *k)
 {
+    if (s->kind != K_DDIM || i < 0 || i >= s->nsteps)
+        return -1;
     const int64_t t = (int64_t)s->ts[i];
     const int64_t prev = t - s->ntrain / s->ninfer; /* diffusers' rule for every spacing */
     const float a = s->acp[t], ap = prev >= 0 ? s->acp[prev] : s->final_acp;
     const float b = 1.0f - a;
-    const float sa = sqrtf(a), sb = sqrtf(b);
-    const db_pred pt = s->c.prediction_type;
-    const int clip = s->c.clip_sample;
-    const float cr = (float)s->c.clip_sample_range;
     /* variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
      * std_dev_t = eta * variance ** 0.5 */
     const float bp = 1.0f - ap;
     const float var = (bp / b) * (1.0f - a / ap);
     const float std = (float)s->eta * sqrtf(var);
+    memset(k, 0, sizeof *k);
+    k->sa = sqrtf(a), k->sb = sqrtf(b);
+    k->std = std;
     /* (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 */
-    const float dirc = sqrtf((1.0f - ap) - std * std);
-    const float sap = sqrtf(ap);
-    const int add = s->eta > 0;
-    for (size_t k = 0; k < n; k++) {
-        float x0, pe;
-        if (pt == DB_PRED_EPSILON) {
-            float tmp = sb * mo[k];
-            x0 = (x[k] - tmp) / sa;
-            pe = mo[k];
-        } else if (pt == DB_PRED_SAMPLE) {
-            x0 = mo[k];
-            float tmp = sa * x0;
-            pe = (x[k] - tmp) / sb;
-        } else {
-            float p = sa * x[k], q = sb * mo[k];
-            x0 = p - q;
-            p = sa * mo[k];
-            q = sb * x[k];
-            pe = p + q;
-        }
-        if (clip)
-            x0 = clampf(x0, -cr, cr);
-        float p = sap * x0, q = dirc * pe;
-        float y = p + q;
-        if (add) {
-            float v = std * noise[k];
-            y = y + v;
-        }
+    k->dirc = sqrtf((1.0f - ap) - std * std);
+    k->sap = sqrtf(ap);
+    const db_pred pt = s->c.prediction_type;
+    k->pred = pt == DB_PRED_EPSILON ? 0 : pt == DB_PRED_V ? 1 : 2;
+    k->clip_on = s->c.clip_sample != 0;
+    k->cr = (float)s->c.clip_sample_range;
+    k->noise_on = s->eta > 0;
+    return 0;
+}
+
+/* DDIMScheduler.step: the elements by kernels/ddim_step.h, which the
+ * device's op (db_ddim_step_forward) shares */
+static void step_ddim(db_sched *s, int i, const float *mo, float *x, size_t n, const float *noise, float *px0)
+{
+    db_ddim_coef k;
+    db_sched_ddim_coef(s, i, &k);
+    for (size_t e = 0; e < n; e++) {
+        float x0;
+        x[e] = db_ddim_elem(&k, x[e], mo[e], k.noise_on ? noise[e] : 0.0f, &x0);
         if (px0)
-            px0[k] = x0;
-        x[k] = y;
+            px0[e] = x0;
     }
 }
 

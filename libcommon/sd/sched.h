@@ -95,6 +95,12 @@ void db_sched_scale_model_input(const db_sched *s, int i, float *out, const floa
 int db_sched_step(db_sched *s, int i, const float *model_out, float *x, size_t n, const float *noise, float *pred_x0,
                   db_err *err);
 
+/* DDIM (only): call i's scalars for the device's step (kernels/ops.h
+ * db_ddim_step_forward, which performs db_sched_step's float operations on
+ * them, so the same bits).  0; -1 for another scheduler or no such call. */
+struct db_ddim_coef;
+int db_sched_ddim_coef(const db_sched *s, int i, struct db_ddim_coef *k);
+
 /* Training (DDPMScheduler.add_noise / get_velocity, whatever the name), one
  * timestep t in [0, num_train_timesteps) for all n elements:
  *   noisy = sqrt(acp[t]) x0 + sqrt(1 - acp[t]) noise

@@ -2626,6 +2626,79 @@ static void t_clip_each(void)
 /* the side stream: begin orders it after the ctx's queued work, join the
  * ctx's stream after it; a sum queued between them (here a copy on the
  * ctx's stream after the join) sees its inputs and is seen */
+/* One DDIM step (ddim_step_forward): the CPU op's bits (kernels/ddim_step.h's
+ * element, explicit roundings on the device), for each prediction type,
+ * with clipping and with noise, x0 written or not */
+static void t_ddim_step(size_t n)
+{
+    static const db_ddim_coef ks[] = {
+        {0.5995f, 0.8004f, 0.6312f, 0.7756f, 0.0f, 1.0f, 0, 0, 0},      /* epsilon */
+        {0.0683f, 0.9977f, 0.2116f, 0.9774f, 0.0f, 1.0f, 1, 0, 0},      /* v */
+        {0.9137f, 0.4063f, 0.9512f, 0.2921f, 0.0f, 1.0f, 2, 0, 0},      /* the sample */
+        {0.0683f, 0.9977f, 0.2116f, 0.9631f, 0.0f, 1.0f, 0, 1, 0},      /* epsilon, clipped to [-1, 1] */
+        {0.5995f, 0.8004f, 0.6312f, 0.7191f, 0.2905f, 1.0f, 0, 0, 1}, /* eta's noise */
+    };
+    float *x = hrand(n, 2), *mo = hrand(n, 2), *nz = hrand(n, 1);
+    float *dm = dputf(mo, n), *dn = dputf(nz, n);
+    for (size_t i = 0; i < sizeof ks / sizeof ks[0]; i++) {
+        char what[160];
+        snprintf(what, sizeof what, "ddim_step_forward N%zu pred %d clip %d noise %d", n, ks[i].pred, ks[i].clip_on,
+                 ks[i].noise_on);
+        float *y = hcopy(x, n), *x0 = hzeros(n);
+        if (!have((const void *)api->ddim_step_forward, what) ||
+            !cpu_ran(db_ddim_step_forward(cpu, y, x0, mo, nz, n, &ks[i]), what))
+            continue;
+        float *dx = dputf(x, n), *dx0 = dpoison(n), *dx2 = dputf(x, n);
+        if (gpu_ran(api->ddim_step_forward(&g, dx, dx0, dm, ks[i].noise_on ? dn : NULL, n, &ks[i]), what)) {
+            cmp(what, "x", dx, y, n, 0);
+            cmp(what, "pred_x0", dx0, x0, n, 0);
+        }
+        if (gpu_ran(api->ddim_step_forward(&g, dx2, NULL, dm, ks[i].noise_on ? dn : NULL, n, &ks[i]), what))
+            cmp(what, "x (no pred_x0)", dx2, y, n, 0);
+    }
+    release_all();
+}
+
+/* Fences (fence / fence_wait): counted from 1, a wait for each (an old one
+ * past the ring too), a copy queued before one is done after the wait; a
+ * fence during a capture and a wait for one never made are refused */
+static void t_fence(void)
+{
+    const char *what = "fences (fence / fence_wait)";
+    if (!have((const void *)api->fence, what) || !have((const void *)api->fence_wait, what))
+        return;
+    db_ctx_clear_error(&g);
+    float h[4] = {1, 2, 3, 4}, back[4] = {0};
+    float *d = dalloc(sizeof h);
+    int ok = d && api->copy(&g, d, h, sizeof h, DB_COPY_H2D) == 0;
+    uint64_t f[DB_CTX_FENCES + 2];
+    for (int i = 0; ok && i < DB_CTX_FENCES + 2; i++)
+        ok = (f[i] = api->fence(&g)) == (i ? f[i - 1] + 1 : f[0]) && f[i] != 0;
+    for (int i = DB_CTX_FENCES + 1; ok && i >= 0; i--)
+        ok = api->fence_wait(&g, f[i]) == 0;
+    tap_ok(ok && g.err.code == 0, "%s: %d in a row, each waited for%s%s", what, DB_CTX_FENCES + 2,
+           g.err.code ? ": " : "", g.err.msg);
+    db_ctx_clear_error(&g);
+    const uint64_t last = api->fence(&g);
+    const int bad = api->fence_wait(&g, last + 1);
+    tap_ok(bad != 0 && g.err.code == DB_EUSAGE, "%s: a wait for a fence not made is refused: %s", what, g.err.msg);
+    db_ctx_clear_error(&g);
+    if (api->graph_begin(&g) == 0) {
+        const uint64_t in = api->fence(&g);
+        const int code = g.err.code;
+        db_ctx_clear_error(&g);
+        void *gr = api->graph_end(&g);
+        if (gr)
+            api->graph_free(&g, gr);
+        db_ctx_clear_error(&g);
+        tap_ok(in == 0 && code == DB_EUSAGE, "%s: none during a graph capture", what);
+    }
+    ok = api->copy(&g, back, d, sizeof back, DB_COPY_D2H) == 0 && !memcmp(back, h, sizeof h);
+    tap_ok(ok, "%s: the ctx works after", what);
+    db_ctx_clear_error(&g);
+    release_all();
+}
+
 static void t_side_stream(void)
 {
     const char *what = "side stream (side_begin / side_join)";
@@ -3648,6 +3721,7 @@ later:
     if (!quick)
         t_geglu(8192, 1280);
     t_binary(1001);
+    t_ddim_step(1001);
     if (!quick)
         t_binary((size_t)2 * 320 * 64 * 64);
     t_add_channel(2, 3, 5);
@@ -3698,6 +3772,7 @@ later:
         t_adamw_packed(DB_PREC_F16);
     }
     t_side_stream();
+    t_fence();
     t_host_alloc();
     t_graph(DB_PREC_F32);
     t_graph(DB_PREC_BF16);

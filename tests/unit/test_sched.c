@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "libcommon/io/safetensors.h"
+#include "kernels/ops.h"
 #include "libcommon/sd/sched.h"
 #include "tap.h"
 
@@ -572,6 +573,75 @@ static void tables(void)
     json_decref(j);
 }
 
+/* db_ddim_step_forward (kernels/ops.h) on the test's device against
+ * db_sched_step on the host: the same x and predicted x0, bit for bit, at
+ * every step of a schedule, for each prediction type, with clipping and
+ * with eta's noise; and db_sched_ddim_coef only for DDIM. */
+static void ddim_device(void)
+{
+    db_err e = {0};
+    db_ctx *c = NULL;
+    if (!tap_ok(!tap_ctx_create(&c, &e), "%s context: %s", tap_device(), e.msg))
+        return;
+    static const char base[] = "{\"beta_schedule\": \"scaled_linear\", \"beta_start\": 0.00085, \"beta_end\": 0.012,"
+                               " \"steps_offset\": 1, \"set_alpha_to_one\": false, \"prediction_type\": \"%s\","
+                               " \"clip_sample\": %s}";
+    static const struct {
+        const char *pred, *clip;
+        double eta;
+    } cases[] = {{"epsilon", "false", 0}, {"v_prediction", "false", 0}, {"sample", "false", 0},
+                 {"epsilon", "true", 0},  {"epsilon", "false", 0.7}};
+    enum { N = 1000, STEPS = 6 };
+    float *x = malloc(N * sizeof *x), *mo = malloc(N * sizeof *mo), *nz = malloc(N * sizeof *nz);
+    float *hx = malloc(N * sizeof *hx), *hp = malloc(N * sizeof *hp), *dx = malloc(N * sizeof *dx),
+          *dp = malloc(N * sizeof *dp);
+    float *gx = db_ctx_alloc(c, N * sizeof *gx), *gp = db_ctx_alloc(c, N * sizeof *gp),
+          *gm = db_ctx_alloc(c, N * sizeof *gm), *gn = db_ctx_alloc(c, N * sizeof *gn);
+    for (int i = 0; i < N; i++) { /* a spread of values, some past the clip range */
+        x[i] = 3.0f * sinf(0.37f * (float)i);
+        mo[i] = 2.5f * cosf(0.11f * (float)i + 0.5f);
+        nz[i] = sinf(1.3f * (float)i) - 0.25f;
+    }
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        char txt[512], what[128];
+        snprintf(txt, sizeof txt, base, cases[ci].pred, cases[ci].clip);
+        snprintf(what, sizeof what, "%s, clip %s, eta %g", cases[ci].pred, cases[ci].clip, cases[ci].eta);
+        json_t *cfg = NULL;
+        db_sched *s = NULL;
+        int ok = !db_sched_config_parse(txt, strlen(txt), &cfg, &e) && !db_sched_create(&s, "ddim", cfg, &e) &&
+                 !db_sched_set_eta(s, cases[ci].eta, &e) && !db_sched_set_timesteps(s, STEPS, &e);
+        memcpy(hx, x, N * sizeof *x);
+        ok = ok && gx && gp && gm && gn && !db_ctx_copy(c, gx, x, N * sizeof *x, DB_COPY_H2D) &&
+             !db_ctx_copy(c, gn, nz, N * sizeof *nz, DB_COPY_H2D);
+        int same = ok, noise = 0;
+        for (int i = 0; ok && i < db_sched_nsteps(s); i++) {
+            db_ddim_coef k;
+            ok = !db_sched_ddim_coef(s, i, &k) && !db_sched_step(s, i, mo, hx, N, nz, hp, &e) &&
+                 !db_ctx_copy(c, gm, mo, N * sizeof *mo, DB_COPY_H2D) &&
+                 !db_ddim_step_forward(c, gx, gp, gm, gn, N, &k) &&
+                 !db_ctx_copy(c, dx, gx, N * sizeof *dx, DB_COPY_D2H) &&
+                 !db_ctx_copy(c, dp, gp, N * sizeof *dp, DB_COPY_D2H);
+            same = same && ok && !memcmp(dx, hx, N * sizeof *dx) && !memcmp(dp, hp, N * sizeof *dp);
+            noise |= k.noise_on;
+        }
+        tap_ok(ok && same && noise == (cases[ci].eta > 0), "%s: ddim_step on %s == db_sched_step, x and x0 bit for "
+               "bit over %d steps (%s)%s%s", what, tap_device(), STEPS, noise ? "noise" : "no noise",
+               ok ? "" : ": ", ok ? "" : (c->err.code ? c->err.msg : e.msg));
+        db_sched_free(s);
+        json_decref(cfg);
+    }
+    /* only DDIM has them */
+    db_sched *s = NULL;
+    db_ddim_coef k;
+    tap_ok(!db_sched_create(&s, "euler", NULL, &e) && !db_sched_set_timesteps(s, 4, &e) &&
+               db_sched_ddim_coef(s, 0, &k) < 0,
+           "db_sched_ddim_coef refuses another scheduler");
+    db_sched_free(s);
+    db_ctx_free(c, gx), db_ctx_free(c, gp), db_ctx_free(c, gm), db_ctx_free(c, gn);
+    free(x), free(mo), free(nz), free(hx), free(hp), free(dx), free(dp);
+    db_ctx_destroy(c);
+}
+
 int main(void)
 {
     db_err e = {0};
@@ -598,6 +668,7 @@ int main(void)
     parameterisations();
     refusals();
     tables();
+    ddim_device();
 
     tap_diag("worst errors per scheduler over every reference tensor (relative L2 per step, max |err|):");
     for (int i = 0; i < 8 && summary[i].name; i++)

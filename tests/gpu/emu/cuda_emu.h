@@ -99,6 +99,7 @@ static inline void emu_warp_gather(const uint32_t *mine, int n, uint32_t (*all)[
 #define __shfl_sync(m, v, s) emu_shfl((v), (s))
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __fsqrt_rn(float a) { return sqrtf(a); }
 static inline double __dmul_rn(double a, double b) { return a * b; }
