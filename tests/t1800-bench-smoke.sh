@@ -34,6 +34,7 @@ rc=$?
 sed 's/^/# /' "$T/all.txt" "$T/all.err" | head -30
 check "bench_sd --tiny on the CPU exits 0" "[ $rc = 0 ]"
 for n in unet_fwd_b2 unet_fwd_b2_graph train_step train_step_nograph sample_ddim_cfg sample_ddim_cfg_nograph \
+    sample_ddim_cfg_hoststep \
     vae_decode; do
     check "$n: BENCH line with positive ms, tflops, peak_mib" valid "$T/all.txt" $n
 done

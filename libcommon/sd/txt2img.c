@@ -386,7 +386,7 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
      * latent-sized tensors; the UNet's side is the step's (db_sd_step) */
     db_ctx *c = sd->ctx;
     float *x = NULL, *xin = NULL, *eps = NULL, *noise = NULL, *ctxt = NULL, *ts = NULL;
-    float *xin_h = NULL, *eps_h = NULL, *ts_h = NULL;
+    float *xin_h = NULL, *eps_h = NULL, *ts_h = NULL, *tsd = NULL;
     struct db_sd_step *k = NULL;
     denoise dn = {0};
     int rc = -1;
@@ -435,6 +435,34 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
             db_ctx_copy(c, ctxt + (size_t)j * te, out->prompt_embeds, te * sizeof *ctxt, DB_COPY_H2D);
         }
     }
+    /* DDIM without noise (db-sample's and db-prior's default) steps on the
+     * device (db_ddim_step_forward, the host loop's float operations, so
+     * the same bits): the latents stay in xin between the UNet's calls, and
+     * the host queues step after step without waiting for one, so that a
+     * graph's launch (host time) overlaps the step before it on the GPU.
+     * Every call's timesteps go up once (tsd).  Other schedulers, eta > 0,
+     * a trace of every step or host_step: the scheduler on the host. */
+    db_ddim_coef kc;
+    const int rows = m * bmax;
+    const int on_dev = !trace && !o->host_step && db_sched_ddim_coef(s, 0, &kc) == 0 && !kc.noise_on;
+    if (on_dev) {
+        float *th = malloc((size_t)nsteps * (size_t)rows * sizeof *th);
+        tsd = db_ctx_alloc(c, (size_t)nsteps * (size_t)rows * sizeof *tsd);
+        if (!th || !tsd) {
+            free(th);
+            db_err_set(err, DB_ENOMEM, "out of memory for %d timesteps", nsteps);
+            goto out;
+        }
+        for (int i = 0; i < nsteps; i++)
+            for (int j = 0; j < rows; j++)
+                th[(size_t)i * rows + j] = (float)db_sched_timestep(s, i);
+        const int bad = db_ctx_copy(c, tsd, th, (size_t)nsteps * (size_t)rows * sizeof *th, DB_COPY_H2D);
+        free(th);
+        if (bad) {
+            db_err_set(err, c->err.code, "sample: %s", c->err.msg);
+            goto out;
+        }
+    }
     db_progress pr;
     db_progress_start(&pr, "sample", (int64_t)nsteps * n, o->progress);
     float g = (float)o->guidance;
@@ -464,14 +492,24 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
         memset(&dn, 0, sizeof dn); /* db_unet_graph_run compares it byte for byte */
         dn.u = u, dn.c = c, dn.xin = xin, dn.eps = eps, dn.ts = ts, dn.ctxt = ctxt;
         dn.B = m * b, dn.h = h, dn.w = w, dn.T = T, dn.cfg = cfg, dn.nb = nb, dn.g = g;
+        /* on the device: x in xin from here (DDIM's model input is x) */
+        if (on_dev && db_ctx_copy(c, xin, x, nb * sizeof *xin, DB_COPY_H2D)) {
+            db_err_set(err, c->err.code, "sample: %s", c->err.msg);
+            goto out;
+        }
+        uint64_t queued = 0; /* (on the device) the fence after the step before */
         for (int i = 0; i < nsteps; i++) {
             /* (the guidance half is copied from it inside the step: denoise_run) */
-            db_sched_scale_model_input(s, i, xin_h, x, nb);
-            db_ctx_copy(c, xin, xin_h, nb * sizeof *xin, DB_COPY_H2D);
-            float t = (float)db_sched_timestep(s, i);
-            for (int j = 0; j < m * b; j++)
-                ts_h[j] = t;
-            db_ctx_copy(c, ts, ts_h, (size_t)(m * b) * sizeof *ts, DB_COPY_H2D);
+            if (on_dev) {
+                db_ctx_copy(c, ts, tsd + (size_t)i * rows, (size_t)(m * b) * sizeof *ts, DB_COPY_D2D);
+            } else {
+                db_sched_scale_model_input(s, i, xin_h, x, nb);
+                db_ctx_copy(c, xin, xin_h, nb * sizeof *xin, DB_COPY_H2D);
+                float t = (float)db_sched_timestep(s, i);
+                for (int j = 0; j < m * b; j++)
+                    ts_h[j] = t;
+                db_ctx_copy(c, ts, ts_h, (size_t)(m * b) * sizeof *ts, DB_COPY_H2D);
+            }
             if (c->err.code) {
                 db_err_set(err, c->err.code, "sample: %s", c->err.msg);
                 goto out;
@@ -482,6 +520,21 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
              * every step from there replays it */
             if (db_unet_graph_run(&k->gr, u, denoise_run, &dn, sizeof dn, o->log, err))
                 goto out;
+            if (on_dev) {
+                /* the step queued, then a wait for the one before it: the
+                 * device always has the next step (the CPU: no fences, each
+                 * step done when queued) */
+                db_sched_ddim_coef(s, i, &kc);
+                const uint64_t fe = db_ddim_step_forward(c, xin, NULL, eps, NULL, nb, &kc) ? 0 : db_ctx_fence(c);
+                if (c->err.code || (queued && db_ctx_fence_wait(c, queued))) {
+                    db_err_set(err, c->err.code, "sample: step %d: %s", i, c->err.msg);
+                    goto out;
+                }
+                if (queued || !fe)
+                    db_progress_add(&pr, b);
+                queued = fe;
+                continue;
+            }
             /* the scheduler's input, back on the host */
             if (db_ctx_copy(c, eps_h, eps, nb * sizeof *eps, DB_COPY_D2H)) {
                 db_err_set(err, c->err.code, "sample: guidance: %s", c->err.msg);
@@ -496,6 +549,14 @@ static int sample_latents(db_sd *sd, const db_txt2img_opts *o, int trace, db_txt
             if (trace)
                 memcpy(out->step_latents + ((size_t)i * (size_t)n + (size_t)i0) * per, x, nb * sizeof *x);
             db_progress_add(&pr, b);
+        }
+        if (on_dev) { /* x back from the device (a wait for its last step) */
+            if (db_ctx_copy(c, x, xin, nb * sizeof *x, DB_COPY_D2H)) {
+                db_err_set(err, c->err.code, "sample: %s", c->err.msg);
+                goto out;
+            }
+            if (queued)
+                db_progress_add(&pr, b);
         }
         memcpy(out->latents + (size_t)i0 * per, x, nb * sizeof *x);
     }
@@ -517,6 +578,7 @@ out:
         sd->unet = NULL;
     }
     db_sched_free(s);
+    db_ctx_free(c, tsd);
     free(x);
     free(noise);
     return rc;

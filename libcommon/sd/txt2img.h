@@ -87,6 +87,11 @@ typedef struct db_txt2img_opts {
                                       second step on, replay the step's device work as one
                                       graph (kernels/ops.h db_graph_capture; CUDA graphs on
                                       a GPU, the same calls on the CPU) */
+    int host_step;                 /* 1: the scheduler's step on the host between the UNet's
+                                      calls, as every scheduler but DDIM without noise steps;
+                                      0: DDIM with eta 0 steps on the ctx's device
+                                      (db_ddim_step_forward: the same bits), the host queuing
+                                      step after step (a GPU then never waits for it) */
     const db_log *log;             /* progress on stderr, or NULL */
     int progress;
 } db_txt2img_opts;

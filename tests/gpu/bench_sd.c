@@ -11,8 +11,10 @@
  *           the same step op by op (train_step_nograph)
  *   sample  text to image: DDIM, STEPS steps with classifier-free guidance
  *           (UNet batch 2 per step), VAE decode to 8L x 8L (db_txt2img, its
- *           steps replayed as a graph as db-sample does); and the same run
- *           with every step launched op by op (sample_ddim_cfg_nograph)
+ *           steps replayed as a graph as db-sample does, the DDIM step on
+ *           the device); the same run with the scheduler on the host between
+ *           the UNet's calls (sample_ddim_cfg_hoststep), and with every step
+ *           launched op by op (sample_ddim_cfg_nograph)
  *   vae     VAE decode of one image alone
  *
  *   bench_sd [--device cpu|cuda[:N]] [--precision fp32,bf16,...] [--only fwd,train,sample,vae]
@@ -329,7 +331,9 @@ static void report(const char *name, db_precision p, double ms, double gflop, do
     if (plan > 0)
         printf(" plan_mib=%.1f", plan);
     printf(" reps=%d", reps);
-    if (rebuilt_) /* whole 16-bit weight copies rebuilt in the timed reps: 0 in a steady step */
+    /* whole 16-bit weight copies rebuilt in the timed reps: 0 in a steady
+     * step; a sample makes one, the context cache's (db_unet_cache_context) */
+    if (rebuilt_)
         printf(" rebuilt=%zu", rebuilt_);
     if (twins_) /* conversions a rep that the op before made in its own pass */
         printf(" twins=%zu", twins_);
@@ -769,6 +773,17 @@ static void bench_sample(db_ctx *c, const db_arch *a, const db_model *m, const d
                     else
                         report("sample_ddim_cfg_fresh", precs[i], ms, steps * 2 * unet_gflop + vae_gflop, pk, 0,
                                reps, extra);
+                    /* the same run with the scheduler stepping on the host
+                     * between the UNet's calls (txt2img.h host_step: the
+                     * loop before session 26, where the host waits for
+                     * every step and the GPU for every graph launch) */
+                    s.o.host_step = 1;
+                    if (measure(c, "sample_ddim_cfg_hoststep", sample_call, &s, 0, 1, 0, &ms, &reps, &pk, &err))
+                        report_error("sample_ddim_cfg_hoststep", precs[i], err.msg);
+                    else
+                        report("sample_ddim_cfg_hoststep", precs[i], ms, steps * 2 * unet_gflop + vae_gflop, pk, 0,
+                               reps, extra);
+                    s.o.host_step = 0;
                     /* the same run with every step launched op by op (db-sample --no-graph) */
                     s.o.no_graph = 1;
                     if (measure(c, "sample_ddim_cfg_nograph", sample_call, &s, 0, 1, 0, &ms, &reps, &pk, &err))

@@ -77,7 +77,7 @@ def main(argv):
     print("|" + "|".join("---" if i < 2 or h == "notes" else "---:" for i, h in enumerate(head)) + "|")
     order = ["unet_fwd_b2", "unet_fwd_b2_graph", "train_step", "train_step_f32grads", "train_step_nograph",
              "train_step_fused",
-             "sample_ddim_cfg", "sample_ddim_cfg_fresh",
+             "sample_ddim_cfg", "sample_ddim_cfg_fresh", "sample_ddim_cfg_hoststep",
              "sample_ddim_cfg_nograph", "ddim_unet_only", "vae_decode"]
     keys = sorted(figs, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[0],
                                        ["fp32", "bf16", "fp16"].index(k[1]) if k[1] in ("fp32", "bf16", "fp16") else 9))

@@ -64,6 +64,15 @@ static void run(const char *model, const db_tindex *ix)
         compare(what, out.latents, ref(ix, "final_latents", per), per, 1e-4);
         snprintf(what, sizeof what, "%s: decoded image", model);
         compare(what, out.images, ref(ix, "decoded", 3 * 128 * 128), 3 * 128 * 128, 1e-4);
+        /* without the trace the DDIM steps run on the device
+         * (db_ddim_step_forward): the traced run's latents, byte for byte */
+        db_txt2img_out dv;
+        const int drc = db_txt2img(&sd, &o, 0, 0, &dv, &e);
+        tap_ok(!drc && !memcmp(dv.latents, out.latents, per * sizeof(float)),
+               "%s: %s: DDIM stepped on the device: the host-stepped final latents, byte for byte %s", tap_device(),
+               model, e.msg);
+        if (!drc)
+            db_txt2img_out_free(&dv);
         db_txt2img_out_free(&out);
     }
     db_sd_close(&sd);
@@ -128,6 +137,31 @@ int main(void)
         if (gok) {
             db_txt2img_out_free(&ga);
             db_txt2img_out_free(&gb);
+        }
+        /* DDIM without noise steps on the device unless host_step: the same
+         * latents byte for byte, 3 images in batches of 2 with guidance
+         * (the short last batch), graphs on and off; with eta > 0 (noise)
+         * the host steps, and it differs from eta 0 */
+        {
+            db_txt2img_opts od = {.prompt = "a photo of sks dog", .scheduler = "ddim", .steps = 4, .guidance = 5,
+                                  .width = 64, .height = 64, .n_images = 3, .batch = 2, .seed = 5};
+            db_txt2img_out da, dh, dg, de;
+            int dok = !db_txt2img(&sd, &od, 0, 0, &da, &e);
+            od.host_step = 1;
+            dok = dok && !db_txt2img(&sd, &od, 0, 0, &dh, &e);
+            od.host_step = 0, od.no_graph = 1;
+            dok = dok && !db_txt2img(&sd, &od, 0, 0, &dg, &e);
+            od.no_graph = 0, od.eta = 0.5;
+            dok = dok && !db_txt2img(&sd, &od, 0, 0, &de, &e);
+            const size_t bytes = 3 * per * sizeof(float);
+            tap_ok(dok && !memcmp(da.latents, dh.latents, bytes) && !memcmp(dg.latents, dh.latents, bytes) &&
+                       memcmp(de.latents, dh.latents, bytes),
+                   "%s: DDIM stepped on the device == on the host, byte for byte (3 images, batch 2, graphs on "
+                   "and off; eta 0.5 differs) %s", tap_device(), e.msg);
+            if (dok) {
+                db_txt2img_out_free(&da), db_txt2img_out_free(&dh);
+                db_txt2img_out_free(&dg), db_txt2img_out_free(&de);
+            }
         }
         /* keep_models: the denoising step (its buffers and graph) is kept
          * between calls of one shape, so a later call replays the graph
