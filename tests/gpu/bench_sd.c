@@ -707,6 +707,19 @@ static int vae_call(void *p, db_err *err)
     return db_vae_decode(a->v, a->img, a->z, 1, a->h, a->w, err);
 }
 
+/* One more timed sample of s (a variant of the loop), reported as name */
+static void sample_variant(db_ctx *c, const char *name, sample_arg *s, db_precision prec, double gflop,
+                           const char *extra)
+{
+    double ms, pk;
+    int reps;
+    db_err err = {0};
+    if (measure(c, name, sample_call, s, 0, 1, 0, &ms, &reps, &pk, &err))
+        report_error(name, prec, err.msg);
+    else
+        report(name, prec, ms, gflop, pk, 0, reps, extra);
+}
+
 static void bench_sample(db_ctx *c, const db_arch *a, const db_model *m, const db_weights *hw,
                          const db_precision *precs, int np, const double *fwd_ms, const opts *o, int want_sample,
                          int want_vae)
@@ -768,29 +781,18 @@ static void bench_sample(db_ctx *c, const db_arch *a, const db_model *m, const d
                      * its first step op by op and its graph recorded at
                      * the second (every call until session 20) */
                     db_sd_drop_step(&sd);
-                    if (measure(c, "sample_ddim_cfg_fresh", sample_call, &s, 0, 1, 0, &ms, &reps, &pk, &err))
-                        report_error("sample_ddim_cfg_fresh", precs[i], err.msg);
-                    else
-                        report("sample_ddim_cfg_fresh", precs[i], ms, steps * 2 * unet_gflop + vae_gflop, pk, 0,
-                               reps, extra);
+                    const double gf = steps * 2 * unet_gflop + vae_gflop;
+                    sample_variant(c, "sample_ddim_cfg_fresh", &s, precs[i], gf, extra);
                     /* the same run with the scheduler stepping on the host
                      * between the UNet's calls (txt2img.h host_step: the
                      * loop before session 26, where the host waits for
                      * every step and the GPU for every graph launch) */
                     s.o.host_step = 1;
-                    if (measure(c, "sample_ddim_cfg_hoststep", sample_call, &s, 0, 1, 0, &ms, &reps, &pk, &err))
-                        report_error("sample_ddim_cfg_hoststep", precs[i], err.msg);
-                    else
-                        report("sample_ddim_cfg_hoststep", precs[i], ms, steps * 2 * unet_gflop + vae_gflop, pk, 0,
-                               reps, extra);
+                    sample_variant(c, "sample_ddim_cfg_hoststep", &s, precs[i], gf, extra);
                     s.o.host_step = 0;
                     /* the same run with every step launched op by op (db-sample --no-graph) */
                     s.o.no_graph = 1;
-                    if (measure(c, "sample_ddim_cfg_nograph", sample_call, &s, 0, 1, 0, &ms, &reps, &pk, &err))
-                        report_error("sample_ddim_cfg_nograph", precs[i], err.msg);
-                    else
-                        report("sample_ddim_cfg_nograph", precs[i], ms, steps * 2 * unet_gflop + vae_gflop, pk, 0,
-                               reps, extra);
+                    sample_variant(c, "sample_ddim_cfg_nograph", &s, precs[i], gf, extra);
                     s.o.no_graph = 0;
                 }
             }
