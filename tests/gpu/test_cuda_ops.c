@@ -1833,6 +1833,80 @@ static void t_twins_graph(db_precision p)
 }
 
 /* DB_CUDA_TWINS=0 when the ctx is made: no twin made */
+/* The sampler's context cache (libcommon/sd/unet.c db_unet_cache_context)
+ * as the ops see it: k and v made by a linear_multi into a buffer declared
+ * as weights, after a zero that makes its 16-bit copy stale; q by a linear
+ * just before the attention (a twin).  The attention's output must be the
+ * bits of the same ops on an undeclared buffer, directly and in a graph's
+ * replay, for a first context and for a second one made the same way (a
+ * copy not made stale would give the first's) */
+typedef struct kvcwork {
+    float *out, *lse, *q, *x, *wq, *k, *v;
+    int B, T, Tk, C, NH;
+} kvcwork;
+
+static int kvcwork_run(void *arg, db_err *err)
+{
+    const kvcwork *w = (const kvcwork *)arg;
+    db_linear_forward(&g, w->q, w->x, w->wq, NULL, w->B * w->T, w->C, w->C);
+    db_attention_forward(&g, w->out, w->lse, w->q, w->k, w->v, w->B, w->T, w->Tk, w->NH, w->C / w->NH, 0);
+    if (g.err.code)
+        *err = g.err;
+    return g.err.code ? -1 : 0;
+}
+
+static void t_kv_cache(db_precision p)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s context cache as weights (k, v lent to the attention)", prec_name(p));
+    if (!api->declare_weights || !api->attention_forward || !api->linear_multi_forward || !api->graph_begin) {
+        printf("# %s: not implemented on CUDA\n", what);
+        return;
+    }
+    enum { B = 2, T = 64, Tk = 7, D = 24, C = 80, NH = 2 };
+    const size_t nq = (size_t)B * T * C, nkv = (size_t)B * Tk * C, nctx = (size_t)B * Tk * D;
+    float *wk = dputf(hrand((size_t)C * D, 0.2f), (size_t)C * D), *wv = dputf(hrand((size_t)C * D, 0.2f), (size_t)C * D);
+    float *ctx[2] = {dputf(hrand(nctx, 1), nctx), dputf(hrand(nctx, 1), nctx)};
+    float *cache = dpoison(2 * nkv), *plain = dpoison(2 * nkv);
+    kvcwork w = {dpoison(nq), dpoison((size_t)B * NH * T), dpoison(nq), dputf(hrand(nq, 1), nq),
+                 dputf(hrand((size_t)C * C, 0.1f), (size_t)C * C), cache, cache + nkv, B, T, Tk, C, NH};
+    kvcwork r = w;
+    r.out = dpoison(nq), r.lse = dpoison((size_t)B * NH * T), r.q = dpoison(nq), r.k = plain, r.v = plain + nkv;
+    db_ctx_clear_error(&g);
+    g.precision = p;
+    db_err err = {0};
+    db_graph *gr = NULL;
+    int ok = api->declare_weights(&g, cache, 2 * nkv) == 0;
+    for (int i = 0; ok && i < 2; i++) {
+        const float *const wt[2] = {wk, wv}, *const bs[2] = {NULL, NULL};
+        float *const kc[2] = {cache, cache + nkv}, *const kp[2] = {plain, plain + nkv};
+        /* the cache made as unet.c makes it, and the same without a declaration */
+        ok = db_ctx_zero(&g, cache, 2 * nkv * sizeof(float)) == 0 &&
+             db_linear_multi_forward(&g, kc, ctx[i], wt, bs, 2, B * Tk, D, C) == 0 &&
+             db_linear_multi_forward(&g, kp, ctx[i], wt, bs, 2, B * Tk, D, C) == 0 && kvcwork_run(&r, &err) == 0;
+        if (ok && i == 0) { /* directly, then recorded */
+            ok = kvcwork_run(&w, &err) == 0 && api->sync(&g) == 0;
+            if (ok) {
+                char t[200];
+                snprintf(t, sizeof t, "%s: direct", what);
+                cmp(t, "out", w.out, dget(r.out, nq), nq, 0);
+            }
+            ok = ok && db_graph_capture(&g, &gr, kvcwork_run, &w, sizeof w, &err) == 0 && gr;
+        }
+        ok = ok && db_graph_launch(gr, &err) == 0 && api->sync(&g) == 0;
+        if (ok) {
+            char t[200];
+            snprintf(t, sizeof t, "%s: a replay, context %d", what, i);
+            cmp(t, "out", w.out, dget(r.out, nq), nq, 0);
+        }
+    }
+    tap_ok(ok, "%s: ran%s%s", what, ok ? "" : ": ", ok ? "" : (g.err.code ? g.err.msg : err.msg));
+    db_graph_free(gr);
+    g.precision = DB_PREC_F32;
+    db_ctx_clear_error(&g);
+    release_all(); /* (the cache's free drops its declaration and copy) */
+}
+
 static void t_twins_off(void)
 {
     const char *what = "DB_CUDA_TWINS=0";
@@ -3599,6 +3673,9 @@ int main(void)
         t_conv_add(DB_PREC_F32, 2, 5, 9, 7, 6, 3, 1, 1);
         t_conv_add(DB_PREC_F32, 2, 6, 3, 4, 5, 1, 0, 0);
     }
+    if (prec_want("kv_cache"))
+        for (int k = 0; k < 2; k++)
+            t_kv_cache(k ? DB_PREC_F16 : DB_PREC_BF16);
     if (prec_want("twins") && api->mem_stats)
         t_twins_off();
     if (prec_want("assign"))
